@@ -1,0 +1,49 @@
+"""Errors raised by storage/: one root, storage failures, and domain rule violations.
+
+The broker maps these to wire codes in exactly one function; nothing here knows wire codes.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Root of every error raised by storage/."""
+
+
+class StorageFull(StorageError):
+    """Raised by a write when the disk is full (ENOSPC): the batch failed, nothing was written."""
+
+
+class CorruptLog(StorageError):
+    """Raised by log verification or reads when a record is missing, reordered or altered.
+
+    `lsn` is the first LSN at which the log stops being a gapless, correctly chained sequence.
+    """
+
+    def __init__(self, lsn: int, message: str) -> None:
+        super().__init__(f"log corrupt at lsn {lsn}: {message}")
+        self.lsn = lsn
+
+
+class DataDirLocked(StorageError):
+    """Raised when opening a data directory for writing while another process holds its lock."""
+
+
+class DomainError(StorageError):
+    """Root of the rule violations `rules.decide` raises; each fails only its own command."""
+
+
+class Forbidden(DomainError):
+    """Raised when the actor may not do this, or the conversation does not exist (never leaked)."""
+
+
+class Invalid(DomainError):
+    """Raised when a command is malformed: bad id, bad cid, ack past the inbox head, ..."""
+
+
+class Conflict(DomainError):
+    """Raised when a command contradicts the current state in a way retrying cannot fix."""
+
+
+class LimitExceeded(DomainError):
+    """Raised when a command would exceed a configured limit (members, body size)."""

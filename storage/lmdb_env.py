@@ -1,0 +1,185 @@
+"""Opening the LMDB environment, guarding read transactions, and growing the map.
+
+Rules kept here:
+
+* One writer process per data directory: writers hold an exclusive `fcntl` lock on
+  `<dir>/homing.lock` (`DataDirLocked` otherwise). Read-only opens take no such lock and work
+  while the broker runs (LMDB's own lock file coordinates readers and the writer).
+* No `writemap`: a full disk then shows up as ENOSPC from `write()` at commit (`StorageFull`)
+  instead of SIGBUS on a mapped page. `sync` and `metasync` are on: a commit is durable.
+* The map grows by itself: a write that hits `MapFullError` is aborted, the map doubled, and the
+  work retried, so no `MapFullError` reaches a caller. `set_mapsize` needs every transaction of
+  this process closed, so read transactions are counted and the grower waits for zero.
+  Readers in other processes that see `MapResizedError` adopt the new size and retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import lmdb
+import structlog
+
+from storage.errors import DataDirLocked, StorageError, StorageFull
+
+T = TypeVar("T")
+
+DEFAULT_MAP_SIZE = 1 << 30
+MAX_READERS = 1024
+MAX_DBS = 32
+LOCK_FILE = "homing.lock"
+
+log = structlog.get_logger()
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, lmdb.DiskError):
+        return True
+    if isinstance(exc, lmdb.Error):
+        return getattr(exc, "code", None) in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class LmdbEnv:
+    """One opened LMDB environment with its named databases, write growth and read guard."""
+
+    def __init__(self, path: str, db_names: list[str], *, map_size: int = DEFAULT_MAP_SIZE,
+                 readonly: bool = False) -> None:
+        self.path = os.fspath(path)
+        self.readonly = readonly
+        self._lock_fd: int | None = None
+        self._guard = threading.Condition()
+        self._readers = 0
+        self._growing = False
+        self._write_lock = threading.Lock()
+        if not readonly:
+            os.makedirs(self.path, exist_ok=True)
+            self._take_dir_lock()
+        try:
+            self.env = lmdb.open(
+                self.path, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
+                max_readers=MAX_READERS, sync=True, metasync=True, writemap=False,
+                readahead=False, lock=True, readonly=readonly, max_spare_txns=0,
+                create=not readonly,
+            )
+            self.dbs = {name: self._open_db(name) for name in db_names}
+        except lmdb.Error as exc:
+            self._release_dir_lock()
+            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+        except BaseException:
+            self._release_dir_lock()
+            raise
+        log.info("storage_opened", path=self.path, readonly=readonly,
+                 map_size=self.env.info()["map_size"])
+
+    def _open_db(self, name: str):
+        if self.readonly:
+            return self.env.open_db(name.encode(), create=False)
+        return self.env.open_db(name.encode())
+
+    def _take_dir_lock(self) -> None:
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DataDirLocked(f"{self.path} is locked by another process") from None
+        self._lock_fd = fd
+
+    def _release_dir_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """Yield a short read transaction; never hold it across an await or a long wait."""
+        self._enter_read()
+        try:
+            txn = self._begin_read()
+            try:
+                yield txn
+            finally:
+                txn.abort()
+        finally:
+            self._exit_read()
+
+    def _begin_read(self) -> lmdb.Transaction:
+        while True:
+            try:
+                return self.env.begin()
+            except lmdb.MapResizedError:
+                # Another process grew the map: adopt its size (needs no txn of ours open).
+                self._exit_read()
+                self._resize(0)
+                self._enter_read()
+
+    def _enter_read(self) -> None:
+        with self._guard:
+            while self._growing:
+                self._guard.wait()
+            self._readers += 1
+
+    def _exit_read(self) -> None:
+        with self._guard:
+            self._readers -= 1
+            if self._readers == 0:
+                self._guard.notify_all()
+
+    def _resize(self, new_size: int) -> None:
+        with self._guard:
+            while self._growing:
+                self._guard.wait()
+            self._growing = True
+            try:
+                while self._readers:
+                    self._guard.wait()
+                self.env.set_mapsize(new_size)
+            finally:
+                self._growing = False
+                self._guard.notify_all()
+
+    def write(self, work: Callable[[lmdb.Transaction], T]) -> T:
+        """Run `work(txn)` in one write transaction and commit durably; return its result.
+
+        `work` may run more than once (after the map grew), so it must not have effects outside
+        the transaction. Raises `StorageFull` when the disk is full (nothing written); any
+        exception from `work` aborts the transaction and propagates.
+        """
+        with self._write_lock:
+            while True:
+                txn = self.env.begin(write=True)
+                try:
+                    result = work(txn)
+                    txn.commit()
+                    return result
+                except lmdb.MapFullError:
+                    txn.abort()
+                    self._grow()
+                except BaseException as exc:
+                    txn.abort()
+                    if _is_disk_full(exc):
+                        raise StorageFull(f"disk full writing {self.path}") from exc
+                    raise
+
+    def _grow(self) -> None:
+        old = self.env.info()["map_size"]
+        self._resize(old * 2)
+        log.info("storage_map_grown", path=self.path, old_size=old,
+                 new_size=self.env.info()["map_size"])
+
+    def map_size(self) -> int:
+        """Return the current map size in bytes."""
+        return self.env.info()["map_size"]
+
+    def close(self) -> None:
+        """Close the environment and release the directory lock."""
+        self.env.close()
+        self._release_dir_lock()
+        log.info("storage_closed", path=self.path)

@@ -1,0 +1,133 @@
+"""The event log on LMDB: named database `log`, key = 8-byte big-endian LSN, value = digest||body.
+
+`LmdbLog` implements `storage.log.EventLog`. The store appends inside its own write transaction
+with `append_in` and publishes the new tail only after the commit returned, so a failed or
+retried batch never leaves the in-memory tail ahead of the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import lmdb
+
+from storage.errors import CorruptLog
+from storage.lmdb_env import LmdbEnv
+from storage.log import EventInput, seal, verify_records
+from storage.records import GENESIS, Event, decode_body, key_lsn, lsn_key
+
+READ_CHUNK = 1024
+
+Tail = tuple[int, bytes]
+
+
+class LmdbLog:
+    """An `EventLog` stored in the `log` database of an `LmdbEnv`."""
+
+    def __init__(self, env: LmdbEnv, *, owns_env: bool = False) -> None:
+        self._env = env
+        self._db = env.dbs["log"]
+        self._owns_env = owns_env
+        with env.read() as txn:
+            self._tail = self._read_tail(txn)
+
+    @classmethod
+    def open(cls, path: str, *, map_size: int = 1 << 30, readonly: bool = False) -> LmdbLog:
+        """Open (creating unless `readonly`) a data directory holding only a log."""
+        return cls(LmdbEnv(path, ["log"], map_size=map_size, readonly=readonly), owns_env=True)
+
+    def _read_tail(self, txn: lmdb.Transaction) -> Tail:
+        cur = txn.cursor(db=self._db)
+        if not cur.last():
+            return 0, GENESIS
+        return key_lsn(cur.key()), cur.value()[:32]
+
+    def tail(self) -> Tail:
+        """Return `(last_lsn, last_digest)` as of the last commit of this process."""
+        return self._tail
+
+    def set_tail(self, tail: Tail) -> None:
+        """Publish the tail reached by a committed `append_in`."""
+        self._tail = tail
+
+    def append_in(
+        self, txn: lmdb.Transaction, events: Sequence[EventInput], tail: Tail
+    ) -> tuple[list[Event], Tail]:
+        """Put `events` after `tail` in the write `txn`; return them with LSNs, and the new tail."""
+        sealed, digest = seal(events, tail[0] + 1, tail[1])
+        if not sealed:
+            return [], tail
+        cur = txn.cursor(db=self._db)
+        cur.putmulti([(lsn_key(lsn), value) for lsn, value, _ in sealed], append=True)
+        return [ev for _, _, ev in sealed], (sealed[-1][0], digest)
+
+    def append(self, events: Sequence[EventInput]) -> int:
+        """Durably append `events` in one transaction; return the last LSN."""
+        tail = self._tail
+        _, new_tail = self._env.write(lambda txn: self.append_in(txn, events, tail))
+        self._tail = new_tail
+        return new_tail[0]
+
+    def read(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Event]:
+        """Yield events from `from_lsn` to `to_lsn`, reading chunks in short transactions."""
+        for _lsn, value in self.read_raw(from_lsn, to_lsn):
+            yield decode_body(value[32:])
+
+    def read_raw(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Yield `(lsn, digest || body)` records, chunk by chunk."""
+        nxt = max(from_lsn, 1)
+        while to_lsn is None or nxt <= to_lsn:
+            with self._env.read() as txn:
+                chunk = self._chunk(txn, nxt, to_lsn)
+            if not chunk:
+                return
+            yield from chunk
+            nxt = chunk[-1][0] + 1
+
+    def _chunk(
+        self, txn: lmdb.Transaction, start: int, to_lsn: int | None
+    ) -> list[tuple[int, bytes]]:
+        cur = txn.cursor(db=self._db)
+        out: list[tuple[int, bytes]] = []
+        if not cur.set_range(lsn_key(start)):
+            return out
+        for key, value in cur:
+            lsn = key_lsn(key)
+            if to_lsn is not None and lsn > to_lsn:
+                break
+            out.append((lsn, value))
+            if len(out) >= READ_CHUNK:
+                break
+        return out
+
+    def get(self, txn: lmdb.Transaction, lsn: int) -> Event | None:
+        """Return the event at `lsn` read in `txn`, or None."""
+        value = txn.get(lsn_key(lsn), db=self._db)
+        return None if value is None else decode_body(value[32:])
+
+    def last_lsn(self) -> int:
+        """Return the last LSN (read from disk when opened read-only, so it follows the writer)."""
+        if self._env.readonly:
+            with self._env.read() as txn:
+                return self._read_tail(txn)[0]
+        return self._tail[0]
+
+    def verify(self, from_lsn: int = 1) -> int:
+        """Walk LSN continuity and the digest chain from `from_lsn`; return the records checked.
+
+        Raises `CorruptLog` with the first bad LSN: an altered byte, a missing or reordered record.
+        """
+        start = max(from_lsn, 1)
+        prev = GENESIS
+        if start > 1:
+            with self._env.read() as txn:
+                value = txn.get(lsn_key(start - 1), db=self._db)
+            if value is None:
+                raise CorruptLog(start - 1, "record missing")
+            prev = value[:32]
+        return verify_records(self.read_raw(start), start, prev)
+
+    def close(self) -> None:
+        """Close the log (and its environment when it opened it)."""
+        if self._owns_env:
+            self._env.close()

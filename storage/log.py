@@ -1,0 +1,141 @@
+"""The narrow event-log interface every backend implements, and an in-memory backend.
+
+Rules every backend keeps (docs/DESIGN.md, "Stored events"):
+
+* LSNs are gapless and start at 1; `append` assigns them, callers never choose them.
+* Each record carries `digest = blake2b(prev_digest || body)`, so any altered, removed or
+  reordered record is detectable by walking the chain.
+* There is no waiting here: the broker tails the log by waiting on a trio condition that the
+  committer signals when `last_lsn()` moves, then calls `read(from_lsn)`.
+
+Four methods keep the door open to another backend (e.g. NATS JetStream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from storage.errors import CorruptLog
+from storage.records import GENESIS, Event, chain, decode_body, encode_body
+
+EventInput = Event | tuple[int, str, str, str, dict[str, Any]]
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """An append-only, hash-chained sequence of events numbered by LSN from 1."""
+
+    def append(self, events: Sequence[EventInput]) -> int:
+        """Durably append `events` (their `lsn` is ignored) and return the last LSN assigned."""
+        ...
+
+    def read(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Event]:
+        """Yield events with `from_lsn <= lsn <= to_lsn` (to the end when `to_lsn` is None)."""
+        ...
+
+    def last_lsn(self) -> int:
+        """Return the LSN of the last appended event, 0 when empty."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend; further calls are errors."""
+        ...
+
+
+def as_event(item: EventInput) -> Event:
+    """Return `item` as an `Event` (accepts an Event or a `(ts_us, type, user, device, data)`)."""
+    if isinstance(item, Event):
+        return item
+    ts_us, type_, user, device, data = item
+    return Event(0, ts_us, type_, user, device, data)
+
+
+def seal(
+    items: Iterable[EventInput], next_lsn: int, prev_digest: bytes
+) -> tuple[list[tuple[int, bytes, Event]], bytes]:
+    """Number, encode and chain `items`; return `[(lsn, digest || body, event)]` and last digest.
+
+    The returned events are fresh copies carrying their LSN; the inputs are not modified.
+    """
+    out = []
+    lsn = next_lsn
+    digest = prev_digest
+    for item in items:
+        src = as_event(item)
+        ev = Event(lsn, src.ts_us, src.type, src.user, src.device, src.data)
+        body = encode_body(ev)
+        digest = chain(digest, body)
+        out.append((lsn, digest + body, ev))
+        lsn += 1
+    return out, digest
+
+
+def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_digest: bytes) -> int:
+    """Check `(lsn, value)` records for continuity and chain from `from_lsn`; return the count.
+
+    Raises `CorruptLog` at the first LSN that is missing, out of order, or whose digest or body
+    does not match.
+    """
+    expected = from_lsn
+    digest = prev_digest
+    for lsn, value in records:
+        if lsn != expected:
+            raise CorruptLog(expected, f"expected lsn {expected}, found {lsn}")
+        stored, body = value[:32], value[32:]
+        digest = chain(digest, body)
+        if stored != digest:
+            raise CorruptLog(lsn, "digest mismatch")
+        try:
+            ev = decode_body(body)
+        except Exception as exc:
+            raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+        if ev.lsn != lsn:
+            raise CorruptLog(lsn, f"body says lsn {ev.lsn}")
+        expected += 1
+    return expected - from_lsn
+
+
+class MemoryLog:
+    """An `EventLog` held in a list, with the same records and chain as the LMDB log."""
+
+    def __init__(self) -> None:
+        self._values: list[bytes] = []
+        self._digest = GENESIS
+        self._closed = False
+
+    def append(self, events: Sequence[EventInput]) -> int:
+        """Append `events` and return the last LSN (the current last LSN when empty)."""
+        self._check_open()
+        sealed, digest = seal(events, len(self._values) + 1, self._digest)
+        self._values.extend(value for _, value, _ in sealed)
+        self._digest = digest
+        return len(self._values)
+
+    def read(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Event]:
+        """Yield stored events from `from_lsn` to `to_lsn` inclusive."""
+        self._check_open()
+        end = len(self._values) if to_lsn is None else min(to_lsn, len(self._values))
+        for lsn in range(max(from_lsn, 1), end + 1):
+            yield decode_body(self._values[lsn - 1][32:])
+
+    def last_lsn(self) -> int:
+        """Return the last LSN, 0 when empty."""
+        self._check_open()
+        return len(self._values)
+
+    def verify(self, from_lsn: int = 1) -> int:
+        """Walk the chain from `from_lsn`; return the number of records checked."""
+        prev = GENESIS if from_lsn <= 1 else self._values[from_lsn - 2][:32]
+        return verify_records(
+            ((i + 1, v) for i, v in enumerate(self._values) if i + 1 >= from_lsn),
+            max(from_lsn, 1), prev,
+        )
+
+    def close(self) -> None:
+        """Mark the log closed."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("log is closed")

@@ -1,0 +1,87 @@
+"""Stored events and their on-disk form (docs/DESIGN.md, "Stored events").
+
+A record is keyed by its LSN (8-byte big-endian) and its value is `digest || body`, with
+`body = msgpack([lsn, ts_us, type, user, device, data])` and
+`digest = blake2b(prev_digest || body, digest_size=32)`; the first prev_digest is `GENESIS`.
+Events are past-tense facts and never change once written.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any
+
+import msgpack
+
+CONV_CREATED = "conv.created"
+MEMBER_ADDED = "member.added"
+MEMBER_REMOVED = "member.removed"
+MESSAGE_ACCEPTED = "message.accepted"
+DELIVERY_ACKED = "delivery.acked"
+READ_MARKED = "read.marked"
+MUTE_SET = "mute.set"
+
+EVENT_TYPES = frozenset(
+    {CONV_CREATED, MEMBER_ADDED, MEMBER_REMOVED, MESSAGE_ACCEPTED, DELIVERY_ACKED,
+     READ_MARKED, MUTE_SET}
+)
+
+DIGEST_BYTES = 32
+GENESIS = bytes(DIGEST_BYTES)
+
+_U64 = struct.Struct(">Q")
+pack_u64 = _U64.pack
+_unpack_u64 = _U64.unpack
+
+
+@dataclass(slots=True)
+class Event:
+    """One stored fact: who (`user`, `device`) did what (`type`, `data`) at `ts_us`, at `lsn`.
+
+    `lsn` is 0 until the log assigns it.
+    """
+
+    lsn: int
+    ts_us: int
+    type: str
+    user: str
+    device: str
+    data: dict[str, Any]
+
+
+def encode_body(event: Event) -> bytes:
+    """Return the msgpack body `[lsn, ts_us, type, user, device, data]` of `event`."""
+    return msgpack.packb(
+        [event.lsn, event.ts_us, event.type, event.user, event.device, event.data],
+        use_bin_type=True,
+    )
+
+
+def decode_body(body: bytes) -> Event:
+    """Return the event encoded in `body` (the inverse of `encode_body`)."""
+    lsn, ts_us, type_, user, device, data = msgpack.unpackb(body, raw=False)
+    return Event(lsn, ts_us, type_, user, device, data)
+
+
+def chain(prev_digest: bytes, body: bytes) -> bytes:
+    """Return the digest of a record whose predecessor's digest is `prev_digest`."""
+    h = blake2b(prev_digest, digest_size=DIGEST_BYTES)
+    h.update(body)
+    return h.digest()
+
+
+def lsn_key(lsn: int) -> bytes:
+    """Return the log key of `lsn`: 8 bytes, big-endian, so keys sort by LSN."""
+    return _U64.pack(lsn)
+
+
+def key_lsn(key: bytes) -> int:
+    """Return the LSN stored in a log key."""
+    return _unpack_u64(key)[0]
+
+
+def u64(value: bytes) -> int:
+    """Decode an 8-byte big-endian integer (projection values, inbox sequence numbers)."""
+    return _unpack_u64(value)[0]

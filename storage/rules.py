@@ -1,0 +1,266 @@
+"""Domain rules: `decide(tables, command, now_us, limits)` turns a command into events and a reply.
+
+`decide` is pure: it reads the current state through `tables` (which already includes earlier
+commands of the same batch), writes nothing, and either returns `(events, reply)` or raises a
+`DomainError` subclass. Everything random (new conv ids) is decided here and stored in the
+events, so replaying the log is deterministic. Rules (docs/DESIGN.md, "Commands and rules"):
+
+* No access and "does not exist" are the same `Forbidden`, so existence never leaks.
+* A token with role "admin" acts as owner everywhere (moderation), member or not.
+* Idempotent where the domain allows: a repeated (user, cid) send returns the first result with
+  `dup=True`; inviting a member, joining twice, acking or marking below the current mark, and
+  setting the mute state it already has all succeed without appending an event.
+* Send replies carry `seq` and `lsn` as None; the store fills them in after applying.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from storage import commands as c
+from storage import records as r
+from storage.errors import Forbidden, Invalid, LimitExceeded
+from storage.projections import Tables, decode, get_u64, key2
+
+ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
+MAX_CONV_ID_CHARS = 160
+MAX_CID_CHARS = 128
+
+EventData = tuple[int, str, str, str, dict[str, Any]]
+Decision = tuple[list[EventData], dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Configured limits the rules enforce (`LimitExceeded` beyond them)."""
+
+    max_members: int = 1000
+    max_body_bytes: int = 64 * 1024
+    max_name_chars: int = 128
+
+
+def valid_id(value: object) -> bool:
+    """Return whether `value` is a well-formed user or device id."""
+    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+
+
+def direct_conv(a: str, b: str) -> str:
+    """Return the id of the direct conversation between users `a` and `b`."""
+    lo, hi = sorted((a, b))
+    return f"dm:{lo}:{hi}"
+
+
+def _conv(tables: Tables, conv: object) -> dict[str, Any] | None:
+    if not isinstance(conv, str) or not conv or len(conv) > MAX_CONV_ID_CHARS or "\0" in conv:
+        return None
+    raw = tables.get("conv", conv.encode())
+    return None if raw is None else decode(raw)
+
+
+def _role(tables: Tables, conv: str, user: str) -> str | None:
+    raw = tables.get("member", key2(conv, user))
+    return None if raw is None else raw.decode()
+
+
+def _member_count(tables: Tables, conv: str) -> int:
+    return sum(1 for _ in tables.range("member", conv.encode() + b"\0"))
+
+
+def _member_conv(tables: Tables, cmd) -> dict[str, Any]:
+    """Return the conv the actor is a member of, or raise Forbidden."""
+    info = _conv(tables, cmd.conv)
+    if info is None or _role(tables, cmd.conv, cmd.user) is None:
+        raise Forbidden("not a member of this conversation")
+    return info
+
+
+def _ev(now_us: int, cmd, type_: str, data: dict[str, Any]) -> EventData:
+    return (now_us, type_, cmd.user, cmd.device, data)
+
+
+def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> Decision:
+    cid = cmd.cid
+    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\0" in cid:
+        raise Invalid("cid must be 1..128 characters without NUL")
+    if not isinstance(cmd.body, str | bytes):
+        raise Invalid("body must be str or bytes")
+    size = len(cmd.body.encode()) if isinstance(cmd.body, str) else len(cmd.body)
+    if size > limits.max_body_bytes:
+        raise LimitExceeded(f"body exceeds {limits.max_body_bytes} bytes")
+    if (cmd.conv is None) == (cmd.to is None):
+        raise Invalid("exactly one of conv and to is required")
+    first = tables.get("idem", key2(cmd.user, cid))
+    if first is not None:
+        conv, seq, lsn = msgpack.unpackb(first, raw=False)
+        return [], {"conv": conv, "seq": seq, "lsn": lsn, "cid": cid, "dup": True}
+    events: list[EventData] = []
+    if cmd.to is not None:
+        conv = _direct_target(tables, cmd, now_us, events)
+    else:
+        conv = cmd.conv
+        _check_post(tables, cmd)
+    data = {"conv": conv, "cid": cid, "body": cmd.body}
+    events.append(_ev(now_us, cmd, r.MESSAGE_ACCEPTED, data))
+    return events, {"conv": conv, "seq": None, "lsn": None, "cid": cid, "dup": False}
+
+
+def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list) -> str:
+    if not valid_id(cmd.to):
+        raise Invalid("bad recipient id")
+    if cmd.to == cmd.user:
+        raise Invalid("cannot send a direct message to yourself")
+    conv = direct_conv(cmd.user, cmd.to)
+    if _conv(tables, conv) is None:
+        events.append(_ev(now_us, cmd, r.CONV_CREATED,
+                          {"conv": conv, "kind": "direct", "name": None, "open": False}))
+        for user in sorted((cmd.user, cmd.to)):
+            events.append(_ev(now_us, cmd, r.MEMBER_ADDED,
+                              {"conv": conv, "user": user, "role": "member"}))
+    elif _role(tables, conv, cmd.user) is None:
+        raise Forbidden("not a member of this conversation")
+    return conv
+
+
+def _check_post(tables: Tables, cmd: c.SendMessage) -> None:
+    info = _conv(tables, cmd.conv)
+    if info is None:
+        raise Forbidden("no such conversation or no access")
+    if cmd.role == "admin":
+        return
+    role = _role(tables, cmd.conv, cmd.user)
+    if role is None:
+        raise Forbidden("no such conversation or no access")
+    if info["kind"] == "channel" and role not in ("owner", "admin") and cmd.role != "service":
+        raise Forbidden("only owners, admins and services post in a channel")
+
+
+def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> Decision:
+    if cmd.kind not in ("group", "channel"):
+        raise Invalid("kind must be group or channel")
+    if cmd.name is not None and (not isinstance(cmd.name, str)
+                                 or len(cmd.name) > limits.max_name_chars):
+        raise Invalid("bad name")
+    members = []
+    for user in cmd.members:
+        if not valid_id(user):
+            raise Invalid(f"bad member id {user!r}")
+        if user != cmd.user and user not in members:
+            members.append(user)
+    if len(members) + 1 > limits.max_members:
+        raise LimitExceeded(f"at most {limits.max_members} members")
+    prefix = "grp:" if cmd.kind == "group" else "chn:"
+    conv = prefix + secrets.token_hex(8)
+    while _conv(tables, conv) is not None:
+        conv = prefix + secrets.token_hex(8)
+    events = [
+        _ev(now_us, cmd, r.CONV_CREATED,
+            {"conv": conv, "kind": cmd.kind, "name": cmd.name, "open": bool(cmd.open)}),
+        _ev(now_us, cmd, r.MEMBER_ADDED, {"conv": conv, "user": cmd.user, "role": "owner"}),
+    ]
+    for user in members:
+        events.append(_ev(now_us, cmd, r.MEMBER_ADDED,
+                          {"conv": conv, "user": user, "role": "member"}))
+    return events, {"conv": conv}
+
+
+def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decision:
+    info = _conv(tables, cmd.conv)
+    actor = None if info is None else _role(tables, cmd.conv, cmd.user)
+    if cmd.role == "admin" and info is not None:
+        actor = "owner"
+    if info is None or actor not in ("owner", "admin"):
+        raise Forbidden("only owners and admins invite")
+    if info["kind"] == "direct":
+        raise Invalid("cannot invite into a direct conversation")
+    if cmd.member_role not in ("member", "admin"):
+        raise Invalid("member_role must be member or admin")
+    if cmd.member_role == "admin" and actor != "owner":
+        raise Forbidden("only owners grant admin")
+    if not valid_id(cmd.target):
+        raise Invalid("bad target id")
+    if _role(tables, cmd.conv, cmd.target) is not None:
+        return [], {"conv": cmd.conv}
+    if _member_count(tables, cmd.conv) >= limits.max_members:
+        raise LimitExceeded(f"at most {limits.max_members} members")
+    data = {"conv": cmd.conv, "user": cmd.target, "role": cmd.member_role}
+    return [_ev(now_us, cmd, r.MEMBER_ADDED, data)], {"conv": cmd.conv}
+
+
+def _join(tables: Tables, cmd: c.Join, now_us: int, limits: Limits) -> Decision:
+    info = _conv(tables, cmd.conv)
+    if info is None or info["kind"] == "direct":
+        raise Forbidden("no such open conversation")
+    if _role(tables, cmd.conv, cmd.user) is not None:
+        return [], {"conv": cmd.conv}
+    if not info["open"] and cmd.role != "admin":
+        raise Forbidden("no such open conversation")
+    if _member_count(tables, cmd.conv) >= limits.max_members:
+        raise LimitExceeded(f"at most {limits.max_members} members")
+    return [_ev(now_us, cmd, r.MEMBER_ADDED,
+                {"conv": cmd.conv, "user": cmd.user, "role": "member"})], {"conv": cmd.conv}
+
+
+def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decision:
+    info = _member_conv(tables, cmd)
+    if info["kind"] == "direct":
+        raise Invalid("cannot leave a direct conversation")
+    return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.user})], {
+        "conv": cmd.conv}
+
+
+def _ack(tables: Tables, cmd: c.Ack, now_us: int, limits: Limits) -> Decision:
+    upto = cmd.upto
+    if not isinstance(upto, int) or isinstance(upto, bool) or upto < 0:
+        raise Invalid("upto must be a non-negative integer")
+    if upto > get_u64(tables, "inbox_head", cmd.user.encode()):
+        raise Invalid("ack beyond the inbox head")
+    if upto <= get_u64(tables, "delivered", key2(cmd.user, cmd.device)):
+        return [], {}
+    return [_ev(now_us, cmd, r.DELIVERY_ACKED, {"upto": upto})], {}
+
+
+def _mark_read(tables: Tables, cmd: c.MarkRead, now_us: int, limits: Limits) -> Decision:
+    if not isinstance(cmd.upto, int) or isinstance(cmd.upto, bool) or cmd.upto < 0:
+        raise Invalid("upto must be a non-negative integer")
+    info = _member_conv(tables, cmd)
+    upto = min(cmd.upto, info["last_seq"])
+    if upto <= get_u64(tables, "read", key2(cmd.conv, cmd.user)):
+        return [], {"conv": cmd.conv}
+    return [_ev(now_us, cmd, r.READ_MARKED, {"conv": cmd.conv, "upto": upto})], {"conv": cmd.conv}
+
+
+def _set_mute(tables: Tables, cmd: c.SetMute, now_us: int, limits: Limits) -> Decision:
+    _member_conv(tables, cmd)
+    muted = bool(cmd.muted)
+    if (tables.get("mute", key2(cmd.user, cmd.conv)) is not None) == muted:
+        return [], {"conv": cmd.conv}
+    return [_ev(now_us, cmd, r.MUTE_SET, {"conv": cmd.conv, "muted": muted})], {"conv": cmd.conv}
+
+
+_DECIDE = {
+    c.SendMessage: _send,
+    c.CreateConv: _create,
+    c.Invite: _invite,
+    c.Join: _join,
+    c.Leave: _leave,
+    c.Ack: _ack,
+    c.MarkRead: _mark_read,
+    c.SetMute: _set_mute,
+}
+
+
+def decide(tables: Tables, command: c.Command, now_us: int, limits: Limits) -> Decision:
+    """Check `command` against the current state; return `(events, reply)` or raise DomainError."""
+    if not valid_id(command.user) or not valid_id(command.device):
+        raise Invalid("bad user or device id")
+    if command.role not in ("user", "service", "admin"):
+        raise Invalid("bad token role")
+    handler = _DECIDE.get(type(command))
+    if handler is None:
+        raise Invalid(f"unknown command {type(command).__name__}")
+    return handler(tables, command, now_us, limits)

@@ -1,0 +1,416 @@
+"""The store: one LMDB environment holding the event log and its projections.
+
+`execute` runs a batch of commands in ONE write transaction (decide, append, apply each, then
+one durable commit); the reads each open their own short read transaction and may be called from
+any thread. Rules kept (docs/DESIGN.md, "The store"):
+
+* The log and the projections change in the same transaction, and `meta.applied_lsn` with them,
+  so after any crash the projections are exactly the fold of the log.
+* A `DomainError` fails only its own command: `decide` writes nothing, and a command's events are
+  appended and applied only after it was accepted.
+* A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lmdb
+import msgpack
+import structlog
+
+from storage.commands import Command
+from storage.errors import DomainError, StorageError
+from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
+from storage.lmdb_log import LmdbLog
+from storage.projections import (
+    TABLES,
+    Effects,
+    MemoryTables,
+    apply,
+    decode,
+    inbox_key,
+    key2,
+)
+from storage.records import Event, decode_body, lsn_key, pack_u64, u64
+from storage.rules import Limits, decide
+
+log = structlog.get_logger()
+
+DB_NAMES = ["log", *TABLES]
+_MSG_SEQ = slice(-8, None)
+
+
+class _InjectedAbort(Exception):
+    """Raised by the test-only `_abort_after` hook to abort a batch mid-way."""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """The result of one command of a batch: a reply, or the DomainError that failed it."""
+
+    reply: dict[str, Any] | None
+    error: DomainError | None
+    effects: Effects = field(default_factory=Effects)
+    lsn: int = 0  # LSN of the command's last event, 0 when it appended none
+
+
+@dataclass(slots=True)
+class InboxItem:
+    """One inbox entry joined with its log record and the user's mute state, ready to deliver."""
+
+    inbox_seq: int
+    kind: str
+    conv: str
+    seq: int
+    lsn: int
+    sender: str
+    device: str
+    body: str | bytes | None
+    cid: str | None
+    ts_us: int
+    muted: bool
+
+
+class TxnTables:
+    """`Tables` over one LMDB transaction (write for execute/rebuild, read for queries)."""
+
+    __slots__ = ("dbs", "txn")
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self.txn = txn
+        self.dbs = dbs
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        """Return the value at `key`, or None."""
+        return self.txn.get(key, db=self.dbs[table])
+
+    def put(self, table: str, key: bytes, value: bytes) -> None:
+        """Store `value` at `key`."""
+        self.txn.put(key, value, db=self.dbs[table])
+
+    def delete(self, table: str, key: bytes) -> None:
+        """Remove `key` if present."""
+        self.txn.delete(key, db=self.dbs[table])
+
+    def range(self, table: str, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        """Yield `(key, value)` with `prefix` in key order from `start` (inclusive)."""
+        cur = self.txn.cursor(db=self.dbs[table])
+        if not reverse:
+            if not cur.set_range(start if start is not None and start > prefix else prefix):
+                return
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    return
+                yield key, value
+            return
+        upper = start if start is not None else _prefix_end(prefix)
+        if upper is None:
+            positioned = cur.last()
+        elif cur.set_range(upper):
+            positioned = cur.key() == start or cur.prev()
+        else:
+            positioned = cur.last()
+        if not positioned:
+            return
+        for key, value in cur.iterprev():
+            if not key.startswith(prefix):
+                return
+            yield key, value
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """Return the smallest key greater than every key with `prefix`, None if there is none."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class Store:
+    """Event log plus projections in one LMDB environment; the broker's only storage object."""
+
+    def __init__(self, env: LmdbEnv, limits: Limits) -> None:
+        self._env = env
+        self._dbs = env.dbs
+        self._log = LmdbLog(env)
+        self.limits = limits
+        self._abort_after: int | None = None  # test-only: abort a batch after k commands
+
+    @classmethod
+    def open(cls, path: str, *, map_size: int = DEFAULT_MAP_SIZE, limits: Limits | None = None,
+             readonly: bool = False) -> Store:
+        """Open the data directory at `path` (created unless `readonly`).
+
+        Writers take the directory lock (`DataDirLocked` if another process holds it); read-only
+        opens work next to a running broker, for audits.
+        """
+        env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly)
+        return cls(env, limits or Limits())
+
+    @property
+    def log(self) -> LmdbLog:
+        """The event log (an `EventLog`)."""
+        return self._log
+
+    def close(self) -> None:
+        """Close the environment and release the directory lock."""
+        self._env.close()
+
+    # ---------------------------------------------------------------- writes
+
+    def execute(self, commands: Sequence[Command], now_us: int | None = None) -> list[Outcome]:
+        """Run `commands` in one write transaction with one durable commit; one Outcome each.
+
+        Raises `StorageFull` (or another `StorageError`) when the whole batch failed; then
+        nothing was written.
+        """
+        now = time.time_ns() // 1000 if now_us is None else now_us
+        tail0 = self._log.tail()
+
+        def work(txn: lmdb.Transaction):
+            tables = TxnTables(txn, self._dbs)
+            tail = tail0
+            outcomes = []
+            for i, cmd in enumerate(commands):
+                if i == self._abort_after:
+                    raise _InjectedAbort(i)
+                try:
+                    events, reply = decide(tables, cmd, now, self.limits)
+                except DomainError as exc:
+                    outcomes.append(Outcome(None, exc))
+                    continue
+                sealed, tail = self._log.append_in(txn, events, tail)
+                fx = Effects()
+                for ev in sealed:
+                    fx.merge(apply(tables, ev))
+                if reply.get("dup") is False:
+                    reply["seq"] = fx.seq
+                    reply["lsn"] = fx.lsn
+                outcomes.append(Outcome(reply, None, fx, fx.lsn))
+            return outcomes, tail
+
+        try:
+            outcomes, tail = self._env.write(work)
+        except (StorageError, _InjectedAbort):
+            raise
+        except lmdb.Error as exc:
+            raise StorageError(f"write failed: {exc}") from exc
+        self._log.set_tail(tail)
+        return outcomes
+
+    # ---------------------------------------------------------------- reads
+
+    def last_lsn(self) -> int:
+        """Return the last committed LSN."""
+        return self._log.last_lsn()
+
+    def read_events(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Event]:
+        """Yield logged events from `from_lsn` to `to_lsn` (read in chunks, short txns)."""
+        return self._log.read(from_lsn, to_lsn)
+
+    def _get(self, table: str, key: bytes) -> bytes | None:
+        with self._env.read() as txn:
+            return txn.get(key, db=self._dbs[table])
+
+    def _u64(self, table: str, key: bytes) -> int:
+        value = self._get(table, key)
+        return 0 if value is None else u64(value)
+
+    def inbox_head(self, user: str) -> int:
+        """Return the last inbox seq of `user`, 0 when empty."""
+        return self._u64("inbox_head", user.encode())
+
+    def delivered(self, user: str, device: str) -> int:
+        """Return the inbox seq `device` of `user` acknowledged, 0 when none."""
+        return self._u64("delivered", key2(user, device))
+
+    def read_mark(self, conv: str, user: str) -> int:
+        """Return the conv seq `user` has read up to in `conv`."""
+        return self._u64("read", key2(conv, user))
+
+    def inbox_after(self, user: str, after_seq: int, limit: int) -> list[InboxItem]:
+        """Return up to `limit` inbox entries of `user` after `after_seq`, joined for delivery."""
+        out: list[InboxItem] = []
+        if limit <= 0:
+            return out
+        prefix = user.encode() + b"\0"
+        logdb, mutedb = self._dbs["log"], self._dbs["mute"]
+        mutes: dict[str, bool] = {}
+        with self._env.read() as txn:
+            cur = txn.cursor(db=self._dbs["inbox"])
+            if not cur.set_range(inbox_key(user, after_seq + 1)):
+                return out
+            for key, value in cur:
+                if not key.startswith(prefix):
+                    break
+                kind, conv, seq, lsn = msgpack.unpackb(value, raw=False)
+                ev = decode_body(txn.get(lsn_key(lsn), db=logdb)[32:])
+                muted = mutes.get(conv)
+                if muted is None:
+                    muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
+                data = ev.data
+                out.append(InboxItem(u64(key[-8:]), kind, conv, seq, lsn, ev.user, ev.device,
+                                     data.get("body"), data.get("cid"), ev.ts_us, muted))
+                if len(out) >= limit:
+                    break
+        return out
+
+    def conv_info(self, conv: str) -> dict[str, Any] | None:
+        """Return the conv row (`kind, name, open, creator, last_seq, created_lsn`) or None."""
+        raw = self._get("conv", conv.encode())
+        return None if raw is None else decode(raw)
+
+    def role(self, conv: str, user: str) -> str | None:
+        """Return `user`'s role in `conv`, None when not a member."""
+        raw = self._get("member", key2(conv, user))
+        return None if raw is None else raw.decode()
+
+    def _split_range(self, table: str, head: str) -> list[tuple[str, bytes]]:
+        prefix = head.encode() + b"\0"
+        with self._env.read() as txn:
+            rows = list(TxnTables(txn, self._dbs).range(table, prefix))
+        return [(k[len(prefix):].decode(), v) for k, v in rows]
+
+    def members(self, conv: str) -> list[tuple[str, str]]:
+        """Return `(user, role)` for every member of `conv`, sorted by user."""
+        return [(user, role.decode()) for user, role in self._split_range("member", conv)]
+
+    def user_convs(self, user: str) -> list[str]:
+        """Return the conversations `user` is a member of, sorted."""
+        return [conv for conv, _ in self._split_range("user_conv", user)]
+
+    def history(self, conv: str, *, before: int | None = None, after: int | None = None,
+                limit: int = 50, newest_first: bool = True) -> tuple[list[dict[str, Any]], bool]:
+        """Return messages of `conv` with `after < seq < before`, and whether more remain.
+
+        Dicts are `{seq, from, body, cid, ts, lsn}`; `newest_first` pages backwards from
+        `before`, otherwise forwards from `after`. Access checks are the caller's.
+        """
+        prefix = conv.encode() + b"\0"
+        lo = (after or 0) + 1
+        hi = (before - 1) if before is not None else (1 << 63)
+        out: list[dict[str, Any]] = []
+        more = False
+        if limit <= 0 or hi < lo:
+            return out, False
+        with self._env.read() as txn:
+            tables = TxnTables(txn, self._dbs)
+            if newest_first:
+                rows = tables.range("msg", prefix, start=prefix + pack_u64(hi), reverse=True)
+            else:
+                rows = tables.range("msg", prefix, start=prefix + pack_u64(lo))
+            for key, value in rows:
+                seq = u64(key[_MSG_SEQ])
+                if not lo <= seq <= hi:
+                    break
+                if len(out) >= limit:
+                    more = True
+                    break
+                ev = decode_body(txn.get(value, db=self._dbs["log"])[32:])
+                out.append({"seq": seq, "from": ev.user, "body": ev.data["body"],
+                            "cid": ev.data["cid"], "ts": ev.ts_us, "lsn": ev.lsn})
+        return out, more
+
+    def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str]]:
+        """Return (received, read): members other than the sender of `seq` whose marks reach it."""
+        prefix = conv.encode() + b"\0"
+        with self._env.read() as txn:
+            lsn = txn.get(prefix + pack_u64(seq), db=self._dbs["msg"])
+            if lsn is None:
+                return [], []
+            sender = decode_body(txn.get(lsn, db=self._dbs["log"])[32:]).user
+            tables = TxnTables(txn, self._dbs)
+            members = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
+            members.discard(sender)
+            got = [m for m in sorted(members)
+                   if u64(txn.get(key2(conv, m), db=self._dbs["recv"]) or bytes(8)) >= seq]
+            read = [m for m in got
+                    if u64(txn.get(key2(conv, m), db=self._dbs["read"]) or bytes(8)) >= seq]
+        return got, read
+
+    def unread(self, user: str) -> dict[str, int]:
+        """Return `{conv: last_seq - read}` for each conversation of `user` (muted ones too)."""
+        out = {}
+        with self._env.read() as txn:
+            tables = TxnTables(txn, self._dbs)
+            prefix = user.encode() + b"\0"
+            for key, _ in list(tables.range("user_conv", prefix)):
+                conv = key[len(prefix):].decode()
+                last = decode(txn.get(conv.encode(), db=self._dbs["conv"]))["last_seq"]
+                mark = txn.get(key2(conv, user), db=self._dbs["read"])
+                out[conv] = max(0, last - (0 if mark is None else u64(mark)))
+        return out
+
+    # ---------------------------------------------------------------- audit
+
+    def verify_log(self, from_lsn: int = 1) -> int:
+        """Verify LSN continuity and the digest chain; return the records checked (CorruptLog)."""
+        return self._log.verify(from_lsn)
+
+    def dump_projections(self) -> list[tuple[str, bytes, bytes]]:
+        """Return every projection row as `(table, key, value)` in (table, key) order."""
+        out = []
+        with self._env.read() as txn:
+            for table in sorted(TABLES):
+                out.extend((table, k, v) for k, v in txn.cursor(db=self._dbs[table]))
+        return out
+
+    def replay(self, to_lsn: int | None = None, tables: MemoryTables | None = None) -> MemoryTables:
+        """Fold the log (up to `to_lsn`) into `tables` (fresh MemoryTables by default)."""
+        tables = MemoryTables() if tables is None else tables
+        for ev in self._log.read(1, to_lsn):
+            apply(tables, ev)
+        return tables
+
+    def rebuild(self) -> int:
+        """Drop every projection and replay the whole log, atomically in one write txn.
+
+        Returns the number of events replayed.
+        """
+        started = time.perf_counter()
+
+        def work(txn: lmdb.Transaction) -> int:
+            mem = MemoryTables()
+            count = 0
+            for _key, value in txn.cursor(db=self._dbs["log"]):
+                apply(mem, decode_body(value[32:]))
+                count += 1
+            for table in TABLES:
+                db = self._dbs[table]
+                txn.drop(db, delete=False)
+                rows = sorted(mem.data[table].items())
+                if rows:
+                    txn.cursor(db=db).putmulti(rows, append=True)
+            return count
+
+        count = self._env.write(work)
+        log.info("projections_rebuilt", events=count,
+                 seconds=round(time.perf_counter() - started, 3))
+        return count
+
+    def check_projections(self) -> tuple[str, bytes, bytes | None, bytes | None] | None:
+        """Compare stored projections with a fresh replay; return the first difference or None.
+
+        A difference is `(table, key, stored_value, replayed_value)`, None for a missing row.
+        """
+        stored = self.dump_projections()
+        replayed = self.replay().items()
+        for (st, sk, sv), (rt, rk, rv) in zip(stored, replayed, strict=False):
+            if (st, sk) != (rt, rk):
+                if (st, sk) < (rt, rk):
+                    return st, sk, sv, None
+                return rt, rk, None, rv
+            if sv != rv:
+                return st, sk, sv, rv
+        if len(stored) > len(replayed):
+            t, k, v = stored[len(replayed)]
+            return t, k, v, None
+        if len(replayed) > len(stored):
+            t, k, v = replayed[len(stored)]
+            return t, k, None, v
+        return None

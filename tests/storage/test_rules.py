@@ -1,0 +1,229 @@
+"""Domain rules through Store.execute: access, idempotence, channels, limits, marks."""
+
+from __future__ import annotations
+
+from storage.commands import (
+    Ack,
+    CreateConv,
+    Invite,
+    Join,
+    Leave,
+    MarkRead,
+    SendMessage,
+    SetMute,
+)
+from storage.errors import Forbidden, Invalid, LimitExceeded
+from storage.rules import Limits
+from storage.store import Store
+
+
+def one(store, cmd):
+    """Execute a single command and return its outcome."""
+    (out,) = store.execute([cmd])
+    return out
+
+
+def send(user, cid, body="hi", conv=None, to=None, role="user"):
+    return SendMessage(user, "d1", role, cid, body, conv=conv, to=to)
+
+
+def group(store, owner="alice", kind="group", members=("bob",), open_=False):
+    out = one(store, CreateConv(owner, "d1", "user", kind, "g", open_, tuple(members)))
+    assert out.error is None
+    return out.reply["conv"]
+
+
+def test_direct_send_creates_conversation(store):
+    """A first send `to` a user creates dm:<min>:<max> with both members and delivers to both."""
+    out = one(store, send("bob", "c1", to="alice"))
+    assert out.reply == {"conv": "dm:alice:bob", "seq": 1, "lsn": 4, "cid": "c1", "dup": False}
+    assert store.members("dm:alice:bob") == [("alice", "member"), ("bob", "member")]
+    assert store.inbox_head("alice") == 1 and store.inbox_head("bob") == 1
+    assert out.effects.inbox_heads == {"alice": 1, "bob": 1}
+
+
+def test_send_to_self_is_invalid(store):
+    """Sending a direct message to yourself is Invalid."""
+    assert isinstance(one(store, send("bob", "c1", to="bob")).error, Invalid)
+
+
+def test_repeated_cid_is_idempotent(store):
+    """A repeated (user, cid) returns the first result with dup=True and appends nothing."""
+    first = one(store, send("bob", "c1", to="alice"))
+    lsn = store.last_lsn()
+    outs = store.execute([send("bob", "c1", "other", to="alice"), send("bob", "c1", to="carol")])
+    for out in outs:
+        assert out.reply == {**first.reply, "dup": True}
+    assert store.last_lsn() == lsn
+
+
+def test_repeated_cid_in_one_batch(store):
+    """Two sends with the same cid in one batch append one message."""
+    a, b = store.execute([send("bob", "c1", to="alice"), send("bob", "c1", to="alice")])
+    assert not a.reply["dup"] and b.reply["dup"] and b.reply["seq"] == a.reply["seq"]
+
+
+def test_non_member_and_missing_conv_look_the_same(store):
+    """Posting to a conversation you are not in, or that does not exist, is Forbidden."""
+    conv = group(store)
+    assert isinstance(one(store, send("mallory", "c", conv=conv)).error, Forbidden)
+    assert isinstance(one(store, send("mallory", "c", conv="grp:0000000000000000")).error,
+                      Forbidden)
+
+
+def test_channel_posting_rules(store):
+    """In a channel, plain members cannot post; owners, admins and service tokens can."""
+    conv = group(store, kind="channel", members=("bob", "svc"))
+    one(store, Invite("alice", "d1", "user", conv, "carol", "admin"))
+    assert isinstance(one(store, send("bob", "c", conv=conv)).error, Forbidden)
+    assert one(store, send("alice", "c", conv=conv)).error is None
+    assert one(store, send("carol", "c", conv=conv)).error is None
+    assert one(store, send("svc", "c", conv=conv, role="service")).error is None
+    assert isinstance(one(store, send("outsider", "c", conv=conv, role="service")).error,
+                      Forbidden)
+    assert one(store, send("root", "c", conv=conv, role="admin")).error is None
+
+
+def test_failed_command_does_not_affect_batch(store):
+    """A DomainError fails only its own command; the others of the batch commit."""
+    conv = group(store)
+    outs = store.execute([send("bob", "a", conv=conv), send("eve", "b", conv=conv),
+                          send("alice", "c", conv=conv)])
+    assert [o.error is None for o in outs] == [True, False, True]
+    assert [o.reply["seq"] for o in (outs[0], outs[2])] == [1, 2]
+    assert store.check_projections() is None
+
+
+def test_member_limit(tmp_path):
+    """Creating or growing a conversation past max_members raises LimitExceeded."""
+    s = Store.open(tmp_path / "d", limits=Limits(max_members=3))
+    try:
+        out = one(s, CreateConv("alice", "d1", "user", "group", None, True, ("a", "b", "c")))
+        assert isinstance(out.error, LimitExceeded)
+        conv = group(s, members=("bob", "carol"), open_=True)
+        assert isinstance(one(s, Join("dave", "d", "user", conv)).error, LimitExceeded)
+        assert isinstance(one(s, Invite("alice", "d1", "user", conv, "dave")).error,
+                          LimitExceeded)
+    finally:
+        s.close()
+
+
+def test_body_limit(tmp_path):
+    """A body larger than max_body_bytes raises LimitExceeded."""
+    s = Store.open(tmp_path / "d", limits=Limits(max_body_bytes=10))
+    try:
+        assert isinstance(one(s, send("a", "c", "x" * 11, to="b")).error, LimitExceeded)
+        assert one(s, send("a", "c", b"x" * 10, to="b")).error is None
+    finally:
+        s.close()
+
+
+def test_join_open_only_and_idempotent(store):
+    """Join works on open conversations only and twice is harmless."""
+    closed, opened = group(store), group(store, open_=True)
+    assert isinstance(one(store, Join("zed", "d", "user", closed)).error, Forbidden)
+    assert one(store, Join("zed", "d", "user", opened)).error is None
+    lsn = store.last_lsn()
+    assert one(store, Join("zed", "d", "user", opened)).error is None
+    assert store.last_lsn() == lsn
+    assert store.role(opened, "zed") == "member"
+
+
+def test_invite_rules(store):
+    """Only owners/admins invite; inviting a member again is an idempotent success."""
+    conv = group(store)
+    assert isinstance(one(store, Invite("bob", "d1", "user", conv, "x")).error, Forbidden)
+    assert one(store, Invite("alice", "d1", "user", conv, "x")).error is None
+    lsn = store.last_lsn()
+    assert one(store, Invite("alice", "d1", "user", conv, "x")).error is None
+    assert store.last_lsn() == lsn
+    assert store.inbox_after("x", 0, 10)[0].kind == "added"
+
+
+def test_leave_and_removed_from_messages(store):
+    """After leaving, a user gets no new inbox entries and cannot post."""
+    conv = group(store)
+    assert one(store, Leave("bob", "d1", "user", conv)).error is None
+    head = store.inbox_head("bob")
+    one(store, send("alice", "m", conv=conv))
+    assert store.inbox_head("bob") == head
+    assert isinstance(one(store, send("bob", "m", conv=conv)).error, Forbidden)
+    assert isinstance(one(store, Leave("bob", "d1", "user", conv)).error, Forbidden)
+    assert store.user_convs("bob") == []
+
+
+def test_ack_rules_and_receipts(store):
+    """Acks past the head are Invalid, lower ones change nothing, and a new ack reports recv."""
+    one(store, send("alice", "c1", to="bob"))
+    one(store, send("alice", "c2", to="bob"))
+    assert isinstance(one(store, Ack("bob", "d1", "user", 3)).error, Invalid)
+    out = one(store, Ack("bob", "d1", "user", 2))
+    assert out.effects.receipts == [("dm:alice:bob", "bob", "delivered", 2)]
+    lsn = store.last_lsn()
+    assert one(store, Ack("bob", "d1", "user", 1)).error is None
+    assert store.last_lsn() == lsn
+    assert store.delivered("bob", "d1") == 2
+    assert store.receipts("dm:alice:bob", 2) == (["bob"], [])
+
+
+def test_mark_read_clamps_and_is_monotonic(store):
+    """MarkRead clamps to last_seq, only moves up, and feeds unread counts."""
+    for i in range(3):
+        one(store, send("alice", f"c{i}", to="bob"))
+    assert store.unread("bob") == {"dm:alice:bob": 3}
+    assert store.unread("alice") == {"dm:alice:bob": 0}
+    out = one(store, MarkRead("bob", "d1", "user", "dm:alice:bob", 99))
+    assert ("dm:alice:bob", "bob", "read", 3) in out.effects.receipts
+    assert store.read_mark("dm:alice:bob", "bob") == 3
+    lsn = store.last_lsn()
+    one(store, MarkRead("bob", "d1", "user", "dm:alice:bob", 2))
+    assert store.last_lsn() == lsn
+    assert isinstance(one(store, MarkRead("eve", "d1", "user", "dm:alice:bob", 1)).error,
+                      Forbidden)
+
+
+def test_mute_shows_in_inbox(store):
+    """A muted conversation's inbox items carry muted=True."""
+    conv = group(store)
+    assert one(store, SetMute("bob", "d1", "user", conv, True)).error is None
+    one(store, send("alice", "m", conv=conv))
+    items = store.inbox_after("bob", 0, 10)
+    assert [(i.kind, i.muted) for i in items] == [("added", True), ("msg", True)]
+    assert items[1].body == "hi" and items[1].sender == "alice"
+    assert isinstance(one(store, SetMute("eve", "d1", "user", conv, True)).error, Forbidden)
+
+
+def test_history_paging(store):
+    """History pages newest first with `before` and oldest first with `after`."""
+    for i in range(5):
+        one(store, send("alice", f"c{i}", f"m{i}", to="bob"))
+    page, more = store.history("dm:alice:bob", limit=2)
+    assert [m["seq"] for m in page] == [5, 4] and more
+    page, more = store.history("dm:alice:bob", before=4, limit=5)
+    assert [m["seq"] for m in page] == [3, 2, 1] and not more
+    page, more = store.history("dm:alice:bob", after=3, newest_first=False)
+    assert [m["body"] for m in page] == ["m3", "m4"] and not more
+
+
+def test_map_grows_without_map_full(tmp_path):
+    """A tiny initial map grows by itself; no MapFullError reaches the caller."""
+    s = Store.open(tmp_path / "d", map_size=64 * 1024)
+    try:
+        for b in range(40):
+            s.execute([send("alice", f"c{b}-{i}", "x" * 200, to="bob") for i in range(50)])
+        assert s.last_lsn() == 3 + 2000
+        assert s._env.map_size() > 64 * 1024
+        assert s.verify_log() == 2003
+        assert s.check_projections() is None
+    finally:
+        s.close()
+
+
+def test_rebuild_equals_live(store):
+    """rebuild() reproduces byte-identical projections."""
+    conv = group(store, members=("bob", "carol"))
+    store.execute([send("alice", "1", conv=conv), Ack("bob", "d1", "user", 2),
+                   MarkRead("carol", "d", "user", conv, 1), Leave("carol", "d", "user", conv)])
+    before = store.dump_projections()
+    assert store.rebuild() == store.last_lsn()
+    assert store.dump_projections() == before
