@@ -1,0 +1,416 @@
+"""The `homing` command: serve, mint tokens, and talk to a broker from scripts.
+
+Output contract (docs/CLI.md): client commands print one JSON object per line on stdout; errors
+go to stderr as one JSON object {"error", "code", "message"} with a non-zero exit status:
+1 the broker refused the request, 2 bad usage, 3 the broker could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from broker import tokens
+from broker.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, Config
+
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+class CliError(Exception):
+    """A failure to report on stderr with an exit status."""
+
+    def __init__(self, status: int, name: str, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.status, self.name, self.message, self.code = status, name, message, code
+
+
+def emit(obj: dict[str, Any]) -> None:
+    """Print one JSON object on its own line."""
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def body_fields(body: str | bytes | None) -> dict[str, Any]:
+    """`body` as JSON fields: text as "body", binary as "body_b64"."""
+    if isinstance(body, bytes):
+        return {"body_b64": base64.b64encode(body).decode("ascii")}
+    return {"body": body}
+
+
+# -- serve and token ---------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.logs import configure
+    from storage.errors import DataDirLocked
+    from storage.rules import Limits
+    from storage.store import Store
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise CliError(EXIT_USAGE, "usage", "--tls-cert and --tls-key go together")
+    configure(args.log_level, args.log_format)
+    cfg = Config(
+        data_dir=Path(args.data), host=args.host, port=args.port,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
+        window=args.window, heartbeat_s=args.heartbeat, idle_timeout_s=args.idle_timeout,
+        handshake_timeout_s=args.handshake_timeout,
+        sends_per_s_per_connection=args.send_rate, sends_per_s_per_user=args.user_send_rate,
+        max_connections=args.max_connections,
+        max_connections_per_user=args.max_connections_per_user,
+        max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
+        content_policy=Path(args.content_policy) if args.content_policy else None,
+        content_action=args.content_action,
+    )
+    _raise_nofile(cfg.max_connections + 64)
+    try:
+        store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
+                           limits=Limits(max_members=cfg.max_members,
+                                         max_body_bytes=cfg.max_body_bytes))
+    except DataDirLocked as exc:
+        raise CliError(EXIT_USAGE, "locked", str(exc)) from None
+    try:
+        trio.run(_serve, cfg, store)
+    finally:
+        store.close()
+    return 0
+
+
+async def _serve(cfg: Config, store: Any) -> None:
+    from broker.server import Broker
+
+    broker = Broker(cfg, store)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(broker.serve)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                broker.shutdown()
+                break
+        await broker.wait_stopped()
+
+
+def _raise_nofile(want: int) -> None:
+    """Raise the open-file soft limit towards `want` (up to the hard limit)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    role = "admin" if args.admin else "service" if args.service else "user"
+    try:
+        ttl = tokens.parse_ttl(args.ttl)
+        secret = tokens.load_secret(Path(args.data))
+        print(tokens.issue(secret, args.user, role, ttl))
+    except ValueError as exc:
+        raise CliError(EXIT_USAGE, "usage", str(exc)) from None
+    return 0
+
+
+# -- client commands -----------------------------------------------------------------------------
+
+def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    if not (args.tls or args.tls_ca):
+        return None
+    ctx = ssl.create_default_context()
+    if args.tls_ca:
+        ctx.load_verify_locations(args.tls_ca)
+    return ctx
+
+
+def run_client(args: argparse.Namespace, body) -> int:
+    """Connect with the common options and run `body(client, args)`."""
+    from broker.client import ClientError, ConnectionLost, open_client
+
+    if not args.token:
+        raise CliError(EXIT_USAGE, "usage", "a token is needed: --token or HOMING_TOKEN")
+
+    async def main() -> None:
+        async with open_client(args.server, args.token, args.device, tls=_tls_context(args),
+                               reconnect_timeout=args.connect_timeout) as client:
+            await body(client, args)
+
+    try:
+        trio.run(main)
+    except ClientError as exc:
+        status = EXIT_UNREACHABLE if exc.name in ("shutting_down",) else EXIT_REFUSED
+        raise CliError(status, exc.name, exc.message, exc.code) from None
+    except ConnectionLost as exc:
+        raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
+    return 0
+
+
+def _result(r: Any) -> dict[str, Any]:
+    return {"conv": r.conv, "seq": r.seq, "lsn": r.lsn, "cid": r.cid, "dup": r.dup}
+
+
+async def do_send(client, args) -> None:
+    if args.stdin:
+        await _send_lines(client, args)
+        return
+    if args.text is None:
+        raise CliError(EXIT_USAGE, "usage", "send needs TEXT or --stdin")
+    emit(_result(await client.send(args.text, to=args.to, conv=args.conv, cid=args.cid)))
+
+
+async def _send_lines(client, args) -> None:
+    """Send each stdin line as one message, pipelined, until every line is accepted."""
+    import uuid
+
+    prefix = args.cid_prefix or uuid.uuid4().hex[:12]
+    limit = trio.Semaphore(args.pipeline)
+    failures: list[BaseException] = []
+
+    async def one(cid: str, text: str) -> None:
+        try:
+            emit(_result(await client.send(text, to=args.to, conv=args.conv, cid=cid)))
+        except BaseException as exc:
+            failures.append(exc)
+            raise
+        finally:
+            limit.release()
+
+    async with trio.open_nursery() as nursery:
+        for number, line in enumerate(sys.stdin, start=1):
+            text = line.rstrip("\n")
+            await limit.acquire()
+            nursery.start_soon(one, f"{prefix}-{number}", text)
+    if failures:
+        raise failures[0]
+
+
+async def do_listen(client, args) -> None:
+    count = 0
+    deliveries = client.deliveries()
+    while args.count is None or count < args.count:
+        with trio.move_on_after(args.timeout) if args.timeout else _never() as scope:
+            d = await deliveries.receive()
+        if scope is not None and scope.cancelled_caught:
+            break
+        out = {"inbox_seq": d.inbox_seq, "conv": d.conv, "seq": d.seq, "from": d.sender,
+               **body_fields(d.body), "cid": d.cid, "ts": d.ts}
+        if d.kind != "msg":
+            out["kind"] = d.kind
+        if d.muted:
+            out["muted"] = True
+        emit(out)
+        count += 1
+        if not args.no_ack:
+            await client.ack(d.inbox_seq)
+    if not args.no_ack:
+        await client.ping()  # make sure the last ack reached the broker before we close
+
+
+class _never:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+async def do_create(client, args) -> None:
+    members = [m for m in (args.members or "").split(",") if m]
+    conv = await client.create(args.kind, args.name, members, args.open)
+    emit({"conv": conv})
+
+
+async def do_invite(client, args) -> None:
+    await client.invite(args.conv, args.user, args.role)
+    emit({"conv": args.conv, "user": args.user, "ok": True})
+
+
+def _simple(method: str):
+    async def run(client, args) -> None:
+        await getattr(client, method)(args.conv)
+        emit({"conv": args.conv, "ok": True})
+    return run
+
+
+async def do_mute(client, args) -> None:
+    await client.mute(args.conv, not args.unmute)
+    emit({"conv": args.conv, "muted": not args.unmute})
+
+
+async def do_read(client, args) -> None:
+    await client.read(args.conv, args.upto)
+    emit({"conv": args.conv, "read": args.upto})
+
+
+async def do_receipts(client, args) -> None:
+    r = await client.receipts(args.conv, args.seq)
+    emit({"conv": r.conv, "seq": r.seq, "delivered": list(r.delivered), "read": list(r.read)})
+
+
+async def do_history(client, args) -> None:
+    page = await client.history(args.conv, before=args.before, limit=args.limit, order="newest")
+    for m in reversed(page.messages):
+        emit({"conv": args.conv, "seq": m.seq, "from": m.sender, **body_fields(m.body),
+              "cid": m.cid, "ts": m.ts, "lsn": m.lsn})
+
+
+async def do_presence(client, args) -> None:
+    emit({"conv": args.conv, "online": list(await client.presence(args.conv))})
+
+
+# -- argument parsing ------------------------------------------------------------------------------
+
+def _client_options(p: argparse.ArgumentParser) -> None:
+    default_server = os.environ.get("HOMING_SERVER", f"{DEFAULT_HOST}:{DEFAULT_PORT}")
+    p.add_argument("--server", default=default_server,
+                   help="HOST:PORT of the broker (env HOMING_SERVER; default %(default)s)")
+    p.add_argument("--token", default=os.environ.get("HOMING_TOKEN"),
+                   help="access token (env HOMING_TOKEN); mint one with `homing token`")
+    p.add_argument("--device", default="cli",
+                   help="device name; successive commands with one name share a delivery cursor")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
+    p.add_argument("--tls-ca", help="CA certificate file to verify the broker with (implies --tls)")
+    p.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds to keep trying to (re)connect before giving up (default 30)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="homing", description="homing: an event-sourced "
+                                     "instant-messaging broker")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = Config()
+    s = sub.add_parser("serve", help="run the broker")
+    s.add_argument("--data", default=DEFAULT_DATA_DIR,
+                   help="data directory (default ./%(default)s)")
+    s.add_argument("--host", default=DEFAULT_HOST)
+    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--tls-cert", help="PEM certificate chain; serve TLS")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    s.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
+    s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
+    s.add_argument("--window", type=int, default=d.window,
+                   help="unacked deliveries in flight per device (default %(default)s)")
+    s.add_argument("--heartbeat", type=int, default=d.heartbeat_s, help="seconds")
+    s.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds")
+    s.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout_s, help="seconds")
+    s.add_argument("--send-rate", type=float, default=d.sends_per_s_per_connection,
+                   help="sends per second per connection")
+    s.add_argument("--user-send-rate", type=float, default=d.sends_per_s_per_user,
+                   help="sends per second per user")
+    s.add_argument("--max-connections", type=int, default=d.max_connections)
+    s.add_argument("--max-connections-per-user", type=int, default=d.max_connections_per_user)
+    s.add_argument("--max-members", type=int, default=d.max_members)
+    s.add_argument("--max-pending-pushes", type=int, default=d.max_pending_pushes)
+    s.add_argument("--content-policy", help="file of forbidden words, one per line")
+    s.add_argument("--content-action", choices=("reject", "mask"), default="reject")
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    s.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("token", help="print a signed access token")
+    t.add_argument("user")
+    t.add_argument("--data", default=DEFAULT_DATA_DIR, help="data directory holding the secret")
+    role = t.add_mutually_exclusive_group()
+    role.add_argument("--service", action="store_true", help="a service token")
+    role.add_argument("--admin", action="store_true", help="an admin token")
+    t.add_argument("--ttl", default="30d", help="lifetime, e.g. 30d, 12h (default %(default)s)")
+    t.set_defaults(func=cmd_token)
+
+    def client(name: str, help: str, body, *args_fn) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        _client_options(p)
+        for fn in args_fn:
+            fn(p)
+        p.set_defaults(func=lambda a: run_client(a, body))
+        return p
+
+    snd = client("send", "send a message (prints its durable result)", do_send)
+    target = snd.add_mutually_exclusive_group(required=True)
+    target.add_argument("--to", help="user id: the direct conversation with them")
+    target.add_argument("--conv", help="conversation id")
+    snd.add_argument("--cid", help="client message id (a retry with the same id sends nothing new)")
+    snd.add_argument("--stdin", action="store_true", help="send each stdin line as a message")
+    snd.add_argument("--cid-prefix", help="with --stdin: cid of line N is PREFIX-N")
+    snd.add_argument("--pipeline", type=int, default=256, help="with --stdin: sends in flight")
+    snd.add_argument("text", nargs="?")
+
+    lst = client("listen", "print deliveries (and ack them)", do_listen)
+    lst.add_argument("--count", type=int, help="stop after N deliveries")
+    lst.add_argument("--timeout", type=float, help="stop after SECONDS with nothing arriving")
+    lst.add_argument("--no-ack", action="store_true", help="print without acking")
+
+    for kind in ("group", "channel"):
+        grp = sub.add_parser(kind, help=f"{kind} commands")
+        gsub = grp.add_subparsers(dest="action", required=True)
+        c = gsub.add_parser("create", help=f"create a {kind}")
+        _client_options(c)
+        c.add_argument("name")
+        c.add_argument("--members", help="comma-separated user ids")
+        c.add_argument("--open", action="store_true", help="anyone may join/subscribe")
+        c.set_defaults(kind=kind, func=lambda a: run_client(a, do_create))
+
+    inv = client("invite", "add a user to a group or channel", do_invite)
+    inv.add_argument("conv")
+    inv.add_argument("user")
+    inv.add_argument("--role", choices=("member", "admin"), default="member")
+    for name, method in (("join", "join"), ("leave", "leave"), ("subscribe", "subscribe")):
+        client(name, f"{name} a conversation", _simple(method)).add_argument("conv")
+    mute = client("mute", "mute a conversation", do_mute)
+    mute.add_argument("conv")
+    mute.add_argument("--unmute", action="store_true")
+    rd = client("read", "mark a conversation read up to a seq", do_read)
+    rd.add_argument("--conv", required=True)
+    rd.add_argument("--upto", type=int, required=True)
+    rc = client("receipts", "who received and who read a message", do_receipts)
+    rc.add_argument("--conv", required=True)
+    rc.add_argument("--seq", type=int, required=True)
+    hs = client("history", "print a conversation's messages, oldest first", do_history)
+    hs.add_argument("--conv", required=True)
+    hs.add_argument("--before", type=int)
+    hs.add_argument("--limit", type=int, default=50)
+    client("presence", "which members are online", do_presence).add_argument("conv")
+
+    _add_optional(sub, "audit", "audit.cli")
+    _add_optional(sub, "bench", "bench.cli")
+    return parser
+
+
+def _add_optional(sub, name: str, module: str) -> None:
+    """Register a command whose parser lives in another module, if present."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module if module.startswith("bench") else f"broker.{module}")
+    except ImportError:
+        return
+    mod.add_parser(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CliError as exc:
+        sys.stderr.write(json.dumps({"error": exc.name, "code": exc.code,
+                                     "message": exc.message}) + "\n")
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

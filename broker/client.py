@@ -1,0 +1,363 @@
+"""The client SDK: a trio API to homing that survives network drops and broker restarts.
+
+    async with open_client("127.0.0.1:7717", token, device="shop-1") as client:
+        result = await client.send("Your book is back", to="member-42")
+        async for d in client.deliveries():
+            print(d.body)
+            await client.ack(d.inbox_seq)
+
+What it promises:
+- `send` returns only once the broker made the message durable. Every send carries a client
+  message id (`cid`); after a drop the SDK reconnects (exponential backoff with jitter) and
+  resends every unanswered send with its original cid, so a drop costs neither a message nor a
+  duplicate (the broker answers a repeated cid with the first result, `dup=True`).
+- Deliveries resume after the last acked inbox_seq; deliveries already handed to the caller in
+  this process are not handed over twice, and acks made while disconnected are sent again.
+- Requests that are not safe to repeat (`create`) fail with `ConnectionLost` on a drop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import ssl
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+import protocol as wire
+
+DEFAULT_SERVER = "127.0.0.1:7717"
+
+
+class ClientError(Exception):
+    """The broker refused a request; `.code` is the ErrorCode, `.name` its wire name."""
+
+    def __init__(self, code: int, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.code, self.name, self.message = code, name, message
+
+
+class ConnectionLost(Exception):
+    """The connection dropped while a request that cannot be safely repeated was in flight,
+    or the broker could not be reached within the reconnect timeout."""
+
+
+def parse_server(server: str) -> tuple[str, int]:
+    """(host, port) from ``HOST:PORT``."""
+    host, _, port = server.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"server must be HOST:PORT, not {server!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass
+class _Request:
+    frame: Any
+    resend: bool
+    event: trio.Event = field(default_factory=trio.Event)
+    reply: Any = None
+    error: BaseException | None = None
+
+
+class Client:
+    """One device's connection to the broker; build it with `open_client`."""
+
+    def __init__(self, server: str, token: str, device: str, *, tls: ssl.SSLContext | None,
+                 reconnect: bool, reconnect_timeout: float | None, max_pushes: int) -> None:
+        self.host, self.port = parse_server(server)
+        self.token, self.device, self.tls = token, device, tls
+        self.reconnect, self.reconnect_timeout = reconnect, reconnect_timeout
+        self.welcome: wire.Welcome | None = None
+        self.connected = trio.Event()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Request] = {}
+        self._stream: trio.abc.Stream | None = None
+        self._conn: wire.Connection | None = None
+        self._send_lock = trio.Lock()
+        self._deliveries_in, self._deliveries_out = trio.open_memory_channel[wire.Deliver](1 << 16)
+        self._pushes: deque[Any] = deque(maxlen=max_pushes)
+        self._push_event = trio.Event()
+        self._yielded = 0  # highest inbox_seq handed to the caller
+        self._acked = 0  # highest inbox_seq the caller acked
+        self._closed = False
+        self._fatal: BaseException | None = None
+        self.user: str | None = None
+        self.reconnects = 0
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def _request(self, make, *, resend: bool = True) -> Any:
+        rid = next(self._ids)
+        req = _Request(make(rid), resend)
+        self._pending[rid] = req
+        try:
+            await self._write_frame(req.frame)
+            await req.event.wait()
+        finally:
+            self._pending.pop(rid, None)
+        if req.error is not None:
+            raise req.error
+        return req.reply
+
+    async def _write_frame(self, frame: Any) -> None:
+        """Send now if connected; if not, the frame is (re)sent after the reconnect."""
+        if self._fatal is not None:
+            raise self._fatal
+        if self._stream is None or self._conn is None:
+            return
+        stream, data = self._stream, self._conn.send(frame)
+        async with self._send_lock:
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # the reader notices, reconnects and resends
+
+    async def send(self, body: str | bytes, *, to: str | None = None, conv: str | None = None,
+                   cid: str | None = None) -> wire.Result:
+        """Send a message; returns the durable result {conv, seq, lsn, cid, dup}."""
+        cid = cid or uuid.uuid4().hex
+        return await self._request(lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
+
+    async def ack(self, upto: int) -> None:
+        """Acknowledge deliveries up to inbox_seq `upto` (cumulative)."""
+        if upto > self._acked:
+            self._acked = upto
+            await self._write_frame(wire.Ack(upto=upto))
+
+    async def read(self, conv: str, upto: int) -> None:
+        """Mark `conv` read up to conv seq `upto`."""
+        await self._request(lambda i: wire.Read(conv=conv, upto=upto, id=i))
+
+    async def history(self, conv: str, *, before: int | None = None, after: int | None = None,
+                      limit: int = 50, order: str = "newest") -> wire.Page:
+        """A page of `conv`'s messages."""
+        return await self._request(lambda i: wire.History(
+            id=i, conv=conv, before=before, after=after, limit=limit, order=order))
+
+    async def receipts(self, conv: str, seq: int) -> wire.ReceiptList:
+        """Who was delivered, and who read, message `seq` of `conv`."""
+        return await self._request(lambda i: wire.Receipts(id=i, conv=conv, seq=seq))
+
+    async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),
+                     open: bool = False) -> str:
+        """Create a group or channel; returns its conv id."""
+        reply = await self._request(lambda i: wire.Create(
+            id=i, kind=kind, name=name, members=tuple(members), open=open), resend=False)
+        return reply.conv
+
+    async def create_group(self, name: str, members=(), open: bool = False) -> str:
+        return await self.create("group", name, members, open)
+
+    async def create_channel(self, name: str, members=(), open: bool = False) -> str:
+        return await self.create("channel", name, members, open)
+
+    async def invite(self, conv: str, user: str, role: str = "member") -> None:
+        await self._request(lambda i: wire.Invite(id=i, conv=conv, user=user, role=role))
+
+    async def join(self, conv: str) -> None:
+        await self._request(lambda i: wire.Join(id=i, conv=conv))
+
+    async def leave(self, conv: str) -> None:
+        await self._request(lambda i: wire.Leave(id=i, conv=conv))
+
+    async def subscribe(self, conv: str) -> None:
+        await self._request(lambda i: wire.Subscribe(id=i, conv=conv))
+
+    async def mute(self, conv: str, muted: bool = True) -> None:
+        await self._request(lambda i: wire.Mute(id=i, conv=conv, muted=muted))
+
+    async def presence(self, conv: str) -> tuple[str, ...]:
+        """The members of `conv` online now."""
+        return (await self._request(lambda i: wire.Presence(id=i, conv=conv))).online
+
+    async def typing(self, conv: str) -> None:
+        await self._write_frame(wire.Typing(conv=conv))
+
+    async def ping(self) -> None:
+        await self._request(lambda i: wire.Ping(id=i))
+
+    # -- incoming -------------------------------------------------------------------------------
+
+    def deliveries(self) -> trio.MemoryReceiveChannel[wire.Deliver]:
+        """The deliveries, in inbox order, each once per process; ack them with `ack`."""
+        return self._deliveries_out
+
+    async def next_push(self) -> Any:
+        """The next receipt, status or typing push (the oldest are dropped past `max_pushes`)."""
+        while not self._pushes:
+            self._push_event = trio.Event()
+            await self._push_event.wait()
+        return self._pushes.popleft()
+
+    # -- the connection -------------------------------------------------------------------------
+
+    async def _connect_once(self) -> None:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+        try:
+            if self.tls is not None:
+                stream = trio.SSLStream(stream, self.tls, server_hostname=self.host)
+            conn = wire.Connection(wire.Role.CLIENT)
+            await stream.send_all(conn.send(wire.Hello(
+                versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device)))
+            welcome = await _next_frame(stream, conn)
+            if isinstance(welcome, wire.Error):
+                raise ClientError(welcome.code, welcome.name, welcome.message)
+            if not isinstance(welcome, wire.Welcome):
+                raise ConnectionLost(f"expected welcome, got {type(welcome).__name__}")
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            raise
+        conn.max_frame_bytes = welcome.max_frame
+        self.welcome, self.user = welcome, welcome.user
+        self._stream, self._conn = stream, conn
+        self._yielded = max(self._yielded, welcome.acked)
+        async with self._send_lock:
+            out = []
+            if self._acked > welcome.acked:
+                out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
+            for req in sorted(self._pending.values(), key=lambda r: r.frame.id):
+                if req.resend:
+                    out.append(conn.send(req.frame))
+            if out:
+                await stream.send_all(b"".join(out))
+        self.connected.set()
+
+    def _dropped(self) -> None:
+        self._stream = self._conn = None
+        self.connected = trio.Event()
+        for req in list(self._pending.values()):
+            if not req.resend:
+                req.error = ConnectionLost("the connection dropped before the broker answered")
+                req.event.set()
+
+    async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        delay, started, first = 0.05, time.monotonic(), True
+        while not self._closed:
+            try:
+                await self._connect_once()
+            except ClientError as exc:
+                self._fail(exc)  # unauthorized, unsupported version, limits: do not retry
+                if first:
+                    task_status.started()
+                return
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    wire.ProtocolError, ConnectionLost) as exc:
+                waited = time.monotonic() - started
+                if not self.reconnect or (self.reconnect_timeout is not None
+                                          and waited > self.reconnect_timeout):
+                    self._fail(ConnectionLost(f"cannot reach {self.host}:{self.port}: {exc}"))
+                    if first:
+                        task_status.started()
+                    return
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+                continue
+            if first:
+                task_status.started()
+                first = False
+            delay, started = 0.05, time.monotonic()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._heartbeat, self.welcome.heartbeat)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                     wire.ProtocolError):
+                pass
+            self._dropped()
+            if not self.reconnect:
+                self._fail(ConnectionLost("the connection dropped"))
+                return
+            self.reconnects += 1
+            started = time.monotonic()
+
+    async def _heartbeat(self, every: int) -> None:
+        while True:
+            await trio.sleep(max(1, every))
+            await self._write_frame(wire.Ping())
+
+    async def _reader(self) -> None:
+        stream, conn = self._stream, self._conn
+        while True:
+            frame = await _next_frame(stream, conn)
+            if frame is None or isinstance(frame, wire.Bye):
+                return
+            if isinstance(frame, wire.Deliver):
+                if frame.inbox_seq > self._yielded:
+                    self._yielded = frame.inbox_seq
+                    await self._deliveries_in.send(frame)
+            elif isinstance(frame, wire.Receipt | wire.Status | wire.TypingNotice):
+                self._pushes.append(frame)
+                self._push_event.set()
+            elif isinstance(frame, wire.Error):
+                if frame.close:
+                    if frame.name in ("unauthorized", "unsupported_version"):
+                        self._fail(ClientError(frame.code, frame.name, frame.message))
+                    return
+                req = self._pending.get(frame.id) if frame.id is not None else None
+                if req is not None:
+                    req.error = ClientError(frame.code, frame.name, frame.message)
+                    req.event.set()
+            elif isinstance(frame, wire.Ping):
+                await self._write_frame(wire.Pong(id=frame.id))
+            else:
+                req = self._pending.get(getattr(frame, "id", None))
+                if req is not None:
+                    req.reply = frame
+                    req.event.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._fatal = exc
+        for req in list(self._pending.values()):
+            req.error = exc
+            req.event.set()
+        self._deliveries_in.close()
+        self.connected.set()
+
+    async def aclose(self) -> None:
+        """Say bye and close."""
+        self._closed = True
+        if self._stream is not None and self._conn is not None:
+            with trio.move_on_after(1):
+                await self._write_frame(wire.Bye(reason="client closing"))
+
+
+async def _next_frame(stream: trio.abc.Stream, conn: wire.Connection) -> Any:
+    """The next frame from `stream`, or None at EOF."""
+    while True:
+        event = conn.next_event()
+        if event is wire.CLOSED:
+            return None
+        if event is not wire.NEED_DATA:
+            return event
+        data = await stream.receive_some(65536)
+        conn.receive_data(data)
+
+
+@asynccontextmanager
+async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str = "cli", *,
+                      tls: ssl.SSLContext | None = None, reconnect: bool = True,
+                      reconnect_timeout: float | None = 30.0,
+                      max_pushes: int = 10000) -> AsyncIterator[Client]:
+    """Connect (raising ClientError or ConnectionLost if that fails) and yield a Client."""
+    client = Client(server, token, device, tls=tls, reconnect=reconnect,
+                    reconnect_timeout=reconnect_timeout, max_pushes=max_pushes)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client._run)
+        if client._fatal is not None:
+            raise client._fatal
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+            if client._stream is not None:
+                await trio.aclose_forcefully(client._stream)

@@ -1,0 +1,160 @@
+"""Group commit: many trio tasks submit commands; one task makes them durable in batches.
+
+Rules kept here:
+- An appender is told its outcome only after `Store.execute` returned, i.e. after the batch's
+  single durable commit (fsync). Never before: that is the at-least-once promise.
+- The commit runs in a worker thread, so the event loop keeps serving while the disk syncs.
+- Commands are committed in submission order; a batch holds everything queued when the previous
+  commit finished (at most `max_batch`), so batches grow with load and latency stays one sync.
+- Device acks are coalesced: a later ack of the same device replaces a queued one (acks are
+  cumulative high-water marks, so only the largest matters).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+import trio
+
+from storage.commands import Ack
+from storage.errors import StorageError
+
+log = structlog.get_logger("homing")
+
+Done = Callable[[Any, BaseException | None], None]
+
+
+class ShuttingDown(Exception):
+    """Raised to submitters once the committer stopped taking commands."""
+
+
+class Pending:
+    """One submitted command, waiting for its durable outcome."""
+
+    __slots__ = ("command", "done", "error", "event", "outcome")
+
+    def __init__(self, command: object, done: Done | None) -> None:
+        self.command = command
+        self.done = done
+        self.outcome: Any = None
+        self.error: BaseException | None = None
+        self.event: trio.Event | None = None
+
+    def finish(self, outcome: Any, error: BaseException | None) -> None:
+        self.outcome, self.error = outcome, error
+        if self.done is not None:
+            self.done(outcome, error)
+        if self.event is not None:
+            self.event.set()
+
+
+class Committer:
+    """The group-commit coordinator; run `serve` in a nursery, then `submit` from any task."""
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        max_batch: int = 4096,
+        on_committed: Callable[[list[Any], list[Any]], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._queue: list[Pending] = []
+        self._acks: dict[tuple[str, str], Pending] = {}
+        self._wake = trio.Event()
+        self._closing = False
+        self._idle = trio.Event()
+        self._on_committed = on_committed or (lambda commands, outcomes: None)
+        self.batches = 0
+        self.commands = 0
+        self.last_commit_s = 0.0
+
+    def enqueue(self, command: object, done: Done | None = None) -> Pending:
+        """Queue `command` now, in submission order; `done(outcome, error)` runs after commit."""
+        if self._closing:
+            raise ShuttingDown("the broker is shutting down")
+        pending = Pending(command, done)
+        self._queue.append(pending)
+        self._wake.set()
+        return pending
+
+    async def submit(self, command: object) -> Any:
+        """Queue `command` and return its outcome once durable (raises the batch's StorageError)."""
+        pending = self.enqueue(command)
+        pending.event = trio.Event()
+        await pending.event.wait()
+        if pending.error is not None:
+            raise pending.error
+        return pending.outcome
+
+    def ack_nowait(self, command: Ack) -> None:
+        """Queue a device ack, merging it with one of the same device still waiting."""
+        if self._closing:
+            return
+        key = (command.user, command.device)
+        queued = self._acks.get(key)
+        if queued is not None and queued.outcome is None and queued.error is None:
+            if command.upto > queued.command.upto:
+                queued.command = command
+            return
+        pending = self.enqueue(command)
+        self._acks[key] = pending
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Commit batches until `close` was called and the queue is empty."""
+        task_status.started()
+        while True:
+            if not self._queue:
+                if self._closing:
+                    self._idle.set()
+                    return
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[Pending]) -> None:
+        acks = self._acks
+        for p in batch:
+            if isinstance(p.command, Ack):
+                key = (p.command.user, p.command.device)
+                if acks.get(key) is p:
+                    del acks[key]
+        commands = [p.command for p in batch]
+        started = time.perf_counter()
+        try:
+            outcomes = await trio.to_thread.run_sync(
+                self._store.execute, commands, abandon_on_cancel=False
+            )
+        except StorageError as exc:
+            log.error("batch_failed", commands=len(batch), error=str(exc))
+            for p in batch:
+                try:
+                    p.finish(None, exc)
+                except Exception:
+                    log.exception("commit_callback_failed")
+            return
+        self.last_commit_s = time.perf_counter() - started
+        self.batches += 1
+        self.commands += len(batch)
+        for p, outcome in zip(batch, outcomes, strict=True):
+            try:
+                p.finish(outcome, None)
+            except Exception:
+                log.exception("commit_callback_failed")
+        try:
+            self._on_committed(commands, outcomes)
+        except Exception:
+            log.exception("commit_fanout_failed")
+
+    async def close(self) -> None:
+        """Stop taking commands, commit what is queued, and return when all is durable."""
+        self._closing = True
+        self._wake.set()
+        await self._idle.wait()

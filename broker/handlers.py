@@ -1,0 +1,189 @@
+"""What the broker does with each client frame: a table from frame type to handler.
+
+Handlers are small. Commands that change state go to the group-commit coordinator with a
+callback that queues the reply once durable; queries read the store and reply at once.
+Every permission check that depends on state happens inside the commit (storage/rules.py), so
+nothing races; queries check membership here, and answer `forbidden` alike for "not a member"
+and "no such conversation", so nothing leaks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import protocol as wire
+from broker.errors import CloseReason, wire_error
+from storage import commands as cmd
+
+if TYPE_CHECKING:
+    from broker.session import Session
+
+FORBIDDEN = "no such conversation, or you are not a member"
+
+
+def _command(session: Session, request_id: int | None, command: object, reply) -> Any:
+    """Submit `command`; when durable, queue `reply(outcome.reply)` or the error."""
+    broker = session.broker
+    session.inflight += 1
+
+    def done(outcome: Any, error: BaseException | None) -> None:
+        session.request_done()
+        exc = error or (outcome.error if outcome is not None else None)
+        if exc is not None:
+            code, message = wire_error(exc)
+            if code is wire.ErrorCode.INTERNAL:
+                session.log.error("command_failed", command=type(command).__name__, exc_info=exc)
+            session.reply_error(request_id, code, message)
+        elif request_id is not None or reply is not None:
+            session.reply(reply(outcome.reply))
+
+    try:
+        broker.committer.enqueue(command, done)
+    except Exception as exc:  # shutting down
+        session.request_done()
+        session.reply_error(request_id, wire.ErrorCode.SHUTTING_DOWN, str(exc))
+        return None
+    if session.inflight >= broker.config.max_inflight_requests:
+        return session.wait_inflight()
+    return None
+
+
+def _ok(request_id: int | None, conv: str | None = None):
+    return lambda _reply: wire.Ok(id=request_id, conv=conv)
+
+
+def on_send(session: Session, f: wire.Send) -> Any:
+    broker = session.broker
+    if not session.sends.take() or not broker.user_limiter(session.user).take():
+        session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
+        return None
+    body = f.body
+    if broker.policy is not None:
+        body, hit = broker.policy.apply(body)
+        if hit and body is None:
+            session.reply_error(f.id, wire.ErrorCode.REJECTED_CONTENT,
+                                "the message contains a forbidden word")
+            return None
+    command = cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
+                              conv=f.conv, to=f.to)
+    return _command(session, f.id, command, lambda r: wire.Result(
+        id=f.id, conv=r["conv"], seq=r["seq"], lsn=r["lsn"], cid=r["cid"], dup=r["dup"]))
+
+
+def on_ack(session: Session, f: wire.Ack) -> None:
+    if not session.on_ack(f.upto):
+        session.reply_error(f.id, wire.ErrorCode.INVALID,
+                            f"cannot ack {f.upto}: the inbox ends at {session.head}")
+    elif f.id is not None:
+        session.reply(wire.Ok(id=f.id, conv=None))
+
+
+def on_read(session: Session, f: wire.Read) -> Any:
+    command = cmd.MarkRead(session.user, session.device, session.role, f.conv, f.upto)
+    return _command(session, f.id, command, _ok(f.id, f.conv) if f.id is not None else None)
+
+
+def on_create(session: Session, f: wire.Create) -> Any:
+    members = tuple(dict.fromkeys(m for m in (f.members or ()) if m != session.user))
+    command = cmd.CreateConv(session.user, session.device, session.role, f.kind, f.name,
+                             bool(f.open), members)
+    return _command(session, f.id, command, lambda r: wire.Created(id=f.id, conv=r["conv"]))
+
+
+def on_invite(session: Session, f: wire.Invite) -> Any:
+    command = cmd.Invite(session.user, session.device, session.role, f.conv, f.user,
+                         f.role or "member")
+    return _command(session, f.id, command, _ok(f.id, f.conv))
+
+
+def on_join(session: Session, f: wire.Join | wire.Subscribe) -> Any:
+    command = cmd.Join(session.user, session.device, session.role, f.conv)
+    return _command(session, f.id, command, _ok(f.id, f.conv))
+
+
+def on_leave(session: Session, f: wire.Leave) -> Any:
+    command = cmd.Leave(session.user, session.device, session.role, f.conv)
+    return _command(session, f.id, command, _ok(f.id, f.conv))
+
+
+def on_mute(session: Session, f: wire.Mute) -> Any:
+    muted = True if f.muted is None else bool(f.muted)
+    command = cmd.SetMute(session.user, session.device, session.role, f.conv, muted)
+    return _command(session, f.id, command, _ok(f.id, f.conv))
+
+
+def _member(session: Session, conv: str) -> str | None:
+    role = session.broker.store.role(conv, session.user)
+    if role is None and session.role == "admin" and session.broker.store.conv_info(conv):
+        return "admin"
+    return role
+
+
+def on_history(session: Session, f: wire.History) -> None:
+    if _member(session, f.conv) is None:
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        return
+    messages, more = session.broker.store.history(
+        f.conv, before=f.before, after=f.after, limit=f.limit or 50,
+        newest_first=(f.order or "newest") == "newest")
+    session.reply(wire.Page(id=f.id, conv=f.conv, messages=messages, more=more))
+
+
+def on_receipts(session: Session, f: wire.Receipts) -> None:
+    if _member(session, f.conv) is None:
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        return
+    delivered, read = session.broker.store.receipts(f.conv, f.seq)
+    session.reply(wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=delivered,
+                                   read=read))
+
+
+def on_presence(session: Session, f: wire.Presence) -> None:
+    if _member(session, f.conv) is None:
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        return
+    hub = session.broker.hub
+    online = [u for u, _ in session.broker.members(f.conv) if hub.online(u)]
+    session.reply(wire.PresenceList(id=f.id, conv=f.conv, online=online))
+
+
+def on_typing(session: Session, f: wire.Typing) -> None:
+    broker = session.broker
+    role = _member(session, f.conv)
+    if role is None or (f.conv.startswith("chn:") and role == "member"
+                        and session.role == "user"):
+        return  # ephemeral: silently dropped, nothing leaks
+    data = session.conn.send(wire.TypingNotice(conv=f.conv, user=session.user))
+    broker.hub.push([u for u, _ in broker.members(f.conv)], data, skip=session)
+
+
+def on_ping(session: Session, f: wire.Ping) -> None:
+    session.reply(wire.Pong(id=f.id))
+
+
+def on_pong(session: Session, f: wire.Pong) -> None:
+    return None
+
+
+def on_bye(session: Session, f: wire.Bye) -> None:
+    session.close(CloseReason.PEER_BYE, wire.Bye(reason="bye"))
+
+
+HANDLERS = {
+    wire.Send: on_send,
+    wire.Ack: on_ack,
+    wire.Read: on_read,
+    wire.Create: on_create,
+    wire.Invite: on_invite,
+    wire.Join: on_join,
+    wire.Subscribe: on_join,
+    wire.Leave: on_leave,
+    wire.Mute: on_mute,
+    wire.History: on_history,
+    wire.Receipts: on_receipts,
+    wire.Presence: on_presence,
+    wire.Typing: on_typing,
+    wire.Ping: on_ping,
+    wire.Pong: on_pong,
+    wire.Bye: on_bye,
+}

@@ -1,0 +1,100 @@
+"""Who is connected, and the wake-ups that drive delivery and live pushes.
+
+The hub holds no messages. A committed batch tells it which users' inboxes grew; it sets the new
+inbox head on each of that user's sessions and wakes their writers, which then read the inbox
+from disk at their own pace. Pushes (receipts, presence, typing) are small and ephemeral: they go
+into each target session's bounded push queue; a session whose queue overflows is closed as a
+slow consumer, which loses nothing (its deliveries are on disk, the pushes are derivable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from protocol import encode_frame
+from protocol.frames import to_wire
+
+if TYPE_CHECKING:
+    from broker.session import Session
+
+
+def encode_push(frame: Any) -> bytes:
+    """The bytes of a push frame, encoded once for all its recipients."""
+    return encode_frame(to_wire(frame))
+
+
+class Hub:
+    """Sessions by user and device, with presence and fan-out of wake-ups."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+        self._by_user: dict[str, dict[str, Session]] = {}
+        self.count = 0
+
+    def sessions(self, user: str) -> Iterable[Session]:
+        """The live sessions of `user` (a snapshot)."""
+        return list(self._by_user.get(user, {}).values())
+
+    def online(self, user: str) -> bool:
+        """Whether `user` has at least one live session."""
+        return bool(self._by_user.get(user))
+
+    def user_count(self, user: str) -> int:
+        """How many sessions `user` has."""
+        return len(self._by_user.get(user, ()))
+
+    def attach(self, session: Session) -> Session | None:
+        """Register `session`; return the session it replaces (same user and device), if any."""
+        devices = self._by_user.setdefault(session.user, {})
+        old = devices.get(session.device)
+        devices[session.device] = session
+        if old is None:
+            self.count += 1
+        return old
+
+    def detach(self, session: Session) -> bool:
+        """Forget `session`; True when that was the user's last session."""
+        devices = self._by_user.get(session.user)
+        if not devices or devices.get(session.device) is not session:
+            return False
+        del devices[session.device]
+        self.count -= 1
+        if devices:
+            return False
+        del self._by_user[session.user]
+        return True
+
+    def inbox_advanced(self, heads: dict[str, int]) -> None:
+        """Wake the sessions of users whose inbox head moved."""
+        by_user = self._by_user
+        for user, head in heads.items():
+            devices = by_user.get(user)
+            if devices:
+                for session in devices.values():
+                    session.inbox_moved(head)
+
+    def push(self, users: Iterable[str], data: bytes, *, skip: Session | None = None) -> None:
+        """Queue one encoded push frame for every session of `users` (except `skip`)."""
+        by_user = self._by_user
+        for user in users:
+            devices = by_user.get(user)
+            if devices:
+                for session in list(devices.values()):
+                    if session is not skip:
+                        session.push_nowait(data)
+
+    def peers(self, user: str) -> set[str]:
+        """Online users who share a direct conversation or group with `user` (presence audience).
+
+        Channels are left out: a store joining a 1,000-member channel would otherwise announce
+        itself to every other subscriber. Channel owners ask with a presence query instead.
+        """
+        out: set[str] = set()
+        for conv in self._store.user_convs(user):
+            if conv.startswith("chn:"):
+                continue
+            for member, _role in self._store.members(conv):
+                if member != user and member in self._by_user:
+                    out.add(member)
+        return out

@@ -1,0 +1,49 @@
+"""structlog setup: JSON lines in production, readable console output on a terminal.
+
+Shared context keys are constants so every module binds the same names.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import structlog
+
+CONN = "conn"
+USER = "user"
+DEVICE = "device"
+CONV = "conv"
+LSN = "lsn"
+PEER = "peer"
+
+
+def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
+    """Route structlog events to `stream` (stderr) as JSON, or as console text on a TTY."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if stream.isatty() else "json"
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=True,
+    )
+
+
+def get_logger(**context: object) -> structlog.typing.FilteringBoundLogger:
+    """A bound logger carrying `context`."""
+    return structlog.get_logger("homing").bind(**context)

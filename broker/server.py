@@ -1,0 +1,282 @@
+"""The broker: accept loop, handshake, group commit, fan-out, and clean shutdown.
+
+`Broker.serve` runs until `Broker.shutdown` is called (SIGTERM/SIGINT in `homing serve`): it
+stops accepting, lets every session finish the commands it has in flight (each is durable and
+answered), says bye, commits what is queued, and returns. Nothing acked is ever lost, because
+nothing is acked before its commit returned.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import ssl
+import time
+from typing import Any
+
+import trio
+
+import protocol as wire
+from broker import tokens
+from broker.committer import Committer
+from broker.config import Config
+from broker.errors import CloseReason
+from broker.handlers import HANDLERS
+from broker.hub import Hub, encode_push
+from broker.logs import get_logger
+from broker.policy import ContentPolicy
+from broker.ratelimit import TokenBucket
+from broker.session import Session
+
+
+class Broker:
+    """Everything one `homing serve` process shares between its connections."""
+
+    def __init__(self, config: Config, store: Any) -> None:
+        self.config = config
+        self.store = store
+        self.log = get_logger()
+        self.secret = tokens.load_secret(config.data_dir)
+        self.hub = Hub(store)
+        self.committer = Committer(store, max_batch=config.max_batch,
+                                   on_committed=self._on_committed)
+        self.handlers = HANDLERS
+        self.policy = (ContentPolicy.load(config.content_policy, config.content_action)
+                       if config.content_policy else None)
+        self.stopping = False
+        self.port: int | None = None
+        self._user_limits: dict[str, TokenBucket] = {}
+        self._members: dict[str, list[tuple[str, str]]] = {}
+        self._ids = itertools.count(1)
+        self._listen_scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+        self._handshaking: set[trio.CancelScope] = set()
+        self.started = time.time()
+
+    # -- shared helpers used by sessions and handlers -----------------------------------------
+
+    def new_send_limiter(self) -> TokenBucket:
+        return TokenBucket(self.config.sends_per_s_per_connection)
+
+    def user_limiter(self, user: str) -> TokenBucket:
+        bucket = self._user_limits.get(user)
+        if bucket is None:
+            bucket = self._user_limits[user] = TokenBucket(self.config.sends_per_s_per_user)
+        return bucket
+
+    def members(self, conv: str) -> list[tuple[str, str]]:
+        """Members of `conv` (cached; invalidated by membership commits)."""
+        found = self._members.get(conv)
+        if found is None:
+            found = self.store.members(conv)
+            if found:
+                self._members[conv] = found
+        return found
+
+    @staticmethod
+    def error_frame(request_id: int | None, code: wire.ErrorCode, message: str,
+                    close: bool) -> wire.Error:
+        return wire.Error(id=request_id, code=int(code), name=code.name.lower(),
+                          message=message, close=close)
+
+    # -- after each durable batch ---------------------------------------------------------------
+
+    def _on_committed(self, commands: list[Any], outcomes: list[Any]) -> None:
+        hub = self.hub
+        for outcome in outcomes:
+            if outcome.error is not None:
+                continue
+            effects = outcome.effects
+            for conv, _user, _role in effects.membership:
+                self._members.pop(conv, None)
+            if effects.inbox_heads:
+                hub.inbox_advanced(effects.inbox_heads)
+            for conv, user, kind, seq in effects.receipts:
+                self._push_receipt(conv, user, kind, seq)
+
+    def _push_receipt(self, conv: str, user: str, kind: str, seq: int) -> None:
+        members = self.members(conv)
+        if conv.startswith("chn:"):  # channels: to those who post, and to the reader's devices
+            audience = [u for u, role in members if role in ("owner", "admin")] + [user]
+        else:
+            audience = [u for u, _ in members]
+        frame = (wire.Receipt(conv=conv, user=user, delivered=seq, read=None) if kind == "delivered"
+                 else wire.Receipt(conv=conv, user=user, delivered=None, read=seq))
+        self.hub.push(audience, encode_push(frame))
+
+    # -- connections ------------------------------------------------------------------------------
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        conn_id = next(self._ids)
+        peer = _peer_name(stream)
+        session = Session(self, stream, conn_id, peer)
+        attached = False
+        try:
+            attached = await self._handshake(session)
+            if attached:
+                await session.run_open()
+        except Exception:
+            session.log.exception("connection_failed")
+            session.reason = session.reason or CloseReason.BROKEN
+        finally:
+            if attached:
+                self._detach(session)
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
+            session.log.info(
+                "connection_closed", user=session.user or None, device=session.device or None,
+                reason=(session.reason or CloseReason.PEER_EOF).value,
+                duration_s=round(time.monotonic() - session.opened, 3),
+                frames_in=session.frames_in, frames_out=session.frames_out)
+
+    async def _handshake(self, session: Session) -> bool:
+        """Read hello, authenticate, and answer welcome; False if the session must end."""
+        cfg = self.config
+        hello = None
+        with trio.move_on_after(cfg.handshake_timeout_s):
+            hello = await self._read_hello(session)
+        if hello is None:
+            if session.reason is None:
+                session.reason = CloseReason.TIMEOUT
+                await self._refuse(session, None, wire.ErrorCode.TIMEOUT,
+                                   f"no hello within {cfg.handshake_timeout_s:g} s")
+            return False
+        if wire.PROTOCOL_VERSION not in hello.versions:
+            session.reason = CloseReason.PROTOCOL_ERROR
+            await self._refuse(session, hello.id, wire.ErrorCode.UNSUPPORTED_VERSION,
+                               f"this broker speaks protocol version {wire.PROTOCOL_VERSION}")
+            return False
+        try:
+            claims = tokens.verify(self.secret, hello.token)
+        except tokens.TokenError as exc:
+            session.reason = CloseReason.AUTH_FAILED
+            session.log.info("auth_failed", device=hello.device, reason=str(exc))
+            await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
+            return False
+        if self.stopping:
+            session.reason = CloseReason.SHUTDOWN
+            await self._refuse(session, hello.id, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
+            return False
+        replacing = any(s.device == hello.device for s in self.hub.sessions(claims.user))
+        if not replacing and (self.hub.count >= cfg.max_connections
+                              or self.hub.user_count(claims.user) >= cfg.max_connections_per_user):
+            session.reason = CloseReason.LIMIT
+            await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED,
+                               "too many connections")
+            return False
+        session.user, session.device, session.role = claims.user, hello.device, claims.role
+        session.log = session.log.bind(user=claims.user, device=hello.device)
+        max_frame = min(cfg.max_frame_bytes, hello.max_frame or cfg.max_frame_bytes)
+        session.acked = session.sent = self.store.delivered(claims.user, hello.device)
+        session.head = self.store.inbox_head(claims.user)
+        old = self.hub.attach(session)
+        if old is not None:
+            old.close(CloseReason.REPLACED, wire.Bye(reason="replaced by a new session"))
+        first = self.hub.user_count(claims.user) == 1
+        session.reply(wire.Welcome(
+            id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
+            user=claims.user, time=int(time.time() * 1000), max_frame=max_frame,
+            heartbeat=cfg.heartbeat_s, acked=session.acked, head=session.head, caps=[]))
+        session.conn.max_frame_bytes = max_frame
+        session.log.info("connection_opened", role=claims.role, acked=session.acked,
+                         head=session.head)
+        if first:
+            self._announce(claims.user, True)
+        return True
+
+    async def _read_hello(self, session: Session) -> Any:
+        conn = session.conn
+        while True:
+            try:
+                event = conn.next_event()
+            except wire.RemoteProtocolError as exc:
+                session.reason = CloseReason.PROTOCOL_ERROR
+                session.log.info("frame_rejected", code=exc.code.name.lower(), reason=exc.message)
+                await self._refuse(session, exc.request_id, exc.code, exc.message)
+                return None
+            if event is wire.CLOSED:
+                session.reason = CloseReason.PEER_EOF
+                return None
+            if event is not wire.NEED_DATA:
+                return event
+            try:
+                data = await session.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                session.reason = CloseReason.BROKEN
+                return None
+            conn.receive_data(data)
+
+    async def _refuse(self, session: Session, request_id: int | None, code: wire.ErrorCode,
+                      message: str) -> None:
+        """Send a closing error frame (best effort, bounded in time)."""
+        try:
+            data = encode_push(self.error_frame(request_id, code, message, True))
+        except wire.ProtocolError:
+            return
+        with trio.move_on_after(1):
+            try:
+                await session.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+    def _detach(self, session: Session) -> None:
+        if self.hub.detach(session):
+            self._user_limits.pop(session.user, None)
+            self._announce(session.user, False)
+
+    def _announce(self, user: str, online: bool) -> None:
+        peers = self.hub.peers(user)
+        if peers:
+            self.hub.push(peers, encode_push(wire.Status(user=user, online=online)))
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until `shutdown`; then drain, commit and return."""
+        cfg = self.config
+        async with trio.open_nursery() as outer:
+            await outer.start(self.committer.serve)
+            async with trio.open_nursery() as connections:
+                with trio.CancelScope() as self._listen_scope:
+                    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                    if cfg.tls_cert:
+                        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                        ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
+                        listeners = [trio.SSLListener(ln, ctx, https_compatible=False)
+                                     for ln in listeners]
+                    self.port = listeners[0].socket.getsockname()[1] if not cfg.tls_cert \
+                        else listeners[0].transport_listener.socket.getsockname()[1]
+                    self.log.info("broker_listening", host=cfg.host, port=self.port,
+                                  tls=bool(cfg.tls_cert), data=str(cfg.data_dir))
+                    task_status.started(self.port)
+                    await trio.serve_listeners(self._handle, listeners,
+                                               handler_nursery=connections)
+                # Listener cancelled: stop every session gracefully.
+                for user_sessions in list(self.hub._by_user.values()):
+                    for session in list(user_sessions.values()):
+                        session.begin_shutdown()
+                connections.cancel_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
+            await self.committer.close()
+        self.log.info("broker_stopped", batches=self.committer.batches,
+                      commands=self.committer.commands)
+        self._stopped.set()
+
+    def shutdown(self) -> None:
+        """Begin a clean shutdown (idempotent)."""
+        if not self.stopping:
+            self.stopping = True
+            self.log.info("broker_stopping")
+            if self._listen_scope is not None:
+                self._listen_scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    try:
+        host, port = inner.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "?"

@@ -1,0 +1,268 @@
+"""One connection = one device session: the byte pump between a stream and a protocol Connection.
+
+Two tasks per session. The reader feeds received bytes to the sans-IO connection and hands each
+frame to its handler (broker/handlers.py). The writer is the only task that writes to the
+stream: it flushes queued replies and pushes, then feeds deliveries from the user's inbox on
+disk, at most `window` unacked at a time. Nothing else is buffered per device, so a stalled
+device costs its window and its bounded push queue, never the broker's memory.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+import protocol as wire
+from broker.errors import CloseReason
+from storage.commands import Ack
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+RECV_BYTES = 65536
+FLUSH_ON_CLOSE_S = 2.0
+INBOX_READ_BATCH = 256
+
+
+class Session:
+    """State of one authenticated device connection, and its two tasks."""
+
+    def __init__(self, broker: Broker, stream: trio.abc.Stream, conn_id: int, peer: str) -> None:
+        self.broker = broker
+        self.stream = stream
+        self.conn_id = conn_id
+        self.peer = peer
+        cfg = broker.config
+        self.conn = wire.Connection(wire.Role.SERVER, max_frame_bytes=cfg.max_frame_bytes)
+        self.log = broker.log.bind(conn=conn_id, peer=peer)
+        self.user = ""
+        self.device = ""
+        self.role = "user"
+        self.window = cfg.window
+        # Delivery cursor: acked <= sent <= head (inbox_seq).
+        self.head = 0
+        self.acked = 0
+        self.sent = 0
+        self.unacked: deque[int] = deque()
+        self.out: deque[bytes] = deque()
+        self.inflight = 0
+        self.inflight_free = trio.Event()
+        self._wake = trio.Event()
+        self._closing = False
+        self.reason: CloseReason | None = None
+        self._scope: trio.CancelScope | None = None
+        self._reader_scope: trio.CancelScope | None = None
+        self.opened = time.monotonic()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.sends = broker.new_send_limiter()
+
+    # -- called from other tasks -------------------------------------------------------------
+
+    def inbox_moved(self, head: int) -> None:
+        """The user's inbox grew to `head`: wake the writer."""
+        if head > self.head:
+            self.head = head
+            self._wake.set()
+
+    def push_nowait(self, data: bytes) -> None:
+        """Queue an encoded push frame; close the session as a slow consumer if it overflows."""
+        if self._closing:
+            return
+        if len(self.out) >= self.broker.config.max_pending_pushes:
+            self.log.warning("slow_consumer_closed", user=self.user, queued=len(self.out))
+            self.abort(CloseReason.SLOW_CONSUMER)
+            return
+        self.out.append(data)
+        self._wake.set()
+
+    def reply(self, frame: object) -> None:
+        """Queue a reply frame for the writer."""
+        if not self._closing:
+            self.out.append(self.conn.send(frame))
+            self._wake.set()
+
+    def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str) -> None:
+        """Queue an error reply that leaves the connection open."""
+        self.reply(wire.Error(id=request_id, code=int(code), name=code.name.lower(),
+                              message=message, close=False))
+
+    def close(self, reason: CloseReason, frame: object | None = None) -> None:
+        """Say `frame` (an error or bye) if given, flush, and end the session."""
+        if self._closing:
+            return
+        if frame is not None:
+            try:
+                self.out.append(self.conn.send(frame))
+            except wire.ProtocolError:
+                pass
+        self.reason = self.reason or reason
+        self._closing = True
+        self._wake.set()
+
+    def abort(self, reason: CloseReason) -> None:
+        """End the session now, without flushing."""
+        self.reason = self.reason or reason
+        self._closing = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    def wake(self) -> None:
+        """Wake the writer (an ack opened the window, or a reply is queued)."""
+        self._wake.set()
+
+    # -- acks ------------------------------------------------------------------------------
+
+    def on_ack(self, upto: int) -> bool:
+        """Apply a cumulative ack; False if it acks past the end of the user's inbox.
+
+        An ack beyond what this session sent is allowed (a client re-acking, after a reconnect,
+        what it had from an earlier session): the cursor skips ahead. It only affects this device.
+        """
+        if upto <= self.acked:
+            return True
+        if upto > self.head:
+            return False
+        self.acked = upto
+        if upto > self.sent:
+            self.sent = upto
+        unacked = self.unacked
+        while unacked and unacked[0] <= upto:
+            unacked.popleft()
+        self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, upto))
+        self._wake.set()
+        return True
+
+    # -- the two tasks ---------------------------------------------------------------------
+
+    async def run_open(self) -> None:
+        """Run reader and writer until either ends the session."""
+        async with trio.open_nursery() as nursery:
+            self._scope = nursery.cancel_scope
+            nursery.start_soon(self._writer)
+            with trio.CancelScope() as self._reader_scope:
+                await self._reader()
+            if self.broker.stopping and not self._closing:
+                # Shutdown: answer every command already submitted (each durable), then bye.
+                with trio.move_on_after(self.broker.config.shutdown_grace_s / 2):
+                    while self.inflight > 0:
+                        self.inflight_free = trio.Event()
+                        await self.inflight_free.wait()
+                self.close(CloseReason.SHUTDOWN, wire.Bye(reason="shutdown"))
+            # Reader ended: flush what is queued (bounded), then stop the writer.
+            self.close(self.reason or CloseReason.PEER_EOF)
+            nursery.cancel_scope.deadline = trio.current_time() + FLUSH_ON_CLOSE_S
+
+    def begin_shutdown(self) -> None:
+        """Stop reading new frames; `run_open` then drains and says bye."""
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+
+    async def _reader(self) -> None:
+        cfg = self.broker.config
+        handlers = self.broker.handlers
+        conn = self.conn
+        while not self._closing:
+            with trio.move_on_after(cfg.idle_timeout_s) as idle:
+                try:
+                    data = await self.stream.receive_some(RECV_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.reason = self.reason or CloseReason.BROKEN
+                    return
+            if idle.cancelled_caught:
+                self.close(CloseReason.TIMEOUT, self.broker.error_frame(
+                    None, wire.ErrorCode.TIMEOUT, f"no frame for {cfg.idle_timeout_s:g} s", True))
+                return
+            conn.receive_data(data)
+            while not self._closing:
+                try:
+                    event = conn.next_event()
+                except wire.RemoteProtocolError as exc:
+                    if exc.fatal:
+                        self.log.info("frame_rejected", code=exc.code.name.lower(),
+                                      reason=exc.message, fatal=True)
+                        self.close(CloseReason.PROTOCOL_ERROR, self.broker.error_frame(
+                            exc.request_id, exc.code, exc.message, True))
+                        return
+                    self.reply_error(exc.request_id, exc.code, exc.message)
+                    continue
+                if event is wire.NEED_DATA:
+                    break
+                if event is wire.CLOSED:
+                    self.reason = self.reason or CloseReason.PEER_EOF
+                    return
+                self.frames_in += 1
+                handler = handlers.get(type(event))
+                if handler is None:
+                    self.reply_error(getattr(event, "id", None), wire.ErrorCode.INVALID,
+                                     f"{type(event).TYPE} is not accepted from a client")
+                    continue
+                result = handler(self, event)
+                if result is not None:
+                    await result
+            if not data:
+                self.reason = self.reason or CloseReason.PEER_EOF
+                return
+
+    async def wait_inflight(self) -> None:
+        """Wait while this connection has too many requests awaiting commit."""
+        limit = self.broker.config.max_inflight_requests
+        while self.inflight >= limit and not self._closing:
+            self.inflight_free = trio.Event()
+            await self.inflight_free.wait()
+
+    def request_done(self) -> None:
+        """One request awaiting commit has its answer."""
+        self.inflight -= 1
+        self.inflight_free.set()
+
+    async def _writer(self) -> None:
+        store = self.broker.store
+        encode = self.conn.send
+        Deliver = wire.Deliver
+        user, device = self.user, self.device
+        out = self.out
+        while True:
+            chunks: list[bytes] = []
+            if out:
+                chunks.extend(out)
+                out.clear()
+            room = self.window - len(self.unacked)
+            if room > 0 and self.sent < self.head and not self._closing:
+                items = store.inbox_after(user, self.sent, min(room, INBOX_READ_BATCH))
+                skipped = False
+                for it in items:
+                    self.sent = it.inbox_seq
+                    if it.kind == "msg" and it.sender == user and it.device == device:
+                        skipped = True  # the device that sent it has it already
+                        continue
+                    self.unacked.append(it.inbox_seq)
+                    chunks.append(encode(Deliver(
+                        inbox_seq=it.inbox_seq, kind=it.kind, conv=it.conv, seq=it.seq,
+                        sender=it.sender, body=it.body, cid=it.cid, ts=it.ts_us,
+                        muted=it.muted)))
+                if skipped and not self.unacked and self.sent > self.acked:
+                    self.acked = self.sent
+                    self.broker.committer.ack_nowait(Ack(user, device, self.role, self.sent))
+                if not items:  # nothing readable past the cursor: never spin on a stale head
+                    self.head = self.sent
+            if chunks:
+                self.frames_out += len(chunks)
+                try:
+                    await self.stream.send_all(b"".join(chunks))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.reason = self.reason or CloseReason.BROKEN
+                    self.abort(self.reason)
+                    return
+                continue
+            if self._closing:
+                if self._scope is not None:
+                    self._scope.cancel()
+                return
+            if self.sent < self.head and len(self.unacked) < self.window:
+                continue
+            await self._wake.wait()
+            self._wake = trio.Event()

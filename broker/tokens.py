@@ -1,0 +1,113 @@
+"""Access tokens: HMAC-SHA256-signed claims (user, role, expiry) with a per-data-dir secret.
+
+Format: ``v1.<base64url(msgpack claims)>.<base64url(hmac)>``, claims ``{"u", "r", "e", "i"}``
+(user, role, expiry and issue time in Unix seconds). The secret is 32 random bytes in
+``<data_dir>/secret.key``, created with mode 0600 on first use by whichever comes first,
+`homing serve` or `homing token`; both only read it afterwards, so tokens can be minted while
+the broker runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+
+ROLES = ("user", "service", "admin")
+SECRET_FILE = "secret.key"
+USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
+MAX_TOKEN_CHARS = 4096
+
+
+class TokenError(Exception):
+    """A token is malformed, forged (bad signature), or expired. The text says which."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """Who a verified token speaks for."""
+
+    user: str
+    role: str
+    expires: int
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def load_secret(data_dir: Path, *, create: bool = True) -> bytes:
+    """The data directory's signing secret, created (mode 0600) if missing and `create`."""
+    path = Path(data_dir) / SECRET_FILE
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        if not create:
+            raise
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process created it first
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+def issue(secret: bytes, user: str, role: str = "user", ttl_s: int = 30 * 86400) -> str:
+    """A signed token for `user` with `role`, valid for `ttl_s` seconds."""
+    if not USER_ID.fullmatch(user):
+        raise ValueError(f"invalid user id {user!r}: letters, digits and _.@+- up to 64 chars")
+    if role not in ROLES:
+        raise ValueError(f"invalid role {role!r}: one of {', '.join(ROLES)}")
+    now = int(time.time())
+    body = _b64(msgpack.packb({"u": user, "r": role, "e": now + ttl_s, "i": now}))
+    mac = hmac.new(secret, b"v1." + body.encode("ascii"), hashlib.sha256).digest()
+    return f"v1.{body}.{_b64(mac)}"
+
+
+def verify(secret: bytes, token: str, now: float | None = None) -> Claims:
+    """The claims of a genuine, unexpired token; TokenError otherwise."""
+    if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
+        raise TokenError("malformed token")
+    parts = token.split(".")
+    if len(parts) != 3 or parts[0] != "v1":
+        raise TokenError("malformed token")
+    try:
+        mac = _unb64(parts[2])
+    except ValueError:
+        raise TokenError("malformed token") from None
+    want = hmac.new(secret, b"v1." + parts[1].encode("ascii", "replace"), hashlib.sha256).digest()
+    if not hmac.compare_digest(mac, want):
+        raise TokenError("bad token signature")
+    try:
+        claims = msgpack.unpackb(_unb64(parts[1]))
+        user, role, expires = claims["u"], claims["r"], claims["e"]
+    except Exception:
+        raise TokenError("malformed token claims") from None
+    if not (isinstance(user, str) and USER_ID.fullmatch(user) and role in ROLES):
+        raise TokenError("malformed token claims")
+    if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
+        raise TokenError("token expired")
+    return Claims(user, role, expires)
+
+
+def parse_ttl(text: str) -> int:
+    """Seconds in a duration like ``30d``, ``12h``, ``15m``, ``90s`` or ``3600``."""
+    m = re.fullmatch(r"(\d+)([smhdw]?)", text.strip())
+    if not m:
+        raise ValueError(f"invalid duration {text!r}: use e.g. 30d, 12h, 15m, 90s")
+    unit = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    return int(m.group(1)) * unit
