@@ -1,0 +1,163 @@
+"""Framing: bytes to msgpack maps and back (PROTOCOL.md §2).
+
+A frame is a 4-byte big-endian unsigned length N followed by exactly N bytes holding one msgpack
+map whose ``"t"`` is a str. Rules kept here:
+
+* N > max_frame_bytes is TOO_LARGE as soon as the 4 prefix bytes are seen, before any of the
+  body is waited for, so a 4 GiB prefix never makes us buffer or allocate anything (§2.2).
+* N == 0, a body that is not exactly one msgpack map, a map with a non-str key, or a map without
+  a str ``"t"`` is BAD_FRAME (§2.3). EOF in the middle of a frame is BAD_FRAME too.
+* The body is decoded with `msgpack.unpackb` and explicit limits, never with a streaming
+  `Unpacker` and its defaults (msgpack/msgpack-python issue #503): each frame is cut out by its
+  length first, so one frame can never make the decoder hold more than max_frame_bytes.
+* `FrameBuffer` holds at most ``4 + max_frame_bytes`` bytes of unconsumed input plus the one chunk
+  being fed: the caller must drain it with `next_map` (until it returns None) before feeding
+  again. Feeding while more than ``4 + max_frame_bytes`` unconsumed bytes are held raises
+  `LocalProtocolError`; a caller that drains never sees it.
+
+Everything a peer can send ends here in a map, None (need more bytes) or a fatal
+`RemoteProtocolError`; no other exception escapes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+
+DEFAULT_MAX_FRAME_BYTES = 1 << 20
+"""Default largest frame body, 1 MiB (§2.2).
+
+A message body is at most 64 KiB (MAX_BODY_BYTES) and the largest routine frames, a ``page`` of
+200 such messages or a ``receipt_list`` of a big group, rarely pass a few hundred KiB. For
+comparison: NATS defaults max_payload to 1 MiB, MQTT brokers commonly cap packets at 256 KiB to
+1 MiB (mosquitto's message_size_limit is unset but its clients default small), Redis caps a bulk
+string at 512 MiB and a client query buffer at 1 GiB, and h11 refuses 16 KiB of incomplete
+headers. 1 MiB keeps a connection's worst-case buffer (two frames' worth) small enough that ten
+thousand connections cannot exhaust memory by sending half-frames, while leaving room for every
+frame the protocol defines. The two sides agree on a smaller or larger value in the handshake.
+"""
+
+MIN_FRAME_LIMIT = 1024
+"""Smallest agreed max_frame (§3.2): below this even ``welcome`` or an ``error`` might not fit."""
+
+MAX_FRAME_LIMIT = (1 << 32) - 1
+"""Largest value the 4-byte length prefix can carry."""
+
+_PREFIX = struct.Struct(">I")
+_unpack_prefix = _PREFIX.unpack_from
+_pack_prefix = _PREFIX.pack
+_unpackb = msgpack.unpackb
+
+
+def encode_frame(wire: dict) -> bytes:
+    """One frame's bytes (length prefix and msgpack body) for the map `wire`.
+
+    No checks on the map's content; `Connection.send` is the checked way. Raises TypeError or
+    ValueError if the map holds something msgpack cannot encode.
+    """
+    body = msgpack.packb(wire, use_bin_type=True)
+    return _pack_prefix(len(body)) + body
+
+
+def decode_body(body: bytes | bytearray, max_frame_bytes: int) -> dict:
+    """Decode one frame body into its map, or raise a fatal BAD_FRAME `RemoteProtocolError`."""
+    try:
+        obj = _unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            use_list=False,
+            max_str_len=max_frame_bytes,
+            max_bin_len=max_frame_bytes,
+            max_array_len=max_frame_bytes,
+            max_map_len=max_frame_bytes,
+            max_ext_len=max_frame_bytes,
+        )
+    except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, TypeError, ...)
+        raise RemoteProtocolError(
+            ErrorCode.BAD_FRAME, f"frame body is not valid msgpack ({type(exc).__name__})"
+        ) from None
+    if type(obj) is not dict:
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, "frame body is not a msgpack map")
+    if type(obj.get("t")) is not str:
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, 'frame has no str "t"')
+    return obj
+
+
+class FrameBuffer:
+    """An incremental frame splitter: feed it bytes, take out decoded maps.
+
+    Input is kept in one bytearray with a read position; consumed bytes are dropped at the
+    next `feed` (deleting from the front of a bytearray is cheap in CPython).
+    """
+
+    __slots__ = ("_buf", "_pos", "eof", "max_frame_bytes")
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self.max_frame_bytes = max_frame_bytes
+        self.eof = False
+
+    @property
+    def pending(self) -> int:
+        """Unconsumed bytes held."""
+        return len(self._buf) - self._pos
+
+    @property
+    def held(self) -> int:
+        """Bytes of memory the buffer's content occupies, consumed or not."""
+        return len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append `data`; empty `data` marks EOF.
+
+        Raises `LocalProtocolError` after EOF, or if the caller did not drain: more than
+        ``4 + max_frame_bytes`` unconsumed bytes are already held.
+        """
+        if self.eof:
+            raise LocalProtocolError(ErrorCode.INTERNAL, "data received after EOF")
+        if not data:
+            self.eof = True
+            return
+        buf = self._buf
+        if self._pos:
+            del buf[: self._pos]
+            self._pos = 0
+        if len(buf) > 4 + self.max_frame_bytes:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL, "drain the connection with next_event before feeding more"
+            )
+        buf += data
+
+    def next_map(self) -> dict | None:
+        """The next frame's map, or None if more bytes are needed.
+
+        Raises a fatal `RemoteProtocolError` (TOO_LARGE, BAD_FRAME) when the input is not a
+        frame, including EOF in the middle of one. At EOF with nothing pending returns None;
+        the caller tells "closed" from "need data" with `eof`.
+        """
+        buf = self._buf
+        pos = self._pos
+        size = len(buf)
+        if size - pos < 4:
+            if self.eof and size > pos:
+                raise RemoteProtocolError(ErrorCode.BAD_FRAME, "EOF inside a length prefix")
+            return None
+        n = _unpack_prefix(buf, pos)[0]
+        if n > self.max_frame_bytes:
+            raise RemoteProtocolError(
+                ErrorCode.TOO_LARGE, f"frame of {n} bytes exceeds max_frame {self.max_frame_bytes}"
+            )
+        if n == 0:
+            raise RemoteProtocolError(ErrorCode.BAD_FRAME, "empty frame")
+        end = pos + 4 + n
+        if size < end:
+            if self.eof:
+                raise RemoteProtocolError(ErrorCode.BAD_FRAME, "EOF inside a frame")
+            return None
+        self._pos = end
+        return decode_body(buf[pos + 4 : end], self.max_frame_bytes)

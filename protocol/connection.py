@@ -1,0 +1,237 @@
+"""The sans-IO connection: bytes in, frames out, frames in, bytes out (h11 style).
+
+`Connection` joins the codec (`protocol.codec`), the field checks (`protocol.frames`) and the
+state table (`protocol.state`). It does no I/O: the caller feeds received bytes with
+`receive_data`, takes frames with `next_event` until it returns `NEED_DATA`, and writes whatever
+`send` returns.
+
+Error policy (PROTOCOL.md §6, §7): framing errors, frames illegal in the current state and any
+error before the handshake completes are fatal (state ERROR). Once OPEN, an unknown ``"t"``
+(UNKNOWN_TYPE) or a known type with a bad field (INVALID) is not: the frame is consumed, the
+`RemoteProtocolError` carries the frame's ``id`` if it had a valid one, and the caller replies
+with an ``error`` frame and goes on.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+
+from .codec import DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, FrameBuffer
+from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
+from .fields import MAX_BODY_BYTES, uint
+from .frames import (
+    CLIENT_FRAMES,
+    KNOWN_TYPES,
+    SERVER_FRAMES,
+    FieldError,
+    Welcome,
+    spec_of,
+)
+from .state import ERROR_CLOSE, Role, State, legal_moves
+
+_pack_prefix = struct.Struct(">I").pack
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+    def __reduce__(self) -> str:
+        return self._name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+"""Returned by `Connection.next_event` when no complete frame is buffered."""
+CLOSED = _Sentinel("CLOSED")
+"""Returned by `Connection.next_event` once EOF was received and every frame was taken."""
+
+_ERROR, _OPEN = State.ERROR, State.OPEN
+
+
+class Connection:
+    """One end of a homing connection: the protocol state machine and its buffers.
+
+    `max_frame_bytes` bounds incoming and outgoing frame bodies; it becomes the agreed limit when
+    ``welcome`` passes (the server sends the agreed value; a client takes the smaller of it and
+    its own) and may be set later. `max_body_bytes` bounds message bodies (§4.1).
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_decoders",
+        "_next_map",
+        "_our_moves",
+        "_outgoing",
+        "_packer",
+        "_state",
+        "_their_moves",
+        "max_body_bytes",
+        "our_role",
+        "their_role",
+    )
+
+    def __init__(
+        self,
+        role: Role,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_body_bytes: int = MAX_BODY_BYTES,
+    ) -> None:
+        _check_limit(max_frame_bytes)
+        self.our_role = role
+        self.their_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
+        self._buffer = FrameBuffer(max_frame_bytes)
+        self._next_map = self._buffer.next_map
+        incoming = CLIENT_FRAMES if role is Role.SERVER else SERVER_FRAMES
+        self._decoders = {t: spec_of(cls).decode for t, cls in incoming.items()}
+        self._outgoing = SERVER_FRAMES if role is Role.SERVER else CLIENT_FRAMES
+        self._packer = msgpack.Packer(use_bin_type=True)
+        self.max_body_bytes = max_body_bytes
+        self._enter(State.HANDSHAKE)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.our_role.name} {self._state.name}>"
+
+    def _enter(self, state: State) -> None:
+        self._state = state
+        self._our_moves = legal_moves(state, self.our_role)
+        self._their_moves = legal_moves(state, self.their_role)
+
+    @property
+    def state(self) -> State:
+        """The connection's current `State`."""
+        return self._state
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """Largest frame body accepted or sent, in bytes."""
+        return self._buffer.max_frame_bytes
+
+    @max_frame_bytes.setter
+    def max_frame_bytes(self, value: int) -> None:
+        _check_limit(value)
+        self._buffer.max_frame_bytes = value
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes the receive buffer holds (at most 4 + max_frame_bytes + one fed chunk)."""
+        return self._buffer.held
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes received from the peer; ``b""`` means the peer closed its side (EOF).
+
+        Drain with `next_event` until `NEED_DATA` before feeding again: the buffer refuses
+        (`LocalProtocolError`) to grow past ``4 + max_frame_bytes`` unconsumed bytes plus one
+        chunk. Also raises `LocalProtocolError` after EOF or in state ERROR.
+        """
+        if self._state is _ERROR:
+            raise LocalProtocolError(ErrorCode.INTERNAL, "connection is in ERROR state")
+        self._buffer.feed(data)
+
+    def next_event(self):  # -> frame | NEED_DATA | CLOSED
+        """The next frame from the peer, `NEED_DATA`, or `CLOSED` (EOF and nothing pending).
+
+        Raises `RemoteProtocolError` if the peer broke the protocol (see the module docstring
+        for which errors are fatal), and `LocalProtocolError` if called in state ERROR.
+        """
+        state = self._state
+        if state is _ERROR:
+            raise LocalProtocolError(ErrorCode.INTERNAL, "connection is in ERROR state")
+        try:
+            d = self._next_map()
+        except RemoteProtocolError:
+            self._enter(_ERROR)
+            raise
+        if d is None:
+            return CLOSED if self._buffer.eof else NEED_DATA
+        t = d["t"]
+        new = self._their_moves.get(t)
+        if new is None:
+            raise self._illegal(d, t)
+        try:
+            frame = self._decoders[t](d, self.max_body_bytes)
+        except FieldError as exc:
+            raise self._invalid(d, t, str(exc)) from None
+        if t == "error" and frame.close:
+            new = self._their_moves[ERROR_CLOSE]
+        if new is not state:
+            self._enter(new)
+            if type(frame) is Welcome:
+                self._buffer.max_frame_bytes = min(frame.max_frame, self._buffer.max_frame_bytes)
+        return frame
+
+    def _illegal(self, d: dict, t: str) -> RemoteProtocolError:
+        rid = _request_id(d)
+        if t not in KNOWN_TYPES and self._state is _OPEN:
+            return RemoteProtocolError(
+                ErrorCode.UNKNOWN_TYPE, f"unknown frame type {t[:64]!r}", rid, fatal=False
+            )
+        was = self._state.name
+        self._enter(_ERROR)
+        return RemoteProtocolError(
+            ErrorCode.BAD_FRAME, f"frame {t[:64]!r} not allowed in state {was}", rid
+        )
+
+    def _invalid(self, d: dict, t: str, why: str) -> RemoteProtocolError:
+        rid = _request_id(d)
+        if self._state is _OPEN:
+            return RemoteProtocolError(ErrorCode.INVALID, f"{t}: {why}", rid, fatal=False)
+        self._enter(_ERROR)
+        return RemoteProtocolError(ErrorCode.INVALID, f"{t}: {why}", rid)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send(self, frame) -> bytes:
+        """The bytes to write for `frame`, after checking direction, state and every field.
+
+        Raises `LocalProtocolError` (and changes nothing) if this role may not send the frame,
+        the state forbids it, a field is invalid, or the encoded frame exceeds
+        max_frame_bytes. After ``welcome`` (server) the agreed max_frame applies.
+        """
+        cls = type(frame)
+        t = getattr(cls, "TYPE", None)
+        if t is None or self._outgoing.get(t) is not cls:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL, f"a {self.our_role.name} cannot send {cls.__name__}"
+            )
+        new = self._our_moves.get(ERROR_CLOSE if t == "error" and frame.close else t)
+        if new is None:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL, f"cannot send {t!r} in state {self._state.name}"
+            )
+        spec = spec_of(cls)
+        try:
+            wire = spec.encode(frame)
+            spec.decode(wire, self.max_body_bytes)
+            body = self._packer.pack(wire)
+        except FieldError as exc:
+            raise LocalProtocolError(ErrorCode.INVALID, f"{t}: {exc}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise LocalProtocolError(ErrorCode.INVALID, f"{t}: cannot encode: {exc}") from None
+        if len(body) > self._buffer.max_frame_bytes:
+            raise LocalProtocolError(
+                ErrorCode.TOO_LARGE, f"{t} frame of {len(body)} bytes exceeds max_frame"
+            )
+        if new is not self._state:
+            self._enter(new)
+            if cls is Welcome:
+                self._buffer.max_frame_bytes = frame.max_frame
+        return _pack_prefix(len(body)) + body
+
+
+def _request_id(d: dict) -> int | None:
+    rid = d.get("id")
+    return rid if uint(rid) else None
+
+
+def _check_limit(value: int) -> None:
+    if type(value) is not int or not MIN_FRAME_LIMIT <= value <= MAX_FRAME_LIMIT:
+        raise ValueError(f"max_frame_bytes must be an int in {MIN_FRAME_LIMIT}..{MAX_FRAME_LIMIT}")

@@ -1,0 +1,148 @@
+"""Field checkers: the types and limits of PROTOCOL.md §4, one predicate each.
+
+A checker is ``check(value, max_body) -> bool``. It must accept any decoded msgpack value
+(int, float, str, bytes, bool, None, tuple, dict, ExtType, ...) without raising, because peers
+send anything. `max_body` is the connection's body limit in bytes; only body checkers use it.
+Arrays arrive as tuples (the codec decodes with use_list=False); outgoing frames may hold lists.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+UINT_MAX = (1 << 63) - 1
+"""Largest uint on the wire (§4.1): ids, sequence numbers and times all fit a signed int64."""
+
+MAX_BODY_BYTES = 65536
+"""Default largest message body in bytes, UTF-8 length for text (§4.1); larger is INVALID."""
+
+MAX_CID_CHARS = 128
+MAX_CONV_CHARS = 160
+MAX_NAME_CHARS = 128
+MAX_TOKEN_CHARS = 4096
+MAX_REASON_CHARS = 256
+MAX_MESSAGE_CHARS = 1024
+MAX_CAP_CHARS = 64
+MAX_CAPS = 16
+MAX_VERSIONS = 16
+MAX_MEMBERS = 1000
+MAX_PAGE_MESSAGES = 1000
+MAX_USER_LIST = 100_000
+MAX_HISTORY_LIMIT = 200
+
+Check = Callable[[object, int], bool]
+
+_USER_MATCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}").fullmatch
+_CONV_MATCH = re.compile(r"(?:dm|grp|chn):[A-Za-z0-9_.@+:-]+").fullmatch
+_LISTS = (tuple, list)
+
+
+def uint(v: object, _mb: int = 0) -> bool:
+    """A non-negative int below 2**63 (bool is not an int here)."""
+    return type(v) is int and 0 <= v <= UINT_MAX
+
+
+def boolean(v: object, _mb: int = 0) -> bool:
+    """True or false (not 0/1)."""
+    return type(v) is bool
+
+
+
+
+def user_id(v: object, _mb: int = 0) -> bool:
+    """A user or device id, ``^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$``."""
+    return type(v) is str and _USER_MATCH(v) is not None
+
+
+def conv_id(v: object, _mb: int = 0) -> bool:
+    """A conversation id, ``^(dm|grp|chn):[A-Za-z0-9_.@+:-]+$``, at most 160 chars."""
+    return type(v) is str and len(v) <= MAX_CONV_CHARS and _CONV_MATCH(v) is not None
+
+
+def cid(v: object, _mb: int = 0) -> bool:
+    """A client message id: 1..128 chars, no NUL."""
+    return type(v) is str and 0 < len(v) <= MAX_CID_CHARS and "\0" not in v
+
+
+def body(v: object, mb: int) -> bool:
+    """A message body: text whose UTF-8 form, or bytes, of at most `mb` bytes."""
+    t = type(v)
+    if t is str:
+        # Each char is at most 4 UTF-8 bytes, so short text needs no encoding to measure.
+        return len(v) * 4 <= mb or len(v.encode("utf-8", "surrogatepass")) <= mb
+    return t is bytes and len(v) <= mb
+
+
+def body_or_nil(v: object, mb: int) -> bool:
+    """A body, or nil (membership entries in ``deliver`` carry no body)."""
+    return v is None or body(v, mb)
+
+
+def cid_or_nil(v: object, _mb: int = 0) -> bool:
+    """A cid, or nil."""
+    return v is None or cid(v)
+
+
+INLINE: dict[Check, str] = {
+    uint: "type({v}) is int and 0 <= {v} <= UINT_MAX",
+    boolean: "type({v}) is bool",
+    user_id: "type({v}) is str and USER_MATCH({v}) is not None",
+    conv_id: "type({v}) is str and len({v}) <= MAX_CONV_CHARS and CONV_MATCH({v}) is not None",
+    cid: "type({v}) is str and 0 < len({v}) <= MAX_CID_CHARS and '\\0' not in {v}",
+    body: "(type({v}) is str and len({v}) * 4 <= mb) or c{i}({v}, mb)",
+}
+"""Checks the generated decoders inline (`{v}` the value, `c{i}` the checker itself): each must
+mean exactly what its function does. Names they use: `INLINE_NAMES`."""
+
+INLINE_NAMES = {
+    "UINT_MAX": UINT_MAX,
+    "USER_MATCH": _USER_MATCH,
+    "CONV_MATCH": _CONV_MATCH,
+    "MAX_CONV_CHARS": MAX_CONV_CHARS,
+    "MAX_CID_CHARS": MAX_CID_CHARS,
+}
+
+
+def text(lo: int, hi: int) -> Check:
+    """A str of `lo`..`hi` characters."""
+
+    def check(v: object, _mb: int = 0) -> bool:
+        return type(v) is str and lo <= len(v) <= hi
+
+    return check
+
+
+def one_of(*values: str) -> Check:
+    """One of the given strings."""
+    allowed = frozenset(values)
+
+    def check(v: object, _mb: int = 0) -> bool:
+        return type(v) is str and v in allowed
+
+    return check
+
+
+def int_range(lo: int, hi: int) -> Check:
+    """An int in `lo`..`hi`."""
+
+    def check(v: object, _mb: int = 0) -> bool:
+        return type(v) is int and lo <= v <= hi
+
+    return check
+
+
+def array(item: Check, lo: int, hi: int) -> Check:
+    """An array of `lo`..`hi` items, each passing `item`."""
+
+    def check(v: object, mb: int = 0) -> bool:
+        if type(v) not in _LISTS or not lo <= len(v) <= hi:
+            return False
+        return all(item(x, mb) for x in v)
+
+    return check
+
+
+def user_list(hi: int) -> Check:
+    """An array of at most `hi` user ids."""
+    return array(user_id, 0, hi)

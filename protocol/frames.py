@@ -1,0 +1,526 @@
+"""Frame types: one class per wire frame, with the one table of their fields (PROTOCOL.md §5).
+
+A frame is an immutable `NamedTuple` subclass; its class attribute ``TYPE`` is the wire ``"t"``
+string. NamedTuples, not frozen dataclasses, because a frame is built for every message on the hot
+path: building a six-field frozen slots dataclass costs about five times as much (measured with
+bench/bench_codec.py's host, 527 ns against 98 ns). Equality is overridden so that frames of
+different types never compare equal, even with equal fields (``Ping(1) != Pong(1)``).
+
+Rules kept here:
+
+* Every field is checked for type and limit (`protocol.fields`) when a frame is built from a
+  decoded map (`from_wire`) and, by `Connection.send`, before one is encoded.
+* Unknown map keys are ignored (forward compatibility, §3.3).
+* An optional field that is absent or nil takes its default; `to_wire` leaves out optional fields
+  equal to their default, so a frame survives the round trip exactly.
+* The attribute ``sender`` is the wire key ``"from"`` (a Python keyword).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from . import fields as f
+from .codec import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT
+from .errors import ALWAYS_CLOSE, ErrorCode
+
+
+class FieldError(ValueError):
+    """Raised by `from_wire` when a field is missing, ill-typed or out of its limit."""
+
+
+class _Spec:
+    """How one frame class maps to and from a wire map: a generated decoder and encoder.
+
+    The two functions are generated from the field table (as `dataclasses` generates __init__)
+    because this is the hot path: an unrolled decoder with the simple checks inlined runs about
+    twice as fast as a loop over the fields. `source` keeps the generated text for reading.
+    """
+
+    __slots__ = ("cls", "decode", "encode", "source", "type")
+
+    def __init__(self, cls: type, type_: str | None, checks: dict[str, Any], rule: Any) -> None:
+        if set(checks) != set(cls._fields):
+            raise AssertionError(f"{cls.__name__}: checks must cover exactly {cls._fields}")
+        self.cls = cls
+        self.type = type_
+        ns: dict[str, Any] = {
+            "cls": cls, "new": tuple.__new__, "rule": rule, "bad": _bad, "FieldError": FieldError,
+            **f.INLINE_NAMES,
+        }
+        dec = ["def decode(d, mb):", "    get = d.get"]
+        enc = ["def encode(fr):"]
+        enc.append(f"    {', '.join(f'v{i}' for i in range(len(cls._fields)))}, = fr")
+        head = [f"'t': {type_!r}"] if type_ is not None else []
+        tail = []
+        for i, attr in enumerate(cls._fields):
+            v, wire = f"v{i}", ("from" if attr == "sender" else attr)
+            check, convert, unconvert = checks[attr], None, None
+            if isinstance(check, tuple):  # (check, convert, unconvert) for nested maps
+                check, convert, unconvert = check
+            ns[f"c{i}"], ns[f"cv{i}"], ns[f"u{i}"] = check, convert, unconvert
+            ns[f"D{i}"] = default = cls._field_defaults.get(attr)
+            test = f.INLINE.get(check, "c{i}({v}, mb)").format(v=v, i=i)
+            dec.append(f"    {v} = get({wire!r})")
+            out = v if unconvert is None else f"u{i}({v})"
+            if attr in cls._field_defaults:
+                dec.append(f"    if {v} is None: {v} = D{i}")
+                dec.append(f"    elif not ({test}): raise bad(d, {wire!r})")
+                cond = f"{v} is not None"
+                if default is not None:
+                    cond += f" and not ({v} == D{i} and type({v}) is type(D{i}))"
+                tail.append(f"    if {cond}: d[{wire!r}] = {out}")
+            else:
+                dec.append(f"    if not ({test}): raise bad(d, {wire!r})")
+                head.append(f"{wire!r}: {out}")
+            if convert is not None:
+                dec.append(f"    if {v} is not D{i}: {v} = cv{i}({v}, mb)")
+        dec.append(f"    fr = new(cls, ({''.join(f'v{i}, ' for i in range(len(cls._fields)))}))")
+        if rule is not None:
+            dec.append("    problem = rule(fr)")
+            dec.append("    if problem is not None: raise FieldError(problem)")
+        dec.append("    return fr")
+        enc.append(f"    d = {{{', '.join(head)}}}")
+        enc.extend(tail)
+        enc.append("    return d")
+        self.source = "\n".join(dec) + "\n\n" + "\n".join(enc) + "\n"
+        exec(compile(self.source, f"<protocol.frames {cls.__name__}>", "exec"), ns)
+        self.decode = ns["decode"]
+        self.encode = ns["encode"]
+
+
+def _bad(d: dict, wire: str) -> FieldError:
+    if wire not in d:
+        return FieldError(f"missing field {wire!r}")
+    return FieldError(f"bad value for field {wire!r}")
+
+
+_SPECS: dict[type, _Spec] = {}
+CLIENT_FRAMES: dict[str, type] = {}
+"""Frame classes a client may send, by wire type."""
+SERVER_FRAMES: dict[str, type] = {}
+"""Frame classes a server may send, by wire type."""
+
+
+def _eq(a: object, b: object) -> bool:
+    return type(a) is type(b) and tuple.__eq__(a, b)  # type: ignore[arg-type]
+
+
+def _ne(a: object, b: object) -> bool:
+    return not _eq(a, b)
+
+
+def _hash(a: tuple) -> int:
+    return hash((type(a).__name__, *a))
+
+
+def _register(cls: type, type_: str | None, senders: str, rule: Any = None, **checks: Any) -> None:
+    cls.TYPE = type_
+    cls.__eq__ = _eq
+    cls.__ne__ = _ne
+    cls.__hash__ = _hash
+    _SPECS[cls] = _Spec(cls, type_, checks, rule)
+    if "c" in senders:
+        CLIENT_FRAMES[type_] = cls
+    if "s" in senders:
+        SERVER_FRAMES[type_] = cls
+
+
+# -- nested values --------------------------------------------------------------------------
+
+
+class PageMessage(NamedTuple):
+    """One stored message inside a ``page`` frame (§5.3)."""
+
+    seq: int
+    sender: str
+    body: str | bytes
+    cid: str
+    ts: int
+    lsn: int
+
+
+# -- client -> server (§5.2) ----------------------------------------------------------------
+
+
+class Hello(NamedTuple):
+    """Opens a session: the first and only frame a client sends before ``welcome``."""
+
+    versions: tuple[int, ...]
+    token: str
+    device: str
+    id: int | None = None
+    caps: tuple[str, ...] = ()
+    max_frame: int | None = None
+
+
+class Send(NamedTuple):
+    """Posts a message to a user (``to``, a direct conversation) or a conversation (``conv``)."""
+
+    id: int
+    cid: str
+    body: str | bytes
+    to: str | None = None
+    conv: str | None = None
+
+
+class Ack(NamedTuple):
+    """Acknowledges the device's deliveries up to inbox_seq ``upto`` (cumulative)."""
+
+    upto: int
+    id: int | None = None
+
+
+class Read(NamedTuple):
+    """Marks a conversation read up to conv seq ``upto``."""
+
+    conv: str
+    upto: int
+    id: int | None = None
+
+
+class History(NamedTuple):
+    """Asks for a page of a conversation's messages."""
+
+    id: int
+    conv: str
+    before: int | None = None
+    after: int | None = None
+    limit: int = 50
+    order: str = "newest"
+
+
+class Create(NamedTuple):
+    """Creates a group or channel; the sender becomes its owner."""
+
+    id: int
+    kind: str
+    name: str
+    members: tuple[str, ...] = ()
+    open: bool = False
+
+
+class Invite(NamedTuple):
+    """Adds a user to a conversation with a role."""
+
+    id: int
+    conv: str
+    user: str
+    role: str = "member"
+
+
+class Join(NamedTuple):
+    """Joins an open group."""
+
+    id: int
+    conv: str
+
+
+class Leave(NamedTuple):
+    """Leaves a conversation."""
+
+    id: int
+    conv: str
+
+
+class Subscribe(NamedTuple):
+    """Subscribes to an open channel (read-only membership)."""
+
+    id: int
+    conv: str
+
+
+class Receipts(NamedTuple):
+    """Asks who has been delivered and who has read message ``seq`` of a conversation."""
+
+    id: int
+    conv: str
+    seq: int
+
+
+class Presence(NamedTuple):
+    """Asks which members of a conversation are online."""
+
+    id: int
+    conv: str
+
+
+class Typing(NamedTuple):
+    """Says the user is typing in a conversation (ephemeral, no reply)."""
+
+    conv: str
+
+
+class Mute(NamedTuple):
+    """Mutes or unmutes a conversation for the user."""
+
+    id: int
+    conv: str
+    muted: bool = True
+
+
+# -- both directions (§5.4) -----------------------------------------------------------------
+
+
+class Ping(NamedTuple):
+    """Heartbeat or liveness probe; the peer answers ``pong`` with the same id."""
+
+    id: int | None = None
+
+
+class Pong(NamedTuple):
+    """Answer to ``ping``."""
+
+    id: int | None = None
+
+
+class Bye(NamedTuple):
+    """Orderly close: the sender sends nothing more and the receiver must not either."""
+
+    reason: str | None = None
+
+
+# -- server -> client (§5.3) ----------------------------------------------------------------
+
+
+class Welcome(NamedTuple):
+    """Accepts a ``hello``: the session is open."""
+
+    version: int
+    session: str
+    user: str
+    time: int
+    max_frame: int
+    heartbeat: int
+    acked: int
+    head: int
+    caps: tuple[str, ...]
+    id: int | None = None
+
+
+class Result(NamedTuple):
+    """Reply to ``send``: where the message landed; ``dup`` if the cid was seen before."""
+
+    id: int
+    conv: str
+    seq: int
+    lsn: int
+    cid: str
+    dup: bool
+
+
+class Ok(NamedTuple):
+    """Success reply to read, invite, join, leave, subscribe, mute and ack-with-id."""
+
+    id: int
+    conv: str | None = None
+
+
+class Created(NamedTuple):
+    """Reply to ``create``: the new conversation's id."""
+
+    id: int
+    conv: str
+
+
+class Page(NamedTuple):
+    """Reply to ``history``."""
+
+    id: int
+    conv: str
+    messages: tuple[PageMessage, ...]
+    more: bool
+
+
+class ReceiptList(NamedTuple):
+    """Reply to ``receipts``."""
+
+    id: int
+    conv: str
+    seq: int
+    delivered: tuple[str, ...]
+    read: tuple[str, ...]
+
+
+class PresenceList(NamedTuple):
+    """Reply to ``presence``."""
+
+    id: int
+    conv: str
+    online: tuple[str, ...]
+
+
+class Deliver(NamedTuple):
+    """Push: one entry of the user's inbox (a message, or a membership change)."""
+
+    inbox_seq: int
+    kind: str
+    conv: str
+    seq: int
+    sender: str
+    body: str | bytes | None
+    cid: str | None
+    ts: int
+    muted: bool = False
+
+
+class Receipt(NamedTuple):
+    """Push: a member's delivered/read marks moved in a conversation."""
+
+    conv: str
+    user: str
+    delivered: int | None = None
+    read: int | None = None
+
+
+class Status(NamedTuple):
+    """Push: a contact came online or went offline."""
+
+    user: str
+    online: bool
+
+
+class TypingNotice(NamedTuple):
+    """Push: a member is typing (wire type ``typing``, server to client)."""
+
+    conv: str
+    user: str
+
+
+class Error(NamedTuple):
+    """A request failed, or (close=true) the connection is ending; see the registry in §7."""
+
+    code: int
+    name: str
+    message: str
+    id: int | None = None
+    close: bool = False
+
+
+# -- the field table ------------------------------------------------------------------------
+
+_ID = f.uint
+_NAME = f.text(1, f.MAX_NAME_CHARS)
+_CAPS = f.array(f.text(1, f.MAX_CAP_CHARS), 0, f.MAX_CAPS)
+_USERS = f.user_list(f.MAX_USER_LIST)
+
+
+def _send_rule(frame: Send) -> str | None:
+    if (frame.to is None) == (frame.conv is None):
+        return "exactly one of 'to' and 'conv' is required"
+    return None
+
+
+def _messages_in(v: Any, mb: int) -> tuple[PageMessage, ...]:
+    spec = _SPECS[PageMessage]
+    out = []
+    for m in v:
+        if type(m) is not dict:
+            raise FieldError("'messages' items must be maps")
+        out.append(decode_map(spec, m, mb))
+    return tuple(out)
+
+
+def _messages_out(v: Any) -> list[dict]:
+    spec = _SPECS[PageMessage]
+    return [encode_map(spec, m) for m in v]
+
+
+_MESSAGES = (f.array(lambda m, mb: True, 0, f.MAX_PAGE_MESSAGES), _messages_in, _messages_out)
+
+_register(PageMessage, None, "", seq=f.uint, sender=f.user_id, body=f.body, cid=f.cid,
+          ts=f.uint, lsn=f.uint)
+
+_register(Hello, "hello", "c", versions=f.array(f.uint, 1, f.MAX_VERSIONS),
+          token=f.text(0, f.MAX_TOKEN_CHARS), device=f.user_id, id=_ID, caps=_CAPS,
+          max_frame=f.uint)
+_register(Send, "send", "c", _send_rule, id=_ID, cid=f.cid, body=f.body, to=f.user_id,
+          conv=f.conv_id)
+_register(Ack, "ack", "c", upto=f.uint, id=_ID)
+_register(Read, "read", "c", conv=f.conv_id, upto=f.uint, id=_ID)
+_register(History, "history", "c", id=_ID, conv=f.conv_id, before=f.uint, after=f.uint,
+          limit=f.int_range(1, f.MAX_HISTORY_LIMIT), order=f.one_of("newest", "oldest"))
+_register(Create, "create", "c", id=_ID, kind=f.one_of("group", "channel"), name=_NAME,
+          members=f.user_list(f.MAX_MEMBERS), open=f.boolean)
+_register(Invite, "invite", "c", id=_ID, conv=f.conv_id, user=f.user_id,
+          role=f.one_of("member", "admin"))
+_register(Join, "join", "c", id=_ID, conv=f.conv_id)
+_register(Leave, "leave", "c", id=_ID, conv=f.conv_id)
+_register(Subscribe, "subscribe", "c", id=_ID, conv=f.conv_id)
+_register(Receipts, "receipts", "c", id=_ID, conv=f.conv_id, seq=f.uint)
+_register(Presence, "presence", "c", id=_ID, conv=f.conv_id)
+_register(Typing, "typing", "c", conv=f.conv_id)
+_register(Mute, "mute", "c", id=_ID, conv=f.conv_id, muted=f.boolean)
+
+_register(Ping, "ping", "cs", id=_ID)
+_register(Pong, "pong", "cs", id=_ID)
+_register(Bye, "bye", "cs", reason=f.text(0, f.MAX_REASON_CHARS))
+
+_register(Welcome, "welcome", "s", version=f.uint, session=_NAME, user=f.user_id, time=f.uint,
+          max_frame=f.int_range(MIN_FRAME_LIMIT, MAX_FRAME_LIMIT), heartbeat=f.uint,
+          acked=f.uint, head=f.uint, caps=_CAPS, id=_ID)
+_register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint, cid=f.cid,
+          dup=f.boolean)
+_register(Ok, "ok", "s", id=_ID, conv=f.conv_id)
+_register(Created, "created", "s", id=_ID, conv=f.conv_id)
+_register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
+_register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
+          delivered=_USERS, read=_USERS)
+_register(PresenceList, "presence_list", "s", id=_ID, conv=f.conv_id, online=_USERS)
+_register(Deliver, "deliver", "s", inbox_seq=f.uint, kind=f.one_of("msg", "added", "removed"),
+          conv=f.conv_id, seq=f.uint, sender=f.user_id, body=f.body_or_nil, cid=f.cid_or_nil,
+          ts=f.uint, muted=f.boolean)
+_register(Receipt, "receipt", "s", conv=f.conv_id, user=f.user_id, delivered=f.uint,
+          read=f.uint)
+_register(Status, "status", "s", user=f.user_id, online=f.boolean)
+_register(TypingNotice, "typing", "s", conv=f.conv_id, user=f.user_id)
+_register(Error, "error", "s", code=f.uint, name=f.text(1, 64),
+          message=f.text(0, f.MAX_MESSAGE_CHARS), id=_ID, close=f.boolean)
+
+ALL_FRAMES: tuple[type, ...] = tuple(c for c in _SPECS if c is not PageMessage)
+"""Every frame class, client, server and both-ways."""
+
+KNOWN_TYPES: frozenset[str] = frozenset(CLIENT_FRAMES) | frozenset(SERVER_FRAMES)
+"""Every wire type this version knows, in either direction."""
+
+
+# -- conversion -----------------------------------------------------------------------------
+
+
+def decode_map(spec: _Spec, d: dict, max_body: int) -> Any:
+    """Build the frame described by `spec` from decoded map `d`, or raise `FieldError`."""
+    return spec.decode(d, max_body)
+
+
+def encode_map(spec: _Spec, frame: tuple) -> dict:
+    """The wire map of `frame` (without checking it); optional defaults are left out."""
+    return spec.encode(frame)
+
+
+def spec_of(cls: type) -> _Spec:
+    """The field table entry of a frame class (KeyError if `cls` is not a frame class)."""
+    return _SPECS[cls]
+
+
+def to_wire(frame: tuple) -> dict:
+    """The wire map of `frame`, with its ``"t"`` (fields are not checked; see `from_wire`)."""
+    return encode_map(_SPECS[type(frame)], frame)
+
+
+def from_wire(cls: type, d: dict, max_body: int = f.MAX_BODY_BYTES) -> Any:
+    """Build a `cls` frame from decoded map `d`, checking every field; raise `FieldError`.
+
+    ``d["t"]`` is not looked at: the caller chose `cls` from it. Unknown keys are ignored.
+    """
+    return decode_map(_SPECS[cls], d, max_body)
+
+
+def error_frame(
+    code: ErrorCode, message: str, request_id: int | None = None, close: bool | None = None
+) -> Error:
+    """An ``error`` frame for `code`; `close` defaults to whether the code always closes."""
+    if close is None:
+        close = code in ALWAYS_CLOSE
+    return Error(int(code), code.name.lower(), message[: f.MAX_MESSAGE_CHARS], request_id, close)
+
+
