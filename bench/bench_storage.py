@@ -1,0 +1,145 @@
+"""Storage benchmarks: raw LMDB ceiling, group-commit append path, and full rebuild.
+
+Run `python -m bench.bench_storage [--events N]`. Each figure is the median of 3 runs, each on a
+fresh temporary directory. Prints figures; this is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+
+import lmdb
+import structlog
+import trio
+
+from storage.commands import SendMessage
+from storage.store import Store
+
+RUNS = 3
+BODY = "x" * 200
+USERS = [f"user{i:02d}" for i in range(16)]
+
+
+def raw_lmdb(puts: int = 200_000, per_txn: int = 1000) -> float:
+    """Batched puts of ~250-byte values, durable commit per 1,000 puts; return puts/s."""
+    with tempfile.TemporaryDirectory() as d:
+        env = lmdb.open(d, map_size=1 << 30, sync=True, metasync=True, writemap=False)
+        value = os.urandom(250)
+        start = time.perf_counter()
+        for base in range(0, puts, per_txn):
+            with env.begin(write=True) as txn:
+                for i in range(base, base + per_txn):
+                    txn.put(i.to_bytes(8, "big"), value)
+        elapsed = time.perf_counter() - start
+        env.close()
+    return puts / elapsed
+
+
+async def _group_commit(store: Store, appenders: int, per_appender: int) -> tuple[float, float]:
+    """Run appenders against one coordinator task; return (durable events/s, max stall s)."""
+    queue: list[tuple[SendMessage, trio.Event, list]] = []
+    wake = trio.Event()
+    done = False
+    max_stall = 0.0
+
+    async def coordinator() -> None:
+        nonlocal wake
+        while not done or queue:
+            if not queue:
+                await wake.wait()
+                wake = trio.Event()
+                continue
+            batch = queue[:]
+            del queue[:]
+            outcomes = await trio.to_thread.run_sync(store.execute, [c for c, _, _ in batch])
+            for (_, ev, slot), out in zip(batch, outcomes, strict=True):
+                slot.append(out)
+                ev.set()
+
+    async def appender(ix: int) -> None:
+        a, b = USERS[ix % 16], USERS[(ix % 16) ^ 1]
+        for n in range(per_appender):
+            ev, slot = trio.Event(), []
+            queue.append((SendMessage(a, f"d{ix}", "user", f"{ix}-{n}", BODY, to=b), ev, slot))
+            wake.set()
+            await ev.wait()
+            assert slot[0].error is None
+
+    async def stall_probe() -> None:
+        nonlocal max_stall
+        while not done:
+            t0 = trio.current_time()
+            await trio.sleep(0.001)
+            max_stall = max(max_stall, trio.current_time() - t0 - 0.001)
+
+    start = time.perf_counter()
+    async with trio.open_nursery() as outer:
+        outer.start_soon(coordinator)
+        outer.start_soon(stall_probe)
+        async with trio.open_nursery() as inner:
+            for i in range(appenders):
+                inner.start_soon(appender, i)
+        elapsed = time.perf_counter() - start
+        done = True
+        wake.set()
+    return appenders * per_appender / elapsed, max_stall
+
+
+def group_commit(appenders: int = 64, per_appender: int = 500) -> tuple[float, float]:
+    """The group-commit path on a fresh store; return (durable events/s, max loop stall s)."""
+    with tempfile.TemporaryDirectory() as d:
+        store = Store.open(d)
+        try:
+            return trio.run(_group_commit, store, appenders, per_appender)
+        finally:
+            store.close()
+
+
+def rebuild(events: int) -> float:
+    """Fill a store with `events` message events (8 direct convs), time rebuild(); events/s."""
+    with tempfile.TemporaryDirectory() as d:
+        store = Store.open(d)
+        try:
+            batch = 5000
+            for base in range(0, events, batch):
+                store.execute([
+                    SendMessage(USERS[i % 16], "d", "user", f"c{i}", BODY,
+                                to=USERS[(i % 16) ^ 1])
+                    for i in range(base, min(base + batch, events))
+                ])
+            total = store.last_lsn()
+            start = time.perf_counter()
+            store.rebuild()
+            return total / (time.perf_counter() - start)
+        finally:
+            store.close()
+
+
+def median(fn, *args):
+    """Return the median over RUNS runs of `fn(*args)` (element-wise for tuples)."""
+    results = [fn(*args) for _ in range(RUNS)]
+    if isinstance(results[0], tuple):
+        return tuple(statistics.median(r[i] for r in results) for i in range(len(results[0])))
+    return statistics.median(results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000, help="events for the rebuild")
+    parser.add_argument("--per-appender", type=int, default=500)
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    print(f"raw lmdb, 1,000 puts/txn, sync: {median(raw_lmdb):,.0f} puts/s")
+    rate, stall = median(group_commit, 64, args.per_appender)
+    print(f"group commit, 64 appenders: {rate:,.0f} durable events/s, "
+          f"max loop stall {stall * 1000:.1f} ms")
+    print(f"rebuild of {args.events:,} events: {median(rebuild, args.events):,.0f} events/s")
+
+
+if __name__ == "__main__":
+    main()
