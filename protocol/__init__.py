@@ -27,6 +27,7 @@ from .fields import MAX_BODY_BYTES, UINT_MAX
 from .frames import (
     ALL_FRAMES,
     CLIENT_FRAMES,
+    KNOWN_TYPES,
     SERVER_FRAMES,
     Ack,
     Bye,
@@ -90,6 +91,7 @@ __all__ = [
     "CLIENT_FRAMES",
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
+    "KNOWN_TYPES",
     "MAX_BODY_BYTES",
     "MAX_FRAME_LIMIT",
     "MIN_FRAME_LIMIT",

@@ -1,0 +1,117 @@
+"""Arbitrary input yields only frames, NEED_DATA/CLOSED or a ProtocolError, in bounded memory."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    CLOSED,
+    KNOWN_TYPES,
+    NEED_DATA,
+    Connection,
+    ProtocolError,
+    Role,
+    State,
+)
+
+from .helpers import HELLO, WELCOME, ConnectionPair
+
+MAX_FRAME = 1024
+SETTINGS = settings(max_examples=200, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+_FIELD_NAMES = ["id", "conv", "cid", "body", "to", "upto", "versions", "token", "device",
+                "messages", "kind", "code", "close", "max_frame", "members", "user", "from"]
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats()
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda kids: st.lists(kids, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.sampled_from(_FIELD_NAMES), kids, max_size=4),
+    max_leaves=12,
+)
+frame_maps = st.fixed_dictionaries(
+    {"t": st.sampled_from(sorted(KNOWN_TYPES)) | st.text(max_size=8)},
+    optional={name: msgpack_values for name in _FIELD_NAMES},
+)
+bodies = (frame_maps | msgpack_values).map(lambda v: msgpack.packb(v, use_bin_type=True))
+
+
+def _frame(body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + body
+
+
+def _feed_in_chunks(conn: Connection, data: bytes, cuts: list[int]) -> None:
+    """Feed `data` split at `cuts`, draining after each chunk, checking the buffer bound."""
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    for a, b in itertools.pairwise(points):
+        chunk = data[a:b]
+        try:
+            conn.receive_data(chunk)
+        except ProtocolError:
+            assert conn.state is State.ERROR
+            return
+        assert conn.buffered_bytes <= 4 + MAX_FRAME + len(chunk)
+        while True:
+            try:
+                ev = conn.next_event()
+            except ProtocolError as exc:
+                assert isinstance(exc.code, int)
+                if exc.fatal:
+                    assert conn.state is State.ERROR
+                    return
+                continue
+            if ev is NEED_DATA or ev is CLOSED:
+                break
+            assert type(ev).TYPE is not None
+
+
+def _open_server(role: Role) -> Connection:
+    pair = ConnectionPair(max_frame_bytes=MAX_FRAME)
+    pair.send(pair.client, HELLO)
+    pair.send(pair.server, WELCOME._replace(max_frame=MAX_FRAME))
+    return pair.server if role is Role.SERVER else pair.client
+
+
+roles = st.sampled_from([Role.SERVER, Role.CLIENT])
+
+
+@SETTINGS
+@given(data=st.binary(max_size=3000), cuts=st.lists(st.integers(0, 3000), max_size=8),
+       role=roles, opened=st.booleans())
+def test_arbitrary_bytes_never_raise_anything_but_protocol_errors(data, cuts, role, opened):
+    """Random bytes in random chunks give frames, NEED_DATA/CLOSED or a ProtocolError only."""
+    conn = _open_server(role) if opened else Connection(role, max_frame_bytes=MAX_FRAME)
+    _feed_in_chunks(conn, data + b"", cuts)
+
+
+@SETTINGS
+@given(frames=st.lists(bodies, max_size=6), cuts=st.lists(st.integers(0, 4000), max_size=8),
+       role=roles, opened=st.booleans(), eof=st.booleans())
+def test_arbitrary_msgpack_frames_never_raise_anything_but_protocol_errors(
+    frames, cuts, role, opened, eof
+):
+    """Well-framed arbitrary msgpack values give frames or ProtocolErrors, never crashes."""
+    conn = _open_server(role) if opened else Connection(role, max_frame_bytes=MAX_FRAME)
+    _feed_in_chunks(conn, b"".join(_frame(b) for b in frames), cuts)
+    if eof and conn.state is not State.ERROR:
+        _feed_in_chunks(conn, b"", [])
+
+
+def test_a_caller_that_does_not_drain_is_refused():
+    """Feeding past 4 + max_frame_bytes unconsumed bytes raises instead of growing forever."""
+    conn = Connection(Role.SERVER, max_frame_bytes=MAX_FRAME)
+    chunk = b"\x00" * 700
+    conn.receive_data(chunk)
+    conn.receive_data(chunk)
+    try:
+        conn.receive_data(chunk)
+    except ProtocolError as exc:
+        assert not isinstance(exc, type(None))
+    else:
+        raise AssertionError("expected LocalProtocolError")
+    assert conn.buffered_bytes <= 4 + MAX_FRAME + len(chunk)
