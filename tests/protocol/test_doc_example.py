@@ -7,6 +7,8 @@ from pathlib import Path
 
 from protocol import Ack, Connection, Deliver, Hello, Result, Role, Send, Welcome
 
+from .helpers import drain
+
 DOC = Path(__file__).resolve().parents[2] / "docs" / "PROTOCOL.md"
 
 
@@ -26,4 +28,8 @@ def test_documented_hex_is_what_the_codec_produces():
     ]
     assert len(blocks) == len(expected)
     for raw, (conn, frame) in zip(blocks, expected, strict=True):
-        assert conn.send(frame) == raw
+        out = conn.send(frame)
+        assert out == raw
+        peer = server if conn is client else client
+        peer.receive_data(out)
+        assert drain(peer) == [frame]
