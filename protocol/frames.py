@@ -422,8 +422,10 @@ def _messages_in(v: Any, mb: int) -> tuple[PageMessage, ...]:
 
 
 def _messages_out(v: Any) -> list[dict]:
+    # Items may also be wire-form dicts ({seq, from, body, cid, ts, lsn}, as storage returns
+    # them); `Connection.send` checks the result either way. The receiver gets PageMessages.
     spec = _SPECS[PageMessage]
-    return [encode_map(spec, m) for m in v]
+    return [m if type(m) is dict else encode_map(spec, m) for m in v]
 
 
 _MESSAGES = (f.array(lambda m, mb: True, 0, f.MAX_PAGE_MESSAGES), _messages_in, _messages_out)

@@ -62,3 +62,15 @@ def test_frames_of_different_types_never_compare_equal():
     assert Ping(1) == Ping(1)
     assert hash(Ping(1)) == hash(Ping(1))
     assert Ping(1) != (1,)
+
+
+def test_page_accepts_wire_form_message_dicts():
+    """A Page built with wire-form message dicts arrives as PageMessage tuples."""
+    from protocol import Page, PageMessage
+
+    from .helpers import ConnectionPair
+
+    pair = ConnectionPair().open()
+    raw = {"seq": 1, "from": "bob", "body": b"x", "cid": "c", "ts": 2, "lsn": 3}
+    got = pair.send(pair.server, Page(5, "grp:ab", (raw,), False))
+    assert got == [Page(5, "grp:ab", (PageMessage(1, "bob", b"x", "c", 2, 3),), False)]
