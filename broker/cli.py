@@ -383,18 +383,20 @@ def build_parser() -> argparse.ArgumentParser:
     hs.add_argument("--limit", type=int, default=50)
     client("presence", "which members are online", do_presence).add_argument("conv")
 
-    _add_optional(sub, "audit", "audit.cli")
-    _add_optional(sub, "bench", "bench.cli")
+    _add_optional(sub, "broker.audit_cli")
+    _add_optional(sub, "bench.cli")
     return parser
 
 
-def _add_optional(sub, name: str, module: str) -> None:
-    """Register a command whose parser lives in another module, if present."""
+def _add_optional(sub, module: str) -> None:
+    """Register the subcommands whose parser lives in `module` (`add_parser(sub)`), if present."""
     import importlib
 
     try:
-        mod = importlib.import_module(module if module.startswith("bench") else f"broker.{module}")
-    except ImportError:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name != module:
+            raise
         return
     mod.add_parser(sub)
 

@@ -350,14 +350,24 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
     """Connect (raising ClientError or ConnectionLost if that fails) and yield a Client."""
     client = Client(server, token, device, tls=tls, reconnect=reconnect,
                     reconnect_timeout=reconnect_timeout, max_pushes=max_pushes)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(client._run)
-        if client._fatal is not None:
-            raise client._fatal
-        try:
-            yield client
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
-            if client._stream is not None:
-                await trio.aclose_forcefully(client._stream)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client._run)
+            if client._fatal is not None:
+                raise client._fatal
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+                if client._stream is not None:
+                    await trio.aclose_forcefully(client._stream)
+    except BaseExceptionGroup as group:
+        raise _single(group) from None
+
+
+def _single(group: BaseExceptionGroup) -> BaseException:
+    """The one exception inside (nested) single-member groups, or the group itself."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]
+    return group

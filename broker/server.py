@@ -166,7 +166,7 @@ class Broker:
             return False
         session.user, session.device, session.role = claims.user, hello.device, claims.role
         session.log = session.log.bind(user=claims.user, device=hello.device)
-        max_frame = min(cfg.max_frame_bytes, hello.max_frame or cfg.max_frame_bytes)
+        max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
         session.acked = session.sent = self.store.delivered(claims.user, hello.device)
         session.head = self.store.inbox_head(claims.user)
         old = self.hub.attach(session)

@@ -1,0 +1,268 @@
+"""Messaging end to end over real loopback sockets and a real LMDB store."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from broker.client import ClientError
+from tests.broker.conftest import running_broker
+
+
+async def recv(client, n=1, timeout=5.0):
+    """The next `n` deliveries of `client` (fails after `timeout`)."""
+    out = []
+    with trio.fail_after(timeout):
+        for _ in range(n):
+            out.append(await client.deliveries().receive())
+    return out
+
+
+async def nothing_more(client, wait=0.2):
+    """Assert no delivery arrives within `wait` seconds."""
+    with trio.move_on_after(wait):
+        d = await client.deliveries().receive()
+        raise AssertionError(f"unexpected delivery {d}")
+
+
+async def push_of(client, kind, timeout=5.0, **match):
+    """The next push of class `kind` whose fields match."""
+    with trio.fail_after(timeout):
+        while True:
+            p = await client.next_push()
+            if isinstance(p, kind) and all(getattr(p, k) == v for k, v in match.items()):
+                return p
+
+
+async def test_unacked_deliveries_come_again_with_the_same_inbox_seq(harness):
+    """Deliveries not acked before a disconnect are delivered again on the next session."""
+    async with harness.client("alice") as alice:
+        for i in range(3):
+            await alice.send(f"m{i}", to="bob")
+    async with harness.client("bob") as bob:
+        first = await recv(bob, 3)
+        await bob.ack(first[0].inbox_seq)
+        await bob.ping()
+    async with harness.client("bob") as bob:
+        again = await recv(bob, 2)
+        assert [d.inbox_seq for d in again] == [d.inbox_seq for d in first[1:]]
+        assert [d.body for d in again] == ["m1", "m2"]
+        await bob.ack(again[-1].inbox_seq)
+        await bob.ping()
+    async with harness.client("bob") as bob:
+        assert bob.welcome.acked == again[-1].inbox_seq
+        await nothing_more(bob)
+
+
+async def test_offline_backlog_then_live_traffic_has_no_gap_or_reordering(harness):
+    """A device connecting to a backlog gets it all, then live messages, in conv seq order."""
+    async with harness.client("alice") as alice:
+        for i in range(50):
+            await alice.send(f"old{i}", to="bob")
+        async with harness.client("bob") as bob:
+            async with trio.open_nursery() as n:
+                async def more():
+                    for i in range(50):
+                        await alice.send(f"new{i}", to="bob")
+                n.start_soon(more)
+                got = await recv(bob, 100)
+                for d in got:
+                    await bob.ack(d.inbox_seq)
+    assert [d.seq for d in got] == list(range(1, 101))
+    assert [d.inbox_seq for d in got] == list(range(got[0].inbox_seq, got[0].inbox_seq + 100))
+
+
+async def test_every_device_gets_it_except_the_sending_one(harness):
+    """The sender's other devices and every recipient device receive the message."""
+    async with harness.client("alice", "phone") as phone, \
+            harness.client("alice", "laptop") as laptop, \
+            harness.client("bob", "b1") as b1, harness.client("bob", "b2") as b2:
+        r = await phone.send("hi", to="bob")
+        for c in (laptop, b1, b2):
+            (d,) = await recv(c)
+            assert (d.conv, d.seq, d.sender, d.body) == (r.conv, r.seq, "alice", "hi")
+        await nothing_more(phone)
+
+
+async def test_retried_send_with_the_same_cid_appends_nothing(harness):
+    """A resend with the same cid returns the first result, dup=True, and delivers once."""
+    async with harness.client("alice") as alice, harness.client("bob") as bob:
+        first = await alice.send("once", to="bob", cid="order-7")
+        again = await alice.send("once", to="bob", cid="order-7")
+        assert (again.conv, again.seq, again.lsn, again.dup) == (first.conv, first.seq,
+                                                                  first.lsn, True)
+        await recv(bob)
+        await nothing_more(bob)
+        page = await alice.history(first.conv)
+        assert [m.body for m in page.messages] == ["once"]
+
+
+async def test_group_members_post_and_outsiders_are_forbidden(harness):
+    """Any group member posts and every member receives; a non-member is forbidden."""
+    async with harness.client("shop", role="service") as shop, \
+            harness.client("courier") as courier, harness.client("carol") as carol, \
+            harness.client("mallory") as mallory:
+        conv = await shop.create_group("order-1138", ["courier"])
+        (added,) = await recv(courier)
+        assert (added.kind, added.conv, added.sender) == ("added", conv, "shop")
+        await shop.invite(conv, "carol")
+        (added,) = await recv(carol)
+        assert added.kind == "added"
+        r = await courier.send("picked up", conv=conv)
+        for c in (shop, carol):
+            (d,) = await recv(c)
+            assert (d.seq, d.body, d.sender) == (r.seq, "picked up", "courier")
+        with pytest.raises(ClientError) as e:
+            await mallory.send("let me in", conv=conv)
+        assert e.value.name == "forbidden"
+        with pytest.raises(ClientError) as e:
+            await mallory.invite(conv, "mallory")
+        assert e.value.name == "forbidden"
+        with pytest.raises(ClientError) as e:
+            await mallory.history(conv)
+        assert e.value.name == "forbidden"
+        with pytest.raises(ClientError) as missing:
+            await mallory.history("grp:0000000000000000")
+        assert missing.value.name == "forbidden"  # nothing leaks whether it exists
+        assert missing.value.message == e.value.message
+
+
+async def test_channel_members_read_but_cannot_post(harness):
+    """Owners post to a channel, subscribers receive, members posting get forbidden."""
+    async with harness.client("hq", role="service") as hq, \
+            harness.client("store-1") as s1, harness.client("store-2") as s2:
+        conv = await hq.create_channel("notices", ["store-1"], open=True)
+        await recv(s1)
+        await s2.subscribe(conv)
+        r = await hq.send("inventory monday", conv=conv)
+        for c in (s1, s2):
+            (d,) = await recv(c)
+            assert (d.seq, d.body) == (r.seq, "inventory monday")
+        with pytest.raises(ClientError) as e:
+            await s1.send("ok boss", conv=conv)
+        assert e.value.name == "forbidden"
+        closed = await hq.create_channel("board", [])
+        with pytest.raises(ClientError) as e:
+            await s2.subscribe(closed)
+        assert e.value.name == "forbidden"
+
+
+async def test_receipts_are_pushed_live_and_queryable(harness):
+    """Acks and reads push receipts to members and show up in a receipts query."""
+    async with harness.client("hq", role="service") as hq, \
+            harness.client("store-1") as s1, harness.client("store-2") as s2:
+        conv = await hq.create_channel("notices", ["store-1", "store-2"])
+        for c in (s1, s2):
+            for d in await recv(c):
+                await c.ack(d.inbox_seq)
+        r = await hq.send("read me", conv=conv)
+        (d1,) = await recv(s1)
+        await s1.ack(d1.inbox_seq)
+        await push_of(hq, type(_receipt()), user="store-1", delivered=r.seq)
+        await s1.read(conv, r.seq)
+        await push_of(hq, type(_receipt()), user="store-1", read=r.seq)
+        info = await hq.receipts(conv, r.seq)
+        assert (info.delivered, info.read) == (("store-1",), ("store-1",))
+        (d2,) = await recv(s2)
+        await s2.ack(d2.inbox_seq)
+        await push_of(hq, type(_receipt()), user="store-2", delivered=r.seq)
+        info = await s2.receipts(conv, r.seq)
+        assert (set(info.delivered), info.read) == ({"store-1", "store-2"}, ("store-1",))
+
+
+def _receipt():
+    import protocol
+
+    return protocol.Receipt(conv="dm:a:b", user="a")
+
+
+async def test_reading_on_one_device_is_pushed_to_the_others(harness):
+    """A read mark made on one device reaches the user's other devices."""
+    async with harness.client("alice") as alice, harness.client("bob", "b1") as b1, \
+            harness.client("bob", "b2") as b2:
+        r = await alice.send("x", to="bob")
+        await recv(b1)
+        await b1.read(r.conv, r.seq)
+        await push_of(b2, type(_receipt()), user="bob", read=r.seq)
+        await push_of(alice, type(_receipt()), user="bob", read=r.seq)
+
+
+async def test_presence_and_typing_reach_those_who_share_a_conversation(harness):
+    """Online/offline and typing are pushed to conversation partners, not logged."""
+    import protocol
+
+    async with harness.client("alice") as alice:
+        r = await alice.send("hi", to="bob")
+        lsn_before = harness.broker.store.last_lsn()
+        async with harness.client("bob") as bob:
+            await push_of(alice, protocol.Status, user="bob", online=True)
+            assert await alice.presence(r.conv) == ("alice", "bob") or set(
+                await alice.presence(r.conv)) == {"alice", "bob"}
+            await bob.typing(r.conv)
+            await push_of(alice, protocol.TypingNotice, user="bob", conv=r.conv)
+            assert harness.broker.store.last_lsn() == lsn_before
+        await push_of(alice, protocol.Status, user="bob", online=False)
+
+
+async def test_history_pages_by_seq_both_ways(harness):
+    """History pages newest first with `before`, or oldest first with `after`."""
+    async with harness.client("alice") as alice:
+        for i in range(1, 8):
+            r = await alice.send(f"m{i}", to="bob")
+        page = await alice.history(r.conv, limit=3)
+        assert [m.seq for m in page.messages] == [7, 6, 5] and page.more
+        page = await alice.history(r.conv, before=5, limit=3)
+        assert [m.seq for m in page.messages] == [4, 3, 2] and page.more
+        page = await alice.history(r.conv, after=5, limit=10, order="oldest")
+        assert [m.seq for m in page.messages] == [6, 7] and not page.more
+
+
+async def test_muted_conversations_deliver_flagged(harness):
+    """Deliveries of a muted conversation carry muted=true."""
+    async with harness.client("alice") as alice, harness.client("bob") as bob:
+        r = await alice.send("one", to="bob")
+        (d,) = await recv(bob)
+        assert not d.muted
+        await bob.mute(r.conv)
+        await alice.send("two", to="bob")
+        (d,) = await recv(bob)
+        assert d.muted and d.body == "two"
+
+
+async def test_a_stalled_device_does_not_slow_a_fast_one(tmp_path):
+    """With window 4, a device that never acks holds 4 in flight; another gets everything."""
+    async with running_broker(tmp_path, window=4) as h:
+        async with h.client("alice") as alice, h.client("bob", "slow") as slow, \
+                h.client("bob", "fast") as fast:
+            with trio.fail_after(20):
+                for i in range(40):
+                    await alice.send(f"m{i}", to="bob")
+                got = []
+                while len(got) < 40:
+                    (d,) = await recv(fast)
+                    got.append(d.body)
+                    await fast.ack(d.inbox_seq)
+            assert got == [f"m{i}" for i in range(40)]
+            stalled = await recv(slow, 4)
+            await nothing_more(slow)
+            session = next(s for s in h.broker.hub.sessions("bob") if s.device == "slow")
+            assert len(session.unacked) == 4
+            await slow.ack(stalled[-1].inbox_seq)
+            more = await recv(slow, 4)
+            assert [d.body for d in stalled + more] == [f"m{i}" for i in range(8)]
+
+
+async def test_bad_tokens_are_unauthorized(harness):
+    """Forged, expired and malformed tokens are refused with unauthorized."""
+    from broker import tokens
+    from broker.client import open_client
+
+    good = harness.token("alice")
+    forged = good[:-4] + ("AAAA" if not good.endswith("AAAA") else "BBBB")
+    expired = tokens.issue(harness.broker.secret, "alice", "user", -10)
+    other = tokens.issue(b"another-secret" * 3, "alice", "user", 3600)
+    for bad in (forged, expired, other, "not-a-token", ""):
+        with pytest.raises(ClientError) as e:
+            async with open_client(harness.server, bad, "d1", reconnect=False):
+                pass
+        assert e.value.name == "unauthorized", bad
