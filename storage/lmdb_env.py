@@ -38,12 +38,27 @@ LOCK_FILE = "homing.lock"
 log = structlog.get_logger()
 
 
-def _is_disk_full(exc: BaseException) -> bool:
+# LMDB reports a short write as EIO rather than ENOSPC (mdb_page_flush); an EIO while the
+# filesystem has less than this free is taken to be a full disk.
+LOW_SPACE_BYTES = 64 << 20
+
+
+def _is_disk_full(exc: BaseException, path: str) -> bool:
     if isinstance(exc, lmdb.DiskError):
         return True
-    if isinstance(exc, lmdb.Error):
-        return getattr(exc, "code", None) in (errno.ENOSPC, errno.EDQUOT)
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    code = getattr(exc, "code", None) if isinstance(exc, lmdb.Error) else getattr(
+        exc, "errno", None)
+    if not isinstance(exc, lmdb.Error | OSError):
+        return False
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if code == errno.EIO:
+        try:
+            st = os.statvfs(path)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < LOW_SPACE_BYTES
+    return False
 
 
 class LmdbEnv:
@@ -164,7 +179,7 @@ class LmdbEnv:
                     self._grow()
                 except BaseException as exc:
                     txn.abort()
-                    if _is_disk_full(exc):
+                    if _is_disk_full(exc, self.path):
                         raise StorageFull(f"disk full writing {self.path}") from exc
                     raise
 

@@ -21,9 +21,10 @@ import msgpack
 
 from storage import records as r
 from storage.records import Event, pack_u64, u64
+from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables
 
-TABLES = ("conv", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered", "recv",
-          "read", "idem", "mute", "meta")
+__all__ = ["TABLES", "BufferedTables", "Effects", "MemoryTables", "Tables", "TxnTables", "apply"]
+
 APPLIED_LSN = b"applied_lsn"
 MUTED = b"1"
 
@@ -151,30 +152,41 @@ def _member_removed(tables: Tables, ev: Event, fx: Effects) -> None:
 
 
 def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
+    # The hot path of both execute and replay: calls are inlined on purpose.
     d = ev.data
     conv = d["conv"]
     ckey = conv.encode()
-    info = decode(tables.get("conv", ckey))
+    get, put = tables.get, tables.put
+    info = msgpack.unpackb(get("conv", ckey))
     seq = info["last_seq"] + 1
     info["last_seq"] = seq
-    tables.put("conv", ckey, msgpack.packb(info))
+    put("conv", ckey, msgpack.packb(info))
     lsn = ev.lsn
-    tables.put("msg", ckey + b"\0" + pack_u64(seq), pack_u64(lsn))
-    entry = [KIND_MSG, conv, seq, lsn]
+    seq_b = pack_u64(seq)
+    put("msg", ckey + b"\0" + seq_b, pack_u64(lsn))
+    entry = msgpack.packb([KIND_MSG, conv, seq, lsn])
     prefix = ckey + b"\0"
     cut = len(prefix)
-    sender = ev.user
+    sender = ev.user.encode()
     sender_member = False
+    heads = fx.inbox_heads
     for key, _role in list(tables.range("member", prefix)):
-        member = key[cut:].decode()
-        _append_inbox(tables, member, entry, fx)
-        if member == sender:
+        ukey = key[cut:]
+        old = get("inbox_head", ukey)
+        head = 1 if old is None else u64(old) + 1
+        head_b = pack_u64(head)
+        put("inbox", ukey + b"\0" + head_b, entry)
+        put("inbox_head", ukey, head_b)
+        heads[ukey.decode()] = head
+        if ukey == sender:
             sender_member = True
     if sender_member:
-        mark = key2(conv, sender)
-        _raise(tables, "read", mark, seq)
-        _raise(tables, "recv", mark, seq)
-    tables.put("idem", key2(sender, d["cid"]), msgpack.packb([conv, seq, lsn]))
+        mark = prefix + sender
+        for table in ("read", "recv"):
+            old = get(table, mark)
+            if old is None or u64(old) < seq:
+                put(table, mark, seq_b)
+    put("idem", sender + b"\0" + d["cid"].encode(), msgpack.packb([conv, seq, lsn]))
     fx.conv = conv
     fx.seq = seq
 
@@ -237,66 +249,14 @@ _APPLY = {
 }
 
 
-def apply(tables: Tables, event: Event) -> Effects:
-    """Apply one logged event to `tables` and return what changed; also records `applied_lsn`."""
-    fx = Effects(lsn=event.lsn)
+def apply(tables: Tables, event: Event, fx: Effects | None = None) -> Effects:
+    """Apply one logged event to `tables` and return what changed; also records `applied_lsn`.
+
+    Pass `fx` to accumulate the effects of several events (one command) into one object.
+    """
+    if fx is None:
+        fx = Effects()
+    fx.lsn = event.lsn
     _APPLY[event.type](tables, event, fx)
     tables.put("meta", APPLIED_LSN, pack_u64(event.lsn))
     return fx
-
-
-class MemoryTables:
-    """`Tables` over dicts, for model tests, replay and time travel.
-
-    Keys are also indexed by their part before the first `\\0`, so `range(table, head + b"\\0")`
-    costs the size of that group, not of the table.
-    """
-
-    def __init__(self) -> None:
-        self.data: dict[str, dict[bytes, bytes]] = {t: {} for t in TABLES}
-        self._heads: dict[str, dict[bytes, set[bytes]]] = {t: {} for t in TABLES}
-
-    def get(self, table: str, key: bytes) -> bytes | None:
-        """Return the value at `key`, or None."""
-        return self.data[table].get(key)
-
-    def put(self, table: str, key: bytes, value: bytes) -> None:
-        """Store `value` at `key`."""
-        d = self.data[table]
-        if key not in d:
-            head = key.partition(b"\0")[0]
-            heads = self._heads[table]
-            group = heads.get(head)
-            if group is None:
-                heads[head] = {key}
-            else:
-                group.add(key)
-        d[key] = value
-
-    def delete(self, table: str, key: bytes) -> None:
-        """Remove `key` if present."""
-        if self.data[table].pop(key, None) is not None:
-            head = key.partition(b"\0")[0]
-            group = self._heads[table][head]
-            group.discard(key)
-            if not group:
-                del self._heads[table][head]
-
-    def range(self, table: str, prefix: bytes, start: bytes | None = None,
-              reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """Yield `(key, value)` with `prefix`, in key order from `start` (inclusive)."""
-        d = self.data[table]
-        head, sep, _ = prefix.partition(b"\0")
-        if sep:
-            keys = [k for k in self._heads[table].get(head, ()) if k.startswith(prefix)]
-        else:
-            keys = [k for k in d if k.startswith(prefix)]
-        keys.sort(reverse=reverse)
-        for k in keys:
-            if start is not None and (k > start if reverse else k < start):
-                continue
-            yield k, d[k]
-
-    def items(self) -> list[tuple[str, bytes, bytes]]:
-        """Return every row as `(table, key, value)` in canonical (table, key) order."""
-        return [(t, k, self.data[t][k]) for t in sorted(TABLES) for k in sorted(self.data[t])]

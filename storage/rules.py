@@ -30,6 +30,8 @@ from storage.projections import Tables, decode, get_u64, key2
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
 MAX_CID_CHARS = 128
+GROUP_PREFIX = "grp:"
+CHANNEL_PREFIX = "chn:"
 
 EventData = tuple[int, str, str, str, dict[str, Any]]
 Decision = tuple[list[EventData], dict[str, Any]]
@@ -44,9 +46,20 @@ class Limits:
     max_name_chars: int = 128
 
 
+_KNOWN_IDS: set[str] = set()
+_KNOWN_IDS_MAX = 100_000
+
+
 def valid_id(value: object) -> bool:
-    """Return whether `value` is a well-formed user or device id."""
-    return isinstance(value, str) and ID_RE.fullmatch(value) is not None
+    """Return whether `value` is a well-formed user or device id (recent answers are cached)."""
+    if isinstance(value, str) and value in _KNOWN_IDS:
+        return True
+    if not isinstance(value, str) or ID_RE.fullmatch(value) is None:
+        return False
+    if len(_KNOWN_IDS) >= _KNOWN_IDS_MAX:
+        _KNOWN_IDS.clear()
+    _KNOWN_IDS.add(value)
+    return True
 
 
 def direct_conv(a: str, b: str) -> str:
@@ -115,7 +128,7 @@ def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list
     if cmd.to == cmd.user:
         raise Invalid("cannot send a direct message to yourself")
     conv = direct_conv(cmd.user, cmd.to)
-    if _conv(tables, conv) is None:
+    if tables.get("conv", conv.encode()) is None:
         events.append(_ev(now_us, cmd, r.CONV_CREATED,
                           {"conv": conv, "kind": "direct", "name": None, "open": False}))
         for user in sorted((cmd.user, cmd.to)):
@@ -127,15 +140,16 @@ def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list
 
 
 def _check_post(tables: Tables, cmd: c.SendMessage) -> None:
-    info = _conv(tables, cmd.conv)
-    if info is None:
+    conv = cmd.conv
+    if not isinstance(conv, str) or "\0" in conv or tables.get("conv", conv.encode()) is None:
         raise Forbidden("no such conversation or no access")
     if cmd.role == "admin":
         return
-    role = _role(tables, cmd.conv, cmd.user)
+    role = _role(tables, conv, cmd.user)
     if role is None:
         raise Forbidden("no such conversation or no access")
-    if info["kind"] == "channel" and role not in ("owner", "admin") and cmd.role != "service":
+    # The kind is fixed by the id prefix (docs/DESIGN.md, "Identifiers"): no row decode needed.
+    if conv.startswith(CHANNEL_PREFIX) and role not in ("owner", "admin") and cmd.role != "service":
         raise Forbidden("only owners, admins and services post in a channel")
 
 
@@ -153,7 +167,7 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
             members.append(user)
     if len(members) + 1 > limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
-    prefix = "grp:" if cmd.kind == "group" else "chn:"
+    prefix = GROUP_PREFIX if cmd.kind == "group" else CHANNEL_PREFIX
     conv = prefix + secrets.token_hex(8)
     while _conv(tables, conv) is not None:
         conv = prefix + secrets.token_hex(8)
