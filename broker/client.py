@@ -358,10 +358,13 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
             try:
                 yield client
             finally:
-                await client.aclose()
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                    if client._stream is not None:
+                        await trio.aclose_forcefully(client._stream)
+                # Cancel last, with nothing awaited after it: an await in a cancelled scope would
+                # raise Cancelled here and hide the caller's exception.
                 nursery.cancel_scope.cancel()
-                if client._stream is not None:
-                    await trio.aclose_forcefully(client._stream)
     except BaseExceptionGroup as group:
         raise _single(group) from None
 

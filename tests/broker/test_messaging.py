@@ -59,15 +59,14 @@ async def test_offline_backlog_then_live_traffic_has_no_gap_or_reordering(harnes
     async with harness.client("alice") as alice:
         for i in range(50):
             await alice.send(f"old{i}", to="bob")
-        async with harness.client("bob") as bob:
-            async with trio.open_nursery() as n:
-                async def more():
-                    for i in range(50):
-                        await alice.send(f"new{i}", to="bob")
-                n.start_soon(more)
-                got = await recv(bob, 100)
-                for d in got:
-                    await bob.ack(d.inbox_seq)
+        async with harness.client("bob") as bob, trio.open_nursery() as n:
+            async def more():
+                for i in range(50):
+                    await alice.send(f"new{i}", to="bob")
+            n.start_soon(more)
+            got = await recv(bob, 100)
+            for d in got:
+                await bob.ack(d.inbox_seq)
     assert [d.seq for d in got] == list(range(1, 101))
     assert [d.inbox_seq for d in got] == list(range(got[0].inbox_seq, got[0].inbox_seq + 100))
 

@@ -1,0 +1,84 @@
+"""The `homing` command against a real broker process: the scripted scenario of the issue."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.procs import BrokerProcess, homing, lines
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with BrokerProcess(tmp_path / "data") as b:
+        yield b
+
+
+def as_user(broker, user: str, *flags: str) -> dict:
+    token = homing("token", user, "--data", str(broker.data), *flags).stdout.strip()
+    return {"HOMING_SERVER": broker.server, "HOMING_TOKEN": token}
+
+
+def test_scripted_scenario(broker):
+    """Direct chat offline, redelivery, idempotent resend, group, receipts, history, refusals."""
+    shop, bob, carol = (as_user(broker, u) for u in ("shop", "bob", "carol"))
+
+    # Direct chat with the recipient offline; a resend with the same cid appends nothing.
+    first = lines(homing("send", "--to", "bob", "--cid", "c1", "book is back", env=shop))[0]
+    assert first["conv"] == "dm:bob:shop" and first["seq"] == 1 and first["cid"] == "c1"
+    again = lines(homing("send", "--to", "bob", "--cid", "c1", "book is back", env=shop))[0]
+    assert (again["seq"], again["lsn"], again["dup"]) == (1, first["lsn"], True)
+    homing("send", "--to", "bob", "--cid", "c2", "second", env=shop)
+
+    # Unacked deliveries come again, with the same inbox_seq; acked ones do not.
+    seen = lines(homing("listen", "--count", "2", "--no-ack", "--timeout", "5", env=bob))
+    assert [d["body"] for d in seen] == ["book is back", "second"]
+    assert set(seen[0]) >= {"inbox_seq", "conv", "seq", "from", "body", "cid", "ts"}
+    redelivered = lines(homing("listen", "--count", "2", "--timeout", "5", env=bob))
+    assert [d["inbox_seq"] for d in redelivered] == [d["inbox_seq"] for d in seen]
+    assert lines(homing("listen", "--timeout", "0.5", env=bob)) == []
+
+    # A group; receipts after bob acks and reads; history oldest first.
+    conv = lines(homing("group", "create", "order-1138", "--members", "bob,carol",
+                        env=shop))[0]["conv"]
+    assert conv.startswith("grp:")
+    sent = lines(homing("send", "--conv", conv, "on its way", env=shop))[0]
+    got = lines(homing("listen", "--count", "2", "--timeout", "5", env=bob))
+    assert [d.get("kind", "msg") for d in got] == ["added", "msg"]
+    homing("read", "--conv", conv, "--upto", str(sent["seq"]), env=bob)
+    receipts = lines(homing("receipts", "--conv", conv, "--seq", str(sent["seq"]), env=shop))[0]
+    assert receipts == {"conv": conv, "seq": sent["seq"], "delivered": ["bob"], "read": ["bob"]}
+    homing("send", "--conv", conv, "thanks", env=carol)
+    history = lines(homing("history", "--conv", conv, env=bob))
+    assert [(m["seq"], m["from"], m["body"]) for m in history] == [
+        (1, "shop", "on its way"), (2, "carol", "thanks")]
+
+    # Refusals: a stranger reading history, a forged token.
+    mallory = as_user(broker, "mallory")
+    refused = homing("history", "--conv", conv, env=mallory, check=False)
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "forbidden"
+    forged = {**shop, "HOMING_TOKEN": shop["HOMING_TOKEN"][:-3] + "xyz"}
+    refused = homing("send", "--to", "bob", "hi", env=forged, check=False)
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "unauthorized"
+
+
+def test_resume_across_a_broker_sigkill(broker):
+    """After SIGKILL and restart, acked messages stay acked and unacked ones come again."""
+    shop, bob = as_user(broker, "shop"), as_user(broker, "bob")
+    homing("send", "--to", "bob", "--stdin", "--cid-prefix", "k", input="a\nb\nc\nd\n", env=shop)
+    assert [d["body"] for d in lines(homing("listen", "--count", "2", env=bob))] == ["a", "b"]
+    broker.kill()
+    broker.start()
+    rest = lines(homing("listen", "--count", "2", "--timeout", "5", env=bob))
+    assert [d["body"] for d in rest] == ["c", "d"]
+    assert lines(homing("listen", "--timeout", "0.5", env=bob)) == []
+
+
+def test_sigterm_shuts_down_cleanly(broker):
+    """SIGTERM stops the broker with exit status 0 and what it accepted is there after restart."""
+    shop, bob = as_user(broker, "shop"), as_user(broker, "bob")
+    homing("send", "--to", "bob", "kept", env=shop)
+    assert broker.terminate() == 0
+    broker.start()
+    assert [d["body"] for d in lines(homing("listen", "--count", "1", env=bob))] == ["kept"]
