@@ -73,6 +73,7 @@ class LmdbEnv:
         self._readers = 0
         self._growing = False
         self._write_lock = threading.Lock()
+        self._on_commit: list[Callable[[], None]] = []
         if not readonly:
             os.makedirs(self.path, exist_ok=True)
             self._take_dir_lock()
@@ -170,9 +171,12 @@ class LmdbEnv:
         with self._write_lock:
             while True:
                 txn = self.env.begin(write=True)
+                self._on_commit = []
                 try:
                     result = work(txn)
                     txn.commit()
+                    for hook in self._on_commit:
+                        hook()
                     return result
                 except lmdb.MapFullError:
                     txn.abort()
@@ -182,6 +186,10 @@ class LmdbEnv:
                     if _is_disk_full(exc, self.path):
                         raise StorageFull(f"disk full writing {self.path}") from exc
                     raise
+
+    def after_commit(self, hook: Callable[[], None]) -> None:
+        """Called from `write` work: run `hook` after the commit succeeded, still under the lock."""
+        self._on_commit.append(hook)
 
     def _grow(self) -> None:
         old = self.env.info()["map_size"]

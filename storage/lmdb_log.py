@@ -63,10 +63,12 @@ class LmdbLog:
 
     def append(self, events: Sequence[EventInput]) -> int:
         """Durably append `events` in one transaction; return the last LSN."""
-        tail = self._tail
-        _, new_tail = self._env.write(lambda txn: self.append_in(txn, events, tail))
-        self._tail = new_tail
-        return new_tail[0]
+        def work(txn: lmdb.Transaction) -> int:
+            _, tail = self.append_in(txn, events, self._tail)
+            self._env.after_commit(lambda: self.set_tail(tail))
+            return tail[0]
+
+        return self._env.write(work)
 
     def read(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Event]:
         """Yield events from `from_lsn` to `to_lsn`, reading chunks in short transactions."""

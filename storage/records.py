@@ -61,8 +61,7 @@ def encode_body(event: Event) -> bytes:
 
 def decode_body(body: bytes) -> Event:
     """Return the event encoded in `body` (the inverse of `encode_body`)."""
-    lsn, ts_us, type_, user, device, data = msgpack.unpackb(body, raw=False)
-    return Event(lsn, ts_us, type_, user, device, data)
+    return Event(*msgpack.unpackb(body, raw=False))
 
 
 def chain(prev_digest: bytes, body: bytes) -> bytes:

@@ -109,11 +109,11 @@ class Store:
         nothing was written.
         """
         now = time.time_ns() // 1000 if now_us is None else now_us
-        tail0 = self._log.tail()
 
         def work(txn: lmdb.Transaction):
+            # Runs under the environment's write lock: the tail cannot move underneath.
             tables = BufferedTables(TxnTables(txn, self._dbs))
-            tail = tail0
+            tail = self._log.tail()
             outcomes = []
             records: list[tuple[bytes, bytes]] = []
             for i, cmd in enumerate(commands):
@@ -140,16 +140,15 @@ class Store:
             tables.flush()
             if records:
                 txn.cursor(db=self._dbs["log"]).putmulti(records, append=True)
-            return outcomes, tail
+            self._env.after_commit(lambda: self._log.set_tail(tail))
+            return outcomes
 
         try:
-            outcomes, tail = self._env.write(work)
+            return self._env.write(work)
         except (StorageError, _InjectedAbort):
             raise
         except lmdb.Error as exc:
             raise StorageError(f"write failed: {exc}") from exc
-        self._log.set_tail(tail)
-        return outcomes
 
     # ---------------------------------------------------------------- reads
 
@@ -311,8 +310,11 @@ class Store:
     def replay(self, to_lsn: int | None = None, tables: MemoryTables | None = None) -> MemoryTables:
         """Fold the log (up to `to_lsn`) into `tables` (fresh MemoryTables by default)."""
         tables = MemoryTables() if tables is None else tables
+        fx = Effects()
         for ev in self._log.read(1, to_lsn):
-            apply(tables, ev)
+            apply(tables, ev, fx)
+            if not ev.lsn & 0xFFF:
+                fx = Effects()
         return tables
 
     def rebuild(self) -> int:
@@ -325,9 +327,12 @@ class Store:
         def work(txn: lmdb.Transaction) -> int:
             mem = MemoryTables()
             count = 0
+            fx = Effects()  # discarded: nobody is waiting on a rebuild's effects
             for _key, value in txn.cursor(db=self._dbs["log"]):
-                apply(mem, decode_body(value[32:]))
+                apply(mem, decode_body(value[32:]), fx)
                 count += 1
+                if not count & 0xFFF:
+                    fx = Effects()
             for table in TABLES:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)

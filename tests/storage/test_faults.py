@@ -55,7 +55,7 @@ def test_full_disk_raises_storage_full_and_writes_nothing(small_disk):
 READER = """
 import sys
 from storage.store import Store
-s = Store.open(sys.argv[1], readonly=True)
+s = Store.open(sys.argv[1], readonly=True, map_size=64 * 1024)
 print("ready", s.last_lsn(), flush=True)
 sys.stdin.readline()
 n = s.last_lsn()
