@@ -1,0 +1,354 @@
+"""Fault-suite fixtures: brokers as child processes or in-process, raw wire clients, and a tally.
+
+Every child process started here is killed in a `finally`. Each test records which faults it
+injected and how often (`tally.add(name, n)`); at the end of the run the tally and each test's
+outcome are written as JSON to $HOMING_FAULT_SUMMARY (default: <tmp>/homing-fault-summary.json),
+the source of the table in docs/OPERATIONS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import protocol as wire
+from broker import tokens
+from broker.client import open_client
+from broker.config import Config
+from broker.server import Broker
+from storage.rules import Limits
+from storage.store import Store
+
+LONG_SCALE = float(os.environ.get("HOMING_LONG_SCALE", "1.0"))
+SUMMARY = Path(os.environ.get("HOMING_FAULT_SUMMARY",
+                              Path(tempfile.gettempdir()) / "homing-fault-summary.json"))
+_TALLY: dict[str, dict] = defaultdict(lambda: {"count": 0, "tests": set(), "failed": 0})
+
+
+def scaled(n: int, minimum: int = 1) -> int:
+    """`n` scaled by HOMING_LONG_SCALE (for long variants)."""
+    return max(minimum, int(n * LONG_SCALE))
+
+
+class Tally:
+    """What one test tried: fault name -> how many times."""
+
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def add(self, fault: str, n: int = 1) -> None:
+        self.counts[fault] += n
+
+
+@pytest.fixture
+def tally(request):
+    t = Tally(request.node.nodeid)
+    request.node._fault_tally = t
+    return t
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    t = getattr(item, "_fault_tally", None)
+    if t is None or report.when != "call":
+        return
+    for fault, n in t.counts.items():
+        row = _TALLY[fault]
+        row["count"] += n
+        row["tests"].add(item.name)
+        row["failed"] += int(report.failed)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _TALLY:
+        return
+    rows = {k: {"count": v["count"], "tests": sorted(v["tests"]), "failed": v["failed"]}
+            for k, v in sorted(_TALLY.items())}
+    try:
+        SUMMARY.write_text(json.dumps({"scale": LONG_SCALE, "faults": rows}, indent=1))
+    except OSError:
+        pass
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def homing_cmd() -> list[str]:
+    """The `homing` entry point of this environment."""
+    exe = Path(sys.executable).with_name("homing")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "broker.cli"]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process `pid` in KiB (from /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class BrokerProcess:
+    """`homing serve` as a child process on a fixed port; start, kill, restart."""
+
+    def __init__(self, data: Path, *flags: str, port: int | None = None) -> None:
+        self.data = Path(data)
+        self.flags = list(flags)
+        self.port = port or free_port()
+        self.server = f"127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+        self.secret = tokens.load_secret(self.data)  # create it before the child does
+        self.logfile = self.data.parent / f"{self.data.name}-broker.log"
+
+    def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
+        return tokens.issue(self.secret, user, role, ttl)
+
+    def client(self, user: str, device: str = "d1", role: str = "user", **kw):
+        return open_client(self.server, self.token(user, role), device, **kw)
+
+    def start(self, timeout: float = 15.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        log = open(self.logfile, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                [*homing_cmd(), "serve", "--data", str(self.data), "--port", str(self.port),
+                 "--log-format", "json", *self.flags],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.03)
+        raise RuntimeError(f"broker did not listen within {timeout} s:\n{self.log_tail()}")
+
+    async def astart(self, timeout: float = 15.0) -> None:
+        await trio.to_thread.run_sync(self.start, timeout)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 20.0) -> int:
+        """SIGTERM, wait for a clean exit, and return the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+
+    async def aterminate(self, timeout: float = 20.0) -> int:
+        return await trio.to_thread.run_sync(self.terminate, timeout)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def log_events(self) -> list[dict]:
+        out = []
+        for line in self.logfile.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def open_store(self, readonly: bool = False) -> Store:
+        return Store.open(str(self.data), readonly=readonly)
+
+
+@pytest.fixture
+def broker_process(tmp_path):
+    """A factory of child brokers; all killed at the end of the test."""
+    made: list[BrokerProcess] = []
+
+    def make(*flags: str, data: Path | None = None, start: bool = True) -> BrokerProcess:
+        bp = BrokerProcess(data or tmp_path / f"data{len(made)}", *flags)
+        made.append(bp)
+        if start:
+            bp.start()
+        return bp
+
+    try:
+        yield make
+    finally:
+        for bp in made:
+            bp.kill()
+
+
+# -- in-process broker ---------------------------------------------------------------------------
+
+class Harness:
+    """A broker running in this trio run, with token and client helpers."""
+
+    def __init__(self, broker: Broker, config: Config) -> None:
+        self.broker = broker
+        self.config = config
+        self.server = f"127.0.0.1:{broker.port}"
+
+    def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
+        return tokens.issue(self.broker.secret, user, role, ttl)
+
+    def client(self, user: str, device: str = "d1", role: str = "user", **kw):
+        return open_client(self.server, self.token(user, role), device, **kw)
+
+
+@asynccontextmanager
+async def running_broker(data: Path, **overrides):
+    """A broker in this process over a real Store, as `homing serve` builds it."""
+    config = Config(data_dir=Path(data), port=0, **overrides)
+    store = Store.open(str(config.data_dir), limits=Limits(
+        max_members=config.max_members, max_body_bytes=config.max_body_bytes))
+    try:
+        broker = Broker(config, store)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(broker.serve)
+            yield Harness(broker, config)
+            broker.shutdown()
+            await broker.wait_stopped()
+    finally:
+        store.close()
+
+
+@pytest.fixture
+async def harness(tmp_path):
+    async with running_broker(tmp_path / "data") as h:
+        yield h
+
+
+# -- a raw wire client ---------------------------------------------------------------------------
+
+class RawClient:
+    """A minimal protocol client over a trio stream, for tests that misbehave on purpose."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = wire.Connection(wire.Role.CLIENT)
+        self.welcome: wire.Welcome | None = None
+
+    @classmethod
+    async def connect(cls, server: str, token: str | None = None, device: str = "raw",
+                      ssl_context=None) -> RawClient:
+        host, port = server.rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
+        c = cls(stream)
+        if token is not None:
+            await c.hello(token, device)
+        return c
+
+    async def hello(self, token: str, device: str = "raw") -> wire.Welcome:
+        await self.send(wire.Hello(versions=(1,), token=token, device=device, id=0))
+        frame = await self.next()
+        if not isinstance(frame, wire.Welcome):
+            raise AssertionError(f"expected welcome, got {frame!r}")
+        self.welcome = frame
+        self.conn.max_frame_bytes = frame.max_frame
+        return frame
+
+    async def send(self, frame) -> None:
+        await self.stream.send_all(self.conn.send(frame))
+
+    async def next(self):
+        """The next frame, or None at EOF (or reset)."""
+        while True:
+            event = self.conn.next_event()
+            if event is wire.CLOSED:
+                return None
+            if event is not wire.NEED_DATA:
+                return event
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            self.conn.receive_data(data)
+
+    async def reply(self, request_id: int):
+        """The next frame carrying `request_id` (pushes in between are skipped)."""
+        while True:
+            frame = await self.next()
+            if frame is None:
+                raise AssertionError("connection closed before the reply")
+            if getattr(frame, "id", None) == request_id:
+                return frame
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)
+
+
+async def raw_bytes_exchange(server: str, data: bytes, *, read_s: float = 2.0) -> bytes:
+    """Send `data` on a fresh connection and return what comes back until EOF or `read_s`."""
+    host, port = server.rsplit(":", 1)
+    got = bytearray()
+    stream = await trio.open_tcp_stream(host, int(port))
+    try:
+        try:
+            await stream.send_all(data)
+        except trio.BrokenResourceError:
+            return bytes(got)
+        with trio.move_on_after(read_s):
+            while True:
+                try:
+                    chunk = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    break
+                if not chunk:
+                    break
+                got += chunk
+    finally:
+        await trio.aclose_forcefully(stream)
+    return bytes(got)
+
+
+def rst_close(stream: trio.SocketStream) -> None:
+    """Close a socket with RST (SO_LINGER 0): a client vanishing without bye or FIN."""
+    import struct
+
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def mounts_allowed() -> bool:
+    return shutil.which("mount") is not None and os.geteuid() == 0
