@@ -1,0 +1,441 @@
+"""`homing audit ...`: read the event log of a data directory for auditing (docs/OPERATIONS.md).
+
+Every subcommand opens the data directory read-only (safe while the broker runs) except
+`rebuild` without `--check`, which takes the writer lock and so refuses while a broker holds it.
+Output follows the `homing` command's contract (broker/cli.py): JSON lines on stdout (or a
+readable table), errors on stderr as one JSON object; exit 1 when a check finds a fault, 2 for
+bad usage or an unusable data directory. Long walks draw a progress bar on stderr when it is a
+terminal, and print nothing extra when it is not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import re
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, emit
+from broker.config import DEFAULT_DATA_DIR
+from storage import audit
+from storage.errors import CorruptLog, DataDirLocked, StorageError
+from storage.store import Store
+
+EXIT_FAULT = EXIT_REFUSED  # a check found a corrupt log or a projection difference
+PROGRESS_HZ = 10
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+# ---------------------------------------------------------------- progress bar
+
+
+class ProgressBar:
+    """A one-line progress bar on a terminal stream; does nothing when the stream is not a tty."""
+
+    def __init__(self, label: str, total: int | None, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.label, self.total = label, total
+        self.started = time.monotonic()
+        self._last_draw = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int) -> None:
+        """Record `done` items processed; redraw at most PROGRESS_HZ times a second."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self._last_draw < 1 / PROGRESS_HZ and done != self.total:
+            return
+        self._last_draw = now
+        self._draw(done, now - self.started)
+
+    def _draw(self, done: int, elapsed: float) -> None:
+        rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
+        if self.total:
+            frac = min(1.0, done / self.total)
+            bar = "#" * int(frac * 30)
+            line = f"{self.label} [{bar:<30}] {frac:4.0%} {done:,}/{self.total:,} {rate}"
+        else:
+            line = f"{self.label} {done:,} {rate} {elapsed:.1f}s"
+        self.stream.write("\r" + line + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """Erase the bar so the terminal is left clean."""
+        if self.enabled and self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+@contextmanager
+def progress_bar(label: str, total: int | None) -> Iterator[ProgressBar]:
+    """Yield a ProgressBar on stderr, erased at the end."""
+    bar = ProgressBar(label, total)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@contextmanager
+def ticking(label: str) -> Iterator[None]:
+    """Redraw an elapsed-time line while a call that reports no progress runs (rebuild)."""
+    bar = ProgressBar(label, None)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1 / PROGRESS_HZ):
+            bar._draw(0, time.monotonic() - bar.started)
+
+    thread = threading.Thread(target=tick, daemon=True) if bar.enabled else None
+    if thread is not None:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread is not None:
+            thread.join()
+        bar.close()
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def parse_time(text: str, now: datetime | None = None) -> int:
+    """Return TIME as microseconds since the epoch.
+
+    TIME is ISO-8601 (`2026-11-22T10:00:00Z`, `2026-11-22T12:00+02:00`, a date alone meaning its
+    midnight UTC; no zone means UTC) or a duration ago (`90s`, `10m`, `2h`, `3d`, `1w`).
+    """
+    text = text.strip()
+    now = now or datetime.now(UTC)
+    m = _RELATIVE.match(text)
+    if m:
+        when = now.timestamp() - float(m.group(1)) * _UNIT_S[m.group(2)]
+        return int(when * 1_000_000)
+    try:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+            d = date.fromisoformat(text)
+            dt = datetime(d.year, d.month, d.day, tzinfo=UTC)
+        else:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad time {text!r}: use ISO-8601 (2026-11-22T10:00:00Z, 2026-11-22) "
+            "or a duration ago (10m, 2h, 3d)") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    delta = dt - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _lsn(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"bad LSN {text!r}: a non-negative integer")
+    return value
+
+
+# ---------------------------------------------------------------- opening the store
+
+
+@contextmanager
+def quiet_logs() -> Iterator[None]:
+    """Keep storage's lifecycle logs (storage_opened ...) off stdout: warnings only, to stderr.
+
+    The previous structlog configuration is restored afterwards (tests call `main` in-process).
+    """
+    saved = structlog.get_config()
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
+def _quietly(func):
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        with quiet_logs():
+            return func(args)
+    return run
+
+
+
+def open_readonly(path: str) -> Store:
+    """Open the data directory read-only, or raise CliError when it is not one."""
+    if not (Path(path) / "data.mdb").is_file():
+        raise CliError(EXIT_USAGE, "no_data", f"{path} is not a homing data directory")
+    try:
+        return Store.open(path, readonly=True)
+    except StorageError as exc:
+        raise CliError(EXIT_USAGE, "no_data", f"cannot open {path}: {exc}") from None
+
+
+@contextmanager
+def readonly_store(args: argparse.Namespace) -> Iterator[Store]:
+    """Yield the read-only Store of `--data`, closed afterwards."""
+    store = open_readonly(args.data)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+# ---------------------------------------------------------------- log and export
+
+
+def _summary(ev_data: dict[str, Any], width: int = 60) -> str:
+    """Return an event's data as `k=v` pairs, bodies quoted, cut to `width` characters."""
+    parts = []
+    for key, value in ev_data.items():
+        text = json.dumps(value, ensure_ascii=False) if key in ("body", "body_b64") else value
+        parts.append(f"{key}={text}")
+    line = " ".join(str(p) for p in parts)
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _table_row(rec: dict[str, Any], lsn_width: int) -> str:
+    who = f"{rec['actor']}/{rec['device']}"
+    return (f"{rec['lsn']:>{lsn_width}}  {rec['ts']}  {rec['type']:<16}  {who:<24}  "
+            f"{_summary(rec['data'])}")
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    flt = audit.EventFilter(
+        from_lsn=args.from_lsn or 1, to_lsn=args.to_lsn, since_us=args.since,
+        until_us=args.until, user=args.user, conv=args.conv,
+        types=tuple(t for group in (args.type or []) for t in group.split(",") if t))
+    with readonly_store(args) as store:
+        width = max(3, len(str(store.last_lsn())))
+        if not args.json:
+            sys.stdout.write(f"{'LSN':>{width}}  {'TIME (UTC)':<27}  {'TYPE':<16}  "
+                             f"{'ACTOR/DEVICE':<24}  DATA\n")
+        for ev in audit.iter_events(store, flt):
+            rec = audit.event_record(ev)
+            if args.json:
+                emit(rec)
+            else:
+                sys.stdout.write(_table_row(rec, width) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    with readonly_store(args) as store:
+        start = args.from_lsn or 1
+        total = max(0, store.last_lsn() - start + 1)
+        with progress_bar("export", total) as bar:
+            for ev in audit.iter_events(store, audit.EventFilter(from_lsn=start), bar):
+                out.write(dumps(audit.event_record(ev)) + "\n")
+    out.flush()
+    return 0
+
+
+# ---------------------------------------------------------------- verify and rebuild
+
+
+def _check(store: Store) -> tuple[dict[str, Any], audit.Difference | None]:
+    """Run the projection check with a progress bar; return its JSON part and the difference."""
+    with progress_bar("replay", store.last_lsn()) as bar:
+        diff, events = audit.check_projections(store, bar)
+    part: dict[str, Any] = {"ok": diff is None, "replayed": events}
+    if diff is not None:
+        part["difference"] = diff.describe()
+    return part, diff
+
+
+def _diff_message(diff: audit.Difference) -> str:
+    d = diff.describe()
+    return (f"projection {d['table']} differs at key {json.dumps(d['key'])}: "
+            f"stored {json.dumps(d['stored'])}, replayed {json.dumps(d['replayed'])}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    with readonly_store(args) as store:
+        report: dict[str, Any] = {"ok": False, "events": 0}
+        try:
+            with progress_bar("verify log", store.last_lsn()) as bar:
+                report["events"] = audit.verify_chain(store, bar)
+        except CorruptLog as exc:
+            report["log"] = {"ok": False, "lsn": exc.lsn, "reason": str(exc)}
+            report["projections"] = {"ok": None, "skipped": "log is corrupt"}
+            emit(report)
+            raise CliError(EXIT_FAULT, "corrupt_log", str(exc)) from None
+        report["log"] = {"ok": True}
+        report["projections"], diff = _check(store)
+        report["ok"] = diff is None
+        emit(report)
+    if diff is not None:
+        raise CliError(EXIT_FAULT, "projection_mismatch", _diff_message(diff))
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    if args.check:
+        with readonly_store(args) as store:
+            part, diff = _check(store)
+            emit({"ok": diff is None, "check": True, **part})
+        if diff is not None:
+            raise CliError(EXIT_FAULT, "projection_mismatch", _diff_message(diff))
+        return 0
+    open_readonly(args.data).close()  # refuse a directory that is not one, without creating it
+    try:
+        store = Store.open(args.data)
+    except DataDirLocked:
+        raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker: stop "
+                       "it first (`homing audit rebuild --check` is read-only)") from None
+    try:
+        started = time.perf_counter()
+        with ticking(f"rebuild {store.last_lsn():,} events"):
+            events = store.rebuild()
+        emit({"ok": True, "rebuilt": events,
+              "seconds": round(time.perf_counter() - started, 3)})
+    finally:
+        store.close()
+    return 0
+
+
+# ---------------------------------------------------------------- trace, inbox, stats
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    if (args.conv is None) == (args.cid is None):
+        raise CliError(EXIT_USAGE, "usage", "trace needs --conv C --seq N, or --cid ID --from U")
+    if args.conv is not None and args.seq is None:
+        raise CliError(EXIT_USAGE, "usage", "--conv needs --seq")
+    if args.cid is not None and args.sender is None:
+        raise CliError(EXIT_USAGE, "usage", "--cid needs --from")
+    with readonly_store(args) as store, progress_bar("trace", store.last_lsn()) as bar:
+        try:
+            conv, seq = args.conv, args.seq
+            if args.cid is not None:
+                conv, seq = audit.find_by_cid(store, args.sender, args.cid, bar)
+            result = audit.trace(store, conv, seq, bar)
+        except KeyError as exc:
+            raise CliError(EXIT_REFUSED, "not_found", exc.args[0]) from None
+    if args.json:
+        emit(result)
+        return 0
+    out = [f"message {result['conv']} #{result['seq']} from {result['from']} "
+           f"at {result['ts']} (lsn {result['lsn']})"]
+    for user, r in result["recipients"].items():
+        out.append(f"  {user}: delivered {r['delivered'] or '-'}  read {r['read'] or '-'}")
+        out.extend(f"      device {dev}: {ts}" for dev, ts in r["devices"].items())
+    if not result["recipients"]:
+        out.append("  (no recipients)")
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def cmd_inbox(args: argparse.Namespace) -> int:
+    with readonly_store(args) as store:
+        total = args.at_lsn if args.at_lsn is not None else store.last_lsn()
+        with progress_bar("replay", total) as bar:
+            result = audit.inbox_at(store, args.user, args.at_lsn, args.at, bar)
+    if args.json:
+        emit(result)
+        return 0
+    out = [f"inbox of {result['user']} at lsn {result['lsn']} ({result['ts'] or 'empty log'}): "
+           f"{len(result['inbox'])} entries, head {result['inbox_head']}"]
+    for e in result["inbox"]:
+        body = e.get("body", e.get("body_b64", ""))
+        out.append(f"  {e['inbox_seq']:>6}  {e['kind']:<7}  {e['conv']}#{e['seq']}  "
+                   f"lsn {e['lsn']}  from {e.get('from', '?')}  {body if body else ''}".rstrip())
+    out.append("unread: " + (", ".join(f"{c}={n}" for c, n in result["unread"].items()) or "-"))
+    out.append("devices: " + (", ".join(f"{d}@{n}" for d, n in result["delivered"].items())
+                              or "-"))
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with readonly_store(args) as store, progress_bar("stats", store.last_lsn()) as bar:
+        result = audit.stats(store, args.data, bar)
+    if args.json:
+        emit(result)
+        return 0
+    out = [f"events        {result['events']:,} (lsn {result['first_lsn']}..{result['last_lsn']})",
+           f"first         {result['first_ts'] or '-'}",
+           f"last          {result['last_ts'] or '-'}",
+           f"users         {result['users']:,}",
+           f"conversations {result['conversations']:,}",
+           f"log bytes     {result['log_bytes']:,}",
+           f"disk bytes    {result['disk_bytes']:,}"]
+    out += [f"  {t:<16} {n:,}" for t, n in result["by_type"].items()]
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `homing audit` and its subcommands on the `homing` subparsers."""
+    p = sub.add_parser("audit", help="audit the event log (read-only, safe while serving)")
+    asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def action(name: str, help: str, func, json_flag: bool = True) -> argparse.ArgumentParser:
+        a = asub.add_parser(name, help=help)
+        a.add_argument("--data", default=DEFAULT_DATA_DIR,
+                       help="data directory (default ./%(default)s)")
+        if json_flag:
+            a.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+        a.set_defaults(func=_quietly(func))
+        return a
+
+    lg = action("log", "print events, filtered", cmd_log)
+    lg.add_argument("--from-lsn", type=_lsn, help="first LSN")
+    lg.add_argument("--to-lsn", type=_lsn, help="last LSN")
+    lg.add_argument("--since", type=parse_time, help="TIME: ISO-8601 or a duration ago (2h)")
+    lg.add_argument("--until", type=parse_time, help="TIME: ISO-8601 or a duration ago")
+    lg.add_argument("--user", help="actor, data.user, or a party of a dm: conversation")
+    lg.add_argument("--conv", help="data.conv")
+    lg.add_argument("--type", action="append",
+                    help="event type (repeatable, comma-separated; `message` = message.*)")
+
+    action("verify", "check the digest chain and every projection", cmd_verify, json_flag=False)
+
+    rb = action("rebuild", "replay the log into fresh projections", cmd_rebuild, json_flag=False)
+    rb.add_argument("--check", action="store_true",
+                    help="only compare with a fresh replay (read-only); exit 1 on a difference")
+
+    tr = action("trace", "the life of one message", cmd_trace)
+    tr.add_argument("--conv")
+    tr.add_argument("--seq", type=int)
+    tr.add_argument("--cid", help="client message id (with --from)")
+    tr.add_argument("--from", dest="sender", help="sender of --cid")
+
+    ib = action("inbox", "a user's inbox and unread counts at a point of the log", cmd_inbox)
+    ib.add_argument("--user", required=True)
+    at = ib.add_mutually_exclusive_group()
+    at.add_argument("--at-lsn", type=_lsn, help="as of this LSN (default: the end)")
+    at.add_argument("--at", type=parse_time, help="as of TIME (events with ts <= TIME)")
+
+    action("stats", "events by type, users, conversations, sizes", cmd_stats)
+
+    ex = action("export", "stream every event as JSON lines", cmd_export, json_flag=False)
+    ex.add_argument("--format", choices=("jsonl",), default="jsonl")
+    ex.add_argument("--from-lsn", type=_lsn, help="first LSN")

@@ -1,0 +1,450 @@
+"""Audit queries over a Store: filtered log reads, verification, time travel, message traces.
+
+Everything here is synchronous, trio-free and read-only: it reads the log through
+`store.log.read_raw` (short read transactions, chunk by chunk) and the stored projections through
+`store.dump_projections` (one read transaction, so one consistent snapshot), and folds events with
+the very `apply` the broker runs live. It is therefore safe next to a running broker. Rules kept:
+
+* The log is the truth: a projection check replays the log up to the `applied_lsn` of the stored
+  snapshot it compares with, so a broker appending meanwhile causes no false difference.
+* Long walks report progress through an optional `progress(done)` callback, called every
+  `PROGRESS_EVERY` events and once at the end; they never print.
+* JSON shapes (docs/OPERATIONS.md, "Auditing"): "ts" is an ISO-8601 UTC string with microseconds,
+  "ts_us" the same instant in microseconds since the Unix epoch; a text body is "body", a binary
+  one "body_b64".
+"""
+
+from __future__ import annotations
+
+import base64
+import gc
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgpack
+
+from storage import records as r
+from storage.log import verify_records
+from storage.projections import KIND_MSG, apply
+from storage.records import GENESIS, Event, decode_body, u64
+from storage.store import Store
+from storage.tables import MemoryTables
+
+Progress = Callable[[int], None] | None
+
+PROGRESS_EVERY = 8192
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Tables whose key is `head \0 u64`; the other two-part keys are `head \0 text`.
+_U64_TAIL = frozenset({"msg", "inbox"})
+# Tables whose values are msgpack; the integer ones are 8-byte big-endian.
+_MSGPACK_VALUES = frozenset({"conv", "inbox", "idem"})
+_TEXT_VALUES = frozenset({"member", "user_conv", "mute"})
+
+
+# ---------------------------------------------------------------- event records
+
+
+def ts_iso(ts_us: int) -> str:
+    """Return `ts_us` (microseconds since the epoch) as `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
+    return (_EPOCH + timedelta(microseconds=ts_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def body_fields(body: Any) -> dict[str, Any]:
+    """Return a body as JSON fields: text as "body", binary as "body_b64"."""
+    if isinstance(body, bytes):
+        return {"body_b64": base64.b64encode(body).decode("ascii")}
+    return {"body": body}
+
+
+def event_record(ev: Event) -> dict[str, Any]:
+    """Return `ev` as the JSON object of `audit log --json` and `audit export`.
+
+    `{"lsn", "ts", "ts_us", "type", "actor", "device", "data"}`; `data` holds the event's own
+    fields (docs/DESIGN.md, "Stored events") with a binary body as "body_b64".
+    """
+    data = ev.data
+    if "body" in data:
+        data = {k: v for k, v in data.items() if k != "body"} | body_fields(data["body"])
+    return {"lsn": ev.lsn, "ts": ts_iso(ev.ts_us), "ts_us": ev.ts_us, "type": ev.type,
+            "actor": ev.user, "device": ev.device, "data": data}
+
+
+def dm_parties(conv: str) -> tuple[str, ...]:
+    """Return the two users of a direct conversation id `dm:a:b`, () for any other id."""
+    if not conv.startswith("dm:"):
+        return ()
+    return tuple(conv[3:].split(":", 1))
+
+
+@dataclass(slots=True)
+class EventFilter:
+    """Which events `audit log` shows; every field set must match (None or empty: any)."""
+
+    from_lsn: int = 1
+    to_lsn: int | None = None
+    since_us: int | None = None
+    until_us: int | None = None
+    user: str | None = None
+    conv: str | None = None
+    types: tuple[str, ...] = ()
+
+    def matches(self, ev: Event) -> bool:
+        """Return whether `ev` passes; `user` matches the actor, data.user or a dm: party."""
+        if self.since_us is not None and ev.ts_us < self.since_us:
+            return False
+        if self.until_us is not None and ev.ts_us > self.until_us:
+            return False
+        if self.types and not any(ev.type == t or ev.type.startswith(t + ".")
+                                  for t in self.types):
+            return False
+        conv = ev.data.get("conv")
+        if self.conv is not None and conv != self.conv:
+            return False
+        if self.user is not None and self.user != ev.user and self.user != ev.data.get("user"):
+            return isinstance(conv, str) and self.user in dm_parties(conv)
+        return True
+
+
+def _raw(store: Store, from_lsn: int = 1, to_lsn: int | None = None,
+         progress: Progress = None) -> Iterator[tuple[int, bytes]]:
+    """Yield `(lsn, digest || body)` records, calling `progress(done)` now and then."""
+    done = 0
+    for rec in store.log.read_raw(from_lsn, to_lsn):
+        yield rec
+        done += 1
+        if progress is not None and not done % PROGRESS_EVERY:
+            progress(done)
+    if progress is not None:
+        progress(done)
+
+
+def iter_events(store: Store, flt: EventFilter | None = None,
+                progress: Progress = None) -> Iterator[Event]:
+    """Yield the logged events passing `flt`, in LSN order, reading chunk by chunk."""
+    flt = flt or EventFilter()
+    for _lsn, value in _raw(store, flt.from_lsn, flt.to_lsn, progress):
+        ev = decode_body(value[32:])
+        if flt.matches(ev):
+            yield ev
+
+
+# ---------------------------------------------------------------- verification and replay
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Pause the cyclic collector: a fold allocates millions of acyclic objects it would rescan."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def verify_chain(store: Store, progress: Progress = None) -> int:
+    """Walk the whole log checking LSN continuity and the digest chain; return the count.
+
+    Raises `CorruptLog` naming the first bad LSN (an altered byte, a missing or reordered record).
+    """
+    return verify_records(_raw(store, 1, None, progress), 1, GENESIS)
+
+
+def replay(store: Store, to_lsn: int | None = None, *, until_us: int | None = None,
+           progress: Progress = None) -> tuple[MemoryTables, int, int | None]:
+    """Fold the log into fresh MemoryTables up to `to_lsn`, or while `ts_us <= until_us`.
+
+    Returns `(tables, last_lsn_applied, its ts_us)`. With `until_us` the fold stops at the first
+    later event: the log's timestamps are taken to be non-decreasing (one clock, one writer).
+    """
+    tables = MemoryTables()
+    lsn, ts = 0, None
+    with _no_cyclic_gc():
+        for lsn_, value in _raw(store, 1, to_lsn, progress):
+            ev = decode_body(value[32:])
+            if until_us is not None and ev.ts_us > until_us:
+                break
+            apply(tables, ev)
+            lsn, ts = lsn_, ev.ts_us
+    return tables, lsn, ts
+
+
+@dataclass(slots=True)
+class Difference:
+    """The first projection row where the stored state and a fresh replay disagree."""
+
+    table: str
+    key: bytes
+    stored: bytes | None
+    replayed: bytes | None
+
+    def describe(self) -> dict[str, Any]:
+        """Return the difference as JSON: key and values decoded readably (None = missing)."""
+        return {"table": self.table, "key": decode_key(self.table, self.key),
+                "key_hex": self.key.hex(),
+                "stored": decode_value(self.table, self.stored),
+                "replayed": decode_value(self.table, self.replayed)}
+
+
+def decode_key(table: str, key: bytes) -> Any:
+    """Return a projection key readably: a string, or `[head, tail]` for two-part keys."""
+    head, sep, tail = key.partition(b"\0")
+    text = head.decode(errors="replace")
+    if not sep:
+        return text
+    if table in _U64_TAIL and len(tail) == 8:
+        return [text, u64(tail)]
+    return [text, tail.decode(errors="replace")]
+
+
+def decode_value(table: str, value: bytes | None) -> Any:
+    """Return a projection value readably (msgpack decoded, integers as ints), None for None."""
+    if value is None:
+        return None
+    try:
+        if table in _MSGPACK_VALUES:
+            return msgpack.unpackb(value, raw=False)
+        if table in _TEXT_VALUES:
+            return value.decode()
+        if len(value) == 8:
+            return u64(value)
+    except (ValueError, UnicodeDecodeError, msgpack.UnpackException):
+        pass
+    return {"hex": value.hex()}
+
+
+def compare(stored: list[tuple[str, bytes, bytes]], tables: MemoryTables) -> Difference | None:
+    """Return the first row (in table, key order) where `stored` and `tables` differ, or None.
+
+    `stored` is in (table, key) order, as `Store.dump_projections` returns it. One pass over it
+    with dict lookups; the replayed keys are sorted only when some are missing from `stored`.
+    """
+    first: Difference | None = None
+    seen: Counter[str] = Counter()
+    data = tables.data
+    for table, key, value in stored:
+        seen[table] += 1
+        replayed = data[table].get(key)
+        if replayed != value:
+            first = Difference(table, key, value, replayed)
+            break
+    for table in sorted(data):
+        if first is not None and table > first.table:
+            break
+        rows = data[table]
+        if len(rows) == seen[table] and (first is None or table != first.table):
+            continue
+        stored_keys = {k for t, k, _ in stored if t == table}
+        missing = sorted(k for k in rows if k not in stored_keys)
+        if missing and (first is None or (table, missing[0]) < (first.table, first.key)):
+            first = Difference(table, missing[0], None, rows[missing[0]])
+    return first
+
+
+def check_projections(store: Store, progress: Progress = None) -> tuple[Difference | None, int]:
+    """Compare the stored projections with a fresh replay; return `(first difference, events)`.
+
+    The stored rows are one snapshot; the replay goes up to that snapshot's `applied_lsn`.
+    """
+    stored = store.dump_projections()
+    applied = next((u64(v) for t, k, v in stored if t == "meta" and k == b"applied_lsn"), 0)
+    if applied == 0:
+        applied = store.last_lsn()
+    tables, lsn, _ = replay(store, applied, progress=progress)
+    return compare(stored, tables), lsn
+
+
+# ---------------------------------------------------------------- time travel
+
+
+def _entry(store: Store, user: str, inbox_seq: int, raw: bytes) -> dict[str, Any]:
+    kind, conv, seq, lsn = msgpack.unpackb(raw, raw=False)
+    out = {"inbox_seq": inbox_seq, "kind": kind, "conv": conv, "seq": seq, "lsn": lsn}
+    ev = next(store.read_events(lsn, lsn), None)
+    if ev is not None:
+        out["from"] = ev.user
+        out["ts"] = ts_iso(ev.ts_us)
+        if kind == KIND_MSG:
+            out["cid"] = ev.data.get("cid")
+            out |= body_fields(ev.data.get("body"))
+    return out
+
+
+def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int | None = None,
+             progress: Progress = None) -> dict[str, Any]:
+    """Return `user`'s inbox, unread counts and device cursors as of LSN `to_lsn` / time.
+
+    Shape: `{"user", "lsn", "ts", "inbox_head", "inbox": [entry], "unread": {conv: n},
+    "muted": [conv], "delivered": {device: inbox_seq}}`; an entry is `{"inbox_seq", "kind",
+    "conv", "seq", "lsn", "from", "ts"}` plus `cid` and the body for messages.
+    """
+    tables, lsn, ts = replay(store, to_lsn, until_us=until_us, progress=progress)
+    d = tables.data
+    prefix = user.encode() + b"\0"
+    cut = len(prefix)
+    inbox = [_entry(store, user, u64(k[cut:]), v)
+             for k, v in sorted(d["inbox"].items()) if k.startswith(prefix)]
+    unread = {}
+    for key in sorted(k for k in d["user_conv"] if k.startswith(prefix)):
+        conv = key[cut:].decode()
+        last = msgpack.unpackb(d["conv"][conv.encode()], raw=False)["last_seq"]
+        mark = d["read"].get(conv.encode() + b"\0" + user.encode())
+        unread[conv] = max(0, last - (0 if mark is None else u64(mark)))
+    head = d["inbox_head"].get(user.encode())
+    return {"user": user, "lsn": lsn, "ts": None if ts is None else ts_iso(ts),
+            "inbox_head": 0 if head is None else u64(head), "inbox": inbox, "unread": unread,
+            "muted": sorted(k[cut:].decode() for k in d["mute"] if k.startswith(prefix)),
+            "delivered": {k[cut:].decode(): u64(v) for k, v in sorted(d["delivered"].items())
+                          if k.startswith(prefix)}}
+
+
+# ---------------------------------------------------------------- message traces
+
+
+@dataclass(slots=True)
+class _Found:
+    conv: str
+    seq: int
+    lsn: int
+    ts_us: int
+    sender: str
+    members: set[str] = field(default_factory=set)
+
+
+def _find_message(store: Store, match: Callable[[Event, int], bool],
+                  progress: Progress) -> _Found | None:
+    """Scan the log for the first message.accepted satisfying `match(ev, seq)`; track members."""
+    counts: Counter[str] = Counter()
+    members: dict[str, set[str]] = {}
+    for ev in iter_events(store, progress=progress):
+        data = ev.data
+        if ev.type == r.MEMBER_ADDED:
+            members.setdefault(data["conv"], set()).add(data["user"])
+        elif ev.type == r.MEMBER_REMOVED:
+            members.get(data["conv"], set()).discard(data["user"])
+        elif ev.type == r.MESSAGE_ACCEPTED:
+            conv = data["conv"]
+            counts[conv] += 1
+            if match(ev, counts[conv]):
+                return _Found(conv, counts[conv], ev.lsn, ev.ts_us, ev.user,
+                              set(members.get(conv, ())))
+    return None
+
+
+def _inbox_seq_of(store: Store, user: str, lsn: int) -> int | None:
+    """Return the inbox seq of `user`'s entry for log record `lsn` (binary search), or None."""
+    lo, hi = 1, store.inbox_head(user)
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        items = store.inbox_after(user, mid - 1, 1)
+        if not items:
+            return None
+        if items[0].lsn == lsn:
+            return mid
+        if items[0].lsn < lsn:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    return None
+
+
+def find_by_cid(store: Store, sender: str, cid: str, progress: Progress = None) -> tuple[str, int]:
+    """Return `(conv, seq)` of the message `sender` sent with client id `cid` (KeyError if none)."""
+    found = _find_message(store, lambda ev, _seq: ev.user == sender and ev.data["cid"] == cid,
+                          progress)
+    if found is None:
+        raise KeyError(f"no message from {sender} with cid {cid}")
+    return found.conv, found.seq
+
+
+def trace(store: Store, conv: str, seq: int, progress: Progress = None) -> dict[str, Any]:
+    """Return the life of message `seq` of `conv` (KeyError when there is no such message).
+
+    Shape: `{"conv", "seq", "from", "lsn", "ts", "recipients": {user: {"delivered": ts|null,
+    "devices": {device: ts}, "read": ts|null}}}`. Recipients are the members at the time of the
+    message other than the sender. A device received it at its first `delivery.acked` covering
+    the message's inbox seq; "delivered" is the earliest device; "read" is the first
+    `read.marked` of that user in `conv` reaching `seq`.
+    """
+    def match(ev: Event, n: int) -> bool:
+        return n == seq and ev.data["conv"] == conv
+
+    found = _find_message(store, match, progress)
+    if found is None:
+        raise KeyError(f"no message {seq} in {conv}")
+    recipients = sorted(found.members - {found.sender})
+    inbox_seq = {u: _inbox_seq_of(store, u, found.lsn) for u in recipients}
+    devices: dict[str, dict[str, int]] = {u: {} for u in recipients}
+    read: dict[str, int] = {}
+    for ev in iter_events(store, EventFilter(from_lsn=found.lsn + 1)):
+        user = ev.user
+        if user not in devices:
+            continue
+        if ev.type == r.DELIVERY_ACKED:
+            want = inbox_seq[user]
+            if want is not None and ev.data["upto"] >= want:
+                devices[user].setdefault(ev.device, ev.ts_us)
+        elif (ev.type == r.READ_MARKED and user not in read and ev.data["conv"] == conv
+              and ev.data["upto"] >= seq):
+            read[user] = ev.ts_us
+    out = {}
+    for u in recipients:
+        devs = devices[u]
+        out[u] = {"delivered": ts_iso(min(devs.values())) if devs else None,
+                  "devices": {d: ts_iso(t) for d, t in sorted(devs.items())},
+                  "read": ts_iso(read[u]) if u in read else None}
+    return {"conv": found.conv, "seq": found.seq, "from": found.sender, "lsn": found.lsn,
+            "ts": ts_iso(found.ts_us), "recipients": out}
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def stats(store: Store, data_dir: str | None = None, progress: Progress = None) -> dict[str, Any]:
+    """Return counts over the whole log: events by type, users, conversations, sizes, time span.
+
+    Shape: `{"events", "by_type": {type: n}, "users", "conversations", "log_bytes",
+    "disk_bytes", "first_ts", "last_ts", "first_lsn", "last_lsn"}`. `log_bytes` counts the
+    stored records (8-byte key + digest + body); `disk_bytes` the files of `data_dir`.
+    """
+    by_type: Counter[str] = Counter()
+    users: set[str] = set()
+    convs: set[str] = set()
+    count = log_bytes = 0
+    first = last = None
+    first_lsn = last_lsn = 0
+    for lsn, value in _raw(store, 1, None, progress):
+        ev = decode_body(value[32:])
+        count += 1
+        log_bytes += 8 + len(value)
+        by_type[ev.type] += 1
+        users.add(ev.user)
+        target = ev.data.get("user")
+        if target is not None:
+            users.add(target)
+        if ev.type == r.CONV_CREATED:
+            convs.add(ev.data["conv"])
+        if first is None:
+            first, first_lsn = ev.ts_us, lsn
+        last, last_lsn = ev.ts_us, lsn
+    return {"events": count, "by_type": dict(sorted(by_type.items())), "users": len(users),
+            "conversations": len(convs), "log_bytes": log_bytes,
+            "disk_bytes": _disk_bytes(data_dir) if data_dir else None,
+            "first_ts": None if first is None else ts_iso(first),
+            "last_ts": None if last is None else ts_iso(last),
+            "first_lsn": first_lsn, "last_lsn": last_lsn}
+
+
+def _disk_bytes(path: str) -> int:
+    """Return the bytes the files directly in `path` occupy on disk (allocated blocks)."""
+    total = 0
+    for entry in os.scandir(path):
+        if entry.is_file(follow_symlinks=False):
+            total += entry.stat().st_blocks * 512
+    return total
