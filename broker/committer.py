@@ -65,6 +65,7 @@ class Committer:
         self._max_batch = max_batch
         self._queue: list[Pending] = []
         self._acks: dict[tuple[str, str], Pending] = {}
+        self._unsynced_acks: dict[tuple[str, str], int] = {}
         self._wake = trio.Event()
         self._closing = False
         self._idle = trio.Event()
@@ -72,6 +73,8 @@ class Committer:
         self.batches = 0
         self.commands = 0
         self.last_commit_s = 0.0
+        self.committed_lsn = store.last_lsn()
+        self._lsn_moved = trio.Event()
 
     def enqueue(self, command: object, done: Done | None = None) -> Pending:
         """Queue `command` now, in submission order; `done(outcome, error)` runs after commit."""
@@ -96,6 +99,7 @@ class Committer:
         if self._closing:
             return
         key = (command.user, command.device)
+        self._unsynced_acks[key] = max(command.upto, self._unsynced_acks.get(key, 0))
         queued = self._acks.get(key)
         if queued is not None and queued.outcome is None and queued.error is None:
             if command.upto > queued.command.upto:
@@ -121,26 +125,30 @@ class Committer:
 
     async def _commit(self, batch: list[Pending]) -> None:
         acks = self._acks
+        batch_acks = []
         for p in batch:
             if isinstance(p.command, Ack):
                 key = (p.command.user, p.command.device)
+                batch_acks.append((key, p.command.upto))
                 if acks.get(key) is p:
                     del acks[key]
         commands = [p.command for p in batch]
         started = time.perf_counter()
         try:
-            outcomes = await trio.to_thread.run_sync(
-                self._store.execute, commands, abandon_on_cancel=False
-            )
-        except StorageError as exc:
-            log.error("batch_failed", commands=len(batch), error=str(exc))
-            for p in batch:
-                try:
-                    p.finish(None, exc)
-                except Exception:
-                    log.exception("commit_callback_failed")
+            outcomes = await self._execute(batch, commands)
+        finally:
+            unsynced = self._unsynced_acks
+            for key, upto in batch_acks:  # durable now, or lost with the batch (redelivered)
+                if unsynced.get(key) == upto:
+                    del unsynced[key]
+        if outcomes is None:
             return
         self.last_commit_s = time.perf_counter() - started
+        last = max((o.lsn for o in outcomes), default=0)
+        if last > self.committed_lsn:
+            self.committed_lsn = last
+            self._lsn_moved.set()
+            self._lsn_moved = trio.Event()
         self.batches += 1
         self.commands += len(batch)
         for p, outcome in zip(batch, outcomes, strict=True):
@@ -152,6 +160,31 @@ class Committer:
             self._on_committed(commands, outcomes)
         except Exception:
             log.exception("commit_fanout_failed")
+
+    async def _execute(self, batch: list[Pending], commands: list[object]) -> list[Any] | None:
+        """Run one batch in a worker thread; on a failed batch, fail its commands and say None."""
+        try:
+            return await trio.to_thread.run_sync(
+                self._store.execute, commands, abandon_on_cancel=False
+            )
+        except StorageError as exc:
+            log.error("batch_failed", commands=len(commands), error=str(exc))
+            for p in batch:
+                try:
+                    p.finish(None, exc)
+                except Exception:
+                    log.exception("commit_callback_failed")
+            return None
+
+    def acked_mark(self, user: str, device: str) -> int:
+        """The highest ack of this device that is queued or being committed (0 if none)."""
+        return self._unsynced_acks.get((user, device), 0)
+
+    async def wait_lsn_above(self, lsn: int) -> int:
+        """Wait until an LSN greater than `lsn` is durable; return the last durable LSN."""
+        while self.committed_lsn <= lsn:
+            await self._lsn_moved.wait()
+        return self.committed_lsn
 
     async def close(self) -> None:
         """Stop taking commands, commit what is queued, and return when all is durable."""

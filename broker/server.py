@@ -167,7 +167,9 @@ class Broker:
         session.user, session.device, session.role = claims.user, hello.device, claims.role
         session.log = session.log.bind(user=claims.user, device=hello.device)
         max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
-        session.acked = session.sent = self.store.delivered(claims.user, hello.device)
+        session.acked = session.sent = max(  # an ack still on its way to disk counts
+            self.store.delivered(claims.user, hello.device),
+            self.committer.acked_mark(claims.user, hello.device))
         session.head = self.store.inbox_head(claims.user)
         old = self.hub.attach(session)
         if old is not None:
