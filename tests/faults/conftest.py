@@ -129,14 +129,11 @@ class BrokerProcess:
 
     def start(self, timeout: float = 15.0) -> None:
         assert self.proc is None or self.proc.poll() is not None
-        log = open(self.logfile, "ab")
-        try:
+        with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
                 [*homing_cmd(), "serve", "--data", str(self.data), "--port", str(self.port),
                  "--log-format", "json", *self.flags],
                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        finally:
-            log.close()
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

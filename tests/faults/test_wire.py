@@ -1,0 +1,116 @@
+"""Network faults: frames cut in both directions, vanishing clients, a client that never reads."""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+import protocol as wire
+from tests.faults.checker import History, check
+from tests.faults.conftest import RawClient, rst_close
+
+
+async def _wait(cond, timeout=10.0, step=0.02):
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(step)
+
+
+async def test_half_a_frame_then_close_is_dropped_cleanly(harness, tally):
+    """A client that writes half a frame and closes (FIN or RST) leaves nothing stored."""
+    h = harness
+    with trio.fail_after(30):
+        for i in range(40):
+            c = await RawClient.connect(h.server, h.token("mallory"), f"m{i}")
+            data = c.conn.send(wire.Send(id=1, cid=f"half-{i}", body="x" * 300, to="bob"))
+            await c.stream.send_all(data[: len(data) // 2 + i % 7])
+            if i % 2:
+                rst_close(c.stream)
+            await c.aclose()
+            tally.add("client writes half a frame and closes")
+        for i in range(20):  # before hello too
+            c = await RawClient.connect(h.server)
+            data = c.conn.send(wire.Hello(versions=(1,), token=h.token("mallory"), device="x"))
+            await c.stream.send_all(data[: 5 + i])
+            await c.aclose()
+            tally.add("client writes half a hello and closes")
+        async with h.client("alice") as alice, h.client("bob") as bob:
+            r = await alice.send("after the cuts", to="bob")
+            d = await bob.deliveries().receive()
+            assert (d.conv, d.seq, d.body) == (r.conv, r.seq, "after the cuts")
+        await _wait(lambda: h.broker.hub.count == 0)
+    assert h.broker.store.history(r.conv)[0][0]["body"] == "after the cuts"
+    assert not any(m["from"] == "mallory" for m in h.broker.store.history(r.conv)[0])
+
+
+async def test_clients_vanishing_without_bye_are_forgotten(harness, tally):
+    """Clients that vanish (RST or FIN, no bye) are detached and announced offline."""
+    h = harness
+    with trio.fail_after(30):
+        async with h.client("alice") as alice:
+            await alice.send("hi", to="bob")
+            clients = []
+            for i in range(60):
+                clients.append(await RawClient.connect(h.server, h.token(f"v{i % 6}"), f"d{i}"))
+            bob = await RawClient.connect(h.server, h.token("bob"), "b1")
+            await _wait(lambda: h.broker.hub.count == 62)
+            for i, c in enumerate(clients):
+                if i % 2:
+                    rst_close(c.stream)
+                await c.aclose()
+                tally.add("client vanishes without bye")
+            rst_close(bob.stream)
+            await bob.aclose()
+            await _wait(lambda: h.broker.hub.count == 1)
+            assert not h.broker.hub.online("bob")
+            (conv,) = h.broker.store.user_convs("alice")
+            assert await alice.presence(conv) == ("alice",)
+
+
+async def test_a_client_that_never_reads_does_not_slow_the_others(harness, tally):
+    """A device whose socket buffer is full stalls alone; the rest go on; it is cut mid-deliver,
+    and its next session gets everything again from its cursor."""
+    h = harness
+    n, body = 150, "y" * 30000
+    history = History()
+    stall = trio.socket.socket()
+    stall.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await stall.connect(("127.0.0.1", h.broker.port))
+    stalled = RawClient(trio.SocketStream(stall))
+    await stalled.hello(h.token("bob"), "stall")
+    tally.add("client never reads (socket buffer full)")
+    with trio.fail_after(60):
+        async with h.client("alice") as alice, h.client("bob", "fast") as fast, \
+                h.client("carol") as carol, h.client("dave") as dave:
+            async def sends():
+                for i in range(n):
+                    history.attempt("alice", f"s{i}", f"{i}{body}", ("bob",))
+                    r = await alice.send(f"{i}{body}", to="bob", cid=f"s{i}")
+                    history.accept("alice", f"s{i}", r.conv, r.seq)
+
+            async def others():
+                for i in range(200):
+                    history.attempt("carol", f"c{i}", f"c{i}", ("dave",))
+                    r = await carol.send(f"c{i}", to="dave", cid=f"c{i}")
+                    history.accept("carol", f"c{i}", r.conv, r.seq)
+
+            async def receive(client, user, device, count):
+                for _ in range(count):
+                    d = await client.deliveries().receive()
+                    history.deliver(user, device, client, d)
+                    await client.ack(d.inbox_seq)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sends)
+                nursery.start_soon(others)
+                nursery.start_soon(receive, fast, "bob", "fast", n)
+                nursery.start_soon(receive, dave, "dave", "d1", 200)
+            session = next(s for s in h.broker.hub.sessions("bob") if s.device == "stall")
+            assert session.sent > session.acked  # it is stuck mid-deliver, nothing acked
+        rst_close(stalled.stream)
+        await stalled.aclose()
+        tally.add("connection cut while the broker is mid-deliver")
+        async with h.client("bob", "stall") as again:
+            await receive(again, "bob", "stall", n)
+    check(history, h.broker.store)
