@@ -58,6 +58,11 @@ def on_send(session: Session, f: wire.Send) -> Any:
         session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
         return None
     body = f.body
+    size = len(body.encode()) if isinstance(body, str) else len(body)
+    if size > broker.config.max_body_bytes:  # PROTOCOL.md §4.1: a larger body is `invalid`
+        session.reply_error(f.id, wire.ErrorCode.INVALID,
+                            f"body exceeds {broker.config.max_body_bytes} bytes")
+        return None
     if broker.policy is not None:
         body, hit = broker.policy.apply(body)
         if hit and body is None:
