@@ -1,0 +1,170 @@
+"""Every limit, set by its `homing serve` flag, is answered with a typed error and no crash."""
+
+from __future__ import annotations
+
+import trio
+
+import protocol as wire
+from tests.faults.conftest import RawClient
+
+
+async def raw(bp, user, device="d1"):
+    return await RawClient.connect(bp.server, bp.token(user), device)
+
+
+async def replies(c, ids):
+    """{id: reply frame} for every id in `ids`."""
+    want, out = set(ids), {}
+    while want:
+        f = await c.next()
+        assert f is not None, f"closed with {len(want)} replies missing"
+        if getattr(f, "id", None) in want:
+            out[f.id] = f
+            want.discard(f.id)
+    return out
+
+
+async def closing_error(c):
+    """Read until the server's closing error, then EOF; return the error."""
+    err = None
+    while True:
+        f = await c.next()
+        if f is None:
+            return err
+        if isinstance(f, wire.Error) and f.close:
+            err = f
+
+
+async def still_serving(bp):
+    async with bp.client("probe") as p:
+        await p.send("ok?", to="probe2")
+
+
+async def test_largest_frame(broker_process, tally):
+    """A frame over --max-frame-bytes is too_large and closes the connection."""
+    bp = broker_process("--max-frame-bytes", "4096")
+    with trio.fail_after(20):
+        c = await raw(bp, "alice")
+        assert c.welcome.max_frame == 4096
+        c.conn.max_frame_bytes = 1 << 20  # let our side write it anyway
+        await c.send(wire.Send(id=1, cid="big", body="x" * 5000, to="bob"))
+        err = await closing_error(c)
+        assert err.name == "too_large"
+        await c.aclose()
+        tally.add("limit: frame over --max-frame-bytes")
+        await still_serving(bp)
+
+
+async def test_body_size(broker_process, tally):
+    """A body over --max-body-bytes is invalid; the connection stays up."""
+    bp = broker_process("--max-body-bytes", "1000")
+    with trio.fail_after(20):
+        c = await raw(bp, "alice")
+        await c.send(wire.Send(id=1, cid="big", body="x" * 1001, to="bob"))
+        await c.send(wire.Send(id=2, cid="ok", body="x" * 1000, to="bob"))
+        got = await replies(c, [1, 2])
+        assert isinstance(got[1], wire.Error) and got[1].name == "invalid", got[1]
+        assert isinstance(got[2], wire.Result)
+        tally.add("limit: body over --max-body-bytes")
+
+
+async def test_send_rate_per_connection(broker_process, tally):
+    """Sends past --send-rate on one connection are rate_limited, the rest accepted."""
+    bp = broker_process("--send-rate", "20")
+    with trio.fail_after(20):
+        c = await raw(bp, "alice")
+        for i in range(60):
+            await c.send(wire.Send(id=i + 1, cid=f"m{i}", body="x", to="bob"))
+        got = await replies(c, range(1, 61))
+        names = [f.name if isinstance(f, wire.Error) else "result" for f in got.values()]
+        assert 20 <= names.count("result") < 30 and set(names) == {"result", "rate_limited"}
+        tally.add("limit: sends per second per connection", names.count("rate_limited"))
+
+
+async def test_send_rate_per_user(broker_process, tally):
+    """Sends past --user-send-rate across a user's connections are rate_limited."""
+    bp = broker_process("--user-send-rate", "30")
+    with trio.fail_after(20):
+        a, b = await raw(bp, "alice", "a"), await raw(bp, "alice", "b")
+        for i in range(25):
+            await a.send(wire.Send(id=i + 1, cid=f"a{i}", body="x", to="bob"))
+            await b.send(wire.Send(id=i + 1, cid=f"b{i}", body="x", to="bob"))
+        got = list((await replies(a, range(1, 26))).values()) + list(
+            (await replies(b, range(1, 26))).values())
+        ok = sum(isinstance(f, wire.Result) for f in got)
+        limited = [f for f in got if isinstance(f, wire.Error)]
+        assert 30 <= ok < 40 and {f.name for f in limited} == {"rate_limited"}
+        tally.add("limit: sends per second per user", len(limited))
+
+
+async def test_window_of_unacked_deliveries(broker_process, tally):
+    """With --window 4 a device gets 4 deliveries, then more only after it acks."""
+    bp = broker_process("--window", "4")
+    with trio.fail_after(20):
+        async with bp.client("alice") as alice:
+            for i in range(10):
+                await alice.send(f"m{i}", to="bob")
+        bob = await raw(bp, "bob")
+        got = [await bob.next() for _ in range(4)]
+        assert [d.body for d in got] == [f"m{i}" for i in range(4)]
+        with trio.move_on_after(0.5):
+            extra = await bob.next()
+            raise AssertionError(f"a fifth delivery before any ack: {extra}")
+        await bob.send(wire.Ack(upto=got[1].inbox_seq))
+        more = [await bob.next() for _ in range(2)]
+        assert [d.body for d in more] == ["m4", "m5"]
+        tally.add("limit: unacked deliveries per device (window)")
+
+
+async def test_connections_per_user_and_in_total(broker_process, tally):
+    """Past --max-connections-per-user or --max-connections, hello gets limit_exceeded."""
+    bp = broker_process("--max-connections-per-user", "3", "--max-connections", "5")
+    with trio.fail_after(20):
+        held = [await raw(bp, "alice", f"a{i}") for i in range(3)]
+        c = await RawClient.connect(bp.server)
+        await c.send(wire.Hello(versions=(1,), token=bp.token("alice"), device="a3", id=1))
+        err = await closing_error(c)
+        assert err.name == "limit_exceeded"
+        tally.add("limit: connections per user")
+        held += [await raw(bp, "bob", f"b{i}") for i in range(2)]
+        c = await RawClient.connect(bp.server)
+        await c.send(wire.Hello(versions=(1,), token=bp.token("carol"), device="c", id=1))
+        err = await closing_error(c)
+        assert err.name == "limit_exceeded"
+        tally.add("limit: connections in total")
+        for h in held:
+            await h.aclose()
+        await trio.sleep(0.2)
+        await still_serving(bp)
+
+
+async def test_handshake_and_idle_timeouts(broker_process, tally):
+    """No hello within --handshake-timeout, or silence past --idle-timeout: timeout, closed."""
+    bp = broker_process("--handshake-timeout", "0.5", "--idle-timeout", "1")
+    with trio.fail_after(20):
+        c = await RawClient.connect(bp.server)
+        start = trio.current_time()
+        err = await closing_error(c)
+        assert err.name == "timeout" and trio.current_time() - start < 3
+        tally.add("limit: handshake timeout")
+        c = await raw(bp, "alice")
+        start = trio.current_time()
+        err = await closing_error(c)
+        assert err.name == "timeout" and 0.9 < trio.current_time() - start < 4
+        tally.add("limit: idle timeout")
+
+
+async def test_members_per_group(broker_process, tally):
+    """A group may not grow past --max-members: create and invite get limit_exceeded."""
+    bp = broker_process("--max-members", "3")
+    with trio.fail_after(20):
+        c = await raw(bp, "alice")
+        await c.send(wire.Create(id=1, kind="group", name="big", members=("b", "c", "d")))
+        await c.send(wire.Create(id=2, kind="group", name="ok", members=("b", "c")))
+        got = await replies(c, [1, 2])
+        assert isinstance(got[1], wire.Error) and got[1].name == "limit_exceeded"
+        conv = got[2].conv
+        await c.send(wire.Invite(id=3, conv=conv, user="d"))
+        (err,) = (await replies(c, [3])).values()
+        assert isinstance(err, wire.Error) and err.name == "limit_exceeded"
+        tally.add("limit: members per group", 2)
