@@ -1,0 +1,138 @@
+"""Access control from the attacker's side: refused alike, and nothing leaks existence."""
+
+from __future__ import annotations
+
+import trio
+
+import protocol as wire
+from broker import tokens
+from tests.faults.conftest import RawClient
+
+MISSING = {"grp": "grp:00000000000000ff", "chn": "chn:00000000000000ff", "dm": "dm:x1:x2"}
+
+
+async def hello_answer(server, token):
+    c = await RawClient.connect(server)
+    await c.send(wire.Hello(versions=(1,), token=token, device="d", id=1))
+    f = await c.next()
+    await c.aclose()
+    return f
+
+
+async def test_bad_tokens_are_unauthorized(harness, tally):
+    """No, forged, expired, other-secret, wrong-shape and huge tokens: unauthorized, closed."""
+    h = harness
+    good = h.token("alice")
+    bad = {
+        "no token": "",
+        "forged signature": good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB"),
+        "forged user": good.replace(good.split(".")[0], good.split(".")[0][::-1], 1)
+        if "." in good else "x" + good,
+        "expired": tokens.issue(h.broker.secret, "alice", "user", -1),
+        "other secret": tokens.issue(b"s" * 32, "alice", "admin", 3600),
+        "garbage": "not.a.token",
+        "4096 chars": "x" * 4096,
+    }
+    with trio.fail_after(20):
+        for what, token in bad.items():
+            f = await hello_answer(h.server, token)
+            assert isinstance(f, wire.Error) and f.name == "unauthorized" and f.close, (what, f)
+            tally.add(f"auth: {what} token")
+    assert h.broker.hub.count == 0
+
+
+async def test_a_device_only_ever_sees_its_own_users_inbox(harness, tally):
+    """mallory, even with bob's device name, gets none of bob's deliveries; acks cannot cross."""
+    h = harness
+    with trio.fail_after(20):
+        async with h.client("alice") as alice, h.client("bob", "b1") as b1:
+            for i in range(5):
+                await alice.send(f"for bob {i}", to="bob")
+            got = [await b1.deliveries().receive() for _ in range(5)]
+            mallory = await RawClient.connect(h.server, h.token("mallory"), "b1")
+            assert mallory.welcome.user == "mallory" and mallory.welcome.head == 0
+            await mallory.send(wire.Ack(upto=got[-1].inbox_seq, id=7))
+            err = await mallory.reply(7)
+            assert isinstance(err, wire.Error) and err.name == "invalid"
+            await mallory.send(wire.Ping(id=8))
+            assert isinstance(await mallory.reply(8), wire.Pong)  # nothing else came first
+            assert h.broker.hub.online("bob")  # mallory's "b1" did not replace bob's b1
+            assert h.broker.store.delivered("bob", "b1") == 0
+            await mallory.aclose()
+            tally.add("attack: read another user's inbox (device name reuse)")
+            tally.add("attack: ack another user's deliveries")
+
+
+async def test_acks_move_only_the_acking_devices_cursor(harness, tally):
+    """b2 acking everything leaves b1's cursor and b1's deliveries untouched."""
+    h = harness
+    with trio.fail_after(20):
+        async with h.client("alice") as alice:
+            for i in range(5):
+                await alice.send(f"m{i}", to="bob")
+        async with h.client("bob", "b2") as b2:
+            got = [await b2.deliveries().receive() for _ in range(5)]
+            await b2.ack(got[-1].inbox_seq)
+            await b2.ping()
+        await trio.sleep(0.2)
+        assert h.broker.store.delivered("bob", "b2") == got[-1].inbox_seq
+        assert h.broker.store.delivered("bob", "b1") == 0
+        async with h.client("bob", "b1") as b1:
+            assert b1.welcome.acked == 0
+            again = [await b1.deliveries().receive() for _ in range(5)]
+        assert [d.inbox_seq for d in again] == [d.inbox_seq for d in got]
+        tally.add("attack: ack another device's deliveries")
+
+
+async def test_forbidden_alike_for_existing_and_missing_conversations(harness, tally):
+    """Every request on a conversation one is not in gets the same forbidden for real and fake
+    ids; members of a channel cannot post; nobody invites themselves or joins a closed group."""
+    h = harness
+    with trio.fail_after(30):
+        async with h.client("owner", role="service") as owner, h.client("bob"):
+            grp = await owner.create_group("closed", ["bob"])
+            chn = await owner.create_channel("news", ["bob"])
+            dm = (await owner.send("hi", to="bob")).conv
+            m = await RawClient.connect(h.server, h.token("mallory"), "m1")
+
+            def requests(conv, i):
+                return [
+                    ("history", wire.History(id=i, conv=conv)),
+                    ("send", wire.Send(id=i + 1, cid=f"x{i}", body="x", conv=conv)),
+                    ("invite self", wire.Invite(id=i + 2, conv=conv, user="mallory")),
+                    ("join", wire.Join(id=i + 3, conv=conv)),
+                    ("subscribe", wire.Subscribe(id=i + 4, conv=conv)),
+                    ("receipts", wire.Receipts(id=i + 5, conv=conv, seq=1)),
+                    ("presence", wire.Presence(id=i + 6, conv=conv)),
+                    ("read", wire.Read(id=i + 7, conv=conv, upto=1)),
+                    ("mute", wire.Mute(id=i + 8, conv=conv)),
+                    ("leave", wire.Leave(id=i + 9, conv=conv)),
+                ]
+
+            i = 100
+            for kind, real in (("grp", grp), ("chn", chn), ("dm", dm)):
+                for (what, a), (_, b) in zip(requests(real, i), requests(MISSING[kind], i + 50),
+                                             strict=True):
+                    await m.send(a)
+                    ra = await m.reply(a.id)
+                    await m.send(b)
+                    rb = await m.reply(b.id)
+                    assert isinstance(ra, wire.Error) and ra.name == "forbidden", (kind, what, ra)
+                    assert (ra.name, ra.message) == (rb.name, rb.message), (kind, what, ra, rb)
+                    tally.add(f"attack: {what} on a conversation one is not in")
+                i += 100
+            # A channel member cannot post; a member cannot invite themself as admin.
+            with_err = []
+            for frame in (wire.Send(id=1, cid="c1", body="spam", conv=chn),
+                          wire.Invite(id=2, conv=chn, user="bob", role="admin")):
+                r = await RawClient.connect(h.server, h.token("bob"), "braw")
+                await r.send(frame)
+                with_err.append(await r.reply(frame.id))
+                await r.aclose()
+            assert [e.name for e in with_err] == ["forbidden", "forbidden"], with_err
+            tally.add("attack: post to a channel as a member")
+            tally.add("attack: member promotes self in a channel")
+            page, _ = h.broker.store.history(chn)
+            assert page == []
+            assert "mallory" not in {u for u, _ in h.broker.store.members(grp)}
+            await m.aclose()

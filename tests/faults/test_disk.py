@@ -1,0 +1,84 @@
+"""Disk faults: a truly full filesystem under a running broker, and space coming back.
+
+(The LMDB map growing by itself is covered in tests/storage: test_rules.py and test_faults.py
+open a 64 KiB map and write past it.)
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import trio
+
+from broker.client import ClientError
+from tests.faults.checker import History, check
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs (skipped where mounting is not permitted)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"mounting a tmpfs is not permitted here: {res.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_full_disk_refuses_sends_keeps_delivering_and_recovers(broker_process, tiny_disk,
+                                                                     tally):
+    """Full disk: sends get unavailable, stored messages are still delivered; after space
+    returns, sends are accepted again; the log verifies."""
+    bp = broker_process(data=tiny_disk / "data")
+    filler = tiny_disk / "filler"
+    filler.write_bytes(b"\0" * (2 << 20))
+    history = History()
+    body = "z" * 4000
+    with trio.fail_after(90):
+        async with bp.client("alice") as alice:
+            refused = 0
+            for i in range(2000):
+                history.attempt("alice", f"f{i}", f"{i}{body}", ("bob",))
+                try:
+                    r = await alice.send(f"{i}{body}", to="bob", cid=f"f{i}")
+                except ClientError as exc:
+                    assert exc.name == "unavailable", exc
+                    refused += 1
+                    if refused >= 5:
+                        break
+                    continue
+                history.accept("alice", f"f{i}", r.conv, r.seq)
+            assert refused >= 5, "the disk never filled"
+            tally.add("disk full: sends refused with unavailable", refused)
+            accepted = len(history.accepted)
+            assert accepted > 10
+            assert bp.alive()
+            async with bp.client("bob") as bob:
+                for _ in range(accepted):
+                    d = await bob.deliveries().receive()
+                    history.deliver("bob", "d1", bob, d)
+                    await bob.ack(d.inbox_seq)
+            tally.add("disk full: stored messages delivered", accepted)
+            filler.unlink()
+            for i in range(5):
+                cid = f"after{i}"
+                history.attempt("alice", cid, f"back {i}", ("bob",))
+                r = await alice.send(f"back {i}", to="bob", cid=cid)
+                history.accept("alice", cid, r.conv, r.seq)
+            tally.add("disk full: sends accepted after space returned", 5)
+        async with bp.client("bob") as bob:
+            for _ in range(5):
+                d = await bob.deliveries().receive()
+                history.deliver("bob", "d1", bob, d)
+                await bob.ack(d.inbox_seq)
+    assert await bp.aterminate() == 0
+    store = bp.open_store(readonly=True)
+    try:
+        check(history, store)
+    finally:
+        store.close()

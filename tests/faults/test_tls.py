@@ -1,0 +1,46 @@
+"""TLS: an SDK client trusting the CA works; plaintext on the TLS port fails cleanly."""
+
+from __future__ import annotations
+
+import ssl
+
+import trio
+import trustme
+
+import protocol as wire
+from broker.client import open_client
+from tests.faults.conftest import raw_bytes_exchange, running_broker
+
+
+async def test_tls_serves_sdk_and_refuses_plaintext(tmp_path, tally):
+    """A CA-trusting client sends and receives; plaintext and bad handshakes do no harm."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    for pem in cert.cert_chain_pems[1:]:
+        pem.write_to_path(str(cert_path), append=True)
+    cert.private_key_pem.write_to_path(str(key_path))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path) as h:
+        with trio.fail_after(30):
+            hello = wire.encode_frame({"t": "hello", "versions": [1], "token": h.token("x"),
+                                       "device": "d"})
+            for _ in range(5):
+                out = await raw_bytes_exchange(h.server, hello, read_s=2)
+                assert not out.startswith(b"\x00")  # no protocol frame in the clear
+                tally.add("TLS: plaintext hello on the TLS port")
+            untrusting = ssl.create_default_context()  # does not trust our CA
+            try:
+                async with open_client(h.server, h.token("eve"), "d", tls=untrusting,
+                                       reconnect=False):
+                    raise AssertionError("connected without trusting the CA")
+            except Exception as exc:
+                assert "CERTIFICATE_VERIFY_FAILED" in repr(exc) or "cannot reach" in str(exc)
+            tally.add("TLS: client not trusting the CA")
+            async with open_client(h.server, h.token("alice"), "d", tls=ctx) as alice, \
+                    open_client(h.server, h.token("bob"), "d", tls=ctx) as bob:
+                r = await alice.send("over tls", to="bob")
+                d = await bob.deliveries().receive()
+                assert (d.seq, d.body) == (r.seq, "over tls")
