@@ -219,32 +219,21 @@ def decode_value(table: str, value: bytes | None) -> Any:
     return {"hex": value.hex()}
 
 
-def compare(stored: list[tuple[str, bytes, bytes]], tables: MemoryTables) -> Difference | None:
-    """Return the first row (in table, key order) where `stored` and `tables` differ, or None.
+def compare(stored: dict[str, dict[bytes, bytes]],
+            replayed: dict[str, dict[bytes, bytes]]) -> Difference | None:
+    """Return the first row (in table, key order) where two sets of tables differ, or None.
 
-    `stored` is in (table, key) order, as `Store.dump_projections` returns it. One pass over it
-    with dict lookups; the replayed keys are sorted only when some are missing from `stored`.
+    Equal tables are recognised by dict equality (in C); only a differing table is sorted to
+    find its first differing key.
     """
-    first: Difference | None = None
-    seen: Counter[str] = Counter()
-    data = tables.data
-    for table, key, value in stored:
-        seen[table] += 1
-        replayed = data[table].get(key)
-        if replayed != value:
-            first = Difference(table, key, value, replayed)
-            break
-    for table in sorted(data):
-        if first is not None and table > first.table:
-            break
-        rows = data[table]
-        if len(rows) == seen[table] and (first is None or table != first.table):
+    for table in sorted(set(stored) | set(replayed)):
+        ours, theirs = stored.get(table, {}), replayed.get(table, {})
+        if ours == theirs:
             continue
-        stored_keys = {k for t, k, _ in stored if t == table}
-        missing = sorted(k for k in rows if k not in stored_keys)
-        if missing and (first is None or (table, missing[0]) < (first.table, first.key)):
-            first = Difference(table, missing[0], None, rows[missing[0]])
-    return first
+        for key in sorted(ours.keys() ^ theirs.keys() | {
+                k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k]}):
+            return Difference(table, key, ours.get(key), theirs.get(key))
+    return None
 
 
 def check_projections(store: Store, progress: Progress = None) -> tuple[Difference | None, int]:
@@ -252,12 +241,12 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
 
     The stored rows are one snapshot; the replay goes up to that snapshot's `applied_lsn`.
     """
-    stored = store.dump_projections()
-    applied = next((u64(v) for t, k, v in stored if t == "meta" and k == b"applied_lsn"), 0)
-    if applied == 0:
-        applied = store.last_lsn()
+    stored = store.projection_snapshot()
+    raw = stored.get("meta", {}).get(b"applied_lsn")
+    applied = store.last_lsn() if raw is None else u64(raw)
     tables, lsn, _ = replay(store, applied, progress=progress)
-    return compare(stored, tables), lsn
+    with _no_cyclic_gc():
+        return compare(stored, tables.data), lsn
 
 
 # ---------------------------------------------------------------- time travel

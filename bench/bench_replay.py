@@ -1,0 +1,147 @@
+"""Replay benchmark: `homing audit rebuild --check` on a log of N message events.
+
+Run `python -m bench.bench_replay [--events N]`. The log (N `message.accepted` events among 100
+users in direct conversations, written by `Store.execute` in batches of 4,096 SendMessage
+commands) is built once and cached under /tmp keyed by N. Each run then opens it read-only and
+calls `storage.audit.check_projections`, the code path of `homing audit rebuild --check` (and of
+the projection half of `homing audit verify`). Prints the median of 3 runs in events/s and the
+commit measured; `--breakdown` adds the time of each phase. This is not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import time
+
+import structlog
+
+from storage import audit
+from storage.commands import SendMessage
+from storage.projections import apply
+from storage.records import decode_body
+from storage.store import Store
+from storage.tables import MemoryTables
+
+RUNS = 3
+USERS = [f"user{i:03d}" for i in range(100)]
+BATCH = 4096
+BODY = "hello " * 8
+CACHE_VERSION = 1
+DONE_MARKER = "bench-complete"
+
+
+def cache_dir(events: int) -> str:
+    """Return the cached data directory for a log of `events` message events."""
+    return f"/tmp/homing-bench-replay-v{CACHE_VERSION}-{events}"
+
+
+def build(path: str, events: int) -> None:
+    """Write `events` direct messages among USERS into a fresh data directory at `path`."""
+    shutil.rmtree(path, ignore_errors=True)
+    store = Store.open(path, map_size=1 << 31)
+    try:
+        sent = 0
+        while sent < events:
+            cmds = []
+            for i in range(sent, min(events, sent + BATCH)):
+                a = i % len(USERS)
+                b = (a + 1 + (i // len(USERS)) % (len(USERS) - 1)) % len(USERS)
+                cmds.append(SendMessage(USERS[a], "d1", "user", f"c{i}", BODY, to=USERS[b]))
+            for out in store.execute(cmds, now_us=1_795_000_000_000_000 + sent):
+                assert out.error is None, out.error
+            sent += len(cmds)
+    finally:
+        store.close()
+    open(os.path.join(path, DONE_MARKER), "w").close()
+
+
+def ensure_log(events: int) -> str:
+    """Return a data directory holding the benchmark log, building it when not cached."""
+    path = cache_dir(events)
+    if not os.path.exists(os.path.join(path, DONE_MARKER)):
+        started = time.perf_counter()
+        build(path, events)
+        print(f"built {path} in {time.perf_counter() - started:.1f}s")
+    return path
+
+
+def check_once(path: str) -> tuple[float, int]:
+    """Run the `audit rebuild --check` code path once; return (seconds, events replayed)."""
+    store = Store.open(path, readonly=True)
+    try:
+        started = time.perf_counter()
+        diff, events = audit.check_projections(store)
+        elapsed = time.perf_counter() - started
+    finally:
+        store.close()
+    assert diff is None, diff.describe()
+    return elapsed, events
+
+
+def breakdown(path: str) -> None:
+    """Print the time of each phase of the check, per event, to show where it goes."""
+    store = Store.open(path, readonly=True)
+    gc.disable()
+    try:
+        phases = {}
+        t = time.perf_counter()
+        stored = store.projection_snapshot()
+        phases["snapshot of stored projections"] = time.perf_counter() - t
+        t = time.perf_counter()
+        raw = [value for _lsn, value in store.log.read_raw()]
+        phases["read log records"] = time.perf_counter() - t
+        t = time.perf_counter()
+        events = [decode_body(value[32:]) for value in raw]
+        phases["decode bodies"] = time.perf_counter() - t
+        tables = MemoryTables()
+        t = time.perf_counter()
+        for ev in events:
+            apply(tables, ev)
+        phases["apply (projections)"] = time.perf_counter() - t
+        t = time.perf_counter()
+        assert audit.compare(stored, tables.data) is None
+        phases["compare"] = time.perf_counter() - t
+    finally:
+        gc.enable()
+        store.close()
+    n = len(events)
+    for name, seconds in phases.items():
+        print(f"  {name:<32} {seconds:7.3f}s  {seconds / n * 1e6:6.2f} us/event")
+
+
+def commit() -> str:
+    """Return the short commit hash being measured (with + when the tree is dirty)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+" if dirty else "")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000, help="message events in the log")
+    parser.add_argument("--breakdown", action="store_true", help="also time each phase")
+    args = parser.parse_args()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    path = ensure_log(args.events)
+    runs = [check_once(path) for _ in range(RUNS)]
+    seconds = statistics.median(s for s, _ in runs)
+    events = runs[0][1]
+    print(f"audit rebuild --check: {events:,} events, median of {RUNS} {seconds:.3f}s, "
+          f"{events / seconds:,.0f} events/s (commit {commit()}, {os.cpu_count()} cpus)")
+    if args.breakdown:
+        breakdown(path)
+
+
+if __name__ == "__main__":
+    main()
