@@ -277,4 +277,9 @@ def decide(tables: Tables, command: c.Command, now_us: int, limits: Limits) -> D
     handler = _DECIDE.get(type(command))
     if handler is None:
         raise Invalid(f"unknown command {type(command).__name__}")
-    return handler(tables, command, now_us, limits)
+    try:
+        return handler(tables, command, now_us, limits)
+    except (TypeError, ValueError, AttributeError, UnicodeError) as exc:
+        # A field of the wrong type must fail its own command, not the whole batch; decide
+        # has written nothing, so this is safe.
+        raise Invalid(f"malformed {type(command).__name__}: {exc}") from None

@@ -227,3 +227,15 @@ def test_rebuild_equals_live(store):
     before = store.dump_projections()
     assert store.rebuild() == store.last_lsn()
     assert store.dump_projections() == before
+
+
+def test_malformed_fields_fail_only_their_command(store):
+    """Wrong field types raise Invalid for that command; the rest of the batch commits."""
+    outs = store.execute([
+        CreateConv("alice", "d1", "user", "group", "g", False, 42),
+        MarkRead("alice", "d1", "user", "dm:alice:bob", "x"),
+        SendMessage("alice", "d1", "user", "c", 3.5, to="bob"),
+        SendMessage("alice", "d1", "user", "c", "ok", to="bob"),
+    ])
+    assert [type(o.error).__name__ for o in outs[:3]] == ["Invalid"] * 3
+    assert outs[3].error is None and outs[3].reply["seq"] == 1
