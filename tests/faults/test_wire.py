@@ -114,3 +114,88 @@ async def test_a_client_that_never_reads_does_not_slow_the_others(harness, tally
         async with h.client("bob", "stall") as again:
             await receive(again, "bob", "stall", n)
     check(history, h.broker.store)
+
+
+async def test_pushes_to_a_client_that_never_reads_close_it_as_slow_consumer(tmp_path, tally):
+    """Typing pushes piling up for a non-reading device close it as slow_consumer; the others
+    and the broker carry on, and its deliveries wait on disk."""
+    from tests.faults.conftest import running_broker
+
+    async with running_broker(tmp_path / "data", max_pending_pushes=50) as h:
+        with trio.fail_after(30):
+            async with h.client("alice") as alice, h.client("bob", "fast") as fast:
+                conv = await alice.create_group("g", ["bob"])
+                stall = trio.socket.socket()
+                stall.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await stall.connect(("127.0.0.1", h.broker.port))
+                stalled = RawClient(trio.SocketStream(stall))
+                await stalled.hello(h.token("bob"), "stall")
+                big = "t" * 20000
+                await alice.send(big, conv=conv)  # fills the stalled socket
+                for _ in range(2000):
+                    await alice.typing(conv)
+                    if not any(s.device == "stall" for s in h.broker.hub.sessions("bob")):
+                        break
+                    await trio.sleep(0)
+                await _wait(lambda: not any(s.device == "stall"
+                                            for s in h.broker.hub.sessions("bob")))
+                tally.add("pushes pile up for a non-reading client (slow consumer)")
+                r = await alice.send("after", conv=conv)
+                seen = []
+                while not seen or seen[-1].seq != r.seq:
+                    d = await fast.deliveries().receive()
+                    seen.append(d)
+                    await fast.ack(d.inbox_seq)
+            await stalled.aclose()
+            async with h.client("bob", "stall") as again:
+                got = []
+                while len(got) < 3:  # added, big, after
+                    got.append(await again.deliveries().receive())
+                assert [d.kind for d in got] == ["added", "msg", "msg"]
+                assert got[-1].body == "after"
+
+
+async def test_a_device_reconnecting_in_a_storm_loses_nothing(harness, tally):
+    """The same device reconnecting 30 times mid-traffic (each session replacing the last)
+    receives every message, in order within each session."""
+    h = harness
+    history = History()
+    with trio.fail_after(60):
+        async with h.client("alice") as alice:
+            async def sends():
+                for i in range(300):
+                    history.attempt("alice", f"r{i}", f"r{i}", ("bob",))
+                    r = await alice.send(f"r{i}", to="bob", cid=f"r{i}")
+                    history.accept("alice", f"r{i}", r.conv, r.seq)
+                    await trio.sleep(0.002)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sends)
+                prev = None
+                for k in range(30):
+                    c = await RawClient.connect(h.server, h.token("bob"), "b1")
+                    if prev is not None:  # replaced by c: it gets bye, then we close it
+                        await prev.aclose()
+                    with trio.move_on_after(0.03):
+                        while True:
+                            f = await c.next()
+                            if f is None:
+                                break
+                            if isinstance(f, wire.Deliver):
+                                history.deliver("bob", "b1", c, f)
+                                if f.inbox_seq % 3 == 0:
+                                    await c.send(wire.Ack(upto=f.inbox_seq))
+                    if k % 2:
+                        await c.aclose()
+                        prev = None
+                    else:
+                        prev = c
+                    tally.add("device reconnect storm (session replaced)")
+                if prev is not None:
+                    await prev.aclose()
+            async with h.client("bob", "b1") as bob:
+                while any(history.missing().values()):
+                    d = await bob.deliveries().receive()
+                    history.deliver("bob", "b1", bob, d)
+                    await bob.ack(d.inbox_seq)
+    check(history, h.broker.store)
