@@ -8,6 +8,8 @@ any thread. Rules kept (docs/DESIGN.md, "The store"):
   so after any crash the projections are exactly the fold of the log.
 * A `DomainError` fails only its own command: `decide` writes nothing, and a command's events are
   appended and applied only after it was accepted.
+* A batch runs against a write-back buffer (`tables.BufferedTables`) that is flushed, sorted, just
+  before the commit: a row touched by every command of the batch is written once.
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
 """
 

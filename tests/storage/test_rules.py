@@ -239,3 +239,15 @@ def test_malformed_fields_fail_only_their_command(store):
     ])
     assert [type(o.error).__name__ for o in outs[:3]] == ["Invalid"] * 3
     assert outs[3].error is None and outs[3].reply["seq"] == 1
+
+
+def test_replay_to_lsn_is_time_travel(store):
+    """replay(to_lsn=k) reproduces exactly the projections stored when lsn k was the last."""
+    conv = group(store, members=("bob",))
+    snapshots = {store.last_lsn(): store.dump_projections()}
+    for cmds in ([send("alice", "1", conv=conv)], [Ack("bob", "d1", "user", 2)],
+                 [MarkRead("bob", "d1", "user", conv, 1), Leave("bob", "d1", "user", conv)]):
+        store.execute(cmds)
+        snapshots[store.last_lsn()] = store.dump_projections()
+    for lsn, dump in snapshots.items():
+        assert store.replay(to_lsn=lsn).items() == dump
