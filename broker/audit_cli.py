@@ -62,14 +62,16 @@ class ProgressBar:
         self._last_draw = now
         self._draw(done, now - self.started)
 
-    def _draw(self, done: int, elapsed: float) -> None:
-        rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
-        if self.total:
+    def _draw(self, done: int | None, elapsed: float) -> None:
+        if done is None:
+            line = f"{self.label} ... {elapsed:.1f}s"
+        elif self.total:
+            rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
             frac = min(1.0, done / self.total)
             bar = "#" * int(frac * 30)
             line = f"{self.label} [{bar:<30}] {frac:4.0%} {done:,}/{self.total:,} {rate}"
         else:
-            line = f"{self.label} {done:,} {rate} {elapsed:.1f}s"
+            line = f"{self.label} {done:,} {elapsed:.1f}s"
         self.stream.write("\r" + line + "\x1b[K")
         self.stream.flush()
         self._drawn = True
@@ -99,7 +101,7 @@ def ticking(label: str) -> Iterator[None]:
 
     def tick() -> None:
         while not stop.wait(1 / PROGRESS_HZ):
-            bar._draw(0, time.monotonic() - bar.started)
+            bar._draw(None, time.monotonic() - bar.started)
 
     thread = threading.Thread(target=tick, daemon=True) if bar.enabled else None
     if thread is not None:

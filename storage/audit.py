@@ -277,8 +277,8 @@ def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int |
     d = tables.data
     prefix = user.encode() + b"\0"
     cut = len(prefix)
-    inbox = [_entry(store, user, u64(k[cut:]), v)
-             for k, v in sorted(d["inbox"].items()) if k.startswith(prefix)]
+    mine = sorted((k, v) for k, v in d["inbox"].items() if k.startswith(prefix))
+    inbox = [_entry(store, user, u64(k[cut:]), v) for k, v in mine]
     unread = {}
     for key in sorted(k for k in d["user_conv"] if k.startswith(prefix)):
         conv = key[cut:].decode()
@@ -289,8 +289,8 @@ def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int |
     return {"user": user, "lsn": lsn, "ts": None if ts is None else ts_iso(ts),
             "inbox_head": 0 if head is None else u64(head), "inbox": inbox, "unread": unread,
             "muted": sorted(k[cut:].decode() for k in d["mute"] if k.startswith(prefix)),
-            "delivered": {k[cut:].decode(): u64(v) for k, v in sorted(d["delivered"].items())
-                          if k.startswith(prefix)}}
+            "delivered": {k[cut:].decode(): u64(v) for k, v in sorted(
+                (k, v) for k, v in d["delivered"].items() if k.startswith(prefix))}}
 
 
 # ---------------------------------------------------------------- message traces
@@ -371,7 +371,8 @@ def trace(store: Store, conv: str, seq: int, progress: Progress = None) -> dict[
     inbox_seq = {u: _inbox_seq_of(store, u, found.lsn) for u in recipients}
     devices: dict[str, dict[str, int]] = {u: {} for u in recipients}
     read: dict[str, int] = {}
-    for ev in iter_events(store, EventFilter(from_lsn=found.lsn + 1)):
+    after = None if progress is None else (lambda done: progress(found.lsn + done))
+    for ev in iter_events(store, EventFilter(from_lsn=found.lsn + 1), after):
         user = ev.user
         if user not in devices:
             continue
