@@ -252,7 +252,7 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
 # ---------------------------------------------------------------- time travel
 
 
-def _entry(store: Store, user: str, inbox_seq: int, raw: bytes) -> dict[str, Any]:
+def _entry(store: Store, inbox_seq: int, raw: bytes) -> dict[str, Any]:
     kind, conv, seq, lsn = msgpack.unpackb(raw, raw=False)
     out = {"inbox_seq": inbox_seq, "kind": kind, "conv": conv, "seq": seq, "lsn": lsn}
     ev = next(store.read_events(lsn, lsn), None)
@@ -278,7 +278,7 @@ def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int |
     prefix = user.encode() + b"\0"
     cut = len(prefix)
     mine = sorted((k, v) for k, v in d["inbox"].items() if k.startswith(prefix))
-    inbox = [_entry(store, user, u64(k[cut:]), v) for k, v in mine]
+    inbox = [_entry(store, u64(k[cut:]), v) for k, v in mine]
     unread = {}
     for key in sorted(k for k in d["user_conv"] if k.startswith(prefix)):
         conv = key[cut:].decode()

@@ -248,6 +248,12 @@ async def test_inbox_at_lsn_equals_the_live_inbox_of_that_moment(tmp_path, capsy
     assert [e.get("body") for e in past["inbox"]] == [i.body for i in then]
     [end] = audit_json(capsys, data, "inbox", "--user", "bob", "--json")
     assert len(end["inbox"]) == len(now) and end["unread"] == {group: 7, "dm:alice:bob": 2}
+    [event] = audit_json(capsys, data, "log", "--json", "--from-lsn", str(then_lsn),
+                         "--to-lsn", str(then_lsn))
+    [at] = audit_json(capsys, data, "inbox", "--user", "bob", "--json", "--at", event["ts"])
+    later = audit_json(capsys, data, "log", "--json", "--from-lsn", str(at["lsn"] + 1))
+    assert at["lsn"] >= then_lsn and at["ts"] == event["ts"]
+    assert all(e["ts_us"] > event["ts_us"] for e in later)
     [early] = audit_json(capsys, data, "inbox", "--user", "bob", "--json", "--at",
                          "2000-01-01")
     assert early["lsn"] == 0 and early["inbox"] == []
