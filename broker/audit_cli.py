@@ -14,6 +14,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -176,10 +177,17 @@ def quiet_logs() -> Iterator[None]:
 
 
 def _quietly(func):
+    """Wrap an action: quiet storage logs, and end silently when stdout's reader goes away."""
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
-        with quiet_logs():
-            return func(args)
+        try:
+            with quiet_logs():
+                return func(args)
+        except BrokenPipeError:
+            # `homing audit export | head`: the reader is gone; stop without a traceback, and
+            # point stdout at /dev/null so the interpreter's final flush cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     return run
 
 
