@@ -112,7 +112,11 @@ class Client:
             raise self._fatal
         if self._stream is None or self._conn is None:
             return
-        stream, data = self._stream, self._conn.send(frame)
+        try:
+            data = self._conn.send(frame)
+        except wire.LocalProtocolError:
+            return  # bye or a closing error arrived: the connection is done; resent after reconnect
+        stream = self._stream
         async with self._send_lock:
             try:
                 await stream.send_all(data)
