@@ -40,7 +40,15 @@ def audit(data) -> None:
 
 async def test_piped_send_survives_three_sigkills(broker_process, tmp_path, tally):
     """`homing send --stdin` of 5,000 lines across 3 SIGKILL restarts: each line lands once."""
-    bp = broker_process()
+    await piped_send_through_restarts(broker_process(), tmp_path, tally, "SIGKILL")
+
+
+async def test_piped_send_survives_rolling_sigterm_restarts(broker_process, tmp_path, tally):
+    """The same through 3 clean SIGTERM restarts (a rolling upgrade): each line lands once."""
+    await piped_send_through_restarts(broker_process(), tmp_path, tally, "SIGTERM")
+
+
+async def piped_send_through_restarts(bp, tmp_path, tally, how: str) -> None:
     lines = tmp_path / "lines.txt"
     lines.write_text("".join(f"line {i} of the run\n" for i in range(1, LINES + 1)))
     env = {**os.environ, "HOMING_SERVER": bp.server, "HOMING_TOKEN": bp.token("alice")}
@@ -62,8 +70,11 @@ async def test_piped_send_survives_three_sigkills(broker_process, tmp_path, tall
                 results.extend(json.loads(x) for x in done if x)
                 if kills and len(results) >= kills[0]:
                     kills.pop(0)
-                    bp.kill()
-                    tally.add("SIGKILL during `homing send --stdin` (acceptance)")
+                    if how == "SIGKILL":
+                        bp.kill()
+                    else:
+                        assert await bp.aterminate() == 0
+                    tally.add(f"{how} during `homing send --stdin`")
                     await trio.sleep(0.3)
                     await bp.astart()
             status = await proc.wait()
@@ -72,14 +83,14 @@ async def test_piped_send_survives_three_sigkills(broker_process, tmp_path, tall
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        assert not kills, f"the sender finished before every kill: {kills}"
+        assert not kills, f"the sender ended ({status}: {err}) before every kill: {kills}"
         assert status == 0, err
         assert len(results) == LINES
         cids = Counter(r["cid"] for r in results)
         assert set(cids) == {f"run1-{i}" for i in range(1, LINES + 1)}
         assert max(cids.values()) == 1
-        tally.add("acceptance: lines accepted across restarts", len(results))
-        tally.add("acceptance: lines answered dup after a restart",
+        tally.add(f"{how} restarts: lines accepted", len(results))
+        tally.add(f"{how} restarts: lines answered dup",
                   sum(1 for r in results if r["dup"]))
 
         listen = await trio.run_process(
