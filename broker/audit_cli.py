@@ -23,15 +23,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, TextIO
-
-import structlog
+from typing import TYPE_CHECKING, Any, TextIO
 
 from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, emit
 from broker.config import DEFAULT_DATA_DIR
-from storage import audit
-from storage.errors import CorruptLog, DataDirLocked, StorageError
-from storage.store import Store
+
+if TYPE_CHECKING:
+    from storage import audit
+    from storage.store import Store
 
 EXIT_FAULT = EXIT_REFUSED  # a check found a corrupt log or a projection difference
 PROGRESS_HZ = 10
@@ -160,6 +159,16 @@ def _lsn(text: str) -> int:
 # ---------------------------------------------------------------- opening the store
 
 
+def _import_storage() -> None:
+    """Bind storage's modules on first use, so other `homing` commands do not pay for them."""
+    global audit, CorruptLog, DataDirLocked, StorageError, Store, structlog
+    import structlog
+
+    from storage import audit
+    from storage.errors import CorruptLog, DataDirLocked, StorageError
+    from storage.store import Store
+
+
 @contextmanager
 def quiet_logs() -> Iterator[None]:
     """Keep storage's lifecycle logs (storage_opened ...) off stdout: warnings only, to stderr.
@@ -180,6 +189,7 @@ def _quietly(func):
     """Wrap an action: quiet storage logs, and end silently when stdout's reader goes away."""
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
+        _import_storage()
         try:
             with quiet_logs():
                 return func(args)
