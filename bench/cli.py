@@ -1,0 +1,216 @@
+"""`homing bench SCENARIO...`: end-to-end benchmarks of a real `homing serve` process.
+
+Registered by broker/cli.py through `add_parser(sub)`. Each scenario starts its own broker on a
+fresh temporary data directory and a free port, drives it from separate load processes, prints
+a results table, and can write every figure with the environment to JSON (`--json`) and a plot
+(`--plot`, needs matplotlib from the `bench` extra). `--peer nats://...` or `--peer redis://...`
+runs throughput and latency against NATS JetStream or Redis Streams with the same load layout
+and prints homing/peer ratios. docs/BENCHMARKS.md has the method and a reference run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+SCENARIOS = ("throughput", "latency", "fanout", "connections", "catchup", "replay")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(float(x)) for x in text.split(",") if x]
+
+
+def add_parser(sub: Any) -> None:
+    """Add the `bench` subcommand to the `homing` parser."""
+    p = sub.add_parser("bench", help="end-to-end benchmarks (docs/BENCHMARKS.md)",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("scenario", nargs="+", choices=(*SCENARIOS, "all"),
+                   help="what to run; `all` runs every scenario")
+    g = p.add_argument_group("load")
+    g.add_argument("--procs", type=int, default=4,
+                   help="load-generator processes for senders/receivers (default %(default)s)")
+    g.add_argument("--senders", type=int, default=16)
+    g.add_argument("--receivers", type=int, default=16)
+    g.add_argument("--messages", type=int, default=200_000,
+                   help="throughput: messages in total (default %(default)s)")
+    g.add_argument("--pipeline", type=int, default=256,
+                   help="sends in flight per sender connection (default %(default)s)")
+    g.add_argument("--rates", type=_ints, default=[1000, 5000, 20000],
+                   help="latency: comma-separated msg/s (default 1000,5000,20000)")
+    g.add_argument("--duration", type=float, default=10.0,
+                   help="latency: seconds per rate (default %(default)s)")
+    g.add_argument("--subscribers", type=_ints, default=[10, 100, 1000],
+                   help="fanout: comma-separated channel sizes (default 10,100,1000)")
+    g.add_argument("--posts", type=int, default=20, help="fanout: posts per size")
+    g.add_argument("--interval", type=float, default=0.1,
+                   help="fanout: seconds between posts, at least K/10000 (default %(default)s)")
+    g.add_argument("--connections", type=int, default=10_000,
+                   help="connections: idle connections to hold (default %(default)s)")
+    g.add_argument("--idle-procs", type=int, default=4, help="connections: processes holding them")
+    g.add_argument("--no-connections-throughput", dest="connections_throughput",
+                   action="store_false", help="connections: skip the throughput run on top")
+    g.add_argument("--catchup-messages", type=int, default=100_000)
+    g.add_argument("--replay-events", type=int, default=200_000)
+    g.add_argument("--replay-check", action="store_true",
+                   help="replay: also compare rebuilt projections with a fresh fold")
+    g.add_argument("--timeout", type=float, default=600.0, help="seconds per phase before failing")
+    b = p.add_argument_group("broker")
+    b.add_argument("--window", type=int, default=256, help="homing serve --window")
+    b.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
+                   help="extra argument for homing serve (repeatable, e.g. --broker-arg=--x=1)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write every figure and the environment")
+    o.add_argument("--plot", metavar="FILE.png", help="write a PNG (needs matplotlib)")
+    o.add_argument("--peer", action="append", default=[], metavar="URL",
+                   help="compare with nats://HOST:PORT (JetStream) or redis://HOST:PORT (Streams)")
+    p.set_defaults(func=cmd_bench)
+
+
+class Progress:
+    """A one-line progress indicator on stderr, shown only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, label: str, elapsed: float, done: int, total: int) -> None:
+        if self.tty:
+            sys.stderr.write(f"\r\033[K  {label}: {elapsed:6.1f} s  ({done}/{total})")
+            sys.stderr.flush()
+            self.shown = True
+
+    def clear(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+def note(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import report
+
+    chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
+    opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    progress = Progress()
+    results: dict[str, Any] = {}
+    started = time.monotonic()
+    for name in chosen:
+        note(f"== {name}")
+        try:
+            results[name] = RUNNERS[name](opts, progress)
+        finally:
+            progress.clear()
+    peers = _run_peers(args.peer, chosen, results, opts, progress) if args.peer else {}
+    doc = {"results": results, "peers": peers,
+           "environment": report.environment(opts),
+           "elapsed_s": round(time.monotonic() - started, 1)}
+    print(report.table(results))
+    env = doc["environment"]
+    print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
+          f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}")
+    if args.json:
+        report.write_json(args.json, doc)
+        note(f"wrote {args.json}")
+    if args.plot:
+        report.plot(args.plot, results)
+        note(f"wrote {args.plot}")
+    return 0
+
+
+def _broker(opts: dict):
+    from bench.harness import BrokerProcess
+
+    return BrokerProcess(window=opts["window"], extra=list(opts["broker_arg"]))
+
+
+def run_throughput(opts: dict, progress: Progress) -> dict:
+    from bench import scenarios
+
+    with _broker(opts) as broker:
+        return scenarios.throughput(broker, opts, progress)
+
+
+def run_latency(opts: dict, progress: Progress) -> list[dict]:
+    from bench import scenarios
+
+    out = []
+    for rate in opts["rates"]:
+        with _broker(opts) as broker:
+            out.append(scenarios.latency(broker, opts, rate, progress))
+    return out
+
+
+def run_fanout(opts: dict, progress: Progress) -> list[dict]:
+    from bench import scenarios
+
+    with _broker(opts) as broker:
+        return [scenarios.fanout(broker, opts, k, progress) for k in opts["subscribers"]]
+
+
+def run_connections(opts: dict, progress: Progress) -> dict:
+    from bench import scenarios
+
+    with _broker(opts) as broker:
+        return scenarios.connections(broker, opts, progress)
+
+
+def run_catchup(opts: dict, progress: Progress) -> dict:
+    from bench import scenarios
+
+    with _broker(opts) as broker:
+        return scenarios.catchup(broker, opts, progress)
+
+
+def run_replay(opts: dict, progress: Progress) -> dict:
+    from bench import scenarios
+
+    return scenarios.replay(opts, progress)
+
+
+RUNNERS = {"throughput": run_throughput, "latency": run_latency, "fanout": run_fanout,
+           "connections": run_connections, "catchup": run_catchup, "replay": run_replay}
+
+
+def _run_peers(urls: list[str], chosen: list[str], results: dict, opts: dict,
+               progress: Progress) -> dict:
+    """Run throughput and latency against each reachable peer; attach figures and ratios."""
+    from bench import peers
+
+    status = {}
+    for url in urls:
+        name = peers.peer_name(url)
+        problem = peers.unreachable(url)
+        if problem:
+            note(f"peer {url} not reachable ({problem}); going on without it")
+            status[name] = {"url": url, "reachable": False, "reason": problem}
+            continue
+        status[name] = {"url": url, "reachable": True}
+        try:
+            if "throughput" in chosen:
+                note(f"== throughput vs {name}")
+                _attach(results["throughput"], name,
+                        peers.throughput(url, opts, progress), ("msgs_per_s", "sends_per_s"))
+            if "latency" in chosen:
+                for entry in results["latency"]:
+                    note(f"== latency {entry['rate']:g}/s vs {name}")
+                    _attach(entry, name, peers.latency(url, opts, entry["rate"], progress),
+                            ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "achieved_per_s"))
+        except Exception as exc:  # a peer failing mid-run must not lose homing's figures
+            note(f"peer {url} failed: {type(exc).__name__}: {exc}")
+            status[name]["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            progress.clear()
+    return status
+
+
+def _attach(entry: dict, name: str, peer: dict, keys: tuple[str, ...]) -> None:
+    entry.setdefault("peer", {})[name] = peer
+    entry.setdefault("ratio", {})[name] = {
+        k: round(entry[k] / peer[k], 3) for k in keys if peer.get(k) and k in entry}

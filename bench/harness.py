@@ -1,0 +1,248 @@
+"""The bench harness: a broker in its own process, load workers in theirs, and /proc readings.
+
+`BrokerProcess` runs `homing serve` on a fresh temporary data directory and a free loopback port
+(log level warning, send-rate limits raised so the benchmark measures the broker, not its
+throttle). `Workers` starts load-generator processes (multiprocessing, spawn), each running one
+function of `bench.loadgen` with its own spec; they connect, report ready, wait for one common
+go, run, report their figures, and exit when told. CPU time of every process comes from
+/proc/PID/stat, so we can show that the clients were not the bottleneck.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from multiprocessing.connection import wait as wait_pipes
+from pathlib import Path
+from typing import Any
+
+from broker import tokens
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+UNLIMITED_RATE = 1e9
+"""The --send-rate and --user-send-rate every bench broker runs with (the limits are off)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds used so far by process `pid` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of `pid` in MiB (VmRSS of /proc/PID/status)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class BrokerProcess:
+    """`homing serve` as a subprocess on a temporary data directory; a context manager."""
+
+    def __init__(self, *, window: int = 256, extra: list[str] | None = None,
+                 keep_data: bool = False) -> None:
+        self.window = window
+        self.extra = extra or []
+        self.keep_data = keep_data or bool(os.environ.get("HOMING_BENCH_KEEP"))
+        self.data = Path(tempfile.mkdtemp(prefix="homing-bench-"))
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self.secret = b""
+        self.argv: list[str] = []
+
+    @property
+    def server(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> BrokerProcess:
+        homing = Path(sys.executable).with_name("homing")
+        cmd = [str(homing)] if homing.exists() else [sys.executable, "-m", "broker.cli"]
+        self.argv = [*cmd, "serve", "--data", str(self.data), "--port", str(self.port),
+                     "--log-level", "warning", "--log-format", "json",
+                     "--window", str(self.window), "--send-rate", str(UNLIMITED_RATE),
+                     "--user-send-rate", str(UNLIMITED_RATE), *self.extra]
+        self.log = open(self.data.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait_listening()
+        self.secret = tokens.load_secret(self.data)
+        return self
+
+    def _wait_listening(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the broker exited with {self.proc.returncode}; "
+                                   f"see {self.log.name}")
+            with contextlib.suppress(OSError), socket.create_connection(
+                    ("127.0.0.1", self.port), timeout=0.2):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the broker did not listen on {self.port} within {timeout:g} s")
+
+    def token(self, user: str) -> str:
+        """A fresh user token for `user`, signed with this broker's secret."""
+        return tokens.issue(self.secret, user, "user", 3600)
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+    def rss_mib(self) -> float:
+        return rss_mib(self.pid)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+        if not self.keep_data:
+            shutil.rmtree(self.data, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(self.data.with_suffix(".log"))
+
+    def __enter__(self) -> BrokerProcess:
+        return self.start()
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.keep_data = True  # keep the broker's log and data to look at
+            sys.stderr.write(f"broker data and log kept: {self.data} ({self.data}.log)\n")
+        self.stop()
+
+
+def _worker_main(target: str, spec: dict, pipe: Any) -> None:
+    """Entry point of a load process: run `bench.loadgen.<target>(spec, pipe)`."""
+    import importlib
+
+    module, _, name = target.rpartition(".")
+    fn = getattr(importlib.import_module(module), name)
+    try:
+        fn(spec, pipe)
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            pipe.send(("error", "".join(traceback.format_exception(exc))[-3000:]))
+        raise
+
+
+class WorkerError(RuntimeError):
+    """A load process failed or did not answer in time."""
+
+
+class Workers:
+    """A set of load processes driven in lock step: ready, go, done, exit."""
+
+    def __init__(self, jobs: list[tuple[str, dict]], progress: Any = None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.pipes = []
+        self.procs = []
+        self.progress = progress
+        for target, spec in jobs:
+            ours, theirs = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(target, spec, theirs), daemon=True)
+            p.start()
+            theirs.close()
+            self.pipes.append(ours)
+            self.procs.append(p)
+
+    def gather(self, want: str, timeout: float, label: str = "") -> list[Any]:
+        """Wait for every process to send `(want, payload)`; return the payloads in order."""
+        out: list[Any] = [None] * len(self.pipes)
+        waiting = dict(enumerate(self.pipes))
+        deadline = time.monotonic() + timeout
+        started = time.monotonic()
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WorkerError(f"{len(waiting)} load process(es) sent no {want!r} "
+                                  f"within {timeout:g} s")
+            ready = wait_pipes(list(waiting.values()), timeout=min(left, 0.5))
+            if self.progress is not None:
+                self.progress(label or want, time.monotonic() - started,
+                              len(self.pipes) - len(waiting), len(self.pipes))
+            for pipe in ready:
+                i = next(k for k, v in waiting.items() if v is pipe)
+                try:
+                    kind, payload = pipe.recv()
+                except EOFError:
+                    raise WorkerError(f"load process {i} died "
+                                      f"(exit {self.procs[i].exitcode})") from None
+                if kind == "error":
+                    raise WorkerError(f"load process {i}: {payload}")
+                if kind != want:
+                    raise WorkerError(f"load process {i} sent {kind!r}, expected {want!r}")
+                out[i] = payload
+                del waiting[i]
+        return out
+
+    def broadcast(self, message: Any) -> None:
+        for pipe in self.pipes:
+            pipe.send(message)
+
+    def cpu(self) -> list[float]:
+        return [cpu_seconds(p.pid) for p in self.procs]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError, BrokenPipeError):
+                pipe.send(("exit", None))
+        for p in self.procs:
+            p.join(10)
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+        for pipe in self.pipes:
+            pipe.close()
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_phase(workers: Workers, *, timeout: float, pids: dict[str, int], label: str,
+              go: Any = None) -> tuple[list[Any], dict[str, float], float]:
+    """Say go, wait for every `done`, and return (payloads, CPU% per named pid, wall seconds).
+
+    CPU% is CPU seconds over wall seconds of the phase, per process: 100 is one core busy.
+    """
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    workers_before = workers.cpu()
+    started = time.monotonic()
+    workers.broadcast(("go", go))
+    results = workers.gather("done", timeout, label)
+    wall = time.monotonic() - started
+    cpu = {name: 100 * (cpu_seconds(pid) - before[name]) / wall for name, pid in pids.items()}
+    for i, (b, a) in enumerate(zip(workers_before, workers.cpu(), strict=True)):
+        cpu[f"load{i}"] = 100 * (a - b) / wall
+    return results, cpu, wall

@@ -1,0 +1,427 @@
+"""Load generators for homing: one function per process kind, run by `bench.harness.Workers`.
+
+Each speaks the wire protocol directly with the sans-IO `protocol.Connection` over trio sockets:
+sends are pipelined (up to `pipeline` requests in flight per connection, each answered by a
+durable `result`), and deliveries are acked cumulatively, one `ack` per received chunk. A
+process connects everything, sends ("ready", info), waits for ("go", payload), runs, sends
+("done", figures) and exits on ("exit", None).
+
+Clocks: `time.monotonic_ns()` is CLOCK_MONOTONIC, one clock for every process on the machine,
+so a time written into a body by one process can be subtracted in another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from typing import Any
+
+import trio
+
+import protocol as wire
+from bench.histogram import Histogram
+
+RECV_BYTES = 1 << 18
+STAMP_DIGITS = 20  # a body starts with its scheduled send time, monotonic ns, zero-padded
+
+
+def raise_nofile() -> int:
+    """Raise this process's open-file soft limit to the hard limit; return the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
+
+
+def stamped_body(ns: int, size: int) -> str:
+    """A body of `size` bytes that starts with the time `ns`."""
+    stamp = f"{ns:0{STAMP_DIGITS}d}"
+    return stamp + "x" * max(0, size - len(stamp))
+
+
+class Link:
+    """One device connection: a trio stream and its protocol state."""
+
+    def __init__(self, stream: trio.SocketStream, conn: wire.Connection, welcome: wire.Welcome):
+        self.stream, self.conn, self.welcome = stream, conn, welcome
+        self.closed_by: Any = None
+
+    @classmethod
+    async def open(cls, server: str, token: str, device: str) -> Link:
+        host, _, port = server.rpartition(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        conn = wire.Connection(wire.Role.CLIENT)
+        await stream.send_all(conn.send(wire.Hello(versions=(wire.PROTOCOL_VERSION,),
+                                                   token=token, device=device)))
+        while (event := conn.next_event()) is wire.NEED_DATA:
+            conn.receive_data(await stream.receive_some(RECV_BYTES))
+        if not isinstance(event, wire.Welcome):
+            await stream.aclose()
+            raise RuntimeError(f"handshake refused: {event!r}")
+        conn.max_frame_bytes = event.max_frame
+        return cls(stream, conn, event)
+
+    async def frames(self) -> list[Any] | None:
+        """The frames of the next received chunk (pings answered here); None at EOF."""
+        data = await self.stream.receive_some(RECV_BYTES)
+        conn = self.conn
+        conn.receive_data(data)
+        out = []
+        while (event := conn.next_event()) is not wire.NEED_DATA:
+            if event is wire.CLOSED or isinstance(event, wire.Bye):
+                self.closed_by = event
+                return None
+            if isinstance(event, wire.Error) and event.close:
+                self.closed_by = event
+                return None
+            if isinstance(event, wire.Ping):
+                await self.stream.send_all(conn.send(wire.Pong(id=event.id)))
+                continue
+            out.append(event)
+        return out
+
+    async def request(self, frame: Any) -> Any:
+        """Send one request and return its reply (pushes before it are dropped)."""
+        await self.stream.send_all(self.conn.send(frame))
+        while True:
+            frames = await self.frames()
+            if frames is None:
+                raise RuntimeError("connection closed while waiting for a reply")
+            for f in frames:
+                if getattr(f, "id", None) == frame.id:
+                    if isinstance(f, wire.Error):
+                        raise RuntimeError(f"{f.name}: {f.message}")
+                    return f
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.stream.send_all(self.conn.send(wire.Bye(reason="bench done")))
+        await trio.aclose_forcefully(self.stream)
+
+
+async def wait_message(pipe: Any) -> tuple[str, Any]:
+    """The next ("go"|"exit", payload) from the orchestrator, without blocking trio."""
+    return await trio.to_thread.run_sync(pipe.recv, abandon_on_cancel=True)
+
+
+# -- senders and receivers (throughput, latency, catchup) --------------------------------------
+
+class SenderStats:
+    def __init__(self) -> None:
+        self.sent = self.answered = self.errors = 0
+        self.first_send = self.last_result = 0
+        self.error_names: dict[str, int] = {}
+        self.ack_latency = Histogram()
+
+
+async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats, go: dict) -> None:
+    """Send `job["count"]` messages to `job["to"]`, closed loop (pipelined) or at a fixed rate."""
+    rate = job.get("rate")
+    count, pipeline, size = job["count"], spec["pipeline"], spec["body_bytes"]
+    prefix = job["cid_prefix"]
+    room = trio.Event()
+    sched: dict[int, int] = {}
+    stream, encode, Send, to = link.stream, link.conn.send, wire.Send, job["to"]
+    done = trio.Event()
+    fixed_body = "x" * size
+
+    async def read_results() -> None:
+        nonlocal room
+        while stats.answered < count:
+            frames = await link.frames()
+            if frames is None:
+                raise RuntimeError(f"broker closed a sender connection: {link.closed_by!r}")
+            now = time.monotonic_ns()
+            for f in frames:
+                if isinstance(f, wire.Result | wire.Error):
+                    stats.answered += 1
+                    if isinstance(f, wire.Error):
+                        stats.errors += 1
+                        stats.error_names[f.name] = stats.error_names.get(f.name, 0) + 1
+                    elif rate:
+                        stats.ack_latency.record((now - sched.pop(f.id, now)) // 1000)
+            stats.last_result = now
+            room.set()
+        done.set()
+
+    async def write_closed_loop() -> None:
+        nonlocal room
+        sent = 0
+        stats.first_send = time.monotonic_ns()
+        while sent < count:
+            n = min(pipeline - (sent - stats.answered), count - sent, 128)
+            if n <= 0:
+                await room.wait()
+                room = trio.Event()
+                continue
+            data = b"".join([encode(Send(id=i, cid=f"{prefix}{i}", body=fixed_body, to=to,
+                                         conv=None)) for i in range(sent + 1, sent + n + 1)])
+            sent += n
+            stats.sent = sent
+            await stream.send_all(data)
+
+    async def write_open_loop() -> None:
+        t0, period = go["t0_ns"], int(1e9 / rate)
+        sent = 0
+        stats.first_send = t0
+        while sent < count:
+            now = time.monotonic_ns()
+            due = min(count, (now - t0) // period + 1)
+            if due > sent:
+                frames = []
+                for i in range(sent + 1, due + 1):
+                    at = t0 + (i - 1) * period
+                    sched[i] = at
+                    frames.append(encode(Send(id=i, cid=f"{prefix}{i}", body=stamped_body(at, size),
+                                              to=to, conv=None)))
+                sent = due
+                stats.sent = sent
+                await stream.send_all(b"".join(frames))
+                continue
+            await trio.sleep((t0 + sent * period - now) / 1e9)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_results)
+        await (write_open_loop() if rate else write_closed_loop())
+        await done.wait()
+
+
+class ReceiverStats:
+    def __init__(self) -> None:
+        self.received = self.acks = self.ack_rejected = self.reacks = 0
+        self.first_delivery = self.last_delivery = 0
+        self.latency = Histogram()
+
+
+async def run_receiver(link: Link, expected: int, stats: ReceiverStats, go: dict,
+                       stamped: bool) -> None:
+    """Take `expected` message deliveries, acking each received chunk with one cumulative ack."""
+    encode, stream = link.conn.send, link.stream
+    acked = seen = 0
+    cutoff = go.get("t0_ns", 0) + go.get("warmup_ns", 0)
+    record = stats.latency.record
+    while stats.received < expected:
+        frames = await _frames_or_reack(link, stats, seen)
+        now = time.monotonic_ns()
+        for f in frames:
+            if isinstance(f, wire.Deliver) and f.inbox_seq > seen:
+                seen = f.inbox_seq
+                if f.kind == "msg":
+                    stats.received += 1
+                    if stamped:
+                        at = int(f.body[:STAMP_DIGITS])
+                        if at >= cutoff:
+                            record((now - at) // 1000)
+            elif isinstance(f, wire.Error) and f.id is None:
+                stats.ack_rejected += 1
+        if seen > acked:
+            acked = seen
+            stats.acks += 1
+            await stream.send_all(encode(wire.Ack(upto=seen)))
+        if not stats.first_delivery and stats.received:
+            stats.first_delivery = now
+        stats.last_delivery = now
+
+
+REACK_AFTER_S = 0.02
+
+
+async def _frames_or_reack(link: Link, stats: Any, seen: int) -> list[Any]:
+    """The next chunk's frames; after a rejected ack, re-send the ack while nothing arrives.
+
+    Works around a broker race (reported to the lead): a session may deliver inbox entries
+    committed a moment before its own inbox head moved, and then refuse the ack of them with
+    `invalid` "cannot ack N: the inbox ends at M". With the window full nothing else arrives,
+    so without a second ack the device would stall. Acks are cumulative, so repeating is safe.
+    """
+    while True:
+        frames = None
+        with trio.move_on_after(REACK_AFTER_S if stats.ack_rejected > stats.reacks else 1e9):
+            frames = await link.frames()
+            if frames is None:
+                raise RuntimeError(f"broker closed a receiving connection: {link.closed_by!r}")
+        if frames is not None:
+            return frames
+        stats.reacks += 1
+        await link.stream.send_all(link.conn.send(wire.Ack(upto=seen)))
+
+
+def clients(spec: dict, pipe: Any) -> None:
+    """A process of senders and receivers (throughput, latency, catchup); see module doc."""
+    raise_nofile()
+    trio.run(_clients, spec, pipe)
+
+
+async def _clients(spec: dict, pipe: Any) -> None:
+    server = spec["server"]
+    late = spec.get("receivers_connect_on_go", False)
+    senders = [await Link.open(server, j["token"], "bench") for j in spec["senders"]]
+    receivers = [] if late else [await Link.open(server, j["token"], "bench")
+                                 for j in spec["receivers"]]
+    pipe.send(("ready", {"connections": len(senders) + len(receivers)}))
+    kind, go = await wait_message(pipe)
+    if kind != "go":
+        return
+    go = go or {}
+    s_stats = [SenderStats() for _ in senders]
+    r_stats = [ReceiverStats() for _ in spec["receivers"]]
+    connect_ns = time.monotonic_ns()
+    async with trio.open_nursery() as nursery:
+        for link, job, st in zip(senders, spec["senders"], s_stats, strict=True):
+            nursery.start_soon(run_sender, link, spec, job, st, go)
+        if late:
+            receivers = [await Link.open(server, j["token"], "bench") for j in spec["receivers"]]
+        for link, job, st in zip(receivers, spec["receivers"], r_stats, strict=True):
+            nursery.start_soon(run_receiver, link, job["expected"], st, go, spec["stamped"])
+    latency, ack_latency = Histogram(), Histogram()
+    for st in r_stats:
+        latency.merge(st.latency)
+    for st in s_stats:
+        ack_latency.merge(st.ack_latency)
+    errors: dict[str, int] = {}
+    for st in s_stats:
+        for name, n in st.error_names.items():
+            errors[name] = errors.get(name, 0) + n
+    pipe.send(("done", {
+        "sent": sum(s.sent for s in s_stats), "errors": errors,
+        "first_send": min((s.first_send for s in s_stats), default=0),
+        "last_result": max((s.last_result for s in s_stats), default=0),
+        "received": sum(r.received for r in r_stats), "acks": sum(r.acks for r in r_stats),
+        "ack_rejected": sum(r.ack_rejected for r in r_stats),
+        "connect": connect_ns,
+        "first_delivery": min((r.first_delivery for r in r_stats if r.first_delivery),
+                              default=0),
+        "last_delivery": max((r.last_delivery for r in r_stats), default=0),
+        "latency": latency.to_dict(), "ack_latency": ack_latency.to_dict(),
+    }))
+    for link in senders + receivers:
+        await link.aclose()
+    await wait_message(pipe)
+
+
+# -- fan-out --------------------------------------------------------------------------------
+
+def subscribers(spec: dict, pipe: Any) -> None:
+    """Subscribers of one channel: per post, the latest delivery time in this process."""
+    raise_nofile()
+    trio.run(_subscribers, spec, pipe)
+
+
+async def _subscribers(spec: dict, pipe: Any) -> None:
+    server, conv, posts = spec["server"], spec["conv"], spec["posts"]
+    links: list[Link] = []
+    limit = trio.CapacityLimiter(64)
+
+    async def join(user: str, token: str) -> None:
+        async with limit:
+            link = await Link.open(server, token, "bench")
+            await link.request(wire.Subscribe(id=1, conv=conv))
+            links.append(link)
+
+    async with trio.open_nursery() as nursery:
+        for user, token in spec["subs"]:
+            nursery.start_soon(join, user, token)
+    pipe.send(("ready", {"connections": len(links)}))
+    kind, _ = await wait_message(pipe)
+    if kind != "go":
+        return
+    last: dict[int, int] = {}  # post seq -> latest (delivery - post time), ns
+    count = 0
+
+    async def listen(link: Link) -> None:
+        nonlocal count
+        got = acked = 0
+        stats = ReceiverStats()
+        while got < posts:
+            frames = await _frames_or_reack(link, stats, acked)
+            now = time.monotonic_ns()
+            for f in frames:
+                if isinstance(f, wire.Deliver) and f.kind == "msg" and f.inbox_seq > acked:
+                    got += 1
+                    acked = f.inbox_seq
+                    lat = now - int(f.body[:STAMP_DIGITS])
+                    if lat > last.get(f.seq, 0):
+                        last[f.seq] = lat
+                elif isinstance(f, wire.Error) and f.id is None:
+                    stats.ack_rejected += 1
+            if acked:
+                await link.stream.send_all(link.conn.send(wire.Ack(upto=acked)))
+        count += got
+
+    async with trio.open_nursery() as nursery:
+        for link in links:
+            nursery.start_soon(listen, link)
+    pipe.send(("done", {"last_ns": last, "deliveries": count}))
+    for link in links:
+        await link.aclose()
+    await wait_message(pipe)
+
+
+def poster(spec: dict, pipe: Any) -> None:
+    """The channel owner: `posts` posts, one every `interval_s`, each stamped with its time."""
+    trio.run(_poster, spec, pipe)
+
+
+async def _poster(spec: dict, pipe: Any) -> None:
+    link = await Link.open(spec["server"], spec["token"], "bench")
+    pipe.send(("ready", {"connections": 1}))
+    kind, _ = await wait_message(pipe)
+    if kind != "go":
+        return
+    for i in range(1, spec["posts"] + 1):
+        at = time.monotonic_ns()
+        await link.request(wire.Send(id=i, cid=f"p{i}", body=stamped_body(at, spec["body_bytes"]),
+                                     to=None, conv=spec["conv"]))
+        await trio.sleep(max(0.0, spec["interval_s"] - (time.monotonic_ns() - at) / 1e9))
+    pipe.send(("done", {"posts": spec["posts"]}))
+    await link.aclose()
+    await wait_message(pipe)
+
+
+# -- idle connections -------------------------------------------------------------------------
+
+def idle(spec: dict, pipe: Any) -> None:
+    """Hold many authenticated idle connections (pinging each heartbeat) until told to exit."""
+    limit = raise_nofile()
+    trio.run(_idle, spec, pipe, limit)
+
+
+async def _idle(spec: dict, pipe: Any, nofile: int) -> None:
+    server = spec["server"]
+    links: list[Link] = []
+    failures: dict[str, int] = {}
+    limiter = trio.CapacityLimiter(spec.get("concurrency", 100))
+    started = time.monotonic()
+
+    async def connect(token: str, device: str) -> None:
+        async with limiter:
+            try:
+                links.append(await Link.open(server, token, device))
+            except (OSError, RuntimeError, trio.BrokenResourceError) as exc:
+                name = type(exc).__name__
+                failures[name] = failures.get(name, 0) + 1
+
+    async with trio.open_nursery() as nursery:
+        for token, device in spec["conns"]:
+            nursery.start_soon(connect, token, device)
+    pipe.send(("ready", {"connected": len(links), "failures": failures, "nofile": nofile,
+                         "connect_s": time.monotonic() - started}))
+
+    async def keep(link: Link, every: float) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                with trio.move_on_after(every):
+                    if await link.frames() is None:
+                        return
+                await link.stream.send_all(link.conn.send(wire.Ping()))
+
+    async with trio.open_nursery() as nursery:
+        for link in links:
+            nursery.start_soon(keep, link, float(spec.get("ping_s", 10)))
+        await wait_message(pipe)
+        nursery.cancel_scope.cancel()
+    for link in links:
+        await trio.aclose_forcefully(link.stream)

@@ -1,0 +1,184 @@
+"""What a bench run prints and writes: the results table, the environment, the JSON, the plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PACKAGES = ("homing", "trio", "msgpack", "lmdb", "structlog", "nats-py", "redis", "matplotlib")
+
+
+def environment(settings: dict) -> dict:
+    """CPU, cores, Python, package versions, git commit and the run's settings."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    root = Path(__file__).resolve().parent.parent
+    commit = _git(root, "rev-parse", "HEAD")
+    dirty = bool(_git(root, "status", "--porcelain", "--untracked-files=no"))
+    return {
+        "cpu_model": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+        "platform": platform.platform(), "packages": versions,
+        "git_commit": commit, "git_dirty": dirty,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings,
+    }
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+def rows(results: dict) -> list[tuple[str, str, Any, Any, Any]]:
+    """(scenario, figure, homing, peer, ratio) rows for every headline figure."""
+    out = []
+
+    def add(name: str, entry: dict, keys: tuple[str, ...]) -> None:
+        peers = entry.get("peer") or {}
+        for key in keys:
+            if key not in entry:
+                continue
+            if peers:
+                for peer_name, peer in peers.items():
+                    ratio = (entry.get("ratio") or {}).get(peer_name, {}).get(key)
+                    out.append((name, key, entry[key], f"{peer_name}: {_fmt(peer.get(key))}",
+                                ratio))
+            else:
+                out.append((name, key, entry[key], None, None))
+        cpu = entry.get("cpu")
+        if cpu:
+            out.append((name, "cpu broker / load %", f"{cpu['broker_pct']:.0f} / "
+                        f"{cpu['load_pct_total']:.0f} (max {cpu['load_pct_max_process']:.0f})",
+                        None, None))
+
+    if "throughput" in results:
+        add("throughput", results["throughput"], ("msgs_per_s", "sends_per_s"))
+    for entry in results.get("latency", []):
+        add(f"latency {entry['rate']:g}/s", entry,
+            ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "achieved_per_s"))
+    for entry in results.get("fanout", []):
+        add(f"fanout {entry['subscribers']}", entry,
+            ("last_delivery_ms", "last_delivery_p99_ms", "deliveries_per_s"))
+    if "connections" in results:
+        entry = results["connections"]
+        add("connections", entry, ("connections", "rss_mib", "rss_per_connection_kib"))
+        if "throughput" in entry:
+            add("connections+throughput", entry["throughput"], ("msgs_per_s", "sends_per_s"))
+    if "catchup" in results:
+        add("catchup", results["catchup"], ("events_per_s", "fill_sends_per_s"))
+    if "replay" in results:
+        add("replay", results["replay"], ("events_per_s", "events"))
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.3f}" if v < 100 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def table(results: dict) -> str:
+    """The results as an aligned text table (Markdown-compatible)."""
+    data = rows(results)
+    has_peer = any(r[3] is not None for r in data)
+    head = ["scenario", "figure", "homing"] + (["peer", "homing/peer"] if has_peer else [])
+    lines = [[r[0], r[1], _fmt(r[2])] + ([r[3] or "", _fmt(r[4]) if r[4] is not None else ""]
+                                         if has_peer else []) for r in data]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=False)]
+
+    def fmt(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)) \
+            + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(head), sep, *(fmt(line) for line in lines)])
+
+
+def write_json(path: str, doc: dict) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+
+
+# -- the plot ------------------------------------------------------------------------------------
+
+def plot(path: str, results: dict) -> None:
+    """Latency percentiles per rate, and throughput per scenario, as one PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.stderr.write("--plot needs matplotlib: pip install 'homing[bench]' "
+                         "(or pip install matplotlib)\n")
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = ["p50", "p90", "p99", "p99.9", "max"]
+    keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"]
+    for entry in results.get("latency", []):
+        left.plot(labels, [entry[k] for k in keys], marker="o", label=f"homing {entry['rate']:g}/s")
+        for name, peer in (entry.get("peer") or {}).items():
+            left.plot(labels, [peer[k] for k in keys], marker="x", linestyle="--",
+                      label=f"{name} {entry['rate']:g}/s")
+    left.set_yscale("log")
+    left.set_ylabel("send -> delivery, ms")
+    left.set_title("latency (open loop)")
+    if results.get("latency"):
+        left.legend(fontsize="small")
+    names, values, peer_values = [], [], []
+    for label, entry, key in _throughput_bars(results):
+        names.append(label)
+        values.append(entry[key])
+        peer_values.append({n: p.get(key) for n, p in (entry.get("peer") or {}).items()})
+    xs = range(len(names))
+    right.bar([x - 0.2 for x in xs], values, width=0.4, label="homing")
+    for name in sorted({n for pv in peer_values for n in pv}):
+        right.bar([x + 0.2 for x in xs], [pv.get(name) or 0 for pv in peer_values], width=0.4,
+                  label=name)
+    right.set_xticks(list(xs), names, rotation=20, fontsize="small")
+    right.set_ylabel("per second")
+    right.set_title("throughput per scenario")
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _throughput_bars(results: dict) -> list[tuple[str, dict, str]]:
+    bars = []
+    if "throughput" in results:
+        bars.append(("throughput msgs/s", results["throughput"], "msgs_per_s"))
+    if "throughput" in results.get("connections", {}):
+        bars.append(("with idle conns", results["connections"]["throughput"], "msgs_per_s"))
+    for entry in results.get("fanout", []):
+        bars.append((f"fanout {entry['subscribers']} deliv/s", entry, "deliveries_per_s"))
+    if "catchup" in results:
+        bars.append(("catchup events/s", results["catchup"], "events_per_s"))
+    if "replay" in results:
+        bars.append(("replay events/s", results["replay"], "events_per_s"))
+    return bars

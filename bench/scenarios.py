@@ -1,0 +1,285 @@
+"""The end-to-end scenarios: each drives a `homing serve` process with load processes.
+
+Every scenario function takes the running `BrokerProcess` and its options, and returns a dict of
+figures (the JSON keys scripts read are documented in docs/BENCHMARKS.md) plus `cpu`, the CPU%
+of the broker and of each load process during the measured phase (100 = one core), which is how
+we know whether the clients or the broker were the bottleneck.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import trio
+
+import protocol as wire
+from bench.harness import BrokerProcess, Workers, run_phase
+from bench.histogram import Histogram
+from bench.loadgen import Link
+
+BODY_BYTES = 200
+_tags = itertools.count(1)
+
+
+def _tag(name: str) -> str:
+    """A fresh user-name prefix, so scenarios sharing one broker never share users."""
+    return f"{name}{next(_tags)}x{int(time.time()) % 100000}"
+
+
+def _ms(us: int) -> float:
+    return round(us / 1000, 3)
+
+
+def _split(n: int, parts: int) -> list[int]:
+    return [n // parts + (1 if i < n % parts else 0) for i in range(parts)]
+
+
+def client_jobs(broker: BrokerProcess, *, senders: int, receivers: int, messages: int,
+                procs: int, rate: float | None = None, sink: str | None = None,
+                tag: str) -> list[dict]:
+    """Per-process sender and receiver jobs: sender i posts to receiver i % R (or to `sink`)."""
+    counts = _split(messages, senders)
+    jobs = [{"senders": [], "receivers": []} for _ in range(procs)]
+    expected = [0] * receivers
+    for i, count in enumerate(counts):
+        to = sink or f"{tag}r{i % receivers}"
+        if not sink:
+            expected[i % receivers] += count
+        user = f"{tag}s{i}"
+        jobs[i % procs]["senders"].append({
+            "token": broker.token(user), "to": to, "count": count, "cid_prefix": f"{tag}-",
+            "rate": rate / senders if rate else None})
+    if not sink:
+        for j in range(receivers):
+            user = f"{tag}r{j}"
+            jobs[j % procs]["receivers"].append({"token": broker.token(user),
+                                                 "expected": expected[j]})
+    return jobs
+
+
+def _spec(broker: BrokerProcess, job: dict, opts: dict, **extra: Any) -> dict:
+    return {"server": broker.server, "pipeline": opts["pipeline"], "body_bytes": BODY_BYTES,
+            "stamped": False, **job, **extra}
+
+
+def _merge(results: list[dict]) -> dict:
+    """Sum and min/max the per-process figures of `bench.loadgen.clients`."""
+    latency, ack_latency = Histogram(), Histogram()
+    errors: dict[str, int] = {}
+    for r in results:
+        latency.merge(Histogram.from_dict(r["latency"]))
+        ack_latency.merge(Histogram.from_dict(r["ack_latency"]))
+        for name, n in r["errors"].items():
+            errors[name] = errors.get(name, 0) + n
+    nonzero = [r["first_send"] for r in results if r["first_send"]]
+    return {
+        "sent": sum(r["sent"] for r in results), "received": sum(r["received"] for r in results),
+        "acks": sum(r["acks"] for r in results), "errors": errors,
+        "ack_rejected": sum(r.get("ack_rejected", 0) for r in results),
+        "first_send": min(nonzero, default=0),
+        "last_result": max(r["last_result"] for r in results),
+        "last_delivery": max(r["last_delivery"] for r in results),
+        "connect": min(r["connect"] for r in results),
+        "latency": latency, "ack_latency": ack_latency,
+    }
+
+
+def _cpu_summary(cpu: dict[str, float]) -> dict[str, float]:
+    load = [v for k, v in cpu.items() if k.startswith("load")]
+    return {"broker_pct": round(cpu.get("broker", 0.0), 1),
+            "load_pct_total": round(sum(load), 1),
+            "load_pct_max_process": round(max(load, default=0.0), 1),
+            "load_pct": [round(v, 1) for v in load]}
+
+
+def run_clients(broker: BrokerProcess, jobs: list[dict], opts: dict, *, label: str,
+                timeout: float, progress: Any, go: Any = None, **extra: Any) -> tuple[dict, dict]:
+    """Start one load process per job, run one phase, return (merged figures, cpu)."""
+    specs = [("bench.loadgen.clients", _spec(broker, job, opts, **extra)) for job in jobs]
+    with Workers(specs, progress) as workers:
+        workers.gather("ready", 120, f"{label}: connecting")
+        go_payload = go() if callable(go) else go
+        results, cpu, _wall = run_phase(workers, timeout=timeout, pids={"broker": broker.pid},
+                                        label=label, go=go_payload)
+    return _merge(results), _cpu_summary(cpu)
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+def throughput(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict:
+    """S senders -> R receivers in direct conversations; each send durable, each delivery acked."""
+    s, r, n = opts["senders"], opts["receivers"], opts["messages"]
+    jobs = client_jobs(broker, senders=s, receivers=r, messages=n, procs=opts["procs"],
+                       tag=_tag("t"))
+    m, cpu = run_clients(broker, jobs, opts, label="throughput", timeout=opts["timeout"],
+                         progress=progress)
+    end_to_end = (m["last_delivery"] - m["first_send"]) / 1e9
+    accepted = (m["last_result"] - m["first_send"]) / 1e9
+    ok = m["sent"] - sum(m["errors"].values())
+    return {
+        "senders": s, "receivers": r, "messages": n, "received": m["received"],
+        "msgs_per_s": round(m["received"] / end_to_end), "sends_per_s": round(ok / accepted),
+        "seconds": round(end_to_end, 3), "acks": m["acks"], "errors": m["errors"],
+        "ack_rejected": m["ack_rejected"], "cpu": cpu,
+    }
+
+
+def latency(broker: BrokerProcess, opts: dict, rate: float, progress: Any = None) -> dict:
+    """Open loop at `rate` msg/s for `duration` s; send -> delivery from the scheduled send time."""
+    s, r, duration = opts["senders"], opts["receivers"], opts["duration"]
+    warmup = min(1.0, duration / 5)
+    n = int(rate * duration)
+    jobs = client_jobs(broker, senders=s, receivers=r, messages=n, procs=opts["procs"],
+                       rate=rate, tag=_tag("l"))
+
+    def go() -> dict:
+        return {"t0_ns": time.monotonic_ns() + 300_000_000, "warmup_ns": int(warmup * 1e9)}
+
+    m, cpu = run_clients(broker, jobs, opts, label=f"latency {rate:g}/s", go=go,
+                         timeout=duration * 4 + 60, progress=progress, stamped=True)
+    h, a = m["latency"], m["ack_latency"]
+    span = (m["last_delivery"] - m["first_send"]) / 1e9
+    return {
+        "rate": rate, "duration_s": duration, "warmup_s": warmup, "messages": n,
+        "received": m["received"], "achieved_per_s": round(m["received"] / span) if span else 0,
+        "samples": h.count,
+        "p50_ms": _ms(h.percentile(50)), "p90_ms": _ms(h.percentile(90)),
+        "p99_ms": _ms(h.percentile(99)), "p999_ms": _ms(h.percentile(99.9)),
+        "max_ms": _ms(h.max),
+        "durable_ack_p50_ms": _ms(a.percentile(50)), "durable_ack_p99_ms": _ms(a.percentile(99)),
+        "errors": m["errors"], "ack_rejected": m["ack_rejected"], "cpu": cpu,
+    }
+
+
+async def _create_channel(server: str, token: str) -> str:
+    link = await Link.open(server, token, "setup")
+    try:
+        reply = await link.request(wire.Create(id=1, kind="channel", name="bench", open=True))
+        return reply.conv
+    finally:
+        await link.aclose()
+
+
+def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> dict:
+    """One post to a channel of `k` connected subscribers, repeated; time to the last delivery."""
+    tag, posts = _tag("f"), opts["posts"]
+    owner = broker.token(f"{tag}owner")
+    conv = trio.run(_create_channel, broker.server, owner)
+    procs = max(1, min(opts["procs"], k))
+    subs = [(f"{tag}u{i}", broker.token(f"{tag}u{i}")) for i in range(k)]
+    interval = max(opts["interval"], k / 10_000)
+    specs = [("bench.loadgen.subscribers",
+              {"server": broker.server, "conv": conv, "posts": posts, "subs": subs[p::procs]})
+             for p in range(procs)]
+    specs.append(("bench.loadgen.poster", {"server": broker.server, "token": owner, "conv": conv,
+                                           "posts": posts, "interval_s": interval,
+                                           "body_bytes": BODY_BYTES}))
+    with Workers(specs, progress) as workers:
+        workers.gather("ready", 300, f"fanout {k}: subscribing")
+        results, cpu, _ = run_phase(workers, timeout=posts * interval * 4 + 60,
+                                    pids={"broker": broker.pid}, label=f"fanout {k}")
+    last: dict[int, int] = {}
+    for res in results[:-1]:
+        for seq, ns in res["last_ns"].items():
+            last[seq] = max(last.get(seq, 0), ns)
+    times = sorted(ns / 1e6 for ns in last.values())
+    p50 = statistics.median(times)
+    p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
+    return {
+        "subscribers": k, "posts": posts, "interval_s": interval,
+        "deliveries": sum(res["deliveries"] for res in results[:-1]),
+        "last_delivery_ms": round(p50, 3), "last_delivery_p99_ms": round(p99, 3),
+        "last_delivery_max_ms": round(times[-1], 3),
+        "deliveries_per_s": round(k / (p50 / 1000)) if p50 else 0,
+        "cpu": _cpu_summary(cpu),
+    }
+
+
+def connections(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict:
+    """C idle authenticated connections: broker RSS, then a throughput run on top of them."""
+    c, procs = opts["connections"], max(1, opts["idle_procs"])
+    tag = _tag("c")
+    base = broker.rss_mib()
+    conns = [(broker.token(f"{tag}u{i}"), "idle") for i in range(c)]
+    specs = [("bench.loadgen.idle", {"server": broker.server, "conns": conns[p::procs],
+                                     "ping_s": 10})
+             for p in range(procs)]
+    started = time.monotonic()
+    with Workers(specs, progress) as workers:
+        ready = workers.gather("ready", 600, f"connections: opening {c}")
+        connect_s = time.monotonic() - started
+        time.sleep(1.0)
+        rss = broker.rss_mib()
+        connected = sum(x["connected"] for x in ready)
+        failures: dict[str, int] = {}
+        for x in ready:
+            for name, n in x["failures"].items():
+                failures[name] = failures.get(name, 0) + n
+        on_top = throughput(broker, opts, progress) if opts.get("connections_throughput") else None
+        rss_after = broker.rss_mib()
+    out = {
+        "connections": connected, "requested": c, "failures": failures,
+        "rss_mib": round(rss, 1), "rss_base_mib": round(base, 1),
+        "rss_per_connection_kib": round((rss - base) * 1024 / max(1, connected), 2),
+        "connect_s": round(connect_s, 2), "nofile_per_process": ready[0]["nofile"],
+    }
+    if on_top is not None:
+        out["throughput"] = on_top
+        out["rss_after_throughput_mib"] = round(rss_after, 1)
+    return out
+
+
+def catchup(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict:
+    """A device offline while `catchup_messages` arrive, then connecting: its drain rate."""
+    n, tag = opts["catchup_messages"], _tag("k")
+    sink = f"{tag}sink"
+    jobs = client_jobs(broker, senders=opts["senders"], receivers=0, messages=n,
+                       procs=opts["procs"], sink=sink, tag=tag)
+    fill, fill_cpu = run_clients(broker, jobs, opts, label="catchup: filling",
+                                 timeout=opts["timeout"], progress=progress)
+    fill_s = (fill["last_result"] - fill["first_send"]) / 1e9
+    drain_job = {"senders": [], "receivers": [{"token": broker.token(sink), "expected": n}]}
+    m, cpu = run_clients(broker, [drain_job], opts, label="catchup: draining",
+                         timeout=opts["timeout"], progress=progress, receivers_connect_on_go=True)
+    drain_s = (m["last_delivery"] - m["connect"]) / 1e9
+    return {
+        "messages": n, "fill_sends_per_s": round(n / fill_s) if fill_s else 0,
+        "received": m["received"], "drain_s": round(drain_s, 3),
+        "events_per_s": round(m["received"] / drain_s) if drain_s else 0,
+        "acks": m["acks"], "ack_rejected": m["ack_rejected"], "cpu": cpu, "fill_cpu": fill_cpu,
+    }
+
+
+def replay(opts: dict, progress: Any = None) -> dict:
+    """Rebuild every projection from a log of `replay_events` message events (no broker)."""
+    from storage.commands import SendMessage
+    from storage.store import Store
+
+    n = opts["replay_events"]
+    users = [f"u{i:02d}" for i in range(16)]
+    with tempfile.TemporaryDirectory(prefix="homing-replay-") as d:
+        store = Store.open(d)
+        try:
+            batch = 5000
+            for base in range(0, n, batch):
+                if progress is not None:
+                    progress("replay: filling", 0.0, base, n)
+                store.execute([SendMessage(users[i % 16], "d", "user", f"c{i}", "x" * BODY_BYTES,
+                                           to=users[(i % 16) ^ 1])
+                               for i in range(base, min(base + batch, n))])
+            events = store.last_lsn()
+            started = time.perf_counter()
+            replayed = store.rebuild()
+            seconds = time.perf_counter() - started
+            mismatch = store.check_projections() if opts.get("replay_check") else None
+        finally:
+            store.close()
+    out = {"events": events, "replayed": replayed, "seconds": round(seconds, 3),
+           "events_per_s": round(replayed / seconds)}
+    if opts.get("replay_check"):
+        out["projections_match"] = mismatch is None
+    return out
