@@ -34,6 +34,8 @@ import trio
 import protocol as wire
 
 DEFAULT_SERVER = "127.0.0.1:7717"
+RETRYABLE = frozenset({"shutting_down", "timeout"})  # refusals worth reconnecting after
+DEAD_AFTER_HEARTBEATS = 3
 
 
 class ClientError(Exception):
@@ -87,6 +89,7 @@ class Client:
         self._yielded = 0  # highest inbox_seq handed to the caller
         self._acked = 0  # highest inbox_seq the caller acked
         self._closed = False
+        self._last_rx = time.monotonic()
         self._fatal: BaseException | None = None
         self.user: str | None = None
         self.reconnects = 0
@@ -221,6 +224,7 @@ class Client:
             raise
         conn.max_frame_bytes = welcome.max_frame
         self.welcome, self.user = welcome, welcome.user
+        self._last_rx = time.monotonic()
         self._stream, self._conn = stream, conn
         self._yielded = max(self._yielded, welcome.acked)
         async with self._send_lock:
@@ -242,22 +246,38 @@ class Client:
                 req.error = ConnectionLost("the connection dropped before the broker answered")
                 req.event.set()
 
+    async def _try_connect(self) -> BaseException | None:
+        """Connect once; the error to retry after, or None when connected.
+
+        Refusals that will not change by retrying (unauthorized, unsupported version, limits)
+        are raised.
+        """
+        try:
+            await self._connect_once()
+        except ClientError as exc:
+            if exc.name not in RETRYABLE:
+                raise
+            return exc
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                wire.ProtocolError, ConnectionLost) as exc:
+            return exc
+        return None
+
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         delay, started, first = 0.05, time.monotonic(), True
         while not self._closed:
             try:
-                await self._connect_once()
+                error = await self._try_connect()
             except ClientError as exc:
-                self._fail(exc)  # unauthorized, unsupported version, limits: do not retry
+                self._fail(exc)
                 if first:
                     task_status.started()
                 return
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    wire.ProtocolError, ConnectionLost) as exc:
+            if error is not None:
                 waited = time.monotonic() - started
                 if not self.reconnect or (self.reconnect_timeout is not None
                                           and waited > self.reconnect_timeout):
-                    self._fail(ConnectionLost(f"cannot reach {self.host}:{self.port}: {exc}"))
+                    self._fail(ConnectionLost(f"cannot reach {self.host}:{self.port}: {error}"))
                     if first:
                         task_status.started()
                     return
@@ -284,14 +304,22 @@ class Client:
             started = time.monotonic()
 
     async def _heartbeat(self, every: int) -> None:
+        """Ping every `every` s; drop a connection silent for 3 x `every` (a frozen broker)."""
+        every = max(1, every)
         while True:
-            await trio.sleep(max(1, every))
+            await trio.sleep(every)
+            if time.monotonic() - self._last_rx > DEAD_AFTER_HEARTBEATS * every:
+                stream = self._stream
+                if stream is not None:
+                    await trio.aclose_forcefully(stream)  # the reader fails and we reconnect
+                return
             await self._write_frame(wire.Ping())
 
     async def _reader(self) -> None:
         stream, conn = self._stream, self._conn
         while True:
             frame = await _next_frame(stream, conn)
+            self._last_rx = time.monotonic()
             if frame is None or isinstance(frame, wire.Bye):
                 return
             if isinstance(frame, wire.Deliver):
