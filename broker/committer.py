@@ -24,7 +24,7 @@ from storage.errors import StorageError
 
 log = structlog.get_logger("homing")
 
-Done = Callable[[Any, BaseException | None], None]
+Done = Callable[["Pending"], None]
 
 
 class ShuttingDown(Exception):
@@ -34,11 +34,12 @@ class ShuttingDown(Exception):
 class Pending:
     """One submitted command, waiting for its durable outcome."""
 
-    __slots__ = ("command", "done", "error", "event", "outcome")
+    __slots__ = ("command", "context", "done", "error", "event", "outcome")
 
-    def __init__(self, command: object, done: Done | None) -> None:
+    def __init__(self, command: object, done: Done | None, context: Any = None) -> None:
         self.command = command
         self.done = done
+        self.context = context  # whatever `done` needs (the request id, a reply builder)
         self.outcome: Any = None
         self.error: BaseException | None = None
         self.event: trio.Event | None = None
@@ -46,7 +47,7 @@ class Pending:
     def finish(self, outcome: Any, error: BaseException | None) -> None:
         self.outcome, self.error = outcome, error
         if self.done is not None:
-            self.done(outcome, error)
+            self.done(self)
         if self.event is not None:
             self.event.set()
 
@@ -76,11 +77,11 @@ class Committer:
         self.committed_lsn = store.last_lsn()
         self._lsn_moved = trio.Event()
 
-    def enqueue(self, command: object, done: Done | None = None) -> Pending:
-        """Queue `command` now, in submission order; `done(outcome, error)` runs after commit."""
+    def enqueue(self, command: object, done: Done | None = None, context: Any = None) -> Pending:
+        """Queue `command` now, in submission order; `done(pending)` runs after the commit."""
         if self._closing:
             raise ShuttingDown("the broker is shutting down")
-        pending = Pending(command, done)
+        pending = Pending(command, done, context)
         self._queue.append(pending)
         self._wake.set()
         return pending

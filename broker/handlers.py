@@ -22,23 +22,11 @@ FORBIDDEN = "no such conversation, or you are not a member"
 
 
 def _command(session: Session, request_id: int | None, command: object, reply) -> Any:
-    """Submit `command`; when durable, queue `reply(outcome.reply)` or the error."""
+    """Submit `command`; once durable, queue `reply(request_id, outcome.reply)` or the error."""
     broker = session.broker
     session.inflight += 1
-
-    def done(outcome: Any, error: BaseException | None) -> None:
-        session.request_done()
-        exc = error or (outcome.error if outcome is not None else None)
-        if exc is not None:
-            code, message = wire_error(exc)
-            if code is wire.ErrorCode.INTERNAL:
-                session.log.error("command_failed", command=type(command).__name__, exc_info=exc)
-            session.reply_error(request_id, code, message)
-        elif request_id is not None or reply is not None:
-            session.reply(reply(outcome.reply))
-
     try:
-        broker.committer.enqueue(command, done)
+        broker.committer.enqueue(command, _command_done, (session, request_id, reply))
     except Exception as exc:  # shutting down
         session.request_done()
         session.reply_error(request_id, wire.ErrorCode.SHUTTING_DOWN, str(exc))
@@ -48,21 +36,39 @@ def _command(session: Session, request_id: int | None, command: object, reply) -
     return None
 
 
-def _ok(request_id: int | None, conv: str | None = None):
-    return lambda _reply: wire.Ok(id=request_id, conv=conv)
+def _command_done(pending: Any) -> None:
+    session, request_id, reply = pending.context
+    session.request_done()
+    outcome = pending.outcome
+    exc = pending.error or (outcome.error if outcome is not None else None)
+    if exc is not None:
+        code, message = wire_error(exc)
+        if code is wire.ErrorCode.INTERNAL:
+            session.log.error("command_failed", command=type(pending.command).__name__,
+                              exc_info=exc)
+        session.reply_error(request_id, code, message)
+    elif reply is not None:
+        session.reply(reply(request_id, outcome.reply))
+
+
+def _result(request_id: int, r: dict) -> wire.Result:
+    return wire.Result(request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"])
+
+
+def _ok(request_id: int, r: dict) -> wire.Ok:
+    return wire.Ok(id=request_id, conv=r.get("conv"))
+
+
+def _created(request_id: int, r: dict) -> wire.Created:
+    return wire.Created(id=request_id, conv=r["conv"])
 
 
 def on_send(session: Session, f: wire.Send) -> Any:
     broker = session.broker
-    if not session.sends.take() or not broker.user_limiter(session.user).take():
+    if not session.sends.take() or not session.user_sends.take():
         session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
         return None
-    body = f.body
-    size = len(body.encode()) if isinstance(body, str) else len(body)
-    if size > broker.config.max_body_bytes:  # PROTOCOL.md §4.1: a larger body is `invalid`
-        session.reply_error(f.id, wire.ErrorCode.INVALID,
-                            f"body exceeds {broker.config.max_body_bytes} bytes")
-        return None
+    body = f.body  # its size was checked by the protocol core (max_body_bytes: `invalid`)
     if broker.policy is not None:
         body, hit = broker.policy.apply(body)
         if hit and body is None:
@@ -71,8 +77,7 @@ def on_send(session: Session, f: wire.Send) -> Any:
             return None
     command = cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
                               conv=f.conv, to=f.to)
-    return _command(session, f.id, command, lambda r: wire.Result(
-        id=f.id, conv=r["conv"], seq=r["seq"], lsn=r["lsn"], cid=r["cid"], dup=r["dup"]))
+    return _command(session, f.id, command, _result)
 
 
 def on_ack(session: Session, f: wire.Ack) -> None:
@@ -85,36 +90,36 @@ def on_ack(session: Session, f: wire.Ack) -> None:
 
 def on_read(session: Session, f: wire.Read) -> Any:
     command = cmd.MarkRead(session.user, session.device, session.role, f.conv, f.upto)
-    return _command(session, f.id, command, _ok(f.id, f.conv) if f.id is not None else None)
+    return _command(session, f.id, command, _ok if f.id is not None else None)
 
 
 def on_create(session: Session, f: wire.Create) -> Any:
     members = tuple(dict.fromkeys(m for m in (f.members or ()) if m != session.user))
     command = cmd.CreateConv(session.user, session.device, session.role, f.kind, f.name,
                              bool(f.open), members)
-    return _command(session, f.id, command, lambda r: wire.Created(id=f.id, conv=r["conv"]))
+    return _command(session, f.id, command, _created)
 
 
 def on_invite(session: Session, f: wire.Invite) -> Any:
     command = cmd.Invite(session.user, session.device, session.role, f.conv, f.user,
                          f.role or "member")
-    return _command(session, f.id, command, _ok(f.id, f.conv))
+    return _command(session, f.id, command, _ok)
 
 
 def on_join(session: Session, f: wire.Join | wire.Subscribe) -> Any:
     command = cmd.Join(session.user, session.device, session.role, f.conv)
-    return _command(session, f.id, command, _ok(f.id, f.conv))
+    return _command(session, f.id, command, _ok)
 
 
 def on_leave(session: Session, f: wire.Leave) -> Any:
     command = cmd.Leave(session.user, session.device, session.role, f.conv)
-    return _command(session, f.id, command, _ok(f.id, f.conv))
+    return _command(session, f.id, command, _ok)
 
 
 def on_mute(session: Session, f: wire.Mute) -> Any:
     muted = True if f.muted is None else bool(f.muted)
     command = cmd.SetMute(session.user, session.device, session.role, f.conv, muted)
-    return _command(session, f.id, command, _ok(f.id, f.conv))
+    return _command(session, f.id, command, _ok)
 
 
 def _member(session: Session, conv: str) -> str | None:

@@ -165,6 +165,7 @@ class Broker:
                                "too many connections")
             return False
         session.user, session.device, session.role = claims.user, hello.device, claims.role
+        session.user_sends = self.user_limiter(claims.user)
         session.log = session.log.bind(user=claims.user, device=hello.device)
         max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
         session.acked = session.sent = max(  # an ack still on its way to disk counts

@@ -36,7 +36,8 @@ class Session:
         self.conn_id = conn_id
         self.peer = peer
         cfg = broker.config
-        self.conn = wire.Connection(wire.Role.SERVER, max_frame_bytes=cfg.max_frame_bytes)
+        self.conn = wire.Connection(wire.Role.SERVER, max_frame_bytes=cfg.max_frame_bytes,
+                                    max_body_bytes=cfg.max_body_bytes)
         self.log = broker.log.bind(conn=conn_id, peer=peer)
         self.user = ""
         self.device = ""
@@ -59,6 +60,7 @@ class Session:
         self.frames_in = 0
         self.frames_out = 0
         self.sends = broker.new_send_limiter()
+        self.user_sends = self.sends  # the user's shared bucket, set once authenticated
 
     # -- called from other tasks -------------------------------------------------------------
 
