@@ -49,6 +49,8 @@ def _command_done(pending: Any) -> None:
         session.reply_error(request_id, code, message)
     elif reply is not None:
         session.reply(reply(request_id, outcome.reply))
+        session.log.debug("command_done", command=type(pending.command).__name__,
+                          lsn=outcome.lsn, **outcome.reply)
 
 
 def _result(request_id: int, r: dict) -> wire.Result:
@@ -84,8 +86,10 @@ def on_ack(session: Session, f: wire.Ack) -> None:
     if not session.on_ack(f.upto):
         session.reply_error(f.id, wire.ErrorCode.INVALID,
                             f"cannot ack {f.upto}: the inbox ends at {session.head}")
-    elif f.id is not None:
-        session.reply(wire.Ok(id=f.id, conv=None))
+    else:
+        session.log.debug("ack_received", upto=f.upto)
+        if f.id is not None:
+            session.reply(wire.Ok(id=f.id, conv=None))
 
 
 def on_read(session: Session, f: wire.Read) -> Any:

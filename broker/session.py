@@ -252,6 +252,8 @@ class Session:
                 if not items:  # nothing readable past the cursor: never spin on a stale head
                     self.head = self.sent
             if chunks:
+                if self.unacked:
+                    self.log.debug("delivered", upto=self.sent, unacked=len(self.unacked))
                 self.frames_out += len(chunks)
                 try:
                     await self.stream.send_all(b"".join(chunks))
