@@ -50,7 +50,7 @@ def _command_done(pending: Any) -> None:
     elif reply is not None:
         session.reply(reply(request_id, outcome.reply))
         session.log.debug("command_done", command=type(pending.command).__name__,
-                          lsn=outcome.lsn, **outcome.reply)
+                          last_lsn=outcome.lsn, reply=outcome.reply)
 
 
 def _result(request_id: int, r: dict) -> wire.Result:
