@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
+from structlog.testing import capture_logs
 
 from broker import tokens
 from broker.client import open_client
@@ -32,15 +33,19 @@ class Harness:
 
 @asynccontextmanager
 async def running_broker(tmp_path, **overrides):
+    """A broker on a free loopback port; fails the test if the broker logged an error."""
     config = Config(data_dir=tmp_path / "data", port=0, **overrides)
     store = Store.open(str(config.data_dir), limits=Limits(max_members=config.max_members))
     try:
-        broker = Broker(config, store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(broker.serve)
-            yield Harness(broker, config)
-            broker.shutdown()
-            await broker.wait_stopped()
+        with capture_logs() as logs:
+            broker = Broker(config, store)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(broker.serve)
+                yield Harness(broker, config)
+                broker.shutdown()
+                await broker.wait_stopped()
+        errors = [e for e in logs if e.get("log_level") in ("error", "critical")]
+        assert not errors, f"the broker logged errors: {errors}"
     finally:
         store.close()
 
