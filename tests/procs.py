@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -11,85 +10,137 @@ import sys
 import time
 from pathlib import Path
 
-HOMING = [sys.executable, "-m", "broker.cli"]
+import trio
+
+from broker import tokens
+from broker.client import open_client
+from storage.store import Store
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, timeout: float = 15.0, proc: subprocess.Popen | None = None) -> None:
-    """Block until something accepts on 127.0.0.1:`port`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port} after {timeout} s")
+def homing_cmd() -> list[str]:
+    """The `homing` entry point of this environment."""
+    exe = Path(sys.executable).with_name("homing")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "broker.cli"]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of process `pid` in KiB (from /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
 
 
 class BrokerProcess:
-    """`homing serve` as a child process on a fixed data directory and port."""
+    """`homing serve` as a child process on a fixed port; start, kill, restart."""
 
-    def __init__(self, data: Path, port: int | None = None, *extra: str) -> None:
-        self.data, self.port, self.extra = Path(data), port or free_port(), extra
+    def __init__(self, data: Path, *flags: str, port: int | None = None) -> None:
+        self.data = Path(data)
+        self.flags = list(flags)
+        self.port = port or free_port()
+        self.server = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
-        self.log = self.data.parent / f"broker-{self.port}.log"
+        self.starts = 0
+        self.secret = tokens.load_secret(self.data)  # create it before the child does
+        self.logfile = self.data.parent / f"{self.data.name}-broker.log"
+
+    def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
+        return tokens.issue(self.secret, user, role, ttl)
+
+    def client(self, user: str, device: str = "d1", role: str = "user", **kw):
+        return open_client(self.server, self.token(user, role), device, **kw)
+
+    def start(self, timeout: float = 15.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*homing_cmd(), "serve", "--data", str(self.data), "--port", str(self.port),
+                 "--log-format", "json", *self.flags],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.03)
+        raise RuntimeError(f"broker did not listen within {timeout} s:\n{self.log_tail()}")
+
+    async def astart(self, timeout: float = 15.0) -> None:
+        await trio.to_thread.run_sync(self.start, timeout)
 
     @property
-    def server(self) -> str:
-        return f"127.0.0.1:{self.port}"
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
-    def start(self) -> BrokerProcess:
-        self.data.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*HOMING, "serve", "--data", str(self.data), "--port", str(self.port),
-                 "--log-format", "json", *self.extra],
-                stdout=log, stderr=log, cwd=self.data.parent)
-        wait_listening(self.port, proc=self.proc)
-        return self
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL, and reap."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+        """SIGKILL and reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(10)
 
     def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM and wait for a clean exit; its status."""
+        """SIGTERM, wait for a clean exit, and return the exit status."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
 
-    def rss_kib(self) -> int:
-        """Resident set size of the broker process in KiB."""
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+    async def aterminate(self, timeout: float = 20.0) -> int:
+        return await trio.to_thread.run_sync(self.terminate, timeout)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def log_events(self) -> list[dict]:
+        out = []
+        for line in self.logfile.read_text(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def open_store(self, readonly: bool = False) -> Store:
+        return Store.open(str(self.data), readonly=readonly)
 
     def __enter__(self) -> BrokerProcess:
-        return self.start()
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
 
+
 def homing(*args: str, env: dict | None = None, input: str | None = None,
            timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
     """Run the `homing` command; stdout/stderr as text."""
+    import os
+
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([*HOMING, *args], env=full_env, input=input, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run([*homing_cmd(), *args], env=full_env, input=input,
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"homing {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return proc

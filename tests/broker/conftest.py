@@ -1,56 +1,11 @@
-"""Fixtures: a real broker on a loopback port over a real LMDB store in a temp directory."""
-
-from __future__ import annotations
-
-from contextlib import asynccontextmanager
+"""Fixtures for the broker tests: a real broker on a loopback port over real LMDB."""
 
 import pytest
-import trio
-from structlog.testing import capture_logs
 
-from broker import tokens
-from broker.client import open_client
-from broker.config import Config
-from broker.server import Broker
-from storage.rules import Limits
-from storage.store import Store
-
-
-class Harness:
-    """A running broker plus helpers to mint tokens and open clients."""
-
-    def __init__(self, broker: Broker, config: Config) -> None:
-        self.broker = broker
-        self.config = config
-        self.server = f"127.0.0.1:{broker.port}"
-
-    def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
-        return tokens.issue(self.broker.secret, user, role, ttl)
-
-    def client(self, user: str, device: str = "d1", role: str = "user", **kw):
-        return open_client(self.server, self.token(user, role), device, **kw)
-
-
-@asynccontextmanager
-async def running_broker(tmp_path, **overrides):
-    """A broker on a free loopback port; fails the test if the broker logged an error."""
-    config = Config(data_dir=tmp_path / "data", port=0, **overrides)
-    store = Store.open(str(config.data_dir), limits=Limits(max_members=config.max_members))
-    try:
-        with capture_logs() as logs:
-            broker = Broker(config, store)
-            async with trio.open_nursery() as nursery:
-                await nursery.start(broker.serve)
-                yield Harness(broker, config)
-                broker.shutdown()
-                await broker.wait_stopped()
-        errors = [e for e in logs if e.get("log_level") in ("error", "critical")]
-        assert not errors, f"the broker logged errors: {errors}"
-    finally:
-        store.close()
+from tests.harness import running_broker
 
 
 @pytest.fixture
 async def harness(tmp_path):
-    async with running_broker(tmp_path) as h:
+    async with running_broker(tmp_path / "data") as h:
         yield h

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from broker.client import ClientError
-from tests.broker.conftest import running_broker
+from tests.harness import running_broker
 
 
 async def recv(client, n=1, timeout=5.0):
@@ -232,7 +232,7 @@ async def test_muted_conversations_deliver_flagged(harness):
 
 async def test_a_stalled_device_does_not_slow_a_fast_one(tmp_path):
     """With window 4, a device that never acks holds 4 in flight; another gets everything."""
-    async with running_broker(tmp_path, window=4) as h:
+    async with running_broker(tmp_path / "data", window=4) as h:
         async with h.client("alice") as alice, h.client("bob", "slow") as slow, \
                 h.client("bob", "fast") as fast:
             with trio.fail_after(20):

@@ -11,26 +11,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections import defaultdict
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 import protocol as wire
-from broker import tokens
-from broker.client import open_client
-from broker.config import Config
-from broker.server import Broker
-from storage.rules import Limits
-from storage.store import Store
+from tests.harness import running_broker
+from tests.procs import BrokerProcess
 
 LONG_SCALE = float(os.environ.get("HOMING_LONG_SCALE", "1.0"))
 SUMMARY = Path(os.environ.get("HOMING_FAULT_SUMMARY",
@@ -86,116 +77,6 @@ def pytest_sessionfinish(session, exitstatus):
         pass
 
 
-# -- processes ---------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def homing_cmd() -> list[str]:
-    """The `homing` entry point of this environment."""
-    exe = Path(sys.executable).with_name("homing")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "broker.cli"]
-
-
-def rss_kib(pid: int) -> int:
-    """Resident set size of process `pid` in KiB (from /proc/PID/status)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-class BrokerProcess:
-    """`homing serve` as a child process on a fixed port; start, kill, restart."""
-
-    def __init__(self, data: Path, *flags: str, port: int | None = None) -> None:
-        self.data = Path(data)
-        self.flags = list(flags)
-        self.port = port or free_port()
-        self.server = f"127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-        self.secret = tokens.load_secret(self.data)  # create it before the child does
-        self.logfile = self.data.parent / f"{self.data.name}-broker.log"
-
-    def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
-        return tokens.issue(self.secret, user, role, ttl)
-
-    def client(self, user: str, device: str = "d1", role: str = "user", **kw):
-        return open_client(self.server, self.token(user, role), device, **kw)
-
-    def start(self, timeout: float = 15.0) -> None:
-        assert self.proc is None or self.proc.poll() is not None
-        with open(self.logfile, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*homing_cmd(), "serve", "--data", str(self.data), "--port", str(self.port),
-                 "--log-format", "json", *self.flags],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-        self.starts += 1
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.03)
-        raise RuntimeError(f"broker did not listen within {timeout} s:\n{self.log_tail()}")
-
-    async def astart(self, timeout: float = 15.0) -> None:
-        await trio.to_thread.run_sync(self.start, timeout)
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL and reap."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def terminate(self, timeout: float = 20.0) -> int:
-        """SIGTERM, wait for a clean exit, and return the exit status."""
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise
-
-    async def aterminate(self, timeout: float = 20.0) -> int:
-        return await trio.to_thread.run_sync(self.terminate, timeout)
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def log_events(self) -> list[dict]:
-        out = []
-        for line in self.logfile.read_text(errors="replace").splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
-
-    def open_store(self, readonly: bool = False) -> Store:
-        return Store.open(str(self.data), readonly=readonly)
-
-
 @pytest.fixture
 def broker_process(tmp_path):
     """A factory of child brokers; all killed at the end of the test."""
@@ -216,38 +97,6 @@ def broker_process(tmp_path):
 
 
 # -- in-process broker ---------------------------------------------------------------------------
-
-class Harness:
-    """A broker running in this trio run, with token and client helpers."""
-
-    def __init__(self, broker: Broker, config: Config) -> None:
-        self.broker = broker
-        self.config = config
-        self.server = f"127.0.0.1:{broker.port}"
-
-    def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
-        return tokens.issue(self.broker.secret, user, role, ttl)
-
-    def client(self, user: str, device: str = "d1", role: str = "user", **kw):
-        return open_client(self.server, self.token(user, role), device, **kw)
-
-
-@asynccontextmanager
-async def running_broker(data: Path, **overrides):
-    """A broker in this process over a real Store, as `homing serve` builds it."""
-    config = Config(data_dir=Path(data), port=0, **overrides)
-    store = Store.open(str(config.data_dir), limits=Limits(
-        max_members=config.max_members, max_body_bytes=config.max_body_bytes))
-    try:
-        broker = Broker(config, store)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(broker.serve)
-            yield Harness(broker, config)
-            broker.shutdown()
-            await broker.wait_stopped()
-    finally:
-        store.close()
-
 
 @pytest.fixture
 async def harness(tmp_path):

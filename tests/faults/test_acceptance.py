@@ -10,7 +10,7 @@ from collections import Counter
 import trio
 
 from tests.faults.checker import inbox
-from tests.faults.conftest import homing_cmd
+from tests.procs import homing_cmd
 
 LINES = 5000
 KILL_AFTER = (700, 2100, 3500)  # result lines seen on stdout before each SIGKILL

@@ -17,7 +17,8 @@ import trio
 import protocol as wire
 from protocol.frames import to_wire
 from tests.faults.checker import History, check
-from tests.faults.conftest import raw_bytes_exchange, rss_kib, scaled
+from tests.faults.conftest import raw_bytes_exchange, scaled
+from tests.procs import rss_kib
 
 MiB = 1024
 

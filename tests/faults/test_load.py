@@ -8,7 +8,8 @@ import pytest
 import trio
 
 from tests.faults.checker import History, check
-from tests.faults.conftest import RawClient, rss_kib, scaled
+from tests.faults.conftest import RawClient, scaled
+from tests.procs import rss_kib
 
 
 def raise_nofile(want: int) -> int:

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from broker.client import ClientError
-from tests.faults.conftest import running_broker
+from tests.harness import running_broker
 
 
 @pytest.fixture

@@ -9,7 +9,8 @@ import trustme
 
 import protocol as wire
 from broker.client import open_client
-from tests.faults.conftest import raw_bytes_exchange, running_broker
+from tests.faults.conftest import raw_bytes_exchange
+from tests.harness import running_broker
 
 
 async def test_tls_serves_sdk_and_refuses_plaintext(tmp_path, tally):

@@ -119,7 +119,7 @@ async def test_a_client_that_never_reads_does_not_slow_the_others(harness, tally
 async def test_pushes_to_a_client_that_never_reads_close_it_as_slow_consumer(tmp_path, tally):
     """Typing pushes piling up for a non-reading device close it as slow_consumer; the others
     and the broker carry on, and its deliveries wait on disk."""
-    from tests.faults.conftest import running_broker
+    from tests.harness import running_broker
 
     async with running_broker(tmp_path / "data", max_pending_pushes=50) as h:
         with trio.fail_after(30):

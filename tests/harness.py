@@ -1,0 +1,52 @@
+"""A real broker inside the test's trio run: loopback port 0, real LMDB in a temp directory."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+from structlog.testing import capture_logs
+
+from broker import tokens
+from broker.client import open_client
+from broker.config import Config
+from broker.server import Broker
+from storage.rules import Limits
+from storage.store import Store
+
+
+class Harness:
+    """A running broker plus helpers to mint tokens and open SDK clients."""
+
+    def __init__(self, broker: Broker, config: Config) -> None:
+        self.broker = broker
+        self.config = config
+        self.server = f"127.0.0.1:{broker.port}"
+
+    def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
+        return tokens.issue(self.broker.secret, user, role, ttl)
+
+    def client(self, user: str, device: str = "d1", role: str = "user", **kw):
+        return open_client(self.server, self.token(user, role), device, **kw)
+
+
+@asynccontextmanager
+async def running_broker(data: Path, **overrides):
+    """A broker over a real Store, as `homing serve` builds it; the test fails if it logged an
+    error (an exception in a callback, a connection handler that crashed)."""
+    config = Config(data_dir=Path(data), port=0, **overrides)
+    store = Store.open(str(config.data_dir), limits=Limits(
+        max_members=config.max_members, max_body_bytes=config.max_body_bytes))
+    try:
+        with capture_logs() as logs:
+            broker = Broker(config, store)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(broker.serve)
+                yield Harness(broker, config)
+                broker.shutdown()
+                await broker.wait_stopped()
+        errors = [e for e in logs if e.get("log_level") in ("error", "critical")]
+        assert not errors, f"the broker logged errors: {errors}"
+    finally:
+        store.close()
