@@ -17,7 +17,7 @@ from broker.audit_cli import ProgressBar, parse_time
 from broker.cli import main
 from storage.projections import key2
 from storage.records import lsn_key, pack_u64
-from tests.broker.conftest import running_broker
+from tests.harness import running_broker
 
 HOMING = str(Path(sys.executable).with_name("homing"))
 BINARY = bytes(range(250, 256)) + b"\0\1"
@@ -49,7 +49,7 @@ async def scenario(tmp_path) -> dict:
     devices, carol never connects. Returns facts for the assertions; the broker is stopped."""
     facts: dict = {}
     with trio.fail_after(15):
-        async with running_broker(tmp_path) as h, h.client("alice", "phone") as alice:
+        async with running_broker(tmp_path / "data") as h, h.client("alice", "phone") as alice:
             r1 = await alice.send("hello bob", to="bob", cid="c1")
             r2 = await alice.send(BINARY, to="bob", cid="c2")
             group = await alice.create_group("team", ["bob", "carol"])
@@ -208,7 +208,7 @@ async def test_rebuild_repairs_projections_once_the_broker_is_stopped(tmp_path, 
 async def test_rebuild_refuses_while_a_broker_holds_the_directory(tmp_path):
     """`homing audit rebuild` exits non-zero with a clear message while the broker runs."""
     with trio.fail_after(15):
-        async with running_broker(tmp_path) as h, h.client("alice") as alice:
+        async with running_broker(tmp_path / "data") as h, h.client("alice") as alice:
             await alice.send("hi", to="bob")
             proc = await trio.run_process(
                 [HOMING, "audit", "rebuild", "--data", str(tmp_path / "data")],
@@ -225,7 +225,7 @@ async def test_rebuild_refuses_while_a_broker_holds_the_directory(tmp_path):
 async def test_inbox_at_lsn_equals_the_live_inbox_of_that_moment(tmp_path, capsys):
     """`audit inbox --at-lsn N` shows what the live store showed when N was the last LSN."""
     with trio.fail_after(15):
-        async with running_broker(tmp_path) as h, h.client("alice") as alice:
+        async with running_broker(tmp_path / "data") as h, h.client("alice") as alice:
             group = await alice.create_group("g", ["bob"])
             for i in range(3):
                 await alice.send(f"early {i}", conv=group)
