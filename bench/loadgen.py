@@ -65,23 +65,24 @@ class Link:
         return cls(stream, conn, event)
 
     async def frames(self) -> list[Any] | None:
-        """The frames of the next received chunk (pings answered here); None at EOF."""
-        data = await self.stream.receive_some(RECV_BYTES)
+        """The frames buffered or in the next received chunk (pings answered); None at EOF."""
         conn = self.conn
-        conn.receive_data(data)
-        out = []
-        while (event := conn.next_event()) is not wire.NEED_DATA:
-            if event is wire.CLOSED or isinstance(event, wire.Bye):
-                self.closed_by = event
-                return None
-            if isinstance(event, wire.Error) and event.close:
-                self.closed_by = event
-                return None
-            if isinstance(event, wire.Ping):
-                await self.stream.send_all(conn.send(wire.Pong(id=event.id)))
-                continue
-            out.append(event)
-        return out
+        out: list[Any] = []
+        while True:
+            while (event := conn.next_event()) is not wire.NEED_DATA:
+                if event is wire.CLOSED or isinstance(event, wire.Bye):
+                    self.closed_by = event
+                    return None
+                if isinstance(event, wire.Error) and event.close:
+                    self.closed_by = event
+                    return None
+                if isinstance(event, wire.Ping):
+                    await self.stream.send_all(conn.send(wire.Pong(id=event.id)))
+                    continue
+                out.append(event)
+            if out:
+                return out
+            conn.receive_data(await self.stream.receive_some(RECV_BYTES))
 
     async def request(self, frame: Any) -> Any:
         """Send one request and return its reply (pushes before it are dropped)."""
