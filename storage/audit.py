@@ -30,7 +30,7 @@ import msgpack
 
 from storage import records as r
 from storage.log import verify_records
-from storage.projections import KIND_MSG, Effects, apply
+from storage.projections import KIND_MSG, Effects, apply, decode_idem, mark_applied
 from storage.records import GENESIS, Event, decode_body, u64
 from storage.store import Store
 from storage.tables import MemoryTables
@@ -41,8 +41,8 @@ PROGRESS_EVERY = 8192
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Tables whose key is `head \0 u64`; the other two-part keys are `head \0 text`.
 _U64_TAIL = frozenset({"msg", "inbox"})
-# Tables whose values are msgpack; the integer ones are 8-byte big-endian.
-_MSGPACK_VALUES = frozenset({"conv", "inbox", "idem"})
+# Tables whose values are msgpack; the integer ones are 8-byte big-endian; idem is packed.
+_MSGPACK_VALUES = frozenset({"conv", "inbox"})
 _TEXT_VALUES = frozenset({"member", "user_conv", "mute"})
 
 
@@ -179,6 +179,7 @@ def replay(store: Store, to_lsn: int | None = None, *, until_us: int | None = No
                 fx = Effects()
                 if progress is not None:
                     progress(done)
+        mark_applied(tables, lsn)
     if progress is not None:
         progress(done)
     return tables, lsn, ts
@@ -221,6 +222,8 @@ def decode_value(table: str, value: bytes | None) -> Any:
             return msgpack.unpackb(value, raw=False)
         if table in _TEXT_VALUES:
             return value.decode()
+        if table == "idem" and len(value) >= 16:
+            return list(decode_idem(value))
         if len(value) == 8:
             return u64(value)
     except (ValueError, UnicodeDecodeError, msgpack.UnpackException):
@@ -291,7 +294,8 @@ def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int |
     unread = {}
     for key in sorted(k for k in d["user_conv"] if k.startswith(prefix)):
         conv = key[cut:].decode()
-        last = msgpack.unpackb(d["conv"][conv.encode()], raw=False)["last_seq"]
+        seq = d["conv_seq"].get(conv.encode())
+        last = 0 if seq is None else u64(seq)
         mark = d["read"].get(conv.encode() + b"\0" + user.encode())
         unread[conv] = max(0, last - (0 if mark is None else u64(mark)))
     head = d["inbox_head"].get(user.encode())

@@ -9,6 +9,8 @@ big-endian; `\\0` separates key parts (user and conv ids never contain it). Rule
   and never fails on an event the rules accepted, so replaying the log rebuilds the same bytes.
 * A member's `read` and `recv` marks start at the conversation's `last_seq` when they are added,
   so joining a long conversation does not count its history as unread.
+* `apply` does not record the applied position: whoever folds (a batch of `execute`, a replay)
+  calls `mark_applied` once at the end, in the same transaction.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from typing import Protocol
 import msgpack
 
 from storage import records as r
-from storage.records import Event, pack_u64, u64
+from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
 from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables
 
-__all__ = ["TABLES", "BufferedTables", "Effects", "MemoryTables", "Tables", "TxnTables", "apply"]
+__all__ = ["TABLES", "BufferedTables", "Effects", "MemoryTables", "Tables", "TxnTables", "apply",
+           "mark_applied"]
 
 APPLIED_LSN = b"applied_lsn"
 MUTED = b"1"
@@ -79,11 +82,30 @@ def inbox_key(user: str, inbox_seq: int) -> bytes:
     return user.encode() + b"\0" + pack_u64(inbox_seq)
 
 
-def conv_value(kind: str, name: str | None, open_: bool, creator: str | None, last_seq: int,
+def conv_value(kind: str, name: str | None, open_: bool, creator: str | None,
                created_lsn: int) -> bytes:
-    """Encode a `conv` row; the key order is fixed so equal rows are equal bytes."""
+    """Encode a `conv` row; the key order is fixed so equal rows are equal bytes.
+
+    The row never changes after `conv.created`; the moving `last_seq` lives in `conv_seq`.
+    """
     return msgpack.packb({"kind": kind, "name": name, "open": open_, "creator": creator,
-                          "last_seq": last_seq, "created_lsn": created_lsn})
+                          "created_lsn": created_lsn})
+
+
+def idem_value(conv: bytes, seq: int, lsn: int) -> bytes:
+    """Encode an `idem` row: seq and lsn (8 bytes each, big-endian), then the conv id."""
+    return pack_u64x2(seq, lsn) + conv
+
+
+def decode_idem(value: bytes) -> tuple[str, int, int]:
+    """Return `(conv, seq, lsn)` from an `idem` row."""
+    seq, lsn = unpack_u64x2(value[:16])
+    return value[16:].decode(), seq, lsn
+
+
+def is_direct(conv: str) -> bool:
+    """Return whether `conv` is a direct conversation (the kind is fixed by the id prefix)."""
+    return conv.startswith("dm:")
 
 
 def decode(value: bytes):
@@ -118,21 +140,20 @@ def _conv_created(tables: Tables, ev: Event, fx: Effects) -> None:
     d = ev.data
     creator = None if d["kind"] == "direct" else ev.user
     tables.put("conv", d["conv"].encode(),
-               conv_value(d["kind"], d.get("name"), bool(d.get("open")), creator, 0, ev.lsn))
+               conv_value(d["kind"], d.get("name"), bool(d.get("open")), creator, ev.lsn))
     fx.conv = d["conv"]
 
 
 def _member_added(tables: Tables, ev: Event, fx: Effects) -> None:
     d = ev.data
     conv, user, role = d["conv"], d["user"], d["role"]
-    info = decode(tables.get("conv", conv.encode()))
+    last_seq = get_u64(tables, "conv_seq", conv.encode())
     tables.put("member", key2(conv, user), role.encode())
     tables.put("user_conv", key2(user, conv), role.encode())
-    last_seq = info["last_seq"]
     if last_seq:
         _raise(tables, "recv", key2(conv, user), last_seq)
         _raise(tables, "read", key2(conv, user), last_seq)
-    if ev.user != user and info["kind"] != "direct":
+    if ev.user != user and not is_direct(conv):
         _append_inbox(tables, user, [KIND_ADDED, conv, last_seq, ev.lsn], fx)
     fx.conv = conv
     fx.membership.append((conv, user, role))
@@ -143,10 +164,9 @@ def _member_removed(tables: Tables, ev: Event, fx: Effects) -> None:
     conv, user = d["conv"], d["user"]
     tables.delete("member", key2(conv, user))
     tables.delete("user_conv", key2(user, conv))
-    if ev.user != user:
-        info = decode(tables.get("conv", conv.encode()))
-        if info["kind"] != "direct":
-            _append_inbox(tables, user, [KIND_REMOVED, conv, info["last_seq"], ev.lsn], fx)
+    if ev.user != user and not is_direct(conv):
+        last_seq = get_u64(tables, "conv_seq", conv.encode())
+        _append_inbox(tables, user, [KIND_REMOVED, conv, last_seq, ev.lsn], fx)
     fx.conv = conv
     fx.membership.append((conv, user, None))
 
@@ -157,12 +177,11 @@ def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
     conv = d["conv"]
     ckey = conv.encode()
     get, put = tables.get, tables.put
-    info = msgpack.unpackb(get("conv", ckey))
-    seq = info["last_seq"] + 1
-    info["last_seq"] = seq
-    put("conv", ckey, msgpack.packb(info))
-    lsn = ev.lsn
+    old = get("conv_seq", ckey)
+    seq = 1 if old is None else u64(old) + 1
     seq_b = pack_u64(seq)
+    put("conv_seq", ckey, seq_b)
+    lsn = ev.lsn
     put("msg", ckey + b"\0" + seq_b, pack_u64(lsn))
     entry = msgpack.packb([KIND_MSG, conv, seq, lsn])
     prefix = ckey + b"\0"
@@ -186,7 +205,7 @@ def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
             old = get(table, mark)
             if old is None or u64(old) < seq:
                 put(table, mark, seq_b)
-    put("idem", sender + b"\0" + d["cid"].encode(), msgpack.packb([conv, seq, lsn]))
+    put("idem", sender + b"\0" + d["cid"].encode(), pack_u64x2(seq, lsn) + ckey)
     fx.conv = conv
     fx.seq = seq
 
@@ -216,10 +235,10 @@ def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
 def _read_marked(tables: Tables, ev: Event, fx: Effects) -> None:
     d = ev.data
     conv, user = d["conv"], ev.user
-    raw = tables.get("conv", conv.encode())
-    if raw is None:
+    ckey = conv.encode()
+    if tables.get("conv", ckey) is None:
         return
-    upto = min(d["upto"], decode(raw)["last_seq"])
+    upto = min(d["upto"], get_u64(tables, "conv_seq", ckey))
     mark = key2(conv, user)
     if _raise(tables, "recv", mark, upto):
         fx.receipts.append((conv, user, "delivered", upto))
@@ -250,13 +269,19 @@ _APPLY = {
 
 
 def apply(tables: Tables, event: Event, fx: Effects | None = None) -> Effects:
-    """Apply one logged event to `tables` and return what changed; also records `applied_lsn`.
+    """Apply one logged event to `tables` and return what changed.
 
-    Pass `fx` to accumulate the effects of several events (one command) into one object.
+    Pass `fx` to accumulate the effects of several events (one command) into one object. The
+    caller records the position reached with `mark_applied` once per fold (batch, replay).
     """
     if fx is None:
         fx = Effects()
     fx.lsn = event.lsn
     _APPLY[event.type](tables, event, fx)
-    tables.put("meta", APPLIED_LSN, pack_u64(event.lsn))
     return fx
+
+
+def mark_applied(tables: Tables, lsn: int) -> None:
+    """Record `lsn` as the last event applied to `tables` (`meta.applied_lsn`); 0 records none."""
+    if lsn:
+        tables.put("meta", APPLIED_LSN, pack_u64(lsn))

@@ -20,12 +20,10 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from storage import commands as c
 from storage import records as r
 from storage.errors import Forbidden, Invalid, LimitExceeded
-from storage.projections import Tables, decode, get_u64, key2
+from storage.projections import Tables, decode, decode_idem, get_u64, key2
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
@@ -109,7 +107,7 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
         raise Invalid("exactly one of conv and to is required")
     first = tables.get("idem", key2(cmd.user, cid))
     if first is not None:
-        conv, seq, lsn = msgpack.unpackb(first, raw=False)
+        conv, seq, lsn = decode_idem(first)
         return [], {"conv": conv, "seq": seq, "lsn": lsn, "cid": cid, "dup": True}
     events: list[EventData] = []
     if cmd.to is not None:
@@ -241,8 +239,8 @@ def _ack(tables: Tables, cmd: c.Ack, now_us: int, limits: Limits) -> Decision:
 def _mark_read(tables: Tables, cmd: c.MarkRead, now_us: int, limits: Limits) -> Decision:
     if not isinstance(cmd.upto, int) or isinstance(cmd.upto, bool) or cmd.upto < 0:
         raise Invalid("upto must be a non-negative integer")
-    info = _member_conv(tables, cmd)
-    upto = min(cmd.upto, info["last_seq"])
+    _member_conv(tables, cmd)
+    upto = min(cmd.upto, get_u64(tables, "conv_seq", cmd.conv.encode()))
     if upto <= get_u64(tables, "read", key2(cmd.conv, cmd.user)):
         return [], {"conv": cmd.conv}
     return [_ev(now_us, cmd, r.READ_MARKED, {"conv": cmd.conv, "upto": upto})], {"conv": cmd.conv}

@@ -30,14 +30,18 @@ from storage.errors import DomainError, StorageError
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
 from storage.log import seal
-from storage.projections import Effects, apply, decode, inbox_key, key2
+from storage.projections import Effects, apply, decode, inbox_key, key2, mark_applied
 from storage.records import Event, decode_body, lsn_key, pack_u64, u64
 from storage.rules import Limits, decide
 from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables
 
 log = structlog.get_logger()
 
-DB_NAMES = ["log", *TABLES]
+# The projection layout (docs/DESIGN.md, "Projections"). A writable open of a directory written
+# with another layout rebuilds the projections from the log, which is the truth.
+LAYOUT_KEY = b"projections"
+LAYOUT = b"2"
+DB_NAMES = ["log", "layout", *TABLES]
 _MSG_SEQ = slice(-8, None)
 
 
@@ -81,6 +85,19 @@ class Store:
         self._log = LmdbLog(env)
         self.limits = limits
         self._abort_after: int | None = None  # test-only: abort a batch after k commands
+        if not env.readonly:
+            self._check_layout()
+
+    def _check_layout(self) -> None:
+        with self._env.read() as txn:
+            have = txn.get(LAYOUT_KEY, db=self._dbs["layout"])
+        if have == LAYOUT:
+            return
+        if self._log.last_lsn():
+            log.info("projections_layout_changed", stored=have, layout=LAYOUT)
+            self.rebuild()
+        else:
+            self._env.write(lambda txn: txn.put(LAYOUT_KEY, LAYOUT, db=self._dbs["layout"]))
 
     @classmethod
     def open(cls, path: str, *, map_size: int = DEFAULT_MAP_SIZE, limits: Limits | None = None,
@@ -139,6 +156,7 @@ class Store:
                     reply["seq"] = fx.seq
                     reply["lsn"] = fx.lsn
                 outcomes.append(Outcome(reply, None, fx, fx.lsn))
+            mark_applied(tables, tail[0] if records else 0)
             tables.flush()
             if records:
                 txn.cursor(db=self._dbs["log"]).putmulti(records, append=True)
@@ -211,8 +229,13 @@ class Store:
 
     def conv_info(self, conv: str) -> dict[str, Any] | None:
         """Return the conv row (`kind, name, open, creator, last_seq, created_lsn`) or None."""
-        raw = self._get("conv", conv.encode())
-        return None if raw is None else decode(raw)
+        with self._env.read() as txn:
+            raw = txn.get(conv.encode(), db=self._dbs["conv"])
+            if raw is None:
+                return None
+            info = decode(raw)
+            info["last_seq"] = u64(txn.get(conv.encode(), db=self._dbs["conv_seq"]) or bytes(8))
+        return info
 
     def role(self, conv: str, user: str) -> str | None:
         """Return `user`'s role in `conv`, None when not a member."""
@@ -290,7 +313,7 @@ class Store:
             prefix = user.encode() + b"\0"
             for key, _ in list(tables.range("user_conv", prefix)):
                 conv = key[len(prefix):].decode()
-                last = decode(txn.get(conv.encode(), db=self._dbs["conv"]))["last_seq"]
+                last = u64(txn.get(conv.encode(), db=self._dbs["conv_seq"]) or bytes(8))
                 mark = txn.get(key2(conv, user), db=self._dbs["read"])
                 out[conv] = max(0, last - (0 if mark is None else u64(mark)))
         return out
@@ -321,10 +344,13 @@ class Store:
         """Fold the log (up to `to_lsn`) into `tables` (fresh MemoryTables by default)."""
         tables = MemoryTables() if tables is None else tables
         fx = Effects()
+        lsn = 0
         for ev in self._log.read(1, to_lsn):
             apply(tables, ev, fx)
-            if not ev.lsn & 0xFFF:
+            lsn = ev.lsn
+            if not lsn & 0xFFF:
                 fx = Effects()
+        mark_applied(tables, lsn)
         return tables
 
     def rebuild(self) -> int:
@@ -343,12 +369,14 @@ class Store:
                 count += 1
                 if not count & 0xFFF:
                     fx = Effects()
+            mark_applied(mem, count)
             for table in TABLES:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)
                 rows = sorted(mem.data[table].items())
                 if rows:
                     txn.cursor(db=db).putmulti(rows, append=True)
+            txn.put(LAYOUT_KEY, LAYOUT, db=self._dbs["layout"])
             return count
 
         # The fold allocates millions of short-lived acyclic objects; the cyclic collector

@@ -16,8 +16,8 @@ from typing import Any
 
 import lmdb
 
-TABLES = ("conv", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered", "recv",
-          "read", "idem", "mute", "meta")
+TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered",
+          "recv", "read", "idem", "mute", "meta")
 # Tables that `apply` and `decide` range over by their first key part; MemoryTables indexes them.
 GROUPED = frozenset({"member", "user_conv"})
 
