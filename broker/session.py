@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 RECV_BYTES = 65536
 FLUSH_ON_CLOSE_S = 2.0
 INBOX_READ_BATCH = 256
+MAX_QUEUED_FRAMES = 1024  # replies queued for the writer before the reader stops reading
 
 
 class Session:
@@ -52,6 +53,7 @@ class Session:
         self.inflight = 0
         self.inflight_free = trio.Event()
         self._wake = trio.Event()
+        self._drained = trio.Event()
         self._closing = False
         self.reason: CloseReason | None = None
         self._scope: trio.CancelScope | None = None
@@ -205,9 +207,18 @@ class Session:
                 result = handler(self, event)
                 if result is not None:
                     await result
+                if len(self.out) >= MAX_QUEUED_FRAMES:
+                    await self._wait_drained()  # a client that sends but never reads waits
             if not data:
                 self.reason = self.reason or CloseReason.PEER_EOF
                 return
+
+    async def _wait_drained(self) -> None:
+        """Wait until the writer flushed the queue below MAX_QUEUED_FRAMES (or we close)."""
+        while len(self.out) >= MAX_QUEUED_FRAMES and not self._closing:
+            self._drained = trio.Event()
+            self._wake.set()
+            await self._drained.wait()
 
     async def wait_inflight(self) -> None:
         """Wait while this connection has too many requests awaiting commit."""
@@ -232,6 +243,7 @@ class Session:
             if out:
                 chunks.extend(out)
                 out.clear()
+                self._drained.set()
             room = self.window - len(self.unacked)
             if room > 0 and self.sent < self.head and not self._closing:
                 items = store.inbox_after(user, self.sent, min(room, INBOX_READ_BATCH))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import trio
 
+import protocol
 from broker.client import ClientError
+from broker.session import MAX_QUEUED_FRAMES
+from tests.faults.conftest import RawClient
 from tests.harness import running_broker
 
 
@@ -170,7 +173,7 @@ async def test_receipts_are_pushed_live_and_queryable(harness):
 
 
 def _receipt():
-    import protocol
+
 
     return protocol.Receipt(conv="dm:a:b", user="a")
 
@@ -188,7 +191,7 @@ async def test_reading_on_one_device_is_pushed_to_the_others(harness):
 
 async def test_presence_and_typing_reach_those_who_share_a_conversation(harness):
     """Online/offline and typing are pushed to conversation partners, not logged."""
-    import protocol
+
 
     async with harness.client("alice") as alice:
         r = await alice.send("hi", to="bob")
@@ -267,3 +270,17 @@ async def test_bad_tokens_are_unauthorized(harness):
             async with open_client(harness.server, bad, "d1", reconnect=False):
                 pass
         assert e.value.name == "unauthorized", bad
+
+
+async def test_a_client_that_sends_but_never_reads_is_held_back(harness):
+    """Pipelined requests from a client that never reads stop being read; memory stays bounded."""
+    raw = await RawClient.connect(harness.server, harness.token("mallory"))
+    session = next(iter(harness.broker.hub.sessions("mallory")))
+    frame = raw.conn.send(protocol.Ping(id=1))
+    with trio.move_on_after(3):
+        for _ in range(200_000):  # ~2 MB of pings; the socket buffers fill, then we block
+            await raw.stream.send_all(frame * 100)
+    assert len(session.out) <= MAX_QUEUED_FRAMES + 1
+    async with harness.client("alice") as alice:  # everyone else is served
+        await alice.send("still here", to="bob")
+    await raw.stream.aclose()
