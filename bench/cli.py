@@ -53,8 +53,6 @@ def add_parser(sub: Any) -> None:
                    action="store_false", help="connections: skip the throughput run on top")
     g.add_argument("--catchup-messages", type=int, default=100_000)
     g.add_argument("--replay-events", type=int, default=200_000)
-    g.add_argument("--replay-check", action="store_true",
-                   help="replay: also compare rebuilt projections with a fresh fold")
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per phase before failing")
     b = p.add_argument_group("broker")
     b.add_argument("--window", type=int, default=256, help="homing serve --window")

@@ -48,6 +48,13 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
 def rss_mib(pid: int) -> float:
     """Resident set size of `pid` in MiB (VmRSS of /proc/PID/status)."""
     with open(f"/proc/{pid}/status") as f:
@@ -238,6 +245,7 @@ def run_phase(workers: Workers, *, timeout: float, pids: dict[str, int], label: 
     """
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     workers_before = workers.cpu()
+    busy_before = machine_busy_seconds()
     started = time.monotonic()
     workers.broadcast(("go", go))
     results = workers.gather("done", timeout, label)
@@ -245,4 +253,7 @@ def run_phase(workers: Workers, *, timeout: float, pids: dict[str, int], label: 
     cpu = {name: 100 * (cpu_seconds(pid) - before[name]) / wall for name, pid in pids.items()}
     for i, (b, a) in enumerate(zip(workers_before, workers.cpu(), strict=True)):
         cpu[f"load{i}"] = 100 * (a - b) / wall
+    # Everything else on the machine (other people's jobs, the orchestrator): a shared machine
+    # shows up here, and the figures of such a run are worth less.
+    cpu["other"] = max(0.0, 100 * (machine_busy_seconds() - busy_before) / wall - sum(cpu.values()))
     return results, cpu, wall

@@ -69,9 +69,9 @@ def rows(results: dict) -> list[tuple[str, str, Any, Any, Any]]:
                 out.append((name, key, entry[key], None, None))
         cpu = entry.get("cpu")
         if cpu:
-            out.append((name, "cpu broker / load %", f"{cpu['broker_pct']:.0f} / "
-                        f"{cpu['load_pct_total']:.0f} (max {cpu['load_pct_max_process']:.0f})",
-                        None, None))
+            out.append((name, "cpu% broker/load/other", f"{cpu['broker_pct']:.0f} / "
+                        f"{cpu['load_pct_total']:.0f} (max {cpu['load_pct_max_process']:.0f})"
+                        f" / {cpu.get('other_pct', 0):.0f}", None, None))
 
     if "throughput" in results:
         add("throughput", results["throughput"], ("msgs_per_s", "sends_per_s"))
