@@ -412,11 +412,13 @@ async def _idle(spec: dict, pipe: Any, nofile: int) -> None:
                          "connect_s": time.monotonic() - started}))
 
     async def keep(link: Link, every: float) -> None:
+        """Read (and drop) whatever arrives; ping once every `every` seconds, as clients must."""
         with contextlib.suppress(Exception):
             while True:
                 with trio.move_on_after(every):
-                    if await link.frames() is None:
-                        return
+                    while await link.frames() is not None:
+                        pass
+                    return
                 await link.stream.send_all(link.conn.send(wire.Ping()))
 
     async with trio.open_nursery() as nursery:
