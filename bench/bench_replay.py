@@ -23,7 +23,7 @@ import structlog
 
 from storage import audit
 from storage.commands import SendMessage
-from storage.projections import apply
+from storage.projections import Effects, apply, mark_applied
 from storage.records import decode_body
 from storage.store import Store
 from storage.tables import MemoryTables
@@ -105,8 +105,10 @@ def breakdown(path: str) -> None:
         phases["decode bodies"] = time.perf_counter() - t
         tables = MemoryTables()
         t = time.perf_counter()
+        fx = Effects()
         for ev in events:
-            apply(tables, ev)
+            apply(tables, ev, fx)
+        mark_applied(tables, events[-1].lsn if events else 0)
         phases["apply (projections)"] = time.perf_counter() - t
         t = time.perf_counter()
         assert audit.compare(stored, tables.data) is None

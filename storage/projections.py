@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgpack
+from msgpack import packb
 
 from storage import records as r
 from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
+from storage.records import unpack_u64 as _u64
 from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables
 
 __all__ = ["TABLES", "BufferedTables", "Effects", "MemoryTables", "Tables", "TxnTables", "apply",
@@ -36,8 +38,38 @@ KIND_ADDED = "added"
 KIND_REMOVED = "removed"
 
 
+class Table(Protocol):
+    """One table of a `Tables` view: `view[key]` is the value, None when absent."""
+
+    def __getitem__(self, key: bytes) -> bytes | None: ...
+
+    def put(self, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, key: bytes) -> None: ...
+
+    def range(self, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> list[tuple[bytes, bytes]]: ...
+
+
 class Tables(Protocol):
-    """The key-value view `apply` works on: named tables of bytes keys and bytes values."""
+    """The key-value view `apply` works on: one `Table` attribute per name in `TABLES`.
+
+    `get/put/delete/range(table, ...)` by name do the same, for code off the hot path.
+    """
+
+    conv: Table
+    conv_seq: Table
+    msg: Table
+    member: Table
+    user_conv: Table
+    inbox: Table
+    inbox_head: Table
+    delivered: Table
+    recv: Table
+    read: Table
+    idem: Table
+    mute: Table
+    meta: Table
 
     def get(self, table: str, key: bytes) -> bytes | None: ...
 
@@ -172,40 +204,44 @@ def _member_removed(tables: Tables, ev: Event, fx: Effects) -> None:
 
 
 def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
-    # The hot path of both execute and replay: calls are inlined on purpose.
+    # The hot path of both execute and replay: calls are inlined on purpose, and each table
+    # view is fetched once (with MemoryTables `view[key]` and `put` are plain dict operations).
     d = ev.data
     conv = d["conv"]
     ckey = conv.encode()
-    get, put = tables.get, tables.put
-    old = get("conv_seq", ckey)
-    seq = 1 if old is None else u64(old) + 1
+    conv_seq = tables.conv_seq
+    old = conv_seq[ckey]
+    seq = 1 if old is None else _u64(old)[0] + 1
     seq_b = pack_u64(seq)
-    put("conv_seq", ckey, seq_b)
+    conv_seq.put(ckey, seq_b)
     lsn = ev.lsn
-    put("msg", ckey + b"\0" + seq_b, pack_u64(lsn))
-    entry = msgpack.packb([KIND_MSG, conv, seq, lsn])
     prefix = ckey + b"\0"
+    tables.msg.put(prefix + seq_b, pack_u64(lsn))
+    entry = packb([KIND_MSG, conv, seq, lsn])
     cut = len(prefix)
     sender = ev.user.encode()
     sender_member = False
     heads = fx.inbox_heads
-    for key, _role in list(tables.range("member", prefix)):
+    inbox_head = tables.inbox_head
+    put_head = inbox_head.put
+    put_inbox = tables.inbox.put
+    for key, _role in tables.member.range(prefix):
         ukey = key[cut:]
-        old = get("inbox_head", ukey)
-        head = 1 if old is None else u64(old) + 1
+        old = inbox_head[ukey]
+        head = 1 if old is None else _u64(old)[0] + 1
         head_b = pack_u64(head)
-        put("inbox", ukey + b"\0" + head_b, entry)
-        put("inbox_head", ukey, head_b)
+        put_inbox(ukey + b"\0" + head_b, entry)
+        put_head(ukey, head_b)
         heads[ukey.decode()] = head
         if ukey == sender:
             sender_member = True
     if sender_member:
         mark = prefix + sender
-        for table in ("read", "recv"):
-            old = get(table, mark)
-            if old is None or u64(old) < seq:
-                put(table, mark, seq_b)
-    put("idem", sender + b"\0" + d["cid"].encode(), pack_u64x2(seq, lsn) + ckey)
+        for view in (tables.read, tables.recv):
+            old = view[mark]
+            if old is None or _u64(old)[0] < seq:
+                view.put(mark, seq_b)
+    tables.idem.put(sender + b"\0" + d["cid"].encode(), pack_u64x2(seq, lsn) + ckey)
     fx.conv = conv
     fx.seq = seq
 

@@ -34,6 +34,7 @@ GENESIS = bytes(DIGEST_BYTES)
 _U64 = struct.Struct(">Q")
 pack_u64 = _U64.pack
 _unpack_u64 = _U64.unpack
+unpack_u64 = _U64.unpack  # returns a 1-tuple; `u64` below unwraps it
 _U64X2 = struct.Struct(">QQ")
 pack_u64x2 = _U64X2.pack
 unpack_u64x2 = _U64X2.unpack

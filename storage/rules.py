@@ -69,12 +69,12 @@ def direct_conv(a: str, b: str) -> str:
 def _conv(tables: Tables, conv: object) -> dict[str, Any] | None:
     if not isinstance(conv, str) or not conv or len(conv) > MAX_CONV_ID_CHARS or "\0" in conv:
         return None
-    raw = tables.get("conv", conv.encode())
+    raw = tables.conv[conv.encode()]
     return None if raw is None else decode(raw)
 
 
 def _role(tables: Tables, conv: str, user: str) -> str | None:
-    raw = tables.get("member", key2(conv, user))
+    raw = tables.member[key2(conv, user)]
     return None if raw is None else raw.decode()
 
 
@@ -105,7 +105,7 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
         raise LimitExceeded(f"body exceeds {limits.max_body_bytes} bytes")
     if (cmd.conv is None) == (cmd.to is None):
         raise Invalid("exactly one of conv and to is required")
-    first = tables.get("idem", key2(cmd.user, cid))
+    first = tables.idem[key2(cmd.user, cid)]
     if first is not None:
         conv, seq, lsn = decode_idem(first)
         return [], {"conv": conv, "seq": seq, "lsn": lsn, "cid": cid, "dup": True}
@@ -126,7 +126,7 @@ def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list
     if cmd.to == cmd.user:
         raise Invalid("cannot send a direct message to yourself")
     conv = direct_conv(cmd.user, cmd.to)
-    if tables.get("conv", conv.encode()) is None:
+    if tables.conv[conv.encode()] is None:
         events.append(_ev(now_us, cmd, r.CONV_CREATED,
                           {"conv": conv, "kind": "direct", "name": None, "open": False}))
         for user in sorted((cmd.user, cmd.to)):
@@ -139,7 +139,7 @@ def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list
 
 def _check_post(tables: Tables, cmd: c.SendMessage) -> None:
     conv = cmd.conv
-    if not isinstance(conv, str) or "\0" in conv or tables.get("conv", conv.encode()) is None:
+    if not isinstance(conv, str) or "\0" in conv or tables.conv[conv.encode()] is None:
         raise Forbidden("no such conversation or no access")
     if cmd.role == "admin":
         return

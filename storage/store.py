@@ -9,7 +9,9 @@ any thread. Rules kept (docs/DESIGN.md, "The store"):
 * A `DomainError` fails only its own command: `decide` writes nothing, and a command's events are
   appended and applied only after it was accepted.
 * A batch runs against a write-back buffer (`tables.BufferedTables`) that is flushed, sorted, just
-  before the commit: a row touched by every command of the batch is written once.
+  before the commit: a row touched by every command of the batch is written once. The buffer's
+  hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a batch that
+  fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the cache.
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
 """
 
@@ -85,6 +87,8 @@ class Store:
         self._log = LmdbLog(env)
         self.limits = limits
         self._abort_after: int | None = None  # test-only: abort a batch after k commands
+        # The live tables of execute: hot rows stay cached across batches (tables.PERSISTENT).
+        self._tables = BufferedTables(self._dbs)
         if not env.readonly:
             self._check_layout()
 
@@ -129,9 +133,11 @@ class Store:
         """
         now = time.time_ns() // 1000 if now_us is None else now_us
 
+        tables = self._tables
+
         def work(txn: lmdb.Transaction):
             # Runs under the environment's write lock: the tail cannot move underneath.
-            tables = BufferedTables(TxnTables(txn, self._dbs))
+            tables.begin(txn)
             tail = self._log.tail()
             outcomes = []
             records: list[tuple[bytes, bytes]] = []
@@ -160,14 +166,18 @@ class Store:
             tables.flush()
             if records:
                 txn.cursor(db=self._dbs["log"]).putmulti(records, append=True)
+            self._env.after_commit(tables.committed)
             self._env.after_commit(lambda: self._log.set_tail(tail))
             return outcomes
 
         try:
             return self._env.write(work)
-        except (StorageError, _InjectedAbort):
-            raise
-        except lmdb.Error as exc:
+        except BaseException as exc:
+            # Whatever failed (a rule bug, StorageFull, the commit itself), nothing was stored:
+            # the cached rows this batch changed must go too.
+            tables.rollback()
+            if isinstance(exc, StorageError | _InjectedAbort) or not isinstance(exc, lmdb.Error):
+                raise
             raise StorageError(f"write failed: {exc}") from exc
 
     # ---------------------------------------------------------------- reads
@@ -386,6 +396,7 @@ class Store:
         try:
             count = self._env.write(work)
         finally:
+            self._tables.reset()
             if gc_was_enabled:
                 gc.enable()
         log.info("projections_rebuilt", events=count,

@@ -1,16 +1,25 @@
-"""Implementations of the `Tables` key-value view that projections and rules work on.
+"""Implementations of the `Tables` view that projections and rules work on.
 
-* `TxnTables`: straight over one LMDB transaction (queries, and the base of the buffer below).
-* `BufferedTables`: a write-back buffer over a `TxnTables`; the store runs a whole batch against
-  it and flushes every changed key once, sorted, at the end. Reads see the buffer first, so
-  later commands of a batch see earlier ones; a key written 64 times is stored once.
-* `MemoryTables`: dicts, for model tests, replay, time travel and rebuild.
+A `Tables` object has one attribute per table (`tables.conv_seq`, `tables.inbox`, ...), each a
+table view: `view[key]` is the value or None when absent, `view.put(key, value)`,
+`view.delete(key)` and `view.range(prefix, start=None, reverse=False)`. `tables.get(name, key)`
+and friends do the same by table name, for code off the hot path.
 
-All three give the same answers for the same operations; the model tests check it.
+* `MemoryTables`: dicts, for model tests, replay, time travel and rebuild. A view IS a dict
+  (`view[key]` and `put` are the dict's own C methods), so a replay costs dict operations only.
+* `BufferedTables`: the store's live tables over its write transaction. Each view is a
+  read-through dict of the rows read or written (absent rows as None) plus the keys changed by
+  the current batch; `flush()` writes those once, sorted. The views of small hot tables
+  (`PERSISTENT`) outlive the batch: after a commit they hold committed rows, so the next batch
+  reads them from memory; an aborted batch (`rollback`) drops exactly the rows it changed.
+* `TxnTables`: straight over one LMDB transaction, for queries (`range`).
+
+All give the same answers for the same operations; the model tests check it.
 """
 
 from __future__ import annotations
 
+from bisect import insort
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,10 +27,17 @@ import lmdb
 
 TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered",
           "recv", "read", "idem", "mute", "meta")
-# Tables that `apply` and `decide` range over by their first key part; MemoryTables indexes them.
+# Tables that `apply` and `decide` range over by their first key part ("head \0").
 GROUPED = frozenset({"member", "user_conv"})
+# Tables of BufferedTables whose rows stay cached across batches: few rows, read by every batch.
+# The others (one row per message or inbox entry) are written far more than read.
+PERSISTENT = frozenset(TABLES) - {"msg", "inbox", "idem"}
+# A persistent view holding more rows than this after a commit is emptied (bounded memory).
+CACHE_ROWS = 200_000
 
 _MISS = object()
+_dict_set = dict.__setitem__
+_dict_pop = dict.pop
 
 
 def prefix_end(prefix: bytes) -> bytes | None:
@@ -39,8 +55,70 @@ def _window(keys: list[bytes], start: bytes | None, reverse: bool) -> list[bytes
     return [k for k in keys if (k <= start if reverse else k >= start)]
 
 
-class TxnTables:
-    """`Tables` over one LMDB transaction (write for execute/rebuild, read for queries)."""
+def _head(key: bytes) -> bytes:
+    """Return the group prefix `head \\0` of a two-part key."""
+    return key[:key.index(b"\0") + 1]
+
+
+def _is_head(prefix: bytes) -> bool:
+    return prefix.find(b"\0") == len(prefix) - 1
+
+
+def cursor_range(txn: lmdb.Transaction, db: Any, prefix: bytes, start: bytes | None = None,
+                 reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+    """Yield `(key, value)` of `db` with `prefix` in key order from `start` (inclusive)."""
+    cur = txn.cursor(db=db)
+    if not reverse:
+        if not cur.set_range(start if start is not None and start > prefix else prefix):
+            return
+        for key, value in cur:
+            if not key.startswith(prefix):
+                return
+            yield key, value
+        return
+    upper = start if start is not None else prefix_end(prefix)
+    if upper is None:
+        positioned = cur.last()
+    elif cur.set_range(upper):
+        positioned = cur.key() == start or cur.prev()
+    else:
+        positioned = cur.last()
+    if not positioned:
+        return
+    for key, value in cur.iterprev():
+        if not key.startswith(prefix):
+            return
+        yield key, value
+
+
+class _ByName:
+    """`get/put/delete/range` by table name over the per-table views (off the hot path)."""
+
+    __slots__ = ()
+
+    def get(self, table: str, key: bytes) -> bytes | None:
+        """Return the value at `key`, or None."""
+        return getattr(self, table)[key]
+
+    def put(self, table: str, key: bytes, value: bytes) -> None:
+        """Store `value` at `key`."""
+        getattr(self, table).put(key, value)
+
+    def delete(self, table: str, key: bytes) -> None:
+        """Remove `key` if present."""
+        getattr(self, table).delete(key)
+
+    def range(self, table: str, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
+        """Yield `(key, value)` with `prefix` in key order from `start` (inclusive)."""
+        return iter(getattr(self, table).range(prefix, start, reverse))
+
+
+# ---------------------------------------------------------------- over one transaction
+
+
+class TxnTables(_ByName):
+    """`get` and `range` by table name straight over one LMDB transaction (queries)."""
 
     __slots__ = ("dbs", "txn")
 
@@ -63,141 +141,241 @@ class TxnTables:
     def range(self, table: str, prefix: bytes, start: bytes | None = None,
               reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
         """Yield `(key, value)` with `prefix` in key order from `start` (inclusive)."""
-        cur = self.txn.cursor(db=self.dbs[table])
-        if not reverse:
-            if not cur.set_range(start if start is not None and start > prefix else prefix):
-                return
-            for key, value in cur:
-                if not key.startswith(prefix):
-                    return
-                yield key, value
-            return
-        upper = start if start is not None else prefix_end(prefix)
-        if upper is None:
-            positioned = cur.last()
-        elif cur.set_range(upper):
-            positioned = cur.key() == start or cur.prev()
-        else:
-            positioned = cur.last()
-        if not positioned:
-            return
-        for key, value in cur.iterprev():
-            if not key.startswith(prefix):
-                return
-            yield key, value
+        return cursor_range(self.txn, self.dbs[table], prefix, start, reverse)
 
 
-class BufferedTables:
-    """A write-back buffer over `TxnTables`; `flush()` writes each changed key once, sorted."""
-
-    __slots__ = ("_ranges", "base", "dirty")
-
-    def __init__(self, base: TxnTables) -> None:
-        self.base = base
-        self.dirty: dict[str, dict[bytes, bytes | None]] = {t: {} for t in TABLES}
-        self._ranges: dict[tuple[str, bytes], list[tuple[bytes, bytes]]] = {}
-
-    def get(self, table: str, key: bytes) -> bytes | None:
-        """Return the buffered value at `key`, else the stored one, or None."""
-        value = self.dirty[table].get(key, _MISS)
-        if value is _MISS:
-            return self.base.get(table, key)
-        return value  # type: ignore[return-value]
-
-    def put(self, table: str, key: bytes, value: bytes) -> None:
-        """Buffer `value` at `key`."""
-        self.dirty[table][key] = value
-        if table in GROUPED:
-            self._ranges.clear()
-
-    def delete(self, table: str, key: bytes) -> None:
-        """Buffer the removal of `key`."""
-        self.dirty[table][key] = None
-        if table in GROUPED:
-            self._ranges.clear()
-
-    def range(self, table: str, prefix: bytes, start: bytes | None = None,
-              reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """Yield `(key, value)` with `prefix`, the buffer merged over the stored rows."""
-        cache_key = (table, prefix)
-        rows = self._ranges.get(cache_key)
-        if rows is None:
-            merged = dict(self.base.range(table, prefix))
-            for k, v in self.dirty[table].items():
-                if k.startswith(prefix):
-                    merged[k] = v
-            rows = [(k, merged[k]) for k in sorted(merged) if merged[k] is not None]
-            if table in GROUPED:
-                self._ranges[cache_key] = rows
-        if start is None and not reverse:
-            return iter(rows)
-        index = dict(rows)
-        return ((k, index[k]) for k in _window(list(index), start, reverse))
-
-    def flush(self) -> None:
-        """Write every buffered change into the base transaction and empty the buffer."""
-        txn, dbs = self.base.txn, self.base.dbs
-        for table, changes in self.dirty.items():
-            if not changes:
-                continue
-            db = dbs[table]
-            puts = []
-            for key in sorted(changes):
-                value = changes[key]
-                if value is None:
-                    txn.delete(key, db=db)
-                else:
-                    puts.append((key, value))
-            if puts:
-                txn.cursor(db=db).putmulti(puts)
-            changes.clear()
-        self._ranges.clear()
+# ---------------------------------------------------------------- in memory
 
 
-class MemoryTables:
-    """`Tables` over dicts, for model tests, replay, time travel and rebuild.
+class MemTable(dict):
+    """One table of `MemoryTables`: a dict whose missing keys read as None."""
 
-    Keys of the GROUPED tables are also indexed by their part before the first `\\0`, so
-    `range("member", conv + b"\\0")` costs the size of that conversation, not of the table.
-    """
+    __slots__ = ()
+
+    put = dict.__setitem__
+
+    def __missing__(self, key: bytes) -> None:
+        return None
+
+    def delete(self, key: bytes) -> None:
+        """Remove `key` if present."""
+        self.pop(key, None)
+
+    def range(self, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> list[tuple[bytes, bytes]]:
+        """Return `(key, value)` with `prefix`, in key order from `start` (inclusive)."""
+        keys = [k for k in self if k.startswith(prefix)]
+        return [(k, self[k]) for k in _window(keys, start, reverse)]
+
+
+class GroupedMemTable(MemTable):
+    """A `MemTable` whose keys are also kept sorted by group (`head \\0`), for cheap ranges."""
+
+    __slots__ = ("groups",)
 
     def __init__(self) -> None:
-        self.data: dict[str, dict[bytes, bytes]] = {t: {} for t in TABLES}
-        self._groups: dict[str, dict[bytes, set[bytes]]] = {t: {} for t in GROUPED}
+        super().__init__()
+        self.groups: dict[bytes, list[bytes]] = {}
 
-    def get(self, table: str, key: bytes) -> bytes | None:
-        """Return the value at `key`, or None."""
-        return self.data[table].get(key)
-
-    def put(self, table: str, key: bytes, value: bytes) -> None:
+    def put(self, key: bytes, value: bytes) -> None:
         """Store `value` at `key`."""
-        if table in GROUPED:
-            self._groups[table].setdefault(key.partition(b"\0")[0], set()).add(key)
-        self.data[table][key] = value
+        if key not in self:
+            head = _head(key)
+            group = self.groups.get(head)
+            if group is None:
+                self.groups[head] = [key]
+            else:
+                insort(group, key)
+        _dict_set(self, key, value)
 
-    def delete(self, table: str, key: bytes) -> None:
+    def delete(self, key: bytes) -> None:
         """Remove `key` if present."""
-        if self.data[table].pop(key, None) is not None and table in GROUPED:
-            head = key.partition(b"\0")[0]
-            group = self._groups[table][head]
-            group.discard(key)
+        if _dict_pop(self, key, _MISS) is not _MISS:
+            head = _head(key)
+            group = self.groups[head]
+            group.remove(key)
             if not group:
-                del self._groups[table][head]
+                del self.groups[head]
 
-    def range(self, table: str, prefix: bytes, start: bytes | None = None,
-              reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
-        """Yield `(key, value)` with `prefix`, in key order from `start` (inclusive)."""
-        d = self.data[table]
-        head, sep, _ = prefix.partition(b"\0")
-        if sep and table in GROUPED:
-            group = self._groups[table].get(head, ())
-            if start is None and not reverse and len(prefix) == len(head) + 1:
-                return ((k, d[k]) for k in sorted(group))
-            keys = [k for k in group if k.startswith(prefix)]
-        else:
-            keys = [k for k in d if k.startswith(prefix)]
-        return ((k, d[k]) for k in _window(keys, start, reverse))
+    def range(self, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> list[tuple[bytes, bytes]]:
+        """Return `(key, value)` with `prefix`, in key order from `start` (inclusive)."""
+        if start is None and not reverse and _is_head(prefix):
+            return [(k, self[k]) for k in self.groups.get(prefix, ())]
+        return MemTable.range(self, prefix, start, reverse)
+
+
+class MemoryTables(_ByName):
+    """`Tables` over dicts, for model tests, replay, time travel and rebuild.
+
+    `data` maps each table name to its view, a dict of `{key: value}`.
+    """
+
+    __slots__ = ("data", *TABLES)
+
+    def __init__(self) -> None:
+        self.data: dict[str, MemTable] = {}
+        for name in TABLES:
+            view = GroupedMemTable() if name in GROUPED else MemTable()
+            self.data[name] = view
+            setattr(self, name, view)
 
     def items(self) -> list[tuple[str, bytes, bytes]]:
         """Return every row as `(table, key, value)` in canonical (table, key) order."""
         return [(t, k, self.data[t][k]) for t in sorted(TABLES) for k in sorted(self.data[t])]
+
+
+# ---------------------------------------------------------------- the store's live tables
+
+
+class BufTable(dict):
+    """One table of `BufferedTables`: rows read or written (absent as None) over the txn.
+
+    `dirty` holds the rows the current batch changed (None: deleted) until the batch ends.
+    """
+
+    __slots__ = ("db", "dirty", "txn")
+
+    def __init__(self, db: Any) -> None:
+        super().__init__()
+        self.db = db
+        self.txn: lmdb.Transaction | None = None
+        self.dirty: dict[bytes, bytes | None] = {}
+
+    def __missing__(self, key: bytes) -> bytes | None:
+        # Not changed by this batch, so the transaction holds the committed row.
+        value = self.txn.get(key, db=self.db)
+        _dict_set(self, key, value)
+        return value
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Buffer `value` at `key`."""
+        _dict_set(self, key, value)
+        self.dirty[key] = value
+
+    def delete(self, key: bytes) -> None:
+        """Buffer the removal of `key`."""
+        _dict_set(self, key, None)
+        self.dirty[key] = None
+
+    def range(self, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> list[tuple[bytes, bytes]]:
+        """Return `(key, value)` with `prefix`: this batch's changes over the stored rows."""
+        merged = dict(cursor_range(self.txn, self.db, prefix))
+        for k, v in self.dirty.items():
+            if k.startswith(prefix):
+                merged[k] = v
+        keys = [k for k, v in merged.items() if v is not None]
+        return [(k, merged[k]) for k in _window(keys, start, reverse)]
+
+    def flush(self) -> None:
+        """Write this batch's changes into the transaction, each key once, in key order."""
+        changes = self.dirty
+        if not changes:
+            return
+        txn, db = self.txn, self.db
+        puts = []
+        for key in sorted(changes):
+            value = changes[key]
+            if value is None:
+                txn.delete(key, db=db)
+            else:
+                puts.append((key, value))
+        if puts:
+            txn.cursor(db=db).putmulti(puts)
+
+    def rollback(self) -> None:
+        """Forget this batch's changes (the rows read stay: they are committed rows)."""
+        for key in self.dirty:
+            _dict_pop(self, key, None)
+        self.dirty.clear()
+
+
+class GroupedBufTable(BufTable):
+    """A `BufTable` that also caches the rows of each group (`head \\0`) it was asked for."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, db: Any) -> None:
+        super().__init__(db)
+        self.groups: dict[bytes, list[tuple[bytes, bytes]]] = {}
+
+    def put(self, key: bytes, value: bytes) -> None:
+        """Buffer `value` at `key`."""
+        BufTable.put(self, key, value)
+        self.groups.pop(_head(key), None)
+
+    def delete(self, key: bytes) -> None:
+        """Buffer the removal of `key`."""
+        BufTable.delete(self, key)
+        self.groups.pop(_head(key), None)
+
+    def range(self, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> list[tuple[bytes, bytes]]:
+        """Return `(key, value)` with `prefix` (a whole group is cached until it changes)."""
+        if start is not None or reverse or not _is_head(prefix):
+            return BufTable.range(self, prefix, start, reverse)
+        rows = self.groups.get(prefix)
+        if rows is None:
+            rows = self.groups[prefix] = BufTable.range(self, prefix)
+        return rows
+
+    def rollback(self) -> None:
+        """Forget this batch's changes and the groups they touched."""
+        for key in self.dirty:
+            self.groups.pop(_head(key), None)
+        BufTable.rollback(self)
+
+
+class BufferedTables(_ByName):
+    """The store's live tables: one view per table over the current write transaction.
+
+    One instance lives as long as the store. Each batch calls `begin(txn)`, runs, `flush()`es,
+    and after the commit returned `committed()`; a batch that failed anywhere calls
+    `rollback()` (and `begin` rolls back leftovers of an attempt that never reached either).
+    """
+
+    __slots__ = ("_views", *TABLES)
+
+    def __init__(self, dbs: dict[str, Any]) -> None:
+        self._views: list[BufTable] = []
+        for name in TABLES:
+            view = GroupedBufTable(dbs[name]) if name in GROUPED else BufTable(dbs[name])
+            self._views.append(view)
+            setattr(self, name, view)
+
+    def begin(self, txn: lmdb.Transaction) -> None:
+        """Start a batch in the write transaction `txn`."""
+        self.rollback()
+        for view in self._views:
+            view.txn = txn
+
+    def flush(self) -> None:
+        """Write every change of the batch into the transaction (before its commit)."""
+        for view in self._views:
+            view.flush()
+
+    def committed(self) -> None:
+        """The batch's transaction committed: its changes are now stored rows."""
+        for name, view in zip(TABLES, self._views, strict=True):
+            view.dirty.clear()
+            view.txn = None
+            if name not in PERSISTENT or len(view) > CACHE_ROWS:
+                view.clear()
+                if isinstance(view, GroupedBufTable):
+                    view.groups.clear()
+
+    def rollback(self) -> None:
+        """The batch failed: drop every row it changed, so the views hold stored rows only."""
+        for view in self._views:
+            view.rollback()
+            view.txn = None
+
+    def reset(self) -> None:
+        """Forget every cached row (the stored tables were replaced, e.g. by a rebuild)."""
+        for view in self._views:
+            view.rollback()
+            view.clear()
+            view.txn = None
+            if isinstance(view, GroupedBufTable):
+                view.groups.clear()

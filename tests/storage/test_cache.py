@@ -1,0 +1,77 @@
+"""The store's cached hot rows: a batch that fails anywhere leaves none of its rows cached."""
+
+from __future__ import annotations
+
+import lmdb
+import pytest
+
+from storage.commands import Ack, CreateConv, Leave, MarkRead, SendMessage
+from storage.errors import StorageError
+from storage.store import Store, _InjectedAbort
+from storage.tables import BufferedTables
+
+
+def _send(user, cid, to="alice"):
+    return SendMessage(user, "d", "user", cid, "hi", to=to)
+
+
+def _check(store: Store) -> None:
+    assert store.check_projections() is None
+    assert store.verify_log() == store.last_lsn()
+
+
+def test_injected_abort_forgets_cached_rows(store):
+    """Seqs, inbox heads, marks and acks continue from the committed state after an abort."""
+    store.execute([_send("bob", "c1"), _send("bob", "c2")])
+    store._abort_after = 3
+    with pytest.raises(_InjectedAbort):
+        store.execute([_send("bob", "c3"), MarkRead("alice", "d", "user", "dm:alice:bob", 3),
+                       Ack("alice", "d", "user", 3), _send("bob", "c4")])
+    store._abort_after = None
+    assert store.inbox_head("alice") == 2
+    (out,) = store.execute([_send("bob", "c3")])
+    assert (out.reply["seq"], out.reply["dup"]) == (3, False)
+    assert out.effects.inbox_heads == {"alice": 3, "bob": 3}
+    assert store.read_mark("dm:alice:bob", "alice") == 0
+    _check(store)
+
+
+def test_failed_commit_forgets_cached_rows(store, monkeypatch):
+    """A batch whose write fails after its changes were flushed leaves the cache clean."""
+    store.execute([_send("bob", "c1")])
+    real_flush = BufferedTables.flush
+
+    def failing_flush(self):
+        real_flush(self)
+        raise lmdb.Error("injected")
+
+    monkeypatch.setattr(BufferedTables, "flush", failing_flush)
+    with pytest.raises(StorageError):
+        store.execute([_send("bob", "c2"), _send("carol", "c1"),
+                       MarkRead("alice", "d", "user", "dm:alice:bob", 2)])
+    monkeypatch.undo()
+    assert store.members("dm:alice:carol") == []
+    outs = store.execute([_send("bob", "c2"), _send("carol", "c1")])
+    assert [o.reply["seq"] for o in outs] == [2, 1]
+    assert store.inbox_head("alice") == 3
+    _check(store)
+
+
+def test_membership_change_refreshes_cached_members(store):
+    """A member who left gets no inbox entries though the group's members were cached."""
+    (out,) = store.execute([CreateConv("alice", "d", "user", "group", "g", False, ("bob",))])
+    conv = out.reply["conv"]
+    store.execute([SendMessage("alice", "d", "user", "m1", "x", conv=conv)])
+    store.execute([Leave("bob", "d", "user", conv),
+                   SendMessage("alice", "d", "user", "m2", "x", conv=conv)])
+    assert store.inbox_head("bob") == 2  # added, m1
+    _check(store)
+
+
+def test_rebuild_resets_the_cache(store):
+    """After a rebuild the next batch still continues the conversation correctly."""
+    store.execute([_send("bob", "c1"), _send("bob", "c2")])
+    store.rebuild()
+    (out,) = store.execute([_send("bob", "c3")])
+    assert out.reply["seq"] == 3
+    _check(store)
