@@ -45,7 +45,7 @@ def add_parser(sub: Any) -> None:
                    help="fanout: comma-separated channel sizes (default 10,100,1000)")
     g.add_argument("--posts", type=int, default=20, help="fanout: posts per size")
     g.add_argument("--interval", type=float, default=0.1,
-                   help="fanout: seconds between posts, at least K/10000 (default %(default)s)")
+                   help="fanout: seconds between posts, at least K/1000 (default %(default)s)")
     g.add_argument("--connections", type=int, default=10_000,
                    help="connections: idle connections to hold (default %(default)s)")
     g.add_argument("--idle-procs", type=int, default=4, help="connections: processes holding them")

@@ -149,17 +149,19 @@ def plot(path: str, results: dict) -> None:
     left.set_ylabel("send -> delivery, ms")
     left.set_title("latency (open loop)")
     if results.get("latency"):
-        left.legend(fontsize="small")
+        left.legend(fontsize="x-small", ncol=3, loc="upper left")
     names, values, peer_values = [], [], []
     for label, entry, key in _throughput_bars(results):
         names.append(label)
         values.append(entry[key])
         peer_values.append({n: p.get(key) for n, p in (entry.get("peer") or {}).items()})
     xs = range(len(names))
-    right.bar([x - 0.2 for x in xs], values, width=0.4, label="homing")
-    for name in sorted({n for pv in peer_values for n in pv}):
-        right.bar([x + 0.2 for x in xs], [pv.get(name) or 0 for pv in peer_values], width=0.4,
-                  label=name)
+    peer_names = sorted({n for pv in peer_values for n in pv})
+    width = 0.8 / (1 + len(peer_names))
+    right.bar([x - 0.4 + width / 2 for x in xs], values, width=width, label="homing")
+    for k, name in enumerate(peer_names, start=1):
+        right.bar([x - 0.4 + width * (k + 0.5) for x in xs],
+                  [pv.get(name) or 0 for pv in peer_values], width=width, label=name)
     right.set_xticks(list(xs), names, rotation=20, fontsize="small")
     right.set_ylabel("per second")
     right.set_title("throughput per scenario")

@@ -172,7 +172,7 @@ def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> d
     conv = trio.run(_create_channel, broker.server, owner)
     procs = max(1, min(opts["procs"], k))
     subs = [(f"{tag}u{i}", broker.token(f"{tag}u{i}")) for i in range(k)]
-    interval = max(opts["interval"], k / 10_000)
+    interval = max(opts["interval"], k / 1000)  # let one post's fan-out finish first
     specs = [("bench.loadgen.subscribers",
               {"server": broker.server, "conv": conv, "posts": posts, "subs": subs[p::procs]})
              for p in range(procs)]
