@@ -44,6 +44,7 @@ log = structlog.get_logger()
 LAYOUT_KEY = b"projections"
 LAYOUT = b"2"
 DB_NAMES = ["log", "layout", *TABLES]
+RECORD_CACHE = 4096  # decoded records kept for inbox_after (emptied when full)
 _MSG_SEQ = slice(-8, None)
 
 
@@ -87,6 +88,9 @@ class Store:
         self._log = LmdbLog(env)
         self.limits = limits
         self._abort_after: int | None = None  # test-only: abort a batch after k commands
+        # Decoded log records by LSN for inbox_after: a message delivered to many inboxes (a
+        # channel post, a group) is decoded once. Records never change, so it is never stale.
+        self._records: dict[int, Event] = {}
         # The live tables of execute: hot rows stay cached across batches (tables.PERSISTENT).
         self._tables = BufferedTables(self._dbs)
         if not env.readonly:
@@ -217,6 +221,7 @@ class Store:
             return out
         prefix = user.encode() + b"\0"
         logdb, mutedb = self._dbs["log"], self._dbs["mute"]
+        records = self._records
         mutes: dict[str, bool] = {}
         with self._env.read() as txn:
             cur = txn.cursor(db=self._dbs["inbox"])
@@ -226,7 +231,12 @@ class Store:
                 if not key.startswith(prefix):
                     break
                 kind, conv, seq, lsn = msgpack.unpackb(value, raw=False)
-                ev = decode_body(txn.get(lsn_key(lsn), db=logdb)[32:])
+                ev = records.get(lsn)
+                if ev is None:
+                    ev = decode_body(txn.get(lsn_key(lsn), db=logdb)[32:])
+                    if len(records) >= RECORD_CACHE:
+                        records.clear()
+                    records[lsn] = ev
                 muted = mutes.get(conv)
                 if muted is None:
                     muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
