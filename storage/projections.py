@@ -15,7 +15,7 @@ big-endian; `\\0` separates key parts (user and conv ids never contain it). Rule
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -51,6 +51,13 @@ class Table(Protocol):
               reverse: bool = False) -> list[tuple[bytes, bytes]]: ...
 
 
+class GroupedTable(Table, Protocol):
+    """A table keyed `head \\0 tail`: `parts[head \\0]` lists the group's rows as
+    `(tail, tail \\0, tail as text)` in key order (see `tables.Parts`)."""
+
+    parts: Mapping[bytes, tuple[tuple[bytes, bytes, str], ...]]
+
+
 class Tables(Protocol):
     """The key-value view `apply` works on: one `Table` attribute per name in `TABLES`.
 
@@ -60,8 +67,8 @@ class Tables(Protocol):
     conv: Table
     conv_seq: Table
     msg: Table
-    member: Table
-    user_conv: Table
+    member: GroupedTable
+    user_conv: GroupedTable
     inbox: Table
     inbox_head: Table
     delivered: Table
@@ -218,30 +225,33 @@ def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
     prefix = ckey + b"\0"
     tables.msg.put(prefix + seq_b, pack_u64(lsn))
     entry = packb([KIND_MSG, conv, seq, lsn])
-    cut = len(prefix)
-    sender = ev.user.encode()
+    sender = ev.user
     sender_member = False
     heads = fx.inbox_heads
     inbox_head = tables.inbox_head
     put_head = inbox_head.put
     put_inbox = tables.inbox.put
-    for key, _role in tables.member.range(prefix):
-        ukey = key[cut:]
+    for ukey, ukey0, user in tables.member.parts[prefix]:
         old = inbox_head[ukey]
         head = 1 if old is None else _u64(old)[0] + 1
         head_b = pack_u64(head)
-        put_inbox(ukey + b"\0" + head_b, entry)
+        put_inbox(ukey0 + head_b, entry)
         put_head(ukey, head_b)
-        heads[ukey.decode()] = head
-        if ukey == sender:
+        heads[user] = head
+        if user == sender:
             sender_member = True
+    sender_b = sender.encode()
     if sender_member:
-        mark = prefix + sender
-        for view in (tables.read, tables.recv):
-            old = view[mark]
-            if old is None or _u64(old)[0] < seq:
-                view.put(mark, seq_b)
-    tables.idem.put(sender + b"\0" + d["cid"].encode(), pack_u64x2(seq, lsn) + ckey)
+        mark = prefix + sender_b
+        view = tables.read
+        old = view[mark]
+        if old is None or _u64(old)[0] < seq:
+            view.put(mark, seq_b)
+        view = tables.recv
+        old = view[mark]
+        if old is None or _u64(old)[0] < seq:
+            view.put(mark, seq_b)
+    tables.idem.put(sender_b + b"\0" + d["cid"].encode(), pack_u64x2(seq, lsn) + ckey)
     fx.conv = conv
     fx.seq = seq
 

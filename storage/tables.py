@@ -168,19 +168,42 @@ class MemTable(dict):
         return [(k, self[k]) for k in _window(keys, start, reverse)]
 
 
+class Parts(dict):
+    """`parts[head]`: the rows of group `head \\0` of a grouped table, split for the hot path.
+
+    Each row is `(tail, tail \\0, tail as text)`, in key order; built on first use from the
+    table's `range` and dropped by the table whenever a key of that group changes.
+    """
+
+    __slots__ = ("table",)
+
+    def __init__(self, table: Any) -> None:
+        super().__init__()
+        self.table = table
+
+    def __missing__(self, head: bytes) -> tuple[tuple[bytes, bytes, str], ...]:
+        cut = len(head)
+        rows = tuple((k[cut:], k[cut:] + b"\0", k[cut:].decode())
+                     for k, _ in self.table.range(head))
+        _dict_set(self, head, rows)
+        return rows
+
+
 class GroupedMemTable(MemTable):
     """A `MemTable` whose keys are also kept sorted by group (`head \\0`), for cheap ranges."""
 
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "parts")
 
     def __init__(self) -> None:
         super().__init__()
         self.groups: dict[bytes, list[bytes]] = {}
+        self.parts = Parts(self)
 
     def put(self, key: bytes, value: bytes) -> None:
         """Store `value` at `key`."""
         if key not in self:
             head = _head(key)
+            self.parts.pop(head, None)
             group = self.groups.get(head)
             if group is None:
                 self.groups[head] = [key]
@@ -192,6 +215,7 @@ class GroupedMemTable(MemTable):
         """Remove `key` if present."""
         if _dict_pop(self, key, _MISS) is not _MISS:
             head = _head(key)
+            self.parts.pop(head, None)
             group = self.groups[head]
             group.remove(key)
             if not group:
@@ -294,21 +318,32 @@ class BufTable(dict):
 class GroupedBufTable(BufTable):
     """A `BufTable` that also caches the rows of each group (`head \\0`) it was asked for."""
 
-    __slots__ = ("groups",)
+    __slots__ = ("groups", "parts")
 
     def __init__(self, db: Any) -> None:
         super().__init__(db)
         self.groups: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self.parts = Parts(self)
 
     def put(self, key: bytes, value: bytes) -> None:
         """Buffer `value` at `key`."""
         BufTable.put(self, key, value)
-        self.groups.pop(_head(key), None)
+        self.forget(_head(key))
 
     def delete(self, key: bytes) -> None:
         """Buffer the removal of `key`."""
         BufTable.delete(self, key)
-        self.groups.pop(_head(key), None)
+        self.forget(_head(key))
+
+    def forget(self, head: bytes) -> None:
+        """Drop the cached rows of group `head`."""
+        self.groups.pop(head, None)
+        self.parts.pop(head, None)
+
+    def forget_all(self) -> None:
+        """Drop every cached group."""
+        self.groups.clear()
+        self.parts.clear()
 
     def range(self, prefix: bytes, start: bytes | None = None,
               reverse: bool = False) -> list[tuple[bytes, bytes]]:
@@ -323,7 +358,7 @@ class GroupedBufTable(BufTable):
     def rollback(self) -> None:
         """Forget this batch's changes and the groups they touched."""
         for key in self.dirty:
-            self.groups.pop(_head(key), None)
+            self.forget(_head(key))
         BufTable.rollback(self)
 
 
@@ -363,7 +398,7 @@ class BufferedTables(_ByName):
             if name not in PERSISTENT or len(view) > CACHE_ROWS:
                 view.clear()
                 if isinstance(view, GroupedBufTable):
-                    view.groups.clear()
+                    view.forget_all()
 
     def rollback(self) -> None:
         """The batch failed: drop every row it changed, so the views hold stored rows only."""
@@ -378,4 +413,4 @@ class BufferedTables(_ByName):
             view.clear()
             view.txn = None
             if isinstance(view, GroupedBufTable):
-                view.groups.clear()
+                view.forget_all()
