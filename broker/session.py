@@ -246,7 +246,10 @@ class Session:
                 self._drained.set()
             room = self.window - len(self.unacked)
             if room > 0 and self.sent < self.head and not self._closing:
-                items = store.inbox_after(user, self.sent, min(room, INBOX_READ_BATCH))
+                # Never past the head we were told of: entries committed a moment ago may be
+                # readable before the hub announced them, and acks are checked against head.
+                items = store.inbox_after(user, self.sent,
+                                          min(room, INBOX_READ_BATCH, self.head - self.sent))
                 skipped = False
                 for it in items:
                     self.sent = it.inbox_seq

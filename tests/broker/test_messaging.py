@@ -284,3 +284,35 @@ async def test_a_client_that_sends_but_never_reads_is_held_back(harness):
     async with harness.client("alice") as alice:  # everyone else is served
         await alice.send("still here", to="bob")
     await raw.stream.aclose()
+
+
+async def test_a_device_is_never_sent_past_the_announced_inbox_head(harness):
+    """Entries committed but not yet announced are not delivered, so every ack is accepted."""
+    from storage.commands import SendMessage
+
+    async with harness.client("alice") as alice:
+        await alice.send("m1", to="bob")
+        bob = await RawClient.connect(harness.server, harness.token("bob"))
+        first = await bob.next()
+        assert isinstance(first, protocol.Deliver) and first.inbox_seq == 1
+        # Two more commits the hub has not announced yet, then an announcement of the first.
+        store = harness.broker.store
+        store.execute([SendMessage("alice", "d1", "user", f"x{n}", "later", to="bob")
+                       for n in range(2)])
+        harness.broker.hub.inbox_advanced({"bob": 2})
+        second = await bob.next()
+        assert second.inbox_seq == 2
+        await bob.send(protocol.Ack(upto=2, id=7))
+        reply = await bob.next()
+        assert isinstance(reply, protocol.Ok) and reply.id == 7, reply
+        with trio.move_on_after(0.3):
+            while True:
+                extra = await bob.next()
+                if isinstance(extra, protocol.Deliver):
+                    raise AssertionError(f"delivered past the announced head: {extra}")
+        harness.broker.hub.inbox_advanced({"bob": 3})
+        third = await bob.next()
+        while not isinstance(third, protocol.Deliver):
+            third = await bob.next()
+        assert third.inbox_seq == 3
+        await bob.stream.aclose()
