@@ -103,8 +103,7 @@ class Committer:
         self._unsynced_acks[key] = max(command.upto, self._unsynced_acks.get(key, 0))
         queued = self._acks.get(key)
         if queued is not None and queued.outcome is None and queued.error is None:
-            if command.upto > queued.command.upto:
-                queued.command = command
+            queued.command = _merge_acks(queued.command, command)
             return
         pending = self.enqueue(command)
         self._acks[key] = pending
@@ -192,3 +191,16 @@ class Committer:
         self._closing = True
         self._wake.set()
         await self._idle.wait()
+
+
+def _merge_acks(first: Ack, second: Ack) -> Ack:
+    """One ack covering both (acks are cumulative; conversation marks take the higher seq)."""
+    if first.convs is None or second.convs is None:
+        convs = None  # one of them did not know its conversations: the rules will read them
+    else:
+        merged = dict(first.convs)
+        for conv, seq in second.convs:
+            if seq > merged.get(conv, 0):
+                merged[conv] = seq
+        convs = tuple(merged.items())
+    return Ack(first.user, first.device, first.role, max(first.upto, second.upto), convs)

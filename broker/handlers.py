@@ -47,6 +47,8 @@ def _command_done(pending: Any) -> None:
             session.log.error("command_failed", command=type(pending.command).__name__,
                               exc_info=exc)
         session.reply_error(request_id, code, message)
+    elif reply is _result:
+        session.reply(_sent(session, request_id, outcome.reply))
     elif reply is not None:
         session.reply(reply(request_id, outcome.reply))
         session.log.debug("command_done", command=type(pending.command).__name__,
@@ -55,6 +57,12 @@ def _command_done(pending: Any) -> None:
 
 def _result(request_id: int, r: dict) -> wire.Result:
     return wire.Result(request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"])
+
+
+def _sent(session: Session, request_id: int, r: dict) -> wire.Result:
+    if not r["dup"]:
+        session.own_lsns.add(r["lsn"])  # its writer passes over it without reading the log
+    return _result(request_id, r)
 
 
 def _ok(request_id: int, r: dict) -> wire.Ok:

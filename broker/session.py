@@ -48,7 +48,8 @@ class Session:
         self.head = 0
         self.acked = 0
         self.sent = 0
-        self.unacked: deque[int] = deque()
+        self.unacked: deque[tuple[int, str, int]] = deque()  # (inbox_seq, conv, msg seq or 0)
+        self.own_lsns: set[int] = set()  # this device's sends not yet passed in its inbox
         self.out: deque[bytes] = deque()
         self.inflight = 0
         self.inflight_free = trio.Event()
@@ -131,12 +132,19 @@ class Session:
         if upto > self.head:
             return False
         self.acked = upto
-        if upto > self.sent:
+        # Every entry this ack covers was delivered in this session (unless it acks past what
+        # we sent): then we know their conversations, and the rules need not read the inbox.
+        known = upto <= self.sent
+        if not known:
             self.sent = upto
+        convs: dict[str, int] = {}
         unacked = self.unacked
-        while unacked and unacked[0] <= upto:
-            unacked.popleft()
-        self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, upto))
+        while unacked and unacked[0][0] <= upto:
+            _, conv, seq = unacked.popleft()
+            if seq > convs.get(conv, 0):
+                convs[conv] = seq
+        self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, upto,
+                                             tuple(convs.items()) if known else None))
         self._wake.set()
         return True
 
@@ -248,24 +256,26 @@ class Session:
             if room > 0 and self.sent < self.head and not self._closing:
                 # Never past the head we were told of: entries committed a moment ago may be
                 # readable before the hub announced them, and acks are checked against head.
-                items = store.inbox_after(user, self.sent,
-                                          min(room, INBOX_READ_BATCH, self.head - self.sent))
-                skipped = False
+                before = self.sent
+                items, last = store.deliverable(
+                    user, before, min(room, INBOX_READ_BATCH, self.head - before), self.own_lsns)
+                skipped = len(items) < last - before  # own sends passed over in the store
+                self.sent = last
                 for it in items:
-                    self.sent = it.inbox_seq
                     if it.kind == "msg" and it.sender == user and it.device == device:
                         skipped = True  # the device that sent it has it already
                         continue
-                    self.unacked.append(it.inbox_seq)
+                    self.unacked.append((it.inbox_seq, it.conv, it.seq if it.kind == "msg"
+                                         else 0))
                     chunks.append(encode(Deliver(
                         inbox_seq=it.inbox_seq, kind=it.kind, conv=it.conv, seq=it.seq,
                         sender=it.sender, body=it.body, cid=it.cid, ts=it.ts_us,
                         muted=it.muted)))
                 if skipped and not self.unacked and self.sent > self.acked:
-                    self.acked = self.sent
-                    self.broker.committer.ack_nowait(Ack(user, device, self.role, self.sent))
-                if not items:  # nothing readable past the cursor: never spin on a stale head
-                    self.head = self.sent
+                    self.acked = self.sent  # only its own messages since the last ack
+                    self.broker.committer.ack_nowait(Ack(user, device, self.role, self.sent, ()))
+                if last == before:  # nothing readable past the cursor: never spin
+                    self.head = before
             if chunks:
                 if self.unacked:
                     self.log.debug("delivered", upto=self.sent, unacked=len(self.unacked))

@@ -69,12 +69,18 @@ class Leave:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Acknowledge delivery of the actor's inbox up to inbox seq `upto` on this device."""
+    """Acknowledge delivery of the actor's inbox up to inbox seq `upto` on this device.
+
+    `convs` is the highest conv seq of the message entries this ack covers, per conversation,
+    when the broker knows them (it delivered every covered entry in this session); None makes
+    the rules read them from the inbox.
+    """
 
     user: str
     device: str
     role: str
     upto: int
+    convs: tuple[tuple[str, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,14 +256,8 @@ def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
     fx.seq = seq
 
 
-def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
-    user = ev.user
-    dkey = key2(user, ev.device)
-    old = get_u64(tables, "delivered", dkey)
-    upto = ev.data["upto"]
-    if upto <= old:
-        return
-    tables.put("delivered", dkey, pack_u64(upto))
+def acked_convs(tables: Tables, user: str, old: int, upto: int) -> dict[str, int]:
+    """The highest conv seq per conversation among `user`'s message entries in (old, upto]."""
     top: dict[str, int] = {}
     ukey = user.encode() + b"\0"
     for inbox_seq in range(old + 1, upto + 1):
@@ -273,7 +267,21 @@ def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
         kind, conv, seq, _lsn = decode(value)
         if kind == KIND_MSG and seq > top.get(conv, 0):
             top[conv] = seq
-    for conv, seq in top.items():
+    return top
+
+
+def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
+    user = ev.user
+    dkey = key2(user, ev.device)
+    old = get_u64(tables, "delivered", dkey)
+    upto = ev.data["upto"]
+    if upto <= old:
+        return
+    tables.put("delivered", dkey, pack_u64(upto))
+    convs = ev.data.get("convs")  # decided by the rules (storage/rules.py `_ack`)
+    if convs is None:  # an event written before acks carried them: read the inbox, as then
+        convs = acked_convs(tables, user, old, upto)
+    for conv, seq in convs.items():
         if _raise(tables, "recv", key2(conv, user), seq):
             fx.receipts.append((conv, user, "delivered", seq))
 

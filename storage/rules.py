@@ -23,7 +23,7 @@ from typing import Any
 from storage import commands as c
 from storage import records as r
 from storage.errors import Forbidden, Invalid, LimitExceeded
-from storage.projections import Tables, decode, decode_idem, get_u64, key2
+from storage.projections import Tables, acked_convs, decode, decode_idem, get_u64, key2
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
@@ -231,9 +231,11 @@ def _ack(tables: Tables, cmd: c.Ack, now_us: int, limits: Limits) -> Decision:
         raise Invalid("upto must be a non-negative integer")
     if upto > get_u64(tables, "inbox_head", cmd.user.encode()):
         raise Invalid("ack beyond the inbox head")
-    if upto <= get_u64(tables, "delivered", key2(cmd.user, cmd.device)):
+    old = get_u64(tables, "delivered", key2(cmd.user, cmd.device))
+    if upto <= old:
         return [], {}
-    return [_ev(now_us, cmd, r.DELIVERY_ACKED, {"upto": upto})], {}
+    convs = dict(cmd.convs) if cmd.convs is not None else acked_convs(tables, cmd.user, old, upto)
+    return [_ev(now_us, cmd, r.DELIVERY_ACKED, {"upto": upto, "convs": convs})], {}
 
 
 def _mark_read(tables: Tables, cmd: c.MarkRead, now_us: int, limits: Limits) -> Decision:

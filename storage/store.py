@@ -216,9 +216,20 @@ class Store:
 
     def inbox_after(self, user: str, after_seq: int, limit: int) -> list[InboxItem]:
         """Return up to `limit` inbox entries of `user` after `after_seq`, joined for delivery."""
+        return self.deliverable(user, after_seq, limit)[0]
+
+    def deliverable(self, user: str, after_seq: int, limit: int,
+                    skip_lsns: set[int] | None = None) -> tuple[list[InboxItem], int]:
+        """Up to `limit` inbox entries of `user` after `after_seq`, joined for delivery, and the
+        last inbox seq looked at.
+
+        Entries whose log record is in `skip_lsns` (a device's own sends: it has them already)
+        are passed over without reading the log, and removed from the set.
+        """
         out: list[InboxItem] = []
+        last = after_seq
         if limit <= 0:
-            return out
+            return out, last
         prefix = user.encode() + b"\0"
         logdb, mutedb = self._dbs["log"], self._dbs["mute"]
         records = self._records
@@ -226,11 +237,19 @@ class Store:
         with self._env.read() as txn:
             cur = txn.cursor(db=self._dbs["inbox"])
             if not cur.set_range(inbox_key(user, after_seq + 1)):
-                return out
+                return out, last
+            seen = 0
             for key, value in cur:
                 if not key.startswith(prefix):
                     break
+                seen += 1
                 kind, conv, seq, lsn = msgpack.unpackb(value, raw=False)
+                if skip_lsns and lsn in skip_lsns:
+                    skip_lsns.discard(lsn)
+                    last = u64(key[-8:])
+                    if seen >= limit:
+                        break
+                    continue
                 ev = records.get(lsn)
                 if ev is None:
                     ev = decode_body(txn.get(lsn_key(lsn), db=logdb)[32:])
@@ -241,11 +260,12 @@ class Store:
                 if muted is None:
                     muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
                 data = ev.data
-                out.append(InboxItem(u64(key[-8:]), kind, conv, seq, lsn, ev.user, ev.device,
+                last = u64(key[-8:])
+                out.append(InboxItem(last, kind, conv, seq, lsn, ev.user, ev.device,
                                      data.get("body"), data.get("cid"), ev.ts_us, muted))
-                if len(out) >= limit:
+                if seen >= limit:
                     break
-        return out
+        return out, last
 
     def conv_info(self, conv: str) -> dict[str, Any] | None:
         """Return the conv row (`kind, name, open, creator, last_seq, created_lsn`) or None."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 import trio
 
@@ -316,3 +317,47 @@ async def test_a_device_is_never_sent_past_the_announced_inbox_head(harness):
             third = await bob.next()
         assert third.inbox_seq == 3
         await bob.stream.aclose()
+
+
+async def test_acks_record_exactly_the_conversations_they_cover(harness):
+    """Each logged ack names, per conversation, the highest seq it covers, as the inbox says."""
+    async with harness.client("alice") as alice, harness.client("carol") as carol, \
+            harness.client("bob", "b1") as b1, harness.client("bob", "b2") as b2:
+        group = await alice.create_group("g", ["bob", "carol"])
+        for i in range(30):
+            sender = (alice, carol)[i % 2]
+            await sender.send(f"m{i}", conv=group if i % 3 else None,
+                              to=None if i % 3 else "bob")
+        for device, n in ((b1, 31), (b2, 31)):
+            got = await recv(device, n)
+            for d in [*got[::4], got[-1]]:  # ack in strides, as a real client might
+                await device.ack(d.inbox_seq)
+            await device.ping()
+        await b1.ack(5)  # an ack below the mark changes nothing
+        await b1.ping()
+    store = harness.broker.store
+    inbox = store.projection_snapshot()["inbox"]
+    senders = {e.lsn: e.user for e in store.read_events(1) if e.type == "message.accepted"}
+
+    def covered(user: str, old: int, upto: int, others_only: bool) -> dict[str, int]:
+        """The highest seq per conv of the messages in (old, upto] of `user`'s inbox."""
+        top: dict[str, int] = {}
+        for n in range(old + 1, upto + 1):
+            kind, conv, seq, lsn = msgpack.unpackb(inbox[user.encode() + b"\0"
+                                                         + n.to_bytes(8, "big")])
+            if kind == "msg" and not (others_only and senders[lsn] == user):
+                top[conv] = max(seq, top.get(conv, 0))
+        return top
+
+    marks: dict[tuple[str, str], int] = {}
+    for event in (e for e in store.read_events(1) if e.type == "delivery.acked"):
+        old = marks.get((event.user, event.device), 0)
+        upto, convs = event.data["upto"], event.data["convs"]
+        # Nothing missed: every conversation with others' messages covered is raised to them.
+        for conv, seq in covered(event.user, old, upto, others_only=True).items():
+            assert convs.get(conv, 0) >= seq, (event, conv, seq)
+        # Nothing invented: no mark beyond a message the ack covers.
+        everything = covered(event.user, old, upto, others_only=False)
+        assert all(seq <= everything.get(conv, 0) for conv, seq in convs.items()), event
+        marks[(event.user, event.device)] = upto
+    assert {("bob", "b1"), ("bob", "b2")} <= marks.keys()
