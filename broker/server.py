@@ -12,6 +12,7 @@ import itertools
 import secrets
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -27,6 +28,20 @@ from broker.logs import get_logger
 from broker.policy import ContentPolicy
 from broker.ratelimit import TokenBucket
 from broker.session import Session
+
+
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """The members of one conversation, and the views of them that fan-out needs."""
+
+    members: list[tuple[str, str]]
+    users: list[str]
+    posters: list[str]  # owners and admins
+
+    @classmethod
+    def of(cls, members: list[tuple[str, str]]) -> Roster:
+        return cls(members, [u for u, _ in members],
+                   [u for u, role in members if role in ("owner", "admin")])
 
 
 class Broker:
@@ -46,7 +61,7 @@ class Broker:
         self.stopping = False
         self.port: int | None = None
         self._user_limits: dict[str, TokenBucket] = {}
-        self._members: dict[str, list[tuple[str, str]]] = {}
+        self._rosters: dict[str, Roster] = {}
         self._ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -64,14 +79,18 @@ class Broker:
             bucket = self._user_limits[user] = TokenBucket(self.config.sends_per_s_per_user)
         return bucket
 
-    def members(self, conv: str) -> list[tuple[str, str]]:
-        """Members of `conv` (cached; invalidated by membership commits)."""
-        found = self._members.get(conv)
+    def roster(self, conv: str) -> Roster:
+        """Who is in `conv` (cached; invalidated by membership commits)."""
+        found = self._rosters.get(conv)
         if found is None:
-            found = self.store.members(conv)
-            if found:
-                self._members[conv] = found
+            found = Roster.of(self.store.members(conv))
+            if found.members:
+                self._rosters[conv] = found
         return found
+
+    def members(self, conv: str) -> list[tuple[str, str]]:
+        """Members of `conv` with their roles."""
+        return self.roster(conv).members
 
     @staticmethod
     def error_frame(request_id: int | None, code: wire.ErrorCode, message: str,
@@ -88,18 +107,16 @@ class Broker:
                 continue
             effects = outcome.effects
             for conv, _user, _role in effects.membership:
-                self._members.pop(conv, None)
+                self._rosters.pop(conv, None)
             if effects.inbox_heads:
                 hub.inbox_advanced(effects.inbox_heads)
             for conv, user, kind, seq in effects.receipts:
                 self._push_receipt(conv, user, kind, seq)
 
     def _push_receipt(self, conv: str, user: str, kind: str, seq: int) -> None:
-        members = self.members(conv)
-        if conv.startswith("chn:"):  # channels: to those who post, and to the reader's devices
-            audience = [u for u, role in members if role in ("owner", "admin")] + [user]
-        else:
-            audience = [u for u, _ in members]
+        roster = self.roster(conv)
+        # Channels: only to those who post, and to the reader's own devices.
+        audience = [*roster.posters, user] if conv.startswith("chn:") else roster.users
         frame = (wire.Receipt(conv=conv, user=user, delivered=seq, read=None) if kind == "delivered"
                  else wire.Receipt(conv=conv, user=user, delivered=None, read=seq))
         self.hub.push(audience, encode_push(frame))
