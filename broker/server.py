@@ -115,8 +115,14 @@ class Broker:
 
     def _push_receipt(self, conv: str, user: str, kind: str, seq: int) -> None:
         roster = self.roster(conv)
-        # Channels: only to those who post, and to the reader's own devices.
-        audience = [*roster.posters, user] if conv.startswith("chn:") else roster.users
+        # A delivered mark goes to the others (the user's own devices need not hear of their
+        # acks); a read mark to the user's devices too, so unread counts agree everywhere.
+        # In channels, only those who post hear of others' marks.
+        others = roster.posters if conv.startswith("chn:") else roster.users
+        if kind == "delivered":
+            audience = [u for u in others if u != user] if user in others else others
+        else:
+            audience = others if user in others else [*others, user]
         frame = (wire.Receipt(conv=conv, user=user, delivered=seq, read=None) if kind == "delivered"
                  else wire.Receipt(conv=conv, user=user, delivered=None, read=seq))
         self.hub.push(audience, encode_push(frame))
