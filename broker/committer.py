@@ -12,6 +12,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,7 @@ class Committer:
         *,
         max_batch: int = 4096,
         on_committed: Callable[[list[Any], list[Any]], None] | None = None,
+        fanout: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self._store = store
         self._max_batch = max_batch
@@ -71,6 +73,8 @@ class Committer:
         self._closing = False
         self._idle = trio.Event()
         self._on_committed = on_committed or (lambda commands, outcomes: None)
+        # Wraps the callbacks and `on_committed` of one batch (the broker writes then).
+        self._fanout = fanout or contextlib.nullcontext
         self.batches = 0
         self.commands = 0
         self.last_commit_s = 0.0
@@ -151,15 +155,16 @@ class Committer:
             self._lsn_moved = trio.Event()
         self.batches += 1
         self.commands += len(batch)
-        for p, outcome in zip(batch, outcomes, strict=True):
+        with self._fanout():
+            for p, outcome in zip(batch, outcomes, strict=True):
+                try:
+                    p.finish(outcome, None)
+                except Exception:
+                    log.exception("commit_callback_failed")
             try:
-                p.finish(outcome, None)
+                self._on_committed(commands, outcomes)
             except Exception:
-                log.exception("commit_callback_failed")
-        try:
-            self._on_committed(commands, outcomes)
-        except Exception:
-            log.exception("commit_fanout_failed")
+                log.exception("commit_fanout_failed")
 
     async def _execute(self, batch: list[Pending], commands: list[object]) -> list[Any] | None:
         """Run one batch in a worker thread; on a failed batch, fail its commands and say None."""

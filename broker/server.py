@@ -8,10 +8,12 @@ nothing is acked before its commit returned.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,7 +56,9 @@ class Broker:
         self.secret = tokens.load_secret(config.data_dir)
         self.hub = Hub(store)
         self.committer = Committer(store, max_batch=config.max_batch,
-                                   on_committed=self._on_committed)
+                                   on_committed=self._on_committed, fanout=self._fanout)
+        self.deferring = False  # inside a commit's fan-out: sessions defer their writes
+        self.deferred: list[Session] = []
         self.handlers = HANDLERS
         self.policy = (ContentPolicy.load(config.content_policy, config.content_action)
                        if config.content_policy else None)
@@ -100,6 +104,18 @@ class Broker:
 
     # -- after each durable batch ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _fanout(self) -> Iterator[None]:
+        """Around one batch's replies and fan-out: then write to every touched session."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+            deferred, self.deferred = self.deferred, []
+            for session in deferred:
+                session.flush_now()
+
     def _on_committed(self, commands: list[Any], outcomes: list[Any]) -> None:
         hub = self.hub
         for outcome in outcomes:
@@ -144,6 +160,7 @@ class Broker:
         finally:
             if attached:
                 self._detach(session)
+            session.ended()  # before the close: its fd number may be reused at once
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
             session.log.info(

@@ -9,6 +9,7 @@ device costs its window and its bounded push queue, never the broker's memory.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -55,6 +56,10 @@ class Session:
         self.inflight_free = trio.Event()
         self._wake = trio.Event()
         self._drained = trio.Event()
+        self._deferred = False  # in the broker's deferred list
+        self._writing = False  # the writer is inside send_all
+        inner = getattr(stream, "socket", None)  # plain TCP only; TLS goes through the writer
+        self._fd = inner.fileno() if inner is not None else None
         self._closing = False
         self.reason: CloseReason | None = None
         self._scope: trio.CancelScope | None = None
@@ -68,9 +73,44 @@ class Session:
     # -- called from other tasks -------------------------------------------------------------
 
     def inbox_moved(self, head: int) -> None:
-        """The user's inbox grew to `head`: wake the writer."""
+        """The user's inbox grew to `head`: have it delivered."""
         if head > self.head:
             self.head = head
+            self._ready()
+
+    def _ready(self) -> None:
+        """There is something to write: wake the writer, or (during a commit's fan-out) let the
+        broker write it at the end of the fan-out, with no task switch (`flush_now`)."""
+        if self.broker.deferring:
+            if not self._deferred:
+                self._deferred = True
+                self.broker.deferred.append(self)
+        else:
+            self._wake.set()
+
+    def flush_now(self) -> None:
+        """Write what is ready straight to the socket if the writer is idle; else wake it.
+
+        This is the fan-out fast path: a channel post to 1,000 devices costs 1,000 short
+        non-blocking writes instead of 1,000 task switches. Whatever the socket does not take
+        at once goes back to the front of the queue for the writer, so nothing is reordered.
+        """
+        self._deferred = False
+        if self._writing or self._closing or self._fd is None:
+            self._wake.set()
+            return
+        chunks = self._collect()
+        if not chunks:
+            return
+        data = b"".join(chunks)
+        try:
+            written = os.write(self._fd, data)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the writer meets the same error and ends the session properly
+            written = 0
+        if written < len(data):
+            self.out.appendleft(data[written:])
             self._wake.set()
 
     def push_nowait(self, data: bytes) -> None:
@@ -82,13 +122,13 @@ class Session:
             self.abort(CloseReason.SLOW_CONSUMER)
             return
         self.out.append(data)
-        self._wake.set()
+        self._ready()
 
     def reply(self, frame: object) -> None:
         """Queue a reply frame for the writer."""
         if not self._closing:
             self.out.append(self.conn.send(frame))
-            self._wake.set()
+            self._ready()
 
     def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str) -> None:
         """Queue an error reply that leaves the connection open."""
@@ -114,6 +154,11 @@ class Session:
         self._closing = True
         if self._scope is not None:
             self._scope.cancel()
+
+    def ended(self) -> None:
+        """The stream is about to be closed: nothing may be written to it any more."""
+        self._closing = True
+        self._fd = None
 
     def wake(self) -> None:
         """Wake the writer (an ack opened the window, or a reply is queued)."""
@@ -240,52 +285,59 @@ class Session:
         self.inflight -= 1
         self.inflight_free.set()
 
-    async def _writer(self) -> None:
-        store = self.broker.store
-        encode = self.conn.send
-        Deliver = wire.Deliver
-        user, device = self.user, self.device
+    def _collect(self) -> list[bytes]:
+        """Take the queued frames, then deliveries from the inbox as the window allows."""
+        chunks: list[bytes] = []
         out = self.out
+        if out:
+            chunks.extend(out)
+            out.clear()
+            self._drained.set()
+        room = self.window - len(self.unacked)
+        if room > 0 and self.sent < self.head and not self._closing:
+            self._deliver(chunks, room)
+        return chunks
+
+    def _deliver(self, chunks: list[bytes], room: int) -> None:
+        user, device = self.user, self.device
+        # Never past the head we were told of: entries committed a moment ago may be readable
+        # before the hub announced them, and acks are checked against head.
+        before = self.sent
+        items, last = self.broker.store.deliverable(
+            user, before, min(room, INBOX_READ_BATCH, self.head - before), self.own_lsns)
+        skipped = len(items) < last - before  # own sends passed over in the store
+        self.sent = last
+        encode, deliver, unacked = self.conn.send, wire.Deliver, self.unacked
+        for it in items:
+            if it.kind == "msg" and it.sender == user and it.device == device:
+                skipped = True  # the device that sent it has it already
+                continue
+            unacked.append((it.inbox_seq, it.conv, it.seq if it.kind == "msg" else 0))
+            chunks.append(encode(deliver(
+                inbox_seq=it.inbox_seq, kind=it.kind, conv=it.conv, seq=it.seq,
+                sender=it.sender, body=it.body, cid=it.cid, ts=it.ts_us, muted=it.muted)))
+        if skipped and not unacked and self.sent > self.acked:
+            self.acked = self.sent  # only its own messages since the last ack
+            self.broker.committer.ack_nowait(Ack(user, device, self.role, self.sent, ()))
+        if last == before:  # nothing readable past the cursor: never spin
+            self.head = before
+
+    async def _writer(self) -> None:
         while True:
-            chunks: list[bytes] = []
-            if out:
-                chunks.extend(out)
-                out.clear()
-                self._drained.set()
-            room = self.window - len(self.unacked)
-            if room > 0 and self.sent < self.head and not self._closing:
-                # Never past the head we were told of: entries committed a moment ago may be
-                # readable before the hub announced them, and acks are checked against head.
-                before = self.sent
-                items, last = store.deliverable(
-                    user, before, min(room, INBOX_READ_BATCH, self.head - before), self.own_lsns)
-                skipped = len(items) < last - before  # own sends passed over in the store
-                self.sent = last
-                for it in items:
-                    if it.kind == "msg" and it.sender == user and it.device == device:
-                        skipped = True  # the device that sent it has it already
-                        continue
-                    self.unacked.append((it.inbox_seq, it.conv, it.seq if it.kind == "msg"
-                                         else 0))
-                    chunks.append(encode(Deliver(
-                        inbox_seq=it.inbox_seq, kind=it.kind, conv=it.conv, seq=it.seq,
-                        sender=it.sender, body=it.body, cid=it.cid, ts=it.ts_us,
-                        muted=it.muted)))
-                if skipped and not self.unacked and self.sent > self.acked:
-                    self.acked = self.sent  # only its own messages since the last ack
-                    self.broker.committer.ack_nowait(Ack(user, device, self.role, self.sent, ()))
-                if last == before:  # nothing readable past the cursor: never spin
-                    self.head = before
+            chunks = self._collect()
             if chunks:
                 if self.unacked:
                     self.log.debug("delivered", upto=self.sent, unacked=len(self.unacked))
                 self.frames_out += len(chunks)
+                self._writing = True
                 try:
                     await self.stream.send_all(b"".join(chunks))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.reason = self.reason or CloseReason.BROKEN
                     self.abort(self.reason)
                     return
+                finally:
+                    self._writing = False
                 continue
             if self._closing:
                 if self._scope is not None:
