@@ -10,6 +10,7 @@ slow consumer, which loses nothing (its deliveries are on disk, the pushes are d
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from protocol import encode_frame
@@ -17,6 +18,21 @@ from protocol.frames import to_wire
 
 if TYPE_CHECKING:
     from broker.session import Session
+
+
+@dataclass(frozen=True, slots=True)
+class Fresh:
+    """A message just committed, as each member's newest inbox entry: enough to deliver it to
+    a device that is caught up without reading the store."""
+
+    lsn: int
+    conv: str
+    seq: int
+    sender: str
+    device: str
+    body: Any
+    cid: str
+    ts_us: int
 
 
 def encode_push(frame: Any) -> bytes:
@@ -65,14 +81,15 @@ class Hub:
         del self._by_user[session.user]
         return True
 
-    def inbox_advanced(self, heads: dict[str, int]) -> None:
-        """Wake the sessions of users whose inbox head moved."""
+    def inbox_advanced(self, heads: dict[str, int], fresh: Fresh | None = None) -> None:
+        """Tell the sessions of users whose inbox head moved; `fresh` is the message that made
+        each of those heads (one entry per inbox), when there is one."""
         by_user = self._by_user
         for user, head in heads.items():
             devices = by_user.get(user)
             if devices:
                 for session in devices.values():
-                    session.inbox_moved(head)
+                    session.inbox_moved(head, fresh)
 
     def push(self, users: Iterable[str], data: bytes, *, skip: Session | None = None) -> None:
         """Queue one encoded push frame for every session of `users` (except `skip`)."""

@@ -25,11 +25,12 @@ from broker.committer import Committer
 from broker.config import Config
 from broker.errors import CloseReason
 from broker.handlers import HANDLERS
-from broker.hub import Hub, encode_push
+from broker.hub import Fresh, Hub, encode_push
 from broker.logs import get_logger
 from broker.policy import ContentPolicy
 from broker.ratelimit import TokenBucket
 from broker.session import Session
+from storage.commands import SetMute
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,14 +119,20 @@ class Broker:
 
     def _on_committed(self, commands: list[Any], outcomes: list[Any]) -> None:
         hub = self.hub
-        for outcome in outcomes:
+        for command, outcome in zip(commands, outcomes, strict=True):
             if outcome.error is not None:
                 continue
             effects = outcome.effects
             for conv, _user, _role in effects.membership:
                 self._rosters.pop(conv, None)
+            if isinstance(command, SetMute):
+                for session in hub.sessions(command.user):
+                    session.mute_changed(command.conv)
             if effects.inbox_heads:
-                hub.inbox_advanced(effects.inbox_heads)
+                ev = effects.message
+                hub.inbox_advanced(effects.inbox_heads, None if ev is None else Fresh(
+                    ev.lsn, ev.data["conv"], effects.seq, ev.user, ev.device, ev.data["body"],
+                    ev.data["cid"], ev.ts_us))
             for conv, user, kind, seq in effects.receipts:
                 self._push_receipt(conv, user, kind, seq)
 

@@ -18,6 +18,7 @@ import trio
 
 import protocol as wire
 from broker.errors import CloseReason
+from broker.hub import Fresh
 from storage.commands import Ack
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Session:
         self.sent = 0
         self.unacked: deque[tuple[int, str, int]] = deque()  # (inbox_seq, conv, msg seq or 0)
         self.own_lsns: set[int] = set()  # this device's sends not yet passed in its inbox
+        self._fresh: Fresh | None = None  # the newest entry, straight from its commit
+        self._muted: dict[str, bool] = {}  # conv -> muted, as read from the store
         self.out: deque[bytes] = deque()
         self.inflight = 0
         self.inflight_free = trio.Event()
@@ -72,9 +75,15 @@ class Session:
 
     # -- called from other tasks -------------------------------------------------------------
 
-    def inbox_moved(self, head: int) -> None:
-        """The user's inbox grew to `head`: have it delivered."""
+    def inbox_moved(self, head: int, fresh: Fresh | None = None) -> None:
+        """The user's inbox grew to `head`: have it delivered.
+
+        `fresh` is the message that is entry `head`, if it is one: a device that is caught up
+        (nothing between its cursor and the new entry) gets it without a store read.
+        """
         if head > self.head:
+            caught_up = fresh is not None and head == self.head + 1 and self.sent == self.head
+            self._fresh = fresh if caught_up else None
             self.head = head
             self._ready()
 
@@ -303,6 +312,10 @@ class Session:
         # Never past the head we were told of: entries committed a moment ago may be readable
         # before the hub announced them, and acks are checked against head.
         before = self.sent
+        fresh, self._fresh = self._fresh, None
+        if fresh is not None and self.head == before + 1:
+            self._deliver_fresh(chunks, fresh)
+            return
         items, last = self.broker.store.deliverable(
             user, before, min(room, INBOX_READ_BATCH, self.head - before), self.own_lsns)
         skipped = len(items) < last - before  # own sends passed over in the store
@@ -321,6 +334,28 @@ class Session:
             self.broker.committer.ack_nowait(Ack(user, device, self.role, self.sent, ()))
         if last == before:  # nothing readable past the cursor: never spin
             self.head = before
+
+    def _deliver_fresh(self, chunks: list[bytes], fresh: Fresh) -> None:
+        """Deliver the one new entry from the commit's own copy of the message."""
+        inbox_seq = self.sent = self.head
+        if fresh.sender == self.user and fresh.device == self.device:
+            self.own_lsns.discard(fresh.lsn)  # its own send: passed over
+            if not self.unacked and inbox_seq > self.acked:
+                self.acked = inbox_seq
+                self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role,
+                                                     inbox_seq, ()))
+            return
+        muted = self._muted.get(fresh.conv)
+        if muted is None:
+            muted = self._muted[fresh.conv] = self.broker.store.muted(self.user, fresh.conv)
+        self.unacked.append((inbox_seq, fresh.conv, fresh.seq))
+        chunks.append(self.conn.send(wire.Deliver(
+            inbox_seq=inbox_seq, kind="msg", conv=fresh.conv, seq=fresh.seq,
+            sender=fresh.sender, body=fresh.body, cid=fresh.cid, ts=fresh.ts_us, muted=muted)))
+
+    def mute_changed(self, conv: str) -> None:
+        """The user muted or unmuted `conv`: forget the cached state."""
+        self._muted.pop(conv, None)
 
     async def _writer(self) -> None:
         while True:

@@ -98,6 +98,7 @@ class Effects:
     conv: str | None = None
     seq: int | None = None
     lsn: int = 0
+    message: Event | None = None  # the message.accepted event, so fan-out need not re-read it
 
     def merge(self, other: Effects) -> None:
         """Fold a later event's effects into these."""
@@ -108,6 +109,8 @@ class Effects:
             self.conv = other.conv
         if other.seq is not None:
             self.seq = other.seq
+        if other.message is not None:
+            self.message = other.message
         self.lsn = max(self.lsn, other.lsn)
 
 
@@ -254,6 +257,7 @@ def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
     tables.idem.put(sender_b + b"\0" + d["cid"].encode(), pack_u64x2(seq, lsn) + ckey)
     fx.conv = conv
     fx.seq = seq
+    fx.message = ev
 
 
 def acked_convs(tables: Tables, user: str, old: int, upto: int) -> dict[str, int]:

@@ -210,6 +210,10 @@ class Store:
         """Return the inbox seq `device` of `user` acknowledged, 0 when none."""
         return self._u64("delivered", key2(user, device))
 
+    def muted(self, user: str, conv: str) -> bool:
+        """Whether `user` muted `conv`."""
+        return self._get("mute", key2(user, conv)) is not None
+
     def read_mark(self, conv: str, user: str) -> int:
         """Return the conv seq `user` has read up to in `conv`."""
         return self._u64("read", key2(conv, user))
