@@ -17,6 +17,7 @@ import lmdb
 import structlog
 import trio
 
+from broker.committer import Committer
 from storage.commands import SendMessage
 from storage.store import Store
 
@@ -41,34 +42,18 @@ def raw_lmdb(puts: int = 200_000, per_txn: int = 1000) -> float:
 
 
 async def _group_commit(store: Store, appenders: int, per_appender: int) -> tuple[float, float]:
-    """Run appenders against one coordinator task; return (durable events/s, max stall s)."""
-    queue: list[tuple[SendMessage, trio.Event, list]] = []
-    wake = trio.Event()
+    """Appenders through the broker's own group-commit coordinator (broker/committer.py);
+    return (durable events/s, max event-loop stall s)."""
+    committer = Committer(store)
     done = False
     max_stall = 0.0
-
-    async def coordinator() -> None:
-        nonlocal wake
-        while not done or queue:
-            if not queue:
-                await wake.wait()
-                wake = trio.Event()
-                continue
-            batch = queue[:]
-            del queue[:]
-            outcomes = await trio.to_thread.run_sync(store.execute, [c for c, _, _ in batch])
-            for (_, ev, slot), out in zip(batch, outcomes, strict=True):
-                slot.append(out)
-                ev.set()
 
     async def appender(ix: int) -> None:
         a, b = USERS[ix % 16], USERS[(ix % 16) ^ 1]
         for n in range(per_appender):
-            ev, slot = trio.Event(), []
-            queue.append((SendMessage(a, f"d{ix}", "user", f"{ix}-{n}", BODY, to=b), ev, slot))
-            wake.set()
-            await ev.wait()
-            assert slot[0].error is None
+            outcome = await committer.submit(
+                SendMessage(a, f"d{ix}", "user", f"{ix}-{n}", BODY, to=b))
+            assert outcome.error is None
 
     async def stall_probe() -> None:
         nonlocal max_stall
@@ -77,16 +62,16 @@ async def _group_commit(store: Store, appenders: int, per_appender: int) -> tupl
             await trio.sleep(0.001)
             max_stall = max(max_stall, trio.current_time() - t0 - 0.001)
 
-    start = time.perf_counter()
     async with trio.open_nursery() as outer:
-        outer.start_soon(coordinator)
+        await outer.start(committer.serve)
         outer.start_soon(stall_probe)
+        start = time.perf_counter()
         async with trio.open_nursery() as inner:
             for i in range(appenders):
                 inner.start_soon(appender, i)
         elapsed = time.perf_counter() - start
         done = True
-        wake.set()
+        await committer.close()
     return appenders * per_appender / elapsed, max_stall
 
 
