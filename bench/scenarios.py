@@ -261,6 +261,12 @@ def replay(opts: dict, progress: Any = None) -> dict:
     Reuses bench/bench_replay.py (the `homing audit rebuild --check` code path on a cached log)
     when it is there; otherwise times `Store.rebuild` on a freshly written log.
     """
+    import logging
+
+    import structlog
+
+    # The storage layer logs its lifecycle (opened, closed) at info: not for this table.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     n = opts["replay_events"]
     if progress is not None:
         progress("replay: preparing the log", 0.0, 0, 1)
