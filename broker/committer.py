@@ -28,6 +28,9 @@ log = structlog.get_logger("homing")
 Done = Callable[["Pending"], None]
 
 
+ACK_LINGER_S = 0.005  # how long a batch of only acks waits for other work to share its commit
+
+
 class ShuttingDown(Exception):
     """Raised to submitters once the committer stopped taking commands."""
 
@@ -63,9 +66,11 @@ class Committer:
         max_batch: int = 4096,
         on_committed: Callable[[list[Any], list[Any]], None] | None = None,
         fanout: Callable[[], contextlib.AbstractContextManager] | None = None,
+        ack_linger_s: float = ACK_LINGER_S,
     ) -> None:
         self._store = store
         self._max_batch = max_batch
+        self.ack_linger_s = ack_linger_s
         self._queue: list[Pending] = []
         self._acks: dict[tuple[str, str], Pending] = {}
         self._unsynced_acks: dict[tuple[str, str], int] = {}
@@ -123,9 +128,23 @@ class Committer:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 continue
+            if len(self._acks) == len(self._queue) and not self._closing:
+                await self._linger()
             batch = self._queue[: self._max_batch]
             del self._queue[: self._max_batch]
             await self._commit(batch)
+
+    async def _linger(self) -> None:
+        """Only acks are queued: give other work up to ACK_LINGER_S to join their commit.
+
+        Nobody waits for an ack to be durable (a lost ack only means a redelivery), and a commit
+        costs two syncs, so at low rates this spares a commit per message without delaying any
+        send: a send arriving meanwhile ends the wait at once.
+        """
+        with trio.move_on_after(self.ack_linger_s):
+            while len(self._acks) == len(self._queue) and not self._closing:
+                self._wake = trio.Event()
+                await self._wake.wait()
 
     async def _commit(self, batch: list[Pending]) -> None:
         acks = self._acks

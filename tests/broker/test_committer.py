@@ -96,3 +96,30 @@ async def test_acks_of_one_device_are_coalesced(tmp_path):
         assert committer.acked_mark("b", "phone") == 0
     finally:
         store.close()
+
+
+async def test_a_commit_of_only_acks_waits_for_other_work_but_not_longer(tmp_path):
+    """Queued acks alone linger up to ACK_LINGER_S; a send arriving meanwhile shares their
+    commit at once."""
+    store = Store.open(str(tmp_path / "d"))
+    committer = Committer(store, ack_linger_s=0.2)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(committer.serve)
+                await committer.submit(SendMessage("a", "d", "user", "c0", BODY, to="b"))
+                batches = committer.batches
+                committer.ack_nowait(Ack("b", "phone", "user", 1, ()))
+                await trio.sleep(0.05)
+                assert committer.batches == batches  # still lingering
+                start = trio.current_time()
+                await committer.submit(SendMessage("a", "d", "user", "c1", BODY, to="b"))
+                assert trio.current_time() - start < 0.15  # the send did not wait the linger out
+                assert committer.batches == batches + 1  # one commit for the ack and the send
+                assert store.delivered("b", "phone") == 1
+                committer.ack_nowait(Ack("b", "phone", "user", 2, ()))
+                await trio.sleep(0.35)
+                assert store.delivered("b", "phone") == 2  # committed alone after the linger
+                await committer.close()
+    finally:
+        store.close()
