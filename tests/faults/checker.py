@@ -215,3 +215,13 @@ def check(history: History, store, *, require_delivery: bool = True) -> Report:
         problems.append(f"projections differ from a replay: {diff!r}")
     _fail(problems)
     return Report(len(attempts), len(accepted), len(history.seen), redeliveries, records)
+
+
+async def stop_and_check(broker_process, history: History, **kw: Any) -> Report:
+    """SIGTERM the broker (it must exit 0), then check `history` against its data directory."""
+    assert await broker_process.aterminate() == 0
+    store = broker_process.open_store(readonly=True)
+    try:
+        return check(history, store, **kw)
+    finally:
+        store.close()

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from broker.client import ClientError
-from tests.faults.checker import History, check
+from tests.faults.checker import History, stop_and_check
 
 
 @pytest.fixture
@@ -76,9 +76,4 @@ async def test_full_disk_refuses_sends_keeps_delivering_and_recovers(broker_proc
                 d = await bob.deliveries().receive()
                 history.deliver("bob", "d1", bob, d)
                 await bob.ack(d.inbox_seq)
-    assert await bp.aterminate() == 0
-    store = bp.open_store(readonly=True)
-    try:
-        check(history, store)
-    finally:
-        store.close()
+    await stop_and_check(bp, history)

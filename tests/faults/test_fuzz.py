@@ -16,7 +16,7 @@ import trio
 
 import protocol as wire
 from protocol.frames import to_wire
-from tests.faults.checker import History, check
+from tests.faults.checker import History, stop_and_check
 from tests.faults.conftest import raw_bytes_exchange, scaled
 from tests.procs import rss_kib
 
@@ -159,12 +159,7 @@ async def run_fuzz(bp, tally, connections: int, seed: int) -> None:
     assert growth < 64 * MiB, f"RSS grew by {growth} KiB"
     assert "internal" not in seen_errors, seen_errors
     assert len(sent) > 10
-    assert await bp.aterminate() == 0
-    store = bp.open_store(readonly=True)
-    try:
-        check(history, store)
-    finally:
-        store.close()
+    await stop_and_check(bp, history)
 
 
 async def test_fuzzed_frames_leave_the_broker_serving(broker_process, tally):

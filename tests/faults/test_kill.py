@@ -8,7 +8,7 @@ import pytest
 import trio
 
 import protocol as wire
-from tests.faults.checker import History, check
+from tests.faults.checker import History, check, stop_and_check
 from tests.faults.conftest import RawClient, scaled
 
 SENDERS_PER_CLIENT = 8
@@ -67,12 +67,7 @@ async def run_kills(bp, tally, cycles: int, seed: int) -> None:
                 stop.set()
             await _wait_delivered(history, 60)
             listeners.cancel_scope.cancel()
-    assert await bp.aterminate() == 0
-    store = bp.open_store()
-    try:
-        report = check(history, store)
-    finally:
-        store.close()
+    report = await stop_and_check(bp, history)
     assert report.accepted > 100
     tally.add("SIGKILL: sends accepted and checked", report.accepted)
 

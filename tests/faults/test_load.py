@@ -7,7 +7,7 @@ import resource
 import pytest
 import trio
 
-from tests.faults.checker import History, check
+from tests.faults.checker import History, stop_and_check
 from tests.faults.conftest import RawClient, scaled
 from tests.procs import rss_kib
 
@@ -67,9 +67,4 @@ async def test_thousands_of_connections(broker_process, tally):
     finally:
         for c in held:
             await c.aclose()
-    assert await bp.aterminate() == 0
-    store = bp.open_store(readonly=True)
-    try:
-        check(history, store)
-    finally:
-        store.close()
+    await stop_and_check(bp, history)
