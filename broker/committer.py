@@ -6,14 +6,14 @@ Rules kept here:
 - The commit runs in a worker thread, so the event loop keeps serving while the disk syncs.
 - Commands are committed in submission order; a batch holds everything queued when the previous
   commit finished (at most `max_batch`), so batches grow with load and latency stays one sync.
-- Device acks are coalesced: a later ack of the same device replaces a queued one (acks are
-  cumulative high-water marks, so only the largest matters).
+- Device acks are coalesced: a later ack of the same device merges into a queued one (acks are
+  cumulative high-water marks, so only the largest matters). A batch of nothing but acks waits
+  up to ACK_LINGER_S for other work, since nobody waits on an ack's durability.
 """
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -82,7 +82,6 @@ class Committer:
         self._fanout = fanout or contextlib.nullcontext
         self.batches = 0
         self.commands = 0
-        self.last_commit_s = 0.0
         self.committed_lsn = store.last_lsn()
         self._lsn_moved = trio.Event()
 
@@ -156,7 +155,6 @@ class Committer:
                 if acks.get(key) is p:
                     del acks[key]
         commands = [p.command for p in batch]
-        started = time.perf_counter()
         try:
             outcomes = await self._execute(batch, commands)
         finally:
@@ -166,7 +164,6 @@ class Committer:
                     del unsynced[key]
         if outcomes is None:
             return
-        self.last_commit_s = time.perf_counter() - started
         last = max((o.lsn for o in outcomes), default=0)
         if last > self.committed_lsn:
             self.committed_lsn = last

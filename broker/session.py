@@ -169,10 +169,6 @@ class Session:
         self._closing = True
         self._fd = None
 
-    def wake(self) -> None:
-        """Wake the writer (an ack opened the window, or a reply is queued)."""
-        self._wake.set()
-
     # -- acks ------------------------------------------------------------------------------
 
     def on_ack(self, upto: int) -> bool:
