@@ -70,8 +70,6 @@ class Broker:
         self._ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
-        self._handshaking: set[trio.CancelScope] = set()
-        self.started = time.time()
 
     # -- shared helpers used by sessions and handlers -----------------------------------------
 
@@ -96,12 +94,6 @@ class Broker:
     def members(self, conv: str) -> list[tuple[str, str]]:
         """Members of `conv` with their roles."""
         return self.roster(conv).members
-
-    @staticmethod
-    def error_frame(request_id: int | None, code: wire.ErrorCode, message: str,
-                    close: bool) -> wire.Error:
-        return wire.Error(id=request_id, code=int(code), name=code.name.lower(),
-                          message=message, close=close)
 
     # -- after each durable batch ---------------------------------------------------------------
 
@@ -260,7 +252,7 @@ class Broker:
                       message: str) -> None:
         """Send a closing error frame (best effort, bounded in time)."""
         try:
-            data = encode_push(self.error_frame(request_id, code, message, True))
+            data = encode_push(wire.error_frame(code, message, request_id, close=True))
         except wire.ProtocolError:
             return
         with trio.move_on_after(1):

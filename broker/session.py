@@ -1,10 +1,11 @@
 """One connection = one device session: the byte pump between a stream and a protocol Connection.
 
 Two tasks per session. The reader feeds received bytes to the sans-IO connection and hands each
-frame to its handler (broker/handlers.py). The writer is the only task that writes to the
-stream: it flushes queued replies and pushes, then feeds deliveries from the user's inbox on
-disk, at most `window` unacked at a time. Nothing else is buffered per device, so a stalled
-device costs its window and its bounded push queue, never the broker's memory.
+frame to its handler (broker/handlers.py). The writer flushes queued replies and pushes, then
+feeds deliveries from the user's inbox on disk, at most `window` unacked at a time. The only
+other write is `flush_now`, the post-commit fast path, and it writes only while the writer is
+idle, leaving whatever the socket does not take to it. Nothing else is buffered per device, so a
+stalled device costs its window and its bounded queue, never the broker's memory.
 """
 
 from __future__ import annotations
@@ -141,8 +142,7 @@ class Session:
 
     def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str) -> None:
         """Queue an error reply that leaves the connection open."""
-        self.reply(wire.Error(id=request_id, code=int(code), name=code.name.lower(),
-                              message=message, close=False))
+        self.reply(wire.error_frame(code, message, request_id, close=False))
 
     def close(self, reason: CloseReason, frame: object | None = None) -> None:
         """Say `frame` (an error or bye) if given, flush, and end the session."""
@@ -235,8 +235,8 @@ class Session:
                     self.reason = self.reason or CloseReason.BROKEN
                     return
             if idle.cancelled_caught:
-                self.close(CloseReason.TIMEOUT, self.broker.error_frame(
-                    None, wire.ErrorCode.TIMEOUT, f"no frame for {cfg.idle_timeout_s:g} s", True))
+                self.close(CloseReason.TIMEOUT, wire.error_frame(
+                    wire.ErrorCode.TIMEOUT, f"no frame for {cfg.idle_timeout_s:g} s"))
                 return
             conn.receive_data(data)
             while not self._closing:
@@ -246,8 +246,8 @@ class Session:
                     if exc.fatal:
                         self.log.info("frame_rejected", code=exc.code.name.lower(),
                                       reason=exc.message, fatal=True)
-                        self.close(CloseReason.PROTOCOL_ERROR, self.broker.error_frame(
-                            exc.request_id, exc.code, exc.message, True))
+                        self.close(CloseReason.PROTOCOL_ERROR, wire.error_frame(
+                            exc.code, exc.message, exc.request_id, close=True))
                         return
                     self.reply_error(exc.request_id, exc.code, exc.message)
                     continue
@@ -301,6 +301,7 @@ class Session:
         room = self.window - len(self.unacked)
         if room > 0 and self.sent < self.head and not self._closing:
             self._deliver(chunks, room)
+        self.frames_out += len(chunks)
         return chunks
 
     def _deliver(self, chunks: list[bytes], room: int) -> None:
@@ -325,9 +326,8 @@ class Session:
             chunks.append(encode(deliver(
                 inbox_seq=it.inbox_seq, kind=it.kind, conv=it.conv, seq=it.seq,
                 sender=it.sender, body=it.body, cid=it.cid, ts=it.ts_us, muted=it.muted)))
-        if skipped and not unacked and self.sent > self.acked:
-            self.acked = self.sent  # only its own messages since the last ack
-            self.broker.committer.ack_nowait(Ack(user, device, self.role, self.sent, ()))
+        if skipped:
+            self._ack_own_sends()
         if last == before:  # nothing readable past the cursor: never spin
             self.head = before
 
@@ -336,10 +336,7 @@ class Session:
         inbox_seq = self.sent = self.head
         if fresh.sender == self.user and fresh.device == self.device:
             self.own_lsns.discard(fresh.lsn)  # its own send: passed over
-            if not self.unacked and inbox_seq > self.acked:
-                self.acked = inbox_seq
-                self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role,
-                                                     inbox_seq, ()))
+            self._ack_own_sends()
             return
         muted = self._muted.get(fresh.conv)
         if muted is None:
@@ -348,6 +345,13 @@ class Session:
         chunks.append(self.conn.send(wire.Deliver(
             inbox_seq=inbox_seq, kind="msg", conv=fresh.conv, seq=fresh.seq,
             sender=fresh.sender, body=fresh.body, cid=fresh.cid, ts=fresh.ts_us, muted=muted)))
+
+    def _ack_own_sends(self) -> None:
+        """If everything delivered is acked and only this device's own sends lie past the ack,
+        ack them on its behalf, so its cursor (and a reconnect's starting point) moves on."""
+        if not self.unacked and self.sent > self.acked:
+            self.acked = self.sent
+            self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, self.sent, ()))
 
     def mute_changed(self, conv: str) -> None:
         """The user muted or unmuted `conv`: forget the cached state."""
@@ -359,7 +363,6 @@ class Session:
             if chunks:
                 if self.unacked:
                     self.log.debug("delivered", upto=self.sent, unacked=len(self.unacked))
-                self.frames_out += len(chunks)
                 self._writing = True
                 try:
                     await self.stream.send_all(b"".join(chunks))
