@@ -22,7 +22,8 @@ FORBIDDEN = "no such conversation, or you are not a member"
 
 
 def _command(session: Session, request_id: int | None, command: object, reply) -> Any:
-    """Submit `command`; once durable, queue `reply(request_id, outcome.reply)` or the error."""
+    """Submit `command`; once durable, queue `reply(session, request_id, outcome.reply)` (None:
+    no reply) or the error."""
     broker = session.broker
     session.inflight += 1
     try:
@@ -47,29 +48,24 @@ def _command_done(pending: Any) -> None:
             session.log.error("command_failed", command=type(pending.command).__name__,
                               exc_info=exc)
         session.reply_error(request_id, code, message)
-    elif reply is _result:
-        session.reply(_sent(session, request_id, outcome.reply))
-    elif reply is not None:
-        session.reply(reply(request_id, outcome.reply))
+    else:
         session.log.debug("command_done", command=type(pending.command).__name__,
                           last_lsn=outcome.lsn, reply=outcome.reply)
-
-
-def _result(request_id: int, r: dict) -> wire.Result:
-    return wire.Result(request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"])
+        if reply is not None:
+            session.reply(reply(session, request_id, outcome.reply))
 
 
 def _sent(session: Session, request_id: int, r: dict) -> wire.Result:
     if not r["dup"]:
         session.own_lsns.add(r["lsn"])  # its writer passes over it without reading the log
-    return _result(request_id, r)
+    return wire.Result(request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"])
 
 
-def _ok(request_id: int, r: dict) -> wire.Ok:
+def _ok(session: Session, request_id: int, r: dict) -> wire.Ok:
     return wire.Ok(id=request_id, conv=r.get("conv"))
 
 
-def _created(request_id: int, r: dict) -> wire.Created:
+def _created(session: Session, request_id: int, r: dict) -> wire.Created:
     return wire.Created(id=request_id, conv=r["conv"])
 
 
@@ -87,7 +83,7 @@ def on_send(session: Session, f: wire.Send) -> Any:
             return None
     command = cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
                               conv=f.conv, to=f.to)
-    return _command(session, f.id, command, _result)
+    return _command(session, f.id, command, _sent)
 
 
 def on_ack(session: Session, f: wire.Ack) -> None:
@@ -129,8 +125,7 @@ def on_leave(session: Session, f: wire.Leave) -> Any:
 
 
 def on_mute(session: Session, f: wire.Mute) -> Any:
-    muted = True if f.muted is None else bool(f.muted)
-    command = cmd.SetMute(session.user, session.device, session.role, f.conv, muted)
+    command = cmd.SetMute(session.user, session.device, session.role, f.conv, f.muted)
     return _command(session, f.id, command, _ok)
 
 
@@ -146,8 +141,8 @@ def on_history(session: Session, f: wire.History) -> None:
         session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
         return
     messages, more = session.broker.store.history(
-        f.conv, before=f.before, after=f.after, limit=f.limit or 50,
-        newest_first=(f.order or "newest") == "newest")
+        f.conv, before=f.before, after=f.after, limit=f.limit,
+        newest_first=f.order == "newest")
     session.reply(wire.Page(id=f.id, conv=f.conv, messages=messages, more=more))
 
 
@@ -165,7 +160,7 @@ def on_presence(session: Session, f: wire.Presence) -> None:
         session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
         return
     hub = session.broker.hub
-    online = [u for u, _ in session.broker.members(f.conv) if hub.online(u)]
+    online = [u for u in session.broker.roster(f.conv).users if hub.online(u)]
     session.reply(wire.PresenceList(id=f.id, conv=f.conv, online=online))
 
 
@@ -176,7 +171,7 @@ def on_typing(session: Session, f: wire.Typing) -> None:
                         and session.role == "user"):
         return  # ephemeral: silently dropped, nothing leaks
     data = session.conn.send(wire.TypingNotice(conv=f.conv, user=session.user))
-    broker.hub.push([u for u, _ in broker.members(f.conv)], data, skip=session)
+    broker.hub.push(broker.roster(f.conv).users, data, skip=session)
 
 
 def on_ping(session: Session, f: wire.Ping) -> None:

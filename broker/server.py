@@ -91,10 +91,6 @@ class Broker:
                 self._rosters[conv] = found
         return found
 
-    def members(self, conv: str) -> list[tuple[str, str]]:
-        """Members of `conv` with their roles."""
-        return self.roster(conv).members
-
     # -- after each durable batch ---------------------------------------------------------------
 
     @contextlib.contextmanager
