@@ -29,11 +29,12 @@ from typing import Any
 import msgpack
 
 from storage import records as r
+from storage.fold import fold
 from storage.log import verify_records
-from storage.projections import KIND_MSG, Effects, apply, decode_idem, mark_applied
+from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
 from storage.records import GENESIS, Event, decode_body, u64
 from storage.store import Store
-from storage.tables import MemoryTables
+from storage.tables import APPEND_ONLY, MemoryTables, RowsDropped
 
 Progress = Callable[[int], None] | None
 
@@ -157,29 +158,28 @@ def verify_chain(store: Store, progress: Progress = None) -> int:
 
 
 def replay(store: Store, to_lsn: int | None = None, *, until_us: int | None = None,
-           progress: Progress = None) -> tuple[MemoryTables, int, int | None]:
+           progress: Progress = None,
+           digested: frozenset[str] = frozenset()) -> tuple[MemoryTables, int, int | None]:
     """Fold the log into fresh MemoryTables up to `to_lsn`, or while `ts_us <= until_us`.
 
-    Returns `(tables, last_lsn_applied, its ts_us)`. With `until_us` the fold stops at the first
-    later event: the log's timestamps are taken to be non-decreasing (one clock, one writer).
+    Returns `(tables, last_lsn_applied, its ts_us)`. The tables named in `digested` keep only
+    a digest of their rows (`tables.DigestTable`); a fold that must read them raises
+    `RowsDropped`.
     """
-    tables = MemoryTables()
-    lsn, ts = 0, None
-    done = 0
-    fx = Effects()  # reused: a replay has no use for effects, and allocating them costs ~5%
+    tables = MemoryTables(digested)
+    folds = [tables.data[name].fold for name in digested]
+
+    def on_chunk(done: int) -> None:
+        for fold_rows in folds:
+            fold_rows()
+        if progress is not None:
+            progress(done)
+
     with _no_cyclic_gc():
-        for lsn_, value in store.log.read_raw(1, to_lsn):
-            ev = decode_body(value[32:])
-            if until_us is not None and ev.ts_us > until_us:
-                break
-            apply(tables, ev, fx)
-            lsn, ts = lsn_, ev.ts_us
-            done += 1
-            if not done % PROGRESS_EVERY:
-                fx = Effects()
-                if progress is not None:
-                    progress(done)
-        mark_applied(tables, lsn)
+        lsn, ts, done = fold(tables, store.log.read_raw(1, to_lsn), to_lsn=to_lsn,
+                             until_us=until_us, on_chunk=on_chunk)
+        for fold_rows in folds:
+            fold_rows()
     if progress is not None:
         progress(done)
     return tables, lsn, ts
@@ -252,7 +252,28 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
     """Compare the stored projections with a fresh replay; return `(first difference, events)`.
 
     The stored rows are one snapshot; the replay goes up to that snapshot's `applied_lsn`.
+    The big append-only tables (one row per message or inbox entry) are compared by row count
+    and multiset digest (`tables.rows_digest`), both sides streamed, so memory stays bounded;
+    the others row by row. Only when something differs (or the fold needed the rows,
+    `RowsDropped`) are all rows compared, to name the first that differs.
     """
+    with _no_cyclic_gc():
+        stored, digests = store.projection_digests(APPEND_ONLY)
+    raw = stored["meta"].get(APPLIED_LSN)
+    applied = store.last_lsn() if raw is None else u64(raw)
+    try:
+        tables, lsn, _ = replay(store, applied, progress=progress, digested=APPEND_ONLY)
+    except RowsDropped:
+        return _check_rows(store, progress)
+    replayed = {name: (tables.data[name].rows, tables.data[name].digest) for name in APPEND_ONLY}
+    if replayed != digests:
+        return _check_rows(store, progress)
+    with _no_cyclic_gc():
+        return compare(stored, {t: v for t, v in tables.data.items() if t not in APPEND_ONLY}), lsn
+
+
+def _check_rows(store: Store, progress: Progress) -> tuple[Difference | None, int]:
+    """`check_projections` row by row, in memory: names the first row that differs."""
     stored = store.projection_snapshot()
     raw = stored.get("meta", {}).get(b"applied_lsn")
     applied = store.last_lsn() if raw is None else u64(raw)

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgpack
-from msgpack import packb
 
 from storage import records as r
 from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
@@ -37,11 +36,17 @@ KIND_MSG = "msg"
 KIND_ADDED = "added"
 KIND_REMOVED = "removed"
 
+# One packer for inbox entries: `msgpack.packb` builds a Packer per call, which costs as much as
+# the packing. Sharing it is safe: `pack` runs in C under the GIL and resets after each call.
+_pack = msgpack.Packer(autoreset=True).pack
+
 
 class Table(Protocol):
     """One table of a `Tables` view: `view[key]` is the value, None when absent."""
 
     def __getitem__(self, key: bytes) -> bytes | None: ...
+
+    def __setitem__(self, key: bytes, value: bytes) -> None: ...
 
     def put(self, key: bytes, value: bytes) -> None: ...
 
@@ -214,50 +219,50 @@ def _member_removed(tables: Tables, ev: Event, fx: Effects) -> None:
 
 
 def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
-    # The hot path of both execute and replay: calls are inlined on purpose, and each table
-    # view is fetched once (with MemoryTables `view[key]` and `put` are plain dict operations).
     d = ev.data
     conv = d["conv"]
-    ckey = conv.encode()
+    fx.seq = add_message(tables, conv.encode(), conv, ev.user.encode(), d["cid"].encode(),
+                         ev.lsn, fx.inbox_heads)
+    fx.conv = conv
+    fx.message = ev
+
+
+def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: bytes, lsn: int,
+                heads: dict[str, int]) -> int:
+    """Apply a `message.accepted` event given by its fields (ids as the bytes the tables are
+    keyed by); record each inbox head that moved in `heads`; return the message's seq.
+
+    The hot path of execute and of every replay (`storage.fold` calls it straight from raw
+    records): calls are inlined on purpose, each table view is fetched once, and rows are
+    written by subscript (with MemoryTables, plain dict operations in C).
+    """
     conv_seq = tables.conv_seq
     old = conv_seq[ckey]
     seq = 1 if old is None else _u64(old)[0] + 1
     seq_b = pack_u64(seq)
-    conv_seq.put(ckey, seq_b)
-    lsn = ev.lsn
+    conv_seq[ckey] = seq_b
     prefix = ckey + b"\0"
-    tables.msg.put(prefix + seq_b, pack_u64(lsn))
-    entry = packb([KIND_MSG, conv, seq, lsn])
-    sender = ev.user
+    tables.msg[prefix + seq_b] = pack_u64(lsn)
+    entry = _pack([KIND_MSG, conv, seq, lsn])
     sender_member = False
-    heads = fx.inbox_heads
     inbox_head = tables.inbox_head
-    put_head = inbox_head.put
-    put_inbox = tables.inbox.put
+    inbox = tables.inbox
     for ukey, ukey0, user in tables.member.parts[prefix]:
         old = inbox_head[ukey]
         head = 1 if old is None else _u64(old)[0] + 1
-        head_b = pack_u64(head)
-        put_inbox(ukey0 + head_b, entry)
-        put_head(ukey, head_b)
+        inbox_head[ukey] = head_b = pack_u64(head)
+        inbox[ukey0 + head_b] = entry
         heads[user] = head
-        if user == sender:
+        if ukey == sender:
             sender_member = True
-    sender_b = sender.encode()
     if sender_member:
-        mark = prefix + sender_b
-        view = tables.read
-        old = view[mark]
-        if old is None or _u64(old)[0] < seq:
-            view.put(mark, seq_b)
-        view = tables.recv
-        old = view[mark]
-        if old is None or _u64(old)[0] < seq:
-            view.put(mark, seq_b)
-    tables.idem.put(sender_b + b"\0" + d["cid"].encode(), pack_u64x2(seq, lsn) + ckey)
-    fx.conv = conv
-    fx.seq = seq
-    fx.message = ev
+        mark = prefix + sender
+        for view in (tables.read, tables.recv):
+            old = view[mark]
+            if old is None or old < seq_b:  # equal-length big-endian: bytes order is int order
+                view[mark] = seq_b
+    tables.idem[sender + b"\0" + cid] = pack_u64x2(seq, lsn) + ckey
+    return seq
 
 
 def acked_convs(tables: Tables, user: str, old: int, upto: int) -> dict[str, int]:

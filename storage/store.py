@@ -29,13 +29,14 @@ import structlog
 
 from storage.commands import Command
 from storage.errors import DomainError, StorageError
+from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
 from storage.log import seal
 from storage.projections import Effects, apply, decode, inbox_key, key2, mark_applied
 from storage.records import Event, decode_body, lsn_key, pack_u64, u64
 from storage.rules import Limits, decide
-from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables
+from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables, rows_digest
 
 log = structlog.get_logger()
 
@@ -384,17 +385,22 @@ class Store:
         with self._env.read() as txn:
             return {table: dict(txn.cursor(db=self._dbs[table]).iternext()) for table in TABLES}
 
+    def projection_digests(self, digested: frozenset[str]) -> tuple[
+            dict[str, dict[bytes, bytes]], dict[str, tuple[int, int]]]:
+        """Return one consistent snapshot: the tables not in `digested` as dicts `{key: value}`,
+        and those in it as `(rows, tables.rows_digest)` (the input of fast audits)."""
+        with self._env.read() as txn:
+            rows = {table: dict(txn.cursor(db=self._dbs[table]).iternext())
+                    for table in TABLES if table not in digested}
+            digests = {table: (txn.stat(self._dbs[table])["entries"],
+                               rows_digest(txn.cursor(db=self._dbs[table]).iternext()))
+                       for table in digested}
+        return rows, digests
+
     def replay(self, to_lsn: int | None = None, tables: MemoryTables | None = None) -> MemoryTables:
         """Fold the log (up to `to_lsn`) into `tables` (fresh MemoryTables by default)."""
         tables = MemoryTables() if tables is None else tables
-        fx = Effects()
-        lsn = 0
-        for ev in self._log.read(1, to_lsn):
-            apply(tables, ev, fx)
-            lsn = ev.lsn
-            if not lsn & 0xFFF:
-                fx = Effects()
-        mark_applied(tables, lsn)
+        fold(tables, self._log.read_raw(1, to_lsn), to_lsn=to_lsn)
         return tables
 
     def rebuild(self) -> int:
@@ -406,14 +412,7 @@ class Store:
 
         def work(txn: lmdb.Transaction) -> int:
             mem = MemoryTables()
-            count = 0
-            fx = Effects()  # discarded: nobody is waiting on a rebuild's effects
-            for _key, value in txn.cursor(db=self._dbs["log"]):
-                apply(mem, decode_body(value[32:]), fx)
-                count += 1
-                if not count & 0xFFF:
-                    fx = Effects()
-            mark_applied(mem, count)
+            _lsn, _ts, count = fold(mem, txn.cursor(db=self._dbs["log"]))
             for table in TABLES:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)

@@ -1,7 +1,8 @@
 """Implementations of the `Tables` view that projections and rules work on.
 
 A `Tables` object has one attribute per table (`tables.conv_seq`, `tables.inbox`, ...), each a
-table view: `view[key]` is the value or None when absent, `view.put(key, value)`,
+table view: `view[key]` is the value or None when absent, `view[key] = value` (or
+`view.put(key, value)`; on hot paths the subscript, which MemoryTables runs in C),
 `view.delete(key)` and `view.range(prefix, start=None, reverse=False)`. `tables.get(name, key)`
 and friends do the same by table name, for code off the hot path.
 
@@ -13,6 +14,8 @@ and friends do the same by table name, for code off the hot path.
   (`PERSISTENT`) outlive the batch: after a commit they hold committed rows, so the next batch
   reads them from memory; an aborted batch (`rollback`) drops exactly the rows it changed.
 * `TxnTables`: straight over one LMDB transaction, for queries (`range`).
+* `DigestTable`: stands in for an `APPEND_ONLY` table of `MemoryTables` when a replay only has
+  to be compared (audits): it folds the rows into a count and a multiset digest as it goes.
 
 All give the same answers for the same operations; the model tests check it.
 """
@@ -20,7 +23,7 @@ All give the same answers for the same operations; the model tests check it.
 from __future__ import annotations
 
 from bisect import insort
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lmdb
@@ -29,9 +32,12 @@ TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head
           "recv", "read", "idem", "mute", "meta")
 # Tables that `apply` and `decide` range over by their first key part ("head \0").
 GROUPED = frozenset({"member", "user_conv"})
+# Tables with a row per message or inbox entry: `apply` only adds rows to them, each key once,
+# and never reads them back (bar `acked_convs` on acks logged before they carried their convs).
+APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
 # Tables of BufferedTables whose rows stay cached across batches: few rows, read by every batch.
-# The others (one row per message or inbox entry) are written far more than read.
-PERSISTENT = frozenset(TABLES) - {"msg", "inbox", "idem"}
+# The others are written far more than read.
+PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 # A persistent view holding more rows than this after a commit is emptied (bounded memory).
 CACHE_ROWS = 200_000
 
@@ -199,7 +205,7 @@ class GroupedMemTable(MemTable):
         self.groups: dict[bytes, list[bytes]] = {}
         self.parts = Parts(self)
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def __setitem__(self, key: bytes, value: bytes) -> None:
         """Store `value` at `key`."""
         if key not in self:
             head = _head(key)
@@ -210,6 +216,8 @@ class GroupedMemTable(MemTable):
             else:
                 insort(group, key)
         _dict_set(self, key, value)
+
+    put = __setitem__
 
     def delete(self, key: bytes) -> None:
         """Remove `key` if present."""
@@ -229,18 +237,72 @@ class GroupedMemTable(MemTable):
         return MemTable.range(self, prefix, start, reverse)
 
 
+class RowsDropped(LookupError):
+    """A `DigestTable` was asked for rows it no longer holds: compare rows, not digests."""
+
+
+def rows_digest(rows: Iterable[tuple[bytes, bytes]]) -> int:
+    """The multiset digest of `(key, value)` rows: the sum of their `hash()`.
+
+    Python keys `hash()` of bytes with a secret drawn at interpreter start (SipHash), so the
+    digests of one process (and of its forks) are comparable, and nobody outside it can build two
+    different sets of rows with the same digest. The sum runs in C.
+    """
+    return sum(map(hash, rows))
+
+
+class DigestTable(MemTable):
+    """An `APPEND_ONLY` table of a replay that is only compared: rows are folded into `rows` (a
+    count) and `digest` (`rows_digest`) by `fold()`, so memory stays bounded by one chunk.
+
+    Reading a key that is not in the current chunk raises `RowsDropped`, as do `delete` and
+    `range`: a fold that needs them must replay into plain `MemoryTables` instead.
+    """
+
+    __slots__ = ("digest", "rows")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = 0
+        self.digest = 0
+
+    def __missing__(self, key: bytes) -> None:
+        raise RowsDropped(key)
+
+    def delete(self, key: bytes) -> None:
+        """Unsupported: the rows are gone."""
+        raise RowsDropped(key)
+
+    def range(self, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> list[tuple[bytes, bytes]]:
+        """Unsupported: the rows are gone."""
+        raise RowsDropped(prefix)
+
+    def fold(self) -> tuple[int, int]:
+        """Fold the rows held into the count and digest; return `(rows, digest)`."""
+        self.rows += len(self)
+        self.digest += rows_digest(self.items())
+        self.clear()
+        return self.rows, self.digest
+
+
 class MemoryTables(_ByName):
     """`Tables` over dicts, for model tests, replay, time travel and rebuild.
 
-    `data` maps each table name to its view, a dict of `{key: value}`.
+    `data` maps each table name to its view, a dict of `{key: value}`; the tables named in
+    `digested` (a subset of `APPEND_ONLY`) are `DigestTable`s instead.
     """
 
     __slots__ = ("data", *TABLES)
 
-    def __init__(self) -> None:
+    def __init__(self, digested: frozenset[str] = frozenset()) -> None:
+        assert digested <= APPEND_ONLY, digested
         self.data: dict[str, MemTable] = {}
         for name in TABLES:
-            view = GroupedMemTable() if name in GROUPED else MemTable()
+            if name in digested:
+                view = DigestTable()
+            else:
+                view = GroupedMemTable() if name in GROUPED else MemTable()
             self.data[name] = view
             setattr(self, name, view)
 
@@ -272,10 +334,12 @@ class BufTable(dict):
         _dict_set(self, key, value)
         return value
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def __setitem__(self, key: bytes, value: bytes) -> None:
         """Buffer `value` at `key`."""
         _dict_set(self, key, value)
         self.dirty[key] = value
+
+    put = __setitem__
 
     def delete(self, key: bytes) -> None:
         """Buffer the removal of `key`."""
@@ -325,10 +389,12 @@ class GroupedBufTable(BufTable):
         self.groups: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self.parts = Parts(self)
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def __setitem__(self, key: bytes, value: bytes) -> None:
         """Buffer `value` at `key`."""
-        BufTable.put(self, key, value)
+        BufTable.__setitem__(self, key, value)
         self.forget(_head(key))
+
+    put = __setitem__
 
     def delete(self, key: bytes) -> None:
         """Buffer the removal of `key`."""
