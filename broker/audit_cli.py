@@ -30,7 +30,7 @@ from broker.config import DEFAULT_DATA_DIR
 
 if TYPE_CHECKING:
     from storage import audit
-    from storage.store import Store
+    from storage.store import LAYOUT, Store
 
 EXIT_FAULT = EXIT_REFUSED  # a check found a corrupt log or a projection difference
 PROGRESS_HZ = 10
@@ -161,12 +161,12 @@ def _lsn(text: str) -> int:
 
 def _import_storage() -> None:
     """Bind storage's modules on first use, so other `homing` commands do not pay for them."""
-    global audit, CorruptLog, DataDirLocked, StorageError, Store, structlog
+    global audit, CorruptLog, DataDirLocked, LAYOUT, StorageError, Store, structlog
     import structlog
 
     from storage import audit
     from storage.errors import CorruptLog, DataDirLocked, StorageError
-    from storage.store import Store
+    from storage.store import LAYOUT, Store
 
 
 @contextmanager
@@ -279,6 +279,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _check(store: Store) -> tuple[dict[str, Any], audit.Difference | None]:
     """Run the projection check with a progress bar; return its JSON part and the difference."""
+    have = store.stored_layout()
+    if have != LAYOUT and store.last_lsn():
+        stored = "none" if have is None else have.decode(errors="replace")
+        raise CliError(EXIT_FAULT, "outdated_layout", (
+            f"the projections were written by an older homing (layout {stored}, this version "
+            f"checks layout {LAYOUT.decode()}); a broker rebuilds them when it starts, or stop "
+            "it and run `homing audit rebuild`"))
     with progress_bar("replay", store.last_lsn()) as bar:
         diff, events = audit.check_projections(store, bar)
     part: dict[str, Any] = {"ok": diff is None, "replayed": events}

@@ -97,9 +97,14 @@ class Store:
         if not env.readonly:
             self._check_layout()
 
-    def _check_layout(self) -> None:
+    def stored_layout(self) -> bytes | None:
+        """The projection layout the stored tables were written in (`LAYOUT` when current;
+        None for a directory written before layouts were recorded, or an empty one)."""
         with self._env.read() as txn:
-            have = txn.get(LAYOUT_KEY, db=self._dbs["layout"])
+            return txn.get(LAYOUT_KEY, db=self._dbs["layout"])
+
+    def _check_layout(self) -> None:
+        have = self.stored_layout()
         if have == LAYOUT:
             return
         if self._log.last_lsn():

@@ -236,6 +236,22 @@ async def test_check_names_the_first_difference_in_any_table(tmp_path, capsys, t
             table, key, stored, replayed)
 
 
+async def test_checks_refuse_projections_of_an_older_layout_until_rebuilt(tmp_path, capsys):
+    """Projections written by an older homing are not compared row by row (every row would
+    differ): verify and rebuild --check say so, and a rebuild brings them up to date."""
+    f = await scenario(tmp_path)
+    with lmdb.open(str(f["data"]), max_dbs=32) as env:
+        with env.begin(write=True) as txn:
+            txn.put(b"projections", b"1", db=env.open_db(b"layout", txn=txn))
+    for args in (("verify",), ("rebuild", "--check")):
+        status, lines, err = audit(capsys, f["data"], *args)
+        assert status == 1 and lines == []
+        error = json.loads(err)
+        assert error["error"] == "outdated_layout" and "audit rebuild" in error["message"]
+    assert audit_json(capsys, f["data"], "rebuild")[0]["ok"] is True
+    assert audit_json(capsys, f["data"], "verify")[0]["ok"] is True
+
+
 async def test_rebuild_repairs_projections_once_the_broker_is_stopped(tmp_path, capsys):
     """rebuild replaces tampered projections atomically; verify passes afterwards."""
     f = await scenario(tmp_path)
