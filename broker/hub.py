@@ -10,17 +10,17 @@ slow consumer, which loses nothing (its deliveries are on disk, the pushes are d
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from protocol import encode_frame
+from protocol import Connection, Deliver, PreparedDeliver, encode_frame
 from protocol.frames import to_wire
 
 if TYPE_CHECKING:
     from broker.session import Session
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Fresh:
     """A message just committed, as each member's newest inbox entry: enough to deliver it to
     a device that is caught up without reading the store."""
@@ -33,6 +33,28 @@ class Fresh:
     body: Any
     cid: str
     ts_us: int
+    _prepared: PreparedDeliver | None = field(default=None, repr=False, compare=False)
+    _sent_once: bool = field(default=False, repr=False, compare=False)
+
+    def deliver_bytes(self, conn: Connection, inbox_seq: int, muted: bool) -> bytes:
+        """Its ``deliver`` frame for one recipient's connection.
+
+        The first recipient's is encoded in full; from the second on, the shared fields are
+        checked and packed once (`PreparedDeliver`) and only inbox_seq and muted are joined in,
+        so a channel post to 1,000 devices is not 1,000 frame encodings, and a direct message
+        (one recipient) costs no more than before.
+        """
+        prepared = self._prepared
+        if prepared is None:
+            if not self._sent_once:
+                self._sent_once = True
+                return conn.send(Deliver(
+                    inbox_seq=inbox_seq, kind="msg", conv=self.conv, seq=self.seq,
+                    sender=self.sender, body=self.body, cid=self.cid, ts=self.ts_us, muted=muted))
+            prepared = self._prepared = PreparedDeliver(
+                "msg", self.conv, self.seq, self.sender, self.body, self.cid, self.ts_us,
+                conn.max_body_bytes)
+        return conn.send_prepared(prepared, inbox_seq, muted)
 
 
 def encode_push(frame: Any) -> bytes:

@@ -195,7 +195,8 @@ class Session:
                 convs[conv] = seq
         self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, upto,
                                              tuple(convs.items()) if known else None))
-        self._wake.set()
+        if self.sent < self.head:  # the window opened on entries waiting: the writer has work
+            self._wake.set()
         return True
 
     # -- the two tasks ---------------------------------------------------------------------
@@ -341,10 +342,8 @@ class Session:
         muted = self._muted.get(fresh.conv)
         if muted is None:
             muted = self._muted[fresh.conv] = self.broker.store.muted(self.user, fresh.conv)
+        chunks.append(fresh.deliver_bytes(self.conn, inbox_seq, muted))
         self.unacked.append((inbox_seq, fresh.conv, fresh.seq))
-        chunks.append(self.conn.send(wire.Deliver(
-            inbox_seq=inbox_seq, kind="msg", conv=fresh.conv, seq=fresh.seq,
-            sender=fresh.sender, body=fresh.body, cid=fresh.cid, ts=fresh.ts_us, muted=muted)))
 
     def _ack_own_sends(self) -> None:
         """If everything delivered is acked and only this device's own sends lie past the ack,

@@ -64,6 +64,7 @@ from .frames import (
     from_wire,
     to_wire,
 )
+from .prepared import PreparedDeliver
 from .state import Role, State
 
 PROTOCOL_VERSION = 1
@@ -121,6 +122,7 @@ __all__ = [
     "PageMessage",
     "Ping",
     "Pong",
+    "PreparedDeliver",
     "Presence",
     "PresenceList",
     "ProtocolError",

@@ -29,6 +29,7 @@ from .frames import (
     Welcome,
     spec_of,
 )
+from .prepared import PreparedDeliver
 from .state import ERROR_CLOSE, Role, State, legal_moves
 
 _pack_prefix = struct.Struct(">I").pack
@@ -225,6 +226,30 @@ class Connection:
             if cls is Welcome:
                 self._buffer.max_frame_bytes = frame.max_frame
         return _pack_prefix(len(body)) + body
+
+    def send_prepared(self, prepared: PreparedDeliver, inbox_seq: int, muted: bool) -> bytes:
+        """The bytes `send` would return for `prepared`'s ``deliver`` with this `inbox_seq`
+        and `muted`, without checking and packing the shared fields again (protocol.prepared).
+
+        Raises `LocalProtocolError` as `send` does: this role or state may not send ``deliver``,
+        `inbox_seq` is not a uint, `prepared` was checked against a larger body limit than this
+        connection's, or the frame exceeds max_frame_bytes.
+        """
+        if "deliver" not in self._our_moves:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL,
+                f"a {self.our_role.name} cannot send 'deliver' in state {self._state.name}",
+            )
+        if prepared.max_body_bytes > self.max_body_bytes:
+            raise LocalProtocolError(
+                ErrorCode.INTERNAL, "deliver: prepared for a larger body limit than ours"
+            )
+        data = prepared.bytes_for(inbox_seq, muted)
+        if len(data) - 4 > self._buffer.max_frame_bytes:
+            raise LocalProtocolError(
+                ErrorCode.TOO_LARGE, f"deliver frame of {len(data) - 4} bytes exceeds max_frame"
+            )
+        return data
 
 
 def _request_id(d: dict) -> int | None:

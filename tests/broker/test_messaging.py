@@ -222,6 +222,26 @@ async def test_history_pages_by_seq_both_ways(harness):
         assert [m.seq for m in page.messages] == [6, 7] and not page.more
 
 
+async def test_a_channel_post_reaches_each_subscriber_at_its_own_inbox_seq(harness):
+    """One post's deliveries (encoded once) carry each subscriber's own inbox_seq and muted."""
+    async with harness.client("hq", role="service") as hq, harness.client("s1") as s1, \
+            harness.client("s2") as s2, harness.client("s3") as s3, \
+            harness.client("bob") as bob:
+        conv = await hq.create_channel("notices", [], open=True)
+        for c in (s1, s2, s3):
+            await c.subscribe(conv)
+        await bob.send("hi", to="s2")  # s2's inbox is one entry ahead of the others'
+        assert [d.inbox_seq for d in await recv(s2)] == [1]
+        await s3.mute(conv)
+        posts = [await hq.send(text, conv=conv) for text in ("one", "two")]
+        for client, first, muted in ((s1, 1, False), (s2, 2, False), (s3, 1, True)):
+            got = await recv(client, 2)
+            assert [(d.inbox_seq, d.seq, d.body, d.muted, d.sender) for d in got] == [
+                (first + i, r.seq, text, muted, "hq")
+                for i, (r, text) in enumerate(zip(posts, ("one", "two"), strict=True))]
+            await nothing_more(client, 0.05)
+
+
 async def test_muted_conversations_deliver_flagged(harness):
     """Deliveries of a muted conversation carry muted=true."""
     async with harness.client("alice") as alice, harness.client("bob") as bob:
