@@ -27,6 +27,7 @@ class CloseReason(Enum):
     TIMEOUT = "timeout"  # handshake or idle timeout
     LIMIT = "limit"  # a connection limit refused them
     SLOW_CONSUMER = "slow_consumer"  # their push queue overflowed
+    TOO_LARGE = "too_large"  # a delivery does not fit the max_frame they asked for
     REPLACED = "replaced"  # the same device connected again
     SHUTDOWN = "shutdown"  # the broker is stopping
 

@@ -103,7 +103,11 @@ class Broker:
             self.deferring = False
             deferred, self.deferred = self.deferred, []
             for session in deferred:
-                session.flush_now()
+                try:
+                    session.flush_now()
+                except Exception:  # one session's failure must not stop the others' writes
+                    session.log.exception("fanout_flush_failed")
+                    session.abort(CloseReason.BROKEN)
 
     def _on_committed(self, commands: list[Any], outcomes: list[Any]) -> None:
         hub = self.hub

@@ -301,9 +301,24 @@ class Session:
             self._drained.set()
         room = self.window - len(self.unacked)
         if room > 0 and self.sent < self.head and not self._closing:
-            self._deliver(chunks, room)
+            try:
+                self._deliver(chunks, room)
+            except wire.LocalProtocolError as exc:
+                self._too_large(exc)
         self.frames_out += len(chunks)
         return chunks
+
+    def _too_large(self, exc: wire.LocalProtocolError) -> None:
+        """A delivery could not be encoded. Its message passed the broker's limits when it was
+        sent, so the frame is above the max_frame this device asked for in its hello: close the
+        session with `too_large`. Nothing is lost: the entry waits past the device's ack."""
+        self.log.warning("delivery_too_large", max_frame=self.conn.max_frame_bytes,
+                         after=self.acked, error=str(exc))
+        self.close(CloseReason.TOO_LARGE, wire.error_frame(
+            wire.ErrorCode.TOO_LARGE,
+            f"a delivery does not fit this connection's max_frame of "
+            f"{self.conn.max_frame_bytes} bytes; reconnect with a larger max_frame to receive it",
+            close=True))
 
     def _deliver(self, chunks: list[bytes], room: int) -> None:
         user, device = self.user, self.device

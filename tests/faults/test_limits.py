@@ -174,3 +174,40 @@ async def test_members_per_group(broker_process, tally):
         (err,) = (await replies(c, [3])).values()
         assert isinstance(err, wire.Error) and err.name == "limit_exceeded"
         tally.add("limit: members per group", 2)
+
+
+async def tiny(bp, user: str, device: str, max_frame: int) -> RawClient:
+    """A device whose hello asks for frames of at most `max_frame` bytes."""
+    c = await RawClient.connect(bp.server)
+    await c.send(wire.Hello(versions=(1,), token=bp.token(user), device=device, id=0,
+                            max_frame=max_frame))
+    c.welcome = await c.next()
+    assert isinstance(c.welcome, wire.Welcome) and c.welcome.max_frame == max_frame
+    c.conn.max_frame_bytes = max_frame
+    return c
+
+
+async def test_a_delivery_above_the_devices_max_frame(broker_process, tally):
+    """A device that asked for max_frame 1024 is closed with too_large when a bigger message
+    reaches it, live or from its inbox; the broker keeps serving everyone, and the message
+    waits on disk for a connection that can take it."""
+    bp = broker_process()
+    big = "y" * 2000
+    with trio.fail_after(30):
+        live = await tiny(bp, "bob", "watch", 1024)
+        async with bp.client("alice") as alice:
+            await alice.send(big, to="bob", cid="big")
+            err = await closing_error(live)  # delivered live, straight after the commit
+            assert err is not None and err.name == "too_large" and "max_frame" in err.message
+            await live.aclose()
+            await alice.send("small", to="carol", cid="small")  # still serving
+        again = await tiny(bp, "bob", "watch", 1024)  # from the inbox this time
+        err = await closing_error(again)
+        assert err is not None and err.name == "too_large"
+        await again.aclose()
+        roomy = await RawClient.connect(bp.server, bp.token("bob"), "watch")
+        frame = await roomy.next()
+        assert isinstance(frame, wire.Deliver) and frame.body == big and frame.inbox_seq == 1
+        await roomy.aclose()
+        tally.add("limit: delivery above the device's max_frame")
+        await still_serving(bp)
