@@ -33,7 +33,15 @@ from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
 from storage.log import seal
-from storage.projections import Effects, apply, decode, inbox_key, key2, mark_applied
+from storage.projections import (
+    APPLIED_LSN,
+    Effects,
+    apply,
+    decode,
+    inbox_key,
+    key2,
+    mark_applied,
+)
 from storage.records import Event, decode_body, lsn_key, pack_u64, u64
 from storage.rules import Limits, decide
 from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables, rows_digest
@@ -445,9 +453,12 @@ class Store:
         """Compare stored projections with a fresh replay; return the first difference or None.
 
         A difference is `(table, key, stored_value, replayed_value)`, None for a missing row.
+        The stored rows are one snapshot and the replay stops at its `applied_lsn`, so commits
+        made meanwhile (a running broker) cause no false difference.
         """
         stored = self.dump_projections()
-        replayed = self.replay().items()
+        applied = next((u64(v) for t, k, v in stored if t == "meta" and k == APPLIED_LSN), 0)
+        replayed = self.replay(applied).items()
         for (st, sk, sv), (rt, rk, rv) in zip(stored, replayed, strict=False):
             if (st, sk) != (rt, rk):
                 if (st, sk) < (rt, rk):
