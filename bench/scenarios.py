@@ -274,9 +274,16 @@ def replay(opts: dict, progress: Any = None) -> dict:
         from bench import bench_replay
     except ImportError:
         return _replay_rebuild(n)
-    wall, cpu, events = bench_replay.check_once(bench_replay.ensure_log(n))
+    path = bench_replay.ensure_log(n)
+    # The first run reads the files into the page cache; the figure is the median of the runs
+    # after it, as bench/bench_replay.py reports (the first is kept as `first_run_events_per_s`).
+    runs = [bench_replay.check_once(path) for _ in range(1 + bench_replay.RUNS)]
+    wall = statistics.median(r[0] for r in runs[1:])
+    cpu = statistics.median(r[1] for r in runs[1:])
+    events = runs[0][2]
     return {"events": events, "seconds": round(wall, 3), "cpu_s": round(cpu, 3),
             "events_per_s": round(events / wall), "events_per_cpu_s": round(events / cpu),
+            "first_run_events_per_s": round(events / runs[0][0]), "runs": bench_replay.RUNS,
             "method": "storage.audit.check_projections (homing audit rebuild --check)"}
 
 
