@@ -5,7 +5,7 @@ what a replay needs. Records are decoded with `raw=True`, so ids come out as the
 are keyed by and no text is decoded; `message.accepted` events (nearly all of a log) go straight
 to `projections.add_message`, the same function the live path runs, with no `Event` or `Effects`
 built; every other event is decoded again as an `Event` and handed to `apply`. The rows written
-are those of `apply` (tests/storage/test_fold.py checks it on random logs).
+are those of `apply` (the model test, tests/storage/test_model.py, checks it on random logs).
 """
 
 from __future__ import annotations
