@@ -259,10 +259,9 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
     """
     with _no_cyclic_gc():
         stored, digests = store.projection_digests(APPEND_ONLY)
-    raw = stored["meta"].get(APPLIED_LSN)
-    applied = store.last_lsn() if raw is None else u64(raw)
     try:
-        tables, lsn, _ = replay(store, applied, progress=progress, digested=APPEND_ONLY)
+        tables, lsn, _ = replay(store, _applied(store, stored), progress=progress,
+                                digested=APPEND_ONLY)
     except RowsDropped:
         return _check_rows(store, progress)
     replayed = {name: (tables.data[name].rows, tables.data[name].digest) for name in APPEND_ONLY}
@@ -272,12 +271,16 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
         return compare(stored, {t: v for t, v in tables.data.items() if t not in APPEND_ONLY}), lsn
 
 
+def _applied(store: Store, stored: dict[str, dict[bytes, bytes]]) -> int:
+    """The `applied_lsn` of a snapshot of the stored tables (the whole log if it has none)."""
+    raw = stored.get("meta", {}).get(APPLIED_LSN)
+    return store.last_lsn() if raw is None else u64(raw)
+
+
 def _check_rows(store: Store, progress: Progress) -> tuple[Difference | None, int]:
     """`check_projections` row by row, in memory: names the first row that differs."""
     stored = store.projection_snapshot()
-    raw = stored.get("meta", {}).get(b"applied_lsn")
-    applied = store.last_lsn() if raw is None else u64(raw)
-    tables, lsn, _ = replay(store, applied, progress=progress)
+    tables, lsn, _ = replay(store, _applied(store, stored), progress=progress)
     with _no_cyclic_gc():
         return compare(stored, tables.data), lsn
 

@@ -278,12 +278,11 @@ class DigestTable(MemTable):
         """Unsupported: the rows are gone."""
         raise RowsDropped(prefix)
 
-    def fold(self) -> tuple[int, int]:
-        """Fold the rows held into the count and digest; return `(rows, digest)`."""
+    def fold(self) -> None:
+        """Fold the rows held into `rows` and `digest`, and let them go."""
         self.rows += len(self)
         self.digest += rows_digest(self.items())
         self.clear()
-        return self.rows, self.digest
 
 
 class MemoryTables(_ByName):
