@@ -116,18 +116,20 @@ class RawClient:
 
     @classmethod
     async def connect(cls, server: str, token: str | None = None, device: str = "raw",
-                      ssl_context=None) -> RawClient:
+                      ssl_context=None, max_frame: int | None = None) -> RawClient:
         host, port = server.rsplit(":", 1)
         stream = await trio.open_tcp_stream(host, int(port))
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
         c = cls(stream)
         if token is not None:
-            await c.hello(token, device)
+            await c.hello(token, device, max_frame)
         return c
 
-    async def hello(self, token: str, device: str = "raw") -> wire.Welcome:
-        await self.send(wire.Hello(versions=(1,), token=token, device=device, id=0))
+    async def hello(self, token: str, device: str = "raw",
+                    max_frame: int | None = None) -> wire.Welcome:
+        await self.send(wire.Hello(versions=(1,), token=token, device=device, id=0,
+                                   max_frame=max_frame))
         frame = await self.next()
         if not isinstance(frame, wire.Welcome):
             raise AssertionError(f"expected welcome, got {frame!r}")

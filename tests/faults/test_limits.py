@@ -178,12 +178,8 @@ async def test_members_per_group(broker_process, tally):
 
 async def tiny(bp, user: str, device: str, max_frame: int) -> RawClient:
     """A device whose hello asks for frames of at most `max_frame` bytes."""
-    c = await RawClient.connect(bp.server)
-    await c.send(wire.Hello(versions=(1,), token=bp.token(user), device=device, id=0,
-                            max_frame=max_frame))
-    c.welcome = await c.next()
-    assert isinstance(c.welcome, wire.Welcome) and c.welcome.max_frame == max_frame
-    c.conn.max_frame_bytes = max_frame
+    c = await RawClient.connect(bp.server, bp.token(user), device, max_frame=max_frame)
+    assert c.welcome.max_frame == max_frame
     return c
 
 
