@@ -112,7 +112,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(report.table(results))
     env = doc["environment"]
     print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
-          f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}")
+          f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
+          f"storage hot loops {env['storage_native']}")
     if args.json:
         report.write_json(args.json, doc)
         note(f"wrote {args.json}")

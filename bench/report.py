@@ -12,11 +12,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from storage import native
+
 PACKAGES = ("homing", "trio", "msgpack", "lmdb", "structlog", "nats-py", "redis", "matplotlib")
 
 
 def environment(settings: dict) -> dict:
-    """CPU, cores, Python, package versions, git commit and the run's settings."""
+    """CPU, cores, Python, package versions, git commit, which storage hot loops run
+    (`storage_native`: compiled or python, see storage/native.py) and the run's settings."""
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -36,7 +39,7 @@ def environment(settings: dict) -> dict:
     return {
         "cpu_model": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
         "platform": platform.platform(), "packages": versions,
-        "git_commit": commit, "git_dirty": dirty,
+        "git_commit": commit, "git_dirty": dirty, "storage_native": native.describe(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings,
     }
 

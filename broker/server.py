@@ -30,6 +30,7 @@ from broker.logs import get_logger
 from broker.policy import ContentPolicy
 from broker.ratelimit import TokenBucket
 from broker.session import Session
+from storage import native
 from storage.commands import SetMute
 
 
@@ -289,7 +290,8 @@ class Broker:
                     self.port = listeners[0].socket.getsockname()[1] if not cfg.tls_cert \
                         else listeners[0].transport_listener.socket.getsockname()[1]
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
-                                  tls=bool(cfg.tls_cert), data=str(cfg.data_dir))
+                                  tls=bool(cfg.tls_cert), data=str(cfg.data_dir),
+                                  storage_native=native.describe())
                     task_status.started(self.port)
                     await trio.serve_listeners(self._handle, listeners,
                                                handler_nursery=connections)

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from storage import native
 from storage import records as r
 from storage.fold import fold
 from storage.log import verify_records
@@ -159,14 +160,15 @@ def verify_chain(store: Store, progress: Progress = None) -> int:
 
 def replay(store: Store, to_lsn: int | None = None, *, until_us: int | None = None,
            progress: Progress = None,
-           digested: frozenset[str] = frozenset()) -> tuple[MemoryTables, int, int | None]:
+           digested: frozenset[str] = frozenset(),
+           key: bytes | None = None) -> tuple[MemoryTables, int, int | None]:
     """Fold the log into fresh MemoryTables up to `to_lsn`, or while `ts_us <= until_us`.
 
     Returns `(tables, last_lsn_applied, its ts_us)`. The tables named in `digested` keep only
-    a digest of their rows (`tables.DigestTable`); a fold that must read them raises
-    `RowsDropped`.
+    a digest of their rows (`tables.DigestTable`, under `key` if given); a fold that must read
+    them raises `RowsDropped`.
     """
-    tables = MemoryTables(digested)
+    tables = MemoryTables(digested, key)
     folds = [tables.data[name].fold for name in digested]
 
     def on_chunk(done: int) -> None:
@@ -257,11 +259,12 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
     the others row by row. Only when something differs (or the fold needed the rows,
     `RowsDropped`) are all rows compared, to name the first that differs.
     """
+    key = os.urandom(16) if native.ext is not None else None  # else Python's own hash()
     with _no_cyclic_gc():
-        stored, digests = store.projection_digests(APPEND_ONLY)
+        stored, digests = store.projection_digests(APPEND_ONLY, key)
     try:
         tables, lsn, _ = replay(store, _applied(store, stored), progress=progress,
-                                digested=APPEND_ONLY)
+                                digested=APPEND_ONLY, key=key)
     except RowsDropped:
         return _check_rows(store, progress)
     replayed = {name: (tables.data[name].rows, tables.data[name].digest) for name in APPEND_ONLY}

@@ -6,6 +6,10 @@ are keyed by and no text is decoded; `message.accepted` events (nearly all of a 
 to `projections.add_message`, the same function the live path runs, with no `Event` or `Effects`
 built; every other event is decoded again as an `Event` and handed to `apply`. The rows written
 are those of `apply` (the model test, tests/storage/test_model.py, checks it on random logs).
+
+Where storage/_fold.c was built (`projections.COMPILED`), runs of message records are taken
+apart and applied in C (`_fold.fold_messages`); it hands any other record back, and this loop
+treats it exactly as before (tests/storage/test_fold_compiled.py checks both give equal rows).
 """
 
 from __future__ import annotations
@@ -14,8 +18,17 @@ from collections.abc import Callable, Iterable
 
 import msgpack
 
+from storage import native
 from storage import records as r
-from storage.projections import Effects, Tables, add_message, apply, mark_applied
+from storage.projections import (
+    COMPILED,
+    Effects,
+    Tables,
+    add_message,
+    apply,
+    mark_applied,
+    py_add_message,
+)
 from storage.records import decode_body
 
 _MESSAGE = r.MESSAGE_ACCEPTED.encode()
@@ -23,22 +36,50 @@ _MESSAGE = r.MESSAGE_ACCEPTED.encode()
 CHUNK = 8192  # events between two calls of `on_chunk`
 
 
-def fold(tables: Tables, records: Iterable[tuple[int, bytes]], *, to_lsn: int | None = None,
-         until_us: int | None = None,
-         on_chunk: Callable[[int], None] | None = None) -> tuple[int, int | None, int]:
-    """Apply `records` (in LSN order, from LSN 1) to `tables` and mark the position applied.
+def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int | None = None,
+         until_us: int | None = None, on_chunk: Callable[[int], None] | None = None,
+         compiled: bool = COMPILED) -> tuple[int, int | None, int]:
+    """Apply `records` (in LSN order, from LSN 1; the first item of each is not read) to
+    `tables` and mark the position applied.
 
     Stops after `to_lsn`, or before the first event later than `until_us` (the log's timestamps
     are non-decreasing: one clock, one writer). Calls `on_chunk(events so far)` every CHUNK
-    events. Returns `(last lsn applied, its ts_us, events applied)`.
+    events. Returns `(last lsn applied, its ts_us, events applied)`. `compiled=False` runs the
+    Python reference only (the tests compare the two).
     """
+    fast = native.ext.fold_messages if compiled and native.ext is not None else None
+    if (to_lsn is not None and to_lsn < 0) or (until_us is not None and until_us < 0):
+        fast = None  # the C loop takes unsigned bounds; such a fold stops at once anyway
+    c_last = to_lsn if to_lsn is not None and to_lsn < 1 << 64 else None
+    c_until = until_us if until_us is not None and until_us < 1 << 64 else None
+    add = add_message if compiled else py_add_message
     unpack = msgpack.unpackb
     heads: dict[str, int] = {}  # add_message reports inbox heads here; a replay ignores them
     fx = Effects()
     last = to_lsn if to_lsn is not None else float("inf")
     until = until_us if until_us is not None else float("inf")
     lsn, ts, done = 0, None, 0
-    for _lsn, value in records:
+    it = iter(records)
+    while True:
+        if fast is not None:
+            n, f_lsn, f_ts, record, exhausted = fast(it, tables, None, c_last, c_until,
+                                                     CHUNK - done % CHUNK)
+            if n:
+                lsn, ts, done = f_lsn, f_ts, done + n
+                if not done % CHUNK:
+                    heads.clear()
+                    fx = Effects()
+                    if on_chunk is not None:
+                        on_chunk(done)
+            if exhausted:
+                break
+            if record is None:  # the chunk is full
+                continue
+        else:
+            record = next(it, None)
+            if record is None:
+                break
+        value = record[1]
         fields = unpack(value[32:], raw=True)
         if fields[0] > last or fields[1] > until:
             break
@@ -46,7 +87,7 @@ def fold(tables: Tables, records: Iterable[tuple[int, bytes]], *, to_lsn: int | 
         if fields[2] == _MESSAGE:
             data = fields[5]
             ckey = data[b"conv"]
-            add_message(tables, ckey, ckey.decode(), fields[3], data[b"cid"], lsn, heads)
+            add(tables, ckey, ckey.decode(), fields[3], data[b"cid"], lsn, heads)
         else:
             apply(tables, decode_body(value[32:]), fx)
         done += 1

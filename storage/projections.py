@@ -21,10 +21,11 @@ from typing import Protocol
 
 import msgpack
 
+from storage import native
 from storage import records as r
 from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
 from storage.records import unpack_u64 as _u64
-from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables
+from storage.tables import TABLES, BufferedTables, DigestTable, MemoryTables, TxnTables
 
 __all__ = ["TABLES", "BufferedTables", "Effects", "MemoryTables", "Tables", "TxnTables", "apply",
            "mark_applied"]
@@ -234,7 +235,9 @@ def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: byte
 
     The hot path of execute and of every replay (`storage.fold` calls it straight from raw
     records): calls are inlined on purpose, each table view is fetched once, and rows are
-    written by subscript (with MemoryTables, plain dict operations in C).
+    written by subscript (with MemoryTables, plain dict operations in C). This is the reference
+    version; where storage/_fold.c was built, the module name `add_message` is bound to its
+    translation instead (`COMPILED`, below).
     """
     conv_seq = tables.conv_seq
     old = conv_seq[ckey]
@@ -263,6 +266,13 @@ def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: byte
                 view[mark] = seq_b
     tables.idem[sender + b"\0" + cid] = pack_u64x2(seq, lsn) + ckey
     return seq
+
+
+py_add_message = add_message  # the reference, kept under its own name for the tests
+COMPILED = native.ext is not None  # storage/_fold.c runs the hot loops (storage.native)
+if native.ext is not None:
+    native.ext.configure(KIND_MSG, DigestTable)
+    add_message = native.ext.add_message  # same rows: tests/storage/test_fold_compiled.py
 
 
 def acked_convs(tables: Tables, user: str, old: int, upto: int) -> dict[str, int]:

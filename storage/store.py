@@ -44,7 +44,14 @@ from storage.projections import (
 )
 from storage.records import Event, decode_body, lsn_key, pack_u64, u64
 from storage.rules import Limits, decide
-from storage.tables import TABLES, BufferedTables, MemoryTables, TxnTables, rows_digest
+from storage.tables import (
+    TABLES,
+    BufferedTables,
+    MemoryTables,
+    TxnTables,
+    keyed_rows_digest,
+    rows_digest,
+)
 
 log = structlog.get_logger()
 
@@ -398,16 +405,19 @@ class Store:
         with self._env.read() as txn:
             return {table: dict(txn.cursor(db=self._dbs[table]).iternext()) for table in TABLES}
 
-    def projection_digests(self, digested: frozenset[str]) -> tuple[
+    def projection_digests(self, digested: frozenset[str], key: bytes | None = None) -> tuple[
             dict[str, dict[bytes, bytes]], dict[str, tuple[int, int]]]:
         """Return one consistent snapshot: the tables not in `digested` as dicts `{key: value}`,
-        and those in it as `(rows, tables.rows_digest)` (the input of fast audits)."""
+        and those in it as `(rows, digest)` (the input of fast audits): `tables.rows_digest`,
+        or `tables.keyed_rows_digest` under `key` when one is given."""
         with self._env.read() as txn:
             rows = {table: dict(txn.cursor(db=self._dbs[table]).iternext())
                     for table in TABLES if table not in digested}
-            digests = {table: (txn.stat(self._dbs[table])["entries"],
-                               rows_digest(txn.cursor(db=self._dbs[table]).iternext()))
-                       for table in digested}
+            digests = {}
+            for table in digested:
+                it = txn.cursor(db=self._dbs[table]).iternext()
+                digests[table] = (keyed_rows_digest(it, key) if key is not None else
+                                  (txn.stat(self._dbs[table])["entries"], rows_digest(it)))
         return rows, digests
 
     def replay(self, to_lsn: int | None = None, tables: MemoryTables | None = None) -> MemoryTables:

@@ -28,6 +28,8 @@ from typing import Any
 
 import lmdb
 
+from storage import native
+
 TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered",
           "recv", "read", "idem", "mute", "meta")
 # Tables that `apply` and `decide` range over by their first key part ("head \0").
@@ -42,6 +44,7 @@ PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 CACHE_ROWS = 200_000
 
 _MISS = object()
+_MOD = 1 << 64
 _dict_set = dict.__setitem__
 _dict_pop = dict.pop
 
@@ -251,20 +254,32 @@ def rows_digest(rows: Iterable[tuple[bytes, bytes]]) -> int:
     return sum(map(hash, rows))
 
 
+def keyed_rows_digest(rows: Iterable[tuple[bytes, bytes]], key: bytes) -> tuple[int, int]:
+    """`(count, digest)` of rows with the compiled keyed digest (`storage.native`): SipHash-2-4
+    keyed by `key` (16 bytes) over `len(k) || k || v`, summed modulo 2**64. Unlike
+    `rows_digest` it can be computed alike by two processes that share `key`."""
+    assert native.ext is not None, "the keyed digest needs storage._fold"
+    return native.ext.rows_digest(rows, key)
+
+
 class DigestTable(MemTable):
     """An `APPEND_ONLY` table of a replay that is only compared: rows are folded into `rows` (a
-    count) and `digest` (`rows_digest`) by `fold()`, so memory stays bounded by one chunk.
+    count) and `digest` by `fold()`, so memory stays bounded by one chunk. The digest is
+    `rows_digest`, or `keyed_rows_digest` under `key` when one is given.
 
     Reading a key that is not in the current chunk raises `RowsDropped`, as do `delete` and
-    `range`: a fold that needs them must replay into plain `MemoryTables` instead.
+    `range`: a fold that needs them must replay into plain `MemoryTables` instead. With a key,
+    the compiled replay loop counts its rows straight into the digest (`absorb`), so none of
+    them can be read back.
     """
 
-    __slots__ = ("digest", "rows")
+    __slots__ = ("digest", "key", "rows")
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes | None = None) -> None:
         super().__init__()
         self.rows = 0
         self.digest = 0
+        self.key = key
 
     def __missing__(self, key: bytes) -> None:
         raise RowsDropped(key)
@@ -280,26 +295,33 @@ class DigestTable(MemTable):
 
     def fold(self) -> None:
         """Fold the rows held into `rows` and `digest`, and let them go."""
-        self.rows += len(self)
-        self.digest += rows_digest(self.items())
+        if self.key is None:
+            self.absorb(len(self), rows_digest(self.items()))
+        else:
+            self.absorb(*keyed_rows_digest(self.items(), self.key))
         self.clear()
+
+    def absorb(self, rows: int, digest: int) -> None:
+        """Count `rows` more rows whose digest is `digest`."""
+        self.rows += rows
+        self.digest = self.digest + digest if self.key is None else (self.digest + digest) % _MOD
 
 
 class MemoryTables(_ByName):
     """`Tables` over dicts, for model tests, replay, time travel and rebuild.
 
     `data` maps each table name to its view, a dict of `{key: value}`; the tables named in
-    `digested` (a subset of `APPEND_ONLY`) are `DigestTable`s instead.
+    `digested` (a subset of `APPEND_ONLY`) are `DigestTable`s (under `key`, if given) instead.
     """
 
     __slots__ = ("data", *TABLES)
 
-    def __init__(self, digested: frozenset[str] = frozenset()) -> None:
+    def __init__(self, digested: frozenset[str] = frozenset(), key: bytes | None = None) -> None:
         assert digested <= APPEND_ONLY, digested
         self.data: dict[str, MemTable] = {}
         for name in TABLES:
             if name in digested:
-                view = DigestTable()
+                view = DigestTable(key)
             else:
                 view = GroupedMemTable() if name in GROUPED else MemTable()
             self.data[name] = view

@@ -37,6 +37,44 @@ command_spec = st.one_of(
 )
 
 
+def make_command(spec, convs: list[str]):
+    """The command a `command_spec` draw stands for, over the conversations known so far."""
+    kind, u = spec[0], USERS[spec[1]]
+
+    def conv(ix: int) -> str:
+        return convs[ix % len(convs)]
+
+    if kind == "send":
+        return SendMessage(u, "d1", "user", f"c{spec[3]}", "body", conv=conv(spec[2]))
+    if kind == "dm":
+        return SendMessage(u, "d1", "user", f"c{spec[3]}", b"\x00bin", to=USERS[spec[2]])
+    if kind == "create":
+        members = tuple(USERS[i] for i in spec[4])
+        return CreateConv(u, "d1", "user", spec[2], "n", spec[3], members)
+    if kind == "invite":
+        return Invite(u, "d1", "user", conv(spec[2]), USERS[spec[3]], spec[4])
+    if kind == "join":
+        return Join(u, "d1", "user", conv(spec[2]))
+    if kind == "leave":
+        return Leave(u, "d1", "user", conv(spec[2]))
+    if kind == "ack":
+        return Ack(u, spec[2], "user", spec[3])
+    if kind == "read":
+        return MarkRead(u, "d1", "user", conv(spec[2]), spec[3])
+    if kind == "mute":
+        return SetMute(u, "d1", "user", conv(spec[2]), spec[3])
+    return SendMessage(u, "d2", ROLES[spec[1]], f"r{spec[3]}", "as role", conv=conv(spec[2]))
+
+
+def run_batch(store: Store, specs, convs: list[str]) -> list:
+    """Execute one batch of `command_spec` draws; remember the conversations it created."""
+    outcomes = store.execute([make_command(s, convs) for s in specs])
+    for out in outcomes:
+        if out.reply and out.reply.get("conv") and out.reply["conv"] not in convs:
+            convs.append(out.reply["conv"])
+    return outcomes
+
+
 class StoreMachine(RuleBasedStateMachine):
     """Drives a Store with valid and invalid commands; projections must always equal replay."""
 
@@ -50,42 +88,13 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def _conv(self, ix: int) -> str:
-        return self.convs[ix % len(self.convs)]
-
-    def _command(self, spec):
-        kind, u = spec[0], USERS[spec[1]]
-        if kind == "send":
-            return SendMessage(u, "d1", "user", f"c{spec[3]}", "body", conv=self._conv(spec[2]))
-        if kind == "dm":
-            return SendMessage(u, "d1", "user", f"c{spec[3]}", b"\x00bin", to=USERS[spec[2]])
-        if kind == "create":
-            members = tuple(USERS[i] for i in spec[4])
-            return CreateConv(u, "d1", "user", spec[2], "n", spec[3], members)
-        if kind == "invite":
-            return Invite(u, "d1", "user", self._conv(spec[2]), USERS[spec[3]], spec[4])
-        if kind == "join":
-            return Join(u, "d1", "user", self._conv(spec[2]))
-        if kind == "leave":
-            return Leave(u, "d1", "user", self._conv(spec[2]))
-        if kind == "ack":
-            return Ack(u, spec[2], "user", spec[3])
-        if kind == "read":
-            return MarkRead(u, "d1", "user", self._conv(spec[2]), spec[3])
-        if kind == "mute":
-            return SetMute(u, "d1", "user", self._conv(spec[2]), spec[3])
-        conv = self._conv(spec[2])
-        return SendMessage(u, "d2", ROLES[spec[1]], f"r{spec[3]}", "as role", conv=conv)
-
     @rule(specs=st.lists(command_spec, min_size=1, max_size=8))
     def batch(self, specs):
         """Execute a batch; every command gets an outcome and created convs are remembered."""
-        outcomes = self.store.execute([self._command(s) for s in specs])
+        outcomes = run_batch(self.store, specs, self.convs)
         assert len(outcomes) == len(specs)
         for out in outcomes:
             assert (out.reply is None) != (out.error is None)
-            if out.reply and out.reply.get("conv") and out.reply["conv"] not in self.convs:
-                self.convs.append(out.reply["conv"])
 
     @rule(specs=st.lists(command_spec, min_size=1, max_size=8), data=st.data())
     def aborted_batch(self, specs, data):
@@ -94,7 +103,7 @@ class StoreMachine(RuleBasedStateMachine):
         before = self.store.last_lsn()
         self.store._abort_after = k
         try:
-            self.store.execute([self._command(s) for s in specs])
+            self.store.execute([make_command(s, self.convs) for s in specs])
             raise AssertionError("batch was not aborted")
         except _InjectedAbort:
             pass

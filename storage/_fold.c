@@ -1,0 +1,854 @@
+/* storage._fold: the hot loops of storage, compiled (optional).
+ *
+ * - `add_message`: a line-for-line translation of `storage.projections.add_message`, which
+ *   stays the reference and the fallback where this module is not built.
+ * - `fold_messages`: the message records of a replay, taken apart and applied without building
+ *   Python objects for what the projections do not keep (storage/fold.py hands every other
+ *   record to `projections.apply`).
+ * - `rows_digest`: the keyed multiset digest the audits compare big tables by.
+ *
+ * Table access goes through the views' own mapping protocol (PyObject_GetItem/SetItem), so
+ * their `__missing__` and `__setitem__` (MemoryTables, BufferedTables, Parts) behave as for the
+ * Python version. The one shortcut: rows bound for a keyed `DigestTable` in `fold_messages` go
+ * straight into its digest instead of through the dict. tests/storage/test_fold_compiled.py
+ * checks that both versions write the same rows on random logs.
+ *
+ * `configure(kind_msg, digest_table_type)` must be called once first (storage.projections).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *kind_msg = NULL;        /* "msg", the inbox entry kind of a message */
+static PyTypeObject *digest_type = NULL; /* storage.tables.DigestTable */
+static PyObject *struct_error = NULL;    /* struct.error, raised like the Python version */
+
+static PyObject *s_conv_seq, *s_msg, *s_inbox_head, *s_inbox, *s_member, *s_parts, *s_read,
+    *s_recv, *s_idem, *s_key;
+
+static void put_u64(char *out, uint64_t v) {
+    for (int i = 7; i >= 0; i--) {
+        out[i] = (char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+static PyObject *pack_u64(uint64_t v) {
+    char buf[8];
+    put_u64(buf, v);
+    return PyBytes_FromStringAndSize(buf, 8);
+}
+
+/* `1 if old is None else unpack(">Q", old)[0] + 1`; -1 with an exception set on bad input. */
+static int next_counter(PyObject *old, uint64_t *out) {
+    if (old == Py_None) {
+        *out = 1;
+        return 0;
+    }
+    if (!PyBytes_Check(old) || PyBytes_GET_SIZE(old) != 8) {
+        PyErr_SetString(struct_error, "unpack requires a buffer of 8 bytes");
+        return -1;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(old);
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    *out = v + 1;
+    return 0;
+}
+
+/* a + b for bytes (a + sep + b when sep is not NULL; b may be NULL); new reference or NULL. */
+static PyObject *concat(PyObject *a, const char *sep, PyObject *b) {
+    Py_ssize_t la = PyBytes_GET_SIZE(a), lb = b ? PyBytes_GET_SIZE(b) : 0, ls = sep ? 1 : 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, la + ls + lb);
+    if (out == NULL)
+        return NULL;
+    char *dst = PyBytes_AS_STRING(out);
+    memcpy(dst, PyBytes_AS_STRING(a), la);
+    if (sep)
+        dst[la] = *sep;
+    if (b)
+        memcpy(dst + la + ls, PyBytes_AS_STRING(b), lb);
+    return out;
+}
+
+/* ---------------------------------------------------------------- row digests
+ *
+ * The audits compare big tables by row count and a multiset digest: the sum, modulo 2**64, of
+ * SipHash-2-4 (keyed by 16 random bytes drawn per audit) over each row, encoded as
+ * `len(key) as 4 bytes big-endian || key || value`. A sum is order-free, so rows may come in
+ * any order; without the key nobody can make two different row sets sum alike.
+ */
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                              \
+    do {                                                                                      \
+        v0 += v1; v1 = ROTL(v1, 13); v1 ^= v0; v0 = ROTL(v0, 32);                             \
+        v2 += v3; v3 = ROTL(v3, 16); v3 ^= v2;                                                \
+        v0 += v3; v3 = ROTL(v3, 21); v3 ^= v0;                                                \
+        v2 += v1; v1 = ROTL(v1, 17); v1 ^= v2; v2 = ROTL(v2, 32);                             \
+    } while (0)
+
+static uint64_t le64(const unsigned char *p) {
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+typedef struct {
+    uint64_t k0, k1;
+} sipkey;
+
+/* SipHash-2-4 of the concatenation of `parts` (n of them). */
+static uint64_t siphash(const sipkey *key, const unsigned char **parts, const Py_ssize_t *lens,
+                        int n) {
+    uint64_t v0 = 0x736f6d6570736575ULL ^ key->k0, v1 = 0x646f72616e646f6dULL ^ key->k1,
+             v2 = 0x6c7967656e657261ULL ^ key->k0, v3 = 0x7465646279746573ULL ^ key->k1;
+    unsigned char buf[8];
+    int fill = 0;
+    uint64_t total = 0;
+    for (int i = 0; i < n; i++) {
+        const unsigned char *p = parts[i];
+        Py_ssize_t len = lens[i];
+        total += (uint64_t)len;
+        while (len > 0) {
+            if (fill == 0 && len >= 8) {
+                uint64_t m = le64(p);
+                v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+                p += 8;
+                len -= 8;
+                continue;
+            }
+            buf[fill++] = *p++;
+            len--;
+            if (fill == 8) {
+                uint64_t m = le64(buf);
+                v3 ^= m; SIPROUND; SIPROUND; v0 ^= m;
+                fill = 0;
+            }
+        }
+    }
+    uint64_t b = total << 56;
+    for (int i = 0; i < fill; i++)
+        b |= (uint64_t)buf[i] << (8 * i);
+    v3 ^= b; SIPROUND; SIPROUND; v0 ^= b;
+    v2 ^= 0xff;
+    SIPROUND; SIPROUND; SIPROUND; SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static uint64_t row_hash(const sipkey *key, const char *k, Py_ssize_t klen, const char *v,
+                         Py_ssize_t vlen) {
+    unsigned char len4[4] = {(unsigned char)(klen >> 24), (unsigned char)(klen >> 16),
+                             (unsigned char)(klen >> 8), (unsigned char)klen};
+    const unsigned char *parts[3] = {len4, (const unsigned char *)k, (const unsigned char *)v};
+    Py_ssize_t lens[3] = {4, klen, vlen};
+    return siphash(key, parts, lens, 3);
+}
+
+static int parse_key(PyObject *key_o, sipkey *key) {
+    if (!PyBytes_Check(key_o) || PyBytes_GET_SIZE(key_o) != 16) {
+        PyErr_SetString(PyExc_ValueError, "a digest key is 16 bytes");
+        return -1;
+    }
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(key_o);
+    key->k0 = le64(p);
+    key->k1 = le64(p + 8);
+    return 0;
+}
+
+/* rows_digest(rows, key) -> (count, digest): rows is an iterable of (bytes, bytes). */
+static PyObject *rows_digest(PyObject *self, PyObject *args) {
+    PyObject *rows, *key_o;
+    sipkey key;
+    if (!PyArg_ParseTuple(args, "OO:rows_digest", &rows, &key_o) || parse_key(key_o, &key) < 0)
+        return NULL;
+    PyObject *it = PyObject_GetIter(rows), *row;
+    if (it == NULL)
+        return NULL;
+    uint64_t count = 0, digest = 0;
+    while ((row = PyIter_Next(it)) != NULL) {
+        PyObject *k, *v;
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 2 ||
+            !PyBytes_Check(k = PyTuple_GET_ITEM(row, 0)) ||
+            !PyBytes_Check(v = PyTuple_GET_ITEM(row, 1))) {
+            Py_DECREF(row);
+            Py_DECREF(it);
+            PyErr_SetString(PyExc_TypeError, "rows must be (bytes, bytes) pairs");
+            return NULL;
+        }
+        digest += row_hash(&key, PyBytes_AS_STRING(k), PyBytes_GET_SIZE(k),
+                           PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+        count++;
+        Py_DECREF(row);
+    }
+    Py_DECREF(it);
+    if (PyErr_Occurred())
+        return NULL;
+    return Py_BuildValue("KK", (unsigned long long)count, (unsigned long long)digest);
+}
+
+/* ---------------------------------------------------------------- add_message */
+
+/* Where the rows of one append-only table go: `view[key] = value`, or, for a keyed
+ * DigestTable in a replay (`direct`), straight into a running count and digest. */
+typedef struct {
+    PyObject *view; /* borrowed from the caller, or NULL: look the table up by name */
+    int direct;
+    sipkey key;
+    uint64_t rows, digest;
+} sink;
+
+static int put_row(PyObject *tables, PyObject *name, sink *s, PyObject *key, PyObject *value) {
+    if (s != NULL && s->direct) {
+        s->rows++;
+        s->digest += row_hash(&s->key, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                              PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
+        return 0;
+    }
+    if (s != NULL && s->view != NULL)
+        return PyObject_SetItem(s->view, key, value);
+    PyObject *view = PyObject_GetAttr(tables, name);
+    if (view == NULL)
+        return -1;
+    int rc = PyObject_SetItem(view, key, value);
+    Py_DECREF(view);
+    return rc;
+}
+
+/* The inbox entry of a message, msgpack `[kind_msg, conv, seq, lsn]` exactly as
+ * msgpack.Packer() writes it (str as fixstr/str8/str16/str32, ints in their smallest form). */
+static void put_str(char **p, const char *data, Py_ssize_t len) {
+    unsigned char *q = (unsigned char *)*p;
+    if (len < 32) {
+        *q++ = (unsigned char)(0xa0 | len);
+    } else if (len < 256) {
+        *q++ = 0xd9;
+        *q++ = (unsigned char)len;
+    } else if (len < 65536) {
+        *q++ = 0xda;
+        *q++ = (unsigned char)(len >> 8);
+        *q++ = (unsigned char)len;
+    } else {
+        *q++ = 0xdb;
+        for (int i = 3; i >= 0; i--)
+            *q++ = (unsigned char)(len >> (8 * i));
+    }
+    memcpy(q, data, len);
+    *p = (char *)q + len;
+}
+
+static void put_uint(char **p, uint64_t v) {
+    unsigned char *q = (unsigned char *)*p;
+    int n;
+    if (v < 128) {
+        *q++ = (unsigned char)v;
+        *p = (char *)q;
+        return;
+    }
+    if (v < 256) {
+        *q++ = 0xcc;
+        n = 1;
+    } else if (v < 65536) {
+        *q++ = 0xcd;
+        n = 2;
+    } else if (v < 4294967296ULL) {
+        *q++ = 0xce;
+        n = 4;
+    } else {
+        *q++ = 0xcf;
+        n = 8;
+    }
+    for (int i = n - 1; i >= 0; i--)
+        *q++ = (unsigned char)(v >> (8 * i));
+    *p = (char *)q;
+}
+
+static PyObject *pack_entry(const char *conv, Py_ssize_t conv_len, uint64_t seq, uint64_t lsn) {
+    Py_ssize_t kind_len;
+    const char *kind = PyUnicode_AsUTF8AndSize(kind_msg, &kind_len);
+    if (kind == NULL)
+        return NULL;
+    char buf[64];
+    Py_ssize_t size = 1 + 5 + kind_len + 5 + conv_len + 9 + 9;
+    char *mem = size <= (Py_ssize_t)sizeof(buf) ? buf : PyMem_Malloc(size);
+    if (mem == NULL)
+        return PyErr_NoMemory();
+    char *p = mem;
+    *p++ = (char)0x94;
+    put_str(&p, kind, kind_len);
+    put_str(&p, conv, conv_len);
+    put_uint(&p, seq);
+    put_uint(&p, lsn);
+    PyObject *out = PyBytes_FromStringAndSize(mem, p - mem);
+    if (mem != buf)
+        PyMem_Free(mem);
+    return out;
+}
+
+/* The sender's marks `read` and `recv`: raise each to seq_b (bytes order is int order). */
+static int raise_marks(PyObject *tables, PyObject *mark, PyObject *seq_b) {
+    PyObject *names[2] = {s_read, s_recv};
+    for (int i = 0; i < 2; i++) {
+        PyObject *view = PyObject_GetAttr(tables, names[i]);
+        if (view == NULL)
+            return -1;
+        PyObject *old = PyObject_GetItem(view, mark);
+        if (old == NULL) {
+            Py_DECREF(view);
+            return -1;
+        }
+        int lower = 1;
+        if (old != Py_None)
+            lower = PyObject_RichCompareBool(old, seq_b, Py_LT);
+        Py_DECREF(old);
+        int rc = lower < 0 ? -1 : (lower ? PyObject_SetItem(view, mark, seq_b) : 0);
+        Py_DECREF(view);
+        if (rc < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* For each member of the conversation, its next inbox entry. Returns 1 if the sender is a
+ * member, 0 if not, -1 on error. `heads` may be NULL (a replay does not need them). */
+static int fill_inboxes(PyObject *tables, PyObject *prefix, PyObject *sender, PyObject *entry,
+                        PyObject *heads, sink *inbox_sink) {
+    int sender_member = 0, rc = -1;
+    PyObject *inbox_head = NULL, *member = NULL, *parts = NULL, *rows = NULL, *it = NULL,
+             *row = NULL;
+    if (!(inbox_head = PyObject_GetAttr(tables, s_inbox_head)) ||
+        !(member = PyObject_GetAttr(tables, s_member)) ||
+        !(parts = PyObject_GetAttr(member, s_parts)) ||
+        !(rows = PyObject_GetItem(parts, prefix)) || !(it = PyObject_GetIter(rows)))
+        goto done;
+    while ((row = PyIter_Next(it)) != NULL) {
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 3 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(row, 1))) {
+            PyErr_SetString(PyExc_TypeError, "member parts rows must be (bytes, bytes, str)");
+            goto done;
+        }
+        PyObject *ukey = PyTuple_GET_ITEM(row, 0), *ukey0 = PyTuple_GET_ITEM(row, 1),
+                 *user = PyTuple_GET_ITEM(row, 2);
+        PyObject *old = PyObject_GetItem(inbox_head, ukey);
+        if (old == NULL)
+            goto done;
+        uint64_t head;
+        int bad = next_counter(old, &head);
+        Py_DECREF(old);
+        if (bad)
+            goto done;
+        PyObject *head_b = pack_u64(head);
+        if (head_b == NULL)
+            goto done;
+        int set = PyObject_SetItem(inbox_head, ukey, head_b);
+        PyObject *key = set < 0 ? NULL : concat(ukey0, NULL, head_b);
+        Py_DECREF(head_b);
+        if (key == NULL)
+            goto done;
+        set = put_row(tables, s_inbox, inbox_sink, key, entry);
+        Py_DECREF(key);
+        if (set < 0)
+            goto done;
+        if (heads != NULL) {
+            PyObject *head_i = PyLong_FromUnsignedLongLong(head);
+            if (head_i == NULL)
+                goto done;
+            set = PyObject_SetItem(heads, user, head_i);
+            Py_DECREF(head_i);
+            if (set < 0)
+                goto done;
+        }
+        int same = PyObject_RichCompareBool(ukey, sender, Py_EQ);
+        if (same < 0)
+            goto done;
+        if (same)
+            sender_member = 1;
+        Py_CLEAR(row);
+    }
+    if (!PyErr_Occurred())
+        rc = sender_member;
+done:
+    Py_XDECREF(row);
+    Py_XDECREF(it);
+    Py_XDECREF(rows);
+    Py_XDECREF(parts);
+    Py_XDECREF(member);
+    Py_XDECREF(inbox_head);
+    return rc;
+}
+
+/* add_message proper (ckey, sender, cid are bytes; conv is ckey's text as UTF-8). Sets *seq_out;
+ * returns 0, or -1 with an exception set. `sinks` (msg, inbox, idem) may be NULL. */
+static int add_message_impl(PyObject *tables, PyObject *ckey, const char *conv,
+                            Py_ssize_t conv_len, PyObject *sender, PyObject *cid, uint64_t lsn,
+                            PyObject *heads, sink *sinks, uint64_t *seq_out) {
+    int rc = -1;
+    PyObject *conv_seq = NULL, *old = NULL, *seq_b = NULL, *prefix = NULL, *key = NULL,
+             *value = NULL, *entry = NULL;
+    uint64_t seq;
+    if (!(conv_seq = PyObject_GetAttr(tables, s_conv_seq)) ||
+        !(old = PyObject_GetItem(conv_seq, ckey)) || next_counter(old, &seq) < 0 ||
+        !(seq_b = pack_u64(seq)) || PyObject_SetItem(conv_seq, ckey, seq_b) < 0 ||
+        !(prefix = concat(ckey, "\0", NULL)))
+        goto done;
+    /* msg[prefix + seq_b] = pack_u64(lsn) */
+    if (!(key = concat(prefix, NULL, seq_b)) || !(value = pack_u64(lsn)) ||
+        put_row(tables, s_msg, sinks ? &sinks[0] : NULL, key, value) < 0)
+        goto done;
+    Py_CLEAR(key);
+    Py_CLEAR(value);
+    if (!(entry = pack_entry(conv, conv_len, seq, lsn)))
+        goto done;
+    int sender_member = fill_inboxes(tables, prefix, sender, entry, heads,
+                                     sinks ? &sinks[1] : NULL);
+    if (sender_member < 0)
+        goto done;
+    if (sender_member) {
+        if (!(key = concat(prefix, NULL, sender)) || raise_marks(tables, key, seq_b) < 0)
+            goto done;
+        Py_CLEAR(key);
+    }
+    /* idem[sender + b"\0" + cid] = pack_u64x2(seq, lsn) + ckey */
+    if (!(key = concat(sender, "\0", cid)))
+        goto done;
+    Py_ssize_t lc = PyBytes_GET_SIZE(ckey);
+    if (!(value = PyBytes_FromStringAndSize(NULL, 16 + lc)))
+        goto done;
+    put_u64(PyBytes_AS_STRING(value), seq);
+    put_u64(PyBytes_AS_STRING(value) + 8, lsn);
+    memcpy(PyBytes_AS_STRING(value) + 16, PyBytes_AS_STRING(ckey), lc);
+    if (put_row(tables, s_idem, sinks ? &sinks[2] : NULL, key, value) < 0)
+        goto done;
+    *seq_out = seq;
+    rc = 0;
+done:
+    Py_XDECREF(conv_seq);
+    Py_XDECREF(old);
+    Py_XDECREF(seq_b);
+    Py_XDECREF(prefix);
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    Py_XDECREF(entry);
+    return rc;
+}
+
+static int configured(void) {
+    if (kind_msg == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "storage._fold.configure was not called");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *configure(PyObject *self, PyObject *args) {
+    PyObject *kind, *type;
+    if (!PyArg_ParseTuple(args, "UO!:configure", &kind, &PyType_Type, &type))
+        return NULL;
+    Py_INCREF(kind);
+    Py_XSETREF(kind_msg, kind);
+    Py_INCREF(type);
+    Py_XSETREF(digest_type, (PyTypeObject *)type);
+    Py_RETURN_NONE;
+}
+
+static PyObject *add_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError,
+                        "add_message(tables, ckey, conv, sender, cid, lsn, heads)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    if (!PyBytes_Check(args[1]) || !PyUnicode_Check(args[2]) || !PyBytes_Check(args[3]) ||
+        !PyBytes_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "ckey, sender and cid must be bytes, conv a str");
+        return NULL;
+    }
+    Py_ssize_t conv_len;
+    const char *conv = PyUnicode_AsUTF8AndSize(args[2], &conv_len);
+    if (conv == NULL)
+        return NULL;
+    uint64_t lsn = PyLong_AsUnsignedLongLong(args[5]), seq;
+    if (lsn == (uint64_t)-1 && PyErr_Occurred())
+        return NULL;
+    PyObject *heads = args[6] == Py_None ? NULL : args[6];
+    if (add_message_impl(args[0], args[1], conv, conv_len, args[3], args[4], lsn, heads, NULL,
+                         &seq) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(seq);
+}
+
+/* ---------------------------------------------------------------- the replay loop
+ *
+ * A reader of just enough msgpack to take a `message.accepted` record apart:
+ * `digest(32) || [lsn, ts_us, type, user, device, {..., "conv": c, "cid": i, ...}]`.
+ * Anything else (another event type, an unusual encoding, a damaged record) is handed back
+ * to the Python fold untouched, which then does exactly what it always did with it.
+ */
+
+typedef struct {
+    const unsigned char *p, *end;
+} reader;
+
+static int need(reader *r, Py_ssize_t n) { return r->end - r->p >= n; }
+
+static uint64_t be(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* An unsigned integer (as msgpack-python writes non-negative ints). 0 on success. */
+static int read_uint(reader *r, uint64_t *out) {
+    if (!need(r, 1))
+        return -1;
+    unsigned char t = *r->p++;
+    int n;
+    if (t <= 0x7f) {
+        *out = t;
+        return 0;
+    }
+    switch (t) {
+    case 0xcc: n = 1; break;
+    case 0xcd: n = 2; break;
+    case 0xce: n = 4; break;
+    case 0xcf: n = 8; break;
+    default: return -1;
+    }
+    if (!need(r, n))
+        return -1;
+    *out = be(r->p, n);
+    r->p += n;
+    return 0;
+}
+
+/* A str or bin (both come out as bytes with raw=True): its bytes. 0 on success. */
+static int read_raw(reader *r, const unsigned char **data, Py_ssize_t *len) {
+    if (!need(r, 1))
+        return -1;
+    unsigned char t = *r->p++;
+    int n;
+    if (t >= 0xa0 && t <= 0xbf) {
+        *len = t & 0x1f;
+    } else {
+        switch (t) {
+        case 0xd9: case 0xc4: n = 1; break;
+        case 0xda: case 0xc5: n = 2; break;
+        case 0xdb: case 0xc6: n = 4; break;
+        default: return -1;
+        }
+        if (!need(r, n))
+            return -1;
+        *len = (Py_ssize_t)be(r->p, n);
+        r->p += n;
+    }
+    if (!need(r, *len))
+        return -1;
+    *data = r->p;
+    r->p += *len;
+    return 0;
+}
+
+/* A container header: array (is_map 0) or map (1); its length. 0 on success. */
+static int read_header(reader *r, int is_map, uint64_t *count) {
+    if (!need(r, 1))
+        return -1;
+    unsigned char t = *r->p++;
+    unsigned char fix = is_map ? 0x80 : 0x90;
+    if (t >= fix && t <= fix + 0x0f) {
+        *count = t & 0x0f;
+        return 0;
+    }
+    int n = t == (is_map ? 0xde : 0xdc) ? 2 : t == (is_map ? 0xdf : 0xdd) ? 4 : 0;
+    if (!n || !need(r, n))
+        return -1;
+    *count = be(r->p, n);
+    r->p += n;
+    return 0;
+}
+
+/* Skip one value of any type. 0 on success. */
+static int skip(reader *r, int depth) {
+    if (depth > 64 || !need(r, 1))
+        return -1;
+    unsigned char t = *r->p;
+    Py_ssize_t n = -1;
+    uint64_t count;
+    const unsigned char *data;
+    Py_ssize_t len;
+    if (t <= 0x7f || t >= 0xe0 || t == 0xc0 || t == 0xc2 || t == 0xc3) {
+        r->p++;
+        return 0;
+    }
+    if ((t >= 0xa0 && t <= 0xbf) || t == 0xd9 || t == 0xda || t == 0xdb || t == 0xc4 ||
+        t == 0xc5 || t == 0xc6)
+        return read_raw(r, &data, &len);
+    if ((t >= 0x80 && t <= 0x8f) || t == 0xde || t == 0xdf) {
+        if (read_header(r, 1, &count))
+            return -1;
+        for (uint64_t i = 0; i < count; i++)
+            if (skip(r, depth + 1) || skip(r, depth + 1))
+                return -1;
+        return 0;
+    }
+    if ((t >= 0x90 && t <= 0x9f) || t == 0xdc || t == 0xdd) {
+        if (read_header(r, 0, &count))
+            return -1;
+        for (uint64_t i = 0; i < count; i++)
+            if (skip(r, depth + 1))
+                return -1;
+        return 0;
+    }
+    switch (t) {
+    case 0xcc: case 0xd0: n = 1; break;
+    case 0xcd: case 0xd1: n = 2; break;
+    case 0xce: case 0xd2: case 0xca: n = 4; break;
+    case 0xcf: case 0xd3: case 0xcb: n = 8; break;
+    case 0xd4: n = 2; break; /* fixext 1: type + data */
+    case 0xd5: n = 3; break;
+    case 0xd6: n = 5; break;
+    case 0xd7: n = 9; break;
+    case 0xd8: n = 17; break;
+    case 0xc7: case 0xc8: case 0xc9: {
+        int hn = t == 0xc7 ? 1 : t == 0xc8 ? 2 : 4;
+        if (!need(r, 1 + hn))
+            return -1;
+        n = 1 + hn + 1 + (Py_ssize_t)be(r->p + 1, hn);
+        if (!need(r, n))
+            return -1;
+        r->p += n;
+        return 0;
+    }
+    default: return -1;
+    }
+    if (!need(r, 1 + n))
+        return -1;
+    r->p += 1 + n;
+    return 0;
+}
+
+static int is(const unsigned char *data, Py_ssize_t len, const char *word) {
+    Py_ssize_t n = (Py_ssize_t)strlen(word);
+    return len == n && memcmp(data, word, n) == 0;
+}
+
+typedef struct {
+    uint64_t lsn, ts;
+    const unsigned char *user, *conv, *cid;
+    Py_ssize_t user_len, conv_len, cid_len;
+} message;
+
+/* Take a record value apart if it is a well-formed message.accepted event: 1 if so, 0 if
+ * it is anything else (left to Python). Never raises. */
+static int parse_message(PyObject *value, message *m) {
+    if (!PyBytes_Check(value) || PyBytes_GET_SIZE(value) < 32)
+        return 0;
+    reader r = {(const unsigned char *)PyBytes_AS_STRING(value) + 32,
+                (const unsigned char *)PyBytes_AS_STRING(value) + PyBytes_GET_SIZE(value)};
+    uint64_t count;
+    const unsigned char *type, *device;
+    Py_ssize_t type_len, device_len;
+    if (read_header(&r, 0, &count) || count != 6 || read_uint(&r, &m->lsn) ||
+        read_uint(&r, &m->ts) || read_raw(&r, &type, &type_len) ||
+        !is(type, type_len, "message.accepted") || read_raw(&r, &m->user, &m->user_len) ||
+        read_raw(&r, &device, &device_len) || read_header(&r, 1, &count))
+        return 0;
+    m->conv = m->cid = NULL;
+    for (uint64_t i = 0; i < count; i++) {
+        const unsigned char *key;
+        Py_ssize_t key_len;
+        if (read_raw(&r, &key, &key_len))
+            return 0;
+        if (is(key, key_len, "conv")) {
+            if (read_raw(&r, &m->conv, &m->conv_len))
+                return 0;
+        } else if (is(key, key_len, "cid")) {
+            if (read_raw(&r, &m->cid, &m->cid_len))
+                return 0;
+        } else if (skip(&r, 0)) {
+            return 0;
+        }
+    }
+    /* the last occurrence of a key wins, as in the dict unpackb builds */
+    return m->conv != NULL && m->cid != NULL && r.p == r.end;
+}
+
+/* Apply one parsed message: 1 done, 0 left to Python (conv not UTF-8), -1 error. */
+static int apply_message(PyObject *tables, PyObject *heads, sink *sinks, const message *m) {
+    PyObject *conv = PyUnicode_DecodeUTF8((const char *)m->conv, m->conv_len, NULL);
+    if (conv == NULL) { /* Python's `ckey.decode()` raises it: let it */
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(conv);
+    PyObject *ckey = PyBytes_FromStringAndSize((const char *)m->conv, m->conv_len);
+    PyObject *sender = PyBytes_FromStringAndSize((const char *)m->user, m->user_len);
+    PyObject *cid = PyBytes_FromStringAndSize((const char *)m->cid, m->cid_len);
+    uint64_t seq;
+    int rc = -1;
+    if (ckey && sender && cid)
+        rc = add_message_impl(tables, ckey, (const char *)m->conv, m->conv_len, sender, cid,
+                              m->lsn, heads, sinks, &seq);
+    Py_XDECREF(ckey);
+    Py_XDECREF(sender);
+    Py_XDECREF(cid);
+    return rc < 0 ? -1 : 1;
+}
+
+/* The sinks of a fold: a table is `direct` when it is a DigestTable with a key. */
+static int open_sinks(PyObject *tables, sink *sinks) {
+    PyObject *names[3] = {s_msg, s_inbox, s_idem};
+    for (int i = 0; i < 3; i++) {
+        sink *s = &sinks[i];
+        s->direct = 0;
+        s->rows = s->digest = 0;
+        if (!(s->view = PyObject_GetAttr(tables, names[i])))
+            return -1;
+        if (digest_type == NULL || Py_TYPE(s->view) != digest_type)
+            continue;
+        PyObject *key = PyObject_GetAttr(s->view, s_key);
+        if (key == NULL)
+            return -1;
+        if (key != Py_None) {
+            if (parse_key(key, &s->key) < 0) {
+                Py_DECREF(key);
+                return -1;
+            }
+            s->direct = 1;
+        }
+        Py_DECREF(key);
+    }
+    return 0;
+}
+
+/* fold_messages(records, tables, heads, last_lsn, until_us, limit)
+ *     -> (applied, lsn, ts_us, record, exhausted)
+ *
+ * Applies message records from the iterator `records` of `(key, digest || body)` while each
+ * is a well-formed message.accepted event with lsn <= last_lsn and ts_us <= until_us (None:
+ * no bound), at most `limit` of them. Returns how many it applied, the lsn and ts_us of the
+ * last one, the first record it did not apply (None if none), and whether `records` ran out.
+ */
+static PyObject *fold_messages(PyObject *self, PyObject *args) {
+    PyObject *records, *tables, *heads, *last_o, *until_o;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OOOOOn:fold_messages", &records, &tables, &heads, &last_o,
+                          &until_o, &limit))
+        return NULL;
+    if (!configured())
+        return NULL;
+    uint64_t last = UINT64_MAX, until = UINT64_MAX;
+    if (last_o != Py_None && (last = PyLong_AsUnsignedLongLong(last_o)) == (uint64_t)-1 &&
+        PyErr_Occurred())
+        return NULL;
+    if (until_o != Py_None && (until = PyLong_AsUnsignedLongLong(until_o)) == (uint64_t)-1 &&
+        PyErr_Occurred())
+        return NULL;
+    if (heads == Py_None)
+        heads = NULL;
+    sink sinks[3] = {{0}};
+    if (open_sinks(tables, sinks) < 0) {
+        for (int i = 0; i < 3; i++)
+            Py_CLEAR(sinks[i].view);
+        return NULL;
+    }
+    Py_ssize_t applied = 0;
+    uint64_t lsn = 0, ts = 0;
+    PyObject *record = NULL;
+    int exhausted = 0, failed = 0;
+    while (applied < limit) {
+        record = PyIter_Next(records);
+        if (record == NULL) {
+            failed = PyErr_Occurred() != NULL;
+            exhausted = 1;
+            break;
+        }
+        message m;
+        int rc = 0;
+        if (PyTuple_Check(record) && PyTuple_GET_SIZE(record) == 2 &&
+            parse_message(PyTuple_GET_ITEM(record, 1), &m) && m.lsn <= last && m.ts <= until)
+            rc = apply_message(tables, heads, sinks, &m);
+        if (rc < 0) {
+            Py_CLEAR(record);
+            failed = 1;
+            break;
+        }
+        if (rc == 0)
+            break; /* handed back to Python */
+        Py_CLEAR(record);
+        applied++;
+        lsn = m.lsn;
+        ts = m.ts;
+    }
+    /* absorb: each DigestTable learns the rows counted for it (`absorb(rows, digest)`) */
+    for (int i = 0; i < 3 && !failed; i++) {
+        sink *s = &sinks[i];
+        if (!s->direct || !s->rows)
+            continue;
+        PyObject *r = PyObject_CallMethod(s->view, "absorb", "KK", (unsigned long long)s->rows,
+                                          (unsigned long long)s->digest);
+        if (r == NULL)
+            failed = 1;
+        Py_XDECREF(r);
+    }
+    for (int i = 0; i < 3; i++)
+        Py_CLEAR(sinks[i].view);
+    if (failed) {
+        Py_XDECREF(record);
+        return NULL;
+    }
+    return Py_BuildValue("nKKNi", applied, (unsigned long long)lsn, (unsigned long long)ts,
+                         record ? record : Py_NewRef(Py_None), exhausted);
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(kind_msg, digest_table_type): the inbox entry kind of a message, and the "
+     "table type whose rows fold_messages may digest directly."},
+    {"add_message", (PyCFunction)(void (*)(void))add_message, METH_FASTCALL,
+     "add_message(tables, ckey, conv, sender, cid, lsn, heads) -> seq: as "
+     "storage.projections.add_message (heads may be None)."},
+    {"rows_digest", rows_digest, METH_VARARGS,
+     "rows_digest(rows, key) -> (count, digest): the keyed multiset digest of (key, value) "
+     "rows (SipHash-2-4 of len(key) || key || value, summed modulo 2**64)."},
+    {"fold_messages", fold_messages, METH_VARARGS,
+     "fold_messages(records, tables, heads, last_lsn, until_us, limit) -> (applied, lsn, "
+     "ts_us, record, exhausted): the message records of a replay (see storage.fold)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "storage._fold",
+    "The hot loops of storage, compiled (optional; see storage/native.py).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fold(void) {
+    PyObject *struct_mod = PyImport_ImportModule("struct");
+    if (struct_mod == NULL)
+        return NULL;
+    struct_error = PyObject_GetAttrString(struct_mod, "error");
+    Py_DECREF(struct_mod);
+    if (struct_error == NULL)
+        return NULL;
+#define INTERN(var, name)                                                                     \
+    if (!(var = PyUnicode_InternFromString(name)))                                            \
+        return NULL;
+    INTERN(s_conv_seq, "conv_seq")
+    INTERN(s_msg, "msg")
+    INTERN(s_inbox_head, "inbox_head")
+    INTERN(s_inbox, "inbox")
+    INTERN(s_member, "member")
+    INTERN(s_parts, "parts")
+    INTERN(s_read, "read")
+    INTERN(s_recv, "recv")
+    INTERN(s_idem, "idem")
+    INTERN(s_key, "key")
+#undef INTERN
+    return PyModule_Create(&module);
+}

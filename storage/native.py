@@ -1,0 +1,31 @@
+"""The optional compiled part of storage: `storage._fold` (storage/_fold.c), or None.
+
+setup.py builds it where a C compiler is found (`optional=True`: without one, the install goes
+on and everything runs in Python). It holds the hot loops of replay and commit: a translation
+of `projections.add_message`, the replay's message loop (`fold_messages`) and the audits' keyed
+row digest. The Python versions stay the reference; tests/storage/test_fold_compiled.py checks
+that both write the same rows. `HOMING_PURE_PYTHON=1` in the environment turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("HOMING_PURE_PYTHON"):
+        return None
+    try:
+        from storage import _fold
+    except ImportError:
+        return None
+    return _fold
+
+
+ext: ModuleType | None = _load()
+
+
+def describe() -> str:
+    """`compiled` or `python`: which implementation of the hot loops runs (for status output)."""
+    return "compiled" if ext is not None else "python"

@@ -1,0 +1,263 @@
+"""The compiled hot loops (storage/_fold.c) against their Python reference.
+
+Where the extension is not built (no C compiler; or HOMING_PURE_PYTHON=1) these tests are
+skipped: everything then runs the Python versions, which the rest of the suite covers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import tempfile
+
+import hypothesis.strategies as st
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from storage import native
+from storage.fold import fold
+from storage.projections import key2, py_add_message
+from storage.store import Store
+from storage.tables import MemoryTables, keyed_rows_digest
+
+from .test_model import command_spec, run_batch
+
+pytestmark = pytest.mark.skipif(native.ext is None, reason="storage._fold is not built")
+
+KEY = bytes(range(16))
+MASK = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------- the keyed digest
+
+
+def siphash24(key: bytes, data: bytes) -> int:
+    """SipHash-2-4, from the paper (Aumasson and Bernstein, 2012), in plain Python."""
+
+    def rotl(x: int, b: int) -> int:
+        return ((x << b) | (x >> (64 - b))) & MASK
+
+    def rounds(v: list[int], n: int) -> None:
+        for _ in range(n):
+            v[0] = (v[0] + v[1]) & MASK
+            v[1] = rotl(v[1], 13) ^ v[0]
+            v[0] = rotl(v[0], 32)
+            v[2] = (v[2] + v[3]) & MASK
+            v[3] = rotl(v[3], 16) ^ v[2]
+            v[0] = (v[0] + v[3]) & MASK
+            v[3] = rotl(v[3], 21) ^ v[0]
+            v[2] = (v[2] + v[1]) & MASK
+            v[1] = rotl(v[1], 17) ^ v[2]
+            v[2] = rotl(v[2], 32)
+
+    k0, k1 = struct.unpack("<QQ", key)
+    v = [k0 ^ 0x736F6D6570736575, k1 ^ 0x646F72616E646F6D, k0 ^ 0x6C7967656E657261,
+         k1 ^ 0x7465646279746573]
+    tail = len(data) % 8
+    for i in range(0, len(data) - tail, 8):
+        (m,) = struct.unpack_from("<Q", data, i)
+        v[3] ^= m
+        rounds(v, 2)
+        v[0] ^= m
+    m = (len(data) & 0xFF) << 56
+    for i, byte in enumerate(data[len(data) - tail:]):
+        m |= byte << (8 * i)
+    v[3] ^= m
+    rounds(v, 2)
+    v[0] ^= m
+    v[2] ^= 0xFF
+    rounds(v, 4)
+    return v[0] ^ v[1] ^ v[2] ^ v[3]
+
+
+def test_siphash_reference_vectors():
+    assert siphash24(KEY, b"") == 0x726FDB47DD0E0E31
+    assert siphash24(KEY, bytes(range(15))) == 0xA129CA6149BE45E5
+
+
+rows = st.lists(st.tuples(st.binary(max_size=70), st.binary(max_size=70)), max_size=20)
+
+
+@given(rows)
+def test_rows_digest_is_the_keyed_sum(rows):
+    """`(count, sum of SipHash-2-4(len(k) || k || v) mod 2**64)`, in any order."""
+    expected = sum(siphash24(KEY, struct.pack(">I", len(k)) + k + v) for k, v in rows) & MASK
+    assert keyed_rows_digest(rows, KEY) == (len(rows), expected)
+    assert keyed_rows_digest(reversed(rows), KEY) == (len(rows), expected)
+
+
+def test_rows_digest_sees_where_key_ends():
+    assert keyed_rows_digest([(b"ab", b"c")], KEY) != keyed_rows_digest([(b"a", b"bc")], KEY)
+
+
+# ---------------------------------------------------------------- folds on real logs
+
+
+def _log(batches) -> tuple[str, Store]:
+    path = tempfile.mkdtemp(prefix="homing-fold-")
+    store = Store.open(path, map_size=256 * 1024)
+    convs = ["grp:0000000000000000"]
+    for specs in batches:
+        run_batch(store, specs, convs)
+    return path, store
+
+
+batches = st.lists(st.lists(command_spec, min_size=1, max_size=8), min_size=1, max_size=12)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches, st.data())
+def test_compiled_fold_writes_what_python_writes(batches, data):
+    """On random logs: the compiled fold == the Python fold, to any stopping point; and the
+    rows the store's live path wrote (compiled add_message) == a Python-only replay."""
+    path, store = _log(batches)
+    try:
+        records = list(store.log.read_raw())
+        last = store.last_lsn()
+        to_lsn = data.draw(st.one_of(st.none(), st.integers(-1, last + 1), st.just(1 << 70)))
+        stamps = [msgpack.unpackb(value[32:])[1] for _, value in records] or [0]
+        until_us = data.draw(st.one_of(st.none(), st.just(-1), st.sampled_from(stamps)))
+        fast, slow = MemoryTables(), MemoryTables()
+        assert (fold(fast, records, to_lsn=to_lsn, until_us=until_us, compiled=True) ==
+                fold(slow, records, to_lsn=to_lsn, until_us=until_us, compiled=False))
+        assert fast.items() == slow.items()
+
+        python_replay = MemoryTables()
+        fold(python_replay, records, compiled=False)
+        assert store.dump_projections() == python_replay.items()
+    finally:
+        store.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches)
+def test_compiled_digest_fold_counts_every_row(batches):
+    """Rows the compiled loop digests directly, plus those that went through the dict, give the
+    digest of all the rows a plain replay writes."""
+    path, store = _log(batches)
+    try:
+        records = list(store.log.read_raw())
+        digested = frozenset({"msg", "inbox", "idem"})
+        tables, plain = MemoryTables(digested, KEY), MemoryTables()
+        fold(tables, records, on_chunk=lambda _: [tables.data[t].fold() for t in digested])
+        fold(plain, records, compiled=False)
+        for name in digested:
+            tables.data[name].fold()
+            assert (tables.data[name].rows, tables.data[name].digest) == \
+                keyed_rows_digest(plain.data[name].items(), KEY)
+    finally:
+        store.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- records the parser hands back
+
+
+def _record(*fields, raw: bytes | None = None) -> tuple[int, bytes]:
+    body = raw if raw is not None else msgpack.packb(list(fields), use_bin_type=True)
+    return (0, bytes(32) + body)
+
+
+def _message(lsn, conv="grp:a", cid="c1", user="ann", **extra):
+    return _record(lsn, 1000 + lsn, "message.accepted", user, "d1",
+                   {"conv": conv, "cid": cid, "body": "hi", **extra})
+
+
+def _members(tables: MemoryTables, conv: str) -> None:
+    for user in ("ann", "bob"):
+        tables.member[key2(conv, user)] = b"member"
+        tables.user_conv[key2(user, conv)] = b""
+
+
+def _both(records):
+    """Fold `records` both ways; return (outcome, rows) of each (outcome: result or error)."""
+    results = []
+    for compiled in (True, False):
+        tables = MemoryTables()
+        for conv in ("grp:a", "grp:" + "x" * 40, "grp:" + "y" * 300):
+            _members(tables, conv)
+        try:
+            outcome = fold(tables, records, compiled=compiled)
+        except Exception as exc:  # the same error either way is the point
+            outcome = type(exc)
+        results.append((outcome, tables.items()))
+    return results
+
+
+def _signed(n: int) -> bytes:
+    return b"\xd3" + struct.pack(">q", n)
+
+
+ODD_RECORDS = {
+    "plain": [_message(1), _message(2, cid="c2")],
+    "long conv names (str8, str16)": [_message(1, conv="grp:" + "x" * 40),
+                                      _message(2, conv="grp:" + "y" * 300)],
+    "extra keys of every type": [_message(1, to=None, n=-5, f=1.5, big=2**40, neg=-2**40,
+                                          nested={"a": [1, {"b": b"\x00"}]}, t=True,
+                                          ext=msgpack.ExtType(5, b"abcdef"))],
+    "ids as bin": [_record(1, 1001, b"message.accepted", b"ann", b"d1",
+                           {b"conv": b"grp:a", b"cid": b"c1"})],
+    "signed ints": [_record(raw=b"\x96" + _signed(1) + _signed(1001) +
+                            msgpack.packb(["message.accepted", "ann", "d1",
+                                           {"conv": "grp:a", "cid": "c1"}])[1:])],
+    "duplicate conv key": [_record(raw=b"\x96\x01\xcd\x03\xe9" +
+                                   msgpack.packb("message.accepted") + msgpack.packb("ann") +
+                                   msgpack.packb("d1") + b"\x83" + msgpack.packb("conv") +
+                                   msgpack.packb("grp:b") + msgpack.packb("cid") +
+                                   msgpack.packb("c1") + msgpack.packb("conv") +
+                                   msgpack.packb("grp:a"))],
+    "no cid": [_record(1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a"})],
+    "conv not UTF-8": [_record(1, 1001, "message.accepted", "ann", "d1",
+                               {"conv": b"grp:\xff", "cid": "c1"})],
+    "trailing bytes": [_record(raw=msgpack.packb(
+        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1"}]) + b"\x00")],
+    "truncated": [_record(raw=msgpack.packb(
+        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1"}])[:-3])],
+    "too short": [(0, b"\x00" * 10)],
+    "five fields": [_record(1, 1001, "message.accepted", "ann", "d1")],
+    "other event between": [_message(1),
+                            _record(2, 1002, "read.marked", "bob", "d1",
+                                    {"conv": "grp:a", "upto": 1}),
+                            _message(3, cid="c3")],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_RECORDS))
+def test_records_the_compiled_loop_hands_back_end_alike(name):
+    """Odd encodings, damaged records and other events: the compiled loop leaves them to Python,
+    so both folds write the same rows, or raise the same error."""
+    compiled, python = _both(ODD_RECORDS[name])
+    assert compiled == python
+
+
+def test_compiled_add_message_rejects_a_bad_counter_like_python():
+    for add in (native.ext.add_message, py_add_message):
+        tables = MemoryTables()
+        tables.conv_seq[b"grp:a"] = b"\x01"
+        with pytest.raises(struct.error):
+            add(tables, b"grp:a", "grp:a", b"ann", b"c1", 1, {})
+
+
+
+EDGES = [0, 1, 126, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63]
+
+
+@pytest.mark.parametrize("conv", ["grp:a", "grp:" + "x" * 40, "grp:" + "y" * 300,
+                                  "grp:" + "z" * 70000, "grp:é✓"])
+def test_compiled_add_message_packs_every_int_and_str_size(conv):
+    """Inbox entries pack seq and lsn in each msgpack int width, and conv in each str width,
+    byte for byte as the Python packer does."""
+    for seq in EDGES:
+        for lsn in EDGES[1:]:
+            rows = []
+            for add in (native.ext.add_message, py_add_message):
+                tables = MemoryTables()
+                _members(tables, conv)
+                if seq:
+                    tables.conv_seq[conv.encode()] = struct.pack(">Q", seq - 1)
+                heads: dict[str, int] = {}
+                result = add(tables, conv.encode(), conv, b"ann", b"c1", lsn, heads)
+                rows.append((result, heads, tables.items()))
+            assert rows[0] == rows[1], (seq, lsn)
