@@ -167,7 +167,7 @@ async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats, go: 
             await stream.send_all(data)
 
     async def write_open_loop() -> None:
-        t0, period = go["t0_ns"], int(1e9 / rate)
+        t0, period = go["t0_ns"] + job.get("phase_ns", 0), int(1e9 / rate)
         sent = 0
         stats.first_send = t0
         while sent < count:
@@ -235,10 +235,11 @@ REACK_AFTER_S = 0.02
 async def _frames_or_reack(link: Link, stats: Any, seen: int) -> list[Any]:
     """The next chunk's frames; after a rejected ack, re-send the ack while nothing arrives.
 
-    Works around a broker race (reported to the lead): a session may deliver inbox entries
-    committed a moment before its own inbox head moved, and then refuse the ack of them with
-    `invalid` "cannot ack N: the inbox ends at M". With the window full nothing else arrives,
-    so without a second ack the device would stall. Acks are cumulative, so repeating is safe.
+    A guard against a broker race fixed in 3a34511 (docs/BENCHMARKS.md, "Broker defects found
+    by the bench"): a session delivered inbox entries committed a moment before its own inbox
+    head moved, then refused their ack with `invalid` "cannot ack N: the inbox ends at M", and
+    with the window full the device stalled. Should it come back, the run still finishes and
+    `ack_rejected` in the JSON shows it. Acks are cumulative, so repeating one is safe.
     """
     while True:
         frames = None

@@ -84,7 +84,8 @@ def _jobs(opts: dict, messages: int, rate: float | None, tag: str) -> list[dict]
     for i, count in enumerate(counts):
         expected[i % r] += count
         jobs[i % procs]["senders"].append({"to": f"r{i % r}", "count": count,
-                                           "rate": rate / s if rate else None})
+                                           "rate": rate / s if rate else None,
+                                           "phase_ns": int(i * 1e9 / rate) if rate else 0})
     for j in range(r):
         jobs[j % procs]["receivers"].append({"name": f"r{j}", "expected": expected[j]})
     return jobs
@@ -257,7 +258,7 @@ async def _schedule(job: dict, spec: dict, go: dict, st: _Stats, submit) -> None
         for base in range(0, count, 64):
             await submit([(i, 0, body) for i in range(base, min(count, base + 64))])
         return
-    t0, period, sent = go["t0_ns"], int(1e9 / rate), 0
+    t0, period, sent = go["t0_ns"] + job.get("phase_ns", 0), int(1e9 / rate), 0
     st.first_send = t0
     while sent < count:
         now = time.monotonic_ns()

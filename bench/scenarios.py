@@ -52,7 +52,10 @@ def client_jobs(broker: BrokerProcess, *, senders: int, receivers: int, messages
         user = f"{tag}s{i}"
         jobs[i % procs]["senders"].append({
             "token": broker.token(user), "to": to, "count": count, "cid_prefix": f"{tag}-",
-            "rate": rate / senders if rate else None})
+            "rate": rate / senders if rate else None,
+            # Open loop: sender i runs i/rate s behind sender 0, so the senders' schedules
+            # interleave into one evenly spaced stream at `rate` (not S sends at once).
+            "phase_ns": int(i * 1e9 / rate) if rate else 0})
     if not sink:
         for j in range(receivers):
             user = f"{tag}r{j}"
