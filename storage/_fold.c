@@ -16,6 +16,8 @@
  * `configure(kind_msg, digest_table_type)` must be called once first (storage.projections).
  */
 
+#define FOLD_VERSION 1 /* bump with any change of behaviour or signature; see storage/native.py */
+
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -850,5 +852,12 @@ PyMODINIT_FUNC PyInit__fold(void) {
     INTERN(s_idem, "idem")
     INTERN(s_key, "key")
 #undef INTERN
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    /* storage/native.py refuses a module whose VERSION is not the one it was written for (a
+     * stale build left in place by an editable install of newer sources). */
+    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", FOLD_VERSION) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -10,7 +10,11 @@ that both write the same rows. `HOMING_PURE_PYTHON=1` in the environment turns i
 from __future__ import annotations
 
 import os
+import warnings
 from types import ModuleType
+
+
+VERSION = 1  # the storage/_fold.c this Python code was written for (its FOLD_VERSION)
 
 
 def _load() -> ModuleType | None:
@@ -19,6 +23,13 @@ def _load() -> ModuleType | None:
     try:
         from storage import _fold
     except ImportError:
+        return None
+    if getattr(_fold, "VERSION", None) != VERSION:
+        # A build of older (or newer) sources, e.g. left by an editable install: the Python
+        # versions are right, the module may not be. `pip install -e .` rebuilds it.
+        warnings.warn(f"storage._fold is version {getattr(_fold, 'VERSION', None)}, not "
+                      f"{VERSION}: running the Python versions; `pip install -e .` rebuilds it",
+                      RuntimeWarning, stacklevel=2)
         return None
     return _fold
 
