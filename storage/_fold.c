@@ -16,7 +16,7 @@
  * `configure(kind_msg, digest_table_type)` must be called once first (storage.projections).
  */
 
-#define FOLD_VERSION 1 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 2 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -474,9 +474,16 @@ static PyObject *add_message(PyObject *self, PyObject *const *args, Py_ssize_t n
     const char *conv = PyUnicode_AsUTF8AndSize(args[2], &conv_len);
     if (conv == NULL)
         return NULL;
-    uint64_t lsn = PyLong_AsUnsignedLongLong(args[5]), seq;
-    if (lsn == (uint64_t)-1 && PyErr_Occurred())
+    /* As `pack_u64(lsn)` would fail in the Python version (with struct.error). */
+    if (!PyLong_Check(args[5])) {
+        PyErr_SetString(struct_error, "required argument is not an integer");
         return NULL;
+    }
+    uint64_t lsn = PyLong_AsUnsignedLongLong(args[5]), seq;
+    if (lsn == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_SetString(struct_error, "argument out of range");
+        return NULL;
+    }
     PyObject *heads = args[6] == Py_None ? NULL : args[6];
     if (add_message_impl(args[0], args[1], conv, conv_len, args[3], args[4], lsn, heads, NULL,
                          &seq) < 0)
