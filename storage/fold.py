@@ -38,12 +38,12 @@ CHUNK = 8192  # events between two calls of `on_chunk`
 
 def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int | None = None,
          until_us: int | None = None, on_chunk: Callable[[int], None] | None = None,
-         compiled: bool = COMPILED) -> tuple[int, int | None, int]:
+         compiled: bool = COMPILED, chunk: int = CHUNK) -> tuple[int, int | None, int]:
     """Apply `records` (in LSN order, from LSN 1; the first item of each is not read) to
     `tables` and mark the position applied.
 
     Stops after `to_lsn`, or before the first event later than `until_us` (the log's timestamps
-    are non-decreasing: one clock, one writer). Calls `on_chunk(events so far)` every CHUNK
+    are non-decreasing: one clock, one writer). Calls `on_chunk(events so far)` every `chunk`
     events. Returns `(last lsn applied, its ts_us, events applied)`. `compiled=False` runs the
     Python reference only (the tests compare the two).
     """
@@ -63,10 +63,10 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     while True:
         if fast is not None:
             n, f_lsn, f_ts, record, exhausted = fast(it, tables, None, c_last, c_until,
-                                                     CHUNK - done % CHUNK)
+                                                     chunk - done % chunk)
             if n:
                 lsn, ts, done = f_lsn, f_ts, done + n
-                if not done % CHUNK:
+                if not done % chunk:
                     heads.clear()
                     fx = Effects()
                     if on_chunk is not None:
@@ -91,7 +91,7 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
         else:
             apply(tables, decode_body(value[32:]), fx)
         done += 1
-        if not done % CHUNK:
+        if not done % chunk:
             heads.clear()
             fx = Effects()
             if on_chunk is not None:

@@ -109,8 +109,9 @@ batches = st.lists(st.lists(command_spec, min_size=1, max_size=8), min_size=1, m
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches, st.data())
 def test_compiled_fold_writes_what_python_writes(batches, data):
-    """On random logs: the compiled fold == the Python fold, to any stopping point; and the
-    rows the store's live path wrote (compiled add_message) == a Python-only replay."""
+    """On random logs: the compiled fold == the Python fold, to any stopping point and with
+    chunks of any size; and the rows the store's live path wrote (compiled add_message) == a
+    Python-only replay."""
     path, store = _log(batches)
     try:
         records = list(store.log.read_raw())
@@ -118,10 +119,16 @@ def test_compiled_fold_writes_what_python_writes(batches, data):
         to_lsn = data.draw(st.one_of(st.none(), st.integers(-1, last + 1), st.just(1 << 70)))
         stamps = [msgpack.unpackb(value[32:])[1] for _, value in records] or [0]
         until_us = data.draw(st.one_of(st.none(), st.just(-1), st.sampled_from(stamps)))
+        chunk = data.draw(st.integers(1, 10))
         fast, slow = MemoryTables(), MemoryTables()
-        assert (fold(fast, records, to_lsn=to_lsn, until_us=until_us, compiled=True) ==
-                fold(slow, records, to_lsn=to_lsn, until_us=until_us, compiled=False))
+        fast_chunks: list[int] = []
+        slow_chunks: list[int] = []
+        assert (fold(fast, records, to_lsn=to_lsn, until_us=until_us, compiled=True,
+                     chunk=chunk, on_chunk=fast_chunks.append) ==
+                fold(slow, records, to_lsn=to_lsn, until_us=until_us, compiled=False,
+                     chunk=chunk, on_chunk=slow_chunks.append))
         assert fast.items() == slow.items()
+        assert fast_chunks == slow_chunks
 
         python_replay = MemoryTables()
         fold(python_replay, records, compiled=False)
@@ -141,7 +148,8 @@ def test_compiled_digest_fold_counts_every_row(batches):
         records = list(store.log.read_raw())
         digested = frozenset({"msg", "inbox", "idem"})
         tables, plain = MemoryTables(digested, KEY), MemoryTables()
-        fold(tables, records, on_chunk=lambda _: [tables.data[t].fold() for t in digested])
+        fold(tables, records, chunk=4,
+             on_chunk=lambda _: [tables.data[t].fold() for t in digested])
         fold(plain, records, compiled=False)
         for name in digested:
             tables.data[name].fold()
