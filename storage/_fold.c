@@ -6,17 +6,21 @@
  *   Python objects for what the projections do not keep (storage/fold.py hands every other
  *   record to `projections.apply`).
  * - `rows_digest`: the keyed multiset digest the audits compare big tables by.
+ * - `Rows`: a rebuild's rows of the append-only tables, packed, and sorted just before the put.
  *
  * Table access goes through the views' own mapping protocol (PyObject_GetItem/SetItem), so
  * their `__missing__` and `__setitem__` (MemoryTables, BufferedTables, Parts) behave as for the
- * Python version. The one shortcut: rows bound for a keyed `DigestTable` in `fold_messages` go
- * straight into its digest instead of through the dict. tests/storage/test_fold_compiled.py
+ * Python version. Two shortcuts, in `fold_messages` only: rows bound for a keyed `DigestTable`
+ * go straight into its digest, and rows bound for a `ListedTable` (a rebuild's) are copied into
+ * its `rows` (a `Rows`: one buffer, sorted just before the rebuild writes them) instead of
+ * going through the dict. tests/storage/test_fold_compiled.py
  * checks that both versions write the same rows on random logs.
  *
- * `configure(kind_msg, digest_table_type)` must be called once first (storage.projections).
+ * `configure(kind_msg, digest_table_type, listed_table_type)` must be called once first
+ * (storage.projections).
  */
 
-#define FOLD_VERSION 2 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 3 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,10 +29,11 @@
 
 static PyObject *kind_msg = NULL;        /* "msg", the inbox entry kind of a message */
 static PyTypeObject *digest_type = NULL; /* storage.tables.DigestTable */
+static PyTypeObject *listed_type = NULL; /* storage.tables.ListedTable */
 static PyObject *struct_error = NULL;    /* struct.error, raised like the Python version */
 
 static PyObject *s_conv_seq, *s_msg, *s_inbox_head, *s_inbox, *s_member, *s_parts, *s_read,
-    *s_recv, *s_idem, *s_key;
+    *s_recv, *s_idem, *s_key, *s_rows;
 
 static void put_u64(char *out, uint64_t v) {
     for (int i = 7; i >= 0; i--) {
@@ -193,18 +198,230 @@ static PyObject *rows_digest(PyObject *self, PyObject *args) {
     return Py_BuildValue("KK", (unsigned long long)count, (unsigned long long)digest);
 }
 
+/* ---------------------------------------------------------------- Rows */
+
+/* Rows(): rows `(key, value)` of bytes packed into one buffer in write order, for a rebuild's
+ * append-only tables (storage.tables.ListedTable). A rebuild writes its rows to LMDB in key
+ * order; as Python objects made in write order, the sorted walk over them (the put, then the
+ * frees) missed the CPU cache on nearly every row. Kept here, they are sorted in place and
+ * turned into objects in key order, just before the put. Each row: u32 klen, u32 vlen, key,
+ * value. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    Py_ssize_t len, cap, count;
+} RowsObject;
+
+static PyTypeObject RowsType;
+
+static int rows_add(RowsObject *self, const char *k, Py_ssize_t klen, const char *v,
+                    Py_ssize_t vlen) {
+    if (klen > UINT32_MAX || vlen > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "Rows: a key or value of 4 GiB or more");
+        return -1;
+    }
+    Py_ssize_t need = 8 + klen + vlen;
+    if (self->cap - self->len < need) {
+        Py_ssize_t cap = self->cap ? self->cap : 1 << 16;
+        while (cap - self->len < need) {
+            if (cap > PY_SSIZE_T_MAX / 2) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            cap *= 2;
+        }
+        char *data = PyMem_Realloc(self->data, (size_t)cap);
+        if (data == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->data = data;
+        self->cap = cap;
+    }
+    uint32_t lens[2] = {(uint32_t)klen, (uint32_t)vlen};
+    char *p = self->data + self->len;
+    memcpy(p, lens, 8);
+    memcpy(p + 8, k, (size_t)klen);
+    memcpy(p + 8 + klen, v, (size_t)vlen);
+    self->len += need;
+    self->count++;
+    return 0;
+}
+
+static void rows_clear_impl(RowsObject *self) {
+    PyMem_Free(self->data);
+    self->data = NULL;
+    self->len = self->cap = self->count = 0;
+}
+
+static PyObject *rows_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    if ((args != NULL && PyTuple_GET_SIZE(args)) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "Rows() takes no arguments");
+        return NULL;
+    }
+    return type->tp_alloc(type, 0); /* zeroed: empty */
+}
+
+static void rows_dealloc(RowsObject *self) {
+    PyMem_Free(self->data);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t rows_length(RowsObject *self) { return self->count; }
+
+static PyObject *rows_append(RowsObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "Rows.append(key, value) takes two bytes");
+        return NULL;
+    }
+    if (rows_add(self, PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]),
+                 PyBytes_AS_STRING(args[1]), PyBytes_GET_SIZE(args[1])) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *rows_clear(RowsObject *self, PyObject *unused) {
+    rows_clear_impl(self);
+    Py_RETURN_NONE;
+}
+
+/* The row at `rec` as a new `(key, value)` tuple. */
+static PyObject *row_tuple(const char *rec) {
+    uint32_t lens[2];
+    memcpy(lens, rec, 8);
+    PyObject *k = PyBytes_FromStringAndSize(rec + 8, lens[0]);
+    PyObject *v = k == NULL ? NULL : PyBytes_FromStringAndSize(rec + 8 + lens[0], lens[1]);
+    PyObject *t = v == NULL ? NULL : PyTuple_New(2);
+    if (t == NULL) {
+        Py_XDECREF(k);
+        Py_XDECREF(v);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, k);
+    PyTuple_SET_ITEM(t, 1, v);
+    return t;
+}
+
+/* A list of the rows as tuples, in the order of `recs` (or write order when NULL). */
+static PyObject *rows_list(RowsObject *self, const char *const *recs) {
+    PyObject *out = PyList_New(self->count);
+    const char *p = self->data;
+    for (Py_ssize_t i = 0; out != NULL && i < self->count; i++) {
+        const char *rec = recs ? recs[i] : p;
+        if (!recs) {
+            uint32_t lens[2];
+            memcpy(lens, p, 8);
+            p += 8 + (Py_ssize_t)lens[0] + lens[1];
+        }
+        PyObject *t = row_tuple(rec);
+        if (t == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
+static PyObject *rows_items(RowsObject *self, PyObject *unused) { return rows_list(self, NULL); }
+
+/* Sort entries: the key's first 16 bytes as two big-endian numbers (zero-padded), so most
+ * comparisons never leave the index; then the whole key, its length, and the write order. */
+typedef struct {
+    uint64_t p0, p1;
+    const char *rec;
+} sort_ref;
+
+static uint64_t be_prefix(const unsigned char *k, uint32_t len, uint32_t from) {
+    uint64_t v = 0;
+    for (uint32_t i = from; i < from + 8; i++)
+        v = (v << 8) | (i < len ? k[i] : 0);
+    return v;
+}
+
+static int cmp_refs(const void *a, const void *b) {
+    const sort_ref *x = a, *y = b;
+    if (x->p0 != y->p0)
+        return x->p0 < y->p0 ? -1 : 1;
+    if (x->p1 != y->p1)
+        return x->p1 < y->p1 ? -1 : 1;
+    uint32_t xl[2], yl[2];
+    memcpy(xl, x->rec, 8);
+    memcpy(yl, y->rec, 8);
+    uint32_t n = xl[0] < yl[0] ? xl[0] : yl[0];
+    int c = n > 16 ? memcmp(x->rec + 8 + 16, y->rec + 8 + 16, n - 16) : 0;
+    if (c)
+        return c;
+    if (xl[0] != yl[0])
+        return xl[0] < yl[0] ? -1 : 1;
+    return x->rec < y->rec ? -1 : x->rec > y->rec; /* equal keys: write order (stable) */
+}
+
+static PyObject *rows_sorted(RowsObject *self, PyObject *unused) {
+    sort_ref *refs = PyMem_Malloc(sizeof(sort_ref) * (size_t)(self->count ? self->count : 1));
+    const char **recs = PyMem_Malloc(sizeof(char *) * (size_t)(self->count ? self->count : 1));
+    if (refs == NULL || recs == NULL) {
+        PyMem_Free(refs);
+        PyMem_Free(recs);
+        return PyErr_NoMemory();
+    }
+    const char *p = self->data;
+    for (Py_ssize_t i = 0; i < self->count; i++) {
+        uint32_t lens[2];
+        memcpy(lens, p, 8);
+        const unsigned char *k = (const unsigned char *)p + 8;
+        refs[i] = (sort_ref){be_prefix(k, lens[0], 0), be_prefix(k, lens[0], 8), p};
+        p += 8 + (Py_ssize_t)lens[0] + lens[1];
+    }
+    qsort(refs, (size_t)self->count, sizeof(sort_ref), cmp_refs);
+    for (Py_ssize_t i = 0; i < self->count; i++)
+        recs[i] = refs[i].rec;
+    PyMem_Free(refs);
+    PyObject *out = rows_list(self, recs);
+    PyMem_Free(recs);
+    return out;
+}
+
+static PyMethodDef rows_methods[] = {
+    {"append", (PyCFunction)(void (*)(void))rows_append, METH_FASTCALL,
+     "append(key, value): add a row (both bytes)."},
+    {"items", (PyCFunction)rows_items, METH_NOARGS,
+     "items() -> [(key, value), ...] in write order."},
+    {"sorted", (PyCFunction)rows_sorted, METH_NOARGS,
+     "sorted() -> [(key, value), ...] in key order (bytes order); equal keys in write order."},
+    {"clear", (PyCFunction)rows_clear, METH_NOARGS, "clear(): drop every row."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods rows_as_sequence = {.sq_length = (lenfunc)rows_length};
+
+static PyTypeObject RowsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "storage._fold.Rows",
+    .tp_basicsize = sizeof(RowsObject),
+    .tp_dealloc = (destructor)rows_dealloc,
+    .tp_as_sequence = &rows_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Rows(): (key, value) rows of bytes packed in one buffer (see storage/_fold.c).",
+    .tp_methods = rows_methods,
+    .tp_new = rows_new,
+};
+
 /* ---------------------------------------------------------------- add_message */
 
-/* Where the rows of one append-only table go: `view[key] = value`, or, for a keyed
- * DigestTable in a replay (`direct`), straight into a running count and digest. */
+/* Where the rows of one append-only table go: `view[key] = value`; for a keyed DigestTable
+ * in a replay (`direct`), straight into a running count and digest; for a ListedTable
+ * (`listed`: its `rows`, a Rows), copied into its buffer. */
 typedef struct {
     PyObject *view; /* borrowed from the caller, or NULL: look the table up by name */
     int direct;
+    PyObject *listed;
     sipkey key;
     uint64_t rows, digest;
 } sink;
 
 static int put_row(PyObject *tables, PyObject *name, sink *s, PyObject *key, PyObject *value) {
+    if (s != NULL && s->listed != NULL)
+        return rows_add((RowsObject *)s->listed, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                        PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
     if (s != NULL && s->direct) {
         s->rows++;
         s->digest += row_hash(&s->key, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
@@ -447,13 +664,16 @@ static int configured(void) {
 }
 
 static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *kind, *type;
-    if (!PyArg_ParseTuple(args, "UO!:configure", &kind, &PyType_Type, &type))
+    PyObject *kind, *type, *listed;
+    if (!PyArg_ParseTuple(args, "UO!O!:configure", &kind, &PyType_Type, &type, &PyType_Type,
+                          &listed))
         return NULL;
     Py_INCREF(kind);
     Py_XSETREF(kind_msg, kind);
     Py_INCREF(type);
     Py_XSETREF(digest_type, (PyTypeObject *)type);
+    Py_INCREF(listed);
+    Py_XSETREF(listed_type, (PyTypeObject *)listed);
     Py_RETURN_NONE;
 }
 
@@ -709,15 +929,26 @@ static int apply_message(PyObject *tables, PyObject *heads, sink *sinks, const m
     return rc < 0 ? -1 : 1;
 }
 
-/* The sinks of a fold: a table is `direct` when it is a DigestTable with a key. */
+/* The sinks of a fold: a table is `direct` when it is a DigestTable with a key, `listed`
+ * (its `rows`) when it is a ListedTable. */
 static int open_sinks(PyObject *tables, sink *sinks) {
     PyObject *names[3] = {s_msg, s_inbox, s_idem};
     for (int i = 0; i < 3; i++) {
         sink *s = &sinks[i];
         s->direct = 0;
+        s->listed = NULL;
         s->rows = s->digest = 0;
         if (!(s->view = PyObject_GetAttr(tables, names[i])))
             return -1;
+        if (listed_type != NULL && Py_TYPE(s->view) == listed_type) {
+            if (!(s->listed = PyObject_GetAttr(s->view, s_rows)))
+                return -1;
+            if (Py_TYPE(s->listed) != &RowsType) {
+                PyErr_SetString(PyExc_TypeError, "ListedTable.rows must be a Rows");
+                return -1;
+            }
+            continue;
+        }
         if (digest_type == NULL || Py_TYPE(s->view) != digest_type)
             continue;
         PyObject *key = PyObject_GetAttr(s->view, s_key);
@@ -762,8 +993,10 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         heads = NULL;
     sink sinks[3] = {{0}};
     if (open_sinks(tables, sinks) < 0) {
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < 3; i++) {
             Py_CLEAR(sinks[i].view);
+            Py_CLEAR(sinks[i].listed);
+        }
         return NULL;
     }
     Py_ssize_t applied = 0;
@@ -805,8 +1038,10 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
             failed = 1;
         Py_XDECREF(r);
     }
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 3; i++) {
         Py_CLEAR(sinks[i].view);
+        Py_CLEAR(sinks[i].listed);
+    }
     if (failed) {
         Py_XDECREF(record);
         return NULL;
@@ -817,8 +1052,9 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(kind_msg, digest_table_type): the inbox entry kind of a message, and the "
-     "table type whose rows fold_messages may digest directly."},
+     "configure(kind_msg, digest_table_type, listed_table_type): the inbox entry kind of a "
+     "message, the table type whose rows fold_messages may digest directly, and the one whose "
+     "rows it appends to the table's `rows` list."},
     {"add_message", (PyCFunction)(void (*)(void))add_message, METH_FASTCALL,
      "add_message(tables, ckey, conv, sender, cid, lsn, heads) -> seq: as "
      "storage.projections.add_message (heads may be None)."},
@@ -858,8 +1094,15 @@ PyMODINIT_FUNC PyInit__fold(void) {
     INTERN(s_recv, "recv")
     INTERN(s_idem, "idem")
     INTERN(s_key, "key")
+    INTERN(s_rows, "rows")
 #undef INTERN
+    if (PyType_Ready(&RowsType) < 0)
+        return NULL;
     PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddObjectRef(m, "Rows", (PyObject *)&RowsType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     /* storage/native.py refuses a module whose VERSION is not the one it was written for (a
      * stale build left in place by an editable install of newer sources). */
     if (m != NULL && PyModule_AddIntConstant(m, "VERSION", FOLD_VERSION) < 0) {

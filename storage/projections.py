@@ -25,7 +25,14 @@ from storage import native
 from storage import records as r
 from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
 from storage.records import unpack_u64 as _u64
-from storage.tables import TABLES, BufferedTables, DigestTable, MemoryTables, TxnTables
+from storage.tables import (
+    TABLES,
+    BufferedTables,
+    DigestTable,
+    ListedTable,
+    MemoryTables,
+    TxnTables,
+)
 
 __all__ = ["TABLES", "BufferedTables", "Effects", "MemoryTables", "Tables", "TxnTables", "apply",
            "mark_applied"]
@@ -271,7 +278,7 @@ def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: byte
 py_add_message = add_message  # the reference, kept under its own name for the tests
 COMPILED = native.ext is not None  # storage/_fold.c runs the hot loops (storage.native)
 if native.ext is not None:
-    native.ext.configure(KIND_MSG, DigestTable)
+    native.ext.configure(KIND_MSG, DigestTable, ListedTable)
     add_message = native.ext.add_message  # same rows: tests/storage/test_fold_compiled.py
 
 

@@ -35,6 +35,7 @@ from storage.lmdb_log import LmdbLog
 from storage.log import seal
 from storage.projections import (
     APPLIED_LSN,
+    COMPILED,
     Effects,
     apply,
     decode,
@@ -45,12 +46,14 @@ from storage.projections import (
 from storage.records import Event, decode_body, lsn_key, pack_u64, u64
 from storage.rules import Limits, decide
 from storage.tables import (
+    APPEND_ONLY,
     TABLES,
     BufferedTables,
     MemoryTables,
     TxnTables,
     keyed_rows_digest,
     rows_digest,
+    sorted_rows,
 )
 
 log = structlog.get_logger()
@@ -434,14 +437,17 @@ class Store:
         started = time.perf_counter()
 
         def work(txn: lmdb.Transaction) -> int:
-            mem = MemoryTables()
+            mem = MemoryTables(listed=APPEND_ONLY if COMPILED else frozenset())
             _lsn, _ts, count = fold(mem, txn.cursor(db=self._dbs["log"]))
             for table in TABLES:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)
-                rows = sorted(mem.data[table].items())
-                if rows:
-                    txn.cursor(db=db).putmulti(rows, append=True)
+                rows = sorted_rows(mem.data[table])
+                if rows and txn.cursor(db=db).putmulti(rows, append=True)[1] != len(rows):
+                    # A key written twice (sorted_rows keeps both, the later last): the later
+                    # write wins, as in a dict. Never seen from `apply`; kept exact regardless.
+                    txn.drop(db, delete=False)
+                    txn.cursor(db=db).putmulti(sorted(dict(rows).items()), append=True)
             txn.put(LAYOUT_KEY, LAYOUT, db=self._dbs["layout"])
             return count
 

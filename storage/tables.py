@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from bisect import insort
 from collections.abc import Iterable, Iterator
+from operator import itemgetter
 from typing import Any
 
 import lmdb
@@ -307,21 +308,125 @@ class DigestTable(MemTable):
         self.digest = self.digest + digest if self.key is None else (self.digest + digest) % _MOD
 
 
+class ListedTable(MemTable):
+    """An `APPEND_ONLY` table of a rebuild, where `storage._fold` is built. The compiled replay
+    loop copies its rows into `rows` (a `_fold.Rows`: one buffer, in write order) instead of
+    inserting them into the dict: inserts into dicts of hundreds of thousands of rows were half
+    of a rebuild's fold, and objects made in write order but written in key order missed the
+    CPU cache at every row. The table's methods (`[]`, `put`, `delete`, `range`, `in`, `len`,
+    iteration, `items`, `get`) first move the rows into the dict (`settle`), so it reads and
+    writes exactly as a plain `MemTable`.
+    """
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        assert native.ext is not None, "ListedTable needs storage._fold"
+        self.rows = native.ext.Rows()
+
+    def settle(self) -> None:
+        """Move the listed rows into the dict (a later row of a key wins, as a write would)."""
+        if len(self.rows):
+            self.update(self.rows.items())
+            self.rows.clear()
+
+    def __getitem__(self, key: bytes) -> bytes | None:
+        self.settle()
+        return MemTable.__getitem__(self, key)
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        """Store `value` at `key`."""
+        self.settle()
+        _dict_set(self, key, value)
+
+    put = __setitem__
+
+    def __contains__(self, key: object) -> bool:
+        self.settle()
+        return MemTable.__contains__(self, key)
+
+    def __len__(self) -> int:
+        self.settle()
+        return MemTable.__len__(self)
+
+    def __iter__(self) -> Iterator[bytes]:
+        self.settle()
+        return MemTable.__iter__(self)
+
+    def items(self):
+        """dict's, once settled."""
+        self.settle()
+        return MemTable.items(self)
+
+    def get(self, key: bytes, default: Any = None) -> Any:
+        """dict's, once settled."""
+        self.settle()
+        return MemTable.get(self, key, default)
+
+    def delete(self, key: bytes) -> None:
+        """Remove `key` if present."""
+        self.settle()
+        MemTable.delete(self, key)
+
+    def range(self, prefix: bytes, start: bytes | None = None,
+              reverse: bool = False) -> list[tuple[bytes, bytes]]:
+        """Return `(key, value)` with `prefix`, in key order from `start` (inclusive)."""
+        self.settle()
+        return MemTable.range(self, prefix, start, reverse)
+
+    def sorted_rows(self) -> list[tuple[bytes, bytes]]:
+        """Take every row out, as `(key, value)` in key order (LMDB's: bytes order).
+
+        When the compiled loop wrote them all, they are sorted in C: a key written twice (which
+        `apply` never does) then appears twice, the later one last, and an appending `putmulti`
+        shows it by adding fewer rows than it was given.
+        """
+        if MemTable.__len__(self):
+            self.settle()
+            rows = sorted(MemTable.items(self), key=_first)
+        else:
+            rows = self.rows.sorted()
+        self.clear()
+        return rows
+
+    def clear(self) -> None:
+        """Drop every row."""
+        self.rows.clear()
+        MemTable.clear(self)
+
+
+_first = itemgetter(0)
+
+
+def sorted_rows(table: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
+    """The rows of a table as `(key, value)` in key order (taken out of a `ListedTable`).
+
+    By key rather than by tuple: a third faster on a rebuild's tables."""
+    if isinstance(table, ListedTable):
+        return table.sorted_rows()
+    return sorted(table.items(), key=_first)
+
+
 class MemoryTables(_ByName):
     """`Tables` over dicts, for model tests, replay, time travel and rebuild.
 
     `data` maps each table name to its view, a dict of `{key: value}`; the tables named in
-    `digested` (a subset of `APPEND_ONLY`) are `DigestTable`s (under `key`, if given) instead.
+    `digested` (a subset of `APPEND_ONLY`) are `DigestTable`s (under `key`, if given) instead,
+    and those in `listed` (also of `APPEND_ONLY`) `ListedTable`s.
     """
 
     __slots__ = ("data", *TABLES)
 
-    def __init__(self, digested: frozenset[str] = frozenset(), key: bytes | None = None) -> None:
-        assert digested <= APPEND_ONLY, digested
+    def __init__(self, digested: frozenset[str] = frozenset(), key: bytes | None = None,
+                 listed: frozenset[str] = frozenset()) -> None:
+        assert digested <= APPEND_ONLY and listed <= APPEND_ONLY, (digested, listed)
         self.data: dict[str, MemTable] = {}
         for name in TABLES:
             if name in digested:
                 view = DigestTable(key)
+            elif name in listed:
+                view = ListedTable()
             else:
                 view = GroupedMemTable() if name in GROUPED else MemTable()
             self.data[name] = view
