@@ -49,7 +49,7 @@ class Config:
     # Storage.
     map_size_bytes: int = 1 << 30
     # Process: allocations between two collections of the cyclic GC's young generation.
-    gc_young_threshold: int = 10_000
+    gc_young_threshold: int = 100_000
     # Content policy: a file of forbidden words, one per line, and what to do on a match.
     content_policy: Path | None = None
     content_action: str = "reject"  # "reject" or "mask"

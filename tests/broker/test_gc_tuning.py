@@ -27,6 +27,6 @@ def test_the_flag_reaches_the_config():
     from broker.config import Config
 
     args = build_parser().parse_args(["serve"])
-    assert args.gc_young_threshold == Config().gc_young_threshold == 10_000
+    assert args.gc_young_threshold == Config().gc_young_threshold == 100_000
     args = build_parser().parse_args(["serve", "--gc-young-threshold", "700"])
     assert args.gc_young_threshold == 700
