@@ -10,17 +10,19 @@
  *
  * Table access goes through the views' own mapping protocol (PyObject_GetItem/SetItem), so
  * their `__missing__` and `__setitem__` (MemoryTables, BufferedTables, Parts) behave as for the
- * Python version. Two shortcuts, in `fold_messages` only: rows bound for a keyed `DigestTable`
+ * Python version; a write to a `BufTable` (the live path's) does what its `__setitem__` does
+ * (the row into the dict and into `dirty`) without calling it. Two shortcuts, in
+ * `fold_messages` only: rows bound for a keyed `DigestTable`
  * go straight into its digest, and rows bound for a `ListedTable` (a rebuild's) are copied into
  * its `rows` (a `Rows`: one buffer, sorted just before the rebuild writes them) instead of
  * going through the dict. tests/storage/test_fold_compiled.py
  * checks that both versions write the same rows on random logs.
  *
- * `configure(kind_msg, digest_table_type, listed_table_type)` must be called once first
- * (storage.projections).
+ * `configure(kind_msg, digest_table_type, listed_table_type, buf_table_type)` must be called
+ * once first (storage.projections).
  */
 
-#define FOLD_VERSION 3 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 4 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,10 +32,11 @@
 static PyObject *kind_msg = NULL;        /* "msg", the inbox entry kind of a message */
 static PyTypeObject *digest_type = NULL; /* storage.tables.DigestTable */
 static PyTypeObject *listed_type = NULL; /* storage.tables.ListedTable */
+static PyTypeObject *buf_type = NULL;    /* storage.tables.BufTable */
 static PyObject *struct_error = NULL;    /* struct.error, raised like the Python version */
 
 static PyObject *s_conv_seq, *s_msg, *s_inbox_head, *s_inbox, *s_member, *s_parts, *s_read,
-    *s_recv, *s_idem, *s_key, *s_rows;
+    *s_recv, *s_idem, *s_key, *s_rows, *s_dirty;
 
 static void put_u64(char *out, uint64_t v) {
     for (int i = 7; i >= 0; i--) {
@@ -407,6 +410,27 @@ static PyTypeObject RowsType = {
 
 /* ---------------------------------------------------------------- add_message */
 
+/* `view[key] = value`. A BufTable's `__setitem__` is `dict.__setitem__` plus `dirty[key] =
+ * value`: done here directly, it costs two dict stores instead of a Python call. */
+static int set_row(PyObject *view, PyObject *key, PyObject *value) {
+    if (buf_type == NULL || Py_TYPE(view) != buf_type)
+        return PyObject_SetItem(view, key, value);
+    PyObject *dirty = PyObject_GetAttr(view, s_dirty);
+    if (dirty == NULL)
+        return -1;
+    int rc;
+    if (!PyDict_CheckExact(dirty)) {
+        PyErr_SetString(PyExc_TypeError, "BufTable.dirty must be a dict");
+        rc = -1;
+    } else {
+        rc = PyDict_SetItem(view, key, value);
+        if (rc == 0)
+            rc = PyDict_SetItem(dirty, key, value);
+    }
+    Py_DECREF(dirty);
+    return rc;
+}
+
 /* Where the rows of one append-only table go: `view[key] = value`; for a keyed DigestTable
  * in a replay (`direct`), straight into a running count and digest; for a ListedTable
  * (`listed`: its `rows`, a Rows), copied into its buffer. */
@@ -429,11 +453,11 @@ static int put_row(PyObject *tables, PyObject *name, sink *s, PyObject *key, PyO
         return 0;
     }
     if (s != NULL && s->view != NULL)
-        return PyObject_SetItem(s->view, key, value);
+        return set_row(s->view, key, value);
     PyObject *view = PyObject_GetAttr(tables, name);
     if (view == NULL)
         return -1;
-    int rc = PyObject_SetItem(view, key, value);
+    int rc = set_row(view, key, value);
     Py_DECREF(view);
     return rc;
 }
@@ -524,7 +548,7 @@ static int raise_marks(PyObject *tables, PyObject *mark, PyObject *seq_b) {
         if (old != Py_None)
             lower = PyObject_RichCompareBool(old, seq_b, Py_LT);
         Py_DECREF(old);
-        int rc = lower < 0 ? -1 : (lower ? PyObject_SetItem(view, mark, seq_b) : 0);
+        int rc = lower < 0 ? -1 : (lower ? set_row(view, mark, seq_b) : 0);
         Py_DECREF(view);
         if (rc < 0)
             return -1;
@@ -563,7 +587,7 @@ static int fill_inboxes(PyObject *tables, PyObject *prefix, PyObject *sender, Py
         PyObject *head_b = pack_u64(head);
         if (head_b == NULL)
             goto done;
-        int set = PyObject_SetItem(inbox_head, ukey, head_b);
+        int set = set_row(inbox_head, ukey, head_b);
         PyObject *key = set < 0 ? NULL : concat(ukey0, NULL, head_b);
         Py_DECREF(head_b);
         if (key == NULL)
@@ -611,7 +635,7 @@ static int add_message_impl(PyObject *tables, PyObject *ckey, const char *conv,
     uint64_t seq;
     if (!(conv_seq = PyObject_GetAttr(tables, s_conv_seq)) ||
         !(old = PyObject_GetItem(conv_seq, ckey)) || next_counter(old, &seq) < 0 ||
-        !(seq_b = pack_u64(seq)) || PyObject_SetItem(conv_seq, ckey, seq_b) < 0 ||
+        !(seq_b = pack_u64(seq)) || set_row(conv_seq, ckey, seq_b) < 0 ||
         !(prefix = concat(ckey, "\0", NULL)))
         goto done;
     /* msg[prefix + seq_b] = pack_u64(lsn) */
@@ -664,9 +688,9 @@ static int configured(void) {
 }
 
 static PyObject *configure(PyObject *self, PyObject *args) {
-    PyObject *kind, *type, *listed;
-    if (!PyArg_ParseTuple(args, "UO!O!:configure", &kind, &PyType_Type, &type, &PyType_Type,
-                          &listed))
+    PyObject *kind, *type, *listed, *buf;
+    if (!PyArg_ParseTuple(args, "UO!O!O!:configure", &kind, &PyType_Type, &type, &PyType_Type,
+                          &listed, &PyType_Type, &buf))
         return NULL;
     Py_INCREF(kind);
     Py_XSETREF(kind_msg, kind);
@@ -674,6 +698,8 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     Py_XSETREF(digest_type, (PyTypeObject *)type);
     Py_INCREF(listed);
     Py_XSETREF(listed_type, (PyTypeObject *)listed);
+    Py_INCREF(buf);
+    Py_XSETREF(buf_type, (PyTypeObject *)buf);
     Py_RETURN_NONE;
 }
 
@@ -1052,9 +1078,10 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
-     "configure(kind_msg, digest_table_type, listed_table_type): the inbox entry kind of a "
-     "message, the table type whose rows fold_messages may digest directly, and the one whose "
-     "rows it appends to the table's `rows` list."},
+     "configure(kind_msg, digest_table_type, listed_table_type, buf_table_type): the inbox "
+     "entry kind of a message, the table type whose rows fold_messages may digest directly, "
+     "the one whose rows it packs into the table's `rows`, and the live path's buffered table "
+     "(written as its __setitem__ does)."},
     {"add_message", (PyCFunction)(void (*)(void))add_message, METH_FASTCALL,
      "add_message(tables, ckey, conv, sender, cid, lsn, heads) -> seq: as "
      "storage.projections.add_message (heads may be None)."},
@@ -1095,6 +1122,7 @@ PyMODINIT_FUNC PyInit__fold(void) {
     INTERN(s_idem, "idem")
     INTERN(s_key, "key")
     INTERN(s_rows, "rows")
+    INTERN(s_dirty, "dirty")
 #undef INTERN
     if (PyType_Ready(&RowsType) < 0)
         return NULL;

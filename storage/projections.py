@@ -28,6 +28,7 @@ from storage.records import unpack_u64 as _u64
 from storage.tables import (
     TABLES,
     BufferedTables,
+    BufTable,
     DigestTable,
     ListedTable,
     MemoryTables,
@@ -278,7 +279,7 @@ def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: byte
 py_add_message = add_message  # the reference, kept under its own name for the tests
 COMPILED = native.ext is not None  # storage/_fold.c runs the hot loops (storage.native)
 if native.ext is not None:
-    native.ext.configure(KIND_MSG, DigestTable, ListedTable)
+    native.ext.configure(KIND_MSG, DigestTable, ListedTable, BufTable)
     add_message = native.ext.add_message  # same rows: tests/storage/test_fold_compiled.py
 
 

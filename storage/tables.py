@@ -444,6 +444,8 @@ class BufTable(dict):
     """One table of `BufferedTables`: rows read or written (absent as None) over the txn.
 
     `dirty` holds the rows the current batch changed (None: deleted) until the batch ends.
+    The compiled `add_message` writes to a BufTable (this class exactly, not a subclass) as
+    `__setitem__` does, without calling it (storage/_fold.c, `set_row`): change both together.
     """
 
     __slots__ = ("db", "dirty", "txn")
