@@ -63,7 +63,10 @@ log = structlog.get_logger()
 LAYOUT_KEY = b"projections"
 LAYOUT = b"2"
 DB_NAMES = ["log", "layout", *TABLES]
-RECORD_CACHE = 4096  # decoded records kept for inbox_after (emptied when full)
+RECORD_CACHE = 4096  # decoded records kept for deliverable (emptied when full)
+# Event bodies that decode from the log as the same type (a subclass of str or bytes would not):
+# only events carrying these are remembered from the commit rather than read back.
+_PLAIN_BODY = (str, bytes, type(None))
 _MSG_SEQ = slice(-8, None)
 
 
@@ -107,8 +110,9 @@ class Store:
         self._log = LmdbLog(env)
         self.limits = limits
         self._abort_after: int | None = None  # test-only: abort a batch after k commands
-        # Decoded log records by LSN for inbox_after: a message delivered to many inboxes (a
-        # channel post, a group) is decoded once. Records never change, so it is never stale.
+        # Decoded log records by LSN for `deliverable`: each batch's events as it commits (its
+        # recipients are sent them next), and records read back, so a message delivered to many
+        # inboxes is decoded at most once. Committed records never change: never stale.
         self._records: dict[int, Event] = {}
         # The live tables of execute: hot rows stay cached across batches (tables.PERSISTENT).
         self._tables = BufferedTables(self._dbs)
@@ -169,6 +173,7 @@ class Store:
             tail = self._log.tail()
             outcomes = []
             records: list[tuple[bytes, bytes]] = []
+            fresh: dict[int, Event] = {}  # for `deliverable`, once committed
             for i, cmd in enumerate(commands):
                 if i == self._abort_after:
                     raise _InjectedAbort(i)
@@ -186,6 +191,8 @@ class Store:
                 for lsn, value, ev in sealed:
                     records.append((lsn_key(lsn), value))
                     apply(tables, ev, fx)
+                    if type(ev.data.get("body")) in _PLAIN_BODY:
+                        fresh[lsn] = ev
                 if reply.get("dup") is False:
                     reply["seq"] = fx.seq
                     reply["lsn"] = fx.lsn
@@ -196,6 +203,7 @@ class Store:
                 txn.cursor(db=self._dbs["log"]).putmulti(records, append=True)
             self._env.after_commit(tables.committed)
             self._env.after_commit(lambda: self._log.set_tail(tail))
+            self._env.after_commit(lambda: self._remember(fresh))
             return outcomes
 
         try:
@@ -207,6 +215,14 @@ class Store:
             if isinstance(exc, StorageError | _InjectedAbort) or not isinstance(exc, lmdb.Error):
                 raise
             raise StorageError(f"write failed: {exc}") from exc
+
+    def _remember(self, events: dict[int, Event]) -> None:
+        """Keep a committed batch's events for `deliverable`: its recipients are sent them next,
+        and they are the log records as decoded (same fields, same types)."""
+        records = self._records
+        if len(records) + len(events) > RECORD_CACHE:
+            records.clear()
+        records.update(events)
 
     # ---------------------------------------------------------------- reads
 

@@ -75,3 +75,23 @@ def test_rebuild_resets_the_cache(store):
     (out,) = store.execute([_send("bob", "c3")])
     assert out.reply["seq"] == 3
     _check(store)
+
+
+def test_deliveries_from_the_commit_equal_deliveries_read_from_the_log(store):
+    """The events a commit leaves for `deliverable` give the very items a read of the log gives,
+    also after an aborted batch whose LSNs the next batch takes."""
+    store.execute([_send("bob", "c1"),
+                   SendMessage("bob", "d", "user", "c2", b"\x00\xff", to="alice"),
+                   CreateConv("carol", "d", "user", "group", "g", members=("alice",)),
+                   SendMessage("carol", "d2", "user", "c3", "hello", to="alice")])
+    store._abort_after = 1
+    with pytest.raises(_InjectedAbort):
+        store.execute([_send("bob", "c4"), _send("erin", "c5")])
+    store._abort_after = None
+    store.execute([_send("dave", "c1")])
+    assert store._records  # the commits left their events
+    warm, _ = store.deliverable("alice", 0, 100)
+    store._records.clear()
+    assert store.deliverable("alice", 0, 100)[0] == warm
+    assert [(i.sender, i.body) for i in warm if i.kind == "msg"] == [
+        ("bob", "hi"), ("bob", b"\x00\xff"), ("carol", "hello"), ("dave", "hi")]
