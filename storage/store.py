@@ -63,10 +63,19 @@ log = structlog.get_logger()
 LAYOUT_KEY = b"projections"
 LAYOUT = b"2"
 DB_NAMES = ["log", "layout", *TABLES]
-RECORD_CACHE = 4096  # decoded records kept for deliverable (emptied when full)
+RECORD_CACHE = 4096  # records kept for deliverable (emptied when full)
+# What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of
+# plain values, which the cyclic GC stops tracking: thousands of cached Events (and their data
+# dicts) kept alive across batches set off full collections of 10 ms.
+Record = tuple[str, str, Any, Any, int]
 # Event bodies that decode from the log as the same type (a subclass of str or bytes would not):
 # only events carrying these are remembered from the commit rather than read back.
 _PLAIN_BODY = (str, bytes, type(None))
+
+
+def _record(ev: Event) -> Record:
+    data = ev.data
+    return (ev.user, ev.device, data.get("body"), data.get("cid"), ev.ts_us)
 _MSG_SEQ = slice(-8, None)
 
 
@@ -113,7 +122,7 @@ class Store:
         # Decoded log records by LSN for `deliverable`: each batch's events as it commits (its
         # recipients are sent them next), and records read back, so a message delivered to many
         # inboxes is decoded at most once. Committed records never change: never stale.
-        self._records: dict[int, Event] = {}
+        self._records: dict[int, Record] = {}
         # The live tables of execute: hot rows stay cached across batches (tables.PERSISTENT).
         self._tables = BufferedTables(self._dbs)
         if not env.readonly:
@@ -173,7 +182,7 @@ class Store:
             tail = self._log.tail()
             outcomes = []
             records: list[tuple[bytes, bytes]] = []
-            fresh: dict[int, Event] = {}  # for `deliverable`, once committed
+            fresh: dict[int, Record] = {}  # for `deliverable`, once committed
             for i, cmd in enumerate(commands):
                 if i == self._abort_after:
                     raise _InjectedAbort(i)
@@ -191,8 +200,9 @@ class Store:
                 for lsn, value, ev in sealed:
                     records.append((lsn_key(lsn), value))
                     apply(tables, ev, fx)
-                    if type(ev.data.get("body")) in _PLAIN_BODY:
-                        fresh[lsn] = ev
+                    body = ev.data.get("body")
+                    if type(body) in _PLAIN_BODY:
+                        fresh[lsn] = (ev.user, ev.device, body, ev.data.get("cid"), ev.ts_us)
                 if reply.get("dup") is False:
                     reply["seq"] = fx.seq
                     reply["lsn"] = fx.lsn
@@ -216,9 +226,9 @@ class Store:
                 raise
             raise StorageError(f"write failed: {exc}") from exc
 
-    def _remember(self, events: dict[int, Event]) -> None:
-        """Keep a committed batch's events for `deliverable`: its recipients are sent them next,
-        and they are the log records as decoded (same fields, same types)."""
+    def _remember(self, events: dict[int, Record]) -> None:
+        """Keep a committed batch's records for `deliverable`: its recipients are sent them
+        next, and they are what the log records decode to (same fields, same types)."""
         records = self._records
         if len(records) + len(events) > RECORD_CACHE:
             records.clear()
@@ -294,19 +304,17 @@ class Store:
                     if seen >= limit:
                         break
                     continue
-                ev = records.get(lsn)
-                if ev is None:
-                    ev = decode_body(txn.get(lsn_key(lsn), db=logdb)[32:])
+                rec = records.get(lsn)
+                if rec is None:
+                    rec = _record(decode_body(txn.get(lsn_key(lsn), db=logdb)[32:]))
                     if len(records) >= RECORD_CACHE:
                         records.clear()
-                    records[lsn] = ev
+                    records[lsn] = rec
                 muted = mutes.get(conv)
                 if muted is None:
                     muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
-                data = ev.data
                 last = u64(key[-8:])
-                out.append(InboxItem(last, kind, conv, seq, lsn, ev.user, ev.device,
-                                     data.get("body"), data.get("cid"), ev.ts_us, muted))
+                out.append(InboxItem(last, kind, conv, seq, lsn, *rec, muted))
                 if seen >= limit:
                     break
         return out, last
