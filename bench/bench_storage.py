@@ -3,7 +3,9 @@
 The group-commit path runs twice: 64 appenders with one event in flight each (issue 2's
 figure), then with `--in-flight` (16) queued each, as pipelining connections have them.
 Run `python -m bench.bench_storage [--events N] [--in-flight K]`. Each figure is the median of
-3 runs, each on a fresh temporary directory. Prints figures; this is not a test.
+3 runs, each on a fresh temporary directory. The process sets up its cyclic GC as `homing serve`
+does (`broker.cli.tune_gc`), so the group-commit path runs as in the broker; `--python-gc`
+keeps Python's defaults. Prints figures; this is not a test.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import lmdb
 import structlog
 import trio
 
+from broker.cli import tune_gc
 from broker.committer import Committer
+from broker.config import Config
 from storage.commands import SendMessage
 from storage.store import Store
 
@@ -128,8 +132,12 @@ def main() -> None:
     parser.add_argument("--in-flight", type=int, default=16,
                         help="events each appender keeps queued in the second group-commit "
                              "run (1: skip it)")
+    parser.add_argument("--python-gc", action="store_true",
+                        help="keep Python's GC settings instead of homing serve's")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    if not args.python_gc:
+        tune_gc(Config().gc_young_threshold)
     print(f"raw lmdb, 1,000 puts/txn, sync: {median(raw_lmdb):,.0f} puts/s")
     rate, stall = median(group_commit, 64, args.per_appender)
     print(f"group commit, 64 appenders: {rate:,.0f} durable events/s, "

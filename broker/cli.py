@@ -72,7 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         content_action=args.content_action, gc_young_threshold=args.gc_young_threshold,
     )
     _raise_nofile(cfg.max_connections + 64)
-    _tune_gc(cfg.gc_young_threshold)
+    tune_gc(cfg.gc_young_threshold)
     try:
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            limits=Limits(max_members=cfg.max_members,
@@ -99,7 +99,7 @@ async def _serve(cfg: Config, store: Any) -> None:
         await broker.wait_stopped()
 
 
-def _tune_gc(young_threshold: int) -> None:
+def tune_gc(young_threshold: int) -> None:
     """Set up the cyclic garbage collector for a long-running server (docs/OPERATIONS.md).
 
     Everything alive once the code is imported is frozen out of collections, and the young

@@ -7,9 +7,9 @@ import sys
 
 CHECK = """
 import gc
-from broker.cli import _tune_gc
+from broker.cli import tune_gc
 frozen = gc.get_freeze_count()
-_tune_gc(1234)
+tune_gc(1234)
 print(gc.get_threshold()[0], gc.get_freeze_count() > frozen)
 """
 
