@@ -22,7 +22,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 4 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 5 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -207,8 +207,8 @@ static PyObject *rows_digest(PyObject *self, PyObject *args) {
  * append-only tables (storage.tables.ListedTable). A rebuild writes its rows to LMDB in key
  * order; as Python objects made in write order, the sorted walk over them (the put, then the
  * frees) missed the CPU cache on nearly every row. Kept here, they are sorted in place and
- * turned into objects in key order, just before the put. Each row: u32 klen, u32 vlen, key,
- * value. */
+ * turned into objects in key order, one at a time, as the put asks for them (SortedRows). Each
+ * row: u32 klen, u32 vlen, key, value. */
 typedef struct {
     PyObject_HEAD
     char *data;
@@ -305,27 +305,22 @@ static PyObject *row_tuple(const char *rec) {
     return t;
 }
 
-/* A list of the rows as tuples, in the order of `recs` (or write order when NULL). */
-static PyObject *rows_list(RowsObject *self, const char *const *recs) {
+/* Rows.items() -> [(key, value), ...] in write order. */
+static PyObject *rows_items(RowsObject *self, PyObject *unused) {
     PyObject *out = PyList_New(self->count);
     const char *p = self->data;
     for (Py_ssize_t i = 0; out != NULL && i < self->count; i++) {
-        const char *rec = recs ? recs[i] : p;
-        if (!recs) {
-            uint32_t lens[2];
-            memcpy(lens, p, 8);
-            p += 8 + (Py_ssize_t)lens[0] + lens[1];
-        }
-        PyObject *t = row_tuple(rec);
+        uint32_t lens[2];
+        memcpy(lens, p, 8);
+        PyObject *t = row_tuple(p);
         if (t == NULL)
             Py_CLEAR(out);
         else
             PyList_SET_ITEM(out, i, t);
+        p += 8 + (Py_ssize_t)lens[0] + lens[1];
     }
     return out;
 }
-
-static PyObject *rows_items(RowsObject *self, PyObject *unused) { return rows_list(self, NULL); }
 
 /* Sort entries: the key's first 16 bytes as two big-endian numbers (zero-padded), so most
  * comparisons never leave the index; then the whole key, its length, and the write order. */
@@ -359,38 +354,126 @@ static int cmp_refs(const void *a, const void *b) {
     return x->rec < y->rec ? -1 : x->rec > y->rec; /* equal keys: write order (stable) */
 }
 
-static PyObject *rows_sorted(RowsObject *self, PyObject *unused) {
-    sort_ref *refs = PyMem_Malloc(sizeof(sort_ref) * (size_t)(self->count ? self->count : 1));
-    const char **recs = PyMem_Malloc(sizeof(char *) * (size_t)(self->count ? self->count : 1));
-    if (refs == NULL || recs == NULL) {
+/* SortedRows: a Rows buffer taken over, with its rows' order by key. Iterating it makes each
+ * `(key, value)` as it is asked for, so a `putmulti` over it allocates a row, writes it and
+ * frees it while it is still in the CPU cache, and no list of all the rows is ever built. It
+ * can be iterated more than once; `len()` is the number of rows. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    const char **recs;
+    Py_ssize_t count;
+} SortedRowsObject;
+
+typedef struct {
+    PyObject_HEAD
+    SortedRowsObject *rows;
+    Py_ssize_t pos;
+} SortedRowsIterObject;
+
+static PyTypeObject SortedRowsType, SortedRowsIterType;
+
+static void sorted_rows_dealloc(SortedRowsObject *self) {
+    PyMem_Free(self->data);
+    PyMem_Free(self->recs);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t sorted_rows_length(SortedRowsObject *self) { return self->count; }
+
+static PyObject *sorted_rows_iter(SortedRowsObject *self) {
+    SortedRowsIterObject *it = PyObject_GC_New(SortedRowsIterObject, &SortedRowsIterType);
+    if (it == NULL)
+        return NULL;
+    it->rows = (SortedRowsObject *)Py_NewRef(self);
+    it->pos = 0;
+    PyObject_GC_Track(it);
+    return (PyObject *)it;
+}
+
+static void sorted_rows_iter_dealloc(SortedRowsIterObject *self) {
+    PyObject_GC_UnTrack(self);
+    Py_CLEAR(self->rows);
+    PyObject_GC_Del(self);
+}
+
+static int sorted_rows_iter_traverse(SortedRowsIterObject *self, visitproc visit, void *arg) {
+    Py_VISIT(self->rows);
+    return 0;
+}
+
+static PyObject *sorted_rows_iter_next(SortedRowsIterObject *self) {
+    if (self->rows == NULL || self->pos >= self->rows->count)
+        return NULL; /* StopIteration */
+    return row_tuple(self->rows->recs[self->pos++]);
+}
+
+/* Rows.take_sorted() -> SortedRows: the rows, in key order (equal keys in write order); the
+ * Rows is left empty. */
+static PyObject *rows_take_sorted(RowsObject *self, PyObject *unused) {
+    Py_ssize_t n = self->count;
+    SortedRowsObject *out = PyObject_New(SortedRowsObject, &SortedRowsType);
+    if (out == NULL)
+        return NULL;
+    out->data = NULL;
+    out->count = 0;
+    out->recs = PyMem_Malloc(sizeof(char *) * (size_t)(n ? n : 1));
+    sort_ref *refs = PyMem_Malloc(sizeof(sort_ref) * (size_t)(n ? n : 1));
+    if (refs == NULL || out->recs == NULL) {
         PyMem_Free(refs);
-        PyMem_Free(recs);
+        Py_DECREF(out); /* frees recs */
         return PyErr_NoMemory();
     }
+    const char **recs = out->recs;
     const char *p = self->data;
-    for (Py_ssize_t i = 0; i < self->count; i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t lens[2];
         memcpy(lens, p, 8);
         const unsigned char *k = (const unsigned char *)p + 8;
         refs[i] = (sort_ref){be_prefix(k, lens[0], 0), be_prefix(k, lens[0], 8), p};
         p += 8 + (Py_ssize_t)lens[0] + lens[1];
     }
-    qsort(refs, (size_t)self->count, sizeof(sort_ref), cmp_refs);
-    for (Py_ssize_t i = 0; i < self->count; i++)
+    qsort(refs, (size_t)n, sizeof(sort_ref), cmp_refs);
+    for (Py_ssize_t i = 0; i < n; i++)
         recs[i] = refs[i].rec;
     PyMem_Free(refs);
-    PyObject *out = rows_list(self, recs);
-    PyMem_Free(recs);
-    return out;
+    out->data = self->data; /* taken over: the records point into it */
+    out->count = n;
+    self->data = NULL;
+    self->len = self->cap = self->count = 0;
+    return (PyObject *)out;
 }
+
+static PySequenceMethods sorted_rows_as_sequence = {.sq_length = (lenfunc)sorted_rows_length};
+
+static PyTypeObject SortedRowsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "storage._fold.SortedRows",
+    .tp_basicsize = sizeof(SortedRowsObject),
+    .tp_dealloc = (destructor)sorted_rows_dealloc,
+    .tp_as_sequence = &sorted_rows_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The rows of a Rows in key order (Rows.take_sorted); iterable, sized.",
+    .tp_iter = (getiterfunc)sorted_rows_iter,
+};
+
+static PyTypeObject SortedRowsIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "storage._fold.SortedRowsIterator",
+    .tp_basicsize = sizeof(SortedRowsIterObject),
+    .tp_dealloc = (destructor)sorted_rows_iter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_traverse = (traverseproc)sorted_rows_iter_traverse,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)sorted_rows_iter_next,
+};
 
 static PyMethodDef rows_methods[] = {
     {"append", (PyCFunction)(void (*)(void))rows_append, METH_FASTCALL,
      "append(key, value): add a row (both bytes)."},
     {"items", (PyCFunction)rows_items, METH_NOARGS,
      "items() -> [(key, value), ...] in write order."},
-    {"sorted", (PyCFunction)rows_sorted, METH_NOARGS,
-     "sorted() -> [(key, value), ...] in key order (bytes order); equal keys in write order."},
+    {"take_sorted", (PyCFunction)rows_take_sorted, METH_NOARGS,
+     "take_sorted() -> SortedRows: the rows in key order (bytes order), equal keys in write "
+     "order, made as they are iterated; this Rows is left empty."},
     {"clear", (PyCFunction)rows_clear, METH_NOARGS, "clear(): drop every row."},
     {NULL, NULL, 0, NULL},
 };
@@ -1124,7 +1207,8 @@ PyMODINIT_FUNC PyInit__fold(void) {
     INTERN(s_rows, "rows")
     INTERN(s_dirty, "dirty")
 #undef INTERN
-    if (PyType_Ready(&RowsType) < 0)
+    if (PyType_Ready(&RowsType) < 0 || PyType_Ready(&SortedRowsType) < 0 ||
+        PyType_Ready(&SortedRowsIterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddObjectRef(m, "Rows", (PyObject *)&RowsType) < 0) {

@@ -467,7 +467,7 @@ class Store:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)
                 rows = sorted_rows(mem.data[table])
-                if rows and txn.cursor(db=db).putmulti(rows, append=True)[1] != len(rows):
+                if len(rows) and txn.cursor(db=db).putmulti(rows, append=True)[1] != len(rows):
                     # A key written twice (sorted_rows keeps both, the later last): the later
                     # write wins, as in a dict. Never seen from `apply`; kept exact regardless.
                     txn.drop(db, delete=False)

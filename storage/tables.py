@@ -23,7 +23,7 @@ All give the same answers for the same operations; the model tests check it.
 from __future__ import annotations
 
 from bisect import insort
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -43,6 +43,9 @@ APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
 PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 # A persistent view holding more rows than this after a commit is emptied (bounded memory).
 CACHE_ROWS = 200_000
+
+# What `sorted_rows` returns: a list, or a `_fold.SortedRows`; both sized and re-iterable.
+RowsInOrder = Collection[tuple[bytes, bytes]]
 
 _MISS = object()
 _MOD = 1 << 64
@@ -375,18 +378,19 @@ class ListedTable(MemTable):
         self.settle()
         return MemTable.range(self, prefix, start, reverse)
 
-    def sorted_rows(self) -> list[tuple[bytes, bytes]]:
+    def sorted_rows(self) -> RowsInOrder:
         """Take every row out, as `(key, value)` in key order (LMDB's: bytes order).
 
-        When the compiled loop wrote them all, they are sorted in C: a key written twice (which
-        `apply` never does) then appears twice, the later one last, and an appending `putmulti`
-        shows it by adding fewer rows than it was given.
+        When the compiled loop wrote them all, they are sorted in C and made one at a time as
+        they are iterated (`_fold.SortedRows`): a key written twice (which `apply` never does)
+        then appears twice, the later one last, and an appending `putmulti` shows it by adding
+        fewer rows than it was given.
         """
         if MemTable.__len__(self):
             self.settle()
             rows = sorted(MemTable.items(self), key=_first)
         else:
-            rows = self.rows.sorted()
+            rows = self.rows.take_sorted()
         self.clear()
         return rows
 
@@ -399,8 +403,9 @@ class ListedTable(MemTable):
 _first = itemgetter(0)
 
 
-def sorted_rows(table: dict[bytes, bytes]) -> list[tuple[bytes, bytes]]:
-    """The rows of a table as `(key, value)` in key order (taken out of a `ListedTable`).
+def sorted_rows(table: dict[bytes, bytes]) -> RowsInOrder:
+    """The rows of a table as `(key, value)` in key order (taken out of a `ListedTable`): a
+    list, or a `_fold.SortedRows` (sized, iterable more than once).
 
     By key rather than by tuple: a third faster on a rebuild's tables."""
     if isinstance(table, ListedTable):

@@ -176,7 +176,7 @@ def test_listed_fold_writes_what_the_dict_fold_writes(batches, chunk):
         assert read.items() == plain.items()
         for name in APPEND_ONLY:
             assert isinstance(listed.data[name], ListedTable)
-            assert sorted_rows(listed.data[name]) == sorted(plain.data[name].items())
+            assert list(sorted_rows(listed.data[name])) == sorted(plain.data[name].items())
             assert not len(listed.data[name])  # taken out
     finally:
         store.close()
@@ -200,9 +200,15 @@ def test_rows_sort_like_a_stable_sort_by_key(rows, data):
         buffered.append(key, value)
     assert len(buffered) == len(rows)
     assert buffered.items() == rows
-    assert buffered.sorted() == sorted(rows, key=lambda row: row[0])
-    buffered.clear()
-    assert (len(buffered), buffered.items(), buffered.sorted()) == (0, [], [])
+    taken = buffered.take_sorted()
+    assert (len(buffered), buffered.items(), list(buffered.take_sorted())) == (0, [], [])
+    del buffered  # the sorted rows own the buffer now
+    assert len(taken) == len(rows)
+    assert list(taken) == list(taken) == sorted(rows, key=lambda row: row[0])
+    cleared = native.ext.Rows()
+    cleared.append(b"k", b"v")
+    cleared.clear()
+    assert (len(cleared), cleared.items()) == (0, [])
 
 
 def test_a_listed_table_reads_and_writes_as_a_dict():
@@ -221,6 +227,10 @@ def test_a_listed_table_reads_and_writes_as_a_dict():
     table.delete(b"e")
     assert table.range(b"") == [(b"a", b"3"), (b"b", b"2"), (b"c", b"5"), (b"d", b"6")]
     assert table.sorted_rows() == [(b"a", b"3"), (b"b", b"2"), (b"c", b"5"), (b"d", b"6")]
+    assert len(table) == 0
+    table.rows.append(b"b", b"7")  # all rows from the compiled loop: sorted in C
+    table.rows.append(b"a", b"8")
+    assert list(table.sorted_rows()) == [(b"a", b"8"), (b"b", b"7")]
     assert len(table) == 0
 
 
