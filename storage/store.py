@@ -66,7 +66,7 @@ DB_NAMES = ["log", "layout", *TABLES]
 RECORD_CACHE = 4096  # records kept for deliverable (emptied when full)
 # What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of
 # plain values, which the cyclic GC stops tracking: thousands of cached Events (and their data
-# dicts) kept alive across batches set off full collections of 10 ms.
+# dicts) kept alive across batches set off full collections of about 10 ms.
 Record = tuple[str, str, Any, Any, int]
 # Event bodies that decode from the log as the same type (a subclass of str or bytes would not):
 # only events carrying these are remembered from the commit rather than read back.
@@ -74,6 +74,7 @@ _PLAIN_BODY = (str, bytes, type(None))
 
 
 def _record(ev: Event) -> Record:
+    """The part of `ev` that `deliverable` delivers."""
     data = ev.data
     return (ev.user, ev.device, data.get("body"), data.get("cid"), ev.ts_us)
 _MSG_SEQ = slice(-8, None)
@@ -200,9 +201,8 @@ class Store:
                 for lsn, value, ev in sealed:
                     records.append((lsn_key(lsn), value))
                     apply(tables, ev, fx)
-                    body = ev.data.get("body")
-                    if type(body) in _PLAIN_BODY:
-                        fresh[lsn] = (ev.user, ev.device, body, ev.data.get("cid"), ev.ts_us)
+                    if type(ev.data.get("body")) in _PLAIN_BODY:
+                        fresh[lsn] = _record(ev)
                 if reply.get("dup") is False:
                     reply["seq"] = fx.seq
                     reply["lsn"] = fx.lsn
