@@ -318,6 +318,11 @@ ODD_RECORDS = {
         [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1"}])[:-3])],
     "too short": [(0, b"\x00" * 10)],
     "five fields": [_record(1, 1001, "message.accepted", "ann", "d1")],
+    # msgpack.unpackb refuses both (strict_map_key; a timestamp of 3 bytes): so must C
+    "a map key that is not a string": [_message(1, extra=[1, {7: 1.5}])],
+    "a timestamp ext of the wrong size": [_record(raw=msgpack.packb(
+        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1", "ts": b""}]
+    ).replace(b"\xa2ts\xc4\x00", b"\xa2ts\xd4\xff\x00"))],
     "other event between": [_message(1),
                             _record(2, 1002, "read.marked", "bob", "d1",
                                     {"conv": "grp:a", "upto": 1}),
