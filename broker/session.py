@@ -53,7 +53,9 @@ class Session:
         self.sent = 0
         self.unacked: deque[tuple[int, str, int]] = deque()  # (inbox_seq, conv, msg seq or 0)
         self.own_lsns: set[int] = set()  # this device's sends not yet passed in its inbox
-        self._fresh: Fresh | None = None  # the newest entry, straight from its commit
+        # Entries sent+1 .. sent+len(_fresh), straight from their commits; kept only while they
+        # are every entry up to head and fit the window's room (docs/DESIGN.md, "Delivery").
+        self._fresh: list[Fresh] = []
         self._muted: dict[str, bool] = {}  # conv -> muted, as read from the store
         self.out: deque[bytes] = deque()
         self.inflight = 0
@@ -79,12 +81,18 @@ class Session:
     def inbox_moved(self, head: int, fresh: Fresh | None = None) -> None:
         """The user's inbox grew to `head`: have it delivered.
 
-        `fresh` is the message that is entry `head`, if it is one: a device that is caught up
-        (nothing between its cursor and the new entry) gets it without a store read.
+        `fresh` is the message that is entry `head`, if it is one. While every entry between the
+        device's cursor and its head came this way, and they fit the window's room, they are
+        delivered from memory without a store read; otherwise the store is read.
         """
         if head > self.head:
-            caught_up = fresh is not None and head == self.head + 1 and self.sent == self.head
-            self._fresh = fresh if caught_up else None
+            queued = self._fresh
+            if (fresh is not None and head == self.head + 1
+                    and self.sent + len(queued) == self.head
+                    and len(queued) < self.window - len(self.unacked)):
+                queued.append(fresh)
+            else:
+                queued.clear()
             self.head = head
             self._ready()
 
@@ -325,10 +333,12 @@ class Session:
         # Never past the head we were told of: entries committed a moment ago may be readable
         # before the hub announced them, and acks are checked against head.
         before = self.sent
-        fresh, self._fresh = self._fresh, None
-        if fresh is not None and self.head == before + 1:
-            self._deliver_fresh(chunks, fresh)
-            return
+        fresh = self._fresh
+        if fresh:
+            if before + len(fresh) == self.head:
+                self._deliver_fresh(chunks, room)
+                return
+            fresh.clear()
         items, last = self.broker.store.deliverable(
             user, before, min(room, INBOX_READ_BATCH, self.head - before), self.own_lsns)
         skipped = len(items) < last - before  # own sends passed over in the store
@@ -347,18 +357,27 @@ class Session:
         if last == before:  # nothing readable past the cursor: never spin
             self.head = before
 
-    def _deliver_fresh(self, chunks: list[bytes], fresh: Fresh) -> None:
-        """Deliver the one new entry from the commit's own copy of the message."""
-        inbox_seq = self.sent = self.head
-        if fresh.sender == self.user and fresh.device == self.device:
-            self.own_lsns.discard(fresh.lsn)  # its own send: passed over
+    def _deliver_fresh(self, chunks: list[bytes], room: int) -> None:
+        """Deliver up to `room` of the queued entries from their commits' own copies."""
+        fresh = self._fresh
+        taken = fresh[:room]
+        del fresh[:room]
+        user, device, unacked, own = self.user, self.device, self.unacked, False
+        inbox_seq = self.sent
+        for f in taken:
+            inbox_seq += 1
+            if f.sender == user and f.device == device:
+                self.own_lsns.discard(f.lsn)  # its own send: passed over
+                own = True
+                continue
+            muted = self._muted.get(f.conv)
+            if muted is None:
+                muted = self._muted[f.conv] = self.broker.store.muted(user, f.conv)
+            chunks.append(f.deliver_bytes(self.conn, inbox_seq, muted))
+            unacked.append((inbox_seq, f.conv, f.seq))
+        self.sent = inbox_seq
+        if own:
             self._ack_own_sends()
-            return
-        muted = self._muted.get(fresh.conv)
-        if muted is None:
-            muted = self._muted[fresh.conv] = self.broker.store.muted(self.user, fresh.conv)
-        chunks.append(fresh.deliver_bytes(self.conn, inbox_seq, muted))
-        self.unacked.append((inbox_seq, fresh.conv, fresh.seq))
 
     def _ack_own_sends(self) -> None:
         """If everything delivered is acked and only this device's own sends lie past the ack,

@@ -384,3 +384,71 @@ async def test_acks_record_exactly_the_conversations_they_cover(harness):
         assert all(seq <= everything.get(conv, 0) for conv, seq in convs.items()), event
         marks[(event.user, event.device)] = upto
     assert {("bob", "b1"), ("bob", "b2")} <= marks.keys()
+
+
+def _commit_at_once(harness, user, device, to, bodies):
+    """Queue sends so that they share one commit (nothing yields between the enqueues)."""
+    from storage.commands import SendMessage
+
+    return [harness.broker.committer.enqueue(
+        SendMessage(user, device, "user", f"{device}-{body}", body, to=to)) for body in bodies]
+
+
+async def test_a_caught_up_device_gets_a_whole_commit_from_memory(harness, monkeypatch):
+    """Many messages of one commit reach a caught-up device in order, once each, with no store
+    read; a device that is behind reads the store, and both end the same."""
+    store = harness.broker.store
+    reads = []
+    real = store.deliverable
+    monkeypatch.setattr(store, "deliverable", lambda *a, **k: reads.append(a) or real(*a, **k))
+    bodies = [f"m{i}" for i in range(30)]
+    async with harness.client("bob", "b1") as b1, harness.client("alice") as alice:
+        first = await alice.send("hello", to="bob")
+        (d,) = await recv(b1)
+        await b1.ack(d.inbox_seq)
+        await b1.ping()
+        reads.clear()
+        _commit_at_once(harness, "alice", "d2", "bob", bodies)
+        got = await recv(b1, 30)
+        assert reads == []
+        assert [d.body for d in got] == bodies
+        assert [d.seq for d in got] == list(range(first.seq + 1, first.seq + 31))
+        assert [d.inbox_seq for d in got] == list(range(2, 32))
+        await nothing_more(b1)
+        async with harness.client("bob", "b2") as b2:  # behind by 31: from the store
+            late = await recv(b2, 31)
+            assert reads
+            assert [(d.inbox_seq, d.body) for d in late[1:]] == [
+                (d.inbox_seq, d.body) for d in got]
+
+
+async def test_memory_delivery_stops_at_the_window_and_the_store_gives_the_rest(tmp_path):
+    """With window 4, a commit of 10 gives 4 from memory; the rest come from the store as
+    acks open the window, in order, once each."""
+    async with running_broker(tmp_path / "data", window=4) as h:
+        async with h.client("bob") as bob:
+            await bob.ping()
+            _commit_at_once(h, "alice", "d1", "bob", [f"m{i}" for i in range(10)])
+            got = []
+            while len(got) < 10:
+                batch = await recv(bob, min(4, 10 - len(got)))
+                got.extend(batch)
+                await bob.ack(batch[-1].inbox_seq)
+            await nothing_more(bob)
+        assert [d.body for d in got] == [f"m{i}" for i in range(10)]
+        assert [d.inbox_seq for d in got] == list(range(1, 11))
+
+
+async def test_own_sends_in_a_commit_are_passed_over_and_acked(harness):
+    """A device's own sends, committed together, are not delivered back to it, its other
+    device gets them all, and its cursor moves past them."""
+    async with harness.client("alice", "phone") as phone, \
+            harness.client("alice", "laptop") as laptop:
+        await phone.ping()
+        await laptop.ping()
+        _commit_at_once(harness, "alice", "phone", "bob", [f"m{i}" for i in range(12)])
+        got = await recv(laptop, 12)
+        assert [d.body for d in got] == [f"m{i}" for i in range(12)]
+        await nothing_more(phone)
+    async with harness.client("alice", "phone") as phone:
+        assert phone.welcome.acked == 12
