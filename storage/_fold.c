@@ -2,6 +2,9 @@
  *
  * - `add_message`: a line-for-line translation of `storage.projections.add_message`, which
  *   stays the reference and the fallback where this module is not built.
+ * - `send_message`: the common case of a send in `Store.execute` (the checks of
+ *   `storage.rules`, the sealing of `storage.log.seal`, then `add_message`); whatever it does
+ *   not take goes through the Python rules (tests/storage/test_send_compiled.py).
  * - `fold_messages`: the message records of a replay, taken apart and applied without building
  *   Python objects for what the projections do not keep (storage/fold.py hands every other
  *   record to `projections.apply`).
@@ -22,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 6 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 7 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1147,6 +1150,363 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
                          record ? record : Py_NewRef(Py_None), exhausted);
 }
 
+
+/* ---------------------------------------------------------------- send_message
+ *
+ * The common case of `Store.execute` for a `SendMessage`, compiled: the checks of
+ * `storage.rules.decide` for a send that succeeds into a conversation that exists, the sealing of
+ * its one `message.accepted` event (`storage.log.seal`), and `add_message`. Any other case (a
+ * check that fails, a retried cid, a direct conversation still to create, a value of an odd
+ * type) returns None before anything was written, and `decide` runs as ever: the Python rules
+ * stay the reference, and the error they raise is the error.
+ */
+
+static PyObject *blake2b_type = NULL;   /* hashlib.blake2b */
+static PyObject *digest_kwnames = NULL; /* ("digest_size",) */
+static PyObject *digest_size = NULL;    /* storage.records.DIGEST_BYTES */
+static PyObject *s_user, *s_device, *s_role, *s_cid, *s_body, *s_conv, *s_to, *s_digest;
+
+#define DIGEST_BYTES 32
+#define MAX_CID_CHARS 128     /* storage.rules.MAX_CID_CHARS */
+#define MAX_CID_BYTES 400     /* storage.rules.MAX_CID_BYTES */
+#define MAX_CONV_ID_BYTES 160 /* storage.rules.MAX_CONV_ID_CHARS, as _conv_key reads it */
+
+/* storage.rules.valid_id for an exact str: [A-Za-z0-9][A-Za-z0-9_.@+-]{0,63} */
+static int valid_id(PyObject *s) {
+    if (!PyUnicode_CheckExact(s) || !PyUnicode_IS_ASCII(s))
+        return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s);
+    if (n < 1 || n > 64)
+        return 0;
+    const unsigned char *p = PyUnicode_1BYTE_DATA(s);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = p[i];
+        if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'))
+            continue;
+        if (i > 0 && (c == '_' || c == '.' || c == '@' || c == '+' || c == '-'))
+            continue;
+        return 0;
+    }
+    return 1;
+}
+
+static int is_ascii_word(PyObject *s, const char *word) {
+    return PyUnicode_CheckExact(s) && PyUnicode_CompareWithASCIIString(s, word) == 0;
+}
+
+static int bytes_is(PyObject *b, const char *word) {
+    return PyBytes_CheckExact(b) && is((const unsigned char *)PyBytes_AS_STRING(b),
+                                       PyBytes_GET_SIZE(b), word);
+}
+
+/* `tables.<name>[key]`: a new reference (maybe None), or NULL with an exception set. */
+static PyObject *lookup(PyObject *tables, PyObject *name, PyObject *key) {
+    PyObject *view = PyObject_GetAttr(tables, name);
+    if (view == NULL)
+        return NULL;
+    PyObject *row = PyObject_GetItem(view, key);
+    Py_DECREF(view);
+    return row;
+}
+
+static PyObject *key2(const char *a, Py_ssize_t la, const char *b, Py_ssize_t lb) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, la + 1 + lb);
+    if (out != NULL) {
+        char *p = PyBytes_AS_STRING(out);
+        memcpy(p, a, la);
+        p[la] = '\0';
+        memcpy(p + la + 1, b, lb);
+    }
+    return out;
+}
+
+static void put_bin(char **p, const char *data, Py_ssize_t len) {
+    unsigned char *q = (unsigned char *)*p;
+    if (len < 256) {
+        *q++ = 0xc4;
+        *q++ = (unsigned char)len;
+    } else if (len < 65536) {
+        *q++ = 0xc5;
+        *q++ = (unsigned char)(len >> 8);
+        *q++ = (unsigned char)len;
+    } else {
+        *q++ = 0xc6;
+        for (int i = 3; i >= 0; i--)
+            *q++ = (unsigned char)(len >> (8 * i));
+    }
+    memcpy(q, data, len);
+    *p = (char *)q + len;
+}
+
+/* A SendMessage's fields (new references), read once. */
+typedef struct {
+    PyObject *user, *device, *role, *cid, *body, *conv, *to;
+} send_fields;
+
+static int read_fields(PyObject *cmd, send_fields *f) {
+    memset(f, 0, sizeof(*f));
+    return (f->user = PyObject_GetAttr(cmd, s_user)) &&
+                   (f->device = PyObject_GetAttr(cmd, s_device)) &&
+                   (f->role = PyObject_GetAttr(cmd, s_role)) &&
+                   (f->cid = PyObject_GetAttr(cmd, s_cid)) &&
+                   (f->body = PyObject_GetAttr(cmd, s_body)) &&
+                   (f->conv = PyObject_GetAttr(cmd, s_conv)) && (f->to = PyObject_GetAttr(cmd, s_to))
+               ? 0
+               : -1;
+}
+
+static void clear_fields(send_fields *f) {
+    Py_XDECREF(f->user);
+    Py_XDECREF(f->device);
+    Py_XDECREF(f->role);
+    Py_XDECREF(f->cid);
+    Py_XDECREF(f->body);
+    Py_XDECREF(f->conv);
+    Py_XDECREF(f->to);
+}
+
+/* Returns 1 when the send may go this way (and fills the out-parameters), 0 when it must go
+ * Python's way; never raises. `*ckey` is a new reference (the conv's key), `*conv` too. */
+static int send_checks(PyObject *tables, const send_fields *f, Py_ssize_t max_body,
+                       PyObject **conv, PyObject **ckey) {
+    int ok = 0;
+    PyObject *user = f->user, *device = f->device, *role = f->role, *cid = f->cid,
+             *body = f->body, *conv_in = f->conv, *to = f->to, *key = NULL, *row = NULL;
+    *conv = *ckey = NULL;
+    /* decide: the actor */
+    if (!valid_id(user) || !valid_id(device) ||
+        !(is_ascii_word(role, "user") || is_ascii_word(role, "service") ||
+          is_ascii_word(role, "admin")))
+        goto done;
+    /* _send: cid, body, exactly one of conv and to */
+    Py_ssize_t cid_len, body_len, user_len = PyUnicode_GET_LENGTH(user);
+    const char *cid_s, *user_s = (const char *)PyUnicode_1BYTE_DATA(user);
+    if (!PyUnicode_CheckExact(cid) || PyUnicode_GET_LENGTH(cid) < 1 ||
+        PyUnicode_GET_LENGTH(cid) > MAX_CID_CHARS ||
+        !(cid_s = PyUnicode_AsUTF8AndSize(cid, &cid_len)) || cid_len > MAX_CID_BYTES ||
+        memchr(cid_s, 0, cid_len))
+        goto done;
+    if (PyUnicode_CheckExact(body)) {
+        if (!PyUnicode_AsUTF8AndSize(body, &body_len))
+            goto done;
+    } else if (PyBytes_CheckExact(body)) {
+        body_len = PyBytes_GET_SIZE(body);
+    } else {
+        goto done;
+    }
+    if (body_len > max_body || (conv_in == Py_None) == (to == Py_None))
+        goto done;
+    if (!(key = key2(user_s, user_len, cid_s, cid_len)) || !(row = lookup(tables, s_idem, key)) ||
+        row != Py_None)
+        goto done; /* a retried cid: Python answers with the first result */
+    Py_CLEAR(key);
+    Py_CLEAR(row);
+    if (to != Py_None) {
+        /* _direct_target, for a direct conversation that exists */
+        if (!valid_id(to))
+            goto done;
+        Py_ssize_t to_len = PyUnicode_GET_LENGTH(to);
+        const char *to_s = (const char *)PyUnicode_1BYTE_DATA(to);
+        Py_ssize_t common = user_len < to_len ? user_len : to_len;
+        int cmp = memcmp(user_s, to_s, common);
+        if (cmp == 0)
+            cmp = user_len < to_len ? -1 : user_len > to_len ? 1 : 0;
+        if (cmp == 0)
+            goto done; /* to yourself */
+        const char *lo = cmp < 0 ? user_s : to_s, *hi = cmp < 0 ? to_s : user_s;
+        Py_ssize_t lo_len = cmp < 0 ? user_len : to_len, hi_len = cmp < 0 ? to_len : user_len;
+        if (!(*ckey = PyBytes_FromStringAndSize(NULL, 3 + lo_len + 1 + hi_len)))
+            goto done;
+        char *p = PyBytes_AS_STRING(*ckey);
+        memcpy(p, "dm:", 3);
+        memcpy(p + 3, lo, lo_len);
+        p[3 + lo_len] = ':';
+        memcpy(p + 4 + lo_len, hi, hi_len);
+        if (!(*conv = PyUnicode_FromStringAndSize(PyBytes_AS_STRING(*ckey),
+                                                   PyBytes_GET_SIZE(*ckey))))
+            goto done;
+        if (!(row = lookup(tables, s_conv, *ckey)) || row == Py_None)
+            goto done; /* to be created: Python appends its events */
+        Py_CLEAR(row);
+    } else {
+        /* _check_post */
+        Py_ssize_t conv_len;
+        const char *conv_s;
+        if (!PyUnicode_CheckExact(conv_in) ||
+            !(conv_s = PyUnicode_AsUTF8AndSize(conv_in, &conv_len)) || conv_len < 1 ||
+            conv_len > MAX_CONV_ID_BYTES || memchr(conv_s, 0, conv_len) ||
+            !(*ckey = PyBytes_FromStringAndSize(conv_s, conv_len)))
+            goto done;
+        Py_INCREF(conv_in);
+        *conv = conv_in;
+        if (!(row = lookup(tables, s_conv, *ckey)) || row == Py_None)
+            goto done;
+        Py_CLEAR(row);
+        if (is_ascii_word(role, "admin")) {
+            ok = 1;
+            goto done;
+        }
+    }
+    /* the actor's role in the conversation (both ways) */
+    {
+        Py_ssize_t conv_len = PyBytes_GET_SIZE(*ckey);
+        if (!(key = key2(PyBytes_AS_STRING(*ckey), conv_len, user_s, user_len)) ||
+            !(row = lookup(tables, s_member, key)) || row == Py_None || !PyBytes_CheckExact(row))
+            goto done;
+        if (to == Py_None && conv_len >= 4 && memcmp(PyBytes_AS_STRING(*ckey), "chn:", 4) == 0 &&
+            !bytes_is(row, "owner") && !bytes_is(row, "admin") && !is_ascii_word(role, "service"))
+            goto done;
+    }
+    ok = 1;
+done:
+    if (!ok) {
+        PyErr_Clear();
+        Py_CLEAR(*conv);
+        Py_CLEAR(*ckey);
+    }
+    Py_XDECREF(key);
+    Py_XDECREF(row);
+    return ok;
+}
+
+/* The record value `digest || body` of the send's event, body as `storage.log.seal` packs it:
+ * [lsn, ts_us, "message.accepted", user, device, {"conv", "cid", "body"}]. */
+static PyObject *seal_send(const send_fields *f, PyObject *conv, uint64_t lsn, uint64_t ts,
+                           PyObject *prev) {
+    PyObject *user = f->user, *device = f->device, *cid = f->cid, *body = f->body, *value = NULL,
+             *view = NULL, *h = NULL, *digest = NULL, *out = NULL;
+    Py_ssize_t ul, dl, cl, vl, bl;
+    const char *u = PyUnicode_AsUTF8AndSize(user, &ul), *d = PyUnicode_AsUTF8AndSize(device, &dl),
+               *c = PyUnicode_AsUTF8AndSize(cid, &cl), *v = PyUnicode_AsUTF8AndSize(conv, &vl), *b;
+    int text = PyUnicode_CheckExact(body);
+    b = text ? PyUnicode_AsUTF8AndSize(body, &bl) : PyBytes_AS_STRING(body);
+    if (!u || !d || !c || !v || !b)
+        goto done;
+    if (!text)
+        bl = PyBytes_GET_SIZE(body);
+    Py_ssize_t most = DIGEST_BYTES + 1 + 9 + 9 + (5 + 16) + (5 + ul) + (5 + dl) + 1 + (1 + 4) +
+                      (5 + vl) + (1 + 3) + (5 + cl) + (1 + 4) + (5 + bl);
+    if (!(value = PyBytes_FromStringAndSize(NULL, most)))
+        goto done;
+    char *start = PyBytes_AS_STRING(value), *p = start + DIGEST_BYTES;
+    memcpy(start, PyBytes_AS_STRING(prev), DIGEST_BYTES);
+    *p++ = (char)0x96;
+    put_uint(&p, lsn);
+    put_uint(&p, ts);
+    put_str(&p, "message.accepted", 16);
+    put_str(&p, u, ul);
+    put_str(&p, d, dl);
+    *p++ = (char)0x83;
+    put_str(&p, "conv", 4);
+    put_str(&p, v, vl);
+    put_str(&p, "cid", 3);
+    put_str(&p, c, cl);
+    put_str(&p, "body", 4);
+    if (text)
+        put_str(&p, b, bl);
+    else
+        put_bin(&p, b, bl);
+    Py_ssize_t size = p - start;
+    /* digest = blake2b(prev || body): hashed in place, then written over prev */
+    PyObject *args[2];
+    if (!(view = PyMemoryView_FromMemory(start, size, PyBUF_READ)))
+        goto done;
+    args[0] = view;
+    args[1] = digest_size;
+    if (!(h = PyObject_Vectorcall(blake2b_type, args, 1, digest_kwnames)) ||
+        !(digest = PyObject_CallMethodNoArgs(h, s_digest)))
+        goto done;
+    Py_CLEAR(view);
+    if (!PyBytes_Check(digest) || PyBytes_GET_SIZE(digest) != DIGEST_BYTES) {
+        PyErr_SetString(PyExc_RuntimeError, "blake2b gave a digest of the wrong size");
+        goto done;
+    }
+    memcpy(start, PyBytes_AS_STRING(digest), DIGEST_BYTES);
+    if (_PyBytes_Resize(&value, size) < 0)
+        goto done; /* value is NULL now */
+    out = value;
+    value = NULL;
+done:
+    Py_XDECREF(value);
+    Py_XDECREF(view);
+    Py_XDECREF(h);
+    Py_XDECREF(digest);
+    return out;
+}
+
+static PyObject *send_message(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "send_message(tables, cmd, now_us, max_body_bytes, "
+                                         "lsn, prev_digest, heads)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    if (blake2b_type == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "storage._fold.configure_send was not called");
+        return NULL;
+    }
+    PyObject *tables = args[0], *cmd = args[1], *heads = args[6];
+    if (!PyLong_Check(args[4]) || !PyBytes_Check(args[5]) ||
+        PyBytes_GET_SIZE(args[5]) != DIGEST_BYTES || !PyDict_Check(heads)) {
+        PyErr_SetString(PyExc_TypeError, "send_message: lsn is an int, prev_digest 32 bytes, "
+                                         "heads a dict");
+        return NULL;
+    }
+    if (!PyLong_CheckExact(args[2]) || !PyLong_CheckExact(args[3]))
+        Py_RETURN_NONE; /* a time or a limit that is not an int: Python's way */
+    uint64_t ts = PyLong_AsUnsignedLongLong(args[2]);
+    Py_ssize_t max_body = PyLong_AsSsize_t(args[3]);
+    uint64_t lsn = PyLong_AsUnsignedLongLong(args[4]);
+    if (PyErr_Occurred() || lsn == 0 || max_body < 0) {
+        PyErr_Clear(); /* a negative time or an odd limit: Python's way */
+        Py_RETURN_NONE;
+    }
+    send_fields f;
+    PyObject *conv, *ckey;
+    if (read_fields(cmd, &f) < 0 || !send_checks(tables, &f, max_body, &conv, &ckey)) {
+        PyErr_Clear();
+        clear_fields(&f);
+        Py_RETURN_NONE;
+    }
+    PyObject *out = NULL, *value = NULL, *sender = NULL, *cidb = NULL;
+    uint64_t seq;
+    if (!(value = seal_send(&f, conv, lsn, ts, args[5])))
+        goto done;
+    Py_ssize_t ul, cl;
+    const char *u = PyUnicode_AsUTF8AndSize(f.user, &ul), *c = PyUnicode_AsUTF8AndSize(f.cid, &cl);
+    if (!u || !c || !(sender = PyBytes_FromStringAndSize(u, ul)) ||
+        !(cidb = PyBytes_FromStringAndSize(c, cl)))
+        goto done;
+    /* the point of no return: from here an error fails the batch (it rolls the rows back) */
+    if (add_message_impl(tables, ckey, PyBytes_AS_STRING(ckey), PyBytes_GET_SIZE(ckey), sender,
+                         cidb, lsn, heads, NULL, &seq) < 0)
+        goto done;
+    out = Py_BuildValue("(OOK)", conv, value, (unsigned long long)seq);
+done:
+    clear_fields(&f);
+    Py_DECREF(conv);
+    Py_DECREF(ckey);
+    Py_XDECREF(value);
+    Py_XDECREF(sender);
+    Py_XDECREF(cidb);
+    return out;
+}
+
+static PyObject *configure_send(PyObject *self, PyObject *args) {
+    PyObject *blake2b;
+    if (!PyArg_ParseTuple(args, "O:configure_send", &blake2b))
+        return NULL;
+    if (digest_kwnames == NULL) {
+        if (!(digest_kwnames = Py_BuildValue("(s)", "digest_size")) ||
+            !(digest_size = PyLong_FromLong(DIGEST_BYTES)))
+            return NULL;
+    }
+    Py_INCREF(blake2b);
+    Py_XSETREF(blake2b_type, blake2b);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(kind_msg, digest_table_type, listed_table_type, buf_table_type): the inbox "
@@ -1156,6 +1516,12 @@ static PyMethodDef methods[] = {
     {"add_message", (PyCFunction)(void (*)(void))add_message, METH_FASTCALL,
      "add_message(tables, ckey, conv, sender, cid, lsn, heads) -> seq: as "
      "storage.projections.add_message (heads may be None)."},
+    {"send_message", (PyCFunction)(void (*)(void))send_message, METH_FASTCALL,
+     "send_message(tables, cmd, now_us, max_body_bytes, lsn, prev_digest, heads) -> (conv, "
+     "value, seq) or None: a SendMessage decided, sealed as event `lsn` and applied, when it "
+     "succeeds into a conversation that exists; None (nothing written) for Python's way."},
+    {"configure_send", configure_send, METH_VARARGS,
+     "configure_send(blake2b): the hash of the log's digest chain (hashlib.blake2b)."},
     {"rows_digest", rows_digest, METH_VARARGS,
      "rows_digest(rows, key) -> (count, digest): the keyed multiset digest of (key, value) "
      "rows (SipHash-2-4 of len(key) || key || value, summed modulo 2**64)."},
@@ -1194,6 +1560,14 @@ PyMODINIT_FUNC PyInit__fold(void) {
     INTERN(s_key, "key")
     INTERN(s_rows, "rows")
     INTERN(s_dirty, "dirty")
+    INTERN(s_user, "user")
+    INTERN(s_device, "device")
+    INTERN(s_role, "role")
+    INTERN(s_cid, "cid")
+    INTERN(s_body, "body")
+    INTERN(s_conv, "conv")
+    INTERN(s_to, "to")
+    INTERN(s_digest, "digest")
 #undef INTERN
     if (PyType_Ready(&RowsType) < 0 || PyType_Ready(&SortedRowsType) < 0 ||
         PyType_Ready(&SortedRowsIterType) < 0)

@@ -28,6 +28,9 @@ from storage.projections import Tables, acked_convs, decode, decode_idem, get_u6
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
 MAX_CID_CHARS = 128
+# A cid's idempotency key (user \0 cid) must fit LMDB's keys of at most 511 bytes: with a user
+# id of up to 64 bytes, 446 would; 400 is the documented limit (docs/PROTOCOL.md).
+MAX_CID_BYTES = 400
 GROUP_PREFIX = "grp:"
 CHANNEL_PREFIX = "chn:"
 
@@ -66,10 +69,20 @@ def direct_conv(a: str, b: str) -> str:
     return f"dm:{lo}:{hi}"
 
 
-def _conv(tables: Tables, conv: object) -> dict[str, Any] | None:
+def _conv_key(conv: object) -> bytes | None:
+    """`conv` as a table key; None when it cannot name a conversation (not a str, empty, NUL,
+    over MAX_CONV_ID_CHARS bytes of UTF-8). Raises UnicodeError for a str UTF-8 cannot encode."""
     if not isinstance(conv, str) or not conv or len(conv) > MAX_CONV_ID_CHARS or "\0" in conv:
         return None
-    raw = tables.conv[conv.encode()]
+    key = conv.encode()
+    return key if len(key) <= MAX_CONV_ID_CHARS else None
+
+
+def _conv(tables: Tables, conv: object) -> dict[str, Any] | None:
+    key = _conv_key(conv)
+    if key is None:
+        return None
+    raw = tables.conv[key]
     return None if raw is None else decode(raw)
 
 
@@ -96,8 +109,10 @@ def _ev(now_us: int, cmd, type_: str, data: dict[str, Any]) -> EventData:
 
 def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> Decision:
     cid = cmd.cid
-    if not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\0" in cid:
-        raise Invalid("cid must be 1..128 characters without NUL")
+    if (not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\0" in cid
+            or len(cid.encode()) > MAX_CID_BYTES):
+        raise Invalid(f"cid must be 1..{MAX_CID_CHARS} characters and at most {MAX_CID_BYTES} "
+                      "bytes of UTF-8, without NUL")
     if not isinstance(cmd.body, str | bytes):
         raise Invalid("body must be str or bytes")
     size = len(cmd.body.encode()) if isinstance(cmd.body, str) else len(cmd.body)
@@ -139,7 +154,8 @@ def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list
 
 def _check_post(tables: Tables, cmd: c.SendMessage) -> None:
     conv = cmd.conv
-    if not isinstance(conv, str) or "\0" in conv or tables.conv[conv.encode()] is None:
+    key = _conv_key(conv)
+    if key is None or tables.conv[key] is None:
         raise Forbidden("no such conversation or no access")
     if cmd.role == "admin":
         return

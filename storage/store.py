@@ -21,13 +21,15 @@ import gc
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from hashlib import blake2b
 from typing import Any
 
 import lmdb
 import msgpack
 import structlog
 
-from storage.commands import Command
+from storage import native
+from storage.commands import Command, SendMessage
 from storage.errors import DomainError, StorageError
 from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
@@ -43,7 +45,7 @@ from storage.projections import (
     key2,
     mark_applied,
 )
-from storage.records import Event, decode_body, lsn_key, pack_u64, u64
+from storage.records import MESSAGE_ACCEPTED, Event, decode_body, lsn_key, pack_u64, u64
 from storage.rules import Limits, decide
 from storage.tables import (
     APPEND_ONLY,
@@ -71,6 +73,15 @@ Record = tuple[str, str, Any, Any, int]
 # Event bodies that decode from the log as the same type (a subclass of str or bytes would not):
 # only events carrying these are remembered from the commit rather than read back.
 _PLAIN_BODY = (str, bytes, type(None))
+
+
+# The compiled common case of a send (storage/_fold.c, `send_message`): decided, sealed and
+# applied in one call when it succeeds into a conversation that exists; None otherwise, and
+# `decide` runs as ever. Tests set it to None to run the Python rules alone.
+SEND_MESSAGE = None
+if native.ext is not None:
+    native.ext.configure_send(blake2b)
+    SEND_MESSAGE = native.ext.send_message
 
 
 def _record(ev: Event) -> Record:
@@ -184,9 +195,25 @@ class Store:
             outcomes = []
             records: list[tuple[bytes, bytes]] = []
             fresh: dict[int, Record] = {}  # for `deliverable`, once committed
+            send_message, max_body = SEND_MESSAGE, self.limits.max_body_bytes
             for i, cmd in enumerate(commands):
                 if i == self._abort_after:
                     raise _InjectedAbort(i)
+                if send_message is not None and type(cmd) is SendMessage:
+                    heads: dict[str, int] = {}
+                    done = send_message(tables, cmd, now, max_body, tail[0] + 1, tail[1], heads)
+                    if done is not None:
+                        conv, value, seq = done
+                        lsn = tail[0] + 1
+                        tail = (lsn, value[:32])
+                        records.append((lsn_key(lsn), value))
+                        ev = Event(lsn, now, MESSAGE_ACCEPTED, cmd.user, cmd.device,
+                                   {"conv": conv, "cid": cmd.cid, "body": cmd.body})
+                        fresh[lsn] = _record(ev)
+                        fx = Effects(heads, conv=conv, seq=seq, lsn=lsn, message=ev)
+                        outcomes.append(Outcome({"conv": conv, "seq": seq, "lsn": lsn,
+                                                 "cid": cmd.cid, "dup": False}, None, fx, lsn))
+                        continue
                 try:
                     events, reply = decide(tables, cmd, now, self.limits)
                 except DomainError as exc:

@@ -241,6 +241,27 @@ def test_malformed_fields_fail_only_their_command(store):
     assert outs[3].error is None and outs[3].reply["seq"] == 1
 
 
+def test_ids_too_long_for_a_key_fail_only_their_command(store):
+    """A cid the wire allows (128 characters) but whose idempotency key would not fit LMDB's
+    511-byte keys, and conversation ids that cannot be keys (empty; over 160 bytes of UTF-8),
+    are refused alone: the rest of the batch commits. (A 128-emoji cid used to fail the whole
+    batch with StorageError.)"""
+    conv = group(store)
+    outs = store.execute([
+        send("alice", "\U0001F600" * 128, to="bob"),
+        send("alice", "\U0001F600" * 100 + "c", to="bob"),
+        send("alice", "e1", conv=""),
+        send("alice", "e2", conv="grp:" + "é" * 100),
+        MarkRead("alice", "d1", "user", "grp:" + "é" * 100, 1),
+        send("alice", "\U0001F600" * 100, to="bob"),
+        send("bob", "ok", conv=conv),
+    ])
+    assert [type(o.error).__name__ for o in outs[:5]] == [
+        "Invalid", "Invalid", "Forbidden", "Forbidden", "Forbidden"]
+    assert outs[5].error is None and outs[5].reply["cid"] == "\U0001F600" * 100
+    assert outs[6].error is None and outs[6].reply["seq"] == 1
+
+
 def test_replay_to_lsn_is_time_travel(store):
     """replay(to_lsn=k) reproduces exactly the projections stored when lsn k was the last."""
     conv = group(store, members=("bob",))
