@@ -175,14 +175,19 @@ class LmdbEnv:
                 try:
                     result = work(txn)
                     txn.commit()
-                    for hook in self._on_commit:
+                    # Taken out first: the hooks hold the batch's data (its records, for one),
+                    # which must not stay alive until the next write.
+                    hooks, self._on_commit = self._on_commit, []
+                    for hook in hooks:
                         hook()
                     return result
                 except lmdb.MapFullError:
                     txn.abort()
+                    self._on_commit = []
                     self._grow()
                 except BaseException as exc:
                     txn.abort()
+                    self._on_commit = []
                     if _is_disk_full(exc, self.path):
                         raise StorageFull(f"disk full writing {self.path}") from exc
                     raise
