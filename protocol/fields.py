@@ -50,14 +50,39 @@ def boolean(v: object, _mb: int = 0) -> bool:
 
 
 
+# Ids that matched, remembered: the same few thousand ids come in every frame, and a set lookup
+# costs a fifth of the regular expression. Emptied when full, so they hold at most this many.
+_KNOWN_MAX = 16_384
+_KNOWN_USERS: set[str] = set()
+_KNOWN_CONVS: set[str] = set()
+
+
+def _remember(known: set[str], v: str) -> bool:
+    if len(known) >= _KNOWN_MAX:
+        known.clear()
+    known.add(v)
+    return True
+
+
+def _user_match(v: str) -> bool:
+    """`v` (an exact str) matches the user id pattern (remembered if it does)."""
+    return _USER_MATCH(v) is not None and _remember(_KNOWN_USERS, v)
+
+
+def _conv_match(v: str) -> bool:
+    """`v` (an exact str) is a conversation id (remembered if it is)."""
+    return (len(v) <= MAX_CONV_CHARS and _CONV_MATCH(v) is not None
+            and _remember(_KNOWN_CONVS, v))
+
+
 def user_id(v: object, _mb: int = 0) -> bool:
     """A user or device id, ``^[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}$``."""
-    return type(v) is str and _USER_MATCH(v) is not None
+    return type(v) is str and (v in _KNOWN_USERS or _user_match(v))
 
 
 def conv_id(v: object, _mb: int = 0) -> bool:
     """A conversation id, ``^(dm|grp|chn):[A-Za-z0-9_.@+:-]+$``, at most 160 chars."""
-    return type(v) is str and len(v) <= MAX_CONV_CHARS and _CONV_MATCH(v) is not None
+    return type(v) is str and (v in _KNOWN_CONVS or _conv_match(v))
 
 
 def cid(v: object, _mb: int = 0) -> bool:
@@ -87,8 +112,8 @@ def cid_or_nil(v: object, _mb: int = 0) -> bool:
 INLINE: dict[Check, str] = {
     uint: "type({v}) is int and 0 <= {v} <= UINT_MAX",
     boolean: "type({v}) is bool",
-    user_id: "type({v}) is str and USER_MATCH({v}) is not None",
-    conv_id: "type({v}) is str and len({v}) <= MAX_CONV_CHARS and CONV_MATCH({v}) is not None",
+    user_id: "type({v}) is str and ({v} in KNOWN_USERS or USER_MATCH({v}))",
+    conv_id: "type({v}) is str and ({v} in KNOWN_CONVS or CONV_MATCH({v}))",
     cid: "type({v}) is str and 0 < len({v}) <= MAX_CID_CHARS and '\\0' not in {v}",
     body: "(type({v}) is str and len({v}) * 4 <= mb) or c{i}({v}, mb)",
 }
@@ -97,8 +122,10 @@ mean exactly what its function does. Names they use: `INLINE_NAMES`."""
 
 INLINE_NAMES = {
     "UINT_MAX": UINT_MAX,
-    "USER_MATCH": _USER_MATCH,
-    "CONV_MATCH": _CONV_MATCH,
+    "USER_MATCH": _user_match,
+    "CONV_MATCH": _conv_match,
+    "KNOWN_USERS": _KNOWN_USERS,
+    "KNOWN_CONVS": _KNOWN_CONVS,
     "MAX_CONV_CHARS": MAX_CONV_CHARS,
     "MAX_CID_CHARS": MAX_CID_CHARS,
 }
