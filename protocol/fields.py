@@ -112,8 +112,8 @@ def cid_or_nil(v: object, _mb: int = 0) -> bool:
 INLINE: dict[Check, str] = {
     uint: "type({v}) is int and 0 <= {v} <= UINT_MAX",
     boolean: "type({v}) is bool",
-    user_id: "type({v}) is str and ({v} in KNOWN_USERS or USER_MATCH({v}))",
-    conv_id: "type({v}) is str and ({v} in KNOWN_CONVS or CONV_MATCH({v}))",
+    user_id: "type({v}) is str and ({v} in KNOWN_USERS or USER_OK({v}))",
+    conv_id: "type({v}) is str and ({v} in KNOWN_CONVS or CONV_OK({v}))",
     cid: "type({v}) is str and 0 < len({v}) <= MAX_CID_CHARS and '\\0' not in {v}",
     body: "(type({v}) is str and len({v}) * 4 <= mb) or c{i}({v}, mb)",
 }
@@ -122,8 +122,8 @@ mean exactly what its function does. Names they use: `INLINE_NAMES`."""
 
 INLINE_NAMES = {
     "UINT_MAX": UINT_MAX,
-    "USER_MATCH": _user_match,
-    "CONV_MATCH": _conv_match,
+    "USER_OK": _user_match,
+    "CONV_OK": _conv_match,
     "KNOWN_USERS": _KNOWN_USERS,
     "KNOWN_CONVS": _KNOWN_CONVS,
     "MAX_CONV_CHARS": MAX_CONV_CHARS,

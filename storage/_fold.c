@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 7 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 8 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1167,9 +1167,9 @@ static PyObject *digest_size = NULL;    /* storage.records.DIGEST_BYTES */
 static PyObject *s_user, *s_device, *s_role, *s_cid, *s_body, *s_conv, *s_to, *s_digest;
 
 #define DIGEST_BYTES 32
-#define MAX_CID_CHARS 128     /* storage.rules.MAX_CID_CHARS */
-#define MAX_CID_BYTES 400     /* storage.rules.MAX_CID_BYTES */
-#define MAX_CONV_ID_BYTES 160 /* storage.rules.MAX_CONV_ID_CHARS, as _conv_key reads it */
+/* The id limits of storage.rules, given by configure_send: MAX_CID_CHARS, MAX_CID_BYTES, and
+ * MAX_CONV_ID_CHARS, which _conv_key applies to the conv id's UTF-8 bytes. */
+static Py_ssize_t max_cid_chars, max_cid_bytes, max_conv_id_bytes;
 
 /* storage.rules.valid_id for an exact str: [A-Za-z0-9][A-Za-z0-9_.@+-]{0,63} */
 static int valid_id(PyObject *s) {
@@ -1282,8 +1282,8 @@ static int send_checks(PyObject *tables, const send_fields *f, Py_ssize_t max_bo
     Py_ssize_t cid_len, body_len, user_len = PyUnicode_GET_LENGTH(user);
     const char *cid_s, *user_s = (const char *)PyUnicode_1BYTE_DATA(user);
     if (!PyUnicode_CheckExact(cid) || PyUnicode_GET_LENGTH(cid) < 1 ||
-        PyUnicode_GET_LENGTH(cid) > MAX_CID_CHARS ||
-        !(cid_s = PyUnicode_AsUTF8AndSize(cid, &cid_len)) || cid_len > MAX_CID_BYTES ||
+        PyUnicode_GET_LENGTH(cid) > max_cid_chars ||
+        !(cid_s = PyUnicode_AsUTF8AndSize(cid, &cid_len)) || cid_len > max_cid_bytes ||
         memchr(cid_s, 0, cid_len))
         goto done;
     if (PyUnicode_CheckExact(body)) {
@@ -1334,7 +1334,7 @@ static int send_checks(PyObject *tables, const send_fields *f, Py_ssize_t max_bo
         const char *conv_s;
         if (!PyUnicode_CheckExact(conv_in) ||
             !(conv_s = PyUnicode_AsUTF8AndSize(conv_in, &conv_len)) || conv_len < 1 ||
-            conv_len > MAX_CONV_ID_BYTES || memchr(conv_s, 0, conv_len) ||
+            conv_len > max_conv_id_bytes || memchr(conv_s, 0, conv_len) ||
             !(*ckey = PyBytes_FromStringAndSize(conv_s, conv_len)))
             goto done;
         Py_INCREF(conv_in);
@@ -1495,7 +1495,8 @@ done:
 
 static PyObject *configure_send(PyObject *self, PyObject *args) {
     PyObject *blake2b;
-    if (!PyArg_ParseTuple(args, "O:configure_send", &blake2b))
+    if (!PyArg_ParseTuple(args, "Onnn:configure_send", &blake2b, &max_cid_chars, &max_cid_bytes,
+                          &max_conv_id_bytes))
         return NULL;
     if (digest_kwnames == NULL) {
         if (!(digest_kwnames = Py_BuildValue("(s)", "digest_size")) ||
@@ -1521,7 +1522,8 @@ static PyMethodDef methods[] = {
      "value, seq) or None: a SendMessage decided, sealed as event `lsn` and applied, when it "
      "succeeds into a conversation that exists; None (nothing written) for Python's way."},
     {"configure_send", configure_send, METH_VARARGS,
-     "configure_send(blake2b): the hash of the log's digest chain (hashlib.blake2b)."},
+     "configure_send(blake2b, max_cid_chars, max_cid_bytes, max_conv_id_bytes): the hash of "
+     "the log's digest chain (hashlib.blake2b) and the id limits of storage.rules."},
     {"rows_digest", rows_digest, METH_VARARGS,
      "rows_digest(rows, key) -> (count, digest): the keyed multiset digest of (key, value) "
      "rows (SipHash-2-4 of len(key) || key || value, summed modulo 2**64)."},

@@ -46,7 +46,7 @@ from storage.projections import (
     mark_applied,
 )
 from storage.records import MESSAGE_ACCEPTED, Event, decode_body, lsn_key, pack_u64, u64
-from storage.rules import Limits, decide
+from storage.rules import MAX_CID_BYTES, MAX_CID_CHARS, MAX_CONV_ID_CHARS, Limits, decide
 from storage.tables import (
     APPEND_ONLY,
     TABLES,
@@ -80,7 +80,7 @@ _PLAIN_BODY = (str, bytes, type(None))
 # `decide` runs as ever. Tests set it to None to run the Python rules alone.
 SEND_MESSAGE = None
 if native.ext is not None:
-    native.ext.configure_send(blake2b)
+    native.ext.configure_send(blake2b, MAX_CID_CHARS, MAX_CID_BYTES, MAX_CONV_ID_CHARS)
     SEND_MESSAGE = native.ext.send_message
 
 
@@ -88,6 +88,8 @@ def _record(ev: Event) -> Record:
     """The part of `ev` that `deliverable` delivers."""
     data = ev.data
     return (ev.user, ev.device, data.get("body"), data.get("cid"), ev.ts_us)
+
+
 _MSG_SEQ = slice(-8, None)
 
 
