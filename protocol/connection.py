@@ -210,9 +210,7 @@ class Connection:
             )
         spec = spec_of(cls)
         try:
-            wire = spec.encode(frame)
-            spec.decode(wire, self.max_body_bytes)
-            body = self._packer.pack(wire)
+            body = self._packer.pack(spec.checked(frame, self.max_body_bytes))
         except FieldError as exc:
             raise LocalProtocolError(ErrorCode.INVALID, f"{t}: {exc}") from None
         except (TypeError, ValueError, AttributeError) as exc:

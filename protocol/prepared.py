@@ -65,8 +65,7 @@ class PreparedDeliver:
         frame = Deliver(inbox_seq=0, kind=kind, conv=conv, seq=seq, sender=sender, body=body,
                         cid=cid, ts=ts, muted=False)
         try:
-            wire = _DELIVER.encode(frame)
-            _DELIVER.decode(wire, max_body_bytes)
+            wire = _DELIVER.checked(frame, max_body_bytes)
             # Encoded as Connection.send would: "t", "inbox_seq", then the rest in table order.
             del wire["t"], wire["inbox_seq"]
             rest = _packb(wire)  # at most 8 pairs: a fixmap, whose header is its first byte
