@@ -2,15 +2,18 @@
 
 Every command carries the actor (`user`, `device`) and the `role` of the token it logged in
 with: "user", "service" or "admin" (docs/DESIGN.md, "Commands and rules").
+
+A command is an immutable `NamedTuple` (one is built for every message: a frozen dataclass costs
+twice as much to build, 0.89 against 0.38 us for a `SendMessage`). As with the protocol's frames,
+commands of different classes never compare equal, even with equal fields.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class SendMessage:
+class SendMessage(NamedTuple):
     """Post `body` under client id `cid` to `conv`, or to the direct conversation with `to`."""
 
     user: str
@@ -22,8 +25,7 @@ class SendMessage:
     to: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CreateConv:
+class CreateConv(NamedTuple):
     """Create a group or channel owned by the actor, with `members` added as plain members."""
 
     user: str
@@ -35,8 +37,7 @@ class CreateConv:
     members: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class Invite:
+class Invite(NamedTuple):
     """Add `target` to `conv` with `member_role` ("member" or "admin")."""
 
     user: str
@@ -47,8 +48,7 @@ class Invite:
     member_role: str = "member"
 
 
-@dataclass(frozen=True, slots=True)
-class Join:
+class Join(NamedTuple):
     """Join (or subscribe to) an open group or channel."""
 
     user: str
@@ -57,8 +57,7 @@ class Join:
     conv: str
 
 
-@dataclass(frozen=True, slots=True)
-class Leave:
+class Leave(NamedTuple):
     """Leave a group or channel."""
 
     user: str
@@ -67,8 +66,7 @@ class Leave:
     conv: str
 
 
-@dataclass(frozen=True, slots=True)
-class Ack:
+class Ack(NamedTuple):
     """Acknowledge delivery of the actor's inbox up to inbox seq `upto` on this device.
 
     `convs` is the highest conv seq of the message entries this ack covers, per conversation,
@@ -83,8 +81,7 @@ class Ack:
     convs: tuple[tuple[str, int], ...] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class MarkRead:
+class MarkRead(NamedTuple):
     """Mark `conv` read up to conv seq `upto`."""
 
     user: str
@@ -94,8 +91,7 @@ class MarkRead:
     upto: int
 
 
-@dataclass(frozen=True, slots=True)
-class SetMute:
+class SetMute(NamedTuple):
     """Mute or unmute `conv` for the actor."""
 
     user: str
@@ -106,3 +102,13 @@ class SetMute:
 
 
 Command = SendMessage | CreateConv | Invite | Join | Leave | Ack | MarkRead | SetMute
+
+
+def _same(a: tuple, b: object) -> bool:
+    return type(a) is type(b) and tuple.__eq__(a, b)  # type: ignore[arg-type]
+
+
+for _cls in (SendMessage, CreateConv, Invite, Join, Leave, Ack, MarkRead, SetMute):
+    _cls.__eq__ = _same  # type: ignore[method-assign]
+    _cls.__ne__ = lambda a, b: not _same(a, b)  # type: ignore[method-assign]
+    _cls.__hash__ = lambda a: hash((type(a).__name__, *a))  # type: ignore[method-assign]

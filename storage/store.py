@@ -206,15 +206,16 @@ class Store:
                     done = send_message(tables, cmd, now, max_body, tail[0] + 1, tail[1], heads)
                     if done is not None:
                         conv, value, seq = done
+                        user, device, cid, body = cmd.user, cmd.device, cmd.cid, cmd.body
                         lsn = tail[0] + 1
                         tail = (lsn, value[:32])
                         records.append((lsn_key(lsn), value))
-                        ev = Event(lsn, now, MESSAGE_ACCEPTED, cmd.user, cmd.device,
-                                   {"conv": conv, "cid": cmd.cid, "body": cmd.body})
-                        fresh[lsn] = _record(ev)
-                        fx = Effects(heads, conv=conv, seq=seq, lsn=lsn, message=ev)
+                        ev = Event(lsn, now, MESSAGE_ACCEPTED, user, device,
+                                   {"conv": conv, "cid": cid, "body": body})
+                        fresh[lsn] = (user, device, body, cid, now)  # as _record(ev)
+                        fx = Effects(heads, [], [], conv, seq, lsn, ev)
                         outcomes.append(Outcome({"conv": conv, "seq": seq, "lsn": lsn,
-                                                 "cid": cmd.cid, "dup": False}, None, fx, lsn))
+                                                 "cid": cid, "dup": False}, None, fx, lsn))
                         continue
                 try:
                     events, reply = decide(tables, cmd, now, self.limits)
