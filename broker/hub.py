@@ -74,6 +74,10 @@ class Hub:
         """The live sessions of `user` (a snapshot)."""
         return list(self._by_user.get(user, {}).values())
 
+    def all_sessions(self) -> list[Session]:
+        """Every live session (a snapshot)."""
+        return [s for devices in self._by_user.values() for s in devices.values()]
+
     def online(self, user: str) -> bool:
         """Whether `user` has at least one live session."""
         return bool(self._by_user.get(user))

@@ -48,6 +48,9 @@ class Roster:
                    [u for u, role in members if role in ("owner", "admin")])
 
 
+IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
+
+
 class Broker:
     """Everything one `homing serve` process shares between its connections."""
 
@@ -279,6 +282,7 @@ class Broker:
         cfg = self.config
         async with trio.open_nursery() as outer:
             await outer.start(self.committer.serve)
+            outer.start_soon(self._watch_idle)
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as self._listen_scope:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
@@ -301,9 +305,27 @@ class Broker:
                         session.begin_shutdown()
                 connections.cancel_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
             await self.committer.close()
+            outer.cancel_scope.cancel()  # the idle watch
         self.log.info("broker_stopped", batches=self.committer.batches,
                       commands=self.committer.commands)
         self._stopped.set()
+
+    async def _watch_idle(self) -> None:
+        """Time out every session whose reader has waited `idle_timeout_s` for a frame.
+
+        One task looks over all sessions IDLE_CHECKS times per timeout (at most once a second),
+        so a silent session is closed up to a tenth of the timeout (1 s at most) after it
+        expired. A reader held up by flow control is not waiting for bytes, so it is never timed
+        out for that.
+        """
+        idle = self.config.idle_timeout_s
+        every = min(1.0, idle / IDLE_CHECKS)
+        while True:
+            await trio.sleep(every)
+            now = time.monotonic()
+            for session in self.hub.all_sessions():
+                if session.idle_for(now) >= idle:
+                    session.time_out(idle)  # its end is logged with reason "timeout"
 
     def shutdown(self) -> None:
         """Begin a clean shutdown (idempotent)."""

@@ -160,6 +160,20 @@ async def test_handshake_and_idle_timeouts(broker_process, tally):
         tally.add("limit: idle timeout")
 
 
+async def test_frames_keep_a_session_past_the_idle_timeout(broker_process):
+    """Any frame restarts the idle clock; silence after them still times out, in time."""
+    bp = broker_process("--idle-timeout", "1")
+    with trio.fail_after(20):
+        c = await raw(bp, "alice")
+        for i in range(8):  # 2.8 s of pings, 0.35 s apart: almost three idle timeouts
+            await trio.sleep(0.35)
+            await c.send(wire.Ping(id=i))
+            assert await c.next() == wire.Pong(id=i)
+        start = trio.current_time()
+        err = await closing_error(c)
+        assert err.name == "timeout" and 0.95 < trio.current_time() - start < 2.5
+
+
 async def test_members_per_group(broker_process, tally):
     """A group may not grow past --max-members: create and invite get limit_exceeded."""
     bp = broker_process("--max-members", "3")
