@@ -49,6 +49,7 @@ class Roster:
 
 
 IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
+OWN_ACK_DELAY_S = 0.25  # how long the durable ack of a device's own sends may wait
 
 
 class Broker:
@@ -64,6 +65,8 @@ class Broker:
                                    on_committed=self._on_committed, fanout=self._fanout)
         self.deferring = False  # inside a commit's fan-out: sessions defer their writes
         self.deferred: list[Session] = []
+        # Sessions whose cursor passed their own sends, to ack durably (Session._ack_own_sends).
+        self.own_acks: dict[Session, None] = {}
         self.handlers = HANDLERS
         self.policy = (ContentPolicy.load(config.content_policy, config.content_action)
                        if config.content_policy else None)
@@ -161,6 +164,8 @@ class Broker:
             session.log.exception("connection_failed")
             session.reason = session.reason or CloseReason.BROKEN
         finally:
+            if self.own_acks.pop(session, False) is None:
+                session.flush_own_ack()
             if attached:
                 self._detach(session)
             session.ended()  # before the close: its fd number may be reused at once
@@ -283,6 +288,7 @@ class Broker:
         async with trio.open_nursery() as outer:
             await outer.start(self.committer.serve)
             outer.start_soon(self._watch_idle)
+            outer.start_soon(self._ack_own_sends)
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as self._listen_scope:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
@@ -305,7 +311,7 @@ class Broker:
                         session.begin_shutdown()
                 connections.cancel_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
             await self.committer.close()
-            outer.cancel_scope.cancel()  # the idle watch
+            outer.cancel_scope.cancel()  # the idle watch and the own sends' acks
         self.log.info("broker_stopped", batches=self.committer.batches,
                       commands=self.committer.commands)
         self._stopped.set()
@@ -326,6 +332,15 @@ class Broker:
             for session in self.hub.all_sessions():
                 if session.idle_for(now) >= idle:
                     session.time_out(idle)  # its end is logged with reason "timeout"
+
+    async def _ack_own_sends(self) -> None:
+        """Every OWN_ACK_DELAY_S, submit the durable acks of the devices whose cursors moved
+        past their own sends (one each, however many commits passed)."""
+        while True:
+            await trio.sleep(OWN_ACK_DELAY_S)
+            due, self.own_acks = self.own_acks, {}
+            for session in due:
+                session.flush_own_ack()
 
     def shutdown(self) -> None:
         """Begin a clean shutdown (idempotent)."""

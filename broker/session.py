@@ -413,10 +413,21 @@ class Session:
 
     def _ack_own_sends(self) -> None:
         """If everything delivered is acked and only this device's own sends lie past the ack,
-        ack them on its behalf, so its cursor (and a reconnect's starting point) moves on."""
+        ack them on its behalf, so its cursor (and a reconnect's starting point) moves on.
+
+        The cursor moves now; the durable ack follows with the broker's next round of them
+        (`Broker.own_acks`, every OWN_ACK_DELAY_S) or when the session ends, so a device that
+        sends in every commit adds one ack event per round, not one per commit. An ack lost
+        in a crash costs only passing over those entries again.
+        """
         if not self.unacked and self.sent > self.acked:
             self.acked = self.sent
-            self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, self.sent, ()))
+            self.broker.own_acks[self] = None
+
+    def flush_own_ack(self) -> None:
+        """Submit the durable ack of this device's cursor (after `_ack_own_sends`). If a
+        delivery ack moved the cursor since, this one is stale and the rules skip it."""
+        self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, self.acked, ()))
 
     def mute_changed(self, conv: str) -> None:
         """The user muted or unmuted `conv`: forget the cached state."""

@@ -452,3 +452,23 @@ async def test_own_sends_in_a_commit_are_passed_over_and_acked(harness):
         await nothing_more(phone)
     async with harness.client("alice", "phone") as phone:
         assert phone.welcome.acked == 12
+
+
+async def test_a_device_sending_in_many_commits_acks_its_own_sends_once_a_round(harness):
+    """Each awaited send is its own commit; the device's cursor passes each of them at once,
+    but their durable ack comes once per OWN_ACK_DELAY_S, not once per commit."""
+    from broker.server import OWN_ACK_DELAY_S
+    from storage.records import DELIVERY_ACKED
+
+    store = harness.broker.store
+    with trio.fail_after(10):
+        async with harness.client("alice", "phone") as phone:
+            start = trio.current_time()
+            for i in range(20):
+                await phone.send(f"m{i}", to="bob", cid=f"c{i}")
+            sending = trio.current_time() - start
+            await trio.sleep(OWN_ACK_DELAY_S * 2 + 0.1)
+            assert store.delivered("alice", "phone") == 20
+    acks = [ev for ev in store.read_events()
+            if ev.type == DELIVERY_ACKED and (ev.user, ev.device) == ("alice", "phone")]
+    assert len(acks) <= 2 + int(sending / OWN_ACK_DELAY_S), (len(acks), sending)
