@@ -21,6 +21,7 @@ import trio
 
 from broker import tokens
 from broker.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, Config
+from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -304,6 +305,27 @@ def _client_options(p: argparse.ArgumentParser) -> None:
                    help="seconds to keep trying to (re)connect before giving up (default 30)")
 
 
+def _number(kind: type, lo: float, hi: float | None = None):
+    """An argparse type: a `kind` (int or float) from `lo` to `hi` (no upper bound if None)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value >= lo or (hi is not None and value > hi):  # `not >=` also refuses nan
+            span = f"at least {kind(lo)}" if hi is None else f"from {kind(lo)} to {kind(hi)}"
+            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
+        return value
+
+    return parse
+
+
+_COUNT = _number(int, 1)  # sizes, counts and limits: at least one
+_SECONDS = _number(float, 0.001)
+_RATE = _number(float, 0.001)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="homing", description="homing: an event-sourced "
                                      "instant-messaging broker")
@@ -314,27 +336,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=DEFAULT_DATA_DIR,
                    help="data directory (default ./%(default)s)")
     s.add_argument("--host", default=DEFAULT_HOST)
-    s.add_argument("--port", type=int, default=DEFAULT_PORT)
+    s.add_argument("--port", type=_number(int, 0, 65535), default=DEFAULT_PORT)
     s.add_argument("--tls-cert", help="PEM certificate chain; serve TLS")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
-    s.add_argument("--max-frame-bytes", type=int, default=d.max_frame_bytes)
-    s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    s.add_argument("--window", type=int, default=d.window,
+    s.add_argument("--max-frame-bytes", type=_number(int, MIN_FRAME_LIMIT, MAX_FRAME_LIMIT),
+                   default=d.max_frame_bytes)
+    s.add_argument("--max-body-bytes", type=_COUNT, default=d.max_body_bytes)
+    s.add_argument("--window", type=_COUNT, default=d.window,
                    help="unacked deliveries in flight per device (default %(default)s)")
-    s.add_argument("--heartbeat", type=int, default=d.heartbeat_s, help="seconds")
-    s.add_argument("--idle-timeout", type=float, default=d.idle_timeout_s, help="seconds")
-    s.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout_s, help="seconds")
-    s.add_argument("--send-rate", type=float, default=d.sends_per_s_per_connection,
+    s.add_argument("--heartbeat", type=_COUNT, default=d.heartbeat_s, help="seconds")
+    s.add_argument("--idle-timeout", type=_SECONDS, default=d.idle_timeout_s, help="seconds")
+    s.add_argument("--handshake-timeout", type=_SECONDS, default=d.handshake_timeout_s,
+                   help="seconds")
+    s.add_argument("--send-rate", type=_RATE, default=d.sends_per_s_per_connection,
                    help="sends per second per connection")
-    s.add_argument("--user-send-rate", type=float, default=d.sends_per_s_per_user,
+    s.add_argument("--user-send-rate", type=_RATE, default=d.sends_per_s_per_user,
                    help="sends per second per user")
-    s.add_argument("--max-connections", type=int, default=d.max_connections)
-    s.add_argument("--max-connections-per-user", type=int, default=d.max_connections_per_user)
-    s.add_argument("--max-members", type=int, default=d.max_members)
-    s.add_argument("--max-pending-pushes", type=int, default=d.max_pending_pushes)
+    s.add_argument("--max-connections", type=_COUNT, default=d.max_connections)
+    s.add_argument("--max-connections-per-user", type=_COUNT,
+                   default=d.max_connections_per_user)
+    s.add_argument("--max-members", type=_COUNT, default=d.max_members)
+    s.add_argument("--max-pending-pushes", type=_COUNT, default=d.max_pending_pushes)
     s.add_argument("--content-policy", help="file of forbidden words, one per line")
     s.add_argument("--content-action", choices=("reject", "mask"), default="reject")
-    s.add_argument("--gc-young-threshold", type=int, default=d.gc_young_threshold,
+    s.add_argument("--gc-young-threshold", type=_COUNT, default=d.gc_young_threshold,
                    help="allocations between young garbage collections (default %(default)s)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))

@@ -82,3 +82,20 @@ def test_sigterm_shuts_down_cleanly(broker):
     assert broker.terminate() == 0
     broker.start()
     assert [d["body"] for d in lines(homing("listen", "--count", "1", env=bob))] == ["kept"]
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--idle-timeout", "0", "at least 0.001"),
+    ("--handshake-timeout", "-1", "at least 0.001"),
+    ("--window", "0", "at least 1"),
+    ("--send-rate", "nan", "at least 0.001"),
+    ("--port", "65536", "from 0 to 65535"),
+    ("--max-frame-bytes", "1023", "from 1024 to"),
+    ("--max-connections", "ten", "not a number"),
+])
+def test_serve_refuses_an_out_of_range_number_before_starting(tmp_path, option, value, says):
+    proc = homing("serve", "--data", str(tmp_path / "data"), option, value, check=False,
+                  timeout=20)
+    assert proc.returncode == 2 and f"argument {option}: " in proc.stderr, proc.stderr
+    assert says in proc.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created
