@@ -319,9 +319,9 @@ class Broker:
     async def _watch_idle(self) -> None:
         """Time out every session whose reader has waited `idle_timeout_s` for a frame.
 
-        One task looks over all sessions IDLE_CHECKS times per timeout (at most once a second,
-        at least every 10 ms), so a silent session is closed up to a tenth of the timeout (1 s
-        at most, 10 ms at least) after it expired. A reader held up by flow control is not
+        One task looks over all sessions IDLE_CHECKS times per timeout, with 10 ms to 1 s
+        between looks, so a silent session is closed up to a tenth of the timeout (1 s at most)
+        after it expired. A reader held up by flow control is not
         waiting for bytes, so it is never timed out for that.
         """
         idle = self.config.idle_timeout_s
