@@ -1,10 +1,16 @@
-"""The one compiled part of homing, optional: `storage._fold` (see storage/_fold.c).
+"""The compiled parts of homing, optional: `storage._fold` (storage/_fold.c) and `protocol._wire`
+(protocol/_wire.c).
 
-Everything else is in pyproject.toml. Where no C compiler is found the build goes on without it
-(`optional=True`) and homing runs `storage.projections.add_message` in Python: same rows, slower
-replay. `homing version` and `homing audit stats` say which one runs.
+Everything else is in pyproject.toml. Where no C compiler is found the build goes on without them
+(`optional=True`) and homing runs the same code in Python: `storage.projections.add_message` and
+the rules for every send (same rows, slower replay and commits), and `Connection.send`'s Python
+checks for every frame (same bytes). `homing version`, `homing audit stats` and the broker's
+`broker_listening` log line say which ones run.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("storage._fold", ["storage/_fold.c"], optional=True)])
+setup(ext_modules=[
+    Extension("storage._fold", ["storage/_fold.c"], optional=True),
+    Extension("protocol._wire", ["protocol/_wire.c"], optional=True),
+])

@@ -113,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     env = doc["environment"]
     print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
-          f"storage hot loops {env['storage_native']}")
+          f"storage hot loops {env['storage_native']}, frame codec {env['protocol_native']}")
     if args.json:
         report.write_json(args.json, doc)
         note(f"wrote {args.json}")

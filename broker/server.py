@@ -30,6 +30,7 @@ from broker.logs import get_logger
 from broker.policy import ContentPolicy
 from broker.ratelimit import TokenBucket
 from broker.session import Session
+from protocol import native as wire_native
 from storage import native
 from storage.commands import SetMute
 
@@ -301,7 +302,8 @@ class Broker:
                         else listeners[0].transport_listener.socket.getsockname()[1]
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
                                   tls=bool(cfg.tls_cert), data=str(cfg.data_dir),
-                                  storage_native=native.describe())
+                                  storage_native=native.describe(),
+                                  protocol_native=wire_native.describe())
                     task_status.started(self.port)
                     await trio.serve_listeners(self._handle, listeners,
                                                handler_nursery=connections)

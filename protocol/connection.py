@@ -18,6 +18,7 @@ import struct
 
 import msgpack
 
+from . import native
 from .codec import DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, FrameBuffer
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 from .fields import MAX_BODY_BYTES, uint
@@ -25,7 +26,9 @@ from .frames import (
     CLIENT_FRAMES,
     KNOWN_TYPES,
     SERVER_FRAMES,
+    Deliver,
     FieldError,
+    Result,
     Welcome,
     spec_of,
 )
@@ -208,22 +211,25 @@ class Connection:
             raise LocalProtocolError(
                 ErrorCode.INTERNAL, f"cannot send {t!r} in state {self._state.name}"
             )
-        spec = spec_of(cls)
-        try:
-            body = self._packer.pack(spec.checked(frame, self.max_body_bytes))
-        except FieldError as exc:
-            raise LocalProtocolError(ErrorCode.INVALID, f"{t}: {exc}") from None
-        except (TypeError, ValueError, AttributeError) as exc:
-            raise LocalProtocolError(ErrorCode.INVALID, f"{t}: cannot encode: {exc}") from None
-        if len(body) > self._buffer.max_frame_bytes:
+        compiled = _COMPILED.get(cls)
+        data = None if compiled is None else compiled(frame, self.max_body_bytes)
+        if data is None:  # not compiled, or not a plain frame: the Python checks decide
+            try:
+                body = self._packer.pack(spec_of(cls).checked(frame, self.max_body_bytes))
+            except FieldError as exc:
+                raise LocalProtocolError(ErrorCode.INVALID, f"{t}: {exc}") from None
+            except (TypeError, ValueError, AttributeError) as exc:
+                raise LocalProtocolError(ErrorCode.INVALID, f"{t}: cannot encode: {exc}") from None
+            data = _pack_prefix(len(body)) + body
+        if len(data) - 4 > self._buffer.max_frame_bytes:
             raise LocalProtocolError(
-                ErrorCode.TOO_LARGE, f"{t} frame of {len(body)} bytes exceeds max_frame"
+                ErrorCode.TOO_LARGE, f"{t} frame of {len(data) - 4} bytes exceeds max_frame"
             )
         if new is not self._state:
             self._enter(new)
             if cls is Welcome:
                 self._buffer.max_frame_bytes = frame.max_frame
-        return _pack_prefix(len(body)) + body
+        return data
 
     def send_prepared(self, prepared: PreparedDeliver, inbox_seq: int, muted: bool) -> bytes:
         """The bytes `send` would return for `prepared`'s ``deliver`` with this `inbox_seq`
@@ -248,6 +254,11 @@ class Connection:
                 ErrorCode.TOO_LARGE, f"deliver frame of {len(data) - 4} bytes exceeds max_frame"
             )
         return data
+
+
+# Frames checked and encoded in C when every field is plain (protocol/native.py).
+_COMPILED = {} if native.wire is None else {Deliver: native.wire.deliver,
+                                            Result: native.wire.result}
 
 
 def _request_id(d: dict) -> int | None:

@@ -1,0 +1,365 @@
+/* protocol._wire: the two frames the broker sends for every message, checked and encoded in C.
+ *
+ * `deliver(frame, max_body)` and `result(frame, max_body)` take a `Deliver` or `Result` frame
+ * (the NamedTuples of protocol/frames.py) and return the bytes `Connection.send` makes for it
+ * (4-byte length prefix, then the msgpack map, keys in the same order, ints in their smallest
+ * form, strings as str, bytes as bin), or None. None means "not the plain case": a field that is
+ * not of its exact type, an id not yet in the set of ids known to match their pattern, a body
+ * over the limit, ... Then the caller goes the Python way, which accepts or raises as it always
+ * did. So this only ever accepts what the Python checks accept; tests/protocol/test_wire.py
+ * compares the two on random and odd frames.
+ *
+ * Direction, state and max_frame belong to the connection (`Connection.send` checks them).
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#define WIRE_VERSION 1
+
+static PyObject *known_users, *known_convs; /* protocol.fields' sets of ids that matched */
+static Py_ssize_t max_cid_chars;
+
+/* -- a growing output buffer ------------------------------------------------------------------ */
+
+typedef struct {
+    char *p;
+    Py_ssize_t len, cap;
+    char small[512];
+} out;
+
+static int grow(out *o, Py_ssize_t more) {
+    if (o->len + more <= o->cap)
+        return 0;
+    Py_ssize_t cap = (o->len + more) * 2;
+    char *p = PyMem_Malloc(cap);
+    if (!p) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(p, o->p, o->len);
+    if (o->p != o->small)
+        PyMem_Free(o->p);
+    o->p = p;
+    o->cap = cap;
+    return 0;
+}
+
+static void put_be(out *o, uint64_t v, int bytes) {
+    for (int i = bytes - 1; i >= 0; i--)
+        o->p[o->len++] = (char)(v >> (8 * i));
+}
+
+static int put_raw(out *o, const char *data, Py_ssize_t len) {
+    if (grow(o, len) < 0)
+        return -1;
+    memcpy(o->p + o->len, data, len);
+    o->len += len;
+    return 0;
+}
+
+/* A uint as msgpack-python packs a non-negative int: fixint, uint 8/16/32/64. */
+static int put_uint(out *o, uint64_t v) {
+    if (grow(o, 9) < 0)
+        return -1;
+    if (v < 0x80) {
+        o->p[o->len++] = (char)v;
+    } else if (v <= 0xff) {
+        o->p[o->len++] = (char)0xcc;
+        put_be(o, v, 1);
+    } else if (v <= 0xffff) {
+        o->p[o->len++] = (char)0xcd;
+        put_be(o, v, 2);
+    } else if (v <= 0xffffffffULL) {
+        o->p[o->len++] = (char)0xce;
+        put_be(o, v, 4);
+    } else {
+        o->p[o->len++] = (char)0xcf;
+        put_be(o, v, 8);
+    }
+    return 0;
+}
+
+static int put_str(out *o, const char *data, Py_ssize_t len) {
+    if (grow(o, 5) < 0)
+        return -1;
+    if (len < 32) {
+        o->p[o->len++] = (char)(0xa0 | len);
+    } else if (len <= 0xff) {
+        o->p[o->len++] = (char)0xd9;
+        put_be(o, (uint64_t)len, 1);
+    } else if (len <= 0xffff) {
+        o->p[o->len++] = (char)0xda;
+        put_be(o, (uint64_t)len, 2);
+    } else {
+        o->p[o->len++] = (char)0xdb;
+        put_be(o, (uint64_t)len, 4);
+    }
+    return put_raw(o, data, len);
+}
+
+static int put_bin(out *o, const char *data, Py_ssize_t len) {
+    if (grow(o, 5) < 0)
+        return -1;
+    if (len <= 0xff) {
+        o->p[o->len++] = (char)0xc4;
+        put_be(o, (uint64_t)len, 1);
+    } else if (len <= 0xffff) {
+        o->p[o->len++] = (char)0xc5;
+        put_be(o, (uint64_t)len, 2);
+    } else {
+        o->p[o->len++] = (char)0xc6;
+        put_be(o, (uint64_t)len, 4);
+    }
+    return put_raw(o, data, len);
+}
+
+static int put_key(out *o, const char *key) { return put_str(o, key, (Py_ssize_t)strlen(key)); }
+
+static int put_byte(out *o, unsigned char b) {
+    if (grow(o, 1) < 0)
+        return -1;
+    o->p[o->len++] = (char)b;
+    return 0;
+}
+
+/* -- field checks: 1 plain and written, 0 not plain (go the Python way), -1 error ------------- */
+
+/* A uint (an exact int, 0 .. 2**63 - 1; bool is not an int here). */
+static int uint_field(out *o, PyObject *v) {
+    if (!PyLong_CheckExact(v))
+        return 0;
+    int overflow = 0;
+    long long n = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow || n < 0)
+        return 0;
+    return put_uint(o, (uint64_t)n) < 0 ? -1 : 1;
+}
+
+static int bool_field(out *o, PyObject *v) {
+    if (v != Py_True && v != Py_False)
+        return 0;
+    return put_byte(o, v == Py_True ? 0xc3 : 0xc2) < 0 ? -1 : 1;
+}
+
+/* An exact str (its UTF-8 written), or 0. `utf8` fails only on lone surrogates: not plain. */
+static int text(out *o, PyObject *v) {
+    Py_ssize_t len;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(v, &len);
+    if (!utf8) {
+        PyErr_Clear();
+        return 0;
+    }
+    return put_str(o, utf8, len) < 0 ? -1 : 1;
+}
+
+/* An id already known to match its pattern (protocol.fields remembers those). */
+static int known_id(out *o, PyObject *v, PyObject *known) {
+    if (!PyUnicode_CheckExact(v))
+        return 0;
+    int found = PySet_Contains(known, v);
+    if (found <= 0)
+        return found; /* -1: error; 0: not (yet) known, the Python check decides */
+    return text(o, v);
+}
+
+/* A client message id: 1..128 characters, no NUL. */
+static int cid_field(out *o, PyObject *v) {
+    if (!PyUnicode_CheckExact(v))
+        return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(v);
+    if (n < 1 || n > max_cid_chars)
+        return 0;
+    Py_ssize_t nul = PyUnicode_FindChar(v, 0, 0, n, 1);
+    if (nul == -2)
+        return -1;
+    if (nul != -1)
+        return 0;
+    return text(o, v);
+}
+
+/* A body: text of at most max_body UTF-8 bytes, or bytes of at most max_body. */
+static int body_field(out *o, PyObject *v, Py_ssize_t max_body) {
+    if (PyBytes_CheckExact(v)) {
+        if (PyBytes_GET_SIZE(v) > max_body)
+            return 0;
+        return put_bin(o, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v)) < 0 ? -1 : 1;
+    }
+    if (!PyUnicode_CheckExact(v))
+        return 0;
+    Py_ssize_t len;
+    const char *utf8 = PyUnicode_AsUTF8AndSize(v, &len);
+    if (!utf8) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (len > max_body)
+        return 0;
+    return put_str(o, utf8, len) < 0 ? -1 : 1;
+}
+
+static int nil_or(out *o, PyObject *v, int (*field)(out *, PyObject *)) {
+    if (v == Py_None)
+        return put_byte(o, 0xc0) < 0 ? -1 : 1;
+    return field(o, v);
+}
+
+/* -- the two frames ---------------------------------------------------------------------------- */
+
+/* The frame's fields, or NULL (and not plain) unless it is a tuple of exactly `n`. */
+static PyObject **fields_of(PyObject *frame, Py_ssize_t n) {
+    if (!PyTuple_Check(frame) || PyTuple_GET_SIZE(frame) != n)
+        return NULL;
+    return &PyTuple_GET_ITEM(frame, 0);
+}
+
+static PyObject *finish(out *o, int ok) {
+    PyObject *r = NULL;
+    if (ok > 0) {
+        uint32_t n = (uint32_t)(o->len - 4);
+        o->p[0] = (char)(n >> 24);
+        o->p[1] = (char)(n >> 16);
+        o->p[2] = (char)(n >> 8);
+        o->p[3] = (char)n;
+        r = PyBytes_FromStringAndSize(o->p, o->len);
+    } else if (ok == 0) {
+        r = Py_NewRef(Py_None);
+    }
+    if (o->p != o->small)
+        PyMem_Free(o->p);
+    return r;
+}
+
+#define STEP(expr)                                                                                 \
+    do {                                                                                           \
+        ok = (expr);                                                                               \
+        if (ok <= 0)                                                                               \
+            return finish(&o, ok);                                                                 \
+    } while (0)
+
+static int kind_field(out *o, PyObject *v) {
+    if (!PyUnicode_CheckExact(v))
+        return 0;
+    if (PyUnicode_CompareWithASCIIString(v, "msg") != 0 &&
+        PyUnicode_CompareWithASCIIString(v, "added") != 0 &&
+        PyUnicode_CompareWithASCIIString(v, "removed") != 0)
+        return 0;
+    return text(o, v);
+}
+
+static int user_field(out *o, PyObject *v) { return known_id(o, v, known_users); }
+static int conv_field(out *o, PyObject *v) { return known_id(o, v, known_convs); }
+
+/* deliver(frame, max_body): inbox_seq, kind, conv, seq, from, body, cid, ts[, muted]. */
+static PyObject *deliver(PyObject *self, PyObject *args) {
+    PyObject *frame;
+    Py_ssize_t max_body;
+    if (!PyArg_ParseTuple(args, "On:deliver", &frame, &max_body))
+        return NULL;
+    PyObject **f = fields_of(frame, 9);
+    if (!f)
+        Py_RETURN_NONE;
+    PyObject *muted = f[8];
+    int with_muted;
+    if (muted == Py_None || muted == Py_False)
+        with_muted = 0; /* left out, as the default */
+    else if (muted == Py_True)
+        with_muted = 1;
+    else
+        Py_RETURN_NONE;
+    out o = {.p = NULL, .len = 0, .cap = sizeof(o.small)};
+    o.p = o.small;
+    o.len = 4; /* the length prefix, filled in by finish */
+    int ok;
+    STEP(put_byte(&o, 0x80 | (with_muted ? 10 : 9)) < 0 ? -1 : 1);
+    STEP(put_key(&o, "t") < 0 || put_key(&o, "deliver") < 0 ? -1 : 1);
+    STEP(put_key(&o, "inbox_seq") < 0 ? -1 : uint_field(&o, f[0]));
+    STEP(put_key(&o, "kind") < 0 ? -1 : kind_field(&o, f[1]));
+    STEP(put_key(&o, "conv") < 0 ? -1 : conv_field(&o, f[2]));
+    STEP(put_key(&o, "seq") < 0 ? -1 : uint_field(&o, f[3]));
+    STEP(put_key(&o, "from") < 0 ? -1 : user_field(&o, f[4]));
+    if (f[5] == Py_None)
+        STEP(put_key(&o, "body") < 0 || put_byte(&o, 0xc0) < 0 ? -1 : 1);
+    else
+        STEP(put_key(&o, "body") < 0 ? -1 : body_field(&o, f[5], max_body));
+    STEP(put_key(&o, "cid") < 0 ? -1 : nil_or(&o, f[6], cid_field));
+    STEP(put_key(&o, "ts") < 0 ? -1 : uint_field(&o, f[7]));
+    if (with_muted)
+        STEP(put_key(&o, "muted") < 0 || put_byte(&o, 0xc3) < 0 ? -1 : 1);
+    return finish(&o, 1);
+}
+
+/* result(frame, max_body): id, conv, seq, lsn, cid, dup (all required). */
+static PyObject *result(PyObject *self, PyObject *args) {
+    PyObject *frame;
+    Py_ssize_t max_body;
+    if (!PyArg_ParseTuple(args, "On:result", &frame, &max_body))
+        return NULL;
+    PyObject **f = fields_of(frame, 6);
+    if (!f)
+        Py_RETURN_NONE;
+    out o = {.p = NULL, .len = 0, .cap = sizeof(o.small)};
+    o.p = o.small;
+    o.len = 4;
+    int ok;
+    STEP(put_byte(&o, 0x80 | 7) < 0 ? -1 : 1);
+    STEP(put_key(&o, "t") < 0 || put_key(&o, "result") < 0 ? -1 : 1);
+    STEP(put_key(&o, "id") < 0 ? -1 : uint_field(&o, f[0]));
+    STEP(put_key(&o, "conv") < 0 ? -1 : conv_field(&o, f[1]));
+    STEP(put_key(&o, "seq") < 0 ? -1 : uint_field(&o, f[2]));
+    STEP(put_key(&o, "lsn") < 0 ? -1 : uint_field(&o, f[3]));
+    STEP(put_key(&o, "cid") < 0 ? -1 : cid_field(&o, f[4]));
+    STEP(put_key(&o, "dup") < 0 ? -1 : bool_field(&o, f[5]));
+    return finish(&o, 1);
+}
+
+/* configure(known_users, known_convs, max_cid_chars): the sets and limit of protocol.fields. */
+static PyObject *configure(PyObject *self, PyObject *args) {
+    PyObject *users, *convs;
+    Py_ssize_t cid_chars;
+    if (!PyArg_ParseTuple(args, "O!O!n:configure", &PySet_Type, &users, &PySet_Type, &convs,
+                          &cid_chars))
+        return NULL;
+    Py_XSETREF(known_users, Py_NewRef(users));
+    Py_XSETREF(known_convs, Py_NewRef(convs));
+    max_cid_chars = cid_chars;
+    Py_RETURN_NONE;
+}
+
+static PyObject *not_configured(PyObject *self, PyObject *args) {
+    PyErr_SetString(PyExc_RuntimeError, "protocol._wire: call configure() first");
+    return NULL;
+}
+
+static PyObject *checked_deliver(PyObject *self, PyObject *args) {
+    return known_users ? deliver(self, args) : not_configured(self, args);
+}
+
+static PyObject *checked_result(PyObject *self, PyObject *args) {
+    return known_users ? result(self, args) : not_configured(self, args);
+}
+
+static PyMethodDef methods[] = {
+    {"deliver", checked_deliver, METH_VARARGS,
+     "deliver(frame, max_body) -> the bytes of a plain Deliver frame, or None"},
+    {"result", checked_result, METH_VARARGS,
+     "result(frame, max_body) -> the bytes of a plain Result frame, or None"},
+    {"configure", configure, METH_VARARGS,
+     "configure(known_users, known_convs, max_cid_chars): protocol.fields' sets and limit"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "protocol._wire",
+                                    "Deliver and Result frames checked and encoded in C.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__wire(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "VERSION", WIRE_VERSION) < 0)
+        Py_CLEAR(m);
+    return m;
+}

@@ -1,0 +1,98 @@
+"""The compiled `deliver` and `result` encoders (protocol/_wire.c) against the Python checks.
+
+They may decline any frame (None: the Python way decides), but what they return must be byte
+for byte what `Connection.send`'s Python path makes, and they must never return bytes for a
+frame the Python checks refuse. Once the Python checks have accepted a frame (and so remembered
+its ids), the compiled encoder must take it: the fast path is really taken.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import Deliver, Result, native
+from protocol.frames import FieldError, spec_of
+
+from .helpers import frames_of
+from .test_checked import MAX_BODIES, ODD
+
+pytestmark = pytest.mark.skipif(native.wire is None, reason="protocol._wire is not built")
+
+BIG = st.sampled_from(["x" * 300, "é" * 40_000, b"\0" * 70_000, "€" * 20, 2**32, 2**16, 2**8])
+
+
+def _python(frame, mb: int) -> bytes | None:
+    try:
+        body = msgpack.packb(spec_of(type(frame)).checked(frame, mb), use_bin_type=True)
+    except (FieldError, TypeError, ValueError, AttributeError):
+        return None
+    return struct.pack(">I", len(body)) + body
+
+
+@pytest.mark.parametrize("cls", [Deliver, Result], ids=lambda c: c.__name__)
+@settings(max_examples=400)
+@given(data=st.data(), mb=MAX_BODIES | st.just(1 << 20))
+def test_compiled_encoding_is_the_python_one(cls, data, mb):
+    compiled = native.wire.deliver if cls is Deliver else native.wire.result
+    frame = data.draw(frames_of(cls))
+    odd = data.draw(st.lists(st.sampled_from(cls._fields), max_size=2, unique=True))
+    frame = frame._replace(**{field: data.draw(ODD | BIG) for field in odd})
+    before = compiled(frame, mb)  # its ids may not be known yet: it may decline
+    reference = _python(frame, mb)
+    after = compiled(frame, mb)
+    if reference is None:
+        assert before is None and after is None
+    else:
+        assert before in (None, reference)
+        assert after == reference
+
+
+def test_a_deliver_with_every_kind_of_field_encodes_alike():
+    for body in (None, "", "x" * 31, "x" * 32, "é" * 200, "x" * 70_000, b"", b"\xff" * 300):
+        for seq in (0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1):
+            for muted in (False, True):
+                frame = Deliver(inbox_seq=seq, kind="msg", conv="dm:a:b", seq=seq, sender="a",
+                                body=body, cid=None if seq % 2 else "c" * 128, ts=seq,
+                                muted=muted)
+                reference = _python(frame, 1 << 20)
+                assert native.wire.deliver(frame, 1 << 20) == reference is not None
+
+
+class _Str(str):
+    pass
+
+
+_INTS = [-1, 0, 127, 128, 2**63 - 1, 2**63, True, 1.0, None]
+_EDGES = {
+    "inbox_seq": _INTS, "seq": _INTS, "ts": _INTS, "id": _INTS, "lsn": _INTS,
+    "kind": ["msg", "added", "removed", "x", "", "MSG", _Str("msg"), None],
+    "conv": ["dm:a:b", "dm:", "grp:ok", "x", "", 5, _Str("dm:a:b"), None],
+    "sender": ["a", "-a", "a" * 64, "a" * 65, "", _Str("a"), None],
+    "body": [None, "", "x" * 64, "x" * 65, "é" * 32, "é" * 33, "\ud800", b"x" * 64, b"x" * 65,
+             bytearray(b"x"), _Str("x")],
+    "cid": [None, "", "c", "c" * 128, "c" * 129, "é" * 128, "\0", "a\0b", 5, _Str("c")],
+    "muted": [True, False, None, 0, 1],
+    "dup": [True, False, None, 0, 1],
+}
+_BASES = {
+    Deliver: Deliver(inbox_seq=1, kind="msg", conv="dm:a:b", seq=2, sender="a", body="hi",
+                     cid="c1", ts=3, muted=False),
+    Result: Result(id=1, conv="dm:a:b", seq=2, lsn=3, cid="c1", dup=False),
+}
+
+
+@pytest.mark.parametrize("cls, field, value", [
+    (cls, field, value) for cls in (Deliver, Result) for field in cls._fields
+    for value in _EDGES[field]
+], ids=repr)
+def test_each_field_at_and_past_its_limits(cls, field, value):
+    compiled = native.wire.deliver if cls is Deliver else native.wire.result
+    assert _python(_BASES[cls], 64) is not None  # the base's ids are known from here on
+    frame = _BASES[cls]._replace(**{field: value})
+    reference = _python(frame, 64)
+    assert compiled(frame, 64) == reference
