@@ -56,6 +56,10 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per phase before failing")
     b = p.add_argument_group("broker")
     b.add_argument("--window", type=int, default=256, help="homing serve --window")
+    b.add_argument("--pin", action="store_true",
+                   help="run the server under test (homing or the peer) on the first half of "
+                        "the CPUs and the load processes on the rest (Linux, at least 2 CPUs; "
+                        "docs/BENCHMARKS.md, \"CPU placement\")")
     b.add_argument("--broker-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for homing serve (repeatable, e.g. --broker-arg=--x=1)")
     o = p.add_argument_group("output")
@@ -92,10 +96,17 @@ def note(text: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench import report
+    from bench import placement, report
 
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    opts["placement"] = None
+    if args.pin:
+        try:
+            opts["placement"] = placement.plan()
+        except placement.PlacementError as exc:
+            note(f"homing bench: {exc}")
+            return 2
     progress = Progress()
     results: dict[str, Any] = {}
     started = time.monotonic()
@@ -114,6 +125,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
           f"storage hot loops {env['storage_native']}, frame codec {env['protocol_native']}")
+    bound = report.load_bound(results)
+    if bound:
+        print(f"the load processes were CPU-bound in: {', '.join(bound)}; those figures "
+              "measure the clients as much as the server (docs/BENCHMARKS.md, \"CPU placement\")")
+    if opts["placement"]:
+        cpus = opts["placement"]
+        print(f"pinned: server on CPUs {_cpu_list(cpus['server'])}, "
+              f"load on CPUs {_cpu_list(cpus['load'])}")
     if args.json:
         report.write_json(args.json, doc)
         note(f"wrote {args.json}")
@@ -123,10 +142,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
+
+
 def _broker(opts: dict):
     from bench.harness import BrokerProcess
+    from bench.placement import server_cpus
 
-    return BrokerProcess(window=opts["window"], extra=list(opts["broker_arg"]))
+    return BrokerProcess(window=opts["window"], extra=list(opts["broker_arg"]),
+                         cpus=server_cpus(opts))
 
 
 def run_throughput(opts: dict, progress: Progress) -> dict:

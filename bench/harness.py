@@ -11,6 +11,7 @@ go, run, report their figures, and exit when told. CPU time of every process com
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import os
 import shutil
@@ -24,6 +25,7 @@ from multiprocessing.connection import wait as wait_pipes
 from pathlib import Path
 from typing import Any
 
+from bench import placement
 from broker import tokens
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -68,8 +70,9 @@ class BrokerProcess:
     """`homing serve` as a subprocess on a temporary data directory; a context manager."""
 
     def __init__(self, *, window: int = 256, extra: list[str] | None = None,
-                 keep_data: bool = False) -> None:
+                 keep_data: bool = False, cpus: list[int] | None = None) -> None:
         self.window = window
+        self.cpus = cpus  # bench.placement: the CPUs the broker runs on (None: any)
         self.extra = extra or []
         self.keep_data = keep_data or bool(os.environ.get("HOMING_BENCH_KEEP"))
         self.data = Path(tempfile.mkdtemp(prefix="homing-bench-"))
@@ -95,7 +98,9 @@ class BrokerProcess:
                      "--window", str(self.window), "--send-rate", str(UNLIMITED_RATE),
                      "--user-send-rate", str(UNLIMITED_RATE), *self.extra]
         self.log = open(self.data.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        pin = None if self.cpus is None else functools.partial(placement.pin_self, self.cpus)
+        self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=pin)
         self._wait_listening()
         self.secret = tokens.load_secret(self.data)
         return self
@@ -147,10 +152,11 @@ class BrokerProcess:
         self.stop()
 
 
-def _worker_main(target: str, spec: dict, pipe: Any) -> None:
-    """Entry point of a load process: run `bench.loadgen.<target>(spec, pipe)`."""
+def _worker_main(target: str, spec: dict, pipe: Any, cpus: list[int] | None) -> None:
+    """Entry point of a load process: run `bench.loadgen.<target>(spec, pipe)` on `cpus`."""
     import importlib
 
+    placement.pin_self(cpus)
     module, _, name = target.rpartition(".")
     fn = getattr(importlib.import_module(module), name)
     try:
@@ -168,14 +174,16 @@ class WorkerError(RuntimeError):
 class Workers:
     """A set of load processes driven in lock step: ready, go, done, exit."""
 
-    def __init__(self, jobs: list[tuple[str, dict]], progress: Any = None) -> None:
+    def __init__(self, jobs: list[tuple[str, dict]], progress: Any = None,
+                 cpus: list[int] | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.pipes = []
         self.procs = []
         self.progress = progress
         for target, spec in jobs:
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(target, spec, theirs), daemon=True)
+            p = ctx.Process(target=_worker_main, args=(target, spec, theirs, cpus),
+                            daemon=True)
             p.start()
             theirs.close()
             self.pipes.append(ours)

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from bench.harness import Workers, run_phase
 from bench.histogram import Histogram
 from bench.loadgen import STAMP_DIGITS, raise_nofile, stamped_body
+from bench.placement import load_cpus, pinned, server_cpus
 
 FETCH = 256
 
@@ -103,15 +104,20 @@ def _run(url: str, opts: dict, messages: int, rate: float | None, label: str, pr
                        "body_bytes": 200, "stamped": rate is not None, **job})
              for job in _jobs(opts, messages, rate, tag)]
     pid = listening_pid(urlsplit(url).port or 0)
+    cpus = server_cpus(opts)
+    if cpus is not None and pid is None:
+        raise RuntimeError(f"--pin: cannot see the process listening for {url}, so it cannot "
+                           "be placed like homing (run the bench as its user, or without --pin)")
+    place = pinned(pid, cpus) if cpus is not None else contextlib.nullcontext()
     try:
-        with Workers(specs, progress) as workers:
+        with place, Workers(specs, progress, load_cpus(opts)) as workers:
             workers.gather("ready", 120, f"{label}: connecting")
             go_payload = go() if callable(go) else go
             results, cpu, _ = run_phase(workers, timeout=timeout, label=label, go=go_payload,
                                         pids={"broker": pid} if pid else {})
     finally:
         _teardown(url, tag)
-    out = _cpu_summary(cpu)
+    out = _cpu_summary(cpu, opts)
     out["peer_pid_seen"] = pid is not None
     return {**_merge(results), **setup}, out
 

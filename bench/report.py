@@ -99,6 +99,30 @@ def rows(results: dict) -> list[tuple[str, str, Any, Any, Any]]:
     return out
 
 
+def load_bound(results: dict) -> list[str]:
+    """The runs whose load processes were CPU-bound (`cpu.load_bound`), homing's and peers'."""
+    out = []
+
+    def check(label: str, entry: dict) -> None:
+        if (entry.get("cpu") or {}).get("load_bound"):
+            out.append(label)
+        for peer_name, peer in (entry.get("peer") or {}).items():
+            if (peer.get("cpu") or {}).get("load_bound"):
+                out.append(f"{label} vs {peer_name}")
+        if isinstance(entry.get("throughput"), dict):
+            check(f"{label}+throughput", entry["throughput"])
+
+    for name, value in results.items():
+        for entry in value if isinstance(value, list) else [value]:
+            label = name
+            if name == "latency":
+                label = f"latency {entry['rate']:g}/s"
+            elif name == "fanout":
+                label = f"fanout {entry['subscribers']}"
+            check(label, entry)
+    return out
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"

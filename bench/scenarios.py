@@ -9,6 +9,7 @@ we know whether the clients or the broker were the bottleneck.
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
 import tempfile
 import time
@@ -20,6 +21,7 @@ import protocol as wire
 from bench.harness import BrokerProcess, Workers, run_phase
 from bench.histogram import Histogram
 from bench.loadgen import Link
+from bench.placement import load_cpus
 
 BODY_BYTES = 200
 _tags = itertools.count(1)
@@ -91,25 +93,38 @@ def _merge(results: list[dict]) -> dict:
     }
 
 
-def _cpu_summary(cpu: dict[str, float]) -> dict[str, float]:
+LOAD_BOUND_PCT = 90  # a load process (or the load's cores) this busy held the run back
+
+
+def _cpu_summary(cpu: dict[str, float], opts: dict) -> dict[str, Any]:
+    """CPU% of the server, each load process and the rest; `load_bound` when the load side was
+    busy enough to be the bottleneck: one load process at LOAD_BOUND_PCT of a core, or its CPUs
+    (the load's half with --pin, else the whole machine) at LOAD_BOUND_PCT of their capacity."""
     load = [v for k, v in cpu.items() if k.startswith("load")]
+    pinned = load_cpus(opts)
+    if pinned is not None:
+        busy, capacity = sum(load), 100 * len(pinned)
+    else:
+        busy, capacity = sum(cpu.values()), 100 * (os.cpu_count() or 1)
+    bound = max(load, default=0.0) >= LOAD_BOUND_PCT or busy >= capacity * LOAD_BOUND_PCT / 100
     return {"broker_pct": round(cpu.get("broker", 0.0), 1),
             "load_pct_total": round(sum(load), 1),
             "load_pct_max_process": round(max(load, default=0.0), 1),
             "load_pct": [round(v, 1) for v in load],
-            "other_pct": round(cpu.get("other", 0.0), 1)}
+            "other_pct": round(cpu.get("other", 0.0), 1),
+            "load_bound": bound}
 
 
 def run_clients(broker: BrokerProcess, jobs: list[dict], opts: dict, *, label: str,
                 timeout: float, progress: Any, go: Any = None, **extra: Any) -> tuple[dict, dict]:
     """Start one load process per job, run one phase, return (merged figures, cpu)."""
     specs = [("bench.loadgen.clients", _spec(broker, job, opts, **extra)) for job in jobs]
-    with Workers(specs, progress) as workers:
+    with Workers(specs, progress, load_cpus(opts)) as workers:
         workers.gather("ready", 120, f"{label}: connecting")
         go_payload = go() if callable(go) else go
         results, cpu, _wall = run_phase(workers, timeout=timeout, pids={"broker": broker.pid},
                                         label=label, go=go_payload)
-    return _merge(results), _cpu_summary(cpu)
+    return _merge(results), _cpu_summary(cpu, opts)
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -182,7 +197,7 @@ def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> d
     specs.append(("bench.loadgen.poster", {"server": broker.server, "token": owner, "conv": conv,
                                            "posts": posts, "interval_s": interval,
                                            "body_bytes": BODY_BYTES}))
-    with Workers(specs, progress) as workers:
+    with Workers(specs, progress, load_cpus(opts)) as workers:
         workers.gather("ready", 300, f"fanout {k}: subscribing")
         results, cpu, _ = run_phase(workers, timeout=posts * interval * 4 + 60,
                                     pids={"broker": broker.pid}, label=f"fanout {k}")
@@ -199,7 +214,7 @@ def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> d
         "last_delivery_ms": round(p50, 3), "last_delivery_p99_ms": round(p99, 3),
         "last_delivery_max_ms": round(times[-1], 3),
         "deliveries_per_s": round(k / (p50 / 1000)) if p50 else 0,
-        "cpu": _cpu_summary(cpu),
+        "cpu": _cpu_summary(cpu, opts),
     }
 
 
@@ -213,7 +228,7 @@ def connections(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict
                                      "ping_s": 10})
              for p in range(procs)]
     started = time.monotonic()
-    with Workers(specs, progress) as workers:
+    with Workers(specs, progress, load_cpus(opts)) as workers:
         ready = workers.gather("ready", 600, f"connections: opening {c}")
         connect_s = time.monotonic() - started
         time.sleep(1.0)

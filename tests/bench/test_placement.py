@@ -1,0 +1,135 @@
+"""`homing bench --pin`: the split of the CPUs, and real processes placed on their halves."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from bench import placement
+from bench.harness import BrokerProcess, Workers
+
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs at least 2 usable CPUs")
+
+
+def report_affinity(spec: dict, pipe: Any) -> None:
+    """A load-process target: say which CPUs this process, and a thread it starts, may use."""
+    seen = {}
+    t = threading.Thread(target=lambda: seen.update(thread=sorted(os.sched_getaffinity(0))))
+    t.start()
+    t.join()
+    pipe.send(("ready", {"process": sorted(os.sched_getaffinity(0)), **seen}))
+    pipe.recv()
+
+
+def test_the_server_gets_the_first_half_and_the_load_the_rest():
+    assert placement.plan([0, 1]) == {"server": [0], "load": [1]}
+    assert placement.plan([3, 1, 2, 0]) == {"server": [0, 1], "load": [2, 3]}
+    assert placement.plan(range(5)) == {"server": [0, 1], "load": [2, 3, 4]}
+    with pytest.raises(placement.PlacementError, match="at least 2 CPUs"):
+        placement.plan([0])
+
+
+@needs_two
+def test_load_processes_and_their_threads_run_on_the_load_cpus():
+    chosen = placement.plan(CPUS)
+    with Workers([("tests.bench.test_placement.report_affinity", {})] * 2,
+                 cpus=chosen["load"]) as workers:
+        seen = workers.gather("ready", 60)
+    assert seen == [{"process": chosen["load"], "thread": chosen["load"]}] * 2
+
+
+@needs_two
+def test_the_broker_runs_on_the_server_cpus_with_all_its_threads():
+    chosen = placement.plan(CPUS)
+    with BrokerProcess(cpus=chosen["server"]) as broker:
+        tids = os.listdir(f"/proc/{broker.pid}/task")
+        assert {tuple(sorted(os.sched_getaffinity(int(t)))) for t in tids} == {
+            tuple(chosen["server"])}
+
+
+@needs_two
+def test_a_running_process_is_pinned_for_the_block_and_then_put_back():
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import threading, time\n"
+                              "threading.Thread(target=time.sleep, args=(60,)).start()\n"
+                              "time.sleep(60)"])
+    try:
+        tids: list[int] = []
+        deadline = time.monotonic() + 30
+        while len(tids) < 2 and time.monotonic() < deadline:  # wait for its second thread
+            tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) == 2
+        before = {t: os.sched_getaffinity(t) for t in tids}
+        with placement.pinned(child.pid, CPUS[:1]):
+            assert {t: os.sched_getaffinity(t) for t in tids} == {t: {CPUS[0]} for t in tids}
+        assert {t: os.sched_getaffinity(t) for t in tids} == before
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_pinning_a_process_that_is_gone_is_a_placement_error():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    with pytest.raises(placement.PlacementError, match="cannot see the threads"):
+        with placement.pinned(child.pid, CPUS[:1] or [0]):
+            pass
+
+
+@needs_two
+def test_bench_pin_on_one_cpu_is_a_usage_error():
+    run = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "bench", "latency", "--pin"],
+        capture_output=True, text=True, timeout=60,
+        preexec_fn=lambda: os.sched_setaffinity(0, {CPUS[0]}))
+    assert run.returncode == 2
+    assert "--pin needs at least 2 CPUs; this process may use 1" in run.stderr
+
+
+@needs_two
+def test_bench_pin_records_the_placement_and_flags_nothing_at_a_light_load(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "bench", "latency", "--pin", "--procs", "1",
+         "--senders", "2", "--receivers", "2", "--rates", "200", "--duration", "1",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    chosen = placement.plan(CPUS)
+    assert (f"pinned: server on CPUs {','.join(map(str, chosen['server']))}, "
+            f"load on CPUs {','.join(map(str, chosen['load']))}") in run.stdout
+    assert "CPU-bound" not in run.stdout
+    doc = json.loads(out.read_text())
+    assert doc["environment"]["settings"]["placement"] == chosen
+    (lat,) = doc["results"]["latency"]
+    assert lat["received"] == 200 and lat["cpu"]["load_bound"] is False
+
+
+def test_a_load_side_at_its_limit_is_flagged_as_the_bottleneck():
+    from bench.report import load_bound
+    from bench.scenarios import _cpu_summary
+
+    pinned = {"placement": {"server": [0], "load": [1]}}
+    free = {"placement": None}
+    # One process cannot use more than one core, whatever the others do.
+    assert _cpu_summary({"broker": 20.0, "load0": 91.0, "load1": 2.0}, free)["load_bound"]
+    # Pinned: the load's own CPUs are full although no single process is.
+    assert _cpu_summary({"broker": 20.0, "load0": 46.0, "load1": 45.0}, pinned)["load_bound"]
+    assert not _cpu_summary({"broker": 95.0, "load0": 40.0, "load1": 40.0}, pinned)["load_bound"]
+    # Not pinned: the whole machine is the capacity.
+    cores = os.cpu_count() or 1
+    busy = {"broker": 100.0 * cores * 0.5, "load0": 100.0 * cores * 0.45}
+    assert _cpu_summary(busy, free)["load_bound"]
+    assert not _cpu_summary({"broker": 10.0, "load0": 10.0}, free)["load_bound"]
+    results = {"latency": [{"rate": 5000, "cpu": {"load_bound": False},
+                            "peer": {"redis": {"cpu": {"load_bound": True}}}}],
+               "connections": {"cpu": {}, "throughput": {"cpu": {"load_bound": True}}}}
+    assert load_bound(results) == ["latency 5000/s vs redis", "connections+throughput"]
