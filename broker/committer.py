@@ -3,7 +3,8 @@
 Rules kept here:
 - An appender is told its outcome only after `Store.execute` returned, i.e. after the batch's
   single durable commit (fsync). Never before: that is the at-least-once promise.
-- The commit runs in a worker thread, so the event loop keeps serving while the disk syncs.
+- The commit runs in a worker thread (broker/worker.py, one for the committer's life), so the
+  event loop keeps serving while the disk syncs.
 - Commands are committed in submission order; a batch holds everything queued when the previous
   commit finished (at most `max_batch`), so batches grow with load and latency stays one sync.
 - Device acks are coalesced: a later ack of the same device merges into a queued one (acks are
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 import trio
 
+from broker.worker import WorkerThread
 from storage.commands import Ack
 from storage.errors import StorageError
 
@@ -84,6 +86,7 @@ class Committer:
         self.commands = 0
         self.committed_lsn = store.last_lsn()
         self._lsn_moved = trio.Event()
+        self._thread = WorkerThread("homing-commit")
 
     def enqueue(self, command: object, done: Done | None = None, context: Any = None) -> Pending:
         """Queue `command` now, in submission order; `done(pending)` runs after the commit."""
@@ -118,7 +121,14 @@ class Committer:
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Commit batches until `close` was called and the queue is empty."""
-        task_status.started()
+        self._thread.start()
+        try:
+            task_status.started()
+            await self._serve()
+        finally:
+            self._thread.stop()
+
+    async def _serve(self) -> None:
         while True:
             if not self._queue:
                 if self._closing:
@@ -185,9 +195,7 @@ class Committer:
     async def _execute(self, batch: list[Pending], commands: list[object]) -> list[Any] | None:
         """Run one batch in a worker thread; on a failed batch, fail its commands and say None."""
         try:
-            return await trio.to_thread.run_sync(
-                self._store.execute, commands, abandon_on_cancel=False
-            )
+            return await self._thread.run(self._store.execute, commands)
         except StorageError as exc:
             log.error("batch_failed", commands=len(commands), error=str(exc))
             for p in batch:
