@@ -127,7 +127,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"storage hot loops {env['storage_native']}, frame codec {env['protocol_native']}")
     bound = report.load_bound(results)
     if bound:
-        print(f"the load processes were CPU-bound in: {', '.join(bound)}; those figures "
+        print(f"* the load processes were CPU-bound in: {', '.join(bound)}; those figures "
               "measure the clients as much as the server (docs/BENCHMARKS.md, \"CPU placement\")")
     if opts["placement"]:
         cpus = opts["placement"]

@@ -75,9 +75,10 @@ def rows(results: dict) -> list[tuple[str, str, Any, Any, Any]]:
                 out.append((name, key, entry[key], None, None))
         cpu = entry.get("cpu")
         if cpu:
-            out.append((name, "cpu% broker/load/other", f"{cpu['broker_pct']:.0f} / "
-                        f"{cpu['load_pct_total']:.0f} (max {cpu['load_pct_max_process']:.0f})"
-                        f" / {cpu.get('other_pct', 0):.0f}", None, None))
+            peer_cpus = [(n, p["cpu"]) for n, p in peers.items() if p.get("cpu")] or [(None, None)]
+            for peer_name, peer_cpu in peer_cpus:
+                out.append((name, "cpu% broker/load/other", _cpu(cpu),
+                            f"{peer_name}: {_cpu(peer_cpu)}" if peer_cpu else None, None))
 
     if "throughput" in results:
         add("throughput", results["throughput"], ("msgs_per_s", "sends_per_s"))
@@ -121,6 +122,13 @@ def load_bound(results: dict) -> list[str]:
                 label = f"fanout {entry['subscribers']}"
             check(label, entry)
     return out
+
+
+def _cpu(cpu: dict) -> str:
+    """A `cpu` entry as "server / load (max busiest load process) / other", * if load-bound."""
+    return (f"{cpu['broker_pct']:.0f} / {cpu['load_pct_total']:.0f} "
+            f"(max {cpu['load_pct_max_process']:.0f}) / {cpu.get('other_pct', 0):.0f}"
+            f"{' *' if cpu.get('load_bound') else ''}")
 
 
 def _fmt(v: Any) -> str:

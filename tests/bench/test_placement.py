@@ -133,3 +133,18 @@ def test_a_load_side_at_its_limit_is_flagged_as_the_bottleneck():
                             "peer": {"redis": {"cpu": {"load_bound": True}}}}],
                "connections": {"cpu": {}, "throughput": {"cpu": {"load_bound": True}}}}
     assert load_bound(results) == ["latency 5000/s vs redis", "connections+throughput"]
+
+
+def test_the_table_shows_each_peers_cpu_and_marks_a_load_bound_run():
+    from bench.report import table
+
+    def cpu(server, load, bound):
+        return {"broker_pct": server, "load_pct_total": load, "load_pct_max_process": load / 4,
+                "other_pct": 0.0, "load_bound": bound}
+
+    text = table({"throughput": {
+        "msgs_per_s": 40_000, "cpu": cpu(85.0, 39.0, False),
+        "peer": {"redis": {"msgs_per_s": 49_000, "cpu": cpu(31.0, 164.0, True)}},
+        "ratio": {"redis": {"msgs_per_s": 0.816}}}})
+    assert "| 85 / 39 (max 10) / 0 " in text
+    assert "redis: 31 / 164 (max 41) / 0 *" in text
