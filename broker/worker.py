@@ -32,7 +32,7 @@ class WorkerThread:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._calls: queue.SimpleQueue[Any] | None = None  # each start makes its own
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
 
@@ -41,14 +41,14 @@ class WorkerThread:
         if self._thread is not None:
             raise RuntimeError(f"{self.name} was started already")
         self._token = trio.lowlevel.current_trio_token()
-        self._calls = queue.SimpleQueue()  # a thread of an earlier start keeps its own
+        self._calls = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._serve, args=(self._calls,), name=self.name,
                                         daemon=True)
         self._thread.start()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in the thread and return its result (or raise its exception)."""
-        if self._thread is None:
+        if self._thread is None or self._calls is None:
             raise RuntimeError(f"{self.name} is not running")
         box: list[Any] = [trio.lowlevel.current_task(), False, None]
         self._calls.put((fn, args, box))
@@ -59,7 +59,7 @@ class WorkerThread:
 
     def stop(self) -> None:
         """Let the thread end after the call it is running (if any); does not wait for it."""
-        if self._thread is not None:
+        if self._thread is not None and self._calls is not None:
             self._calls.put(_STOP)
             self._thread = None
 
