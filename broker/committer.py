@@ -4,7 +4,8 @@ Rules kept here:
 - An appender is told its outcome only after `Store.execute` returned, i.e. after the batch's
   single durable commit (fsync). Never before: that is the at-least-once promise.
 - The commit runs in a worker thread (broker/worker.py, one for the committer's life), so the
-  event loop keeps serving while the disk syncs.
+  event loop keeps serving while the disk syncs. The next batch is handed to that thread before
+  the replies and fan-out of the last one run here, so a commit's sync overlaps that work.
 - Commands are committed in submission order; a batch holds everything queued when the previous
   commit finished (at most `max_batch`), so batches grow with load and latency stays one sync.
 - Device acks are coalesced: a later ack of the same device merges into a queued one (acks are
@@ -21,7 +22,7 @@ from typing import Any
 import structlog
 import trio
 
-from broker.worker import WorkerThread
+from broker.worker import Call, WorkerThread
 from storage.commands import Ack
 from storage.errors import StorageError
 
@@ -56,6 +57,20 @@ class Pending:
             self.done(self)
         if self.event is not None:
             self.event.set()
+
+
+class _Batch:
+    """One batch on its way: submitted to the worker thread, then durable, then fanned out."""
+
+    __slots__ = ("acks", "call", "commands", "outcomes", "pending")
+
+    def __init__(self, pending: list[Pending], commands: list[object],
+                 acks: list[tuple[tuple[str, str], int]], call: Call) -> None:
+        self.pending = pending
+        self.commands = commands
+        self.acks = acks  # ((user, device), upto) of the batch's acks
+        self.call = call
+        self.outcomes: list[Any] = []
 
 
 class Committer:
@@ -129,19 +144,36 @@ class Committer:
             self._thread.stop()
 
     async def _serve(self) -> None:
+        # Batch N+1 goes to the worker thread before batch N's replies and fan-out run here, so
+        # N+1's commit (its sync above all, which needs no GIL) overlaps N's fan-out. N+1 holds
+        # what was queued while N committed, as before: the fan-out reads no frames.
+        committed: _Batch | None = None  # durable; its replies and fan-out still to do
         while True:
+            started = None
+            if self._queue and (committed is None or not self._only_acks()):
+                if self._only_acks():
+                    await self._linger()
+                started = self._start(self._take())
+            if committed is not None:
+                self._fan_out(committed)
+                committed = None
+            if started is not None:
+                committed = await self._finish(started)
+                continue
             if not self._queue:
                 if self._closing:
                     self._idle.set()
                     return
                 await self._wake.wait()
                 self._wake = trio.Event()
-                continue
-            if len(self._acks) == len(self._queue) and not self._closing:
-                await self._linger()
-            batch = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            await self._commit(batch)
+
+    def _only_acks(self) -> bool:
+        return len(self._acks) == len(self._queue) and not self._closing
+
+    def _take(self) -> list[Pending]:
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        return batch
 
     async def _linger(self) -> None:
         """Only acks are queued: give other work up to ACK_LINGER_S to join their commit.
@@ -151,11 +183,12 @@ class Committer:
         send: a send arriving meanwhile ends the wait at once.
         """
         with trio.move_on_after(self.ack_linger_s):
-            while len(self._acks) == len(self._queue) and not self._closing:
+            while self._only_acks():
                 self._wake = trio.Event()
                 await self._wake.wait()
 
-    async def _commit(self, batch: list[Pending]) -> None:
+    def _start(self, batch: list[Pending]) -> _Batch:
+        """Hand `batch` to the worker thread; its acks are no longer open to merging."""
         acks = self._acks
         batch_acks = []
         for p in batch:
@@ -165,45 +198,47 @@ class Committer:
                 if acks.get(key) is p:
                     del acks[key]
         commands = [p.command for p in batch]
-        try:
-            outcomes = await self._execute(batch, commands)
-        finally:
-            unsynced = self._unsynced_acks
-            for key, upto in batch_acks:  # durable now, or lost with the batch (redelivered)
-                if unsynced.get(key) == upto:
-                    del unsynced[key]
-        if outcomes is None:
-            return
-        last = max((o.lsn for o in outcomes), default=0)
-        if last > self.committed_lsn:
-            self.committed_lsn = last
-            self._lsn_moved.set()
-            self._lsn_moved = trio.Event()
-        self.batches += 1
-        self.commands += len(batch)
-        with self._fanout():
-            for p, outcome in zip(batch, outcomes, strict=True):
-                try:
-                    p.finish(outcome, None)
-                except Exception:
-                    log.exception("commit_callback_failed")
-            try:
-                self._on_committed(commands, outcomes)
-            except Exception:
-                log.exception("commit_fanout_failed")
+        call = self._thread.submit(self._store.execute, commands)
+        return _Batch(batch, commands, batch_acks, call)
 
-    async def _execute(self, batch: list[Pending], commands: list[object]) -> list[Any] | None:
-        """Run one batch in a worker thread; on a failed batch, fail its commands and say None."""
+    async def _finish(self, started: _Batch) -> _Batch | None:
+        """Wait for a started batch to be durable; None if it failed (its commands are told)."""
         try:
-            return await self._thread.run(self._store.execute, commands)
+            started.outcomes = await self._thread.wait(started.call)
         except StorageError as exc:
-            log.error("batch_failed", commands=len(commands), error=str(exc))
-            for p in batch:
+            log.error("batch_failed", commands=len(started.commands), error=str(exc))
+            for p in started.pending:
                 try:
                     p.finish(None, exc)
                 except Exception:
                     log.exception("commit_callback_failed")
             return None
+        finally:
+            unsynced = self._unsynced_acks
+            for key, upto in started.acks:  # durable now, or lost with the batch (redelivered)
+                if unsynced.get(key) == upto:
+                    del unsynced[key]
+        last = max((o.lsn for o in started.outcomes), default=0)
+        if last > self.committed_lsn:
+            self.committed_lsn = last
+            self._lsn_moved.set()
+            self._lsn_moved = trio.Event()
+        self.batches += 1
+        self.commands += len(started.pending)
+        return started
+
+    def _fan_out(self, done: _Batch) -> None:
+        """Tell each submitter of a durable batch its outcome, then run `on_committed`."""
+        with self._fanout():
+            for p, outcome in zip(done.pending, done.outcomes, strict=True):
+                try:
+                    p.finish(outcome, None)
+                except Exception:
+                    log.exception("commit_callback_failed")
+            try:
+                self._on_committed(done.commands, done.outcomes)
+            except Exception:
+                log.exception("commit_fanout_failed")
 
     def acked_mark(self, user: str, device: str) -> int:
         """The highest ack of this device that is queued or being committed (0 if none)."""

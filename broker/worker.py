@@ -25,9 +25,11 @@ _STOP = object()
 class WorkerThread:
     """Start with `start()` from trio, `await run(fn, *args)`, and `stop()` when done.
 
-    `run` cannot be cancelled: a call that started runs to its end and its caller gets the
-    result (as `trio.to_thread.run_sync(..., abandon_on_cancel=False)`), which the committer
-    needs, since a batch it started may have become durable.
+    `run` is `submit` then `wait`; the two halves let a task start a call, do other work while
+    the thread runs it, and then collect its result. Waiting cannot be cancelled: a call that
+    started runs to its end and its caller gets the result (as
+    `trio.to_thread.run_sync(..., abandon_on_cancel=False)`), which the committer needs, since
+    a batch it started may have become durable.
     """
 
     def __init__(self, name: str) -> None:
@@ -48,14 +50,24 @@ class WorkerThread:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` in the thread and return its result (or raise its exception)."""
+        return await self.wait(self.submit(fn, *args))
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> Call:
+        """Queue `fn(*args)` for the thread (calls run one at a time, in submission order)."""
         if self._thread is None or self._calls is None:
             raise RuntimeError(f"{self.name} is not running")
-        box: list[Any] = [trio.lowlevel.current_task(), False, None]
-        self._calls.put((fn, args, box))
-        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
-        if box[1]:
-            raise box[2]
-        return box[2]
+        call = Call()
+        self._calls.put((fn, args, call))
+        return call
+
+    async def wait(self, call: Call) -> Any:
+        """Wait for a submitted call to end; return its result (or raise its exception)."""
+        if not call.ended:
+            call.task = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        if call.failed:
+            raise call.result
+        return call.result
 
     def stop(self) -> None:
         """Let the thread end after the call it is running (if any); does not wait for it."""
@@ -65,13 +77,36 @@ class WorkerThread:
 
     def _serve(self, calls: queue.SimpleQueue[Any]) -> None:
         token = self._token
-        while (call := calls.get()) is not _STOP:
-            fn, args, box = call
+        while (item := calls.get()) is not _STOP:
+            fn, args, call = item
             try:
-                box[2] = fn(*args)
+                call.result = fn(*args)
             except BaseException as exc:
-                box[1], box[2] = True, exc
+                call.failed, call.result = True, exc
             try:
-                token.run_sync_soon(trio.lowlevel.reschedule, box[0])
+                token.run_sync_soon(_end, call)
             except trio.RunFinishedError:  # the trio run ended meanwhile: nobody to tell
                 return
+
+
+class Call:
+    """A call submitted to a WorkerThread.
+
+    The worker writes `result` and `failed`, then hands the call back to the trio thread, where
+    alone `ended` and `task` change: a waiter that sees `ended` sees the result too.
+    """
+
+    __slots__ = ("ended", "failed", "result", "task")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.failed = False
+        self.result: Any = None
+        self.task: trio.lowlevel.Task | None = None  # the task waiting for it, if any
+
+
+def _end(call: Call) -> None:
+    """Runs in the trio thread once the worker finished `call`: wake its waiter, if any."""
+    call.ended = True
+    if call.task is not None:
+        trio.lowlevel.reschedule(call.task)

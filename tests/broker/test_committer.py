@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import trio
 
 from broker.committer import Committer
 from storage.commands import Ack, SendMessage
+from storage.errors import StorageFull
 from storage.store import Store
 
 BODY = "x" * 200
@@ -122,4 +126,98 @@ async def test_a_commit_of_only_acks_waits_for_other_work_but_not_longer(tmp_pat
                 assert store.delivered("b", "phone") == 2  # committed alone after the linger
                 await committer.close()
     finally:
+        store.close()
+
+
+class _WatchedStore(Store):
+    """A real store that records which cid each batch began with, and can hold a batch (or
+    fail it as a full disk fails a commit) until the test releases it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.began: list[str] = []
+        self.hold: dict[str, threading.Event] = {}
+        self.fail: set[str] = set()
+
+    def execute(self, commands, now_us=None):
+        first = commands[0].cid
+        self.began.append(first)
+        if first in self.hold:
+            self.hold[first].wait(10)
+        if first in self.fail:
+            raise StorageFull("disk full (test)")
+        return super().execute(commands, now_us)
+
+
+async def _two_batches(committer: Committer, store: _WatchedStore):
+    """Queue cid "a", and once its batch is in the worker, cid "b": the next batch."""
+    first = committer.enqueue(SendMessage("u", "d", "user", "a", BODY, to="v"))
+    first.event = trio.Event()
+    while store.began != ["a"]:
+        await trio.sleep(0.001)
+    second = committer.enqueue(SendMessage("u", "d", "user", "b", BODY, to="v"))
+    second.event = trio.Event()
+    return first, second
+
+
+async def test_the_next_batch_commits_while_the_last_one_fans_out(tmp_path):
+    """Batch 2 is in the worker thread before batch 1's replies and fan-out run; both are told
+    their outcomes in commit order, each only once durable."""
+    store = _WatchedStore.open(str(tmp_path / "d"))
+    store.hold["b"] = threading.Event()
+    fanned: list[tuple[list[str], list[str]]] = []  # (cids of the batch, batches begun then)
+
+    def on_committed(commands, outcomes):
+        if commands[0].cid == "a":  # give batch 2 time to reach the worker, if it was handed on
+            deadline = time.monotonic() + 5
+            while "b" not in store.began and time.monotonic() < deadline:
+                time.sleep(0.001)
+        fanned.append(([c.cid for c in commands], list(store.began)))
+        for c, o in zip(commands, outcomes, strict=True):
+            assert o.error is None
+            assert [e.data["cid"] for e in store.read_events(o.lsn, o.lsn)] == [c.cid]
+
+    committer = Committer(store, on_committed=on_committed)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(committer.serve)
+                first, second = await _two_batches(committer, store)
+                await first.event.wait()
+                # Batch 1's fan-out ran while batch 2 was already in the worker (held there).
+                assert fanned == [(["a"], ["a", "b"])]
+                assert second.outcome is None
+                store.hold["b"].set()
+                await second.event.wait()
+                await committer.close()
+        assert [cids for cids, _ in fanned] == [["a"], ["b"]]
+        assert second.outcome.lsn > first.outcome.lsn
+    finally:
+        store.hold["b"].set()
+        store.close()
+
+
+async def test_a_failed_batch_fails_only_its_own_commands_while_the_last_one_fans_out(tmp_path):
+    """A batch that fails (a full disk) while the previous one fans out fails only its own
+    commands; the earlier batch's appenders are told success, the later ones go on."""
+    store = _WatchedStore.open(str(tmp_path / "d"))
+    store.hold["b"] = threading.Event()
+    store.fail.add("b")
+    committer = Committer(store)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(committer.serve)
+                first, second = await _two_batches(committer, store)
+                await first.event.wait()
+                store.hold["b"].set()
+                await second.event.wait()
+                third = await committer.submit(SendMessage("u", "d", "user", "c", BODY, to="v"))
+                await committer.close()
+        assert first.error is None and first.outcome.error is None
+        assert isinstance(second.error, StorageFull)
+        assert third.error is None and third.lsn > first.outcome.lsn
+        assert [e.data["cid"] for e in store.read_events() if "cid" in e.data] == ["a", "c"]
+    finally:
+        store.hold["b"].set()
         store.close()

@@ -110,3 +110,45 @@ async def test_stop_ends_the_thread_and_a_restart_gets_a_new_one():
         assert await worker.run(int, "3") == 3
     finally:
         worker.stop()
+
+
+async def test_submit_then_wait_collects_results_in_order_even_after_they_ended():
+    """Submitted calls run in order; waiting after a call ended returns its result at once."""
+    worker = WorkerThread("test-worker")
+    worker.start()
+    try:
+        order = []
+        first = worker.submit(lambda: order.append(1) or "one")
+        second = worker.submit(divmod, 1, 0)
+        third = worker.submit(lambda: order.append(3) or "three")
+        with trio.fail_after(10):
+            assert await worker.wait(third) == "three"  # the later call, waited for first
+            assert await worker.wait(first) == "one"  # ended long ago
+            with pytest.raises(ZeroDivisionError):
+                await worker.wait(second)
+        assert order == [1, 3]
+    finally:
+        worker.stop()
+
+
+async def test_the_trio_thread_works_while_a_submitted_call_runs():
+    """Between submit and wait the caller runs on: the call and the caller's work overlap."""
+    worker = WorkerThread("test-worker")
+    worker.start()
+    try:
+        started = threading.Event()
+        release = threading.Event()
+
+        def blocked() -> str:
+            started.set()
+            release.wait(10)
+            return "done"
+
+        call = worker.submit(blocked)
+        assert started.wait(10)  # running in the worker, and this task was never blocked
+        assert not call.ended
+        release.set()
+        with trio.fail_after(10):
+            assert await worker.wait(call) == "done"
+    finally:
+        worker.stop()
