@@ -4,8 +4,8 @@
 Everything else is in pyproject.toml. Where no C compiler is found the build goes on without them
 (`optional=True`) and homing runs the same code in Python: `storage.projections.add_message` and
 the rules for every send (same rows, slower replay and commits), and `Connection.send`'s Python
-checks for every frame (same bytes). `homing version`, `homing audit stats` and the broker's
-`broker_listening` log line say which ones run.
+checks for every frame (same bytes). `homing bench`, `python -m bench.bench_replay` and the
+broker's `broker_listening` log line say which ones run.
 """
 
 from setuptools import Extension, setup

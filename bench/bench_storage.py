@@ -5,6 +5,12 @@ most a commit can hold when 64 appenders each wait for their event before the ne
 
 The group-commit path runs twice: 64 appenders with one event in flight each (issue 2's
 figure), then with `--in-flight` (16) queued each, as pipelining connections have them.
+Before them, the disk: one synced write of a page, of 64 scattered pages and of 64 contiguous
+pages (a commit's sync costs what its pages cost: LMDB writes every page a batch dirtied, and on
+a disk that charges per request, scattered pages cost several times contiguous ones). The
+group-commit lines say how many events and pages (4 KiB, from the process's written bytes) a
+commit held. The service-burst line compares a commit of one sender's 16 sends with random cids
+and with the SDK's time-ordered ones (broker.client.new_cid): pages and time per commit.
 Run `python -m bench.bench_storage [--events N] [--in-flight K]`. Each figure is the median of
 3 runs, each on a fresh temporary directory. The process sets up its cyclic GC as `homing serve`
 does (`broker.cli.tune_gc`), so the group-commit path runs as in the broker; `--python-gc`
@@ -15,22 +21,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import random
 import statistics
 import tempfile
 import time
+import uuid
 
 import lmdb
 import structlog
 import trio
 
 from broker.cli import tune_gc
+from broker.client import new_cid
 from broker.committer import Committer
 from broker.config import Config
 from storage.commands import SendMessage
 from storage.store import Store
 
 RUNS = 3
+PAGE = 4096  # LMDB's page size here (the OS page)
 BODY = "x" * 200
 USERS = [f"user{i:02d}" for i in range(16)]
 
@@ -51,10 +62,10 @@ def raw_lmdb(puts: int = 200_000, per_txn: int = 1000) -> float:
 
 
 async def _group_commit(store: Store, appenders: int, per_appender: int,
-                        in_flight: int) -> tuple[float, float]:
+                        in_flight: int) -> tuple[float, float, float, float]:
     """Appenders through the broker's own group-commit coordinator (broker/committer.py), each
     with `in_flight` events queued at a time (as a pipelining connection has); return (durable
-    events/s, max event-loop stall s)."""
+    events/s, max event-loop stall s, events per commit, pages written per commit)."""
     committer = Committer(store)
     done = False
     max_stall = 0.0
@@ -79,25 +90,95 @@ async def _group_commit(store: Store, appenders: int, per_appender: int,
     async with trio.open_nursery() as outer:
         await outer.start(committer.serve)
         outer.start_soon(stall_probe)
+        written, batches = written_bytes(), committer.batches
         start = time.perf_counter()
         async with trio.open_nursery() as inner:
             for i in range(appenders):
                 inner.start_soon(appender, i)
         elapsed = time.perf_counter() - start
+        written, batches = written_bytes() - written, committer.batches - batches
         done = True
         await committer.close()
-    return appenders * per_appender / elapsed, max_stall
+    events = appenders * per_appender
+    return events / elapsed, max_stall, events / batches, written / PAGE / batches
 
 
 def group_commit(appenders: int = 64, per_appender: int = 500,
-                 in_flight: int = 1) -> tuple[float, float]:
-    """The group-commit path on a fresh store; return (durable events/s, max loop stall s)."""
+                 in_flight: int = 1) -> tuple[float, float, float, float]:
+    """The group-commit path on a fresh store; return (durable events/s, max loop stall s,
+    events per commit, pages written per commit)."""
     with tempfile.TemporaryDirectory() as d:
         store = Store.open(d)
         try:
             return trio.run(_group_commit, store, appenders, per_appender, in_flight)
         finally:
             store.close()
+
+
+def written_bytes() -> float:
+    """Bytes this process has written with write calls so far (Linux's /proc/self/io `wchar`);
+    NaN where that is not to be read."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(float(line.split()[1]) for line in f if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return math.nan
+
+
+def disk(pages: int = 64, reps: int = 60) -> tuple[float, float, float]:
+    """Median seconds of one synced write (`fdatasync`) of 1 page, of `pages` scattered pages,
+    and of `pages` contiguous pages, in a scratch file where the stores go."""
+    page = os.urandom(PAGE)
+    span = 16_384  # pages of scratch file the scattered writes land in (64 MiB)
+    rng = random.Random(1)
+    with tempfile.TemporaryDirectory() as d:
+        fd = os.open(os.path.join(d, "scratch"), os.O_RDWR | os.O_CREAT)
+        try:
+            block = bytes(PAGE * 256)
+            for _ in range(span // 256):  # written out, so no write below allocates
+                os.write(fd, block)
+            os.fsync(fd)
+
+            def timed(offsets: list[int], data: bytes) -> float:
+                t0 = time.perf_counter()
+                for offset in offsets:
+                    os.pwrite(fd, data, offset * PAGE)
+                os.fdatasync(fd)
+                return time.perf_counter() - t0
+
+            one = [timed([rng.randrange(span)], page) for _ in range(reps)]
+            scattered = [timed(rng.sample(range(span), pages), page) for _ in range(reps)]
+            contiguous = [timed([rng.randrange(span - pages)], page * pages) for _ in range(reps)]
+        finally:
+            os.close(fd)
+    return statistics.median(one), statistics.median(scattered), statistics.median(contiguous)
+
+
+def service_burst(cids: str, sends: int = 16, commits: int = 1000,
+                  members: int = 2000) -> tuple[float, float]:
+    """One service sending `sends` messages a commit to `members` members in turn, with the
+    SDK's time-ordered cids (`cids="ordered"`, broker.client.new_cid) or random ones
+    ("random", uuid4 hex); return (median s per commit, pages written per commit) over the
+    second half of the commits, when the idempotency index has grown."""
+    make = new_cid if cids == "ordered" else (lambda: uuid.uuid4().hex)
+    with tempfile.TemporaryDirectory() as d:
+        store = Store.open(d)
+        try:
+            times, written, n = [], 0.0, 0
+            for i in range(commits):
+                batch = []
+                for _ in range(sends):
+                    batch.append(SendMessage("shop", "svc", "service", make(), BODY,
+                                             to=f"m{n % members:05d}"))
+                    n += 1
+                w, t0 = written_bytes(), time.perf_counter()
+                store.execute(batch)
+                if i >= commits // 2:
+                    times.append(time.perf_counter() - t0)
+                    written += written_bytes() - w
+        finally:
+            store.close()
+    return statistics.median(times), written / PAGE / len(times)
 
 
 def rebuild(events: int) -> float:
@@ -141,16 +222,29 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if not args.python_gc:
         tune_gc(Config().gc_young_threshold)
+    one, scattered, contiguous = disk()
+    print(f"disk, one synced write: 1 page {one * 1000:.2f} ms, 64 scattered pages "
+          f"{scattered * 1000:.2f} ms, 64 contiguous pages {contiguous * 1000:.2f} ms")
     print(f"raw lmdb, 1,000 puts/txn, sync: {median(raw_lmdb):,.0f} puts/s")
     # The ceiling of 64 appenders with one event in flight each: a batch holds at most 64.
     print(f"raw lmdb, 64 puts/txn, sync: {median(raw_lmdb, 64_000, 64):,.0f} puts/s")
-    rate, stall = median(group_commit, 64, args.per_appender)
-    print(f"group commit, 64 appenders: {rate:,.0f} durable events/s, "
-          f"max loop stall {stall * 1000:.1f} ms")
+    runs = [("64 appenders", 1)]
     if args.in_flight > 1:
-        rate, stall = median(group_commit, 64, args.per_appender * args.in_flight, args.in_flight)
-        print(f"group commit, 64 appenders with {args.in_flight} events in flight each: "
-              f"{rate:,.0f} durable events/s, max loop stall {stall * 1000:.1f} ms")
+        runs.append((f"64 appenders with {args.in_flight} events in flight each", args.in_flight))
+    for label, in_flight in runs:
+        rate, stall, events, pages = median(group_commit, 64, args.per_appender * in_flight,
+                                            in_flight)
+        print(f"group commit, {label}: {rate:,.0f} durable events/s, max loop stall "
+              f"{stall * 1000:.1f} ms; {events:,.0f} events and {pages:,.0f} pages per commit")
+    bursts = {"random": [], "ordered": []}
+    for _ in range(RUNS):  # alternating, so drift over the minute hits both alike
+        for cids, runs in bursts.items():
+            runs.append(service_burst(cids))
+    (r_s, r_pages), (o_s, o_pages) = (
+        tuple(statistics.median(r[i] for r in runs) for i in range(2)) for runs in bursts.values())
+    print(f"service burst, 16 sends a commit to 2,000 members: random cids {r_s * 1000:.2f} ms "
+          f"and {r_pages:,.0f} pages per commit; time-ordered cids (the SDK's) {o_s * 1000:.2f} ms "
+          f"and {o_pages:,.0f} pages")
     print(f"rebuild of {args.events:,} events: {median(rebuild, args.events):,.0f} events/s")
 
 

@@ -1,0 +1,37 @@
+"""bench.bench_storage at tiny sizes: its figures come out, and they mean what they say."""
+
+from __future__ import annotations
+
+import math
+
+from bench.bench_storage import disk, group_commit, service_burst, written_bytes
+
+
+def test_the_disk_profile_times_each_kind_of_synced_write():
+    """One page, scattered pages and contiguous pages each take a positive, finite time."""
+    figures = disk(pages=8, reps=3)
+    assert all(0 < f < 10 for f in figures), figures
+
+
+def test_group_commit_says_how_many_events_and_pages_a_commit_held():
+    """8 appenders with 4 events in flight: every event durable; a commit holds 1 to 32 events
+    and writes at least a page (the log's own) wherever the process's written bytes are known."""
+    before = written_bytes()
+    rate, stall, events, pages = group_commit(8, 40, 4)
+    assert rate > 0 and stall >= 0
+    assert 1 <= events <= 32
+    if math.isnan(before):  # no /proc/self/io here: the figure says it is unknown
+        assert math.isnan(pages)
+    else:
+        assert written_bytes() > before
+        assert pages >= 1
+
+
+def test_a_service_burst_with_time_ordered_cids_writes_fewer_pages_than_random_ones():
+    """16 sends of one sender a commit: the SDK's time-ordered cids touch one tail of the
+    idempotency index where random ones touch a page each (page counts, not times)."""
+    if math.isnan(written_bytes()):
+        return  # no /proc/self/io: pages are not counted here
+    _, random_pages = service_burst("random", commits=400)
+    _, ordered_pages = service_burst("ordered", commits=400)
+    assert ordered_pages < random_pages - 5, (ordered_pages, random_pages)
