@@ -6,8 +6,7 @@ most a commit can hold when 64 appenders each wait for their event before the ne
 The group-commit path runs twice: 64 appenders with one event in flight each (issue 2's
 figure), then with `--in-flight` (16) queued each, as pipelining connections have them.
 Before them, the disk: one synced write of a page, of 64 scattered pages and of 64 contiguous
-pages (a commit's sync costs what its pages cost: LMDB writes every page a batch dirtied, and on
-a disk that charges per request, scattered pages cost several times contiguous ones). The
+pages (bench/disk.py: a commit's sync costs what its pages cost). The
 group-commit lines say how many events and pages (4 KiB, from the process's written bytes) a
 commit held. The service-burst line compares a commit of one sender's 16 sends with random cids
 and with the SDK's time-ordered ones (broker.client.new_cid): pages and time per commit.
@@ -23,7 +22,6 @@ import argparse
 import logging
 import math
 import os
-import random
 import statistics
 import tempfile
 import time
@@ -33,6 +31,7 @@ import lmdb
 import structlog
 import trio
 
+from bench.disk import PAGE, describe, synced_writes
 from broker.cli import tune_gc
 from broker.client import new_cid
 from broker.committer import Committer
@@ -41,7 +40,6 @@ from storage.commands import SendMessage
 from storage.store import Store
 
 RUNS = 3
-PAGE = 4096  # LMDB's page size here (the OS page)
 BODY = "x" * 200
 USERS = [f"user{i:02d}" for i in range(16)]
 
@@ -125,35 +123,6 @@ def written_bytes() -> float:
         return math.nan
 
 
-def disk(pages: int = 64, reps: int = 60) -> tuple[float, float, float]:
-    """Median seconds of one synced write (`fdatasync`) of 1 page, of `pages` scattered pages,
-    and of `pages` contiguous pages, in a scratch file where the stores go."""
-    page = os.urandom(PAGE)
-    span = 16_384  # pages of scratch file the scattered writes land in (64 MiB)
-    rng = random.Random(1)
-    with tempfile.TemporaryDirectory() as d:
-        fd = os.open(os.path.join(d, "scratch"), os.O_RDWR | os.O_CREAT)
-        try:
-            block = bytes(PAGE * 256)
-            for _ in range(span // 256):  # written out, so no write below allocates
-                os.write(fd, block)
-            os.fsync(fd)
-
-            def timed(offsets: list[int], data: bytes) -> float:
-                t0 = time.perf_counter()
-                for offset in offsets:
-                    os.pwrite(fd, data, offset * PAGE)
-                os.fdatasync(fd)
-                return time.perf_counter() - t0
-
-            one = [timed([rng.randrange(span)], page) for _ in range(reps)]
-            scattered = [timed(rng.sample(range(span), pages), page) for _ in range(reps)]
-            contiguous = [timed([rng.randrange(span - pages)], page * pages) for _ in range(reps)]
-        finally:
-            os.close(fd)
-    return statistics.median(one), statistics.median(scattered), statistics.median(contiguous)
-
-
 def service_burst(cids: str, sends: int = 16, commits: int = 1000,
                   members: int = 2000) -> tuple[float, float]:
     """One service sending `sends` messages a commit to `members` members in turn, with the
@@ -222,9 +191,7 @@ def main() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if not args.python_gc:
         tune_gc(Config().gc_young_threshold)
-    one, scattered, contiguous = disk()
-    print(f"disk, one synced write: 1 page {one * 1000:.2f} ms, 64 scattered pages "
-          f"{scattered * 1000:.2f} ms, 64 contiguous pages {contiguous * 1000:.2f} ms")
+    print(describe(synced_writes()))
     print(f"raw lmdb, 1,000 puts/txn, sync: {median(raw_lmdb):,.0f} puts/s")
     # The ceiling of 64 appenders with one event in flight each: a batch holds at most 64.
     print(f"raw lmdb, 64 puts/txn, sync: {median(raw_lmdb, 64_000, 64):,.0f} puts/s")

@@ -97,6 +97,7 @@ def note(text: str) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench import placement, report
+    from bench.disk import describe, synced_writes
 
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -110,6 +111,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     progress = Progress()
     results: dict[str, Any] = {}
     started = time.monotonic()
+    note("== disk")
+    disk = synced_writes()  # before any broker runs: the machine is idle
     for name in chosen:
         note(f"== {name}")
         try:
@@ -118,13 +121,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             progress.clear()
     peers = _run_peers(args.peer, chosen, results, opts, progress) if args.peer else {}
     doc = {"results": results, "peers": peers,
-           "environment": report.environment(opts),
+           "environment": {**report.environment(opts), "disk": disk},
            "elapsed_s": round(time.monotonic() - started, 1)}
     print(report.table(results))
     env = doc["environment"]
     print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
           f"storage hot loops {env['storage_native']}, frame codec {env['protocol_native']}")
+    print(describe(disk))
     bound = report.load_bound(results)
     if bound:
         print(f"* the load processes were CPU-bound in: {', '.join(bound)}; those figures "

@@ -45,4 +45,6 @@ def test_every_scenario_runs_and_reports_its_keys(tmp_path):
     _positive(results["replay"], "events_per_s")
     env = doc["environment"]
     assert env["cores"] and env["python"] and env["cpu_model"]
+    _positive(env["disk"], "pages", "one_page_ms", "scattered_ms", "contiguous_ms")
+    assert "scattered pages" in run.stdout
     assert doc["peers"]["redis"]["reachable"] is False
