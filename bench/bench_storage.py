@@ -6,10 +6,10 @@ most a commit can hold when 64 appenders each wait for their event before the ne
 The group-commit path runs twice: 64 appenders with one event in flight each (issue 2's
 figure), then with `--in-flight` (16) queued each, as pipelining connections have them.
 Before them, the disk: one synced write of a page, of 64 scattered pages and of 64 contiguous
-pages (bench/disk.py: a commit's sync costs what its pages cost). The
-group-commit lines say how many events and pages (4 KiB, from the process's written bytes) a
-commit held. The service-burst line compares a commit of one sender's 16 sends with random cids
-and with the SDK's time-ordered ones (broker.client.new_cid): pages and time per commit.
+pages (bench/disk.py: a commit's sync costs what its pages cost). The group-commit lines say how
+many events and pages (4 KiB, from the process's written bytes) a commit held. The service-burst
+line compares a commit of one sender's 16 sends with random cids and with the SDK's time-ordered
+ones (broker.client.new_cid): pages and time per commit.
 Run `python -m bench.bench_storage [--events N] [--in-flight K]`. Each figure is the median of
 3 runs, each on a fresh temporary directory. The process sets up its cyclic GC as `homing serve`
 does (`broker.cli.tune_gc`), so the group-commit path runs as in the broker; `--python-gc`
@@ -195,20 +195,22 @@ def main() -> None:
     print(f"raw lmdb, 1,000 puts/txn, sync: {median(raw_lmdb):,.0f} puts/s")
     # The ceiling of 64 appenders with one event in flight each: a batch holds at most 64.
     print(f"raw lmdb, 64 puts/txn, sync: {median(raw_lmdb, 64_000, 64):,.0f} puts/s")
-    runs = [("64 appenders", 1)]
+    commits = [("64 appenders", 1)]
     if args.in_flight > 1:
-        runs.append((f"64 appenders with {args.in_flight} events in flight each", args.in_flight))
-    for label, in_flight in runs:
+        commits.append((f"64 appenders with {args.in_flight} events in flight each",
+                        args.in_flight))
+    for label, in_flight in commits:
         rate, stall, events, pages = median(group_commit, 64, args.per_appender * in_flight,
                                             in_flight)
         print(f"group commit, {label}: {rate:,.0f} durable events/s, max loop stall "
               f"{stall * 1000:.1f} ms; {events:,.0f} events and {pages:,.0f} pages per commit")
-    bursts = {"random": [], "ordered": []}
+    bursts: dict[str, list[tuple[float, float]]] = {"random": [], "ordered": []}
     for _ in range(RUNS):  # alternating, so drift over the minute hits both alike
-        for cids, runs in bursts.items():
-            runs.append(service_burst(cids))
+        for cids, results in bursts.items():
+            results.append(service_burst(cids))
     (r_s, r_pages), (o_s, o_pages) = (
-        tuple(statistics.median(r[i] for r in runs) for i in range(2)) for runs in bursts.values())
+        (statistics.median(s for s, _ in results), statistics.median(p for _, p in results))
+        for results in bursts.values())
     print(f"service burst, 16 sends a commit to 2,000 members: random cids {r_s * 1000:.2f} ms "
           f"and {r_pages:,.0f} pages per commit; time-ordered cids (the SDK's) {o_s * 1000:.2f} ms "
           f"and {o_pages:,.0f} pages")
