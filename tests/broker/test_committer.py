@@ -150,13 +150,16 @@ class _WatchedStore(Store):
 
 
 async def _two_batches(committer: Committer, store: _WatchedStore):
-    """Queue cid "a", and once its batch is in the worker, cid "b": the next batch."""
+    """Queue cid "a", and once its batch is in the worker, cid "b": the next batch. Batch "a"
+    is held in the worker until "b" is queued, so "b" cannot miss it however fast "a" commits."""
+    store.hold["a"] = threading.Event()
     first = committer.enqueue(SendMessage("u", "d", "user", "a", BODY, to="v"))
     first.event = trio.Event()
     while store.began != ["a"]:
         await trio.sleep(0.001)
     second = committer.enqueue(SendMessage("u", "d", "user", "b", BODY, to="v"))
     second.event = trio.Event()
+    store.hold["a"].set()
     return first, second
 
 
