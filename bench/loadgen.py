@@ -1,8 +1,10 @@
 """Load generators for homing: one function per process kind, run by `bench.harness.Workers`.
 
-Each speaks the wire protocol directly with the sans-IO `protocol.Connection` over trio sockets:
-sends are pipelined (up to `pipeline` requests in flight per connection, each answered by a
-durable `result`), and deliveries are acked cumulatively, one `ack` per received chunk. A
+Each speaks the wire protocol directly with the sans-IO `protocol.Connection`. Closed loop
+(throughput, catchup), a trio task per connection: sends are pipelined (up to `pipeline`
+requests in flight per connection, each answered by a durable `result`). Open loop (latency),
+one synchronous epoll loop per process (`open_loop`): each send at its scheduled time. Either
+way deliveries are acked cumulatively, one `ack` per received chunk. A
 process connects everything, sends ("ready", info), waits for ("go", payload), runs, sends
 ("done", figures) and exits on ("exit", None).
 
@@ -17,6 +19,7 @@ import os
 import resource
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -156,16 +159,14 @@ class SenderStats:
         self.ack_latency = Histogram()
 
 
-async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats, go: dict) -> None:
-    """Send `job["count"]` messages to `job["to"]`, closed loop (pipelined) or at a fixed rate."""
-    rate = job.get("rate")
-    count, pipeline, size = job["count"], spec["pipeline"], spec["body_bytes"]
+async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats) -> None:
+    """Send `job["count"]` messages to `job["to"]`, closed loop: up to `pipeline` in flight."""
+    count, pipeline = job["count"], spec["pipeline"]
     prefix = job["cid_prefix"]
     room = trio.Event()
-    sched: dict[int, int] = {}
     write, encode, Send, to = link.write, link.conn.send, wire.Send, job["to"]
     done = trio.Event()
-    fixed_body = "x" * size
+    fixed_body = "x" * spec["body_bytes"]
 
     async def read_results() -> None:
         nonlocal room
@@ -173,16 +174,7 @@ async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats, go: 
             frames = await link.frames()
             if frames is None:
                 raise RuntimeError(f"broker closed a sender connection: {link.closed_by!r}")
-            now = time.monotonic_ns()
-            for f in frames:
-                if isinstance(f, wire.Result | wire.Error):
-                    stats.answered += 1
-                    if isinstance(f, wire.Error):
-                        stats.errors += 1
-                        stats.error_names[f.name] = stats.error_names.get(f.name, 0) + 1
-                    elif rate:
-                        stats.ack_latency.record((now - sched.pop(f.id, now)) // 1000)
-            stats.last_result = now
+            tally_results(stats, frames, time.monotonic_ns())
             room.set()
         done.set()
 
@@ -202,30 +194,25 @@ async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats, go: 
             stats.sent = sent
             await write(data)
 
-    async def write_open_loop() -> None:
-        t0, period = go["t0_ns"] + job.get("phase_ns", 0), int(1e9 / rate)
-        sent = 0
-        stats.first_send = t0
-        while sent < count:
-            now = time.monotonic_ns()
-            due = min(count, (now - t0) // period + 1)
-            if due > sent:
-                frames = []
-                for i in range(sent + 1, due + 1):
-                    at = t0 + (i - 1) * period
-                    sched[i] = at
-                    frames.append(encode(Send(id=i, cid=f"{prefix}{i}", body=stamped_body(at, size),
-                                              to=to, conv=None)))
-                sent = due
-                stats.sent = sent
-                await write(b"".join(frames))
-                continue
-            await trio.sleep((t0 + sent * period - now) / 1e9)
-
     async with trio.open_nursery() as nursery:
         nursery.start_soon(read_results)
-        await (write_open_loop() if rate else write_closed_loop())
+        await write_closed_loop()
         await done.wait()
+
+
+def tally_results(stats: SenderStats, frames: list[Any], now: int,
+                  sched: dict[int, int] | None = None) -> None:
+    """Count the answers among one chunk's `frames`; with `sched` (request id -> scheduled send
+    time), record each durable ack's latency."""
+    for f in frames:
+        if isinstance(f, wire.Result | wire.Error):
+            stats.answered += 1
+            if isinstance(f, wire.Error):
+                stats.errors += 1
+                stats.error_names[f.name] = stats.error_names.get(f.name, 0) + 1
+            elif sched is not None:
+                stats.ack_latency.record((now - sched.pop(f.id, now)) // 1000)
+    stats.last_result = now
 
 
 class ReceiverStats:
@@ -235,34 +222,40 @@ class ReceiverStats:
         self.latency = Histogram()
 
 
-async def run_receiver(link: Link, expected: int, stats: ReceiverStats, go: dict,
-                       stamped: bool) -> None:
+async def run_receiver(link: Link, expected: int, stats: ReceiverStats) -> None:
     """Take `expected` message deliveries, acking each received chunk with one cumulative ack."""
     encode, write = link.conn.send, link.write
     acked = seen = 0
-    cutoff = go.get("t0_ns", 0) + go.get("warmup_ns", 0)
-    record = stats.latency.record
     while stats.received < expected:
         frames = await _frames_or_reack(link, stats, seen)
         now = time.monotonic_ns()
-        for f in frames:
-            if isinstance(f, wire.Deliver) and f.inbox_seq > seen:
-                seen = f.inbox_seq
-                if f.kind == "msg":
-                    stats.received += 1
-                    if stamped:
-                        at = int(f.body[:STAMP_DIGITS])
-                        if at >= cutoff:
-                            record((now - at) // 1000)
-            elif isinstance(f, wire.Error) and f.id is None:
-                stats.ack_rejected += 1
+        seen = tally_deliveries(stats, frames, seen, now)
         if seen > acked:
             acked = seen
             stats.acks += 1
             await write(encode(wire.Ack(upto=seen)))
-        if not stats.first_delivery and stats.received:
-            stats.first_delivery = now
-        stats.last_delivery = now
+
+
+def tally_deliveries(stats: ReceiverStats, frames: list[Any], seen: int, now: int,
+                     cutoff: int | None = None) -> int:
+    """Count the new message deliveries among one chunk's `frames` (read at `now`) past inbox
+    seq `seen`, and refused acks; return the new `seen`. With `cutoff`, record the latency of
+    each delivery stamped at or after it (bodies start with their scheduled send time)."""
+    for f in frames:
+        if isinstance(f, wire.Deliver) and f.inbox_seq > seen:
+            seen = f.inbox_seq
+            if f.kind == "msg":
+                stats.received += 1
+                if cutoff is not None:
+                    at = int(f.body[:STAMP_DIGITS])
+                    if at >= cutoff:
+                        stats.latency.record((now - at) // 1000)
+        elif isinstance(f, wire.Error) and f.id is None:  # a refused ack: see _frames_or_reack
+            stats.ack_rejected += 1
+    if not stats.first_delivery and stats.received:
+        stats.first_delivery = now
+    stats.last_delivery = now
+    return seen
 
 
 REACK_AFTER_S = 0.02
@@ -312,13 +305,12 @@ async def _clients(spec: dict, pipe: Any) -> None:
     s_stats = [SenderStats() for _ in senders]
     r_stats = [ReceiverStats() for _ in spec["receivers"]]
     connect_ns = time.monotonic_ns()
-    async with trio.open_nursery() as nursery:
-        for link, job, st in zip(senders, spec["senders"], s_stats, strict=True):
-            nursery.start_soon(run_sender, link, spec, job, st, go)
+    if spec["stamped"]:  # the latency scenario, at a fixed rate: see `open_loop`
         if late:
-            receivers = [await Link.open(server, j["token"], "bench") for j in spec["receivers"]]
-        for link, job, st in zip(receivers, spec["receivers"], r_stats, strict=True):
-            nursery.start_soon(run_receiver, link, job["expected"], st, go, spec["stamped"])
+            raise ValueError("the open loop's receivers connect before it starts")
+        open_loop(senders, receivers, spec, s_stats, r_stats, go)
+    else:
+        await _closed_loop(senders, receivers, spec, s_stats, r_stats, late)
     latency, ack_latency = Histogram(), Histogram()
     for st in r_stats:
         latency.merge(st.latency)
@@ -343,6 +335,185 @@ async def _clients(spec: dict, pipe: Any) -> None:
     for link in senders + receivers:
         await link.aclose()
     await wait_message(pipe)
+
+
+async def _closed_loop(senders: list[Link], receivers: list[Link], spec: dict,
+                       s_stats: list[SenderStats], r_stats: list[ReceiverStats],
+                       late: bool) -> None:
+    """A trio task per sender and per receiver (throughput, catchup); late receivers connect
+    once the senders have started."""
+    async with trio.open_nursery() as nursery:
+        for link, job, st in zip(senders, spec["senders"], s_stats, strict=True):
+            nursery.start_soon(run_sender, link, spec, job, st)
+        if late:
+            receivers[:] = [await Link.open(spec["server"], j["token"], "bench")
+                            for j in spec["receivers"]]
+        for link, job, st in zip(receivers, spec["receivers"], r_stats, strict=True):
+            nursery.start_soon(run_receiver, link, job["expected"], st)
+
+
+# -- the open loop (latency) ------------------------------------------------------------------
+
+class _Out:
+    """One socket's unsent bytes inside `open_loop` (the loop never blocks on a write)."""
+
+    __slots__ = ("buf", "fd", "watching")
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf = fd, bytearray()
+        self.watching = False  # registered for EPOLLOUT: bytes are waiting for room
+
+
+class _OpenSender:
+    __slots__ = ("count", "encode", "link", "out", "period", "prefix", "sched", "size",
+                 "stats", "t0", "to")
+
+    def __init__(self, link: Link, job: dict, spec: dict, stats: SenderStats, go: dict):
+        self.link, self.stats, self.out = link, stats, _Out(link.fd)
+        self.count, self.to, self.prefix = job["count"], job["to"], job["cid_prefix"]
+        self.t0 = go["t0_ns"] + job.get("phase_ns", 0)
+        self.period = int(1e9 / job["rate"])
+        self.size, self.encode = spec["body_bytes"], link.conn.send
+        self.sched: dict[int, int] = {}
+        stats.first_send = self.t0
+
+    def next_due(self) -> int | None:
+        """When the next send is scheduled (monotonic ns); None when all are sent."""
+        sent = self.stats.sent
+        return None if sent >= self.count else self.t0 + sent * self.period
+
+
+class _OpenReceiver:
+    __slots__ = ("acked", "expected", "link", "out", "reack_at", "seen", "stats")
+
+    def __init__(self, link: Link, expected: int, stats: ReceiverStats) -> None:
+        self.link, self.expected, self.stats, self.out = link, expected, stats, _Out(link.fd)
+        self.acked = self.seen = 0
+        self.reack_at = 0  # monotonic ns at which to repeat a refused ack (0: none)
+
+
+def open_loop(senders: list[Link], receivers: list[Link], spec: dict,
+              s_stats: list[SenderStats], r_stats: list[ReceiverStats], go: dict) -> None:
+    """The senders and receivers of one process at a fixed rate, in one synchronous epoll loop.
+
+    Each send goes out at its scheduled time (or at once, if the loop is late) and is stamped
+    with the scheduled time, so lateness counts against the result (no coordinated omission);
+    a receiver's deliveries are timestamped when its socket is read, before anything is parsed.
+    The frames and acks (one cumulative ack per received chunk) are those of the trio tasks of
+    the closed loop, which ran this scenario before and paid a trio wake-up per send, result,
+    delivery and ack: at 5,000 messages/s the load processes took 86 to 89 % of a 2-core
+    machine that the broker shares, and this loop 53 to 54 % (docs/BENCHMARKS.md). It blocks
+    trio, which has nothing else to do meanwhile (as `receive_posts`).
+    """
+    cutoff = go.get("t0_ns", 0) + go.get("warmup_ns", 0)
+    ep = select.epoll()
+    by_fd: dict[int, _OpenSender | _OpenReceiver] = {}
+    open_s = [_OpenSender(link, job, spec, st, go)
+              for link, job, st in zip(senders, spec["senders"], s_stats, strict=True)]
+    open_r = [_OpenReceiver(link, job["expected"], st)
+              for link, job, st in zip(receivers, spec["receivers"], r_stats, strict=True)]
+    for end in (*open_s, *open_r):
+        by_fd[end.out.fd] = end
+        ep.register(end.out.fd, select.EPOLLIN)
+    # The ends still waiting for results or deliveries.
+    busy = {s for s in open_s if s.count} | {r for r in open_r if r.expected}
+
+    def room(fd: int) -> None:
+        _flush(ep, by_fd[fd].out)
+
+    try:
+        while busy:
+            now = time.monotonic_ns()
+            wake = [d for d in (s.next_due() for s in open_s) if d is not None]
+            wake += [r.reack_at for r in open_r if r.reack_at]
+            timeout = -1.0 if not wake else max(0.0, (min(wake) - now) / 1e9)
+            for fd, at, data in read_ready(ep, timeout, room):
+                end = by_fd[fd]
+                if isinstance(end, _OpenSender):
+                    _sender_chunk(ep, end, data, at)
+                    if end.stats.answered >= end.count:
+                        busy.discard(end)
+                else:
+                    _receiver_chunk(ep, end, data, at, cutoff)
+                    if end.stats.received >= end.expected:
+                        busy.discard(end)
+            now = time.monotonic_ns()
+            for s in open_s:
+                _send_due(ep, s, now)
+            for r in open_r:
+                if r.reack_at and r.reack_at <= now:
+                    r.reack_at = 0
+                    r.stats.reacks += 1
+                    _write(ep, r.out, r.link.conn.send(wire.Ack(upto=r.seen)))
+    finally:
+        ep.close()
+
+
+def _send_due(ep: Any, s: _OpenSender, now: int) -> None:
+    """Send every message of `s` scheduled up to `now`, each stamped with its scheduled time."""
+    st, period = s.stats, s.period
+    due = min(s.count, (now - s.t0) // period + 1) if now >= s.t0 else 0
+    if due <= st.sent:
+        return
+    frames = []
+    for i in range(st.sent + 1, due + 1):
+        at = s.t0 + (i - 1) * period
+        s.sched[i] = at
+        frames.append(s.encode(wire.Send(id=i, cid=f"{s.prefix}{i}", body=stamped_body(at, s.size),
+                                         to=s.to, conv=None)))
+    st.sent = due
+    _write(ep, s.out, b"".join(frames))
+
+
+def _frames(ep: Any, link: Link, out: _Out, data: bytes) -> list[Any]:
+    """The frames of one received chunk, pings answered; raises if the broker closed it."""
+    if not data:
+        raise RuntimeError("broker closed a connection of the open loop")
+    conn = link.conn
+    conn.receive_data(data)
+    frames = []
+    while (f := conn.next_event()) is not wire.NEED_DATA:
+        if f is wire.CLOSED or isinstance(f, wire.Bye) or (isinstance(f, wire.Error) and f.close):
+            raise RuntimeError(f"broker closed a connection of the open loop: {f!r}")
+        if isinstance(f, wire.Ping):
+            _write(ep, out, conn.send(wire.Pong(id=f.id)))
+        else:
+            frames.append(f)
+    return frames
+
+
+def _sender_chunk(ep: Any, s: _OpenSender, data: bytes, now: int) -> None:
+    tally_results(s.stats, _frames(ep, s.link, s.out, data), now, s.sched)
+
+
+def _receiver_chunk(ep: Any, r: _OpenReceiver, data: bytes, now: int, cutoff: int) -> None:
+    refused = r.stats.ack_rejected
+    r.seen = tally_deliveries(r.stats, _frames(ep, r.link, r.out, data), r.seen, now, cutoff)
+    if r.seen > r.acked:
+        r.acked = r.seen
+        r.stats.acks += 1
+        _write(ep, r.out, r.link.conn.send(wire.Ack(upto=r.seen)))
+        r.reack_at = 0  # this ack supersedes a refused one
+    elif r.stats.ack_rejected > refused:  # see _frames_or_reack
+        r.reack_at = now + int(REACK_AFTER_S * 1e9)
+
+
+def _write(ep: Any, out: _Out, data: bytes) -> None:
+    """Queue `data` on `out` and write what the socket takes now; the rest goes on EPOLLOUT."""
+    out.buf += data
+    if not out.watching:
+        _flush(ep, out)
+
+
+def _flush(ep: Any, out: _Out) -> None:
+    """Write what the socket takes of `out`; watch for room only while bytes are left."""
+    try:
+        del out.buf[:os.write(out.fd, out.buf)]
+    except BlockingIOError:
+        pass
+    if bool(out.buf) != out.watching:
+        out.watching = bool(out.buf)
+        ep.modify(out.fd, select.EPOLLIN | (select.EPOLLOUT if out.watching else 0))
 
 
 # -- fan-out --------------------------------------------------------------------------------
@@ -417,14 +588,8 @@ def receive_posts(links: list[Link], posts: int) -> tuple[dict[int, int], int]:
             if refused:
                 due = min(s.reack_at for s in refused.values())
                 timeout = max(0.0, (due - time.monotonic_ns()) / 1e9)
-            reads = []
-            for fd, _ in ep.poll(timeout):
-                try:
-                    data = os.read(fd, RECV_BYTES)
-                except BlockingIOError:
-                    continue
-                reads.append((subs[fd], time.monotonic_ns(), data))
-            for sub, now, data in reads:
+            for fd, now, data in read_ready(ep, timeout):
+                sub = subs[fd]
                 got = _take_chunk(sub, data, now, last)
                 count += got
                 if got and sub.got == posts:
@@ -436,6 +601,25 @@ def receive_posts(links: list[Link], posts: int) -> tuple[dict[int, int], int]:
     finally:
         ep.close()
     return last, count
+
+
+def read_ready(ep: Any, timeout: float,
+               room: Callable[[int], None] | None = None) -> list[tuple[int, int, bytes]]:
+    """Wait up to `timeout` s (-1: no limit) on `ep`; read every readable socket once and
+    timestamp it as read, all before anything is parsed, so the last one read is not charged
+    for the parsing of the others. Returns `(fd, monotonic ns, data)` each; calls `room(fd)`
+    for each socket that has room to write again."""
+    reads = []
+    for fd, events in ep.poll(timeout):
+        if events & select.EPOLLOUT and room is not None:
+            room(fd)
+        if events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+            try:
+                data = os.read(fd, RECV_BYTES)
+            except BlockingIOError:
+                continue
+            reads.append((fd, time.monotonic_ns(), data))
+    return reads
 
 
 def _repeat_refused_acks(refused: dict[int, _Subscriber]) -> None:

@@ -170,7 +170,7 @@ def latency(broker: BrokerProcess, opts: dict, rate: float, progress: Any = None
         "p99_ms": _ms(h.percentile(99)), "p999_ms": _ms(h.percentile(99.9)),
         "max_ms": _ms(h.max),
         "durable_ack_p50_ms": _ms(a.percentile(50)), "durable_ack_p99_ms": _ms(a.percentile(99)),
-        "errors": m["errors"], "ack_rejected": m["ack_rejected"], "cpu": cpu,
+        "acks": m["acks"], "errors": m["errors"], "ack_rejected": m["ack_rejected"], "cpu": cpu,
     }
 
 

@@ -37,6 +37,7 @@ def test_every_scenario_runs_and_reports_its_keys(tmp_path):
     (lat,) = results["latency"]
     _positive(lat, "rate", "p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")
     assert lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["p999_ms"] <= lat["max_ms"]
+    assert lat["received"] == lat["messages"] == 500 and lat["errors"] == {}
     (fan,) = results["fanout"]
     _positive(fan, "subscribers", "last_delivery_ms")
     _positive(results["connections"], "connections", "rss_mib")
