@@ -69,6 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_connections_per_user=args.max_connections_per_user,
         max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
+        max_batch=args.max_batch,
         content_policy=Path(args.content_policy) if args.content_policy else None,
         content_action=args.content_action, gc_young_threshold=args.gc_young_threshold,
     )
@@ -357,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=d.max_connections_per_user)
     s.add_argument("--max-members", type=_COUNT, default=d.max_members)
     s.add_argument("--max-pending-pushes", type=_COUNT, default=d.max_pending_pushes)
+    s.add_argument("--max-batch", type=_COUNT, default=d.max_batch,
+                   help="commands in one group commit at most (default %(default)s)")
     s.add_argument("--content-policy", help="file of forbidden words, one per line")
     s.add_argument("--content-action", choices=("reject", "mask"), default="reject")
     s.add_argument("--gc-young-threshold", type=_COUNT, default=d.gc_young_threshold,

@@ -92,6 +92,7 @@ def test_sigterm_shuts_down_cleanly(broker):
     ("--port", "65536", "from 0 to 65535"),
     ("--max-frame-bytes", "1023", "from 1024 to"),
     ("--max-connections", "ten", "not a number"),
+    ("--max-batch", "0", "at least 1"),
 ])
 def test_serve_refuses_an_out_of_range_number_before_starting(tmp_path, option, value, says):
     proc = homing("serve", "--data", str(tmp_path / "data"), option, value, check=False,

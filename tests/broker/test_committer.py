@@ -47,6 +47,23 @@ async def test_concurrent_appenders_share_batches_and_resume_only_when_durable(t
         store.close()
 
 
+async def test_max_batch_bounds_a_commit_and_keeps_the_order(tmp_path):
+    """Ten commands queued at once with max_batch=3 commit as 3 + 3 + 3 + 1, in order."""
+    store = Store.open(str(tmp_path / "d"))
+    committer = Committer(store, max_batch=3)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                pendings = [committer.enqueue(SendMessage("a", "d", "user", f"c{n}", BODY,
+                                                          to="b")) for n in range(10)]
+                await nursery.start(committer.serve)
+                await committer.close()
+        assert (committer.batches, committer.commands) == (4, 10)
+        assert [p.outcome.lsn for p in pendings] == sorted(p.outcome.lsn for p in pendings)
+    finally:
+        store.close()
+
+
 async def test_the_event_loop_keeps_running_during_a_commit(tmp_path):
     """While a large batch commits in the worker thread, other trio tasks keep running."""
     store = Store.open(str(tmp_path / "d"))

@@ -68,6 +68,30 @@ async def test_body_size(broker_process, tally):
         tally.add("limit: body over --max-body-bytes")
 
 
+async def _commits_of(bp, sends: int) -> tuple[int, int]:
+    """Write `sends` sends in one write, wait for every result, stop the broker; return the
+    (batches, commands) it logged on the way out."""
+    c = await raw(bp, "alice")
+    await c.stream.send_all(b"".join(
+        c.conn.send(wire.Send(id=i + 1, cid=f"m{i}", body="x", to="bob")) for i in range(sends)))
+    got = await replies(c, range(1, sends + 1))
+    assert all(isinstance(f, wire.Result) for f in got.values())
+    await c.aclose()
+    assert await bp.aterminate() == 0
+    stopped = [e for e in bp.log_events() if e.get("event") == "broker_stopped"]
+    return stopped[-1]["batches"], stopped[-1]["commands"]
+
+
+async def test_max_batch(broker_process, tally):
+    """--max-batch bounds the commands of one group commit; the rest wait for the next one."""
+    with trio.fail_after(30):
+        batches, commands = await _commits_of(broker_process("--max-batch", "1"), 40)
+        assert commands >= 40 and batches == commands  # one command a commit
+        batches, commands = await _commits_of(broker_process("--max-batch", "1000"), 40)
+        assert commands >= 40 and batches < commands / 2  # the same sends shared commits
+        tally.add("limit: commands per commit over --max-batch")
+
+
 async def test_send_rate_per_connection(broker_process, tally):
     """Sends past --send-rate on one connection are rate_limited, the rest accepted."""
     bp = broker_process("--send-rate", "20")
