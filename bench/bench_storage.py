@@ -4,7 +4,10 @@ The raw LMDB ceiling is measured twice: with 1,000 synced puts per transaction, 
 most a commit can hold when 64 appenders each wait for their event before the next).
 
 The group-commit path runs twice: 64 appenders with one event in flight each (issue 2's
-figure), then with `--in-flight` (16) queued each, as pipelining connections have them.
+figure), then with `--in-flight` (16) queued each, as pipelining connections have them. Their
+cids come from one counter, so each sender's rise as the SDK's time-ordered ones do (until
+2026-12-03 they were `appender-n`, which do not sort in send order: more `idem` pages a commit,
+and an LMDB read for every new cid; docs/BENCHMARKS.md has both).
 Before them, the disk: one synced write of a page, of 64 scattered pages and of 64 contiguous
 pages (bench/disk.py: a commit's sync costs what its pages cost). The group-commit lines say how
 many events and pages (4 KiB, from the process's written bytes) a commit held. The service-burst
@@ -19,6 +22,7 @@ keeps Python's defaults. Prints figures; this is not a test.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import math
 import os
@@ -67,12 +71,14 @@ async def _group_commit(store: Store, appenders: int, per_appender: int,
     committer = Committer(store)
     done = False
     max_stall = 0.0
+    cids = itertools.count()  # one counter: each sender's cids rise, as the SDK's do
 
     async def appender(ix: int) -> None:
         a, b = USERS[ix % 16], USERS[(ix % 16) ^ 1]
         for first in range(0, per_appender, in_flight):
-            pending = [committer.enqueue(SendMessage(a, f"d{ix}", "user", f"{ix}-{n}", BODY, to=b))
-                       for n in range(first, min(first + in_flight, per_appender))]
+            pending = [committer.enqueue(SendMessage(a, f"d{ix}", "user", f"{next(cids):012d}",
+                                                     BODY, to=b))
+                       for _ in range(first, min(first + in_flight, per_appender))]
             last = pending[-1].event = trio.Event()
             await last.wait()  # commands are committed in order: the last one is durable last
             for p in pending:

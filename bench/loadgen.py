@@ -159,6 +159,12 @@ class SenderStats:
         self.ack_latency = Histogram()
 
 
+def cid_of(prefix: str, i: int) -> str:
+    """The cid of a connection's i-th send: zero-padded, so a sender's cids sort in send order,
+    as the SDK's do (broker.client.new_cid), and land at the end of its idempotency range."""
+    return f"{prefix}{i:010d}"
+
+
 async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats) -> None:
     """Send `job["count"]` messages to `job["to"]`, closed loop: up to `pipeline` in flight."""
     count, pipeline = job["count"], spec["pipeline"]
@@ -188,7 +194,7 @@ async def run_sender(link: Link, spec: dict, job: dict, stats: SenderStats) -> N
                 await room.wait()
                 room = trio.Event()
                 continue
-            data = b"".join([encode(Send(id=i, cid=f"{prefix}{i}", body=fixed_body, to=to,
+            data = b"".join([encode(Send(id=i, cid=cid_of(prefix, i), body=fixed_body, to=to,
                                          conv=None)) for i in range(sent + 1, sent + n + 1)])
             sent += n
             stats.sent = sent
@@ -459,8 +465,8 @@ def _send_due(ep: Any, s: _OpenSender, now: int) -> None:
     for i in range(st.sent + 1, due + 1):
         at = s.t0 + (i - 1) * period
         s.sched[i] = at
-        frames.append(s.encode(wire.Send(id=i, cid=f"{s.prefix}{i}", body=stamped_body(at, s.size),
-                                         to=s.to, conv=None)))
+        frames.append(s.encode(wire.Send(id=i, cid=cid_of(s.prefix, i),
+                                         body=stamped_body(at, s.size), to=s.to, conv=None)))
     st.sent = due
     _write(ep, s.out, b"".join(frames))
 
@@ -684,8 +690,9 @@ async def _poster(spec: dict, pipe: Any) -> None:
         return
     for i in range(1, spec["posts"] + 1):
         at = time.monotonic_ns()
-        await link.request(wire.Send(id=i, cid=f"p{i}", body=stamped_body(at, spec["body_bytes"]),
-                                     to=None, conv=spec["conv"]))
+        await link.request(wire.Send(id=i, cid=cid_of("p", i),
+                                     body=stamped_body(at, spec["body_bytes"]), to=None,
+                                     conv=spec["conv"]))
         await trio.sleep(max(0.0, spec["interval_s"] - (time.monotonic_ns() - at) / 1e9))
     pipe.send(("done", {"posts": spec["posts"]}))
     await link.aclose()

@@ -43,6 +43,12 @@ APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
 PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 # A persistent view holding more rows than this after a commit is emptied (bounded memory).
 CACHE_ROWS = 200_000
+# Tables whose keys are `head \0 rest` and whose heads' last committed keys BufferedTables
+# keeps, so that a key above its head's last one is known to be absent without a read: the
+# idempotency index, whose rest is a cid, and the SDK's cids sort by time (`BufTable.last`).
+LAST_KEYS = frozenset({"idem"})
+# Heads whose last key is kept at most (beyond it they are forgotten and read again).
+LAST_KEYS_HEADS = 100_000
 
 # What `sorted_rows` returns: a list, or a `_fold.SortedRows`; both sized and re-iterable.
 RowsInOrder = Collection[tuple[bytes, bytes]]
@@ -451,21 +457,55 @@ class BufTable(dict):
     `dirty` holds the rows the current batch changed (None: deleted) until the batch ends.
     The compiled `add_message` writes to a BufTable (this class exactly, not a subclass) as
     `__setitem__` does, without calling it (storage/_fold.c, `set_row`): change both together.
+
+    `last`, for the tables of `LAST_KEYS` (None for the others), maps a head (`head \0`) to
+    the greatest key with that head among the committed rows (the head itself when it has
+    none), as far as this process has looked. A key not changed by this batch and greater
+    than its head's last key is absent: it is answered without a read. Only commits raise
+    these keys (`raise_last`); a batch that fails leaves them as they were, since they
+    describe committed rows only.
     """
 
-    __slots__ = ("db", "dirty", "txn")
+    __slots__ = ("db", "dirty", "last", "txn")
 
     def __init__(self, db: Any) -> None:
         super().__init__()
         self.db = db
         self.txn: lmdb.Transaction | None = None
         self.dirty: dict[bytes, bytes | None] = {}
+        self.last: dict[bytes, bytes] | None = None
 
     def __missing__(self, key: bytes) -> bytes | None:
         # Not changed by this batch, so the transaction holds the committed row.
-        value = self.txn.get(key, db=self.db)
+        if self.last is not None and key > self._last_key(_head(key)):
+            value = None
+        else:
+            value = self.txn.get(key, db=self.db)
         _dict_set(self, key, value)
         return value
+
+    def _last_key(self, head: bytes) -> bytes:
+        last = self.last
+        found = last.get(head)
+        if found is None:
+            if len(last) >= LAST_KEYS_HEADS:
+                last.clear()
+            row = next(cursor_range(self.txn, self.db, head, reverse=True), None)
+            found = last[head] = head if row is None else row[0]
+        return found
+
+    def raise_last(self) -> None:
+        """This batch committed: raise the last keys of the heads it added rows to."""
+        last = self.last
+        if not last:
+            return
+        for key in self.dirty:
+            head = _head(key)
+            found = last.get(head)
+            # Rows of these tables are never removed; a removal would only leave a last key
+            # above the true one, which costs reads, never a wrong answer.
+            if found is not None and key > found:
+                last[head] = key
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         """Buffer `value` at `key`."""
@@ -575,6 +615,8 @@ class BufferedTables(_ByName):
         self._views: list[BufTable] = []
         for name in TABLES:
             view = GroupedBufTable(dbs[name]) if name in GROUPED else BufTable(dbs[name])
+            if name in LAST_KEYS:
+                view.last = {}
             self._views.append(view)
             setattr(self, name, view)
 
@@ -592,6 +634,7 @@ class BufferedTables(_ByName):
     def committed(self) -> None:
         """The batch's transaction committed: its changes are now stored rows."""
         for name, view in zip(TABLES, self._views, strict=True):
+            view.raise_last()
             view.dirty.clear()
             view.txn = None
             if name not in PERSISTENT or len(view) > CACHE_ROWS:
@@ -611,5 +654,7 @@ class BufferedTables(_ByName):
             view.rollback()
             view.clear()
             view.txn = None
+            if view.last is not None:
+                view.last.clear()
             if isinstance(view, GroupedBufTable):
                 view.forget_all()

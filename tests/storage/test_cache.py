@@ -57,6 +57,33 @@ def test_failed_commit_forgets_cached_rows(store, monkeypatch):
     _check(store)
 
 
+def test_cids_above_their_senders_last_are_new_and_the_others_still_looked_up(tmp_path):
+    """A sender's cid above its last committed one is new without a read; any other cid is
+    read, so duplicates are found across batches, after an aborted batch, and after a reopen."""
+    store = Store.open(tmp_path / "data")
+    try:
+        store.execute([_send("bob", "c5")])
+        outs = store.execute([_send("bob", "c7"), _send("bob", "c5"), _send("bob", "c7")])
+        assert [o.reply["dup"] for o in outs] == [False, True, True]
+        store._abort_after = 1
+        with pytest.raises(_InjectedAbort):
+            store.execute([_send("bob", "c9"), _send("bob", "c8")])
+        store._abort_after = None
+        outs = store.execute([_send("bob", "c9"), _send("bob", "c7"), _send("bob", "c6")])
+        assert [o.reply["dup"] for o in outs] == [False, True, False]
+        assert store._tables.idem.last == {b"bob\0": b"bob\0c9"}  # raised by each commit
+    finally:
+        store.close()
+    store = Store.open(tmp_path / "data")
+    try:
+        outs = store.execute([_send("bob", "c9"), _send("bob", "c4"), _send("bob", "c6"),
+                              _send("carol", "c9")])
+        assert [o.reply["dup"] for o in outs] == [True, False, True, False]
+        _check(store)
+    finally:
+        store.close()
+
+
 def test_membership_change_refreshes_cached_members(store):
     """A member who left gets no inbox entries though the group's members were cached."""
     (out,) = store.execute([CreateConv("alice", "d", "user", "group", "g", False, ("bob",))])

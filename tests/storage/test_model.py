@@ -66,13 +66,15 @@ def make_command(spec, convs: list[str]):
     return SendMessage(u, "d2", ROLES[spec[1]], f"r{spec[3]}", "as role", conv=conv(spec[2]))
 
 
-def run_batch(store: Store, specs, convs: list[str]) -> list:
-    """Execute one batch of `command_spec` draws; remember the conversations it created."""
-    outcomes = store.execute([make_command(s, convs) for s in specs])
+def run_batch(store: Store, specs, convs: list[str]) -> tuple[list, list]:
+    """Execute one batch of `command_spec` draws; remember the conversations it created.
+    Return the commands and their outcomes."""
+    commands = [make_command(s, convs) for s in specs]
+    outcomes = store.execute(commands)
     for out in outcomes:
         if out.reply and out.reply.get("conv") and out.reply["conv"] not in convs:
             convs.append(out.reply["conv"])
-    return outcomes
+    return commands, outcomes
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -83,6 +85,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="homing-model-")
         self.store = Store.open(self.dir, map_size=256 * 1024)
         self.convs: list[str] = ["grp:0000000000000000"]
+        self.accepted: set[tuple[str, str]] = set()  # (sender, cid) of every send logged
 
     def teardown(self) -> None:
         self.store.close()
@@ -91,10 +94,15 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(specs=st.lists(command_spec, min_size=1, max_size=8))
     def batch(self, specs):
         """Execute a batch; every command gets an outcome and created convs are remembered."""
-        outcomes = run_batch(self.store, specs, self.convs)
+        commands, outcomes = run_batch(self.store, specs, self.convs)
         assert len(outcomes) == len(specs)
-        for out in outcomes:
+        for command, out in zip(commands, outcomes, strict=True):
             assert (out.reply is None) != (out.error is None)
+            if isinstance(command, SendMessage) and out.error is None:
+                # Idempotency: a cid its sender had sent is a duplicate, and only such a cid.
+                key = (command.user, command.cid)
+                assert out.reply["dup"] == (key in self.accepted), (key, out.reply)
+                self.accepted.add(key)
 
     @rule(specs=st.lists(command_spec, min_size=1, max_size=8), data=st.data())
     def aborted_batch(self, specs, data):
