@@ -22,6 +22,16 @@ def _ints(text: str) -> list[int]:
     return [int(float(x)) for x in text.split(",") if x]
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     """Add the `bench` subcommand to the `homing` parser."""
     p = sub.add_parser("bench", help="end-to-end benchmarks (docs/BENCHMARKS.md)",
@@ -54,6 +64,9 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--catchup-messages", type=int, default=100_000)
     g.add_argument("--replay-events", type=int, default=200_000)
     g.add_argument("--timeout", type=float, default=600.0, help="seconds per phase before failing")
+    g.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
+                   help="run each scenario N times, homing and each peer in turn, and report "
+                        "the medians (default %(default)s; docs/BENCHMARKS.md, \"Repeated runs\")")
     b = p.add_argument_group("broker")
     b.add_argument("--window", type=int, default=256, help="homing serve --window")
     b.add_argument("--pin", action="store_true",
@@ -96,7 +109,7 @@ def note(text: str) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench import placement, report
+    from bench import placement, repeat, report
     from bench.disk import describe, synced_writes
 
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
@@ -113,17 +126,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     started = time.monotonic()
     note("== disk")
     disk = synced_writes()  # before any broker runs: the machine is idle
+    peers = _reach_peers(args.peer)
     for name in chosen:
-        note(f"== {name}")
-        try:
-            results[name] = RUNNERS[name](opts, progress)
-        finally:
-            progress.clear()
-    peers = _run_peers(args.peer, chosen, results, opts, progress) if args.peer else {}
+        runs = []
+        for round_ in range(1, args.repeat + 1):
+            note(f"== {name}" + (f", run {round_} of {args.repeat}" if args.repeat > 1 else ""))
+            try:
+                runs.append(RUNNERS[name](opts, progress))
+            finally:
+                progress.clear()
+            if name in PEER_KEYS:
+                _run_peers(name, runs[-1], peers, opts, progress)
+        results[name] = repeat.with_rounds(repeat.merge(runs), runs)
     doc = {"results": results, "peers": peers,
            "environment": {**report.environment(opts), "disk": disk},
            "elapsed_s": round(time.monotonic() - started, 1)}
     print(report.table(results))
+    if args.repeat > 1:
+        print(f"\neach figure: the median of {args.repeat} runs (lowest-highest in brackets); "
+              "each ratio: the median of the rounds' own ratios")
     env = doc["environment"]
     print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
@@ -206,9 +227,13 @@ RUNNERS = {"throughput": run_throughput, "latency": run_latency, "fanout": run_f
            "connections": run_connections, "catchup": run_catchup, "replay": run_replay}
 
 
-def _run_peers(urls: list[str], chosen: list[str], results: dict, opts: dict,
-               progress: Progress) -> dict:
-    """Run throughput and latency against each reachable peer; attach figures and ratios."""
+# The scenarios run against peers too, and the figures compared (homing/peer) in each.
+PEER_KEYS = {"throughput": ("msgs_per_s", "sends_per_s"),
+             "latency": ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "achieved_per_s")}
+
+
+def _reach_peers(urls: list[str]) -> dict:
+    """Each peer's status by name: reachable or why not (an unreachable one is skipped)."""
     from bench import peers
 
     status = {}
@@ -218,24 +243,34 @@ def _run_peers(urls: list[str], chosen: list[str], results: dict, opts: dict,
         if problem:
             note(f"peer {url} not reachable ({problem}); going on without it")
             status[name] = {"url": url, "reachable": False, "reason": problem}
+        else:
+            status[name] = {"url": url, "reachable": True}
+    return status
+
+
+def _run_peers(name: str, result: Any, status: dict, opts: dict, progress: Progress) -> None:
+    """Run scenario `name` against each reachable peer that has not failed; attach its figures
+    and the homing/peer ratios to homing's `result` of the same round."""
+    from bench import peers
+
+    for peer_name, st in status.items():
+        if not st["reachable"] or "error" in st:
             continue
-        status[name] = {"url": url, "reachable": True}
+        url = st["url"]
         try:
-            if "throughput" in chosen:
-                note(f"== throughput vs {name}")
-                _attach(results["throughput"], name,
-                        peers.throughput(url, opts, progress), ("msgs_per_s", "sends_per_s"))
-            if "latency" in chosen:
-                for entry in results["latency"]:
-                    note(f"== latency {entry['rate']:g}/s vs {name}")
-                    _attach(entry, name, peers.latency(url, opts, entry["rate"], progress),
-                            ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms", "achieved_per_s"))
+            if name == "throughput":
+                note(f"== throughput vs {peer_name}")
+                _attach(result, peer_name, peers.throughput(url, opts, progress), PEER_KEYS[name])
+            else:
+                for entry in result:
+                    note(f"== latency {entry['rate']:g}/s vs {peer_name}")
+                    _attach(entry, peer_name, peers.latency(url, opts, entry["rate"], progress),
+                            PEER_KEYS[name])
         except Exception as exc:  # a peer failing mid-run must not lose homing's figures
             note(f"peer {url} failed: {type(exc).__name__}: {exc}")
-            status[name]["error"] = f"{type(exc).__name__}: {exc}"
+            st["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             progress.clear()
-    return status
 
 
 def _attach(entry: dict, name: str, peer: dict, keys: tuple[str, ...]) -> None:

@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.repeat import spread
 from protocol import native as wire_native
 from storage import native
 
@@ -66,13 +67,14 @@ def rows(results: dict) -> list[tuple[str, str, Any, Any, Any]]:
         for key in keys:
             if key not in entry:
                 continue
+            value = _with_spread(entry, key)
             if peers:
                 for peer_name, peer in peers.items():
                     ratio = (entry.get("ratio") or {}).get(peer_name, {}).get(key)
-                    out.append((name, key, entry[key], f"{peer_name}: {_fmt(peer.get(key))}",
+                    out.append((name, key, value, f"{peer_name}: {_fmt(_with_spread(peer, key))}",
                                 ratio))
             else:
-                out.append((name, key, entry[key], None, None))
+                out.append((name, key, value, None, None))
         cpu = entry.get("cpu")
         if cpu:
             peer_cpus = [(n, p["cpu"]) for n, p in peers.items() if p.get("cpu")] or [(None, None)]
@@ -122,6 +124,16 @@ def load_bound(results: dict) -> list[str]:
                 label = f"fanout {entry['subscribers']}"
             check(label, entry)
     return out
+
+
+def _with_spread(entry: dict, key: str) -> Any:
+    """`entry[key]`, and when it is the median of several runs, their range: "30,384
+    (27,100-33,900)"."""
+    value = entry.get(key)
+    low_high = spread(entry, key)
+    if low_high is None:
+        return value
+    return f"{_fmt(value)} ({_fmt(low_high[0])}-{_fmt(low_high[1])})"
 
 
 def _cpu(cpu: dict) -> str:
