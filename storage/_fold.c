@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 8 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 9 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -411,6 +411,120 @@ static PyObject *sorted_rows_iter_next(SortedRowsIterObject *self) {
     return row_tuple(self->rows->recs[self->pos++]);
 }
 
+/* RowView: the bytes of one key or value inside a SortedRows, read through the buffer protocol
+ * (what a `putmulti` takes), without a copy. It keeps its SortedRows, and so the bytes, alive. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner;
+    const char *buf;
+    Py_ssize_t len;
+} RowViewObject;
+
+static PyTypeObject RowViewType;
+
+static RowViewObject *row_view_new(PyObject *owner, const char *buf, Py_ssize_t len) {
+    RowViewObject *view = PyObject_New(RowViewObject, &RowViewType);
+    if (view != NULL) {
+        view->owner = Py_NewRef(owner);
+        view->buf = buf;
+        view->len = len;
+    }
+    return view;
+}
+
+static void row_view_dealloc(RowViewObject *self) {
+    Py_XDECREF(self->owner);
+    PyObject_Free(self);
+}
+
+static int row_view_getbuffer(RowViewObject *self, Py_buffer *view, int flags) {
+    return PyBuffer_FillInfo(view, (PyObject *)self, (void *)self->buf, self->len, 1, flags);
+}
+
+static PyBufferProcs row_view_as_buffer = {.bf_getbuffer = (getbufferproc)row_view_getbuffer};
+
+static PyTypeObject RowViewType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "storage._fold.RowView",
+    .tp_basicsize = sizeof(RowViewObject),
+    .tp_dealloc = (destructor)row_view_dealloc,
+    .tp_as_buffer = &row_view_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A key or value of a SortedRows, as a read-only buffer (SortedRows.transient).",
+};
+
+/* SortedRows.transient(): an iterator of `(key, value)` pairs of RowViews over the rows, for a
+ * consumer that lets go of each pair before asking for the next, as `putmulti` does: then the
+ * same pair is handed out again, pointed at the next row, and a row costs no allocation. A
+ * pair (or a view of it) still held elsewhere is left alone and a new one made, so holding on
+ * to them is safe, only slower. */
+typedef struct {
+    PyObject_HEAD
+    SortedRowsObject *rows;
+    Py_ssize_t pos;
+    PyObject *pair; /* the last pair handed out, or NULL */
+} TransientIterObject;
+
+static PyTypeObject TransientIterType;
+
+static PyObject *sorted_rows_transient(SortedRowsObject *self, PyObject *unused) {
+    TransientIterObject *it = PyObject_New(TransientIterObject, &TransientIterType);
+    if (it == NULL)
+        return NULL;
+    it->rows = (SortedRowsObject *)Py_NewRef(self);
+    it->pos = 0;
+    it->pair = NULL;
+    return (PyObject *)it;
+}
+
+static void transient_iter_dealloc(TransientIterObject *self) {
+    Py_XDECREF(self->pair);
+    Py_XDECREF(self->rows);
+    PyObject_Free(self);
+}
+
+static PyObject *transient_iter_next(TransientIterObject *self) {
+    if (self->pos >= self->rows->count)
+        return NULL; /* StopIteration */
+    const char *rec = self->rows->recs[self->pos++];
+    uint32_t lens[2];
+    memcpy(lens, rec, 8);
+    const char *k = rec + 8, *v = rec + 8 + lens[0];
+    PyObject *pair = self->pair;
+    if (pair != NULL && Py_REFCNT(pair) == 1) {
+        RowViewObject *kv = (RowViewObject *)PyTuple_GET_ITEM(pair, 0),
+                      *vv = (RowViewObject *)PyTuple_GET_ITEM(pair, 1);
+        if (Py_REFCNT(kv) == 1 && Py_REFCNT(vv) == 1) { /* nobody else sees them: repoint */
+            kv->buf = k;
+            kv->len = lens[0];
+            vv->buf = v;
+            vv->len = lens[1];
+            return Py_NewRef(pair);
+        }
+    }
+    PyObject *owner = (PyObject *)self->rows;
+    RowViewObject *kv = row_view_new(owner, k, lens[0]);
+    RowViewObject *vv = kv == NULL ? NULL : row_view_new(owner, v, lens[1]);
+    pair = vv == NULL ? NULL : PyTuple_New(2);
+    if (pair == NULL) {
+        Py_XDECREF(kv);
+        Py_XDECREF(vv);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(pair, 0, (PyObject *)kv);
+    PyTuple_SET_ITEM(pair, 1, (PyObject *)vv);
+    Py_XSETREF(self->pair, pair);
+    return Py_NewRef(pair);
+}
+
+static PyTypeObject TransientIterType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "storage._fold.TransientRowsIterator",
+    .tp_basicsize = sizeof(TransientIterObject),
+    .tp_dealloc = (destructor)transient_iter_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)transient_iter_next,
+};
+
 /* Rows.take_sorted() -> SortedRows: the rows, in key order (equal keys in write order); the
  * Rows is left empty. */
 static PyObject *rows_take_sorted(RowsObject *self, PyObject *unused) {
@@ -449,6 +563,13 @@ static PyObject *rows_take_sorted(RowsObject *self, PyObject *unused) {
 
 static PySequenceMethods sorted_rows_as_sequence = {.sq_length = (lenfunc)sorted_rows_length};
 
+static PyMethodDef sorted_rows_methods[] = {
+    {"transient", (PyCFunction)sorted_rows_transient, METH_NOARGS,
+     "transient() -> iterator of (key, value) read-only buffers, the same pair reused for each "
+     "row while nobody else holds it: for putmulti, which lets go of each row before the next."},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject SortedRowsType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "storage._fold.SortedRows",
     .tp_basicsize = sizeof(SortedRowsObject),
@@ -457,6 +578,7 @@ static PyTypeObject SortedRowsType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "The rows of a Rows in key order (Rows.take_sorted); iterable, sized.",
     .tp_iter = (getiterfunc)sorted_rows_iter,
+    .tp_methods = sorted_rows_methods,
 };
 
 static PyTypeObject SortedRowsIterType = {
@@ -1572,7 +1694,8 @@ PyMODINIT_FUNC PyInit__fold(void) {
     INTERN(s_digest, "digest")
 #undef INTERN
     if (PyType_Ready(&RowsType) < 0 || PyType_Ready(&SortedRowsType) < 0 ||
-        PyType_Ready(&SortedRowsIterType) < 0)
+        PyType_Ready(&SortedRowsIterType) < 0 || PyType_Ready(&RowViewType) < 0 ||
+        PyType_Ready(&TransientIterType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m != NULL && PyModule_AddObjectRef(m, "Rows", (PyObject *)&RowsType) < 0) {

@@ -53,6 +53,7 @@ from storage.tables import (
     BufferedTables,
     MemoryTables,
     TxnTables,
+    for_put,
     keyed_rows_digest,
     rows_digest,
     sorted_rows,
@@ -497,7 +498,8 @@ class Store:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)
                 rows = sorted_rows(mem.data[table])
-                if len(rows) and txn.cursor(db=db).putmulti(rows, append=True)[1] != len(rows):
+                added = len(rows) and txn.cursor(db=db).putmulti(for_put(rows), append=True)[1]
+                if added != len(rows):
                     # A key written twice (sorted_rows keeps both, the later last): the later
                     # write wins, as in a dict. Never seen from `apply`; kept exact regardless.
                     txn.drop(db, delete=False)

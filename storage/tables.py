@@ -419,6 +419,15 @@ def sorted_rows(table: dict[bytes, bytes]) -> RowsInOrder:
     return sorted(table.items(), key=_first)
 
 
+def for_put(rows: RowsInOrder) -> Iterable[tuple[Any, Any]]:
+    """`rows` for a consumer that lets go of each row before asking for the next, as LMDB's
+    `putmulti` does: a `_fold.SortedRows` then hands out one pair of read-only buffers again
+    and again, pointed at each row in turn, instead of making two bytes and a tuple a row
+    (`SortedRows.transient`); a list is returned as it is."""
+    transient = getattr(rows, "transient", None)
+    return rows if transient is None else transient()
+
+
 class MemoryTables(_ByName):
     """`Tables` over dicts, for model tests, replay, time travel and rebuild.
 

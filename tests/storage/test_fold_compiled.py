@@ -11,6 +11,7 @@ import struct
 import tempfile
 
 import hypothesis.strategies as st
+import lmdb
 import msgpack
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -209,6 +210,46 @@ def test_rows_sort_like_a_stable_sort_by_key(rows, data):
     cleared.append(b"k", b"v")
     cleared.clear()
     assert (len(cleared), cleared.items()) == (0, [])
+
+
+def test_transient_rows_reuse_one_pair_only_while_nobody_else_holds_it(tmp_path):
+    """`SortedRows.transient()` hands out the same pair of buffers for each row when the last
+    one was let go (as putmulti does); a pair or view kept elsewhere is never changed, and stays
+    readable after the rows and the iterator are gone. An appending putmulti of it writes what
+    one of bytes pairs writes."""
+    rows = [(b"k%03d" % (i * 7 % 100), b"v" * (i % 5) + b"%d" % i) for i in range(100)]
+
+    def taken():
+        buffered = native.ext.Rows()
+        for key, value in rows:
+            buffered.append(key, value)
+        return buffered.take_sorted()
+
+    expected = sorted(rows)
+    it = taken().transient()
+    first = next(it)
+    first_id, first_row = id(first), (bytes(first[0]), bytes(first[1]))
+    del first
+    second = next(it)  # the first pair, pointed at the next row
+    assert id(second) == first_id and (bytes(second[0]), bytes(second[1])) == expected[1]
+    key_view = second[0]  # a view held elsewhere: the pair is left alone
+    del second
+    third = next(it)
+    assert id(third) != first_id and bytes(key_view) == expected[1][0]
+    kept = [third, *it]  # every pair held: each is its own
+    del it
+    assert [first_row, expected[1]] + [(bytes(k), bytes(v)) for k, v in kept] == expected
+    assert memoryview(kept[-1][1]).readonly and bytes(key_view) == expected[1][0]
+
+    env = lmdb.open(str(tmp_path), max_dbs=2)
+    plain, transient = env.open_db(b"plain"), env.open_db(b"transient")
+    with env.begin(write=True) as txn:
+        in_order = taken()
+        assert txn.cursor(db=plain).putmulti(in_order, append=True) == (100, 100)
+        assert txn.cursor(db=transient).putmulti(in_order.transient(), append=True) == (100, 100)
+    with env.begin() as txn:
+        assert list(txn.cursor(db=plain)) == list(txn.cursor(db=transient)) == expected
+    env.close()
 
 
 def test_a_listed_table_reads_and_writes_as_a_dict():
