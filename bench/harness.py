@@ -50,11 +50,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU seconds all cores spent busy since boot, and the part of them that was steal.
+
+    From /proc/stat: busy is all but idle and iowait; steal is the time a virtual machine's
+    CPUs were ready to run but the hypervisor ran something else (0 on bare metal).
+    """
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK, fields[7] / CLK_TCK
 
 
 def rss_mib(pid: int) -> float:
@@ -249,11 +253,12 @@ def run_phase(workers: Workers, *, timeout: float, pids: dict[str, int], label: 
               go: Any = None) -> tuple[list[Any], dict[str, float], float]:
     """Say go, wait for every `done`, and return (payloads, CPU% per named pid, wall seconds).
 
-    CPU% is CPU seconds over wall seconds of the phase, per process: 100 is one core busy.
+    CPU% is CPU seconds over wall seconds of the phase, per process: 100 is one core busy;
+    `other` is the rest of the machine's busy time and `steal` the part of it that was steal.
     """
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     workers_before = workers.cpu()
-    busy_before = machine_busy_seconds()
+    busy_before, steal_before = machine_busy_seconds()
     started = time.monotonic()
     workers.broadcast(("go", go))
     results = workers.gather("done", timeout, label)
@@ -261,7 +266,10 @@ def run_phase(workers: Workers, *, timeout: float, pids: dict[str, int], label: 
     cpu = {name: 100 * (cpu_seconds(pid) - before[name]) / wall for name, pid in pids.items()}
     for i, (b, a) in enumerate(zip(workers_before, workers.cpu(), strict=True)):
         cpu[f"load{i}"] = 100 * (a - b) / wall
-    # Everything else on the machine (other people's jobs, the orchestrator): a shared machine
-    # shows up here, and the figures of such a run are worth less.
-    cpu["other"] = max(0.0, 100 * (machine_busy_seconds() - busy_before) / wall - sum(cpu.values()))
+    # Everything else on the machine (other people's jobs, the orchestrator, and on a VM the
+    # hypervisor's steal): a shared machine shows up here, and the figures of such a run are
+    # worth less. `steal` is the part of `other` the hypervisor took, so it is not summed again.
+    busy_after, steal_after = machine_busy_seconds()
+    cpu["other"] = max(0.0, 100 * (busy_after - busy_before) / wall - sum(cpu.values()))
+    cpu["steal"] = 100 * (steal_after - steal_before) / wall
     return results, cpu, wall

@@ -137,9 +137,12 @@ def _with_spread(entry: dict, key: str) -> Any:
 
 
 def _cpu(cpu: dict) -> str:
-    """A `cpu` entry as "server / load (max busiest load process) / other", * if load-bound."""
+    """A `cpu` entry as "server / load (max busiest load process) / other", with the part of
+    other that was the hypervisor's steal when there was any, and * if load-bound."""
+    steal = cpu.get("steal_pct", 0)
     return (f"{cpu['broker_pct']:.0f} / {cpu['load_pct_total']:.0f} "
             f"(max {cpu['load_pct_max_process']:.0f}) / {cpu.get('other_pct', 0):.0f}"
+            f"{f' (steal {steal:.0f})' if steal >= 0.5 else ''}"
             f"{' *' if cpu.get('load_bound') else ''}")
 
 

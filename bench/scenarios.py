@@ -97,7 +97,8 @@ LOAD_BOUND_PCT = 90  # a load process (or the load's cores) this busy held the r
 
 
 def _cpu_summary(cpu: dict[str, float], opts: dict) -> dict[str, Any]:
-    """CPU% of the server, each load process and the rest; `load_bound` when the load side was
+    """CPU% of the server, each load process and the rest (of which steal, on a VM); `load_bound`
+    when the load side was
     busy enough to be the bottleneck: one load process at LOAD_BOUND_PCT of a core, or its CPUs
     (the load's half with --pin, else the whole machine) at LOAD_BOUND_PCT of their capacity."""
     load = [v for k, v in cpu.items() if k.startswith("load")]
@@ -105,13 +106,15 @@ def _cpu_summary(cpu: dict[str, float], opts: dict) -> dict[str, Any]:
     if pinned is not None:
         busy, capacity = sum(load), 100 * len(pinned)
     else:
-        busy, capacity = sum(cpu.values()), 100 * (os.cpu_count() or 1)
+        busy = sum(v for k, v in cpu.items() if k != "steal")  # steal is part of other
+        capacity = 100 * (os.cpu_count() or 1)
     bound = max(load, default=0.0) >= LOAD_BOUND_PCT or busy >= capacity * LOAD_BOUND_PCT / 100
     return {"broker_pct": round(cpu.get("broker", 0.0), 1),
             "load_pct_total": round(sum(load), 1),
             "load_pct_max_process": round(max(load, default=0.0), 1),
             "load_pct": [round(v, 1) for v in load],
             "other_pct": round(cpu.get("other", 0.0), 1),
+            "steal_pct": round(cpu.get("steal", 0.0), 1),
             "load_bound": bound}
 
 

@@ -148,3 +148,26 @@ def test_the_table_shows_each_peers_cpu_and_marks_a_load_bound_run():
         "ratio": {"redis": {"msgs_per_s": 0.816}}}})
     assert "| 85 / 39 (max 10) / 0 " in text
     assert "redis: 31 / 164 (max 41) / 0 *" in text
+
+
+def test_steal_is_shown_as_part_of_other_and_not_counted_twice():
+    from bench.harness import machine_busy_seconds
+    from bench.report import table
+    from bench.scenarios import _cpu_summary
+
+    busy, steal = machine_busy_seconds()
+    assert 0 <= steal <= busy
+    cores = os.cpu_count() or 1
+    # Half the machine was other, all of it steal: counted once, so the load is not to blame.
+    half = 100.0 * cores * 0.5
+    cpu = _cpu_summary({"broker": 10.0, "load0": 10.0, "other": half, "steal": half},
+                       {"placement": None})
+    assert cpu["other_pct"] == cpu["steal_pct"] == round(half, 1)
+    assert not cpu["load_bound"]
+    text = table({"throughput": {"msgs_per_s": 1, "cpu": {**cpu, "other_pct": 30.0,
+                                                          "steal_pct": 12.4}}})
+    assert "| 10 / 10 (max 10) / 30 (steal 12) " in text
+    # No steal (bare metal, or an entry written before steal_pct existed): nothing added.
+    for quiet in ({**cpu, "steal_pct": 0.2}, {k: v for k, v in cpu.items() if k != "steal_pct"}):
+        text = table({"throughput": {"msgs_per_s": 1, "cpu": {**quiet, "other_pct": 30.0}}})
+        assert "| 10 / 10 (max 10) / 30 " in text and "steal" not in text
