@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import math
 import os
+import random
 import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -24,6 +26,9 @@ from broker.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, Config
 from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+MAX_TOKEN_TTL_S = 3650 * 86400  # ten years: longer is a typo, and past 2**64 s msgpack fails
+RATE_LIMITED_PAUSE_S = 0.05  # first pause before resending a send refused as rate_limited
+RATE_LIMITED_MAX_PAUSE_S = 1.0  # the pause doubles while refused, up to this
 
 
 class CliError(Exception):
@@ -32,6 +37,14 @@ class CliError(Exception):
     def __init__(self, status: int, name: str, message: str, code: int = 0) -> None:
         super().__init__(message)
         self.status, self.name, self.message, self.code = status, name, message, code
+
+
+class JsonErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors keep the output contract: a JSON `usage` error on stderr
+    and exit status 2 instead of usage text. Subparsers inherit the class, `--help` is as is."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(EXIT_USAGE, "usage", f"{self.prog}: {message}")
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -58,22 +71,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise CliError(EXIT_USAGE, "usage", "--tls-cert and --tls-key go together")
     configure(args.log_level, args.log_format)
-    cfg = Config(
-        data_dir=Path(args.data), host=args.host, port=args.port,
-        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-        tls_key=Path(args.tls_key) if args.tls_key else None,
-        max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
-        window=args.window, heartbeat_s=args.heartbeat, idle_timeout_s=args.idle_timeout,
-        handshake_timeout_s=args.handshake_timeout,
-        sends_per_s_per_connection=args.send_rate, sends_per_s_per_user=args.user_send_rate,
-        max_connections=args.max_connections,
-        max_connections_per_user=args.max_connections_per_user,
-        max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
-        max_batch=args.max_batch,
-        content_policy=Path(args.content_policy) if args.content_policy else None,
-        content_action=args.content_action, gc_young_threshold=args.gc_young_threshold,
-    )
-    _raise_nofile(cfg.max_connections + 64)
+    try:
+        cfg = _serve_config(args)
+    except ValueError as exc:
+        raise CliError(EXIT_USAGE, "usage", str(exc)) from None
+    _raise_nofile(cfg.max_connections + cfg.max_handshakes + 64)
     tune_gc(cfg.gc_young_threshold)
     try:
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
@@ -86,6 +88,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def _serve_config(args: argparse.Namespace) -> Config:
+    """`homing serve`'s Config; ValueError if its limits do not fit together."""
+    return Config(
+        data_dir=Path(args.data), host=args.host, port=args.port,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
+        window=args.window, heartbeat_s=args.heartbeat, idle_timeout_s=args.idle_timeout,
+        handshake_timeout_s=args.handshake_timeout,
+        sends_per_s_per_connection=args.send_rate, sends_per_s_per_user=args.user_send_rate,
+        typing_per_s_per_user=args.typing_rate,
+        max_connections=args.max_connections, max_handshakes=args.max_handshakes,
+        max_connections_per_user=args.max_connections_per_user,
+        max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
+        max_batch=args.max_batch,
+        content_policy=Path(args.content_policy) if args.content_policy else None,
+        content_action=args.content_action, gc_young_threshold=args.gc_young_threshold,
+    )
 
 
 async def _serve(cfg: Config, store: Any) -> None:
@@ -135,6 +157,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     role = "admin" if args.admin else "service" if args.service else "user"
     try:
         ttl = tokens.parse_ttl(args.ttl)
+        if not 0 < ttl <= MAX_TOKEN_TTL_S:
+            raise ValueError(f"--ttl must be from 1s to {MAX_TOKEN_TTL_S // 86400}d, "
+                             f"not {args.ttl}")
         secret = tokens.load_secret(Path(args.data))
         print(tokens.issue(secret, args.user, role, ttl))
     except ValueError as exc:
@@ -145,23 +170,39 @@ def cmd_token(args: argparse.Namespace) -> int:
 # -- client commands -----------------------------------------------------------------------------
 
 def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context of --tls / --tls-ca; a usage error if the CA file cannot be loaded."""
     if not (args.tls or args.tls_ca):
         return None
     ctx = ssl.create_default_context()
     if args.tls_ca:
-        ctx.load_verify_locations(args.tls_ca)
+        try:
+            ctx.load_verify_locations(args.tls_ca)
+        except OSError as exc:  # ssl.SSLError is one too
+            reason = exc.strerror or str(exc)
+            raise CliError(EXIT_USAGE, "usage", f"--tls-ca {args.tls_ca}: {reason}") from None
     return ctx
 
 
-def run_client(args: argparse.Namespace, body) -> int:
-    """Connect with the common options and run `body(client, args)`."""
-    from broker.client import ClientError, ConnectionLost, open_client
+def run_client(args: argparse.Namespace, body, check=None) -> int:
+    """Check the arguments, then connect with the common options and run `body(client, args)`.
+
+    Whatever can be checked without the broker (`check(args)` for the command's own) is checked
+    before connecting, so a usage error exits 2 whether a broker is running or not.
+    """
+    from broker.client import ClientError, ConnectionLost, open_client, parse_server
 
     if not args.token:
         raise CliError(EXIT_USAGE, "usage", "a token is needed: --token or HOMING_TOKEN")
+    try:
+        parse_server(args.server)
+    except ValueError as exc:
+        raise CliError(EXIT_USAGE, "usage", str(exc)) from None
+    tls = _tls_context(args)
+    if check is not None:
+        check(args)
 
     async def main() -> None:
-        async with open_client(args.server, args.token, args.device, tls=_tls_context(args),
+        async with open_client(args.server, args.token, args.device, tls=tls,
                                reconnect_timeout=args.connect_timeout) as client:
             await body(client, args)
 
@@ -170,9 +211,7 @@ def run_client(args: argparse.Namespace, body) -> int:
     except ClientError as exc:
         status = EXIT_UNREACHABLE if exc.name in ("shutting_down",) else EXIT_REFUSED
         raise CliError(status, exc.name, exc.message, exc.code) from None
-    except ConnectionLost as exc:
-        raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
-    except (OSError, ValueError) as exc:
+    except (ConnectionLost, OSError) as exc:
         raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
     return 0
 
@@ -181,29 +220,38 @@ def _result(r: Any) -> dict[str, Any]:
     return {"conv": r.conv, "seq": r.seq, "lsn": r.lsn, "cid": r.cid, "dup": r.dup}
 
 
+def check_send(args: argparse.Namespace) -> None:
+    """`send` takes its text from TEXT or from --stdin: exactly one of them."""
+    if args.stdin and args.text is not None:
+        raise CliError(EXIT_USAGE, "usage", "send takes TEXT or --stdin, not both")
+    if not args.stdin and args.text is None:
+        raise CliError(EXIT_USAGE, "usage", "send needs TEXT or --stdin")
+
+
 async def do_send(client, args) -> None:
     if args.stdin:
         await _send_lines(client, args)
         return
-    if args.text is None:
-        raise CliError(EXIT_USAGE, "usage", "send needs TEXT or --stdin")
     emit(_result(await client.send(args.text, to=args.to, conv=args.conv, cid=args.cid)))
 
 
 async def _send_lines(client, args) -> None:
-    """Send each stdin line as one message, pipelined, until every line is accepted."""
+    """Send each stdin line as one message, pipelined, until every line is accepted.
+
+    The first failure stops the rest and is reported alone (not as an exception group).
+    """
     import uuid
 
     prefix = args.cid_prefix or uuid.uuid4().hex[:12]
     limit = trio.Semaphore(args.pipeline)
-    failures: list[BaseException] = []
+    failures: list[Exception] = []
 
     async def one(cid: str, text: str) -> None:
         try:
-            emit(_result(await client.send(text, to=args.to, conv=args.conv, cid=cid)))
-        except BaseException as exc:
+            emit(_result(await _send_until_accepted(client, args, cid, text)))
+        except Exception as exc:
             failures.append(exc)
-            raise
+            nursery.cancel_scope.cancel()
         finally:
             limit.release()
 
@@ -216,13 +264,29 @@ async def _send_lines(client, args) -> None:
         raise failures[0]
 
 
+async def _send_until_accepted(client, args, cid: str, text: str) -> Any:
+    """`client.send`, again with the same cid after a growing pause while the broker answers
+    rate_limited (its per-connection and per-user send rates): the line is still to be sent."""
+    from broker.client import ClientError
+
+    pause = RATE_LIMITED_PAUSE_S
+    while True:
+        try:
+            return await client.send(text, to=args.to, conv=args.conv, cid=cid)
+        except ClientError as exc:
+            if exc.name != "rate_limited":
+                raise
+        await trio.sleep(pause * (0.5 + random.random()))
+        pause = min(pause * 2, RATE_LIMITED_MAX_PAUSE_S)
+
+
 async def do_listen(client, args) -> None:
     count = 0
     deliveries = client.deliveries()
     while args.count is None or count < args.count:
-        with trio.move_on_after(args.timeout) if args.timeout else _never() as scope:
+        with trio.move_on_after(math.inf if args.timeout is None else args.timeout) as scope:
             d = await deliveries.receive()
-        if scope is not None and scope.cancelled_caught:
+        if scope.cancelled_caught:
             break
         out = {"inbox_seq": d.inbox_seq, "conv": d.conv, "seq": d.seq, "from": d.sender,
                **body_fields(d.body), "cid": d.cid, "ts": d.ts}
@@ -236,14 +300,6 @@ async def do_listen(client, args) -> None:
             await client.ack(d.inbox_seq)
     if not args.no_ack:
         await client.ping()  # make sure the last ack reached the broker before we close
-
-
-class _never:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 async def do_create(client, args) -> None:
@@ -328,8 +384,8 @@ _RATE = _number(float, 0.001)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="homing", description="homing: an event-sourced "
-                                     "instant-messaging broker")
+    parser = JsonErrorParser(prog="homing", description="homing: an event-sourced "
+                             "instant-messaging broker")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = Config()
@@ -353,7 +409,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sends per second per connection")
     s.add_argument("--user-send-rate", type=_RATE, default=d.sends_per_s_per_user,
                    help="sends per second per user")
+    s.add_argument("--typing-rate", type=_RATE, default=d.typing_per_s_per_user,
+                   help="typing notices per second per user; the rest are dropped")
     s.add_argument("--max-connections", type=_COUNT, default=d.max_connections)
+    s.add_argument("--max-handshakes", type=_COUNT, default=d.max_handshakes,
+                   help="connections not yet past hello, at most (default %(default)s)")
     s.add_argument("--max-connections-per-user", type=_COUNT,
                    default=d.max_connections_per_user)
     s.add_argument("--max-members", type=_COUNT, default=d.max_members)
@@ -377,27 +437,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ttl", default="30d", help="lifetime, e.g. 30d, 12h (default %(default)s)")
     t.set_defaults(func=cmd_token)
 
-    def client(name: str, help: str, body, *args_fn) -> argparse.ArgumentParser:
+    def client(name: str, help: str, body, check=None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help)
         _client_options(p)
-        for fn in args_fn:
-            fn(p)
-        p.set_defaults(func=lambda a: run_client(a, body))
+        p.set_defaults(func=lambda a: run_client(a, body, check))
         return p
 
-    snd = client("send", "send a message (prints its durable result)", do_send)
+    snd = client("send", "send a message (prints its durable result)", do_send, check_send)
     target = snd.add_mutually_exclusive_group(required=True)
     target.add_argument("--to", help="user id: the direct conversation with them")
     target.add_argument("--conv", help="conversation id")
     snd.add_argument("--cid", help="client message id (a retry with the same id sends nothing new)")
     snd.add_argument("--stdin", action="store_true", help="send each stdin line as a message")
     snd.add_argument("--cid-prefix", help="with --stdin: cid of line N is PREFIX-N")
-    snd.add_argument("--pipeline", type=int, default=256, help="with --stdin: sends in flight")
+    snd.add_argument("--pipeline", type=_COUNT, default=256,
+                     help="with --stdin: sends in flight")
     snd.add_argument("text", nargs="?")
 
     lst = client("listen", "print deliveries (and ack them)", do_listen)
     lst.add_argument("--count", type=int, help="stop after N deliveries")
-    lst.add_argument("--timeout", type=float, help="stop after SECONDS with nothing arriving")
+    lst.add_argument("--timeout", type=_SECONDS,
+                     help="stop after SECONDS with nothing arriving")
     lst.add_argument("--no-ack", action="store_true", help="print without acking")
 
     for kind in ("group", "channel"):
@@ -450,9 +510,8 @@ def _add_optional(sub, module: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args) or 0
     except CliError as exc:
         sys.stderr.write(json.dumps({"error": exc.name, "code": exc.code,

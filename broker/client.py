@@ -14,6 +14,9 @@ What it promises:
 - Deliveries resume after the last acked inbox_seq; deliveries already handed to the caller in
   this process are not handed over twice, and acks made while disconnected are sent again.
 - Requests that are not safe to repeat (`create`) fail with `ConnectionLost` on a drop.
+- Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
+  requests and its deliveries raise that error; a request the protocol's field checks refuse
+  raises ClientError "invalid" at once, unsent.
 """
 
 from __future__ import annotations
@@ -68,6 +71,12 @@ class ConnectionLost(Exception):
     or the broker could not be reached within the reconnect timeout."""
 
 
+class Replaced(ConnectionLost):
+    """Another session of the same user and device connected, and the broker closed this one
+    (PROTOCOL.md §9). The client does not reconnect: two processes using one device name would
+    otherwise take the session from each other for ever."""
+
+
 def parse_server(server: str) -> tuple[str, int]:
     """(host, port) from ``HOST:PORT``."""
     host, _, port = server.rpartition(":")
@@ -100,7 +109,8 @@ class Client:
         self._stream: trio.abc.Stream | None = None
         self._conn: wire.Connection | None = None
         self._send_lock = trio.Lock()
-        self._deliveries_in, self._deliveries_out = trio.open_memory_channel[wire.Deliver](1 << 16)
+        self._deliveries_in, deliveries_out = trio.open_memory_channel[wire.Deliver](1 << 16)
+        self._deliveries = Deliveries(self, deliveries_out)
         self._pushes: deque[Any] = deque(maxlen=max_pushes)
         self._push_event = trio.Event()
         self._yielded = 0  # highest inbox_seq handed to the caller
@@ -134,7 +144,9 @@ class Client:
             return
         try:
             data = self._conn.send(frame)
-        except wire.LocalProtocolError:
+        except wire.LocalProtocolError as exc:
+            if (refusal := _refusal(exc)) is not None:
+                raise refusal from None
             return  # bye or a closing error arrived: the connection is done; resent after reconnect
         stream = self._stream
         async with self._send_lock:
@@ -209,9 +221,9 @@ class Client:
 
     # -- incoming -------------------------------------------------------------------------------
 
-    def deliveries(self) -> trio.MemoryReceiveChannel[wire.Deliver]:
+    def deliveries(self) -> Deliveries:
         """The deliveries, in inbox order, each once per process; ack them with `ack`."""
-        return self._deliveries_out
+        return self._deliveries
 
     async def next_push(self) -> Any:
         """The next receipt, status or typing push (the oldest are dropped past `max_pushes`)."""
@@ -223,13 +235,17 @@ class Client:
     # -- the connection -------------------------------------------------------------------------
 
     async def _connect_once(self) -> None:
+        conn = wire.Connection(wire.Role.CLIENT)
+        try:
+            hello = conn.send(wire.Hello(
+                versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device))
+        except wire.LocalProtocolError as exc:  # a malformed token or device name
+            raise _refusal(exc) or exc from None
         stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
         try:
             if self.tls is not None:
                 stream = trio.SSLStream(stream, self.tls, server_hostname=self.host)
-            conn = wire.Connection(wire.Role.CLIENT)
-            await stream.send_all(conn.send(wire.Hello(
-                versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device)))
+            await stream.send_all(hello)
             welcome = await _next_frame(stream, conn)
             if isinstance(welcome, wire.Error):
                 raise ClientError(welcome.code, welcome.name, welcome.message)
@@ -250,7 +266,11 @@ class Client:
                 out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
             for req in sorted(self._pending.values(), key=lambda r: r.frame.id):
                 if req.resend:
-                    out.append(conn.send(req.frame))
+                    try:
+                        out.append(conn.send(req.frame))
+                    except wire.LocalProtocolError as exc:  # made while we were disconnected
+                        req.error = _refusal(exc) or exc
+                        req.event.set()
             if out:
                 await stream.send_all(b"".join(out))
         self.connected.set()
@@ -314,6 +334,8 @@ class Client:
                      wire.ProtocolError):
                 pass
             self._dropped()
+            if self._fatal is not None or self._closed:  # refused for good, or closed by us
+                return
             if not self.reconnect:
                 self._fail(ConnectionLost("the connection dropped"))
                 return
@@ -337,7 +359,12 @@ class Client:
         while True:
             frame = await _next_frame(stream, conn)
             self._last_rx = time.monotonic()
-            if frame is None or isinstance(frame, wire.Bye):
+            if frame is None:
+                return
+            if isinstance(frame, wire.Bye):
+                if frame.reason == wire.BYE_REPLACED:
+                    self._fail(Replaced(f"device {self.device!r} connected again elsewhere; "
+                                        "this client stopped (use one device name per process)"))
                 return
             if isinstance(frame, wire.Deliver):
                 if frame.inbox_seq > self._yielded:
@@ -372,11 +399,66 @@ class Client:
         self.connected.set()
 
     async def aclose(self) -> None:
-        """Say bye and close."""
+        """Say bye, close the connection, and end the deliveries quietly (not as a failure)."""
         self._closed = True
-        if self._stream is not None and self._conn is not None:
+        if self._fatal is None and self._stream is not None and self._conn is not None:
             with trio.move_on_after(1):
                 await self._write_frame(wire.Bye(reason="client closing"))
+        if self._stream is not None:
+            await trio.aclose_forcefully(self._stream)
+        self._deliveries_in.close()
+
+
+class Deliveries:
+    """A client's deliveries as a receive channel: `await receive()`, or `async for`.
+
+    Once the client is closed they end quietly (EndOfChannel; the loop stops). Once the client
+    gave up (broker unreachable past the reconnect timeout, session replaced, token refused)
+    they raise that error, after the deliveries received before it: a loop over them must not
+    mistake a lost broker for the end of the work.
+    """
+
+    def __init__(self, client: Client, channel: trio.MemoryReceiveChannel[wire.Deliver]) -> None:
+        self._client, self._channel = client, channel
+
+    async def receive(self) -> wire.Deliver:
+        """The next delivery; EndOfChannel after a close, the client's error after a failure."""
+        try:
+            return await self._channel.receive()
+        except trio.EndOfChannel:
+            self._raise_failure()
+            raise
+
+    def receive_nowait(self) -> wire.Deliver:
+        """The next delivery if one is waiting (trio.WouldBlock if not); else as `receive`."""
+        try:
+            return self._channel.receive_nowait()
+        except trio.EndOfChannel:
+            self._raise_failure()
+            raise
+
+    def _raise_failure(self) -> None:
+        if self._client._fatal is not None:
+            raise self._client._fatal from None
+
+    def __aiter__(self) -> Deliveries:
+        return self
+
+    async def __anext__(self) -> wire.Deliver:
+        try:
+            return await self.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+
+def _refusal(exc: wire.LocalProtocolError) -> ClientError | None:
+    """The error for a request our own protocol checks refused before sending it (a field out
+    of range, a body or frame too large): "invalid", as the broker would answer. None when the
+    connection's state refused it (bye or a closing error arrived): that frame goes again after
+    the reconnect."""
+    if exc.code == wire.ErrorCode.INTERNAL:
+        return None
+    return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name, exc.message)
 
 
 async def _next_frame(stream: trio.abc.Stream, conn: wire.Connection) -> Any:
@@ -409,8 +491,6 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
             finally:
                 with trio.CancelScope(shield=True):
                     await client.aclose()
-                    if client._stream is not None:
-                        await trio.aclose_forcefully(client._stream)
                 # Cancel last, with nothing awaited after it: an await in a cancelled scope would
                 # raise Cancelled here and hide the caller's exception.
                 nursery.cancel_scope.cancel()

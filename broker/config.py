@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from protocol import largest_deliver_frame
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7717
 DEFAULT_DATA_DIR = "homing-data"
@@ -39,8 +41,12 @@ class Config:
     # Rates (sends per second; burst = one second's worth).
     sends_per_s_per_connection: float = 5000.0
     sends_per_s_per_user: float = 20000.0
+    # Typing notices per second per user (burst: one second's worth); the rest are dropped.
+    typing_per_s_per_user: float = 5.0
     # Connections.
     max_connections: int = 20000
+    # Connections accepted but not yet past hello (each holds up to HELLO_MAX_FRAME_BYTES).
+    max_handshakes: int = 1000
     max_connections_per_user: int = 256
     # Conversations.
     max_members: int = 10000
@@ -53,6 +59,22 @@ class Config:
     # Content policy: a file of forbidden words, one per line, and what to do on a match.
     content_policy: Path | None = None
     content_action: str = "reject"  # "reject" or "mask"
+
+    def __post_init__(self) -> None:
+        if self.idle_timeout_s < self.heartbeat_s:
+            raise ValueError(
+                f"--idle-timeout {self.idle_timeout_s:g} is shorter than --heartbeat "
+                f"{self.heartbeat_s}: clients that ping every heartbeat, as welcome asks them "
+                f"to, would be timed out. Use an idle timeout of at least the heartbeat (the "
+                f"default is three heartbeats)")
+        frame = largest_deliver_frame(self.max_body_bytes)
+        if self.max_frame_bytes < frame:
+            raise ValueError(
+                f"--max-frame-bytes {self.max_frame_bytes} is below the largest delivery of a "
+                f"--max-body-bytes {self.max_body_bytes} message ({frame} bytes): such a "
+                f"message would be accepted and never delivered. Raise --max-frame-bytes to "
+                f"at least {frame}, or lower --max-body-bytes to at most "
+                f"{self.max_body_bytes - (frame - self.max_frame_bytes)}")
 
     def replace(self, **changes: object) -> Config:
         """A copy with some fields changed."""

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import msgpack
+
 import protocol as wire
 from broker.errors import CloseReason, wire_error
+from protocol import encode_frame
+from protocol.frames import to_wire
 from storage import commands as cmd
 
 if TYPE_CHECKING:
@@ -143,7 +147,26 @@ def on_history(session: Session, f: wire.History) -> None:
     messages, more = session.broker.store.history(
         f.conv, before=f.before, after=f.after, limit=f.limit,
         newest_first=f.order == "newest")
-    session.reply(wire.Page(id=f.id, conv=f.conv, messages=messages, more=more))
+    session.reply(_page_that_fits(session, f, messages, more))
+
+
+def _page_that_fits(session: Session, f: wire.History, messages: list[dict],
+                    more: bool) -> wire.Page:
+    """The page of the first of `messages` that fits the connection's max_frame.
+
+    A page holds up to `limit` messages of up to the body limit each, so it may not fit one
+    frame: then it holds as many as fit, in order, with `more` set, and the client pages on
+    from the last one it got. If not even one fits, the whole page goes to `Session.reply`,
+    which answers `limit_exceeded`.
+    """
+    page = wire.Page(id=f.id, conv=f.conv, messages=messages, more=more)
+    room = session.conn.max_frame_bytes - len(encode_frame(to_wire(page._replace(messages=[]))))
+    used = 5  # the array header, at most
+    for n, message in enumerate(messages):
+        used += len(msgpack.packb(message, use_bin_type=True))
+        if used > room:
+            return page._replace(messages=messages[:n], more=True) if n else page
+    return page
 
 
 def on_receipts(session: Session, f: wire.Receipts) -> None:
@@ -170,6 +193,8 @@ def on_typing(session: Session, f: wire.Typing) -> None:
     if role is None or (f.conv.startswith("chn:") and role == "member"
                         and session.role == "user"):
         return  # ephemeral: silently dropped, nothing leaks
+    if not session.user_typing.take():
+        return  # past --typing-rate: dropped too; a typing notice repeats while they type
     data = session.conn.send(wire.TypingNotice(conv=f.conv, user=session.user))
     broker.hub.push(broker.roster(f.conv).users, data, skip=session)
 

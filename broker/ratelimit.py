@@ -1,4 +1,4 @@
-"""Token buckets for send rates (per connection and per user)."""
+"""Token buckets for send and typing rates (per connection and per user)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,41 @@ class TokenBucket:
             return False
         self.tokens = tokens - n
         return True
+
+    def full(self, now: float) -> bool:
+        """Whether the bucket will have refilled to its burst by `now` (time.monotonic)."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class UserBuckets:
+    """One TokenBucket per user, shared by all the user's connections.
+
+    A user's bucket outlives their last session until it has refilled (`gone`, then `prune`),
+    so disconnecting and connecting again does not buy a fresh burst.
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._buckets: dict[str, TokenBucket] = {}
+        self._gone: dict[str, None] = {}  # users with no session whose bucket is still refilling
+
+    def of(self, user: str) -> TokenBucket:
+        """The user's bucket (a new, full one if they had none)."""
+        self._gone.pop(user, None)
+        bucket = self._buckets.get(user)
+        if bucket is None:
+            bucket = self._buckets[user] = TokenBucket(self.rate)
+        return bucket
+
+    def gone(self, user: str) -> None:
+        """The user's last session ended: forget their bucket once it has refilled."""
+        if user in self._buckets:
+            self._gone[user] = None
+
+    def prune(self, now: float) -> None:
+        """Forget the buckets of users who are gone and whose buckets are full again."""
+        for user in [u for u in self._gone if self._buckets[u].full(now)]:
+            del self._buckets[user], self._gone[user]
+
+    def __len__(self) -> int:
+        return len(self._buckets)

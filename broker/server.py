@@ -28,7 +28,7 @@ from broker.handlers import HANDLERS
 from broker.hub import Fresh, Hub, encode_push
 from broker.logs import get_logger
 from broker.policy import ContentPolicy
-from broker.ratelimit import TokenBucket
+from broker.ratelimit import TokenBucket, UserBuckets
 from broker.session import Session
 from protocol import native as wire_native
 from storage import native
@@ -72,8 +72,10 @@ class Broker:
         self.policy = (ContentPolicy.load(config.content_policy, config.content_action)
                        if config.content_policy else None)
         self.stopping = False
+        self.handshaking = 0  # connections accepted and not yet past hello
         self.port: int | None = None
-        self._user_limits: dict[str, TokenBucket] = {}
+        self.user_sends = UserBuckets(config.sends_per_s_per_user)
+        self.user_typing = UserBuckets(config.typing_per_s_per_user)
         self._rosters: dict[str, Roster] = {}
         self._ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
@@ -84,11 +86,6 @@ class Broker:
     def new_send_limiter(self) -> TokenBucket:
         return TokenBucket(self.config.sends_per_s_per_connection)
 
-    def user_limiter(self, user: str) -> TokenBucket:
-        bucket = self._user_limits.get(user)
-        if bucket is None:
-            bucket = self._user_limits[user] = TokenBucket(self.config.sends_per_s_per_user)
-        return bucket
 
     def roster(self, conv: str) -> Roster:
         """Who is in `conv` (cached; invalidated by membership commits)."""
@@ -158,7 +155,17 @@ class Broker:
         session = Session(self, stream, conn_id, peer)
         attached = False
         try:
-            attached = await self._handshake(session)
+            if self.handshaking >= self.config.max_handshakes:
+                session.reason = CloseReason.LIMIT
+                session.log.warning("handshakes_full", handshaking=self.handshaking)
+                await self._refuse(session, None, wire.ErrorCode.LIMIT_EXCEEDED,
+                                   "too many connections waiting for their hello; retry later")
+                return
+            self.handshaking += 1
+            try:
+                attached = await self._handshake(session)
+            finally:
+                self.handshaking -= 1
             if attached:
                 await session.run_open()
         except Exception:
@@ -214,7 +221,8 @@ class Broker:
                                "too many connections")
             return False
         session.user, session.device, session.role = claims.user, hello.device, claims.role
-        session.user_sends = self.user_limiter(claims.user)
+        session.user_sends = self.user_sends.of(claims.user)
+        session.user_typing = self.user_typing.of(claims.user)
         session.log = session.log.bind(user=claims.user, device=hello.device)
         max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
         session.acked = session.sent = max(  # an ack still on its way to disk counts
@@ -223,7 +231,7 @@ class Broker:
         session.head = self.store.inbox_head(claims.user)
         old = self.hub.attach(session)
         if old is not None:
-            old.close(CloseReason.REPLACED, wire.Bye(reason="replaced by a new session"))
+            old.close(CloseReason.REPLACED, wire.Bye(reason=wire.BYE_REPLACED))
         first = self.hub.user_count(claims.user) == 1
         session.reply(wire.Welcome(
             id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
@@ -273,7 +281,8 @@ class Broker:
 
     def _detach(self, session: Session) -> None:
         if self.hub.detach(session):
-            self._user_limits.pop(session.user, None)
+            self.user_sends.gone(session.user)
+            self.user_typing.gone(session.user)
             self._announce(session.user, False)
 
     def _announce(self, user: str, online: bool) -> None:
@@ -323,8 +332,9 @@ class Broker:
 
         One task looks over all sessions IDLE_CHECKS times per timeout, with 10 ms to 1 s
         between looks, so a silent session is closed up to a tenth of the timeout (1 s at most)
-        after it expired. A reader held up by flow control is not
-        waiting for bytes, so it is never timed out for that.
+        after it expired. A reader held up by flow control is not waiting for bytes; it ends
+        the session itself (`Session._wait_drained`). Each look also forgets the rate buckets
+        of users gone long enough for theirs to have refilled.
         """
         idle = self.config.idle_timeout_s
         every = max(0.01, min(1.0, idle / IDLE_CHECKS))
@@ -334,6 +344,8 @@ class Broker:
             for session in self.hub.all_sessions():
                 if session.idle_for(now) >= idle:
                     session.time_out(idle)  # its end is logged with reason "timeout"
+            self.user_sends.prune(now)
+            self.user_typing.prune(now)
 
     async def _ack_own_sends(self) -> None:
         """Every OWN_ACK_DELAY_S, submit the durable acks of the devices whose cursors moved

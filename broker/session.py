@@ -29,6 +29,7 @@ RECV_BYTES = 65536
 FLUSH_ON_CLOSE_S = 2.0
 INBOX_READ_BATCH = 256
 MAX_QUEUED_FRAMES = 1024  # replies queued for the writer before the reader stops reading
+MAX_QUEUED_BYTES = 4 << 20  # or this many bytes of them (history pages are up to max_frame each)
 
 
 class Session:
@@ -40,8 +41,11 @@ class Session:
         self.conn_id = conn_id
         self.peer = peer
         cfg = broker.config
-        self.conn = wire.Connection(wire.Role.SERVER, max_frame_bytes=cfg.max_frame_bytes,
-                                    max_body_bytes=cfg.max_body_bytes)
+        # Until welcome, frames of HELLO_MAX_FRAME_BYTES at most: a peer that never
+        # authenticates cannot make us hold --max-frame-bytes of its half-frame.
+        self.conn = wire.Connection(
+            wire.Role.SERVER, max_frame_bytes=min(cfg.max_frame_bytes, wire.HELLO_MAX_FRAME_BYTES),
+            max_body_bytes=cfg.max_body_bytes)
         self.log = broker.log.bind(conn=conn_id, peer=peer)
         self.user = ""
         self.device = ""
@@ -58,6 +62,7 @@ class Session:
         self._fresh: list[Fresh] = []
         self._muted: dict[str, bool] = {}  # conv -> muted, as read from the store
         self.out: deque[bytes] = deque()
+        self.out_bytes = 0  # the bytes in `out`
         self.inflight = 0
         self.inflight_free = trio.Event()
         self._wake = trio.Event()
@@ -67,9 +72,12 @@ class Session:
         inner = getattr(stream, "socket", None)  # plain TCP only; TLS goes through the writer
         self._fd = inner.fileno() if inner is not None else None
         self._closing = False
-        # When the reader began waiting for bytes (time.monotonic), None while it is not: the
-        # broker's idle watch (Broker._watch_idle) times out a session silent for too long.
+        # While the reader waits for bytes, when the last whole frame arrived (time.monotonic);
+        # None while it is not waiting: the broker's idle watch (Broker._watch_idle) times out a
+        # session with no frame for too long. Bytes of a frame that never completes do not
+        # count, so trickling them cannot keep a session open.
         self.waiting_since: float | None = None
+        self._last_frame = time.monotonic()
         self.reason: CloseReason | None = None
         self._scope: trio.CancelScope | None = None
         self._reader_scope: trio.CancelScope | None = None
@@ -78,6 +86,7 @@ class Session:
         self.frames_out = 0
         self.sends = broker.new_send_limiter()
         self.user_sends = self.sends  # the user's shared bucket, set once authenticated
+        self.user_typing = self.sends  # the user's typing bucket, likewise
 
     # -- called from other tasks -------------------------------------------------------------
 
@@ -132,6 +141,7 @@ class Session:
             written = 0
         if written < len(data):
             self.out.appendleft(data[written:])
+            self.out_bytes += len(data) - written
             self._wake.set()
 
     def push_nowait(self, data: bytes) -> None:
@@ -139,17 +149,49 @@ class Session:
         if self._closing:
             return
         if len(self.out) >= self.broker.config.max_pending_pushes:
-            self.log.warning("slow_consumer_closed", user=self.user, queued=len(self.out))
-            self.abort(CloseReason.SLOW_CONSUMER)
+            self.slow_consumer()
             return
         self.out.append(data)
+        self.out_bytes += len(data)
         self._ready()
 
+    def slow_consumer(self) -> None:
+        """It does not read what it is sent fast enough: say `slow_consumer` after what is
+        queued and end the session; the writer gets FLUSH_ON_CLOSE_S to get it all out, so a
+        client that reads slowly learns why, and one that does not read at all is cut off then.
+        Nothing is lost: its deliveries wait on disk past its last ack."""
+        self.log.warning("slow_consumer_closed", queued=len(self.out), queued_bytes=self.out_bytes)
+        self.close(CloseReason.SLOW_CONSUMER, wire.error_frame(
+            wire.ErrorCode.SLOW_CONSUMER,
+            f"{len(self.out)} frames ({self.out_bytes} bytes) were waiting for this connection "
+            f"to read them", close=True))
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+
     def reply(self, frame: object) -> None:
-        """Queue a reply frame for the writer."""
-        if not self._closing:
-            self.out.append(self.conn.send(frame))
-            self._ready()
+        """Queue a reply frame for the writer.
+
+        A reply above the agreed max_frame (the member list of a huge conversation, for a
+        device that asked for small frames) is answered with `limit_exceeded` instead, and the
+        connection stays open: every request gets exactly one reply (PROTOCOL.md §5.1).
+        """
+        if self._closing:
+            return
+        try:
+            data = self.conn.send(frame)
+        except wire.LocalProtocolError as exc:
+            request_id = getattr(frame, "id", None)
+            if exc.code is not wire.ErrorCode.TOO_LARGE or request_id is None:
+                raise
+            self.log.warning("reply_too_large", frame=type(frame).TYPE,
+                             max_frame=self.conn.max_frame_bytes)
+            data = self.conn.send(wire.error_frame(
+                wire.ErrorCode.LIMIT_EXCEEDED,
+                f"the {type(frame).TYPE} reply does not fit this connection's max_frame of "
+                f"{self.conn.max_frame_bytes} bytes", request_id, close=False))
+        self.out.append(data)
+        self.out_bytes += len(data)
+        self._ready()
 
     def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str) -> None:
         """Queue an error reply that leaves the connection open."""
@@ -161,9 +203,12 @@ class Session:
             return
         if frame is not None:
             try:
-                self.out.append(self.conn.send(frame))
+                data = self.conn.send(frame)
             except wire.ProtocolError:
                 pass
+            else:
+                self.out.append(data)
+                self.out_bytes += len(data)
         self.reason = self.reason or reason
         self._closing = True
         self._wake.set()
@@ -214,6 +259,7 @@ class Session:
 
     async def run_open(self) -> None:
         """Run reader and writer until either ends the session."""
+        self._last_frame = time.monotonic()  # hello
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._writer)
@@ -263,15 +309,16 @@ class Session:
                 raise trio.BrokenResourceError(str(exc)) from exc
 
     async def _reader(self) -> None:
-        handlers = self.broker.handlers
         conn = self.conn
         receive = self.stream.receive_some if self._fd is None else self._receive_raw
-        clock = time.monotonic
+        # Frames that came in the same read as hello are in the buffer already: them first.
+        if not await self._handle_frames():
+            return
         while not self._closing:
             # No cancel scope per read for the idle timeout: entering and leaving one held a
             # quarter of the reader's py-spy samples at 1,000 messages/s. The broker's idle
             # watch looks at `waiting_since` instead, and cancels the reader (`time_out`).
-            self.waiting_since = clock()
+            self.waiting_since = self._last_frame
             try:
                 data = await receive(RECV_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -280,44 +327,64 @@ class Session:
             finally:
                 self.waiting_since = None
             conn.receive_data(data)
-            while not self._closing:
-                try:
-                    event = conn.next_event()
-                except wire.RemoteProtocolError as exc:
-                    if exc.fatal:
-                        self.log.info("frame_rejected", code=exc.code.name.lower(),
-                                      reason=exc.message, fatal=True)
-                        self.close(CloseReason.PROTOCOL_ERROR, wire.error_frame(
-                            exc.code, exc.message, exc.request_id, close=True))
-                        return
-                    self.reply_error(exc.request_id, exc.code, exc.message)
-                    continue
-                if event is wire.NEED_DATA:
-                    break
-                if event is wire.CLOSED:
-                    self.reason = self.reason or CloseReason.PEER_EOF
-                    return
-                self.frames_in += 1
-                handler = handlers.get(type(event))
-                if handler is None:
-                    self.reply_error(getattr(event, "id", None), wire.ErrorCode.INVALID,
-                                     f"{type(event).TYPE} is not accepted from a client")
-                    continue
-                result = handler(self, event)
-                if result is not None:
-                    await result
-                if len(self.out) >= MAX_QUEUED_FRAMES:
-                    await self._wait_drained()  # a client that sends but never reads waits
+            if not await self._handle_frames():
+                return
             if not data:
                 self.reason = self.reason or CloseReason.PEER_EOF
                 return
 
-    async def _wait_drained(self) -> None:
-        """Wait until the writer flushed the queue below MAX_QUEUED_FRAMES (or we close)."""
-        while len(self.out) >= MAX_QUEUED_FRAMES and not self._closing:
-            self._drained = trio.Event()
-            self._wake.set()
-            await self._drained.wait()
+    async def _handle_frames(self) -> bool:
+        """Hand every whole frame in the buffer to its handler; False if the session ends."""
+        handlers = self.broker.handlers
+        conn = self.conn
+        frames = self.frames_in
+        while not self._closing:
+            try:
+                event = conn.next_event()
+            except wire.RemoteProtocolError as exc:
+                if exc.fatal:
+                    self.log.info("frame_rejected", code=exc.code.name.lower(),
+                                  reason=exc.message, fatal=True)
+                    self.close(CloseReason.PROTOCOL_ERROR, wire.error_frame(
+                        exc.code, exc.message, exc.request_id, close=True))
+                    return False
+                self.reply_error(exc.request_id, exc.code, exc.message)
+                continue
+            if event is wire.NEED_DATA:
+                if self.frames_in != frames:
+                    self._last_frame = time.monotonic()
+                return True
+            if event is wire.CLOSED:
+                self.reason = self.reason or CloseReason.PEER_EOF
+                return False
+            self.frames_in += 1
+            handler = handlers.get(type(event))
+            if handler is None:
+                self.reply_error(getattr(event, "id", None), wire.ErrorCode.INVALID,
+                                 f"{type(event).TYPE} is not accepted from a client")
+                continue
+            result = handler(self, event)
+            if result is not None:
+                await result
+            # A client that sends but does not read waits, for --idle-timeout at most.
+            if ((len(self.out) >= MAX_QUEUED_FRAMES or self.out_bytes >= MAX_QUEUED_BYTES)
+                    and not await self._wait_drained()):
+                return False
+        return True
+
+    async def _wait_drained(self) -> bool:
+        """Wait until the writer flushed the queue below MAX_QUEUED_FRAMES and MAX_QUEUED_BYTES;
+        False (and the session ends as a slow consumer) if that takes over --idle-timeout."""
+        with trio.move_on_after(self.broker.config.idle_timeout_s):
+            while ((len(self.out) >= MAX_QUEUED_FRAMES or self.out_bytes >= MAX_QUEUED_BYTES)
+                   and not self._closing):
+                self._drained = trio.Event()
+                self._wake.set()
+                await self._drained.wait()
+            self._last_frame = time.monotonic()  # we, not the client, held up its frames
+            return True
+        self.slow_consumer()
+        return False
 
     async def wait_inflight(self) -> None:
         """Wait while this connection has too many requests awaiting commit."""
@@ -338,6 +405,7 @@ class Session:
         if out:
             chunks.extend(out)
             out.clear()
+            self.out_bytes = 0
             self._drained.set()
         room = self.window - len(self.unacked)
         if room > 0 and self.sent < self.head and not self._closing:
@@ -381,8 +449,9 @@ class Session:
                 skipped = True  # the device that sent it has it already
                 continue
             unacked.append((it.inbox_seq, it.conv, it.seq if it.kind == "msg" else 0))
-            chunks.append(encode(deliver(
-                inbox_seq=it.inbox_seq, kind=it.kind, conv=it.conv, seq=it.seq,
+            chunks.append(encode(deliver(  # a membership entry's seq is 0 (PROTOCOL §5.3)
+                inbox_seq=it.inbox_seq, kind=it.kind, conv=it.conv,
+                seq=it.seq if it.kind == "msg" else 0,
                 sender=it.sender, body=it.body, cid=it.cid, ts=it.ts_us, muted=it.muted)))
         if skipped:
             self._ack_own_sends()

@@ -13,7 +13,13 @@ No trio, sockets, storage or logging live here; the broker, the client SDK and t
 share it.
 """
 
-from .codec import DEFAULT_MAX_FRAME_BYTES, MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, encode_frame
+from .codec import (
+    DEFAULT_MAX_FRAME_BYTES,
+    HELLO_MAX_FRAME_BYTES,
+    MAX_FRAME_LIMIT,
+    MIN_FRAME_LIMIT,
+    encode_frame,
+)
 from .connection import CLOSED, NEED_DATA, Connection
 from .errors import (
     ALWAYS_CLOSE,
@@ -72,6 +78,9 @@ PROTOCOL_VERSION = 1
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
 
+BYE_REPLACED = "replaced by a new session"
+"""The reason of the ``bye`` a session gets when its user and device connected again (§9)."""
+
 
 def choose_version(offered: tuple[int, ...] | list[int]) -> int | None:
     """The highest version in `offered` that we speak, or None (answer UNSUPPORTED_VERSION)."""
@@ -86,12 +95,31 @@ def agree_max_frame(offered: int | None, ours: int = DEFAULT_MAX_FRAME_BYTES) ->
     return max(MIN_FRAME_LIMIT, min(offered, ours, MAX_FRAME_LIMIT))
 
 
+def largest_deliver_frame(max_body_bytes: int) -> int:
+    """The largest ``deliver`` frame body a message within `max_body_bytes` can make (§3.2).
+
+    Every other field at its largest: the longest ids, a cid of four-byte characters, the
+    largest uints. A server whose max_frame is below this could accept a send whose delivery
+    no device can ever receive; `homing serve` refuses such a pair of limits.
+    """
+    from .fields import MAX_CID_CHARS, MAX_CONV_CHARS
+
+    widest = Deliver(inbox_seq=UINT_MAX, kind="removed", conv="grp:" + "c" * (MAX_CONV_CHARS - 4),
+                     seq=UINT_MAX, sender="u" * 64, body=b"", cid="\U0001F600" * MAX_CID_CHARS,
+                     ts=UINT_MAX, muted=True)
+    # Less its 4-byte length prefix, plus the body; the empty body's 1-byte header becomes one
+    # of up to 5 bytes, which those 4 cover.
+    return len(encode_frame(to_wire(widest))) + max_body_bytes
+
+
 __all__ = [
     "ALL_FRAMES",
     "ALWAYS_CLOSE",
+    "BYE_REPLACED",
     "CLIENT_FRAMES",
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
+    "HELLO_MAX_FRAME_BYTES",
     "KNOWN_TYPES",
     "MAX_BODY_BYTES",
     "MAX_FRAME_LIMIT",
@@ -146,5 +174,6 @@ __all__ = [
     "encode_frame",
     "error_frame",
     "from_wire",
+    "largest_deliver_frame",
     "to_wire",
 ]

@@ -5,8 +5,10 @@ map whose ``"t"`` is a str. Rules kept here:
 
 * N > max_frame_bytes is TOO_LARGE as soon as the 4 prefix bytes are seen, before any of the
   body is waited for, so a 4 GiB prefix never makes us buffer or allocate anything (§2.2).
-* N == 0, a body that is not exactly one msgpack map, a map with a non-str key, or a map without
-  a str ``"t"`` is BAD_FRAME (§2.3). EOF in the middle of a frame is BAD_FRAME too.
+* N == 0, a body that is not exactly one msgpack map, a map with a key neither str nor bin, or a
+  map without a str ``"t"`` is BAD_FRAME (§2.3). EOF in the middle of a frame is BAD_FRAME too.
+  A bin key is left in the map: it can never name a field, so it is ignored like any unknown
+  key (§3.3), and the hot path pays nothing for looking at every key's type.
 * The body is decoded with `msgpack.unpackb` and explicit limits, never with a streaming
   `Unpacker` and its defaults (msgpack/msgpack-python issue #503): each frame is cut out by its
   length first, so one frame can never make the decoder hold more than max_frame_bytes.
@@ -35,10 +37,16 @@ A message body is at most 64 KiB (MAX_BODY_BYTES) and the largest routine frames
 comparison: NATS defaults max_payload to 1 MiB, MQTT brokers commonly cap packets at 256 KiB to
 1 MiB (mosquitto's message_size_limit is unset but its clients default small), Redis caps a bulk
 string at 512 MiB and a client query buffer at 1 GiB, and h11 refuses 16 KiB of incomplete
-headers. 1 MiB keeps a connection's worst-case buffer (two frames' worth) small enough that ten
-thousand connections cannot exhaust memory by sending half-frames, while leaving room for every
-frame the protocol defines. The two sides agree on a smaller or larger value in the handshake.
+headers. 1 MiB leaves room for every frame the protocol defines while keeping a connection's
+worst-case buffer (two frames' worth) at a few MiB; the two sides agree on a smaller or larger
+value in the handshake. Before that, HELLO_MAX_FRAME_BYTES applies, so connections that never
+authenticate hold little: a broker's worst case for half-frames is its --max-handshakes times
+that, plus its --max-connections times two of its --max-frame-bytes.
 """
+
+HELLO_MAX_FRAME_BYTES = 64 * 1024
+"""Largest frame body before ``welcome`` (§3.2): a ``hello`` needs under 9 KiB (a token of up to
+4,096 characters, 16 caps of 64), so an unauthenticated peer gets no more than this to fill."""
 
 MIN_FRAME_LIMIT = 1024
 """Smallest agreed max_frame (§3.2): below this even ``welcome`` or an ``error`` might not fit."""

@@ -32,7 +32,7 @@ class ErrorCode(IntEnum):
     UNKNOWN_TYPE = 12  # the frame's "t" is not a type this server knows
     REJECTED_CONTENT = 13  # the message body was refused by a content policy
     TIMEOUT = 14  # the connection was silent for 3 x heartbeat, or no hello in time
-    LIMIT_EXCEEDED = 15  # a quota was hit (members, sessions per user, conversations)
+    LIMIT_EXCEEDED = 15  # a quota was hit (members, sessions per user), or a reply above max_frame
     SLOW_CONSUMER = 16  # the client could not keep up and was disconnected
     SHUTTING_DOWN = 17  # the server is stopping; reconnect elsewhere or later
 

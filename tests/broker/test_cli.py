@@ -86,6 +86,7 @@ def test_sigterm_shuts_down_cleanly(broker):
 
 @pytest.mark.parametrize("option, value, says", [
     ("--idle-timeout", "0", "at least 0.001"),
+    ("--heartbeat", "0.5", "not a number"),
     ("--handshake-timeout", "-1", "at least 0.001"),
     ("--window", "0", "at least 1"),
     ("--send-rate", "nan", "at least 0.001"),
@@ -100,3 +101,35 @@ def test_serve_refuses_an_out_of_range_number_before_starting(tmp_path, option, 
     assert proc.returncode == 2 and f"argument {option}: " in proc.stderr, proc.stderr
     assert says in proc.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was created
+
+
+def test_serve_refuses_a_frame_limit_below_the_largest_delivery_of_its_body_limit(tmp_path):
+    """A send that fits --max-body-bytes must make a deliver frame that fits --max-frame-bytes,
+    or it would be accepted and never delivered; the error names both ways out."""
+    import protocol as wire
+    from broker.config import Config
+
+    need = wire.largest_deliver_frame(2000)
+    widest = wire.Deliver(inbox_seq=wire.UINT_MAX, kind="msg", conv="grp:" + "c" * 156,
+                          seq=wire.UINT_MAX, sender="u" * 64, body="\u00e9" * 1000,
+                          cid="\U0001F600" * 128, ts=wire.UINT_MAX, muted=True)
+    assert len(wire.encode_frame(wire.to_wire(widest))) - 4 <= need  # a true bound
+    Config(max_body_bytes=2000, max_frame_bytes=need)
+    proc = homing("serve", "--data", str(tmp_path / "data"), "--max-body-bytes", "2000",
+                  "--max-frame-bytes", str(need - 1), check=False, timeout=20)
+    assert proc.returncode == 2, proc.stderr
+    err = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert err["error"] == "usage" and f"at least {need}" in err["message"]
+    assert "--max-body-bytes to at most 1999" in err["message"]
+    assert not (tmp_path / "data").exists()
+
+
+def test_serve_refuses_an_idle_timeout_shorter_than_the_heartbeat(tmp_path):
+    """Clients ping every heartbeat, as welcome tells them: a shorter idle timeout would cut
+    them off, so serve refuses it before creating anything."""
+    proc = homing("serve", "--data", str(tmp_path / "data"), "--heartbeat", "3",
+                  "--idle-timeout", "1", check=False, timeout=20)
+    assert proc.returncode == 2, proc.stderr
+    err = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert err["error"] == "usage" and "shorter than --heartbeat 3" in err["message"]
+    assert not (tmp_path / "data").exists()

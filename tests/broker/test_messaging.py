@@ -7,8 +7,8 @@ import pytest
 import trio
 
 import protocol
-from broker.client import ClientError
-from broker.session import MAX_QUEUED_FRAMES
+from broker.client import ClientError, Replaced
+from broker.session import MAX_QUEUED_BYTES, MAX_QUEUED_FRAMES
 from tests.faults.conftest import RawClient
 from tests.harness import running_broker
 
@@ -115,6 +115,10 @@ async def test_group_members_post_and_outsiders_are_forbidden(harness):
         for c in (shop, carol):
             (d,) = await recv(c)
             assert (d.seq, d.body, d.sender) == (r.seq, "picked up", "courier")
+        await shop.invite(conv, "dave")  # added once the group has messages: seq is still 0
+        async with harness.client("dave") as dave:
+            (added,) = await recv(dave)
+            assert (added.kind, added.seq, added.body, added.cid) == ("added", 0, None, None)
         with pytest.raises(ClientError) as e:
             await mallory.send("let me in", conv=conv)
         assert e.value.name == "forbidden"
@@ -307,6 +311,30 @@ async def test_a_client_that_sends_but_never_reads_is_held_back(harness):
     await raw.stream.aclose()
 
 
+async def test_big_replies_to_a_client_that_never_reads_are_bounded_in_bytes(tmp_path):
+    """History pages of about 1 MB each, asked for again and again by a client that never
+    reads: the broker stops reading it at MAX_QUEUED_BYTES (not 1,024 pages, a gigabyte), and
+    once it has stopped reading it for --idle-timeout, it ends the session as a slow consumer."""
+    async with running_broker(tmp_path / "data", idle_timeout_s=2.0, heartbeat_s=1) as h:
+        async with h.client("alice") as alice:
+            for i in range(16):
+                r = await alice.send(f"{i}" + "x" * 60_000, to="mallory")
+        raw = await RawClient.connect(h.server, h.token("mallory"), "hoarder")
+        session = next(iter(h.broker.hub.sessions("mallory")))
+        ask = b"".join(raw.conn.send(protocol.History(id=i, conv=r.conv, limit=50))
+                       for i in range(1, 201))
+        with trio.move_on_after(1.5):
+            await raw.stream.send_all(ask)
+        assert session.out_bytes <= MAX_QUEUED_BYTES + h.config.max_frame_bytes <= 8 << 20
+        with trio.fail_after(10):
+            while session.reason is None:
+                await trio.sleep(0.05)
+        assert session.reason.value == "slow_consumer"
+        async with h.client("alice") as alice:  # everyone else is served
+            await alice.send("still here", to="bob")
+        await raw.aclose()
+
+
 async def test_a_device_is_never_sent_past_the_announced_inbox_head(harness):
     """Entries committed but not yet announced are not delivered, so every ack is accepted."""
     from storage.commands import SendMessage
@@ -472,3 +500,23 @@ async def test_a_device_sending_in_many_commits_acks_its_own_sends_once_a_round(
     acks = [ev for ev in store.read_events()
             if ev.type == DELIVERY_ACKED and (ev.user, ev.device) == ("alice", "phone")]
     assert len(acks) <= 2 + int(sending / OWN_ACK_DELAY_S), (len(acks), sending)
+
+
+async def test_a_client_replaced_by_the_same_device_stops_instead_of_taking_it_back(harness):
+    """Two processes with one device name: the broker closes the older session with bye
+    "replaced"; its SDK stops (Replaced) instead of reconnecting, which would replace the newer
+    one in turn, for ever. The newer one carries on."""
+    async with harness.client("bob", "phone") as first:
+        async with harness.client("bob", "phone") as second:
+            with trio.fail_after(10):
+                with pytest.raises(Replaced):
+                    async for _ in first.deliveries():
+                        pass  # the deliveries raise the client's error when it stops
+                with pytest.raises(Replaced):
+                    await first.ping()
+                await trio.sleep(0.3)
+                assert first.reconnects == 0
+                async with harness.client("alice") as alice:
+                    await alice.send("still here?", to="bob")
+                d = await second.deliveries().receive()
+                assert d.body == "still here?" and second.reconnects == 0

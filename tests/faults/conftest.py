@@ -167,6 +167,18 @@ class RawClient:
         await trio.aclose_forcefully(self.stream)
 
 
+async def replies(c: RawClient, ids) -> dict:
+    """{id: reply frame} for every id in `ids` (pushes in between are skipped)."""
+    want, out = set(ids), {}
+    while want:
+        f = await c.next()
+        assert f is not None, f"closed with {len(want)} replies missing"
+        if getattr(f, "id", None) in want:
+            out[f.id] = f
+            want.discard(f.id)
+    return out
+
+
 async def raw_bytes_exchange(server: str, data: bytes, *, read_s: float = 2.0) -> bytes:
     """Send `data` on a fresh connection and return what comes back until EOF or `read_s`."""
     host, port = server.rsplit(":", 1)

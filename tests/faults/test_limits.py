@@ -5,23 +5,11 @@ from __future__ import annotations
 import trio
 
 import protocol as wire
-from tests.faults.conftest import RawClient
+from tests.faults.conftest import RawClient, replies
 
 
 async def raw(bp, user, device="d1"):
     return await RawClient.connect(bp.server, bp.token(user), device)
-
-
-async def replies(c, ids):
-    """{id: reply frame} for every id in `ids`."""
-    want, out = set(ids), {}
-    while want:
-        f = await c.next()
-        assert f is not None, f"closed with {len(want)} replies missing"
-        if getattr(f, "id", None) in want:
-            out[f.id] = f
-            want.discard(f.id)
-    return out
 
 
 async def closing_error(c):
@@ -42,7 +30,7 @@ async def still_serving(bp):
 
 async def test_largest_frame(broker_process, tally):
     """A frame over --max-frame-bytes is too_large and closes the connection."""
-    bp = broker_process("--max-frame-bytes", "4096")
+    bp = broker_process("--max-frame-bytes", "4096", "--max-body-bytes", "3000")
     with trio.fail_after(20):
         c = await raw(bp, "alice")
         assert c.welcome.max_frame == 4096
@@ -170,7 +158,7 @@ async def test_connections_per_user_and_in_total(broker_process, tally):
 
 async def test_handshake_and_idle_timeouts(broker_process, tally):
     """No hello within --handshake-timeout, or silence past --idle-timeout: timeout, closed."""
-    bp = broker_process("--handshake-timeout", "0.5", "--idle-timeout", "1")
+    bp = broker_process("--handshake-timeout", "0.5", "--idle-timeout", "1", "--heartbeat", "1")
     with trio.fail_after(20):
         c = await RawClient.connect(bp.server)
         start = trio.current_time()
@@ -186,7 +174,7 @@ async def test_handshake_and_idle_timeouts(broker_process, tally):
 
 async def test_frames_keep_a_session_past_the_idle_timeout(broker_process):
     """Any frame restarts the idle clock; silence after them still times out, in time."""
-    bp = broker_process("--idle-timeout", "1")
+    bp = broker_process("--idle-timeout", "1", "--heartbeat", "1")
     with trio.fail_after(20):
         c = await raw(bp, "alice")
         for i in range(8):  # 2.8 s of pings, 0.35 s apart: almost three idle timeouts
@@ -196,6 +184,26 @@ async def test_frames_keep_a_session_past_the_idle_timeout(broker_process):
         start = trio.current_time()
         err = await closing_error(c)
         assert err.name == "timeout" and 0.95 < trio.current_time() - start < 2.5
+
+
+async def test_bytes_of_a_frame_that_never_ends_do_not_keep_a_session(broker_process, tally):
+    """The idle timeout counts whole frames: a client trickling the bytes of a frame it never
+    finishes is timed out like a silent one."""
+    bp = broker_process("--idle-timeout", "1", "--heartbeat", "1")
+    with trio.fail_after(20):
+        c = await raw(bp, "alice")
+        start = trio.current_time()
+        await c.stream.send_all((100).to_bytes(4, "big"))
+        with trio.move_on_after(6):
+            for _ in range(20):  # a byte every 0.3 s, for up to six idle timeouts
+                await trio.sleep(0.3)
+                try:
+                    await c.stream.send_all(b"\x80")
+                except trio.BrokenResourceError:
+                    break
+        err = await closing_error(c)
+        assert err.name == "timeout" and trio.current_time() - start < 3
+        tally.add("limit: idle timeout with a frame trickled byte by byte")
 
 
 async def test_members_per_group(broker_process, tally):
@@ -245,3 +253,115 @@ async def test_a_delivery_above_the_devices_max_frame(broker_process, tally):
         await roomy.aclose()
         tally.add("limit: delivery above the device's max_frame")
         await still_serving(bp)
+
+
+async def test_a_history_page_holds_what_fits_the_connections_max_frame(harness, tally):
+    """A page of big messages is cut to what fits the agreed max_frame, with `more` set, and
+    paging on from its last message reaches every one; a reply that cannot fit at all (one
+    message above a device's small max_frame) is `limit_exceeded`, and the connection stays
+    open."""
+    big = "b" * 60_000
+    with trio.fail_after(60):
+        async with harness.client("alice") as alice:
+            for i in range(20):
+                r = await alice.send(f"{i:02d}{big}", to="bob")
+            conv = r.conv
+            group = await alice.create_group("empty", ["carol"])
+        bob = await RawClient.connect(harness.server, harness.token("bob"), "raw")
+        seen, before, pages = [], None, 0
+        while True:
+            await bob.send(wire.History(id=100 + pages, conv=conv, before=before, limit=50))
+            page = await bob.reply(100 + pages)
+            assert isinstance(page, wire.Page), page
+            pages += 1
+            seen += [m.body[:2] for m in page.messages]
+            if not page.more:
+                break
+            assert page.messages and len(page.messages) < 20
+            before = page.messages[-1].seq
+        assert seen == [f"{i:02d}" for i in reversed(range(20))] and pages > 1
+        # An admin reads any conversation and has no inbox of big deliveries of its own.
+        small = await RawClient.connect(harness.server, harness.token("ops", "admin"), "small",
+                                        max_frame=1024)
+        await small.send(wire.History(id=1, conv=conv, limit=1))
+        await small.send(wire.Ping(id=2))
+        await small.send(wire.History(id=3, conv=group, limit=1))  # an empty page fits
+        got = await replies(small, [1, 2, 3])
+        assert got[1].name == "limit_exceeded" and "max_frame" in got[1].message, got
+        assert isinstance(got[2], wire.Pong) and got[3].messages == ()
+        for c in (bob, small):
+            await c.aclose()
+        tally.add("limit: a reply above the connection's max_frame")
+
+
+async def test_connections_before_hello_are_bounded_in_number_and_frame_size(tmp_path, tally):
+    """Before hello a frame may be at most HELLO_MAX_FRAME_BYTES, whatever --max-frame-bytes
+    says, and at most --max-handshakes connections wait for their hello: the next one is
+    refused with limit_exceeded at once, and a slot frees when one of them goes."""
+    from tests.faults.conftest import raw_bytes_exchange
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data", max_frame_bytes=4 << 20,
+                              max_handshakes=3) as h:
+        with trio.fail_after(30):
+            big = (wire.HELLO_MAX_FRAME_BYTES + 1).to_bytes(4, "big") + b"\x80"
+            got = RawClient(None)
+            got.conn.receive_data(await raw_bytes_exchange(h.server, big))
+            err = got.conn.next_event()
+            assert isinstance(err, wire.Error) and err.name == "too_large", err
+            silent = [await trio.open_tcp_stream("127.0.0.1", h.broker.port) for _ in range(3)]
+            while h.broker.handshaking < 3:
+                await trio.sleep(0.01)
+            refused = RawClient(await trio.open_tcp_stream("127.0.0.1", h.broker.port))
+            err = await refused.next()
+            assert isinstance(err, wire.Error) and err.name == "limit_exceeded" and err.close
+            assert await refused.next() is None
+            await trio.aclose_forcefully(silent.pop())
+            while h.broker.handshaking > 2:
+                await trio.sleep(0.01)
+            async with h.client("alice") as alice:  # a real client gets the free slot
+                await alice.ping()
+            for s in silent:
+                await trio.aclose_forcefully(s)
+            tally.add("limit: frames and connections before hello", 2)
+
+
+async def test_typing_notices_past_the_users_rate_are_dropped(tmp_path, tally):
+    """--typing-rate bounds the typing notices a user makes reach others (the rest are dropped,
+    as typing is ephemeral), so one member cannot flood the others off as slow consumers."""
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data", typing_per_s_per_user=5.0) as h:
+        with trio.fail_after(30):
+            async with h.client("alice") as alice, h.client("bob") as bob:
+                conv = await alice.create_group("g", ["bob"])
+                for _ in range(200):
+                    await alice.typing(conv)
+                await alice.ping()  # the typing frames were read before the ping's answer
+                await bob.ping()
+                seen = 0
+                with trio.move_on_after(0.5):
+                    while True:
+                        push = await bob.next_push()
+                        seen += isinstance(push, wire.TypingNotice)
+                assert 1 <= seen <= 7, seen
+                tally.add("limit: typing notices per second per user", 200 - seen)
+
+
+async def test_reconnecting_does_not_refill_the_users_send_rate(tmp_path, tally):
+    """The user's bucket outlives their sessions until it refilled: five quick reconnects get
+    about one burst of sends accepted, not five."""
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data", sends_per_s_per_user=10.0) as h:
+        with trio.fail_after(30):
+            accepted = 0
+            for round_ in range(5):
+                c = await RawClient.connect(h.server, h.token("alice"), "d")
+                for i in range(10):
+                    await c.send(wire.Send(id=i + 1, cid=f"r{round_}-{i}", body="x", to="bob"))
+                got = await replies(c, range(1, 11))
+                accepted += sum(isinstance(f, wire.Result) for f in got.values())
+                await c.aclose()
+            assert 10 <= accepted <= 15, accepted
+            tally.add("limit: sends per user across reconnects", 50 - accepted)

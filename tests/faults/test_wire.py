@@ -8,7 +8,7 @@ import trio
 
 import protocol as wire
 from tests.faults.checker import History, check
-from tests.faults.conftest import RawClient, rst_close
+from tests.faults.conftest import RawClient, replies, rst_close
 
 
 async def _wait(cond, timeout=10.0, step=0.02):
@@ -116,20 +116,27 @@ async def test_a_client_that_never_reads_does_not_slow_the_others(harness, tally
     check(history, h.broker.store)
 
 
+async def _small_buffer_client(h, user: str, device: str) -> RawClient:
+    """A device whose socket takes 4 KiB before the broker's writes to it block."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await sock.connect(("127.0.0.1", h.broker.port))
+    c = RawClient(trio.SocketStream(sock))
+    await c.hello(h.token(user), device)
+    return c
+
+
 async def test_pushes_to_a_client_that_never_reads_close_it_as_slow_consumer(tmp_path, tally):
     """Typing pushes piling up for a non-reading device close it as slow_consumer; the others
     and the broker carry on, and its deliveries wait on disk."""
     from tests.harness import running_broker
 
-    async with running_broker(tmp_path / "data", max_pending_pushes=50) as h:
+    async with running_broker(tmp_path / "data", max_pending_pushes=50,
+                              typing_per_s_per_user=1e9) as h:
         with trio.fail_after(30):
             async with h.client("alice") as alice, h.client("bob", "fast") as fast:
                 conv = await alice.create_group("g", ["bob"])
-                stall = trio.socket.socket()
-                stall.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                await stall.connect(("127.0.0.1", h.broker.port))
-                stalled = RawClient(trio.SocketStream(stall))
-                await stalled.hello(h.token("bob"), "stall")
+                stalled = await _small_buffer_client(h, "bob", "stall")
                 big = "t" * 20000
                 await alice.send(big, conv=conv)  # fills the stalled socket
                 for _ in range(2000):
@@ -199,3 +206,46 @@ async def test_a_device_reconnecting_in_a_storm_loses_nothing(harness, tally):
                     history.deliver("bob", "b1", bob, d)
                     await bob.ack(d.inbox_seq)
     check(history, h.broker.store)
+
+
+async def test_frames_written_with_hello_are_answered_without_more_bytes(harness, tally):
+    """A client that writes frames right behind its hello, in the same write, gets them
+    answered at once: the broker does not wait for more bytes before reading its buffer."""
+    with trio.fail_after(10):
+        c = RawClient(await trio.open_tcp_stream("127.0.0.1", harness.broker.port))
+        hello = wire.Hello(versions=(1,), token=harness.token("alice"), device="eager", id=0)
+        data = c.conn.send(hello)
+        c.conn.max_frame_bytes = wire.DEFAULT_MAX_FRAME_BYTES
+        ping = wire.encode_frame(wire.to_wire(wire.Ping(id=1)))
+        send = wire.encode_frame(wire.to_wire(wire.Send(id=2, cid="c1", body="hi", to="bob")))
+        await c.stream.send_all(data + ping + send)
+        assert isinstance(await c.next(), wire.Welcome)
+        got = await replies(c, [1, 2])
+        assert isinstance(got[1], wire.Pong) and isinstance(got[2], wire.Result)
+        await c.aclose()
+        tally.add("frames pipelined behind hello")
+
+
+async def test_a_slow_consumer_is_told_why_before_it_is_closed(tmp_path, tally):
+    """A device whose pushes pile up past --max-pending-pushes gets, after what was queued,
+    error slow_consumer (close: true) when it reads again, and then EOF."""
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data", max_pending_pushes=50,
+                              typing_per_s_per_user=1e9) as h:
+        with trio.fail_after(30):
+            async with h.client("alice") as alice:
+                conv = await alice.create_group("g", ["bob"])
+                reader = await _small_buffer_client(h, "bob", "slow")
+                session = next(s for s in h.broker.hub.sessions("bob") if s.device == "slow")
+                await alice.send("t" * 20000, conv=conv)  # fills its socket
+                while session.reason is None:
+                    await alice.typing(conv)
+                    await trio.sleep(0)
+                last = None
+                while (frame := await reader.next()) is not None:  # it reads again
+                    last = frame
+                assert isinstance(last, wire.Error) and last.name == "slow_consumer", last
+                assert last.close
+                tally.add("a slow consumer told why")
+                await reader.aclose()

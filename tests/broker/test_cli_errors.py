@@ -1,0 +1,147 @@
+"""`homing`'s failures keep the output contract of docs/CLI.md: one JSON error on stderr and the
+documented exit status (1 refused, 2 usage, 3 unreachable), never a hang or a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.procs import BrokerProcess, free_port, homing, homing_cmd, lines
+
+README = Path(__file__).parents[2] / "README.md"
+NO_BROKER = {"HOMING_SERVER": f"127.0.0.1:{free_port()}", "HOMING_TOKEN": "v1.any.token"}
+
+
+def error_of(proc: subprocess.CompletedProcess) -> dict:
+    """The one JSON error object the command printed on stderr (and nothing on stdout)."""
+    assert proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    err = json.loads(proc.stderr)
+    assert set(err) == {"error", "code", "message"}
+    return err
+
+
+def as_user(bp: BrokerProcess, user: str, role: str = "user") -> dict:
+    return {"HOMING_SERVER": bp.server, "HOMING_TOKEN": bp.token(user, role)}
+
+
+@pytest.mark.parametrize("args, says", [
+    # argparse's own errors (E)
+    (["send", "x"], "one of the arguments --to --conv is required"),
+    (["read", "--conv", "grp:x", "--upto", "abc"], "argument --upto: invalid int value: 'abc'"),
+    (["invite", "grp:x", "bob", "--role", "owner"], "invalid choice: 'owner'"),
+    (["nosuch"], "invalid choice: 'nosuch'"),
+    ([], "the following arguments are required: COMMAND"),
+    (["audit", "log", "--from-lsn", "-1"], "argument --from-lsn: bad LSN '-1'"),
+    # checked before connecting, not reported as unreachable (F, G)
+    (["send", "--server", "foo", "--to", "bob", "x"], "server must be HOST:PORT, not 'foo'"),
+    (["send", "--tls-ca", "/nonexistent", "--to", "bob", "x"], "--tls-ca /nonexistent: No such"),
+    (["send", "--to", "bob", "--stdin", "--pipeline", "-1"], "--pipeline: must be at least 1"),
+    (["send", "--to", "bob", "--stdin", "--pipeline", "0"], "--pipeline: must be at least 1"),
+    (["listen", "--timeout", "-1"], "--timeout: must be at least 0.001, not -1"),
+    (["listen", "--timeout", "0"], "--timeout: must be at least 0.001, not 0"),
+    (["send", "--to", "bob"], "send needs TEXT or --stdin"),
+    (["send", "--to", "bob", "--stdin", "x"], "send takes TEXT or --stdin, not both"),
+])
+def test_a_usage_error_is_a_json_usage_error_found_before_connecting(args, says):
+    """Bad arguments exit 2 with {"error": "usage"} at once, with no broker to connect to."""
+    client_command = args[:1] in (["send"], ["listen"])
+    extra = ["--connect-timeout", "1"] if client_command else []  # before the fix: exit 3 in 1 s
+    proc = homing(*args, *extra, env=NO_BROKER, check=False, timeout=20)
+    assert proc.returncode == 2, proc.stderr
+    err = error_of(proc)
+    assert (err["error"], err["code"]) == ("usage", 0) and says in err["message"], err
+
+
+def test_help_is_still_plain_text():
+    """`--help` prints argparse's usage text on stdout and exits 0, as before."""
+    proc = homing("send", "--help", check=False)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: homing send")
+
+
+@pytest.mark.parametrize("ttl", ["0s", "0", "3651d", "99999999999999999999d"])
+def test_a_token_ttl_must_be_positive_and_at_most_ten_years(tmp_path, ttl):
+    """`homing token --ttl` refuses an already expired token and an absurd lifetime (no
+    OverflowError traceback) as usage errors; the bounds themselves are accepted."""
+    proc = homing("token", "alice", "--data", str(tmp_path), "--ttl", ttl, check=False)
+    assert proc.returncode == 2, proc.stderr
+    err = error_of(proc)
+    assert err["error"] == "usage" and err["message"] == \
+        f"--ttl must be from 1s to 3650d, not {ttl}"
+    for ok in ("1s", "3650d"):
+        homing("token", "alice", "--data", str(tmp_path), "--ttl", ok)
+
+
+def test_a_field_the_protocol_refuses_is_reported_invalid_at_once(tmp_path):
+    """A value outside the protocol's field rules exits 1 with {"error": "invalid", "code": 7}
+    without being sent (before the fix each of these hung for ever)."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        shop = as_user(bp, "shop")
+        conv = lines(homing("group", "create", "g", "--members", "bob", env=shop))[0]["conv"]
+        for args in (["read", "--conv", conv, "--upto", "-1"],
+                     ["history", "--conv", conv, "--limit", "201"],
+                     ["history", "--conv", conv, "--limit", "0"],
+                     ["send", "--to", "bad user!", "x"],
+                     ["send", "--conv", conv, "--cid", "c" * 200, "x"],
+                     ["send", "--conv", conv, "x" * 65_537],
+                     ["join", "notaconv"],
+                     ["group", "create", "n" * 300]):
+            proc = homing(*args, env=shop, check=False, timeout=15)
+            err = error_of(proc)
+            assert proc.returncode == 1 and (err["error"], err["code"]) == ("invalid", 7), args
+        assert lines(homing("send", "--conv", conv, "fine", env=shop))[0]["seq"] == 1
+
+
+def test_send_stdin_rides_through_the_rate_limit_and_reports_a_refusal_once(tmp_path):
+    """Lines refused as rate_limited are sent again until all are accepted; a refusal that
+    will not pass (forbidden) stops the command with one JSON error, no exception group."""
+    with BrokerProcess(tmp_path / "data", "--send-rate", "200") as bp:
+        shop = as_user(bp, "shop", "service")
+        text = "".join(f"line {i}\n" for i in range(1, 601))
+        proc = homing("send", "--to", "bob", "--stdin", "--cid-prefix", "r", input=text,
+                      env=shop, check=False, timeout=60)
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+        results = lines(proc)
+        assert sorted(r["cid"] for r in results) == sorted(f"r-{i}" for i in range(1, 601))
+        assert sorted(r["seq"] for r in results) == list(range(1, 601))
+
+        refused = homing("send", "--conv", "grp:nosuch", "--stdin", input=text, env=shop,
+                         check=False, timeout=60)
+        assert refused.returncode == 1 and error_of(refused)["error"] == "forbidden"
+
+
+def test_listen_exits_3_when_the_broker_is_gone_for_good(tmp_path):
+    """A listen whose broker stops and does not come back within --connect-timeout exits 3
+    with {"error": "unreachable"} (before the fix: an EndOfChannel traceback, exit 1)."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        homing("send", "--to", "bob", "hello", env=as_user(bp, "shop"))
+        listen = subprocess.Popen(
+            [*homing_cmd(), "listen", "--connect-timeout", "1"],
+            env={**os.environ, **as_user(bp, "bob")}, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert json.loads(listen.stdout.readline())["body"] == "hello"
+            bp.kill()
+            out, err = listen.communicate(timeout=20)
+        finally:
+            listen.kill()
+    assert listen.returncode == 3, err
+    assert out == "" and json.loads(err)["error"] == "unreachable"
+
+
+def test_the_readme_first_conversation_prints_what_it_shows(tmp_path):
+    """The first send and listen of README.md, against a fresh broker, print the JSON shown
+    under them (ts aside)."""
+    text = README.read_text(encoding="utf-8").splitlines()
+    send_at = next(i for i, line in enumerate(text) if line.startswith("homing send --to"))
+    listen_at = next(i for i, line in enumerate(text) if " homing listen" in line)
+    with BrokerProcess(tmp_path / "data") as bp:
+        sent = homing(*shlex.split(text[send_at])[1:], env=as_user(bp, "shop", "service"))
+        got = homing("listen", "--count", "1", env=as_user(bp, "member-42"))
+    assert lines(sent) == [json.loads(text[send_at + 1].removeprefix("# "))]
+    shown = json.loads(text[listen_at + 1].removeprefix("# ").replace('"ts":...', '"ts":0'))
+    assert [{**d, "ts": 0} for d in lines(got)] == [shown]

@@ -1,0 +1,151 @@
+"""SDK failures reach the caller: requests our own checks refuse, and a client that gave up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from broker.client import ClientError, ConnectionLost
+from tests.harness import running_broker
+from tests.procs import BrokerProcess
+
+DOCS = Path(__file__).parents[2] / "docs"
+
+
+def _invalid_calls(conv: str):
+    """Requests whose fields the protocol refuses (docs/PROTOCOL.md), one per field rule."""
+    return {
+        "to and conv": lambda c: c.send("x", to="bob", conv=conv),
+        "bad order": lambda c: c.history(conv, order="bogus"),
+        "limit 0": lambda c: c.history(conv, limit=0),
+        "limit 201": lambda c: c.history(conv, limit=201),
+        "read -1": lambda c: c.read(conv, -1),
+        "receipts -1": lambda c: c.receipts(conv, -1),
+        "long cid": lambda c: c.send("x", conv=conv, cid="c" * 200),
+        "bad user": lambda c: c.send("x", to="bad user!"),
+        "body over 64 KiB": lambda c: c.send("x" * 65_537, conv=conv),
+        "body over max_frame": lambda c: c.send("x" * 2_000_000, conv=conv),
+        "bad conv": lambda c: c.join("notaconv"),
+        "long name": lambda c: c.create_group("n" * 300),
+    }
+
+
+async def test_a_request_our_checks_refuse_raises_invalid_at_once(tmp_path):
+    """A frame the protocol's field checks refuse is never sent: the call raises ClientError
+    "invalid" (code 7) with the check's message, and the connection carries on."""
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d") as h, h.client("shop") as shop:
+            conv = await shop.create_group("g", ["bob"])
+            for what, call in _invalid_calls(conv).items():
+                with pytest.raises(ClientError) as refused:
+                    with trio.fail_after(2):
+                        await call(shop)
+                assert (refused.value.name, refused.value.code) == ("invalid", 7), what
+                assert refused.value.message.split(":")[0] in {
+                    "send", "history", "read", "receipts", "join", "create"}, what
+            assert (await shop.send("still fine", conv=conv)).seq == 1
+            assert shop.reconnects == 0
+
+
+async def test_a_bad_request_made_while_disconnected_fails_after_the_reconnect(tmp_path):
+    """A request queued while the broker was down is checked when it is sent on the next
+    connection: it raises "invalid", and the client does not reconnect over and over."""
+    bp = BrokerProcess(tmp_path / "data")
+    try:
+        await bp.astart()
+        with trio.fail_after(30):
+            async with bp.client("shop", reconnect_timeout=20) as shop:
+                bp.kill()
+                with trio.fail_after(5):
+                    while shop.connected.is_set():
+                        await trio.sleep(0.02)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(bp.astart)
+                    with pytest.raises(ClientError) as refused:
+                        await shop.read("dm:bob:shop", -1)
+                assert refused.value.name == "invalid"
+                assert (await shop.send("after", to="bob")).seq == 1
+                assert shop.reconnects == 1
+    finally:
+        bp.kill()
+
+
+async def test_deliveries_raise_connection_lost_when_the_broker_is_gone_for_good(tmp_path):
+    """When the client gives up reconnecting, a loop over deliveries (and receive) raises
+    ConnectionLost after the deliveries that had arrived, and so does open_client."""
+    bp = BrokerProcess(tmp_path / "data")
+    got = []
+    try:
+        await bp.astart()
+        with trio.fail_after(30):
+            async with bp.client("shop") as shop:
+                await shop.send("before", to="bob")
+            with pytest.raises(ConnectionLost):
+                async with bp.client("bob", reconnect_timeout=1) as bob:
+                    with trio.fail_after(5):
+                        while bob._yielded < 1:  # the delivery is in, not yet taken
+                            await trio.sleep(0.02)
+                    bp.kill()
+                    async for d in bob.deliveries():
+                        got.append(d.body)
+            with pytest.raises(ConnectionLost):
+                await bob.deliveries().receive()
+            with pytest.raises(ConnectionLost):
+                bob.deliveries().receive_nowait()
+    finally:
+        bp.kill()
+    assert got == ["before"]
+
+
+async def test_deliveries_end_quietly_when_the_client_is_closed(tmp_path):
+    """Leaving `open_client` is no failure: a loop over its deliveries just ends."""
+    ended = trio.Event()
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d") as h, trio.open_nursery() as nursery:
+            async with h.client("bob") as bob:
+                async def listen() -> None:
+                    async for _ in bob.deliveries():
+                        pass
+                    ended.set()
+
+                nursery.start_soon(listen)
+                await bob.ping()
+            await ended.wait()
+            with pytest.raises(trio.EndOfChannel):
+                await bob.deliveries().receive()
+            with pytest.raises(trio.EndOfChannel):
+                bob.deliveries().receive_nowait()
+
+
+def test_the_first_example_of_client_md_runs_as_written(tmp_path):
+    """The opening example of docs/CLIENT.md, run verbatim with HOMING_SERVER and HOMING_TOKEN
+    set, sends its message and prints a delivery."""
+    text = (DOCS / "CLIENT.md").read_text(encoding="utf-8")
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    with BrokerProcess(tmp_path / "data") as bp:
+        env = {**os.environ, "HOMING_SERVER": bp.server,
+               "HOMING_TOKEN": bp.token("returns-desk", "service")}
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            first = proc.stdout.readline()
+            if first:
+                trio.run(_send_to, bp, "returns-desk")
+                second = proc.stdout.readline()
+        finally:
+            proc.kill()
+            err = proc.communicate(timeout=10)[1]
+    assert first.split() == ["dm:member-42:returns-desk", "1", "4", "False"], err
+    assert second.split()[1:] == ["dm:member-42:returns-desk", "2", "member-42", "hello"], err
+
+
+async def _send_to(bp: BrokerProcess, user: str) -> None:
+    with trio.fail_after(10):
+        async with bp.client("member-42") as member:
+            await member.send("hello", to=user)
+
