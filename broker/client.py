@@ -235,7 +235,11 @@ class Client:
     # -- the connection -------------------------------------------------------------------------
 
     async def _connect_once(self) -> None:
-        conn = wire.Connection(wire.Role.CLIENT)
+        # The broker's limits are the ones that count: it checks the bodies we send against
+        # its --max-body-bytes and names its max_frame in welcome. Ours would only refuse what
+        # a broker set up for bigger messages sends and accepts.
+        conn = wire.Connection(wire.Role.CLIENT, max_frame_bytes=wire.MAX_FRAME_LIMIT,
+                               max_body_bytes=wire.MAX_FRAME_LIMIT)
         try:
             hello = conn.send(wire.Hello(
                 versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device))

@@ -51,6 +51,7 @@ class Roster:
 
 IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
 OWN_ACK_DELAY_S = 0.25  # how long the durable ack of a device's own sends may wait
+ROSTER_CACHE_MAX = 50_000  # conversations whose member lists the broker keeps in memory
 
 
 class Broker:
@@ -77,6 +78,7 @@ class Broker:
         self.user_sends = UserBuckets(config.sends_per_s_per_user)
         self.user_typing = UserBuckets(config.typing_per_s_per_user)
         self._rosters: dict[str, Roster] = {}
+        self.roster_cache_max = ROSTER_CACHE_MAX
         self._ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
@@ -89,11 +91,14 @@ class Broker:
 
     def roster(self, conv: str) -> Roster:
         """Who is in `conv` (cached; invalidated by membership commits)."""
-        found = self._rosters.get(conv)
+        cache = self._rosters
+        found = cache.get(conv)
         if found is None:
             found = Roster.of(self.store.members(conv))
             if found.members:
-                self._rosters[conv] = found
+                if len(cache) >= self.roster_cache_max:  # bounded: drop the oldest entry
+                    del cache[next(iter(cache))]
+                cache[conv] = found
         return found
 
     # -- after each durable batch ---------------------------------------------------------------

@@ -520,3 +520,14 @@ async def test_a_client_replaced_by_the_same_device_stops_instead_of_taking_it_b
                     await alice.send("still here?", to="bob")
                 d = await second.deliveries().receive()
                 assert d.body == "still here?" and second.reconnects == 0
+
+
+async def test_the_member_list_cache_stays_bounded(harness):
+    """The broker keeps the member lists of the conversations it pushes to in memory, at most
+    `roster_cache_max` of them (the oldest go first), and answers right past that."""
+    harness.broker.roster_cache_max = 3
+    async with harness.client("alice") as alice:
+        convs = [await alice.create_group(f"g{i}", ["bob"]) for i in range(6)]
+        for conv in convs + convs[:2]:
+            assert await alice.presence(conv) == ("alice",)
+        assert len(harness.broker._rosters) <= 3
