@@ -92,6 +92,7 @@ class _Request:
     event: trio.Event = field(default_factory=trio.Event)
     reply: Any = None
     error: BaseException | None = None
+    resent: bool = False  # written again after a reconnect
 
 
 class Client:
@@ -123,7 +124,11 @@ class Client:
 
     # -- requests -----------------------------------------------------------------------------
 
-    async def _request(self, make, *, resend: bool = True) -> Any:
+    async def _request(self, make, *, resend: bool = True,
+                       done_if_resent: str | None = None) -> Any:
+        """Send the frame `make(id)` and return its reply; raise its error. `done_if_resent`
+        names the refusal that, for a request resent after a reconnect, means its first try
+        took effect (the reply is then None)."""
         rid = next(self._ids)
         req = _Request(make(rid), resend)
         self._pending[rid] = req
@@ -133,6 +138,9 @@ class Client:
         finally:
             self._pending.pop(rid, None)
         if req.error is not None:
+            if (req.resent and isinstance(req.error, ClientError)
+                    and req.error.name == done_if_resent):
+                return None
             raise req.error
         return req.reply
 
@@ -201,7 +209,10 @@ class Client:
         await self._request(lambda i: wire.Join(id=i, conv=conv))
 
     async def leave(self, conv: str) -> None:
-        await self._request(lambda i: wire.Leave(id=i, conv=conv))
+        """Leave `conv`. Resent after a reconnect, a leave the broker carried out the first time
+        is answered `forbidden` (not a member any more): that is what leave asked for, so it
+        returns instead of raising."""
+        await self._request(lambda i: wire.Leave(id=i, conv=conv), done_if_resent="forbidden")
 
     async def subscribe(self, conv: str) -> None:
         await self._request(lambda i: wire.Subscribe(id=i, conv=conv))
@@ -270,6 +281,7 @@ class Client:
                 out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
             for req in sorted(self._pending.values(), key=lambda r: r.frame.id):
                 if req.resend:
+                    req.resent = True
                     try:
                         out.append(conn.send(req.frame))
                     except wire.LocalProtocolError as exc:  # made while we were disconnected

@@ -140,6 +140,8 @@ class Broker:
 
     def _push_receipt(self, conv: str, user: str, kind: str, seq: int) -> None:
         roster = self.roster(conv)
+        if user not in roster.users:
+            return  # an ack after leaving: the others no longer hear of this user's marks
         # A delivered mark goes to the others (the user's own devices need not hear of their
         # acks); a read mark to the user's devices too, so unread counts agree everywhere.
         # In channels, only those who post hear of others' marks.
@@ -234,10 +236,10 @@ class Broker:
             self.store.delivered(claims.user, hello.device),
             self.committer.acked_mark(claims.user, hello.device))
         session.head = self.store.inbox_head(claims.user)
+        first = not self.hub.online(claims.user)  # not when it replaces the user's only one
         old = self.hub.attach(session)
         if old is not None:
             old.close(CloseReason.REPLACED, wire.Bye(reason=wire.BYE_REPLACED))
-        first = self.hub.user_count(claims.user) == 1
         session.reply(wire.Welcome(
             id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
             user=claims.user, time=int(time.time() * 1000), max_frame=max_frame,

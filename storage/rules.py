@@ -22,7 +22,7 @@ from typing import Any
 
 from storage import commands as c
 from storage import records as r
-from storage.errors import Forbidden, Invalid, LimitExceeded
+from storage.errors import Conflict, Forbidden, Invalid, LimitExceeded
 from storage.projections import Tables, acked_convs, decode, decode_idem, get_u64, key2
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
@@ -211,8 +211,12 @@ def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decis
         raise Forbidden("only owners grant admin")
     if not valid_id(cmd.target):
         raise Invalid("bad target id")
-    if _role(tables, cmd.conv, cmd.target) is not None:
-        return [], {"conv": cmd.conv}
+    current = _role(tables, cmd.conv, cmd.target)
+    if current == cmd.member_role:
+        return [], {"conv": cmd.conv}  # a retried invite: done already
+    if current is not None:
+        raise Conflict(f"{cmd.target} is already a {current} of {cmd.conv}; an invite does not "
+                       f"change roles")
     if _member_count(tables, cmd.conv) >= limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
     data = {"conv": cmd.conv, "user": cmd.target, "role": cmd.member_role}

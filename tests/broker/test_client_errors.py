@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import subprocess
 import sys
@@ -163,3 +165,50 @@ async def test_bodies_up_to_the_brokers_limit_go_both_ways(tmp_path):
                 r = await alice.send("b" * 250_000, to="bob")
                 d = await bob.deliveries().receive()
                 assert (d.seq, len(d.body)) == (r.seq, 250_000) and bob.reconnects == 0
+
+
+async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_path):
+    """The broker carries out a leave, and its answer is lost with the connection: the SDK
+    resends it on the next connection, where `forbidden` (not a member any more) means the
+    first try took effect, so leave returns instead of raising."""
+    from broker.client import open_client
+
+    cut = trio.Event()
+    seen = 0
+
+    async def proxy(client_stream, port):
+        nonlocal seen
+        seen += 1
+        first = seen == 1
+        broker = await trio.open_tcp_stream("127.0.0.1", port)
+
+        async def pipe(src, dst, swallow):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while data := await src.receive_some(65536):
+                    if not (swallow and cut.is_set()):
+                        await dst.send_all(data)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pipe, client_stream, broker, False)
+            nursery.start_soon(pipe, broker, client_stream, first)
+            if first:  # the leave goes through, its answer does not; then the line drops
+                await cut.wait()
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+        await trio.aclose_forcefully(client_stream)
+        await trio.aclose_forcefully(broker)
+
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d") as h, trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(
+                trio.serve_tcp, functools.partial(proxy, port=h.broker.port), 0,
+                host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            async with h.client("alice") as alice:
+                conv = await alice.create_group("g", ["bob"])
+            async with open_client(f"127.0.0.1:{port}", h.token("bob"), "d1") as bob:
+                cut.set()
+                await bob.leave(conv)
+                assert bob.reconnects == 1
+            assert h.broker.store.role(conv, "bob") is None
+            nursery.cancel_scope.cancel()

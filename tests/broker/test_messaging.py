@@ -531,3 +531,34 @@ async def test_the_member_list_cache_stays_bounded(harness):
         for conv in convs + convs[:2]:
             assert await alice.presence(conv) == ("alice",)
         assert len(harness.broker._rosters) <= 3
+
+
+async def test_a_replaced_session_is_no_new_presence_and_a_leaver_no_new_receipts(harness):
+    """A device reconnecting in place of its user's only session is not announced online
+    again; a member's acks after leaving a group are not pushed to the members."""
+
+    async def pushes(client, kind):
+        await client.ping()  # whatever the broker pushed before this answer is queued
+        got = []
+        with trio.move_on_after(0.3):
+            while True:
+                got.append(await client.next_push())
+        return [p for p in got if isinstance(p, kind)]
+
+    async with harness.client("alice") as alice:
+        conv = await alice.create_group("g", ["bob"])
+        await alice.send("before bob leaves", conv=conv)
+        first = await RawClient.connect(harness.server, harness.token("bob"), "phone")
+        await push_of(alice, protocol.Status, user="bob", online=True)
+        again = await RawClient.connect(harness.server, harness.token("bob"), "phone")
+        assert await pushes(alice, protocol.Status) == []
+        added, message = await again.next(), await again.next()
+        assert (added.kind, message.kind) == ("added", "msg")
+        await again.send(protocol.Leave(id=1, conv=conv))
+        assert isinstance(await again.reply(1), protocol.Ok)
+        await again.send(protocol.Ack(upto=message.inbox_seq))
+        await again.send(protocol.Ping(id=2))
+        await again.reply(2)
+        assert await pushes(alice, protocol.Receipt) == []
+        for c in (first, again):
+            await c.aclose()

@@ -12,7 +12,7 @@ from storage.commands import (
     SendMessage,
     SetMute,
 )
-from storage.errors import Forbidden, Invalid, LimitExceeded
+from storage.errors import Conflict, Forbidden, Invalid, LimitExceeded
 from storage.rules import Limits
 from storage.store import Store
 
@@ -138,6 +138,10 @@ def test_invite_rules(store):
     assert one(store, Invite("alice", "d1", "user", conv, "x")).error is None
     assert store.last_lsn() == lsn
     assert store.inbox_after("x", 0, 10)[0].kind == "added"
+    # Asked for another role: a conflict, not an `ok` that changes nothing.
+    refused = one(store, Invite("alice", "d1", "user", conv, "x", "admin")).error
+    assert isinstance(refused, Conflict) and "already a member" in str(refused)
+    assert store.role(conv, "x") == "member" and store.last_lsn() == lsn
 
 
 def test_leave_and_removed_from_messages(store):
