@@ -95,7 +95,7 @@ def breakdown(path: str) -> None:
     try:
         phases = {}
         t = time.perf_counter()
-        stored, digests = store.projection_digests(APPEND_ONLY, key)
+        stored, digests, _ = store.projection_digests(APPEND_ONLY, key)
         phases["stored projections and digests"] = time.perf_counter() - t
         t = time.perf_counter()
         raw = list(store.log.read_raw())

@@ -161,11 +161,11 @@ def _lsn(text: str) -> int:
 
 def _import_storage() -> None:
     """Bind storage's modules on first use, so other `homing` commands do not pay for them."""
-    global audit, CorruptLog, DataDirLocked, LAYOUT, StorageError, Store, structlog
+    global audit, CorruptLog, DataDirLocked, LAYOUT, MissingTables, StorageError, Store, structlog
     import structlog
 
     from storage import audit
-    from storage.errors import CorruptLog, DataDirLocked, StorageError
+    from storage.errors import CorruptLog, DataDirLocked, MissingTables, StorageError
     from storage.store import LAYOUT, Store
 
 
@@ -202,12 +202,23 @@ def _quietly(func):
 
 
 
-def open_readonly(path: str) -> Store:
-    """Open the data directory read-only, or raise CliError when it is not one."""
+def _require_data_dir(path: str) -> None:
+    """Raise CliError unless `path` holds a homing data directory."""
     if not (Path(path) / "data.mdb").is_file():
         raise CliError(EXIT_USAGE, "no_data", f"{path} is not a homing data directory")
+
+
+def open_readonly(path: str) -> Store:
+    """Open the data directory read-only, or raise CliError when it is not one (or one written
+    by a homing so old that it lacks tables: `outdated_layout`, as the checks say of one whose
+    tables are all there in an older layout)."""
+    _require_data_dir(path)
     try:
         return Store.open(path, readonly=True)
+    except MissingTables as exc:
+        raise CliError(EXIT_FAULT, "outdated_layout", (
+            f"{exc}; a broker brings it up to date when it starts, or stop it and run "
+            "`homing audit rebuild`")) from None
     except StorageError as exc:
         raise CliError(EXIT_USAGE, "no_data", f"cannot open {path}: {exc}") from None
 
@@ -328,16 +339,20 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         if diff is not None:
             raise CliError(EXIT_FAULT, "projection_mismatch", _diff_message(diff))
         return 0
-    open_readonly(args.data).close()  # refuse a directory that is not one, without creating it
+    _require_data_dir(args.data)  # refuse a directory that is not one, without creating it
     try:
-        store = Store.open(args.data)
+        store = Store.open(args.data)  # one of an older layout is rebuilt right here
     except DataDirLocked:
         raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker: stop "
                        "it first (`homing audit rebuild --check` is read-only)") from None
     try:
         started = time.perf_counter()
         with ticking(f"rebuild {store.last_lsn():,} events"):
-            events = store.rebuild()
+            try:
+                events = store.rebuild()
+            except StorageError as exc:  # the disk filled up: nothing was changed
+                raise CliError(EXIT_FAULT, "storage_error", f"rebuild failed, nothing "
+                               f"changed: {exc}") from None
         emit({"ok": True, "rebuilt": events,
               "seconds": round(time.perf_counter() - started, 3)})
     finally:

@@ -33,7 +33,7 @@ from storage import records as r
 from storage.fold import fold
 from storage.log import verify_records
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
-from storage.records import GENESIS, Event, decode_body, u64
+from storage.records import GENESIS, Event, decode_body, pack_u64, u64
 from storage.store import Store
 from storage.tables import APPEND_ONLY, MemoryTables, RowsDropped
 
@@ -261,9 +261,12 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
     """
     key = os.urandom(16) if native.ext is not None else None  # else Python's own hash()
     with _no_cyclic_gc():
-        stored, digests = store.projection_digests(APPEND_ONLY, key)
+        stored, digests, log_lsn = store.projection_digests(APPEND_ONLY, key)
+    behind = _behind_the_log(stored, log_lsn)
+    if behind is not None:
+        return behind, 0
     try:
-        tables, lsn, _ = replay(store, _applied(store, stored), progress=progress,
+        tables, lsn, _ = replay(store, _applied(stored, log_lsn), progress=progress,
                                 digested=APPEND_ONLY, key=key)
     except RowsDropped:
         return _check_rows(store, progress)
@@ -274,16 +277,30 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
         return compare(stored, {t: v for t, v in tables.data.items() if t not in APPEND_ONLY}), lsn
 
 
-def _applied(store: Store, stored: dict[str, dict[bytes, bytes]]) -> int:
+def _applied(stored: dict[str, dict[bytes, bytes]], log_lsn: int) -> int:
     """The `applied_lsn` of a snapshot of the stored tables (the whole log if it has none)."""
     raw = stored.get("meta", {}).get(APPLIED_LSN)
-    return store.last_lsn() if raw is None else u64(raw)
+    return log_lsn if raw is None else u64(raw)
+
+
+def _behind_the_log(stored: dict[str, dict[bytes, bytes]], log_lsn: int) -> Difference | None:
+    """The difference when a snapshot's projections stop short of its own log.
+
+    Events and the projections they cause commit in one transaction, so in any snapshot
+    `applied_lsn` is the log's last LSN; a log that goes further was appended to (or the
+    projections set back) behind the broker's back. A replay of the whole log would differ
+    first in `meta.applied_lsn`, so that is the difference named.
+    """
+    raw = stored.get("meta", {}).get(APPLIED_LSN)
+    if raw is None or u64(raw) >= log_lsn:
+        return None  # ahead of the log: the replay finds it (it cannot reach applied_lsn)
+    return Difference("meta", APPLIED_LSN, raw, pack_u64(log_lsn))
 
 
 def _check_rows(store: Store, progress: Progress) -> tuple[Difference | None, int]:
     """`check_projections` row by row, in memory: names the first row that differs."""
-    stored = store.projection_snapshot()
-    tables, lsn, _ = replay(store, _applied(store, stored), progress=progress)
+    stored, log_lsn = store.projection_snapshot()
+    tables, lsn, _ = replay(store, _applied(stored, log_lsn), progress=progress)
     with _no_cyclic_gc():
         return compare(stored, tables.data), lsn
 

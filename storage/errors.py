@@ -29,6 +29,11 @@ class DataDirLocked(StorageError):
     """Raised when opening a data directory for writing while another process holds its lock."""
 
 
+class MissingTables(StorageError):
+    """Raised when a data directory opened read-only lacks tables this homing keeps: it was
+    written by an older homing (a broker adds them when it starts; `homing audit rebuild`)."""
+
+
 class DomainError(StorageError):
     """Root of the rule violations `rules.decide` raises; each fails only its own command."""
 

@@ -26,7 +26,7 @@ from typing import TypeVar
 import lmdb
 import structlog
 
-from storage.errors import DataDirLocked, StorageError, StorageFull
+from storage.errors import DataDirLocked, MissingTables, StorageError, StorageFull
 
 T = TypeVar("T")
 
@@ -96,7 +96,11 @@ class LmdbEnv:
 
     def _open_db(self, name: str):
         if self.readonly:
-            return self.env.open_db(name.encode(), create=False)
+            try:
+                return self.env.open_db(name.encode(), create=False)
+            except lmdb.NotFoundError:
+                raise MissingTables(f"{self.path} has no {name!r} table: it was written by an "
+                                    "older homing") from None
         return self.env.open_db(name.encode())
 
     def _take_dir_lock(self) -> None:

@@ -7,6 +7,7 @@ retried batch never leaves the in-memory tail ahead of the disk.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Sequence
 
 import lmdb
@@ -38,7 +39,10 @@ class LmdbLog:
 
     def _read_tail(self, txn: lmdb.Transaction) -> Tail:
         cur = txn.cursor(db=self._db)
-        if not cur.last():
+        found = cur.last()
+        while found and len(cur.key()) != 8:  # not an lsn (written behind our back): `verify`
+            found = cur.prev()                # reports it; the tail is the last real record
+        if not found:
             return 0, GENESIS
         return key_lsn(cur.key()), cur.value()[:32]
 
@@ -94,7 +98,11 @@ class LmdbLog:
         if not cur.set_range(lsn_key(start)):
             return out
         for key, value in cur:
-            lsn = key_lsn(key)
+            try:
+                lsn = key_lsn(key)
+            except struct.error:  # not lsn_key's u64: the log was written behind our back
+                raise CorruptLog(out[-1][0] + 1 if out else start,
+                                 f"a log key of {len(key)} bytes, not an lsn") from None
             if to_lsn is not None and lsn > to_lsn:
                 break
             out.append((lsn, value))
@@ -106,6 +114,10 @@ class LmdbLog:
         """Return the event at `lsn` read in `txn`, or None."""
         value = txn.get(lsn_key(lsn), db=self._db)
         return None if value is None else decode_body(value[32:])
+
+    def last_lsn_in(self, txn) -> int:
+        """Return the last LSN as `txn` sees it (0 for an empty log)."""
+        return self._read_tail(txn)[0]
 
     def last_lsn(self) -> int:
         """Return the last LSN (read from disk when opened read-only, so it follows the writer)."""

@@ -20,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 from msgpack import packb
 
 from storage.errors import CorruptLog
-from storage.records import DIGEST_BYTES, GENESIS, Event, chain, decode_body
+from storage.records import DIGEST_BYTES, EVENT_TYPES, GENESIS, Event, chain, decode_body
 
 EventInput = Event | tuple[int, str, str, str, dict[str, Any]]
 
@@ -100,6 +100,8 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
             raise CorruptLog(lsn, f"undecodable body: {exc}") from None
         if ev.lsn != lsn:
             raise CorruptLog(lsn, f"body says lsn {ev.lsn}")
+        if ev.type not in EVENT_TYPES:  # chained, so written as such: not by this homing
+            raise CorruptLog(lsn, f"unknown event type {ev.type!r}")
         expected += 1
     return expected - from_lsn
 

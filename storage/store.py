@@ -455,20 +455,23 @@ class Store:
                 out.extend((table, k, v) for k, v in txn.cursor(db=self._dbs[table]))
         return out
 
-    def projection_snapshot(self) -> dict[str, dict[bytes, bytes]]:
-        """Return every projection table as a dict `{key: value}`, read in one transaction.
+    def projection_snapshot(self) -> tuple[dict[str, dict[bytes, bytes]], int]:
+        """Return every projection table as a dict `{key: value}`, and the log's last LSN, read
+        in one transaction.
 
         One consistent snapshot, built by the C cursor iterator: the fast input of audits.
         """
         with self._env.read() as txn:
-            return {table: dict(txn.cursor(db=self._dbs[table]).iternext()) for table in TABLES}
+            return ({table: dict(txn.cursor(db=self._dbs[table]).iternext()) for table in TABLES},
+                    self._log.last_lsn_in(txn))
 
     def projection_digests(self, digested: frozenset[str], key: bytes | None = None) -> tuple[
-            dict[str, dict[bytes, bytes]], dict[str, tuple[int, int]]]:
+            dict[str, dict[bytes, bytes]], dict[str, tuple[int, int]], int]:
         """Return one consistent snapshot: the tables not in `digested` as dicts `{key: value}`,
-        and those in it as `(rows, digest)` (the input of fast audits): `tables.rows_digest`,
-        or `tables.keyed_rows_digest` under `key` when one is given."""
+        those in it as `(rows, digest)` (the input of fast audits): `tables.rows_digest`,
+        or `tables.keyed_rows_digest` under `key` when one is given; and the log's last LSN."""
         with self._env.read() as txn:
+            log_lsn = self._log.last_lsn_in(txn)
             rows = {table: dict(txn.cursor(db=self._dbs[table]).iternext())
                     for table in TABLES if table not in digested}
             digests = {}
@@ -476,7 +479,7 @@ class Store:
                 it = txn.cursor(db=self._dbs[table]).iternext()
                 digests[table] = (keyed_rows_digest(it, key) if key is not None else
                                   (txn.stat(self._dbs[table])["entries"], rows_digest(it)))
-        return rows, digests
+        return rows, digests, log_lsn
 
     def replay(self, to_lsn: int | None = None, tables: MemoryTables | None = None) -> MemoryTables:
         """Fold the log (up to `to_lsn`) into `tables` (fresh MemoryTables by default)."""

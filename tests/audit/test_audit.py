@@ -16,7 +16,7 @@ import trio
 
 from broker.audit_cli import ProgressBar, parse_time
 from broker.cli import main
-from storage.projections import key2
+from storage.projections import APPLIED_LSN, key2
 from storage.records import lsn_key, pack_u64
 from storage.store import Store
 from tests.harness import running_broker
@@ -131,7 +131,7 @@ def _tamper(src: Path, dst: Path, change) -> Path:
     shutil.copytree(src, dst)
     env = lmdb.open(str(dst), max_dbs=32)
     dbs = {name: env.open_db(name.encode())
-           for name in ("log", "read", "inbox", "msg", "idem", "conv_seq")}
+           for name in ("log", "read", "inbox", "msg", "idem", "conv_seq", "meta")}
     with env.begin(write=True) as txn:
         change(txn, dbs)
     env.close()
@@ -220,6 +220,11 @@ TAMPERINGS = {
     "conv seq moved": (
         lambda txn, dbs, f: txn.put(f["group"].encode(), pack_u64(7), db=dbs["conv_seq"]),
         lambda f: ("conv_seq", f["group"], 7, f["g1"].seq)),
+    # The projections set back one event (or, the same to a check, the log appended to behind
+    # the broker's back): a replay up to applied_lsn alone would agree with them.
+    "projections behind the log": (
+        lambda txn, dbs, f: txn.put(APPLIED_LSN, pack_u64(f["last_lsn"] - 1), db=dbs["meta"]),
+        lambda f: ("meta", "applied_lsn", f["last_lsn"] - 1, f["last_lsn"])),
 }
 
 
@@ -395,3 +400,49 @@ def test_progress_bar_draws_only_on_a_terminal():
         bar.close()
     assert "verify" in tty.getvalue() and "100%" in tty.getvalue()
     assert pipe.getvalue() == ""
+
+
+async def test_a_directory_older_than_layouts_is_outdated_and_rebuild_brings_it_up(
+        tmp_path, capsys):
+    """A directory written before layouts were recorded lacks tables this homing keeps: the
+    read-only checks say `outdated_layout` (not `no_data`), and `audit rebuild` (writable)
+    brings it up to date."""
+    f = await scenario(tmp_path)
+    with lmdb.open(str(f["data"]), max_dbs=32) as env:
+        with env.begin(write=True) as txn:
+            for name in (b"layout", b"conv_seq"):
+                txn.drop(env.open_db(name, txn=txn), delete=True)
+    for args in (("verify",), ("rebuild", "--check"), ("stats",)):
+        status, lines, err = audit(capsys, f["data"], *args)
+        assert status == 1 and lines == [], args
+        error = json.loads(err)
+        assert error["error"] == "outdated_layout" and "audit rebuild" in error["message"]
+    assert audit_json(capsys, f["data"], "rebuild")[0]["ok"] is True
+    assert audit_json(capsys, f["data"], "verify")[0]["ok"] is True
+
+
+async def test_verify_reports_a_foreign_key_or_an_unknown_event_type_as_a_corrupt_log(
+        tmp_path, capsys):
+    """Damage a broker never writes, a log key that is no LSN or a chained record of a type this
+    homing does not know, is a corrupt log at its place, not a crash."""
+    from storage.log import seal
+
+    f = await scenario(tmp_path)
+    last = f["last_lsn"]
+
+    def foreign_key(txn, dbs):
+        txn.put(b"\xff" * 5, b"x", db=dbs["log"])
+
+    def unknown_type(txn, dbs):
+        prev = txn.get(lsn_key(last), db=dbs["log"])[:32]
+        ((lsn, value, _),), _ = seal([(1, "bogus.type", "mallory", "d", {})], last + 1, prev)
+        txn.put(lsn_key(lsn), value, db=dbs["log"])
+
+    for name, change, reason in (("key", foreign_key, "not an lsn"),
+                                 ("type", unknown_type, "unknown event type")):
+        bad = _tamper(f["data"], tmp_path / name, change)
+        status, lines, err = audit(capsys, bad, "verify")
+        report = json.loads(lines[0])
+        assert status == 1 and report["log"]["ok"] is False, name
+        assert report["log"]["lsn"] == last + 1 and reason in report["log"]["reason"], report
+        assert json.loads(err)["error"] == "corrupt_log"

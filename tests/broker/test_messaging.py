@@ -387,7 +387,7 @@ async def test_acks_record_exactly_the_conversations_they_cover(harness):
     with trio.fail_after(5):  # acks are committed in the background
         while min(store.delivered("bob", "b1"), store.delivered("bob", "b2")) < 31:
             await trio.sleep(0.01)
-    inbox = store.projection_snapshot()["inbox"]
+    inbox = store.projection_snapshot()[0]["inbox"]
     senders = {e.lsn: e.user for e in store.read_events(1) if e.type == "message.accepted"}
 
     def covered(user: str, old: int, upto: int, others_only: bool) -> dict[str, int]:

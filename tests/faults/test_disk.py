@@ -6,6 +6,7 @@ open a 64 KiB map and write past it.)
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -77,3 +78,34 @@ async def test_full_disk_refuses_sends_keeps_delivering_and_recovers(broker_proc
                 history.deliver("bob", "d1", bob, d)
                 await bob.ack(d.inbox_seq)
     await stop_and_check(bp, history)
+
+
+async def test_audit_rebuild_on_a_full_disk_is_a_json_error_and_changes_nothing(tiny_disk):
+    """`homing audit rebuild` that runs out of space says so as the audit's JSON error (exit 1)
+    and leaves the directory as it was: verify passes, and passes again once space returns."""
+    import json
+
+    from tests.harness import running_broker
+    from tests.procs import homing
+
+    data = tiny_disk / "data"
+    async with running_broker(data) as h, h.client("alice") as alice:
+        for i in range(300):
+            await alice.send(f"{i:04d}" + "x" * 1000, to=f"user{i % 50}")
+    filler = tiny_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:  # full
+        pass
+    finally:
+        os.close(fd)
+    proc = homing("audit", "rebuild", "--data", str(data), check=False, timeout=60)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    err = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert err["error"] == "storage_error" and "nothing changed" in err["message"]
+    filler.unlink()
+    for args in (("verify",), ("rebuild",), ("verify",)):
+        proc = homing("audit", *args, "--data", str(data), check=False, timeout=60)
+        assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[0])["ok"], proc
