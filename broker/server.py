@@ -228,6 +228,7 @@ class Broker:
                                "too many connections")
             return False
         session.user, session.device, session.role = claims.user, hello.device, claims.role
+        session.expires = claims.expires
         session.user_sends = self.user_sends.of(claims.user)
         session.user_typing = self.user_typing.of(claims.user)
         session.log = session.log.bind(user=claims.user, device=hello.device)
@@ -340,17 +341,20 @@ class Broker:
         One task looks over all sessions IDLE_CHECKS times per timeout, with 10 ms to 1 s
         between looks, so a silent session is closed up to a tenth of the timeout (1 s at most)
         after it expired. A reader held up by flow control is not waiting for bytes; it ends
-        the session itself (`Session._wait_drained`). Each look also forgets the rate buckets
-        of users gone long enough for theirs to have refilled.
+        the session itself (`Session._wait_drained`). Each look also ends the sessions whose
+        tokens expired, and forgets the rate buckets of users gone long enough for theirs to
+        have refilled.
         """
         idle = self.config.idle_timeout_s
         every = max(0.01, min(1.0, idle / IDLE_CHECKS))
         while True:
             await trio.sleep(every)
-            now = time.monotonic()
+            now, wall = time.monotonic(), time.time()
             for session in self.hub.all_sessions():
                 if session.idle_for(now) >= idle:
                     session.time_out(idle)  # its end is logged with reason "timeout"
+                elif session.expires <= wall:
+                    session.token_expired()
             self.user_sends.prune(now)
             self.user_typing.prune(now)
 

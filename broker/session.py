@@ -10,6 +10,7 @@ stalled device costs its window and its bounded queue, never the broker's memory
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import deque
@@ -50,6 +51,7 @@ class Session:
         self.user = ""
         self.device = ""
         self.role = "user"
+        self.expires = math.inf  # when its token expires (time.time()); set at hello
         self.window = cfg.window
         # Delivery cursor: acked <= sent <= head (inbox_seq).
         self.head = 0
@@ -290,6 +292,14 @@ class Session:
         """Nothing arrived for `idle_s` seconds: say `timeout` and end the session."""
         self.close(CloseReason.TIMEOUT, wire.error_frame(
             wire.ErrorCode.TIMEOUT, f"no frame for {idle_s:g} s"))
+        if self._reader_scope is not None:
+            self._reader_scope.cancel()
+
+    def token_expired(self) -> None:
+        """The token it authenticated with expired: say `unauthorized` and end the session, as
+        hello with that token would be answered now."""
+        self.close(CloseReason.AUTH_FAILED, wire.error_frame(
+            wire.ErrorCode.UNAUTHORIZED, "token expired", close=True))
         if self._reader_scope is not None:
             self._reader_scope.cancel()
 

@@ -212,3 +212,19 @@ async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_pat
                 assert bob.reconnects == 1
             assert h.broker.store.role(conv, "bob") is None
             nursery.cancel_scope.cancel()
+
+
+async def test_a_client_whose_token_expires_stops_with_unauthorized(tmp_path):
+    """The broker ends a session whose token expired; the SDK does not reconnect with it (it
+    would be refused), and its deliveries raise the broker's `unauthorized`."""
+    from broker import tokens
+    from broker.client import open_client
+
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d") as h:
+            token = tokens.issue(h.broker.secret, "bob", "user", 2)
+            with pytest.raises(ClientError) as stopped:
+                async with open_client(h.server, token, "d1") as bob:
+                    async for _ in bob.deliveries():
+                        pass
+            assert stopped.value.name == "unauthorized" and bob.reconnects == 0

@@ -41,6 +41,26 @@ async def test_bad_tokens_are_unauthorized(harness, tally):
     assert h.broker.hub.count == 0
 
 
+async def test_a_session_ends_when_its_token_expires(harness, tally):
+    """A token is checked at hello and for as long as the session lasts: when it expires the
+    session is told `unauthorized` and closed, as hello with it would be answered now; a
+    session with a longer token carries on."""
+    h = harness
+    with trio.fail_after(20):
+        short = await RawClient.connect(h.server, tokens.issue(h.broker.secret, "alice", "user",
+                                                               2), "short")
+        async with h.client("bob") as bob:
+            started = trio.current_time()
+            while (f := await short.next()) is not None and not isinstance(f, wire.Error):
+                pass
+            assert f.name == "unauthorized" and f.close and "expired" in f.message, f
+            assert 0.5 < trio.current_time() - started < 4
+            assert await short.next() is None
+            await bob.ping()  # the other session is untouched
+        await short.aclose()
+        tally.add("auth: a token expiring during its session")
+
+
 async def test_a_device_only_ever_sees_its_own_users_inbox(harness, tally):
     """mallory, even with bob's device name, gets none of bob's deliveries; acks cannot cross."""
     h = harness
