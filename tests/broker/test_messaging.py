@@ -562,3 +562,18 @@ async def test_a_replaced_session_is_no_new_presence_and_a_leaver_no_new_receipt
         assert await pushes(alice, protocol.Receipt) == []
         for c in (first, again):
             await c.aclose()
+
+
+async def test_an_admin_posting_where_it_is_no_member_keeps_no_own_lsns(harness):
+    """An admin token may post in conversations it is not in; those posts make no entry in its
+    inbox, so its session does not remember them to pass over (that set would only grow)."""
+    async with harness.client("shop") as shop, harness.client("ops", role="admin") as ops:
+        conv = await shop.create_group("g", ["bob"])
+        for i in range(20):
+            await ops.send(f"notice {i}", conv=conv)
+        (session,) = harness.broker.hub.sessions("ops")
+        assert session.own_lsns == set()
+        own = await ops.create_group("mine", ["bob"])
+        await ops.send("in my own group", conv=own)  # a member: its inbox gets it
+        page = await shop.history(conv)
+        assert len(page.messages) == 20
