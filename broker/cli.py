@@ -16,6 +16,7 @@ import random
 import signal
 import ssl
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -255,13 +256,32 @@ async def _send_lines(client, args) -> None:
         finally:
             limit.release()
 
+    number = 0
     async with trio.open_nursery() as nursery:
-        for number, line in enumerate(sys.stdin, start=1):
-            text = line.rstrip("\n")
+        async for text in _stdin_lines():
+            number += 1
             await limit.acquire()
             nursery.start_soon(one, f"{prefix}-{number}", text)
     if failures:
         raise failures[0]
+
+
+async def _stdin_lines() -> AsyncIterator[str]:
+    """stdin's lines without their line ends, read a chunk at a time in a worker thread.
+
+    A blocking read in the event loop would hold back everything else while a slow pipe
+    (`tail -f events | homing send --stdin`) waits for its next line: the results of the lines
+    already sent, and the heartbeats that keep the connection open.
+    """
+    stdin = sys.stdin.buffer
+    encoding, errors = sys.stdin.encoding, sys.stdin.errors
+    rest = b""
+    while chunk := await trio.to_thread.run_sync(stdin.read1, 65536):
+        *lines, rest = (rest + chunk).split(b"\n")
+        for line in lines:
+            yield line.removesuffix(b"\r").decode(encoding, errors)
+    if rest:
+        yield rest.removesuffix(b"\r").decode(encoding, errors)
 
 
 async def _send_until_accepted(client, args, cid: str, text: str) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shlex
 import subprocess
 from pathlib import Path
@@ -112,6 +113,31 @@ def test_send_stdin_rides_through_the_rate_limit_and_reports_a_refusal_once(tmp_
         refused = homing("send", "--conv", "grp:nosuch", "--stdin", input=text, env=shop,
                          check=False, timeout=60)
         assert refused.returncode == 1 and error_of(refused)["error"] == "forbidden"
+
+
+def test_send_stdin_answers_each_line_while_the_pipe_waits_for_the_next(tmp_path):
+    """`tail -f events | homing send --stdin`: each line's result is printed while the pipe is
+    quiet, not when the next line comes (stdin was read blocking in the event loop); CRLF
+    line ends are taken off as before."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        send = subprocess.Popen(
+            [*homing_cmd(), "send", "--to", "bob", "--stdin", "--cid-prefix", "t"],
+            env={**os.environ, **as_user(bp, "shop", "service")}, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            for n in (1, 2):
+                send.stdin.write(f"event {n}\r\n")
+                send.stdin.flush()
+                ready, _, _ = select.select([send.stdout], [], [], 15)
+                assert ready, f"no result for line {n} while the pipe stays open"
+                result = json.loads(send.stdout.readline())
+                assert (result["cid"], result["seq"]) == (f"t-{n}", n)
+            send.stdin.close()
+            assert send.wait(timeout=20) == 0
+        finally:
+            send.kill()
+        got = lines(homing("history", "--conv", result["conv"], env=as_user(bp, "bob")))
+        assert [m["body"] for m in got] == ["event 1", "event 2"]
 
 
 def test_listen_exits_3_when_the_broker_is_gone_for_good(tmp_path):
