@@ -190,7 +190,7 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
     Whatever can be checked without the broker (`check(args)` for the command's own) is checked
     before connecting, so a usage error exits 2 whether a broker is running or not.
     """
-    from broker.client import ClientError, ConnectionLost, open_client, parse_server
+    from broker.client import ClientError, ConnectionLost, Replaced, open_client, parse_server
 
     if not args.token:
         raise CliError(EXIT_USAGE, "usage", "a token is needed: --token or HOMING_TOKEN")
@@ -212,6 +212,8 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
     except ClientError as exc:
         status = EXIT_UNREACHABLE if exc.name in ("shutting_down",) else EXIT_REFUSED
         raise CliError(status, exc.name, exc.message, exc.code) from None
+    except Replaced as exc:  # another process connected with this user and --device
+        raise CliError(EXIT_REFUSED, "replaced", str(exc)) from None
     except (ConnectionLost, OSError) as exc:
         raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
     return 0

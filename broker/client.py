@@ -92,7 +92,8 @@ class _Request:
     event: trio.Event = field(default_factory=trio.Event)
     reply: Any = None
     error: BaseException | None = None
-    resent: bool = False  # written again after a reconnect
+    sent: bool = False  # written to a connection at least once
+    resent: bool = False  # written again after a reconnect, having been sent before
 
 
 class Client:
@@ -133,7 +134,7 @@ class Client:
         req = _Request(make(rid), resend)
         self._pending[rid] = req
         try:
-            await self._write_frame(req.frame)
+            req.sent = await self._write_frame(req.frame) or req.sent
             await req.event.wait()
         finally:
             self._pending.pop(rid, None)
@@ -144,24 +145,26 @@ class Client:
             raise req.error
         return req.reply
 
-    async def _write_frame(self, frame: Any) -> None:
-        """Send now if connected; if not, the frame is (re)sent after the reconnect."""
+    async def _write_frame(self, frame: Any) -> bool:
+        """Send now if connected; if not, the frame is (re)sent after the reconnect. True when
+        it was written to a connection (the broker may have it, even if the write failed)."""
         if self._fatal is not None:
             raise self._fatal
         if self._stream is None or self._conn is None:
-            return
+            return False
         try:
             data = self._conn.send(frame)
         except wire.LocalProtocolError as exc:
             if (refusal := _refusal(exc)) is not None:
                 raise refusal from None
-            return  # bye or a closing error arrived: the connection is done; resent after reconnect
+            return False  # bye or a closing error came: the connection is done; resent later
         stream = self._stream
         async with self._send_lock:
             try:
                 await stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # the reader notices, reconnects and resends
+        return True
 
     async def send(self, body: str | bytes, *, to: str | None = None, conv: str | None = None,
                    cid: str | None = None) -> wire.Result:
@@ -281,7 +284,7 @@ class Client:
                 out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
             for req in sorted(self._pending.values(), key=lambda r: r.frame.id):
                 if req.resend:
-                    req.resent = True
+                    req.resent, req.sent = req.sent, True
                     try:
                         out.append(conn.send(req.frame))
                     except wire.LocalProtocolError as exc:  # made while we were disconnected

@@ -42,11 +42,13 @@ class Roster:
     members: list[tuple[str, str]]
     users: list[str]
     posters: list[str]  # owners and admins
+    user_set: frozenset[str]  # `users`, for membership tests in O(1) (a receipt each)
 
     @classmethod
     def of(cls, members: list[tuple[str, str]]) -> Roster:
-        return cls(members, [u for u, _ in members],
-                   [u for u, role in members if role in ("owner", "admin")])
+        users = [u for u, _ in members]
+        return cls(members, users, [u for u, role in members if role in ("owner", "admin")],
+                   frozenset(users))
 
 
 IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
@@ -140,16 +142,17 @@ class Broker:
 
     def _push_receipt(self, conv: str, user: str, kind: str, seq: int) -> None:
         roster = self.roster(conv)
-        if user not in roster.users:
+        if user not in roster.user_set:
             return  # an ack after leaving: the others no longer hear of this user's marks
         # A delivered mark goes to the others (the user's own devices need not hear of their
         # acks); a read mark to the user's devices too, so unread counts agree everywhere.
         # In channels, only those who post hear of others' marks.
         others = roster.posters if conv.startswith("chn:") else roster.users
+        inside = user in (roster.user_set if others is roster.users else others)
         if kind == "delivered":
-            audience = [u for u in others if u != user] if user in others else others
+            audience = [u for u in others if u != user] if inside else others
         else:
-            audience = others if user in others else [*others, user]
+            audience = others if inside else [*others, user]
         frame = (wire.Receipt(conv=conv, user=user, delivered=seq, read=None) if kind == "delivered"
                  else wire.Receipt(conv=conv, user=user, delivered=None, read=seq))
         self.hub.push(audience, encode_push(frame))

@@ -349,6 +349,11 @@ class Session:
         conn = self.conn
         frames = self.frames_in
         while not self._closing:
+            # A client that sends but does not read waits, for --idle-timeout at most; checked
+            # before every frame, so error replies to frames it should not send count too.
+            if ((len(self.out) >= MAX_QUEUED_FRAMES or self.out_bytes >= MAX_QUEUED_BYTES)
+                    and not await self._wait_drained()):
+                return False
             try:
                 event = conn.next_event()
             except wire.RemoteProtocolError as exc:
@@ -376,10 +381,6 @@ class Session:
             result = handler(self, event)
             if result is not None:
                 await result
-            # A client that sends but does not read waits, for --idle-timeout at most.
-            if ((len(self.out) >= MAX_QUEUED_FRAMES or self.out_bytes >= MAX_QUEUED_BYTES)
-                    and not await self._wait_drained()):
-                return False
         return True
 
     async def _wait_drained(self) -> bool:

@@ -140,6 +140,33 @@ def test_send_stdin_answers_each_line_while_the_pipe_waits_for_the_next(tmp_path
         assert [m["body"] for m in got] == ["event 1", "event 2"]
 
 
+def test_listen_replaced_by_another_process_with_its_device_exits_1_replaced(tmp_path):
+    """Two `homing listen` with one user and --device: the first is replaced by the broker and
+    exits 1 with {"error": "replaced"} (it used to say `unreachable`, exit 3), the second
+    carries on."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        homing("send", "--to", "bob", "hello", env=as_user(bp, "shop"))
+        env = {**os.environ, **as_user(bp, "bob")}
+        cmd = [*homing_cmd(), "listen", "--device", "desk", "--no-ack"]
+        first = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE)
+        second = None
+        try:
+            assert json.loads(first.stdout.readline())["body"] == "hello"  # connected
+            second = subprocess.Popen(cmd, env=env, text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE)
+            assert json.loads(second.stdout.readline())["body"] == "hello"
+            _, err = first.communicate(timeout=20)
+            assert first.returncode == 1, err
+            assert json.loads(err.strip().splitlines()[-1])["error"] == "replaced"
+            assert second.poll() is None
+        finally:
+            for p in (first, second):
+                if p is not None:
+                    p.kill()
+                    p.wait()
+
+
 def test_listen_exits_3_when_the_broker_is_gone_for_good(tmp_path):
     """A listen whose broker stops and does not come back within --connect-timeout exits 3
     with {"error": "unreachable"} (before the fix: an EndOfChannel traceback, exit 1)."""

@@ -228,3 +228,28 @@ async def test_a_client_whose_token_expires_stops_with_unauthorized(tmp_path):
                     async for _ in bob.deliveries():
                         pass
             assert stopped.value.name == "unauthorized" and bob.reconnects == 0
+
+
+async def test_a_leave_made_while_disconnected_still_reports_forbidden(tmp_path):
+    """Only a leave that had reached a connection can have been carried out: one made while the
+    broker was away is sent first after the reconnect, and its `forbidden` is the answer."""
+    with BrokerProcess(tmp_path / "data") as bp, trio.fail_after(40):
+        async with bp.client("alice") as alice:
+            with pytest.raises(ClientError):
+                await alice.leave("grp:00000000000000aa")  # connected: forbidden
+            bp.kill()
+            while alice.connected.is_set():  # until the client has seen the drop
+                await trio.sleep(0.01)
+            got = {}
+
+            async def leave() -> None:
+                try:
+                    got["r"] = await alice.leave("grp:00000000000000aa")
+                except ClientError as exc:
+                    got["r"] = exc.name
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(leave)
+                await trio.sleep(0.3)  # made while nobody listens
+                await bp.astart()
+            assert got["r"] == "forbidden" and alice.reconnects >= 1

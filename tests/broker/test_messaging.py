@@ -311,6 +311,21 @@ async def test_a_client_that_sends_but_never_reads_is_held_back(harness):
     await raw.stream.aclose()
 
 
+async def test_error_replies_to_a_client_that_never_reads_are_held_back_too(harness):
+    """Frames answered with an error (an unknown type, a bad field) fill the reply queue like
+    any other: the broker stops reading at its bound instead of queueing an error per frame."""
+    raw = await RawClient.connect(harness.server, harness.token("mallory"))
+    session = next(iter(harness.broker.hub.sessions("mallory")))
+    unknown = protocol.encode_frame({"t": "nosuch", "id": 1})
+    with trio.move_on_after(3):
+        for _ in range(100_000):  # ~1.5 MB of frames; the socket buffers fill, then we block
+            await raw.stream.send_all(unknown * 100)
+    assert len(session.out) <= MAX_QUEUED_FRAMES and session.frames_in == 0
+    async with harness.client("alice") as alice:  # everyone else is served
+        await alice.send("still here", to="bob")
+    await raw.stream.aclose()
+
+
 async def test_big_replies_to_a_client_that_never_reads_are_bounded_in_bytes(tmp_path):
     """History pages of about 1 MB each, asked for again and again by a client that never
     reads: the broker stops reading it at MAX_QUEUED_BYTES (not 1,024 pages, a gigabyte), and
