@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import errno
 import json
 import math
 import os
@@ -78,17 +79,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "usage", str(exc)) from None
     _raise_nofile(cfg.max_connections + cfg.max_handshakes + 64)
     tune_gc(cfg.gc_young_threshold)
+    if cfg.tls_cert:  # before anything is created: a bad pair is a usage error
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                str(cfg.tls_cert), str(cfg.tls_key))
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(EXIT_USAGE, "usage", f"--tls-cert {cfg.tls_cert} / --tls-key "
+                           f"{cfg.tls_key}: {exc.strerror or exc}") from None
     try:
+        tokens.load_secret(cfg.data_dir)
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            limits=Limits(max_members=cfg.max_members,
                                          max_body_bytes=cfg.max_body_bytes))
     except DataDirLocked as exc:
         raise CliError(EXIT_USAGE, "locked", str(exc)) from None
+    except tokens.SecretError as exc:
+        raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
+    except OSError as exc:  # the directory cannot be made or written (permissions, a file)
+        raise CliError(EXIT_USAGE, "data_dir", f"cannot use {cfg.data_dir}: "
+                       f"{exc.strerror or exc}") from None
     try:
         trio.run(_serve, cfg, store)
+    except BaseExceptionGroup as group:
+        failed = _listen_error(group)
+        if failed is None:
+            raise
+        raise CliError(EXIT_USAGE, "listen", f"cannot listen on {cfg.host}:{cfg.port}: "
+                       f"{failed.strerror or failed}") from None
     finally:
         store.close()
     return 0
+
+
+def _listen_error(group: BaseExceptionGroup) -> OSError | None:
+    """The error of opening the listening socket (port taken, not permitted, no such address)
+    inside what `trio.run` raised, or None if it is something else."""
+    match, _ = group.split(lambda e: isinstance(e, OSError) and e.errno in (
+        errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL))
+    while isinstance(match, BaseExceptionGroup):
+        match = match.exceptions[0]
+    return match
 
 
 def _serve_config(args: argparse.Namespace) -> Config:
@@ -121,7 +151,17 @@ async def _serve(cfg: Config, store: Any) -> None:
             async for _ in signals:
                 broker.shutdown()
                 break
-        await broker.wait_stopped()
+            # Held until stopped: a second signal during the grace period must not kill the
+            # process half-way through its shutdown (it is logged and otherwise ignored).
+            async with trio.open_nursery() as inner:
+                inner.start_soon(_log_more_signals, signals, broker)
+                await broker.wait_stopped()
+                inner.cancel_scope.cancel()
+
+
+async def _log_more_signals(signals: Any, broker: Any) -> None:
+    async for signum in signals:
+        broker.log.warning("signal_during_shutdown", signal=signal.Signals(signum).name)
 
 
 def tune_gc(young_threshold: int) -> None:
@@ -165,6 +205,11 @@ def cmd_token(args: argparse.Namespace) -> int:
         print(tokens.issue(secret, args.user, role, ttl))
     except ValueError as exc:
         raise CliError(EXIT_USAGE, "usage", str(exc)) from None
+    except tokens.SecretError as exc:
+        raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
+    except OSError as exc:
+        raise CliError(EXIT_USAGE, "data_dir", f"cannot use {args.data}: "
+                       f"{exc.strerror or exc}") from None
     return 0
 
 

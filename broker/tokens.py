@@ -23,6 +23,7 @@ import msgpack
 
 ROLES = ("user", "service", "admin")
 SECRET_FILE = "secret.key"
+SECRET_BYTES = 32
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_TOKEN_CHARS = 4096
 
@@ -48,21 +49,53 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+class SecretError(Exception):
+    """The data directory's secret.key is not a usable signing secret."""
+
+
 def load_secret(data_dir: Path, *, create: bool = True) -> bytes:
-    """The data directory's signing secret, created (mode 0600) if missing and `create`."""
+    """The data directory's signing secret, created (mode 0600) if missing and `create`.
+
+    Raises SecretError when the file is not SECRET_BYTES long: a key cut short (an empty file
+    left by a full disk) would let anyone sign tokens, so it is refused, never used.
+    """
     path = Path(data_dir) / SECRET_FILE
     try:
-        return path.read_bytes()
+        secret = path.read_bytes()
     except FileNotFoundError:
         if not create:
             raise
-    Path(data_dir).mkdir(parents=True, exist_ok=True)
+        secret = _create_secret(path)
+    if len(secret) != SECRET_BYTES:
+        raise SecretError(
+            f"{path} holds {len(secret)} bytes, not {SECRET_BYTES}: it cannot sign tokens. If it "
+            "was cut short while being made, delete it and start again (tokens issued with the "
+            "old one stop working)")
+    return secret
+
+
+def _create_secret(path: Path) -> bytes:
+    """Write a new secret to a temporary file, sync it, and link it into place: the name only
+    ever holds a whole secret, and a second process racing us keeps the first one linked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process created it first
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(SECRET_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another process made it first: theirs it is
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
     return path.read_bytes()
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 
-from tests.procs import BrokerProcess, homing, lines
+from tests.procs import BrokerProcess, homing, homing_cmd, lines
 
 
 @pytest.fixture
@@ -133,3 +135,77 @@ def test_serve_refuses_an_idle_timeout_shorter_than_the_heartbeat(tmp_path):
     err = json.loads(proc.stderr.strip().splitlines()[-1])
     assert err["error"] == "usage" and "shorter than --heartbeat 3" in err["message"]
     assert not (tmp_path / "data").exists()
+
+
+def test_a_secret_cut_short_is_refused_and_a_failed_creation_leaves_none(tmp_path):
+    """An empty or short secret.key (a full disk while it was made) would let anyone sign
+    tokens: serve and token refuse it. Making one that fails half-way leaves no file, so the
+    next try makes a whole one."""
+    import resource
+
+    short = tmp_path / "short"
+    short.mkdir()
+    (short / "secret.key").write_bytes(b"")
+    for args in (("serve", "--data", str(short), "--port", "0"),
+                 ("token", "alice", "--data", str(short))):
+        proc = homing(*args, check=False, timeout=20)
+        assert proc.returncode == 2, proc.stderr
+        assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "bad_secret"
+
+    fresh = tmp_path / "fresh"
+    proc = subprocess.run(
+        [*homing_cmd(), "token", "alice", "--data", str(fresh)], capture_output=True,
+        text=True, timeout=20, env=os.environ,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    assert proc.returncode == 2 and json.loads(proc.stderr)["error"] == "data_dir", proc.stderr
+    assert not (fresh / "secret.key").exists() and list(fresh.iterdir()) == []
+    token = homing("token", "alice", "--data", str(fresh)).stdout.strip()
+    assert len((fresh / "secret.key").read_bytes()) == 32 and token.startswith("v1.")
+
+
+def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
+    """A port in use, a TLS pair that does not load, a data directory that cannot be made:
+    one JSON error on stderr and exit 2, not a traceback; nothing created for a bad TLS pair."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    with taken:
+        port = taken.getsockname()[1]
+        proc = homing("serve", "--data", str(tmp_path / "a"), "--port", str(port), check=False,
+                      timeout=20)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "listen"
+
+    proc = homing("serve", "--data", str(tmp_path / "b"), "--tls-cert", str(tmp_path / "no.pem"),
+                  "--tls-key", str(tmp_path / "no.key"), check=False, timeout=20)
+    assert proc.returncode == 2 and json.loads(proc.stderr)["error"] == "usage", proc.stderr
+    assert not (tmp_path / "b").exists()
+
+    (tmp_path / "file").write_text("not a directory")
+    proc = homing("serve", "--data", str(tmp_path / "file" / "data"), check=False, timeout=20)
+    assert proc.returncode == 2 and json.loads(proc.stderr)["error"] == "data_dir", proc.stderr
+
+
+def test_a_second_signal_during_shutdown_does_not_cut_it_short(tmp_path):
+    """SIGTERM, then SIGTERM again while a connection that never said hello holds the shutdown
+    in its grace period: logged, and the broker still stops cleanly (exit 0)."""
+    import signal
+    import socket
+    import time
+
+    bp = BrokerProcess(tmp_path / "data", "--handshake-timeout", "3")
+    bp.start()
+    try:
+        silent = socket.create_connection(("127.0.0.1", bp.port))
+        time.sleep(0.2)
+        bp.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        bp.proc.send_signal(signal.SIGTERM)
+        assert bp.proc.wait(timeout=30) == 0, bp.log_tail()
+        names = [e.get("event") for e in bp.log_events()]
+        assert "signal_during_shutdown" in names and "broker_stopped" in names
+        silent.close()
+    finally:
+        bp.kill()
