@@ -182,7 +182,8 @@ def tune_gc(young_threshold: int) -> None:
 
 
 def _raise_nofile(want: int) -> None:
-    """Raise the open-file soft limit towards `want` (up to the hard limit)."""
+    """Raise the open-file soft limit towards `want` (up to the hard limit); warn when it
+    stays below, since the connections past it would be refused by the kernel, unanswered."""
     try:
         import resource
 
@@ -190,8 +191,16 @@ def _raise_nofile(want: int) -> None:
         target = want if hard == resource.RLIM_INFINITY else min(want, hard)
         if soft != resource.RLIM_INFINITY and soft < target:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
     except (ImportError, ValueError, OSError):
-        pass
+        return
+    if soft != resource.RLIM_INFINITY and soft < want:
+        import structlog
+
+        structlog.get_logger("homing").warning(
+            "open_file_limit_low", limit=soft, wanted=want,
+            hint="--max-connections plus --max-handshakes plus 64; raise the hard limit "
+                 "(ulimit -Hn, systemd LimitNOFILE=) or lower --max-connections")
 
 
 def cmd_token(args: argparse.Namespace) -> int:

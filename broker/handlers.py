@@ -50,11 +50,12 @@ def _command_done(pending: Any) -> None:
         code, message = wire_error(exc)
         if code is wire.ErrorCode.INTERNAL:
             session.log.error("command_failed", command=type(pending.command).__name__,
-                              exc_info=exc)
+                              conv=getattr(pending.command, "conv", None), exc_info=exc)
         session.reply_error(request_id, code, message)
     else:
         session.log.debug("command_done", command=type(pending.command).__name__,
-                          last_lsn=outcome.lsn, reply=outcome.reply)
+                          conv=getattr(pending.command, "conv", None), lsn=outcome.lsn,
+                          reply=outcome.reply)
         if reply is not None:
             session.reply(reply(session, request_id, outcome.reply))
 

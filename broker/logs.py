@@ -42,6 +42,21 @@ def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
+    # Libraries log through the standard library (trio's accept loop when it runs out of file
+    # descriptors, ...): their records become events of ours, so the output stays one format.
+    root = logging.getLogger()
+    root.handlers[:] = [_ToStructlog()]
+    root.setLevel(level.upper())
+
+
+class _ToStructlog(logging.Handler):
+    """A stdlib logging handler that emits each record as a structlog event."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log = structlog.get_logger("homing")
+        method = getattr(log, record.levelname.lower(), log.warning)
+        extra = {"exc_info": record.exc_info} if record.exc_info else {}
+        method(record.getMessage(), logger=record.name, **extra)
 
 
 def get_logger(**context: object) -> structlog.typing.FilteringBoundLogger:

@@ -209,3 +209,40 @@ def test_a_second_signal_during_shutdown_does_not_cut_it_short(tmp_path):
         silent.close()
     finally:
         bp.kill()
+
+
+def test_library_log_records_and_a_low_file_limit_come_out_as_json_events(tmp_path):
+    """The standard library's records (trio logs `accept returned EMFILE` there) are rendered
+    as our JSON events, one a line; and serve warns at start when the open-file limit stays
+    below what --max-connections needs."""
+    import resource
+    import sys
+
+    script = ("import logging, sys\n"
+              "from broker.logs import configure\n"
+              "configure('info', 'json', stream=sys.stdout)\n"
+              "try:\n"
+              "    raise OSError(24, 'Too many open files')\n"
+              "except OSError:\n"
+              "    logging.getLogger('trio').error('accept returned EMFILE', exc_info=True)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=20, check=True)  # its own process: logging setup is global
+    (line,) = run.stdout.splitlines()
+    event = json.loads(line)
+    assert (event["event"], event["logger"], event["level"]) == (
+        "accept returned EMFILE", "trio", "error") and "Too many open files" in event["exception"]
+
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    serve = subprocess.Popen(
+        [*homing_cmd(), "serve", "--data", str(tmp_path / "data"), "--port", "0",
+         "--max-connections", "100", "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True, preexec_fn=low_limit)
+    try:
+        first = json.loads(serve.stderr.readline())
+        assert first["event"] == "open_file_limit_low" and first["limit"] == 64, first
+        assert first["wanted"] == 100 + 1000 + 64
+    finally:
+        serve.kill()
+        serve.wait()
