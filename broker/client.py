@@ -71,6 +71,11 @@ class ConnectionLost(Exception):
     or the broker could not be reached within the reconnect timeout."""
 
 
+class NotTrusted(ConnectionLost):
+    """The broker's TLS certificate failed verification against our context: retrying would
+    not change that, so the client stops at once (a wrong --tls-ca, or a broker to distrust)."""
+
+
 class Replaced(ConnectionLost):
     """Another session of the same user and device connected, and the broker closed this one
     (PROTOCOL.md §9). The client does not reconnect: two processes using one device name would
@@ -305,8 +310,8 @@ class Client:
     async def _try_connect(self) -> BaseException | None:
         """Connect once; the error to retry after, or None when connected.
 
-        Refusals that will not change by retrying (unauthorized, unsupported version, limits)
-        are raised.
+        Refusals that will not change by retrying (unauthorized, unsupported version, limits,
+        a broker certificate our TLS context does not trust) are raised.
         """
         try:
             await self._connect_once()
@@ -316,7 +321,11 @@ class Client:
             return exc
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                 wire.ProtocolError, ConnectionLost) as exc:
-            return exc
+            cause = exc.__cause__ if str(exc) == "" and exc.__cause__ is not None else exc
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise NotTrusted(f"TLS: the broker's certificate is not trusted: "
+                                 f"{cause.verify_message or cause}") from None
+            return cause  # trio's stream errors say nothing themselves: their cause does
         return None
 
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -324,7 +333,7 @@ class Client:
         while not self._closed:
             try:
                 error = await self._try_connect()
-            except ClientError as exc:
+            except (ClientError, NotTrusted) as exc:
                 self._fail(exc)
                 if first:
                     task_status.started()
