@@ -180,12 +180,14 @@ def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
 
     proc = homing("serve", "--data", str(tmp_path / "b"), "--tls-cert", str(tmp_path / "no.pem"),
                   "--tls-key", str(tmp_path / "no.key"), check=False, timeout=20)
-    assert proc.returncode == 2 and json.loads(proc.stderr)["error"] == "usage", proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "usage"
     assert not (tmp_path / "b").exists()
 
     (tmp_path / "file").write_text("not a directory")
     proc = homing("serve", "--data", str(tmp_path / "file" / "data"), check=False, timeout=20)
-    assert proc.returncode == 2 and json.loads(proc.stderr)["error"] == "data_dir", proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "data_dir"
 
 
 def test_a_second_signal_during_shutdown_does_not_cut_it_short(tmp_path):
