@@ -77,7 +77,7 @@ def load_secret(data_dir: Path, *, create: bool = True) -> bytes:
 def _create_secret(path: Path) -> bytes:
     """Write a new secret to a temporary file, sync it, and link it into place: the name only
     ever holds a whole secret, and a second process racing us keeps the first one linked."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -75,13 +75,13 @@ class LmdbEnv:
         self._write_lock = threading.Lock()
         self._on_commit: list[Callable[[], None]] = []
         if not readonly:
-            os.makedirs(self.path, exist_ok=True)
+            os.makedirs(self.path, mode=0o700, exist_ok=True)  # messages: for its owner only
             self._take_dir_lock()
         try:
             self.env = lmdb.open(
                 self.path, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
                 max_readers=MAX_READERS, sync=True, metasync=True, writemap=False,
-                readahead=False, lock=True, readonly=readonly, max_spare_txns=0,
+                readahead=False, lock=True, readonly=readonly, max_spare_txns=0, mode=0o600,
                 create=not readonly,
             )
             self.dbs = {name: self._open_db(name) for name in db_names}
@@ -104,7 +104,7 @@ class LmdbEnv:
         return self.env.open_db(name.encode())
 
     def _take_dir_lock(self) -> None:
-        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

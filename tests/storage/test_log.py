@@ -183,3 +183,17 @@ def test_second_writer_is_refused(tmp_path):
                          check=True, cwd=ROOT)
     assert out.stdout.splitlines()[-2].split() == ["2", "2"]
     log.close()
+
+
+def test_a_new_data_directory_is_for_its_owner_only(tmp_path):
+    """Messages are in the data directory: a new one is made 0700 and its files 0600, so other
+    local users cannot read them (an existing directory's modes are left as they are)."""
+    import stat
+
+    from storage.store import Store
+
+    store = Store.open(str(tmp_path / "data"))
+    store.close()
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "data").iterdir()}
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    assert modes and all(m & 0o077 == 0 for m in modes.values()), modes
