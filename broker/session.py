@@ -163,12 +163,9 @@ class Session:
         client that reads slowly learns why, and one that does not read at all is cut off then.
         Nothing is lost: its deliveries wait on disk past its last ack."""
         self.log.warning("slow_consumer_closed", queued=len(self.out), queued_bytes=self.out_bytes)
-        self.close(CloseReason.SLOW_CONSUMER, wire.error_frame(
-            wire.ErrorCode.SLOW_CONSUMER,
-            f"{len(self.out)} frames ({self.out_bytes} bytes) were waiting for this connection "
-            f"to read them", close=True))
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
+        self._end(CloseReason.SLOW_CONSUMER, wire.ErrorCode.SLOW_CONSUMER,
+                  f"{len(self.out)} frames ({self.out_bytes} bytes) were waiting for this "
+                  f"connection to read them")
 
     def reply(self, frame: object) -> None:
         """Queue a reply frame for the writer.
@@ -290,18 +287,18 @@ class Session:
 
     def time_out(self, idle_s: float) -> None:
         """Nothing arrived for `idle_s` seconds: say `timeout` and end the session."""
-        self.close(CloseReason.TIMEOUT, wire.error_frame(
-            wire.ErrorCode.TIMEOUT, f"no frame for {idle_s:g} s"))
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
+        self._end(CloseReason.TIMEOUT, wire.ErrorCode.TIMEOUT, f"no frame for {idle_s:g} s")
 
     def token_expired(self) -> None:
         """The token it authenticated with expired: say `unauthorized` and end the session, as
         hello with that token would be answered now."""
-        self.close(CloseReason.AUTH_FAILED, wire.error_frame(
-            wire.ErrorCode.UNAUTHORIZED, "token expired", close=True))
-        if self._reader_scope is not None:
-            self._reader_scope.cancel()
+        self._end(CloseReason.AUTH_FAILED, wire.ErrorCode.UNAUTHORIZED, "token expired")
+
+    def _end(self, reason: CloseReason, code: wire.ErrorCode, message: str) -> None:
+        """Say a closing `error`, after what is queued, and stop reading: `run_open` then gives
+        the writer FLUSH_ON_CLOSE_S to get it out."""
+        self.close(reason, wire.error_frame(code, message, close=True))
+        self.begin_shutdown()
 
     async def _receive_raw(self, size: int) -> bytes:
         """`receive_some` for a plain TCP session, straight on its socket: wait until it is
