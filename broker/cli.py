@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import ssl
+import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -88,6 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            f"{cfg.tls_key}: {exc.strerror or exc}") from None
     try:
         tokens.load_secret(cfg.data_dir)
+        _warn_if_exposed(cfg.data_dir / tokens.SECRET_FILE)
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            limits=Limits(max_members=cfg.max_members,
                                          max_body_bytes=cfg.max_body_bytes))
@@ -201,6 +203,18 @@ def _raise_nofile(want: int) -> None:
             "open_file_limit_low", limit=soft, wanted=want,
             hint="--max-connections plus --max-handshakes plus 64; raise the hard limit "
                  "(ulimit -Hn, systemd LimitNOFILE=) or lower --max-connections")
+
+
+def _warn_if_exposed(secret: Path) -> None:
+    """Warn when users other than the owner may read `secret`: they could mint any token,
+    admin tokens included (it is made 0600; a copy or a restore may have loosened it)."""
+    mode = stat.S_IMODE(secret.stat().st_mode)
+    if mode & 0o077:
+        import structlog
+
+        structlog.get_logger("homing").warning(
+            "secret_key_exposed", path=str(secret), mode=f"{mode:04o}",
+            hint=f"anyone who can read it can sign tokens: chmod 600 {secret}")
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -248,3 +248,24 @@ def test_library_log_records_and_a_low_file_limit_come_out_as_json_events(tmp_pa
     finally:
         serve.kill()
         serve.wait()
+
+
+def test_serve_warns_when_the_secret_key_is_readable_by_others(tmp_path):
+    """A secret.key that other users may read (a copy or a restore loosened it) lets them sign
+    any token: serve says so, with the fix, and goes on."""
+    data = tmp_path / "data"
+    subprocess.run([*homing_cmd(), "token", "someone", "--data", str(data)], check=True,
+                   capture_output=True, timeout=30)
+    (data / "secret.key").chmod(0o644)
+    serve = subprocess.Popen(
+        [*homing_cmd(), "serve", "--data", str(data), "--port", "0", "--log-format", "json"],
+        stderr=subprocess.PIPE, text=True)
+    try:
+        events = []
+        while not events or events[-1]["event"] != "broker_listening":
+            events.append(json.loads(serve.stderr.readline()))
+        (warning,) = [e for e in events if e["event"] == "secret_key_exposed"]
+        assert warning["mode"] == "0644" and "chmod 600" in warning["hint"], warning
+    finally:
+        serve.kill()
+        serve.wait()
