@@ -11,15 +11,13 @@ and prints homing/peer ratios. docs/BENCHMARKS.md has the method and a reference
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 import time
 from typing import Any
 
 SCENARIOS = ("throughput", "latency", "fanout", "connections", "catchup", "replay")
-
-
-def _ints(text: str) -> list[int]:
-    return [int(float(x)) for x in text.split(",") if x]
 
 
 def _positive_int(text: str) -> int:
@@ -32,6 +30,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(float(x)) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected whole numbers of at least 1, separated by commas, got {text!r}")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text!r}")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     """Add the `bench` subcommand to the `homing` parser."""
     p = sub.add_parser("bench", help="end-to-end benchmarks (docs/BENCHMARKS.md)",
@@ -39,36 +58,38 @@ def add_parser(sub: Any) -> None:
     p.add_argument("scenario", nargs="+", choices=(*SCENARIOS, "all"),
                    help="what to run; `all` runs every scenario")
     g = p.add_argument_group("load")
-    g.add_argument("--procs", type=int, default=4,
+    g.add_argument("--procs", type=_positive_int, default=4,
                    help="load-generator processes for senders/receivers (default %(default)s)")
-    g.add_argument("--senders", type=int, default=16)
-    g.add_argument("--receivers", type=int, default=16)
-    g.add_argument("--messages", type=int, default=200_000,
+    g.add_argument("--senders", type=_positive_int, default=16)
+    g.add_argument("--receivers", type=_positive_int, default=16)
+    g.add_argument("--messages", type=_positive_int, default=200_000,
                    help="throughput: messages in total (default %(default)s)")
-    g.add_argument("--pipeline", type=int, default=256,
+    g.add_argument("--pipeline", type=_positive_int, default=256,
                    help="sends in flight per sender connection (default %(default)s)")
-    g.add_argument("--rates", type=_ints, default=[1000, 5000, 20000],
+    g.add_argument("--rates", type=_positive_ints, default=[1000, 5000, 20000],
                    help="latency: comma-separated msg/s (default 1000,5000,20000)")
-    g.add_argument("--duration", type=float, default=10.0,
+    g.add_argument("--duration", type=_positive_float, default=10.0,
                    help="latency: seconds per rate (default %(default)s)")
-    g.add_argument("--subscribers", type=_ints, default=[10, 100, 1000],
+    g.add_argument("--subscribers", type=_positive_ints, default=[10, 100, 1000],
                    help="fanout: comma-separated channel sizes (default 10,100,1000)")
-    g.add_argument("--posts", type=int, default=20, help="fanout: posts per size")
-    g.add_argument("--interval", type=float, default=0.1,
+    g.add_argument("--posts", type=_positive_int, default=20, help="fanout: posts per size")
+    g.add_argument("--interval", type=_positive_float, default=0.1,
                    help="fanout: seconds between posts, at least K/1000 (default %(default)s)")
-    g.add_argument("--connections", type=int, default=10_000,
+    g.add_argument("--connections", type=_positive_int, default=10_000,
                    help="connections: idle connections to hold (default %(default)s)")
-    g.add_argument("--idle-procs", type=int, default=4, help="connections: processes holding them")
+    g.add_argument("--idle-procs", type=_positive_int, default=4,
+                   help="connections: processes holding them")
     g.add_argument("--no-connections-throughput", dest="connections_throughput",
                    action="store_false", help="connections: skip the throughput run on top")
-    g.add_argument("--catchup-messages", type=int, default=100_000)
-    g.add_argument("--replay-events", type=int, default=200_000)
-    g.add_argument("--timeout", type=float, default=600.0, help="seconds per phase before failing")
+    g.add_argument("--catchup-messages", type=_positive_int, default=100_000)
+    g.add_argument("--replay-events", type=_positive_int, default=200_000)
+    g.add_argument("--timeout", type=_positive_float, default=600.0,
+                   help="seconds per phase before failing")
     g.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
                    help="run each scenario N times, homing and each peer in turn, and report "
                         "the medians (default %(default)s; docs/BENCHMARKS.md, \"Repeated runs\")")
     b = p.add_argument_group("broker")
-    b.add_argument("--window", type=int, default=256, help="homing serve --window")
+    b.add_argument("--window", type=_positive_int, default=256, help="homing serve --window")
     b.add_argument("--pin", action="store_true",
                    help="run the server under test (homing or the peer) on the first half of "
                         "the CPUs and the load processes on the rest (Linux, at least 2 CPUs; "
@@ -112,6 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bench import placement, repeat, report
     from bench.disk import describe, synced_writes
 
+    _check_usage(args)
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     opts["placement"] = None
@@ -165,6 +187,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report.plot(args.plot, results)
         note(f"wrote {args.plot}")
     return 0
+
+
+def _check_usage(args: argparse.Namespace) -> None:
+    """Refuse, before anything runs, what would fail or be lost only at the end of a long run:
+    a peer URL that names no peer, two peers of one kind, an output file that cannot be written,
+    a plot without matplotlib. Raises the CLI's `usage` error."""
+    from bench import peers
+    from broker.cli import EXIT_USAGE, CliError
+
+    def usage(message: str) -> CliError:
+        return CliError(EXIT_USAGE, "usage", f"homing bench: {message}")
+
+    kinds = set()
+    for url in args.peer:
+        problem = peers.url_problem(url)
+        if problem:
+            raise usage(f"argument --peer: {problem}")
+        if peers.peer_name(url) in kinds:
+            raise usage(f"argument --peer: one peer of each kind, not two {peers.peer_name(url)}")
+        kinds.add(peers.peer_name(url))
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise usage(f"argument {option}: {path} is a folder; name the file to write")
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise usage(f"argument {option}: cannot write {path}: {folder} is not a folder "
+                        "this user may write to")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise usage("argument --plot: needs matplotlib: pip install 'homing[bench]' (or pip "
+                        "install matplotlib)") from None
 
 
 def _cpu_list(cpus: list[int]) -> str:

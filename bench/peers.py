@@ -35,21 +35,42 @@ from bench.placement import load_cpus, pinned, server_cpus
 FETCH = 256
 
 
+DEFAULT_PORTS = {"nats": 4222, "redis": 6379}  # what the clients' libraries assume too
+
+
 def peer_name(url: str) -> str:
     return urlsplit(url).scheme or url
 
 
+def url_problem(url: str) -> str | None:
+    """What makes `url` no peer URL at all (a usage error), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in DEFAULT_PORTS:
+        return f"{url!r}: the peer must be nats://HOST[:PORT] or redis://HOST[:PORT]"
+    try:
+        parts.port  # noqa: B018 - raises ValueError when it is out of range or not a number
+    except ValueError:
+        return f"{url!r}: the port must be a number from 1 to 65535"
+    return None
+
+
+def address(url: str) -> tuple[str, int]:
+    """The peer's host and port, the scheme's usual port when the URL names none."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORTS[parts.scheme]
+
+
 def unreachable(url: str) -> str | None:
     """Why `url` cannot be used, or None if a TCP connection to it succeeds."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("nats", "redis"):
-        return f"unknown peer scheme {parts.scheme!r} (nats:// or redis://)"
+    problem = url_problem(url)
+    if problem:
+        return problem
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), 2):
+        with socket.create_connection(address(url), 2):
             pass
     except OSError as exc:
         return str(exc)
-    module = "nats" if parts.scheme == "nats" else "redis"
+    module = peer_name(url)
     try:
         __import__(module)
     except ImportError:
@@ -103,7 +124,7 @@ def _run(url: str, opts: dict, messages: int, rate: float | None, label: str, pr
     specs = [(target, {"url": url, "tag": tag, "pipeline": opts["pipeline"],
                        "body_bytes": 200, "stamped": rate is not None, **job})
              for job in _jobs(opts, messages, rate, tag)]
-    pid = listening_pid(urlsplit(url).port or 0)
+    pid = listening_pid(address(url)[1])
     cpus = server_cpus(opts)
     if cpus is not None and pid is None:
         raise RuntimeError(f"--pin: cannot see the process listening for {url}, so it cannot "

@@ -612,4 +612,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m broker.cli`: run the imported module's main, so that the CliError raised by
+    # the commands kept in other modules (audit, bench) is the class main catches.
+    from broker.cli import main as imported_main
+
+    sys.exit(imported_main())

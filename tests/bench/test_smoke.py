@@ -49,3 +49,37 @@ def test_every_scenario_runs_and_reports_its_keys(tmp_path):
     _positive(env["disk"], "pages", "one_page_ms", "scattered_ms", "contiguous_ms")
     assert "scattered pages" in run.stdout
     assert doc["peers"]["redis"]["reachable"] is False
+
+
+def test_arguments_that_would_fail_late_are_usage_errors_at_once(tmp_path):
+    """Numbers out of range, a peer URL naming no peer, two peers of one kind and an output file
+    that cannot be written are refused before anything runs: the CLI's JSON usage error, exit
+    2. They used to crash with a traceback (--procs 0, --subscribers 0), to run nothing quietly
+    (--connections -5, --peer foo://x), or to lose a whole run at its end (--json into a
+    missing folder)."""
+    cases = [
+        (["throughput", "--procs", "0"], "--procs"),
+        (["fanout", "--subscribers", "10,0"], "--subscribers"),
+        (["latency", "--duration", "nan"], "--duration"),
+        (["connections", "--connections", "-5"], "--connections"),
+        (["throughput", "--peer", "foo://x"], "nats://HOST[:PORT] or redis://HOST[:PORT]"),
+        (["throughput", "--peer", "redis://127.0.0.1:99999"], "port"),
+        (["throughput", "--peer", "redis://a", "--peer", "redis://b:1"], "one peer of each kind"),
+        (["throughput", "--json", str(tmp_path / "missing" / "b.json")], "--json"),
+        (["throughput", "--plot", str(tmp_path)], "is a folder"),
+    ]
+    for argv, words in cases:
+        run = subprocess.run([sys.executable, "-m", "broker.cli", "bench", *argv],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2, (argv, run.stderr[-2000:])
+        error = json.loads(run.stderr.strip().splitlines()[-1])
+        assert error["error"] == "usage" and words in error["message"], (argv, error)
+        assert "==" not in run.stderr, argv  # nothing ran
+
+
+def test_a_peer_url_without_a_port_means_the_usual_one():
+    from bench import peers
+
+    assert peers.address("redis://127.0.0.1") == ("127.0.0.1", 6379)
+    assert peers.address("nats://example.org") == ("example.org", 4222)
+    assert peers.address("nats://[::1]:5222") == ("::1", 5222)
