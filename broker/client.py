@@ -279,6 +279,8 @@ class Client:
                 await trio.aclose_forcefully(stream)
             raise
         conn.max_frame_bytes = welcome.max_frame
+        if welcome.max_body is not None:  # a body past it is `invalid` here, without a trip
+            conn.max_body_bytes = welcome.max_body
         self.welcome, self.user = welcome, welcome.user
         self._last_rx = time.monotonic()
         self._stream, self._conn = stream, conn

@@ -41,7 +41,7 @@ class ShuttingDown(Exception):
 class Pending:
     """One submitted command, waiting for its durable outcome."""
 
-    __slots__ = ("command", "context", "done", "error", "event", "outcome")
+    __slots__ = ("also", "command", "context", "done", "error", "event", "outcome")
 
     def __init__(self, command: object, done: Done | None, context: Any = None) -> None:
         self.command = command
@@ -50,6 +50,7 @@ class Pending:
         self.outcome: Any = None
         self.error: BaseException | None = None
         self.event: trio.Event | None = None
+        self.also: list[Callable[[BaseException | None], None]] | None = None
 
     def finish(self, outcome: Any, error: BaseException | None) -> None:
         self.outcome, self.error = outcome, error
@@ -57,18 +58,24 @@ class Pending:
             self.done(self)
         if self.event is not None:
             self.event.set()
+        if self.also is not None:
+            failed = error or getattr(outcome, "error", None)
+            for callback in self.also:
+                callback(failed)
 
 
 class _Batch:
     """One batch on its way: submitted to the worker thread, then durable, then fanned out."""
 
-    __slots__ = ("acks", "call", "commands", "outcomes", "pending")
+    __slots__ = ("ack_pending", "acks", "call", "commands", "outcomes", "pending")
 
     def __init__(self, pending: list[Pending], commands: list[object],
-                 acks: list[tuple[tuple[str, str], int]], call: Call) -> None:
+                 acks: list[tuple[tuple[str, str], int]], ack_pending: list[Pending],
+                 call: Call) -> None:
         self.pending = pending
         self.commands = commands
         self.acks = acks  # ((user, device), upto) of the batch's acks
+        self.ack_pending = ack_pending  # their Pending, in the same order
         self.call = call
         self.outcomes: list[Any] = []
 
@@ -90,6 +97,8 @@ class Committer:
         self.ack_linger_s = ack_linger_s
         self._queue: list[Pending] = []
         self._acks: dict[tuple[str, str], Pending] = {}
+        # Each device's last ack queued or being committed, until it is durable.
+        self._last_acks: dict[tuple[str, str], Pending] = {}
         self._unsynced_acks: dict[tuple[str, str], int] = {}
         self._wake = trio.Event()
         self._closing = False
@@ -132,7 +141,25 @@ class Committer:
             queued.command = _merge_acks(queued.command, command)
             return
         pending = self.enqueue(command)
-        self._acks[key] = pending
+        self._acks[key] = self._last_acks[key] = pending
+
+    def when_acks_durable(self, user: str, device: str,
+                          callback: Callable[[BaseException | None], None]) -> None:
+        """Call `callback(None)` once every ack of the device queued so far is durable (now, if
+        none is waiting), or `callback(error)` if the commit that held the last one failed.
+        Batches commit in order, so the device's last ack is durable last."""
+        pending = self._last_acks.get((user, device))
+        if pending is None:
+            callback(None)
+        elif pending.also is None:
+            pending.also = [callback]
+        else:
+            pending.also.append(callback)
+
+    @property
+    def closing(self) -> bool:
+        """Whether `close` was called: commands are refused, acks dropped."""
+        return self._closing
 
     async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Commit batches until `close` was called and the queue is empty."""
@@ -190,16 +217,17 @@ class Committer:
     def _start(self, batch: list[Pending]) -> _Batch:
         """Hand `batch` to the worker thread; its acks are no longer open to merging."""
         acks = self._acks
-        batch_acks = []
+        batch_acks, ack_pending = [], []
         for p in batch:
             if isinstance(p.command, Ack):
                 key = (p.command.user, p.command.device)
                 batch_acks.append((key, p.command.upto))
+                ack_pending.append(p)
                 if acks.get(key) is p:
                     del acks[key]
         commands = [p.command for p in batch]
         call = self._thread.submit(self._store.execute, commands)
-        return _Batch(batch, commands, batch_acks, call)
+        return _Batch(batch, commands, batch_acks, ack_pending, call)
 
     async def _finish(self, started: _Batch) -> _Batch | None:
         """Wait for a started batch to be durable; None if it failed (its commands are told)."""
@@ -214,10 +242,13 @@ class Committer:
                     log.exception("commit_callback_failed")
             return None
         finally:
-            unsynced = self._unsynced_acks
-            for key, upto in started.acks:  # durable now, or lost with the batch (redelivered)
+            unsynced, last = self._unsynced_acks, self._last_acks
+            for p, (key, upto) in zip(started.ack_pending, started.acks, strict=True):
+                # durable now, or lost with the batch (redelivered)
                 if unsynced.get(key) == upto:
                     del unsynced[key]
+                if last.get(key) is p:
+                    del last[key]
         last = max((o.lsn for o in started.outcomes), default=0)
         if last > self.committed_lsn:
             self.committed_lsn = last

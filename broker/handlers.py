@@ -98,13 +98,26 @@ def on_send(session: Session, f: wire.Send) -> Any:
 
 
 def on_ack(session: Session, f: wire.Ack) -> None:
+    committer = session.broker.committer
+    if committer.closing:
+        if f.id is not None:
+            session.reply_error(f.id, wire.ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
+        return
     if not session.on_ack(f.upto):
         session.reply_error(f.id, wire.ErrorCode.INVALID,
                             f"cannot ack {f.upto}: the inbox ends at {session.head}")
-    else:
-        session.log.debug("ack_received", upto=f.upto)
-        if f.id is not None:
-            session.reply(wire.Ok(id=f.id, conv=None))
+        return
+    session.log.debug("ack_received", upto=f.upto)
+    if f.id is not None:  # `ok` once the device's acks are durable (PROTOCOL.md §5.2)
+        request_id = f.id
+
+        def answer(error: BaseException | None) -> None:
+            if error is None:
+                session.reply(wire.Ok(id=request_id, conv=None))
+            else:
+                session.reply_error(request_id, *wire_error(error))
+
+        committer.when_acks_durable(session.user, session.device, answer)
 
 
 def on_read(session: Session, f: wire.Read) -> Any:
@@ -185,7 +198,11 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     if _member(session, f.conv) is None:
         session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
         return
-    delivered, read = session.broker.store.receipts(f.conv, f.seq)
+    marks = session.broker.store.receipts(f.conv, f.seq)
+    if marks is None:
+        session.reply_error(f.id, wire.ErrorCode.NOT_FOUND, f"{f.conv} has no message {f.seq}")
+        return
+    delivered, read = marks
     session.reply(wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=delivered,
                                    read=read))
 

@@ -54,6 +54,10 @@ class Roster:
 IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
 OWN_ACK_DELAY_S = 0.25  # how long the durable ack of a device's own sends may wait
 ROSTER_CACHE_MAX = 50_000  # conversations whose member lists the broker keeps in memory
+LINGER_S = 1.0  # how long a connection we end waits for the peer's EOF (see _linger)
+LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and dropped meanwhile
+# Ends where the peer has stopped sending already: nothing to wait for.
+_NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROKEN)
 
 
 class Broker:
@@ -187,6 +191,9 @@ class Broker:
             if attached:
                 self._detach(session)
             session.ended()  # before the close: its fd number may be reused at once
+            if session.reason not in _NO_LINGER:
+                with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
+                    await _linger(stream)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await stream.aclose()
             session.log.info(
@@ -247,7 +254,8 @@ class Broker:
         session.reply(wire.Welcome(
             id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
             user=claims.user, time=int(time.time() * 1000), max_frame=max_frame,
-            heartbeat=cfg.heartbeat_s, acked=session.acked, head=session.head, caps=[]))
+            heartbeat=cfg.heartbeat_s, acked=session.acked, head=session.head, caps=[],
+            role=claims.role, max_body=cfg.max_body_bytes))
         session.conn.max_frame_bytes = max_frame
         session.log.info("connection_opened", role=claims.role, acked=session.acked,
                          head=session.head)
@@ -380,6 +388,24 @@ class Broker:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """We end this connection while the peer may still be sending: half-close it (after the
+    last frames, a closing error or bye, already written), then read and drop what comes until
+    the peer's EOF. Closing a socket with unread input resets the connection, and a reset can
+    make the peer's kernel throw away those last frames before the peer has read them."""
+    try:
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        left = LINGER_BYTES
+        while left > 0:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            left -= len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

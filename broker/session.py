@@ -42,10 +42,11 @@ class Session:
         self.conn_id = conn_id
         self.peer = peer
         cfg = broker.config
-        # Until welcome, frames of HELLO_MAX_FRAME_BYTES at most: a peer that never
-        # authenticates cannot make us hold --max-frame-bytes of its half-frame.
+        # Until welcome, frames of HELLO_MAX_FRAME_BYTES, whatever --max-frame-bytes says
+        # (PROTOCOL.md §3.2): a peer that never authenticates cannot make us hold more of its
+        # half-frame, and a valid hello is taken even by a broker of small frames.
         self.conn = wire.Connection(
-            wire.Role.SERVER, max_frame_bytes=min(cfg.max_frame_bytes, wire.HELLO_MAX_FRAME_BYTES),
+            wire.Role.SERVER, max_frame_bytes=wire.HELLO_MAX_FRAME_BYTES,
             max_body_bytes=cfg.max_body_bytes)
         self.log = broker.log.bind(conn=conn_id, peer=peer)
         self.user = ""
@@ -270,7 +271,9 @@ class Session:
                     while self.inflight > 0:
                         self.inflight_free = trio.Event()
                         await self.inflight_free.wait()
-                self.close(CloseReason.SHUTDOWN, wire.Bye(reason="shutdown"))
+                self.close(CloseReason.SHUTDOWN, wire.error_frame(
+                    wire.ErrorCode.SHUTTING_DOWN, "the broker is stopping; reconnect later",
+                    close=True))
             # Reader ended: flush what is queued (bounded), then stop the writer.
             self.close(self.reason or CloseReason.PEER_EOF)
             nursery.cancel_scope.deadline = trio.current_time() + FLUSH_ON_CLOSE_S

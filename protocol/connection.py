@@ -9,7 +9,8 @@ Error policy (PROTOCOL.md §6, §7): framing errors, frames illegal in the curre
 error before the handshake completes are fatal (state ERROR). Once OPEN, an unknown ``"t"``
 (UNKNOWN_TYPE) or a known type with a bad field (INVALID) is not: the frame is consumed, the
 `RemoteProtocolError` carries the frame's ``id`` if it had a valid one, and the caller replies
-with an ``error`` frame and goes on.
+with an ``error`` frame and goes on. A ``bye`` with an ill-typed ``reason`` is still a bye
+(without reason): the peer has stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .frames import (
     CLIENT_FRAMES,
     KNOWN_TYPES,
     SERVER_FRAMES,
+    Bye,
     Deliver,
     FieldError,
     Result,
@@ -163,7 +165,9 @@ class Connection:
         try:
             frame = self._decoders[t](d, self.max_body_bytes)
         except FieldError as exc:
-            raise self._invalid(d, t, str(exc)) from None
+            if t != "bye":
+                raise self._invalid(d, t, str(exc)) from None
+            frame = Bye()  # a bye ends the connection whatever its optional reason holds
         if t == "error" and frame.close:
             new = self._their_moves[ERROR_CLOSE]
         if new is not state:

@@ -317,6 +317,8 @@ class Welcome(NamedTuple):
     head: int
     caps: tuple[str, ...]
     id: int | None = None
+    role: str | None = None  # the token's role: "user", "service" or "admin"
+    max_body: int | None = None  # the largest message body the server accepts, in bytes
 
 
 class Result(NamedTuple):
@@ -481,7 +483,8 @@ _register(Bye, "bye", "cs", reason=f.text(0, f.MAX_REASON_CHARS))
 
 _register(Welcome, "welcome", "s", version=f.uint, session=_NAME, user=f.user_id, time=f.uint,
           max_frame=f.int_range(MIN_FRAME_LIMIT, MAX_FRAME_LIMIT), heartbeat=f.uint,
-          acked=f.uint, head=f.uint, caps=_CAPS, id=_ID)
+          acked=f.uint, head=f.uint, caps=_CAPS, id=_ID,
+          role=f.one_of("user", "service", "admin"), max_body=f.uint)
 _register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint, cid=f.cid,
           dup=f.boolean)
 _register(Ok, "ok", "s", id=_ID, conv=f.conv_id)

@@ -411,13 +411,14 @@ class Store:
                             "cid": ev.data["cid"], "ts": ev.ts_us, "lsn": ev.lsn})
         return out, more
 
-    def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str]]:
-        """Return (received, read): members other than the sender of `seq` whose marks reach it."""
+    def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str]] | None:
+        """Return (received, read): members other than the sender of `seq` whose marks reach it;
+        None when `conv` has no message `seq`."""
         prefix = conv.encode() + b"\0"
         with self._env.read() as txn:
             lsn = txn.get(prefix + pack_u64(seq), db=self._dbs["msg"])
             if lsn is None:
-                return [], []
+                return None
             sender = decode_body(txn.get(lsn, db=self._dbs["log"])[32:]).user
             tables = TxnTables(txn, self._dbs)
             members = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}

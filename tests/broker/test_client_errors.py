@@ -55,6 +55,21 @@ async def test_a_request_our_checks_refuse_raises_invalid_at_once(tmp_path):
             assert shop.reconnects == 0
 
 
+async def test_welcome_names_the_role_and_the_body_limit_and_the_sdk_checks_it(tmp_path):
+    """welcome carries the token's role and the broker's body limit; the SDK refuses a body
+    past that limit itself (`invalid`, nothing sent) and takes one up to it."""
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d", max_body_bytes=100) as h, \
+                h.client("shop", role="service") as shop:
+            assert (shop.welcome.role, shop.welcome.max_body) == ("service", 100)
+            sent = h.broker.hub.sessions("shop")[0].frames_in
+            with pytest.raises(ClientError) as refused:
+                await shop.send("x" * 101, to="bob")
+            assert refused.value.name == "invalid" and "'body'" in refused.value.message
+            assert h.broker.hub.sessions("shop")[0].frames_in == sent  # never sent
+            assert (await shop.send("x" * 100, to="bob")).seq == 1
+
+
 async def test_a_bad_request_made_while_disconnected_fails_after_the_reconnect(tmp_path):
     """A request queued while the broker was down is checked when it is sent on the next
     connection: it raises "invalid", and the client does not reconnect over and over."""

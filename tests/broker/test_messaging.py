@@ -175,6 +175,12 @@ async def test_receipts_are_pushed_live_and_queryable(harness):
         await push_of(hq, type(_receipt()), user="store-2", delivered=r.seq)
         info = await s2.receipts(conv, r.seq)
         assert (set(info.delivered), info.read) == ({"store-1", "store-2"}, ("store-1",))
+        # A seq the channel has no message of is not_found (it used to be two empty lists,
+        # as if nobody had it yet).
+        for seq in (0, r.seq + 1):
+            with pytest.raises(ClientError) as info:
+                await hq.receipts(conv, seq)
+            assert info.value.name == "not_found" and f"no message {seq}" in str(info.value)
 
 
 def _receipt():

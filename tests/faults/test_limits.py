@@ -326,6 +326,25 @@ async def test_connections_before_hello_are_bounded_in_number_and_frame_size(tmp
             tally.add("limit: frames and connections before hello", 2)
 
 
+async def test_a_broker_of_small_frames_takes_any_valid_hello(tmp_path, tally):
+    """A hello may be HELLO_MAX_FRAME_BYTES whatever the broker's own max_frame (§3.2): one of
+    1.3 KiB (16 caps of 64 characters) is welcomed by a broker of 1,024-byte frames. It was
+    refused with too_large."""
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data", max_frame_bytes=1024, max_body_bytes=64) as h:
+        with trio.fail_after(30):
+            c = RawClient(await trio.open_tcp_stream("127.0.0.1", h.broker.port))
+            hello = wire.Hello(versions=(1,), token=h.token("alice"), device="d" * 64, id=0,
+                               caps=tuple(f"{i:02d}" + "c" * 62 for i in range(16)))
+            assert len(wire.Connection(wire.Role.CLIENT).send(hello)) > 1024 + 4
+            await c.send(hello)
+            welcome = await c.next()
+            assert isinstance(welcome, wire.Welcome) and welcome.max_frame == 1024, welcome
+            await c.stream.aclose()
+            tally.add("limit: a long hello to a broker of small frames")
+
+
 async def test_typing_notices_past_the_users_rate_are_dropped(tmp_path, tally):
     """--typing-rate bounds the typing notices a user makes reach others (the rest are dropped,
     as typing is ephemeral), so one member cannot flood the others off as slow consumers."""

@@ -249,3 +249,72 @@ async def test_a_slow_consumer_is_told_why_before_it_is_closed(tmp_path, tally):
                 assert last.close
                 tally.add("a slow consumer told why")
                 await reader.aclose()
+
+
+async def test_the_ok_of_an_ack_means_it_is_durable_and_seen(harness, tally):
+    """An ack with an id is answered `ok` once it is durable (PROTOCOL.md §5.2), so a
+    `receipts` asked right after the `ok` lists the device's user as having the message. The
+    `ok` used to come before the commit: `receipts` did not list them yet."""
+    with trio.fail_after(20):
+        alice = await RawClient.connect(harness.server, harness.token("alice"), "a")
+        bob = await RawClient.connect(harness.server, harness.token("bob"), "b")
+        for round_ in range(1, 6):
+            await alice.send(wire.Send(id=round_, cid=f"c{round_}", body="hi", to="bob"))
+            conv = (await replies(alice, [round_]))[round_].conv
+            while not isinstance(f := await bob.next(), wire.Deliver):
+                pass
+            await bob.send(wire.Ack(upto=f.inbox_seq, id=100 + round_))
+            ok = (await replies(bob, [100 + round_]))[100 + round_]
+            assert isinstance(ok, wire.Ok), ok
+            await bob.send(wire.Receipts(id=200 + round_, conv=conv, seq=f.seq))
+            got = (await replies(bob, [200 + round_]))[200 + round_]
+            assert "bob" in got.delivered, (round_, got)
+        # Acks that move nothing are answered at once, and an ack of a cursor already durable.
+        await bob.send(wire.Ack(upto=1, id=300))
+        assert isinstance((await replies(bob, [300]))[300], wire.Ok)
+        for c in (alice, bob):
+            await c.aclose()
+        tally.add("ack ok after durable", 5)
+
+
+async def test_a_shutdown_ends_busy_connections_without_a_reset(tmp_path, tally):
+    """A client still writing when the broker stops gets the closing error `shutting_down`,
+    then a clean end of stream: the broker half-closes and reads what is still coming before it
+    closes. Closing with unread input used to reset the connection, and a reset may make the
+    client's kernel drop the last frames (results, the error) before the client reads them."""
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data") as h:
+        with trio.fail_after(30):
+            sock = trio.socket.socket()
+            await sock.connect(("127.0.0.1", h.broker.port))
+            c = RawClient(None)
+            await sock.send(c.conn.send(wire.Hello(versions=(1,), token=h.token("alice"),
+                                                   device="d", id=0)))
+            c.conn.max_frame_bytes = wire.DEFAULT_MAX_FRAME_BYTES
+            pings = b"".join(wire.encode_frame(wire.to_wire(wire.Ping(id=i)))
+                             for i in range(1, 200))
+            closing, ended = None, False
+
+            async def keep_writing():
+                while closing is None:
+                    try:
+                        await sock.send(pings)
+                    except OSError:
+                        return
+                    await trio.sleep(0.001)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(keep_writing)
+                await trio.sleep(0.2)
+                h.broker.shutdown()
+                while not ended:
+                    data = await sock.recv(65536)  # a reset raises ConnectionResetError here
+                    ended = not data
+                    c.conn.receive_data(data)
+                    while (f := c.conn.next_event()) not in (wire.NEED_DATA, wire.CLOSED):
+                        if isinstance(f, wire.Error) and f.close:
+                            closing = f
+            sock.close()
+            assert closing is not None and closing.name == "shutting_down", closing
+            tally.add("shutdown: closing error, then a clean end of stream")

@@ -91,6 +91,16 @@ def test_nothing_after_bye(sender):
     assert info.value.fatal and b.state is State.ERROR
 
 
+@pytest.mark.parametrize("reason", ["x" * 257, 5, b"bytes", ["a"]])
+def test_a_bye_with_an_ill_typed_reason_is_still_a_bye(reason):
+    """A bye ends the connection whatever its optional reason holds: the peer has stopped
+    sending, and answering `invalid` would leave the connection half open (it used to)."""
+    pair = ConnectionPair().open()
+    pair.server.receive_data(encode_frame({"t": "bye", "reason": reason}))
+    assert pair.server.next_event() == Bye()
+    assert pair.server.state is State.CLOSED
+
+
 def test_eof_after_bye_is_closed():
     """EOF with nothing pending gives CLOSED, repeatedly."""
     pair = ConnectionPair().open()
