@@ -37,8 +37,12 @@ import trio
 import protocol as wire
 
 DEFAULT_SERVER = "127.0.0.1:7717"
-RETRYABLE = frozenset({"shutting_down", "timeout"})  # refusals worth reconnecting after
+# Refusals worth reconnecting after: the broker stopping, a timeout, a connection limit (its
+# handshake slots are full while many clients reconnect at once, or too many connections).
+RETRYABLE = frozenset({"shutting_down", "timeout", "limit_exceeded"})
 DEAD_AFTER_HEARTBEATS = 3
+CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome
+STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, not at once
 
 _last_cid_ns = 0
 
@@ -74,6 +78,11 @@ class ConnectionLost(Exception):
 class NotTrusted(ConnectionLost):
     """The broker's TLS certificate failed verification against our context: retrying would
     not change that, so the client stops at once (a wrong --tls-ca, or a broker to distrust)."""
+
+
+class ClientClosed(ConnectionLost):
+    """The client was closed (its `open_client` block ended): a request made after that, or
+    still waiting for its answer then, raises this. It may have reached the broker."""
 
 
 class Replaced(ConnectionLost):
@@ -135,6 +144,8 @@ class Client:
         """Send the frame `make(id)` and return its reply; raise its error. `done_if_resent`
         names the refusal that, for a request resent after a reconnect, means its first try
         took effect (the reply is then None)."""
+        if self._closed:
+            raise ClientClosed("the client is closed")
         rid = next(self._ids)
         req = _Request(make(rid), resend)
         self._pending[rid] = req
@@ -155,6 +166,8 @@ class Client:
         it was written to a connection (the broker may have it, even if the write failed)."""
         if self._fatal is not None:
             raise self._fatal
+        if self._closed:
+            raise ClientClosed("the client is closed")
         if self._stream is None or self._conn is None:
             return False
         try:
@@ -165,10 +178,15 @@ class Client:
             return False  # bye or a closing error came: the connection is done; resent later
         stream = self._stream
         async with self._send_lock:
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass  # the reader notices, reconnects and resends
+            # Whole or not at all: a cancel in the middle of the write would leave half a
+            # frame on the stream, and the broker would take what follows as the rest of it.
+            # A cancel takes effect once the frame is out; a write that cannot finish ends with
+            # the connection (the heartbeat closes a dead one, and this write with it).
+            with trio.CancelScope(shield=True):
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass  # the reader notices, reconnects and resends
         return True
 
     async def send(self, body: str | bytes, *, to: str | None = None, conv: str | None = None,
@@ -178,10 +196,20 @@ class Client:
         return await self._request(lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
 
     async def ack(self, upto: int) -> None:
-        """Acknowledge deliveries up to inbox_seq `upto` (cumulative)."""
+        """Acknowledge deliveries up to inbox_seq `upto` (cumulative). An `upto` beyond the
+        inbox entries this client knows of (the deliveries it had, the inbox head at welcome)
+        raises ClientError "invalid": an ack past them would skip the deliveries still to come
+        (an `inbox_seq` mixed up with a conversation's `seq`, say)."""
+        if self._closed:
+            raise ClientClosed("the client is closed")
+        known = max(self._yielded, self.welcome.head if self.welcome is not None else 0)
+        if not 0 <= upto <= known:
+            raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                              f"ack: cannot ack {upto}: the last inbox entry this client "
+                              f"knows of is {known}")
         if upto > self._acked:
-            self._acked = upto
             await self._write_frame(wire.Ack(upto=upto))
+            self._acked = max(self._acked, upto)
 
     async def read(self, conv: str, upto: int) -> None:
         """Mark `conv` read up to conv seq `upto`."""
@@ -245,11 +273,20 @@ class Client:
         return self._deliveries
 
     async def next_push(self) -> Any:
-        """The next receipt, status or typing push (the oldest are dropped past `max_pushes`)."""
+        """The next receipt, status or typing push (the oldest are dropped past `max_pushes`).
+        Once the client stopped and the pushes received are taken, raises what stopped it
+        (ClientClosed after a close)."""
         while not self._pushes:
-            self._push_event = trio.Event()
-            await self._push_event.wait()
+            if self._fatal is not None:
+                raise self._fatal
+            if self._closed:
+                raise ClientClosed("the client is closed")
+            await self._push_event.wait()  # several tasks may wait: each wakes, one takes it
         return self._pushes.popleft()
+
+    def _wake_push_waiters(self) -> None:
+        self._push_event.set()
+        self._push_event = trio.Event()
 
     # -- the connection -------------------------------------------------------------------------
 
@@ -264,19 +301,29 @@ class Client:
                 versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device))
         except wire.LocalProtocolError as exc:  # a malformed token or device name
             raise _refusal(exc) or exc from None
-        stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+        limit = CONNECT_TIMEOUT_S
+        if self.reconnect_timeout is not None:
+            limit = max(0.5, min(limit, self.reconnect_timeout))
+        stream: trio.abc.Stream | None = None
         try:
-            if self.tls is not None:
-                stream = trio.SSLStream(stream, self.tls, server_hostname=self.host)
-            await stream.send_all(hello)
-            welcome = await _next_frame(stream, conn)
+            # A broker that accepts but never answers (stopped with SIGSTOP, a balancer with no
+            # backend behind it) must not hold the attempt, and the reconnect timeout, for ever.
+            with trio.fail_after(limit):
+                stream = await trio.open_tcp_stream(self.host, self.port)
+                if self.tls is not None:
+                    stream = trio.SSLStream(stream, self.tls, server_hostname=self.host)
+                await stream.send_all(hello)
+                welcome = await _next_frame(stream, conn)
             if isinstance(welcome, wire.Error):
                 raise ClientError(welcome.code, welcome.name, welcome.message)
             if not isinstance(welcome, wire.Welcome):
                 raise ConnectionLost(f"expected welcome, got {type(welcome).__name__}")
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
+        except BaseException as exc:
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio.TooSlowError):
+                raise ConnectionLost(f"no welcome within {limit:g} s") from None
             raise
         conn.max_frame_bytes = welcome.max_frame
         if welcome.max_body is not None:  # a body past it is `invalid` here, without a trip
@@ -285,27 +332,34 @@ class Client:
         self._last_rx = time.monotonic()
         self._stream, self._conn = stream, conn
         self._yielded = max(self._yielded, welcome.acked)
-        async with self._send_lock:
-            out = []
-            if self._acked > welcome.acked:
-                out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
-            for req in sorted(self._pending.values(), key=lambda r: r.frame.id):
-                if req.resend:
-                    req.resent, req.sent = req.sent, True
-                    try:
-                        out.append(conn.send(req.frame))
-                    except wire.LocalProtocolError as exc:  # made while we were disconnected
-                        req.error = _refusal(exc) or exc
-                        req.event.set()
-            if out:
-                await stream.send_all(b"".join(out))
+        try:
+            async with self._send_lock:
+                out = []
+                if self._acked > welcome.acked:
+                    out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
+                for req in sorted(self._pending.values(), key=lambda r: r.frame.id):
+                    # Resent if safe to repeat; sent if never sent (made while disconnected).
+                    if req.resend or not req.sent:
+                        req.resent, req.sent = req.sent, True
+                        try:
+                            out.append(conn.send(req.frame))
+                        except wire.LocalProtocolError as exc:  # made while disconnected
+                            req.error = _refusal(exc) or exc
+                            req.event.set()
+                if out:
+                    await stream.send_all(b"".join(out))
+        except BaseException:  # cancelled, or the new connection broke: do not keep it
+            self._stream = self._conn = None
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            raise
         self.connected.set()
 
     def _dropped(self) -> None:
         self._stream = self._conn = None
         self.connected = trio.Event()
         for req in list(self._pending.values()):
-            if not req.resend:
+            if not req.resend and req.sent:  # one never sent is sent on the next connection
                 req.error = ConnectionLost("the connection dropped before the broker answered")
                 req.event.set()
 
@@ -331,6 +385,18 @@ class Client:
         return None
 
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, serve the connection, reconnect, until closed or refused for good. However
+        it ends (cancelled before open_client could hand the client over, say), the connection
+        it holds is closed."""
+        try:
+            await self._connections(task_status)
+        finally:
+            stream, self._stream, self._conn = self._stream, None, None
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
+
+    async def _connections(self, task_status) -> None:
         delay, started, first = 0.05, time.monotonic(), True
         while not self._closed:
             try:
@@ -354,7 +420,7 @@ class Client:
             if first:
                 task_status.started()
                 first = False
-            delay, started = 0.05, time.monotonic()
+            started = time.monotonic()
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeat, self.welcome.heartbeat)
@@ -370,6 +436,14 @@ class Client:
                 self._fail(ConnectionLost("the connection dropped"))
                 return
             self.reconnects += 1
+            if time.monotonic() - started < STABLE_AFTER_S:
+                # It ended soon after it opened (a closing error right after welcome, say):
+                # back off as after a failed attempt, rather than reconnect in a tight loop.
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 2.0)
+            else:
+                delay = 0.05
+            started = time.monotonic()
             started = time.monotonic()
 
     async def _heartbeat(self, every: int) -> None:
@@ -402,10 +476,12 @@ class Client:
                     await self._deliveries_in.send(frame)
             elif isinstance(frame, wire.Receipt | wire.Status | wire.TypingNotice):
                 self._pushes.append(frame)
-                self._push_event.set()
+                self._wake_push_waiters()
             elif isinstance(frame, wire.Error):
                 if frame.close:
-                    if frame.name in ("unauthorized", "unsupported_version"):
+                    # too_large: a delivery above the broker's own max_frame (the SDK asks for
+                    # no less), which a reconnect would meet again at once.
+                    if frame.name in ("unauthorized", "unsupported_version", "too_large"):
                         self._fail(ClientError(frame.code, frame.name, frame.message))
                     return
                 req = self._pending.get(frame.id) if frame.id is not None else None
@@ -426,17 +502,34 @@ class Client:
             req.error = exc
             req.event.set()
         self._deliveries_in.close()
+        self._wake_push_waiters()
         self.connected.set()
 
     async def aclose(self) -> None:
-        """Say bye, close the connection, and end the deliveries quietly (not as a failure)."""
+        """Say bye, close the connection, and end the deliveries quietly (not as a failure);
+        requests still waiting, and any made later, raise ClientClosed."""
+        if self._closed:
+            return
         self._closed = True
-        if self._fatal is None and self._stream is not None and self._conn is not None:
+        stream, conn = self._stream, self._conn
+        self._stream = self._conn = None
+        if self._fatal is None and stream is not None and conn is not None:
             with trio.move_on_after(1):
-                await self._write_frame(wire.Bye(reason="client closing"))
-        if self._stream is not None:
-            await trio.aclose_forcefully(self._stream)
+                try:
+                    data = conn.send(wire.Bye(reason="client closing"))
+                    async with self._send_lock:
+                        await stream.send_all(data)
+                except (wire.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                        OSError):
+                    pass
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+        for req in list(self._pending.values()):
+            if req.error is None and req.reply is None:
+                req.error = ClientClosed("the client was closed before the broker answered")
+                req.event.set()
         self._deliveries_in.close()
+        self._wake_push_waiters()
 
 
 class Deliveries:
@@ -529,7 +622,6 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:
-    """The one exception inside (nested) single-member groups, or the group itself."""
-    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
-        group = group.exceptions[0]
-    return group
+    """The one exception inside our nursery's group, or the group itself. Only that one level:
+    a group the caller's own code raised inside the block comes out as it was raised."""
+    return group.exceptions[0] if len(group.exceptions) == 1 else group
