@@ -425,9 +425,22 @@ async def do_receipts(client, args) -> None:
     emit({"conv": r.conv, "seq": r.seq, "delivered": list(r.delivered), "read": list(r.read)})
 
 
+async def do_ack(client, args) -> None:
+    await client.ack(args.upto)
+    await client.ping()  # the ack reached the broker before we close
+    emit({"acked": args.upto})
+
+
 async def do_history(client, args) -> None:
-    page = await client.history(args.conv, before=args.before, limit=args.limit, order="newest")
-    for m in reversed(page.messages):
+    if args.after is not None:  # the page right after it, in order
+        page = await client.history(args.conv, after=args.after, limit=args.limit,
+                                    order="oldest")
+        messages = page.messages
+    else:  # the latest page (before --before), printed oldest first
+        page = await client.history(args.conv, before=args.before, limit=args.limit,
+                                    order="newest")
+        messages = tuple(reversed(page.messages))
+    for m in messages:
         emit({"conv": args.conv, "seq": m.seq, "from": m.sender, **body_fields(m.body),
               "cid": m.cid, "ts": m.ts, "lsn": m.lsn})
 
@@ -545,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     snd.add_argument("text", nargs="?")
 
     lst = client("listen", "print deliveries (and ack them)", do_listen)
-    lst.add_argument("--count", type=int, help="stop after N deliveries")
+    lst.add_argument("--count", type=_COUNT, help="stop after N deliveries")
     lst.add_argument("--timeout", type=_SECONDS,
                      help="stop after SECONDS with nothing arriving")
     lst.add_argument("--no-ack", action="store_true", help="print without acking")
@@ -572,12 +585,17 @@ def build_parser() -> argparse.ArgumentParser:
     rd = client("read", "mark a conversation read up to a seq", do_read)
     rd.add_argument("--conv", required=True)
     rd.add_argument("--upto", type=int, required=True)
+    ack = client("ack", "ack this device's deliveries up to an inbox_seq", do_ack)
+    ack.add_argument("--upto", type=int, required=True,
+                     help="inbox_seq (as `listen --no-ack` printed it): acks it and all before")
     rc = client("receipts", "who received and who read a message", do_receipts)
     rc.add_argument("--conv", required=True)
     rc.add_argument("--seq", type=int, required=True)
     hs = client("history", "print a conversation's messages, oldest first", do_history)
     hs.add_argument("--conv", required=True)
-    hs.add_argument("--before", type=int)
+    page = hs.add_mutually_exclusive_group()
+    page.add_argument("--before", type=int, help="the messages before this seq (the latest ones)")
+    page.add_argument("--after", type=int, help="the messages right after this seq")
     hs.add_argument("--limit", type=int, default=50)
     client("presence", "which members are online", do_presence).add_argument("conv")
 

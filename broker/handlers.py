@@ -195,8 +195,14 @@ def _page_that_fits(session: Session, f: wire.History, messages: list[dict],
 
 
 def on_receipts(session: Session, f: wire.Receipts) -> None:
-    if _member(session, f.conv) is None:
+    role = _member(session, f.conv)
+    if role is None:
         session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        return
+    if f.conv.startswith("chn:") and role not in ("owner", "admin") and session.role != "service":
+        # As for the receipt pushes: a subscriber is not told which other subscribers have it.
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN,
+                            "in a channel, only its owners, admins and services see receipts")
         return
     marks = session.broker.store.receipts(f.conv, f.seq)
     if marks is None:

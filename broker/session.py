@@ -10,6 +10,7 @@ stalled device costs its window and its bounded queue, never the broker's memory
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -145,13 +146,22 @@ class Session:
         if written < len(data):
             self.out.appendleft(data[written:])
             self.out_bytes += len(data) - written
+            unwritten = sum(1 for end in itertools.accumulate(map(len, chunks)) if end > written)
+            if unwritten > self.broker.config.max_pending_pushes:
+                self.slow_consumer()  # its socket would not take the burst: it is not reading
+                return
             self._wake.set()
 
     def push_nowait(self, data: bytes) -> None:
-        """Queue an encoded push frame; close the session as a slow consumer if it overflows."""
+        """Queue an encoded push frame; close the session as a slow consumer if it overflows.
+
+        During a commit's fan-out nothing is written until its end, so a burst (the receipts
+        of hundreds of members reading one post in the same commit) may pass the limit there:
+        it is checked after the fan-out's write (`flush_now`), against what the socket did not
+        take. A burst is at most a few per command of the batch, so it is bounded too."""
         if self._closing:
             return
-        if len(self.out) >= self.broker.config.max_pending_pushes:
+        if len(self.out) >= self.broker.config.max_pending_pushes and not self.broker.deferring:
             self.slow_consumer()
             return
         self.out.append(data)

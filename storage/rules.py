@@ -86,6 +86,9 @@ def _conv(tables: Tables, conv: object) -> dict[str, Any] | None:
     return None if raw is None else decode(raw)
 
 
+MANAGERS = ("owner", "admin")  # the roles that invite
+
+
 def _role(tables: Tables, conv: str, user: str) -> str | None:
     raw = tables.member[key2(conv, user)]
     return None if raw is None else raw.decode()
@@ -123,6 +126,8 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
     first = tables.idem[key2(cmd.user, cid)]
     if first is not None:
         conv, seq, lsn = decode_idem(first)
+        if _asked_conv(cmd) != conv:  # a cid names one message: not one in another conv
+            raise Conflict(f"cid {cid!r} already names message {seq} of {conv}")
         return [], {"conv": conv, "seq": seq, "lsn": lsn, "cid": cid, "dup": True}
     events: list[EventData] = []
     if cmd.to is not None:
@@ -133,6 +138,16 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
     data = {"conv": conv, "cid": cid, "body": cmd.body}
     events.append(_ev(now_us, cmd, r.MESSAGE_ACCEPTED, data))
     return events, {"conv": conv, "seq": None, "lsn": None, "cid": cid, "dup": False}
+
+
+def _asked_conv(cmd: c.SendMessage) -> str | None:
+    """The conversation a send names: its conv, or the direct one with `to` (None if `to` is
+    no one it could write to)."""
+    if cmd.conv is not None:
+        return cmd.conv
+    if not valid_id(cmd.to) or cmd.to == cmd.user:
+        return None
+    return direct_conv(cmd.user, cmd.to)
 
 
 def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list) -> str:
@@ -241,6 +256,12 @@ def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decisio
     info = _member_conv(tables, cmd)
     if info["kind"] == "direct":
         raise Invalid("cannot leave a direct conversation")
+    if _role(tables, cmd.conv, cmd.user) in MANAGERS:
+        rows = tables.range("member", cmd.conv.encode() + b"\0")
+        others = [role for key, role in rows if key != key2(cmd.conv, cmd.user)]
+        if others and not any(role.decode() in MANAGERS for role in others):
+            raise Conflict("the last owner or admin cannot leave while members remain: nobody "
+                           "could invite any more (invite someone as admin first)")
     return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.user})], {
         "conv": cmd.conv}
 

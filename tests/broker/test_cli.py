@@ -65,6 +65,28 @@ def test_scripted_scenario(broker):
     assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "unauthorized"
 
 
+def test_a_script_acks_what_it_handled_and_pages_history_forward(broker):
+    """`listen --no-ack` then `ack --upto` once handled: nothing comes again. `history --after`
+    pages forward. A cid reused for another conversation is `conflict`, not a `dup` of the
+    other message. `listen --count 0` is a usage error."""
+    shop, bob = as_user(broker, "shop"), as_user(broker, "bob")
+    for i in range(5):
+        homing("send", "--to", "bob", "--cid", f"n{i}", f"note {i}", env=shop)
+    seen = lines(homing("listen", "--count", "3", "--no-ack", "--timeout", "5", env=bob))
+    assert lines(homing("ack", "--upto", str(seen[-1]["inbox_seq"]), env=bob)) == [
+        {"acked": seen[-1]["inbox_seq"]}]
+    rest = lines(homing("listen", "--timeout", "1", env=bob))
+    assert [d["body"] for d in rest] == ["note 3", "note 4"]
+    conv = seen[0]["conv"]
+    forward = lines(homing("history", "--conv", conv, "--after", "1", "--limit", "2", env=bob))
+    assert [m["seq"] for m in forward] == [2, 3]
+    assert lines(homing("history", "--conv", conv, "--after", "5", env=bob)) == []
+    reused = homing("send", "--to", "carol", "--cid", "n0", "for carol", env=shop, check=False)
+    assert reused.returncode == 1 and json.loads(reused.stderr)["error"] == "conflict"
+    bad = homing("listen", "--count", "0", env=bob, check=False)
+    assert bad.returncode == 2 and json.loads(bad.stderr)["error"] == "usage"
+
+
 def test_resume_across_a_broker_sigkill(broker):
     """After SIGKILL and restart, acked messages stay acked and unacked ones come again."""
     shop, bob = as_user(broker, "shop"), as_user(broker, "bob")

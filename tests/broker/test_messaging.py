@@ -173,8 +173,12 @@ async def test_receipts_are_pushed_live_and_queryable(harness):
         (d2,) = await recv(s2)
         await s2.ack(d2.inbox_seq)
         await push_of(hq, type(_receipt()), user="store-2", delivered=r.seq)
-        info = await s2.receipts(conv, r.seq)
+        info = await hq.receipts(conv, r.seq)
         assert (set(info.delivered), info.read) == ({"store-1", "store-2"}, ("store-1",))
+        # A subscriber is not told which other stores have it, by push or by asking.
+        with pytest.raises(ClientError) as refused:
+            await s2.receipts(conv, r.seq)
+        assert refused.value.name == "forbidden" and "channel" in refused.value.message
         # A seq the channel has no message of is not_found (it used to be two empty lists,
         # as if nobody had it yet).
         for seq in (0, r.seq + 1):

@@ -384,3 +384,28 @@ async def test_reconnecting_does_not_refill_the_users_send_rate(tmp_path, tally)
                 await c.aclose()
             assert 10 <= accepted <= 15, accepted
             tally.add("limit: sends per user across reconnects", 50 - accepted)
+
+
+async def test_a_burst_of_receipts_in_one_commit_is_no_slow_consumer(tmp_path, tally):
+    """Head office reads promptly; 150 stores mark its notice read in the same commit, which
+    makes 300 receipts for it (delivered and read) in one fan-out, past --max-pending-pushes
+    (50). They are written at the end of the fan-out, and the socket takes them: no
+    slow_consumer. It used to be closed as one, losing the receipts, while it was reading."""
+    from storage.commands import MarkRead
+    from tests.harness import running_broker
+
+    stores = [f"store-{i:03d}" for i in range(150)]
+    async with running_broker(tmp_path / "data", max_pending_pushes=50) as h:
+        with trio.fail_after(30):
+            async with h.client("hq", role="service") as hq:
+                conv = await hq.create_channel("notices", stores)
+                seq = (await hq.send("Inventory count on Monday", conv=conv)).seq
+                for store in stores:  # queued at once: one batch, one fan-out
+                    h.broker.committer.enqueue(MarkRead(store, "d1", "user", conv, seq))
+                read = set()
+                while len(read) < len(stores):
+                    push = await hq.next_push()
+                    if isinstance(push, wire.Receipt) and push.read == seq:
+                        read.add(push.user)
+                assert hq.reconnects == 0
+                tally.add("limit: a burst of receipts to a reading client", 300)

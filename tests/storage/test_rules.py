@@ -48,12 +48,19 @@ def test_send_to_self_is_invalid(store):
 
 
 def test_repeated_cid_is_idempotent(store):
-    """A repeated (user, cid) returns the first result with dup=True and appends nothing."""
+    """A repeated (user, cid) to the same conversation returns the first result with dup=True
+    and appends nothing; the same cid for another conversation is a Conflict (it used to be
+    answered with the first message's result as a dup, and the message was lost)."""
     first = one(store, send("bob", "c1", to="alice"))
+    conv = group(store, "bob", members=("carol",))
     lsn = store.last_lsn()
-    outs = store.execute([send("bob", "c1", "other", to="alice"), send("bob", "c1", to="carol")])
+    outs = store.execute([send("bob", "c1", "other", to="alice"),
+                          send("bob", "c1", conv="dm:alice:bob")])
     for out in outs:
         assert out.reply == {**first.reply, "dup": True}
+    for other in (send("bob", "c1", to="carol"), send("bob", "c1", conv=conv)):
+        refused = one(store, other).error
+        assert isinstance(refused, Conflict) and "dm:alice:bob" in str(refused)
     assert store.last_lsn() == lsn
 
 
@@ -154,6 +161,21 @@ def test_leave_and_removed_from_messages(store):
     assert isinstance(one(store, send("bob", "m", conv=conv)).error, Forbidden)
     assert isinstance(one(store, Leave("bob", "d1", "user", conv)).error, Forbidden)
     assert store.user_convs("bob") == []
+
+
+def test_the_last_owner_or_admin_cannot_leave_members_behind(store):
+    """An owner leaving a group of members with no admin would leave nobody able to invite:
+    Conflict (it was allowed, and the group could never be managed again). With an admin left,
+    or as the last member, they may leave."""
+    conv = group(store, "shop", members=("courier", "customer"))
+    refused = one(store, Leave("shop", "d1", "user", conv)).error
+    assert isinstance(refused, Conflict) and "invite someone as admin" in str(refused)
+    assert one(store, Invite("shop", "d1", "user", conv, "ops", "admin")).error is None
+    assert one(store, Leave("shop", "d1", "user", conv)).error is None
+    assert isinstance(one(store, Leave("ops", "d1", "user", conv)).error, Conflict)
+    for member in ("courier", "customer"):
+        assert one(store, Leave(member, "d1", "user", conv)).error is None
+    assert one(store, Leave("ops", "d1", "user", conv)).error is None  # the last one
 
 
 def test_ack_rules_and_receipts(store):
