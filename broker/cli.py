@@ -445,6 +445,12 @@ async def do_history(client, args) -> None:
               "cid": m.cid, "ts": m.ts, "lsn": m.lsn})
 
 
+async def do_members(client, args) -> None:
+    m = await client.members(args.conv)
+    emit({"conv": m.conv, "kind": m.kind, "name": m.name, "owners": list(m.owners),
+          "admins": list(m.admins), "members": list(m.members)})
+
+
 async def do_presence(client, args) -> None:
     emit({"conv": args.conv, "online": list(await client.presence(args.conv))})
 
@@ -598,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument("--after", type=int, help="the messages right after this seq")
     hs.add_argument("--limit", type=int, default=50)
     client("presence", "which members are online", do_presence).add_argument("conv")
+    client("members", "a conversation's kind, name and members by role",
+           do_members).add_argument("conv")
 
     _add_optional(sub, "broker.audit_cli")
     _add_optional(sub, "bench.cli")

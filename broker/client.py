@@ -256,6 +256,10 @@ class Client:
     async def mute(self, conv: str, muted: bool = True) -> None:
         await self._request(lambda i: wire.Mute(id=i, conv=conv, muted=muted))
 
+    async def members(self, conv: str) -> wire.MemberList:
+        """`conv`'s kind, name, and members by role (owners, admins, members)."""
+        return await self._request(lambda i: wire.Members(id=i, conv=conv))
+
     async def presence(self, conv: str) -> tuple[str, ...]:
         """The members of `conv` online now."""
         return (await self._request(lambda i: wire.Presence(id=i, conv=conv))).online

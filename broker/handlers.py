@@ -194,15 +194,36 @@ def _page_that_fits(session: Session, f: wire.History, messages: list[dict],
     return page
 
 
-def on_receipts(session: Session, f: wire.Receipts) -> None:
-    role = _member(session, f.conv)
+def _may_see_members(session: Session, conv: str, what: str, request_id: int) -> bool:
+    """Whether the session may see who else is in `conv` (else it was answered forbidden):
+    any member, but in a channel only its owners, admins and services (and admin tokens), as
+    for the receipt pushes: a subscriber is not told who the other subscribers are."""
+    role = _member(session, conv)
     if role is None:
-        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        session.reply_error(request_id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        return False
+    if conv.startswith("chn:") and role not in ("owner", "admin") and session.role != "service":
+        session.reply_error(request_id, wire.ErrorCode.FORBIDDEN,
+                            f"in a channel, only its owners, admins and services see {what}")
+        return False
+    return True
+
+
+def on_members(session: Session, f: wire.Members) -> None:
+    if not _may_see_members(session, f.conv, "its members", f.id):
         return
-    if f.conv.startswith("chn:") and role not in ("owner", "admin") and session.role != "service":
-        # As for the receipt pushes: a subscriber is not told which other subscribers have it.
-        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN,
-                            "in a channel, only its owners, admins and services see receipts")
+    store = session.broker.store
+    info = store.conv_info(f.conv)
+    by_role: dict[str, list[str]] = {"owner": [], "admin": [], "member": []}
+    for user, role in store.members(f.conv):
+        by_role.setdefault(role, []).append(user)
+    session.reply(wire.MemberList(id=f.id, conv=f.conv, kind=info["kind"],
+                                  owners=by_role["owner"], admins=by_role["admin"],
+                                  members=by_role["member"], name=info.get("name")))
+
+
+def on_receipts(session: Session, f: wire.Receipts) -> None:
+    if not _may_see_members(session, f.conv, "receipts", f.id):
         return
     marks = session.broker.store.receipts(f.conv, f.seq)
     if marks is None:
@@ -258,6 +279,7 @@ HANDLERS = {
     wire.Mute: on_mute,
     wire.History: on_history,
     wire.Receipts: on_receipts,
+    wire.Members: on_members,
     wire.Presence: on_presence,
     wire.Typing: on_typing,
     wire.Ping: on_ping,

@@ -259,6 +259,13 @@ class Receipts(NamedTuple):
     seq: int
 
 
+class Members(NamedTuple):
+    """Asks for a conversation's kind, name and members by role."""
+
+    id: int
+    conv: str
+
+
 class Presence(NamedTuple):
     """Asks which members of a conversation are online."""
 
@@ -363,6 +370,18 @@ class ReceiptList(NamedTuple):
     seq: int
     delivered: tuple[str, ...]
     read: tuple[str, ...]
+
+
+class MemberList(NamedTuple):
+    """Reply to ``members``: the conversation's kind and name, its members by role."""
+
+    id: int
+    conv: str
+    kind: str
+    owners: tuple[str, ...]
+    admins: tuple[str, ...]
+    members: tuple[str, ...]
+    name: str | None = None
 
 
 class PresenceList(NamedTuple):
@@ -474,6 +493,7 @@ _register(Leave, "leave", "c", id=_ID, conv=f.conv_id)
 _register(Subscribe, "subscribe", "c", id=_ID, conv=f.conv_id)
 _register(Receipts, "receipts", "c", id=_ID, conv=f.conv_id, seq=f.uint)
 _register(Presence, "presence", "c", id=_ID, conv=f.conv_id)
+_register(Members, "members", "c", id=_ID, conv=f.conv_id)
 _register(Typing, "typing", "c", conv=f.conv_id)
 _register(Mute, "mute", "c", id=_ID, conv=f.conv_id, muted=f.boolean)
 
@@ -493,6 +513,9 @@ _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS)
 _register(PresenceList, "presence_list", "s", id=_ID, conv=f.conv_id, online=_USERS)
+_register(MemberList, "member_list", "s", id=_ID, conv=f.conv_id,
+          kind=f.one_of("direct", "group", "channel"), owners=_USERS, admins=_USERS,
+          members=_USERS, name=_NAME)
 _register(Deliver, "deliver", "s", inbox_seq=f.uint, kind=f.one_of("msg", "added", "removed"),
           conv=f.conv_id, seq=f.uint, sender=f.user_id, body=f.body_or_nil, cid=f.cid_or_nil,
           ts=f.uint, muted=f.boolean)

@@ -83,6 +83,9 @@ def test_a_script_acks_what_it_handled_and_pages_history_forward(broker):
     assert lines(homing("history", "--conv", conv, "--after", "5", env=bob)) == []
     reused = homing("send", "--to", "carol", "--cid", "n0", "for carol", env=shop, check=False)
     assert reused.returncode == 1 and json.loads(reused.stderr)["error"] == "conflict"
+    assert lines(homing("members", conv, env=bob)) == [
+        {"conv": conv, "kind": "direct", "name": None, "owners": [], "admins": [],
+         "members": ["bob", "shop"]}]
     bad = homing("listen", "--count", "0", env=bob, check=False)
     assert bad.returncode == 2 and json.loads(bad.stderr)["error"] == "usage"
 

@@ -179,6 +179,14 @@ async def test_receipts_are_pushed_live_and_queryable(harness):
         with pytest.raises(ClientError) as refused:
             await s2.receipts(conv, r.seq)
         assert refused.value.name == "forbidden" and "channel" in refused.value.message
+        # Who has not received it yet: the members less the receipts.
+        everyone = await hq.members(conv)
+        assert (everyone.kind, everyone.name, everyone.owners, everyone.admins) == (
+            "channel", "notices", ("hq",), ())
+        assert set(everyone.members) - set(info.delivered) == set()
+        with pytest.raises(ClientError) as refused:
+            await s1.members(conv)
+        assert refused.value.name == "forbidden"
         # A seq the channel has no message of is not_found (it used to be two empty lists,
         # as if nobody had it yet).
         for seq in (0, r.seq + 1):

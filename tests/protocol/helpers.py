@@ -44,7 +44,8 @@ _BY_NAME = {
     "versions": st.lists(uints, min_size=1, max_size=16).map(tuple), "max_frame": uints,
     "max_body": uints,
     "limit": st.integers(1, 200), "order": st.sampled_from(["newest", "oldest"]),
-    "members": users, "delivered": users, "read": users, "online": users,
+    "members": users, "owners": users, "admins": users, "delivered": users, "read": users,
+    "online": users,
     "open": st.booleans(), "muted": st.booleans(), "dup": st.booleans(), "more": st.booleans(),
     "close": st.booleans(), "role": st.sampled_from(["member", "admin"]),
     "messages": st.lists(page_messages, max_size=3).map(tuple),
@@ -52,6 +53,7 @@ _BY_NAME = {
 _OVERRIDES = {
     ("Create", "kind"): st.sampled_from(["group", "channel"]),
     ("Deliver", "kind"): st.sampled_from(["msg", "added", "removed"]),
+    ("MemberList", "kind"): st.sampled_from(["direct", "group", "channel"]),
     ("Deliver", "body"): st.none() | bodies,
     ("Deliver", "cid"): st.none() | cids,
     ("Welcome", "max_frame"): st.integers(1024, 2**32 - 1),
