@@ -30,14 +30,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+MAX_LIST_VALUE = 10_000_000  # a rate (msg/s) or a channel size beyond any machine's reach
+
+
 def _positive_ints(text: str) -> list[int]:
     try:
         values = [int(float(x)) for x in text.split(",")]
-    except ValueError:
+    except (ValueError, OverflowError):  # "abc"; "inf"
         values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(
-            f"expected whole numbers of at least 1, separated by commas, got {text!r}")
+    if not values or not 1 <= min(values) <= max(values) <= MAX_LIST_VALUE:
+        raise argparse.ArgumentTypeError(f"expected whole numbers from 1 to {MAX_LIST_VALUE:,}, "
+                                         f"separated by commas, got {text!r}")
     return values
 
 
@@ -199,6 +202,10 @@ def _check_usage(args: argparse.Namespace) -> None:
     def usage(message: str) -> CliError:
         return CliError(EXIT_USAGE, "usage", f"homing bench: {message}")
 
+    chosen = set(SCENARIOS) if "all" in args.scenario else set(args.scenario)
+    if "latency" in chosen and min(args.rates) * args.duration < 10:
+        raise usage(f"argument --duration: {args.duration:g} s at {min(args.rates):,}/s is "
+                    "fewer than 10 messages to measure; give a longer --duration")
     kinds = set()
     for url in args.peer:
         problem = peers.url_problem(url)

@@ -43,6 +43,7 @@ RETRYABLE = frozenset({"shutting_down", "timeout", "limit_exceeded"})
 DEAD_AFTER_HEARTBEATS = 3
 CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome
 STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, not at once
+WRITE_STALL_S = 10.0  # a frame not written by then (the broker stopped reading): drop the link
 
 _last_cid_ns = 0
 
@@ -150,7 +151,7 @@ class Client:
         req = _Request(make(rid), resend)
         self._pending[rid] = req
         try:
-            req.sent = await self._write_frame(req.frame) or req.sent
+            await self._write_frame(req.frame, req)
             await req.event.wait()
         finally:
             self._pending.pop(rid, None)
@@ -161,9 +162,11 @@ class Client:
             raise req.error
         return req.reply
 
-    async def _write_frame(self, frame: Any) -> bool:
+    async def _write_frame(self, frame: Any, req: _Request | None = None) -> bool:
         """Send now if connected; if not, the frame is (re)sent after the reconnect. True when
-        it was written to a connection (the broker may have it, even if the write failed)."""
+        it was written to a connection (the broker may have it, even if the write failed);
+        then `req.sent` is set, before the write begins, so that a drop meanwhile fails a
+        request that is not to be repeated rather than leave it waiting."""
         if self._fatal is not None:
             raise self._fatal
         if self._closed:
@@ -177,16 +180,24 @@ class Client:
                 raise refusal from None
             return False  # bye or a closing error came: the connection is done; resent later
         stream = self._stream
+        if req is not None:
+            req.sent = True
         async with self._send_lock:
+            if self._stream is not stream:
+                return True  # it dropped while we waited: resent, or failed, by the reconnect
             # Whole or not at all: a cancel in the middle of the write would leave half a
             # frame on the stream, and the broker would take what follows as the rest of it.
-            # A cancel takes effect once the frame is out; a write that cannot finish ends with
-            # the connection (the heartbeat closes a dead one, and this write with it).
-            with trio.CancelScope(shield=True):
+            # So a cancel takes effect once the frame is out. A write that does not finish
+            # within WRITE_STALL_S (a broker that stopped reading) drops the connection, and
+            # with it the half frame: the reader reconnects and resends.
+            with trio.CancelScope(shield=True), trio.move_on_after(WRITE_STALL_S) as stalled:
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass  # the reader notices, reconnects and resends
+            if stalled.cancelled_caught:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(stream)
         return True
 
     async def send(self, body: str | bytes, *, to: str | None = None, conv: str | None = None,
@@ -334,10 +345,13 @@ class Client:
             conn.max_body_bytes = welcome.max_body
         self.welcome, self.user = welcome, welcome.user
         self._last_rx = time.monotonic()
-        self._stream, self._conn = stream, conn
         self._yielded = max(self._yielded, welcome.acked)
         try:
             async with self._send_lock:
+                # Published under the lock, with the pending requests looked at in the same
+                # step: one made before is sent here (it saw no connection), one made after
+                # waits for the lock and sends itself. Neither is sent twice.
+                self._stream, self._conn = stream, conn
                 out = []
                 if self._acked > welcome.acked:
                     out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))

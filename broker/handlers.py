@@ -110,8 +110,10 @@ def on_ack(session: Session, f: wire.Ack) -> None:
     session.log.debug("ack_received", upto=f.upto)
     if f.id is not None:  # `ok` once the device's acks are durable (PROTOCOL.md §5.2)
         request_id = f.id
+        session.inflight += 1  # a shutdown answers it before it closes the session
 
         def answer(error: BaseException | None) -> None:
+            session.request_done()
             if error is None:
                 session.reply(wire.Ok(id=request_id, conv=None))
             else:
@@ -202,7 +204,8 @@ def _may_see_members(session: Session, conv: str, what: str, request_id: int) ->
     if role is None:
         session.reply_error(request_id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
         return False
-    if conv.startswith("chn:") and role not in ("owner", "admin") and session.role != "service":
+    if (conv.startswith("chn:") and role not in ("owner", "admin")
+            and session.role not in ("service", "admin")):
         session.reply_error(request_id, wire.ErrorCode.FORBIDDEN,
                             f"in a channel, only its owners, admins and services see {what}")
         return False

@@ -133,6 +133,7 @@ class Session:
         if self._writing or self._closing or self._fd is None:
             self._wake.set()
             return
+        queued = len(self.out)  # the replies and pushes; `_collect` adds deliveries after them
         chunks = self._collect()
         if not chunks:
             return
@@ -146,7 +147,9 @@ class Session:
         if written < len(data):
             self.out.appendleft(data[written:])
             self.out_bytes += len(data) - written
-            unwritten = sum(1 for end in itertools.accumulate(map(len, chunks)) if end > written)
+            # Deliveries do not count: the window bounds them.
+            ends = itertools.accumulate(map(len, chunks[:queued]))
+            unwritten = sum(1 for end in ends if end > written)
             if unwritten > self.broker.config.max_pending_pushes:
                 self.slow_consumer()  # its socket would not take the burst: it is not reading
                 return
@@ -156,12 +159,16 @@ class Session:
         """Queue an encoded push frame; close the session as a slow consumer if it overflows.
 
         During a commit's fan-out nothing is written until its end, so a burst (the receipts
-        of hundreds of members reading one post in the same commit) may pass the limit there:
-        it is checked after the fan-out's write (`flush_now`), against what the socket did not
-        take. A burst is at most a few per command of the batch, so it is bounded too."""
+        of hundreds of members reading one post in the same commit) may pass the limit there.
+        On a plain TCP session whose writer is idle, it is checked after the fan-out's own
+        write (`flush_now`), against what the socket did not take; a burst is at most a few
+        frames per command of the batch. A writer already blocked on the socket (the client
+        is not reading) or a TLS session (nothing is written before the writer runs) is
+        checked at once, as outside a fan-out."""
         if self._closing:
             return
-        if len(self.out) >= self.broker.config.max_pending_pushes and not self.broker.deferring:
+        if len(self.out) >= self.broker.config.max_pending_pushes and (
+                not self.broker.deferring or self._writing or self._fd is None):
             self.slow_consumer()
             return
         self.out.append(data)

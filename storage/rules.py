@@ -260,8 +260,9 @@ def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decisio
         rows = tables.range("member", cmd.conv.encode() + b"\0")
         others = [role for key, role in rows if key != key2(cmd.conv, cmd.user)]
         if others and not any(role.decode() in MANAGERS for role in others):
-            raise Conflict("the last owner or admin cannot leave while members remain: nobody "
-                           "could invite any more (invite someone as admin first)")
+            raise Conflict("the last owner or admin cannot leave while other members remain: "
+                           "nobody could invite any more (roles do not change, so only a user "
+                           "invited as admin could take over)")
     return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.user})], {
         "conv": cmd.conv}
 

@@ -232,3 +232,75 @@ async def test_the_callers_own_exception_group_comes_out_as_raised(tmp_path):
         with pytest.raises(ValueError):
             async with h.client("alice"):
                 raise ValueError("plain")
+
+
+async def test_a_write_the_broker_never_reads_is_given_up_and_the_cancel_goes_through(tmp_path):
+    """A frame is written whole, but not for ever: a broker that stays stopped (SIGSTOP) holds
+    the write for WRITE_STALL_S at most; then the connection is dropped, the caller's cancel
+    takes effect, and the client reconnects once the broker runs again. The write used to wait
+    for ever, holding the heartbeat (and every cancel) with it."""
+    from broker.client import WRITE_STALL_S
+
+    bp = BrokerProcess(tmp_path / "data", "--heartbeat", "1", "--idle-timeout", "3",
+                       "--max-body-bytes", "8000000", "--max-frame-bytes", "16000000")
+    bp.start()
+    try:
+        async with bp.client("alice") as alice:
+            await alice.ping()
+            os.kill(bp.pid, signal.SIGSTOP)
+            try:
+                with trio.fail_after(WRITE_STALL_S + 10):
+                    started = trio.current_time()
+                    with trio.move_on_after(1):
+                        await alice.send("x" * 7_000_000, to="bob")
+                    assert trio.current_time() - started < WRITE_STALL_S + 5
+            finally:
+                os.kill(bp.pid, signal.SIGCONT)
+            with trio.fail_after(30):
+                assert (await alice.send("small", to="bob")).conv == "dm:alice:bob"
+            assert alice.reconnects >= 1
+    finally:
+        os.kill(bp.pid, signal.SIGCONT)
+        bp.kill()
+
+
+async def test_a_create_made_as_the_client_reconnects_is_sent_once(tmp_path):
+    """A request made while the reconnect is resending (the connection already there, the
+    send lock taken) is sent once: the connection is published under the lock. It was sent by
+    the reconnect and again by its own write: one `create` made two groups."""
+    async with running_broker(tmp_path / "d") as h:
+        with trio.fail_after(30):
+            async with h.client("bob", "b") as bob, h.client("shop", "s") as shop:
+                await shop.ping()
+                was = shop.connected
+                await trio.aclose_forcefully(shop._stream)  # the connection drops; it reconnects
+                while shop.connected is was:  # the client saw the drop
+                    await trio.sleep(0)
+                while not shop.connected.is_set() and not (
+                        shop._stream is not None and shop._send_lock.locked()):
+                    await trio.sleep(0)
+                conv = await shop.create_group("order-9", ["bob"])
+                added = []
+                with trio.move_on_after(1.0):
+                    async for d in bob.deliveries():
+                        if d.kind == "added":
+                            added.append(d.conv)
+                        await bob.ack(d.inbox_seq)
+                assert added == [conv]
+
+
+async def test_a_create_written_as_the_connection_drops_fails_instead_of_hanging(tmp_path):
+    """A create written to a connection the client has not yet seen drop may have reached the
+    broker: it fails with ConnectionLost (or, made once the drop was seen, it goes out on the
+    next connection). It hung for ever: marked sent only after its write returned, it was
+    neither failed by the drop nor sent by the reconnect."""
+    async with running_broker(tmp_path / "d") as h:
+        async with h.client("shop", "s") as shop:
+            for _ in range(5):
+                await shop.ping()
+                await trio.aclose_forcefully(shop._stream)
+                with trio.fail_after(10):
+                    try:
+                        assert (await shop.create_group("g", ["bob"])).startswith("grp:")
+                    except ConnectionLost:
+                        pass

@@ -610,3 +610,16 @@ async def test_an_admin_posting_where_it_is_no_member_keeps_no_own_lsns(harness)
         await ops.send("in my own group", conv=own)  # a member: its inbox gets it
         page = await shop.history(conv)
         assert len(page.messages) == 20
+
+
+async def test_an_admin_token_sees_a_channels_receipts_member_or_not(harness):
+    """An admin token asks receipts and members of any conversation (PROTOCOL.md §10), also of
+    a channel it is a plain member of; it was refused there (and only there)."""
+    async with harness.client("hq", role="service") as hq, \
+            harness.client("ops", role="admin") as ops, \
+            harness.client("ops2", role="admin") as ops2:
+        conv = await hq.create_channel("notices", ["ops", "store-1"])
+        seq = (await hq.send("hello stores", conv=conv)).seq
+        for admin in (ops, ops2):
+            assert (await admin.receipts(conv, seq)).conv == conv
+            assert set((await admin.members(conv)).members) == {"ops", "store-1"}

@@ -409,3 +409,74 @@ async def test_a_burst_of_receipts_in_one_commit_is_no_slow_consumer(tmp_path, t
                         read.add(push.user)
                 assert hq.reconnects == 0
                 tally.add("limit: a burst of receipts to a reading client", 300)
+
+
+async def test_a_prompt_reader_of_big_deliveries_is_no_slow_consumer(tmp_path, tally):
+    """Deliveries the socket has not taken yet at the end of a fan-out do not count against
+    --max-pending-pushes (the window bounds them): bob, reading and acking 200 messages of
+    60 KB sent at once, is never closed as a slow consumer. He was, once, at the limit 50."""
+    from functools import partial
+
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data", max_pending_pushes=50) as h:
+        with trio.fail_after(60):
+            async with h.client("bob") as bob, h.client("alice") as alice:
+                got = 0
+
+                async def reader():
+                    nonlocal got
+                    async for d in bob.deliveries():
+                        got += 1
+                        await bob.ack(d.inbox_seq)
+                        if got == 200:
+                            return
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(reader)
+                    async with trio.open_nursery() as m:
+                        for i in range(200):
+                            m.start_soon(partial(alice.send, f"{i:03d}" + "y" * 60_000,
+                                                 to="bob"))
+                assert got == 200 and bob.reconnects == 0
+                tally.add("limit: big deliveries to a prompt reader", 200)
+
+
+async def test_pushes_in_a_fan_out_to_a_client_that_does_not_read_are_bounded(tmp_path, tally):
+    """A device whose writer is blocked on its socket (it does not read) is checked against
+    --max-pending-pushes at once, even inside a fan-out: the second device of a channel's owner
+    that never reads is closed as a slow consumer by the receipts of 150 reads a commit. Its
+    queue used to grow without bound (6,000 frames after 20 such commits)."""
+    import socket
+
+    from storage.commands import MarkRead
+    from tests.harness import running_broker
+
+    stores = [f"store-{i:03d}" for i in range(150)]
+    async with running_broker(tmp_path / "data", max_pending_pushes=50) as h:
+        with trio.fail_after(60):
+            async with h.client("hq", role="service") as hq:
+                conv = await hq.create_channel("notices", stores)
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await sock.connect(("127.0.0.1", h.broker.port))
+                stalled = RawClient(trio.SocketStream(sock))
+                await stalled.hello(h.token("hq", "service"), "never-reads")
+                session = next(s for s in h.broker.hub.sessions("hq") if s.device == "never-reads")
+                seq = 0
+                while not session._writing:  # big posts until its writer is stuck on the socket
+                    seq = (await hq.send("z" * 60_000, conv=conv)).seq
+                    await trio.sleep(0.01)
+                rounds = 0
+                while rounds < 20:
+                    rounds += 1
+                    for store in stores:
+                        h.broker.committer.enqueue(MarkRead(store, "d1", "user", conv, seq))
+                    await hq.ping()
+                    if session.reason is not None:
+                        break
+                    await trio.sleep(0.05)
+                assert session.reason is not None and session.reason.value == "slow_consumer"
+                assert len(session.out) <= 52, len(session.out)
+                sock.close()
+                tally.add("limit: fan-out pushes to a client that does not read", rounds)

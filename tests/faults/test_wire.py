@@ -318,3 +318,30 @@ async def test_a_shutdown_ends_busy_connections_without_a_reset(tmp_path, tally)
             sock.close()
             assert closing is not None and closing.name == "shutting_down", closing
             tally.add("shutdown: closing error, then a clean end of stream")
+
+
+async def test_an_ack_with_an_id_read_before_a_shutdown_is_answered(tmp_path, tally):
+    """A shutdown answers every request it read, the acks with an id among them (their `ok`
+    waits for the commit): the ok comes before `shutting_down`. It was dropped."""
+    from tests.harness import running_broker
+
+    async with running_broker(tmp_path / "data") as h:
+        with trio.fail_after(20):
+            alice = await RawClient.connect(h.server, h.token("alice"), "a")
+            bob = await RawClient.connect(h.server, h.token("bob"), "b")
+            await alice.send(wire.Send(id=1, cid="c1", body="hi", to="bob"))
+            while not isinstance(f := await bob.next(), wire.Deliver):
+                pass
+            await bob.send(wire.Ack(upto=f.inbox_seq, id=77))
+            await bob.send(wire.Ping(id=78))
+            assert isinstance((await replies(bob, [78]))[78], wire.Pong)  # both were read
+            h.broker.shutdown()
+            got = []
+            while (frame := await bob.next()) is not None:
+                got.append(frame)
+            oks = [x for x in got if isinstance(x, wire.Ok) and x.id == 77]
+            closing = [x for x in got if isinstance(x, wire.Error)]
+            assert oks and closing and got.index(oks[0]) < got.index(closing[0]), got
+            for c in (alice, bob):
+                await c.aclose()
+            tally.add("shutdown: an ack's ok before shutting_down")
