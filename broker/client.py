@@ -43,7 +43,10 @@ RETRYABLE = frozenset({"shutting_down", "timeout", "limit_exceeded"})
 DEAD_AFTER_HEARTBEATS = 3
 CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome
 STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, not at once
-WRITE_STALL_S = 10.0  # a frame not written by then (the broker stopped reading): drop the link
+# A frame not written within WRITE_STALL_S plus its time at SLOWEST_LINK_BPS (the broker
+# stopped reading) drops the connection.
+WRITE_STALL_S = 10.0
+SLOWEST_LINK_BPS = 512 * 1024
 
 _last_cid_ns = 0
 
@@ -180,17 +183,23 @@ class Client:
                 raise refusal from None
             return False  # bye or a closing error came: the connection is done; resent later
         stream = self._stream
+        was_sent = req is not None and req.sent
         if req is not None:
             req.sent = True
         async with self._send_lock:
             if self._stream is not stream:
-                return True  # it dropped while we waited: resent, or failed, by the reconnect
+                # The connection went while we waited: nothing was written. A request that
+                # the drop has not failed goes out with the next connection.
+                if req is not None:
+                    req.sent = was_sent
+                return False
             # Whole or not at all: a cancel in the middle of the write would leave half a
             # frame on the stream, and the broker would take what follows as the rest of it.
-            # So a cancel takes effect once the frame is out. A write that does not finish
-            # within WRITE_STALL_S (a broker that stopped reading) drops the connection, and
-            # with it the half frame: the reader reconnects and resends.
-            with trio.CancelScope(shield=True), trio.move_on_after(WRITE_STALL_S) as stalled:
+            # So a cancel takes effect once the frame is out. A write that does not finish in
+            # time (a broker that stopped reading) drops the connection, and with it the half
+            # frame: the reader reconnects and resends.
+            limit = WRITE_STALL_S + len(data) / SLOWEST_LINK_BPS
+            with trio.CancelScope(shield=True), trio.move_on_after(limit) as stalled:
                 try:
                     await stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -346,6 +355,7 @@ class Client:
         self.welcome, self.user = welcome, welcome.user
         self._last_rx = time.monotonic()
         self._yielded = max(self._yielded, welcome.acked)
+        flushed: list[_Request] = []
         try:
             async with self._send_lock:
                 # Published under the lock, with the pending requests looked at in the same
@@ -359,6 +369,7 @@ class Client:
                     # Resent if safe to repeat; sent if never sent (made while disconnected).
                     if req.resend or not req.sent:
                         req.resent, req.sent = req.sent, True
+                        flushed.append(req)
                         try:
                             out.append(conn.send(req.frame))
                         except wire.LocalProtocolError as exc:  # made while disconnected
@@ -368,6 +379,7 @@ class Client:
                     await stream.send_all(b"".join(out))
         except BaseException:  # cancelled, or the new connection broke: do not keep it
             self._stream = self._conn = None
+            self._lost([r for r in flushed if not r.resend])  # they may have gone out
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             raise
@@ -376,8 +388,14 @@ class Client:
     def _dropped(self) -> None:
         self._stream = self._conn = None
         self.connected = trio.Event()
-        for req in list(self._pending.values()):
-            if not req.resend and req.sent:  # one never sent is sent on the next connection
+        # One never sent is sent on the next connection; one sent may have been carried out.
+        self._lost([r for r in self._pending.values() if not r.resend and r.sent])
+
+    @staticmethod
+    def _lost(requests: list[_Request]) -> None:
+        """Fail requests not to be repeated that were written to a connection that broke."""
+        for req in requests:
+            if req.error is None and req.reply is None:
                 req.error = ConnectionLost("the connection dropped before the broker answered")
                 req.event.set()
 
@@ -474,7 +492,17 @@ class Client:
                 if stream is not None:
                     await trio.aclose_forcefully(stream)  # the reader fails and we reconnect
                 return
-            await self._write_frame(wire.Ping())
+            if not await self._write_quietly(wire.Ping()):
+                return
+
+    async def _write_quietly(self, frame: Any) -> bool:
+        """Write a frame of our own (a ping, a pong); False once the client stopped or closed,
+        which is not the heartbeat's or the reader's error to raise."""
+        try:
+            await self._write_frame(frame)
+        except (ConnectionLost, ClientError):
+            return False
+        return True
 
     async def _reader(self) -> None:
         stream, conn = self._stream, self._conn
@@ -507,7 +535,8 @@ class Client:
                     req.error = ClientError(frame.code, frame.name, frame.message)
                     req.event.set()
             elif isinstance(frame, wire.Ping):
-                await self._write_frame(wire.Pong(id=frame.id))
+                if not await self._write_quietly(wire.Pong(id=frame.id)):
+                    return
             else:
                 req = self._pending.get(getattr(frame, "id", None))
                 if req is not None:
