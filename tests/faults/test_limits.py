@@ -463,10 +463,11 @@ async def test_pushes_in_a_fan_out_to_a_client_that_does_not_read_are_bounded(tm
                 stalled = RawClient(trio.SocketStream(sock))
                 await stalled.hello(h.token("hq", "service"), "never-reads")
                 session = next(s for s in h.broker.hub.sessions("hq") if s.device == "never-reads")
-                seq = 0
-                while not session._writing:  # big posts until its writer is stuck on the socket
+                seq, stuck = 0, 0
+                while stuck < 3:  # big posts until its writer stays stuck on the socket
                     seq = (await hq.send("z" * 60_000, conv=conv)).seq
-                    await trio.sleep(0.01)
+                    await trio.sleep(0.05)
+                    stuck = stuck + 1 if session._writing else 0
                 rounds = 0
                 while rounds < 20:
                     rounds += 1
