@@ -41,6 +41,7 @@ DEFAULT_SERVER = "127.0.0.1:7717"
 # handshake slots are full while many clients reconnect at once, or too many connections).
 RETRYABLE = frozenset({"shutting_down", "timeout", "limit_exceeded"})
 DEAD_AFTER_HEARTBEATS = 3
+DROPPED = "the connection dropped before the broker answered"
 CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome
 STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, not at once
 # A frame not written within WRITE_STALL_S plus its time at SLOWEST_LINK_BPS (the broker
@@ -148,8 +149,7 @@ class Client:
         """Send the frame `make(id)` and return its reply; raise its error. `done_if_resent`
         names the refusal that, for a request resent after a reconnect, means its first try
         took effect (the reply is then None)."""
-        if self._closed:
-            raise ClientClosed("the client is closed")
+        self._check_usable()
         rid = next(self._ids)
         req = _Request(make(rid), resend)
         self._pending[rid] = req
@@ -165,15 +165,19 @@ class Client:
             raise req.error
         return req.reply
 
+    def _check_usable(self) -> None:
+        """Raise what stopped the client for good, or ClientClosed once it was closed."""
+        if self._fatal is not None:
+            raise self._fatal
+        if self._closed:
+            raise ClientClosed("the client is closed")
+
     async def _write_frame(self, frame: Any, req: _Request | None = None) -> bool:
         """Send now if connected; if not, the frame is (re)sent after the reconnect. True when
         it was written to a connection (the broker may have it, even if the write failed);
         then `req.sent` is set, before the write begins, so that a drop meanwhile fails a
         request that is not to be repeated rather than leave it waiting."""
-        if self._fatal is not None:
-            raise self._fatal
-        if self._closed:
-            raise ClientClosed("the client is closed")
+        self._check_usable()
         if self._stream is None or self._conn is None:
             return False
         try:
@@ -220,8 +224,7 @@ class Client:
         inbox entries this client knows of (the deliveries it had, the inbox head at welcome)
         raises ClientError "invalid": an ack past them would skip the deliveries still to come
         (an `inbox_seq` mixed up with a conversation's `seq`, say)."""
-        if self._closed:
-            raise ClientClosed("the client is closed")
+        self._check_usable()
         known = max(self._yielded, self.welcome.head if self.welcome is not None else 0)
         if not 0 <= upto <= known:
             raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
@@ -301,10 +304,7 @@ class Client:
         Once the client stopped and the pushes received are taken, raises what stopped it
         (ClientClosed after a close)."""
         while not self._pushes:
-            if self._fatal is not None:
-                raise self._fatal
-            if self._closed:
-                raise ClientClosed("the client is closed")
+            self._check_usable()
             await self._push_event.wait()  # several tasks may wait: each wakes, one takes it
         return self._pushes.popleft()
 
@@ -379,7 +379,8 @@ class Client:
                     await stream.send_all(b"".join(out))
         except BaseException:  # cancelled, or the new connection broke: do not keep it
             self._stream = self._conn = None
-            self._lost([r for r in flushed if not r.resend])  # they may have gone out
+            # The requests not to be repeated that this resend carried may have gone out.
+            _fail_requests([r for r in flushed if not r.resend], ConnectionLost, DROPPED)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             raise
@@ -389,15 +390,8 @@ class Client:
         self._stream = self._conn = None
         self.connected = trio.Event()
         # One never sent is sent on the next connection; one sent may have been carried out.
-        self._lost([r for r in self._pending.values() if not r.resend and r.sent])
-
-    @staticmethod
-    def _lost(requests: list[_Request]) -> None:
-        """Fail requests not to be repeated that were written to a connection that broke."""
-        for req in requests:
-            if req.error is None and req.reply is None:
-                req.error = ConnectionLost("the connection dropped before the broker answered")
-                req.event.set()
+        _fail_requests([r for r in self._pending.values() if not r.resend and r.sent],
+                       ConnectionLost, DROPPED)
 
     async def _try_connect(self) -> BaseException | None:
         """Connect once; the error to retry after, or None when connected.
@@ -571,10 +565,8 @@ class Client:
                     pass
         if stream is not None:
             await trio.aclose_forcefully(stream)
-        for req in list(self._pending.values()):
-            if req.error is None and req.reply is None:
-                req.error = ClientClosed("the client was closed before the broker answered")
-                req.event.set()
+        _fail_requests(list(self._pending.values()), ClientClosed,
+                       "the client was closed before the broker answered")
         self._deliveries_in.close()
         self._wake_push_waiters()
 
@@ -619,6 +611,14 @@ class Deliveries:
             return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+
+
+def _fail_requests(requests: list[_Request], error: type[ConnectionLost], message: str) -> None:
+    """Fail each request still waiting with its own `error(message)`."""
+    for req in requests:
+        if req.error is None and req.reply is None:
+            req.error = error(message)
+            req.event.set()
 
 
 def _refusal(exc: wire.LocalProtocolError) -> ClientError | None:

@@ -18,6 +18,7 @@ from broker.errors import CloseReason, wire_error
 from protocol import encode_frame
 from protocol.frames import to_wire
 from storage import commands as cmd
+from storage.rules import MANAGERS
 
 if TYPE_CHECKING:
     from broker.session import Session
@@ -204,7 +205,7 @@ def _may_see_members(session: Session, conv: str, what: str, request_id: int) ->
     if role is None:
         session.reply_error(request_id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
         return False
-    if (conv.startswith("chn:") and role not in ("owner", "admin")
+    if (conv.startswith("chn:") and role not in MANAGERS
             and session.role not in ("service", "admin")):
         session.reply_error(request_id, wire.ErrorCode.FORBIDDEN,
                             f"in a channel, only its owners, admins and services see {what}")

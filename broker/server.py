@@ -33,6 +33,7 @@ from broker.session import Session
 from protocol import native as wire_native
 from storage import native
 from storage.commands import SetMute
+from storage.rules import MANAGERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,7 +48,7 @@ class Roster:
     @classmethod
     def of(cls, members: list[tuple[str, str]]) -> Roster:
         users = [u for u, _ in members]
-        return cls(members, users, [u for u, role in members if role in ("owner", "admin")],
+        return cls(members, users, [u for u, role in members if role in MANAGERS],
                    frozenset(users))
 
 

@@ -178,7 +178,7 @@ def _check_post(tables: Tables, cmd: c.SendMessage) -> None:
     if role is None:
         raise Forbidden("no such conversation or no access")
     # The kind is fixed by the id prefix (docs/DESIGN.md, "Identifiers"): no row decode needed.
-    if conv.startswith(CHANNEL_PREFIX) and role not in ("owner", "admin") and cmd.role != "service":
+    if conv.startswith(CHANNEL_PREFIX) and role not in MANAGERS and cmd.role != "service":
         raise Forbidden("only owners, admins and services post in a channel")
 
 
@@ -216,7 +216,7 @@ def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decis
     actor = None if info is None else _role(tables, cmd.conv, cmd.user)
     if cmd.role == "admin" and info is not None:
         actor = "owner"
-    if info is None or actor not in ("owner", "admin"):
+    if info is None or actor not in MANAGERS:
         raise Forbidden("only owners and admins invite")
     if info["kind"] == "direct":
         raise Invalid("cannot invite into a direct conversation")
