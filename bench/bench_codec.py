@@ -17,7 +17,16 @@ import time
 
 import msgpack
 
-from protocol import NEED_DATA, Connection, Deliver, Hello, Role, Send, Welcome
+from protocol import (
+    DEFAULT_MAX_FRAME_VALUES,
+    NEED_DATA,
+    Connection,
+    Deliver,
+    Hello,
+    Role,
+    Send,
+    Welcome,
+)
 
 CHUNK_BYTES = 64 * 1024
 BODY_CHARS = 200
@@ -25,7 +34,9 @@ SEED = 20240501
 
 
 def _open_pair() -> tuple[Connection, Connection]:
-    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    # The server bounds each frame's values, as `homing serve` does by default.
+    client = Connection(Role.CLIENT)
+    server = Connection(Role.SERVER, max_frame_values=DEFAULT_MAX_FRAME_VALUES)
     server.receive_data(client.send(Hello(versions=(1,), token="t", device="bench")))
     server.next_event()
     client.receive_data(

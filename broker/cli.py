@@ -26,7 +26,7 @@ import trio
 
 from broker import tokens
 from broker.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, Config
-from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT
+from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, MIN_FRAME_VALUES
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 MAX_TOKEN_TTL_S = 3650 * 86400  # ten years: longer is a typo, and past 2**64 s msgpack fails
@@ -130,7 +130,8 @@ def _serve_config(args: argparse.Namespace) -> Config:
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         max_frame_bytes=args.max_frame_bytes, max_body_bytes=args.max_body_bytes,
-        window=args.window, heartbeat_s=args.heartbeat, idle_timeout_s=args.idle_timeout,
+        max_frame_values=args.max_frame_values, window=args.window, heartbeat_s=args.heartbeat,
+        idle_timeout_s=args.idle_timeout,
         handshake_timeout_s=args.handshake_timeout,
         sends_per_s_per_connection=args.send_rate, sends_per_s_per_user=args.user_send_rate,
         typing_per_s_per_user=args.typing_rate,
@@ -508,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-frame-bytes", type=_number(int, MIN_FRAME_LIMIT, MAX_FRAME_LIMIT),
                    default=d.max_frame_bytes)
     s.add_argument("--max-body-bytes", type=_COUNT, default=d.max_body_bytes)
+    s.add_argument("--max-frame-values", type=_number(int, MIN_FRAME_VALUES, MAX_FRAME_LIMIT),
+                   default=d.max_frame_values,
+                   help="msgpack values (keys, values, items) in a client's frame (default "
+                        "%(default)s)")
     s.add_argument("--window", type=_COUNT, default=d.window,
                    help="unacked deliveries in flight per device (default %(default)s)")
     s.add_argument("--heartbeat", type=_COUNT, default=d.heartbeat_s, help="seconds")

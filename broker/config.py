@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import largest_deliver_frame
+from protocol import DEFAULT_MAX_FRAME_VALUES, largest_deliver_frame
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7717
@@ -29,6 +29,7 @@ class Config:
     # Frames and bodies (docs/PROTOCOL.md "Limits").
     max_frame_bytes: int = 1 << 20
     max_body_bytes: int = 64 * 1024
+    max_frame_values: int = DEFAULT_MAX_FRAME_VALUES
     # Time.
     handshake_timeout_s: float = 10.0
     heartbeat_s: int = 15

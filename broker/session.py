@@ -48,7 +48,7 @@ class Session:
         # half-frame, and a valid hello is taken even by a broker of small frames.
         self.conn = wire.Connection(
             wire.Role.SERVER, max_frame_bytes=wire.HELLO_MAX_FRAME_BYTES,
-            max_body_bytes=cfg.max_body_bytes)
+            max_body_bytes=cfg.max_body_bytes, max_frame_values=cfg.max_frame_values)
         self.log = broker.log.bind(conn=conn_id, peer=peer)
         self.user = ""
         self.device = ""

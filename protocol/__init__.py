@@ -15,9 +15,11 @@ share it.
 
 from .codec import (
     DEFAULT_MAX_FRAME_BYTES,
+    DEFAULT_MAX_FRAME_VALUES,
     HELLO_MAX_FRAME_BYTES,
     MAX_FRAME_LIMIT,
     MIN_FRAME_LIMIT,
+    MIN_FRAME_VALUES,
     encode_frame,
 )
 from .connection import CLOSED, NEED_DATA, Connection
@@ -121,11 +123,13 @@ __all__ = [
     "CLIENT_FRAMES",
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",
+    "DEFAULT_MAX_FRAME_VALUES",
     "HELLO_MAX_FRAME_BYTES",
     "KNOWN_TYPES",
     "MAX_BODY_BYTES",
     "MAX_FRAME_LIMIT",
     "MIN_FRAME_LIMIT",
+    "MIN_FRAME_VALUES",
     "NEED_DATA",
     "PROTOCOL_VERSION",
     "SERVER_FRAMES",

@@ -67,6 +67,8 @@ class Connection:
     `max_frame_bytes` bounds incoming and outgoing frame bodies; it becomes the agreed limit when
     ``welcome`` passes (the server sends the agreed value; a client takes the smaller of it and
     its own) and may be set later. `max_body_bytes` bounds message bodies (§4.1).
+    `max_frame_values` bounds the msgpack values of each frame received (§2.2; None: no bound):
+    a server passes one, a client trusts its server.
     """
 
     __slots__ = (
@@ -88,11 +90,12 @@ class Connection:
         role: Role,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         max_body_bytes: int = MAX_BODY_BYTES,
+        max_frame_values: int | None = None,
     ) -> None:
         _check_limit(max_frame_bytes)
         self.our_role = role
         self.their_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
-        self._buffer = FrameBuffer(max_frame_bytes)
+        self._buffer = FrameBuffer(max_frame_bytes, max_frame_values)
         self._next_map = self._buffer.next_map
         incoming = CLIENT_FRAMES if role is Role.SERVER else SERVER_FRAMES
         self._decoders = {t: spec_of(cls).decode for t, cls in incoming.items()}

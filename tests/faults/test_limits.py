@@ -43,6 +43,33 @@ async def test_largest_frame(broker_process, tally):
         await still_serving(bp)
 
 
+async def test_frame_values(broker_process, tally):
+    """A frame of more values than --max-frame-values is bad_frame and closes the connection,
+    whatever field holds them (unknown ones too); the largest frame of the protocol, a create
+    of 1,000 members, passes the default; the broker goes on serving the others."""
+    bp = broker_process("--max-frame-values", "3000")
+    with trio.fail_after(30):
+        ok = await raw(bp, "alice", "d0")
+        members = tuple(f"m{i:04d}" for i in range(1000))
+        await ok.send(wire.Create(id=1, kind="group", name="all", members=members))
+        assert isinstance(await ok.reply(1), wire.Created)
+        for junk in ([{}] * 3000, [[[None]] * 1000] * 2, [None] * 2998):
+            c = await raw(bp, "mallory")
+            frame = {"t": "send", "id": 7, "cid": "x", "body": "b", "to": "bob", "junk": junk}
+            await c.stream.send_all(wire.encode_frame(frame))
+            err = await closing_error(c)
+            assert err is not None and err.name == "bad_frame", err
+            assert "more than 3000 values" in err.message, err.message
+            await c.aclose()
+        # 2,998 items and the frame's own 6 keys and 6 values: 3,010 values; 2,980 + 12 fit.
+        c = await raw(bp, "mallory")
+        frame = {"t": "send", "id": 8, "cid": "y", "body": "b", "to": "bob", "junk": [0] * 2980}
+        await c.stream.send_all(wire.encode_frame(frame))
+        assert isinstance(await c.reply(8), wire.Result)
+        tally.add("limit: frame over --max-frame-values", 3)
+        await still_serving(bp)
+
+
 async def test_body_size(broker_process, tally):
     """A body over --max-body-bytes is invalid; the connection stays up."""
     bp = broker_process("--max-body-bytes", "1000")

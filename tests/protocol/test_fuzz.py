@@ -14,10 +14,12 @@ from protocol import (
     KNOWN_TYPES,
     NEED_DATA,
     Connection,
+    ErrorCode,
     ProtocolError,
     Role,
     State,
 )
+from protocol.codec import ValueBudget, decode_body
 
 from .helpers import HELLO, WELCOME, ConnectionPair
 
@@ -115,3 +117,48 @@ def test_a_caller_that_does_not_drain_is_refused():
     else:
         raise AssertionError("expected LocalProtocolError")
     assert conn.buffered_bytes <= 4 + MAX_FRAME + len(chunk)
+
+
+def _values(obj) -> int:
+    """The values `obj` holds (map keys and values, array items, nested ones included)."""
+    if isinstance(obj, dict):
+        return sum(1 + _values(k) + 1 + _values(v) for k, v in obj.items())
+    if isinstance(obj, list | tuple):
+        return sum(1 + _values(v) for v in obj)
+    return 0
+
+
+@SETTINGS
+@given(frame=frame_maps, limit=st.integers(0, 40))
+def test_a_value_budget_takes_exactly_the_frames_within_it(frame, limit):
+    """With a budget, a body decodes to the same map iff it holds at most `limit` values;
+    otherwise it is BAD_FRAME naming the limit."""
+    body = msgpack.packb(frame, use_bin_type=True)
+    try:
+        plain = decode_body(body, MAX_FRAME)
+    except ProtocolError:
+        return  # not a frame at all (a float key, say): the budget changes nothing there
+    try:
+        got = decode_body(body, MAX_FRAME, ValueBudget(limit))
+    except ProtocolError as exc:
+        assert _values(plain) > limit
+        assert exc.code is ErrorCode.BAD_FRAME and f"more than {limit} values" in str(exc)
+    else:
+        assert _values(plain) <= limit
+        assert got == plain
+
+
+def test_a_frame_of_a_million_empty_maps_stops_at_the_budget():
+    """The case the budget is for: decoding is cut off by the array's header, or after at most
+    about twice the limit's values, however big the frame."""
+    huge = msgpack.packb({"t": "send", "junk": [{}] * 1_000_000}, use_bin_type=True)
+    nested = msgpack.packb({"t": "send", "junk": [[{}] * 1000] * 1000}, use_bin_type=True)
+    for body in (huge, nested):
+        budget = ValueBudget(4096)
+        try:
+            decode_body(body, len(body), budget)
+        except ProtocolError as exc:
+            assert "more than 4096 values" in str(exc)
+        else:
+            raise AssertionError("decoded")
+        assert budget.left >= -1002  # stopped at the first array past the limit
