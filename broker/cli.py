@@ -404,6 +404,11 @@ async def do_invite(client, args) -> None:
     emit({"conv": args.conv, "user": args.user, "ok": True})
 
 
+async def do_set_role(client, args) -> None:
+    await client.set_role(args.conv, args.user, args.role)
+    emit({"conv": args.conv, "user": args.user, "role": args.role, "ok": True})
+
+
 def _simple(method: str):
     async def run(client, args) -> None:
         await getattr(client, method)(args.conv)
@@ -588,6 +593,11 @@ def build_parser() -> argparse.ArgumentParser:
     inv.add_argument("conv")
     inv.add_argument("user")
     inv.add_argument("--role", choices=("member", "admin"), default="member")
+    sr = client("role", "make a member of a group or channel an admin or a plain member",
+                do_set_role)
+    sr.add_argument("conv")
+    sr.add_argument("user")
+    sr.add_argument("role", choices=("member", "admin"))
     for name, method in (("join", "join"), ("leave", "leave"), ("subscribe", "subscribe")):
         client(name, f"{name} a conversation", _simple(method)).add_argument("conv")
     mute = client("mute", "mute a conversation", do_mute)

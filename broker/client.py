@@ -264,6 +264,10 @@ class Client:
     async def invite(self, conv: str, user: str, role: str = "member") -> None:
         await self._request(lambda i: wire.Invite(id=i, conv=conv, user=user, role=role))
 
+    async def set_role(self, conv: str, user: str, role: str) -> None:
+        """Make `user`, a member of `conv`, a plain "member" or an "admin" (owners only)."""
+        await self._request(lambda i: wire.SetRole(id=i, conv=conv, user=user, role=role))
+
     async def join(self, conv: str) -> None:
         await self._request(lambda i: wire.Join(id=i, conv=conv))
 

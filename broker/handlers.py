@@ -141,6 +141,11 @@ def on_invite(session: Session, f: wire.Invite) -> Any:
     return _command(session, f.id, command, _ok)
 
 
+def on_set_role(session: Session, f: wire.SetRole) -> Any:
+    command = cmd.SetRole(session.user, session.device, session.role, f.conv, f.user, f.role)
+    return _command(session, f.id, command, _ok)
+
+
 def on_join(session: Session, f: wire.Join | wire.Subscribe) -> Any:
     command = cmd.Join(session.user, session.device, session.role, f.conv)
     return _command(session, f.id, command, _ok)
@@ -277,6 +282,7 @@ HANDLERS = {
     wire.Read: on_read,
     wire.Create: on_create,
     wire.Invite: on_invite,
+    wire.SetRole: on_set_role,
     wire.Join: on_join,
     wire.Subscribe: on_join,
     wire.Leave: on_leave,

@@ -230,6 +230,15 @@ class Invite(NamedTuple):
     role: str = "member"
 
 
+class SetRole(NamedTuple):
+    """Makes a member of a group or channel a plain member or an admin (owners only)."""
+
+    id: int
+    conv: str
+    user: str
+    role: str
+
+
 class Join(NamedTuple):
     """Joins an open group."""
 
@@ -340,7 +349,7 @@ class Result(NamedTuple):
 
 
 class Ok(NamedTuple):
-    """Success reply to read, invite, join, leave, subscribe, mute and ack-with-id."""
+    """Success reply to read, invite, set_role, join, leave, subscribe, mute and ack-with-id."""
 
     id: int
     conv: str | None = None
@@ -487,6 +496,8 @@ _register(History, "history", "c", id=_ID, conv=f.conv_id, before=f.uint, after=
 _register(Create, "create", "c", id=_ID, kind=f.one_of("group", "channel"), name=_NAME,
           members=f.user_list(f.MAX_MEMBERS), open=f.boolean)
 _register(Invite, "invite", "c", id=_ID, conv=f.conv_id, user=f.user_id,
+          role=f.one_of("member", "admin"))
+_register(SetRole, "set_role", "c", id=_ID, conv=f.conv_id, user=f.user_id,
           role=f.one_of("member", "admin"))
 _register(Join, "join", "c", id=_ID, conv=f.conv_id)
 _register(Leave, "leave", "c", id=_ID, conv=f.conv_id)

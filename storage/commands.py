@@ -48,6 +48,17 @@ class Invite(NamedTuple):
     member_role: str = "member"
 
 
+class SetRole(NamedTuple):
+    """Make `target`, a member of `conv`, a plain "member" or an "admin"."""
+
+    user: str
+    device: str
+    role: str
+    conv: str
+    target: str
+    member_role: str
+
+
 class Join(NamedTuple):
     """Join (or subscribe to) an open group or channel."""
 
@@ -101,14 +112,15 @@ class SetMute(NamedTuple):
     muted: bool
 
 
-Command = SendMessage | CreateConv | Invite | Join | Leave | Ack | MarkRead | SetMute
+Command = (SendMessage | CreateConv | Invite | SetRole | Join | Leave | Ack | MarkRead
+           | SetMute)
 
 
 def _same(a: tuple, b: object) -> bool:
     return type(a) is type(b) and tuple.__eq__(a, b)  # type: ignore[arg-type]
 
 
-for _cls in (SendMessage, CreateConv, Invite, Join, Leave, Ack, MarkRead, SetMute):
+for _cls in (SendMessage, CreateConv, Invite, SetRole, Join, Leave, Ack, MarkRead, SetMute):
     _cls.__eq__ = _same  # type: ignore[method-assign]
     _cls.__ne__ = lambda a, b: not _same(a, b)  # type: ignore[method-assign]
     _cls.__hash__ = lambda a: hash((type(a).__name__, *a))  # type: ignore[method-assign]

@@ -227,6 +227,15 @@ def _member_removed(tables: Tables, ev: Event, fx: Effects) -> None:
     fx.membership.append((conv, user, None))
 
 
+def _member_role_set(tables: Tables, ev: Event, fx: Effects) -> None:
+    d = ev.data
+    conv, user, role = d["conv"], d["user"], d["role"]
+    tables.put("member", key2(conv, user), role.encode())
+    tables.put("user_conv", key2(user, conv), role.encode())
+    fx.conv = conv
+    fx.membership.append((conv, user, role))
+
+
 def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
     d = ev.data
     conv = d["conv"]
@@ -342,6 +351,7 @@ _APPLY = {
     r.CONV_CREATED: _conv_created,
     r.MEMBER_ADDED: _member_added,
     r.MEMBER_REMOVED: _member_removed,
+    r.MEMBER_ROLE_SET: _member_role_set,
     r.MESSAGE_ACCEPTED: _message_accepted,
     r.DELIVERY_ACKED: _delivery_acked,
     r.READ_MARKED: _read_marked,

@@ -211,31 +211,59 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
     return events, {"conv": conv}
 
 
-def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decision:
+def _role_change(tables: Tables, cmd: c.Invite | c.SetRole, doing: str) -> str | None:
+    """Check that `cmd`'s actor may `doing` in `cmd.conv`, a group or channel: one of its owners
+    or admins (an admin token acts as owner; Forbidden otherwise, and for a conversation that
+    does not exist), with a valid target and role. Return the target's role (None: no member)."""
     info = _conv(tables, cmd.conv)
     actor = None if info is None else _role(tables, cmd.conv, cmd.user)
     if cmd.role == "admin" and info is not None:
         actor = "owner"
     if info is None or actor not in MANAGERS:
-        raise Forbidden("only owners and admins invite")
+        raise Forbidden(f"only owners and admins {doing}")
     if info["kind"] == "direct":
-        raise Invalid("cannot invite into a direct conversation")
+        raise Invalid(f"cannot {doing} in a direct conversation")
     if cmd.member_role not in ("member", "admin"):
         raise Invalid("member_role must be member or admin")
-    if cmd.member_role == "admin" and actor != "owner":
-        raise Forbidden("only owners grant admin")
     if not valid_id(cmd.target):
         raise Invalid("bad target id")
-    current = _role(tables, cmd.conv, cmd.target)
+    return _role(tables, cmd.conv, cmd.target)
+
+
+def _managed_without(tables: Tables, conv: str, user: str) -> bool:
+    """Whether `conv` keeps someone who can invite if `user` is no longer an owner or admin:
+    another owner or admin, or no other member at all."""
+    rows = tables.range("member", conv.encode() + b"\0")
+    others = [role for key, role in rows if key != key2(conv, user)]
+    return not others or any(role.decode() in MANAGERS for role in others)
+
+
+def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decision:
+    current = _role_change(tables, cmd, "invite")
     if current == cmd.member_role:
         return [], {"conv": cmd.conv}  # a retried invite: done already
     if current is not None:
         raise Conflict(f"{cmd.target} is already a {current} of {cmd.conv}; an invite does not "
-                       f"change roles")
+                       f"change roles (set_role does)")
     if _member_count(tables, cmd.conv) >= limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
     data = {"conv": cmd.conv, "user": cmd.target, "role": cmd.member_role}
     return [_ev(now_us, cmd, r.MEMBER_ADDED, data)], {"conv": cmd.conv}
+
+
+def _set_role(tables: Tables, cmd: c.SetRole, now_us: int, limits: Limits) -> Decision:
+    current = _role_change(tables, cmd, "change roles")
+    if current is None:
+        raise Conflict(f"{cmd.target} is not a member of {cmd.conv}: invite them")
+    if current == "owner":
+        raise Conflict(f"{cmd.target} is an owner of {cmd.conv}; an owner's role does not change")
+    if current == cmd.member_role:
+        return [], {"conv": cmd.conv}  # a retry, or nothing to change
+    if not _managed_without(tables, cmd.conv, cmd.target):
+        raise Conflict(f"{cmd.target} is the last owner or admin of {cmd.conv}: nobody could "
+                       f"invite any more (make another member an admin first)")
+    data = {"conv": cmd.conv, "user": cmd.target, "role": cmd.member_role}
+    return [_ev(now_us, cmd, r.MEMBER_ROLE_SET, data)], {"conv": cmd.conv}
 
 
 def _join(tables: Tables, cmd: c.Join, now_us: int, limits: Limits) -> Decision:
@@ -256,13 +284,11 @@ def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decisio
     info = _member_conv(tables, cmd)
     if info["kind"] == "direct":
         raise Invalid("cannot leave a direct conversation")
-    if _role(tables, cmd.conv, cmd.user) in MANAGERS:
-        rows = tables.range("member", cmd.conv.encode() + b"\0")
-        others = [role for key, role in rows if key != key2(cmd.conv, cmd.user)]
-        if others and not any(role.decode() in MANAGERS for role in others):
-            raise Conflict("the last owner or admin cannot leave while other members remain: "
-                           "nobody could invite any more (roles do not change, so only a user "
-                           "invited as admin could take over)")
+    if _role(tables, cmd.conv, cmd.user) in MANAGERS and not _managed_without(
+            tables, cmd.conv, cmd.user):
+        raise Conflict("the last owner or admin cannot leave while other members remain: "
+                       "nobody could invite any more (make another member an admin first, "
+                       "with set_role)")
     return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.user})], {
         "conv": cmd.conv}
 
@@ -302,6 +328,7 @@ _DECIDE = {
     c.SendMessage: _send,
     c.CreateConv: _create,
     c.Invite: _invite,
+    c.SetRole: _set_role,
     c.Join: _join,
     c.Leave: _leave,
     c.Ack: _ack,

@@ -90,6 +90,31 @@ def test_a_script_acks_what_it_handled_and_pages_history_forward(broker):
     assert bad.returncode == 2 and json.loads(bad.stderr)["error"] == "usage"
 
 
+def test_an_owner_hands_a_group_over_before_leaving(broker):
+    """`homing role` makes a member an admin, who can then keep the group going: the owner may
+    leave, which was a conflict while nobody else could invite. A plain member may not change
+    roles, and the last admin may not step down."""
+    shop, bob = as_user(broker, "shop"), as_user(broker, "bob")
+    conv = lines(homing("group", "create", "order-7", "--members", "bob,carol",
+                        env=shop))[0]["conv"]
+    refused = homing("leave", conv, env=shop, check=False)
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "conflict"
+    assert lines(homing("role", conv, "bob", "admin", env=shop)) == [
+        {"conv": conv, "user": "bob", "role": "admin", "ok": True}]
+    assert lines(homing("leave", conv, env=shop)) == [{"conv": conv, "ok": True}]
+    homing("invite", conv, "dave", env=bob)
+    assert lines(homing("members", conv, env=bob)) == [
+        {"conv": conv, "kind": "group", "name": "order-7", "owners": [], "admins": ["bob"],
+         "members": ["carol", "dave"]}]
+    refused = homing("role", conv, "bob", "member", env=bob, check=False)  # the last manager
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "conflict"
+    carol = as_user(broker, "carol")
+    denied = homing("role", conv, "dave", "admin", env=carol, check=False)
+    assert denied.returncode == 1 and json.loads(denied.stderr)["error"] == "forbidden"
+    bad = homing("role", conv, "carol", "owner", env=bob, check=False)
+    assert bad.returncode == 2 and json.loads(bad.stderr)["error"] == "usage"
+
+
 def test_resume_across_a_broker_sigkill(broker):
     """After SIGKILL and restart, acked messages stay acked and unacked ones come again."""
     shop, bob = as_user(broker, "shop"), as_user(broker, "bob")

@@ -154,6 +154,46 @@ async def test_channel_members_read_but_cannot_post(harness):
         assert e.value.name == "forbidden"
 
 
+async def test_an_owner_makes_a_member_an_admin_and_back(harness):
+    """set_role over the wire: a store made admin of head office's channel posts, sees the
+    receipts (queried and pushed: the broker's roster of who posts follows the role), invites;
+    made a member again, it may not post. Only an owner changes roles."""
+    async with harness.client("hq") as hq, harness.client("store-1") as s1, \
+            harness.client("store-2") as s2:
+        conv = await hq.create_channel("notices", ["store-1", "store-2"])
+        for c in (s1, s2):
+            for d in await recv(c):
+                await c.ack(d.inbox_seq)
+        first = await hq.send("opening hours", conv=conv)  # receipts: the roster is cached
+        for c in (s1, s2):
+            (d,) = await recv(c)
+            await c.ack(d.inbox_seq)
+        await push_of(hq, type(_receipt()), user="store-2", delivered=first.seq)
+        with pytest.raises(ClientError) as e:
+            await s1.set_role(conv, "store-2", "admin")
+        assert e.value.name == "forbidden"
+        await hq.set_role(conv, "store-1", "admin")
+        await hq.set_role(conv, "store-1", "admin")  # a retry: nothing changes
+        roles = await s1.members(conv)
+        assert (roles.owners, roles.admins, roles.members) == (("hq",), ("store-1",),
+                                                                ("store-2",))
+        r = await s1.send("stock count at 9", conv=conv)
+        for c in (hq, s2):
+            (d,) = await recv(c)
+            assert (d.seq, d.body, d.sender) == (r.seq, "stock count at 9", "store-1")
+            await c.ack(d.inbox_seq)
+        await push_of(s1, type(_receipt()), user="store-2", delivered=r.seq)
+        assert "store-2" in (await s1.receipts(conv, r.seq)).delivered
+        await s1.invite(conv, "store-3")
+        await hq.set_role(conv, "store-1", "member")
+        with pytest.raises(ClientError) as e:
+            await s1.send("again", conv=conv)
+        assert e.value.name == "forbidden"
+        with pytest.raises(ClientError) as e:
+            await hq.set_role(conv, "store-9", "admin")
+        assert e.value.name == "conflict"
+
+
 async def test_receipts_are_pushed_live_and_queryable(harness):
     """Acks and reads push receipts to members and show up in a receipts query."""
     async with harness.client("hq", role="service") as hq, \

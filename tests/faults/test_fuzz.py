@@ -38,6 +38,7 @@ SAMPLES = [
     wire.Receipts(id=12, conv="dm:a:b", seq=1),
     wire.Presence(id=13, conv="dm:a:b"),
     wire.Members(id=18, conv="grp:0123456789abcdef"),
+    wire.SetRole(id=19, conv="grp:0123456789abcdef", user="fz", role="admin"),
     wire.Typing(conv="dm:a:b"),
     wire.Mute(id=14, conv="dm:a:b", muted=True),
     wire.Ping(id=15),

@@ -10,7 +10,17 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from storage import audit
-from storage.commands import Ack, CreateConv, Invite, Join, Leave, MarkRead, SendMessage, SetMute
+from storage.commands import (
+    Ack,
+    CreateConv,
+    Invite,
+    Join,
+    Leave,
+    MarkRead,
+    SendMessage,
+    SetMute,
+    SetRole,
+)
 from storage.projections import Effects, apply, mark_applied
 from storage.store import Store, _InjectedAbort
 from storage.tables import MemoryTables
@@ -28,6 +38,8 @@ command_spec = st.one_of(
     st.tuples(st.just("create"), user_ix, st.sampled_from(["group", "channel", "bogus"]),
               st.booleans(), st.lists(user_ix, max_size=3)),
     st.tuples(st.just("invite"), user_ix, conv_ix, user_ix, st.sampled_from(["member", "admin"])),
+    st.tuples(st.just("set_role"), user_ix, conv_ix, user_ix,
+              st.sampled_from(["member", "admin"]), st.booleans()),
     st.tuples(st.just("join"), user_ix, conv_ix),
     st.tuples(st.just("leave"), user_ix, conv_ix),
     st.tuples(st.just("ack"), user_ix, st.sampled_from(["d1", "d2"]), small),
@@ -53,6 +65,10 @@ def make_command(spec, convs: list[str]):
         return CreateConv(u, "d1", "user", spec[2], "n", spec[3], members)
     if kind == "invite":
         return Invite(u, "d1", "user", conv(spec[2]), USERS[spec[3]], spec[4])
+    if kind == "set_role":
+        # Half of them with an admin token, which acts as owner: more of them change a role.
+        role = "admin" if spec[5] else ROLES[spec[1]]
+        return SetRole(u, "d1", role, conv(spec[2]), USERS[spec[3]], spec[4])
     if kind == "join":
         return Join(u, "d1", "user", conv(spec[2]))
     if kind == "leave":

@@ -11,6 +11,7 @@ from storage.commands import (
     MarkRead,
     SendMessage,
     SetMute,
+    SetRole,
 )
 from storage.errors import Conflict, Forbidden, Invalid, LimitExceeded
 from storage.rules import Limits
@@ -169,7 +170,7 @@ def test_the_last_owner_or_admin_cannot_leave_members_behind(store):
     or as the last member, they may leave."""
     conv = group(store, "shop", members=("courier", "customer"))
     refused = one(store, Leave("shop", "d1", "user", conv)).error
-    assert isinstance(refused, Conflict) and "invited as admin" in str(refused)
+    assert isinstance(refused, Conflict) and "set_role" in str(refused)
     assert one(store, Invite("shop", "d1", "user", conv, "ops", "admin")).error is None
     assert one(store, Leave("shop", "d1", "user", conv)).error is None
     assert isinstance(one(store, Leave("ops", "d1", "user", conv)).error, Conflict)
@@ -298,3 +299,58 @@ def test_replay_to_lsn_is_time_travel(store):
         snapshots[store.last_lsn()] = store.dump_projections()
     for lsn, dump in snapshots.items():
         assert store.replay(to_lsn=lsn).items() == dump
+
+
+def test_owners_and_admins_change_roles(store):
+    """An owner makes a member an admin, who may then invite, change roles and take over when
+    the owner leaves; plain members may not; an owner's role does not change; a non-member is
+    a conflict; setting the role a member has appends nothing; the last owner or admin cannot
+    make themselves a plain member. The members table and the user's own list follow, and
+    replay agrees (the model test draws set_role too)."""
+    conv = group(store, "shop", members=("courier", "customer"))
+    assert isinstance(one(store, Invite("courier", "d1", "user", conv, "x")).error, Forbidden)
+    for actor in ("courier", "customer", "nobody"):
+        refused = one(store, SetRole(actor, "d1", "user", conv, "courier", "admin")).error
+        assert isinstance(refused, Forbidden)
+    assert one(store, SetRole("shop", "d1", "user", conv, "courier", "admin")).error is None
+    assert store.role(conv, "courier") == "admin"
+    assert dict(store.members(conv))["courier"] == "admin"
+    lsn = store.last_lsn()
+    assert one(store, SetRole("shop", "d1", "user", conv, "courier", "admin")).error is None
+    assert store.last_lsn() == lsn  # a retry changes nothing
+    assert one(store, Invite("courier", "d1", "user", conv, "x")).error is None
+    refused = one(store, SetRole("courier", "d1", "user", conv, "shop", "member")).error
+    assert isinstance(refused, Conflict) and "owner" in str(refused)
+    refused = one(store, SetRole("shop", "d1", "user", conv, "zed", "admin")).error
+    assert isinstance(refused, Conflict) and "not a member" in str(refused)
+    assert isinstance(one(store, SetRole("shop", "d1", "user", conv, "x", "owner")).error,
+                      Invalid)
+    dm = one(store, send("shop", "c1", to="customer")).reply["conv"]
+    assert isinstance(one(store, SetRole("shop", "d1", "user", dm, "customer", "admin")).error,
+                      Forbidden)  # nobody owns a direct conversation
+    assert isinstance(one(store, SetRole("mod", "d1", "admin", dm, "customer", "admin")).error,
+                      Invalid)
+    # The owner hands over and leaves; the admin now manages the group, and cannot step down
+    # to a plain member while nobody else could invite.
+    assert one(store, Leave("shop", "d1", "user", conv)).error is None
+    refused = one(store, SetRole("courier", "d1", "user", conv, "courier", "member")).error
+    assert isinstance(refused, Conflict) and "last owner or admin" in str(refused)
+    assert one(store, SetRole("courier", "d1", "user", conv, "customer", "admin")).error is None
+    assert one(store, SetRole("courier", "d1", "user", conv, "courier", "member")).error is None
+    assert isinstance(one(store, Invite("courier", "d1", "user", conv, "z")).error, Forbidden)
+    # An admin token acts as owner.
+    assert one(store, SetRole("mod", "d1", "admin", conv, "courier", "admin")).error is None
+    assert store.role(conv, "courier") == "admin"
+    assert store.user_convs("courier") == [conv]
+    assert store.check_projections() is None
+
+
+def test_a_member_made_admin_posts_in_a_channel(store):
+    """In a channel only owners, admins and services post: a member made admin may, and made a
+    member again may not (the compiled send path reads the same member rows)."""
+    conv = group(store, "hq", kind="channel", members=("store1",))
+    assert isinstance(one(store, send("store1", "a", conv=conv)).error, Forbidden)
+    assert one(store, SetRole("hq", "d1", "user", conv, "store1", "admin")).error is None
+    assert one(store, send("store1", "b", conv=conv)).error is None
+    assert one(store, SetRole("hq", "d1", "user", conv, "store1", "member")).error is None
+    assert isinstance(one(store, send("store1", "c", conv=conv)).error, Forbidden)
