@@ -318,6 +318,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             with progress_bar("verify log", store.last_lsn()) as bar:
                 report["events"] = audit.verify_chain(store, bar)
         except CorruptLog as exc:
+            report["events"] = max(0, exc.lsn - 1)  # the records before it are sound
             report["log"] = {"ok": False, "lsn": exc.lsn, "reason": str(exc)}
             report["projections"] = {"ok": None, "skipped": "log is corrupt"}
             emit(report)

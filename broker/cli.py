@@ -473,7 +473,7 @@ def _client_options(p: argparse.ArgumentParser) -> None:
                    help="device name; successive commands with one name share a delivery cursor")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
     p.add_argument("--tls-ca", help="CA certificate file to verify the broker with (implies --tls)")
-    p.add_argument("--connect-timeout", type=float, default=30.0,
+    p.add_argument("--connect-timeout", type=_SECONDS, default=30.0,
                    help="seconds to keep trying to (re)connect before giving up (default 30)")
 
 
@@ -521,7 +521,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=_COUNT, default=d.window,
                    help="unacked deliveries in flight per device (default %(default)s)")
     s.add_argument("--heartbeat", type=_COUNT, default=d.heartbeat_s, help="seconds")
-    s.add_argument("--idle-timeout", type=_SECONDS, default=d.idle_timeout_s, help="seconds")
+    s.add_argument("--idle-timeout", type=_SECONDS, default=None,
+                   help=f"seconds (default: three heartbeats, {d.idle_timeout_s:g})")
     s.add_argument("--handshake-timeout", type=_SECONDS, default=d.handshake_timeout_s,
                    help="seconds")
     s.add_argument("--send-rate", type=_RATE, default=d.sends_per_s_per_connection,

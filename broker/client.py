@@ -43,6 +43,8 @@ RETRYABLE = frozenset({"shutting_down", "timeout", "limit_exceeded"})
 DEAD_AFTER_HEARTBEATS = 3
 DROPPED = "the connection dropped before the broker answered"
 CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome
+# The shortest attempt, when less of reconnect_timeout is left: giving up can come this late.
+MIN_ATTEMPT_S = 0.5
 STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, not at once
 # A frame not written within WRITE_STALL_S plus its time at SLOWEST_LINK_BPS (the broker
 # stopped reading) drops the connection.
@@ -318,7 +320,7 @@ class Client:
 
     # -- the connection -------------------------------------------------------------------------
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self, limit: float = CONNECT_TIMEOUT_S) -> None:
         # The broker's limits are the ones that count: it checks the bodies we send against
         # its --max-body-bytes and names its max_frame in welcome. Ours would only refuse what
         # a broker set up for bigger messages sends and accepts.
@@ -329,9 +331,6 @@ class Client:
                 versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device))
         except wire.LocalProtocolError as exc:  # a malformed token or device name
             raise _refusal(exc) or exc from None
-        limit = CONNECT_TIMEOUT_S
-        if self.reconnect_timeout is not None:
-            limit = max(0.5, min(limit, self.reconnect_timeout))
         stream: trio.abc.Stream | None = None
         try:
             # A broker that accepts but never answers (stopped with SIGSTOP, a balancer with no
@@ -397,14 +396,17 @@ class Client:
         _fail_requests([r for r in self._pending.values() if not r.resend and r.sent],
                        ConnectionLost, DROPPED)
 
-    async def _try_connect(self) -> BaseException | None:
-        """Connect once; the error to retry after, or None when connected.
+    async def _try_connect(self, left: float | None) -> BaseException | None:
+        """Connect once, within `left` seconds (None: CONNECT_TIMEOUT_S); the error to retry
+        after, or None when connected.
 
         Refusals that will not change by retrying (unauthorized, unsupported version, limits,
         a broker certificate our TLS context does not trust) are raised.
         """
+        limit = CONNECT_TIMEOUT_S if left is None else max(MIN_ATTEMPT_S, min(CONNECT_TIMEOUT_S,
+                                                                              left))
         try:
-            await self._connect_once()
+            await self._connect_once(limit)
         except ClientError as exc:
             if exc.name not in RETRYABLE:
                 raise
@@ -430,25 +432,32 @@ class Client:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
 
+    def _time_left(self, started: float) -> float | None:
+        """Seconds left of `reconnect_timeout` since `started` (None: no timeout)."""
+        if self.reconnect_timeout is None:
+            return None
+        return self.reconnect_timeout - (time.monotonic() - started)
+
     async def _connections(self, task_status) -> None:
         delay, started, first = 0.05, time.monotonic(), True
         while not self._closed:
             try:
-                error = await self._try_connect()
+                error = await self._try_connect(self._time_left(started))
             except (ClientError, NotTrusted) as exc:
                 self._fail(exc)
                 if first:
                     task_status.started()
                 return
             if error is not None:
-                waited = time.monotonic() - started
-                if not self.reconnect or (self.reconnect_timeout is not None
-                                          and waited > self.reconnect_timeout):
+                left = self._time_left(started)
+                if not self.reconnect or (left is not None and left <= 0):
                     self._fail(ConnectionLost(f"cannot reach {self.host}:{self.port}: {error}"))
                     if first:
                         task_status.started()
                     return
-                await trio.sleep(delay * (0.5 + random.random()))
+                pause = delay * (0.5 + random.random())
+                # The last pause ends with the timeout: one more (short) attempt, then give up.
+                await trio.sleep(pause if left is None else min(pause, left))
                 delay = min(delay * 2, 2.0)
                 continue
             if first:
@@ -477,7 +486,6 @@ class Client:
                 delay = min(delay * 2, 2.0)
             else:
                 delay = 0.05
-            started = time.monotonic()
             started = time.monotonic()
 
     async def _heartbeat(self, every: int) -> None:

@@ -15,6 +15,7 @@ from protocol import DEFAULT_MAX_FRAME_VALUES, largest_deliver_frame
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7717
 DEFAULT_DATA_DIR = "homing-data"
+IDLE_HEARTBEATS = 3  # the default idle timeout, in heartbeats: two pings may be lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,7 +34,7 @@ class Config:
     # Time.
     handshake_timeout_s: float = 10.0
     heartbeat_s: int = 15
-    idle_timeout_s: float = 45.0
+    idle_timeout_s: float | None = None  # None: IDLE_HEARTBEATS x heartbeat_s (45 s by default)
     shutdown_grace_s: float = 10.0
     # Delivery and flow control.
     window: int = 256
@@ -62,6 +63,8 @@ class Config:
     content_action: str = "reject"  # "reject" or "mask"
 
     def __post_init__(self) -> None:
+        if self.idle_timeout_s is None:
+            object.__setattr__(self, "idle_timeout_s", float(IDLE_HEARTBEATS * self.heartbeat_s))
         if self.idle_timeout_s < self.heartbeat_s:
             raise ValueError(
                 f"--idle-timeout {self.idle_timeout_s:g} is shorter than --heartbeat "

@@ -153,6 +153,8 @@ async def test_verify_catches_a_flipped_byte_anywhere_in_an_event(tmp_path, caps
         status, lines, err = audit(capsys, bad, "verify")
         assert status == 1, offset
         assert json.loads(lines[0])["log"]["lsn"] == lsn
+        assert json.loads(lines[0])["events"] == lsn - 1  # verified before it (was 0)
+        assert json.loads(lines[0])["projections"] == {"ok": None, "skipped": "log is corrupt"}
         assert json.loads(err) == {"error": "corrupt_log", "code": 0,
                                    "message": json.loads(err)["message"]}
         assert f"lsn {lsn}" in json.loads(err)["message"]

@@ -187,6 +187,19 @@ def test_serve_refuses_an_idle_timeout_shorter_than_the_heartbeat(tmp_path):
     assert not (tmp_path / "data").exists()
 
 
+def test_the_idle_timeout_follows_the_heartbeat_unless_set():
+    """Without --idle-timeout it is three heartbeats, as PROTOCOL.md §8 says: `--heartbeat 60`
+    alone was refused, since the idle timeout stayed 45 s."""
+    from broker.cli import _serve_config, build_parser
+
+    def config(*args):
+        return _serve_config(build_parser().parse_args(["serve", *args]))
+
+    assert config().idle_timeout_s == 45.0
+    assert config("--heartbeat", "60").idle_timeout_s == 180.0
+    assert config("--heartbeat", "60", "--idle-timeout", "61").idle_timeout_s == 61.0
+
+
 def test_a_secret_cut_short_is_refused_and_a_failed_creation_leaves_none(tmp_path):
     """An empty or short secret.key (a full disk while it was made) would let anyone sign
     tokens: serve and token refuse it. Making one that fails half-way leaves no file, so the

@@ -43,6 +43,8 @@ def as_user(bp: BrokerProcess, user: str, role: str = "user") -> dict:
     (["send", "--tls-ca", "/nonexistent", "--to", "bob", "x"], "--tls-ca /nonexistent: No such"),
     (["send", "--to", "bob", "--stdin", "--pipeline", "-1"], "--pipeline: must be at least 1"),
     (["send", "--to", "bob", "--stdin", "--pipeline", "0"], "--pipeline: must be at least 1"),
+    (["send", "--to", "bob", "--connect-timeout", "-1", "hi"],
+     "--connect-timeout: must be at least 0.001"),
     (["listen", "--timeout", "-1"], "--timeout: must be at least 0.001, not -1"),
     (["listen", "--timeout", "0"], "--timeout: must be at least 0.001, not 0"),
     (["send", "--to", "bob"], "send needs TEXT or --stdin"),

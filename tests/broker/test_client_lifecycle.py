@@ -63,6 +63,29 @@ async def test_a_broker_that_accepts_but_never_answers_is_given_up_on_in_time(tm
         assert "welcome" in str(lost.value)
 
 
+async def test_giving_up_comes_with_the_reconnect_timeout_not_after_it(monkeypatch):
+    """The reconnect timeout bounds the attempts and the pauses between them: the last attempt
+    gets only what is left (at least MIN_ATTEMPT_S), and the last pause ends with it. Each
+    attempt used to get a whole CONNECT_TIMEOUT_S (10 s), so a timeout of 14 s gave up after
+    20 s; pauses ran past it too (2.7 s for 2 s against a refused port). Here an attempt's
+    bound is shortened to 1 s, so a timeout of 1.2 s over a mute listener took 2 s."""
+    from broker import client as sdk
+
+    monkeypatch.setattr(sdk, "CONNECT_TIMEOUT_S", 1.0)
+    with socket.socket() as mute, socket.socket() as refused:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)
+        refused.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        for sock, timeout in ((mute, 1.2), (refused, 1.0)):
+            server = f"127.0.0.1:{sock.getsockname()[1]}"
+            started = trio.current_time()
+            with trio.fail_after(15), pytest.raises(ConnectionLost):
+                async with open_client(server, "t", "d", reconnect_timeout=timeout):
+                    pass
+            took = trio.current_time() - started
+            assert timeout <= took < timeout + sdk.MIN_ATTEMPT_S + 0.2, (server, took)
+
+
 async def test_create_made_while_disconnected_is_sent_on_the_reconnect(tmp_path):
     """`create` is not repeated after a drop, but one made while disconnected was never sent:
     it goes out on the next connection. It hung for ever."""
