@@ -82,17 +82,23 @@ def _created(session: Session, request_id: int, r: dict) -> wire.Created:
 
 
 def on_send(session: Session, f: wire.Send) -> Any:
+    # A send the rate or the content policy refuses may be the resend of a message accepted
+    # before (its answer lost with a connection, the policy changed since): that is a dup, and
+    # gets the first result as ever; only the refusals pay for the lookup.
     broker = session.broker
-    if not session.sends.take() or not session.user_sends.take():
+    if (not session.sends.take() or not session.user_sends.take()) and not broker.store.sent(
+            session.user, f.cid):
         session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
         return None
     body = f.body  # its size was checked by the protocol core (max_body_bytes: `invalid`)
     if broker.policy is not None:
         body, hit = broker.policy.apply(body)
         if hit and body is None:
-            session.reply_error(f.id, wire.ErrorCode.REJECTED_CONTENT,
-                                "the message contains a forbidden word")
-            return None
+            if not broker.store.sent(session.user, f.cid):
+                session.reply_error(f.id, wire.ErrorCode.REJECTED_CONTENT,
+                                    "the message contains a forbidden word")
+                return None
+            body = f.body
     command = cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
                               conv=f.conv, to=f.to)
     return _command(session, f.id, command, _sent)
@@ -188,10 +194,12 @@ def _page_that_fits(session: Session, f: wire.History, messages: list[dict],
     which answers `limit_exceeded`.
     """
     page = wire.Page(id=f.id, conv=f.conv, messages=messages, more=more)
-    # The common case, checked without packing: every message at its largest (a body of the
-    # body limit, the other fields PAGE_MESSAGE_BYTES at most) fits.
-    if len(messages) * (session.conn.max_body_bytes + PAGE_MESSAGE_BYTES) + 4096 <= (
-            session.conn.max_frame_bytes):
+    # The common case, checked without packing: every message at its largest (its body's
+    # UTF-8 at 4 bytes a character, the other fields PAGE_MESSAGE_BYTES at most) fits. Stored
+    # bodies may be over today's --max-body-bytes, so their own lengths count.
+    largest = sum(PAGE_MESSAGE_BYTES + (len(body) if type(body) is bytes else 4 * len(body))
+                  for body in (m["body"] for m in messages))
+    if largest + 4096 <= session.conn.max_frame_bytes:
         return page
     room = session.conn.max_frame_bytes - len(encode_frame(to_wire(page._replace(messages=[]))))
     used = 5  # the array header, at most

@@ -53,7 +53,7 @@ class Fresh:
                     sender=self.sender, body=self.body, cid=self.cid, ts=self.ts_us, muted=muted))
             prepared = self._prepared = PreparedDeliver(
                 "msg", self.conv, self.seq, self.sender, self.body, self.cid, self.ts_us,
-                conn.max_body_bytes)
+                conn.out_body_bytes)
         return conn.send_prepared(prepared, inbox_seq, muted)
 
 

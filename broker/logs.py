@@ -18,9 +18,43 @@ LSN = "lsn"
 PEER = "peer"
 
 
+class LossyStream:
+    """The log's stream, whose failures lose lines instead of failing what logged them.
+
+    A log line that cannot be written (stderr redirected to a full disk, /dev/full, a pipe whose
+    reader went away) must not stop the broker: the write raised from deep inside a send's
+    handling or a commit's fan-out, and the broker exited. The lines lost are counted.
+    """
+
+    __slots__ = ("__weakref__", "dropped", "stream")
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.dropped += 1
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def isatty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (OSError, ValueError):
+            return False
+
+
 def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
     """Route structlog events to `stream` (stderr) as JSON, or as console text on a TTY."""
-    stream = stream or sys.stderr
+    stream = LossyStream(stream or sys.stderr)
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer = (

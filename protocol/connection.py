@@ -66,7 +66,10 @@ class Connection:
 
     `max_frame_bytes` bounds incoming and outgoing frame bodies; it becomes the agreed limit when
     ``welcome`` passes (the server sends the agreed value; a client takes the smaller of it and
-    its own) and may be set later. `max_body_bytes` bounds message bodies (§4.1).
+    its own) and may be set later. `max_body_bytes` bounds the bodies of ``send`` frames
+    (§4.1): those a server receives, those a client sends. The messages a server delivers or
+    pages were stored under whatever limit held when they were accepted, so their bodies are
+    bounded by the frame size only, on both ends.
     `max_frame_values` bounds the msgpack values of each frame received (§2.2; None: no bound):
     a server passes one, a client trusts its server.
     """
@@ -74,13 +77,15 @@ class Connection:
     __slots__ = (
         "_buffer",
         "_decoders",
+        "_in_body",
+        "_max_body",
         "_next_map",
         "_our_moves",
+        "_out_body",
         "_outgoing",
         "_packer",
         "_state",
         "_their_moves",
-        "max_body_bytes",
         "our_role",
         "their_role",
     )
@@ -128,6 +133,26 @@ class Connection:
         self._buffer.max_frame_bytes = value
 
     @property
+    def max_body_bytes(self) -> int:
+        """Largest body of a ``send`` frame, in bytes (received by a server, sent by a client)."""
+        return self._max_body
+
+    @max_body_bytes.setter
+    def max_body_bytes(self, value: int) -> None:
+        self._max_body = value
+        # Only `send` (client to server) is held to it; `deliver` and `page` only to max_frame.
+        if self.our_role is Role.SERVER:
+            self._in_body, self._out_body = value, MAX_FRAME_LIMIT
+        else:
+            self._in_body, self._out_body = MAX_FRAME_LIMIT, value
+
+    @property
+    def out_body_bytes(self) -> int:
+        """Largest body of a frame this end sends: max_body_bytes for a client, none beyond the
+        frame limit for a server (its deliveries and pages carry stored messages)."""
+        return self._out_body
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes the receive buffer holds (at most 4 + max_frame_bytes + one fed chunk)."""
         return self._buffer.held
@@ -166,7 +191,7 @@ class Connection:
         if new is None:
             raise self._illegal(d, t)
         try:
-            frame = self._decoders[t](d, self.max_body_bytes)
+            frame = self._decoders[t](d, self._in_body)
         except FieldError as exc:
             if t != "bye":
                 raise self._invalid(d, t, str(exc)) from None
@@ -219,10 +244,10 @@ class Connection:
                 ErrorCode.INTERNAL, f"cannot send {t!r} in state {self._state.name}"
             )
         compiled = _COMPILED.get(cls)
-        data = None if compiled is None else compiled(frame, self.max_body_bytes)
+        data = None if compiled is None else compiled(frame, self._out_body)
         if data is None:  # not compiled, or not a plain frame: the Python checks decide
             try:
-                body = self._packer.pack(spec_of(cls).checked(frame, self.max_body_bytes))
+                body = self._packer.pack(spec_of(cls).checked(frame, self._out_body))
             except FieldError as exc:
                 raise LocalProtocolError(ErrorCode.INVALID, f"{t}: {exc}") from None
             except (TypeError, ValueError, AttributeError) as exc:
@@ -251,7 +276,7 @@ class Connection:
                 ErrorCode.INTERNAL,
                 f"a {self.our_role.name} cannot send 'deliver' in state {self._state.name}",
             )
-        if prepared.max_body_bytes > self.max_body_bytes:
+        if prepared.max_body_bytes > self._out_body:
             raise LocalProtocolError(
                 ErrorCode.INTERNAL, "deliver: prepared for a larger body limit than ours"
             )

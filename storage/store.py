@@ -291,6 +291,12 @@ class Store:
         """Return the inbox seq `device` of `user` acknowledged, 0 when none."""
         return self._u64("delivered", key2(user, device))
 
+    def sent(self, user: str, cid: str) -> bool:
+        """Whether `user` has a message accepted with `cid` (a send of it again is a dup)."""
+        if len(cid.encode()) > MAX_CID_BYTES:  # never accepted: its key would not fit LMDB's
+            return False
+        return self._get("idem", key2(user, cid)) is not None
+
     def muted(self, user: str, conv: str) -> bool:
         """Whether `user` muted `conv`."""
         return self._get("mute", key2(user, conv)) is not None

@@ -332,3 +332,30 @@ def test_serve_warns_when_the_secret_key_is_readable_by_others(tmp_path):
     finally:
         serve.kill()
         serve.wait()
+
+
+def test_a_log_that_cannot_be_written_does_not_stop_the_broker(tmp_path):
+    """With stderr on /dev/full (a log file on a full disk) every log line fails: the broker
+    loses the lines and goes on serving, and stops cleanly. It exited with status 1 within two
+    seconds of starting, or at the first send that logged."""
+    from tests.procs import free_port
+
+    data, port = tmp_path / "data", free_port()
+    with open("/dev/full", "w") as full:
+        serve = subprocess.Popen(
+            [*homing_cmd(), "serve", "--data", str(data), "--port", str(port),
+             "--log-level", "debug", "--log-format", "json"],
+            stdout=subprocess.DEVNULL, stderr=full)
+    try:
+        env = {"HOMING_SERVER": f"127.0.0.1:{port}",
+               "HOMING_TOKEN": homing("token", "shop", "--data", str(data)).stdout.strip()}
+        for i in range(3):
+            sent = lines(homing("send", "--to", "bob", "--connect-timeout", "15", f"n{i}",
+                                env=env))
+            assert sent[0]["seq"] == i + 1
+        assert serve.poll() is None
+        serve.terminate()
+        assert serve.wait(timeout=20) == 0
+    finally:
+        serve.kill()
+        serve.wait()

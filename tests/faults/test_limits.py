@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 import protocol as wire
+from broker.client import ClientError
 from tests.faults.conftest import RawClient, replies
 
 
@@ -83,6 +85,33 @@ async def test_body_size(broker_process, tally):
         tally.add("limit: body over --max-body-bytes")
 
 
+async def test_a_lowered_body_limit_still_delivers_and_pages_what_was_stored(broker_process,
+                                                                              tally):
+    """--max-body-bytes is for new sends. Restarted with a lower one, the broker delivers and
+    pages the bigger messages it had accepted: it refused to encode them, so the device was
+    closed with a `too_large` it could do nothing about and never got the messages after, and
+    a `history` over them ended the session with no reply (the SDK resent it for ever)."""
+    bp = broker_process()
+    with trio.fail_after(40):
+        async with bp.client("alice") as alice:
+            for body in ("before", "b" * 60_000, "after"):
+                await alice.send(body, to="bob")
+        await bp.aterminate()
+        bp.flags = ["--max-body-bytes", "1000"]
+        await bp.astart()
+        async with bp.client("bob") as bob:
+            got = [await bob.deliveries().receive() for _ in range(3)]
+            assert [len(d.body) for d in got] == [6, 60_000, 5]
+            await bob.ack(got[-1].inbox_seq)
+            page = await bob.history("dm:alice:bob")
+            assert [len(m.body) for m in page.messages] == [5, 60_000, 6] and not page.more
+            assert bob.reconnects == 0
+            with pytest.raises(ClientError) as refused:
+                await bob.send("x" * 1001, to="alice")  # new sends keep to the new limit
+            assert refused.value.name == "invalid"
+        tally.add("limit: --max-body-bytes lowered over stored messages")
+
+
 async def _commits_of(bp, sends: int) -> tuple[int, int]:
     """Write `sends` sends in one write, wait for every result, stop the broker; return the
     (batches, commands) it logged on the way out."""
@@ -118,6 +147,45 @@ async def test_send_rate_per_connection(broker_process, tally):
         names = [f.name if isinstance(f, wire.Error) else "result" for f in got.values()]
         assert 20 <= names.count("result") < 30 and set(names) == {"result", "rate_limited"}
         tally.add("limit: sends per second per connection", names.count("rate_limited"))
+
+
+async def test_a_resend_past_the_rate_or_the_policy_is_a_dup_not_a_refusal(broker_process,
+                                                                            tally, tmp_path):
+    """A resend of an accepted message (its result lost with the connection) is answered as a
+    dup even past the rate, or when a content policy set since would refuse its text: it was
+    refused (`rate_limited`, `rejected_content`), and an application that then sent it again
+    with a new cid made a duplicate. A refused message resent stays refused."""
+    bp = broker_process("--send-rate", "5")
+    with trio.fail_after(30):
+        c = await raw(bp, "alice")
+        for i in range(20):
+            await c.send(wire.Send(id=i + 1, cid=f"m{i}", body="badword", to="bob"))
+        got = await replies(c, range(1, 21))
+        accepted = {f.cid for f in got.values() if isinstance(f, wire.Result)}
+        assert 5 <= len(accepted) < 20
+        for i in range(20):  # the bucket is empty: only the accepted come back
+            await c.send(wire.Send(id=100 + i, cid=f"m{i}", body="badword", to="bob"))
+        again = await replies(c, range(100, 120))
+        for i in range(20):
+            f = again[100 + i]
+            if f"m{i}" in accepted:
+                assert isinstance(f, wire.Result) and f.dup, f
+            else:  # refused again, or accepted now if a token came back meanwhile
+                assert (isinstance(f, wire.Error) and f.name == "rate_limited") or (
+                    isinstance(f, wire.Result) and not f.dup), f
+        await c.aclose()
+        words = tmp_path / "words.txt"
+        words.write_text("badword\n")
+        await bp.aterminate()
+        bp.flags = ["--content-policy", str(words)]
+        await bp.astart()
+        c = await raw(bp, "alice")
+        await c.send(wire.Send(id=1, cid=min(accepted), body="badword", to="bob"))
+        await c.send(wire.Send(id=2, cid="new", body="badword", to="bob"))
+        got = await replies(c, [1, 2])
+        assert isinstance(got[1], wire.Result) and got[1].dup, got[1]
+        assert isinstance(got[2], wire.Error) and got[2].name == "rejected_content", got[2]
+        tally.add("limit: resends of accepted messages past the rate or the policy", 2)
 
 
 async def test_send_rate_per_user(broker_process, tally):

@@ -96,7 +96,9 @@ def test_a_client_or_a_connection_not_open_cannot_send_a_prepared_deliver():
 
 
 def test_frames_over_max_frame_or_prepared_for_a_larger_body_are_refused():
-    """The agreed max_frame and the connection's body limit bind prepared frames too."""
+    """The agreed max_frame and the connection's limit for the bodies it sends bind prepared
+    frames too. A server sends stored bodies of any size (its max_body_bytes is for sends), so
+    only a frame prepared against a limit beyond the frame limit is refused."""
     frame = Deliver(1, "msg", "chn:01", 1, "hq", "x" * 2000, "c", 1)
     pair = _open_pair()
     pair.server.max_frame_bytes = 1024
@@ -104,6 +106,7 @@ def test_frames_over_max_frame_or_prepared_for_a_larger_body_are_refused():
         pair.server.send_prepared(_prepared(frame), 1, False)
     assert e.value.code is ErrorCode.TOO_LARGE
     small = ConnectionPair(max_body_bytes=100).open()
+    assert small.server.send_prepared(_prepared(frame._replace(body="x")), 1, False)
     with pytest.raises(LocalProtocolError) as e:
-        small.server.send_prepared(_prepared(frame._replace(body="x")), 1, False)
+        small.server.send_prepared(_prepared(frame._replace(body="x"), (1 << 32) + 1), 1, False)
     assert e.value.code is ErrorCode.INTERNAL

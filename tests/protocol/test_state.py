@@ -14,10 +14,13 @@ from protocol import (
     NEED_DATA,
     Bye,
     Connection,
+    Deliver,
     Error,
     ErrorCode,
     LocalProtocolError,
+    Page,
     Ping,
+    PreparedDeliver,
     RemoteProtocolError,
     Role,
     Send,
@@ -162,6 +165,29 @@ def test_body_over_the_limit_is_invalid():
     with pytest.raises(RemoteProtocolError) as info:
         pair.server.next_event()
     assert info.value.code is ErrorCode.INVALID and not info.value.fatal
+
+
+def test_the_body_limit_is_for_sends_not_for_stored_messages():
+    """A server's limit may have been lowered since a message was accepted: its `deliver` and a
+    `page` holding it go out, and a client takes them, though the body is over max_body_bytes
+    on both ends (the server refused to encode them, and the session ended). Only `send` is
+    held to it, whichever end checks."""
+    pair = ConnectionPair(max_body_bytes=1000).open()
+    big = "x" * 5000
+    deliver = Deliver(inbox_seq=1, kind="msg", conv="dm:alice:bob", seq=1, sender="bob",
+                      body=big, cid="c", ts=1)
+    assert pair.send(pair.server, deliver) == [deliver]
+    page = Page(id=3, conv="dm:alice:bob", messages=(
+        {"seq": 1, "from": "bob", "body": big, "cid": "c", "ts": 1, "lsn": 4},), more=False)
+    (got,) = pair.send(pair.server, page)
+    assert got.messages[0].body == big
+    prepared = PreparedDeliver("msg", "dm:alice:bob", 1, "bob", big, "c", 1,
+                               pair.server.out_body_bytes)
+    pair.client.receive_data(pair.server.send_prepared(prepared, 2, False))
+    assert [f.body for f in drain(pair.client)] == [big]
+    with pytest.raises(LocalProtocolError):
+        pair.client.send(SEND._replace(body=big))
+    assert pair.server.out_body_bytes > pair.server.max_body_bytes == 1000
 
 
 def test_four_gib_length_prefix_is_too_large_at_once():
