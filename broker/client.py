@@ -308,7 +308,9 @@ class Client:
     async def next_push(self) -> Any:
         """The next receipt, status or typing push (the oldest are dropped past `max_pushes`).
         Once the client stopped and the pushes received are taken, raises what stopped it
-        (ClientClosed after a close)."""
+        (ClientClosed after a close). A checkpoint, as trio's own calls are, even when a push is
+        waiting: several tasks looping over it take turns with a burst."""
+        await trio.lowlevel.checkpoint()
         while not self._pushes:
             self._check_usable()
             await self._push_event.wait()  # several tasks may wait: each wakes, one takes it

@@ -167,6 +167,34 @@ async def test_pushes_reach_every_waiting_task(tmp_path):
                 assert got[0] > 0 and got[1] > 0, got
 
 
+async def test_tasks_take_turns_with_pushes_that_arrived_together(tmp_path):
+    """Pushes already waiting are shared too: next_push is a checkpoint even when it need not
+    wait, so one task looping over it no longer takes a whole burst without ever yielding."""
+    async with running_broker(tmp_path / "d") as h:
+        with trio.fail_after(20):
+            async with h.client("hq") as hq, h.client("bob") as bob:
+                conv = await hq.create_group("g", ["bob"])
+                for _ in range(4):  # within bob's typing burst
+                    await bob.typing(conv)
+                await bob.ping()
+                while len(hq._pushes) < 4:  # all four queued before anyone asks
+                    await trio.sleep(0.01)
+                got = [0, 0]
+
+                async def waiter(i):
+                    while True:
+                        await hq.next_push()
+                        got[i] += 1
+
+                async with trio.open_nursery() as n:
+                    n.start_soon(waiter, 0)
+                    n.start_soon(waiter, 1)
+                    while sum(got) < 4:
+                        await trio.sleep(0.01)
+                    n.cancel_scope.cancel()
+                assert got[0] > 0 and got[1] > 0, got  # [4, 0] before
+
+
 async def test_a_full_broker_is_retried_not_given_up_on(tmp_path):
     """limit_exceeded at hello (the handshake slots full while many clients reconnect) is worth
     retrying: the client connects once a slot frees. It stopped for good at once."""
