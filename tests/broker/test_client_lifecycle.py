@@ -139,31 +139,42 @@ async def test_calls_after_close_and_calls_pending_at_close_raise_client_closed(
                     await call()
 
 
+async def _two_waiters(client, pushes: int, meanwhile=None) -> list[int]:
+    """How many of `pushes` pushes each of two tasks looping on next_push took; `meanwhile()`
+    runs once both wait."""
+    got = [0, 0]
+
+    async def waiter(i):
+        while True:
+            await client.next_push()
+            got[i] += 1
+
+    async with trio.open_nursery() as n:
+        n.start_soon(waiter, 0)
+        n.start_soon(waiter, 1)
+        if meanwhile is not None:
+            await trio.sleep(0.1)
+            await meanwhile()
+        while sum(got) < pushes:
+            await trio.sleep(0.01)
+        n.cancel_scope.cancel()
+    return got
+
+
 async def test_pushes_reach_every_waiting_task(tmp_path):
     """Two tasks waiting on next_push share the pushes; one used to take its turn for ever."""
     async with running_broker(tmp_path / "d") as h:
         with trio.fail_after(20):
             async with h.client("hq") as hq, h.client("bob") as bob:
                 conv = await hq.create_group("g", ["bob"])
-                got = [0, 0]
 
-                async def waiter(i):
-                    while True:
-                        await hq.next_push()
-                        got[i] += 1
-
-                async with trio.open_nursery() as n:
-                    n.start_soon(waiter, 0)
-                    await trio.sleep(0.05)
-                    n.start_soon(waiter, 1)
-                    await trio.sleep(0.05)
+                async def typing():
                     for _ in range(10):
                         await bob.typing(conv)
                         await bob.ping()
                         await trio.sleep(0.25)  # past bob's typing rate
-                    while sum(got) < 10:
-                        await trio.sleep(0.01)
-                    n.cancel_scope.cancel()
+
+                got = await _two_waiters(hq, 10, typing)
                 assert got[0] > 0 and got[1] > 0, got
 
 
@@ -179,20 +190,8 @@ async def test_tasks_take_turns_with_pushes_that_arrived_together(tmp_path):
                 await bob.ping()
                 while len(hq._pushes) < 4:  # all four queued before anyone asks
                     await trio.sleep(0.01)
-                got = [0, 0]
-
-                async def waiter(i):
-                    while True:
-                        await hq.next_push()
-                        got[i] += 1
-
-                async with trio.open_nursery() as n:
-                    n.start_soon(waiter, 0)
-                    n.start_soon(waiter, 1)
-                    while sum(got) < 4:
-                        await trio.sleep(0.01)
-                    n.cancel_scope.cancel()
-                assert got[0] > 0 and got[1] > 0, got  # [4, 0] before
+                got = await _two_waiters(hq, 4)
+                assert got[0] > 0 and got[1] > 0, got  # [0, 4] before
 
 
 async def test_a_full_broker_is_retried_not_given_up_on(tmp_path):
