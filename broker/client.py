@@ -267,8 +267,12 @@ class Client:
         await self._request(lambda i: wire.Invite(id=i, conv=conv, user=user, role=role))
 
     async def set_role(self, conv: str, user: str, role: str) -> None:
-        """Make `user`, a member of `conv`, a plain "member" or an "admin" (owners only)."""
-        await self._request(lambda i: wire.SetRole(id=i, conv=conv, user=user, role=role))
+        """Make `user`, a member of `conv`, a plain "member" or an "admin" (by an owner or an
+        admin). Resent after a reconnect like the others; stepping down yourself, whose resend
+        is `forbidden` once the first try was carried out, then returns as done."""
+        mine = self.welcome is not None and user == self.welcome.user and role == "member"
+        await self._request(lambda i: wire.SetRole(id=i, conv=conv, user=user, role=role),
+                            done_if_resent="forbidden" if mine else None)
 
     async def join(self, conv: str) -> None:
         await self._request(lambda i: wire.Join(id=i, conv=conv))

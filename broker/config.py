@@ -81,5 +81,9 @@ class Config:
                 f"{self.max_body_bytes - (frame - self.max_frame_bytes)}")
 
     def replace(self, **changes: object) -> Config:
-        """A copy with some fields changed."""
+        """A copy with some fields changed; an idle timeout that followed the heartbeat (the
+        default) follows a new one."""
+        if ("heartbeat_s" in changes and "idle_timeout_s" not in changes
+                and self.idle_timeout_s == IDLE_HEARTBEATS * self.heartbeat_s):
+            changes["idle_timeout_s"] = None
         return dataclasses.replace(self, **changes)

@@ -231,7 +231,7 @@ class Invite(NamedTuple):
 
 
 class SetRole(NamedTuple):
-    """Makes a member of a group or channel a plain member or an admin (owners only)."""
+    """Makes a member of a group or channel a plain member or an admin (owners and admins)."""
 
     id: int
     conv: str

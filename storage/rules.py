@@ -259,7 +259,7 @@ def _set_role(tables: Tables, cmd: c.SetRole, now_us: int, limits: Limits) -> De
         raise Conflict(f"{cmd.target} is an owner of {cmd.conv}; an owner's role does not change")
     if current == cmd.member_role:
         return [], {"conv": cmd.conv}  # a retry, or nothing to change
-    if not _managed_without(tables, cmd.conv, cmd.target):
+    if cmd.member_role == "member" and not _managed_without(tables, cmd.conv, cmd.target):
         raise Conflict(f"{cmd.target} is the last owner or admin of {cmd.conv}: nobody could "
                        f"invite any more (make another member an admin first)")
     data = {"conv": cmd.conv, "user": cmd.target, "role": cmd.member_role}

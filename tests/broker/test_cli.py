@@ -198,6 +198,9 @@ def test_the_idle_timeout_follows_the_heartbeat_unless_set():
     assert config().idle_timeout_s == 45.0
     assert config("--heartbeat", "60").idle_timeout_s == 180.0
     assert config("--heartbeat", "60", "--idle-timeout", "61").idle_timeout_s == 61.0
+    # A copy with another heartbeat: the default follows it, a chosen timeout stays.
+    assert config().replace(heartbeat_s=60).idle_timeout_s == 180.0
+    assert config("--idle-timeout", "50").replace(heartbeat_s=20).idle_timeout_s == 50.0
 
 
 def test_a_secret_cut_short_is_refused_and_a_failed_creation_leaves_none(tmp_path):

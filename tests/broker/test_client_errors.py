@@ -182,10 +182,12 @@ async def test_bodies_up_to_the_brokers_limit_go_both_ways(tmp_path):
                 assert (d.seq, len(d.body)) == (r.seq, 250_000) and bob.reconnects == 0
 
 
-async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_path):
+@pytest.mark.parametrize("step", ["leave", "step_down"])
+async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_path, step):
     """The broker carries out a leave, and its answer is lost with the connection: the SDK
     resends it on the next connection, where `forbidden` (not a member any more) means the
-    first try took effect, so leave returns instead of raising."""
+    first try took effect, so leave returns instead of raising. So does an admin's set_role
+    of themselves to a plain member (no admin any more), which raised `forbidden`."""
     from broker.client import open_client
 
     cut = trio.Event()
@@ -221,11 +223,15 @@ async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_pat
             port = listeners[0].socket.getsockname()[1]
             async with h.client("alice") as alice:
                 conv = await alice.create_group("g", ["bob"])
+                await alice.set_role(conv, "bob", "admin")
             async with open_client(f"127.0.0.1:{port}", h.token("bob"), "d1") as bob:
                 cut.set()
-                await bob.leave(conv)
+                if step == "leave":
+                    await bob.leave(conv)
+                else:
+                    await bob.set_role(conv, "bob", "member")
                 assert bob.reconnects == 1
-            assert h.broker.store.role(conv, "bob") is None
+            assert h.broker.store.role(conv, "bob") == (None if step == "leave" else "member")
             nursery.cancel_scope.cancel()
 
 

@@ -345,6 +345,19 @@ def test_owners_and_admins_change_roles(store):
     assert store.check_projections() is None
 
 
+def test_an_unmanaged_group_can_be_given_an_admin(store):
+    """An open group whose owner left as its last member, then joined by others, has nobody who
+    can invite: an admin token promotes one of them. The last-manager check is for stepping
+    down only; it refused the promotion, naming the plain member "the last owner or admin"."""
+    conv = group(store, "own", members=(), open_=True)
+    assert one(store, Leave("own", "d1", "user", conv)).error is None
+    for user in ("alice", "bob"):
+        assert one(store, Join(user, "d1", "user", conv)).error is None
+    assert one(store, SetRole("ops", "d1", "admin", conv, "alice", "admin")).error is None
+    assert store.role(conv, "alice") == "admin"
+    assert one(store, Invite("alice", "d1", "user", conv, "carol")).error is None
+
+
 def test_a_member_made_admin_posts_in_a_channel(store):
     """In a channel only owners, admins and services post: a member made admin may, and made a
     member again may not (the compiled send path reads the same member rows)."""
