@@ -10,6 +10,10 @@
  * compares the two on random and odd frames.
  *
  * Direction, state and max_frame belong to the connection (`Connection.send` checks them).
+ *
+ * `count_values(body, limit)` counts the values of a msgpack body as protocol.codec's
+ * `count_values` does (its reference): every map key, map value and array item, nested ones
+ * included, each container counted at its header, stopping as soon as the count passes `limit`.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -17,7 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#define WIRE_VERSION 1
+#define WIRE_VERSION 2
 
 static PyObject *known_users, *known_convs; /* protocol.fields' sets of ids that matched */
 static Py_ssize_t max_cid_chars;
@@ -330,6 +334,96 @@ static PyObject *configure(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- counting a body's values ------------------------------------------------------------------ */
+
+static inline uint64_t be(const unsigned char *p, int n) {
+    uint64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* The values of the msgpack objects in buf[0:n] that a decode of its first object reads, counted
+ * at each container's header: stops once past `limit` (returning the count so far, > limit), or
+ * at the end of the input or a byte no object starts with (returning the count so far: the
+ * decoder, which runs next, reports the malformed body). */
+static uint64_t count(const unsigned char *buf, uint64_t n, uint64_t limit) {
+    uint64_t p = 0, remaining = 1, counted = 0;
+    while (remaining && p < n) {
+        unsigned b = buf[p];
+        uint64_t items = 0, skip = 0; /* a container's items; a scalar's bytes after its type */
+        int header = 0;               /* bytes of a length after the type byte */
+        remaining--;
+        if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3) {
+            p += 1;
+            continue;
+        }
+        if (b >= 0x80 && b <= 0x8f) {
+            items = 2 * (uint64_t)(b & 0x0f);
+        } else if (b >= 0x90 && b <= 0x9f) {
+            items = b & 0x0f;
+        } else if (b >= 0xa0 && b <= 0xbf) {
+            skip = b & 0x1f;
+        } else {
+            switch (b) {
+            case 0xc4: case 0xd9: header = 1; break;                  /* bin8, str8 */
+            case 0xc5: case 0xda: header = 2; break;                  /* bin16, str16 */
+            case 0xc6: case 0xdb: header = 4; break;                  /* bin32, str32 */
+            case 0xc7: header = 1; skip = 1; break;                   /* ext8: + its type */
+            case 0xc8: header = 2; skip = 1; break;
+            case 0xc9: header = 4; skip = 1; break;
+            case 0xca: skip = 4; break;                               /* float32 */
+            case 0xcb: skip = 8; break;
+            case 0xcc: case 0xd0: skip = 1; break;                    /* (u)int8 */
+            case 0xcd: case 0xd1: skip = 2; break;
+            case 0xce: case 0xd2: skip = 4; break;
+            case 0xcf: case 0xd3: skip = 8; break;
+            case 0xd4: skip = 2; break;                               /* fixext1: type + 1 */
+            case 0xd5: skip = 3; break;
+            case 0xd6: skip = 5; break;
+            case 0xd7: skip = 9; break;
+            case 0xd8: skip = 17; break;
+            case 0xdc: case 0xdd: case 0xde: case 0xdf: {             /* array16/32, map16/32 */
+                int w = (b == 0xdc || b == 0xde) ? 2 : 4;
+                if (n - p - 1 < (uint64_t)w)
+                    return counted;
+                items = be(buf + p + 1, w) * (b >= 0xde ? 2 : 1);
+                p += (uint64_t)w;
+                break;
+            }
+            default: /* 0xc1: never used */
+                return counted;
+            }
+        }
+        if (header) {
+            if (n - p - 1 < (uint64_t)header)
+                return counted;
+            skip += be(buf + p + 1, header);
+            p += (uint64_t)header;
+        }
+        if (items) {
+            counted += items;
+            if (counted > limit)
+                return counted;
+            remaining += items;
+        }
+        if (skip > n - p - 1)
+            return counted;
+        p += 1 + skip;
+    }
+    return counted;
+}
+
+static PyObject *count_values(PyObject *self, PyObject *args) {
+    Py_buffer body;
+    unsigned long long limit;
+    if (!PyArg_ParseTuple(args, "y*K", &body, &limit))
+        return NULL;
+    uint64_t got = count((const unsigned char *)body.buf, (uint64_t)body.len, limit);
+    PyBuffer_Release(&body);
+    return PyLong_FromUnsignedLongLong(got);
+}
+
 static PyObject *not_configured(PyObject *self, PyObject *args) {
     PyErr_SetString(PyExc_RuntimeError, "protocol._wire: call configure() first");
     return NULL;
@@ -348,6 +442,8 @@ static PyMethodDef methods[] = {
      "deliver(frame, max_body) -> the bytes of a plain Deliver frame, or None"},
     {"result", checked_result, METH_VARARGS,
      "result(frame, max_body) -> the bytes of a plain Result frame, or None"},
+    {"count_values", count_values, METH_VARARGS,
+     "count_values(body, limit) -> the body's values, counted until past limit"},
     {"configure", configure, METH_VARARGS,
      "configure(known_users, known_convs, max_cid_chars): protocol.fields' sets and limit"},
     {NULL, NULL, 0, NULL},

@@ -12,9 +12,10 @@ map whose ``"t"`` is a str. Rules kept here:
 * A frame from a client holds at most `max_values` msgpack values (every map key, map value and
   array item, nested ones included; DEFAULT_MAX_FRAME_VALUES), else BAD_FRAME: decoding costs
   per value, and a 1 MiB frame of empty maps took 141 ms of the broker's one thread where a
-  200-byte send takes 1 us. Each container is checked as it is decoded (a single one by its
-  header, before its items), so a frame over the limit costs at most about twice the limit.
-  A body of no more bytes than the limit cannot hold more values, and is not counted.
+  200-byte send takes 1 us. The values are counted from the containers' headers before
+  anything is decoded (`count_values`, compiled in protocol/_wire.c), stopping past the limit,
+  so a frame over it costs at most `max_values` steps, however it nests. A body of no more
+  bytes than the limit cannot hold more values, and is not counted.
 * The body is decoded with `msgpack.unpackb` and explicit limits, never with a streaming
   `Unpacker` and its defaults (msgpack/msgpack-python issue #503): each frame is cut out by its
   length first, so one frame can never make the decoder hold more than max_frame_bytes.
@@ -33,6 +34,7 @@ import struct
 
 import msgpack
 
+from . import native
 from .errors import ErrorCode, LocalProtocolError, RemoteProtocolError
 
 DEFAULT_MAX_FRAME_BYTES = 1 << 20
@@ -86,46 +88,80 @@ def encode_frame(wire: dict) -> bytes:
     return _pack_prefix(len(body)) + body
 
 
-class _TooManyValues(Exception):
-    pass
+# The bytes after the type byte of each fixed-size msgpack scalar, by type byte.
+_FIXED = {0xca: 4, 0xcb: 8, 0xcc: 1, 0xcd: 2, 0xce: 4, 0xcf: 8, 0xd0: 1, 0xd1: 2, 0xd2: 4,
+          0xd3: 8, 0xd4: 2, 0xd5: 3, 0xd6: 5, 0xd7: 9, 0xd8: 17}
+# (width of the length, bytes after it besides the payload) of str, bin and ext by type byte.
+_SIZED = {0xc4: (1, 0), 0xc5: (2, 0), 0xc6: (4, 0), 0xd9: (1, 0), 0xda: (2, 0), 0xdb: (4, 0),
+          0xc7: (1, 1), 0xc8: (2, 1), 0xc9: (4, 1)}
+# (width of the count, values per item) of array16/32 and map16/32.
+_COUNTED = {0xdc: (2, 1), 0xdd: (4, 1), 0xde: (2, 2), 0xdf: (4, 2)}
 
 
-class ValueBudget:
-    """Counts a frame's values as msgpack builds its containers; raises past `limit`."""
+def count_values(body: bytes | bytearray, limit: int) -> int:
+    """The values a decode of `body` reads: every map key, map value and array item, nested
+    ones included (the first object itself is not counted). Each container counts at its header,
+    before its items are read, and counting stops as soon as it passes `limit`: the cost is at
+    most `limit` steps whatever the nesting. A body that ends early or holds a byte no object
+    starts with is counted up to there; its decode then fails on its own.
 
-    __slots__ = ("left", "limit")
+    The reference of `protocol._wire.count_values`, which the server uses where it was built.
+    """
+    n, p, remaining, counted = len(body), 0, 1, 0
+    while remaining and p < n:
+        b = body[p]
+        remaining -= 1
+        items = skip = 0
+        if b <= 0x7F or b >= 0xE0 or b in (0xC0, 0xC2, 0xC3):
+            p += 1
+            continue
+        if b <= 0x8F:
+            items = 2 * (b & 0x0F)
+        elif b <= 0x9F:
+            items = b & 0x0F
+        elif b <= 0xBF:
+            skip = b & 0x1F
+        elif b in _FIXED:
+            skip = _FIXED[b]
+        elif b in _SIZED:
+            width, extra = _SIZED[b]
+            if n - p - 1 < width:
+                return counted
+            skip = int.from_bytes(body[p + 1 : p + 1 + width], "big") + extra
+            p += width
+        elif b in _COUNTED:
+            width, per = _COUNTED[b]
+            if n - p - 1 < width:
+                return counted
+            items = int.from_bytes(body[p + 1 : p + 1 + width], "big") * per
+            p += width
+        else:  # 0xc1, never used
+            return counted
+        if items:
+            counted += items
+            if counted > limit:
+                return counted
+            remaining += items
+        if skip > n - p - 1:
+            return counted
+        p += 1 + skip
+    return counted
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.left = limit
 
-    def map(self, d: dict) -> dict:
-        self.left -= 2 * len(d)
-        if self.left < 0:
-            raise _TooManyValues
-        return d
-
-    def array(self, items: tuple) -> tuple:
-        self.left -= len(items)
-        if self.left < 0:
-            raise _TooManyValues
-        return items
+_count_values = count_values if native.wire is None else native.wire.count_values
 
 
 def decode_body(body: bytes | bytearray, max_frame_bytes: int,
-                budget: ValueBudget | None = None) -> dict:
+                max_values: int | None = None) -> dict:
     """Decode one frame body into its map, or raise a fatal BAD_FRAME `RemoteProtocolError`.
 
-    With a `budget`, a body of more than `budget.limit` values is BAD_FRAME too. Every value
-    takes at least a byte, so a body of at most `budget.limit` bytes is not counted.
+    With `max_values`, a body of more values than that (`count_values`) is BAD_FRAME too; it is
+    counted before anything is built. Every value takes at least a byte, so a body of at most
+    `max_values` bytes is not counted.
     """
-    if budget is None or len(body) <= budget.limit:
-        arrays = maps = max_frame_bytes
-        on_map = on_array = None
-    else:
-        budget.left = arrays = budget.limit
-        maps = arrays // 2
-        on_map, on_array = budget.map, budget.array
+    if (max_values is not None and len(body) > max_values
+            and _count_values(body, max_values) > max_values):
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, f"frame holds more than {max_values} values")
     try:
         obj = _unpackb(
             body,
@@ -134,19 +170,11 @@ def decode_body(body: bytes | bytearray, max_frame_bytes: int,
             use_list=False,
             max_str_len=max_frame_bytes,
             max_bin_len=max_frame_bytes,
-            max_array_len=arrays,
-            max_map_len=maps,
+            max_array_len=max_frame_bytes,
+            max_map_len=max_frame_bytes,
             max_ext_len=max_frame_bytes,
-            object_hook=on_map,
-            list_hook=on_array,
         )
     except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, TypeError, ...)
-        if budget is not None and (isinstance(exc, _TooManyValues) or (
-                type(exc) is ValueError and ("max_array_len" in str(exc)
-                                             or "max_map_len" in str(exc)))):
-            raise RemoteProtocolError(
-                ErrorCode.BAD_FRAME, f"frame holds more than {budget.limit} values"
-            ) from None
         raise RemoteProtocolError(
             ErrorCode.BAD_FRAME, f"frame body is not valid msgpack ({type(exc).__name__})"
         ) from None
@@ -164,14 +192,14 @@ class FrameBuffer:
     next `feed` (deleting from the front of a bytearray is cheap in CPython).
     """
 
-    __slots__ = ("_buf", "_pos", "budget", "eof", "max_frame_bytes")
+    __slots__ = ("_buf", "_pos", "eof", "max_frame_bytes", "max_values")
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
                  max_values: int | None = None) -> None:
         self._buf = bytearray()
         self._pos = 0
         self.max_frame_bytes = max_frame_bytes
-        self.budget = None if max_values is None else ValueBudget(max_values)
+        self.max_values = max_values
         self.eof = False
 
     @property
@@ -232,4 +260,4 @@ class FrameBuffer:
                 raise RemoteProtocolError(ErrorCode.BAD_FRAME, "EOF inside a frame")
             return None
         self._pos = end
-        return decode_body(buf[pos + 4 : end], self.max_frame_bytes, self.budget)
+        return decode_body(buf[pos + 4 : end], self.max_frame_bytes, self.max_values)

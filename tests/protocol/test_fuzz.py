@@ -18,14 +18,18 @@ from protocol import (
     ProtocolError,
     Role,
     State,
+    native,
 )
-from protocol.codec import ValueBudget, decode_body
+from protocol.codec import count_values, decode_body
 
 from .helpers import HELLO, WELCOME, ConnectionPair
 
 MAX_FRAME = 1024
 SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+# The reference counter, and the compiled one where it was built.
+COUNTERS = [count_values] + ([native.wire.count_values] if native.wire is not None else [])
 
 _FIELD_NAMES = ["id", "conv", "cid", "body", "to", "upto", "versions", "token", "device",
                 "messages", "kind", "code", "close", "max_frame", "members", "user", "from"]
@@ -130,16 +134,18 @@ def _values(obj) -> int:
 
 @SETTINGS
 @given(frame=frame_maps, limit=st.integers(0, 40))
-def test_a_value_budget_takes_exactly_the_frames_within_it(frame, limit):
-    """With a budget, a body decodes to the same map iff it holds at most `limit` values;
-    otherwise it is BAD_FRAME naming the limit."""
+def test_a_value_limit_takes_exactly_the_frames_within_it(frame, limit):
+    """With max_values, a body decodes to the same map iff it holds at most `limit` values;
+    otherwise it is BAD_FRAME naming the limit. Both counters agree with the decoded map."""
     body = msgpack.packb(frame, use_bin_type=True)
     try:
         plain = decode_body(body, MAX_FRAME)
     except ProtocolError:
-        return  # not a frame at all (a float key, say): the budget changes nothing there
+        return  # not a frame at all (a float key, say): the limit changes nothing there
+    for count in COUNTERS:
+        assert count(body, 1 << 20) == _values(plain)
     try:
-        got = decode_body(body, MAX_FRAME, ValueBudget(limit))
+        got = decode_body(body, MAX_FRAME, limit)
     except ProtocolError as exc:
         assert _values(plain) > limit
         assert exc.code is ErrorCode.BAD_FRAME and f"more than {limit} values" in str(exc)
@@ -148,17 +154,40 @@ def test_a_value_budget_takes_exactly_the_frames_within_it(frame, limit):
         assert got == plain
 
 
-def test_a_frame_of_a_million_empty_maps_stops_at_the_budget():
-    """The case the budget is for: decoding is cut off by the array's header, or after at most
-    about twice the limit's values, however big the frame."""
-    huge = msgpack.packb({"t": "send", "junk": [{}] * 1_000_000}, use_bin_type=True)
-    nested = msgpack.packb({"t": "send", "junk": [[{}] * 1000] * 1000}, use_bin_type=True)
-    for body in (huge, nested):
-        budget = ValueBudget(4096)
+@SETTINGS
+@given(data=st.binary(max_size=64) | bodies, cut=st.integers(0, 80), limit=st.integers(0, 20))
+def test_the_compiled_count_is_the_python_one_on_any_bytes(data, cut, limit):
+    """Garbage, truncated bodies and nested ones: the two counters agree, and never read past
+    the end."""
+    for body in (data, data[:cut]):
+        assert len({count(body, limit) for count in COUNTERS}) == 1, body
+
+
+def _nested(levels: int, per: int) -> bytes:
+    """`levels` arrays, each of `per` empty maps and then the next array: every level is still
+    open while its maps are read."""
+    head = b"\xdc" + (per + 1).to_bytes(2, "big")
+    return b"".join(head + b"\x80" * per for _ in range(levels)) + b"\x90"
+
+
+def test_values_are_counted_at_each_header_however_the_frame_nests():
+    """The shapes the limit is for, flat or nested with the children last (counting as each
+    container closed, a review found, let 1 MiB of nested levels be decoded before the limit
+    was seen: 160 ms, more than with no limit): each is refused after at most the limit and
+    one container, before anything is decoded."""
+    frames = [{"t": "send", "junk": [{}] * 1_000_000}, {"t": "send", "junk": [[{}] * 1000] * 1000}]
+    bodies = [msgpack.packb(f, use_bin_type=True) for f in frames]
+    bodies.append(b"\x82\xa1t\xa4send\xa4junk" + _nested(254, 4091))
+    for body in bodies:
+        for count in COUNTERS:
+            assert count(body, 4096) > 4096
         try:
-            decode_body(body, len(body), budget)
+            decode_body(body, len(body), 4096)
         except ProtocolError as exc:
             assert "more than 4096 values" in str(exc)
         else:
             raise AssertionError("decoded")
-        assert budget.left >= -1002  # stopped at the first array past the limit
+    # The nested one fits up to its first level's 4,091 maps, and stops at the second level's
+    # header: 4 + 4,092 + 4,092 values counted, 4,094 objects read.
+    for count in COUNTERS:
+        assert count(bodies[-1], 4096) == 4 + 4092 + 4092
