@@ -23,20 +23,18 @@ class LossyStream:
 
     A log line that cannot be written (stderr redirected to a full disk, /dev/full, a pipe whose
     reader went away) must not stop the broker: the write raised from deep inside a send's
-    handling or a commit's fan-out, and the broker exited. The lines lost are counted.
+    handling or a commit's fan-out, and the broker exited.
     """
 
-    __slots__ = ("__weakref__", "dropped", "stream")
+    __slots__ = ("__weakref__", "stream")  # structlog keeps a lock per stream, weakly keyed
 
     def __init__(self, stream) -> None:
         self.stream = stream
-        self.dropped = 0
 
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
         except (OSError, ValueError):  # ValueError: the stream was closed
-            self.dropped += 1
             return 0
 
     def flush(self) -> None:
