@@ -10,7 +10,12 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from protocol import DEFAULT_MAX_FRAME_VALUES, largest_deliver_frame
+from protocol import (
+    DEFAULT_MAX_FRAME_VALUES,
+    MAX_FRAME_LIMIT,
+    MIN_FRAME_VALUES,
+    largest_deliver_frame,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7717
@@ -65,6 +70,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.idle_timeout_s is None:
             object.__setattr__(self, "idle_timeout_s", float(IDLE_HEARTBEATS * self.heartbeat_s))
+        if not MIN_FRAME_VALUES <= self.max_frame_values <= MAX_FRAME_LIMIT:
+            raise ValueError(f"--max-frame-values must be from {MIN_FRAME_VALUES} to "
+                             f"{MAX_FRAME_LIMIT}, not {self.max_frame_values}")
         if self.idle_timeout_s < self.heartbeat_s:
             raise ValueError(
                 f"--idle-timeout {self.idle_timeout_s:g} is shorter than --heartbeat "

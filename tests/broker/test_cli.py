@@ -203,6 +203,17 @@ def test_the_idle_timeout_follows_the_heartbeat_unless_set():
     assert config("--idle-timeout", "50").replace(heartbeat_s=20).idle_timeout_s == 50.0
 
 
+def test_a_config_built_in_code_checks_the_frame_value_limit():
+    """The CLI holds --max-frame-values to 2,048 .. 2**32 - 1; a Config made in code (tests,
+    an embedding) is held to it too, since the compiled counter takes no other limits."""
+    from broker.config import Config
+
+    assert Config(max_frame_values=2048).max_frame_values == 2048
+    for bad in (0, 2047, 1 << 64):
+        with pytest.raises(ValueError, match="--max-frame-values"):
+            Config(max_frame_values=bad)
+
+
 def test_a_secret_cut_short_is_refused_and_a_failed_creation_leaves_none(tmp_path):
     """An empty or short secret.key (a full disk while it was made) would let anyone sign
     tokens: serve and token refuse it. Making one that fails half-way leaves no file, so the
