@@ -151,7 +151,7 @@ def test_a_value_limit_takes_exactly_the_frames_within_it(frame, limit):
         assert exc.code is ErrorCode.BAD_FRAME and f"more than {limit} values" in str(exc)
     else:
         assert _values(plain) <= limit
-        assert got == plain
+        assert msgpack.packb(got) == msgpack.packb(plain)  # bytes: a float may be NaN
 
 
 @SETTINGS
