@@ -24,20 +24,20 @@ import structlog
 from storage import audit, native
 from storage.commands import SendMessage
 from storage.fold import fold
-from storage.store import Store
+from storage.store import LAYOUT, Store
 from storage.tables import APPEND_ONLY, MemoryTables
 
 RUNS = 3
 USERS = [f"user{i:03d}" for i in range(100)]
 BATCH = 4096
 BODY = "hello " * 8
-CACHE_VERSION = 2  # bumped with the projection layout (storage.store.LAYOUT)
 DONE_MARKER = "bench-complete"
 
 
 def cache_dir(events: int) -> str:
-    """Return the cached data directory for a log of `events` message events."""
-    return f"/tmp/homing-bench-replay-v{CACHE_VERSION}-{events}"
+    """Return the cached data directory for a log of `events` message events (one per
+    projection layout: a cache of another layout would be rebuilt, not checked)."""
+    return f"/tmp/homing-bench-replay-v{LAYOUT.decode()}-{events}"
 
 
 def build(path: str, events: int) -> None:

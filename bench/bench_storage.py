@@ -5,7 +5,7 @@ most a commit can hold when 64 appenders each wait for their event before the ne
 
 The group-commit path runs twice: 64 appenders with one event in flight each (issue 2's
 figure), then with `--in-flight` (16) queued each, as pipelining connections have them. Their
-cids come from one counter, so each sender's rise as the SDK's time-ordered ones do (until
+cids come from one counter, so they rise across senders as the SDK's time-ordered ones do (until
 2026-12-03 they were `appender-n`, which do not sort in send order: more `idem` pages a commit,
 and an LMDB read for every new cid; docs/BENCHMARKS.md has both).
 Before them, the disk: one synced write of a page, of 64 scattered pages and of 64 contiguous
@@ -71,7 +71,7 @@ async def _group_commit(store: Store, appenders: int, per_appender: int,
     committer = Committer(store)
     done = False
     max_stall = 0.0
-    cids = itertools.count()  # one counter: each sender's cids rise, as the SDK's do
+    cids = itertools.count()  # one counter: the cids rise across senders, as the SDK's do
 
     async def appender(ix: int) -> None:
         a, b = USERS[ix % 16], USERS[(ix % 16) ^ 1]

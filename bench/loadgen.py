@@ -161,7 +161,8 @@ class SenderStats:
 
 def cid_of(prefix: str, i: int) -> str:
     """The cid of a connection's i-th send: zero-padded, so a sender's cids sort in send order,
-    as the SDK's do (broker.client.new_cid), and land at the end of its idempotency range."""
+    as the SDK's do (broker.client.new_cid), and the i-th sends of all senders sit together in
+    the broker's idempotency index (keyed by cid, then sender)."""
     return f"{prefix}{i:010d}"
 
 

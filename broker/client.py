@@ -59,10 +59,9 @@ def new_cid() -> str:
 
     The random part makes ids unique across processes and threads. The time part never repeats
     nor goes back in one thread while the clock does not step back, so later ids sort after
-    earlier ones: a sender's sends land at the end of its range of the broker's idempotency
-    index (`idem`, keyed by sender and cid), and a commit holding many sends of one sender
-    writes one page of that index rather than a scattered page per send, as random ids do
-    (docs/DESIGN.md, "Projections").
+    earlier ones: sends land at the end of the broker's idempotency index (`idem`, keyed by
+    cid then sender), and a commit holding many sends writes a page or two of that index rather
+    than a scattered page per send, as random ids do (docs/DESIGN.md, "Projections").
     """
     global _last_cid_ns
     _last_cid_ns = max(time.time_ns(), _last_cid_ns + 1)

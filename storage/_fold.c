@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 9 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 10 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -863,8 +863,8 @@ static int add_message_impl(PyObject *tables, PyObject *ckey, const char *conv,
             goto done;
         Py_CLEAR(key);
     }
-    /* idem[sender + b"\0" + cid] = pack_u64x2(seq, lsn) + ckey */
-    if (!(key = concat(sender, "\0", cid)))
+    /* idem[cid + b"\0" + sender] = pack_u64x2(seq, lsn) + ckey */
+    if (!(key = concat(cid, "\0", sender)))
         goto done;
     Py_ssize_t lc = PyBytes_GET_SIZE(ckey);
     if (!(value = PyBytes_FromStringAndSize(NULL, 16 + lc)))
@@ -1418,7 +1418,7 @@ static int send_checks(PyObject *tables, const send_fields *f, Py_ssize_t max_bo
     }
     if (body_len > max_body || (conv_in == Py_None) == (to == Py_None))
         goto done;
-    if (!(key = key2(user_s, user_len, cid_s, cid_len)) || !(row = lookup(tables, s_idem, key)) ||
+    if (!(key = key2(cid_s, cid_len, user_s, user_len)) || !(row = lookup(tables, s_idem, key)) ||
         row != Py_None)
         goto done; /* a retried cid: Python answers with the first result */
     Py_CLEAR(key);

@@ -13,7 +13,7 @@ import os
 import warnings
 from types import ModuleType
 
-VERSION = 9  # the storage/_fold.c this Python code was written for (its FOLD_VERSION)
+VERSION = 10  # the storage/_fold.c this Python code was written for (its FOLD_VERSION)
 
 
 def _load() -> ModuleType | None:

@@ -281,7 +281,7 @@ def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: byte
             old = view[mark]
             if old is None or old < seq_b:  # equal-length big-endian: bytes order is int order
                 view[mark] = seq_b
-    tables.idem[sender + b"\0" + cid] = pack_u64x2(seq, lsn) + ckey
+    tables.idem[cid + b"\0" + sender] = pack_u64x2(seq, lsn) + ckey
     return seq
 
 

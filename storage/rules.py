@@ -28,7 +28,7 @@ from storage.projections import Tables, acked_convs, decode, decode_idem, get_u6
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
 MAX_CID_CHARS = 128
-# A cid's idempotency key (user \0 cid) must fit LMDB's keys of at most 511 bytes: with a user
+# A cid's idempotency key (cid \0 user) must fit LMDB's keys of at most 511 bytes: with a user
 # id of up to 64 bytes, 446 would; 400 is the documented limit (docs/PROTOCOL.md).
 MAX_CID_BYTES = 400
 GROUP_PREFIX = "grp:"
@@ -123,7 +123,7 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
         raise LimitExceeded(f"body exceeds {limits.max_body_bytes} bytes")
     if (cmd.conv is None) == (cmd.to is None):
         raise Invalid("exactly one of conv and to is required")
-    first = tables.idem[key2(cmd.user, cid)]
+    first = tables.idem[key2(cid, cmd.user)]
     if first is not None:
         conv, seq, lsn = decode_idem(first)
         if _asked_conv(cmd) != conv:  # a cid names one message: not one in another conv

@@ -64,7 +64,7 @@ log = structlog.get_logger()
 # The projection layout (docs/DESIGN.md, "Projections"). A writable open of a directory written
 # with another layout rebuilds the projections from the log, which is the truth.
 LAYOUT_KEY = b"projections"
-LAYOUT = b"2"
+LAYOUT = b"3"
 DB_NAMES = ["log", "layout", *TABLES]
 RECORD_CACHE = 4096  # records kept for deliverable (emptied when full)
 # What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of
@@ -295,7 +295,7 @@ class Store:
         """Whether `user` has a message accepted with `cid` (a send of it again is a dup)."""
         if len(cid.encode()) > MAX_CID_BYTES:  # never accepted: its key would not fit LMDB's
             return False
-        return self._get("idem", key2(user, cid)) is not None
+        return self._get("idem", key2(cid, user)) is not None
 
     def muted(self, user: str, conv: str) -> bool:
         """Whether `user` muted `conv`."""

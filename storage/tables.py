@@ -43,12 +43,10 @@ APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
 PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 # A persistent view holding more rows than this after a commit is emptied (bounded memory).
 CACHE_ROWS = 200_000
-# Tables whose keys are `head \0 rest` and whose heads' last committed keys BufferedTables
-# keeps, so that a key above its head's last one is known to be absent without a read: the
-# idempotency index, whose rest is a cid, and the SDK's cids sort by time (`BufTable.last`).
+# Tables whose greatest committed key BufferedTables keeps, so that a key above it is known to
+# be absent without a read: the idempotency index, keyed `cid \0 sender`, where the SDK's cids
+# sort by time (`BufTable.last`).
 LAST_KEYS = frozenset({"idem"})
-# Heads whose last key is kept at most (beyond it they are forgotten and read again).
-LAST_KEYS_HEADS = 100_000
 
 # What `sorted_rows` returns: a list, or a `_fold.SortedRows`; both sized and re-iterable.
 RowsInOrder = Collection[tuple[bytes, bytes]]
@@ -467,54 +465,47 @@ class BufTable(dict):
     The compiled `add_message` writes to a BufTable (this class exactly, not a subclass) as
     `__setitem__` does, without calling it (storage/_fold.c, `set_row`): change both together.
 
-    `last`, for the tables of `LAST_KEYS` (None for the others), maps a head (`head \0`) to
-    the greatest key with that head among the committed rows (the head itself when it has
-    none), as far as this process has looked. A key not changed by this batch and greater
-    than its head's last key is absent: it is answered without a read. Only commits raise
-    these keys (`raise_last`); a batch that fails leaves them as they were, since they
-    describe committed rows only.
+    `last`, for the tables of `LAST_KEYS` (`keeps_last`), is the greatest key among the
+    committed rows (b"" while there are none), or None until the first lookup reads it. A key
+    not changed by this batch and greater than it is absent: it is answered without a read.
+    Only commits raise it (`raise_last`); a batch that fails leaves it as it was, since it
+    describes committed rows only.
     """
 
-    __slots__ = ("db", "dirty", "last", "txn")
+    __slots__ = ("db", "dirty", "keeps_last", "last", "txn")
 
     def __init__(self, db: Any) -> None:
         super().__init__()
         self.db = db
         self.txn: lmdb.Transaction | None = None
         self.dirty: dict[bytes, bytes | None] = {}
-        self.last: dict[bytes, bytes] | None = None
+        self.keeps_last = False
+        self.last: bytes | None = None
 
     def __missing__(self, key: bytes) -> bytes | None:
         # Not changed by this batch, so the transaction holds the committed row.
-        if self.last is not None and key > self._last_key(_head(key)):
+        if self.keeps_last and key > self._last_key():
             value = None
         else:
             value = self.txn.get(key, db=self.db)
         _dict_set(self, key, value)
         return value
 
-    def _last_key(self, head: bytes) -> bytes:
+    def _last_key(self) -> bytes:
         last = self.last
-        found = last.get(head)
-        if found is None:
-            if len(last) >= LAST_KEYS_HEADS:
-                last.clear()
-            row = next(cursor_range(self.txn, self.db, head, reverse=True), None)
-            found = last[head] = head if row is None else row[0]
-        return found
+        if last is None:
+            cur = self.txn.cursor(db=self.db)
+            last = self.last = cur.key() if cur.last() else b""
+        return last
 
     def raise_last(self) -> None:
-        """This batch committed: raise the last keys of the heads it added rows to."""
-        last = self.last
-        if not last:
-            return
-        for key in self.dirty:
-            head = _head(key)
-            found = last.get(head)
-            # Rows of these tables are never removed; a removal would only leave a last key
-            # above the true one, which costs reads, never a wrong answer.
-            if found is not None and key > found:
-                last[head] = key
+        """This batch committed: raise the last key to the greatest key it added."""
+        # Rows of these tables are never removed; a removal would only leave a last key above
+        # the true one, which costs reads, never a wrong answer.
+        if self.last is not None and self.dirty:
+            top = max(self.dirty)
+            if top > self.last:
+                self.last = top
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         """Buffer `value` at `key`."""
@@ -624,8 +615,7 @@ class BufferedTables(_ByName):
         self._views: list[BufTable] = []
         for name in TABLES:
             view = GroupedBufTable(dbs[name]) if name in GROUPED else BufTable(dbs[name])
-            if name in LAST_KEYS:
-                view.last = {}
+            view.keeps_last = name in LAST_KEYS
             self._views.append(view)
             setattr(self, name, view)
 
@@ -663,7 +653,6 @@ class BufferedTables(_ByName):
             view.rollback()
             view.clear()
             view.txn = None
-            if view.last is not None:
-                view.last.clear()
+            view.last = None
             if isinstance(view, GroupedBufTable):
                 view.forget_all()

@@ -57,9 +57,10 @@ def test_failed_commit_forgets_cached_rows(store, monkeypatch):
     _check(store)
 
 
-def test_cids_above_their_senders_last_are_new_and_the_others_still_looked_up(tmp_path):
-    """A sender's cid above its last committed one is new without a read; any other cid is
-    read, so duplicates are found across batches, after an aborted batch, and after a reopen."""
+def test_cids_above_the_last_committed_are_new_and_the_others_still_looked_up(tmp_path):
+    """A cid above the greatest committed one (of any sender) is new without a read; any other
+    cid is read, so duplicates are found across batches and senders, after an aborted batch,
+    and after a reopen."""
     store = Store.open(tmp_path / "data")
     try:
         store.execute([_send("bob", "c5")])
@@ -71,7 +72,11 @@ def test_cids_above_their_senders_last_are_new_and_the_others_still_looked_up(tm
         store._abort_after = None
         outs = store.execute([_send("bob", "c9"), _send("bob", "c7"), _send("bob", "c6")])
         assert [o.reply["dup"] for o in outs] == [False, True, False]
-        assert store._tables.idem.last == {b"bob\0": b"bob\0c9"}  # raised by each commit
+        assert store._tables.idem.last == b"c9\0bob"  # raised by each commit
+        # carol's c8 is below the last key: it is read (and new); bob's c8 was never committed
+        outs = store.execute([_send("carol", "c8"), _send("bob", "c8"), _send("carol", "c8")])
+        assert [o.reply["dup"] for o in outs] == [False, False, True]
+        assert store._tables.idem.last == b"c9\0bob"
     finally:
         store.close()
     store = Store.open(tmp_path / "data")

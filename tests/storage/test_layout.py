@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from storage.commands import MarkRead, SendMessage
-from storage.store import LAYOUT_KEY, Store
+from storage.store import LAYOUT, LAYOUT_KEY, Store
 
 
 def test_stale_layout_is_rebuilt_from_the_log(tmp_path):
@@ -26,5 +26,35 @@ def test_stale_layout_is_rebuilt_from_the_log(tmp_path):
         assert store.dump_projections() == before
         assert store.conv_info("dm:alice:bob")["last_seq"] == 5
         assert store.unread("alice") == {"dm:alice:bob": 2}
+    finally:
+        store.close()
+
+
+def test_idempotency_rows_of_layout_2_are_rekeyed_and_still_catch_retries(tmp_path):
+    """Layout 2 keyed `idem` by sender then cid; layout 3 by cid then sender. A directory of
+    layout 2 is rebuilt on open, and a send retried across the upgrade is still a dup."""
+    path = tmp_path / "data"
+    store = Store.open(path)
+    store.execute([SendMessage("bob", "d", "user", f"c{i}", "hi", to="alice") for i in range(3)])
+    before = store.dump_projections()
+    env, dbs = store._env, store._dbs
+
+    def downgrade(txn):  # the rows as layout 2 wrote them
+        rows = list(txn.cursor(db=dbs["idem"]))
+        txn.drop(dbs["idem"], delete=False)
+        for key, value in rows:
+            cid, sender = key.split(b"\0")
+            txn.put(sender + b"\0" + cid, value, db=dbs["idem"])
+        txn.put(LAYOUT_KEY, b"2", db=dbs["layout"])
+
+    env.write(downgrade)
+    store.close()
+    store = Store.open(path)
+    try:
+        assert store.stored_layout() == LAYOUT
+        assert store.dump_projections() == before
+        (out,) = store.execute([SendMessage("bob", "d", "user", "c1", "hi", to="alice")])
+        assert out.reply["dup"] and out.reply["seq"] == 2
+        assert store.last_lsn() == 6  # the conversation's creation (3) and three sends: no more
     finally:
         store.close()
