@@ -312,9 +312,10 @@ async def _send_lines(client, args) -> None:
 
     The first failure stops the rest and is reported alone (not as an exception group).
     """
-    import uuid
+    from broker.client import new_cid
 
-    prefix = args.cid_prefix or uuid.uuid4().hex[:12]
+    # A fresh prefix sorts with the SDK's time-ordered cids (docs/DESIGN.md, "Projections").
+    prefix = args.cid_prefix or new_cid()
     limit = trio.Semaphore(args.pipeline)
     failures: list[Exception] = []
 

@@ -43,9 +43,9 @@ APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
 PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 # A persistent view holding more rows than this after a commit is emptied (bounded memory).
 CACHE_ROWS = 200_000
-# Tables whose greatest committed key BufferedTables keeps, so that a key above it is known to
-# be absent without a read: the idempotency index, keyed `cid \0 sender`, where the SDK's cids
-# sort by time (`BufTable.last`).
+# Tables whose greatest committed key per first byte BufferedTables keeps, so that a key above
+# its first byte's is known to be absent without a read: the idempotency index, keyed
+# `cid \0 sender`, where the SDK's cids sort by time (`BufTable.last`).
 LAST_KEYS = frozenset({"idem"})
 
 # What `sorted_rows` returns: a list, or a `_fold.SortedRows`; both sized and re-iterable.
@@ -465,11 +465,14 @@ class BufTable(dict):
     The compiled `add_message` writes to a BufTable (this class exactly, not a subclass) as
     `__setitem__` does, without calling it (storage/_fold.c, `set_row`): change both together.
 
-    `last`, for the tables of `LAST_KEYS` (`keeps_last`), is the greatest key among the
-    committed rows (b"" while there are none), or None until the first lookup reads it. A key
-    not changed by this batch and greater than it is absent: it is answered without a read.
-    Only commits raise it (`raise_last`); a batch that fails leaves it as it was, since it
-    describes committed rows only.
+    `last`, for the tables of `LAST_KEYS` (`keeps_last`), maps a first byte to the greatest
+    key with that first byte among the committed rows (the byte alone when there is none), as
+    far as this process has looked. A key not changed by this batch and greater than its first
+    byte's last key is absent: it is answered without a read. Kept per first byte so that keys
+    of another form (cids like `order-1234` beside the SDK's time-ordered ones, which all begin
+    with the same digit for decades) do not put every other key below the greatest. Only
+    commits raise these keys (`raise_last`); a batch that fails leaves them as they were, since
+    they describe committed rows only.
     """
 
     __slots__ = ("db", "dirty", "keeps_last", "last", "txn")
@@ -480,32 +483,38 @@ class BufTable(dict):
         self.txn: lmdb.Transaction | None = None
         self.dirty: dict[bytes, bytes | None] = {}
         self.keeps_last = False
-        self.last: bytes | None = None
+        self.last: dict[int, bytes] = {}
 
     def __missing__(self, key: bytes) -> bytes | None:
         # Not changed by this batch, so the transaction holds the committed row.
-        if self.keeps_last and key > self._last_key():
+        if self.keeps_last and key and key > self._last_key(key[0]):
             value = None
         else:
             value = self.txn.get(key, db=self.db)
         _dict_set(self, key, value)
         return value
 
-    def _last_key(self) -> bytes:
-        last = self.last
-        if last is None:
+    def _last_key(self, first: int) -> bytes:
+        found = self.last.get(first)
+        if found is None:
             cur = self.txn.cursor(db=self.db)
-            last = self.last = cur.key() if cur.last() else b""
-        return last
+            # The row before the next byte's first key; with nothing from there on, the last.
+            at = cur.prev() if first < 255 and cur.set_range(bytes([first + 1])) else cur.last()
+            key = cur.key() if at else b""
+            found = self.last[first] = key if key[:1] == bytes([first]) else bytes([first])
+        return found
 
     def raise_last(self) -> None:
-        """This batch committed: raise the last key to the greatest key it added."""
-        # Rows of these tables are never removed; a removal would only leave a last key above
-        # the true one, which costs reads, never a wrong answer.
-        if self.last is not None and self.dirty:
-            top = max(self.dirty)
-            if top > self.last:
-                self.last = top
+        """This batch committed: raise the last keys of the first bytes it added rows under."""
+        last = self.last
+        if not last:
+            return
+        for key in self.dirty:
+            found = last.get(key[0])
+            # Rows of these tables are never removed; a removal would only leave a last key
+            # above the true one, which costs reads, never a wrong answer.
+            if found is not None and key > found:
+                last[key[0]] = key
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         """Buffer `value` at `key`."""
@@ -653,6 +662,6 @@ class BufferedTables(_ByName):
             view.rollback()
             view.clear()
             view.txn = None
-            view.last = None
+            view.last.clear()
             if isinstance(view, GroupedBufTable):
                 view.forget_all()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import time
 
 import pytest
 
@@ -125,6 +127,19 @@ def test_resume_across_a_broker_sigkill(broker):
     rest = lines(homing("listen", "--count", "2", "--timeout", "5", env=bob))
     assert [d["body"] for d in rest] == ["c", "d"]
     assert lines(homing("listen", "--timeout", "0.5", env=bob)) == []
+
+
+def test_stdin_without_a_prefix_takes_a_time_ordered_one(broker):
+    """`send --stdin` without `--cid-prefix` makes its cids from a fresh SDK cid, so they sort
+    with the SDK's time-ordered ones (docs/CLI.md)."""
+    shop = as_user(broker, "shop")
+    before = time.time_ns()
+    sent = lines(homing("send", "--to", "bob", "--stdin", input="a\nb\n", env=shop))
+    prefixes = {r["cid"].rsplit("-", 1)[0] for r in sent}
+    assert sorted(r["cid"].rsplit("-", 1)[1] for r in sent) == ["1", "2"]
+    (prefix,) = prefixes
+    assert re.fullmatch(r"[0-9a-f]{32}", prefix), prefix
+    assert before <= int(prefix[:16], 16) <= time.time_ns()
 
 
 def test_sigterm_shuts_down_cleanly(broker):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import lmdb
 import pytest
 
+from broker.client import new_cid
 from storage.commands import Ack, CreateConv, Leave, MarkRead, SendMessage
 from storage.errors import StorageError
 from storage.store import Store, _InjectedAbort
@@ -58,9 +61,9 @@ def test_failed_commit_forgets_cached_rows(store, monkeypatch):
 
 
 def test_cids_above_the_last_committed_are_new_and_the_others_still_looked_up(tmp_path):
-    """A cid above the greatest committed one (of any sender) is new without a read; any other
-    cid is read, so duplicates are found across batches and senders, after an aborted batch,
-    and after a reopen."""
+    """A cid above the greatest committed one with its first byte (of any sender) is new without
+    a read; any other cid is read, so duplicates are found across batches and senders, after an
+    aborted batch, and after a reopen."""
     store = Store.open(tmp_path / "data")
     try:
         store.execute([_send("bob", "c5")])
@@ -72,11 +75,11 @@ def test_cids_above_the_last_committed_are_new_and_the_others_still_looked_up(tm
         store._abort_after = None
         outs = store.execute([_send("bob", "c9"), _send("bob", "c7"), _send("bob", "c6")])
         assert [o.reply["dup"] for o in outs] == [False, True, False]
-        assert store._tables.idem.last == b"c9\0bob"  # raised by each commit
+        assert store._tables.idem.last == {ord("c"): b"c9\0bob"}  # raised by each commit
         # carol's c8 is below the last key: it is read (and new); bob's c8 was never committed
         outs = store.execute([_send("carol", "c8"), _send("bob", "c8"), _send("carol", "c8")])
         assert [o.reply["dup"] for o in outs] == [False, False, True]
-        assert store._tables.idem.last == b"c9\0bob"
+        assert store._tables.idem.last == {ord("c"): b"c9\0bob"}
     finally:
         store.close()
     store = Store.open(tmp_path / "data")
@@ -87,6 +90,40 @@ def test_cids_above_the_last_committed_are_new_and_the_others_still_looked_up(tm
         _check(store)
     finally:
         store.close()
+
+
+def _execute_counting_reads(store: Store, commands: list) -> tuple[list, int]:
+    """Run `commands` as one batch; return the outcomes and the LMDB gets the batch made."""
+    gets = 0
+
+    def count(frame, event, arg):
+        nonlocal gets
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), lmdb.Transaction) \
+                and arg.__name__ == "get":
+            gets += 1
+
+    sys.setprofile(count)
+    try:
+        outs = store.execute(commands)
+    finally:
+        sys.setprofile(None)
+    return outs, gets
+
+
+def test_cids_of_another_form_leave_the_sdks_cids_unread(store):
+    """A sender whose cids sort above the SDK's (`order-1` begins with a letter) does not make
+    the SDK's time-ordered cids of everyone else pay the read: the last keys are kept per first
+    byte. Their own rising cids are not read either, and a retry of any is still a dup."""
+    store.execute([_send("bob", new_cid()), _send("carol", "order-1"), _send("dave", new_cid())])
+    outs, gets = _execute_counting_reads(store, [_send("bob", new_cid()) for _ in range(8)])
+    assert gets == 0 and not any(o.reply["dup"] for o in outs)
+    outs, gets = _execute_counting_reads(store, [_send("carol", "order-2"),
+                                                 _send("dave", new_cid())])
+    assert gets == 0 and not any(o.reply["dup"] for o in outs)
+    outs, gets = _execute_counting_reads(store, [_send("carol", "order-1"),
+                                                 _send("bob", outs[1].reply["cid"])])
+    assert gets == 2 and [o.reply["dup"] for o in outs] == [True, False]  # bob never sent it
+    assert sorted(store._tables.idem.last) == [ord("1"), ord("o")]
 
 
 def test_membership_change_refreshes_cached_members(store):
