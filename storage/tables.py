@@ -465,7 +465,7 @@ class BufTable(dict):
     The compiled `add_message` writes to a BufTable (this class exactly, not a subclass) as
     `__setitem__` does, without calling it (storage/_fold.c, `set_row`): change both together.
 
-    `last`, for the tables of `LAST_KEYS` (`keeps_last`), maps a first byte to the greatest
+    `last`, for the tables of `LAST_KEYS` (None for the others), maps a first byte to the greatest
     key with that first byte among the committed rows (the byte alone when there is none), as
     far as this process has looked. A key not changed by this batch and greater than its first
     byte's last key is absent: it is answered without a read. Kept per first byte so that keys
@@ -475,19 +475,18 @@ class BufTable(dict):
     they describe committed rows only.
     """
 
-    __slots__ = ("db", "dirty", "keeps_last", "last", "txn")
+    __slots__ = ("db", "dirty", "last", "txn")
 
     def __init__(self, db: Any) -> None:
         super().__init__()
         self.db = db
         self.txn: lmdb.Transaction | None = None
         self.dirty: dict[bytes, bytes | None] = {}
-        self.keeps_last = False
-        self.last: dict[int, bytes] = {}
+        self.last: dict[int, bytes] | None = None
 
     def __missing__(self, key: bytes) -> bytes | None:
         # Not changed by this batch, so the transaction holds the committed row.
-        if self.keeps_last and key and key > self._last_key(key[0]):
+        if self.last is not None and key > self._last_key(key[0]):
             value = None
         else:
             value = self.txn.get(key, db=self.db)
@@ -624,7 +623,8 @@ class BufferedTables(_ByName):
         self._views: list[BufTable] = []
         for name in TABLES:
             view = GroupedBufTable(dbs[name]) if name in GROUPED else BufTable(dbs[name])
-            view.keeps_last = name in LAST_KEYS
+            if name in LAST_KEYS:
+                view.last = {}
             self._views.append(view)
             setattr(self, name, view)
 
@@ -662,6 +662,7 @@ class BufferedTables(_ByName):
             view.rollback()
             view.clear()
             view.txn = None
-            view.last.clear()
+            if view.last is not None:
+                view.last.clear()
             if isinstance(view, GroupedBufTable):
                 view.forget_all()
