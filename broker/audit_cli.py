@@ -294,9 +294,9 @@ def _check(store: Store) -> tuple[dict[str, Any], audit.Difference | None]:
     if have != LAYOUT and store.last_lsn():
         stored = "none" if have is None else have.decode(errors="replace")
         raise CliError(EXIT_FAULT, "outdated_layout", (
-            f"the projections were written by an older homing (layout {stored}, this version "
-            f"checks layout {LAYOUT.decode()}); a broker rebuilds them when it starts, or stop "
-            "it and run `homing audit rebuild`"))
+            f"the projections were written by another homing, older or newer (layout {stored}, "
+            f"this version checks layout {LAYOUT.decode()}); a broker rebuilds them when it "
+            "starts, or stop it and run `homing audit rebuild`"))
     with progress_bar("replay", store.last_lsn()) as bar:
         diff, events = audit.check_projections(store, bar)
     part: dict[str, Any] = {"ok": diff is None, "replayed": events}

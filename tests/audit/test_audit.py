@@ -261,6 +261,11 @@ async def test_checks_refuse_projections_of_an_older_layout_until_rebuilt(tmp_pa
         assert status == 1 and lines == []
         error = json.loads(err)
         assert error["error"] == "outdated_layout" and "audit rebuild" in error["message"]
+    with lmdb.open(str(f["data"]), max_dbs=32) as env:  # a newer homing's layout: not "older"
+        with env.begin(write=True) as txn:
+            txn.put(b"projections", b"99", db=env.open_db(b"layout", txn=txn))
+    status, _, err = audit(capsys, f["data"], "verify")
+    assert status == 1 and "older or newer (layout 99," in json.loads(err)["message"]
     assert audit_json(capsys, f["data"], "rebuild")[0]["ok"] is True
     assert audit_json(capsys, f["data"], "verify")[0]["ok"] is True
 
