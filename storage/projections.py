@@ -133,6 +133,12 @@ def key2(a: str, b: str) -> bytes:
     return f"{a}\0{b}".encode()
 
 
+def idem_key(user: str, cid: str) -> bytes:
+    """Return the `idem` key of `user`'s send with `cid`: cid first (docs/DESIGN.md, "Projections";
+    `add_message` and storage/_fold.c build the same bytes)."""
+    return key2(cid, user)
+
+
 def inbox_key(user: str, inbox_seq: int) -> bytes:
     """Return the inbox key of `user`'s entry number `inbox_seq`."""
     return user.encode() + b"\0" + pack_u64(inbox_seq)

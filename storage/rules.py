@@ -23,7 +23,15 @@ from typing import Any
 from storage import commands as c
 from storage import records as r
 from storage.errors import Conflict, Forbidden, Invalid, LimitExceeded
-from storage.projections import Tables, acked_convs, decode, decode_idem, get_u64, key2
+from storage.projections import (
+    Tables,
+    acked_convs,
+    decode,
+    decode_idem,
+    get_u64,
+    idem_key,
+    key2,
+)
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
@@ -123,7 +131,7 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
         raise LimitExceeded(f"body exceeds {limits.max_body_bytes} bytes")
     if (cmd.conv is None) == (cmd.to is None):
         raise Invalid("exactly one of conv and to is required")
-    first = tables.idem[key2(cid, cmd.user)]
+    first = tables.idem[idem_key(cmd.user, cid)]
     if first is not None:
         conv, seq, lsn = decode_idem(first)
         if _asked_conv(cmd) != conv:  # a cid names one message: not one in another conv

@@ -41,6 +41,7 @@ from storage.projections import (
     Effects,
     apply,
     decode,
+    idem_key,
     inbox_key,
     key2,
     mark_applied,
@@ -295,7 +296,7 @@ class Store:
         """Whether `user` has a message accepted with `cid` (a send of it again is a dup)."""
         if len(cid.encode()) > MAX_CID_BYTES:  # never accepted: its key would not fit LMDB's
             return False
-        return self._get("idem", key2(cid, user)) is not None
+        return self._get("idem", idem_key(user, cid)) is not None
 
     def muted(self, user: str, conv: str) -> bool:
         """Whether `user` muted `conv`."""
