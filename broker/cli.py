@@ -458,6 +458,21 @@ async def do_members(client, args) -> None:
           "admins": list(m.admins), "members": list(m.members)})
 
 
+async def do_convs(client, args) -> None:
+    after = None
+    while True:
+        page = await client.conversations(after=after, limit=1000)
+        for c in page.convs:
+            unread = max(0, c.last_seq - c.read)
+            if unread or not args.unread:
+                emit({"conv": c.conv, "kind": c.kind, "name": c.name, "role": c.role,
+                      "last_seq": c.last_seq, "read": c.read, "unread": unread,
+                      "muted": c.muted})
+        if not page.more or not page.convs:
+            return
+        after = page.convs[-1].conv
+
+
 async def do_presence(client, args) -> None:
     emit({"conv": args.conv, "online": list(await client.presence(args.conv))})
 
@@ -621,6 +636,9 @@ def build_parser() -> argparse.ArgumentParser:
     page.add_argument("--after", type=int, help="the messages right after this seq")
     hs.add_argument("--limit", type=int, default=50)
     client("presence", "which members are online", do_presence).add_argument("conv")
+    cv = client("convs", "list your conversations with their unread counts", do_convs)
+    cv.add_argument("--unread", action="store_true",
+                    help="only the conversations with unread messages")
     client("members", "a conversation's kind, name and members by role",
            do_members).add_argument("conv")
 

@@ -292,6 +292,13 @@ class Client:
         """`conv`'s kind, name, and members by role (owners, admins, members)."""
         return await self._request(lambda i: wire.Members(id=i, conv=conv))
 
+    async def conversations(self, *, after: str | None = None,
+                            limit: int = 100) -> wire.ConvList:
+        """A page of this user's conversations, in conv id order after `after`: each a
+        `wire.ConvEntry` (kind, role, last_seq, read mark, muted, name; unread is
+        `last_seq - read`). While `more`, page on with `after=` the last one's `conv`."""
+        return await self._request(lambda i: wire.Convs(id=i, after=after, limit=limit))
+
     async def presence(self, conv: str) -> tuple[str, ...]:
         """The members of `conv` online now."""
         return (await self._request(lambda i: wire.Presence(id=i, conv=conv))).online

@@ -27,6 +27,9 @@ FORBIDDEN = "no such conversation, or you are not a member"
 # A page message's fields but its body, at their largest: keys, a 64-char user id, a cid of 128
 # four-byte characters, three uints, the body's header.
 PAGE_MESSAGE_BYTES = 640
+# A conv_list entry at its largest: keys, a 160-char conv id, a name of 128 four-byte
+# characters, kind, role, two uints and a bool.
+CONV_ENTRY_BYTES = 800
 
 
 def _command(session: Session, request_id: int | None, command: object, reply) -> Any:
@@ -181,33 +184,40 @@ def on_history(session: Session, f: wire.History) -> None:
     messages, more = session.broker.store.history(
         f.conv, before=f.before, after=f.after, limit=f.limit,
         newest_first=f.order == "newest")
-    session.reply(_page_that_fits(session, f, messages, more))
-
-
-def _page_that_fits(session: Session, f: wire.History, messages: list[dict],
-                    more: bool) -> wire.Page:
-    """The page of the first of `messages` that fits the connection's max_frame.
-
-    A page holds up to `limit` messages of up to the body limit each, so it may not fit one
-    frame: then it holds as many as fit, in order, with `more` set, and the client pages on
-    from the last one it got. If not even one fits, the whole page goes to `Session.reply`,
-    which answers `limit_exceeded`.
-    """
-    page = wire.Page(id=f.id, conv=f.conv, messages=messages, more=more)
-    # The common case, checked without packing: every message at its largest (its body's
-    # UTF-8 at 4 bytes a character, the other fields PAGE_MESSAGE_BYTES at most) fits. Stored
-    # bodies may be over today's --max-body-bytes, so their own lengths count.
+    # Every message at its largest: its body's UTF-8 at 4 bytes a character (stored bodies may
+    # be over today's --max-body-bytes, so their own lengths count), the rest PAGE_MESSAGE_BYTES.
     largest = sum(PAGE_MESSAGE_BYTES + (len(body) if type(body) is bytes else 4 * len(body))
                   for body in (m["body"] for m in messages))
+    page = wire.Page(id=f.id, conv=f.conv, messages=messages, more=more)
+    session.reply(_that_fits(session, page, "messages", messages, largest))
+
+
+def _that_fits(session: Session, frame: Any, field: str, items: list[dict],
+               largest: int) -> Any:
+    """`frame` (a `page` or `conv_list`) holding only the first of `items`, its list `field`,
+    that fit the connection's max_frame.
+
+    A reply holds up to its request's `limit` items, so it may not fit one frame: then it holds
+    as many as fit, in order, with `more` set, and the client pages on from the last one it got.
+    If not even one fits, the whole frame goes to `Session.reply`, which answers
+    `limit_exceeded`. `largest` bounds the items' packed size, so the common case is checked
+    without packing.
+    """
     if largest + 4096 <= session.conn.max_frame_bytes:
-        return page
-    room = session.conn.max_frame_bytes - len(encode_frame(to_wire(page._replace(messages=[]))))
+        return frame
+    room = session.conn.max_frame_bytes - len(encode_frame(to_wire(frame._replace(**{field: []}))))
     used = 5  # the array header, at most
-    for n, message in enumerate(messages):
-        used += len(msgpack.packb(message, use_bin_type=True))
+    for n, item in enumerate(items):
+        used += len(msgpack.packb(item, use_bin_type=True))
         if used > room:
-            return page._replace(messages=messages[:n], more=True) if n else page
-    return page
+            return frame._replace(**{field: items[:n], "more": True}) if n else frame
+    return frame
+
+
+def on_convs(session: Session, f: wire.Convs) -> None:
+    convs, more = session.broker.store.conversations(session.user, after=f.after, limit=f.limit)
+    reply = wire.ConvList(id=f.id, convs=convs, more=more)
+    session.reply(_that_fits(session, reply, "convs", convs, CONV_ENTRY_BYTES * len(convs)))
 
 
 def _may_see_members(session: Session, conv: str, what: str, request_id: int) -> bool:
@@ -298,6 +308,7 @@ HANDLERS = {
     wire.History: on_history,
     wire.Receipts: on_receipts,
     wire.Members: on_members,
+    wire.Convs: on_convs,
     wire.Presence: on_presence,
     wire.Typing: on_typing,
     wire.Ping: on_ping,

@@ -161,6 +161,19 @@ class PageMessage(NamedTuple):
     lsn: int
 
 
+class ConvEntry(NamedTuple):
+    """One of the user's conversations inside a ``conv_list`` frame (§5.3): unread counts are
+    ``last_seq - read``."""
+
+    conv: str
+    kind: str
+    role: str
+    last_seq: int
+    read: int
+    muted: bool = False
+    name: str | None = None
+
+
 # -- client -> server (§5.2) ----------------------------------------------------------------
 
 
@@ -282,6 +295,14 @@ class Presence(NamedTuple):
     conv: str
 
 
+class Convs(NamedTuple):
+    """Asks for a page of the user's conversations, in conv id order, after ``after``."""
+
+    id: int
+    after: str | None = None
+    limit: int = 100
+
+
 class Typing(NamedTuple):
     """Says the user is typing in a conversation (ephemeral, no reply)."""
 
@@ -393,6 +414,14 @@ class MemberList(NamedTuple):
     name: str | None = None
 
 
+class ConvList(NamedTuple):
+    """Reply to ``convs``: a page of the user's conversations; ``more`` when others follow."""
+
+    id: int
+    convs: tuple[ConvEntry, ...]
+    more: bool
+
+
 class PresenceList(NamedTuple):
     """Reply to ``presence``."""
 
@@ -462,27 +491,35 @@ def _send_rule(frame: Send) -> str | None:
     return None
 
 
-def _messages_in(v: Any, mb: int) -> tuple[PageMessage, ...]:
-    spec = _SPECS[PageMessage]
-    out = []
-    for m in v:
-        if type(m) is not dict:
-            raise FieldError("'messages' items must be maps")
-        out.append(decode_map(spec, m, mb))
-    return tuple(out)
+def _nested(cls: type, field: str, most: int) -> tuple:
+    """The field check of an array of `cls` maps (at most `most`): items arrive as `cls`
+    tuples; going out they may also be wire-form dicts, which `Connection.send` checks all
+    the same (by the round trip)."""
+    what = f"{field!r} items must be maps"
+
+    def into(v: Any, mb: int) -> tuple:
+        spec = _SPECS[cls]
+        if any(type(item) is not dict for item in v):
+            raise FieldError(what)
+        return tuple(decode_map(spec, item, mb) for item in v)
+
+    def out(v: Any) -> list[dict]:
+        spec = _SPECS[cls]
+        return [item if type(item) is dict else encode_map(spec, item) for item in v]
+
+    return f.array(lambda item, mb: True, 0, most), into, out
 
 
-def _messages_out(v: Any) -> list[dict]:
-    # Items may also be wire-form dicts ({seq, from, body, cid, ts, lsn}, as storage returns
-    # them); `Connection.send` checks the result either way. The receiver gets PageMessages.
-    spec = _SPECS[PageMessage]
-    return [m if type(m) is dict else encode_map(spec, m) for m in v]
-
-
-_MESSAGES = (f.array(lambda m, mb: True, 0, f.MAX_PAGE_MESSAGES), _messages_in, _messages_out)
+# Storage returns a page's messages as wire-form dicts ({seq, from, body, cid, ts, lsn}).
+_MESSAGES = _nested(PageMessage, "messages", f.MAX_PAGE_MESSAGES)
+_CONVS = _nested(ConvEntry, "convs", f.MAX_CONV_LIST)
 
 _register(PageMessage, None, "", seq=f.uint, sender=f.user_id, body=f.body, cid=f.cid,
           ts=f.uint, lsn=f.uint)
+
+_register(ConvEntry, None, "", conv=f.conv_id, kind=f.one_of("direct", "group", "channel"),
+          role=f.one_of("owner", "admin", "member"), last_seq=f.uint, read=f.uint,
+          muted=f.boolean, name=_NAME)
 
 _register(Hello, "hello", "c", versions=f.array(f.uint, 1, f.MAX_VERSIONS),
           token=f.text(0, f.MAX_TOKEN_CHARS), device=f.user_id, id=_ID, caps=_CAPS,
@@ -505,6 +542,7 @@ _register(Subscribe, "subscribe", "c", id=_ID, conv=f.conv_id)
 _register(Receipts, "receipts", "c", id=_ID, conv=f.conv_id, seq=f.uint)
 _register(Presence, "presence", "c", id=_ID, conv=f.conv_id)
 _register(Members, "members", "c", id=_ID, conv=f.conv_id)
+_register(Convs, "convs", "c", id=_ID, after=f.conv_id, limit=f.int_range(1, f.MAX_CONV_LIST))
 _register(Typing, "typing", "c", conv=f.conv_id)
 _register(Mute, "mute", "c", id=_ID, conv=f.conv_id, muted=f.boolean)
 
@@ -523,6 +561,7 @@ _register(Created, "created", "s", id=_ID, conv=f.conv_id)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS)
+_register(ConvList, "conv_list", "s", id=_ID, convs=_CONVS, more=f.boolean)
 _register(PresenceList, "presence_list", "s", id=_ID, conv=f.conv_id, online=_USERS)
 _register(MemberList, "member_list", "s", id=_ID, conv=f.conv_id,
           kind=f.one_of("direct", "group", "channel"), owners=_USERS, admins=_USERS,
@@ -537,7 +576,7 @@ _register(TypingNotice, "typing", "s", conv=f.conv_id, user=f.user_id)
 _register(Error, "error", "s", code=f.uint, name=f.text(1, 64),
           message=f.text(0, f.MAX_MESSAGE_CHARS), id=_ID, close=f.boolean)
 
-ALL_FRAMES: tuple[type, ...] = tuple(c for c in _SPECS if c is not PageMessage)
+ALL_FRAMES: tuple[type, ...] = tuple(c for c in _SPECS if c.TYPE is not None)
 """Every frame class, client, server and both-ways."""
 
 KNOWN_TYPES: frozenset[str] = frozenset(CLIENT_FRAMES) | frozenset(SERVER_FRAMES)

@@ -436,18 +436,44 @@ class Store:
                     if u64(txn.get(key2(conv, m), db=self._dbs["read"]) or bytes(8)) >= seq]
         return got, read
 
+    def conversations(self, user: str, after: str | None = None,
+                      limit: int | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """Return `user`'s conversations with ids after `after`, in id order, at most `limit`
+        (None: all), and whether more follow.
+
+        Each is a `conv_list` entry of PROTOCOL.md §5.3 in wire form: `{conv, kind, role,
+        last_seq, read, muted}`, and `name` for groups and channels; unread is last_seq - read.
+        """
+        prefix = user.encode() + b"\0"
+        dbs = self._dbs
+        out: list[dict[str, Any]] = []
+        with self._env.read() as txn:
+            cur = txn.cursor(db=dbs["user_conv"])
+            # Conv ids hold no NUL, so `after \0` sorts right after `after` and before the
+            # ids it is a prefix of.
+            if not cur.set_range(prefix if after is None else prefix + after.encode() + b"\0"):
+                return out, False
+            for key, role in cur:
+                if not key.startswith(prefix):
+                    break
+                if limit is not None and len(out) >= limit:
+                    return out, True
+                ckey = key[len(prefix):]
+                conv = ckey.decode()
+                info = decode(txn.get(ckey, db=dbs["conv"]))
+                mark = txn.get(key2(conv, user), db=dbs["read"])
+                entry = {"conv": conv, "kind": info["kind"], "role": role.decode(),
+                         "last_seq": u64(txn.get(ckey, db=dbs["conv_seq"]) or bytes(8)),
+                         "read": 0 if mark is None else u64(mark),
+                         "muted": txn.get(key2(user, conv), db=dbs["mute"]) is not None}
+                if info["name"] is not None:
+                    entry["name"] = info["name"]
+                out.append(entry)
+        return out, False
+
     def unread(self, user: str) -> dict[str, int]:
         """Return `{conv: last_seq - read}` for each conversation of `user` (muted ones too)."""
-        out = {}
-        with self._env.read() as txn:
-            tables = TxnTables(txn, self._dbs)
-            prefix = user.encode() + b"\0"
-            for key, _ in list(tables.range("user_conv", prefix)):
-                conv = key[len(prefix):].decode()
-                last = u64(txn.get(conv.encode(), db=self._dbs["conv_seq"]) or bytes(8))
-                mark = txn.get(key2(conv, user), db=self._dbs["read"])
-                out[conv] = max(0, last - (0 if mark is None else u64(mark)))
-        return out
+        return {c["conv"]: max(0, c["last_seq"] - c["read"]) for c in self.conversations(user)[0]}
 
     # ---------------------------------------------------------------- audit
 

@@ -92,6 +92,25 @@ def test_a_script_acks_what_it_handled_and_pages_history_forward(broker):
     assert bad.returncode == 2 and json.loads(bad.stderr)["error"] == "usage"
 
 
+def test_convs_lists_the_users_conversations_with_unread_counts(broker):
+    """`homing convs` prints one line per conversation, with its unread count (last seq minus
+    read mark: one's own posts count as read); `--unread` only those with unread messages."""
+    shop, bob = as_user(broker, "shop"), as_user(broker, "bob")
+    for i in range(3):
+        homing("send", "--to", "bob", f"note {i}", env=shop)
+    group = lines(homing("group", "create", "order-9", "--members", "bob", env=shop))[0]["conv"]
+    assert lines(homing("convs", env=bob)) == [
+        {"conv": "dm:bob:shop", "kind": "direct", "name": None, "role": "member",
+         "last_seq": 3, "read": 0, "unread": 3, "muted": False},
+        {"conv": group, "kind": "group", "name": "order-9", "role": "member",
+         "last_seq": 0, "read": 0, "unread": 0, "muted": False}]
+    assert [c["conv"] for c in lines(homing("convs", "--unread", env=bob))] == ["dm:bob:shop"]
+    homing("read", "--conv", "dm:bob:shop", "--upto", "3", env=bob)
+    assert lines(homing("convs", "--unread", env=bob)) == []
+    assert [(c["role"], c["unread"]) for c in lines(homing("convs", env=shop))] == [
+        ("member", 0), ("owner", 0)]
+
+
 def test_an_owner_hands_a_group_over_before_leaving(broker):
     """`homing role` makes a member an admin, who can then keep the group going: the owner may
     leave, which was a conflict while nobody else could invite. A plain member may not change

@@ -284,6 +284,52 @@ async def test_history_pages_by_seq_both_ways(harness):
         assert [m.seq for m in page.messages] == [6, 7] and not page.more
 
 
+async def test_a_user_lists_their_conversations_with_unread_counts(harness):
+    """`convs` lists the user's own conversations in id order, each with its kind, role, name,
+    last seq, read mark and mute; posting counts as reading, a read moves the mark, a left
+    conversation is gone, and pages follow `after` (also past an id that is a prefix of the
+    next: dm:bob:shop, then dm:bob:shop2)."""
+    from protocol import ConvEntry
+
+    async with harness.client("shop", role="service") as shop, \
+            harness.client("shop2") as shop2, harness.client("bob") as bob:
+        group = await shop.create_group("order-1", ["bob"])
+        chan = await shop.create_channel("notices", ["bob"])
+        for text in ("packed", "sent", "out for delivery"):
+            await shop.send(text, conv=group)
+        await shop.send("sale", conv=chan)
+        direct = (await bob.send("thanks", to="shop")).conv
+        await shop.send("you're welcome", to="bob")
+        other = (await shop2.send("hello", to="bob")).conv
+        assert (direct, other) == ("dm:bob:shop", "dm:bob:shop2")
+        await bob.read(group, 2)
+        await bob.mute(chan)
+        everything = await bob.conversations()
+        assert not everything.more
+        assert everything.convs == (
+            ConvEntry(chan, "channel", "member", 1, 0, True, "notices"),
+            ConvEntry(direct, "direct", "member", 2, 1),
+            ConvEntry(other, "direct", "member", 1, 0),
+            ConvEntry(group, "group", "member", 3, 2, False, "order-1"),
+        )
+        paged, after = [], None
+        while True:
+            page = await bob.conversations(after=after, limit=1)
+            paged += page.convs
+            if not page.more:
+                break
+            after = page.convs[-1].conv
+        assert tuple(paged) == everything.convs
+        assert (await bob.conversations(after=direct, limit=1)).convs[0].conv == other
+        assert (await shop.conversations()).convs[0] == ConvEntry(
+            chan, "channel", "owner", 1, 1, False, "notices")
+        await bob.leave(group)
+        assert [c.conv for c in (await bob.conversations()).convs] == [chan, direct, other]
+    async with harness.client("nobody") as nobody:
+        page = await nobody.conversations()
+        assert (page.convs, page.more) == ((), False)
+
+
 async def test_a_channel_post_reaches_each_subscriber_at_its_own_inbox_seq(harness):
     """One post's deliveries (encoded once) carry each subscriber's own inbox_seq and muted."""
     async with harness.client("hq", role="service") as hq, harness.client("s1") as s1, \

@@ -39,6 +39,7 @@ SAMPLES = [
     wire.Presence(id=13, conv="dm:a:b"),
     wire.Members(id=18, conv="grp:0123456789abcdef"),
     wire.SetRole(id=19, conv="grp:0123456789abcdef", user="fz", role="admin"),
+    wire.Convs(id=20, after="dm:a:b", limit=2),
     wire.Typing(conv="dm:a:b"),
     wire.Mute(id=14, conv="dm:a:b", muted=True),
     wire.Ping(id=15),

@@ -393,6 +393,31 @@ async def test_a_history_page_holds_what_fits_the_connections_max_frame(harness,
         tally.add("limit: a reply above the connection's max_frame")
 
 
+async def test_a_conversation_list_holds_what_fits_the_connections_max_frame(harness, tally):
+    """`conv_list` entries with the longest names (128 four-byte characters) are cut to what
+    fits a max_frame of 1,024 bytes, one a frame, with `more` set; paging on from the last one
+    reaches every conversation."""
+    name = "\N{GRINNING FACE}" * 128
+    with trio.fail_after(30):
+        async with harness.client("alice") as alice:
+            groups = sorted([await alice.create_group(name, ["bob"]) for _ in range(5)])
+        bob = await RawClient.connect(harness.server, harness.token("bob"), "small",
+                                      max_frame=1024)
+        seen, after = [], None
+        for rid in range(1, 10):
+            await bob.send(wire.Convs(id=rid, after=after, limit=50))
+            page = await bob.reply(rid)
+            assert isinstance(page, wire.ConvList), page
+            seen += [(c.conv, c.name) for c in page.convs]
+            if not page.more:
+                break
+            assert len(page.convs) == 1
+            after = page.convs[-1].conv
+        assert seen == [(g, name) for g in groups] and rid == 5
+        await bob.aclose()
+        tally.add("limit: a conversation list above the connection's max_frame")
+
+
 async def test_connections_before_hello_are_bounded_in_number_and_frame_size(tmp_path, tally):
     """Before hello a frame may be at most HELLO_MAX_FRAME_BYTES, whatever --max-frame-bytes
     says, and at most --max-handshakes connections wait for their hello: the next one is

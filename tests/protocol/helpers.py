@@ -10,6 +10,7 @@ from protocol import (
     SERVER_FRAMES,
     UINT_MAX,
     Connection,
+    ConvEntry,
     Hello,
     PageMessage,
     Role,
@@ -49,6 +50,8 @@ _BY_NAME = {
     "open": st.booleans(), "muted": st.booleans(), "dup": st.booleans(), "more": st.booleans(),
     "close": st.booleans(), "role": st.sampled_from(["member", "admin"]),
     "messages": st.lists(page_messages, max_size=3).map(tuple),
+    "convs": st.lists(st.deferred(lambda: frames_of(ConvEntry)), max_size=3).map(tuple),
+    "last_seq": uints,
 }
 _OVERRIDES = {
     ("Create", "kind"): st.sampled_from(["group", "channel"]),
@@ -61,6 +64,11 @@ _OVERRIDES = {
     ("Receipt", "delivered"): uints,
     ("Receipt", "read"): uints,
     ("Status", "online"): st.booleans(),
+    ("Convs", "after"): conv_ids,
+    ("Convs", "limit"): st.integers(1, 1000),
+    ("ConvEntry", "kind"): st.sampled_from(["direct", "group", "channel"]),
+    ("ConvEntry", "role"): st.sampled_from(["owner", "admin", "member"]),
+    ("ConvEntry", "read"): uints,
 }
 
 
