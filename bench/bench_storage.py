@@ -7,7 +7,7 @@ The group-commit path runs twice: 64 appenders with one event in flight each (is
 figure), then with `--in-flight` (16) queued each, as pipelining connections have them. Their
 cids come from one counter, so they rise across senders as the SDK's time-ordered ones do (until
 2026-12-03 they were `appender-n`, which do not sort in send order: more `idem` pages a commit,
-and an LMDB read for every new cid; docs/BENCHMARKS.md has both).
+and an LMDB read for every new cid; docs/BENCHMARKS-JOURNAL.md has both).
 Before them, the disk: one synced write of a page, of 64 scattered pages and of 64 contiguous
 pages (bench/disk.py: a commit's sync costs what its pages cost). The group-commit lines say how
 many events and pages (4 KiB, from the process's written bytes) a commit held. The service-burst
