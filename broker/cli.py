@@ -410,6 +410,11 @@ async def do_set_role(client, args) -> None:
     emit({"conv": args.conv, "user": args.user, "role": args.role, "ok": True})
 
 
+async def do_remove(client, args) -> None:
+    await client.remove(args.conv, args.user)
+    emit({"conv": args.conv, "user": args.user, "ok": True})
+
+
 def _simple(method: str):
     async def run(client, args) -> None:
         await getattr(client, method)(args.conv)
@@ -615,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("conv")
     sr.add_argument("user")
     sr.add_argument("role", choices=("member", "admin"))
+    rm = client("remove", "take a member out of a group or channel", do_remove)
+    rm.add_argument("conv")
+    rm.add_argument("user")
     for name, method in (("join", "join"), ("leave", "leave"), ("subscribe", "subscribe")):
         client(name, f"{name} a conversation", _simple(method)).add_argument("conv")
     mute = client("mute", "mute a conversation", do_mute)

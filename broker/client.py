@@ -282,6 +282,12 @@ class Client:
         returns instead of raising."""
         await self._request(lambda i: wire.Leave(id=i, conv=conv), done_if_resent="forbidden")
 
+    async def remove(self, conv: str, user: str) -> None:
+        """Take `user` out of `conv`, a group or channel (by an owner or an admin; owners are
+        not removed). A user who is not a member is no error: so a remove the broker carried
+        out before a reconnect returns when it is resent."""
+        await self._request(lambda i: wire.Remove(id=i, conv=conv, user=user))
+
     async def subscribe(self, conv: str) -> None:
         await self._request(lambda i: wire.Subscribe(id=i, conv=conv))
 

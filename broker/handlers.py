@@ -165,6 +165,11 @@ def on_leave(session: Session, f: wire.Leave) -> Any:
     return _command(session, f.id, command, _ok)
 
 
+def on_remove(session: Session, f: wire.Remove) -> Any:
+    command = cmd.Remove(session.user, session.device, session.role, f.conv, f.user)
+    return _command(session, f.id, command, _ok)
+
+
 def on_mute(session: Session, f: wire.Mute) -> Any:
     command = cmd.SetMute(session.user, session.device, session.role, f.conv, f.muted)
     return _command(session, f.id, command, _ok)
@@ -304,6 +309,7 @@ HANDLERS = {
     wire.Join: on_join,
     wire.Subscribe: on_join,
     wire.Leave: on_leave,
+    wire.Remove: on_remove,
     wire.Mute: on_mute,
     wire.History: on_history,
     wire.Receipts: on_receipts,

@@ -252,6 +252,14 @@ class SetRole(NamedTuple):
     role: str
 
 
+class Remove(NamedTuple):
+    """Takes a member out of a group or channel (owners and admins)."""
+
+    id: int
+    conv: str
+    user: str
+
+
 class Join(NamedTuple):
     """Joins an open group."""
 
@@ -370,7 +378,8 @@ class Result(NamedTuple):
 
 
 class Ok(NamedTuple):
-    """Success reply to read, invite, set_role, join, leave, subscribe, mute and ack-with-id."""
+    """Success reply to read, invite, set_role, remove, join, leave, subscribe, mute and
+    ack-with-id."""
 
     id: int
     conv: str | None = None
@@ -538,6 +547,7 @@ _register(SetRole, "set_role", "c", id=_ID, conv=f.conv_id, user=f.user_id,
           role=f.one_of("member", "admin"))
 _register(Join, "join", "c", id=_ID, conv=f.conv_id)
 _register(Leave, "leave", "c", id=_ID, conv=f.conv_id)
+_register(Remove, "remove", "c", id=_ID, conv=f.conv_id, user=f.user_id)
 _register(Subscribe, "subscribe", "c", id=_ID, conv=f.conv_id)
 _register(Receipts, "receipts", "c", id=_ID, conv=f.conv_id, seq=f.uint)
 _register(Presence, "presence", "c", id=_ID, conv=f.conv_id)

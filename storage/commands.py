@@ -77,6 +77,16 @@ class Leave(NamedTuple):
     conv: str
 
 
+class Remove(NamedTuple):
+    """Take `target` out of `conv`, a group or channel (as `Leave` would, but by a manager)."""
+
+    user: str
+    device: str
+    role: str
+    conv: str
+    target: str
+
+
 class Ack(NamedTuple):
     """Acknowledge delivery of the actor's inbox up to inbox seq `upto` on this device.
 
@@ -112,7 +122,7 @@ class SetMute(NamedTuple):
     muted: bool
 
 
-Command = (SendMessage | CreateConv | Invite | SetRole | Join | Leave | Ack | MarkRead
+Command = (SendMessage | CreateConv | Invite | SetRole | Join | Leave | Remove | Ack | MarkRead
            | SetMute)
 
 
@@ -120,7 +130,8 @@ def _same(a: tuple, b: object) -> bool:
     return type(a) is type(b) and tuple.__eq__(a, b)  # type: ignore[arg-type]
 
 
-for _cls in (SendMessage, CreateConv, Invite, SetRole, Join, Leave, Ack, MarkRead, SetMute):
+for _cls in (SendMessage, CreateConv, Invite, SetRole, Join, Leave, Remove, Ack, MarkRead,
+             SetMute):
     _cls.__eq__ = _same  # type: ignore[method-assign]
     _cls.__ne__ = lambda a, b: not _same(a, b)  # type: ignore[method-assign]
     _cls.__hash__ = lambda a: hash((type(a).__name__, *a))  # type: ignore[method-assign]

@@ -219,10 +219,11 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
     return events, {"conv": conv}
 
 
-def _role_change(tables: Tables, cmd: c.Invite | c.SetRole, doing: str) -> str | None:
+def _managed(tables: Tables, cmd: c.Invite | c.SetRole | c.Remove, doing: str) -> str | None:
     """Check that `cmd`'s actor may `doing` in `cmd.conv`, a group or channel: one of its owners
     or admins (an admin token acts as owner; Forbidden otherwise, and for a conversation that
-    does not exist), with a valid target and role. Return the target's role (None: no member)."""
+    does not exist), with a valid target and, for an invite or a role change, a valid role to
+    give. Return the target's role (None: no member)."""
     info = _conv(tables, cmd.conv)
     actor = None if info is None else _role(tables, cmd.conv, cmd.user)
     if cmd.role == "admin" and info is not None:
@@ -231,7 +232,7 @@ def _role_change(tables: Tables, cmd: c.Invite | c.SetRole, doing: str) -> str |
         raise Forbidden(f"only owners and admins {doing}")
     if info["kind"] == "direct":
         raise Invalid(f"cannot {doing} in a direct conversation")
-    if cmd.member_role not in ("member", "admin"):
+    if type(cmd) is not c.Remove and cmd.member_role not in ("member", "admin"):
         raise Invalid("member_role must be member or admin")
     if not valid_id(cmd.target):
         raise Invalid("bad target id")
@@ -247,7 +248,7 @@ def _managed_without(tables: Tables, conv: str, user: str) -> bool:
 
 
 def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decision:
-    current = _role_change(tables, cmd, "invite")
+    current = _managed(tables, cmd, "invite")
     if current == cmd.member_role:
         return [], {"conv": cmd.conv}  # a retried invite: done already
     if current is not None:
@@ -260,7 +261,7 @@ def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decis
 
 
 def _set_role(tables: Tables, cmd: c.SetRole, now_us: int, limits: Limits) -> Decision:
-    current = _role_change(tables, cmd, "change roles")
+    current = _managed(tables, cmd, "change roles")
     if current is None:
         raise Conflict(f"{cmd.target} is not a member of {cmd.conv}: invite them")
     if current == "owner":
@@ -298,6 +299,22 @@ def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decisio
                        "nobody could invite any more (make another member an admin first, "
                        "with set_role)")
     return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.user})], {
+        "conv": cmd.conv}
+
+
+def _remove(tables: Tables, cmd: c.Remove, now_us: int, limits: Limits) -> Decision:
+    current = _managed(tables, cmd, "remove members")
+    if cmd.target == cmd.user:
+        raise Invalid("to leave a conversation yourself, send leave")
+    if current is None:
+        return [], {"conv": cmd.conv}  # not (or no longer) a member: a retry, or nothing to do
+    if current == "owner":
+        raise Conflict(f"{cmd.target} is an owner of {cmd.conv}; owners are not removed (they "
+                       f"leave)")
+    if current in MANAGERS and not _managed_without(tables, cmd.conv, cmd.target):
+        raise Conflict(f"{cmd.target} is the last owner or admin of {cmd.conv}: nobody could "
+                       f"invite any more (make another member an admin first)")
+    return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.target})], {
         "conv": cmd.conv}
 
 
@@ -339,6 +356,7 @@ _DECIDE = {
     c.SetRole: _set_role,
     c.Join: _join,
     c.Leave: _leave,
+    c.Remove: _remove,
     c.Ack: _ack,
     c.MarkRead: _mark_read,
     c.SetMute: _set_mute,

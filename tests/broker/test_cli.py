@@ -136,6 +136,25 @@ def test_an_owner_hands_a_group_over_before_leaving(broker):
     assert bad.returncode == 2 and json.loads(bad.stderr)["error"] == "usage"
 
 
+def test_a_shop_removes_the_courier_from_an_order_group(broker):
+    """`homing remove` takes a member out: it is gone from `members`, and its `listen` shows a
+    `removed` delivery from the shop. A plain member may not remove; an owner is not removed."""
+    shop, courier = as_user(broker, "shop"), as_user(broker, "courier")
+    conv = lines(homing("group", "create", "order-8", "--members", "courier,carol",
+                        env=shop))[0]["conv"]
+    denied = homing("remove", conv, "carol", env=courier, check=False)
+    assert denied.returncode == 1 and json.loads(denied.stderr)["error"] == "forbidden"
+    assert lines(homing("remove", conv, "courier", env=shop)) == [
+        {"conv": conv, "user": "courier", "ok": True}]
+    assert lines(homing("members", conv, env=shop))[0]["members"] == ["carol"]
+    told = lines(homing("listen", "--count", "2", env=courier))
+    assert [(d["kind"], d["conv"], d["from"]) for d in told] == [
+        ("added", conv, "shop"), ("removed", conv, "shop")]
+    homing("role", conv, "carol", "admin", env=shop)
+    refused = homing("remove", conv, "shop", env=as_user(broker, "carol"), check=False)
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "conflict"
+
+
 def test_resume_across_a_broker_sigkill(broker):
     """After SIGKILL and restart, acked messages stay acked and unacked ones come again."""
     shop, bob = as_user(broker, "shop"), as_user(broker, "bob")

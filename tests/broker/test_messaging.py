@@ -22,6 +22,16 @@ async def recv(client, n=1, timeout=5.0):
     return out
 
 
+async def acked_one_each(*clients):
+    """Take and ack the next delivery of each client; return them."""
+    out = []
+    for c in clients:
+        (d,) = await recv(c)
+        await c.ack(d.inbox_seq)
+        out.append(d)
+    return out
+
+
 async def nothing_more(client, wait=0.2):
     """Assert no delivery arrives within `wait` seconds."""
     with trio.move_on_after(wait):
@@ -161,13 +171,9 @@ async def test_an_owner_makes_a_member_an_admin_and_back(harness):
     async with harness.client("hq") as hq, harness.client("store-1") as s1, \
             harness.client("store-2") as s2:
         conv = await hq.create_channel("notices", ["store-1", "store-2"])
-        for c in (s1, s2):
-            for d in await recv(c):
-                await c.ack(d.inbox_seq)
+        await acked_one_each(s1, s2)  # "added"
         first = await hq.send("opening hours", conv=conv)  # receipts: the roster is cached
-        for c in (s1, s2):
-            (d,) = await recv(c)
-            await c.ack(d.inbox_seq)
+        await acked_one_each(s1, s2)
         await push_of(hq, type(_receipt()), user="store-2", delivered=first.seq)
         with pytest.raises(ClientError) as e:
             await s1.set_role(conv, "store-2", "admin")
@@ -194,14 +200,47 @@ async def test_an_owner_makes_a_member_an_admin_and_back(harness):
         assert e.value.name == "conflict"
 
 
+async def test_an_owner_removes_the_courier_once_the_order_is_delivered(harness):
+    """remove over the wire: the courier, online, is told at once (a `removed` delivery from the
+    shop), gets nothing posted after it, may not post, and is gone from the members, presence
+    and receipts of the group (the broker's roster follows); the customer stays. A plain member
+    may not remove; removing someone who is no longer a member is `ok` (a resent remove)."""
+    async with harness.client("shop") as shop, harness.client("courier") as courier, \
+            harness.client("customer") as customer:
+        conv = await shop.create_group("order-1187", ["courier", "customer"])
+        await acked_one_each(courier, customer)  # "added"
+        await courier.send("at the door", conv=conv)
+        await acked_one_each(shop, customer)
+        with pytest.raises(ClientError) as e:
+            await customer.remove(conv, "courier")
+        assert e.value.name == "forbidden"
+        assert "courier" in await shop.presence(conv)
+        await shop.remove(conv, "courier")
+        (d,) = await recv(courier)
+        assert (d.kind, d.conv, d.sender, d.body) == ("removed", conv, "shop", None)
+        await courier.ack(d.inbox_seq)
+        await shop.remove(conv, "courier")  # resent: nothing changes
+        r = await shop.send("thanks, enjoy", conv=conv)
+        (d,) = await recv(customer)
+        assert d.seq == r.seq
+        await customer.ack(d.inbox_seq)
+        await nothing_more(courier)
+        with pytest.raises(ClientError) as e:
+            await courier.send("one more thing", conv=conv)
+        assert e.value.name == "forbidden"
+        roles = await shop.members(conv)
+        assert (roles.owners, roles.admins, roles.members) == (("shop",), (), ("customer",))
+        assert "courier" not in await shop.presence(conv)
+        await push_of(shop, type(_receipt()), user="customer", delivered=r.seq)
+        assert (await shop.receipts(conv, r.seq)).delivered == ("customer",)
+
+
 async def test_receipts_are_pushed_live_and_queryable(harness):
     """Acks and reads push receipts to members and show up in a receipts query."""
     async with harness.client("hq", role="service") as hq, \
             harness.client("store-1") as s1, harness.client("store-2") as s2:
         conv = await hq.create_channel("notices", ["store-1", "store-2"])
-        for c in (s1, s2):
-            for d in await recv(c):
-                await c.ack(d.inbox_seq)
+        await acked_one_each(s1, s2)  # "added"
         r = await hq.send("read me", conv=conv)
         (d1,) = await recv(s1)
         await s1.ack(d1.inbox_seq)

@@ -106,7 +106,8 @@ async def test_acks_move_only_the_acking_devices_cursor(harness, tally):
 
 async def test_forbidden_alike_for_existing_and_missing_conversations(harness, tally):
     """Every request on a conversation one is not in gets the same forbidden for real and fake
-    ids; members of a channel cannot post; nobody invites themselves or joins a closed group."""
+    ids; members of a channel cannot post or take others out; nobody invites themselves or joins
+    a closed group."""
     h = harness
     with trio.fail_after(30):
         async with h.client("owner", role="service") as owner, h.client("bob"):
@@ -127,6 +128,7 @@ async def test_forbidden_alike_for_existing_and_missing_conversations(harness, t
                     ("read", wire.Read(id=i + 7, conv=conv, upto=1)),
                     ("mute", wire.Mute(id=i + 8, conv=conv)),
                     ("leave", wire.Leave(id=i + 9, conv=conv)),
+                    ("remove a member", wire.Remove(id=i + 10, conv=conv, user="bob")),
                 ]
 
             i = 100
@@ -141,17 +143,19 @@ async def test_forbidden_alike_for_existing_and_missing_conversations(harness, t
                     assert (ra.name, ra.message) == (rb.name, rb.message), (kind, what, ra, rb)
                     tally.add(f"attack: {what} on a conversation one is not in")
                 i += 100
-            # A channel member cannot post; a member cannot invite themself as admin.
+            # A channel member cannot post, invite themself as admin, or take the owner out.
             with_err = []
             for frame in (wire.Send(id=1, cid="c1", body="spam", conv=chn),
-                          wire.Invite(id=2, conv=chn, user="bob", role="admin")):
+                          wire.Invite(id=2, conv=chn, user="bob", role="admin"),
+                          wire.Remove(id=3, conv=chn, user="owner")):
                 r = await RawClient.connect(h.server, h.token("bob"), "braw")
                 await r.send(frame)
                 with_err.append(await r.reply(frame.id))
                 await r.aclose()
-            assert [e.name for e in with_err] == ["forbidden", "forbidden"], with_err
+            assert [e.name for e in with_err] == ["forbidden"] * 3, with_err
             tally.add("attack: post to a channel as a member")
             tally.add("attack: member promotes self in a channel")
+            tally.add("attack: member removes the owner of a channel")
             page, _ = h.broker.store.history(chn)
             assert page == []
             assert "mallory" not in {u for u, _ in h.broker.store.members(grp)}

@@ -40,6 +40,7 @@ SAMPLES = [
     wire.Members(id=18, conv="grp:0123456789abcdef"),
     wire.SetRole(id=19, conv="grp:0123456789abcdef", user="fz", role="admin"),
     wire.Convs(id=20, after="dm:a:b", limit=2),
+    wire.Remove(id=21, conv="grp:0123456789abcdef", user="fz"),
     wire.Typing(conv="dm:a:b"),
     wire.Mute(id=14, conv="dm:a:b", muted=True),
     wire.Ping(id=15),

@@ -17,6 +17,7 @@ from storage.commands import (
     Join,
     Leave,
     MarkRead,
+    Remove,
     SendMessage,
     SetMute,
     SetRole,
@@ -42,6 +43,7 @@ command_spec = st.one_of(
               st.sampled_from(["member", "admin"]), st.booleans()),
     st.tuples(st.just("join"), user_ix, conv_ix),
     st.tuples(st.just("leave"), user_ix, conv_ix),
+    st.tuples(st.just("remove"), user_ix, conv_ix, user_ix, st.booleans()),
     st.tuples(st.just("ack"), user_ix, st.sampled_from(["d1", "d2"]), small),
     st.tuples(st.just("read"), user_ix, conv_ix, small),
     st.tuples(st.just("mute"), user_ix, conv_ix, st.booleans()),
@@ -73,6 +75,10 @@ def make_command(spec, convs: list[str]):
         return Join(u, "d1", "user", conv(spec[2]))
     if kind == "leave":
         return Leave(u, "d1", "user", conv(spec[2]))
+    if kind == "remove":
+        # Half of them with an admin token, as for set_role: more of them remove someone.
+        role = "admin" if spec[4] else ROLES[spec[1]]
+        return Remove(u, "d1", role, conv(spec[2]), USERS[spec[3]])
     if kind == "ack":
         return Ack(u, spec[2], "user", spec[3])
     if kind == "read":

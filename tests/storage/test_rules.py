@@ -9,6 +9,7 @@ from storage.commands import (
     Join,
     Leave,
     MarkRead,
+    Remove,
     SendMessage,
     SetMute,
     SetRole,
@@ -367,3 +368,57 @@ def test_a_member_made_admin_posts_in_a_channel(store):
     assert one(store, send("store1", "b", conv=conv)).error is None
     assert one(store, SetRole("hq", "d1", "user", conv, "store1", "member")).error is None
     assert isinstance(one(store, send("store1", "c", conv=conv)).error, Forbidden)
+
+
+def test_owners_and_admins_remove_members(store):
+    """An owner or admin takes a member out (the courier, once the order is delivered): the
+    member gets a `removed` inbox entry naming who removed them, no new messages, and may no
+    longer post, through the compiled send path too. Plain members may not remove; owners are
+    not removed; yourself is `leave`'s job; a non-member is nothing to do (a resent remove);
+    an admin token may not take out the last admin while members remain. Replay agrees."""
+    conv = group(store, "shop", members=("courier", "customer"))
+    assert one(store, send("courier", "c1", conv=conv)).error is None
+    for actor in ("customer", "nobody"):
+        refused = one(store, Remove(actor, "d1", "user", conv, "courier")).error
+        assert isinstance(refused, Forbidden)
+    assert one(store, Remove("shop", "d1", "user", conv, "courier")).error is None
+    assert store.role(conv, "courier") is None and store.user_convs("courier") == []
+    entry = store.inbox_after("courier", 0, 10)[-1]
+    assert (entry.kind, entry.conv, entry.sender) == ("removed", conv, "shop")
+    head = store.inbox_head("courier")
+    assert one(store, send("shop", "s1", conv=conv)).error is None
+    assert store.inbox_head("courier") == head
+    assert isinstance(one(store, send("courier", "c2", conv=conv)).error, Forbidden)
+    lsn = store.last_lsn()
+    assert one(store, Remove("shop", "d1", "user", conv, "courier")).error is None
+    assert one(store, Remove("shop", "d1", "user", conv, "zed")).error is None
+    assert store.last_lsn() == lsn  # nothing to do: nothing appended
+    refused = one(store, Remove("shop", "d1", "user", conv, "shop")).error
+    assert isinstance(refused, Invalid) and "leave" in str(refused)
+    # An admin removes plain members and admins, never an owner.
+    assert one(store, Invite("shop", "d1", "user", conv, "ops", "admin")).error is None
+    assert one(store, Invite("shop", "d1", "user", conv, "ops2", "admin")).error is None
+    refused = one(store, Remove("ops", "d1", "user", conv, "shop")).error
+    assert isinstance(refused, Conflict) and "owner" in str(refused)
+    assert one(store, Remove("ops", "d1", "user", conv, "ops2")).error is None
+    dm = one(store, send("shop", "c3", to="customer")).reply["conv"]
+    assert isinstance(one(store, Remove("mod", "d1", "admin", dm, "customer")).error, Invalid)
+    # The owner leaves; an admin token may not take out the admin left to manage the group.
+    assert one(store, Leave("shop", "d1", "user", conv)).error is None
+    refused = one(store, Remove("mod", "d1", "admin", conv, "ops")).error
+    assert isinstance(refused, Conflict) and "last owner or admin" in str(refused)
+    assert one(store, Remove("mod", "d1", "admin", conv, "customer")).error is None
+    assert one(store, Remove("mod", "d1", "admin", conv, "ops")).error is None  # the last one
+    assert store.members(conv) == []
+    assert store.check_projections() is None
+
+
+def test_a_channel_member_removed_gets_no_more_posts(store):
+    """A store taken out of head office's channel gets nothing posted after it."""
+    conv = group(store, "hq", kind="channel", members=("store1", "store2"))
+    assert one(store, send("hq", "n1", conv=conv)).error is None
+    assert one(store, Remove("hq", "d1", "user", conv, "store2")).error is None
+    assert one(store, send("hq", "n2", conv=conv)).error is None
+    kinds = [(e.kind, e.seq) for e in store.inbox_after("store2", 0, 10)]
+    assert kinds == [("added", 0), ("msg", 1), ("removed", 1)]
+    assert [e.seq for e in store.inbox_after("store1", 0, 10) if e.kind == "msg"] == [1, 2]
