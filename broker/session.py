@@ -526,6 +526,14 @@ class Session:
         delivery ack moved the cursor since, this one is stale and the rules skip it."""
         self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, self.acked, ()))
 
+    def knows_muted(self, conv: str) -> bool:
+        """Whether the user's mute of `conv` is cached."""
+        return conv in self._muted
+
+    def learn_muted(self, conv: str, muted: bool) -> None:
+        """Cache whether the user muted `conv`, as just read from the store."""
+        self._muted[conv] = muted
+
     def mute_changed(self, conv: str) -> None:
         """The user muted or unmuted `conv`: forget the cached state."""
         self._muted.pop(conv, None)

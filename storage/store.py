@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
@@ -301,6 +301,12 @@ class Store:
     def muted(self, user: str, conv: str) -> bool:
         """Whether `user` muted `conv`."""
         return self._get("mute", key2(user, conv)) is not None
+
+    def muted_among(self, conv: str, users: Iterable[str]) -> set[str]:
+        """Those of `users` who muted `conv`, in one read transaction."""
+        db = self._dbs["mute"]
+        with self._env.read() as txn:
+            return {user for user in users if txn.get(key2(user, conv), db=db) is not None}
 
     def read_mark(self, conv: str, user: str) -> int:
         """Return the conv seq `user` has read up to in `conv`."""

@@ -390,15 +390,25 @@ async def test_a_channel_post_reaches_each_subscriber_at_its_own_inbox_seq(harne
 
 
 async def test_muted_conversations_deliver_flagged(harness):
-    """Deliveries of a muted conversation carry muted=true."""
-    async with harness.client("alice") as alice, harness.client("bob") as bob:
+    """Deliveries of a muted conversation carry muted=true, from the next one on, to every
+    connected device of the user; unmuted, false again. Another conversation is not muted."""
+    async with harness.client("alice") as alice, harness.client("bob") as bob, \
+            harness.client("bob", "phone") as phone, harness.client("carol") as carol:
         r = await alice.send("one", to="bob")
-        (d,) = await recv(bob)
-        assert not d.muted
+        for device in (bob, phone):
+            (d,) = await recv(device)
+            assert not d.muted
         await bob.mute(r.conv)
         await alice.send("two", to="bob")
-        (d,) = await recv(bob)
-        assert d.muted and d.body == "two"
+        await carol.send("from carol", to="bob")
+        for device in (bob, phone):
+            got = await recv(device, 2)
+            assert [(d.body, d.muted) for d in got] == [("two", True), ("from carol", False)]
+        await phone.mute(r.conv, muted=False)
+        await alice.send("three", to="bob")
+        for device in (bob, phone):
+            (d,) = await recv(device)
+            assert (d.body, d.muted) == ("three", False)
 
 
 async def test_a_stalled_device_does_not_slow_a_fast_one(tmp_path):
