@@ -219,11 +219,12 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
     return events, {"conv": conv}
 
 
-def _managed(tables: Tables, cmd: c.Invite | c.SetRole | c.Remove, doing: str) -> str | None:
+def _managed(tables: Tables, cmd: c.Invite | c.SetRole | c.Remove, doing: str, *,
+             gives_role: bool) -> str | None:
     """Check that `cmd`'s actor may `doing` in `cmd.conv`, a group or channel: one of its owners
     or admins (an admin token acts as owner; Forbidden otherwise, and for a conversation that
-    does not exist), with a valid target and, for an invite or a role change, a valid role to
-    give. Return the target's role (None: no member)."""
+    does not exist), with a valid target and, if it `gives_role`, a valid `member_role`. Return
+    the target's role (None: no member)."""
     info = _conv(tables, cmd.conv)
     actor = None if info is None else _role(tables, cmd.conv, cmd.user)
     if cmd.role == "admin" and info is not None:
@@ -232,7 +233,7 @@ def _managed(tables: Tables, cmd: c.Invite | c.SetRole | c.Remove, doing: str) -
         raise Forbidden(f"only owners and admins {doing}")
     if info["kind"] == "direct":
         raise Invalid(f"cannot {doing} in a direct conversation")
-    if type(cmd) is not c.Remove and cmd.member_role not in ("member", "admin"):
+    if gives_role and cmd.member_role not in ("member", "admin"):
         raise Invalid("member_role must be member or admin")
     if not valid_id(cmd.target):
         raise Invalid("bad target id")
@@ -248,7 +249,7 @@ def _managed_without(tables: Tables, conv: str, user: str) -> bool:
 
 
 def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decision:
-    current = _managed(tables, cmd, "invite")
+    current = _managed(tables, cmd, "invite", gives_role=True)
     if current == cmd.member_role:
         return [], {"conv": cmd.conv}  # a retried invite: done already
     if current is not None:
@@ -261,7 +262,7 @@ def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decis
 
 
 def _set_role(tables: Tables, cmd: c.SetRole, now_us: int, limits: Limits) -> Decision:
-    current = _managed(tables, cmd, "change roles")
+    current = _managed(tables, cmd, "change roles", gives_role=True)
     if current is None:
         raise Conflict(f"{cmd.target} is not a member of {cmd.conv}: invite them")
     if current == "owner":
@@ -303,7 +304,7 @@ def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decisio
 
 
 def _remove(tables: Tables, cmd: c.Remove, now_us: int, limits: Limits) -> Decision:
-    current = _managed(tables, cmd, "remove members")
+    current = _managed(tables, cmd, "remove members", gives_role=False)
     if cmd.target == cmd.user:
         raise Invalid("to leave a conversation yourself, send leave")
     if current is None:
