@@ -23,13 +23,10 @@ async def recv(client, n=1, timeout=5.0):
 
 
 async def acked_one_each(*clients):
-    """Take and ack the next delivery of each client; return them."""
-    out = []
+    """Take and ack the next delivery of each client."""
     for c in clients:
         (d,) = await recv(c)
         await c.ack(d.inbox_seq)
-        out.append(d)
-    return out
 
 
 async def nothing_more(client, wait=0.2):
