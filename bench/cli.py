@@ -173,7 +173,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     env = doc["environment"]
     print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
-          f"storage hot loops {env['storage_native']}, frame codec {env['protocol_native']}")
+          f"storage hot loops {env['storage_native']}, rows {env['storage_rows']}, "
+          f"frame codec {env['protocol_native']}")
     print(describe(disk))
     bound = report.load_bound(results)
     if bound:

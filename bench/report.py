@@ -14,15 +14,15 @@ from typing import Any
 
 from bench.repeat import spread
 from protocol import native as wire_native
-from storage import native
+from storage import native, rowio
 
 PACKAGES = ("homing", "trio", "msgpack", "lmdb", "structlog", "nats-py", "redis", "matplotlib")
 
 
 def environment(settings: dict) -> dict:
     """CPU, cores, Python, package versions, git commit, which storage hot loops run
-    (`storage_native` and `protocol_native`: compiled or python, see storage/native.py and
-    protocol/native.py) and the run's settings."""
+    (`storage_native`, `storage_rows` and `protocol_native`: compiled or python, see
+    storage/native.py, storage/rowio.py and protocol/native.py) and the run's settings."""
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -43,7 +43,7 @@ def environment(settings: dict) -> dict:
         "cpu_model": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
         "platform": platform.platform(), "packages": versions,
         "git_commit": commit, "git_dirty": dirty, "storage_native": native.describe(),
-        "protocol_native": wire_native.describe(),
+        "storage_rows": rowio.describe(), "protocol_native": wire_native.describe(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": settings,
     }
 

@@ -31,7 +31,7 @@ from broker.policy import ContentPolicy
 from broker.ratelimit import TokenBucket, UserBuckets
 from broker.session import Session
 from protocol import native as wire_native
-from storage import native
+from storage import native, rowio
 from storage.commands import SetMute
 from storage.rules import MANAGERS
 
@@ -332,6 +332,7 @@ class Broker:
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
                                   tls=bool(cfg.tls_cert), data=str(cfg.data_dir),
                                   storage_native=native.describe(),
+                                  storage_rows=rowio.describe(),
                                   protocol_native=wire_native.describe())
                     task_status.started(self.port)
                     await trio.serve_listeners(self._handle, listeners,

@@ -9,6 +9,7 @@ that both write the same rows. `HOMING_PURE_PYTHON=1` in the environment turns i
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from types import ModuleType
@@ -16,24 +17,26 @@ from types import ModuleType
 VERSION = 10  # the storage/_fold.c this Python code was written for (its FOLD_VERSION)
 
 
-def _load() -> ModuleType | None:
+def load(name: str, version: int) -> ModuleType | None:
+    """The compiled module `storage.<name>` if it is built, of `version`, and not turned off
+    (`HOMING_PURE_PYTHON`); else None, and the Python versions run."""
     if os.environ.get("HOMING_PURE_PYTHON"):
         return None
     try:
-        from storage import _fold
+        module = importlib.import_module(f"storage.{name}")
     except ImportError:
         return None
-    if getattr(_fold, "VERSION", None) != VERSION:
+    if getattr(module, "VERSION", None) != version:
         # A build of older (or newer) sources, e.g. left by an editable install: the Python
         # versions are right, the module may not be. `pip install -e .` rebuilds it.
-        warnings.warn(f"storage._fold is version {getattr(_fold, 'VERSION', None)}, not "
-                      f"{VERSION}: running the Python versions; `pip install -e .` rebuilds it",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"storage.{name} is version {getattr(module, 'VERSION', None)}, not "
+                      f"{version}: running the Python versions; `pip install -e .` rebuilds it",
+                      RuntimeWarning, stacklevel=3)
         return None
-    return _fold
+    return module
 
 
-ext: ModuleType | None = _load()
+ext: ModuleType | None = load("_fold", VERSION)
 
 
 def describe() -> str:

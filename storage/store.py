@@ -47,6 +47,7 @@ from storage.projections import (
     mark_applied,
 )
 from storage.records import MESSAGE_ACCEPTED, Event, decode_body, lsn_key, pack_u64, u64
+from storage.rowio import Rows
 from storage.rules import MAX_CID_BYTES, MAX_CID_CHARS, MAX_CONV_ID_CHARS, Limits, decide
 from storage.tables import (
     APPEND_ONLY,
@@ -140,7 +141,9 @@ class Store:
         # inboxes is decoded at most once. Committed records never change: never stale.
         self._records: dict[int, Record] = {}
         # The live tables of execute: hot rows stay cached across batches (tables.PERSISTENT).
-        self._tables = BufferedTables(self._dbs)
+        self._rows = Rows(env.env)
+        self._db_list = list(self._dbs.values())  # how the batches' rows go in (storage/rowio.py)
+        self._tables = BufferedTables(self._dbs, self._rows)
         if not env.readonly:
             self._check_layout()
 
@@ -190,10 +193,11 @@ class Store:
         """
         now = time.time_ns() // 1000 if now_us is None else now_us
 
-        tables = self._tables
+        tables, rows, dbs = self._tables, self._rows, self._db_list
 
         def work(txn: lmdb.Transaction):
             # Runs under the environment's write lock: the tail cannot move underneath.
+            rows.check(txn, dbs)
             tables.begin(txn)
             tail = self._log.tail()
             outcomes = []
@@ -242,7 +246,7 @@ class Store:
             mark_applied(tables, tail[0] if records else 0)
             tables.flush()
             if records:
-                txn.cursor(db=self._dbs["log"]).putmulti(records, append=True)
+                rows.append_rows(txn, self._dbs["log"], records)
             self._env.after_commit(tables.committed)
             self._env.after_commit(lambda: self._log.set_tail(tail))
             self._env.after_commit(lambda: self._remember(fresh))

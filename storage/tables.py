@@ -30,6 +30,7 @@ from typing import Any
 import lmdb
 
 from storage import native
+from storage.rowio import Rows
 
 TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered",
           "recv", "read", "idem", "mute", "meta")
@@ -475,11 +476,12 @@ class BufTable(dict):
     they describe committed rows only.
     """
 
-    __slots__ = ("db", "dirty", "last", "txn")
+    __slots__ = ("db", "dirty", "last", "rows", "txn")
 
-    def __init__(self, db: Any) -> None:
+    def __init__(self, db: Any, rows: Rows) -> None:
         super().__init__()
         self.db = db
+        self.rows = rows
         self.txn: lmdb.Transaction | None = None
         self.dirty: dict[bytes, bytes | None] = {}
         self.last: dict[int, bytes] | None = None
@@ -489,7 +491,7 @@ class BufTable(dict):
         if self.last is not None and key > self._last_key(key[0]):
             value = None
         else:
-            value = self.txn.get(key, db=self.db)
+            value = self.rows.get(self.txn, self.db, key)
         _dict_set(self, key, value)
         return value
 
@@ -539,19 +541,8 @@ class BufTable(dict):
 
     def flush(self) -> None:
         """Write this batch's changes into the transaction, each key once, in key order."""
-        changes = self.dirty
-        if not changes:
-            return
-        txn, db = self.txn, self.db
-        puts = []
-        for key in sorted(changes):
-            value = changes[key]
-            if value is None:
-                txn.delete(key, db=db)
-            else:
-                puts.append((key, value))
-        if puts:
-            txn.cursor(db=db).putmulti(puts)
+        if self.dirty:
+            self.rows.put_rows(self.txn, self.db, self.dirty)
 
     def rollback(self) -> None:
         """Forget this batch's changes (the rows read stay: they are committed rows)."""
@@ -565,8 +556,8 @@ class GroupedBufTable(BufTable):
 
     __slots__ = ("groups", "parts")
 
-    def __init__(self, db: Any) -> None:
-        super().__init__(db)
+    def __init__(self, db: Any, rows: Rows) -> None:
+        super().__init__(db, rows)
         self.groups: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self.parts = Parts(self)
 
@@ -619,10 +610,11 @@ class BufferedTables(_ByName):
 
     __slots__ = ("_views", *TABLES)
 
-    def __init__(self, dbs: dict[str, Any]) -> None:
+    def __init__(self, dbs: dict[str, Any], rows: Rows) -> None:
         self._views: list[BufTable] = []
         for name in TABLES:
-            view = GroupedBufTable(dbs[name]) if name in GROUPED else BufTable(dbs[name])
+            cls = GroupedBufTable if name in GROUPED else BufTable
+            view = cls(dbs[name], rows)
             if name in LAST_KEYS:
                 view.last = {}
             self._views.append(view)

@@ -1,0 +1,282 @@
+/* storage._rowio: a write transaction's rows put and read through py-lmdb's own LMDB, keeping
+ * the GIL (optional; storage/rowio.py decides whether it may be used).
+ *
+ * py-lmdb gives the GIL up around every row it writes (`Cursor.putmulti` around each
+ * `mdb_cursor_put`) and around the page it touches after a `get`. The commit thread of
+ * `homing serve` writes thousands of rows a batch while the trio thread wants the GIL, so each
+ * row hands the GIL over, or wakes the trio thread for nothing (docs/BENCHMARKS-JOURNAL.md).
+ * These functions make the same LMDB calls on the transaction's own `MDB_txn`, through the
+ * engine table py-lmdb keeps with it, without giving the GIL up: a put or get of a row in a
+ * page already in memory takes a microsecond or two.
+ *
+ * They read py-lmdb's objects by the layout of py-lmdb 3.0.0's lmdb/cpython.c (below), which
+ * is not a public interface: storage/rowio.py uses this module only with that version, and
+ * only once `check` has matched the layout against a live transaction (the objects' own
+ * fields, the engine's version, the transaction's id, the database's flags). Anything else
+ * goes through py-lmdb's public API, as before.
+ *
+ * - `check(env, txn, db, txn_id, version)`: whether the layout matches these live objects.
+ * - `put_rows(txn, db, keys, changes)`: for each key of `keys` in order, `changes[key]` put
+ *   (overwriting) or, when None, the row deleted (absent rows are no error).
+ * - `append_rows(txn, db, rows)`: `(key, value)` pairs put with MDB_APPEND (keys ascending,
+ *   above every stored key).
+ * - `get(txn, db, key)`: the value as bytes, or None.
+ * Each takes a live write transaction and a database of its environment, of py-lmdb's own types
+ * (`configure(raise_error, Transaction, _Database)` names them, once, first). An LMDB error
+ * calls `raise_error(what, rc)`, which raises py-lmdb's class for that code (MapFullError above
+ * all: storage grows the map on it).
+ */
+
+#define ROWIO_VERSION 1 /* bump with any change of behaviour or signature; see storage/rowio.py */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+
+/* ---- LMDB's types, as in lmdb.h (opaque handles, MDB_val) */
+
+typedef struct MDB_env MDB_env;
+typedef struct MDB_txn MDB_txn;
+typedef struct MDB_cursor MDB_cursor;
+typedef unsigned int MDB_dbi;
+typedef struct {
+    size_t mv_size;
+    void *mv_data;
+} MDB_val;
+
+#define MDB_APPEND 0x20000
+#define MDB_NOTFOUND (-30798)
+#define MDB_BAD_TXN (-30782)
+
+/* ---- py-lmdb 3.0.0: lmdb/mdb_api.h's engine table, up to the last entry used here */
+
+typedef struct {
+    int major, minor, patch;
+    unsigned int data_version;
+    void *env_create, *env_open, *env_close, *env_copy2, *env_copyfd2, *env_copy3,
+        *env_copyfd3, *env_sync, *env_stat, *env_info, *env_get_flags, *env_set_flags,
+        *env_get_maxkeysize, *env_get_maxreaders, *env_get_path, *env_set_mapsize,
+        *env_set_maxdbs, *env_set_maxreaders, *reader_check, *reader_list;
+    void *txn_begin, *txn_commit, *txn_abort, *txn_reset, *txn_renew;
+    size_t (*txn_id)(MDB_txn *txn);
+    void *dbi_open;
+    int (*dbi_flags)(MDB_txn *txn, MDB_dbi dbi, unsigned int *flags);
+    void *dbi_close, *drop;
+    int (*get)(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data);
+    int (*put)(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data, unsigned int flags);
+    int (*del)(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data);
+} MdbApi;
+
+/* ---- py-lmdb 3.0.0: lmdb/cpython.c's objects (built without HAVE_MEMSINK, as its wheels are) */
+
+struct list_head {
+    struct list_head *prev, *next;
+};
+
+#define LMDB_OBJECT_HEAD                                                                       \
+    PyObject_HEAD struct list_head siblings;                                                   \
+    struct list_head children;                                                                 \
+    int valid;
+
+typedef struct {
+    LMDB_OBJECT_HEAD
+    PyObject *env;
+    MDB_dbi dbi;
+    unsigned int flags;
+} DbObject;
+
+typedef struct {
+    LMDB_OBJECT_HEAD
+    PyObject *weaklist;
+    PyObject *env;
+    PyObject *parent;
+    const MdbApi *libv;
+    MDB_txn *txn;
+    int flags;
+    DbObject *db;
+    int mutations;
+} TransObject;
+
+#define TRANS_RDONLY 2
+
+static PyObject *raise_error = NULL;      /* storage.rowio._raise(what, rc) */
+static PyTypeObject *trans_type = NULL;   /* lmdb.Transaction */
+static PyTypeObject *db_type = NULL;      /* lmdb's _Database */
+
+static PyObject *fail(const char *what, int rc) {
+    PyObject *r = PyObject_CallFunction(raise_error, "si", what, rc);
+    Py_XDECREF(r); /* it raises; a return would be a bug there */
+    if (!PyErr_Occurred())
+        PyErr_Format(PyExc_SystemError, "%s failed (%d)", what, rc);
+    return NULL;
+}
+
+/* The transaction and database of a call (args[0], args[1]): a live write transaction and a
+ * database of the same environment, in py-lmdb's own types; NULL with an exception set when the
+ * call is not that (wrong count of arguments: `usage` is the message). */
+static TransObject *target(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
+                           const char *usage, MDB_dbi *dbi) {
+    if (nargs != want) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return NULL;
+    }
+    if (trans_type == NULL || Py_TYPE(args[0]) != trans_type || Py_TYPE(args[1]) != db_type) {
+        PyErr_Format(PyExc_TypeError, "%s: a py-lmdb Transaction and _Database", usage);
+        return NULL;
+    }
+    TransObject *t = (TransObject *)args[0];
+    DbObject *d = (DbObject *)args[1];
+    if (!t->valid || t->txn == NULL || (t->flags & TRANS_RDONLY) || !d->valid ||
+        d->env != t->env) {
+        fail("rowio", MDB_BAD_TXN);
+        return NULL;
+    }
+    *dbi = d->dbi;
+    return t;
+}
+
+static int as_val(PyObject *b, MDB_val *out) {
+    if (!PyBytes_Check(b)) {
+        PyErr_Format(PyExc_TypeError, "rows are bytes, not %.80s", Py_TYPE(b)->tp_name);
+        return -1;
+    }
+    out->mv_size = (size_t)PyBytes_GET_SIZE(b);
+    out->mv_data = PyBytes_AS_STRING(b);
+    return 0;
+}
+
+static PyObject *configure(PyObject *self, PyObject *args) {
+    PyObject *fn, *tt, *dt;
+    if (!PyArg_ParseTuple(args, "OO!O!", &fn, &PyType_Type, &tt, &PyType_Type, &dt))
+        return NULL;
+    Py_XSETREF(raise_error, Py_NewRef(fn));
+    Py_XSETREF(trans_type, (PyTypeObject *)Py_NewRef(tt));
+    Py_XSETREF(db_type, (PyTypeObject *)Py_NewRef(dt));
+    Py_RETURN_NONE;
+}
+
+static PyObject *check(PyObject *self, PyObject *args) {
+    PyObject *env, *txn, *db;
+    unsigned long long txn_id;
+    int major, minor, patch;
+    if (!PyArg_ParseTuple(args, "OOOK(iii)", &env, &txn, &db, &txn_id, &major, &minor, &patch))
+        return NULL;
+    if (trans_type == NULL || Py_TYPE(txn) != trans_type || Py_TYPE(db) != db_type)
+        Py_RETURN_FALSE;
+    TransObject *t = (TransObject *)txn;
+    DbObject *d = (DbObject *)db;
+    const MdbApi *v = t->libv;
+    unsigned int flags = 0;
+    int ok = t->env == env && t->parent == NULL && t->valid && !(t->flags & TRANS_RDONLY) &&
+             v != NULL && v->major == major && v->minor == minor && v->patch == patch &&
+             t->txn != NULL && d->env == env && d->valid;
+    ok = ok && v->txn_id(t->txn) == txn_id;
+    ok = ok && v->dbi_flags(t->txn, d->dbi, &flags) == 0 && flags == d->flags;
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *put_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    MDB_dbi dbi;
+    TransObject *t = target(args, nargs, 4, "put_rows(txn, db, keys, changes)", &dbi);
+    if (t == NULL)
+        return NULL;
+    if (!PyList_Check(args[2]) || !PyDict_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "put_rows: keys is a list, changes a dict");
+        return NULL;
+    }
+    PyObject *keys = args[2], *changes = args[3];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+        PyObject *key = PyList_GET_ITEM(keys, i);
+        PyObject *value = PyDict_GetItemWithError(changes, key); /* borrowed */
+        MDB_val k, v;
+        int rc;
+        if (value == NULL) {
+            if (!PyErr_Occurred())
+                PyErr_SetObject(PyExc_KeyError, key);
+            return NULL;
+        }
+        if (as_val(key, &k) < 0)
+            return NULL;
+        t->mutations++; /* py-lmdb's cursors re-read their position after a change */
+        if (value == Py_None) {
+            rc = t->libv->del(t->txn, dbi, &k, NULL);
+            if (rc == MDB_NOTFOUND)
+                rc = 0;
+        } else {
+            if (as_val(value, &v) < 0)
+                return NULL;
+            rc = t->libv->put(t->txn, dbi, &k, &v, 0);
+        }
+        if (rc)
+            return fail(value == Py_None ? "mdb_del" : "mdb_put", rc);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *append_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    MDB_dbi dbi;
+    TransObject *t = target(args, nargs, 3, "append_rows(txn, db, rows)", &dbi);
+    if (t == NULL)
+        return NULL;
+    if (!PyList_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "append_rows: rows is a list");
+        return NULL;
+    }
+    PyObject *rows = args[2];
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows); i++) {
+        PyObject *row = PyList_GET_ITEM(rows, i);
+        MDB_val k, v;
+        if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 2) {
+            PyErr_SetString(PyExc_TypeError, "rows are (key, value) tuples");
+            return NULL;
+        }
+        if (as_val(PyTuple_GET_ITEM(row, 0), &k) < 0 || as_val(PyTuple_GET_ITEM(row, 1), &v) < 0)
+            return NULL;
+        t->mutations++;
+        int rc = t->libv->put(t->txn, dbi, &k, &v, MDB_APPEND);
+        if (rc)
+            return fail("mdb_put", rc);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    MDB_dbi dbi;
+    MDB_val k, v;
+    TransObject *t = target(args, nargs, 3, "get(txn, db, key)", &dbi);
+    if (t == NULL || as_val(args[2], &k) < 0)
+        return NULL;
+    int rc = t->libv->get(t->txn, dbi, &k, &v);
+    if (rc == MDB_NOTFOUND)
+        Py_RETURN_NONE;
+    if (rc)
+        return fail("mdb_get", rc);
+    return PyBytes_FromStringAndSize(v.mv_data, (Py_ssize_t)v.mv_size);
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS,
+     "configure(raise_error, Transaction, _Database): the error callback and py-lmdb's types."},
+    {"check", check, METH_VARARGS,
+     "check(env, txn, db, txn_id, version): whether these objects have the known layout."},
+    {"put_rows", (PyCFunction)(void (*)(void))put_rows, METH_FASTCALL,
+     "put_rows(txn, db, keys, changes): put or delete (None) each key's change, in order."},
+    {"append_rows", (PyCFunction)(void (*)(void))append_rows, METH_FASTCALL,
+     "append_rows(txn, db, rows): put (key, value) rows with MDB_APPEND."},
+    {"get", (PyCFunction)(void (*)(void))get, METH_FASTCALL,
+     "get(txn, db, key): the stored value as bytes, or None."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "storage._rowio",
+    "A write transaction's rows through py-lmdb's LMDB, keeping the GIL (storage/rowio.py).",
+    -1, methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__rowio(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", ROWIO_VERSION) < 0)
+        Py_CLEAR(m);
+    return m;
+}

@@ -1,0 +1,192 @@
+"""A batch's rows through storage/_rowio.c against py-lmdb's own API (storage/rowio.py).
+
+The compiled functions read py-lmdb's objects by a known layout: these tests check that they
+write and read exactly what py-lmdb does, raise py-lmdb's exceptions, refuse objects they do
+not know, and that the store uses them where they were built.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lmdb
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import storage
+from storage import rowio
+from storage.commands import SendMessage
+from storage.rowio import Rows
+from storage.store import Store
+
+compiled_only = pytest.mark.skipif(rowio.ext is None, reason="storage._rowio not in use here")
+
+
+def open_env(path: Path, map_size: int = 1 << 24) -> lmdb.Environment:
+    return lmdb.open(str(path), map_size=map_size, max_dbs=4, sync=False)
+
+
+def rows_for(env: lmdb.Environment, db, compiled: bool) -> Rows:
+    rows = Rows(env)
+    with env.begin(write=True) as txn:
+        assert rows.check(txn, [db]) is (rowio.ext is not None)
+    rows.compiled = compiled
+    return rows
+
+
+def dump(env: lmdb.Environment, db) -> list[tuple[bytes, bytes]]:
+    with env.begin() as txn:
+        return list(txn.cursor(db=db))
+
+
+def test_the_built_module_is_the_one_that_runs():
+    """Where the install built storage/_rowio.c for the py-lmdb it was written against, it
+    loads and the store writes through it (a mismatch would fall back quietly)."""
+    built = [p for p in Path(storage.__file__).parent.glob("_rowio.*")
+             if p.suffix in (".so", ".pyd")]
+    if not built or os.environ.get("HOMING_PURE_PYTHON") or lmdb.__version__ != rowio.LAYOUT_OF:
+        pytest.skip("storage._rowio is not built here, turned off, or for another py-lmdb")
+    assert rowio.ext is not None and rowio.ext.VERSION == rowio.VERSION
+    assert rowio.describe() == "compiled"
+
+
+@compiled_only
+def test_the_store_writes_through_it(tmp_path):
+    store = Store.open(str(tmp_path / "data"))
+    try:
+        store.execute([SendMessage("ann", "d", "user", "c1", "hi", to="bob")])
+        assert store._rows.compiled
+        assert store.check_projections() is None
+        assert store.verify_log() == store.last_lsn()
+    finally:
+        store.close()
+
+
+keys = st.binary(min_size=1, max_size=12)
+batches = st.lists(st.dictionaries(keys, st.one_of(st.none(), st.binary(max_size=300)),
+                                   max_size=40), min_size=1, max_size=6)
+
+
+@compiled_only
+@settings(max_examples=60, deadline=None)
+@given(batches=batches, lookups=st.lists(keys, max_size=20))
+def test_puts_deletes_and_gets_equal_py_lmdbs(tmp_path_factory, batches, lookups):
+    """Random batches of puts and deletes (of stored and absent keys), each in one write
+    transaction: both ways leave the same rows and read the same values, in and after it."""
+    results = []
+    for compiled in (True, False):
+        env = open_env(tmp_path_factory.mktemp("env"))
+        db = env.open_db(b"t")
+        rows = rows_for(env, db, compiled)
+        seen = []
+        for changes in batches:
+            with env.begin(write=True) as txn:
+                rows.put_rows(txn, db, dict(changes))
+                seen.append([rows.get(txn, db, k) for k in lookups])
+        results.append((dump(env, db), seen))
+        env.close()
+    assert results[0] == results[1]
+
+
+@compiled_only
+def test_append_rows_equals_putmulti_append(tmp_path):
+    records = [(i.to_bytes(8, "big"), os.urandom(i % 50 + 1)) for i in range(1, 2000)]
+    dumps = []
+    for compiled in (True, False):
+        env = open_env(tmp_path / str(compiled))
+        db = env.open_db(b"log")
+        rows = rows_for(env, db, compiled)
+        for start in range(0, len(records), 300):
+            with env.begin(write=True) as txn:
+                rows.append_rows(txn, db, records[start:start + 300])
+        dumps.append(dump(env, db))
+        env.close()
+    assert dumps[0] == dumps[1] == records
+
+
+@compiled_only
+def test_errors_are_py_lmdbs(tmp_path):
+    """A full map raises MapFullError (the store grows the map on it), an append below the last
+    key KeyExistsError; a committed or read-only transaction, or a database of another
+    environment, BadTxnError; arguments of other types TypeError."""
+    env = open_env(tmp_path, map_size=64 * 1024)
+    db = env.open_db(b"t")
+    rows = rows_for(env, db, True)
+    with pytest.raises(lmdb.MapFullError) as full:
+        with env.begin(write=True) as txn:
+            rows.put_rows(txn, db, {i.to_bytes(4, "big"): bytes(500) for i in range(1000)})
+    assert full.value.code == -30792 and "mdb_put" in str(full.value)
+    with env.begin(write=True) as txn:
+        rows.append_rows(txn, db, [(b"b", b"1")])
+    with pytest.raises(lmdb.KeyExistsError), env.begin(write=True) as txn:
+        rows.append_rows(txn, db, [(b"a", b"1")])
+    txn = env.begin(write=True)
+    txn.commit()
+    with pytest.raises(lmdb.BadTxnError):
+        rows.get(txn, db, b"b")
+    other = open_env(tmp_path / "other")
+    foreign = other.open_db(b"t")
+    with env.begin() as ro, pytest.raises(lmdb.BadTxnError):
+        rowio.ext.get(ro, db, b"b")  # only write transactions
+    with env.begin(write=True) as txn:
+        with pytest.raises(lmdb.BadTxnError):
+            rowio.ext.put_rows(txn, foreign, [b"k"], {b"k": b"v"})  # another environment's
+        with pytest.raises(TypeError):
+            rowio.ext.get(db, txn, b"b")
+        with pytest.raises(TypeError):
+            rowio.ext.append_rows(txn, db)
+        with pytest.raises(TypeError):
+            rows.put_rows(txn, db, {b"k": "text"})
+        with pytest.raises(TypeError):
+            rows.append_rows(txn, db, [(b"k",)])
+        with pytest.raises(TypeError):
+            rows.get(txn, db, "k")
+    assert dump(env, db) == [(b"b", b"1")] and dump(other, foreign) == []
+    env.close()
+    other.close()
+
+
+@compiled_only
+def test_a_cursor_sees_rows_put_after_it_was_placed(tmp_path):
+    """py-lmdb's cursors re-read their position after a change in their transaction; the
+    compiled puts count as changes."""
+    env = open_env(tmp_path)
+    db = env.open_db(b"t")
+    rows = rows_for(env, db, True)
+    with env.begin(write=True) as txn:
+        rows.put_rows(txn, db, {b"a": b"1", b"c": b"3" * 50})
+        cur = txn.cursor(db=db)
+        assert cur.set_key(b"c")
+        rows.put_rows(txn, db, {b"c": b"x" * 10})  # the row changes size: its value moves
+        assert (cur.key(), cur.value()) == (b"c", b"x" * 10)
+        # Enough rows before `c` to split its page: its row moves again.
+        rows.put_rows(txn, db, {b"b%04d" % i: bytes(100) for i in range(300)})
+        assert (cur.key(), cur.value()) == (b"c", b"x" * 10)
+        assert list(cur.iterprev(keys=True, values=False))[:2] == [b"c", b"b0299"]
+    env.close()
+
+
+@compiled_only
+def test_check_refuses_what_it_does_not_know(tmp_path):
+    """Only a live write transaction of the environment and that environment's databases pass;
+    the store then writes through py-lmdb."""
+    env, other = open_env(tmp_path / "a"), open_env(tmp_path / "b")
+    db, foreign = env.open_db(b"t"), other.open_db(b"t")
+    version = lmdb.version()
+    with env.begin(write=True) as txn:
+        assert rowio.ext.check(env, txn, db, txn.id(), version)
+        assert not rowio.ext.check(env, txn, foreign, txn.id(), version)
+        assert not rowio.ext.check(other, txn, db, txn.id(), version)
+        assert not rowio.ext.check(env, txn, db, txn.id() + 1, version)
+        assert not rowio.ext.check(env, txn, db, txn.id(), (0, 0, 1))
+    with env.begin() as ro:
+        assert not rowio.ext.check(env, ro, db, ro.id(), version)
+    rows = Rows(env)
+    with env.begin(write=True) as txn:
+        assert not rows.check(txn, [db, foreign])
+        rows.put_rows(txn, db, {b"k": b"v"})  # through py-lmdb
+    assert not rows.compiled and dump(env, db) == [(b"k", b"v")]
+    env.close()
+    other.close()
