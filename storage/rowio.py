@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import lmdb
+import structlog
 
 from storage import native
 
@@ -64,6 +65,7 @@ def _load() -> ModuleType | None:
 
 
 ext: ModuleType | None = _load()
+log = structlog.get_logger()
 
 
 class Rows:
@@ -84,6 +86,11 @@ class Rows:
             version, txn_id = lmdb.version(), txn.id()
             self.compiled = ext is not None and all(
                 ext.check(self._env, txn, db, txn_id, version) for db in dbs)
+            if ext is not None and not self.compiled:
+                # Built for this py-lmdb, yet its objects do not look as expected: say so, since
+                # `storage_rows=compiled` was logged at start.
+                log.warning("storage_rows_unchecked", path=self._env.path(),
+                            lmdb=lmdb.__version__, engine=".".join(map(str, version)))
         return self.compiled
 
     def put_rows(self, txn: lmdb.Transaction, db: Any, changes: dict[bytes, bytes | None]

@@ -14,6 +14,7 @@ import lmdb
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 import storage
 from storage import rowio
@@ -171,7 +172,7 @@ def test_a_cursor_sees_rows_put_after_it_was_placed(tmp_path):
 @compiled_only
 def test_check_refuses_what_it_does_not_know(tmp_path):
     """Only a live write transaction of the environment and that environment's databases pass;
-    the store then writes through py-lmdb."""
+    otherwise the rows go through py-lmdb, and the store says so in its log."""
     env, other = open_env(tmp_path / "a"), open_env(tmp_path / "b")
     db, foreign = env.open_db(b"t"), other.open_db(b"t")
     version = lmdb.version()
@@ -184,9 +185,10 @@ def test_check_refuses_what_it_does_not_know(tmp_path):
     with env.begin() as ro:
         assert not rowio.ext.check(env, ro, db, ro.id(), version)
     rows = Rows(env)
-    with env.begin(write=True) as txn:
+    with env.begin(write=True) as txn, capture_logs() as logs:
         assert not rows.check(txn, [db, foreign])
         rows.put_rows(txn, db, {b"k": b"v"})  # through py-lmdb
     assert not rows.compiled and dump(env, db) == [(b"k", b"v")]
+    assert [e["event"] for e in logs] == ["storage_rows_unchecked"]
     env.close()
     other.close()
