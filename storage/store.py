@@ -141,8 +141,9 @@ class Store:
         # inboxes is decoded at most once. Committed records never change: never stale.
         self._records: dict[int, Record] = {}
         # The live tables of execute: hot rows stay cached across batches (tables.PERSISTENT).
+        # How the batches' rows go in (storage/rowio.py): checked on the first write.
         self._rows = Rows(env.env)
-        self._db_list = list(self._dbs.values())  # how the batches' rows go in (storage/rowio.py)
+        self._db_list = list(self._dbs.values())
         self._tables = BufferedTables(self._dbs, self._rows)
         if not env.readonly:
             self._check_layout()
