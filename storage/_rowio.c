@@ -1,13 +1,15 @@
-/* storage._rowio: a write transaction's rows put and read through py-lmdb's own LMDB, keeping
- * the GIL (optional; storage/rowio.py decides whether it may be used).
+/* storage._rowio: a write transaction's rows put and read through py-lmdb's own LMDB, the puts
+ * keeping the GIL (optional; storage/rowio.py decides whether it may be used).
  *
  * py-lmdb gives the GIL up around every row it writes (`Cursor.putmulti` around each
  * `mdb_cursor_put`) and around the page it touches after a `get`. The commit thread of
  * `homing serve` writes thousands of rows a batch while the trio thread wants the GIL, so each
  * row hands the GIL over, or wakes the trio thread for nothing (docs/BENCHMARKS-JOURNAL.md).
  * These functions make the same LMDB calls on the transaction's own `MDB_txn`, through the
- * engine table py-lmdb keeps with it, without giving the GIL up: a put or get of a row in a
- * page already in memory takes a microsecond or two.
+ * engine table py-lmdb keeps with it: puts without giving the GIL up (a put into a page already
+ * in memory takes a microsecond or two; a batch's puts go to the pages its reads just touched,
+ * and to the tails of the append-only tables), and each get with the GIL released around the
+ * lookup alone, as py-lmdb does, since a read may have to fault a page in from disk.
  *
  * They read py-lmdb's objects by the layout of py-lmdb 3.0.0's lmdb/cpython.c (below), which
  * is not a public interface: storage/rowio.py uses this module only with that version, and
@@ -20,14 +22,14 @@
  *   (overwriting) or, when None, the row deleted (absent rows are no error).
  * - `append_rows(txn, db, rows)`: `(key, value)` pairs put with MDB_APPEND (keys ascending,
  *   above every stored key).
- * - `get(txn, db, key)`: the value as bytes, or None.
+ * - `get(txn, db, key)`: the value as bytes, or None (the GIL released for the lookup).
  * Each takes a live write transaction and a database of its environment, of py-lmdb's own types
  * (`configure(raise_error, Transaction, _Database)` names them, once, first). An LMDB error
  * calls `raise_error(what, rc)`, which raises py-lmdb's class for that code (MapFullError above
  * all: storage grows the map on it).
  */
 
-#define ROWIO_VERSION 1 /* bump with any change of behaviour or signature; see storage/rowio.py */
+#define ROWIO_VERSION 2 /* bump with any change of behaviour or signature; see storage/rowio.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -246,7 +248,10 @@ static PyObject *get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     TransObject *t = target(args, nargs, 3, "get(txn, db, key)", &dbi);
     if (t == NULL || as_val(args[2], &k) < 0)
         return NULL;
-    int rc = t->libv->get(t->txn, dbi, &k, &v);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS /* a read may fault in a page from disk: not with the GIL held */
+    rc = t->libv->get(t->txn, dbi, &k, &v);
+    Py_END_ALLOW_THREADS
     if (rc == MDB_NOTFOUND)
         Py_RETURN_NONE;
     if (rc)
@@ -270,7 +275,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "storage._rowio",
-    "A write transaction's rows through py-lmdb's LMDB, keeping the GIL (storage/rowio.py).",
+    "A write transaction's rows through py-lmdb's LMDB, the puts keeping the GIL "
+    "(storage/rowio.py).",
     -1, methods, NULL, NULL, NULL, NULL,
 };
 

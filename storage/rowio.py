@@ -1,10 +1,11 @@
-"""A write transaction's rows put and read without giving the GIL up at each row, where that is
-known to be safe: storage/_rowio.c, optional.
+"""A write transaction's rows put without giving the GIL up at each row, where that is known to
+be safe: storage/_rowio.c, optional.
 
-py-lmdb releases the GIL around every row `Cursor.putmulti` writes and around the page a `get`
-touches; in `homing serve` the trio thread then takes it (or is woken for it) thousands of times
-a batch. `storage._rowio` makes the same LMDB calls on the transaction's own handle and keeps
-the GIL. It reads py-lmdb's objects by the layout of one py-lmdb release (`LAYOUT_OF`), which is
+py-lmdb releases the GIL around every row `Cursor.putmulti` writes; in `homing serve` the trio
+thread then takes it (or is woken for it) thousands of times a batch. `storage._rowio` makes the
+same LMDB calls on the transaction's own handle and keeps the GIL for the puts; a get releases
+it around the lookup alone, as py-lmdb does, since a read may have to fault a page in from
+disk. It reads py-lmdb's objects by the layout of one py-lmdb release (`LAYOUT_OF`), which is
 not a public interface, so it is used only:
 
 * with that py-lmdb release, its CPython binding (not the cffi one), and a build of the current
@@ -28,7 +29,7 @@ import structlog
 
 from storage import native
 
-VERSION = 1  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
+VERSION = 2  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
 LAYOUT_OF = "3.0.0"  # the py-lmdb release whose object layout storage/_rowio.c reads
 
 # py-lmdb 3.0.0's error table (lmdb/cpython.c, `error_map`): LMDB's codes and the errno values
