@@ -48,6 +48,8 @@ CACHE_ROWS = 200_000
 # its first byte's is known to be absent without a read: the idempotency index, keyed
 # `cid \0 sender`, where the SDK's cids sort by time (`BufTable.last`).
 LAST_KEYS = frozenset({"idem"})
+# Senders whose greatest committed key the `LAST_KEYS` views keep, at most (`BufTable.newest`).
+TRACKED_SENDERS = 100_000
 
 # What `sorted_rows` returns: a list, or a `_fold.SortedRows`; both sized and re-iterable.
 RowsInOrder = Collection[tuple[bytes, bytes]]
@@ -474,9 +476,17 @@ class BufTable(dict):
     with the same digit for decades) do not put every other key below the greatest. Only
     commits raise these keys (`raise_last`); a batch that fails leaves them as they were, since
     they describe committed rows only.
+
+    Keys of these tables are `cid \0 sender` (a cid holds no NUL), and several senders' rising
+    cids interleave: a sender whose send waited while another's later cids committed would
+    read every time. So each sender's greatest committed key is kept too (`newest`, raised by
+    each commit), with `base`, each first byte's last key when it was first read (or when
+    `newest` was last emptied). A key above its first byte's base and above its sender's
+    newest is absent: every stored key of that first byte is at most the base or was
+    committed since by this process, and then is at most its sender's newest.
     """
 
-    __slots__ = ("db", "dirty", "last", "rows", "txn")
+    __slots__ = ("base", "db", "dirty", "last", "newest", "rows", "txn")
 
     def __init__(self, db: Any, rows: Rows) -> None:
         super().__init__()
@@ -485,15 +495,27 @@ class BufTable(dict):
         self.txn: lmdb.Transaction | None = None
         self.dirty: dict[bytes, bytes | None] = {}
         self.last: dict[int, bytes] | None = None
+        self.base: dict[int, bytes] = {}
+        self.newest: dict[bytes, bytes] = {}
 
     def __missing__(self, key: bytes) -> bytes | None:
         # Not changed by this batch, so the transaction holds the committed row.
-        if self.last is not None and key > self._last_key(key[0]):
+        if self.last is not None and self._absent(key):
             value = None
         else:
             value = self.rows.get(self.txn, self.db, key)
         _dict_set(self, key, value)
         return value
+
+    def _absent(self, key: bytes) -> bool:
+        """Whether `key` is known absent from the committed rows without a read (`last`)."""
+        first = key[0]
+        if key > self._last_key(first):
+            return True
+        if key <= self.base[first]:
+            return False
+        mine = self.newest.get(key[key.find(b"\0") + 1:])
+        return mine is None or key > mine
 
     def _last_key(self, first: int) -> bytes:
         found = self.last.get(first)
@@ -502,20 +524,39 @@ class BufTable(dict):
             # The row before the next byte's first key; with nothing from there on, the last.
             at = cur.prev() if first < 255 and cur.set_range(bytes([first + 1])) else cur.last()
             key = cur.key() if at else b""
-            found = self.last[first] = key if key[:1] == bytes([first]) else bytes([first])
+            found = key if key[:1] == bytes([first]) else bytes([first])
+            self.last[first] = self.base[first] = found
         return found
 
     def raise_last(self) -> None:
-        """This batch committed: raise the last keys of the first bytes it added rows under."""
+        """This batch committed: raise the last keys of the first bytes and the senders it added
+        rows under."""
         last = self.last
-        if not last:
+        if last is None:
             return
+        newest = self.newest
+        if len(newest) > TRACKED_SENDERS:
+            # Bounded memory: forget the senders, and start again from keys no lower than
+            # every committed one (`last` is raised by every commit).
+            newest.clear()
+            self.base.update(last)
         for key in self.dirty:
-            found = last.get(key[0])
             # Rows of these tables are never removed; a removal would only leave a last key
             # above the true one, which costs reads, never a wrong answer.
+            found = last.get(key[0])
             if found is not None and key > found:
                 last[key[0]] = key
+            sender = key[key.find(b"\0") + 1:]
+            mine = newest.get(sender)
+            if mine is None or key > mine:
+                newest[sender] = key
+
+    def forget_last(self) -> None:
+        """Forget the kept keys (the stored rows were replaced)."""
+        if self.last is not None:
+            self.last.clear()
+        self.base.clear()
+        self.newest.clear()
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
         """Buffer `value` at `key`."""
@@ -654,7 +695,6 @@ class BufferedTables(_ByName):
             view.rollback()
             view.clear()
             view.txn = None
-            if view.last is not None:
-                view.last.clear()
+            view.forget_last()
             if isinstance(view, GroupedBufTable):
                 view.forget_all()

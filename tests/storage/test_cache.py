@@ -125,8 +125,48 @@ def test_cids_of_another_form_leave_the_sdks_cids_unread(store):
     assert gets == 0 and not any(o.reply["dup"] for o in outs)
     outs, gets = _execute_counting_reads(store, [_send("carol", "order-1"),
                                                  _send("bob", outs[1].reply["cid"])])
-    assert gets == 2 and [o.reply["dup"] for o in outs] == [True, False]  # bob never sent it
+    # carol's retry is read; dave's cid is above bob's newest, so bob's is new without a read
+    assert gets == 1 and [o.reply["dup"] for o in outs] == [True, False]
     assert sorted(store._tables.idem.last) == [ord("1"), ord("o")]
+
+
+def test_senders_whose_cids_interleave_are_not_read(tmp_path, monkeypatch):
+    """Each sender's rising cids are new without a read even below another sender's greater
+    ones (several services sending at once), and a retry below a sender's newest is read and
+    found, as is a cid below the keys stored before the process first looked, also once the
+    kept senders were forgotten (the bound) and after a rebuild."""
+    store = Store.open(tmp_path / "data")
+    try:
+        store.execute([_send("bob", "t-03"), _send("carol", "t-04"), _send("dave", "t-02")])
+    finally:
+        store.close()
+    store = Store.open(tmp_path / "data")
+    try:
+        # The first look; the conversations' rows are cached from here on.
+        store.execute([_send("bob", "t-05"), _send("carol", "t-09"), _send("dave", "t-06")])
+        outs, gets = _execute_counting_reads(store, [_send("bob", "t-06"), _send("dave", "t-07")])
+        assert gets == 0 and not any(o.reply["dup"] for o in outs)
+        outs, gets = _execute_counting_reads(store, [_send("bob", "t-07"), _send("carol", "t-10")])
+        assert gets == 0 and not any(o.reply["dup"] for o in outs)
+        # Below the sender's newest: read, whether a retry or not.
+        outs, gets = _execute_counting_reads(store, [_send("bob", "t-06"), _send("bob", "t-01"),
+                                                     _send("dave", "t-07")])
+        assert gets == 3 and [o.reply["dup"] for o in outs] == [True, False, True]
+        assert store._tables.idem.newest[b"bob"] == b"t-07\0bob"
+        monkeypatch.setattr("storage.tables.TRACKED_SENDERS", 1)
+        store.execute([_send("bob", "t-11")])  # over the bound: the senders are forgotten
+        assert store._tables.idem.newest == {b"bob": b"t-11\0bob"}
+        # dave's newest is forgotten: his keys up to the base (t-11 now) are read.
+        outs, gets = _execute_counting_reads(store, [_send("dave", "t-07"), _send("dave", "t-08"),
+                                                     _send("dave", "t-12"), _send("bob", "t-12")])
+        assert gets == 2 and [o.reply["dup"] for o in outs] == [True, False, False, False]
+        store.rebuild()
+        assert store._tables.idem.newest == {} and store._tables.idem.base == {}
+        outs = store.execute([_send("carol", "t-10"), _send("carol", "t-13")])
+        assert [o.reply["dup"] for o in outs] == [True, False]
+        _check(store)
+    finally:
+        store.close()
 
 
 def test_membership_change_refreshes_cached_members(store):
