@@ -180,6 +180,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if bound:
         print(f"* the load processes were CPU-bound in: {', '.join(bound)}; those figures "
               "measure the clients as much as the server (docs/BENCHMARKS.md, \"CPU placement\")")
+    busy = report.disturbed(results)
+    if busy:
+        from bench import scenarios
+
+        print(f"! the rest of the machine (other processes, or the hypervisor's steal) took "
+              f"{scenarios.DISTURBED_PCT} % of a core or more in: {', '.join(busy)}; those "
+              "figures are not the server's and the load's alone: rerun them on a quiet machine "
+              "(docs/BENCHMARKS.md, \"Method\")")
     if opts["placement"]:
         cpus = opts["placement"]
         print(f"pinned: server on CPUs {_cpu_list(cpus['server'])}, "

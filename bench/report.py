@@ -104,13 +104,23 @@ def rows(results: dict) -> list[tuple[str, str, Any, Any, Any]]:
 
 def load_bound(results: dict) -> list[str]:
     """The runs whose load processes were CPU-bound (`cpu.load_bound`), homing's and peers'."""
+    return _flagged(results, "load_bound")
+
+
+def disturbed(results: dict) -> list[str]:
+    """The runs during which the rest of the machine was busy (`cpu.disturbed`)."""
+    return _flagged(results, "disturbed")
+
+
+def _flagged(results: dict, flag: str) -> list[str]:
+    """The labels of the runs whose `cpu.<flag>` is true, homing's and peers'."""
     out = []
 
     def check(label: str, entry: dict) -> None:
-        if (entry.get("cpu") or {}).get("load_bound"):
+        if (entry.get("cpu") or {}).get(flag):
             out.append(label)
         for peer_name, peer in (entry.get("peer") or {}).items():
-            if (peer.get("cpu") or {}).get("load_bound"):
+            if (peer.get("cpu") or {}).get(flag):
                 out.append(f"{label} vs {peer_name}")
         if isinstance(entry.get("throughput"), dict):
             check(f"{label}+throughput", entry["throughput"])
@@ -138,12 +148,13 @@ def _with_spread(entry: dict, key: str) -> Any:
 
 def _cpu(cpu: dict) -> str:
     """A `cpu` entry as "server / load (max busiest load process) / other", with the part of
-    other that was the hypervisor's steal when there was any, and * if load-bound."""
+    other that was the hypervisor's steal when there was any, * if load-bound and ! if
+    disturbed."""
     steal = cpu.get("steal_pct", 0)
     return (f"{cpu['broker_pct']:.0f} / {cpu['load_pct_total']:.0f} "
             f"(max {cpu['load_pct_max_process']:.0f}) / {cpu.get('other_pct', 0):.0f}"
             f"{f' (steal {steal:.0f})' if steal >= 0.5 else ''}"
-            f"{' *' if cpu.get('load_bound') else ''}")
+            f"{' *' if cpu.get('load_bound') else ''}{' !' if cpu.get('disturbed') else ''}")
 
 
 def _fmt(v: Any) -> str:

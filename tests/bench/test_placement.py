@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -133,6 +134,30 @@ def test_a_load_side_at_its_limit_is_flagged_as_the_bottleneck():
                             "peer": {"redis": {"cpu": {"load_bound": True}}}}],
                "connections": {"cpu": {}, "throughput": {"cpu": {"load_bound": True}}}}
     assert load_bound(results) == ["latency 5000/s vs redis", "connections+throughput"]
+
+
+def test_a_run_beside_other_busy_processes_is_flagged_as_disturbed():
+    """The rest of the machine (other processes, a hypervisor's steal) at DISTURBED_PCT of a
+    core or more marks the run: in its entry, in the table and among the runs the closing line
+    names."""
+    from bench.repeat import merge
+    from bench.report import disturbed, table
+    from bench.scenarios import DISTURBED_PCT, _cpu_summary
+
+    free = {"placement": None}
+    quiet = _cpu_summary({"broker": 90.0, "load0": 40.0, "other": DISTURBED_PCT - 1.0}, free)
+    busy = _cpu_summary({"broker": 60.0, "load0": 30.0, "other": 94.5, "steal": 0.1}, free)
+    assert not quiet["disturbed"] and busy["disturbed"]
+    # With --repeat, one disturbed round marks the merged entry, as load_bound does.
+    merged = merge([{"msgs_per_s": 19_000, "cpu": quiet}, {"msgs_per_s": 14_000, "cpu": busy},
+                    {"msgs_per_s": 18_000, "cpu": quiet}])
+    assert merged["cpu"]["disturbed"] is True and merged["msgs_per_s"] == 18_000
+    results = {"throughput": {**merged, "peer": {"redis": {"cpu": quiet}}},
+               "latency": [{"rate": 1000, "cpu": quiet, "peer": {"nats": {"cpu": busy}}}]}
+    assert disturbed(results) == ["throughput", "latency 1000/s vs nats"]
+    text = table(results)
+    assert re.search(r"\| 90 / 40 \(max 40\) / 29 +\| nats: 60 / 30 \(max 30\) / 94 \* ! +\|",
+                     text)  # the busy machine starved the load too: both marks
 
 
 def test_the_table_shows_each_peers_cpu_and_marks_a_load_bound_run():
