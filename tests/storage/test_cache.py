@@ -142,8 +142,11 @@ def test_senders_whose_cids_interleave_are_not_read(tmp_path, monkeypatch):
         store.close()
     store = Store.open(tmp_path / "data")
     try:
-        # The first look; the conversations' rows are cached from here on.
-        store.execute([_send("bob", "t-05"), _send("carol", "t-09"), _send("dave", "t-06")])
+        # The first look; the conversations' rows are cached from here on. dave's retry of a
+        # send stored before it is at most the base, and he has no newest yet: read, a dup.
+        outs = store.execute([_send("dave", "t-02"), _send("bob", "t-05"), _send("carol", "t-09"),
+                              _send("dave", "t-06")])
+        assert [o.reply["dup"] for o in outs] == [True, False, False, False]
         outs, gets = _execute_counting_reads(store, [_send("bob", "t-06"), _send("dave", "t-07")])
         assert gets == 0 and not any(o.reply["dup"] for o in outs)
         outs, gets = _execute_counting_reads(store, [_send("bob", "t-07"), _send("carol", "t-10")])
