@@ -91,6 +91,11 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
                    help="run each scenario N times, homing and each peer in turn, and report "
                         "the medians (default %(default)s; docs/BENCHMARKS.md, \"Repeated runs\")")
+    g.add_argument("--load-sched", choices=("batch", "normal"), default=None,
+                   help="scheduling policy of the load processes: batch (SCHED_BATCH, the "
+                        "default on Linux: woken by the server's write, a load process waits "
+                        "for a free core instead of preempting the server) or normal "
+                        "(docs/BENCHMARKS.md, \"Method\")")
     b = p.add_argument_group("broker")
     b.add_argument("--window", type=_positive_int, default=256, help="homing serve --window")
     b.add_argument("--pin", action="store_true",
@@ -140,6 +145,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     opts["placement"] = None
+    opts["load_sched"] = args.load_sched or placement.default_load_sched()
     if args.pin:
         try:
             opts["placement"] = placement.plan()
@@ -176,6 +182,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"storage hot loops {env['storage_native']}, rows {env['storage_rows']}, "
           f"frame codec {env['protocol_native']}")
     print(describe(disk))
+    if opts["load_sched"] == "batch":
+        print("load processes: SCHED_BATCH (--load-sched): woken, they wait for a free core "
+              "instead of preempting the server")
     bound = report.load_bound(results)
     if bound:
         print(f"* the load processes were CPU-bound in: {', '.join(bound)}; those figures "
@@ -232,6 +241,8 @@ def _check_usage(args: argparse.Namespace) -> None:
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise usage(f"argument {option}: cannot write {path}: {folder} is not a folder "
                         "this user may write to")
+    if args.load_sched == "batch" and not hasattr(os, "SCHED_BATCH"):
+        raise usage("argument --load-sched: batch needs SCHED_BATCH (Linux)")
     if args.plot is not None:
         try:
             import matplotlib  # noqa: F401

@@ -156,11 +156,14 @@ class BrokerProcess:
         self.stop()
 
 
-def _worker_main(target: str, spec: dict, pipe: Any, cpus: list[int] | None) -> None:
-    """Entry point of a load process: run `bench.loadgen.<target>(spec, pipe)` on `cpus`."""
+def _worker_main(target: str, spec: dict, pipe: Any, cpus: list[int] | None,
+                 sched: str) -> None:
+    """Entry point of a load process: run `bench.loadgen.<target>(spec, pipe)` on `cpus`, under
+    the scheduling policy `sched` (bench.placement)."""
     import importlib
 
     placement.pin_self(cpus)
+    placement.set_sched(sched)
     module, _, name = target.rpartition(".")
     fn = getattr(importlib.import_module(module), name)
     try:
@@ -179,14 +182,14 @@ class Workers:
     """A set of load processes driven in lock step: ready, go, done, exit."""
 
     def __init__(self, jobs: list[tuple[str, dict]], progress: Any = None,
-                 cpus: list[int] | None = None) -> None:
+                 cpus: list[int] | None = None, sched: str = "normal") -> None:
         ctx = multiprocessing.get_context("spawn")
         self.pipes = []
         self.procs = []
         self.progress = progress
         for target, spec in jobs:
             ours, theirs = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(target, spec, theirs, cpus),
+            p = ctx.Process(target=_worker_main, args=(target, spec, theirs, cpus, sched),
                             daemon=True)
             p.start()
             theirs.close()

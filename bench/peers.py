@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from bench.harness import Workers, run_phase
 from bench.histogram import Histogram
 from bench.loadgen import STAMP_DIGITS, raise_nofile, stamped_body
-from bench.placement import load_cpus, pinned, server_cpus
+from bench.placement import load_cpus, load_sched, pinned, server_cpus
 
 FETCH = 256
 
@@ -131,7 +131,7 @@ def _run(url: str, opts: dict, messages: int, rate: float | None, label: str, pr
                            "be placed like homing (run the bench as its user, or without --pin)")
     place = pinned(pid, cpus) if cpus is not None else contextlib.nullcontext()
     try:
-        with place, Workers(specs, progress, load_cpus(opts)) as workers:
+        with place, Workers(specs, progress, load_cpus(opts), load_sched(opts)) as workers:
             workers.gather("ready", 120, f"{label}: connecting")
             go_payload = go() if callable(go) else go
             results, cpu, _ = run_phase(workers, timeout=timeout, label=label, go=go_payload,

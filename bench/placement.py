@@ -7,6 +7,11 @@ With `--pin` the server under test (`homing serve`, or a peer server whose pid i
 on the first half of the CPUs this process may use and every load process on the other half, so
 neither side's work waits for the other's. The same placement applies to homing and to each
 peer. Linux only (sched_setaffinity); docs/BENCHMARKS.md, "CPU placement".
+
+Whether pinned or not, the load processes run under SCHED_BATCH by default (`--load-sched`): a
+load process woken by the server's write then waits for a free core instead of preempting the
+server mid-work, as it would on a machine of its own. They get as much CPU as before; only
+wake-up preemption is off (docs/BENCHMARKS.md, "Method").
 """
 
 from __future__ import annotations
@@ -46,6 +51,28 @@ def load_cpus(opts: dict) -> list[int] | None:
     """The CPUs of the load processes in a run with these options (None: not pinned)."""
     chosen = opts.get("placement")
     return chosen["load"] if chosen else None
+
+
+LOAD_SCHEDS = ("batch", "normal")
+
+
+def default_load_sched() -> str:
+    """SCHED_BATCH where the platform has it (Linux), else the normal policy."""
+    return "batch" if hasattr(os, "SCHED_BATCH") else "normal"
+
+
+def load_sched(opts: dict) -> str:
+    """The scheduling policy of the load processes in a run with these options."""
+    return opts.get("load_sched") or "normal"
+
+
+def set_sched(policy: str) -> None:
+    """Run the calling process (and the threads it starts later) under `policy`: "batch" is
+    SCHED_BATCH (woken, it does not preempt a running process), "normal" leaves it as it is."""
+    if policy == "batch":
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    elif policy != "normal":
+        raise PlacementError(f"unknown scheduling policy {policy!r}")
 
 
 def pin_self(cpus: Iterable[int] | None) -> None:

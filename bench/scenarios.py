@@ -21,7 +21,7 @@ import protocol as wire
 from bench.harness import BrokerProcess, Workers, run_phase
 from bench.histogram import Histogram
 from bench.loadgen import Link
-from bench.placement import load_cpus
+from bench.placement import load_cpus, load_sched
 
 BODY_BYTES = 200
 _tags = itertools.count(1)
@@ -128,7 +128,7 @@ def run_clients(broker: BrokerProcess, jobs: list[dict], opts: dict, *, label: s
                 timeout: float, progress: Any, go: Any = None, **extra: Any) -> tuple[dict, dict]:
     """Start one load process per job, run one phase, return (merged figures, cpu)."""
     specs = [("bench.loadgen.clients", _spec(broker, job, opts, **extra)) for job in jobs]
-    with Workers(specs, progress, load_cpus(opts)) as workers:
+    with Workers(specs, progress, load_cpus(opts), load_sched(opts)) as workers:
         workers.gather("ready", 120, f"{label}: connecting")
         go_payload = go() if callable(go) else go
         results, cpu, _wall = run_phase(workers, timeout=timeout, pids={"broker": broker.pid},
@@ -206,7 +206,7 @@ def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> d
     specs.append(("bench.loadgen.poster", {"server": broker.server, "token": owner, "conv": conv,
                                            "posts": posts, "interval_s": interval,
                                            "body_bytes": BODY_BYTES}))
-    with Workers(specs, progress, load_cpus(opts)) as workers:
+    with Workers(specs, progress, load_cpus(opts), load_sched(opts)) as workers:
         workers.gather("ready", 300, f"fanout {k}: subscribing")
         results, cpu, _ = run_phase(workers, timeout=posts * interval * 4 + 60,
                                     pids={"broker": broker.pid}, label=f"fanout {k}")
@@ -237,7 +237,7 @@ def connections(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict
                                      "ping_s": 10})
              for p in range(procs)]
     started = time.monotonic()
-    with Workers(specs, progress, load_cpus(opts)) as workers:
+    with Workers(specs, progress, load_cpus(opts), load_sched(opts)) as workers:
         ready = workers.gather("ready", 600, f"connections: opening {c}")
         connect_s = time.monotonic() - started
         time.sleep(1.0)

@@ -1,4 +1,5 @@
-"""`homing bench --pin`: the split of the CPUs, and real processes placed on their halves."""
+"""`homing bench --pin`: the split of the CPUs, and real processes placed on their halves; the
+load processes' scheduling policy (`--load-sched`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from bench.harness import BrokerProcess, Workers
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs at least 2 usable CPUs")
+needs_batch = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="needs SCHED_BATCH")
 
 
 def report_affinity(spec: dict, pipe: Any) -> None:
@@ -27,6 +29,17 @@ def report_affinity(spec: dict, pipe: Any) -> None:
     t.start()
     t.join()
     pipe.send(("ready", {"process": sorted(os.sched_getaffinity(0)), **seen}))
+    pipe.recv()
+
+
+def report_sched(spec: dict, pipe: Any) -> None:
+    """A load-process target: say the scheduling policy of this process and of a thread it
+    starts."""
+    seen = {}
+    t = threading.Thread(target=lambda: seen.update(thread=os.sched_getscheduler(0)))
+    t.start()
+    t.join()
+    pipe.send(("ready", {"process": os.sched_getscheduler(0), **seen}))
     pipe.recv()
 
 
@@ -45,6 +58,17 @@ def test_load_processes_and_their_threads_run_on_the_load_cpus():
                  cpus=chosen["load"]) as workers:
         seen = workers.gather("ready", 60)
     assert seen == [{"process": chosen["load"], "thread": chosen["load"]}] * 2
+
+
+@needs_batch
+def test_load_processes_and_their_threads_run_under_the_policy_asked_for():
+    for sched, policy in (("batch", os.SCHED_BATCH), ("normal", os.SCHED_OTHER)):
+        with Workers([("tests.bench.test_placement.report_sched", {})] * 2,
+                     sched=sched) as workers:
+            seen = workers.gather("ready", 60)
+        assert seen == [{"process": policy, "thread": policy}] * 2, sched
+    with pytest.raises(placement.PlacementError, match="unknown scheduling policy"):
+        placement.set_sched("fifo")
 
 
 @needs_two
@@ -108,8 +132,10 @@ def test_bench_pin_records_the_placement_and_flags_nothing_at_a_light_load(tmp_p
     assert (f"pinned: server on CPUs {','.join(map(str, chosen['server']))}, "
             f"load on CPUs {','.join(map(str, chosen['load']))}") in run.stdout
     assert "CPU-bound" not in run.stdout
+    assert "load processes: SCHED_BATCH (--load-sched)" in run.stdout  # the default
     doc = json.loads(out.read_text())
     assert doc["environment"]["settings"]["placement"] == chosen
+    assert doc["environment"]["settings"]["load_sched"] == "batch"
     (lat,) = doc["results"]["latency"]
     assert lat["received"] == 200 and lat["cpu"]["load_bound"] is False
 
