@@ -328,7 +328,12 @@ def _reach_peers(urls: list[str]) -> dict:
             note(f"peer {url} not reachable ({problem}); going on without it")
             status[name] = {"url": url, "reachable": False, "reason": problem}
         else:
-            status[name] = {"url": url, "reachable": True}
+            status[name] = {"url": url, "reachable": True, "client": peers.clients(name)}
+            missing = peers.missing_speedups(name)
+            if missing:
+                note(f"peer {name}: its client runs without {' and '.join(missing)}, so its "
+                     "figures will measure the Python client more than the server (pip install "
+                     "'homing[bench]'; docs/BENCHMARKS.md, \"Method\")")
     return status
 
 

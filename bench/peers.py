@@ -12,6 +12,13 @@ connection per sender and per receiver, `--pipeline` sends in flight per sender)
   allows it, a fresh data `dir`, with CONFIG SET); each receiver XREADGROUPs up to 256 and
   XACKs the batch in one call (Redis has no cumulative ack).
 
+The peers' clients run on uvloop's event loop and redis-py parses with hiredis, when installed
+(both are in the `bench` extra): without them the peers' Python clients, not the servers, set
+the figures (Redis Streams did 28,043 and 29,204 msgs/s with redis-py's Python parser and 52,496
+and 58,078 with hiredis; with uvloop too, Redis 55,446 / 58,848 -> 62,984 / 61,150 and NATS
+18,431 / 17,428 -> 23,039 / 20,929: docs/BENCHMARKS.md, "Method"). `clients()` says what a run
+has, and the bench warns when they are missing (`missing_speedups`).
+
 Worker processes return the same figures as `bench.loadgen.clients`, so the scenarios' merge
 and report code is shared.
 """
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
 import socket
 import tempfile
@@ -76,6 +84,34 @@ def unreachable(url: str) -> str | None:
     except ImportError:
         return f"the Python client is missing: pip install 'homing[bench]' ({module})"
     return None
+
+
+def clients(name: str) -> dict[str, str]:
+    """How this machine's client for peer `name` would run: its event loop (`uvloop` or
+    `asyncio`) and, for Redis, its reply parser (`hiredis` or `python`)."""
+    found = {"event_loop": "uvloop" if _importable("uvloop") else "asyncio"}
+    if name == "redis":
+        found["parser"] = "hiredis" if _importable("hiredis") else "python"
+    return found
+
+
+def missing_speedups(name: str) -> list[str]:
+    """The client speed-ups for peer `name` (`uvloop`; for Redis `hiredis` too) not installed."""
+    wanted = ("uvloop", "hiredis") if name == "redis" else ("uvloop",)
+    return [module for module in wanted if not _importable(module)]
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None  # None too when sys.modules says so
+
+
+def run_async(main: Any) -> Any:
+    """Run coroutine `main` to its end on uvloop's event loop where installed, else asyncio's."""
+    if _importable("uvloop"):
+        import uvloop
+
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def listening_pid(port: int) -> int | None:
@@ -314,7 +350,7 @@ def _worker(spec: dict, pipe: Any, connect, run) -> None:
             await ctx["close"]()
         await asyncio.to_thread(pipe.recv)
 
-    asyncio.run(main())
+    run_async(main())
 
 
 # Redis Streams

@@ -16,7 +16,8 @@ from bench.repeat import spread
 from protocol import native as wire_native
 from storage import native, rowio
 
-PACKAGES = ("homing", "trio", "msgpack", "lmdb", "structlog", "nats-py", "redis", "matplotlib")
+PACKAGES = ("homing", "trio", "msgpack", "lmdb", "structlog", "nats-py", "redis", "hiredis",
+            "uvloop", "matplotlib")
 
 
 def environment(settings: dict) -> dict:

@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 TINY = [
     "--procs", "2", "--senders", "4", "--receivers", "4", "--messages", "2000",
     "--rates", "500", "--duration", "1", "--subscribers", "5", "--posts", "3",
@@ -86,3 +88,34 @@ def test_a_peer_url_without_a_port_means_the_usual_one():
     assert peers.address("redis://127.0.0.1") == ("127.0.0.1", 6379)
     assert peers.address("nats://example.org") == ("example.org", 4222)
     assert peers.address("nats://[::1]:5222") == ("::1", 5222)
+
+
+def test_the_peers_clients_run_on_uvloop_where_it_is_installed():
+    import asyncio
+    import importlib.util
+
+    from bench import peers
+
+    async def loop_module() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    has_uvloop = importlib.util.find_spec("uvloop") is not None
+    assert peers.run_async(loop_module()).split(".")[0] == ("uvloop" if has_uvloop else "asyncio")
+    assert peers.clients("nats") == {"event_loop": "uvloop" if has_uvloop else "asyncio"}
+    assert ("uvloop" in peers.missing_speedups("nats")) is not has_uvloop
+
+
+def test_a_peer_whose_client_lacks_its_speedups_is_named(monkeypatch, capsys):
+    import socket
+
+    pytest.importorskip("redis")
+    from bench import cli
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "hiredis", None)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"redis://127.0.0.1:{listener.getsockname()[1]}"
+        status = cli._reach_peers([url])
+    assert status["redis"]["client"] == {"event_loop": "asyncio", "parser": "python"}
+    err = capsys.readouterr().err
+    assert "peer redis: its client runs without uvloop and hiredis" in err
