@@ -56,6 +56,8 @@ def _positive_float(text: str) -> float:
 
 def add_parser(sub: Any) -> None:
     """Add the `bench` subcommand to the `homing` parser."""
+    from bench.placement import LOAD_SCHEDS
+
     p = sub.add_parser("bench", help="end-to-end benchmarks (docs/BENCHMARKS.md)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("scenario", nargs="+", choices=(*SCENARIOS, "all"),
@@ -91,7 +93,7 @@ def add_parser(sub: Any) -> None:
     g.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
                    help="run each scenario N times, homing and each peer in turn, and report "
                         "the medians (default %(default)s; docs/BENCHMARKS.md, \"Repeated runs\")")
-    g.add_argument("--load-sched", choices=("batch", "normal"), default=None,
+    g.add_argument("--load-sched", choices=LOAD_SCHEDS, default=None,
                    help="scheduling policy of the load processes: batch (SCHED_BATCH, the "
                         "default on Linux: woken by the server's write, a load process waits "
                         "for a free core instead of preempting the server) or normal "

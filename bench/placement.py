@@ -10,8 +10,9 @@ peer. Linux only (sched_setaffinity); docs/BENCHMARKS.md, "CPU placement".
 
 Whether pinned or not, the load processes run under SCHED_BATCH by default (`--load-sched`): a
 load process woken by the server's write then waits for a free core instead of preempting the
-server mid-work, as it would on a machine of its own. They get as much CPU as before; only
-wake-up preemption is off (docs/BENCHMARKS.md, "Method").
+server mid-work. Clients on machines of their own cost a server nothing; these cost it no more
+than sharing its cores must. They get as much CPU as before; only wake-up preemption is off
+(docs/BENCHMARKS.md, "Method").
 """
 
 from __future__ import annotations
