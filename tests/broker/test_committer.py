@@ -7,8 +7,8 @@ import time
 
 import trio
 
-from broker.committer import Committer
-from storage.commands import Ack, SendMessage
+from broker.committer import ACKS_EVERY_OTHER_FROM, Committer
+from storage.commands import Ack, SendMessage, SetMute
 from storage.errors import StorageFull
 from storage.store import Store
 
@@ -117,6 +117,67 @@ async def test_acks_of_one_device_are_coalesced(tmp_path):
         assert committer.acked_mark("b", "phone") == 0
     finally:
         store.close()
+
+
+class _Recording(Store):
+    """A real store that records the commands of each batch it executes."""
+
+    def execute(self, commands, now_us=None):
+        self.batches.append([_label(c) for c in commands])
+        return super().execute(commands, now_us)
+
+
+def _label(command) -> str:
+    if isinstance(command, SendMessage):
+        return command.cid
+    if isinstance(command, Ack):
+        return f"ack:{command.device}"
+    return type(command).__name__
+
+
+async def _batches_of(tmp_path, queued: list[object]) -> list[list[str]]:
+    """The batches `queued` (enqueued before the committer starts; acks as ack_nowait makes
+    them) commit in, with max_batch=3."""
+    store = _Recording.open(str(tmp_path / "d"))
+    store.batches = []
+    committer = Committer(store, max_batch=3)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for command in queued:
+                    if isinstance(command, Ack):
+                        committer.ack_nowait(command)
+                    else:
+                        committer.enqueue(command)
+                await nursery.start(committer.serve)
+                await committer.close()
+        return store.batches
+    finally:
+        store.close()
+
+
+def _sends(numbers) -> list[SendMessage]:
+    return [SendMessage("a", "d", "user", f"s{n}", BODY, to="b") for n in numbers]
+
+
+async def test_under_load_acks_join_every_other_batch(tmp_path):
+    """A batch after one with acks takes the sends alone when ACKS_EVERY_OTHER_FROM or more
+    are queued with nothing but acks beside them; the acks go in the batch after."""
+    assert ACKS_EVERY_OTHER_FROM == 8  # the queues below are built around it
+    phone, laptop = Ack("b", "phone", "user", 0, ()), Ack("b", "laptop", "user", 0, ())
+    batches = await _batches_of(tmp_path / "load", [phone, *_sends(range(2)), laptop,
+                                                    *_sends(range(2, 10))])
+    assert batches == [["ack:phone", "s0", "s1"], ["s2", "s3", "s4"],
+                       ["ack:laptop", "s5", "s6"], ["s7", "s8", "s9"]]
+    # Seven sends: the ack keeps its place.
+    batches = await _batches_of(tmp_path / "light", [phone, *_sends(range(2)), laptop,
+                                                     *_sends(range(2, 9))])
+    assert batches[1] == ["ack:laptop", "s2", "s3"]
+    # Another command queued: nothing passes an ack.
+    mute = SetMute("b", "laptop", "user", "dm:a:b", True)
+    batches = await _batches_of(tmp_path / "other", [phone, *_sends(range(2)), laptop,
+                                                     *_sends(range(2, 10)), mute])
+    assert batches[1] == ["ack:laptop", "s2", "s3"]
 
 
 async def test_a_commit_of_only_acks_waits_for_other_work_but_not_longer(tmp_path):
