@@ -42,12 +42,33 @@ class CliError(Exception):
         self.status, self.name, self.message, self.code = status, name, message, code
 
 
+def warn(name: str, message: str) -> None:
+    """A warning on stderr, one JSON object `{"warning": NAME, "message": TEXT}`; the command
+    still succeeds (docs/CLI.md, Conventions)."""
+    sys.stderr.write(json.dumps({"warning": name, "message": message}) + "\n")
+
+
 class JsonErrorParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors keep the output contract: a JSON `usage` error on stderr
     and exit status 2 instead of usage text. Subparsers inherit the class, `--help` is as is."""
 
     def error(self, message: str) -> NoReturn:
         raise CliError(EXIT_USAGE, "usage", f"{self.prog}: {message}")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if not hasattr(namespace, "_innermost"):  # a subcommand's parser finishes first
+            namespace._innermost = self
+        return namespace, extras
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """As argparse's, but an unknown argument is reported by the subcommand it was given
+        to (`homing send: unrecognized arguments: ...`), as every other usage error is."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        parser = vars(namespace).pop("_innermost", self)
+        if extras:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -225,7 +246,12 @@ def cmd_token(args: argparse.Namespace) -> int:
         if not 0 < ttl <= MAX_TOKEN_TTL_S:
             raise ValueError(f"--ttl must be from 1s to {MAX_TOKEN_TTL_S // 86400}d, "
                              f"not {args.ttl}")
+        key = Path(args.data) / tokens.SECRET_FILE
+        new = not key.exists()
         secret = tokens.load_secret(Path(args.data))
+        if new:  # a token no running broker accepts, unless it serves this directory
+            warn("secret_created", f"created a new signing secret in {key}: a broker accepts "
+                 f"this token only if it serves {args.data} (homing serve --data {args.data})")
         print(tokens.issue(secret, args.user, role, ttl))
     except ValueError as exc:
         raise CliError(EXIT_USAGE, "usage", str(exc)) from None

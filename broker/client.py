@@ -86,6 +86,16 @@ class NotTrusted(ConnectionLost):
     not change that, so the client stops at once (a wrong --tls-ca, or a broker to distrust)."""
 
 
+class NotTls(ConnectionLost):
+    """We asked for TLS and the broker answered in the clear (it serves plaintext on that port):
+    retrying would not change that, so the client stops at once."""
+
+
+# OpenSSL's reasons for a reply that is not TLS at all (a plaintext server's bytes).
+_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST",
+                              "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
+
+
 class ClientClosed(ConnectionLost):
     """The client was closed (its `open_client` block ended): a request made after that, or
     still waiting for its answer then, raises this. It may have reached the broker."""
@@ -435,6 +445,10 @@ class Client:
             if isinstance(cause, ssl.SSLCertVerificationError):
                 raise NotTrusted(f"TLS: the broker's certificate is not trusted: "
                                  f"{cause.verify_message or cause}") from None
+            if isinstance(cause, ssl.SSLError) and cause.reason in _NOT_TLS_REASONS:
+                raise NotTls(f"TLS: {self.host}:{self.port} did not answer in TLS ({cause.reason}):"
+                             f" it serves plaintext there, so connect without TLS, or start it "
+                             f"with --tls-cert and --tls-key") from None
             return cause  # trio's stream errors say nothing themselves: their cause does
         return None
 
@@ -461,7 +475,7 @@ class Client:
         while not self._closed:
             try:
                 error = await self._try_connect(self._time_left(started))
-            except (ClientError, NotTrusted) as exc:
+            except (ClientError, NotTrusted, NotTls) as exc:
                 self._fail(exc)
                 if first:
                     task_status.started()

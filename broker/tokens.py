@@ -124,7 +124,8 @@ def verify(secret: bytes, token: str, now: float | None = None) -> Claims:
         raise TokenError("malformed token") from None
     want = hmac.new(secret, b"v1." + parts[1].encode("ascii", "replace"), hashlib.sha256).digest()
     if not hmac.compare_digest(mac, want):
-        raise TokenError("bad token signature")
+        raise TokenError("bad token signature: not signed with this broker's secret (mint "
+                         "tokens with `homing token --data DIR`, DIR the broker's data directory)")
     try:
         claims = msgpack.unpackb(_unb64(parts[1]))
         user, role, expires = claims["u"], claims["r"], claims["e"]

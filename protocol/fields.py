@@ -110,6 +110,60 @@ def cid_or_nil(v: object, _mb: int = 0) -> bool:
     return v is None or cid(v)
 
 
+_WHAT: dict[Check, str] = {
+    uint: "an integer from 0 to 2**63-1",
+    boolean: "true or false",
+    user_id: "an id of 1 to 64 characters of A-Z a-z 0-9 _ . @ + -, the first a letter or digit",
+    conv_id: (f"a conversation id: dm:, grp: or chn: and then A-Z a-z 0-9 _ . @ + : -, "
+              f"at most {MAX_CONV_CHARS} characters"),
+    cid: f"a client message id of 1 to {MAX_CID_CHARS} characters, without NUL",
+    cid_or_nil: f"a client message id of 1 to {MAX_CID_CHARS} characters, without NUL, or nil",
+}
+"""What each checker accepts, in words, for the error a refused value gets (`explain`);
+the factories below add theirs."""
+_ARRAYS: dict[Check, tuple[Check, int, int]] = {}
+_SHOWN_CHARS = 40
+
+
+def _shown(v: object) -> str:
+    """`v` as an error message may show it: short values whole, long ones by their size."""
+    if v is None or type(v) in (bool, int, float):
+        return repr(v)
+    if type(v) is str:
+        return repr(v) if len(v) <= _SHOWN_CHARS else f"a string of {len(v):,} characters"
+    if type(v) is bytes:
+        return f"{len(v):,} bytes"
+    if type(v) in _LISTS:
+        return f"an array of {len(v):,} items"
+    return "a map" if type(v) is dict else f"a {type(v).__name__}"
+
+
+def _body_size(v: object) -> int | None:
+    if type(v) is str:
+        return len(v.encode("utf-8", "surrogatepass"))
+    return len(v) if type(v) is bytes else None
+
+
+def explain(check: Check, v: object, mb: int) -> str:
+    """Why `check` refuses `v`, in words: the text after "bad value for field 'x': ". Only
+    for a refused value (an error path: it may take its time)."""
+    if check is body or check is body_or_nil:
+        size = _body_size(v)
+        if size is not None:
+            return f"a body of {size:,} byte{'' if size == 1 else 's'}, over the limit of {mb:,}"
+        return "not text or bytes" + (" or nil" if check is body_or_nil else "")
+    shape = _ARRAYS.get(check)
+    if shape is not None and type(v) in _LISTS:
+        item, lo, hi = shape
+        if not lo <= len(v) <= hi:
+            return f"{len(v):,} items, not {lo:,} to {hi:,}"
+        for i, x in enumerate(v):
+            if not item(x, mb):
+                return f"item {i}: {explain(item, x, mb)}"
+    what = _WHAT.get(check)
+    return f"{_shown(v)} is not {what}" if what else f"{_shown(v)} is not allowed here"
+
+
 INLINE: dict[Check, str] = {
     uint: "type({v}) is int and 0 <= {v} <= UINT_MAX",
     boolean: "type({v}) is bool",
@@ -138,6 +192,7 @@ def text(lo: int, hi: int) -> Check:
     def check(v: object, _mb: int = 0) -> bool:
         return type(v) is str and lo <= len(v) <= hi
 
+    _WHAT[check] = f"a string of {lo:,} to {hi:,} characters"
     return check
 
 
@@ -148,6 +203,7 @@ def one_of(*values: str) -> Check:
     def check(v: object, _mb: int = 0) -> bool:
         return type(v) is str and v in allowed
 
+    _WHAT[check] = "one of " + ", ".join(repr(x) for x in values)
     return check
 
 
@@ -157,6 +213,7 @@ def int_range(lo: int, hi: int) -> Check:
     def check(v: object, _mb: int = 0) -> bool:
         return type(v) is int and lo <= v <= hi
 
+    _WHAT[check] = f"an integer from {lo:,} to {hi:,}"
     return check
 
 
@@ -168,6 +225,8 @@ def array(item: Check, lo: int, hi: int) -> Check:
             return False
         return all(item(x, mb) for x in v)
 
+    _ARRAYS[check] = (item, lo, hi)
+    _WHAT[check] = f"an array of {lo:,} to {hi:,} items"
     return check
 
 

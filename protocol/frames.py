@@ -75,16 +75,18 @@ class _Spec:
             out = v if unconvert is None else f"u{i}({v})"
             if attr in cls._field_defaults:
                 dec.append(f"    if {v} is None: {v} = D{i}")
-                dec.append(f"    elif not ({test}): raise bad(d, {wire!r})")
+                dec.append(f"    elif not ({test}): raise bad(d, {wire!r}, {v}, c{i}, mb)")
                 cond = f"{v} is not None"
                 if default is not None:
                     cond += f" and not ({v} == D{i} and type({v}) is type(D{i}))"
                 tail.append(f"    if {cond}: d[{wire!r}] = {out}")
-                chk.append(f"    if ({cond}) and not ({test}): raise bad_value({wire!r})")
+                chk.append(f"    if ({cond}) and not ({test}): "
+                           f"raise bad_value({wire!r}, {v}, c{i}, mb)")
             else:
-                dec.append(f"    if not ({test}): raise bad(d, {wire!r})")
+                dec.append(f"    if not ({test}): raise bad(d, {wire!r}, {v}, c{i}, mb)")
                 head.append(f"{wire!r}: {out}")
-                chk.append(f"    if not ({test}): raise bad_value({wire!r})")
+                chk.append(f"    if not ({test}): "
+                           f"raise bad_value({wire!r}, {v}, c{i}, mb)")
             if convert is not None:
                 dec.append(f"    if {v} is not D{i}: {v} = cv{i}({v}, mb)")
         dec.append(f"    fr = new(cls, ({''.join(f'v{i}, ' for i in range(len(cls._fields)))}))")
@@ -106,14 +108,14 @@ class _Spec:
         self.checked = ns["checked"]
 
 
-def _bad(d: dict, wire: str) -> FieldError:
+def _bad(d: dict, wire: str, v: Any, check: Any, mb: int) -> FieldError:
     if wire not in d:
         return FieldError(f"missing field {wire!r}")
-    return _bad_value(wire)
+    return _bad_value(wire, v, check, mb)
 
 
-def _bad_value(wire: str) -> FieldError:
-    return FieldError(f"bad value for field {wire!r}")
+def _bad_value(wire: str, v: Any, check: Any, mb: int) -> FieldError:
+    return FieldError(f"bad value for field {wire!r}: {f.explain(check, v, mb)}")
 
 
 _SPECS: dict[type, _Spec] = {}

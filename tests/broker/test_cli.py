@@ -293,6 +293,26 @@ def test_a_secret_cut_short_is_refused_and_a_failed_creation_leaves_none(tmp_pat
     assert len((fresh / "secret.key").read_bytes()) == 32 and token.startswith("v1.")
 
 
+def test_a_token_signed_with_a_new_secret_is_flagged_and_refused_with_a_hint(broker, tmp_path):
+    """`homing token` run where no secret is yet (another directory than the broker's, as from
+    another terminal) makes one and says so on stderr; the broker then refuses the token, and
+    says how tokens are to be minted. A token from the broker's own secret is not flagged."""
+    elsewhere = tmp_path / "elsewhere"
+    first = homing("token", "alice", "--data", str(elsewhere))
+    warning = json.loads(first.stderr)
+    assert warning["warning"] == "secret_created"
+    assert str(elsewhere / "secret.key") in warning["message"]
+    assert homing("token", "alice", "--data", str(elsewhere)).stderr == ""
+    assert homing("token", "alice", "--data", str(broker.data)).stderr == ""
+
+    env = {"HOMING_SERVER": broker.server, "HOMING_TOKEN": first.stdout.strip()}
+    proc = homing("convs", env=env, check=False)
+    error = json.loads(proc.stderr)
+    assert proc.returncode == 1 and error["error"] == "unauthorized", proc.stderr
+    assert "not signed with this broker's secret" in error["message"]
+    assert "homing token --data" in error["message"]
+
+
 def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
     """A port in use, a TLS pair that does not load, a data directory that cannot be made:
     one JSON error on stderr and exit 2, not a traceback; nothing created for a bad TLS pair."""

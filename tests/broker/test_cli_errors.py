@@ -38,6 +38,10 @@ def as_user(bp: BrokerProcess, user: str, role: str = "user") -> dict:
     (["nosuch"], "invalid choice: 'nosuch'"),
     ([], "the following arguments are required: COMMAND"),
     (["audit", "log", "--from-lsn", "-1"], "argument --from-lsn: bad LSN '-1'"),
+    # an unknown argument is reported by the subcommand it was given to, as the rest are
+    (["send", "--to", "bob", "hi", "--frobnicate"],
+     "homing send: unrecognized arguments: --frobnicate"),
+    (["group", "create", "g", "--zz"], "homing group create: unrecognized arguments: --zz"),
     # checked before connecting, not reported as unreachable (F, G)
     (["send", "--server", "foo", "--to", "bob", "x"], "server must be HOST:PORT, not 'foo'"),
     (["send", "--tls-ca", "/nonexistent", "--to", "bob", "x"], "--tls-ca /nonexistent: No such"),
@@ -85,17 +89,26 @@ def test_a_field_the_protocol_refuses_is_reported_invalid_at_once(tmp_path):
     with BrokerProcess(tmp_path / "data") as bp:
         shop = as_user(bp, "shop")
         conv = lines(homing("group", "create", "g", "--members", "bob", env=shop))[0]["conv"]
-        for args in (["read", "--conv", conv, "--upto", "-1"],
-                     ["history", "--conv", conv, "--limit", "201"],
-                     ["history", "--conv", conv, "--limit", "0"],
-                     ["send", "--to", "bad user!", "x"],
-                     ["send", "--conv", conv, "--cid", "c" * 200, "x"],
-                     ["send", "--conv", conv, "x" * 65_537],
-                     ["join", "notaconv"],
-                     ["group", "create", "n" * 300]):
+        for args, says in (
+                (["read", "--conv", conv, "--upto", "-1"],
+                 "read: bad value for field 'upto': -1 is not an integer from 0 to 2**63-1"),
+                (["history", "--conv", conv, "--limit", "201"],
+                 "history: bad value for field 'limit': 201 is not an integer from 1 to 200"),
+                (["history", "--conv", conv, "--limit", "0"], "'limit': 0 is not"),
+                (["send", "--to", "bad user!", "x"],
+                 "send: bad value for field 'to': 'bad user!' is not an id of 1 to 64"),
+                (["send", "--conv", conv, "--cid", "c" * 200, "x"],
+                 "'cid': a string of 200 characters is not a client message id"),
+                (["send", "--conv", conv, "x" * 65_537],
+                 "send: bad value for field 'body': a body of 65,537 bytes, over the limit of "
+                 "65,536"),
+                (["join", "notaconv"], "'conv': 'notaconv' is not a conversation id"),
+                (["group", "create", "n" * 300],
+                 "'name': a string of 300 characters is not a string of 1 to 128 characters")):
             proc = homing(*args, env=shop, check=False, timeout=15)
             err = error_of(proc)
             assert proc.returncode == 1 and (err["error"], err["code"]) == ("invalid", 7), args
+            assert says in err["message"], err
         assert lines(homing("send", "--conv", conv, "fine", env=shop))[0]["seq"] == 1
 
 

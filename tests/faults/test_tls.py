@@ -9,7 +9,7 @@ import trio
 import trustme
 
 import protocol as wire
-from broker.client import NotTrusted, open_client
+from broker.client import NotTls, NotTrusted, open_client
 from tests.faults.conftest import raw_bytes_exchange
 from tests.harness import running_broker
 
@@ -47,3 +47,19 @@ async def test_tls_serves_sdk_and_refuses_plaintext(tmp_path, tally):
                 r = await alice.send("over tls", to="bob")
                 d = await bob.deliveries().receive()
                 assert (d.seq, d.body) == (r.seq, "over tls")
+
+
+async def test_a_tls_client_of_a_plaintext_broker_stops_at_once(tmp_path):
+    """Asking for TLS where the broker serves plaintext is a setting to fix, not an outage to
+    wait out: the client stops at once with NotTls, and the CLI reports it as it is."""
+    async with running_broker(tmp_path / "data") as h:
+        with trio.fail_after(15):
+            started = trio.current_time()
+            with pytest.raises(NotTls) as refused:
+                async with open_client(h.server, h.token("eve"), "d",
+                                       tls=ssl.create_default_context(), reconnect_timeout=20):
+                    raise AssertionError("a TLS session with a plaintext broker")
+            assert trio.current_time() - started < 5
+            assert "did not answer in TLS" in str(refused.value)
+            async with open_client(h.server, h.token("eve"), "d") as eve:  # it serves on
+                assert (await eve.send("plain", to="bob")).seq == 1
