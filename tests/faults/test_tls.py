@@ -51,7 +51,7 @@ async def test_tls_serves_sdk_and_refuses_plaintext(tmp_path, tally):
 
 async def test_a_tls_client_of_a_plaintext_broker_stops_at_once(tmp_path):
     """Asking for TLS where the broker serves plaintext is a setting to fix, not an outage to
-    wait out: the client stops at once with NotTls, and the CLI reports it as it is."""
+    wait out: the client stops at once with NotTls, saying so, and the broker serves on."""
     async with running_broker(tmp_path / "data") as h:
         with trio.fail_after(15):
             started = trio.current_time()

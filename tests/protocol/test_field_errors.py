@@ -1,4 +1,4 @@
-"""A refused field says what was wrong and what is allowed (PROTOCOL.md §4), and never echoes a
+"""A refused field says what was wrong and what is allowed (PROTOCOL.md §6), and never echoes a
 large value back.
 
 Through the real `Connection`s: a client-side check (`Connection.send`) and a server decoding
