@@ -8,7 +8,7 @@ what a peer sent, which becomes the `invalid` error the peer gets.
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, reject
+from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol import ALL_FRAMES, Create, LocalProtocolError, RemoteProtocolError, Send
@@ -77,8 +77,8 @@ def test_every_refusal_is_short_and_names_its_field(cls, data, mb):
     wire = spec.encode(data.draw(frames_of(cls)))
     try:
         spec.decode(dict(wire), mb)
-    except FieldError:
-        reject()  # a frame drawn with a body over this limit: not the case at hand
+    except FieldError:  # its own body is over the drawn limit: then the default limit
+        mb = f.MAX_BODY_BYTES
     keys = {"from" if name == "sender" else name for name in cls._fields}
     key = data.draw(st.sampled_from(sorted(keys)))
     value = data.draw(ANY | st.text(min_size=41) | st.binary(min_size=41, max_size=100))
