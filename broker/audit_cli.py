@@ -185,7 +185,7 @@ def quiet_logs() -> Iterator[None]:
         structlog.configure(**saved)
 
 
-def _quietly(func):
+def quietly(func):
     """Wrap an action: quiet storage logs, and end silently when stdout's reader goes away."""
     @functools.wraps(func)
     def run(args: argparse.Namespace) -> int:
@@ -446,7 +446,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="data directory (default ./%(default)s)")
         if json_flag:
             a.add_argument("--json", action="store_true", help="JSON lines instead of a table")
-        a.set_defaults(func=_quietly(func))
+        a.set_defaults(func=quietly(func))
         return a
 
     lg = action("log", "print events, filtered", cmd_log)

@@ -297,9 +297,14 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
     if check is not None:
         check(args)
 
+    def unreachable(reason: str) -> None:
+        warn("retrying", f"{reason}; trying again for up to {args.connect_timeout:g} s "
+                         "(--connect-timeout)")
+
     async def main() -> None:
         async with open_client(args.server, args.token, args.device, tls=tls,
-                               reconnect_timeout=args.connect_timeout) as client:
+                               reconnect_timeout=args.connect_timeout,
+                               on_unreachable=unreachable) as client:
             await body(client, args)
 
     try:
@@ -677,6 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
            do_members).add_argument("conv")
 
     _add_optional(sub, "broker.audit_cli")
+    _add_optional(sub, "broker.backup_cli")
     _add_optional(sub, "bench.cli")
     return parser
 

@@ -27,7 +27,7 @@ import random
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,10 +130,12 @@ class Client:
     """One device's connection to the broker; build it with `open_client`."""
 
     def __init__(self, server: str, token: str, device: str, *, tls: ssl.SSLContext | None,
-                 reconnect: bool, reconnect_timeout: float | None, max_pushes: int) -> None:
+                 reconnect: bool, reconnect_timeout: float | None, max_pushes: int,
+                 on_unreachable: Callable[[str], None] | None = None) -> None:
         self.host, self.port = parse_server(server)
         self.token, self.device, self.tls = token, device, tls
         self.reconnect, self.reconnect_timeout = reconnect, reconnect_timeout
+        self.on_unreachable = on_unreachable
         self.welcome: wire.Welcome | None = None
         self.connected = trio.Event()
         self._ids = itertools.count(1)
@@ -449,7 +451,7 @@ class Client:
                 raise NotTls(f"TLS: {self.host}:{self.port} did not answer in TLS ({cause.reason}):"
                              f" it serves plaintext there, so connect without TLS, or start it "
                              f"with --tls-cert and --tls-key") from None
-            return cause  # trio's stream errors say nothing themselves: their cause does
+            return _attempt_error(cause)
         return None
 
     async def _run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -472,6 +474,7 @@ class Client:
 
     async def _connections(self, task_status) -> None:
         delay, started, first = 0.05, time.monotonic(), True
+        told = False  # on_unreachable called for this outage
         while not self._closed:
             try:
                 error = await self._try_connect(self._time_left(started))
@@ -487,6 +490,9 @@ class Client:
                     if first:
                         task_status.started()
                     return
+                if self.on_unreachable is not None and not told:
+                    told = True
+                    self.on_unreachable(f"cannot reach {self.host}:{self.port}: {error}")
                 pause = delay * (0.5 + random.random())
                 # The last pause ends with the timeout: one more (short) attempt, then give up.
                 await trio.sleep(pause if left is None else min(pause, left))
@@ -495,7 +501,7 @@ class Client:
             if first:
                 task_status.started()
                 first = False
-            started = time.monotonic()
+            started, told = time.monotonic(), False
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._heartbeat, self.welcome.heartbeat)
@@ -691,10 +697,17 @@ async def _next_frame(stream: trio.abc.Stream, conn: wire.Connection) -> Any:
 async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str = "cli", *,
                       tls: ssl.SSLContext | None = None, reconnect: bool = True,
                       reconnect_timeout: float | None = 30.0,
-                      max_pushes: int = 10000) -> AsyncIterator[Client]:
-    """Connect (raising ClientError or ConnectionLost if that fails) and yield a Client."""
+                      max_pushes: int = 10000,
+                      on_unreachable: Callable[[str], None] | None = None,
+                      ) -> AsyncIterator[Client]:
+    """Connect (raising ClientError or ConnectionLost if that fails) and yield a Client.
+
+    `on_unreachable(reason)` is called at the first failed attempt of each outage (the broker
+    not reachable at first, or after a drop) when the client goes on trying; not when it gives
+    up, which raises or stops the client as ever."""
     client = Client(server, token, device, tls=tls, reconnect=reconnect,
-                    reconnect_timeout=reconnect_timeout, max_pushes=max_pushes)
+                    reconnect_timeout=reconnect_timeout, max_pushes=max_pushes,
+                    on_unreachable=on_unreachable)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)
@@ -710,6 +723,19 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _single(group) from None
+
+
+def _attempt_error(exc: BaseException) -> BaseException:
+    """What to say of a failed attempt. trio's stream errors say nothing themselves (their cause
+    does), and its `all attempts to connect to H:P failed` keeps what failed (connection
+    refused, no route to host) in its cause's group: say those."""
+    group = exc.__cause__
+    if isinstance(exc, OSError) and isinstance(group, BaseExceptionGroup):
+        reasons = dict.fromkeys(os.strerror(e.errno) if e.errno else str(e)
+                                for e in group.exceptions if isinstance(e, OSError))
+        if reasons:
+            return OSError("; ".join(reasons))
+    return exc
 
 
 def _single(group: BaseExceptionGroup) -> BaseException:

@@ -18,12 +18,11 @@ from broker.errors import CloseReason, wire_error
 from protocol import encode_frame
 from protocol.frames import to_wire
 from storage import commands as cmd
-from storage.rules import MANAGERS
+from storage.rules import MANAGERS, NO_ACCESS
 
 if TYPE_CHECKING:
     from broker.session import Session
 
-FORBIDDEN = "no such conversation, or you are not a member"
 # A page message's fields but its body, at their largest: keys, a 64-char user id, a cid of 128
 # four-byte characters, three uints, the body's header.
 PAGE_MESSAGE_BYTES = 640
@@ -184,7 +183,7 @@ def _member(session: Session, conv: str) -> str | None:
 
 def on_history(session: Session, f: wire.History) -> None:
     if _member(session, f.conv) is None:
-        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, NO_ACCESS)
         return
     messages, more = session.broker.store.history(
         f.conv, before=f.before, after=f.after, limit=f.limit,
@@ -231,7 +230,7 @@ def _may_see_members(session: Session, conv: str, what: str, request_id: int) ->
     for the receipt pushes: a subscriber is not told who the other subscribers are."""
     role = _member(session, conv)
     if role is None:
-        session.reply_error(request_id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        session.reply_error(request_id, wire.ErrorCode.FORBIDDEN, NO_ACCESS)
         return False
     if (conv.startswith("chn:") and role not in MANAGERS
             and session.role not in ("service", "admin")):
@@ -268,7 +267,7 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
 
 def on_presence(session: Session, f: wire.Presence) -> None:
     if _member(session, f.conv) is None:
-        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, FORBIDDEN)
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, NO_ACCESS)
         return
     hub = session.broker.hub
     online = [u for u in session.broker.roster(f.conv).users if hub.online(u)]

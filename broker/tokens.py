@@ -75,14 +75,21 @@ def load_secret(data_dir: Path, *, create: bool = True) -> bytes:
 
 
 def _create_secret(path: Path) -> bytes:
-    """Write a new secret to a temporary file, sync it, and link it into place: the name only
-    ever holds a whole secret, and a second process racing us keeps the first one linked."""
+    """Make a new secret at `path` (see `store_secret`); return the one linked there."""
+    return store_secret(path.parent, secrets.token_bytes(SECRET_BYTES))
+
+
+def store_secret(data_dir: Path, secret: bytes) -> bytes:
+    """Write `secret` to a temporary file in `data_dir`, sync it, and link it into place as its
+    SECRET_FILE (mode 0600): the name only ever holds a whole secret, and if the directory has
+    one already (a second process racing us) that one is kept. Return the one linked."""
+    path = Path(data_dir) / SECRET_FILE
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(secrets.token_bytes(SECRET_BYTES))
+            f.write(secret)
             f.flush()
             os.fsync(f.fileno())
         try:

@@ -206,6 +206,28 @@ class LmdbEnv:
         log.info("storage_map_grown", path=self.path, old_size=old,
                  new_size=self.env.info()["map_size"])
 
+    def copy_to(self, dest: str, txn: lmdb.Transaction) -> None:
+        """Write the environment as `txn` (a read transaction of `read()`) sees it into the
+        directory `dest` as a new `data.mdb` (mode 0600), compacted (LMDB's `mdb_env_copyfd3`:
+        writers go on meanwhile), and sync it to disk. Raises StorageError if it cannot be
+        written."""
+        try:
+            fd = os.open(os.path.join(dest, "data.mdb"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o600)
+            try:
+                self.env.copyfd(fd, compact=True, txn=txn)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (lmdb.Error, OSError) as exc:
+            raise StorageError(f"cannot copy {self.path} to {dest}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from exc
+
     def map_size(self) -> int:
         """Return the current map size in bytes."""
         return self.env.info()["map_size"]

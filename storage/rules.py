@@ -95,6 +95,9 @@ def _conv(tables: Tables, conv: object) -> dict[str, Any] | None:
 
 
 MANAGERS = ("owner", "admin")  # the roles that invite
+# One answer for "no such conversation" and "not a member", so that a refusal does not tell
+# which: the queries of broker/handlers.py give it too.
+NO_ACCESS = "no such conversation, or you are not a member"
 
 
 def _role(tables: Tables, conv: str, user: str) -> str | None:
@@ -110,7 +113,7 @@ def _member_conv(tables: Tables, cmd) -> dict[str, Any]:
     """Return the conv the actor is a member of, or raise Forbidden."""
     info = _conv(tables, cmd.conv)
     if info is None or _role(tables, cmd.conv, cmd.user) is None:
-        raise Forbidden("not a member of this conversation")
+        raise Forbidden(NO_ACCESS)
     return info
 
 
@@ -171,7 +174,7 @@ def _direct_target(tables: Tables, cmd: c.SendMessage, now_us: int, events: list
             events.append(_ev(now_us, cmd, r.MEMBER_ADDED,
                               {"conv": conv, "user": user, "role": "member"}))
     elif _role(tables, conv, cmd.user) is None:
-        raise Forbidden("not a member of this conversation")
+        raise Forbidden(NO_ACCESS)
     return conv
 
 
@@ -179,12 +182,12 @@ def _check_post(tables: Tables, cmd: c.SendMessage) -> None:
     conv = cmd.conv
     key = _conv_key(conv)
     if key is None or tables.conv[key] is None:
-        raise Forbidden("no such conversation or no access")
+        raise Forbidden(NO_ACCESS)
     if cmd.role == "admin":
         return
     role = _role(tables, conv, cmd.user)
     if role is None:
-        raise Forbidden("no such conversation or no access")
+        raise Forbidden(NO_ACCESS)
     # The kind is fixed by the id prefix (docs/DESIGN.md, "Identifiers"): no row decode needed.
     if conv.startswith(CHANNEL_PREFIX) and role not in MANAGERS and cmd.role != "service":
         raise Forbidden("only owners, admins and services post in a channel")
@@ -306,7 +309,7 @@ def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decisio
 def _remove(tables: Tables, cmd: c.Remove, now_us: int, limits: Limits) -> Decision:
     current = _managed(tables, cmd, "remove members", gives_role=False)
     if cmd.target == cmd.user:
-        raise Invalid("to leave a conversation yourself, send leave")
+        raise Invalid("to leave a conversation yourself, use leave, not remove")
     if current is None:
         return [], {"conv": cmd.conv}  # not (or no longer) a member: a retry, or nothing to do
     if current == "owner":

@@ -184,6 +184,14 @@ class Store:
         """Close the environment and release the directory lock."""
         self._env.close()
 
+    def backup(self, dest: str) -> int:
+        """Copy the log and projections, as one committed transaction left them, into the empty
+        directory `dest` (synced; safe while a broker writes); return the copy's last LSN."""
+        with self._env.read() as txn:
+            last = self._log.last_lsn_in(txn)
+            self._env.copy_to(dest, txn)
+        return last
+
     # ---------------------------------------------------------------- writes
 
     def execute(self, commands: Sequence[Command], now_us: int | None = None) -> list[Outcome]:

@@ -8,6 +8,7 @@ import os
 import select
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,32 @@ def test_listen_exits_3_when_the_broker_is_gone_for_good(tmp_path):
         finally:
             listen.kill()
     assert listen.returncode == 3, err
-    assert out == "" and json.loads(err)["error"] == "unreachable"
+    *warnings, error = [json.loads(line) for line in err.splitlines()]
+    assert out == "" and error["error"] == "unreachable"
+    assert [w["warning"] for w in warnings] == ["retrying"]  # said once, while it tried
+
+
+def test_a_command_started_before_its_broker_says_it_waits_then_succeeds(tmp_path):
+    """A send started while no broker listens says on stderr, once, that it cannot reach the
+    broker and goes on trying within --connect-timeout (before: silence, up to 30 s); once the
+    broker starts, it succeeds as ever, exit 0."""
+    bp = BrokerProcess(tmp_path / "data")
+    send = subprocess.Popen([*homing_cmd(), "send", "--to", "bob", "hi"],
+                            env={**os.environ, **as_user(bp, "shop")}, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        warning = json.loads(send.stderr.readline())
+        time.sleep(0.5)  # several more attempts fail meanwhile: still one warning
+        bp.start()
+        out, err = send.communicate(timeout=30)
+    finally:
+        send.kill()
+        bp.kill()
+    assert warning == {"warning": "retrying", "message": (
+        f"cannot reach {bp.server}: Connection refused; trying again for up to 30 s"
+        " (--connect-timeout)")}
+    assert send.returncode == 0 and err == "", err
+    assert json.loads(out)["seq"] == 1
 
 
 def test_the_readme_first_conversation_prints_what_it_shows(tmp_path):

@@ -141,6 +141,31 @@ async def test_group_members_post_and_outsiders_are_forbidden(harness):
         assert missing.value.message == e.value.message
 
 
+async def test_no_such_conversation_and_not_a_member_get_one_answer(harness):
+    """Commands (carried out by the rules) and queries (answered by the handlers) refuse a
+    conversation that does not exist and one the user is not in with one and the same
+    `forbidden` message, which says it is one or the other (they used to word it three ways)."""
+    async with harness.client("shop", role="service") as shop, \
+            harness.client("mallory") as mallory:
+        conv = await shop.create_group("order-1139", [])
+        await shop.send("for members", conv=conv)
+        calls = {
+            "send": lambda c: mallory.send("let me in", conv=c),
+            "read": lambda c: mallory.read(c, 1),
+            "history": lambda c: mallory.history(c),
+            "receipts": lambda c: mallory.receipts(c, 1),
+            "members": lambda c: mallory.members(c),
+        }
+        answers = {}
+        for name, call in calls.items():
+            for target in (conv, "grp:0000000000000000"):
+                with pytest.raises(ClientError) as e:
+                    await call(target)
+                answers[name, target] = (e.value.name, e.value.message)
+        assert set(answers.values()) == {
+            ("forbidden", "no such conversation, or you are not a member")}, answers
+
+
 async def test_channel_members_read_but_cannot_post(harness):
     """Owners post to a channel, subscribers receive, members posting get forbidden."""
     async with harness.client("hq", role="service") as hq, \
