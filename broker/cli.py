@@ -162,6 +162,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_batch=args.max_batch,
         content_policy=Path(args.content_policy) if args.content_policy else None,
         content_action=args.content_action, gc_young_threshold=args.gc_young_threshold,
+        stats_interval_s=args.stats_interval,
     )
 
 
@@ -596,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--content-action", choices=("reject", "mask"), default="reject")
     s.add_argument("--gc-young-threshold", type=_COUNT, default=d.gc_young_threshold,
                    help="allocations between young garbage collections (default %(default)s)")
+    s.add_argument("--stats-interval", type=_number(float, 0), default=d.stats_interval_s,
+                   help="seconds between broker_stats log lines; 0: none (default %(default)g)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
     s.set_defaults(func=cmd_serve)

@@ -117,6 +117,11 @@ class Committer:
         self._thread = WorkerThread("homing-commit")
         self._acks_last = False  # whether the last batch started held acks
 
+    @property
+    def queued(self) -> int:
+        """Commands waiting for a commit (not those of the one running)."""
+        return len(self._queue) + len(self._acks)
+
     def enqueue(self, command: object, done: Done | None = None, context: Any = None) -> Pending:
         """Queue `command` now, in submission order; `done(pending)` runs after the commit."""
         if self._closing:

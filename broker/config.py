@@ -63,6 +63,8 @@ class Config:
     map_size_bytes: int = 1 << 30
     # Process: allocations between two collections of the cyclic GC's young generation.
     gc_young_threshold: int = 100_000
+    # A `broker_stats` log line this often, in seconds (0: none).
+    stats_interval_s: float = 60.0
     # Content policy: a file of forbidden words, one per line, and what to do on a match.
     content_policy: Path | None = None
     content_action: str = "reject"  # "reject" or "mask"

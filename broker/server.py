@@ -30,6 +30,7 @@ from broker.logs import get_logger
 from broker.policy import ContentPolicy
 from broker.ratelimit import TokenBucket, UserBuckets
 from broker.session import Session
+from broker.stats import report_stats
 from protocol import native as wire_native
 from storage import native, rowio
 from storage.commands import SetMute
@@ -319,6 +320,8 @@ class Broker:
             await outer.start(self.committer.serve)
             outer.start_soon(self._watch_idle)
             outer.start_soon(self._ack_own_sends)
+            if cfg.stats_interval_s > 0:
+                outer.start_soon(report_stats, self, cfg.stats_interval_s)
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as self._listen_scope:
                     listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
@@ -343,7 +346,7 @@ class Broker:
                         session.begin_shutdown()
                 connections.cancel_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
             await self.committer.close()
-            outer.cancel_scope.cancel()  # the idle watch and the own sends' acks
+            outer.cancel_scope.cancel()  # the idle watch, the own sends' acks, the stats
         self.log.info("broker_stopped", batches=self.committer.batches,
                       commands=self.committer.commands)
         self._stopped.set()

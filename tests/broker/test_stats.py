@@ -1,0 +1,56 @@
+"""`broker_stats`: every `--stats-interval` seconds a broker process logs what it holds and what
+it did since the line before (docs/OPERATIONS.md, "Logs"); `--stats-interval 0` logs none."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+from tests.procs import BrokerProcess, homing, homing_cmd, lines
+
+FIELDS = {"connections", "handshaking", "lsn", "queued", "events_per_s", "commits_per_s",
+          "commands_per_s", "cpu_pct", "rss_mib"}
+
+
+def stats_lines(bp: BrokerProcess) -> list[dict]:
+    events = [json.loads(line) for line in bp.logfile.read_text().splitlines() if line.strip()]
+    return [e for e in events if e.get("event") == "broker_stats"]
+
+
+def test_the_stats_line_counts_what_the_broker_did(tmp_path):
+    """Five sends and a listener: a later line shows the connection held and the log's last
+    LSN, and the lines' rates account for the commits (each falls in one line's window)."""
+    with BrokerProcess(tmp_path / "data", "--stats-interval", "0.2") as bp:
+        env = {**os.environ, "HOMING_SERVER": bp.server}
+        sent = lines(homing("send", "--to", "bob", "--stdin", input="a\nb\nc\nd\ne\n",
+                            env={**env, "HOMING_TOKEN": bp.token("shop")}))
+        listen = subprocess.Popen([*homing_cmd(), "listen"], text=True,
+                                  env={**env, "HOMING_TOKEN": bp.token("bob")},
+                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        try:
+            for _ in sent:
+                assert listen.stdout.readline()
+            last = max(r["lsn"] for r in sent)
+            deadline = time.monotonic() + 20
+            while not any(s["lsn"] >= last and s["connections"] == 1 for s in stats_lines(bp)):
+                assert time.monotonic() < deadline, stats_lines(bp)
+                time.sleep(0.05)
+        finally:
+            listen.kill()
+            listen.wait()
+    stats = stats_lines(bp)
+    assert all(set(s) >= FIELDS for s in stats)
+    assert any(s["events_per_s"] > 0 and s["commits_per_s"] > 0 and s["commands_per_s"] > 0
+               for s in stats)
+    assert all(s["queued"] >= 0 and s["cpu_pct"] >= 0 and s["rss_mib"] > 0 for s in stats)
+    assert [s["lsn"] for s in stats] == sorted(s["lsn"] for s in stats)
+
+
+def test_no_stats_lines_with_an_interval_of_zero(tmp_path):
+    with BrokerProcess(tmp_path / "data", "--stats-interval", "0") as bp:
+        homing("send", "--to", "bob", "hi", env={"HOMING_SERVER": bp.server,
+                                                 "HOMING_TOKEN": bp.token("shop")})
+        time.sleep(0.5)
+    assert stats_lines(bp) == []
