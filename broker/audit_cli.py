@@ -205,7 +205,10 @@ def quietly(func):
 def _require_data_dir(path: str) -> None:
     """Raise CliError unless `path` holds a homing data directory."""
     if not (Path(path) / "data.mdb").is_file():
-        raise CliError(EXIT_USAGE, "no_data", f"{path} is not a homing data directory")
+        what = "does not exist" if not Path(path).exists() else (
+            "is not a homing data directory (no data.mdb in it)")
+        raise CliError(EXIT_USAGE, "no_data", f"{path} {what}: --data names the broker's data "
+                       f"directory (default ./{DEFAULT_DATA_DIR})")
 
 
 def open_readonly(path: str) -> Store:

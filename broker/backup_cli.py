@@ -5,11 +5,13 @@ The copy is of one committed transaction: the log and every projection as they s
 compacted, synced to disk; with `secret.key`, so that the tokens already handed out work against
 a broker restored from it. DEST is a new directory (or an empty one) and becomes a data
 directory: `homing serve --data DEST` runs on it, `homing audit verify --data DEST` checks it.
+Whatever is refused is refused before anything is written; a copy that fails is taken away.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -22,58 +24,83 @@ from broker.config import DEFAULT_DATA_DIR
 def cmd_backup(args: argparse.Namespace) -> int:
     from storage.errors import StorageError
 
-    dest = Path(args.dest)
+    data, dest = Path(args.data), Path(args.dest).absolute()
     started = time.monotonic()
-    store = open_readonly(args.data)  # before DEST is made: no empty DEST left for a bad --data
+    store = open_readonly(args.data)
     try:
-        _make_empty(dest)
+        secret = _read_secret(data)
+        _check_outside(dest, data)
+        made = _make_empty(dest)
         try:
             last_lsn = store.backup(str(dest))
-        except StorageError as exc:
-            (dest / "data.mdb").unlink(missing_ok=True)  # no half copy that looks like one
-            raise CliError(EXIT_USAGE, "data_dir", str(exc)) from None
+            if secret is not None:
+                tokens.store_secret(dest, secret)
+        except (StorageError, OSError) as exc:
+            _take_away(dest, made)
+            reason = exc if isinstance(exc, StorageError) else (
+                f"cannot write the secret into {dest}: {exc.strerror or exc}")
+            raise CliError(EXIT_USAGE, "data_dir", str(reason)) from None
     finally:
         store.close()
-    secret = _copy_secret(Path(args.data), dest)
     emit({"backup": str(dest), "last_lsn": last_lsn,
-          "bytes": (dest / "data.mdb").stat().st_size, "secret": secret,
+          "bytes": (dest / "data.mdb").stat().st_size, "secret": secret is not None,
           "seconds": round(time.monotonic() - started, 3)})
     return 0
 
 
-def _make_empty(dest: Path) -> None:
-    """Make `dest` (mode 0700: it holds every message), or take it if it is an empty directory;
-    anything else is refused, so that a backup never mixes with other files."""
+def _read_secret(data: Path) -> bytes | None:
+    """The data directory's token-signing secret (refused, as `serve` refuses it, if it is not
+    whole); None if it has none (no token was ever minted for it)."""
     try:
-        dest.mkdir(mode=0o700)
+        return tokens.load_secret(data, create=False)
+    except FileNotFoundError:
+        return None
+    except tokens.SecretError as exc:
+        raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
+    except OSError as exc:
+        raise CliError(EXIT_USAGE, "data_dir", f"cannot read the secret of {data}: "
+                       f"{exc.strerror or exc}") from None
+
+
+def _check_outside(dest: Path, data: Path) -> None:
+    """Refuse a DEST in the data directory: a backup must not share the fate of its original."""
+    inside, root = dest.resolve(), data.resolve()
+    if inside == root or root in inside.parents:
+        raise CliError(EXIT_USAGE, "data_dir", f"cannot back up into {dest}: it is inside the "
+                       f"data directory {root}; put backups on another disk, or at least "
+                       "elsewhere")
+
+
+def _make_empty(dest: Path) -> bool:
+    """Make `dest` (mode 0700: it holds every message; its missing parents as `mkdir -p`
+    would) and sync its parent, or take it if it is an empty directory (its mode as it is);
+    anything else is refused, so that a backup never mixes with other files. True if made."""
+    try:
+        dest.mkdir(mode=0o700, parents=True)
     except FileExistsError:
         if not dest.is_dir() or any(dest.iterdir()):
             raise CliError(EXIT_USAGE, "data_dir",
                            f"cannot back up into {dest}: it exists and is not an empty "
                            "directory") from None
+        return False
     except OSError as exc:
         raise CliError(EXIT_USAGE, "data_dir",
                        f"cannot back up into {dest}: {exc.strerror or exc}") from None
-
-
-def _copy_secret(data_dir: Path, dest: Path) -> bool:
-    """Copy the token-signing secret (refused, as `serve` refuses it, if it is not whole),
-    mode 0600 and synced; False if the data directory has none (no token was ever minted)."""
+    fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        secret = tokens.load_secret(data_dir, create=False)
-    except FileNotFoundError:
-        return False
-    except tokens.SecretError as exc:
-        raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
-    except OSError as exc:
-        raise CliError(EXIT_USAGE, "data_dir", f"cannot read the secret of {data_dir}: "
-                       f"{exc.strerror or exc}") from None
-    try:
-        tokens.store_secret(dest, secret)
-    except OSError as exc:
-        raise CliError(EXIT_USAGE, "data_dir", f"cannot write the secret into {dest}: "
-                       f"{exc.strerror or exc}") from None
+        os.fsync(fd)  # the new name survives a power loss, as the copy inside it does
+    finally:
+        os.close(fd)
     return True
+
+
+def _take_away(dest: Path, made: bool) -> None:
+    """Remove what a failed backup wrote into `dest` (and `dest`, if it made it): no half copy
+    is left to be taken for a backup."""
+    for name in ("data.mdb", tokens.SECRET_FILE):
+        (dest / name).unlink(missing_ok=True)
+    if made:
+        dest.rmdir()
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

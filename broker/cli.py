@@ -102,6 +102,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_nofile(cfg.max_connections + cfg.max_handshakes + 64)
     tune_gc(cfg.gc_young_threshold)
     if cfg.tls_cert:  # before anything is created: a bad pair is a usage error
+        for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key)):
+            try:
+                path.open("rb").close()
+            except OSError as exc:  # say which file, and why (a key only root may read, say)
+                raise CliError(EXIT_USAGE, "usage", f"{flag} {path}: {exc.strerror or exc} "
+                               f"(the broker runs as uid {os.getuid()})") from None
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
                 str(cfg.tls_cert), str(cfg.tls_key))
@@ -547,6 +553,16 @@ def _number(kind: type, lo: float, hi: float | None = None):
 
 
 _COUNT = _number(int, 1)  # sizes, counts and limits: at least one
+MIN_STATS_INTERVAL_S = 1.0  # a shorter one would flood the log (600 lines a second at 0.0001)
+
+
+def _stats_interval(text: str) -> float:
+    """`--stats-interval`: 0 (no stats lines), or at least MIN_STATS_INTERVAL_S seconds."""
+    value = _number(float, 0)(text)
+    if 0 < value < MIN_STATS_INTERVAL_S:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (none) or at least {MIN_STATS_INTERVAL_S:g}, not {text}")
+    return value
 _SECONDS = _number(float, 0.001)
 _RATE = _number(float, 0.001)
 
@@ -597,8 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--content-action", choices=("reject", "mask"), default="reject")
     s.add_argument("--gc-young-threshold", type=_COUNT, default=d.gc_young_threshold,
                    help="allocations between young garbage collections (default %(default)s)")
-    s.add_argument("--stats-interval", type=_number(float, 0), default=d.stats_interval_s,
-                   help="seconds between broker_stats log lines; 0: none (default %(default)g)")
+    s.add_argument("--stats-interval", type=_stats_interval, default=d.stats_interval_s,
+                   help="seconds between broker_stats log lines, at least 1; 0: none (default "
+                        "%(default)g)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
     s.set_defaults(func=cmd_serve)

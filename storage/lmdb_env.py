@@ -225,8 +225,9 @@ class LmdbEnv:
             finally:
                 os.close(fd)
         except (lmdb.Error, OSError) as exc:
-            raise StorageError(f"cannot copy {self.path} to {dest}: "
-                               f"{getattr(exc, 'strerror', None) or exc}") from exc
+            # LMDB's errors start with the function that failed: the reason is what follows
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc).rpartition(": ")[2]
+            raise StorageError(f"cannot copy {self.path} to {dest}: {reason}") from exc
 
     def map_size(self) -> int:
         """Return the current map size in bytes."""

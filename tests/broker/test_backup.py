@@ -77,22 +77,48 @@ def test_a_backup_taken_while_sending_is_whole_verified_and_serves(tmp_path):
     assert [m["body"] for m in got] == [f"m{i}" for i in range(200)]
 
 
+def refused(*args: str) -> dict:
+    """The one JSON error of a `homing backup` that must be refused (exit 2, nothing printed)."""
+    proc = homing("backup", *args, check=False)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    return json.loads(proc.stderr)
+
+
 def test_a_backup_refuses_what_it_must_not_overwrite_or_copy(tmp_path):
-    """A DEST that is a file or a directory with files in it, and a --data that holds no
-    data directory, are refused with one JSON error (exit 2) before anything is written."""
+    """A DEST that is a file, a directory with files in it, or inside the data directory, a
+    --data that holds no data directory, and a secret cut short are refused with one JSON
+    error (exit 2) before anything is written."""
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep").write_text("mine")
     (tmp_path / "file").write_text("mine")
     with BrokerProcess(tmp_path / "data") as bp:
         homing("send", "--to", "bob", "hi", env=as_user(bp, "shop"))
         for dest in ("full", "file"):
-            proc = homing("backup", str(tmp_path / dest), "--data", str(bp.data), check=False)
-            assert proc.returncode == 2 and proc.stdout == ""
-            err = json.loads(proc.stderr)
+            err = refused(str(tmp_path / dest), "--data", str(bp.data))
             assert err["error"] == "data_dir" and "is not an empty directory" in err["message"]
+        err = refused(str(bp.data / "inner" / "bk"), "--data", str(bp.data))
+        assert err["error"] == "data_dir" and "inside the data directory" in err["message"]
+        assert not (bp.data / "inner").exists()
     assert (tmp_path / "full" / "keep").read_text() == "mine"
     assert (tmp_path / "file").read_text() == "mine"
-    proc = homing("backup", str(tmp_path / "new"), "--data", str(tmp_path / "nothing"),
-                  check=False)
-    assert proc.returncode == 2 and json.loads(proc.stderr)["error"] == "no_data"
+    for data, says in ((tmp_path / "nothing", "does not exist"),
+                       (tmp_path / "full", "is not a homing data directory")):
+        err = refused(str(tmp_path / "new"), "--data", str(data))
+        assert err["error"] == "no_data" and says in err["message"]
+    (bp.data / "secret.key").write_bytes(b"short")
+    err = refused(str(tmp_path / "new"), "--data", str(bp.data))
+    assert err["error"] == "bad_secret"
     assert not (tmp_path / "new").exists()
+
+
+def test_a_backup_goes_where_it_says(tmp_path):
+    """A relative DEST, under parents that do not exist yet, is made (as `mkdir -p`) and
+    printed as an absolute path, so that a script logging the line knows where it is."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        homing("send", "--to", "bob", "hi", env=as_user(bp, "shop"))
+    proc = subprocess.run([*homing_cmd(), "backup", "backups/day-1", "--data", str(bp.data)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["backup"] == str(tmp_path / "backups" / "day-1")
+    assert (tmp_path / "backups" / "day-1" / "data.mdb").stat().st_size == result["bytes"]

@@ -333,6 +333,18 @@ def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "usage"
     assert not (tmp_path / "b").exists()
+    (tmp_path / "cert.pem").write_text("a certificate")
+    proc = homing("serve", "--data", str(tmp_path / "b"), "--tls-cert", str(tmp_path / "cert.pem"),
+                  "--tls-key", str(tmp_path / "no.key"), check=False, timeout=20)
+    err = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 2 and err["error"] == "usage", proc.stderr
+    assert err["message"].startswith(f"--tls-key {tmp_path / 'no.key'}: No such file")  # which
+    for interval, says in (("0.5", "must be 0 (none) or at least 1, not 0.5"),
+                           ("-1", "must be at least 0.0, not -1")):
+        proc = homing("serve", "--data", str(tmp_path / "b"), "--stats-interval", interval,
+                      check=False, timeout=20)
+        assert proc.returncode == 2 and says in json.loads(proc.stderr)["message"], proc.stderr
+    assert not (tmp_path / "b").exists()
 
     (tmp_path / "file").write_text("not a directory")
     proc = homing("serve", "--data", str(tmp_path / "file" / "data"), check=False, timeout=20)

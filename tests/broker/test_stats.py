@@ -22,7 +22,7 @@ def stats_lines(bp: BrokerProcess) -> list[dict]:
 def test_the_stats_line_counts_what_the_broker_did(tmp_path):
     """Five sends and a listener: a later line shows the connection held and the log's last
     LSN, and the lines' rates account for the commits (each falls in one line's window)."""
-    with BrokerProcess(tmp_path / "data", "--stats-interval", "0.2") as bp:
+    with BrokerProcess(tmp_path / "data", "--stats-interval", "1") as bp:
         env = {**os.environ, "HOMING_SERVER": bp.server}
         sent = lines(homing("send", "--to", "bob", "--stdin", input="a\nb\nc\nd\ne\n",
                             env={**env, "HOMING_TOKEN": bp.token("shop")}))

@@ -109,3 +109,26 @@ async def test_audit_rebuild_on_a_full_disk_is_a_json_error_and_changes_nothing(
     for args in (("verify",), ("rebuild",), ("verify",)):
         proc = homing("audit", *args, "--data", str(data), check=False, timeout=60)
         assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[0])["ok"], proc
+
+
+async def test_a_backup_onto_a_full_disk_is_refused_and_taken_away(tmp_path, tiny_disk):
+    """`homing backup` of a data directory larger than the disk it copies onto ends with the
+    `data_dir` error naming the cause (exit 2) and leaves no half copy, nor the directory it
+    made for it; the same backup elsewhere succeeds."""
+    import json
+
+    from tests.harness import running_broker
+    from tests.procs import homing
+
+    data = tmp_path / "data"
+    async with running_broker(data) as h, h.client("alice") as alice:
+        for i in range(300):
+            await alice.send(f"{i:04d}" + "x" * 20_000, to=f"user{i % 50}")
+    assert (data / "data.mdb").stat().st_size > 5 << 20  # over the 4 MiB disk
+    proc = homing("backup", str(tiny_disk / "bk"), "--data", str(data), check=False, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    err = json.loads(proc.stderr)
+    assert err["error"] == "data_dir" and err["message"].endswith("No space left on device")
+    assert list(tiny_disk.iterdir()) == []
+    proc = homing("backup", str(tmp_path / "bk"), "--data", str(data), timeout=60)
+    assert json.loads(proc.stdout)["last_lsn"] > 300
