@@ -346,9 +346,10 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     _require_data_dir(args.data)  # refuse a directory that is not one, without creating it
     try:
         store = Store.open(args.data)  # one of an older layout is rebuilt right here
-    except DataDirLocked:
-        raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker: stop "
-                       "it first (`homing audit rebuild --check` is read-only)") from None
+    except DataDirLocked as exc:
+        who = "" if exc.holder is None else f" (process {exc.holder})"
+        raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker{who}: "
+                       "stop it first (`homing audit rebuild --check` is read-only)") from None
     try:
         started = time.perf_counter()
         with ticking(f"rebuild {store.last_lsn():,} events"):

@@ -26,7 +26,12 @@ class CorruptLog(StorageError):
 
 
 class DataDirLocked(StorageError):
-    """Raised when opening a data directory for writing while another process holds its lock."""
+    """Raised when opening a data directory for writing while another process holds its lock;
+    `holder` is that process's pid, as it wrote it in the lock (None if unknown)."""
+
+    def __init__(self, message: str, holder: int | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class MissingTables(StorageError):

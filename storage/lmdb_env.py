@@ -104,12 +104,20 @@ class LmdbEnv:
         return self.env.open_db(name.encode())
 
     def _take_dir_lock(self) -> None:
+        """Hold the directory's lock file for this process, and write our pid in it so that
+        the next one refused can say who holds it."""
         fd = os.open(os.path.join(self.path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            text = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise DataDirLocked(f"{self.path} is locked by another process") from None
+            holder = int(text) if text.isdigit() else None
+            who = "another process" if holder is None else f"process {holder}"
+            raise DataDirLocked(f"{self.path} is locked by {who} (a broker serving it, or a "
+                                "`homing audit rebuild`): stop that one first", holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
     def _release_dir_lock(self) -> None:

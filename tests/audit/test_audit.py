@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -293,7 +294,8 @@ async def test_rebuild_refuses_while_a_broker_holds_the_directory(tmp_path):
                 capture_stdout=True, capture_stderr=True, check=False)
     assert proc.returncode == 2 and proc.stdout == b""
     err = json.loads(proc.stderr)
-    assert err["error"] == "locked" and "running broker" in err["message"]
+    assert err["error"] == "locked"
+    assert f"running broker (process {os.getpid()})" in err["message"]  # in this test process
     assert check.returncode == 0 and json.loads(check.stdout)["ok"] is True
 
 

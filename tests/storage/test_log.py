@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -167,13 +168,15 @@ def test_reordered_records_are_detected(tmp_path):
 
 
 def test_second_writer_is_refused(tmp_path):
-    """A second writer on the same directory gets DataDirLocked; a read-only open in another
-    process works while the writer runs."""
+    """A second writer on the same directory gets DataDirLocked, naming the process that holds
+    it; a read-only open in another process works while the writer runs."""
     path = str(tmp_path / "x")
     log = LmdbLog.open(path)
     log.append([_ev(0), _ev(1)])
-    with pytest.raises(DataDirLocked):
+    with pytest.raises(DataDirLocked) as refused:
         LmdbLog.open(path)
+    assert refused.value.holder == os.getpid()
+    assert f"is locked by process {os.getpid()} " in str(refused.value)
     script = (
         "import sys; from storage.lmdb_log import LmdbLog\n"
         "r = LmdbLog.open(sys.argv[1], readonly=True)\n"
