@@ -11,7 +11,6 @@ Whatever is refused is refused before anything is written; a copy that fails is 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from broker import tokens
 from broker.audit_cli import open_readonly, quietly
 from broker.cli import EXIT_USAGE, CliError, emit
 from broker.config import DEFAULT_DATA_DIR
+from storage.files import sync_dir
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -86,11 +86,7 @@ def _make_empty(dest: Path) -> bool:
     except OSError as exc:
         raise CliError(EXIT_USAGE, "data_dir",
                        f"cannot back up into {dest}: {exc.strerror or exc}") from None
-    fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)  # the new name survives a power loss, as the copy inside it does
-    finally:
-        os.close(fd)
+    sync_dir(dest.parent)  # the new name survives a power loss, as the copy inside it does
     return True
 
 

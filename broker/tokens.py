@@ -21,6 +21,8 @@ from pathlib import Path
 
 import msgpack
 
+from storage.files import sync_dir
+
 ROLES = ("user", "service", "admin")
 SECRET_FILE = "secret.key"
 SECRET_BYTES = 32
@@ -98,11 +100,7 @@ def store_secret(data_dir: Path, secret: bytes) -> bytes:
             pass
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_dir(path.parent)
     return path.read_bytes()
 
 

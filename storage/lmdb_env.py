@@ -27,6 +27,7 @@ import lmdb
 import structlog
 
 from storage.errors import DataDirLocked, MissingTables, StorageError, StorageFull
+from storage.files import sync_dir
 
 T = TypeVar("T")
 
@@ -227,11 +228,7 @@ class LmdbEnv:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            sync_dir(dest)
         except (lmdb.Error, OSError) as exc:
             # LMDB's errors start with the function that failed: the reason is what follows
             reason = exc.strerror if isinstance(exc, OSError) else str(exc).rpartition(": ")[2]
