@@ -20,13 +20,16 @@ import stat
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
 from broker import tokens
 from broker.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, Config
 from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, MIN_FRAME_VALUES
+
+if TYPE_CHECKING:
+    from broker.sdnotify import Notifier
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 MAX_TOKEN_TTL_S = 3650 * 86400  # ten years: longer is a typo, and past 2**64 s msgpack fails
@@ -88,6 +91,7 @@ def body_fields(body: str | bytes | None) -> dict[str, Any]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker.logs import configure
+    from broker.sdnotify import Notifier
     from storage.errors import DataDirLocked
     from storage.rules import Limits
     from storage.store import Store
@@ -114,6 +118,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (OSError, ssl.SSLError) as exc:
             raise CliError(EXIT_USAGE, "usage", f"--tls-cert {cfg.tls_cert} / --tls-key "
                            f"{cfg.tls_key}: {exc.strerror or exc}") from None
+    notifier = Notifier.from_environ()
+    if notifier is not None:  # a layout change rebuilds the projections before serving
+        notifier.notify(STATUS=f"opening {cfg.data_dir}")
     try:
         tokens.load_secret(cfg.data_dir)
         _warn_if_exposed(cfg.data_dir / tokens.SECRET_FILE)
@@ -128,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "data_dir", f"cannot use {cfg.data_dir}: "
                        f"{exc.strerror or exc}") from None
     try:
-        trio.run(_serve, cfg, store)
+        trio.run(_serve, cfg, store, notifier)
     except BaseExceptionGroup as group:
         failed = _listen_error(group)
         if failed is None:
@@ -172,10 +179,10 @@ def _serve_config(args: argparse.Namespace) -> Config:
     )
 
 
-async def _serve(cfg: Config, store: Any) -> None:
+async def _serve(cfg: Config, store: Any, notifier: Notifier | None) -> None:
     from broker.server import Broker
 
-    broker = Broker(cfg, store)
+    broker = Broker(cfg, store, notifier)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(broker.serve)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

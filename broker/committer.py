@@ -116,6 +116,7 @@ class Committer:
         self._lsn_moved = trio.Event()
         self._thread = WorkerThread("homing-commit")
         self._acks_last = False  # whether the last batch started held acks
+        self._running_since: float | None = None  # trio time the batch in the thread started
 
     @property
     def queued(self) -> int:
@@ -165,6 +166,11 @@ class Committer:
             pending.also = [callback]
         else:
             pending.also.append(callback)
+
+    def commit_running_s(self) -> float:
+        """How long the batch now in the worker thread has been running (0.0 if none is)."""
+        since = self._running_since
+        return 0.0 if since is None else trio.current_time() - since
 
     @property
     def closing(self) -> bool:
@@ -258,6 +264,7 @@ class Committer:
         self._acks_last = bool(batch_acks)
         commands = [p.command for p in batch]
         call = self._thread.submit(self._store.execute, commands)
+        self._running_since = trio.current_time()
         return _Batch(batch, commands, batch_acks, ack_pending, call)
 
     async def _finish(self, started: _Batch) -> _Batch | None:
@@ -273,6 +280,7 @@ class Committer:
                     log.exception("commit_callback_failed")
             return None
         finally:
+            self._running_since = None
             unsynced, last = self._unsynced_acks, self._last_acks
             for p, (key, upto) in zip(started.ack_pending, started.acks, strict=True):
                 # durable now, or lost with the batch (redelivered)

@@ -29,6 +29,7 @@ from broker.hub import Fresh, Hub, encode_push
 from broker.logs import get_logger
 from broker.policy import ContentPolicy
 from broker.ratelimit import TokenBucket, UserBuckets
+from broker.sdnotify import Notifier, keep_watchdog
 from broker.session import Session
 from broker.stats import report_stats
 from protocol import native as wire_native
@@ -65,9 +66,10 @@ _NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROK
 class Broker:
     """Everything one `homing serve` process shares between its connections."""
 
-    def __init__(self, config: Config, store: Any) -> None:
+    def __init__(self, config: Config, store: Any, notifier: Notifier | None = None) -> None:
         self.config = config
         self.store = store
+        self.notifier = notifier  # systemd's (broker/sdnotify.py), under `Type=notify`
         self.log = get_logger()
         self.secret = tokens.load_secret(config.data_dir)
         self.hub = Hub(store)
@@ -337,6 +339,10 @@ class Broker:
                                   storage_native=native.describe(),
                                   storage_rows=rowio.describe(),
                                   protocol_native=wire_native.describe())
+                    if self.notifier is not None:
+                        self.notifier.notify(READY=1, STATUS=f"serving {cfg.host}:{self.port}")
+                        if self.notifier.watchdog_s is not None:
+                            outer.start_soon(keep_watchdog, self.notifier, self.committer)
                     task_status.started(self.port)
                     await trio.serve_listeners(self._handle, listeners,
                                                handler_nursery=connections)
@@ -388,6 +394,8 @@ class Broker:
         if not self.stopping:
             self.stopping = True
             self.log.info("broker_stopping")
+            if self.notifier is not None:
+                self.notifier.notify(STOPPING=1, STATUS="stopping: draining connections")
             if self._listen_scope is not None:
                 self._listen_scope.cancel()
 

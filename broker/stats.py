@@ -35,13 +35,19 @@ async def report_stats(broker: Broker, every: float) -> None:
         await trio.sleep(every)
         now, cpu_now = time.monotonic(), time.process_time()
         elapsed = max(now - then, 1e-9)
+        events_per_s = round((committer.committed_lsn - lsn) / elapsed, 1)
         broker.log.info(
             "broker_stats",
             connections=broker.hub.count, handshaking=broker.handshaking,
             lsn=committer.committed_lsn, queued=committer.queued,
-            events_per_s=round((committer.committed_lsn - lsn) / elapsed, 1),
+            events_per_s=events_per_s,
             commits_per_s=round((committer.batches - batches) / elapsed, 1),
             commands_per_s=round((committer.commands - commands) / elapsed, 1),
             cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib())
+        if broker.notifier is not None and not broker.stopping:  # `systemctl status` shows it
+            broker.notifier.notify(STATUS=f"serving {broker.config.host}:{broker.port}: "
+                                          f"{broker.hub.count} connections, "
+                                          f"{events_per_s:.0f} events/s, "
+                                          f"lsn {committer.committed_lsn}")
         then, cpu = now, cpu_now
         lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands

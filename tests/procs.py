@@ -40,9 +40,11 @@ def rss_kib(pid: int) -> int:
 class BrokerProcess:
     """`homing serve` as a child process on a fixed port; start, kill, restart."""
 
-    def __init__(self, data: Path, *flags: str, port: int | None = None) -> None:
+    def __init__(self, data: Path, *flags: str, port: int | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.data = Path(data)
         self.flags = list(flags)
+        self.env = env  # the child's whole environment (None: this process's)
         self.port = port or free_port()
         self.server = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -58,11 +60,7 @@ class BrokerProcess:
 
     def start(self, timeout: float = 15.0) -> None:
         assert self.proc is None or self.proc.poll() is not None
-        with open(self.logfile, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*homing_cmd(), "serve", "--data", str(self.data), "--port", str(self.port),
-                 "--log-format", "json", *self.flags],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.spawn()
         self.starts += 1
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -74,6 +72,14 @@ class BrokerProcess:
             except OSError:
                 time.sleep(0.03)
         raise RuntimeError(f"broker did not listen within {timeout} s:\n{self.log_tail()}")
+
+    def spawn(self) -> None:
+        """Start the child and return at once (`start` also waits until it listens)."""
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(
+                [*homing_cmd(), "serve", "--data", str(self.data), "--port", str(self.port),
+                 "--log-format", "json", *self.flags],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
 
     async def astart(self, timeout: float = 15.0) -> None:
         await trio.to_thread.run_sync(self.start, timeout)
