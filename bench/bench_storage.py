@@ -12,7 +12,10 @@ Before them, the disk: one synced write of a page, of 64 scattered pages and of 
 pages (bench/disk.py: a commit's sync costs what its pages cost). The group-commit lines say how
 many events and pages (4 KiB, from the process's written bytes) a commit held. The service-burst
 line compares a commit of one sender's 16 sends with random cids and with the SDK's time-ordered
-ones (broker.client.new_cid): pages and time per commit.
+ones (broker.client.new_cid): pages and time per commit. Each group-commit line is followed by
+the same appenders through the same committer with a store that does no work (`NoWorkStore`):
+what the coordinator, its worker thread and the trio tasks cost alone, the most the durable
+figure could reach with a free store.
 Run `python -m bench.bench_storage [--events N] [--in-flight K]`. Each figure is the median of
 3 runs, each on a fresh temporary directory. The process sets up its cyclic GC as `homing serve`
 does (`broker.cli.tune_gc`), so the group-commit path runs as in the broker; `--python-gc`
@@ -119,6 +122,35 @@ def group_commit(appenders: int = 64, per_appender: int = 500,
             store.close()
 
 
+class NoWorkStore:
+    """Stands in for `Store` where the coordinator alone is measured: each command gets the
+    next LSN and an outcome with no error, and nothing is written. The group-commit path through
+    it is what the committer (broker/committer.py), its worker thread and the trio appenders cost
+    by themselves: the ceiling they put on the durable figure, whatever the store costs."""
+
+    class Outcome:
+        __slots__ = ("lsn",)
+        error = None
+
+        def __init__(self, lsn: int) -> None:
+            self.lsn = lsn
+
+    def __init__(self) -> None:
+        self.lsn = 0
+
+    def last_lsn(self) -> int:
+        return self.lsn
+
+    def execute(self, commands: list[object]) -> list[NoWorkStore.Outcome]:
+        first, self.lsn = self.lsn + 1, self.lsn + len(commands)
+        return [self.Outcome(lsn) for lsn in range(first, self.lsn + 1)]
+
+
+def coordinator_alone(appenders: int = 64, per_appender: int = 500, in_flight: int = 1) -> float:
+    """Events/s of the group-commit path with a store that does no work (`NoWorkStore`)."""
+    return trio.run(_group_commit, NoWorkStore(), appenders, per_appender, in_flight)[0]
+
+
 def written_bytes() -> float:
     """Bytes this process has written with write calls so far (Linux's /proc/self/io `wchar`);
     NaN where that is not to be read."""
@@ -210,6 +242,9 @@ def main() -> None:
                                             in_flight)
         print(f"group commit, {label}: {rate:,.0f} durable events/s, max loop stall "
               f"{stall * 1000:.1f} ms; {events:,.0f} events and {pages:,.0f} pages per commit")
+        alone = median(coordinator_alone, 64, args.per_appender * in_flight, in_flight)
+        print(f"group commit, {label}, coordinator alone (a store that does no work): "
+              f"{alone:,.0f} events/s")
     bursts: dict[str, list[tuple[float, float]]] = {"random": [], "ordered": []}
     for _ in range(RUNS):  # alternating, so drift over the minute hits both alike
         for cids, results in bursts.items():

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import math
 
-from bench.bench_storage import group_commit, service_burst, written_bytes
+import trio
+
+from bench.bench_storage import (
+    NoWorkStore,
+    _group_commit,
+    coordinator_alone,
+    group_commit,
+    service_burst,
+    written_bytes,
+)
 from bench.disk import describe, synced_writes
 
 
@@ -40,3 +49,12 @@ def test_a_service_burst_with_time_ordered_cids_writes_fewer_pages_than_random_o
     _, random_pages = service_burst("random", commits=400)
     _, ordered_pages = service_burst("ordered", commits=400)
     assert ordered_pages < random_pages - 5, (ordered_pages, random_pages)
+
+
+def test_the_coordinator_alone_takes_every_event_through_the_committer():
+    """With a store that does no work, 8 appenders with 4 in flight get all 320 events an LSN,
+    in batches of 1 to 32, and the line's figure is a rate."""
+    store = NoWorkStore()
+    rate, stall, events, _ = trio.run(_group_commit, store, 8, 40, 4)
+    assert store.last_lsn() == 320 and rate > 0 and stall >= 0 and 1 <= events <= 32
+    assert coordinator_alone(8, 40, 4) > 0
