@@ -18,6 +18,7 @@ import signal
 import ssl
 import stat
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -472,6 +473,14 @@ async def do_mute(client, args) -> None:
     emit({"conv": args.conv, "muted": not args.unmute})
 
 
+async def do_revoke(client, args) -> None:
+    before = await client.revoke_tokens(args.user)
+    # A token minted before the clock passes `before` is revoked too: return once it has (a
+    # second at most on the broker's own clock, where `homing token` runs).
+    await trio.sleep(min(1.0, max(0.0, before - time.time())))
+    emit({"user": args.user, "before": before})
+
+
 async def do_read(client, args) -> None:
     await client.read(args.conv, args.upto)
     emit({"conv": args.conv, "read": args.upto})
@@ -707,6 +716,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only the conversations with unread messages")
     client("members", "a conversation's kind, name and members by role",
            do_members).add_argument("conv")
+    client("revoke", "revoke every token of a user issued up to now (admin token)",
+           do_revoke).add_argument("user")
 
     _add_optional(sub, "broker.audit_cli")
     _add_optional(sub, "broker.backup_cli")

@@ -306,6 +306,13 @@ class Client:
     async def mute(self, conv: str, muted: bool = True) -> None:
         await self._request(lambda i: wire.Mute(id=i, conv=conv, muted=muted))
 
+    async def revoke_tokens(self, user: str) -> int:
+        """Revoke every token of `user` issued up to now (an admin token's right; others get
+        `forbidden`). Returns `before`: tokens issued before that Unix second are refused from
+        now on, and the user's sessions opened with one are closed with `unauthorized`; mint
+        the user's new token once the clock has passed it."""
+        return (await self._request(lambda i: wire.Revoke(id=i, user=user))).before
+
     async def members(self, conv: str) -> wire.MemberList:
         """`conv`'s kind, name, and members by role (owners, admins, members)."""
         return await self._request(lambda i: wire.Members(id=i, conv=conv))

@@ -32,8 +32,8 @@ CONV_ENTRY_BYTES = 800
 
 
 def _command(session: Session, request_id: int | None, command: object, reply) -> Any:
-    """Submit `command`; once durable, queue `reply(session, request_id, outcome.reply)` (None:
-    no reply) or the error."""
+    """Submit `command`; once durable, queue the frame `reply(session, request_id,
+    outcome.reply)` returns (no `reply`, or None from it: nothing) or the error."""
     broker = session.broker
     session.inflight += 1
     try:
@@ -62,8 +62,8 @@ def _command_done(pending: Any) -> None:
         session.log.debug("command_done", command=type(pending.command).__name__,
                           conv=getattr(pending.command, "conv", None), lsn=outcome.lsn,
                           reply=outcome.reply)
-        if reply is not None:
-            session.reply(reply(session, request_id, outcome.reply))
+        if reply is not None and (frame := reply(session, request_id, outcome.reply)) is not None:
+            session.reply(frame)
 
 
 def _sent(session: Session, request_id: int, r: dict) -> wire.Result:
@@ -172,6 +172,20 @@ def on_remove(session: Session, f: wire.Remove) -> Any:
 def on_mute(session: Session, f: wire.Mute) -> Any:
     command = cmd.SetMute(session.user, session.device, session.role, f.conv, f.muted)
     return _command(session, f.id, command, _ok)
+
+
+def on_revoke(session: Session, f: wire.Revoke) -> Any:
+    command = cmd.RevokeTokens(session.user, session.device, session.role, f.user)
+    return _command(session, f.id, command, _revoked)
+
+
+def _revoked(session: Session, request_id: int, r: dict) -> None:
+    """Durable now: answer, then end the target's sessions opened with a token issued before
+    the cut-off (hello refuses such tokens from now on), the asking one too if it is one."""
+    session.reply(wire.Revoked(id=request_id, user=r["user"], before=r["before"]))
+    for other in session.broker.hub.sessions(r["user"]):
+        if other.issued < r["before"]:
+            other.token_revoked()
 
 
 def _member(session: Session, conv: str) -> str | None:
@@ -310,6 +324,7 @@ HANDLERS = {
     wire.Leave: on_leave,
     wire.Remove: on_remove,
     wire.Mute: on_mute,
+    wire.Revoke: on_revoke,
     wire.History: on_history,
     wire.Receipts: on_receipts,
     wire.Members: on_members,

@@ -61,15 +61,13 @@ class Notifier:
         return cls(address, watchdog_s)
 
     def notify(self, **fields: object) -> bool:
-        """Send `KEY=value` lines (`notify(READY=1, STATUS="...")`); True if the datagram went."""
-        lines = []
-        for key, value in fields.items():
-            text = str(value)
-            if "\n" in text:
-                raise ValueError(f"a notification's {key} cannot hold a line break")
-            lines.append(f"{key}={text}")
+        """Send `KEY=value` lines (`notify(READY=1, STATUS="...")`); True if the datagram went.
+        Never raises: a failure is logged once (`sd_notify_failed`)."""
+        # One line each: a line break in a value (a data directory's odd name) would start a
+        # field of its own, so it goes out as a space.
+        lines = [f"{key}={' '.join(str(value).splitlines())}" for key, value in fields.items()]
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.sendto("\n".join(lines).encode(), self._target)
         except OSError as exc:
             if not self._failed:

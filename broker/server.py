@@ -230,6 +230,11 @@ class Broker:
             session.log.info("auth_failed", device=hello.device, reason=str(exc))
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
             return False
+        if claims.issued < self.store.revoked_before(claims.user):
+            session.reason = CloseReason.AUTH_FAILED
+            session.log.info("auth_failed", device=hello.device, reason="token revoked")
+            await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, "token revoked")
+            return False
         if self.stopping:
             session.reason = CloseReason.SHUTDOWN
             await self._refuse(session, hello.id, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
@@ -242,7 +247,7 @@ class Broker:
                                "too many connections")
             return False
         session.user, session.device, session.role = claims.user, hello.device, claims.role
-        session.expires = claims.expires
+        session.expires, session.issued = claims.expires, claims.issued
         session.user_sends = self.user_sends.of(claims.user)
         session.user_typing = self.user_typing.of(claims.user)
         session.log = session.log.bind(user=claims.user, device=hello.device)

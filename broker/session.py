@@ -54,6 +54,7 @@ class Session:
         self.device = ""
         self.role = "user"
         self.expires = math.inf  # when its token expires (time.time()); set at hello
+        self.issued = 0  # when its token was issued (Unix seconds; revocation); set at hello
         self.window = cfg.window
         # Delivery cursor: acked <= sent <= head (inbox_seq).
         self.head = 0
@@ -308,6 +309,10 @@ class Session:
     def time_out(self, idle_s: float) -> None:
         """Nothing arrived for `idle_s` seconds: say `timeout` and end the session."""
         self._end(CloseReason.TIMEOUT, wire.ErrorCode.TIMEOUT, f"no frame for {idle_s:g} s")
+
+    def token_revoked(self) -> None:
+        """An admin revoked the token it authenticated with: end it as an expired one."""
+        self._end(CloseReason.AUTH_FAILED, wire.ErrorCode.UNAUTHORIZED, "token revoked")
 
     def token_expired(self) -> None:
         """The token it authenticated with expired: say `unauthorized` and end the session, as

@@ -41,6 +41,7 @@ class Claims:
     user: str
     role: str
     expires: int
+    issued: int = 0  # Unix seconds; a token without it counts as the oldest (for revocation)
 
 
 def _b64(data: bytes) -> str:
@@ -140,7 +141,8 @@ def verify(secret: bytes, token: str, now: float | None = None) -> Claims:
         raise TokenError("malformed token claims")
     if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
         raise TokenError("token expired")
-    return Claims(user, role, expires)
+    issued = claims.get("i", 0)
+    return Claims(user, role, expires, issued if type(issued) is int else 0)
 
 
 def parse_ttl(text: str) -> int:

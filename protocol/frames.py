@@ -327,6 +327,13 @@ class Mute(NamedTuple):
     muted: bool = True
 
 
+class Revoke(NamedTuple):
+    """Revokes every token of `user` issued up to now (admin tokens only)."""
+
+    id: int
+    user: str
+
+
 # -- both directions (§5.4) -----------------------------------------------------------------
 
 
@@ -385,6 +392,15 @@ class Ok(NamedTuple):
 
     id: int
     conv: str | None = None
+
+
+class Revoked(NamedTuple):
+    """Reply to ``revoke``: tokens of `user` issued before `before` (Unix seconds) are refused,
+    and the user's sessions opened with one of them are closed."""
+
+    id: int
+    user: str
+    before: int
 
 
 class Created(NamedTuple):
@@ -557,6 +573,7 @@ _register(Members, "members", "c", id=_ID, conv=f.conv_id)
 _register(Convs, "convs", "c", id=_ID, after=f.conv_id, limit=f.int_range(1, f.MAX_CONV_LIST))
 _register(Typing, "typing", "c", conv=f.conv_id)
 _register(Mute, "mute", "c", id=_ID, conv=f.conv_id, muted=f.boolean)
+_register(Revoke, "revoke", "c", id=_ID, user=f.user_id)
 
 _register(Ping, "ping", "cs", id=_ID)
 _register(Pong, "pong", "cs", id=_ID)
@@ -570,6 +587,7 @@ _register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint,
           dup=f.boolean)
 _register(Ok, "ok", "s", id=_ID, conv=f.conv_id)
 _register(Created, "created", "s", id=_ID, conv=f.conv_id)
+_register(Revoked, "revoked", "s", id=_ID, user=f.user_id, before=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS)

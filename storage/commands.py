@@ -122,8 +122,17 @@ class SetMute(NamedTuple):
     muted: bool
 
 
+class RevokeTokens(NamedTuple):
+    """Revoke every token of `target` issued up to now (an admin's command)."""
+
+    user: str
+    device: str
+    role: str
+    target: str
+
+
 Command = (SendMessage | CreateConv | Invite | SetRole | Join | Leave | Remove | Ack | MarkRead
-           | SetMute)
+           | SetMute | RevokeTokens)
 
 
 def _same(a: tuple, b: object) -> bool:

@@ -90,6 +90,7 @@ class Tables(Protocol):
     read: Table
     idem: Table
     mute: Table
+    revoked: Table
     meta: Table
 
     def get(self, table: str, key: bytes) -> bytes | None: ...
@@ -353,6 +354,13 @@ def _mute_set(tables: Tables, ev: Event, fx: Effects) -> None:
     fx.conv = d["conv"]
 
 
+def _tokens_revoked(tables: Tables, ev: Event, fx: Effects) -> None:
+    d = ev.data
+    key = d["user"].encode()
+    if d["before"] > get_u64(tables, "revoked", key):  # a cut-off only moves forward
+        tables.put("revoked", key, pack_u64(d["before"]))
+
+
 _APPLY = {
     r.CONV_CREATED: _conv_created,
     r.MEMBER_ADDED: _member_added,
@@ -362,6 +370,7 @@ _APPLY = {
     r.DELIVERY_ACKED: _delivery_acked,
     r.READ_MARKED: _read_marked,
     r.MUTE_SET: _mute_set,
+    r.TOKENS_REVOKED: _tokens_revoked,
 }
 
 

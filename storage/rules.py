@@ -353,6 +353,21 @@ def _set_mute(tables: Tables, cmd: c.SetMute, now_us: int, limits: Limits) -> De
     return [_ev(now_us, cmd, r.MUTE_SET, {"conv": cmd.conv, "muted": muted})], {"conv": cmd.conv}
 
 
+def _revoke_tokens(tables: Tables, cmd: c.RevokeTokens, now_us: int, limits: Limits) -> Decision:
+    """Tokens of `target` issued in this second or before stop working: `before` is the next
+    whole second, so a token minted once the reply came (and the clock passed `before`) works."""
+    if cmd.role != "admin":
+        raise Forbidden("only an admin token may revoke tokens")
+    if not valid_id(cmd.target):
+        raise Invalid("bad user id")
+    before = now_us // 1_000_000 + 1
+    stored = get_u64(tables, "revoked", cmd.target.encode())
+    if stored >= before:  # revoked up to a later second already (a clock set back)
+        return [], {"user": cmd.target, "before": stored}
+    return ([_ev(now_us, cmd, r.TOKENS_REVOKED, {"user": cmd.target, "before": before})],
+            {"user": cmd.target, "before": before})
+
+
 _DECIDE = {
     c.SendMessage: _send,
     c.CreateConv: _create,
@@ -364,6 +379,7 @@ _DECIDE = {
     c.Ack: _ack,
     c.MarkRead: _mark_read,
     c.SetMute: _set_mute,
+    c.RevokeTokens: _revoke_tokens,
 }
 
 

@@ -66,7 +66,7 @@ log = structlog.get_logger()
 # The projection layout (docs/DESIGN.md, "Projections"). A writable open of a directory written
 # with another layout rebuilds the projections from the log, which is the truth.
 LAYOUT_KEY = b"projections"
-LAYOUT = b"3"
+LAYOUT = b"4"
 DB_NAMES = ["log", "layout", *TABLES]
 RECORD_CACHE = 4096  # records kept for deliverable (emptied when full)
 # What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of
@@ -300,6 +300,10 @@ class Store:
     def inbox_head(self, user: str) -> int:
         """Return the last inbox seq of `user`, 0 when empty."""
         return self._u64("inbox_head", user.encode())
+
+    def revoked_before(self, user: str) -> int:
+        """The issue time (Unix seconds) before which `user`'s tokens are revoked, 0 if none."""
+        return self._u64("revoked", user.encode())
 
     def delivered(self, user: str, device: str) -> int:
         """Return the inbox seq `device` of `user` acknowledged, 0 when none."""

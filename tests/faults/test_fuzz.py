@@ -43,6 +43,7 @@ SAMPLES = [
     wire.Remove(id=21, conv="grp:0123456789abcdef", user="fz"),
     wire.Typing(conv="dm:a:b"),
     wire.Mute(id=14, conv="dm:a:b", muted=True),
+    wire.Revoke(id=22, user="fz-target"),
     wire.Ping(id=15),
     wire.Pong(id=16),
     wire.Deliver(inbox_seq=1, kind="msg", conv="dm:a:b", seq=1, sender="a", body="x",

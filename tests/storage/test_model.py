@@ -18,6 +18,7 @@ from storage.commands import (
     Leave,
     MarkRead,
     Remove,
+    RevokeTokens,
     SendMessage,
     SetMute,
     SetRole,
@@ -48,6 +49,7 @@ command_spec = st.one_of(
     st.tuples(st.just("read"), user_ix, conv_ix, small),
     st.tuples(st.just("mute"), user_ix, conv_ix, st.booleans()),
     st.tuples(st.just("role"), user_ix, conv_ix, st.integers(0, 5)),
+    st.tuples(st.just("revoke"), user_ix, user_ix),
 )
 
 
@@ -85,6 +87,8 @@ def make_command(spec, convs: list[str]):
         return MarkRead(u, "d1", "user", conv(spec[2]), spec[3])
     if kind == "mute":
         return SetMute(u, "d1", "user", conv(spec[2]), spec[3])
+    if kind == "revoke":  # only eve's admin token may: the others are refused
+        return RevokeTokens(u, "d1", ROLES[spec[1]], USERS[spec[2]])
     return SendMessage(u, "d2", ROLES[spec[1]], f"r{spec[3]}", "as role", conv=conv(spec[2]))
 
 

@@ -10,6 +10,7 @@ from storage.commands import (
     Leave,
     MarkRead,
     Remove,
+    RevokeTokens,
     SendMessage,
     SetMute,
     SetRole,
@@ -219,6 +220,30 @@ def test_mute_shows_in_inbox(store):
     assert [(i.kind, i.muted) for i in items] == [("added", True), ("msg", True)]
     assert items[1].body == "hi" and items[1].sender == "alice"
     assert isinstance(one(store, SetMute("eve", "d1", "user", conv, True)).error, Forbidden)
+
+
+def test_revoking_tokens_takes_an_admin_and_moves_the_cut_off_forward_only(store):
+    """An admin's revocation cuts off `target`'s tokens issued up to this second (`before` is
+    the next whole second), once per second: a repeat in the same second logs nothing, a later
+    one moves it on; a user's or a service's token is refused, as is a bad user id."""
+    assert isinstance(one(store, RevokeTokens("bob", "d1", "user", "bob")).error, Forbidden)
+    assert isinstance(one(store, RevokeTokens("shop", "d1", "service", "bob")).error, Forbidden)
+    assert isinstance(one(store, RevokeTokens("ops", "d1", "admin", "no body")).error, Invalid)
+    assert store.revoked_before("bob") == 0
+
+    def revoke(now_s: float):
+        (out,) = store.execute([RevokeTokens("ops", "d1", "admin", "bob")],
+                               now_us=int(now_s * 1_000_000))
+        return out
+
+    assert revoke(1_700_000_000.5).reply == {"user": "bob", "before": 1_700_000_001}
+    assert store.revoked_before("bob") == 1_700_000_001 and store.revoked_before("ops") == 0
+    lsn = store.last_lsn()
+    assert revoke(1_700_000_000.9).reply["before"] == 1_700_000_001  # the same second
+    assert revoke(1_600_000_000).reply["before"] == 1_700_000_001  # a clock set back
+    assert store.last_lsn() == lsn
+    assert revoke(1_700_000_060).reply["before"] == 1_700_000_061
+    assert store.revoked_before("bob") == 1_700_000_061 and store.last_lsn() == lsn + 1
 
 
 def test_history_paging(store):
