@@ -127,7 +127,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _warn_if_exposed(cfg.data_dir / tokens.SECRET_FILE)
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            limits=Limits(max_members=cfg.max_members,
-                                         max_body_bytes=cfg.max_body_bytes))
+                                         max_body_bytes=cfg.max_body_bytes),
+                           on_rebuild=_rebuild_reporter(notifier))
     except DataDirLocked as exc:
         raise CliError(EXIT_USAGE, "locked", str(exc)) from None
     except tokens.SecretError as exc:
@@ -146,6 +147,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+REBUILD_REPORT_S = 5.0  # at most one projections_rebuild_progress line (and notice) this often
+# While a rebuild makes progress, systemd's start timeout is pushed this far ahead each time.
+REBUILD_EXTEND_S = 30.0
+
+
+def _rebuild_reporter(notifier: Notifier | None):
+    """`Store.open`'s `on_rebuild`: a rebuild before serving (a new layout) can take minutes, so
+    say how far it got (`projections_rebuild_progress`, and `STATUS=` to systemd) at its first
+    chunk and then every REBUILD_REPORT_S, and ask systemd for REBUILD_EXTEND_S more to start
+    each time (`EXTEND_TIMEOUT_USEC`): a rebuild that moves is never cut off by
+    `TimeoutStartSec`, one that stops is."""
+    from broker.logs import get_logger
+
+    log = get_logger()
+    started = time.monotonic()
+    last = -math.inf
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < REBUILD_REPORT_S:
+            return
+        last = now
+        log.info("projections_rebuild_progress", events=done, of=total,
+                 seconds=round(now - started, 1))
+        if notifier is not None:
+            notifier.notify(EXTEND_TIMEOUT_USEC=int(REBUILD_EXTEND_S * 1e6),
+                            STATUS=f"rebuilding projections: {done:,} of {total:,} events")
+
+    return report
 
 
 def _listen_error(group: BaseExceptionGroup) -> OSError | None:

@@ -310,8 +310,11 @@ class Client:
         """Revoke every token of `user` issued up to now (an admin token's right; others get
         `forbidden`). Returns `before`: tokens issued before that Unix second are refused from
         now on, and the user's sessions opened with one are closed with `unauthorized`; mint
-        the user's new token once the clock has passed it."""
-        return (await self._request(lambda i: wire.Revoke(id=i, user=user))).before
+        the user's new token once the clock has passed it. Not repeated after a reconnect (a
+        repeat in a later second would also cut off tokens minted in between): a drop while it
+        is on its way raises `ConnectionLost`, and asking again is safe."""
+        reply = await self._request(lambda i: wire.Revoke(id=i, user=user), resend=False)
+        return reply.before
 
     async def members(self, conv: str) -> wire.MemberList:
         """`conv`'s kind, name, and members by role (owners, admins, members)."""
@@ -597,6 +600,8 @@ class Client:
     def _fail(self, exc: BaseException) -> None:
         self._fatal = exc
         for req in list(self._pending.values()):
+            if req.event.is_set():  # answered already (in the read that also stopped us)
+                continue
             req.error = exc
             req.event.set()
         self._deliveries_in.close()

@@ -24,6 +24,7 @@ class CloseReason(Enum):
     BROKEN = "broken"  # the stream failed under us (reset, TLS error)
     PROTOCOL_ERROR = "protocol_error"  # they broke the protocol; we closed
     AUTH_FAILED = "auth_failed"
+    REVOKED = "revoked"  # an admin revoked the token it authenticated with
     TIMEOUT = "timeout"  # handshake or idle timeout
     LIMIT = "limit"  # a connection limit refused them
     SLOW_CONSUMER = "slow_consumer"  # their push queue overflowed

@@ -9,6 +9,8 @@ and "no such conversation", so nothing leaks.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -31,20 +33,38 @@ PAGE_MESSAGE_BYTES = 640
 CONV_ENTRY_BYTES = 800
 
 
-def _command(session: Session, request_id: int | None, command: object, reply) -> Any:
+def _command(session: Session, request_id: int | None, command: object, reply,
+             after: Callable[[], None] | None = None) -> Any:
     """Submit `command`; once durable, queue the frame `reply(session, request_id,
-    outcome.reply)` returns (no `reply`, or None from it: nothing) or the error."""
+    outcome.reply)` returns (no `reply`, or None from it: nothing) or the error; then call
+    `after()` whatever the outcome (also when the command could not be submitted)."""
     broker = session.broker
     session.inflight += 1
     try:
-        broker.committer.enqueue(command, _command_done, (session, request_id, reply))
+        if after is None:
+            broker.committer.enqueue(command, _command_done, (session, request_id, reply))
+        else:
+            broker.committer.enqueue(command, _command_done_then,
+                                     (session, request_id, reply, after))
     except Exception as exc:  # shutting down
         session.request_done()
         session.reply_error(request_id, wire.ErrorCode.SHUTTING_DOWN, str(exc))
+        if after is not None:
+            after()
         return None
     if session.inflight >= broker.config.max_inflight_requests:
         return session.wait_inflight()
     return None
+
+
+def _command_done_then(pending: Any) -> None:
+    """`_command_done`, then the command's `after()` whatever its outcome."""
+    session, request_id, reply, after = pending.context
+    pending.context = (session, request_id, reply)
+    try:
+        _command_done(pending)
+    finally:
+        after()
 
 
 def _command_done(pending: Any) -> None:
@@ -175,17 +195,47 @@ def on_mute(session: Session, f: wire.Mute) -> Any:
 
 
 def on_revoke(session: Session, f: wire.Revoke) -> Any:
+    """An admin's revocation takes effect as it arrives, and is answered once durable.
+
+    The target's sessions whose tokens it covers are ended now, and hello refuses such tokens
+    while it commits (`Broker.revoking`), so nothing done with them is logged after it: what
+    they sent before is queued ahead of it. The cut-off is the next whole second, as the rules
+    make it; the commit's own, a moment later, may be a second later still, and is applied again
+    once durable. The asking session, should it revoke its own user, ends after its reply.
+    Only an admin's request does anything before the commit: the rules refuse the others.
+    """
     command = cmd.RevokeTokens(session.user, session.device, session.role, f.user)
-    return _command(session, f.id, command, _revoked)
+    if session.role != "admin":
+        return _command(session, f.id, command, _revoked)
+    broker = session.broker
+    cut = int(time.time()) + 1
+    broker.revoking.setdefault(f.user, []).append(cut)
+    ended = _end_revoked(session, f.user, cut)
+    return _command(session, f.id, command, lambda s, request_id, r: _revoked(
+        s, request_id, r, ended), after=lambda: broker.revoke_settled(f.user, cut))
 
 
-def _revoked(session: Session, request_id: int, r: dict) -> None:
-    """Durable now: answer, then end the target's sessions opened with a token issued before
-    the cut-off (hello refuses such tokens from now on), the asking one too if it is one."""
-    session.reply(wire.Revoked(id=request_id, user=r["user"], before=r["before"]))
-    for other in session.broker.hub.sessions(r["user"]):
-        if other.issued < r["before"]:
+def _end_revoked(session: Session, user: str, cut: int) -> int:
+    """End `user`'s sessions opened with a token issued before `cut` (not the asking one);
+    return how many."""
+    ended = 0
+    for other in session.broker.hub.sessions(user):
+        if other is not session and other.issued < cut:
             other.token_revoked()
+            ended += 1
+    return ended
+
+
+def _revoked(session: Session, request_id: int, r: dict, ended: int = 0) -> None:
+    """Durable now: answer, then end the sessions the commit's cut-off covers (the asking one
+    too if it is one of them); hello reads the cut-off from the store from now on."""
+    session.reply(wire.Revoked(id=request_id, user=r["user"], before=r["before"]))
+    ended += _end_revoked(session, r["user"], r["before"])
+    if session.user == r["user"] and session.issued < r["before"]:
+        session.token_revoked()
+        ended += 1
+    session.log.info("tokens_revoked", target=r["user"], before=r["before"],
+                     sessions_ended=ended)
 
 
 def _member(session: Session, conv: str) -> str | None:

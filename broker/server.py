@@ -92,8 +92,22 @@ class Broker:
         self._ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
         self._stopped = trio.Event()
+        # Admins' revocations on their way to disk: user -> their cut-offs (handlers.on_revoke).
+        self.revoking: dict[str, list[int]] = {}
 
     # -- shared helpers used by sessions and handlers -----------------------------------------
+
+    def revoked_before(self, user: str) -> int:
+        """The cut-off hello applies to `user`'s tokens: the stored one, or a revocation's still
+        committing."""
+        return max(self.store.revoked_before(user), *self.revoking.get(user, (0,)))
+
+    def revoke_settled(self, user: str, cut: int) -> None:
+        """A revocation's commit ended (durable: the store has its cut-off; failed: it has none)."""
+        cuts = self.revoking[user]
+        cuts.remove(cut)
+        if not cuts:
+            del self.revoking[user]
 
     def new_send_limiter(self) -> TokenBucket:
         return TokenBucket(self.config.sends_per_s_per_connection)
@@ -230,9 +244,10 @@ class Broker:
             session.log.info("auth_failed", device=hello.device, reason=str(exc))
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
             return False
-        if claims.issued < self.store.revoked_before(claims.user):
-            session.reason = CloseReason.AUTH_FAILED
-            session.log.info("auth_failed", device=hello.device, reason="token revoked")
+        if claims.issued < self.revoked_before(claims.user):
+            session.reason = CloseReason.REVOKED
+            session.log.info("auth_failed", user=claims.user, device=hello.device,
+                             reason="token revoked")
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, "token revoked")
             return False
         if self.stopping:

@@ -311,8 +311,9 @@ class Session:
         self._end(CloseReason.TIMEOUT, wire.ErrorCode.TIMEOUT, f"no frame for {idle_s:g} s")
 
     def token_revoked(self) -> None:
-        """An admin revoked the token it authenticated with: end it as an expired one."""
-        self._end(CloseReason.AUTH_FAILED, wire.ErrorCode.UNAUTHORIZED, "token revoked")
+        """An admin revoked the token it authenticated with: say `unauthorized` and end the
+        session, as hello with that token would be answered now."""
+        self._end(CloseReason.REVOKED, wire.ErrorCode.UNAUTHORIZED, "token revoked")
 
     def token_expired(self) -> None:
         """The token it authenticated with expired: say `unauthorized` and end the session, as

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
@@ -130,7 +130,8 @@ class InboxItem:
 class Store:
     """Event log plus projections in one LMDB environment; the broker's only storage object."""
 
-    def __init__(self, env: LmdbEnv, limits: Limits) -> None:
+    def __init__(self, env: LmdbEnv, limits: Limits,
+                 on_rebuild: Callable[[int, int], None] | None = None) -> None:
         self._env = env
         self._dbs = env.dbs
         self._log = LmdbLog(env)
@@ -146,7 +147,7 @@ class Store:
         self._db_list = list(self._dbs.values())
         self._tables = BufferedTables(self._dbs, self._rows)
         if not env.readonly:
-            self._check_layout()
+            self._check_layout(on_rebuild)
 
     def stored_layout(self) -> bytes | None:
         """The projection layout the stored tables were written in (`LAYOUT` when current;
@@ -154,26 +155,33 @@ class Store:
         with self._env.read() as txn:
             return txn.get(LAYOUT_KEY, db=self._dbs["layout"])
 
-    def _check_layout(self) -> None:
+    def _check_layout(self, on_rebuild: Callable[[int, int], None] | None) -> None:
         have = self.stored_layout()
         if have == LAYOUT:
             return
         if self._log.last_lsn():
             log.info("projections_layout_changed", stored=have, layout=LAYOUT)
-            self.rebuild()
+            self.rebuild(on_rebuild)
         else:
             self._env.write(lambda txn: txn.put(LAYOUT_KEY, LAYOUT, db=self._dbs["layout"]))
 
     @classmethod
     def open(cls, path: str, *, map_size: int = DEFAULT_MAP_SIZE, limits: Limits | None = None,
-             readonly: bool = False) -> Store:
+             readonly: bool = False,
+             on_rebuild: Callable[[int, int], None] | None = None) -> Store:
         """Open the data directory at `path` (created unless `readonly`).
 
         Writers take the directory lock (`DataDirLocked` if another process holds it); read-only
-        opens work next to a running broker, for audits.
+        opens work next to a running broker, for audits. A writable open of a directory of
+        another projection layout rebuilds the projections first, calling `on_rebuild(events
+        replayed, events in the log)` every few thousand events.
         """
         env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly)
-        return cls(env, limits or Limits())
+        try:
+            return cls(env, limits or Limits(), on_rebuild)
+        except BaseException:
+            env.close()
+            raise
 
     @property
     def log(self) -> LmdbLog:
@@ -544,16 +552,19 @@ class Store:
         fold(tables, self._log.read_raw(1, to_lsn), to_lsn=to_lsn)
         return tables
 
-    def rebuild(self) -> int:
+    def rebuild(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Drop every projection and replay the whole log, atomically in one write txn.
 
-        Returns the number of events replayed.
+        Returns the number of events replayed. `progress(replayed, total)` is called every
+        `fold.CHUNK` events of the replay (the rows are written after it).
         """
         started = time.perf_counter()
 
         def work(txn: lmdb.Transaction) -> int:
             mem = MemoryTables(listed=APPEND_ONLY if COMPILED else frozenset())
-            _lsn, _ts, count = fold(mem, txn.cursor(db=self._dbs["log"]))
+            total = self._log.last_lsn_in(txn)
+            on_chunk = None if progress is None else (lambda done: progress(done, total))
+            _lsn, _ts, count = fold(mem, txn.cursor(db=self._dbs["log"]), on_chunk=on_chunk)
             for table in TABLES:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)

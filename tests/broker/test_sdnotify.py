@@ -18,6 +18,7 @@ import pytest
 
 from broker.sdnotify import Notifier
 from tests.procs import BrokerProcess, homing, homing_cmd, lines
+from tests.storage.test_layout import older_layout
 
 
 class Listener:
@@ -112,6 +113,29 @@ def test_ready_once_listening_then_watchdog_status_and_stopping(tmp_path, listen
 
 def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
+
+
+def test_a_rebuild_before_serving_says_how_far_it_got_and_extends_the_start_timeout(
+        tmp_path, listener):
+    """A directory of an older layout is rebuilt before `READY=1`: meanwhile systemd hears
+    `EXTEND_TIMEOUT_USEC` with a `STATUS=rebuilding projections: N of M events`, and the log
+    has `projections_rebuild_progress`."""
+    bp = BrokerProcess(tmp_path / "data", env=broker_env(listener, None))
+    last = older_layout(bp.data, 20_000)
+    bp.spawn()
+    try:
+        listener.wait_for(lambda f: "READY" in f)
+        fields = [f for _, f in listener.got]
+        rebuilding = [f for f in fields if "EXTEND_TIMEOUT_USEC" in f]
+        assert rebuilding and fields.index(rebuilding[0]) < fields.index(
+            next(f for f in fields if "READY" in f))
+        assert rebuilding[0]["EXTEND_TIMEOUT_USEC"] == "30000000"
+        assert rebuilding[0]["STATUS"].startswith("rebuilding projections: ")
+        assert rebuilding[0]["STATUS"].endswith(f" of {last:,} events")
+    finally:
+        bp.kill()
+    progress = [e for e in bp.log_events() if e["event"] == "projections_rebuild_progress"]
+    assert progress and progress[0]["of"] == last and 0 < progress[0]["events"] <= last
 
 
 HOLD_WRITE_LOCK = """

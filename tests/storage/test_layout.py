@@ -58,3 +58,35 @@ def test_idempotency_rows_of_layout_2_are_rekeyed_and_still_catch_retries(tmp_pa
         assert store.last_lsn() == 6  # the conversation's creation (3) and three sends: no more
     finally:
         store.close()
+
+
+def older_layout(path, events: int) -> int:
+    """A data directory at `path` holding `events` or more events, marked as written by
+    layout 3 (before `revoked`): the next writable open rebuilds it. Returns its last LSN."""
+    store = Store.open(path)
+    try:
+        for base in range(0, events, 5000):
+            store.execute([SendMessage("bob", "d", "user", f"c{i}", "hi", to="alice")
+                           for i in range(base, min(events, base + 5000))])
+        store._env.write(lambda txn: txn.put(LAYOUT_KEY, b"3", db=store._dbs["layout"]))
+        return store.last_lsn()
+    finally:
+        store.close()
+
+
+def test_a_rebuild_on_open_reports_its_progress(tmp_path):
+    """`on_rebuild(replayed, total)` every chunk of the replay, up to the log's last LSN; an
+    open that needs no rebuild calls it never."""
+    last = older_layout(tmp_path / "data", 20_000)
+    calls: list[tuple[int, ...]] = []
+    store = Store.open(tmp_path / "data", on_rebuild=lambda *call: calls.append(call))
+    try:
+        assert store.stored_layout() == LAYOUT
+    finally:
+        store.close()
+    assert calls and all(total == last for _, total in calls)
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls})
+    assert 0 < calls[0][0] < last and calls[-1][0] <= last
+    again: list[tuple[int, int]] = []
+    Store.open(tmp_path / "data", on_rebuild=lambda *a: again.append(a)).close()
+    assert again == []
