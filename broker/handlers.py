@@ -20,7 +20,7 @@ from broker.errors import CloseReason, wire_error
 from protocol import encode_frame
 from protocol.frames import to_wire
 from storage import commands as cmd
-from storage.rules import MANAGERS, NO_ACCESS
+from storage.rules import MANAGERS, NO_ACCESS, revocation_cut_off
 
 if TYPE_CHECKING:
     from broker.session import Session
@@ -199,16 +199,16 @@ def on_revoke(session: Session, f: wire.Revoke) -> Any:
 
     The target's sessions whose tokens it covers are ended now, and hello refuses such tokens
     while it commits (`Broker.revoking`), so nothing done with them is logged after it: what
-    they sent before is queued ahead of it. The cut-off is the next whole second, as the rules
-    make it; the commit's own, a moment later, may be a second later still, and is applied again
-    once durable. The asking session, should it revoke its own user, ends after its reply.
-    Only an admin's request does anything before the commit: the rules refuse the others.
+    they sent before is queued ahead of it. The cut-off is the rules' own for this moment; the
+    commit's, a moment later, may be a second later still, and is applied again once durable.
+    The asking session, should it revoke its own user, ends after its reply. Only an admin's
+    request does anything before the commit: the rules refuse the others.
     """
     command = cmd.RevokeTokens(session.user, session.device, session.role, f.user)
     if session.role != "admin":
         return _command(session, f.id, command, _revoked)
     broker = session.broker
-    cut = int(time.time()) + 1
+    cut = revocation_cut_off(time.time_ns() // 1000)
     broker.revoking.setdefault(f.user, []).append(cut)
     ended = _end_revoked(session, f.user, cut)
     return _command(session, f.id, command, lambda s, request_id, r: _revoked(

@@ -353,14 +353,18 @@ def _set_mute(tables: Tables, cmd: c.SetMute, now_us: int, limits: Limits) -> De
     return [_ev(now_us, cmd, r.MUTE_SET, {"conv": cmd.conv, "muted": muted})], {"conv": cmd.conv}
 
 
+def revocation_cut_off(now_us: int) -> int:
+    """The `before` of a revocation made at `now_us`: tokens issued in this second or earlier
+    stop working, and a token minted once the clock passed it works."""
+    return now_us // 1_000_000 + 1
+
+
 def _revoke_tokens(tables: Tables, cmd: c.RevokeTokens, now_us: int, limits: Limits) -> Decision:
-    """Tokens of `target` issued in this second or before stop working: `before` is the next
-    whole second, so a token minted once the reply came (and the clock passed `before`) works."""
     if cmd.role != "admin":
         raise Forbidden("only an admin token may revoke tokens")
     if not valid_id(cmd.target):
         raise Invalid("bad user id")
-    before = now_us // 1_000_000 + 1
+    before = revocation_cut_off(now_us)
     stored = get_u64(tables, "revoked", cmd.target.encode())
     if stored >= before:  # revoked up to a later second already (a clock set back)
         return [], {"user": cmd.target, "before": stored}
