@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,20 +51,21 @@ class ProgressBar:
         self._last_draw = 0.0
         self._drawn = False
 
-    def __call__(self, done: int) -> None:
-        """Record `done` items processed; redraw at most PROGRESS_HZ times a second."""
+    def __call__(self, done: int, total: int | None = None) -> None:
+        """Record `done` items processed (of `total`, if it is known only now); redraw at most
+        PROGRESS_HZ times a second."""
         if not self.enabled:
             return
+        if total is not None:
+            self.total = total
         now = time.monotonic()
         if now - self._last_draw < 1 / PROGRESS_HZ and done != self.total:
             return
         self._last_draw = now
         self._draw(done, now - self.started)
 
-    def _draw(self, done: int | None, elapsed: float) -> None:
-        if done is None:
-            line = f"{self.label} ... {elapsed:.1f}s"
-        elif self.total:
+    def _draw(self, done: int, elapsed: float) -> None:
+        if self.total:
             rate = f"{done / elapsed:,.0f}/s" if elapsed > 0 else ""
             frac = min(1.0, done / self.total)
             bar = "#" * int(frac * 30)
@@ -90,28 +90,6 @@ def progress_bar(label: str, total: int | None) -> Iterator[ProgressBar]:
     try:
         yield bar
     finally:
-        bar.close()
-
-
-@contextmanager
-def ticking(label: str) -> Iterator[None]:
-    """Redraw an elapsed-time line while a call that reports no progress runs (rebuild)."""
-    bar = ProgressBar(label, None)
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.wait(1 / PROGRESS_HZ):
-            bar._draw(None, time.monotonic() - bar.started)
-
-    thread = threading.Thread(target=tick, daemon=True) if bar.enabled else None
-    if thread is not None:
-        thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if thread is not None:
-            thread.join()
         bar.close()
 
 
@@ -345,16 +323,17 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         return 0
     _require_data_dir(args.data)  # refuse a directory that is not one, without creating it
     try:
-        store = Store.open(args.data)  # one of an older layout is rebuilt right here
+        with progress_bar("rebuild (new layout)", None) as bar:  # one of an older layout is
+            store = Store.open(args.data, on_rebuild=bar)
     except DataDirLocked as exc:
         who = "" if exc.holder is None else f" (process {exc.holder})"
         raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker{who}: "
                        "stop it first (`homing audit rebuild --check` is read-only)") from None
     try:
         started = time.perf_counter()
-        with ticking(f"rebuild {store.last_lsn():,} events"):
+        with progress_bar("rebuild", store.last_lsn()) as bar:
             try:
-                events = store.rebuild()
+                events = store.rebuild(bar)
             except StorageError as exc:  # the disk filled up: nothing was changed
                 raise CliError(EXIT_FAULT, "storage_error", f"rebuild failed, nothing "
                                f"changed: {exc}") from None

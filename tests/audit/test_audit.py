@@ -6,7 +6,9 @@ import base64
 import io
 import json
 import os
+import pty
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from storage.projections import APPLIED_LSN, key2
 from storage.records import lsn_key, pack_u64
 from storage.store import Store
 from tests.harness import running_broker
+from tests.procs import homing_cmd
+from tests.storage.test_layout import older_layout
 
 HOMING = str(Path(sys.executable).with_name("homing"))
 BINARY = bytes(range(250, 256)) + b"\0\1"
@@ -409,6 +413,32 @@ def test_progress_bar_draws_only_on_a_terminal():
         bar.close()
     assert "verify" in tty.getvalue() and "100%" in tty.getvalue()
     assert pipe.getvalue() == ""
+
+
+def test_audit_rebuild_draws_its_progress_on_a_terminal(tmp_path):
+    """`homing audit rebuild` on a terminal shows how far the replay got, of how many events:
+    first the rebuild its open makes of a directory of an older layout, then its own."""
+    last = older_layout(tmp_path / "data", 20_000)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run([*homing_cmd(), "audit", "rebuild", "--data", str(tmp_path / "data")],
+                              stdout=subprocess.PIPE, stderr=slave, timeout=60)
+    finally:
+        os.close(slave)
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the terminal's other end is closed: all read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["rebuilt"] == last
+    text = drawn.decode()
+    assert "rebuild (new layout) [" in text and f"/{last:,}" in text
+    assert "rebuild [" in text
 
 
 async def test_a_directory_older_than_layouts_is_outdated_and_rebuild_brings_it_up(
