@@ -15,7 +15,9 @@ line compares a commit of one sender's 16 sends with random cids and with the SD
 ones (broker.client.new_cid): pages and time per commit. Each group-commit line is followed by
 the same appenders through the same committer with a store that does no work (`NoWorkStore`):
 what the coordinator, its worker thread and the trio tasks cost alone, the most the durable
-figure could reach with a free store.
+figure could reach with a free store; and by the store alone (`store_alone`: `Store.execute`
+of batches of the same size, made beforehand, in a plain loop): the most it could reach with a
+free coordinator.
 Run `python -m bench.bench_storage [--events N] [--in-flight K]`. Each figure is the median of
 3 runs, each on a fresh temporary directory. The process sets up its cyclic GC as `homing serve`
 does (`broker.cli.tune_gc`), so the group-commit path runs as in the broker; `--python-gc`
@@ -151,6 +153,34 @@ def coordinator_alone(appenders: int = 64, per_appender: int = 500, in_flight: i
     return trio.run(_group_commit, NoWorkStore(), appenders, per_appender, in_flight)[0]
 
 
+def store_alone(batch: int, batches: int = 200, appenders: int = 64) -> float:
+    """Events/s of `Store.execute` alone, durable, no trio and no committer: batches of
+    `batch` sends made beforehand (untimed) as `appenders` appenders would have queued them, on
+    a fresh store after one untimed batch. With `coordinator_alone`, where a group-commit
+    run's time goes: the store's work and sync, and the hand-offs around it."""
+    cids = itertools.count()
+
+    def sends(n: int) -> list[SendMessage]:
+        out = []
+        for k in range(n):
+            ix = k % appenders
+            a, b = USERS[ix % 16], USERS[(ix % 16) ^ 1]
+            out.append(SendMessage(a, f"d{ix}", "user", f"{next(cids):012d}", BODY, to=b))
+        return out
+
+    with tempfile.TemporaryDirectory() as d:
+        store = Store.open(d)
+        try:
+            store.execute(sends(batch))
+            work = [sends(batch) for _ in range(batches)]
+            start = time.perf_counter()
+            for commands in work:
+                store.execute(commands)
+            return batch * batches / (time.perf_counter() - start)
+        finally:
+            store.close()
+
+
 def written_bytes() -> float:
     """Bytes this process has written with write calls so far (Linux's /proc/self/io `wchar`);
     NaN where that is not to be read."""
@@ -245,6 +275,9 @@ def main() -> None:
         alone = median(coordinator_alone, 64, args.per_appender * in_flight, in_flight)
         print(f"group commit, {label}, coordinator alone (a store that does no work): "
               f"{alone:,.0f} events/s")
+        alone = median(store_alone, 64 * in_flight, max(10, 64_000 // (64 * in_flight)))
+        print(f"group commit, {label}, store alone (Store.execute of {64 * in_flight:,}-send "
+              f"batches in a plain loop, durable): {alone:,.0f} events/s")
     bursts: dict[str, list[tuple[float, float]]] = {"random": [], "ordered": []}
     for _ in range(RUNS):  # alternating, so drift over the minute hits both alike
         for cids, results in bursts.items():

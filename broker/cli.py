@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import base64
 import errno
+import functools
 import json
 import math
 import os
 import random
 import signal
+import socket
 import ssl
 import stat
 import sys
@@ -91,11 +93,8 @@ def body_fields(body: str | bytes | None) -> dict[str, Any]:
 # -- serve and token ---------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from broker import listen
     from broker.logs import configure
-    from broker.sdnotify import Notifier
-    from storage.errors import DataDirLocked
-    from storage.rules import Limits
-    from storage.store import Store
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise CliError(EXIT_USAGE, "usage", "--tls-cert and --tls-key go together")
@@ -119,6 +118,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except (OSError, ssl.SSLError) as exc:
             raise CliError(EXIT_USAGE, "usage", f"--tls-cert {cfg.tls_cert} / --tls-key "
                            f"{cfg.tls_key}: {exc.strerror or exc}") from None
+    try:  # first, so that a port taken (or not ours) fails the start having made nothing
+        sockets = listen.bind(cfg.host, cfg.port)
+    except OSError as exc:
+        raise _cannot_listen(cfg, exc) from None
+    try:
+        return _serve_bound(cfg, sockets)
+    finally:
+        listen.close(sockets)  # never listened on, or closed already by the broker
+
+
+def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
+    """`homing serve` once its address is bound: open the store, serve until stopped."""
+    from broker.sdnotify import Notifier
+    from storage.errors import DataDirLocked
+    from storage.rules import Limits
+    from storage.store import Store
+
     notifier = Notifier.from_environ()
     if notifier is not None:  # a layout change rebuilds the projections before serving
         notifier.notify(STATUS=f"opening {cfg.data_dir}")
@@ -137,16 +153,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "data_dir", f"cannot use {cfg.data_dir}: "
                        f"{exc.strerror or exc}") from None
     try:
-        trio.run(_serve, cfg, store, notifier)
+        trio.run(_serve, cfg, store, notifier, sockets)
     except BaseExceptionGroup as group:
         failed = _listen_error(group)
         if failed is None:
             raise
-        raise CliError(EXIT_USAGE, "listen", f"cannot listen on {cfg.host}:{cfg.port}: "
-                       f"{failed.strerror or failed}") from None
+        raise _cannot_listen(cfg, failed) from None
     finally:
         store.close()
     return 0
+
+
+def _cannot_listen(cfg: Config, exc: OSError) -> CliError:
+    return CliError(EXIT_USAGE, "listen", f"cannot listen on {cfg.host}:{cfg.port}: "
+                                          f"{exc.strerror or exc}")
 
 
 REBUILD_REPORT_S = 5.0  # at most one projections_rebuild_progress line (and notice) this often
@@ -182,8 +202,9 @@ def _rebuild_reporter(notifier: Notifier | None):
 
 
 def _listen_error(group: BaseExceptionGroup) -> OSError | None:
-    """The error of opening the listening socket (port taken, not permitted, no such address)
-    inside what `trio.run` raised, or None if it is something else."""
+    """The error of listening (port taken, not permitted, no such address) inside what
+    `trio.run` raised, or None if it is something else: the address was bound before the
+    store opened, but another process may have bound it too meanwhile and listened first."""
     match, _ = group.split(lambda e: isinstance(e, OSError) and e.errno in (
         errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL))
     while isinstance(match, BaseExceptionGroup):
@@ -213,12 +234,13 @@ def _serve_config(args: argparse.Namespace) -> Config:
     )
 
 
-async def _serve(cfg: Config, store: Any, notifier: Notifier | None) -> None:
+async def _serve(cfg: Config, store: Any, notifier: Notifier | None,
+                 sockets: list[socket.socket]) -> None:
     from broker.server import Broker
 
     broker = Broker(cfg, store, notifier)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(broker.serve)
+        nursery.start_soon(functools.partial(broker.serve, sockets=sockets))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:
                 broker.shutdown()
@@ -511,6 +533,13 @@ async def do_revoke(client, args) -> None:
     # A token minted before the clock passes `before` is revoked too: return once it has (a
     # second at most on the broker's own clock, where `homing token` runs).
     await trio.sleep(min(1.0, max(0.0, before - time.time())))
+    ahead = before - time.time()
+    if ahead > 0:  # a cut-off logged earlier, while a clock ran ahead: say how long it holds
+        warn("revoked_ahead", f"tokens of {args.user} issued before "
+             f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(before))} ({math.ceil(ahead)} s "
+             f"from now by this host's clock) are refused, also those minted until then: an "
+             f"earlier revocation holds that cut-off (a clock that ran ahead then, or runs "
+             f"behind here)")
     emit({"user": args.user, "before": before})
 
 

@@ -16,7 +16,7 @@ What it promises:
 - Requests that are not safe to repeat (`create`) fail with `ConnectionLost` on a drop.
 - Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse
-  raises ClientError "invalid" at once, unsent.
+  raises ClientError "invalid" unsent: at once when connected, else as the reconnect sends it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import socket
 import ssl
 import time
 from collections import deque
@@ -89,6 +90,19 @@ class NotTrusted(ConnectionLost):
 class NotTls(ConnectionLost):
     """We asked for TLS and the broker answered in the clear (it serves plaintext on that port):
     retrying would not change that, so the client stops at once."""
+
+
+class UnknownHost(ConnectionLost):
+    """The broker's host name does not exist (the resolver said so: no such name, not a
+    resolver that failed to answer) when the client first connects: a typo in the address,
+    which retrying would not fix, so the client stops at once. Once it was connected, a name
+    that stops resolving is an outage like any other and is tried again."""
+
+
+# The resolver's answers that a name does not exist, as against one it could not get
+# (EAI_AGAIN, EAI_FAIL: a DNS server down or slow), which may pass and is tried again.
+_NO_SUCH_NAME = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
+                          if hasattr(socket, name))
 
 
 # OpenSSL's reasons for a reply that is not TLS at all (a plaintext server's bytes).
@@ -397,10 +411,18 @@ class Client:
             conn.max_body_bytes = welcome.max_body
         self.welcome, self.user = welcome, welcome.user
         self._last_rx = time.monotonic()
+        if welcome.head < self._yielded:
+            # The inbox went back: the broker was restored from a backup (or serves another
+            # data directory). Its cursor is the truth now: start from what it says this device
+            # acked, or its new entries, at inbox_seqs this client saw before, would be dropped
+            # as seen, and the ack of what it had would skip them.
+            self._yielded = self._acked = welcome.acked
         self._yielded = max(self._yielded, welcome.acked)
         flushed: list[_Request] = []
         try:
             async with self._send_lock:
+                if self._closed:  # closed while we connected: serve nothing
+                    raise ClientClosed("the client is closed")
                 # Published under the lock, with the pending requests looked at in the same
                 # step: one made before is sent here (it saw no connection), one made after
                 # waits for the lock and sends itself. Neither is sent twice.
@@ -419,7 +441,13 @@ class Client:
                             req.error = _refusal(exc) or exc
                             req.event.set()
                 if out:
-                    await stream.send_all(b"".join(out))
+                    data = b"".join(out)
+                    # Bounded as every other write: a broker that stops reading right after
+                    # its welcome must not hold the connection task (and every request).
+                    with trio.move_on_after(WRITE_STALL_S + len(data) / SLOWEST_LINK_BPS) as st:
+                        await stream.send_all(data)
+                    if st.cancelled_caught:
+                        raise ConnectionLost("the broker did not take the resend")
         except BaseException:  # cancelled, or the new connection broke: do not keep it
             self._stream = self._conn = None
             # The requests not to be repeated that this resend carried may have gone out.
@@ -436,12 +464,13 @@ class Client:
         _fail_requests([r for r in self._pending.values() if not r.resend and r.sent],
                        ConnectionLost, DROPPED)
 
-    async def _try_connect(self, left: float | None) -> BaseException | None:
+    async def _try_connect(self, left: float | None, first: bool) -> BaseException | None:
         """Connect once, within `left` seconds (None: CONNECT_TIMEOUT_S); the error to retry
         after, or None when connected.
 
         Refusals that will not change by retrying (unauthorized, unsupported version, limits,
-        a broker certificate our TLS context does not trust) are raised.
+        a broker certificate our TLS context does not trust, and on the `first` connection a
+        host name that does not exist) are raised.
         """
         limit = CONNECT_TIMEOUT_S if left is None else max(MIN_ATTEMPT_S, min(CONNECT_TIMEOUT_S,
                                                                               left))
@@ -454,6 +483,9 @@ class Client:
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                 wire.ProtocolError, ConnectionLost) as exc:
             cause = exc.__cause__ if str(exc) == "" and exc.__cause__ is not None else exc
+            if first and isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME:
+                raise UnknownHost(f"cannot reach {self.host}:{self.port}: no such host "
+                                  f"({cause.strerror or cause})") from None
             if isinstance(cause, ssl.SSLCertVerificationError):
                 raise NotTrusted(f"TLS: the broker's certificate is not trusted: "
                                  f"{cause.verify_message or cause}") from None
@@ -487,8 +519,8 @@ class Client:
         told = False  # on_unreachable called for this outage
         while not self._closed:
             try:
-                error = await self._try_connect(self._time_left(started))
-            except (ClientError, NotTrusted, NotTls) as exc:
+                error = await self._try_connect(self._time_left(started), first)
+            except (ClientError, NotTrusted, NotTls, UnknownHost) as exc:
                 self._fail(exc)
                 if first:
                     task_status.started()
@@ -508,6 +540,8 @@ class Client:
                 await trio.sleep(pause if left is None else min(pause, left))
                 delay = min(delay * 2, 2.0)
                 continue
+            if self._closed or self._stream is None:  # closed as the connection opened
+                return
             if first:
                 task_status.started()
                 first = False

@@ -199,16 +199,19 @@ def on_revoke(session: Session, f: wire.Revoke) -> Any:
 
     The target's sessions whose tokens it covers are ended now, and hello refuses such tokens
     while it commits (`Broker.revoking`), so nothing done with them is logged after it: what
-    they sent before is queued ahead of it. The cut-off is the rules' own for this moment; the
-    commit's, a moment later, may be a second later still, and is applied again once durable.
-    The asking session, should it revoke its own user, ends after its reply. Only an admin's
-    request does anything before the commit: the rules refuse the others.
+    they sent before is queued ahead of it (their own sends' pending ack too). The cut-off is
+    the rules' own for this moment, and the command carries it: the commit logs the cut-off
+    the broker enforced, not one a second later should the batch start after a second turned
+    (a token minted in between would be let in, then covered by what is logged). The asking
+    session, should it revoke its own user, ends after its reply. Only an admin's request does
+    anything before the commit: the rules refuse the others.
     """
     command = cmd.RevokeTokens(session.user, session.device, session.role, f.user)
     if session.role != "admin":
         return _command(session, f.id, command, _revoked)
     broker = session.broker
     cut = revocation_cut_off(time.time_ns() // 1000)
+    command = command._replace(before=cut)  # logged as enforced from now
     broker.revoking.setdefault(f.user, []).append(cut)
     ended = _end_revoked(session, f.user, cut)
     return _command(session, f.id, command, lambda s, request_id, r: _revoked(
@@ -221,6 +224,8 @@ def _end_revoked(session: Session, user: str, cut: int) -> int:
     ended = 0
     for other in session.broker.hub.sessions(user):
         if other is not session and other.issued < cut:
+            if session.broker.own_acks.pop(other, False) is None:
+                other.flush_own_ack()  # logged ahead of the revocation, not after it
             other.token_revoked()
             ended += 1
     return ended

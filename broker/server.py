@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import secrets
+import socket
 import ssl
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any
 import trio
 
 import protocol as wire
-from broker import tokens
+from broker import listen, tokens
 from broker.committer import Committer
 from broker.config import Config
 from broker.errors import CloseReason
@@ -335,8 +336,12 @@ class Broker:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections until `shutdown`; then drain, commit and return."""
+    async def serve(self, *, sockets: list[socket.socket] | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections until `shutdown`; then drain, commit and return.
+
+        `sockets`: bound, not yet listening (broker/listen.py), as `homing serve` binds them
+        before it opens the store; None: bind the configured host and port here."""
         cfg = self.config
         async with trio.open_nursery() as outer:
             await outer.start(self.committer.serve)
@@ -346,7 +351,10 @@ class Broker:
                 outer.start_soon(report_stats, self, cfg.stats_interval_s)
             async with trio.open_nursery() as connections:
                 with trio.CancelScope() as self._listen_scope:
-                    listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                    if sockets is None:
+                        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+                    else:
+                        listeners = listen.listen(sockets)
                     if cfg.tls_cert:
                         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                         ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))

@@ -123,12 +123,15 @@ class SetMute(NamedTuple):
 
 
 class RevokeTokens(NamedTuple):
-    """Revoke every token of `target` issued up to now (an admin's command)."""
+    """Revoke every token of `target` issued before `before` (Unix seconds), an admin's command.
+    The broker passes the cut-off it enforced as it read the request; None takes the rules'
+    cut-off for the batch's time (`rules.revocation_cut_off`)."""
 
     user: str
     device: str
     role: str
     target: str
+    before: int | None = None
 
 
 Command = (SendMessage | CreateConv | Invite | SetRole | Join | Leave | Remove | Ack | MarkRead

@@ -364,7 +364,11 @@ def _revoke_tokens(tables: Tables, cmd: c.RevokeTokens, now_us: int, limits: Lim
         raise Forbidden("only an admin token may revoke tokens")
     if not valid_id(cmd.target):
         raise Invalid("bad user id")
-    before = revocation_cut_off(now_us)
+    before = cmd.before
+    if before is None:
+        before = revocation_cut_off(now_us)
+    elif type(before) is not int or not 0 < before < 1 << 63:
+        raise Invalid("bad revocation cut-off")
     stored = get_u64(tables, "revoked", cmd.target.encode())
     if stored >= before:  # revoked up to a later second already (a clock set back)
         return [], {"user": cmd.target, "before": stored}

@@ -12,6 +12,7 @@ from bench.bench_storage import (
     coordinator_alone,
     group_commit,
     service_burst,
+    store_alone,
     written_bytes,
 )
 from bench.disk import describe, synced_writes
@@ -58,3 +59,8 @@ def test_the_coordinator_alone_takes_every_event_through_the_committer():
     rate, stall, events, _ = trio.run(_group_commit, store, 8, 40, 4)
     assert store.last_lsn() == 320 and rate > 0 and stall >= 0 and 1 <= events <= 32
     assert coordinator_alone(8, 40, 4) > 0
+
+
+def test_the_store_alone_executes_every_batch_durably():
+    """Batches of 16 sends through `Store.execute` alone (each a durable commit): a rate."""
+    assert store_alone(16, batches=5, appenders=8) > 0

@@ -315,7 +315,8 @@ def test_a_token_signed_with_a_new_secret_is_flagged_and_refused_with_a_hint(bro
 
 def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
     """A port in use, a TLS pair that does not load, a data directory that cannot be made:
-    one JSON error on stderr and exit 2, not a traceback; nothing created for a bad TLS pair."""
+    one JSON error on stderr and exit 2, not a traceback; nothing created for a port in use or
+    a bad TLS pair."""
     import socket
 
     taken = socket.socket()
@@ -326,7 +327,17 @@ def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
         proc = homing("serve", "--data", str(tmp_path / "a"), "--port", str(port), check=False,
                       timeout=20)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "listen"
+    assert json.loads(proc.stderr.strip().splitlines()[-1]) == {
+        "error": "listen", "code": 0,
+        "message": f"cannot listen on 127.0.0.1:{port}: Address already in use"}
+    assert not (tmp_path / "a").exists()  # bound first: nothing made (it made DIR and secret)
+    # A --host that does not resolve: the same error (it was a traceback, after making DIR).
+    proc = homing("serve", "--data", str(tmp_path / "a"), "--host", "no-such-host.invalid",
+                  check=False, timeout=30)
+    err = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 2 and err["error"] == "listen", proc.stderr
+    assert err["message"].startswith("cannot listen on no-such-host.invalid:7717: ")
+    assert not (tmp_path / "a").exists()
 
     proc = homing("serve", "--data", str(tmp_path / "b"), "--tls-cert", str(tmp_path / "no.pem"),
                   "--tls-key", str(tmp_path / "no.key"), check=False, timeout=20)

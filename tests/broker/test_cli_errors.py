@@ -7,6 +7,7 @@ import json
 import os
 import select
 import shlex
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -202,6 +203,26 @@ def test_listen_exits_3_when_the_broker_is_gone_for_good(tmp_path):
     *warnings, error = [json.loads(line) for line in err.splitlines()]
     assert out == "" and error["error"] == "unreachable"
     assert [w["warning"] for w in warnings] == ["retrying"]  # said once, while it tried
+
+
+def test_a_server_name_that_does_not_exist_fails_at_once():
+    """`--server` naming a host that does not exist is a typo to fix: exit 3 `unreachable` at
+    once, saying so, with no `retrying` warning (it used to try for the whole
+    --connect-timeout, 30 s)."""
+    try:
+        socket.getaddrinfo("no-such-host.invalid", 7717)
+    except socket.gaierror as exc:
+        if exc.errno != socket.EAI_NONAME:
+            pytest.skip("the resolver does not say no-such-host.invalid is unknown")
+    started = time.monotonic()
+    proc = homing("send", "--to", "bob", "hi",
+                  env={"HOMING_SERVER": "no-such-host.invalid:7717",
+                       "HOMING_TOKEN": "v1.any.token"}, check=False)
+    assert time.monotonic() - started < 10
+    assert proc.returncode == 3
+    err = error_of(proc)
+    assert err["error"] == "unreachable"
+    assert err["message"].startswith("cannot reach no-such-host.invalid:7717: no such host")
 
 
 def test_a_command_started_before_its_broker_says_it_waits_then_succeeds(tmp_path):

@@ -9,12 +9,13 @@ import os
 import random
 import signal
 import socket
+import time
 import warnings
 
 import pytest
 import trio
 
-from broker.client import ClientClosed, ClientError, ConnectionLost, open_client
+from broker.client import ClientClosed, ClientError, ConnectionLost, UnknownHost, open_client
 from tests.harness import running_broker
 from tests.procs import BrokerProcess
 
@@ -434,4 +435,209 @@ async def test_leaving_open_client_during_a_stalled_write_is_clean(tmp_path):
                 os.kill(bp.pid, signal.SIGCONT)
     finally:
         os.kill(bp.pid, signal.SIGCONT)
+        bp.kill()
+
+
+NO_SUCH_HOST = "no-such-host.invalid"  # RFC 2606: a name that never resolves
+
+
+def _resolver_says_no_such_name() -> bool:
+    """Whether this machine's resolver answers, promptly, that NO_SUCH_HOST does not exist (a
+    machine without a reachable DNS server may only say it could not ask: EAI_AGAIN)."""
+    started = time.monotonic()
+    try:
+        socket.getaddrinfo(NO_SUCH_HOST, 7717)
+    except socket.gaierror as exc:
+        return exc.errno == socket.EAI_NONAME and time.monotonic() - started < 2
+    return False
+
+
+needs_resolver = pytest.mark.skipif(not _resolver_says_no_such_name(),
+                                    reason=f"the resolver does not say {NO_SUCH_HOST} is unknown")
+
+
+@needs_resolver
+async def test_a_host_name_that_does_not_exist_stops_the_first_connect_at_once():
+    """A mistyped broker name is a setting to fix, not an outage: `open_client` raises
+    UnknownHost (a ConnectionLost, naming the address) at once, instead of trying for the whole
+    reconnect timeout (30 s by default) as it did before."""
+    told: list[str] = []
+    with trio.fail_after(10):
+        started = trio.current_time()
+        with pytest.raises(UnknownHost) as refused:
+            async with open_client(f"{NO_SUCH_HOST}:7717", "v1.any.token", "d",
+                                   reconnect_timeout=30, on_unreachable=told.append):
+                raise AssertionError("connected to a host that does not exist")
+    assert trio.current_time() - started < 5
+    assert isinstance(refused.value, ConnectionLost)
+    assert f"cannot reach {NO_SUCH_HOST}:7717: no such host" in str(refused.value)
+    assert told == []  # no "retrying": it does not go on trying
+
+
+@needs_resolver
+async def test_a_host_name_that_stops_resolving_after_a_connection_is_an_outage(tmp_path):
+    """Once connected, a name that stops resolving (a DNS record being replaced) is retried
+    like a broker that is down: the client says so once and goes on when it resolves again."""
+    told: list[str] = []
+    async with running_broker(tmp_path / "data") as h:
+        async with h.client("alice", on_unreachable=told.append) as alice:
+            await alice.send("first", to="bob")
+            with trio.fail_after(20):
+                alice.host = NO_SUCH_HOST  # as if the name stopped resolving
+                await trio.aclose_forcefully(alice._stream)  # drop: it reconnects by name
+                while not told:
+                    await trio.sleep(0.01)
+                alice.host = "127.0.0.1"
+                assert (await alice.send("second", to="bob")).seq == 2
+    assert len(told) == 1 and "no such host" not in told[0], told
+    assert told[0].startswith(f"cannot reach {NO_SUCH_HOST}:")
+    assert alice.reconnects == 1
+
+
+# A review of the connection life cycle (2026-12-04, night) found the defects below.
+
+def _resending(client) -> bool:
+    """Whether the client reconnected and writes its resend under the send lock (the new
+    connection published, `connected` not yet set)."""
+    return (client._stream is not None and client._send_lock.locked()
+            and not client.connected.is_set())
+
+
+async def test_leaving_open_client_while_the_reconnect_resends_is_quiet(tmp_path):
+    """Leaving `open_client` while the reconnect wrote the acks made while disconnected: aclose
+    took the new connection away and the connection task then read from no connection, an
+    AttributeError out of `open_client`. Now the task ends as the client closed."""
+    tries = 20  # the window is a few scheduling steps wide: drop until one is caught in it
+    async with running_broker(tmp_path / "d") as h:
+        async with h.client("alice", "a") as alice:
+            for i in range(tries):
+                await alice.send(f"hi {i}", to="bob")
+        with trio.fail_after(60):
+            async with h.client("bob", "b") as bob:
+                seqs = [(await bob.deliveries().receive()).inbox_seq for _ in range(tries)]
+                for seq in seqs:
+                    was = bob.connected
+                    await trio.aclose_forcefully(bob._stream)  # a drop; it reconnects
+                    while bob.connected is was:
+                        await trio.sleep(0)
+                    await bob.ack(seq)  # made while disconnected: goes with the reconnect
+                    while not _resending(bob) and not bob.connected.is_set():
+                        await trio.sleep(0)
+                    if _resending(bob):
+                        break  # leave the block now
+                else:
+                    pytest.fail(f"no reconnect caught writing its resend in {tries} drops")
+
+
+async def test_a_client_closed_while_it_reconnects_opens_no_session(tmp_path):
+    """`aclose()` during a reconnect's handshake: the client went on and served a session
+    (online for its peers, holding the device) until the `open_client` block ended. Now the
+    connection that completes after the close is closed, unused."""
+    async with running_broker(tmp_path / "d") as h:
+        with trio.fail_after(20):
+            async with h.client("bob", "b") as bob:
+                await bob.ping()
+                was = bob.connected
+                await trio.aclose_forcefully(bob._stream)
+                while bob.connected is was:
+                    await trio.sleep(0)
+                while h.broker.handshaking < 1:  # its next attempt reached the broker
+                    await trio.sleep(0)
+                await bob.aclose()
+                await trio.sleep(0.5)
+                assert not h.broker.hub.online("bob"), "a closed client holds a session"
+                assert bob._stream is None
+
+
+async def test_a_resend_the_broker_does_not_read_is_bounded_like_any_write(tmp_path,
+                                                                         monkeypatch):
+    """The reconnect's resend was written with no time bound, before the heartbeat starts: a
+    broker that stopped reading right after its welcome (SIGSTOP) held the connection task,
+    and every request, for ever. It is bounded now as every write is (WRITE_STALL_S plus its
+    time at SLOWEST_LINK_BPS, shortened here), and giving up comes with the reconnect timeout."""
+    from broker import client as sdk
+
+    monkeypatch.setattr(sdk, "WRITE_STALL_S", 1.0)
+    monkeypatch.setattr(sdk, "SLOWEST_LINK_BPS", 64 * 1024 * 1024)
+    monkeypatch.setattr(sdk, "CONNECT_TIMEOUT_S", 1.0)
+    body = "x" * 15_000_000  # more than the loopback socket buffers hold
+    bp = BrokerProcess(tmp_path / "data", "--max-body-bytes", "16000000",
+                       "--max-frame-bytes", "32000000")
+    bp.start()
+    try:
+        async with bp.client("alice", reconnect_timeout=2.0) as alice:
+            await alice.ping()
+            bp.kill()
+            with trio.fail_after(10):
+                while alice._stream is not None:  # the client saw the drop
+                    await trio.sleep(0.01)
+            outcome: list = []
+
+            async def send() -> None:
+                try:
+                    outcome.append(await alice.send(body, to="bob"))
+                except ConnectionLost as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(send)  # pending: it goes out with the reconnect's resend
+                await trio.sleep(0.1)
+                bp.spawn()
+                with trio.fail_after(15):
+                    while not (alice._stream is not None and alice._send_lock.locked()):
+                        await trio.sleep(0)
+                os.kill(bp.pid, signal.SIGSTOP)  # welcome sent; the broker reads no more
+                with trio.move_on_after(20):  # the write ~1.3 s, then 2 s of attempts
+                    while not outcome:
+                        await trio.sleep(0.1)
+                assert outcome, "the send still waits after 20 s"
+                n.cancel_scope.cancel()
+            assert isinstance(outcome[0], ConnectionLost), outcome
+    finally:
+        if bp.alive():
+            os.kill(bp.pid, signal.SIGCONT)
+        bp.kill()
+
+
+async def test_deliveries_after_a_restore_from_a_backup_are_not_dropped(tmp_path):
+    """A service stays connected while the broker is restored from a backup (stop, put the
+    copy in place, start): the restored inbox is shorter, and its new entries take inbox_seqs
+    the client had seen, which it dropped as seen (lost to the application, for good once it
+    acked a later one). Now a welcome whose inbox head is below them starts the client over
+    from the restored cursor."""
+    import shutil
+
+    from tests.procs import homing
+
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    try:
+        async with bp.client("alice", "a", reconnect_timeout=60) as alice, \
+                bp.client("bob", "b", reconnect_timeout=60) as bob:
+            await alice.send("before-backup", to="bob")
+            d = await bob.deliveries().receive()
+            await bob.ack(d.inbox_seq)
+            await bob.ping()
+            dest = tmp_path / "backup"
+            await trio.to_thread.run_sync(homing, "backup", str(dest), "--data", str(bp.data))
+            for i in range(3):
+                await alice.send(f"after-backup-{i}", to="bob")
+                d = await bob.deliveries().receive()
+                await bob.ack(d.inbox_seq)
+            await bob.ping()
+            bp.kill()  # restore: stop, put the copy in place, start
+            shutil.move(bp.data, tmp_path / "data-aside")
+            shutil.move(dest, bp.data)
+            await bp.astart()
+            with trio.fail_after(20):
+                await alice.ping()
+                await bob.ping()  # both reconnected to the restored broker
+            sent = [await alice.send(f"after-restore-{i}", to="bob") for i in range(2)]
+            got = []
+            with trio.move_on_after(5):
+                while len(got) < len(sent):
+                    got.append((await bob.deliveries().receive()).body)
+            assert got == ["after-restore-0", "after-restore-1"], (got, bob._yielded)
+            assert [r.seq for r in sent] == [2, 3]  # the inbox_seqs bob had seen before
+    finally:
         bp.kill()

@@ -142,3 +142,99 @@ async def test_an_admin_revoking_their_own_user_gets_the_answer_then_is_ended(tm
         proc = await trio.to_thread.run_sync(lambda: homing("revoke", "root", env=env))
         [line] = lines(proc)
         assert line["user"] == "root" and line["before"] <= time.time()
+
+
+# A review of the revocation (2026-12-04, night) found the cases below.
+
+async def _until_second_starts() -> int:
+    """Sleep to just after the start of the next wall-clock second; return that second."""
+    now = time.time()
+    await trio.sleep(int(now) + 1.05 - now)
+    return int(time.time())
+
+
+async def test_a_slow_commit_logs_the_cut_off_the_broker_enforced(harness):
+    """The handler enforced the cut-off of the moment it read `revoke`; the commit logged its
+    own, of the moment its batch started. A commit stalled past a second (here another write
+    transaction holds LMDB's write lock for 2.5 s) let hello admit a token minted in between,
+    its send was queued behind the revocation, and the logged cut-off covered that token: a
+    revoked token's message after the revocation. The command carries the enforced cut-off."""
+    store = harness.broker.store
+    with trio.fail_after(30):
+        async with harness.client("alice") as alice, \
+                harness.client("ops", role="admin") as ops:
+            s = await _until_second_starts()
+            answered: list[int] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync,
+                                   store._env.write, lambda txn: time.sleep(2.5))
+                await trio.sleep(0.05)
+                nursery.start_soon(lambda: alice.send("stuck", to="bob"))  # waits for the lock
+                await trio.sleep(0.05)
+
+                async def revoke() -> None:
+                    answered.append(await ops.revoke_tokens("bob"))
+
+                nursery.start_soon(revoke)
+                await trio.sleep(time.time() // 1 + 1.1 - time.time())  # into second s + 1
+                fresh = harness.token("bob")  # issued in s + 1, after the revoke was read
+                assert int(time.time()) == s + 1
+
+                async def send() -> None:
+                    async with open_client(harness.server, fresh, "phone") as bob:
+                        await bob.send("after the revoke", to="alice", cid="late")
+
+                nursery.start_soon(send)
+    events = list(audit.iter_events(store))
+    [revoked] = [e for e in events if e.type == "tokens.revoked"]
+    assert answered == [revoked.data["before"]] == [s + 1]  # the second it was read in
+    late = [e for e in events if e.type == "message.accepted" and e.user == "bob"]
+    assert [e.lsn > revoked.lsn for e in late] == [True]  # the fresh token's, not covered
+
+
+async def test_no_event_of_a_revoked_device_is_logged_after_the_revocation(harness):
+    """The durable ack of a device's own sends (flushed every so often, or as its session
+    ends) was logged for the revoked device after the revocation; it is queued ahead of it."""
+    store = harness.broker.store
+    with trio.fail_after(30):
+        async with harness.client("alice"), harness.client("ops", role="admin") as ops:
+            with pytest.raises(ClientError):
+                async with harness.client("bob", "phone") as bob:
+                    await bob.send("hello", to="alice", cid="c1")
+                    await trio.sleep(0.02)  # its own send passes its cursor (ack pending)
+                    await ops.revoke_tokens("bob")
+                    await bob.conversations()
+            await trio.sleep(0.5)  # the broker's next round of own acks
+    events = list(audit.iter_events(store))
+    [revoked] = [e for e in events if e.type == "tokens.revoked"]
+    bobs = [(e.lsn, e.type) for e in events if e.user == "bob"]
+    assert [lsn for lsn, _ in bobs if lsn > revoked.lsn] == [], bobs
+    assert ("delivery.acked" in {t for _, t in bobs}), bobs  # logged, before it
+
+
+def test_homing_revoke_warns_when_the_cut_off_is_still_ahead_of_the_clock(tmp_path):
+    """An earlier revocation logged while the clock ran two minutes ahead holds a later
+    cut-off: `homing revoke` waits a second at most, prints that `before` and says on stderr
+    that tokens minted until then are refused (it returned in silence)."""
+    from broker import tokens
+    from storage import commands as cmd
+
+    data = tmp_path / "data"
+    store = Store.open(str(data))
+    store.execute([cmd.RevokeTokens("ops", "d1", "admin", "bob")],
+                  now_us=(int(time.time()) + 120) * 1_000_000)
+    store.close()
+    with BrokerProcess(data) as bp:
+        env = {"HOMING_SERVER": bp.server, "HOMING_TOKEN": bp.token("ops", "admin")}
+        started = time.time()
+        proc = homing("revoke", "bob", env=env)
+        assert time.time() - started < 10
+        [out] = lines(proc)
+        fresh = tokens.issue(bp.secret, "bob")
+        refused = homing("presence", "x", check=False, env={**env, "HOMING_TOKEN": fresh})
+    assert out["user"] == "bob" and out["before"] > time.time() + 100
+    [warning] = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert warning["warning"] == "revoked_ahead"
+    assert warning["message"].startswith("tokens of bob issued before ")
+    assert " s from now by this host's clock) are refused" in warning["message"]
+    assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "unauthorized"

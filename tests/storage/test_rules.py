@@ -246,6 +246,26 @@ def test_revoking_tokens_takes_an_admin_and_moves_the_cut_off_forward_only(store
     assert store.revoked_before("bob") == 1_700_000_061 and store.last_lsn() == lsn + 1
 
 
+def test_a_revocation_carrying_its_cut_off_logs_that_one(store):
+    """The broker passes the cut-off it enforced as it read the request: the rules log that
+    one, not their own for the (later) batch time; it moves forward only, and a cut-off that
+    is not a positive int is refused."""
+    def revoke(before, now_s: float = 1_700_000_005.5):
+        (out,) = store.execute([RevokeTokens("ops", "d1", "admin", "bob", before)],
+                               now_us=int(now_s * 1_000_000))
+        return out
+
+    out = revoke(1_700_000_003)
+    assert out.reply == {"user": "bob", "before": 1_700_000_003} and out.error is None
+    [ev] = store.read_events(store.last_lsn())
+    assert ev.type == "tokens.revoked" and ev.data == {"user": "bob", "before": 1_700_000_003}
+    assert store.revoked_before("bob") == 1_700_000_003
+    assert revoke(1_700_000_002).reply["before"] == 1_700_000_003  # never backwards
+    for bad in (0, -1, 1 << 63, 1.5, "1700000009", True):
+        assert isinstance(revoke(bad).error, Invalid), bad
+    assert store.revoked_before("bob") == 1_700_000_003
+
+
 def test_history_paging(store):
     """History pages newest first with `before` and oldest first with `after`."""
     for i in range(5):
