@@ -171,6 +171,9 @@ def quietly(func):
         try:
             with quiet_logs():
                 return func(args)
+        except CorruptLog as exc:
+            raise CliError(EXIT_FAULT, "corrupt_log", f"{exc} (`homing audit verify` "
+                           "tells what is sound)") from None
         except BrokenPipeError:
             # `homing audit export | head`: the reader is gone; stop without a traceback, and
             # point stdout at /dev/null so the interpreter's final flush cannot fail again.
@@ -329,11 +332,15 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         who = "" if exc.holder is None else f" (process {exc.holder})"
         raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker{who}: "
                        "stop it first (`homing audit rebuild --check` is read-only)") from None
+    except (StorageError, OSError) as exc:
+        raise CliError(EXIT_USAGE, "no_data", f"cannot open {args.data}: {exc}") from None
     try:
         started = time.perf_counter()
         with progress_bar("rebuild", store.last_lsn()) as bar:
             try:
                 events = store.rebuild(bar)
+            except CorruptLog:
+                raise
             except StorageError as exc:  # the disk filled up: nothing was changed
                 raise CliError(EXIT_FAULT, "storage_error", f"rebuild failed, nothing "
                                f"changed: {exc}") from None

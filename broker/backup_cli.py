@@ -26,7 +26,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
     data, dest = Path(args.data), Path(args.dest).absolute()
     started = time.monotonic()
-    store = open_readonly(args.data)
+    try:
+        store = open_readonly(args.data)
+    except CliError as exc:
+        if exc.name != "outdated_layout":
+            raise
+        store = _LogOnly(args.data)  # a directory of another layout is copied all the same
     try:
         secret = _read_secret(data)
         _check_outside(dest, data)
@@ -46,6 +51,26 @@ def cmd_backup(args: argparse.Namespace) -> int:
           "bytes": (dest / "data.mdb").stat().st_size, "secret": secret is not None,
           "seconds": round(time.monotonic() - started, 3)})
     return 0
+
+
+class _LogOnly:
+    """The log of a data directory of another layout (tables missing), enough to copy it."""
+
+    def __init__(self, path: str) -> None:
+        from storage.lmdb_env import LmdbEnv
+        from storage.lmdb_log import LmdbLog
+
+        self._env = LmdbEnv(path, ["log"], readonly=True)
+        self._log = LmdbLog(self._env)
+
+    def backup(self, dest: str) -> int:
+        with self._env.read() as txn:
+            last = self._log.last_lsn_in(txn)
+            self._env.copy_to(dest, txn)
+        return last
+
+    def close(self) -> None:
+        self._env.close()
 
 
 def _read_secret(data: Path) -> bytes | None:
@@ -94,7 +119,8 @@ def _take_away(dest: Path, made: bool) -> None:
     """Remove what a failed backup wrote into `dest` (and `dest`, if it made it): no half copy
     is left to be taken for a backup."""
     for name in ("data.mdb", tokens.SECRET_FILE):
-        (dest / name).unlink(missing_ok=True)
+        if (dest / name).exists():  # never made (a read-only DEST): unlink would say EROFS
+            (dest / name).unlink()
     if made:
         dest.rmdir()
 

@@ -89,8 +89,12 @@ def _command_done(pending: Any) -> None:
 def _sent(session: Session, request_id: int, r: dict) -> wire.Result:
     # Its writer passes over it in the inbox without reading the log. An admin token may post
     # where it is no member: no inbox entry then, and the lsn would stay in the set for good.
-    if not r["dup"] and (session.role != "admin"
-                         or session.broker.store.role(r["conv"], session.user) is not None):
+    # Only a window's worth: the set only spares the log reads of entries the writer will pass
+    # over anyway (it tells them by sender and device), and a device whose window is full
+    # (it does not ack) would otherwise add one for each of its sends, for as long as it lives.
+    if (not r["dup"] and len(session.own_lsns) < session.window
+            and (session.role != "admin"
+                 or session.broker.store.role(r["conv"], session.user) is not None)):
         session.own_lsns.add(r["lsn"])
     return wire.Result(request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"])
 

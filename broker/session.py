@@ -136,6 +136,10 @@ class Session:
             return
         queued = len(self.out)  # the replies and pushes; `_collect` adds deliveries after them
         chunks = self._collect()
+        if self.sent < self.head and len(self.unacked) < self.window:
+            # One read gives at most INBOX_READ_BATCH entries, and the device's own sends take
+            # no window room: the window has room for more, so the writer goes on reading.
+            self._wake.set()
         if not chunks:
             return
         data = b"".join(chunks)
@@ -565,6 +569,8 @@ class Session:
                     self._scope.cancel()
                 return
             if self.sent < self.head and len(self.unacked) < self.window:
+                # A read of nothing but its own sends: read on, but let the others run first.
+                await trio.lowlevel.checkpoint()
                 continue
             await self._wake.wait()
             self._wake = trio.Event()

@@ -30,6 +30,7 @@ import msgpack
 
 from storage import native
 from storage import records as r
+from storage.errors import CorruptLog
 from storage.fold import fold
 from storage.log import verify_records
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
@@ -129,8 +130,11 @@ def iter_events(store: Store, flt: EventFilter | None = None,
                 progress: Progress = None) -> Iterator[Event]:
     """Yield the logged events passing `flt`, in LSN order, reading chunk by chunk."""
     flt = flt or EventFilter()
-    for _lsn, value in _raw(store, flt.from_lsn, flt.to_lsn, progress):
-        ev = decode_body(value[32:])
+    for lsn, value in _raw(store, flt.from_lsn, flt.to_lsn, progress):
+        try:
+            ev = decode_body(value[32:])
+        except Exception as exc:
+            raise CorruptLog(lsn, f"undecodable body: {exc}") from None
         if flt.matches(ev):
             yield ev
 
@@ -467,7 +471,10 @@ def stats(store: Store, data_dir: str | None = None, progress: Progress = None) 
     first = last = None
     first_lsn = last_lsn = 0
     for lsn, value in _raw(store, 1, None, progress):
-        ev = decode_body(value[32:])
+        try:
+            ev = decode_body(value[32:])
+        except Exception as exc:
+            raise CorruptLog(lsn, f"undecodable body: {exc}") from None
         count += 1
         log_bytes += 8 + len(value)
         by_type[ev.type] += 1

@@ -20,6 +20,7 @@ import msgpack
 
 from storage import native
 from storage import records as r
+from storage.errors import CorruptLog
 from storage.projections import (
     COMPILED,
     Effects,
@@ -80,7 +81,10 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
             if record is None:
                 break
         value = record[1]
-        fields = unpack(value[32:], raw=True)
+        try:
+            fields = unpack(value[32:], raw=True)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise CorruptLog(lsn + 1, f"undecodable body: {exc}") from None
         if fields[0] > last or fields[1] > until:
             break
         lsn, ts = fields[0], fields[1]

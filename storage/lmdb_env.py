@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -35,6 +36,7 @@ DEFAULT_MAP_SIZE = 1 << 30
 MAX_READERS = 1024
 MAX_DBS = 32
 LOCK_FILE = "homing.lock"
+READER_CHECK_S = 5.0  # how often a writer frees the slots of dead readers
 
 log = structlog.get_logger()
 
@@ -90,10 +92,24 @@ class LmdbEnv:
             self._release_dir_lock()
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
         except BaseException:
+            if hasattr(self, "env"):  # a table missing (MissingTables): do not leak the env
+                self.env.close()
             self._release_dir_lock()
             raise
+        self._readers_checked = 0.0
+        if not readonly:
+            self._check_readers()
         log.info("storage_opened", path=self.path, readonly=readonly,
                  map_size=self.env.info()["map_size"])
+
+    def _check_readers(self) -> None:
+        """Free the reader slots of processes that died in a read transaction (an audit or a
+        backup killed by a signal): LMDB keeps every page freed after their snapshot until
+        then, so the file would grow until the broker restarts."""
+        self._readers_checked = time.monotonic()
+        cleared = self.env.reader_check()
+        if cleared:
+            log.warning("storage_stale_readers_cleared", path=self.path, readers=cleared)
 
     def _open_db(self, name: str):
         if self.readonly:
@@ -182,6 +198,8 @@ class LmdbEnv:
         exception from `work` aborts the transaction and propagates.
         """
         with self._write_lock:
+            if time.monotonic() - self._readers_checked > READER_CHECK_S:
+                self._check_readers()
             while True:
                 txn = self.env.begin(write=True)
                 self._on_commit = []

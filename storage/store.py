@@ -562,7 +562,7 @@ class Store:
 
         def work(txn: lmdb.Transaction) -> int:
             mem = MemoryTables(listed=APPEND_ONLY if COMPILED else frozenset())
-            total = self._log.last_lsn_in(txn)
+            total = self._log.check_keys(txn)
             on_chunk = None if progress is None else (lambda done: progress(done, total))
             _lsn, _ts, count = fold(mem, txn.cursor(db=self._dbs["log"]), on_chunk=on_chunk)
             for table in TABLES:
