@@ -16,7 +16,7 @@ What it promises:
 - Requests that are not safe to repeat (`create`) fail with `ConnectionLost` on a drop.
 - Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse
-  raises ClientError "invalid" unsent: at once when connected, else as the reconnect sends it.
+  raises ClientError "invalid" at once, unsent (while disconnected: against the last welcome).
 """
 
 from __future__ import annotations
@@ -151,6 +151,9 @@ class Client:
         self.reconnect, self.reconnect_timeout = reconnect, reconnect_timeout
         self.on_unreachable = on_unreachable
         self.welcome: wire.Welcome | None = None
+        # The last welcome, and a connection opened with it that checks frames made while
+        # disconnected (`_check_offline`).
+        self._checker: tuple[wire.Welcome, wire.Connection] | None = None
         self.connected = trio.Event()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Request] = {}
@@ -199,6 +202,30 @@ class Client:
         if self._closed:
             raise ClientClosed("the client is closed")
 
+    def _check_offline(self, frame: Any) -> None:
+        """While disconnected: the checks a connection would make of `frame` (its fields, the
+        last welcome's body and frame limits), so that a request the broker would refuse is
+        refused now, as when connected, and not when the reconnect sends it."""
+        welcome = self.welcome
+        if welcome is None:
+            return
+        checker = self._checker
+        if checker is None or checker[0] is not welcome:
+            conn = wire.Connection(wire.Role.CLIENT, max_frame_bytes=wire.MAX_FRAME_LIMIT,
+                                   max_body_bytes=wire.MAX_FRAME_LIMIT)
+            conn.send(wire.Hello(versions=(welcome.version,), token="t", device="d"))
+            conn.receive_data(wire.encode_frame(wire.to_wire(welcome)))
+            conn.next_event()  # the welcome: the checker is open
+            conn.max_frame_bytes = welcome.max_frame
+            if welcome.max_body is not None:
+                conn.max_body_bytes = welcome.max_body
+            checker = self._checker = (welcome, conn)
+        try:
+            checker[1].send(frame)
+        except wire.LocalProtocolError as exc:
+            if (refusal := _refusal(exc)) is not None:
+                raise refusal from None
+
     async def _write_frame(self, frame: Any, req: _Request | None = None) -> bool:
         """Send now if connected; if not, the frame is (re)sent after the reconnect. True when
         it was written to a connection (the broker may have it, even if the write failed);
@@ -206,6 +233,7 @@ class Client:
         request that is not to be repeated rather than leave it waiting."""
         self._check_usable()
         if self._stream is None or self._conn is None:
+            self._check_offline(frame)
             return False
         try:
             data = self._conn.send(frame)

@@ -130,7 +130,7 @@ def on_send(session: Session, f: wire.Send) -> Any:
     return _command(session, f.id, command, _sent)
 
 
-def on_ack(session: Session, f: wire.Ack) -> None:
+def on_ack(session: Session, f: wire.Ack) -> Any:
     committer = session.broker.committer
     if committer.closing:
         if f.id is not None:
@@ -153,6 +153,9 @@ def on_ack(session: Session, f: wire.Ack) -> None:
                 session.reply_error(request_id, *wire_error(error))
 
         committer.when_acks_durable(session.user, session.device, answer)
+        if session.inflight >= session.broker.config.max_inflight_requests:
+            return session.wait_inflight()  # counted with the other requests awaiting commit
+    return None
 
 
 def on_read(session: Session, f: wire.Read) -> Any:

@@ -372,6 +372,8 @@ class Broker:
                         if self.notifier.watchdog_s is not None:
                             outer.start_soon(keep_watchdog, self.notifier, self.committer)
                     task_status.started(self.port)
+                    if self.stopping:  # shutdown() came before this scope could be cancelled
+                        self._listen_scope.cancel()
                     await trio.serve_listeners(self._handle, listeners,
                                                handler_nursery=connections)
                 # Listener cancelled: stop every session gracefully.

@@ -68,6 +68,10 @@ class Session:
         self._muted: dict[str, bool] = {}  # conv -> muted, as read from the store
         self.out: deque[bytes] = deque()
         self.out_bytes = 0  # the bytes in `out`
+        # Replies and pushes the writer took from `out` and is still writing (send_all): they
+        # count against MAX_QUEUED_FRAMES / MAX_QUEUED_BYTES until written.
+        self.writing_frames = 0
+        self.writing_bytes = 0
         self.inflight = 0
         self.inflight_free = trio.Event()
         self._wake = trio.Event()
@@ -149,6 +153,8 @@ class Session:
             written = 0
         except OSError:  # the writer meets the same error and ends the session properly
             written = 0
+        self.writing_frames = self.writing_bytes = 0  # written, or back in `out`
+        self._drained.set()
         if written < len(data):
             self.out.appendleft(data[written:])
             self.out_bytes += len(data) - written
@@ -378,8 +384,7 @@ class Session:
         while not self._closing:
             # A client that sends but does not read waits, for --idle-timeout at most; checked
             # before every frame, so error replies to frames it should not send count too.
-            if ((len(self.out) >= MAX_QUEUED_FRAMES or self.out_bytes >= MAX_QUEUED_BYTES)
-                    and not await self._wait_drained()):
+            if self._queue_full() and not await self._wait_drained():
                 return False
             try:
                 event = conn.next_event()
@@ -410,12 +415,17 @@ class Session:
                 await result
         return True
 
+    def _queue_full(self) -> bool:
+        """Whether the replies and pushes queued or being written reach MAX_QUEUED_FRAMES or
+        MAX_QUEUED_BYTES."""
+        return (len(self.out) + self.writing_frames >= MAX_QUEUED_FRAMES
+                or self.out_bytes + self.writing_bytes >= MAX_QUEUED_BYTES)
+
     async def _wait_drained(self) -> bool:
         """Wait until the writer flushed the queue below MAX_QUEUED_FRAMES and MAX_QUEUED_BYTES;
         False (and the session ends as a slow consumer) if that takes over --idle-timeout."""
         with trio.move_on_after(self.broker.config.idle_timeout_s):
-            while ((len(self.out) >= MAX_QUEUED_FRAMES or self.out_bytes >= MAX_QUEUED_BYTES)
-                   and not self._closing):
+            while self._queue_full() and not self._closing:
                 self._drained = trio.Event()
                 self._wake.set()
                 await self._drained.wait()
@@ -442,9 +452,10 @@ class Session:
         out = self.out
         if out:
             chunks.extend(out)
+            self.writing_frames += len(out)  # until written (`_writer`, `flush_now`)
+            self.writing_bytes += self.out_bytes
             out.clear()
             self.out_bytes = 0
-            self._drained.set()
         room = self.window - len(self.unacked)
         if room > 0 and self.sent < self.head and not self._closing:
             try:
@@ -555,14 +566,19 @@ class Session:
                 if self.unacked:
                     self.log.debug("delivered", upto=self.sent, unacked=len(self.unacked))
                 self._writing = True
+                data = b"".join(chunks)
+                chunks.clear()  # one copy of the batch while it is written, not two
                 try:
-                    await self.stream.send_all(b"".join(chunks))
+                    await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     self.reason = self.reason or CloseReason.BROKEN
                     self.abort(self.reason)
                     return
                 finally:
                     self._writing = False
+                    self.writing_frames = self.writing_bytes = 0
+                    self._drained.set()
+                del data
                 continue
             if self._closing:
                 if self._scope is not None:

@@ -509,6 +509,8 @@ class Error(NamedTuple):
 _ID = f.uint
 _NAME = f.text(1, f.MAX_NAME_CHARS)
 _CAPS = f.array(f.text(1, f.MAX_CAP_CHARS), 0, f.MAX_CAPS)
+# welcome.caps is `[str] <= 16` (PROTOCOL.md 5.3): free-form, no per-string bound beyond the frame.
+_WELCOME_CAPS = f.array(f.text(0, MAX_FRAME_LIMIT), 0, f.MAX_CAPS)
 _USERS = f.user_list(f.MAX_USER_LIST)
 
 
@@ -581,7 +583,7 @@ _register(Bye, "bye", "cs", reason=f.text(0, f.MAX_REASON_CHARS))
 
 _register(Welcome, "welcome", "s", version=f.uint, session=_NAME, user=f.user_id, time=f.uint,
           max_frame=f.int_range(MIN_FRAME_LIMIT, MAX_FRAME_LIMIT), heartbeat=f.uint,
-          acked=f.uint, head=f.uint, caps=_CAPS, id=_ID,
+          acked=f.uint, head=f.uint, caps=_WELCOME_CAPS, id=_ID,
           role=f.one_of("user", "service", "admin"), max_body=f.uint)
 _register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint, cid=f.cid,
           dup=f.boolean)

@@ -641,3 +641,28 @@ async def test_deliveries_after_a_restore_from_a_backup_are_not_dropped(tmp_path
             assert [r.seq for r in sent] == [2, 3]  # the inbox_seqs bob had seen before
     finally:
         bp.kill()
+
+
+async def test_a_malformed_request_made_while_disconnected_is_refused_at_once(tmp_path):
+    """CLIENT.md: a request the protocol's field rules refuse raises ClientError `invalid` at
+    once, unsent. Made while disconnected, it waited for the reconnect (for ever with no
+    reconnect timeout); it is checked against the last welcome's limits now."""
+    bp = BrokerProcess(tmp_path / "data", "--max-body-bytes", "1000")
+    bp.start()
+    try:
+        async with bp.client("alice", reconnect_timeout=None) as alice:
+            await alice.ping()
+            bp.kill()
+            with trio.fail_after(10):
+                while alice._stream is not None:  # the client saw the drop
+                    await trio.sleep(0.01)
+            with trio.fail_after(3):
+                for refused_request in (lambda: alice.history("dm:alice:bob", limit=500),
+                                        lambda: alice.send("x" * 1001, to="bob"),
+                                        lambda: alice.send("hi", to="not an id")):
+                    with pytest.raises(ClientError) as refused:
+                        await refused_request()
+                    assert refused.value.name == "invalid", refused.value
+            assert alice._pending == {}
+    finally:
+        bp.kill()

@@ -17,6 +17,7 @@ from protocol import (
     Deliver,
     Error,
     ErrorCode,
+    Hello,
     LocalProtocolError,
     Page,
     Ping,
@@ -25,10 +26,12 @@ from protocol import (
     Role,
     Send,
     State,
+    Welcome,
     closes_connection,
     encode_frame,
     error_frame,
 )
+from protocol.frames import to_wire
 
 from .helpers import (
     HELLO,
@@ -331,3 +334,17 @@ TestPairMachine.settings = settings(
     max_examples=60, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+@pytest.mark.parametrize("caps", [["x" * 65], [""], ["a", "b" * 300]])
+def test_a_client_takes_any_welcome_caps_strings(caps):
+    """`welcome.caps` is `[str] <= 16` (PROTOCOL.md §5.3: capabilities are free-form, for the
+    versions to come); the 1-64 characters are `hello.caps`'. A client refused a welcome with
+    a longer or an empty cap as `invalid`, fatal: every handshake with such a broker failed."""
+    client = Connection(Role.CLIENT)
+    client.send(Hello(versions=(1,), token="t", device="d"))
+    frame = to_wire(Welcome(1, "s", "alice", 0, 1 << 20, 30, 0, 0, ()))
+    frame["caps"] = caps
+    client.receive_data(encode_frame(frame))
+    assert client.next_event().caps == tuple(caps)
+    assert client.state is State.OPEN
