@@ -64,10 +64,7 @@ class _LogOnly:
         self._log = LmdbLog(self._env)
 
     def backup(self, dest: str) -> int:
-        with self._env.read() as txn:
-            last = self._log.last_lsn_in(txn)
-            self._env.copy_to(dest, txn)
-        return last
+        return self._log.backup(dest)
 
     def close(self) -> None:
         self._env.close()

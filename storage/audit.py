@@ -113,6 +113,14 @@ class EventFilter:
         return True
 
 
+def _event(lsn: int, value: bytes) -> Event:
+    """The event of record `lsn` (`digest || body`); CorruptLog if its body does not decode."""
+    try:
+        return decode_body(value[32:])
+    except Exception as exc:
+        raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+
+
 def _raw(store: Store, from_lsn: int = 1, to_lsn: int | None = None,
          progress: Progress = None) -> Iterator[tuple[int, bytes]]:
     """Yield `(lsn, digest || body)` records, calling `progress(done)` now and then."""
@@ -131,10 +139,7 @@ def iter_events(store: Store, flt: EventFilter | None = None,
     """Yield the logged events passing `flt`, in LSN order, reading chunk by chunk."""
     flt = flt or EventFilter()
     for lsn, value in _raw(store, flt.from_lsn, flt.to_lsn, progress):
-        try:
-            ev = decode_body(value[32:])
-        except Exception as exc:
-            raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+        ev = _event(lsn, value)
         if flt.matches(ev):
             yield ev
 
@@ -471,10 +476,7 @@ def stats(store: Store, data_dir: str | None = None, progress: Progress = None) 
     first = last = None
     first_lsn = last_lsn = 0
     for lsn, value in _raw(store, 1, None, progress):
-        try:
-            ev = decode_body(value[32:])
-        except Exception as exc:
-            raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+        ev = _event(lsn, value)
         count += 1
         log_bytes += 8 + len(value)
         by_type[ev.type] += 1

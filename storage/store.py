@@ -195,10 +195,7 @@ class Store:
     def backup(self, dest: str) -> int:
         """Copy the log and projections, as one committed transaction left them, into the empty
         directory `dest` (synced; safe while a broker writes); return the copy's last LSN."""
-        with self._env.read() as txn:
-            last = self._log.last_lsn_in(txn)
-            self._env.copy_to(dest, txn)
-        return last
+        return self._log.backup(dest)
 
     # ---------------------------------------------------------------- writes
 
