@@ -231,8 +231,7 @@ def _end_revoked(session: Session, user: str, cut: int) -> int:
     ended = 0
     for other in session.broker.hub.sessions(user):
         if other is not session and other.issued < cut:
-            if session.broker.own_acks.pop(other, False) is None:
-                other.flush_own_ack()  # logged ahead of the revocation, not after it
+            other.flush_due_own_ack()  # logged ahead of the revocation, not after it
             other.token_revoked()
             ended += 1
     return ended

@@ -205,8 +205,7 @@ class Broker:
             session.log.exception("connection_failed")
             session.reason = session.reason or CloseReason.BROKEN
         finally:
-            if self.own_acks.pop(session, False) is None:
-                session.flush_own_ack()
+            session.flush_due_own_ack()
             if attached:
                 self._detach(session)
             session.ended()  # before the close: its fd number may be reused at once

@@ -547,6 +547,13 @@ class Session:
         delivery ack moved the cursor since, this one is stale and the rules skip it."""
         self.broker.committer.ack_nowait(Ack(self.user, self.device, self.role, self.acked, ()))
 
+    def flush_due_own_ack(self) -> None:
+        """Submit now the ack of own sends this device has waiting for the broker's next round
+        of them, if any (it is taken out of that round): as the session ends, or before a
+        revocation of its token is queued, so that it is logged ahead of it."""
+        if self.broker.own_acks.pop(self, False) is None:
+            self.flush_own_ack()
+
     def knows_muted(self, conv: str) -> bool:
         """Whether the user's mute of `conv` is cached."""
         return conv in self._muted
