@@ -85,6 +85,7 @@ class Broker:
                        if config.content_policy else None)
         self.stopping = False
         self.handshaking = 0  # connections accepted and not yet past hello
+        self._awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
         self.port: int | None = None
         self.user_sends = UserBuckets(config.sends_per_s_per_user)
         self.user_typing = UserBuckets(config.typing_per_s_per_user)
@@ -224,10 +225,18 @@ class Broker:
         """Read hello, authenticate, and answer welcome; False if the session must end."""
         cfg = self.config
         hello = None
-        with trio.move_on_after(cfg.handshake_timeout_s):
-            hello = await self._read_hello(session)
+        with trio.move_on_after(cfg.handshake_timeout_s) as waiting:
+            self._awaiting_hello[session] = waiting
+            try:
+                if not self.stopping:
+                    hello = await self._read_hello(session)
+            finally:
+                del self._awaiting_hello[session]
         if hello is None:
-            if session.reason is None:
+            if session.reason is None and self.stopping:
+                session.reason = CloseReason.SHUTDOWN
+                await self._refuse(session, None, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
+            elif session.reason is None:
                 session.reason = CloseReason.TIMEOUT
                 await self._refuse(session, None, wire.ErrorCode.TIMEOUT,
                                    f"no hello within {cfg.handshake_timeout_s:g} s")
@@ -375,7 +384,10 @@ class Broker:
                         self._listen_scope.cancel()
                     await trio.serve_listeners(self._handle, listeners,
                                                handler_nursery=connections)
-                # Listener cancelled: stop every session gracefully.
+                # Listener cancelled: stop every session gracefully; those still waiting for
+                # their hello are told `shutting_down` at once.
+                for waiting in list(self._awaiting_hello.values()):
+                    waiting.cancel()
                 for user_sessions in list(self.hub._by_user.values()):
                     for session in list(user_sessions.values()):
                         session.begin_shutdown()

@@ -126,3 +126,22 @@ async def test_a_client_that_sends_but_does_not_read_holds_4_mib_plus_one_frame(
             # 4 MiB and one 1 MiB frame; 1.5 MiB of slack for the session, its msgpack packer's
             # buffer (as large as its largest frame) and the test
             assert each <= 6.5, f"{each:.1f} MiB held for each client that does not read"
+
+
+async def test_a_connection_waiting_for_its_hello_is_told_shutting_down_at_once(tmp_path):
+    """A client that connected but has not sent `hello` when the broker stops is told
+    `shutting_down` at once, as every other client is (PROTOCOL.md §6), instead of being
+    left to the handshake timeout and holding the shutdown up until then."""
+    async with running_broker(tmp_path / "data", handshake_timeout_s=30.0,
+                              shutdown_grace_s=30.0) as h:
+        silent = [await RawClient.connect(h.server) for _ in range(3)]
+        await trio.sleep(0.2)  # each is in its handshake
+        assert h.broker.handshaking == 3
+        with trio.fail_after(5):
+            h.broker.shutdown()
+            for c in silent:
+                frame = await c.next()
+                assert isinstance(frame, wire.Error), frame
+                assert (frame.code, frame.close) == (wire.ErrorCode.SHUTTING_DOWN, True)
+                await c.aclose()
+            await h.broker.wait_stopped()
