@@ -120,8 +120,9 @@ class Committer:
 
     @property
     def queued(self) -> int:
-        """Commands waiting for a commit (not those of the one running)."""
-        return len(self._queue) + len(self._acks)
+        """Commands waiting for a commit (not those of the one running). A queued ack is in
+        `_queue` as well as in `_acks` (the acks still open to merging): counted once."""
+        return len(self._queue)
 
     def enqueue(self, command: object, done: Done | None = None, context: Any = None) -> Pending:
         """Queue `command` now, in submission order; `done(pending)` runs after the commit."""

@@ -341,8 +341,8 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
 
 
 def on_presence(session: Session, f: wire.Presence) -> None:
-    if _member(session, f.conv) is None:
-        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, NO_ACCESS)
+    # In a channel, who is online is who its subscribers are: asked as `members` is.
+    if not _may_see_members(session, f.conv, "who is online", f.id):
         return
     hub = session.broker.hub
     online = [u for u in session.broker.roster(f.conv).users if hub.online(u)]

@@ -284,6 +284,10 @@ class Broker:
         old = self.hub.attach(session)
         if old is not None:
             old.close(CloseReason.REPLACED, wire.Bye(reason=wire.BYE_REPLACED))
+            # Stop its reader too, as `Session._end` does: it then has FLUSH_ON_CLOSE_S to say
+            # bye. Out of the hub, the idle watch no longer looks at it, so a dead old
+            # connection (its socket full, its peer gone) would otherwise stay for good.
+            old.begin_shutdown()
         session.reply(wire.Welcome(
             id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
             user=claims.user, time=int(time.time() * 1000), max_frame=max_frame,
