@@ -143,7 +143,7 @@ def _same(a: tuple, b: object) -> bool:
 
 
 for _cls in (SendMessage, CreateConv, Invite, SetRole, Join, Leave, Remove, Ack, MarkRead,
-             SetMute):
+             SetMute, RevokeTokens):
     _cls.__eq__ = _same  # type: ignore[method-assign]
     _cls.__ne__ = lambda a, b: not _same(a, b)  # type: ignore[method-assign]
     _cls.__hash__ = lambda a: hash((type(a).__name__, *a))  # type: ignore[method-assign]

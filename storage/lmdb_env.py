@@ -223,6 +223,13 @@ class LmdbEnv:
                         raise StorageFull(f"disk full writing {self.path}") from exc
                     raise
 
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the write lock: no `write` runs meanwhile (for state that writes share, such as
+        a store's write buffer, to be put right after a write failed)."""
+        with self._write_lock:
+            yield
+
     def after_commit(self, hook: Callable[[], None]) -> None:
         """Called from `write` work: run `hook` after the commit succeeded, still under the lock."""
         self._on_commit.append(hook)

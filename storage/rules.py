@@ -199,6 +199,10 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
     if cmd.name is not None and (not isinstance(cmd.name, str)
                                  or len(cmd.name) > limits.max_name_chars):
         raise Invalid("bad name")
+    if cmd.name is not None:
+        # Stored in the event and the conv row: text UTF-8 cannot encode (a lone surrogate)
+        # would fail the sealing of the whole batch, not this command (UnicodeError: Invalid).
+        cmd.name.encode()
     members = []
     for user in cmd.members:
         if not valid_id(user):

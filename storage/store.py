@@ -270,8 +270,11 @@ class Store:
             return self._env.write(work)
         except BaseException as exc:
             # Whatever failed (a rule bug, StorageFull, the commit itself), nothing was stored:
-            # the cached rows this batch changed must go too.
-            tables.rollback()
+            # the cached rows this batch changed must go too. Under the write lock: `write`
+            # let go of it, and another thread's batch, under way in the same buffer, would
+            # lose its rows and its transaction.
+            with self._env.exclusive():
+                tables.rollback()
             if isinstance(exc, StorageError | _InjectedAbort) or not isinstance(exc, lmdb.Error):
                 raise
             raise StorageError(f"write failed: {exc}") from exc
@@ -582,7 +585,8 @@ class Store:
         try:
             count = self._env.write(work)
         finally:
-            self._tables.reset()
+            with self._env.exclusive():  # as in execute: no batch is under way in the buffer
+                self._tables.reset()
             if gc_was_enabled:
                 gc.enable()
         log.info("projections_rebuilt", events=count,
