@@ -45,10 +45,11 @@ class Config:
     window: int = 256
     max_pending_pushes: int = 4096
     max_inflight_requests: int = 1024
-    # Rates (sends per second; burst = one second's worth).
+    # Rates (sends per second; burst = one second's worth, at least one send).
     sends_per_s_per_connection: float = 5000.0
     sends_per_s_per_user: float = 20000.0
-    # Typing notices per second per user (burst: one second's worth); the rest are dropped.
+    # Typing notices per second per user (burst: one second's worth, at least one); the rest
+    # are dropped.
     typing_per_s_per_user: float = 5.0
     # Connections.
     max_connections: int = 20000

@@ -107,13 +107,24 @@ def _created(session: Session, request_id: int, r: dict) -> wire.Created:
     return wire.Created(id=request_id, conv=r["conv"])
 
 
+def _send_allowed(session: Session) -> bool:
+    """Whether the connection's send rate and its user's both allow a send now; a token is
+    spent from each only when both do, so a send refused by the user's rate does not count
+    against the connection's."""
+    if not session.sends.take():
+        return False
+    if not session.user_sends.take():
+        session.sends.refund()
+        return False
+    return True
+
+
 def on_send(session: Session, f: wire.Send) -> Any:
     # A send the rate or the content policy refuses may be the resend of a message accepted
     # before (its answer lost with a connection, the policy changed since): that is a dup, and
     # gets the first result as ever; only the refusals pay for the lookup.
     broker = session.broker
-    if (not session.sends.take() or not session.user_sends.take()) and not broker.store.sent(
-            session.user, f.cid):
+    if not _send_allowed(session) and not broker.store.sent(session.user, f.cid):
         session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
         return None
     body = f.body  # its size was checked by the protocol core (max_body_bytes: `invalid`)
@@ -302,7 +313,8 @@ def on_convs(session: Session, f: wire.Convs) -> None:
 def _may_see_members(session: Session, conv: str, what: str, request_id: int) -> bool:
     """Whether the session may see who else is in `conv` (else it was answered forbidden):
     any member, but in a channel only its owners, admins and services (and admin tokens), as
-    for the receipt pushes: a subscriber is not told who the other subscribers are."""
+    for the receipt and status pushes: a subscriber is not told who the other subscribers are,
+    nor which of them are online (`members`, `receipts`, `presence`)."""
     role = _member(session, conv)
     if role is None:
         session.reply_error(request_id, wire.ErrorCode.FORBIDDEN, NO_ACCESS)

@@ -1,7 +1,9 @@
 """Content policy: forbidden words, rejected or masked before a message is logged.
 
 The policy file holds one word or phrase per line; blank lines and lines starting with `#` are
-ignored. Matching is case-insensitive on whole words. Binary bodies are not inspected.
+ignored, and a byte order mark at its start too. Matching is case-insensitive on whole words;
+the words of a phrase match apart by any whitespace (spaces, tabs, line breaks, however many).
+Binary bodies are not inspected.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ class ContentPolicy:
         if action not in ACTIONS:
             raise ValueError(f"content action must be one of {ACTIONS}, not {action!r}")
         self.action = action
-        self.words = [w for w in words if w]
-        alternation = "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True))
+        self.words = [" ".join(w.split()) for w in words if w.strip()]
+        alternation = "|".join(r"\s+".join(map(re.escape, w.split()))
+                               for w in sorted(self.words, key=len, reverse=True))
         self._pattern = re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE)
 
     @classmethod
     def load(cls, path: Path, action: str = "reject") -> ContentPolicy:
         """Read a policy file."""
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
         words = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
         if not words:
             raise ValueError(f"content policy {path} holds no words")

@@ -6,13 +6,17 @@ import time
 
 
 class TokenBucket:
-    """Allows `rate` events per second on average, bursts of up to `burst` events."""
+    """Allows `rate` events per second on average, bursts of up to `burst` events.
+
+    The burst defaults to one second's worth, but never less than one event: a bucket holding
+    less than one token would never allow anything (a rate below one per second, such as
+    `--typing-rate 0.5`, would refuse every event for ever)."""
 
     __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
-        self.burst = rate if burst is None else burst
+        self.burst = max(rate, 1.0) if burst is None else burst
         self.tokens = self.burst
         self.stamp = time.monotonic()
 
@@ -26,6 +30,11 @@ class TokenBucket:
             return False
         self.tokens = tokens - n
         return True
+
+    def refund(self, n: float = 1.0) -> None:
+        """Give back `n` tokens taken for an event that did not happen after all (up to the
+        burst)."""
+        self.tokens = min(self.burst, self.tokens + n)
 
     def full(self, now: float) -> bool:
         """Whether the bucket will have refilled to its burst by `now` (time.monotonic)."""

@@ -32,6 +32,10 @@ FLUSH_ON_CLOSE_S = 2.0
 INBOX_READ_BATCH = 256
 MAX_QUEUED_FRAMES = 1024  # replies queued for the writer before the reader stops reading
 MAX_QUEUED_BYTES = 4 << 20  # or this many bytes of them (history pages are up to max_frame each)
+# The longest one connection's frames hold the event loop before the others get a turn: a read
+# may hold hundreds of pipelined queries (a history page of 200 messages, or the receipts of a
+# message in a 1,000-member group, each a millisecond).
+FAIR_SLICE_S = 0.005
 
 
 class Session:
@@ -381,6 +385,7 @@ class Session:
         handlers = self.broker.handlers
         conn = self.conn
         frames = self.frames_in
+        turn_ends = time.monotonic() + FAIR_SLICE_S
         while not self._closing:
             # A client that sends but does not read waits, for --idle-timeout at most; checked
             # before every frame, so error replies to frames it should not send count too.
@@ -413,6 +418,11 @@ class Session:
             result = handler(self, event)
             if result is not None:
                 await result
+            if time.monotonic() >= turn_ends:
+                # Let the other connections run; not a cancellation point, so that a shutdown
+                # still answers every frame already read (PROTOCOL.md §6).
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                turn_ends = time.monotonic() + FAIR_SLICE_S
         return True
 
     def _queue_full(self) -> bool:
