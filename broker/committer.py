@@ -104,6 +104,11 @@ class Committer:
         # Each device's last ack queued or being committed, until it is durable.
         self._last_acks: dict[tuple[str, str], Pending] = {}
         self._unsynced_acks: dict[tuple[str, str], int] = {}
+        # Devices whose ack was lost with a failed batch: their sessions' cursors moved on, so
+        # the conversations a later ack of theirs names cover only the entries since, not all
+        # that it acks durably. Their acks go without them (the rules read the inbox) until one
+        # is durable.
+        self._acks_lost: set[tuple[str, str]] = set()
         self._wake = trio.Event()
         self._closing = False
         self._idle = trio.Event()
@@ -147,6 +152,8 @@ class Committer:
         if self._closing:
             return
         key = (command.user, command.device)
+        if key in self._acks_lost and command.convs is not None:
+            command = command._replace(convs=None)
         self._unsynced_acks[key] = max(command.upto, self._unsynced_acks.get(key, 0))
         queued = self._acks.get(key)
         if queued is not None and queued.outcome is None and queued.error is None:
@@ -274,6 +281,11 @@ class Committer:
             started.outcomes = await self._thread.wait(started.call)
         except StorageError as exc:
             log.error("batch_failed", commands=len(started.commands), error=str(exc))
+            for key, _upto in started.acks:
+                self._acks_lost.add(key)
+                queued = self._acks.get(key)
+                if queued is not None and queued.command.convs is not None:
+                    queued.command = queued.command._replace(convs=None)
             for p in started.pending:
                 try:
                     p.finish(None, exc)
@@ -289,6 +301,10 @@ class Committer:
                     del unsynced[key]
                 if last.get(key) is p:
                     del last[key]
+        if self._acks_lost:  # a device's ack durable since its loss: its marks are whole again
+            for p, outcome in zip(started.pending, started.outcomes, strict=True):
+                if type(p.command) is Ack and outcome.error is None:
+                    self._acks_lost.discard((p.command.user, p.command.device))
         last = max((o.lsn for o in started.outcomes), default=0)
         if last > self.committed_lsn:
             self.committed_lsn = last
@@ -310,6 +326,11 @@ class Committer:
                 self._on_committed(done.commands, done.outcomes)
             except Exception:
                 log.exception("commit_fanout_failed")
+
+    def ack_lost(self, user: str, device: str) -> bool:
+        """Whether an ack of this device failed with its batch and none of its acks has been
+        durable since (its session's cursor is ahead of its durable mark)."""
+        return (user, device) in self._acks_lost
 
     def acked_mark(self, user: str, device: str) -> int:
         """The highest ack of this device that is queued or being committed (0 if none)."""

@@ -266,6 +266,12 @@ class Session:
         what it had from an earlier session): the cursor skips ahead. It only affects this device.
         """
         if upto <= self.acked:
+            committer = self.broker.committer
+            if self.acked and committer.ack_lost(self.user, self.device):
+                # The ack that moved the cursor failed with its batch (a full disk): this one,
+                # a retry maybe, submits the cursor again (the rules read its conversations),
+                # so that its `ok` waits for it to be durable.
+                committer.ack_nowait(Ack(self.user, self.device, self.role, self.acked, None))
             return True
         if upto > self.head:
             return False

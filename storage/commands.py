@@ -91,8 +91,9 @@ class Ack(NamedTuple):
     """Acknowledge delivery of the actor's inbox up to inbox seq `upto` on this device.
 
     `convs` is the highest conv seq of the message entries this ack covers, per conversation,
-    when the broker knows them (it delivered every covered entry in this session); None makes
-    the rules read them from the inbox.
+    when the broker knows them (it delivered every covered entry in this session, and no ack of
+    the device was lost with a failed batch since); None makes the rules read them from the
+    inbox.
     """
 
     user: str

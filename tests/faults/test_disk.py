@@ -6,29 +6,23 @@ open a 64 KiB map and write past it.)
 
 from __future__ import annotations
 
-import os
 import subprocess
+import sys
 
 import pytest
 import trio
 
+import protocol as wire
 from broker.client import ClientError
+from tests.disks import fill, tmpfs
 from tests.faults.checker import History, stop_and_check
 
 
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 4 MiB tmpfs (skipped where mounting is not permitted)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True)
-    if res.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here: {res.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path, "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 async def test_full_disk_refuses_sends_keeps_delivering_and_recovers(broker_process, tiny_disk,
@@ -93,14 +87,7 @@ async def test_audit_rebuild_on_a_full_disk_is_a_json_error_and_changes_nothing(
         for i in range(300):
             await alice.send(f"{i:04d}" + "x" * 1000, to=f"user{i % 50}")
     filler = tiny_disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:  # full
-        pass
-    finally:
-        os.close(fd)
+    fill(filler)
     proc = homing("audit", "rebuild", "--data", str(data), check=False, timeout=60)
     assert proc.returncode == 1, (proc.returncode, proc.stderr)
     err = json.loads(proc.stderr.strip().splitlines()[-1])
@@ -132,3 +119,71 @@ async def test_a_backup_onto_a_full_disk_is_refused_and_taken_away(tmp_path, tin
     assert list(tiny_disk.iterdir()) == []
     proc = homing("backup", str(tmp_path / "bk"), "--data", str(data), timeout=60)
     assert json.loads(proc.stdout)["last_lsn"] > 300
+
+
+READER = """
+import sys
+import lmdb
+env = lmdb.open(sys.argv[1], readonly=True, max_dbs=32, subdir=True)
+txn = env.begin()
+print("ready", flush=True)
+sys.stdin.readline()
+"""
+
+
+async def test_a_retried_ack_is_not_ok_until_it_is_durable(broker_process, tiny_disk, tally):
+    """An ack with an id whose commit fails (a full disk) is answered `unavailable`; the client
+    retries it, as §7 says. The session's cursor moved on when the first one arrived, so the
+    retry moves nothing in memory: its `ok` must still wait until the device's ack is durable
+    (PROTOCOL.md §5.2), not come at once while nothing of it is on disk. A reader in another
+    process holds an old snapshot (a backup, an audit), so commits cannot reuse freed pages and
+    need the space the disk no longer has."""
+    from tests.faults.conftest import RawClient, replies
+
+    bp = broker_process(data=tiny_disk / "data")
+    with trio.fail_after(60):
+        async with bp.client("alice") as alice:
+            for i in range(20):
+                conv = (await alice.send(f"m{i}", to="bob")).conv
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(tiny_disk / "data")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        filler = tiny_disk / "filler"
+        try:
+            assert reader.stdout.readline().strip() == "ready"
+            fill(filler)
+            bob = await RawClient.connect(bp.server, bp.token("bob"), "b1")
+            got = []
+            while len(got) < 20:
+                f = await bob.next()
+                if isinstance(f, wire.Deliver):
+                    got.append(f)
+            failed = None
+            for f in got:
+                await bob.send(wire.Ack(upto=f.inbox_seq, id=f.inbox_seq))
+                answer = await bob.reply(f.inbox_seq)
+                if isinstance(answer, wire.Error):
+                    assert answer.name == "unavailable", answer
+                    failed = f
+                    break
+            assert failed is not None, "no ack failed: the disk never filled"
+            tally.add("disk full: an ack with an id refused, then retried")
+            # The retry, on the disk still full: nothing can be durable, so no `ok`.
+            await bob.send(wire.Ack(upto=failed.inbox_seq, id=1000))
+            answer = await bob.reply(1000)
+            assert isinstance(answer, wire.Error) and answer.name == "unavailable", answer
+        finally:
+            reader.kill()
+            reader.wait()
+            filler.unlink(missing_ok=True)
+        # Space is back: the retry is `ok`, and durable, as `receipts` shows.
+        await bob.send(wire.Ack(upto=failed.inbox_seq, id=1001))
+        assert isinstance((await replies(bob, [1001]))[1001], wire.Ok)
+        await bob.send(wire.Receipts(id=1002, conv=conv, seq=failed.seq))
+        assert "bob" in (await replies(bob, [1002]))[1002].delivered
+        await bob.aclose()
+    assert await bp.aterminate() == 0
+    store = bp.open_store(readonly=True)
+    try:
+        assert store.delivered("bob", "b1") >= failed.inbox_seq
+    finally:
+        store.close()

@@ -1,0 +1,63 @@
+"""Group commit on a truly full disk: what a failed batch leaves behind for the next ones.
+
+Real LMDB on a small tmpfs (skipped where mounting is not permitted), the real committer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from broker.committer import Committer
+from storage.commands import Ack, SendMessage
+from storage.errors import StorageFull
+from storage.store import Store
+from tests.disks import fill, tmpfs
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (skipped where mounting is not permitted)."""
+    with tmpfs(tmp_path, "2m") as mnt:
+        yield mnt
+
+
+async def test_an_ack_lost_with_a_failed_batch_does_not_cost_the_next_ack_its_receipts(
+        small_disk):
+    """bob's device acks alice's message (the ack names its conversation, as a session's does)
+    in a batch that the full disk fails. The device's cursor has moved on in memory, so its next
+    ack only names the conversations of the entries delivered since; once that one is durable,
+    bob's delivered mark covers alice's message, and `receipts` must list him for it."""
+    store = Store.open(str(small_disk / "data"), map_size=64 << 20)
+    try:
+        store.execute([SendMessage("alice", "a1", "user", "m1", "hello", to="bob"),
+                       SendMessage("carol", "c1", "user", "m1", "hi", to="bob")])
+        assert store.inbox_head("bob") == 2
+        filler = small_disk / "filler"
+        fill(filler)
+        committer = Committer(store)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                # One batch: the ack of entry 1 and sends too big for the full disk.
+                committer.ack_nowait(Ack("bob", "phone", "user", 1, (("dm:alice:bob", 1),)))
+                big = [committer.enqueue(SendMessage("dave", "d1", "user", f"big{i}",
+                                                     "x" * 60_000, to="erin"))
+                       for i in range(8)]
+                await nursery.start(committer.serve)
+                while big[-1].outcome is None and big[-1].error is None:
+                    await trio.sleep(0.01)
+                assert isinstance(big[-1].error, StorageFull)
+                assert store.delivered("bob", "phone") == 0
+                filler.unlink()
+                # The session acked 1 already: its next ack covers entry 2 alone.
+                acked = trio.Event()
+                committer.ack_nowait(Ack("bob", "phone", "user", 2, (("dm:bob:carol", 1),)))
+                committer.when_acks_durable("bob", "phone", lambda error: acked.set())
+                await acked.wait()
+                await committer.close()
+        assert store.delivered("bob", "phone") == 2
+        assert store.receipts("dm:bob:carol", 1) == (["bob"], [])
+        assert store.receipts("dm:alice:bob", 1) == (["bob"], [])
+        assert store.check_projections() is None
+    finally:
+        store.close()
