@@ -14,6 +14,7 @@ from protocol import (
     DEFAULT_MAX_FRAME_VALUES,
     MAX_FRAME_LIMIT,
     MIN_FRAME_VALUES,
+    UINT_MAX,
     largest_deliver_frame,
 )
 
@@ -71,6 +72,8 @@ class Config:
     content_action: str = "reject"  # "reject" or "mask"
 
     def __post_init__(self) -> None:
+        if not 1 <= self.heartbeat_s <= UINT_MAX:  # welcome's field: a uint of 63 bits
+            raise ValueError(f"--heartbeat must be from 1 to {UINT_MAX}, not {self.heartbeat_s}")
         if self.idle_timeout_s is None:
             object.__setattr__(self, "idle_timeout_s", float(IDLE_HEARTBEATS * self.heartbeat_s))
         if not MIN_FRAME_VALUES <= self.max_frame_values <= MAX_FRAME_LIMIT:

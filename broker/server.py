@@ -307,7 +307,8 @@ class Broker:
                 event = conn.next_event()
             except wire.RemoteProtocolError as exc:
                 session.reason = CloseReason.PROTOCOL_ERROR
-                session.log.info("frame_rejected", code=exc.code.name.lower(), reason=exc.message)
+                session.log.info("frame_rejected", code=exc.code.name.lower(), reason=exc.message,
+                                 fatal=True)
                 await self._refuse(session, exc.request_id, exc.code, exc.message)
                 return None
             if event is wire.CLOSED:

@@ -23,6 +23,7 @@ import msgpack
 
 from storage import native
 from storage import records as r
+from storage.errors import CorruptLog
 from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
 from storage.records import unpack_u64 as _u64
 from storage.tables import (
@@ -383,7 +384,11 @@ def apply(tables: Tables, event: Event, fx: Effects | None = None) -> Effects:
     if fx is None:
         fx = Effects()
     fx.lsn = event.lsn
-    _APPLY[event.type](tables, event, fx)
+    try:
+        fold_event = _APPLY[event.type]
+    except KeyError:  # a newer homing's event, met by a replay: not a crash, a log we cannot use
+        raise CorruptLog(event.lsn, f"unknown event type {event.type!r}") from None
+    fold_event(tables, event, fx)
     return fx
 
 

@@ -556,7 +556,8 @@ class Store:
         """Drop every projection and replay the whole log, atomically in one write txn.
 
         Returns the number of events replayed. `progress(replayed, total)` is called every
-        `fold.CHUNK` events of the replay (the rows are written after it).
+        `fold.CHUNK` events of the replay, and once more when it is done, before the rows are
+        written (which takes about as long again).
         """
         started = time.perf_counter()
 
@@ -565,6 +566,8 @@ class Store:
             total = self._log.check_keys(txn)
             on_chunk = None if progress is None else (lambda done: progress(done, total))
             _lsn, _ts, count = fold(mem, txn.cursor(db=self._dbs["log"]), on_chunk=on_chunk)
+            if progress is not None:
+                progress(count, total)
             for table in TABLES:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)
