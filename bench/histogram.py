@@ -13,6 +13,9 @@ as it is, and adds no compiled dependency to the `bench` extra.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 SUB_BITS = 7
 SUB_BUCKETS = 1 << SUB_BITS
 
@@ -69,7 +72,9 @@ class Histogram:
         """The value at or below which `p` percent of the values lie (0 if empty)."""
         if not self.count:
             return 0
-        rank = max(1, -(-self.count * p // 100))  # ceil, at least the first value
+        # ceil(count * p / 100), at least the first value; in exact decimals, as p is written
+        # (41,000 * 99.9 is 4,095,900.0000000005 in floating point: a rank too high)
+        rank = max(1, math.ceil(self.count * Fraction(str(p)) / 100))
         seen = 0
         for index in sorted(self.buckets):
             seen += self.buckets[index]

@@ -2,15 +2,19 @@
 
 Same payloads (200-byte bodies, the open-loop ones starting with their scheduled send time),
 same rates, same process layout (`--procs` load processes, sender i -> receiver i % R, one
-connection per sender and per receiver, `--pipeline` sends in flight per sender):
+connection per sender and per receiver, but a Redis sender's 4 pipelines in flight each on a
+connection of its own, `--pipeline` sends in flight per sender):
 
 * NATS JetStream: one stream on file storage holding every subject `<tag>.r<j>`; senders
   `publish_async` and count a send when its PubAck arrived; each receiver has a durable pull
-  consumer (explicit ack policy) on its subject, fetches up to 256 and acks each message.
+  consumer (explicit ack policy) on its subject, fetches up to 256 and acks each message. A
+  PubAck does not mean fsynced: the server syncs its files every `sync_interval` (2 minutes by
+  default), so NATS does less than homing and Redis here (docs/BENCHMARKS.md, "Method").
 * Redis Streams: one stream per receiver; senders pipeline XADD (a reply comes after the
   append is fsynced: the bench sets `appendonly yes`, `appendfsync always` and, where Redis
   allows it, a fresh data `dir`, with CONFIG SET); each receiver XREADGROUPs up to 256 and
-  XACKs the batch in one call (Redis has no cumulative ack).
+  XACKs the batch in one call (Redis has no cumulative ack), sent with its next XREADGROUP in one
+  round trip, so it reads on without waiting for the ack's reply, as homing's receivers do.
 
 The peers' clients run on uvloop's event loop and redis-py parses with hiredis, when installed
 (both are in the `bench` extra): without them the peers' Python clients, not the servers, set
@@ -212,7 +216,8 @@ def latency(url: str, opts: dict, rate: float, progress: Any = None) -> dict:
             "p50_ms": _ms(h.percentile(50)), "p90_ms": _ms(h.percentile(90)),
             "p99_ms": _ms(h.percentile(99)), "p999_ms": _ms(h.percentile(99.9)),
             "max_ms": _ms(h.max), "durable_ack_p50_ms": _ms(a.percentile(50)),
-            "durable_ack_p99_ms": _ms(a.percentile(99)), "errors": m["errors"], "cpu": cpu}
+            "durable_ack_p99_ms": _ms(a.percentile(99)), "durable_ack_samples": a.count,
+            "errors": m["errors"], "cpu": cpu}
 
 
 def _setup_redis(url: str, tag: str) -> dict:
@@ -245,7 +250,8 @@ def _setup_nats(url: str, tag: str) -> dict:
 
     asyncio.run(main())
     return {"durability": {"storage": "file", "publish": "PubAck awaited",
-                           "consumer": "durable pull, explicit acks"}}
+                           "consumer": "durable pull, explicit acks",
+                           "fsync": "every sync_interval (2 min by default), not before PubAck"}}
 
 
 def _teardown(url: str, tag: str) -> None:
@@ -281,6 +287,12 @@ class _Stats:
     def error(self, exc: BaseException) -> None:
         name = type(exc).__name__
         self.errors[name] = self.errors.get(name, 0) + 1
+
+    def acked(self, at: int, now: int, cutoff: int) -> None:
+        """Record the durable ack, at `now`, of a send scheduled at `at`, unless it was
+        scheduled in the warm-up (before `cutoff`), as for the deliveries."""
+        if at >= cutoff:
+            self.ack_latency.record((now - at) // 1000)
 
     def delivered(self, bodies: list[bytes], now: int, cutoff: int, stamped: bool) -> None:
         self.received += len(bodies)
@@ -402,7 +414,7 @@ async def _redis_run(spec: dict, ctx: dict, go: dict) -> list[_Stats]:
                 st.last_result = now
                 if stamped:
                     for _i, at, _ in batch:
-                        st.ack_latency.record((now - at) // 1000)
+                        st.acked(at, now, cutoff)
             except Exception as exc:
                 st.error(exc)
             finally:
@@ -420,15 +432,29 @@ async def _redis_run(spec: dict, ctx: dict, go: dict) -> list[_Stats]:
             await asyncio.gather(*list(tasks))
 
     async def receiver(r, job: dict, st: _Stats) -> None:
+        # A batch's XACK goes out with the next XREADGROUP, in one round trip: the receiver
+        # reads on without waiting for the ack's reply (which `appendfsync always` holds back
+        # until an fsync), as homing's receivers send their ack and read on.
         key = f"{tag}:{job['name']}"
+        unacked: list[bytes] = []
         while st.received < job["expected"]:
-            got = await r.xreadgroup("g", "c", {key: ">"}, count=FETCH, block=1000)
+            if unacked:
+                p = r.pipeline(transaction=False)
+                p.xack(key, "g", *unacked)
+                p.xreadgroup("g", "c", {key: ">"}, count=FETCH, block=1000)
+                _, got = await p.execute()
+                unacked = []
+                st.acks += 1
+            else:
+                got = await r.xreadgroup("g", "c", {key: ">"}, count=FETCH, block=1000)
             if not got:
                 continue
             entries = got[0][1]
             now = time.monotonic_ns()
             st.delivered([fields[b"b"] for _id, fields in entries], now, cutoff, stamped)
-            await r.xack(key, "g", *[eid for eid, _ in entries])
+            unacked = [eid for eid, _ in entries]
+        if unacked:
+            await r.xack(key, "g", *unacked)
             st.acks += 1
 
     tasks = []
@@ -485,7 +511,7 @@ async def _nats_run(spec: dict, ctx: dict, go: dict) -> list[_Stats]:
             if fut.cancelled() or fut.exception() is not None:
                 st.error(fut.exception() or asyncio.CancelledError())
             elif stamped:
-                st.ack_latency.record((now - at) // 1000)
+                st.acked(at, now, cutoff)
             st.answered += 1
             st.last_result = now
 

@@ -9,10 +9,12 @@ we know whether the clients or the broker were the bottleneck.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import statistics
 import tempfile
 import time
+from fractions import Fraction
 from typing import Any
 
 import trio
@@ -34,6 +36,12 @@ def _tag(name: str) -> str:
 
 def _ms(us: int) -> float:
     return round(us / 1000, 3)
+
+
+def nearest_rank(values: list[float], p: float) -> float:
+    """The value at or below which `p` percent of the sorted `values` lie: the ceil(n p / 100)-th,
+    the nearest rank, as `Histogram.percentile` takes it (p99 of 100 values is the 99th)."""
+    return values[max(1, math.ceil(len(values) * Fraction(str(p)) / 100)) - 1]
 
 
 def _split(n: int, parts: int) -> list[int]:
@@ -179,7 +187,8 @@ def latency(broker: BrokerProcess, opts: dict, rate: float, progress: Any = None
         "p99_ms": _ms(h.percentile(99)), "p999_ms": _ms(h.percentile(99.9)),
         "max_ms": _ms(h.max),
         "durable_ack_p50_ms": _ms(a.percentile(50)), "durable_ack_p99_ms": _ms(a.percentile(99)),
-        "acks": m["acks"], "errors": m["errors"], "ack_rejected": m["ack_rejected"], "cpu": cpu,
+        "durable_ack_samples": a.count, "acks": m["acks"], "errors": m["errors"],
+        "ack_rejected": m["ack_rejected"], "cpu": cpu,
     }
 
 
@@ -216,7 +225,7 @@ def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> d
             last[seq] = max(last.get(seq, 0), ns)
     times = sorted(ns / 1e6 for ns in last.values())
     p50 = statistics.median(times)
-    p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
+    p99 = nearest_rank(times, 99)
     return {
         "subscribers": k, "posts": posts, "interval_s": interval,
         "deliveries": sum(res["deliveries"] for res in results[:-1]),
