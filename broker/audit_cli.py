@@ -14,6 +14,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -35,6 +36,7 @@ EXIT_FAULT = EXIT_REFUSED  # a check found a corrupt log or a projection differe
 PROGRESS_HZ = 10
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+MAX_LSN = 2**63 - 1  # the protocol's uint; LSNs are keyed as unsigned 64-bit integers
 
 
 # ---------------------------------------------------------------- progress bar
@@ -106,8 +108,10 @@ def parse_time(text: str, now: datetime | None = None) -> int:
     now = now or datetime.now(UTC)
     m = _RELATIVE.match(text)
     if m:
-        when = now.timestamp() - float(m.group(1)) * _UNIT_S[m.group(2)]
-        return int(when * 1_000_000)
+        when = (now.timestamp() - float(m.group(1)) * _UNIT_S[m.group(2)]) * 1_000_000
+        if not math.isfinite(when):  # more digits than a float holds: no time at all
+            raise argparse.ArgumentTypeError(f"bad time {text!r}: too long ago")
+        return int(when)
     try:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
             d = date.fromisoformat(text)
@@ -129,8 +133,8 @@ def _lsn(text: str) -> int:
         value = int(text)
     except ValueError:
         value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"bad LSN {text!r}: a non-negative integer")
+    if not 0 <= value <= MAX_LSN:  # past it no log key can be made (a struct.error)
+        raise argparse.ArgumentTypeError(f"bad LSN {text!r}: an integer from 0 to 2**63-1")
     return value
 
 

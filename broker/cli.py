@@ -126,6 +126,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sockets = listen.bind(cfg.host, cfg.port)
     except OSError as exc:
         raise _cannot_listen(cfg, exc) from None
+    except UnicodeError:  # the resolver cannot even encode it (`a..b`): no host either
+        raise _cannot_listen(cfg, OSError("not a host name (a part between dots is empty or "
+                                          "over 63 characters)")) from None
     try:
         return _serve_bound(cfg, sockets)
     finally:
@@ -421,6 +424,12 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
         raise CliError(status, exc.name, exc.message, exc.code) from None
     except Replaced as exc:  # another process connected with this user and --device
         raise CliError(EXIT_REFUSED, "replaced", str(exc)) from None
+    except BrokenPipeError:
+        # stdout's reader went away (`homing history ... | head -1`), not the broker: stop
+        # quietly, as `homing audit` does, with stdout on /dev/null so that the interpreter's
+        # final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_REFUSED
     except (ConnectionLost, OSError) as exc:
         raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
     return 0
@@ -436,6 +445,14 @@ def check_send(args: argparse.Namespace) -> None:
         raise CliError(EXIT_USAGE, "usage", "send takes TEXT or --stdin, not both")
     if not args.stdin and args.text is None:
         raise CliError(EXIT_USAGE, "usage", "send needs TEXT or --stdin")
+    if args.stdin and sys.stdin is None:  # `homing send --stdin <&-`
+        raise CliError(EXIT_USAGE, "usage", "--stdin: standard input is closed")
+    # Each cid option belongs to one form: the other would be ignored, and a script that meant
+    # its sends to be idempotent would get fresh cids (and duplicates when run again).
+    if args.stdin and args.cid is not None:
+        raise CliError(EXIT_USAGE, "usage", "--cid goes with TEXT; with --stdin use --cid-prefix")
+    if not args.stdin and args.cid_prefix is not None:
+        raise CliError(EXIT_USAGE, "usage", "--cid-prefix goes with --stdin; with TEXT use --cid")
 
 
 async def do_send(client, args) -> None:
@@ -450,7 +467,8 @@ async def _send_lines(client, args) -> None:
 
     The first failure stops the rest and is reported alone (not as an exception group).
     """
-    from broker.client import new_cid
+    from broker.client import ClientError, new_cid
+    from protocol import ErrorCode
 
     # A fresh prefix sorts with the SDK's time-ordered cids (docs/DESIGN.md, "Projections").
     prefix = args.cid_prefix or new_cid()
@@ -468,10 +486,16 @@ async def _send_lines(client, args) -> None:
 
     number = 0
     async with trio.open_nursery() as nursery:
-        async for text in _stdin_lines():
-            number += 1
-            await limit.acquire()
-            nursery.start_soon(one, f"{prefix}-{number}", text)
+        try:
+            async for text in _stdin_lines():
+                number += 1
+                await limit.acquire()
+                nursery.start_soon(one, f"{prefix}-{number}", text)
+        except UnicodeDecodeError as exc:  # refused as the broker refuses a bad field; the
+            invalid = ErrorCode.INVALID  # lines before it are still sent and printed
+            failures.append(ClientError(invalid, invalid.wire_name, (
+                f"send: line {number + 1} of stdin is not {exc.encoding} text: {exc.reason} "
+                f"at byte {exc.start}")))
     if failures:
         raise failures[0]
 
@@ -481,12 +505,16 @@ async def _stdin_lines() -> AsyncIterator[str]:
 
     A blocking read in the event loop would hold back everything else while a slow pipe
     (`tail -f events | homing send --stdin`) waits for its next line: the results of the lines
-    already sent, and the heartbeats that keep the connection open.
+    already sent, and the heartbeats that keep the connection open. The read is abandoned when
+    the command stops meanwhile (a refusal, the broker lost for good, Ctrl-C): it must not
+    wait for a line that may never come. So it reads the file descriptor itself: an abandoned
+    read of sys.stdin's buffer would hold that buffer's lock, and the interpreter aborts when
+    it cannot take the lock at exit.
     """
-    stdin = sys.stdin.buffer
+    fd = sys.stdin.fileno()
     encoding, errors = sys.stdin.encoding, sys.stdin.errors
     rest = b""
-    while chunk := await trio.to_thread.run_sync(stdin.read1, 65536):
+    while chunk := await trio.to_thread.run_sync(os.read, fd, 65536, abandon_on_cancel=True):
         *lines, rest = (rest + chunk).split(b"\n")
         for line in lines:
             yield line.removesuffix(b"\r").decode(encoding, errors)
@@ -851,6 +879,10 @@ def main(argv: list[str] | None = None) -> int:
         return exc.status
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:  # Ctrl-C inside a nursery of a command's own
+        if group.split(KeyboardInterrupt)[1] is None:
+            return 130
+        raise
 
 
 if __name__ == "__main__":

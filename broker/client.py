@@ -126,7 +126,15 @@ def parse_server(server: str) -> tuple[str, int]:
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"server must be HOST:PORT, not {server!r}")
-    return host.strip("[]"), int(port)
+    if not 0 < int(port) <= 65535:  # getaddrinfo takes it modulo 65536: another port
+        raise ValueError(f"server must be HOST:PORT with a PORT from 1 to 65535, not {server!r}")
+    host = host.strip("[]")
+    try:  # as the resolver will (an empty label, one over 63 characters: a UnicodeError there)
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(f"server must be HOST:PORT, not {server!r}: {host!r} is no host name "
+                         "(a part between dots is empty or over 63 characters)") from None
+    return host, int(port)
 
 
 @dataclass
