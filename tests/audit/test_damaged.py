@@ -14,6 +14,7 @@ import lmdb
 import pytest
 
 from storage.commands import SendMessage
+from storage.lmdb_env import READER_CHECK_S
 from storage.log import seal
 from storage.records import GENESIS, lsn_key
 from storage.store import Store
@@ -237,8 +238,14 @@ def test_a_backup_killed_mid_copy_does_not_pin_the_brokers_pages(tmp_path):
                 break
         else:
             pytest.skip("the copy was always done before it could be stopped")
-        for i in range(20):  # the broker goes on committing
-            homing("ack", "--upto", str(1 + i), env=env)
+        # The broker goes on committing, for longer than the writer's READER_CHECK_S (it frees
+        # dead readers' slots before a write at most that often: 20 commits can all come sooner
+        # on a fast machine).
+        killed, i = time.monotonic(), 0
+        while i < 20 or time.monotonic() - killed < READER_CHECK_S + 1:
+            i += 1
+            homing("ack", "--upto", str(i), env=env)
+            time.sleep(0.1)
         stale = _readers(data)
     # LMDB keeps every page freed after the slot's snapshot until `reader_check` frees it
     # (a development script: 50 commits grew a file by 19 MB with such a slot, by 0 without).
