@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 
 import lmdb
 
-from storage.errors import CorruptLog
+from storage.errors import CorruptLog, StorageError
 from storage.lmdb_env import LmdbEnv
 from storage.log import EventInput, seal, verify_records
 from storage.records import GENESIS, Event, decode_body, key_lsn, lsn_key
@@ -62,7 +62,12 @@ class LmdbLog:
         if not sealed:
             return [], tail
         cur = txn.cursor(db=self._db)
-        cur.putmulti([(lsn_key(lsn), value) for lsn, value, _ in sealed], append=True)
+        _, added = cur.putmulti([(lsn_key(lsn), value) for lsn, value, _ in sealed], append=True)
+        if added != len(sealed):
+            # py-lmdb skips, without a word, a record whose key is not above the last one: the
+            # log was appended to behind this object's back. Its LSNs are not ours to return.
+            raise StorageError(f"the log already holds lsn {sealed[0][0]}: it was appended to "
+                               "by someone else; nothing was written")
         return [ev for _, _, ev in sealed], (sealed[-1][0], digest)
 
     def append(self, events: Sequence[EventInput]) -> int:
@@ -161,7 +166,10 @@ class LmdbLog:
         if start > 1:
             with self._env.read() as txn:
                 value = txn.get(lsn_key(start - 1), db=self._db)
+                last = self.last_lsn_in(txn)
             if value is None:
+                if start > last:
+                    return 0  # nothing from there on (as read() yields nothing)
                 raise CorruptLog(start - 1, "record missing")
             prev = value[:32]
         return verify_records(self.read_raw(start), start, prev)

@@ -4,7 +4,12 @@ Rules every backend keeps (docs/DESIGN.md, "Stored events"):
 
 * LSNs are gapless and start at 1; `append` assigns them, callers never choose them.
 * Each record carries `digest = blake2b(prev_digest || body)`, so any altered, removed or
-  reordered record is detectable by walking the chain.
+  reordered record is detectable by walking the chain, except records removed from the end:
+  the chain has no anchor. The store's `meta.applied_lsn`, committed with the records, is what
+  `audit verify` holds the log's end against (docs/OPERATIONS.md, "Auditing").
+* `append` is all or nothing, and returns LSNs only once their records are durable; a record
+  already at an LSN it would assign (the log appended to by someone else) makes it refuse
+  (StorageError), never skip or overwrite. The whole contract: docs/DESIGN.md, "The event log".
 * There is no waiting here: the broker tails the log by waiting on a trio condition that the
   committer signals when `last_lsn()` moves, then calls `read(from_lsn)`.
 
@@ -98,10 +103,18 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
             ev = decode_body(body)
         except Exception as exc:
             raise CorruptLog(lsn, f"undecodable body: {exc}") from None
-        if ev.lsn != lsn:
-            raise CorruptLog(lsn, f"body says lsn {ev.lsn}")
-        if ev.type not in EVENT_TYPES:  # chained, so written as such: not by this homing
+        if type(ev.lsn) is not int or ev.lsn != lsn:
+            raise CorruptLog(lsn, f"body says lsn {ev.lsn!r}")
+        # Chained, so written as such, yet not by this homing: a record no replay or audit
+        # could read (a type of no event, or fields of the wrong kind) is named here, where
+        # its LSN is known, rather than crashing whatever reads it next.
+        if type(ev.type) is not str or ev.type not in EVENT_TYPES:
             raise CorruptLog(lsn, f"unknown event type {ev.type!r}")
+        if (type(ev.ts_us) is not int or type(ev.user) is not str or type(ev.device) is not str
+                or type(ev.data) is not dict):
+            raise CorruptLog(lsn, "a field of the wrong kind: ts_us "
+                             f"{type(ev.ts_us).__name__}, user {type(ev.user).__name__}, device "
+                             f"{type(ev.device).__name__}, data {type(ev.data).__name__}")
         expected += 1
     return expected - from_lsn
 
@@ -129,6 +142,13 @@ class MemoryLog:
         for lsn in range(max(from_lsn, 1), end + 1):
             yield decode_body(self._values[lsn - 1][32:])
 
+    def read_raw(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """Yield `(lsn, digest || body)` records from `from_lsn` to `to_lsn` inclusive."""
+        self._check_open()
+        end = len(self._values) if to_lsn is None else min(to_lsn, len(self._values))
+        for lsn in range(max(from_lsn, 1), end + 1):
+            yield lsn, self._values[lsn - 1]
+
     def last_lsn(self) -> int:
         """Return the last LSN, 0 when empty."""
         self._check_open()
@@ -136,6 +156,8 @@ class MemoryLog:
 
     def verify(self, from_lsn: int = 1) -> int:
         """Walk the chain from `from_lsn`; return the number of records checked."""
+        if from_lsn > len(self._values):
+            return 0  # nothing from there on (as read() yields nothing)
         prev = GENESIS if from_lsn <= 1 else self._values[from_lsn - 2][:32]
         return verify_records(
             ((i + 1, v) for i, v in enumerate(self._values) if i + 1 >= from_lsn),

@@ -116,8 +116,10 @@ class Rows:
         """Append `rows` (keys ascending, above every stored key) to `db`."""
         if self.compiled:
             ext.append_rows(txn, db, rows)
-        else:
-            txn.cursor(db=db).putmulti(rows, append=True)
+        elif txn.cursor(db=db).putmulti(rows, append=True)[1] != len(rows):
+            # py-lmdb skips a row whose key is not above the last one without a word (it
+            # counts it out of `added`): raise as LMDB (and the compiled path) does.
+            _raise("mdb_put", -30799)
 
     def get(self, txn: lmdb.Transaction, db: Any, key: bytes) -> bytes | None:
         """The row at `key` in `db` as `txn` sees it, or None."""

@@ -46,7 +46,7 @@ from storage.projections import (
     key2,
     mark_applied,
 )
-from storage.records import MESSAGE_ACCEPTED, Event, decode_body, lsn_key, pack_u64, u64
+from storage.records import MESSAGE_ACCEPTED, Event, lsn_key, pack_u64, u64
 from storage.rowio import Rows
 from storage.rules import MAX_CID_BYTES, MAX_CID_CHARS, MAX_CONV_ID_CHARS, Limits, decide
 from storage.tables import (
@@ -205,12 +205,14 @@ class Store:
         Raises `StorageFull` (or another `StorageError`) when the whole batch failed; then
         nothing was written.
         """
-        now = time.time_ns() // 1000 if now_us is None else now_us
-
         tables, rows, dbs = self._tables, self._rows, self._db_list
 
         def work(txn: lmdb.Transaction):
-            # Runs under the environment's write lock: the tail cannot move underneath.
+            # Runs under the environment's write lock: the tail cannot move underneath. The
+            # time is taken here too, so that batches of several threads get their times in
+            # the order of their LSNs (the replay's `until_us` relies on it), not in the order
+            # they asked for the lock.
+            now = time.time_ns() // 1000 if now_us is None else now_us
             rows.check(txn, dbs)
             tables.begin(txn)
             tail = self._log.tail()
@@ -354,7 +356,7 @@ class Store:
         if limit <= 0:
             return out, last
         prefix = user.encode() + b"\0"
-        logdb, mutedb = self._dbs["log"], self._dbs["mute"]
+        event_at, mutedb = self._log.get, self._dbs["mute"]
         records = self._records
         mutes: dict[str, bool] = {}
         with self._env.read() as txn:
@@ -375,7 +377,7 @@ class Store:
                     continue
                 rec = records.get(lsn)
                 if rec is None:
-                    rec = _record(decode_body(txn.get(lsn_key(lsn), db=logdb)[32:]))
+                    rec = _record(event_at(txn, lsn))
                     if len(records) >= RECORD_CACHE:
                         records.clear()
                     records[lsn] = rec
@@ -444,7 +446,7 @@ class Store:
                 if len(out) >= limit:
                     more = True
                     break
-                ev = decode_body(txn.get(value, db=self._dbs["log"])[32:])
+                ev = self._log.get(txn, u64(value))
                 out.append({"seq": seq, "from": ev.user, "body": ev.data["body"],
                             "cid": ev.data["cid"], "ts": ev.ts_us, "lsn": ev.lsn})
         return out, more
@@ -457,7 +459,7 @@ class Store:
             lsn = txn.get(prefix + pack_u64(seq), db=self._dbs["msg"])
             if lsn is None:
                 return None
-            sender = decode_body(txn.get(lsn, db=self._dbs["log"])[32:]).user
+            sender = self._log.get(txn, u64(lsn)).user
             tables = TxnTables(txn, self._dbs)
             members = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
             members.discard(sender)
