@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 10 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 11 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -68,6 +68,10 @@ static int next_counter(PyObject *old, uint64_t *out) {
     uint64_t v = 0;
     for (int i = 0; i < 8; i++)
         v = (v << 8) | p[i];
+    if (v == UINT64_MAX) { /* no next value: Python's `pack_u64(2**64)` fails, so must we */
+        PyErr_SetString(struct_error, "int too large to convert");
+        return -1;
+    }
     *out = v + 1;
     return 0;
 }
@@ -1204,6 +1208,10 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         return NULL;
     if (!configured())
         return NULL;
+    if (!PyIter_Check(records)) { /* PyIter_Next would call a missing tp_iternext */
+        PyErr_SetString(PyExc_TypeError, "fold_messages: records must be an iterator");
+        return NULL;
+    }
     uint64_t last = UINT64_MAX, until = UINT64_MAX;
     if (last_o != Py_None && (last = PyLong_AsUnsignedLongLong(last_o)) == (uint64_t)-1 &&
         PyErr_Occurred())

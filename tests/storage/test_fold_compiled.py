@@ -6,9 +6,13 @@ skipped: everything then runs the Python versions, which the rest of the suite c
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import hypothesis.strategies as st
 import lmdb
@@ -371,6 +375,26 @@ ODD_RECORDS = {
 }
 
 
+def test_fold_messages_refuses_records_that_are_not_an_iterator():
+    """`fold_messages` takes an iterator (`fold` passes `iter(records)`); given a list it must
+    raise TypeError, not call the list's missing `tp_iternext` (a crash of the process). Run in
+    a child, so that the crash fails this test rather than the whole run."""
+    code = textwrap.dedent("""
+        from storage import native
+        from storage.projections import MemoryTables  # configures storage._fold
+        try:
+            native.ext.fold_messages([(0, bytes(40))], MemoryTables(), None, None, None, 1)
+        except TypeError:
+            print("TypeError")
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=120, cwd=root, env=env)
+    assert (child.returncode, child.stdout.strip()) == (0, "TypeError"), child.stderr[-2000:]
+
+
 @pytest.mark.parametrize("name", sorted(ODD_RECORDS))
 def test_records_the_compiled_loop_hands_back_end_alike(name):
     """Odd encodings, damaged records and other events: the compiled loop leaves them to Python,
@@ -385,6 +409,21 @@ def test_compiled_add_message_rejects_a_bad_counter_like_python():
         tables.conv_seq[b"grp:a"] = b"\x01"
         with pytest.raises(struct.error):
             add(tables, b"grp:a", "grp:a", b"ann", b"c1", 1, {})
+
+
+@pytest.mark.parametrize("table", ["conv_seq", "inbox_head"])
+def test_compiled_add_message_refuses_a_counter_at_its_end_like_python(table):
+    """A counter row of 2**64 - 1 (a damaged row) has no next value: the Python version fails
+    packing 2**64 (struct.error); the compiled one must fail too, not wrap around to 0 and write
+    message 0 or inbox entry 0."""
+    for add in (native.ext.add_message, py_add_message):
+        tables = MemoryTables()
+        _members(tables, "grp:a")
+        getattr(tables, table)[b"grp:a" if table == "conv_seq" else b"bob"] = b"\xff" * 8
+        with pytest.raises(struct.error):
+            add(tables, b"grp:a", "grp:a", b"ann", b"c1", 1, {})
+        assert not any(key.endswith(bytes(8)) for key in tables.msg)
+        assert not any(key.endswith(bytes(8)) for key in tables.inbox)
 
 
 
