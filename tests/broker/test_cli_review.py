@@ -26,10 +26,21 @@ def last_error(stderr: str) -> dict:
 
 
 def _send_stdin(bp: BrokerProcess, *args: str, user: str = "shop") -> subprocess.Popen:
+    # PYTHONFAULTHANDLER: a SIGABRT makes it print every thread's stack (_stuck, below)
     return subprocess.Popen(
         [*homing_cmd(), "send", "--stdin", *args],
-        env={**os.environ, **as_user(bp, user, "service")},
+        env={**os.environ, **as_user(bp, user, "service"), "PYTHONFAULTHANDLER": "1"},
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _stuck(proc: subprocess.Popen, what: str) -> AssertionError:
+    """`what` did not happen: the error to raise, with the process's stacks (SIGABRT)."""
+    proc.send_signal(signal.SIGABRT)
+    try:
+        _, err = proc.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        err = b"(no stacks: it did not die of SIGABRT either)"
+    return AssertionError(f"{what}; its threads:\n{err.decode(errors='replace')}")
 
 
 def test_send_stdin_stops_at_a_refusal_while_the_pipe_stays_open(tmp_path):
@@ -44,7 +55,7 @@ def test_send_stdin_stops_at_a_refusal_while_the_pipe_stays_open(tmp_path):
             try:
                 send.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                raise AssertionError("send --stdin hung after a refusal") from None
+                raise _stuck(send, "send --stdin hung after a refusal") from None
             err = last_error(send.stderr.read().decode())
             assert send.returncode == 1 and err["error"] == "forbidden", err
         finally:
@@ -54,7 +65,7 @@ def test_send_stdin_stops_at_a_refusal_while_the_pipe_stays_open(tmp_path):
 
 def test_ctrl_c_stops_send_stdin_waiting_for_its_next_line(tmp_path):
     """SIGINT (Ctrl-C) ends `homing send --stdin` while it waits for input: exit 130 at once,
-    no traceback, and the lines sent before it are durable."""
+    no traceback. (If it does not, the failure shows where each of its threads waited.)"""
     with BrokerProcess(tmp_path / "data") as bp:
         send = _send_stdin(bp, "--to", "bob", "--cid-prefix", "k")
         try:
@@ -65,7 +76,7 @@ def test_ctrl_c_stops_send_stdin_waiting_for_its_next_line(tmp_path):
             try:
                 send.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                raise AssertionError("Ctrl-C did not stop send --stdin") from None
+                raise _stuck(send, "Ctrl-C did not stop send --stdin") from None
             stderr = send.stderr.read().decode()
             assert send.returncode == 130 and "Traceback" not in stderr, stderr
         finally:
