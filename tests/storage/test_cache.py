@@ -12,7 +12,7 @@ from storage import rowio
 from storage.commands import Ack, CreateConv, Leave, MarkRead, SendMessage
 from storage.errors import StorageError
 from storage.store import Store, _InjectedAbort
-from storage.tables import BufferedTables
+from tests.disks import fill, tmpfs
 
 
 def _send(user, cid, to="alice"):
@@ -40,25 +40,28 @@ def test_injected_abort_forgets_cached_rows(store):
     _check(store)
 
 
-def test_failed_commit_forgets_cached_rows(store, monkeypatch):
-    """A batch whose write fails after its changes were flushed leaves the cache clean."""
-    store.execute([_send("bob", "c1")])
-    real_flush = BufferedTables.flush
-
-    def failing_flush(self):
-        real_flush(self)
-        raise lmdb.Error("injected")
-
-    monkeypatch.setattr(BufferedTables, "flush", failing_flush)
-    with pytest.raises(StorageError):
-        store.execute([_send("bob", "c2"), _send("carol", "c1"),
-                       MarkRead("alice", "d", "user", "dm:alice:bob", 2)])
-    monkeypatch.undo()
-    assert store.members("dm:alice:carol") == []
-    outs = store.execute([_send("bob", "c2"), _send("carol", "c1")])
-    assert [o.reply["seq"] for o in outs] == [2, 1]
-    assert store.inbox_head("alice") == 3
-    _check(store)
+def test_failed_commit_forgets_cached_rows(tmp_path):
+    """A batch whose write fails after its changes were flushed (its commit finds the disk
+    full: a real tmpfs, filled) leaves the cache clean."""
+    with tmpfs(tmp_path, "2m") as disk:
+        store = Store.open(disk / "data", map_size=64 << 20)
+        try:
+            store.execute([_send("bob", "c1")])
+            fill(disk / "filler")
+            big = [SendMessage("dave", "d", "user", f"big{i}", "x" * 60_000, to="erin")
+                   for i in range(8)]  # more pages than the file has free
+            with pytest.raises(StorageError):
+                store.execute([_send("bob", "c2"), _send("carol", "c1"),
+                               MarkRead("alice", "d", "user", "dm:alice:bob", 2), *big])
+            (disk / "filler").unlink()
+            assert store.members("dm:alice:carol") == []
+            outs = store.execute([_send("bob", "c2"), _send("carol", "c1")])
+            assert [o.reply["seq"] for o in outs] == [2, 1]
+            assert store.inbox_head("alice") == 3
+            assert store.read_mark("dm:alice:bob", "alice") == 0
+            _check(store)
+        finally:
+            store.close()
 
 
 def test_cids_above_the_last_committed_are_new_and_the_others_still_looked_up(tmp_path):
