@@ -26,11 +26,16 @@ def last_error(stderr: str) -> dict:
 
 
 def _send_stdin(bp: BrokerProcess, *args: str, user: str = "shop") -> subprocess.Popen:
-    # PYTHONFAULTHANDLER: a SIGABRT makes it print every thread's stack (_stuck, below)
+    # PYTHONFAULTHANDLER: a SIGABRT makes it print every thread's stack (_stuck, below).
+    # SIGINT at its default, as in a terminal: a test run started in the background by a shell
+    # without job control (`bash .ci/run &`, nohup) inherits SIGINT ignored, and a process that
+    # starts with SIGINT ignored keeps it so (Python and trio leave it alone): Ctrl-C is then
+    # not ours to see.
     return subprocess.Popen(
         [*homing_cmd(), "send", "--stdin", *args],
         env={**os.environ, **as_user(bp, user, "service"), "PYTHONFAULTHANDLER": "1"},
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _stuck(proc: subprocess.Popen, what: str) -> AssertionError:
@@ -65,7 +70,8 @@ def test_send_stdin_stops_at_a_refusal_while_the_pipe_stays_open(tmp_path):
 
 def test_ctrl_c_stops_send_stdin_waiting_for_its_next_line(tmp_path):
     """SIGINT (Ctrl-C) ends `homing send --stdin` while it waits for input: exit 130 at once,
-    no traceback. (If it does not, the failure shows where each of its threads waited.)"""
+    no traceback. (If it does not, the failure shows where each of its threads waited: that
+    is how a clean-clone CI run, started with `&`, showed its SIGINT had been ignored.)"""
     with BrokerProcess(tmp_path / "data") as bp:
         send = _send_stdin(bp, "--to", "bob", "--cid-prefix", "k")
         try:
