@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, emit
 from broker.config import DEFAULT_DATA_DIR
+from protocol import UINT_MAX
 
 if TYPE_CHECKING:
     from storage import audit
@@ -36,7 +37,7 @@ EXIT_FAULT = EXIT_REFUSED  # a check found a corrupt log or a projection differe
 PROGRESS_HZ = 10
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-MAX_LSN = 2**63 - 1  # the protocol's uint; LSNs are keyed as unsigned 64-bit integers
+MAX_LSN = UINT_MAX  # the protocol's uint (LSNs are keyed as unsigned 64-bit integers)
 
 
 # ---------------------------------------------------------------- progress bar

@@ -269,7 +269,8 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
         max_batch=args.max_batch,
         content_policy=Path(args.content_policy) if args.content_policy else None,
-        content_action=args.content_action or "reject", gc_young_threshold=args.gc_young_threshold,
+        content_action=args.content_action or "reject",
+        gc_young_threshold=args.gc_young_threshold,
         stats_interval_s=args.stats_interval,
     )
 

@@ -200,3 +200,17 @@ def test_a_content_action_without_a_policy_is_a_usage_error(tmp_path):
     err = _usage_error(proc)
     assert err["message"] == "--content-action needs --content-policy", err
     assert not (tmp_path / "data").exists()
+
+
+async def test_a_content_policy_without_an_action_rejects(tmp_path):
+    """`--content-policy` alone (the action's flag now defaults to None, so that it can be
+    told apart from an action given without a policy): the documented default, `reject`."""
+    words = tmp_path / "words.txt"
+    words.write_text("forbidden\n")
+    with BrokerProcess(tmp_path / "data", "--content-policy", str(words)) as bp:
+        with trio.fail_after(30):
+            async with bp.client("alice") as alice:
+                with pytest.raises(ClientError) as refused:
+                    await alice.send("a forbidden word", to="bob")
+                assert refused.value.name == "rejected_content", refused.value
+                assert (await alice.send("a fine word", to="bob")).seq == 1
