@@ -263,7 +263,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         idle_timeout_s=args.idle_timeout,
         handshake_timeout_s=args.handshake_timeout,
         sends_per_s_per_connection=args.send_rate, sends_per_s_per_user=args.user_send_rate,
-        typing_per_s_per_user=args.typing_rate,
+        typing_per_s_per_user=args.typing_rate, changes_per_s_per_user=args.change_rate,
         max_connections=args.max_connections, max_handshakes=args.max_handshakes,
         max_connections_per_user=args.max_connections_per_user,
         max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
@@ -746,6 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sends per second per user")
     s.add_argument("--typing-rate", type=_RATE, default=d.typing_per_s_per_user,
                    help="typing notices per second per user; the rest are dropped")
+    s.add_argument("--change-rate", type=_RATE, default=d.changes_per_s_per_user,
+                   help="membership changes (create, invite, set_role, join, subscribe, leave, "
+                        "remove, mute) per second per user; the rest are refused rate_limited")
     s.add_argument("--max-connections", type=_COUNT, default=d.max_connections)
     s.add_argument("--max-handshakes", type=_COUNT, default=d.max_handshakes,
                    help="connections not yet past hello, at most (default %(default)s)")

@@ -52,6 +52,9 @@ class Config:
     # Typing notices per second per user (burst: one second's worth, at least one); the rest
     # are dropped.
     typing_per_s_per_user: float = 5.0
+    # Membership changes (create, invite, set_role, join and subscribe, leave, remove, mute)
+    # per second per user (burst as for sends); the rest are refused `rate_limited`.
+    changes_per_s_per_user: float = 100.0
     # Connections.
     max_connections: int = 20000
     # Connections accepted but not yet past hello (each holds up to HELLO_MAX_FRAME_BYTES).

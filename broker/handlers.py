@@ -174,6 +174,18 @@ def on_read(session: Session, f: wire.Read) -> Any:
     return _command(session, f.id, command, _ok if f.id is not None else None)
 
 
+def _change(handler: Callable[[Session, Any], Any]) -> Callable[[Session, Any], Any]:
+    """`handler` of a membership change, behind the user's `--change-rate`: past it the
+    request is answered `rate_limited` and nothing is done (the client may ask again later)."""
+    def rated(session: Session, f: Any) -> Any:
+        if not session.user_changes.take():
+            session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED,
+                                "too many membership changes: slow down")
+            return None
+        return handler(session, f)
+    return rated
+
+
 def on_create(session: Session, f: wire.Create) -> Any:
     members = tuple(dict.fromkeys(m for m in (f.members or ()) if m != session.user))
     command = cmd.CreateConv(session.user, session.device, session.role, f.kind, f.name,
@@ -389,14 +401,14 @@ HANDLERS = {
     wire.Send: on_send,
     wire.Ack: on_ack,
     wire.Read: on_read,
-    wire.Create: on_create,
-    wire.Invite: on_invite,
-    wire.SetRole: on_set_role,
-    wire.Join: on_join,
-    wire.Subscribe: on_join,
-    wire.Leave: on_leave,
-    wire.Remove: on_remove,
-    wire.Mute: on_mute,
+    wire.Create: _change(on_create),
+    wire.Invite: _change(on_invite),
+    wire.SetRole: _change(on_set_role),
+    wire.Join: _change(on_join),
+    wire.Subscribe: _change(on_join),
+    wire.Leave: _change(on_leave),
+    wire.Remove: _change(on_remove),
+    wire.Mute: _change(on_mute),
     wire.Revoke: on_revoke,
     wire.History: on_history,
     wire.Receipts: on_receipts,

@@ -89,6 +89,8 @@ class Broker:
         self.port: int | None = None
         self.user_sends = UserBuckets(config.sends_per_s_per_user)
         self.user_typing = UserBuckets(config.typing_per_s_per_user)
+        self.user_changes = UserBuckets(config.changes_per_s_per_user)
+        self._user_buckets = (self.user_sends, self.user_typing, self.user_changes)
         self._rosters: dict[str, Roster] = {}
         self.roster_cache_max = ROSTER_CACHE_MAX
         self._ids = itertools.count(1)
@@ -274,6 +276,7 @@ class Broker:
         session.expires, session.issued = claims.expires, claims.issued
         session.user_sends = self.user_sends.of(claims.user)
         session.user_typing = self.user_typing.of(claims.user)
+        session.user_changes = self.user_changes.of(claims.user)
         session.log = session.log.bind(user=claims.user, device=hello.device)
         max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
         session.acked = session.sent = max(  # an ack still on its way to disk counts
@@ -338,8 +341,8 @@ class Broker:
 
     def _detach(self, session: Session) -> None:
         if self.hub.detach(session):
-            self.user_sends.gone(session.user)
-            self.user_typing.gone(session.user)
+            for buckets in self._user_buckets:
+                buckets.gone(session.user)
             self._announce(session.user, False)
 
     def _announce(self, user: str, online: bool) -> None:
@@ -423,8 +426,8 @@ class Broker:
                     session.time_out(idle)  # its end is logged with reason "timeout"
                 elif session.expires <= wall:
                     session.token_expired()
-            self.user_sends.prune(now)
-            self.user_typing.prune(now)
+            for buckets in self._user_buckets:
+                buckets.prune(now)
 
     async def _ack_own_sends(self) -> None:
         """Every OWN_ACK_DELAY_S, submit the durable acks of the devices whose cursors moved

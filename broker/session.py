@@ -100,6 +100,7 @@ class Session:
         self.sends = broker.new_send_limiter()
         self.user_sends = self.sends  # the user's shared bucket, set once authenticated
         self.user_typing = self.sends  # the user's typing bucket, likewise
+        self.user_changes = self.sends  # the user's membership-change bucket, likewise
 
     # -- called from other tasks -------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import trio
 
@@ -605,3 +607,40 @@ async def test_pushes_in_a_fan_out_to_a_client_that_does_not_read_are_bounded(tm
                 assert len(session.out) <= 52, len(session.out)
                 sock.close()
                 tally.add("limit: fan-out pushes to a client that does not read", rounds)
+
+
+async def test_membership_changes_past_the_users_rate_are_refused(broker_process, tally):
+    """--change-rate bounds a user's membership changes (create, invite, set_role, join,
+    subscribe, leave, remove, mute): past it each is answered rate_limited and nothing of it
+    is logged, the connection stays open, other users are not held back, and reconnecting does
+    not buy a fresh burst."""
+    h = broker_process("--change-rate", "10")
+    with trio.fail_after(30):
+        start = time.monotonic()
+        c = await RawClient.connect(h.server, h.token("alice"), "d")
+        for i in range(40):
+            await c.send(wire.Create(id=i + 1, kind="group", name=f"g{i}", members=("bob",)))
+        got = await replies(c, range(1, 41))
+        created = [f.conv for f in got.values() if isinstance(f, wire.Created)]
+        refused = [f for f in got.values() if isinstance(f, wire.Error)]
+        assert 10 <= len(created) <= 10 + 10 * (time.monotonic() - start) + 1, len(created)
+        assert {(f.name, f.close) for f in refused} == {("rate_limited", False)}
+        assert len(created) + len(refused) == 40
+        await c.send(wire.Invite(id=41, conv=created[0], user="carol"))
+        await c.send(wire.Mute(id=42, conv=created[0], muted=True))
+        late = await replies(c, (41, 42))
+        assert {f.name for f in late.values()} == {"rate_limited"}, late
+        await c.aclose()
+        again = await RawClient.connect(h.server, h.token("alice"), "d")
+        for i in range(10):
+            await again.send(wire.Create(id=i + 1, kind="group", name=f"h{i}"))
+        got = await replies(again, range(1, 11))
+        more = sum(isinstance(f, wire.Created) for f in got.values())
+        await again.aclose()
+        assert len(created) + more <= 10 + 10 * (time.monotonic() - start) + 1
+        async with h.client("bob") as bob:  # his own bucket
+            page = await bob.conversations()
+            assert {e.conv for e in page.convs} == set(created)  # refused: nothing left
+            for i in range(5):
+                await bob.create_group(f"b{i}", ["alice"])
+        tally.add("limit: membership changes per second per user", 52 - len(created) - more)
