@@ -346,7 +346,7 @@ class Broker:
             self._announce(session.user, False)
 
     def _announce(self, user: str, online: bool) -> None:
-        peers = self.hub.peers(user)
+        peers = self.hub.peers(user, self.roster)
         if peers:
             self.hub.push(peers, encode_push(wire.Status(user=user, online=online)))
 

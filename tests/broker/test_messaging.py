@@ -780,3 +780,30 @@ async def test_an_admin_token_sees_a_channels_receipts_member_or_not(harness):
         for admin in (ops, ops2):
             assert (await admin.receipts(conv, seq)).conv == conv
             assert set((await admin.members(conv)).members) == {"ops", "store-1"}
+
+
+async def test_presence_follows_membership_changes_of_a_cached_roster(harness):
+    """Presence is announced to the online members of the user's direct conversations and
+    groups as they are now: a member removed no longer hears of the others, a member invited
+    does, though the group's member list was cached for pushes before either change."""
+
+    async def statuses(client):
+        await client.ping()  # whatever the broker pushed before this answer is queued
+        got = []
+        with trio.move_on_after(0.3):
+            while True:
+                got.append(await client.next_push())
+        return [(p.user, p.online) for p in got if isinstance(p, protocol.Status)]
+
+    async with harness.client("alice") as alice, harness.client("carol") as carol:
+        conv = await alice.create_group("g", ["bob", "carol"])
+        await alice.typing(conv)  # the group's roster is cached now
+        await push_of(carol, protocol.TypingNotice, user="alice", conv=conv)
+        await alice.remove(conv, "carol")
+        await alice.invite(conv, "dave")
+        async with harness.client("dave") as dave:
+            await push_of(alice, protocol.Status, user="dave", online=True)
+            await statuses(carol)
+            async with harness.client("bob"):
+                await push_of(dave, protocol.Status, user="bob", online=True)
+            assert await statuses(carol) == []  # removed before bob came: not told
