@@ -45,6 +45,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
             reason = exc if isinstance(exc, StorageError) else (
                 f"cannot write the secret into {dest}: {exc.strerror or exc}")
             raise CliError(EXIT_USAGE, "data_dir", str(reason)) from None
+        except BaseException:  # Ctrl-C: no half copy either (a data.mdb without its secret)
+            _take_away(dest, made)
+            raise
     finally:
         store.close()
     emit({"backup": str(dest), "last_lsn": last_lsn,
