@@ -454,6 +454,12 @@ def check_send(args: argparse.Namespace) -> None:
         raise CliError(EXIT_USAGE, "usage", "--cid goes with TEXT; with --stdin use --cid-prefix")
     if not args.stdin and args.cid_prefix is not None:
         raise CliError(EXIT_USAGE, "usage", "--cid-prefix goes with --stdin; with TEXT use --cid")
+    # An empty one (`--cid "$ORDER"` with ORDER unset) was taken for none: a fresh cid, and a
+    # duplicate each time the script ran again.
+    for option, value in (("--cid", args.cid), ("--cid-prefix", args.cid_prefix)):
+        if value == "":
+            raise CliError(EXIT_USAGE, "usage", f"{option} is empty: give one, or leave "
+                           f"{option} out for a fresh one")
 
 
 async def do_send(client, args) -> None:

@@ -278,8 +278,10 @@ class Client:
 
     async def send(self, body: str | bytes, *, to: str | None = None, conv: str | None = None,
                    cid: str | None = None) -> wire.Result:
-        """Send a message; returns the durable result {conv, seq, lsn, cid, dup}."""
-        cid = cid or new_cid()
+        """Send a message; returns the durable result {conv, seq, lsn, cid, dup}. Without a
+        `cid` it gets a fresh one (`new_cid`); one of yours is sent as it is, so an empty one is
+        refused ("invalid") rather than replaced by an id a retry would not find again."""
+        cid = new_cid() if cid is None else cid
         return await self._request(lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
 
     async def ack(self, upto: int) -> None:

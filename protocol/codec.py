@@ -63,8 +63,9 @@ MIN_FRAME_VALUES = 2048
 """Smallest limit a server may set: room for a ``create`` of 1,000 members and new fields."""
 
 HELLO_MAX_FRAME_BYTES = 64 * 1024
-"""Largest frame body before ``welcome`` (§3.2): a ``hello`` needs under 9 KiB (a token of up to
-4,096 characters, 16 caps of 64), so an unauthenticated peer gets no more than this to fill."""
+"""Largest frame body before ``welcome`` (§3.2): a ``hello`` needs under 21 KiB (a token of up to
+4,096 characters, 16 caps of 64, of up to four UTF-8 bytes each; under 6 KiB in ASCII), so an
+unauthenticated peer gets no more than this to fill."""
 
 MIN_FRAME_LIMIT = 1024
 """Smallest agreed max_frame (§3.2): below this even ``welcome`` or an ``error`` might not fit."""

@@ -229,14 +229,17 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
 def _managed(tables: Tables, cmd: c.Invite | c.SetRole | c.Remove, doing: str, *,
              gives_role: bool) -> str | None:
     """Check that `cmd`'s actor may `doing` in `cmd.conv`, a group or channel: one of its owners
-    or admins (an admin token acts as owner; Forbidden otherwise, and for a conversation that
-    does not exist), with a valid target and, if it `gives_role`, a valid `member_role`. Return
-    the target's role (None: no member)."""
+    or admins (an admin token acts as owner), with a valid target and, if it `gives_role`, a
+    valid `member_role`. Forbidden otherwise: NO_ACCESS for a conversation that does not exist
+    or that the actor is not in, as every command says it; a plain member knows it exists, and
+    is told why. Return the target's role (None: no member)."""
     info = _conv(tables, cmd.conv)
     actor = None if info is None else _role(tables, cmd.conv, cmd.user)
     if cmd.role == "admin" and info is not None:
         actor = "owner"
-    if info is None or actor not in MANAGERS:
+    if actor is None:
+        raise Forbidden(NO_ACCESS)
+    if actor not in MANAGERS:
         raise Forbidden(f"only owners and admins {doing}")
     if info["kind"] == "direct":
         raise Invalid(f"cannot {doing} in a direct conversation")
@@ -285,12 +288,13 @@ def _set_role(tables: Tables, cmd: c.SetRole, now_us: int, limits: Limits) -> De
 
 def _join(tables: Tables, cmd: c.Join, now_us: int, limits: Limits) -> Decision:
     info = _conv(tables, cmd.conv)
-    if info is None or info["kind"] == "direct":
-        raise Forbidden("no such open conversation")
-    if _role(tables, cmd.conv, cmd.user) is not None:
+    role = None if info is None else _role(tables, cmd.conv, cmd.user)
+    if info is None or (role is None and not info["open"] and cmd.role != "admin"):
+        raise Forbidden(NO_ACCESS)  # as every command says it: not which of the two
+    if info["kind"] == "direct":
+        raise Forbidden("a direct conversation is not joined: its two users are its members")
+    if role is not None:
         return [], {"conv": cmd.conv}
-    if not info["open"] and cmd.role != "admin":
-        raise Forbidden("no such open conversation")
     if _member_count(tables, cmd.conv) >= limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
     return [_ev(now_us, cmd, r.MEMBER_ADDED,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import trio
 
-from broker.client import new_cid
+from broker.client import ClientError, new_cid
 from tests.harness import running_broker
 
 
@@ -29,3 +30,19 @@ async def test_a_send_without_a_cid_gets_a_fresh_one_that_makes_its_retry_a_dupl
     assert first.cid < second.cid
     assert not first.dup and not second.dup and second.seq == first.seq + 1
     assert again.dup and (again.seq, again.lsn) == (first.seq, first.lsn)
+
+
+async def test_an_empty_cid_is_refused_not_replaced_by_a_fresh_one(tmp_path):
+    """A cid of the caller's is what makes its retry safe (docs/CLIENT.md), and the protocol's
+    cid is 1 to 128 characters: an empty one is a field the protocol refuses, which the SDK
+    raises as `invalid`, unsent. It was taken for "no cid" and replaced by a fresh one, so the
+    send went through, and each retry with the same empty cid appended the message again."""
+    with trio.fail_after(30):
+        async with running_broker(tmp_path / "d") as h, h.client("shop", role="service") as shop:
+            for _ in range(2):  # a first try, and its retry
+                with pytest.raises(ClientError) as refused:
+                    await shop.send("Order 1139 is ready", to="member-42", cid="")
+                assert (refused.value.name, refused.value.code) == ("invalid", 7)
+                assert "'cid'" in refused.value.message
+            assert h.broker.store.inbox_head("member-42") == 0  # nothing was appended
+            assert (await shop.send("still fine", to="member-42")).seq == 1

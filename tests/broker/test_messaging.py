@@ -166,6 +166,42 @@ async def test_no_such_conversation_and_not_a_member_get_one_answer(harness):
             ("forbidden", "no such conversation, or you are not a member")}, answers
 
 
+async def test_every_command_refuses_a_non_member_with_the_one_answer(harness):
+    """PROTOCOL.md §10: commands and queries alike refuse a conversation that does not exist
+    and one the user is not in with one `forbidden` message. `invite`, `set_role` and `remove`
+    said "only owners and admins invite" (and so on) instead, and `join` and `subscribe` "no
+    such open conversation": alike for both cases, so nothing leaked, but not the one answer
+    the protocol names. A plain member, who knows the conversation is there, is told why."""
+    async with harness.client("shop", role="service") as shop, \
+            harness.client("mallory") as mallory, harness.client("bob") as bob:
+        group = await shop.create_group("order-1139", ["bob"])  # closed
+        direct = (await shop.send("hi", to="bob")).conv
+        calls = {
+            "invite": lambda c: mallory.invite(c, "eve"),
+            "set_role": lambda c: mallory.set_role(c, "bob", "admin"),
+            "remove": lambda c: mallory.remove(c, "bob"),
+            "join": lambda c: mallory.join(c),
+            "subscribe": lambda c: mallory.subscribe(c),
+            "leave": lambda c: mallory.leave(c),
+            "mute": lambda c: mallory.mute(c),
+            "presence": lambda c: mallory.presence(c),
+        }
+        answers = {}
+        for name, call in calls.items():
+            for target in (group, direct, "grp:0000000000000000", "dm:bob:zed"):
+                with pytest.raises(ClientError) as e:
+                    await call(target)
+                answers[name, target] = (e.value.name, e.value.message)
+        assert set(answers.values()) == {
+            ("forbidden", "no such conversation, or you are not a member")}, answers
+        with pytest.raises(ClientError) as e:
+            await bob.invite(group, "eve")
+        assert (e.value.name, e.value.message) == ("forbidden", "only owners and admins invite")
+        with pytest.raises(ClientError) as e:
+            await bob.join(direct)
+        assert e.value.name == "forbidden" and "direct" in e.value.message
+
+
 async def test_channel_members_read_but_cannot_post(harness):
     """Owners post to a channel, subscribers receive, members posting get forbidden."""
     async with harness.client("hq", role="service") as hq, \
