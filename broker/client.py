@@ -315,7 +315,11 @@ class Client:
 
     async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),
                      open: bool = False) -> str:
-        """Create a group or channel; returns its conv id."""
+        """Create a group or channel; returns its conv id. `members` is a list of user ids:
+        one str is refused (TypeError), as it would make a member of each of its letters."""
+        if isinstance(members, str):
+            raise TypeError(f"members is a list of user ids, not the str {members!r}: "
+                            f"[{members!r}] for one member")
         reply = await self._request(lambda i: wire.Create(
             id=i, kind=kind, name=name, members=tuple(members), open=open), resend=False)
         return reply.conv

@@ -46,3 +46,15 @@ async def test_an_empty_cid_is_refused_not_replaced_by_a_fresh_one(tmp_path):
                 assert "'cid'" in refused.value.message
             assert h.broker.store.inbox_head("member-42") == 0  # nothing was appended
             assert (await shop.send("still fine", to="member-42")).seq == 1
+
+
+async def test_members_given_as_one_string_are_refused_not_spelled_out(tmp_path):
+    """`create_group("g", "bob")` made a group of the users "b" and "o" (a str is a sequence of
+    letters): the SDK refuses a str for `members` with a TypeError, unsent."""
+    with trio.fail_after(30):
+        async with running_broker(tmp_path / "d") as h, h.client("shop", role="service") as shop:
+            with pytest.raises(TypeError, match=r"\['bob'\] for one member"):
+                await shop.create_group("g", "bob")
+            conv = await shop.create_group("g", ["bob"])
+            assert (await shop.members(conv)).members == ("bob",)
+            assert h.broker.store.user_convs("b") == []
