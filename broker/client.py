@@ -510,9 +510,10 @@ class Client:
         """Connect once, within `left` seconds (None: CONNECT_TIMEOUT_S); the error to retry
         after, or None when connected.
 
-        Refusals that will not change by retrying (unauthorized, unsupported version, limits,
-        a broker certificate our TLS context does not trust, and on the `first` connection a
-        host name that does not exist) are raised.
+        Refusals that will not change by retrying (any error but those of RETRYABLE: such as
+        unauthorized or an unsupported version; a broker certificate our TLS context does not
+        trust, a broker that does not speak TLS, and on the `first` connection a host name
+        that does not exist) are raised.
         """
         limit = CONNECT_TIMEOUT_S if left is None else max(MIN_ATTEMPT_S, min(CONNECT_TIMEOUT_S,
                                                                               left))
