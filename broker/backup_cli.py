@@ -11,7 +11,11 @@ Whatever is refused is refused before anything is written; a copy that fails is 
 from __future__ import annotations
 
 import argparse
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from broker import tokens
@@ -22,10 +26,15 @@ from storage.files import sync_dir
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from storage.errors import StorageError
-
     data, dest = Path(args.data), Path(args.dest).absolute()
     started = time.monotonic()
+    with _sigterm_as_exit():
+        return _backup(args, data, dest, started)
+
+
+def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) -> int:
+    from storage.errors import StorageError
+
     try:
         store = open_readonly(args.data)
     except CliError as exc:
@@ -45,7 +54,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
             reason = exc if isinstance(exc, StorageError) else (
                 f"cannot write the secret into {dest}: {exc.strerror or exc}")
             raise CliError(EXIT_USAGE, "data_dir", str(reason)) from None
-        except BaseException:  # Ctrl-C: no half copy either (a data.mdb without its secret)
+        except BaseException:  # Ctrl-C, SIGTERM: what was copied so far is no backup either
             _take_away(dest, made)
             raise
     finally:
@@ -54,6 +63,25 @@ def cmd_backup(args: argparse.Namespace) -> int:
           "bytes": (dest / "data.mdb").stat().st_size, "secret": secret is not None,
           "seconds": round(time.monotonic() - started, 3)})
     return 0
+
+
+@contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (`timeout`, a scheduler stopping the job) ends the command as Ctrl-C does, by an
+    exception, so that a copy it stops is taken away (exit status 128 + 15); by default it
+    killed the process and left the copy half made."""
+    if threading.current_thread() is not threading.main_thread():  # `main` called in a thread
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _LogOnly:

@@ -357,6 +357,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         if not 0 < ttl <= MAX_TOKEN_TTL_S:
             raise ValueError(f"--ttl must be from 1s to {MAX_TOKEN_TTL_S // 86400}d, "
                              f"not {args.ttl}")
+        tokens.check_user(args.user)  # before the secret is made: a usage error makes nothing
         key = Path(args.data) / tokens.SECRET_FILE
         new = not key.exists()
         secret = tokens.load_secret(Path(args.data))
@@ -519,7 +520,10 @@ async def _stdin_lines() -> AsyncIterator[str]:
     it cannot take the lock at exit.
     """
     fd = sys.stdin.fileno()
-    encoding, errors = sys.stdin.encoding, sys.stdin.errors
+    # Strictly, whatever sys.stdin's own handler: in the C and C.UTF-8 locales Python reads
+    # stdin with surrogateescape, which turns a line that is not text into one with lone
+    # surrogates, refused later without naming its line (the broker can never take it).
+    encoding, errors = sys.stdin.encoding, "strict"
     rest = b""
     while chunk := await trio.to_thread.run_sync(os.read, fd, 65536, abandon_on_cancel=True):
         *lines, rest = (rest + chunk).split(b"\n")

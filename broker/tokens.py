@@ -105,10 +105,15 @@ def store_secret(data_dir: Path, secret: bytes) -> bytes:
     return path.read_bytes()
 
 
-def issue(secret: bytes, user: str, role: str = "user", ttl_s: int = 30 * 86400) -> str:
-    """A signed token for `user` with `role`, valid for `ttl_s` seconds."""
+def check_user(user: str) -> None:
+    """ValueError unless `user` is a user id a token can be issued for."""
     if not USER_ID.fullmatch(user):
         raise ValueError(f"invalid user id {user!r}: letters, digits and _.@+- up to 64 chars")
+
+
+def issue(secret: bytes, user: str, role: str = "user", ttl_s: int = 30 * 86400) -> str:
+    """A signed token for `user` with `role`, valid for `ttl_s` seconds."""
+    check_user(user)
     if role not in ROLES:
         raise ValueError(f"invalid role {role!r}: one of {', '.join(ROLES)}")
     now = int(time.time())

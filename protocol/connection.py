@@ -251,6 +251,13 @@ class Connection:
             except FieldError as exc:
                 raise LocalProtocolError(ErrorCode.INVALID, f"{t}: {exc}") from None
             except (TypeError, ValueError, AttributeError) as exc:
+                field = _not_utf8(frame) if isinstance(exc, UnicodeEncodeError) else None
+                if field is not None:  # text made from bytes that were not UTF-8 (argv, a file)
+                    name, where = field
+                    raise LocalProtocolError(ErrorCode.INVALID, (
+                        f"{t}: bad value for field {name!r}: not UTF-8 text (a lone surrogate "
+                        f"at character {where}: bytes that were not UTF-8 where it came "
+                        "from)")) from None
                 raise LocalProtocolError(ErrorCode.INVALID, f"{t}: cannot encode: {exc}") from None
             data = _pack_prefix(len(body)) + body
         if len(data) - 4 > self._buffer.max_frame_bytes:
@@ -291,6 +298,19 @@ class Connection:
 # Frames checked and encoded in C when every field is plain (protocol/native.py).
 _COMPILED = {} if native.wire is None else {Deliver: native.wire.deliver,
                                             Result: native.wire.result}
+
+
+def _not_utf8(frame: tuple) -> tuple[str, int] | None:
+    """The wire name of the first field of `frame` holding text UTF-8 cannot encode (lone
+    surrogates), with the character where it fails; None if there is none."""
+    for attr, value in zip(type(frame)._fields, frame, strict=True):
+        for text in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    return ("from" if attr == "sender" else attr), exc.start
+    return None
 
 
 def _request_id(d: dict) -> int | None:

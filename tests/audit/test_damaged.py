@@ -207,10 +207,11 @@ def _readers(data: Path) -> str:
 
 def test_a_backup_killed_mid_copy_does_not_pin_the_brokers_pages(tmp_path):
     """docs/OPERATIONS.md, Backups, Cost: "while it runs, the broker's writers cannot reuse
-    the pages they free". A backup stopped by a signal mid-copy (SIGTERM from `timeout`,
-    systemd, the OOM killer) leaves its LMDB reader slot behind; nothing in homing ever calls
-    `reader_check`, so the slot outlives it and the running broker can reuse no freed page
-    until it restarts: the data file grows by every page each commit rewrites."""
+    the pages they free". A backup killed mid-copy (SIGKILL, the OOM killer; SIGTERM and
+    SIGINT end it cleanly since 2026-12-05) leaves its LMDB reader slot behind; nothing in
+    homing ever called `reader_check`, so the slot outlived it and the running broker could
+    reuse no freed page until it restarted: the data file grew by every page each commit
+    rewrote."""
     import signal
     import time
 
@@ -232,9 +233,9 @@ def test_a_backup_killed_mid_copy_does_not_pin_the_brokers_pages(tmp_path):
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             while not (dest / "data.mdb").exists() and backup.poll() is None:
                 time.sleep(0.0005)
-            backup.send_signal(signal.SIGTERM)
+            backup.send_signal(signal.SIGKILL)
             backup.wait(30)
-            if backup.returncode == -signal.SIGTERM and not backup.stdout.read():
+            if backup.returncode == -signal.SIGKILL and not backup.stdout.read():
                 break
         else:
             pytest.skip("the copy was always done before it could be stopped")
