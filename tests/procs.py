@@ -155,3 +155,16 @@ def homing(*args: str, env: dict | None = None, input: str | None = None,
 def lines(proc: subprocess.CompletedProcess) -> list[dict]:
     """The JSON objects a command printed, one per line."""
     return [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+
+
+def as_user(bp: BrokerProcess, user: str, role: str = "user") -> dict:
+    """The environment that makes a client command connect to `bp` as `user` with `role`."""
+    return {"HOMING_SERVER": bp.server, "HOMING_TOKEN": bp.token(user, role)}
+
+
+def last_error(stderr: str) -> dict:
+    """The JSON error that ends stderr, with no traceback before it."""
+    assert "Traceback" not in stderr, stderr
+    err = json.loads(stderr.strip().splitlines()[-1])
+    assert set(err) == {"error", "code", "message"}, err
+    return err

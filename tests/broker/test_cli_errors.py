@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.procs import BrokerProcess, free_port, homing, homing_cmd, lines
+from tests.procs import BrokerProcess, as_user, free_port, homing, homing_cmd, lines
 
 README = Path(__file__).parents[2] / "README.md"
 NO_BROKER = {"HOMING_SERVER": f"127.0.0.1:{free_port()}", "HOMING_TOKEN": "v1.any.token"}
@@ -26,10 +26,6 @@ def error_of(proc: subprocess.CompletedProcess) -> dict:
     err = json.loads(proc.stderr)
     assert set(err) == {"error", "code", "message"}
     return err
-
-
-def as_user(bp: BrokerProcess, user: str, role: str = "user") -> dict:
-    return {"HOMING_SERVER": bp.server, "HOMING_TOKEN": bp.token(user, role)}
 
 
 @pytest.mark.parametrize("args, says", [

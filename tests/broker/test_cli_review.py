@@ -10,19 +10,7 @@ import signal
 import subprocess
 import time
 
-from tests.procs import BrokerProcess, free_port, homing, homing_cmd, lines
-
-
-def as_user(bp: BrokerProcess, user: str, role: str = "user") -> dict:
-    return {"HOMING_SERVER": bp.server, "HOMING_TOKEN": bp.token(user, role)}
-
-
-def last_error(stderr: str) -> dict:
-    """The JSON error that ends stderr, with no traceback before it."""
-    assert "Traceback" not in stderr, stderr
-    err = json.loads(stderr.strip().splitlines()[-1])
-    assert set(err) == {"error", "code", "message"}, err
-    return err
+from tests.procs import BrokerProcess, as_user, free_port, homing, homing_cmd, last_error, lines
 
 
 def _send_stdin(bp: BrokerProcess, *args: str, user: str = "shop") -> subprocess.Popen:
