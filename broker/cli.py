@@ -364,7 +364,7 @@ def cmd_token(args: argparse.Namespace) -> int:
         if new:  # a token no running broker accepts, unless it serves this directory
             warn("secret_created", f"created a new signing secret in {key}: a broker accepts "
                  f"this token only if it serves {args.data} (homing serve --data {args.data})")
-        print(tokens.issue(secret, args.user, role, ttl))
+        token = tokens.issue(secret, args.user, role, ttl)
     except ValueError as exc:
         raise CliError(EXIT_USAGE, "usage", str(exc)) from None
     except tokens.SecretError as exc:
@@ -372,6 +372,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CliError(EXIT_USAGE, "data_dir", f"cannot use {args.data}: "
                        f"{exc.strerror or exc}") from None
+    print(token)  # out of the try: a reader gone away is no fault of the data directory
     return 0
 
 
@@ -426,12 +427,8 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
         raise CliError(status, exc.name, exc.message, exc.code) from None
     except Replaced as exc:  # another process connected with this user and --device
         raise CliError(EXIT_REFUSED, "replaced", str(exc)) from None
-    except BrokenPipeError:
-        # stdout's reader went away (`homing history ... | head -1`), not the broker: stop
-        # quietly, as `homing audit` does, with stdout on /dev/null so that the interpreter's
-        # final flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_REFUSED
+    except BrokenPipeError:  # stdout's reader went away (`homing history ... | head -1`),
+        return _reader_gone()  # not the broker
     except (ConnectionLost, OSError) as exc:
         raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
     return 0
@@ -883,10 +880,22 @@ def _add_optional(sub, module: str) -> None:
     mod.add_parser(sub)
 
 
+def _reader_gone() -> int:
+    """stdout's reader went away (`homing token alice | head -c0`): stop quietly, as `homing
+    audit` does, exit 1, with stdout on /dev/null so that the interpreter's final flush cannot
+    fail again (it printed "Exception ignored ... BrokenPipeError" and exited 120)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_REFUSED
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        sys.stdout.flush()  # here, where a reader gone away is told apart
+        return status
+    except BrokenPipeError:
+        return _reader_gone()
     except CliError as exc:
         sys.stderr.write(json.dumps({"error": exc.name, "code": exc.code,
                                      "message": exc.message}) + "\n")

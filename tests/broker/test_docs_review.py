@@ -120,3 +120,20 @@ def test_an_argument_that_is_not_utf8_is_refused_naming_its_field(tmp_path, args
     err = last_error(stderr)
     assert (err["error"], err["code"]) == ("invalid", 7), err
     assert err["message"].startswith(f"send: bad value for field '{field}': not UTF-8 text"), err
+
+
+def test_a_token_into_a_pipe_whose_reader_went_away_exits_quietly(tmp_path):
+    """`homing token alice | head -c0`: the reader is gone before the token is written. Client
+    commands stop quietly then, exit 1 (docs/CLI.md); `token` blamed its data directory
+    (`data_dir`, "cannot use DIR: Broken pipe", exit 2), or, where the pipe broke at the
+    interpreter's last flush, printed Python's "Exception ignored ... BrokenPipeError" and
+    exited 120."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([*homing_cmd(), "token", "alice", "--data", str(tmp_path / "d")],
+                              stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Exception" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
