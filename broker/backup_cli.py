@@ -69,8 +69,10 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
 def _sigterm_as_exit() -> Iterator[None]:
     """SIGTERM (`timeout`, a scheduler stopping the job) ends the command as Ctrl-C does, by an
     exception, so that a copy it stops is taken away (exit status 128 + 15); by default it
-    killed the process and left the copy half made."""
-    if threading.current_thread() is not threading.main_thread():  # `main` called in a thread
+    killed the process and left the copy half made. A SIGTERM ignored when the command started
+    (`trap '' TERM` in the script running it) stays ignored, as Python leaves an ignored SIGINT."""
+    if (threading.current_thread() is not threading.main_thread()  # `main` called in a thread
+            or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN):
         yield
         return
 

@@ -892,7 +892,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         status = args.func(args) or 0
-        sys.stdout.flush()  # here, where a reader gone away is told apart
+        if sys.stdout is not None:  # None: started without one (`>&-`), nothing to flush
+            sys.stdout.flush()  # here, where a reader gone away is told apart
         return status
     except BrokenPipeError:
         return _reader_gone()

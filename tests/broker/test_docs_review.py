@@ -66,6 +66,24 @@ def _big_data_dir(path, megabytes: int) -> None:
         store.close()
 
 
+def signal_mid_backup(data, dest, signum, preexec) -> tuple[subprocess.Popen, bytes, bytes]:
+    """Run `homing backup DEST --data DATA` (`preexec` in the child before it starts), send it
+    `signum` as soon as its copy has begun, and return it ended, with its stdout and stderr."""
+    proc = subprocess.Popen([*homing_cmd(), "backup", str(dest), "--data", str(data)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec)
+    try:
+        deadline = time.monotonic() + 30
+        while not (dest / "data.mdb").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc, out, err
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_backup_stopped_by_a_signal_leaves_no_copy_behind(tmp_path, signum):
     """docs/OPERATIONS.md, "Backups": a copy that cannot be finished is taken away, so that
@@ -77,20 +95,8 @@ def test_a_backup_stopped_by_a_signal_leaves_no_copy_behind(tmp_path, signum):
     _big_data_dir(data, 160)
     for attempt in range(5):
         dest = tmp_path / f"bk{attempt}"
-        proc = subprocess.Popen(
-            [*homing_cmd(), "backup", str(dest), "--data", str(data)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        try:
-            deadline = time.monotonic() + 30
-            while not (dest / "data.mdb").exists() and proc.poll() is None:
-                assert time.monotonic() < deadline
-                time.sleep(0.001)
-            proc.send_signal(signum)
-            out, err = proc.communicate(timeout=60)
-        finally:
-            proc.kill()
-            proc.wait()
+        proc, out, err = signal_mid_backup(
+            data, dest, signum, lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         if proc.returncode == 0:  # the copy was done before the signal came: try again
             assert json.loads(out)["backup"] == str(dest)
             continue
