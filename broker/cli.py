@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -92,6 +93,30 @@ def body_fields(body: str | bytes | None) -> dict[str, Any]:
 
 # -- serve and token ---------------------------------------------------------------------------
 
+def _tls_pair_problem(cert: Path, key: Path) -> str | None:
+    """Which of a TLS pair that does not load is at fault, and how, where that can be told
+    (OpenSSL says `[SSL] PEM lib` for a file that is not PEM, or not what its flag needs);
+    None otherwise."""
+    try:
+        cert_pem, key_pem = cert.read_bytes(), key.read_bytes()
+    except OSError:
+        return None
+    if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
+        return (f"--tls-cert {cert}: no PEM certificate in it (a -----BEGIN CERTIFICATE----- "
+                f"block; a DER one converts with openssl x509 -inform DER -in FILE -out PEM)")
+    if not re.search(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----", key_pem):
+        return f"--tls-key {key}: no PEM private key in it (a -----BEGIN PRIVATE KEY----- block)"
+    return None
+
+
+def _tls_pair_error(cert: Path, key: Path, exc: OSError) -> str:
+    """The usage error's message for a TLS pair that does not load."""
+    if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+        return f"--tls-key {key} is not the key of --tls-cert {cert} (key values mismatch)"
+    return _tls_pair_problem(cert, key) or f"--tls-cert {cert} / --tls-key {key}: " \
+        f"{exc.strerror or exc}"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from broker import listen
     from broker.logs import configure
@@ -110,6 +135,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_nofile(cfg.max_connections + cfg.max_handshakes + 64)
     tune_gc(cfg.gc_young_threshold)
     if cfg.tls_cert:  # before anything is created: a bad pair is a usage error
+        from broker.server import KeyNeedsPassphrase, no_passphrase
+
         for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key)):
             try:
                 path.open("rb").close()
@@ -118,10 +145,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                f"(the broker runs as uid {os.getuid()})") from None
         try:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                str(cfg.tls_cert), str(cfg.tls_key))
+                str(cfg.tls_cert), str(cfg.tls_key), password=no_passphrase)
+        except KeyNeedsPassphrase:  # not OpenSSL's prompt: nothing could answer it twice
+            raise CliError(EXIT_USAGE, "usage", f"--tls-key {cfg.tls_key}: the key is encrypted "
+                           "and serve takes no passphrase: give it the key unencrypted "
+                           "(openssl pkey -in KEY -out PLAIN), readable by the broker's user "
+                           "alone") from None
         except (OSError, ssl.SSLError) as exc:
-            raise CliError(EXIT_USAGE, "usage", f"--tls-cert {cfg.tls_cert} / --tls-key "
-                           f"{cfg.tls_key}: {exc.strerror or exc}") from None
+            raise CliError(EXIT_USAGE, "usage",
+                           _tls_pair_error(cfg.tls_cert, cfg.tls_key, exc)) from None
     try:  # first, so that a port taken (or not ours) fails the start having made nothing
         sockets = listen.bind(cfg.host, cfg.port)
     except OSError as exc:

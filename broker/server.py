@@ -95,6 +95,7 @@ class Broker:
         self.roster_cache_max = ROSTER_CACHE_MAX
         self._ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
+        self._tls: ssl.SSLContext | None = None  # set by `serve` under --tls-cert
         self._stopped = trio.Event()
         # Admins' revocations on their way to disk: user -> their cut-offs (handlers.on_revoke).
         self.revoking: dict[str, list[int]] = {}
@@ -188,12 +189,19 @@ class Broker:
     async def _handle(self, stream: trio.abc.Stream) -> None:
         conn_id = next(self._ids)
         peer = _peer_name(stream)
+        if self._tls is not None:  # its first byte is looked at before TLS starts (_check_tls)
+            stream = trio.SSLStream(stream, self._tls, server_side=True, https_compatible=False)
         session = Session(self, stream, conn_id, peer)
+        session.tls_unchecked = self._tls is not None
         attached = False
         try:
             if self.handshaking >= self.config.max_handshakes:
                 session.reason = CloseReason.LIMIT
                 session.log.warning("handshakes_full", handshaking=self.handshaking)
+                if session.tls_unchecked:  # in TLS if it speaks TLS, as ever (1 s at most)
+                    with trio.move_on_after(1):
+                        if not await self._check_tls(session):
+                            return
                 await self._refuse(session, None, wire.ErrorCode.LIMIT_EXCEEDED,
                                    "too many connections waiting for their hello; retry later")
                 return
@@ -212,11 +220,18 @@ class Broker:
             if attached:
                 self._detach(session)
             session.ended()  # before the close: its fd number may be reused at once
-            if session.reason not in _NO_LINGER:
+            said_nothing = session.tls_unchecked  # a TLS port and not a byte from the peer
+            if said_nothing:  # TLS never began: closing it would begin it
+                session.stream = session.stream.transport_stream
+            stream = session.stream  # the TCP stream, if the TLS check answered in the clear
+            if session.reason not in _NO_LINGER and not said_nothing:
                 with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
                     await _linger(stream)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+                try:
+                    await stream.aclose()  # TLS: its close_notify, then the socket's close
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass  # closed all the same (trio closes the socket when TLS fails)
             session.log.info(
                 "connection_closed", user=session.user or None, device=session.device or None,
                 reason=(session.reason or CloseReason.PEER_EOF).value,
@@ -305,6 +320,8 @@ class Broker:
 
     async def _read_hello(self, session: Session) -> Any:
         conn = session.conn
+        if session.tls_unchecked and not await self._check_tls(session):
+            return None
         while True:
             try:
                 event = conn.next_event()
@@ -321,14 +338,48 @@ class Broker:
                 return event
             try:
                 data = await session.stream.receive_some(65536)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 session.reason = CloseReason.BROKEN
+                if isinstance(exc.__cause__, ssl.SSLError):  # TLS failed (its handshake): why
+                    cause = exc.__cause__
+                    session.log.info("tls_failed", reason=cause.reason or str(cause))
                 return None
             conn.receive_data(data)
+
+    async def _check_tls(self, session: Session) -> bool:
+        """On a TLS port, wait for the peer's first byte (under the handshake timeout) without
+        taking it: a TLS handshake begins with 0x16. Anything else (a homing frame, whose
+        length begins with 0x00; an HTTP request) is a client without TLS: it is answered in
+        the clear with a closing `bad_frame` saying so, rather than dropped with nothing
+        said. False if the session ends."""
+        tcp = session.stream.transport_stream
+        try:
+            first = await tcp.socket.recv(1, socket.MSG_PEEK)
+        except OSError:
+            first = None
+        if first and first[0] == 0x16:
+            session.tls_unchecked = False
+            return True
+        session.tls_unchecked = False
+        session.stream = tcp  # TLS never begins on this connection
+        if not first:
+            session.reason = CloseReason.PEER_EOF if first == b"" else CloseReason.BROKEN
+            return False
+        session.reason = CloseReason.PROTOCOL_ERROR
+        message = ("this port speaks TLS only: connect with TLS (homing --tls or --tls-ca; "
+                   "the SDK's tls=)")
+        session.log.info("frame_rejected", code=wire.ErrorCode.BAD_FRAME.wire_name,
+                         reason=message, fatal=True)
+        await self._refuse(session, None, wire.ErrorCode.BAD_FRAME, message)
+        return False
 
     async def _refuse(self, session: Session, request_id: int | None, code: wire.ErrorCode,
                       message: str) -> None:
         """Send a closing error frame (best effort, bounded in time)."""
+        if session.tls_unchecked:
+            # A TLS port and not a byte from the peer yet: we do not know which language it
+            # speaks, so nothing is said (a TLS handshake would wait for its hello in vain).
+            return
         try:
             data = encode_push(wire.error_frame(code, message, request_id, close=True))
         except wire.ProtocolError:
@@ -371,13 +422,11 @@ class Broker:
                         listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
                     else:
                         listeners = listen.listen(sockets)
-                    if cfg.tls_cert:
-                        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                        ctx.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key))
-                        listeners = [trio.SSLListener(ln, ctx, https_compatible=False)
-                                     for ln in listeners]
-                    self.port = listeners[0].socket.getsockname()[1] if not cfg.tls_cert \
-                        else listeners[0].transport_listener.socket.getsockname()[1]
+                    if cfg.tls_cert:  # each connection is wrapped in `_handle`
+                        self._tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                        self._tls.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key),
+                                                  password=no_passphrase)
+                    self.port = listeners[0].socket.getsockname()[1]
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
                                   tls=bool(cfg.tls_cert), data=str(cfg.data_dir),
                                   storage_native=native.describe(),
@@ -450,6 +499,16 @@ class Broker:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+class KeyNeedsPassphrase(Exception):
+    """The --tls-key file is encrypted: serve takes no passphrase."""
+
+
+def no_passphrase() -> bytes:
+    """`load_cert_chain`'s password callback: an encrypted key is refused (KeyNeedsPassphrase),
+    where OpenSSL would prompt for its passphrase on the terminal, and wait there."""
+    raise KeyNeedsPassphrase
 
 
 async def _linger(stream: trio.abc.Stream) -> None:

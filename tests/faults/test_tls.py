@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import datetime
 import ssl
 
 import pytest
 import trio
 import trustme
+from structlog.testing import capture_logs
 
 import protocol as wire
-from broker.client import NotTls, NotTrusted, open_client
-from tests.faults.conftest import raw_bytes_exchange
+from broker.client import ClientError, NotTls, NotTrusted, open_client
+from tests.faults.conftest import RawClient, raw_bytes_exchange
 from tests.harness import running_broker
 
 
@@ -31,7 +33,8 @@ async def test_tls_serves_sdk_and_refuses_plaintext(tmp_path, tally):
                                        "device": "d"})
             for _ in range(5):
                 out = await raw_bytes_exchange(h.server, hello, read_s=2)
-                assert not out.startswith(b"\x00")  # no protocol frame in the clear
+                # In the clear, only the closing error saying the port speaks TLS: no welcome.
+                assert b"welcome" not in out and b"bad_frame" in out and b"speaks TLS" in out
                 tally.add("TLS: plaintext hello on the TLS port")
             untrusting = ssl.create_default_context()  # does not trust our CA
             started = trio.current_time()
@@ -63,3 +66,129 @@ async def test_a_tls_client_of_a_plaintext_broker_stops_at_once(tmp_path):
             assert "did not answer in TLS" in str(refused.value)
             async with open_client(h.server, h.token("eve"), "d") as eve:  # it serves on
                 assert (await eve.send("plain", to="bob")).seq == 1
+
+
+def _tls_pair(tmp_path):
+    """A trustme CA, and a certificate and key for 127.0.0.1 written to tmp_path."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return ca, cert_path, key_path
+
+
+async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_path):
+    """A client without TLS on the TLS port is answered in the clear with a closing `bad_frame`
+    saying the port speaks TLS (logged as such), rather than dropped with nothing said: the SDK
+    stops at once, not after its reconnect timeout with `expected welcome, got NoneType`. A
+    client that says nothing still holds its handshake slot no longer than
+    --handshake-timeout, and TLS clients are served throughout."""
+    ca, cert_path, key_path = _tls_pair(tmp_path)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path,
+                              handshake_timeout_s=1.5, max_handshakes=1) as h:
+        with capture_logs() as logs, trio.fail_after(15):
+            started = trio.current_time()
+            with pytest.raises(ClientError) as refused:
+                async with open_client(h.server, h.token("eve"), "d", reconnect_timeout=20):
+                    raise AssertionError("a plaintext session with a TLS broker")
+            assert trio.current_time() - started < 5
+            assert refused.value.name == "bad_frame"
+            assert "speaks TLS" in refused.value.message, refused.value.message
+
+            for _ in range(3):  # connected and gone without a byte (a port probe)
+                probe = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
+                await probe.aclose()
+            await trio.sleep(0.2)
+            silent = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
+            started = trio.current_time()
+            await trio.sleep(0.1)
+            assert h.broker.handshaking == 1
+            # --max-handshakes 1 reached: a TLS client is still told so, in TLS.
+            late = await RawClient.connect(h.server, ssl_context=ctx)
+            refusal = await late.next()
+            assert isinstance(refusal, wire.Error) and refusal.name == "limit_exceeded", refusal
+            await late.aclose()
+            while h.broker.handshaking:
+                await trio.sleep(0.02)
+            assert trio.current_time() - started < 2.0  # its 1.5 s, not 1 s more
+            assert await silent.receive_some(100) == b""  # closed then, nothing said
+            assert trio.current_time() - started < 2.0
+            await silent.aclose()
+            half = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
+            await half.send_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a hello
+            started = trio.current_time()
+            await _until_closed(half)  # at the handshake timeout
+            assert trio.current_time() - started < 2.0 and not h.broker.handshaking
+            await half.aclose()
+
+            async with open_client(h.server, h.token("alice"), "d", tls=ctx) as alice:
+                assert (await alice.send("over tls", to="bob")).seq == 1
+            # SIGTERM while a connection has said nothing yet: it does not hold the stop.
+            silent = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
+            await trio.sleep(0.1)
+            started = trio.current_time()
+            h.broker.shutdown()
+            await h.broker.wait_stopped()
+            assert trio.current_time() - started < 0.9
+            await silent.aclose()
+    # (captured here, not by running_broker: a connection handler that crashed)
+    assert not [e for e in logs if e.get("log_level") in ("error", "critical")], logs
+    rejected = [e for e in logs if e["event"] == "frame_rejected"]
+    assert rejected and "speaks TLS" in rejected[0]["reason"], rejected
+
+
+async def test_a_tls_handshake_that_fails_is_logged_with_its_reason(tmp_path):
+    """The broker's certificate expired, or a client does not trust its CA: each client stops
+    at once with NotTrusted saying why, and the broker's log says why too
+    (`tls_failed`, with OpenSSL's reason: the client's alert), where it said only
+    `connection_closed` reason `broken`, alike for a reset."""
+    ca = trustme.CA()
+    now = datetime.datetime.now(datetime.UTC)
+    expired = ca.issue_cert("127.0.0.1", not_before=now - datetime.timedelta(days=2),
+                            not_after=now - datetime.timedelta(days=1))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    expired.cert_chain_pems[0].write_to_path(str(cert_path))
+    expired.private_key_pem.write_to_path(str(key_path))
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path) as h:
+        with capture_logs() as logs, trio.fail_after(15):
+            for ctx, says in ((trusting, "expired"), (ssl.create_default_context(), "")):
+                with pytest.raises(NotTrusted) as refused:
+                    async with open_client(h.server, h.token("eve"), "d", tls=ctx,
+                                           reconnect_timeout=10):
+                        raise AssertionError("connected with a certificate to refuse")
+                assert says in str(refused.value)
+            for ctx in (trusting, ssl.create_default_context()):  # clients that send alerts
+                await trio.to_thread.run_sync(_blocking_tls_connect, h.broker.port, ctx)
+            for _ in range(50):
+                if len([e for e in logs if e["event"] == "tls_failed"]) == 4:
+                    break
+                await trio.sleep(0.02)
+    assert not [e for e in logs if e.get("log_level") in ("error", "critical")], logs
+    failed = [e for e in logs if e["event"] == "tls_failed"]
+    # The SDK (trio) hangs up without its alert; OpenSSL's own socket clients send theirs.
+    assert [e["reason"] for e in failed] == [
+        "UNEXPECTED_EOF_WHILE_READING", "UNEXPECTED_EOF_WHILE_READING",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED", "TLSV1_ALERT_UNKNOWN_CA"], failed
+
+
+async def _until_closed(stream: trio.SocketStream) -> None:
+    """Read and drop until the broker closes `stream` (EOF, or a reset)."""
+    try:
+        while await stream.receive_some(100):
+            pass
+    except trio.BrokenResourceError:
+        pass
+
+
+def _blocking_tls_connect(port: int, ctx: ssl.SSLContext) -> None:
+    """A TLS handshake with the standard library's socket client, expected to fail."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            ctx.wrap_socket(sock, server_hostname="127.0.0.1")
