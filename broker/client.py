@@ -123,6 +123,10 @@ class Replaced(ConnectionLost):
 
 def parse_server(server: str) -> tuple[str, int]:
     """(host, port) from ``HOST:PORT``."""
+    if "://" in server:  # nats://, redis://, http://: the habit of other clients
+        raise ValueError(f"server must be HOST:PORT, not a URL: {server!r} (homing speaks its "
+                         "own protocol over TCP: give the host and port alone, and connect "
+                         "with TLS by passing tls=, or --tls, not by a scheme)")
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"server must be HOST:PORT, not {server!r}")

@@ -126,9 +126,17 @@ def verify(secret: bytes, token: str, now: float | None = None) -> Claims:
     """The claims of a genuine, unexpired token; TokenError otherwise."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
         raise TokenError("malformed token")
+    if not token:
+        raise TokenError("malformed token: it is empty (an unset HOMING_TOKEN?); mint one with "
+                         "`homing token USER --data DIR`, DIR the broker's data directory")
+    if token != token.strip() or " " in token:
+        raise TokenError("malformed token: it has whitespace around or in it (a line end kept "
+                         "from the file it was read from, a `Bearer ` before it): strip it and "
+                         "send the token alone, as `homing token` prints it")
     parts = token.split(".")
     if len(parts) != 3 or parts[0] != "v1":
-        raise TokenError("malformed token")
+        raise TokenError("malformed token: a token is v1.<claims>.<signature>, as `homing "
+                         "token` prints it")
     try:
         mac = _unb64(parts[2])
     except ValueError:
