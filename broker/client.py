@@ -325,7 +325,7 @@ class Client:
             raise TypeError(f"members is a list of user ids, not the str {members!r}: "
                             f"[{members!r}] for one member")
         reply = await self._request(lambda i: wire.Create(
-            id=i, kind=kind, name=name, members=tuple(members), open=open), resend=False)
+            id=i, kind=kind, name=name, members=tuple(members or ()), open=open), resend=False)
         return reply.conv
 
     async def create_group(self, name: str, members=(), open: bool = False) -> str:

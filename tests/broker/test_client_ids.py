@@ -55,6 +55,7 @@ async def test_members_given_as_one_string_are_refused_not_spelled_out(tmp_path)
         async with running_broker(tmp_path / "d") as h, h.client("shop", role="service") as shop:
             with pytest.raises(TypeError, match=r"\['bob'\] for one member"):
                 await shop.create_group("g", "bob")
+            assert (await shop.members(await shop.create_group("none", None))).members == ()
             conv = await shop.create_group("g", ["bob"])
             assert (await shop.members(conv)).members == ("bob",)
             assert h.broker.store.user_convs("b") == []
