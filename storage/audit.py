@@ -34,7 +34,7 @@ from storage.errors import CorruptLog
 from storage.fold import fold
 from storage.log import verify_records
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
-from storage.records import GENESIS, Event, decode_body, pack_u64, u64
+from storage.records import GENESIS, MAX_TS_US, Event, decode_body, pack_u64, u64
 from storage.store import Store
 from storage.tables import APPEND_ONLY, MemoryTables, RowsDropped
 
@@ -114,11 +114,20 @@ class EventFilter:
 
 
 def _event(lsn: int, value: bytes) -> Event:
-    """The event of record `lsn` (`digest || body`); CorruptLog if its body does not decode."""
+    """The event of record `lsn` (`digest || body`); CorruptLog if its body does not decode,
+    or its time is none a date holds (ts_iso could not print it)."""
     try:
-        return decode_body(value[32:])
+        ev = decode_body(value[32:])
     except Exception as exc:
         raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+    _check_ts(lsn, ev.ts_us)
+    return ev
+
+
+def _check_ts(lsn: int, ts_us: object) -> None:
+    """CorruptLog unless `ts_us`, the time of record `lsn`, is one `ts_iso` prints."""
+    if type(ts_us) is not int or not 0 <= ts_us <= MAX_TS_US:
+        raise CorruptLog(lsn, f"a time of {ts_us!r} us, which no date holds")
 
 
 def _raw(store: Store, from_lsn: int = 1, to_lsn: int | None = None,
@@ -320,7 +329,7 @@ def _check_rows(store: Store, progress: Progress) -> tuple[Difference | None, in
 def _entry(store: Store, inbox_seq: int, raw: bytes) -> dict[str, Any]:
     kind, conv, seq, lsn = msgpack.unpackb(raw, raw=False)
     out = {"inbox_seq": inbox_seq, "kind": kind, "conv": conv, "seq": seq, "lsn": lsn}
-    ev = next(store.read_events(lsn, lsn), None)
+    ev = next((_event(n, value) for n, value in store.log.read_raw(lsn, lsn)), None)
     if ev is not None:
         out["from"] = ev.user
         out["ts"] = ts_iso(ev.ts_us)
@@ -339,6 +348,8 @@ def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int |
     "conv", "seq", "lsn", "from", "ts"}` plus `cid` and the body for messages.
     """
     tables, lsn, ts = replay(store, to_lsn, until_us=until_us, progress=progress)
+    if ts is not None:
+        _check_ts(lsn, ts)
     d = tables.data
     prefix = user.encode() + b"\0"
     cut = len(prefix)

@@ -87,6 +87,7 @@ class LmdbEnv:
                 readahead=False, lock=True, readonly=readonly, max_spare_txns=0, mode=0o600,
                 create=not readonly,
             )
+            self._check_size()
             self.dbs = {name: self._open_db(name) for name in db_names}
         except lmdb.Error as exc:
             self._release_dir_lock()
@@ -101,6 +102,18 @@ class LmdbEnv:
             self._check_readers()
         log.info("storage_opened", path=self.path, readonly=readonly,
                  map_size=self.env.info()["map_size"])
+
+    def _check_size(self) -> None:
+        """Refuse a data file shorter than its last committed transaction says it is (a copy
+        cut short, a truncated file): LMDB opens it, since its meta pages are there, and the
+        first read of a page past the end would kill the process with SIGBUS. The meta is read
+        before the file's size, so a writer growing the file meanwhile is no false alarm."""
+        need = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        have = os.stat(os.path.join(self.path, "data.mdb")).st_size
+        if have < need:
+            self.env.close()
+            raise StorageError(f"{self.path}/data.mdb is truncated: {have} bytes, where its "
+                               f"last transaction needs {need}; restore it from a backup")
 
     def _check_readers(self) -> None:
         """Free the reader slots of processes that died in a read transaction (an audit or a

@@ -85,7 +85,9 @@ class LmdbLog:
             yield decode_body(value[32:])
 
     def read_raw(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[tuple[int, bytes]]:
-        """Yield `(lsn, digest || body)` records, chunk by chunk."""
+        """Yield `(lsn, digest || body)` records, chunk by chunk; CorruptLog at a record
+        missing between `from_lsn` and the last one read (LSNs have no gap), rather than a
+        silent skip: every audit and replay reads through here."""
         nxt = max(from_lsn, 1)
         while to_lsn is None or nxt <= to_lsn:
             with self._env.read() as txn:
@@ -104,14 +106,17 @@ class LmdbLog:
             raise CorruptLog(1, f"a log key {cur.key().hex()} before lsn 1, not an lsn")
         if not cur.set_range(lsn_key(start)):
             return out
+        expected = start
         for key, value in cur:
             try:
                 lsn = key_lsn(key)
             except struct.error:  # not lsn_key's u64: the log was written behind our back
-                raise CorruptLog(out[-1][0] + 1 if out else start,
-                                 f"a log key of {len(key)} bytes, not an lsn") from None
-            if to_lsn is not None and lsn > to_lsn:
+                raise CorruptLog(expected, f"a log key of {len(key)} bytes, not an lsn") from None
+            if to_lsn is not None and expected > to_lsn:
                 break
+            if lsn != expected:  # LSNs have no gap: a replay past one would be no state
+                raise CorruptLog(expected, f"record missing (the next is lsn {lsn})")
+            expected += 1
             out.append((lsn, value))
             if len(out) >= READ_CHUNK:
                 break

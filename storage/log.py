@@ -25,7 +25,15 @@ from typing import Any, Protocol, runtime_checkable
 from msgpack import packb
 
 from storage.errors import CorruptLog
-from storage.records import DIGEST_BYTES, EVENT_TYPES, GENESIS, Event, chain, decode_body
+from storage.records import (
+    DIGEST_BYTES,
+    EVENT_TYPES,
+    GENESIS,
+    MAX_TS_US,
+    Event,
+    chain,
+    decode_body,
+)
 
 EventInput = Event | tuple[int, str, str, str, dict[str, Any]]
 
@@ -115,8 +123,55 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
             raise CorruptLog(lsn, "a field of the wrong kind: ts_us "
                              f"{type(ev.ts_us).__name__}, user {type(ev.user).__name__}, device "
                              f"{type(ev.device).__name__}, data {type(ev.data).__name__}")
+        if not 0 <= ev.ts_us <= MAX_TS_US:
+            raise CorruptLog(lsn, f"a time of {ev.ts_us} us, which no date holds")
+        data = ev.data
+        if ev.type == "message.accepted" and type(data.get("conv")) is str and type(
+                data.get("cid")) is str and type(data.get("body")) in _BODY:
+            pass  # nearly every record: its data checked inline, as data_fault would
+        else:
+            fault = data_fault(ev.type, data)
+            if fault is not None:
+                raise CorruptLog(lsn, f"{ev.type} {fault}")
         expected += 1
     return expected - from_lsn
+
+
+_STR, _INT = (str,), (int,)
+_BODY = (str, bytes)
+# The fields of each event's data that the replay reads (storage/projections.py, fold.py), and
+# the kinds it can apply; optional ones (`name`, `open`, older acks' `convs`) are checked apart.
+_FIELDS: dict[str, tuple[tuple[str, tuple[type, ...]], ...]] = {
+    "conv.created": (("conv", _STR), ("kind", _STR)),
+    "member.added": (("conv", _STR), ("user", _STR), ("role", _STR)),
+    "member.removed": (("conv", _STR), ("user", _STR)),
+    "member.role_set": (("conv", _STR), ("user", _STR), ("role", _STR)),
+    "message.accepted": (("conv", _STR), ("cid", _STR), ("body", _BODY)),
+    "delivery.acked": (("upto", _INT),),
+    "read.marked": (("conv", _STR), ("upto", _INT)),
+    "mute.set": (("conv", _STR), ("muted", (bool,))),
+    "tokens.revoked": (("user", _STR), ("before", _INT)),
+}
+
+
+def _u64_ok(value: object) -> bool:
+    return type(value) is int and 0 <= value < 1 << 64
+
+
+def data_fault(type_: str, data: dict) -> str | None:
+    """Why the data of an event of `type_` is none the replay can apply (a field missing or
+    of the wrong kind), or None when it can."""
+    for name, kinds in _FIELDS.get(type_, ()):
+        if name not in data:
+            return f"data without {name!r}"
+        if type(data[name]) not in kinds or (kinds is _INT and not _u64_ok(data[name])):
+            return f"data.{name} of the wrong kind: {data[name]!r:.60}"
+    if type_ == "delivery.acked":
+        convs = data.get("convs")
+        if convs is not None and (type(convs) is not dict or not all(
+                type(k) is str and _u64_ok(v) for k, v in convs.items())):
+            return f"data.convs of the wrong kind: {convs!r:.60}"
+    return None
 
 
 class MemoryLog:
