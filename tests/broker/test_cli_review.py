@@ -10,6 +10,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests.procs import BrokerProcess, as_user, free_port, homing, homing_cmd, last_error, lines
 
 
@@ -78,13 +80,20 @@ def test_ctrl_c_stops_send_stdin_waiting_for_its_next_line(tmp_path):
             send.wait()
 
 
-def test_send_stdin_reports_a_line_that_is_not_text_as_invalid(tmp_path):
+@pytest.mark.parametrize("locale", [{"PYTHONIOENCODING": "utf-8"}, {"LANG": "C.UTF-8"},
+                                    {"LANG": "C"}])
+def test_send_stdin_reports_a_line_that_is_not_text_as_invalid(tmp_path, locale):
     """A line of stdin that does not decode is refused as `invalid` naming its line number
-    (exit 1), after the lines before it were sent; it was a traceback (an exception group)."""
+    (exit 1), after the lines before it were sent; it was a traceback (an exception group).
+    So in the C and C.UTF-8 locales too (containers, systemd units, cron), where Python reads
+    stdin with the surrogateescape handler: there the line became text with lone surrogates,
+    and the send failed later without naming the line ("send: cannot encode: ...")."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONIOENCODING", "PYTHONUTF8", "LC_ALL", "LC_CTYPE")}
     with BrokerProcess(tmp_path / "data") as bp:
         proc = subprocess.run(
             [*homing_cmd(), "send", "--to", "bob", "--stdin", "--cid-prefix", "u"],
-            env={**os.environ, **as_user(bp, "shop", "service"), "PYTHONIOENCODING": "utf-8"},
+            env={**env, **locale, **as_user(bp, "shop", "service")},
             input=b"fine\nbad \xff byte\n", capture_output=True, timeout=30)
         stderr = proc.stderr.decode()
         assert proc.returncode == 1, stderr
