@@ -33,6 +33,7 @@ from .frames import (
     Result,
     Welcome,
     spec_of,
+    wire_key,
 )
 from .prepared import PreparedDeliver
 from .state import ERROR_CLOSE, Role, State, legal_moves
@@ -309,7 +310,7 @@ def _not_utf8(frame: tuple) -> tuple[str, int] | None:
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError as exc:
-                    return ("from" if attr == "sender" else attr), exc.start
+                    return wire_key(attr), exc.start
     return None
 
 

@@ -29,6 +29,12 @@ class FieldError(ValueError):
     """Raised by `from_wire` when a field is missing, ill-typed or out of its limit."""
 
 
+def wire_key(attr: str) -> str:
+    """The wire key of a frame's attribute: `sender` is "from" (a Python keyword), the others
+    their own name."""
+    return "from" if attr == "sender" else attr
+
+
 class _Spec:
     """How one frame class maps to and from a wire map: a generated decoder and encoder.
 
@@ -63,7 +69,7 @@ class _Spec:
         tail = []
         flat = rule is None
         for i, attr in enumerate(cls._fields):
-            v, wire = f"v{i}", ("from" if attr == "sender" else attr)
+            v, wire = f"v{i}", wire_key(attr)
             check, convert, unconvert = checks[attr], None, None
             if isinstance(check, tuple):  # (check, convert, unconvert) for nested maps
                 check, convert, unconvert = check

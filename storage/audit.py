@@ -32,9 +32,9 @@ from storage import native
 from storage import records as r
 from storage.errors import CorruptLog
 from storage.fold import fold
-from storage.log import verify_records
+from storage.log import check_time, verify_records
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
-from storage.records import GENESIS, MAX_TS_US, Event, decode_body, pack_u64, u64
+from storage.records import GENESIS, Event, decode_body, pack_u64, u64
 from storage.store import Store
 from storage.tables import APPEND_ONLY, MemoryTables, RowsDropped
 
@@ -120,14 +120,8 @@ def _event(lsn: int, value: bytes) -> Event:
         ev = decode_body(value[32:])
     except Exception as exc:
         raise CorruptLog(lsn, f"undecodable body: {exc}") from None
-    _check_ts(lsn, ev.ts_us)
+    check_time(lsn, ev.ts_us)
     return ev
-
-
-def _check_ts(lsn: int, ts_us: object) -> None:
-    """CorruptLog unless `ts_us`, the time of record `lsn`, is one `ts_iso` prints."""
-    if type(ts_us) is not int or not 0 <= ts_us <= MAX_TS_US:
-        raise CorruptLog(lsn, f"a time of {ts_us!r} us, which no date holds")
 
 
 def _raw(store: Store, from_lsn: int = 1, to_lsn: int | None = None,
@@ -349,7 +343,7 @@ def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int |
     """
     tables, lsn, ts = replay(store, to_lsn, until_us=until_us, progress=progress)
     if ts is not None:
-        _check_ts(lsn, ts)
+        check_time(lsn, ts)
     d = tables.data
     prefix = user.encode() + b"\0"
     cut = len(prefix)

@@ -123,8 +123,7 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
             raise CorruptLog(lsn, "a field of the wrong kind: ts_us "
                              f"{type(ev.ts_us).__name__}, user {type(ev.user).__name__}, device "
                              f"{type(ev.device).__name__}, data {type(ev.data).__name__}")
-        if not 0 <= ev.ts_us <= MAX_TS_US:
-            raise CorruptLog(lsn, f"a time of {ev.ts_us} us, which no date holds")
+        check_time(lsn, ev.ts_us)
         data = ev.data
         if ev.type == "message.accepted" and type(data.get("conv")) is str and type(
                 data.get("cid")) is str and type(data.get("body")) in _BODY:
@@ -135,6 +134,13 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
                 raise CorruptLog(lsn, f"{ev.type} {fault}")
         expected += 1
     return expected - from_lsn
+
+
+def check_time(lsn: int, ts_us: object) -> None:
+    """CorruptLog unless `ts_us`, the time of record `lsn`, is one a date holds (0 to
+    MAX_TS_US microseconds: what a homing's clock writes, and what an audit can print)."""
+    if type(ts_us) is not int or not 0 <= ts_us <= MAX_TS_US:
+        raise CorruptLog(lsn, f"a time of {ts_us!r} us, which no date holds")
 
 
 _STR, _INT = (str,), (int,)
