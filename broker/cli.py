@@ -484,12 +484,21 @@ def check_send(args: argparse.Namespace) -> None:
         raise CliError(EXIT_USAGE, "usage", "--cid goes with TEXT; with --stdin use --cid-prefix")
     if not args.stdin and args.cid_prefix is not None:
         raise CliError(EXIT_USAGE, "usage", "--cid-prefix goes with --stdin; with TEXT use --cid")
-    # An empty one (`--cid "$ORDER"` with ORDER unset) was taken for none: a fresh cid, and a
-    # duplicate each time the script ran again.
-    for option, value in (("--cid", args.cid), ("--cid-prefix", args.cid_prefix)):
+    _check_not_empty(("--cid", args.cid), ("--cid-prefix", args.cid_prefix))
+
+
+def _check_not_empty(*options: tuple[str, str | None]) -> None:
+    """A usage error for a cid option given empty (`--cid "$ORDER"` with ORDER unset): taken
+    for none, it would get a fresh cid, and a duplicate each time the script ran again."""
+    for option, value in options:
         if value == "":
             raise CliError(EXIT_USAGE, "usage", f"{option} is empty: give one, or leave "
                            f"{option} out for a fresh one")
+
+
+def check_create(args: argparse.Namespace) -> None:
+    """`group create` and `channel create`: a `--cid` given is not empty."""
+    _check_not_empty(("--cid", args.cid))
 
 
 async def do_send(client, args) -> None:
@@ -602,7 +611,7 @@ async def do_listen(client, args) -> None:
 
 async def do_create(client, args) -> None:
     members = [m for m in (args.members or "").split(",") if m]
-    conv = await client.create(args.kind, args.name, members, args.open)
+    conv = await client.create(args.kind, args.name, members, args.open, cid=args.cid)
     emit({"conv": conv})
 
 
@@ -850,7 +859,9 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("name")
         c.add_argument("--members", help="comma-separated user ids")
         c.add_argument("--open", action="store_true", help="anyone may join/subscribe")
-        c.set_defaults(kind=kind, func=lambda a: run_client(a, do_create))
+        c.add_argument("--cid", help=f"client id of this create: a retry with the same id "
+                                     f"creates nothing new and prints the first {kind}")
+        c.set_defaults(kind=kind, func=lambda a: run_client(a, do_create, check_create))
 
     inv = client("invite", "add a user to a group or channel", do_invite)
     inv.add_argument("conv")

@@ -13,7 +13,9 @@ What it promises:
   duplicate (the broker answers a repeated cid with the first result, `dup=True`).
 - Deliveries resume after the last acked inbox_seq; deliveries already handed to the caller in
   this process are not handed over twice, and acks made while disconnected are sent again.
-- Requests that are not safe to repeat (`create`) fail with `ConnectionLost` on a drop.
+- `create` carries a cid as `send` does, and is repeated after a drop in the same way (the
+  broker answers a repeated cid with the conversation it created first). Requests that are not
+  safe to repeat (`revoke`) fail with `ConnectionLost` on a drop.
 - Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse
   raises ClientError "invalid" at once, unsent (while disconnected: against the last welcome).
@@ -318,21 +320,27 @@ class Client:
         return await self._request(lambda i: wire.Receipts(id=i, conv=conv, seq=seq))
 
     async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),
-                     open: bool = False) -> str:
+                     open: bool = False, *, cid: str | None = None) -> str:
         """Create a group or channel; returns its conv id. `members` is a list of user ids:
-        one str is refused (TypeError), as it would make a member of each of its letters."""
+        one str is refused (TypeError), as it would make a member of each of its letters.
+        Like `send`, it carries a `cid` (a fresh one without yours) and is repeated after a
+        drop: the broker answers a repeat with the conversation it created first. Pass your
+        own `cid` (an order number, say) to make one conversation of calls in several runs."""
         if isinstance(members, str):
             raise TypeError(f"members is a list of user ids, not the str {members!r}: "
                             f"[{members!r}] for one member")
+        cid = new_cid() if cid is None else cid
         reply = await self._request(lambda i: wire.Create(
-            id=i, kind=kind, name=name, members=tuple(members or ()), open=open), resend=False)
+            id=i, kind=kind, name=name, members=tuple(members or ()), open=open, cid=cid))
         return reply.conv
 
-    async def create_group(self, name: str, members=(), open: bool = False) -> str:
-        return await self.create("group", name, members, open)
+    async def create_group(self, name: str, members=(), open: bool = False, *,
+                           cid: str | None = None) -> str:
+        return await self.create("group", name, members, open, cid=cid)
 
-    async def create_channel(self, name: str, members=(), open: bool = False) -> str:
-        return await self.create("channel", name, members, open)
+    async def create_channel(self, name: str, members=(), open: bool = False, *,
+                             cid: str | None = None) -> str:
+        return await self.create("channel", name, members, open, cid=cid)
 
     async def invite(self, conv: str, user: str, role: str = "member") -> None:
         await self._request(lambda i: wire.Invite(id=i, conv=conv, user=user, role=role))

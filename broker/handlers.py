@@ -104,7 +104,7 @@ def _ok(session: Session, request_id: int, r: dict) -> wire.Ok:
 
 
 def _created(session: Session, request_id: int, r: dict) -> wire.Created:
-    return wire.Created(id=request_id, conv=r["conv"])
+    return wire.Created(id=request_id, conv=r["conv"], dup=r["dup"])
 
 
 def _send_allowed(session: Session) -> bool:
@@ -189,7 +189,7 @@ def _change(handler: Callable[[Session, Any], Any]) -> Callable[[Session, Any], 
 def on_create(session: Session, f: wire.Create) -> Any:
     members = tuple(dict.fromkeys(m for m in (f.members or ()) if m != session.user))
     command = cmd.CreateConv(session.user, session.device, session.role, f.kind, f.name,
-                             bool(f.open), members)
+                             bool(f.open), members, f.cid)
     return _command(session, f.id, command, _created)
 
 

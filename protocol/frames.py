@@ -240,6 +240,7 @@ class Create(NamedTuple):
     name: str
     members: tuple[str, ...] = ()
     open: bool = False
+    cid: str | None = None
 
 
 class Invite(NamedTuple):
@@ -410,10 +411,12 @@ class Revoked(NamedTuple):
 
 
 class Created(NamedTuple):
-    """Reply to ``create``: the new conversation's id."""
+    """Reply to ``create``: the new conversation's id (`dup`: the first answer to a repeated
+    cid, nothing created)."""
 
     id: int
     conv: str
+    dup: bool = False
 
 
 class Page(NamedTuple):
@@ -566,7 +569,7 @@ _register(Read, "read", "c", conv=f.conv_id, upto=f.uint, id=_ID)
 _register(History, "history", "c", id=_ID, conv=f.conv_id, before=f.uint, after=f.uint,
           limit=f.int_range(1, f.MAX_HISTORY_LIMIT), order=f.one_of("newest", "oldest"))
 _register(Create, "create", "c", id=_ID, kind=f.one_of("group", "channel"), name=_NAME,
-          members=f.user_list(f.MAX_MEMBERS), open=f.boolean)
+          members=f.user_list(f.MAX_MEMBERS), open=f.boolean, cid=f.cid)
 _register(Invite, "invite", "c", id=_ID, conv=f.conv_id, user=f.user_id,
           role=f.one_of("member", "admin"))
 _register(SetRole, "set_role", "c", id=_ID, conv=f.conv_id, user=f.user_id,
@@ -594,7 +597,7 @@ _register(Welcome, "welcome", "s", version=f.uint, session=_NAME, user=f.user_id
 _register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint, cid=f.cid,
           dup=f.boolean)
 _register(Ok, "ok", "s", id=_ID, conv=f.conv_id)
-_register(Created, "created", "s", id=_ID, conv=f.conv_id)
+_register(Created, "created", "s", id=_ID, conv=f.conv_id, dup=f.boolean)
 _register(Revoked, "revoked", "s", id=_ID, user=f.user_id, before=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,

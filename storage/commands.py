@@ -26,7 +26,9 @@ class SendMessage(NamedTuple):
 
 
 class CreateConv(NamedTuple):
-    """Create a group or channel owned by the actor, with `members` added as plain members."""
+    """Create a group or channel owned by the actor, with `members` added as plain members.
+    With a `cid`, a repeat of it by the same user creates nothing and answers the first
+    conversation (`dup`)."""
 
     user: str
     device: str
@@ -35,6 +37,7 @@ class CreateConv(NamedTuple):
     name: str | None = None
     open: bool = False
     members: tuple[str, ...] = ()
+    cid: str | None = None
 
 
 class Invite(NamedTuple):

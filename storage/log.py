@@ -146,7 +146,8 @@ def check_time(lsn: int, ts_us: object) -> None:
 _STR, _INT = (str,), (int,)
 _BODY = (str, bytes)
 # The fields of each event's data that the replay reads (storage/projections.py, fold.py), and
-# the kinds it can apply; optional ones (`name`, `open`, older acks' `convs`) are checked apart.
+# the kinds it can apply; optional ones (`name`, `open`, a create's `cid`, older acks' `convs`)
+# are checked apart.
 _FIELDS: dict[str, tuple[tuple[str, tuple[type, ...]], ...]] = {
     "conv.created": (("conv", _STR), ("kind", _STR)),
     "member.added": (("conv", _STR), ("user", _STR), ("role", _STR)),
@@ -172,6 +173,8 @@ def data_fault(type_: str, data: dict) -> str | None:
             return f"data without {name!r}"
         if type(data[name]) not in kinds or (kinds is _INT and not _u64_ok(data[name])):
             return f"data.{name} of the wrong kind: {data[name]!r:.60}"
+    if type_ == "conv.created" and "cid" in data and type(data["cid"]) is not str:
+        return f"data.cid of the wrong kind: {data['cid']!r:.60}"
     if type_ == "delivery.acked":
         convs = data.get("convs")
         if convs is not None and (type(convs) is not dict or not all(

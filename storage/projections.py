@@ -90,6 +90,7 @@ class Tables(Protocol):
     recv: Table
     read: Table
     idem: Table
+    created: Table
     mute: Table
     revoked: Table
     meta: Table
@@ -205,6 +206,11 @@ def _conv_created(tables: Tables, ev: Event, fx: Effects) -> None:
     creator = None if d["kind"] == "direct" else ev.user
     tables.put("conv", d["conv"].encode(),
                conv_value(d["kind"], d.get("name"), bool(d.get("open")), creator, ev.lsn))
+    cid = d.get("cid")
+    if cid is not None:  # a create with a cid (since layout 5): its repeats find it
+        if type(cid) is not str:  # no record homing writes: the replay says corrupt_log
+            raise TypeError(f"conv.created with a cid of {type(cid).__name__}")
+        tables.put("created", key2(ev.user, cid), d["conv"].encode())
     fx.conv = d["conv"]
 
 

@@ -121,12 +121,18 @@ def _ev(now_us: int, cmd, type_: str, data: dict[str, Any]) -> EventData:
     return (now_us, type_, cmd.user, cmd.device, data)
 
 
-def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> Decision:
-    cid = cmd.cid
+def _check_cid(cid: object) -> None:
+    """Invalid unless `cid` is a client id the idempotency tables can key: 1 to MAX_CID_CHARS
+    characters, at most MAX_CID_BYTES bytes of UTF-8, no NUL."""
     if (not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\0" in cid
             or len(cid.encode()) > MAX_CID_BYTES):
         raise Invalid(f"cid must be 1..{MAX_CID_CHARS} characters and at most {MAX_CID_BYTES} "
                       "bytes of UTF-8, without NUL")
+
+
+def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> Decision:
+    cid = cmd.cid
+    _check_cid(cid)
     if not isinstance(cmd.body, str | bytes):
         raise Invalid("body must be str or bytes")
     size = len(cmd.body.encode()) if isinstance(cmd.body, str) else len(cmd.body)
@@ -212,18 +218,27 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
     if len(members) + 1 > limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
     prefix = GROUP_PREFIX if cmd.kind == "group" else CHANNEL_PREFIX
+    data = {"kind": cmd.kind, "name": cmd.name, "open": bool(cmd.open)}
+    if cmd.cid is not None:
+        _check_cid(cmd.cid)
+        first = tables.created[key2(cmd.user, cmd.cid)]
+        if first is not None:  # a repeat: the first answer, whatever else it asks
+            conv = first.decode()
+            if not conv.startswith(prefix):
+                raise Conflict(f"cid {cmd.cid!r} already names {conv}, not a {cmd.kind}")
+            return [], {"conv": conv, "dup": True}
+        data["cid"] = cmd.cid
     conv = prefix + secrets.token_hex(8)
     while _conv(tables, conv) is not None:
         conv = prefix + secrets.token_hex(8)
     events = [
-        _ev(now_us, cmd, r.CONV_CREATED,
-            {"conv": conv, "kind": cmd.kind, "name": cmd.name, "open": bool(cmd.open)}),
+        _ev(now_us, cmd, r.CONV_CREATED, {"conv": conv, **data}),
         _ev(now_us, cmd, r.MEMBER_ADDED, {"conv": conv, "user": cmd.user, "role": "owner"}),
     ]
     for user in members:
         events.append(_ev(now_us, cmd, r.MEMBER_ADDED,
                           {"conv": conv, "user": user, "role": "member"}))
-    return events, {"conv": conv}
+    return events, {"conv": conv, "dup": False}
 
 
 def _managed(tables: Tables, cmd: c.Invite | c.SetRole | c.Remove, doing: str, *,

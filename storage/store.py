@@ -66,7 +66,7 @@ log = structlog.get_logger()
 # The projection layout (docs/DESIGN.md, "Projections"). A writable open of a directory written
 # with another layout rebuilds the projections from the log, which is the truth.
 LAYOUT_KEY = b"projections"
-LAYOUT = b"4"
+LAYOUT = b"5"
 DB_NAMES = ["log", "layout", *TABLES]
 RECORD_CACHE = 4096  # records kept for deliverable (emptied when full)
 # What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of
@@ -255,7 +255,7 @@ class Store:
                     apply(tables, ev, fx)
                     if type(ev.data.get("body")) in _PLAIN_BODY:
                         fresh[lsn] = _record(ev)
-                if reply.get("dup") is False:
+                if type(cmd) is SendMessage and not reply["dup"]:  # a new message
                     reply["seq"] = fx.seq
                     reply["lsn"] = fx.lsn
                 outcomes.append(Outcome(reply, None, fx, fx.lsn))

@@ -33,7 +33,7 @@ from storage import native
 from storage.rowio import Rows
 
 TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered",
-          "recv", "read", "idem", "mute", "revoked", "meta")
+          "recv", "read", "idem", "created", "mute", "revoked", "meta")
 # Tables that `apply` and `decide` range over by their first key part ("head \0").
 GROUPED = frozenset({"member", "user_conv"})
 # Tables with a row per message or inbox entry: `apply` only adds rows to them, each key once,

@@ -113,6 +113,8 @@ ODD_DATA = {
     "member without role": ("member.added", {"conv": "dm:alice:bob", "user": "zed"}),
     "read mark of text": ("read.marked", {"conv": "dm:alice:bob", "upto": "x"}),
     "ack with a list of convs": ("delivery.acked", {"upto": 1, "convs": [1]}),
+    "create with an int cid": ("conv.created", {"conv": "grp:00000000000000aa", "kind": "group",
+                                                "cid": 7}),
 }
 
 

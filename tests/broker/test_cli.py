@@ -45,8 +45,11 @@ def test_scripted_scenario(broker):
 
     # A group; receipts after bob acks and reads; history oldest first.
     conv = lines(homing("group", "create", "order-1138", "--members", "bob,carol",
-                        env=shop))[0]["conv"]
+                        "--cid", "order-1138", env=shop))[0]["conv"]
     assert conv.startswith("grp:")
+    # Run again with its --cid, the create makes nothing new: the same group.
+    assert lines(homing("group", "create", "order-1138", "--members", "bob,carol",
+                        "--cid", "order-1138", env=shop)) == [{"conv": conv}]
     sent = lines(homing("send", "--conv", conv, "on its way", env=shop))[0]
     got = lines(homing("listen", "--count", "2", "--timeout", "5", env=bob))
     assert [d.get("kind", "msg") for d in got] == ["added", "msg"]

@@ -118,14 +118,17 @@ def test_send_refuses_options_that_do_not_go_together(tmp_path):
         assert err == {"error": "usage", "code": 0, "message": says}, err
 
 
-def test_send_refuses_an_empty_cid_or_cid_prefix(tmp_path):
+def test_send_and_create_refuse_an_empty_cid_or_cid_prefix(tmp_path):
     """An empty `--cid` or `--cid-prefix` (`--cid "$ORDER"` with ORDER unset) is a usage error
     (exit 2) before connecting. Each was taken for no cid at all: the send got a fresh one, so
-    the script that meant to be idempotent appended its messages again when run again."""
+    the script that meant to be idempotent appended its messages again when run again. The
+    same holds for `group create` and `channel create`, since their `--cid` (2026-12-05)."""
     env = {"HOMING_SERVER": f"127.0.0.1:{free_port()}", "HOMING_TOKEN": "v1.any.token"}
-    for args, option in ((["--cid", "", "text"], "--cid"),
-                         (["--stdin", "--cid-prefix", ""], "--cid-prefix")):
-        proc = homing("send", "--to", "bob", *args, "--connect-timeout", "1", env=env,
+    for args, option in ((["send", "--to", "bob", "--cid", "", "text"], "--cid"),
+                         (["send", "--to", "bob", "--stdin", "--cid-prefix", ""], "--cid-prefix"),
+                         (["group", "create", "g", "--cid", ""], "--cid"),
+                         (["channel", "create", "c", "--cid", ""], "--cid")):
+        proc = homing(*args, "--connect-timeout", "1", env=env,
                       check=False, timeout=20, input="a line\n")
         assert proc.returncode == 2, proc.stderr
         assert last_error(proc.stderr) == {

@@ -182,15 +182,10 @@ async def test_bodies_up_to_the_brokers_limit_go_both_ways(tmp_path):
                 assert (d.seq, len(d.body)) == (r.seq, 250_000) and bob.reconnects == 0
 
 
-@pytest.mark.parametrize("step", ["leave", "step_down"])
-async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_path, step):
-    """The broker carries out a leave, and its answer is lost with the connection: the SDK
-    resends it on the next connection, where `forbidden` (not a member any more) means the
-    first try took effect, so leave returns instead of raising. So does an admin's set_role
-    of themselves to a plain member (no admin any more), which raised `forbidden`."""
-    from broker.client import open_client
-
-    cut = trio.Event()
+def _answer_losing_proxy(cut: trio.Event):
+    """A `trio.serve_tcp` handler (with `port=` the broker's) in front of the broker. On the
+    first connection, once `cut` is set, what the client sends still goes through but the
+    broker's answers do not, and 0.3 s later the line drops; later connections pass all."""
     seen = 0
 
     async def proxy(client_stream, port):
@@ -208,23 +203,40 @@ async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_pat
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pipe, client_stream, broker, False)
             nursery.start_soon(pipe, broker, client_stream, first)
-            if first:  # the leave goes through, its answer does not; then the line drops
+            if first:  # the request goes through, its answer does not; then the line drops
                 await cut.wait()
                 await trio.sleep(0.3)
                 nursery.cancel_scope.cancel()
         await trio.aclose_forcefully(client_stream)
         await trio.aclose_forcefully(broker)
 
+    return proxy
+
+
+async def _serve_proxy(nursery, h, cut: trio.Event) -> str:
+    """Start `_answer_losing_proxy` in front of `h`'s broker; return its address."""
+    listeners = await nursery.start(functools.partial(
+        trio.serve_tcp, functools.partial(_answer_losing_proxy(cut), port=h.broker.port), 0,
+        host="127.0.0.1"))
+    return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("step", ["leave", "step_down"])
+async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_path, step):
+    """The broker carries out a leave, and its answer is lost with the connection: the SDK
+    resends it on the next connection, where `forbidden` (not a member any more) means the
+    first try took effect, so leave returns instead of raising. So does an admin's set_role
+    of themselves to a plain member (no admin any more), which raised `forbidden`."""
+    from broker.client import open_client
+
+    cut = trio.Event()
     with trio.fail_after(20):
         async with running_broker(tmp_path / "d") as h, trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(
-                trio.serve_tcp, functools.partial(proxy, port=h.broker.port), 0,
-                host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
+            server = await _serve_proxy(nursery, h, cut)
             async with h.client("alice") as alice:
                 conv = await alice.create_group("g", ["bob"])
                 await alice.set_role(conv, "bob", "admin")
-            async with open_client(f"127.0.0.1:{port}", h.token("bob"), "d1") as bob:
+            async with open_client(server, h.token("bob"), "d1") as bob:
                 cut.set()
                 if step == "leave":
                     await bob.leave(conv)
@@ -232,6 +244,38 @@ async def test_a_leave_whose_answer_was_lost_returns_after_the_reconnect(tmp_pat
                     await bob.set_role(conv, "bob", "member")
                 assert bob.reconnects == 1
             assert h.broker.store.role(conv, "bob") == (None if step == "leave" else "member")
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("kind", ["group", "channel"])
+async def test_a_create_whose_answer_was_lost_makes_one_conversation(tmp_path, kind):
+    """The broker makes the group of an order, and its answer is lost with the connection:
+    the SDK sends the create again, with the cid it gave it, on the next connection, and gets
+    the same conversation. It used to raise ConnectionLost, and asking again made a second
+    group with the same courier and customer in it. A later run that asks with a cid of its
+    own (the order number) gets the conversation made the first time with it, and nothing is
+    logged."""
+    from broker.client import open_client
+
+    cut = trio.Event()
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d") as h, trio.open_nursery() as nursery:
+            server = await _serve_proxy(nursery, h, cut)
+            store = h.broker.store
+            async with open_client(server, h.token("shop"), "d1") as shop:
+                cut.set()
+                create = shop.create_group if kind == "group" else shop.create_channel
+                conv = await create("order 7", ["courier", "customer"])
+                assert shop.reconnects == 1
+            assert store.user_convs("customer") == [conv]
+            async with h.client("shop") as shop:
+                create = shop.create_group if kind == "group" else shop.create_channel
+                first = await create("order 8", ["courier"], cid="order-8")
+                events = store.last_lsn()
+                assert await create("order 8 (run 2)", ["customer"], cid="order-8") == first
+                assert store.last_lsn() == events  # nothing logged
+            assert sorted(store.user_convs("shop")) == sorted([conv, first])
+            assert store.user_convs("customer") == [conv]
             nursery.cancel_scope.cancel()
 
 

@@ -388,10 +388,14 @@ class _ResetAfterWelcome(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def test_a_create_resent_on_a_connection_that_breaks_at_once_fails(tmp_path, monkeypatch):
-    """A create made while disconnected goes out with the reconnect's resend; when that write
-    breaks, it may have reached the broker, so it fails with ConnectionLost. It hung: marked
-    sent, it was neither failed (that connection never served) nor sent again."""
+@pytest.mark.parametrize("request_", ["revoke", "create"])
+async def test_a_request_resent_on_a_connection_that_breaks_at_once(tmp_path, monkeypatch,
+                                                                     request_):
+    """A request made while disconnected goes out with the reconnect's resend. When that write
+    breaks, it may have reached the broker: one not to be repeated (`revoke_tokens`) fails with
+    ConnectionLost, and a create, which carries a cid since 2026-12-05, goes out again on the
+    next connection and returns its group. Such a request hung: marked sent, it was neither
+    failed (that connection never served) nor sent again."""
     real_open = trio.open_tcp_stream
 
     async def breaking_open(*args, **kwargs):
@@ -399,15 +403,19 @@ async def test_a_create_resent_on_a_connection_that_breaks_at_once_fails(tmp_pat
 
     monkeypatch.setattr(trio, "open_tcp_stream", breaking_open)
     async with running_broker(tmp_path / "d") as h:
-        async with h.client("shop", "s") as shop:
+        async with h.client("shop", "s", role="admin") as shop:
             await shop.ping()
             _ResetAfterWelcome.armed = True
             await trio.aclose_forcefully(shop._stream)
             while shop._stream is not None:  # the client saw the drop
                 await trio.sleep(0)
             with trio.fail_after(15):
-                with pytest.raises(ConnectionLost):
-                    await shop.create_group("g", ["bob"])
+                if request_ == "revoke":
+                    with pytest.raises(ConnectionLost):
+                        await shop.revoke_tokens("bob")
+                else:
+                    conv = await shop.create_group("g", ["bob"])
+                    assert h.broker.store.user_convs("bob") == [conv]
                 await shop.ping()  # and the client goes on
 
 

@@ -38,7 +38,8 @@ command_spec = st.one_of(
     st.tuples(st.just("send"), user_ix, conv_ix, st.integers(0, 5), st.booleans()),
     st.tuples(st.just("dm"), user_ix, user_ix, st.integers(0, 5)),
     st.tuples(st.just("create"), user_ix, st.sampled_from(["group", "channel", "bogus"]),
-              st.booleans(), st.lists(user_ix, max_size=3)),
+              st.booleans(), st.lists(user_ix, max_size=3),
+              st.one_of(st.none(), st.integers(0, 2))),
     st.tuples(st.just("invite"), user_ix, conv_ix, user_ix, st.sampled_from(["member", "admin"])),
     st.tuples(st.just("set_role"), user_ix, conv_ix, user_ix,
               st.sampled_from(["member", "admin"]), st.booleans()),
@@ -66,7 +67,8 @@ def make_command(spec, convs: list[str]):
         return SendMessage(u, "d1", "user", f"c{spec[3]}", b"\x00bin", to=USERS[spec[2]])
     if kind == "create":
         members = tuple(USERS[i] for i in spec[4])
-        return CreateConv(u, "d1", "user", spec[2], "n", spec[3], members)
+        cid = None if spec[5] is None else f"k{spec[5]}"  # repeats: dups, or a kind's conflict
+        return CreateConv(u, "d1", "user", spec[2], "n", spec[3], members, cid)
     if kind == "invite":
         return Invite(u, "d1", "user", conv(spec[2]), USERS[spec[3]], spec[4])
     if kind == "set_role":

@@ -73,6 +73,57 @@ def test_repeated_cid_in_one_batch(store):
     assert not a.reply["dup"] and b.reply["dup"] and b.reply["seq"] == a.reply["seq"]
 
 
+def create(user, kind="group", cid=None, members=("bob",), name="g"):
+    return CreateConv(user, "d1", "user", kind, name, False, tuple(members), cid)
+
+
+def test_a_create_with_a_cid_is_done_once(store):
+    """A create repeated with its cid by the same user creates nothing and answers the first
+    conversation (dup), whatever name and members it asks for, in the same batch or a later
+    one, and after the creator left; the same cid for the other kind is a Conflict; another
+    user's cid, a send's cid and a create without one are apart."""
+    a, b = store.execute([create("alice", cid="order-7"),
+                          create("alice", cid="order-7", members=("carol",), name="other")])
+    conv = a.reply["conv"]
+    assert a.reply == {"conv": conv, "dup": False} and b.reply == {"conv": conv, "dup": True}
+    assert store.members(conv) == [("alice", "owner"), ("bob", "member")]
+    lsn = store.last_lsn()
+    assert one(store, create("alice", cid="order-7")).reply == {"conv": conv, "dup": True}
+    refused = one(store, create("alice", "channel", cid="order-7")).error
+    assert isinstance(refused, Conflict) and conv in str(refused)
+    assert store.last_lsn() == lsn
+    outs = store.execute([SetRole("alice", "d1", "user", conv, "bob", "admin"),
+                          Leave("alice", "d1", "user", conv)])
+    assert [o.error for o in outs] == [None, None]
+    assert one(store, create("alice", cid="order-7")).reply == {"conv": conv, "dup": True}
+    others = [one(store, cmd).reply["conv"] for cmd in (
+        create("bob", cid="order-7"), create("alice", cid="order-8"), create("alice"),
+        create("alice"))]
+    assert len({conv, *others}) == 5
+    assert one(store, send("alice", "order-7", to="bob")).reply["dup"] is False
+
+
+def test_a_create_cid_is_checked_as_a_send_cid(store):
+    """A create's cid is held to a send's: 1 to 128 characters and 400 bytes of UTF-8, no NUL;
+    any other is Invalid, and only that create fails."""
+    outs = store.execute([create("alice", cid=""), create("alice", cid="c" * 129),
+                          create("alice", cid="a\0b"), create("alice", cid="\U0001F600" * 101),
+                          create("alice", cid=7), create("alice", cid="\U0001F600" * 100)])
+    assert [type(o.error).__name__ for o in outs[:5]] == ["Invalid"] * 5
+    assert outs[5].error is None and outs[5].reply["dup"] is False
+
+
+def test_a_create_cid_outlives_a_rebuild(store):
+    """The `created` rows are a projection: a rebuild makes them again from the log, and a
+    repeat after it is still a dup."""
+    conv = one(store, create("alice", cid="order-7")).reply["conv"]
+    before = store.dump_projections()
+    assert [k for t, k, _ in before if t == "created"] == [b"alice\0order-7"]
+    assert store.rebuild() == store.last_lsn()
+    assert store.dump_projections() == before
+    assert one(store, create("alice", cid="order-7")).reply == {"conv": conv, "dup": True}
+
+
 def test_non_member_and_missing_conv_look_the_same(store):
     """Posting to a conversation you are not in, or that does not exist, is Forbidden."""
     conv = group(store)
