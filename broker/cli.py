@@ -299,7 +299,8 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_connections=args.max_connections, max_handshakes=args.max_handshakes,
         max_connections_per_user=args.max_connections_per_user,
         max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
-        max_batch=args.max_batch,
+        max_batch=args.max_batch, max_inflight_requests=args.max_inflight_requests,
+        shutdown_grace_s=args.shutdown_grace,
         content_policy=Path(args.content_policy) if args.content_policy else None,
         content_action=args.content_action or "reject",
         gc_young_threshold=args.gc_young_threshold,
@@ -806,6 +807,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-pending-pushes", type=_COUNT, default=d.max_pending_pushes)
     s.add_argument("--max-batch", type=_COUNT, default=d.max_batch,
                    help="commands in one group commit at most (default %(default)s)")
+    s.add_argument("--max-inflight-requests", type=_COUNT, default=d.max_inflight_requests,
+                   help="requests of one connection awaiting their commit; past it the broker "
+                        "stops reading that connection (default %(default)s)")
+    s.add_argument("--shutdown-grace", type=_SECONDS, default=d.shutdown_grace_s,
+                   help="seconds a stop gives connections to finish before it cuts them "
+                        "(default %(default)g)")
     s.add_argument("--content-policy", help="file of forbidden words, one per line")
     s.add_argument("--content-action", choices=("reject", "mask"), default=None,
                    help="what to do with a send that matches --content-policy (default reject)")

@@ -259,6 +259,51 @@ def test_the_idle_timeout_follows_the_heartbeat_unless_set():
     assert config("--idle-timeout", "50").replace(heartbeat_s=20).idle_timeout_s == 50.0
 
 
+def test_every_setting_of_serve_is_a_flag():
+    """Every limit is a flag of `homing serve` (OPERATIONS.md, "Limits"): each Config field
+    set through its flag comes out changed. `--max-inflight-requests` and `--shutdown-grace`
+    were fixed (1024 requests, 10 s) until 2026-12-05. The map size is no limit: the map
+    doubles by itself when full."""
+    import dataclasses
+
+    from broker.cli import _serve_config, build_parser
+    from broker.config import Config
+
+    flags = {"data_dir": ["--data", "elsewhere"], "host": ["--host", "::1"],
+             "port": ["--port", "7000"], "tls_cert": ["--tls-cert", "c.pem", "--tls-key", "k"],
+             "tls_key": ["--tls-cert", "c.pem", "--tls-key", "k.pem"],
+             "content_policy": ["--content-policy", "words.txt"],
+             "content_action": ["--content-action", "mask"],
+             "max_frame_bytes": ["--max-frame-bytes", "2000000"],
+             "max_body_bytes": ["--max-body-bytes", "1000"],
+             "max_frame_values": ["--max-frame-values", "5000"],
+             "handshake_timeout_s": ["--handshake-timeout", "3"],
+             "heartbeat_s": ["--heartbeat", "5"], "idle_timeout_s": ["--idle-timeout", "20"],
+             "shutdown_grace_s": ["--shutdown-grace", "2.5"], "window": ["--window", "16"],
+             "max_pending_pushes": ["--max-pending-pushes", "99"],
+             "max_inflight_requests": ["--max-inflight-requests", "8"],
+             "sends_per_s_per_connection": ["--send-rate", "7"],
+             "sends_per_s_per_user": ["--user-send-rate", "7"],
+             "typing_per_s_per_user": ["--typing-rate", "7"],
+             "changes_per_s_per_user": ["--change-rate", "7"],
+             "max_connections": ["--max-connections", "7"],
+             "max_handshakes": ["--max-handshakes", "7"],
+             "max_connections_per_user": ["--max-connections-per-user", "7"],
+             "max_members": ["--max-members", "7"], "max_batch": ["--max-batch", "7"],
+             "gc_young_threshold": ["--gc-young-threshold", "7"],
+             "stats_interval_s": ["--stats-interval", "7"]}
+    not_flags = {"map_size_bytes"}
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert fields == set(flags) | not_flags, fields ^ (set(flags) | not_flags)
+    default = Config()
+    for field, args in flags.items():
+        config = _serve_config(build_parser().parse_args(["serve", *args]))
+        assert getattr(config, field) != getattr(default, field), field
+    config = _serve_config(build_parser().parse_args(
+        ["serve", "--max-inflight-requests", "8", "--shutdown-grace", "2.5"]))
+    assert (config.max_inflight_requests, config.shutdown_grace_s) == (8, 2.5)
+
+
 def test_a_config_built_in_code_checks_the_frame_value_limit():
     """The CLI holds --max-frame-values to 2,048 .. 2**32 - 1; a Config made in code (tests,
     an embedding) is held to it too, since the compiled counter takes no other limits."""
