@@ -14,8 +14,9 @@ What it promises:
 - Deliveries resume after the last acked inbox_seq; deliveries already handed to the caller in
   this process are not handed over twice, and acks made while disconnected are sent again.
 - `create` carries a cid as `send` does, and is repeated after a drop in the same way (the
-  broker answers a repeated cid with the conversation it created first). Requests that are not
-  safe to repeat (`revoke`) fail with `ConnectionLost` on a drop.
+  broker answers a repeated cid with the conversation it created first), where the broker's
+  welcome has the `create_cid` cap. Requests that are not safe to repeat (`revoke`, a create
+  to a broker without that cap) fail with `ConnectionLost` on a drop.
 - Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse
   raises ClientError "invalid" at once, unsent (while disconnected: against the last welcome).
@@ -152,6 +153,18 @@ class _Request:
     error: BaseException | None = None
     sent: bool = False  # written to a connection at least once
     resent: bool = False  # written again after a reconnect, having been sent before
+    # A welcome cap without which a request written to that connection is not to be repeated
+    # (a create's cid, which a broker from before ignores); `caps`: the last such welcome's.
+    needs: str | None = None
+    caps: tuple[str, ...] = ()
+
+    def repeatable(self, to: tuple[str, ...] | None = None) -> bool:
+        """Whether, once written to a connection that dropped, it may go out again (to one
+        whose welcome has the caps `to`, if given): the cap it needs, it needs of both
+        brokers, the one that may have carried it out and the one the repeat would reach."""
+        if not self.resend or self.needs is None:
+            return self.resend
+        return self.needs in self.caps and (to is None or self.needs in to)
 
 
 class Client:
@@ -189,13 +202,14 @@ class Client:
     # -- requests -----------------------------------------------------------------------------
 
     async def _request(self, make, *, resend: bool = True,
-                       done_if_resent: str | None = None) -> Any:
+                       done_if_resent: str | None = None, needs: str | None = None) -> Any:
         """Send the frame `make(id)` and return its reply; raise its error. `done_if_resent`
         names the refusal that, for a request resent after a reconnect, means its first try
-        took effect (the reply is then None)."""
+        took effect (the reply is then None). `needs`: the welcome cap without which it is
+        not repeated (`_Request.needs`)."""
         self._check_usable()
         rid = next(self._ids)
-        req = _Request(make(rid), resend)
+        req = _Request(make(rid), resend, needs=needs)
         self._pending[rid] = req
         try:
             await self._write_frame(req.frame, req)
@@ -256,15 +270,15 @@ class Client:
                 raise refusal from None
             return False  # bye or a closing error came: the connection is done; resent later
         stream = self._stream
-        was_sent = req is not None and req.sent
+        was = (req.sent, req.caps) if req is not None else None
         if req is not None:
-            req.sent = True
+            req.sent, req.caps = True, self.welcome.caps if self.welcome is not None else ()
         async with self._send_lock:
             if self._stream is not stream:
                 # The connection went while we waited: nothing was written. A request that
                 # the drop has not failed goes out with the next connection.
-                if req is not None:
-                    req.sent = was_sent
+                if req is not None and was is not None:
+                    req.sent, req.caps = was
                 return False
             # Whole or not at all: a cancel in the middle of the write would leave half a
             # frame on the stream, and the broker would take what follows as the rest of it.
@@ -325,13 +339,16 @@ class Client:
         one str is refused (TypeError), as it would make a member of each of its letters.
         Like `send`, it carries a `cid` (a fresh one without yours) and is repeated after a
         drop: the broker answers a repeat with the conversation it created first. Pass your
-        own `cid` (an order number, say) to make one conversation of calls in several runs."""
+        own `cid` (an order number, say) to make one conversation of calls in several runs.
+        A broker whose welcome lacks the `create_cid` cap (one from before 2026-12-05) ignores
+        the cid: a create written to it that a drop cuts off raises ConnectionLost."""
         if isinstance(members, str):
             raise TypeError(f"members is a list of user ids, not the str {members!r}: "
                             f"[{members!r}] for one member")
         cid = new_cid() if cid is None else cid
         reply = await self._request(lambda i: wire.Create(
-            id=i, kind=kind, name=name, members=tuple(members or ()), open=open, cid=cid))
+            id=i, kind=kind, name=name, members=tuple(members or ()), open=open, cid=cid),
+            needs=wire.CAP_CREATE_CID)
         return reply.conv
 
     async def create_group(self, name: str, members=(), open: bool = False, *,
@@ -486,14 +503,17 @@ class Client:
                     out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
                 for req in sorted(self._pending.values(), key=lambda r: r.frame.id):
                     # Resent if safe to repeat; sent if never sent (made while disconnected).
-                    if req.resend or not req.sent:
-                        req.resent, req.sent = req.sent, True
-                        flushed.append(req)
-                        try:
-                            out.append(conn.send(req.frame))
-                        except wire.LocalProtocolError as exc:  # made while disconnected
-                            req.error = _refusal(exc) or exc
-                            req.event.set()
+                    if req.sent and not req.repeatable(welcome.caps):
+                        # The drop failed most; one whose cap this broker lacks fails here.
+                        _fail_requests([req], ConnectionLost, DROPPED)
+                        continue
+                    req.resent, req.sent, req.caps = req.sent, True, welcome.caps
+                    flushed.append(req)
+                    try:
+                        out.append(conn.send(req.frame))
+                    except wire.LocalProtocolError as exc:  # made while disconnected
+                        req.error = _refusal(exc) or exc
+                        req.event.set()
                 if out:
                     data = b"".join(out)
                     # Bounded as every other write: a broker that stops reading right after
@@ -505,7 +525,7 @@ class Client:
         except BaseException:  # cancelled, or the new connection broke: do not keep it
             self._stream = self._conn = None
             # The requests not to be repeated that this resend carried may have gone out.
-            _fail_requests([r for r in flushed if not r.resend], ConnectionLost, DROPPED)
+            _fail_requests([r for r in flushed if not r.repeatable()], ConnectionLost, DROPPED)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             raise
@@ -515,7 +535,7 @@ class Client:
         self._stream = self._conn = None
         self.connected = trio.Event()
         # One never sent is sent on the next connection; one sent may have been carried out.
-        _fail_requests([r for r in self._pending.values() if not r.resend and r.sent],
+        _fail_requests([r for r in self._pending.values() if r.sent and not r.repeatable()],
                        ConnectionLost, DROPPED)
 
     async def _try_connect(self, left: float | None, first: bool) -> BaseException | None:

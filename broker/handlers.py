@@ -174,11 +174,14 @@ def on_read(session: Session, f: wire.Read) -> Any:
     return _command(session, f.id, command, _ok if f.id is not None else None)
 
 
-def _change(handler: Callable[[Session, Any], Any]) -> Callable[[Session, Any], Any]:
+def _change(handler: Callable[[Session, Any], Any],
+            repeat: Callable[[Session, Any], bool] | None = None) -> Callable[[Session, Any], Any]:
     """`handler` of a membership change, behind the user's `--change-rate`: past it the
-    request is answered `rate_limited` and nothing is done (the client may ask again later)."""
+    request is answered `rate_limited` and nothing is done (the client may ask again later),
+    unless `repeat(session, f)` says it repeats one done before (answered as a dup, as a
+    send's repeat is past the send rates: a burst of resends after a reconnect)."""
     def rated(session: Session, f: Any) -> Any:
-        if not session.user_changes.take():
+        if not session.user_changes.take() and not (repeat is not None and repeat(session, f)):
             session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED,
                                 "too many membership changes: slow down")
             return None
@@ -191,6 +194,11 @@ def on_create(session: Session, f: wire.Create) -> Any:
     command = cmd.CreateConv(session.user, session.device, session.role, f.kind, f.name,
                              bool(f.open), members, f.cid)
     return _command(session, f.id, command, _created)
+
+
+def _created_before(session: Session, f: wire.Create) -> bool:
+    """Whether `f` repeats a create of the session's user (its cid made a conversation)."""
+    return f.cid is not None and session.broker.store.created(session.user, f.cid) is not None
 
 
 def on_invite(session: Session, f: wire.Invite) -> Any:
@@ -401,7 +409,7 @@ HANDLERS = {
     wire.Send: on_send,
     wire.Ack: on_ack,
     wire.Read: on_read,
-    wire.Create: _change(on_create),
+    wire.Create: _change(on_create, _created_before),
     wire.Invite: _change(on_invite),
     wire.SetRole: _change(on_set_role),
     wire.Join: _change(on_join),

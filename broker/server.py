@@ -38,6 +38,9 @@ from storage import native, rowio
 from storage.commands import SetMute
 from storage.rules import MANAGERS
 
+# The welcome's caps (docs/PROTOCOL.md §3.3): the optional features this broker has.
+CAPS = (wire.CAP_CREATE_CID,)
+
 
 @dataclass(frozen=True, slots=True)
 class Roster:
@@ -309,7 +312,7 @@ class Broker:
         session.reply(wire.Welcome(
             id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
             user=claims.user, time=int(time.time() * 1000), max_frame=max_frame,
-            heartbeat=cfg.heartbeat_s, acked=session.acked, head=session.head, caps=[],
+            heartbeat=cfg.heartbeat_s, acked=session.acked, head=session.head, caps=list(CAPS),
             role=claims.role, max_body=cfg.max_body_bytes))
         session.conn.max_frame_bytes = max_frame
         session.log.info("connection_opened", role=claims.role, acked=session.acked,

@@ -89,6 +89,11 @@ PROTOCOL_VERSION = 1
 
 SUPPORTED_VERSIONS: tuple[int, ...] = (PROTOCOL_VERSION,)
 
+CAP_CREATE_CID = "create_cid"
+"""The welcome cap of a server that honours a ``create``'s ``cid`` (§9, "Idempotent create"):
+a client may repeat such a create after a drop. A server without it ignores the cid, and a
+repeat would make a second conversation."""
+
 BYE_REPLACED = "replaced by a new session"
 """The reason of the ``bye`` a session gets when its user and device connected again (§9)."""
 
@@ -127,6 +132,7 @@ __all__ = [
     "ALL_FRAMES",
     "ALWAYS_CLOSE",
     "BYE_REPLACED",
+    "CAP_CREATE_CID",
     "CLIENT_FRAMES",
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",

@@ -46,7 +46,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _U64_TAIL = frozenset({"msg", "inbox"})
 # Tables whose values are msgpack; the integer ones are 8-byte big-endian; idem is packed.
 _MSGPACK_VALUES = frozenset({"conv", "inbox"})
-_TEXT_VALUES = frozenset({"member", "user_conv", "mute"})
+_TEXT_VALUES = frozenset({"member", "user_conv", "mute", "created"})
 
 
 # ---------------------------------------------------------------- event records

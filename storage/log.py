@@ -29,6 +29,7 @@ from storage.records import (
     DIGEST_BYTES,
     EVENT_TYPES,
     GENESIS,
+    MAX_CID_BYTES,
     MAX_TS_US,
     Event,
     chain,
@@ -173,8 +174,9 @@ def data_fault(type_: str, data: dict) -> str | None:
             return f"data without {name!r}"
         if type(data[name]) not in kinds or (kinds is _INT and not _u64_ok(data[name])):
             return f"data.{name} of the wrong kind: {data[name]!r:.60}"
-    if type_ == "conv.created" and "cid" in data and type(data["cid"]) is not str:
-        return f"data.cid of the wrong kind: {data['cid']!r:.60}"
+    cid = data.get("cid") if type_ == "conv.created" else None
+    if cid is not None and (type(cid) is not str or len(cid.encode()) > MAX_CID_BYTES):
+        return f"data.cid of the wrong kind: {cid!r:.60}"
     if type_ == "delivery.acked":
         convs = data.get("convs")
         if convs is not None and (type(convs) is not dict or not all(

@@ -208,8 +208,10 @@ def _conv_created(tables: Tables, ev: Event, fx: Effects) -> None:
                conv_value(d["kind"], d.get("name"), bool(d.get("open")), creator, ev.lsn))
     cid = d.get("cid")
     if cid is not None:  # a create with a cid (since layout 5): its repeats find it
-        if type(cid) is not str:  # no record homing writes: the replay says corrupt_log
-            raise TypeError(f"conv.created with a cid of {type(cid).__name__}")
+        # No record homing writes (the replay says corrupt_log): a cid not text, or one whose
+        # key LMDB cannot hold (a rebuild's write died with lmdb.BadValsizeError).
+        if type(cid) is not str or len(cid.encode()) > r.MAX_CID_BYTES:
+            raise TypeError(f"conv.created with a cid of {type(cid).__name__} {cid!r:.60}")
         tables.put("created", key2(ev.user, cid), d["conv"].encode())
     fx.conv = d["conv"]
 

@@ -35,6 +35,11 @@ EVENT_TYPES = frozenset(
 # audit could not print it (`verify` fails it; the readers of storage/audit.py say corrupt_log).
 MAX_TS_US = 253402300799999999
 
+# A cid's keys (idem: cid \0 user; created: user \0 cid) must fit LMDB's keys of at most 511
+# bytes: with a user id of up to 64 bytes, 446 would; 400 is the documented limit
+# (docs/PROTOCOL.md). The rules accept no longer one, and the replay applies none.
+MAX_CID_BYTES = 400
+
 DIGEST_BYTES = 32
 GENESIS = bytes(DIGEST_BYTES)
 

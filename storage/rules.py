@@ -32,13 +32,11 @@ from storage.projections import (
     idem_key,
     key2,
 )
+from storage.records import MAX_CID_BYTES
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
 MAX_CID_CHARS = 128
-# A cid's idempotency key (cid \0 user) must fit LMDB's keys of at most 511 bytes: with a user
-# id of up to 64 bytes, 446 would; 400 is the documented limit (docs/PROTOCOL.md).
-MAX_CID_BYTES = 400
 GROUP_PREFIX = "grp:"
 CHANNEL_PREFIX = "chn:"
 
@@ -202,6 +200,19 @@ def _check_post(tables: Tables, cmd: c.SendMessage) -> None:
 def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> Decision:
     if cmd.kind not in ("group", "channel"):
         raise Invalid("kind must be group or channel")
+    prefix = GROUP_PREFIX if cmd.kind == "group" else CHANNEL_PREFIX
+    data = {"kind": cmd.kind, "name": cmd.name, "open": bool(cmd.open)}
+    if cmd.cid is not None:
+        # Before the name and members are checked: a repeat is answered whatever else it asks,
+        # even where the create would now be refused (--max-members lowered since).
+        _check_cid(cmd.cid)
+        first = tables.created[key2(cmd.user, cmd.cid)]
+        if first is not None:  # a repeat: the first answer
+            conv = first.decode()
+            if not conv.startswith(prefix):
+                raise Conflict(f"cid {cmd.cid!r} already names {conv}, not a {cmd.kind}")
+            return [], {"conv": conv, "dup": True}
+        data["cid"] = cmd.cid
     if cmd.name is not None and (not isinstance(cmd.name, str)
                                  or len(cmd.name) > limits.max_name_chars):
         raise Invalid("bad name")
@@ -217,17 +228,6 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
             members.append(user)
     if len(members) + 1 > limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
-    prefix = GROUP_PREFIX if cmd.kind == "group" else CHANNEL_PREFIX
-    data = {"kind": cmd.kind, "name": cmd.name, "open": bool(cmd.open)}
-    if cmd.cid is not None:
-        _check_cid(cmd.cid)
-        first = tables.created[key2(cmd.user, cmd.cid)]
-        if first is not None:  # a repeat: the first answer, whatever else it asks
-            conv = first.decode()
-            if not conv.startswith(prefix):
-                raise Conflict(f"cid {cmd.cid!r} already names {conv}, not a {cmd.kind}")
-            return [], {"conv": conv, "dup": True}
-        data["cid"] = cmd.cid
     conv = prefix + secrets.token_hex(8)
     while _conv(tables, conv) is not None:
         conv = prefix + secrets.token_hex(8)

@@ -325,6 +325,13 @@ class Store:
             return False
         return self._get("idem", idem_key(user, cid)) is not None
 
+    def created(self, user: str, cid: str) -> str | None:
+        """The conversation `user` created with `cid` (a create of it again is a dup), or None."""
+        if len(cid.encode()) > MAX_CID_BYTES:  # never accepted: its key would not fit LMDB's
+            return None
+        raw = self._get("created", key2(user, cid))
+        return None if raw is None else raw.decode()
+
     def muted(self, user: str, conv: str) -> bool:
         """Whether `user` muted `conv`."""
         return self._get("mute", key2(user, conv)) is not None

@@ -136,7 +136,7 @@ def _tamper(src: Path, dst: Path, change) -> Path:
     shutil.copytree(src, dst)
     env = lmdb.open(str(dst), max_dbs=32)
     dbs = {name: env.open_db(name.encode())
-           for name in ("log", "read", "inbox", "msg", "idem", "conv_seq", "meta")}
+           for name in ("log", "read", "inbox", "msg", "idem", "conv_seq", "created", "meta")}
     with env.begin(write=True) as txn:
         change(txn, dbs)
     env.close()
@@ -224,6 +224,10 @@ TAMPERINGS = {
             ["msg", f["dm"], 2, f["r2"].lsn]), db=dbs["inbox"]),
         lambda f: ("inbox", ["bob", 1], ["msg", f["dm"], 2, f["r2"].lsn],
                    ["msg", f["dm"], 1, f["r1"].lsn])),
+    # A create's row (user, cid) -> conv is named by its conversation, not in hex.
+    "created row added": (
+        lambda txn, dbs, f: txn.put(b"alice\0order-9", f["group"].encode(), db=dbs["created"]),
+        lambda f: ("created", ["alice", "order-9"], f["group"], None)),
     "conv seq moved": (
         lambda txn, dbs, f: txn.put(f["group"].encode(), pack_u64(7), db=dbs["conv_seq"]),
         lambda f: ("conv_seq", f["group"], 7, f["g1"].seq)),

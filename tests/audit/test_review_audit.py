@@ -115,6 +115,10 @@ ODD_DATA = {
     "ack with a list of convs": ("delivery.acked", {"upto": 1, "convs": [1]}),
     "create with an int cid": ("conv.created", {"conv": "grp:00000000000000aa", "kind": "group",
                                                 "cid": 7}),
+    # No LMDB key holds it (user \0 cid past 511 bytes): `rebuild` died with a traceback,
+    # lmdb.BadValsizeError, and verify passed it.
+    "create with a cid no key holds": ("conv.created", {"conv": "grp:00000000000000aa",
+                                                        "kind": "group", "cid": "x" * 600}),
 }
 
 
@@ -155,6 +159,20 @@ def test_verify_fails_a_chained_record_whose_data_replay_cannot_apply(tmp_path, 
         proc = run("audit", *action, "--data", str(data))
         assert_one_json_error(proc, 1, "corrupt_log")
         assert f"lsn {bad}" in json.loads(proc.stderr.strip().splitlines()[-1])["message"]
+
+
+def test_verify_and_the_replay_agree_on_a_create_with_a_nil_cid(tmp_path):
+    """A create's `cid` is optional, and nil is none (PROTOCOL.md §3.3): the replay applies a
+    conv.created with `cid: null` as one without, and so does verify now. Verify failed the log
+    there ("data.cid of the wrong kind: None") while `rebuild` and `rebuild --check` took it."""
+    data, _ = _with_chained_data(tmp_path, "conv.created", {
+        "conv": "grp:00000000000000aa", "kind": "group", "name": "g", "open": False, "cid": None})
+    rebuild = run("audit", "rebuild", "--data", str(data))  # the forged record's projections
+    assert rebuild.returncode == 0, rebuild.stderr[-600:]
+    verify = run("audit", "verify", "--data", str(data))
+    assert verify.returncode == 0 and json.loads(verify.stdout)["ok"] is True, verify.stdout
+    check = run("audit", "rebuild", "--check", "--data", str(data))
+    assert check.returncode == 0 and json.loads(check.stdout)["ok"] is True, check.stdout
 
 
 def test_verify_passes_a_log_with_acks_from_before_they_carried_convs(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import protocol as wire
 from broker.client import ClientError, ConnectionLost
 from tests.harness import running_broker
 from tests.procs import BrokerProcess
@@ -277,6 +278,57 @@ async def test_a_create_whose_answer_was_lost_makes_one_conversation(tmp_path, k
             assert sorted(store.user_convs("shop")) == sorted([conv, first])
             assert store.user_convs("customer") == [conv]
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("when", ["from the start", "after the first welcome"])
+async def test_a_create_is_not_repeated_to_a_broker_that_ignores_its_cid(tmp_path, monkeypatch,
+                                                                          when):
+    """A broker from before 2026-12-05 takes no cid in a create (an unknown key, ignored) and
+    says so by the lack of the `create_cid` cap in its welcome: the SDK does not repeat there a
+    create cut off by a drop, which would make a second group silently, and raises
+    ConnectionLost as it did; nor after a drop from a broker with the cap to one without (a
+    downgrade while it reconnected). It repeated it whatever the broker, and the customer was
+    put in two groups of the same order."""
+    import broker.server
+    from broker.client import open_client
+
+    cut = trio.Event()
+    if when == "from the start":
+        monkeypatch.setattr(broker.server, "CAPS", ())  # the welcome of a broker from before
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d") as h, trio.open_nursery() as nursery:
+            server = await _serve_proxy(nursery, h, cut)
+            async with open_client(server, h.token("shop"), "d1") as shop:
+                assert (wire.CAP_CREATE_CID in shop.welcome.caps) == (when != "from the start")
+                monkeypatch.setattr(broker.server, "CAPS", ())  # the broker it reconnects to
+                cut.set()
+                with pytest.raises(ConnectionLost):
+                    await shop.create_group("order 7", ["courier", "customer"])
+                await shop.ping()  # and the client goes on
+                assert shop.reconnects == 1
+            assert len(h.broker.store.user_convs("customer")) == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_create_repeated_past_the_change_rate_is_answered(tmp_path):
+    """A create repeated with its cid past --change-rate (a burst of resends after a reconnect,
+    a script run again at once) is answered with the conversation made first, as a send's
+    repeat is past the send rates: it was refused rate_limited, though the broker knew the
+    answer. A create with a new cid is still held to the rate; the same cid for the other kind
+    is told its conflict."""
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d", changes_per_s_per_user=0.01) as h:
+            async with h.client("shop") as shop:
+                conv = await shop.create_group("order 7", ["courier"], cid="order-7")
+                lsn = h.broker.store.last_lsn()
+                assert await shop.create_group("order 7", ["courier"], cid="order-7") == conv
+                assert h.broker.store.last_lsn() == lsn
+                with pytest.raises(ClientError) as refused:
+                    await shop.create_group("order 8", ["courier"], cid="order-8")
+                assert refused.value.name == "rate_limited"
+                with pytest.raises(ClientError) as refused:  # the other kind: a conflict
+                    await shop.create_channel("order 7", ["courier"], cid="order-7")
+                assert refused.value.name == "conflict"
 
 
 async def test_a_client_whose_token_expires_stops_with_unauthorized(tmp_path):

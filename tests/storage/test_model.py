@@ -23,11 +23,15 @@ from storage.commands import (
     SetMute,
     SetRole,
 )
+from storage.errors import Conflict, Invalid, LimitExceeded
 from storage.projections import Effects, apply, mark_applied
+from storage.rules import Limits
 from storage.store import Store, _InjectedAbort
 from storage.tables import MemoryTables
 
 USERS = ["ann", "bob", "cat", "dan", "eve"]
+# Small enough that some creates (up to 3 members and the creator) and invites pass it.
+LIMITS = Limits(max_members=3)
 ROLES = ["user", "user", "user", "service", "admin"]
 
 user_ix = st.integers(0, len(USERS) - 1)
@@ -111,9 +115,10 @@ class StoreMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.dir = tempfile.mkdtemp(prefix="homing-model-")
-        self.store = Store.open(self.dir, map_size=256 * 1024)
+        self.store = Store.open(self.dir, map_size=256 * 1024, limits=LIMITS)
         self.convs: list[str] = ["grp:0000000000000000"]
         self.accepted: set[tuple[str, str]] = set()  # (sender, cid) of every send logged
+        self.created: dict[tuple[str, str], str] = {}  # (creator, cid) -> conv it made
 
     def teardown(self) -> None:
         self.store.close()
@@ -131,6 +136,45 @@ class StoreMachine(RuleBasedStateMachine):
                 key = (command.user, command.cid)
                 assert out.reply["dup"] == (key in self.accepted), (key, out.reply)
                 self.accepted.add(key)
+            if isinstance(command, CreateConv) and command.cid is not None:
+                self.check_create(command, out)
+
+    def check_create(self, command: CreateConv, out) -> None:
+        """Idempotent create: a (creator, cid) that made a conversation is answered with it,
+        dup and nothing logged, whatever else the repeat asks (more members than the limit
+        too); for the other kind, Conflict."""
+        key = (command.user, command.cid)
+        first = self.created.get(key)
+        if command.kind not in ("group", "channel"):
+            assert isinstance(out.error, Invalid), out
+        elif first is None and len(set(command.members) - {command.user}) >= LIMITS.max_members:
+            assert isinstance(out.error, LimitExceeded), out
+        elif first is None:
+            assert out.error is None and out.reply["dup"] is False, out
+            self.created[key] = out.reply["conv"]
+        elif first.startswith("grp:" if command.kind == "group" else "chn:"):
+            assert out.reply == {"conv": first, "dup": True}, (key, out)
+            assert out.lsn == 0  # nothing logged
+        else:
+            assert isinstance(out.error, Conflict), (key, out)
+
+    @precondition(lambda self: self.created)
+    @rule(data=st.data())
+    def repeat_create(self, data):
+        """A create repeated with a cid that made a conversation, of either kind, with any
+        members (past the limit too) and name: the first conversation, or Conflict, and
+        nothing logged. The random batches above repeat a create's cid too seldom (a dozen
+        times in a run) to be relied on."""
+        user, cid = data.draw(st.sampled_from(sorted(self.created)))
+        kind = data.draw(st.sampled_from(["group", "channel"]))
+        members = tuple(USERS[i] for i in data.draw(st.lists(user_ix, max_size=4)))
+        name = data.draw(st.sampled_from([None, "n", "another name"]))
+        command = CreateConv(user, "d1", ROLES[USERS.index(user)], kind, name, False, members,
+                             cid)
+        before = self.store.last_lsn()
+        (out,) = self.store.execute([command])
+        self.check_create(command, out)
+        assert self.store.last_lsn() == before
 
     @rule(specs=st.lists(command_spec, min_size=1, max_size=8), data=st.data())
     def aborted_batch(self, specs, data):
@@ -152,7 +196,7 @@ class StoreMachine(RuleBasedStateMachine):
         """Closing and reopening keeps log and projections."""
         before = self.store.dump_projections()
         self.store.close()
-        self.store = Store.open(self.dir)
+        self.store = Store.open(self.dir, limits=LIMITS)
         assert self.store.dump_projections() == before
 
     @precondition(lambda self: self.store.last_lsn() > 0)

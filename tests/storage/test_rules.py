@@ -113,6 +113,24 @@ def test_a_create_cid_is_checked_as_a_send_cid(store):
     assert outs[5].error is None and outs[5].reply["dup"] is False
 
 
+def test_a_create_repeat_is_answered_past_the_member_limit(tmp_path):
+    """A repeat is answered with the first conversation whatever else it asks (PROTOCOL.md,
+    "Idempotent create"): also when it names more members than --max-members allows (lowered
+    since, or a script's later run with a longer list). It was refused limit_exceeded, the
+    conversation made by the first try unnamed."""
+    store = Store.open(tmp_path / "data", limits=Limits(max_members=3))
+    try:
+        conv = one(store, create("alice", cid="order-7", members=("bob", "carol"))).reply["conv"]
+        lsn = store.last_lsn()
+        out = one(store, create("alice", cid="order-7", members=("bob", "carol", "dan", "eve")))
+        assert (out.error, out.reply) == (None, {"conv": conv, "dup": True})
+        assert store.last_lsn() == lsn
+        refused = one(store, create("alice", cid="order-8", members=("bob", "carol", "dan")))
+        assert isinstance(refused.error, LimitExceeded)  # a new create is held to the limit
+    finally:
+        store.close()
+
+
 def test_a_create_cid_outlives_a_rebuild(store):
     """The `created` rows are a projection: a rebuild makes them again from the log, and a
     repeat after it is still a dup."""
