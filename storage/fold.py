@@ -46,9 +46,11 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     `tables` and mark the position applied.
 
     Stops after `to_lsn`, or before the first event later than `until_us` (the log's timestamps
-    are non-decreasing: one clock, one writer). Calls `on_chunk(events so far)` every `chunk`
-    events. Returns `(last lsn applied, its ts_us, events applied)`. `compiled=False` runs the
-    Python reference only (the tests compare the two).
+    are non-decreasing: one writer, whose clock never stamps a time before the last one logged,
+    storage/clock.py; a log written before that may step back where the wall clock did).
+    Calls `on_chunk(events so far)` every `chunk` events. Returns `(last lsn applied, its
+    ts_us, events applied)`. `compiled=False` runs the Python reference only (the tests
+    compare the two).
     """
     fast = native.ext.fold_messages if compiled and native.ext is not None else None
     if (to_lsn is not None and to_lsn < 0) or (until_us is not None and until_us < 0):

@@ -13,6 +13,8 @@ any thread. Rules kept (docs/DESIGN.md, "The store"):
   hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a batch that
   fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the cache.
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
+* A batch's time is never before the log's last record's, whatever the wall clock does
+  (storage/clock.py): times rise with LSNs, which the replay's `until_us` relies on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import msgpack
 import structlog
 
 from storage import native
+from storage.clock import LogClock
 from storage.commands import Command, SendMessage
 from storage.errors import DomainError, StorageError
 from storage.fold import fold
@@ -46,7 +49,7 @@ from storage.projections import (
     key2,
     mark_applied,
 )
-from storage.records import MESSAGE_ACCEPTED, Event, lsn_key, pack_u64, u64
+from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event, lsn_key, pack_u64, u64
 from storage.rowio import Rows
 from storage.rules import MAX_CID_BYTES, MAX_CID_CHARS, MAX_CONV_ID_CHARS, Limits, decide
 from storage.tables import (
@@ -146,8 +149,23 @@ class Store:
         self._rows = Rows(env.env)
         self._db_list = list(self._dbs.values())
         self._tables = BufferedTables(self._dbs, self._rows)
+        # The batches' times never go back along the log, whatever the wall clock does.
+        self._clock = LogClock(0 if env.readonly else self._last_logged_us())
         if not env.readonly:
             self._check_layout(on_rebuild)
+
+    def _last_logged_us(self) -> int:
+        """The time of the log's last record; 0 for an empty log, or a last record whose time
+        cannot be read (`audit verify` names it; the broker serves on regardless)."""
+        lsn = self._log.last_lsn()
+        if not lsn:
+            return 0
+        with self._env.read() as txn:
+            try:
+                ts = self._log.get(txn, lsn).ts_us
+            except (ValueError, TypeError, msgpack.UnpackException):
+                return 0
+        return ts if type(ts) is int and 0 <= ts <= MAX_TS_US else 0
 
     def stored_layout(self) -> bytes | None:
         """The projection layout the stored tables were written in (`LAYOUT` when current;
@@ -202,17 +220,22 @@ class Store:
     def execute(self, commands: Sequence[Command], now_us: int | None = None) -> list[Outcome]:
         """Run `commands` in one write transaction with one durable commit; one Outcome each.
 
+        The batch's time is the wall clock (`now_us` stands in for it: tests), or the time of
+        the log's last record while the wall clock is behind it (`storage.clock`).
+
         Raises `StorageFull` (or another `StorageError`) when the whole batch failed; then
         nothing was written.
         """
-        tables, rows, dbs = self._tables, self._rows, self._db_list
+        tables, rows, dbs, clock = self._tables, self._rows, self._db_list, self._clock
 
         def work(txn: lmdb.Transaction):
             # Runs under the environment's write lock: the tail cannot move underneath. The
             # time is taken here too, so that batches of several threads get their times in
             # the order of their LSNs (the replay's `until_us` relies on it), not in the order
-            # they asked for the lock.
-            now = time.time_ns() // 1000 if now_us is None else now_us
+            # they asked for the lock. Never before the last record's: a clock set back
+            # does not set the log's times back (storage/clock.py).
+            wall = time.time_ns() // 1000 if now_us is None else now_us
+            now = clock.stamp(wall)
             rows.check(txn, dbs)
             tables.begin(txn)
             tail = self._log.tail()
@@ -266,6 +289,8 @@ class Store:
             self._env.after_commit(tables.committed)
             self._env.after_commit(lambda: self._log.set_tail(tail))
             self._env.after_commit(lambda: self._remember(fresh))
+            if records:
+                self._env.after_commit(lambda: clock.logged(now, wall))
             return outcomes
 
         try:

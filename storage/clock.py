@@ -1,0 +1,43 @@
+"""The log's clock: the times records are stamped with never go back along the log.
+
+A record's `ts_us` is the wall clock when its batch ran, taken under the write lock so that
+times follow LSNs. A wall clock can step back (an NTP correction, a VM migrated, a clock that ran
+ahead set right by hand); a log whose times stepped back with it would show a conversation's
+later messages as older than earlier ones (`deliver` and `history` carry these times), and a
+replay up to a time (`homing audit inbox --at`) stops at the first record later than that time,
+so it would leave out the later records with earlier times. So a batch is stamped with the
+later of the wall clock and the last time logged: while the wall clock is behind the log, new
+records carry the last logged time, until the wall clock passes it again (docs/DESIGN.md,
+"Stored events"). The store logs `clock_behind_log` when that starts, `clock_caught_up` when it
+ends.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+log = structlog.get_logger()
+
+
+class LogClock:
+    """Stamps batches with `max(wall clock, last logged time)`; used under the write lock."""
+
+    def __init__(self, last_us: int) -> None:
+        self.last_us = last_us  # the time of the log's last record (0: none, or unreadable)
+        self.behind_us = 0  # how far the wall clock was behind the log at the last commit
+
+    def stamp(self, wall_us: int) -> int:
+        """The time of a batch run when the wall clock says `wall_us`."""
+        return wall_us if wall_us >= self.last_us else self.last_us
+
+    def logged(self, ts_us: int, wall_us: int) -> None:
+        """A batch stamped `ts_us` (`stamp(wall_us)`) committed records."""
+        self.last_us = ts_us
+        behind = ts_us - wall_us
+        if behind > 0 and not self.behind_us:
+            log.warning("clock_behind_log", behind_s=round(behind / 1e6, 6), ts_us=ts_us,
+                        note="the wall clock stepped back: records keep the last logged time "
+                        "until it passes it again")
+        elif behind <= 0 and self.behind_us:
+            log.info("clock_caught_up", ts_us=ts_us)
+        self.behind_us = max(0, behind)
