@@ -36,6 +36,11 @@ MAX_QUEUED_BYTES = 4 << 20  # or this many bytes of them (history pages are up t
 # may hold hundreds of pipelined queries (a history page of 200 messages, or the receipts of a
 # message in a 1,000-member group, each a millisecond).
 FAIR_SLICE_S = 0.005
+# Conversations whose mute state one session keeps (`Session._muted`); past it all are dropped
+# together and read again as needed. A service's session lives for weeks and is delivered the
+# messages of every conversation it is in: unbounded, this held one entry per conversation
+# ever delivered to it (20,000 after 20,000 users each sent it one message, for good).
+MUTED_CACHE_MAX = 4096
 
 
 class Session:
@@ -541,7 +546,8 @@ class Session:
                 continue
             muted = self._muted.get(f.conv)
             if muted is None:
-                muted = self._muted[f.conv] = self.broker.store.muted(user, f.conv)
+                muted = self.broker.store.muted(user, f.conv)
+                self.learn_muted(f.conv, muted)
             chunks.append(f.deliver_bytes(self.conn, inbox_seq, muted))
             unacked.append((inbox_seq, f.conv, f.seq))
         self.sent = inbox_seq
@@ -578,8 +584,12 @@ class Session:
         return conv in self._muted
 
     def learn_muted(self, conv: str, muted: bool) -> None:
-        """Cache whether the user muted `conv`, as just read from the store."""
-        self._muted[conv] = muted
+        """Cache whether the user muted `conv`, as just read from the store (at most
+        MUTED_CACHE_MAX conversations: past it the cache is emptied)."""
+        cache = self._muted
+        if len(cache) >= MUTED_CACHE_MAX and conv not in cache:
+            cache.clear()
+        cache[conv] = muted
 
     def mute_changed(self, conv: str) -> None:
         """The user muted or unmuted `conv`: forget the cached state."""

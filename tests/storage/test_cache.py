@@ -11,7 +11,9 @@ from broker.client import new_cid
 from storage import rowio
 from storage.commands import Ack, CreateConv, Leave, MarkRead, SendMessage
 from storage.errors import StorageError
+from storage.rules import Limits
 from storage.store import Store, _InjectedAbort
+from storage.tables import CACHE_ROWS
 from tests.disks import fill, tmpfs
 
 
@@ -213,3 +215,36 @@ def test_deliveries_from_the_commit_equal_deliveries_read_from_the_log(store):
     assert store.deliverable("alice", 0, 100)[0] == warm
     assert [(i.sender, i.body) for i in warm if i.kind == "msg"] == [
         ("bob", "hi"), ("bob", b"\x00\xff"), ("carol", "hello"), ("dave", "hi")]
+
+
+def test_the_cached_member_lists_of_groups_count_against_the_row_bound(tmp_path):
+    """A post to a group caches its member list (`GroupedBufTable.groups`, and `parts`) for one
+    row of the member view's own: those rows did not count against CACHE_ROWS, so posts to
+    groups whose members were written by another process (before a restart) cached every
+    member row of every group posted to, without bound (300 groups of 1,000 members: 600,600
+    rows, 153 MiB, in a view of 300). They count now: past the bound the view is emptied."""
+    members = tuple(f"m{i:04}" for i in range(1000))
+    groups = CACHE_ROWS // len(members) + 20
+    store = Store.open(tmp_path / "data", limits=Limits(max_members=len(members) + 1))
+    try:
+        convs = []
+        for first in range(0, groups, 20):
+            outs = store.execute([CreateConv("own", "d", "user", "group", f"g{i}", False, members)
+                                  for i in range(first, min(groups, first + 20))])
+            convs += [o.reply["conv"] for o in outs]
+    finally:
+        store.close()
+    store = Store.open(tmp_path / "data", limits=Limits(max_members=len(members) + 1))
+    try:
+        view = store._tables.member
+        for i, conv in enumerate(convs):
+            (out,) = store.execute([SendMessage("own", "d", "user", f"c{i}", "hi", conv=conv)])
+            assert out.reply["seq"] == 1
+            assert out.effects.inbox_heads["m0999"] == groups + i + 1  # the adds, then these
+            held = len(view) + sum(map(len, view.groups.values()))
+            assert held <= CACHE_ROWS, (i, held)
+            assert sum(map(len, view.parts.values())) <= CACHE_ROWS
+        (out,) = store.execute([SendMessage("own", "d", "user", "again", "hi", conv=convs[0])])
+        assert out.reply["seq"] == 2 and len(out.effects.inbox_heads) == len(members) + 1
+    finally:
+        store.close()
