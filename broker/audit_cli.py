@@ -179,6 +179,8 @@ def quietly(func):
         except CorruptLog as exc:
             raise CliError(EXIT_FAULT, "corrupt_log", f"{exc} (`homing audit verify` "
                            "tells what is sound)") from None
+        except MissingTables as exc:  # a projection read of a table an older homing lacks
+            raise _outdated(exc) from None
         except BrokenPipeError:
             # `homing audit export | head`: the reader is gone; stop without a traceback, and
             # point stdout at /dev/null so the interpreter's final flush cannot fail again.
@@ -197,17 +199,22 @@ def _require_data_dir(path: str) -> None:
                        f"directory (default ./{DEFAULT_DATA_DIR})")
 
 
+def _outdated(exc: Exception) -> CliError:
+    return CliError(EXIT_FAULT, "outdated_layout", (
+        f"{exc}; a broker brings it up to date when it starts, or stop it and run "
+        "`homing audit rebuild`"))
+
+
 def open_readonly(path: str) -> Store:
     """Open the data directory read-only, or raise CliError when it is not one (or one written
-    by a homing so old that it lacks tables: `outdated_layout`, as the checks say of one whose
-    tables are all there in an older layout)."""
+    before layouts were recorded, without a `layout` table: `outdated_layout`, as the checks
+    say of one of another layout). One of an older layout opens though it lacks a table added
+    since: its log reads, and a read of that table raises MissingTables (`quietly`)."""
     _require_data_dir(path)
     try:
         return Store.open(path, readonly=True)
     except MissingTables as exc:
-        raise CliError(EXIT_FAULT, "outdated_layout", (
-            f"{exc}; a broker brings it up to date when it starts, or stop it and run "
-            "`homing audit rebuild`")) from None
+        raise _outdated(exc) from None
     except StorageError as exc:
         raise CliError(EXIT_USAGE, "no_data", f"cannot open {path}: {exc}") from None
 

@@ -16,7 +16,8 @@ What it promises:
 - `create` carries a cid as `send` does, and is repeated after a drop in the same way (the
   broker answers a repeated cid with the conversation it created first), where the broker's
   welcome has the `create_cid` cap. Requests that are not safe to repeat (`revoke`, a create
-  to a broker without that cap) fail with `ConnectionLost` on a drop.
+  to a broker without that cap) fail with `ConnectionLost` on a drop; a create with the
+  caller's own cid is not sent to a broker without the cap (ClientError "invalid").
 - Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse
   raises ClientError "invalid" at once, unsent (while disconnected: against the last welcome).
@@ -157,6 +158,9 @@ class _Request:
     # (a create's cid, which a broker from before ignores); `caps`: the last such welcome's.
     needs: str | None = None
     caps: tuple[str, ...] = ()
+    # `needs` is needed for the first write too: a create with the caller's own cid, which a
+    # broker without the cap would ignore (a run again with it would make a second group).
+    required: bool = False
 
     def repeatable(self, to: tuple[str, ...] | None = None) -> bool:
         """Whether, once written to a connection that dropped, it may go out again (to one
@@ -202,14 +206,18 @@ class Client:
     # -- requests -----------------------------------------------------------------------------
 
     async def _request(self, make, *, resend: bool = True,
-                       done_if_resent: str | None = None, needs: str | None = None) -> Any:
+                       done_if_resent: str | None = None, needs: str | None = None,
+                       required: bool = False) -> Any:
         """Send the frame `make(id)` and return its reply; raise its error. `done_if_resent`
         names the refusal that, for a request resent after a reconnect, means its first try
         took effect (the reply is then None). `needs`: the welcome cap without which it is
-        not repeated (`_Request.needs`)."""
+        not repeated (`_Request.needs`); `required`: nor sent at all (ClientError "invalid",
+        checked against the last welcome while disconnected)."""
         self._check_usable()
+        if required and self.welcome is not None and needs not in self.welcome.caps:
+            raise _lacks(needs)
         rid = next(self._ids)
-        req = _Request(make(rid), resend, needs=needs)
+        req = _Request(make(rid), resend, needs=needs, required=required)
         self._pending[rid] = req
         try:
             await self._write_frame(req.frame, req)
@@ -341,14 +349,17 @@ class Client:
         drop: the broker answers a repeat with the conversation it created first. Pass your
         own `cid` (an order number, say) to make one conversation of calls in several runs.
         A broker whose welcome lacks the `create_cid` cap (one from before 2026-12-05) ignores
-        the cid: a create written to it that a drop cuts off raises ConnectionLost."""
+        the cid: a create written to it that a drop cuts off raises ConnectionLost, and one
+        with your own `cid` is not sent to it (ClientError "invalid"), since a second call
+        with it would make a second conversation."""
         if isinstance(members, str):
             raise TypeError(f"members is a list of user ids, not the str {members!r}: "
                             f"[{members!r}] for one member")
+        own = cid is not None  # the caller's: it must be honoured, or nothing is created
         cid = new_cid() if cid is None else cid
         reply = await self._request(lambda i: wire.Create(
             id=i, kind=kind, name=name, members=tuple(members or ()), open=open, cid=cid),
-            needs=wire.CAP_CREATE_CID)
+            needs=wire.CAP_CREATE_CID, required=own)
         return reply.conv
 
     async def create_group(self, name: str, members=(), open: bool = False, *,
@@ -506,6 +517,10 @@ class Client:
                     if req.sent and not req.repeatable(welcome.caps):
                         # The drop failed most; one whose cap this broker lacks fails here.
                         _fail_requests([req], ConnectionLost, DROPPED)
+                        continue
+                    if req.required and req.needs not in welcome.caps:  # made while away
+                        req.error = _lacks(req.needs)
+                        req.event.set()
                         continue
                     req.resent, req.sent, req.caps = req.sent, True, welcome.caps
                     flushed.append(req)
@@ -790,6 +805,15 @@ def _fail_requests(requests: list[_Request], error: type[ConnectionLost], messag
         if req.error is None and req.reply is None:
             req.error = error(message)
             req.event.set()
+
+
+def _lacks(cap: str | None) -> ClientError:
+    """The refusal of a create with the caller's cid by a broker without the cap `cap`."""
+    return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                       f"create: bad value for field 'cid': this broker ignores a create's cid "
+                       f"(its welcome lacks the {cap!r} cap: it is from before 2026-12-05), so "
+                       "a create run again with it would make another conversation; upgrade "
+                       "the broker, or leave the cid out")
 
 
 def _refusal(exc: wire.LocalProtocolError) -> ClientError | None:

@@ -21,7 +21,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import TypeVar
 
 import lmdb
@@ -64,11 +64,31 @@ def _is_disk_full(exc: BaseException, path: str) -> bool:
     return False
 
 
+class Databases(dict):
+    """The opened databases by name. A name left out because a read-only open did not find it
+    (`LmdbEnv`'s `optional`) raises `MissingTables` when it is asked for."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.missing: list[str] = []
+
+    def __missing__(self, name: str) -> object:
+        if name in self.missing:
+            raise MissingTables(f"{self.path} has no {name!r} table: it was written by an "
+                                "older homing")
+        raise KeyError(name)
+
+
 class LmdbEnv:
-    """One opened LMDB environment with its named databases, write growth and read guard."""
+    """One opened LMDB environment with its named databases, write growth and read guard.
+
+    A read-only open refuses a directory without one of `db_names` (`MissingTables`), but for
+    those in `optional`: they are left out of `dbs`, and asking `dbs` for one raises
+    `MissingTables` then (the log of a directory of an older layout reads without them)."""
 
     def __init__(self, path: str, db_names: list[str], *, map_size: int = DEFAULT_MAP_SIZE,
-                 readonly: bool = False) -> None:
+                 readonly: bool = False, optional: Collection[str] = ()) -> None:
         self.path = os.fspath(path)
         self.readonly = readonly
         self._lock_fd: int | None = None
@@ -88,7 +108,13 @@ class LmdbEnv:
                 create=not readonly,
             )
             self._check_size()
-            self.dbs = {name: self._open_db(name) for name in db_names}
+            self.dbs = Databases(self.path)
+            for name in db_names:
+                db = self._open_db(name, name in optional)
+                if db is None:
+                    self.dbs.missing.append(name)
+                else:
+                    self.dbs[name] = db
         except lmdb.Error as exc:
             self._release_dir_lock()
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
@@ -124,11 +150,13 @@ class LmdbEnv:
         if cleared:
             log.warning("storage_stale_readers_cleared", path=self.path, readers=cleared)
 
-    def _open_db(self, name: str):
+    def _open_db(self, name: str, optional: bool = False):
         if self.readonly:
             try:
                 return self.env.open_db(name.encode(), create=False)
             except lmdb.NotFoundError:
+                if optional:
+                    return None
                 raise MissingTables(f"{self.path} has no {name!r} table: it was written by an "
                                     "older homing") from None
         return self.env.open_db(name.encode())

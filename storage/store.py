@@ -148,7 +148,8 @@ class Store:
         # How the batches' rows go in (storage/rowio.py): checked on the first write.
         self._rows = Rows(env.env)
         self._db_list = list(self._dbs.values())
-        self._tables = BufferedTables(self._dbs, self._rows)
+        # (None read-only: a directory of an older layout may lack some of the tables.)
+        self._tables = None if env.readonly else BufferedTables(self._dbs, self._rows)
         # The batches' times never go back along the log, whatever the wall clock does.
         self._clock = LogClock(0 if env.readonly else self._last_logged_us())
         if not env.readonly:
@@ -194,7 +195,11 @@ class Store:
         another projection layout rebuilds the projections first, calling `on_rebuild(events
         replayed, events in the log)` every few thousand events.
         """
-        env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly)
+        # Read-only, the tables are optional: the log of a directory of an older layout (one
+        # lacking tables added since) is read all the same; a projection read that needs a
+        # table it lacks raises MissingTables.
+        env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly,
+                      optional=TABLES if readonly else ())
         try:
             return cls(env, limits or Limits(), on_rebuild)
         except BaseException:
