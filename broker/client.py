@@ -15,8 +15,8 @@ What it promises:
   this process are not handed over twice, and acks made while disconnected are sent again.
 - `create` carries a cid as `send` does, and is repeated after a drop in the same way (the
   broker answers a repeated cid with the conversation it created first), where the broker's
-  welcome has the `create_cid` cap. Requests that are not safe to repeat (`revoke`, a create
-  to a broker without that cap) fail with `ConnectionLost` on a drop; a create with the
+  welcome has the `create_cid` cap. Requests that are not safe to repeat (`revoke_tokens`, a
+  create to a broker without that cap) fail with `ConnectionLost` on a drop; a create with the
   caller's own cid is not sent to a broker without the cap (ClientError "invalid").
 - Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse

@@ -1,4 +1,5 @@
-"""The log's clock: the times records are stamped with do not go back along the log.
+"""The log's clock: the times records are stamped with do not go back along the log across a
+wall clock set back by up to 10 minutes.
 
 A record's `ts_us` is the wall clock when its batch ran, taken under the write lock so that
 times follow LSNs. A wall clock can step back (an NTP correction, a VM migrated, a clock that ran

@@ -46,8 +46,10 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     `tables` and mark the position applied.
 
     Stops after `to_lsn`, or before the first event later than `until_us` (the log's timestamps
-    are non-decreasing: one writer, whose clock never stamps a time before the last one logged,
-    storage/clock.py; a log written before that may step back where the wall clock did).
+    are non-decreasing: one writer, whose clock stamps no time before the last one logged while
+    the wall clock is behind it by up to 10 minutes, storage/clock.py; a wall clock further
+    behind is taken as it is (`clock_stepped_back`), and a log written before 2026-12-05 may
+    step back wherever the wall clock did).
     Calls `on_chunk(events so far)` every `chunk` events. Returns `(last lsn applied, its
     ts_us, events applied)`. `compiled=False` runs the Python reference only (the tests
     compare the two).

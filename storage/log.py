@@ -29,11 +29,11 @@ from storage.records import (
     DIGEST_BYTES,
     EVENT_TYPES,
     GENESIS,
-    MAX_CID_BYTES,
     MAX_TS_US,
     Event,
     chain,
     decode_body,
+    unkeyable_cid,
 )
 
 EventInput = Event | tuple[int, str, str, str, dict[str, Any]]
@@ -174,8 +174,7 @@ def data_fault(type_: str, data: dict) -> str | None:
             return f"data without {name!r}"
         if type(data[name]) not in kinds or (kinds is _INT and not _u64_ok(data[name])):
             return f"data.{name} of the wrong kind: {data[name]!r:.60}"
-    cid = data.get("cid") if type_ == "conv.created" else None
-    if cid is not None and (type(cid) is not str or len(cid.encode()) > MAX_CID_BYTES):
+    if type_ == "conv.created" and unkeyable_cid(cid := data.get("cid")):
         return f"data.cid of the wrong kind: {cid!r:.60}"
     if type_ == "delivery.acked":
         convs = data.get("convs")

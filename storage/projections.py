@@ -210,7 +210,7 @@ def _conv_created(tables: Tables, ev: Event, fx: Effects) -> None:
     if cid is not None:  # a create with a cid (since layout 5): its repeats find it
         # No record homing writes (the replay says corrupt_log): a cid not text, or one whose
         # key LMDB cannot hold (a rebuild's write died with lmdb.BadValsizeError).
-        if type(cid) is not str or len(cid.encode()) > r.MAX_CID_BYTES:
+        if r.unkeyable_cid(cid):
             raise TypeError(f"conv.created with a cid of {type(cid).__name__} {cid!r:.60}")
         tables.put("created", key2(ev.user, cid), d["conv"].encode())
     fx.conv = d["conv"]

@@ -40,6 +40,14 @@ MAX_TS_US = 253402300799999999
 # (docs/PROTOCOL.md). The rules accept no longer one, and the replay applies none.
 MAX_CID_BYTES = 400
 
+
+def unkeyable_cid(cid: object) -> bool:
+    """Whether a logged create's `cid` is one no homing writes and no key can hold: not text,
+    or over MAX_CID_BYTES of UTF-8 (None is no cid). `verify` fails such a record, and the
+    replay refuses it (corrupt_log), so the two agree."""
+    return cid is not None and (type(cid) is not str or len(cid.encode()) > MAX_CID_BYTES)
+
+
 DIGEST_BYTES = 32
 GENESIS = bytes(DIGEST_BYTES)
 

@@ -13,8 +13,9 @@ any thread. Rules kept (docs/DESIGN.md, "The store"):
   hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a batch that
   fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the cache.
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
-* A batch's time is never before the log's last record's, whatever the wall clock does
-  (storage/clock.py): times rise with LSNs, which the replay's `until_us` relies on.
+* A batch's time is not before the log's last record's when the wall clock is behind it by up
+  to 10 minutes (storage/clock.py): times rise with LSNs, which the replay's `until_us` relies
+  on. A wall clock further behind is taken as it is (the log's times go back there, once).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ class Store:
         self._db_list = list(self._dbs.values())
         # (None read-only: a directory of an older layout may lack some of the tables.)
         self._tables = None if env.readonly else BufferedTables(self._dbs, self._rows)
-        # The batches' times never go back along the log, whatever the wall clock does.
+        # The batches' times do not go back along the log across a wall clock set back by up
+        # to 10 minutes (storage/clock.py).
         self._clock = LogClock(0 if env.readonly else self._last_logged_us())
         if not env.readonly:
             self._check_layout(on_rebuild)
@@ -232,13 +234,15 @@ class Store:
         nothing was written.
         """
         tables, rows, dbs, clock = self._tables, self._rows, self._db_list, self._clock
+        if tables is None:  # opened read-only: no buffered tables (the failure path needs them)
+            raise StorageError(f"{self._env.path} is open read-only: it runs no batch")
 
         def work(txn: lmdb.Transaction):
             # Runs under the environment's write lock: the tail cannot move underneath. The
             # time is taken here too, so that batches of several threads get their times in
             # the order of their LSNs (the replay's `until_us` relies on it), not in the order
-            # they asked for the lock. Never before the last record's: a clock set back
-            # does not set the log's times back (storage/clock.py).
+            # they asked for the lock. Not before the last record's: a clock set back by up
+            # to 10 minutes does not set the log's times back (storage/clock.py).
             wall = time.time_ns() // 1000 if now_us is None else now_us
             now = clock.stamp(wall)
             rows.check(txn, dbs)

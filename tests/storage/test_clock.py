@@ -41,7 +41,8 @@ def test_a_clock_set_back_does_not_set_the_logs_times_back(store, monkeypatch, c
     """The wall clock stepped back 5 minutes between two sends: the second message was logged
     5 minutes before the first (history and deliver showed it as older, though later in its
     conversation), and a replay up to its own time (`audit inbox --at`) stopped before the
-    first message, leaving both out. Now a batch is never stamped before the last record."""
+    first message, leaving both out. Now a batch is not stamped before the last record (for a
+    step back of up to MAX_HOLD_US)."""
     wall = _Wall(monkeypatch, T0)
     with nullcontext() if compiled else python_rules_only():
         store.execute([_send("c1")])
