@@ -75,9 +75,13 @@ class Databases(dict):
 
     def __missing__(self, name: str) -> object:
         if name in self.missing:
-            raise MissingTables(f"{self.path} has no {name!r} table: it was written by an "
-                                "older homing")
+            raise _missing_table(self.path, name)
         raise KeyError(name)
+
+
+def _missing_table(path: str, name: str) -> MissingTables:
+    """The error of a read-only open (or a read) that wants table `name`, absent in `path`."""
+    return MissingTables(f"{path} has no {name!r} table: it was written by an older homing")
 
 
 class LmdbEnv:
@@ -157,8 +161,7 @@ class LmdbEnv:
             except lmdb.NotFoundError:
                 if optional:
                     return None
-                raise MissingTables(f"{self.path} has no {name!r} table: it was written by an "
-                                    "older homing") from None
+                raise _missing_table(self.path, name) from None
         return self.env.open_db(name.encode())
 
     def _take_dir_lock(self) -> None:
