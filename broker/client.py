@@ -43,8 +43,9 @@ import protocol as wire
 
 DEFAULT_SERVER = "127.0.0.1:7717"
 # Refusals worth reconnecting after: the broker stopping, a timeout, a connection limit (its
-# handshake slots are full while many clients reconnect at once, or too many connections).
-RETRYABLE = frozenset({"shutting_down", "timeout", "limit_exceeded"})
+# handshake slots are full while many clients reconnect at once, or too many connections),
+# its store unreadable for now (its reader table full of other processes' readers).
+RETRYABLE = frozenset({"shutting_down", "timeout", "limit_exceeded", "unavailable"})
 DEAD_AFTER_HEARTBEATS = 3
 DROPPED = "the connection dropped before the broker answered"
 CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome

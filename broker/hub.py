@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from protocol import Connection, Deliver, PreparedDeliver, encode_frame
 from protocol.frames import to_wire
+from storage.errors import StorageError
 
 if TYPE_CHECKING:
     from broker.session import Session
@@ -129,7 +130,10 @@ class Hub:
         unknown = [s for user in users if (devices := by_user.get(user))
                    for s in devices.values() if not s.knows_muted(conv)]
         if len(unknown) > 1:
-            muted = self._store.muted_among(conv, {s.user for s in unknown})
+            try:
+                muted = self._store.muted_among(conv, {s.user for s in unknown})
+            except StorageError:  # each session asks when it delivers (and meets it there)
+                return
             for session in unknown:
                 session.learn_muted(conv, session.user in muted)
 

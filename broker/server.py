@@ -24,7 +24,7 @@ import protocol as wire
 from broker import listen, tokens
 from broker.committer import Committer
 from broker.config import Config
-from broker.errors import CloseReason
+from broker.errors import CloseReason, wire_error
 from broker.handlers import HANDLERS
 from broker.hub import Fresh, Hub, encode_push
 from broker.logs import get_logger
@@ -36,6 +36,7 @@ from broker.stats import report_stats
 from protocol import native as wire_native
 from storage import native, rowio
 from storage.commands import SetMute
+from storage.errors import StorageError
 from storage.rules import MANAGERS
 
 # The welcome's caps (docs/PROTOCOL.md §3.3): the optional features this broker has.
@@ -171,7 +172,11 @@ class Broker:
                 self._push_receipt(conv, user, kind, seq)
 
     def _push_receipt(self, conv: str, user: str, kind: str, seq: int) -> None:
-        roster = self.roster(conv)
+        try:
+            roster = self.roster(conv)
+        except StorageError as exc:  # pushes are ephemeral: this one is dropped, said why
+            self.log.error("push_dropped", user=user, conv=conv, push="receipt", reason=str(exc))
+            return
         if user not in roster.user_set:
             return  # an ack after leaving: the others no longer hear of this user's marks
         # A delivered mark goes to the others (the user's own devices need not hear of their
@@ -211,6 +216,10 @@ class Broker:
             self.handshaking += 1
             try:
                 attached = await self._handshake(session)
+            except StorageError as exc:  # a read of the store failed: say so, and end
+                session.reason = CloseReason.STORAGE
+                session.log.error("hello_failed", reason=str(exc))
+                await self._refuse(session, None, *wire_error(exc))
             finally:
                 self.handshaking -= 1
             if attached:
@@ -220,8 +229,7 @@ class Broker:
             session.reason = session.reason or CloseReason.BROKEN
         finally:
             session.flush_due_own_ack()
-            if attached:
-                self._detach(session)
+            self._detach(session)  # attached or not: the hub knows whether it holds it
             session.ended()  # before the close: its fd number may be reused at once
             said_nothing = session.tls_unchecked  # a TLS port and not a byte from the peer
             if said_nothing:  # TLS never began: closing it would begin it
@@ -400,7 +408,11 @@ class Broker:
             self._announce(session.user, False)
 
     def _announce(self, user: str, online: bool) -> None:
-        peers = self.hub.peers(user, self.roster)
+        try:
+            peers = self.hub.peers(user, self.roster)
+        except StorageError as exc:  # pushes are ephemeral: this one is dropped, said why
+            self.log.error("push_dropped", user=user, push="status", reason=str(exc))
+            return
         if peers:
             self.hub.push(peers, encode_push(wire.Status(user=user, online=online)))
 

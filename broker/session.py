@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING
 import trio
 
 import protocol as wire
-from broker.errors import CloseReason
+from broker.errors import CloseReason, wire_error
 from broker.hub import Fresh
 from storage.commands import Ack
+from storage.errors import StorageError
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -429,7 +430,11 @@ class Session:
                 self.reply_error(getattr(event, "id", None), wire.ErrorCode.INVALID,
                                  f"{type(event).TYPE} is not accepted from a client")
                 continue
-            result = handler(self, event)
+            try:
+                result = handler(self, event)
+            except StorageError as exc:  # a store read failed: this request only
+                self._read_failed(event, exc)
+                continue
             if result is not None:
                 await result
             if time.monotonic() >= turn_ends:
@@ -438,6 +443,14 @@ class Session:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 turn_ends = time.monotonic() + FAIR_SLICE_S
         return True
+
+    def _read_failed(self, frame: object, exc: StorageError) -> None:
+        """Answer a request whose store read failed (`unavailable`: the reader table full of
+        other processes' readers, a damaged page); the session and the broker go on."""
+        code, message = wire_error(exc)
+        if code is wire.ErrorCode.UNAVAILABLE:
+            self.log.error("request_failed", frame=type(frame).TYPE, reason=str(exc))
+        self.reply_error(getattr(frame, "id", None), code, message)
 
     def _queue_full(self) -> bool:
         """Whether the replies and pushes queued or being written reach MAX_QUEUED_FRAMES or
@@ -486,6 +499,8 @@ class Session:
                 self._deliver(chunks, room)
             except wire.LocalProtocolError as exc:
                 self._too_large(exc)
+            except StorageError as exc:
+                self._inbox_unreadable(exc)
         self.frames_out += len(chunks)
         return chunks
 
@@ -500,6 +515,14 @@ class Session:
             f"a delivery does not fit this connection's max_frame of "
             f"{self.conn.max_frame_bytes} bytes; reconnect with a larger max_frame to receive it",
             close=True))
+
+    def _inbox_unreadable(self, exc: StorageError) -> None:
+        """The inbox read failed (the reader table full of other processes' readers, a damaged
+        page): close the session with `unavailable`. Nothing is lost: the client reconnects and
+        is delivered again from its last ack."""
+        self.log.error("delivery_read_failed", after=self.sent, reason=str(exc))
+        self.close(CloseReason.STORAGE, wire.error_frame(
+            *wire_error(exc), close=True))
 
     def _deliver(self, chunks: list[bytes], room: int) -> None:
         user, device = self.user, self.device

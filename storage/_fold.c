@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 11 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 12 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1092,6 +1092,8 @@ static int is(const unsigned char *data, Py_ssize_t len, const char *word) {
     return len == n && memcmp(data, word, n) == 0;
 }
 
+#define KEYS_FIT_BYTES 400 /* storage.records.KEYS_FIT_BYTES */
+
 typedef struct {
     uint64_t lsn, ts;
     const unsigned char *user, *conv, *cid;
@@ -1129,8 +1131,11 @@ static int parse_message(PyObject *value, message *m) {
             return 0;
         }
     }
-    /* the last occurrence of a key wins, as in the dict unpackb builds */
-    return m->conv != NULL && m->cid != NULL && r.p == r.end;
+    /* the last occurrence of a key wins, as in the dict unpackb builds; ids longer in all
+     * than storage.records.KEYS_FIT_BYTES are left to Python, which checks that their keys
+     * fit LMDB's (key_fault) */
+    return m->conv != NULL && m->cid != NULL && r.p == r.end &&
+           m->conv_len + m->cid_len + m->user_len + device_len <= KEYS_FIT_BYTES;
 }
 
 /* Apply one parsed message: 1 done, 0 left to Python (conv not UTF-8), -1 error. */
@@ -1712,7 +1717,8 @@ PyMODINIT_FUNC PyInit__fold(void) {
     }
     /* storage/native.py refuses a module whose VERSION is not the one it was written for (a
      * stale build left in place by an editable install of newer sources). */
-    if (m != NULL && PyModule_AddIntConstant(m, "VERSION", FOLD_VERSION) < 0) {
+    if (m != NULL && (PyModule_AddIntConstant(m, "VERSION", FOLD_VERSION) < 0 ||
+                      PyModule_AddIntConstant(m, "KEYS_FIT_BYTES", KEYS_FIT_BYTES) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -96,10 +96,16 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 break
             if fields[2] == _MESSAGE:
                 data = fields[5]
-                ckey = data[b"conv"]
-                add(tables, ckey, ckey.decode(), fields[3], data[b"cid"], fields[0], heads)
+                ckey, cid, user = data[b"conv"], data[b"cid"], fields[3]
+                if (len(ckey) + len(cid) + len(user) + len(fields[4]) > r.KEYS_FIT_BYTES
+                        and (fault := r.key_fault(user, fields[4], ckey, cid)) is not None):
+                    raise CorruptLog(lsn + 1, f"{r.MESSAGE_ACCEPTED} with {fault}")
+                add(tables, ckey, ckey.decode(), user, cid, fields[0], heads)
             else:
-                apply(tables, decode_body(value[32:]), fx)
+                ev = decode_body(value[32:])
+                if (fault := r.event_key_fault(ev.user, ev.device, ev.data)) is not None:
+                    raise CorruptLog(lsn + 1, f"{ev.type} with {fault}")
+                apply(tables, ev, fx)
         except (CorruptLog, RowsDropped):  # RowsDropped: check_projections reads the rows
             raise
         except (LookupError, TypeError, ValueError, AttributeError, struct.error) as exc:

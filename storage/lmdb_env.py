@@ -188,7 +188,11 @@ class LmdbEnv:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """Yield a short read transaction; never hold it across an await or a long wait."""
+        """Yield a short read transaction; never hold it across an await or a long wait.
+
+        An LMDB failure of the read (its reader table full of other processes' readers, a
+        damaged page) is raised as `StorageError`, the error the broker answers `unavailable`
+        to and goes on after."""
         self._enter_read()
         try:
             txn = self._begin_read()
@@ -196,6 +200,8 @@ class LmdbEnv:
                 yield txn
             finally:
                 txn.abort()
+        except lmdb.Error as exc:
+            raise StorageError(f"cannot read {self.path}: {exc}") from exc
         finally:
             self._exit_read()
 

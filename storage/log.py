@@ -29,10 +29,12 @@ from storage.records import (
     DIGEST_BYTES,
     EVENT_TYPES,
     GENESIS,
+    KEYS_FIT_BYTES,
     MAX_TS_US,
     Event,
     chain,
     decode_body,
+    event_key_fault,
     unkeyable_cid,
 )
 
@@ -126,13 +128,16 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
                              f"{type(ev.device).__name__}, data {type(ev.data).__name__}")
         check_time(lsn, ev.ts_us)
         data = ev.data
-        if ev.type == "message.accepted" and type(data.get("conv")) is str and type(
-                data.get("cid")) is str and type(data.get("body")) in _BODY:
+        if ev.type == "message.accepted" and type(conv := data.get("conv")) is str and type(
+                cid := data.get("cid")) is str and type(data.get("body")) in _BODY and (
+                len(conv) + len(cid) + len(ev.user) + len(ev.device)) * 4 <= KEYS_FIT_BYTES:
             pass  # nearly every record: its data checked inline, as data_fault would
         else:
             fault = data_fault(ev.type, data)
             if fault is not None:
                 raise CorruptLog(lsn, f"{ev.type} {fault}")
+            if (fault := event_key_fault(ev.user, ev.device, data)) is not None:
+                raise CorruptLog(lsn, f"{ev.type} with {fault}")
         expected += 1
     return expected - from_lsn
 

@@ -41,6 +41,52 @@ MAX_TS_US = 253402300799999999
 MAX_CID_BYTES = 400
 
 
+# LMDB's longest key (its default MDB_MAXKEYSIZE). A projection key is one id, or two joined by
+# a NUL, or an id, a NUL and an 8-byte number; the ids of the events homing writes are far
+# shorter (user and device ids 64 characters, conversation ids 160, cids 400 bytes).
+MAX_KEY_BYTES = 511
+# Ids whose lengths add up to at most this make keys that fit, whatever they are joined with:
+# the replays check the exact keys only of events past it (storage/_fold.c leaves them to
+# Python), which homing's own events hardly ever are.
+KEYS_FIT_BYTES = 400
+
+
+def _size(part: object) -> int:
+    """The bytes of a key part: a str's UTF-8, a bytes' own; 0 for anything else."""
+    if type(part) is bytes:
+        return len(part)
+    return len(part.encode()) if type(part) is str else 0
+
+
+def key_fault(user: object, device: object, conv: object = None, cid: object = None,
+              other: object = None, convs: object = ()) -> str | None:
+    """Why the replay of an event with these ids (str, or bytes in a raw replay) cannot write
+    its rows: a key longer than LMDB holds, which no event of homing's has (a record chained on
+    by hand); None when every key fits. `user` and `device` are the actor's, `other` the user
+    a membership event names, `convs` the conversations an ack names. The keys: the actor's
+    device (`delivered`), the conversation alone and with a sequence number (`conv_seq`, `msg`),
+    the conversation with the actor or `other` (`member`, `user_conv`, `recv`, `read`, `mute`),
+    and the cid with the actor (`idem`, `created`)."""
+    actor = _size(user)
+    longest = actor + 1 + _size(device)
+    if conv is not None:
+        size = _size(conv)
+        longest = max(longest, size + 9, size + 1 + max(actor, _size(other)))
+    if cid is not None:
+        longest = max(longest, _size(cid) + 1 + actor)
+    if type(convs) is dict:
+        longest = max(longest, *(_size(c) + 1 + actor for c in convs), 0)
+    if longest <= MAX_KEY_BYTES:
+        return None
+    return f"a key of {longest} bytes, more than LMDB's {MAX_KEY_BYTES}"
+
+
+def event_key_fault(user: object, device: object, data: dict) -> str | None:
+    """`key_fault` of an event's ids, from its decoded `data`."""
+    return key_fault(user, device, data.get("conv"), data.get("cid"), data.get("user"),
+                     data.get("convs", ()))
+
+
 def unkeyable_cid(cid: object) -> bool:
     """Whether a logged create's `cid` is one no homing writes and no key can hold: not text,
     or over MAX_CID_BYTES of UTF-8 (None is no cid). `verify` fails such a record, and the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from storage.store import Store
 class Harness:
     """A running broker plus helpers to mint tokens and open SDK clients."""
 
-    def __init__(self, broker: Broker, config: Config) -> None:
+    def __init__(self, broker: Broker, config: Config, logs: list[dict] | None = None) -> None:
         self.broker = broker
         self.config = config
+        self.logs = [] if logs is None else logs  # the broker's log events so far
         self.server = f"127.0.0.1:{broker.port}"
 
     def token(self, user: str, role: str = "user", ttl: int = 3600) -> str:
@@ -32,9 +34,10 @@ class Harness:
 
 
 @asynccontextmanager
-async def running_broker(data: Path, **overrides):
+async def running_broker(data: Path, *, expected_errors: Collection[str] = (), **overrides):
     """A broker over a real Store, as `homing serve` builds it; the test fails if it logged an
-    error (an exception in a callback, a connection handler that crashed)."""
+    error (an exception in a callback, a connection handler that crashed) but for the events
+    named in `expected_errors` (a test that breaks the store on purpose)."""
     config = Config(data_dir=Path(data), port=0, **overrides)
     store = Store.open(str(config.data_dir), limits=Limits(
         max_members=config.max_members, max_body_bytes=config.max_body_bytes))
@@ -43,10 +46,11 @@ async def running_broker(data: Path, **overrides):
             broker = Broker(config, store)
             async with trio.open_nursery() as nursery:
                 await nursery.start(broker.serve)
-                yield Harness(broker, config)
+                yield Harness(broker, config, logs)
                 broker.shutdown()
                 await broker.wait_stopped()
-        errors = [e for e in logs if e.get("log_level") in ("error", "critical")]
+        errors = [e for e in logs if e.get("log_level") in ("error", "critical")
+                  and e.get("event") not in expected_errors]
         assert not errors, f"the broker logged errors: {errors}"
     finally:
         store.close()

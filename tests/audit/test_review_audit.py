@@ -119,6 +119,18 @@ ODD_DATA = {
     # lmdb.BadValsizeError, and verify passed it.
     "create with a cid no key holds": ("conv.created", {"conv": "grp:00000000000000aa",
                                                         "kind": "group", "cid": "x" * 600}),
+    # The same for a message's cid (cid \0 sender), a member's user id (conv \0 user) and a
+    # conversation id (conv \0 seq): `rebuild` died with lmdb.BadValsizeError, and verify
+    # passed them (the compiled replay took the message too).
+    "message with a cid no key holds": ("message.accepted", {"conv": "dm:alice:bob",
+                                                             "cid": "x" * 600, "body": "x"}),
+    "message with a cid of 4-byte characters no key holds": (
+        "message.accepted", {"conv": "dm:alice:bob", "cid": "\U0001f600" * 127, "body": "x"}),
+    "member with a user id no key holds": ("member.added", {"conv": "dm:alice:bob",
+                                                            "user": "u" * 600, "role": "member"}),
+    "create of a conv id no key holds": ("conv.created", {"conv": "grp:" + "a" * 600,
+                                                          "kind": "group"}),
+    "ack naming a conv no key holds": ("delivery.acked", {"upto": 1, "convs": {"c" * 600: 1}}),
 }
 
 

@@ -479,3 +479,12 @@ def test_damaged_records_fold_alike(data):
     records[ix] = (0, value[:32] + bytes(body))
     compiled, python = _both(records)
     assert compiled == python
+
+
+def test_the_compiled_replay_leaves_long_ids_to_python_at_the_same_bound():
+    """storage/_fold.c applies a message itself only when its ids add up to at most
+    KEYS_FIT_BYTES; past that Python checks its keys fit LMDB's (records.key_fault). A C bound
+    above Python's would let a key too long for LMDB through the compiled replay."""
+    from storage.records import KEYS_FIT_BYTES
+
+    assert native.ext.KEYS_FIT_BYTES == KEYS_FIT_BYTES
