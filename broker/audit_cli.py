@@ -181,6 +181,10 @@ def quietly(func):
                            "tells what is sound)") from None
         except MissingTables as exc:  # a projection read of a table an older homing lacks
             raise _outdated(exc) from None
+        except StorageError as exc:
+            # A read that failed after the open (LMDB's reader table filled up by other
+            # processes between two of its short read transactions): as when the open fails.
+            raise CliError(EXIT_USAGE, "no_data", str(exc)) from None
         except BrokenPipeError:
             # `homing audit export | head`: the reader is gone; stop without a traceback, and
             # point stdout at /dev/null so the interpreter's final flush cannot fail again.

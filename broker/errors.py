@@ -31,7 +31,7 @@ class CloseReason(Enum):
     TOO_LARGE = "too_large"  # a delivery does not fit the max_frame they asked for
     REPLACED = "replaced"  # the same device connected again
     SHUTDOWN = "shutdown"  # the broker is stopping
-    STORAGE = "storage"  # a read of the store failed (its inbox); the client reconnects
+    STORAGE = "storage"  # a read of the store failed (hello, its inbox); the client reconnects
 
 
 def wire_error(exc: BaseException) -> tuple[ErrorCode, str]:

@@ -20,6 +20,7 @@ from broker.errors import CloseReason, wire_error
 from protocol import encode_frame
 from protocol.frames import to_wire
 from storage import commands as cmd
+from storage.errors import StorageError
 from storage.rules import MANAGERS, NO_ACCESS, revocation_cut_off
 
 if TYPE_CHECKING:
@@ -92,11 +93,21 @@ def _sent(session: Session, request_id: int, r: dict) -> wire.Result:
     # Only a window's worth: the set only spares the log reads of entries the writer will pass
     # over anyway (it tells them by sender and device), and a device whose window is full
     # (it does not ack) would otherwise add one for each of its sends, for as long as it lives.
-    if (not r["dup"] and len(session.own_lsns) < session.window
-            and (session.role != "admin"
-                 or session.broker.store.role(r["conv"], session.user) is not None)):
+    if not r["dup"] and len(session.own_lsns) < session.window and _own_entry(session, r):
         session.own_lsns.add(r["lsn"])
     return wire.Result(request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"])
+
+
+def _own_entry(session: Session, r: dict) -> bool:
+    """Whether the send `r` made an entry in the sender's own inbox (an admin token's only if
+    it is a member). A failed read says no: the send is durable and must be answered, and the
+    set is only a saving (the writer then reads the entry, and passes over it all the same)."""
+    if session.role != "admin":
+        return True
+    try:
+        return session.broker.store.role(r["conv"], session.user) is not None
+    except StorageError:
+        return False
 
 
 def _ok(session: Session, request_id: int, r: dict) -> wire.Ok:

@@ -298,6 +298,12 @@ class Broker:
             await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED,
                                "too many connections")
             return False
+        # The hello's reads first: should one fail (StorageError), nothing is left to undo
+        # (the user's rate buckets are taken below, and given back only by a detach).
+        acked = max(  # an ack still on its way to disk counts
+            self.store.delivered(claims.user, hello.device),
+            self.committer.acked_mark(claims.user, hello.device))
+        head = self.store.inbox_head(claims.user)
         session.user, session.device, session.role = claims.user, hello.device, claims.role
         session.expires, session.issued = claims.expires, claims.issued
         session.user_sends = self.user_sends.of(claims.user)
@@ -305,10 +311,8 @@ class Broker:
         session.user_changes = self.user_changes.of(claims.user)
         session.log = session.log.bind(user=claims.user, device=hello.device)
         max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
-        session.acked = session.sent = max(  # an ack still on its way to disk counts
-            self.store.delivered(claims.user, hello.device),
-            self.committer.acked_mark(claims.user, hello.device))
-        session.head = self.store.inbox_head(claims.user)
+        session.acked = session.sent = acked
+        session.head = head
         first = not self.hub.online(claims.user)  # not when it replaces the user's only one
         old = self.hub.attach(session)
         if old is not None:

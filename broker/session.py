@@ -450,7 +450,13 @@ class Session:
         code, message = wire_error(exc)
         if code is wire.ErrorCode.UNAVAILABLE:
             self.log.error("request_failed", frame=type(frame).TYPE, reason=str(exc))
-        self.reply_error(getattr(frame, "id", None), code, message)
+        request_id = getattr(frame, "id", None)
+        if request_id is None:
+            # A notice with no id (`typing`, ephemeral): dropped without a word, as when it
+            # cannot go out for any other reason; an `unavailable` without an id would look
+            # like the closing one of the deliveries (PROTOCOL.md §7), and it asked nothing.
+            return
+        self.reply_error(request_id, code, message)
 
     def _queue_full(self) -> bool:
         """Whether the replies and pushes queued or being written reach MAX_QUEUED_FRAMES or
