@@ -168,6 +168,12 @@ def quiet_logs() -> Iterator[None]:
         structlog.configure(**saved)
 
 
+def _cannot_open(path: str, exc: BaseException) -> str:
+    """The message of a data directory that would not open: storage's own when it names the
+    directory already ("cannot open DIR: ...", "cannot read DIR: ..."), not said twice."""
+    return str(exc) if str(path) in str(exc) else f"cannot open {path}: {exc}"
+
+
 def quietly(func):
     """Wrap an action: quiet storage logs, and end silently when stdout's reader goes away."""
     @functools.wraps(func)
@@ -220,7 +226,7 @@ def open_readonly(path: str) -> Store:
     except MissingTables as exc:
         raise _outdated(exc) from None
     except StorageError as exc:
-        raise CliError(EXIT_USAGE, "no_data", f"cannot open {path}: {exc}") from None
+        raise CliError(EXIT_USAGE, "no_data", _cannot_open(path, exc)) from None
 
 
 @contextmanager
@@ -349,7 +355,7 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker{who}: "
                        "stop it first (`homing audit rebuild --check` is read-only)") from None
     except (StorageError, OSError) as exc:
-        raise CliError(EXIT_USAGE, "no_data", f"cannot open {args.data}: {exc}") from None
+        raise CliError(EXIT_USAGE, "no_data", _cannot_open(args.data, exc)) from None
     try:
         started = time.perf_counter()
         with progress_bar("rebuild", store.last_lsn()) as bar:
