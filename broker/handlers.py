@@ -174,6 +174,10 @@ def on_ack(session: Session, f: wire.Ack) -> Any:
             else:
                 session.reply_error(request_id, *wire_error(error))
 
+        # An `upto` within the device's own sends, which moved the cursor at once but wait for
+        # the next round of their durable ack (OWN_ACK_DELAY_S), would be answered before that
+        # ack is durable, and lost in a crash: submit the waiting ack now, and answer after it.
+        session.flush_due_own_ack()
         committer.when_acks_durable(session.user, session.device, answer)
         if session.inflight >= session.broker.config.max_inflight_requests:
             return session.wait_inflight()  # counted with the other requests awaiting commit
