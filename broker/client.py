@@ -313,18 +313,27 @@ class Client:
         cid = new_cid() if cid is None else cid
         return await self._request(lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
 
-    async def ack(self, upto: int) -> None:
+    async def ack(self, upto: int, *, durable: bool = False) -> None:
         """Acknowledge deliveries up to inbox_seq `upto` (cumulative). An `upto` beyond the
         inbox entries this client knows of (the deliveries it had, the inbox head at welcome)
         raises ClientError "invalid": an ack past them would skip the deliveries still to come
-        (an `inbox_seq` mixed up with a conversation's `seq`, say)."""
+        (an `inbox_seq` mixed up with a conversation's `seq`, say).
+
+        Without `durable` it returns once the ack is written to the connection: a broker
+        that crashes before the ack reaches its disk delivers those entries again (at least
+        once). With `durable=True` it returns once the broker holds the ack on disk (an `ack`
+        with an id, answered `ok`: PROTOCOL.md §5.2), so they are not delivered to this device
+        again; it is repeated after a drop (an ack is cumulative: a repeat changes nothing)."""
         self._check_usable()
         known = max(self._yielded, self.welcome.head if self.welcome is not None else 0)
         if not 0 <= upto <= known:
             raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
                               f"ack: cannot ack {upto}: the last inbox entry this client "
                               f"knows of is {known}")
-        if upto > self._acked:
+        if durable:
+            await self._request(lambda i: wire.Ack(upto=upto, id=i))
+            self._acked = max(self._acked, upto)
+        elif upto > self._acked:
             await self._write_frame(wire.Ack(upto=upto))
             self._acked = max(self._acked, upto)
 

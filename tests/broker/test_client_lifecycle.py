@@ -674,3 +674,34 @@ async def test_a_malformed_request_made_while_disconnected_is_refused_at_once(tm
             assert alice._pending == {}
     finally:
         bp.kill()
+
+
+async def test_a_durable_ack_outlives_a_sigkill_right_after_it(tmp_path):
+    """`ack(upto, durable=True)` returns once the broker has the ack on disk: a SIGKILL the
+    moment it returns loses nothing of it, so the device is not delivered those entries again.
+    (A plain ack returns once written, and a kill right after it loses it: the entries come
+    again, at least once.)"""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    try:
+        with trio.fail_after(60):
+            async with bp.client("alice") as alice:
+                for i in range(3):
+                    await alice.send(f"m{i}", to="bob")
+            async with bp.client("bob", reconnect=False) as bob:
+                got = []
+                async for d in bob.deliveries():
+                    got.append(d.inbox_seq)
+                    if len(got) == 3:
+                        break
+                await bob.ack(got[-1], durable=True)
+                bp.kill()
+            bp.start()
+            async with bp.client("bob") as bob:
+                assert bob.welcome.acked == got[-1]
+                await bob.send("after", to="alice")  # the session works; nothing came again
+                with trio.move_on_after(0.5):
+                    async for d in bob.deliveries():
+                        raise AssertionError(f"delivered again: {d.inbox_seq}")
+    finally:
+        bp.kill()

@@ -107,8 +107,9 @@ def devices(monkeypatch):
 
 
 async def ack_durably(dev: Device, upto: int) -> None:
-    """`ack` with an id, answered `ok` once durable. The SDK's `ack` sends none (and returns
-    once written), so this goes through its request path, which resends it after a drop."""
+    """`ack` with an id, answered `ok` once durable, as `Client.ack(upto, durable=True)` sends
+    it, through the same request path (resent after a drop); made here so that the spy knows
+    which `upto` each `ok` answers."""
     def make(i: int) -> wire.Ack:
         dev.ack_ids[i] = upto
         return wire.Ack(upto=upto, id=i)
