@@ -249,6 +249,15 @@ class Run:
                 return dev
         return None
 
+    def acting(self, cix: int, uix: tuple[str, int]):
+        """The conversation `cix` picks, the user `uix` picks for it (`Model.actor`), and a
+        connected device of that user; None when all of its devices are offline (the step is
+        skipped)."""
+        conv_id = self.m.conv(cix)
+        user = self.m.actor(conv_id, uix)
+        dev = self.client_of(user)
+        return None if dev is None else (conv_id, user, dev)
+
     async def settle(self) -> None:
         """Every connected device is delivered every inbox entry past the ack it resumed from,
         in inbox_seq order, but its own sends; as the model has them."""
@@ -397,11 +406,9 @@ class Run:
         return None if role in MANAGERS else "forbidden"
 
     async def op_invite(self, aix: tuple[str, int], cix: int, tix: int, role: str) -> None:
-        conv_id, target = self.m.conv(cix), USERS[tix]
-        actor = self.m.actor(conv_id, aix)
-        dev = self.client_of(actor)
-        if dev is None:
+        if (acting := self.acting(cix, aix)) is None:
             return
+        (conv_id, actor, dev), target = acting, USERS[tix]
         error = self._manager_refusal(actor, conv_id)
         current = self.m.role(conv_id, target)
         if error is None and current is not None and current != role:
@@ -411,11 +418,9 @@ class Run:
             self.m.add_member(self.m.by_id[conv_id], target, role, actor)
 
     async def op_set_role(self, aix: tuple[str, int], cix: int, tix: int, role: str) -> None:
-        conv_id, target = self.m.conv(cix), USERS[tix]
-        actor = self.m.actor(conv_id, aix)
-        dev = self.client_of(actor)
-        if dev is None:
+        if (acting := self.acting(cix, aix)) is None:
             return
+        (conv_id, actor, dev), target = acting, USERS[tix]
         error = self._manager_refusal(actor, conv_id)
         current = self.m.role(conv_id, target)
         if error is None:
@@ -430,11 +435,9 @@ class Run:
             self.m.by_id[conv_id].members[target] = role
 
     async def op_join(self, uix: tuple[str, int], cix: int, subscribe: bool) -> None:
-        conv_id = self.m.conv(cix)
-        u = self.m.actor(conv_id, uix)
-        dev = self.client_of(u)
-        if dev is None:
+        if (acting := self.acting(cix, uix)) is None:
             return
+        conv_id, u, dev = acting
         c = self.m.by_id.get(conv_id)
         role = self.m.role(conv_id, u)
         admin = TOKEN_ROLES.get(u) == "admin"
@@ -448,11 +451,9 @@ class Run:
             self.m.add_member(c, u, "member", u)
 
     async def op_leave(self, uix: tuple[str, int], cix: int) -> None:
-        conv_id = self.m.conv(cix)
-        u = self.m.actor(conv_id, uix)
-        dev = self.client_of(u)
-        if dev is None:
+        if (acting := self.acting(cix, uix)) is None:
             return
+        conv_id, u, dev = acting
         c = self.m.by_id.get(conv_id)
         role = self.m.role(conv_id, u)
         if role is None:
@@ -468,11 +469,9 @@ class Run:
             del c.members[u]  # one's own act: no inbox entry
 
     async def op_remove(self, aix: tuple[str, int], cix: int, tix: int) -> None:
-        conv_id, target = self.m.conv(cix), USERS[tix]
-        actor = self.m.actor(conv_id, aix)
-        dev = self.client_of(actor)
-        if dev is None:
+        if (acting := self.acting(cix, aix)) is None:
             return
+        (conv_id, actor, dev), target = acting, USERS[tix]
         error = self._manager_refusal(actor, conv_id)
         current = self.m.role(conv_id, target)
         c = self.m.by_id.get(conv_id)
@@ -489,11 +488,9 @@ class Run:
                                         self.m.mute_version.get((target, conv_id), 0)))
 
     async def op_read(self, uix: tuple[str, int], cix: int, upto: int) -> None:
-        conv_id = self.m.conv(cix)
-        u = self.m.actor(conv_id, uix)
-        dev = self.client_of(u)
-        if dev is None:
+        if (acting := self.acting(cix, uix)) is None:
             return
+        conv_id, u, dev = acting
         error = None if self.m.role(conv_id, u) is not None else "forbidden"
         await expect(dev.client.read(conv_id, upto), error)
         if error is None:
@@ -511,11 +508,9 @@ class Run:
             self.m.raise_mark(self.m.recv, conv_id, u, mark)
 
     async def op_mute(self, uix: tuple[str, int], cix: int, muted: bool) -> None:
-        conv_id = self.m.conv(cix)
-        u = self.m.actor(conv_id, uix)
-        dev = self.client_of(u)
-        if dev is None:
+        if (acting := self.acting(cix, uix)) is None:
             return
+        conv_id, u, dev = acting
         error = None if self.m.role(conv_id, u) is not None else "forbidden"
         await expect(dev.client.mute(conv_id, muted), error)
         key = (u, conv_id)
@@ -525,11 +520,9 @@ class Run:
 
     async def op_history(self, uix: tuple[str, int], cix: int, before, after, limit: int,
                          order: str) -> None:
-        conv_id = self.m.conv(cix)
-        u = self.m.actor(conv_id, uix)
-        dev = self.client_of(u)
-        if dev is None:
+        if (acting := self.acting(cix, uix)) is None:
             return
+        conv_id, u, dev = acting
         admin = TOKEN_ROLES.get(u) == "admin" and conv_id in self.m.by_id
         if self.m.role(conv_id, u) is None and not admin:
             await expect(dev.client.history(conv_id, before=before, after=after, limit=limit,
@@ -549,11 +542,9 @@ class Run:
         assert stamps == sorted(stamps), (conv_id, page)
 
     async def op_receipts(self, uix: tuple[str, int], cix: int, seq: int) -> None:
-        conv_id = self.m.conv(cix)
-        u = self.m.actor(conv_id, uix)
-        dev = self.client_of(u)
-        if dev is None:
+        if (acting := self.acting(cix, uix)) is None:
             return
+        conv_id, u, dev = acting
         role = self.m.role(conv_id, u)
         c = self.m.by_id.get(conv_id)
         if c is not None and c.messages and 0 < seq < 9:  # mostly one of its messages
@@ -579,11 +570,9 @@ class Run:
     async def op_members(self, uix: tuple[str, int], cix: int) -> None:
         """Any member lists a conversation's members; in a channel only its owners, admins and
         service tokens (§5.2); an admin token any conversation."""
-        conv_id = self.m.conv(cix)
-        u = self.m.actor(conv_id, uix)
-        dev = self.client_of(u)
-        if dev is None:
+        if (acting := self.acting(cix, uix)) is None:
             return
+        conv_id, u, dev = acting
         c = self.m.by_id.get(conv_id)
         role, token = self.m.role(conv_id, u), TOKEN_ROLES.get(u, "user")
         if token == "admin" and c is not None:
