@@ -9,8 +9,10 @@ Rules kept here:
   instead of SIGBUS on a mapped page. `sync` and `metasync` are on: a commit is durable.
 * The map grows by itself: a write that hits `MapFullError` is aborted, the map doubled, and the
   work retried, so no `MapFullError` reaches a caller. `set_mapsize` needs every transaction of
-  this process closed, so read transactions are counted and the grower waits for zero.
-  Readers in other processes that see `MapResizedError` adopt the new size and retry.
+  this process closed, so read transactions are counted and the grower waits for zero; the
+  abort before it waits so too (py-lmdb waits for a moment without any LMDB call under way).
+  Readers in other processes that see `MapResizedError` adopt the new size and retry, their
+  open included.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ MAX_READERS = 1024
 MAX_DBS = 32
 LOCK_FILE = "homing.lock"
 READER_CHECK_S = 5.0  # how often a writer frees the slots of dead readers
+OPEN_ATTEMPTS = 8  # read-only opens that the writer's growth cut short, at most (`LmdbEnv`)
 
 log = structlog.get_logger()
 
@@ -105,20 +108,23 @@ class LmdbEnv:
             os.makedirs(self.path, mode=0o700, exist_ok=True)  # messages: for its owner only
             self._take_dir_lock()
         try:
-            self.env = lmdb.open(
-                self.path, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
-                max_readers=MAX_READERS, sync=True, metasync=True, writemap=False,
-                readahead=False, lock=True, readonly=readonly, max_spare_txns=0, mode=0o600,
-                create=not readonly,
-            )
-            self._check_size()
-            self.dbs = Databases(self.path)
-            for name in db_names:
-                db = self._open_db(name, name in optional)
-                if db is None:
-                    self.dbs.missing.append(name)
-                else:
-                    self.dbs[name] = db
+            for attempt in range(OPEN_ATTEMPTS):
+                try:
+                    self._open(map_size, db_names, optional)
+                    break
+                except lmdb.MapResizedError:
+                    # Read-only (a writer maps all it writes): LMDB maps at least the data in
+                    # use, and exactly that when the size asked for is smaller (a `homing
+                    # audit` next to a broker whose data outgrew DEFAULT_MAP_SIZE); a commit
+                    # past it before py-lmdb's own first read transactions (opening the
+                    # tables) fails them, and `_begin_read` cannot step in there. Opened
+                    # again at the writer's own map size (0: what its last commit recorded),
+                    # which only its next growth outruns.
+                    if hasattr(self, "env"):
+                        self.env.close()
+                    if attempt == OPEN_ATTEMPTS - 1:
+                        raise
+                    map_size = 0
         except lmdb.Error as exc:
             self._release_dir_lock()
             raise StorageError(f"cannot open {self.path}: {exc}") from exc
@@ -132,6 +138,22 @@ class LmdbEnv:
             self._check_readers()
         log.info("storage_opened", path=self.path, readonly=readonly,
                  map_size=self.env.info()["map_size"])
+
+    def _open(self, map_size: int, db_names: list[str], optional: Collection[str]) -> None:
+        self.env = lmdb.open(
+            self.path, subdir=True, map_size=map_size, max_dbs=MAX_DBS,
+            max_readers=MAX_READERS, sync=True, metasync=True, writemap=False,
+            readahead=False, lock=True, readonly=self.readonly, max_spare_txns=0, mode=0o600,
+            create=not self.readonly,
+        )
+        self._check_size()
+        self.dbs = Databases(self.path)
+        for name in db_names:
+            db = self._open_db(name, name in optional)
+            if db is None:
+                self.dbs.missing.append(name)
+            else:
+                self.dbs[name] = db
 
     def _check_size(self) -> None:
         """Refuse a data file shorter than its last committed transaction says it is (a copy
@@ -227,7 +249,10 @@ class LmdbEnv:
             if self._readers == 0:
                 self._guard.notify_all()
 
-    def _resize(self, new_size: int) -> None:
+    @contextlib.contextmanager
+    def _no_reads(self) -> Iterator[None]:
+        """Hold this process's reads off: wait for those under way to end, and keep new ones
+        waiting (in `_enter_read`) until the block is left."""
         with self._guard:
             while self._growing:
                 self._guard.wait()
@@ -235,10 +260,22 @@ class LmdbEnv:
             try:
                 while self._readers:
                     self._guard.wait()
-                self.env.set_mapsize(new_size)
+                yield
             finally:
                 self._growing = False
                 self._guard.notify_all()
+
+    def _resize(self, new_size: int) -> None:
+        with self._no_reads():
+            self.env.set_mapsize(new_size)
+
+    def _abort(self, txn: lmdb.Transaction) -> None:
+        """Abort the write transaction `txn` with this process's reads held off. py-lmdb (3.0)
+        aborts a write transaction only at a moment when no LMDB call of any thread is under
+        way on the environment: two threads reading without a pause never leave one, and the
+        abort (of every batch that grows the map) waited for ever."""
+        with self._no_reads():
+            txn.abort()
 
     def write(self, work: Callable[[lmdb.Transaction], T]) -> T:
         """Run `work(txn)` in one write transaction and commit durably; return its result.
@@ -263,11 +300,11 @@ class LmdbEnv:
                         hook()
                     return result
                 except lmdb.MapFullError:
-                    txn.abort()
+                    self._abort(txn)
                     self._on_commit = []
                     self._grow()
                 except BaseException as exc:
-                    txn.abort()
+                    self._abort(txn)
                     self._on_commit = []
                     if _is_disk_full(exc, self.path):
                         raise StorageFull(f"disk full writing {self.path}") from exc
