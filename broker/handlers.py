@@ -392,7 +392,8 @@ def on_presence(session: Session, f: wire.Presence) -> None:
     if not _may_see_members(session, f.conv, "who is online", f.id):
         return
     hub = session.broker.hub
-    online = [u for u in session.broker.roster(f.conv).users if hub.online(u)]
+    # By user id, as the roster is (UTF-8 bytes sort as code points do): only those online.
+    online = sorted(hub.online_among(session.broker.roster(f.conv).user_set))
     session.reply(wire.PresenceList(id=f.id, conv=f.conv, online=online))
 
 
@@ -405,7 +406,7 @@ def on_typing(session: Session, f: wire.Typing) -> None:
     if not session.user_typing.take():
         return  # past --typing-rate: dropped too; a typing notice repeats while they type
     data = session.conn.send(wire.TypingNotice(conv=f.conv, user=session.user))
-    broker.hub.push(broker.roster(f.conv).users, data, skip=session)
+    broker.hub.push(broker.hub.online_among(broker.roster(f.conv).user_set), data, skip=session)
 
 
 def on_ping(session: Session, f: wire.Ping) -> None:

@@ -182,12 +182,20 @@ class Broker:
         # A delivered mark goes to the others (the user's own devices need not hear of their
         # acks); a read mark to the user's devices too, so unread counts agree everywhere.
         # In channels, only those who post hear of others' marks.
-        others = roster.posters if conv.startswith("chn:") else roster.users
-        inside = user in (roster.user_set if others is roster.users else others)
-        if kind == "delivered":
-            audience = [u for u in others if u != user] if inside else others
-        else:
-            audience = others if inside else [*others, user]
+        # Only the members online are looked at: in a group of 10,000 with 100 online, each
+        # receipt walked the 10,000 (0.56 ms of the event loop; a message read by all of them
+        # is 10,000 receipts).
+        if conv.startswith("chn:"):
+            others = roster.posters
+            inside = user in others
+            if kind == "delivered":
+                audience = [u for u in others if u != user] if inside else others
+            else:
+                audience = others if inside else [*others, user]
+        else:  # the user is a member (above): the others hear of a delivery, all of a read
+            audience = self.hub.online_among(roster.user_set)
+            if kind == "delivered":
+                audience.discard(user)
         frame = (wire.Receipt(conv=conv, user=user, delivered=seq, read=None) if kind == "delivered"
                  else wire.Receipt(conv=conv, user=user, delivered=None, read=seq))
         self.hub.push(audience, encode_push(frame))

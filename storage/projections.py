@@ -65,6 +65,8 @@ class Table(Protocol):
     def range(self, prefix: bytes, start: bytes | None = None,
               reverse: bool = False) -> list[tuple[bytes, bytes]]: ...
 
+    def stored_range(self, prefix: bytes) -> list[tuple[bytes, bytes | None]]: ...
+
 
 class GroupedTable(Table, Protocol):
     """A table keyed `head \\0 tail`: `parts[head \\0]` lists the group's rows as

@@ -32,7 +32,7 @@ from storage.projections import (
     idem_key,
     key2,
 )
-from storage.records import MAX_CID_BYTES
+from storage.records import MAX_CID_BYTES, u64
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
@@ -354,8 +354,23 @@ def _ack(tables: Tables, cmd: c.Ack, now_us: int, limits: Limits) -> Decision:
     old = get_u64(tables, "delivered", key2(cmd.user, cmd.device))
     if upto <= old:
         return [], {}
-    convs = dict(cmd.convs) if cmd.convs is not None else acked_convs(tables, cmd.user, old, upto)
+    if cmd.convs is not None:
+        convs = dict(cmd.convs)
+    else:
+        # Only the entries no device of the user has acked yet: `recv` is per user, and every
+        # accepted ack raised it over the entries it covered, so those up to the user's highest
+        # device mark are counted already. A new device acking a long inbox (or many devices,
+        # one after another) would otherwise read every entry again, in the write transaction.
+        convs = acked_convs(tables, cmd.user, max(old, _acked_by_any(tables, cmd.user)), upto)
     return [_ev(now_us, cmd, r.DELIVERY_ACKED, {"upto": upto, "convs": convs})], {}
+
+
+def _acked_by_any(tables: Tables, user: str) -> int:
+    """The highest inbox seq a device of `user` acked, among the devices with a committed mark
+    (one row each; a device's first ack in this very batch is left out: a lower mark only
+    makes the rules read more of the inbox, never raise `recv` wrongly)."""
+    rows = tables.delivered.stored_range(user.encode() + b"\0")
+    return max((u64(v) for _k, v in rows if v is not None), default=0)
 
 
 def _mark_read(tables: Tables, cmd: c.MarkRead, now_us: int, limits: Limits) -> Decision:

@@ -188,6 +188,10 @@ class MemTable(dict):
         keys = [k for k in self if k.startswith(prefix)]
         return [(k, self[k]) for k in _window(keys, start, reverse)]
 
+    def stored_range(self, prefix: bytes) -> list[tuple[bytes, bytes | None]]:
+        """`range(prefix)`: in memory, every row is a stored one (`BufTable.stored_range`)."""
+        return self.range(prefix)
+
 
 class Parts(dict):
     """`parts[head]`: the rows of group `head \\0` of a grouped table, split for the hot path.
@@ -584,6 +588,14 @@ class BufTable(dict):
                 merged[k] = v
         keys = [k for k, v in merged.items() if v is not None]
         return [(k, merged[k]) for k in _window(keys, start, reverse)]
+
+    def stored_range(self, prefix: bytes) -> list[tuple[bytes, bytes | None]]:
+        """`(key, value)` of the committed rows with `prefix`, each with this batch's value if
+        it changed it (None: deleted); rows this batch added are left out. It costs the
+        committed rows only, where `range` looks at every row the batch changed in the table
+        (a batch of 4,096 acks each ranging over `delivered` would be quadratic)."""
+        dirty = self.dirty
+        return [(k, dirty.get(k, v)) for k, v in cursor_range(self.txn, self.db, prefix)]
 
     def flush(self) -> None:
         """Write this batch's changes into the transaction, each key once, in key order."""
