@@ -298,7 +298,8 @@ def _serve_config(args: argparse.Namespace) -> Config:
         typing_per_s_per_user=args.typing_rate, changes_per_s_per_user=args.change_rate,
         max_connections=args.max_connections, max_handshakes=args.max_handshakes,
         max_connections_per_user=args.max_connections_per_user,
-        max_members=args.max_members, max_pending_pushes=args.max_pending_pushes,
+        max_members=args.max_members, receipt_audience_max=args.receipt_audience_max,
+        max_pending_pushes=args.max_pending_pushes,
         max_batch=args.max_batch, max_inflight_requests=args.max_inflight_requests,
         shutdown_grace_s=args.shutdown_grace,
         content_policy=Path(args.content_policy) if args.content_policy else None,
@@ -804,6 +805,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-connections-per-user", type=_COUNT,
                    default=d.max_connections_per_user)
     s.add_argument("--max-members", type=_COUNT, default=d.max_members)
+    s.add_argument("--receipt-audience-max", type=_COUNT, default=d.receipt_audience_max,
+                   help="members of a group above which its receipts are pushed only to its "
+                        "owners and admins, as a channel's (default %(default)s)")
     s.add_argument("--max-pending-pushes", type=_COUNT, default=d.max_pending_pushes)
     s.add_argument("--max-batch", type=_COUNT, default=d.max_batch,
                    help="commands in one group commit at most (default %(default)s)")

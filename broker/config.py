@@ -62,6 +62,9 @@ class Config:
     max_connections_per_user: int = 256
     # Conversations.
     max_members: int = 10000
+    # Groups of more members push receipts only to their owners and admins, as channels do: a
+    # post read by all n members online is n x n pushes (256: 65,536; 10,000: 100,000,000).
+    receipt_audience_max: int = 256
     # Group commit.
     max_batch: int = 4096
     # Storage.

@@ -181,11 +181,13 @@ class Broker:
             return  # an ack after leaving: the others no longer hear of this user's marks
         # A delivered mark goes to the others (the user's own devices need not hear of their
         # acks); a read mark to the user's devices too, so unread counts agree everywhere.
-        # In channels, only those who post hear of others' marks.
+        # In channels, only those who post hear of others' marks; so in groups of more than
+        # --receipt-audience-max members, where a post read by all n online is n x n pushes.
         # Only the members online are looked at: in a group of 10,000 with 100 online, each
         # receipt walked the 10,000 (0.56 ms of the event loop; a message read by all of them
         # is 10,000 receipts).
-        if conv.startswith("chn:"):
+        if conv.startswith("chn:") or (conv.startswith("grp:")  # a direct one is two, always
+                                       and len(roster.users) > self.config.receipt_audience_max):
             others = roster.posters
             inside = user in others
             if kind == "delivered":

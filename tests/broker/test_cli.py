@@ -289,7 +289,9 @@ def test_every_setting_of_serve_is_a_flag():
              "max_connections": ["--max-connections", "7"],
              "max_handshakes": ["--max-handshakes", "7"],
              "max_connections_per_user": ["--max-connections-per-user", "7"],
-             "max_members": ["--max-members", "7"], "max_batch": ["--max-batch", "7"],
+             "max_members": ["--max-members", "7"],
+             "receipt_audience_max": ["--receipt-audience-max", "7"],
+             "max_batch": ["--max-batch", "7"],
              "gc_young_threshold": ["--gc-young-threshold", "7"],
              "stats_interval_s": ["--stats-interval", "7"]}
     not_flags = {"map_size_bytes"}

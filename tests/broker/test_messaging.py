@@ -843,3 +843,30 @@ async def test_presence_follows_membership_changes_of_a_cached_roster(harness):
             async with harness.client("bob"):
                 await push_of(dave, protocol.Status, user="bob", online=True)
             assert await statuses(carol) == []  # removed before bob came: not told
+
+
+@pytest.mark.parametrize("bound", [3, 4])
+async def test_a_big_groups_marks_are_pushed_only_to_its_owners_and_admins(tmp_path, bound):
+    """In a group of more than --receipt-audience-max members a member's marks are pushed as in
+    a channel: to its owners and admins, and a read to the member's own devices (a post read by
+    all n members online was n x n pushes, 100,000,000 in a group of 10,000). The others still
+    ask `receipts`. At the bound every other online member hears of them, as before."""
+    async with running_broker(tmp_path / "data", receipt_audience_max=bound) as h, \
+            h.client("alice") as alice, h.client("dave") as dave, h.client("carol") as carol, \
+            h.client("bob") as bob, h.client("bob", "tablet") as tablet:
+        conv = await alice.create_group("g", ["bob", "carol", "dave"])  # four members
+        await alice.set_role(conv, "dave", "admin")
+        seq = (await alice.send("notice", conv=conv)).seq
+        await bob.read(conv, seq)
+        for c in (alice, dave, tablet):
+            await push_of(c, protocol.Receipt, user="bob", read=seq)
+        # Bob's read was pushed to all its audience at once, before alice's typing notice: what
+        # carol is told of it comes before that notice.
+        await alice.typing(conv)
+        heard = []
+        with trio.fail_after(5):
+            while not isinstance(p := await carol.next_push(), protocol.TypingNotice):
+                if isinstance(p, protocol.Receipt) and p.user == "bob" and p.read == seq:
+                    heard.append(p)
+        assert len(heard) == (1 if bound >= 4 else 0)
+        assert "bob" in (await carol.receipts(conv, seq)).read

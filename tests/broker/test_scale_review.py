@@ -48,7 +48,9 @@ def test_a_receipt_in_a_big_group_looks_at_the_members_online_only(tmp_path):
         members = tuple(f"m{i:05d}" for i in range(MEMBERS - 1))
         (out,) = store.execute([CreateConv("own", "d1", "user", "group", "big", False, members)])
         conv = out.reply["conv"]
-        broker = Broker(Config(data_dir=tmp_path / "data", port=0), store)
+        # Every member hears of the marks (above --receipt-audience-max, only the owner would).
+        broker = Broker(Config(data_dir=tmp_path / "data", port=0,
+                               receipt_audience_max=MEMBERS), store)
         hub = broker.hub
         hub._by_user = _CountingUsers()
         online = {user: _Session(user) for user in ("own", "m00007", "m01500")}
