@@ -63,12 +63,13 @@ def key_fault(user: object, device: object, conv: object = None, cid: object = N
     """Why the replay of an event with these ids (str, or bytes in a raw replay) cannot write
     its rows: a key longer than LMDB holds, which no event of homing's has (a record chained on
     by hand); None when every key fits. `user` and `device` are the actor's, `other` the user
-    a membership event names, `convs` the conversations an ack names. The keys: the actor's
-    device (`delivered`), the conversation alone and with a sequence number (`conv_seq`, `msg`),
-    the conversation with the actor or `other` (`member`, `user_conv`, `recv`, `read`, `mute`),
-    and the cid with the actor (`idem`, `created`)."""
+    a membership event or a revocation names, `convs` the conversations an ack names. The
+    keys: the actor's device (`delivered`), a user alone and with an inbox number (`revoked`,
+    `inbox_head`, `inbox`), the conversation alone and with a sequence number (`conv_seq`,
+    `msg`), the conversation with the actor or `other` (`member`, `user_conv`, `recv`, `read`,
+    `mute`), and the cid with the actor (`idem`, `created`)."""
     actor = _size(user)
-    longest = actor + 1 + _size(device)
+    longest = max(actor + 1 + _size(device), actor + 9, _size(other) + 9)
     if conv is not None:
         size = _size(conv)
         longest = max(longest, size + 9, size + 1 + max(actor, _size(other)))

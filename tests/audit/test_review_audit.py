@@ -131,6 +131,7 @@ ODD_DATA = {
     "create of a conv id no key holds": ("conv.created", {"conv": "grp:" + "a" * 600,
                                                           "kind": "group"}),
     "ack naming a conv no key holds": ("delivery.acked", {"upto": 1, "convs": {"c" * 600: 1}}),
+    "revocation of a user id no key holds": ("tokens.revoked", {"user": "u" * 600, "before": 1}),
 }
 
 
