@@ -29,6 +29,7 @@ from broker.handlers import HANDLERS
 from broker.hub import Fresh, Hub, encode_push
 from broker.logs import get_logger
 from broker.policy import ContentPolicy
+from broker.presence import Presence
 from broker.ratelimit import TokenBucket, UserBuckets
 from broker.sdnotify import Notifier, keep_watchdog
 from broker.session import Session
@@ -78,6 +79,7 @@ class Broker:
         self.log = get_logger()
         self.secret = tokens.load_secret(config.data_dir)
         self.hub = Hub(store)
+        self.presence = Presence(self.hub, self.roster, self.log)
         self.committer = Committer(store, max_batch=config.max_batch,
                                    on_committed=self._on_committed, fanout=self._fanout)
         self.deferring = False  # inside a commit's fan-out: sessions defer their writes
@@ -340,7 +342,7 @@ class Broker:
         session.log.info("connection_opened", role=claims.role, acked=session.acked,
                          head=session.head)
         if first:
-            self._announce(claims.user, True)
+            self.presence.announce(claims.user, True)
         return True
 
     async def _read_hello(self, session: Session) -> Any:
@@ -419,16 +421,7 @@ class Broker:
         if self.hub.detach(session):
             for buckets in self._user_buckets:
                 buckets.gone(session.user)
-            self._announce(session.user, False)
-
-    def _announce(self, user: str, online: bool) -> None:
-        try:
-            peers = self.hub.peers(user, self.roster)
-        except StorageError as exc:  # pushes are ephemeral: this one is dropped, said why
-            self.log.error("push_dropped", user=user, push="status", reason=str(exc))
-            return
-        if peers:
-            self.hub.push(peers, encode_push(wire.Status(user=user, online=online)))
+            self.presence.announce(session.user, False)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -441,6 +434,7 @@ class Broker:
         cfg = self.config
         async with trio.open_nursery() as outer:
             await outer.start(self.committer.serve)
+            self.presence.start(outer)  # long presence walks (cancelled with the idle watch)
             outer.start_soon(self._watch_idle)
             outer.start_soon(self._ack_own_sends)
             if cfg.stats_interval_s > 0:

@@ -21,6 +21,7 @@ any thread. Rules kept (docs/DESIGN.md, "The store"):
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -456,9 +457,20 @@ class Store:
         """Return `(user, role)` for every member of `conv`, sorted by user."""
         return [(user, role.decode()) for user, role in self._split_range("member", conv)]
 
-    def user_convs(self, user: str) -> list[str]:
-        """Return the conversations `user` is a member of, sorted."""
-        return [conv for conv, _ in self._split_range("user_conv", user)]
+    def user_convs(self, user: str, after: str | None = None,
+                   limit: int | None = None) -> list[str]:
+        """Return the conversations `user` is a member of, sorted: those with ids after `after`,
+        at most `limit` (None: all). Pages keep each read short for a user in very many
+        (the presence walk, `Hub.peers`: 12 ms for 20,000 in one read)."""
+        if after is None and limit is None:
+            return [conv for conv, _ in self._split_range("user_conv", user)]
+        prefix = user.encode() + b"\0"
+        # Conv ids hold no NUL, so `after \0` sorts right after `after` (as in `conversations`).
+        start = None if after is None else prefix + after.encode() + b"\0"
+        with self._env.read() as txn:
+            rows = TxnTables(txn, self._dbs).range("user_conv", prefix, start=start)
+            keys = [key for key, _ in itertools.islice(rows, limit)]
+        return [key[len(prefix):].decode() for key in keys]
 
     def history(self, conv: str, *, before: int | None = None, after: int | None = None,
                 limit: int = 50, newest_first: bool = True) -> tuple[list[dict[str, Any]], bool]:

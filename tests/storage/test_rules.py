@@ -347,6 +347,19 @@ def test_history_paging(store):
     assert [m["body"] for m in page] == ["m3", "m4"] and not more
 
 
+def test_user_convs_pages_by_id(store):
+    """A user's conversations page in id order after `after` (the presence walk reads them so,
+    a page at a time); a user id that is a prefix of another's does not see theirs."""
+    convs = sorted(group(store, members=("bob",)) for _ in range(5))
+    one(store, send("bo", "c1", to="alice"))
+    assert store.user_convs("bob") == convs
+    assert store.user_convs("bob", limit=2) == convs[:2]
+    assert store.user_convs("bob", after=convs[1], limit=2) == convs[2:4]
+    assert store.user_convs("bob", after=convs[3]) == convs[4:]
+    assert store.user_convs("bob", after=convs[4], limit=2) == []
+    assert store.user_convs("bob", after=convs[1][:-1]) == convs[1:]  # after a prefix of one
+    assert store.user_convs("bo", limit=10) == ["dm:alice:bo"]
+
 def test_map_grows_without_map_full(tmp_path):
     """A tiny initial map grows by itself; no MapFullError reaches the caller."""
     s = Store.open(tmp_path / "d", map_size=64 * 1024)
