@@ -18,7 +18,8 @@ What it promises:
   welcome has the `create_cid` cap. Requests that are not safe to repeat (`revoke_tokens`, a
   create to a broker without that cap) fail with `ConnectionLost` on a drop; a create with the
   caller's own cid is not sent to a broker without the cap (ClientError "invalid").
-- Once the client gives up (unreachable past the reconnect timeout, replaced, refused), its
+- Once the client gives up (past the reconnect timeout the broker unreachable, refusing each
+  session, or closing each one before it served anything; replaced; refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse
   raises ClientError "invalid" at once, unsent (while disconnected: against the last welcome).
 """
@@ -85,6 +86,20 @@ class ClientError(Exception):
 class ConnectionLost(Exception):
     """The connection dropped while a request that cannot be safely repeated was in flight,
     or the broker could not be reached within the reconnect timeout."""
+
+
+class BrokerUnavailable(ConnectionLost):
+    """The broker was reached but did not serve this client within the reconnect timeout: it
+    refused each session with a refusal worth retrying (`unavailable`: its store unreadable;
+    `limit_exceeded`, `shutting_down`, `timeout`), or welcomed it and closed it before it served
+    anything (a closing `unavailable`: this device's deliveries unreadable, a damaged page, say).
+    `.name` and `.code` are the broker's last refusal or closing error (None: it closed the
+    connection without a word)."""
+
+    def __init__(self, message: str, error: ClientError | None = None) -> None:
+        super().__init__(message)
+        self.name = error.name if error is not None else None
+        self.code = error.code if error is not None else None
 
 
 class NotTrusted(ConnectionLost):
@@ -201,6 +216,11 @@ class Client:
         self._closed = False
         self._last_rx = time.monotonic()
         self._fatal: BaseException | None = None
+        # What the sessions handed over (new deliveries, pushes, answers), and the closing
+        # error that ended the last one: a session that ends soon, having served nothing, is
+        # a failed attempt (`_serve`).
+        self._served = 0
+        self._closed_by: ClientError | None = None
         self.user: str | None = None
         self.reconnects = 0
 
@@ -460,6 +480,24 @@ class Client:
             await self._push_event.wait()  # several tasks may wait: each wakes, one takes it
         return self._pushes.popleft()
 
+    def receipts_pushed(self, members: wire.MemberList) -> bool:
+        """Whether this client is pushed the other members' delivered and read marks in the
+        conversation `members` describes (the `members` answer): in a direct conversation and
+        a group of at most the welcome's `receipt_audience` members, yes; in a channel and a
+        bigger group only as an owner or admin (PROTOCOL.md §9). Where it is not, ask
+        `receipts`. A broker that does not say its bound (from before 2026-12-05) is taken
+        to push to every member of a group, as it did."""
+        if members.kind == "direct":
+            return True
+        me = self.welcome.user if self.welcome is not None else self.user
+        if me in members.owners or me in members.admins:
+            return True
+        if members.kind == "channel":
+            return False
+        bound = self.welcome.receipt_audience if self.welcome is not None else None
+        size = len(members.owners) + len(members.admins) + len(members.members)
+        return bound is None or size <= bound
+
     def _wake_push_waiters(self) -> None:
         self._push_event.set()
         self._push_event = trio.Event()
@@ -615,6 +653,11 @@ class Client:
         return self.reconnect_timeout - (time.monotonic() - started)
 
     async def _connections(self, task_status) -> None:
+        # reconnect_timeout counts from `started`: the client's start, or the end of the last
+        # session that served it. A session the broker ends soon, having served nothing (a
+        # broker that welcomes the device, then closes with `unavailable` as it cannot read its
+        # deliveries), is a failed attempt as a refusal is: each welcome restarted the clock,
+        # and such a broker was reconnected to for ever.
         delay, started, first = 0.05, time.monotonic(), True
         told = False  # on_unreachable called for this outage
         while not self._closed:
@@ -625,50 +668,83 @@ class Client:
                 if first:
                     task_status.started()
                 return
-            if error is not None:
-                left = self._time_left(started)
-                if not self.reconnect or (left is not None and left <= 0):
-                    self._fail(ConnectionLost(f"cannot reach {self.host}:{self.port}: {error}"))
-                    if first:
-                        task_status.started()
+            if error is None:
+                if self._closed or self._stream is None:  # closed as the connection opened
                     return
-                if self.on_unreachable is not None and not told:
-                    told = True
-                    self.on_unreachable(f"cannot reach {self.host}:{self.port}: {error}")
-                pause = delay * (0.5 + random.random())
-                # The last pause ends with the timeout: one more (short) attempt, then give up.
-                await trio.sleep(pause if left is None else min(pause, left))
-                delay = min(delay * 2, 2.0)
-                continue
-            if self._closed or self._stream is None:  # closed as the connection opened
+                if first:
+                    task_status.started()
+                    first = False
+                opened = time.monotonic()
+                error = await self._serve()
+                if self._fatal is not None or self._closed:  # refused for good, or closed by us
+                    return
+                if not self.reconnect:
+                    self._fail(ConnectionLost("the connection dropped"))
+                    return
+                self.reconnects += 1
+                if error is None:  # it served: a new outage begins
+                    started, told = time.monotonic(), False
+                    if started - opened >= STABLE_AFTER_S:
+                        delay = 0.05
+                        continue
+                    # It ended soon after it opened: back off as after a failed attempt,
+                    # rather than reconnect in a tight loop.
+                    await trio.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 2.0)
+                    continue
+            left = self._time_left(started)
+            if not self.reconnect or (left is not None and left <= 0):
+                self._fail(self._gave_up(error))
+                if first:
+                    task_status.started()
                 return
-            if first:
-                task_status.started()
-                first = False
-            started, told = time.monotonic(), False
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._heartbeat, self.welcome.heartbeat)
-                    await self._reader()
-                    nursery.cancel_scope.cancel()
-            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                     wire.ProtocolError):
-                pass
-            self._dropped()
-            if self._fatal is not None or self._closed:  # refused for good, or closed by us
-                return
-            if not self.reconnect:
-                self._fail(ConnectionLost("the connection dropped"))
-                return
-            self.reconnects += 1
-            if time.monotonic() - started < STABLE_AFTER_S:
-                # It ended soon after it opened (a closing error right after welcome, say):
-                # back off as after a failed attempt, rather than reconnect in a tight loop.
-                await trio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 2.0)
-            else:
-                delay = 0.05
-            started = time.monotonic()
+            if self.on_unreachable is not None and not told:
+                told = True
+                self.on_unreachable(self._outage(error))
+            pause = delay * (0.5 + random.random())
+            # The last pause ends with the timeout: one more (short) attempt, then give up.
+            await trio.sleep(pause if left is None else min(pause, left))
+            delay = min(delay * 2, 2.0)
+
+    async def _serve(self) -> BaseException | None:
+        """Serve the open connection until it ends. None if the session served this client
+        (it lasted STABLE_AFTER_S, or handed over a new delivery, a push or an answer); else
+        what ended it: the broker's closing error, or the drop."""
+        opened, served = time.monotonic(), self._served
+        self._closed_by = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeat, self.welcome.heartbeat)
+                await self._reader()
+                nursery.cancel_scope.cancel()
+        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                 wire.ProtocolError):
+            pass
+        self._dropped()
+        if self._served != served or time.monotonic() - opened >= STABLE_AFTER_S:
+            return None
+        closed_by = self._closed_by
+        return _Closed(str(closed_by) if closed_by is not None else "the connection dropped",
+                       closed_by)
+
+    def _outage(self, error: BaseException) -> str:
+        """What went wrong, for on_unreachable and for giving up: a broker that refused or
+        closed the session was reached, and is not said to be out of reach."""
+        where = f"{self.host}:{self.port}"
+        if isinstance(error, _Closed):
+            return f"{where} closed the session before serving anything: {error}"
+        if isinstance(error, ClientError):
+            return f"{where} refused the session: {error}"
+        return f"cannot reach {where}: {error}"
+
+    def _gave_up(self, error: BaseException) -> ConnectionLost:
+        """The error the client stops with after `error`, the last attempt's."""
+        said = self._outage(error)
+        if not isinstance(error, ClientError | _Closed):
+            return ConnectionLost(said)
+        if self.reconnect:
+            said += f" (gave up after {self.reconnect_timeout:g} s)"
+        return BrokerUnavailable(said, error.error if isinstance(error, _Closed) else error)
 
     async def _heartbeat(self, every: int) -> None:
         """Ping every `every` s; drop a connection silent for 3 x `every` (a frozen broker)."""
@@ -707,20 +783,25 @@ class Client:
             if isinstance(frame, wire.Deliver):
                 if frame.inbox_seq > self._yielded:
                     self._yielded = frame.inbox_seq
+                    self._served += 1
                     await self._deliveries_in.send(frame)
             elif isinstance(frame, wire.Receipt | wire.Status | wire.TypingNotice):
                 self._pushes.append(frame)
+                self._served += 1
                 self._wake_push_waiters()
             elif isinstance(frame, wire.Error):
                 if frame.close:
+                    error = ClientError(frame.code, frame.name, frame.message)
                     # too_large: a delivery above the broker's own max_frame (the SDK asks for
                     # no less), which a reconnect would meet again at once.
                     if frame.name in ("unauthorized", "unsupported_version", "too_large"):
-                        self._fail(ClientError(frame.code, frame.name, frame.message))
+                        self._fail(error)
+                    self._closed_by = error
                     return
                 req = self._pending.get(frame.id) if frame.id is not None else None
                 if req is not None:
                     req.error = ClientError(frame.code, frame.name, frame.message)
+                    self._served += 1
                     req.event.set()
             elif isinstance(frame, wire.Ping):
                 if not await self._write_quietly(wire.Pong(id=frame.id)):
@@ -729,6 +810,7 @@ class Client:
                 req = self._pending.get(getattr(frame, "id", None))
                 if req is not None:
                     req.reply = frame
+                    self._served += 1
                     req.event.set()
 
     def _fail(self, exc: BaseException) -> None:
@@ -807,6 +889,15 @@ class Deliveries:
             return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+
+
+class _Closed(Exception):
+    """A session that ended soon, having served nothing; `error`: the broker's closing error
+    (None: the connection just ended)."""
+
+    def __init__(self, message: str, error: ClientError | None) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 def _fail_requests(requests: list[_Request], error: type[ConnectionLost], message: str) -> None:

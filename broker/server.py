@@ -337,7 +337,8 @@ class Broker:
             id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
             user=claims.user, time=int(time.time() * 1000), max_frame=max_frame,
             heartbeat=cfg.heartbeat_s, acked=session.acked, head=session.head, caps=list(CAPS),
-            role=claims.role, max_body=cfg.max_body_bytes))
+            role=claims.role, max_body=cfg.max_body_bytes,
+            receipt_audience=cfg.receipt_audience_max))
         session.conn.max_frame_bytes = max_frame
         session.log.info("connection_opened", role=claims.role, acked=session.acked,
                          head=session.head)

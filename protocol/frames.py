@@ -380,6 +380,9 @@ class Welcome(NamedTuple):
     id: int | None = None
     role: str | None = None  # the token's role: "user", "service" or "admin"
     max_body: int | None = None  # the largest message body the server accepts, in bytes
+    # Groups of more members than this have their receipts pushed to owners and admins only
+    # (§9): their other members ask `receipts`. None: the server did not say (before 2026-12-05).
+    receipt_audience: int | None = None
 
 
 class Result(NamedTuple):
@@ -593,7 +596,8 @@ _register(Bye, "bye", "cs", reason=f.text(0, f.MAX_REASON_CHARS))
 _register(Welcome, "welcome", "s", version=f.uint, session=_NAME, user=f.user_id, time=f.uint,
           max_frame=f.int_range(MIN_FRAME_LIMIT, MAX_FRAME_LIMIT), heartbeat=f.uint,
           acked=f.uint, head=f.uint, caps=_WELCOME_CAPS, id=_ID,
-          role=f.one_of("user", "service", "admin"), max_body=f.uint)
+          role=f.one_of("user", "service", "admin"), max_body=f.uint,
+          receipt_audience=f.uint)
 _register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint, cid=f.cid,
           dup=f.boolean)
 _register(Ok, "ok", "s", id=_ID, conv=f.conv_id)

@@ -846,6 +846,25 @@ async def test_presence_follows_membership_changes_of_a_cached_roster(harness):
 
 
 @pytest.mark.parametrize("bound", [3, 4])
+async def test_welcome_tells_clients_the_receipt_audience_bound(tmp_path, bound):
+    """A plain member of a group bigger than --receipt-audience-max gets no receipt pushes and
+    must ask `receipts`: the welcome says the bound (`receipt_audience`, since 2026-12-05), and
+    the SDK's `receipts_pushed(members)` says whether this client hears of others' marks."""
+    async with running_broker(tmp_path / "data", receipt_audience_max=bound) as h, \
+            h.client("alice") as alice, h.client("bob") as bob:
+        assert alice.welcome.receipt_audience == bob.welcome.receipt_audience == bound
+        group = await alice.members(await alice.create_group("g", ["bob", "carol", "dave"]))
+        assert alice.receipts_pushed(group)  # the owner, whatever its size
+        assert bob.receipts_pushed(await bob.members(group.conv)) == (bound >= 4)
+        channel = await alice.members(await alice.create_channel("c", ["bob"]))
+        assert alice.receipts_pushed(channel) and not bob.receipts_pushed(channel)
+        dm = (await alice.send("hi", to="bob")).conv
+        assert bob.receipts_pushed(await bob.members(dm))
+    async with running_broker(tmp_path / "data2") as h, h.client("alice") as alice:
+        assert alice.welcome.receipt_audience == 256  # the default
+
+
+@pytest.mark.parametrize("bound", [3, 4])
 async def test_a_big_groups_marks_are_pushed_only_to_its_owners_and_admins(tmp_path, bound):
     """In a group of more than --receipt-audience-max members a member's marks are pushed as in
     a channel: to its owners and admins, and a read to the member's own devices (a post read by

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 import protocol as wire
-from broker.client import ConnectionLost, open_client
+from broker.client import BrokerUnavailable, ConnectionLost, open_client
 from storage import commands as cmd
 from storage.store import Store
 from tests.faults.conftest import RawClient
@@ -109,7 +109,8 @@ async def test_deliveries_resume_after_the_readers_are_freed(tmp_path):
 
 
 async def test_a_client_that_can_never_connect_gives_up_in_time(tmp_path):
-    """`unavailable` at hello is retried, within reconnect_timeout only."""
+    """`unavailable` at hello is retried, within reconnect_timeout only; giving up then says
+    the broker refused the session (BrokerUnavailable), not "cannot reach" it, as it did."""
     async with running_broker(tmp_path / "data", expected_errors=EXPECTED) as h:
         async with h.client("alice") as alice:
             await alice.send("hi", to="bob")
@@ -117,11 +118,17 @@ async def test_a_client_that_can_never_connect_gives_up_in_time(tmp_path):
         try:
             assert await holder.held() > 1000
             started = time.monotonic()
-            with trio.fail_after(20), pytest.raises(ConnectionLost) as lost:
-                async with open_client(h.server, h.token("bob"), "d1", reconnect_timeout=2):
+            told: list[str] = []
+            with trio.fail_after(20), pytest.raises(BrokerUnavailable) as lost:
+                async with open_client(h.server, h.token("bob"), "d1", reconnect_timeout=2,
+                                       on_unreachable=told.append):
                     pass
             assert time.monotonic() - started < 10
-            assert "unavailable" in str(lost.value)
+            assert isinstance(lost.value, ConnectionLost)
+            assert (lost.value.name, lost.value.code) == ("unavailable", 10)
+            said = f"{h.server} refused the session: unavailable: storage unavailable"
+            assert str(lost.value) == f"{said} (gave up after 2 s)"
+            assert told == [said]
         finally:
             holder.release()
 

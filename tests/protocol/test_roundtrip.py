@@ -74,3 +74,17 @@ def test_page_accepts_wire_form_message_dicts():
     raw = {"seq": 1, "from": "bob", "body": b"x", "cid": "c", "ts": 2, "lsn": 3}
     got = pair.send(pair.server, Page(5, "grp:ab", (raw,), False))
     assert got == [Page(5, "grp:ab", (PageMessage(1, "bob", b"x", "c", 2, 3),), False)]
+
+
+def test_welcome_names_the_receipt_audience_bound_and_older_welcomes_lack_it():
+    """`welcome.receipt_audience` (since 2026-12-05): the group size past which receipts are
+    pushed only to owners and admins (§9). Optional: a welcome without it (an older server)
+    decodes with None, and a client that does not know the key ignores it (§3.3)."""
+    pair = ConnectionPair()
+    pair.send(pair.client, Hello(versions=(1,), token="t", device="d"))
+    told = Welcome(1, "s-1", "alice", 1, 1 << 20, 30, 0, 0, (), id=1, receipt_audience=256)
+    assert pair.send(pair.server, told) == [told]
+    assert to_wire(told)["receipt_audience"] == 256
+    older = to_wire(told._replace(receipt_audience=None))
+    assert "receipt_audience" not in older
+    assert from_wire(Welcome, older).receipt_audience is None
