@@ -11,6 +11,7 @@ Whatever is refused is refused before anything is written; a copy that fails is 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 import time
@@ -45,10 +46,11 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
         secret = _read_secret(data)
         _check_outside(dest, data)
         made = _make_empty(dest)
+        _claim(dest, made)
         try:
-            last_lsn = store.backup(str(dest))
-            if secret is not None:
+            if secret is not None:  # before the copy: a whole `data.mdb` has its secret beside
                 tokens.store_secret(dest, secret)
+            last_lsn = store.backup(str(dest), made=True)
         except (StorageError, OSError) as exc:
             _take_away(dest, made)
             reason = exc if isinstance(exc, StorageError) else (
@@ -96,8 +98,8 @@ class _LogOnly:
         self._env = LmdbEnv(path, ["log"], readonly=True)
         self._log = LmdbLog(self._env)
 
-    def backup(self, dest: str) -> int:
-        return self._log.backup(dest)
+    def backup(self, dest: str, *, made: bool = False) -> int:
+        return self._log.backup(dest, made=made)
 
     def close(self) -> None:
         self._env.close()
@@ -145,11 +147,29 @@ def _make_empty(dest: Path) -> bool:
     return True
 
 
+def _claim(dest: Path, made: bool) -> None:
+    """Make `dest/data.mdb`, empty (mode 0600), for the secret to go beside and the copy into:
+    made O_EXCL, it is this run's claim on `dest`. Found there, another process (a second
+    backup into the same DEST) wrote into `dest` since `_make_empty` saw it empty: refused, and
+    the other's files are left alone (and `dest`, even if this run made it)."""
+    try:
+        os.close(os.open(dest / "data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise CliError(EXIT_USAGE, "data_dir", f"cannot back up into {dest}: another process "
+                       "began writing into it meanwhile (a second `homing backup` into the "
+                       "same DEST?); what it wrote is left as it is") from None
+    except OSError as exc:  # a read-only file system, a directory not ours to write in
+        if made:
+            dest.rmdir()
+        raise CliError(EXIT_USAGE, "data_dir",
+                       f"cannot back up into {dest}: {exc.strerror or exc}") from None
+
+
 def _take_away(dest: Path, made: bool) -> None:
-    """Remove what a failed backup wrote into `dest` (and `dest`, if it made it): no half copy
-    is left to be taken for a backup."""
+    """Remove what a failed backup wrote into `dest` (the `data.mdb` it claimed, the secret),
+    and `dest` if it made it: no half copy is left to be taken for a backup."""
     for name in ("data.mdb", tokens.SECRET_FILE):
-        if (dest / name).exists():  # never made (a read-only DEST): unlink would say EROFS
+        if (dest / name).exists():
             (dest / name).unlink()
     if made:
         dest.rmdir()

@@ -327,16 +327,16 @@ class LmdbEnv:
         log.info("storage_map_grown", path=self.path, old_size=old,
                  new_size=self.env.info()["map_size"])
 
-    def copy_to(self, dest: str, txn: lmdb.Transaction) -> None:
+    def copy_to(self, dest: str, txn: lmdb.Transaction, *, made: bool = False) -> None:
         """Write the environment as `txn` (a read transaction of `read()`) sees it into the
         directory `dest` as a new `data.mdb` (mode 0600), compacted (LMDB's `mdb_env_copyfd3`:
-        writers go on meanwhile), and sync it to disk. Raises StorageError if it cannot be
-        written."""
+        writers go on meanwhile), and sync it to disk; `made`: into the empty `data.mdb` the
+        caller made there. Raises StorageError if it cannot be written."""
+        flags = os.O_WRONLY if made else os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            fd = os.open(os.path.join(dest, "data.mdb"), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                         0o600)
+            fd = os.open(os.path.join(dest, "data.mdb"), flags, 0o600)
             try:
-                self.env.copyfd(fd, compact=True, txn=txn)
+                _copy_stoppably(self.env, fd, txn)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -355,3 +355,36 @@ class LmdbEnv:
         self.env.close()
         self._release_dir_lock()
         log.info("storage_closed", path=self.path)
+
+
+def _copy_stoppably(env: lmdb.Environment, fd: int, txn: lmdb.Transaction) -> None:
+    """`env.copyfd(fd, compact=True, txn=txn)` in a thread, so that the caller's signal
+    handlers (Ctrl-C, SIGTERM) run during the copy: LMDB's copy is one call into C, which
+    Python's handlers waited for (a backup of 165 MiB signalled as its copy began wrote all of
+    it, then took it away). When the wait ends in an exception, `fd` is pointed at /dev/null
+    opened read-only, so that the copy's next write fails (EBADF) and it stops; the thread is
+    waited for (it uses `txn`, which the caller aborts next) before the exception goes on."""
+    failed: list[BaseException] = []
+
+    def copy() -> None:
+        try:
+            env.copyfd(fd, compact=True, txn=txn)
+        except BaseException as exc:  # handed to the caller's thread
+            failed.append(exc)
+
+    worker = threading.Thread(target=copy, name="lmdb-copy", daemon=True)
+    try:
+        worker.start()
+        worker.join()
+    except BaseException:
+        stop = os.open(os.devnull, os.O_RDONLY)
+        try:
+            os.dup2(stop, fd)
+        finally:
+            os.close(stop)
+        while worker.is_alive():  # a matter of one write; `txn` must outlive the copy
+            with contextlib.suppress(BaseException):  # a second Ctrl-C: wait all the same
+                worker.join()
+        raise
+    if failed:
+        raise failed[0]

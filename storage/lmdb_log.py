@@ -122,13 +122,14 @@ class LmdbLog:
                 break
         return out
 
-    def backup(self, dest: str) -> int:
+    def backup(self, dest: str, *, made: bool = False) -> int:
         """Copy the environment (the log, and the projections beside it), as one committed
         transaction left it, into the empty directory `dest` (synced; safe while a broker
-        writes); return the copy's last LSN."""
+        writes; `made`: into the empty `data.mdb` the caller made there); return the copy's
+        last LSN."""
         with self._env.read() as txn:
             last = self.last_lsn_in(txn)
-            self._env.copy_to(dest, txn)
+            self._env.copy_to(dest, txn, made=made)
         return last
 
     def check_keys(self, txn: lmdb.Transaction) -> int:

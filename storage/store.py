@@ -218,10 +218,11 @@ class Store:
         """Close the environment and release the directory lock."""
         self._env.close()
 
-    def backup(self, dest: str) -> int:
+    def backup(self, dest: str, *, made: bool = False) -> int:
         """Copy the log and projections, as one committed transaction left them, into the empty
-        directory `dest` (synced; safe while a broker writes); return the copy's last LSN."""
-        return self._log.backup(dest)
+        directory `dest` (synced; safe while a broker writes; `made`: into the empty `data.mdb`
+        the caller made there); return the copy's last LSN."""
+        return self._log.backup(dest, made=made)
 
     # ---------------------------------------------------------------- writes
 

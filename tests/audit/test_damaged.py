@@ -171,6 +171,21 @@ def test_a_backup_copies_a_directory_of_the_previous_layout(tmp_path):
     assert json.loads(proc.stdout)["last_lsn"] == last
 
 
+def test_a_backup_copies_a_directory_written_before_layouts_were_recorded(tmp_path):
+    """A directory without a `layout` table (every read-only audit ends there with
+    `outdated_layout`) is copied through its log alone, whole, as the docs of 2026-12-04 say;
+    the copy says the same as the original."""
+    data = tmp_path / "data"
+    last = make_data(data)
+    poke(data, lambda txn, db: txn.drop(db("layout"), delete=True))
+    assert run("audit", "stats", "--data", str(data)).returncode == 1
+    proc = run("backup", str(tmp_path / "bk"), "--data", str(data))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["last_lsn"] == last
+    proc = run("audit", "stats", "--data", str(tmp_path / "bk"))
+    assert_one_json_error(proc, 1, "outdated_layout")
+
+
 def _unshare_works() -> bool:
     return shutil.which("unshare") is not None and subprocess.run(
         ["unshare", "-Urm", "true"], capture_output=True).returncode == 0
@@ -215,6 +230,7 @@ def test_a_backup_killed_mid_copy_does_not_pin_the_brokers_pages(tmp_path):
     import signal
     import time
 
+    from tests.broker.test_docs_review import copying
     from tests.procs import BrokerProcess
 
     data = tmp_path / "data"
@@ -231,7 +247,7 @@ def test_a_backup_killed_mid_copy_does_not_pin_the_brokers_pages(tmp_path):
             dest = tmp_path / f"bk{attempt}"
             backup = subprocess.Popen([*homing_cmd(), "backup", str(dest), "--data", str(data)],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            while not (dest / "data.mdb").exists() and backup.poll() is None:
+            while not copying(dest) and backup.poll() is None:
                 time.sleep(0.0005)
             backup.send_signal(signal.SIGKILL)
             backup.wait(30)

@@ -44,6 +44,15 @@ def _big_data_dir(path, megabytes: int) -> None:
         store.close()
 
 
+def copying(dest) -> bool:
+    """Whether a `homing backup` into `dest` is copying: its `data.mdb` has bytes in it (the
+    command makes it empty first, and writes the secret beside it, before the copy begins)."""
+    try:
+        return (dest / "data.mdb").stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
 def signal_mid_backup(data, dest, signum, preexec) -> tuple[subprocess.Popen, bytes, bytes]:
     """Run `homing backup DEST --data DATA` (`preexec` in the child before it starts), send it
     `signum` as soon as its copy has begun, and return it ended, with its stdout and stderr."""
@@ -51,7 +60,7 @@ def signal_mid_backup(data, dest, signum, preexec) -> tuple[subprocess.Popen, by
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=preexec)
     try:
         deadline = time.monotonic() + 30
-        while not (dest / "data.mdb").exists() and proc.poll() is None:
+        while not copying(dest) and proc.poll() is None:
             assert time.monotonic() < deadline
             time.sleep(0.001)
         proc.send_signal(signum)
