@@ -738,9 +738,13 @@ def _number(kind: type, lo: float, hi: float | None = None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not value >= lo or (hi is not None and value > hi):  # `not >=` also refuses nan
+        # not inf, nan (or 1e400, which float reads as inf); an int is (isfinite cannot take
+        # one past a float's range)
+        finite = kind is not float or math.isfinite(value)
+        if not finite or not value >= lo or (hi is not None and value > hi):
             span = f"at least {kind(lo)}" if hi is None else f"from {kind(lo)} to {kind(hi)}"
-            raise argparse.ArgumentTypeError(f"must be {span}, not {text}")
+            raise argparse.ArgumentTypeError(
+                f"must be {'' if finite else 'finite and '}{span}, not {text}")
         return value
 
     return parse
@@ -760,6 +764,10 @@ def _stats_interval(text: str) -> float:
     return value
 _SECONDS = _number(float, 0.001)
 _RATE = _number(float, 0.001)
+# --shutdown-grace and --handshake-timeout: a stop that waits longer on a stuck client never
+# ends in practice, nor does a silent connection's hold on one of the --max-handshakes places.
+MAX_WAIT_S = 3600.0
+_WAIT = _number(float, 0.001, MAX_WAIT_S)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -788,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds")
     s.add_argument("--idle-timeout", type=_SECONDS, default=None,
                    help=f"seconds (default: three heartbeats, {d.idle_timeout_s:g})")
-    s.add_argument("--handshake-timeout", type=_SECONDS, default=d.handshake_timeout_s,
+    s.add_argument("--handshake-timeout", type=_WAIT, default=d.handshake_timeout_s,
                    help="seconds")
     s.add_argument("--send-rate", type=_RATE, default=d.sends_per_s_per_connection,
                    help="sends per second per connection")
@@ -814,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-inflight-requests", type=_COUNT, default=d.max_inflight_requests,
                    help="requests of one connection awaiting their commit; past it the broker "
                         "stops reading that connection (default %(default)s)")
-    s.add_argument("--shutdown-grace", type=_SECONDS, default=d.shutdown_grace_s,
+    s.add_argument("--shutdown-grace", type=_WAIT, default=d.shutdown_grace_s,
                    help="seconds a stop gives connections to finish before it cuts them "
                         "(default %(default)g)")
     s.add_argument("--content-policy", help="file of forbidden words, one per line")

@@ -109,6 +109,9 @@ class Committer:
         # that it acks durably. Their acks go without them (the rules read the inbox) until one
         # is durable.
         self._acks_lost: set[tuple[str, str]] = set()
+        # Devices without a session whose last ack is still queued or committing: their mark
+        # in `_acks_lost`, if any, goes when that ack is done (`device_gone`).
+        self._gone: set[tuple[str, str]] = set()
         self._wake = trio.Event()
         self._closing = False
         self._idle = trio.Event()
@@ -301,6 +304,9 @@ class Committer:
                     del unsynced[key]
                 if last.get(key) is p:
                     del last[key]
+                    if key in self._gone:  # lost or durable, nothing is ahead of it now
+                        self._gone.discard(key)
+                        self._acks_lost.discard(key)
         if self._acks_lost:  # a device's ack durable since its loss: its marks are whole again
             for p, outcome in zip(started.pending, started.outcomes, strict=True):
                 if type(p.command) is Ack and outcome.error is None:
@@ -331,6 +337,23 @@ class Committer:
         """Whether an ack of this device failed with its batch and none of its acks has been
         durable since (its session's cursor is ahead of its durable mark)."""
         return (user, device) in self._acks_lost
+
+    def device_gone(self, user: str, device: str) -> None:
+        """The device's session ended (not replaced): forget that its acks were lost, now or
+        once its last ack queued or committing is done. Only a live session's cursor can be
+        ahead of the durable mark; the device's next session starts from `acked_mark` or the
+        durable mark. (Until 2026-12-05 a device that never acked again stayed in `_acks_lost`
+        for the broker's life: one entry per device that acked during a storage failure.)"""
+        key = (user, device)
+        if key in self._last_acks:
+            self._gone.add(key)
+        else:
+            self._acks_lost.discard(key)
+
+    def device_back(self, user: str, device: str) -> None:
+        """The device has a session again (its cursor taken from `acked_mark`): an ack still
+        on its way that fails must mark it."""
+        self._gone.discard((user, device))
 
     def acked_mark(self, user: str, device: str) -> int:
         """The highest ack of this device that is queued or being committed (0 if none)."""

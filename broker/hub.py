@@ -110,6 +110,11 @@ class Hub:
             self.count += 1
         return old
 
+    def holds(self, session: Session) -> bool:
+        """Whether `session` is attached as its device's session (not replaced since)."""
+        devices = self._by_user.get(session.user)
+        return devices is not None and devices.get(session.device) is session
+
     def detach(self, session: Session) -> bool:
         """Forget `session`; True when that was the user's last session."""
         devices = self._by_user.get(session.user)

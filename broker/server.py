@@ -327,6 +327,7 @@ class Broker:
         session.head = head
         first = not self.hub.online(claims.user)  # not when it replaces the user's only one
         old = self.hub.attach(session)
+        self.committer.device_back(claims.user, hello.device)
         if old is not None:
             old.close(CloseReason.REPLACED, wire.Bye(reason=wire.BYE_REPLACED))
             # Stop its reader too, as `Session._end` does: it then has FLUSH_ON_CLOSE_S to say
@@ -419,6 +420,8 @@ class Broker:
                 pass
 
     def _detach(self, session: Session) -> None:
+        if self.hub.holds(session):  # the device's own session, not one that replaced it
+            self.committer.device_gone(session.user, session.device)
         if self.hub.detach(session):
             for buckets in self._user_buckets:
                 buckets.gone(session.user)

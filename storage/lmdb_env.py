@@ -8,9 +8,12 @@ Rules kept here:
 * No `writemap`: a full disk then shows up as ENOSPC from `write()` at commit (`StorageFull`)
   instead of SIGBUS on a mapped page. `sync` and `metasync` are on: a commit is durable.
 * The map grows by itself: a write that hits `MapFullError` is aborted, the map doubled, and the
-  work retried, so no `MapFullError` reaches a caller. `set_mapsize` needs every transaction of
-  this process closed, so read transactions are counted and the grower waits for zero; the
-  abort before it waits so too (py-lmdb waits for a moment without any LMDB call under way).
+  work retried, so no `MapFullError` reaches a caller (nor from creating a new directory's
+  tables: a map of any size opens, 1 byte up; 0 is the size last recorded, or 1 MiB for a new
+  directory). `set_mapsize` needs every transaction of this process closed, so read
+  transactions are counted (a read is counted from its transaction's begin to its end, never
+  across a failure) and the grower waits for zero; the abort before it waits so too (py-lmdb
+  waits for a moment without any LMDB call under way).
   Readers in other processes that see `MapResizedError` adopt the new size and retry, their
   open included.
 """
@@ -96,6 +99,9 @@ class LmdbEnv:
 
     def __init__(self, path: str, db_names: list[str], *, map_size: int = DEFAULT_MAP_SIZE,
                  readonly: bool = False, optional: Collection[str] = ()) -> None:
+        if map_size < 0:
+            raise ValueError(f"map size must be 0 (the size the directory last had; 1 MiB for a "
+                             f"new one) or more, not {map_size}")
         self.path = os.fspath(path)
         self.readonly = readonly
         self._lock_fd: int | None = None
@@ -184,7 +190,11 @@ class LmdbEnv:
                 if optional:
                     return None
                 raise _missing_table(self.path, name) from None
-        return self.env.open_db(name.encode())
+        while True:
+            try:
+                return self.env.open_db(name.encode())
+            except lmdb.MapFullError:  # a new directory's tables outgrew a tiny map
+                self._grow()
 
     def _take_dir_lock(self) -> None:
         """Hold the directory's lock file for this process, and write our pid in it so that
@@ -215,27 +225,33 @@ class LmdbEnv:
         An LMDB failure of the read (its reader table full of other processes' readers, a
         damaged page) is raised as `StorageError`, the error the broker answers `unavailable`
         to and goes on after."""
-        self._enter_read()
         try:
             txn = self._begin_read()
             try:
                 yield txn
             finally:
-                txn.abort()
+                try:
+                    txn.abort()
+                finally:
+                    self._exit_read()
         except lmdb.Error as exc:
             raise StorageError(f"cannot read {self.path}: {exc}") from exc
-        finally:
-            self._exit_read()
 
     def _begin_read(self) -> lmdb.Transaction:
+        """Begin a read transaction, counted in `_readers` if and only if this returns: a
+        failed adoption of the map's new size (its mmap refused under `ulimit -v`) left the
+        count one short, and the next growth of this process waiting for ever."""
         while True:
+            self._enter_read()
             try:
                 return self.env.begin()
             except lmdb.MapResizedError:
-                # Another process grew the map: adopt its size (needs no txn of ours open).
                 self._exit_read()
-                self._resize(0)
-                self._enter_read()
+            except BaseException:
+                self._exit_read()
+                raise
+            # Another process grew the map: adopt its size (needs no txn of ours open).
+            self._resize(0)
 
     def _enter_read(self) -> None:
         with self._guard:

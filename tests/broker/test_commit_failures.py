@@ -13,6 +13,7 @@ from storage.commands import Ack, SendMessage
 from storage.errors import StorageFull
 from storage.store import Store
 from tests.disks import fill, tmpfs
+from tests.harness import running_broker
 
 
 @pytest.fixture
@@ -61,3 +62,59 @@ async def test_an_ack_lost_with_a_failed_batch_does_not_cost_the_next_ack_its_re
         assert store.check_projections() is None
     finally:
         store.close()
+
+
+
+async def test_a_device_gone_after_its_ack_was_lost_is_not_remembered_for_good(small_disk):
+    """An ack lost with a failed batch marks its device (`Committer.ack_lost`) until one of its
+    acks is durable: a device that never came back stayed marked for the broker's life, one
+    entry per (user, device) that acked during a failure. The mark only matters to the
+    device's live session (its cursor ahead of its durable mark): a next session starts from
+    the durable mark. So it goes when the session ends: at once (phone), or, with an ack of
+    the device still queued (tablet), once that ack's batch is done, failed or not."""
+    async with running_broker(small_disk / "data", expected_errors=("batch_failed",)) as h:
+        committer, hub = h.broker.committer, h.broker.hub
+        committer.ack_linger_s = 5.0  # a batch of acks waits for the sends below
+
+        async def acked(device: str) -> None:
+            while ("bob", device) not in committer._acks:  # queued, lingering
+                await trio.sleep(0.01)
+
+        async def failing_batch() -> None:  # joins the queued acks: one batch, disk full
+            big = [committer.enqueue(SendMessage("dave", "d1", "user", f"big{i}",
+                                                 "x" * 60_000, to="erin")) for i in range(8)]
+            while big[-1].outcome is None and big[-1].error is None:
+                await trio.sleep(0.01)
+            assert isinstance(big[-1].error, StorageFull)
+
+        async def offline() -> None:
+            while hub.online("bob"):
+                await trio.sleep(0.01)
+
+        with trio.fail_after(30):
+            async with h.client("alice") as alice:
+                await alice.send("one", to="bob")
+            fill(small_disk / "filler")
+
+            async with h.client("bob", "phone") as bob:
+                async for d in bob.deliveries():
+                    seq = d.inbox_seq
+                    break
+                await bob.ack(seq)
+                await acked("phone")
+                await failing_batch()
+                assert committer.ack_lost("bob", "phone")
+            await offline()
+            assert not committer.ack_lost("bob", "phone")
+
+            async with h.client("bob", "tablet") as bob:
+                async for d in bob.deliveries():
+                    seq = d.inbox_seq
+                    break
+                await bob.ack(seq)
+                await acked("tablet")
+            await offline()
+            await failing_batch()
+            assert not committer.ack_lost("bob", "tablet")
+            (small_disk / "filler").unlink()
+        assert not committer._acks_lost

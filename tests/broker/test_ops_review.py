@@ -214,3 +214,37 @@ async def test_a_content_policy_without_an_action_rejects(tmp_path):
                     await alice.send("a forbidden word", to="bob")
                 assert refused.value.name == "rejected_content", refused.value
                 assert (await alice.send("a fine word", to="bob")).seq == 1
+
+
+@pytest.mark.parametrize("args, says", [
+    # A stop's deadline was now + inf: a connection that never finished held it for ever.
+    (["serve", "--shutdown-grace", "inf"], "must be finite and from 0.001 to 3600.0, not inf"),
+    (["serve", "--shutdown-grace", "3601"], "must be from 0.001 to 3600.0, not 3601"),
+    # Silent connections could hold the --max-handshakes places for good: all others refused.
+    (["serve", "--handshake-timeout", "1e400"], "must be finite and from 0.001 to 3600.0"),
+    (["serve", "--idle-timeout", "inf"], "must be finite and at least 0.001, not inf"),
+    (["serve", "--send-rate", "Infinity"], "must be finite and at least 0.001, not Infinity"),
+    (["serve", "--stats-interval", "inf"], "must be finite and at least 0.0, not inf"),
+    # nan and negative values were refused already (`not value >= lo`).
+    (["serve", "--shutdown-grace", "nan"], "must be finite and from 0.001 to 3600.0, not nan"),
+    (["serve", "--shutdown-grace", "-1"], "must be from 0.001 to 3600.0, not -1"),
+    (["listen", "--timeout", "inf"], "must be finite and at least 0.001, not inf"),
+    (["listen", "--connect-timeout", "inf"], "must be finite and at least 0.001, not inf"),
+])
+def test_a_time_or_rate_of_inf_is_a_usage_error(tmp_path, args, says):
+    """`inf` (any float Python reads as one) passed every time and rate flag."""
+    option = args[1]
+    where = (["--data", str(tmp_path / "data"), "--port", "0"] if args[0] == "serve"
+             else ["--server", "127.0.0.1:1", "--token", "t"])
+    proc = homing(args[0], *where, *args[1:], check=False, timeout=20)
+    err = _usage_error(proc)
+    assert f"argument {option}: {says}" in err["message"], err
+    assert not (tmp_path / "data").exists()
+
+
+def test_the_longest_shutdown_grace_and_handshake_timeout_are_taken():
+    from broker.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--shutdown-grace", "3600",
+                                      "--handshake-timeout", "3600"])
+    assert args.shutdown_grace == args.handshake_timeout == 3600.0

@@ -10,6 +10,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from storage.commands import SendMessage
 from storage.store import Store
 from tests.disks import tmpfs
@@ -197,3 +199,84 @@ def test_a_directory_grown_past_the_map_asked_for_reopens(tmp_path):
         assert store.last_lsn() == 3 + 800 and store.check_projections() is None
     finally:
         store.close()
+
+
+READER_UNDER_A_LIMIT = """
+import os, resource, sys
+from storage.store import Store
+env = Store.open(sys.argv[1], readonly=True, map_size=64 * 1024)._env
+print("ready", flush=True)
+sys.stdin.readline()
+# Room for Python, none for the writer's 64 GiB map: adopting its size (mmap) fails, ENOMEM.
+vm = int(next(x for x in open("/proc/self/status") if x.startswith("VmSize")).split()[1])
+resource.setrlimit(resource.RLIMIT_AS, (vm * 1024 + (512 << 20), resource.RLIM_INFINITY))
+for _ in range(2):
+    try:
+        with env.read():
+            print("read", flush=True)
+    except Exception as exc:
+        print(type(exc).__name__, exc, flush=True)
+    print("readers", env._readers, flush=True)
+os._exit(0)
+"""
+
+
+def test_a_reader_that_cannot_adopt_the_grown_map_keeps_its_count(tmp_path):
+    """A read-only process (an audit under `ulimit -v`) whose read meets MDB_MAP_RESIZED and
+    then cannot map the writer's new size: the read is a StorageError, and the count of reads
+    under way stays right. It went to -1 (the read's own exit counted after the failed resize
+    had already let its place go), and the next growth of that process would have waited on
+    `while self._readers` for ever."""
+    path = tmp_path / "data"
+    store = Store.open(path, map_size=64 << 30)  # only address space: the file grows with data
+    try:
+        store.execute(_sends(0, 1))
+        reader = subprocess.Popen([sys.executable, "-c", READER_UNDER_A_LIMIT, str(path)],
+                                  cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True)
+        try:
+            for line in reader.stdout:  # after its log's storage_opened line
+                if line.startswith("ready"):
+                    break
+            for b in range(1, 6):  # past the reader's 64 KiB map
+                store.execute(_sends(b))
+            out, _ = reader.communicate("go\n", timeout=30)
+        finally:
+            reader.kill()
+            reader.wait()
+    finally:
+        store.close()
+    lines = [x for x in out.splitlines() if "storage_" not in x]  # not its log lines
+    assert lines[0].startswith("StorageError cannot read") and "Cannot allocate" in lines[0]
+    assert lines[1] == "readers 0"
+    assert lines[2].startswith("StorageError cannot read")  # py-lmdb closed the env: no crash
+    assert lines[3] == "readers 0"
+
+
+def test_a_new_directory_opens_in_the_smallest_map(tmp_path):
+    """Creating the tables of a new data directory grows the map as every write does: a map
+    of one byte (the smallest LMDB takes; 0 is its default, 1 MiB) failed the open with
+    "cannot open DIR: mdb_dbi_open: MDB_MAP_FULL" (16 KiB and below) or "mdb_txn_commit:
+    MDB_MAP_FULL" (32 KiB), though no MapFullError is to reach a caller."""
+    for size in (1, 4096, 32 * 1024):
+        path = tmp_path / f"data{size}"
+        store = Store.open(path, map_size=size)
+        try:
+            assert store._env.map_size() > size
+            store.execute(_sends(0, 3))
+            assert store.inbox_head("bob") == 3 and store.check_projections() is None
+        finally:
+            store.close()
+        reader = Store.open(path, readonly=True, map_size=size)  # the read side as well
+        try:
+            assert reader.inbox_head("bob") == 3
+        finally:
+            reader.close()
+
+
+def test_a_negative_map_size_is_a_clear_error(tmp_path):
+    """A negative map size was py-lmdb's OverflowError ("Integer argument must be >= 0"),
+    after the directory and its lock file were made."""
+    with pytest.raises(ValueError, match=r"map size must be 0 .* or more, not -1"):
+        Store.open(tmp_path / "data", map_size=-1)
+    assert not (tmp_path / "data").exists()
