@@ -64,7 +64,6 @@ async def test_an_ack_lost_with_a_failed_batch_does_not_cost_the_next_ack_its_re
         store.close()
 
 
-
 async def test_a_device_gone_after_its_ack_was_lost_is_not_remembered_for_good(small_disk):
     """An ack lost with a failed batch marks its device (`Committer.ack_lost`) until one of its
     acks is durable: a device that never came back stayed marked for the broker's life, one
@@ -76,7 +75,10 @@ async def test_a_device_gone_after_its_ack_was_lost_is_not_remembered_for_good(s
         committer, hub = h.broker.committer, h.broker.hub
         committer.ack_linger_s = 5.0  # a batch of acks waits for the sends below
 
-        async def acked(device: str) -> None:
+        async def ack_first(bob, device: str) -> None:  # bob's first delivery, ack queued
+            async for d in bob.deliveries():
+                await bob.ack(d.inbox_seq)
+                break
             while ("bob", device) not in committer._acks:  # queued, lingering
                 await trio.sleep(0.01)
 
@@ -97,22 +99,14 @@ async def test_a_device_gone_after_its_ack_was_lost_is_not_remembered_for_good(s
             fill(small_disk / "filler")
 
             async with h.client("bob", "phone") as bob:
-                async for d in bob.deliveries():
-                    seq = d.inbox_seq
-                    break
-                await bob.ack(seq)
-                await acked("phone")
+                await ack_first(bob, "phone")
                 await failing_batch()
                 assert committer.ack_lost("bob", "phone")
             await offline()
             assert not committer.ack_lost("bob", "phone")
 
             async with h.client("bob", "tablet") as bob:
-                async for d in bob.deliveries():
-                    seq = d.inbox_seq
-                    break
-                await bob.ack(seq)
-                await acked("tablet")
+                await ack_first(bob, "tablet")
             await offline()
             await failing_batch()
             assert not committer.ack_lost("bob", "tablet")
