@@ -492,6 +492,24 @@ class Session:
     def _collect(self) -> list[bytes]:
         """Take the queued frames, then deliveries from the inbox as the window allows."""
         chunks: list[bytes] = []
+        self._take_out(chunks)
+        room = self.window - len(self.unacked)
+        if room > 0 and self.sent < self.head and not self._closing:
+            try:
+                self._deliver(chunks, room)
+            except wire.LocalProtocolError as exc:
+                self._too_large(exc)
+                self._take_out(chunks)
+            except StorageError as exc:
+                self._inbox_unreadable(exc)
+                # Its closing `unavailable` goes out with this batch: a writer that found
+                # nothing else to write ended the session without it (until 2026-12-05).
+                self._take_out(chunks)
+        self.frames_out += len(chunks)
+        return chunks
+
+    def _take_out(self, chunks: list[bytes]) -> None:
+        """Move the queued replies and pushes to `chunks`, to be written."""
         out = self.out
         if out:
             chunks.extend(out)
@@ -499,16 +517,6 @@ class Session:
             self.writing_bytes += self.out_bytes
             out.clear()
             self.out_bytes = 0
-        room = self.window - len(self.unacked)
-        if room > 0 and self.sent < self.head and not self._closing:
-            try:
-                self._deliver(chunks, room)
-            except wire.LocalProtocolError as exc:
-                self._too_large(exc)
-            except StorageError as exc:
-                self._inbox_unreadable(exc)
-        self.frames_out += len(chunks)
-        return chunks
 
     def _too_large(self, exc: wire.LocalProtocolError) -> None:
         """A delivery could not be encoded. Its message passed the broker's limits when it was

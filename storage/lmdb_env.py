@@ -70,6 +70,38 @@ def _is_disk_full(exc: BaseException, path: str) -> bool:
     return False
 
 
+# An LMDB file begins with two meta pages (of the OS page size where it was made); the first
+# holds, after its 16-byte page header, LMDB's magic number.
+META_PAGES_BYTES = 2 * os.sysconf("SC_PAGE_SIZE")
+LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")
+
+
+def _cut_short(path: str) -> str | None:
+    """Why an open failed, when `data.mdb` is empty or cut inside its meta pages (a backup
+    killed as it made the file, a copy cut short): LMDB only says `Bad file descriptor` (an
+    empty file opened read-only) or `File is not an LMDB file`. None for any other file."""
+    file = os.path.join(path, "data.mdb")
+    try:
+        with open(file, "rb") as f:
+            head, size = f.read(20), os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if size == 0:
+        return (f"{file} is empty (0 bytes): no data was ever written into it (a backup "
+                "killed before its copy began); restore the directory from a whole backup")
+    if size < META_PAGES_BYTES and (len(head) < 20 or head[16:20] == LMDB_MAGIC):
+        return (f"{file} is truncated: {size} bytes, shorter than the two meta pages "
+                f"({META_PAGES_BYTES} bytes) an LMDB file begins with; restore it from a backup")
+    return None
+
+
+def _is_empty_file(file: str) -> bool:
+    try:
+        return os.stat(file).st_size == 0
+    except FileNotFoundError:
+        return False
+
+
 class Databases(dict):
     """The opened databases by name. A name left out because a read-only open did not find it
     (`LmdbEnv`'s `optional`) raises `MissingTables` when it is asked for."""
@@ -113,6 +145,11 @@ class LmdbEnv:
         if not readonly:
             os.makedirs(self.path, mode=0o700, exist_ok=True)  # messages: for its owner only
             self._take_dir_lock()
+            if _is_empty_file(os.path.join(self.path, "data.mdb")):
+                # LMDB would make a new environment of it: a backup killed before its copy
+                # began (its secret beside it) would be served, empty, to every old token.
+                self._release_dir_lock()
+                raise StorageError(_cut_short(self.path) or f"{self.path}/data.mdb is empty")
         try:
             for attempt in range(OPEN_ATTEMPTS):
                 try:
@@ -133,7 +170,7 @@ class LmdbEnv:
                     map_size = 0
         except lmdb.Error as exc:
             self._release_dir_lock()
-            raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            raise StorageError(_cut_short(self.path) or f"cannot open {self.path}: {exc}") from exc
         except BaseException:
             if hasattr(self, "env"):  # a table missing (MissingTables): do not leak the env
                 self.env.close()

@@ -11,13 +11,16 @@ import struct
 from collections.abc import Iterator, Sequence
 
 import lmdb
+from msgpack import unpackb
 
 from storage.errors import CorruptLog, StorageError
 from storage.lmdb_env import LmdbEnv
 from storage.log import EventInput, seal, verify_records
-from storage.records import GENESIS, Event, decode_body, key_lsn, lsn_key
+from storage.records import GENESIS, MESSAGE_ACCEPTED, Event, decode_body, key_lsn, lsn_key
 
 READ_CHUNK = 1024
+_BODIES = (str, bytes)
+_CIDS = (str, type(None))  # a message's cid: text, or None (no cid); absent is no message
 
 Tail = tuple[int, bytes]
 
@@ -80,9 +83,14 @@ class LmdbLog:
         return self._env.write(work)
 
     def read(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[Event]:
-        """Yield events from `from_lsn` to `to_lsn`, reading chunks in short transactions."""
-        for _lsn, value in self.read_raw(from_lsn, to_lsn):
-            yield decode_body(value[32:])
+        """Yield events from `from_lsn` to `to_lsn`, reading chunks in short transactions;
+        CorruptLog at a record whose body does not decode."""
+        for lsn, value in self.read_raw(from_lsn, to_lsn):
+            try:
+                ev = decode_body(value[32:])
+            except Exception as exc:
+                raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+            yield ev
 
     def read_raw(self, from_lsn: int = 1, to_lsn: int | None = None) -> Iterator[tuple[int, bytes]]:
         """Yield `(lsn, digest || body)` records, chunk by chunk; CorruptLog at a record
@@ -150,6 +158,31 @@ class LmdbLog:
         """Return the event at `lsn` read in `txn`, or None."""
         value = txn.get(lsn_key(lsn), db=self._db)
         return None if value is None else decode_body(value[32:])
+
+    def event_at(self, txn: lmdb.Transaction, lsn: int, conv: str,
+                 message: bool = False) -> Event:
+        """The event at `lsn` of conversation `conv`, which a projection row names (an inbox
+        entry; with `message`, a `msg` row or a message's entry: a `message.accepted` with a
+        body), read in `txn`. `CorruptLog` at `lsn` when there is none, or its bytes are no
+        such event: a record removed, cut or rewritten behind homing's back, or a row pointing
+        past the log (`audit verify` names it). A read met AttributeError, msgpack's errors or
+        TypeError instead, which no caller handles."""
+        value = txn.get(lsn_key(lsn), db=self._db)
+        if value is None:
+            raise CorruptLog(lsn, "record missing (a projection row names it)")
+        try:
+            at, ts_us, kind, user, device, data = unpackb(value[32:], raw=False)
+        except Exception as exc:  # msgpack's errors; not 6 items, or no list (ValueError)
+            raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+        if (at != lsn or type(at) is not int or type(ts_us) is not int or type(user) is not str
+                or type(device) is not str or type(data) is not dict
+                or data.get("conv") != conv):
+            raise CorruptLog(lsn, f"not an event of {conv} at lsn {lsn}, which a projection "
+                             "row names")
+        if message and (kind != MESSAGE_ACCEPTED or type(data.get("body")) not in _BODIES
+                        or type(data.get("cid", 0)) not in _CIDS):
+            raise CorruptLog(lsn, f"not a message of {conv}, which a projection row names")
+        return Event(at, ts_us, kind, user, device, data)
 
     def last_lsn_in(self, txn) -> int:
         """Return the last LSN as `txn` sees it (0 for an empty log)."""

@@ -35,7 +35,7 @@ import structlog
 from storage import native
 from storage.clock import LogClock
 from storage.commands import Command, SendMessage
-from storage.errors import DomainError, StorageError
+from storage.errors import CorruptLog, DomainError, StorageError
 from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
@@ -43,6 +43,7 @@ from storage.log import seal
 from storage.projections import (
     APPLIED_LSN,
     COMPILED,
+    KIND_MSG,
     Effects,
     apply,
     decode,
@@ -392,14 +393,16 @@ class Store:
         last inbox seq looked at.
 
         Entries whose log record is in `skip_lsns` (a device's own sends: it has them already)
-        are passed over without reading the log, and removed from the set.
+        are passed over without reading the log, and removed from the set. An entry whose log
+        record is damaged (`LmdbLog.event_at`) ends the list before it, or raises CorruptLog
+        when it is the first.
         """
         out: list[InboxItem] = []
         last = after_seq
         if limit <= 0:
             return out, last
         prefix = user.encode() + b"\0"
-        event_at, mutedb = self._log.get, self._dbs["mute"]
+        event_at, mutedb = self._log.event_at, self._dbs["mute"]
         records = self._records
         mutes: dict[str, bool] = {}
         with self._env.read() as txn:
@@ -420,7 +423,12 @@ class Store:
                     continue
                 rec = records.get(lsn)
                 if rec is None:
-                    rec = _record(event_at(txn, lsn))
+                    try:
+                        rec = _record(event_at(txn, lsn, conv, kind == KIND_MSG))
+                    except CorruptLog:
+                        if out:  # those before the damaged record go out; the next read fails
+                            break
+                        raise
                     if len(records) >= RECORD_CACHE:
                         records.clear()
                     records[lsn] = rec
@@ -500,7 +508,7 @@ class Store:
                 if len(out) >= limit:
                     more = True
                     break
-                ev = self._log.get(txn, u64(value))
+                ev = self._log.event_at(txn, u64(value), conv, True)
                 out.append({"seq": seq, "from": ev.user, "body": ev.data["body"],
                             "cid": ev.data["cid"], "ts": ev.ts_us, "lsn": ev.lsn})
         return out, more
@@ -513,7 +521,7 @@ class Store:
             lsn = txn.get(prefix + pack_u64(seq), db=self._dbs["msg"])
             if lsn is None:
                 return None
-            sender = self._log.get(txn, u64(lsn)).user
+            sender = self._log.event_at(txn, u64(lsn), conv, True).user
             tables = TxnTables(txn, self._dbs)
             members = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
             members.discard(sender)

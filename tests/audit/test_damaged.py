@@ -269,3 +269,52 @@ def test_a_backup_killed_mid_copy_does_not_pin_the_brokers_pages(tmp_path):
     assert str(backup.pid) not in stale, (
         f"reader slots of the broker's environment after the backup (pid {backup.pid}) was "
         f"stopped mid-copy and 20 commits more:\n{stale}")
+
+
+# ---------------------------------------------------------------- 5. a data.mdb cut to nothing
+
+
+@pytest.mark.parametrize("size", [0, 100, 4096])
+@pytest.mark.parametrize("action", [("audit", "verify"), ("audit", "stats"), ("backup",)])
+def test_a_data_file_cut_to_nothing_is_no_data_saying_so(tmp_path, size, action):
+    """A backup killed right after it made its empty `data.mdb` (docs/OPERATIONS.md,
+    Backups), or a copy cut inside LMDB's two meta pages: `no_data` (exit 2) said `Bad file
+    descriptor` (an empty file) or `File is not an LMDB file`, naming nothing wrong with the
+    file; it now says it is empty, or truncated, as it does of a file cut further on."""
+    data = tmp_path / "data"
+    make_data(data)
+    dest = tmp_path / "bk"
+    dest.mkdir()
+    (dest / "data.mdb").write_bytes((data / "data.mdb").read_bytes()[:size])
+    shutil.copy(data / "secret.key", dest) if (data / "secret.key").exists() else None
+    args = [*action, str(tmp_path / "bk2")] if action == ("backup",) else list(action)
+    proc = run(*args, "--data", str(dest))
+    assert_one_json_error(proc, 2, "no_data")
+    error = json.loads(proc.stderr.strip().splitlines()[-1])
+    assert set(error) == {"error", "code", "message"} and error["code"] == 0
+    said = "is empty (0 bytes)" if size == 0 else f"is truncated: {size} bytes"
+    assert f"{dest}/data.mdb {said}" in error["message"], error
+    assert not (tmp_path / "bk2").exists()
+
+
+@pytest.mark.parametrize("action", [("audit", "rebuild"), ("serve", "--port", "0")])
+def test_an_empty_data_file_is_not_made_a_new_data_directory(tmp_path, action):
+    """A backup killed after it wrote `secret.key` beside its empty `data.mdb`, before the copy
+    began: a writable open made LMDB write a new, empty environment into the file, so `audit
+    rebuild` said `{"ok": true, "rebuilt": 0}` (and `verify` then passed it) and `serve`
+    served it, welcoming every token of the old broker into an empty history. Both now
+    refuse it, as the read-only actions do."""
+    data = tmp_path / "data"
+    make_data(data)
+    dest = tmp_path / "bk"
+    dest.mkdir()
+    (dest / "data.mdb").write_bytes(b"")
+    (dest / "secret.key").write_bytes(b"k" * 32)
+    try:
+        proc = subprocess.run([*homing_cmd(), *action, "--data", str(dest)],
+                              capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"`homing {' '.join(action)}` ran on an empty data.mdb")
+    assert_one_json_error(proc, 2, "no_data" if action[0] == "audit" else "data_dir")
+    assert f"{dest}/data.mdb is empty (0 bytes)" in proc.stderr, proc.stderr
+    assert (dest / "data.mdb").stat().st_size == 0

@@ -1,0 +1,176 @@
+"""A broker serving a data directory with one log record damaged behind its back: removed, cut
+short, garbage msgpack, an event of the wrong shape, or a projection row pointing at an LSN that
+is not there. LMDB's pages are sound (tests/faults/test_read_failures.py is the other case), so
+each read of it succeeds and hands back bytes that are no event.
+
+What must hold: each request or delivery that needs the record gets a typed `unavailable`
+(PROTOCOL.md §7), logged with the session's context and the LSN; everything before it is
+delivered; every other user is served on; no session ends without a word. Each damage was
+found by a review (2026-12-05): the broker's reads let AttributeError, msgpack's ValueError or
+FormatError, or TypeError out, and `connection_failed` closed the user's every session before its
+welcome was even written, so the SDK said "cannot reach" a broker serving everyone else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+import protocol as wire
+from broker.client import ClientError
+from storage.commands import SendMessage
+from storage.projections import inbox_key
+from storage.records import lsn_key, pack_u64
+from storage.store import Store
+from tests.audit.test_damaged import poke
+from tests.faults.conftest import RawClient
+from tests.harness import running_broker
+
+EXPECTED = ("request_failed", "delivery_read_failed")
+DM = "dm:alice:bob"
+BAD_SEQ = 3  # alice's third message from bob
+BAD_LSN = 6  # conv.created and two member.added come first
+
+
+def make_data(path: Path) -> None:
+    """Five messages from bob to alice (seqs 1-5, LSNs 4-8), two from carol to dave."""
+    store = Store.open(str(path))
+    try:
+        store.execute([SendMessage("bob", "d", "user", f"c{i}", f"hi {i}", to="alice")
+                       for i in range(5)])
+        store.execute([SendMessage("carol", "d", "user", f"k{i}", f"yo {i}", to="dave")
+                       for i in range(2)])
+        msg_lsn = store.history(DM, after=BAD_SEQ - 1, limit=1, newest_first=False)[0][0]["lsn"]
+        assert msg_lsn == BAD_LSN
+    finally:
+        store.close()
+
+
+def _value(txn, db) -> bytes:
+    return txn.get(lsn_key(BAD_LSN), db=db("log"))
+
+
+def _body(items: list) -> bytes:
+    return msgpack.packb(items, use_bin_type=True)
+
+
+DAMAGE = {
+    "removed": lambda txn, db: txn.delete(lsn_key(BAD_LSN), db=db("log")),
+    "cut": lambda txn, db: txn.put(lsn_key(BAD_LSN), _value(txn, db)[:40], db=db("log")),
+    "emptied": lambda txn, db: txn.put(lsn_key(BAD_LSN), b"", db=db("log")),
+    "garbage msgpack": lambda txn, db: txn.put(
+        lsn_key(BAD_LSN), _value(txn, db)[:32] + b"\xc1\xc1\xc1", db=db("log")),
+    "wrong shape": lambda txn, db: txn.put(
+        lsn_key(BAD_LSN), _value(txn, db)[:32] + _body([BAD_LSN, 1, 2]), db=db("log")),
+    "no body": lambda txn, db: txn.put(lsn_key(BAD_LSN), _value(txn, db)[:32] + _body(
+        [BAD_LSN, 1, "message.accepted", "bob", "d", {"conv": DM}]), db=db("log")),
+    "another record": lambda txn, db: txn.put(  # a member.added where the message was
+        lsn_key(BAD_LSN), txn.get(lsn_key(2), db=db("log")), db=db("log")),
+    "rows past the log": lambda txn, db: _past_the_log(txn, db),
+}
+
+
+def _past_the_log(txn, db) -> None:
+    """The message's `msg` row and alice's inbox entry name LSN 999, past the log's end."""
+    txn.put(DM.encode() + b"\0" + pack_u64(BAD_SEQ), pack_u64(999), db=db("msg"))
+    txn.put(inbox_key("alice", BAD_SEQ), _body(["msg", DM, BAD_SEQ, 999]), db=db("inbox"))
+
+
+@pytest.fixture(params=sorted(DAMAGE))
+def damaged(request, tmp_path) -> tuple[Path, int]:
+    """A data directory so damaged, and the LSN the broker's reads must name."""
+    data = tmp_path / "data"
+    make_data(data)
+    poke(data, DAMAGE[request.param])
+    return data, 999 if request.param == "rows past the log" else BAD_LSN
+
+
+async def _frames_until_closed(raw: RawClient) -> list:
+    said = []
+    with trio.fail_after(10):
+        while (frame := await raw.next()) is not None:
+            said.append(frame)
+    return said
+
+
+async def test_the_affected_device_is_delivered_up_to_the_damage_then_told(damaged):
+    """Its hello is welcomed, the deliveries before the damaged record go out, and the session
+    closes with `unavailable`: it closed with nothing said, not even the welcome (the writer's
+    AttributeError or ValueError, `connection_failed`)."""
+    data, lsn = damaged
+    async with running_broker(data, expected_errors=EXPECTED) as h:
+        raw = await RawClient.connect(h.server, h.token("alice"), device="raw")
+        try:
+            said = await _frames_until_closed(raw)
+        finally:
+            await raw.aclose()
+        assert [f.seq for f in said if isinstance(f, wire.Deliver)] == [1, 2], said
+        assert isinstance(said[-1], wire.Error), said
+        assert (said[-1].name, said[-1].close, said[-1].id) == ("unavailable", True, None)
+        failed = [e for e in h.logs if e["event"] == "delivery_read_failed"]
+        assert failed and (failed[0]["user"], failed[0]["device"]) == ("alice", "raw")
+        assert failed[0]["reason"].startswith(f"log corrupt at lsn {lsn}: "), failed
+
+
+async def test_requests_that_need_the_record_are_unavailable_and_the_rest_served(damaged):
+    """history and receipts of the damaged message are answered `unavailable` (they ended the
+    session with nothing said); the session goes on, and so does everyone else's."""
+    data, lsn = damaged
+    # A window of 2: alice, who acks nothing, is delivered seqs 1 and 2 and no more (reading
+    # on would close her session, the test above).
+    async with running_broker(data, expected_errors=EXPECTED, window=2) as h:
+        async with h.client("alice", reconnect_timeout=2) as alice:
+            for ask in (lambda: alice.history(DM, order="oldest"),
+                        lambda: alice.history(DM, after=BAD_SEQ - 1, limit=1, order="oldest"),
+                        lambda: alice.receipts(DM, BAD_SEQ)):
+                with trio.fail_after(10), pytest.raises(ClientError) as refused:
+                    await ask()
+                assert refused.value.name == "unavailable"
+            before = await alice.history(DM, before=BAD_SEQ, order="oldest")
+            assert [m.body for m in before.messages] == ["hi 0", "hi 1"]
+            assert (await alice.receipts(DM, BAD_SEQ + 1)).seq == BAD_SEQ + 1
+            convs = await alice.conversations()
+            assert [c.conv for c in convs.convs] == [DM]
+        failed = [e for e in h.logs if e["event"] == "request_failed"]
+        assert {(e["user"], e["frame"]) for e in failed} == {("alice", "history"),
+                                                             ("alice", "receipts")}
+        assert all(e["reason"].startswith(f"log corrupt at lsn {lsn}: ") for e in failed), failed
+        # Someone else's conversation: served throughout.
+        async with h.client("dave") as dave, h.client("carol") as carol:
+            page = await dave.history("dm:carol:dave", order="oldest")
+            assert [m.body for m in page.messages] == ["yo 0", "yo 1"]
+            got = []
+            with trio.fail_after(10):
+                async for d in dave.deliveries():
+                    got.append(d.body)
+                    await dave.ack(d.inbox_seq)
+                    if len(got) == 3:
+                        break
+                    if len(got) == 2:
+                        await carol.send("yo 2", to="dave")
+            assert got == ["yo 0", "yo 1", "yo 2"]
+            # bob, in the damaged conversation, still posts into it: a write reads no record.
+            async with h.client("bob") as bob:
+                assert (await bob.send("after", conv=DM)).seq == 6
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage msgpack", "wrong shape"])
+def test_reading_the_log_names_an_undecodable_record(tmp_path, damage):
+    """`Store.read_events` (what `broker/tail.py` follows the log with) let msgpack's errors or
+    TypeError out of a record that does not decode; CorruptLog names it, as a gap does."""
+    from storage.errors import CorruptLog
+
+    data = tmp_path / "data"
+    make_data(data)
+    poke(data, DAMAGE[damage])
+    store = Store.open(str(data))
+    try:
+        read = []
+        with pytest.raises(CorruptLog) as corrupt:
+            read.extend(e.lsn for e in store.read_events())
+        assert (corrupt.value.lsn, read) == (BAD_LSN, list(range(1, BAD_LSN)))
+    finally:
+        store.close()
