@@ -67,6 +67,8 @@ class Table(Protocol):
 
     def stored_range(self, prefix: bytes) -> list[tuple[bytes, bytes | None]]: ...
 
+    def count(self, prefix: bytes) -> int: ...
+
 
 class GroupedTable(Table, Protocol):
     """A table keyed `head \\0 tail`: `parts[head \\0]` lists the group's rows as

@@ -104,7 +104,9 @@ def _role(tables: Tables, conv: str, user: str) -> str | None:
 
 
 def _member_count(tables: Tables, conv: str) -> int:
-    return sum(1 for _ in tables.range("member", conv.encode() + b"\0"))
+    # The store's view keeps each group's count, up to date with every change (an invite in a
+    # group of 10,000 counted its every member: 5 ms, in the write transaction).
+    return tables.member.count(conv.encode() + b"\0")
 
 
 def _member_conv(tables: Tables, cmd) -> dict[str, Any]:

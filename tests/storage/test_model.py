@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from storage import audit
+from storage import tables as tables_mod
 from storage.commands import (
     Ack,
     CreateConv,
@@ -28,6 +29,7 @@ from storage.projections import Effects, apply, mark_applied
 from storage.rules import Limits
 from storage.store import Store, _InjectedAbort
 from storage.tables import MemoryTables
+from tests.storage.test_member_count import assert_member_caches_fresh
 
 USERS = ["ann", "bob", "cat", "dan", "eve"]
 # Small enough that some creates (up to 3 members and the creator) and invites pass it.
@@ -214,6 +216,13 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.verify_log() == self.store.last_lsn()
 
     @invariant()
+    def member_caches_agree(self):
+        """The member counts and lists the store keeps across batches (`invite` and `join`
+        check `--max-members` with them, posts fan out over them) equal a fresh read of the
+        committed rows, whatever batches committed or aborted before."""
+        assert_member_caches_fresh(self.store)
+
+    @invariant()
     def fast_paths_agree(self):
         """The replay fold (raw records, messages inlined) writes exactly what `apply` event by
         event does, and the audit's digest check agrees with the row-by-row one."""
@@ -226,8 +235,24 @@ class StoreMachine(RuleBasedStateMachine):
         assert audit.check_projections(self.store) == (None, self.store.last_lsn())
 
 
-StoreMachine.TestCase.settings = settings(
-    max_examples=150, stateful_step_count=30, deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+class StoreMachineNoGroupsKept(StoreMachine):
+    """The same with no member lists kept across batches (as past CACHE_ROWS, when a broker's
+    groups hold more members than it keeps): the counts stay, kept up to date alone."""
+
+    def __init__(self) -> None:
+        self._cache_rows = tables_mod.CACHE_ROWS
+        tables_mod.CACHE_ROWS = 0
+        super().__init__()
+
+    def teardown(self) -> None:
+        tables_mod.CACHE_ROWS = self._cache_rows
+        super().teardown()
+
+
+for _machine in (StoreMachine, StoreMachineNoGroupsKept):
+    _machine.TestCase.settings = settings(
+        max_examples=150, stateful_step_count=30, deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 TestStoreMachine = StoreMachine.TestCase
+TestStoreMachineNoGroupsKept = StoreMachineNoGroupsKept.TestCase
