@@ -27,6 +27,7 @@ What it promises:
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import socket
@@ -207,13 +208,17 @@ class Client:
         self._stream: trio.abc.Stream | None = None
         self._conn: wire.Connection | None = None
         self._send_lock = trio.Lock()
-        self._deliveries_in, deliveries_out = trio.open_memory_channel[wire.Deliver](1 << 16)
+        # Not bounded here: the broker's window bounds it (it sends no more unacked). A bound
+        # below the window (65,536 against a --window above it) stopped the reader with the
+        # answers behind the deliveries: a loop awaiting a call per delivery waited for ever.
+        self._deliveries_in, deliveries_out = trio.open_memory_channel[wire.Deliver](math.inf)
         self._deliveries = Deliveries(self, deliveries_out)
         self._pushes: deque[Any] = deque(maxlen=max_pushes)
         self._push_event = trio.Event()
         self._yielded = 0  # highest inbox_seq handed to the caller
         self._acked = 0  # highest inbox_seq the caller acked
         self._closed = False
+        self._close_done = trio.Event()  # aclose did what it does
         self._last_rx = time.monotonic()
         self._fatal: BaseException | None = None
         # What the sessions handed over (new deliveries, pushes, answers), and the closing
@@ -284,7 +289,9 @@ class Client:
                 raise refusal from None
 
     async def _write_frame(self, frame: Any, req: _Request | None = None) -> bool:
-        """Send now if connected; if not, the frame is (re)sent after the reconnect. True when
+        """Send now if connected; if not, the frame is (re)sent after the reconnect (raise what
+        stopped the client, or ClientClosed, once no connection will take it: closed while it
+        waited for its turn to write). True when
         it was written to a connection (the broker may have it, even if the write failed);
         then `req.sent` is set, before the write begins, so that a drop meanwhile fails a
         request that is not to be repeated rather than leave it waiting."""
@@ -308,6 +315,9 @@ class Client:
                 # the drop has not failed goes out with the next connection.
                 if req is not None and was is not None:
                     req.sent, req.caps = was
+                # Closed or stopped meanwhile: no connection will take it (an ack returned as
+                # if written).
+                self._check_usable()
                 return False
             # Whole or not at all: a cancel in the middle of the write would leave half a
             # frame on the stream, and the broker would take what follows as the rest of it.
@@ -668,6 +678,8 @@ class Client:
                 if first:
                     task_status.started()
                 return
+            if self._closed:  # closed by the caller meanwhile (the attempt failed with it)
+                return
             if error is None:
                 if self._closed or self._stream is None:  # closed as the connection opened
                     return
@@ -826,27 +838,40 @@ class Client:
 
     async def aclose(self) -> None:
         """Say bye, close the connection, and end the deliveries quietly (not as a failure);
-        requests still waiting, and any made later, raise ClientClosed."""
+        requests still waiting, and any made later, raise ClientClosed.
+
+        A cancel cuts short the bye alone: the client is closed all the same. A second call
+        returns once the first one closed it."""
         if self._closed:
+            await self._close_done.wait()
             return
         self._closed = True
         stream, conn = self._stream, self._conn
         self._stream = self._conn = None
-        if self._fatal is None and stream is not None and conn is not None:
-            with trio.move_on_after(1):
-                try:
-                    data = conn.send(wire.Bye(reason="client closing"))
-                    async with self._send_lock:
-                        await stream.send_all(data)
-                except (wire.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
-                        OSError):
-                    pass
-        if stream is not None:
-            await trio.aclose_forcefully(stream)
-        _fail_requests(list(self._pending.values()), ClientClosed,
-                       "the client was closed before the broker answered")
-        self._deliveries_in.close()
-        self._wake_push_waiters()
+        try:
+            if self._fatal is None and stream is not None and conn is not None:
+                with trio.move_on_after(1):
+                    try:
+                        data = conn.send(wire.Bye(reason="client closing"))
+                        async with self._send_lock:
+                            await stream.send_all(data)
+                    except (wire.ProtocolError, trio.BrokenResourceError,
+                            trio.ClosedResourceError, OSError):
+                        pass
+        finally:
+            # Whatever ended the bye, and with no await but the shielded one: in a cancelled
+            # scope (the `finally:` of a task being cancelled) the close stopped at its first
+            # checkpoint, the connection left open and every waiting task waiting for ever.
+            _fail_requests(list(self._pending.values()), ClientClosed,
+                           "the client was closed before the broker answered")
+            self._deliveries_in.close()
+            self._wake_push_waiters()
+            try:
+                if stream is not None:
+                    with trio.CancelScope(shield=True):
+                        await trio.aclose_forcefully(stream)
+            finally:
+                self._close_done.set()
 
 
 class Deliveries:

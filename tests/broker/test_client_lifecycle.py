@@ -540,10 +540,15 @@ async def test_leaving_open_client_while_the_reconnect_resends_is_quiet(tmp_path
 async def test_a_client_closed_while_it_reconnects_opens_no_session(tmp_path):
     """`aclose()` during a reconnect's handshake: the client went on and served a session
     (online for its peers, holding the device) until the `open_client` block ended. Now the
-    connection that completes after the close is closed, unused."""
+    connection that completes after the close is closed, unused. Nor does the client take
+    the attempt that the close cut short for a failed one: `on_unreachable` was called after
+    the close with `cannot reach 127.0.0.1:PORT: the client is closed` (the `homing`
+    command's `retrying` warning; until 2026-12-05), and past its reconnect timeout the
+    client would have stopped with that ConnectionLost instead of ending quietly."""
     async with running_broker(tmp_path / "d") as h:
+        told = []
         with trio.fail_after(20):
-            async with h.client("bob", "b") as bob:
+            async with h.client("bob", "b", on_unreachable=told.append) as bob:
                 await bob.ping()
                 was = bob.connected
                 await trio.aclose_forcefully(bob._stream)
@@ -555,6 +560,7 @@ async def test_a_client_closed_while_it_reconnects_opens_no_session(tmp_path):
                 await trio.sleep(0.5)
                 assert not h.broker.hub.online("bob"), "a closed client holds a session"
                 assert bob._stream is None
+            assert told == [] and bob._fatal is None
 
 
 async def test_a_resend_the_broker_does_not_read_is_bounded_like_any_write(tmp_path,
