@@ -354,6 +354,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
         who = "" if exc.holder is None else f" (process {exc.holder})"
         raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker{who}: "
                        "stop it first (`homing audit rebuild --check` is read-only)") from None
+    except CorruptLog:  # a log cut behind its projections: `corrupt_log`, as a read ends
+        raise
     except (StorageError, OSError) as exc:
         raise CliError(EXIT_USAGE, "no_data", _cannot_open(args.data, exc)) from None
     try:

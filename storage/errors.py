@@ -25,6 +25,22 @@ class CorruptLog(StorageError):
         self.lsn = lsn
 
 
+class CorruptProjection(StorageError):
+    """Raised by a read of a projection row whose stored bytes are not a row homing writes (cut
+    short, garbage, of the wrong kind: changed behind homing's back; the log is sound).
+
+    `table` and `key` name the row (None when a write batch met it: the batch does not know
+    which row it was). `homing audit verify` names it too (the first difference); `homing audit
+    rebuild`, the broker stopped, writes it again from the log.
+    """
+
+    def __init__(self, table: str | None, key: bytes | None, message: str) -> None:
+        where = "" if table is None else f" in {table} at key {key!r}"
+        super().__init__(f"projection corrupt{where}: {message}")
+        self.table = table
+        self.key = key
+
+
 class DataDirLocked(StorageError):
     """Raised when opening a data directory for writing while another process holds its lock;
     `holder` is that process's pid, as it wrote it in the lock (None if unknown)."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ import structlog
 from storage import native
 from storage.clock import LogClock
 from storage.commands import Command, SendMessage
-from storage.errors import CorruptLog, DomainError, StorageError
+from storage.errors import CorruptLog, CorruptProjection, DomainError, StorageError
 from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
@@ -101,6 +102,41 @@ def _record(ev: Event) -> Record:
 
 _MSG_SEQ = slice(-8, None)
 
+# What decoding a projection row's bytes raises when they are no row homing writes (a u64 cut
+# short: struct.error; msgpack's errors, ValueError and UnpackException; text that is no UTF-8;
+# a value of the wrong kind: TypeError, KeyError, ...). The reads catch them around the whole
+# read, not field by field (free until raised), and raise CorruptProjection naming the row.
+_UNDECODABLE = (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError,
+                msgpack.UnpackException)
+
+
+def _corrupt(table: str, key: bytes, exc: BaseException) -> CorruptProjection:
+    name = "struct.error" if isinstance(exc, struct.error) else type(exc).__name__
+    return CorruptProjection(table, key, f"undecodable row: {name}: {exc}")
+
+
+def _conv_row(value: bytes) -> dict[str, Any]:
+    """A `conv` row decoded, with the fields the reads use (`_UNDECODABLE` when it is not)."""
+    info = decode(value)
+    _ = info["kind"], info["name"]  # a row without them is no conv row (KeyError)
+    return info
+
+
+def _first_bad(txn: lmdb.Transaction, dbs: dict[str, Any],
+               rows: Sequence[tuple[str, bytes, Callable[[bytes], Any]]],
+               exc: BaseException) -> CorruptProjection:
+    """The error of a read that met `exc` decoding one of `rows` (`(table, key, decode)`): the
+    first whose stored value `decode` fails on, named (the first of them if none fails again).
+    The cold path: the reads themselves decode without checking."""
+    for table, key, decoder in rows:
+        value = txn.get(key, db=dbs[table])
+        if value is not None:
+            try:
+                decoder(value)
+            except _UNDECODABLE as again:
+                return _corrupt(table, key, again)
+    return _corrupt(rows[0][0], rows[0][1], exc)
+
 
 class _InjectedAbort(Exception):
     """Raised by the test-only `_abort_after` hook to abort a batch mid-way."""
@@ -157,6 +193,7 @@ class Store:
         # to 10 minutes (storage/clock.py).
         self._clock = LogClock(0 if env.readonly else self._last_logged_us())
         if not env.readonly:
+            self._check_applied()
             self._check_layout(on_rebuild)
 
     def _last_logged_us(self) -> int:
@@ -171,6 +208,27 @@ class Store:
             except (ValueError, TypeError, msgpack.UnpackException):
                 return 0
         return ts if type(ts) is int and 0 <= ts <= MAX_TS_US else 0
+
+    def _check_applied(self) -> None:
+        """Refuse to write past a log that ends before `meta.applied_lsn` (CorruptLog after its
+        last record): its last records were removed behind homing's back, and the next batch
+        would append over them, reusing LSNs that inbox entries and `msg` rows name. Read-only
+        opens take it as it is, so that `audit verify` can report it. (A log past
+        `applied_lsn`, the mirror case, is written to as ever: no LSN is reused.)"""
+        with self._env.read() as txn:
+            raw = txn.get(APPLIED_LSN, db=self._dbs["meta"])
+            last = self._log.last_lsn_in(txn)
+        if raw is None:
+            return
+        try:
+            applied = u64(raw)
+        except struct.error as exc:
+            raise _corrupt("meta", APPLIED_LSN, exc) from None
+        if applied > last:
+            raise CorruptLog(last + 1, f"the log ends at lsn {last}, yet its projections were "
+                             f"applied up to lsn {applied}: its last records were removed "
+                             "behind homing's back, and appending would reuse their lsns; "
+                             "restore the data directory from a backup")
 
     def stored_layout(self) -> bytes | None:
         """The projection layout the stored tables were written in (`LAYOUT` when current;
@@ -233,8 +291,8 @@ class Store:
         The batch's time is the wall clock (`now_us` stands in for it: tests), or the time of
         the log's last record while the wall clock is behind it (`storage.clock`).
 
-        Raises `StorageFull` (or another `StorageError`) when the whole batch failed; then
-        nothing was written.
+        Raises `StorageFull` (or another `StorageError`: `CorruptProjection` when a row it read
+        does not decode) when the whole batch failed; then nothing was written.
         """
         tables, rows, dbs, clock = self._tables, self._rows, self._db_list, self._clock
         if tables is None:  # opened read-only: no buffered tables (the failure path needs them)
@@ -314,6 +372,14 @@ class Store:
             # lose its rows and its transaction.
             with self._env.exclusive():
                 tables.rollback()
+            if isinstance(exc, _UNDECODABLE):
+                # A row the batch read does not decode (a short inbox head, say): a typed
+                # failure of this batch, which the broker answers `unavailable` and serves on
+                # after (struct.error ended the committer, and the broker, until 2026-12-05).
+                name = "struct.error" if isinstance(exc, struct.error) else type(exc).__name__
+                raise CorruptProjection(None, None, f"a row this batch read does not decode "
+                                        f"({name}: {exc}); `homing audit verify` names it"
+                                        ) from exc
             if isinstance(exc, StorageError | _InjectedAbort) or not isinstance(exc, lmdb.Error):
                 raise
             raise StorageError(f"write failed: {exc}") from exc
@@ -342,7 +408,12 @@ class Store:
 
     def _u64(self, table: str, key: bytes) -> int:
         value = self._get(table, key)
-        return 0 if value is None else u64(value)
+        if value is None:
+            return 0
+        try:
+            return u64(value)
+        except struct.error as exc:  # cut short: CorruptProjection, which the broker answers
+            raise _corrupt(table, key, exc) from None
 
     def inbox_head(self, user: str) -> int:
         """Return the last inbox seq of `user`, 0 when empty."""
@@ -366,8 +437,7 @@ class Store:
         """The conversation `user` created with `cid` (a create of it again is a dup), or None."""
         if len(cid.encode()) > MAX_CID_BYTES:  # never accepted: its key would not fit LMDB's
             return None
-        raw = self._get("created", key2(user, cid))
-        return None if raw is None else raw.decode()
+        return self._text("created", key2(user, cid))
 
     def muted(self, user: str, conv: str) -> bool:
         """Whether `user` muted `conv`."""
@@ -395,7 +465,8 @@ class Store:
         Entries whose log record is in `skip_lsns` (a device's own sends: it has them already)
         are passed over without reading the log, and removed from the set. An entry whose log
         record is damaged (`LmdbLog.event_at`) ends the list before it, or raises CorruptLog
-        when it is the first.
+        when it is the first; so does an entry that does not decode, with CorruptProjection
+        (caught around the whole walk: no check per entry).
         """
         out: list[InboxItem] = []
         last = after_seq
@@ -410,61 +481,91 @@ class Store:
             if not cur.set_range(inbox_key(user, after_seq + 1)):
                 return out, last
             seen = 0
-            for key, value in cur:
-                if not key.startswith(prefix):
-                    break
-                seen += 1
-                kind, conv, seq, lsn = msgpack.unpackb(value, raw=False)
-                if skip_lsns and lsn in skip_lsns:
-                    skip_lsns.discard(lsn)
+            key = b""
+            try:
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    seen += 1
+                    kind, conv, seq, lsn = msgpack.unpackb(value, raw=False)
+                    if skip_lsns and lsn in skip_lsns:
+                        skip_lsns.discard(lsn)
+                        last = u64(key[-8:])
+                        if seen >= limit:
+                            break
+                        continue
+                    rec = records.get(lsn)
+                    if rec is None:
+                        rec = _record(event_at(txn, lsn, conv, kind == KIND_MSG))
+                        if len(records) >= RECORD_CACHE:
+                            records.clear()
+                        records[lsn] = rec
+                    muted = mutes.get(conv)
+                    if muted is None:
+                        muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
                     last = u64(key[-8:])
+                    out.append(InboxItem(last, kind, conv, seq, lsn, *rec, muted))
                     if seen >= limit:
                         break
-                    continue
-                rec = records.get(lsn)
-                if rec is None:
-                    try:
-                        rec = _record(event_at(txn, lsn, conv, kind == KIND_MSG))
-                    except CorruptLog:
-                        if out:  # those before the damaged record go out; the next read fails
-                            break
-                        raise
-                    if len(records) >= RECORD_CACHE:
-                        records.clear()
-                    records[lsn] = rec
-                muted = mutes.get(conv)
-                if muted is None:
-                    muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
-                last = u64(key[-8:])
-                out.append(InboxItem(last, kind, conv, seq, lsn, *rec, muted))
-                if seen >= limit:
-                    break
+            except (CorruptLog, *_UNDECODABLE) as exc:
+                if out:  # those before the damaged entry or record go out; the next read fails
+                    return out, last
+                if isinstance(exc, CorruptLog):
+                    raise
+                raise _corrupt("inbox", key, exc) from None
         return out, last
 
     def conv_info(self, conv: str) -> dict[str, Any] | None:
         """Return the conv row (`kind, name, open, creator, last_seq, created_lsn`) or None."""
         with self._env.read() as txn:
-            raw = txn.get(conv.encode(), db=self._dbs["conv"])
+            ckey = conv.encode()
+            raw = txn.get(ckey, db=self._dbs["conv"])
             if raw is None:
                 return None
-            info = decode(raw)
-            info["last_seq"] = u64(txn.get(conv.encode(), db=self._dbs["conv_seq"]) or bytes(8))
+            try:
+                info = _conv_row(raw)
+                info["last_seq"] = u64(txn.get(ckey, db=self._dbs["conv_seq"]) or bytes(8))
+            except _UNDECODABLE as exc:
+                raise _first_bad(txn, self._dbs, [("conv", ckey, _conv_row),
+                                                  ("conv_seq", ckey, u64)], exc) from None
         return info
 
     def role(self, conv: str, user: str) -> str | None:
         """Return `user`'s role in `conv`, None when not a member."""
-        raw = self._get("member", key2(conv, user))
-        return None if raw is None else raw.decode()
+        return self._text("member", key2(conv, user))
 
-    def _split_range(self, table: str, head: str) -> list[tuple[str, bytes]]:
+    def _text(self, table: str, key: bytes) -> str | None:
+        """The value of `table`'s row `key` as text, None if there is none (CorruptProjection
+        when it is no UTF-8)."""
+        raw = self._get(table, key)
+        try:
+            return None if raw is None else raw.decode()
+        except ValueError as exc:
+            raise _corrupt(table, key, exc) from None
+
+    def _split_range(self, table: str, head: str, values: bool = False
+                     ) -> list[tuple[str, Any]]:
+        """The rows of `table` under `head`: (the rest of the key, the value) as text, the
+        value as text only with `values` (CorruptProjection at a row that is no UTF-8)."""
         prefix = head.encode() + b"\0"
         with self._env.read() as txn:
             rows = list(TxnTables(txn, self._dbs).range(table, prefix))
-        return [(k[len(prefix):].decode(), v) for k, v in rows]
+        cut = len(prefix)
+        try:
+            if values:
+                return [(k[cut:].decode(), v.decode()) for k, v in rows]
+            return [(k[cut:].decode(), v) for k, v in rows]
+        except ValueError as exc:  # the cold path names the row
+            for k, v in rows:
+                try:
+                    k.decode(), v.decode() if values else None
+                except ValueError:
+                    raise _corrupt(table, k, exc) from None
+            raise
 
     def members(self, conv: str) -> list[tuple[str, str]]:
         """Return `(user, role)` for every member of `conv`, sorted by user."""
-        return [(user, role.decode()) for user, role in self._split_range("member", conv)]
+        return self._split_range("member", conv, values=True)
 
     def user_convs(self, user: str, after: str | None = None,
                    limit: int | None = None) -> list[str]:
@@ -501,34 +602,45 @@ class Store:
                 rows = tables.range("msg", prefix, start=prefix + pack_u64(hi), reverse=True)
             else:
                 rows = tables.range("msg", prefix, start=prefix + pack_u64(lo))
-            for key, value in rows:
-                seq = u64(key[_MSG_SEQ])
-                if not lo <= seq <= hi:
-                    break
-                if len(out) >= limit:
-                    more = True
-                    break
-                ev = self._log.event_at(txn, u64(value), conv, True)
-                out.append({"seq": seq, "from": ev.user, "body": ev.data["body"],
-                            "cid": ev.data["cid"], "ts": ev.ts_us, "lsn": ev.lsn})
+            key = prefix
+            try:
+                for key, value in rows:
+                    seq = u64(key[_MSG_SEQ])
+                    if not lo <= seq <= hi:
+                        break
+                    if len(out) >= limit:
+                        more = True
+                        break
+                    ev = self._log.event_at(txn, u64(value), conv, True)
+                    out.append({"seq": seq, "from": ev.user, "body": ev.data["body"],
+                                "cid": ev.data["cid"], "ts": ev.ts_us, "lsn": ev.lsn})
+            except struct.error as exc:  # a row cut short (event_at checks the record)
+                raise _corrupt("msg", key, exc) from None
         return out, more
 
     def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str]] | None:
         """Return (received, read): members other than the sender of `seq` whose marks reach it;
         None when `conv` has no message `seq`."""
         prefix = conv.encode() + b"\0"
+        dbs = self._dbs
         with self._env.read() as txn:
-            lsn = txn.get(prefix + pack_u64(seq), db=self._dbs["msg"])
+            mkey = prefix + pack_u64(seq)
+            lsn = txn.get(mkey, db=dbs["msg"])
             if lsn is None:
                 return None
-            sender = self._log.event_at(txn, u64(lsn), conv, True).user
-            tables = TxnTables(txn, self._dbs)
-            members = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
-            members.discard(sender)
-            got = [m for m in sorted(members)
-                   if u64(txn.get(key2(conv, m), db=self._dbs["recv"]) or bytes(8)) >= seq]
-            read = [m for m in got
-                    if u64(txn.get(key2(conv, m), db=self._dbs["read"]) or bytes(8)) >= seq]
+            tables = TxnTables(txn, dbs)
+            members: set[str] = set()
+            try:
+                sender = self._log.event_at(txn, u64(lsn), conv, True).user
+                members = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
+                members.discard(sender)
+                got = [m for m in sorted(members)
+                       if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq]
+                read = [m for m in got
+                        if u64(txn.get(key2(conv, m), db=dbs["read"]) or bytes(8)) >= seq]
+            except _UNDECODABLE as exc:  # the cold path names the row
+                marks = [(t, key2(conv, m), u64) for m in sorted(members) for t in ("recv", "read")]
+                raise _first_bad(txn, dbs, [("msg", mkey, u64), *marks], exc) from None
         return got, read
 
     def conversations(self, user: str, after: str | None = None,
@@ -554,15 +666,21 @@ class Store:
                 if limit is not None and len(out) >= limit:
                     return out, True
                 ckey = key[len(prefix):]
-                conv = ckey.decode()
-                info = decode(txn.get(ckey, db=dbs["conv"]))
-                mark = txn.get(key2(conv, user), db=dbs["read"])
-                entry = {"conv": conv, "kind": info["kind"], "role": role.decode(),
-                         "last_seq": u64(txn.get(ckey, db=dbs["conv_seq"]) or bytes(8)),
-                         "read": 0 if mark is None else u64(mark),
-                         "muted": txn.get(key2(user, conv), db=dbs["mute"]) is not None}
-                if info["name"] is not None:
-                    entry["name"] = info["name"]
+                try:
+                    conv = ckey.decode()
+                    info = decode(txn.get(ckey, db=dbs["conv"]))
+                    mark = txn.get(key2(conv, user), db=dbs["read"])
+                    entry = {"conv": conv, "kind": info["kind"], "role": role.decode(),
+                             "last_seq": u64(txn.get(ckey, db=dbs["conv_seq"]) or bytes(8)),
+                             "read": 0 if mark is None else u64(mark),
+                             "muted": txn.get(key2(user, conv), db=dbs["mute"]) is not None}
+                    if info["name"] is not None:
+                        entry["name"] = info["name"]
+                except _UNDECODABLE as exc:  # the cold path names the row
+                    raise _first_bad(txn, dbs, [
+                        ("user_conv", key, lambda v, c=ckey: (c.decode(), v.decode())),
+                        ("conv", ckey, _conv_row), ("conv_seq", ckey, u64),
+                        ("read", ckey + b"\0" + user.encode(), u64)], exc) from None
                 out.append(entry)
         return out, False
 

@@ -318,3 +318,65 @@ def test_an_empty_data_file_is_not_made_a_new_data_directory(tmp_path, action):
     assert_one_json_error(proc, 2, "no_data" if action[0] == "audit" else "data_dir")
     assert f"{dest}/data.mdb is empty (0 bytes)" in proc.stderr, proc.stderr
     assert (dest / "data.mdb").stat().st_size == 0
+
+
+# ---------------------------------------------------------------- a log cut behind its projections
+
+
+def _cut_the_log(data: Path, n: int) -> int:
+    """Remove the log's last `n` records behind homing's back (the projections, and their
+    `meta.applied_lsn`, stay); return the log's last LSN before the cut."""
+    last = make_data(data)
+    poke(data, lambda txn, db: [txn.delete(lsn_key(lsn), db=db("log"))
+                                for lsn in range(last - n + 1, last + 1)])
+    return last
+
+
+def test_a_log_cut_behind_its_projections_is_refused_for_writing(tmp_path):
+    """The projections' `applied_lsn` ahead of the log's last LSN: its last records were
+    removed behind homing's back. A writable open (the broker, `audit rebuild`) appended over
+    them, reusing LSNs that inbox entries and `msg` rows name; only `audit verify` noticed.
+    Writable opens now refuse it (CorruptLog after the log's end); read-only ones report it."""
+    from storage.errors import CorruptLog
+
+    data = tmp_path / "data"
+    last = _cut_the_log(data, 2)
+    with pytest.raises(CorruptLog) as refused:
+        Store.open(str(data)).close()
+    assert refused.value.lsn == last - 1, refused.value
+    assert f"the log ends at lsn {last - 2}" in str(refused.value)
+    assert f"applied up to lsn {last}" in str(refused.value)
+    try:
+        proc = subprocess.run([*homing_cmd(), "serve", "--port", "0", "--data", str(data)],
+                              capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("`homing serve` served a log cut behind its projections")
+    assert_one_json_error(proc, 2, "data_dir")
+    assert f"log corrupt at lsn {last - 1}: the log ends at lsn {last - 2}" in proc.stderr
+    assert_one_json_error(run("audit", "rebuild", "--data", str(data)), 1, "corrupt_log")
+    verify = run("audit", "verify", "--data", str(data))  # read-only: opens, names it
+    assert_one_json_error(verify, 1, "projection_mismatch")
+    report = json.loads(verify.stdout)
+    assert report["log"] == {"ok": True} and report["projections"]["ok"] is False, report
+    store = Store.open(str(data), readonly=True)  # and the log still reads to its end
+    try:
+        assert [e.lsn for e in store.read_events()] == list(range(1, last - 1))
+    finally:
+        store.close()
+
+
+def test_projections_behind_the_log_still_open_for_writing(tmp_path):
+    """The mirror case (the log past `applied_lsn`, as `audit verify` reports it) opens and
+    serves as before: only a log cut short is refused."""
+    from storage.projections import APPLIED_LSN
+    from storage.records import pack_u64
+
+    data = tmp_path / "data"
+    last = make_data(data)
+    poke(data, lambda txn, db: txn.put(APPLIED_LSN, pack_u64(last - 1), db=db("meta")))
+    store = Store.open(str(data))
+    try:
+        (outcome,) = store.execute([SendMessage("bob", "d", "user", "after", "x", to="alice")])
+        assert outcome.error is None and outcome.lsn == last + 1
+    finally:
+        store.close()

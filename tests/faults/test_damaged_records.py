@@ -174,3 +174,142 @@ def test_reading_the_log_names_an_undecodable_record(tmp_path, damage):
         assert (corrupt.value.lsn, read) == (BAD_LSN, list(range(1, BAD_LSN)))
     finally:
         store.close()
+
+
+# ---------------------------------------------------------------- damaged projection rows
+# A projection row's value cut short or garbage (the log is sound). Found by a review
+# (2026-12-05): the reads let struct.error (a short `inbox_head` or `msg` row) or msgpack's
+# errors (an `inbox` entry, a `conv` row) out: a request ended its session, a hello or a
+# delivery every session of the user, with nothing said.
+
+ROW_EXPECTED = ("request_failed", "delivery_read_failed", "hello_failed")
+ROWS = {
+    # name: (table, key, value)
+    "short inbox_head": ("inbox_head", b"alice", b"\x00\x05"),
+    "short msg row": ("msg", DM.encode() + b"\0" + pack_u64(BAD_SEQ), b"\x06"),
+    "garbage inbox entry": ("inbox", inbox_key("alice", BAD_SEQ), b"\xc1\xc1"),
+    "garbage conv row": ("conv", DM.encode(), b"\xc1"),
+}
+
+
+def _damage_row(data: Path, name: str) -> str:
+    """Put ROWS[name] behind homing's back; the start of the reason a read of it must give."""
+    table, key, value = ROWS[name]
+    poke(data, lambda txn, db: txn.put(key, value, db=db(table)))
+    return f"projection corrupt in {table} at key {key!r}: "
+
+
+async def _said_until_closed(h, user: str) -> list:
+    """Every frame the broker says to a hello of `user`, until it closes the connection."""
+    raw = await RawClient.connect(h.server)
+    try:
+        await raw.send(wire.Hello(versions=(1,), token=h.token(user), device="raw", id=0))
+        return await _frames_until_closed(raw)
+    finally:
+        await raw.aclose()
+
+
+async def _others_served(h) -> None:
+    async with h.client("dave") as dave, h.client("carol") as carol:
+        page = await dave.history("dm:carol:dave", order="oldest")
+        assert [m.body for m in page.messages] == ["yo 0", "yo 1"]
+        assert [c.conv for c in (await carol.conversations()).convs] == ["dm:carol:dave"]
+        assert (await carol.send("yo 2", to="dave")).seq == 3
+
+
+def _reasons(h, event: str) -> list[str]:
+    return [e["reason"] for e in h.logs if e["event"] == event]
+
+
+async def test_a_short_inbox_head_refuses_the_hello_unavailable(tmp_path):
+    """The hello reads the user's inbox head: a short one is `unavailable` (hello_failed), not
+    a session closed with nothing said (struct.error, connection_failed)."""
+    data = tmp_path / "data"
+    make_data(data)
+    reason = _damage_row(data, "short inbox_head")
+    async with running_broker(data, expected_errors=ROW_EXPECTED) as h:
+        said = await _said_until_closed(h, "alice")
+        assert len(said) == 1 and isinstance(said[0], wire.Error), said
+        assert said[0].name == "unavailable", said
+        assert [r for r in _reasons(h, "hello_failed") if r.startswith(reason)], h.logs
+        await _others_served(h)
+
+
+async def test_a_garbage_inbox_entry_is_delivered_up_to_then_told(tmp_path):
+    """Deliveries before the garbage entry go out, then the session closes `unavailable`
+    (delivery_read_failed naming the row); msgpack's error closed it with nothing said."""
+    data = tmp_path / "data"
+    make_data(data)
+    reason = _damage_row(data, "garbage inbox entry")
+    async with running_broker(data, expected_errors=ROW_EXPECTED) as h:
+        said = await _said_until_closed(h, "alice")
+        assert isinstance(said[0], wire.Welcome), said
+        assert [f.seq for f in said if isinstance(f, wire.Deliver)] == [1, 2], said
+        assert (said[-1].name, said[-1].close) == ("unavailable", True), said
+        assert [r for r in _reasons(h, "delivery_read_failed") if r.startswith(reason)], h.logs
+        await _others_served(h)
+
+
+ROW_REQUESTS = {
+    "short msg row": (lambda alice: alice.history(DM, order="oldest"),
+                      lambda alice: alice.receipts(DM, BAD_SEQ)),
+    "garbage conv row": (lambda alice: alice.conversations(),
+                         lambda alice: alice.members(DM)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(ROW_REQUESTS))
+async def test_requests_reading_a_damaged_row_are_unavailable_and_the_rest_served(
+        tmp_path, damage):
+    """Each request that reads the row is answered `unavailable` (request_failed naming the
+    table and key); the session goes on, and so does everyone else."""
+    data = tmp_path / "data"
+    make_data(data)
+    reason = _damage_row(data, damage)
+    async with running_broker(data, expected_errors=ROW_EXPECTED, window=2) as h:
+        async with h.client("alice", reconnect_timeout=2) as alice:
+            for ask in ROW_REQUESTS[damage]:
+                with trio.fail_after(10), pytest.raises(ClientError) as refused:
+                    await ask(alice)
+                assert refused.value.name == "unavailable"
+            assert (await alice.send("still here", to="erin")).seq == 1
+        failed = _reasons(h, "request_failed")
+        assert len(failed) == 2 and all(r.startswith(reason) for r in failed), failed
+        await _others_served(h)
+
+
+@pytest.mark.parametrize("damage", sorted(ROWS))
+def test_the_projection_check_names_each_damaged_row(tmp_path, damage):
+    """What `audit verify` and `rebuild --check` run: the first difference is the damaged row,
+    its stored bytes against the replay's (the row the broker's reads name)."""
+    from storage import audit
+
+    data = tmp_path / "data"
+    make_data(data)
+    _damage_row(data, damage)
+    table, key, value = ROWS[damage]
+    store = Store.open(str(data), readonly=True)
+    try:
+        diff, _events = audit.check_projections(store)
+        assert (diff.table, diff.key, diff.stored) == (table, key, value), diff
+        assert store.check_projections()[:3] == (table, key, value)
+    finally:
+        store.close()
+
+
+async def test_a_batch_meeting_a_damaged_row_fails_typed_and_the_broker_serves_on(tmp_path):
+    """A send to alice, whose inbox head is cut short, reads that row in its batch: the batch
+    fails with CorruptProjection (`batch_failed` naming the row; its commands answered
+    `unavailable`), and the broker serves on."""
+    data = tmp_path / "data"
+    make_data(data)
+    _damage_row(data, "short inbox_head")
+    async with running_broker(data, expected_errors=(*ROW_EXPECTED, "batch_failed")) as h:
+        async with h.client("bob", reconnect_timeout=2) as bob:
+            with trio.fail_after(10), pytest.raises(ClientError) as refused:
+                await bob.send("to a damaged inbox", to="alice")
+            assert refused.value.name == "unavailable"
+        errors = [e["error"] for e in h.logs if e["event"] == "batch_failed"]
+        assert errors and all(r.startswith("projection corrupt: a row this batch read does "
+                                           "not decode (struct.error: ") for r in errors), errors
+        await _others_served(h)
