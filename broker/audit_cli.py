@@ -387,10 +387,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "usage", "--cid needs --from")
     with readonly_store(args) as store, progress_bar("trace", store.last_lsn()) as bar:
         try:
-            conv, seq = args.conv, args.seq
             if args.cid is not None:
-                conv, seq = audit.find_by_cid(store, args.sender, args.cid, bar)
-            result = audit.trace(store, conv, seq, bar)
+                result = audit.trace_cid(store, args.sender, args.cid, bar)
+            else:
+                result = audit.trace(store, args.conv, args.seq, bar)
         except KeyError as exc:
             raise CliError(EXIT_REFUSED, "not_found", exc.args[0]) from None
     if args.json:

@@ -47,6 +47,8 @@ _U64_TAIL = frozenset({"msg", "inbox"})
 # Tables whose values are msgpack; the integer ones are 8-byte big-endian; idem is packed.
 _MSGPACK_VALUES = frozenset({"conv", "inbox"})
 _TEXT_VALUES = frozenset({"member", "user_conv", "mute", "created"})
+# Tables `audit inbox` does not show and `apply` never reads: its replay keeps their digest only.
+_NOT_SHOWN = frozenset({"msg", "idem"})
 
 
 # ---------------------------------------------------------------- event records
@@ -173,14 +175,15 @@ def verify_chain(store: Store, progress: Progress = None) -> int:
 def replay(store: Store, to_lsn: int | None = None, *, until_us: int | None = None,
            progress: Progress = None,
            digested: frozenset[str] = frozenset(),
-           key: bytes | None = None) -> tuple[MemoryTables, int, int | None]:
+           key: bytes | None = None,
+           user: str | None = None) -> tuple[MemoryTables, int, int | None]:
     """Fold the log into fresh MemoryTables up to `to_lsn`, or while `ts_us <= until_us`.
 
     Returns `(tables, last_lsn_applied, its ts_us)`. The tables named in `digested` keep only
     a digest of their rows (`tables.DigestTable`, under `key` if given); a fold that must read
-    them raises `RowsDropped`.
+    them raises `RowsDropped`. With `user`, the users' tables keep that user's rows only.
     """
-    tables = MemoryTables(digested, key)
+    tables = MemoryTables(digested, key, user=user)
     folds = [tables.data[name].fold for name in digested]
 
     def on_chunk(done: int) -> None:
@@ -340,8 +343,20 @@ def inbox_at(store: Store, user: str, to_lsn: int | None = None, until_us: int |
     Shape: `{"user", "lsn", "ts", "inbox_head", "inbox": [entry], "unread": {conv: n},
     "muted": [conv], "delivered": {device: inbox_seq}}`; an entry is `{"inbox_seq", "kind",
     "conv", "seq", "lsn", "from", "ts"}` plus `cid` and the body for messages.
+
+    The replay keeps `user`'s rows only, and of the tables of every message (`msg`, `idem`)
+    a digest (`_NOT_SHOWN`), so its memory grows with that user's inbox, not with the log.
     """
-    tables, lsn, ts = replay(store, to_lsn, until_us=until_us, progress=progress)
+    key = os.urandom(16) if native.ext is not None else None
+    tables, lsn, ts = replay(store, to_lsn, until_us=until_us, progress=progress,
+                             digested=_NOT_SHOWN, key=key, user=user)
+    return inbox_of(store, user, tables, lsn, ts)
+
+
+def inbox_of(store: Store, user: str, tables: MemoryTables, lsn: int,
+             ts: int | None) -> dict[str, Any]:
+    """`inbox_at`'s answer from `tables`, a replay up to `lsn` (whose time is `ts`), whole or
+    kept to `user`'s rows."""
     if ts is not None:
         check_time(lsn, ts)
     d = tables.data
@@ -377,23 +392,45 @@ class _Found:
     members: set[str] = field(default_factory=set)
 
 
-def _find_message(store: Store, match: Callable[[Event, int], bool],
-                  progress: Progress) -> _Found | None:
-    """Scan the log for the first message.accepted satisfying `match(ev, seq)`; track members."""
+def _fields(lsn: int, value: bytes) -> list[Any]:
+    """The fields `[lsn, ts_us, type, user, device, data]` of record `lsn` (`digest || body`),
+    checked as `_event` checks them (CorruptLog), without making an Event of them."""
+    try:
+        fields = msgpack.unpackb(value[32:], raw=False)
+    except Exception as exc:
+        raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+    if type(fields) is not list or len(fields) != len(Event.__slots__):
+        raise CorruptLog(lsn, "undecodable body: not the fields of an event")
+    check_time(lsn, fields[1])
+    return fields
+
+
+def _find_message(store: Store, match: Callable[[list[Any], int], bool], progress: Progress,
+                  conv: str | None = None) -> _Found | None:
+    """Scan the log for the first message.accepted satisfying `match(fields, seq)`, counting
+    each conversation's messages and tracking its members; those of `conv` only, when given."""
     counts: Counter[str] = Counter()
     members: dict[str, set[str]] = {}
-    for ev in iter_events(store, progress=progress):
-        data = ev.data
-        if ev.type == r.MEMBER_ADDED:
-            members.setdefault(data["conv"], set()).add(data["user"])
-        elif ev.type == r.MEMBER_REMOVED:
-            members.get(data["conv"], set()).discard(data["user"])
-        elif ev.type == r.MESSAGE_ACCEPTED:
-            conv = data["conv"]
-            counts[conv] += 1
-            if match(ev, counts[conv]):
-                return _Found(conv, counts[conv], ev.lsn, ev.ts_us, ev.user,
-                              set(members.get(conv, ())))
+    for lsn, value in _raw(store, 1, None, progress):
+        fields = _fields(lsn, value)
+        kind = fields[2]
+        if kind == r.MESSAGE_ACCEPTED:
+            where = fields[5]["conv"]
+            if conv is not None and where != conv:
+                continue
+            counts[where] += 1
+            if match(fields, counts[where]):
+                return _Found(where, counts[where], fields[0], fields[1], fields[3],
+                              set(members.get(where, ())))
+        elif kind == r.MEMBER_ADDED or kind == r.MEMBER_REMOVED:
+            data = fields[5]
+            where = data["conv"]
+            if conv is not None and where != conv:
+                continue
+            if kind == r.MEMBER_ADDED:
+                members.setdefault(where, set()).add(data["user"])
+            else:
+                members.get(where, set()).discard(data["user"])
     return None
 
 
@@ -414,10 +451,13 @@ def _inbox_seq_of(store: Store, user: str, lsn: int) -> int | None:
     return None
 
 
+def _by_cid(sender: str, cid: str) -> Callable[[list[Any], int], bool]:
+    return lambda fields, _seq: fields[3] == sender and fields[5]["cid"] == cid
+
+
 def find_by_cid(store: Store, sender: str, cid: str, progress: Progress = None) -> tuple[str, int]:
     """Return `(conv, seq)` of the message `sender` sent with client id `cid` (KeyError if none)."""
-    found = _find_message(store, lambda ev, _seq: ev.user == sender and ev.data["cid"] == cid,
-                          progress)
+    found = _find_message(store, _by_cid(sender, cid), progress)
     if found is None:
         raise KeyError(f"no message from {sender} with cid {cid}")
     return found.conv, found.seq
@@ -432,28 +472,42 @@ def trace(store: Store, conv: str, seq: int, progress: Progress = None) -> dict[
     the message's inbox seq; "delivered" is the earliest device; "read" is the first
     `read.marked` of that user in `conv` reaching `seq`.
     """
-    def match(ev: Event, n: int) -> bool:
-        return n == seq and ev.data["conv"] == conv
-
-    found = _find_message(store, match, progress)
+    found = _find_message(store, lambda _fields, n: n == seq, progress, conv)
     if found is None:
         raise KeyError(f"no message {seq} in {conv}")
+    return _life(store, found, progress)
+
+
+def trace_cid(store: Store, sender: str, cid: str, progress: Progress = None) -> dict[str, Any]:
+    """`trace` of the message `sender` sent with client id `cid` (KeyError if none), reading the
+    log once (`find_by_cid` and then `trace` read it twice up to the message)."""
+    found = _find_message(store, _by_cid(sender, cid), progress)
+    if found is None:
+        raise KeyError(f"no message from {sender} with cid {cid}")
+    return _life(store, found, progress)
+
+
+def _life(store: Store, found: _Found, progress: Progress) -> dict[str, Any]:
+    """`trace`'s answer: the acks and read marks of the recipients of `found`, after it."""
+    conv, seq = found.conv, found.seq
     recipients = sorted(found.members - {found.sender})
     inbox_seq = {u: _inbox_seq_of(store, u, found.lsn) for u in recipients}
     devices: dict[str, dict[str, int]] = {u: {} for u in recipients}
     read: dict[str, int] = {}
     after = None if progress is None else (lambda done: progress(found.lsn + done))
-    for ev in iter_events(store, EventFilter(from_lsn=found.lsn + 1), after):
-        user = ev.user
+    for lsn, value in _raw(store, found.lsn + 1, None, after):
+        fields = _fields(lsn, value)
+        kind, user = fields[2], fields[3]
         if user not in devices:
             continue
-        if ev.type == r.DELIVERY_ACKED:
+        data = fields[5]
+        if kind == r.DELIVERY_ACKED:
             want = inbox_seq[user]
-            if want is not None and ev.data["upto"] >= want:
-                devices[user].setdefault(ev.device, ev.ts_us)
-        elif (ev.type == r.READ_MARKED and user not in read and ev.data["conv"] == conv
-              and ev.data["upto"] >= seq):
-            read[user] = ev.ts_us
+            if want is not None and data["upto"] >= want:
+                devices[user].setdefault(fields[4], fields[1])
+        elif (kind == r.READ_MARKED and user not in read and data["conv"] == conv
+              and data["upto"] >= seq):
+            read[user] = fields[1]
     out = {}
     for u in recipients:
         devs = devices[u]

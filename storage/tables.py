@@ -25,7 +25,7 @@ All give the same answers for the same operations; the model tests check it.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from operator import itemgetter
 from typing import Any
 
@@ -41,6 +41,13 @@ GROUPED = frozenset({"member", "user_conv"})
 # Tables with a row per message or inbox entry: `apply` only adds rows to them, each key once,
 # and never reads them back (bar `acked_convs` on acks logged before they carried their convs).
 APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
+# Where a table's key names the user a row belongs to (`MemoryTables(user=...)`): its first part,
+# its last part (`conv \0 user`), or the whole key. The other tables are not one user's:
+# `conv`, `conv_seq`, `meta`, and `delivered`, `revoked` (per device or user, few, and read by
+# the fold of every ack and revocation: kept whole, the fold takes the same turns), `msg`, `idem`.
+USER_HEAD = frozenset({"user_conv", "inbox", "mute", "created"})
+USER_TAIL = frozenset({"member", "recv", "read"})
+USER_WHOLE = frozenset({"inbox_head"})
 # Tables of BufferedTables whose rows stay cached across batches: few rows, read by every batch.
 # The others are written far more than read.
 PERSISTENT = frozenset(TABLES) - APPEND_ONLY
@@ -270,6 +277,50 @@ class GroupedMemTable(MemTable):
         return MemTable.count(self, prefix)
 
 
+class _OneUser:
+    """Of a replay for one user (`MemoryTables(user=...)`): a table that keeps only the rows
+    `mine(key)` accepts; others are not written, so they read as absent."""
+
+    __slots__ = ()
+    mine: Callable[[bytes], bool]
+
+    def __init__(self, mine: Callable[[bytes], bool]) -> None:
+        super().__init__()
+        self.mine = mine
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        """Store `value` at `key` if the row is the user's."""
+        if self.mine(key):
+            super().__setitem__(key, value)  # type: ignore[misc]
+
+    put = __setitem__
+
+
+class OneUserMemTable(_OneUser, MemTable):
+    """A `MemTable` of one user's rows."""
+
+    __slots__ = ("mine",)
+
+
+class OneUserGroupedTable(_OneUser, GroupedMemTable):
+    """A `GroupedMemTable` of one user's rows of each group (so `parts` of a conversation
+    lists the user alone, or nobody)."""
+
+    __slots__ = ("mine",)
+
+
+def user_rows(name: str, user: str) -> Callable[[bytes], bool] | None:
+    """The test of table `name`'s keys that are `user`'s rows (None: the table is no user's)."""
+    ukey = user.encode()
+    if name in USER_HEAD:
+        return lambda key, head=ukey + b"\0": key.startswith(head)
+    if name in USER_TAIL:
+        return lambda key, tail=b"\0" + ukey: key.endswith(tail)
+    if name in USER_WHOLE:
+        return ukey.__eq__
+    return None
+
+
 class RowsDropped(LookupError):
     """A `DigestTable` was asked for rows it no longer holds: compare rows, not digests."""
 
@@ -453,20 +504,26 @@ class MemoryTables(_ByName):
 
     `data` maps each table name to its view, a dict of `{key: value}`; the tables named in
     `digested` (a subset of `APPEND_ONLY`) are `DigestTable`s (under `key`, if given) instead,
-    and those in `listed` (also of `APPEND_ONLY`) `ListedTable`s.
+    and those in `listed` (also of `APPEND_ONLY`) `ListedTable`s. With `user`, the tables whose
+    rows are users' keep only that user's rows (`user_rows`; `audit inbox`): `apply` reads
+    another user's rows only to write that user's, so the user's rows are those of a whole
+    replay (tests/audit/test_streaming.py checks it on random logs).
     """
 
     __slots__ = ("data", *TABLES)
 
     def __init__(self, digested: frozenset[str] = frozenset(), key: bytes | None = None,
-                 listed: frozenset[str] = frozenset()) -> None:
+                 listed: frozenset[str] = frozenset(), user: str | None = None) -> None:
         assert digested <= APPEND_ONLY and listed <= APPEND_ONLY, (digested, listed)
         self.data: dict[str, MemTable] = {}
         for name in TABLES:
+            mine = None if user is None else user_rows(name, user)
             if name in digested:
                 view = DigestTable(key)
             elif name in listed:
                 view = ListedTable()
+            elif mine is not None:
+                view = OneUserGroupedTable(mine) if name in GROUPED else OneUserMemTable(mine)
             else:
                 view = GroupedMemTable() if name in GROUPED else MemTable()
             self.data[name] = view
