@@ -56,6 +56,14 @@ class Pending:
         self.event: trio.Event | None = None
         self.also: list[Callable[[BaseException | None], None]] | None = None
 
+    def when_done(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Call `callback(None)` after `done`, once the command is durable, or
+        `callback(error)` if it failed (its batch, or the rules)."""
+        if self.also is None:
+            self.also = [callback]
+        else:
+            self.also.append(callback)
+
     def finish(self, outcome: Any, error: BaseException | None) -> None:
         self.outcome, self.error = outcome, error
         if self.done is not None:
@@ -173,10 +181,8 @@ class Committer:
         pending = self._last_acks.get((user, device))
         if pending is None:
             callback(None)
-        elif pending.also is None:
-            pending.also = [callback]
         else:
-            pending.also.append(callback)
+            pending.when_done(callback)
 
     def commit_running_s(self) -> float:
         """How long the batch now in the worker thread has been running (0.0 if none is)."""

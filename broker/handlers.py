@@ -39,21 +39,34 @@ def _command(session: Session, request_id: int | None, command: object, reply,
     """Submit `command`; once durable, queue the frame `reply(session, request_id,
     outcome.reply)` returns (no `reply`, or None from it: nothing) or the error; then call
     `after()` whatever the outcome (also when the command could not be submitted)."""
-    broker = session.broker
+    if _submit(session, request_id, command, reply, after) is None:
+        return None
+    return _held_back(session)
+
+
+def _submit(session: Session, request_id: int | None, command: object, reply,
+            after: Callable[[], None] | None = None) -> Any:
+    """`_command` without the wait: the command's `Pending`, or None if it could not be
+    submitted (answered `shutting_down`)."""
+    committer = session.broker.committer
     session.inflight += 1
     try:
         if after is None:
-            broker.committer.enqueue(command, _command_done, (session, request_id, reply))
-        else:
-            broker.committer.enqueue(command, _command_done_then,
-                                     (session, request_id, reply, after))
+            return committer.enqueue(command, _command_done, (session, request_id, reply))
+        return committer.enqueue(command, _command_done_then,
+                                 (session, request_id, reply, after))
     except Exception as exc:  # shutting down
         session.request_done()
         session.reply_error(request_id, wire.ErrorCode.SHUTTING_DOWN, str(exc))
         if after is not None:
             after()
         return None
-    if session.inflight >= broker.config.max_inflight_requests:
+
+
+def _held_back(session: Session) -> Any:
+    """What a handler returns once its request awaits a commit: the wait while the connection
+    has `max_inflight_requests` of them, else None."""
+    if session.inflight >= session.broker.config.max_inflight_requests:
         return session.wait_inflight()
     return None
 
@@ -189,31 +202,88 @@ def on_read(session: Session, f: wire.Read) -> Any:
     return _command(session, f.id, command, _ok if f.id is not None else None)
 
 
-def _change(handler: Callable[[Session, Any], Any],
-            repeat: Callable[[Session, Any], bool] | None = None) -> Callable[[Session, Any], Any]:
+Handler = Callable[["Session", Any], Any]
+
+
+def _change(handler: Handler, repeat: Callable[[Session, Any], Handler | None] | None = None
+            ) -> Handler:
     """`handler` of a membership change, behind the user's `--change-rate`: past it the
     request is answered `rate_limited` and nothing is done (the client may ask again later),
-    unless `repeat(session, f)` says it repeats one done before (answered as a dup, as a
-    send's repeat is past the send rates: a burst of resends after a reconnect)."""
+    unless `repeat(session, f)` says it repeats one done before or on its way, and gives the
+    handler that answers it as a dup (as a send's repeat is past the send rates: a burst of
+    resends after a reconnect)."""
     def rated(session: Session, f: Any) -> Any:
-        if not session.user_changes.take() and not (repeat is not None and repeat(session, f)):
+        if session.user_changes.take():
+            return handler(session, f)
+        as_repeat = None if repeat is None else repeat(session, f)
+        if as_repeat is None:
             session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED,
                                 "too many membership changes: slow down")
             return None
-        return handler(session, f)
+        return as_repeat(session, f)
     return rated
 
 
 def on_create(session: Session, f: wire.Create) -> Any:
+    _submit_create(session, f)
+    return _held_back(session)
+
+
+def _submit_create(session: Session, f: wire.Create) -> None:
+    """Submit `f`; with a cid, it is the user's create of that cid on its way
+    (`Broker.creating`) until it is done."""
     members = tuple(dict.fromkeys(m for m in (f.members or ()) if m != session.user))
     command = cmd.CreateConv(session.user, session.device, session.role, f.kind, f.name,
                              bool(f.open), members, f.cid)
-    return _command(session, f.id, command, _created)
+    pending = _submit(session, f.id, command, _created)
+    if pending is None or f.cid is None:
+        return
+    creating, key = session.broker.creating, (session.user, f.cid)
+    creating[key] = pending
+
+    def done(failed: BaseException | None) -> None:
+        if creating.get(key) is pending:
+            del creating[key]
+    pending.when_done(done)
 
 
-def _created_before(session: Session, f: wire.Create) -> bool:
-    """Whether `f` repeats a create of the session's user (its cid made a conversation)."""
-    return f.cid is not None and session.broker.store.created(session.user, f.cid) is not None
+def _create_repeat(session: Session, f: wire.Create) -> Handler | None:
+    """If `f` repeats a create of the session's user (its cid made a conversation, or one is on
+    its way with it), the handler that answers it past the rate; else None."""
+    if f.cid is None:
+        return None
+    first = session.broker.creating.get((session.user, f.cid))
+    if first is not None:
+        return lambda s, f: _after_first(s, f, first)
+    if session.broker.store.created(session.user, f.cid) is not None:
+        return on_create
+    return None
+
+
+def _after_first(session: Session, f: wire.Create, first: Any) -> Any:
+    """Past the rate, `f` repeats the create `first`, still on its way (refused
+    `rate_limited` until 2026-12-05): once `first` is durable, `f` is submitted, and the rules
+    answer it as a dup (or `conflict`, for the other kind). If `first` failed, `f` repeats
+    something only if the cid made a conversation before (`first` was the other kind):
+    otherwise nothing was done that it repeats, `rate_limited`. Counted meanwhile with the
+    requests awaiting commit."""
+    session.inflight += 1
+
+    def then(failed: BaseException | None) -> None:
+        session.request_done()
+        if failed is not None:
+            try:
+                made = session.broker.store.created(session.user, f.cid) is not None
+            except StorageError as exc:
+                session._read_failed(f, exc)  # as a handler's failed read is: unavailable
+                return
+            if not made:
+                session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED,
+                                    "too many membership changes: slow down")
+                return
+        _submit_create(session, f)
+    first.when_done(then)
+    return _held_back(session)
 
 
 def on_invite(session: Session, f: wire.Invite) -> Any:
@@ -406,7 +476,10 @@ def on_typing(session: Session, f: wire.Typing) -> None:
     if not session.user_typing.take():
         return  # past --typing-rate: dropped too; a typing notice repeats while they type
     data = session.conn.send(wire.TypingNotice(conv=f.conv, user=session.user))
-    broker.hub.push(broker.hub.online_among(broker.roster(f.conv).user_set), data, skip=session)
+    # To none of the typist's own sessions (until 2026-12-05 their other devices got it).
+    audience = broker.hub.online_among(broker.roster(f.conv).user_set)
+    audience.discard(session.user)
+    broker.hub.push(audience, data)
 
 
 def on_ping(session: Session, f: wire.Ping) -> None:
@@ -425,7 +498,7 @@ HANDLERS = {
     wire.Send: on_send,
     wire.Ack: on_ack,
     wire.Read: on_read,
-    wire.Create: _change(on_create, _created_before),
+    wire.Create: _change(on_create, _create_repeat),
     wire.Invite: _change(on_invite),
     wire.SetRole: _change(on_set_role),
     wire.Join: _change(on_join),

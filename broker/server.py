@@ -136,6 +136,9 @@ class Broker:
         self._stopped = trio.Event()
         # Admins' revocations on their way to disk: user -> their cut-offs (handlers.on_revoke).
         self.revoking: dict[str, list[int]] = {}
+        # Creates with a cid on their way to disk: (user, cid) -> the last one submitted, so a
+        # repeat past --change-rate waits for it and is answered as a dup (handlers.on_create).
+        self.creating: dict[tuple[str, str], Any] = {}
 
     # -- shared helpers used by sessions and handlers -----------------------------------------
 

@@ -373,3 +373,49 @@ async def test_a_leave_made_while_disconnected_still_reports_forbidden(tmp_path)
                 await trio.sleep(0.3)  # made while nobody listens
                 await bp.astart()
             assert got["r"] == "forbidden" and alice.reconnects >= 1
+
+
+async def test_a_create_repeated_while_its_first_commits_is_answered_past_the_change_rate(
+        tmp_path):
+    """A burst of the same create, pipelined past --change-rate (an SDK resending on a new
+    connection before the first one's answer came back): the repeats that arrive while the
+    first is still being committed are answered with its conversation (`dup`), as the repeats
+    that arrive after it are; they were refused rate_limited. One conversation is made. A
+    repeat of a first create that failed stays refused rate_limited (nothing was done)."""
+    from tests.faults.conftest import RawClient, replies
+
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d", changes_per_s_per_user=0.01,
+                                  max_members=3) as h:
+            c = await RawClient.connect(h.server, h.token("shop"), "d1")
+            c2 = await RawClient.connect(h.server, h.token("shop"), "d2")
+            burst = [wire.Create(id=i, kind="group", name="order 9", members=("courier",),
+                                 cid="order-9") for i in range(1, 21)]
+            await c.stream.send_all(b"".join(c.conn.send(f) for f in burst))
+            await c2.send(wire.Create(id=1, kind="group", name="order 9", cid="order-9"))
+            got = await replies(c, range(1, 21))
+            other = await c2.reply(1)
+            assert {type(f).__name__ for f in got.values()} == {"Created"}, got
+            assert len({f.conv for f in got.values()} | {other.conv}) == 1
+            assert [f.dup for f in got.values()] == [False] + [True] * 19
+            assert other.dup
+            # The first on its way is refused (the other kind: conflict), but the cid did make
+            # a conversation: a repeat waiting for it is still a repeat of that one.
+            conv = other.conv
+            await c.stream.send_all(c.conn.send(wire.Create(id=30, kind="channel", name="x",
+                                                            cid="order-9"))
+                                    + c.conn.send(wire.Create(id=31, kind="group", name="x",
+                                                              cid="order-9")))
+            got = await replies(c, (30, 31))
+            assert got[30].name == "conflict" and (got[31].conv, got[31].dup) == (conv, True)
+            # A first create the rules refuse (past --max-members): its repeats past the rate
+            # are not repeats of anything done.
+            ops = await RawClient.connect(h.server, h.token("ops"), "d1")
+            many = tuple(f"u{i}" for i in range(h.broker.config.max_members + 1))
+            await ops.stream.send_all(ops.conn.send(wire.Create(
+                id=1, kind="group", name="big", members=many, cid="big"))
+                + ops.conn.send(wire.Create(id=2, kind="group", name="big", cid="big")))
+            got = await replies(ops, (1, 2))
+            assert (got[1].name, got[2].name) == ("limit_exceeded", "rate_limited"), got
+            for client in (c, c2, ops):
+                await client.aclose()

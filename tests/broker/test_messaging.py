@@ -368,6 +368,22 @@ async def test_presence_and_typing_reach_those_who_share_a_conversation(harness)
         await push_of(alice, protocol.Status, user="bob", online=False)
 
 
+async def test_typing_is_not_pushed_to_the_typists_own_devices(harness):
+    """A typing notice reaches the conversation's other members, not the typist's other
+    devices (a notice about yourself is noise there; they got it until 2026-12-05)."""
+    async with harness.client("alice", "a1") as a1, harness.client("alice", "a2") as a2, \
+            harness.client("bob") as bob:
+        conv = (await a1.send("hi", to="bob")).conv
+        await a1.typing(conv)
+        await push_of(bob, protocol.TypingNotice, user="alice", conv=conv)
+        await bob.typing(conv)  # pushed to a2 after alice's notice would have been
+        await push_of(a1, protocol.TypingNotice, user="bob", conv=conv)
+        with trio.fail_after(5):
+            while not isinstance(p := await a2.next_push(), protocol.TypingNotice):
+                pass
+        assert p.user == "bob", p
+
+
 async def test_history_pages_by_seq_both_ways(harness):
     """History pages newest first with `before`, or oldest first with `after`."""
     async with harness.client("alice") as alice:
