@@ -24,7 +24,7 @@ import trio
 
 from broker.worker import Call, WorkerThread
 from storage.commands import Ack, SendMessage
-from storage.errors import StorageError
+from storage.errors import InternalError, StorageError
 
 log = structlog.get_logger("homing")
 
@@ -289,7 +289,11 @@ class Committer:
         try:
             started.outcomes = await self._thread.wait(started.call)
         except StorageError as exc:
-            log.error("batch_failed", commands=len(started.commands), error=str(exc))
+            if isinstance(exc, InternalError):  # a bug: once, with its traceback
+                log.error("batch_internal_error", commands=len(started.commands),
+                          error=str(exc), exc_info=exc)
+            else:
+                log.error("batch_failed", commands=len(started.commands), error=str(exc))
             for key, _upto in started.acks:
                 self._acks_lost.add(key)
                 queued = self._acks.get(key)

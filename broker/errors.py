@@ -9,6 +9,7 @@ from storage.errors import (
     Conflict,
     DomainError,
     Forbidden,
+    InternalError,
     Invalid,
     LimitExceeded,
     StorageError,
@@ -47,6 +48,8 @@ def wire_error(exc: BaseException) -> tuple[ErrorCode, str]:
             return ErrorCode.LIMIT_EXCEEDED, str(exc) or "limit exceeded"
         case DomainError():
             return ErrorCode.INVALID, str(exc) or "invalid"
+        case InternalError():  # a batch failed on a bug (logged with it: batch_internal_error)
+            return ErrorCode.INTERNAL, "internal error"
         case StorageFull():
             return ErrorCode.UNAVAILABLE, "storage full: the broker cannot accept writes now"
         case StorageError():

@@ -20,7 +20,7 @@ from broker.errors import CloseReason, wire_error
 from protocol import encode_frame
 from protocol.frames import to_wire
 from storage import commands as cmd
-from storage.errors import StorageError
+from storage.errors import InternalError, StorageError
 from storage.rules import MANAGERS, NO_ACCESS, revocation_cut_off
 
 if TYPE_CHECKING:
@@ -88,7 +88,8 @@ def _command_done(pending: Any) -> None:
     exc = pending.error or (outcome.error if outcome is not None else None)
     if exc is not None:
         code, message = wire_error(exc)
-        if code is wire.ErrorCode.INTERNAL:
+        if code is wire.ErrorCode.INTERNAL and not isinstance(exc, InternalError):
+            # (a batch's InternalError was logged once, as batch_internal_error)
             session.log.error("command_failed", command=type(pending.command).__name__,
                               conv=getattr(pending.command, "conv", None), exc_info=exc)
         session.reply_error(request_id, code, message)

@@ -29,9 +29,10 @@ class CorruptProjection(StorageError):
     """Raised by a read of a projection row whose stored bytes are not a row homing writes (cut
     short, garbage, of the wrong kind: changed behind homing's back; the log is sound).
 
-    `table` and `key` name the row (None when a write batch met it: the batch does not know
-    which row it was). `homing audit verify` names it too (the first difference); `homing audit
-    rebuild`, the broker stopped, writes it again from the log.
+    `table` and `key` name the row (a write batch's too since 2026-12-05: where the row is
+    decoded, `storage.projections.row_u64` and its kin; None for none of homing's raises now).
+    `homing audit verify` names it too (the first difference); `homing audit rebuild`, the
+    broker stopped, writes it again from the log.
     """
 
     def __init__(self, table: str | None, key: bytes | None, message: str) -> None:
@@ -39,6 +40,21 @@ class CorruptProjection(StorageError):
         super().__init__(f"projection corrupt{where}: {message}")
         self.table = table
         self.key = key
+
+
+def undecodable(table: str, key: bytes, exc: BaseException) -> CorruptProjection:
+    """The CorruptProjection of row `key` of `table`, whose stored value decoding met `exc`."""
+    kind = type(exc)
+    name = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    return CorruptProjection(table, key, f"undecodable row: {name}: {exc}")
+
+
+class InternalError(StorageError):
+    """Raised by `Store.execute` when its batch failed on an exception that is neither a storage
+    failure nor a damaged row (`CorruptProjection`): a bug in homing's rules, projections or
+    store. Nothing was written (the batch rolled back); `__cause__` is the exception, with its
+    traceback. The broker logs it (`batch_internal_error`), answers the batch's commands
+    `internal`, and serves on."""
 
 
 class DataDirLocked(StorageError):

@@ -21,7 +21,7 @@ import msgpack
 
 from storage import native
 from storage import records as r
-from storage.errors import CorruptLog
+from storage.errors import CorruptLog, CorruptProjection
 from storage.projections import (
     COMPILED,
     Effects,
@@ -108,7 +108,8 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 apply(tables, ev, fx)
         except (CorruptLog, RowsDropped):  # RowsDropped: check_projections reads the rows
             raise
-        except (LookupError, TypeError, ValueError, AttributeError, struct.error) as exc:
+        except (LookupError, TypeError, ValueError, AttributeError, struct.error,
+                CorruptProjection) as exc:  # (rows a replay decodes: its records wrote them)
             # Chained, so stored as written, yet no event this homing writes: its fields are
             # not what the replay reads (`verify` names it: storage.log.data_fault).
             raise CorruptLog(lsn + 1, f"a record the replay cannot apply: {exc!r:.200}") from None

@@ -15,15 +15,16 @@ big-endian; `\\0` separates key parts (user and conv ids never contain it). Rule
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgpack
 
 from storage import native
 from storage import records as r
-from storage.errors import CorruptLog
+from storage.errors import CorruptLog, CorruptProjection, undecodable
 from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
 from storage.records import unpack_u64 as _u64
 from storage.tables import (
@@ -172,6 +173,73 @@ def decode_idem(value: bytes) -> tuple[str, int, int]:
     return value[16:].decode(), seq, lsn
 
 
+# Decoding the rows a write batch reads (rules and `apply`): a value that is no row homing
+# writes raises CorruptProjection naming its table and key, where it is decoded, so that any
+# other exception in a batch is a bug (`Store.execute`: InternalError). A `try` costs nothing
+# until it raises (Python 3.11).
+
+
+def row_u64(table: str, key: bytes, value: bytes) -> int:
+    """The integer of the stored u64 row `key` of `table`."""
+    try:
+        return u64(value)
+    except struct.error as exc:
+        raise undecodable(table, key, exc) from None
+
+
+def row_text(table: str, key: bytes, value: bytes) -> str:
+    """The stored row `key` of `table` as text (`member`, `user_conv`, `created`)."""
+    try:
+        return value.decode()
+    except ValueError as exc:
+        raise undecodable(table, key, exc) from None
+
+
+def conv_row(key: bytes, value: bytes) -> dict[str, Any]:
+    """The stored `conv` row `key` decoded, with the fields the rules use."""
+    try:
+        info = decode(value)
+        _ = info["kind"], info["open"], info["name"]
+    except (ValueError, TypeError, LookupError, msgpack.UnpackException) as exc:
+        raise undecodable("conv", key, exc) from None
+    return info
+
+
+def idem_row(key: bytes, value: bytes) -> tuple[str, int, int]:
+    """`decode_idem` of the stored `idem` row `key`."""
+    try:
+        return decode_idem(value)
+    except (struct.error, ValueError) as exc:
+        raise undecodable("idem", key, exc) from None
+
+
+def message_fault(tables: Tables, ckey: bytes, exc: Exception) -> CorruptProjection | None:
+    """The damaged row that `add_message` (or the compiled send) of conversation `ckey` met
+    when it raised `exc`, or None (then `exc` is no damaged row's). The cold path: the rows
+    it decodes, read again (the counters `conv_seq` and each member's `inbox_head`, which
+    have a next value; the members' ids)."""
+    if not isinstance(exc, struct.error | ValueError):
+        return None
+    rows = [("conv_seq", ckey)]
+    prefix = ckey + b"\0"
+    for key, _role in tables.member.range(prefix):
+        try:
+            key[len(prefix):].decode()
+        except ValueError as bad:
+            return undecodable("member", key, bad)
+        rows.append(("inbox_head", key[len(prefix):]))
+    for table, key in rows:
+        value = getattr(tables, table)[key]
+        if value is None:
+            continue
+        try:
+            if u64(value) == (1 << 64) - 1:
+                return CorruptProjection(table, key, "a counter at its greatest value")
+        except struct.error as bad:
+            return undecodable(table, key, bad)
+    return None
+
+
 def is_direct(conv: str) -> bool:
     """Return whether `conv` is a direct conversation (the kind is fixed by the id prefix)."""
     return conv.startswith("dm:")
@@ -183,15 +251,15 @@ def decode(value: bytes):
 
 
 def get_u64(tables: Tables, table: str, key: bytes) -> int:
-    """Return the integer stored at `key`, 0 when absent."""
+    """Return the integer stored at `key`, 0 when absent (CorruptProjection: not 8 bytes)."""
     value = tables.get(table, key)
-    return 0 if value is None else u64(value)
+    return 0 if value is None else row_u64(table, key, value)
 
 
 def _raise(tables: Tables, table: str, key: bytes, value: int) -> bool:
     """Raise the high-water mark at `key` to `value`; return whether it moved."""
     old = tables.get(table, key)
-    if old is not None and u64(old) >= value:
+    if old is not None and row_u64(table, key, old) >= value:
         return False
     tables.put(table, key, pack_u64(value))
     return True
@@ -259,8 +327,12 @@ def _member_role_set(tables: Tables, ev: Event, fx: Effects) -> None:
 def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
     d = ev.data
     conv = d["conv"]
-    fx.seq = add_message(tables, conv.encode(), conv, ev.user.encode(), d["cid"].encode(),
-                         ev.lsn, fx.inbox_heads)
+    ckey = conv.encode()
+    try:
+        fx.seq = add_message(tables, ckey, conv, ev.user.encode(), d["cid"].encode(), ev.lsn,
+                             fx.inbox_heads)
+    except (struct.error, ValueError) as exc:
+        raise message_fault(tables, ckey, exc) or exc from None
     fx.conv = conv
     fx.message = ev
 
@@ -316,13 +388,18 @@ def acked_convs(tables: Tables, user: str, old: int, upto: int) -> dict[str, int
     """The highest conv seq per conversation among `user`'s message entries in (old, upto]."""
     top: dict[str, int] = {}
     ukey = user.encode() + b"\0"
-    for inbox_seq in range(old + 1, upto + 1):
-        value = tables.get("inbox", ukey + pack_u64(inbox_seq))
-        if value is None:
-            continue
-        kind, conv, seq, _lsn = decode(value)
-        if kind == KIND_MSG and seq > top.get(conv, 0):
-            top[conv] = seq
+    key = ukey
+    try:
+        for inbox_seq in range(old + 1, upto + 1):
+            key = ukey + pack_u64(inbox_seq)
+            value = tables.get("inbox", key)
+            if value is None:
+                continue
+            kind, conv, seq, _lsn = decode(value)
+            if kind == KIND_MSG and seq > top.get(conv, 0):
+                top[conv] = seq
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise undecodable("inbox", key, exc) from None
     return top
 
 

@@ -26,13 +26,15 @@ from storage.errors import Conflict, Forbidden, Invalid, LimitExceeded
 from storage.projections import (
     Tables,
     acked_convs,
-    decode,
-    decode_idem,
+    conv_row,
     get_u64,
     idem_key,
+    idem_row,
     key2,
+    row_text,
+    row_u64,
 )
-from storage.records import MAX_CID_BYTES, u64
+from storage.records import MAX_CID_BYTES
 
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_CONV_ID_CHARS = 160
@@ -89,7 +91,7 @@ def _conv(tables: Tables, conv: object) -> dict[str, Any] | None:
     if key is None:
         return None
     raw = tables.conv[key]
-    return None if raw is None else decode(raw)
+    return None if raw is None else conv_row(key, raw)
 
 
 MANAGERS = ("owner", "admin")  # the roles that invite
@@ -99,8 +101,9 @@ NO_ACCESS = "no such conversation, or you are not a member"
 
 
 def _role(tables: Tables, conv: str, user: str) -> str | None:
-    raw = tables.member[key2(conv, user)]
-    return None if raw is None else raw.decode()
+    key = key2(conv, user)
+    raw = tables.member[key]
+    return None if raw is None else row_text("member", key, raw)
 
 
 def _member_count(tables: Tables, conv: str) -> int:
@@ -140,9 +143,10 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
         raise LimitExceeded(f"body exceeds {limits.max_body_bytes} bytes")
     if (cmd.conv is None) == (cmd.to is None):
         raise Invalid("exactly one of conv and to is required")
-    first = tables.idem[idem_key(cmd.user, cid)]
+    ikey = idem_key(cmd.user, cid)
+    first = tables.idem[ikey]
     if first is not None:
-        conv, seq, lsn = decode_idem(first)
+        conv, seq, lsn = idem_row(ikey, first)
         if _asked_conv(cmd) != conv:  # a cid names one message: not one in another conv
             raise Conflict(f"cid {cid!r} already names message {seq} of {conv}")
         return [], {"conv": conv, "seq": seq, "lsn": lsn, "cid": cid, "dup": True}
@@ -208,9 +212,10 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
         # Before the name and members are checked: a repeat is answered whatever else it asks,
         # even where the create would now be refused (--max-members lowered since).
         _check_cid(cmd.cid)
-        first = tables.created[key2(cmd.user, cmd.cid)]
+        ckey = key2(cmd.user, cmd.cid)
+        first = tables.created[ckey]
         if first is not None:  # a repeat: the first answer
-            conv = first.decode()
+            conv = row_text("created", ckey, first)
             if not conv.startswith(prefix):
                 raise Conflict(f"cid {cmd.cid!r} already names {conv}, not a {cmd.kind}")
             return [], {"conv": conv, "dup": True}
@@ -271,8 +276,8 @@ def _managed_without(tables: Tables, conv: str, user: str) -> bool:
     """Whether `conv` keeps someone who can invite if `user` is no longer an owner or admin:
     another owner or admin, or no other member at all."""
     rows = tables.range("member", conv.encode() + b"\0")
-    others = [role for key, role in rows if key != key2(conv, user)]
-    return not others or any(role.decode() in MANAGERS for role in others)
+    others = [(key, role) for key, role in rows if key != key2(conv, user)]
+    return not others or any(row_text("member", key, role) in MANAGERS for key, role in others)
 
 
 def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decision:
@@ -372,7 +377,7 @@ def _acked_by_any(tables: Tables, user: str) -> int:
     (one row each; a device's first ack in this very batch is left out: a lower mark only
     makes the rules read more of the inbox, never raise `recv` wrongly)."""
     rows = tables.delivered.stored_range(user.encode() + b"\0")
-    return max((u64(v) for _k, v in rows if v is not None), default=0)
+    return max((row_u64("delivered", k, v) for k, v in rows if v is not None), default=0)
 
 
 def _mark_read(tables: Tables, cmd: c.MarkRead, now_us: int, limits: Limits) -> Decision:

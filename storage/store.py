@@ -36,7 +36,14 @@ import structlog
 from storage import native
 from storage.clock import LogClock
 from storage.commands import Command, SendMessage
-from storage.errors import CorruptLog, CorruptProjection, DomainError, StorageError
+from storage.errors import (
+    CorruptLog,
+    CorruptProjection,
+    DomainError,
+    InternalError,
+    StorageError,
+    undecodable,
+)
 from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
@@ -52,10 +59,18 @@ from storage.projections import (
     inbox_key,
     key2,
     mark_applied,
+    message_fault,
 )
 from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event, lsn_key, pack_u64, u64
 from storage.rowio import Rows
-from storage.rules import MAX_CID_BYTES, MAX_CID_CHARS, MAX_CONV_ID_CHARS, Limits, decide
+from storage.rules import (
+    MAX_CID_BYTES,
+    MAX_CID_CHARS,
+    MAX_CONV_ID_CHARS,
+    Limits,
+    decide,
+    direct_conv,
+)
 from storage.tables import (
     APPEND_ONLY,
     TABLES,
@@ -110,9 +125,7 @@ _UNDECODABLE = (struct.error, ValueError, TypeError, KeyError, IndexError, Attri
                 msgpack.UnpackException)
 
 
-def _corrupt(table: str, key: bytes, exc: BaseException) -> CorruptProjection:
-    name = "struct.error" if isinstance(exc, struct.error) else type(exc).__name__
-    return CorruptProjection(table, key, f"undecodable row: {name}: {exc}")
+_corrupt = undecodable
 
 
 def _conv_row(value: bytes) -> dict[str, Any]:
@@ -136,6 +149,13 @@ def _first_bad(txn: lmdb.Transaction, dbs: dict[str, Any],
             except _UNDECODABLE as again:
                 return _corrupt(table, key, again)
     return _corrupt(rows[0][0], rows[0][1], exc)
+
+
+def _send_fault(tables: BufferedTables, cmd: SendMessage,
+                exc: Exception) -> CorruptProjection | None:
+    """The damaged row the compiled send of `cmd` met when it raised `exc` (None: none did)."""
+    conv = cmd.conv if cmd.conv is not None else direct_conv(cmd.user, cmd.to)
+    return message_fault(tables, conv.encode(), exc)
 
 
 class _InjectedAbort(Exception):
@@ -291,8 +311,9 @@ class Store:
         The batch's time is the wall clock (`now_us` stands in for it: tests), or the time of
         the log's last record while the wall clock is behind it (`storage.clock`).
 
-        Raises `StorageFull` (or another `StorageError`: `CorruptProjection` when a row it read
-        does not decode) when the whole batch failed; then nothing was written.
+        Raises `StorageFull` (or another `StorageError`: `CorruptProjection` naming a row it
+        read that does not decode, `InternalError` chained to any other exception, a bug) when
+        the whole batch failed; then nothing was written.
         """
         tables, rows, dbs, clock = self._tables, self._rows, self._db_list, self._clock
         if tables is None:  # opened read-only: no buffered tables (the failure path needs them)
@@ -318,7 +339,11 @@ class Store:
                     raise _InjectedAbort(i)
                 if send_message is not None and type(cmd) is SendMessage:
                     heads: dict[str, int] = {}
-                    done = send_message(tables, cmd, now, max_body, tail[0] + 1, tail[1], heads)
+                    try:
+                        done = send_message(tables, cmd, now, max_body, tail[0] + 1, tail[1],
+                                            heads)
+                    except (struct.error, ValueError) as exc:  # free until raised
+                        raise _send_fault(tables, cmd, exc) or exc from None
                     if done is not None:
                         conv, value, seq = done
                         user, device, cid, body = cmd.user, cmd.device, cmd.cid, cmd.body
@@ -356,6 +381,7 @@ class Store:
             tables.flush()
             if records:
                 rows.append_rows(txn, self._dbs["log"], records)
+            self._env.after_commit(lambda: committed.append(True))
             self._env.after_commit(tables.committed)
             self._env.after_commit(lambda: self._log.set_tail(tail))
             self._env.after_commit(lambda: self._remember(fresh))
@@ -363,6 +389,7 @@ class Store:
                 self._env.after_commit(lambda: clock.logged(now, wall))
             return outcomes
 
+        committed: list[bool] = []  # [True] first thing after the commit, by its hooks
         try:
             return self._env.write(work)
         except BaseException as exc:
@@ -372,17 +399,18 @@ class Store:
             # lose its rows and its transaction.
             with self._env.exclusive():
                 tables.rollback()
-            if isinstance(exc, _UNDECODABLE):
-                # A row the batch read does not decode (a short inbox head, say): a typed
-                # failure of this batch, which the broker answers `unavailable` and serves on
-                # after (struct.error ended the committer, and the broker, until 2026-12-05).
-                name = "struct.error" if isinstance(exc, struct.error) else type(exc).__name__
-                raise CorruptProjection(None, None, f"a row this batch read does not decode "
-                                        f"({name}: {exc}); `homing audit verify` names it"
-                                        ) from exc
-            if isinstance(exc, StorageError | _InjectedAbort) or not isinstance(exc, lmdb.Error):
-                raise
-            raise StorageError(f"write failed: {exc}") from exc
+            if isinstance(exc, StorageError | _InjectedAbort) or not isinstance(exc, Exception):
+                raise  # CorruptProjection among them: where a row is decoded, it is named
+            if isinstance(exc, lmdb.Error):
+                raise StorageError(f"write failed: {exc}") from exc
+            if committed:  # a hook after the commit: the batch is durable, the
+                raise  # store's state uncertain: not served on (it stops the committer)
+            # Anything else is a bug, not the data (until 2026-12-05 the errors a decode
+            # raises, wherever they came from, were said to be a corrupt row): a typed failure
+            # of this batch, which the broker logs with the traceback, answers `internal`,
+            # and serves on after.
+            raise InternalError(f"a write batch failed on a bug: {type(exc).__name__}: {exc}"
+                                ) from exc
 
     def _remember(self, events: dict[int, Record]) -> None:
         """Keep a committed batch's records for `deliverable`: its recipients are sent them

@@ -13,6 +13,7 @@ welcome was even written, so the SDK said "cannot reach" a broker serving everyo
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 
 import msgpack
@@ -299,8 +300,8 @@ def test_the_projection_check_names_each_damaged_row(tmp_path, damage):
 
 async def test_a_batch_meeting_a_damaged_row_fails_typed_and_the_broker_serves_on(tmp_path):
     """A send to alice, whose inbox head is cut short, reads that row in its batch: the batch
-    fails with CorruptProjection (`batch_failed` naming the row; its commands answered
-    `unavailable`), and the broker serves on."""
+    fails with CorruptProjection (`batch_failed` naming the row, since 2026-12-05 by its table
+    and key; its commands answered `unavailable`), and the broker serves on."""
     data = tmp_path / "data"
     make_data(data)
     _damage_row(data, "short inbox_head")
@@ -310,6 +311,42 @@ async def test_a_batch_meeting_a_damaged_row_fails_typed_and_the_broker_serves_o
                 await bob.send("to a damaged inbox", to="alice")
             assert refused.value.name == "unavailable"
         errors = [e["error"] for e in h.logs if e["event"] == "batch_failed"]
-        assert errors and all(r.startswith("projection corrupt: a row this batch read does "
-                                           "not decode (struct.error: ") for r in errors), errors
+        assert errors and all(r.startswith("projection corrupt in inbox_head at key b'alice': "
+                                           "undecodable row: struct.error: ")
+                              for r in errors), errors
+        assert not [e for e in h.logs if e["event"] == "batch_internal_error"]
+        await _others_served(h)
+
+
+async def test_a_batch_meeting_a_bug_is_internal_logged_with_its_traceback(tmp_path,
+                                                                            monkeypatch):
+    """A batch whose rule raises KeyError (a bug: the data is sound) fails as `internal`,
+    logged once with its traceback (`batch_internal_error`), never as a corrupt projection
+    (it was `batch_failed`, "projection corrupt: a row this batch read does not decode", with
+    no traceback: an operator would rebuild sound projections); the broker serves on. One
+    rule is replaced (monkeypatch): no data makes a correct rule raise; the broker, committer
+    and store run as they are."""
+    from storage import rules
+    from storage.commands import CreateConv
+
+    def buggy(tables, cmd, now_us, limits):
+        return {}["kind"]
+
+    data = tmp_path / "data"
+    make_data(data)
+    monkeypatch.setitem(rules._DECIDE, CreateConv, buggy)
+    async with running_broker(data, expected_errors=("batch_internal_error",)) as h:
+        async with h.client("alice") as alice:
+            with trio.fail_after(10), pytest.raises(ClientError) as refused:
+                await alice.create("group", name="g")
+            assert refused.value.name == "internal"
+            monkeypatch.undo()
+            assert (await alice.create("group", name="g")).startswith("grp:")
+        logged = [e for e in h.logs if e["event"] == "batch_internal_error"]
+        assert len(logged) == 1 and logged[0]["commands"] == 1, logged
+        assert logged[0]["error"] == "a write batch failed on a bug: KeyError: 'kind'", logged
+        cause = logged[0]["exc_info"].__cause__
+        assert isinstance(cause, KeyError) and "buggy" in [
+            f.name for f in traceback.extract_tb(cause.__traceback__)]
+        assert not [e for e in h.logs if e["event"] in ("batch_failed", "command_failed")]
         await _others_served(h)
