@@ -54,7 +54,7 @@ from storage.projections import (
     KIND_MSG,
     Effects,
     apply,
-    decode,
+    conv_row,
     idem_key,
     inbox_key,
     key2,
@@ -125,16 +125,6 @@ _UNDECODABLE = (struct.error, ValueError, TypeError, KeyError, IndexError, Attri
                 msgpack.UnpackException)
 
 
-_corrupt = undecodable
-
-
-def _conv_row(value: bytes) -> dict[str, Any]:
-    """A `conv` row decoded, with the fields the reads use (`_UNDECODABLE` when it is not)."""
-    info = decode(value)
-    _ = info["kind"], info["name"]  # a row without them is no conv row (KeyError)
-    return info
-
-
 def _first_bad(txn: lmdb.Transaction, dbs: dict[str, Any],
                rows: Sequence[tuple[str, bytes, Callable[[bytes], Any]]],
                exc: BaseException) -> CorruptProjection:
@@ -147,8 +137,8 @@ def _first_bad(txn: lmdb.Transaction, dbs: dict[str, Any],
             try:
                 decoder(value)
             except _UNDECODABLE as again:
-                return _corrupt(table, key, again)
-    return _corrupt(rows[0][0], rows[0][1], exc)
+                return undecodable(table, key, again)
+    return undecodable(rows[0][0], rows[0][1], exc)
 
 
 def _send_fault(tables: BufferedTables, cmd: SendMessage,
@@ -243,7 +233,7 @@ class Store:
         try:
             applied = u64(raw)
         except struct.error as exc:
-            raise _corrupt("meta", APPLIED_LSN, exc) from None
+            raise undecodable("meta", APPLIED_LSN, exc) from None
         if applied > last:
             raise CorruptLog(last + 1, f"the log ends at lsn {last}, yet its projections were "
                              f"applied up to lsn {applied}: its last records were removed "
@@ -441,7 +431,7 @@ class Store:
         try:
             return u64(value)
         except struct.error as exc:  # cut short: CorruptProjection, which the broker answers
-            raise _corrupt(table, key, exc) from None
+            raise undecodable(table, key, exc) from None
 
     def inbox_head(self, user: str) -> int:
         """Return the last inbox seq of `user`, 0 when empty."""
@@ -540,7 +530,7 @@ class Store:
                     return out, last
                 if isinstance(exc, CorruptLog):
                     raise
-                raise _corrupt("inbox", key, exc) from None
+                raise undecodable("inbox", key, exc) from None
         return out, last
 
     def conv_info(self, conv: str) -> dict[str, Any] | None:
@@ -550,12 +540,11 @@ class Store:
             raw = txn.get(ckey, db=self._dbs["conv"])
             if raw is None:
                 return None
+            info = conv_row(ckey, raw)
             try:
-                info = _conv_row(raw)
                 info["last_seq"] = u64(txn.get(ckey, db=self._dbs["conv_seq"]) or bytes(8))
-            except _UNDECODABLE as exc:
-                raise _first_bad(txn, self._dbs, [("conv", ckey, _conv_row),
-                                                  ("conv_seq", ckey, u64)], exc) from None
+            except struct.error as exc:
+                raise undecodable("conv_seq", ckey, exc) from None
         return info
 
     def role(self, conv: str, user: str) -> str | None:
@@ -569,7 +558,7 @@ class Store:
         try:
             return None if raw is None else raw.decode()
         except ValueError as exc:
-            raise _corrupt(table, key, exc) from None
+            raise undecodable(table, key, exc) from None
 
     def _split_range(self, table: str, head: str, values: bool = False
                      ) -> list[tuple[str, Any]]:
@@ -588,7 +577,7 @@ class Store:
                 try:
                     k.decode(), v.decode() if values else None
                 except ValueError:
-                    raise _corrupt(table, k, exc) from None
+                    raise undecodable(table, k, exc) from None
             raise
 
     def members(self, conv: str) -> list[tuple[str, str]]:
@@ -643,7 +632,7 @@ class Store:
                     out.append({"seq": seq, "from": ev.user, "body": ev.data["body"],
                                 "cid": ev.data["cid"], "ts": ev.ts_us, "lsn": ev.lsn})
             except struct.error as exc:  # a row cut short (event_at checks the record)
-                raise _corrupt("msg", key, exc) from None
+                raise undecodable("msg", key, exc) from None
         return out, more
 
     def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str]] | None:
@@ -696,7 +685,7 @@ class Store:
                 ckey = key[len(prefix):]
                 try:
                     conv = ckey.decode()
-                    info = decode(txn.get(ckey, db=dbs["conv"]))
+                    info = conv_row(ckey, txn.get(ckey, db=dbs["conv"]))
                     mark = txn.get(key2(conv, user), db=dbs["read"])
                     entry = {"conv": conv, "kind": info["kind"], "role": role.decode(),
                              "last_seq": u64(txn.get(ckey, db=dbs["conv_seq"]) or bytes(8)),
@@ -707,7 +696,7 @@ class Store:
                 except _UNDECODABLE as exc:  # the cold path names the row
                     raise _first_bad(txn, dbs, [
                         ("user_conv", key, lambda v, c=ckey: (c.decode(), v.decode())),
-                        ("conv", ckey, _conv_row), ("conv_seq", ckey, u64),
+                        ("conv_seq", ckey, u64),
                         ("read", ckey + b"\0" + user.encode(), u64)], exc) from None
                 out.append(entry)
         return out, False
