@@ -72,8 +72,11 @@ class Pending:
             self.event.set()
         if self.also is not None:
             failed = error or getattr(outcome, "error", None)
-            for callback in self.also:
-                callback(failed)
+            for callback in self.also:  # each its own: the others' requests still get answers
+                try:
+                    callback(failed)
+                except Exception:
+                    log.exception("commit_callback_failed")
 
 
 class _Batch:
@@ -133,6 +136,7 @@ class Committer:
         self._thread = WorkerThread("homing-commit")
         self._acks_last = False  # whether the last batch started held acks
         self._running_since: float | None = None  # trio time the batch in the thread started
+        self._running: _Batch | None = None  # the batch in the worker thread
 
     @property
     def queued(self) -> int:
@@ -183,6 +187,23 @@ class Committer:
             callback(None)
         else:
             pending.when_done(callback)
+
+    def after_sends_on_way(self, callback: Callable[[BaseException | None], None]) -> bool:
+        """Call `callback(failed)` once every send queued or being committed now is done (durable
+        or failed: `failed` is then the last one's error, else None), and return True; return
+        False, calling nothing, if no send is on its way. Sends are committed in submission
+        order among themselves (acks may stay behind them, `_take`), so the last one queued is
+        done last; with none queued, the batch in the worker thread is done as a whole. Off the
+        hot path: a scan of the queue from its end (`on_send`'s refusals ask it)."""
+        for pending in reversed(self._queue):
+            if type(pending.command) is SendMessage:
+                pending.when_done(callback)
+                return True
+        running = self._running
+        if running is not None and any(type(c) is SendMessage for c in running.commands):
+            running.pending[-1].when_done(callback)
+            return True
+        return False
 
     def commit_running_s(self) -> float:
         """How long the batch now in the worker thread has been running (0.0 if none is)."""
@@ -282,7 +303,8 @@ class Committer:
         commands = [p.command for p in batch]
         call = self._thread.submit(self._store.execute, commands)
         self._running_since = trio.current_time()
-        return _Batch(batch, commands, batch_acks, ack_pending, call)
+        self._running = _Batch(batch, commands, batch_acks, ack_pending, call)
+        return self._running
 
     async def _finish(self, started: _Batch) -> _Batch | None:
         """Wait for a started batch to be durable; None if it failed (its commands are told)."""
@@ -306,7 +328,7 @@ class Committer:
                     log.exception("commit_callback_failed")
             return None
         finally:
-            self._running_since = None
+            self._running_since, self._running = None, None
             unsynced, last = self._unsynced_acks, self._last_acks
             for p, (key, upto) in zip(started.ack_pending, started.acks, strict=True):
                 # durable now, or lost with the batch (redelivered)

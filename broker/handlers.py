@@ -146,24 +146,55 @@ def _send_allowed(session: Session) -> bool:
 
 def on_send(session: Session, f: wire.Send) -> Any:
     # A send the rate or the content policy refuses may be the resend of a message accepted
-    # before (its answer lost with a connection, the policy changed since): that is a dup, and
-    # gets the first result as ever; only the refusals pay for the lookup.
+    # before (its answer lost with a connection, the policy changed since), or of one still
+    # on its way: that is a dup, and gets the first result as ever; only the refusals pay for
+    # the lookup (`_refused`).
     broker = session.broker
-    if not _send_allowed(session) and not broker.store.sent(session.user, f.cid):
-        session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
-        return None
+    if not _send_allowed(session):
+        return _refused(session, f, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
     body = f.body  # its size was checked by the protocol core (max_body_bytes: `invalid`)
     if broker.policy is not None:
         body, hit = broker.policy.apply(body)
         if hit and body is None:
-            if not broker.store.sent(session.user, f.cid):
-                session.reply_error(f.id, wire.ErrorCode.REJECTED_CONTENT,
-                                    "the message contains a forbidden word")
-                return None
-            body = f.body
+            return _refused(session, f, wire.ErrorCode.REJECTED_CONTENT,
+                            "the message contains a forbidden word")
+    return _submit_send(session, f, body)
+
+
+def _submit_send(session: Session, f: wire.Send, body: str | bytes) -> Any:
     command = cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
                               conv=f.conv, to=f.to)
     return _command(session, f.id, command, _sent)
+
+
+def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str) -> Any:
+    """Answer `f`, which the rate or the content policy refuses, unless it repeats a message
+    of its sender's: accepted (then it is submitted as it came, and the rules answer it as a
+    dup), or perhaps on its way (any send queued or being committed): then it is asked again
+    once those are done (since 2026-12-05; until then refused, and answered as a dup only when
+    sent again). Counted meanwhile with the requests awaiting commit."""
+    store = session.broker.store
+    if store.sent(session.user, f.cid):
+        return _submit_send(session, f, f.body)
+    session.inflight += 1
+
+    def then(_failed: BaseException | None) -> None:
+        session.request_done()
+        try:
+            sent = store.sent(session.user, f.cid)
+        except StorageError as exc:
+            session._read_failed(f, exc)  # as a handler's failed read is: unavailable
+            return
+        if sent:
+            _submit_send(session, f, f.body)
+        else:
+            session.reply_error(f.id, code, message)
+
+    if not session.broker.committer.after_sends_on_way(then):
+        session.request_done()
+        session.reply_error(f.id, code, message)
+        return None
+    return _held_back(session)
 
 
 def on_ack(session: Session, f: wire.Ack) -> Any:

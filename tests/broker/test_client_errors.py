@@ -419,3 +419,55 @@ async def test_a_create_repeated_while_its_first_commits_is_answered_past_the_ch
             assert (got[1].name, got[2].name) == ("limit_exceeded", "rate_limited"), got
             for client in (c, c2, ops):
                 await client.aclose()
+
+
+async def test_a_send_repeated_while_its_first_commits_is_a_dup_past_the_rate_and_policy(
+        tmp_path):
+    """A burst of the same send, pipelined past --send-rate (an SDK resending on a new
+    connection before the first one's result came back): the repeats that arrive while the
+    first is still being committed are answered with its result (`dup`), as the repeats that
+    arrive after it are; they were refused rate_limited. One message is appended. The same
+    holds past a content policy that would refuse the text. A repeat of a first send that
+    failed stays refused (nothing was done that it repeats)."""
+    from tests.faults.conftest import RawClient, replies
+
+    words = tmp_path / "words.txt"
+    words.write_text("badword\n")
+    with trio.fail_after(20):
+        async with running_broker(tmp_path / "d", sends_per_s_per_connection=1.0,
+                                  content_policy=words) as h:
+            c = await RawClient.connect(h.server, h.token("shop"), "d1")
+            c2 = await RawClient.connect(h.server, h.token("shop"), "d2")
+            burst = [wire.Send(id=i, cid="order-9 ready", body="ready", to="bob")
+                     for i in range(1, 21)]
+            await c.stream.send_all(b"".join(c.conn.send(f) for f in burst))
+            await c2.send(wire.Send(id=1, cid="order-9 ready", body="ready", to="bob"))
+            got = await replies(c, range(1, 21))
+            other = await c2.reply(1)
+            assert {type(f).__name__ for f in got.values()} == {"Result"}, got
+            assert [f.dup for f in got.values()] == [False] + [True] * 19
+            assert other.dup and {(f.conv, f.seq, f.lsn) for f in got.values()} == {
+                (other.conv, other.seq, other.lsn)}
+            messages, _more = h.broker.store.history(other.conv, limit=100)
+            assert [m["seq"] for m in messages] == [other.seq] == [1]
+
+            # The content policy: c2's bucket has refilled; its first send of a forbidden word
+            # is refused, and so are its repeats.
+            await trio.sleep(1.1)
+            c3 = await RawClient.connect(h.server, h.token("shop"), "d3")
+            await c3.stream.send_all(b"".join(
+                c3.conn.send(wire.Send(id=i, cid="bad", body="badword", to="bob"))
+                for i in (1, 2, 3)))
+            got = await replies(c3, (1, 2, 3))
+            assert [f.name for f in got.values()] == ["rejected_content"] + ["rate_limited"] * 2
+
+            # A first send the rules refuse (to a conversation it is not in): its repeats past
+            # the rate are not repeats of anything done.
+            ops = await RawClient.connect(h.server, h.token("ops"), "d1")
+            await ops.stream.send_all(b"".join(
+                ops.conn.send(wire.Send(id=i, cid="x", body="hi", conv=other.conv))
+                for i in (1, 2)))
+            got = await replies(ops, (1, 2))
+            assert (got[1].name, got[2].name) == ("forbidden", "rate_limited"), got
+            for client in (c, c2, c3, ops):
+                await client.aclose()
