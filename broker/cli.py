@@ -29,7 +29,17 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from broker import tokens
-from broker.config import DEFAULT_DATA_DIR, DEFAULT_HOST, DEFAULT_PORT, Config
+from broker.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    GC_THRESHOLD_MAX,
+    MAX_WAIT_S,
+    MIN_SECONDS,
+    MIN_STATS_INTERVAL_S,
+    Config,
+    out_of_range,
+)
 from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, MIN_FRAME_VALUES, UINT_MAX
 
 if TYPE_CHECKING:
@@ -740,8 +750,8 @@ def _number(kind: type, lo: float, hi: float | None = None):
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
         # not inf, nan (or 1e400, which float reads as inf); an int is (isfinite cannot take
         # one past a float's range)
-        finite = kind is not float or math.isfinite(value)
-        if not finite or not value >= lo or (hi is not None and value > hi):
+        if out_of_range(value, lo, hi):
+            finite = kind is not float or math.isfinite(value)
             span = f"at least {kind(lo)}" if hi is None else f"from {kind(lo)} to {kind(hi)}"
             raise argparse.ArgumentTypeError(
                 f"must be {'' if finite else 'finite and '}{span}, not {text}")
@@ -751,8 +761,6 @@ def _number(kind: type, lo: float, hi: float | None = None):
 
 
 _COUNT = _number(int, 1)  # sizes, counts and limits: at least one
-MIN_STATS_INTERVAL_S = 1.0  # a shorter one would flood the log (600 lines a second at 0.0001)
-GC_THRESHOLD_MAX = (1 << 31) - 1  # gc.set_threshold takes a C int
 
 
 def _stats_interval(text: str) -> float:
@@ -762,12 +770,9 @@ def _stats_interval(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"must be 0 (none) or at least {MIN_STATS_INTERVAL_S:g}, not {text}")
     return value
-_SECONDS = _number(float, 0.001)
-_RATE = _number(float, 0.001)
-# --shutdown-grace and --handshake-timeout: a stop that waits longer on a stuck client never
-# ends in practice, nor does a silent connection's hold on one of the --max-handshakes places.
-MAX_WAIT_S = 3600.0
-_WAIT = _number(float, 0.001, MAX_WAIT_S)
+_SECONDS = _number(float, MIN_SECONDS)
+_RATE = _number(float, MIN_SECONDS)
+_WAIT = _number(float, MIN_SECONDS, MAX_WAIT_S)
 
 
 def build_parser() -> argparse.ArgumentParser:

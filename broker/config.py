@@ -7,6 +7,7 @@ them. Defaults are sized for one 2-core machine serving a few thousand devices.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,42 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7717
 DEFAULT_DATA_DIR = "homing-data"
 IDLE_HEARTBEATS = 3  # the default idle timeout, in heartbeats: two pings may be lost
+# --shutdown-grace and --handshake-timeout: a stop that waits longer on a stuck client never
+# ends in practice, nor does a silent connection's hold on one of the --max-handshakes places.
+MAX_WAIT_S = 3600.0
+MIN_SECONDS = 0.001  # the shortest time and the lowest rate a flag takes
+MIN_STATS_INTERVAL_S = 1.0  # a shorter one would flood the log (600 lines a second at 0.0001)
+GC_THRESHOLD_MAX = (1 << 31) - 1  # gc.set_threshold takes a C int
+CONTENT_ACTIONS = ("reject", "mask")
+# The range of each number a flag sets, by field: (flag, lowest, highest or None). A Config made
+# in code is held to them as `homing serve`'s flags are (`Config.__post_init__`).
+RANGES: dict[str, tuple[str, float, float | None]] = {
+    "max_body_bytes": ("--max-body-bytes", 1, None),
+    "handshake_timeout_s": ("--handshake-timeout", MIN_SECONDS, MAX_WAIT_S),
+    "idle_timeout_s": ("--idle-timeout", MIN_SECONDS, None),
+    "shutdown_grace_s": ("--shutdown-grace", MIN_SECONDS, MAX_WAIT_S),
+    "window": ("--window", 1, None),
+    "max_pending_pushes": ("--max-pending-pushes", 1, None),
+    "max_inflight_requests": ("--max-inflight-requests", 1, None),
+    "sends_per_s_per_connection": ("--send-rate", MIN_SECONDS, None),
+    "sends_per_s_per_user": ("--user-send-rate", MIN_SECONDS, None),
+    "typing_per_s_per_user": ("--typing-rate", MIN_SECONDS, None),
+    "changes_per_s_per_user": ("--change-rate", MIN_SECONDS, None),
+    "max_connections": ("--max-connections", 1, None),
+    "max_handshakes": ("--max-handshakes", 1, None),
+    "max_connections_per_user": ("--max-connections-per-user", 1, None),
+    "max_members": ("--max-members", 1, None),
+    "receipt_audience_max": ("--receipt-audience-max", 1, None),
+    "max_batch": ("--max-batch", 1, None),
+    "gc_young_threshold": ("--gc-young-threshold", 1, GC_THRESHOLD_MAX),
+    "stats_interval_s": ("--stats-interval", 0, None),
+}
+
+
+def out_of_range(value: float, lo: float, hi: float | None) -> bool:
+    """Whether `value` is not a finite number from `lo` to `hi` (no upper bound if None)."""
+    finite = not isinstance(value, float) or math.isfinite(value)
+    return not finite or not value >= lo or (hi is not None and value > hi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +119,17 @@ class Config:
             raise ValueError(f"--heartbeat must be from 1 to {UINT_MAX}, not {self.heartbeat_s}")
         if self.idle_timeout_s is None:
             object.__setattr__(self, "idle_timeout_s", float(IDLE_HEARTBEATS * self.heartbeat_s))
+        for field, (flag, lo, hi) in RANGES.items():
+            value = getattr(self, field)
+            if out_of_range(value, lo, hi):
+                span = f"at least {lo:g}" if hi is None else f"from {lo:g} to {hi:g}"
+                raise ValueError(f"{flag} must be a finite number {span}, not {value!r}")
+        if 0 < self.stats_interval_s < MIN_STATS_INTERVAL_S:
+            raise ValueError(f"--stats-interval must be 0 (none) or at least "
+                             f"{MIN_STATS_INTERVAL_S:g}, not {self.stats_interval_s!r}")
+        if self.content_action not in CONTENT_ACTIONS:
+            raise ValueError(f"--content-action must be one of {', '.join(CONTENT_ACTIONS)}, "
+                             f"not {self.content_action!r}")
         if not MIN_FRAME_VALUES <= self.max_frame_values <= MAX_FRAME_LIMIT:
             raise ValueError(f"--max-frame-values must be from {MIN_FRAME_VALUES} to "
                              f"{MAX_FRAME_LIMIT}, not {self.max_frame_values}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -315,6 +316,49 @@ def test_a_config_built_in_code_checks_the_frame_value_limit():
     for bad in (0, 2047, 1 << 64):
         with pytest.raises(ValueError, match="--max-frame-values"):
             Config(max_frame_values=bad)
+
+
+def test_a_config_built_in_code_refuses_what_its_flags_refuse():
+    """A Config made in code (an embedding, a test) is held to the ranges of the flags that set
+    it: an infinite or NaN time or rate, a zero count, a wait past an hour, an unknown content
+    action are refused with the flag's name, as `homing serve` refuses them (a broker that
+    would never time out a handshake, or never end a stop). The CLI's own checks agree."""
+    from broker.cli import CliError, build_parser
+    from broker.config import Config
+
+    bad = {"handshake_timeout_s": ("--handshake-timeout", [math.inf, 0.0, 3601.0, math.nan]),
+           "shutdown_grace_s": ("--shutdown-grace", [math.inf, -1.0]),
+           "idle_timeout_s": ("--idle-timeout", [math.inf, math.nan]),
+           "sends_per_s_per_connection": ("--send-rate", [math.inf, 0.0, math.nan]),
+           "sends_per_s_per_user": ("--user-send-rate", [math.inf]),
+           "typing_per_s_per_user": ("--typing-rate", [-math.inf]),
+           "changes_per_s_per_user": ("--change-rate", [0.0]),
+           "window": ("--window", [0]),
+           "max_pending_pushes": ("--max-pending-pushes", [0]),
+           "max_inflight_requests": ("--max-inflight-requests", [0]),
+           "max_connections": ("--max-connections", [0]),
+           "max_handshakes": ("--max-handshakes", [0]),
+           "max_connections_per_user": ("--max-connections-per-user", [0]),
+           "max_members": ("--max-members", [0]),
+           "receipt_audience_max": ("--receipt-audience-max", [0]),
+           "max_batch": ("--max-batch", [0]),
+           "max_body_bytes": ("--max-body-bytes", [0]),
+           "gc_young_threshold": ("--gc-young-threshold", [0, 1 << 31]),
+           "stats_interval_s": ("--stats-interval", [math.inf, 0.5, -1.0]),
+           "content_action": ("--content-action", ["drop"])}
+    for field, (flag, values) in bad.items():
+        for value in values:
+            with pytest.raises(ValueError, match=re.escape(flag)):
+                Config(**{field: value})
+            if isinstance(value, str):
+                continue
+            text = "inf" if value == math.inf else "-inf" if value == -math.inf else str(value)
+            with pytest.raises(CliError):  # the flag refuses it too
+                build_parser().parse_args(["serve", flag, text])
+    edges = Config(handshake_timeout_s=3600.0, shutdown_grace_s=0.001, stats_interval_s=0.0,
+                   sends_per_s_per_connection=0.001, window=1, gc_young_threshold=(1 << 31) - 1,
+                   content_action="mask")
+    assert (edges.handshake_timeout_s, edges.window) == (3600.0, 1)
 
 
 def test_a_secret_cut_short_is_refused_and_a_failed_creation_leaves_none(tmp_path):
