@@ -46,6 +46,7 @@ MUTED = b"1"
 KIND_MSG = "msg"
 KIND_ADDED = "added"
 KIND_REMOVED = "removed"
+INBOX_KINDS = frozenset({KIND_MSG, KIND_ADDED, KIND_REMOVED})
 
 # One packer for inbox entries: `msgpack.packb` builds a Packer per call, which costs as much as
 # the packing. Sharing it is safe: `pack` runs in C under the GIL and resets after each call.

@@ -51,6 +51,7 @@ from storage.log import seal
 from storage.projections import (
     APPLIED_LSN,
     COMPILED,
+    INBOX_KINDS,
     KIND_MSG,
     Effects,
     apply,
@@ -506,6 +507,9 @@ class Store:
                         break
                     seen += 1
                     kind, conv, seq, lsn = msgpack.unpackb(value, raw=False)
+                    if (kind not in INBOX_KINDS or type(conv) is not str or type(seq) is not int
+                            or type(lsn) is not int):
+                        raise ValueError(f"not an inbox entry: {[kind, conv, seq, lsn]!r}")
                     if skip_lsns and lsn in skip_lsns:
                         skip_lsns.discard(lsn)
                         last = u64(key[-8:])

@@ -190,6 +190,16 @@ ROWS = {
     "short msg row": ("msg", DM.encode() + b"\0" + pack_u64(BAD_SEQ), b"\x06"),
     "garbage inbox entry": ("inbox", inbox_key("alice", BAD_SEQ), b"\xc1\xc1"),
     "garbage conv row": ("conv", DM.encode(), b"\xc1"),
+    # An entry that decodes, with a field of the wrong type or an unknown kind (added
+    # 2026-12-05: a seq as text went out in a deliver frame, a conv as a number blamed the log).
+    "inbox entry, seq as text": ("inbox", inbox_key("alice", BAD_SEQ),
+                                 _body(["msg", DM, "3", BAD_LSN])),
+    "inbox entry, conv as a number": ("inbox", inbox_key("alice", BAD_SEQ),
+                                      _body(["msg", 7, BAD_SEQ, BAD_LSN])),
+    "inbox entry, unknown kind": ("inbox", inbox_key("alice", BAD_SEQ),
+                                  _body(["gone", DM, BAD_SEQ, BAD_LSN])),
+    "inbox entry, lsn as a float": ("inbox", inbox_key("alice", BAD_SEQ),
+                                    _body(["msg", DM, BAD_SEQ, 6.0])),
 }
 
 
@@ -236,12 +246,14 @@ async def test_a_short_inbox_head_refuses_the_hello_unavailable(tmp_path):
         await _others_served(h)
 
 
-async def test_a_garbage_inbox_entry_is_delivered_up_to_then_told(tmp_path):
+@pytest.mark.parametrize("damage", sorted(name for name in ROWS if "inbox entry" in name))
+async def test_a_garbage_inbox_entry_is_delivered_up_to_then_told(tmp_path, damage):
     """Deliveries before the garbage entry go out, then the session closes `unavailable`
-    (delivery_read_failed naming the row); msgpack's error closed it with nothing said."""
+    (delivery_read_failed naming the row); msgpack's error closed it with nothing said. So
+    does an entry that decodes with a field of the wrong type or an unknown kind."""
     data = tmp_path / "data"
     make_data(data)
-    reason = _damage_row(data, "garbage inbox entry")
+    reason = _damage_row(data, damage)
     async with running_broker(data, expected_errors=ROW_EXPECTED) as h:
         said = await _said_until_closed(h, "alice")
         assert isinstance(said[0], wire.Welcome), said
