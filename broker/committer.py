@@ -8,6 +8,9 @@ Rules kept here:
   the replies and fan-out of the last one run here, so a commit's sync overlaps that work.
 - Commands are committed in submission order; a batch holds everything queued when the previous
   commit finished (at most `max_batch`), so batches grow with load and latency stays one sync.
+- A batch that fails on a damaged projection row (`CorruptProjection`) fails only the commands
+  that read it: its commands run again in halves, down to single commands (`_split`,
+  broker/isolate.py); the others commit in their order and are told as in any batch.
 - Device acks are coalesced: a later ack of the same device merges into a queued one (acks are
   cumulative high-water marks, so only the largest matters). A batch of nothing but acks waits
   up to ACK_LINGER_S for other work, since nobody waits on an ack's durability.
@@ -16,15 +19,16 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 import trio
 
+from broker.isolate import isolate
 from broker.worker import Call, WorkerThread
 from storage.commands import Ack, SendMessage
-from storage.errors import InternalError, StorageError
+from storage.errors import CorruptProjection, InternalError, StorageError
 
 log = structlog.get_logger("homing")
 
@@ -82,7 +86,7 @@ class Pending:
 class _Batch:
     """One batch on its way: submitted to the worker thread, then durable, then fanned out."""
 
-    __slots__ = ("ack_pending", "acks", "call", "commands", "outcomes", "pending")
+    __slots__ = ("ack_pending", "acks", "call", "commands", "errors", "outcomes", "pending")
 
     def __init__(self, pending: list[Pending], commands: list[object],
                  acks: list[tuple[tuple[str, str], int]], ack_pending: list[Pending],
@@ -93,6 +97,9 @@ class _Batch:
         self.ack_pending = ack_pending  # their Pending, in the same order
         self.call = call
         self.outcomes: list[Any] = []
+        # Split (`Committer._split`): each command's error, None for those committed (whose
+        # outcomes are in `outcomes`, None for the others). None for a batch committed whole.
+        self.errors: list[BaseException | None] | None = None
 
 
 class Committer:
@@ -311,16 +318,10 @@ class Committer:
         try:
             started.outcomes = await self._thread.wait(started.call)
         except StorageError as exc:
-            if isinstance(exc, InternalError):  # a bug: once, with its traceback
-                log.error("batch_internal_error", commands=len(started.commands),
-                          error=str(exc), exc_info=exc)
-            else:
-                log.error("batch_failed", commands=len(started.commands), error=str(exc))
-            for key, _upto in started.acks:
-                self._acks_lost.add(key)
-                queued = self._acks.get(key)
-                if queued is not None and queued.command.convs is not None:
-                    queued.command = queued.command._replace(convs=None)
+            if isinstance(exc, CorruptProjection) and len(started.commands) > 1:
+                return await self._split(started, exc)
+            _log_failed(exc, len(started.commands))
+            self._lose_acks(key for key, _upto in started.acks)
             for p in started.pending:
                 try:
                     p.finish(None, exc)
@@ -352,8 +353,52 @@ class Committer:
         self.commands += len(started.pending)
         return started
 
+    async def _split(self, started: _Batch, exc: CorruptProjection) -> _Batch:
+        """`started` failed on a damaged row: run its commands again in halves, down to single
+        commands (broker/isolate.py, in the worker thread), so that only those whose own work
+        meets a damaged row fail; the others commit in their order and are told as in any
+        batch (`_fan_out_split`, every command in submission order, the failed ones too)."""
+        done = await self._thread.run(isolate, self._store.execute, started.commands)
+        results = done.results
+        errors = [r if isinstance(r, BaseException) else None for r in results]
+        outcomes = [None if e is not None else r for r, e in zip(results, errors, strict=True)]
+        log.error("batch_split", commands=len(results), failed=len(results) - errors.count(None),
+                  commits=done.commits, error=str(exc))
+        if done.stopped is not None:  # a full disk (or a bug) failed the commands left
+            _log_failed(*done.stopped)
+        lost = []
+        for p, outcome in zip(started.pending, outcomes, strict=True):
+            if type(p.command) is Ack:
+                key = (p.command.user, p.command.device)
+                if outcome is None:
+                    lost.append(key)
+                elif outcome.error is None:  # durable: its device's marks are whole again
+                    self._acks_lost.discard(key)
+        self._lose_acks(lost)
+        started.outcomes, started.errors = outcomes, errors
+        last = max((o.lsn for o in outcomes if o is not None), default=0)
+        if last > self.committed_lsn:
+            self.committed_lsn = last
+            self._lsn_moved.set()
+            self._lsn_moved = trio.Event()
+        self.batches += done.commits
+        self.commands += errors.count(None)
+        return started
+
+    def _lose_acks(self, keys: Iterable[tuple[str, str]]) -> None:
+        """The acks of these devices failed: until one of theirs is durable, their acks (the one
+        queued now too) leave their conversations to the rules (`ack_lost`)."""
+        for key in keys:
+            self._acks_lost.add(key)
+            queued = self._acks.get(key)
+            if queued is not None and queued.command.convs is not None:
+                queued.command = queued.command._replace(convs=None)
+
     def _fan_out(self, done: _Batch) -> None:
         """Tell each submitter of a durable batch its outcome, then run `on_committed`."""
+        if done.errors is not None:
+            self._fan_out_split(done)
+            return
         with self._fanout():
             for p, outcome in zip(done.pending, done.outcomes, strict=True):
                 try:
@@ -362,6 +407,24 @@ class Committer:
                     log.exception("commit_callback_failed")
             try:
                 self._on_committed(done.commands, done.outcomes)
+            except Exception:
+                log.exception("commit_fanout_failed")
+
+    def _fan_out_split(self, done: _Batch) -> None:
+        """`_fan_out` of a split batch: each command told its outcome or its error, in
+        submission order; `on_committed` runs over the commands committed, if any."""
+        with self._fanout():
+            for p, outcome, error in zip(done.pending, done.outcomes, done.errors, strict=True):
+                try:
+                    p.finish(outcome, error)
+                except Exception:
+                    log.exception("commit_callback_failed")
+            kept = [i for i, error in enumerate(done.errors) if error is None]
+            if not kept:
+                return
+            try:
+                self._on_committed([done.commands[i] for i in kept],
+                                   [done.outcomes[i] for i in kept])
             except Exception:
                 log.exception("commit_fanout_failed")
 
@@ -402,6 +465,14 @@ class Committer:
         self._closing = True
         self._wake.set()
         await self._idle.wait()
+
+
+def _log_failed(exc: StorageError, commands: int) -> None:
+    """Log a batch (or the rest of a split) that `exc` failed, its `commands` answered."""
+    if isinstance(exc, InternalError):  # a bug: once, with its traceback
+        log.error("batch_internal_error", commands=commands, error=str(exc), exc_info=exc)
+    else:
+        log.error("batch_failed", commands=commands, error=str(exc))
 
 
 def _merge_acks(first: Ack, second: Ack) -> Ack:

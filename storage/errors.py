@@ -32,7 +32,9 @@ class CorruptProjection(StorageError):
     `table` and `key` name the row (a write batch's too since 2026-12-05: where the row is
     decoded, `storage.projections.row_u64` and its kin; None for none of homing's raises now).
     `homing audit verify` names it too (the first difference); `homing audit rebuild`, the
-    broker stopped, writes it again from the log.
+    broker stopped, writes it again from the log. A write batch that raises it wrote nothing;
+    the broker's committer runs its commands again in halves, so that only those that read
+    the row fail (broker/isolate.py, since 2026-12-05).
     """
 
     def __init__(self, table: str | None, key: bytes | None, message: str) -> None:

@@ -13,6 +13,7 @@ welcome was even written, so the SDK said "cannot reach" a broker serving everyo
 
 from __future__ import annotations
 
+import threading
 import traceback
 from pathlib import Path
 
@@ -327,6 +328,54 @@ async def test_a_batch_meeting_a_damaged_row_fails_typed_and_the_broker_serves_o
                                            "undecodable row: struct.error: ")
                               for r in errors), errors
         assert not [e for e in h.logs if e["event"] == "batch_internal_error"]
+        await _others_served(h)
+
+
+async def test_a_batch_meeting_a_damaged_row_fails_only_the_command_that_reads_it(tmp_path):
+    """bob's send to alice (her inbox head cut short) shares a batch with gina's and erin's
+    sends: bob's alone is answered `unavailable`; gina's and erin's are answered as ever and
+    durable (`batch_split`: the committer ran the batch again in halves). Until 2026-12-05 the
+    whole batch failed, and gina and erin were answered `unavailable` too."""
+    data = tmp_path / "data"
+    make_data(data)
+    _damage_row(data, "short inbox_head")
+    async with running_broker(data, expected_errors=(*ROW_EXPECTED, "batch_split")) as h:
+        committer, gate, said = h.broker.committer, threading.Event(), {}
+        async with h.client("bob", reconnect_timeout=2) as bob, h.client("gina") as gina, \
+                h.client("erin") as erin:
+
+            async def send(name, client, to) -> None:
+                try:
+                    said[name] = await client.send(f"from {name}", to=to)
+                except ClientError as exc:
+                    said[name] = exc
+
+            with trio.fail_after(20):
+                # The worker thread runs one call at a time: held, it keeps a first batch
+                # (dave's send) waiting, while the three sends queue for the next one.
+                committer._thread.submit(gate.wait, 15)
+                committer.enqueue(SendMessage("dave", "d", "user", "v0", "held", to="ivan"))
+                async with trio.open_nursery() as nursery:
+                    while committer.queued:
+                        await trio.sleep(0.001)
+                    for name, client, to in (("bob", bob, "alice"), ("gina", gina, "hank"),
+                                             ("erin", erin, "frank")):
+                        nursery.start_soon(send, name, client, to)
+                    try:
+                        while committer.queued < 3:
+                            await trio.sleep(0.001)
+                    finally:
+                        gate.set()
+        assert isinstance(said["bob"], ClientError) and said["bob"].name == "unavailable"
+        assert (said["gina"].conv, said["gina"].seq) == ("dm:gina:hank", 1)
+        assert (said["erin"].conv, said["erin"].seq) == ("dm:erin:frank", 1)
+        split = [e for e in h.logs if e["event"] == "batch_split"]
+        assert [(e["commands"], e["failed"]) for e in split] == [(3, 1)], split
+        assert split[0]["error"].startswith("projection corrupt in inbox_head at key b'alice'")
+        assert not [e for e in h.logs if e["event"] == "batch_failed"]
+        async with h.client("frank") as frank:
+            page = await frank.history("dm:erin:frank", order="oldest")
+            assert [m.body for m in page.messages] == ["from erin"]
         await _others_served(h)
 
 

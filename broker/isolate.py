@@ -1,0 +1,73 @@
+"""Isolating the commands of a batch that met a damaged projection row (`Committer._split`).
+
+`Store.execute` runs a batch all or nothing: a command whose work reads a row that does not
+decode (`CorruptProjection`) fails the whole batch, the other users' commands queued with it
+included. `isolate` runs such a batch's commands again in halves, recursively, each half in a
+batch of its own (its own transaction and commit), down to single commands: only the commands
+whose own work meets a damaged row fail, each with its own CorruptProjection; every other one
+commits, in the original order (the left half before the right: a later command is decided on
+what the earlier ones committed, as in the batch, but for the failed ones, which did not
+happen).
+
+Bounded: a half that fails with CorruptProjection is split, and a single command that fails is
+final, so a batch of n commands runs at most 2n - 2 more batches (all of them when every command
+meets the damage), one more per half with one command that fails, about 2 log2(n) for one
+damaged command among n. Any other failure of a half (`StorageFull`, another storage error, a
+bug: `InternalError`) fails that half and every command not yet committed, with that error, as
+it would have failed the batch: the split stops there.
+
+Runs in the committer's worker thread, as `Store.execute` does, so the event loop keeps serving.
+Off the hot path: only a batch that failed with CorruptProjection comes here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from storage.errors import CorruptProjection, StorageError
+
+
+class Isolated:
+    """What `isolate` made of a batch: one result per command, in the batch's order."""
+
+    __slots__ = ("commits", "results", "stopped")
+
+    def __init__(self, count: int) -> None:
+        # Each command's Outcome (committed), or the error it failed with.
+        self.results: list[Any] = [None] * count
+        self.commits = 0  # the halves that committed
+        # The error (not CorruptProjection) that stopped the split, and how many it failed.
+        self.stopped: tuple[StorageError, int] | None = None
+
+
+def isolate(execute: Callable[[Sequence[object]], list[Any]],
+            commands: Sequence[object]) -> Isolated:
+    """Run `commands`, whose batch `execute` failed with CorruptProjection, again in halves;
+    return each command's Outcome or error (see the module doc)."""
+    done = Isolated(len(commands))
+    results = done.results
+    half = len(commands) // 2
+    todo = [(half, len(commands)), (0, half)]  # a stack: the left half is run first
+    while todo:
+        lo, hi = todo.pop()
+        if done.stopped is not None:
+            error, failed = done.stopped
+            results[lo:hi] = [error] * (hi - lo)
+            done.stopped = (error, failed + hi - lo)
+            continue
+        try:
+            results[lo:hi] = execute(commands[lo:hi])
+        except CorruptProjection as exc:
+            if hi - lo == 1:
+                results[lo] = exc
+            else:
+                mid = (lo + hi) // 2
+                todo += [(mid, hi), (lo, mid)]
+            continue
+        except StorageError as exc:
+            results[lo:hi] = [exc] * (hi - lo)
+            done.stopped = (exc, hi - lo)
+            continue
+        done.commits += 1
+    return done
