@@ -214,7 +214,8 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            limits=Limits(max_members=cfg.max_members,
                                          max_body_bytes=cfg.max_body_bytes),
-                           on_rebuild=_rebuild_reporter(notifier))
+                           on_rebuild=_rebuild_reporter(notifier),
+                           on_catch_up=_catch_up_reporter(notifier))
     except DataDirLocked as exc:
         raise CliError(EXIT_USAGE, "locked", str(exc)) from None
     except tokens.SecretError as exc:
@@ -279,6 +280,28 @@ def _rebuild_reporter(notifier: Notifier | None):
         else:
             notifier.notify(EXTEND_TIMEOUT_USEC=int(REBUILD_EXTEND_S * 1e6),
                             STATUS=f"rebuilding projections: {done:,} of {total:,} events")
+
+    return report
+
+
+def _catch_up_reporter(notifier: Notifier | None):
+    """`Store.open`'s `on_catch_up`: projections behind the log are caught up before serving,
+    a committed transaction at a time (storage/store.py, `_catch_up`), which a long tail makes
+    minutes: say how far it got (`STATUS=`) and ask systemd for REBUILD_EXTEND_S more to
+    start, after its first transaction and then every REBUILD_REPORT_S, as a rebuild does.
+    Its log lines are the store's own (`projections_behind_log`, `projections_caught_up`)."""
+    if notifier is None:
+        return None
+    last = -math.inf
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < REBUILD_REPORT_S:
+            return
+        last = now
+        notifier.notify(EXTEND_TIMEOUT_USEC=int(REBUILD_EXTEND_S * 1e6),
+                        STATUS=f"catching up projections: {done:,} of {total:,} events")
 
     return report
 

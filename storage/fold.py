@@ -41,9 +41,11 @@ CHUNK = 8192  # events between two calls of `on_chunk`
 
 def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int | None = None,
          until_us: int | None = None, on_chunk: Callable[[int], None] | None = None,
-         compiled: bool = COMPILED, chunk: int = CHUNK) -> tuple[int, int | None, int]:
-    """Apply `records` (in LSN order, from LSN 1; the first item of each is not read) to
-    `tables` and mark the position applied.
+         compiled: bool = COMPILED, chunk: int = CHUNK,
+         after: int = 0) -> tuple[int, int | None, int]:
+    """Apply `records` (in LSN order, from LSN `after` + 1, onto tables that hold the fold of
+    the log up to `after`: a whole replay from LSN 1 by default; the first item of each record
+    is not read) to `tables` and mark the position applied.
 
     Stops after `to_lsn`, or before the first event later than `until_us` (the log's timestamps
     are non-decreasing: one writer, whose clock stamps no time before the last one logged while
@@ -51,8 +53,8 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     behind is taken as it is (`clock_stepped_back`), and a log written before 2026-12-05 may
     step back wherever the wall clock did).
     Calls `on_chunk(events so far)` every `chunk` events. Returns `(last lsn applied, its
-    ts_us, events applied)`. `compiled=False` runs the Python reference only (the tests
-    compare the two).
+    ts_us, events applied)` (`after` and None when none was). `compiled=False` runs the
+    Python reference only (the tests compare the two).
     """
     fast = native.ext.fold_messages if compiled and native.ext is not None else None
     if (to_lsn is not None and to_lsn < 0) or (until_us is not None and until_us < 0):
@@ -65,7 +67,7 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     fx = Effects()
     last = to_lsn if to_lsn is not None else float("inf")
     until = until_us if until_us is not None else float("inf")
-    lsn, ts, done = 0, None, 0
+    lsn, ts, done = after, None, 0
     it = iter(records)
     while True:
         if fast is not None:

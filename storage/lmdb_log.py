@@ -105,6 +105,18 @@ class LmdbLog:
             yield from chunk
             nxt = chunk[-1][0] + 1
 
+    def read_raw_in(self, txn: lmdb.Transaction, from_lsn: int,
+                    to_lsn: int) -> Iterator[tuple[int, bytes]]:
+        """`read_raw` within `txn` (a write transaction's own view: `Store._catch_up` folds
+        the records it reads in it), a chunk of records in memory at a time."""
+        nxt = max(from_lsn, 1)
+        while nxt <= to_lsn:
+            chunk = self._chunk(txn, nxt, to_lsn)
+            if not chunk:
+                return
+            yield from chunk
+            nxt = chunk[-1][0] + 1
+
     def _chunk(
         self, txn: lmdb.Transaction, start: int, to_lsn: int | None
     ) -> list[tuple[int, bytes]]:

@@ -13,6 +13,11 @@ any thread. Rules kept (docs/DESIGN.md, "The store"):
   hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a batch that
   fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the cache.
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
+* Projections behind the log (a log that goes past `meta.applied_lsn`: a directory put together
+  from two backups; a backend whose log lives elsewhere) are caught up by a writable open: the
+  missing events are folded into the stored tables (`fold`, through the same buffer as the
+  batches), `CATCH_UP_EVENTS` a transaction, before anything else is written (since
+  2026-12-05; until then the next batch applied on top of them).
 * A batch's time is not before the log's last record's when the wall clock is behind it by up
   to 10 minutes (storage/clock.py): times rise with LSNs, which the replay's `until_us` relies
   on. A wall clock further behind is taken as it is (the log's times go back there, once).
@@ -92,6 +97,9 @@ LAYOUT_KEY = b"projections"
 LAYOUT = b"5"
 DB_NAMES = ["log", "layout", *TABLES]
 RECORD_CACHE = 4096  # records kept for deliverable (emptied when full)
+# Events of the log past `meta.applied_lsn` that a writable open folds into the stored
+# projections per write transaction (`Store._catch_up`): a long tail is not one huge one.
+CATCH_UP_EVENTS = 8192
 # What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of
 # plain values, which the cyclic GC stops tracking: thousands of cached Events (and their data
 # dicts) kept alive across batches set off full collections of about 10 ms.
@@ -184,7 +192,8 @@ class Store:
     """Event log plus projections in one LMDB environment; the broker's only storage object."""
 
     def __init__(self, env: LmdbEnv, limits: Limits,
-                 on_rebuild: Callable[[int, int], None] | None = None) -> None:
+                 on_rebuild: Callable[[int, int], None] | None = None,
+                 on_catch_up: Callable[[int, int], None] | None = None) -> None:
         self._env = env
         self._dbs = env.dbs
         self._log = LmdbLog(env)
@@ -206,6 +215,7 @@ class Store:
         if not env.readonly:
             self._check_applied()
             self._check_layout(on_rebuild)
+            self._catch_up(on_catch_up)
 
     def _last_logged_us(self) -> int:
         """The time of the log's last record; 0 for an empty log, or a last record whose time
@@ -220,26 +230,89 @@ class Store:
                 return 0
         return ts if type(ts) is int and 0 <= ts <= MAX_TS_US else 0
 
+    def _positions(self) -> tuple[int | None, int]:
+        """`meta.applied_lsn` (None: none is stored) and the log's last LSN, read in one
+        transaction (CorruptProjection when the applied LSN does not decode)."""
+        with self._env.read() as txn:
+            raw = txn.get(APPLIED_LSN, db=self._dbs["meta"])
+            last = self._log.last_lsn_in(txn)
+        if raw is None:
+            return None, last
+        try:
+            return u64(raw), last
+        except struct.error as exc:
+            raise undecodable("meta", APPLIED_LSN, exc) from None
+
+    def projections_behind(self) -> int:
+        """The events of the log past `meta.applied_lsn`, which the stored projections lack
+        (all of them when no applied LSN is stored: nothing was applied to the tables). A
+        writable store is never behind: its open caught them up. A read-only one
+        serves the projections as they are stored (it writes nothing); this says how far
+        behind they are, and `audit verify` reports the difference at `meta.applied_lsn`."""
+        applied, last = self._positions()
+        return max(0, last - (applied or 0))
+
     def _check_applied(self) -> None:
         """Refuse to write past a log that ends before `meta.applied_lsn` (CorruptLog after its
         last record): its last records were removed behind homing's back, and the next batch
         would append over them, reusing LSNs that inbox entries and `msg` rows name. Read-only
         opens take it as it is, so that `audit verify` can report it. (A log past
-        `applied_lsn`, the mirror case, is written to as ever: no LSN is reused.)"""
-        with self._env.read() as txn:
-            raw = txn.get(APPLIED_LSN, db=self._dbs["meta"])
-            last = self._log.last_lsn_in(txn)
-        if raw is None:
-            return
-        try:
-            applied = u64(raw)
-        except struct.error as exc:
-            raise undecodable("meta", APPLIED_LSN, exc) from None
-        if applied > last:
+        `applied_lsn`, the mirror case, is caught up: `_catch_up`.)"""
+        applied, last = self._positions()
+        if applied is not None and applied > last:
             raise CorruptLog(last + 1, f"the log ends at lsn {last}, yet its projections were "
                              f"applied up to lsn {applied}: its last records were removed "
                              "behind homing's back, and appending would reuse their lsns; "
                              "restore the data directory from a backup")
+
+    def _catch_up(self, progress: Callable[[int, int], None] | None) -> None:
+        """Fold the events of the log past `meta.applied_lsn` into the stored projections, so
+        that they are the fold of the whole log (byte-equal to a rebuild) before a batch
+        applies on top of them: `CATCH_UP_EVENTS` a write transaction, each committed with the
+        applied LSN it reached, so that a catch-up cut short (a kill, a damaged record: its
+        CorruptLog) goes on from there at the next open. `progress(events applied, events to
+        apply)` after each transaction. No applied LSN stored: nothing was applied (each
+        batch and rebuild that folds an event stores one), so the whole log is folded."""
+        applied, last = self._positions()
+        applied = applied or 0
+        if applied >= last:
+            return
+        started = time.perf_counter()
+        log.warning("projections_behind_log", applied_lsn=applied, log_lsn=last,
+                    events=last - applied)
+        lsn = applied
+        while lsn < last:
+            lsn = self._fold_logged(lsn, min(lsn + CATCH_UP_EVENTS, last))
+            if progress is not None:
+                progress(lsn - applied, last - applied)
+        log.info("projections_caught_up", from_lsn=applied + 1, to_lsn=last,
+                 events=last - applied, seconds=round(time.perf_counter() - started, 3))
+
+    def _fold_logged(self, after: int, upto: int) -> int:
+        """Fold the log's records `after` + 1 to `upto` into the stored projections in one
+        write transaction, through the batches' buffer; return `upto` (CorruptLog at a record
+        missing, or one the replay cannot apply: nothing of this transaction is written). The
+        records are read in that transaction, 1,024 at a time (`LmdbLog.read_raw_in`): those
+        of a transaction, up to CATCH_UP_EVENTS x `--max-body-bytes`, are never all in memory."""
+        tables = self._tables
+
+        def work(txn: lmdb.Transaction) -> int:
+            self._rows.check(txn, self._db_list)
+            tables.begin(txn)
+            records = self._log.read_raw_in(txn, after + 1, upto)  # gapless, or CorruptLog
+            lsn, _ts, _count = fold(tables, records, to_lsn=upto, after=after)
+            if lsn != upto:  # a record missing at the end, or one naming another lsn
+                raise CorruptLog(lsn + 1, f"no event of lsn {lsn + 1} where the log has it")
+            tables.flush()
+            self._env.after_commit(tables.committed)
+            return lsn
+
+        try:
+            return self._env.write(work)
+        except BaseException:
+            with self._env.exclusive():  # as in execute: drop the rows of the failed fold
+                tables.rollback()
+            raise
 
     def stored_layout(self) -> bytes | None:
         """The projection layout the stored tables were written in (`LAYOUT` when current;
@@ -260,13 +333,17 @@ class Store:
     @classmethod
     def open(cls, path: str, *, map_size: int = DEFAULT_MAP_SIZE, limits: Limits | None = None,
              readonly: bool = False,
-             on_rebuild: Callable[[int, int], None] | None = None) -> Store:
+             on_rebuild: Callable[[int, int], None] | None = None,
+             on_catch_up: Callable[[int, int], None] | None = None) -> Store:
         """Open the data directory at `path` (created unless `readonly`).
 
         Writers take the directory lock (`DataDirLocked` if another process holds it); read-only
         opens work next to a running broker, for audits. A writable open of a directory of
         another projection layout rebuilds the projections first, calling `on_rebuild(events
-        replayed, events in the log)` every few thousand events.
+        replayed, events in the log)` every few thousand events. A writable open of projections
+        behind the log catches them up first (`_catch_up`), calling `on_catch_up(events
+        applied, events to apply)` after each of its transactions; a read-only open serves them
+        as they are (`projections_behind` says how far behind).
         """
         # Read-only, the tables are optional: the log of a directory of an older layout (one
         # lacking tables added since) is read all the same; a projection read that needs a
@@ -274,7 +351,7 @@ class Store:
         env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly,
                       optional=TABLES if readonly else ())
         try:
-            return cls(env, limits or Limits(), on_rebuild)
+            return cls(env, limits or Limits(), on_rebuild, on_catch_up)
         except BaseException:
             env.close()
             raise

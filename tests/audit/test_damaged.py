@@ -365,18 +365,32 @@ def test_a_log_cut_behind_its_projections_is_refused_for_writing(tmp_path):
         store.close()
 
 
-def test_projections_behind_the_log_still_open_for_writing(tmp_path):
-    """The mirror case (the log past `applied_lsn`, as `audit verify` reports it) opens and
-    serves as before: only a log cut short is refused."""
-    from storage.projections import APPLIED_LSN
-    from storage.records import pack_u64
-
-    data = tmp_path / "data"
-    last = make_data(data)
-    poke(data, lambda txn, db: txn.put(APPLIED_LSN, pack_u64(last - 1), db=db("meta")))
+def test_projections_behind_the_log_are_caught_up_for_writing(tmp_path):
+    """The mirror case (the log past `applied_lsn`, as `audit verify` reports it: here a
+    backup's projections under the original's later log) opens for writing, its projections
+    caught up first; until 2026-12-05 they were served as they were, and the next batch
+    applied on top of them (the next message got seq 4 of a conversation of 5)."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    make_data(data, 3)
+    copy.mkdir()
     store = Store.open(str(data))
     try:
-        (outcome,) = store.execute([SendMessage("bob", "d", "user", "after", "x", to="alice")])
-        assert outcome.error is None and outcome.lsn == last + 1
+        k = store.backup(str(copy))
+        store.execute([SendMessage("bob", "d", "user", f"d{i}", "x", to="alice")
+                       for i in range(2)])
+        last, tail = store.last_lsn(), list(store.log.read_raw(k + 1))
+        expected = store.dump_projections()
     finally:
         store.close()
+    poke(copy, lambda txn, db: [txn.put(lsn_key(lsn), value, db=db("log"))
+                                for lsn, value in tail])
+    assert_one_json_error(run("audit", "verify", "--data", str(copy)), 1,
+                          "projection_mismatch")
+    store = Store.open(str(copy))
+    try:
+        assert store.dump_projections() == expected
+        (outcome,) = store.execute([SendMessage("bob", "d", "user", "after", "x", to="alice")])
+        assert outcome.error is None and outcome.lsn == last + 1 and outcome.reply["seq"] == 6
+    finally:
+        store.close()
+    assert run("audit", "verify", "--data", str(copy)).returncode == 0

@@ -18,6 +18,7 @@ import pytest
 
 from broker.sdnotify import Notifier
 from tests.procs import BrokerProcess, homing, homing_cmd, lines
+from tests.storage.test_catch_up import chat, split_dirs
 from tests.storage.test_layout import older_layout
 
 
@@ -115,6 +116,17 @@ def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
 
 
+def extended_before_ready(listener) -> dict[str, str]:
+    """Wait for `READY=1`; return the first notification that extended the start timeout,
+    which must have come before it."""
+    listener.wait_for(lambda f: "READY" in f)
+    fields = [f for _, f in listener.got]
+    extended = [f for f in fields if "EXTEND_TIMEOUT_USEC" in f]
+    assert extended and fields.index(extended[0]) < fields.index(
+        next(f for f in fields if "READY" in f))
+    return extended[0]
+
+
 def test_a_rebuild_before_serving_says_how_far_it_got_and_extends_the_start_timeout(
         tmp_path, listener):
     """A directory of an older layout is rebuilt before `READY=1`: meanwhile systemd hears
@@ -124,18 +136,36 @@ def test_a_rebuild_before_serving_says_how_far_it_got_and_extends_the_start_time
     last = older_layout(bp.data, 20_000)
     bp.spawn()
     try:
-        listener.wait_for(lambda f: "READY" in f)
-        fields = [f for _, f in listener.got]
-        rebuilding = [f for f in fields if "EXTEND_TIMEOUT_USEC" in f]
-        assert rebuilding and fields.index(rebuilding[0]) < fields.index(
-            next(f for f in fields if "READY" in f))
-        assert rebuilding[0]["EXTEND_TIMEOUT_USEC"] == "30000000"
-        assert rebuilding[0]["STATUS"].startswith("rebuilding projections: ")
-        assert rebuilding[0]["STATUS"].endswith(f" of {last:,} events")
+        rebuilding = extended_before_ready(listener)
+        assert rebuilding["EXTEND_TIMEOUT_USEC"] == "30000000"
+        assert rebuilding["STATUS"].startswith("rebuilding projections: ")
+        assert rebuilding["STATUS"].endswith(f" of {last:,} events")
     finally:
         bp.kill()
     progress = [e for e in bp.log_events() if e["event"] == "projections_rebuild_progress"]
     assert progress and progress[0]["of"] == last and 0 < progress[0]["events"] <= last
+
+
+def test_projections_behind_the_log_are_caught_up_before_serving(tmp_path, listener):
+    """A directory whose log goes past its projections' `applied_lsn` is caught up before
+    `READY=1`: systemd hears `EXTEND_TIMEOUT_USEC` with `STATUS=catching up projections: N of
+    M events`, and the log has `projections_behind_log` (warning) then
+    `projections_caught_up`."""
+    _, behind, k, n = split_dirs(tmp_path, lambda s: chat(s, 2, "a"), lambda s: chat(s, 3, "b"))
+    bp = BrokerProcess(behind, env=broker_env(listener, None))
+    bp.spawn()
+    try:
+        assert extended_before_ready(listener) == {
+            "EXTEND_TIMEOUT_USEC": "30000000",
+            "STATUS": f"catching up projections: {n - k} of {n - k} events"}
+    finally:
+        bp.kill()
+    events = {e["event"]: e for e in bp.log_events()}
+    assert events["projections_behind_log"]["level"] == "warning"
+    assert (events["projections_behind_log"]["applied_lsn"], events["projections_behind_log"][
+        "log_lsn"], events["projections_behind_log"]["events"]) == (k, n, n - k)
+    done = events["projections_caught_up"]
+    assert (done["from_lsn"], done["to_lsn"], done["events"]) == (k + 1, n, n - k)
 
 
 HOLD_WRITE_LOCK = """
