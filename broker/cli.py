@@ -198,6 +198,17 @@ def _check_content_policy(cfg: Config) -> None:
     raise CliError(EXIT_USAGE, "usage", f"--content-policy {cfg.content_policy}: {why}")
 
 
+def _os_why(exc: OSError, data: Path, who: str = "the broker") -> str:
+    """Why a data directory cannot be used: the error, after the file it met it on (one in
+    the directory: its lock, its secret) and, for a permission refused, the uid that asked."""
+    why = str(exc.strerror or exc)
+    if exc.filename is not None and Path(os.fsdecode(exc.filename)) != data:
+        why = f"{os.fsdecode(exc.filename)}: {why}"
+    if exc.errno == errno.EACCES:
+        why += f" ({who} runs as uid {os.getuid()})"
+    return why
+
+
 def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
     """`homing serve` once its address is bound: open the store, serve until stopped."""
     from broker.sdnotify import Notifier
@@ -221,8 +232,8 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
     except tokens.SecretError as exc:
         raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
     except OSError as exc:  # the directory cannot be made or written (permissions, a file)
-        raise CliError(EXIT_USAGE, "data_dir", f"cannot use {cfg.data_dir}: "
-                       f"{exc.strerror or exc}") from None
+        raise CliError(EXIT_USAGE, "data_dir",
+                       f"cannot use {cfg.data_dir}: {_os_why(exc, cfg.data_dir)}") from None
     except StorageError as exc:  # files LMDB cannot open, a log the rebuild cannot replay
         raise CliError(EXIT_USAGE, "data_dir", f"cannot use {cfg.data_dir}: {exc}") from None
     try:
@@ -437,8 +448,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     except tokens.SecretError as exc:
         raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
     except OSError as exc:
-        raise CliError(EXIT_USAGE, "data_dir", f"cannot use {args.data}: "
-                       f"{exc.strerror or exc}") from None
+        why = _os_why(exc, Path(args.data), "homing token")
+        raise CliError(EXIT_USAGE, "data_dir", f"cannot use {args.data}: {why}") from None
     print(token)  # out of the try: a reader gone away is no fault of the data directory
     return 0
 

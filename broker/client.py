@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 import protocol as wire
+from protocol import fields
 
 DEFAULT_SERVER = "127.0.0.1:7717"
 # Refusals worth reconnecting after: the broker stopping, a timeout, a connection limit (its
@@ -278,9 +279,7 @@ class Client:
             conn.send(wire.Hello(versions=(welcome.version,), token="t", device="d"))
             conn.receive_data(wire.encode_frame(wire.to_wire(welcome)))
             conn.next_event()  # the welcome: the checker is open
-            conn.max_frame_bytes = welcome.max_frame
-            if welcome.max_body is not None:
-                conn.max_body_bytes = welcome.max_body
+            conn.max_frame_bytes = welcome.max_frame  # bodies: `send` checks (_check_body)
             checker = self._checker = (welcome, conn)
         try:
             checker[1].send(frame)
@@ -340,8 +339,21 @@ class Client:
         """Send a message; returns the durable result {conv, seq, lsn, cid, dup}. Without a
         `cid` it gets a fresh one (`new_cid`); one of yours is sent as it is, so an empty one is
         refused ("invalid") rather than replaced by an id a retry would not find again."""
-        cid = new_cid() if cid is None else cid
+        if cid is None:
+            cid = new_cid()
+            self._check_body(body)
         return await self._request(lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
+
+    def _check_body(self, body: object) -> None:
+        """ClientError "invalid", unsent, for a body over the broker's limit (its welcome's
+        max_body), as the broker would answer. Only for a send with a fresh cid: one with the
+        caller's cid may repeat a message accepted before the limit was lowered, which the
+        broker answers as a dup (since 2026-12-05), as it does a resend after a reconnect."""
+        limit = self.welcome.max_body if self.welcome is not None else None
+        if limit is not None and not fields.body(body, limit):
+            raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                              "send: bad value for field 'body': "
+                              f"{fields.explain(fields.body, body, limit)}")
 
     async def ack(self, upto: int, *, durable: bool = False) -> None:
         """Acknowledge deliveries up to inbox_seq `upto` (cumulative). An `upto` beyond the
@@ -546,9 +558,9 @@ class Client:
             if isinstance(exc, trio.TooSlowError):
                 raise ConnectionLost(f"no welcome within {limit:g} s") from None
             raise
+        # Not welcome.max_body: `send` checks the bodies it may refuse (_check_body); a resend,
+        # or a cid of the caller's, may repeat a message accepted under a larger limit.
         conn.max_frame_bytes = welcome.max_frame
-        if welcome.max_body is not None:  # a body past it is `invalid` here, without a trip
-            conn.max_body_bytes = welcome.max_body
         self.welcome, self.user = welcome, welcome.user
         self._last_rx = time.monotonic()
         if welcome.head < self._yielded:

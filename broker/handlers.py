@@ -17,7 +17,7 @@ import msgpack
 
 import protocol as wire
 from broker.errors import CloseReason, wire_error
-from protocol import encode_frame
+from protocol import encode_frame, fields
 from protocol.frames import to_wire
 from storage import commands as cmd
 from storage.errors import InternalError, StorageError
@@ -145,14 +145,19 @@ def _send_allowed(session: Session) -> bool:
 
 
 def on_send(session: Session, f: wire.Send) -> Any:
-    # A send the rate or the content policy refuses may be the resend of a message accepted
-    # before (its answer lost with a connection, the policy changed since), or of one still
-    # on its way: that is a dup, and gets the first result as ever; only the refusals pay for
-    # the lookup (`_refused`).
+    # A send the rate, the content policy or the body limit refuses may be the resend of a
+    # message accepted before (its answer lost with a connection, the policy changed or the
+    # limit lowered since), or of one still on its way: that is a dup, and gets the first
+    # result as ever; only the refusals pay for the lookup (`_refused`).
     broker = session.broker
+    limit = broker.config.max_body_bytes
+    if not fields.body(f.body, limit):  # the session's connection checked only its type
+        why = fields.explain(fields.body, f.body, limit)
+        return _refused(session, f, wire.ErrorCode.INVALID,
+                        f"send: bad value for field 'body': {why}")
     if not _send_allowed(session):
         return _refused(session, f, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
-    body = f.body  # its size was checked by the protocol core (max_body_bytes: `invalid`)
+    body = f.body
     if broker.policy is not None:
         body, hit = broker.policy.apply(body)
         if hit and body is None:
@@ -168,11 +173,11 @@ def _submit_send(session: Session, f: wire.Send, body: str | bytes) -> Any:
 
 
 def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str) -> Any:
-    """Answer `f`, which the rate or the content policy refuses, unless it repeats a message
-    of its sender's: accepted (then it is submitted as it came, and the rules answer it as a
-    dup), or perhaps on its way (any send queued or being committed): then it is asked again
-    once those are done (since 2026-12-05; until then refused, and answered as a dup only when
-    sent again). Counted meanwhile with the requests awaiting commit."""
+    """Answer `f`, which the rate, the content policy or the body limit refuses, unless it
+    repeats a message of its sender's: accepted (then it is submitted as it came, and the rules
+    answer it as a dup), or perhaps on its way (any send queued or being committed): then it is
+    asked again once those are done (since 2026-12-05; until then refused, and answered as a
+    dup only when sent again). Counted meanwhile with the requests awaiting commit."""
     store = session.broker.store
     if store.sent(session.user, f.cid):
         return _submit_send(session, f, f.body)

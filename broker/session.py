@@ -56,9 +56,11 @@ class Session:
         # Until welcome, frames of HELLO_MAX_FRAME_BYTES, whatever --max-frame-bytes says
         # (PROTOCOL.md §3.2): a peer that never authenticates cannot make us hold more of its
         # half-frame, and a valid hello is taken even by a broker of small frames.
+        # A send's body is held to --max-body-bytes by on_send, not here: the resend of a
+        # message accepted under a larger limit is a dup (the frame limit still bounds it).
         self.conn = wire.Connection(
             wire.Role.SERVER, max_frame_bytes=wire.HELLO_MAX_FRAME_BYTES,
-            max_body_bytes=cfg.max_body_bytes, max_frame_values=cfg.max_frame_values)
+            max_body_bytes=wire.MAX_FRAME_LIMIT, max_frame_values=cfg.max_frame_values)
         self.log = broker.log.bind(conn=conn_id, peer=peer)
         self.user = ""
         self.device = ""

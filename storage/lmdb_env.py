@@ -95,6 +95,18 @@ def _cut_short(path: str) -> str | None:
     return None
 
 
+def _refused_file(path: str, readonly: bool) -> str | None:
+    """Which LMDB file of `path` this process may not open as it must, when an open failed:
+    LMDB names only the directory (`DIR: Permission denied`). data.mdb is written unless
+    `readonly`; lock.mdb always (the reader table). None if both are as they must be."""
+    for name, write in (("data.mdb", not readonly), ("lock.mdb", True)):
+        file = os.path.join(path, name)
+        if os.path.exists(file) and not os.access(file, os.R_OK | (os.W_OK if write else 0)):
+            return (f"{file}: Permission denied (uid {os.getuid()} may not "
+                    f"{'write' if write else 'read'} it)")
+    return None
+
+
 def _is_empty_file(file: str) -> bool:
     try:
         return os.stat(file).st_size == 0
@@ -170,7 +182,8 @@ class LmdbEnv:
                     map_size = 0
         except lmdb.Error as exc:
             self._release_dir_lock()
-            raise StorageError(_cut_short(self.path) or f"cannot open {self.path}: {exc}") from exc
+            raise StorageError(_cut_short(self.path) or f"cannot open {self.path}: "
+                               f"{_refused_file(self.path, readonly) or exc}") from exc
         except BaseException:
             if hasattr(self, "env"):  # a table missing (MissingTables): do not leak the env
                 self.env.close()
