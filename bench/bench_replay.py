@@ -2,10 +2,11 @@
 
 Run `python -m bench.bench_replay [--events N]`. The log (N `message.accepted` events among 100
 users in direct conversations, written by `Store.execute` in batches of 4,096 SendMessage
-commands) is built once and cached under /tmp keyed by N. Each run then opens it read-only and
-calls `storage.audit.check_projections`, the code path of `homing audit rebuild --check` (and of
-the projection half of `homing audit verify`). Prints the median of 3 runs in events/s and the
-commit measured; `--breakdown` adds the time of each phase. This is not a test.
+commands) is built once and cached in the temporary directory ($TMPDIR, else /tmp) keyed by N.
+Each run then opens it read-only and calls `storage.audit.check_projections`, the code path of
+`homing audit rebuild --check` (and of the projection half of `homing audit verify`). Prints the
+median of 3 runs in events/s and the commit measured; `--breakdown` adds the time of each phase.
+This is not a test.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -36,8 +39,9 @@ DONE_MARKER = "bench-complete"
 
 def cache_dir(events: int) -> str:
     """Return the cached data directory for a log of `events` message events (one per
-    projection layout: a cache of another layout would be rebuilt, not checked)."""
-    return f"/tmp/homing-bench-replay-v{LAYOUT.decode()}-{events}"
+    projection layout: a cache of another layout would be rebuilt, not checked), in the
+    temporary directory ($TMPDIR, else /tmp)."""
+    return os.path.join(tempfile.gettempdir(), f"homing-bench-replay-v{LAYOUT.decode()}-{events}")
 
 
 def build(path: str, events: int) -> None:
@@ -60,13 +64,15 @@ def build(path: str, events: int) -> None:
     open(os.path.join(path, DONE_MARKER), "w").close()
 
 
-def ensure_log(events: int) -> str:
-    """Return a data directory holding the benchmark log, building it when not cached."""
+def ensure_log(events: int, say: Callable[[str], object] = print) -> str:
+    """Return a data directory holding the benchmark log, building it when not cached (and
+    saying so with `say`: `homing bench` says it on stderr, under its table's stdout)."""
     path = cache_dir(events)
     if not os.path.exists(os.path.join(path, DONE_MARKER)):
         started = time.perf_counter()
         build(path, events)
-        print(f"built {path} in {time.perf_counter() - started:.1f}s")
+        say(f"built {path} in {time.perf_counter() - started:.1f}s (kept for the next run; "
+            "delete it when done)")
     return path
 
 

@@ -65,8 +65,10 @@ def add_parser(sub: Any) -> None:
     g = p.add_argument_group("load")
     g.add_argument("--procs", type=_positive_int, default=4,
                    help="load-generator processes for senders/receivers (default %(default)s)")
-    g.add_argument("--senders", type=_positive_int, default=16)
-    g.add_argument("--receivers", type=_positive_int, default=16)
+    g.add_argument("--senders", type=_positive_int, default=16,
+                   help="sender connections (default %(default)s)")
+    g.add_argument("--receivers", type=_positive_int, default=16,
+                   help="receiver connections (default %(default)s)")
     g.add_argument("--messages", type=_positive_int, default=200_000,
                    help="throughput: messages in total (default %(default)s)")
     g.add_argument("--pipeline", type=_positive_int, default=256,
@@ -77,19 +79,24 @@ def add_parser(sub: Any) -> None:
                    help="latency: seconds per rate (default %(default)s)")
     g.add_argument("--subscribers", type=_positive_ints, default=[10, 100, 1000],
                    help="fanout: comma-separated channel sizes (default 10,100,1000)")
-    g.add_argument("--posts", type=_positive_int, default=20, help="fanout: posts per size")
+    g.add_argument("--posts", type=_positive_int, default=20,
+                   help="fanout: posts per size (default %(default)s)")
     g.add_argument("--interval", type=_positive_float, default=0.1,
                    help="fanout: seconds between posts, at least K/1000 (default %(default)s)")
     g.add_argument("--connections", type=_positive_int, default=10_000,
                    help="connections: idle connections to hold (default %(default)s)")
     g.add_argument("--idle-procs", type=_positive_int, default=4,
-                   help="connections: processes holding them")
+                   help="connections: processes holding them (default %(default)s)")
     g.add_argument("--no-connections-throughput", dest="connections_throughput",
                    action="store_false", help="connections: skip the throughput run on top")
-    g.add_argument("--catchup-messages", type=_positive_int, default=100_000)
-    g.add_argument("--replay-events", type=_positive_int, default=200_000)
+    g.add_argument("--catchup-messages", type=_positive_int, default=100_000,
+                   help="catchup: messages waiting for the device (default %(default)s)")
+    g.add_argument("--replay-events", type=_positive_int, default=200_000,
+                   help="replay: message events in the log (default %(default)s)")
     g.add_argument("--timeout", type=_positive_float, default=600.0,
-                   help="seconds per phase before failing")
+                   help="throughput (also against peers and on top of the idle connections) "
+                        "and catchup: seconds per phase before the scenario fails (default "
+                        "%(default)s)")
     g.add_argument("--repeat", type=_positive_int, default=1, metavar="N",
                    help="run each scenario N times, homing and each peer in turn, and report "
                         "the medians (default %(default)s; docs/BENCHMARKS.md, \"Repeated runs\")")
@@ -99,7 +106,8 @@ def add_parser(sub: Any) -> None:
                         "for a free core instead of preempting the server) or normal "
                         "(docs/BENCHMARKS.md, \"Method\")")
     b = p.add_argument_group("broker")
-    b.add_argument("--window", type=_positive_int, default=256, help="homing serve --window")
+    b.add_argument("--window", type=_positive_int, default=256,
+                   help="homing serve --window (default %(default)s)")
     b.add_argument("--pin", action="store_true",
                    help="run the server under test (homing or the peer) on the first half of "
                         "the CPUs and the load processes on the rest (Linux, at least 2 CPUs; "
@@ -135,13 +143,15 @@ class Progress:
 
 
 def note(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
+    from bench.harness import say
+
+    say(text)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bench import placement, repeat, report
-    from bench.disk import describe, synced_writes
+    from bench import placement, report
+    from bench.disk import describe
+    from broker.backup_cli import sigterm_as_exit
 
     _check_usage(args)
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
@@ -155,23 +165,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             note(f"homing bench: {exc}")
             return 2
     progress = Progress()
-    results: dict[str, Any] = {}
+    failed: dict[str, str] = {}
     started = time.monotonic()
-    note("== disk")
-    disk = synced_writes()  # before any broker runs: the machine is idle
-    peers = _reach_peers(args.peer)
-    for name in chosen:
-        runs = []
-        for round_ in range(1, args.repeat + 1):
-            note(f"== {name}" + (f", run {round_} of {args.repeat}" if args.repeat > 1 else ""))
-            try:
-                runs.append(RUNNERS[name](opts, progress))
-            finally:
-                progress.clear()
-            if name in PEER_KEYS:
-                _run_peers(name, runs[-1], peers, opts, progress)
-        results[name] = repeat.with_rounds(repeat.merge(runs), runs)
-    doc = {"results": results, "peers": peers,
+    try:
+        with sigterm_as_exit():
+            disk, peers, results = _measure(chosen, opts, progress, failed)
+    except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; SIGTERM, as `homing backup`
+        progress.clear()
+        note("homing bench: " + ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                                 else "stopped by SIGTERM"))
+        raise
+    doc = {"results": results, "failed": failed, "peers": peers,
            "environment": {**report.environment(opts), "disk": disk},
            "elapsed_s": round(time.monotonic() - started, 1)}
     print(report.table(results))
@@ -184,9 +188,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"storage hot loops {env['storage_native']}, rows {env['storage_rows']}, "
           f"frame codec {env['protocol_native']}")
     print(describe(disk))
+    for line in _not_compared(peers):
+        print(line)
+    for name, why in failed.items():
+        print(f"! {name} failed, so it is not in the table: {why}")
     if opts["load_sched"] == "batch":
         print("load processes: SCHED_BATCH (--load-sched): woken, they wait for a free core "
               "instead of preempting the server")
+    behind = report.fell_behind(results)
+    if behind:
+        from bench import scenarios
+
+        print(f"~ fell behind the rate asked (deliveries at less than "
+              f"{scenarios.FELL_BEHIND_PCT} % of it) in: {', '.join(behind)}; the broker or the "
+              "load could not keep up, so those latencies measure a queue that grew all run: "
+              "ask a lower rate (docs/BENCHMARKS.md, \"Scenarios\")")
     bound = report.load_bound(results)
     if bound:
         print(f"* the load processes were CPU-bound in: {', '.join(bound)}; those figures "
@@ -209,7 +225,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot:
         report.plot(args.plot, results)
         note(f"wrote {args.plot}")
+    if failed:
+        from broker.cli import EXIT_REFUSED, CliError
+
+        raise CliError(EXIT_REFUSED, "bench_failed", "homing bench: " + "; ".join(
+            f"{name} failed: {why}" for name, why in failed.items()))
     return 0
+
+
+def _measure(chosen: list[str], opts: dict, progress: Progress,
+             failed: dict[str, str]) -> tuple[dict, dict, dict[str, Any]]:
+    """The disk's figures, the peers' status and every chosen scenario's results."""
+    from bench import repeat
+    from bench.disk import synced_writes
+
+    note("== disk")
+    disk = synced_writes()  # before any broker runs: the machine is idle
+    peers = _reach_peers(opts["peer"])
+    results: dict[str, Any] = {}
+    for name in chosen:
+        runs = _run_scenario(name, opts, peers, progress, failed)
+        if runs:
+            results[name] = repeat.with_rounds(repeat.merge(runs), runs)
+    return disk, peers, results
+
+
+def _run_scenario(name: str, opts: dict, peers: dict, progress: Progress,
+                  failed: dict[str, str]) -> list[Any]:
+    """Each round of scenario `name` (with the peers'); [] and `failed[name]` saying why when
+    one fails: the other scenarios still run, and their figures are printed and written."""
+    from bench.harness import BrokerError, WorkerError
+
+    runs = []
+    for round_ in range(1, opts["repeat"] + 1):
+        note(f"== {name}" + (f", run {round_} of {opts['repeat']}" if opts["repeat"] > 1 else ""))
+        try:
+            runs.append(RUNNERS[name](opts, progress))
+        except (BrokerError, WorkerError) as exc:
+            failed[name] = str(exc)
+        except Exception as exc:  # a scenario failing must not lose the others' figures
+            failed[name] = f"{type(exc).__name__}: {exc}"
+        finally:
+            progress.clear()
+        if name in failed:
+            note(f"{name} failed: {failed[name]}")
+            return []
+        if name in PEER_KEYS:
+            _run_peers(name, runs[-1], peers, opts, progress)
+    return runs
 
 
 def _check_usage(args: argparse.Namespace) -> None:
@@ -337,6 +400,18 @@ def _reach_peers(urls: list[str]) -> dict:
                      "figures will measure the Python client more than the server (pip install "
                      "'homing[bench]'; docs/BENCHMARKS.md, \"Method\")")
     return status
+
+
+def _not_compared(status: dict) -> list[str]:
+    """A line for each peer asked for that was not reachable or failed, for the report."""
+    out = []
+    for name, st in status.items():
+        if not st["reachable"]:
+            out.append(f"peer {name} ({st['url']}) not compared: not reachable ({st['reason']})")
+        elif "error" in st:
+            out.append(f"peer {name} ({st['url']}) failed and was not run again: "
+                       f"{st['error']}")
+    return out
 
 
 def _run_peers(name: str, result: Any, status: dict, opts: dict, progress: Progress) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +33,13 @@ from broker import tokens
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 UNLIMITED_RATE = 1e9
 """The --send-rate and --user-send-rate every bench broker runs with (the limits are off)."""
+
+
+def say(text: str) -> None:
+    """A note on stderr, on a line of its own: on a terminal the progress line (bench/cli.py,
+    `Progress`) may be drawn there, so it is cleared first."""
+    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + text + "\n")
+    sys.stderr.flush()
 
 
 def free_port() -> int:
@@ -70,6 +79,10 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+class BrokerError(RuntimeError):
+    """The broker under test did not start (it exited, or did not listen in time)."""
+
+
 class BrokerProcess:
     """`homing serve` as a subprocess on a temporary data directory; a context manager."""
 
@@ -105,21 +118,41 @@ class BrokerProcess:
         pin = None if self.cpus is None else functools.partial(placement.pin_self, self.cpus)
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=pin)
-        self._wait_listening()
-        self.secret = tokens.load_secret(self.data)
+        try:
+            self._wait_listening()
+            self.secret = tokens.load_secret(self.data)
+        except BaseException as exc:
+            # Not started: `with` calls no __exit__, so stop it here (a broker still starting
+            # was left running), keeping its data and log unless the run was interrupted.
+            self.__exit__(type(exc), exc, None)
+            raise
         return self
 
     def _wait_listening(self, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the broker exited with {self.proc.returncode}; "
-                                   f"see {self.log.name}")
+                raise BrokerError(f"the broker exited with {self.proc.returncode}"
+                                  f"{self._last_words()}")
             with contextlib.suppress(OSError), socket.create_connection(
                     ("127.0.0.1", self.port), timeout=0.2):
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"the broker did not listen on {self.port} within {timeout:g} s")
+        raise BrokerError(f"the broker did not listen on {self.port} within {timeout:g} s"
+                          f"{self._last_words()}")
+
+    def _last_words(self) -> str:
+        """": " and the last line of the broker's log (the message of a JSON line), or ""."""
+        self.log.flush()
+        try:
+            lines = self.data.with_suffix(".log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        with contextlib.suppress(ValueError, AttributeError):
+            entry = json.loads(last)
+            last = entry.get("message") or entry.get("event") or last
+        return f": {last[:300]}" if last else ""
 
     def token(self, user: str) -> str:
         """A fresh user token for `user`, signed with this broker's secret."""
@@ -149,11 +182,15 @@ class BrokerProcess:
     def __enter__(self) -> BrokerProcess:
         return self.start()
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
-            self.keep_data = True  # keep the broker's log and data to look at
-            sys.stderr.write(f"broker data and log kept: {self.data} ({self.data}.log)\n")
+    def __exit__(self, exc_type: Any, *exc: object) -> None:
+        # A failure keeps the broker's log and data to look at; an interruption (Ctrl-C, or
+        # SIGTERM as SystemExit) is none, so it leaves nothing behind (HOMING_BENCH_KEEP=1
+        # keeps them all the same).
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt | SystemExit):
+            self.keep_data = True
         self.stop()
+        if self.keep_data and exc_type is not None:
+            say(f"broker data and log kept: {self.data} ({self.data}.log)")
 
 
 def _worker_main(target: str, spec: dict, pipe: Any, cpus: list[int] | None,
@@ -162,6 +199,9 @@ def _worker_main(target: str, spec: dict, pipe: Any, cpus: list[int] | None,
     the scheduling policy `sched` (bench.placement)."""
     import importlib
 
+    # Ctrl-C at a terminal reaches every process of the group: the bench ends its load
+    # processes itself (Workers.close), so they do not each print a KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     placement.pin_self(cpus)
     placement.set_sched(sched)
     module, _, name = target.rpartition(".")
@@ -233,12 +273,17 @@ class Workers:
     def cpu(self) -> list[float]:
         return [cpu_seconds(p.pid) for p in self.procs]
 
-    def close(self) -> None:
+    def close(self, at_once: bool = False) -> None:
+        """Tell each process to exit and wait for it (10 s at most), or, `at_once`, end them
+        now: after a failure or an interruption they may be in a phase nobody waits for."""
         for pipe in self.pipes:
             with contextlib.suppress(OSError, BrokenPipeError):
                 pipe.send(("exit", None))
+        if at_once:
+            for p in self.procs:
+                p.terminate()
         for p in self.procs:
-            p.join(10)
+            p.join(5 if at_once else 10)
             if p.is_alive():
                 p.terminate()
                 p.join(5)
@@ -248,8 +293,8 @@ class Workers:
     def __enter__(self) -> Workers:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(at_once=exc_type is not None)
 
 
 def run_phase(workers: Workers, *, timeout: float, pids: dict[str, int], label: str,

@@ -60,9 +60,13 @@ def url_problem(url: str) -> str | None:
     if parts.scheme not in DEFAULT_PORTS:
         return f"{url!r}: the peer must be nats://HOST[:PORT] or redis://HOST[:PORT]"
     try:
-        parts.port  # noqa: B018 - raises ValueError when it is out of range or not a number
+        port = parts.port  # raises ValueError when it is out of range or not a number
     except ValueError:
+        port = 0
+    if port == 0:  # 0 would mean the usual port, as a URL without one
         return f"{url!r}: the port must be a number from 1 to 65535"
+    if not parts.hostname:  # `nats://`, `redis:/h`: the clients would go to localhost
+        return f"{url!r}: the URL names no HOST: nats://HOST[:PORT] or redis://HOST[:PORT]"
     return None
 
 
@@ -199,7 +203,7 @@ def throughput(url: str, opts: dict, progress: Any = None) -> dict:
 
 def latency(url: str, opts: dict, rate: float, progress: Any = None) -> dict:
     """The open-loop latency scenario against the peer at `url`."""
-    from bench.scenarios import _ms
+    from bench.scenarios import _ms, fell_behind
 
     duration = opts["duration"]
     warmup = min(1.0, duration / 5)
@@ -211,8 +215,9 @@ def latency(url: str, opts: dict, rate: float, progress: Any = None) -> dict:
                   f"{peer_name(url)}", progress, go=go, timeout=duration * 4 + 60)
     h, a = m["latency"], m["ack_latency"]
     span = (m["last_delivery"] - m["first_send"]) / 1e9
-    return {"rate": rate, "received": m["received"],
-            "achieved_per_s": round(m["received"] / span) if span else 0, "samples": h.count,
+    achieved = round(m["received"] / span) if span else 0
+    return {"rate": rate, "received": m["received"], "achieved_per_s": achieved,
+            "fell_behind": fell_behind(achieved, rate), "samples": h.count,
             "p50_ms": _ms(h.percentile(50)), "p90_ms": _ms(h.percentile(90)),
             "p99_ms": _ms(h.percentile(99)), "p999_ms": _ms(h.percentile(99.9)),
             "max_ms": _ms(h.max), "durable_ack_p50_ms": _ms(a.percentile(50)),

@@ -103,6 +103,19 @@ def rows(results: dict) -> list[tuple[str, str, Any, Any, Any]]:
     return out
 
 
+def fell_behind(results: dict) -> list[str]:
+    """The latency runs, homing's and peers', that fell behind the rate asked (`fell_behind`),
+    each with the rate it achieved: "latency 200000/s (22,555/s achieved)"."""
+    out = []
+    for entry in results.get("latency", []):
+        label = f"latency {entry['rate']:g}/s"
+        for name, run in [(None, entry), *(entry.get("peer") or {}).items()]:
+            if run.get("fell_behind"):
+                out.append(f"{label}{f' vs {name}' if name else ''} "
+                           f"({run['achieved_per_s']:,}/s achieved)")
+    return out
+
+
 def load_bound(results: dict) -> list[str]:
     """The runs whose load processes were CPU-bound (`cpu.load_bound`), homing's and peers'."""
     return _flagged(results, "load_bound")

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 import protocol as wire
-from bench.harness import BrokerProcess, Workers, run_phase
+from bench.harness import BrokerProcess, Workers, run_phase, say
 from bench.histogram import Histogram
 from bench.loadgen import Link
 from bench.placement import load_cpus, load_sched
@@ -132,6 +132,17 @@ def _cpu_summary(cpu: dict[str, float], opts: dict) -> dict[str, Any]:
             "disturbed": cpu.get("other", 0.0) >= DISTURBED_PCT}
 
 
+FELL_BEHIND_PCT = 90
+"""A latency run whose deliveries came at less than this percentage of the rate asked fell
+behind: the broker or the load did not keep up, a queue grew all run, and the latencies measure
+that queue rather than the broker at that rate."""
+
+
+def fell_behind(achieved_per_s: float, rate: float) -> bool:
+    """Whether a latency run at `rate` that delivered `achieved_per_s` fell behind its rate."""
+    return achieved_per_s < rate * FELL_BEHIND_PCT / 100
+
+
 def run_clients(broker: BrokerProcess, jobs: list[dict], opts: dict, *, label: str,
                 timeout: float, progress: Any, go: Any = None, **extra: Any) -> tuple[dict, dict]:
     """Start one load process per job, run one phase, return (merged figures, cpu)."""
@@ -179,9 +190,11 @@ def latency(broker: BrokerProcess, opts: dict, rate: float, progress: Any = None
                          timeout=duration * 4 + 60, progress=progress, stamped=True)
     h, a = m["latency"], m["ack_latency"]
     span = (m["last_delivery"] - m["first_send"]) / 1e9
+    achieved = round(m["received"] / span) if span else 0
     return {
         "rate": rate, "duration_s": duration, "warmup_s": warmup, "messages": n,
-        "received": m["received"], "achieved_per_s": round(m["received"] / span) if span else 0,
+        "received": m["received"], "achieved_per_s": achieved,
+        "fell_behind": fell_behind(achieved, rate),
         "samples": h.count,
         "p50_ms": _ms(h.percentile(50)), "p90_ms": _ms(h.percentile(90)),
         "p99_ms": _ms(h.percentile(99)), "p999_ms": _ms(h.percentile(99.9)),
@@ -310,7 +323,8 @@ def replay(opts: dict, progress: Any = None) -> dict:
         from bench import bench_replay
     except ImportError:
         return _replay_rebuild(n)
-    path = bench_replay.ensure_log(n)
+    # On stderr: stdout holds the results table only.
+    path = bench_replay.ensure_log(n, say=lambda text: say(f"replay: {text}"))
     # The first run reads the files into the page cache; the figure is the median of the runs
     # after it, as bench/bench_replay.py reports (the first is kept as `first_run_events_per_s`).
     runs = [bench_replay.check_once(path) for _ in range(1 + bench_replay.RUNS)]

@@ -29,7 +29,7 @@ from storage.files import sync_dir
 def cmd_backup(args: argparse.Namespace) -> int:
     data, dest = Path(args.data), Path(args.dest).absolute()
     started = time.monotonic()
-    with _sigterm_as_exit():
+    with sigterm_as_exit():
         return _backup(args, data, dest, started)
 
 
@@ -68,7 +68,7 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
 
 
 @contextmanager
-def _sigterm_as_exit() -> Iterator[None]:
+def sigterm_as_exit() -> Iterator[None]:
     """SIGTERM (`timeout`, a scheduler stopping the job) ends the command as Ctrl-C does, by an
     exception, so that a copy it stops is taken away (exit status 128 + 15); by default it
     killed the process and left the copy half made. A SIGTERM ignored when the command started

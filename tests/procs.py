@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -168,3 +169,19 @@ def last_error(stderr: str) -> dict:
     err = json.loads(stderr.strip().splitlines()[-1])
     assert set(err) == {"error", "code", "message"}, err
     return err
+
+
+def read_terminal(master: int) -> bytes:
+    """All a child wrote to the terminal whose other side (`pty.openpty()`'s slave) is closed,
+    read from `master`, which is then closed."""
+    drawn = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the other side is closed and all was read
+            break
+        if not chunk:
+            break
+        drawn += chunk
+    os.close(master)
+    return drawn

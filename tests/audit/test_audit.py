@@ -23,7 +23,7 @@ from storage.projections import APPLIED_LSN, key2
 from storage.records import lsn_key, pack_u64
 from storage.store import Store
 from tests.harness import running_broker
-from tests.procs import homing_cmd
+from tests.procs import homing_cmd, read_terminal
 from tests.storage.test_layout import older_layout
 
 HOMING = str(Path(sys.executable).with_name("homing"))
@@ -429,16 +429,7 @@ def test_audit_rebuild_draws_its_progress_on_a_terminal(tmp_path):
                               stdout=subprocess.PIPE, stderr=slave, timeout=60)
     finally:
         os.close(slave)
-    drawn = b""
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:  # the terminal's other end is closed: all read
-            break
-        if not chunk:
-            break
-        drawn += chunk
-    os.close(master)
+    drawn = read_terminal(master)
     assert proc.returncode == 0 and json.loads(proc.stdout)["rebuilt"] == last
     text = drawn.decode()
     assert "rebuild (new layout) [" in text and f"/{last:,}" in text

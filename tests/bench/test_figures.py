@@ -158,3 +158,30 @@ def test_a_redis_receiver_reads_on_without_waiting_for_its_xack():
     acks = [w for w in writes if b"XACK" in w]
     assert len(reads) == 2 and len(acks) == 2 and st.acks == 2
     assert b"XACK" in reads[1]  # the first batch's ack went out with the second read
+
+
+def test_a_rate_the_machine_cannot_reach_is_said():
+    """A latency run whose deliveries fell well short of the rate asked (the broker or the load
+    could not keep up: a queue grew all run, and the latencies measure it) is `fell_behind`, and
+    the run's summary names it with the rate achieved. It was a row of figures among the others
+    (`homing bench latency --rates 200000`: p50 9,961 ms, achieved 22,555/s, said nowhere)."""
+    from bench import report
+
+    opts = {"senders": 2, "receivers": 2, "procs": 1, "pipeline": 64, "duration": 0.1,
+            "placement": None, "load_sched": "normal"}
+    with BrokerProcess() as broker:
+        behind = scenarios.latency(broker, opts, 200_000)
+        opts["duration"] = 1.0
+        kept_up = scenarios.latency(broker, opts, 100)
+    assert behind["received"] == behind["messages"] == 20_000
+    assert behind["achieved_per_s"] < 0.9 * 200_000 and behind["fell_behind"] is True
+    assert kept_up["fell_behind"] is False
+    results = {"latency": [kept_up, behind]}
+    assert report.fell_behind(results) == [
+        f"latency 200000/s ({behind['achieved_per_s']:,}/s achieved)"]
+    peer = {**behind, "achieved_per_s": 150_000}
+    kept_up["peer"] = {"redis": {**kept_up}}
+    behind["peer"] = {"redis": peer}
+    assert report.fell_behind(results) == [
+        f"latency 200000/s ({behind['achieved_per_s']:,}/s achieved)",
+        "latency 200000/s vs redis (150,000/s achieved)"]

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
+
+from storage.store import LAYOUT as _LAYOUT
+from tests.procs import read_terminal
+
+LAYOUT = _LAYOUT.decode()
 
 TINY = [
     "--procs", "2", "--senders", "4", "--receivers", "4", "--messages", "2000",
@@ -69,6 +75,12 @@ def test_arguments_that_would_fail_late_are_usage_errors_at_once(tmp_path):
         (["connections", "--connections", "-5"], "--connections"),
         (["throughput", "--peer", "foo://x"], "nats://HOST[:PORT] or redis://HOST[:PORT]"),
         (["throughput", "--peer", "redis://127.0.0.1:99999"], "port"),
+        # 2026-12-05: port 0 was taken as the usual port, and a URL without a host as
+        # 127.0.0.1 (`nats://`, `redis:/h`: a mistyped URL ran against another server)
+        (["throughput", "--peer", "redis://127.0.0.1:0"], "from 1 to 65535"),
+        (["throughput", "--peer", "nats://"], "names no HOST"),
+        (["throughput", "--peer", "redis://:6379"], "names no HOST"),
+        (["throughput", "--peer", "redis:/127.0.0.1"], "names no HOST"),
         (["throughput", "--peer", "redis://a", "--peer", "redis://b:1"], "one peer of each kind"),
         (["throughput", "--json", str(tmp_path / "missing" / "b.json")], "--json"),
         (["throughput", "--plot", str(tmp_path)], "is a folder"),
@@ -119,3 +131,56 @@ def test_a_peer_whose_client_lacks_its_speedups_is_named(monkeypatch, capsys):
     assert status["redis"]["client"] == {"event_loop": "asyncio", "parser": "python"}
     err = capsys.readouterr().err
     assert "peer redis: its client runs without uvloop and hiredis" in err
+
+
+def test_stdout_holds_the_report_and_says_which_peers_were_not_compared(tmp_path):
+    """Piped to a file, stdout is the table and its notes: the replay scenario said that it built
+    its log there, above the table (2026-12-05), and it keeps that log in the temporary
+    directory ($TMPDIR: it was always /tmp). A peer asked for but not reachable is said there
+    too, not only on stderr: a saved report without its peer column said nothing of why."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "broker.cli", "bench", "replay",
+                          "--replay-events", "1500", "--peer", "redis://127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("| scenario"), run.stdout[:500]
+    assert "replay: built" in run.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [f"homing-bench-replay-v{LAYOUT}-1500"]
+    (line,) = [x for x in run.stdout.splitlines() if "not compared" in x]
+    assert line.startswith("peer redis (redis://127.0.0.1:1) not compared: not reachable")
+
+
+def test_the_help_gives_every_default():
+    """`homing bench --help` gives each option's default, as docs/BENCHMARKS.md does (--senders,
+    --receivers, --posts, --idle-procs, --catchup-messages, --replay-events and --timeout gave
+    none)."""
+    import argparse
+
+    from broker.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    bench = sub.choices["bench"]
+    silent = [a.option_strings[0] for a in bench._actions
+              if a.option_strings and a.default not in (None, False, True, [], argparse.SUPPRESS)
+              and "default" not in (a.help or "")]
+    assert silent == []
+
+
+def test_a_note_on_a_terminal_does_not_land_on_the_progress_line(tmp_path):
+    """On a terminal the progress line is redrawn in place; a note written meanwhile (the replay
+    log built, a broker's data kept) starts a line of its own: it ran on after the progress line
+    ("... (0/1)replay: built ...")."""
+    import pty
+
+    master, slave = pty.openpty()
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    try:
+        run = subprocess.run([sys.executable, "-m", "broker.cli", "bench", "replay",
+                              "--replay-events", "1200"], stdout=subprocess.PIPE, stderr=slave,
+                             env=env, timeout=120)
+    finally:
+        os.close(slave)
+    err = read_terminal(master)
+    assert run.returncode == 0
+    assert b"  replay: preparing the log" in err  # the progress line was drawn
+    assert b"\r\x1b[Kreplay: built" in err, err

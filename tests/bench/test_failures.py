@@ -1,0 +1,158 @@
+"""`homing bench` when a run fails or is interrupted (review of the bench as a user, 2026-12-05).
+
+A scenario that fails (a phase past `--timeout`, a broker that does not start) is said in the
+CLI's JSON error, exit 1, and the figures of the scenarios that did finish are still printed and
+written; Ctrl-C (SIGTERM) ends the run at once with exit 130 (143), no traceback and nothing
+left running or behind. These ran before as a Python traceback that lost every figure, up to
+40 s after the failure (the load processes were each given 10 s to finish a phase nobody waited
+for), and Ctrl-C printed a traceback of every load process and kept the broker's data directory, and
+SIGTERM killed the bench alone, leaving its broker running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import scenarios
+from bench.harness import BrokerProcess, Workers
+
+HOMING = [sys.executable, "-m", "broker.cli", "bench"]
+SMALL = ["--procs", "1", "--senders", "2", "--receivers", "2"]
+
+
+def _env(tmp_path) -> dict:
+    """The bench's temporary files (broker data directories, the replay cache) in tmp_path."""
+    return {**os.environ, "TMPDIR": str(tmp_path)}
+
+
+def _left(tmp_path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("homing-bench-"))
+
+
+def test_load_processes_mid_phase_are_ended_at_once_when_the_run_fails():
+    """Leaving the `Workers` block on an exception ends the load processes at once: they are in
+    a phase nobody will wait for (it took 10 s per process)."""
+    opts = {"pipeline": 64, "placement": None, "load_sched": "normal"}
+    with BrokerProcess() as broker:
+        jobs = scenarios.client_jobs(broker, senders=2, receivers=2, messages=10_000_000,
+                                     procs=2, tag="w")
+        specs = [("bench.loadgen.clients", scenarios._spec(broker, job, opts)) for job in jobs]
+        workers = Workers(specs)
+        with pytest.raises(RuntimeError, match="the run failed"), workers:
+            workers.gather("ready", 60)
+            workers.broadcast(("go", None))
+            time.sleep(0.3)
+            started = time.monotonic()
+            raise RuntimeError("the run failed")
+        assert time.monotonic() - started < 5
+        assert not any(p.is_alive() for p in workers.procs)
+
+
+def test_a_failed_scenario_is_a_json_error_and_the_others_figures_are_kept(tmp_path):
+    """A phase past --timeout: the CLI's JSON error naming the scenario, exit 1, soon after the
+    timeout; the scenario that finished is in the table and the JSON, the failed one under
+    `failed`; the failed broker's data directory and log are kept and named."""
+    out = tmp_path / "b.json"
+    started = time.monotonic()
+    run = subprocess.run([*HOMING, "replay", "throughput", *SMALL, "--messages", "10000000",
+                          "--replay-events", "2000", "--timeout", "2", "--json", str(out)],
+                         capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    elapsed = time.monotonic() - started
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    error = json.loads(run.stderr.strip().splitlines()[-1])
+    assert error["error"] == "bench_failed" and error["code"] == 0
+    assert error["message"].startswith("homing bench: throughput failed:"), error
+    assert "within 2 s" in error["message"]
+    assert elapsed < 30, elapsed
+    assert "| replay" in run.stdout and "| throughput" not in run.stdout
+    doc = json.loads(out.read_text())
+    assert doc["results"]["replay"]["events_per_s"] > 0
+    assert "throughput" not in doc["results"]
+    assert "within 2 s" in doc["failed"]["throughput"]
+    kept = [p for p in _left(tmp_path) if not p.startswith("homing-bench-replay")]
+    assert len(kept) == 2 and "kept" in run.stderr  # its data directory and its log
+    assert all(name in run.stderr for name in kept)
+
+
+def test_a_broker_that_does_not_start_is_said_with_its_own_words(tmp_path):
+    """A --broker-arg that homing serve refuses: the bench says what serve said (it printed a
+    traceback ending in "the broker exited with 2") and keeps its log."""
+    run = subprocess.run([*HOMING, "throughput", *SMALL, "--messages", "100",
+                          "--broker-arg=--no-such-flag"],
+                         capture_output=True, text=True, timeout=60, env=_env(tmp_path))
+    assert run.returncode == 1, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    error = json.loads(run.stderr.strip().splitlines()[-1])
+    assert error["error"] == "bench_failed"
+    assert "throughput failed: the broker exited with 2" in error["message"]
+    assert "--no-such-flag" in error["message"]
+    assert _left(tmp_path), "the broker's log is kept"
+
+
+def _signalled_mid_run(tmp_path, signal_it) -> tuple[subprocess.Popen, str, float]:
+    """Start a long throughput run in a session of its own, wait until its phase runs, call
+    `signal_it(proc)`; return the process, its stderr and how long it took to end after."""
+    proc = subprocess.Popen([*HOMING, "throughput", *SMALL, "--messages", "10000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not _group_has_load(proc.pid):
+            time.sleep(0.2)
+        time.sleep(1.0)  # the phase is running
+        signal_it(proc)
+        started = time.monotonic()
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc, err, time.monotonic() - started
+
+
+def test_ctrl_c_ends_the_run_at_once_without_tracebacks_or_leftovers(tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it: exit 130 within
+    seconds, no traceback (each load process printed its KeyboardInterrupt), no process of the
+    run left, and no data directory kept (an interruption is no failure to look into)."""
+    proc, err, took = _signalled_mid_run(
+        tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    assert proc.returncode == 130, err[-3000:]
+    assert took < 8
+    assert "Traceback" not in err, err[-3000:]
+    assert "interrupted" in err
+    time.sleep(0.5)
+    assert _group(proc.pid) == []
+    assert _left(tmp_path) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_bench_alone_stops_its_broker_and_load_too(tmp_path, signum):
+    """SIGINT or SIGTERM to the bench process only (`kill -INT PID`, a scheduler stopping the
+    job): it ends its broker and load processes itself, at once, exit 128 + the signal's number.
+    SIGINT took 36 s; SIGTERM killed the bench alone and left its broker running, and its data
+    directory behind."""
+    proc, err, took = _signalled_mid_run(tmp_path, lambda proc: proc.send_signal(signum))
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert took < 8
+    assert "Traceback" not in err, err[-3000:]
+    time.sleep(0.5)
+    assert _group(proc.pid) == []
+    assert _left(tmp_path) == []
+
+
+def _group(pgid: int) -> list[str]:
+    """The live processes of the group (an exited one not yet reaped by init holds nothing)."""
+    out = subprocess.run(["pgrep", "-g", str(pgid), "-a"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if "<defunct>" not in line]
+
+
+def _group_has_load(pgid: int) -> bool:
+    return any("spawn_main" in line for line in _group(pgid))
