@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 MAX_TOKEN_TTL_S = 3650 * 86400  # ten years: longer is a typo, and past 2**64 s msgpack fails
+DEFAULT_LOG_BUFFER_BYTES = 1 << 20  # broker/logs.py DEFAULT_BUFFER_BYTES, not imported: structlog
 RATE_LIMITED_PAUSE_S = 0.05  # first pause before resending a send refused as rate_limited
 RATE_LIMITED_MAX_PAUSE_S = 1.0  # the pause doubles while refused, up to this
 
@@ -62,7 +63,15 @@ class CliError(Exception):
 def warn(name: str, message: str) -> None:
     """A warning on stderr, one JSON object `{"warning": NAME, "message": TEXT}`; the command
     still succeeds (docs/CLI.md, Conventions)."""
+    _drain_log()
     sys.stderr.write(json.dumps({"warning": name, "message": message}) + "\n")
+
+
+def _drain_log() -> None:
+    """Before writing to stderr: the broker's log lines still held go out first (`serve`)."""
+    logs = sys.modules.get("broker.logs")
+    if logs is not None:
+        logs.drain()
 
 
 class JsonErrorParser(argparse.ArgumentParser):
@@ -135,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(EXIT_USAGE, "usage", "--tls-cert and --tls-key go together")
     if args.content_action and not args.content_policy:  # it would be ignored
         raise CliError(EXIT_USAGE, "usage", "--content-action needs --content-policy")
-    configure(args.log_level, args.log_format)
+    configure(args.log_level, args.log_format, buffer_bytes=args.log_buffer_bytes)
     try:
         cfg = _serve_config(args)
     except ValueError as exc:
@@ -875,6 +884,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)g)")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     s.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
+    s.add_argument("--log-buffer-bytes", type=_number(int, 4096, 1 << 30),
+                   default=DEFAULT_LOG_BUFFER_BYTES,
+                   help="log lines held for a sink slow to take them before lines are lost "
+                        "(default %(default)s)")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("token", help="print a signed access token")
@@ -999,6 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         return _reader_gone()
     except CliError as exc:
+        _drain_log()
         sys.stderr.write(json.dumps({"error": exc.name, "code": exc.code,
                                      "message": exc.message}) + "\n")
         return exc.status

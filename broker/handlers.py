@@ -94,9 +94,11 @@ def _command_done(pending: Any) -> None:
                               conv=getattr(pending.command, "conv", None), exc_info=exc)
         session.reply_error(request_id, code, message)
     else:
+        # the conversation a send `to` a user or a create went to is the reply's
+        conv = getattr(pending.command, "conv", None) or (
+            outcome.reply.get("conv") if isinstance(outcome.reply, dict) else None)
         session.log.debug("command_done", command=type(pending.command).__name__,
-                          conv=getattr(pending.command, "conv", None), lsn=outcome.lsn,
-                          reply=outcome.reply)
+                          conv=conv, lsn=outcome.lsn, reply=outcome.reply)
         if reply is not None and (frame := reply(session, request_id, outcome.reply)) is not None:
             session.reply(frame)
 

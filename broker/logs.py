@@ -5,8 +5,12 @@ Shared context keys are constants so every module binds the same names.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
+import threading
+from collections import deque
 
 import structlog
 
@@ -18,41 +22,134 @@ LSN = "lsn"
 PEER = "peer"
 
 
+# Log lines held for a sink that does not take them (a full pipe) before lines are lost
+# (`--log-buffer-bytes`).
+DEFAULT_BUFFER_BYTES = 1 << 20
+DRAIN_AT_EXIT_S = 2.0  # how long an exit waits for the held lines to be written
+
+
 class LossyStream:
-    """The log's stream, whose failures lose lines instead of failing what logged them.
+    """The log's stream, whose failures lose lines instead of failing or stopping the broker.
 
     A log line that cannot be written (stderr redirected to a full disk, /dev/full, a pipe whose
     reader went away) must not stop the broker: the write raised from deep inside a send's
-    handling or a commit's fan-out, and the broker exited.
+    handling or a commit's fan-out, and the broker exited. Nor may a sink that stops taking
+    lines (a pipe whose reader is alive but reads nothing: a hung log shipper, a paused
+    `| less`): the write blocked the broker's only thread once the pipe was full, and it
+    answered nobody. So lines are written by a thread of their own; up to `max_bytes` of them
+    wait for a slow sink, whole lines past that are lost, and `log_lines_dropped` counts them
+    once the sink takes lines again.
     """
 
-    __slots__ = ("__weakref__", "stream")  # structlog keeps a lock per stream, weakly keyed
+    __slots__ = ("__weakref__", "_cond", "_held", "_held_bytes", "_line", "_thread", "_writing",
+                 "dropped", "max_bytes", "stream")  # __weakref__: structlog's lock, weakly keyed
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, max_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
         self.stream = stream
+        self.max_bytes = max_bytes
+        self.dropped = 0  # lines lost since the last log_lines_dropped
+        self._line: list[str] = []  # the pieces of the line being printed
+        self._held: deque[bytes] = deque()
+        self._held_bytes = 0
+        self._writing = False
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def write(self, text: str) -> int:
-        try:
-            return self.stream.write(text)
-        except (OSError, ValueError):  # ValueError: the stream was closed
-            return 0
+        self._line.append(text)
+        return len(text)
 
     def flush(self) -> None:
+        """The end of a line (structlog prints a line, then flushes): hand it to the writer."""
+        if not self._line:
+            return
+        line = "".join(self._line).encode("utf-8", "backslashreplace")
+        self._line.clear()
+        with self._cond:
+            if self._held_bytes + len(line) > self.max_bytes and self._held:
+                self.dropped += 1
+                return
+            self._held.append(line)
+            self._held_bytes += len(line)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="homing-log",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._held:
+                    self._cond.wait()
+                lines = list(self._held)
+                self._held.clear()
+                self._writing = True
+            try:
+                self._write(b"".join(lines))
+                with self._cond:
+                    self._held_bytes -= sum(map(len, lines))
+                    dropped, self.dropped = self.dropped, 0
+                if dropped:  # the sink took lines again: say how many were lost
+                    get_logger().warning("log_lines_dropped", lines=dropped,
+                                         buffer_bytes=self.max_bytes)
+            finally:
+                with self._cond:  # (after the line above is held: a drain waits for it)
+                    self._writing = False
+                    self._cond.notify_all()
+
+    def _write(self, data: bytes) -> None:
+        # Straight to the file descriptor: a daemon thread blocked inside the text stream's
+        # buffer would hold its lock, and the interpreter's flush of stderr at exit would abort.
+        if self.stream is None:  # started without a stderr (`2>&-`): nowhere to write
+            return
         try:
-            self.stream.flush()
-        except (OSError, ValueError):
+            fd = self.stream.fileno()
+        except (OSError, ValueError, AttributeError):  # no descriptor (a StringIO), or closed
+            fd = None
+        try:
+            if fd is None:
+                self.stream.write(data.decode("utf-8"))
+                self.stream.flush()
+                return
+            while data:
+                data = data[os.write(fd, data):]
+        except (OSError, ValueError):  # ValueError: the stream was closed
             pass
+
+    def drain(self, timeout: float = DRAIN_AT_EXIT_S) -> bool:
+        """Wait until the lines held are written, `timeout` seconds at most (a stalled sink);
+        True if they were."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._held and not self._writing, timeout)
 
     def isatty(self) -> bool:
         try:
-            return self.stream.isatty()
+            return self.stream is not None and self.stream.isatty()
         except (OSError, ValueError):
             return False
 
 
-def configure(level: str = "info", fmt: str = "auto", stream=None) -> None:
-    """Route structlog events to `stream` (stderr) as JSON, or as console text on a TTY."""
-    stream = LossyStream(stream or sys.stderr)
+_streams: list[LossyStream] = []
+
+
+def drain(timeout: float = DRAIN_AT_EXIT_S) -> None:
+    """Write the log lines still held (before anything else is written to stderr, and at
+    exit), waiting `timeout` seconds at most for a sink that takes nothing."""
+    for stream in _streams:
+        stream.drain(timeout)
+
+
+atexit.register(drain)
+
+
+def configure(level: str = "info", fmt: str = "auto", stream=None,
+              buffer_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
+    """Route structlog events to `stream` (stderr) as JSON, or as console text on a TTY;
+    up to `buffer_bytes` of lines wait for a sink that is slow to take them."""
+    drain()
+    stream = LossyStream(stream or sys.stderr, buffer_bytes)
+    _streams[:] = [stream]
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer = (

@@ -185,3 +185,22 @@ def read_terminal(master: int) -> bytes:
         drawn += chunk
     os.close(master)
     return drawn
+
+
+def check_serves_then_stops(serve: subprocess.Popen, data: Path, port: int) -> None:
+    """`serve`, a `homing serve` child on `data` and `port` whose log goes nowhere usable,
+    answers three sends of `homing send` in order, then stops cleanly on SIGTERM; it is killed
+    whatever happens."""
+    try:
+        env = {"HOMING_SERVER": f"127.0.0.1:{port}",
+               "HOMING_TOKEN": homing("token", "shop", "--data", str(data)).stdout.strip()}
+        for i in range(3):
+            sent = lines(homing("send", "--to", "bob", "--connect-timeout", "15", f"n{i}",
+                                env=env))
+            assert sent[0]["seq"] == i + 1
+        assert serve.poll() is None
+        serve.terminate()
+        assert serve.wait(timeout=20) == 0
+    finally:
+        serve.kill()
+        serve.wait()

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.procs import BrokerProcess, homing, homing_cmd, lines
+from tests.procs import BrokerProcess, check_serves_then_stops, homing, homing_cmd, lines
 
 
 @pytest.fixture
@@ -550,16 +550,4 @@ def test_a_log_that_cannot_be_written_does_not_stop_the_broker(tmp_path):
             [*homing_cmd(), "serve", "--data", str(data), "--port", str(port),
              "--log-level", "debug", "--log-format", "json"],
             stdout=subprocess.DEVNULL, stderr=full)
-    try:
-        env = {"HOMING_SERVER": f"127.0.0.1:{port}",
-               "HOMING_TOKEN": homing("token", "shop", "--data", str(data)).stdout.strip()}
-        for i in range(3):
-            sent = lines(homing("send", "--to", "bob", "--connect-timeout", "15", f"n{i}",
-                                env=env))
-            assert sent[0]["seq"] == i + 1
-        assert serve.poll() is None
-        serve.terminate()
-        assert serve.wait(timeout=20) == 0
-    finally:
-        serve.kill()
-        serve.wait()
+    check_serves_then_stops(serve, data, port)

@@ -1,0 +1,240 @@
+"""The broker's log as an operator reads it during an incident: a real `homing serve` child,
+driven through a day by the SDK, its stderr read line by line.
+
+- every line is one JSON object with a timestamp, a level and the event, and carries the
+  context docs/OPERATIONS.md "Logs" promises for that event; no token, no secret key;
+- at the default level the log does not grow with the messages (a line per connection, not
+  per message);
+- a sink that stops reading (a pipe whose reader is alive but stalled: a hung log shipper, a
+  paused `| less`) costs lines, never the service.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+
+import trio
+
+from broker import tokens
+from broker.client import ClientError, ConnectionLost, open_client
+from tests.faults.conftest import RawClient
+from tests.procs import BrokerProcess, free_port, homing_cmd
+
+# The fields each event of the day must carry (docs/OPERATIONS.md "Logs"), besides
+# event, level and timestamp.
+PROMISED = {
+    "broker_listening": {"host", "port", "tls", "data", "storage_native", "storage_rows",
+                         "protocol_native"},
+    "connection_opened": {"conn", "peer", "user", "device", "role", "acked", "head"},
+    "auth_failed": {"conn", "peer", "device", "reason"},
+    "frame_rejected": {"conn", "peer", "code", "reason", "fatal"},
+    "slow_consumer_closed": {"conn", "peer", "user", "device", "queued", "queued_bytes"},
+    "tokens_revoked": {"conn", "user", "device", "target", "before", "sessions_ended"},
+    "connection_closed": {"conn", "peer", "user", "device", "reason", "duration_s",
+                          "frames_in", "frames_out"},
+    "broker_stopped": {"batches", "commands"},
+    "storage_opened": {"path", "map_size", "readonly"},
+    "storage_closed": {"path"},
+}
+
+
+async def _day(bp: BrokerProcess) -> int:
+    """Connect, 1,000 direct messages and 100 group posts read and acked, a bad token, garbage
+    before and after hello, a membership change past the rate, a device that never reads, a
+    revoke. The number of messages sent."""
+    sent = 0
+    async with bp.client("alice") as a, bp.client("bob") as b, \
+            bp.client("admin", role="admin") as admin:
+        conv = await a.create_group("team", ["bob", "carol"])
+        for i in range(1000):
+            await a.send(f"m{i}", to="bob")
+        for i in range(100):
+            await a.send(f"g{i}", conv=conv)
+        sent += 1100
+        deliveries = b.deliveries()
+        for n in range(1, 1101):
+            d = await deliveries.receive()
+            if n % 50 == 0:
+                await b.ack(d.inbox_seq, durable=True)
+        forged = bp.token("eve")[:-4] + "AAAA"
+        try:
+            async with open_client(bp.server, forged, "x", reconnect=False):
+                raise AssertionError("a forged token was welcome")
+        except ClientError:
+            pass
+        garbage = await trio.open_tcp_stream("127.0.0.1", bp.port)
+        await garbage.send_all(b"\x00\x00\x00\x05hello")
+        with trio.move_on_after(1):
+            await garbage.receive_some(100)
+        await garbage.aclose()
+        raw = await RawClient.connect(bp.server, bp.token("carol"), "raw")
+        await raw.stream.send_all(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+        with trio.move_on_after(1):
+            await raw.next()
+        for i in range(20):
+            try:
+                await a.mute(conv, i % 2 == 0)
+            except ClientError as exc:
+                assert exc.name == "rate_limited", exc
+                break
+        else:
+            raise AssertionError("--change-rate 5 let 20 changes through")
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", bp.port))
+        stalled = RawClient(trio.SocketStream(sock))
+        await stalled.hello(bp.token("alice"), "never-reads")
+        for _ in range(30):
+            await a.send("z" * 60_000, conv=conv)
+        sent += 30
+        for i in range(20):
+            await b.read(conv, 100 + i)
+        with trio.fail_after(10):
+            while not any(e["event"] == "slow_consumer_closed" for e in bp.log_events()):
+                await trio.sleep(0.05)
+        assert await admin.revoke_tokens("bob") >= 0
+        with trio.fail_after(10):
+            while not any(e["event"] == "tokens_revoked" for e in bp.log_events()):
+                await trio.sleep(0.05)
+        sock.close()
+    return sent
+
+
+async def test_a_day_of_the_broker_reads_as_the_docs_promise(tmp_path):
+    bp = BrokerProcess(tmp_path / "data", "--change-rate", "5", "--max-pending-pushes", "8")
+    try:
+        await bp.astart()
+        with trio.fail_after(90):
+            sent = await _day(bp)
+        assert await bp.aterminate() == 0
+    finally:
+        bp.kill()
+    text = bp.logfile.read_text()
+    lines = text.splitlines()
+    events = [json.loads(line) for line in lines]  # every line one JSON object
+    assert text.endswith("\n")
+    for e in events:
+        assert {"event", "level", "timestamp"} <= set(e), e
+        assert e["level"] in ("debug", "info", "warning", "error", "critical"), e
+        assert e["timestamp"].endswith("Z"), e
+    seen = {e["event"] for e in events}
+    assert set(PROMISED) <= seen, set(PROMISED) - seen
+    for e in events:
+        missing = PROMISED.get(e["event"], set()) - set(e)
+        assert not missing, (e, missing)
+    # a session's lines carry its user and device once it is past hello
+    opened = {e["conn"]: e for e in events if e["event"] == "connection_opened"}
+    for e in events:
+        if e.get("conn") in opened and e["event"] != "auth_failed":
+            assert e["user"] == opened[e["conn"]]["user"], e
+    # no secret: neither a token (of any user of the day) nor the secret key
+    secret = bp.secret.hex() if isinstance(bp.secret, bytes) else str(bp.secret)
+    assert secret not in text
+    assert "v1." not in text  # a token's prefix (broker/tokens.py)
+    # bounded: a few lines per connection, none per message
+    per_1000 = 1000 * len(lines) / sent
+    assert per_1000 < 40, (len(lines), sent)
+
+
+def _serve_into_pipe(data, port, *flags):
+    return subprocess.Popen(
+        [*homing_cmd(), "serve", "--data", str(data), "--port", str(port),
+         "--log-format", "json", *flags],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.03)
+    raise AssertionError("the broker did not listen")
+
+
+async def test_a_log_pipe_nobody_reads_does_not_stop_the_broker(tmp_path):
+    """stderr a pipe whose reader is alive but reads nothing: once the pipe (64 KiB) was full,
+    the next log line blocked the broker's only thread, and it answered nobody (no welcome
+    within 10 s at the 143rd connection). Lines are lost instead, and counted when the sink
+    takes lines again (`log_lines_dropped`)."""
+    data, port = tmp_path / "data", free_port()
+    secret = tokens.load_secret(data)
+    serve = _serve_into_pipe(data, port, "--log-buffer-bytes", "16384")
+    try:
+        _wait_listening(port)
+        token = tokens.issue(secret, "u", "user", 3600)
+        with trio.fail_after(60):
+            for i in range(400):
+                try:
+                    async with open_client(f"127.0.0.1:{port}", token, f"d{i}",
+                                           reconnect=False, reconnect_timeout=5) as c:
+                        await c.send("x", to="bob")
+                except ConnectionLost as exc:
+                    raise AssertionError(f"connection {i}: {exc}") from None
+        assert serve.poll() is None
+        events = []  # the reader comes back: the loss is told, and the broker serves on
+        while not events or events[-1]["event"] != "log_lines_dropped":
+            events.append(json.loads(serve.stderr.readline()))  # whole lines only
+        (dropped,) = [e for e in events if e["event"] == "log_lines_dropped"]
+        assert dropped["lines"] > 0 and dropped["level"] == "warning", dropped
+        assert dropped["buffer_bytes"] == 16384
+        async with open_client(f"127.0.0.1:{port}", token, "after", reconnect=False) as c:
+            await c.send("y", to="bob")
+        serve.send_signal(subprocess.signal.SIGTERM)
+        _, out = serve.communicate(timeout=30)
+        assert serve.returncode == 0
+    finally:
+        serve.kill()
+        serve.wait()
+    events = [json.loads(line) for line in out.decode().splitlines()]
+    assert [e["device"] for e in events if e["event"] == "connection_opened"] == ["after"]
+    assert events[-1]["event"] == "storage_closed", events[-3:]
+
+
+def test_the_log_buffer_default_is_the_logs_own():
+    from broker import cli, logs
+
+    assert cli.DEFAULT_LOG_BUFFER_BYTES == logs.DEFAULT_BUFFER_BYTES
+
+
+def test_a_broker_started_without_stdout_and_stderr_serves(tmp_path):
+    """`homing serve ... >&- 2>&-` (a unit that closes them, a careless nohup): the log has
+    nowhere to go, and its lines are lost. The broker exited with status 1 at its start,
+    silently (its first log line raised on the missing stderr)."""
+    from tests.procs import check_serves_then_stops
+
+    data, port = tmp_path / "data", free_port()
+    cmd = " ".join([*homing_cmd(), "serve", "--data", str(data), "--port", str(port),
+                    "--log-format", "json"])
+    serve = subprocess.Popen(f"exec {cmd} >&- 2>&-", shell=True)
+    try:
+        _wait_listening(port)
+    except BaseException:
+        serve.kill()
+        serve.wait()
+        raise
+    check_serves_then_stops(serve, data, port)
+
+
+async def test_command_done_names_the_conversation_of_a_direct_send_and_a_create(tmp_path):
+    """At --log-level debug an operator follows a conversation by its `conv`: `command_done` of
+    a send with `to` (a direct message) or of a create named none (the command's own field
+    was empty), so the direct messages of a user could not be found by their conversation."""
+    bp = BrokerProcess(tmp_path / "data", "--log-level", "debug")
+    try:
+        await bp.astart()
+        with trio.fail_after(30):
+            async with bp.client("alice") as a:
+                dm = (await a.send("hi", to="bob")).conv
+                group = await a.create_group("team", ["bob"])
+                await a.send("all", conv=group)
+        assert await bp.aterminate() == 0
+    finally:
+        bp.kill()
+    done = [(e["command"], e["conv"]) for e in bp.log_events() if e["event"] == "command_done"]
+    assert done == [("SendMessage", dm), ("CreateConv", group), ("SendMessage", group)], done
