@@ -42,7 +42,52 @@ from typing import Any
 import trio
 
 import protocol as wire
-from protocol import fields
+from protocol import (
+    ConvEntry,
+    ConvList,
+    Deliver,
+    MemberList,
+    Page,
+    PageMessage,
+    Receipt,
+    ReceiptList,
+    Result,
+    Status,
+    TypingNotice,
+    Welcome,
+    fields,
+)
+
+# The frames a service gets back, named in docs/CLIENT.md, are importable from the SDK itself
+# (`from broker.client import Receipt`) to tell pushes apart and type the answers.
+__all__ = [
+    "DEFAULT_SERVER",
+    "BrokerUnavailable",
+    "Client",
+    "ClientClosed",
+    "ClientError",
+    "ConnectionLost",
+    "ConvEntry",
+    "ConvList",
+    "Deliver",
+    "Deliveries",
+    "MemberList",
+    "NotTls",
+    "NotTrusted",
+    "Page",
+    "PageMessage",
+    "Receipt",
+    "ReceiptList",
+    "Replaced",
+    "Result",
+    "Status",
+    "TypingNotice",
+    "UnknownHost",
+    "Welcome",
+    "new_cid",
+    "open_client",
+    "parse_server",
+]
 
 DEFAULT_SERVER = "127.0.0.1:7717"
 # Refusals worth reconnecting after: the broker stopping, a timeout, a connection limit (its
@@ -218,6 +263,10 @@ class Client:
         self._push_event = trio.Event()
         self._yielded = 0  # highest inbox_seq handed to the caller
         self._acked = 0  # highest inbox_seq the caller acked
+        # For `done`: the inbox_seqs the caller took from `deliveries()` and has not yet
+        # declared done, in order, and those declared done out of order.
+        self._taken: deque[int] = deque()
+        self._done: set[int] = set()
         self._closed = False
         self._close_done = trio.Event()  # aclose did what it does
         self._last_rx = time.monotonic()
@@ -372,12 +421,32 @@ class Client:
             raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
                               f"ack: cannot ack {upto}: the last inbox entry this client "
                               f"knows of is {known}")
+        while self._taken and self._taken[0] <= upto:  # acked: done or not, `done` is past it
+            self._done.discard(self._taken.popleft())
         if durable:
             await self._request(lambda i: wire.Ack(upto=upto, id=i))
             self._acked = max(self._acked, upto)
         elif upto > self._acked:
             await self._write_frame(wire.Ack(upto=upto))
             self._acked = max(self._acked, upto)
+
+    async def done(self, inbox_seq: int, *, durable: bool = False) -> None:
+        """Declare the delivery `inbox_seq` (one taken from `deliveries()`) handled, and ack
+        up to the last delivery before which every one taken is done: for a service that
+        handles its deliveries in tasks of their own, which finish out of order. An `ack` of
+        the latest would also ack those still being handled, lost should the process die.
+        Returns without acking while an earlier one is not done; `durable` as for `ack`."""
+        if inbox_seq not in self._taken or inbox_seq in self._done:
+            raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                              f"done: {inbox_seq} is not a delivery taken from deliveries() "
+                              f"and not yet done")
+        self._done.add(inbox_seq)
+        upto = 0
+        while self._taken and self._taken[0] in self._done:
+            upto = self._taken.popleft()
+            self._done.discard(upto)
+        if upto:
+            await self.ack(upto, durable=durable)
 
     async def read(self, conv: str, upto: int) -> None:
         """Mark `conv` read up to conv seq `upto`."""
@@ -569,6 +638,8 @@ class Client:
             # acked, or its new entries, at inbox_seqs this client saw before, would be dropped
             # as seen, and the ack of what it had would skip them.
             self._yielded = self._acked = welcome.acked
+            self._taken.clear()
+            self._done.clear()
         self._yielded = max(self._yielded, welcome.acked)
         flushed: list[_Request] = []
         try:
@@ -901,7 +972,7 @@ class Deliveries:
     async def receive(self) -> wire.Deliver:
         """The next delivery; EndOfChannel after a close, the client's error after a failure."""
         try:
-            return await self._channel.receive()
+            return self._taken(await self._channel.receive())
         except trio.EndOfChannel:
             self._raise_failure()
             raise
@@ -909,10 +980,14 @@ class Deliveries:
     def receive_nowait(self) -> wire.Deliver:
         """The next delivery if one is waiting (trio.WouldBlock if not); else as `receive`."""
         try:
-            return self._channel.receive_nowait()
+            return self._taken(self._channel.receive_nowait())
         except trio.EndOfChannel:
             self._raise_failure()
             raise
+
+    def _taken(self, d: wire.Deliver) -> wire.Deliver:
+        self._client._taken.append(d.inbox_seq)  # for `done`
+        return d
 
     def _raise_failure(self) -> None:
         if self._client._fatal is not None:
