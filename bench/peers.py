@@ -203,7 +203,7 @@ def throughput(url: str, opts: dict, progress: Any = None) -> dict:
 
 def latency(url: str, opts: dict, rate: float, progress: Any = None) -> dict:
     """The open-loop latency scenario against the peer at `url`."""
-    from bench.scenarios import _ms, fell_behind
+    from bench.scenarios import _ms, achieved_per_s, fell_behind
 
     duration = opts["duration"]
     warmup = min(1.0, duration / 5)
@@ -214,8 +214,7 @@ def latency(url: str, opts: dict, rate: float, progress: Any = None) -> dict:
     m, cpu = _run(url, opts, int(rate * duration), rate, f"latency {rate:g}/s vs "
                   f"{peer_name(url)}", progress, go=go, timeout=duration * 4 + 60)
     h, a = m["latency"], m["ack_latency"]
-    span = (m["last_delivery"] - m["first_send"]) / 1e9
-    achieved = round(m["received"] / span) if span else 0
+    achieved = achieved_per_s(m["received"], m["first_delivery"], m["last_delivery"])
     return {"rate": rate, "received": m["received"], "achieved_per_s": achieved,
             "fell_behind": fell_behind(achieved, rate), "samples": h.count,
             "p50_ms": _ms(h.percentile(50)), "p90_ms": _ms(h.percentile(90)),
@@ -323,7 +322,9 @@ def _payload(stats: list[_Stats], connect_ns: int) -> dict:
             "first_send": min((s.first_send for s in stats if s.first_send), default=0),
             "last_result": max((s.last_result for s in stats), default=0),
             "received": sum(s.received for s in stats), "acks": sum(s.acks for s in stats),
-            "connect": connect_ns, "first_delivery": 0,
+            "connect": connect_ns,
+            "first_delivery": min((s.first_delivery for s in stats if s.first_delivery),
+                                  default=0),
             "last_delivery": max((s.last_delivery for s in stats), default=0),
             "latency": lat.to_dict(), "ack_latency": ack.to_dict()}
 
