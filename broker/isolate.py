@@ -12,9 +12,11 @@ happen).
 Bounded: a half that fails with CorruptProjection is split, and a single command that fails is
 final, so a batch of n commands runs at most 2n - 2 more batches (all of them when every command
 meets the damage), one more per half with one command that fails, about 2 log2(n) for one
-damaged command among n. Any other failure of a half (`StorageFull`, another storage error, a
-bug: `InternalError`) fails that half and every command not yet committed, with that error, as
-it would have failed the batch: the split stops there.
+damaged command among n; a batch of one command is not split, it is run once more. Any other
+failure of a half (`StorageFull`, another storage error, a bug: `InternalError`) fails that
+half and every command not yet committed, with that error, as it would have failed the batch:
+the split stops there. tests/broker/test_split_props.py checks all this against the commands
+run one at a time.
 
 Runs in the committer's worker thread, as `Store.execute` does, so the event loop keeps serving.
 Off the hot path: only a batch that failed with CorruptProjection comes here.
@@ -48,7 +50,9 @@ def isolate(execute: Callable[[Sequence[object]], list[Any]],
     done = Isolated(len(commands))
     results = done.results
     half = len(commands) // 2
-    todo = [(half, len(commands)), (0, half)]  # a stack: the left half is run first
+    # A stack: the left half is run first. Never an empty half (until 2026-12-05 a batch of
+    # one command ran an empty batch, a durable commit of nothing, and then the command).
+    todo = [(half, len(commands)), (0, half)] if half else [(0, len(commands))]
     while todo:
         lo, hi = todo.pop()
         if done.stopped is not None:

@@ -744,7 +744,9 @@ static PyObject *pack_entry(const char *conv, Py_ssize_t conv_len, uint64_t seq,
     return out;
 }
 
-/* The sender's marks `read` and `recv`: raise each to seq_b (bytes order is int order). */
+/* The sender's marks `read` and `recv`: raise each to seq_b (bytes order is int order). A
+ * mark that is no 8 bytes is damaged: struct.error, as the Python version (`message_fault`
+ * names it). */
 static int raise_marks(PyObject *tables, PyObject *mark, PyObject *seq_b) {
     PyObject *names[2] = {s_read, s_recv};
     for (int i = 0; i < 2; i++) {
@@ -757,7 +759,10 @@ static int raise_marks(PyObject *tables, PyObject *mark, PyObject *seq_b) {
             return -1;
         }
         int lower = 1;
-        if (old != Py_None)
+        if (old != Py_None && (!PyBytes_Check(old) || PyBytes_GET_SIZE(old) != 8)) {
+            PyErr_SetString(struct_error, "unpack requires a buffer of 8 bytes");
+            lower = -1;
+        } else if (old != Py_None)
             lower = PyObject_RichCompareBool(old, seq_b, Py_LT);
         Py_DECREF(old);
         int rc = lower < 0 ? -1 : (lower ? set_row(view, mark, seq_b) : 0);

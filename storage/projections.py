@@ -214,11 +214,13 @@ def idem_row(key: bytes, value: bytes) -> tuple[str, int, int]:
         raise undecodable("idem", key, exc) from None
 
 
-def message_fault(tables: Tables, ckey: bytes, exc: Exception) -> CorruptProjection | None:
-    """The damaged row that `add_message` (or the compiled send) of conversation `ckey` met
-    when it raised `exc`, or None (then `exc` is no damaged row's). The cold path: the rows
-    it decodes, read again (the counters `conv_seq` and each member's `inbox_head`, which
-    have a next value; the members' ids)."""
+def message_fault(tables: Tables, ckey: bytes, exc: Exception,
+                  sender: bytes | None = None) -> CorruptProjection | None:
+    """The damaged row that `add_message` (or the compiled send) of conversation `ckey` by
+    `sender` met when it raised `exc`, or None (then `exc` is no damaged row's). The cold
+    path: the rows it decodes, read again (the counters `conv_seq` and each member's
+    `inbox_head`, which have a next value; the members' ids; the sender's `read` and `recv`
+    marks, 8 bytes each since 2026-12-05)."""
     if not isinstance(exc, struct.error | ValueError):
         return None
     rows = [("conv_seq", ckey)]
@@ -238,6 +240,13 @@ def message_fault(tables: Tables, ckey: bytes, exc: Exception) -> CorruptProject
                 return CorruptProjection(table, key, "a counter at its greatest value")
         except struct.error as bad:
             return undecodable(table, key, bad)
+    if sender is not None:  # the sender's marks, raised last
+        for table in ("read", "recv"):
+            key = prefix + sender
+            value = getattr(tables, table)[key]
+            if value is not None and len(value) != 8:
+                return undecodable(table, key, struct.error(
+                    "unpack requires a buffer of 8 bytes"))
     return None
 
 
@@ -333,7 +342,7 @@ def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
         fx.seq = add_message(tables, ckey, conv, ev.user.encode(), d["cid"].encode(), ev.lsn,
                              fx.inbox_heads)
     except (struct.error, ValueError) as exc:
-        raise message_fault(tables, ckey, exc) or exc from None
+        raise message_fault(tables, ckey, exc, ev.user.encode()) or exc from None
     fx.conv = conv
     fx.message = ev
 
@@ -372,7 +381,11 @@ def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: byte
         mark = prefix + sender
         for view in (tables.read, tables.recv):
             old = view[mark]
-            if old is None or old < seq_b:  # equal-length big-endian: bytes order is int order
+            if old is None:
+                view[mark] = seq_b
+            elif len(old) != 8:  # a damaged mark (`message_fault` names it)
+                raise struct.error("unpack requires a buffer of 8 bytes")
+            elif old < seq_b:  # equal-length big-endian: bytes order is int order
                 view[mark] = seq_b
     tables.idem[cid + b"\0" + sender] = pack_u64x2(seq, lsn) + ckey
     return seq

@@ -154,7 +154,7 @@ def _send_fault(tables: BufferedTables, cmd: SendMessage,
                 exc: Exception) -> CorruptProjection | None:
     """The damaged row the compiled send of `cmd` met when it raised `exc` (None: none did)."""
     conv = cmd.conv if cmd.conv is not None else direct_conv(cmd.user, cmd.to)
-    return message_fault(tables, conv.encode(), exc)
+    return message_fault(tables, conv.encode(), exc, cmd.user.encode())
 
 
 class _InjectedAbort(Exception):

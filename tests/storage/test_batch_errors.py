@@ -89,6 +89,26 @@ def test_a_send_meeting_a_short_conv_seq_names_it(tmp_path, monkeypatch, way):
         store.close()
 
 
+@pytest.mark.parametrize("way", sorted(SENDS))
+@pytest.mark.parametrize("table", ["read", "recv"])
+def test_a_send_meeting_its_senders_short_mark_names_it(tmp_path, monkeypatch, way, table):
+    """A send raises its sender's `read` and `recv` marks of the conversation to the new seq:
+    it compared the stored bytes with the new seq's as they were, so a mark cut short (b"\x02"
+    sorts after any 8-byte seq below 2**57) stayed as it was, the send committed, and the
+    mark, once put right, was below what a rebuild gives (tests/broker/test_split_props.py
+    found it, 2026-12-05). Now CorruptProjection naming the mark, as for the counters."""
+    if SENDS[way]:
+        monkeypatch.setattr(store_module, "SEND_MESSAGE", None)
+    store = _damaged(tmp_path / "data", table, key2(DM, "bob"), b"\x02")
+    try:
+        with pytest.raises(CorruptProjection) as corrupt:
+            store.execute([SendMessage("bob", "d", "user", "c9", "hi", to="alice")])
+        assert (corrupt.value.table, corrupt.value.key) == (table, key2(DM, "bob"))
+        _works_after(store)
+    finally:
+        store.close()
+
+
 ROWS = {
     # name: (table, key, value, a command whose batch reads it)
     "short delivered": ("delivered", b"alice\0d", b"\x02",
