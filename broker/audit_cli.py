@@ -349,7 +349,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     _require_data_dir(args.data)  # refuse a directory that is not one, without creating it
     try:
         with progress_bar("rebuild (new layout)", None) as bar:  # one of an older layout is
-            store = Store.open(args.data, on_rebuild=bar)
+            # No catch-up: the rebuild remakes every row, a damaged one it would stop at too.
+            store = Store.open(args.data, on_rebuild=bar, catch_up=False)
     except DataDirLocked as exc:
         who = "" if exc.holder is None else f" (process {exc.holder})"
         raise CliError(EXIT_USAGE, "locked", f"{args.data} is held by a running broker{who}: "

@@ -19,6 +19,7 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -71,7 +72,13 @@ class Pending:
     def finish(self, outcome: Any, error: BaseException | None) -> None:
         self.outcome, self.error = outcome, error
         if self.done is not None:
-            self.done(self)
+            # guarded here, not only by the caller: the waiters below are other requests
+            # (refused resends waiting on this send, `after_sends_on_way`), each counted in its
+            # session's inflight; until 2026-12-05 a `done` that raised left them unanswered
+            try:
+                self.done(self)
+            except Exception:
+                log.exception("commit_callback_failed")
         if self.event is not None:
             self.event.set()
         if self.also is not None:
@@ -142,7 +149,8 @@ class Committer:
         self._lsn_moved = trio.Event()
         self._thread = WorkerThread("homing-commit")
         self._acks_last = False  # whether the last batch started held acks
-        self._running_since: float | None = None  # trio time the batch in the thread started
+        # time.monotonic() when the commit in the worker thread started (a split: its half)
+        self._running_since: float | None = None
         self._running: _Batch | None = None  # the batch in the worker thread
 
     @property
@@ -213,9 +221,11 @@ class Committer:
         return False
 
     def commit_running_s(self) -> float:
-        """How long the batch now in the worker thread has been running (0.0 if none is)."""
+        """How long the commit now in the worker thread has been running (0.0 if none is): a
+        split's current half, each a commit of its own (the watchdog goes by this: until
+        2026-12-05 a long split counted as one commit that made no progress)."""
         since = self._running_since
-        return 0.0 if since is None else trio.current_time() - since
+        return 0.0 if since is None else time.monotonic() - since
 
     @property
     def closing(self) -> bool:
@@ -309,7 +319,7 @@ class Committer:
         self._acks_last = bool(batch_acks)
         commands = [p.command for p in batch]
         call = self._thread.submit(self._store.execute, commands)
-        self._running_since = trio.current_time()
+        self._running_since = time.monotonic()
         self._running = _Batch(batch, commands, batch_acks, ack_pending, call)
         return self._running
 
@@ -358,7 +368,11 @@ class Committer:
         commands (broker/isolate.py, in the worker thread), so that only those whose own work
         meets a damaged row fail; the others commit in their order and are told as in any
         batch (`_fan_out_split`, every command in submission order, the failed ones too)."""
-        done = await self._thread.run(isolate, self._store.execute, started.commands)
+        def execute(commands: list[object]) -> list[Any]:  # in the worker thread
+            self._running_since = time.monotonic()  # a float's store: the trio thread reads it
+            return self._store.execute(commands)
+
+        done = await self._thread.run(isolate, execute, started.commands)
         results = done.results
         errors = [r if isinstance(r, BaseException) else None for r in results]
         outcomes = [None if e is not None else r for r, e in zip(results, errors, strict=True)]

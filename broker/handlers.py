@@ -169,9 +169,12 @@ def on_send(session: Session, f: wire.Send) -> Any:
 
 
 def _submit_send(session: Session, f: wire.Send, body: str | bytes) -> Any:
-    command = cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
-                              conv=f.conv, to=f.to)
-    return _command(session, f.id, command, _sent)
+    return _command(session, f.id, _send_command(session, f, body), _sent)
+
+
+def _send_command(session: Session, f: wire.Send, body: str | bytes) -> cmd.SendMessage:
+    return cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
+                           conv=f.conv, to=f.to)
 
 
 def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str) -> Any:
@@ -192,8 +195,8 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str)
         except StorageError as exc:
             session._read_failed(f, exc)  # as a handler's failed read is: unavailable
             return
-        if sent:
-            _submit_send(session, f, f.body)
+        if sent:  # submitted only: the reader's wait for a free place is not ours to make
+            _submit(session, f.id, _send_command(session, f, f.body), _sent)
         else:
             session.reply_error(f.id, code, message)
 

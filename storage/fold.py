@@ -29,6 +29,7 @@ from storage.projections import (
     add_message,
     apply,
     mark_applied,
+    message_fault,
     py_add_message,
 )
 from storage.records import decode_body
@@ -42,7 +43,7 @@ CHUNK = 8192  # events between two calls of `on_chunk`
 def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int | None = None,
          until_us: int | None = None, on_chunk: Callable[[int], None] | None = None,
          compiled: bool = COMPILED, chunk: int = CHUNK,
-         after: int = 0) -> tuple[int, int | None, int]:
+         after: int = 0, stored: bool = False) -> tuple[int, int | None, int]:
     """Apply `records` (in LSN order, from LSN `after` + 1, onto tables that hold the fold of
     the log up to `after`: a whole replay from LSN 1 by default; the first item of each record
     is not read) to `tables` and mark the position applied.
@@ -55,6 +56,11 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     Calls `on_chunk(events so far)` every `chunk` events. Returns `(last lsn applied, its
     ts_us, events applied)` (`after` and None when none was). `compiled=False` runs the
     Python reference only (the tests compare the two).
+
+    `stored`: `tables` hold rows these records did not write (the stored projections a
+    catch-up folds onto): a damaged one that a record reads raises the CorruptProjection naming
+    it (`stored_fault`), in the compiled and the Python loop alike, rather than CorruptLog
+    blaming the record (a replay onto empty tables reads only rows its records wrote).
     """
     fast = native.ext.fold_messages if compiled and native.ext is not None else None
     if (to_lsn is not None and to_lsn < 0) or (until_us is not None and until_us < 0):
@@ -69,10 +75,18 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     until = until_us if until_us is not None else float("inf")
     lsn, ts, done = after, None, 0
     it = iter(records)
+    taken: list = [None]  # `stored`: the record the compiled loop took last
+    if stored:
+        it = _remembered(it, taken)
     while True:
         if fast is not None:
-            n, f_lsn, f_ts, record, exhausted = fast(it, tables, None, c_last, c_until,
-                                                     chunk - done % chunk)
+            try:
+                n, f_lsn, f_ts, record, exhausted = fast(it, tables, None, c_last, c_until,
+                                                         chunk - done % chunk)
+            except (struct.error, ValueError) as exc:
+                if stored and (fault := stored_fault(tables, taken[0], exc)) is not None:
+                    raise fault from None
+                raise
             if n:
                 lsn, ts, done = f_lsn, f_ts, done + n
                 if not done % chunk:
@@ -112,6 +126,8 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
             raise
         except (LookupError, TypeError, ValueError, AttributeError, struct.error,
                 CorruptProjection) as exc:  # (rows a replay decodes: its records wrote them)
+            if stored and (fault := stored_fault(tables, record, exc)) is not None:
+                raise fault from None
             # Chained, so stored as written, yet no event this homing writes: its fields are
             # not what the replay reads (`verify` names it: storage.log.data_fault).
             raise CorruptLog(lsn + 1, f"a record the replay cannot apply: {exc!r:.200}") from None
@@ -124,3 +140,26 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 on_chunk(done)
     mark_applied(tables, lsn)
     return lsn, ts, done
+
+
+def _remembered(records: Iterable[tuple[object, bytes]], taken: list) -> Iterable:
+    """`records`, each put in `taken[0]` as it is taken (the compiled loop names none)."""
+    for record in records:
+        taken[0] = record
+        yield record
+
+
+def stored_fault(tables: Tables, record: tuple[object, bytes] | None,
+                 exc: Exception) -> CorruptProjection | None:
+    """The damaged stored row that folding `record` onto `tables` met when it raised `exc`
+    (the one named when `exc` is a CorruptProjection; for a message, `message_fault`'s), or
+    None: then the record is at fault."""
+    if isinstance(exc, CorruptProjection):
+        return exc
+    try:
+        fields = msgpack.unpackb(record[1][32:], raw=True)
+        if fields[2] != _MESSAGE:
+            return None
+        return message_fault(tables, fields[5][b"conv"], exc, fields[3])
+    except Exception:  # a record that does not decode: the record's fault
+        return None

@@ -193,7 +193,8 @@ class Store:
 
     def __init__(self, env: LmdbEnv, limits: Limits,
                  on_rebuild: Callable[[int, int], None] | None = None,
-                 on_catch_up: Callable[[int, int], None] | None = None) -> None:
+                 on_catch_up: Callable[[int, int], None] | None = None,
+                 catch_up: bool = True) -> None:
         self._env = env
         self._dbs = env.dbs
         self._log = LmdbLog(env)
@@ -215,7 +216,8 @@ class Store:
         if not env.readonly:
             self._check_applied()
             self._check_layout(on_rebuild)
-            self._catch_up(on_catch_up)
+            if catch_up:
+                self._catch_up(on_catch_up)
 
     def _last_logged_us(self) -> int:
         """The time of the log's last record; 0 for an empty log, or a last record whose time
@@ -291,7 +293,8 @@ class Store:
     def _fold_logged(self, after: int, upto: int) -> int:
         """Fold the log's records `after` + 1 to `upto` into the stored projections in one
         write transaction, through the batches' buffer; return `upto` (CorruptLog at a record
-        missing, or one the replay cannot apply: nothing of this transaction is written). The
+        missing, or one the replay cannot apply; CorruptProjection naming a damaged stored row
+        the records read, since 2026-12-05: nothing of this transaction is written). The
         records are read in that transaction, 1,024 at a time (`LmdbLog.read_raw_in`): those
         of a transaction, up to CATCH_UP_EVENTS x `--max-body-bytes`, are never all in memory."""
         tables = self._tables
@@ -300,7 +303,7 @@ class Store:
             self._rows.check(txn, self._db_list)
             tables.begin(txn)
             records = self._log.read_raw_in(txn, after + 1, upto)  # gapless, or CorruptLog
-            lsn, _ts, _count = fold(tables, records, to_lsn=upto, after=after)
+            lsn, _ts, _count = fold(tables, records, to_lsn=upto, after=after, stored=True)
             if lsn != upto:  # a record missing at the end, or one naming another lsn
                 raise CorruptLog(lsn + 1, f"no event of lsn {lsn + 1} where the log has it")
             tables.flush()
@@ -334,7 +337,8 @@ class Store:
     def open(cls, path: str, *, map_size: int = DEFAULT_MAP_SIZE, limits: Limits | None = None,
              readonly: bool = False,
              on_rebuild: Callable[[int, int], None] | None = None,
-             on_catch_up: Callable[[int, int], None] | None = None) -> Store:
+             on_catch_up: Callable[[int, int], None] | None = None,
+             catch_up: bool = True) -> Store:
         """Open the data directory at `path` (created unless `readonly`).
 
         Writers take the directory lock (`DataDirLocked` if another process holds it); read-only
@@ -343,7 +347,9 @@ class Store:
         replayed, events in the log)` every few thousand events. A writable open of projections
         behind the log catches them up first (`_catch_up`), calling `on_catch_up(events
         applied, events to apply)` after each of its transactions; a read-only open serves them
-        as they are (`projections_behind` says how far behind).
+        as they are (`projections_behind` says how far behind). `catch_up=False` leaves them
+        behind, for a caller that `rebuild`s them next (`homing audit rebuild`: the remedy for a
+        damaged row, which a catch-up that reads it stops at).
         """
         # Read-only, the tables are optional: the log of a directory of an older layout (one
         # lacking tables added since) is read all the same; a projection read that needs a
@@ -351,7 +357,7 @@ class Store:
         env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly,
                       optional=TABLES if readonly else ())
         try:
-            return cls(env, limits or Limits(), on_rebuild, on_catch_up)
+            return cls(env, limits or Limits(), on_rebuild, on_catch_up, catch_up)
         except BaseException:
             env.close()
             raise

@@ -14,6 +14,7 @@ import lmdb
 import pytest
 
 from storage.commands import SendMessage
+from storage.errors import CorruptProjection
 from storage.lmdb_env import READER_CHECK_S
 from storage.log import seal
 from storage.records import GENESIS, lsn_key
@@ -365,12 +366,10 @@ def test_a_log_cut_behind_its_projections_is_refused_for_writing(tmp_path):
         store.close()
 
 
-def test_projections_behind_the_log_are_caught_up_for_writing(tmp_path):
-    """The mirror case (the log past `applied_lsn`, as `audit verify` reports it: here a
-    backup's projections under the original's later log) opens for writing, its projections
-    caught up first; until 2026-12-05 they were served as they were, and the next batch
-    applied on top of them (the next message got seq 4 of a conversation of 5)."""
-    data, copy = tmp_path / "data", tmp_path / "copy"
+def _behind(data, copy) -> tuple[int, list, dict]:
+    """Three messages in `data`, a backup of it in `copy`, two more in `data`: return `data`'s
+    last LSN, its records past the backup (to put under the copy's projections) and its
+    projections."""
     make_data(data, 3)
     copy.mkdir()
     store = Store.open(str(data))
@@ -378,10 +377,18 @@ def test_projections_behind_the_log_are_caught_up_for_writing(tmp_path):
         k = store.backup(str(copy))
         store.execute([SendMessage("bob", "d", "user", f"d{i}", "x", to="alice")
                        for i in range(2)])
-        last, tail = store.last_lsn(), list(store.log.read_raw(k + 1))
-        expected = store.dump_projections()
+        return store.last_lsn(), list(store.log.read_raw(k + 1)), store.dump_projections()
     finally:
         store.close()
+
+
+def test_projections_behind_the_log_are_caught_up_for_writing(tmp_path):
+    """The mirror case (the log past `applied_lsn`, as `audit verify` reports it: here a
+    backup's projections under the original's later log) opens for writing, its projections
+    caught up first; until 2026-12-05 they were served as they were, and the next batch
+    applied on top of them (the next message got seq 4 of a conversation of 5)."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    last, tail, expected = _behind(data, copy)
     poke(copy, lambda txn, db: [txn.put(lsn_key(lsn), value, db=db("log"))
                                 for lsn, value in tail])
     assert_one_json_error(run("audit", "verify", "--data", str(copy)), 1,
@@ -394,3 +401,26 @@ def test_projections_behind_the_log_are_caught_up_for_writing(tmp_path):
     finally:
         store.close()
     assert run("audit", "verify", "--data", str(copy)).returncode == 0
+
+
+def test_audit_rebuild_remakes_a_damaged_row_of_projections_behind_the_log(tmp_path):
+    """Projections behind the log with a damaged row the missing events read: `serve` (and any
+    writable open) stops at it, naming the row, and `homing audit rebuild`, the remedy, remakes
+    every row without catching up first; until 2026-12-05 its open caught up, met the row and
+    died with a struct.error traceback, so that the directory could not be rebuilt."""
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    _last, tail, expected = _behind(data, copy)
+    poke(copy, lambda txn, db: [txn.put(lsn_key(lsn), value, db=db("log"))
+                                for lsn, value in tail]
+         + [txn.put(b"alice", b"\x01", db=db("inbox_head"))])
+    with pytest.raises(CorruptProjection) as failed:
+        Store.open(str(copy))
+    assert (failed.value.table, failed.value.key) == ("inbox_head", b"alice")
+    proc = run("audit", "rebuild", "--data", str(copy))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1])["ok"] is True
+    store = Store.open(str(copy))
+    try:
+        assert store.dump_projections() == expected
+    finally:
+        store.close()

@@ -218,3 +218,48 @@ async def test_a_batch_whose_every_command_reads_the_damaged_row_ends(tmp_path):
         assert store.committer.commands == 0
     finally:
         store.close()
+
+
+class _Slow(_Recording):
+    """A real store whose every execute takes at least SLOW_S (a slow disk's sync)."""
+
+    def execute(self, commands, now_us=None):
+        import time
+        time.sleep(SLOW_S)
+        return super().execute(commands, now_us)
+
+
+SLOW_S = 0.05
+
+
+async def test_a_long_split_is_not_one_stalled_commit_to_the_watchdog(tmp_path):
+    """A split is many commits (2n - 2 for n commands that all read the damaged row), each of
+    them progress: `commit_running_s`, which systemd's watchdog keep-alive goes by
+    (broker/sdnotify.py), counts the one running now, not the whole split. It counted from the
+    start of the batch that failed, so a split of a large batch on a slow disk looked like a
+    disk that stopped answering, and WatchdogSec killed a broker that was committing."""
+    store = _damaged(tmp_path / "d", "inbox_head", b"alice", b"\x00\x02")
+    store.close()
+    store = _Slow.open(str(tmp_path / "d"))
+    store.executes, store.full = [], set()
+    try:
+        committer = Committer(store)
+        seen: list[float] = []
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for i in range(16):
+                    committer.enqueue(_send("bob", f"bad{i}", "alice"))
+                await nursery.start(committer.serve)
+
+                async def sample() -> None:
+                    while True:
+                        seen.append(committer.commit_running_s())
+                        await trio.sleep(0.01)
+
+                nursery.start_soon(sample)
+                await committer.close()
+                nursery.cancel_scope.cancel()
+        assert len(store.executes) == 31  # the batch, then 30 halves
+        assert max(seen) < 10 * SLOW_S, max(seen)
+    finally:
+        store.close()

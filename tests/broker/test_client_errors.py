@@ -471,3 +471,35 @@ async def test_a_send_repeated_while_its_first_commits_is_a_dup_past_the_rate_an
             assert (got[1].name, got[2].name) == ("forbidden", "rate_limited"), got
             for client in (c, c2, c3, ops):
                 await client.aclose()
+
+
+async def test_a_refused_resend_answered_as_a_dup_at_the_inflight_limit_leaves_no_coroutine(
+        tmp_path):
+    """A resend refused by the user's send rate while its first commits is submitted once the
+    first is durable, from the commit's callback, not from the connection's reader: at
+    --max-inflight-requests its wait for a free place must not be made and dropped (a
+    coroutine never awaited: a RuntimeWarning on the broker's stderr, not a log line, each
+    time). It is answered as a dup all the same."""
+    import gc
+    import warnings
+
+    from tests.faults.conftest import RawClient
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with trio.fail_after(20):
+            async with running_broker(tmp_path / "d", sends_per_s_per_user=0.5,
+                                      max_inflight_requests=1) as h:
+                c = await RawClient.connect(h.server, h.token("shop"), "d1")
+                c2 = await RawClient.connect(h.server, h.token("shop"), "d2")
+                send = wire.Send(id=1, cid="order-9 ready", body="ready", to="bob")
+                await c.send(send)
+                await c2.send(send)
+                first, again = await c.reply(1), await c2.reply(1)
+                assert type(first).__name__ == type(again).__name__ == "Result", (first, again)
+                assert (first.dup, again.dup) == (False, True)
+                for client in (c, c2):
+                    await client.aclose()
+        gc.collect()
+    unawaited = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert unawaited == [], unawaited

@@ -351,3 +351,31 @@ async def test_after_sends_on_way_waits_for_the_last_send_queued_or_committing(t
         assert seen == [("queued", True), ("committing", True)]
     finally:
         store.close()
+
+
+async def test_a_submitters_failing_done_keeps_the_sends_on_way_callbacks_running(tmp_path):
+    """The `done` of the send that `after_sends_on_way` waits on (its own sender's reply) runs
+    first; if it raises, the callbacks of the others waiting on it (refused resends of other
+    connections, each counted in its session's inflight) still run, and the failure is logged
+    once: they were skipped, leaving those requests unanswered for good."""
+    from structlog.testing import capture_logs
+
+    store = Store.open(str(tmp_path / "d"))
+    committer = Committer(store)
+    seen: list[bool] = []
+
+    def broken_done(pending) -> None:
+        raise RuntimeError("a reply's bug")
+
+    try:
+        with trio.fail_after(60), capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                committer.enqueue(SendMessage("a", "d", "user", "c0", BODY, to="b"), broken_done)
+                assert committer.after_sends_on_way(lambda failed: seen.append(failed is None))
+                await nursery.start(committer.serve)
+                await committer.close()
+        assert seen == [True]
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+            "commit_callback_failed"]
+    finally:
+        store.close()

@@ -244,3 +244,61 @@ def test_catching_up_any_tail_equals_a_rebuild(batches, cut, chunk):
     finally:
         store_mod.CATCH_UP_EVENTS = saved
         shutil.rmtree(root, ignore_errors=True)
+
+
+def damage_row(path: Path, table: str, key: bytes) -> None:
+    """Overwrite the row `key` of `table` with 3 bytes (no 8-byte counter or mark), with raw
+    LMDB."""
+    env = lmdb.open(str(path), max_dbs=MAX_DBS, map_size=1 << 30)
+    try:
+        db = env.open_db(table.encode(), create=False)
+        with env.begin(write=True) as txn:
+            assert txn.get(key, db=db) is not None
+            txn.put(key, b"\x01\x02\x03", db=db)
+    finally:
+        env.close()
+
+
+OPEN_CHILD = """
+import sys
+from storage import native
+from storage.errors import CorruptProjection
+from storage.store import Store
+assert (native.ext is None) == (sys.argv[2] == "1")
+try:
+    Store.open(sys.argv[1]).close()
+except CorruptProjection as exc:
+    print("CorruptProjection", exc.table, exc.key.hex())
+except Exception as exc:
+    print(type(exc).__name__, exc)
+else:
+    print("opened")
+"""
+
+
+@pytest.mark.parametrize("pure", ["", "1"], ids=["compiled", "python"])
+@pytest.mark.parametrize(("table", "key"), [("conv_seq", b"dm:bob:dan"),
+                                            ("read", b"dm:bob:dan\0bob"),
+                                            ("inbox_head", b"dan")])
+def test_a_damaged_row_a_catch_up_meets_is_named_and_a_rebuild_remakes_it(tmp_path, table, key,
+                                                                           pure):
+    """A stored row the tail's events read, damaged (here the direct conversation's seq, its
+    sender's read mark, its recipient's inbox head): the writable open stops with the
+    CorruptProjection naming that row, in the compiled and the Python fold alike, nothing of
+    the catch-up written; until 2026-12-05 it raised a bare struct.error (the compiled fold) or
+    blamed a log record (CorruptLog, the Python one). A rebuild, which opens without catching
+    up (`catch_up=False`, as `homing audit rebuild` does), remakes every row from the log."""
+    orig, behind, k, _ = split_dirs(tmp_path, lambda s: chat(s, 1, "a"),
+                                    lambda s: chat(s, 1, "b"))
+    damage_row(behind, table, key)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOMING_PURE_PYTHON": pure}
+    out = subprocess.run([sys.executable, "-c", OPEN_CHILD, str(behind), pure], env=env,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.splitlines()[-1] == f"CorruptProjection {table} {key.hex()}"
+    assert applied_lsn(behind) == k
+    store = Store.open(behind, limits=LIMITS, catch_up=False)
+    try:
+        store.rebuild()
+        assert store.dump_projections() == rebuilt_dump(orig)
+    finally:
+        store.close()
