@@ -186,7 +186,6 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str)
     store = session.broker.store
     if store.sent(session.user, f.cid):
         return _submit_send(session, f, f.body)
-    session.inflight += 1
 
     def then(_failed: BaseException | None) -> None:
         session.request_done()
@@ -201,9 +200,9 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str)
             session.reply_error(f.id, code, message)
 
     if not session.broker.committer.after_sends_on_way(then):
-        session.request_done()
         session.reply_error(f.id, code, message)
         return None
+    session.inflight += 1  # `then` runs after a commit, never before this
     return _held_back(session)
 
 

@@ -7,8 +7,10 @@ retried batch never leaves the in-memory tail ahead of the disk.
 
 from __future__ import annotations
 
+import contextlib
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager as ContextManager
 
 import lmdb
 from msgpack import unpackb
@@ -96,22 +98,22 @@ class LmdbLog:
         """Yield `(lsn, digest || body)` records, chunk by chunk; CorruptLog at a record
         missing between `from_lsn` and the last one read (LSNs have no gap), rather than a
         silent skip: every audit and replay reads through here."""
-        nxt = max(from_lsn, 1)
-        while to_lsn is None or nxt <= to_lsn:
-            with self._env.read() as txn:
-                chunk = self._chunk(txn, nxt, to_lsn)
-            if not chunk:
-                return
-            yield from chunk
-            nxt = chunk[-1][0] + 1
+        return self._chunks(self._env.read, from_lsn, to_lsn)
 
     def read_raw_in(self, txn: lmdb.Transaction, from_lsn: int,
                     to_lsn: int) -> Iterator[tuple[int, bytes]]:
         """`read_raw` within `txn` (a write transaction's own view: `Store._catch_up` folds
         the records it reads in it), a chunk of records in memory at a time."""
+        return self._chunks(lambda: contextlib.nullcontext(txn), from_lsn, to_lsn)
+
+    def _chunks(self, begin: Callable[[], ContextManager[lmdb.Transaction]], from_lsn: int,
+                to_lsn: int | None) -> Iterator[tuple[int, bytes]]:
+        """The records from `from_lsn` to `to_lsn` (the last, if None), each chunk read in a
+        transaction `begin()` gives."""
         nxt = max(from_lsn, 1)
-        while nxt <= to_lsn:
-            chunk = self._chunk(txn, nxt, to_lsn)
+        while to_lsn is None or nxt <= to_lsn:
+            with begin() as txn:
+                chunk = self._chunk(txn, nxt, to_lsn)
             if not chunk:
                 return
             yield from chunk
