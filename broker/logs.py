@@ -86,9 +86,12 @@ class LossyStream:
                 self._held.clear()
                 self._writing = True
             try:
-                self._write(b"".join(lines))
+                written = self._write(b"".join(lines))
                 with self._cond:
                     self._held_bytes -= sum(map(len, lines))
+                    if not written:
+                        self.dropped += len(lines)
+                        continue
                     dropped, self.dropped = self.dropped, 0
                 if dropped:  # the sink took lines again: say how many were lost
                     get_logger().warning("log_lines_dropped", lines=dropped,
@@ -98,24 +101,28 @@ class LossyStream:
                     self._writing = False
                     self._cond.notify_all()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes) -> bool:
+        """Write `data` to the sink; False if it was lost. Whatever the sink raises, the writer
+        goes on (until 2026-12-05 an exception other than OSError and ValueError ended its
+        thread, silently, and every later line was lost)."""
         # Straight to the file descriptor: a daemon thread blocked inside the text stream's
         # buffer would hold its lock, and the interpreter's flush of stderr at exit would abort.
         if self.stream is None:  # started without a stderr (`2>&-`): nowhere to write
-            return
+            return False
         try:
             fd = self.stream.fileno()
-        except (OSError, ValueError, AttributeError):  # no descriptor (a StringIO), or closed
+        except Exception:  # no descriptor (a StringIO), or closed
             fd = None
         try:
             if fd is None:
                 self.stream.write(data.decode("utf-8"))
                 self.stream.flush()
-                return
+                return True
             while data:
                 data = data[os.write(fd, data):]
-        except (OSError, ValueError):  # ValueError: the stream was closed
-            pass
+        except Exception:  # OSError (a full disk), ValueError (closed), a sink's own bug
+            return False
+        return True
 
     def drain(self, timeout: float = DRAIN_AT_EXIT_S) -> bool:
         """Wait until the lines held are written, `timeout` seconds at most (a stalled sink);

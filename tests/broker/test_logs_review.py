@@ -16,6 +16,8 @@ import socket
 import subprocess
 import time
 
+import structlog
+import structlog.testing
 import trio
 
 from broker import tokens
@@ -238,3 +240,44 @@ async def test_command_done_names_the_conversation_of_a_direct_send_and_a_create
         bp.kill()
     done = [(e["command"], e["conv"]) for e in bp.log_events() if e["event"] == "command_done"]
     assert done == [("SendMessage", dm), ("CreateConv", group), ("SendMessage", group)], done
+
+
+class _Flaky:
+    """A sink whose first write raises what no file raises (a bug in a wrapped stream)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.failed = False
+
+    def fileno(self) -> int:
+        raise OSError("no descriptor: written with write()")
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("a sink's bug")
+        self.lines.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def test_a_sink_that_raises_the_unexpected_loses_that_batch_not_every_later_line():
+    """The log writer caught only OSError and ValueError: anything else a sink raised ended its
+    thread, silently, and every later line was lost (held, then dropped). Now that batch of
+    lines is lost and counted, and the writer goes on."""
+    from broker import logs
+
+    sink = _Flaky()
+    stream = logs.LossyStream(sink)
+    with structlog.testing.capture_logs() as said:
+        for line in ("first\n", "second\n"):
+            stream.write(line)
+            stream.flush()
+            assert stream.drain(5)
+    assert sink.failed and "second\n" in "".join(sink.lines), sink.lines
+    assert [(e["event"], e["lines"]) for e in said] == [("log_lines_dropped", 1)], said
