@@ -70,6 +70,8 @@ class Pending:
             self.also.append(callback)
 
     def finish(self, outcome: Any, error: BaseException | None) -> None:
+        """Record the outcome and tell each waiter; raises nothing (every callback is guarded
+        here, so the committer's loops call this bare)."""
         self.outcome, self.error = outcome, error
         if self.done is not None:
             # guarded here, not only by the caller: the waiters below are other requests
@@ -333,10 +335,7 @@ class Committer:
             _log_failed(exc, len(started.commands))
             self._lose_acks(key for key, _upto in started.acks)
             for p in started.pending:
-                try:
-                    p.finish(None, exc)
-                except Exception:
-                    log.exception("commit_callback_failed")
+                p.finish(None, exc)
             return None
         finally:
             self._running_since, self._running = None, None
@@ -415,10 +414,7 @@ class Committer:
             return
         with self._fanout():
             for p, outcome in zip(done.pending, done.outcomes, strict=True):
-                try:
-                    p.finish(outcome, None)
-                except Exception:
-                    log.exception("commit_callback_failed")
+                p.finish(outcome, None)
             try:
                 self._on_committed(done.commands, done.outcomes)
             except Exception:
@@ -429,10 +425,7 @@ class Committer:
         submission order; `on_committed` runs over the commands committed, if any."""
         with self._fanout():
             for p, outcome, error in zip(done.pending, done.outcomes, done.errors, strict=True):
-                try:
-                    p.finish(outcome, error)
-                except Exception:
-                    log.exception("commit_callback_failed")
+                p.finish(outcome, error)
             kept = [i for i, error in enumerate(done.errors) if error is None]
             if not kept:
                 return
