@@ -191,7 +191,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for line in _not_compared(peers):
         print(line)
     for name, why in failed.items():
-        print(f"! {name} failed, so it is not in the table: {why}")
+        print(f"! {name} failed" + ("" if name in results else ", so it is not in the table")
+              + f": {why}")
     if opts["load_sched"] == "batch":
         print("load processes: SCHED_BATCH (--load-sched): woken, they wait for a free core "
               "instead of preempting the server")
@@ -252,13 +253,15 @@ def _measure(chosen: list[str], opts: dict, progress: Progress,
 
 def _run_scenario(name: str, opts: dict, peers: dict, progress: Progress,
                   failed: dict[str, str]) -> list[Any]:
-    """Each round of scenario `name` (with the peers'); [] and `failed[name]` saying why when
-    one fails: the other scenarios still run, and their figures are printed and written."""
+    """Each round of scenario `name` (with the peers'). When one fails, `failed[name]` says
+    why (and in which run, with --repeat) and the rounds before it are returned: the other
+    scenarios still run, and every figure measured is printed and written."""
     from bench.harness import BrokerError, WorkerError
 
     runs = []
     for round_ in range(1, opts["repeat"] + 1):
-        note(f"== {name}" + (f", run {round_} of {opts['repeat']}" if opts["repeat"] > 1 else ""))
+        which = f"run {round_} of {opts['repeat']}" if opts["repeat"] > 1 else ""
+        note(f"== {name}" + (f", {which}" if which else ""))
         try:
             runs.append(RUNNERS[name](opts, progress))
         except (BrokerError, WorkerError) as exc:
@@ -268,8 +271,14 @@ def _run_scenario(name: str, opts: dict, peers: dict, progress: Progress,
         finally:
             progress.clear()
         if name in failed:
+            if runs:
+                failed[name] = (f"in {which} (the table holds the {len(runs)} run(s) "
+                                f"before it): "
+                                f"{failed[name]}")
+            elif which:
+                failed[name] = f"in {which}: {failed[name]}"
             note(f"{name} failed: {failed[name]}")
-            return []
+            return runs
         if name in PEER_KEYS:
             _run_peers(name, runs[-1], peers, opts, progress)
     return runs

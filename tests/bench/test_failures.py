@@ -156,3 +156,44 @@ def _group(pgid: int) -> list[str]:
 
 def _group_has_load(pgid: int) -> bool:
     return any("spawn_main" in line for line in _group(pgid))
+
+
+def test_a_later_round_that_fails_keeps_the_rounds_before_it(tmp_path):
+    """--repeat 2 whose second run loses its broker (SIGKILLed mid-run): the failure is said
+    with its run, exit 1, and the first run's figures are still in the table and the JSON (a
+    later round's failure dropped the rounds before it, after all the time they took)."""
+    out = tmp_path / "b.json"
+    proc = subprocess.Popen([*HOMING, "throughput", *SMALL, "--messages", "60000", "--repeat",
+                             "2", "--timeout", "60", "--json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not _brokers(proc.pid):
+            time.sleep(0.05)
+        first = _brokers(proc.pid)
+        while time.monotonic() < deadline and _brokers(proc.pid) in ([], first):
+            time.sleep(0.05)
+        second = _brokers(proc.pid)
+        assert second and second != first, (first, second)
+        while time.monotonic() < deadline and not _group_has_load(proc.pid):
+            time.sleep(0.05)
+        os.kill(second[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stderr[-3000:]
+    error = json.loads(stderr.strip().splitlines()[-1])
+    assert error["error"] == "bench_failed"
+    assert "throughput failed: in run 2 of 2 (the table holds the 1 run(s) before it)" in \
+        error["message"], error
+    assert "| throughput" in stdout and "! throughput failed: in run 2 of 2" in stdout
+    doc = json.loads(out.read_text())
+    assert doc["results"]["throughput"]["msgs_per_s"] > 0
+    assert doc["failed"]["throughput"].startswith("in run 2 of 2")
+
+
+def _brokers(pgid: int) -> list[int]:
+    """The pids of the group's `homing serve` processes."""
+    return [int(line.split()[0]) for line in _group(pgid) if " serve " in line]
