@@ -56,8 +56,8 @@ DEFAULT_MAX_FRAME_VALUES = 4096
 """Default largest number of msgpack values in a frame a server takes from a client (§2.2).
 
 The largest frame of the protocol a client sends, a ``create`` naming 1,000 members with a
-``cid``, holds 1,014; every other one, a few dozen. Servers' frames are not counted (a ``receipt_list`` of a
-big group holds far more), so a client passes None."""
+``cid``, holds 1,014; every other one, a few dozen. Servers' frames are not counted (a
+``receipt_list`` of a big group holds far more), so a client passes None."""
 
 MIN_FRAME_VALUES = 2048
 """Smallest limit a server may set: room for a ``create`` of 1,000 members and new fields."""
