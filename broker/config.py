@@ -14,6 +14,7 @@ from pathlib import Path
 from protocol import (
     DEFAULT_MAX_FRAME_VALUES,
     MAX_FRAME_LIMIT,
+    MIN_FRAME_LIMIT,
     MIN_FRAME_VALUES,
     UINT_MAX,
     largest_deliver_frame,
@@ -33,6 +34,8 @@ CONTENT_ACTIONS = ("reject", "mask")
 # The range of each number a flag sets, by field: (flag, lowest, highest or None). A Config made
 # in code is held to them as `homing serve`'s flags are (`Config.__post_init__`).
 RANGES: dict[str, tuple[str, float, float | None]] = {
+    "port": ("--port", 0, 65535),
+    "max_frame_bytes": ("--max-frame-bytes", MIN_FRAME_LIMIT, MAX_FRAME_LIMIT),
     "max_body_bytes": ("--max-body-bytes", 1, None),
     "handshake_timeout_s": ("--handshake-timeout", MIN_SECONDS, MAX_WAIT_S),
     "idle_timeout_s": ("--idle-timeout", MIN_SECONDS, None),
