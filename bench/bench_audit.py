@@ -6,8 +6,8 @@ log time apart: 65 % direct messages between random users (each new pair's first
 the conversation), 23 % posts into the groups, 9 % acks (up to the sender's inbox head after the
 previous batch, on one of two devices), 2.5 % read marks, a few invites and leaves; refused
 commands (a non-member's) are left out of the log. Seeded, so the same N gives the same log.
-docs/OPERATIONS.md ("Limits", what grows with the data) gives the audit commands' times and memory on it. This
-is not a test.
+docs/OPERATIONS.md ("Limits", what grows with the data) gives the audit commands' times and
+memory on it. This is not a test.
 """
 
 from __future__ import annotations
