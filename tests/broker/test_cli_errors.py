@@ -256,3 +256,44 @@ def test_the_readme_first_conversation_prints_what_it_shows(tmp_path):
     assert lines(sent) == [json.loads(text[send_at + 1].removeprefix("# "))]
     shown = json.loads(text[listen_at + 1].removeprefix("# ").replace('"ts":...', '"ts":0'))
     assert [{**d, "ts": 0} for d in lines(got)] == [shown]
+
+
+def test_every_line_of_the_readme_first_conversation_runs(tmp_path):
+    """The whole "A first conversation" block of README.md, line by line in bash as a new user
+    pastes it, in a directory whose ./homing-data the broker serves: each command exits 0 and
+    prints JSON, a line shown with its output prints that (ts aside), the channel's conv id
+    stands in for `chn:...` and a directory of tmp_path for /backups. (Only the first send and
+    listen were run before.)"""
+    text = README.read_text(encoding="utf-8")
+    block = text.split("## A first conversation", 1)[1].split("```sh\n", 1)[1].split("```")[0]
+    prelude = f'homing() {{ {" ".join(map(shlex.quote, homing_cmd()))} "$@"; }}\n'
+    conv = None
+    with BrokerProcess(tmp_path / "homing-data") as bp:
+        env = {**os.environ, "HOMING_SERVER": bp.server}
+        ran = []
+        for raw in block.splitlines():
+            shown = raw.startswith("# ")
+            if shown or not raw.strip():
+                if shown and ran and raw.startswith("# {"):
+                    want = json.loads(raw[2:].replace('"ts":...', '"ts":0'))
+                    assert [{**d, "ts": 0} if "ts" in d else d for d in ran[-1]] == [want], raw
+                continue
+            line = raw.split("  #", 1)[0].strip()
+            line = line.replace("chn:...", conv or "chn:...").replace("/backups/",
+                                                                      f"{tmp_path}/backups/")
+            name = line.removeprefix("export ").partition("=")[0]
+            exported = line.startswith("export ")
+            script = prelude + line + (f'\nprintf %s "${name}"' if exported else "")
+            proc = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, timeout=60,
+                                  capture_output=True, text=True)
+            assert proc.returncode == 0, (line, proc.stderr)
+            if exported:
+                env[name] = proc.stdout
+                continue
+            ran.append(lines(proc))
+            assert ran[-1], (line, "printed nothing")
+            if " channel create " in line:
+                conv = ran[-1][0]["conv"]
+                assert conv.startswith("chn:")
+    assert conv is not None and (tmp_path / "backups").is_dir()
+    assert len(ran) == 8, ran
