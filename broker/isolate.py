@@ -12,10 +12,11 @@ happen).
 Bounded: a half that fails with CorruptProjection is split, and a single command that fails is
 final, so a batch of n commands runs at most 2n - 2 more batches (all of them when every command
 meets the damage), one more per half with one command that fails, about 2 log2(n) for one
-damaged command among n; a batch of one command is not split, it is run once more. Any other
-failure of a half (`StorageFull`, another storage error, a bug: `InternalError`) fails that
-half and every command not yet committed, with that error, as it would have failed the batch:
-the split stops there. tests/broker/test_split_props.py checks all this against the commands
+damaged command among n. A batch of one command is not handed here: the committer fails it
+at once (handed one, `isolate` would run it once more). Any other failure of a half
+(`StorageFull`, another storage error, a bug: `InternalError`) fails that half and every
+command not yet committed, with that error, as it would have failed the batch: the split stops
+there. tests/broker/test_split_props.py checks all this against the commands
 run one at a time.
 
 Runs in the committer's worker thread, as `Store.execute` does, so the event loop keeps serving.
