@@ -13,6 +13,9 @@ What it promises:
   duplicate (the broker answers a repeated cid with the first result, `dup=True`).
 - Deliveries resume after the last acked inbox_seq; deliveries already handed to the caller in
   this process are not handed over twice, and acks made while disconnected are sent again.
+  A broker restored from an older backup (its inbox went back) is met by starting over from
+  its cursor: deliveries of the old inbox still queued are dropped, `on_inbox_reset` is told,
+  and an ack or `done` of one the caller still holds raises StaleDelivery, acking nothing.
 - `create` carries a cid as `send` does, and is repeated after a drop in the same way (the
   broker answers a repeated cid with the conversation it created first), where the broker's
   welcome has the `create_cid` cap. Requests that are not safe to repeat (`revoke_tokens`, a
@@ -33,11 +36,11 @@ import random
 import socket
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -71,6 +74,7 @@ __all__ = [
     "ConvList",
     "Deliver",
     "Deliveries",
+    "InboxReset",
     "MemberList",
     "NotTls",
     "NotTrusted",
@@ -80,6 +84,7 @@ __all__ = [
     "ReceiptList",
     "Replaced",
     "Result",
+    "StaleDelivery",
     "Status",
     "TypingNotice",
     "UnknownHost",
@@ -128,6 +133,35 @@ class ClientError(Exception):
     def __init__(self, code: int, name: str, message: str) -> None:
         super().__init__(f"{name}: {message}")
         self.code, self.name, self.message = code, name, message
+
+
+class StaleDelivery(ClientError):
+    """An `ack` or `done` of a delivery from before the inbox went back (the broker was
+    restored from an older backup while the client held it): its inbox_seq names another
+    entry of the restored inbox now, one not handed to this application, so nothing is acked.
+    `.name` is "invalid", as for the other refusals of a mistaken ack."""
+
+    def __init__(self, what: str, seq: int) -> None:
+        super().__init__(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                         f"{what}: {seq} is a delivery from before the inbox went back (the "
+                         "broker was restored from an older backup): that inbox_seq names "
+                         "another entry now, not yet handed to this application, so nothing "
+                         "was acked; drop the deliveries taken before the reset (they come "
+                         "again if the restored broker has them)")
+        self.seq = seq
+
+
+class InboxReset(NamedTuple):
+    """What `on_inbox_reset` is told when the welcome's inbox head is below the inbox_seqs
+    this client had (the broker restored from an older backup): `before`, the highest
+    inbox_seq it had; `head` and `acked`, the restored inbox's head and this device's ack in
+    it (delivery starts over after it); `dropped`, the deliveries of the old inbox still
+    queued in the client, not handed over."""
+
+    before: int
+    head: int
+    acked: int
+    dropped: int
 
 
 class ConnectionLost(Exception):
@@ -239,11 +273,12 @@ class Client:
 
     def __init__(self, server: str, token: str, device: str, *, tls: ssl.SSLContext | None,
                  reconnect: bool, reconnect_timeout: float | None, max_pushes: int,
-                 on_unreachable: Callable[[str], None] | None = None) -> None:
+                 on_unreachable: Callable[[str], None] | None = None,
+                 on_inbox_reset: Callable[[InboxReset], None] | None = None) -> None:
         self.host, self.port = parse_server(server)
         self.token, self.device, self.tls = token, device, tls
         self.reconnect, self.reconnect_timeout = reconnect, reconnect_timeout
-        self.on_unreachable = on_unreachable
+        self.on_unreachable, self.on_inbox_reset = on_unreachable, on_inbox_reset
         self.welcome: wire.Welcome | None = None
         # The last welcome, and a connection opened with it that checks frames made while
         # disconnected (`_check_offline`).
@@ -261,12 +296,15 @@ class Client:
         self._deliveries = Deliveries(self, deliveries_out)
         self._pushes: deque[Any] = deque(maxlen=max_pushes)
         self._push_event = trio.Event()
-        self._yielded = 0  # highest inbox_seq handed to the caller
+        self._yielded = 0  # highest inbox_seq received (queued for the caller or taken)
         self._acked = 0  # highest inbox_seq the caller acked
-        # For `done`: the inbox_seqs the caller took from `deliveries()` and has not yet
-        # declared done, in order, and those declared done out of order.
-        self._taken: deque[int] = deque()
+        # The deliveries the caller took from `deliveries()` and that are not acked yet, in
+        # order (for `done`, and to tell one from before an inbox reset); those of them
+        # declared done; the highest inbox_seq taken, since the last reset.
+        self._taken: OrderedDict[int, wire.Deliver] = OrderedDict()
         self._done: set[int] = set()
+        self._handed = 0
+        self.inbox_resets = 0  # times the inbox went back (a broker restored from a backup)
         self._closed = False
         self._close_done = trio.Event()  # aclose did what it does
         self._last_rx = time.monotonic()
@@ -404,49 +442,85 @@ class Client:
                               "send: bad value for field 'body': "
                               f"{fields.explain(fields.body, body, limit)}")
 
-    async def ack(self, upto: int, *, durable: bool = False) -> None:
-        """Acknowledge deliveries up to inbox_seq `upto` (cumulative). An `upto` beyond the
-        inbox entries this client knows of (the deliveries it had, the inbox head at welcome)
-        raises ClientError "invalid": an ack past them would skip the deliveries still to come
-        (an `inbox_seq` mixed up with a conversation's `seq`, say).
+    async def ack(self, upto: int | wire.Deliver, *, durable: bool = False) -> None:
+        """Acknowledge deliveries up to inbox_seq `upto` (cumulative), or up to the delivery
+        `upto` itself. An `upto` beyond the inbox entries this client knows of (the deliveries
+        it had, the inbox head at welcome) raises ClientError "invalid": an ack past them
+        would skip the deliveries still to come (an `inbox_seq` mixed up with a conversation's
+        `seq`, say). Once the inbox went back (`on_inbox_reset`), one beyond the deliveries
+        taken since raises StaleDelivery, as does a delivery from before that passed itself.
 
-        Without `durable` it returns once the ack is written to the connection: a broker
-        that crashes before the ack reaches its disk delivers those entries again (at least
-        once). With `durable=True` it returns once the broker holds the ack on disk (an `ack`
-        with an id, answered `ok`: PROTOCOL.md §5.2), so they are not delivered to this device
-        again; it is repeated after a drop (an ack is cumulative: a repeat changes nothing)."""
+        Without `durable` it returns once the ack is written to the connection (or, while
+        disconnected, kept to be sent on the next one): a broker that crashes before the ack
+        reaches its disk delivers those entries again (at least once). With `durable=True` it
+        returns once the broker holds the ack on disk (an `ack` with an id, answered `ok`:
+        PROTOCOL.md §5.2), so they are not delivered to this device again; it is repeated
+        after a drop (an ack is cumulative: a repeat changes nothing)."""
         self._check_usable()
-        known = max(self._yielded, self.welcome.head if self.welcome is not None else 0)
-        if not 0 <= upto <= known:
+        seq = self._ack_target(upto, "ack")
+        if not self.inbox_resets:
+            known = max(self._yielded, self.welcome.head if self.welcome is not None else 0)
+            if not 0 <= seq <= known:
+                raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                                  f"ack: cannot ack {seq}: the last inbox entry this client "
+                                  f"knows of is {known}")
+        elif seq < 0:
             raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
-                              f"ack: cannot ack {upto}: the last inbox entry this client "
-                              f"knows of is {known}")
-        while self._taken and self._taken[0] <= upto:  # acked: done or not, `done` is past it
-            self._done.discard(self._taken.popleft())
+                              f"ack: cannot ack {seq}")
+        resets = self.inbox_resets
         if durable:
-            await self._request(lambda i: wire.Ack(upto=upto, id=i))
-            self._acked = max(self._acked, upto)
-        elif upto > self._acked:
-            await self._write_frame(wire.Ack(upto=upto))
-            self._acked = max(self._acked, upto)
+            await self._request(lambda i: wire.Ack(upto=seq, id=i))
+        elif seq > self._acked:
+            await self._write_frame(wire.Ack(upto=seq))
+        if self.inbox_resets != resets:  # it went to the broker before the reset, or nowhere
+            return
+        self._acked = max(self._acked, seq)
+        # Acked, done or not: `done` is past them. Only now: an ack that failed (the client
+        # stopped, a durable ack refused or cancelled) leaves them to `done` again.
+        taken = self._taken
+        while taken and next(iter(taken)) <= seq:
+            self._done.discard(taken.popitem(last=False)[0])
 
-    async def done(self, inbox_seq: int, *, durable: bool = False) -> None:
-        """Declare the delivery `inbox_seq` (one taken from `deliveries()`) handled, and ack
-        up to the last delivery before which every one taken is done: for a service that
-        handles its deliveries in tasks of their own, which finish out of order. An `ack` of
-        the latest would also ack those still being handled, lost should the process die.
-        Returns without acking while an earlier one is not done; `durable` as for `ack`."""
-        if inbox_seq not in self._taken or inbox_seq in self._done:
-            raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
-                              f"done: {inbox_seq} is not a delivery taken from deliveries() "
-                              f"and not yet done")
-        self._done.add(inbox_seq)
-        upto = 0
-        while self._taken and self._taken[0] in self._done:
-            upto = self._taken.popleft()
-            self._done.discard(upto)
-        if upto:
-            await self.ack(upto, durable=durable)
+    def _ack_target(self, upto: int | wire.Deliver, what: str) -> int:
+        """The inbox_seq that `ack` or `done` of `upto` names; StaleDelivery for a delivery
+        from before the inbox went back, or (after it went back) an inbox_seq beyond those
+        taken since, which names an entry of the restored inbox the caller has not got."""
+        if not isinstance(upto, wire.Deliver):
+            if self.inbox_resets and upto > max(self._handed, self._acked):
+                raise StaleDelivery(what, upto)
+            return upto
+        seq = upto.inbox_seq
+        # One taken since the reset and not acked is held; one acked is no matter.
+        if self.inbox_resets and seq > self._acked and self._taken.get(seq) != upto:
+            raise StaleDelivery(what, seq)
+        return seq
+
+    async def done(self, inbox_seq: int | wire.Deliver, *, durable: bool = False) -> None:
+        """Declare the delivery `inbox_seq` (one taken from `deliveries()`, or that delivery
+        itself) handled, and ack up to the last delivery before which every one taken is done:
+        for a service that handles its deliveries in tasks of their own, which finish out of
+        order. An `ack` of the latest would also ack those still being handled, lost should
+        the process die. Returns without acking while an earlier one is not done; `durable`
+        as for `ack`. When that ack fails (the call cancelled, a durable ack refused), the
+        delivery stays done and unacked: `done` of it again acks again."""
+        self._check_usable()
+        seq = self._ack_target(inbox_seq, "done")
+        again = seq in self._done
+        if seq in self._taken:
+            self._done.add(seq)
+            upto = 0
+            for taken in self._taken:
+                if taken not in self._done:
+                    break
+                upto = taken
+            # Done twice is a mistake, unless its ack is still to be made (it failed).
+            if not again or upto >= seq:
+                if upto:
+                    await self.ack(upto, durable=durable)
+                return
+        raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                          f"done: {seq} is not a delivery taken from deliveries() "
+                          f"and not yet done")
 
     async def read(self, conv: str, upto: int) -> None:
         """Mark `conv` read up to conv seq `upto`."""
@@ -633,13 +707,7 @@ class Client:
         self.welcome, self.user = welcome, welcome.user
         self._last_rx = time.monotonic()
         if welcome.head < self._yielded:
-            # The inbox went back: the broker was restored from a backup (or serves another
-            # data directory). Its cursor is the truth now: start from what it says this device
-            # acked, or its new entries, at inbox_seqs this client saw before, would be dropped
-            # as seen, and the ack of what it had would skip them.
-            self._yielded = self._acked = welcome.acked
-            self._taken.clear()
-            self._done.clear()
+            self._inbox_went_back(welcome)
         self._yielded = max(self._yielded, welcome.acked)
         flushed: list[_Request] = []
         try:
@@ -686,6 +754,34 @@ class Client:
                 await trio.aclose_forcefully(stream)
             raise
         self.connected.set()
+
+    def _inbox_went_back(self, welcome: wire.Welcome) -> None:
+        """The inbox went back: the broker was restored from a backup (or serves another data
+        directory). Its cursor is the truth now: start from what it says this device acked, or
+        its new entries, at inbox_seqs this client saw before, would be dropped as seen, and
+        the ack of what it had would skip them. The inbox_seqs of the old inbox name other
+        entries now: its deliveries still queued are dropped (handed over, they were acked as
+        the new entries), and an ack of one the caller holds is refused (StaleDelivery), the
+        durable ones waiting to be resent too."""
+        before = self._yielded
+        dropped = 0
+        while True:
+            try:
+                self._deliveries._channel.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+            dropped += 1
+        self.inbox_resets += 1
+        self._yielded = self._acked = self._handed = welcome.acked
+        self._taken.clear()
+        self._done.clear()
+        for rid, req in list(self._pending.items()):
+            if isinstance(req.frame, wire.Ack) and req.frame.upto > welcome.acked:
+                del self._pending[rid]  # not resent below
+                req.error = StaleDelivery("ack", req.frame.upto)
+                req.event.set()
+        if self.on_inbox_reset is not None:
+            self.on_inbox_reset(InboxReset(before, welcome.head, welcome.acked, dropped))
 
     def _dropped(self) -> None:
         self._stream = self._conn = None
@@ -986,7 +1082,9 @@ class Deliveries:
             raise
 
     def _taken(self, d: wire.Deliver) -> wire.Deliver:
-        self._client._taken.append(d.inbox_seq)  # for `done`
+        client = self._client
+        client._taken[d.inbox_seq] = d  # for `done`, and to tell it from one of another inbox
+        client._handed = d.inbox_seq
         return d
 
     def _raise_failure(self) -> None:
@@ -1057,15 +1155,20 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
                       reconnect_timeout: float | None = 30.0,
                       max_pushes: int = 10000,
                       on_unreachable: Callable[[str], None] | None = None,
+                      on_inbox_reset: Callable[[InboxReset], None] | None = None,
                       ) -> AsyncIterator[Client]:
     """Connect (raising ClientError or ConnectionLost if that fails) and yield a Client.
 
     `on_unreachable(reason)` is called at the first failed attempt of each outage (the broker
     not reachable at first, or after a drop) when the client goes on trying; not when it gives
-    up, which raises or stops the client as ever."""
+    up, which raises or stops the client as ever.
+
+    `on_inbox_reset(InboxReset)` is called when a reconnect finds the inbox went back (the
+    broker restored from an older backup): deliveries start over after the restored ack, and
+    those taken before are stale (StaleDelivery if acked)."""
     client = Client(server, token, device, tls=tls, reconnect=reconnect,
                     reconnect_timeout=reconnect_timeout, max_pushes=max_pushes,
-                    on_unreachable=on_unreachable)
+                    on_unreachable=on_unreachable, on_inbox_reset=on_inbox_reset)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)

@@ -1,0 +1,184 @@
+"""The SDK across a broker restored from an older backup, and `done` after an ack that failed:
+defects a review found (2026-12-05), each run against a real broker."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import trio
+
+from broker.client import ClientError, ConnectionLost, StaleDelivery
+from tests.procs import BrokerProcess, homing
+
+
+async def _restore(bp: BrokerProcess, backup, aside) -> None:
+    """Restore as OPERATIONS.md says: stop, put the copy in place, start (on the same port)."""
+    bp.kill()
+    shutil.move(bp.data, aside)
+    shutil.move(backup, bp.data)
+    await bp.astart()
+
+
+async def _until(check, timeout: float = 15.0) -> None:
+    with trio.fail_after(timeout):
+        while not check():
+            await trio.sleep(0.01)
+
+
+async def test_a_delivery_from_before_a_restore_acks_nothing_of_the_new_inbox(tmp_path):
+    """Bob's SDK holds deliveries of the old inbox when it reconnects to a broker restored
+    from an older backup: two the application took (and still handles), one queued in the
+    SDK. Their inbox_seqs name other entries of the restored inbox, where new messages
+    arrive. The queued one was handed over after the reconnect, ahead of the new ones, and
+    `ack` of one the application held acked new entries it never got: lost for that device.
+    Now the queued ones are dropped at the reset, the application is told, and an ack or a
+    `done` of a delivery from before raises StaleDelivery, acking nothing."""
+    resets = []
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    try:
+        async with bp.client("alice", "a", reconnect_timeout=60) as alice:
+            async with bp.client("bob", "b", reconnect_timeout=60,
+                                 on_inbox_reset=resets.append) as bob:
+                await alice.send("kept", to="bob")
+                kept = await bob.deliveries().receive()
+                await bob.ack(kept.inbox_seq, durable=True)
+                await trio.to_thread.run_sync(homing, "backup", str(tmp_path / "backup"),
+                                              "--data", str(bp.data))
+                for i in range(3):
+                    await alice.send(f"lost-{i}", to="bob")
+                old_2 = await bob.deliveries().receive()
+                old_3 = await bob.deliveries().receive()
+                await _until(lambda: bob._yielded == 4)  # lost-2 is queued in the SDK
+                await _restore(bp, tmp_path / "backup", tmp_path / "data-aside")
+                with trio.fail_after(20):
+                    await alice.ping()
+                    await bob.ping()
+                new = [await alice.send(f"new-{i}", to="bob") for i in range(2)]
+                assert [r.seq for r in new] == [2, 3]  # bob's inbox_seqs 2 and 3 again
+                await _until(lambda: bob._yielded == 3)  # both arrived in the SDK
+
+                for stale in (lambda: bob.ack(old_3.inbox_seq),
+                              lambda: bob.ack(old_3.inbox_seq, durable=True),
+                              lambda: bob.done(old_2.inbox_seq),
+                              lambda: bob.done(old_3.inbox_seq, durable=True)):
+                    with pytest.raises(StaleDelivery) as refused:
+                        await stale()
+                    assert refused.value.name == "invalid", refused.value
+                    assert "inbox went back" in refused.value.message, refused.value
+
+                got = [await bob.deliveries().receive() for _ in range(2)]
+                assert [d.body for d in got] == ["new-0", "new-1"]  # lost-2 was dropped
+                # Taken now: inbox_seq 2 names new-0, and the held delivery of lost-0 is
+                # told apart from it when passed itself.
+                with pytest.raises(StaleDelivery):
+                    await bob.done(old_2)
+                await bob.done(got[0], durable=True)
+                assert [(r.before, r.head, r.acked, r.dropped) for r in resets] == \
+                    [(4, 1, 1, 1)]
+                assert bob.inbox_resets == 1
+            async with bp.client("bob", "b") as bob:
+                assert bob.welcome.acked == 2  # new-0 alone: new-1 is not done
+                d = await bob.deliveries().receive()
+                assert d.body == "new-1"
+    finally:
+        bp.kill()
+
+
+async def test_a_durable_ack_waiting_across_a_restore_is_not_sent_to_the_new_inbox(tmp_path):
+    """A durable ack made while the broker is down waits to be sent on the next connection.
+    When that connection is to a broker restored from an older backup, where others sent to
+    the device before it reconnected, its inbox_seq names one of those new entries: it was
+    sent, and acked them, delivered to nobody. It raises StaleDelivery now, unsent."""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    try:
+        async with bp.client("bob", "b", reconnect_timeout=60) as bob:
+            await trio.to_thread.run_sync(homing, "backup", str(tmp_path / "backup"),
+                                          "--data", str(bp.data))
+            async with bp.client("alice", "a") as alice:
+                for i in range(3):
+                    await alice.send(f"lost-{i}", to="bob")
+            old = [await bob.deliveries().receive() for _ in range(3)]
+            bp.kill()
+            await _until(lambda: bob._stream is None)
+            outcome = []
+
+            async def ack_later() -> None:
+                try:
+                    outcome.append(await bob.ack(old[1], durable=True))
+                except ClientError as exc:
+                    outcome.append(exc)
+
+            async with trio.open_nursery() as n:
+                n.start_soon(ack_later)
+                await trio.sleep(0.1)  # it waits for a connection
+                shutil.move(bp.data, tmp_path / "data-aside")
+                shutil.move(tmp_path / "backup", bp.data)
+                # The restored broker takes two sends for bob before bob is back.
+                with BrokerProcess(bp.data) as elsewhere:
+                    async with elsewhere.client("alice", "a") as alice:
+                        for i in range(2):
+                            await alice.send(f"new-{i}", to="bob")
+                await bp.astart()
+                await _until(lambda: outcome, timeout=20)
+            assert isinstance(outcome[0], StaleDelivery), outcome
+            with trio.fail_after(20):
+                got = [await bob.deliveries().receive() for _ in range(2)]
+            assert [d.body for d in got] == ["new-0", "new-1"]
+        async with bp.client("bob", "b") as bob:
+            assert bob.welcome.acked == 0
+    finally:
+        bp.kill()
+
+
+async def test_done_again_after_its_ack_was_cancelled_acks(tmp_path):
+    """`done(seq, durable=True)` cancelled while the broker is down (its ack not sent): the
+    same `done` once the broker is back raised `invalid` ("not a delivery taken ... and not
+    yet done"), though nothing was acked, and a later `done` acked nothing of it either. Now
+    it acks, up to the last delivery before which every one is done, and no further."""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    try:
+        async with bp.client("alice", "a") as alice:
+            for i in range(3):
+                await alice.send(f"m{i}", to="bob")
+        async with bp.client("bob", "b", reconnect_timeout=60) as bob:
+            first, second, third = [await bob.deliveries().receive() for _ in range(3)]
+            await bob.done(second.inbox_seq)  # waits for the first one: nothing acked
+            bp.kill()
+            with trio.move_on_after(1) as waited:
+                await bob.done(first.inbox_seq, durable=True)
+            assert waited.cancelled_caught
+            await bp.astart()
+            with trio.fail_after(20):
+                await bob.done(first.inbox_seq, durable=True)
+            with pytest.raises(ClientError, match="not yet done"):  # acked now
+                await bob.done(first.inbox_seq)
+        async with bp.client("bob", "b") as bob:
+            assert bob.welcome.acked == second.inbox_seq  # not the third: it is not done
+            d = await bob.deliveries().receive()
+            assert d.inbox_seq == third.inbox_seq
+    finally:
+        bp.kill()
+
+
+async def test_done_after_its_ack_failed_with_the_connection_raises_that_again(tmp_path):
+    """A client without reconnect whose broker went while `done`'s durable ack waited stops
+    with ConnectionLost; a second `done` of that delivery raised `invalid` ("not a delivery
+    taken ... and not yet done"), as if it had been acked. It raises what stopped the
+    client."""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    try:
+        async with bp.client("alice", "a") as alice:
+            await alice.send("m", to="bob")
+        async with bp.client("bob", "b", reconnect=False) as bob:
+            d = await bob.deliveries().receive()
+            bp.kill()
+            for _ in range(2):
+                with trio.fail_after(10), pytest.raises(ConnectionLost):
+                    await bob.done(d.inbox_seq, durable=True)
+    finally:
+        bp.kill()
