@@ -485,7 +485,14 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
     Whatever can be checked without the broker (`check(args)` for the command's own) is checked
     before connecting, so a usage error exits 2 whether a broker is running or not.
     """
-    from broker.client import ClientError, ConnectionLost, Replaced, open_client, parse_server
+    from broker.client import (
+        ClientError,
+        ConnectionLost,
+        InboxReset,
+        Replaced,
+        open_client,
+        parse_server,
+    )
 
     if not args.token:
         raise CliError(EXIT_USAGE, "usage", "a token is needed: --token or HOMING_TOKEN")
@@ -501,10 +508,17 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
         warn("retrying", f"{reason}; trying again for up to {args.connect_timeout:g} s "
                          "(--connect-timeout)")
 
+    def inbox_reset(reset: InboxReset) -> None:
+        warn("inbox_reset", f"the broker's inbox of this user went back from inbox_seq "
+                            f"{reset.before} to {reset.head} (restored from an older backup?): "
+                            f"deliveries start over after {reset.acked}, and the inbox_seqs "
+                            "from there name other entries than those printed before")
+
     async def main() -> None:
         async with open_client(args.server, args.token, args.device, tls=tls,
                                reconnect_timeout=args.connect_timeout,
-                               on_unreachable=unreachable) as client:
+                               on_unreachable=unreachable,
+                               on_inbox_reset=inbox_reset) as client:
             await body(client, args)
 
     try:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -297,3 +299,43 @@ def test_every_line_of_the_readme_first_conversation_runs(tmp_path):
                 assert conv.startswith("chn:")
     assert conv is not None and (tmp_path / "backups").is_dir()
     assert len(ran) == 8, ran
+
+
+def test_listen_says_when_the_inbox_went_back_after_a_restore(tmp_path):
+    """A `homing listen` that reconnects to a broker restored from an older backup: its
+    deliveries start over from the copy's cursor, whose new entries take inbox_seqs it printed
+    before; it says so with an `inbox_reset` warning on stderr (it went on in silence, and a
+    script keyed on inbox_seq took the new entries for ones it had)."""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    listen = None
+    try:
+        homing("send", "--to", "bob", "kept", env=as_user(bp, "shop"))
+        listen = subprocess.Popen([*homing_cmd(), "listen"],
+                                  env={**os.environ, **as_user(bp, "bob")}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert json.loads(listen.stdout.readline())["body"] == "kept"
+        homing("backup", str(tmp_path / "backup"), "--data", str(bp.data))
+        for body in ("lost-1", "lost-2"):
+            homing("send", "--to", "bob", body, env=as_user(bp, "shop"))
+            assert json.loads(listen.stdout.readline())["body"] == body
+        bp.kill()
+        shutil.move(bp.data, tmp_path / "aside")
+        shutil.move(tmp_path / "backup", bp.data)
+        bp.start()
+        homing("send", "--to", "bob", "new", env=as_user(bp, "shop"))
+        new = json.loads(listen.stdout.readline())
+        assert (new["body"], new["inbox_seq"]) == ("new", 2)
+        listen.kill()
+        _, err = listen.communicate(timeout=20)
+    finally:
+        if listen is not None and listen.poll() is None:
+            listen.kill()
+        bp.kill()
+    warnings = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    reset = [w for w in warnings if w["warning"] == "inbox_reset"]
+    assert len(reset) == 1, err
+    # To 1, or to 2 when "new" came in before listen was back.
+    assert re.match(r"the broker's inbox of this user went back from inbox_seq 3 to [12] "
+                    r"\(restored from an older backup\?\): deliveries start over after 1,",
+                    reset[0]["message"]), reset
