@@ -360,11 +360,13 @@ class Broker:
             await self._refuse(session, hello.id, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
             return False
         replacing = any(s.device == hello.device for s in self.hub.sessions(claims.user))
-        if not replacing and (self.hub.count >= cfg.max_connections
-                              or self.hub.user_count(claims.user) >= cfg.max_connections_per_user):
+        full = None if replacing else self._connections_full(claims.user)
+        if full is not None:
+            limit, connections, message = full
             session.reason = CloseReason.LIMIT
-            await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED,
-                               "too many connections")
+            session.log.warning("connections_full", user=claims.user, device=hello.device,
+                                limit=limit, connections=connections)
+            await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED, message)
             return False
         # The hello's reads first: should one fail (StorageError), nothing is left to undo
         # (the user's rate buckets are taken below, and given back only by a detach).
@@ -402,6 +404,23 @@ class Broker:
         if first:
             self.presence.announce(claims.user, True)
         return True
+
+    def _connections_full(self, user: str) -> tuple[str, int, str] | None:
+        """The connection limit a new device of `user` meets, if any: (the limit's log name,
+        the connections it counts, the refusal's message). Until 2026-12-05 both limits said
+        "too many connections", and the log named neither the limit nor the user."""
+        cfg = self.config
+        count = self.hub.user_count(user)
+        if count >= cfg.max_connections_per_user:
+            return ("per_user", count,
+                    f"this user has {count} connection{'s' * (count != 1)}, the most the "
+                    f"broker allows per user; a device already connected may reconnect (its "
+                    f"new session replaces the old one), another waits for one to close")
+        if self.hub.count >= cfg.max_connections:
+            return ("total", self.hub.count,
+                    f"the broker has {self.hub.count} connections, the most it allows; "
+                    f"retry later")
+        return None
 
     async def _read_hello(self, session: Session) -> Any:
         conn = session.conn
