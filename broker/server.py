@@ -94,6 +94,10 @@ _first = itemgetter(0)
 IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
 OWN_ACK_DELAY_S = 0.25  # how long the durable ack of a device's own sends may wait
 ROSTER_CACHE_MAX = 50_000  # conversations whose member lists the broker keeps in memory
+# And the members in those lists, in all (full of groups of 1,000: 116 MiB of RSS). Uncounted
+# until 2026-12-05: a presence walk keeps the list of every group of its user, so a service in
+# 800 groups of 1,000 members that connected once left 800,000 of them held (173 MiB), for good.
+ROSTER_CACHE_MEMBERS = 500_000
 LINGER_S = 1.0  # how long a connection we end waits for the peer's EOF (see _linger)
 LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and dropped meanwhile
 # Ends where the peer has stopped sending already: nothing to wait for.
@@ -129,7 +133,9 @@ class Broker:
         self.user_changes = UserBuckets(config.changes_per_s_per_user)
         self._user_buckets = (self.user_sends, self.user_typing, self.user_changes)
         self._rosters: dict[str, Roster] = {}
+        self._roster_members = 0  # the members of the rosters in `_rosters`
         self.roster_cache_max = ROSTER_CACHE_MAX
+        self.roster_cache_members = ROSTER_CACHE_MEMBERS
         self._ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
         self._tls: ssl.SSLContext | None = None  # set by `serve` under --tls-cert
@@ -164,11 +170,21 @@ class Broker:
         found = cache.get(conv)
         if found is None:
             found = Roster.of(self.store.members(conv))
-            if found.members:
-                if len(cache) >= self.roster_cache_max:  # bounded: drop the oldest entry
-                    del cache[next(iter(cache))]
+            size = len(found.members)
+            # An empty conversation is not cached, nor one past the bound of members alone.
+            if 0 < size <= self.roster_cache_members:
+                self._trim_rosters(1, size)
                 cache[conv] = found
+                self._roster_members += size
         return found
+
+    def _trim_rosters(self, convs: int, members: int) -> None:
+        """Drop the oldest cached rosters until `convs` more conversations of `members` more
+        members fit `roster_cache_max` and `roster_cache_members` (bounded memory)."""
+        cache = self._rosters
+        while cache and (len(cache) + convs > self.roster_cache_max
+                         or self._roster_members + members > self.roster_cache_members):
+            self._roster_members -= len(cache.pop(next(iter(cache))).members)
 
     def _roster_changed(self, conv: str, user: str, role: str | None) -> None:
         """A committed change of `user`'s role in `conv` (None: no longer a member): applied to
@@ -179,12 +195,14 @@ class Broker:
         too is set back by this batch's changes and brought forward again by theirs, whose
         fan-outs follow in order."""
         cache = self._rosters
-        found = cache.get(conv)
-        if found is None:
+        was = cache.get(conv)
+        if was is None:
             return
-        found = found.changed(user, role)
+        found = was.changed(user, role)
+        self._roster_members += len(found.members) - len(was.members)
         if found.members:
             cache[conv] = found
+            self._trim_rosters(0, 0)  # a join past the bound drops the oldest (this one, maybe)
         else:  # as `roster`: an empty conversation is not cached
             del cache[conv]
 
@@ -571,23 +589,33 @@ class Broker:
         every = max(0.01, min(1.0, idle / IDLE_CHECKS))
         while True:
             await trio.sleep(every)
-            now, wall = time.monotonic(), time.time()
-            for session in self.hub.all_sessions():
-                if session.idle_for(now) >= idle:
-                    session.time_out(idle)  # its end is logged with reason "timeout"
-                elif session.expires <= wall:
-                    session.token_expired()
+            now = time.monotonic()
+            self._look_idle(idle, now, time.time())
             for buckets in self._user_buckets:
                 buckets.prune(now)
+
+    def _look_idle(self, idle: float, now: float, wall: float) -> None:
+        """One look of `_watch_idle` at every session. A function of its own, so that the last
+        session looked at is not held by the watch's loop until its next look (one that ended
+        since, with its queues, for good on a broker left with no session: until 2026-12-05)."""
+        for session in self.hub.all_sessions():
+            if session.idle_for(now) >= idle:
+                session.time_out(idle)  # its end is logged with reason "timeout"
+            elif session.expires <= wall:
+                session.token_expired()
 
     async def _ack_own_sends(self) -> None:
         """Every OWN_ACK_DELAY_S, submit the durable acks of the devices whose cursors moved
         past their own sends (one each, however many commits passed)."""
         while True:
             await trio.sleep(OWN_ACK_DELAY_S)
-            due, self.own_acks = self.own_acks, {}
-            for session in due:
-                session.flush_own_ack()
+            self._flush_own_acks()
+
+    def _flush_own_acks(self) -> None:
+        """One round of `_ack_own_sends`; a function of its own, as `_look_idle` is."""
+        due, self.own_acks = self.own_acks, {}
+        for session in due:
+            session.flush_own_ack()
 
     def shutdown(self) -> None:
         """Begin a clean shutdown (idempotent)."""

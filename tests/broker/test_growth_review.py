@@ -3,11 +3,15 @@ conversation must stay bounded, or be let go when they leave."""
 
 from __future__ import annotations
 
+import gc
 from functools import partial
 
 import trio
 
-from broker.session import MUTED_CACHE_MAX
+import protocol
+from broker.server import ROSTER_CACHE_MAX, ROSTER_CACHE_MEMBERS
+from broker.session import MUTED_CACHE_MAX, Session
+from storage.tables import CACHE_ROWS
 from tests.harness import running_broker
 
 
@@ -84,3 +88,91 @@ async def test_what_the_broker_keeps_per_user_and_device_goes_when_they_leave(tm
         assert not committer._acks and not committer._acks_lost
         assert set(committer._unsynced_acks) <= {("svc", "bot")}
         assert set(committer._last_acks) <= {("svc", "bot")}
+
+
+async def test_the_cached_member_lists_hold_a_bounded_number_of_members(tmp_path):
+    """The broker keeps the member lists of up to ROSTER_CACHE_MAX conversations for its pushes
+    (`Broker.roster`), but their members were not counted: a presence walk caches the list of
+    every group of the user, so a service in 800 groups of 1,000 that connected once left
+    800,000 members held (173 MiB of RSS), for good. The members held are bounded too now
+    (ROSTER_CACHE_MEMBERS, 500,000; here `roster_cache_members`, room for four of these
+    lists): the oldest lists go first, one larger than the bound is not kept, and pushes are
+    answered right past it."""
+    groups, size = 12, 200
+    async with running_broker(tmp_path / "data", changes_per_s_per_user=1e9) as h:
+        broker = h.broker
+        broker.roster_cache_members = 4 * size
+        async with h.client("shop", "s") as shop:
+            convs = [await shop.create_group(f"g{i}", ["svc", *(f"m{i}.{j}" for j in range(
+                size - 2))]) for i in range(groups)]
+            big = await shop.create_group("big", ["svc", *(f"b{j}" for j in range(998))])
+            async with h.client("svc", "bot", role="service") as svc:
+                await svc.ping()  # its presence walk (every group of its) is done
+                held = sum(len(r.members) for r in broker._rosters.values())
+                assert held <= 4 * size, (held, len(broker._rosters))
+                assert held == broker._roster_members
+                assert big not in broker._rosters
+                for conv in (convs[0], big):  # dropped, or never kept: read again
+                    await shop.typing(conv)
+                    with trio.fail_after(5):
+                        push = await svc.next_push()
+                        while not isinstance(push, protocol.TypingNotice):
+                            push = await svc.next_push()
+                    assert (push.conv, push.user) == (conv, "shop")
+                held = sum(len(r.members) for r in broker._rosters.values())
+                assert held <= 4 * size and held == broker._roster_members
+
+
+async def test_what_a_churn_of_users_leaves_in_the_broker_is_its_bounded_caches(tmp_path):
+    """Users in pairs connect once, send each other a message, type, ack and read it, and one
+    of each pair creates a group with a cid, hands it to the other and leaves it; then all
+    disconnect. What is left per departed user, device or conversation is in the bounded
+    caches only (measured with 5,000 users: 5,000 rosters of 7,500 members in all, under
+    ROSTER_CACHE_MAX and ROSTER_CACHE_MEMBERS; the commit thread's tables under CACHE_ROWS
+    each), and no session object outlives its connection (two did: the idle watch and the
+    round of own acks held the last one each looked at, with its queues, until their next
+    look at a session, which on a broker left empty never came)."""
+    pairs = 150
+    async with running_broker(tmp_path / "data", changes_per_s_per_user=1e9) as h:
+        broker, committer = h.broker, h.broker.committer
+
+        async def user(i: int, peer: int) -> None:
+            async with h.client(f"u{i}", f"d{i}") as c:
+                sent = await c.send("hi", to=f"u{peer}")
+                await c.typing(sent.conv)
+                with trio.fail_after(20):
+                    async for d in c.deliveries():
+                        if d.kind == "msg":
+                            await c.ack(d.inbox_seq, durable=True)
+                            await c.read(d.conv, d.seq)
+                            break
+                if i % 2 == 0:
+                    group = await c.create_group(f"g{i}", [f"u{peer}"], cid=f"c{i}")
+                    await c.typing(group)
+                    await c.set_role(group, f"u{peer}", "admin")
+                    await c.leave(group)
+
+        async def pair(k: int, room: trio.Semaphore) -> None:
+            async with room, trio.open_nursery() as nursery:
+                nursery.start_soon(user, 2 * k, 2 * k + 1)
+                nursery.start_soon(user, 2 * k + 1, 2 * k)
+
+        room = trio.Semaphore(25)
+        async with trio.open_nursery() as nursery:
+            for k in range(pairs):
+                nursery.start_soon(pair, k, room)
+        with trio.fail_after(10):  # a bucket refills in a second; the idle watch prunes
+            while any(len(b) for b in broker._user_buckets):
+                await trio.sleep(0.1)
+            await trio.sleep(2 * 0.25)  # a round of own acks, and a look of the idle watch
+        assert not broker.hub._by_user and broker.hub.count == 0
+        assert not broker.presence._walking and not broker.creating and not broker.revoking
+        assert not broker.own_acks and not broker._awaiting_hello and not broker.deferred
+        assert not committer._acks and not committer._last_acks and not committer._unsynced_acks
+        assert not committer._acks_lost and not committer._gone
+        gc.collect()
+        assert [o for o in gc.get_objects() if type(o) is Session] == []
+        # Kept, bounded: a roster per direct conversation and per group left to its peer.
+        assert len(broker._rosters) == 2 * pairs <= ROSTER_CACHE_MAX
+        assert broker._roster_members == 3 * pairs <= ROSTER_CACHE_MEMBERS
+        assert all(view.cached_rows() <= CACHE_ROWS for view in broker.store._tables._views)

@@ -119,18 +119,21 @@ def _make(spec, conv: str):
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(_step, min_size=1, max_size=25))
-def test_cached_rosters_equal_the_store_after_each_fan_out(tmp_path_factory, steps):
+@given(steps=st.lists(_step, min_size=1, max_size=25), cap=st.sampled_from([None, 3]))
+def test_cached_rosters_equal_the_store_after_each_fan_out(tmp_path_factory, steps, cap):
     """Random membership changes in an open group, their fan-outs running behind the commits
     (up to several batches), rosters read at any point (one read may already see batches
     whose fan-out has not run): whenever every committed batch has been fanned out, the
-    cached roster is the store's member list."""
+    cached roster is the store's member list. With room for 3 members (`cap`), a roster that
+    grows past it is dropped, and one read past it is not kept."""
     data = tmp_path_factory.mktemp("r") / "data"
     store = Store.open(str(data), limits=Limits(max_members=4))
     try:
         (out,) = store.execute([CreateConv("own", "d1", "user", "group", "g", True, ("a",))])
         conv = out.reply["conv"]
         broker = Broker(Config(data_dir=data, port=0), store)
+        if cap is not None:
+            broker.roster_cache_members = cap
         broker.roster(conv)
         behind: list[tuple[list, list]] = []
         for step in steps:
@@ -143,6 +146,9 @@ def test_cached_rosters_equal_the_store_after_each_fan_out(tmp_path_factory, ste
                 broker._on_committed(*behind.pop(0))
             if not behind and conv in broker._rosters:
                 assert broker._rosters[conv] == _fresh(store, conv)
+            # the members counted against ROSTER_CACHE_MEMBERS are those held
+            assert broker._roster_members == sum(len(r.members) for r in broker._rosters.values())
+            assert broker._roster_members <= broker.roster_cache_members
         while behind:
             broker._on_committed(*behind.pop(0))
         assert broker.roster(conv) == _fresh(store, conv)
