@@ -11,6 +11,7 @@ and prints homing/peer ratios. docs/BENCHMARKS.md has the method and a reference
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
@@ -180,8 +181,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
            "elapsed_s": round(time.monotonic() - started, 1)}
     print(report.table(results))
     if args.repeat > 1:
-        print(f"\neach figure: the median of {args.repeat} runs (lowest-highest in brackets); "
-              "each ratio: the median of the rounds' own ratios")
+        print(f"\neach figure: the median of {args.repeat} runs (lowest-highest in brackets)"
+              f"{_fewer_runs(results, failed, args.repeat)}; each ratio: the median of the "
+              "rounds' own ratios")
     env = doc["environment"]
     print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
@@ -234,6 +236,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fewer_runs(results: dict[str, Any], failed: dict[str, str], repeat: int) -> str:
+    """The scenarios whose figures hold fewer runs than `repeat` (a later one failed), for the
+    note under the table: ", but NAME: K run(s) (run K + 1 of N failed)", or ""."""
+    fewer = []
+    for name in failed:
+        if name in results:
+            entry = results[name]
+            if isinstance(entry, list):  # latency per rate, fanout per size: alike
+                entry = entry[0] if entry else {}
+            kept = len(entry.get("rounds") or ())
+            fewer.append(f"{name}: {kept} run{'s' * (kept != 1)} (run {kept + 1} of {repeat} "
+                         "failed)")
+    return ", but " + ", ".join(fewer) if fewer else ""
+
+
 def _measure(chosen: list[str], opts: dict, progress: Progress,
              failed: dict[str, str]) -> tuple[dict, dict, dict[str, Any]]:
     """The disk's figures, the peers' status and every chosen scenario's results."""
@@ -246,8 +263,9 @@ def _measure(chosen: list[str], opts: dict, progress: Progress,
     results: dict[str, Any] = {}
     for name in chosen:
         runs = _run_scenario(name, opts, peers, progress, failed)
-        if runs:
-            results[name] = repeat.with_rounds(repeat.merge(runs), runs)
+        if runs:  # one run of several asked: a copy, so that it is not its own round
+            merged = repeat.merge(runs) if len(runs) > 1 else copy.deepcopy(runs[0])
+            results[name] = repeat.with_rounds(merged, runs, repeated=opts["repeat"] > 1)
     return disk, peers, results
 
 

@@ -11,7 +11,7 @@ hits them alike, and the merged entry holds:
 * `cpu.load_bound` (and any other flag): true if it was true in any run;
 * `errors`: each error's count summed over the runs;
 * `rounds`: each run's own entry, in order, with its round's `ratio` (a peer's runs under
-  `peer.<name>.rounds`).
+  `peer.<name>.rounds`); fewer than N when a later run of the scenario failed (one, even).
 """
 
 from __future__ import annotations
@@ -43,20 +43,22 @@ def merge(runs: list[Any]) -> Any:
     return first
 
 
-def with_rounds(merged: Any, runs: list[Any]) -> Any:
-    """`merged` with each entry's runs kept under `rounds` (and each peer's under its own)."""
-    if len(runs) < 2:
+def with_rounds(merged: Any, runs: list[Any], repeated: bool = False) -> Any:
+    """`merged` with each entry's runs kept under `rounds` (and each peer's under its own).
+    An entry of one run has none, but with `repeated` (a run of --repeat N > 1 that kept one
+    round, the next having failed): then `merged` must not be that round itself."""
+    if len(runs) < 2 and not (repeated and runs):
         return merged
     if isinstance(merged, list):
         for i, entry in enumerate(merged):
-            with_rounds(entry, [r[i] for r in runs])
+            with_rounds(entry, [r[i] for r in runs], repeated)
         return merged
     if isinstance(merged, dict):
         merged["rounds"] = [_without(r, "rounds", "peer") for r in runs]
         for name, peer in (merged.get("peer") or {}).items():
             peer["rounds"] = [r["peer"][name] for r in runs if name in (r.get("peer") or {})]
         if isinstance(merged.get("throughput"), dict):  # connections: the run on top
-            with_rounds(merged["throughput"], [r["throughput"] for r in runs])
+            with_rounds(merged["throughput"], [r["throughput"] for r in runs], repeated)
     return merged
 
 

@@ -15,6 +15,7 @@ import socket
 import ssl
 import time
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from operator import itemgetter
@@ -132,7 +133,9 @@ class Broker:
         self.user_typing = UserBuckets(config.typing_per_s_per_user)
         self.user_changes = UserBuckets(config.changes_per_s_per_user)
         self._user_buckets = (self.user_sends, self.user_typing, self.user_changes)
-        self._rosters: dict[str, Roster] = {}
+        # Oldest first: an OrderedDict drops its first entry in O(1), where `next(iter(dict))`
+        # walks past the slot of every entry deleted since the dict last grew (`_trim_rosters`).
+        self._rosters: OrderedDict[str, Roster] = OrderedDict()
         self._roster_members = 0  # the members of the rosters in `_rosters`
         self.roster_cache_max = ROSTER_CACHE_MAX
         self.roster_cache_members = ROSTER_CACHE_MEMBERS
@@ -184,7 +187,7 @@ class Broker:
         cache = self._rosters
         while cache and (len(cache) + convs > self.roster_cache_max
                          or self._roster_members + members > self.roster_cache_members):
-            self._roster_members -= len(cache.pop(next(iter(cache))).members)
+            self._roster_members -= len(cache.popitem(last=False)[1].members)
 
     def _roster_changed(self, conv: str, user: str, role: str | None) -> None:
         """A committed change of `user`'s role in `conv` (None: no longer a member): applied to

@@ -109,3 +109,23 @@ def test_a_repeated_run_reports_the_medians_of_real_runs(tmp_path):
     cell = f"{entry['msgs_per_s']:,} ({min(runs):,}-{max(runs):,})"
     assert re.search(rf"\| {re.escape(cell)} +\|", run.stdout), run.stdout
     assert doc["environment"]["settings"]["repeat"] == 3
+
+
+def test_a_repeat_that_kept_one_run_keeps_it_under_rounds_as_every_repeat_entry():
+    """--repeat N whose run 2 failed keeps run 1 (`bench.cli._measure`): its entry, a latency
+    list's, a peer's and the throughput on top of connections hold it under `rounds` as any
+    --repeat entry does (they had none: a reader of `rounds` met a KeyError), and the JSON of
+    it is written (the one run its own round would be a cycle)."""
+    import copy
+
+    runs = [{"conns": 100, "throughput": _throughput(30_000, 40_000, {})}]
+    entry = with_rounds(copy.deepcopy(runs[0]), runs, repeated=True)
+    assert [r["conns"] for r in entry["rounds"]] == [100]
+    assert [r["msgs_per_s"] for r in entry["throughput"]["rounds"]] == [30_000]
+    assert [r["msgs_per_s"] for r in entry["throughput"]["peer"]["redis"]["rounds"]] == [40_000]
+    assert spread(entry["throughput"], "msgs_per_s") is None
+    latency = [[{"rate": 1000, "p99_ms": 3.0}, {"rate": 5000, "p99_ms": 14.0}]]
+    merged = with_rounds(copy.deepcopy(latency[0]), latency, repeated=True)
+    assert [[r["p99_ms"] for r in e["rounds"]] for e in merged] == [[3.0], [14.0]]
+    json.dumps([entry, merged])
+    assert "rounds" not in with_rounds(copy.deepcopy(runs[0]), runs)  # --repeat 1: as ever
