@@ -153,10 +153,10 @@ class StaleDelivery(ClientError):
 
 class InboxReset(NamedTuple):
     """What `on_inbox_reset` is told when the welcome's inbox head is below the inbox_seqs
-    this client had (the broker restored from an older backup): `before`, the highest
-    inbox_seq it had; `head` and `acked`, the restored inbox's head and this device's ack in
-    it (delivery starts over after it); `dropped`, the deliveries of the old inbox still
-    queued in the client, not handed over."""
+    this client had, or its ack below one the broker answered as on disk (the broker restored
+    from an older backup): `before`, the highest inbox_seq it had; `head` and `acked`, the
+    restored inbox's head and this device's ack in it (delivery starts over after it);
+    `dropped`, the deliveries of the old inbox still queued in the client, not handed over."""
 
     before: int
     head: int
@@ -298,11 +298,16 @@ class Client:
         self._push_event = trio.Event()
         self._yielded = 0  # highest inbox_seq received (queued for the caller or taken)
         self._acked = 0  # highest inbox_seq the caller acked
+        self._durable = 0  # highest inbox_seq of an ack the broker said it holds on disk
         # The deliveries the caller took from `deliveries()` and that are not acked yet, in
         # order (for `done`, and to tell one from before an inbox reset); those of them
-        # declared done; the highest inbox_seq taken, since the last reset.
+        # declared done; those of them from the first not done on, in order, and the last
+        # before which every one taken is done (`done` looks at each delivery once); the
+        # highest inbox_seq taken, since the last reset.
         self._taken: OrderedDict[int, wire.Deliver] = OrderedDict()
         self._done: set[int] = set()
+        self._undone: deque[int] = deque()
+        self._ready = 0
         self._handed = 0
         self.inbox_resets = 0  # times the inbox went back (a broker restored from a backup)
         self._closed = False
@@ -474,12 +479,16 @@ class Client:
             await self._write_frame(wire.Ack(upto=seq))
         if self.inbox_resets != resets:  # it went to the broker before the reset, or nowhere
             return
+        if durable:
+            self._durable = max(self._durable, seq)
         self._acked = max(self._acked, seq)
         # Acked, done or not: `done` is past them. Only now: an ack that failed (the client
         # stopped, a durable ack refused or cancelled) leaves them to `done` again.
-        taken = self._taken
+        taken, undone = self._taken, self._undone
         while taken and next(iter(taken)) <= seq:
             self._done.discard(taken.popitem(last=False)[0])
+        while undone and undone[0] <= seq:
+            undone.popleft()
 
     def _ack_target(self, upto: int | wire.Deliver, what: str) -> int:
         """The inbox_seq that `ack` or `done` of `upto` names; StaleDelivery for a delivery
@@ -508,11 +517,10 @@ class Client:
         again = seq in self._done
         if seq in self._taken:
             self._done.add(seq)
-            upto = 0
-            for taken in self._taken:
-                if taken not in self._done:
-                    break
-                upto = taken
+            undone = self._undone
+            while undone and undone[0] in self._done:  # each one leaves it once
+                self._ready = undone.popleft()
+            upto = self._ready if self._ready in self._taken else 0  # not acked yet
             # Done twice is a mistake, unless its ack is still to be made (it failed).
             if not again or upto >= seq:
                 if upto:
@@ -706,7 +714,9 @@ class Client:
         conn.max_frame_bytes = welcome.max_frame
         self.welcome, self.user = welcome, welcome.user
         self._last_rx = time.monotonic()
-        if welcome.head < self._yielded:
+        # A restore after which as many entries arrived as it lost leaves the head where it
+        # was; one that lost an ack it said was on disk is told by that.
+        if welcome.head < self._yielded or welcome.acked < self._durable:
             self._inbox_went_back(welcome)
         self._yielded = max(self._yielded, welcome.acked)
         flushed: list[_Request] = []
@@ -772,9 +782,11 @@ class Client:
                 break
             dropped += 1
         self.inbox_resets += 1
-        self._yielded = self._acked = self._handed = welcome.acked
+        self._yielded = self._acked = self._handed = self._durable = welcome.acked
         self._taken.clear()
         self._done.clear()
+        self._undone.clear()
+        self._ready = 0
         for rid, req in list(self._pending.items()):
             if isinstance(req.frame, wire.Ack) and req.frame.upto > welcome.acked:
                 del self._pending[rid]  # not resent below
@@ -1084,6 +1096,7 @@ class Deliveries:
     def _taken(self, d: wire.Deliver) -> wire.Deliver:
         client = self._client
         client._taken[d.inbox_seq] = d  # for `done`, and to tell it from one of another inbox
+        client._undone.append(d.inbox_seq)
         client._handed = d.inbox_seq
         return d
 
