@@ -109,6 +109,7 @@ STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, 
 # stopped reading) drops the connection.
 WRITE_STALL_S = 10.0
 SLOWEST_LINK_BPS = 512 * 1024
+RECEIVE_BYTES = 65536  # the most one read of the connection takes
 
 _last_cid_ns = 0
 
@@ -309,6 +310,9 @@ class Client:
         self._undone: deque[int] = deque()
         self._ready = 0
         self._handed = 0
+        # What the broker sent while this client wrote its resend after a reconnect (`_resend`),
+        # read then so that neither side waits on the other, and handed to the reader first.
+        self._early: deque[bytes] = deque()
         self.inbox_resets = 0  # times the inbox went back (a broker restored from a backup)
         self._closed = False
         self._close_done = trio.Event()  # aclose did what it does
@@ -728,6 +732,7 @@ class Client:
                 # step: one made before is sent here (it saw no connection), one made after
                 # waits for the lock and sends itself. Neither is sent twice.
                 self._stream, self._conn = stream, conn
+                self._early.clear()  # the last connection's, never to be read
                 out = []
                 if self._acked > welcome.acked:
                     out.append(conn.send(wire.Ack(upto=min(self._acked, welcome.head))))
@@ -753,7 +758,7 @@ class Client:
                     # Bounded as every other write: a broker that stops reading right after
                     # its welcome must not hold the connection task (and every request).
                     with trio.move_on_after(WRITE_STALL_S + len(data) / SLOWEST_LINK_BPS) as st:
-                        await stream.send_all(data)
+                        await self._resend(stream, data)
                     if st.cancelled_caught:
                         raise ConnectionLost("the broker did not take the resend")
         except BaseException:  # cancelled, or the new connection broke: do not keep it
@@ -764,6 +769,34 @@ class Client:
                 await trio.aclose_forcefully(stream)
             raise
         self.connected.set()
+
+    async def _resend(self, stream: trio.abc.Stream, data: bytes) -> None:
+        """Write `data`, the requests resent on a new connection, while reading what the broker
+        sends meanwhile into `_early` (for the reader, which starts after). The broker reads
+        at most --max-inflight-requests ahead of the answers it writes: with thousands resent,
+        a resend that read nothing until it was written waited for the broker, which waited
+        for its answers to be read, until the client gave up. A read that fails stops the
+        reading alone: the reader meets the same end of the stream."""
+        early = self._early
+
+        async def read() -> None:
+            try:
+                while chunk := await stream.receive_some(RECEIVE_BYTES):
+                    early.append(chunk)
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            early.append(b"")  # EOF: the reader ends there
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await stream.send_all(data)
+                nursery.cancel_scope.cancel()  # between reads: nothing read is lost
+        except BaseExceptionGroup as group:  # the write's own error (`read` raises none)
+            if len(group.exceptions) == 1 and not isinstance(group.exceptions[0],
+                                                             trio.Cancelled):
+                raise group.exceptions[0] from None
+            raise
 
     def _inbox_went_back(self, welcome: wire.Welcome) -> None:
         """The inbox went back: the broker was restored from a backup (or serves another data
@@ -972,9 +1005,9 @@ class Client:
         return True
 
     async def _reader(self) -> None:
-        stream, conn = self._stream, self._conn
+        stream, conn, early = self._stream, self._conn, self._early
         while True:
-            frame = await _next_frame(stream, conn)
+            frame = await _next_frame(stream, conn, early)
             self._last_rx = time.monotonic()
             if frame is None:
                 return
@@ -1150,15 +1183,17 @@ def _refusal(exc: wire.LocalProtocolError) -> ClientError | None:
     return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name, exc.message)
 
 
-async def _next_frame(stream: trio.abc.Stream, conn: wire.Connection) -> Any:
-    """The next frame from `stream`, or None at EOF."""
+async def _next_frame(stream: trio.abc.Stream, conn: wire.Connection,
+                      early: deque[bytes] | None = None) -> Any:
+    """The next frame from `stream` (from the bytes in `early` first, read before), or None at
+    EOF."""
     while True:
         event = conn.next_event()
         if event is wire.CLOSED:
             return None
         if event is not wire.NEED_DATA:
             return event
-        data = await stream.receive_some(65536)
+        data = early.popleft() if early else await stream.receive_some(RECEIVE_BYTES)
         conn.receive_data(data)
 
 

@@ -192,22 +192,10 @@ async def test_done_in_order_while_their_acks_wait_then_one_done_again_acks_them
     0.71 s now that each delivery is looked at once; measured 2026-12-05, not asserted:
     speed is the bench's to say.)"""
     n = 16000
-    bp = BrokerProcess(tmp_path / "data", "--window", str(n), "--send-rate", "100000",
-                       "--user-send-rate", "100000")
-    bp.start()
+    bp = await _bob_has(tmp_path, n)
     try:
-        async with bp.client("alice", "a") as alice:
-            async def sender(k: int) -> None:
-                for i in range(k, n, 32):
-                    await alice.send(f"m{i}", to="bob")
-
-            async with trio.open_nursery() as nursery:
-                for k in range(32):
-                    nursery.start_soon(sender, k)
         async with bp.client("bob", "b", reconnect_timeout=60) as bob:
-            got = [await bob.deliveries().receive() for _ in range(n)]
-            bp.kill()
-            await _until(lambda: bob._stream is None)
+            got = await _taken_then_broker_gone(bp, bob, n)
             with trio.CancelScope() as waiting:
                 async with trio.open_nursery() as nursery:
                     for d in got:  # tasks finishing in order while the broker is away
@@ -259,3 +247,56 @@ async def test_a_restore_is_told_by_a_durable_ack_it_lost(tmp_path):
             assert [(r.before, r.head, r.acked, r.dropped) for r in resets] == [(3, 3, 1, 0)]
     finally:
         bp.kill()
+
+
+async def test_thousands_of_requests_resent_after_a_drop_are_all_answered(tmp_path):
+    """16,000 durable `done` acks wait while the broker is away, and are resent when it is
+    back. The SDK wrote them all before it read an answer; the broker reads at most
+    --max-inflight-requests ahead of the answers it writes, and once those filled the
+    connection's buffers neither side moved: each attempt stalled until the client gave up with
+    ConnectionLost. Now what the broker sends meanwhile is read (and handed to the reader after):
+    every one is answered."""
+    n = 16000
+    bp = await _bob_has(tmp_path, n)
+    try:
+        async with bp.client("bob", "b", reconnect_timeout=60) as bob:
+            got = await _taken_then_broker_gone(bp, bob, n)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for d in got:  # each waits for its durable ack
+                        nursery.start_soon(lambda d=d: bob.done(d, durable=True))
+                        await trio.lowlevel.checkpoint()
+                    assert len(bob._pending) > n // 2  # thousands of them wait
+                    await bp.astart()
+        async with bp.client("bob", "b") as bob:
+            assert bob.welcome.acked == n
+    finally:
+        bp.kill()
+
+
+async def _bob_has(tmp_path, n: int) -> BrokerProcess:
+    """A broker started with a window of `n`, where alice sent bob `n` messages, 32 at a time."""
+    bp = BrokerProcess(tmp_path / "data", "--window", str(n), "--send-rate", "100000",
+                       "--user-send-rate", "100000")
+    bp.start()
+    try:
+        async with bp.client("alice", "a") as alice:
+            async def sender(k: int) -> None:
+                for i in range(k, n, 32):
+                    await alice.send(f"m{i}", to="bob")
+
+            async with trio.open_nursery() as nursery:
+                for k in range(32):
+                    nursery.start_soon(sender, k)
+    except BaseException:
+        bp.kill()
+        raise
+    return bp
+
+
+async def _taken_then_broker_gone(bp: BrokerProcess, bob, n: int) -> list:
+    """bob's `n` deliveries, taken; then the broker killed, and bob's client disconnected."""
+    got = [await bob.deliveries().receive() for _ in range(n)]
+    bp.kill()
+    await _until(lambda: bob._stream is None)
+    return got

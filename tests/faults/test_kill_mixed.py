@@ -90,8 +90,8 @@ def devices(monkeypatch):
             dev.sessions.append(s)
             by_conn[id(self._conn)] = (dev, s, self._conn)  # keeps the conn: ids stay unique
 
-    async def spy_next_frame(stream, conn):
-        frame = await next_frame(stream, conn)
+    async def spy_next_frame(stream, conn, early=None):
+        frame = await next_frame(stream, conn, early)
         seen = by_conn.get(id(conn))
         if seen is not None:
             dev, s, _ = seen
