@@ -416,3 +416,33 @@ def test_client_option_defaults_as_documented():
             wrong.append(f"{flag}: documented `{stated}`, the code's default is {default!r}")
     assert read >= 3, "docs/CLI.md Conventions table: its defaults were not read"
     assert not wrong, "docs/CLI.md Conventions table, default column: " + "; ".join(wrong)
+
+
+# -- references between the docs -------------------------------------------------------------------
+
+DOC_REFERENCE = re.compile(r'(?:docs/)?([A-Z]+(?:-[A-Z]+)?\.md),?\s+"([^"]+)"')
+
+
+def _titles(path: Path) -> list[str]:
+    """The headings of `path` (without their §-number) and its bold run-in titles (`**X**`)."""
+    text = path.read_text(encoding="utf-8")
+    heads = [re.sub(r"^[\d.]+\s+", "", m.group(1).strip())
+             for m in re.finditer(r"^#+ (.+)$", text, re.M)]
+    return heads + [m.group(1).rstrip(".") for m in re.finditer(r"\*\*([^*]+)\*\*", text)]
+
+
+def test_every_section_a_doc_names_exists():
+    """`docs/OPERATIONS.md, "Upgrading"` and its kin point at a heading (or a bold run-in title)
+    of that file: a reader who follows one finds it."""
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    missing = []
+    for path in files:
+        if path.name == "BENCHMARKS-JOURNAL.md":  # dated entries, quoting the docs of their day
+            continue
+        for name, title in DOC_REFERENCE.findall(path.read_text(encoding="utf-8")):
+            title = " ".join(title.split())  # a reference broken over two lines
+            target = ROOT / "docs" / name
+            if target.exists() and not any(t.startswith(title) for t in _titles(target)):
+                missing.append(f"{path.name}: {name}, \"{title}\"")
+    assert not missing, ("references to sections that do not exist: "
+                         + "; ".join(sorted(set(missing))))
