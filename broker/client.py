@@ -776,8 +776,14 @@ class Client:
         at most --max-inflight-requests ahead of the answers it writes: with thousands resent,
         a resend that read nothing until it was written waited for the broker, which waited
         for its answers to be read, until the client gave up. A read that fails stops the
-        reading alone: the reader meets the same end of the stream."""
+        reading alone: the reader meets the same end of the stream.
+
+        A broker that closes the connection as the resend is written (a bye: replaced; a
+        closing error; answers, then EOF) breaks the write: what it sent is read to the end of
+        the stream, and the reader hands it over (a replaced client must not reconnect and
+        replace the other). Raises the write's error only if the broker sent nothing."""
         early = self._early
+        broken: OSError | trio.BrokenResourceError | None = None
 
         async def read() -> None:
             try:
@@ -790,13 +796,19 @@ class Client:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(read)
-                await stream.send_all(data)
-                nursery.cancel_scope.cancel()  # between reads: nothing read is lost
+                try:
+                    await stream.send_all(data)
+                except (OSError, trio.BrokenResourceError) as exc:
+                    broken = exc  # the read goes on to the end of the stream
+                else:
+                    nursery.cancel_scope.cancel()  # between reads: nothing read is lost
         except BaseExceptionGroup as group:  # the write's own error (`read` raises none)
             if len(group.exceptions) == 1 and not isinstance(group.exceptions[0],
                                                              trio.Cancelled):
                 raise group.exceptions[0] from None
             raise
+        if broken is not None and not early:
+            raise broken
 
     def _inbox_went_back(self, welcome: wire.Welcome) -> None:
         """The inbox went back: the broker was restored from a backup (or serves another data

@@ -4,11 +4,13 @@ defects a review found (2026-12-05), each run against a real broker."""
 from __future__ import annotations
 
 import shutil
+import ssl
 
 import pytest
 import trio
+import trustme
 
-from broker.client import ClientError, ConnectionLost, StaleDelivery
+from broker.client import ClientError, ConnectionLost, Replaced, StaleDelivery
 from tests.procs import BrokerProcess, homing
 
 
@@ -274,13 +276,44 @@ async def test_thousands_of_requests_resent_after_a_drop_are_all_answered(tmp_pa
         bp.kill()
 
 
-async def _bob_has(tmp_path, n: int) -> BrokerProcess:
+
+async def test_thousands_of_requests_resent_over_tls_are_all_answered(tmp_path):
+    """The same over TLS 1.3: the resend is written while the broker's session tickets and
+    answers are read, and that read is cancelled when the write ends (safe for an SSLStream
+    but during a handshake): every one of 16,000 durable acks is answered."""
+    n = 16000
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    tls = ssl.create_default_context()
+    ca.configure_trust(tls)
+    bp = await _bob_has(tmp_path, n, "--tls-cert", str(cert_path), "--tls-key", str(key_path),
+                        tls=tls)
+    try:
+        async with bp.client("bob", "b", tls=tls, reconnect_timeout=60) as bob:
+            got = await _taken_then_broker_gone(bp, bob, n)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for d in got:
+                        nursery.start_soon(lambda d=d: bob.done(d, durable=True))
+                        await trio.lowlevel.checkpoint()
+                    assert len(bob._pending) > n // 2
+                    await bp.astart()
+            assert bob.reconnects == 1  # the resend's connection served them all
+        async with bp.client("bob", "b", tls=tls) as bob:
+            assert bob.welcome.acked == n
+    finally:
+        bp.kill()
+
+async def _bob_has(tmp_path, n: int, *flags: str, tls=None) -> BrokerProcess:
     """A broker started with a window of `n`, where alice sent bob `n` messages, 32 at a time."""
     bp = BrokerProcess(tmp_path / "data", "--window", str(n), "--send-rate", "100000",
-                       "--user-send-rate", "100000")
+                       "--user-send-rate", "100000", *flags)
     bp.start()
     try:
-        async with bp.client("alice", "a") as alice:
+        async with bp.client("alice", "a", tls=tls) as alice:
             async def sender(k: int) -> None:
                 for i in range(k, n, 32):
                     await alice.send(f"m{i}", to="bob")
@@ -300,3 +333,41 @@ async def _taken_then_broker_gone(bp: BrokerProcess, bob, n: int) -> list:
     bp.kill()
     await _until(lambda: bob._stream is None)
     return got
+
+
+
+async def test_a_session_replaced_during_the_resend_stops_the_client_it_replaced(tmp_path):
+    """bob's client resends thousands of sends (32 MB) after a drop; meanwhile the same device
+    connects from elsewhere, and the broker says bye (replaced) to the first and closes. The bye
+    was read as the resend was written, then the write failed and the connection was thrown
+    away with what it had read: the first client reconnected and replaced the second."""
+    bp = BrokerProcess(tmp_path / "data", "--send-rate", "100000", "--user-send-rate", "100000")
+    bp.start()
+    try:
+        async with bp.client("bob", "b", reconnect_timeout=60) as bob:
+            bp.kill()
+            await _until(lambda: bob._stream is None)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for i in range(8000):
+                        nursery.start_soon(_sent_or_stopped, bob, f"{i:04d}" + "x" * 4096)
+                        await trio.lowlevel.checkpoint()
+                    await bp.astart()
+                    # The new connection is published, its resend not yet written.
+                    await _until(lambda: bob._stream is not None and not bob.connected.is_set())
+                    async with bp.client("bob", "b") as other:
+                        with pytest.raises(Replaced), trio.fail_after(15):
+                            async for _ in bob.deliveries():
+                                pass
+                        await trio.sleep(1)  # the first did not come back and replace it
+                        await other.ping()
+                        assert other._fatal is None
+    finally:
+        bp.kill()
+
+
+async def _sent_or_stopped(bob, body: str) -> None:
+    try:
+        await bob.send(body, to="alice")
+    except (Replaced, ConnectionLost):
+        pass
