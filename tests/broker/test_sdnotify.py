@@ -208,6 +208,11 @@ def test_the_keepalive_is_withheld_while_a_commit_is_stuck(tmp_path, listener):
         _, err = send.communicate(timeout=20)
         assert send.returncode == 0, err
         listener.wait_for(lambda f: listener.pings()[-1] > released)
+        # The log's own thread writes the line: it may come a moment after the ping.
+        deadline = time.monotonic() + 10
+        while "watchdog_resumed" not in {e["event"] for e in bp.log_events()}:
+            assert time.monotonic() < deadline, bp.log_tail()
+            time.sleep(0.02)
     assert not [t for t in listener.pings() if withheld < t < released]
     events = [e["event"] for e in bp.log_events()]
     assert events.index("watchdog_withheld") < events.index("watchdog_resumed")
