@@ -41,8 +41,9 @@ class LossyStream:
     once the sink takes lines again.
     """
 
-    __slots__ = ("__weakref__", "_cond", "_held", "_held_bytes", "_line", "_thread", "_writing",
-                 "dropped", "max_bytes", "stream")  # __weakref__: structlog's lock, weakly keyed
+    # __weakref__: structlog's lock, weakly keyed
+    __slots__ = ("__weakref__", "_closed", "_cond", "_held", "_held_bytes", "_line", "_thread",
+                 "_writing", "dropped", "max_bytes", "stream")
 
     def __init__(self, stream, max_bytes: int = DEFAULT_BUFFER_BYTES) -> None:
         self.stream = stream
@@ -54,6 +55,7 @@ class LossyStream:
         self._writing = False
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._closed = False  # no longer the log's: its writer ends once it has nothing held
 
     def write(self, text: str) -> int:
         self._line.append(text)
@@ -81,6 +83,9 @@ class LossyStream:
         while True:
             with self._cond:
                 while not self._held:
+                    if self._closed:  # a line printed later starts a writer again
+                        self._thread = None
+                        return
                     self._cond.wait()
                 lines = list(self._held)
                 self._held.clear()
@@ -130,6 +135,13 @@ class LossyStream:
         with self._cond:
             return self._cond.wait_for(lambda: not self._held and not self._writing, timeout)
 
+    def close(self) -> None:
+        """This stream is no longer the log's (`configure` made another): its writer thread
+        ends once it has written what it holds."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
     def isatty(self) -> bool:
         try:
             return self.stream is not None and self.stream.isatty()
@@ -155,6 +167,8 @@ def configure(level: str = "info", fmt: str = "auto", stream=None,
     """Route structlog events to `stream` (stderr) as JSON, or as console text on a TTY;
     up to `buffer_bytes` of lines wait for a sink that is slow to take them."""
     drain()
+    for old in _streams:  # (until 2026-12-05 each kept a writer thread parked for good)
+        old.close()
     stream = LossyStream(stream or sys.stderr, buffer_bytes)
     _streams[:] = [stream]
     if fmt == "auto":

@@ -281,3 +281,49 @@ def test_a_sink_that_raises_the_unexpected_loses_that_batch_not_every_later_line
             assert stream.drain(5)
     assert sink.failed and "second\n" in "".join(sink.lines), sink.lines
     assert [(e["event"], e["lines"]) for e in said] == [("log_lines_dropped", 1)], said
+
+
+def test_configuring_the_logs_again_ends_the_old_writer_thread():
+    """Each `logs.configure()` made a new stream with its own writer thread and left the old
+    one parked for good: a process that configures its logs again and again (the tests, an
+    embedding service) gathered threads. The old stream's writer ends once it has written what
+    it held; a line still printed to it (a logger cached before) starts it again."""
+    import io
+    import logging
+    import threading
+
+    from broker import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+
+    def writers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "homing-log" and t.is_alive()]
+
+    before = len(writers())
+    sinks = [io.StringIO() for _ in range(5)]
+    try:
+        for sink in sinks:
+            logs.configure("info", "json", stream=sink)
+            logs.get_logger().info("configured")
+            logs.drain(5)
+        deadline = time.monotonic() + 5
+        while len(writers()) > before + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(writers()) <= before + 1, writers()
+        assert all('"configured"' in sink.getvalue() for sink in sinks)
+        stale = logs.LossyStream(io.StringIO())
+        stale.write("one\n")
+        stale.flush()
+        assert stale.drain(5)
+        stale.close()
+        stale.write("two\n")  # a logger cached before the close still prints to it
+        stale.flush()
+        assert stale.drain(5) and stale.stream.getvalue() == "one\ntwo\n"
+    finally:
+        logs.drain(5)
+        for stream in logs._streams:
+            stream.close()
+        logs._streams.clear()
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level

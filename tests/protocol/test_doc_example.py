@@ -20,7 +20,7 @@ def test_documented_hex_is_what_the_codec_produces():
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
     expected = [
         (client, Hello(versions=(1,), token="tok-alice", device="phone", id=1)),
-        (server, Welcome(1, "s-7f3a", "alice", 1_700_000_000_000, 1 << 20, 30, 0, 0, (), id=1)),
+        (server, Welcome(1, "s-7f3a", "alice", 1_700_000_000_000, 1 << 20, 15, 0, 0, (), id=1)),
         (client, Send(id=2, cid="m1", body="hi", to="bob")),
         (server, Result(2, "dm:alice:bob", 1, 42, "m1", False)),
         (server, Deliver(2, "msg", "dm:alice:bob", 2, "bob", "yo", "b1", 1_700_000_000_000_123)),
