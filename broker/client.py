@@ -301,15 +301,19 @@ class Client:
         self._acked = 0  # highest inbox_seq the caller acked
         self._durable = 0  # highest inbox_seq of an ack the broker said it holds on disk
         # The deliveries the caller took from `deliveries()` and that are not acked yet, in
-        # order (for `done`, and to tell one from before an inbox reset); those of them
-        # declared done; those of them from the first not done on, in order, and the last
-        # before which every one taken is done (`done` looks at each delivery once); the
-        # highest inbox_seq taken, since the last reset.
-        self._taken: OrderedDict[int, wire.Deliver] = OrderedDict()
+        # order, each by what tells it from a delivery of another inbox (`_entry`: not its
+        # body, which the caller may have dropped long before it acks), for `done` and to tell
+        # one from before an inbox reset; those of them declared done; those of them from the
+        # first not done on, in order, and the last before which every one taken is done
+        # (`done` looks at each delivery once); the highest inbox_seq taken, since the last
+        # reset; the acks `done` has under way, by (upto, durable), for a `done` that adds
+        # nothing to one of them to wait for it rather than write it again.
+        self._taken: OrderedDict[int, tuple] = OrderedDict()
         self._done: set[int] = set()
         self._undone: deque[int] = deque()
         self._ready = 0
         self._handed = 0
+        self._acking: dict[tuple[int, bool], _Acking] = {}
         # What the broker sent while this client wrote its resend after a reconnect (`_resend`),
         # read then so that neither side waits on the other, and handed to the reader first.
         self._early: deque[bytes] = deque()
@@ -324,6 +328,8 @@ class Client:
         self._served = 0
         self._closed_by: ClientError | None = None
         self.user: str | None = None
+        # Sessions opened after the first (welcomed, the waiting requests written to them);
+        # an attempt that failed, one whose resend broke after the welcome too, is none.
         self.reconnects = 0
 
     # -- requests -----------------------------------------------------------------------------
@@ -504,7 +510,7 @@ class Client:
             return upto
         seq = upto.inbox_seq
         # One taken since the reset and not acked is held; one acked is no matter.
-        if self.inbox_resets and seq > self._acked and self._taken.get(seq) != upto:
+        if self.inbox_resets and seq > self._acked and self._taken.get(seq) != _entry(upto):
             raise StaleDelivery(what, seq)
         return seq
 
@@ -515,7 +521,9 @@ class Client:
         order. An `ack` of the latest would also ack those still being handled, lost should
         the process die. Returns without acking while an earlier one is not done; `durable`
         as for `ack`. When that ack fails (the call cancelled, a durable ack refused), the
-        delivery stays done and unacked: `done` of it again acks again."""
+        delivery stays done and unacked: `done` of it again acks again. A `done` whose ack
+        another `done` is making (as durable, or more) waits for that one: it returns once
+        that ack is made, raises its error, and makes the ack itself if it was cancelled."""
         self._check_usable()
         seq = self._ack_target(inbox_seq, "done")
         again = seq in self._done
@@ -528,11 +536,37 @@ class Client:
             # Done twice is a mistake, unless its ack is still to be made (it failed).
             if not again or upto >= seq:
                 if upto:
-                    await self.ack(upto, durable=durable)
+                    await self._done_ack(upto, durable)
                 return
         raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
                           f"done: {seq} is not a delivery taken from deliveries() "
                           f"and not yet done")
+
+    async def _done_ack(self, upto: int, durable: bool) -> None:
+        """`ack(upto)` for `done`, once: `upto` only grows (it is `_ready`), so an ack under
+        way that covers it is one of the same `upto`, as durable or more. Waits for that one
+        and ends as it did; makes it if there is none, or that one was cancelled."""
+        while (acking := self._acking.get((upto, True))
+               or (None if durable else self._acking.get((upto, False)))) is not None:
+            await acking.over.wait()
+            if acking.made:
+                return
+            if acking.error is not None:
+                raise acking.error
+            self._check_usable()  # cancelled: made by the next one
+        key = (upto, durable)
+        acking = self._acking[key] = _Acking()
+        try:
+            await self.ack(upto, durable=durable)
+            acking.made = True
+        except BaseException as exc:
+            if not isinstance(exc, trio.Cancelled):
+                acking.error = exc
+            raise
+        finally:
+            if self._acking.get(key) is acking:
+                del self._acking[key]
+            acking.over.set()
 
     async def read(self, conv: str, upto: int) -> None:
         """Mark `conv` read up to conv seq `upto`."""
@@ -720,11 +754,11 @@ class Client:
         self._last_rx = time.monotonic()
         # A restore after which as many entries arrived as it lost leaves the head where it
         # was; one that lost an ack it said was on disk is told by that.
-        if welcome.head < self._yielded or welcome.acked < self._durable:
-            self._inbox_went_back(welcome)
-        self._yielded = max(self._yielded, welcome.acked)
         flushed: list[_Request] = []
         try:
+            if welcome.head < self._yielded or welcome.acked < self._durable:
+                self._inbox_went_back(welcome)  # on_inbox_reset may raise: close the stream
+            self._yielded = max(self._yielded, welcome.acked)
             async with self._send_lock:
                 if self._closed:  # closed while we connected: serve nothing
                     raise ClientClosed("the client is closed")
@@ -832,6 +866,7 @@ class Client:
         self._done.clear()
         self._undone.clear()
         self._ready = 0
+        self._acking.clear()  # their inbox_seqs name other entries now
         for rid, req in list(self._pending.items()):
             if isinstance(req.frame, wire.Ack) and req.frame.upto > welcome.acked:
                 del self._pending[rid]  # not resent below
@@ -922,6 +957,8 @@ class Client:
                 if first:
                     task_status.started()
                     first = False
+                else:
+                    self.reconnects += 1
                 opened = time.monotonic()
                 error = await self._serve()
                 if self._fatal is not None or self._closed:  # refused for good, or closed by us
@@ -929,7 +966,6 @@ class Client:
                 if not self.reconnect:
                     self._fail(ConnectionLost("the connection dropped"))
                     return
-                self.reconnects += 1
                 if error is None:  # it served: a new outage begins
                     started, told = time.monotonic(), False
                     if started - opened >= STABLE_AFTER_S:
@@ -1140,7 +1176,7 @@ class Deliveries:
 
     def _taken(self, d: wire.Deliver) -> wire.Deliver:
         client = self._client
-        client._taken[d.inbox_seq] = d  # for `done`, and to tell it from one of another inbox
+        client._taken[d.inbox_seq] = _entry(d)  # for `done`, to tell it from another inbox's
         client._undone.append(d.inbox_seq)
         client._handed = d.inbox_seq
         return d
@@ -1157,6 +1193,23 @@ class Deliveries:
             return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+
+
+def _entry(d: wire.Deliver) -> tuple:
+    """What tells the delivery `d` from a delivery of another inbox at its inbox_seq (one of
+    the inbox a restored broker has), without its body: the fields the broker sets for each
+    entry, its time in microseconds among them."""
+    return d.kind, d.conv, d.seq, d.sender, d.cid, d.ts
+
+
+@dataclass
+class _Acking:
+    """An ack `done` makes: `over` once it returned or raised; `made` if it returned, `error`
+    what it raised (None if cancelled)."""
+
+    over: trio.Event = field(default_factory=trio.Event)
+    made: bool = False
+    error: BaseException | None = None
 
 
 class _Closed(Exception):

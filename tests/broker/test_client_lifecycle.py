@@ -18,6 +18,7 @@ import trio
 from broker.client import ClientClosed, ClientError, ConnectionLost, UnknownHost, open_client
 from tests.harness import running_broker
 from tests.procs import BrokerProcess
+from tests.streams import ResetAfterWelcome
 
 
 async def test_a_send_cancelled_mid_write_leaves_the_connection_usable(tmp_path):
@@ -361,33 +362,6 @@ async def test_a_create_written_as_the_connection_drops_fails_instead_of_hanging
                         pass
 
 
-class _ResetAfterWelcome(trio.abc.Stream):
-    """A TCP stream whose second write (the reconnect's resend, right after welcome) fails as
-    a reset would, once: a network fault, injected below the SDK."""
-
-    armed = False
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner, self.writes = inner, 0
-
-    async def send_all(self, data) -> None:
-        self.writes += 1
-        if self.writes == 2 and _ResetAfterWelcome.armed:
-            _ResetAfterWelcome.armed = False
-            await self.inner.aclose()
-            raise trio.BrokenResourceError("reset right after welcome")
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes=None):
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 @pytest.mark.parametrize("request_", ["revoke", "create"])
 async def test_a_request_resent_on_a_connection_that_breaks_at_once(tmp_path, monkeypatch,
                                                                      request_):
@@ -399,13 +373,13 @@ async def test_a_request_resent_on_a_connection_that_breaks_at_once(tmp_path, mo
     real_open = trio.open_tcp_stream
 
     async def breaking_open(*args, **kwargs):
-        return _ResetAfterWelcome(await real_open(*args, **kwargs))
+        return ResetAfterWelcome(await real_open(*args, **kwargs))
 
     monkeypatch.setattr(trio, "open_tcp_stream", breaking_open)
     async with running_broker(tmp_path / "d") as h:
         async with h.client("shop", "s", role="admin") as shop:
             await shop.ping()
-            _ResetAfterWelcome.armed = True
+            ResetAfterWelcome.armed = True
             await trio.aclose_forcefully(shop._stream)
             while shop._stream is not None:  # the client saw the drop
                 await trio.sleep(0)
