@@ -222,6 +222,12 @@ class Committer:
             return True
         return False
 
+    def on_way(self) -> list[Pending]:
+        """Every command queued or being committed now, the batch in the worker thread first.
+        Off the hot path: a shutdown asks it (`handlers.answer_known_repeats`)."""
+        running = self._running
+        return ([] if running is None else running.pending) + self._queue
+
     def commit_running_s(self) -> float:
         """How long the commit now in the worker thread has been running (0.0 if none is): a
         split's current half, each a commit of its own (the watchdog goes by this: until

@@ -21,7 +21,7 @@ from protocol import encode_frame, fields
 from protocol.frames import to_wire
 from storage import commands as cmd
 from storage.errors import InternalError, StorageError
-from storage.rules import MANAGERS, NO_ACCESS, revocation_cut_off
+from storage.rules import MANAGERS, NO_ACCESS, asked_conv, revocation_cut_off
 
 if TYPE_CHECKING:
     from broker.session import Session
@@ -189,6 +189,9 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str)
 
     def then(_failed: BaseException | None) -> None:
         session.request_done()
+        session.repeats.pop(then, None)
+        if session.closing:  # nobody to answer: nothing read, nothing submitted
+            return
         try:
             sent = store.sent(session.user, f.cid)
         except StorageError as exc:
@@ -203,7 +206,33 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str)
         session.reply_error(f.id, code, message)
         return None
     session.inflight += 1  # `then` runs after a commit, never before this
+    session.repeats[then] = (f.id, _send_command(session, f, f.body))
     return _held_back(session)
+
+
+def answer_known_repeats(session: Session) -> None:
+    """The broker is stopping, and half its --shutdown-grace passed with requests of
+    `session` unanswered: answer each of its sends that waits (for its commit, or refused, for
+    the sends on their way) and repeats a message durable before the batch now committing,
+    with that message's `result` (`dup`), as its commit would; the rest get the closing
+    `shutting_down` (until 2026-12-05 these too, though their answer was known). A message
+    of the batch committing, durable maybe but not yet told, may be the send's own first: left."""
+    broker = session.broker
+    durable = broker.committer.committed_lsn
+    waiting = [(p.context[1], p.command) for p in broker.committer.on_way()
+               if type(p.command) is cmd.SendMessage and p.context is not None
+               and p.context[0] is session]
+    waiting += session.repeats.values()
+    for request_id, send in waiting:
+        try:
+            first = broker.store.sent_as(send.user, send.cid)
+        except StorageError:
+            continue  # not known after all: `shutting_down`
+        if first is None or first[2] > durable or first[0] != asked_conv(send):
+            continue
+        conv, seq, lsn = first
+        session.reply(wire.Result(request_id, conv, seq, lsn, send.cid, True))
+        session.log.debug("repeat_answered", conv=conv, lsn=lsn)
 
 
 def on_ack(session: Session, f: wire.Ack) -> Any:
@@ -312,6 +341,8 @@ def _after_first(session: Session, f: wire.Create, first: Any) -> Any:
 
     def then(failed: BaseException | None) -> None:
         session.request_done()
+        if session.closing:  # nobody to answer: nothing read, nothing submitted
+            return
         if failed is not None:
             try:
                 made = session.broker.store.created(session.user, f.cid) is not None

@@ -21,8 +21,9 @@ import trio
 
 import protocol as wire
 from broker.errors import CloseReason, wire_error
+from broker.handlers import answer_known_repeats
 from broker.hub import Fresh
-from storage.commands import Ack
+from storage.commands import Ack, SendMessage
 from storage.errors import StorageError
 
 if TYPE_CHECKING:
@@ -85,6 +86,9 @@ class Session:
         self.writing_frames = 0
         self.writing_bytes = 0
         self.inflight = 0
+        # Sends refused (rate, policy, body limit) waiting for the sends on their way, as they
+        # may repeat one of them (handlers._refused): their `then` -> (request id, command).
+        self.repeats: dict[object, tuple[int, SendMessage]] = {}
         self.inflight_free = trio.Event()
         self._wake = trio.Event()
         self._drained = trio.Event()
@@ -263,6 +267,11 @@ class Session:
         if self._scope is not None:
             self._scope.cancel()
 
+    @property
+    def closing(self) -> bool:
+        """Whether the session is ending: nothing more is answered on it."""
+        return self._closing
+
     def ended(self) -> None:
         """The stream is about to be closed: nothing may be written to it any more."""
         self._closing = True
@@ -320,6 +329,8 @@ class Session:
                     while self.inflight > 0:
                         self.inflight_free = trio.Event()
                         await self.inflight_free.wait()
+                if self.inflight > 0:  # what repeats a durable send has its answer already
+                    answer_known_repeats(self)
                 self.close(CloseReason.SHUTDOWN, wire.error_frame(
                     wire.ErrorCode.SHUTTING_DOWN, "the broker is stopping; reconnect later",
                     close=True))

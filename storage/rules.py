@@ -144,7 +144,7 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
     first = tables.idem[ikey]
     if first is not None:
         conv, seq, lsn = idem_row(ikey, first)
-        if _asked_conv(cmd) != conv:  # a cid names one message: not one in another conv
+        if asked_conv(cmd) != conv:  # a cid names one message: not one in another conv
             raise Conflict(f"cid {cid!r} already names message {seq} of {conv}")
         # A dup whatever its body's size: accepted under a larger limit, lowered since.
         return [], {"conv": conv, "seq": seq, "lsn": lsn, "cid": cid, "dup": True}
@@ -162,7 +162,7 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
     return events, {"conv": conv, "seq": None, "lsn": None, "cid": cid, "dup": False}
 
 
-def _asked_conv(cmd: c.SendMessage) -> str | None:
+def asked_conv(cmd: c.SendMessage) -> str | None:
     """The conversation a send names: its conv, or the direct one with `to` (None if `to` is
     no one it could write to)."""
     if cmd.conv is not None:

@@ -62,6 +62,7 @@ from storage.projections import (
     apply,
     conv_row,
     idem_key,
+    idem_row,
     inbox_key,
     key2,
     mark_applied,
@@ -534,6 +535,14 @@ class Store:
         if len(cid.encode()) > MAX_CID_BYTES:  # never accepted: its key would not fit LMDB's
             return False
         return self._get("idem", idem_key(user, cid)) is not None
+
+    def sent_as(self, user: str, cid: str) -> tuple[str, int, int] | None:
+        """The message `user` has accepted with `cid`: (conv, seq, lsn); None if none."""
+        if len(cid.encode()) > MAX_CID_BYTES:  # never accepted, as for `sent`
+            return None
+        key = idem_key(user, cid)
+        value = self._get("idem", key)
+        return None if value is None else idem_row(key, value)
 
     def created(self, user: str, cid: str) -> str | None:
         """The conversation `user` created with `cid` (a create of it again is a dup), or None."""
