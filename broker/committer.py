@@ -9,8 +9,10 @@ Rules kept here:
 - Commands are committed in submission order; a batch holds everything queued when the previous
   commit finished (at most `max_batch`), so batches grow with load and latency stays one sync.
 - A batch that fails on a damaged projection row (`CorruptProjection`) fails only the commands
-  that read it: its commands run again in halves, down to single commands (`_split`,
-  broker/isolate.py); the others commit in their order and are told as in any batch.
+  that read it: its commands run again in halves, down to single commands (`_settle`,
+  broker/isolate.py); the others commit in their order and are told as in any batch. A batch
+  holding a command of a kind the store saw fail alone on a damaged row (`Store.set_aside`)
+  runs it alone, and the commands around it, from the start, without a try of the whole.
 - Device acks are coalesced: a later ack of the same device merges into a queued one (acks are
   cumulative high-water marks, so only the largest matters). A batch of nothing but acks waits
   up to ACK_LINGER_S for other work, since nobody waits on an ack's durability.
@@ -26,7 +28,7 @@ from typing import Any
 import structlog
 import trio
 
-from broker.isolate import isolate
+from broker.isolate import Isolated, isolate
 from broker.worker import Call, WorkerThread
 from storage.commands import Ack, SendMessage
 from storage.errors import CorruptProjection, InternalError, StorageError
@@ -95,18 +97,20 @@ class Pending:
 class _Batch:
     """One batch on its way: submitted to the worker thread, then durable, then fanned out."""
 
-    __slots__ = ("ack_pending", "acks", "call", "commands", "errors", "outcomes", "pending")
+    __slots__ = ("ack_pending", "acks", "aside", "call", "commands", "errors", "outcomes",
+                 "pending")
 
     def __init__(self, pending: list[Pending], commands: list[object],
                  acks: list[tuple[tuple[str, str], int]], ack_pending: list[Pending],
-                 call: Call) -> None:
+                 call: Call, aside: int = 0) -> None:
         self.pending = pending
         self.commands = commands
         self.acks = acks  # ((user, device), upto) of the batch's acks
         self.ack_pending = ack_pending  # their Pending, in the same order
         self.call = call
+        self.aside = aside  # commands set aside (its call is `isolate`'s, not `execute`)
         self.outcomes: list[Any] = []
-        # Split (`Committer._split`): each command's error, None for those committed (whose
+        # Split (`Committer._settle`): each command's error, None for those committed (whose
         # outcomes are in `outcomes`, None for the others). None for a batch committed whole.
         self.errors: list[BaseException | None] | None = None
 
@@ -326,18 +330,31 @@ class Committer:
                     del acks[key]
         self._acks_last = bool(batch_acks)
         commands = [p.command for p in batch]
-        call = self._thread.submit(self._store.execute, commands)
+        aside = self._store.set_aside(commands) if len(commands) > 1 else ()
+        if aside:  # known to meet a damaged row: apart from the start (broker/isolate.py)
+            call = self._thread.submit(isolate, self._execute_run, commands, aside)
+        else:
+            call = self._thread.submit(self._store.execute, commands)
         self._running_since = time.monotonic()
-        self._running = _Batch(batch, commands, batch_acks, ack_pending, call)
+        self._running = _Batch(batch, commands, batch_acks, ack_pending, call, len(aside))
         return self._running
+
+    def _execute_run(self, commands: list[object]) -> list[Any]:
+        """`Store.execute` of one run of a split (in the worker thread): each a commit of its
+        own, timed from its start (`commit_running_s`)."""
+        self._running_since = time.monotonic()  # a float's store: the trio thread reads it
+        return self._store.execute(commands)
 
     async def _finish(self, started: _Batch) -> _Batch | None:
         """Wait for a started batch to be durable; None if it failed (its commands are told)."""
         try:
+            if started.aside:
+                return self._settle(started, await self._thread.wait(started.call), None)
             started.outcomes = await self._thread.wait(started.call)
         except StorageError as exc:
             if isinstance(exc, CorruptProjection) and len(started.commands) > 1:
-                return await self._split(started, exc)
+                done = await self._thread.run(isolate, self._execute_run, started.commands)
+                return self._settle(started, done, exc)
             _log_failed(exc, len(started.commands))
             self._lose_acks(key for key, _upto in started.acks)
             for p in started.pending:
@@ -368,21 +385,21 @@ class Committer:
         self.commands += len(started.pending)
         return started
 
-    async def _split(self, started: _Batch, exc: CorruptProjection) -> _Batch:
-        """`started` failed on a damaged row: run its commands again in halves, down to single
-        commands (broker/isolate.py, in the worker thread), so that only those whose own work
-        meets a damaged row fail; the others commit in their order and are told as in any
-        batch (`_fan_out_split`, every command in submission order, the failed ones too)."""
-        def execute(commands: list[object]) -> list[Any]:  # in the worker thread
-            self._running_since = time.monotonic()  # a float's store: the trio thread reads it
-            return self._store.execute(commands)
-
-        done = await self._thread.run(isolate, execute, started.commands)
+    def _settle(self, started: _Batch, done: Isolated, exc: CorruptProjection | None
+                ) -> _Batch:
+        """`started` was split (broker/isolate.py, in the worker thread): after it failed on
+        the damaged row `exc`, in halves down to single commands; or around the commands it
+        set aside from the start (`exc` None). Only those whose own work meets a damaged row
+        failed; the others committed in their order and are told as in any batch
+        (`_fan_out_split`, every command in submission order, the failed ones too)."""
         results = done.results
         errors = [r if isinstance(r, BaseException) else None for r in results]
         outcomes = [None if e is not None else r for r, e in zip(results, errors, strict=True)]
+        if exc is None:  # the first damaged row met, if any
+            exc = next((e for e in errors if isinstance(e, CorruptProjection)), None)
         log.error("batch_split", commands=len(results), failed=len(results) - errors.count(None),
-                  commits=done.commits, error=str(exc))
+                  commits=done.commits, set_aside=started.aside,
+                  error=None if exc is None else str(exc))
         if done.stopped is not None:  # a full disk (or a bug) failed the commands left
             _log_failed(*done.stopped)
         lost = []

@@ -89,7 +89,8 @@ def _command_done(pending: Any) -> None:
     if exc is not None:
         code, message = wire_error(exc)
         if code is wire.ErrorCode.INTERNAL and not isinstance(exc, InternalError):
-            # (a batch's InternalError was logged once, as batch_internal_error)
+            # (an InternalError was logged once: batch_internal_error, or for one command's
+            # rule, command_internal_error)
             session.log.error("command_failed", command=type(pending.command).__name__,
                               conv=getattr(pending.command, "conv", None), exc_info=exc)
         session.reply_error(request_id, code, message)

@@ -34,7 +34,9 @@ class CorruptProjection(StorageError):
     `homing audit verify` names it too (the first difference); `homing audit rebuild`, the
     broker stopped, writes it again from the log. A write batch that raises it wrote nothing;
     the broker's committer runs its commands again in halves, so that only those that read
-    the row fail (broker/isolate.py, since 2026-12-05).
+    the row fail (broker/isolate.py, since 2026-12-05); the store remembers the kind of
+    command that failed on it alone, and the committer runs later ones apart from the start
+    (`Store.set_aside`).
     """
 
     def __init__(self, table: str | None, key: bytes | None, message: str) -> None:
@@ -57,6 +59,17 @@ class InternalError(StorageError):
     store. Nothing was written (the batch rolled back); `__cause__` is the exception, with its
     traceback. The broker logs it (`batch_internal_error`), answers the batch's commands
     `internal`, and serves on."""
+
+
+class CommandInternalError(InternalError):
+    """The error of one command whose rule (`rules.decide`) failed on an exception that is
+    neither a rule violation (`DomainError`) nor a storage failure: a bug of homing's, or a
+    command of a shape the rules were not written for (only homing builds commands, from
+    requests whose every field the broker checked), never the request's fault. `decide` writes
+    nothing, so only that command fails: `Store.execute` returns this as its `Outcome.error`,
+    logs it (`command_internal_error`), and commits the batch's other commands. `__cause__` is
+    the exception, with its traceback. The broker answers it `internal` (since 2026-12-05:
+    until then such a command was `Invalid`, "malformed ...")."""
 
 
 class DataDirLocked(StorageError):

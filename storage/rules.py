@@ -2,8 +2,11 @@
 
 `decide` is pure: it reads the current state through `tables` (which already includes earlier
 commands of the same batch), writes nothing, and either returns `(events, reply)` or raises a
-`DomainError` subclass. Everything random (new conv ids) is decided here and stored in the
-events, so replaying the log is deterministic. Rules (docs/DESIGN.md, "Commands and rules"):
+`DomainError` subclass. Every field a request fills in is checked here, its type too, and a bad
+one is `Invalid` saying which; any other exception out of a rule is a bug of homing's, which
+`Store.execute` answers for that command alone (`CommandInternalError`). Everything random
+(new conv ids) is decided here and stored in the events, so replaying the log is deterministic.
+Rules (docs/DESIGN.md, "Commands and rules"):
 
 * No access and "does not exist" are the same `Forbidden`, so existence never leaks.
 * A token with role "admin" acts as owner everywhere (moderation), member or not.
@@ -77,12 +80,22 @@ def direct_conv(a: str, b: str) -> str:
     return f"dm:{lo}:{hi}"
 
 
+def _utf8(text: str, field: str) -> bytes:
+    """`text` as UTF-8; Invalid for text UTF-8 cannot encode (a lone surrogate: bytes that were
+    not UTF-8 where it came from), which no row or event could hold."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        raise Invalid(f"{field} is not UTF-8 text (a lone surrogate at character "
+                      f"{exc.start})") from None
+
+
 def _conv_key(conv: object) -> bytes | None:
     """`conv` as a table key; None when it cannot name a conversation (not a str, empty, NUL,
-    over MAX_CONV_ID_CHARS bytes of UTF-8). Raises UnicodeError for a str UTF-8 cannot encode."""
+    over MAX_CONV_ID_CHARS bytes of UTF-8). Invalid for a str UTF-8 cannot encode."""
     if not isinstance(conv, str) or not conv or len(conv) > MAX_CONV_ID_CHARS or "\0" in conv:
         return None
-    key = conv.encode()
+    key = _utf8(conv, "conv")
     return key if len(key) <= MAX_CONV_ID_CHARS else None
 
 
@@ -128,7 +141,7 @@ def _check_cid(cid: object) -> None:
     """Invalid unless `cid` is a client id the idempotency tables can key: 1 to MAX_CID_CHARS
     characters, at most MAX_CID_BYTES bytes of UTF-8, no NUL."""
     if (not isinstance(cid, str) or not 1 <= len(cid) <= MAX_CID_CHARS or "\0" in cid
-            or len(cid.encode()) > MAX_CID_BYTES):
+            or len(_utf8(cid, "cid")) > MAX_CID_BYTES):
         raise Invalid(f"cid must be 1..{MAX_CID_CHARS} characters and at most {MAX_CID_BYTES} "
                       "bytes of UTF-8, without NUL")
 
@@ -148,7 +161,7 @@ def _send(tables: Tables, cmd: c.SendMessage, now_us: int, limits: Limits) -> De
             raise Conflict(f"cid {cid!r} already names message {seq} of {conv}")
         # A dup whatever its body's size: accepted under a larger limit, lowered since.
         return [], {"conv": conv, "seq": seq, "lsn": lsn, "cid": cid, "dup": True}
-    size = len(cmd.body.encode()) if isinstance(cmd.body, str) else len(cmd.body)
+    size = len(_utf8(cmd.body, "body")) if isinstance(cmd.body, str) else len(cmd.body)
     if size > limits.max_body_bytes:
         raise LimitExceeded(f"body exceeds {limits.max_body_bytes} bytes")
     events: list[EventData] = []
@@ -226,8 +239,10 @@ def _create(tables: Tables, cmd: c.CreateConv, now_us: int, limits: Limits) -> D
         raise Invalid("bad name")
     if cmd.name is not None:
         # Stored in the event and the conv row: text UTF-8 cannot encode (a lone surrogate)
-        # would fail the sealing of the whole batch, not this command (UnicodeError: Invalid).
-        cmd.name.encode()
+        # would fail the sealing of the whole batch, not this command.
+        _utf8(cmd.name, "name")
+    if not isinstance(cmd.members, tuple | list):
+        raise Invalid("members must be a list of user ids")
     members = []
     for user in cmd.members:
         if not valid_id(user):
@@ -446,9 +461,8 @@ def decide(tables: Tables, command: c.Command, now_us: int, limits: Limits) -> D
     handler = _DECIDE.get(type(command))
     if handler is None:
         raise Invalid(f"unknown command {type(command).__name__}")
-    try:
-        return handler(tables, command, now_us, limits)
-    except (TypeError, ValueError, AttributeError, UnicodeError) as exc:
-        # A field of the wrong type must fail its own command, not the whole batch; decide
-        # has written nothing, so this is safe.
-        raise Invalid(f"malformed {type(command).__name__}: {exc}") from None
+    # Nothing caught here: the rules check the fields they take (Invalid), and any other
+    # exception is a bug, which the store fails this command alone for (until 2026-12-05 a
+    # TypeError, ValueError, AttributeError or UnicodeError was `Invalid`, "malformed ...":
+    # the client was told that its request was bad).
+    return handler(tables, command, now_us, limits)

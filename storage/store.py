@@ -7,12 +7,16 @@ any thread. Rules kept (docs/DESIGN.md, "The store"):
 * The log and the projections change in the same transaction, and `meta.applied_lsn` with them,
   so after any crash the projections are exactly the fold of the log.
 * A `DomainError` fails only its own command: `decide` writes nothing, and a command's events are
-  appended and applied only after it was accepted.
+  appended and applied only after it was accepted. So does any other exception out of `decide`
+  but a storage failure (a bug of the rule: `CommandInternalError`, logged once the batch
+  committed, `command_internal_error`; since 2026-12-05).
 * A batch runs against a write-back buffer (`tables.BufferedTables`) that is flushed, sorted, just
   before the commit: a row touched by every command of the batch is written once. The buffer's
   hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a batch that
   fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the cache.
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
+  A command that fails a batch of its own on a damaged row (`CorruptProjection`) is remembered,
+  by what it acts on, until a reopen or a rebuild (`set_aside`, for the committer).
 * Projections behind the log (a log that goes past `meta.applied_lsn`: a directory put together
   from two backups; a backend whose log lives elsewhere) are caught up by a writable open: the
   missing events are folded into the stored tables (`fold`, through the same buffer as the
@@ -29,6 +33,7 @@ import gc
 import itertools
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b
@@ -42,6 +47,7 @@ from storage import native
 from storage.clock import LogClock
 from storage.commands import Command, SendMessage
 from storage.errors import (
+    CommandInternalError,
     CorruptLog,
     CorruptProjection,
     DomainError,
@@ -105,6 +111,11 @@ CATCH_UP_EVENTS = 8192
 # plain values, which the cyclic GC stops tracking: thousands of cached Events (and their data
 # dicts) kept alive across batches set off full collections of about 10 ms.
 Record = tuple[str, str, Any, Any, int]
+# Commands that failed on a damaged projection row in a batch of their own, remembered by what
+# they act on (`_subject`) with the row they met, so that the committer runs later ones apart
+# from the start (`Store.set_aside`): up to this many, the oldest forgotten first. Kept in
+# memory only: a reopen forgets them, and so does a rebuild (the rows written again).
+DAMAGED_KEPT = 1024
 # Event bodies that decode from the log as the same type (a subclass of str or bytes would not):
 # only events carrying these are remembered from the commit rather than read back.
 _PLAIN_BODY = (str, bytes, type(None))
@@ -151,11 +162,32 @@ def _first_bad(txn: lmdb.Transaction, dbs: dict[str, Any],
     return undecodable(rows[0][0], rows[0][1], exc)
 
 
+def _subject(cmd: Command) -> tuple[str, str] | None:
+    """What `cmd` acts on, for `Store.set_aside`: its kind with its conversation (a send `to` a
+    user: their direct one), or with its user for an ack or a create (a revocation: its
+    target). None when that is not text (no batch of it met a row)."""
+    kind = type(cmd)
+    if kind is SendMessage:
+        on = cmd.conv
+        if on is None and isinstance(cmd.to, str) and isinstance(cmd.user, str):
+            on = direct_conv(cmd.user, cmd.to)
+    else:
+        on = getattr(cmd, "conv", None) or getattr(cmd, "target", None) or cmd.user
+    return (kind.__name__, on) if isinstance(on, str) else None
+
+
 def _send_fault(tables: BufferedTables, cmd: SendMessage,
                 exc: Exception) -> CorruptProjection | None:
     """The damaged row the compiled send of `cmd` met when it raised `exc` (None: none did)."""
     conv = cmd.conv if cmd.conv is not None else direct_conv(cmd.user, cmd.to)
     return message_fault(tables, conv.encode(), exc, cmd.user.encode())
+
+
+def _log_rule_bug(cmd: Command, failed: CommandInternalError) -> None:
+    """Log the command a bug of its rule failed, with its context and the traceback."""
+    log.error("command_internal_error", command=type(cmd).__name__, user=cmd.user,
+              device=cmd.device, conv=getattr(cmd, "conv", None), cid=getattr(cmd, "cid", None),
+              error=str(failed), exc_info=failed.__cause__)
 
 
 class _InjectedAbort(Exception):
@@ -164,10 +196,11 @@ class _InjectedAbort(Exception):
 
 @dataclass(slots=True)
 class Outcome:
-    """The result of one command of a batch: a reply, or the DomainError that failed it."""
+    """The result of one command of a batch: a reply, or the error that failed it alone (a
+    DomainError, or CommandInternalError: a bug of its rule)."""
 
     reply: dict[str, Any] | None
-    error: DomainError | None
+    error: DomainError | CommandInternalError | None
     effects: Effects = field(default_factory=Effects)
     lsn: int = 0  # LSN of the command's last event, 0 when it appended none
 
@@ -201,6 +234,9 @@ class Store:
         self._log = LmdbLog(env)
         self.limits = limits
         self._abort_after: int | None = None  # test-only: abort a batch after k commands
+        # `_subject`s of the commands that met a damaged row alone: (table, key) of the row.
+        self._damaged: OrderedDict[tuple[str, str], tuple[str | None, bytes | None]] = (
+            OrderedDict())
         # Decoded log records by LSN for `deliverable`: each batch's events as it commits (its
         # recipients are sent them next), and records read back, so a message delivered to many
         # inboxes is decoded at most once. Committed records never change: never stale.
@@ -388,7 +424,8 @@ class Store:
 
         Raises `StorageFull` (or another `StorageError`: `CorruptProjection` naming a row it
         read that does not decode, `InternalError` chained to any other exception, a bug) when
-        the whole batch failed; then nothing was written.
+        the whole batch failed; then nothing was written. A command whose rule fails on a bug
+        fails alone: its Outcome's error is `CommandInternalError`, chained to the exception.
         """
         tables, rows, dbs, clock = self._tables, self._rows, self._db_list, self._clock
         if tables is None:  # opened read-only: no buffered tables (the failure path needs them)
@@ -402,6 +439,7 @@ class Store:
             # to 10 minutes does not set the log's times back (storage/clock.py).
             wall = time.time_ns() // 1000 if now_us is None else now_us
             now = clock.stamp(wall)
+            bugs.clear()  # (work runs again after the map grew)
             rows.check(txn, dbs)
             tables.begin(txn)
             tail = self._log.tail()
@@ -437,6 +475,14 @@ class Store:
                 except DomainError as exc:
                     outcomes.append(Outcome(None, exc))
                     continue
+                except (StorageError, lmdb.Error):
+                    raise  # the data or the disk, not this rule: the whole batch fails
+                except Exception as exc:  # a bug of the rule: decide wrote nothing
+                    failed = CommandInternalError(f"{type(exc).__name__}: {exc}")
+                    failed.__cause__ = exc
+                    bugs.append((cmd, failed))
+                    outcomes.append(Outcome(None, failed))
+                    continue
                 if not events:
                     outcomes.append(Outcome(reply, None))
                     continue
@@ -465,8 +511,9 @@ class Store:
             return outcomes
 
         committed: list[bool] = []  # [True] first thing after the commit, by its hooks
+        bugs: list[tuple[Command, CommandInternalError]] = []  # commands a rule bug failed
         try:
-            return self._env.write(work)
+            outcomes = self._env.write(work)
         except BaseException as exc:
             # Whatever failed (a rule bug, StorageFull, the commit itself), nothing was stored:
             # the cached rows this batch changed must go too. Under the write lock: `write`
@@ -474,6 +521,8 @@ class Store:
             # lose its rows and its transaction.
             with self._env.exclusive():
                 tables.rollback()
+            if isinstance(exc, CorruptProjection) and len(commands) == 1:
+                self._met_damage(commands[0], exc)
             if isinstance(exc, StorageError | _InjectedAbort) or not isinstance(exc, Exception):
                 raise  # CorruptProjection among them: where a row is decoded, it is named
             if isinstance(exc, lmdb.Error):
@@ -486,6 +535,35 @@ class Store:
             # and serves on after.
             raise InternalError(f"a write batch failed on a bug: {type(exc).__name__}: {exc}"
                                 ) from exc
+        for cmd, failed in bugs:  # once the batch committed: a failed batch's are tried again
+            _log_rule_bug(cmd, failed)
+        if self._damaged and len(outcomes) == 1 and outcomes[0].error is None:
+            self._damaged.pop(_subject(commands[0]), None)  # it commits: no longer met
+        return outcomes
+
+    def _met_damage(self, cmd: Command, exc: CorruptProjection) -> None:
+        """Remember that `cmd`, alone in its batch, failed on the damaged row `exc` names."""
+        subject = _subject(cmd)
+        if subject is None:
+            return
+        damaged = self._damaged
+        damaged.pop(subject, None)
+        damaged[subject] = (exc.table, exc.key)
+        if len(damaged) > DAMAGED_KEPT:
+            damaged.popitem(last=False)
+
+    def set_aside(self, commands: Sequence[Command]) -> list[int]:
+        """The indices of `commands` of a kind that failed on a damaged projection row in a
+        batch of its own since the store was opened or rebuilt (the same kind of command on the
+        same conversation: a send into one of whose members' inbox head is damaged, say; or
+        of the same user, for acks and creates), which the committer runs alone, and the
+        others around them, instead of trying the whole batch and splitting it (since
+        2026-12-05). Kept in memory, at most DAMAGED_KEPT, the oldest forgotten first; one
+        that commits alone is forgotten. May be called from any thread."""
+        damaged = self._damaged
+        if not damaged:
+            return []
+        return [i for i, cmd in enumerate(commands) if _subject(cmd) in damaged]
 
     def _remember(self, events: dict[int, Record]) -> None:
         """Keep a committed batch's records for `deliverable`: its recipients are sent them
@@ -887,6 +965,7 @@ class Store:
                 self._tables.reset()
             if gc_was_enabled:
                 gc.enable()
+        self._damaged.clear()  # every row written again from the log
         log.info("projections_rebuilt", events=count,
                  seconds=round(time.perf_counter() - started, 3))
         return count

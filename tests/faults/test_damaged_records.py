@@ -379,14 +379,15 @@ async def test_a_batch_meeting_a_damaged_row_fails_only_the_command_that_reads_i
         await _others_served(h)
 
 
-async def test_a_batch_meeting_a_bug_is_internal_logged_with_its_traceback(tmp_path,
-                                                                            monkeypatch):
-    """A batch whose rule raises KeyError (a bug: the data is sound) fails as `internal`,
-    logged once with its traceback (`batch_internal_error`), never as a corrupt projection
-    (it was `batch_failed`, "projection corrupt: a row this batch read does not decode", with
-    no traceback: an operator would rebuild sound projections); the broker serves on. One
-    rule is replaced (monkeypatch): no data makes a correct rule raise; the broker, committer
-    and store run as they are."""
+async def test_a_command_meeting_a_bug_is_internal_logged_with_its_traceback(tmp_path,
+                                                                              monkeypatch):
+    """A create whose rule raises KeyError (a bug: the data is sound) fails alone as
+    `internal`, logged once with its context and traceback (`command_internal_error`), never
+    as a corrupt projection (it was `batch_failed`, "projection corrupt: a row this batch read
+    does not decode", with no traceback: an operator would rebuild sound projections; then,
+    until 2026-12-05, `batch_internal_error`, failing the commands committed with it); the
+    broker serves on. One rule is replaced (monkeypatch): no data makes a correct rule raise;
+    the broker, committer and store run as they are."""
     from storage import rules
     from storage.commands import CreateConv
 
@@ -396,18 +397,20 @@ async def test_a_batch_meeting_a_bug_is_internal_logged_with_its_traceback(tmp_p
     data = tmp_path / "data"
     make_data(data)
     monkeypatch.setitem(rules._DECIDE, CreateConv, buggy)
-    async with running_broker(data, expected_errors=("batch_internal_error",)) as h:
+    async with running_broker(data, expected_errors=("command_internal_error",)) as h:
         async with h.client("alice") as alice:
             with trio.fail_after(10), pytest.raises(ClientError) as refused:
-                await alice.create("group", name="g")
+                await alice.create("group", name="g", cid="mk1")
             assert refused.value.name == "internal"
             monkeypatch.undo()
-            assert (await alice.create("group", name="g")).startswith("grp:")
-        logged = [e for e in h.logs if e["event"] == "batch_internal_error"]
-        assert len(logged) == 1 and logged[0]["commands"] == 1, logged
-        assert logged[0]["error"] == "a write batch failed on a bug: KeyError: 'kind'", logged
-        cause = logged[0]["exc_info"].__cause__
+            assert (await alice.create("group", name="g", cid="mk1")).startswith("grp:")
+        logged = [e for e in h.logs if e["event"] == "command_internal_error"]
+        assert [(e["command"], e["user"], e["device"], e["conv"], e["cid"], e["error"])
+                for e in logged] == [("CreateConv", "alice", logged[0]["device"], None, "mk1",
+                                      "KeyError: 'kind'")], logged
+        cause = logged[0]["exc_info"]
         assert isinstance(cause, KeyError) and "buggy" in [
             f.name for f in traceback.extract_tb(cause.__traceback__)]
-        assert not [e for e in h.logs if e["event"] in ("batch_failed", "command_failed")]
+        assert not [e for e in h.logs if e["event"] in (
+            "batch_failed", "batch_internal_error", "command_failed")]
         await _others_served(h)

@@ -1,7 +1,8 @@
 """What a write batch that fails says about why: a damaged projection row it read is
 `CorruptProjection` naming that row's table and key, raised where the row is decoded; any other
-exception (a bug in the rules or projections) is `InternalError`, chained to it with its
-traceback, and never called corrupt. Either way nothing was written and the next batch runs.
+exception (a bug in the projections or the store) is `InternalError`, chained to it with its
+traceback, and never called corrupt. Either way nothing was written and the next batch runs. A
+bug in a rule fails its command alone (`CommandInternalError`, since 2026-12-05).
 
 Found by a review (2026-12-05): `Store.execute` turned every KeyError, TypeError, ValueError,
 ... raised anywhere in a batch into `CorruptProjection(None, None, ...)` ("a row this batch read
@@ -18,7 +19,7 @@ import pytest
 from storage import rules
 from storage import store as store_module
 from storage.commands import Ack, CreateConv, Join, SendMessage
-from storage.errors import CorruptProjection, InternalError
+from storage.errors import CommandInternalError, CorruptProjection, InternalError
 from storage.projections import key2
 from storage.store import Store
 from tests.audit.test_damaged import poke
@@ -140,22 +141,54 @@ def test_a_batch_meeting_a_damaged_row_names_it(tmp_path, damage):
         store.close()
 
 
-def test_a_bug_in_a_rule_is_an_internal_error_not_a_corrupt_row(tmp_path, monkeypatch):
-    """A KeyError out of a rule (a bug, the data sound) fails the batch as InternalError,
-    chained to the KeyError and its traceback; it said "projection corrupt". Monkeypatched:
-    no data makes a correct rule raise, which is the point; one rule of the table is replaced,
-    the store, its tables and the other rules run as they are."""
+def test_a_bug_in_a_rule_fails_its_command_alone_as_internal_not_corrupt(tmp_path,
+                                                                        monkeypatch):
+    """A KeyError out of a rule (a bug, the data sound) fails that command alone, as
+    CommandInternalError chained to the KeyError and its traceback (until 2026-12-05 the whole
+    batch, as InternalError; before that it said "projection corrupt"): the send with it
+    commits. Monkeypatched: no data makes a correct rule raise, which is the point; one rule
+    of the table is replaced, the store, its tables and the other rules run as they are
+    (tests/storage/test_rule_bugs.py reaches a rule bug with commands alone)."""
     def buggy(tables, cmd, now_us, limits):
         return {}["no such field"]
 
     store = Store.open(_data(tmp_path / "data"))
     try:
-        last = store.last_lsn()
         monkeypatch.setitem(rules._DECIDE, CreateConv, buggy)
+        out = store.execute([SendMessage("bob", "d", "user", "c9", "hi", to="alice"),
+                             CreateConv("alice", "d", "user", "group")])
+        assert out[0].error is None and out[0].reply["seq"] == 3
+        failed = out[1].error
+        assert isinstance(failed, CommandInternalError), failed
+        cause = failed.__cause__
+        assert isinstance(cause, KeyError) and cause.__traceback__ is not None
+        assert "buggy" in [f.name for f in _frames(cause.__traceback__)]
+        assert str(failed) == "KeyError: 'no such field'"
+    finally:
+        store.close()
+
+
+def test_a_bug_past_the_rules_is_an_internal_error_not_a_corrupt_row(tmp_path, monkeypatch):
+    """A KeyError out of a batch's work past the rules (applying an event: the events before
+    it are in the buffer) fails the batch as InternalError, chained to the KeyError and its
+    traceback; it said "projection corrupt". Nothing is written, the send with it neither.
+    Monkeypatched, as above: `apply` fails on a conv.created event, the rest runs as it is."""
+    real = store_module.apply
+
+    def buggy(tables, ev, fx):
+        if ev.type == "conv.created" and ev.data["kind"] == "group":
+            return {}["no such field"]
+        return real(tables, ev, fx)
+
+    store = Store.open(_data(tmp_path / "data"))
+    try:
+        last = store.last_lsn()
+        monkeypatch.setattr(store_module, "apply", buggy)
+        monkeypatch.setattr(store_module, "SEND_MESSAGE", None)
         with pytest.raises(InternalError) as failed:
             store.execute([SendMessage("bob", "d", "user", "c9", "hi", to="alice"),
                            CreateConv("alice", "d", "user", "group")])
-        assert not isinstance(failed.value, CorruptProjection)
+        assert not isinstance(failed.value, CorruptProjection | CommandInternalError)
         cause = failed.value.__cause__
         assert isinstance(cause, KeyError) and cause.__traceback__ is not None
         assert "buggy" in [f.name for f in _frames(cause.__traceback__)]
