@@ -2,9 +2,10 @@
 (docs/OPERATIONS.md, "Backups").
 
 The copy is of one committed transaction: the log and every projection as they stood together,
-compacted, synced to disk; with `secret.key`, so that the tokens already handed out work against
-a broker restored from it. DEST is a new directory (or an empty one) and becomes a data
-directory: `homing serve --data DEST` runs on it, `homing audit verify --data DEST` checks it.
+compacted, synced to disk; with `secret.key` (and `secret.prev.key`, the key before a rotate,
+while it is held), so that the tokens already handed out work against a broker restored from it.
+DEST is a new directory (or an empty one) and becomes a data directory: `homing serve --data
+DEST` runs on it, `homing audit verify --data DEST` checks it.
 Whatever is refused is refused before anything is written; a copy that fails is taken away.
 """
 
@@ -23,6 +24,7 @@ from broker import tokens
 from broker.audit_cli import open_readonly, quietly
 from broker.cli import EXIT_USAGE, CliError, emit
 from broker.config import DEFAULT_DATA_DIR
+from broker.keyring import keys_locked
 from storage.files import sync_dir
 
 
@@ -43,13 +45,15 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
             raise
         store = _LogOnly(args.data)  # a directory of another layout is copied all the same
     try:
-        secret = _read_secret(data)
+        secret, previous = _read_keys(data)
         _check_outside(dest, data)
         made = _make_empty(dest)
         _claim(dest, made)
         try:
             if secret is not None:  # before the copy: a whole `data.mdb` has its secret beside
                 tokens.store_secret(dest, secret)
+            if previous is not None:
+                tokens.store_secret(dest, previous, tokens.PREVIOUS_FILE)
             last_lsn = store.backup(str(dest), made=True)
         except (StorageError, OSError) as exc:
             _take_away(dest, made)
@@ -63,7 +67,7 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
         store.close()
     emit({"backup": str(dest), "last_lsn": last_lsn,
           "bytes": (dest / "data.mdb").stat().st_size, "secret": secret is not None,
-          "seconds": round(time.monotonic() - started, 3)})
+          "previous_secret": previous is not None, "seconds": round(time.monotonic() - started, 3)})
     return 0
 
 
@@ -105,13 +109,17 @@ class _LogOnly:
         self._env.close()
 
 
-def _read_secret(data: Path) -> bytes | None:
-    """The data directory's token-signing secret (refused, as `serve` refuses it, if it is not
-    whole); None if it has none (no token was ever minted for it)."""
+def _read_keys(data: Path) -> tuple[bytes | None, bytes | None]:
+    """The data directory's token-signing secret and the previous one (refused, as `serve`
+    refuses them, if not whole); None for one it has not (no token was ever minted for it; no
+    rotate since the last retire). Read under the keys' lock: never half a rotate."""
     try:
-        return tokens.load_secret(data, create=False)
-    except FileNotFoundError:
-        return None
+        with keys_locked(data):
+            try:
+                secret = tokens.load_secret(data, create=False)
+            except FileNotFoundError:
+                secret = None
+            return secret, tokens.load_previous(data)
     except tokens.SecretError as exc:
         raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
     except OSError as exc:
@@ -168,7 +176,7 @@ def _claim(dest: Path, made: bool) -> None:
 def _take_away(dest: Path, made: bool) -> None:
     """Remove what a failed backup wrote into `dest` (the `data.mdb` it claimed, the secret),
     and `dest` if it made it: no half copy is left to be taken for a backup."""
-    for name in ("data.mdb", tokens.SECRET_FILE):
+    for name in ("data.mdb", tokens.SECRET_FILE, tokens.PREVIOUS_FILE):
         if (dest / name).exists():
             (dest / name).unlink()
     if made:

@@ -231,6 +231,8 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
     try:
         tokens.load_secret(cfg.data_dir)
         _warn_if_exposed(cfg.data_dir / tokens.SECRET_FILE)
+        if tokens.load_previous(cfg.data_dir) is not None:  # held since a rotate
+            _warn_if_exposed(cfg.data_dir / tokens.PREVIOUS_FILE)
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            limits=Limits(max_members=cfg.max_members,
                                          max_body_bytes=cfg.max_body_bytes),
@@ -991,6 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_optional(sub, "broker.audit_cli")
     _add_optional(sub, "broker.backup_cli")
+    _add_optional(sub, "broker.secret_cli")
     _add_optional(sub, "bench.cli")
     return parser
 

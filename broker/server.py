@@ -30,6 +30,7 @@ from broker.config import Config
 from broker.errors import CloseReason, wire_error
 from broker.handlers import HANDLERS
 from broker.hub import Fresh, Hub, encode_push
+from broker.keyring import Keyring
 from broker.logs import get_logger
 from broker.policy import ContentPolicy
 from broker.presence import Presence
@@ -113,7 +114,9 @@ class Broker:
         self.store = store
         self.notifier = notifier  # systemd's (broker/sdnotify.py), under `Type=notify`
         self.log = get_logger()
-        self.secret = tokens.load_secret(config.data_dir)
+        self.keyring = Keyring(config.data_dir)  # the token-signing keys (broker/keyring.py)
+        self.log.info("signing_keys_loaded", key_id=tokens.key_id(self.keyring.current),
+                      previous_key_id=self.keyring.previous_id, sessions_ended=0)
         self.hub = Hub(store)
         self.presence = Presence(self.hub, self.roster, self.log)
         self.committer = Committer(store, max_batch=config.max_batch,
@@ -150,6 +153,31 @@ class Broker:
         self.creating: dict[tuple[str, str], Any] = {}
 
     # -- shared helpers used by sessions and handlers -----------------------------------------
+
+    @property
+    def secret(self) -> bytes:
+        """The current token-signing key (`homing token` signs with it)."""
+        return self.keyring.current
+
+    def refresh_keys(self) -> None:
+        """Take up a rotate or a retire: read the key files again if they changed (docs/
+        OPERATIONS.md, "Rotating the signing secret"), and end the sessions opened with a
+        token of a key no longer held, as a revocation does. Files that cannot be read (a
+        `secret.key` deleted or cut short) are logged once and the keys held are kept."""
+        try:
+            if not self.keyring.refresh():
+                return
+        except (tokens.SecretError, OSError) as exc:
+            self.log.error("signing_keys_unreadable", reason=str(exc),
+                           key_id=tokens.key_id(self.keyring.current))
+            return
+        held, ended = self.keyring.keys, 0
+        for session in list(self.hub.all_sessions()):
+            if session.key_id not in held:
+                session.key_retired()
+                ended += 1
+        self.log.info("signing_keys_loaded", key_id=tokens.key_id(self.keyring.current),
+                      previous_key_id=self.keyring.previous_id, sessions_ended=ended)
 
     def revoked_before(self, user: str) -> int:
         """The cut-off hello applies to `user`'s tokens: the stored one, or a revocation's still
@@ -364,7 +392,11 @@ class Broker:
                                f"this broker speaks protocol version {wire.PROTOCOL_VERSION}")
             return False
         try:
-            claims = tokens.verify(self.secret, hello.token)
+            try:
+                claims = tokens.verify(self.keyring.keys, hello.token)
+            except tokens.UnknownKey:  # minted since a rotate? The files say (two stat calls)
+                self.refresh_keys()
+                claims = tokens.verify(self.keyring.keys, hello.token)
         except tokens.TokenError as exc:
             session.reason = CloseReason.AUTH_FAILED
             session.log.info("auth_failed", device=hello.device, reason=str(exc))
@@ -397,6 +429,7 @@ class Broker:
         head = self.store.inbox_head(claims.user)
         session.user, session.device, session.role = claims.user, hello.device, claims.role
         session.expires, session.issued = claims.expires, claims.issued
+        session.key_id = claims.key
         session.user_sends = self.user_sends.of(claims.user)
         session.user_typing = self.user_typing.of(claims.user)
         session.user_changes = self.user_changes.of(claims.user)
@@ -585,14 +618,15 @@ class Broker:
         between looks, so a silent session is closed up to a tenth of the timeout (1 s at most)
         after it expired. A reader held up by flow control is not waiting for bytes; it ends
         the session itself (`Session._wait_drained`). Each look also ends the sessions whose
-        tokens expired, and forgets the rate buckets of users gone long enough for theirs to
-        have refilled.
+        tokens expired, takes up a rotate or retire of the signing keys, and forgets the rate
+        buckets of users gone long enough for theirs to have refilled.
         """
         idle = self.config.idle_timeout_s
         every = max(0.01, min(1.0, idle / IDLE_CHECKS))
         while True:
             await trio.sleep(every)
             now = time.monotonic()
+            self.refresh_keys()
             self._look_idle(idle, now, time.time())
             for buckets in self._user_buckets:
                 buckets.prune(now)

@@ -68,6 +68,7 @@ class Session:
         self.role = "user"
         self.expires = math.inf  # when its token expires (time.time()); set at hello
         self.issued = 0  # when its token was issued (Unix seconds; revocation); set at hello
+        self.key_id = ""  # the id of the key its token was signed with; set at hello
         self.window = cfg.window
         # Delivery cursor: acked <= sent <= head (inbox_seq).
         self.head = 0
@@ -356,6 +357,13 @@ class Session:
         """An admin revoked the token it authenticated with: say `unauthorized` and end the
         session, as hello with that token would be answered now."""
         self._end(CloseReason.REVOKED, wire.ErrorCode.UNAUTHORIZED, "token revoked")
+
+    def key_retired(self) -> None:
+        """The key its token was signed with was retired (`homing secret retire`): say
+        `unauthorized` and end the session, as hello with that token would be answered now."""
+        self._end(CloseReason.REVOKED, wire.ErrorCode.UNAUTHORIZED,
+                  f"token's signing key {self.key_id} retired (no longer held): mint a new "
+                  "token with `homing token`")
 
     def token_expired(self) -> None:
         """The token it authenticated with expired: say `unauthorized` and end the session, as

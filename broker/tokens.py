@@ -1,10 +1,12 @@
 """Access tokens: HMAC-SHA256-signed claims (user, role, expiry) with a per-data-dir secret.
 
-Format: ``v1.<base64url(msgpack claims)>.<base64url(hmac)>``, claims ``{"u", "r", "e", "i"}``
-(user, role, expiry and issue time in Unix seconds). The secret is 32 random bytes in
+Format: ``v1.<base64url(msgpack claims)>.<base64url(hmac)>``, claims ``{"u", "r", "e", "i",
+"k"}`` (user, role, expiry and issue time in Unix seconds, and the id of the key that signed
+it, `key_id`; tokens from before 2026-12-05 have no ``k``). The secret is 32 random bytes in
 ``<data_dir>/secret.key``, created with mode 0600 on first use by whichever comes first,
 `homing serve` or `homing token`; both only read it afterwards, so tokens can be minted while
-the broker runs.
+the broker runs. After `homing secret rotate` the key before it is in ``secret.prev.key``
+(broker/keyring.py), and its tokens are still accepted until `homing secret retire`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import os
 import re
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,13 +28,19 @@ from storage.files import sync_dir
 
 ROLES = ("user", "service", "admin")
 SECRET_FILE = "secret.key"
+PREVIOUS_FILE = "secret.prev.key"  # the key before the last rotate, until it is retired
 SECRET_BYTES = 32
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@+-]{0,63}")
 MAX_TOKEN_CHARS = 4096
+KEY_ID = re.compile(r"[0-9a-f]{12}")
 
 
 class TokenError(Exception):
     """A token is malformed, forged (bad signature), or expired. The text says which."""
+
+
+class UnknownKey(TokenError):
+    """A token names a signing key (its `k` claim) that is not among the keys held."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +51,13 @@ class Claims:
     role: str
     expires: int
     issued: int = 0  # Unix seconds; a token without it counts as the oldest (for revocation)
+    key: str = ""  # the id of the key that verified it (`key_id`)
+
+
+def key_id(secret: bytes) -> str:
+    """The id a token names its signing key by: 12 hex digits of a digest of the key (48 bits of
+    a hash say nothing of the 256 of the key)."""
+    return hashlib.sha256(b"homing key id\0" + secret).hexdigest()[:12]
 
 
 def _b64(data: bytes) -> str:
@@ -56,13 +72,13 @@ class SecretError(Exception):
     """The data directory's secret.key is not a usable signing secret."""
 
 
-def load_secret(data_dir: Path, *, create: bool = True) -> bytes:
+def load_secret(data_dir: Path, *, create: bool = True, name: str = SECRET_FILE) -> bytes:
     """The data directory's signing secret, created (mode 0600) if missing and `create`.
 
     Raises SecretError when the file is not SECRET_BYTES long: a key cut short (an empty file
     left by a full disk) would let anyone sign tokens, so it is refused, never used.
     """
-    path = Path(data_dir) / SECRET_FILE
+    path = Path(data_dir) / name
     try:
         secret = path.read_bytes()
     except FileNotFoundError:
@@ -77,28 +93,42 @@ def load_secret(data_dir: Path, *, create: bool = True) -> bytes:
     return secret
 
 
+def load_previous(data_dir: Path) -> bytes | None:
+    """The key before the last rotate (`PREVIOUS_FILE`), None if none is held; SecretError as
+    `load_secret`."""
+    try:
+        return load_secret(data_dir, create=False, name=PREVIOUS_FILE)
+    except FileNotFoundError:
+        return None
+
+
 def _create_secret(path: Path) -> bytes:
     """Make a new secret at `path` (see `store_secret`); return the one linked there."""
     return store_secret(path.parent, secrets.token_bytes(SECRET_BYTES))
 
 
-def store_secret(data_dir: Path, secret: bytes) -> bytes:
+def store_secret(data_dir: Path, secret: bytes, name: str = SECRET_FILE, *,
+                 replace: bool = False) -> bytes:
     """Write `secret` to a temporary file in `data_dir`, sync it, and link it into place as its
-    SECRET_FILE (mode 0600): the name only ever holds a whole secret, and if the directory has
-    one already (a second process racing us) that one is kept. Return the one linked."""
-    path = Path(data_dir) / SECRET_FILE
+    `name` (mode 0600): the name only ever holds a whole secret, and if the directory has one
+    already (a second process racing us) that one is kept, unless `replace` (a rotate: renamed
+    over it). Return the one in place."""
+    path = Path(data_dir) / name
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(secret)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:  # another process made it first: theirs it is
-            pass
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # another process made it first: theirs it is
+                pass
     finally:
         tmp.unlink(missing_ok=True)
     sync_dir(path.parent)
@@ -117,13 +147,17 @@ def issue(secret: bytes, user: str, role: str = "user", ttl_s: int = 30 * 86400)
     if role not in ROLES:
         raise ValueError(f"invalid role {role!r}: one of {', '.join(ROLES)}")
     now = int(time.time())
-    body = _b64(msgpack.packb({"u": user, "r": role, "e": now + ttl_s, "i": now}))
+    body = _b64(msgpack.packb({"u": user, "r": role, "e": now + ttl_s, "i": now,
+                               "k": key_id(secret)}))
     mac = hmac.new(secret, b"v1." + body.encode("ascii"), hashlib.sha256).digest()
     return f"v1.{body}.{_b64(mac)}"
 
 
-def verify(secret: bytes, token: str, now: float | None = None) -> Claims:
-    """The claims of a genuine, unexpired token; TokenError otherwise."""
+def verify(keys: Mapping[str, bytes], token: str, now: float | None = None) -> Claims:
+    """The claims of a genuine, unexpired token signed with one of `keys` (key id -> secret);
+    TokenError otherwise, UnknownKey when it names a key not among them. The key is the one
+    its `k` claim names; a token without one (minted before key ids) is tried against each
+    (two at most: the current key and the previous one)."""
     if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
         raise TokenError("malformed token")
     if not token:
@@ -141,12 +175,28 @@ def verify(secret: bytes, token: str, now: float | None = None) -> Claims:
         mac = _unb64(parts[2])
     except ValueError:
         raise TokenError("malformed token") from None
-    want = hmac.new(secret, b"v1." + parts[1].encode("ascii", "replace"), hashlib.sha256).digest()
-    if not hmac.compare_digest(mac, want):
+    try:  # read before the signature is checked only to pick the key; trusted after it
+        claims = msgpack.unpackb(_unb64(parts[1]))
+    except Exception:
+        claims = None
+    named = claims.get("k") if isinstance(claims, dict) else None
+    if named is None:
+        candidates = list(keys.items())
+    elif isinstance(named, str) and named in keys:
+        candidates = [(named, keys[named])]
+    else:
+        shown = named if isinstance(named, str) and KEY_ID.fullmatch(named) else "?"
+        raise UnknownKey(f"unknown signing key: not signed with this broker's secret (key id "
+                         f"{shown} is not one it holds: retired with `homing secret retire`, or "
+                         "another data directory's); mint tokens with `homing token --data "
+                         "DIR`, DIR the broker's data directory")
+    signed = b"v1." + parts[1].encode("ascii", "replace")
+    used = next((kid for kid, secret in candidates if hmac.compare_digest(
+        mac, hmac.new(secret, signed, hashlib.sha256).digest())), None)
+    if used is None:
         raise TokenError("bad token signature: not signed with this broker's secret (mint "
                          "tokens with `homing token --data DIR`, DIR the broker's data directory)")
     try:
-        claims = msgpack.unpackb(_unb64(parts[1]))
         user, role, expires = claims["u"], claims["r"], claims["e"]
     except Exception:
         raise TokenError("malformed token claims") from None
@@ -155,7 +205,7 @@ def verify(secret: bytes, token: str, now: float | None = None) -> Claims:
     if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
         raise TokenError("token expired")
     issued = claims.get("i", 0)
-    return Claims(user, role, expires, issued if type(issued) is int else 0)
+    return Claims(user, role, expires, issued if type(issued) is int else 0, used)
 
 
 def parse_ttl(text: str) -> int:

@@ -61,8 +61,9 @@ def test_a_backup_taken_while_sending_is_whole_verified_and_serves(tmp_path):
         assert busy.returncode == 0
     result = json.loads(copy.stdout)
     assert copy.stderr == ""
-    assert set(result) == {"backup", "last_lsn", "bytes", "secret", "seconds"}
+    assert set(result) == {"backup", "last_lsn", "bytes", "secret", "previous_secret", "seconds"}
     assert result["backup"] == str(dest) and result["secret"] is True
+    assert result["previous_secret"] is False and not (dest / "secret.prev.key").exists()
     assert result["last_lsn"] >= max(r["lsn"] for r in before)
     assert result["bytes"] == (dest / "data.mdb").stat().st_size
     assert stat.S_IMODE(dest.stat().st_mode) == 0o700
