@@ -520,7 +520,8 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
         async with open_client(args.server, args.token, args.device, tls=tls,
                                reconnect_timeout=args.connect_timeout,
                                on_unreachable=unreachable,
-                               on_inbox_reset=inbox_reset) as client:
+                               on_inbox_reset=inbox_reset,
+                               start=getattr(args, "start", "first")) as client:
             await body(client, args)
 
     try:
@@ -937,6 +938,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--timeout", type=_SECONDS,
                      help="stop after SECONDS with nothing arriving")
     lst.add_argument("--no-ack", action="store_true", help="print without acking")
+    lst.add_argument("--start", choices=("first", "head"), default="first",
+                     help="where a device the broker has no cursor for starts: first, the "
+                          "whole inbox; head, only what arrives after (default %(default)s)")
 
     for kind in ("group", "channel"):
         grp = sub.add_parser(kind, help=f"{kind} commands")

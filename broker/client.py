@@ -275,9 +275,15 @@ class Client:
     def __init__(self, server: str, token: str, device: str, *, tls: ssl.SSLContext | None,
                  reconnect: bool, reconnect_timeout: float | None, max_pushes: int,
                  on_unreachable: Callable[[str], None] | None = None,
-                 on_inbox_reset: Callable[[InboxReset], None] | None = None) -> None:
+                 on_inbox_reset: Callable[[InboxReset], None] | None = None,
+                 start: str = "first") -> None:
         self.host, self.port = parse_server(server)
         self.token, self.device, self.tls = token, device, tls
+        # Where the device starts if the broker has no cursor for it (hello.start): asked in
+        # the first hello only. From its welcome on the client has a cursor, and a reconnect
+        # resumes from it (a device still without a mark, its inbox empty at the start, is
+        # sent entry 1 on, which is after the start all the same).
+        self.start = start
         self.reconnect, self.reconnect_timeout = reconnect, reconnect_timeout
         self.on_unreachable, self.on_inbox_reset = on_unreachable, on_inbox_reset
         self.welcome: wire.Welcome | None = None
@@ -723,7 +729,8 @@ class Client:
                                max_body_bytes=wire.MAX_FRAME_LIMIT)
         try:
             hello = conn.send(wire.Hello(
-                versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device))
+                versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device,
+                start=self.start if self.welcome is None and self.start != "first" else None))
         except wire.LocalProtocolError as exc:  # a malformed token or device name
             raise _refusal(exc) or exc from None
         stream: trio.abc.Stream | None = None
@@ -1269,7 +1276,7 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
                       max_pushes: int = 10000,
                       on_unreachable: Callable[[str], None] | None = None,
                       on_inbox_reset: Callable[[InboxReset], None] | None = None,
-                      ) -> AsyncIterator[Client]:
+                      start: str = "first") -> AsyncIterator[Client]:
     """Connect (raising ClientError or ConnectionLost if that fails) and yield a Client.
 
     `on_unreachable(reason)` is called at the first failed attempt of each outage (the broker
@@ -1278,10 +1285,16 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
 
     `on_inbox_reset(InboxReset)` is called when a reconnect finds the inbox went back (the
     broker restored from an older backup): deliveries start over after the restored ack, and
-    those taken before are stale (StaleDelivery if acked)."""
+    those taken before are stale (StaleDelivery if acked).
+
+    `start="head"`: if the broker has no cursor for this device (a new device id), it starts
+    after the user's inbox head as of the connect: it is sent only the entries that come after
+    (`welcome.acked` is that head). A device the broker knows resumes after its last ack
+    whatever `start` says. A broker without the `start_head` cap (`client.welcome.caps`)
+    ignores it and sends the whole inbox. "first" (the default): the whole inbox."""
     client = Client(server, token, device, tls=tls, reconnect=reconnect,
                     reconnect_timeout=reconnect_timeout, max_pushes=max_pushes,
-                    on_unreachable=on_unreachable, on_inbox_reset=on_inbox_reset)
+                    on_unreachable=on_unreachable, on_inbox_reset=on_inbox_reset, start=start)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)

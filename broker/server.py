@@ -40,12 +40,12 @@ from broker.session import Session
 from broker.stats import report_stats
 from protocol import native as wire_native
 from storage import native, rowio
-from storage.commands import SetMute
+from storage.commands import Ack, SetMute
 from storage.errors import StorageError
 from storage.rules import MANAGERS
 
 # The welcome's caps (docs/PROTOCOL.md §3.3): the optional features this broker has.
-CAPS = (wire.CAP_CREATE_CID,)
+CAPS = (wire.CAP_CREATE_CID, wire.CAP_START_HEAD)
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,30 +402,17 @@ class Broker:
             session.log.info("auth_failed", device=hello.device, reason=str(exc))
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
             return False
-        if claims.issued < self.revoked_before(claims.user):
-            session.reason = CloseReason.REVOKED
-            session.log.info("auth_failed", user=claims.user, device=hello.device,
-                             reason="token revoked")
-            await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, "token revoked")
-            return False
-        if self.stopping:
-            session.reason = CloseReason.SHUTDOWN
-            await self._refuse(session, hello.id, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
-            return False
-        replacing = any(s.device == hello.device for s in self.hub.sessions(claims.user))
-        full = None if replacing else self._connections_full(claims.user)
-        if full is not None:
-            limit, connections, message = full
-            session.reason = CloseReason.LIMIT
-            session.log.warning("connections_full", user=claims.user, device=hello.device,
-                                limit=limit, connections=connections)
-            await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED, message)
+        if not await self._admitted(session, hello, claims):
             return False
         # The hello's reads first: should one fail (StorageError), nothing is left to undo
         # (the user's rate buckets are taken below, and given back only by a detach).
         acked = max(  # an ack still on its way to disk counts
             self.store.delivered(claims.user, hello.device),
             self.committer.acked_mark(claims.user, hello.device))
+        if not acked and hello.start == "head":  # a new device at the head: durable, checked again
+            acked = await self._start_at_head(session, claims.user, claims.role, hello.device)
+            if not await self._admitted(session, hello, claims):
+                return False
         head = self.store.inbox_head(claims.user)
         session.user, session.device, session.role = claims.user, hello.device, claims.role
         session.expires, session.issued = claims.expires, claims.issued
@@ -458,6 +445,65 @@ class Broker:
         if first:
             self.presence.announce(claims.user, True)
         return True
+
+    async def _admitted(self, session: Session, hello: Any, claims: tokens.Claims) -> bool:
+        """Refuse (and False) an authenticated hello whose token is revoked, or that comes as
+        the broker stops, or would pass a connection limit; asked again after an await."""
+        if claims.issued < self.revoked_before(claims.user):
+            session.reason = CloseReason.REVOKED
+            session.log.info("auth_failed", user=claims.user, device=hello.device,
+                             reason="token revoked")
+            await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, "token revoked")
+            return False
+        if self.stopping or self.committer.closing:
+            session.reason = CloseReason.SHUTDOWN
+            await self._refuse(session, hello.id, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
+            return False
+        replacing = any(s.device == hello.device for s in self.hub.sessions(claims.user))
+        full = None if replacing else self._connections_full(claims.user)
+        if full is not None:
+            limit, connections, message = full
+            session.reason = CloseReason.LIMIT
+            session.log.warning("connections_full", user=claims.user, device=hello.device,
+                                limit=limit, connections=connections)
+            await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED, message)
+            return False
+        return True
+
+    async def _start_at_head(self, session: Session, user: str, role: str, device: str) -> int:
+        """Start a device that has no cursor at `user`'s inbox head (`hello.start` "head",
+        PROTOCOL.md §9): ack the head on its behalf, as the device's own ack would be (the
+        entries count as delivered to the user), and return it once durable, so that a crash
+        and a rebuild give the cursor the welcome names. Queued as its acks are, the start is
+        the device's mark (`acked_mark`) from now on: a second hello of the device meanwhile
+        resumes after it. Entries committed while it waits come after it: the session is
+        delivered them. Raises StorageError if the ack failed or was not durable within the
+        handshake timeout (the hello is answered `unavailable`); the device is then new still,
+        unless the ack became durable later: then it resumes after it."""
+        head = self.store.inbox_head(user)
+        if not head:
+            return 0  # nothing to pass over: entry 1 is the first after the head
+        committer = self.committer
+        committer.ack_nowait(Ack(user, device, role, head, None))
+        durable = trio.Event()
+        failed: list[BaseException | None] = []
+
+        def done(error: BaseException | None) -> None:
+            failed.append(error)
+            durable.set()
+
+        committer.when_acks_durable(user, device, done)
+        limit = self.config.handshake_timeout_s
+        with trio.move_on_after(limit):
+            await durable.wait()
+        if not durable.is_set():
+            committer.device_gone(user, device)  # no session of it holds a cursor
+            raise StorageError(f"the start at the inbox head was not durable within {limit:g} s")
+        if failed[0] is not None:
+            committer.device_gone(user, device)
+            raise failed[0]
+        session.log.info("device_started", user=user, device=device, acked=head)
+        return head
 
     def _connections_full(self, user: str) -> tuple[str, int, str] | None:
         """The connection limit a new device of `user` meets, if any: (the limit's log name,

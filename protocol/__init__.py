@@ -94,6 +94,11 @@ CAP_CREATE_CID = "create_cid"
 a client may repeat such a create after a drop. A server without it ignores the cid, and a
 repeat would make a second conversation."""
 
+CAP_START_HEAD = "start_head"
+"""The welcome cap of a server that honours a ``hello``'s ``start`` (§5.2, §9): a new device
+that asks for "head" starts after the inbox head. A server without it ignores the field, and
+the device is sent the user's whole inbox from inbox_seq 1."""
+
 BYE_REPLACED = "replaced by a new session"
 """The reason of the ``bye`` a session gets when its user and device connected again (§9)."""
 
@@ -133,6 +138,7 @@ __all__ = [
     "ALWAYS_CLOSE",
     "BYE_REPLACED",
     "CAP_CREATE_CID",
+    "CAP_START_HEAD",
     "CLIENT_FRAMES",
     "CLOSED",
     "DEFAULT_MAX_FRAME_BYTES",

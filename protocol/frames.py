@@ -194,6 +194,9 @@ class Hello(NamedTuple):
     id: int | None = None
     caps: tuple[str, ...] = ()
     max_frame: int | None = None
+    # Where a device the broker has no cursor for starts (§5.2, §9): "first" (None: the
+    # default), its user's inbox from inbox_seq 1; "head", after the inbox head as of the hello.
+    start: str | None = None
 
 
 class Send(NamedTuple):
@@ -519,6 +522,7 @@ class Error(NamedTuple):
 # -- the field table ------------------------------------------------------------------------
 
 _ID = f.uint
+START_POINTS = ("first", "head")  # hello.start
 _NAME = f.text(1, f.MAX_NAME_CHARS)
 _CAPS = f.array(f.text(1, f.MAX_CAP_CHARS), 0, f.MAX_CAPS)
 # welcome.caps is `[str] <= 16` (PROTOCOL.md 5.3): free-form, no per-string bound beyond the frame.
@@ -564,7 +568,7 @@ _register(ConvEntry, None, "", conv=f.conv_id, kind=f.one_of("direct", "group", 
 
 _register(Hello, "hello", "c", versions=f.array(f.uint, 1, f.MAX_VERSIONS),
           token=f.text(0, f.MAX_TOKEN_CHARS), device=f.user_id, id=_ID, caps=_CAPS,
-          max_frame=f.uint)
+          max_frame=f.uint, start=f.one_of(*START_POINTS))
 _register(Send, "send", "c", _send_rule, id=_ID, cid=f.cid, body=f.body, to=f.user_id,
           conv=f.conv_id)
 _register(Ack, "ack", "c", upto=f.uint, id=_ID)

@@ -60,6 +60,7 @@ _OVERRIDES = {
     ("Deliver", "body"): st.none() | bodies,
     ("Deliver", "cid"): st.none() | cids,
     ("Welcome", "max_frame"): st.integers(1024, 2**32 - 1),
+    ("Hello", "start"): st.sampled_from(["first", "head"]),
     ("Welcome", "role"): st.sampled_from(["user", "service", "admin"]),
     ("Receipt", "delivered"): uints,
     ("Receipt", "read"): uints,
