@@ -47,6 +47,10 @@ def _errors(args: argparse.Namespace, action: str) -> Iterator[None]:
         raise CliError(EXIT_USAGE, "previous_key", f"{data} still holds the previous key "
                        f"{exc} (one at most): once the tokens signed with it are replaced, "
                        f"retire it (homing secret retire --data {data}), then rotate") from None
+    except keyring.RotateUnfinished as exc:
+        raise CliError(EXIT_USAGE, "rotate_unfinished", f"{data}'s previous key is its current "
+                       f"key {exc}: a rotate was cut short; nothing retired. Finish it (homing "
+                       f"secret rotate --data {data}), hand out new tokens, then retire") from None
     except tokens.SecretError as exc:
         raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
     except OSError as exc:

@@ -115,6 +115,7 @@ class Broker:
         self.notifier = notifier  # systemd's (broker/sdnotify.py), under `Type=notify`
         self.log = get_logger()
         self.keyring = Keyring(config.data_dir)  # the token-signing keys (broker/keyring.py)
+        self._keys_unreadable: str | None = None  # why the key files last failed (logged once)
         self.log.info("signing_keys_loaded", key_id=tokens.key_id(self.keyring.current),
                       previous_key_id=self.keyring.previous_id, sessions_ended=0)
         self.hub = Hub(store)
@@ -163,14 +164,21 @@ class Broker:
         """Take up a rotate or a retire: read the key files again if they changed (docs/
         OPERATIONS.md, "Rotating the signing secret"), and end the sessions opened with a
         token of a key no longer held, as a revocation does. Files that cannot be read (a
-        `secret.key` deleted or cut short) are logged once and the keys held are kept."""
+        `secret.key` deleted or cut short, no descriptor left) are tried again at each look,
+        logged once for each reason, and the current key is kept; a previous key whose file
+        is gone is not."""
+        before = set(self.keyring.keys)
         try:
             if not self.keyring.refresh():
                 return
+            self._keys_unreadable = None
         except (tokens.SecretError, OSError) as exc:
-            self.log.error("signing_keys_unreadable", reason=str(exc),
-                           key_id=tokens.key_id(self.keyring.current))
-            return
+            if str(exc) != self._keys_unreadable:
+                self._keys_unreadable = str(exc)
+                self.log.error("signing_keys_unreadable", reason=str(exc),
+                               key_id=tokens.key_id(self.keyring.current))
+            if set(self.keyring.keys) == before:
+                return
         held, ended = self.keyring.keys, 0
         for session in list(self.hub.all_sessions()):
             if session.key_id not in held:
@@ -441,7 +449,7 @@ class Broker:
             receipt_audience=cfg.receipt_audience_max))
         session.conn.max_frame_bytes = max_frame
         session.log.info("connection_opened", role=claims.role, acked=session.acked,
-                         head=session.head)
+                         head=session.head, key_id=claims.key)
         if first:
             self.presence.announce(claims.user, True)
         return True

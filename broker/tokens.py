@@ -17,6 +17,7 @@ import hmac
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -76,18 +77,35 @@ def load_secret(data_dir: Path, *, create: bool = True, name: str = SECRET_FILE)
     """The data directory's signing secret, created (mode 0600) if missing and `create`.
 
     Raises SecretError when the file is not SECRET_BYTES long: a key cut short (an empty file
-    left by a full disk) would let anyone sign tokens, so it is refused, never used.
+    left by a full disk) would let anyone sign tokens, so it is refused, never used; and when
+    it is not a regular file (`_read_key`).
     """
     path = Path(data_dir) / name
     try:
-        secret = path.read_bytes()
+        return _read_key(path)
     except FileNotFoundError:
         if not create:
             raise
-        secret = _create_secret(path)
+        return _create_secret(path)
+
+
+def _read_key(path: Path) -> bytes:
+    """The key in the file `path` (a link to one is followed), read without blocking and no
+    more than one byte past SECRET_BYTES; SecretError for a file of another length, and for a
+    FIFO, a device or a directory, never waited on or read without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretError(f"{path} is not a regular file: it cannot sign tokens. Remove it "
+                              f"(a key file holds {SECRET_BYTES} bytes, mode 0600)")
+        secret = os.read(fd, SECRET_BYTES + 1) if st.st_size == SECRET_BYTES else b""
+    finally:
+        os.close(fd)
     if len(secret) != SECRET_BYTES:
+        size = len(secret) or st.st_size
         raise SecretError(
-            f"{path} holds {len(secret)} bytes, not {SECRET_BYTES}: it cannot sign tokens. If it "
+            f"{path} holds {size} bytes, not {SECRET_BYTES}: it cannot sign tokens. If it "
             "was cut short while being made, delete it and start again (tokens issued with the "
             "old one stop working)")
     return secret
@@ -108,17 +126,22 @@ def _create_secret(path: Path) -> bytes:
 
 
 def store_secret(data_dir: Path, secret: bytes, name: str = SECRET_FILE, *,
-                 replace: bool = False) -> bytes:
+                 replace: bool = False, owner: tuple[int, int] | None = None) -> bytes:
     """Write `secret` to a temporary file in `data_dir`, sync it, and link it into place as its
     `name` (mode 0600): the name only ever holds a whole secret, and if the directory has one
     already (a second process racing us) that one is kept, unless `replace` (a rotate: renamed
-    over it). Return the one in place."""
+    over it). `owner` (uid, gid), when run as root, is given the file (a rotate: the broker's
+    user keeps its keys). Return the one in place."""
     path = Path(data_dir) / name
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp.unlink(missing_ok=True)  # one left by a process of this pid killed, or planted there:
+    # made anew or refused (FileExistsError), never opened through a link to another file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
+            if owner is not None and os.geteuid() == 0:
+                os.fchown(f.fileno(), *owner)
             f.write(secret)
             f.flush()
             os.fsync(f.fileno())
@@ -132,7 +155,7 @@ def store_secret(data_dir: Path, secret: bytes, name: str = SECRET_FILE, *,
     finally:
         tmp.unlink(missing_ok=True)
     sync_dir(path.parent)
-    return path.read_bytes()
+    return _read_key(path)
 
 
 def check_user(user: str) -> None:
