@@ -220,9 +220,7 @@ def answer_known_repeats(session: Session) -> None:
     of the batch committing, durable maybe but not yet told, may be the send's own first: left."""
     broker = session.broker
     durable = broker.committer.committed_lsn
-    waiting = [(p.context[1], p.command) for p in broker.committer.on_way()
-               if type(p.command) is cmd.SendMessage and p.context is not None
-               and p.context[0] is session]
+    waiting = [(p.context[1], p.command) for p in broker.committer.sends_on_way_of(session)]
     waiting += session.repeats.values()
     for request_id, send in waiting:
         try:

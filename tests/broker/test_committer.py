@@ -379,3 +379,40 @@ async def test_a_submitters_failing_done_keeps_the_sends_on_way_callbacks_runnin
             "commit_callback_failed"]
     finally:
         store.close()
+
+
+async def test_sends_on_way_of_an_owner_follow_the_queue_and_the_batch_committing(tmp_path):
+    """`sends_on_way_of(owner)` (a stop asks it of each session: grouped once, not scanned per
+    session) gives the sends queued or being committed whose context is the owner's, the batch
+    committing first; never one already told its outcome, though it was grouped before: a
+    stop would answer it a second time."""
+    store = Store.open(str(tmp_path / "d"))
+    committer = Committer(store)
+    alice, bob = object(), object()
+
+    def send(owner: object, cid: str):
+        return committer.enqueue(SendMessage("a", "d", "user", cid, BODY, to="b"), None,
+                                 (owner, cid))
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                first = send(alice, "c1")
+                committer.ack_nowait(Ack("a", "d", "user", 0))
+                assert committer.sends_on_way_of(alice) == [first]
+                assert committer.sends_on_way_of(bob) == []
+                second, theirs = send(alice, "c2"), send(bob, "c3")
+                assert committer.sends_on_way_of(alice) == [first, second]
+                assert committer.sends_on_way_of(bob) == [theirs]
+                await nursery.start(committer.serve)
+                await trio.sleep(0)  # the batch is in the worker thread now
+                third = send(alice, "c4")
+                assert committer.sends_on_way_of(alice) == [first, second, third]
+                while first.outcome is None:
+                    await trio.sleep(0.001)
+                assert committer.sends_on_way_of(alice) in ([third], [])
+                await committer.close()
+                assert third.outcome is not None
+                assert committer.sends_on_way_of(alice) == []
+    finally:
+        store.close()

@@ -327,3 +327,33 @@ def test_configuring_the_logs_again_ends_the_old_writer_thread():
         logs._streams.clear()
         structlog.reset_defaults()
         root.handlers[:], root.level = handlers, level
+
+
+def test_a_line_printed_as_the_stream_closes_is_written():
+    """A stream `configure` replaced is closed: its writer thread ends once nothing is held,
+    and a line printed after starts one again. A line printed just as the writer finds
+    nothing held and ends must still be written (held with no writer, it would wait for
+    good): 100 streams, each closed again and again while a thread prints 200 lines."""
+    import io
+    import random
+    import threading
+
+    from broker import logs
+
+    rng = random.Random(5)
+    for _ in range(100):
+        stream = logs.LossyStream(io.StringIO())
+
+        def printer(stream=stream) -> None:
+            for i in range(200):
+                stream.write(f"{i}\n")
+                stream.flush()
+
+        thread = threading.Thread(target=printer)
+        thread.start()
+        while thread.is_alive():
+            stream.close()
+            time.sleep(rng.random() * 0.0002)
+        thread.join()
+        assert stream.drain(5), "a line held with no writer"
+        assert stream.stream.getvalue() == "".join(f"{i}\n" for i in range(200))

@@ -94,3 +94,53 @@ async def test_a_repeat_of_a_durable_send_is_answered_a_dup_by_a_stop(broker_pro
         store.close()
     assert sent == ["order-9 ready", "order-10 ready"]
     tally.add("SIGTERM while a repeat of a durable send waits for its commit")
+
+
+async def test_a_stop_tells_thousands_of_sessions_with_sends_waiting_at_once(broker_process,
+                                                                             tally):
+    """At a stop, each session with requests still waiting after half the --shutdown-grace
+    looks for those that repeat a durable send (`handlers.answer_known_repeats`), then says
+    `shutting_down`. Each scanned every command queued or being committed: with a send
+    waiting on each of n sessions, n x n steps in one go of the event loop (4,000 sessions:
+    1.1 s; 8,000: 4.6 s), the broker answering nobody meanwhile, and the sessions still
+    unanswered at the end of the grace were cut off without their `shutting_down` (a grace of
+    2 s: only
+    714 and 963 of the 4,000 were told, in two runs). The sends are grouped by session once
+    (again only when a send is queued or a batch starts or ends): every session is told."""
+    sessions, grace = 4000, 3.0
+    bp = broker_process("--shutdown-grace", str(grace))
+    with trio.fail_after(120):
+        clients: list[RawClient] = []
+        limit = trio.Semaphore(100)
+
+        async def connect(i: int) -> None:
+            async with limit:
+                clients.append(await RawClient.connect(bp.server, bp.token(f"u{i}"), "d1"))
+
+        async def send(c: RawClient) -> None:
+            await c.send(wire.Send(id=1, cid="waits", body="x", to="bob"))
+            await _handled(c, 2)
+
+        told = []
+
+        async def closing(c: RawClient) -> None:
+            while (f := await c.next()) is not None:
+                if isinstance(f, wire.Error) and f.name == "shutting_down":
+                    told.append(c)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(sessions):
+                nursery.start_soon(connect, i)
+        async with held_commits(bp.data):
+            async with trio.open_nursery() as nursery:
+                for c in clients:
+                    nursery.start_soon(send, c)
+            bp.proc.send_signal(15)  # SIGTERM
+            async with trio.open_nursery() as nursery:
+                for c in clients:
+                    nursery.start_soon(closing, c)
+        assert await bp.aterminate() == 0
+        for c in clients:
+            await c.aclose()
+    assert len(told) == sessions, f"{sessions - len(told)} cut off without their shutting_down"
+    tally.add("SIGTERM with a send waiting on each of 4,000 sessions")
