@@ -142,6 +142,11 @@ class LossyStream:
             self._closed = True
             self._cond.notify_all()
 
+    def busy(self) -> bool:
+        """Whether it holds lines, or its writer thread is still running."""
+        with self._cond:
+            return bool(self._held) or self._thread is not None
+
     def isatty(self) -> bool:
         try:
             return self.stream is not None and self.stream.isatty()
@@ -170,7 +175,9 @@ def configure(level: str = "info", fmt: str = "auto", stream=None,
     for old in _streams:  # (until 2026-12-05 each kept a writer thread parked for good)
         old.close()
     stream = LossyStream(stream or sys.stderr, buffer_bytes)
-    _streams[:] = [stream]
+    # The old ones stay while they hold lines (printed by loggers cached before), so that an
+    # exit drains them too.
+    _streams[:] = [old for old in _streams if old.busy()] + [stream]
     if fmt == "auto":
         fmt = "console" if stream.isatty() else "json"
     renderer = (

@@ -357,3 +357,42 @@ def test_a_line_printed_as_the_stream_closes_is_written():
         thread.join()
         assert stream.drain(5), "a line held with no writer"
         assert stream.stream.getvalue() == "".join(f"{i}\n" for i in range(200))
+
+
+def test_an_exit_drains_lines_printed_to_a_stream_configured_away():
+    """A logger cached before `logs.configure()` ran again still prints to the old stream;
+    `logs.drain()` (what an exit runs) drained the current stream only, so such a line still
+    held was lost. It drains the old ones too while they hold lines."""
+    import logging
+
+    from broker import logs
+
+    class SlowSink:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, text: str) -> None:
+            time.sleep(0.3)
+            self.text += text
+
+        def flush(self) -> None:
+            pass
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    slow = SlowSink()
+    try:
+        logs.configure("info", "json", stream=slow)
+        cached = logs.get_logger()
+        cached.info("first")  # bound to the slow stream from now on
+        logs.configure("info", "json", stream=SlowSink())
+        cached.info("late")
+        logs.drain(5)
+        assert '"late"' in slow.text, slow.text
+    finally:
+        logs.drain(5)
+        for stream in logs._streams:
+            stream.close()
+        logs._streams.clear()
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
