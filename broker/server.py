@@ -132,6 +132,9 @@ class Broker:
         self.stopping = False
         self.handshaking = 0  # connections accepted and not yet past hello
         self._awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
+        # Devices whose start at the inbox head is on its way (`_start_at_head`): set once
+        # that hello is answered; the device's other hellos wait for it (`_after_start`).
+        self._starting: dict[tuple[str, str], trio.Event] = {}
         self.port: int | None = None
         self.user_sends = UserBuckets(config.sends_per_s_per_user)
         self.user_typing = UserBuckets(config.typing_per_s_per_user)
@@ -410,6 +413,7 @@ class Broker:
             session.log.info("auth_failed", device=hello.device, reason=str(exc))
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
             return False
+        await self._after_start(claims.user, hello.device)
         if not await self._admitted(session, hello, claims):
             return False
         # The hello's reads first: should one fail (StorageError), nothing is left to undo
@@ -417,10 +421,24 @@ class Broker:
         acked = max(  # an ack still on its way to disk counts
             self.store.delivered(claims.user, hello.device),
             self.committer.acked_mark(claims.user, hello.device))
-        if not acked and hello.start == "head":  # a new device at the head: durable, checked again
+        if acked or hello.start != "head":
+            return self._welcome(session, hello, claims, acked)
+        # A new device at the head: durable first, admitted again, and the device's other
+        # hellos held until this one is answered (or refused).
+        key = (claims.user, hello.device)
+        self._starting[key] = starting = trio.Event()
+        try:
             acked = await self._start_at_head(session, claims.user, claims.role, hello.device)
             if not await self._admitted(session, hello, claims):
                 return False
+            return self._welcome(session, hello, claims, acked)
+        finally:
+            del self._starting[key]
+            starting.set()
+
+    def _welcome(self, session: Session, hello: Any, claims: tokens.Claims, acked: int) -> bool:
+        """Attach an admitted session (replacing the device's last one) and answer `welcome`."""
+        cfg = self.config
         head = self.store.inbox_head(claims.user)
         session.user, session.device, session.role = claims.user, hello.device, claims.role
         session.expires, session.issued = claims.expires, claims.issued
@@ -454,6 +472,18 @@ class Broker:
             self.presence.announce(claims.user, True)
         return True
 
+    async def _after_start(self, user: str, device: str) -> None:
+        """Wait until no hello of the device is starting it at the inbox head: one that came
+        meanwhile was welcomed at once, at a start not yet durable, and was then replaced by
+        the first (until 2026-12-05). Raises StorageError past the handshake timeout."""
+        limit = self.config.handshake_timeout_s
+        with trio.move_on_after(limit):
+            while (starting := self._starting.get((user, device))) is not None:
+                await starting.wait()
+            return
+        raise StorageError(f"the device's start at the inbox head was not answered within "
+                           f"{limit:g} s")
+
     async def _admitted(self, session: Session, hello: Any, claims: tokens.Claims) -> bool:
         """Refuse (and False) an authenticated hello whose token is revoked, or that comes as
         the broker stops, or would pass a connection limit; asked again after an await."""
@@ -483,16 +513,16 @@ class Broker:
         PROTOCOL.md §9): ack the head on its behalf, as the device's own ack would be (the
         entries count as delivered to the user), and return it once durable, so that a crash
         and a rebuild give the cursor the welcome names. Queued as its acks are, the start is
-        the device's mark (`acked_mark`) from now on: a second hello of the device meanwhile
-        resumes after it. Entries committed while it waits come after it: the session is
-        delivered them. Raises StorageError if the ack failed or was not durable within the
-        handshake timeout (the hello is answered `unavailable`); the device is then new still,
-        unless the ack became durable later: then it resumes after it."""
+        the device's mark (`acked_mark`) from now on; the device's other hellos wait for this
+        one (`_after_start`). Entries committed while it waits come after it: the session is
+        delivered them. 0 if the broker began to stop before the ack was queued (`_admitted`
+        refuses the hello then). Raises StorageError if the ack failed or was not durable
+        within the handshake timeout (the hello is answered `unavailable`); the device is then
+        new still, unless the ack became durable later: then it resumes after it."""
         head = self.store.inbox_head(user)
         if not head:
             return 0  # nothing to pass over: entry 1 is the first after the head
         committer = self.committer
-        committer.ack_nowait(Ack(user, device, role, head, None))
         durable = trio.Event()
         failed: list[BaseException | None] = []
 
@@ -500,16 +530,29 @@ class Broker:
             failed.append(error)
             durable.set()
 
-        committer.when_acks_durable(user, device, done)
         limit = self.config.handshake_timeout_s
         with trio.move_on_after(limit):
+            # The conversations it covers are read here, in a thread, not by the rules in the
+            # commit: there, on 100,000 entries no device had acked, it held every other
+            # user's commit for 130 ms (until 2026-12-05). The marks it makes are the same.
+            convs = await trio.to_thread.run_sync(self.store.ack_convs, user, head,
+                                                  abandon_on_cancel=True)
+            if self.stopping or committer.closing:
+                return 0  # nothing queued: the hello is refused shutting_down
+            committer.ack_nowait(Ack(user, device, role, head, convs))
+            committer.when_acks_durable(user, device, done)
             await durable.wait()
-        if not durable.is_set():
-            committer.device_gone(user, device)  # no session of it holds a cursor
+        if not durable.is_set() or failed[0] is not None:
+            # The start goes as a session's end would: unless a session of the device is
+            # connected (default start, nothing acked before; its acks merge with the start):
+            # its cursor may be past the durable mark, and the loss must stay marked for it
+            # (until 2026-12-05 it was forgotten, and its next ack named only the
+            # conversations delivered since).
+            if not any(s.device == device for s in self.hub.sessions(user)):
+                committer.device_gone(user, device)
+            if failed and failed[0] is not None:
+                raise failed[0]
             raise StorageError(f"the start at the inbox head was not durable within {limit:g} s")
-        if failed[0] is not None:
-            committer.device_gone(user, device)
-            raise failed[0]
         session.log.info("device_started", user=user, device=device, acked=head)
         return head
 

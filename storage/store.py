@@ -65,6 +65,7 @@ from storage.projections import (
     INBOX_KINDS,
     KIND_MSG,
     Effects,
+    acked_convs,
     apply,
     conv_row,
     idem_key,
@@ -73,6 +74,7 @@ from storage.projections import (
     key2,
     mark_applied,
     message_fault,
+    row_u64,
 )
 from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event, lsn_key, pack_u64, u64
 from storage.rowio import Rows
@@ -599,6 +601,20 @@ class Store:
     def inbox_head(self, user: str) -> int:
         """Return the last inbox seq of `user`, 0 when empty."""
         return self._u64("inbox_head", user.encode())
+
+    def ack_convs(self, user: str, upto: int) -> tuple[tuple[str, int], ...]:
+        """The conversation marks an ack of `user`'s inbox up to `upto` raises, as the rules
+        read them for an ack without them (`Ack.convs` None): the highest conv seq per
+        conversation among the message entries above the highest mark of the user's devices.
+        One read transaction, in any thread: the broker reads a long inbox here, off the
+        commit (a new device's start at the head, docs/PROTOCOL.md §9). Marks only go up, so
+        an ack committed later with these is what it would be without them."""
+        prefix = user.encode() + b"\0"
+        with self._env.read() as txn:
+            tables = TxnTables(txn, self._dbs)
+            after = max((row_u64("delivered", k, v) for k, v in tables.range("delivered", prefix)),
+                        default=0)
+            return tuple(acked_convs(tables, user, after, upto).items())
 
     def revoked_before(self, user: str) -> int:
         """The issue time (Unix seconds) before which `user`'s tokens are revoked, 0 if none."""
