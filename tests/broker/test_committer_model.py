@@ -5,10 +5,11 @@ while earlier ones commit and fan out), and whichever batches fail as a full dis
 every command is told its outcome exactly once, after its batch is durable, in submission
 order; a failed batch fails exactly its own commands; and the log holds exactly the accepted
 sends, in submission order, each cid once. Some sends go to a user whose inbox head is
-damaged (since 2026-12-05): their batches are run again in halves (`Committer._split`), and
-each command's outcome is that of the last batch it ran in: committed, failed alone with
+damaged (since 2026-12-05): their batches are run again in halves (`Committer._settle`), or,
+once such a send failed alone, run with those sends set aside from the start, and each
+command's outcome is that of the last batch it ran in: committed, failed alone with
 CorruptProjection, or failed with StorageFull (a full disk during the split also fails the
-commands it had not run yet).
+commands it had not run yet, some of which then never ran at all).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import tempfile
 
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from broker.committer import Committer, Pending
@@ -95,6 +96,10 @@ async def _run(store: _FailingStore, plans: list[list[tuple[str, int, int]]]):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A send set aside (one like it met the damaged row alone before), and the disk full in the
+# run before its own: it never ran (found by a run of the whole suite on 2026-12-05).
+@example(plans=[[("send", 0, 0), ("send", 0, 0), ("bad", 0, 1), ("yield", 0, 0),
+                 ("ack", 0, 0), ("bad", 0, 0)]], fail=frozenset([6]))
 @given(plans=st.lists(steps, min_size=1, max_size=4),
        fail=st.frozensets(st.integers(1, 12), max_size=3))
 def test_every_command_is_told_once_in_order_and_failures_stay_in_their_batch(plans, fail):
@@ -112,7 +117,9 @@ def test_every_command_is_told_once_in_order_and_failures_stay_in_their_batch(pl
             last = {id(c): (ended, len(commands)) for commands, ended in store.batches
                     for c in commands}
             for p in submitted:
-                ended, size = last.pop(id(p.command))
+                # never run: set aside (a send like one that met the damaged row alone before)
+                # in a split that a full disk stopped before its run came
+                ended, size = last.pop(id(p.command), ("not run", 0))
                 if ended == "ok":
                     assert p.error is None
                 elif ended == "corrupt" and size == 1:
