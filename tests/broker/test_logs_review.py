@@ -12,9 +12,11 @@ driven through a day by the SDK, its stderr read line by line.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 
 import structlog
 import structlog.testing
@@ -283,26 +285,41 @@ def test_a_sink_that_raises_the_unexpected_loses_that_batch_not_every_later_line
     assert [(e["event"], e["lines"]) for e in said] == [("log_lines_dropped", 1)], said
 
 
+@contextmanager
+def _logs_configured_back():
+    """Put structlog and the standard library's root logger back as they were before the
+    block, which calls `logs.configure()`, and end the streams it made."""
+    from broker import logs
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        logs.drain(5)
+        for stream in logs._streams:
+            stream.close()
+        logs._streams.clear()
+        structlog.reset_defaults()
+        root.handlers[:], root.level = handlers, level
+
+
 def test_configuring_the_logs_again_ends_the_old_writer_thread():
     """Each `logs.configure()` made a new stream with its own writer thread and left the old
     one parked for good: a process that configures its logs again and again (the tests, an
     embedding service) gathered threads. The old stream's writer ends once it has written what
     it held; a line still printed to it (a logger cached before) starts it again."""
     import io
-    import logging
     import threading
 
     from broker import logs
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
 
     def writers() -> list[threading.Thread]:
         return [t for t in threading.enumerate() if t.name == "homing-log" and t.is_alive()]
 
     before = len(writers())
     sinks = [io.StringIO() for _ in range(5)]
-    try:
+    with _logs_configured_back():
         for sink in sinks:
             logs.configure("info", "json", stream=sink)
             logs.get_logger().info("configured")
@@ -320,13 +337,6 @@ def test_configuring_the_logs_again_ends_the_old_writer_thread():
         stale.write("two\n")  # a logger cached before the close still prints to it
         stale.flush()
         assert stale.drain(5) and stale.stream.getvalue() == "one\ntwo\n"
-    finally:
-        logs.drain(5)
-        for stream in logs._streams:
-            stream.close()
-        logs._streams.clear()
-        structlog.reset_defaults()
-        root.handlers[:], root.level = handlers, level
 
 
 def test_a_line_printed_as_the_stream_closes_is_written():
@@ -363,8 +373,6 @@ def test_an_exit_drains_lines_printed_to_a_stream_configured_away():
     """A logger cached before `logs.configure()` ran again still prints to the old stream;
     `logs.drain()` (what an exit runs) drained the current stream only, so such a line still
     held was lost. It drains the old ones too while they hold lines."""
-    import logging
-
     from broker import logs
 
     class SlowSink:
@@ -378,10 +386,8 @@ def test_an_exit_drains_lines_printed_to_a_stream_configured_away():
         def flush(self) -> None:
             pass
 
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
     slow = SlowSink()
-    try:
+    with _logs_configured_back():
         logs.configure("info", "json", stream=slow)
         cached = logs.get_logger()
         cached.info("first")  # bound to the slow stream from now on
@@ -389,10 +395,3 @@ def test_an_exit_drains_lines_printed_to_a_stream_configured_away():
         cached.info("late")
         logs.drain(5)
         assert '"late"' in slow.text, slow.text
-    finally:
-        logs.drain(5)
-        for stream in logs._streams:
-            stream.close()
-        logs._streams.clear()
-        structlog.reset_defaults()
-        root.handlers[:], root.level = handlers, level
