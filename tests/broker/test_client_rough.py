@@ -214,9 +214,21 @@ async def test_reconnects_counts_the_sessions_opened_again(tmp_path, monkeypatch
             await trio.sleep(0.3)  # attempts fail meanwhile
             assert bob.reconnects == 0  # none has been made
             ResetAfterWelcome.armed = True  # the first one welcomed breaks as it resends
-            await bp.astart()
+            sent = []
+
+            async def send_after() -> None:
+                sent.append(await bob.send("after", to="alice"))
+
             with trio.fail_after(30):
-                assert (await bob.send("after", to="alice")).seq == 1
+                async with trio.open_nursery() as nursery:
+                    # Waiting before the broker is back: the first welcomed session's second
+                    # write is its resend. Sent after that session opened, it would be the
+                    # send itself, and the break would end a session already counted.
+                    nursery.start_soon(send_after)
+                    while not bob._pending:
+                        await trio.sleep(0.01)
+                    await bp.astart()
+            assert sent[0].seq == 1
             assert not ResetAfterWelcome.armed  # the resend did break once
             assert bob.reconnects == 1
         with pytest.raises(ConnectionLost):
