@@ -288,13 +288,19 @@ async def test_the_callers_own_exception_group_comes_out_as_raised(tmp_path):
                 raise ValueError("plain")
 
 
-async def test_a_write_the_broker_never_reads_is_given_up_and_the_cancel_goes_through(tmp_path):
+async def test_a_write_the_broker_never_reads_is_given_up_and_the_cancel_goes_through(
+        tmp_path, monkeypatch):
     """A frame is written whole, but not for ever: a broker that stays stopped (SIGSTOP) holds
     the write for WRITE_STALL_S plus the frame's time at SLOWEST_LINK_BPS at most; then the
     connection is dropped, the caller's cancel
     takes effect, and the client reconnects once the broker runs again. The write used to wait
-    for ever, holding the heartbeat (and every cancel) with it."""
-    from broker.client import SLOWEST_LINK_BPS, WRITE_STALL_S
+    for ever, holding the heartbeat (and every cancel) with it. (The bound is shortened here,
+    from 10 s plus 2 s a MiB, so that the test waits 4 s rather than 13.)"""
+    import broker.client
+
+    monkeypatch.setattr(broker.client, "WRITE_STALL_S", 2.0)
+    monkeypatch.setattr(broker.client, "SLOWEST_LINK_BPS", 4 * 1024 * 1024)
+    WRITE_STALL_S, SLOWEST_LINK_BPS = broker.client.WRITE_STALL_S, broker.client.SLOWEST_LINK_BPS
 
     body = "x" * 7_000_000
     bound = WRITE_STALL_S + len(body) / SLOWEST_LINK_BPS  # for its frame, a little bigger
