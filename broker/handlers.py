@@ -26,6 +26,13 @@ from storage.rules import MANAGERS, NO_ACCESS, asked_conv, revocation_cut_off
 if TYPE_CHECKING:
     from broker.session import Session
 
+# The frames and commands made for every message are built as `protocol.frames` decodes them,
+# with tuple.__new__ and every field in order: a third of the time of the named tuple's own
+# __new__ (0.27 -> 0.11 us, `timeit`, 2026-12-05). The orders they rely on:
+_new = tuple.__new__
+assert wire.Result._fields == ("id", "conv", "seq", "lsn", "cid", "dup")
+assert cmd.SendMessage._fields == ("user", "device", "role", "cid", "body", "conv", "to")
+
 # A page message's fields but its body, at their largest: keys, a 64-char user id, a cid of 128
 # four-byte characters, three uints, the body's header.
 PAGE_MESSAGE_BYTES = 640
@@ -95,11 +102,12 @@ def _command_done(pending: Any) -> None:
                               conv=getattr(pending.command, "conv", None), exc_info=exc)
         session.reply_error(request_id, code, message)
     else:
-        # the conversation a send `to` a user or a create went to is the reply's
-        conv = getattr(pending.command, "conv", None) or (
-            outcome.reply.get("conv") if isinstance(outcome.reply, dict) else None)
-        session.log.debug("command_done", command=type(pending.command).__name__,
-                          conv=conv, lsn=outcome.lsn, reply=outcome.reply)
+        if session.log_debug:  # its arguments cost about 0.4 us a command even when filtered
+            # the conversation a send `to` a user or a create went to is the reply's
+            conv = getattr(pending.command, "conv", None) or (
+                outcome.reply.get("conv") if isinstance(outcome.reply, dict) else None)
+            session.log.debug("command_done", command=type(pending.command).__name__,
+                              conv=conv, lsn=outcome.lsn, reply=outcome.reply)
         if reply is not None and (frame := reply(session, request_id, outcome.reply)) is not None:
             session.reply(frame)
 
@@ -110,15 +118,17 @@ def _sent(session: Session, request_id: int, r: dict) -> wire.Result:
     # Only a window's worth: the set only spares the log reads of entries the writer will pass
     # over anyway (it tells them by sender and device), and a device whose window is full
     # (it does not ack) would otherwise add one for each of its sends, for as long as it lives.
-    if not r["dup"] and len(session.own_lsns) < session.window and _own_entry(session, r):
+    if not r["dup"] and len(session.own_lsns) < session.window and (
+            session.role != "admin" or _own_entry(session, r)):
         session.own_lsns.add(r["lsn"])
-    return wire.Result(request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"])
+    return _new(wire.Result, (request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"]))
 
 
 def _own_entry(session: Session, r: dict) -> bool:
     """Whether the send `r` made an entry in the sender's own inbox (an admin token's only if
-    it is a member). A failed read says no: the send is durable and must be answered, and the
-    set is only a saving (the writer then reads the entry, and passes over it all the same)."""
+    it is a member; `_sent` asks only for those). A failed read says no: the send is durable and
+    must be answered, and the set is only a saving (the writer then reads the entry, and passes
+    over it all the same)."""
     if session.role != "admin":
         return True
     try:
@@ -139,9 +149,10 @@ def _send_allowed(session: Session) -> bool:
     """Whether the connection's send rate and its user's both allow a send now; a token is
     spent from each only when both do, so a send refused by the user's rate does not count
     against the connection's."""
-    if not session.sends.take():
+    now = time.monotonic()  # one clock read for both buckets
+    if not session.sends.take(1.0, now):
         return False
-    if not session.user_sends.take():
+    if not session.user_sends.take(1.0, now):
         session.sends.refund()
         return False
     return True
@@ -174,8 +185,8 @@ def _submit_send(session: Session, f: wire.Send, body: str | bytes) -> Any:
 
 
 def _send_command(session: Session, f: wire.Send, body: str | bytes) -> cmd.SendMessage:
-    return cmd.SendMessage(session.user, session.device, session.role, f.cid, body,
-                           conv=f.conv, to=f.to)
+    return _new(cmd.SendMessage,
+                (session.user, session.device, session.role, f.cid, body, f.conv, f.to))
 
 
 def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str) -> Any:
@@ -244,7 +255,8 @@ def on_ack(session: Session, f: wire.Ack) -> Any:
         session.reply_error(f.id, wire.ErrorCode.INVALID,
                             f"cannot ack {f.upto}: the inbox ends at {session.head}")
         return
-    session.log.debug("ack_received", upto=f.upto)
+    if session.log_debug:
+        session.log.debug("ack_received", upto=f.upto)
     if f.id is not None:  # `ok` once the device's acks are durable (PROTOCOL.md §5.2)
         request_id = f.id
         session.inflight += 1  # a shutdown answers it before it closes the session

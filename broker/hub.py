@@ -20,6 +20,10 @@ from storage.errors import StorageError
 if TYPE_CHECKING:
     from broker.session import Session
 
+_new = tuple.__new__
+assert Deliver._fields == ("inbox_seq", "kind", "conv", "seq", "sender", "body", "cid", "ts",
+                           "muted")
+
 # Conversation ids of a user `Hub.peers` reads at a time: 0.3 ms for 1,000, where one read of
 # a user's 20,000 took 12 to 23 ms of the event loop.
 PEERS_PAGE = 1000
@@ -53,9 +57,11 @@ class Fresh:
         if prepared is None:
             if not self._sent_once:
                 self._sent_once = True
-                return conn.send(Deliver(
-                    inbox_seq=inbox_seq, kind="msg", conv=self.conv, seq=self.seq,
-                    sender=self.sender, body=self.body, cid=self.cid, ts=self.ts_us, muted=muted))
+                # Built as protocol.frames decodes it, every field in order: 0.5 us less than
+                # the named tuple's own __new__ with keywords (`timeit`), once per message.
+                return conn.send(_new(Deliver, (inbox_seq, "msg", self.conv, self.seq,
+                                                self.sender, self.body, self.cid, self.ts_us,
+                                                muted)))
             prepared = self._prepared = PreparedDeliver(
                 "msg", self.conv, self.seq, self.sender, self.body, self.cid, self.ts_us,
                 conn.out_body_bytes)

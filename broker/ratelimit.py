@@ -20,10 +20,14 @@ class TokenBucket:
         self.tokens = self.burst
         self.stamp = time.monotonic()
 
-    def take(self, n: float = 1.0) -> bool:
-        """Spend `n` tokens if there are enough; False (and nothing spent) otherwise."""
-        now = time.monotonic()
-        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+    def take(self, n: float = 1.0, now: float | None = None) -> bool:
+        """Spend `n` tokens if there are enough; False (and nothing spent) otherwise. `now` is
+        time.monotonic(), read here if not given (a send reads it once for its two buckets)."""
+        if now is None:
+            now = time.monotonic()
+        tokens = self.tokens + (now - self.stamp) * self.rate
+        if not tokens < self.burst:  # min(burst, tokens) without the call: a send takes two
+            tokens = self.burst
         self.stamp = now
         if tokens < n:
             self.tokens = tokens

@@ -11,6 +11,7 @@ stalled device costs its window and its bounded queue, never the broker's memory
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import time
@@ -63,6 +64,10 @@ class Session:
             wire.Role.SERVER, max_frame_bytes=wire.HELLO_MAX_FRAME_BYTES,
             max_body_bytes=wire.MAX_FRAME_LIMIT, max_frame_values=cfg.max_frame_values)
         self.log = broker.log.bind(conn=conn_id, peer=peer)
+        # Whether its debug events are printed (the level is fixed when the logger is made, and
+        # a later bind keeps it): the per-message ones skip building their arguments if not.
+        enabled = getattr(self.log, "is_enabled_for", None)
+        self.log_debug = enabled is None or enabled(logging.DEBUG)
         self.user = ""
         self.device = ""
         self.role = "user"
@@ -657,7 +662,7 @@ class Session:
         while True:
             chunks = self._collect()
             if chunks:
-                if self.unacked:
+                if self.unacked and self.log_debug:
                     self.log.debug("delivered", upto=self.sent, unacked=len(self.unacked))
                 self._writing = True
                 data = b"".join(chunks)
