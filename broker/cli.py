@@ -485,7 +485,10 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
     """Check the arguments, then connect with the common options and run `body(client, args)`.
 
     Whatever can be checked without the broker (`check(args)` for the command's own) is checked
-    before connecting, so a usage error exits 2 whether a broker is running or not.
+    before connecting, so a usage error exits 2 whether a broker is running or not. Only
+    `listen` and `ack` take the device's delivering session; the other commands open a
+    requests-only one (PROTOCOL.md §9), which leaves a `homing listen` of the same user and
+    device running (each of them replaced it until 2026-12-05).
     """
     from broker.client import (
         ClientError,
@@ -521,7 +524,8 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
                                reconnect_timeout=args.connect_timeout,
                                on_unreachable=unreachable,
                                on_inbox_reset=inbox_reset,
-                               start=getattr(args, "start", "first")) as client:
+                               start=getattr(args, "start", "first"),
+                               deliver=body in DELIVERING) as client:
             await body(client, args)
 
     try:
@@ -745,6 +749,10 @@ async def do_ack(client, args) -> None:
     emit({"acked": args.upto})
 
 
+# The commands that take the device's delivering session (its deliveries, its cursor).
+DELIVERING = (do_listen, do_ack)
+
+
 async def do_history(client, args) -> None:
     if args.after is not None:  # the page right after it, in order
         page = await client.history(args.conv, after=args.after, limit=args.limit,
@@ -793,7 +801,8 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=os.environ.get("HOMING_TOKEN"),
                    help="access token (env HOMING_TOKEN); mint one with `homing token`")
     p.add_argument("--device", default="cli",
-                   help="device name; successive commands with one name share a delivery cursor")
+                   help="device name; successive commands with one name share a delivery "
+                        "cursor (listen and ack take its session; the others leave it be)")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
     p.add_argument("--tls-ca", help="CA certificate file to verify the broker with (implies --tls)")
     p.add_argument("--connect-timeout", type=_SECONDS, default=30.0,

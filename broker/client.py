@@ -25,6 +25,9 @@ What it promises:
   session, or closing each one before it served anything; replaced; refused), its
   requests and its deliveries raise that error; a request the protocol's field checks refuse
   raises ClientError "invalid" at once, unsent (while disconnected: against the last welcome).
+- `open_client(..., deliver=False)` is a requests-only client of its device: sent no deliveries
+  and no pushes, it ends no client of the device and none ends it (a broker with the
+  `requests_only` cap); its deliveries, acks and pushes raise ClientError "invalid" at once.
 """
 
 from __future__ import annotations
@@ -276,7 +279,7 @@ class Client:
                  reconnect: bool, reconnect_timeout: float | None, max_pushes: int,
                  on_unreachable: Callable[[str], None] | None = None,
                  on_inbox_reset: Callable[[InboxReset], None] | None = None,
-                 start: str = "first") -> None:
+                 start: str = "first", deliver: bool = True) -> None:
         self.host, self.port = parse_server(server)
         self.token, self.device, self.tls = token, device, tls
         # Where the device starts if the broker has no cursor for it (hello.start): asked in
@@ -284,6 +287,10 @@ class Client:
         # resumes from it (a device still without a mark, its inbox empty at the start, is
         # sent entry 1 on, which is after the start all the same).
         self.start = start
+        # False: every hello, the reconnects' too, asks for a requests-only session
+        # (hello.deliver, PROTOCOL.md §9): no deliveries, no pushes, the device's delivering
+        # session left alone. deliveries(), ack(), done() and next_push() raise at once.
+        self.deliver = deliver
         self.reconnect, self.reconnect_timeout = reconnect, reconnect_timeout
         self.on_unreachable, self.on_inbox_reset = on_unreachable, on_inbox_reset
         self.welcome: wire.Welcome | None = None
@@ -372,6 +379,15 @@ class Client:
             raise self._fatal
         if self._closed:
             raise ClientClosed("the client is closed")
+
+    def _check_delivers(self, what: str) -> None:
+        """Raise ClientError "invalid" on a requests-only client (`deliver=False`): it is sent
+        no deliveries and no pushes, and an ack on it is not its to make."""
+        if not self.deliver:
+            raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                              f"{what}: this client takes no deliveries and no pushes "
+                              f"(open_client(..., deliver=False)): open one that does, with "
+                              f"the device's name, for them")
 
     def _check_offline(self, frame: Any) -> None:
         """While disconnected: the checks a connection would make of `frame` (its fields, the
@@ -478,6 +494,7 @@ class Client:
         PROTOCOL.md §5.2), so they are not delivered to this device again; it is repeated
         after a drop (an ack is cumulative: a repeat changes nothing)."""
         self._check_usable()
+        self._check_delivers("ack")
         seq = self._ack_target(upto, "ack")
         if not self.inbox_resets:
             known = max(self._yielded, self.welcome.head if self.welcome is not None else 0)
@@ -531,6 +548,7 @@ class Client:
         another `done` is making (as durable, or more) waits for that one: it returns once
         that ack is made, raises its error, and makes the ack itself if it was cancelled."""
         self._check_usable()
+        self._check_delivers("done")
         seq = self._ack_target(inbox_seq, "done")
         again = seq in self._done
         if seq in self._taken:
@@ -683,7 +701,9 @@ class Client:
     # -- incoming -------------------------------------------------------------------------------
 
     def deliveries(self) -> Deliveries:
-        """The deliveries, in inbox order, each once per process; ack them with `ack`."""
+        """The deliveries, in inbox order, each once per process; ack them with `ack`.
+        ClientError "invalid" on a requests-only client (`deliver=False`)."""
+        self._check_delivers("deliveries")
         return self._deliveries
 
     async def next_push(self) -> Any:
@@ -691,6 +711,7 @@ class Client:
         Once the client stopped and the pushes received are taken, raises what stopped it
         (ClientClosed after a close). A checkpoint, as trio's own calls are, even when a push is
         waiting: several tasks looping over it take turns with a burst."""
+        self._check_delivers("next_push")
         await trio.lowlevel.checkpoint()
         while not self._pushes:
             self._check_usable()
@@ -730,7 +751,8 @@ class Client:
         try:
             hello = conn.send(wire.Hello(
                 versions=(wire.PROTOCOL_VERSION,), token=self.token, device=self.device,
-                start=self.start if self.welcome is None and self.start != "first" else None))
+                start=self.start if self.welcome is None and self.start != "first" else None,
+                deliver=self.deliver))
         except wire.LocalProtocolError as exc:  # a malformed token or device name
             raise _refusal(exc) or exc from None
         stream: trio.abc.Stream | None = None
@@ -763,9 +785,10 @@ class Client:
         # was; one that lost an ack it said was on disk is told by that.
         flushed: list[_Request] = []
         try:
-            if welcome.head < self._yielded or welcome.acked < self._durable:
-                self._inbox_went_back(welcome)  # on_inbox_reset may raise: close the stream
-            self._yielded = max(self._yielded, welcome.acked)
+            if self.deliver:  # a requests-only client has no cursor of its own to go back
+                if welcome.head < self._yielded or welcome.acked < self._durable:
+                    self._inbox_went_back(welcome)  # on_inbox_reset may raise: close the stream
+                self._yielded = max(self._yielded, welcome.acked)
             async with self._send_lock:
                 if self._closed:  # closed while we connected: serve nothing
                     raise ClientClosed("the client is closed")
@@ -1072,11 +1095,15 @@ class Client:
                                         "this client stopped (use one device name per process)"))
                 return
             if isinstance(frame, wire.Deliver):
-                if frame.inbox_seq > self._yielded:
+                # A requests-only client of a broker without the cap drops them: unacked,
+                # they wait for the device's next delivering session.
+                if frame.inbox_seq > self._yielded and self.deliver:
                     self._yielded = frame.inbox_seq
                     self._served += 1
                     await self._deliveries_in.send(frame)
             elif isinstance(frame, wire.Receipt | wire.Status | wire.TypingNotice):
+                if not self.deliver:
+                    continue  # as deliveries (a broker without the cap): none can be taken
                 self._pushes.append(frame)
                 self._served += 1
                 self._wake_push_waiters()
@@ -1276,7 +1303,7 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
                       max_pushes: int = 10000,
                       on_unreachable: Callable[[str], None] | None = None,
                       on_inbox_reset: Callable[[InboxReset], None] | None = None,
-                      start: str = "first") -> AsyncIterator[Client]:
+                      start: str = "first", deliver: bool = True) -> AsyncIterator[Client]:
     """Connect (raising ClientError or ConnectionLost if that fails) and yield a Client.
 
     `on_unreachable(reason)` is called at the first failed attempt of each outage (the broker
@@ -1291,10 +1318,20 @@ async def open_client(server: str = DEFAULT_SERVER, token: str = "", device: str
     after the user's inbox head as of the connect: it is sent only the entries that come after
     (`welcome.acked` is that head). A device the broker knows resumes after its last ack
     whatever `start` says. A broker without the `start_head` cap (`client.welcome.caps`)
-    ignores it and sends the whole inbox. "first" (the default): the whole inbox."""
+    ignores it and sends the whole inbox. "first" (the default): the whole inbox.
+
+    `deliver=False`: a requests-only client of the device (sends, changes, queries): the broker
+    sends it no deliveries and no pushes, it ends no session of the device and none ends it,
+    and it does not make the user online; its sends are the device's own all the same (the
+    device's delivering session is not sent them). `deliveries()`, `ack`, `done` and
+    `next_push` raise ClientError "invalid" at once. Every hello asks it, a reconnect's too.
+    A broker without the `requests_only` cap (`client.welcome.caps`) ignores it: the session
+    is then the device's delivering one and replaces the one the device had (what it is sent
+    is dropped unread, and waits, unacked, for the device's next session)."""
     client = Client(server, token, device, tls=tls, reconnect=reconnect,
                     reconnect_timeout=reconnect_timeout, max_pushes=max_pushes,
-                    on_unreachable=on_unreachable, on_inbox_reset=on_inbox_reset, start=start)
+                    on_unreachable=on_unreachable, on_inbox_reset=on_inbox_reset, start=start,
+                    deliver=deliver)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(client._run)

@@ -118,7 +118,8 @@ def _sent(session: Session, request_id: int, r: dict) -> wire.Result:
     # Only a window's worth: the set only spares the log reads of entries the writer will pass
     # over anyway (it tells them by sender and device), and a device whose window is full
     # (it does not ack) would otherwise add one for each of its sends, for as long as it lives.
-    if not r["dup"] and len(session.own_lsns) < session.window and (
+    # A requests-only session passes over nothing: it has no deliveries.
+    if not r["dup"] and session.delivers and len(session.own_lsns) < session.window and (
             session.role != "admin" or _own_entry(session, r)):
         session.own_lsns.add(r["lsn"])
     return _new(wire.Result, (request_id, r["conv"], r["seq"], r["lsn"], r["cid"], r["dup"]))
@@ -278,6 +279,15 @@ def on_ack(session: Session, f: wire.Ack) -> Any:
     return None
 
 
+def on_ack_requests_only(session: Session, f: wire.Ack) -> None:
+    """A requests-only session (`hello.deliver: false`, PROTOCOL.md §9) is sent no deliveries:
+    an ack on it would move its device's cursor past entries it never had. Refused `invalid`,
+    the session open still."""
+    session.reply_error(f.id, wire.ErrorCode.INVALID,
+                        "ack: this session takes no deliveries (its hello said deliver: false), "
+                        "so it has none to ack: ack on the device's delivering session")
+
+
 def on_read(session: Session, f: wire.Read) -> Any:
     command = cmd.MarkRead(session.user, session.device, session.role, f.conv, f.upto)
     return _command(session, f.id, command, _ok if f.id is not None else None)
@@ -428,7 +438,7 @@ def _end_revoked(session: Session, user: str, cut: int) -> int:
     """End `user`'s sessions opened with a token issued before `cut` (not the asking one);
     return how many."""
     ended = 0
-    for other in session.broker.hub.sessions(user):
+    for other in session.broker.hub.every_session(user):  # requests-only ones too
         if other is not session and other.issued < cut:
             other.flush_due_own_ack()  # logged ahead of the revocation, not after it
             other.token_revoked()
@@ -600,3 +610,6 @@ HANDLERS = {
     wire.Pong: on_pong,
     wire.Bye: on_bye,
 }
+
+# A requests-only session's table (`hello.deliver: false`): the same, but for `ack`.
+REQUESTS_ONLY_HANDLERS = {**HANDLERS, wire.Ack: on_ack_requests_only}

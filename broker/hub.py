@@ -1,5 +1,10 @@
 """Who is connected, and the wake-ups that drive delivery and live pushes.
 
+A device's delivering session is kept by user and device, one each; its requests-only sessions
+(`hello.deliver: false`, docs/PROTOCOL.md §9) are kept apart, any number of them: they count as
+connections, and are looked at when every session of a user must be (a revocation, a stop), but
+they are not online, and are sent no wake-ups and no pushes.
+
 The hub holds no messages. A committed batch tells it which users' inboxes grew; it sets the new
 inbox head on each of that user's sessions and wakes their writers, which then read the inbox
 from disk at their own pace. Pushes (receipts, presence, typing) are small and ephemeral: they go
@@ -79,18 +84,25 @@ class Hub:
     def __init__(self, store: Any) -> None:
         self._store = store
         self._by_user: dict[str, dict[str, Session]] = {}
-        self.count = 0
+        # The requests-only sessions by user (a dict as an ordered set).
+        self._requesting: dict[str, dict[Session, None]] = {}
+        self.count = 0  # every session attached, requests-only ones too
 
     def sessions(self, user: str) -> Iterable[Session]:
-        """The live sessions of `user` (a snapshot)."""
+        """The live delivering sessions of `user`, one per device (a snapshot)."""
         return list(self._by_user.get(user, {}).values())
 
+    def every_session(self, user: str) -> list[Session]:
+        """The live sessions of `user`, requests-only ones too (a snapshot)."""
+        return [*self._by_user.get(user, {}).values(), *self._requesting.get(user, ())]
+
     def all_sessions(self) -> list[Session]:
-        """Every live session (a snapshot)."""
-        return [s for devices in self._by_user.values() for s in devices.values()]
+        """Every live session, requests-only ones too (a snapshot)."""
+        return [*(s for devices in self._by_user.values() for s in devices.values()),
+                *(s for sessions in self._requesting.values() for s in sessions)]
 
     def online(self, user: str) -> bool:
-        """Whether `user` has at least one live session."""
+        """Whether `user` has at least one live delivering session."""
         return bool(self._by_user.get(user))
 
     def online_among(self, users: frozenset[str] | set[str]) -> set[str]:
@@ -104,11 +116,16 @@ class Hub:
         return by_user.keys() & users  # walks `users`, the smaller, in C
 
     def user_count(self, user: str) -> int:
-        """How many sessions `user` has."""
-        return len(self._by_user.get(user, ()))
+        """How many sessions `user` has, requests-only ones too."""
+        return len(self._by_user.get(user, ())) + len(self._requesting.get(user, ()))
 
     def attach(self, session: Session) -> Session | None:
-        """Register `session`; return the session it replaces (same user and device), if any."""
+        """Register `session`; return the session it replaces (same user and device), if any:
+        a requests-only session replaces none, and is replaced by none."""
+        if not session.delivers:
+            self._requesting.setdefault(session.user, {})[session] = None
+            self.count += 1
+            return None
         devices = self._by_user.setdefault(session.user, {})
         old = devices.get(session.device)
         devices[session.device] = session
@@ -122,7 +139,15 @@ class Hub:
         return devices is not None and devices.get(session.device) is session
 
     def detach(self, session: Session) -> bool:
-        """Forget `session`; True when that was the user's last session."""
+        """Forget `session`; True when that was the user's last delivering session (the last
+        that made them online)."""
+        if not session.delivers:
+            requesting = self._requesting.get(session.user)
+            if requesting is not None and requesting.pop(session, False) is None:
+                self.count -= 1
+                if not requesting:
+                    del self._requesting[session.user]
+            return False
         devices = self._by_user.get(session.user)
         if not devices or devices.get(session.device) is not session:
             return False

@@ -28,7 +28,7 @@ from broker import listen, tokens
 from broker.committer import Committer
 from broker.config import Config
 from broker.errors import CloseReason, wire_error
-from broker.handlers import HANDLERS
+from broker.handlers import HANDLERS, REQUESTS_ONLY_HANDLERS
 from broker.hub import Fresh, Hub, encode_push
 from broker.keyring import Keyring
 from broker.logs import get_logger
@@ -45,7 +45,7 @@ from storage.errors import StorageError
 from storage.rules import MANAGERS
 
 # The welcome's caps (docs/PROTOCOL.md §3.3): the optional features this broker has.
-CAPS = (wire.CAP_CREATE_CID, wire.CAP_START_HEAD)
+CAPS = (wire.CAP_CREATE_CID, wire.CAP_START_HEAD, wire.CAP_REQUESTS_ONLY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -413,7 +413,8 @@ class Broker:
             session.log.info("auth_failed", device=hello.device, reason=str(exc))
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
             return False
-        await self._after_start(claims.user, hello.device)
+        if hello.deliver:  # a requests-only session does not take up the device's cursor
+            await self._after_start(claims.user, hello.device)
         if not await self._admitted(session, hello, claims):
             return False
         # The hello's reads first: should one fail (StorageError), nothing is left to undo
@@ -421,7 +422,7 @@ class Broker:
         acked = max(  # an ack still on its way to disk counts
             self.store.delivered(claims.user, hello.device),
             self.committer.acked_mark(claims.user, hello.device))
-        if acked or hello.start != "head":
+        if acked or hello.start != "head" or not hello.deliver:
             return self._welcome(session, hello, claims, acked)
         # A new device at the head: durable first, admitted again, and the device's other
         # hellos held until this one is answered (or refused).
@@ -437,7 +438,8 @@ class Broker:
             starting.set()
 
     def _welcome(self, session: Session, hello: Any, claims: tokens.Claims, acked: int) -> bool:
-        """Attach an admitted session (replacing the device's last one) and answer `welcome`."""
+        """Attach an admitted session (replacing the device's last one, unless either is
+        requests-only) and answer `welcome`."""
         cfg = self.config
         head = self.store.inbox_head(claims.user)
         session.user, session.device, session.role = claims.user, hello.device, claims.role
@@ -450,9 +452,16 @@ class Broker:
         max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
         session.acked = session.sent = acked
         session.head = head
-        first = not self.hub.online(claims.user)  # not when it replaces the user's only one
+        delivers = session.delivers = hello.deliver
+        if not delivers:
+            # Requests-only (PROTOCOL.md §9): outside the hub's delivery map its head never
+            # moves, and at its cursor it has nothing to write but replies; not online.
+            session.head = acked
+            session.handlers = REQUESTS_ONLY_HANDLERS
+        first = delivers and not self.hub.online(claims.user)  # not when it replaces the only one
         old = self.hub.attach(session)
-        self.committer.device_back(claims.user, hello.device)
+        if delivers:
+            self.committer.device_back(claims.user, hello.device)
         if old is not None:
             old.close(CloseReason.REPLACED, wire.Bye(reason=wire.BYE_REPLACED))
             # Stop its reader too, as `Session._end` does: it then has FLUSH_ON_CLOSE_S to say
@@ -462,12 +471,12 @@ class Broker:
         session.reply(wire.Welcome(
             id=hello.id, version=wire.PROTOCOL_VERSION, session=secrets.token_hex(8),
             user=claims.user, time=int(time.time() * 1000), max_frame=max_frame,
-            heartbeat=cfg.heartbeat_s, acked=session.acked, head=session.head, caps=list(CAPS),
+            heartbeat=cfg.heartbeat_s, acked=acked, head=head, caps=list(CAPS),
             role=claims.role, max_body=cfg.max_body_bytes,
             receipt_audience=cfg.receipt_audience_max))
         session.conn.max_frame_bytes = max_frame
-        session.log.info("connection_opened", role=claims.role, acked=session.acked,
-                         head=session.head, key_id=claims.key)
+        session.log.info("connection_opened", role=claims.role, acked=acked, head=head,
+                         key_id=claims.key, deliver=delivers)
         if first:
             self.presence.announce(claims.user, True)
         return True
@@ -497,7 +506,8 @@ class Broker:
             session.reason = CloseReason.SHUTDOWN
             await self._refuse(session, hello.id, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
             return False
-        replacing = any(s.device == hello.device for s in self.hub.sessions(claims.user))
+        replacing = hello.deliver and any(  # a requests-only session replaces none
+            s.device == hello.device for s in self.hub.sessions(claims.user))
         full = None if replacing else self._connections_full(claims.user)
         if full is not None:
             limit, connections, message = full
@@ -646,12 +656,15 @@ class Broker:
                 pass
 
     def _detach(self, session: Session) -> None:
-        if self.hub.holds(session):  # the device's own session, not one that replaced it
-            self.committer.device_gone(session.user, session.device)
-        if self.hub.detach(session):
+        hub, user = self.hub, session.user
+        if hub.holds(session):  # the device's own session, not one that replaced it
+            self.committer.device_gone(user, session.device)
+        last = hub.detach(session)  # the user's last delivering session
+        if (last or not session.delivers) and user and not hub.user_count(user):
             for buckets in self._user_buckets:
-                buckets.gone(session.user)
-            self.presence.announce(session.user, False)
+                buckets.gone(user)
+        if last:
+            self.presence.announce(user, False)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -698,9 +711,8 @@ class Broker:
                 # their hello are told `shutting_down` at once.
                 for waiting in list(self._awaiting_hello.values()):
                     waiting.cancel()
-                for user_sessions in list(self.hub._by_user.values()):
-                    for session in list(user_sessions.values()):
-                        session.begin_shutdown()
+                for session in self.hub.all_sessions():
+                    session.begin_shutdown()
                 connections.cancel_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
             await self.committer.close()
             outer.cancel_scope.cancel()  # the idle watch, the own sends' acks, the stats

@@ -6,6 +6,10 @@ feeds deliveries from the user's inbox on disk, at most `window` unacked at a ti
 other write is `flush_now`, the post-commit fast path, and it writes only while the writer is
 idle, leaving whatever the socket does not take to it. Nothing else is buffered per device, so a
 stalled device costs its window and its bounded queue, never the broker's memory.
+
+A requests-only session (`hello.deliver: false`, PROTOCOL.md §9) runs the same two tasks: its
+cursor has no head beyond it and the hub sends it no wake-ups or pushes, so its writer writes
+replies alone.
 """
 
 from __future__ import annotations
@@ -68,6 +72,10 @@ class Session:
         # a later bind keeps it): the per-message ones skip building their arguments if not.
         enabled = getattr(self.log, "is_enabled_for", None)
         self.log_debug = enabled is None or enabled(logging.DEBUG)
+        # False for a requests-only session (`hello.deliver: false`, PROTOCOL.md §9): the hub
+        # keeps it apart (no deliveries, no pushes, no presence), and `ack` is refused on it.
+        self.delivers = True
+        self.handlers = broker.handlers  # by frame type; set at hello
         self.user = ""
         self.device = ""
         self.role = "user"
@@ -423,7 +431,7 @@ class Session:
 
     async def _handle_frames(self) -> bool:
         """Hand every whole frame in the buffer to its handler; False if the session ends."""
-        handlers = self.broker.handlers
+        handlers = self.handlers
         conn = self.conn
         frames = self.frames_in
         turn_ends = time.monotonic() + FAIR_SLICE_S

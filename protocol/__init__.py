@@ -99,6 +99,12 @@ CAP_START_HEAD = "start_head"
 that asks for "head" starts after the inbox head. A server without it ignores the field, and
 the device is sent the user's whole inbox from inbox_seq 1."""
 
+CAP_REQUESTS_ONLY = "requests_only"
+"""The welcome cap of a server that honours a ``hello``'s ``deliver: false`` (§5.2, §9): the
+session is a requests-only session of its device (no deliveries, no pushes; it replaces no
+session and none replaces it). A server without it ignores the field: the session is the
+device's delivering session, and replaces the one the device had."""
+
 BYE_REPLACED = "replaced by a new session"
 """The reason of the ``bye`` a session gets when its user and device connected again (§9)."""
 
@@ -138,6 +144,7 @@ __all__ = [
     "ALWAYS_CLOSE",
     "BYE_REPLACED",
     "CAP_CREATE_CID",
+    "CAP_REQUESTS_ONLY",
     "CAP_START_HEAD",
     "CLIENT_FRAMES",
     "CLOSED",

@@ -197,6 +197,9 @@ class Hello(NamedTuple):
     # Where a device the broker has no cursor for starts (§5.2, §9): "first" (None: the
     # default), its user's inbox from inbox_seq 1; "head", after the inbox head as of the hello.
     start: str | None = None
+    # False: a requests-only session of the device (§5.2, §9): sent no deliveries and no
+    # pushes, it replaces no session of its device and none replaces it.
+    deliver: bool = True
 
 
 class Send(NamedTuple):
@@ -568,7 +571,7 @@ _register(ConvEntry, None, "", conv=f.conv_id, kind=f.one_of("direct", "group", 
 
 _register(Hello, "hello", "c", versions=f.array(f.uint, 1, f.MAX_VERSIONS),
           token=f.text(0, f.MAX_TOKEN_CHARS), device=f.user_id, id=_ID, caps=_CAPS,
-          max_frame=f.uint, start=f.one_of(*START_POINTS))
+          max_frame=f.uint, start=f.one_of(*START_POINTS), deliver=f.boolean)
 _register(Send, "send", "c", _send_rule, id=_ID, cid=f.cid, body=f.body, to=f.user_id,
           conv=f.conv_id)
 _register(Ack, "ack", "c", upto=f.uint, id=_ID)

@@ -21,11 +21,7 @@ from tests.procs import BrokerProcess, as_user, homing, lines
 
 async def _hello(server: str, token: str, device: str, start: str | None) -> RawClient:
     c = await RawClient.connect(server)
-    await c.send(wire.Hello(versions=(1,), token=token, device=device, id=0, start=start))
-    frame = await c.next()
-    assert isinstance(frame, wire.Welcome), frame
-    c.welcome = frame
-    c.conn.max_frame_bytes = frame.max_frame
+    await c.hello(token, device, start=start)
     return c
 
 

@@ -15,10 +15,12 @@ MEMBERS = 2000
 
 
 class _Session:
-    """What the hub and a push need of a session: its user, its device, its pushes."""
+    """What the hub and a push need of a session: its user, its device, whether it takes
+    deliveries (a requests-only one does not), its pushes."""
 
     def __init__(self, user: str) -> None:
         self.user, self.device = user, "d1"
+        self.delivers = True
         self.pushes: list[bytes] = []
 
     def push_nowait(self, data: bytes) -> None:

@@ -127,9 +127,10 @@ class RawClient:
         return c
 
     async def hello(self, token: str, device: str = "raw",
-                    max_frame: int | None = None) -> wire.Welcome:
+                    max_frame: int | None = None, **fields) -> wire.Welcome:
+        """`fields`: the hello's other fields (`start`, `deliver`)."""
         await self.send(wire.Hello(versions=(1,), token=token, device=device, id=0,
-                                   max_frame=max_frame))
+                                   max_frame=max_frame, **fields))
         frame = await self.next()
         if not isinstance(frame, wire.Welcome):
             raise AssertionError(f"expected welcome, got {frame!r}")

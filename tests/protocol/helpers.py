@@ -48,7 +48,7 @@ _BY_NAME = {
     "members": users, "owners": users, "admins": users, "delivered": users, "read": users,
     "online": users,
     "open": st.booleans(), "muted": st.booleans(), "dup": st.booleans(), "more": st.booleans(),
-    "close": st.booleans(), "role": st.sampled_from(["member", "admin"]),
+    "close": st.booleans(), "deliver": st.booleans(), "role": st.sampled_from(["member", "admin"]),
     "messages": st.lists(page_messages, max_size=3).map(tuple),
     "convs": st.lists(st.deferred(lambda: frames_of(ConvEntry)), max_size=3).map(tuple),
     "last_seq": uints,

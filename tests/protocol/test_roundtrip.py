@@ -88,3 +88,21 @@ def test_welcome_names_the_receipt_audience_bound_and_older_welcomes_lack_it():
     older = to_wire(told._replace(receipt_audience=None))
     assert "receipt_audience" not in older
     assert from_wire(Welcome, older).receipt_audience is None
+
+
+def test_hello_deliver_is_on_the_wire_only_when_false():
+    """`hello.deliver` (§5.2): true, the default, is left out of the wire map, so a hello
+    reads as before to a server without the field; false is sent as `deliver: false`; a map
+    without it, or with nil, decodes as true; a value that is not a bool is refused."""
+    from protocol import FieldError
+
+    plain = Hello(versions=(1,), token="t", device="d")
+    assert "deliver" not in to_wire(plain) and plain.deliver is True
+    requests_only = plain._replace(deliver=False)
+    assert to_wire(requests_only)["deliver"] is False
+    assert from_wire(Hello, to_wire(requests_only)) == requests_only
+    assert from_wire(Hello, {**to_wire(plain), "deliver": None}).deliver is True
+    with pytest.raises(FieldError, match="deliver"):
+        from_wire(Hello, {**to_wire(plain), "deliver": 0})
+    pair = ConnectionPair()
+    assert pair.send(pair.client, requests_only) == [requests_only]

@@ -1,0 +1,352 @@
+"""Requests-only sessions (`hello.deliver: false`, PROTOCOL.md §5.2, §9): a session of a device
+that is sent no deliveries and no pushes, replaces no session of its device and is replaced by
+none, and does not count for presence; its sends are still its device's own. The one-shot
+`homing` commands open one, so a `homing send` no longer ends the `homing listen` of its user
+and device. Real brokers on loopback (in this process and as child processes), real LMDB, raw
+protocol sessions, the SDK and the CLI."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import select
+import struct
+import subprocess
+
+import msgpack
+import pytest
+import trio
+
+import protocol as wire
+from broker.client import ClientError, open_client
+from tests.faults.conftest import RawClient
+from tests.harness import running_broker
+from tests.procs import BrokerProcess, as_user, homing, homing_cmd, lines
+
+QUIET_S = 0.3  # how long a session is watched for frames it must not get
+
+
+async def _hello(server: str, token: str, device: str, deliver: bool = True) -> RawClient:
+    c = await RawClient.connect(server)
+    await c.hello(token, device, deliver=deliver)
+    return c
+
+
+async def _nothing_more(c: RawClient) -> list:
+    """What `c` is sent within QUIET_S (after a ping it asked, so the broker is past whatever
+    came before): the frames other than that ping's pong."""
+    await c.send(wire.Ping(id=777))
+    got = []
+    with trio.fail_after(10):
+        while not isinstance(f := await c.next(), wire.Pong):
+            assert f is not None, got
+            got.append(f)
+    with trio.move_on_after(QUIET_S):
+        while (f := await c.next()) is not None:
+            got.append(f)
+    return got
+
+
+async def _next_of(c: RawClient, kind: type):
+    with trio.fail_after(10):
+        while not isinstance(f := await c.next(), kind):
+            assert f is not None and not isinstance(f, wire.Bye | wire.Error), f
+    return f
+
+
+async def test_requests_only_sessions_beside_the_delivering_one(tmp_path):
+    """bob's device "d" has a delivering session and two requests-only ones: none replaces
+    another; the requests-only ones are sent no deliveries and no pushes (receipt, typing,
+    status), their sends are the device's own (its delivering session is not sent them; bob's
+    other device is), and an ack on them is refused `invalid`, the session open still."""
+    async with running_broker(tmp_path / "data") as h:
+        alice = await _hello(h.server, h.token("alice"), "a1")
+        await alice.send(wire.Send(id=1, cid="a-1", body="one", to="bob"))
+        assert isinstance(await alice.reply(1), wire.Result)
+        listener = await _hello(h.server, h.token("bob"), "d")
+        assert wire.CAP_REQUESTS_ONLY in listener.welcome.caps
+        assert (await _next_of(listener, wire.Deliver)).inbox_seq == 1
+        await listener.send(wire.Ack(upto=1, id=2))
+        assert isinstance(await listener.reply(2), wire.Ok)
+        other = await _hello(h.server, h.token("bob"), "other")
+        assert (await _next_of(other, wire.Deliver)).inbox_seq == 1
+        one = await _hello(h.server, h.token("bob"), "d", deliver=False)
+        two = await _hello(h.server, h.token("bob"), "d", deliver=False)
+        # welcome: the device's cursor and the inbox head, as the broker holds them
+        assert (one.welcome.acked, one.welcome.head) == (1, 1)
+        assert wire.CAP_REQUESTS_ONLY in one.welcome.caps
+
+        await one.send(wire.Send(id=3, cid="b-1", body="from d", to="alice"))
+        sent = await one.reply(3)
+        assert isinstance(sent, wire.Result)
+        assert (await _next_of(alice, wire.Deliver)).body == "from d"
+        assert (await _next_of(other, wire.Deliver)).body == "from d"  # bob's other device
+        await alice.send(wire.Typing(conv=sent.conv))
+        await alice.send(wire.Read(id=5, conv=sent.conv, upto=sent.seq))
+        assert isinstance(await alice.reply(5), wire.Ok)
+        await alice.send(wire.Send(id=4, cid="a-2", body="two", to="bob"))
+        # The delivering session: alice's next (not bob's own send of "d"), and the pushes.
+        got: dict[type, object] = {}
+        with trio.fail_after(10):
+            while len(got) < 3:
+                f = await listener.next()
+                assert f is not None and not isinstance(f, wire.Bye | wire.Error), f
+                got.setdefault(type(f), f)
+        assert (got[wire.Deliver].inbox_seq, got[wire.Deliver].body) == (3, "two")
+        assert got[wire.Receipt].user == "alice" and got[wire.TypingNotice].user == "alice"
+        await two.send(wire.Ack(upto=3, id=6))
+        refused = await two.reply(6)
+        assert isinstance(refused, wire.Error) and refused.name == "invalid" and not refused.close
+        assert "no deliveries" in refused.message
+        for c in (one, two):
+            assert await _nothing_more(c) == []
+        await two.send(wire.History(id=7, conv=sent.conv, limit=10))  # served, newest first
+        assert [m.body for m in (await two.reply(7)).messages] == ["two", "from d", "one"]
+        await listener.send(wire.Ack(upto=3, id=8))
+        assert isinstance(await listener.reply(8), wire.Ok)
+        assert h.broker.store.delivered("bob", "d") == 3
+        assert not [f for f in await _nothing_more(listener) if isinstance(f, wire.Bye)]
+        for c in (alice, listener, other, one, two):
+            await c.aclose()
+
+
+async def test_a_requests_only_session_is_not_presence(tmp_path):
+    """A user whose only session is requests-only is not online: no `status` to a peer when
+    it opens or closes, and a `presence` query leaves them out; their delivering session is
+    announced as before."""
+    async with running_broker(tmp_path / "data") as h:
+        alice = await _hello(h.server, h.token("alice"), "a1")
+        await alice.send(wire.Send(id=1, cid="a-1", body="hi", to="bob"))
+        conv = (await alice.reply(1)).conv
+        sender = await _hello(h.server, h.token("bob"), "cli", deliver=False)
+        await alice.send(wire.Presence(id=2, conv=conv))
+        assert (await alice.reply(2)).online == ("alice",)
+        await sender.aclose()
+        assert not [f for f in await _nothing_more(alice) if isinstance(f, wire.Status)]
+        listener = await _hello(h.server, h.token("bob"), "cli")
+        status = await _next_of(alice, wire.Status)
+        assert (status.user, status.online) == ("bob", True)
+        await listener.aclose()
+        status = await _next_of(alice, wire.Status)
+        assert (status.user, status.online) == ("bob", False)
+        await alice.aclose()
+
+
+async def test_requests_only_sessions_count_for_the_connection_limits(tmp_path):
+    """--max-connections-per-user counts requests-only sessions: the user's delivering
+    session and one requests-only session reach 2, and a third session, requests-only or a
+    new device, is refused `limit_exceeded`; the device's delivering session may still
+    reconnect (it replaces its own)."""
+    async with running_broker(tmp_path / "data", max_connections_per_user=2) as h:
+        listener = await _hello(h.server, h.token("bob"), "d")
+        sender = await _hello(h.server, h.token("bob"), "d", deliver=False)
+        for deliver in (False, True):
+            c = await RawClient.connect(h.server)
+            await c.send(wire.Hello(versions=(1,), token=h.token("bob"), device="x", id=0,
+                                    deliver=deliver))
+            refused = await c.next()
+            assert isinstance(refused, wire.Error) and refused.name == "limit_exceeded", refused
+            await c.aclose()
+        again = await _hello(h.server, h.token("bob"), "d")
+        assert isinstance(await _next_of(listener, wire.Bye), wire.Bye)
+        for c in (again, sender, listener):
+            await c.aclose()
+
+
+async def test_a_revocation_ends_the_requests_only_sessions_too(tmp_path):
+    """An admin's revocation of bob's tokens ends his requests-only session as his others."""
+    async with running_broker(tmp_path / "data") as h:
+        sender = await _hello(h.server, h.token("bob"), "cli", deliver=False)
+        admin = await _hello(h.server, h.token("root", "admin"), "ops")
+        await admin.send(wire.Revoke(id=1, user="bob"))
+        end = await _next_of(sender, wire.Error)
+        assert end.name == "unauthorized" and end.close
+        await admin.aclose()
+        await sender.aclose()
+
+
+async def test_a_stop_says_shutting_down_to_the_requests_only_sessions_too(tmp_path):
+    """A broker that stops tells its requests-only sessions `shutting_down` as it tells the
+    others (it told the delivering sessions alone, and cut the others off at the grace's end
+    with nothing said), and logs their end with the close reason `shutdown`."""
+    async with running_broker(tmp_path / "data") as h:
+        sender = await _hello(h.server, h.token("bob"), "cli", deliver=False)
+        listener = await _hello(h.server, h.token("bob"), "cli")
+        h.broker.shutdown()
+        for c in (sender, listener):
+            end = await _next_of(c, wire.Error)
+            assert end.name == "shutting_down" and end.close, end
+            await c.aclose()
+        await h.broker.wait_stopped()
+        closed = [e for e in h.logs if e["event"] == "connection_closed"]
+        assert sorted(e["reason"] for e in closed) == ["shutdown", "shutdown"]
+
+
+async def test_a_plain_hello_replaces_as_before(tmp_path):
+    """Without the field, a second session of the device replaces the first (`bye`), as §9
+    says: a guard that the default is unchanged."""
+    async with running_broker(tmp_path / "data") as h:
+        first = await _hello(h.server, h.token("bob"), "d")
+        c = await RawClient.connect(h.server, h.token("bob"), "d")
+        bye = await _next_of(first, wire.Bye)
+        assert bye.reason == wire.BYE_REPLACED
+        await c.aclose()
+        await first.aclose()
+
+
+async def test_the_sdk_keeps_the_mode_and_refuses_deliveries_and_acks(tmp_path):
+    """`open_client(deliver=False)`: `deliveries()`, `ack` and `done` raise ClientError
+    `invalid` at once; it sends and queries beside the device's delivering client, which is
+    not replaced, nor sent its sends."""
+    async with running_broker(tmp_path / "data") as h:
+        async with h.client("bob", "cli") as listener, \
+                h.client("bob", "cli", deliver=False) as sender, h.client("alice") as alice:
+            assert wire.CAP_REQUESTS_ONLY in sender.welcome.caps
+            for call in (sender.deliveries, lambda: sender.ack(0), lambda: sender.done(1)):
+                with pytest.raises(ClientError) as refused:
+                    result = call()
+                    if hasattr(result, "__await__"):
+                        await result
+                assert refused.value.name == "invalid"
+                assert "deliver=False" in refused.value.message
+            await sender.send("from bob", to="alice")
+            assert (await alice.deliveries().receive()).body == "from bob"
+            await alice.send("back", to="bob")
+            d = await listener.deliveries().receive()
+            assert (d.inbox_seq, d.body) == (2, "back")
+            await listener.ack(d, durable=True)
+            await sender.ping()
+            assert listener.reconnects == 0 and sender.reconnects == 0
+
+
+def test_the_sdk_reconnects_requests_only(tmp_path):
+    """After the broker is killed and restarted, a requests-only client's reconnect is
+    requests-only still: it and the delivering client of its device both come back, and
+    neither ends the other."""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+
+    async def run() -> None:
+        async with bp.client("bob", "cli", reconnect_timeout=20) as listener, \
+                bp.client("bob", "cli", deliver=False, reconnect_timeout=20) as sender:
+            bp.kill()
+            await bp.astart()
+            with trio.fail_after(20):
+                while listener.reconnects == 0 or sender.reconnects == 0:
+                    await trio.sleep(0.05)
+            await sender.send("after", to="alice")
+            async with bp.client("alice", "a1") as alice:
+                await alice.send("to bob", to="bob")
+            d = await listener.deliveries().receive()
+            assert d.body == "to bob"
+            await listener.ack(d, durable=True)
+            await sender.ping()
+            assert (listener.reconnects, sender.reconnects) == (1, 1)
+
+    try:
+        trio.run(run)
+    finally:
+        bp.kill()
+
+
+def test_homing_send_leaves_the_listener_of_its_device_running(tmp_path):
+    """`homing listen` (device "cli") runs while the same user runs `homing send` and
+    `homing convs` (device "cli" too): the listener is not replaced (it was, at once: exit 1
+    `replaced`), it is not sent the message `homing send` sent (the device's own), and it
+    prints what bob sends next."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        shop, bob = as_user(bp, "shop"), as_user(bp, "bob")
+        homing("send", "--to", "shop", "first", env=bob)
+        listen = subprocess.Popen([*homing_cmd(), "listen", "--count", "2"],
+                                  env={**os.environ, **shop}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            ready, _, _ = select.select([listen.stdout], [], [], 20)
+            assert ready and json.loads(listen.stdout.readline())["body"] == "first"
+            sent = lines(homing("send", "--to", "bob", "hello", env=shop))
+            assert [(r["seq"], r["dup"]) for r in sent] == [(2, False)]
+            assert len(lines(homing("convs", env=shop))) == 1
+            homing("send", "--to", "shop", "second", env=bob)
+            ready, _, _ = select.select([listen.stdout], [], [], 20)
+            assert ready
+            line = listen.stdout.readline()
+            assert line, listen.stderr.read()
+            got = json.loads(line)
+            assert (got["inbox_seq"], got["body"]) == (3, "second")
+            assert listen.wait(timeout=20) == 0
+        finally:
+            listen.kill()
+            listen.wait()
+        # Every entry, the shop's own send too, is behind the device's cursor now.
+        assert lines(homing("listen", "--timeout", "0.5", env=shop)) == []
+
+
+async def test_a_deliver_that_is_not_a_bool_is_refused_invalid(tmp_path):
+    """`deliver: "no"` is refused `invalid` (closing) in place of `welcome`, naming the field;
+    an unknown hello field is still ignored (§3.3), as a server without the cap ignores this
+    one; the broker serves on."""
+    async with running_broker(tmp_path / "data") as h:
+        for extra, welcomed in (({"deliver": "no"}, False), ({"deliver_later": 1}, True)):
+            stream = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
+            body = msgpack.packb({"t": "hello", "versions": [1], "token": h.token("bob"),
+                                  "device": "x", **extra}, use_bin_type=True)
+            await stream.send_all(struct.pack(">I", len(body)) + body)
+            data = b""
+            with trio.fail_after(10):
+                while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+                    chunk = await stream.receive_some(65536)
+                    assert chunk, data
+                    data += chunk
+            got = msgpack.unpackb(data[4:4 + struct.unpack(">I", data[:4])[0]], raw=False)
+            if welcomed:
+                assert got["t"] == "welcome" and "requests_only" in got["caps"], got
+            else:
+                assert (got["t"], got["name"], got["close"]) == ("error", "invalid", True), got
+                assert "deliver" in got["message"]
+            await stream.aclose()
+
+
+async def test_the_sdk_with_a_broker_without_the_cap_proceeds(tmp_path):
+    """Against a broker from before the cap (played here by a server on the real protocol
+    connection: its welcome lists `create_cid` and `start_head` only, and it delivers, as
+    such a broker would to a session it takes for the device's), a requests-only client
+    connects, its hello asked `deliver: false`, it drops the delivery and the push it is
+    sent (nothing queued, nothing acked), and its requests are answered."""
+    hellos: list[wire.Hello] = []
+    frames_in: list[object] = []
+
+    async def old_broker(stream: trio.SocketStream) -> None:
+        conn = wire.Connection(wire.Role.SERVER)
+
+        async def next_frame():
+            while (event := conn.next_event()) is wire.NEED_DATA:
+                conn.receive_data(await stream.receive_some(65536))
+            return event
+
+        hellos.append(await next_frame())
+        await stream.send_all(conn.send(wire.Welcome(
+            1, "s-old", "bob", 0, 1 << 20, 15, 0, 1, ("create_cid", "start_head"), id=None)))
+        await stream.send_all(conn.send(wire.Deliver(
+            inbox_seq=1, kind="msg", conv="dm:alice:bob", seq=1, sender="alice", body="hi",
+            cid="c1", ts=1)) + conn.send(wire.Status(user="alice", online=True)))
+        while (frame := await next_frame()) is not wire.CLOSED:
+            frames_in.append(frame)
+            if isinstance(frame, wire.Ping):
+                await stream.send_all(conn.send(wire.Pong(id=frame.id)))
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, old_broker, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with open_client(f"127.0.0.1:{port}", "v1.any.token", "cli",
+                               deliver=False, reconnect=False) as client:
+            assert wire.CAP_REQUESTS_ONLY not in client.welcome.caps
+            await client.ping()
+            with pytest.raises(ClientError):
+                client.deliveries()
+            assert client._deliveries._channel.statistics().current_buffer_used == 0
+            assert not client._pushes
+        nursery.cancel_scope.cancel()
+    assert [h.deliver for h in hellos] == [False]
+    assert not [f for f in frames_in if isinstance(f, wire.Ack)]
