@@ -12,6 +12,7 @@ import time
 import pytest
 
 from tests.procs import BrokerProcess, check_serves_then_stops, homing, homing_cmd, lines
+from tests.waits import wait_until_sync
 
 
 @pytest.fixture
@@ -463,18 +464,31 @@ def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
 
 def test_a_second_signal_during_shutdown_does_not_cut_it_short(tmp_path):
     """SIGTERM, then SIGTERM again while a connection that never said hello holds the shutdown
-    in its grace period: logged, and the broker still stops cleanly (exit 0)."""
+    (told `shutting_down`, it is given LINGER_S to close): logged, and the broker still stops
+    cleanly (exit 0)."""
     import signal
     import socket
-    import time
 
     bp = BrokerProcess(tmp_path / "data", "--handshake-timeout", "3")
     bp.start()
     try:
+        def fds() -> int:
+            return len(os.listdir(f"/proc/{bp.pid}/fd"))
+
+        def events() -> list[str]:
+            return [e.get("event") for e in bp.log_events()]
+
+        # The connection `start` made to see the broker listen is gone (its descriptor would
+        # be counted in `before`, or counted after it).
+        assert wait_until_sync(lambda: "connection_closed" in events()), bp.log_tail()
+        before = fds()
         silent = socket.create_connection(("127.0.0.1", bp.port))
-        time.sleep(0.2)
+        # Accepted (one descriptor more), so the stop tells it `shutting_down` and waits up to
+        # LINGER_S (1 s) for its close: not yet accepted, it held nothing, and the stop could
+        # end before the second signal (fixed sleeps of 0.2 s and 0.5 s hoped otherwise).
+        assert wait_until_sync(lambda: fds() > before), bp.log_tail()
         bp.proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        assert wait_until_sync(lambda: "broker_stopping" in events()), bp.log_tail()
         bp.proc.send_signal(signal.SIGTERM)
         assert bp.proc.wait(timeout=30) == 0, bp.log_tail()
         names = [e.get("event") for e in bp.log_events()]

@@ -14,6 +14,7 @@ import trio
 from broker.client import ClientClosed
 from tests.harness import running_broker
 from tests.procs import BrokerProcess
+from tests.waits import wait_until
 
 
 async def test_a_close_cut_short_by_a_cancel_still_closes_the_client(tmp_path):
@@ -84,15 +85,25 @@ async def test_an_ack_waiting_to_be_written_when_the_client_closes_raises_client
                 os.kill(bp.pid, signal.SIGSTOP)
                 async with trio.open_nursery() as n:
                     n.start_soon(big)
-                    await trio.sleep(0.3)  # the big frame fills the socket's buffers
+                    await _writing(alice)  # the big frame fills the socket's buffers
                     n.start_soon(ack)
-                    await trio.sleep(0.3)  # the ack waits for the write to end
+                    await _waiting_to_write(alice, 1)  # the ack waits for the write to end
                     await alice.aclose()
                 assert outcome == {"ack": "ClientClosed"}
                 assert alice._acked == 0
     finally:
         os.kill(bp.pid, signal.SIGCONT)
         bp.kill()
+
+
+async def _writing(client) -> None:
+    """Wait until a task of `client` writes (holds its write lock): a fixed pause hoped so."""
+    await wait_until(client._send_lock.locked, step=0.005)
+
+
+async def _waiting_to_write(client, n: int) -> None:
+    """Wait until `n` tasks of `client` wait for the write in progress to end."""
+    await wait_until(lambda: client._send_lock.statistics().tasks_waiting == n, step=0.005)
 
 
 async def test_a_second_close_returns_once_the_client_is_closed(tmp_path):
@@ -122,9 +133,9 @@ async def test_a_second_close_returns_once_the_client_is_closed(tmp_path):
                 async with trio.open_nursery() as n:
                     n.start_soon(big)
                     n.start_soon(push)
-                    await trio.sleep(0.3)  # the big frame fills the socket's buffers
+                    await _writing(alice)  # the big frame fills the socket's buffers
                     n.start_soon(alice.aclose)  # it waits (up to 1 s) to write its bye
-                    await trio.sleep(0.1)
+                    await _waiting_to_write(alice, 1)
                     await alice.aclose()
                     assert ended == ["push"]
     finally:

@@ -5,7 +5,10 @@ behind. Real brokers on loopback, real LMDB, raw protocol sessions."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -17,6 +20,7 @@ from storage.store import Store
 from tests.disks import fill, tmpfs
 from tests.faults.conftest import RawClient
 from tests.harness import running_broker
+from tests.waits import wait_until
 
 
 async def _send(c: RawClient, n: int, to: str, tag: str) -> None:
@@ -32,9 +36,30 @@ async def _hello(server: str, token: str, device: str, start: str | None) -> Raw
     return c
 
 
-def _stall(store, seconds: float):
-    """Hold LMDB's write lock for `seconds` (a commit waits for it: a stalled disk)."""
-    return trio.to_thread.run_sync(store._env.write, lambda txn: time.sleep(seconds))
+@asynccontextmanager
+async def _stalled(store) -> AsyncIterator[threading.Event]:
+    """LMDB's write lock held (a commit waits for it: a stalled disk) until the event yielded
+    is set or the block ends: the test says when the stall ends, rather than guessing how long
+    the steps in it take (a fixed 1 s stall could end before them on a loaded machine)."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold(txn) -> None:
+        held.set()
+        release.wait(60)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.to_thread.run_sync, store._env.write, hold)
+        try:
+            await wait_until(held.is_set)
+            yield release
+        finally:
+            release.set()
+
+
+async def _hello_waits(h, key: tuple[str, str]) -> None:
+    """Wait until a hello of device `key` waits for the device's start at the head."""
+    await wait_until(lambda: key in h.broker._starting
+                     and h.broker._starting[key].statistics().tasks_waiting)
 
 
 async def test_a_second_hello_during_the_start_waits_for_it_and_replaces_the_first(tmp_path):
@@ -49,12 +74,12 @@ async def test_a_second_hello_during_the_start_waits_for_it_and_replaces_the_fir
         store = h.broker.store
         alice = await RawClient.connect(h.server, h.token("alice"), "a1")
         await _send(alice, 3, "bob", "old")
-        async with trio.open_nursery() as n:
-            n.start_soon(_stall, store, 1.0)
-            await trio.sleep(0.1)
+        async with _stalled(store) as release:
             first = await _hello(h.server, h.token("bob"), "tablet", "head")
-            await trio.sleep(0.2)
+            await wait_until(lambda: ("bob", "tablet") in h.broker._starting)
             second = await _hello(h.server, h.token("bob"), "tablet", "head")
+            await _hello_waits(h, ("bob", "tablet"))
+            release.set()
             with trio.fail_after(10):
                 welcome = await second.next()
             assert isinstance(welcome, wire.Welcome), welcome
@@ -82,12 +107,12 @@ async def test_a_default_hello_during_the_start_is_welcomed_after_it(tmp_path):
         store = h.broker.store
         alice = await RawClient.connect(h.server, h.token("alice"), "a1")
         await _send(alice, 2, "bob", "old")
-        async with trio.open_nursery() as n:
-            n.start_soon(_stall, store, 1.0)
-            await trio.sleep(0.1)
+        async with _stalled(store) as release:
             first = await _hello(h.server, h.token("bob"), "tv", "head")
-            await trio.sleep(0.2)
+            await wait_until(lambda: ("bob", "tv") in h.broker._starting)
             second = await _hello(h.server, h.token("bob"), "tv", None)
+            await _hello_waits(h, ("bob", "tv"))
+            release.set()
             with trio.fail_after(10):
                 welcome = await second.next()
             assert isinstance(welcome, wire.Welcome), welcome
@@ -131,7 +156,7 @@ async def test_a_failed_start_leaves_the_live_session_of_the_device_marked(small
             while ("bob", "tablet") not in committer._acks:  # the start's ack, lingering
                 await trio.sleep(0.01)
         await tablet.send(wire.Ack(upto=1))  # merges with it
-        await trio.sleep(0.2)
+        await wait_until(lambda: [s.acked for s in h.broker.hub.sessions("bob")] == [1])
         big = [committer.enqueue(SendMessage("dave", "d1", "user", f"big{i}", "x" * 60_000,
                                              to="erin")) for i in range(8)]
         with trio.fail_after(10):
@@ -191,8 +216,8 @@ async def test_a_start_on_a_long_inbox_does_not_hold_other_users_sends(tmp_path)
                 phone = await _hello(h.server, h.token("bob"), "phone", "head")
                 welcome = await phone.next()
                 hello_s = time.perf_counter() - began
-                await trio.sleep(0.1)
-                stop.set()
+                await wait_until(lambda: took)  # carol's sends went on (a commit, on a loaded
+                stop.set()                      # machine, can take longer than a fixed 0.1 s)
         assert isinstance(welcome, wire.Welcome) and welcome.acked == n, welcome
         assert took and hello_s > 0
         store = h.broker.store
@@ -233,23 +258,26 @@ async def test_a_start_past_the_handshake_timeout_is_kept_once_durable(tmp_path)
     `unavailable`. The ack stays queued: another hello of the device, waiting for the first,
     then resumes after it (a mark still on its way, as for any ack); once it is durable, the
     device resumes after it whatever its next hello's start (PROTOCOL.md §9)."""
-    async with running_broker(tmp_path / "data", handshake_timeout_s=0.5,
+    async with running_broker(tmp_path / "data", handshake_timeout_s=1.0,
                               expected_errors=("hello_failed",)) as h:
         store = h.broker.store
         alice = await RawClient.connect(h.server, h.token("alice"), "a1")
         await _send(alice, 2, "bob", "old")
-        async with trio.open_nursery() as n:
-            n.start_soon(_stall, store, 1.5)
-            await trio.sleep(0.1)
+        async with _stalled(store) as release:
             first = await _hello(h.server, h.token("bob"), "watch", "head")
-            await trio.sleep(0.1)
+            await wait_until(lambda: ("bob", "watch") in h.broker._starting)
+            # The second's wait for the start has its own --handshake-timeout: half of it
+            # apart, neither deadline is near the other (0.1 s of 0.5 was, on a loaded
+            # machine, where the second could time out with the first).
+            await trio.sleep(0.5)
             second = await _hello(h.server, h.token("bob"), "watch", None)
-            with trio.fail_after(5):
+            with trio.fail_after(10):
                 refused, welcome = await first.next(), await second.next()
             assert isinstance(refused, wire.Error) and refused.name == "unavailable", refused
             assert isinstance(welcome, wire.Welcome) and welcome.acked == 2, welcome
             assert store.delivered("bob", "watch") == 0
-        with trio.fail_after(5):
+            release.set()
+        with trio.fail_after(10):
             while store.delivered("bob", "watch") != 2:
                 await trio.sleep(0.01)
         again = await _hello(h.server, h.token("bob"), "watch", None)

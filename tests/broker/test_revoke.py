@@ -16,6 +16,7 @@ from broker.client import ClientError, open_client
 from storage import audit
 from storage.store import Store
 from tests.procs import BrokerProcess, homing, lines
+from tests.waits import wait_until
 
 
 async def test_revoked_tokens_end_their_sessions_and_are_refused_until_restart_and_after(
@@ -201,7 +202,10 @@ async def test_no_event_of_a_revoked_device_is_logged_after_the_revocation(harne
             with pytest.raises(ClientError):
                 async with harness.client("bob", "phone") as bob:
                     await bob.send("hello", to="alice", cid="c1")
-                    await trio.sleep(0.02)  # its own send passes its cursor (ack pending)
+                    # Its own send passes its cursor (ack pending): when the session's writer
+                    # gets to it, not surely within a fixed 0.02 s.
+                    await wait_until(lambda: [s.acked for s in harness.broker.hub.sessions(
+                        "bob")] == [1])
                     await ops.revoke_tokens("bob")
                     await bob.conversations()
             await trio.sleep(0.5)  # the broker's next round of own acks

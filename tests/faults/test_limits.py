@@ -480,16 +480,20 @@ async def test_typing_notices_past_the_users_rate_are_dropped(tmp_path, tally):
         with trio.fail_after(30):
             async with h.client("alice") as alice, h.client("bob") as bob:
                 conv = await alice.create_group("g", ["bob"])
+                started = trio.current_time()
                 for _ in range(200):
                     await alice.typing(conv)
                 await alice.ping()  # the typing frames were read before the ping's answer
+                took = trio.current_time() - started
                 await bob.ping()
                 seen = 0
                 with trio.move_on_after(0.5):
                     while True:
                         push = await bob.next_push()
                         seen += isinstance(push, wire.TypingNotice)
-                assert 1 <= seen <= 7, seen
+                # The burst (5), and what the bucket got back while the 200 were read: 5 a
+                # second (a fixed 7 allowed 0.4 s, which a loaded machine can take).
+                assert 1 <= seen <= 5 + 5 * took + 1, (seen, took)
                 tally.add("limit: typing notices per second per user", 200 - seen)
 
 

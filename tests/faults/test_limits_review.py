@@ -16,6 +16,7 @@ from storage.rules import Limits
 from storage.store import Store
 from tests.faults.conftest import RawClient
 from tests.harness import running_broker
+from tests.waits import wait_until
 
 
 async def test_acks_with_an_id_count_against_the_requests_awaiting_commit(tmp_path):
@@ -135,8 +136,7 @@ async def test_a_connection_waiting_for_its_hello_is_told_shutting_down_at_once(
     async with running_broker(tmp_path / "data", handshake_timeout_s=30.0,
                               shutdown_grace_s=30.0) as h:
         silent = [await RawClient.connect(h.server) for _ in range(3)]
-        await trio.sleep(0.2)  # each is in its handshake
-        assert h.broker.handshaking == 3
+        await wait_until(lambda: h.broker.handshaking == 3)  # each is in its handshake
         with trio.fail_after(5):
             h.broker.shutdown()
             for c in silent:

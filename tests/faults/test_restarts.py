@@ -120,6 +120,8 @@ async def test_sigkill_while_a_group_post_fans_out_to_unacked_devices(broker_pro
                 with trio.fail_after(20):
                     while any(len(got[m]) < accepted for m in MEMBERS):
                         await trio.sleep(0.05)
+                    while len(sessions) < 2:  # the raw device is back too (asserted below)
+                        await trio.sleep(0.05)
                 await trio.sleep(0.5)  # the raw device takes its last deliveries
                 done.set()
                 listeners.cancel_scope.cancel()

@@ -14,6 +14,7 @@ import protocol as wire
 from broker.client import ClientError, NotTls, NotTrusted, open_client
 from tests.faults.conftest import RawClient, raw_bytes_exchange
 from tests.harness import running_broker
+from tests.waits import wait_until
 
 
 async def test_tls_serves_sdk_and_refuses_plaintext(tmp_path, tally):
@@ -89,23 +90,24 @@ async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_
     ca.configure_trust(ctx)
     async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path,
                               handshake_timeout_s=1.5, max_handshakes=1) as h:
-        with capture_logs() as logs, trio.fail_after(15):
+        with capture_logs() as logs, trio.fail_after(60):
             started = trio.current_time()
             with pytest.raises(ClientError) as refused:
                 async with open_client(h.server, h.token("eve"), "d", reconnect_timeout=20):
                     raise AssertionError("a plaintext session with a TLS broker")
-            assert trio.current_time() - started < 5
+            assert trio.current_time() - started < 10  # not its reconnect timeout (20 s)
             assert refused.value.name == "bad_frame"
             assert "speaks TLS" in refused.value.message, refused.value.message
 
             for _ in range(3):  # connected and gone without a byte (a port probe)
                 probe = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
                 await probe.aclose()
-            await trio.sleep(0.2)
+            # Each probe's slot is given back before the silent one connects (one still held
+            # would have it refused at --max-handshakes 1).
+            await wait_until(lambda: _closed(logs, "peer_eof") >= 3)
             silent = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
             started = trio.current_time()
-            await trio.sleep(0.1)
-            assert h.broker.handshaking == 1
+            await wait_until(lambda: h.broker.handshaking == 1)
             # --max-handshakes 1 reached: a TLS client is still told so, in TLS.
             late = await RawClient.connect(h.server, ssl_context=ctx)
             refusal = await late.next()
@@ -113,26 +115,28 @@ async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_
             await late.aclose()
             while h.broker.handshaking:
                 await trio.sleep(0.02)
-            assert trio.current_time() - started < 2.0  # its 1.5 s, not 1 s more
+            # Its 1.5 s, not 1 s more (2.5 s): the bound between leaves room for a loaded machine.
+            assert trio.current_time() - started < 2.3
             assert await silent.receive_some(100) == b""  # closed then, nothing said
-            assert trio.current_time() - started < 2.0
+            assert trio.current_time() - started < 2.3
             await silent.aclose()
             half = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
             await half.send_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a hello
             started = trio.current_time()
-            await _until_closed(half)  # at the handshake timeout
-            assert trio.current_time() - started < 2.0 and not h.broker.handshaking
+            await _until_closed(half)  # at the handshake timeout (1.5 s), not 1 s more
+            assert trio.current_time() - started < 2.3
+            await wait_until(lambda: not h.broker.handshaking)
             await half.aclose()
 
             async with open_client(h.server, h.token("alice"), "d", tls=ctx) as alice:
                 assert (await alice.send("over tls", to="bob")).seq == 1
             # SIGTERM while a connection has said nothing yet: it does not hold the stop.
             silent = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
-            await trio.sleep(0.1)
+            await wait_until(lambda: h.broker.handshaking == 1)
             started = trio.current_time()
             h.broker.shutdown()
             await h.broker.wait_stopped()
-            assert trio.current_time() - started < 0.9
+            assert trio.current_time() - started < 1.2  # not held to its timeout (1.5 s)
             await silent.aclose()
     # (captured here, not by running_broker: a connection handler that crashed)
     assert not [e for e in logs if e.get("log_level") in ("error", "critical")], logs
@@ -155,7 +159,7 @@ async def test_a_tls_handshake_that_fails_is_logged_with_its_reason(tmp_path):
     trusting = ssl.create_default_context()
     ca.configure_trust(trusting)
     async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path) as h:
-        with capture_logs() as logs, trio.fail_after(15):
+        with capture_logs() as logs, trio.fail_after(60):
             for ctx, says in ((trusting, "expired"), (ssl.create_default_context(), "")):
                 with pytest.raises(NotTrusted) as refused:
                     async with open_client(h.server, h.token("eve"), "d", tls=ctx,
@@ -164,16 +168,19 @@ async def test_a_tls_handshake_that_fails_is_logged_with_its_reason(tmp_path):
                 assert says in str(refused.value)
             for ctx in (trusting, ssl.create_default_context()):  # clients that send alerts
                 await trio.to_thread.run_sync(_blocking_tls_connect, h.broker.port, ctx)
-            for _ in range(50):
-                if len([e for e in logs if e["event"] == "tls_failed"]) == 4:
-                    break
-                await trio.sleep(0.02)
+            await wait_until(lambda: len([e for e in logs if e["event"] == "tls_failed"]) >= 4)
     assert not [e for e in logs if e.get("log_level") in ("error", "critical")], logs
     failed = [e for e in logs if e["event"] == "tls_failed"]
     # The SDK (trio) hangs up without its alert; OpenSSL's own socket clients send theirs.
-    assert [e["reason"] for e in failed] == [
-        "UNEXPECTED_EOF_WHILE_READING", "UNEXPECTED_EOF_WHILE_READING",
-        "SSLV3_ALERT_CERTIFICATE_EXPIRED", "TLSV1_ALERT_UNKNOWN_CA"], failed
+    # Sorted: each handler logs when trio runs it, and two ready at once run in either order.
+    assert sorted(e["reason"] for e in failed) == [
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED", "TLSV1_ALERT_UNKNOWN_CA",
+        "UNEXPECTED_EOF_WHILE_READING", "UNEXPECTED_EOF_WHILE_READING"], failed
+
+
+def _closed(logs: list[dict], reason: str) -> int:
+    """How many `connection_closed` lines with `reason` are in `logs`."""
+    return sum(e["event"] == "connection_closed" and e.get("reason") == reason for e in logs)
 
 
 async def _until_closed(stream: trio.SocketStream) -> None:
