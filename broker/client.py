@@ -290,6 +290,13 @@ class Client:
         # False: every hello, the reconnects' too, asks for a requests-only session
         # (hello.deliver, PROTOCOL.md §9): no deliveries, no pushes, the device's delivering
         # session left alone. deliveries(), ack(), done() and next_push() raise at once.
+        # Checked here: the codec refuses any other value in the hello but None, which it
+        # leaves off the wire, so that the broker opened a delivering session (replacing the
+        # device's) while this client dropped what it was sent as a requests-only one.
+        if not isinstance(deliver, bool):
+            raise ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                              f"hello: bad value for field 'deliver': {deliver!r} is not "
+                              f"true or false")
         self.deliver = deliver
         self.reconnect, self.reconnect_timeout = reconnect, reconnect_timeout
         self.on_unreachable, self.on_inbox_reset = on_unreachable, on_inbox_reset
@@ -722,9 +729,12 @@ class Client:
         """Whether this client is pushed the other members' delivered and read marks in the
         conversation `members` describes (the `members` answer): in a direct conversation and
         a group of at most the welcome's `receipt_audience` members, yes; in a channel and a
-        bigger group only as an owner or admin (PROTOCOL.md §9). Where it is not, ask
-        `receipts`. A broker that does not say its bound (from before 2026-12-05) is taken
-        to push to every member of a group, as it did."""
+        bigger group only as an owner or admin (PROTOCOL.md §9); a requests-only client
+        (`deliver=False`) in none. Where it is not, ask `receipts`. A broker that does not
+        say its bound (from before 2026-12-05) is taken to push to every member of a group,
+        as it did."""
+        if not self.deliver:  # a requests-only client is pushed nothing (PROTOCOL.md §9)
+            return False
         if members.kind == "direct":
             return True
         me = self.welcome.user if self.welcome is not None else self.user

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 import protocol as wire
+from broker import tokens
 from broker.client import ClientError, open_client
 from tests.faults.conftest import RawClient
 from tests.harness import running_broker
@@ -350,3 +351,106 @@ async def test_the_sdk_with_a_broker_without_the_cap_proceeds(tmp_path):
         nursery.cancel_scope.cancel()
     assert [h.deliver for h in hellos] == [False]
     assert not [f for f in frames_in if isinstance(f, wire.Ack)]
+
+
+async def test_the_sdk_refuses_a_deliver_that_is_not_a_bool_before_connecting(tmp_path):
+    """`open_client(deliver=None)` raises ClientError `invalid` at once, as 0 or "no" do: None
+    was left off the wire, so the broker opened the device's delivering session, which
+    replaced the device's running client, while the new one dropped what it was sent."""
+    async with running_broker(tmp_path / "data") as h:
+        async with h.client("bob", "cli") as listener:
+            for value in (None, 0, "no"):
+                with pytest.raises(ClientError) as refused:
+                    async with h.client("bob", "cli", deliver=value, reconnect=False):
+                        pass
+                assert refused.value.name == "invalid" and "deliver" in refused.value.message
+            await listener.ping()  # not replaced
+            assert listener.reconnects == 0
+        assert [e.get("deliver") for e in h.logs if e["event"] == "connection_opened"] == [True]
+
+
+async def test_receipts_pushed_is_false_on_a_requests_only_client(tmp_path):
+    """`receipts_pushed` says no on a requests-only client, which is pushed nothing, even in a
+    direct conversation (it said yes, and `next_push` then raised `invalid`); the device's
+    delivering client is told yes, as before."""
+    async with running_broker(tmp_path / "data") as h:
+        async with h.client("bob", "cli") as listener, \
+                h.client("bob", "cli", deliver=False) as sender:
+            conv = (await sender.send("hi", to="alice")).conv
+            members = await sender.members(conv)
+            assert members.kind == "direct"
+            assert sender.receipts_pushed(members) is False
+            assert listener.receipts_pushed(members) is True
+
+
+def test_homing_presence_lists_its_user_only_while_a_listen_of_theirs_runs(tmp_path):
+    """`homing presence` (a requests-only session) does not list the user running it, whose
+    own session made them online until 2026-12-05 (docs/CLI.md); a `homing listen` of theirs
+    does."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        alice, bob = as_user(bp, "alice"), as_user(bp, "bob")
+        conv = lines(homing("send", "--to", "bob", "hi", env=alice))[0]["conv"]
+        assert lines(homing("presence", conv, env=bob)) == [{"conv": conv, "online": []}]
+        listen = subprocess.Popen([*homing_cmd(), "listen", "--count", "2"],
+                                  env={**os.environ, **bob}, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            ready, _, _ = select.select([listen.stdout], [], [], 20)
+            assert ready and json.loads(listen.stdout.readline())["body"] == "hi"
+            assert lines(homing("presence", conv, env=bob)) == [{"conv": conv, "online": ["bob"]}]
+        finally:
+            listen.kill()
+            listen.wait()
+
+
+async def test_the_idle_watch_ends_requests_only_sessions_and_the_hub_forgets_them(tmp_path):
+    """The idle timeout and an expired token end a requests-only session as any other
+    (closing `timeout`, `unauthorized`), and the hub keeps nothing of it after: no connection
+    counted, no entry for its user among the requests-only sessions."""
+    async with running_broker(tmp_path / "data", idle_timeout_s=1.0, heartbeat_s=1) as h:
+        hub = h.broker.hub
+        for ttl, name in ((3600, "timeout"), (2, "unauthorized")):  # 2: 1 s at least
+            c = await _hello(h.server, tokens.issue(h.broker.secret, "bob", "user", ttl), "cli",
+                             deliver=False)
+            with trio.fail_after(10):
+                while True:
+                    if ttl == 2:  # kept from idling: the token's expiry is what ends it
+                        await c.send(wire.Ping(id=1))
+                    if isinstance(end := await c.next(), wire.Error):
+                        break
+                    assert isinstance(end, wire.Pong), end
+                    await trio.sleep(0.1)  # the pace of its pings
+            assert (end.name, end.close) == (name, True), end
+            await c.aclose()
+            with trio.fail_after(10):
+                while hub.count:
+                    await trio.sleep(0.01)
+            assert hub._requesting == {} and hub.user_count("bob") == 0
+
+
+async def test_an_ack_passes_the_requests_only_sends_made_while_it_was_due(tmp_path):
+    """A bot's turn: its listener holds a delivery, its requests-only session of the same
+    device answers it, then the listener acks the delivery: the ack takes the device's cursor
+    past the answer too (the device's own), durably once its `ok` comes, so the next session
+    of the device resumes at the head. It stopped at the delivery acked: the answer lay past
+    the cursor, read again and passed over by the next session, `welcome.acked` behind."""
+    async with running_broker(tmp_path / "data") as h:
+        alice = await _hello(h.server, h.token("alice"), "a1")
+        listener = await _hello(h.server, h.token("bob"), "bot")
+        answers = await _hello(h.server, h.token("bob"), "bot", deliver=False)
+        await alice.send(wire.Send(id=1, cid="q-1", body="question", to="bob"))
+        assert isinstance(await alice.reply(1), wire.Result)
+        asked = await _next_of(listener, wire.Deliver)
+        await answers.send(wire.Send(id=2, cid="r-1", body="answer", to="alice"))
+        assert isinstance(await answers.reply(2), wire.Result)
+        await listener.send(wire.Ack(upto=asked.inbox_seq, id=3))
+        assert isinstance(await listener.reply(3), wire.Ok)
+        store = h.broker.store
+        assert store.inbox_head("bob") == 2
+        assert store.delivered("bob", "bot") == 2
+        await listener.aclose()
+        again = await _hello(h.server, h.token("bob"), "bot")
+        assert (again.welcome.acked, again.welcome.head) == (2, 2)
+        assert await _nothing_more(again) == []
+        for c in (alice, answers, again):
+            await c.aclose()
