@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -664,25 +665,70 @@ async def _send_until_accepted(client, args, cid: str, text: str) -> Any:
 
 
 async def do_listen(client, args) -> None:
-    count = 0
-    deliveries = client.deliveries()
-    while args.count is None or count < args.count:
-        with trio.move_on_after(math.inf if args.timeout is None else args.timeout) as scope:
-            d = await deliveries.receive()
-        if scope.cancelled_caught:
-            break
-        out = {"inbox_seq": d.inbox_seq, "conv": d.conv, "seq": d.seq, "from": d.sender,
-               **body_fields(d.body), "cid": d.cid, "ts": d.ts}
-        if d.kind != "msg":
-            out["kind"] = d.kind
-        if d.muted:
-            out["muted"] = True
-        emit(out)
-        count += 1
+    """Print each delivery, then ack it; stop after --count, after --timeout with nothing
+    arriving, or once stdout's reader went away (BrokenPipeError, as a write raises)."""
+    waiting = trio.CancelScope()  # the wait for the next delivery: cut short if the reader goes
+    reader_gone = trio.Event()
+    failures: list[Exception] = []
+
+    async def watch_reader() -> None:
+        await _wait_reader_gone()
+        reader_gone.set()
+        waiting.cancel()  # not an ack under way: the line printed before it was read
+
+    async def print_deliveries() -> None:
+        nonlocal waiting
+        count = 0
+        deliveries = client.deliveries()
+        while not reader_gone.is_set() and (args.count is None or count < args.count):
+            with trio.move_on_after(math.inf if args.timeout is None else args.timeout) as waiting:
+                d = await deliveries.receive()
+            if waiting.cancelled_caught:
+                break
+            out = {"inbox_seq": d.inbox_seq, "conv": d.conv, "seq": d.seq, "from": d.sender,
+                   **body_fields(d.body), "cid": d.cid, "ts": d.ts}
+            if d.kind != "msg":
+                out["kind"] = d.kind
+            if d.muted:
+                out["muted"] = True
+            emit(out)
+            count += 1
+            if not args.no_ack:
+                await client.ack(d.inbox_seq)
         if not args.no_ack:
-            await client.ack(d.inbox_seq)
-    if not args.no_ack:
-        await client.ping()  # make sure the last ack reached the broker before we close
+            await client.ping()  # make sure the last ack reached the broker before we close
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_reader)
+        try:
+            await print_deliveries()
+        except Exception as exc:  # raised alone, not in a group: run_client tells them apart
+            failures.append(exc)
+        nursery.cancel_scope.cancel()
+    if failures:
+        raise failures[0]
+    if reader_gone.is_set():
+        raise BrokenPipeError(errno.EPIPE, "stdout's reader went away")
+
+
+async def _wait_reader_gone() -> None:
+    """Return once stdout is a pipe whose reader went away (`homing listen | head -1`); never
+    for any other stdout. A write would find that out, but `listen` writes only when a
+    delivery comes, and may wait for one for ever, holding the user's session meanwhile.
+
+    The write end of a pipe is never readable; poll reports an error on it once the read end
+    is closed (Linux; coreutils `tail -f` watches its output so), which wakes a reader."""
+    try:
+        fd = sys.stdout.fileno()
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            await trio.lowlevel.wait_readable(fd)
+            poll = select.poll()
+            poll.register(fd, select.POLLOUT)
+            if any(events & select.POLLERR for _, events in poll.poll(0)):
+                return
+    except (AttributeError, ValueError, OSError):  # no stdout, or one poll cannot watch
+        pass
+    await trio.sleep_forever()  # a FIFO opened to read as well, say: leave it to the write
 
 
 async def do_create(client, args) -> None:

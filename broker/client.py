@@ -415,7 +415,7 @@ class Client:
         try:
             checker[1].send(frame)
         except wire.LocalProtocolError as exc:
-            if (refusal := _refusal(exc)) is not None:
+            if (refusal := _refusal(exc, frame, welcome)) is not None:
                 raise refusal from None
 
     async def _write_frame(self, frame: Any, req: _Request | None = None) -> bool:
@@ -432,7 +432,7 @@ class Client:
         try:
             data = self._conn.send(frame)
         except wire.LocalProtocolError as exc:
-            if (refusal := _refusal(exc)) is not None:
+            if (refusal := _refusal(exc, frame, self.welcome)) is not None:
                 raise refusal from None
             return False  # bye or a closing error came: the connection is done; resent later
         stream = self._stream
@@ -756,7 +756,10 @@ class Client:
         # The broker's limits are the ones that count: it checks the bodies we send against
         # its --max-body-bytes and names its max_frame in welcome. Ours would only refuse what
         # a broker set up for bigger messages sends and accepts.
-        conn = wire.Connection(wire.Role.CLIENT, max_frame_bytes=wire.MAX_FRAME_LIMIT,
+        # Until the welcome, frames of HELLO_MAX_FRAME_BYTES (PROTOCOL.md §3.2): another
+        # service on the port (an SSH or HTTP banner) is told at once, not taken for the
+        # length prefix of a frame of a gigabyte and waited for.
+        conn = wire.Connection(wire.Role.CLIENT, max_frame_bytes=wire.HELLO_MAX_FRAME_BYTES,
                                max_body_bytes=wire.MAX_FRAME_LIMIT)
         try:
             hello = conn.send(wire.Hello(
@@ -774,7 +777,11 @@ class Client:
                 if self.tls is not None:
                     stream = trio.SSLStream(stream, self.tls, server_hostname=self.host)
                 await stream.send_all(hello)
-                welcome = await _next_frame(stream, conn)
+                try:
+                    welcome = await _next_frame(stream, conn)
+                except wire.RemoteProtocolError as exc:
+                    raise ConnectionLost(f"it does not speak homing's protocol ({exc.message}, "
+                                         "before a welcome): is this the broker's port?") from None
             if isinstance(welcome, wire.Error):
                 raise ClientError(welcome.code, welcome.name, welcome.message)
             if not isinstance(welcome, wire.Welcome):
@@ -825,7 +832,7 @@ class Client:
                     try:
                         out.append(conn.send(req.frame))
                     except wire.LocalProtocolError as exc:  # made while disconnected
-                        req.error = _refusal(exc) or exc
+                        req.error = _refusal(exc, req.frame, welcome) or exc
                         req.event.set()
                 if out:
                     data = b"".join(out)
@@ -1282,14 +1289,23 @@ def _lacks(cap: str | None) -> ClientError:
                        "the broker, or leave the cid out")
 
 
-def _refusal(exc: wire.LocalProtocolError) -> ClientError | None:
+def _refusal(exc: wire.LocalProtocolError, frame: Any = None,
+             welcome: wire.Welcome | None = None) -> ClientError | None:
     """The error for a request our own protocol checks refused before sending it (a field out
     of range, a body or frame too large): "invalid", as the broker would answer. None when the
     connection's state refused it (bye or a closing error arrived): that frame goes again after
     the reconnect."""
     if exc.code == wire.ErrorCode.INTERNAL:
         return None
-    return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name, exc.message)
+    message = exc.message
+    if (exc.code == wire.ErrorCode.TOO_LARGE and isinstance(frame, wire.Send)
+            and welcome is not None and not fields.body(frame.body, welcome.max_body)):
+        # A broker's max_frame holds a delivery of its largest body (Config), so a send frame
+        # past it holds a body past max_body: name that limit, as the broker's refusal of a
+        # smaller body over it does ("send frame of N bytes exceeds max_frame" said neither).
+        message = ("send: bad value for field 'body': "
+                   f"{fields.explain(fields.body, frame.body, welcome.max_body)}")
+    return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name, message)
 
 
 async def _next_frame(stream: trio.abc.Stream, conn: wire.Connection,

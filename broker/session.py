@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 import protocol as wire
+from broker import tokens
 from broker.errors import CloseReason, wire_error
 from broker.handlers import answer_known_repeats
 from broker.hub import Fresh
@@ -386,7 +387,8 @@ class Session:
     def token_expired(self) -> None:
         """The token it authenticated with expired: say `unauthorized` and end the session, as
         hello with that token would be answered now."""
-        self._end(CloseReason.AUTH_FAILED, wire.ErrorCode.UNAUTHORIZED, "token expired")
+        self._end(CloseReason.AUTH_FAILED, wire.ErrorCode.UNAUTHORIZED,
+                  tokens.expired_message(self.expires))
 
     def _end(self, reason: CloseReason, code: wire.ErrorCode, message: str) -> None:
         """Say a closing `error`, after what is queued, and stop reading: `run_open` then gives

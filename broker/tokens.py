@@ -225,10 +225,23 @@ def verify(keys: Mapping[str, bytes], token: str, now: float | None = None) -> C
         raise TokenError("malformed token claims") from None
     if not (isinstance(user, str) and USER_ID.fullmatch(user) and role in ROLES):
         raise TokenError("malformed token claims")
-    if not isinstance(expires, int) or expires <= (time.time() if now is None else now):
-        raise TokenError("token expired")
+    if not isinstance(expires, int):
+        raise TokenError("malformed token claims")
+    if expires <= (time.time() if now is None else now):
+        raise TokenError(expired_message(expires))
     issued = claims.get("i", 0)
     return Claims(user, role, expires, issued if type(issued) is int else 0, used)
+
+
+def expired_message(expires: float) -> str:
+    """What a refused token that expired at `expires` (Unix seconds) is told: when, and what to
+    do (it said "token expired" alone)."""
+    try:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
+    except (OverflowError, OSError, ValueError):  # a time no calendar date holds
+        at = f"{expires} (Unix seconds)"
+    return (f"token expired at {at}: mint a new one with `homing token USER --data DIR` "
+            "(one that lasts as long as it is to run: --ttl, up to 3650d)")
 
 
 def parse_ttl(text: str) -> int:
