@@ -598,9 +598,13 @@ async def _send_lines(client, args) -> None:
     limit = trio.Semaphore(args.pipeline)
     failures: list[Exception] = []
 
-    async def one(cid: str, text: str) -> None:
+    async def one(cid: str, text: str, number: int) -> None:
         try:
             emit(_result(await _send_until_accepted(client, args, cid, text)))
+        except ClientError as exc:  # the broker's refusal of this line: say which line
+            failures.append(ClientError(exc.code, exc.name,
+                                        f"line {number} of stdin: {exc.message}"))
+            nursery.cancel_scope.cancel()
         except Exception as exc:
             failures.append(exc)
             nursery.cancel_scope.cancel()
@@ -613,7 +617,7 @@ async def _send_lines(client, args) -> None:
             async for text in _stdin_lines():
                 number += 1
                 await limit.acquire()
-                nursery.start_soon(one, f"{prefix}-{number}", text)
+                nursery.start_soon(one, f"{prefix}-{number}", text, number)
         except UnicodeDecodeError as exc:  # refused as the broker refuses a bad field; the
             invalid = ErrorCode.INVALID  # lines before it are still sent and printed
             failures.append(ClientError(invalid, invalid.wire_name, (

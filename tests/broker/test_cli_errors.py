@@ -130,6 +130,21 @@ def test_send_stdin_rides_through_the_rate_limit_and_reports_a_refusal_once(tmp_
         assert refused.returncode == 1 and error_of(refused)["error"] == "forbidden"
 
 
+def test_send_stdin_names_the_line_the_broker_refused(tmp_path):
+    """A line refused for what it holds (a body over the broker's limit, among lines that
+    pass) is named in the error: the message said what was wrong, not which line."""
+    with BrokerProcess(tmp_path / "data", "--max-body-bytes", "1000") as bp:
+        shop = as_user(bp, "shop", "service")
+        text = "fine 1\nfine 2\n" + "x" * 1500 + "\nfine 4\n"
+        proc = homing("send", "--to", "bob", "--stdin", "--pipeline", "1", input=text,
+                      env=shop, check=False, timeout=60)
+        assert [r["cid"].rsplit("-", 1)[1] for r in lines(proc)] == ["1", "2"]  # one in flight
+        err = json.loads(proc.stderr)
+        assert proc.returncode == 1 and (err["error"], err["code"]) == ("invalid", 7), err
+        assert err["message"].startswith("line 3 of stdin: "), err
+        assert "1,000" in err["message"] or "1000" in err["message"], err
+
+
 def test_send_stdin_answers_each_line_while_the_pipe_waits_for_the_next(tmp_path):
     """`tail -f events | homing send --stdin`: each line's result is printed while the pipe is
     quiet, not when the next line comes (stdin was read blocking in the event loop); CRLF
