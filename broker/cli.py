@@ -99,7 +99,10 @@ class JsonErrorParser(argparse.ArgumentParser):
 
 
 def emit(obj: dict[str, Any]) -> None:
-    """Print one JSON object on its own line."""
+    """Print one JSON object on its own line; for nobody when started without a stdout (`>&-`),
+    as `homing token` does (`listen`, which acks what it prints, refuses to start so)."""
+    if sys.stdout is None:
+        return
     sys.stdout.write(json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 
@@ -668,6 +671,14 @@ async def _send_until_accepted(client, args, cid: str, text: str) -> Any:
         pause = min(pause * 2, RATE_LIMITED_MAX_PAUSE_S)
 
 
+def check_listen(args: argparse.Namespace) -> None:
+    """`listen` needs a stdout: it acks each delivery once printed, and would ack unread ones."""
+    if sys.stdout is None:  # `homing listen >&-`
+        raise CliError(EXIT_USAGE, "usage", "standard output is closed: listen acks each "
+                                            "delivery once it is printed, and there is nowhere "
+                                            "to print it")
+
+
 async def do_listen(client, args) -> None:
     """Print each delivery, then ack it; stop after --count, after --timeout with nothing
     arriving, or once stdout's reader went away (BrokenPipeError, as a write raises)."""
@@ -992,7 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --stdin: sends in flight")
     snd.add_argument("text", nargs="?")
 
-    lst = client("listen", "print deliveries (and ack them)", do_listen)
+    lst = client("listen", "print deliveries (and ack them)", do_listen, check_listen)
     lst.add_argument("--count", type=_COUNT, help="stop after N deliveries")
     lst.add_argument("--timeout", type=_SECONDS,
                      help="stop after SECONDS with nothing arriving")

@@ -1299,7 +1299,8 @@ def _refusal(exc: wire.LocalProtocolError, frame: Any = None,
         return None
     message = exc.message
     if (exc.code == wire.ErrorCode.TOO_LARGE and isinstance(frame, wire.Send)
-            and welcome is not None and not fields.body(frame.body, welcome.max_body)):
+            and welcome is not None and welcome.max_body is not None  # None: an older broker
+            and not fields.body(frame.body, welcome.max_body)):
         # A broker's max_frame holds a delivery of its largest body (Config), so a send frame
         # past it holds a body past max_body: name that limit, as the broker's refusal of a
         # smaller body over it does ("send frame of N bytes exceeds max_frame" said neither).

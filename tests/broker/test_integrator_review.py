@@ -10,6 +10,7 @@ import subprocess
 import pytest
 import trio
 
+import protocol as wire
 from broker.client import ClientError, ConnectionLost, open_client
 from tests.procs import BrokerProcess, as_user, homing, homing_cmd, last_error, lines
 
@@ -59,8 +60,8 @@ def test_a_body_too_big_for_any_frame_names_the_body_limit(tmp_path):
         assert proc.returncode == 1, proc.stderr
         assert last_error(proc.stderr) == {
             "error": "invalid", "code": 7,
-            "message": "send: bad value for field 'body': a body of 2,000,000 bytes, over the "
-                       "limit of 65,536"}
+            "message": "line 1 of stdin: send: bad value for field 'body': a body of 2,000,000 "
+                       "bytes, over the limit of 65,536"}
 
 
 async def test_the_sdk_names_the_body_limit_for_a_body_too_big_for_any_frame(harness):
@@ -120,3 +121,74 @@ def test_an_expired_token_says_when_and_what_to_do(tmp_path):
     assert err["error"] == "unauthorized" and err["code"] == 4, err
     assert err["message"].startswith("token expired at 20"), err
     assert "homing token" in err["message"] and "--ttl" in err["message"], err
+
+
+async def _serve_old_broker(task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A broker from before welcome named max_body: it welcomes every hello with a max_frame of
+    128 KiB and no max_body, then reads on (and answers nothing)."""
+    async def handler(stream: trio.SocketStream) -> None:
+        conn = wire.Connection(wire.Role.SERVER, max_frame_bytes=wire.HELLO_MAX_FRAME_BYTES)
+        while not isinstance(conn.next_event(), wire.Hello):
+            conn.receive_data(await stream.receive_some(65536))
+        await stream.send_all(conn.send(wire.Welcome(
+            version=1, session="s-1", user="shop", time=0, max_frame=128 * 1024, heartbeat=30,
+            acked=0, head=0, caps=(), role="service")))
+        conn.max_frame_bytes = 128 * 1024
+        while await stream.receive_some(65536):
+            pass
+
+    await trio.serve_tcp(handler, 0, host="127.0.0.1", task_status=task_status)
+
+
+async def test_a_body_too_big_for_a_frame_of_a_broker_that_names_no_max_body():
+    """A broker older than welcome.max_body, and a send with a cid whose body its frames cannot
+    hold: `invalid`, naming the frame limit, as before 2026-12-05. The message that names the
+    body limit compared the body with None and raised TypeError from `send`."""
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(_serve_old_broker)
+        port = listeners[0].socket.getsockname()[1]
+        with trio.fail_after(30):
+            async with open_client(f"127.0.0.1:{port}", "v1.any.token", "d1",
+                                   reconnect=False) as client:
+                assert client.welcome.max_body is None
+                with pytest.raises(ClientError) as e:
+                    await client.send(b"x" * 200_000, to="bob", cid="order-1")
+        nursery.cancel_scope.cancel()
+    assert e.value.name == "invalid"
+    assert e.value.message.startswith("send frame of "), e.value.message
+    assert e.value.message.endswith(" bytes exceeds max_frame"), e.value.message
+
+
+def _without_stdout(*args: str, env: dict) -> subprocess.CompletedProcess:
+    """`homing ARGS >&-`: run with file descriptor 1 closed."""
+    return subprocess.run([*homing_cmd(), *args], env={**os.environ, **env},
+                          capture_output=False, stderr=subprocess.PIPE, text=True,
+                          timeout=60, preexec_fn=lambda: os.close(1))
+
+
+def test_listen_without_a_stdout_is_refused_before_connecting(tmp_path):
+    """`homing listen >&-`: a usage error, nothing acked. It connected, took the device's
+    session, and at the first delivery ended in an AttributeError traceback (exit 1); with
+    none coming it held the session for ever."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        shop = as_user(bp, "shop", "service")
+        homing("send", "--to", "bob", "--cid", "n1", "first", env=shop)
+        proc = _without_stdout("listen", "--device", "d1", env=as_user(bp, "bob"))
+        assert proc.returncode == 2, proc.stderr
+        assert last_error(proc.stderr) == {
+            "error": "usage", "code": 0,
+            "message": "standard output is closed: listen acks each delivery once it is "
+                       "printed, and there is nowhere to print it"}
+        got = lines(homing("listen", "--device", "d1", "--count", "1", env=as_user(bp, "bob")))
+        assert [d["body"] for d in got] == ["first"]
+
+
+def test_a_command_without_a_stdout_prints_for_nobody(tmp_path):
+    """`homing send TEXT >&-` sends, and prints its result for nobody, exit 0, as `homing
+    token` does (it sent, then ended in an AttributeError traceback, exit 1)."""
+    with BrokerProcess(tmp_path / "data") as bp:
+        shop = as_user(bp, "shop", "service")
+        proc = _without_stdout("send", "--to", "bob", "--cid", "n1", "first", env=shop)
+        assert (proc.returncode, proc.stderr) == (0, "")
+        got = lines(homing("listen", "--device", "d1", "--count", "1", env=as_user(bp, "bob")))
+        assert [d["body"] for d in got] == ["first"]
