@@ -10,9 +10,14 @@ import subprocess
 import time
 
 import pytest
+import trio
 
+import protocol as wire
+from storage import audit
+from tests.faults.conftest import RawClient
 from tests.procs import BrokerProcess, check_serves_then_stops, homing, homing_cmd, lines
-from tests.waits import wait_until_sync
+from tests.stalls import held_commits
+from tests.waits import wait_until
 
 
 @pytest.fixture
@@ -462,38 +467,45 @@ def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
     assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "data_dir"
 
 
-def test_a_second_signal_during_shutdown_does_not_cut_it_short(tmp_path):
-    """SIGTERM, then SIGTERM again while a connection that never said hello holds the shutdown
-    (told `shutting_down`, it is given LINGER_S to close): logged, and the broker still stops
-    cleanly (exit 0)."""
+async def test_a_second_signal_during_shutdown_does_not_cut_it_short(tmp_path):
+    """SIGTERM, then SIGTERM again while the stop waits for a send's commit (held by a write
+    transaction of this test, as a stalled disk would hold it): the second is logged, and
+    once the commit goes through the broker still stops cleanly (exit 0), the send durable.
+    The stop was held by a silent connection's 1 s linger before: a pause of the test longer
+    than that let the stop end before the second signal, on a loaded machine."""
     import signal
-    import socket
 
-    bp = BrokerProcess(tmp_path / "data", "--handshake-timeout", "3")
-    bp.start()
+    bp = BrokerProcess(tmp_path / "data")
+    await bp.astart()
     try:
-        def fds() -> int:
-            return len(os.listdir(f"/proc/{bp.pid}/fd"))
-
         def events() -> list[str]:
             return [e.get("event") for e in bp.log_events()]
 
-        # The connection `start` made to see the broker listen is gone (its descriptor would
-        # be counted in `before`, or counted after it).
-        assert wait_until_sync(lambda: "connection_closed" in events()), bp.log_tail()
-        before = fds()
-        silent = socket.create_connection(("127.0.0.1", bp.port))
-        # Accepted (one descriptor more), so the stop tells it `shutting_down` and waits up to
-        # LINGER_S (1 s) for its close: not yet accepted, it held nothing, and the stop could
-        # end before the second signal (fixed sleeps of 0.2 s and 0.5 s hoped otherwise).
-        assert wait_until_sync(lambda: fds() > before), bp.log_tail()
-        bp.proc.send_signal(signal.SIGTERM)
-        assert wait_until_sync(lambda: "broker_stopping" in events()), bp.log_tail()
-        bp.proc.send_signal(signal.SIGTERM)
-        assert bp.proc.wait(timeout=30) == 0, bp.log_tail()
-        names = [e.get("event") for e in bp.log_events()]
+        with trio.fail_after(60):
+            c = await RawClient.connect(bp.server, bp.token("shop"), "d1")
+            async with held_commits(bp.data):
+                await c.send(wire.Send(id=1, cid="order-9 ready", body="ready", to="bob"))
+                await c.send(wire.Ping(id=2))  # answered at once, after the send was taken
+                assert isinstance(await c.reply(2), wire.Pong)
+                bp.proc.send_signal(signal.SIGTERM)
+                await wait_until(lambda: "broker_stopping" in events())
+                bp.proc.send_signal(signal.SIGTERM)
+                await wait_until(lambda: "signal_during_shutdown" in events() or not bp.alive())
+                # The commit is ours, so the stop cannot have ended: the second signal came
+                # during it, and did not end the process.
+                assert bp.alive(), bp.log_tail()
+                assert "broker_stopped" not in events(), bp.log_tail()
+            # No third signal (`aterminate` sends one): the stop ends once the commit does.
+            assert await trio.to_thread.run_sync(bp.proc.wait, 30) == 0, bp.log_tail()
+            await c.aclose()
+        names = events()
         assert "signal_during_shutdown" in names and "broker_stopped" in names
-        silent.close()
+        store = bp.open_store(readonly=True)
+        try:
+            assert [e.data["cid"] for e in audit.iter_events(store)
+                    if e.type == "message.accepted"] == ["order-9 ready"]
+        finally:
+            store.close()
     finally:
         bp.kill()
 

@@ -20,7 +20,7 @@ from storage.store import Store
 from tests.disks import fill, tmpfs
 from tests.faults.conftest import RawClient
 from tests.harness import running_broker
-from tests.waits import wait_until
+from tests.waits import HANG_GUARD_S, wait_until
 
 
 async def _send(c: RawClient, n: int, to: str, tag: str) -> None:
@@ -194,7 +194,12 @@ async def test_a_start_on_a_long_inbox_does_not_hold_other_users_sends(tmp_path)
             store.execute(sends[i:i + 4096])
     finally:
         store.close()
-    async with running_broker(data) as h:
+    # The start reads 50,000 entries: on a loaded machine that took longer than the default
+    # 10 s --handshake-timeout, and longer than 30 s with the test process held off the GIL
+    # in bursts of 1.5 s (the hello was refused `unavailable`), which is not what this test is
+    # about; both limits here are hang guards only.
+    guard_s = 4 * HANG_GUARD_S
+    async with running_broker(data, handshake_timeout_s=guard_s) as h:
         carol = await RawClient.connect(h.server, h.token("carol"), "c1")
         took: list[tuple[float, float]] = []
         stop = trio.Event()
@@ -208,7 +213,7 @@ async def test_a_start_on_a_long_inbox_does_not_hold_other_users_sends(tmp_path)
                 assert isinstance(await carol.reply(rid), wire.Result)
                 took.append((began, time.perf_counter() - began))
 
-        with trio.fail_after(30):
+        with trio.fail_after(guard_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(sender)
                 await trio.sleep(0.2)
@@ -218,6 +223,7 @@ async def test_a_start_on_a_long_inbox_does_not_hold_other_users_sends(tmp_path)
                 hello_s = time.perf_counter() - began
                 await wait_until(lambda: took)  # carol's sends went on (a commit, on a loaded
                 stop.set()                      # machine, can take longer than a fixed 0.1 s)
+        print(f"hello at the head of {n:,} entries answered in {hello_s:.3f} s")
         assert isinstance(welcome, wire.Welcome) and welcome.acked == n, welcome
         assert took and hello_s > 0
         store = h.broker.store
@@ -253,24 +259,33 @@ async def test_the_sdk_asks_again_for_its_start_when_its_first_attempt_was_refus
                     assert (d.inbox_seq, d.body) == (3, "new")
 
 
-async def test_a_start_past_the_handshake_timeout_is_kept_once_durable(tmp_path):
+async def test_a_start_past_the_handshake_timeout_is_kept_once_durable(tmp_path, mock_clock):
     """The start's commit is stuck past --handshake-timeout: the hello is answered
     `unavailable`. The ack stays queued: another hello of the device, waiting for the first,
     then resumes after it (a mark still on its way, as for any ack); once it is durable, the
-    device resumes after it whatever its next hello's start (PROTOCOL.md §9)."""
-    async with running_broker(tmp_path / "data", handshake_timeout_s=1.0,
+    device resumes after it whatever its next hello's start (PROTOCOL.md §9).
+
+    Trio's clock runs at the real rate, and the test moves it on at two points of its own
+    choosing: half a timeout before the second hello, half a timeout once it waits. The first's
+    deadline then passes with the second's still half a timeout (15 s) away, however slowly a
+    loaded machine runs; with 0.5 s of real time between them, a longer pause of the process
+    expired both together and the second was refused too."""
+    timeout = 30.0
+    mock_clock.rate = 1.0
+    async with running_broker(tmp_path / "data", handshake_timeout_s=timeout,
                               expected_errors=("hello_failed",)) as h:
         store = h.broker.store
         alice = await RawClient.connect(h.server, h.token("alice"), "a1")
         await _send(alice, 2, "bob", "old")
         async with _stalled(store) as release:
             first = await _hello(h.server, h.token("bob"), "watch", "head")
-            await wait_until(lambda: ("bob", "watch") in h.broker._starting)
-            # The second's wait for the start has its own --handshake-timeout: half of it
-            # apart, neither deadline is near the other (0.1 s of 0.5 was, on a loaded
-            # machine, where the second could time out with the first).
-            await trio.sleep(0.5)
+            # Its ack queued (the conversations it covers are read in a thread first: a
+            # deadline passed before that ended queues nothing, and the device stays new).
+            await wait_until(lambda: h.broker.committer.acked_mark("bob", "watch") == 2)
+            mock_clock.jump(timeout / 2)
             second = await _hello(h.server, h.token("bob"), "watch", None)
+            await _hello_waits(h, ("bob", "watch"))
+            mock_clock.jump(timeout / 2)  # the first's deadline, not the second's
             with trio.fail_after(10):
                 refused, welcome = await first.next(), await second.next()
             assert isinstance(refused, wire.Error) and refused.name == "unavailable", refused

@@ -8,41 +8,12 @@ so the order is set by events, not by sleeps.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
-
-import lmdb
 import trio
 
 import protocol as wire
 from storage import audit
 from tests.faults.conftest import RawClient
-
-
-@asynccontextmanager
-async def held_commits(data: Path) -> AsyncIterator[None]:
-    """While the block runs, the broker serving `data` commits nothing (its write lock is
-    ours); our transaction is aborted, so it writes nothing."""
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with lmdb.open(str(data), max_dbs=32, map_size=1 << 30) as env:
-            txn = env.begin(write=True)
-            try:
-                holding.set()
-                release.wait()
-            finally:
-                txn.abort()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.to_thread.run_sync, hold)
-        await trio.to_thread.run_sync(holding.wait)
-        try:
-            yield
-        finally:
-            release.set()
+from tests.stalls import held_commits
 
 
 async def _handled(c: RawClient, request_id: int) -> None:
