@@ -20,7 +20,7 @@ of batches of the same size, made beforehand, in a plain loop): the most it coul
 free coordinator.
 Run `python -m bench.bench_storage [--events N] [--in-flight K]`. Each figure is the median of
 3 runs, each on a fresh temporary directory. The process sets up its cyclic GC as `homing serve`
-does (`broker.cli.tune_gc`), so the group-commit path runs as in the broker; `--python-gc`
+does (`broker.serve_cli.tune_gc`), so the group-commit path runs as in the broker; `--python-gc`
 keeps Python's defaults. Prints figures; this is not a test.
 """
 
@@ -41,10 +41,10 @@ import structlog
 import trio
 
 from bench.disk import PAGE, describe, synced_writes
-from broker.cli import tune_gc
 from broker.client import new_cid
 from broker.committer import Committer
 from broker.config import Config
+from broker.serve_cli import tune_gc
 from storage.commands import SendMessage
 from storage.store import Store
 

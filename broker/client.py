@@ -48,6 +48,19 @@ from typing import Any, NamedTuple
 import trio
 
 import protocol as wire
+from broker.client_errors import (
+    _NO_SUCH_NAME,
+    _NOT_TLS_REASONS,
+    BrokerUnavailable,
+    ClientClosed,
+    ClientError,
+    ConnectionLost,
+    NotTls,
+    NotTrusted,
+    Replaced,
+    StaleDelivery,
+    UnknownHost,
+)
 from protocol import (
     ConvEntry,
     ConvList,
@@ -65,7 +78,8 @@ from protocol import (
 )
 
 # The frames a service gets back, named in docs/CLIENT.md, are importable from the SDK itself
-# (`from broker.client import Receipt`) to tell pushes apart and type the answers.
+# (`from broker.client import Receipt`) to tell pushes apart and type the answers; so are the
+# exceptions it raises, defined in broker/client_errors.py.
 __all__ = [
     "DEFAULT_SERVER",
     "BrokerUnavailable",
@@ -131,30 +145,6 @@ def new_cid() -> str:
     return f"{_last_cid_ns:016x}{int.from_bytes(os.urandom(8), 'big'):016x}"
 
 
-class ClientError(Exception):
-    """The broker refused a request; `.code` is the ErrorCode, `.name` its wire name."""
-
-    def __init__(self, code: int, name: str, message: str) -> None:
-        super().__init__(f"{name}: {message}")
-        self.code, self.name, self.message = code, name, message
-
-
-class StaleDelivery(ClientError):
-    """An `ack` or `done` of a delivery from before the inbox went back (the broker was
-    restored from an older backup while the client held it): its inbox_seq names another
-    entry of the restored inbox now, one not handed to this application, so nothing is acked.
-    `.name` is "invalid", as for the other refusals of a mistaken ack."""
-
-    def __init__(self, what: str, seq: int) -> None:
-        super().__init__(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
-                         f"{what}: {seq} is a delivery from before the inbox went back (the "
-                         "broker was restored from an older backup): that inbox_seq names "
-                         "another entry now, not yet handed to this application, so nothing "
-                         "was acked; drop the deliveries taken before the reset (they come "
-                         "again if the restored broker has them)")
-        self.seq = seq
-
-
 class InboxReset(NamedTuple):
     """What `on_inbox_reset` is told when the welcome's inbox head is below the inbox_seqs
     this client had, or its ack below one the broker answered as on disk (the broker restored
@@ -166,64 +156,6 @@ class InboxReset(NamedTuple):
     head: int
     acked: int
     dropped: int
-
-
-class ConnectionLost(Exception):
-    """The connection dropped while a request that cannot be safely repeated was in flight,
-    or the broker could not be reached within the reconnect timeout."""
-
-
-class BrokerUnavailable(ConnectionLost):
-    """The broker was reached but did not serve this client within the reconnect timeout: it
-    refused each session with a refusal worth retrying (`unavailable`: its store unreadable;
-    `limit_exceeded`, `shutting_down`, `timeout`), or welcomed it and closed it before it served
-    anything (a closing `unavailable`: this device's deliveries unreadable, a damaged page, say).
-    `.name` and `.code` are the broker's last refusal or closing error (None: it closed the
-    connection without a word)."""
-
-    def __init__(self, message: str, error: ClientError | None = None) -> None:
-        super().__init__(message)
-        self.name = error.name if error is not None else None
-        self.code = error.code if error is not None else None
-
-
-class NotTrusted(ConnectionLost):
-    """The broker's TLS certificate failed verification against our context: retrying would
-    not change that, so the client stops at once (a wrong --tls-ca, or a broker to distrust)."""
-
-
-class NotTls(ConnectionLost):
-    """We asked for TLS and the broker answered in the clear (it serves plaintext on that port):
-    retrying would not change that, so the client stops at once."""
-
-
-class UnknownHost(ConnectionLost):
-    """The broker's host name does not exist (the resolver said so: no such name, not a
-    resolver that failed to answer) when the client first connects: a typo in the address,
-    which retrying would not fix, so the client stops at once. Once it was connected, a name
-    that stops resolving is an outage like any other and is tried again."""
-
-
-# The resolver's answers that a name does not exist, as against one it could not get
-# (EAI_AGAIN, EAI_FAIL: a DNS server down or slow), which may pass and is tried again.
-_NO_SUCH_NAME = frozenset(getattr(socket, name) for name in ("EAI_NONAME", "EAI_NODATA")
-                          if hasattr(socket, name))
-
-
-# OpenSSL's reasons for a reply that is not TLS at all (a plaintext server's bytes).
-_NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "UNKNOWN_PROTOCOL", "HTTP_REQUEST",
-                              "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"})
-
-
-class ClientClosed(ConnectionLost):
-    """The client was closed (its `open_client` block ended): a request made after that, or
-    still waiting for its answer then, raises this. It may have reached the broker."""
-
-
-class Replaced(ConnectionLost):
-    """Another session of the same user and device connected, and the broker closed this one
-    (PROTOCOL.md §9). The client does not reconnect: two processes using one device name would
-    otherwise take the session from each other for ever."""
 
 
 def parse_server(server: str) -> tuple[str, int]:

@@ -253,7 +253,8 @@ def test_serve_refuses_an_idle_timeout_shorter_than_the_heartbeat(tmp_path):
 def test_the_idle_timeout_follows_the_heartbeat_unless_set():
     """Without --idle-timeout it is three heartbeats, as PROTOCOL.md §8 says: `--heartbeat 60`
     alone was refused, since the idle timeout stayed 45 s."""
-    from broker.cli import _serve_config, build_parser
+    from broker.cli import build_parser
+    from broker.serve_cli import _serve_config
 
     def config(*args):
         return _serve_config(build_parser().parse_args(["serve", *args]))
@@ -273,8 +274,9 @@ def test_every_setting_of_serve_is_a_flag():
     doubles by itself when full."""
     import dataclasses
 
-    from broker.cli import _serve_config, build_parser
+    from broker.cli import build_parser
     from broker.config import Config
+    from broker.serve_cli import _serve_config
 
     flags = {"data_dir": ["--data", "elsewhere"], "host": ["--host", "::1"],
              "port": ["--port", "7000"], "tls_cert": ["--tls-cert", "c.pem", "--tls-key", "k"],

@@ -201,9 +201,9 @@ async def test_a_log_pipe_nobody_reads_does_not_stop_the_broker(tmp_path):
 
 
 def test_the_log_buffer_default_is_the_logs_own():
-    from broker import cli, logs
+    from broker import logs, serve_cli
 
-    assert cli.DEFAULT_LOG_BUFFER_BYTES == logs.DEFAULT_BUFFER_BYTES
+    assert serve_cli.DEFAULT_LOG_BUFFER_BYTES == logs.DEFAULT_BUFFER_BYTES
 
 
 def test_a_broker_started_without_stdout_and_stderr_serves(tmp_path):

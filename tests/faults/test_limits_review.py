@@ -64,8 +64,8 @@ async def test_acks_with_an_id_count_against_the_requests_awaiting_commit(tmp_pa
 
 
 async def test_a_shutdown_asked_before_the_broker_listens_is_not_lost(tmp_path):
-    """`homing serve` (cli._serve) opens its signal receiver before `Broker.serve` has run, and
-    calls `broker.shutdown()` for SIGTERM: a signal that comes before serve() set its
+    """`homing serve` (serve_cli._serve) opens its signal receiver before `Broker.serve` has
+    run, and calls `broker.shutdown()` for SIGTERM: a signal that comes before serve() set its
     `_listen_scope` finds None to cancel, and the broker then listens and serves for good
     (`stopping` is set, so every hello is refused `shutting_down`, and wait_stopped never
     returns)."""
