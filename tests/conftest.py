@@ -9,6 +9,8 @@ checks is its result, not how fast it ran. Tests that set their own `deadline` k
 
 from hypothesis import HealthCheck, settings
 
+pytest_plugins = ["tests.fault_tally"]  # the fault summary, merged across xdist workers
+
 settings.register_profile("homing", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("homing")

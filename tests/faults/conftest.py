@@ -3,16 +3,14 @@
 Every child process started here is killed in a `finally`. Each test records which faults it
 injected and how often (`tally.add(name, n)`); at the end of the run the tally and each test's
 outcome are written as JSON to $HOMING_FAULT_SUMMARY (default: <tmp>/homing-fault-summary.json),
-the source of the table in docs/OPERATIONS.md.
+the source of the table in docs/OPERATIONS.md (tests/fault_tally.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,9 +22,6 @@ from tests.harness import running_broker
 from tests.procs import BrokerProcess
 
 LONG_SCALE = float(os.environ.get("HOMING_LONG_SCALE", "1.0"))
-SUMMARY = Path(os.environ.get("HOMING_FAULT_SUMMARY",
-                              Path(tempfile.gettempdir()) / "homing-fault-summary.json"))
-_TALLY: dict[str, dict] = defaultdict(lambda: {"count": 0, "tests": set(), "failed": 0})
 
 
 def scaled(n: int, minimum: int = 1) -> int:
@@ -47,34 +42,11 @@ class Tally:
 
 @pytest.fixture
 def tally(request):
+    """What the test tried, tallied by tests/fault_tally.py (the plugin tests/conftest.py loads)
+    into $HOMING_FAULT_SUMMARY."""
     t = Tally(request.node.nodeid)
     request.node._fault_tally = t
     return t
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    t = getattr(item, "_fault_tally", None)
-    if t is None or report.when != "call":
-        return
-    for fault, n in t.counts.items():
-        row = _TALLY[fault]
-        row["count"] += n
-        row["tests"].add(item.name)
-        row["failed"] += int(report.failed)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if not _TALLY:
-        return
-    rows = {k: {"count": v["count"], "tests": sorted(v["tests"]), "failed": v["failed"]}
-            for k, v in sorted(_TALLY.items())}
-    try:
-        SUMMARY.write_text(json.dumps({"scale": LONG_SCALE, "faults": rows}, indent=1))
-    except OSError:
-        pass
 
 
 @pytest.fixture
