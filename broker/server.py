@@ -508,7 +508,7 @@ class Broker:
             return False
         replacing = hello.deliver and any(  # a requests-only session replaces none
             s.device == hello.device for s in self.hub.sessions(claims.user))
-        full = None if replacing else self._connections_full(claims.user)
+        full = None if replacing else self._connections_full(claims.user, hello.deliver)
         if full is not None:
             limit, connections, message = full
             session.reason = CloseReason.LIMIT
@@ -566,17 +566,24 @@ class Broker:
         session.log.info("device_started", user=user, device=device, acked=head)
         return head
 
-    def _connections_full(self, user: str) -> tuple[str, int, str] | None:
-        """The connection limit a new device of `user` meets, if any: (the limit's log name,
+    def _connections_full(self, user: str, deliver: bool = True) -> tuple[str, int, str] | None:
+        """The connection limit a new session of `user` meets, if any: (the limit's log name,
         the connections it counts, the refusal's message). Until 2026-12-05 both limits said
-        "too many connections", and the log named neither the limit nor the user."""
+        "too many connections", and the log named neither the limit nor the user. A
+        requests-only session (`deliver` false) replaces none, so it is told what frees one."""
         cfg = self.config
         count = self.hub.user_count(user)
         if count >= cfg.max_connections_per_user:
+            if deliver:
+                what = ("a device already connected may reconnect (its new session replaces "
+                        "the old one), another waits for one to close")
+            else:
+                what = (f"a requests-only session waits for one to close (one whose connection "
+                        f"dropped unseen closes after {cfg.idle_timeout_s:g} s without a frame, "
+                        f"the idle timeout)")
             return ("per_user", count,
                     f"this user has {count} connection{'s' * (count != 1)}, the most the "
-                    f"broker allows per user; a device already connected may reconnect (its "
-                    f"new session replaces the old one), another waits for one to close")
+                    f"broker allows per user; {what}")
         if self.hub.count >= cfg.max_connections:
             return ("total", self.hub.count,
                     f"the broker has {self.hub.count} connections, the most it allows; "

@@ -148,6 +148,17 @@ async def test_requests_only_sessions_count_for_the_connection_limits(tmp_path):
                                     deliver=deliver))
             refused = await c.next()
             assert isinstance(refused, wire.Error) and refused.name == "limit_exceeded", refused
+            # What the refused one may do: a device may reconnect over its own session; a
+            # requests-only session replaces none, so it is told what frees a connection (it
+            # was told "a device already connected may reconnect", which it cannot).
+            assert refused.message.startswith("this user has 2 connections, the most the "
+                                              "broker allows per user; "), refused
+            assert ("a device already connected may reconnect" in refused.message) == deliver
+            if not deliver:
+                assert refused.message.endswith(
+                    "a requests-only session waits for one to close (one whose connection "
+                    "dropped unseen closes after 45 s without a frame, the idle timeout)"), \
+                    refused
             await c.aclose()
         again = await _hello(h.server, h.token("bob"), "d")
         assert isinstance(await _next_of(listener, wire.Bye), wire.Bye)
