@@ -87,6 +87,7 @@ class Hub:
         # The requests-only sessions by user (a dict as an ordered set).
         self._requesting: dict[str, dict[Session, None]] = {}
         self.count = 0  # every session attached, requests-only ones too
+        self.requests_only = 0  # of them, the requests-only sessions
 
     def sessions(self, user: str) -> Iterable[Session]:
         """The live delivering sessions of `user`, one per device (a snapshot)."""
@@ -126,6 +127,7 @@ class Hub:
         if not session.delivers:
             self._requesting.setdefault(session.user, {})[session] = None
             self.count += 1
+            self.requests_only += 1
             return None
         devices = self._by_user.setdefault(session.user, {})
         old = devices.get(session.device)
@@ -146,6 +148,7 @@ class Hub:
             requesting = self._requesting.get(session.user)
             if requesting is not None and requesting.pop(session, False) is None:
                 self.count -= 1
+                self.requests_only -= 1
                 if not requesting:
                     del self._requesting[session.user]
             return False

@@ -38,7 +38,8 @@ async def report_stats(broker: Broker, every: float) -> None:
         events_per_s = round((committer.committed_lsn - lsn) / elapsed, 1)
         broker.log.info(
             "broker_stats",
-            connections=broker.hub.count, handshaking=broker.handshaking,
+            connections=broker.hub.count, requests_only=broker.hub.requests_only,
+            handshaking=broker.handshaking,
             lsn=committer.committed_lsn, queued=committer.queued,
             events_per_s=events_per_s,
             commits_per_s=round((committer.batches - batches) / elapsed, 1),

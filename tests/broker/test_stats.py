@@ -8,10 +8,12 @@ import os
 import subprocess
 import time
 
+from tests.faults.conftest import RawClient
 from tests.procs import BrokerProcess, homing, homing_cmd, lines
+from tests.waits import wait_until
 
-FIELDS = {"connections", "handshaking", "lsn", "queued", "events_per_s", "commits_per_s",
-          "commands_per_s", "cpu_pct", "rss_mib"}
+FIELDS = {"connections", "requests_only", "handshaking", "lsn", "queued", "events_per_s",
+          "commits_per_s", "commands_per_s", "cpu_pct", "rss_mib"}
 
 
 def stats_lines(bp: BrokerProcess) -> list[dict]:
@@ -46,6 +48,25 @@ def test_the_stats_line_counts_what_the_broker_did(tmp_path):
                for s in stats)
     assert all(s["queued"] >= 0 and s["cpu_pct"] >= 0 and s["rss_mib"] > 0 for s in stats)
     assert [s["lsn"] for s in stats] == sorted(s["lsn"] for s in stats)
+
+
+async def test_the_stats_line_says_how_many_sessions_are_requests_only(tmp_path):
+    """`connections` counts every session past hello; `requests_only` those of them that are
+    sent no deliveries (`hello.deliver: false`, the one-shot `homing` commands), so a line
+    with many connections and few listeners says what holds them."""
+    with BrokerProcess(tmp_path / "data", "--stats-interval", "1") as bp:
+        listener, asker = await RawClient.connect(bp.server), await RawClient.connect(bp.server)
+        try:
+            await listener.hello(bp.token("bob"), "d")
+            await asker.hello(bp.token("bob"), "d", deliver=False)
+            await wait_until(lambda: any(s["connections"] == 2 and s["requests_only"] == 1
+                                         for s in stats_lines(bp)))
+            await asker.aclose()
+            await wait_until(lambda: (s := stats_lines(bp)[-1])["connections"] == 1
+                             and s["requests_only"] == 0)
+        finally:
+            await listener.aclose()
+            await asker.aclose()
 
 
 def test_no_stats_lines_with_an_interval_of_zero(tmp_path):
