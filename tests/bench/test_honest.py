@@ -119,7 +119,13 @@ def test_a_stall_is_charged_to_every_message_scheduled_during_it():
     assert STALL_S * 1000 * 0.9 <= entry["max_ms"] <= STALL_S * 1000 + 50
     assert entry["p99_ms"] >= STALL_S * 1000 * 0.75
     assert entry["p50_ms"] < 20  # the rest of the run is untouched
-    assert 0.75 * expected <= above <= 1.25 * expected + SENDERS
+    # At least the stall's first half, as an open loop charges it (a closed loop: 2). More is
+    # the backlog drained after it: on a loaded machine, where the proxy's thread in this
+    # process waits for a core, messages scheduled just after the stall wait behind it too
+    # (92 against the 60 expected, once, beside a second test and a helper's tests; 1.25 x was
+    # the bound until then). Twice the expected still fails a run that charged the stall to
+    # the rest of the run, which the p50 above also rules out.
+    assert 0.75 * expected <= above <= 2 * expected + SENDERS
 
 
 # -- the histogram against exact percentiles -------------------------------------------------

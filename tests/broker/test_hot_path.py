@@ -38,11 +38,14 @@ def test_a_fresh_delivery_is_checked_as_send_checks_it():
 def test_a_bucket_never_holds_more_than_its_burst():
     """However long it was idle, a bucket allows at most `burst` events at once, and a refused
     take spends nothing."""
-    bucket = TokenBucket(10.0, burst=3.0)
+    bucket = TokenBucket(8.0, burst=3.0)
     now = bucket.stamp + 3600.0
     assert [bucket.take(1.0, now) for _ in range(4)] == [True, True, True, False]
-    assert bucket.take(1.0, now + 0.1)  # one token back after 0.1 s at 10/s
-    assert not bucket.take(1.0, now + 0.1)
+    # One token back after 0.125 s at 8/s. The times are binary fractions, so the refill is
+    # exactly one token whatever the clock read: with 0.1 s at 10/s, (now + 0.1) - now came
+    # to 0.0999999999985 at some clock values, and the take was refused.
+    assert bucket.take(1.0, now + 0.125)
+    assert not bucket.take(1.0, now + 0.125)
 
 
 def test_a_bucket_refills_to_its_burst_exactly():
