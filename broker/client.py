@@ -147,10 +147,11 @@ def new_cid() -> str:
 
 class InboxReset(NamedTuple):
     """What `on_inbox_reset` is told when the welcome's inbox head is below the inbox_seqs
-    this client had, or its ack below one the broker answered as on disk (the broker restored
-    from an older backup): `before`, the highest inbox_seq it had; `head` and `acked`, the
-    restored inbox's head and this device's ack in it (delivery starts over after it);
-    `dropped`, the deliveries of the old inbox still queued in the client, not handed over."""
+    this client had or acked, or its ack below one the broker answered as on disk (the broker
+    restored from an older backup): `before`, the highest inbox_seq it had or acked; `head`
+    and `acked`, the restored inbox's head and this device's ack in it (delivery starts over
+    after it); `dropped`, the deliveries of the old inbox still queued in the client, not
+    handed over."""
 
     before: int
     head: int
@@ -735,7 +736,10 @@ class Client:
         flushed: list[_Request] = []
         try:
             if self.deliver:  # a requests-only client has no cursor of its own to go back
-                if welcome.head < self._yielded or welcome.acked < self._durable:
+                # Its own ack counts as had: `ack(welcome.head)` passes over a backlog not
+                # yet sent, and sent again, cut to a restored head, it would ack new entries.
+                if (welcome.head < max(self._yielded, self._acked)
+                        or welcome.acked < self._durable):
                     self._inbox_went_back(welcome)  # on_inbox_reset may raise: close the stream
                 self._yielded = max(self._yielded, welcome.acked)
             async with self._send_lock:
@@ -831,7 +835,7 @@ class Client:
         entries now: its deliveries still queued are dropped (handed over, they were acked as
         the new entries), and an ack of one the caller holds is refused (StaleDelivery), the
         durable ones waiting to be resent too."""
-        before = self._yielded
+        before = max(self._yielded, self._acked)
         dropped = 0
         while True:
             try:

@@ -21,6 +21,7 @@ Rules kept here:
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
 import time
 from collections.abc import Callable, Iterable
@@ -140,8 +141,9 @@ class Committer:
         # Devices whose ack was lost with a failed batch: their sessions' cursors moved on, so
         # the conversations a later ack of theirs names cover only the entries since, not all
         # that it acks durably. Their acks go without them (the rules read the inbox) until one
-        # is durable.
-        self._acks_lost: set[tuple[str, str]] = set()
+        # as far as the highest lost (the value) is durable: a lower one (the own-sends ack of
+        # a session replaced meanwhile, as it ends) leaves the cursor's entries past it uncounted.
+        self._acks_lost: dict[tuple[str, str], int] = {}
         # Devices without a session whose last ack is still queued or committing: their mark
         # in `_acks_lost`, if any, goes when that ack is done (`device_gone`).
         self._gone: set[tuple[str, str]] = set()
@@ -383,7 +385,7 @@ class Committer:
                 done = await self._thread.run(isolate, self._execute_run, started.commands)
                 return self._settle(started, done, exc)
             _log_failed(exc, len(started.commands))
-            self._lose_acks(key for key, _upto in started.acks)
+            self._lose_acks(started.acks)
             for p in started.pending:
                 p.finish(None, exc)
             return None
@@ -399,11 +401,11 @@ class Committer:
                     del last[key]
                     if key in self._gone:  # lost or durable, nothing is ahead of it now
                         self._gone.discard(key)
-                        self._acks_lost.discard(key)
+                        self._acks_lost.pop(key, None)
         if self._acks_lost:  # a device's ack durable since its loss: its marks are whole again
             for p, outcome in zip(started.pending, started.outcomes, strict=True):
                 if type(p.command) is Ack and outcome.error is None:
-                    self._acks_lost.discard((p.command.user, p.command.device))
+                    self._found_acks(p.command)
         last = max(map(_lsn_of, started.outcomes), default=0)  # (no generator: one a command)
         if last > self.committed_lsn:
             self.committed_lsn = last
@@ -435,9 +437,9 @@ class Committer:
             if type(p.command) is Ack:
                 key = (p.command.user, p.command.device)
                 if outcome is None:
-                    lost.append(key)
+                    lost.append((key, p.command.upto))
                 elif outcome.error is None:  # durable: its device's marks are whole again
-                    self._acks_lost.discard(key)
+                    self._found_acks(p.command)
         self._lose_acks(lost)
         started.outcomes, started.errors = outcomes, errors
         last = max((o.lsn for o in outcomes if o is not None), default=0)
@@ -449,14 +451,23 @@ class Committer:
         self.commands += errors.count(None)
         return started
 
-    def _lose_acks(self, keys: Iterable[tuple[str, str]]) -> None:
-        """The acks of these devices failed: until one of theirs is durable, their acks (the one
-        queued now too) leave their conversations to the rules (`ack_lost`)."""
-        for key in keys:
-            self._acks_lost.add(key)
+    def _lose_acks(self, acks: Iterable[tuple[tuple[str, str], int]]) -> None:
+        """These acks ((user, device), upto) failed: until an ack of the device as far as the
+        highest of them is durable, its acks (the one queued now too) leave their conversations
+        to the rules (`ack_lost`)."""
+        lost = self._acks_lost
+        for key, upto in acks:
+            lost[key] = max(upto, lost.get(key, 0))
             queued = self._acks.get(key)
             if queued is not None and queued.command.convs is not None:
                 queued.command = queued.command._replace(convs=None)
+
+    def _found_acks(self, ack: Ack) -> None:
+        """`ack` is durable: its device's marks are whole again if it reaches as far as its
+        lost acks did (it read their conversations, `ack_nowait`)."""
+        key = (ack.user, ack.device)
+        if ack.upto >= self._acks_lost.get(key, math.inf):
+            del self._acks_lost[key]
 
     def _fan_out(self, done: _Batch) -> None:
         """Tell each submitter of a durable batch its outcome, then run `on_committed`."""
@@ -487,8 +498,8 @@ class Committer:
                 log.exception("commit_fanout_failed")
 
     def ack_lost(self, user: str, device: str) -> bool:
-        """Whether an ack of this device failed with its batch and none of its acks has been
-        durable since (its session's cursor is ahead of its durable mark)."""
+        """Whether an ack of this device failed with its batch and none of its acks as far has
+        been durable since (its session's cursor is ahead of its durable mark)."""
         return (user, device) in self._acks_lost
 
     def device_gone(self, user: str, device: str) -> None:
@@ -501,7 +512,7 @@ class Committer:
         if key in self._last_acks:
             self._gone.add(key)
         else:
-            self._acks_lost.discard(key)
+            self._acks_lost.pop(key, None)
 
     def device_back(self, user: str, device: str) -> None:
         """The device has a session again (its cursor taken from `acked_mark`): an ack still

@@ -371,3 +371,53 @@ async def _sent_or_stopped(bob, body: str) -> None:
         await bob.send(body, to="alice")
     except (Replaced, ConnectionLost):
         pass
+
+
+async def test_a_restore_below_an_ack_past_the_deliveries_is_an_inbox_that_went_back(tmp_path):
+    """`ack(client.welcome.head)` passes over a backlog the client was not yet sent (its
+    window's worth had arrived): the client acked past the last inbox_seq it had. A broker
+    restored from an older backup, whose inbox then got new entries up to a head between the
+    two, was not taken for an inbox that went back (its head was not below the last inbox_seq
+    the client had), and the client sent its ack again, cut to the restored head: every new
+    entry acked, the two that came in place of the ones it had dropped as seen, all lost for
+    that device. A welcome whose head is below the client's own ack is an inbox that went
+    back too."""
+    resets = []
+    bp = BrokerProcess(tmp_path / "data", "--window", "2")
+    bp.start()
+    try:
+        async with bp.client("alice", "a") as alice:
+            await alice.send("kept", to="bob")
+        async with bp.client("bob", "b") as bob:
+            await bob.done(await bob.deliveries().receive(), durable=True)
+        await trio.to_thread.run_sync(homing, "backup", str(tmp_path / "backup"),
+                                      "--data", str(bp.data))
+        async with bp.client("alice", "a") as alice:
+            for i in range(5):
+                await alice.send(f"past-{i}", to="bob")
+        async with bp.client("bob", "b", reconnect_timeout=60,
+                             on_inbox_reset=resets.append) as bob:
+            assert bob.welcome.head == 6
+            await _until(lambda: bob._yielded == 3)  # the window's two, queued in the SDK
+            await bob.ack(bob.welcome.head)  # the rest of the backlog passed over
+            await bob.ping()  # read by the broker: the ack is taken
+            bp.kill()
+            shutil.move(bp.data, tmp_path / "data-aside")
+            shutil.move(tmp_path / "backup", bp.data)
+            with BrokerProcess(bp.data) as elsewhere:  # three sends before bob is back
+                async with elsewhere.client("alice", "a") as alice:
+                    for i in range(3):
+                        await alice.send(f"new-{i}", to="bob")
+            await bp.astart()
+            with trio.fail_after(20):
+                await bob.ping()  # reconnected
+                got = []
+                for _ in range(3):  # acked one by one: the window is 2
+                    got.append(await bob.deliveries().receive())
+                    await bob.ack(got[-1])
+            assert [d.body for d in got] == ["new-0", "new-1", "new-2"]
+            assert [(r.before, r.head, r.acked, r.dropped) for r in resets] == [(6, 4, 1, 2)]
+        async with bp.client("bob", "b") as bob:
+            assert bob.welcome.acked == 4  # each of the new entries acked once delivered
+    finally:
+        bp.kill()

@@ -112,3 +112,57 @@ async def test_a_device_gone_after_its_ack_was_lost_is_not_remembered_for_good(s
             assert not committer.ack_lost("bob", "tablet")
             (small_disk / "filler").unlink()
         assert not committer._acks_lost
+
+
+async def test_a_lower_ack_durable_after_a_loss_does_not_end_it(small_disk):
+    """bob's phone acks entries 2 and 3 (alice's and carol's messages, named by the ack) in a
+    batch the full disk fails: its session's cursor is at 3, its durable mark at 0. Then an
+    ack of the same device below the lost one is durable: the own-sends ack (entry 1, bob's
+    own message) that a session replaced meanwhile submits as it ends. That ack ended the
+    loss as if the device's marks were whole again, so the session's next ack named only the
+    conversation of entry 4, and bob's delivered mark passed alice's and carol's messages
+    without counting them: `receipts` never listed him. A loss ends only with a durable ack
+    at least as far as the one lost."""
+    store = Store.open(str(small_disk / "data"), map_size=64 << 20)
+    try:
+        store.execute([SendMessage("bob", "phone", "user", "o1", "mine", to="erin"),
+                       SendMessage("alice", "a1", "user", "m1", "hello", to="bob"),
+                       SendMessage("carol", "c1", "user", "m1", "hi", to="bob"),
+                       SendMessage("dave", "d1", "user", "m1", "hey", to="bob")])
+        assert store.inbox_head("bob") == 4
+        filler = small_disk / "filler"
+        fill(filler)
+        committer = Committer(store)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                committer.ack_nowait(Ack("bob", "phone", "user", 3, (("dm:alice:bob", 1),
+                                                                     ("dm:bob:carol", 1))))
+                big = [committer.enqueue(SendMessage("dave", "d1", "user", f"big{i}",
+                                                     "x" * 60_000, to="erin"))
+                       for i in range(8)]
+                await nursery.start(committer.serve)
+                while big[-1].outcome is None and big[-1].error is None:
+                    await trio.sleep(0.01)
+                assert isinstance(big[-1].error, StorageFull)
+                filler.unlink()
+                # The replaced session's own-sends ack, as it ends: below the lost one.
+                low = trio.Event()
+                committer.ack_nowait(Ack("bob", "phone", "user", 1, ()))
+                committer.when_acks_durable("bob", "phone", lambda error: low.set())
+                await low.wait()
+                assert store.delivered("bob", "phone") == 1
+                assert committer.ack_lost("bob", "phone")  # the cursor at 3 is not durable
+                # The live session's next ack: entry 4 is all it delivered since.
+                acked = trio.Event()
+                committer.ack_nowait(Ack("bob", "phone", "user", 4, (("dm:bob:dave", 1),)))
+                committer.when_acks_durable("bob", "phone", lambda error: acked.set())
+                await acked.wait()
+                assert not committer.ack_lost("bob", "phone")
+                await committer.close()
+        assert store.delivered("bob", "phone") == 4
+        assert store.receipts("dm:alice:bob", 1) == (["bob"], [])
+        assert store.receipts("dm:bob:carol", 1) == (["bob"], [])
+        assert store.receipts("dm:bob:dave", 1) == (["bob"], [])
+        assert store.check_projections() is None
+    finally:
+        store.close()
