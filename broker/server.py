@@ -296,7 +296,10 @@ class Broker:
             self.log.error("push_dropped", user=user, conv=conv, push="receipt", reason=str(exc))
             return
         if user not in roster.user_set:
-            return  # an ack after leaving: the others no longer hear of this user's marks
+            # Gone by the end of the batch: the others no longer hear of this user's marks.
+            # (An ack made while out of it is no receipt at all: storage.projections decides
+            # that at the ack, since an invite in the same batch puts the user back in here.)
+            return
         # A delivered mark goes to the others (the user's own devices need not hear of their
         # acks); a read mark to the user's devices too, so unread counts agree everywhere.
         # In channels, only those who post hear of others' marks; so in groups of more than

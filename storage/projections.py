@@ -429,7 +429,11 @@ def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
     if convs is None:  # an event written before acks carried them: read the inbox, as then
         convs = acked_convs(tables, user, old, upto)
     for conv, seq in convs.items():
-        if _raise(tables, "recv", key2(conv, user), seq):
+        mark = key2(conv, user)
+        # An ack made while not a member (of entries delivered before leaving or a removal) is
+        # no receipt, though its mark moves: the broker checks membership as of the end of the
+        # batch, so one committed with the invite that takes the user back was pushed.
+        if _raise(tables, "recv", mark, seq) and tables.get("member", mark) is not None:
             fx.receipts.append((conv, user, "delivered", seq))
 
 
