@@ -111,13 +111,15 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
         trio.run(main)
     except ClientError as exc:
         status = EXIT_UNREACHABLE if exc.name in ("shutting_down",) else EXIT_REFUSED
-        raise CliError(status, exc.name, exc.message, exc.code) from None
+        raise CliError(status, exc.name, _unsure(args, exc.name, exc.message),
+                       exc.code) from None
     except Replaced as exc:  # another process connected with this user and --device
-        raise CliError(EXIT_REFUSED, "replaced", str(exc)) from None
+        raise CliError(EXIT_REFUSED, "replaced", _unsure(args, "replaced", str(exc))) from None
     except BrokenPipeError:  # stdout's reader went away (`homing history ... | head -1`),
         return _reader_gone()  # not the broker
     except (ConnectionLost, OSError) as exc:
-        raise CliError(EXIT_UNREACHABLE, "unreachable", str(exc)) from None
+        raise CliError(EXIT_UNREACHABLE, "unreachable",
+                       _unsure(args, "unreachable", str(exc))) from None
     return 0
 
 
@@ -160,7 +162,32 @@ async def do_send(client, args) -> None:
     if args.stdin:
         await _send_lines(client, args)
         return
-    emit(_result(await client.send(args.text, to=args.to, conv=args.conv, cid=args.cid)))
+    from broker.client import new_cid
+
+    cid = args.cid
+    if cid is None:  # made here, as the SDK would, so that a failure can name it
+        client._check_body(args.text)  # (the SDK checks a fresh cid's body before sending)
+        cid = new_cid()
+    args.retry_hint = (f"the message may have been accepted: send it again with --cid {cid} "
+                       "(a dup if it was)")
+    emit(_result(await client.send(args.text, to=args.to, conv=args.conv, cid=cid)))
+
+
+# Errors after which a send (of --stdin: the lines in flight) may have been carried out: the
+# broker lost or stopping (exit 3), the session replaced, a failure of the broker's (a batch
+# that failed after its commit is durable). A refusal (forbidden, invalid, conflict, ...) did
+# nothing, and would come again.
+UNSURE = frozenset({"unreachable", "replaced", "shutting_down", "unavailable", "internal",
+                    "timeout"})
+
+
+def _unsure(args: argparse.Namespace, name: str, message: str) -> str:
+    """`message`, and how to send again without a duplicate when the command sent something
+    whose outcome `name` leaves unknown (`retry_hint`, set by `send`)."""
+    hint = getattr(args, "retry_hint", None)
+    if hint is None or name not in UNSURE:
+        return message
+    return f"{message}; {hint}"
 
 
 async def _send_lines(client, args) -> None:
@@ -173,6 +200,8 @@ async def _send_lines(client, args) -> None:
 
     # A fresh prefix sorts with the SDK's time-ordered cids (docs/DESIGN.md, "Projections").
     prefix = args.cid_prefix or new_cid()
+    args.retry_hint = (f"lines may have been accepted: run it again on the same input with "
+                       f"--cid-prefix {prefix} (no line is appended twice)")
     limit = trio.Semaphore(args.pipeline)
     failures: list[Exception] = []
 
