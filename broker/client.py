@@ -51,6 +51,7 @@ import protocol as wire
 from broker.client_errors import (
     _NO_SUCH_NAME,
     _NOT_TLS_REASONS,
+    UNSURE,
     BrokerUnavailable,
     ClientClosed,
     ClientError,
@@ -82,6 +83,7 @@ from protocol import (
 # exceptions it raises, defined in broker/client_errors.py.
 __all__ = [
     "DEFAULT_SERVER",
+    "UNSURE",
     "BrokerUnavailable",
     "Client",
     "ClientClosed",
@@ -402,11 +404,21 @@ class Client:
                    cid: str | None = None) -> wire.Result:
         """Send a message; returns the durable result {conv, seq, lsn, cid, dup}. Without a
         `cid` it gets a fresh one (`new_cid`); one of yours is sent as it is, so an empty one is
-        refused ("invalid") rather than replaced by an id a retry would not find again."""
+        refused ("invalid") rather than replaced by an id a retry would not find again.
+
+        An error after which the message may have been accepted (ConnectionLost, Replaced, or
+        a ClientError named in UNSURE) carries the cid as `.cid`: sent again with it, the
+        message is a dup if it was accepted, and is not appended twice."""
         if cid is None:
             cid = new_cid()
             self._check_body(body)
-        return await self._request(lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
+        try:
+            return await self._request(
+                lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
+        except (ConnectionLost, ClientError) as exc:
+            if isinstance(exc, ClientError) and exc.name not in UNSURE:
+                raise
+            raise _with_cid(exc, cid) from exc.__cause__
 
     def _check_body(self, body: object) -> None:
         """ClientError "invalid", unsent, for a body over the broker's limit (its welcome's
@@ -1214,6 +1226,18 @@ def _fail_requests(requests: list[_Request], error: type[ConnectionLost], messag
         if req.error is None and req.reply is None:
             req.error = error(message)
             req.event.set()
+
+
+def _with_cid(exc: ConnectionLost | ClientError, cid: str) -> ConnectionLost | ClientError:
+    """A copy of `exc`, of its type and with its fields, whose `.cid` is `cid`. A copy: the
+    same instance may be raised to many requests at once (`_fail` hands every waiting request
+    the error that stopped the client, and `_check_usable` raises it again to later calls),
+    each send with a cid of its own. Made without calling `__init__`, whose arguments differ
+    from class to class (ClientError's code, name, message)."""
+    copy = type(exc).__new__(type(exc), *exc.args)
+    copy.__dict__.update(exc.__dict__)
+    copy.cid = cid
+    return copy.with_traceback(exc.__traceback__)
 
 
 def _lacks(cap: str | None) -> ClientError:

@@ -15,7 +15,11 @@ import protocol as wire
 
 
 class ClientError(Exception):
-    """The broker refused a request; `.code` is the ErrorCode, `.name` its wire name."""
+    """The broker refused a request; `.code` is the ErrorCode, `.name` its wire name. `.cid`:
+    see ConnectionLost (only a send's error whose name is in UNSURE has one)."""
+
+    # Set on the copy raised to one `send` whose outcome is unknown (client.py `_with_cid`).
+    cid: str | None = None
 
     def __init__(self, code: int, name: str, message: str) -> None:
         super().__init__(f"{name}: {message}")
@@ -41,7 +45,13 @@ class StaleDelivery(ClientError):
 
 class ConnectionLost(Exception):
     """The connection dropped while a request that cannot be safely repeated was in flight,
-    or the broker could not be reached within the reconnect timeout."""
+    or the broker could not be reached within the reconnect timeout.
+
+    `.cid`, raised by `send`: the cid it sent (the one it made, when the caller passed none),
+    since the broker may have accepted the message: sent again with that cid, it is a dup if
+    it was. None from any other call."""
+
+    cid: str | None = None
 
 
 class BrokerUnavailable(ConnectionLost):
@@ -73,6 +83,12 @@ class UnknownHost(ConnectionLost):
     resolver that failed to answer) when the client first connects: a typo in the address,
     which retrying would not fix, so the client stops at once. Once it was connected, a name
     that stops resolving is an outage like any other and is tried again."""
+
+
+# The refusals after which a send may have been carried out all the same: a broker stopping,
+# or failing after its commit was durable (`internal`, `unavailable`) or past the request's
+# time (`timeout`). Any other refusal (forbidden, invalid, conflict, ...) did nothing.
+UNSURE = frozenset({"shutting_down", "unavailable", "internal", "timeout"})
 
 
 # The resolver's answers that a name does not exist, as against one it could not get
