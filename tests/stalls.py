@@ -13,6 +13,9 @@ from pathlib import Path
 import lmdb
 import trio
 
+import protocol as wire
+from tests.faults.conftest import RawClient
+
 
 @asynccontextmanager
 async def held_commits(data: Path) -> AsyncIterator[None]:
@@ -36,3 +39,22 @@ async def held_commits(data: Path) -> AsyncIterator[None]:
             yield
         finally:
             release.set()
+
+
+def queued_behind(bp, n: int) -> bool:
+    """Whether a `broker_stats` line of `bp` (a tests.procs.BrokerProcess started with
+    `--stats-interval`) says `n` commands wait behind the batch being committed."""
+    return any(e.get("event") == "broker_stats" and e.get("queued", 0) >= n
+               for e in bp.log_events())
+
+
+async def conversation_bodies(bp, user: str, conv: str) -> list:
+    """The bodies of `conv` as `user` reads them from `bp`, oldest first ([] while it does not
+    exist yet: a send still held at its commit)."""
+    c = await RawClient.connect(bp.server, bp.token(user), "hist")
+    await c.send(wire.History(id=1, conv=conv, after=0, limit=200, order="oldest"))
+    page = await c.reply(1)
+    await c.aclose()
+    if isinstance(page, wire.Error) and page.name == "forbidden":  # not created yet
+        return []
+    return [m.body for m in page.messages]

@@ -20,7 +20,7 @@ import trio
 import protocol as wire
 from tests.faults.conftest import RawClient
 from tests.procs import BrokerProcess, as_user, homing, homing_cmd, lines
-from tests.stalls import held_commits
+from tests.stalls import conversation_bodies, held_commits, queued_behind
 
 
 async def _until(check, timeout: float = 30.0):
@@ -28,22 +28,6 @@ async def _until(check, timeout: float = 30.0):
         while not (found := check()):
             await trio.sleep(0.05)
         return found
-
-
-def _queued(bp: BrokerProcess, n: int) -> bool:
-    """A `broker_stats` line says `n` commands wait behind the batch being committed."""
-    return any(e.get("event") == "broker_stats" and e.get("queued", 0) >= n
-               for e in bp.log_events())
-
-
-async def _history(bp: BrokerProcess, user: str, conv: str) -> list:
-    c = await RawClient.connect(bp.server, bp.token(user), "hist")
-    await c.send(wire.History(id=1, conv=conv, after=0, limit=200, order="oldest"))
-    page = await c.reply(1)
-    await c.aclose()
-    if isinstance(page, wire.Error) and page.name == "forbidden":  # not created yet
-        return []
-    return [m.body for m in page.messages]
 
 
 async def _given_up_after_its_send_was_taken(bp: BrokerProcess, args: list[str],
@@ -64,7 +48,7 @@ async def _given_up_after_its_send_was_taken(bp: BrokerProcess, args: list[str],
             cmd.stdin.write(stdin)
             cmd.stdin.close()
             cmd.stdin = None  # (communicate would flush it)
-        await _until(lambda: _queued(bp, sends))
+        await _until(lambda: queued_behind(bp, sends))
         bp.proc.send_signal(signal.SIGSTOP)  # nothing more answered: the command gives up
         try:
             out, err = await trio.to_thread.run_sync(cmd.communicate)
@@ -86,12 +70,12 @@ async def test_a_send_given_up_on_names_the_cid_that_makes_its_retry_a_dup(tmp_p
         assert "may have been accepted" in error["message"], error
         cid = error["message"].split("--cid ")[1].split()[0]
         with trio.fail_after(30):
-            while "order 7 shipped" not in await _history(bp, "shop", "dm:bob:shop"):
+            while "order 7 shipped" not in await conversation_bodies(bp, "shop", "dm:bob:shop"):
                 await trio.sleep(0.05)
         again = lines(homing("send", "--to", "bob", "--cid", cid, "order 7 shipped",
                              env=as_user(bp, "shop")))
         assert again[0]["dup"] is True, again
-        assert (await _history(bp, "shop", "dm:bob:shop")).count("order 7 shipped") == 1
+        assert (await conversation_bodies(bp, "shop", "dm:bob:shop")).count("order 7 shipped") == 1
 
 
 async def test_stdin_given_up_on_names_the_prefix_that_makes_a_run_again_send_no_line_twice(
@@ -105,10 +89,10 @@ async def test_stdin_given_up_on_names_the_prefix_that_makes_a_run_again_send_no
         assert error["error"] == "unreachable", error
         prefix = error["message"].split("--cid-prefix ")[1].split()[0]
         with trio.fail_after(30):
-            while len(await _history(bp, "shop", "dm:bob:shop")) < 5:
+            while len(await conversation_bodies(bp, "shop", "dm:bob:shop")) < 5:
                 await trio.sleep(0.05)
         again = lines(homing("send", "--to", "bob", "--stdin", "--cid-prefix", prefix,
                              input=text, env=as_user(bp, "shop")))
         assert [r["dup"] for r in again] == [True] * 5, again
-        bodies = await _history(bp, "shop", "dm:bob:shop")
+        bodies = await conversation_bodies(bp, "shop", "dm:bob:shop")
         assert sorted(bodies) == sorted(text.splitlines()), bodies

@@ -18,23 +18,7 @@ import protocol as wire
 from broker.client import ClientError, ConnectionLost, open_client
 from tests.faults.conftest import RawClient
 from tests.procs import BrokerProcess
-from tests.stalls import held_commits
-
-
-def _queued(bp: BrokerProcess, n: int) -> bool:
-    """A `broker_stats` line says `n` commands wait behind the batch being committed."""
-    return any(e.get("event") == "broker_stats" and e.get("queued", 0) >= n
-               for e in bp.log_events())
-
-
-async def _history(bp: BrokerProcess, user: str, conv: str) -> list:
-    c = await RawClient.connect(bp.server, bp.token(user), "hist")
-    await c.send(wire.History(id=1, conv=conv, after=0, limit=200, order="oldest"))
-    page = await c.reply(1)
-    await c.aclose()
-    if isinstance(page, wire.Error) and page.name == "forbidden":  # not created yet
-        return []
-    return [m.body for m in page.messages]
+from tests.stalls import conversation_bodies, held_commits, queued_behind
 
 
 async def _until(check, timeout: float = 30.0) -> None:
@@ -67,7 +51,7 @@ async def test_sends_given_up_on_name_their_cids_and_a_retry_with_them_is_a_dup(
                 async with trio.open_nursery() as nursery:
                     for body in bodies:
                         nursery.start_soon(send, body)
-                    await _until(lambda: _queued(bp, 2))
+                    await _until(lambda: queued_behind(bp, 2))
                     bp.proc.send_signal(signal.SIGSTOP)  # nothing answered: the client gives up
                     try:
                         await _until(lambda: len(failed) == 2, 60)
@@ -84,7 +68,7 @@ async def test_sends_given_up_on_name_their_cids_and_a_retry_with_them_is_a_dup(
             for body, cid in cids.items():
                 again = await client.send(body, to="bob", cid=cid)
                 assert again.dup is True, (body, again)
-        history = await _history(bp, "shop", "dm:bob:shop")
+        history = await conversation_bodies(bp, "shop", "dm:bob:shop")
         assert sorted(history) == sorted(bodies), history
 
 
@@ -101,7 +85,7 @@ async def test_a_refused_send_carries_no_cid(tmp_path):
 
 async def _until_committed(bp: BrokerProcess, bodies: list[str]) -> None:
     with trio.fail_after(30):
-        while len(await _history(bp, "shop", "dm:bob:shop")) < len(bodies):
+        while len(await conversation_bodies(bp, "shop", "dm:bob:shop")) < len(bodies):
             await trio.sleep(0.05)
 
 
