@@ -14,11 +14,18 @@ from broker.client import ClientError, ConnectionLost, Replaced, StaleDelivery
 from tests.procs import BrokerProcess, homing
 
 
-async def _restore(bp: BrokerProcess, backup, aside) -> None:
-    """Restore as OPERATIONS.md says: stop, put the copy in place, start (on the same port)."""
+async def _restore(bp: BrokerProcess, backup, aside, new: int = 0) -> None:
+    """Restore as OPERATIONS.md says: stop, put the copy in place, start (on the same port).
+    With `new`, the restored broker first takes that many sends of alice's to bob, "new-0"
+    on, on another port, before the clients' broker is back."""
     bp.kill()
     shutil.move(bp.data, aside)
     shutil.move(backup, bp.data)
+    if new:
+        with BrokerProcess(bp.data) as elsewhere:
+            async with elsewhere.client("alice", "a") as alice:
+                for i in range(new):
+                    await alice.send(f"new-{i}", to="bob")
     await bp.astart()
 
 
@@ -116,14 +123,8 @@ async def test_a_durable_ack_waiting_across_a_restore_is_not_sent_to_the_new_inb
             async with trio.open_nursery() as n:
                 n.start_soon(ack_later)
                 await trio.sleep(0.1)  # it waits for a connection
-                shutil.move(bp.data, tmp_path / "data-aside")
-                shutil.move(tmp_path / "backup", bp.data)
                 # The restored broker takes two sends for bob before bob is back.
-                with BrokerProcess(bp.data) as elsewhere:
-                    async with elsewhere.client("alice", "a") as alice:
-                        for i in range(2):
-                            await alice.send(f"new-{i}", to="bob")
-                await bp.astart()
+                await _restore(bp, tmp_path / "backup", tmp_path / "data-aside", new=2)
                 await _until(lambda: outcome, timeout=20)
             assert isinstance(outcome[0], StaleDelivery), outcome
             with trio.fail_after(20):
@@ -235,14 +236,8 @@ async def test_a_restore_is_told_by_a_durable_ack_it_lost(tmp_path):
                     await alice.send(f"lost-{i}", to="bob")
             for _ in range(2):
                 await bob.done(await bob.deliveries().receive(), durable=True)
-            bp.kill()
-            shutil.move(bp.data, tmp_path / "data-aside")
-            shutil.move(tmp_path / "backup", bp.data)
-            with BrokerProcess(bp.data) as elsewhere:  # two sends before bob is back
-                async with elsewhere.client("alice", "a") as alice:
-                    for i in range(2):
-                        await alice.send(f"new-{i}", to="bob")
-            await bp.astart()
+            # two sends before bob is back
+            await _restore(bp, tmp_path / "backup", tmp_path / "data-aside", new=2)
             with trio.fail_after(20):
                 got = [await bob.deliveries().receive() for _ in range(2)]
             assert [d.body for d in got] == ["new-0", "new-1"]
@@ -401,14 +396,8 @@ async def test_a_restore_below_an_ack_past_the_deliveries_is_an_inbox_that_went_
             await _until(lambda: bob._yielded == 3)  # the window's two, queued in the SDK
             await bob.ack(bob.welcome.head)  # the rest of the backlog passed over
             await bob.ping()  # read by the broker: the ack is taken
-            bp.kill()
-            shutil.move(bp.data, tmp_path / "data-aside")
-            shutil.move(tmp_path / "backup", bp.data)
-            with BrokerProcess(bp.data) as elsewhere:  # three sends before bob is back
-                async with elsewhere.client("alice", "a") as alice:
-                    for i in range(3):
-                        await alice.send(f"new-{i}", to="bob")
-            await bp.astart()
+            # three sends before bob is back
+            await _restore(bp, tmp_path / "backup", tmp_path / "data-aside", new=3)
             with trio.fail_after(20):
                 await bob.ping()  # reconnected
                 got = []
