@@ -33,6 +33,7 @@ from broker.cli import (
     emit,
     warn,
 )
+from broker.client_errors import UNSURE as SDK_UNSURE
 from broker.config import DEFAULT_HOST, DEFAULT_PORT
 
 RATE_LIMITED_PAUSE_S = 0.05  # first pause before resending a send refused as rate_limited
@@ -177,8 +178,7 @@ async def do_send(client, args) -> None:
 # broker lost or stopping (exit 3), the session replaced, a failure of the broker's (a batch
 # that failed after its commit is durable). A refusal (forbidden, invalid, conflict, ...) did
 # nothing, and would come again.
-UNSURE = frozenset({"unreachable", "replaced", "shutting_down", "unavailable", "internal",
-                    "timeout"})
+UNSURE = SDK_UNSURE | {"unreachable", "replaced"}  # the SDK's, and the command's own names
 
 
 def _unsure(args: argparse.Namespace, name: str, message: str) -> str:
