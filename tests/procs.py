@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -19,9 +20,40 @@ from storage.store import Store
 
 
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on, for a child broker to bind later.
+
+    A port the kernel picks (bind to 0) is one of its ephemeral ports, which it also hands to
+    every outgoing connection: between this pick and the child's bind (or a kill and a restart
+    on the same port) a client of the other pytest-xdist worker could take it. So the port
+    comes from below the ephemeral range, from this worker's own slice of it, which no
+    connection and no other worker is given; where there is no room below the range, the
+    kernel's pick as before."""
+    for port in _worker_ports():
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken, or TIME_WAIT connections of an earlier broker on it
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _worker_ports(tries: int = 64) -> list[int]:
+    """Up to `tries` random ports of this xdist worker's slice of 10000 to the ephemeral range's
+    start (none if that is too small or unknown)."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    width = (first_ephemeral - 10000) // max(workers, 1)
+    if width < 1000:
+        return []
+    start = 10000 + worker * width
+    return random.sample(range(start, start + width), tries)
 
 
 def homing_cmd() -> list[str]:
@@ -143,8 +175,6 @@ class BrokerProcess:
 def homing(*args: str, env: dict | None = None, input: str | None = None,
            timeout: float = 60.0, check: bool = True) -> subprocess.CompletedProcess:
     """Run the `homing` command; stdout/stderr as text."""
-    import os
-
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.run([*homing_cmd(), *args], env=full_env, input=input,
                           capture_output=True, text=True, timeout=timeout)
