@@ -555,7 +555,8 @@ class Client:
             id=i, conv=conv, before=before, after=after, limit=limit, order=order))
 
     async def receipts(self, conv: str, seq: int) -> wire.ReceiptList:
-        """Who was delivered, and who read, message `seq` of `conv`."""
+        """Who was delivered, and who read, message `seq` of `conv`, of its audience
+        (`members`: the members other than its sender who were members when it was posted)."""
         return await self._request(lambda i: wire.Receipts(id=i, conv=conv, seq=seq))
 
     async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),

@@ -405,7 +405,10 @@ async def do_read(client, args) -> None:
 
 async def do_receipts(client, args) -> None:
     r = await client.receipts(args.conv, args.seq)
-    emit({"conv": r.conv, "seq": r.seq, "delivered": list(r.delivered), "read": list(r.read)})
+    out = {"conv": r.conv, "seq": r.seq, "delivered": list(r.delivered), "read": list(r.read)}
+    if r.members is not None:  # a broker from before 2026-12-06 does not say
+        out["members"] = list(r.members)
+    emit(out)
 
 
 async def do_ack(client, args) -> None:

@@ -545,9 +545,9 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     if marks is None:
         session.reply_error(f.id, wire.ErrorCode.NOT_FOUND, f"{f.conv} has no message {f.seq}")
         return
-    delivered, read = marks
+    members, delivered, read = marks
     session.reply(wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=delivered,
-                                   read=read))
+                                   read=read, members=members))
 
 
 def on_presence(session: Session, f: wire.Presence) -> None:

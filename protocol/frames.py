@@ -445,6 +445,10 @@ class ReceiptList(NamedTuple):
     seq: int
     delivered: tuple[str, ...]
     read: tuple[str, ...]
+    # The message's audience: the members other than its sender who were members when it was
+    # posted, of whom `delivered` and `read` are the ones its marks reached. None: the server
+    # did not say (before 2026-12-06; it counted members who joined later as having it).
+    members: tuple[str, ...] | None = None
 
 
 class MemberList(NamedTuple):
@@ -612,7 +616,7 @@ _register(Created, "created", "s", id=_ID, conv=f.conv_id, dup=f.boolean)
 _register(Revoked, "revoked", "s", id=_ID, user=f.user_id, before=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
-          delivered=_USERS, read=_USERS)
+          delivered=_USERS, read=_USERS, members=_USERS)
 _register(ConvList, "conv_list", "s", id=_ID, convs=_CONVS, more=f.boolean)
 _register(PresenceList, "presence_list", "s", id=_ID, conv=f.conv_id, online=_USERS)
 _register(MemberList, "member_list", "s", id=_ID, conv=f.conv_id,

@@ -301,12 +301,17 @@ def _conv_created(tables: Tables, ev: Event, fx: Effects) -> None:
 def _member_added(tables: Tables, ev: Event, fx: Effects) -> None:
     d = ev.data
     conv, user, role = d["conv"], d["user"], d["role"]
+    mkey = key2(conv, user)
     last_seq = get_u64(tables, "conv_seq", conv.encode())
-    tables.put("member", key2(conv, user), role.encode())
+    if last_seq and tables.get("member", mkey) is None:
+        # Joining after messages: those before are not theirs to receive or read (`receipts`
+        # leaves them out of theirs), though their marks start past them (not unread).
+        tables.put("joined", mkey, pack_u64(last_seq))
+    tables.put("member", mkey, role.encode())
     tables.put("user_conv", key2(user, conv), role.encode())
     if last_seq:
-        _raise(tables, "recv", key2(conv, user), last_seq)
-        _raise(tables, "read", key2(conv, user), last_seq)
+        _raise(tables, "recv", mkey, last_seq)
+        _raise(tables, "read", mkey, last_seq)
     if ev.user != user and not is_direct(conv):
         _append_inbox(tables, user, [KIND_ADDED, conv, last_seq, ev.lsn], fx)
     fx.conv = conv
@@ -317,6 +322,7 @@ def _member_removed(tables: Tables, ev: Event, fx: Effects) -> None:
     d = ev.data
     conv, user = d["conv"], d["user"]
     tables.delete("member", key2(conv, user))
+    tables.delete("joined", key2(conv, user))
     tables.delete("user_conv", key2(user, conv))
     if ev.user != user and not is_direct(conv):
         last_seq = get_u64(tables, "conv_seq", conv.encode())

@@ -372,9 +372,12 @@ class Queries:
                 raise undecodable("msg", key, exc) from None
         return out, more
 
-    def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str]] | None:
-        """Return (received, read): members other than the sender of `seq` whose marks reach it;
-        None when `conv` has no message `seq`."""
+    def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str], list[str]] | None:
+        """Return (members, received, read) of message `seq` of `conv`: `members` are its
+        audience, the current members other than its sender who have been members since
+        before it was posted (one who joined later never had it: not counted, where their marks,
+        which start at their joining, would reach it); `received` and `read` are those of them
+        whose marks reach it. None when `conv` has no message `seq`."""
         prefix = conv.encode() + b"\0"
         dbs = self._dbs
         with self._env.read() as txn:
@@ -383,19 +386,22 @@ class Queries:
             if lsn is None:
                 return None
             tables = TxnTables(txn, dbs)
-            members: set[str] = set()
+            names: set[str] = set()
             try:
                 sender = self._log.event_at(txn, u64(lsn), conv, True).user
-                members = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
-                members.discard(sender)
-                got = [m for m in sorted(members)
+                names = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
+                names.discard(sender)
+                members = [m for m in sorted(names)
+                           if u64(txn.get(key2(conv, m), db=dbs["joined"]) or bytes(8)) < seq]
+                got = [m for m in members
                        if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq]
                 read = [m for m in got
                         if u64(txn.get(key2(conv, m), db=dbs["read"]) or bytes(8)) >= seq]
             except _UNDECODABLE as exc:  # the cold path names the row
-                marks = [(t, key2(conv, m), u64) for m in sorted(members) for t in ("recv", "read")]
+                marks = [(t, key2(conv, m), u64) for m in sorted(names)
+                         for t in ("joined", "recv", "read")]
                 raise _first_bad(txn, dbs, [("msg", mkey, u64), *marks], exc) from None
-        return got, read
+        return members, got, read
 
     def conversations(self, user: str, after: str | None = None,
                       limit: int | None = None) -> tuple[list[dict[str, Any]], bool]:

@@ -35,7 +35,7 @@ from storage import native
 from storage.rowio import Rows
 
 TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered",
-          "recv", "read", "idem", "created", "mute", "revoked", "meta")
+          "recv", "read", "idem", "created", "mute", "revoked", "joined", "meta")
 # Tables that `apply` and `decide` range over by their first key part ("head \0").
 GROUPED = frozenset({"member", "user_conv"})
 # Tables with a row per message or inbox entry: `apply` only adds rows to them, each key once,
@@ -46,7 +46,7 @@ APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
 # `conv`, `conv_seq`, `meta`, and `delivered`, `revoked` (per device or user, few, and read by
 # the fold of every ack and revocation: kept whole, the fold takes the same turns), `msg`, `idem`.
 USER_HEAD = frozenset({"user_conv", "inbox", "mute", "created"})
-USER_TAIL = frozenset({"member", "recv", "read"})
+USER_TAIL = frozenset({"member", "recv", "read", "joined"})
 USER_WHOLE = frozenset({"inbox_head"})
 # Tables of BufferedTables whose rows stay cached across batches: few rows, read by every batch.
 # The others are written far more than read.

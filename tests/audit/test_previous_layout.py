@@ -12,7 +12,7 @@ from pathlib import Path
 import lmdb
 
 from storage.commands import Ack, CreateConv, MarkRead, SendMessage
-from storage.store import LAYOUT_KEY, Store
+from storage.store import LAYOUT, LAYOUT_KEY, Store
 from tests.procs import homing_cmd
 
 
@@ -22,7 +22,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 def make_layout_4(path: Path) -> int:
     """A data directory as the homing of layout 4 left it (messages, a group, an ack, a read
-    mark; no `created` table, layout "4"); returns its last LSN."""
+    mark; no `created` and `joined` tables, layout "4"); returns its last LSN."""
     store = Store.open(str(path))
     try:
         store.execute([SendMessage("bob", "d", "user", f"c{i}", f"hi {i}", to="alice")
@@ -39,7 +39,8 @@ def make_layout_4(path: Path) -> int:
     env = lmdb.open(str(path), max_dbs=32)
     try:
         with env.begin(write=True) as txn:
-            txn.drop(env.open_db(b"created", txn=txn), delete=True)
+            for table in (b"created", b"joined"):  # layouts 5 and 6 added them
+                txn.drop(env.open_db(table, txn=txn), delete=True)
             txn.put(LAYOUT_KEY, b"4", db=env.open_db(b"layout", txn=txn))
     finally:
         env.close()
@@ -79,4 +80,4 @@ def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path):
         proc = run("audit", *args, "--data", d)
         assert proc.returncode == 1, (args, proc.stderr)
         assert json.loads(proc.stderr.splitlines()[-1])["error"] == "outdated_layout"
-        assert "(layout 4, this version checks layout 5)" in proc.stderr
+        assert f"(layout 4, this version checks layout {LAYOUT.decode()})" in proc.stderr

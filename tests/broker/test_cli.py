@@ -62,7 +62,8 @@ def test_scripted_scenario(broker):
     assert [d.get("kind", "msg") for d in got] == ["added", "msg"]
     homing("read", "--conv", conv, "--upto", str(sent["seq"]), env=bob)
     receipts = lines(homing("receipts", "--conv", conv, "--seq", str(sent["seq"]), env=shop))[0]
-    assert receipts == {"conv": conv, "seq": sent["seq"], "delivered": ["bob"], "read": ["bob"]}
+    assert receipts == {"conv": conv, "seq": sent["seq"], "delivered": ["bob"], "read": ["bob"],
+                        "members": ["bob", "carol"]}
     homing("send", "--conv", conv, "thanks", env=carol)
     history = lines(homing("history", "--conv", conv, env=bob))
     assert [(m["seq"], m["from"], m["body"]) for m in history] == [

@@ -57,8 +57,8 @@ async def test_an_ack_lost_with_a_failed_batch_does_not_cost_the_next_ack_its_re
                 await acked.wait()
                 await committer.close()
         assert store.delivered("bob", "phone") == 2
-        assert store.receipts("dm:bob:carol", 1) == (["bob"], [])
-        assert store.receipts("dm:alice:bob", 1) == (["bob"], [])
+        assert store.receipts("dm:bob:carol", 1) == (["bob"], ["bob"], [])
+        assert store.receipts("dm:alice:bob", 1) == (["bob"], ["bob"], [])
         assert store.check_projections() is None
     finally:
         store.close()
@@ -160,9 +160,9 @@ async def test_a_lower_ack_durable_after_a_loss_does_not_end_it(small_disk):
                 assert not committer.ack_lost("bob", "phone")
                 await committer.close()
         assert store.delivered("bob", "phone") == 4
-        assert store.receipts("dm:alice:bob", 1) == (["bob"], [])
-        assert store.receipts("dm:bob:carol", 1) == (["bob"], [])
-        assert store.receipts("dm:bob:dave", 1) == (["bob"], [])
+        assert store.receipts("dm:alice:bob", 1) == (["bob"], ["bob"], [])
+        assert store.receipts("dm:bob:carol", 1) == (["bob"], ["bob"], [])
+        assert store.receipts("dm:bob:dave", 1) == (["bob"], ["bob"], [])
         assert store.check_projections() is None
     finally:
         store.close()

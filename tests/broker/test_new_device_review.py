@@ -171,8 +171,8 @@ async def test_a_failed_start_leaves_the_live_session_of_the_device_marked(small
         with trio.fail_after(10):
             assert isinstance(await tablet.reply(7), wire.Ok)
         assert store.delivered("bob", "tablet") == 2
-        assert store.receipts("dm:alice:bob", 1) == (["bob"], [])
-        assert store.receipts("dm:bob:carol", 1) == (["bob"], [])
+        assert store.receipts("dm:alice:bob", 1) == (["bob"], ["bob"], [])
+        assert store.receipts("dm:bob:carol", 1) == (["bob"], ["bob"], [])
         for c in (again, tablet, alice, carol):
             await c.aclose()
 
@@ -228,7 +228,7 @@ async def test_a_start_on_a_long_inbox_does_not_hold_other_users_sends(tmp_path)
         assert took and hello_s > 0
         store = h.broker.store
         assert store.delivered("bob", "phone") == n
-        assert store.receipts("dm:bob:s7", n // 50) == (["bob"], [])
+        assert store.receipts("dm:bob:s7", n // 50) == (["bob"], ["bob"], [])
         await phone.aclose()
         await carol.aclose()
 

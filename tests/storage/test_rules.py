@@ -261,7 +261,7 @@ def test_ack_rules_and_receipts(store):
     assert one(store, Ack("bob", "d1", "user", 1)).error is None
     assert store.last_lsn() == lsn
     assert store.delivered("bob", "d1") == 2
-    assert store.receipts("dm:alice:bob", 2) == (["bob"], [])
+    assert store.receipts("dm:alice:bob", 2) == (["bob"], ["bob"], [])
 
 
 def test_mark_read_clamps_and_is_monotonic(store):
