@@ -9,6 +9,7 @@ and "no such conversation", so nothing leaks.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from storage.errors import InternalError, StorageError
 from storage.rules import MANAGERS, NO_ACCESS, asked_conv, revocation_cut_off
 
 if TYPE_CHECKING:
+    from broker.ratelimit import TokenBucket
     from broker.session import Session
 
 # The frames and commands made for every message are built as `protocol.frames` decodes them,
@@ -159,6 +161,14 @@ def _send_allowed(session: Session) -> bool:
     return True
 
 
+def _retry_ms(*buckets: TokenBucket) -> int | None:
+    """The `retry_ms` of a `rate_limited` refusal by `buckets`: until all of them would allow
+    the request (at least 1 ms); None where one never refills (a rate of 0)."""
+    now = time.monotonic()
+    wait = max(b.wait(1.0, now) for b in buckets)
+    return None if wait == float("inf") else max(1, math.ceil(wait * 1000))
+
+
 def on_send(session: Session, f: wire.Send) -> Any:
     # A send the rate, the content policy or the body limit refuses may be the resend of a
     # message accepted before (its answer lost with a connection, the policy changed or the
@@ -171,7 +181,8 @@ def on_send(session: Session, f: wire.Send) -> Any:
         return _refused(session, f, wire.ErrorCode.INVALID,
                         f"send: bad value for field 'body': {why}")
     if not _send_allowed(session):
-        return _refused(session, f, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down")
+        return _refused(session, f, wire.ErrorCode.RATE_LIMITED, "too many sends: slow down",
+                        (session.sends, session.user_sends))
     body = f.body
     if broker.policy is not None:
         body, hit = broker.policy.apply(body)
@@ -190,13 +201,19 @@ def _send_command(session: Session, f: wire.Send, body: str | bytes) -> cmd.Send
                 (session.user, session.device, session.role, f.cid, body, f.conv, f.to))
 
 
-def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str) -> Any:
+def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str,
+             rates: tuple[TokenBucket, ...] = ()) -> Any:
     """Answer `f`, which the rate, the content policy or the body limit refuses, unless it
     repeats a message of its sender's: accepted (then it is submitted as it came, and the rules
     answer it as a dup), or perhaps on its way (any send queued or being committed): then it is
     asked again once those are done (since 2026-12-05; until then refused, and answered as a
-    dup only when sent again). Counted meanwhile with the requests awaiting commit."""
+    dup only when sent again). Counted meanwhile with the requests awaiting commit. A refusal
+    by the send `rates` says when they allow a send again (`retry_ms`, as of the answer)."""
     store = session.broker.store
+
+    def refuse() -> None:
+        session.reply_error(f.id, code, message, retry_ms=_retry_ms(*rates) if rates else None)
+
     if store.sent(session.user, f.cid):
         return _submit_send(session, f, f.body)
 
@@ -213,10 +230,10 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str)
         if sent:  # submitted only: the reader's wait for a free place is not ours to make
             _submit(session, f.id, _send_command(session, f, f.body), _sent)
         else:
-            session.reply_error(f.id, code, message)
+            refuse()
 
     if not session.broker.committer.after_sends_on_way(then):
-        session.reply_error(f.id, code, message)
+        refuse()
         return None
     session.inflight += 1  # `then` runs after a commit, never before this
     session.repeats[then] = (f.id, _send_command(session, f, f.body))
@@ -309,7 +326,8 @@ def _change(handler: Handler, repeat: Callable[[Session, Any], Handler | None] |
         as_repeat = None if repeat is None else repeat(session, f)
         if as_repeat is None:
             session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED,
-                                "too many membership changes: slow down")
+                                "too many membership changes: slow down",
+                                retry_ms=_retry_ms(session.user_changes))
             return None
         return as_repeat(session, f)
     return rated
@@ -372,7 +390,8 @@ def _after_first(session: Session, f: wire.Create, first: Any) -> Any:
                 return
             if not made:
                 session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED,
-                                    "too many membership changes: slow down")
+                                    "too many membership changes: slow down",
+                                    retry_ms=_retry_ms(session.user_changes))
                 return
         _submit_create(session, f)
     first.when_done(then)

@@ -40,6 +40,16 @@ class TokenBucket:
         burst)."""
         self.tokens = min(self.burst, self.tokens + n)
 
+    def wait(self, n: float = 1.0, now: float | None = None) -> float:
+        """Seconds from `now` until `n` tokens are there, if nothing else takes any (0 if they
+        are there now; infinite for a rate of 0, where nothing refills)."""
+        if now is None:
+            now = time.monotonic()
+        short = n - min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        if short <= 0:
+            return 0.0
+        return short / self.rate if self.rate > 0 else float("inf")
+
     def full(self, now: float) -> bool:
         """Whether the bucket will have refilled to its burst by `now` (time.monotonic)."""
         return self.tokens + (now - self.stamp) * self.rate >= self.burst

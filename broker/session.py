@@ -255,9 +255,10 @@ class Session:
         self.out_bytes += len(data)
         self._ready()
 
-    def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str) -> None:
+    def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str, *,
+                    retry_ms: int | None = None) -> None:
         """Queue an error reply that leaves the connection open."""
-        self.reply(wire.error_frame(code, message, request_id, close=False))
+        self.reply(wire.error_frame(code, message, request_id, close=False, retry_ms=retry_ms))
 
     def close(self, reason: CloseReason, frame: object | None = None) -> None:
         """Say `frame` (an error or bye) if given, flush, and end the session."""

@@ -524,6 +524,9 @@ class Error(NamedTuple):
     message: str
     id: int | None = None
     close: bool = False
+    # With `rate_limited`: milliseconds until the rate that refused the request allows it again
+    # (a hint: the user's other connections may spend it first). None: no hint.
+    retry_ms: int | None = None
 
 
 # -- the field table ------------------------------------------------------------------------
@@ -630,7 +633,7 @@ _register(Receipt, "receipt", "s", conv=f.conv_id, user=f.user_id, delivered=f.u
 _register(Status, "status", "s", user=f.user_id, online=f.boolean)
 _register(TypingNotice, "typing", "s", conv=f.conv_id, user=f.user_id)
 _register(Error, "error", "s", code=f.uint, name=f.text(1, 64),
-          message=f.text(0, f.MAX_MESSAGE_CHARS), id=_ID, close=f.boolean)
+          message=f.text(0, f.MAX_MESSAGE_CHARS), id=_ID, close=f.boolean, retry_ms=f.uint)
 
 ALL_FRAMES: tuple[type, ...] = tuple(c for c in _SPECS if c.TYPE is not None)
 """Every frame class, client, server and both-ways."""
@@ -671,11 +674,13 @@ def from_wire(cls: type, d: dict, max_body: int = f.MAX_BODY_BYTES) -> Any:
 
 
 def error_frame(
-    code: ErrorCode, message: str, request_id: int | None = None, close: bool | None = None
+    code: ErrorCode, message: str, request_id: int | None = None, close: bool | None = None,
+    retry_ms: int | None = None,
 ) -> Error:
     """An ``error`` frame for `code`; `close` defaults to whether the code always closes."""
     if close is None:
         close = code in ALWAYS_CLOSE
-    return Error(int(code), code.name.lower(), message[: f.MAX_MESSAGE_CHARS], request_id, close)
+    return Error(int(code), code.name.lower(), message[: f.MAX_MESSAGE_CHARS], request_id, close,
+                 retry_ms)
 
 
