@@ -391,8 +391,10 @@ class Queries:
                 sender = self._log.event_at(txn, u64(lsn), conv, True).user
                 names = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
                 names.discard(sender)
-                members = [m for m in sorted(names)
-                           if u64(txn.get(key2(conv, m), db=dbs["joined"]) or bytes(8)) < seq]
+                # Only members who joined after the first message have a row: one range.
+                joined = {k[len(prefix):].decode(): u64(v)
+                          for k, v in tables.range("joined", prefix)}
+                members = [m for m in sorted(names) if joined.get(m, 0) < seq]
                 got = [m for m in members
                        if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq]
                 read = [m for m in got
