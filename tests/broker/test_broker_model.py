@@ -284,8 +284,8 @@ class Run:
                     self.check_push(dev, push)
                     if isinstance(push, wire.Receipt) and push.read is not None:
                         dev.owed.discard((push.conv, push.user, push.read))
-            while dev.client._pushes:  # and those that came besides
-                self.check_push(dev, dev.client._pushes.popleft())
+            while dev.client._inbox.pushes:  # and those that came besides
+                self.check_push(dev, dev.client._inbox.pushes.popleft())
 
     def check_push(self, dev: Device, push) -> None:
         """A read receipt tells of a read that moved a mark (posting moves it unpushed, §9);
@@ -616,13 +616,13 @@ class Run:
         """The connection breaks under the SDK: it reconnects by itself, and hands over each
         delivery once, with no gap."""
         dev = self.devices[dix]
-        if dev.client is None or dev.client._stream is None:
+        if dev.client is None or dev.client._link.stream is None:
             return
         await self.settle()  # pushes are not redelivered: those owed first
         reconnects = dev.client.reconnects
-        await trio.aclose_forcefully(dev.client._stream)
+        await trio.aclose_forcefully(dev.client._link.stream)
         with trio.fail_after(WAIT_S):
-            while dev.client.reconnects == reconnects or dev.client._stream is None:
+            while dev.client.reconnects == reconnects or dev.client._link.stream is None:
                 await trio.sleep(0.01)
 
     async def op_settle(self) -> None:

@@ -48,7 +48,7 @@ async def test_a_close_cut_short_by_a_cancel_still_closes_the_client(tmp_path):
                     with trio.CancelScope() as cancelled:
                         cancelled.cancel()
                         await alice.aclose()
-                    assert alice._stream is None
+                    assert alice._link.stream is None
                 assert sorted(ended) == ["deliveries", "push"]
                 while h.broker.hub.online("alice"):  # the broker saw the connection end
                     await trio.sleep(0.01)
@@ -90,7 +90,7 @@ async def test_an_ack_waiting_to_be_written_when_the_client_closes_raises_client
                     await _waiting_to_write(alice, 1)  # the ack waits for the write to end
                     await alice.aclose()
                 assert outcome == {"ack": "ClientClosed"}
-                assert alice._acked == 0
+                assert alice._inbox.acked == 0
     finally:
         os.kill(bp.pid, signal.SIGCONT)
         bp.kill()
@@ -98,12 +98,12 @@ async def test_an_ack_waiting_to_be_written_when_the_client_closes_raises_client
 
 async def _writing(client) -> None:
     """Wait until a task of `client` writes (holds its write lock): a fixed pause hoped so."""
-    await wait_until(client._send_lock.locked, step=0.005)
+    await wait_until(client._link.send_lock.locked, step=0.005)
 
 
 async def _waiting_to_write(client, n: int) -> None:
     """Wait until `n` tasks of `client` wait for the write in progress to end."""
-    await wait_until(lambda: client._send_lock.statistics().tasks_waiting == n, step=0.005)
+    await wait_until(lambda: client._link.send_lock.statistics().tasks_waiting == n, step=0.005)
 
 
 async def test_a_second_close_returns_once_the_client_is_closed(tmp_path):
@@ -159,14 +159,14 @@ async def test_cancelled_calls_leave_nothing_behind_and_answers_go_to_their_own_
                         await alice.send("never", to="bob", cid="cancelled-while-away")
 
                 was = alice.connected
-                await trio.aclose_forcefully(alice._stream)  # a drop; it reconnects
+                await trio.aclose_forcefully(alice._link.stream)  # a drop; it reconnects
                 while alice.connected is was:
                     await trio.sleep(0)
                 async with trio.open_nursery() as n:
                     n.start_soon(queued)
-                    while not alice._pending:
+                    while not alice._link.inflight:
                         await trio.sleep(0)
-                    assert alice._stream is None  # waiting for the reconnect to send it
+                    assert alice._link.stream is None  # waiting for the reconnect to send it
                     away.cancel()
                 assert (await alice.send("after", to="bob")).seq == 1
                 assert (await bob.deliveries().receive()).body == "after"
@@ -184,7 +184,7 @@ async def test_cancelled_calls_leave_nothing_behind_and_answers_go_to_their_own_
                         n.start_soon(one, i)
                 assert answered and all(got == mine for got, mine in answered)
                 assert 250 <= len(answered) < 500  # some were cancelled
-                assert alice._pending == {}
+                assert len(alice._link.inflight) == 0
                 assert (await alice.history("dm:alice:bob", limit=1)).messages
                 assert alice.reconnects == 1
 
@@ -214,8 +214,8 @@ async def test_a_backlog_past_the_deliveries_buffer_does_not_hold_the_answers(tm
         async with h.client("bob") as bob:
             await bob.deliveries().receive()
             with trio.move_on_after(10):  # the reader takes the backlog: 65,538 of it before
-                while bob._yielded < bob.welcome.head:
+                while bob._inbox.yielded < bob.welcome.head:
                     await trio.sleep(0.05)
             with trio.fail_after(10):
                 await bob.ping()
-            assert bob._yielded == bob.welcome.head == senders * tasks * each
+            assert bob._inbox.yielded == bob.welcome.head == senders * tasks * each

@@ -107,7 +107,7 @@ async def test_deliveries_raise_connection_lost_when_the_broker_is_gone_for_good
             with pytest.raises(ConnectionLost):
                 async with bp.client("bob", reconnect_timeout=1) as bob:
                     with trio.fail_after(5):
-                        while bob._yielded < 1:  # the delivery is in, not yet taken
+                        while bob._inbox.yielded < 1:  # the delivery is in, not yet taken
                             await trio.sleep(0.02)
                     bp.kill()
                     async for d in bob.deliveries():

@@ -71,7 +71,7 @@ async def test_giving_up_comes_with_the_reconnect_timeout_not_after_it(monkeypat
     attempt used to get a whole CONNECT_TIMEOUT_S (10 s), so a timeout of 14 s gave up after
     20 s; pauses ran past it too (2.7 s for 2 s against a refused port). Here an attempt's
     bound is shortened to 1 s, so a timeout of 1.2 s over a mute listener took 2 s."""
-    from broker import client as sdk
+    from broker import client_link as sdk
 
     monkeypatch.setattr(sdk, "CONNECT_TIMEOUT_S", 1.0)
     with socket.socket() as mute, socket.socket() as refused:
@@ -192,7 +192,7 @@ async def test_tasks_take_turns_with_pushes_that_arrived_together(tmp_path):
                 for _ in range(4):  # within bob's typing burst
                     await bob.typing(conv)
                 await bob.ping()
-                while len(hq._pushes) < 4:  # all four queued before anyone asks
+                while len(hq._inbox.pushes) < 4:  # all four queued before anyone asks
                     await trio.sleep(0.01)
                 got = await _two_waiters(hq, 4)
                 assert got[0] > 0 and got[1] > 0, got  # [0, 4] before
@@ -296,11 +296,11 @@ async def test_a_write_the_broker_never_reads_is_given_up_and_the_cancel_goes_th
     takes effect, and the client reconnects once the broker runs again. The write used to wait
     for ever, holding the heartbeat (and every cancel) with it. (The bound is shortened here,
     from 10 s plus 2 s a MiB, so that the test waits 4 s rather than 13.)"""
-    import broker.client
+    from broker import client_link
 
-    monkeypatch.setattr(broker.client, "WRITE_STALL_S", 2.0)
-    monkeypatch.setattr(broker.client, "SLOWEST_LINK_BPS", 4 * 1024 * 1024)
-    WRITE_STALL_S, SLOWEST_LINK_BPS = broker.client.WRITE_STALL_S, broker.client.SLOWEST_LINK_BPS
+    monkeypatch.setattr(client_link, "WRITE_STALL_S", 2.0)
+    monkeypatch.setattr(client_link, "SLOWEST_LINK_BPS", 4 * 1024 * 1024)
+    WRITE_STALL_S, SLOWEST_LINK_BPS = client_link.WRITE_STALL_S, client_link.SLOWEST_LINK_BPS
 
     body = "x" * 7_000_000
     bound = WRITE_STALL_S + len(body) / SLOWEST_LINK_BPS  # for its frame, a little bigger
@@ -337,11 +337,11 @@ async def test_a_create_made_as_the_client_reconnects_is_sent_once(tmp_path):
             async with h.client("bob", "b") as bob, h.client("shop", "s") as shop:
                 await shop.ping()
                 was = shop.connected
-                await trio.aclose_forcefully(shop._stream)  # the connection drops; it reconnects
+                await trio.aclose_forcefully(shop._link.stream)  # a drop; it reconnects
                 while shop.connected is was:  # the client saw the drop
                     await trio.sleep(0)
                 while not shop.connected.is_set() and not (
-                        shop._stream is not None and shop._send_lock.locked()):
+                        shop._link.stream is not None and shop._link.send_lock.locked()):
                     await trio.sleep(0)
                 conv = await shop.create_group("order-9", ["bob"])
                 added = []
@@ -369,7 +369,7 @@ async def test_a_create_written_as_the_connection_drops_fails_instead_of_hanging
         async with h.client("shop", "s") as shop:
             for _ in range(5):
                 await shop.ping()
-                await trio.aclose_forcefully(shop._stream)
+                await trio.aclose_forcefully(shop._link.stream)
                 with trio.fail_after(10):
                     try:
                         assert (await shop.create_group("g", ["bob"])).startswith("grp:")
@@ -395,8 +395,8 @@ async def test_a_request_resent_on_a_connection_that_breaks_at_once(tmp_path, mo
         async with h.client("shop", "s", role="admin") as shop:
             await shop.ping()
             ResetAfterWelcome.armed = True
-            await trio.aclose_forcefully(shop._stream)
-            while shop._stream is not None:  # the client saw the drop
+            await trio.aclose_forcefully(shop._link.stream)
+            while shop._link.stream is not None:  # the client saw the drop
                 await trio.sleep(0)
             with trio.fail_after(15):
                 if request_ == "revoke":
@@ -481,7 +481,7 @@ async def test_a_host_name_that_stops_resolving_after_a_connection_is_an_outage(
             await alice.send("first", to="bob")
             with trio.fail_after(20):
                 alice.host = NO_SUCH_HOST  # as if the name stopped resolving
-                await trio.aclose_forcefully(alice._stream)  # drop: it reconnects by name
+                await trio.aclose_forcefully(alice._link.stream)  # drop: it reconnects by name
                 while not told:
                     await trio.sleep(0.01)
                 alice.host = "127.0.0.1"
@@ -496,7 +496,7 @@ async def test_a_host_name_that_stops_resolving_after_a_connection_is_an_outage(
 def _resending(client) -> bool:
     """Whether the client reconnected and writes its resend under the send lock (the new
     connection published, `connected` not yet set)."""
-    return (client._stream is not None and client._send_lock.locked()
+    return (client._link.stream is not None and client._link.send_lock.locked()
             and not client.connected.is_set())
 
 
@@ -514,7 +514,7 @@ async def test_leaving_open_client_while_the_reconnect_resends_is_quiet(tmp_path
                 seqs = [(await bob.deliveries().receive()).inbox_seq for _ in range(tries)]
                 for seq in seqs:
                     was = bob.connected
-                    await trio.aclose_forcefully(bob._stream)  # a drop; it reconnects
+                    await trio.aclose_forcefully(bob._link.stream)  # a drop; it reconnects
                     while bob.connected is was:
                         await trio.sleep(0)
                     await bob.ack(seq)  # made while disconnected: goes with the reconnect
@@ -540,7 +540,7 @@ async def test_a_client_closed_while_it_reconnects_opens_no_session(tmp_path):
             async with h.client("bob", "b", on_unreachable=told.append) as bob:
                 await bob.ping()
                 was = bob.connected
-                await trio.aclose_forcefully(bob._stream)
+                await trio.aclose_forcefully(bob._link.stream)
                 while bob.connected is was:
                     await trio.sleep(0)
                 while h.broker.handshaking < 1:  # its next attempt reached the broker
@@ -553,8 +553,8 @@ async def test_a_client_closed_while_it_reconnects_opens_no_session(tmp_path):
                     while h.broker.handshaking or h.broker.hub.online("bob"):
                         await trio.sleep(0.02)
                 assert not h.broker.hub.online("bob"), "a closed client holds a session"
-                assert bob._stream is None
-            assert told == [] and bob._fatal is None
+                assert bob._link.stream is None
+            assert told == [] and bob._link.fatal is None
 
 
 async def test_a_resend_the_broker_does_not_read_is_bounded_like_any_write(tmp_path,
@@ -563,7 +563,7 @@ async def test_a_resend_the_broker_does_not_read_is_bounded_like_any_write(tmp_p
     broker that stopped reading right after its welcome (SIGSTOP) held the connection task,
     and every request, for ever. It is bounded now as every write is (WRITE_STALL_S plus its
     time at SLOWEST_LINK_BPS, shortened here), and giving up comes with the reconnect timeout."""
-    from broker import client as sdk
+    from broker import client_link as sdk
 
     monkeypatch.setattr(sdk, "WRITE_STALL_S", 1.0)
     monkeypatch.setattr(sdk, "SLOWEST_LINK_BPS", 64 * 1024 * 1024)
@@ -577,7 +577,7 @@ async def test_a_resend_the_broker_does_not_read_is_bounded_like_any_write(tmp_p
             await alice.ping()
             bp.kill()
             with trio.fail_after(10):
-                while alice._stream is not None:  # the client saw the drop
+                while alice._link.stream is not None:  # the client saw the drop
                     await trio.sleep(0.01)
             outcome: list = []
 
@@ -592,7 +592,7 @@ async def test_a_resend_the_broker_does_not_read_is_bounded_like_any_write(tmp_p
                 await trio.sleep(0.1)
                 bp.spawn()
                 with trio.fail_after(15):
-                    while not (alice._stream is not None and alice._send_lock.locked()):
+                    while not (alice._link.stream is not None and alice._link.send_lock.locked()):
                         await trio.sleep(0)
                 os.kill(bp.pid, signal.SIGSTOP)  # welcome sent; the broker reads no more
                 with trio.move_on_after(20):  # the write ~1.3 s, then 2 s of attempts
@@ -645,7 +645,7 @@ async def test_deliveries_after_a_restore_from_a_backup_are_not_dropped(tmp_path
             with trio.move_on_after(20):
                 while len(got) < len(sent):
                     got.append((await bob.deliveries().receive()).body)
-            assert got == ["after-restore-0", "after-restore-1"], (got, bob._yielded)
+            assert got == ["after-restore-0", "after-restore-1"], (got, bob._inbox.yielded)
             assert [r.seq for r in sent] == [2, 3]  # the inbox_seqs bob had seen before
     finally:
         bp.kill()
@@ -662,7 +662,7 @@ async def test_a_malformed_request_made_while_disconnected_is_refused_at_once(tm
             await alice.ping()
             bp.kill()
             with trio.fail_after(10):
-                while alice._stream is not None:  # the client saw the drop
+                while alice._link.stream is not None:  # the client saw the drop
                     await trio.sleep(0.01)
             with trio.fail_after(3):
                 for refused_request in (lambda: alice.history("dm:alice:bob", limit=500),
@@ -671,7 +671,7 @@ async def test_a_malformed_request_made_while_disconnected_is_refused_at_once(tm
                     with pytest.raises(ClientError) as refused:
                         await refused_request()
                     assert refused.value.name == "invalid", refused.value
-            assert alice._pending == {}
+            assert len(alice._link.inflight) == 0
     finally:
         bp.kill()
 

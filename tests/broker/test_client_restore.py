@@ -59,14 +59,14 @@ async def test_a_delivery_from_before_a_restore_acks_nothing_of_the_new_inbox(tm
                     await alice.send(f"lost-{i}", to="bob")
                 old_2 = await bob.deliveries().receive()
                 old_3 = await bob.deliveries().receive()
-                await _until(lambda: bob._yielded == 4)  # lost-2 is queued in the SDK
+                await _until(lambda: bob._inbox.yielded == 4)  # lost-2 is queued in the SDK
                 await _restore(bp, tmp_path / "backup", tmp_path / "data-aside")
                 with trio.fail_after(20):
                     await alice.ping()
                     await bob.ping()
                 new = [await alice.send(f"new-{i}", to="bob") for i in range(2)]
                 assert [r.seq for r in new] == [2, 3]  # bob's inbox_seqs 2 and 3 again
-                await _until(lambda: bob._yielded == 3)  # both arrived in the SDK
+                await _until(lambda: bob._inbox.yielded == 3)  # both arrived in the SDK
 
                 for stale in (lambda: bob.ack(old_3.inbox_seq),
                               lambda: bob.ack(old_3.inbox_seq, durable=True),
@@ -111,7 +111,7 @@ async def test_a_durable_ack_waiting_across_a_restore_is_not_sent_to_the_new_inb
                     await alice.send(f"lost-{i}", to="bob")
             old = [await bob.deliveries().receive() for _ in range(3)]
             bp.kill()
-            await _until(lambda: bob._stream is None)
+            await _until(lambda: bob._link.stream is None)
             outcome = []
 
             async def ack_later() -> None:
@@ -205,7 +205,7 @@ async def test_done_in_order_while_their_acks_wait_then_one_done_again_acks_them
                         nursery.start_soon(lambda d=d: bob.done(d, durable=True))
                         await trio.lowlevel.checkpoint()
                     waiting.cancel()
-            assert len(bob._taken) == n and not bob._undone  # none acked, all done
+            assert len(bob._inbox.taken) == n and not bob._inbox.undone  # none acked, all done
             await bp.astart()
             await bob.done(got[-1], durable=True)
         async with bp.client("bob", "b") as bob:
@@ -263,7 +263,7 @@ async def test_thousands_of_requests_resent_after_a_drop_are_all_answered(tmp_pa
                     for d in got:  # each waits for its durable ack
                         nursery.start_soon(lambda d=d: bob.done(d, durable=True))
                         await trio.lowlevel.checkpoint()
-                    assert len(bob._pending) > n // 2  # thousands of them wait
+                    assert len(bob._link.inflight) > n // 2  # thousands of them wait
                     await bp.astart()
         async with bp.client("bob", "b") as bob:
             assert bob.welcome.acked == n
@@ -294,7 +294,7 @@ async def test_thousands_of_requests_resent_over_tls_are_all_answered(tmp_path):
                     for d in got:
                         nursery.start_soon(lambda d=d: bob.done(d, durable=True))
                         await trio.lowlevel.checkpoint()
-                    assert len(bob._pending) > n // 2
+                    assert len(bob._link.inflight) > n // 2
                     await bp.astart()
             assert bob.reconnects == 1  # the resend's connection served them all
         async with bp.client("bob", "b", tls=tls) as bob:
@@ -326,7 +326,7 @@ async def _taken_then_broker_gone(bp: BrokerProcess, bob, n: int) -> list:
     """bob's `n` deliveries, taken; then the broker killed, and bob's client disconnected."""
     got = [await bob.deliveries().receive() for _ in range(n)]
     bp.kill()
-    await _until(lambda: bob._stream is None)
+    await _until(lambda: bob._link.stream is None)
     return got
 
 
@@ -341,7 +341,7 @@ async def test_a_session_replaced_during_the_resend_stops_the_client_it_replaced
     try:
         async with bp.client("bob", "b", reconnect_timeout=60) as bob:
             bp.kill()
-            await _until(lambda: bob._stream is None)
+            await _until(lambda: bob._link.stream is None)
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
                     for i in range(8000):
@@ -349,14 +349,15 @@ async def test_a_session_replaced_during_the_resend_stops_the_client_it_replaced
                         await trio.lowlevel.checkpoint()
                     await bp.astart()
                     # The new connection is published, its resend not yet written.
-                    await _until(lambda: bob._stream is not None and not bob.connected.is_set())
+                    await _until(lambda: bob._link.stream is not None
+                                 and not bob.connected.is_set())
                     async with bp.client("bob", "b") as other:
                         with pytest.raises(Replaced), trio.fail_after(15):
                             async for _ in bob.deliveries():
                                 pass
                         await trio.sleep(1)  # the first did not come back and replace it
                         await other.ping()
-                        assert other._fatal is None
+                        assert other._link.fatal is None
     finally:
         bp.kill()
 
@@ -393,7 +394,7 @@ async def test_a_restore_below_an_ack_past_the_deliveries_is_an_inbox_that_went_
         async with bp.client("bob", "b", reconnect_timeout=60,
                              on_inbox_reset=resets.append) as bob:
             assert bob.welcome.head == 6
-            await _until(lambda: bob._yielded == 3)  # the window's two, queued in the SDK
+            await _until(lambda: bob._inbox.yielded == 3)  # the window's two, queued in the SDK
             await bob.ack(bob.welcome.head)  # the rest of the backlog passed over
             await bob.ping()  # read by the broker: the ack is taken
             # three sends before bob is back

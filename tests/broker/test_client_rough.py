@@ -209,7 +209,7 @@ async def test_reconnects_counts_the_sessions_opened_again(tmp_path, monkeypatch
         async with bp.client("bob", "b", reconnect_timeout=60) as bob:
             await bob.ping()
             bp.kill()
-            while bob._stream is not None:
+            while bob._link.stream is not None:
                 await trio.sleep(0.01)
             await trio.sleep(0.3)  # attempts fail meanwhile
             assert bob.reconnects == 0  # none has been made
@@ -225,7 +225,7 @@ async def test_reconnects_counts_the_sessions_opened_again(tmp_path, monkeypatch
                     # write is its resend. Sent after that session opened, it would be the
                     # send itself, and the break would end a session already counted.
                     nursery.start_soon(send_after)
-                    while not bob._pending:
+                    while not bob._link.inflight:
                         await trio.sleep(0.01)
                     await bp.astart()
             assert sent[0].seq == 1

@@ -89,4 +89,4 @@ async def test_without_a_reconnect_timeout_it_goes_on_and_says_why_once(tmp_path
                 while bob.reconnects < 2:
                     await trio.sleep(0.02)
             assert bob.reconnects >= 2 and len(told) == 1, (bob.reconnects, told)
-            assert bob._fatal is None
+            assert bob._link.fatal is None

@@ -358,7 +358,7 @@ async def test_the_sdk_with_a_broker_without_the_cap_proceeds(tmp_path):
             with pytest.raises(ClientError):
                 client.deliveries()
             assert client._deliveries._channel.statistics().current_buffer_used == 0
-            assert not client._pushes
+            assert not client._inbox.pushes
         nursery.cancel_scope.cancel()
     assert [h.deliver for h in hellos] == [False]
     assert not [f for f in frames_in if isinstance(f, wire.Ack)]

@@ -38,7 +38,7 @@ import pytest
 import trio
 
 import protocol as wire
-from broker import client as sdk
+from broker import client_link
 from storage import records as r
 from tests.faults.checker import History, check
 from tests.faults.conftest import RawClient, scaled
@@ -80,7 +80,7 @@ def devices(monkeypatch):
     each frame read on a connection (deliveries, and the `ok` of an ack with an id)."""
     devs = {(u, d): Device(u, d) for u, d in [*((u, DEVICE) for u in USERS), LISTENER]}
     by_conn: dict[int, tuple[Device, Session, Any]] = {}
-    connect, next_frame = sdk.Client._connect_once, sdk._next_frame
+    connect, next_frame = client_link.Link._connect_once, client_link.next_frame
 
     async def spy_connect(self, *args, **kw):
         await connect(self, *args, **kw)
@@ -88,7 +88,7 @@ def devices(monkeypatch):
         if dev is not None:
             s = Session(self.welcome, dev.durable, dev.ack_sent)
             dev.sessions.append(s)
-            by_conn[id(self._conn)] = (dev, s, self._conn)  # keeps the conn: ids stay unique
+            by_conn[id(self.conn)] = (dev, s, self.conn)  # keeps the conn: ids stay unique
 
     async def spy_next_frame(stream, conn, early=None):
         frame = await next_frame(stream, conn, early)
@@ -101,8 +101,8 @@ def devices(monkeypatch):
                 dev.durable = max(dev.durable, dev.ack_ids[frame.id])
         return frame
 
-    monkeypatch.setattr(sdk.Client, "_connect_once", spy_connect)
-    monkeypatch.setattr(sdk, "_next_frame", spy_next_frame)
+    monkeypatch.setattr(client_link.Link, "_connect_once", spy_connect)
+    monkeypatch.setattr(client_link, "next_frame", spy_next_frame)
     return devs
 
 
@@ -115,7 +115,7 @@ async def ack_durably(dev: Device, upto: int) -> None:
         return wire.Ack(upto=upto, id=i)
 
     dev.ack_sent = max(dev.ack_sent, upto)
-    await dev.client._request(make)
+    await dev.client._link.request(make)
 
 
 async def listen(dev: Device, history: History) -> None:
