@@ -24,7 +24,7 @@ from broker import tokens
 from broker.audit_cli import open_readonly, quietly
 from broker.cli import EXIT_USAGE, CliError, emit
 from broker.config import DEFAULT_DATA_DIR
-from broker.keyring import keys_locked
+from broker.tokens import keys_locked
 from storage.files import sync_dir
 
 
@@ -50,10 +50,11 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
         made = _make_empty(dest)
         _claim(dest, made)
         try:
-            if secret is not None:  # before the copy: a whole `data.mdb` has its secret beside
-                tokens.store_secret(dest, secret)
-            if previous is not None:
-                tokens.store_secret(dest, previous, tokens.PREVIOUS_FILE)
+            with keys_locked(dest):  # (as every write of a key file is made)
+                if secret is not None:  # before the copy: a whole `data.mdb` has its secret
+                    tokens.store_secret(dest, secret)  # beside it
+                if previous is not None:
+                    tokens.store_secret(dest, previous, tokens.PREVIOUS_FILE)
             last_lsn = store.backup(str(dest), made=True)
         except (StorageError, OSError) as exc:
             _take_away(dest, made)

@@ -253,7 +253,7 @@ class Client:
             return await self._link.request(
                 lambda i: wire.Send(id=i, cid=cid, body=body, to=to, conv=conv))
         except (ConnectionLost, ClientError) as exc:
-            if isinstance(exc, ClientError) and exc.name not in UNSURE:
+            if not _unsure(exc):
                 raise
             raise _with_cid(exc, cid) from exc.__cause__
 
@@ -290,11 +290,32 @@ class Client:
         resets = inbox.resets
         if durable:
             await self._link.request(lambda i: wire.Ack(upto=seq, id=i))
-        elif seq > inbox.acked:
-            await self._link.write_frame(wire.Ack(upto=seq))
+        else:
+            await self._write_ack(seq)
         if inbox.resets != resets:  # it went to the broker before the reset, or nowhere
             return
         inbox.acked_upto(seq, durable)
+
+    async def _write_ack(self, seq: int) -> None:
+        """Write the plain ack of `seq`, unless an ack as far was made or is being written by
+        another call: then wait for that one, and write this one only if it was not (cancelled
+        before it went out). So two plain acks at once write each mark once, and never a lower
+        one after a higher: each checked the last ack made, which is counted once written, and
+        both went out (the same mark twice, or 4 then 3, on the wire)."""
+        inbox = self._inbox
+        while seq > inbox.acked and (under_way := next(
+                (a for a in inbox.plain_acks if a.upto >= seq), None)) is not None:
+            await under_way.over.wait()  # made: `acked` is past `seq`; cancelled: look again
+        if seq <= inbox.acked:
+            return
+        acking = client_inbox.Acking(upto=seq)
+        inbox.plain_acks.append(acking)
+        try:
+            await self._link.write_frame(wire.Ack(upto=seq))
+        finally:
+            # `acked` moves (in `ack`) before any other task runs: a waiter sees it moved.
+            inbox.plain_acks.remove(acking)
+            acking.over.set()
 
     async def done(self, inbox_seq: int | wire.Deliver, *, durable: bool = False) -> None:
         """Declare the delivery `inbox_seq` (one taken from `deliveries()`, or that delivery
@@ -364,15 +385,27 @@ class Client:
         A broker whose welcome lacks the `create_cid` cap (one from before 2026-12-05) ignores
         the cid: a create written to it that a drop cuts off raises ConnectionLost, and one
         with your own `cid` is not sent to it (ClientError "invalid"), since a second call
-        with it would make a second conversation."""
+        with it would make a second conversation.
+
+        An error after which the conversation may have been created (as for `send`) carries
+        the cid as `.cid`, where the broker's welcome has the `create_cid` cap: called again
+        with it, the create returns the conversation made first, and makes no second one."""
         if isinstance(members, str):
             raise TypeError(f"members is a list of user ids, not the str {members!r}: "
                             f"[{members!r}] for one member")
         own = cid is not None  # the caller's: it must be honoured, or nothing is created
         cid = new_cid() if cid is None else cid
-        reply = await self._link.request(lambda i: wire.Create(
-            id=i, kind=kind, name=name, members=tuple(members or ()), open=open, cid=cid),
-            needs=wire.CAP_CREATE_CID, required=own)
+        try:
+            reply = await self._link.request(lambda i: wire.Create(
+                id=i, kind=kind, name=name, members=tuple(members or ()), open=open, cid=cid),
+                needs=wire.CAP_CREATE_CID, required=own)
+        except (ConnectionLost, ClientError) as exc:
+            # A broker without the cap ignores the cid: a create again with it would be
+            # refused (`Link.request`'s `needs`), so it is not named.
+            honoured = self.welcome is not None and wire.CAP_CREATE_CID in self.welcome.caps
+            if not honoured or not _unsure(exc):
+                raise
+            raise _with_cid(exc, cid) from exc.__cause__
         return reply.conv
 
     async def create_group(self, name: str, members=(), open: bool = False, *,
@@ -541,6 +574,12 @@ class Deliveries:
             return await self.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None
+
+
+def _unsure(exc: ConnectionLost | ClientError) -> bool:
+    """Whether `exc`, raised by a request that carries a cid, leaves its outcome unknown: a
+    ConnectionLost (of any kind), or a refusal named in UNSURE."""
+    return isinstance(exc, ConnectionLost) or exc.name in UNSURE
 
 
 def _with_cid(exc: ConnectionLost | ClientError, cid: str) -> ConnectionLost | ClientError:

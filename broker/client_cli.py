@@ -174,16 +174,16 @@ async def do_send(client, args) -> None:
     emit(_result(await client.send(args.text, to=args.to, conv=args.conv, cid=cid)))
 
 
-# Errors after which a send (of --stdin: the lines in flight) may have been carried out: the
-# broker lost or stopping (exit 3), the session replaced, a failure of the broker's (a batch
-# that failed after its commit is durable). A refusal (forbidden, invalid, conflict, ...) did
-# nothing, and would come again.
+# Errors after which a send (of --stdin: the lines in flight), or a create, may have been
+# carried out: the broker lost or stopping (exit 3), the session replaced, a failure of the
+# broker's (a batch that failed after its commit is durable). A refusal (forbidden, invalid,
+# conflict, ...) did nothing, and would come again.
 UNSURE = SDK_UNSURE | {"unreachable", "replaced"}  # the SDK's, and the command's own names
 
 
 def _unsure(args: argparse.Namespace, name: str, message: str) -> str:
     """`message`, and how to send again without a duplicate when the command sent something
-    whose outcome `name` leaves unknown (`retry_hint`, set by `send`)."""
+    whose outcome `name` leaves unknown (`retry_hint`, set by `send` and `create`)."""
     hint = getattr(args, "retry_hint", None)
     if hint is None or name not in UNSURE:
         return message
@@ -260,8 +260,10 @@ async def _stdin_lines() -> AsyncIterator[str]:
 
 
 async def _send_until_accepted(client, args, cid: str, text: str) -> Any:
-    """`client.send`, again with the same cid after a growing pause while the broker answers
-    rate_limited (its per-connection and per-user send rates): the line is still to be sent."""
+    """`client.send`, again with the same cid while the broker answers rate_limited (its
+    per-connection and per-user send rates): the line is still to be sent. Each time after
+    the pause the broker says (`retry_after`), or, from a broker that does not say (before
+    2026-12-06), a pause that grows."""
     from broker.client import ClientError
 
     pause = RATE_LIMITED_PAUSE_S
@@ -271,6 +273,10 @@ async def _send_until_accepted(client, args, cid: str, text: str) -> Any:
         except ClientError as exc:
             if exc.name != "rate_limited":
                 raise
+            said = exc.retry_after
+        if said is not None:  # a little more, so that lines refused together spread out
+            await trio.sleep(said * (1 + 0.25 * random.random()))
+            continue
         await trio.sleep(pause * (0.5 + random.random()))
         pause = min(pause * 2, RATE_LIMITED_MAX_PAUSE_S)
 
@@ -351,8 +357,19 @@ async def _wait_reader_gone() -> None:
 
 
 async def do_create(client, args) -> None:
+    from broker.client import ClientError, ConnectionLost
+
     members = [m for m in (args.members or "").split(",") if m]
-    conv = await client.create(args.kind, args.name, members, args.open, cid=args.cid)
+    try:
+        conv = await client.create(args.kind, args.name, members, args.open, cid=args.cid)
+    except (ClientError, ConnectionLost) as exc:
+        # The SDK names the cid when the create may have been carried out, and the broker
+        # honours it (its `create_cid` cap); not made here as `send` makes its own, since a
+        # cid of ours is refused by a broker without the cap, where a create without one works.
+        if exc.cid is not None:
+            args.retry_hint = (f"the {args.kind} may have been created: run the command again "
+                               f"with --cid {exc.cid} (it prints that {args.kind} if it was)")
+        raise
     emit({"conv": conv})
 
 

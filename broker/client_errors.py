@@ -16,14 +16,25 @@ import protocol as wire
 
 class ClientError(Exception):
     """The broker refused a request; `.code` is the ErrorCode, `.name` its wire name. `.cid`:
-    see ConnectionLost (only a send's error whose name is in UNSURE has one)."""
+    see ConnectionLost (only the error of a send or a create whose name is in UNSURE has
+    one). `.retry_after`: with "rate_limited", the seconds after which the rate that refused
+    the request allows it again, as the broker said (None where it did not say)."""
 
-    # Set on the copy raised to one `send` whose outcome is unknown (client.py `_with_cid`).
+    # Set on the copy raised to one `send` or `create` whose outcome is unknown (client.py
+    # `_with_cid`).
     cid: str | None = None
 
-    def __init__(self, code: int, name: str, message: str) -> None:
+    def __init__(self, code: int, name: str, message: str, *,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{name}: {message}")
         self.code, self.name, self.message = code, name, message
+        self.retry_after = retry_after
+
+    @classmethod
+    def of(cls, frame: wire.Error) -> ClientError:
+        """The error the broker's `frame` says."""
+        return cls(frame.code, frame.name, frame.message,
+                   retry_after=None if frame.retry_ms is None else frame.retry_ms / 1000)
 
 
 class StaleDelivery(ClientError):
@@ -49,7 +60,9 @@ class ConnectionLost(Exception):
 
     `.cid`, raised by `send`: the cid it sent (the one it made, when the caller passed none),
     since the broker may have accepted the message: sent again with that cid, it is a dup if
-    it was. None from any other call."""
+    it was. Raised by `create` (and `create_group`, `create_channel`) to a broker with the
+    `create_cid` cap, likewise: called again with it, the create returns the conversation made
+    first. None from any other call."""
 
     cid: str | None = None
 
@@ -85,9 +98,9 @@ class UnknownHost(ConnectionLost):
     that stops resolving is an outage like any other and is tried again."""
 
 
-# The refusals after which a send may have been carried out all the same: a broker stopping,
-# or failing after its commit was durable (`internal`, `unavailable`) or past the request's
-# time (`timeout`). Any other refusal (forbidden, invalid, conflict, ...) did nothing.
+# The refusals after which a send or a create may have been carried out all the same: a
+# broker stopping, or failing after its commit was durable (`internal`, `unavailable`) or past
+# the request's time (`timeout`). Any other refusal (forbidden, invalid, conflict, ...) did nothing.
 UNSURE = frozenset({"shutting_down", "unavailable", "internal", "timeout"})
 
 

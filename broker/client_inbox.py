@@ -40,9 +40,10 @@ class InboxReset(NamedTuple):
 
 @dataclass
 class Acking:
-    """An ack `done` makes: `over` once it returned or raised; `made` if it returned, `error`
-    what it raised (None if cancelled)."""
+    """An ack `done` makes, or a plain ack being written (of `upto`): `over` once it returned
+    or raised; `made` if it returned, `error` what it raised (None if cancelled)."""
 
+    upto: int = 0
     over: trio.Event = field(default_factory=trio.Event)
     made: bool = False
     error: BaseException | None = None
@@ -83,6 +84,9 @@ class Inbox:
         self.ready = 0
         self.handed = 0
         self.acking: dict[tuple[int, bool], Acking] = {}
+        # The plain acks being written (`Client._write_ack`), for an ack that adds nothing to
+        # one of them to wait for it rather than write its mark again, or a lower one after it.
+        self.plain_acks: list[Acking] = []
         self.resets = 0  # times the inbox went back (a broker restored from a backup)
 
     # -- from the link ------------------------------------------------------------------------

@@ -462,7 +462,7 @@ class Link:
                 self._served += 1
             elif isinstance(frame, wire.Error):
                 if frame.close:
-                    error = ClientError(frame.code, frame.name, frame.message)
+                    error = ClientError.of(frame)
                     # too_large: a delivery above the broker's own max_frame (the SDK asks for
                     # no less), which a reconnect would meet again at once.
                     if frame.name in ("unauthorized", "unsupported_version", "too_large"):
@@ -471,7 +471,7 @@ class Link:
                     return
                 req = self.inflight.get(frame.id) if frame.id is not None else None
                 if req is not None:
-                    req.error = ClientError(frame.code, frame.name, frame.message)
+                    req.error = ClientError.of(frame)
                     self._served += 1
                     req.event.set()
             elif isinstance(frame, wire.Ping):

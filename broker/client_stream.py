@@ -54,7 +54,7 @@ async def open_session(host: str, port: int, tls: ssl.SSLContext | None,
                 raise ConnectionLost(f"it does not speak homing's protocol ({exc.message}, "
                                      "before a welcome): is this the broker's port?") from None
         if isinstance(welcome, wire.Error):
-            raise ClientError(welcome.code, welcome.name, welcome.message)
+            raise ClientError.of(welcome)
         if not isinstance(welcome, wire.Welcome):
             raise ConnectionLost(f"expected welcome, got {type(welcome).__name__}")
     except BaseException as exc:

@@ -173,6 +173,13 @@ class Committer:
         `_queue` as well as in `_acks` (the acks still open to merging): counted once."""
         return len(self._queue)
 
+    @property
+    def committing(self) -> int:
+        """Commands of the batch in the worker thread (0 when none is): with `queued`, what a
+        commit that does not end holds up."""
+        running = self._running
+        return 0 if running is None else len(running.pending)
+
     def enqueue(self, command: object, done: Done | None = None, context: Any = None) -> Pending:
         """Queue `command` now, in submission order; `done(pending)` runs after the commit."""
         if self._closing:

@@ -9,14 +9,11 @@ broker holds a `Keyring` and `refresh`es it when the files changed, seen by thei
 
 from __future__ import annotations
 
-import fcntl
-import os
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from broker import tokens
+from broker.tokens import keys_locked
 from storage.files import sync_dir
 
 
@@ -27,18 +24,6 @@ class PreviousKeyHeld(Exception):
 class RotateUnfinished(Exception):
     """A retire found the previous key equal to the current one (a rotate cut short after it
     saved the previous key): the rotate must be run again; nothing would be retired."""
-
-
-@contextmanager
-def keys_locked(data_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `data_dir` (flock on the directory: not the broker's
-    `homing.lock`, so a running broker does not stand in its way) for the keys' files."""
-    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def rotate(data_dir: Path) -> tuple[str, str]:

@@ -36,6 +36,7 @@ from broker.config import (
     MIN_STATS_INTERVAL_S,
     Config,
 )
+from broker.keyring import Keyring
 from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, MIN_FRAME_VALUES, UINT_MAX
 
 if TYPE_CHECKING:
@@ -153,10 +154,14 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
     if notifier is not None:  # a layout change rebuilds the projections before serving
         notifier.notify(STATUS=f"opening {cfg.data_dir}")
     try:
-        tokens.load_secret(cfg.data_dir)
+        # The keys, read once (`secret.key` made if missing) and handed to the broker: read
+        # again there, after a store's open that may take minutes, a file replaced meanwhile
+        # gave a broker of other keys than those checked here (a new key where the file was
+        # deleted, so the tokens of the one checked refused; a traceback for one cut short).
+        # A change after this read is taken up as any rotate is, at the broker's first look.
+        keyring = Keyring(cfg.data_dir)
         _warn_if_exposed(cfg.data_dir / tokens.SECRET_FILE)
-        if tokens.load_previous(cfg.data_dir) is not None:  # held since a rotate
-            _warn_if_exposed(cfg.data_dir / tokens.PREVIOUS_FILE)
+        _warn_if_exposed(cfg.data_dir / tokens.PREVIOUS_FILE, missing_ok=True)
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            limits=Limits(max_members=cfg.max_members,
                                          max_body_bytes=cfg.max_body_bytes),
@@ -172,7 +177,7 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
     except StorageError as exc:  # files LMDB cannot open, a log the rebuild cannot replay
         raise CliError(EXIT_USAGE, "data_dir", f"cannot use {cfg.data_dir}: {exc}") from None
     try:
-        trio.run(_serve, cfg, store, notifier, sockets)
+        trio.run(_serve, cfg, store, notifier, sockets, keyring)
     except BaseExceptionGroup as group:
         failed = _listen_error(group)
         if failed is None:
@@ -289,10 +294,10 @@ def _serve_config(args: argparse.Namespace) -> Config:
 
 
 async def _serve(cfg: Config, store: Any, notifier: Notifier | None,
-                 sockets: list[socket.socket]) -> None:
+                 sockets: list[socket.socket], keyring: Keyring) -> None:
     from broker.server import Broker
 
-    broker = Broker(cfg, store, notifier)
+    broker = Broker(cfg, store, notifier, keyring)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(broker.serve, sockets=sockets))
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -351,10 +356,15 @@ def _raise_nofile(want: int) -> None:
                  "(ulimit -Hn, systemd LimitNOFILE=) or lower --max-connections")
 
 
-def _warn_if_exposed(secret: Path) -> None:
+def _warn_if_exposed(secret: Path, missing_ok: bool = False) -> None:
     """Warn when users other than the owner may read `secret`: they could mint any token,
     admin tokens included (it is made 0600; a copy or a restore may have loosened it)."""
-    mode = stat.S_IMODE(secret.stat().st_mode)
+    try:
+        mode = stat.S_IMODE(secret.stat().st_mode)
+    except FileNotFoundError:
+        if missing_ok:  # `secret.prev.key`: held only between a rotate and a retire
+            return
+        raise
     if mode & 0o077:
         import structlog
 

@@ -109,12 +109,15 @@ _NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROK
 class Broker:
     """Everything one `homing serve` process shares between its connections."""
 
-    def __init__(self, config: Config, store: Any, notifier: Notifier | None = None) -> None:
+    def __init__(self, config: Config, store: Any, notifier: Notifier | None = None,
+                 keyring: Keyring | None = None) -> None:
         self.config = config
         self.store = store
         self.notifier = notifier  # systemd's (broker/sdnotify.py), under `Type=notify`
         self.log = get_logger()
-        self.keyring = Keyring(config.data_dir)  # the token-signing keys (broker/keyring.py)
+        # The token-signing keys (broker/keyring.py): `homing serve`'s, read as it started,
+        # or read here.
+        self.keyring = keyring if keyring is not None else Keyring(config.data_dir)
         self._keys_unreadable: str | None = None  # why the key files last failed (logged once)
         self.log.info("signing_keys_loaded", key_id=tokens.key_id(self.keyring.current),
                       previous_key_id=self.keyring.previous_id, sessions_ended=0)

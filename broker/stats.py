@@ -41,6 +41,7 @@ async def report_stats(broker: Broker, every: float) -> None:
             connections=broker.hub.count, requests_only=broker.hub.requests_only,
             handshaking=broker.handshaking,
             lsn=committer.committed_lsn, queued=committer.queued,
+            committing=committer.committing,
             events_per_s=events_per_s,
             commits_per_s=round((committer.batches - batches) / elapsed, 1),
             commands_per_s=round((committer.commands - commands) / elapsed, 1),

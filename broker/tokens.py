@@ -12,6 +12,7 @@ the broker runs. After `homing secret rotate` the key before it is in ``secret.p
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import hmac
 import os
@@ -19,7 +20,8 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +122,26 @@ def load_previous(data_dir: Path) -> bytes | None:
         return None
 
 
+@contextmanager
+def keys_locked(data_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `data_dir` (flock on the directory: not the broker's
+    `homing.lock`, so a running broker does not stand in its way) for the keys' files: every
+    write of one (`store_secret`) is made under it, and the reads that must not see half a
+    rotate (`homing backup`'s) are too."""
+    fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _create_secret(path: Path) -> bytes:
-    """Make a new secret at `path` (see `store_secret`); return the one linked there."""
-    return store_secret(path.parent, secrets.token_bytes(SECRET_BYTES))
+    """Make a new secret at `path` (see `store_secret`), under the keys' lock; return the one
+    linked there (another process's, if it made one first)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with keys_locked(path.parent):
+        return store_secret(path.parent, secrets.token_bytes(SECRET_BYTES))
 
 
 def store_secret(data_dir: Path, secret: bytes, name: str = SECRET_FILE, *,
@@ -131,11 +150,16 @@ def store_secret(data_dir: Path, secret: bytes, name: str = SECRET_FILE, *,
     `name` (mode 0600): the name only ever holds a whole secret, and if the directory has one
     already (a second process racing us) that one is kept, unless `replace` (a rotate: renamed
     over it). `owner` (uid, gid), when run as root, is given the file (a rotate: the broker's
-    user keeps its keys). Return the one in place."""
+    user keeps its keys). Return the one in place.
+
+    The caller holds `keys_locked(data_dir)`: the temporary file has one name for each key
+    file (`.NAME.tmp`), so that one left by a process killed while writing it (SIGKILL, a
+    power cut) is the next write's to replace, not a copy of a key left for good."""
     path = Path(data_dir) / name
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # one left by a process of this pid killed, or planted there:
+    _remove_leftovers(path)
+    tmp = path.with_name(f".{name}.tmp")
+    tmp.unlink(missing_ok=True)  # one left by a write killed, or planted there:
     # made anew or refused (FileExistsError), never opened through a link to another file
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
@@ -156,6 +180,16 @@ def store_secret(data_dir: Path, secret: bytes, name: str = SECRET_FILE, *,
         tmp.unlink(missing_ok=True)
     sync_dir(path.parent)
     return _read_key(path)
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Remove the temporary files of `path` that a homing from before 2026-12-06 left when
+    killed while writing it, each named for its process (`.NAME.PID.tmp`): never written to
+    again, they held a key until removed by hand. Under the keys' lock, no writer has one
+    open (a homing of this version names its temporary file `.NAME.tmp`)."""
+    for leftover in path.parent.glob(f".{path.name}.*.tmp"):
+        if leftover.name[len(path.name) + 2:-4].isdigit():
+            leftover.unlink(missing_ok=True)
 
 
 def check_user(user: str) -> None:

@@ -296,13 +296,20 @@ def _managed_without(tables: Tables, conv: str, user: str) -> bool:
     return not others or any(row_text("member", key, role) in MANAGERS for key, role in others)
 
 
+def _another_admin_first(conv: str) -> str:
+    """How the last owner or admin of `conv` hands over, said in the refusals of what would
+    leave it without one. The request by both of its names: the protocol's and the SDK's
+    `set_role`, and the `homing role` command, since the text reaches the users of each."""
+    return f"make another member an admin first: set_role, or `homing role {conv} USER admin`"
+
+
 def _invite(tables: Tables, cmd: c.Invite, now_us: int, limits: Limits) -> Decision:
     current = _managed(tables, cmd, "invite", gives_role=True)
     if current == cmd.member_role:
         return [], {"conv": cmd.conv}  # a retried invite: done already
     if current is not None:
         raise Conflict(f"{cmd.target} is already a {current} of {cmd.conv}; an invite does not "
-                       f"change roles (set_role does)")
+                       f"change roles (set_role does, or `homing role`)")
     if _member_count(tables, cmd.conv) >= limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
     data = {"conv": cmd.conv, "user": cmd.target, "role": cmd.member_role}
@@ -319,7 +326,7 @@ def _set_role(tables: Tables, cmd: c.SetRole, now_us: int, limits: Limits) -> De
         return [], {"conv": cmd.conv}  # a retry, or nothing to change
     if cmd.member_role == "member" and not _managed_without(tables, cmd.conv, cmd.target):
         raise Conflict(f"{cmd.target} is the last owner or admin of {cmd.conv}: nobody could "
-                       f"invite any more (make another member an admin first)")
+                       f"invite any more ({_another_admin_first(cmd.conv)})")
     data = {"conv": cmd.conv, "user": cmd.target, "role": cmd.member_role}
     return [_ev(now_us, cmd, r.MEMBER_ROLE_SET, data)], {"conv": cmd.conv}
 
@@ -346,8 +353,7 @@ def _leave(tables: Tables, cmd: c.Leave, now_us: int, limits: Limits) -> Decisio
     if _role(tables, cmd.conv, cmd.user) in MANAGERS and not _managed_without(
             tables, cmd.conv, cmd.user):
         raise Conflict("the last owner or admin cannot leave while other members remain: "
-                       "nobody could invite any more (make another member an admin first, "
-                       "with set_role)")
+                       f"nobody could invite any more ({_another_admin_first(cmd.conv)})")
     return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.user})], {
         "conv": cmd.conv}
 
@@ -363,7 +369,7 @@ def _remove(tables: Tables, cmd: c.Remove, now_us: int, limits: Limits) -> Decis
                        f"leave)")
     if current in MANAGERS and not _managed_without(tables, cmd.conv, cmd.target):
         raise Conflict(f"{cmd.target} is the last owner or admin of {cmd.conv}: nobody could "
-                       f"invite any more (make another member an admin first)")
+                       f"invite any more ({_another_admin_first(cmd.conv)})")
     return [_ev(now_us, cmd, r.MEMBER_REMOVED, {"conv": cmd.conv, "user": cmd.target})], {
         "conv": cmd.conv}
 

@@ -41,6 +41,14 @@ async def held_commits(data: Path) -> AsyncIterator[None]:
             release.set()
 
 
+def committing(bp, n: int) -> bool:
+    """Whether a `broker_stats` line of `bp` says a commit of `n` commands or more is under way:
+    wait for it before the command that is to queue behind it, which would otherwise, sent
+    before the committer took the first, be taken into the same batch (and never queue)."""
+    return any(e.get("event") == "broker_stats" and e.get("committing", 0) >= n
+               for e in bp.log_events())
+
+
 def queued_behind(bp, n: int) -> bool:
     """Whether a `broker_stats` line of `bp` (a tests.procs.BrokerProcess started with
     `--stats-interval`) says `n` commands wait behind the batch being committed."""

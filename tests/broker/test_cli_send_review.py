@@ -20,7 +20,7 @@ import trio
 import protocol as wire
 from tests.faults.conftest import RawClient
 from tests.procs import BrokerProcess, as_user, homing, homing_cmd, lines
-from tests.stalls import conversation_bodies, held_commits, queued_behind
+from tests.stalls import committing, conversation_bodies, held_commits, queued_behind
 
 
 async def _until(check, timeout: float = 30.0):
@@ -40,6 +40,7 @@ async def _given_up_after_its_send_was_taken(bp: BrokerProcess, args: list[str],
     async with held_commits(bp.data):
         # A batch of its own, held at its commit: the command's send queues behind it.
         await blocker.send(wire.Send(id=1, cid="blocker", body="first", to="bob"))
+        await _until(lambda: committing(bp, 1))
         cmd = subprocess.Popen([*homing_cmd(), "send", "--to", "bob", "--connect-timeout",
                                 "1", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE,

@@ -18,7 +18,7 @@ import protocol as wire
 from broker.client import ClientError, ConnectionLost, open_client
 from tests.faults.conftest import RawClient
 from tests.procs import BrokerProcess
-from tests.stalls import conversation_bodies, held_commits, queued_behind
+from tests.stalls import committing, conversation_bodies, held_commits, queued_behind
 
 
 async def _until(check, timeout: float = 30.0) -> None:
@@ -39,6 +39,7 @@ async def test_sends_given_up_on_name_their_cids_and_a_retry_with_them_is_a_dup(
         async with held_commits(bp.data):
             # A batch of its own, held at its commit: the SDK's sends queue behind it.
             await blocker.send(wire.Send(id=1, cid="blocker", body="first", to="bob"))
+            await _until(lambda: committing(bp, 1))
             async with open_client(bp.server, bp.token("shop"), "d1",
                                    reconnect_timeout=1) as client:
 

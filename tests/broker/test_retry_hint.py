@@ -6,9 +6,11 @@ its token buckets: `retry_ms` is the time until the refusing bucket holds a toke
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 import protocol as wire
+from broker.client import ClientError
 from tests.faults.conftest import RawClient
 from tests.harness import running_broker
 
@@ -55,3 +57,18 @@ async def test_a_connection_rate_and_a_membership_change_rate_say_it_too(tmp_pat
         other = await raw.reply(5)
         assert other.name == "forbidden" and other.retry_ms is None, other
         await raw.aclose()
+
+
+async def test_the_sdk_error_carries_it_as_seconds(tmp_path):
+    """`ClientError.retry_after` is the broker's `retry_ms` in seconds; a send again after it,
+    with the same cid, is accepted (docs/CLIENT.md)."""
+    async with running_broker(tmp_path / "data", sends_per_s_per_user=2.0) as h, \
+            h.client("hq") as hq:
+        for i in (1, 2):
+            await hq.send("stock check", to="store-1", cid=f"c{i}")
+        with pytest.raises(ClientError) as refused:
+            await hq.send("stock check", to="store-1", cid="c3")
+        wait = refused.value.retry_after
+        assert refused.value.name == "rate_limited" and 0 < wait <= 0.5, refused.value
+        await trio.sleep(wait)
+        assert (await hq.send("stock check", to="store-1", cid="c3")).dup is False

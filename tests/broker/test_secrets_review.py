@@ -96,14 +96,16 @@ async def test_a_retire_taken_up_while_files_cannot_be_opened_still_retires(tmp_
 
 @pytest.mark.parametrize("name", ["secret.key", "secret.prev.key"])
 def test_a_rotate_never_writes_through_a_planted_temporary_file(tmp_path, name):
-    """The temporary file a key is written to has a name one can guess (the pid): a symlink
-    planted there (by the broker's user, against a root that runs `homing secret rotate`)
-    must not make the rotate truncate and write the file it points at."""
+    """The temporary file a key is written to has a name one can guess (`.NAME.tmp`; the pid
+    in it until 2026-12-06): a symlink planted there (by the broker's user, against a root
+    that runs `homing secret rotate`) must not make the rotate truncate and write the file it
+    points at."""
     data = tmp_path / "data"
     first = tokens.load_secret(data)
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious, not a key")
-    (data / f".{name}.{os.getpid()}.tmp").symlink_to(victim)
+    (data / f".{name}.tmp").symlink_to(victim)
+    (data / f".{name}.{os.getpid()}.tmp").symlink_to(victim)  # the name of before
     new_id, previous_id = keyring.rotate(data)
     assert victim.read_bytes() == b"precious, not a key"
     assert previous_id == tokens.key_id(first)
@@ -137,10 +139,10 @@ def test_a_rotate_cut_short_between_its_steps_is_finished_not_retired(tmp_path):
     refused (`rotate_unfinished`), nothing changed."""
     data = tmp_path / "data"
     first = tokens.load_secret(data)
-    (data / f".secret.key.{os.getpid()}.tmp").mkdir()  # the second step's file cannot be made
+    (data / ".secret.key.tmp").mkdir()  # the second step's file cannot be made
     with pytest.raises(OSError):
         keyring.rotate(data)
-    (data / f".secret.key.{os.getpid()}.tmp").rmdir()
+    (data / ".secret.key.tmp").rmdir()
     assert (data / "secret.prev.key").read_bytes() == (data / "secret.key").read_bytes() == first
 
     proc = homing("secret", "retire", "--data", str(data), check=False)

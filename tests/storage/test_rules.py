@@ -549,3 +549,23 @@ def test_a_channel_member_removed_gets_no_more_posts(store):
     kinds = [(e.kind, e.seq) for e in store.inbox_after("store2", 0, 10)]
     assert kinds == [("added", 0), ("msg", 1), ("removed", 1)]
     assert [e.seq for e in store.inbox_after("store1", 0, 10) if e.kind == "msg"] == [1, 2]
+
+
+def test_the_last_managers_refusals_name_the_request_by_both_its_names(store):
+    """A leave, a step down or a remove refused because it would leave the last owner or admin
+    gone names how to hand over as both kinds of user know the request: `set_role` (the
+    protocol's and the SDK's method) and `homing role CONV USER admin` (the command). Until
+    2026-12-06 the leave's said "with set_role" alone and the other two named no request."""
+    conv = group(store, "shop", members=("courier", "customer"))
+    assert one(store, Invite("shop", "d1", "user", conv, "ops", "admin")).error is None
+    assert one(store, Leave("shop", "d1", "user", conv)).error is None
+    refusals = [one(store, cmd).error for cmd in (
+        Leave("ops", "d1", "user", conv),
+        SetRole("ops", "d1", "user", conv, "ops", "member"),
+        Remove("mod", "d1", "admin", conv, "ops"))]
+    for refused in refusals:
+        assert isinstance(refused, Conflict) and "last owner or admin" in str(refused), refused
+        assert "set_role" in str(refused), refused
+        assert f"`homing role {conv} USER admin`" in str(refused), refused
+    refused = one(store, Invite("ops", "d1", "user", conv, "courier", "admin")).error
+    assert isinstance(refused, Conflict) and "`homing role`" in str(refused), refused
