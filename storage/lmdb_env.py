@@ -204,12 +204,31 @@ class LmdbEnv:
         )
         self._check_size()
         self.dbs = Databases(self.path)
+        if not self.readonly:
+            self._open_dbs_writable(db_names)
+            return
         for name in db_names:
             db = self._open_db(name, name in optional)
             if db is None:
                 self.dbs.missing.append(name)
             else:
                 self.dbs[name] = db
+
+    def _open_dbs_writable(self, db_names: list[str]) -> None:
+        """Open (and make, in a new directory) every table in one write transaction of our
+        own. Without one, py-lmdb's `open_db` begins one for each table holding the GIL, so
+        that while another process held the write lock every thread of this one stood still:
+        the log's writer too, whose lines of the start (a key readable by others) waited
+        until the store was open."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    dbs = {name: self.env.open_db(name.encode(), txn=txn) for name in db_names}
+            except lmdb.MapFullError:  # a new directory's tables outgrew a tiny map
+                self._grow()
+                continue
+            self.dbs.update(dbs)
+            return
 
     def _check_size(self) -> None:
         """Refuse a data file shorter than its last committed transaction says it is (a copy
@@ -233,18 +252,13 @@ class LmdbEnv:
             log.warning("storage_stale_readers_cleared", path=self.path, readers=cleared)
 
     def _open_db(self, name: str, optional: bool = False):
-        if self.readonly:
-            try:
-                return self.env.open_db(name.encode(), create=False)
-            except lmdb.NotFoundError:
-                if optional:
-                    return None
-                raise _missing_table(self.path, name) from None
-        while True:
-            try:
-                return self.env.open_db(name.encode())
-            except lmdb.MapFullError:  # a new directory's tables outgrew a tiny map
-                self._grow()
+        """A table of a read-only open (None if `optional` and missing)."""
+        try:
+            return self.env.open_db(name.encode(), create=False)
+        except lmdb.NotFoundError:
+            if optional:
+                return None
+            raise _missing_table(self.path, name) from None
 
     def _take_dir_lock(self) -> None:
         """Hold the directory's lock file for this process, and write our pid in it so that
