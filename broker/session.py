@@ -5,7 +5,8 @@ frame to its handler (broker/handlers.py). The writer flushes queued replies and
 feeds deliveries from the user's inbox on disk, at most `window` unacked at a time. The only
 other write is `flush_now`, the post-commit fast path, and it writes only while the writer is
 idle, leaving whatever the socket does not take to it. Nothing else is buffered per device, so a
-stalled device costs its window and its bounded queue, never the broker's memory.
+stalled device costs a write's worth of deliveries (DELIVER_BYTES), as much of fresh messages,
+and its bounded queue, never the broker's memory.
 
 A requests-only session (`hello.deliver: false`, PROTOCOL.md §9) runs the same two tasks: its
 cursor has no head beyond it and the hub sends it no wake-ups or pushes, so its writer writes
@@ -38,6 +39,13 @@ if TYPE_CHECKING:
 RECV_BYTES = 65536
 FLUSH_ON_CLOSE_S = 2.0
 INBOX_READ_BATCH = 256
+# The most bytes of deliveries a session takes into memory at a time: one write's worth, and
+# as much again of fresh messages queued (`_fresh`); at least one delivery a write. The window
+# bounds what is unacked, not what waits here for a socket that does not take it: a device
+# that stopped reading held its whole window (256 deliveries of 60 KB: 15 MB, for each such
+# device) until 2026-12-06; now the rest waits on disk, read as the socket takes what it has.
+# Deliveries of a few hundred bytes fill a window of 256 before this.
+DELIVER_BYTES = 256 << 10
 MAX_QUEUED_FRAMES = 1024  # replies queued for the writer before the reader stops reading
 MAX_QUEUED_BYTES = 4 << 20  # or this many bytes of them (history pages are up to max_frame each)
 # The longest one connection's frames hold the event loop before the others get a turn: a read
@@ -93,9 +101,10 @@ class Session:
         # Entries sent+1 .. sent+len(_fresh), straight from their commits; kept only while they
         # are every entry up to head and fit the window's room (docs/DESIGN.md, "Delivery").
         self._fresh: list[Fresh] = []
+        self._fresh_bytes = 0  # the bodies' sizes in `_fresh` (DELIVER_BYTES)
         self._muted: dict[str, bool] = {}  # conv -> muted, as read from the store
         self.out: deque[bytes] = deque()
-        self.out_bytes = 0  # the bytes in `out`
+        self.out_bytes = 0  # the bytes of the replies and pushes in `out` (not of deliveries)
         # Replies and pushes the writer took from `out` and is still writing (send_all): they
         # count against MAX_QUEUED_FRAMES / MAX_QUEUED_BYTES until written.
         self.writing_frames = 0
@@ -137,17 +146,21 @@ class Session:
         """The user's inbox grew to `head`: have it delivered.
 
         `fresh` is the message that is entry `head`, if it is one. While every entry between the
-        device's cursor and its head came this way, and they fit the window's room, they are
-        delivered from memory without a store read; otherwise the store is read.
+        device's cursor and its head came this way, and they fit the window's room and
+        DELIVER_BYTES, they are delivered from memory without a store read; otherwise the store
+        is read.
         """
         if head > self.head:
             queued = self._fresh
             if (fresh is not None and head == self.head + 1
                     and self.sent + len(queued) == self.head
-                    and len(queued) < self.window - len(self.unacked)):
+                    and len(queued) < self.window - len(self.unacked)
+                    and self._fresh_bytes < DELIVER_BYTES):
                 queued.append(fresh)
+                self._fresh_bytes += len(fresh.body)
             else:
                 queued.clear()
+                self._fresh_bytes = 0
             self.head = head
             self._ready()
 
@@ -191,9 +204,13 @@ class Session:
         self._drained.set()
         if written < len(data):
             self.out.appendleft(data[written:])
-            self.out_bytes += len(data) - written
-            # Deliveries do not count: the window bounds them.
-            ends = itertools.accumulate(map(len, chunks[:queued]))
+            # Deliveries do not count, here or against MAX_QUEUED_BYTES: the window bounds
+            # them, and they do not count when the writer writes them either. Counted, a
+            # fan-out of big messages to a device on a slow link stopped its reader (its acks
+            # unread) until the socket took them all, and closed it as a slow consumer after
+            # --idle-timeout however steadily it read (until 2026-12-06).
+            ends = list(itertools.accumulate(map(len, chunks[:queued])))
+            self.out_bytes += max(0, (ends[-1] if ends else 0) - written)
             unwritten = sum(1 for end in ends if end > written)
             if unwritten > self.broker.config.max_pending_pushes:
                 self.slow_consumer()  # its socket would not take the burst: it is not reading
@@ -591,8 +608,11 @@ class Session:
                 self._deliver_fresh(chunks, room)
                 return
             fresh.clear()
+            self._fresh_bytes = 0
+        # At most DELIVER_BYTES of bodies a read: the rest waits on disk, not in this write.
         items, last = self.broker.store.deliverable(
-            user, before, min(room, INBOX_READ_BATCH, self.head - before), self.own_lsns)
+            user, before, min(room, INBOX_READ_BATCH, self.head - before), self.own_lsns,
+            DELIVER_BYTES)
         skipped = len(items) < last - before  # own sends passed over in the store
         self.sent = last
         encode, deliver, unacked = self.conn.send, wire.Deliver, self.unacked
@@ -611,14 +631,19 @@ class Session:
             self.head = before
 
     def _deliver_fresh(self, chunks: list[bytes], room: int) -> None:
-        """Deliver up to `room` of the queued entries from their commits' own copies."""
+        """Deliver up to `room` of the queued entries from their commits' own copies, and
+        DELIVER_BYTES of them (at least one)."""
         fresh = self._fresh
-        taken = fresh[:room]
-        del fresh[:room]
         user, device, unacked, own = self.user, self.device, self.unacked, False
         inbox_seq = self.sent
-        for f in taken:
+        room_bytes = DELIVER_BYTES
+        taken = 0
+        for f in fresh:
+            if taken == room or room_bytes <= 0:
+                break
+            taken += 1
             inbox_seq += 1
+            self._fresh_bytes -= len(f.body)
             if f.sender == user and f.device == device:
                 self.own_lsns.discard(f.lsn)  # its own send: passed over
                 own = True
@@ -627,8 +652,11 @@ class Session:
             if muted is None:
                 muted = self.broker.store.muted(user, f.conv)
                 self.learn_muted(f.conv, muted)
-            chunks.append(f.deliver_bytes(self.conn, inbox_seq, muted))
+            data = f.deliver_bytes(self.conn, inbox_seq, muted)
+            room_bytes -= len(data)
+            chunks.append(data)
             unacked.append((inbox_seq, f.conv, f.seq))
+        del fresh[:taken]
         self.sent = inbox_seq
         if own:
             self._ack_own_sends()

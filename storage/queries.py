@@ -18,6 +18,7 @@ with, which the Store's commits fill too (`_remember`). Rules kept (docs/DESIGN.
 from __future__ import annotations
 
 import itertools
+import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -210,9 +211,11 @@ class Queries:
         return self.deliverable(user, after_seq, limit)[0]
 
     def deliverable(self, user: str, after_seq: int, limit: int,
-                    skip_lsns: set[int] | None = None) -> tuple[list[InboxItem], int]:
+                    skip_lsns: set[int] | None = None,
+                    max_bytes: int | None = None) -> tuple[list[InboxItem], int]:
         """Up to `limit` inbox entries of `user` after `after_seq`, joined for delivery, and the
-        last inbox seq looked at.
+        last inbox seq looked at; with `max_bytes`, only until their bodies reach it in all (the
+        entry that reaches it is the last one; always at least one).
 
         Entries whose log record is in `skip_lsns` (a device's own sends: it has them already)
         are passed over without reading the log, and removed from the set. An entry whose log
@@ -228,6 +231,7 @@ class Queries:
         event_at, mutedb = self._log.event_at, self._dbs["mute"]
         records = self._records
         mutes: dict[str, bool] = {}
+        room = math.inf if max_bytes is None else max_bytes
         with self._env.read() as txn:
             cur = txn.cursor(db=self._dbs["inbox"])
             if not cur.set_range(inbox_key(user, after_seq + 1)):
@@ -260,7 +264,9 @@ class Queries:
                         muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
                     last = u64(key[-8:])
                     out.append(InboxItem(last, kind, conv, seq, lsn, *rec, muted))
-                    if seen >= limit:
+                    if rec[2] is not None:
+                        room -= len(rec[2])
+                    if seen >= limit or room <= 0:
                         break
             except (CorruptLog, *_UNDECODABLE) as exc:
                 if out:  # those before the damaged entry or record go out; the next read fails

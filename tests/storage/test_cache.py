@@ -248,3 +248,19 @@ def test_the_cached_member_lists_of_groups_count_against_the_row_bound(tmp_path)
         assert out.reply["seq"] == 2 and len(out.effects.inbox_heads) == len(members) + 1
     finally:
         store.close()
+
+
+def test_deliverable_stops_once_the_bodies_reach_max_bytes(store):
+    """With `max_bytes`, `deliverable` gives entries until their bodies reach it (the one that
+    does included, and always one), and the last inbox seq it gave: a device's read holds a
+    bounded part of its window, the rest read next time (2026-12-06). A membership entry has
+    no body and counts nothing."""
+    store.execute([CreateConv("carol", "d", "user", "group", "g", members=("alice",))])
+    store.execute([SendMessage("bob", "d", "user", f"c{i}", "x" * 1000, to="alice")
+                   for i in range(10)])
+    items, last = store.deliverable("alice", 0, 100, None, 2500)
+    assert [it.inbox_seq for it in items] == [1, 2, 3, 4] and last == 4
+    items, last = store.deliverable("alice", 4, 100, None, 1)
+    assert [it.inbox_seq for it in items] == [5] and last == 5
+    items, last = store.deliverable("alice", 5, 100)
+    assert [it.inbox_seq for it in items] == list(range(6, 12)) and last == 11
