@@ -20,6 +20,7 @@ from protocol import (
     largest_deliver_frame,
 )
 
+DEFAULT_RECORD_CACHE = 4096
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7717
 DEFAULT_DATA_DIR = "homing-data"
@@ -53,6 +54,7 @@ RANGES: dict[str, tuple[str, float, float | None]] = {
     "max_members": ("--max-members", 1, None),
     "receipt_audience_max": ("--receipt-audience-max", 1, None),
     "max_batch": ("--max-batch", 1, None),
+    "record_cache": ("--record-cache", 0, None),
     "gc_young_threshold": ("--gc-young-threshold", 1, GC_THRESHOLD_MAX),
     "stats_interval_s": ("--stats-interval", 0, None),
 }
@@ -109,6 +111,10 @@ class Config:
     max_batch: int = 4096
     # Storage.
     map_size_bytes: int = 1 << 30
+    # Log records kept in memory for the deliveries that follow their commit (a message to
+    # many inboxes is decoded once), at most: about this many x max_body_bytes of memory.
+    # storage.queries.RECORD_CACHE, not imported: the client commands load this module.
+    record_cache: int = DEFAULT_RECORD_CACHE
     # Process: allocations between two collections of the cyclic GC's young generation.
     gc_young_threshold: int = 100_000
     # A `broker_stats` log line this often, in seconds (0: none).

@@ -163,6 +163,7 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
         _warn_if_exposed(cfg.data_dir / tokens.SECRET_FILE)
         _warn_if_exposed(cfg.data_dir / tokens.PREVIOUS_FILE, missing_ok=True)
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
+                           record_cache=cfg.record_cache,
                            limits=Limits(max_members=cfg.max_members,
                                          max_body_bytes=cfg.max_body_bytes),
                            on_rebuild=_rebuild_reporter(notifier),
@@ -285,6 +286,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_members=args.max_members, receipt_audience_max=args.receipt_audience_max,
         max_pending_pushes=args.max_pending_pushes,
         max_batch=args.max_batch, max_inflight_requests=args.max_inflight_requests,
+        record_cache=args.record_cache,
         shutdown_grace_s=args.shutdown_grace,
         content_policy=Path(args.content_policy) if args.content_policy else None,
         content_action=args.content_action or "reject",
@@ -458,6 +460,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-pending-pushes", type=_COUNT, default=d.max_pending_pushes)
     s.add_argument("--max-batch", type=_COUNT, default=d.max_batch,
                    help="commands in one group commit at most (default %(default)s)")
+    s.add_argument("--record-cache", type=_number(int, 0), default=d.record_cache,
+                   help="log records kept in memory for the deliveries after their commit, at "
+                        "most (a commit's are kept whole; about this many times "
+                        "--max-body-bytes of memory; default %(default)s)")
     s.add_argument("--max-inflight-requests", type=_COUNT, default=d.max_inflight_requests,
                    help="requests of one connection awaiting their commit; past it the broker "
                         "stops reading that connection (default %(default)s)")

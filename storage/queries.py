@@ -47,7 +47,7 @@ from storage.records import Event, pack_u64, u64
 from storage.rules import MAX_CID_BYTES
 from storage.tables import TABLES, MemoryTables, TxnTables, keyed_rows_digest, rows_digest
 
-RECORD_CACHE = 4096  # records kept for deliverable (emptied when full)
+RECORD_CACHE = 4096  # records kept for deliverable by default (emptied when full)
 # What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of
 # plain values, which the cyclic GC stops tracking: thousands of cached Events (and their data
 # dicts) kept alive across batches set off full collections of about 10 ms.
@@ -106,20 +106,22 @@ class InboxItem:
 class Queries:
     """The reads of one LMDB environment's event log and projections: the read side of `Store`."""
 
-    def __init__(self, env: LmdbEnv, log: LmdbLog) -> None:
+    def __init__(self, env: LmdbEnv, log: LmdbLog, record_cache: int = RECORD_CACHE) -> None:
         self._env = env
         self._dbs = env.dbs
         self._log = log
         # Decoded log records by LSN for `deliverable`: each batch's events as it commits (its
         # recipients are sent them next), and records read back, so a message delivered to many
-        # inboxes is decoded at most once. Committed records never change: never stale.
+        # inboxes is decoded at most once. Committed records never change: never stale. At
+        # most `record_cache` of them (`homing serve --record-cache`), but a whole batch's.
         self._records: dict[int, Record] = {}
+        self._record_cache = record_cache
 
     def _remember(self, events: dict[int, Record]) -> None:
         """Keep a committed batch's records for `deliverable`: its recipients are sent them
         next, and they are what the log records decode to (same fields, same types)."""
         records = self._records
-        if len(records) + len(events) > RECORD_CACHE:
+        if len(records) + len(events) > self._record_cache:
             records.clear()
         records.update(events)
 
@@ -256,7 +258,7 @@ class Queries:
                     rec = records.get(lsn)
                     if rec is None:
                         rec = _record(event_at(txn, lsn, conv, kind == KIND_MSG))
-                        if len(records) >= RECORD_CACHE:
+                        if len(records) >= self._record_cache:
                             records.clear()
                         records[lsn] = rec
                     muted = mutes.get(conv)

@@ -66,7 +66,7 @@ from storage.projections import (
     mark_applied,
     message_fault,
 )
-from storage.queries import Queries, Record, _record
+from storage.queries import RECORD_CACHE, Queries, Record, _record
 from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event, lsn_key, u64
 from storage.rowio import Rows
 from storage.rules import (
@@ -169,8 +169,8 @@ class Store(Queries):
     def __init__(self, env: LmdbEnv, limits: Limits,
                  on_rebuild: Callable[[int, int], None] | None = None,
                  on_catch_up: Callable[[int, int], None] | None = None,
-                 catch_up: bool = True) -> None:
-        super().__init__(env, LmdbLog(env))
+                 catch_up: bool = True, record_cache: int = RECORD_CACHE) -> None:
+        super().__init__(env, LmdbLog(env), record_cache)
         self.limits = limits
         self._abort_after: int | None = None  # test-only: abort a batch after k commands
         # `_subject`s of the commands that met a damaged row alone: (table, key) of the row.
@@ -310,7 +310,7 @@ class Store(Queries):
              readonly: bool = False,
              on_rebuild: Callable[[int, int], None] | None = None,
              on_catch_up: Callable[[int, int], None] | None = None,
-             catch_up: bool = True) -> Store:
+             catch_up: bool = True, record_cache: int = RECORD_CACHE) -> Store:
         """Open the data directory at `path` (created unless `readonly`).
 
         Writers take the directory lock (`DataDirLocked` if another process holds it); read-only
@@ -321,7 +321,8 @@ class Store(Queries):
         applied, events to apply)` after each of its transactions; a read-only open serves them
         as they are (`projections_behind` says how far behind). `catch_up=False` leaves them
         behind, for a caller that `rebuild`s them next (`homing audit rebuild`: the remedy for a
-        damaged row, which a catch-up that reads it stops at).
+        damaged row, which a catch-up that reads it stops at). `record_cache`: the log records
+        kept in memory for the deliveries that follow their commit (`Queries`).
         """
         # Read-only, the tables are optional: the log of a directory of an older layout (one
         # lacking tables added since) is read all the same; a projection read that needs a
@@ -329,7 +330,7 @@ class Store(Queries):
         env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly,
                       optional=TABLES if readonly else ())
         try:
-            return cls(env, limits or Limits(), on_rebuild, on_catch_up, catch_up)
+            return cls(env, limits or Limits(), on_rebuild, on_catch_up, catch_up, record_cache)
         except BaseException:
             env.close()
             raise
