@@ -371,8 +371,8 @@ class Client:
             id=i, conv=conv, before=before, after=after, limit=limit, order=order))
 
     async def receipts(self, conv: str, seq: int) -> wire.ReceiptList:
-        """Who was delivered, and who read, message `seq` of `conv`, of its audience
-        (`members`: the members other than its sender who were members when it was posted)."""
+        """Who was delivered, who read, and who has not read message `seq` of `conv`, of its
+        audience (the members other than its sender who were members when it was posted)."""
         return await self._link.request(lambda i: wire.Receipts(id=i, conv=conv, seq=seq))
 
     async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),

@@ -423,8 +423,8 @@ async def do_read(client, args) -> None:
 async def do_receipts(client, args) -> None:
     r = await client.receipts(args.conv, args.seq)
     out = {"conv": r.conv, "seq": r.seq, "delivered": list(r.delivered), "read": list(r.read)}
-    if r.members is not None:  # a broker from before 2026-12-06 does not say
-        out["members"] = list(r.members)
+    if r.unread is not None:  # a broker from before 2026-12-06 does not say
+        out["unread"] = list(r.unread)
     emit(out)
 
 

@@ -564,9 +564,14 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     if marks is None:
         session.reply_error(f.id, wire.ErrorCode.NOT_FOUND, f"{f.conv} has no message {f.seq}")
         return
+    # The audience is `read` and `unread`: listing it whole as well would take the answer for
+    # a group of 10,000 long ids past the default max_frame, where this stays within 2 ids
+    # a member, as the answer was before it (`delivered` and `read`).
     members, delivered, read = marks
+    have_read = set(read)
     session.reply(wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=delivered,
-                                   read=read, members=members))
+                                   read=read,
+                                   unread=[m for m in members if m not in have_read]))
 
 
 def on_presence(session: Session, f: wire.Presence) -> None:

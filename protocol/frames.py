@@ -445,10 +445,11 @@ class ReceiptList(NamedTuple):
     seq: int
     delivered: tuple[str, ...]
     read: tuple[str, ...]
-    # The message's audience: the members other than its sender who were members when it was
-    # posted, of whom `delivered` and `read` are the ones its marks reached. None: the server
-    # did not say (before 2026-12-06; it counted members who joined later as having it).
-    members: tuple[str, ...] | None = None
+    # The rest of the message's audience (the members other than its sender who were members
+    # when it was posted, of whom `delivered` and `read` are the ones its marks reached): those
+    # who have not read it. None: the server did not say (before 2026-12-06; it counted
+    # members who joined later as having it).
+    unread: tuple[str, ...] | None = None
 
 
 class MemberList(NamedTuple):
@@ -619,7 +620,7 @@ _register(Created, "created", "s", id=_ID, conv=f.conv_id, dup=f.boolean)
 _register(Revoked, "revoked", "s", id=_ID, user=f.user_id, before=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
-          delivered=_USERS, read=_USERS, members=_USERS)
+          delivered=_USERS, read=_USERS, unread=_USERS)
 _register(ConvList, "conv_list", "s", id=_ID, convs=_CONVS, more=f.boolean)
 _register(PresenceList, "presence_list", "s", id=_ID, conv=f.conv_id, online=_USERS)
 _register(MemberList, "member_list", "s", id=_ID, conv=f.conv_id,

@@ -47,12 +47,14 @@ def _worker_ports(tries: int = 64) -> list[int]:
         first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return []
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    workers = max(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), 1)
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-    width = (first_ephemeral - 10000) // max(workers, 1)
+    width = (first_ephemeral - 10000) // workers
     if width < 1000:
         return []
-    start = 10000 + worker * width
+    # xdist replaces a crashed worker with one of the next id (gw2 of two workers): without the
+    # modulo its slice lay in the ephemeral range, then past 65535. With it, the crashed one's.
+    start = 10000 + worker % workers * width
     return random.sample(range(start, start + width), tries)
 
 

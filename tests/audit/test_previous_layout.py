@@ -1,7 +1,8 @@
-"""`homing audit` on a data directory of the previous release (layout 4, 2026-12-04: no
-`created` table), as an operator finds it right after upgrading homing and before restarting
-the broker, or in a backup taken before the upgrade. Each test is a defect a review of upgrade
-and compatibility found (2026-12-05). Real LMDB, real `homing` child processes."""
+"""`homing audit` on a data directory of a previous release (layout 4, 2026-12-04: no
+`created` table; layout 5, 2026-12-05: no `joined` table), as an operator finds it right after
+upgrading homing and before restarting the broker, or in a backup taken before the upgrade.
+Each test is a defect a review of upgrade and compatibility found (2026-12-05). Real LMDB, real
+`homing` child processes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import lmdb
+import pytest
 
 from storage.commands import Ack, CreateConv, MarkRead, SendMessage
 from storage.store import LAYOUT, LAYOUT_KEY, Store
@@ -20,9 +22,14 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*homing_cmd(), *args], capture_output=True, text=True, timeout=120)
 
 
-def make_layout_4(path: Path) -> int:
-    """A data directory as the homing of layout 4 left it (messages, a group, an ack, a read
-    mark; no `created` and `joined` tables, layout "4"); returns its last LSN."""
+# The tables each layout added, since layout 4.
+ADDED = {"5": (b"created",), "6": (b"joined",)}
+
+
+def make_layout_4(path: Path, layout: str = "4") -> int:
+    """A data directory as the homing of `layout` left it (messages, a group, an ack, a read
+    mark; none of the tables added after it: for layout 4 no `created` and `joined`); returns
+    its last LSN."""
     store = Store.open(str(path))
     try:
         store.execute([SendMessage("bob", "d", "user", f"c{i}", f"hi {i}", to="alice")
@@ -39,15 +46,18 @@ def make_layout_4(path: Path) -> int:
     env = lmdb.open(str(path), max_dbs=32)
     try:
         with env.begin(write=True) as txn:
-            for table in (b"created", b"joined"):  # layouts 5 and 6 added them
-                txn.drop(env.open_db(table, txn=txn), delete=True)
-            txn.put(LAYOUT_KEY, b"4", db=env.open_db(b"layout", txn=txn))
+            for later, tables in ADDED.items():
+                if later > layout:
+                    for table in tables:
+                        txn.drop(env.open_db(table, txn=txn), delete=True)
+            txn.put(LAYOUT_KEY, layout.encode(), db=env.open_db(b"layout", txn=txn))
     finally:
         env.close()
     return last
 
 
-def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path):
+@pytest.mark.parametrize("layout", ["4", "5"])
+def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path, layout):
     """docs/OPERATIONS.md, Auditing. `log`, `export`, `stats`, `inbox` and `trace` read the
     log (and `trace` the inboxes, unchanged since layout 2), which layout 5 left as it was;
     yet each refused a layout-4 directory, exit 1 `outdated_layout` ("has no 'created'
@@ -55,9 +65,10 @@ def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path):
     layout 4 read the same directory (exit 0), so a script running `homing audit export`
     nightly failed from the upgrade until the broker was restarted, and a backup taken before
     the upgrade could not be read at all without starting a broker on it. `verify` and
-    `rebuild --check` still say `outdated_layout` (they compare projections)."""
+    `rebuild --check` still say `outdated_layout` (they compare projections). Layout 5 (no
+    `joined`, which layout 6 added on 2026-12-06) likewise."""
     data = tmp_path / "data"
-    last = make_layout_4(data)
+    last = make_layout_4(data, layout)
     d = str(data)
     for args in (("log", "--json"), ("export",), ("stats", "--json"),
                  ("inbox", "--user", "alice", "--json"),
@@ -80,4 +91,4 @@ def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path):
         proc = run("audit", *args, "--data", d)
         assert proc.returncode == 1, (args, proc.stderr)
         assert json.loads(proc.stderr.splitlines()[-1])["error"] == "outdated_layout"
-        assert f"(layout 4, this version checks layout {LAYOUT.decode()})" in proc.stderr
+        assert f"(layout {layout}, this version checks layout {LAYOUT.decode()})" in proc.stderr

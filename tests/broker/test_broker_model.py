@@ -24,7 +24,7 @@ from pathlib import Path
 
 import hypothesis.strategies as st
 import trio
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis.control import currently_in_test_context
 
 import protocol as wire
@@ -102,6 +102,9 @@ class Conv:
     name: str | None
     open: bool
     members: dict[str, str] = field(default_factory=dict)  # user -> role
+    # user -> the conversation's last seq when they became a member this time (§9: a
+    # message's audience is who has been a member since before it was posted).
+    since: dict[str, int] = field(default_factory=dict)
     messages: list[tuple[str, str, str]] = field(default_factory=list)  # (from, body, cid)
 
 
@@ -163,6 +166,7 @@ class Model:
     def add_member(self, c: Conv, user: str, role: str, by: str) -> None:
         c.members[user] = role
         last = len(c.messages)
+        c.since[user] = last
         self.raise_mark(self.recv, c.id, user, last)  # joining is not reading old messages
         self.raise_mark(self.read, c.id, user, last)
         if by != user and c.kind != "direct":  # §9: added by someone else
@@ -466,7 +470,7 @@ class Run:
             error = None
         await expect(dev.client.leave(conv_id), error)
         if error is None:
-            del c.members[u]  # one's own act: no inbox entry
+            del c.members[u], c.since[u]  # one's own act: no inbox entry
 
     async def op_remove(self, aix: tuple[str, int], cix: int, tix: int) -> None:
         if (acting := self.acting(cix, aix)) is None:
@@ -483,7 +487,7 @@ class Run:
                 error = "conflict"
         await expect(dev.client.remove(conv_id, target), error)
         if error is None and current is not None:
-            del c.members[target]
+            del c.members[target], c.since[target]
             self.m.append(target, Entry("removed", conv_id, 0, actor, None, None, None,
                                         self.m.mute_version.get((target, conv_id), 0)))
 
@@ -561,11 +565,14 @@ class Run:
         reply = await expect(dev.client.receipts(conv_id, seq), error)
         if error is None:
             sender = c.messages[seq - 1][0]
-            others = sorted(m for m in c.members if m != sender)
-            delivered = [m for m in others if self.m.recv.get((conv_id, m), 0) >= seq]
-            read = [m for m in others if self.m.read.get((conv_id, m), 0) >= seq]
-            assert (list(reply.delivered), list(reply.read)) == (delivered, read), (
-                conv_id, seq)
+            # §9: the audience, who joined before it (a later joiner's marks start at their
+            # joining, past it: until 2026-12-06 they were listed as having it).
+            audience = sorted(m for m in c.members if m != sender and c.since[m] < seq)
+            delivered = [m for m in audience if self.m.recv.get((conv_id, m), 0) >= seq]
+            read = [m for m in audience if self.m.read.get((conv_id, m), 0) >= seq]
+            unread = [m for m in audience if m not in read]
+            assert (list(reply.delivered), list(reply.read), list(reply.unread)) == (
+                delivered, read, unread), (conv_id, seq)
 
     async def op_members(self, uix: tuple[str, int], cix: int) -> None:
         """Any member lists a conversation's members; in a channel only its owners, admins and
@@ -681,6 +688,15 @@ async def run_example(ops) -> None:
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# A late joiner (dan), and one who leaves and joins again (bob), asked of by `receipts` (§9, the
+# audience): the model counted them for the messages before their joining until 2026-12-06.
+@example(first=[("create", 0, "group", [1, 2], True, None)],
+         ops=[("post", ("member", 0), 0, 0), ("invite", ("manager", 0), 0, 3, "member"),
+              ("leave", ("anyone", 1), 0), ("post", ("member", 0), 0, 0),
+              ("join", ("anyone", 1), 0, False), ("post", ("member", 0), 0, 1),
+              ("read", ("anyone", 1), 0, 9), ("read", ("anyone", 3), 0, 9),
+              ("receipts", ("manager", 0), 0, 1), ("receipts", ("manager", 0), 0, 2),
+              ("receipts", ("manager", 0), 0, 3)])
 @given(first=st.lists(create, min_size=1, max_size=3),
        ops=st.lists(operation, min_size=10, max_size=40))
 def test_the_broker_keeps_the_promises_of_the_docs(first, ops):

@@ -63,7 +63,7 @@ def test_scripted_scenario(broker):
     homing("read", "--conv", conv, "--upto", str(sent["seq"]), env=bob)
     receipts = lines(homing("receipts", "--conv", conv, "--seq", str(sent["seq"]), env=shop))[0]
     assert receipts == {"conv": conv, "seq": sent["seq"], "delivered": ["bob"], "read": ["bob"],
-                        "members": ["bob", "carol"]}
+                        "unread": ["carol"]}
     homing("send", "--conv", conv, "thanks", env=carol)
     history = lines(homing("history", "--conv", conv, env=bob))
     assert [(m["seq"], m["from"], m["body"]) for m in history] == [
@@ -301,7 +301,7 @@ def test_every_setting_of_serve_is_a_flag():
              "max_connections_per_user": ["--max-connections-per-user", "7"],
              "max_members": ["--max-members", "7"],
              "receipt_audience_max": ["--receipt-audience-max", "7"],
-             "max_batch": ["--max-batch", "7"],
+             "max_batch": ["--max-batch", "7"], "record_cache": ["--record-cache", "0"],
              "gc_young_threshold": ["--gc-young-threshold", "7"],
              "stats_interval_s": ["--stats-interval", "7"]}
     not_flags = {"map_size_bytes"}

@@ -4,7 +4,7 @@ Head office sends a notice to its stores' channel and asks who has read it. A st
 the channel afterwards starts with its marks at the channel's last seq (the old notices are not
 unread for it), and `receipts` used to read those marks as "delivered and read": the new store
 showed as having read a notice it was never sent. It is now not counted at all, and the answer
-names the audience (`members`), so "who has not read it" is `members` less `read`."""
+names who of its audience has not read it (`unread`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 
 import trio
 
+import protocol as wire
 from storage.store import Store
 from tests.broker.test_messaging import acked_one_each, recv
 from tests.harness import running_broker
@@ -30,19 +31,18 @@ async def test_a_store_added_after_a_notice_is_not_counted_as_having_read_it(har
         await hq.invite(conv, "store-2")
         await acked_one_each(s2)  # "added"
         info = await hq.receipts(conv, first.seq)
-        assert (info.members, info.delivered, info.read) == (
-            ("store-1",), ("store-1",), ("store-1",))
+        assert (info.delivered, info.read, info.unread) == (("store-1",), ("store-1",), ())
         # Their next notice is theirs: counted, unread until they read it.
         second = await hq.send("new opening hours", conv=conv)
         info = await hq.receipts(conv, second.seq)
-        assert (info.members, info.read) == (("store-1", "store-2"), ())
+        assert (info.read, info.unread) == ((), ("store-1", "store-2"))
         (d,) = await recv(s2)
         await s2.ack(d.inbox_seq)
         await s2.read(conv, second.seq)
         info = await hq.receipts(conv, second.seq)
-        assert (info.members, info.read) == (("store-1", "store-2"), ("store-2",))
+        assert (info.read, info.unread) == (("store-2",), ("store-1",))
         # The new store is still not counted for the notice before it joined.
-        assert (await hq.receipts(conv, first.seq)).members == ("store-1",)
+        assert _audience(await hq.receipts(conv, first.seq)) == ["store-1"]
 
 
 async def test_a_member_who_leaves_and_comes_back_counts_from_their_return(harness):
@@ -58,16 +58,16 @@ async def test_a_member_who_leaves_and_comes_back_counts_from_their_return(harne
         during = await shop.send("delayed", conv=conv)
         await shop.invite(conv, "courier")
         after = await shop.send("out for delivery", conv=conv)
-        members = {seq: (await shop.receipts(conv, seq)).members
-                   for seq in (before.seq, during.seq, after.seq)}
-        assert members == {before.seq: ("customer",), during.seq: ("customer",),
-                           after.seq: ("courier", "customer")}
+        audiences = {seq: _audience(await shop.receipts(conv, seq))
+                     for seq in (before.seq, during.seq, after.seq)}
+        assert audiences == {before.seq: ["customer"], during.seq: ["customer"],
+                             after.seq: ["courier", "customer"]}
 
 
 async def test_the_audience_survives_a_rebuild_and_the_command_prints_it(tmp_path):
     """`joined` is a projection like the others: a rebuild from the log makes the same rows
     (the replay model tests hold every table to that), and `homing receipts` prints the
-    audience as `members`."""
+    audience's unread part as `unread`."""
     data = tmp_path / "data"
     async with running_broker(data) as harness, \
             harness.client("hq", role="service") as hq, harness.client("store-1") as s1:
@@ -82,7 +82,7 @@ async def test_the_audience_survives_a_rebuild_and_the_command_prints_it(tmp_pat
                 homing, "receipts", "--conv", conv, "--seq", str(seq), "--token", token,
                 "--server", harness.server)
             assert json.loads(out.stdout) == {"conv": conv, "seq": seq, "delivered": [],
-                                              "read": [], "members": audience}
+                                              "read": [], "unread": audience}
     store = Store.open(str(data))
     try:
         kept = store.receipts(conv, first.seq)
@@ -91,3 +91,38 @@ async def test_the_audience_survives_a_rebuild_and_the_command_prints_it(tmp_pat
         assert store.receipts(conv, second.seq)[0] == ["store-1", "store-2"]
     finally:
         store.close()
+
+
+async def test_a_late_joiners_receipt_pushes_agree_with_the_listing(harness):
+    """PROTOCOL.md §9: the pushes and `receipts` tell the same. A late joiner's read of a
+    message from before their joining moves no mark (theirs start at their joining): no push,
+    and `receipts` leaves them out of it; their ack of one posted after is pushed to the owner
+    and listed."""
+    async with harness.client("shop") as shop, harness.client("s1") as s1, \
+            harness.client("s2") as s2:
+        conv = await shop.create_group("orders", ["s1"])
+        await acked_one_each(s1)  # "added"
+        first = await shop.send("before", conv=conv)
+        await shop.invite(conv, "s2")
+        await acked_one_each(s1, s2)  # s1: "before"; s2: "added"
+        await s2.read(conv, first.seq)  # nothing to move: no push
+        await s1.read(conv, first.seq)  # pushed after s2's read, were it pushed
+        second = await shop.send("after", conv=conv)
+        await acked_one_each(s2)  # "after": pushed as delivered
+        pushed = []
+        with trio.fail_after(10):
+            while ("s2", second.seq, None) not in pushed:
+                p = await shop.next_push()
+                if isinstance(p, wire.Receipt):
+                    pushed.append((p.user, p.delivered, p.read))
+        assert [p for p in pushed if p[0] == "s2"] == [("s2", second.seq, None)], pushed
+        assert ("s1", None, first.seq) in pushed
+        early = await shop.receipts(conv, first.seq)
+        late = await shop.receipts(conv, second.seq)
+        assert (early.delivered, early.read, early.unread) == (("s1",), ("s1",), ())
+        assert (late.delivered, late.read, late.unread) == (("s2",), (), ("s1", "s2"))
+
+
+def _audience(info) -> list[str]:
+    """A `receipt_list`'s audience: who read it and who has not."""
+    return sorted({*info.read, *info.unread})

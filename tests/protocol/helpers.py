@@ -43,7 +43,7 @@ _BY_NAME = {
     "session": texts(1, 128), "name": texts(1, 64), "token": texts(0, 4096),
     "reason": texts(0, 256), "message": texts(0, 1024), "caps": caps,
     "versions": st.lists(uints, min_size=1, max_size=16).map(tuple), "max_frame": uints,
-    "max_body": uints, "receipt_audience": uints, "retry_ms": uints,
+    "max_body": uints, "receipt_audience": uints, "retry_ms": uints, "unread": users,
     "limit": st.integers(1, 200), "order": st.sampled_from(["newest", "oldest"]),
     "members": users, "owners": users, "admins": users, "delivered": users, "read": users,
     "online": users,

@@ -352,7 +352,7 @@ async def test_read_marks_and_receipts(tmp_path):
 
         await a.send(t="receipts", id=7, conv=group, seq=2)
         assert await a.reply(7) == {"t": "receipt_list", "id": 7, "conv": group, "seq": 2,
-                                    "delivered": ["bob"], "read": ["bob"], "members": ["bob"]}
+                                    "delivered": ["bob"], "read": ["bob"], "unread": []}
         await a.send(t="receipts", id=8, conv=group, seq=9)
         check_error(await a.reply(8), "not_found", 6)
 

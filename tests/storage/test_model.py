@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from storage import audit
+from storage import records as r
 from storage import tables as tables_mod
 from storage.commands import (
     Ack,
@@ -32,6 +33,9 @@ from storage.tables import MemoryTables
 from tests.storage.test_member_count import assert_member_caches_fresh
 
 USERS = ["ann", "bob", "cat", "dan", "eve"]
+# Steps of `around_posts`, in one batch: posts and membership changes of one open group.
+story_step = st.tuples(st.sampled_from(["post", "join", "leave", "invite", "remove"]),
+                       st.integers(1, len(USERS) - 2))  # not its owner ann, nor eve (admin)
 # Small enough that some creates (up to 3 members and the creator) and invites pass it.
 LIMITS = Limits(max_members=3)
 ROLES = ["user", "user", "user", "service", "admin"]
@@ -121,6 +125,8 @@ class StoreMachine(RuleBasedStateMachine):
         self.convs: list[str] = ["grp:0000000000000000"]
         self.accepted: set[tuple[str, str]] = set()  # (sender, cid) of every send logged
         self.created: dict[tuple[str, str], str] = {}  # (creator, cid) -> conv it made
+        self.story: str | None = None  # the open group of `around_posts`, once made
+        self.story_posts = 0
 
     def teardown(self) -> None:
         self.store.close()
@@ -178,6 +184,34 @@ class StoreMachine(RuleBasedStateMachine):
         self.check_create(command, out)
         assert self.store.last_lsn() == before
 
+    @rule(steps=st.lists(story_step, min_size=1, max_size=8))
+    def around_posts(self, steps):
+        """One batch of posts and joins, leaves, invites and removals in one open group (the
+        random batches above seldom reach a conversation with messages that someone joins
+        later): late joiners, rejoins, and members added before and after a post of the same
+        batch, so that `joined` rows are made and dropped."""
+        if self.story is None:
+            (made,) = self.store.execute([CreateConv("ann", "d1", "user", "group", "story", True,
+                                                     ("bob",))])
+            self.story = made.reply["conv"]
+            self.convs.append(self.story)
+        commands = []
+        for kind, ix in steps:
+            u = USERS[ix]
+            if kind == "post":
+                self.story_posts += 1
+                commands.append(SendMessage(u, "d1", "user", f"s{self.story_posts}", "body",
+                                            conv=self.story))
+            elif kind == "join":
+                commands.append(Join(u, "d1", "user", self.story))
+            elif kind == "leave":
+                commands.append(Leave(u, "d1", "user", self.story))
+            elif kind == "invite":
+                commands.append(Invite("ann", "d1", "user", self.story, u, "member"))
+            else:
+                commands.append(Remove("ann", "d1", "user", self.story, u))
+        self.store.execute(commands)
+
     @rule(specs=st.lists(command_spec, min_size=1, max_size=8), data=st.data())
     def aborted_batch(self, specs, data):
         """A batch aborted after k commands leaves nothing behind."""
@@ -214,6 +248,30 @@ class StoreMachine(RuleBasedStateMachine):
         """Stored projections equal a fresh fold of the log, and the chain verifies."""
         assert self.store.check_projections() is None
         assert self.store.verify_log() == self.store.last_lsn()
+
+    @invariant()
+    def receipts_count_the_audience(self):
+        """`receipts` of every message names its audience as the log tells it: the members,
+        but its sender, when it was posted, less any removed or gone since (one who came back
+        counts from their return, PROTOCOL.md §9); `delivered` and `read` are among them."""
+        members: dict[str, set[str]] = {}
+        posted: dict[str, list[set[str]]] = {}
+        for ev in self.store.read_events():
+            d = ev.data
+            if ev.type == r.MEMBER_ADDED:
+                members.setdefault(d["conv"], set()).add(d["user"])
+            elif ev.type == r.MEMBER_REMOVED:
+                members.setdefault(d["conv"], set()).discard(d["user"])
+                for audience in posted.get(d["conv"], ()):
+                    audience.discard(d["user"])
+            elif ev.type == r.MESSAGE_ACCEPTED:
+                posted.setdefault(d["conv"], []).append(
+                    members.get(d["conv"], set()) - {ev.user})
+        for conv, audiences in posted.items():
+            for seq, audience in enumerate(audiences, 1):
+                listed, delivered, read = self.store.receipts(conv, seq)
+                assert listed == sorted(audience), (conv, seq)
+                assert set(read) <= set(delivered) <= set(listed), (conv, seq)
 
     @invariant()
     def member_caches_agree(self):
