@@ -291,21 +291,26 @@ class Client:
         if durable:
             await self._link.request(lambda i: wire.Ack(upto=seq, id=i))
         else:
-            await self._write_ack(seq)
+            await self._write_ack(seq, resets)
         if inbox.resets != resets:  # it went to the broker before the reset, or nowhere
             return
         inbox.acked_upto(seq, durable)
 
-    async def _write_ack(self, seq: int) -> None:
+    async def _write_ack(self, seq: int, resets: int) -> None:
         """Write the plain ack of `seq`, unless an ack as far was made or is being written by
         another call: then wait for that one, and write this one only if it was not (cancelled
         before it went out). So two plain acks at once write each mark once, and never a lower
         one after a higher: each checked the last ack made, which is counted once written, and
-        both went out (the same mark twice, or 4 then 3, on the wire)."""
+        both went out (the same mark twice, or 4 then 3, on the wire). Nothing is written once
+        the inbox went back during the wait (its count of resets no longer `resets`): `seq`
+        names an entry of the old inbox, and written on the new connection it acked entries
+        of the restored one that the caller never took."""
         inbox = self._inbox
         while seq > inbox.acked and (under_way := next(
                 (a for a in inbox.plain_acks if a.upto >= seq), None)) is not None:
             await under_way.over.wait()  # made: `acked` is past `seq`; cancelled: look again
+            if inbox.resets != resets:  # as an ack the drop caught in `write_frame`: unsent
+                return
         if seq <= inbox.acked:
             return
         acking = client_inbox.Acking(upto=seq)

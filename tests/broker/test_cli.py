@@ -465,7 +465,9 @@ def test_serve_says_why_it_cannot_start_as_a_json_error(tmp_path):
     assert not (tmp_path / "b").exists()
 
     (tmp_path / "file").write_text("not a directory")
-    proc = homing("serve", "--data", str(tmp_path / "file" / "data"), check=False, timeout=20)
+    # (port 0: the default 7717 may be a broker of the machine's, the Quick start's, in use)
+    proc = homing("serve", "--data", str(tmp_path / "file" / "data"), "--port", "0",
+                  check=False, timeout=20)
     assert proc.returncode == 2, proc.stderr
     assert json.loads(proc.stderr.strip().splitlines()[-1])["error"] == "data_dir"
 
