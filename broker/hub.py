@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from protocol import Connection, Deliver, PreparedDeliver, encode_frame
 from protocol.frames import to_wire
 from storage.errors import StorageError
+from storage.queries import body_bytes
 
 if TYPE_CHECKING:
     from broker.session import Session
@@ -49,6 +50,16 @@ class Fresh:
     ts_us: int
     _prepared: PreparedDeliver | None = field(default=None, repr=False, compare=False)
     _sent_once: bool = field(default=False, repr=False, compare=False)
+    _size: int = field(default=-1, repr=False, compare=False)
+
+    def body_size(self) -> int:
+        """Its body's bytes on the wire (`body_bytes`), worked out once for all its recipients:
+        a text of 60 KB that is not ASCII takes 19 us to measure, for each of a channel's
+        devices."""
+        size = self._size
+        if size < 0:
+            size = self._size = body_bytes(self.body)
+        return size
 
     def deliver_bytes(self, conn: Connection, inbox_seq: int, muted: bool) -> bytes:
         """Its ``deliver`` frame for one recipient's connection.

@@ -101,7 +101,7 @@ class Session:
         # Entries sent+1 .. sent+len(_fresh), straight from their commits; kept only while they
         # are every entry up to head and fit the window's room (docs/DESIGN.md, "Delivery").
         self._fresh: list[Fresh] = []
-        self._fresh_bytes = 0  # the bodies' sizes in `_fresh` (DELIVER_BYTES)
+        self._fresh_bytes = 0  # the bodies' bytes in `_fresh` (Fresh.body_size; DELIVER_BYTES)
         self._muted: dict[str, bool] = {}  # conv -> muted, as read from the store
         self.out: deque[bytes] = deque()
         self.out_bytes = 0  # the bytes of the replies and pushes in `out` (not of deliveries)
@@ -157,7 +157,7 @@ class Session:
                     and len(queued) < self.window - len(self.unacked)
                     and self._fresh_bytes < DELIVER_BYTES):
                 queued.append(fresh)
-                self._fresh_bytes += len(fresh.body)
+                self._fresh_bytes += fresh.body_size()
             else:
                 queued.clear()
                 self._fresh_bytes = 0
@@ -643,7 +643,7 @@ class Session:
                 break
             taken += 1
             inbox_seq += 1
-            self._fresh_bytes -= len(f.body)
+            self._fresh_bytes -= f.body_size()
             if f.sender == user and f.device == device:
                 self.own_lsns.discard(f.lsn)  # its own send: passed over
                 own = True

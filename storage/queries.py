@@ -60,6 +60,15 @@ def _record(ev: Event) -> Record:
     return (ev.user, ev.device, data.get("body"), data.get("cid"), ev.ts_us)
 
 
+def body_bytes(body: object) -> int:
+    """The bytes of a message body on the wire: a text's UTF-8 length (PROTOCOL.md §4.1), a
+    bin's own; 0 for none (a membership entry). An ASCII text's is its length, known at no cost
+    (`str.isascii` reads a flag), so only other text pays an encode."""
+    if type(body) is str:
+        return len(body) if body.isascii() else len(body.encode())
+    return len(body) if type(body) is bytes else 0
+
+
 _MSG_SEQ = slice(-8, None)
 
 # What decoding a projection row's bytes raises when they are no row homing writes (a u64 cut
@@ -266,8 +275,7 @@ class Queries:
                         muted = mutes[conv] = txn.get(key2(user, conv), db=mutedb) is not None
                     last = u64(key[-8:])
                     out.append(InboxItem(last, kind, conv, seq, lsn, *rec, muted))
-                    if rec[2] is not None:
-                        room -= len(rec[2])
+                    room -= body_bytes(rec[2])
                     if seen >= limit or room <= 0:
                         break
             except (CorruptLog, *_UNDECODABLE) as exc:

@@ -264,3 +264,34 @@ def test_deliverable_stops_once_the_bodies_reach_max_bytes(store):
     assert [it.inbox_seq for it in items] == [5] and last == 5
     items, last = store.deliverable("alice", 5, 100)
     assert [it.inbox_seq for it in items] == list(range(6, 12)) and last == 11
+
+
+def test_deliverable_counts_text_bodies_in_utf8_bytes(store):
+    """`max_bytes` is bytes: a text body counts its UTF-8 length, not its characters. Counted
+    in characters, bodies of two-byte letters went twice past DELIVER_BYTES, four-byte ones
+    (emoji) four times (until 2026-12-06)."""
+    store.execute([SendMessage("bob", "d", "user", f"c{i}", "é" * 1000, to="alice")
+                   for i in range(10)])
+    items, last = store.deliverable("alice", 0, 100, None, 4500)
+    assert [it.inbox_seq for it in items] == [1, 2, 3] and last == 3
+    store.execute([SendMessage("bob", "d", "user", "emoji", "\U0001f600" * 1000, to="alice")])
+    items, last = store.deliverable("alice", 10, 100, None, 3999)
+    assert [it.inbox_seq for it in items] == [11] and last == 11
+
+
+def test_deliverable_cut_by_bytes_with_own_sends_around_it(store):
+    """Own sends passed over before the byte cut move `last` on; those after it stay in
+    `skip_lsns` for the next read, which starts right after the cut and passes them then."""
+    cmds = []
+    for i in range(6):
+        cmds.append(SendMessage("alice", "phone", "user", f"own{i}", "o" * 10, to="bob"))
+        cmds.append(SendMessage("bob", "d", "user", f"c{i}", "x" * 1000, to="alice"))
+    store.execute(cmds)
+    skip = {it.lsn for it in store.inbox_after("alice", 0, 100) if it.device == "phone"}
+    items, last = store.deliverable("alice", 0, 100, skip, 1500)
+    assert [it.inbox_seq for it in items] == [2, 4] and last == 4
+    assert len(skip) == 4  # own sends 1 and 3 passed over
+    items, last = store.deliverable("alice", last, 100, skip, 1)
+    assert [it.inbox_seq for it in items] == [6] and last == 6 and len(skip) == 3
+    items, last = store.deliverable("alice", last, 1, skip, 1)  # limit 1: an own send alone
+    assert items == [] and last == 7 and len(skip) == 2
