@@ -56,14 +56,7 @@ async def test_every_entry_once_in_order_through_byte_cut_writes(tmp_path, windo
                     "bob", "d", "user", "group", name=f"g{g}", members=("alice",)))
                 groups.append(made.effects.conv)
             await h.broker.committer.submit(SetMute("alice", "d", "user", groups[1], True))
-            sock = trio.socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            host, port = h.server.rsplit(":", 1)
-            await sock.connect((host, int(port)))
-            phone = RawClient(trio.SocketStream(sock))
-            await phone.hello(h.token("alice"), "phone", 1 << 20)
-            session = next(iter(h.broker.hub.sessions("alice")))
-            session.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+            phone, session = await _small_buffered(h, "alice", "phone")
             n_commands, own_ids = 160, []
             sending = trio.Lock()
 
@@ -153,14 +146,7 @@ async def test_fresh_messages_of_multibyte_text_queue_at_most_the_bound(tmp_path
     async with running_broker(tmp_path / "data", max_body_bytes=128 << 10,
                               max_frame_bytes=1 << 20) as h:
         with trio.fail_after(60):
-            sock = trio.socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            host, port = h.server.rsplit(":", 1)
-            await sock.connect((host, int(port)))
-            till = RawClient(trio.SocketStream(sock))
-            await till.hello(h.token("bob"), "till", 1 << 20)
-            session = next(iter(h.broker.hub.sessions("bob")))
-            session.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+            till, session = await _small_buffered(h, "bob", "till")
             held = []
             for i in range(n):
                 await h.broker.committer.submit(SendMessage("alice", "a", "user", f"c{i}", body,
@@ -176,3 +162,18 @@ async def test_fresh_messages_of_multibyte_text_queue_at_most_the_bound(tmp_path
                 got.append(f.inbox_seq)
             assert got == list(range(1, n + 1))
             await till.aclose()
+
+
+async def _small_buffered(h, user: str, device: str):
+    """A raw client of `user`'s `device` whose socket takes little at a time (4 KiB of receive
+    buffer, 64 KiB of the broker's send buffer), so that the broker's writes to it stop short;
+    and its session in the broker."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    host, port = h.server.rsplit(":", 1)
+    await sock.connect((host, int(port)))
+    client = RawClient(trio.SocketStream(sock))
+    await client.hello(h.token(user), device, 1 << 20)
+    session = next(iter(h.broker.hub.sessions(user)))
+    session.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+    return client, session
