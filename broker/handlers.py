@@ -608,7 +608,8 @@ def on_pong(session: Session, f: wire.Pong) -> None:
 
 
 def on_bye(session: Session, f: wire.Bye) -> None:
-    session.close(CloseReason.PEER_BYE, wire.Bye(reason="bye"))
+    # Answered by the close alone: the receiver of a bye sends nothing more (PROTOCOL.md §6).
+    session.close(CloseReason.PEER_BYE)
 
 
 HANDLERS = {

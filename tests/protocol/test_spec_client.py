@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import struct
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import msgpack
 import pytest
@@ -355,6 +355,9 @@ async def test_read_marks_and_receipts(tmp_path):
                                     "delivered": ["bob"], "read": ["bob"], "unread": []}
         await a.send(t="receipts", id=8, conv=group, seq=9)
         check_error(await a.reply(8), "not_found", 6)
+        await b.send(t="presence", id=9, conv=group)  # §5.3: the asker too, sorted by id
+        assert await b.reply(9) == {"t": "presence_list", "id": 9, "conv": group,
+                                    "online": ["alice", "bob"]}
 
 
 async def test_history_paging(tmp_path):
@@ -381,6 +384,13 @@ async def test_history_paging(tmp_path):
         await a.send(t="history", id=20, conv="dm:alice:bob", after=1, before=5, order="oldest")
         page = await a.reply(20)
         assert [m["seq"] for m in page["messages"]] == [2, 3, 4] and page["more"] is False
+        # Newest first above a bound: the next page keeps `after` and sets `before`.
+        await a.send(t="history", id=22, conv="dm:alice:bob", after=1, limit=2)
+        page = await a.reply(22)
+        assert [m["seq"] for m in page["messages"]] == [5, 4] and page["more"] is True
+        await a.send(t="history", id=23, conv="dm:alice:bob", after=1, before=4, limit=2)
+        page = await a.reply(23)
+        assert [m["seq"] for m in page["messages"]] == [3, 2] and page["more"] is False
         await a.send(t="history", id=21, conv="dm:alice:bob", limit=201)
         check_error(await a.reply(21), "invalid", 7)
 
@@ -397,9 +407,20 @@ async def test_ping_pong_and_idle_timeout(tmp_path):
         assert await a.recv() == {"t": "pong"}
         await a.send(t="pong", id=4)  # an unasked pong is ignored
         start = trio.current_time()
-        await a.send_raw(PREFIX.pack(50) + b"\x81")
-        check_error(await a.closing_error(), "timeout", 14)
-        assert 0.9 <= trio.current_time() - start <= 1.5  # a tenth late at most, and slack
+        await a.send_raw(PREFIX.pack(10_000) + b"\x81")
+
+        async def dribble() -> None:  # a byte of the unfinished frame every 0.2 s
+            with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    await trio.sleep(0.2)
+                    await a.send_raw(b"\xa0")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(dribble)
+            with trio.fail_after(20):  # bytes counted as frames would keep it open for 50 s
+                check_error(await a.closing_error(), "timeout", 14)
+            nursery.cancel_scope.cancel()
+        assert trio.current_time() - start >= 0.9  # not before the timeout
 
 
 async def test_delivery_over_agreed_max_frame(tmp_path):
@@ -459,3 +480,74 @@ async def test_stopping_broker_closes_with_shutting_down(tmp_path):
             err = await c.closing_error()
             check_error(err, "shutting_down", 17)
             assert "id" not in err
+
+
+async def test_pipelined_requests_each_answered_once(tmp_path):
+    """§5.1: requests written in one go are each answered once, matched by `id`, whatever the
+    order of the replies (a pong or a page may overtake the results of sends written before
+    it); the sends take effect in the order written, their seqs rising with it."""
+    async with broker(tmp_path) as h:
+        a, _ = await hello(h, "alice")
+        # The conversation exists first: a history asked of it with the send that makes it
+        # would be answered before that send's commit, `forbidden` (no such conversation).
+        await a.send(t="send", id=99, cid="p0", body="b0", to="bob")
+        await a.reply(99)
+        frames = [{"t": "send", "id": i, "cid": f"p{i}", "body": f"b{i}", "to": "bob"}
+                  for i in range(1, 6)]
+        frames += [{"t": "history", "id": 6, "conv": "dm:alice:bob"}, {"t": "ping", "id": 7},
+                   {"t": "frob", "id": 8}, {"t": "send", "id": 9, "cid": "x", "body": 5,
+                                            "to": "bob"}]
+        await a.send_raw(b"".join(framed(msgpack.packb(f, use_bin_type=True)) for f in frames))
+        replies: dict[int, dict] = {}
+        with trio.fail_after(5):
+            while len(replies) < len(frames):
+                f = await a.recv()
+                if "id" in f:  # pushes carry none
+                    assert f["id"] not in replies, (f, replies)
+                    replies[f["id"]] = f
+        assert [replies[i]["t"] for i in range(1, 6)] == ["result"] * 5
+        assert [replies[i]["seq"] for i in range(1, 6)] == [2, 3, 4, 5, 6]
+        assert replies[6]["t"] == "page" and replies[7] == {"t": "pong", "id": 7}
+        check_error(replies[8], "unknown_type", 12)
+        check_error(replies[9], "invalid", 7)
+        await a.send(t="ping", id=10)  # no second reply to any of them comes before this one
+        assert (await a.take(lambda f: "id" in f)) == {"t": "pong", "id": 10}
+
+
+async def test_device_that_only_sends_resumes_past_its_own_sends(tmp_path):
+    """§9: a device that never acked, having only sent (and had its results), resumes at the
+    head: its cursor passed its own sends; the user's other device is sent them."""
+    async with broker(tmp_path) as h:
+        bot, _ = await hello(h, "alice", "bot")
+        await bot.send(t="send", id=1, cid="m1", body="one", to="bob")  # alice's entry 1
+        await bot.send(t="create", id=2, kind="group", name="g", members=["bob"])  # none
+        await bot.reply(1)
+        group = (await bot.reply(2))["conv"]
+        await bot.send(t="send", id=3, cid="g1", body="two", conv=group)  # entry 2
+        assert (await bot.reply(3))["seq"] == 1
+        await bot.send(t="bye")
+        with pytest.raises(EOFError):  # §6: the broker answers a bye with its close alone
+            await bot.recv()
+        bot, w = await hello(h, "alice", "bot")
+        assert (w["acked"], w["head"]) == (2, 2)
+        phone, w = await hello(h, "alice", "phone")
+        assert (w["acked"], w["head"]) == (0, 2)
+        assert await phone.deliveries(2) == [1, 2]
+
+
+async def test_bye_leaves_replies_unwritten_but_commands_done(tmp_path):
+    """§6: the replies not written when the broker reads a client's bye are never sent, and the
+    commands it read before the bye are carried out: the send, sent again, is a dup."""
+    async with broker(tmp_path) as h:
+        a, _ = await hello(h, "alice")
+        await a.send_raw(b"".join(framed(msgpack.packb(f, use_bin_type=True)) for f in (
+            {"t": "send", "id": 1, "cid": "last", "body": "last words", "to": "bob"},
+            {"t": "ping", "id": 2}, {"t": "bye"})))
+        with pytest.raises(EOFError):
+            while True:  # a pong, maybe a result (should its commit beat the bye): no bye
+                f = await a.recv()
+                assert f in ({"t": "pong", "id": 2}, {**f, "t": "result", "id": 1}), f
+        a, _ = await hello(h, "alice")
+        await a.send(t="send", id=1, cid="last", body="last words", to="bob")
+        r = await a.reply(1)
+        assert (r["t"], r["seq"], r["dup"]) == ("result", 1, True)
