@@ -500,13 +500,24 @@ class Broker:
                            f"{limit:g} s")
 
     async def _admitted(self, session: Session, hello: Any, claims: tokens.Claims) -> bool:
-        """Refuse (and False) an authenticated hello whose token is revoked, or that comes as
-        the broker stops, or would pass a connection limit; asked again after an await."""
+        """Refuse (and False) an authenticated hello whose token is revoked, expired or of a
+        key no longer held, or that comes as the broker stops, or would pass a connection
+        limit; asked again after an await. The token was verified before the hello waited
+        (for the device's start at the head, behind a slow commit): a key retired or an
+        expiry passed meanwhile was not looked at again, and the session was welcomed with it
+        (until 2026-12-06), the retired key's for as long as its token lasted, since the
+        broker ends such sessions only when the key files change."""
+        refused = None
         if claims.issued < self.revoked_before(claims.user):
-            session.reason = CloseReason.REVOKED
-            session.log.info("auth_failed", user=claims.user, device=hello.device,
-                             reason="token revoked")
-            await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, "token revoked")
+            refused = CloseReason.REVOKED, "token revoked"
+        elif claims.key not in self.keyring.keys:
+            refused = CloseReason.REVOKED, tokens.retired_message(claims.key)
+        elif claims.expires <= time.time():
+            refused = CloseReason.AUTH_FAILED, tokens.expired_message(claims.expires)
+        if refused is not None:
+            session.reason, why = refused
+            session.log.info("auth_failed", user=claims.user, device=hello.device, reason=why)
+            await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, why)
             return False
         if self.stopping or self.committer.closing:
             session.reason = CloseReason.SHUTDOWN

@@ -399,8 +399,7 @@ class Session:
         """The key its token was signed with was retired (`homing secret retire`): say
         `unauthorized` and end the session, as hello with that token would be answered now."""
         self._end(CloseReason.REVOKED, wire.ErrorCode.UNAUTHORIZED,
-                  f"token's signing key {self.key_id} retired (no longer held): mint a new "
-                  "token with `homing token`")
+                  tokens.retired_message(self.key_id))
 
     def token_expired(self) -> None:
         """The token it authenticated with expired: say `unauthorized` and end the session, as

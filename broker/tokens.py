@@ -267,6 +267,12 @@ def verify(keys: Mapping[str, bytes], token: str, now: float | None = None) -> C
     return Claims(user, role, expires, issued if type(issued) is int else 0, used)
 
 
+def retired_message(key: str) -> str:
+    """What a token of the retired key `key` is told, at hello and in a session it opened."""
+    return (f"token's signing key {key} retired (no longer held): mint a new token with "
+            "`homing token`")
+
+
 def expired_message(expires: float) -> str:
     """What a refused token that expired at `expires` (Unix seconds) is told: when, and what to
     do (it said "token expired" alone)."""

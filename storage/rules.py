@@ -10,6 +10,8 @@ Rules (docs/DESIGN.md, "Commands and rules"):
 
 * No access and "does not exist" are the same `Forbidden`, so existence never leaks.
 * A token with role "admin" acts as owner everywhere (moderation), member or not.
+* A token with role "service" posts in a channel it is a member of: so it does not join one
+  itself (its owners or admins invite it), open or not.
 * Idempotent where the domain allows: a repeated (user, cid) send returns the first result with
   `dup=True`; inviting a member, joining twice, acking or marking below the current mark, and
   setting the mute state it already has all succeed without appending an event.
@@ -340,6 +342,12 @@ def _join(tables: Tables, cmd: c.Join, now_us: int, limits: Limits) -> Decision:
         raise Forbidden("a direct conversation is not joined: its two users are its members")
     if role is not None:
         return [], {"conv": cmd.conv}
+    if cmd.role == "service" and info["kind"] == "channel":
+        # A service member of a channel posts there and sees who its subscribers are (§10):
+        # let in by itself, any service could post to every subscriber of an open channel and
+        # list them (until 2026-12-06). Its owners and admins invite it. Said as for a
+        # conversation that does not exist: whether an open one does is not its to learn.
+        raise Forbidden(NO_ACCESS)
     if _member_count(tables, cmd.conv) >= limits.max_members:
         raise LimitExceeded(f"at most {limits.max_members} members")
     return [_ev(now_us, cmd, r.MEMBER_ADDED,

@@ -447,6 +447,8 @@ class Run:
         admin = TOKEN_ROLES.get(u) == "admin"
         if c is None or c.kind == "direct" or (role is None and not c.open and not admin):
             error = "forbidden"
+        elif role is None and c.kind == "channel" and TOKEN_ROLES.get(u) == "service":
+            error = "forbidden"  # a service is invited to a channel (since 2026-12-06, §5.2)
         else:
             error = None
         call = dev.client.subscribe(conv_id) if subscribe else dev.client.join(conv_id)
