@@ -469,8 +469,11 @@ def trace(store: Store, conv: str, seq: int, progress: Progress = None) -> dict[
     Shape: `{"conv", "seq", "from", "lsn", "ts", "recipients": {user: {"delivered": ts|null,
     "devices": {device: ts}, "read": ts|null}}}`. Recipients are the members at the time of the
     message other than the sender. A device received it at its first `delivery.acked` covering
-    the message's inbox seq; "delivered" is the earliest device; "read" is the first
-    `read.marked` of that user in `conv` reaching `seq`.
+    the message's inbox seq; "read" is the first `read.marked` of that user in `conv` reaching
+    `seq`, or their first post in `conv` after it, whichever comes first (a post moves its
+    sender's read mark, as the projections do); "delivered" is the earliest device, or the
+    read when earlier (a read mark moves the delivered one too): so a recipient is delivered
+    and read here when `homing receipts` lists them so.
     """
     found = _find_message(store, lambda _fields, n: n == seq, progress, conv)
     if found is None:
@@ -494,10 +497,14 @@ def _life(store: Store, found: _Found, progress: Progress) -> dict[str, Any]:
     inbox_seq = {u: _inbox_seq_of(store, u, found.lsn) for u in recipients}
     devices: dict[str, dict[str, int]] = {u: {} for u in recipients}
     read: dict[str, int] = {}
+    members = set(found.members)  # of `conv` as the scan goes: a post marks read a member's
     after = None if progress is None else (lambda done: progress(found.lsn + done))
     for lsn, value in _raw(store, found.lsn + 1, None, after):
         fields = _fields(lsn, value)
         kind, user = fields[2], fields[3]
+        if (kind == r.MEMBER_ADDED or kind == r.MEMBER_REMOVED) and fields[5]["conv"] == conv:
+            (members.add if kind == r.MEMBER_ADDED else members.discard)(fields[5]["user"])
+            continue
         if user not in devices:
             continue
         data = fields[5]
@@ -508,10 +515,14 @@ def _life(store: Store, found: _Found, progress: Progress) -> dict[str, Any]:
         elif (kind == r.READ_MARKED and user not in read and data["conv"] == conv
               and data["upto"] >= seq):
             read[user] = fields[1]
+        elif (kind == r.MESSAGE_ACCEPTED and user not in read and data["conv"] == conv
+              and user in members):  # not an admin token's post from outside
+            read[user] = fields[1]  # a later post of theirs: its seq is past `seq`
     out = {}
     for u in recipients:
         devs = devices[u]
-        out[u] = {"delivered": ts_iso(min(devs.values())) if devs else None,
+        marks = [*devs.values(), *([read[u]] if u in read else [])]
+        out[u] = {"delivered": ts_iso(min(marks)) if marks else None,
                   "devices": {d: ts_iso(t) for d, t in sorted(devs.items())},
                   "read": ts_iso(read[u]) if u in read else None}
     return {"conv": found.conv, "seq": found.seq, "from": found.sender, "lsn": found.lsn,

@@ -59,7 +59,10 @@ def reference_trace(store: Store, first: Event) -> dict:
     inbox_seq = {u: audit._inbox_seq_of(store, u, first.lsn) for u in recipients}
     devices: dict[str, dict[str, int]] = {u: {} for u in recipients}
     read: dict[str, int] = {}
+    now = set(members.get(conv, set()))
     for ev in audit.iter_events(store, audit.EventFilter(from_lsn=first.lsn + 1)):
+        if ev.type in (r.MEMBER_ADDED, r.MEMBER_REMOVED) and ev.data["conv"] == conv:
+            (now.add if ev.type == r.MEMBER_ADDED else now.discard)(ev.data["user"])
         if ev.user not in devices:
             continue
         if ev.type == r.DELIVERY_ACKED:
@@ -69,7 +72,11 @@ def reference_trace(store: Store, first: Event) -> dict:
         elif (ev.type == r.READ_MARKED and ev.user not in read and ev.data["conv"] == conv
               and ev.data["upto"] >= seq):
             read[ev.user] = ev.ts_us
-    out = {u: {"delivered": audit.ts_iso(min(devices[u].values())) if devices[u] else None,
+        elif (ev.type == r.MESSAGE_ACCEPTED and ev.user not in read and ev.data["conv"] == conv
+              and ev.user in now):
+            read[ev.user] = ev.ts_us  # a post moves its sender's marks (since 2026-12-06)
+    marks = {u: [*devices[u].values(), *([read[u]] if u in read else [])] for u in recipients}
+    out = {u: {"delivered": audit.ts_iso(min(marks[u])) if marks[u] else None,
                "devices": {d: audit.ts_iso(t) for d, t in sorted(devices[u].items())},
                "read": audit.ts_iso(read[u]) if u in read else None} for u in recipients}
     return {"conv": conv, "seq": seq, "from": first.user, "lsn": first.lsn,
