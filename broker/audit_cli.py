@@ -243,12 +243,14 @@ def readonly_store(args: argparse.Namespace) -> Iterator[Store]:
 
 
 def _summary(ev_data: dict[str, Any], width: int = 60) -> str:
-    """Return an event's data as `k=v` pairs, bodies quoted, cut to `width` characters."""
+    """Return an event's data as `k=v` pairs, cut to `width` characters: each value as the
+    JSON of `--json` spells it (null, false, ["a","b"]), bodies quoted, other text bare."""
     parts = []
     for key, value in ev_data.items():
-        text = json.dumps(value, ensure_ascii=False) if key in ("body", "body_b64") else value
+        bare = type(value) is str and key not in ("body", "body_b64")
+        text = value if bare else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
         parts.append(f"{key}={text}")
-    line = " ".join(str(p) for p in parts)
+    line = " ".join(parts)
     return line if len(line) <= width else line[: width - 1] + "…"
 
 

@@ -108,6 +108,16 @@ async def test_log_json_shape_filters_and_table(tmp_path, capsys):
     assert status == 0 and lines[0].split()[:3] == ["LSN", "TIME", "(UTC)"]
     assert len(lines) == 5 and lines[4].split()[0] == "4"
     assert lines[1].index("conv.created") == lines[0].index("TYPE")
+    # Values as JSON spells them, as --json has them: no Python None/False/True in the table.
+    status, lines, _ = audit(capsys, f["data"], "log", "--type", "conv.created")
+    created = audit_json(capsys, f["data"], "log", "--json", "--type", "conv.created")
+    assert status == 0 and len(lines) == len(created) + 1 >= 2
+    for line, event in zip(lines[1:], created, strict=True):
+        assert not {"None", "False", "True"} & {w.split("=", 1)[-1] for w in line.split()}
+        for key, value in event["data"].items():
+            if type(value) is not str:
+                spelt = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+                assert f"{key}={spelt}" in line or "…" in line, (line, key, value)
 
 
 async def test_export_streams_the_log_json_shape(tmp_path, capsys):
