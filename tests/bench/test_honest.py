@@ -116,7 +116,10 @@ def test_a_stall_is_charged_to_every_message_scheduled_during_it():
     assert proxy.stalled is not None
     # every message scheduled after the warm-up is a sample, the stalled ones included
     assert abs(h.count - RATE * (3.0 - entry["warmup_s"])) <= SENDERS
-    assert STALL_S * 1000 * 0.9 <= entry["max_ms"] <= STALL_S * 1000 + 50
+    # Charged once: about S, never twice S (a stall counted again from the message before it).
+    # Not S + 50 ms: a loaded machine keeps the proxy's thread from a core past the stall's
+    # end (357.8 ms once, beside the helpers' tests and a second pytest worker).
+    assert STALL_S * 1000 * 0.9 <= entry["max_ms"] <= STALL_S * 1000 * 1.5
     assert entry["p99_ms"] >= STALL_S * 1000 * 0.75
     assert entry["p50_ms"] < 20  # the rest of the run is untouched
     # At least the stall's first half, as an open loop charges it (a closed loop: 2). More is
