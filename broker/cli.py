@@ -99,7 +99,9 @@ def _number(kind: type, lo: float, hi: float | None = None):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+            # "1.5" for a count or whole seconds is a number, just not one this flag takes
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
         # not inf, nan (or 1e400, which float reads as inf); an int is (isfinite cannot take
         # one past a float's range)
         if out_of_range(value, lo, hi):

@@ -154,7 +154,10 @@ class Committer:
         # Wraps the callbacks and `on_committed` of one batch (the broker writes then).
         self._fanout = fanout or contextlib.nullcontext
         self.batches = 0
-        self.commands = 0
+        self.commands = 0  # committed (answered as their rules said)
+        # Answered `unavailable` because their commit failed (a full disk, a damaged row): with
+        # no commits, what tells a broker refusing every write from an idle one (broker_stats).
+        self.failed = 0
         self.committed_lsn = store.last_lsn()
         self._lsn_moved = trio.Event()
         self._thread = WorkerThread("homing-commit")
@@ -392,6 +395,7 @@ class Committer:
                 done = await self._thread.run(isolate, self._execute_run, started.commands)
                 return self._settle(started, done, exc)
             _log_failed(exc, len(started.commands))
+            self.failed += len(started.commands)
             self._lose_acks(started.acks)
             for p in started.pending:
                 p.finish(None, exc)
@@ -456,6 +460,7 @@ class Committer:
             self._lsn_moved = trio.Event()
         self.batches += done.commits
         self.commands += errors.count(None)
+        self.failed += len(errors) - errors.count(None)
         return started
 
     def _lose_acks(self, acks: Iterable[tuple[tuple[str, str], int]]) -> None:

@@ -420,13 +420,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the broker")
     s.add_argument("--data", default=DEFAULT_DATA_DIR,
                    help="data directory (default ./%(default)s)")
-    s.add_argument("--host", default=DEFAULT_HOST)
-    s.add_argument("--port", type=_number(int, 0, 65535), default=DEFAULT_PORT)
+    s.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to listen on; 0.0.0.0 serves others (default %(default)s)")
+    s.add_argument("--port", type=_number(int, 0, 65535), default=DEFAULT_PORT,
+                   help="(default %(default)s)")
     s.add_argument("--tls-cert", help="PEM certificate chain; serve TLS")
     s.add_argument("--tls-key", help="PEM private key for --tls-cert")
     s.add_argument("--max-frame-bytes", type=_number(int, MIN_FRAME_LIMIT, MAX_FRAME_LIMIT),
-                   default=d.max_frame_bytes)
-    s.add_argument("--max-body-bytes", type=_COUNT, default=d.max_body_bytes)
+                   default=d.max_frame_bytes,
+                   help="bytes of one frame at most (default %(default)s)")
+    s.add_argument("--max-body-bytes", type=_COUNT, default=d.max_body_bytes,
+                   help="bytes of one message's body at most (default %(default)s)")
     s.add_argument("--max-frame-values", type=_number(int, MIN_FRAME_VALUES, MAX_FRAME_LIMIT),
                    default=d.max_frame_values,
                    help="msgpack values (keys, values, items) in a client's frame (default "
@@ -434,30 +438,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--window", type=_COUNT, default=d.window,
                    help="unacked deliveries in flight per device (default %(default)s)")
     s.add_argument("--heartbeat", type=_number(int, 1, UINT_MAX), default=d.heartbeat_s,
-                   help="seconds")
+                   help="whole seconds between the pings welcome asks for (default "
+                        "%(default)s)")
     s.add_argument("--idle-timeout", type=_SECONDS, default=None,
                    help=f"seconds (default: three heartbeats, {d.idle_timeout_s:g})")
     s.add_argument("--handshake-timeout", type=_WAIT, default=d.handshake_timeout_s,
-                   help="seconds")
+                   help="seconds for a hello to arrive (default %(default)g)")
     s.add_argument("--send-rate", type=_RATE, default=d.sends_per_s_per_connection,
-                   help="sends per second per connection")
+                   help="sends per second per connection (default %(default)g)")
     s.add_argument("--user-send-rate", type=_RATE, default=d.sends_per_s_per_user,
-                   help="sends per second per user")
+                   help="sends per second per user (default %(default)g)")
     s.add_argument("--typing-rate", type=_RATE, default=d.typing_per_s_per_user,
-                   help="typing notices per second per user; the rest are dropped")
+                   help="typing notices per second per user; the rest are dropped (default "
+                        "%(default)g)")
     s.add_argument("--change-rate", type=_RATE, default=d.changes_per_s_per_user,
                    help="membership changes (create, invite, set_role, join, subscribe, leave, "
-                        "remove, mute) per second per user; the rest are refused rate_limited")
-    s.add_argument("--max-connections", type=_COUNT, default=d.max_connections)
+                        "remove, mute) per second per user; the rest are refused rate_limited "
+                        "(default %(default)g)")
+    s.add_argument("--max-connections", type=_COUNT, default=d.max_connections,
+                   help="sessions past hello, at most (default %(default)s)")
     s.add_argument("--max-handshakes", type=_COUNT, default=d.max_handshakes,
                    help="connections not yet past hello, at most (default %(default)s)")
     s.add_argument("--max-connections-per-user", type=_COUNT,
-                   default=d.max_connections_per_user)
-    s.add_argument("--max-members", type=_COUNT, default=d.max_members)
+                   default=d.max_connections_per_user,
+                   help="sessions of one user, at most (default %(default)s)")
+    s.add_argument("--max-members", type=_COUNT, default=d.max_members,
+                   help="members of a group or channel, at most (default %(default)s)")
     s.add_argument("--receipt-audience-max", type=_COUNT, default=d.receipt_audience_max,
                    help="members of a group above which its receipts are pushed only to its "
                         "owners and admins, as a channel's (default %(default)s)")
-    s.add_argument("--max-pending-pushes", type=_COUNT, default=d.max_pending_pushes)
+    s.add_argument("--max-pending-pushes", type=_COUNT, default=d.max_pending_pushes,
+                   help="frames queued for a device that does not read them before it is "
+                        "closed slow_consumer (default %(default)s)")
     s.add_argument("--max-batch", type=_COUNT, default=d.max_batch,
                    help="commands in one group commit at most (default %(default)s)")
     s.add_argument("--record-cache", type=_number(int, 0), default=d.record_cache,
@@ -479,8 +491,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--stats-interval", type=_stats_interval, default=d.stats_interval_s,
                    help="seconds between broker_stats log lines, at least 1; 0: none (default "
                         "%(default)g)")
-    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    s.add_argument("--log-format", default="auto", choices=("auto", "json", "console"))
+    s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="(default %(default)s)")
+    s.add_argument("--log-format", default="auto", choices=("auto", "json", "console"),
+                   help="auto: console on a terminal, JSON lines otherwise (default "
+                        "%(default)s)")
     s.add_argument("--log-buffer-bytes", type=_number(int, 4096, 1 << 30),
                    default=DEFAULT_LOG_BUFFER_BYTES,
                    help="log lines held for a sink slow to take them before lines are lost "

@@ -31,6 +31,7 @@ async def report_stats(broker: Broker, every: float) -> None:
     committer = broker.committer
     then, cpu = time.monotonic(), time.process_time()
     lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
+    failed = committer.failed
     while True:
         await trio.sleep(every)
         now, cpu_now = time.monotonic(), time.process_time()
@@ -45,6 +46,7 @@ async def report_stats(broker: Broker, every: float) -> None:
             events_per_s=events_per_s,
             commits_per_s=round((committer.batches - batches) / elapsed, 1),
             commands_per_s=round((committer.commands - commands) / elapsed, 1),
+            failed_per_s=round((committer.failed - failed) / elapsed, 1),
             cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib())
         if broker.notifier is not None and not broker.stopping:  # `systemctl status` shows it
             broker.notifier.notify(STATUS=f"serving {broker.config.host}:{broker.port}: "
@@ -53,3 +55,4 @@ async def report_stats(broker: Broker, every: float) -> None:
                                           f"lsn {committer.committed_lsn}")
         then, cpu = now, cpu_now
         lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
+        failed = committer.failed

@@ -300,7 +300,9 @@ class Store(Queries):
         if have == LAYOUT:
             return
         if self._log.last_lsn():
-            log.info("projections_layout_changed", stored=have, layout=LAYOUT)
+            # As text ("5"): bytes came out of the JSON log as Python's repr, "b'5'".
+            stored = None if have is None else have.decode("ascii", "replace")
+            log.info("projections_layout_changed", stored=stored, layout=LAYOUT.decode())
             self.rebuild(on_rebuild)
         else:
             self._env.write(lambda txn: txn.put(LAYOUT_KEY, LAYOUT, db=self._dbs["layout"]))

@@ -115,6 +115,7 @@ async def test_only_the_sends_that_read_the_damaged_row_fail_and_the_rest_commit
             ["bad1", "e1"], ["bad1"], ["e1"], ["k2", "bad2", "v1"], ["k2"], ["bad2", "v1"],
             ["bad2"], ["v1"]]
         assert (committer.commands, committer.batches) == (4, 4)  # 4 commits of one each
+        assert committer.failed == 2  # broker_stats' failed_per_s
         split = [e for e in logs if e["event"] == "batch_split"]
         assert len(split) == 1, logs
         assert (split[0]["commands"], split[0]["failed"]) == (6, 2)
@@ -215,7 +216,7 @@ async def test_a_batch_whose_every_command_reads_the_damaged_row_ends(tmp_path):
         assert all(isinstance(p.error, CorruptProjection) for p in pending)
         assert [id(p) for p in told] == [id(p) for p in pending] and fanned == []
         assert store.last_lsn() == last and store.committer.committed_lsn == last
-        assert store.committer.commands == 0
+        assert (store.committer.commands, store.committer.failed) == (0, 8)
     finally:
         store.close()
 

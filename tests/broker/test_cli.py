@@ -202,13 +202,14 @@ def test_sigterm_shuts_down_cleanly(broker):
 
 @pytest.mark.parametrize("option, value, says", [
     ("--idle-timeout", "0", "at least 0.001"),
-    ("--heartbeat", "0.5", "not a number"),
+    ("--heartbeat", "0.5", "not a whole number: '0.5'"),  # was "not a number: '0.5'"
     ("--handshake-timeout", "-1", "from 0.001 to 3600.0"),
     ("--window", "0", "at least 1"),
     ("--send-rate", "nan", "at least 0.001"),
     ("--port", "65536", "from 0 to 65535"),
     ("--max-frame-bytes", "1023", "from 1024 to"),
-    ("--max-connections", "ten", "not a number"),
+    ("--max-connections", "ten", "not a whole number"),
+    ("--shutdown-grace", "ten", "not a number"),
     ("--max-batch", "0", "at least 1"),
 ])
 def test_serve_refuses_an_out_of_range_number_before_starting(tmp_path, option, value, says):

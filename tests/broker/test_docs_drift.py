@@ -336,6 +336,23 @@ def test_serve_defaults_as_documented():
     assert not wrong, "`homing serve` defaults: " + "; ".join(wrong)
 
 
+def test_serve_help_says_every_default():
+    """`homing serve --help` is where an operator looks first (docs/OPERATIONS.md, "Running the
+    broker"): each flag with a default says it there, as the Limits table does. Half of them
+    (`--max-frame-bytes`, `--heartbeat`, `--max-connections`, `--log-level`, ...) showed only
+    their name; the others said "(default N)"."""
+    text = serve_parser().format_help()
+    silent = []
+    for action in serve_parser()._actions:
+        flag = max(action.option_strings, key=len, default="")
+        if flag in ("", "--help", "--tls-cert", "--tls-key", "--content-policy"):
+            continue  # no default: off unless given
+        if "default" not in (action.help or ""):
+            silent.append(flag)
+    assert not silent, f"flags whose --help states no default: {silent}"
+    assert "(default 1048576)" in " ".join(text.split())  # --max-frame-bytes, rendered
+
+
 def test_every_subcommand_is_in_cli_md():
     text = CLI.read_text(encoding="utf-8")
     spans = ticked(text)

@@ -8,12 +8,13 @@ import os
 import subprocess
 import time
 
+from tests.disks import fill, tmpfs
 from tests.faults.conftest import RawClient
-from tests.procs import BrokerProcess, homing, homing_cmd, lines
-from tests.waits import wait_until
+from tests.procs import BrokerProcess, as_user, homing, homing_cmd, last_error, lines
+from tests.waits import wait_until, wait_until_sync
 
 FIELDS = {"connections", "requests_only", "handshaking", "lsn", "queued", "events_per_s",
-          "commits_per_s", "commands_per_s", "cpu_pct", "rss_mib"}
+          "commits_per_s", "commands_per_s", "failed_per_s", "cpu_pct", "rss_mib"}
 
 
 def stats_lines(bp: BrokerProcess) -> list[dict]:
@@ -75,3 +76,34 @@ def test_no_stats_lines_with_an_interval_of_zero(tmp_path):
                                                  "HOMING_TOKEN": bp.token("shop")})
         time.sleep(0.5)
     assert stats_lines(bp) == []
+
+
+def test_writes_a_full_disk_refuses_are_counted_in_the_stats_line(tmp_path):
+    """docs/OPERATIONS.md, "Logs": `broker_stats` is the line to alert on, and a broker
+    refusing every write must show there. On a full disk every send was answered
+    `unavailable`, and the lines said `commits_per_s` and `commands_per_s` 0.0 with the `lsn`
+    still, as an idle broker's do (the guide's sign, "`lsn` standing still while
+    `commands_per_s` is not zero", never showed: the commands of a failed commit were not
+    counted). Found filling a 4 MiB tmpfs under a broker ("A full disk"). `failed_per_s`
+    counts them now."""
+    with tmpfs(tmp_path, "4m") as disk:
+        bp = BrokerProcess(disk / "data", "--stats-interval", "1")
+        bp.logfile = tmp_path / "broker.log"  # not on the disk it fills
+        with bp:
+            env = as_user(bp, "shop", "service")
+            lsn = lines(homing("send", "--to", "bob", "first", env=env))[0]["lsn"]
+            # the line whose window holds that send's commit: the lines after it hold none
+            assert wait_until_sync(lambda: any(s["lsn"] == lsn for s in stats_lines(bp)))
+            fill(disk / "filler")
+            before = len(stats_lines(bp))
+            for i in range(3):
+                refused = homing("send", "--to", "bob", "--cid", f"big{i}", "x" * 60_000,
+                                 env=env, check=False)
+                assert last_error(refused.stderr)["error"] == "unavailable"
+            after = len(stats_lines(bp))
+            # two lines more: the window of the last refusal has ended
+            assert wait_until_sync(lambda: len(stats_lines(bp)) > after + 1), bp.log_tail()
+            stats = stats_lines(bp)[before:]
+    assert all(s["lsn"] == lsn and s["commits_per_s"] == s["commands_per_s"] == 0
+               for s in stats), stats
+    assert sum(s["failed_per_s"] for s in stats) > 0, stats

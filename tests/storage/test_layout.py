@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+from structlog.testing import capture_logs
+
 from storage.commands import MarkRead, SendMessage
 from storage.store import LAYOUT, LAYOUT_KEY, Store
 
@@ -90,3 +94,24 @@ def test_a_rebuild_on_open_reports_its_progress(tmp_path):
     again: list[tuple[int, int]] = []
     Store.open(tmp_path / "data", on_rebuild=lambda *a: again.append(a)).close()
     assert again == []
+
+
+def test_the_layout_change_is_logged_as_the_layout_numbers(tmp_path):
+    """docs/OPERATIONS.md, "Logs": `projections_layout_changed` says the directory's layout and
+    this homing's. They were logged as bytes, which the broker's JSON log wrote as Python's
+    repr, `"stored": "b'5'", "layout": "b'6'"` (found running an upgrade from layout 5, as the
+    guide's "Upgrading" says); now `"5"` and `"6"`, and null for a directory from before
+    layouts were recorded."""
+    older_layout(tmp_path / "data", 10)
+    with capture_logs() as logs:
+        Store.open(tmp_path / "data").close()
+    (changed,) = [e for e in logs if e["event"] == "projections_layout_changed"]
+    assert (changed["stored"], changed["layout"]) == ("3", LAYOUT.decode())
+    store = Store.open(tmp_path / "data")
+    store._env.write(lambda txn: txn.delete(LAYOUT_KEY, db=store._dbs["layout"]))
+    store.close()
+    with capture_logs() as logs:
+        Store.open(tmp_path / "data").close()
+    (changed,) = [e for e in logs if e["event"] == "projections_layout_changed"]
+    assert changed["stored"] is None
+    assert json.loads(json.dumps(changed, default=repr))["layout"] == LAYOUT.decode()
