@@ -302,7 +302,9 @@ async def _serve(cfg: Config, store: Any, notifier: Notifier | None,
     broker = Broker(cfg, store, notifier, keyring)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(broker.serve, sockets=sockets))
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # SIGHUP too: the terminal that ran it closed (an ssh session dropped) is a stop, not
+        # a kill that cuts every connection without a word.
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for _ in signals:
                 broker.shutdown()
                 break

@@ -1,8 +1,8 @@
 """The broker: accept loop, handshake, group commit, fan-out, and clean shutdown.
 
-`Broker.serve` runs until `Broker.shutdown` is called (SIGTERM/SIGINT in `homing serve`): it
-stops accepting, lets every session finish the commands it has in flight (each is durable and
-answered), says bye, commits what is queued, and returns. Nothing acked is ever lost, because
+`Broker.serve` runs until `Broker.shutdown` is called (SIGTERM, SIGINT or SIGHUP in `homing
+serve`): it stops accepting, lets every session finish the commands it has in flight (each is
+durable and answered), says bye, commits what is queued, and returns. Nothing acked is ever lost, because
 nothing is acked before its commit returned.
 """
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from functools import partial
@@ -498,3 +499,23 @@ async def test_a_resend_of_a_message_over_a_lowered_body_limit_is_a_dup(broker_p
             assert info.value.name == "invalid"
             assert (await alice.send("small", to="bob")).seq == 2
     await bp.aterminate()
+
+
+async def test_sighup_stops_the_broker_cleanly(broker_process, tally):
+    """SIGHUP (the terminal that ran `homing serve` closed, an ssh session dropped) stops the
+    broker as SIGTERM does: its connections told `shutting_down`, exit status 0. It killed the
+    process (exit status -1), the connections cut without a word."""
+    bp = broker_process()
+    with trio.fail_after(30):
+        c = await RawClient.connect(bp.server, bp.token("alice"), "d1")
+        await c.send(wire.Send(id=1, cid="before", body="x", to="bob"))
+        assert isinstance(await c.reply(1), wire.Result)
+        bp.proc.send_signal(signal.SIGHUP)
+        frames = []
+        while (f := await c.next()) is not None:
+            frames.append(f)
+        assert any(isinstance(f, wire.Error) and f.name == "shutting_down" for f in frames), frames
+        assert await trio.to_thread.run_sync(bp.proc.wait, 20) == 0
+        await c.aclose()
+    assert any(e.get("event") == "broker_stopped" for e in bp.log_events())
+    tally.add("SIGHUP to the broker")
