@@ -2,8 +2,8 @@
 
 `Broker.serve` runs until `Broker.shutdown` is called (SIGTERM, SIGINT or SIGHUP in `homing
 serve`): it stops accepting, lets every session finish the commands it has in flight (each is
-durable and answered), says bye, commits what is queued, and returns. Nothing acked is ever lost, because
-nothing is acked before its commit returned.
+durable and answered), says bye, commits what is queued, and returns. Nothing acked is ever
+lost, because nothing is acked before its commit returned.
 """
 
 from __future__ import annotations
