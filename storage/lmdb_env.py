@@ -5,6 +5,8 @@ Rules kept here:
 * One writer process per data directory: writers hold an exclusive `fcntl` lock on
   `<dir>/homing.lock` (`DataDirLocked` otherwise). Read-only opens take no such lock and work
   while the broker runs (LMDB's own lock file coordinates readers and the writer).
+* `data.mdb` only ever names an LMDB file: a new environment is made beside it (NEW_ENV_DIR)
+  and moved into place whole, so a start killed as LMDB makes it leaves no empty file.
 * No `writemap`: a full disk then shows up as ENOSPC from `write()` at commit (`StorageFull`)
   instead of SIGBUS on a mapped page. `sync` and `metasync` are on: a commit is durable.
 * The map grows by itself: a write that hits `MapFullError` is aborted, the map doubled, and the
@@ -24,6 +26,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator
@@ -41,6 +44,9 @@ DEFAULT_MAP_SIZE = 1 << 30
 MAX_READERS = 1024
 MAX_DBS = 32
 LOCK_FILE = "homing.lock"
+# Where a writable open makes a new environment before its `data.mdb` is moved into place
+# (`LmdbEnv._make_new`); one left by a process killed making it is removed at the next open.
+NEW_ENV_DIR = ".new-env"
 READER_CHECK_S = 5.0  # how often a writer frees the slots of dead readers
 OPEN_ATTEMPTS = 8  # read-only opens that the writer's growth cut short, at most (`LmdbEnv`)
 
@@ -157,6 +163,14 @@ class LmdbEnv:
         if not readonly:
             os.makedirs(self.path, mode=0o700, exist_ok=True)  # messages: for its owner only
             self._take_dir_lock()
+            try:
+                self._make_new(map_size)
+            except lmdb.Error as exc:  # a full disk, as an open making its tables would meet
+                self._release_dir_lock()
+                raise StorageError(f"cannot open {self.path}: {exc}") from exc
+            except BaseException:
+                self._release_dir_lock()
+                raise
             if _is_empty_file(os.path.join(self.path, "data.mdb")):
                 # LMDB would make a new environment of it: a backup killed before its copy
                 # began (its secret beside it) would be served, empty, to every old token.
@@ -194,6 +208,39 @@ class LmdbEnv:
             self._check_readers()
         log.info("storage_opened", path=self.path, readonly=readonly,
                  map_size=self.env.info()["map_size"])
+
+    def _make_new(self, map_size: int) -> None:
+        """Make the environment of a directory without `data.mdb`, whole, before it is opened.
+
+        LMDB makes `data.mdb` empty and only then writes its meta pages: a start killed in
+        between (SIGKILL, the OOM killer) left an empty file, which every later open refuses
+        (an empty `data.mdb` is what a backup killed before its copy leaves; served, it would
+        be a new empty store for every old token), so a directory that never held data could
+        not be served again. The environment is made in NEW_ENV_DIR, synced, and its
+        `data.mdb` moved into place: the name only ever holds an LMDB file. Under the
+        directory lock; one left by a process killed here is removed first."""
+        new = os.path.join(self.path, NEW_ENV_DIR)
+        if os.path.isdir(new) and not os.path.islink(new):
+            shutil.rmtree(new)
+        elif os.path.lexists(new):
+            os.unlink(new)
+        data = os.path.join(self.path, "data.mdb")
+        if os.path.lexists(data):
+            return
+        os.mkdir(new, 0o700)
+        try:
+            env = lmdb.open(new, subdir=True, map_size=map_size, max_dbs=MAX_DBS, sync=True,
+                            metasync=True, mode=0o600)
+            try:
+                env.sync(True)
+            finally:
+                env.close()
+            # A rename (not a link: some filesystems have none); nothing else makes `data.mdb`
+            # here, under the directory lock.
+            os.rename(os.path.join(new, "data.mdb"), data)
+            sync_dir(self.path)
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
 
     def _open(self, map_size: int, db_names: list[str], optional: Collection[str]) -> None:
         self.env = lmdb.open(
