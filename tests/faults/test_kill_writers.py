@@ -241,6 +241,14 @@ def _upgrade_kills(tmp_path: Path, tally, kills: int, sends: int, seed: int,
     base = tmp_path / "base"
     history = _with_traffic(base, sends, bulk)
     _set_layout(base, b"5")
+    _kill_starts(tmp_path, tally, base, history, kills, seed, "on an older layout",
+                 "projections_layout_changed", "projections_rebuilt")
+
+
+def _kill_starts(tmp_path: Path, tally, base: Path, history: History, kills: int, seed: int,
+                 what: str, began: str, ended: str) -> None:
+    """`kills` times: `homing serve` on a copy of `base`, SIGKILLed 0.2 to 2 s after its start
+    (the moment tallied by its log's `began` and `ended` events), then the copy checked."""
     rng = random.Random(seed)
     for i in range(kills):
         data = tmp_path / f"data{i}"
@@ -248,8 +256,7 @@ def _upgrade_kills(tmp_path: Path, tally, kills: int, sends: int, seed: int,
         log = tmp_path / "serve.log"
         _kill_at(["serve", "--data", str(data), "--port", str(free_port())],
                  rng.uniform(0.2, 2.0), log)
-        tally.add("SIGKILL of `homing serve` on an older layout "
-                  + _moment(log, "projections_layout_changed", "projections_rebuilt"))
+        tally.add(f"SIGKILL of `homing serve` {what} " + _moment(log, began, ended))
         _check(data, copy.deepcopy(history))  # each copy gets a send of its own
         shutil.rmtree(data)
 
@@ -279,17 +286,8 @@ def _catch_up_kills(tmp_path: Path, tally, kills: int, bulk: int, seed: int) -> 
         put_log_records(behind, list(store.log.read_raw(k + 1)))
     finally:
         store.close()
-    rng = random.Random(seed)
-    for i in range(kills):
-        work = tmp_path / f"work{i}"
-        shutil.copytree(behind, work)
-        log = tmp_path / "serve.log"
-        _kill_at(["serve", "--data", str(work), "--port", str(free_port())],
-                 rng.uniform(0.2, 2.0), log)
-        tally.add("SIGKILL of `homing serve` behind its log "
-                  + _moment(log, "projections_behind_log", "projections_caught_up"))
-        _check(work, copy.deepcopy(history))  # each copy gets a send of its own
-        shutil.rmtree(work)
+    _kill_starts(tmp_path, tally, behind, history, kills, seed, "behind its log",
+                 "projections_behind_log", "projections_caught_up")
 
 
 def test_serve_killed_catching_up_projections_behind_the_log_loses_nothing(tmp_path, tally):
