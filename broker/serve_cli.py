@@ -302,9 +302,7 @@ async def _serve(cfg: Config, store: Any, notifier: Notifier | None,
     broker = Broker(cfg, store, notifier, keyring)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(broker.serve, sockets=sockets))
-        # SIGHUP too: the terminal that ran it closed (an ssh session dropped) is a stop, not
-        # a kill that cuts every connection without a word.
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        with trio.open_signal_receiver(*_stop_signals()) as signals:
             async for _ in signals:
                 broker.shutdown()
                 break
@@ -314,6 +312,16 @@ async def _serve(cfg: Config, store: Any, notifier: Notifier | None,
                 inner.start_soon(_log_more_signals, signals, broker)
                 await broker.wait_stopped()
                 inner.cancel_scope.cancel()
+
+
+def _stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that stop the broker cleanly: SIGTERM, SIGINT, and SIGHUP (the terminal that
+    ran it closed, an ssh session dropped: a stop, not a kill cutting every connection without a
+    word), unless SIGHUP was ignored when it started (`nohup homing serve`), which keeps it so."""
+    stop = (signal.SIGTERM, signal.SIGINT)
+    if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN:
+        return stop
+    return (*stop, signal.SIGHUP)
 
 
 async def _log_more_signals(signals: Any, broker: Any) -> None:

@@ -519,3 +519,24 @@ async def test_sighup_stops_the_broker_cleanly(broker_process, tally):
         await c.aclose()
     assert any(e.get("event") == "broker_stopped" for e in bp.log_events())
     tally.add("SIGHUP to the broker")
+
+
+async def test_sighup_ignored_at_start_stays_ignored(tmp_path):
+    """`nohup homing serve` (SIGHUP ignored when it starts) goes on serving when its terminal
+    closes: SIGHUP stops only a broker that did not start with it ignored."""
+    bp = BrokerProcess(tmp_path / "data")
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by the child, as nohup's
+    try:
+        bp.start()
+    finally:
+        signal.signal(signal.SIGHUP, before)
+    try:
+        with trio.fail_after(30):
+            async with bp.client("alice") as alice:
+                bp.proc.send_signal(signal.SIGHUP)
+                for n in (1, 2):  # still serving after the signal was surely handled
+                    assert (await alice.send(f"after {n}", to="bob")).seq == n
+                    await trio.sleep(0.2)
+        assert bp.alive()
+    finally:
+        assert await bp.aterminate() == 0
