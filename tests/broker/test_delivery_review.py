@@ -124,12 +124,15 @@ async def test_passing_over_many_own_sends_does_not_block_the_event_loop(tmp_pat
         await trio.sleep(0.3)
         worst = 0.0
 
+        # The trio thread's CPU between two turns of this task (2 to 4 ms here; 292 ms with
+        # the writer's checkpoint taken out): a loaded machine's wait for a core is no block
+        # (321 ms of wall clock once, beside three helpers' tests).
         async def ticker():
             nonlocal worst
             while True:
-                t = time.monotonic()
+                t = time.thread_time()
                 await trio.sleep(0.001)
-                worst = max(worst, time.monotonic() - t)
+                worst = max(worst, time.thread_time() - t)
 
         async with trio.open_nursery() as n:
             n.start_soon(ticker)
@@ -139,4 +142,5 @@ async def test_passing_over_many_own_sends_does_not_block_the_event_loop(tmp_pat
             await trio.sleep(1.5)
             n.cancel_scope.cancel()
         await bob.aclose()
-        assert worst < 0.2, f"the event loop was blocked for {worst * 1000:.0f} ms by one ack"
+        assert worst < 0.05, (f"the event loop was blocked for {worst * 1000:.0f} ms of CPU by "
+                             "one ack")
