@@ -102,6 +102,10 @@ ROSTER_CACHE_MAX = 50_000  # conversations whose member lists the broker keeps i
 ROSTER_CACHE_MEMBERS = 500_000
 LINGER_S = 1.0  # how long a connection we end waits for the peer's EOF (see _linger)
 LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and dropped meanwhile
+# How long the last writes to a peer may take: a closing error frame (`_refuse`), and the close
+# (TLS's close_notify). A peer that reads nothing costs this much; one to which TLS never began
+# costs nothing, as nothing is written (tests lengthen it to tell the two apart).
+PARTING_S = 1.0
 # Ends where the peer has stopped sending already: nothing to wait for.
 _NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROKEN)
 
@@ -372,7 +376,7 @@ class Broker:
             if session.reason not in _NO_LINGER and not said_nothing:
                 with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
                     await _linger(stream)
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
+            with trio.CancelScope(shield=True), trio.move_on_after(PARTING_S):
                 try:
                     await stream.aclose()  # TLS: its close_notify, then the socket's close
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -673,7 +677,7 @@ class Broker:
             data = encode_push(wire.error_frame(code, message, request_id, close=True))
         except wire.ProtocolError:
             return
-        with trio.move_on_after(1):
+        with trio.move_on_after(PARTING_S):
             try:
                 await session.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

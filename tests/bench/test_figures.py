@@ -59,10 +59,10 @@ def test_the_open_loop_waits_to_the_microsecond_not_to_the_next_millisecond():
             t0 = time.perf_counter()
             assert read_ready(ep, 0.0002) == []
             waits.append(time.perf_counter() - t0)
-        peer.send(b"x")  # and something ready is read at once
+        peer.send(b"x")  # and something ready is read at once, not when the wait runs out
         t0 = time.perf_counter()
-        (got,) = read_ready(ep, 0.5)
-        assert got[0] == ours.fileno() and got[2] == b"x" and time.perf_counter() - t0 < 0.4
+        (got,) = read_ready(ep, 30)
+        assert got[0] == ours.fileno() and got[2] == b"x" and time.perf_counter() - t0 < 15
     finally:
         ep.close()
         ours.close()
@@ -151,6 +151,9 @@ def test_a_redis_receiver_reads_on_without_waiting_for_its_xack():
             await setup.delete(key)
             await setup.aclose()
             await logged.aclose()
+            # A pool given to Redis() is not closed with it: its sockets were left to the
+            # garbage collector, whose ResourceWarning failed a later test of the same worker.
+            await logged.connection_pool.disconnect()
 
     st, pending = asyncio.run(main())
     assert st.received == 300 and pending == 0  # every entry read and acked

@@ -183,11 +183,13 @@ async def test_under_load_acks_join_every_other_batch(tmp_path):
 async def test_a_commit_of_only_acks_waits_for_other_work_but_not_longer(tmp_path):
     """Queued acks alone linger up to ACK_LINGER_S; a send arriving meanwhile shares their
     commit at once."""
+    # Two lingers, each far from what a busy machine adds: a send must not wait out one of
+    # 20 s (a bound of 10 s tells the two apart), and an ack alone must wait out one of 2 s
+    # (only a lower bound on the clock, and a look at 0.2 s, 1.8 s before it is out).
     store = Store.open(str(tmp_path / "d"))
-    # A linger long enough that "waited it out" and "did not" stay apart on a slow machine.
-    committer = Committer(store, ack_linger_s=1.0)
     try:
-        with trio.fail_after(30):
+        with trio.fail_after(45):
+            committer = Committer(store, ack_linger_s=20.0)
             async with trio.open_nursery() as nursery:
                 await nursery.start(committer.serve)
                 await committer.submit(SendMessage("a", "d", "user", "c0", BODY, to="b"))
@@ -197,16 +199,23 @@ async def test_a_commit_of_only_acks_waits_for_other_work_but_not_longer(tmp_pat
                 assert committer.batches == batches  # still lingering
                 start = trio.current_time()
                 await committer.submit(SendMessage("a", "d", "user", "c1", BODY, to="b"))
-                assert trio.current_time() - start < 0.7  # the send did not wait the linger out
+                assert trio.current_time() - start < 10  # the send did not wait the linger out
                 assert committer.batches == batches + 1  # one commit for the ack and the send
                 assert store.delivered("b", "phone") == 1
-                committer.ack_nowait(Ack("b", "phone", "user", 2, ()))
+                await committer.close()
+        with trio.fail_after(30):
+            committer = Committer(store, ack_linger_s=2.0)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(committer.serve)
+                batches = committer.batches
                 start = trio.current_time()
-                await trio.sleep(0.5)
+                committer.ack_nowait(Ack("b", "phone", "user", 2, ()))
+                await trio.sleep(0.2)
                 assert store.delivered("b", "phone") == 1  # lingering
+                assert committer.batches == batches
                 while store.delivered("b", "phone") != 2:  # then committed alone, whenever a
                     await trio.sleep(0.02)                # busy machine gets to it (fail_after)
-                assert trio.current_time() - start >= 1.0  # not before the linger was out
+                assert trio.current_time() - start >= 2.0  # not before the linger was out
                 await committer.close()
     finally:
         store.close()

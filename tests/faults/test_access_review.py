@@ -12,6 +12,7 @@ import trio
 import protocol as wire
 from tests.faults.conftest import RawClient, replies
 from tests.harness import running_broker
+from tests.waits import wait_until
 
 
 async def test_a_rate_below_one_per_second_still_lets_sends_and_typing_through(tmp_path):
@@ -116,7 +117,9 @@ async def test_a_client_pipelining_costly_queries_does_not_stall_the_others(tmp_
     1,024 queued replies: a client pipelining `receipts` of a message in a 1,000-member group
     (a millisecond each, a few bytes of answer) held the event loop for a second at a time,
     and every other client's ping took 1.3 s (median; 2.2 s at worst; 2 ms without the flood).
-    A connection's frames now hold the loop for FAIR_SLICE_S at most before the others run."""
+    A connection's frames now hold the loop for FAIR_SLICE_S at most before the others run.
+    Told by a count, not the clock (a busy machine slows both): the flooder's frames handled
+    while a ping waits for its pong, 6 to 12 here, where 680 to 850 were."""
     async with running_broker(tmp_path / "data") as h:
         with trio.fail_after(90):
             async with h.client("alice") as alice:
@@ -124,7 +127,7 @@ async def test_a_client_pipelining_costly_queries_does_not_stall_the_others(tmp_
                 await alice.send("hi", conv=conv)
             flooder = await RawClient.connect(h.server, h.token("alice"), "f")
             prober = await RawClient.connect(h.server, h.token("carol"), "p")
-            rtts: list[float] = []
+            handled: list[int] = []  # the flooder's frames handled during each ping
 
             async def flood():
                 for i in itertools.count(0, 500):
@@ -139,14 +142,15 @@ async def test_a_client_pipelining_costly_queries_does_not_stall_the_others(tmp_
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(flood)
                 nursery.start_soon(drain)
-                await trio.sleep(0.2)
+                [flooding] = h.broker.hub.sessions("alice")
+                await wait_until(lambda: flooding.frames_in >= 500)  # the flood is under way
                 for n in range(8):
-                    started = trio.current_time()
+                    before = flooding.frames_in
                     await prober.send(wire.Ping(id=n))
                     assert isinstance(await prober.reply(n), wire.Pong)
-                    rtts.append(trio.current_time() - started)
+                    handled.append(flooding.frames_in - before)
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
             await flooder.aclose()
             await prober.aclose()
-            assert max(rtts) < 0.3, [round(r, 3) for r in rtts]
+            assert max(handled) < 200, handled
