@@ -244,14 +244,25 @@ def readonly_store(args: argparse.Namespace) -> Iterator[Store]:
 
 def _summary(ev_data: dict[str, Any], width: int = 60) -> str:
     """Return an event's data as `k=v` pairs, cut to `width` characters: each value as the
-    JSON of `--json` spells it (null, false, ["a","b"]), bodies quoted, other text bare."""
+    JSON of `--json` spells it (null, false, ["a","b"]), bodies quoted, other text bare unless
+    it holds a character `isprintable` refuses (a name is any text its creator chose: a line
+    break in it made a row of the table, an escape sequence reached the operator's terminal)."""
     parts = []
     for key, value in ev_data.items():
-        bare = type(value) is str and key not in ("body", "body_b64")
-        text = value if bare else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-        parts.append(f"{key}={text}")
+        bare = type(value) is str and key not in ("body", "body_b64") and value.isprintable()
+        parts.append(f"{key}={value if bare else _printable_json(value)}")
     line = " ".join(parts)
     return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _printable_json(value: Any) -> str:
+    """`value` as compact JSON, each character `isprintable` refuses escaped: JSON escapes
+    only U+0000-U+001F, and leaves C1 controls (U+009B starts an escape sequence on some
+    terminals) and bidi overrides (U+202E) as they are."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 def _table_row(rec: dict[str, Any], lsn_width: int) -> str:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -76,10 +77,12 @@ class BrokerProcess:
     """`homing serve` as a child process on a fixed port; start, kill, restart."""
 
     def __init__(self, data: Path, *flags: str, port: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None,
+                 preexec_fn: Callable[[], object] | None = None) -> None:
         self.data = Path(data)
         self.flags = list(flags)
         self.env = env  # the child's whole environment (None: this process's)
+        self.preexec_fn = preexec_fn  # run in the child before exec (`nohup`'s SIG_IGN, say)
         self.port = port or free_port()
         self.server = f"127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -114,7 +117,8 @@ class BrokerProcess:
             self.proc = subprocess.Popen(
                 [*homing_cmd(), "serve", "--data", str(self.data), "--port", str(self.port),
                  "--log-format", "json", *self.flags],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env)
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env,
+                preexec_fn=self.preexec_fn)
 
     async def astart(self, timeout: float = 15.0) -> None:
         await trio.to_thread.run_sync(self.start, timeout)

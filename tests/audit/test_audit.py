@@ -120,6 +120,26 @@ async def test_log_json_shape_filters_and_table(tmp_path, capsys):
                 assert f"{key}={spelt}" in line or "…" in line, (line, key, value)
 
 
+async def test_log_table_quotes_text_that_would_break_its_lines(tmp_path, capsys):
+    """A conversation's name is any text its creator chose: in the table it is quoted, escaped
+    as the JSON does, when it holds a line break or another control character, so it can
+    neither add a row of its own making nor send the operator's terminal an escape sequence."""
+    forged = "x\n 9  2026-12-06T00:00:00.000000Z  tokens.revoked\r\x1b[2J"
+    async with running_broker(tmp_path / "data") as h, h.client("mallory", "m") as mallory:
+        await mallory.create_group(forged, [])
+        await mallory.create_group("\u202e\x9b2J", [])  # a bidi override, a C1 escape (CSI)
+        await mallory.create_group("plain name, \u00e9t\u00e9", [])
+        dm = (await mallory.send("\x9b2J\u202ebody", to="bob", cid="b")).conv
+    status, lines, _ = audit(capsys, tmp_path / "data", "log", "--type", "conv.created")
+    assert status == 0 and len(lines) == 5, lines
+    assert 'name="x\\n 9' in lines[1]
+    assert 'name="\\u202e\\u009b2J"' in lines[2]
+    assert "name=plain name, \u00e9t\u00e9" in lines[3]  # printable text stays bare
+    status, body, _ = audit(capsys, tmp_path / "data", "log", "--type", "message", "--conv", dm)
+    assert status == 0 and 'body="\\u009b2J\\u202ebody"' in body[1], body
+    assert all(line.isprintable() for line in lines + body)
+
+
 async def test_export_streams_the_log_json_shape(tmp_path, capsys):
     """`audit export` (run as the real command) prints exactly the objects of `log --json`."""
     f = await scenario(tmp_path)

@@ -54,8 +54,9 @@ def broker_process(tmp_path):
     """A factory of child brokers; all killed at the end of the test."""
     made: list[BrokerProcess] = []
 
-    def make(*flags: str, data: Path | None = None, start: bool = True) -> BrokerProcess:
-        bp = BrokerProcess(data or tmp_path / f"data{len(made)}", *flags)
+    def make(*flags: str, data: Path | None = None, start: bool = True,
+             **kw) -> BrokerProcess:
+        bp = BrokerProcess(data or tmp_path / f"data{len(made)}", *flags, **kw)
         made.append(bp)
         if start:
             bp.start()
