@@ -173,10 +173,10 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
     except tokens.SecretError as exc:
         raise CliError(EXIT_USAGE, "bad_secret", str(exc)) from None
     except OSError as exc:  # the directory cannot be made or written (permissions, a file)
-        raise CliError(EXIT_USAGE, "data_dir",
+        raise CliError(*_start_failure(exc),
                        f"cannot use {cfg.data_dir}: {_os_why(exc, cfg.data_dir)}") from None
     except StorageError as exc:  # files LMDB cannot open, a log the rebuild cannot replay
-        raise CliError(EXIT_USAGE, "data_dir", f"cannot use {cfg.data_dir}: {exc}") from None
+        raise CliError(*_start_failure(exc), f"cannot use {cfg.data_dir}: {exc}") from None
     try:
         trio.run(_serve, cfg, store, notifier, sockets, keyring)
     except BaseExceptionGroup as group:
@@ -187,6 +187,32 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
     finally:
         store.close()
     return 0
+
+
+# A start kept from its data directory by something that passes by itself: exit status 1,
+# `unavailable`, so that systemd's Restart=on-failure tries again (RestartPreventExitStatus=2
+# stops only what would repeat its error: docs/OPERATIONS.md, "As a systemd service").
+EXIT_TRY_AGAIN = 1
+_PASSING_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE,
+                             errno.ENFILE})
+
+
+def _start_failure(exc: BaseException) -> tuple[int, str]:
+    """The exit status and error name of a start whose data directory failed with `exc`:
+    `unavailable` (1) when the cause may pass (LMDB's reader table full of other processes'
+    readers, the disk full, memory or the open-file table short), else `data_dir` (2)."""
+    import lmdb
+
+    from storage.errors import StorageFull
+
+    passing = (StorageFull, lmdb.ReadersFullError, lmdb.DiskError, lmdb.MemoryError)
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, passing) or \
+                (isinstance(cause, OSError) and cause.errno in _PASSING_ERRNOS):
+            return EXIT_TRY_AGAIN, "unavailable"
+        cause = cause.__cause__
+    return EXIT_USAGE, "data_dir"
 
 
 def _cannot_listen(cfg: Config, exc: OSError) -> CliError:

@@ -19,8 +19,10 @@ import trio
 
 import protocol as wire
 from broker.client import ClientError
+from tests.disks import fill, tmpfs
 from tests.faults.checker import History, stop_and_check
 from tests.faults.conftest import RawClient, scaled
+from tests.faults.test_read_failures import ReadersHeld
 from tests.procs import BrokerProcess, homing, homing_cmd
 
 MEMBERS = tuple(f"m{i:02}" for i in range(16))
@@ -320,6 +322,41 @@ def test_serve_on_a_read_only_filesystem_is_a_data_dir_error(tmp_path):
         assert err["message"].startswith(f"cannot use {ro}: ") and "Read-only" in err["message"]
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+def test_a_start_kept_out_by_a_full_reader_table_exits_1_and_starts_once_it_is_free(tmp_path):
+    """Every reader slot of the data directory held by other processes (a crowd of audits) as
+    the broker starts: it cannot open the directory, and said so as `data_dir`, exit 2, the
+    status the systemd unit of docs/OPERATIONS.md does not restart on, though the cause passes
+    by itself. Now `unavailable`, exit 1, so that Restart=on-failure tries again; and it starts
+    once the slots are free."""
+    data = tmp_path / "data"
+    bp = BrokerProcess(data)
+    bp.start()
+    bp.terminate()
+    holder = ReadersHeld(data)
+    try:
+        assert int(holder.proc.stdout.readline()) > 0
+        status, err, _ = _serve_error(data)
+        assert (status, err["error"]) == (1, "unavailable"), err
+        assert err["message"].startswith(f"cannot use {data}: ") and "READERS_FULL" in \
+            err["message"], err
+    finally:
+        holder.release()
+    bp = BrokerProcess(data)
+    bp.start()
+    assert bp.alive()
+    bp.terminate()
+
+
+def test_a_start_on_a_full_disk_exits_1_so_that_it_is_tried_again(tmp_path):
+    """A new data directory on a disk with no space left: `unavailable`, exit 1 (it was
+    `data_dir`, exit 2, which the systemd unit does not restart on): space comes back."""
+    with tmpfs(tmp_path, "2m") as disk:
+        fill(disk / "filler")
+        status, err, _ = _serve_error(disk / "data")
+        assert (status, err["error"]) == (1, "unavailable"), err
+        assert "No space left on device" in err["message"], err
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
