@@ -329,8 +329,8 @@ async def _serve(cfg: Config, store: Any, notifier: Notifier | None,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(broker.serve, sockets=sockets))
         with trio.open_signal_receiver(*_stop_signals()) as signals:
-            async for _ in signals:
-                broker.shutdown()
+            async for signum in signals:
+                broker.shutdown(signal.Signals(signum).name)
                 break
             # Held until stopped: a second signal during the grace period must not kill the
             # process half-way through its shutdown (it is logged and otherwise ignored).

@@ -138,6 +138,7 @@ class Broker:
                        if config.content_policy else None)
         self.stopping = False
         self.handshaking = 0  # connections accepted and not yet past hello
+        self.rate_limited = 0  # requests answered `rate_limited` (`broker_stats`)
         self._awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
         # Devices whose start at the inbox head is on its way (`_start_at_head`): set once
         # that hello is answered; the device's other hellos wait for it (`_after_start`).
@@ -385,7 +386,8 @@ class Broker:
                 "connection_closed", user=session.user or None, device=session.device or None,
                 reason=(session.reason or CloseReason.PEER_EOF).value,
                 duration_s=round(time.monotonic() - session.opened, 3),
-                frames_in=session.frames_in, frames_out=session.frames_out)
+                frames_in=session.frames_in, frames_out=session.frames_out,
+                frames_rejected=session.frames_rejected)
 
     async def _handshake(self, session: Session) -> bool:
         """Read hello, authenticate, and answer welcome; False if the session must end."""
@@ -420,7 +422,10 @@ class Broker:
                 claims = tokens.verify(self.keyring.keys, hello.token)
         except tokens.TokenError as exc:
             session.reason = CloseReason.AUTH_FAILED
-            session.log.info("auth_failed", device=hello.device, reason=str(exc))
+            # An expired token is genuine: whose it was is what the operator asks (a bot's
+            # token that ran out). A forged one's claims are anyone's: no user.
+            user = {"user": exc.user} if isinstance(exc, tokens.TokenExpired) else {}
+            session.log.info("auth_failed", **user, device=hello.device, reason=str(exc))
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
             return False
         if hello.deliver:  # a requests-only session does not take up the device's cursor
@@ -791,11 +796,12 @@ class Broker:
         for session in due:
             session.flush_own_ack()
 
-    def shutdown(self) -> None:
-        """Begin a clean shutdown (idempotent)."""
+    def shutdown(self, signal: str | None = None) -> None:
+        """Begin a clean shutdown (idempotent); `signal` is the name of the one that asked,
+        for the log to say what stopped the broker."""
         if not self.stopping:
             self.stopping = True
-            self.log.info("broker_stopping")
+            self.log.info("broker_stopping", signal=signal)
             if self.notifier is not None:
                 self.notifier.notify(STOPPING=1, STATUS="stopping: draining connections")
             if self._listen_scope is not None:

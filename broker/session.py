@@ -135,6 +135,9 @@ class Session:
         self.opened = time.monotonic()
         self.frames_in = 0
         self.frames_out = 0
+        # Frames the protocol refused and answered with an error alone (no line each): for
+        # `connection_closed`. Not in frames_in, which counts the frames handled.
+        self.frames_rejected = 0
         self.sends = broker.new_send_limiter()
         self.user_sends = self.sends  # the user's shared bucket, set once authenticated
         self.user_typing = self.sends  # the user's typing bucket, likewise
@@ -275,6 +278,8 @@ class Session:
     def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str, *,
                     retry_ms: int | None = None) -> None:
         """Queue an error reply that leaves the connection open."""
+        if code == wire.ErrorCode.RATE_LIMITED:  # counted for `broker_stats`, not a line each
+            self.broker.rate_limited += 1
         self.reply(wire.error_frame(code, message, request_id, close=False, retry_ms=retry_ms))
 
     def close(self, reason: CloseReason, frame: object | None = None) -> None:
@@ -473,6 +478,7 @@ class Session:
                     self.close(CloseReason.PROTOCOL_ERROR, wire.error_frame(
                         exc.code, exc.message, exc.request_id, close=True))
                     return False
+                self.frames_rejected += 1
                 self.reply_error(exc.request_id, exc.code, exc.message)
                 continue
             if event is wire.NEED_DATA:

@@ -1,6 +1,7 @@
 """The `broker_stats` log line: every `--stats-interval` seconds, what the broker holds and what
 it did since the line before, for an operator to graph and alert on (docs/OPERATIONS.md,
-"Logs"). It reads counters the broker keeps anyway; nothing on the message path counts for it.
+"Logs"). It reads counters the broker keeps anyway; nothing on the message path counts for it
+but the refusals by the rate limits (`rate_limited`), a line each of which would flood the log.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ async def report_stats(broker: Broker, every: float) -> None:
     committer = broker.committer
     then, cpu = time.monotonic(), time.process_time()
     lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
-    failed = committer.failed
+    failed, rate_limited = committer.failed, broker.rate_limited
     while True:
         await trio.sleep(every)
         now, cpu_now = time.monotonic(), time.process_time()
@@ -47,6 +48,7 @@ async def report_stats(broker: Broker, every: float) -> None:
             commits_per_s=round((committer.batches - batches) / elapsed, 1),
             commands_per_s=round((committer.commands - commands) / elapsed, 1),
             failed_per_s=round((committer.failed - failed) / elapsed, 1),
+            rate_limited_per_s=round((broker.rate_limited - rate_limited) / elapsed, 1),
             cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib())
         if broker.notifier is not None and not broker.stopping:  # `systemctl status` shows it
             broker.notifier.notify(STATUS=f"serving {broker.config.host}:{broker.port}: "
@@ -55,4 +57,4 @@ async def report_stats(broker: Broker, every: float) -> None:
                                           f"lsn {committer.committed_lsn}")
         then, cpu = now, cpu_now
         lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
-        failed = committer.failed
+        failed, rate_limited = committer.failed, broker.rate_limited

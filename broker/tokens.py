@@ -46,6 +46,15 @@ class UnknownKey(TokenError):
     """A token names a signing key (its `k` claim) that is not among the keys held."""
 
 
+class TokenExpired(TokenError):
+    """A genuine token (its signature verified) whose expiry has passed; `user` is the user it
+    was minted for, trusted as the signature is, for the broker's log to name."""
+
+    def __init__(self, message: str, user: str) -> None:
+        super().__init__(message)
+        self.user = user
+
+
 @dataclass(frozen=True, slots=True)
 class Claims:
     """Who a verified token speaks for."""
@@ -262,7 +271,7 @@ def verify(keys: Mapping[str, bytes], token: str, now: float | None = None) -> C
     if not isinstance(expires, int):
         raise TokenError("malformed token claims")
     if expires <= (time.time() if now is None else now):
-        raise TokenError(expired_message(expires))
+        raise TokenExpired(expired_message(expires), user)
     issued = claims.get("i", 0)
     return Claims(user, role, expires, issued if type(issued) is int else 0, used)
 
