@@ -186,6 +186,26 @@ def decode_body(body: bytes | bytearray, max_frame_bytes: int,
     return obj
 
 
+# The first bytes of the protocols a homing port meets by mistake (a TLS client on a plain port,
+# an HTTP health check, an SSH client): read as a length prefix, each is a frame of hundreds of
+# megabytes. Said as what they look like, for whoever reads the error (the log's
+# `frame_rejected`, a client's `cannot reach`).
+_HTTP_STARTS = (b"GET ", b"HEAD", b"POST", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN", b"TRAC",
+                b"PRI ", b"HTTP")
+
+
+def foreign_hint(prefix: bytes) -> str:
+    """What a length `prefix` too large for a frame looks like, as ` (the bytes look like
+    ...)`, where it begins another protocol's messages (TLS, HTTP, SSH); "" otherwise."""
+    if prefix[:1] in (b"\x15", b"\x16") and prefix[1:2] == b"\x03":  # a TLS record, v3.x
+        return " (the bytes look like TLS, not homing's plain frames)"
+    if prefix in _HTTP_STARTS:
+        return " (the bytes look like HTTP, not a homing frame)"
+    if prefix == b"SSH-":
+        return " (the bytes look like SSH, not a homing frame)"
+    return ""
+
+
 class FrameBuffer:
     """An incremental frame splitter: feed it bytes, take out decoded maps.
 
@@ -252,6 +272,7 @@ class FrameBuffer:
         if n > self.max_frame_bytes:
             raise RemoteProtocolError(
                 ErrorCode.TOO_LARGE, f"frame of {n} bytes exceeds max_frame {self.max_frame_bytes}"
+                f"{foreign_hint(bytes(buf[pos:pos + 4]))}"
             )
         if n == 0:
             raise RemoteProtocolError(ErrorCode.BAD_FRAME, "empty frame")

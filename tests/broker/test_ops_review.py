@@ -192,6 +192,34 @@ def test_a_frame_rejected_before_hello_is_logged_with_its_fatal_field(tmp_path):
     assert {"conn", "peer", "reason"} <= event.keys(), event
 
 
+def test_a_tls_client_or_an_http_probe_on_the_plain_port_is_logged_as_what_it_is(tmp_path):
+    """A TLS client on the plain port, an HTTP health check: their first bytes read as a
+    length prefix, `frame_rejected` said only "frame of 369295616 bytes exceeds max_frame
+    65536", and the operator had to work out from the number who had knocked. Now the reason
+    says what the bytes look like."""
+    import socket
+    import time
+
+    knocks = {
+        "TLS": bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03]),
+        "HTTP": b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+    }
+    with BrokerProcess(tmp_path / "data") as bp:
+        for knock in knocks.values():
+            with socket.create_connection(("127.0.0.1", bp.port), timeout=5) as raw:
+                raw.sendall(knock)
+                while raw.recv(65536):
+                    pass
+        deadline = time.monotonic() + 10
+        while len(rejected := [e for e in bp.log_events() if e["event"] == "frame_rejected"]) < 2:
+            assert time.monotonic() < deadline, bp.log_tail()
+            time.sleep(0.05)
+    reasons = [e["reason"] for e in rejected]
+    assert [e["code"] for e in rejected] == ["too_large"] * 2, rejected
+    assert "exceeds max_frame" in reasons[0] and "look like TLS" in reasons[0], reasons
+    assert "exceeds max_frame" in reasons[1] and "look like HTTP" in reasons[1], reasons
+
+
 def test_a_content_action_without_a_policy_is_a_usage_error(tmp_path):
     """`--content-action mask` without `--content-policy` was accepted and did nothing: an
     operator who meant to mask (or reject) served with no policy at all."""

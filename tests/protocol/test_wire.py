@@ -96,3 +96,38 @@ def test_each_field_at_and_past_its_limits(cls, field, value):
     frame = _BASES[cls]._replace(**{field: value})
     reference = _python(frame, 64)
     assert compiled(frame, 64) == reference
+
+
+@given(st.binary(min_size=4, max_size=4))
+def test_a_length_prefix_past_max_frame_is_too_large_and_says_what_it_looks_like(prefix):
+    """Any prefix past max_frame is `too_large`, named by its length; the first bytes of TLS,
+    HTTP and SSH are also said as such (what a homing port meets by mistake)."""
+    from protocol.codec import FrameBuffer
+    from protocol.errors import ErrorCode, RemoteProtocolError
+
+    n = struct.unpack(">I", prefix)[0]
+    buf = FrameBuffer(1024, 4096)
+    buf.feed(prefix)
+    if n <= 1024:
+        return
+    with pytest.raises(RemoteProtocolError) as e:
+        buf.next_map()
+    assert e.value.code is ErrorCode.TOO_LARGE
+    assert e.value.message.startswith(f"frame of {n} bytes exceeds max_frame 1024")
+    looks = ("TLS" if prefix[0] in (0x15, 0x16) and prefix[1] == 3 else
+             "HTTP" if prefix in (b"GET ", b"POST", b"HTTP") else
+             "SSH" if prefix == b"SSH-" else None)
+    if looks is not None:
+        assert e.value.message.endswith(f"(the bytes look like {looks}, not homing's plain frames)"
+                                        if looks == "TLS" else
+                                        f"(the bytes look like {looks}, not a homing frame)")
+
+
+@pytest.mark.parametrize("prefix, looks", [
+    (bytes([0x16, 3, 1, 2]), "TLS"), (bytes([0x15, 3, 3, 0]), "TLS"), (b"GET ", "HTTP"),
+    (b"POST", "HTTP"), (b"HTTP", "HTTP"), (b"SSH-", "SSH"), (b"\x7f\x00\x00\x00", None)])
+def test_the_usual_strangers_are_named(prefix, looks):
+    from protocol.codec import foreign_hint
+
+    hint = foreign_hint(prefix)
+    assert (f"look like {looks}" in hint) if looks else hint == ""
