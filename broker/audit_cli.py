@@ -330,19 +330,40 @@ def _diff_message(diff: audit.Difference) -> str:
             f"stored {json.dumps(d['stored'])}, replayed {json.dumps(d['replayed'])}")
 
 
+def _anchor(text: str) -> tuple[int, bytes]:
+    """`--anchor LSN:DIGEST`: a head `verify` printed, 64 hex digits of digest."""
+    lsn, _, digest = text.partition(":")
+    try:
+        value = (_lsn(lsn), bytes.fromhex(digest))
+    except (argparse.ArgumentTypeError, ValueError):
+        value = (0, b"")
+    if len(value[1]) != 32:
+        raise argparse.ArgumentTypeError(f"bad anchor {text!r}: LSN:DIGEST, as verify's "
+                                         "head prints them (64 hex digits)")
+    return value
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    anchor = args.anchor
     with readonly_store(args) as store:
         report: dict[str, Any] = {"ok": False, "events": 0}
         try:
             with progress_bar("verify log", store.last_lsn()) as bar:
-                report["events"] = audit.verify_chain(store, bar)
+                report["events"], head = audit.verify_head(store, anchor, bar)
         except CorruptLog as exc:
             report["events"] = max(0, exc.lsn - 1)  # the records before it are sound
             report["log"] = {"ok": False, "lsn": exc.lsn, "reason": str(exc)}
             report["projections"] = {"ok": None, "skipped": "log is corrupt"}
+            if anchor is not None:  # checked once its record verified, before the next
+                report["anchor"] = {"lsn": anchor[0], "digest": anchor[1].hex(),
+                                    "ok": exc.lsn > anchor[0]}
             emit(report)
             raise CliError(EXIT_FAULT, "corrupt_log", str(exc)) from None
         report["log"] = {"ok": True}
+        # What to keep outside the data directory, to pass as --anchor to a later verify.
+        report["head"] = {"lsn": report["events"], "digest": head.hex()}
+        if anchor is not None:
+            report["anchor"] = {"lsn": anchor[0], "digest": anchor[1].hex(), "ok": True}
         report["projections"], diff = _check(store)
         report["ok"] = diff is None
         emit(report)
@@ -487,7 +508,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lg.add_argument("--type", action="append",
                     help="event type (repeatable, comma-separated; `message` = message.*)")
 
-    action("verify", "check the digest chain and every projection", cmd_verify, json_flag=False)
+    vf = action("verify", "check the digest chain and every projection", cmd_verify,
+                json_flag=False)
+    vf.add_argument("--anchor", type=_anchor, metavar="LSN:DIGEST",
+                    help="a head an earlier verify printed, kept outside the data directory: "
+                         "fail unless record LSN still holds DIGEST")
 
     rb = action("rebuild", "replay the log into fresh projections", cmd_rebuild, json_flag=False)
     rb.add_argument("--check", action="store_true",

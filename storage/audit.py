@@ -172,6 +172,41 @@ def verify_chain(store: Store, progress: Progress = None) -> int:
     return verify_records(_raw(store, 1, None, progress), 1, GENESIS)
 
 
+def verify_head(store: Store, anchor: tuple[int, bytes] | None = None,
+                progress: Progress = None) -> tuple[int, bytes]:
+    """`verify_chain`, returning `(events, digest of the last record)` (GENESIS when empty).
+
+    The chain cannot show records removed from the end, nor records changed by someone who
+    computes it again; a head recorded earlier outside the data directory can. With `anchor`
+    `(lsn, digest)`, such a head, raises `CorruptLog` unless record `lsn` holds that digest:
+    at the first LSN missing when the log ends before it, else at `lsn` itself (the change is
+    at or before it; the chain cannot tell where). The anchor is checked as soon as its record
+    is verified, so a `CorruptLog` past its LSN means the anchor held.
+    """
+    want, digest = anchor if anchor is not None else (None, b"")
+    last = GENESIS
+
+    def tapped() -> Iterator[tuple[int, bytes]]:
+        nonlocal last
+        for lsn, value in _raw(store, 1, None, progress):
+            yield lsn, value
+            last = value[:32]  # resumed: verify_records found record `lsn` sound
+            if lsn == want and last != digest:
+                raise CorruptLog(lsn, f"digest {last.hex()} is not the anchor's "
+                                 f"{digest.hex()}: a record up to lsn {lsn} was changed, "
+                                 "removed or inserted and the chain computed again")
+
+    events = verify_records(tapped(), 1, GENESIS)
+    if want is not None and want > events:
+        missing = want - events
+        raise CorruptLog(events + 1, f"the log ends at lsn {events}, before the anchor's lsn "
+                         f"{want}: {missing} record{' was' if missing == 1 else 's were'} "
+                         "removed from its end")
+    if want == 0 and digest != GENESIS:
+        raise CorruptLog(0, f"the anchor's digest of lsn 0 is not {GENESIS.hex()}")
+    return events, last
+
+
 def replay(store: Store, to_lsn: int | None = None, *, until_us: int | None = None,
            progress: Progress = None,
            digested: frozenset[str] = frozenset(),
@@ -277,9 +312,16 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
     key = os.urandom(16) if native.ext is not None else None  # else Python's own hash()
     with _no_cyclic_gc():
         stored, digests, log_lsn = store.projection_digests(APPEND_ONLY, key)
-    behind = _behind_the_log(stored, log_lsn)
+    behind = _ends_apart(stored, log_lsn)
     if behind is not None:
-        return behind, 0
+        # Replayed all the same up to where both reach: a record missing below is a corrupt
+        # log, named at its LSN, not this difference (a log moved up past a hole looks behind).
+        upto = min(log_lsn, u64(behind.stored))
+        try:
+            _, lsn, _ = replay(store, upto, progress=progress, digested=APPEND_ONLY, key=key)
+        except RowsDropped:
+            _, lsn, _ = replay(store, upto, progress=progress)
+        return behind, lsn
     try:
         tables, lsn, _ = replay(store, _applied(stored, log_lsn), progress=progress,
                                 digested=APPEND_ONLY, key=key)
@@ -298,17 +340,19 @@ def _applied(stored: dict[str, dict[bytes, bytes]], log_lsn: int) -> int:
     return log_lsn if raw is None else u64(raw)
 
 
-def _behind_the_log(stored: dict[str, dict[bytes, bytes]], log_lsn: int) -> Difference | None:
-    """The difference when a snapshot's projections stop short of its own log.
+def _ends_apart(stored: dict[str, dict[bytes, bytes]], log_lsn: int) -> Difference | None:
+    """The difference when a snapshot's projections and its own log end at different LSNs.
 
     Events and the projections they cause commit in one transaction, so in any snapshot
-    `applied_lsn` is the log's last LSN; a log that goes further was appended to (or the
-    projections set back) behind the broker's back. A replay of the whole log would differ
-    first in `meta.applied_lsn`, so that is the difference named.
+    `applied_lsn` is the log's last LSN. A log that goes further was appended to (or the
+    projections set back) behind the broker's back; one that stops short had its last records
+    removed. Either way a replay of the whole log differs in `meta.applied_lsn`, stored against
+    the log's last LSN, which tells how many records: that is the difference named, rather
+    than the first row in table order the missing or extra events touch.
     """
     raw = stored.get("meta", {}).get(APPLIED_LSN)
-    if raw is None or u64(raw) >= log_lsn:
-        return None  # ahead of the log: the replay finds it (it cannot reach applied_lsn)
+    if raw is None or u64(raw) == log_lsn:
+        return None
     return Difference("meta", APPLIED_LSN, raw, pack_u64(log_lsn))
 
 

@@ -155,6 +155,8 @@ async def test_verify_and_rebuild_check_pass_on_a_healthy_directory(tmp_path, ca
     """verify and rebuild --check exit 0 with a JSON summary on untouched data."""
     f = await scenario(tmp_path)
     [report] = audit_json(capsys, f["data"], "verify")
+    head = report.pop("head")  # since 2026-12-06: the anchor to keep (tests/audit/test_anchor.py)
+    assert head["lsn"] == f["last_lsn"] and len(bytes.fromhex(head["digest"])) == 32
     assert report == {"ok": True, "events": f["last_lsn"], "log": {"ok": True},
                       "projections": {"ok": True, "replayed": f["last_lsn"]}}
     [check] = audit_json(capsys, f["data"], "rebuild", "--check")

@@ -212,6 +212,25 @@ class StoreMachine(RuleBasedStateMachine):
                 commands.append(Remove("ann", "d1", "user", self.story, u))
         self.store.execute(commands)
 
+    @rule(who=st.integers(1, len(USERS) - 2), split=st.booleans(), data=st.data())
+    def there_and_back(self, who, split, data):
+        """A member muted then unmuted, made an admin then a plain member again, in one batch
+        or two: the random batches above never logged an unmute (`mute.set` false) nor a
+        step down (`member.role_set` member) in 150 runs, as each needs the state the other
+        half of the pair makes."""
+        shared = [c for c in self.convs if not c.startswith("dm:")]
+        if not shared:
+            return
+        conv, u = data.draw(st.sampled_from(shared)), USERS[who]
+        there = [Invite("eve", "d1", "admin", conv, u, "member"),
+                 SetRole("eve", "d1", "admin", conv, u, "admin"),
+                 SetMute(u, "d1", "user", conv, True)]
+        back = [SetRole("eve", "d1", "admin", conv, u, "member"),
+                SetMute(u, "d1", "user", conv, False)]
+        batches = [there, back] if split else [there + back]
+        for batch in batches:
+            self.store.execute(batch)
+
     @rule(specs=st.lists(command_spec, min_size=1, max_size=8), data=st.data())
     def aborted_batch(self, specs, data):
         """A batch aborted after k commands leaves nothing behind."""
