@@ -418,14 +418,15 @@ def cmd_token(args: argparse.Namespace) -> int:
         if not 0 < ttl <= MAX_TOKEN_TTL_S:
             raise ValueError(f"--ttl must be from 1s to {MAX_TOKEN_TTL_S // 86400}d, "
                              f"not {args.ttl}")
-        tokens.check_user(args.user)  # before the secret is made: a usage error makes nothing
+        for user in args.users:  # before the secret is made: a usage error makes nothing
+            tokens.check_user(user)
         key = Path(args.data) / tokens.SECRET_FILE
         new = not key.exists()
         secret = tokens.load_secret(Path(args.data))
         if new:  # a token no running broker accepts, unless it serves this directory
             warn("secret_created", f"created a new signing secret in {key}: a broker accepts "
                  f"this token only if it serves {args.data} (homing serve --data {args.data})")
-        token = tokens.issue(secret, args.user, role, ttl)
+        minted = [tokens.issue(secret, user, role, ttl) for user in args.users]
     except ValueError as exc:
         raise CliError(EXIT_USAGE, "usage", str(exc)) from None
     except tokens.SecretError as exc:
@@ -433,7 +434,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     except OSError as exc:
         why = _os_why(exc, Path(args.data), "homing token")
         raise CliError(EXIT_USAGE, "data_dir", f"cannot use {args.data}: {why}") from None
-    print(token)  # out of the try: a reader gone away is no fault of the data directory
+    print("\n".join(minted))  # out of the try: a reader gone away is no fault of the data dir
     return 0
 
 
@@ -538,8 +539,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default %(default)s)")
     s.set_defaults(func=cmd_serve)
 
-    t = sub.add_parser("token", help="print a signed access token")
-    t.add_argument("user")
+    t = sub.add_parser("token", help="print a signed access token (one a line for several users)")
+    t.add_argument("users", nargs="+", metavar="USER",
+                   help="the user; several: a token each, one a line, in the order given")
     t.add_argument("--data", default=DEFAULT_DATA_DIR, help="data directory holding the secret")
     role = t.add_mutually_exclusive_group()
     role.add_argument("--service", action="store_true", help="a service token")
