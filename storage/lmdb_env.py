@@ -155,6 +155,7 @@ class LmdbEnv:
         self.path = os.fspath(path)
         self.readonly = readonly
         self._lock_fd: int | None = None
+        self.left_by: int | None = None  # the pid a writer that did not close it left
         self._guard = threading.Condition()
         self._readers = 0
         self._growing = False
@@ -208,6 +209,11 @@ class LmdbEnv:
             self._check_readers()
         log.info("storage_opened", path=self.path, readonly=readonly,
                  map_size=self.env.info()["map_size"])
+        if self.left_by is not None:
+            log.warning("unclean_stop_found", path=self.path, pid=self.left_by,
+                        hint="the last writer of this directory ended without closing it "
+                             "(killed, crashed, or its machine stopped): what it acknowledged "
+                             "is on disk; deliveries not acked are delivered again")
 
     def _make_new(self, map_size: int) -> None:
         """Make the environment of a directory without `data.mdb`, whole, before it is opened.
@@ -320,12 +326,21 @@ class LmdbEnv:
             who = "another process" if holder is None else f"process {holder}"
             raise DataDirLocked(f"{self.path} is locked by {who} (a broker serving it, or a "
                                 "`homing audit rebuild`): stop that one first", holder) from None
+        # A pid left in the file: its writer ended without releasing it (killed, crashed, its
+        # machine stopped), since a release empties it. Said once open (`unclean_stop_found`).
+        left = os.read(fd, 32).decode(errors="replace").strip()
+        self.left_by = int(left) if left.isdigit() else None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
 
     def _release_dir_lock(self) -> None:
         if self._lock_fd is not None:
+            try:  # emptied, durably: the next writer finds no pid, so this one ended cleanly
+                os.ftruncate(self._lock_fd, 0)
+                os.fsync(self._lock_fd)
+            except OSError:  # a full or read-only disk: the next open says unclean, no worse
+                pass
             os.close(self._lock_fd)
             self._lock_fd = None
 
