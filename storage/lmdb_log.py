@@ -165,8 +165,25 @@ class LmdbLog:
             raise CorruptLog(1, f"a log key {cur.key().hex()} where lsn 1 belongs")
         entries = txn.stat(self._db)["entries"]
         if entries != last:
-            raise CorruptLog(1, f"{entries} log records for lsns 1 to {last}")
+            raise self._first_gap(txn, entries, last)
         return last
+
+    def _first_gap(self, txn: lmdb.Transaction, entries: int, last: int) -> CorruptLog:
+        """Where the keys stop being LSNs 1, 2, 3 ..., found by walking them (values not read)
+        on the cold path of `check_keys`: a hole named at lsn 1 sent the auditor looking for it
+        from the start of a log of millions of records."""
+        counts = f"{entries} log records for lsns 1 to {last}"
+        want = 1
+        for key in txn.cursor(db=self._db).iternext(keys=True, values=False):
+            lsn = key_lsn(key) if len(key) == 8 else None
+            if lsn == want:
+                want += 1
+            elif lsn is not None and lsn > want:
+                return CorruptLog(want, f"record missing (the next is {lsn}); {counts}")
+            else:
+                return CorruptLog(want, f"a log key {key.hex()} where lsn {want} belongs; "
+                                  f"{counts}")
+        return CorruptLog(1, counts)  # not reached: keys 1 to `last` in a row are `last` keys
 
     def get(self, txn: lmdb.Transaction, lsn: int) -> Event | None:
         """Return the event at `lsn` read in `txn`, or None."""

@@ -26,19 +26,20 @@ def _forty_sends_then(data, change) -> int:
     return last
 
 
+def _hole_midway(txn, log, last: int) -> None:
+    """The record at lsn last // 2 taken out, and those after it moved up one LSN."""
+    for lsn in range(last, last // 2 - 1, -1):
+        txn.put(lsn_key(lsn + 1), txn.get(lsn_key(lsn), db=log), db=log)
+    txn.delete(lsn_key(last // 2), db=log)
+
+
 def test_check_of_a_log_moved_up_past_a_hole_names_the_hole(tmp_path, capsys):
     """docs/OPERATIONS.md, Auditing: a record missing in the middle stops `rebuild --check`
     with corrupt_log at its LSN. With the records after it moved up one LSN (the log's last
     LSN then past applied_lsn), it answered projection_mismatch on meta.applied_lsn, with
     "replayed": 0 and a replay said to reach an LSN it never read, and no word of the hole."""
     data = tmp_path / "data"
-
-    def move_up(txn, log, last: int) -> None:
-        for lsn in range(last, last // 2 - 1, -1):
-            txn.put(lsn_key(lsn + 1), txn.get(lsn_key(lsn), db=log), db=log)
-        txn.delete(lsn_key(last // 2), db=log)
-
-    hole = _forty_sends_then(data, move_up) // 2
+    hole = _forty_sends_then(data, _hole_midway) // 2
     capsys.readouterr()
     status = main(["audit", "rebuild", "--check", "--data", str(data)])
     out, err = capsys.readouterr()
@@ -67,3 +68,16 @@ def test_verify_of_a_log_cut_behind_its_projections_names_applied_lsn(tmp_path, 
     assert report["projections"]["difference"]["stored"] == last
     assert report["projections"]["difference"]["replayed"] == last - 30
     assert report["projections"]["replayed"] == last - 30
+
+
+def test_rebuild_of_a_log_with_a_hole_names_the_hole(tmp_path, capsys):
+    """`homing audit rebuild` of a log with a record missing in the middle said `corrupt_log`
+    at lsn 1 ("3478 log records for lsns 1 to 3479"): where the hole was, the auditor had to
+    find out from the start of the log. It is named at its LSN."""
+    data = tmp_path / "data"
+    hole = _forty_sends_then(data, _hole_midway) // 2
+    capsys.readouterr()
+    status = main(["audit", "rebuild", "--data", str(data)])
+    error = json.loads(capsys.readouterr().err.splitlines()[-1])
+    assert status == 1 and error["error"] == "corrupt_log", error
+    assert f"lsn {hole}: record missing (the next is {hole + 1})" in error["message"], error
