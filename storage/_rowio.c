@@ -1,15 +1,17 @@
-/* storage._rowio: a write transaction's rows put and read through py-lmdb's own LMDB, the puts
- * keeping the GIL (optional; storage/rowio.py decides whether it may be used).
+/* storage._rowio: a write transaction's rows put and read through py-lmdb's own LMDB, the GIL
+ * handed over once per table of rows rather than at each row (optional; storage/rowio.py
+ * decides whether it may be used).
  *
  * py-lmdb gives the GIL up around every row it writes (`Cursor.putmulti` around each
  * `mdb_cursor_put`) and around the page it touches after a `get`. The commit thread of
  * `homing serve` writes thousands of rows a batch while the trio thread wants the GIL, so each
  * row hands the GIL over, or wakes the trio thread for nothing (docs/BENCHMARKS-JOURNAL.md).
  * These functions make the same LMDB calls on the transaction's own `MDB_txn`, through the
- * engine table py-lmdb keeps with it: puts without giving the GIL up (a put into a page already
- * in memory takes a microsecond or two; a batch's puts go to the pages its reads just touched,
- * and to the tails of the append-only tables), and each get with the GIL released around the
- * lookup alone, as py-lmdb does, since a read may have to fault a page in from disk.
+ * engine table py-lmdb keeps with it. A call's rows are first gathered as LMDB values with the
+ * GIL held; then, from RELEASE_FROM rows on, the puts run with the GIL released once around
+ * them all, so that the trio thread runs Python meanwhile (fewer rows keep it: the hand-over
+ * would cost more than the puts). Each get releases the GIL around the lookup alone, as py-lmdb
+ * does, since a read may have to fault a page in from disk.
  *
  * They read py-lmdb's objects by the layout of py-lmdb 3.0.0's lmdb/cpython.c (below), which
  * is not a public interface: storage/rowio.py uses this module only with that version, and
@@ -24,12 +26,14 @@
  *   above every stored key).
  * - `get(txn, db, key)`: the value as bytes, or None (the GIL released for the lookup).
  * Each takes a live write transaction and a database of its environment, of py-lmdb's own types
- * (`configure(raise_error, Transaction, _Database)` names them, once, first). An LMDB error
- * calls `raise_error(what, rc)`, which raises py-lmdb's class for that code (MapFullError above
- * all: storage grows the map on it).
+ * (`configure(raise_error, Transaction, _Database)` names them, once, first). The keys and
+ * values are bytes the caller holds and nothing else writes while the puts run (the commit
+ * thread's own batch). An LMDB error calls `raise_error(what, rc)`, which raises py-lmdb's
+ * class for that code (MapFullError above all: storage grows the map on it); the rows before
+ * the failing one are written, as with py-lmdb, and the caller aborts the transaction.
  */
 
-#define ROWIO_VERSION 2 /* bump with any change of behaviour or signature; see storage/rowio.py */
+#define ROWIO_VERSION 3 /* bump with any change of behaviour or signature; see storage/rowio.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -177,6 +181,54 @@ static PyObject *check(PyObject *self, PyObject *args) {
     return PyBool_FromLong(ok);
 }
 
+/* A batch's rows as LMDB values, gathered with the GIL held (the bytes objects stay alive and
+ * unchanged: the caller holds them and nothing else writes them), so that the puts can run
+ * with the GIL released when there are enough of them to be worth the hand-over. */
+typedef struct {
+    MDB_val k, v;
+    int del;
+} Row;
+
+#define RELEASE_FROM 32 /* rows in one call; below this the hand-over costs more than it frees */
+
+/* Put (or delete) `n` rows: 0, or the first failure's code with its index in *at. No Python
+ * here: it may run with the GIL released. */
+static int write_rows(const MdbApi *api, MDB_txn *txn, MDB_dbi dbi, const Row *rows,
+                      Py_ssize_t n, unsigned int flags, Py_ssize_t *at) {
+    int rc = 0;
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        if (rows[i].del) {
+            rc = api->del(txn, dbi, (MDB_val *)&rows[i].k, NULL);
+            if (rc == MDB_NOTFOUND)
+                rc = 0;
+        } else {
+            rc = api->put(txn, dbi, (MDB_val *)&rows[i].k, (MDB_val *)&rows[i].v, flags);
+        }
+        if (rc)
+            break;
+    }
+    *at = i;
+    return rc;
+}
+
+static PyObject *run_rows(TransObject *t, MDB_dbi dbi, Row *rows, Py_ssize_t n,
+                          unsigned int flags) {
+    Py_ssize_t at;
+    int rc;
+    t->mutations += (int)n; /* py-lmdb's cursors re-read their position after a change */
+    if (n >= RELEASE_FROM) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = write_rows(t->libv, t->txn, dbi, rows, n, flags, &at);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = write_rows(t->libv, t->txn, dbi, rows, n, flags, &at);
+    }
+    if (rc)
+        return fail(rows[at].del ? "mdb_del" : "mdb_put", rc);
+    Py_RETURN_NONE;
+}
+
 static PyObject *put_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     MDB_dbi dbi;
     TransObject *t = target(args, nargs, 4, "put_rows(txn, db, keys, changes)", &dbi);
@@ -187,32 +239,29 @@ static PyObject *put_rows(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     PyObject *keys = args[2], *changes = args[3];
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(keys); i++) {
+    Py_ssize_t n = PyList_GET_SIZE(keys);
+    Row *rows = PyMem_Malloc(sizeof(Row) * (size_t)(n ? n : 1));
+    if (rows == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *key = PyList_GET_ITEM(keys, i);
         PyObject *value = PyDict_GetItemWithError(changes, key); /* borrowed */
-        MDB_val k, v;
-        int rc;
         if (value == NULL) {
             if (!PyErr_Occurred())
                 PyErr_SetObject(PyExc_KeyError, key);
-            return NULL;
+            goto done;
         }
-        if (as_val(key, &k) < 0)
-            return NULL;
-        t->mutations++; /* py-lmdb's cursors re-read their position after a change */
-        if (value == Py_None) {
-            rc = t->libv->del(t->txn, dbi, &k, NULL);
-            if (rc == MDB_NOTFOUND)
-                rc = 0;
-        } else {
-            if (as_val(value, &v) < 0)
-                return NULL;
-            rc = t->libv->put(t->txn, dbi, &k, &v, 0);
-        }
-        if (rc)
-            return fail(value == Py_None ? "mdb_del" : "mdb_put", rc);
+        if (as_val(key, &rows[i].k) < 0)
+            goto done;
+        rows[i].del = value == Py_None;
+        if (!rows[i].del && as_val(value, &rows[i].v) < 0)
+            goto done;
     }
-    Py_RETURN_NONE;
+    result = run_rows(t, dbi, rows, n, 0);
+done:
+    PyMem_Free(rows);
+    return result;
 }
 
 static PyObject *append_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -224,22 +273,27 @@ static PyObject *append_rows(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "append_rows: rows is a list");
         return NULL;
     }
-    PyObject *rows = args[2];
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(rows); i++) {
-        PyObject *row = PyList_GET_ITEM(rows, i);
-        MDB_val k, v;
+    PyObject *list = args[2];
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    Row *rows = PyMem_Malloc(sizeof(Row) * (size_t)(n ? n : 1));
+    if (rows == NULL)
+        return PyErr_NoMemory();
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *row = PyList_GET_ITEM(list, i);
         if (!PyTuple_Check(row) || PyTuple_GET_SIZE(row) != 2) {
             PyErr_SetString(PyExc_TypeError, "rows are (key, value) tuples");
-            return NULL;
+            goto done;
         }
-        if (as_val(PyTuple_GET_ITEM(row, 0), &k) < 0 || as_val(PyTuple_GET_ITEM(row, 1), &v) < 0)
-            return NULL;
-        t->mutations++;
-        int rc = t->libv->put(t->txn, dbi, &k, &v, MDB_APPEND);
-        if (rc)
-            return fail("mdb_put", rc);
+        if (as_val(PyTuple_GET_ITEM(row, 0), &rows[i].k) < 0 ||
+            as_val(PyTuple_GET_ITEM(row, 1), &rows[i].v) < 0)
+            goto done;
+        rows[i].del = 0;
     }
-    Py_RETURN_NONE;
+    result = run_rows(t, dbi, rows, n, MDB_APPEND);
+done:
+    PyMem_Free(rows);
+    return result;
 }
 
 static PyObject *get(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {

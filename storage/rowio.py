@@ -3,9 +3,10 @@ be safe: storage/_rowio.c, optional.
 
 py-lmdb releases the GIL around every row `Cursor.putmulti` writes; in `homing serve` the trio
 thread then takes it (or is woken for it) thousands of times a batch. `storage._rowio` makes the
-same LMDB calls on the transaction's own handle and keeps the GIL for the puts; a get releases
-it around the lookup alone, as py-lmdb does, since a read may have to fault a page in from
-disk. It reads py-lmdb's objects by the layout of one py-lmdb release (`LAYOUT_OF`), which is
+same LMDB calls on the transaction's own handle, the GIL released once around a table's puts
+when there are 32 or more of them (the trio thread runs meanwhile) and kept for fewer; a get
+releases it around the lookup alone, as py-lmdb does, since a read may have to fault a page in
+from disk. It reads py-lmdb's objects by the layout of one py-lmdb release (`LAYOUT_OF`), which is
 not a public interface, so it is used only:
 
 * with that py-lmdb release, its CPython binding (not the cffi one), and a build of the current
@@ -29,7 +30,7 @@ import structlog
 
 from storage import native
 
-VERSION = 2  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
+VERSION = 3  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
 LAYOUT_OF = "3.0.0"  # the py-lmdb release whose object layout storage/_rowio.c reads
 
 # py-lmdb 3.0.0's error table (lmdb/cpython.c, `error_map`): LMDB's codes and the errno values
