@@ -44,6 +44,8 @@ DEFAULT_MAP_SIZE = 1 << 30
 MAX_READERS = 1024
 MAX_DBS = 32
 LOCK_FILE = "homing.lock"
+LOCK_LINE = 16  # bytes of its one line: the holder's pid, padded, or STOPPED
+STOPPED = b"stopped".ljust(LOCK_LINE - 1) + b"\n"  # after a clean close
 # Where a writable open makes a new environment before its `data.mdb` is moved into place
 # (`LmdbEnv._make_new`); one left by a process killed making it is removed at the next open.
 NEW_ENV_DIR = ".new-env"
@@ -327,19 +329,22 @@ class LmdbEnv:
             raise DataDirLocked(f"{self.path} is locked by {who} (a broker serving it, or a "
                                 "`homing audit rebuild`): stop that one first", holder) from None
         # A pid left in the file: its writer ended without releasing it (killed, crashed, its
-        # machine stopped), since a release empties it. Said once open (`unclean_stop_found`).
+        # machine stopped), since a release writes STOPPED over it. Said once open
+        # (`unclean_stop_found`).
         left = os.read(fd, 32).decode(errors="replace").strip()
         self.left_by = int(left) if left.isdigit() else None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # Written in place, a line of one length, never emptied first: the file keeps the block
+        # it has, so a writer opens on a full disk (a broker serving reads there) as ever.
+        os.pwrite(fd, f"{os.getpid():<{LOCK_LINE - 1}}\n".encode(), 0)
+        os.ftruncate(fd, LOCK_LINE)
         self._lock_fd = fd
 
     def _release_dir_lock(self) -> None:
         if self._lock_fd is not None:
-            try:  # emptied, durably: the next writer finds no pid, so this one ended cleanly
-                os.ftruncate(self._lock_fd, 0)
+            try:  # durably: the next writer finds no pid, so this one ended cleanly
+                os.pwrite(self._lock_fd, STOPPED, 0)
                 os.fsync(self._lock_fd)
-            except OSError:  # a full or read-only disk: the next open says unclean, no worse
+            except OSError:  # a read-only disk: the next open says unclean, no worse
                 pass
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -74,6 +74,26 @@ async def test_full_disk_refuses_sends_keeps_delivering_and_recovers(broker_proc
     await stop_and_check(bp, history)
 
 
+async def test_a_broker_restarted_on_a_full_disk_serves_reads(tiny_disk):
+    """A clean stop, the disk filled, a start again: the broker opens (its lock file is
+    written in place, in the block it has) and serves what is stored; a send is refused
+    `unavailable`. (With the lock file emptied at the clean stop, the start needed a new block
+    for the pid and failed: "No space left on device".)"""
+    from tests.harness import running_broker
+
+    data = tiny_disk / "data"
+    async with running_broker(data) as h, h.client("alice") as alice:
+        sent = await alice.send("before the disk filled", to="bob")
+    fill(tiny_disk / "filler")
+    async with running_broker(data, expected_errors={"batch_failed"}) as h, \
+            h.client("bob") as bob:
+        page = await bob.history(sent.conv)
+        assert [m.body for m in page.messages] == ["before the disk filled"]
+        with pytest.raises(ClientError) as refused:
+            await bob.send("after", to="alice")
+        assert refused.value.name == "unavailable", refused.value
+
+
 async def test_audit_rebuild_on_a_full_disk_is_a_json_error_and_changes_nothing(tiny_disk):
     """`homing audit rebuild` that runs out of space says so as the audit's JSON error (exit 1)
     and leaves the directory as it was: verify passes, and passes again once space returns."""
