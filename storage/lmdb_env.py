@@ -46,6 +46,10 @@ MAX_DBS = 32
 LOCK_FILE = "homing.lock"
 LOCK_LINE = 16  # bytes of its one line: the holder's pid, padded, or STOPPED
 STOPPED = b"stopped".ljust(LOCK_LINE - 1) + b"\n"  # after a clean close
+
+
+def _lock_line(pid: int) -> bytes:
+    return f"{pid:<{LOCK_LINE - 1}}\n".encode()
 # Where a writable open makes a new environment before its `data.mdb` is moved into place
 # (`LmdbEnv._make_new`); one left by a process killed making it is removed at the next open.
 NEW_ENV_DIR = ".new-env"
@@ -158,6 +162,7 @@ class LmdbEnv:
         self.readonly = readonly
         self._lock_fd: int | None = None
         self.left_by: int | None = None  # the pid a writer that did not close it left
+        self._found = STOPPED  # the lock file's line as this open found it
         self._guard = threading.Condition()
         self._readers = 0
         self._growing = False
@@ -333,16 +338,20 @@ class LmdbEnv:
         # (`unclean_stop_found`).
         left = os.read(fd, 32).decode(errors="replace").strip()
         self.left_by = int(left) if left.isdigit() else None
+        self._found = STOPPED if self.left_by is None else _lock_line(self.left_by)
         # Written in place, a line of one length, never emptied first: the file keeps the block
         # it has, so a writer opens on a full disk (a broker serving reads there) as ever.
-        os.pwrite(fd, f"{os.getpid():<{LOCK_LINE - 1}}\n".encode(), 0)
+        os.pwrite(fd, _lock_line(os.getpid()), 0)
         os.ftruncate(fd, LOCK_LINE)
         self._lock_fd = fd
 
-    def _release_dir_lock(self) -> None:
+    def _release_dir_lock(self, clean: bool = False) -> None:
+        """Let the lock go: `clean`, at a close, with STOPPED written over our pid; else (an
+        open that failed) with the line we found put back, so that a crash before it is still
+        said at the next open."""
         if self._lock_fd is not None:
-            try:  # durably: the next writer finds no pid, so this one ended cleanly
-                os.pwrite(self._lock_fd, STOPPED, 0)
+            try:  # durably: the next writer reads what this one leaves
+                os.pwrite(self._lock_fd, STOPPED if clean else self._found, 0)
                 os.fsync(self._lock_fd)
             except OSError:  # a read-only disk: the next open says unclean, no worse
                 pass
@@ -500,7 +509,7 @@ class LmdbEnv:
     def close(self) -> None:
         """Close the environment and release the directory lock."""
         self.env.close()
-        self._release_dir_lock()
+        self._release_dir_lock(clean=True)
         log.info("storage_closed", path=self.path)
 
 

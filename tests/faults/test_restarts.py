@@ -341,6 +341,27 @@ def test_a_start_after_a_sigkill_says_the_last_stop_was_unclean(tmp_path):
     assert (bp.data / "homing.lock").read_text().split() == ["stopped"]
 
 
+def test_an_unclean_stop_is_still_said_after_a_start_that_failed(tmp_path):
+    """A broker SIGKILLed, then a start kept out (the reader table full: `unavailable`), then a
+    start that serves: the failed one put back the pid it found, so the one that serves still
+    says the stop before them was not clean."""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    killed = bp.pid
+    bp.kill()
+    holder = ReadersHeld(bp.data)
+    try:
+        assert int(holder.proc.stdout.readline()) > 0
+        status, err, _ = _serve_error(bp.data)
+        assert (status, err["error"]) == (1, "unavailable"), err
+    finally:
+        holder.release()
+    bp.start()
+    assert bp.terminate() == 0
+    found = [e for e in bp.log_events() if e["event"] == "unclean_stop_found"]
+    assert [e["pid"] for e in found] == [killed], found
+
+
 def test_a_start_kept_out_by_a_full_reader_table_exits_1_and_starts_once_it_is_free(tmp_path):
     """Every reader slot of the data directory held by other processes (a crowd of audits) as
     the broker starts: it cannot open the directory, and said so as `data_dir`, exit 2, the
