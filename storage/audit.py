@@ -164,17 +164,11 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def verify_chain(store: Store, progress: Progress = None) -> int:
-    """Walk the whole log checking LSN continuity and the digest chain; return the count.
-
-    Raises `CorruptLog` naming the first bad LSN (an altered byte, a missing or reordered record).
-    """
-    return verify_records(_raw(store, 1, None, progress), 1, GENESIS)
-
-
 def verify_head(store: Store, anchor: tuple[int, bytes] | None = None,
                 progress: Progress = None) -> tuple[int, bytes]:
-    """`verify_chain`, returning `(events, digest of the last record)` (GENESIS when empty).
+    """Walk the whole log checking LSN continuity and the digest chain; return the count of
+    records and the last one's digest (GENESIS when empty). Raises `CorruptLog` naming the
+    first bad LSN (an altered byte, a missing or reordered record).
 
     The chain cannot show records removed from the end, nor records changed by someone who
     computes it again; a head recorded earlier outside the data directory can. With `anchor`

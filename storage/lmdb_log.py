@@ -161,10 +161,8 @@ class LmdbLog:
         their keys; `verify` checks every key and digest."""
         last = self.last_lsn_in(txn)
         cur = txn.cursor(db=self._db)
-        if cur.first() and cur.key() != lsn_key(1):
-            raise CorruptLog(1, f"a log key {cur.key().hex()} where lsn 1 belongs")
         entries = txn.stat(self._db)["entries"]
-        if entries != last:
+        if entries != last or (cur.first() and cur.key() != lsn_key(1)):
             raise self._first_gap(txn, entries, last)
         return last
 

@@ -15,7 +15,7 @@ def test_the_audit_bench_log_mixes_messages_groups_acks_and_marks_and_verifies(t
     store = Store.open(data, readonly=True)
     try:
         counts = audit.stats(store)["by_type"]
-        assert audit.verify_chain(store) == last >= 25_000
+        assert audit.verify_head(store)[0] == last >= 25_000
         assert audit.check_projections(store)[0] is None
     finally:
         store.close()
