@@ -55,7 +55,7 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
                     tokens.store_secret(dest, secret)  # beside it
                 if previous is not None:
                     tokens.store_secret(dest, previous, tokens.PREVIOUS_FILE)
-            last_lsn = store.backup(str(dest), made=True)
+            last_lsn, digest = store.backup(str(dest), made=True)
         except (StorageError, OSError) as exc:
             _take_away(dest, made)
             reason = exc if isinstance(exc, StorageError) else (
@@ -66,7 +66,10 @@ def _backup(args: argparse.Namespace, data: Path, dest: Path, started: float) ->
             raise
     finally:
         store.close()
+    # head: the anchor `audit verify --anchor LSN:DIGEST` takes, as verify prints it, so that
+    # the record of a nightly backup is also what a later verify of the log is held to.
     emit({"backup": str(dest), "last_lsn": last_lsn,
+          "head": {"lsn": last_lsn, "digest": digest.hex()},
           "bytes": (dest / "data.mdb").stat().st_size, "secret": secret is not None,
           "previous_secret": previous is not None, "seconds": round(time.monotonic() - started, 3)})
     return 0
@@ -103,7 +106,7 @@ class _LogOnly:
         self._env = LmdbEnv(path, ["log"], readonly=True)
         self._log = LmdbLog(self._env)
 
-    def backup(self, dest: str, *, made: bool = False) -> int:
+    def backup(self, dest: str, *, made: bool = False) -> tuple[int, bytes]:
         return self._log.backup(dest, made=made)
 
     def close(self) -> None:

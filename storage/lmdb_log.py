@@ -144,15 +144,15 @@ class LmdbLog:
                 break
         return out
 
-    def backup(self, dest: str, *, made: bool = False) -> int:
+    def backup(self, dest: str, *, made: bool = False) -> Tail:
         """Copy the environment (the log, and the projections beside it), as one committed
         transaction left it, into the empty directory `dest` (synced; safe while a broker
         writes; `made`: into the empty `data.mdb` the caller made there); return the copy's
-        last LSN."""
+        tail, `(last_lsn, its digest)`."""
         with self._env.read() as txn:
-            last = self.last_lsn_in(txn)
+            tail = self._read_tail(txn)
             self._env.copy_to(dest, txn, made=made)
-        return last
+        return tail
 
     def check_keys(self, txn: lmdb.Transaction) -> int:
         """The last LSN, once the log's keys look like LSNs 1 to it: the first is LSN 1 and

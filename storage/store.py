@@ -346,10 +346,10 @@ class Store(Queries):
         """Close the environment and release the directory lock."""
         self._env.close()
 
-    def backup(self, dest: str, *, made: bool = False) -> int:
+    def backup(self, dest: str, *, made: bool = False) -> tuple[int, bytes]:
         """Copy the log and projections, as one committed transaction left them, into the empty
         directory `dest` (synced; safe while a broker writes; `made`: into the empty `data.mdb`
-        the caller made there); return the copy's last LSN."""
+        the caller made there); return the copy's last LSN and that record's digest."""
         return self._log.backup(dest, made=made)
 
     # ---------------------------------------------------------------- writes

@@ -374,7 +374,7 @@ def _behind(data, copy) -> tuple[int, list, dict]:
     copy.mkdir()
     store = Store.open(str(data))
     try:
-        k = store.backup(str(copy))
+        k, _ = store.backup(str(copy))
         store.execute([SendMessage("bob", "d", "user", f"d{i}", "x", to="alice")
                        for i in range(2)])
         return store.last_lsn(), list(store.log.read_raw(k + 1)), store.dump_projections()

@@ -61,7 +61,8 @@ def test_a_backup_taken_while_sending_is_whole_verified_and_serves(tmp_path):
         assert busy.returncode == 0
     result = json.loads(copy.stdout)
     assert copy.stderr == ""
-    assert set(result) == {"backup", "last_lsn", "bytes", "secret", "previous_secret", "seconds"}
+    assert set(result) == {"backup", "last_lsn", "head", "bytes", "secret", "previous_secret",
+                           "seconds"}
     assert result["backup"] == str(dest) and result["secret"] is True
     assert result["previous_secret"] is False and not (dest / "secret.prev.key").exists()
     assert result["last_lsn"] >= max(r["lsn"] for r in before)
@@ -71,6 +72,12 @@ def test_a_backup_taken_while_sending_is_whole_verified_and_serves(tmp_path):
         assert stat.S_IMODE((dest / name).stat().st_mode) == 0o600
     verified = json.loads(homing("audit", "verify", "--data", str(dest)).stdout)
     assert verified["ok"] and verified["events"] == result["last_lsn"]
+    # The copy's head is the one its verify prints: an anchor for later verifies of the log,
+    # which has gone on past it (the sends during the copy) and still holds it.
+    assert verified["head"] == result["head"] and result["head"]["lsn"] == result["last_lsn"]
+    anchor = f"{result['head']['lsn']}:{result['head']['digest']}"
+    later = json.loads(homing("audit", "verify", "--data", str(bp.data), "--anchor", anchor).stdout)
+    assert later["ok"] and later["anchor"]["ok"] and later["events"] >= result["last_lsn"]
     with BrokerProcess(dest) as restored:
         env = {"HOMING_SERVER": restored.server, "HOMING_TOKEN": bp.token("bob")}
         got, page = [], [{"seq": 0}]

@@ -84,7 +84,7 @@ def split_dirs(root: Path, before, after) -> tuple[Path, Path, int, int]:
     store = Store.open(orig, limits=LIMITS)
     try:
         before(store)
-        k = store.backup(str(behind))
+        k, _ = store.backup(str(behind))
         after(store)
         n = store.last_lsn()
         tail = list(store.log.read_raw(k + 1))
