@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
+import structlog
 import trio
 
 import protocol as wire
@@ -382,8 +383,9 @@ class Broker:
                     await stream.aclose()  # TLS: its close_notify, then the socket's close
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass  # closed all the same (trio closes the socket when TLS fails)
+            said = structlog.get_context(session.log)  # user and device, once the hello named them
             session.log.info(
-                "connection_closed", user=session.user or None, device=session.device or None,
+                "connection_closed", user=said.get("user"), device=said.get("device"),
                 reason=(session.reason or CloseReason.PEER_EOF).value,
                 duration_s=round(time.monotonic() - session.opened, 3),
                 frames_in=session.frames_in, frames_out=session.frames_out,
@@ -425,9 +427,13 @@ class Broker:
             # An expired token is genuine: whose it was is what the operator asks (a bot's
             # token that ran out). A forged one's claims are anyone's: no user.
             user = {"user": exc.user} if isinstance(exc, tokens.TokenExpired) else {}
-            session.log.info("auth_failed", **user, device=hello.device, reason=str(exc))
+            session.log = session.log.bind(**user, device=hello.device)
+            session.log.info("auth_failed", reason=str(exc))
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
             return False
+        # Bound now, so that a hello refused after this (revoked, a connection limit) is
+        # logged with whose it was to its `connection_closed` as well.
+        session.log = session.log.bind(user=claims.user, device=hello.device)
         if hello.deliver:  # a requests-only session does not take up the device's cursor
             await self._after_start(claims.user, hello.device)
         if not await self._admitted(session, hello, claims):
@@ -463,7 +469,6 @@ class Broker:
         session.user_sends = self.user_sends.of(claims.user)
         session.user_typing = self.user_typing.of(claims.user)
         session.user_changes = self.user_changes.of(claims.user)
-        session.log = session.log.bind(user=claims.user, device=hello.device)
         max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
         session.acked = session.sent = acked
         session.head = head
@@ -525,7 +530,7 @@ class Broker:
             refused = CloseReason.AUTH_FAILED, tokens.expired_message(claims.expires)
         if refused is not None:
             session.reason, why = refused
-            session.log.info("auth_failed", user=claims.user, device=hello.device, reason=why)
+            session.log.info("auth_failed", reason=why)
             await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, why)
             return False
         if self.stopping or self.committer.closing:
@@ -538,8 +543,7 @@ class Broker:
         if full is not None:
             limit, connections, message = full
             session.reason = CloseReason.LIMIT
-            session.log.warning("connections_full", user=claims.user, device=hello.device,
-                                limit=limit, connections=connections)
+            session.log.warning("connections_full", limit=limit, connections=connections)
             await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED, message)
             return False
         return True

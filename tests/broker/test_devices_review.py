@@ -370,6 +370,12 @@ async def test_a_refusal_at_a_connection_limit_says_which_limit_and_logs_the_use
         assert [(e["user"], e["device"], e["limit"], e["connections"], e["log_level"])
                 for e in full] == [("bob", "laptop", "per_user", 1, "warning"),
                                    ("dave", "d1", "total", 2, "warning")]
+        # Their connection_closed lines say whose they were too (they said null until
+        # 2026-12-06): an operator grepping for the user finds the whole story.
+        await wait_until(lambda: sum(e["event"] == "connection_closed" for e in h.logs) >= 2)
+        closed = [(e["user"], e["device"], e["reason"]) for e in h.logs
+                  if e["event"] == "connection_closed"]
+        assert closed == [("bob", "laptop", "limit"), ("dave", "d1", "limit")], closed
         for c in (phone, carol):
             await c.aclose()
 

@@ -62,6 +62,11 @@ async def test_an_expired_tokens_auth_failed_names_its_user(tmp_path):
         assert expired["user"] == "dave", expired
         assert expired["device"] == "bot", expired
         assert "user" not in forged, forged  # not signed by us: its claims are anyone's
+        # The connections' closing lines say the same (user and device null until 2026-12-06).
+        closed = [e for e in await _wait_event(bp, "connection_closed", 3)  # and astart's probe
+                  if e["reason"] == "auth_failed"]
+        assert [(e["user"], e["device"], e["reason"]) for e in closed] == [
+            ("dave", "bot", "auth_failed"), (None, "bot", "auth_failed")], closed
         assert await bp.aterminate() == 0
     finally:
         bp.kill()
