@@ -125,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # Imported here, not at the top: they import this module's plumbing (CliError, emit, ...).
-    from broker import client_cli, serve_cli
+    from broker import client_cli, health_cli, serve_cli
 
     serve_cli.add_parser(sub)
     client_cli.add_parser(sub)
+    health_cli.add_parser(sub)
     _add_optional(sub, "broker.audit_cli")
     _add_optional(sub, "broker.backup_cli")
     _add_optional(sub, "broker.secret_cli")

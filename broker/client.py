@@ -77,6 +77,7 @@ from broker.client_link import STABLE_AFTER_S as STABLE_AFTER_S
 from broker.client_link import WRITE_STALL_S as WRITE_STALL_S
 from broker.client_stream import RECEIVE_BYTES as RECEIVE_BYTES
 from protocol import (
+    BrokerStats,
     ConvEntry,
     ConvList,
     Deliver,
@@ -98,6 +99,7 @@ from protocol import (
 __all__ = [
     "DEFAULT_SERVER",
     "UNSURE",
+    "BrokerStats",
     "BrokerUnavailable",
     "Client",
     "ClientClosed",
@@ -483,6 +485,14 @@ class Client:
 
     async def ping(self) -> None:
         await self._link.request(lambda i: wire.Ping(id=i))
+
+    async def stats(self, user: str | None = None,
+                    device: str | None = None) -> BrokerStats:
+        """The broker's figures as they are now (an admin token's right; others get
+        `forbidden`, and a broker from before 2026-12-06 `unknown_type`): docs/PROTOCOL.md
+        `stats`. With `user` and `device`, the reply's `head` and `acked` say how far that
+        device's deliveries are behind."""
+        return await self._link.request(lambda i: wire.Stats(id=i, user=user, device=device))
 
     # -- incoming -------------------------------------------------------------------------------
 

@@ -61,6 +61,20 @@ def _tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return ctx
 
 
+def connection_args(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """Check the token, `--server` and the TLS options every client command takes (a usage
+    error, exit 2, before connecting); return the TLS context to connect with, if any."""
+    from broker.client import parse_server
+
+    if not args.token:
+        raise CliError(EXIT_USAGE, "usage", "a token is needed: --token or HOMING_TOKEN")
+    try:
+        parse_server(args.server)
+    except ValueError as exc:
+        raise CliError(EXIT_USAGE, "usage", str(exc)) from None
+    return _tls_context(args)
+
+
 def run_client(args: argparse.Namespace, body, check=None) -> int:
     """Check the arguments, then connect with the common options and run `body(client, args)`.
 
@@ -76,16 +90,9 @@ def run_client(args: argparse.Namespace, body, check=None) -> int:
         InboxReset,
         Replaced,
         open_client,
-        parse_server,
     )
 
-    if not args.token:
-        raise CliError(EXIT_USAGE, "usage", "a token is needed: --token or HOMING_TOKEN")
-    try:
-        parse_server(args.server)
-    except ValueError as exc:
-        raise CliError(EXIT_USAGE, "usage", str(exc)) from None
-    tls = _tls_context(args)
+    tls = connection_args(args)
     if check is not None:
         check(args)
 

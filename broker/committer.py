@@ -158,6 +158,11 @@ class Committer:
         # Answered `unavailable` because their commit failed (a full disk, a damaged row): with
         # no commits, what tells a broker refusing every write from an idle one (broker_stats).
         self.failed = 0
+        # Whether the last commit failed as a whole (a full disk): true until one succeeds.
+        # A `stats` request says it (broker/stats.py): a broker refusing every write, seen
+        # between two writes.
+        self.failing = False
+        self.commit_s = 0.0  # the time the commits counted in `batches` took (`stats`)
         self.committed_lsn = store.last_lsn()
         self._lsn_moved = trio.Event()
         self._thread = WorkerThread("homing-commit")
@@ -386,6 +391,7 @@ class Committer:
 
     async def _finish(self, started: _Batch) -> _Batch | None:
         """Wait for a started batch to be durable; None if it failed (its commands are told)."""
+        ran = 0.0  # how long its commit took (not added for a split: rare, timed per run)
         try:
             if started.aside:
                 return self._settle(started, await self._thread.wait(started.call), None)
@@ -395,12 +401,15 @@ class Committer:
                 done = await self._thread.run(isolate, self._execute_run, started.commands)
                 return self._settle(started, done, exc)
             _log_failed(exc, len(started.commands))
+            self.failing = True
             self.failed += len(started.commands)
             self._lose_acks(started.acks)
             for p in started.pending:
                 p.finish(None, exc)
             return None
         finally:
+            if self._running_since is not None:
+                ran = time.monotonic() - self._running_since
             self._running_since, self._running = None, None
             self._changes += 1
             unsynced, last = self._unsynced_acks, self._last_acks
@@ -423,7 +432,9 @@ class Committer:
             self._lsn_moved.set()
             self._lsn_moved = trio.Event()
         self.batches += 1
+        self.commit_s += ran
         self.commands += len(started.pending)
+        self.failing = False
         return started
 
     def _settle(self, started: _Batch, done: Isolated, exc: CorruptProjection | None
@@ -460,6 +471,7 @@ class Committer:
             self._lsn_moved = trio.Event()
         self.batches += done.commits
         self.commands += errors.count(None)
+        self.failing = done.stopped is not None  # the disk filled meanwhile
         self.failed += len(errors) - errors.count(None)
         return started
 

@@ -18,6 +18,7 @@ import msgpack
 
 import protocol as wire
 from broker.errors import CloseReason, wire_error
+from broker.stats import stats_reply
 from protocol import encode_frame, fields
 from protocol.frames import to_wire
 from storage import commands as cmd
@@ -599,6 +600,15 @@ def on_typing(session: Session, f: wire.Typing) -> None:
     broker.hub.push(audience, data)
 
 
+def on_stats(session: Session, f: wire.Stats) -> None:
+    """The broker's figures now (`homing health`): about every user (and any user's device), so
+    for admin tokens only."""
+    if session.role != "admin":
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, "stats: admin tokens only")
+        return
+    session.reply(stats_reply(session.broker, f))
+
+
 def on_ping(session: Session, f: wire.Ping) -> None:
     session.reply(wire.Pong(id=f.id))
 
@@ -631,6 +641,7 @@ HANDLERS = {
     wire.Convs: on_convs,
     wire.Presence: on_presence,
     wire.Typing: on_typing,
+    wire.Stats: on_stats,
     wire.Ping: on_ping,
     wire.Pong: on_pong,
     wire.Bye: on_bye,

@@ -140,6 +140,7 @@ class Broker:
         self.stopping = False
         self.handshaking = 0  # connections accepted and not yet past hello
         self.rate_limited = 0  # requests answered `rate_limited` (`broker_stats`)
+        self.started = time.monotonic()  # for `stats`' uptime_s
         self._awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
         # Devices whose start at the inbox head is on its way (`_start_at_head`): set once
         # that hello is answered; the device's other hellos wait for it (`_after_start`).

@@ -1,7 +1,10 @@
-"""The `broker_stats` log line: every `--stats-interval` seconds, what the broker holds and what
-it did since the line before, for an operator to graph and alert on (docs/OPERATIONS.md,
-"Logs"). It reads counters the broker keeps anyway; nothing on the message path counts for it
-but the refusals by the rate limits (`rate_limited`), a line each of which would flood the log.
+"""The broker's figures, for an operator to graph and alert on: the `broker_stats` log line,
+every `--stats-interval` seconds, what the broker holds and what it did since the line before
+(docs/OPERATIONS.md, "Logs"); and the same figures as they are now, with their totals since
+the start, in the reply to an admin's `stats` request (`homing health`, docs/OPERATIONS.md,
+"Monitoring"). Both read counters the broker keeps anyway; nothing on the message path counts
+for them but the refusals by the rate limits (`rate_limited`), a line each of which would flood
+the log.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import time
 from typing import TYPE_CHECKING
 
 import trio
+
+import protocol as wire
 
 if TYPE_CHECKING:
     from broker.server import Broker
@@ -25,6 +30,42 @@ def rss_mib() -> float | None:
             return round(int(f.read().split()[1]) * _PAGE_BYTES / (1 << 20), 1)
     except (OSError, IndexError, ValueError):
         return None
+
+
+def disk_free_bytes(path: object) -> int | None:
+    """Bytes free to an unprivileged writer on `path`'s filesystem (None if it cannot be told).
+
+    Only a hint of a disk filling up: LMDB reuses the pages its file holds free before it
+    grows the file, so writes may go on at 0, and a write may fail with some left."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def stats_reply(broker: Broker, f: wire.Stats) -> wire.BrokerStats:
+    """The `broker_stats` reply to a `stats` request: the figures as they are now, the counters
+    summed since the start. Answered at once, from memory (and, for a device's backlog, two
+    rows of the store), so a commit that does not end (a disk that stopped answering) is seen
+    as `commit_running_ms` growing, not as a missing answer."""
+    committer = broker.committer
+    head = acked = None
+    if f.user is not None and f.device is not None:
+        head = broker.store.inbox_head(f.user)
+        # an ack still on its way to disk counts, as at hello
+        acked = max(broker.store.delivered(f.user, f.device),
+                    committer.acked_mark(f.user, f.device))
+    return wire.BrokerStats(
+        id=f.id, lsn=committer.committed_lsn, queued=committer.queued,
+        committing=committer.committing,
+        commit_running_ms=int(committer.commit_running_s() * 1000),
+        failing=committer.failing, commits=committer.batches,
+        commit_ms=int(committer.commit_s * 1000), commands=committer.commands,
+        failed=committer.failed, rate_limited=broker.rate_limited,
+        connections=broker.hub.count, requests_only=broker.hub.requests_only,
+        handshaking=broker.handshaking, uptime_s=int(time.monotonic() - broker.started),
+        disk_free_bytes=disk_free_bytes(broker.config.data_dir), head=head, acked=acked)
 
 
 async def report_stats(broker: Broker, every: float) -> None:

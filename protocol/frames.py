@@ -347,6 +347,16 @@ class Revoke(NamedTuple):
     user: str
 
 
+class Stats(NamedTuple):
+    """Asks for the broker's figures as they are now (admin tokens only): whether it commits,
+    how far behind it is, what it did since it started; with `user` and `device`, also how far
+    that device's deliveries are behind the user's inbox (PROTOCOL.md §5.2)."""
+
+    id: int
+    user: str | None = None
+    device: str | None = None
+
+
 # -- both directions (§5.4) -----------------------------------------------------------------
 
 
@@ -417,6 +427,30 @@ class Revoked(NamedTuple):
     id: int
     user: str
     before: int
+
+
+class BrokerStats(NamedTuple):
+    """Reply to ``stats``: the figures of the `broker_stats` log line as they are now, the
+    counters summed since the broker started (a monitor takes their rates itself)."""
+
+    id: int
+    lsn: int
+    queued: int
+    committing: int
+    commit_running_ms: int
+    failing: bool
+    commits: int
+    commit_ms: int
+    commands: int
+    failed: int
+    rate_limited: int
+    connections: int
+    requests_only: int
+    handshaking: int
+    uptime_s: int
+    disk_free_bytes: int | None = None
+    head: int | None = None  # asked of a `user` and `device`: the user's inbox head
+    acked: int | None = None  # and the device's last ack
 
 
 class Created(NamedTuple):
@@ -541,6 +575,12 @@ _WELCOME_CAPS = f.array(f.text(0, MAX_FRAME_LIMIT), 0, f.MAX_CAPS)
 _USERS = f.user_list(f.MAX_USER_LIST)
 
 
+def _stats_rule(frame: Stats) -> str | None:
+    if (frame.user is None) != (frame.device is None):
+        return "'user' and 'device' go together"
+    return None
+
+
 def _send_rule(frame: Send) -> str | None:
     if (frame.to is None) == (frame.conv is None):
         return "exactly one of 'to' and 'conv' is required"
@@ -603,6 +643,7 @@ _register(Convs, "convs", "c", id=_ID, after=f.conv_id, limit=f.int_range(1, f.M
 _register(Typing, "typing", "c", conv=f.conv_id)
 _register(Mute, "mute", "c", id=_ID, conv=f.conv_id, muted=f.boolean)
 _register(Revoke, "revoke", "c", id=_ID, user=f.user_id)
+_register(Stats, "stats", "c", _stats_rule, id=_ID, user=f.user_id, device=f.user_id)
 
 _register(Ping, "ping", "cs", id=_ID)
 _register(Pong, "pong", "cs", id=_ID)
@@ -618,6 +659,11 @@ _register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint,
 _register(Ok, "ok", "s", id=_ID, conv=f.conv_id)
 _register(Created, "created", "s", id=_ID, conv=f.conv_id, dup=f.boolean)
 _register(Revoked, "revoked", "s", id=_ID, user=f.user_id, before=f.uint)
+_register(BrokerStats, "broker_stats", "s", id=_ID, lsn=f.uint, queued=f.uint,
+          committing=f.uint, commit_running_ms=f.uint, failing=f.boolean, commits=f.uint,
+          commit_ms=f.uint, commands=f.uint, failed=f.uint, rate_limited=f.uint,
+          connections=f.uint, requests_only=f.uint, handshaking=f.uint, uptime_s=f.uint,
+          disk_free_bytes=f.uint, head=f.uint, acked=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS, unread=_USERS)

@@ -313,7 +313,7 @@ def test_every_line_of_the_readme_first_conversation_runs(tmp_path):
                 conv = ran[-1][0]["conv"]
                 assert conv.startswith("chn:")
     assert conv is not None and (tmp_path / "backups").is_dir()
-    assert len(ran) == 8, ran
+    assert len(ran) == 9, ran
 
 
 def test_listen_says_when_the_inbox_went_back_after_a_restore(tmp_path):

@@ -44,6 +44,7 @@ SAMPLES = [
     wire.Typing(conv="dm:a:b"),
     wire.Mute(id=14, conv="dm:a:b", muted=True),
     wire.Revoke(id=22, user="fz-target"),
+    wire.Stats(id=23, user="fz-target", device="d1"),
     wire.Ping(id=15),
     wire.Pong(id=16),
     wire.Deliver(inbox_seq=1, kind="msg", conv="dm:a:b", seq=1, sender="a", body="x",

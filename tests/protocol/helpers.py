@@ -51,7 +51,10 @@ _BY_NAME = {
     "close": st.booleans(), "deliver": st.booleans(), "role": st.sampled_from(["member", "admin"]),
     "messages": st.lists(page_messages, max_size=3).map(tuple),
     "convs": st.lists(st.deferred(lambda: frames_of(ConvEntry)), max_size=3).map(tuple),
-    "last_seq": uints,
+    "last_seq": uints, "queued": uints, "committing": uints, "commit_running_ms": uints,
+    "failing": st.booleans(), "commits": uints, "commit_ms": uints, "commands": uints,
+    "failed": uints, "rate_limited": uints, "connections": uints, "requests_only": uints,
+    "handshaking": uints, "uptime_s": uints, "disk_free_bytes": uints,
 }
 _OVERRIDES = {
     ("Create", "kind"): st.sampled_from(["group", "channel"]),
@@ -89,6 +92,9 @@ def frames_of(cls: type) -> st.SearchStrategy:
             ),
             st.builds(cls, **args), user_ids, conv_ids, st.booleans(),
         )
+    if cls.__name__ == "Stats":  # a user and a device, or neither
+        return st.builds(lambda i, who: cls(i, *who), uints,
+                         st.just((None, None)) | st.tuples(user_ids, user_ids))
     return st.builds(cls, **args)
 
 
