@@ -13,20 +13,22 @@ from pathlib import Path
 import pytest
 
 import broker.client
-from broker import client_errors
+from broker import client_blocking, client_errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_sdk_name_the_docs_use_is_exported_by_broker_client():
     """Each type docs/CLIENT.md names in backticks (Python's own aside) and each name it imports
-    `from broker.client` is in `broker.client.__all__` and importable from there."""
+    `from broker.client` is in `broker.client.__all__` and importable from there, but the
+    blocking client's, which `broker.client_blocking` exports (it imports broker.client)."""
     text = (ROOT / "docs" / "CLIENT.md").read_text(encoding="utf-8")
     named = {n for n in re.findall(r"`([A-Z][a-z][A-Za-z]*)`", text) if not hasattr(builtins, n)}
-    for names in re.findall(r"from broker\.client import ([\w, ]+)", text):
+    for names in re.findall(r"from broker\.client(?:_blocking)? import ([\w, ]+)", text):
         named.update(n.strip() for n in names.split(","))
     assert named >= {"ClientError", "ConnectionLost", "Receipt", "open_client"}  # it parsed
-    assert sorted(named - set(broker.client.__all__)) == []
+    assert "BlockingClient" in named  # the section on it parsed too
+    assert sorted(named - set(broker.client.__all__) - set(client_blocking.__all__)) == []
     assert all(hasattr(broker.client, n) for n in broker.client.__all__)
 
 
