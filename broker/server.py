@@ -32,7 +32,7 @@ from broker.errors import CloseReason, wire_error
 from broker.handlers import HANDLERS, REQUESTS_ONLY_HANDLERS
 from broker.hub import Fresh, Hub, encode_push
 from broker.keyring import Keyring
-from broker.logs import get_logger
+from broker.logs import Repeated, get_logger
 from broker.policy import ContentPolicy
 from broker.presence import Presence
 from broker.ratelimit import TokenBucket, UserBuckets
@@ -141,6 +141,10 @@ class Broker:
         self.handshaking = 0  # connections accepted and not yet past hello
         self.rate_limited = 0  # requests answered `rate_limited` (`broker_stats`)
         self.started = time.monotonic()  # for `stats`' uptime_s
+        # Refusals at --max-handshakes and at --max-connections: a crowd meets them once per
+        # client and attempt, so they are counted and logged now and then, not each.
+        self.handshakes_full = Repeated()
+        self.connections_full = Repeated()
         self._awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
         # Devices whose start at the inbox head is on its way (`_start_at_head`): set once
         # that hello is answered; the device's other hellos wait for it (`_after_start`).
@@ -346,7 +350,9 @@ class Broker:
         try:
             if self.handshaking >= self.config.max_handshakes:
                 session.reason = CloseReason.LIMIT
-                session.log.warning("handshakes_full", handshaking=self.handshaking)
+                if (refused := self.handshakes_full.count(time.monotonic())) is not None:
+                    session.log.warning("handshakes_full", handshaking=self.handshaking,
+                                        limit=self.config.max_handshakes, refused=refused)
                 if session.tls_unchecked:  # in TLS if it speaks TLS, as ever (1 s at most)
                     with trio.move_on_after(1):
                         if not await self._check_tls(session):
@@ -544,7 +550,13 @@ class Broker:
         if full is not None:
             limit, connections, message = full
             session.reason = CloseReason.LIMIT
-            session.log.warning("connections_full", limit=limit, connections=connections)
+            # The broker's limit is met by a crowd (devices past it retry as long as it is
+            # full): logged now and then. A user's limit, by that user: each is logged.
+            refused = (1 if limit == "per_user"
+                       else self.connections_full.count(time.monotonic()))
+            if refused is not None:
+                session.log.warning("connections_full", limit=limit, connections=connections,
+                                    refused=refused)
             await self._refuse(session, hello.id, wire.ErrorCode.LIMIT_EXCEEDED, message)
             return False
         return True

@@ -3,8 +3,8 @@ every `--stats-interval` seconds, what the broker holds and what it did since th
 (docs/OPERATIONS.md, "Logs"); and the same figures as they are now, with their totals since
 the start, in the reply to an admin's `stats` request (`homing health`, docs/OPERATIONS.md,
 "Monitoring"). Both read counters the broker keeps anyway; nothing on the message path counts
-for them but the refusals by the rate limits (`rate_limited`), a line each of which would flood
-the log.
+for them but the refusals by the rate limits (`rate_limited`) and at the connection limits
+(--max-handshakes, --max-connections), a line each of which would flood the log.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ async def report_stats(broker: Broker, every: float) -> None:
     then, cpu = time.monotonic(), time.process_time()
     lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
     failed, rate_limited = committer.failed, broker.rate_limited
+    handshakes_full, connections_full = broker.handshakes_full.total, broker.connections_full.total
     while True:
         await trio.sleep(every)
         now, cpu_now = time.monotonic(), time.process_time()
@@ -90,7 +91,14 @@ async def report_stats(broker: Broker, every: float) -> None:
             commands_per_s=round((committer.commands - commands) / elapsed, 1),
             failed_per_s=round((committer.failed - failed) / elapsed, 1),
             rate_limited_per_s=round((broker.rate_limited - rate_limited) / elapsed, 1),
-            cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib())
+            handshakes_full_per_s=round(
+                (broker.handshakes_full.total - handshakes_full) / elapsed, 1),
+            connections_full_per_s=round(
+                (broker.connections_full.total - connections_full) / elapsed, 1),
+            cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib(),
+            # Trio's tasks: a few per session (its reader, writer, ...) and a fixed few; a
+            # count that does not come back down after a crowd has gone is tasks left behind.
+            tasks=trio.lowlevel.current_statistics().tasks_living)
         if broker.notifier is not None and not broker.stopping:  # `systemctl status` shows it
             broker.notifier.notify(STATUS=f"serving {broker.config.host}:{broker.port}: "
                                           f"{broker.hub.count} connections, "
@@ -99,3 +107,5 @@ async def report_stats(broker: Broker, every: float) -> None:
         then, cpu = now, cpu_now
         lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
         failed, rate_limited = committer.failed, broker.rate_limited
+        handshakes_full = broker.handshakes_full.total
+        connections_full = broker.connections_full.total

@@ -14,7 +14,8 @@ from tests.procs import BrokerProcess, as_user, homing, homing_cmd, last_error, 
 from tests.waits import wait_until, wait_until_sync
 
 FIELDS = {"connections", "requests_only", "handshaking", "lsn", "queued", "events_per_s",
-          "commits_per_s", "commands_per_s", "failed_per_s", "cpu_pct", "rss_mib"}
+          "commits_per_s", "commands_per_s", "failed_per_s", "cpu_pct", "rss_mib",
+          "handshakes_full_per_s", "connections_full_per_s", "tasks"}
 
 
 def stats_lines(bp: BrokerProcess) -> list[dict]:
