@@ -420,6 +420,9 @@ class Broker:
             return False
         if wire.PROTOCOL_VERSION not in hello.versions:
             session.reason = CloseReason.PROTOCOL_ERROR
+            # Its device, as a forged token's `auth_failed` names it (the token is not read):
+            # the one line of the refusal says which client is too old (null until 2026-12-06).
+            session.log = session.log.bind(device=hello.device)
             await self._refuse(session, hello.id, wire.ErrorCode.UNSUPPORTED_VERSION,
                                f"this broker speaks protocol version {wire.PROTOCOL_VERSION}")
             return False
