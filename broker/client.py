@@ -558,12 +558,22 @@ class Deliveries:
         self._client, self._channel = client, channel
 
     async def receive(self) -> wire.Deliver:
-        """The next delivery; EndOfChannel after a close, the client's error after a failure."""
-        try:
-            return self._taken(await self._channel.receive())
-        except trio.EndOfChannel:
-            self._raise_failure()
-            raise
+        """The next delivery; EndOfChannel after a close, the client's error after a failure.
+
+        A delivery is marked taken in the step that takes it out of the queue, with no
+        checkpoint between: a channel's own receive hands it over, then checkpoints (or, parked,
+        is woken with it and runs later), and another taker handed a later one meanwhile could
+        `done` it, acking this one before it was known to be taken (until 2026-12-06). The
+        checkpoint after it is shielded: a cancel there does not lose the delivery taken."""
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            try:
+                d = self.receive_nowait()
+            except trio.WouldBlock:
+                await self._client._inbox.wait_queued()
+                continue
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return d
 
     def receive_nowait(self) -> wire.Deliver:
         """The next delivery if one is waiting (trio.WouldBlock if not); else as `receive`."""

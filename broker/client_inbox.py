@@ -67,6 +67,9 @@ class Inbox:
         self._in, self.out = trio.open_memory_channel[wire.Deliver](math.inf)
         self.pushes: deque[Any] = deque(maxlen=max_pushes)
         self._push_event = trio.Event()
+        # Set (and replaced) at each delivery queued and at the stop: the takers wait on it
+        # rather than in the channel's receive (`Deliveries.receive`).
+        self._queued_event = trio.Event()
         self.yielded = 0  # highest inbox_seq received (queued for the caller or taken)
         self.acked = 0  # highest inbox_seq the caller acked
         self.durable = 0  # highest inbox_seq of an ack the broker said it holds on disk
@@ -147,6 +150,7 @@ class Inbox:
     async def queue(self, d: wire.Deliver) -> None:
         """Queue the new delivery `d` for the caller."""
         await self._in.send(d)
+        self._wake_takers()
 
     def pushed(self, frame: Any) -> None:
         """Queue a push (receipt, status, typing) for `next_push` (the oldest dropped past
@@ -158,13 +162,23 @@ class Inbox:
         """No more deliveries nor pushes: the client stopped or was closed. Those queued are
         still taken; then the deliveries end and `next_push` raises."""
         self._in.close()
+        self._wake_takers()
         self._wake_push_waiters()
+
+    def _wake_takers(self) -> None:
+        self._queued_event.set()
+        self._queued_event = trio.Event()
 
     def _wake_push_waiters(self) -> None:
         self._push_event.set()
         self._push_event = trio.Event()
 
     # -- from the client ----------------------------------------------------------------------
+
+    async def wait_queued(self) -> None:
+        """Wait for the next delivery queued, or for the stop (several takers may wait: each
+        wakes, and one takes it)."""
+        await self._queued_event.wait()
 
     async def wait_pushed(self) -> None:
         """Wait for the next push, or for the stop (several tasks may wait: each wakes)."""
