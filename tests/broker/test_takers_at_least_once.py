@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from broker.client_blocking import connect
 from broker.errors import CloseReason
+from tests.faults.conftest import scaled
 from tests.harness import running_broker
 from tests.procs import BrokerProcess
 from tests.waits import HANG_GUARD_S, wait_until, wait_until_sync
@@ -155,8 +156,9 @@ def test_several_takers_done_and_ack_mixed_with_drops_ack_nothing_unfinished(
 @settings(max_examples=40)
 @given(seed=st.integers(0, 2**32 - 1), takers=st.integers(2, 8))
 def test_several_takers_with_drops_long(tmp_path_factory, seed, takers):
+    """As above with HOMING_LONG_SCALE x 600 messages and x 8 drops (at least 200 and 4)."""
     data = tmp_path_factory.mktemp("takers") / "data"
-    trio.run(takers_against_drops, data, seed, 600, takers, 8)
+    trio.run(takers_against_drops, data, seed, scaled(600, 200), takers, scaled(8, 4))
 
 
 def blocking_threads_against_restarts(data, seed: int, messages: int, threads: int,
@@ -238,4 +240,6 @@ def test_blocking_client_threads_through_broker_restarts_ack_nothing_unfinished(
 @pytest.mark.long
 @pytest.mark.parametrize("seed", range(8))
 def test_blocking_client_threads_through_broker_restarts_long(tmp_path, seed):
-    blocking_threads_against_restarts(tmp_path / "data", seed, 1200, 6, 5)
+    """As above with HOMING_LONG_SCALE x 1,200 messages and x 5 restarts (at least 240, 2)."""
+    blocking_threads_against_restarts(tmp_path / "data", seed, scaled(1200, 240), 6,
+                                      scaled(5, 2))
