@@ -13,7 +13,6 @@ link, which `Client` drives.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -185,21 +184,13 @@ class Inbox:
         await self._push_event.wait()
 
     def took(self, d: wire.Deliver) -> None:
-        """The caller took the delivery `d` from `deliveries()`.
-
-        Kept in inbox order whatever the order they are taken in: two takers (tasks, or a
-        BlockingClient's threads) are handed them in order, but a receive checkpoints before
-        it returns, so the later one may be marked taken first; out of order, `done` of it
-        acked the earlier one, still being handled (until 2026-12-06)."""
-        seq, taken, undone = d.inbox_seq, self.taken, self.undone
-        taken[seq] = entry(d)  # for `done`, to tell it from another inbox's
-        if undone and undone[-1] > seq:  # (rare) behind one taken before it
-            bisect.insort(undone, seq)
-            for later in [s for s in taken if s > seq]:
-                taken.move_to_end(later)
-        else:
-            undone.append(seq)
-        self.handed = max(self.handed, seq)
+        """The caller took the delivery `d` from `deliveries()`: in queue order, which is inbox
+        order, since a receive marks a delivery taken in the step that takes it from the queue
+        (`Deliveries.receive`; before 2026-12-06 it did so after a checkpoint, and two takers'
+        marks could come in either order)."""
+        self.taken[d.inbox_seq] = entry(d)  # for `done`, to tell it from another inbox's
+        self.undone.append(d.inbox_seq)
+        self.handed = d.inbox_seq
 
     def ack_target(self, upto: int | wire.Deliver, what: str) -> int:
         """The inbox_seq that `ack` or `done` of `upto` names; StaleDelivery for a delivery
