@@ -602,9 +602,9 @@ def on_typing(session: Session, f: wire.Typing) -> None:
 
 def on_stats(session: Session, f: wire.Stats) -> None:
     """The broker's figures now (`homing health`): about every user (and any user's device), so
-    for admin tokens only."""
-    if session.role != "admin":
-        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, "stats: admin tokens only")
+    for admin and monitor tokens only."""
+    if session.role not in ("admin", "monitor"):
+        session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, "stats: admin and monitor tokens only")
         return
     session.reply(stats_reply(session.broker, f))
 
@@ -649,3 +649,18 @@ HANDLERS = {
 
 # A requests-only session's table (`hello.deliver: false`): the same, but for `ack`.
 REQUESTS_ONLY_HANDLERS = {**HANDLERS, wire.Ack: on_ack_requests_only}
+
+
+def on_not_monitored(session: Session, f: Any) -> None:
+    # Refused before any rule or read: a monitor token, kept in a monitoring system's
+    # configuration, reads no conversation and changes nothing (PROTOCOL.md §10).
+    if isinstance(f, wire.Typing):
+        return  # ephemeral: dropped, as a non-member's is
+    session.reply_error(getattr(f, "id", None), wire.ErrorCode.FORBIDDEN,
+                        f"{f.TYPE}: a monitor token asks stats and ping only")
+
+
+# A monitor token's session (requests-only, PROTOCOL.md §10): its figures and liveness alone.
+MONITOR_HANDLERS = {**{t: on_not_monitored for t in HANDLERS},
+                    wire.Stats: on_stats, wire.Ping: on_ping, wire.Pong: on_pong,
+                    wire.Bye: on_bye}

@@ -1,11 +1,11 @@
 """`homing health`: whether a broker is serving, for a monitor to run (docs/CLI.md, "Health";
 docs/OPERATIONS.md, "Monitoring").
 
-One requests-only session asks the broker's `stats` (an admin token's request) and prints the
-figures as one JSON line, with a verdict the exit status repeats. The whole check is bounded by
-`--timeout`: a broker that takes connections but answers nothing (stopped by SIGSTOP, its event
-loop stuck) is `unreachable` once it passes, never a hung check. Nothing is retried: a refused
-connection is reported at once, and a monitor's own schedule decides when to ask again.
+One requests-only session asks the broker's `stats` (a monitor or admin token's request) and
+prints the figures as one JSON line, with a verdict the exit status repeats. The whole check is
+bounded by `--timeout`: a broker that takes connections but answers nothing (stopped by SIGSTOP,
+its event loop stuck) is `unreachable` once it passes, never a hung check. Nothing is retried: a
+refused connection is reported at once, and a monitor's own schedule decides when to ask again.
 
 The broker answers `stats` from memory, without a commit, so it answers while its commits do
 not end: the figures say so (`commit_running_ms`), and past `--stall` the verdict is `stalled`.
@@ -37,12 +37,13 @@ DEVICE = "health"  # the device of the check's session: requests-only, it ends n
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `homing health` on the `homing` subparsers."""
-    p = sub.add_parser("health", help="whether a broker is serving and committing (admin token)")
+    p = sub.add_parser("health", help="whether a broker is serving and committing (monitor token)")
     default_server = os.environ.get("HOMING_SERVER", f"{DEFAULT_HOST}:{DEFAULT_PORT}")
     p.add_argument("--server", default=default_server,
                    help="HOST:PORT of the broker (env HOMING_SERVER; default %(default)s)")
     p.add_argument("--token", default=os.environ.get("HOMING_TOKEN"),
-                   help="an admin token (env HOMING_TOKEN): `homing token NAME --admin`")
+                   help="a monitor (or admin) token (env HOMING_TOKEN): "
+                        "`homing token NAME --monitor`")
     p.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
     p.add_argument("--tls-ca", help="CA certificate file to verify the broker with (implies --tls)")
     p.add_argument("--timeout", type=_SECONDS, default=TIMEOUT_S,

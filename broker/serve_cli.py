@@ -412,7 +412,8 @@ def _warn_if_exposed(secret: Path, missing_ok: bool = False) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    role = "admin" if args.admin else "service" if args.service else "user"
+    role = ("admin" if args.admin else "service" if args.service
+            else "monitor" if args.monitor else "user")
     try:
         ttl = tokens.parse_ttl(args.ttl)
         if not 0 < ttl <= MAX_TOKEN_TTL_S:
@@ -546,5 +547,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     role = t.add_mutually_exclusive_group()
     role.add_argument("--service", action="store_true", help="a service token")
     role.add_argument("--admin", action="store_true", help="an admin token")
+    role.add_argument("--monitor", action="store_true",
+                      help="a monitor token: `homing health` and nothing else")
     t.add_argument("--ttl", default="30d", help="lifetime, e.g. 30d, 12h (default %(default)s)")
     t.set_defaults(func=cmd_token)

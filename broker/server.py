@@ -29,7 +29,7 @@ from broker import listen, tokens
 from broker.committer import Committer
 from broker.config import Config
 from broker.errors import CloseReason, wire_error
-from broker.handlers import HANDLERS, REQUESTS_ONLY_HANDLERS
+from broker.handlers import HANDLERS, MONITOR_HANDLERS, REQUESTS_ONLY_HANDLERS
 from broker.hub import Fresh, Hub, encode_push
 from broker.keyring import Keyring
 from broker.logs import Repeated, get_logger
@@ -444,6 +444,13 @@ class Broker:
         # Bound now, so that a hello refused after this (revoked, a connection limit) is
         # logged with whose it was to its `connection_closed` as well.
         session.log = session.log.bind(user=claims.user, device=hello.device)
+        if claims.role == "monitor" and hello.deliver:
+            # Its figures only (PROTOCOL.md §10): no inbox, no cursor, nothing it could ack.
+            session.reason = CloseReason.AUTH_FAILED
+            why = "a monitor token opens requests-only sessions only (hello deliver: false)"
+            session.log.info("auth_failed", reason=why)
+            await self._refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, why)
+            return False
         if hello.deliver:  # a requests-only session does not take up the device's cursor
             await self._after_start(claims.user, hello.device)
         if not await self._admitted(session, hello, claims):
@@ -487,7 +494,8 @@ class Broker:
             # Requests-only (PROTOCOL.md §9): outside the hub's delivery map its head never
             # moves, and at its cursor it has nothing to write but replies; not online.
             session.head = acked
-            session.handlers = REQUESTS_ONLY_HANDLERS
+            session.handlers = (MONITOR_HANDLERS if claims.role == "monitor"
+                                else REQUESTS_ONLY_HANDLERS)
         first = delivers and not self.hub.online(claims.user)  # not when it replaces the only one
         old = self.hub.attach(session)
         if delivers:

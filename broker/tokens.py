@@ -29,7 +29,8 @@ import msgpack
 
 from storage.files import sync_dir
 
-ROLES = ("user", "service", "admin")
+# "monitor" (homing health) asks the broker's figures and nothing else: broker/handlers.py
+ROLES = ("user", "service", "admin", "monitor")
 SECRET_FILE = "secret.key"
 PREVIOUS_FILE = "secret.prev.key"  # the key before the last rotate, until it is retired
 SECRET_BYTES = 32

@@ -394,7 +394,7 @@ class Welcome(NamedTuple):
     head: int
     caps: tuple[str, ...]
     id: int | None = None
-    role: str | None = None  # the token's role: "user", "service" or "admin"
+    role: str | None = None  # the token's role: "user", "service", "admin" or "monitor"
     max_body: int | None = None  # the largest message body the server accepts, in bytes
     # Groups of more members than this have their receipts pushed to owners and admins only
     # (§9): their other members ask `receipts`. None: the server did not say (before 2026-12-05).
@@ -652,7 +652,7 @@ _register(Bye, "bye", "cs", reason=f.text(0, f.MAX_REASON_CHARS))
 _register(Welcome, "welcome", "s", version=f.uint, session=_NAME, user=f.user_id, time=f.uint,
           max_frame=f.int_range(MIN_FRAME_LIMIT, MAX_FRAME_LIMIT), heartbeat=f.uint,
           acked=f.uint, head=f.uint, caps=_WELCOME_CAPS, id=_ID,
-          role=f.one_of("user", "service", "admin"), max_body=f.uint,
+          role=f.one_of("user", "service", "admin", "monitor"), max_body=f.uint,
           receipt_audience=f.uint)
 _register(Result, "result", "s", id=_ID, conv=f.conv_id, seq=f.uint, lsn=f.uint, cid=f.cid,
           dup=f.boolean)

@@ -31,7 +31,7 @@ def broker(tmp_path):
         yield b
 
 
-def health(bp: BrokerProcess, *flags: str, role: str = "admin") -> subprocess.CompletedProcess:
+def health(bp: BrokerProcess, *flags: str, role: str = "monitor") -> subprocess.CompletedProcess:
     """`homing health` of `bp` with a token of `role`; never raises for its exit status."""
     return homing("health", *flags, env=as_user(bp, "ops", role), timeout=HANG_GUARD_S,
                   check=False)
@@ -39,7 +39,7 @@ def health(bp: BrokerProcess, *flags: str, role: str = "admin") -> subprocess.Co
 
 def test_a_healthy_broker_is_ok_with_its_figures(broker):
     """A serving broker is `ok`, exit 0, one JSON line of its figures, the lsn of what it
-    committed among them; a token that is not an admin's is refused, exit 1."""
+    committed among them, with a monitor token or an admin's; a user's is refused, exit 1."""
     sent = lines(homing("send", "--to", "bob", "hi", env=as_user(broker, "shop")))[0]
     proc = health(broker)
     assert proc.returncode == 0, proc.stderr
@@ -51,6 +51,7 @@ def test_a_healthy_broker_is_ok_with_its_figures(broker):
     assert out["connections"] == 1  # the check's own session
     assert out["disk_free_bytes"] > 0
 
+    assert lines(health(broker, role="admin"))[0]["status"] == "ok"
     refused = health(broker, role="user")
     assert refused.returncode == 1 and refused.stdout == ""
     assert last_error(refused.stderr)["error"] == "forbidden"
@@ -199,7 +200,7 @@ def run_script(tmp_path: Path, name: str, bp: BrokerProcess, *args: str, **env: 
     script.write_text(doc_script(name))
     script.chmod(0o755)
     bindir = str(Path(homing_cmd()[0]).parent)
-    full = {**os.environ, **as_user(bp, "ops", "admin"),
+    full = {**os.environ, **as_user(bp, "ops", "monitor"),
             "PATH": bindir + os.pathsep + os.environ["PATH"], **env}
     return subprocess.run(["/bin/sh", str(script), *args], env=full, capture_output=True, text=True,
                           timeout=HANG_GUARD_S)

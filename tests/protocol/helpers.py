@@ -64,7 +64,7 @@ _OVERRIDES = {
     ("Deliver", "cid"): st.none() | cids,
     ("Welcome", "max_frame"): st.integers(1024, 2**32 - 1),
     ("Hello", "start"): st.sampled_from(["first", "head"]),
-    ("Welcome", "role"): st.sampled_from(["user", "service", "admin"]),
+    ("Welcome", "role"): st.sampled_from(["user", "service", "admin", "monitor"]),
     ("Receipt", "delivered"): uints,
     ("Receipt", "read"): uints,
     ("Status", "online"): st.booleans(),
