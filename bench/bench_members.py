@@ -11,7 +11,7 @@ work: the rules, the projections, the durable commit):
 * a post right after a join (one commit each) against a post after a post: the post's
   fan-out writes an inbox entry per member either way, and read the member list again after
   each change;
-* the broker's side of a join: `Broker._on_committed` of the join, then the next
+* the broker's side of a join: `fanout.on_committed` of the join, then the next
   `Broker.roster` of the group (what a receipt or a typing notice asks first), on the event
   loop, against a roster already cached.
 
@@ -34,6 +34,7 @@ from pathlib import Path
 import structlog
 
 from broker.config import Config
+from broker.fanout import on_committed
 from broker.server import Broker
 from storage.commands import CreateConv, Invite, Join, SendMessage, SetMute
 from storage.rules import Limits
@@ -118,7 +119,7 @@ def one_run(members: int, invites: int) -> dict[str, float]:
                 _ok(outs)
 
                 def after_commit(cmds=cmds, outs=outs) -> None:
-                    broker._on_committed(cmds, outs)
+                    on_committed(broker, cmds, outs)
                     broker.roster(conv)
 
                 changed.append(_timed(after_commit)[0])

@@ -121,7 +121,7 @@ class Hub:
         """Those of `users` who have a live delivering session (online: requests-only ones do
         not count), walking the smaller of the two, so that a push to a group of 10,000
         members of whom 100 are online looks at those 100
-        (`Broker._push_receipt`). (`dict.keys() & frozenset` walks the frozenset whatever its
+        (`fanout.push_receipt`). (`dict.keys() & frozenset` walks the frozenset whatever its
         size: 0.5 ms for 100 online users and 10,000 members, 92 ms for 1,000,000.)"""
         by_user = self._by_user
         if len(by_user) < len(users):
@@ -222,7 +222,7 @@ class Hub:
         service in 20,000 groups about 200 ms of work with the member lists read from the store,
         25 ms with them cached, which until 2026-12-05 held the event loop in one piece (another
         client's ping waited 175 ms and 25 ms; docs/OPERATIONS.md, "Limits").
-        `roster(conv)` gives the conversation's members (`Broker.roster`, cached), whose set is
+        `roster(conv)` gives the conversation's members (`RosterCache.get`, cached), whose set is
         met with the online users (`online_among`: the smaller of the two is walked): for a
         user in 10 groups of 999 members, 500 of them online, 0.29 ms with the rosters cached,
         where reading and walking every member list each time took 4.9 ms (medians of 200

@@ -121,7 +121,7 @@ class Session:
         inner = getattr(stream, "socket", None)  # plain TCP only; TLS goes through the writer
         self._fd = inner.fileno() if inner is not None else None
         self._closing = False
-        # On a TLS port, until the peer's first byte showed it speaks TLS (Broker._check_tls).
+        # On a TLS port, until the peer's first byte showed it speaks TLS (handshake.check_tls).
         self.tls_unchecked = False
         # While the reader waits for bytes, when the last whole frame arrived (time.monotonic);
         # None while it is not waiting: the broker's idle watch (Broker._watch_idle) times out a

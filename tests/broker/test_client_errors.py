@@ -289,18 +289,18 @@ async def test_a_create_is_not_repeated_to_a_broker_that_ignores_its_cid(tmp_pat
     ConnectionLost as it did; nor after a drop from a broker with the cap to one without (a
     downgrade while it reconnected). It repeated it whatever the broker, and the customer was
     put in two groups of the same order."""
-    import broker.server
+    import broker.handshake
     from broker.client import open_client
 
     cut = trio.Event()
     if when == "from the start":
-        monkeypatch.setattr(broker.server, "CAPS", ())  # the welcome of a broker from before
+        monkeypatch.setattr(broker.handshake, "CAPS", ())  # the welcome of a broker from before
     with trio.fail_after(20):
         async with running_broker(tmp_path / "d") as h, trio.open_nursery() as nursery:
             server = await _serve_proxy(nursery, h, cut)
             async with open_client(server, h.token("shop"), "d1") as shop:
                 assert (wire.CAP_CREATE_CID in shop.welcome.caps) == (when != "from the start")
-                monkeypatch.setattr(broker.server, "CAPS", ())  # the broker it reconnects to
+                monkeypatch.setattr(broker.handshake, "CAPS", ())  # the broker it reconnects to
                 commands = h.broker.committer.commands
                 cut.set()
                 with pytest.raises(ConnectionLost):

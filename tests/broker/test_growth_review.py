@@ -9,7 +9,7 @@ from functools import partial
 import trio
 
 import protocol
-from broker.server import ROSTER_CACHE_MAX, ROSTER_CACHE_MEMBERS
+from broker.roster import ROSTER_CACHE_MAX, ROSTER_CACHE_MEMBERS
 from broker.session import MUTED_CACHE_MAX, Session
 from storage.tables import CACHE_ROWS
 from tests.harness import running_broker
@@ -80,7 +80,7 @@ async def test_what_the_broker_keeps_per_user_and_device_goes_when_they_leave(tm
                     break
                 await svc.ack(d.inbox_seq)
         def settled() -> bool:
-            return (all(len(b) <= 1 for b in broker._user_buckets)
+            return (all(len(b) <= 1 for b in broker.user_buckets)
                     and list(broker.hub._by_user) == ["svc"] and not broker.own_acks
                     and not committer._acks and not committer._acks_lost)
 
@@ -89,9 +89,9 @@ async def test_what_the_broker_keeps_per_user_and_device_goes_when_they_leave(tm
         with trio.move_on_after(30):
             while not settled():
                 await trio.sleep(0.1)
-        assert [len(b) for b in broker._user_buckets] == [1, 1, 1]  # svc's
+        assert [len(b) for b in broker.user_buckets] == [1, 1, 1]  # svc's
         assert list(broker.hub._by_user) == ["svc"] and broker.hub.count == 1
-        assert broker.handshaking == 0 and not broker._awaiting_hello and not broker.own_acks
+        assert broker.handshaking == 0 and not broker.awaiting_hello and not broker.own_acks
         assert not committer._acks and not committer._acks_lost
         assert set(committer._unsynced_acks) <= {("svc", "bot")}
         assert set(committer._last_acks) <= {("svc", "bot")}
@@ -102,23 +102,23 @@ async def test_the_cached_member_lists_hold_a_bounded_number_of_members(tmp_path
     (`Broker.roster`), but their members were not counted: a presence walk caches the list of
     every group of the user, so a service in 800 groups of 1,000 that connected once left
     800,000 members held (173 MiB of RSS), for good. The members held are bounded too now
-    (ROSTER_CACHE_MEMBERS, 500,000; here `roster_cache_members`, room for four of these
+    (ROSTER_CACHE_MEMBERS, 500,000; here `rosters.max_members`, room for four of these
     lists): the oldest lists go first, one larger than the bound is not kept, and pushes are
     answered right past it."""
     groups, size = 12, 200
     async with running_broker(tmp_path / "data", changes_per_s_per_user=1e9) as h:
         broker = h.broker
-        broker.roster_cache_members = 4 * size
+        broker.rosters.max_members = 4 * size
         async with h.client("shop", "s") as shop:
             convs = [await shop.create_group(f"g{i}", ["svc", *(f"m{i}.{j}" for j in range(
                 size - 2))]) for i in range(groups)]
             big = await shop.create_group("big", ["svc", *(f"b{j}" for j in range(998))])
             async with h.client("svc", "bot", role="service") as svc:
                 await svc.ping()  # its presence walk (every group of its) is done
-                held = sum(len(r.members) for r in broker._rosters.values())
-                assert held <= 4 * size, (held, len(broker._rosters))
-                assert held == broker._roster_members
-                assert big not in broker._rosters
+                held = sum(len(r.members) for r in broker.rosters.cached.values())
+                assert held <= 4 * size, (held, len(broker.rosters.cached))
+                assert held == broker.rosters.members
+                assert big not in broker.rosters.cached
                 for conv in (convs[0], big):  # dropped, or never kept: read again
                     await shop.typing(conv)
                     with trio.fail_after(5):
@@ -126,8 +126,8 @@ async def test_the_cached_member_lists_hold_a_bounded_number_of_members(tmp_path
                         while not isinstance(push, protocol.TypingNotice):
                             push = await svc.next_push()
                     assert (push.conv, push.user) == (conv, "shop")
-                held = sum(len(r.members) for r in broker._rosters.values())
-                assert held <= 4 * size and held == broker._roster_members
+                held = sum(len(r.members) for r in broker.rosters.cached.values())
+                assert held <= 4 * size and held == broker.rosters.members
 
 
 async def test_what_a_churn_of_users_leaves_in_the_broker_is_its_bounded_caches(tmp_path):
@@ -170,7 +170,7 @@ async def test_what_a_churn_of_users_leaves_in_the_broker_is_its_bounded_caches(
                 nursery.start_soon(pair, k, room)
         def settled() -> bool:
             gc.collect()
-            return (not any(len(b) for b in broker._user_buckets) and not broker.hub._by_user
+            return (not any(len(b) for b in broker.user_buckets) and not broker.hub._by_user
                     and not broker.presence._walking and not broker.own_acks
                     and not committer._acks and not committer._last_acks
                     and not committer._unsynced_acks and not committer._gone
@@ -184,12 +184,12 @@ async def test_what_a_churn_of_users_leaves_in_the_broker_is_its_bounded_caches(
                 await trio.sleep(0.1)
         assert not broker.hub._by_user and broker.hub.count == 0
         assert not broker.presence._walking and not broker.creating and not broker.revoking
-        assert not broker.own_acks and not broker._awaiting_hello and not broker.deferred
+        assert not broker.own_acks and not broker.awaiting_hello and not broker.deferred
         assert not committer._acks and not committer._last_acks and not committer._unsynced_acks
         assert not committer._acks_lost and not committer._gone
         gc.collect()
         assert [o for o in gc.get_objects() if type(o) is Session] == []
         # Kept, bounded: a roster per direct conversation and per group left to its peer.
-        assert len(broker._rosters) == 2 * pairs <= ROSTER_CACHE_MAX
-        assert broker._roster_members == 3 * pairs <= ROSTER_CACHE_MEMBERS
+        assert len(broker.rosters.cached) == 2 * pairs <= ROSTER_CACHE_MAX
+        assert broker.rosters.members == 3 * pairs <= ROSTER_CACHE_MEMBERS
         assert all(view.cached_rows() <= CACHE_ROWS for view in broker.store._tables._views)

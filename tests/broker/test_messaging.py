@@ -769,12 +769,12 @@ async def test_a_client_replaced_by_the_same_device_stops_instead_of_taking_it_b
 async def test_the_member_list_cache_stays_bounded(harness):
     """The broker keeps the member lists of the conversations it pushes to in memory, at most
     `roster_cache_max` of them (the oldest go first), and answers right past that."""
-    harness.broker.roster_cache_max = 3
+    harness.broker.rosters.max_convs = 3
     async with harness.client("alice") as alice:
         convs = [await alice.create_group(f"g{i}", ["bob"]) for i in range(6)]
         for conv in convs + convs[:2]:
             assert await alice.presence(conv) == ("alice",)
-        assert len(harness.broker._rosters) <= 3
+        assert len(harness.broker.rosters.cached) <= 3
 
 
 async def test_a_replaced_session_is_no_new_presence_and_a_leaver_no_new_receipts(harness):

@@ -58,8 +58,8 @@ async def _stalled(store) -> AsyncIterator[threading.Event]:
 
 async def _hello_waits(h, key: tuple[str, str]) -> None:
     """Wait until a hello of device `key` waits for the device's start at the head."""
-    await wait_until(lambda: key in h.broker._starting
-                     and h.broker._starting[key].statistics().tasks_waiting)
+    await wait_until(lambda: key in h.broker.head_starts
+                     and h.broker.head_starts[key].statistics().tasks_waiting)
 
 
 async def test_a_second_hello_during_the_start_waits_for_it_and_replaces_the_first(tmp_path):
@@ -76,7 +76,7 @@ async def test_a_second_hello_during_the_start_waits_for_it_and_replaces_the_fir
         await _send(alice, 3, "bob", "old")
         async with _stalled(store) as release:
             first = await _hello(h.server, h.token("bob"), "tablet", "head")
-            await wait_until(lambda: ("bob", "tablet") in h.broker._starting)
+            await wait_until(lambda: ("bob", "tablet") in h.broker.head_starts)
             second = await _hello(h.server, h.token("bob"), "tablet", "head")
             await _hello_waits(h, ("bob", "tablet"))
             release.set()
@@ -109,7 +109,7 @@ async def test_a_default_hello_during_the_start_is_welcomed_after_it(tmp_path):
         await _send(alice, 2, "bob", "old")
         async with _stalled(store) as release:
             first = await _hello(h.server, h.token("bob"), "tv", "head")
-            await wait_until(lambda: ("bob", "tv") in h.broker._starting)
+            await wait_until(lambda: ("bob", "tv") in h.broker.head_starts)
             second = await _hello(h.server, h.token("bob"), "tv", None)
             await _hello_waits(h, ("bob", "tv"))
             release.set()

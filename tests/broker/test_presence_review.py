@@ -68,7 +68,7 @@ async def test_a_service_in_20000_groups_connecting_does_not_hold_the_others(tmp
         # The broker keeps fewer member lists than the service's groups (as the default's
         # 50,000 would for a service in 60,000), so each walk reads them. With them cached a
         # walk is a tenth as long, and 2 or 3 pings get answered in one here (none before).
-        h.broker.roster_cache_max = 100
+        h.broker.rosters.max_convs = 100
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ping_back_to_back)
             for _ in range(2):

@@ -13,7 +13,9 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, given, settings
 
 from broker.config import Config
-from broker.server import Broker, Roster
+from broker.fanout import on_committed
+from broker.roster import Roster
+from broker.server import Broker
 from storage.commands import CreateConv, Invite, Join, Leave, Remove, SetRole
 from storage.rules import Limits
 from storage.store import Store
@@ -40,7 +42,7 @@ def _fresh(store: Store, conv: str) -> Roster:
 
 def _commit(store: Store, broker: Broker, commands) -> None:
     outcomes = store.execute(commands)
-    broker._on_committed(commands, outcomes)
+    on_committed(broker, commands, outcomes)
 
 
 def test_membership_changes_update_the_cached_roster(tmp_path):
@@ -84,7 +86,7 @@ def test_a_roster_emptied_is_not_kept(tmp_path):
         broker = Broker(Config(data_dir=tmp_path / "data", port=0), store)
         assert broker.roster(conv).users == ["own"]
         _commit(store, broker, [Leave("own", "d1", "user", conv)])
-        assert conv not in broker._rosters
+        assert conv not in broker.rosters.cached
         assert broker.roster(conv).users == []
     finally:
         store.close()
@@ -133,7 +135,7 @@ def test_cached_rosters_equal_the_store_after_each_fan_out(tmp_path_factory, ste
         conv = out.reply["conv"]
         broker = Broker(Config(data_dir=data, port=0), store)
         if cap is not None:
-            broker.roster_cache_members = cap
+            broker.rosters.max_members = cap
         broker.roster(conv)
         behind: list[tuple[list, list]] = []
         for step in steps:
@@ -143,14 +145,15 @@ def test_cached_rosters_equal_the_store_after_each_fan_out(tmp_path_factory, ste
             elif step[0] == "read":
                 broker.roster(conv)
             if behind and (step[0] == "fanout" or len(behind) > 3):
-                broker._on_committed(*behind.pop(0))
-            if not behind and conv in broker._rosters:
-                assert broker._rosters[conv] == _fresh(store, conv)
+                on_committed(broker, *behind.pop(0))
+            if not behind and conv in broker.rosters.cached:
+                assert broker.rosters.cached[conv] == _fresh(store, conv)
             # the members counted against ROSTER_CACHE_MEMBERS are those held
-            assert broker._roster_members == sum(len(r.members) for r in broker._rosters.values())
-            assert broker._roster_members <= broker.roster_cache_members
+            held = broker.rosters.cached.values()
+            assert broker.rosters.members == sum(len(r.members) for r in held)
+            assert broker.rosters.members <= broker.rosters.max_members
         while behind:
-            broker._on_committed(*behind.pop(0))
+            on_committed(broker, *behind.pop(0))
         assert broker.roster(conv) == _fresh(store, conv)
     finally:
         store.close()

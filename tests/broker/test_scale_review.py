@@ -6,6 +6,7 @@ Costs are counted (the hub's lookups of users), never timed.
 from __future__ import annotations
 
 from broker.config import Config
+from broker.fanout import push_receipt
 from broker.server import Broker
 from storage.commands import CreateConv
 from storage.rules import Limits
@@ -62,12 +63,12 @@ def test_a_receipt_in_a_big_group_looks_at_the_members_online_only(tmp_path):
         broker.roster(conv)  # cached, as after the group's first post
 
         _CountingUsers.lookups = 0
-        broker._push_receipt(conv, "m00007", "delivered", 1)
+        push_receipt(broker, conv, "m00007", "delivered", 1)
         assert _CountingUsers.lookups <= 2 * len(online) + 2  # not one per member
         assert [len(s.pushes) for s in online.values()] == [1, 0, 1]  # not to its own user
 
         _CountingUsers.lookups = 0
-        broker._push_receipt(conv, "m00007", "read", 1)
+        push_receipt(broker, conv, "m00007", "read", 1)
         assert _CountingUsers.lookups <= 2 * len(online) + 2
         assert [len(s.pushes) for s in online.values()] == [2, 1, 2]  # its own devices too
         assert hub.online_among(frozenset(members)) == {"m00007", "m01500"}

@@ -116,11 +116,11 @@ async def test_connections_that_end_badly_leave_nothing_behind(tmp_path):
         def settled() -> bool:
             gc.collect()
             return (list(broker.hub._by_user) == ["svc"] and broker.hub.count == 2
-                    and broker.handshaking == 0 and not broker._awaiting_hello
-                    and not broker._starting and not broker.revoking and not broker.own_acks
+                    and broker.handshaking == 0 and not broker.awaiting_hello
+                    and not broker.head_starts and not broker.revoking and not broker.own_acks
                     and not committer._acks and not committer._acks_lost
                     and not committer._gone
-                    and all(len(b) <= 2 for b in broker._user_buckets)
+                    and all(len(b) <= 2 for b in broker.user_buckets)
                     and _open_fds() <= before
                     and len([o for o in gc.get_objects() if type(o) is Session]) == 2)
 
@@ -131,11 +131,11 @@ async def test_connections_that_end_badly_leave_nothing_behind(tmp_path):
                 await trio.sleep(0.1)
         assert list(broker.hub._by_user) == ["svc"] and list(broker.hub._requesting) == ["root"]
         assert broker.hub.count == 2 and broker.handshaking == 0
-        assert not broker._awaiting_hello and not broker._starting and not broker.revoking
+        assert not broker.awaiting_hello and not broker.head_starts and not broker.revoking
         assert not broker.creating and not broker.own_acks and not broker.presence._walking
         assert not committer._acks and not committer._acks_lost and not committer._gone
         assert set(committer._last_acks) <= {("svc", "bot")}
-        assert sorted(map(len, broker._user_buckets)) == [2, 2, 2]  # svc's and root's
+        assert sorted(map(len, broker.user_buckets)) == [2, 2, 2]  # svc's and root's
         assert _open_fds() <= before, _open_fds() - before
         gc.collect()
         assert len([o for o in gc.get_objects() if type(o) is Session]) == 2

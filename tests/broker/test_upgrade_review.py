@@ -1,7 +1,7 @@
 """The SDK and the CLI of 2026-12-05 against a broker of the previous release, whose welcome
 lacks the `create_cid` cap and which ignores a create's cid (an unknown key). Each test is a
 defect a review of upgrade and compatibility found (2026-12-05). A real broker over a real
-Store on loopback; its welcome's caps are those of the broker from before (`broker.server.CAPS`
+Store on loopback; its welcome's caps are those of the broker from before (`broker.handshake.CAPS`
 emptied), as tests/broker/test_client_errors.py does."""
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ async def test_a_create_with_a_cid_of_ones_own_is_refused_by_a_broker_that_ignor
     caller's to a broker without the cap (ClientError "invalid", nothing created); a create
     without one goes out as before (the SDK's own cid is only for its repeats after a drop,
     which it does not make there)."""
-    import broker.server
+    import broker.handshake
 
-    monkeypatch.setattr(broker.server, "CAPS", ())  # the welcome of a broker from before
+    monkeypatch.setattr(broker.handshake, "CAPS", ())  # the welcome of a broker from before
     with trio.fail_after(20):
         async with running_broker(tmp_path / "d") as h, h.client("shop") as shop:
             assert wire.CAP_CREATE_CID not in shop.welcome.caps
@@ -58,9 +58,9 @@ async def test_group_create_with_cid_run_twice_against_a_broker_that_ignores_it(
     and print the conversation made the first time, so a script that failed half-way can be
     run again". Against a broker from before 2026-12-05 each run printed a new group, exit 0.
     Now it is refused as the SDK refuses it: `invalid`, exit 1, nothing created."""
-    import broker.server
+    import broker.handshake
 
-    monkeypatch.setattr(broker.server, "CAPS", ())
+    monkeypatch.setattr(broker.handshake, "CAPS", ())
     with trio.fail_after(60):
         async with running_broker(tmp_path / "d") as h:
             for _run in range(2):
@@ -85,7 +85,7 @@ async def test_a_create_with_ones_own_cid_made_while_away_is_not_sent_to_a_broke
     import contextlib
     import functools
 
-    import broker.server
+    import broker.handshake
 
     cut, allow = trio.Event(), trio.Event()
     seen = 0
@@ -125,7 +125,7 @@ async def test_a_create_with_ones_own_cid_made_while_away_is_not_sent_to_a_broke
                 cut.set()
                 while shop.connected.is_set():  # the drop is noticed
                     await trio.sleep(0.01)
-                monkeypatch.setattr(broker.server, "CAPS", ())  # the broker it comes back to
+                monkeypatch.setattr(broker.handshake, "CAPS", ())  # the broker it comes back to
 
                 async def back() -> None:
                     await trio.sleep(0.2)  # the create below is made while away

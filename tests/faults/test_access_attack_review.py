@@ -3,7 +3,7 @@ tests/faults/test_access.py missed. Real brokers on loopback, real LMDB, raw ses
 
 * A hello's token was checked as it arrived; a hello that then waited (for the device's start
   at the inbox head, behind a slow commit) was welcomed with it however its token stood by
-  then: a revocation was asked again after the wait (`Broker._admitted`), a key retired or a
+  then: a revocation was asked again after the wait (`handshake._admitted`), a key retired or a
   token expired meanwhile were not.
 * A service token that is a member of a channel posts there (PROTOCOL.md §10), and sees its
   members, who is online and the receipts: one that let itself into an open channel with
@@ -52,7 +52,7 @@ async def test_a_key_retired_while_a_hello_waits_for_its_start_refuses_it(tmp_pa
         await wait_until(lambda: len(h.broker.keyring.keys) == 2)  # the rotate taken up
         async with _stalled(h.broker.store) as release:
             tablet = await _hello(h.server, old, "tablet", "head")
-            await wait_until(lambda: ("bob", "tablet") in h.broker._starting)
+            await wait_until(lambda: ("bob", "tablet") in h.broker.head_starts)
             keyring.retire(data)
             await wait_until(lambda: old_key not in h.broker.keyring.keys)  # taken up
             release.set()
@@ -78,7 +78,7 @@ async def test_a_token_that_expires_while_its_hello_waits_is_refused(tmp_path, t
         expires = tokens.verify(h.broker.keyring.keys, short).expires
         async with _stalled(h.broker.store) as release:
             tablet = await _hello(h.server, short, "tablet", "head")
-            await wait_until(lambda: ("bob", "tablet") in h.broker._starting)
+            await wait_until(lambda: ("bob", "tablet") in h.broker.head_starts)
             await wait_until(lambda: time.time() > expires)
             release.set()
             frames = await _answer_and_after(tablet)

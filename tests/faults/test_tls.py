@@ -11,7 +11,7 @@ import trustme
 from structlog.testing import capture_logs
 
 import protocol as wire
-from broker import server
+from broker import handshake
 from broker.client import ClientError, NotTls, NotTrusted, open_client
 from tests.faults.conftest import RawClient, raw_bytes_exchange
 from tests.harness import running_broker
@@ -90,7 +90,7 @@ async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_
     # Writing a closing error to a silent connection, or closing it, in TLS (never begun) would
     # wait for its ClientHello until PARTING_S was out; lengthened from 1 s to 30 s, the right
     # 1.5 s (the handshake timeout) and such a 31.5 s stay far apart on a busy machine.
-    monkeypatch.setattr(server, "PARTING_S", 30.0)
+    monkeypatch.setattr(handshake, "PARTING_S", 30.0)
     ca, cert_path, key_path = _tls_pair(tmp_path)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)

@@ -1,0 +1,130 @@
+"""One accepted connection, from accept to close, around its session (broker/session.py).
+
+`handle` is the task `Broker.serve` starts for each accepted stream: it wraps it in TLS on a
+TLS port, refuses it past --max-handshakes, runs the handshake (broker/handshake.py) and then
+the session; and whatever happened, it detaches the session from the broker, lingers for the
+peer's EOF where the peer may still be sending, closes the stream, and logs the one
+`connection_closed` line the connection has.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+import protocol as wire
+from broker import handshake
+from broker.errors import CloseReason, wire_error
+from broker.session import Session
+from storage.errors import StorageError
+
+if TYPE_CHECKING:
+    from broker.server import Broker
+
+LINGER_S = 1.0  # how long a connection we end waits for the peer's EOF (see _linger)
+LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and dropped meanwhile
+# Ends where the peer has stopped sending already: nothing to wait for.
+_NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROKEN)
+
+
+async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
+    """Serve one accepted connection until it ends, and close it."""
+    conn_id = next(broker.conn_ids)
+    peer = _peer_name(stream)
+    if broker.tls is not None:  # its first byte is looked at before TLS starts (check_tls)
+        stream = trio.SSLStream(stream, broker.tls, server_side=True, https_compatible=False)
+    session = Session(broker, stream, conn_id, peer)
+    session.tls_unchecked = broker.tls is not None
+    attached = False
+    try:
+        if broker.handshaking >= broker.config.max_handshakes:
+            session.reason = CloseReason.LIMIT
+            if (refused := broker.handshakes_full.count(time.monotonic())) is not None:
+                session.log.warning("handshakes_full", handshaking=broker.handshaking,
+                                    limit=broker.config.max_handshakes, refused=refused)
+            if session.tls_unchecked:  # in TLS if it speaks TLS, as ever (1 s at most)
+                with trio.move_on_after(1):
+                    if not await handshake.check_tls(session):
+                        return
+            await handshake.refuse(session, None, wire.ErrorCode.LIMIT_EXCEEDED,
+                                   "too many connections waiting for their hello; retry later")
+            return
+        broker.handshaking += 1
+        try:
+            attached = await handshake.run(broker, session)
+        except StorageError as exc:  # a read of the store failed: say so, and end
+            session.reason = CloseReason.STORAGE
+            session.log.error("hello_failed", reason=str(exc))
+            await handshake.refuse(session, None, *wire_error(exc))
+        finally:
+            broker.handshaking -= 1
+        if attached:
+            await session.run_open()
+    except Exception:
+        session.log.exception("connection_failed")
+        session.reason = session.reason or CloseReason.BROKEN
+    finally:
+        session.flush_due_own_ack()
+        _detach(broker, session)  # attached or not: the hub knows whether it holds it
+        session.ended()  # before the close: its fd number may be reused at once
+        said_nothing = session.tls_unchecked  # a TLS port and not a byte from the peer
+        if said_nothing:  # TLS never began: closing it would begin it
+            session.stream = session.stream.transport_stream
+        stream = session.stream  # the TCP stream, if the TLS check answered in the clear
+        if session.reason not in _NO_LINGER and not said_nothing:
+            with trio.CancelScope(shield=True), trio.move_on_after(LINGER_S):
+                await _linger(stream)
+        with trio.CancelScope(shield=True), trio.move_on_after(handshake.PARTING_S):
+            try:
+                await stream.aclose()  # TLS: its close_notify, then the socket's close
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass  # closed all the same (trio closes the socket when TLS fails)
+        said = structlog.get_context(session.log)  # user and device, once the hello named them
+        session.log.info(
+            "connection_closed", user=said.get("user"), device=said.get("device"),
+            reason=(session.reason or CloseReason.PEER_EOF).value,
+            duration_s=round(time.monotonic() - session.opened, 3),
+            frames_in=session.frames_in, frames_out=session.frames_out,
+            frames_rejected=session.frames_rejected)
+
+
+def _detach(broker: Broker, session: Session) -> None:
+    hub, user = broker.hub, session.user
+    if hub.holds(session):  # the device's own session, not one that replaced it
+        broker.committer.device_gone(user, session.device)
+    last = hub.detach(session)  # the user's last delivering session
+    if (last or not session.delivers) and user and not hub.user_count(user):
+        for buckets in broker.user_buckets:
+            buckets.gone(user)
+    if last:
+        broker.presence.announce(user, False)
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """We end this connection while the peer may still be sending: half-close it (after the
+    last frames, a closing error or bye, already written), then read and drop what comes until
+    the peer's EOF. Closing a socket with unread input resets the connection, and a reset can
+    make the peer's kernel throw away those last frames before the peer has read them."""
+    try:
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        left = LINGER_BYTES
+        while left > 0:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            left -= len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    try:
+        host, port = inner.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "?"
