@@ -305,7 +305,7 @@ async def _read_hello(session: Session) -> Any:
             event = conn.next_event()
         except wire.RemoteProtocolError as exc:
             session.reason = CloseReason.PROTOCOL_ERROR
-            session.log.info("frame_rejected", code=exc.code.name.lower(), reason=exc.message,
+            session.log.info("frame_rejected", code=exc.code.wire_name, reason=exc.message,
                              fatal=True)
             await refuse(session, exc.request_id, exc.code, exc.message)
             return None

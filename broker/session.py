@@ -60,7 +60,8 @@ MUTED_CACHE_MAX = 4096
 
 
 class Session:
-    """State of one authenticated device connection, and its two tasks."""
+    """One accepted connection: before its hello (which may be refused), then the device's
+    authenticated session, and its two tasks."""
 
     def __init__(self, broker: Broker, stream: trio.abc.Stream, conn_id: int, peer: str) -> None:
         self.broker = broker
