@@ -51,10 +51,12 @@ CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome
 # The shortest attempt, when less of reconnect_timeout is left: giving up can come this late.
 MIN_ATTEMPT_S = 0.5
 STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, not at once
-# A frame not written within WRITE_STALL_S plus its time at SLOWEST_LINK_BPS (the broker
-# stopped reading) drops the connection.
+# A piece of a write (WRITE_PIECE_BYTES at most) not taken within WRITE_STALL_S plus its time
+# at SLOWEST_LINK_BPS (the broker stopped reading, the path drops everything) drops the
+# connection (`send_steadily`).
 WRITE_STALL_S = 10.0
 SLOWEST_LINK_BPS = 512 * 1024
+WRITE_PIECE_BYTES = 64 * 1024
 
 
 class Link:
@@ -194,16 +196,15 @@ class Link:
                 return False
             # Whole or not at all: a cancel in the middle of the write would leave half a
             # frame on the stream, and the broker would take what follows as the rest of it.
-            # So a cancel takes effect once the frame is out. A write that does not finish in
-            # time (a broker that stopped reading) drops the connection, and with it the half
-            # frame: the reader reconnects and resends.
-            limit = WRITE_STALL_S + len(data) / SLOWEST_LINK_BPS
-            with trio.CancelScope(shield=True), trio.move_on_after(limit) as stalled:
+            # So a cancel takes effect once the frame is out. A write that stops making
+            # progress (a broker that stopped reading) drops the connection, and with it the
+            # half frame: the reader reconnects and resends.
+            with trio.CancelScope(shield=True):
                 try:
-                    await stream.send_all(data)
+                    taken = await send_steadily(stream, data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass  # the reader notices, reconnects and resends
-            if stalled.cancelled_caught:
+                    taken = True  # the reader notices, reconnects and resends
+            if not taken:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(stream)
         return True
@@ -251,10 +252,11 @@ class Link:
                     data = b"".join(out)
                     # Bounded as every other write: a broker that stops reading right after
                     # its welcome must not hold the connection task (and every request).
-                    with trio.move_on_after(WRITE_STALL_S + len(data) / SLOWEST_LINK_BPS) as st:
-                        await write_reading(stream, data, self._early)
-                    if st.cancelled_caught:
+                    if not await write_reading(stream, data, self._early, send_steadily):
                         raise ConnectionLost("the broker did not take the resend")
+                    # It took it all, however long that took on a slow link: the heartbeat
+                    # counts from here, not from the welcome.
+                    self._last_rx = time.monotonic()
         except BaseException:  # cancelled, or the new connection broke: do not keep it
             self.stream = self.conn = None
             # The requests not to be repeated that this resend carried may have gone out.
@@ -416,7 +418,9 @@ class Link:
         return BrokerUnavailable(said, error.error if isinstance(error, _Closed) else error)
 
     async def _heartbeat(self, every: int) -> None:
-        """Ping every `every` s; drop a connection silent for 3 x `every` (a frozen broker)."""
+        """Ping every `every` s; drop a connection from which no byte came for 3 x `every` (a
+        frozen broker, a path that drops everything): looked at every `every` s, so noticed
+        3 to 4 heartbeats after the last byte."""
         every = max(1, every)
         while True:
             await trio.sleep(every)
@@ -427,6 +431,12 @@ class Link:
                 return
             if not await self._write_quietly(wire.Ping()):
                 return
+
+    def _heard(self) -> None:
+        """Bytes came from the broker: the link lives (`_heartbeat`), even in the middle of a
+        frame. Until 2026-12-06 only whole frames counted, and a delivery that took longer
+        than three heartbeats to arrive over a slow link was dropped mid-way, for ever."""
+        self._last_rx = time.monotonic()
 
     async def _write_quietly(self, frame: Any) -> bool:
         """Write a frame of our own (a ping, a pong); False once the client stopped or closed,
@@ -440,8 +450,7 @@ class Link:
     async def _reader(self) -> None:
         stream, conn, early = self.stream, self.conn, self._early
         while True:
-            frame = await next_frame(stream, conn, early)
-            self._last_rx = time.monotonic()
+            frame = await next_frame(stream, conn, early, self._heard)
             if frame is None:
                 return
             if isinstance(frame, wire.Bye):
@@ -522,6 +531,24 @@ class Link:
                         await trio.aclose_forcefully(stream)
             finally:
                 self._close_done.set()
+
+
+async def send_steadily(stream: trio.abc.Stream, data: bytes) -> bool:
+    """Write `data` in pieces of WRITE_PIECE_BYTES, each within WRITE_STALL_S plus its time at
+    SLOWEST_LINK_BPS; False, the rest unwritten, at the first piece not taken in time.
+
+    What the bound is for is a write that makes no progress (a broker that stopped reading, a
+    path that drops everything). Until 2026-12-06 it bounded the whole write: over a live link
+    slower than SLOWEST_LINK_BPS a frame bigger than the socket buffers was dropped mid-way,
+    and written again on the next connection to meet the same bound, for ever."""
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_PIECE_BYTES):
+        piece = view[start:start + WRITE_PIECE_BYTES]
+        with trio.move_on_after(WRITE_STALL_S + len(piece) / SLOWEST_LINK_BPS) as stalled:
+            await stream.send_all(piece)
+        if stalled.cancelled_caught:
+            return False
+    return True
 
 
 class _Closed(Exception):

@@ -13,6 +13,7 @@ import os
 import socket
 import ssl
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -102,9 +103,11 @@ def _attempt_error(exc: BaseException) -> BaseException:
     return exc
 
 
-async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes]) -> None:
-    """Write `data`, the requests resent on a new connection, while reading what the broker
-    sends meanwhile into `early` (for the reader, which starts after). The broker reads
+async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes],
+                        send: Callable[[trio.abc.Stream, bytes], Awaitable[bool]]) -> bool:
+    """Write `data` with `send` (False: the write stalled, and stopped), the requests resent on
+    a new connection, while reading what the broker sends meanwhile into `early` (for the
+    reader, which starts after); whether `send` wrote it all. The broker reads
     at most --max-inflight-requests ahead of the answers it writes: with thousands resent,
     a resend that read nothing until it was written waited for the broker, which waited
     for its answers to be read, until the client gave up. A read that fails stops the
@@ -115,6 +118,7 @@ async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes
     the stream, and the reader hands it over (a replaced client must not reconnect and
     replace the other). Raises the write's error only if the broker sent nothing."""
     broken: OSError | trio.BrokenResourceError | None = None
+    taken = True
 
     async def read() -> None:
         try:
@@ -128,7 +132,7 @@ async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
             try:
-                await stream.send_all(data)
+                taken = await send(stream, data)
             except (OSError, trio.BrokenResourceError) as exc:
                 broken = exc  # the read goes on to the end of the stream
             else:
@@ -140,17 +144,25 @@ async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes
         raise
     if broken is not None and not early:
         raise broken
+    return taken
 
 
 async def next_frame(stream: trio.abc.Stream, conn: wire.Connection,
-                     early: deque[bytes] | None = None) -> Any:
+                     early: deque[bytes] | None = None,
+                     heard: Callable[[], None] | None = None) -> Any:
     """The next frame from `stream` (from the bytes in `early` first, read before), or None at
-    EOF."""
+    EOF. `heard()` is called at each read of the stream: bytes of a frame still coming are a
+    sign of life too (a big delivery over a slow link)."""
     while True:
         event = conn.next_event()
         if event is wire.CLOSED:
             return None
         if event is not wire.NEED_DATA:
             return event
-        data = early.popleft() if early else await stream.receive_some(RECEIVE_BYTES)
+        if early:
+            data = early.popleft()
+        else:
+            data = await stream.receive_some(RECEIVE_BYTES)
+            if heard is not None:
+                heard()
         conn.receive_data(data)

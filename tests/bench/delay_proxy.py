@@ -12,9 +12,10 @@ each chunk, how long after it was due the proxy began to forward it (its own tim
 from __future__ import annotations
 
 import math
-import threading
 
 import trio
+
+from tests.trio_thread import TrioThread, serve_loopback
 
 CHUNK = 1 << 16
 
@@ -30,11 +31,7 @@ class DelayProxy:
         self.late: list[float] = []  # per chunk: s between when it was due and when it went out
         self.stalled: tuple[float, float] | None = None
         self._stall_plan: tuple[int, float, float] | None = None
-        self._listening = threading.Event()
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._cancel: trio.CancelScope | None = None
-        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
-        self._error: BaseException | None = None
+        self._loop = TrioThread(self._listen, "delay proxy")
 
     @property
     def address(self) -> str:
@@ -46,33 +43,14 @@ class DelayProxy:
         self._stall_plan = (connections, after_s, stall_s)
 
     def __enter__(self) -> DelayProxy:
-        self._thread.start()
-        if not self._listening.wait(10):
-            raise RuntimeError(f"the delay proxy did not start: {self._error!r}")
+        self._loop.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._token is not None and self._cancel is not None:
-            try:
-                trio.from_thread.run_sync(self._cancel.cancel, trio_token=self._token)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(10)
+        self._loop.stop()
 
-    async def _main(self) -> None:
-        try:
-            self._token = trio.lowlevel.current_trio_token()
-            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-            self.port = listeners[0].socket.getsockname()[1]
-            with trio.CancelScope() as self._cancel:
-                async with trio.open_nursery() as nursery:
-                    self._listening.set()
-                    await trio.serve_listeners(self._serve, listeners,
-                                               handler_nursery=nursery)
-        except BaseException as exc:
-            self._error = exc
-            self._listening.set()
-            raise
+    async def _listen(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await serve_loopback(self, self._serve, task_status)
 
     async def _serve(self, client: trio.SocketStream) -> None:
         self.accepted += 1
