@@ -25,7 +25,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, emit
+from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, emit, warn
 from broker.config import DEFAULT_DATA_DIR
 from protocol import UINT_MAX
 
@@ -154,18 +154,34 @@ def _import_storage() -> None:
 
 @contextmanager
 def quiet_logs() -> Iterator[None]:
-    """Keep storage's lifecycle logs (storage_opened ...) off stdout: warnings only, to stderr.
+    """Keep storage's lifecycle logs (storage_opened ...) off stdout: warnings only, each as
+    the command's own warning line on stderr (`_as_warning`).
 
     The previous structlog configuration is restored afterwards (tests call `main` in-process).
     """
     saved = structlog.get_config()
     structlog.configure(
+        processors=[_as_warning],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
     try:
         yield
     finally:
         structlog.configure(**saved)
+
+
+def _as_warning(logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A storage warning met by an audit action or `homing backup` (`unclean_stop_found` when
+    `audit rebuild` opens a directory whose broker was killed, `storage_stale_readers_cleared`)
+    as a `{"warning": NAME, "message": TEXT}` line, as every warning of `homing` is
+    (docs/CLI.md, Conventions): structlog's console text there was the one stderr line a
+    script could not parse. Its fields go into the message, the hint last (`path /d, pid
+    4242: the last writer ...`)."""
+    fields = {key: value for key, value in event.items() if key not in ("event", "hint")}
+    said = ", ".join(f"{key} {value}" for key, value in fields.items())
+    hint = event.get("hint")
+    warn(str(event["event"]), f"{said}: {hint}" if said and hint else said or hint or "")
+    raise structlog.DropEvent
 
 
 def _cannot_open(path: str, exc: BaseException) -> str:
