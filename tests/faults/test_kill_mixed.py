@@ -90,8 +90,8 @@ def devices(monkeypatch):
             dev.sessions.append(s)
             by_conn[id(self.conn)] = (dev, s, self.conn)  # keeps the conn: ids stay unique
 
-    async def spy_next_frame(stream, conn, early=None):
-        frame = await next_frame(stream, conn, early)
+    async def spy_next_frame(stream, conn, early=None, heard=None):
+        frame = await next_frame(stream, conn, early, heard)
         seen = by_conn.get(id(conn))
         if seen is not None:
             dev, s, _ = seen
