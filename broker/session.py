@@ -52,6 +52,13 @@ MAX_QUEUED_BYTES = 4 << 20  # or this many bytes of them (history pages are up t
 # may hold hundreds of pipelined queries (a history page of 200 messages, or the receipts of a
 # message in a 1,000-member group, each a millisecond).
 FAIR_SLICE_S = 0.005
+# Bytes of a frame still arriving that count as a sign of life, as a whole frame does (the
+# idle timeout, PROTOCOL.md §8): a big send over a slow live link whose upload outlasts the
+# timeout is not cut mid-frame (and resent, and cut again, for ever: until 2026-12-06). The
+# SDK's own bound is the same piece (WRITE_PIECE_BYTES). A trickle of less than this per idle
+# timeout still times out, and a frame is never longer than max_frame, so holding one open
+# costs its sender at least this much per timeout and ends at max_frame.
+FRAME_PROGRESS_BYTES = 64 * 1024
 # Conversations whose mute state one session keeps (`Session._muted`); past it all are dropped
 # together and read again as needed. A service's session lives for weeks and is delivered the
 # messages of every conversation it is in: unbounded, this held one entry per conversation
@@ -126,10 +133,12 @@ class Session:
         self.tls_unchecked = False
         # While the reader waits for bytes, when the last whole frame arrived (time.monotonic);
         # None while it is not waiting: the broker's idle watch (Broker._watch_idle) times out a
-        # session with no frame for too long. Bytes of a frame that never completes do not
-        # count, so trickling them cannot keep a session open.
+        # session with no frame for too long. Bytes of a frame that never completes count only
+        # FRAME_PROGRESS_BYTES at a time (`_unframed`, since the last count), so trickling
+        # them cannot keep a session open.
         self.waiting_since: float | None = None
         self._last_frame = time.monotonic()
+        self._unframed = 0
         self.reason: CloseReason | None = None
         self._scope: trio.CancelScope | None = None
         self._reader_scope: trio.CancelScope | None = None
@@ -452,6 +461,7 @@ class Session:
                 return
             finally:
                 self.waiting_since = None
+            self._unframed += len(data)
             conn.receive_data(data)
             if not await self._handle_frames():
                 return
@@ -474,7 +484,7 @@ class Session:
                 event = conn.next_event()
             except wire.RemoteProtocolError as exc:
                 if exc.fatal:
-                    self.log.info("frame_rejected", code=exc.code.name.lower(),
+                    self.log.info("frame_rejected", code=exc.code.wire_name,
                                   reason=exc.message, fatal=True)
                     self.close(CloseReason.PROTOCOL_ERROR, wire.error_frame(
                         exc.code, exc.message, exc.request_id, close=True))
@@ -483,8 +493,9 @@ class Session:
                 self.reply_error(exc.request_id, exc.code, exc.message)
                 continue
             if event is wire.NEED_DATA:
-                if self.frames_in != frames:
+                if self.frames_in != frames or self._unframed >= FRAME_PROGRESS_BYTES:
                     self._last_frame = time.monotonic()
+                    self._unframed = 0
                 return True
             if event is wire.CLOSED:
                 self.reason = self.reason or CloseReason.PEER_EOF

@@ -276,6 +276,24 @@ async def test_a_big_send_over_a_slow_live_link_goes_through(tmp_path, monkeypat
             assert alice.reconnects == 0 and proxy.accepted == 1
 
 
+async def test_a_big_send_slower_than_the_idle_timeout_is_not_cut_by_the_broker(tmp_path):
+    """The broker's side of the test above: a frame still arriving over a live link whose
+    upload takes longer than the broker's idle timeout (here 2 s, the frame about 4.5 s at
+    about 200 KB/s; the client's pings wait behind it). The broker counted whole frames only,
+    so it timed the session out mid-frame, and the SDK reconnected and wrote it again, to be
+    timed out again, for ever (6 connections in 20 s, none took it). Each 64 KiB of a frame
+    arriving counts now, as the SDK counts each 64 KiB piece it writes."""
+    async with alice_behind_proxy(tmp_path, idle_timeout_s=2,
+                                  max_body_bytes=1_000_000) as (h, proxy, alice):
+        with trio.fail_after(60):
+            await alice.ping()
+            proxy.trickle(4096, 0.02)
+            result = await alice.send("z" * 900_000, to="bob", cid="big-2")
+            assert not result.dup
+            assert alice.reconnects == 0 and proxy.accepted == 1
+            assert _closed(h, "alice", "timeout") == 0
+
+
 FAULTS = ("cut_up", "cut_down", "reset", "blackhole", "trickle", "none")
 
 
