@@ -6,8 +6,12 @@ Rules kept here:
 - The commit runs in a worker thread (broker/worker.py, one for the committer's life), so the
   event loop keeps serving while the disk syncs. The next batch is handed to that thread before
   the replies and fan-out of the last one run here, so a commit's sync overlaps that work.
-- Commands are committed in submission order; a batch holds everything queued when the previous
-  commit finished (at most `max_batch`), so batches grow with load and latency stays one sync.
+- Each user's commands are committed in their submission order; a batch holds everything queued
+  when the previous commit finished (at most `max_batch`), so batches grow with load and latency
+  stays one sync. With more queued than `max_batch`, the batch takes the users' commands in
+  turns (`_fair`), not the queue's first: one user's thousands queued do not hold up another's
+  one for the commits they fill (users act on each other's commands only once durable, so the
+  order between users is free).
 - A batch that fails on a damaged projection row (`CorruptProjection`) fails only the commands
   that read it: its commands run again in halves, down to single commands (`_settle`,
   broker/isolate.py); the others commit in their order and are told as in any batch. A batch
@@ -20,6 +24,7 @@ Rules kept here:
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import operator
@@ -234,19 +239,24 @@ class Committer:
         else:
             pending.when_done(callback)
 
-    def after_sends_on_way(self, callback: Callable[[BaseException | None], None]) -> bool:
-        """Call `callback(failed)` once every send queued or being committed now is done (durable
-        or failed: `failed` is then the last one's error, else None), and return True; return
-        False, calling nothing, if no send is on its way. Sends are committed in submission
-        order among themselves (acks may stay behind them, `_take`), so the last one queued is
-        done last; with none queued, the batch in the worker thread is done as a whole. Off the
-        hot path: a scan of the queue from its end (`on_send`'s refusals ask it)."""
+    def after_sends_on_way(self, user: str,
+                           callback: Callable[[BaseException | None], None]) -> bool:
+        """Call `callback(failed)` once every send of `user` queued or being committed now is
+        done (durable or failed: `failed` is then the last one's error, else None), and return
+        True; return False, calling nothing, if no send of theirs is on its way. A user's sends
+        are committed in their submission order (acks may stay behind them, `_take`; other
+        users' commands may go ahead, `_fair`), so their last one queued is done last; with
+        none queued, the batch in the worker thread is done as a whole. Off the hot path: a
+        scan of the queue from its end (`on_send`'s refusals ask it; until 2026-12-06 for any
+        user's send, so a refusal waited behind every other user's sends queued)."""
         for pending in reversed(self._queue):
-            if type(pending.command) is SendMessage:
+            command = pending.command
+            if type(command) is SendMessage and command.user == user:
                 pending.when_done(callback)
                 return True
         running = self._running
-        if running is not None and any(type(c) is SendMessage for c in running.commands):
+        if running is not None and any(type(c) is SendMessage and c.user == user
+                                       for c in running.commands):
             running.pending[-1].when_done(callback)
             return True
         return False
@@ -324,7 +334,8 @@ class Committer:
         return len(self._acks) == len(self._queue) and not self._closing
 
     def _take(self) -> list[Pending]:
-        """The next batch: the queue's first `max_batch` commands, or, under load, its sends alone.
+        """The next batch: the queue's first `max_batch` commands (in turns by user when it holds
+        more, `_fair`), or, under load, its sends alone.
 
         When the batch before held acks and the queue holds only sends and acks, at least
         ACKS_EVERY_OTHER_FROM sends among them, the sends go alone and the acks stay queued
@@ -334,18 +345,18 @@ class Committer:
         docs/BENCHMARKS-JOURNAL.md). An `ack` request with an id waits one commit longer for
         its `ok`, and the delivered receipts it makes go out one commit later; an ack only moves
         marks over entries already committed, so the log may hold it after later sends. Other
-        commands keep their order with acks: with one queued, no batch skips.
+        commands keep their order with acks: with one queued, no batch skips. More than
+        `max_batch` to choose from, the batch takes them in turns by user (`_fair`).
         """
         queue, limit = self._queue, self._max_batch
         if self._acks_last and len(queue) - len(self._acks) >= ACKS_EVERY_OTHER_FROM:
             sends = [p for p in queue if type(p.command) is SendMessage]
             if len(sends) + len(self._acks) == len(queue):
-                batch = sends[:limit]
+                batch, rest = _fair(sends, limit)
                 self._queue = [p for p in queue if type(p.command) is not SendMessage]
-                self._queue += sends[limit:]
+                self._queue += rest
                 return batch
-        batch = queue[:limit]
-        del queue[:limit]
+        batch, self._queue = _fair(queue, limit)
         return batch
 
     async def _linger(self) -> None:
@@ -569,6 +580,46 @@ def _log_failed(exc: StorageError, commands: int) -> None:
         log.error("batch_internal_error", commands=commands, error=str(exc), exc_info=exc)
     else:
         log.error("batch_failed", commands=commands, error=str(exc))
+
+
+def _fair(queue: list[Pending], limit: int) -> tuple[list[Pending], list[Pending]]:
+    """Split `queue` into a batch of at most `limit` commands and the rest, taking the users'
+    commands in turns: every user's first, then every user's second, ..., the last turn cut in
+    queue order. Each user's commands in the batch are the first of theirs, in their order,
+    and the batch and the rest keep the queue's order; a queue of one user is cut as before
+    (its first `limit`). A command's user is its first field (storage/commands.py: the actor).
+
+    Until 2026-12-06 a batch was the queue's first `limit`: 4 users with 3 connections each
+    pipelining 1,024 sends at the default limits kept about 12,000 queued, and a quiet user's
+    one send waited behind them all, 3 commits (docs/OPERATIONS.md, "One noisy service
+    beside quiet ones"). It goes in the next commit now. O(n) over the queue, and only when
+    it holds more than `limit`: the batch of a queue that fits is the queue, as before."""
+    if len(queue) <= limit:
+        return queue, []
+    users = [p.command[0] for p in queue]
+    counts = collections.Counter(users)
+    if len(counts) == 1:
+        return queue[:limit], queue[limit:]
+    # Whole turns: the most `turns` with sum(min(n, turns)) over the users' counts <= limit.
+    turns, taken, left = 0, 0, len(counts)  # left: users with more than `turns` commands
+    for size in sorted(counts.values()):
+        if taken + (size - turns) * left > limit:
+            break
+        taken, turns, left = taken + (size - turns) * left, size, left - 1
+    more, extra = divmod(limit - taken, left)  # (left > 0: the queue holds more than limit)
+    turns += more
+    batch, rest, seen = [], [], dict.fromkeys(counts, 0)
+    for p, user in zip(queue, users, strict=True):
+        n = seen[user]
+        seen[user] = n + 1
+        if n < turns:
+            batch.append(p)
+        elif n == turns and extra:  # the last turn, cut in queue order
+            extra -= 1
+            batch.append(p)
+        else:
+            rest.append(p)
+    return batch, rest
 
 
 def _merge_acks(first: Ack, second: Ack) -> Ack:

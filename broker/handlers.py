@@ -233,7 +233,7 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str,
         else:
             refuse()
 
-    if not session.broker.committer.after_sends_on_way(then):
+    if not session.broker.committer.after_sends_on_way(session.user, then):
         refuse()
         return None
     session.inflight += 1  # `then` runs after a commit, never before this

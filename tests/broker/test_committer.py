@@ -326,9 +326,10 @@ async def test_a_failed_batch_fails_only_its_own_commands_while_the_last_one_fan
 
 async def test_after_sends_on_way_waits_for_the_last_send_queued_or_committing(tmp_path):
     """`after_sends_on_way` calls back once every send queued or being committed when it was
-    asked is durable (visible to a fresh read), not before; with only acks queued and nothing
-    committing there is nothing to wait for, and it says so without calling back. A callback
-    that raises does not keep the others of the same command from running."""
+    asked is durable (visible to a fresh read), not before; only the user's own sends count;
+    with only acks queued and nothing committing there is nothing to wait for, and it says so
+    without calling back. A callback that raises does not keep the others of the same command
+    from running."""
     store = Store.open(str(tmp_path / "d"))
     committer = Committer(store)
     seen: list[tuple[str, bool]] = []
@@ -344,18 +345,20 @@ async def test_after_sends_on_way_waits_for_the_last_send_queued_or_committing(t
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
-                assert not committer.after_sends_on_way(asked("none", "c0"))
+                assert not committer.after_sends_on_way("a", asked("none", "c0"))
                 committer.ack_nowait(Ack("b", "d", "user", 0))
-                assert not committer.after_sends_on_way(asked("acks only", "c0"))
+                assert not committer.after_sends_on_way("a", asked("acks only", "c0"))
                 for n in range(3):
                     committer.enqueue(SendMessage("a", "d", "user", f"c{n}", BODY, to="b"))
-                assert committer.after_sends_on_way(broken)
-                assert committer.after_sends_on_way(asked("queued", "c2"))
+                assert committer.after_sends_on_way("a", broken)
+                # only the user's own sends: another's are no resend of theirs (2026-12-06)
+                assert not committer.after_sends_on_way("b", asked("other user", "c0"))
+                assert committer.after_sends_on_way("a", asked("queued", "c2"))
                 await nursery.start(committer.serve)
                 await trio.sleep(0)  # the batch is in the worker thread now
                 assert committer.queued == 0 and committer.batches == 0
                 committer.ack_nowait(Ack("b", "d", "user", 0))
-                assert committer.after_sends_on_way(asked("committing", "c2"))
+                assert committer.after_sends_on_way("a", asked("committing", "c2"))
                 await committer.close()
         assert seen == [("queued", True), ("committing", True)]
     finally:
@@ -380,7 +383,8 @@ async def test_a_submitters_failing_done_keeps_the_sends_on_way_callbacks_runnin
         with trio.fail_after(60), capture_logs() as logs:
             async with trio.open_nursery() as nursery:
                 committer.enqueue(SendMessage("a", "d", "user", "c0", BODY, to="b"), broken_done)
-                assert committer.after_sends_on_way(lambda failed: seen.append(failed is None))
+                assert committer.after_sends_on_way("a",
+                                                    lambda failed: seen.append(failed is None))
                 await nursery.start(committer.serve)
                 await committer.close()
         assert seen == [True]
