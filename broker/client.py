@@ -72,10 +72,10 @@ from broker.client_link import CONNECT_TIMEOUT_S as CONNECT_TIMEOUT_S
 from broker.client_link import DEAD_AFTER_HEARTBEATS as DEAD_AFTER_HEARTBEATS
 from broker.client_link import MIN_ATTEMPT_S as MIN_ATTEMPT_S
 from broker.client_link import RETRYABLE as RETRYABLE
-from broker.client_link import SLOWEST_LINK_BPS as SLOWEST_LINK_BPS
 from broker.client_link import STABLE_AFTER_S as STABLE_AFTER_S
-from broker.client_link import WRITE_STALL_S as WRITE_STALL_S
 from broker.client_stream import RECEIVE_BYTES as RECEIVE_BYTES
+from broker.client_stream import SLOWEST_LINK_BPS as SLOWEST_LINK_BPS
+from broker.client_stream import WRITE_STALL_S as WRITE_STALL_S
 from protocol import (
     BrokerStats,
     ConvEntry,

@@ -40,7 +40,13 @@ from broker.client_errors import (
 )
 from broker.client_inbox import Inbox, InboxReset
 from broker.client_inflight import DROPPED, InFlight, Request, fail_requests, lacks, refusal
-from broker.client_stream import failed_attempt, next_frame, open_session, write_reading
+from broker.client_stream import (
+    failed_attempt,
+    next_frame,
+    open_session,
+    send_steadily,
+    write_reading,
+)
 
 # Refusals worth reconnecting after: the broker stopping, a timeout, a connection limit (its
 # handshake slots are full while many clients reconnect at once, or too many connections),
@@ -51,12 +57,6 @@ CONNECT_TIMEOUT_S = 10.0  # for one attempt: TCP connect, TLS, hello and welcome
 # The shortest attempt, when less of reconnect_timeout is left: giving up can come this late.
 MIN_ATTEMPT_S = 0.5
 STABLE_AFTER_S = 5.0  # a session that ended sooner is followed by the backoff, not at once
-# A piece of a write (WRITE_PIECE_BYTES at most) not taken within WRITE_STALL_S plus its time
-# at SLOWEST_LINK_BPS (the broker stopped reading, the path drops everything) drops the
-# connection (`send_steadily`).
-WRITE_STALL_S = 10.0
-SLOWEST_LINK_BPS = 512 * 1024
-WRITE_PIECE_BYTES = 64 * 1024
 
 
 class Link:
@@ -252,7 +252,7 @@ class Link:
                     data = b"".join(out)
                     # Bounded as every other write: a broker that stops reading right after
                     # its welcome must not hold the connection task (and every request).
-                    if not await write_reading(stream, data, self._early, send_steadily):
+                    if not await write_reading(stream, data, self._early):
                         raise ConnectionLost("the broker did not take the resend")
                     # It took it all, however long that took on a slow link: the heartbeat
                     # counts from here, not from the welcome.
@@ -531,24 +531,6 @@ class Link:
                         await trio.aclose_forcefully(stream)
             finally:
                 self._close_done.set()
-
-
-async def send_steadily(stream: trio.abc.Stream, data: bytes) -> bool:
-    """Write `data` in pieces of WRITE_PIECE_BYTES, each within WRITE_STALL_S plus its time at
-    SLOWEST_LINK_BPS; False, the rest unwritten, at the first piece not taken in time.
-
-    What the bound is for is a write that makes no progress (a broker that stopped reading, a
-    path that drops everything). Until 2026-12-06 it bounded the whole write: over a live link
-    slower than SLOWEST_LINK_BPS a frame bigger than the socket buffers was dropped mid-way,
-    and written again on the next connection to meet the same bound, for ever."""
-    view = memoryview(data)
-    for start in range(0, len(view), WRITE_PIECE_BYTES):
-        piece = view[start:start + WRITE_PIECE_BYTES]
-        with trio.move_on_after(WRITE_STALL_S + len(piece) / SLOWEST_LINK_BPS) as stalled:
-            await stream.send_all(piece)
-        if stalled.cancelled_caught:
-            return False
-    return True
 
 
 class _Closed(Exception):

@@ -13,7 +13,7 @@ import os
 import socket
 import ssl
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -30,6 +30,12 @@ from broker.client_errors import (
 )
 
 RECEIVE_BYTES = 65536  # the most one read of the connection takes
+# A piece of a write (WRITE_PIECE_BYTES at most) not taken within WRITE_STALL_S plus its time
+# at SLOWEST_LINK_BPS (the broker stopped reading, the path drops everything) drops the
+# connection (`send_steadily`).
+WRITE_STALL_S = 10.0
+SLOWEST_LINK_BPS = 512 * 1024
+WRITE_PIECE_BYTES = 64 * 1024
 
 
 async def open_session(host: str, port: int, tls: ssl.SSLContext | None,
@@ -103,11 +109,28 @@ def _attempt_error(exc: BaseException) -> BaseException:
     return exc
 
 
-async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes],
-                        send: Callable[[trio.abc.Stream, bytes], Awaitable[bool]]) -> bool:
-    """Write `data` with `send` (False: the write stalled, and stopped), the requests resent on
-    a new connection, while reading what the broker sends meanwhile into `early` (for the
-    reader, which starts after); whether `send` wrote it all. The broker reads
+async def send_steadily(stream: trio.abc.Stream, data: bytes) -> bool:
+    """Write `data` in pieces of WRITE_PIECE_BYTES, each within WRITE_STALL_S plus its time at
+    SLOWEST_LINK_BPS; False, the rest unwritten, at the first piece not taken in time.
+
+    What the bound is for is a write that makes no progress (a broker that stopped reading, a
+    path that drops everything). Until 2026-12-06 it bounded the whole write: over a live link
+    slower than SLOWEST_LINK_BPS a frame bigger than the socket buffers was dropped mid-way,
+    and written again on the next connection to meet the same bound, for ever."""
+    view = memoryview(data)
+    for start in range(0, len(view), WRITE_PIECE_BYTES):
+        piece = view[start:start + WRITE_PIECE_BYTES]
+        with trio.move_on_after(WRITE_STALL_S + len(piece) / SLOWEST_LINK_BPS) as stalled:
+            await stream.send_all(piece)
+        if stalled.cancelled_caught:
+            return False
+    return True
+
+
+async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes]) -> bool:
+    """Write `data` (`send_steadily`: False, the write stalled and stopped), the requests
+    resent on a new connection, while reading what the broker sends meanwhile into `early`
+    (for the reader, which starts after); whether it was written whole. The broker reads
     at most --max-inflight-requests ahead of the answers it writes: with thousands resent,
     a resend that read nothing until it was written waited for the broker, which waited
     for its answers to be read, until the client gave up. A read that fails stops the
@@ -132,7 +155,7 @@ async def write_reading(stream: trio.abc.Stream, data: bytes, early: deque[bytes
         async with trio.open_nursery() as nursery:
             nursery.start_soon(read)
             try:
-                taken = await send(stream, data)
+                taken = await send_steadily(stream, data)
             except (OSError, trio.BrokenResourceError) as exc:
                 broken = exc  # the read goes on to the end of the stream
             else:

@@ -303,11 +303,11 @@ async def test_a_write_the_broker_never_reads_is_given_up_and_the_cancel_goes_th
     takes effect, and the client reconnects once the broker runs again. The write used to wait
     for ever, holding the heartbeat (and every cancel) with it. (The bound is shortened here,
     from 10 s plus 2 s a MiB, so that the test waits 4 s rather than 13.)"""
-    from broker import client_link
+    from broker import client_stream
 
-    monkeypatch.setattr(client_link, "WRITE_STALL_S", 2.0)
-    monkeypatch.setattr(client_link, "SLOWEST_LINK_BPS", 4 * 1024 * 1024)
-    WRITE_STALL_S, SLOWEST_LINK_BPS = client_link.WRITE_STALL_S, client_link.SLOWEST_LINK_BPS
+    monkeypatch.setattr(client_stream, "WRITE_STALL_S", 2.0)
+    monkeypatch.setattr(client_stream, "SLOWEST_LINK_BPS", 4 * 1024 * 1024)
+    WRITE_STALL_S, SLOWEST_LINK_BPS = client_stream.WRITE_STALL_S, client_stream.SLOWEST_LINK_BPS
 
     body = "x" * 7_000_000
     bound = WRITE_STALL_S + len(body) / SLOWEST_LINK_BPS  # for its frame, a little bigger
@@ -571,9 +571,10 @@ async def test_a_resend_the_broker_does_not_read_is_bounded_like_any_write(tmp_p
     and every request, for ever. It is bounded now as every write is (WRITE_STALL_S plus its
     time at SLOWEST_LINK_BPS, shortened here), and giving up comes with the reconnect timeout."""
     from broker import client_link as sdk
+    from broker import client_stream
 
-    monkeypatch.setattr(sdk, "WRITE_STALL_S", 1.0)
-    monkeypatch.setattr(sdk, "SLOWEST_LINK_BPS", 64 * 1024 * 1024)
+    monkeypatch.setattr(client_stream, "WRITE_STALL_S", 1.0)
+    monkeypatch.setattr(client_stream, "SLOWEST_LINK_BPS", 64 * 1024 * 1024)
     monkeypatch.setattr(sdk, "CONNECT_TIMEOUT_S", 1.0)
     body = "x" * 15_000_000  # more than the loopback socket buffers hold
     bp = BrokerProcess(tmp_path / "data", "--max-body-bytes", "16000000",

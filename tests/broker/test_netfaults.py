@@ -261,9 +261,9 @@ async def test_a_big_send_over_a_slow_live_link_goes_through(tmp_path, monkeypat
     again, to be dropped again, for ever: the send never returned. A write is given up now
     only when a piece of it is not taken in time (no progress). (WRITE_STALL_S is shortened
     from 10 s here, and the link is about 200 KB/s.)"""
-    from broker import client_link
+    from broker import client_stream
 
-    monkeypatch.setattr(client_link, "WRITE_STALL_S", 1.0)
+    monkeypatch.setattr(client_stream, "WRITE_STALL_S", 1.0)
     # The broker's idle timeout (the next test) kept out of it: long enough for the frame.
     async with alice_behind_proxy(tmp_path, idle_timeout_s=30,
                                   max_body_bytes=1_000_000) as (_h, proxy, alice):
