@@ -40,9 +40,9 @@ async def test_a_plain_ack_waiting_across_a_restore_acks_nothing_of_the_new_inbo
     holds 6 new entries: the inbox went back. The ack of 6 then went out on the new connection
     once the ack of 7 ended (when the reconnect's task ran first), acking the 6 new entries,
     which the device never took. Now no ack made before the reset is written after it."""
-    from broker import client_link
+    from broker import client_stream
 
-    monkeypatch.setattr(client_link, "WRITE_STALL_S", 5.0)  # the stuck write's bound
+    monkeypatch.setattr(client_stream, "WRITE_STALL_S", 5.0)  # the stuck write's bound
     bp = BrokerProcess(tmp_path / "data")
     bp.start()
     bp2: BrokerProcess | None = None
