@@ -27,8 +27,9 @@ import structlog
 from storage import audit, native
 from storage.commands import SendMessage
 from storage.fold import fold
+from storage.memory_tables import MemoryTables
 from storage.store import LAYOUT, Store
-from storage.tables import APPEND_ONLY, MemoryTables
+from storage.tables import APPEND_ONLY
 
 RUNS = 3
 USERS = [f"user{i:03d}" for i in range(100)]

@@ -33,9 +33,9 @@
 #include <string.h>
 
 static PyObject *kind_msg = NULL;        /* "msg", the inbox entry kind of a message */
-static PyTypeObject *digest_type = NULL; /* storage.tables.DigestTable */
-static PyTypeObject *listed_type = NULL; /* storage.tables.ListedTable */
-static PyTypeObject *buf_type = NULL;    /* storage.tables.BufTable */
+static PyTypeObject *digest_type = NULL; /* storage.memory_tables.DigestTable */
+static PyTypeObject *listed_type = NULL; /* storage.memory_tables.ListedTable */
+static PyTypeObject *buf_type = NULL;    /* storage.buffered_tables.BufTable */
 static PyObject *struct_error = NULL;    /* struct.error, raised like the Python version */
 
 static PyObject *s_conv_seq, *s_msg, *s_inbox_head, *s_inbox, *s_member, *s_parts, *s_read,
@@ -211,8 +211,8 @@ static PyObject *rows_digest(PyObject *self, PyObject *args) {
 /* ---------------------------------------------------------------- Rows */
 
 /* Rows(): rows `(key, value)` of bytes packed into one buffer in write order, for a rebuild's
- * append-only tables (storage.tables.ListedTable). A rebuild writes its rows to LMDB in key
- * order; as Python objects made in write order, the sorted walk over them (the put, then the
+ * append-only tables (storage.memory_tables.ListedTable). A rebuild writes its rows to LMDB in
+ * key order; as Python objects made in write order, the sorted walk over them (the put, then the
  * frees) missed the CPU cache on nearly every row. Kept here, they are sorted in place and
  * turned into objects in key order, one at a time, as the put asks for them (SortedRows). Each
  * row: u32 klen, u32 vlen, key, value. */

@@ -33,10 +33,11 @@ from storage import records as r
 from storage.errors import CorruptLog
 from storage.fold import fold
 from storage.log import check_time, verify_records
+from storage.memory_tables import MemoryTables, RowsDropped
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
 from storage.records import GENESIS, Event, decode_body, pack_u64, u64
 from storage.store import Store
-from storage.tables import APPEND_ONLY, MemoryTables, RowsDropped
+from storage.tables import APPEND_ONLY
 
 Progress = Callable[[int], None] | None
 
@@ -209,8 +210,9 @@ def replay(store: Store, to_lsn: int | None = None, *, until_us: int | None = No
     """Fold the log into fresh MemoryTables up to `to_lsn`, or while `ts_us <= until_us`.
 
     Returns `(tables, last_lsn_applied, its ts_us)`. The tables named in `digested` keep only
-    a digest of their rows (`tables.DigestTable`, under `key` if given); a fold that must read
-    them raises `RowsDropped`. With `user`, the users' tables keep that user's rows only.
+    a digest of their rows (`memory_tables.DigestTable`, under `key` if given); a fold that
+    must read them raises `RowsDropped`. With `user`, the users' tables keep that user's rows
+    only.
     """
     tables = MemoryTables(digested, key, user=user)
     folds = [tables.data[name].fold for name in digested]

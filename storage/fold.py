@@ -22,6 +22,7 @@ import msgpack
 from storage import native
 from storage import records as r
 from storage.errors import CorruptLog, CorruptProjection
+from storage.memory_tables import RowsDropped
 from storage.projections import (
     COMPILED,
     Effects,
@@ -33,7 +34,6 @@ from storage.projections import (
     py_add_message,
 )
 from storage.records import decode_body
-from storage.tables import RowsDropped
 
 _MESSAGE = r.MESSAGE_ACCEPTED.encode()
 

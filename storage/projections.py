@@ -24,18 +24,12 @@ import msgpack
 
 from storage import native
 from storage import records as r
+from storage.buffered_tables import BufferedTables, BufTable
 from storage.errors import CorruptLog, CorruptProjection, undecodable
+from storage.memory_tables import DigestTable, ListedTable, MemoryTables
 from storage.records import Event, pack_u64, pack_u64x2, u64, unpack_u64x2
 from storage.records import unpack_u64 as _u64
-from storage.tables import (
-    TABLES,
-    BufferedTables,
-    BufTable,
-    DigestTable,
-    ListedTable,
-    MemoryTables,
-    TxnTables,
-)
+from storage.tables import TABLES, TxnTables
 
 __all__ = ["TABLES", "BufferedTables", "Effects", "MemoryTables", "Tables", "TxnTables", "apply",
            "mark_applied"]

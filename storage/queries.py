@@ -31,6 +31,7 @@ from storage.errors import CorruptLog, CorruptProjection, undecodable
 from storage.fold import fold
 from storage.lmdb_env import LmdbEnv
 from storage.lmdb_log import LmdbLog
+from storage.memory_tables import MemoryTables, keyed_rows_digest, rows_digest
 from storage.projections import (
     APPLIED_LSN,
     INBOX_KINDS,
@@ -45,7 +46,7 @@ from storage.projections import (
 )
 from storage.records import Event, pack_u64, u64
 from storage.rules import MAX_CID_BYTES
-from storage.tables import TABLES, MemoryTables, TxnTables, keyed_rows_digest, rows_digest
+from storage.tables import TABLES, TxnTables
 
 RECORD_CACHE = 4096  # records kept for deliverable by default (emptied when full)
 # What `deliverable` takes from a log record: (user, device, body, cid, ts_us). A tuple of

@@ -10,10 +10,11 @@ short read transaction and may be called from any thread. Rules kept (docs/DESIG
   appended and applied only after it was accepted. So does any other exception out of `decide`
   but a storage failure (a bug of the rule: `CommandInternalError`, logged once the batch
   committed, `command_internal_error`; since 2026-12-05).
-* A batch runs against a write-back buffer (`tables.BufferedTables`) that is flushed, sorted, just
-  before the commit: a row touched by every command of the batch is written once. The buffer's
-  hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a batch that
-  fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the cache.
+* A batch runs against a write-back buffer (`buffered_tables.BufferedTables`) that is flushed,
+  sorted, just before the commit: a row touched by every command of the batch is written once.
+  The buffer's hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a
+  batch that fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the
+  cache.
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
   A command that fails a batch of its own on a damaged row (`CorruptProjection`) is remembered,
   by what it acts on, until a reopen or a rebuild (`set_aside`, for the committer).
@@ -43,6 +44,7 @@ import msgpack
 import structlog
 
 from storage import native
+from storage.buffered_tables import BufferedTables
 from storage.clock import LogClock
 from storage.commands import Command, SendMessage
 from storage.errors import (
@@ -58,6 +60,7 @@ from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
 from storage.log import seal
+from storage.memory_tables import MemoryTables, for_put, sorted_rows
 from storage.projections import (
     APPLIED_LSN,
     COMPILED,
@@ -77,14 +80,7 @@ from storage.rules import (
     decide,
     direct_conv,
 )
-from storage.tables import (
-    APPEND_ONLY,
-    TABLES,
-    BufferedTables,
-    MemoryTables,
-    for_put,
-    sorted_rows,
-)
+from storage.tables import APPEND_ONLY, TABLES
 
 log = structlog.get_logger()
 
@@ -176,7 +172,8 @@ class Store(Queries):
         # `_subject`s of the commands that met a damaged row alone: (table, key) of the row.
         self._damaged: OrderedDict[tuple[str, str], tuple[str | None, bytes | None]] = (
             OrderedDict())
-        # The live tables of execute: hot rows stay cached across batches (tables.PERSISTENT).
+        # The live tables of execute: hot rows stay cached across batches
+        # (buffered_tables.PERSISTENT).
         # How the batches' rows go in (storage/rowio.py): checked on the first write.
         self._rows = Rows(env.env)
         self._db_list = list(self._dbs.values())

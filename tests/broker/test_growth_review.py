@@ -11,7 +11,7 @@ import trio
 import protocol
 from broker.roster import ROSTER_CACHE_MAX, ROSTER_CACHE_MEMBERS
 from broker.session import MUTED_CACHE_MAX, Session
-from storage.tables import CACHE_ROWS
+from storage.buffered_tables import CACHE_ROWS
 from tests.harness import running_broker
 
 

@@ -9,11 +9,11 @@ import pytest
 
 from broker.client import new_cid
 from storage import rowio
+from storage.buffered_tables import CACHE_ROWS
 from storage.commands import Ack, CreateConv, Leave, MarkRead, SendMessage
 from storage.errors import StorageError
 from storage.rules import Limits
 from storage.store import Store, _InjectedAbort
-from storage.tables import CACHE_ROWS
 from tests.disks import fill, tmpfs
 
 
@@ -161,7 +161,7 @@ def test_senders_whose_cids_interleave_are_not_read(tmp_path, monkeypatch):
                                                      _send("dave", "t-07")])
         assert gets == 3 and [o.reply["dup"] for o in outs] == [True, False, True]
         assert store._tables.idem.newest[b"bob"] == b"t-07\0bob"
-        monkeypatch.setattr("storage.tables.TRACKED_SENDERS", 1)
+        monkeypatch.setattr("storage.buffered_tables.TRACKED_SENDERS", 1)
         store.execute([_send("bob", "t-11")])  # over the bound: the senders are forgotten
         assert store._tables.idem.newest == {b"bob": b"t-11\0bob"}
         # dave's newest is forgotten: his keys up to the base (t-11 now) are read.

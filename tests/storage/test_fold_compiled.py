@@ -23,9 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from storage import native
 from storage.commands import SendMessage
 from storage.fold import fold
+from storage.memory_tables import ListedTable, MemoryTables, keyed_rows_digest, sorted_rows
 from storage.projections import key2, py_add_message
 from storage.store import Store
-from storage.tables import APPEND_ONLY, ListedTable, MemoryTables, keyed_rows_digest, sorted_rows
+from storage.tables import APPEND_ONLY
 
 from .test_model import command_spec, run_batch
 

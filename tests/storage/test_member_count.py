@@ -14,7 +14,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from storage import tables as tables_mod
+from storage import buffered_tables
 from storage.commands import CreateConv, Invite, Join, Leave, Remove, SendMessage, SetRole
 from storage.errors import DomainError, LimitExceeded, StorageError
 from storage.projections import Effects, apply
@@ -46,7 +46,7 @@ def assert_member_caches_fresh(store: Store) -> None:
 
 def _counting_member_reads(monkeypatch, store: Store) -> list[int]:
     """Count the member rows the store's batches read from LMDB from now on."""
-    real, member_db, seen = tables_mod.cursor_range, store._dbs["member"], [0]
+    real, member_db, seen = buffered_tables.cursor_range, store._dbs["member"], [0]
 
     def counting(txn, db, prefix, start=None, reverse=False):
         for row in real(txn, db, prefix, start, reverse):
@@ -54,7 +54,7 @@ def _counting_member_reads(monkeypatch, store: Store) -> list[int]:
                 seen[0] += 1
             yield row
 
-    monkeypatch.setattr(tables_mod, "cursor_range", counting)
+    monkeypatch.setattr(buffered_tables, "cursor_range", counting)
     return seen
 
 
@@ -177,7 +177,7 @@ def test_a_commit_on_a_full_disk_leaves_the_committed_counts(tmp_path):
 def test_counts_are_kept_after_the_member_lists_are_let_go(tmp_path, monkeypatch):
     """Past CACHE_ROWS a commit lets the member lists go and keeps the counts: the changes of
     the next batches (a removal, which reads no list, among them) keep them right alone."""
-    monkeypatch.setattr(tables_mod, "CACHE_ROWS", 0)
+    monkeypatch.setattr(buffered_tables, "CACHE_ROWS", 0)
     store = Store.open(tmp_path / "data", limits=Limits(max_members=6))
     try:
         conv = _group(store, 3)
@@ -259,8 +259,8 @@ def test_cached_counts_equal_fresh_counts(tmp_path_factory, batches, keep_groups
     member lists kept or let go at each commit: after every batch the counts and lists kept
     equal a fresh read, and every command is answered as the rules answer it over a fresh
     replay of the log (so `--max-members` is enforced exactly)."""
-    cache_rows = tables_mod.CACHE_ROWS
-    tables_mod.CACHE_ROWS = cache_rows if keep_groups else 0
+    cache_rows = buffered_tables.CACHE_ROWS
+    buffered_tables.CACHE_ROWS = cache_rows if keep_groups else 0
     store = Store.open(tmp_path_factory.mktemp("m") / "data",
                        limits=Limits(max_members=MODEL_LIMIT))
     try:
@@ -282,5 +282,5 @@ def test_cached_counts_equal_fresh_counts(tmp_path_factory, batches, keep_groups
             assert_member_caches_fresh(store)
         assert store.check_projections() is None
     finally:
-        tables_mod.CACHE_ROWS = cache_rows
+        buffered_tables.CACHE_ROWS = cache_rows
         store.close()

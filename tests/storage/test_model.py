@@ -9,9 +9,8 @@ import hypothesis.strategies as st
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from storage import audit
+from storage import audit, buffered_tables
 from storage import records as r
-from storage import tables as tables_mod
 from storage.commands import (
     Ack,
     CreateConv,
@@ -26,10 +25,10 @@ from storage.commands import (
     SetRole,
 )
 from storage.errors import Conflict, Invalid, LimitExceeded
+from storage.memory_tables import MemoryTables
 from storage.projections import Effects, apply, mark_applied
 from storage.rules import Limits
 from storage.store import Store, _InjectedAbort
-from storage.tables import MemoryTables
 from tests.storage.test_member_count import assert_member_caches_fresh
 
 USERS = ["ann", "bob", "cat", "dan", "eve"]
@@ -317,12 +316,12 @@ class StoreMachineNoGroupsKept(StoreMachine):
     groups hold more members than it keeps): the counts stay, kept up to date alone."""
 
     def __init__(self) -> None:
-        self._cache_rows = tables_mod.CACHE_ROWS
-        tables_mod.CACHE_ROWS = 0
+        self._cache_rows = buffered_tables.CACHE_ROWS
+        buffered_tables.CACHE_ROWS = 0
         super().__init__()
 
     def teardown(self) -> None:
-        tables_mod.CACHE_ROWS = self._cache_rows
+        buffered_tables.CACHE_ROWS = self._cache_rows
         super().teardown()
 
 
