@@ -46,23 +46,34 @@ def cache_dir(events: int) -> str:
 
 
 def build(path: str, events: int) -> None:
-    """Write `events` direct messages among USERS into a fresh data directory at `path`."""
+    """Write `events` direct messages among USERS into a fresh data directory at `path`.
+
+    A build that does not finish (Ctrl-C, SIGTERM, a full disk) removes what it wrote: without
+    its DONE_MARKER no run would use it, and it was left in the temporary directory."""
     shutil.rmtree(path, ignore_errors=True)
-    store = Store.open(path, map_size=1 << 31)
     try:
-        sent = 0
-        while sent < events:
-            cmds = []
-            for i in range(sent, min(events, sent + BATCH)):
-                a = i % len(USERS)
-                b = (a + 1 + (i // len(USERS)) % (len(USERS) - 1)) % len(USERS)
-                cmds.append(SendMessage(USERS[a], "d1", "user", f"c{i}", BODY, to=USERS[b]))
-            for out in store.execute(cmds, now_us=1_795_000_000_000_000 + sent):
-                assert out.error is None, out.error
-            sent += len(cmds)
-    finally:
-        store.close()
-    open(os.path.join(path, DONE_MARKER), "w").close()
+        store = Store.open(path, map_size=1 << 31)
+        try:
+            _write_messages(store, events)
+        finally:
+            store.close()
+        open(os.path.join(path, DONE_MARKER), "w").close()
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _write_messages(store: Store, events: int) -> None:
+    sent = 0
+    while sent < events:
+        cmds = []
+        for i in range(sent, min(events, sent + BATCH)):
+            a = i % len(USERS)
+            b = (a + 1 + (i // len(USERS)) % (len(USERS) - 1)) % len(USERS)
+            cmds.append(SendMessage(USERS[a], "d1", "user", f"c{i}", BODY, to=USERS[b]))
+        for out in store.execute(cmds, now_us=1_795_000_000_000_000 + sent):
+            assert out.error is None, out.error
+        sent += len(cmds)
 
 
 def ensure_log(events: int, say: Callable[[str], object] = print) -> str:

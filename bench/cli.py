@@ -222,17 +222,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cpus = opts["placement"]
         print(f"pinned: server on CPUs {_cpu_list(cpus['server'])}, "
               f"load on CPUs {_cpu_list(cpus['load'])}")
-    if args.json:
-        report.write_json(args.json, doc)
-        note(f"wrote {args.json}")
-    if args.plot:
-        report.plot(args.plot, results)
-        note(f"wrote {args.plot}")
-    if failed:
+    lost = _write_outputs(args, doc, results)
+    if failed or lost:
         from broker.cli import EXIT_REFUSED, CliError
 
         raise CliError(EXIT_REFUSED, "bench_failed", "homing bench: " + "; ".join(
-            f"{name} failed: {why}" for name, why in failed.items()))
+            [*(f"{name} failed: {why}" for name, why in failed.items()), *lost]))
     return 0
 
 
@@ -304,8 +299,8 @@ def _run_scenario(name: str, opts: dict, peers: dict, progress: Progress,
 
 def _check_usage(args: argparse.Namespace) -> None:
     """Refuse, before anything runs, what would fail or be lost only at the end of a long run:
-    a peer URL that names no peer, two peers of one kind, an output file that cannot be written,
-    a plot without matplotlib. Raises the CLI's `usage` error."""
+    a peer URL that names no peer, two peers of one kind, an output file that cannot be written
+    (or a plot not named .png), a plot without matplotlib. Raises the CLI's `usage` error."""
     from bench import peers
     from broker.cli import EXIT_USAGE, CliError
 
@@ -327,12 +322,9 @@ def _check_usage(args: argparse.Namespace) -> None:
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         if path is None:
             continue
-        folder = os.path.dirname(os.path.abspath(path))
-        if os.path.isdir(path):
-            raise usage(f"argument {option}: {path} is a folder; name the file to write")
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise usage(f"argument {option}: cannot write {path}: {folder} is not a folder "
-                        "this user may write to")
+        problem = _output_problem(path, png=option == "--plot")
+        if problem:
+            raise usage(f"argument {option}: {problem}")
     if args.load_sched == "batch" and not hasattr(os, "SCHED_BATCH"):
         raise usage("argument --load-sched: batch needs SCHED_BATCH (Linux)")
     if args.plot is not None:
@@ -341,6 +333,51 @@ def _check_usage(args: argparse.Namespace) -> None:
         except ImportError:
             raise usage("argument --plot: needs matplotlib: pip install 'homing[bench]' (or pip "
                         "install matplotlib)") from None
+
+
+def _output_problem(path: str, *, png: bool) -> str | None:
+    """Why the bench could not write its output file `path` at the end of the run, or None.
+
+    Tried now by opening the file (a new one is made and removed again): a folder's mode bits
+    say nothing of /proc, a read-only mount or ACLs, and nothing at all to root. A plot must be
+    named .png: matplotlib takes its format from the name, so `x.jpg` was a JPEG and `x` became
+    `x.png`, while the bench said it wrote `x`."""
+    if not path:
+        return "give a file name"
+    if os.path.isdir(path):
+        return f"{path} is a folder; name the file to write"
+    if png and not path.lower().endswith(".png"):
+        return f"{path}: the plot is a PNG: name it FILE.png"
+    try:
+        if not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(path)
+        elif os.path.isfile(path):
+            open(path, "ab").close()  # writes nothing: its content stays until the end
+        elif not os.access(path, os.W_OK):  # a FIFO or a device: opening one may wait
+            return f"cannot write {path}: permission denied"
+    except OSError as exc:
+        return f"cannot write {path}: {exc.strerror or exc}"
+    return None
+
+
+def _write_outputs(args: argparse.Namespace, doc: dict, results: dict) -> list[str]:
+    """Write the --json and --plot files; the ones that could not be written, with why (the
+    run's figures are on stdout already, so one lost file does not lose the other)."""
+    from bench import report
+
+    lost = []
+    for path, write in ((args.json, lambda: report.write_json(args.json, doc)),
+                        (args.plot, lambda: report.plot(args.plot, results))):
+        if path is None:
+            continue
+        try:
+            write()
+        except OSError as exc:
+            lost.append(f"could not write {path}: {exc.strerror or exc}")
+            continue
+        note(f"wrote {path}")
+    return lost
 
 
 def _cpu_list(cpus: list[int]) -> str:

@@ -79,6 +79,34 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _prctl() -> Any:
+    """libc's `prctl` on Linux, else None. Looked up in the bench's process: a `preexec_fn`
+    runs between fork and exec, where an import or a library load may wait for ever on a lock
+    another thread of the parent held at the fork."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def _broker_child(bench_pid: int, prctl: Any, cpus: list[int] | None) -> None:
+    """In the broker's process before it runs `homing serve`: be sent SIGTERM when the bench
+    dies (`prctl`: Linux's, None elsewhere), then go on `cpus` (None: any).
+
+    The bench ends its broker itself on Ctrl-C and SIGTERM; killed (SIGKILL, the OOM killer,
+    a CI job's hard timeout) it cannot, and its broker served on, busy, for ever."""
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != bench_pid:  # the bench died before that: no signal will come
+            os.kill(os.getpid(), signal.SIGTERM)
+    if cpus is not None:
+        placement.pin_self(cpus)
+
+
 class BrokerError(RuntimeError):
     """The broker under test did not start (it exited, or did not listen in time)."""
 
@@ -115,9 +143,9 @@ class BrokerProcess:
                      "--window", str(self.window), "--send-rate", str(UNLIMITED_RATE),
                      "--user-send-rate", str(UNLIMITED_RATE), *self.extra]
         self.log = open(self.data.with_suffix(".log"), "w")  # noqa: SIM115 (closed in stop)
-        pin = None if self.cpus is None else functools.partial(placement.pin_self, self.cpus)
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     preexec_fn=pin)
+                                     preexec_fn=functools.partial(_broker_child, os.getpid(),
+                                                                  _prctl(), self.cpus))
         try:
             self._wait_listening()
             self.secret = tokens.load_secret(self.data)
@@ -256,8 +284,7 @@ class Workers:
                 try:
                     kind, payload = pipe.recv()
                 except EOFError:
-                    raise WorkerError(f"load process {i} died "
-                                      f"(exit {self.procs[i].exitcode})") from None
+                    raise WorkerError(f"load process {i} died ({self._ending(i)})") from None
                 if kind == "error":
                     raise WorkerError(f"load process {i}: {payload}")
                 if kind != want:
@@ -265,6 +292,19 @@ class Workers:
                 out[i] = payload
                 del waiting[i]
         return out
+
+    def _ending(self, i: int) -> str:
+        """How load process `i`, whose pipe has closed, ended: "killed by SIGKILL", "exit 1".
+        Its pipe may close before it is reaped: its exit status is None until then."""
+        proc = self.procs[i]
+        proc.join(5)
+        code = proc.exitcode
+        if code is None:
+            return "its pipe closed, the process still runs"
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return f"killed by {signal.Signals(-code).name}"
+        return f"exit {code}"
 
     def broadcast(self, message: Any) -> None:
         for pipe in self.pipes:

@@ -76,22 +76,53 @@ def address(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or DEFAULT_PORTS[parts.scheme]
 
 
+GREETING_S = 2.0  # for the TCP connection, then for the peer's first line
+
+
 def unreachable(url: str) -> str | None:
-    """Why `url` cannot be used, or None if a TCP connection to it succeeds."""
+    """Why `url` cannot be used, or None if the server there answers as its kind does.
+
+    A TCP connection alone is not enough: a port of another server (NATS at Redis' port, an
+    HTTP proxy) accepts it too, and nats-py then retried the connection for minutes, printing
+    a traceback each time, before the scenario failed."""
     problem = url_problem(url)
     if problem:
         return problem
     try:
-        with socket.create_connection(address(url), 2):
-            pass
+        with socket.create_connection(address(url), GREETING_S) as sock:
+            problem = _greeting_problem(sock, peer_name(url))
     except OSError as exc:
-        return str(exc)
+        return str(exc) or type(exc).__name__
+    if problem:
+        return problem
     module = peer_name(url)
     try:
         __import__(module)
     except ImportError:
         return f"the Python client is missing: pip install 'homing[bench]' ({module})"
     return None
+
+
+def _greeting_problem(sock: socket.socket, name: str) -> str | None:
+    """Whether the server on `sock` speaks as peer `name` does: a NATS server's first line is
+    its `INFO {...}`; Redis answers `PING` with `+PONG` (or an error reply, `-NOAUTH ...`)."""
+    if name == "redis":
+        sock.sendall(b"PING\r\n")
+    first, silence = b"", f"it said nothing within {GREETING_S:g} s"
+    try:
+        while b"\n" not in first and len(first) < 512:
+            chunk = sock.recv(512)
+            if not chunk:
+                silence = "it closed the connection"
+                break
+            first += chunk
+    except TimeoutError:
+        pass
+    line = first.split(b"\n", 1)[0].strip()
+    if line.startswith(b"INFO " if name == "nats" else (b"+", b"-")):
+        return None
+    return (f"a server answers there, but not as {name} does "
+            f"({f'it said {line[:60]!r}' if line else silence})")
 
 
 def clients(name: str) -> dict[str, str]:
@@ -231,10 +262,12 @@ def _setup_redis(url: str, tag: str) -> dict:
     notes = {}
     r.config_set("appendonly", "yes")
     r.config_set("appendfsync", "always")
+    fresh = tempfile.mkdtemp(prefix="redis-bench-")
     try:
-        r.config_set("dir", tempfile.mkdtemp(prefix="redis-bench-"))
+        r.config_set("dir", fresh)
         notes["dir"] = "fresh temporary dir"
     except redis.ResponseError as exc:  # `dir` is a protected config since Redis 7
+        os.rmdir(fresh)  # unused: one was left in $TMPDIR by every run against Redis 7
         notes["dir"] = f"unchanged ({exc}); data in {r.config_get('dir').get('dir')}"
     cfg = r.config_get("append*")
     r.close()

@@ -213,3 +213,90 @@ def test_a_later_round_that_fails_keeps_the_rounds_before_it(tmp_path):
 def _brokers(pgid: int) -> list[int]:
     """The pids of the group's `homing serve` processes."""
     return [int(line.split()[0]) for line in _group(pgid) if " serve " in line]
+
+
+def test_ctrl_c_while_the_replay_log_is_built_leaves_no_half_built_log(tmp_path):
+    """Ctrl-C while the replay scenario builds its log: exit 130 and the half-built log is
+    removed. It was left in the temporary directory (no later run would reuse it, each
+    rebuilds it), as big as the part built."""
+    from storage.store import LAYOUT
+
+    log = tmp_path / f"homing-bench-replay-v{LAYOUT.decode()}-3000000"
+    proc = subprocess.Popen([*HOMING, "replay", "--replay-events", "3000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path))
+    try:
+        assert wait_until_sync(lambda: (log / "data.mdb").exists(), 60)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_load_process_killed_mid_phase_fails_the_run_and_says_how_it_ended(tmp_path):
+    """A load process SIGKILLed mid-phase: the run fails at once, exit 1, naming the process
+    and the signal, with nothing of the run left running (it said `exit None` when the pipe's
+    end came before the process was reaped)."""
+    proc = subprocess.Popen([*HOMING, "throughput", *SMALL, "--messages", "10000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), start_new_session=True)
+    try:
+        assert wait_until_sync(lambda: _group_has_load(proc.pid), 60)
+        load = next(int(line.split()[0]) for line in _group(proc.pid) if "spawn_main" in line)
+        os.kill(load, signal.SIGKILL)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    error = json.loads(err.strip().splitlines()[-1])
+    assert error["error"] == "bench_failed", error
+    assert "throughput failed: load process 0 died (killed by SIGKILL)" in error["message"]
+    assert _group_ends(proc.pid) == []
+
+
+def test_an_output_file_that_cannot_be_written_at_the_end_is_a_json_error(tmp_path):
+    """The --json folder gone by the end of the run (checked at its start): the table is on
+    stdout, the plot is still written, and the run ends with `bench_failed` naming the file,
+    exit 1. It was a traceback, and the plot was not written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    plot = tmp_path / "b.png"
+    proc = subprocess.Popen([*HOMING, "throughput", *SMALL, "--messages", "20000",
+                             "--json", str(out / "b.json"), "--plot", str(plot)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path))
+    try:
+        while "== throughput" not in (line := proc.stderr.readline()):
+            assert line, "the run ended before its throughput scenario"
+        out.rmdir()
+        stdout, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    error = json.loads(err.strip().splitlines()[-1])
+    assert error["error"] == "bench_failed", error
+    assert error["message"].startswith(f"homing bench: could not write {out / 'b.json'}: ")
+    assert "| throughput" in stdout and plot.exists()
+
+
+def test_a_killed_bench_leaves_no_broker_running(tmp_path):
+    """SIGKILL to the bench mid-phase (it can end nothing itself then): its broker and load
+    processes end all the same. The broker served on, busy, for ever (its parent gone)."""
+    proc = subprocess.Popen([*HOMING, "throughput", *SMALL, "--messages", "10000000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(tmp_path), start_new_session=True)
+    try:
+        assert wait_until_sync(lambda: _group_has_load(proc.pid), 60)
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert _group_ends(proc.pid) == []
+    finally:
+        if _group(proc.pid):  # a broker left running, say: not for the next tests to meet
+            os.killpg(proc.pid, signal.SIGKILL)

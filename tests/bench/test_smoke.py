@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from storage.store import LAYOUT as _LAYOUT
+from tests.bench.talker import Talker
 from tests.procs import read_terminal
 
 LAYOUT = _LAYOUT.decode()
@@ -38,6 +39,9 @@ def test_every_scenario_runs_and_reports_its_keys(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| throughput" in run.stdout
     assert "not reachable" in run.stderr
+    # Piped, as to a log file: no progress line, whose carriage returns and escapes redraw a
+    # terminal's line and would fill a file.
+    assert "\r" not in run.stderr + run.stdout and "\x1b" not in run.stderr + run.stdout
     doc = json.loads(out.read_text())
     results = doc["results"]
     _positive(results["throughput"], "msgs_per_s", "sends_per_s")
@@ -84,14 +88,40 @@ def test_arguments_that_would_fail_late_are_usage_errors_at_once(tmp_path):
         (["throughput", "--peer", "redis://a", "--peer", "redis://b:1"], "one peer of each kind"),
         (["throughput", "--json", str(tmp_path / "missing" / "b.json")], "--json"),
         (["throughput", "--plot", str(tmp_path)], "is a folder"),
+        # 2026-12-06: a folder this user may write to by its mode bits, where no file can be
+        # made (/proc, even for root; a read-only mount): a traceback at the run's end, the
+        # JSON lost. An empty name: nothing written, without a word. A plot not named .png:
+        # x.jpg was written as a JPEG, and `b` as b.png while the bench said "wrote b".
+        (["throughput", "--json", "/proc/homing-bench.json"], "cannot write /proc"),
+        (["throughput", "--json", ""], "argument --json: give a file name"),
+        (["throughput", "--plot", ""], "argument --plot: give a file name"),
+        (["throughput", "--plot", str(tmp_path / "b.jpg")], "a PNG: name it FILE.png"),
+        (["throughput", "--plot", str(tmp_path / "b")], "a PNG: name it FILE.png"),
     ]
     for argv, words in cases:
+        argv = [*argv, "--messages", "100"]  # short, should one run after all
         run = subprocess.run([sys.executable, "-m", "broker.cli", "bench", *argv],
                              capture_output=True, text=True, timeout=60)
         assert run.returncode == 2, (argv, run.stderr[-2000:])
         error = json.loads(run.stderr.strip().splitlines()[-1])
         assert error["error"] == "usage" and words in error["message"], (argv, error)
         assert "==" not in run.stderr, argv  # nothing ran
+
+
+def test_a_plot_without_matplotlib_is_a_usage_error_at_once(tmp_path):
+    """`--plot` where matplotlib cannot be imported: the usage error naming the `bench` extra,
+    exit 2, before anything runs (not a traceback, nor a run whose plot is skipped)."""
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named matplotlib')\n")
+    path = os.pathsep.join(filter(None, [str(shadow.parent), os.environ.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-m", "broker.cli", "bench", "replay",
+                          "--plot", str(tmp_path / "b.png")], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": path})
+    assert run.returncode == 2, run.stderr[-2000:]
+    error = json.loads(run.stderr.strip().splitlines()[-1])
+    assert error["error"] == "usage" and "pip install 'homing[bench]'" in error["message"]
+    assert "==" not in run.stderr and not (tmp_path / "b.png").exists()
 
 
 def test_a_peer_url_without_a_port_means_the_usual_one():
@@ -118,16 +148,13 @@ def test_the_peers_clients_run_on_uvloop_where_it_is_installed():
 
 
 def test_a_peer_whose_client_lacks_its_speedups_is_named(monkeypatch, capsys):
-    import socket
-
     pytest.importorskip("redis")
     from bench import cli
 
     monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed
     monkeypatch.setitem(sys.modules, "hiredis", None)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        url = f"redis://127.0.0.1:{listener.getsockname()[1]}"
-        status = cli._reach_peers([url])
+    with Talker(b"+PONG\r\n") as redis_like:  # what the reachability check asks of Redis
+        status = cli._reach_peers([f"redis://127.0.0.1:{redis_like.port}"])
     assert status["redis"]["client"] == {"event_loop": "asyncio", "parser": "python"}
     err = capsys.readouterr().err
     assert "peer redis: its client runs without uvloop and hiredis" in err
