@@ -12,6 +12,11 @@ Rules kept here:
   turns (`_fair`), not the queue's first: one user's thousands queued do not hold up another's
   one for the commits they fill (users act on each other's commands only once durable, so the
   order between users is free).
+- A batch is bounded by the rows it writes, too: each command comes with a weight (`weigh`,
+  the broker's estimate: a post, an inbox entry per member of its conversation), and a batch
+  whose commands weigh more than `max_batch_rows` is cut in the same turns, at the first
+  command that would pass it, but never below one command. A commit of 4,096 posts into a
+  channel of 300 held the commit thread, and Python's lock, about 2 s (`_fair`).
 - A batch that fails on a damaged projection row (`CorruptProjection`) fails only the commands
   that read it: its commands run again in halves, down to single commands (`_settle`,
   broker/isolate.py); the others commit in their order and are told as in any batch. A batch
@@ -46,6 +51,13 @@ Done = Callable[["Pending"], None]
 _lsn_of = operator.attrgetter("lsn")
 
 
+# The rows a batch may write, as its commands' weights estimate them (`_fair`): a batch of
+# 4,096 direct sends weighs 8,192 (12,288 with as many acks) and is never cut by it; posts into
+# a channel of 304 members are cut at 107, where 4,096 of them made a commit of about 2 s.
+# Chosen from one run each of bench.fairness's channel flood: 16,384 cost a fifth of the posts
+# committed, 65,536 doubled the quiet send's wait for about as many (docs/OPERATIONS.md, "One noisy
+# service beside quiet ones").
+MAX_BATCH_ROWS = 32768
 ACK_LINGER_S = 0.005  # how long a batch of only acks waits for other work to share its commit
 # A batch that follows one with acks, and would hold at least this many sends and nothing but
 # sends and acks, takes the sends alone: the acks wait one commit, merging with their devices'
@@ -131,12 +143,19 @@ class Committer:
         store: Any,
         *,
         max_batch: int = 4096,
+        max_batch_rows: int = MAX_BATCH_ROWS,
+        weigh: Callable[[object], int] | None = None,
         on_committed: Callable[[list[Any], list[Any]], None] | None = None,
         fanout: Callable[[], contextlib.AbstractContextManager] | None = None,
         ack_linger_s: float = ACK_LINGER_S,
     ) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._max_rows = max_batch_rows
+        # A command's weight: the broker's estimate of the rows it writes (broker/weight.py),
+        # asked as a batch is taken, so that it holds what the commits before taught; 1 each
+        # without one.
+        self._weigh = weigh or _one
         self.ack_linger_s = ack_linger_s
         self._queue: list[Pending] = []
         self._acks: dict[tuple[str, str], Pending] = {}
@@ -346,17 +365,18 @@ class Committer:
         its `ok`, and the delivered receipts it makes go out one commit later; an ack only moves
         marks over entries already committed, so the log may hold it after later sends. Other
         commands keep their order with acks: with one queued, no batch skips. More than
-        `max_batch` to choose from, the batch takes them in turns by user (`_fair`).
+        `max_batch` to choose from, or more than `max_batch_rows` of weight, the batch takes
+        them in turns by user (`_fair`).
         """
-        queue, limit = self._queue, self._max_batch
+        queue, limit, rows, weigh = self._queue, self._max_batch, self._max_rows, self._weigh
         if self._acks_last and len(queue) - len(self._acks) >= ACKS_EVERY_OTHER_FROM:
             sends = [p for p in queue if type(p.command) is SendMessage]
             if len(sends) + len(self._acks) == len(queue):
-                batch, rest = _fair(sends, limit)
+                batch, rest = _fair(sends, limit, rows, weigh)
                 self._queue = [p for p in queue if type(p.command) is not SendMessage]
                 self._queue += rest
                 return batch
-        batch, self._queue = _fair(queue, limit)
+        batch, self._queue = _fair(queue, limit, rows, weigh)
         return batch
 
     async def _linger(self) -> None:
@@ -582,7 +602,60 @@ def _log_failed(exc: StorageError, commands: int) -> None:
         log.error("batch_failed", commands=commands, error=str(exc))
 
 
-def _fair(queue: list[Pending], limit: int) -> tuple[list[Pending], list[Pending]]:
+def _one(command: object) -> int:
+    return 1
+
+
+_command_of = operator.attrgetter("command")
+
+
+def _fair(queue: list[Pending], limit: int, rows: float = math.inf,
+          weigh: Callable[[object], int] = _one) -> tuple[list[Pending], list[Pending]]:
+    """Split `queue` into a batch of at most `limit` commands weighing at most `rows` in all
+    (`weigh` of each; but one command at least, whatever it weighs) and the rest, taking the
+    users' commands in turns.
+
+    The turns are the same under both bounds: the batch is the longest run, in turn order (every
+    user's first command, then every user's second, ..., each turn in queue order), within
+    both. The cut by count is made first, in O(n) (`_in_turns`); only when its batch weighs
+    more than `rows` is the queue cut again by weight (`_in_turns_by_weight`), sorting it in
+    turn order. Until 2026-12-06 a batch was bounded by its count alone: 4,096 posts into a
+    channel of 300 subscribers wrote 1.2 million inbox entries in one commit, about 2 s of
+    the commit thread, holding Python's lock most of it, and every other user's send waited
+    one and a half such commits (docs/OPERATIONS.md, "One noisy service beside quiet ones").
+    Each command is weighed here, as its batch is taken (0.33 ms for 4,096 direct sends),
+    so that a weight learnt from a commit counts for the commands queued before it."""
+    batch, rest = _in_turns(queue, limit)
+    if sum(map(weigh, map(_command_of, batch))) <= rows:
+        return batch, rest
+    return _in_turns_by_weight(queue, limit, rows, weigh)
+
+
+def _in_turns_by_weight(queue: list[Pending], limit: int, rows: float,
+                        weigh: Callable[[object], int]) -> tuple[list[Pending], list[Pending]]:
+    """`_fair`'s cut by weight: the queue's commands in turn order (a stable sort by each
+    one's rank among its user's) are taken until the next would bring the batch past `rows`
+    or `limit` commands (the first is taken whatever it weighs); the batch and the rest keep
+    the queue's order."""
+    seen: dict[Any, int] = {}
+    ranks = []
+    for p in queue:
+        user = p.command[0]
+        n = seen.get(user, 0)
+        seen[user] = n + 1
+        ranks.append(n)
+    taken, weight = [False] * len(queue), 0
+    for count, i in enumerate(sorted(range(len(queue)), key=ranks.__getitem__)):
+        weight += weigh(queue[i].command)
+        if count == limit or (weight > rows and count):
+            break
+        taken[i] = True
+    batch = [p for p, t in zip(queue, taken, strict=True) if t]
+    rest = [p for p, t in zip(queue, taken, strict=True) if not t]
+    return batch, rest
+
+
+def _in_turns(queue: list[Pending], limit: int) -> tuple[list[Pending], list[Pending]]:
     """Split `queue` into a batch of at most `limit` commands and the rest, taking the users'
     commands in turns: every user's first, then every user's second, ..., the last turn cut in
     queue order. Each user's commands in the batch are the first of theirs, in their order,

@@ -54,6 +54,7 @@ RANGES: dict[str, tuple[str, float, float | None]] = {
     "max_members": ("--max-members", 1, None),
     "receipt_audience_max": ("--receipt-audience-max", 1, None),
     "max_batch": ("--max-batch", 1, None),
+    "max_batch_rows": ("--max-batch-rows", 1, None),
     "record_cache": ("--record-cache", 0, None),
     "gc_young_threshold": ("--gc-young-threshold", 1, GC_THRESHOLD_MAX),
     "stats_interval_s": ("--stats-interval", 0, None),
@@ -109,6 +110,9 @@ class Config:
     receipt_audience_max: int = 256
     # Group commit.
     max_batch: int = 4096
+    # And the rows one commit writes, as estimated from its commands (a post: an inbox entry per
+    # member of its conversation). broker.committer.MAX_BATCH_ROWS, not imported (as below).
+    max_batch_rows: int = 32768
     # Storage.
     map_size_bytes: int = 1 << 30
     # Log records kept in memory for the deliveries that follow their commit (a message to

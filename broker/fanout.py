@@ -3,7 +3,8 @@
 The committer runs each batch's replies and fan-out inside `deferred_writes`, and calls
 `on_committed` with the batch's commands and outcomes: membership changes go to the cached
 rosters first (broker/roster.py), then the inboxes that grew wake their sessions (broker/hub.py)
-and receipts are pushed to their audience. Sessions touched meanwhile write once, at the end.
+and receipts are pushed to their audience; the posts' sizes go to the batch weights
+(broker/weight.py). Sessions touched meanwhile write once, at the end.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def on_committed(broker: Broker, commands: list[Any], outcomes: list[Any]) -> No
         if outcome.error is None:
             for conv, user, role in outcome.effects.membership:
                 broker.rosters.changed(conv, user, role)
+                if role is None:
+                    broker.weights.left(conv)
     for command, outcome in zip(commands, outcomes, strict=True):
         if outcome.error is not None:
             continue
@@ -59,6 +62,10 @@ def on_committed(broker: Broker, commands: list[Any], outcomes: list[Any]) -> No
             hub.inbox_advanced(effects.inbox_heads, None if ev is None else Fresh(
                 ev.lsn, ev.data["conv"], effects.seq, ev.user, ev.device, ev.data["body"],
                 ev.data["cid"], ev.ts_us))
+            # What the next posts into this group or channel weigh in a batch (broker/
+            # weight.py; a direct message's is fixed).
+            if ev is not None and not ev.data["conv"].startswith("dm:"):
+                broker.weights.posted(ev.data["conv"], len(effects.inbox_heads))
         for conv, user, kind, seq in effects.receipts:
             push_receipt(broker, conv, user, kind, seq)
 

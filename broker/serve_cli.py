@@ -311,7 +311,8 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_connections_per_user=args.max_connections_per_user,
         max_members=args.max_members, receipt_audience_max=args.receipt_audience_max,
         max_pending_pushes=args.max_pending_pushes,
-        max_batch=args.max_batch, max_inflight_requests=args.max_inflight_requests,
+        max_batch=args.max_batch, max_batch_rows=args.max_batch_rows,
+        max_inflight_requests=args.max_inflight_requests,
         record_cache=args.record_cache,
         shutdown_grace_s=args.shutdown_grace,
         content_policy=Path(args.content_policy) if args.content_policy else None,
@@ -510,6 +511,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "closed slow_consumer (default %(default)s)")
     s.add_argument("--max-batch", type=_COUNT, default=d.max_batch,
                    help="commands in one group commit at most (default %(default)s)")
+    s.add_argument("--max-batch-rows", type=_COUNT, default=d.max_batch_rows,
+                   help="rows one group commit writes at most, as estimated from its commands "
+                        "(a post: one inbox entry per member of its conversation); a command "
+                        "heavier than this commits alone (default %(default)s)")
     s.add_argument("--record-cache", type=_number(int, 0), default=d.record_cache,
                    help="log records kept in memory for the deliveries after their commit, at "
                         "most (a commit's are kept whole; about this many times "

@@ -37,6 +37,7 @@ from broker.roster import RosterCache
 from broker.sdnotify import Notifier, keep_watchdog
 from broker.session import Session
 from broker.stats import report_stats
+from broker.weight import Weights
 from protocol import native as wire_native
 from storage import native, rowio
 
@@ -63,8 +64,11 @@ class Broker:
         self.rosters = RosterCache(store)
         self.roster = self.rosters.get  # who is in a conversation (cached; broker/roster.py)
         self.presence = Presence(self.hub, self.roster, self.log)
+        # What each command weighs in a batch, learnt from the commits (broker/weight.py).
+        self.weights = Weights(self.rosters)
         self.committer = Committer(
-            store, max_batch=config.max_batch,
+            store, max_batch=config.max_batch, max_batch_rows=config.max_batch_rows,
+            weigh=self.weights.of,
             on_committed=functools.partial(fanout.on_committed, self),
             fanout=functools.partial(fanout.deferred_writes, self))
         self.deferring = False  # inside a commit's fan-out: sessions defer their writes
