@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from multiprocessing.connection import wait as wait_pipes
@@ -83,10 +84,15 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _prctl() -> Any:
-    """libc's `prctl` on Linux, else None. Looked up in the bench's process: a `preexec_fn`
-    runs between fork and exec, where an import or a library load may wait for ever on a lock
-    another thread of the parent held at the fork."""
-    if sys.platform != "linux":
+    """libc's `prctl` on Linux when called from the main thread, else None. Looked up in the
+    bench's process: a `preexec_fn` runs between fork and exec, where an import or a library
+    load may wait for ever on a lock another thread of the parent held at the fork.
+
+    Linux sends the PR_SET_PDEATHSIG signal when the *thread* that forked the child ends, not
+    its process: a broker started from a worker thread (trio's `to_thread` ends its idle
+    threads after 10 s) was sent SIGTERM as that thread ended, mid-run, and exited at once.
+    The main thread ends only with the bench, so only a broker it starts is armed."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
         return None
     import ctypes
 
@@ -95,7 +101,8 @@ def _prctl() -> Any:
 
 def _broker_child(bench_pid: int, prctl: Any, cpus: list[int] | None) -> None:
     """In the broker's process before it runs `homing serve`: be sent SIGTERM when the bench
-    dies (`prctl`: Linux's, None elsewhere), then go on `cpus` (None: any).
+    dies (`prctl`: Linux's, None elsewhere or off the main thread, `_prctl`), then go on `cpus`
+    (None: any).
 
     The bench ends its broker itself on Ctrl-C and SIGTERM; killed (SIGKILL, the OOM killer,
     a CI job's hard timeout) it cannot, and its broker served on, busy, for ever."""

@@ -368,16 +368,28 @@ class Committer:
         `max_batch` to choose from, or more than `max_batch_rows` of weight, the batch takes
         them in turns by user (`_fair`).
         """
-        queue, limit, rows, weigh = self._queue, self._max_batch, self._max_rows, self._weigh
+        queue = self._queue
         if self._acks_last and len(queue) - len(self._acks) >= ACKS_EVERY_OTHER_FROM:
             sends = [p for p in queue if type(p.command) is SendMessage]
             if len(sends) + len(self._acks) == len(queue):
-                batch, rest = _fair(sends, limit, rows, weigh)
+                batch, rest = self._cut(sends)
                 self._queue = [p for p in queue if type(p.command) is not SendMessage]
                 self._queue += rest
                 return batch
-        batch, self._queue = _fair(queue, limit, rows, weigh)
+        batch, self._queue = self._cut(queue)
         return batch
+
+    def _cut(self, queue: list[Pending]) -> tuple[list[Pending], list[Pending]]:
+        """`_fair` of `queue` under both bounds; by its count alone when `weigh` raises.
+
+        The weights are the broker's code, run here in `serve`: an exception leaving it ended
+        the committer's task, and with it the broker (every queued command unanswered). A
+        failed estimate costs the bound by rows, logged each time, never a commit."""
+        try:
+            return _fair(queue, self._max_batch, self._max_rows, self._weigh)
+        except Exception:
+            log.exception("batch_weigh_failed", commands=len(queue))
+            return _fair(queue, self._max_batch)
 
     async def _linger(self) -> None:
         """Only acks are queued: give other work up to ACK_LINGER_S to join their commit.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import protocol as wire
 from broker.errors import CloseReason
 from broker.hub import Fresh, encode_push
-from storage.commands import SetMute
+from storage.commands import SetMute, SetRole
 from storage.errors import StorageError
 
 if TYPE_CHECKING:
@@ -44,12 +44,15 @@ def on_committed(broker: Broker, commands: list[Any], outcomes: list[Any]) -> No
     hub = broker.hub
     # The batch's membership changes first, all of them: a failure below (one push)
     # must not leave a roster behind the store.
-    for outcome in outcomes:
+    weights = broker.weights
+    for command, outcome in zip(commands, outcomes, strict=True):
         if outcome.error is None:
             for conv, user, role in outcome.effects.membership:
                 broker.rosters.changed(conv, user, role)
                 if role is None:
-                    broker.weights.left(conv)
+                    weights.left(conv)
+                elif type(command) is not SetRole:  # (an invite, a join: a member more)
+                    weights.joined(conv)
     for command, outcome in zip(commands, outcomes, strict=True):
         if outcome.error is not None:
             continue

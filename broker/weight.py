@@ -6,8 +6,9 @@ loop, so nothing here reads the store. A post writes an inbox entry per member o
 conversation, so it weighs:
 - two, a direct message (the sender's entry and the recipient's);
 - in a group or channel, the entries the last committed post into it wrote (each commit's
-  fan-out tells `posted`; a member leaving since takes one off, `left`), else the members of
-  its roster if the broker holds it (broker/roster.py), else UNKNOWN_POST_WEIGHT.
+  fan-out tells `posted`; a member joining since adds one, `joined`, a member leaving takes
+  one off, `left`), else the members of its roster if the broker holds it (broker/roster.py),
+  else UNKNOWN_POST_WEIGHT.
 The rosters alone are not enough: only receipts, typing and presence read them, never a post.
 Weighed by the cached rosters alone, a 10 s flood of `python -m bench.fairness --target
 channel` (4 posters, a channel of 304 members) committed its 4 batches of 4,096 posts weighing
@@ -64,9 +65,17 @@ class Weights:
             sizes.clear()
         sizes[conv] = entries
 
+    def joined(self, conv: str) -> None:
+        """A member joined `conv` (committed: an invite or a join, never a change of role): its
+        next post writes one entry more. Until 2026-12-06 a join was not counted: a channel
+        whose last post was its owner's alone, joined by 300 since, weighed its posts 1 each,
+        and a batch of 1,000 of them wrote 301,000 entries past a bound of 30,000."""
+        size = self.post_sizes.get(conv)
+        if size is not None:
+            self.post_sizes[conv] = size + 1
+
     def left(self, conv: str) -> None:
-        """A member left `conv` (committed): its next post writes one entry fewer. A join is
-        not counted (not told from a change of role): the next post's commit tells it."""
+        """A member left `conv` (committed): its next post writes one entry fewer."""
         size = self.post_sizes.get(conv)
         if size is not None:
             self.post_sizes[conv] = max(size - 1, 1)  # (the poster's own entry, at least)

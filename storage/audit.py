@@ -301,7 +301,7 @@ def check_projections(store: Store, progress: Progress = None) -> tuple[Differen
 
     The stored rows are one snapshot; the replay goes up to that snapshot's `applied_lsn`.
     The big append-only tables (one row per message or inbox entry) are compared by row count
-    and multiset digest (`tables.rows_digest`), both sides streamed, so memory stays bounded;
+    and multiset digest (`memory_tables.rows_digest`), both sides streamed, so memory stays bounded;
     the others row by row. Only when something differs (or the fold needed the rows,
     `RowsDropped`) are all rows compared, to name the first that differs.
     """

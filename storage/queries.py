@@ -494,8 +494,9 @@ class Queries:
     def projection_digests(self, digested: frozenset[str], key: bytes | None = None) -> tuple[
             dict[str, dict[bytes, bytes]], dict[str, tuple[int, int]], int]:
         """Return one consistent snapshot: the tables not in `digested` as dicts `{key: value}`,
-        those in it as `(rows, digest)` (the input of fast audits): `tables.rows_digest`,
-        or `tables.keyed_rows_digest` under `key` when one is given; and the log's last LSN."""
+        those in it as `(rows, digest)` (the input of fast audits):
+        `memory_tables.rows_digest`, or `memory_tables.keyed_rows_digest` under `key` when one
+        is given; and the log's last LSN."""
         with self._env.read() as txn:
             log_lsn = self._log.last_lsn_in(txn)
             rows = {table: dict(txn.cursor(db=self._dbs[table]).iternext())

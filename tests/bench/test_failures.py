@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -300,3 +301,30 @@ def test_a_killed_bench_leaves_no_broker_running(tmp_path):
     finally:
         if _group(proc.pid):  # a broker left running, say: not for the next tests to meet
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_broker_started_from_a_thread_outlives_that_thread():
+    """A broker started from a thread other than the main one is not stopped when that thread
+    ends: Linux sends PR_SET_PDEATHSIG's signal when the thread that forked the child ends, not
+    its process, so the broker was sent SIGTERM as the thread ended and exited at once (a
+    `trio.to_thread` thread ends after 10 s idle). Told apart by the signal it stops on."""
+    started: dict = {}
+
+    def start() -> None:
+        started["broker"] = BrokerProcess(extra=["--log-level", "info"]).start()
+        started["tid"] = threading.get_native_id()
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    thread.join()
+    broker = started["broker"]
+    try:
+        # The kernel sends the signal as the thread exits, before its task leaves /proc.
+        assert wait_until_sync(lambda: not os.path.exists(f"/proc/self/task/{started['tid']}"))
+        broker.proc.send_signal(signal.SIGINT)
+        broker.proc.wait(60)
+        lines = [json.loads(line) for line in broker.data.with_suffix(".log").read_text()
+                 .splitlines() if line.startswith("{")]
+        assert [e["signal"] for e in lines if "signal" in e] == ["SIGINT"], lines[-5:]
+    finally:
+        broker.stop()

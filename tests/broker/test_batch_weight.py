@@ -19,7 +19,7 @@ from broker.config import Config
 from broker.fanout import on_committed
 from broker.server import Broker
 from broker.weight import UNKNOWN_POST_WEIGHT
-from storage.commands import Ack, CreateConv, Leave, SendMessage
+from storage.commands import Ack, CreateConv, Join, Leave, SendMessage, SetRole
 from storage.store import Store
 
 BODY = "x" * 100
@@ -132,6 +132,34 @@ async def test_a_command_heavier_than_the_bound_commits_alone(tmp_path):
         store.close()
 
 
+async def test_a_weigh_that_raises_cuts_by_count_and_the_commits_go_on(tmp_path):
+    """A `weigh` that raises (a bug in the broker's estimate) costs the bound by rows, not the
+    commits: each batch is cut by its count alone, every command commits once in its order,
+    and the failure is logged. `_take` runs in `serve`: the exception ended the committer's
+    task, and the broker with it."""
+    from structlog.testing import capture_logs
+
+    def broken(command: object) -> int:
+        raise RuntimeError("a bug in the estimate")
+
+    store = Store.open(str(tmp_path / "d"))
+    batches: list[list[object]] = []
+    committer = Committer(store, max_batch=3, max_batch_rows=1, weigh=broken,
+                          on_committed=lambda commands, outcomes: batches.append(commands))
+    sends = [SendMessage("a", "d", "user", f"c{n}", BODY, to="b") for n in range(7)]
+    try:
+        with trio.fail_after(60), capture_logs() as logs:
+            async with trio.open_nursery() as nursery:
+                for send in sends:
+                    committer.enqueue(send)
+                await nursery.start(committer.serve)
+                await committer.close()
+        assert batches == [sends[0:3], sends[3:6], sends[6:]]
+        assert {e["event"] for e in logs if e["log_level"] == "error"} == {"batch_weigh_failed"}
+    finally:
+        store.close()
+
+
 def test_the_weight_of_a_post_is_learnt_from_its_commits(tmp_path):
     """A post into a channel weighs UNKNOWN_POST_WEIGHT until one commits (its roster not
     cached), then the entries that post wrote; a member leaving takes one off; a direct send
@@ -152,6 +180,28 @@ def test_the_weight_of_a_post_is_learnt_from_its_commits(tmp_path):
         assert weigh(SendMessage("a", "d", "user", "c", BODY, to="b")) == 2
         assert weigh(CreateConv("a", "d", "user", "group", "g", False, ("b", "c"))) == 3
         assert weigh(Ack("a", "d", "user", 5)) == 1
+    finally:
+        store.close()
+
+
+async def test_members_who_joined_since_the_last_post_count_in_its_weight(tmp_path):
+    """An open channel whose one post was its owner's alone, then joined by 300 (a role change
+    in between): 1,000 posts queued then are cut at 30,000 rows from the first batch. A join
+    was not counted, so the first batch weighed each post 1 and held all 1,000, 301,000 inbox
+    entries, ten times the bound."""
+    store = Store.open(str(tmp_path / "d"))
+    try:
+        (out,) = store.execute([CreateConv("own", "d", "user", "channel", "big", True, ())])
+        conv = out.reply["conv"]
+        broker = _broker(store, tmp_path)
+        await _commit_all(broker, [_post("own", conv, 0)])  # (its size is learnt: 1)
+        joins = [Join(f"sub-{i:03d}", "d", "user", conv) for i in range(SUBSCRIBERS)]
+        await _commit_all(broker, [*joins, SetRole("own", "d", "user", conv, "sub-000", "admin")])
+        assert broker.weights.of(_post("own", conv, 1)) == SUBSCRIBERS + 1
+        posts = [_post("own", conv, n) for n in range(1, 1001)]
+        batches = await _commit_all(broker, posts, max_batch_rows=30_000)
+        assert max(len(b) for b in batches) * (SUBSCRIBERS + 1) <= 30_000
+        assert [c for b in batches for c in b] == posts
     finally:
         store.close()
 
