@@ -8,6 +8,7 @@ answers is said to be no such peer, and the run goes on without it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -100,15 +101,18 @@ def test_a_nats_peer_at_a_silent_port_is_skipped_and_the_run_goes_on(tmp_path):
 
 
 def test_a_peer_that_answers_as_its_kind_is_reachable():
-    """The check lets the real peers through (each skipped where nothing listens on its port)."""
+    """The check lets the real peers through (each skipped where nothing listens on its port,
+    or where its Python client, the `bench` extra, is not installed)."""
     listening = []
     for name, url in PEERS.items():
+        if importlib.util.find_spec(name) is None:
+            continue
         try:
             socket.create_connection(peers.address(url), 2).close()
             listening.append(name)
         except OSError:
             pass
     if not listening:
-        pytest.skip("nothing listens on 127.0.0.1:4222 or 127.0.0.1:6379")
+        pytest.skip("no peer with its client here listens on 127.0.0.1:4222 or 127.0.0.1:6379")
     status = cli._reach_peers([PEERS[name] for name in listening])
     assert all(status[name]["reachable"] for name in listening), status
