@@ -156,6 +156,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     _check_usage(args)
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
+    if args.peer and not any(name in PEER_KEYS for name in chosen):
+        # Not an error: a script may pass --peer to every run; but a peer reached and then not
+        # used, without a word, reads as if it had been compared.
+        note(f"homing bench: --peer applies to {' and '.join(PEER_KEYS)}, and neither of them "
+             f"runs: {' and '.join(args.peer)} {'is' if len(args.peer) == 1 else 'are'} not "
+             "used")
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     opts["placement"] = None
     opts["load_sched"] = args.load_sched or placement.default_load_sched()
@@ -179,13 +185,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     doc = {"results": results, "failed": failed, "peers": peers,
            "environment": {**report.environment(opts), "disk": disk},
            "elapsed_s": round(time.monotonic() - started, 1)}
-    print(report.table(results))
-    if args.repeat > 1:
+    if results:
+        print(report.table(results))
+    else:  # a table of headers alone looked like a run that measured nothing, not a failed one
+        note("homing bench: no scenario finished, so there is no table; why each failed is "
+             "said below")
+    if args.repeat > 1 and results:
         print(f"\neach figure: the median of {args.repeat} runs (lowest-highest in brackets)"
               f"{_fewer_runs(results, failed, args.repeat)}; each ratio: the median of the "
               "rounds' own ratios")
     env = doc["environment"]
-    print(f"\n{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
+    if results:  # a blank line after the table
+        print()
+    print(f"{env['cpu_model']}, {env['cores']} cores, Python {env['python']}, "
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
           f"storage hot loops {env['storage_native']}, rows {env['storage_rows']}, "
           f"frame codec {env['protocol_native']}")
@@ -362,21 +374,26 @@ def _output_problem(path: str, *, png: bool) -> str | None:
 
 
 def _write_outputs(args: argparse.Namespace, doc: dict, results: dict) -> list[str]:
-    """Write the --json and --plot files; the ones that could not be written, with why (the
-    run's figures are on stdout already, so one lost file does not lose the other)."""
+    """Write the --json and --plot files (no plot when the run has nothing to draw: said on
+    stderr); the ones that could not be written, with why (the run's figures are on stdout
+    already, so one lost file does not lose the other)."""
     from bench import report
 
     lost = []
-    for path, write in ((args.json, lambda: report.write_json(args.json, doc)),
-                        (args.plot, lambda: report.plot(args.plot, results))):
+    for option, path, write in (
+            ("--json", args.json, lambda: report.write_json(args.json, doc)),
+            ("--plot", args.plot, lambda: report.plot(args.plot, results))):
         if path is None:
             continue
         try:
-            write()
+            unwritten = write()
         except OSError as exc:
             lost.append(f"could not write {path}: {exc.strerror or exc}")
             continue
-        note(f"wrote {path}")
+        if unwritten:  # nothing to put in it: said, not an error (the figures are all there)
+            note(f"homing bench: {option}: {unwritten}; {path} not written")
+        else:
+            note(f"wrote {path}")
     return lost
 
 

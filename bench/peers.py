@@ -209,11 +209,11 @@ def _run(url: str, opts: dict, messages: int, rate: float | None, label: str, pr
         with place, Workers(specs, progress, load_cpus(opts), load_sched(opts)) as workers:
             workers.gather("ready", 120, f"{label}: connecting")
             go_payload = go() if callable(go) else go
-            results, cpu, _ = run_phase(workers, timeout=timeout, label=label, go=go_payload,
-                                        pids={"broker": pid} if pid else {})
+            results, cpu, wall = run_phase(workers, timeout=timeout, label=label, go=go_payload,
+                                           pids={"broker": pid} if pid else {})
     finally:
         _teardown(url, tag)
-    out = _cpu_summary(cpu, opts)
+    out = _cpu_summary(cpu, opts, wall)
     out["peer_pid_seen"] = pid is not None
     return {**_merge(results), **setup}, out
 

@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -163,7 +162,10 @@ def _with_spread(entry: dict, key: str) -> Any:
 def _cpu(cpu: dict) -> str:
     """A `cpu` entry as "server / load (max busiest load process) / other", with the part of
     other that was the hypervisor's steal when there was any, * if load-bound and ! if
-    disturbed."""
+    disturbed; for a phase too short for the clock ticks (`too_short`), what it lasted instead
+    of figures that would be noise."""
+    if cpu.get("too_short"):
+        return f"- (phase of {cpu['phase_s'] * 1000:.0f} ms: too short for CPU%)"
     steal = cpu.get("steal_pct", 0)
     return (f"{cpu['broker_pct']:.0f} / {cpu['load_pct_total']:.0f} "
             f"(max {cpu['load_pct_max_process']:.0f}) / {cpu.get('other_pct', 0):.0f}"
@@ -204,49 +206,64 @@ def write_json(path: str, doc: dict) -> None:
 
 # -- the plot ------------------------------------------------------------------------------------
 
-def plot(path: str, results: dict) -> None:
-    """Latency percentiles per rate, and throughput per scenario, as one PNG."""
+def plot(path: str, results: dict) -> str | None:
+    """Latency percentiles per rate, and throughput per scenario, as one PNG: a panel for each
+    of the two that the run has. With neither (idle connections alone), no file is written and
+    the reason is returned (the caller says it): a PNG of two empty panels said nothing."""
+    latency, bars = results.get("latency", []), _throughput_bars(results)
+    if not latency and not bars:
+        return "nothing to draw (no latency percentiles and no rates in this run)"
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.stderr.write("--plot needs matplotlib: pip install 'homing[bench]' "
-                         "(or pip install matplotlib)\n")
-        return
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+        return "needs matplotlib: pip install 'homing[bench]' (or pip install matplotlib)"
+    panels = bool(latency) + bool(bars)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = list(axes[0])
+    if latency:
+        _plot_latency(axes.pop(0), latency)
+    if bars:
+        _plot_bars(axes.pop(0), bars)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _plot_latency(ax: Any, latency: list[dict]) -> None:
     labels = ["p50", "p90", "p99", "p99.9", "max"]
     keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"]
-    for entry in results.get("latency", []):
-        left.plot(labels, [entry[k] for k in keys], marker="o", label=f"homing {entry['rate']:g}/s")
+    for entry in latency:
+        ax.plot(labels, [entry[k] for k in keys], marker="o", label=f"homing {entry['rate']:g}/s")
         for name, peer in (entry.get("peer") or {}).items():
-            left.plot(labels, [peer[k] for k in keys], marker="x", linestyle="--",
-                      label=f"{name} {entry['rate']:g}/s")
-    left.set_yscale("log")
-    left.set_ylabel("send -> delivery, ms")
-    left.set_title("latency (open loop)")
-    if results.get("latency"):
-        left.legend(fontsize="x-small", ncol=3, loc="upper left")
+            ax.plot(labels, [peer[k] for k in keys], marker="x", linestyle="--",
+                    label=f"{name} {entry['rate']:g}/s")
+    ax.set_yscale("log")
+    ax.set_ylabel("send -> delivery, ms")
+    ax.set_title("latency (open loop)")
+    ax.legend(fontsize="x-small", ncol=3, loc="upper left")
+
+
+def _plot_bars(ax: Any, bars: list[tuple[str, dict, str]]) -> None:
     names, values, peer_values = [], [], []
-    for label, entry, key in _throughput_bars(results):
+    for label, entry, key in bars:
         names.append(label)
         values.append(entry[key])
         peer_values.append({n: p.get(key) for n, p in (entry.get("peer") or {}).items()})
     xs = range(len(names))
     peer_names = sorted({n for pv in peer_values for n in pv})
     width = 0.8 / (1 + len(peer_names))
-    right.bar([x - 0.4 + width / 2 for x in xs], values, width=width, label="homing")
+    ax.bar([x - 0.4 + width / 2 for x in xs], values, width=width, label="homing")
     for k, name in enumerate(peer_names, start=1):
-        right.bar([x - 0.4 + width * (k + 0.5) for x in xs],
-                  [pv.get(name) or 0 for pv in peer_values], width=width, label=name)
-    right.set_xticks(list(xs), names, rotation=20, fontsize="small")
-    right.set_ylabel("per second")
-    right.set_title("throughput per scenario")
-    right.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.bar([x - 0.4 + width * (k + 0.5) for x in xs],
+               [pv.get(name) or 0 for pv in peer_values], width=width, label=name)
+    ax.set_xticks(list(xs), names, rotation=20, fontsize="small")
+    ax.set_ylabel("per second")
+    ax.set_title("throughput per scenario")
+    ax.legend(fontsize="small")
 
 
 def _throughput_bars(results: dict) -> list[tuple[str, dict, str]]:

@@ -110,14 +110,22 @@ LOAD_BOUND_PCT = 90  # a load process (or the load's cores) this busy held the r
 # are not the server's and the load's alone. Above what the bench itself adds there (its own
 # process, the connections scenario's idle holders: up to about 17 % on the 2-core VMs).
 DISTURBED_PCT = 30
+# A phase shorter than this has no CPU% worth reading: /proc counts CPU time in clock ticks
+# (10 ms at USER_HZ 100), and each process is read once before and once after, so its CPU
+# seconds can be off by a tick at each end. Over 0.5 s (50 ticks) that is at most 4 % of a
+# core, well inside the 10 points between LOAD_BOUND_PCT and a full core; over a 20 ms phase it
+# is 100 %, and a single message's catchup read 271 % for one load process and was flagged.
+MIN_PHASE_S = 0.5
 
 
-def _cpu_summary(cpu: dict[str, float], opts: dict) -> dict[str, Any]:
+def _cpu_summary(cpu: dict[str, float], opts: dict, wall: float) -> dict[str, Any]:
     """CPU% of the server, each load process and the rest (of which steal, on a VM); `load_bound`
     when the load side was
     busy enough to be the bottleneck: one load process at LOAD_BOUND_PCT of a core, or its CPUs
     (the load's half with --pin, else the whole machine) at LOAD_BOUND_PCT of their capacity;
-    `disturbed` when the rest of the machine took DISTURBED_PCT of a core or more."""
+    `disturbed` when the rest of the machine took DISTURBED_PCT of a core or more. A phase of
+    `wall` seconds under MIN_PHASE_S is `too_short`: its figures are kept as measured, but it
+    is neither flagged nor shown in the table, for its ticks cannot tell."""
     load = [v for k, v in cpu.items() if k.startswith("load")]
     pinned = load_cpus(opts)
     if pinned is not None:
@@ -125,7 +133,9 @@ def _cpu_summary(cpu: dict[str, float], opts: dict) -> dict[str, Any]:
     else:
         busy = sum(v for k, v in cpu.items() if k != "steal")  # steal is part of other
         capacity = 100 * (os.cpu_count() or 1)
-    bound = max(load, default=0.0) >= LOAD_BOUND_PCT or busy >= capacity * LOAD_BOUND_PCT / 100
+    too_short = wall < MIN_PHASE_S
+    bound = not too_short and (max(load, default=0.0) >= LOAD_BOUND_PCT
+                               or busy >= capacity * LOAD_BOUND_PCT / 100)
     return {"broker_pct": round(cpu.get("broker", 0.0), 1),
             "load_pct_total": round(sum(load), 1),
             "load_pct_max_process": round(max(load, default=0.0), 1),
@@ -133,7 +143,8 @@ def _cpu_summary(cpu: dict[str, float], opts: dict) -> dict[str, Any]:
             "other_pct": round(cpu.get("other", 0.0), 1),
             "steal_pct": round(cpu.get("steal", 0.0), 1),
             "load_bound": bound,
-            "disturbed": cpu.get("other", 0.0) >= DISTURBED_PCT}
+            "disturbed": not too_short and cpu.get("other", 0.0) >= DISTURBED_PCT,
+            "phase_s": round(wall, 3), "too_short": too_short}
 
 
 FELL_BEHIND_PCT = 90
@@ -164,9 +175,9 @@ def run_clients(broker: BrokerProcess, jobs: list[dict], opts: dict, *, label: s
     with Workers(specs, progress, load_cpus(opts), load_sched(opts)) as workers:
         workers.gather("ready", 120, f"{label}: connecting")
         go_payload = go() if callable(go) else go
-        results, cpu, _wall = run_phase(workers, timeout=timeout, pids={"broker": broker.pid},
-                                        label=label, go=go_payload)
-    return _merge(results), _cpu_summary(cpu, opts)
+        results, cpu, wall = run_phase(workers, timeout=timeout, pids={"broker": broker.pid},
+                                       label=label, go=go_payload)
+    return _merge(results), _cpu_summary(cpu, opts, wall)
 
 
 # -- scenarios ---------------------------------------------------------------------------------
@@ -246,8 +257,8 @@ def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> d
                                            "body_bytes": BODY_BYTES}))
     with Workers(specs, progress, load_cpus(opts), load_sched(opts)) as workers:
         workers.gather("ready", 300, f"fanout {k}: subscribing")
-        results, cpu, _ = run_phase(workers, timeout=posts * interval * 4 + 60,
-                                    pids={"broker": broker.pid}, label=f"fanout {k}")
+        results, cpu, wall = run_phase(workers, timeout=posts * interval * 4 + 60,
+                                       pids={"broker": broker.pid}, label=f"fanout {k}")
     last: dict[int, int] = {}
     for res in results[:-1]:
         for seq, ns in res["last_ns"].items():
@@ -261,7 +272,7 @@ def fanout(broker: BrokerProcess, opts: dict, k: int, progress: Any = None) -> d
         "last_delivery_ms": round(p50, 3), "last_delivery_p99_ms": round(p99, 3),
         "last_delivery_max_ms": round(times[-1], 3),
         "deliveries_per_s": round(k / (p50 / 1000)) if p50 else 0,
-        "cpu": _cpu_summary(cpu, opts),
+        "cpu": _cpu_summary(cpu, opts, wall),
     }
 
 

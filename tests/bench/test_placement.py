@@ -147,15 +147,18 @@ def test_a_load_side_at_its_limit_is_flagged_as_the_bottleneck():
     pinned = {"placement": {"server": [0], "load": [1]}}
     free = {"placement": None}
     # One process cannot use more than one core, whatever the others do.
-    assert _cpu_summary({"broker": 20.0, "load0": 91.0, "load1": 2.0}, free)["load_bound"]
+    long_s = 10.0  # a phase long enough for its ticks
+    assert _cpu_summary({"broker": 20.0, "load0": 91.0, "load1": 2.0}, free, long_s)["load_bound"]
     # Pinned: the load's own CPUs are full although no single process is.
-    assert _cpu_summary({"broker": 20.0, "load0": 46.0, "load1": 45.0}, pinned)["load_bound"]
-    assert not _cpu_summary({"broker": 95.0, "load0": 40.0, "load1": 40.0}, pinned)["load_bound"]
+    assert _cpu_summary({"broker": 20.0, "load0": 46.0, "load1": 45.0}, pinned,
+                        long_s)["load_bound"]
+    assert not _cpu_summary({"broker": 95.0, "load0": 40.0, "load1": 40.0}, pinned,
+                            long_s)["load_bound"]
     # Not pinned: the whole machine is the capacity.
     cores = os.cpu_count() or 1
     busy = {"broker": 100.0 * cores * 0.5, "load0": 100.0 * cores * 0.45}
-    assert _cpu_summary(busy, free)["load_bound"]
-    assert not _cpu_summary({"broker": 10.0, "load0": 10.0}, free)["load_bound"]
+    assert _cpu_summary(busy, free, long_s)["load_bound"]
+    assert not _cpu_summary({"broker": 10.0, "load0": 10.0}, free, long_s)["load_bound"]
     results = {"latency": [{"rate": 5000, "cpu": {"load_bound": False},
                             "peer": {"redis": {"cpu": {"load_bound": True}}}}],
                "connections": {"cpu": {}, "throughput": {"cpu": {"load_bound": True}}}}
@@ -171,8 +174,10 @@ def test_a_run_beside_other_busy_processes_is_flagged_as_disturbed():
     from bench.scenarios import DISTURBED_PCT, _cpu_summary
 
     free = {"placement": None}
-    quiet = _cpu_summary({"broker": 90.0, "load0": 40.0, "other": DISTURBED_PCT - 1.0}, free)
-    busy = _cpu_summary({"broker": 60.0, "load0": 30.0, "other": 94.5, "steal": 0.1}, free)
+    quiet = _cpu_summary({"broker": 90.0, "load0": 40.0, "other": DISTURBED_PCT - 1.0}, free,
+                         10.0)
+    busy = _cpu_summary({"broker": 60.0, "load0": 30.0, "other": 94.5, "steal": 0.1}, free,
+                        10.0)
     assert not quiet["disturbed"] and busy["disturbed"]
     # With --repeat, one disturbed round marks the merged entry, as load_bound does.
     merged = merge([{"msgs_per_s": 19_000, "cpu": quiet}, {"msgs_per_s": 14_000, "cpu": busy},
@@ -212,7 +217,7 @@ def test_steal_is_shown_as_part_of_other_and_not_counted_twice():
     # Half the machine was other, all of it steal: counted once, so the load is not to blame.
     half = 100.0 * cores * 0.5
     cpu = _cpu_summary({"broker": 10.0, "load0": 10.0, "other": half, "steal": half},
-                       {"placement": None})
+                       {"placement": None}, 10.0)
     assert cpu["other_pct"] == cpu["steal_pct"] == round(half, 1)
     assert not cpu["load_bound"]
     text = table({"throughput": {"msgs_per_s": 1, "cpu": {**cpu, "other_pct": 30.0,

@@ -1,0 +1,129 @@
+"""`homing bench` says why when a run has less to show than asked (review of the bench as a
+user, 2026-12-06): a plot with nothing to draw, a run in which every scenario failed, `--peer`
+with no scenario that takes one, and a phase too short for its CPU% to mean anything. Before,
+these wrote an empty PNG, printed an empty table, left the peer unused without a word, and
+flagged a 0.02 s phase's load as CPU-bound at 271 %."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from bench.scenarios import MIN_PHASE_S
+
+HOMING = [sys.executable, "-m", "broker.cli", "bench"]
+SMALL = ["--procs", "1", "--senders", "2", "--receivers", "2"]
+# --plot needs matplotlib, the `bench` extra, which the test extra (and CI) does not install.
+needs_plot = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                                reason="--plot needs matplotlib (the bench extra)")
+
+
+def _bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*HOMING, *args], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "TMPDIR": str(tmp_path)})
+
+
+def _png_width(path) -> int:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">I", data[16:20])[0]  # IHDR width
+
+
+@needs_plot
+def test_a_plot_with_nothing_to_draw_is_not_written_and_says_why(tmp_path):
+    """Idle connections alone have no latency and no rate to draw: no file (it was a PNG of
+    two empty panels), a line on stderr, exit 0 and the table and JSON as ever."""
+    png, out = tmp_path / "x.png", tmp_path / "b.json"
+    run = _bench(tmp_path, "connections", "--no-connections-throughput", "--connections", "20",
+                 "--idle-procs", "1", "--plot", str(png), "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not png.exists()
+    assert "--plot: nothing to draw" in run.stderr and f"{png} not written" in run.stderr
+    assert f"wrote {png}" not in run.stderr
+    assert "| connections" in run.stdout
+    assert json.loads(out.read_text())["results"]["connections"]["connections"] == 20
+
+
+@needs_plot
+def test_a_plot_of_one_kind_of_figure_has_that_panel_alone(tmp_path):
+    """replay has a rate and no latency: the plot is its one panel, not an empty one beside it."""
+    png = tmp_path / "r.png"
+    run = _bench(tmp_path, "replay", "--replay-events", "2000", "--plot", str(png))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"wrote {png}" in run.stderr
+    assert _png_width(png) < 900  # one panel of 6 in at 110 dpi; both were 12 in, 1320 px
+
+
+def test_a_run_in_which_every_scenario_failed_says_so_instead_of_an_empty_table(tmp_path):
+    run = _bench(tmp_path, "throughput", *SMALL, "--messages", "100",
+                 "--broker-arg=--no-such-flag")
+    assert run.returncode == 1, run.stderr[-3000:]
+    error = json.loads(run.stderr.strip().splitlines()[-1])
+    assert error["error"] == "bench_failed"
+    assert "| scenario" not in run.stdout
+    assert "no scenario finished, so there is no table" in run.stderr
+    assert "! throughput failed, so it is not in the table" in run.stdout
+
+
+def test_peers_with_no_scenario_that_takes_one_are_said_to_be_unused(tmp_path):
+    """--peer with replay alone: a line saying what the peers apply to; not an error."""
+    run = _bench(tmp_path, "replay", "--replay-events", "2000", "--peer", "redis://127.0.0.1:1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert ("--peer applies to throughput and latency, and neither of them runs: "
+            "redis://127.0.0.1:1 is not used") in run.stderr
+
+
+def test_peers_with_a_scenario_that_takes_one_are_not_said_to_be_unused(tmp_path):
+    run = _bench(tmp_path, "throughput", *SMALL, "--messages", "200",
+                 "--peer", "redis://127.0.0.1:1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "--peer applies to" not in run.stderr
+
+
+def test_a_phase_too_short_for_the_clock_ticks_is_not_flagged_and_has_no_cpu_figure(tmp_path):
+    """catchup of one message: phases of a few ms, read from 10 ms ticks, gave a load process
+    271 % and flagged it CPU-bound. Now the `cpu` entry says the phase was too short, is not
+    flagged, and the table's CPU cell says so instead of a figure."""
+    out = tmp_path / "b.json"
+    run = _bench(tmp_path, "catchup", *SMALL, "--catchup-messages", "1", "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    catchup = json.loads(out.read_text())["results"]["catchup"]
+    for cpu in (catchup["cpu"], catchup["fill_cpu"]):
+        assert cpu["phase_s"] < MIN_PHASE_S and cpu["too_short"] is True
+        assert cpu["load_bound"] is False and cpu["disturbed"] is False
+        for key in ("broker_pct", "load_pct_total", "load_pct_max_process", "load_pct",
+                    "other_pct", "steal_pct"):
+            assert key in cpu, key  # the figures stay, for whoever reads them
+    (row,) = [line for line in run.stdout.splitlines() if "cpu% broker/load/other" in line]
+    assert "too short" in row and "*" not in row
+    assert "CPU-bound" not in run.stdout
+
+
+def test_a_phase_long_enough_keeps_its_cpu_figures_and_flags(tmp_path):
+    out = tmp_path / "b.json"
+    run = _bench(tmp_path, "latency", *SMALL, "--rates", "200", "--duration", "1",
+                 "--json", str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    (lat,) = json.loads(out.read_text())["results"]["latency"]
+    assert lat["cpu"]["phase_s"] >= MIN_PHASE_S and lat["cpu"]["too_short"] is False
+    (row,) = [line for line in run.stdout.splitlines() if "cpu% broker/load/other" in line]
+    assert "too short" not in row and " / " in row
+
+
+def test_the_cpu_summary_of_a_short_phase_keeps_its_figures_but_flags_nothing():
+    """The 271 % of one load process over a 20 ms phase, and a busy rest of the machine: kept
+    as measured, neither flag set; the same figures over a long phase are flagged."""
+    from bench.scenarios import _cpu_summary
+
+    cpu = {"broker": 50.0, "load0": 271.0, "other": 316.0}
+    short = _cpu_summary(cpu, {"placement": None}, 0.02)
+    assert short["load_pct_max_process"] == 271.0 and short["too_short"] is True
+    assert not short["load_bound"] and not short["disturbed"]
+    long = _cpu_summary(cpu, {"placement": None}, MIN_PHASE_S)
+    assert long["load_bound"] and long["disturbed"] and long["too_short"] is False
