@@ -146,7 +146,8 @@ class NoWorkStore:
     def set_aside(self, commands: list[object]) -> list[int]:
         return []  # no damaged row: every batch is tried whole
 
-    def execute(self, commands: list[object]) -> list[NoWorkStore.Outcome]:
+    def execute(self, commands: list[object], max_rows: int | None = None
+                ) -> list[NoWorkStore.Outcome]:
         first, self.lsn = self.lsn + 1, self.lsn + len(commands)
         return [self.Outcome(lsn) for lsn in range(first, self.lsn + 1)]
 

@@ -16,7 +16,11 @@ Rules kept here:
   the broker's estimate: a post, an inbox entry per member of its conversation), and a batch
   whose commands weigh more than `max_batch_rows` is cut in the same turns, at the first
   command that would pass it, but never below one command. A commit of 4,096 posts into a
-  channel of 300 held the commit thread, and Python's lock, about 2 s (`_fair`).
+  channel of 300 held the commit thread, and Python's lock, about 2 s (`_fair`). The estimate
+  may be wrong (a channel the broker has not seen a post into since it started weighs 64), so
+  the store holds the bound as it writes (`Store.execute`'s `max_rows`): it stops once the
+  commands it ran wrote `max_batch_rows` rows and commits them, and the commands it did not
+  run go back to the head of the queue, in their order (`_put_back`).
 - A batch that fails on a damaged projection row (`CorruptProjection`) fails only the commands
   that read it: its commands run again in halves, down to single commands (`_settle`,
   broker/isolate.py); the others commit in their order and are told as in any batch. A batch
@@ -51,9 +55,11 @@ Done = Callable[["Pending"], None]
 _lsn_of = operator.attrgetter("lsn")
 
 
-# The rows a batch may write, as its commands' weights estimate them (`_fair`): a batch of
-# 4,096 direct sends weighs 8,192 (12,288 with as many acks) and is never cut by it; posts into
-# a channel of 304 members are cut at 107, where 4,096 of them made a commit of about 2 s.
+# The rows a batch may write, as its commands' weights estimate them (`_fair`), and as the store
+# counts them while it writes (`Store.execute`'s `max_rows`: it stops there, `_put_back`): a
+# batch of 4,096 direct sends weighs 8,192 (12,288 with as many acks) and is never cut by it;
+# posts into a channel of 304 members are cut at 107, where 4,096 of them made a commit of
+# about 2 s.
 # Chosen from one run each of bench.fairness's channel flood: 16,384 cost a fifth of the posts
 # committed, 65,536 doubled the quiet send's wait for about as many (docs/OPERATIONS.md, "One noisy
 # service beside quiet ones").
@@ -149,6 +155,8 @@ class Committer:
         fanout: Callable[[], contextlib.AbstractContextManager] | None = None,
         ack_linger_s: float = ACK_LINGER_S,
     ) -> None:
+        if max_batch_rows < 1:  # (the store refuses it: a batch would run nothing)
+            raise ValueError(f"max_batch_rows must be at least 1, not {max_batch_rows}")
         self._store = store
         self._max_batch = max_batch
         self._max_rows = max_batch_rows
@@ -265,19 +273,24 @@ class Committer:
         True; return False, calling nothing, if no send of theirs is on its way. A user's sends
         are committed in their submission order (acks may stay behind them, `_take`; other
         users' commands may go ahead, `_fair`), so their last one queued is done last; with
-        none queued, the batch in the worker thread is done as a whole. Off the hot path: a
+        none queued, their last one in the batch in the worker thread. Off the hot path: a
         scan of the queue from its end (`on_send`'s refusals ask it; until 2026-12-06 for any
-        user's send, so a refusal waited behind every other user's sends queued)."""
+        user's send, so a refusal waited behind every other user's sends queued). Until
+        2026-12-06 it waited for the running batch's last command, whoever's: since a batch
+        the store stops at the row bound puts its commands not run back in the queue
+        (`_put_back`), that one may be done before the user's own sends put back with it."""
         for pending in reversed(self._queue):
             command = pending.command
             if type(command) is SendMessage and command.user == user:
                 pending.when_done(callback)
                 return True
         running = self._running
-        if running is not None and any(type(c) is SendMessage and c.user == user
-                                       for c in running.commands):
-            running.pending[-1].when_done(callback)
-            return True
+        if running is not None:
+            for pending in reversed(running.pending):
+                command = pending.command
+                if type(command) is SendMessage and command.user == user:
+                    pending.when_done(callback)
+                    return True
         return False
 
     def on_way(self) -> list[Pending]:
@@ -384,7 +397,8 @@ class Committer:
 
         The weights are the broker's code, run here in `serve`: an exception leaving it ended
         the committer's task, and with it the broker (every queued command unanswered). A
-        failed estimate costs the bound by rows, logged each time, never a commit."""
+        failed estimate costs the cut by weight, logged each time, never a commit; the store
+        still stops the batch at `max_batch_rows` rows written (`_put_back`)."""
         try:
             return _fair(queue, self._max_batch, self._max_rows, self._weigh)
         except Exception:
@@ -420,17 +434,23 @@ class Committer:
         if aside:  # known to meet a damaged row: apart from the start (broker/isolate.py)
             call = self._thread.submit(isolate, self._execute_run, commands, aside)
         else:
-            call = self._thread.submit(self._store.execute, commands)
+            call = self._thread.submit(self._execute, commands)
         self._running_since = time.monotonic()
         self._running = _Batch(batch, commands, batch_acks, ack_pending, call, len(aside))
         self._changes += 1  # taken from the queue, now committing
         return self._running
 
+    def _execute(self, commands: list[object]) -> list[Any]:
+        """`Store.execute` of a batch (in the worker thread), stopped at `max_batch_rows` rows
+        written: the outcomes of the commands it ran, a prefix of `commands`."""
+        return self._store.execute(commands, max_rows=self._max_rows)
+
     def _execute_run(self, commands: list[object]) -> list[Any]:
         """`Store.execute` of one run of a split (in the worker thread): each a commit of its
-        own, timed from its start (`commit_running_s`)."""
+        own, timed from its start (`commit_running_s`), stopped at the row bound as any batch
+        (broker/isolate.py runs the rest next)."""
         self._running_since = time.monotonic()  # a float's store: the trio thread reads it
-        return self._store.execute(commands)
+        return self._store.execute(commands, max_rows=self._max_rows)
 
     async def _finish(self, started: _Batch) -> _Batch | None:
         """Wait for a started batch to be durable; None if it failed (its commands are told)."""
@@ -439,6 +459,8 @@ class Committer:
             if started.aside:
                 return self._settle(started, await self._thread.wait(started.call), None)
             started.outcomes = await self._thread.wait(started.call)
+            if len(started.outcomes) < len(started.commands):
+                self._put_back(started)
         except StorageError as exc:
             if isinstance(exc, CorruptProjection) and len(started.commands) > 1:
                 done = await self._thread.run(isolate, self._execute_run, started.commands)
@@ -482,6 +504,26 @@ class Committer:
         self.commands += len(started.pending)
         self.failing = False
         return started
+
+    def _put_back(self, started: _Batch) -> None:
+        """The store stopped `started` at the row bound (`Store.execute`'s `max_rows`): it holds
+        the commands committed now, and those not run go back to the head of the queue, in
+        their order, for the next batch (taken after this one's `_finish`, so nothing queued
+        since goes before them: each user's order holds). Their acks were not committed:
+        their bookkeeping stays as for a queued ack (`_finish` sees only the acks that ran),
+        and each is open to merging again unless a newer ack of its device is queued."""
+        ran = len(started.outcomes)
+        rest = started.pending[ran:]
+        del started.pending[ran:], started.commands[ran:]
+        back = [p for p in rest if isinstance(p.command, Ack)]
+        if back:
+            kept = len(started.acks) - len(back)
+            del started.acks[kept:], started.ack_pending[kept:]
+            self._acks_last = kept > 0
+            acks = self._acks
+            for p in back:
+                acks.setdefault((p.command.user, p.command.device), p)
+        self._queue[:0] = rest
 
     def _settle(self, started: _Batch, done: Isolated, exc: CorruptProjection | None
                 ) -> _Batch:

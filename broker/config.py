@@ -110,8 +110,8 @@ class Config:
     receipt_audience_max: int = 256
     # Group commit.
     max_batch: int = 4096
-    # And the rows one commit writes, as estimated from its commands (a post: an inbox entry per
-    # member of its conversation). broker.committer.MAX_BATCH_ROWS, not imported (as below).
+    # And the rows one commit writes before its last command (a post: an inbox entry per member
+    # of its conversation). broker.committer.MAX_BATCH_ROWS, not imported (as below).
     max_batch_rows: int = 32768
     # Storage.
     map_size_bytes: int = 1 << 30

@@ -27,6 +27,12 @@ costs its batch one run that fails and one commit more, not about 2 log2(n) runs
 2026-12-05). A run between them that fails with CorruptProjection is split in halves as above:
 at most 2n - 1 runs in all, the property test's bound for it.
 
+A run that `execute` stopped at the row bound (`Store.execute`'s `max_rows`: it commits the
+commands it ran and returns their outcomes alone) goes on with its commands not run, as a run
+of its own, next: each commit of a split holds the bound as any batch does, and such a stop
+costs one run more, which commits at least one command (since 2026-12-06; until then a
+split's runs were bounded by the batch's estimated rows alone).
+
 Runs in the committer's worker thread, as `Store.execute` does, so the event loop keeps serving.
 Off the hot path: only a batch that failed with CorruptProjection, or holds a command set aside,
 comes here.
@@ -71,7 +77,7 @@ def isolate(execute: Callable[[Sequence[object]], list[Any]],
             done.stopped = (error, failed + hi - lo)
             continue
         try:
-            results[lo:hi] = execute(commands[lo:hi])
+            ran = execute(commands[lo:hi])
         except CorruptProjection as exc:
             if hi - lo == 1:
                 results[lo] = exc
@@ -82,6 +88,9 @@ def isolate(execute: Callable[[Sequence[object]], list[Any]],
             results[lo:hi] = [exc] * (hi - lo)
             done.stopped = (exc, hi - lo)
             continue
+        results[lo:lo + len(ran)] = ran
+        if lo + len(ran) < hi:  # stopped at the row bound: the rest of the run is run next
+            todo.append((lo + len(ran), hi))
         done.commits += 1
     return done
 

@@ -512,8 +512,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-batch", type=_COUNT, default=d.max_batch,
                    help="commands in one group commit at most (default %(default)s)")
     s.add_argument("--max-batch-rows", type=_COUNT, default=d.max_batch_rows,
-                   help="rows one group commit writes at most, as estimated from its commands "
-                        "(a post: one inbox entry per member of its conversation); a command "
+                   help="rows one group commit writes at most, before its last command (a "
+                        "post: one inbox entry per member of its conversation); a command "
                         "heavier than this commits alone (default %(default)s)")
     s.add_argument("--record-cache", type=_number(int, 0), default=d.record_cache,
                    help="log records kept in memory for the deliveries after their commit, at "

@@ -2,8 +2,14 @@
 
 The committer (broker/committer.py) cuts a batch where its commands' weights would pass
 `--max-batch-rows`; it asks `Weights.of` for each command as it takes a batch, on the event
-loop, so nothing here reads the store. A post writes an inbox entry per member of its
-conversation, so it weighs:
+loop, so nothing here reads the store. The estimate shapes the batch; it does not hold the
+bound: the store stops a batch once the commands it ran wrote `--max-batch-rows` rows, counted
+as they are written, and commits those, and the committer queues the rest again at the head
+(`Store.execute`'s `max_rows`, `Committer._put_back`). So a wrong estimate costs a batch cut
+short and taken again, never a commit past the bound by more than its last command's rows:
+until 2026-12-06 it cost the commit, and right after a restart posts into a channel of 10,000
+(each weighing UNKNOWN_POST_WEIGHT) made a commit of 512 of them, 5.1 million inbox entries.
+A post writes an inbox entry per member of its conversation, so it weighs:
 - two, a direct message (the sender's entry and the recipient's);
 - in a group or channel, the entries the last committed post into it wrote (each commit's
   fan-out tells `posted`; a member joining since adds one, `joined`, a member leaving takes
@@ -23,9 +29,10 @@ from storage.commands import CreateConv, SendMessage
 
 # A post into a group or channel whose size is not known yet: the broker started (or forgot,
 # below) since its last post, and its roster is not cached. A guess between a direct message
-# (2) and a big channel: at the default --max-batch-rows a batch holds 512 of them, where an
-# unknown post weighing 2 let a batch hold 4,096 posts into a channel of 300 (2 s of the
-# commit thread); each conversation's weight is known once a post into it commits.
+# (2) and a big channel: at the default --max-batch-rows a batch takes 512 of them, where an
+# unknown post weighing 2 let a batch take 4,096 posts into a channel of 300 (2 s of the
+# commit thread); each conversation's weight is known once a post into it commits. A batch
+# of a bigger one is stopped by the store at the bound and the rest taken again (above).
 UNKNOWN_POST_WEIGHT = 64
 # Conversations whose post size is kept; past it all are forgotten together and learnt again
 # from the next commits (one int each, ROSTER_CACHE_MAX's count).

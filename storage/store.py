@@ -15,6 +15,9 @@ short read transaction and may be called from any thread. Rules kept (docs/DESIG
   The buffer's hot rows (conv seqs, inbox heads, members, marks) stay cached across batches; a
   batch that fails anywhere (a rule bug, `StorageFull`, the commit) rolls its rows out of the
   cache.
+* A batch given a row bound (`max_rows`, the committer's `--max-batch-rows`) stops once the
+  commands it ran wrote that many rows (inbox entries) and commits those: the broker's
+  estimates of a command's rows may be wrong, the bound may not (since 2026-12-06).
 * A whole-batch failure (`StorageFull`, any other LMDB error) raises and leaves nothing written.
   A command that fails a batch of its own on a damaged row (`CorruptProjection`) is remembered,
   by what it acts on, until a reopen or a rebuild (`set_aside`, for the committer).
@@ -97,6 +100,8 @@ CATCH_UP_EVENTS = 8192
 # from the start (`Store.set_aside`): up to this many, the oldest forgotten first. Kept in
 # memory only: a reopen forgets them, and so does a rebuild (the rows written again).
 DAMAGED_KEPT = 1024
+# `Store.execute`'s row bound when it is given none (an int: compared once a command).
+_UNBOUNDED = 1 << 62
 # Event bodies that decode from the log as the same type (a subclass of str or bytes would not):
 # only events carrying these are remembered from the commit rather than read back.
 _PLAIN_BODY = (str, bytes, type(None))
@@ -351,11 +356,21 @@ class Store(Queries):
 
     # ---------------------------------------------------------------- writes
 
-    def execute(self, commands: Sequence[Command], now_us: int | None = None) -> list[Outcome]:
-        """Run `commands` in one write transaction with one durable commit; one Outcome each.
+    def execute(self, commands: Sequence[Command], now_us: int | None = None,
+                max_rows: int | None = None) -> list[Outcome]:
+        """Run `commands` in one write transaction with one durable commit; one Outcome each,
+        in order, for those it ran: all of them, unless `max_rows` stopped it.
 
         The batch's time is the wall clock (`now_us` stands in for it: tests), or the time of
         the log's last record while the wall clock is behind it (`storage.clock`).
+
+        `max_rows` bounds the rows the batch writes, as they are written (the committer's
+        `--max-batch-rows`): once the commands run have written that many, the batch stops
+        there and commits them; the commands after them are not run (no Outcome: the caller
+        runs them in a later batch). A command counts the inbox entries it wrote (the inboxes
+        it moved), one at least, as broker/weight.py estimates them; so a batch writes at most
+        `max_rows` - 1 plus its last command's rows, and runs one command at least; a
+        `max_rows` below 1 raises ValueError.
 
         Raises `StorageFull` (or another `StorageError`: `CorruptProjection` naming a row it
         read that does not decode, `InternalError` chained to any other exception, a bug) when
@@ -363,6 +378,9 @@ class Store(Queries):
         fails alone: its Outcome's error is `CommandInternalError`, chained to the exception.
         """
         tables, rows, dbs, clock = self._tables, self._rows, self._db_list, self._clock
+        bound = _UNBOUNDED if max_rows is None else max_rows
+        if bound < 1:  # (a batch that ran nothing would be put back and taken again, forever)
+            raise ValueError(f"max_rows must be at least 1, not {max_rows}")
         if tables is None:  # opened read-only: no buffered tables (the failure path needs them)
             raise StorageError(f"{self._env.path} is open read-only: it runs no batch")
 
@@ -382,7 +400,10 @@ class Store(Queries):
             records: list[tuple[bytes, bytes]] = []
             fresh: dict[int, Record] = {}  # for `deliverable`, once committed
             send_message, max_body = SEND_MESSAGE, self.limits.max_body_bytes
+            written = 0  # the rows the commands run wrote, as `max_rows` counts them
             for i, cmd in enumerate(commands):
+                if written >= bound:
+                    break  # the rest go to a later batch (the committer puts them back)
                 if i == self._abort_after:
                     raise _InjectedAbort(i)
                 if send_message is not None and type(cmd) is SendMessage:
@@ -393,6 +414,7 @@ class Store(Queries):
                     except (struct.error, ValueError) as exc:  # free until raised
                         raise _send_fault(tables, cmd, exc) or exc from None
                     if done is not None:
+                        written += len(heads) or 1
                         conv, value, seq = done
                         user, device, cid, body = cmd.user, cmd.device, cmd.cid, cmd.body
                         lsn = tail[0] + 1
@@ -405,6 +427,7 @@ class Store(Queries):
                         outcomes.append(Outcome({"conv": conv, "seq": seq, "lsn": lsn,
                                                  "cid": cid, "dup": False}, None, fx, lsn))
                         continue
+                written += 1  # (a command refused, or one that appends nothing: one row)
                 try:
                     events, reply = decide(tables, cmd, now, self.limits)
                 except DomainError as exc:
@@ -429,6 +452,8 @@ class Store(Queries):
                     apply(tables, ev, fx)
                     if type(ev.data.get("body")) in _PLAIN_BODY:
                         fresh[lsn] = _record(ev)
+                if len(fx.inbox_heads) > 1:
+                    written += len(fx.inbox_heads) - 1
                 if type(cmd) is SendMessage and not reply["dup"]:  # a new message
                     reply["seq"] = fx.seq
                     reply["lsn"] = fx.lsn

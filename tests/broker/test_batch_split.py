@@ -31,11 +31,11 @@ class _Recording(Store):
     """A real store that records the cids (or `ack:user`) of each batch it executes, and fails
     the executes numbered in `full` (1 for the first) as a full disk fails a commit."""
 
-    def execute(self, commands, now_us=None):
+    def execute(self, commands, now_us=None, max_rows=None):
         self.executes.append([_label(c) for c in commands])
         if len(self.executes) in self.full:
             raise StorageFull("disk full (test)")
-        return super().execute(commands, now_us)
+        return super().execute(commands, now_us, max_rows)
 
 
 def _label(command) -> str:
@@ -224,10 +224,10 @@ async def test_a_batch_whose_every_command_reads_the_damaged_row_ends(tmp_path):
 class _Slow(_Recording):
     """A real store whose every execute takes at least SLOW_S (a slow disk's sync)."""
 
-    def execute(self, commands, now_us=None):
+    def execute(self, commands, now_us=None, max_rows=None):
         import time
         time.sleep(SLOW_S)
-        return super().execute(commands, now_us)
+        return super().execute(commands, now_us, max_rows)
 
 
 SLOW_S = 0.05

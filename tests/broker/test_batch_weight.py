@@ -42,11 +42,17 @@ async def _commit_all(broker: Broker, commands: list[object], **limits: object
                       ) -> list[list[object]]:
     """Queue `commands` at once, commit them all with the broker's weights and fan-out; the
     batches."""
+    return [batch for batch, _outcomes in await commit_all(broker, commands, **limits)]
+
+
+async def commit_all(broker: Broker, commands: list[object], **limits: object
+                     ) -> list[tuple[list[object], list[object]]]:
+    """`_commit_all`, each batch with its outcomes (tests/broker/test_batch_rows.py)."""
     store = broker.store
-    batches: list[list[object]] = []
+    batches: list[tuple[list[object], list[object]]] = []
 
     def committed(commands: list[object], outcomes: list[object]) -> None:
-        batches.append(commands)
+        batches.append((commands, outcomes))
         on_committed(broker, commands, outcomes)  # the broker's fan-out: it learns the weights
 
     committer = Committer(store, weigh=broker.weights.of, on_committed=committed, **limits)
@@ -133,10 +139,11 @@ async def test_a_command_heavier_than_the_bound_commits_alone(tmp_path):
 
 
 async def test_a_weigh_that_raises_cuts_by_count_and_the_commits_go_on(tmp_path):
-    """A `weigh` that raises (a bug in the broker's estimate) costs the bound by rows, not the
-    commits: each batch is cut by its count alone, every command commits once in its order,
-    and the failure is logged. `_take` runs in `serve`: the exception ended the committer's
-    task, and the broker with it."""
+    """A `weigh` that raises (a bug in the broker's estimate) costs neither the commits nor
+    the bound by rows: each batch is cut by its count alone (3), the store stops it at the
+    bound (1 row: after each send, of 2), every command commits once in its order, and the
+    failure is logged. `_take` runs in `serve`: the exception ended the committer's task, and
+    the broker with it; until the store held the bound, each commit held 3 sends."""
     from structlog.testing import capture_logs
 
     def broken(command: object) -> int:
@@ -154,7 +161,7 @@ async def test_a_weigh_that_raises_cuts_by_count_and_the_commits_go_on(tmp_path)
                     committer.enqueue(send)
                 await nursery.start(committer.serve)
                 await committer.close()
-        assert batches == [sends[0:3], sends[3:6], sends[6:]]
+        assert batches == [[send] for send in sends]
         assert {e["event"] for e in logs if e["log_level"] == "error"} == {"batch_weigh_failed"}
     finally:
         store.close()

@@ -122,9 +122,9 @@ async def test_acks_of_one_device_are_coalesced(tmp_path):
 class _Recording(Store):
     """A real store that records the commands of each batch it executes."""
 
-    def execute(self, commands, now_us=None):
+    def execute(self, commands, now_us=None, max_rows=None):
         self.batches.append([_label(c) for c in commands])
-        return super().execute(commands, now_us)
+        return super().execute(commands, now_us, max_rows)
 
 
 def _label(command) -> str:
@@ -231,14 +231,14 @@ class _WatchedStore(Store):
         self.hold: dict[str, threading.Event] = {}
         self.fail: set[str] = set()
 
-    def execute(self, commands, now_us=None):
+    def execute(self, commands, now_us=None, max_rows=None):
         first = commands[0].cid
         self.began.append(first)
         if first in self.hold:
             self.hold[first].wait(10)
         if first in self.fail:
             raise StorageFull("disk full (test)")
-        return super().execute(commands, now_us)
+        return super().execute(commands, now_us, max_rows)
 
 
 async def _two_batches(committer: Committer, store: _WatchedStore):

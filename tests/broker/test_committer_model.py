@@ -44,16 +44,29 @@ class _FailingStore(Store):
 
     fail: frozenset[int] = frozenset()
 
-    def execute(self, commands, now_us=None):
+    def execute(self, commands, now_us=None, max_rows=None):
         full = len(self.batches) + 1 in self.fail
         self.batches.append([commands, "full" if full else "ok"])
         if full:
             raise StorageFull("disk full (test)")
         try:
-            return super().execute(commands, now_us)
+            return super().execute(commands, now_us, max_rows)
         except CorruptProjection:
             self.batches[-1][1] = "corrupt"
             raise
+
+
+async def run_appenders(committer: Committer, appender, plans: list, seconds: float = 30
+                        ) -> None:
+    """Serve `committer` while `appender(ix, plan)` runs for each of `plans` at once, then
+    close it once they are done (tests/broker/test_batch_rows.py too)."""
+    with trio.fail_after(seconds):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(committer.serve)
+            async with trio.open_nursery() as appenders:
+                for ix, plan in enumerate(plans):
+                    appenders.start_soon(appender, ix, plan)
+            await committer.close()
 
 
 async def _run(store: _FailingStore, plans: list[list[tuple[str, int, int]]]):
@@ -84,13 +97,7 @@ async def _run(store: _FailingStore, plans: list[list[tuple[str, int, int]]]):
             else:
                 committer.ack_nowait(Ack(USERS[user], f"d{ix}", "user", 0, ()))
 
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(committer.serve)
-            async with trio.open_nursery() as appenders:
-                for ix, plan in enumerate(plans):
-                    appenders.start_soon(appender, ix, plan)
-            await committer.close()
+    await run_appenders(committer, appender, plans)
     assert early == [], f"outcomes told before their LSN was durable: {early[:5]}"
     return told, submitted, fanned
 
