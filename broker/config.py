@@ -19,6 +19,7 @@ from protocol import (
     UINT_MAX,
     largest_deliver_frame,
 )
+from protocol.fields import MAX_USER_LIST
 
 DEFAULT_RECORD_CACHE = 4096
 DEFAULT_HOST = "127.0.0.1"
@@ -51,11 +52,13 @@ RANGES: dict[str, tuple[str, float, float | None]] = {
     "max_connections": ("--max-connections", 1, None),
     "max_handshakes": ("--max-handshakes", 1, None),
     "max_connections_per_user": ("--max-connections-per-user", 1, None),
-    "max_members": ("--max-members", 1, None),
+    # A member_list or receipt_list names at most MAX_USER_LIST users a list (PROTOCOL.md §5.3).
+    "max_members": ("--max-members", 1, MAX_USER_LIST),
     "receipt_audience_max": ("--receipt-audience-max", 1, None),
     "max_batch": ("--max-batch", 1, None),
     "max_batch_rows": ("--max-batch-rows", 1, None),
     "record_cache": ("--record-cache", 0, None),
+    "roster_cache_members": ("--roster-cache-members", 0, None),
     "gc_young_threshold": ("--gc-young-threshold", 1, GC_THRESHOLD_MAX),
     "stats_interval_s": ("--stats-interval", 0, None),
 }
@@ -119,6 +122,10 @@ class Config:
     # many inboxes is decoded once), at most: about this many x max_body_bytes of memory.
     # storage.queries.RECORD_CACHE, not imported: the client commands load this module.
     record_cache: int = DEFAULT_RECORD_CACHE
+    # Members, in all, of the member lists the broker keeps in memory for pushes (receipts,
+    # typing, presence): about 240 bytes each (500,000: 116 MiB). 0 keeps none: each push
+    # reads its conversation's list. broker.roster.ROSTER_CACHE_MEMBERS, not imported.
+    roster_cache_members: int = 500_000
     # Process: allocations between two collections of the cyclic GC's young generation.
     gc_young_threshold: int = 100_000
     # A `broker_stats` log line this often, in seconds (0: none).

@@ -545,6 +545,23 @@ def _may_see_members(session: Session, conv: str, what: str, request_id: int) ->
     return True
 
 
+def _users_fit(session: Session, request_id: int, frame: str, *lists: list[str]) -> bool:
+    """Whether each user list of a `frame` reply holds at most the protocol's MAX_USER_LIST
+    ids (PROTOCOL.md §5.3); if not, the request is answered `limit_exceeded` and the session
+    goes on. Only a conversation grown under a broker whose --max-members was above that
+    holds more (before 2026-12-06 the flag had no upper bound, and such a reply ended the
+    connection without a word: its frame could not be encoded)."""
+    most = max(map(len, lists))
+    if most <= fields.MAX_USER_LIST:
+        return True
+    session.log.warning("reply_too_large", frame=frame, users=most,
+                        max_users=fields.MAX_USER_LIST)
+    session.reply_error(request_id, wire.ErrorCode.LIMIT_EXCEEDED,
+                        f"the {frame} reply would list {most:,} users, over the "
+                        f"{fields.MAX_USER_LIST:,} a list of the protocol holds")
+    return False
+
+
 def on_members(session: Session, f: wire.Members) -> None:
     if not _may_see_members(session, f.conv, "its members", f.id):
         return
@@ -553,6 +570,8 @@ def on_members(session: Session, f: wire.Members) -> None:
     by_role: dict[str, list[str]] = {"owner": [], "admin": [], "member": []}
     for user, role in store.members(f.conv):
         by_role.setdefault(role, []).append(user)
+    if not _users_fit(session, f.id, wire.MemberList.TYPE, *by_role.values()):
+        return
     session.reply(wire.MemberList(id=f.id, conv=f.conv, kind=info["kind"],
                                   owners=by_role["owner"], admins=by_role["admin"],
                                   members=by_role["member"], name=info.get("name")))
@@ -570,9 +589,11 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     # a member, as the answer was before it (`delivered` and `read`).
     members, delivered, read = marks
     have_read = set(read)
+    unread = [m for m in members if m not in have_read]
+    if not _users_fit(session, f.id, wire.ReceiptList.TYPE, delivered, read, unread):
+        return
     session.reply(wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=delivered,
-                                   read=read,
-                                   unread=[m for m in members if m not in have_read]))
+                                   read=read, unread=unread))
 
 
 def on_presence(session: Session, f: wire.Presence) -> None:
@@ -582,6 +603,8 @@ def on_presence(session: Session, f: wire.Presence) -> None:
     hub = session.broker.hub
     # By user id, as the roster is (UTF-8 bytes sort as code points do): only those online.
     online = sorted(hub.online_among(session.broker.roster(f.conv).user_set))
+    if not _users_fit(session, f.id, wire.PresenceList.TYPE, online):
+        return
     session.reply(wire.PresenceList(id=f.id, conv=f.conv, online=online))
 
 

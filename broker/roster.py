@@ -18,9 +18,10 @@ from typing import Any
 from storage.rules import MANAGERS
 
 ROSTER_CACHE_MAX = 50_000  # conversations whose member lists the broker keeps in memory
-# And the members in those lists, in all (full of groups of 1,000: 116 MiB of RSS). Uncounted
-# until 2026-12-05: a presence walk keeps the list of every group of its user, so a service in
-# 800 groups of 1,000 members that connected once left 800,000 of them held (173 MiB), for good.
+# And the members in those lists, in all (full of groups of 1,000: 116 MiB of RSS), by default
+# (`--roster-cache-members`). Uncounted until 2026-12-05: a presence walk keeps the list of every
+# group of its user, so a service in 800 groups of 1,000 members that connected once left
+# 800,000 of them held (173 MiB), for good.
 ROSTER_CACHE_MEMBERS = 500_000
 
 
@@ -72,14 +73,14 @@ _first = itemgetter(0)
 class RosterCache:
     """The rosters of the conversations last asked for, read from the store on a miss."""
 
-    def __init__(self, store: Any) -> None:
+    def __init__(self, store: Any, max_members: int = ROSTER_CACHE_MEMBERS) -> None:
         self.store = store
         # Oldest first: an OrderedDict drops its first entry in O(1), where `next(iter(dict))`
         # walks past the slot of every entry deleted since the dict last grew (`_trim`).
         self.cached: OrderedDict[str, Roster] = OrderedDict()
         self.members = 0  # the members of the rosters in `cached`
         self.max_convs = ROSTER_CACHE_MAX
-        self.max_members = ROSTER_CACHE_MEMBERS
+        self.max_members = max_members
 
     def get(self, conv: str) -> Roster:
         """Who is in `conv` (cached; each membership commit updates it, `changed`)."""

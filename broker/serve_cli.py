@@ -38,6 +38,7 @@ from broker.config import (
 )
 from broker.keyring import Keyring
 from protocol import MAX_FRAME_LIMIT, MIN_FRAME_LIMIT, MIN_FRAME_VALUES, UINT_MAX
+from protocol.fields import MAX_USER_LIST
 
 if TYPE_CHECKING:
     from broker.sdnotify import Notifier
@@ -313,7 +314,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_pending_pushes=args.max_pending_pushes,
         max_batch=args.max_batch, max_batch_rows=args.max_batch_rows,
         max_inflight_requests=args.max_inflight_requests,
-        record_cache=args.record_cache,
+        record_cache=args.record_cache, roster_cache_members=args.roster_cache_members,
         shutdown_grace_s=args.shutdown_grace,
         content_policy=Path(args.content_policy) if args.content_policy else None,
         content_action=args.content_action or "reject",
@@ -501,8 +502,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-connections-per-user", type=_COUNT,
                    default=d.max_connections_per_user,
                    help="sessions of one user, at most (default %(default)s)")
-    s.add_argument("--max-members", type=_COUNT, default=d.max_members,
-                   help="members of a group or channel, at most (default %(default)s)")
+    s.add_argument("--max-members", type=_number(int, 1, MAX_USER_LIST), default=d.max_members,
+                   help=f"members of a group or channel, at most; up to {MAX_USER_LIST}, the "
+                        "user ids a reply's list holds (default %(default)s)")
     s.add_argument("--receipt-audience-max", type=_COUNT, default=d.receipt_audience_max,
                    help="members of a group above which its receipts are pushed only to its "
                         "owners and admins, as a channel's (default %(default)s)")
@@ -519,6 +521,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="log records kept in memory for the deliveries after their commit, at "
                         "most (a commit's are kept whole; about this many times "
                         "--max-body-bytes of memory; default %(default)s)")
+    s.add_argument("--roster-cache-members", type=_number(int, 0),
+                   default=d.roster_cache_members,
+                   help="members, in all, of the member lists kept in memory for pushes "
+                        "(receipts, typing, presence), at most; about 240 bytes each; 0 keeps "
+                        "none (default %(default)s)")
     s.add_argument("--max-inflight-requests", type=_COUNT, default=d.max_inflight_requests,
                    help="requests of one connection awaiting their commit; past it the broker "
                         "stops reading that connection (default %(default)s)")

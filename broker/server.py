@@ -61,7 +61,7 @@ class Broker:
         self.log.info("signing_keys_loaded", key_id=tokens.key_id(self.keyring.current),
                       previous_key_id=self.keyring.previous_id, sessions_ended=0)
         self.hub = Hub(store)
-        self.rosters = RosterCache(store)
+        self.rosters = RosterCache(store, config.roster_cache_members)
         self.roster = self.rosters.get  # who is in a conversation (cached; broker/roster.py)
         self.presence = Presence(self.hub, self.roster, self.log)
         # What each command weighs in a batch, learnt from the commits (broker/weight.py).

@@ -304,6 +304,7 @@ def test_every_setting_of_serve_is_a_flag():
              "receipt_audience_max": ["--receipt-audience-max", "7"],
              "max_batch": ["--max-batch", "7"], "max_batch_rows": ["--max-batch-rows", "7"],
              "record_cache": ["--record-cache", "0"],
+             "roster_cache_members": ["--roster-cache-members", "7"],
              "gc_young_threshold": ["--gc-young-threshold", "7"],
              "stats_interval_s": ["--stats-interval", "7"]}
     not_flags = {"map_size_bytes"}
@@ -350,11 +351,13 @@ def test_a_config_built_in_code_refuses_what_its_flags_refuse():
            "max_connections": ("--max-connections", [0]),
            "max_handshakes": ("--max-handshakes", [0]),
            "max_connections_per_user": ("--max-connections-per-user", [0]),
-           "max_members": ("--max-members", [0]),
+           # No upper bound until 2026-12-06: a group past 100,000 could not be listed.
+           "max_members": ("--max-members", [0, 100_001]),
            "receipt_audience_max": ("--receipt-audience-max", [0]),
            "max_batch": ("--max-batch", [0]),
            "max_batch_rows": ("--max-batch-rows", [0, -1]),
            "max_body_bytes": ("--max-body-bytes", [0]),
+           "roster_cache_members": ("--roster-cache-members", [-1, math.inf]),
            # Not checked in code until 2026-12-05 (the flags were): a broker of port 70000
            # failed at its bind, one of frames under 1,024 bytes refused every hello.
            "port": ("--port", [70000, -1]),

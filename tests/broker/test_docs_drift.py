@@ -463,3 +463,63 @@ def test_every_section_a_doc_names_exists():
                 missing.append(f"{path.name}: {name}, \"{title}\"")
     assert not missing, ("references to sections that do not exist: "
                          + "; ".join(sorted(set(missing))))
+
+
+def _fixed_limits() -> list[tuple[str, str, str]]:
+    """(constant, the first cell its "(fixed)" row of OPERATIONS.md's Limits table shows,
+    words of that row's text that tell it from the others), for every bound of the broker's
+    own caches and queues that no flag sets. A new such constant belongs here and in the
+    table."""
+    from broker import presence, roster, session, weight
+    from protocol import fields
+    from storage import buffered_tables, lmdb_env, rules, store
+
+    return [
+        ("session.FAIR_SLICE_S", f"{session.FAIR_SLICE_S * 1000:g} ms",
+         "one connection's frames hold"),
+        ("presence.SLICE_S", f"{presence.SLICE_S * 1000:g} ms", "one user's presence walk"),
+        ("roster.ROSTER_CACHE_MAX", f"{roster.ROSTER_CACHE_MAX:,}",
+         "conversations whose member lists the broker keeps"),
+        ("buffered_tables.CACHE_ROWS", f"{buffered_tables.CACHE_ROWS:,}",
+         "rows of one table the commit thread keeps"),
+        ("buffered_tables.COUNTED_GROUPS", f"{buffered_tables.COUNTED_GROUPS:,}",
+         "conversations whose member count"),
+        ("session.MUTED_CACHE_MAX", f"{session.MUTED_CACHE_MAX:,}", "mute state"),
+        ("rules._KNOWN_IDS_MAX", f"{rules._KNOWN_IDS_MAX:,}",
+         "user and device ids the commit thread remembers"),
+        ("fields._KNOWN_MAX", f"{fields._KNOWN_MAX:,}", "frame checks remember"),
+        ("buffered_tables.TRACKED_SENDERS", f"{buffered_tables.TRACKED_SENDERS:,}",
+         "senders whose greatest committed cid"),
+        ("weight.POST_SIZES_MAX", f"{weight.POST_SIZES_MAX:,}", "post size"),
+        ("store.DAMAGED_KEPT", f"{store.DAMAGED_KEPT:,}", "met a damaged projection row"),
+        ("lmdb_env.MAX_READERS", f"{lmdb_env.MAX_READERS:,} readers", "reader table"),
+        ("session.MAX_QUEUED_FRAMES, MAX_QUEUED_BYTES",
+         f"{session.MAX_QUEUED_FRAMES} frames or {session.MAX_QUEUED_BYTES >> 20} MiB",
+         "replies queued for a client that sends but does not read"),
+        ("session.DELIVER_BYTES", f"{session.DELIVER_BYTES >> 10} KiB",
+         "deliveries one session takes into memory"),
+    ]
+
+
+def test_fixed_limits_as_documented():
+    """Each "(fixed)" row of OPERATIONS.md's Limits table states its constant's value, and
+    every such row is one of those constants: the audit of 2026-12-06 found two bounds in no
+    row (weight.POST_SIZES_MAX, store.DAMAGED_KEPT), and nothing held the rows' numbers to the
+    code's."""
+    rows = [cells for cells in table_rows(section(OPERATIONS, "Limits"),
+                                          "| flag | default | when exceeded |")
+            if cells[0].startswith("(fixed)")]
+    assert rows, "OPERATIONS.md Limits: no (fixed) row read"
+    problems, matched = [], set()
+    for name, shown, words in _fixed_limits():
+        found = [i for i, cells in enumerate(rows) if words in cells[2]]
+        if len(found) != 1:
+            problems.append(f"{name}: {len(found)} rows say {words!r}, not one")
+            continue
+        matched.add(found[0])
+        if rows[found[0]][0] != f"(fixed) {shown}":
+            problems.append(f"{name}: the row says {rows[found[0]][0]!r}, the code "
+                            f"'(fixed) {shown}'")
+    problems += [f"a row for no known constant: {rows[i][0]} {rows[i][2][:60]!r}"
+                 for i in range(len(rows)) if i not in matched]
+    assert not problems, "docs/OPERATIONS.md Limits, (fixed) rows: " + "; ".join(problems)

@@ -1,0 +1,95 @@
+"""The limits audit of 2026-12-06: --max-members is bounded by what a reply's user list holds,
+and a conversation past that bound (grown under an older broker) gets a typed refusal."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import protocol as wire
+from broker.config import Config
+from protocol.fields import MAX_USER_LIST
+from storage import records as r
+from storage.store import Store
+from tests.faults.conftest import RawClient, replies
+from tests.harness import running_broker
+
+
+def test_max_members_is_bounded_by_the_users_a_reply_lists():
+    """--max-members above MAX_USER_LIST (100,000) is a usage error: the `members` and
+    `receipts` replies of such a group could not be sent. Until 2026-12-06 it had no upper
+    bound."""
+    from broker.cli import CliError, build_parser
+
+    assert Config(max_members=MAX_USER_LIST).max_members == MAX_USER_LIST
+    with pytest.raises(ValueError, match="--max-members must be a finite number from 1 to "
+                                         "100000, not 100001"):
+        Config(max_members=MAX_USER_LIST + 1)
+    with pytest.raises(CliError, match="must be from 1 to 100000, not 100001"):
+        build_parser().parse_args(["serve", "--max-members", str(MAX_USER_LIST + 1)])
+    args = build_parser().parse_args(["serve", "--max-members", str(MAX_USER_LIST)])
+    assert args.max_members == MAX_USER_LIST
+
+
+def _group_past_the_list_bound(data) -> str:
+    """A group of owner + MAX_USER_LIST + 1 members with one post, in `data`, as a broker
+    whose --max-members was higher (before 2026-12-06) logged it: its events are appended to
+    the log, and the store's projections caught up from them as the broker opens it (the
+    rules would take minutes: each invite copies the group's cached member list)."""
+    conv = "grp:00000000000000aa"
+    store = Store.open(str(data))
+    try:
+        at = {"conv": conv}
+        store.log.append([
+            (1, r.CONV_CREATED, "owner", "d1", at | {"kind": "group", "name": "huge",
+                                                    "open": False}),
+            (1, r.MEMBER_ADDED, "owner", "d1", at | {"user": "owner", "role": "owner"}),
+            *((1, r.MEMBER_ADDED, "owner", "d1", at | {"user": f"u{i:06d}", "role": "member"})
+              for i in range(MAX_USER_LIST + 1)),
+            (2, r.MESSAGE_ACCEPTED, "owner", "d1", at | {"cid": "c1", "body": "to all"})])
+    finally:
+        store.close()
+    return conv
+
+
+async def test_a_reply_listing_more_users_than_the_protocol_allows_is_limit_exceeded(tmp_path):
+    """`members` and `receipts` in a group of more than MAX_USER_LIST members other than the
+    asker are answered `limit_exceeded`, the session open (a ping after them is answered) and
+    another user served meanwhile. The reply frame could not be encoded: the connection ended
+    without a word (`connection_failed`, a traceback in the log)."""
+    conv = _group_past_the_list_bound(tmp_path / "data")
+    async with running_broker(tmp_path / "data") as h:
+        with trio.fail_after(60):
+            owner = await RawClient.connect(h.server, h.token("owner"), "d1")
+            await owner.send(wire.Members(id=1, conv=conv))
+            await owner.send(wire.Receipts(id=2, conv=conv, seq=1))
+            await owner.send(wire.Ping(id=3))
+            got = await replies(owner, [1, 2, 3])
+            for request_id in (1, 2):
+                err = got[request_id]
+                assert isinstance(err, wire.Error) and err.name == "limit_exceeded", err
+                assert not err.close and "over the 100,000 a list" in err.message, err
+            assert isinstance(got[3], wire.Pong)
+            async with h.client("alice") as alice:
+                await alice.send("still served", to="bob")
+            await owner.aclose()
+    refused = [e for e in h.logs if e["event"] == "reply_too_large"]
+    assert {(e["frame"], e["users"]) for e in refused} == {
+        ("member_list", MAX_USER_LIST + 1), ("receipt_list", MAX_USER_LIST + 1)}
+
+
+async def test_roster_cache_members_bounds_the_member_lists_kept(tmp_path):
+    """--roster-cache-members bounds the members of the lists kept for pushes (it was fixed at
+    500,000, about 116 MiB, until 2026-12-06): with 3, a group of 3 is kept and one of 5 is
+    not, and both are answered all the same (the group of 5 read from the store each time)."""
+    async with running_broker(tmp_path / "data", roster_cache_members=3) as h:
+        with trio.fail_after(20):
+            async with h.client("alice") as alice:
+                small = await alice.create_group("small", ["b", "c"])
+                big = await alice.create_group("big", ["b", "c", "d", "e"])
+                for _ in range(2):
+                    assert await alice.presence(small) == ("alice",)
+                    assert await alice.presence(big) == ("alice",)
+                    rosters = h.broker.rosters
+                    assert small in rosters.cached and big not in rosters.cached
+                    assert rosters.members == 3
