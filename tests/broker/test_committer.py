@@ -98,7 +98,9 @@ async def test_the_event_loop_keeps_running_during_a_commit(tmp_path):
 
 
 async def test_acks_of_one_device_are_coalesced(tmp_path):
-    """Queued acks of one device merge into one command carrying the highest mark."""
+    """Queued acks of one device merge into one command carrying the highest mark, and the
+    highest seq of each conversation they name (the merge took the last one's, lowering the
+    receipt of a message delivered and acked)."""
     store = Store.open(str(tmp_path / "d"))
     committer = Committer(store)
     try:
@@ -108,12 +110,13 @@ async def test_acks_of_one_device_are_coalesced(tmp_path):
                 for n in range(3):
                     await committer.submit(SendMessage("a", "d", "user", f"c{n}", BODY, to="b"))
                 for upto in (1, 3, 2):
-                    committer.ack_nowait(Ack("b", "phone", "user", upto))
+                    committer.ack_nowait(Ack("b", "phone", "user", upto, (("dm:a:b", upto),)))
                 assert committer.acked_mark("b", "phone") == 3
                 await committer.close()
         assert store.delivered("b", "phone") == 3
         acks = [e for e in store.read_events(1) if e.type == "delivery.acked"]
-        assert [e.data["upto"] for e in acks] == [3]
+        assert [(e.data["upto"], e.data["convs"]) for e in acks] == [(3, {"dm:a:b": 3})]
+        assert store.receipts("dm:a:b", 3)[1] == ["b"]
         assert committer.acked_mark("b", "phone") == 0
     finally:
         store.close()

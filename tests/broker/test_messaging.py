@@ -907,3 +907,16 @@ async def test_a_big_groups_marks_are_pushed_only_to_its_owners_and_admins(tmp_p
                     heard.append(p)
         assert len(heard) == (1 if bound >= 4 else 0)
         assert "bob" in (await carol.receipts(conv, seq)).read
+        # An admin's delivered mark goes to the others who hear of marks, never back to the
+        # admin's own devices (as above: what dave is told of it comes before carol's notice).
+        got = await recv(dave, 2)  # "added", then the notice
+        await dave.ack(got[-1].inbox_seq)
+        await push_of(alice, protocol.Receipt, user="dave", delivered=seq)
+        await carol.typing(conv)
+        own = []
+        with trio.fail_after(5):
+            while not (isinstance(p := await dave.next_push(), protocol.TypingNotice)
+                       and p.user == "carol"):
+                if isinstance(p, protocol.Receipt) and p.user == "dave":
+                    own.append(p)
+        assert own == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import msgpack
 import trio
 
 import protocol as wire
@@ -12,6 +13,13 @@ from tests.faults.conftest import RawClient
 from tests.waits import wait_until
 
 MISSING = {"grp": "grp:00000000000000ff", "chn": "chn:00000000000000ff", "dm": "dm:x1:x2"}
+
+
+def _forged(token: str, **claims) -> str:
+    """`token` with `claims` changed in its claims and its signature kept."""
+    version, body, mac = token.split(".")
+    changed = {**msgpack.unpackb(tokens._unb64(body)), **claims}
+    return f"{version}.{tokens._b64(msgpack.packb(changed))}.{mac}"
 
 
 async def hello_answer(server, token):
@@ -29,8 +37,11 @@ async def test_bad_tokens_are_unauthorized(harness, tally):
     bad = {
         "no token": "",
         "forged signature": good[:-3] + ("AAA" if not good.endswith("AAA") else "BBB"),
-        "forged user": good.replace(good.split(".")[0], good.split(".")[0][::-1], 1)
-        if "." in good else "x" + good,
+        # alice's signature under claims changed to another user, and to the admin role ("v1"
+        # reversed stood here as "forged user": a bad version, with the claims untouched)
+        "forged user": _forged(good, u="root"),
+        "forged role": _forged(good, r="admin"),
+        "another version": good.replace("v1.", "1v.", 1),
         "expired": tokens.issue(h.broker.secret, "alice", "user", -1),
         "other secret": tokens.issue(b"s" * 32, "alice", "admin", 3600),
         "garbage": "not.a.token",
@@ -41,7 +52,9 @@ async def test_bad_tokens_are_unauthorized(harness, tally):
             f = await hello_answer(h.server, token)
             assert isinstance(f, wire.Error) and f.name == "unauthorized" and f.close, (what, f)
             tally.add(f"auth: {what} token")
-    assert h.broker.hub.count == 0
+        assert h.broker.hub.count == 0
+        # The token they were made from is welcomed: refused for what was done to it.
+        assert isinstance(await hello_answer(h.server, good), wire.Welcome)
 
 
 async def test_a_session_ends_when_its_token_expires(harness, tally):

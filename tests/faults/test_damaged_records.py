@@ -71,6 +71,12 @@ DAMAGE = {
         [BAD_LSN, 1, "message.accepted", "bob", "d", {"conv": DM}]), db=db("log")),
     "another record": lambda txn, db: txn.put(  # a member.added where the message was
         lsn_key(BAD_LSN), txn.get(lsn_key(2), db=db("log")), db=db("log")),
+    # A message of the right LSN, of another conversation: only the conversation tells it
+    # from alice's ("another record" above says LSN 2, which `event_at` refuses first).
+    "another conversation's message": lambda txn, db: txn.put(
+        lsn_key(BAD_LSN), _value(txn, db)[:32] + _body([
+            BAD_LSN, 1, "message.accepted", "carol", "d",
+            {"conv": "dm:carol:dave", "cid": "k9", "body": "for dave only"}]), db=db("log")),
     "rows past the log": lambda txn, db: _past_the_log(txn, db),
 }
 

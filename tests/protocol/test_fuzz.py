@@ -119,7 +119,8 @@ def test_arbitrary_msgpack_frames_never_raise_anything_but_protocol_errors(
 
 
 def test_a_caller_that_does_not_drain_is_refused():
-    """Feeding past 4 + max_frame_bytes unconsumed bytes raises instead of growing forever."""
+    """Feeding past 4 + max_frame_bytes unconsumed bytes raises instead of growing forever:
+    holding exactly that many, a feed is still taken; holding one more, it is refused."""
     conn = Connection(Role.SERVER, max_frame_bytes=MAX_FRAME)
     chunk = b"\x00" * 700
     conn.receive_data(chunk)
@@ -127,6 +128,14 @@ def test_a_caller_that_does_not_drain_is_refused():
     with pytest.raises(LocalProtocolError):  # the caller's fault, not the peer's
         conn.receive_data(chunk)
     assert conn.buffered_bytes <= 4 + MAX_FRAME + len(chunk)
+    # At the bound itself (700 above left 1,400 held: far past it, whatever the bound was).
+    conn = Connection(Role.SERVER, max_frame_bytes=MAX_FRAME)
+    conn.receive_data(b"\x00" * (4 + MAX_FRAME))
+    conn.receive_data(b"\x00")  # 4 + MAX_FRAME held: not past the bound
+    assert conn.buffered_bytes == 4 + MAX_FRAME + 1
+    with pytest.raises(LocalProtocolError):
+        conn.receive_data(b"\x00")
+    assert conn.buffered_bytes == 4 + MAX_FRAME + 1
 
 
 def _values(obj) -> int:
@@ -167,6 +176,45 @@ def test_the_compiled_count_is_the_python_one_on_any_bytes(data, cut, limit):
     the end."""
     for body in (data, data[:cut]):
         assert len({count(body, limit) for count in COUNTERS}) == 1, body
+
+
+def _leaves(obj) -> int:
+    """`_values` of `obj`, an ExtType counting as one value (it is no container)."""
+    if isinstance(obj, dict):
+        return sum(2 + _leaves(k) + _leaves(v) for k, v in obj.items())
+    if isinstance(obj, list):
+        return sum(1 + _leaves(v) for v in obj)
+    return 0
+
+
+# Every msgpack header with a length or count of its own, at the width that selects it: the
+# strategies above make lists and maps of at most 4 items and strings and bins of at most 20
+# bytes (fix-sized and 8-bit headers only), so a 16- or 32-bit width wrong passed them.
+WIDE = {
+    "array16 (0xdc)": [None] * 16, "array32 (0xdd)": [None] * 65_536,
+    "map16 (0xde)": {i: None for i in range(16)}, "map32 (0xdf)": {i: 1 for i in range(65_536)},
+    "str8 (0xd9)": "s" * 40, "str16 (0xda)": "s" * 300, "str32 (0xdb)": "s" * 70_000,
+    "bin8 (0xc4)": b"b" * 10, "bin16 (0xc5)": b"b" * 300, "bin32 (0xc6)": b"b" * 70_000,
+    "fixext (0xd4-0xd8)": [msgpack.ExtType(1, b"e" * n) for n in (1, 2, 4, 8, 16)],
+    "ext8 (0xc7)": msgpack.ExtType(1, b"e" * 3), "ext16 (0xc8)": msgpack.ExtType(1, b"e" * 300),
+    "ext32 (0xc9)": msgpack.ExtType(1, b"e" * 70_000),
+    "numbers (0xca-0xd3)": [1.5, 200, 60_000, 1 << 20, 1 << 40, -100, -30_000, -(1 << 20),
+                            -(1 << 40)],
+}
+
+
+@pytest.mark.parametrize("name", sorted(WIDE))
+def test_every_header_width_is_counted_as_decoded(name):
+    """Each counter counts a value behind a 16- or 32-bit length or count header as what it
+    holds, and goes on past it to the values after it; cut short anywhere, both agree."""
+    value = WIDE[name]
+    frame = {"t": "send", "before": [1, {"k": 2}], "x": value, "after": [3, [4, 5], {"k": 6}]}
+    body = msgpack.packb(frame, use_bin_type=True, use_single_float=name.startswith("num"))
+    expected = _leaves(frame)
+    for count in COUNTERS:
+        assert count(body, 1 << 20) == expected, count
+    for cut in (1, 3, 6, len(body) // 2, len(body) - 20, len(body) - 1):
+        assert len({count(body[:cut], 1 << 20) for count in COUNTERS}) == 1, cut
 
 
 def _nested(levels: int, per: int) -> bytes:

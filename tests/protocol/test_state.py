@@ -227,13 +227,32 @@ def test_wrong_direction_is_refused_both_ways():
 
 
 def test_welcome_sets_the_agreed_max_frame():
-    """Both sides apply welcome.max_frame (the client never exceeds its own limit)."""
+    """Both sides apply welcome.max_frame, a body of exactly it and not one byte more, and the
+    client never exceeds its own limit: a welcome offering more leaves the client's, for what
+    it sends and what it takes."""
     pair = ConnectionPair()
     pair.send(pair.client, HELLO._replace(max_frame=4096))
     pair.send(pair.server, WELCOME._replace(max_frame=4096))
     assert pair.client.max_frame_bytes == pair.server.max_frame_bytes == 4096
     with pytest.raises(LocalProtocolError) as info:
         pair.client.send(SEND._replace(body=b"x" * 5000))
+    assert info.value.code is ErrorCode.TOO_LARGE
+    fill = 4096 - (len(pair.client.send(SEND._replace(body="x" * 1000))) - 4)
+    assert len(pair.client.send(SEND._replace(body="x" * (1000 + fill)))) == 4 + 4096
+    with pytest.raises(LocalProtocolError) as info:
+        pair.client.send(SEND._replace(body="x" * (1001 + fill)))
+    assert info.value.code is ErrorCode.TOO_LARGE
+    small = ConnectionPair()
+    small.client = Connection(Role.CLIENT, max_frame_bytes=2048)
+    small.send(small.client, HELLO._replace(max_frame=2048))
+    small.send(small.server, WELCOME._replace(max_frame=4096))  # more than the client asked
+    assert small.client.max_frame_bytes == 2048
+    with pytest.raises(LocalProtocolError) as info:
+        small.client.send(SEND._replace(body="x" * 3000))
+    assert info.value.code is ErrorCode.TOO_LARGE
+    small.client.receive_data(encode_frame({"t": "pong", "id": 1, "pad": "x" * 3000}))
+    with pytest.raises(RemoteProtocolError) as info:
+        small.client.next_event()
     assert info.value.code is ErrorCode.TOO_LARGE
 
 

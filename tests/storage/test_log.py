@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from hashlib import blake2b
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,8 @@ from storage.errors import CorruptLog, DataDirLocked
 from storage.lmdb_log import LmdbLog
 from storage.log import EventLog, MemoryLog
 from storage.records import (
-    GENESIS,
     MESSAGE_ACCEPTED,
     Event,
-    chain,
     decode_body,
     encode_body,
     lsn_key,
@@ -87,16 +86,25 @@ def test_range_reads(backend):
     assert [e.lsn for e in log.read(2499)] == [2499, 2500]
     assert len(list(log.read(2))) == 2499
     assert list(log.read(2501)) == []
+    # From 0 or below reads from 1 (docs/DESIGN.md, "The event log"); `to` below `from`, none.
+    assert [e.lsn for e in log.read(0, 2)] == [1, 2]
+    assert [e.lsn for e in log.read(-5, 1)] == [1]
+    assert list(log.read(5, 4)) == []
     log.close()
 
 
 def test_chain_verifies(backend):
-    """Every record's digest chains from GENESIS over the encoded bodies."""
+    """Every record's digest chains from GENESIS, 32 zero bytes (docs/DESIGN.md, "Stored
+    events"), over the encoded bodies: each stored value is that digest then the body."""
     log = backend.open()
     log.append([_ev(i) for i in range(10)])
-    digest = GENESIS
-    for e in log.read():
-        digest = chain(digest, encode_body(e))
+    digest = bytes(32)
+    raw = list(log.read_raw())
+    for (lsn, value), e in zip(raw, log.read(), strict=True):
+        body = encode_body(e)
+        digest = blake2b(digest + body, digest_size=32).digest()  # the spec, not `chain`
+        assert value == digest + body, lsn
+    assert len(raw) == 10
     assert log.verify() == 10
     assert log.verify(4) == 7
     log.close()
