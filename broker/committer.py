@@ -511,7 +511,7 @@ class Committer:
         their order, for the next batch (taken after this one's `_finish`, so nothing queued
         since goes before them: each user's order holds). Their acks were not committed:
         their bookkeeping stays as for a queued ack (`_finish` sees only the acks that ran),
-        and each is open to merging again unless a newer ack of its device is queued."""
+        and a device keeps one ack queued (`_merge_back`)."""
         ran = len(started.outcomes)
         rest = started.pending[ran:]
         del started.pending[ran:], started.commands[ran:]
@@ -520,10 +520,37 @@ class Committer:
             kept = len(started.acks) - len(back)
             del started.acks[kept:], started.ack_pending[kept:]
             self._acks_last = kept > 0
-            acks = self._acks
-            for p in back:
-                acks.setdefault((p.command.user, p.command.device), p)
+            merged = self._merge_back(back)
+            if merged:
+                rest = [p for p in rest if p not in merged]
         self._queue[:0] = rest
+
+    def _merge_back(self, back: list[Pending]) -> set[Pending]:
+        """The acks `back` are put back (`_put_back`): each device keeps one ack queued, its
+        newest, open to merging (`_acks`): one queued while they committed, else the last of
+        its put back; its others merge into it, their waiters with them (acks come from
+        `ack_nowait`: no `done`, no `event`), and commit in its place: an ack only moves marks
+        over entries committed, so it may follow commands queued after it (`_take`). Return
+        those merged away.
+
+        Until 2026-12-06 each stayed queued: a device's acks put back together, or behind one
+        queued meanwhile, were several queued acks of one device, which nothing else expects.
+        When a full disk failed the first, `_lose_acks` left its conversations to the rules
+        in the one open to merging alone, and the next, naming only the conversations it
+        covered, made the device's mark whole again: the lost ack's messages were never
+        marked received (their senders never told)."""
+        acks, merged = self._acks, set()
+        for p in reversed(back):  # the newest first
+            key = (p.command.user, p.command.device)
+            newest = acks.get(key)
+            if newest is None:
+                acks[key] = p
+                continue
+            newest.command = _merge_acks(p.command, newest.command)
+            for callback in p.also or ():
+                newest.when_done(callback)
+            merged.add(p)
+        return merged
 
     def _settle(self, started: _Batch, done: Isolated, exc: CorruptProjection | None
                 ) -> _Batch:
