@@ -122,6 +122,9 @@ def test_an_anchor_shows_a_record_changed_and_chained_again(tmp_path, capsys):
     status, report, _ = _run(capsys, "verify", "--data", str(data), "--anchor", anchor)
     assert status == 1 and report["log"]["lsn"] == before["head"]["lsn"]
     assert "chain" in report["log"]["reason"]
+    # The anchor's own record is the one that failed: not held (it was not checked, and
+    # `anchor.ok` true at the anchor's LSN passed).
+    assert report["ok"] is False and report["anchor"]["ok"] is False, report
 
 
 def test_an_anchor_that_is_no_lsn_and_digest_is_a_usage_error(tmp_path, capsys):

@@ -96,12 +96,20 @@ async def test_log_json_shape_filters_and_table(tmp_path, capsys):
     assert grp and all(e["data"]["conv"] == f["group"] for e in grp)
     carol = audit_json(capsys, f["data"], "log", "--json", "--user", "carol")
     assert [e["type"] for e in carol] == ["member.added"]
+    # --user names the actor, `data.user` or a party of a direct message: alice's two messages
+    # to bob are his (only the acks were looked at, bob's own, so the dm parties went untried).
+    bobs = audit_json(capsys, f["data"], "log", "--json", "--user", "bob",
+                      "--type", "message.accepted")
+    assert [e["data"]["cid"] for e in bobs] == ["c1", "c2"], bobs
     acks = audit_json(capsys, f["data"], "log", "--json", "--type", "delivery", "--user", "bob")
     assert {(e["actor"], e["device"]) for e in acks} == {("bob", "b1"), ("bob", "b2")}
     assert all(e["type"] == "delivery.acked" for e in acks)
     window = audit_json(capsys, f["data"], "log", "--json", "--from-lsn", "2", "--to-lsn", "4")
     assert [e["lsn"] for e in window] == [2, 3, 4]
     assert audit_json(capsys, f["data"], "log", "--json", "--since", "1h") == events
+    # Both bounds hold the event at them (only bounds far from any event were tried).
+    assert audit_json(capsys, f["data"], "log", "--json", "--since", first["ts"]) == events
+    assert audit_json(capsys, f["data"], "log", "--json", "--until", events[-1]["ts"]) == events
     assert audit_json(capsys, f["data"], "log", "--json", "--until", "2000-01-01") == []
 
     status, lines, _ = audit(capsys, f["data"], "log", "--to-lsn", "4")
@@ -395,6 +403,10 @@ async def test_trace_shows_a_delivered_and_read_recipient_and_an_unread_one(tmp_
 
     [by_cid] = audit_json(capsys, f["data"], "trace", "--cid", "g1", "--from", "alice", "--json")
     assert by_cid == t
+    # "hello bob" is the first entry of bob's inbox: its acks are found as any other's (the
+    # entries traced above were later ones, so a search that never looked at entry 1 passed).
+    [first] = audit_json(capsys, f["data"], "trace", "--cid", "c1", "--from", "alice", "--json")
+    assert set(first["recipients"]["bob"]["devices"]) == {"b1", "b2"}, first
     status, lines, _ = audit(capsys, f["data"], "trace", "--conv", f["group"], "--seq", "1")
     assert status == 0 and lines[0].startswith(f"message {f['group']} #1 from alice")
     status, _, err = audit(capsys, f["data"], "trace", "--conv", f["group"], "--seq", "99")

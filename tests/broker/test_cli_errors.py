@@ -83,6 +83,21 @@ def test_a_token_ttl_must_be_positive_and_at_most_ten_years(tmp_path, ttl):
         homing("token", "alice", "--data", str(tmp_path), "--ttl", ok)
 
 
+@pytest.mark.parametrize(("ttl", "seconds"), [("3600", 3600), ("90s", 90), ("15m", 900),
+                                              ("12h", 43_200), ("30d", 2_592_000),
+                                              ("2w", 1_209_600)])
+def test_a_token_lasts_the_ttl_it_was_minted_with(tmp_path, ttl, seconds):
+    """`homing token --ttl` in each unit it takes: the token expires that many seconds after
+    it was issued. Only the bounds were tried (1s, 3650d), so a unit of the wrong length (a
+    week of six days) passed."""
+    from broker import tokens
+
+    out = homing("token", "alice", "--data", str(tmp_path), "--ttl", ttl).stdout.strip()
+    secret = tokens.load_secret(tmp_path, create=False)
+    claims = tokens.verify({tokens.key_id(secret): secret}, out)
+    assert claims.expires - claims.issued == seconds, (ttl, claims)
+
+
 def test_a_field_the_protocol_refuses_is_reported_invalid_at_once(tmp_path):
     """A value outside the protocol's field rules exits 1 with {"error": "invalid", "code": 7}
     without being sent (before the fix each of these hung for ever)."""
@@ -354,3 +369,49 @@ def test_listen_says_when_the_inbox_went_back_after_a_restore(tmp_path):
     assert re.match(r"the broker's inbox of this user went back from inbox_seq 3 to [12] "
                     r"\(restored from an older backup\?\): deliveries start over after 1,",
                     reset[0]["message"]), reset
+
+
+async def test_a_request_answered_shutting_down_exits_3_with_the_cid_to_send_again(tmp_path):
+    """docs/CLI.md: a command whose message went out and was answered `shutting_down` (the
+    broker stopping) exits 3, as `unreachable` does: try again once it is back, with the cid
+    the message names; a refusal (`forbidden`) did nothing, exits 1 and names no cid. Played
+    by a server on the real protocol connection, since a real broker's stop is a race with
+    the send. No test had the CLI meet `shutting_down`, nor read a refusal's message for the
+    hint, so an exit status of 1 for the one and a hint on the other passed."""
+    import functools
+
+    import trio
+
+    import protocol as wire
+    from tests.faults.conftest import PlayedBroker
+
+    async def stopping_broker(stream: trio.SocketStream) -> None:
+        played = PlayedBroker(stream)
+        hello = await played.next_frame()
+        await played.send(wire.Welcome(1, "s-1", "shop", 0, 1 << 20, 15, 0, 0, (
+            "create_cid", "start_head", "requests_only"), id=hello.id))
+        while (frame := await played.next_frame()) is not wire.CLOSED:
+            if isinstance(frame, wire.Send):
+                refused = frame.to == "carol"
+                await played.send(wire.error_frame(
+                    wire.ErrorCode.FORBIDDEN if refused else wire.ErrorCode.SHUTTING_DOWN,
+                    "not for you" if refused else "the broker is shutting down", frame.id,
+                    close=False))
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, stopping_broker, 0, host="127.0.0.1"))
+        server = f"127.0.0.1:{listener.socket.getsockname()[1]}"
+        procs = {}
+        with trio.fail_after(60):
+            for to in ("bob", "carol"):
+                procs[to] = await trio.to_thread.run_sync(functools.partial(
+                    homing, "send", "--to", to, "--cid", "c-7", "hi", "--server", server,
+                    "--token", "v1.any.token", "--connect-timeout", "2", check=False))
+        nursery.cancel_scope.cancel()
+    assert procs["bob"].returncode == 3, procs["bob"].stderr
+    err = error_of(procs["bob"])
+    assert err["error"] == "shutting_down", err
+    assert err["message"].endswith("send it again with --cid c-7 (a dup if it was)"), err
+    assert procs["carol"].returncode == 1, procs["carol"].stderr
+    assert error_of(procs["carol"]) == {"error": "forbidden", "code": 5, "message": "not for you"}

@@ -252,3 +252,28 @@ async def test_open_client_refuses_a_port_out_of_range_with_value_error():
     with pytest.raises(ValueError, match="PORT from 1 to 65535"):
         async with open_client("127.0.0.1:70000", "v1.any.token", reconnect_timeout=1):
             pass
+
+
+def test_an_audit_export_larger_than_the_pipe_stops_quietly_when_its_reader_goes(tmp_path):
+    """`homing audit export | head -1` over a log whose export is larger than stdout's buffer:
+    the broken pipe is met while the command writes, not at the last flush, and it still stops
+    quietly with exit 1 (docs/CLI.md). The history case above prints less than a buffer, so
+    its pipe broke at `main`'s flush, and the audit commands' own exit status went untried."""
+    from storage.commands import SendMessage
+    from storage.store import Store
+
+    store = Store.open(str(tmp_path / "data"))
+    try:
+        store.execute([SendMessage("ann", "d", "user", f"c{i}", "x" * 200, to="bob")
+                       for i in range(200)])  # an export of about 60 KB: several buffers
+    finally:
+        store.close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([*homing_cmd(), "audit", "export", "--data", str(tmp_path / "data")],
+                              stdout=write_end, stderr=subprocess.PIPE, timeout=60)
+    finally:
+        os.close(write_end)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 1 and stderr == "", (proc.returncode, stderr)

@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 import warnings
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -95,9 +96,10 @@ async def test_giving_up_comes_with_the_reconnect_timeout_not_after_it(monkeypat
             assert timeout <= took < (timeout + used_to) / 2, (server, took)
 
 
-async def test_create_made_while_disconnected_is_sent_on_the_reconnect(tmp_path):
-    """`create` is not repeated after a drop, but one made while disconnected was never sent:
-    it goes out on the next connection. It hung for ever."""
+@asynccontextmanager
+async def _shop_with_its_broker_down(tmp_path):
+    """A broker process and shop's client of it, once the client saw the broker killed
+    (nothing is sent until `bp.astart()`); the broker is killed at the end."""
     bp = BrokerProcess(tmp_path / "data")
     bp.start()
     try:
@@ -107,19 +109,47 @@ async def test_create_made_while_disconnected_is_sent_on_the_reconnect(tmp_path)
             with trio.fail_after(30):
                 while shop.connected.is_set():  # the client saw the drop: nothing is sent now
                     await trio.sleep(0.01)
-                async with trio.open_nursery() as n:
-                    got = []
-
-                    async def create():
-                        got.append(await shop.create_group("order-7", ["courier"]))
-
-                    n.start_soon(create)
-                    await trio.sleep(0.5)
-                    await bp.astart()
-            assert got and got[0].startswith("grp:")
-            assert shop.reconnects >= 1
+                yield bp, shop
     finally:
         bp.kill()
+
+
+async def test_create_made_while_disconnected_is_sent_on_the_reconnect(tmp_path):
+    """`create` is not repeated after a drop, but one made while disconnected was never sent:
+    it goes out on the next connection. It hung for ever."""
+    async with _shop_with_its_broker_down(tmp_path) as (bp, shop):
+        async with trio.open_nursery() as n:
+            got = []
+
+            async def create():
+                got.append(await shop.create_group("order-7", ["courier"]))
+
+            n.start_soon(create)
+            await trio.sleep(0.5)
+            await bp.astart()
+        assert got and got[0].startswith("grp:")
+        assert shop.reconnects >= 1
+
+
+async def test_sends_made_while_disconnected_go_out_in_the_order_they_were_made(tmp_path):
+    """Requests waiting for a connection are written, on the next one, in the order they were
+    made (broker/client_inflight.py, `InFlight.resend`): five sends made one after another
+    while the broker is down are accepted at increasing seqs of their conversation, in that
+    order. No test made more than one while away, so a resend in another order passed."""
+    async with _shop_with_its_broker_down(tmp_path) as (bp, shop):
+        results: dict[int, object] = {}
+
+        async def send(i: int) -> None:
+            results[i] = await shop.send(f"step {i}", to="member", cid=f"s{i}")
+
+        async with trio.open_nursery() as n:
+            for i in range(5):  # each one made (its request id taken) before the next
+                n.start_soon(send, i)
+                while len(shop._link.inflight) < i + 1:
+                    await trio.sleep(0)
+            await bp.astart()
+        seqs = [results[i].seq for i in range(5)]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 5, seqs
 
 
 async def test_calls_after_close_and_calls_pending_at_close_raise_client_closed(tmp_path):

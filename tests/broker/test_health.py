@@ -152,6 +152,11 @@ def test_a_device_whose_deliveries_pile_up_is_behind(broker):
     assert lines(figures)[0]["backlog"] == {"user": "bob", "device": "phone", "head": 3,
                                             "acked": 0, "unacked": 3}
 
+    # --max-backlog N is the most that may wait: exactly N is still `ok` (only N - 1 and N + 1
+    # were tried, so a bound that took N itself for `behind` passed).
+    proc = health(broker, "--backlog", "bob:phone", "--max-backlog", "3")
+    assert proc.returncode == 0 and lines(proc)[0]["status"] == "ok", proc.stderr
+
     proc = health(broker, "--backlog", "bob:phone", "--max-backlog", "2")
     assert proc.returncode == 4, proc.stderr
     assert lines(proc)[0]["status"] == "behind"

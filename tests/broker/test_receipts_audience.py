@@ -126,3 +126,23 @@ async def test_a_late_joiners_receipt_pushes_agree_with_the_listing(harness):
 def _audience(info) -> list[str]:
     """A `receipt_list`'s audience: who read it and who has not."""
     return sorted({*info.read, *info.unread})
+
+
+async def test_a_member_asking_is_listed_in_the_audience_like_any_other(harness):
+    """`receipts` answers the same whoever of the conversation asks: a member who has not read
+    the message is in its `unread` when they ask themselves, and in `read` once they read it.
+    Every other test asked as the sender, who is not in the audience, so a listing that left
+    the asker out passed them all."""
+    async with harness.client("shop") as shop, harness.client("s1") as s1, \
+            harness.client("s2") as s2:
+        conv = await shop.create_group("orders", ["s1", "s2"])
+        await acked_one_each(s1, s2)  # "added"
+        sent = await shop.send("ready", conv=conv)
+        await acked_one_each(s1, s2)
+        mine = await s1.receipts(conv, sent.seq)
+        assert (mine.read, mine.unread) == ((), ("s1", "s2")), mine
+        await s1.read(conv, sent.seq)
+        mine = await s1.receipts(conv, sent.seq)
+        assert (mine.read, mine.unread) == (("s1",), ("s2",)), mine
+        theirs = await s2.receipts(conv, sent.seq)
+        assert (theirs.read, theirs.unread) == (("s1",), ("s2",)), theirs

@@ -21,7 +21,7 @@ import trio
 import protocol as wire
 from broker import tokens
 from broker.client import ClientError, open_client
-from tests.faults.conftest import RawClient
+from tests.faults.conftest import PlayedBroker, RawClient
 from tests.harness import running_broker
 from tests.procs import BrokerProcess, as_user, homing, homing_cmd, lines
 
@@ -122,7 +122,14 @@ async def test_a_requests_only_session_is_not_presence(tmp_path):
         conv = (await alice.reply(1)).conv
         sender = await _hello(h.server, h.token("bob"), "cli", deliver=False)
         await alice.send(wire.Presence(id=2, conv=conv))
-        assert (await alice.reply(2)).online == ("alice",)
+        # Every frame up to the reply: `reply` skipped pushes, so a `status` sent as the
+        # requests-only session opened went unseen.
+        before = []
+        while not isinstance(f := await alice.next(), wire.PresenceList):
+            assert f is not None, before
+            before.append(f)
+        assert f.online == ("alice",)
+        assert not [f for f in before if isinstance(f, wire.Status)], before
         await sender.aclose()
         assert not [f for f in await _nothing_more(alice) if isinstance(f, wire.Status)]
         listener = await _hello(h.server, h.token("bob"), "cli")
@@ -142,9 +149,11 @@ async def test_requests_only_sessions_count_for_the_connection_limits(tmp_path):
     async with running_broker(tmp_path / "data", max_connections_per_user=2) as h:
         listener = await _hello(h.server, h.token("bob"), "d")
         sender = await _hello(h.server, h.token("bob"), "d", deliver=False)
-        for deliver in (False, True):
+        # ("d", False): a requests-only session of the connected device "d" replaces none,
+        # so it is refused as a new device's is (every refused hello here was of device "x").
+        for device, deliver in (("x", False), ("x", True), ("d", False)):
             c = await RawClient.connect(h.server)
-            await c.send(wire.Hello(versions=(1,), token=h.token("bob"), device="x", id=0,
+            await c.send(wire.Hello(versions=(1,), token=h.token("bob"), device=device, id=0,
                                     deliver=deliver))
             refused = await c.next()
             assert isinstance(refused, wire.Error) and refused.name == "limit_exceeded", refused
@@ -329,23 +338,17 @@ async def test_the_sdk_with_a_broker_without_the_cap_proceeds(tmp_path):
     frames_in: list[object] = []
 
     async def old_broker(stream: trio.SocketStream) -> None:
-        conn = wire.Connection(wire.Role.SERVER)
-
-        async def next_frame():
-            while (event := conn.next_event()) is wire.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            return event
-
-        hellos.append(await next_frame())
-        await stream.send_all(conn.send(wire.Welcome(
-            1, "s-old", "bob", 0, 1 << 20, 15, 0, 1, ("create_cid", "start_head"), id=None)))
-        await stream.send_all(conn.send(wire.Deliver(
+        played = PlayedBroker(stream)
+        hellos.append(await played.next_frame())
+        await played.send(wire.Welcome(
+            1, "s-old", "bob", 0, 1 << 20, 15, 0, 1, ("create_cid", "start_head"), id=None))
+        await played.send(wire.Deliver(
             inbox_seq=1, kind="msg", conv="dm:alice:bob", seq=1, sender="alice", body="hi",
-            cid="c1", ts=1)) + conn.send(wire.Status(user="alice", online=True)))
-        while (frame := await next_frame()) is not wire.CLOSED:
+            cid="c1", ts=1), wire.Status(user="alice", online=True))
+        while (frame := await played.next_frame()) is not wire.CLOSED:
             frames_in.append(frame)
             if isinstance(frame, wire.Ping):
-                await stream.send_all(conn.send(wire.Pong(id=frame.id)))
+                await played.send(wire.Pong(id=frame.id))
 
     async with trio.open_nursery() as nursery:
         [listener] = await nursery.start(
@@ -464,4 +467,28 @@ async def test_an_ack_passes_the_requests_only_sends_made_while_it_was_due(tmp_p
         assert (again.welcome.acked, again.welcome.head) == (2, 2)
         assert await _nothing_more(again) == []
         for c in (alice, answers, again):
+            await c.aclose()
+
+
+async def test_a_requests_only_hello_asking_start_head_moves_no_cursor(tmp_path):
+    """`start: "head"` starts a new device's cursor at the inbox head, but a requests-only
+    session never moves its device's cursor (PROTOCOL.md §9): its welcome names the cursor as
+    held (none), nothing is acked for it, and the device's delivering session that comes later
+    is sent the whole inbox. No test asked both at once, so a start made for it passed."""
+    async with running_broker(tmp_path / "data") as h:
+        alice = await _hello(h.server, h.token("alice"), "a1")
+        for i in range(2):
+            await alice.send(wire.Send(id=i, cid=f"a-{i}", body=f"m{i}", to="bob"))
+            assert isinstance(await alice.reply(i), wire.Result)
+        one = await RawClient.connect(h.server)
+        welcome = await one.hello(h.token("bob"), "cli", deliver=False, start="head")
+        assert (welcome.acked, welcome.head) == (0, 2), welcome
+        await one.send(wire.Ping(id=1))
+        assert isinstance(await one.reply(1), wire.Pong)
+        assert h.broker.store.delivered("bob", "cli") == 0
+        assert h.broker.committer.acked_mark("bob", "cli") == 0
+        listener = await _hello(h.server, h.token("bob"), "cli")
+        assert listener.welcome.acked == 0
+        assert (await _next_of(listener, wire.Deliver)).inbox_seq == 1
+        for c in (alice, one, listener):
             await c.aclose()

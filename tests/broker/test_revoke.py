@@ -4,14 +4,18 @@ minted afterwards and other users' go on working; the log that says so passes it
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import itertools
 import json
 import os
 import time
 
+import msgpack
 import pytest
 import trio
 
+from broker import tokens
 from broker.client import ClientError, open_client
 from storage import audit
 from storage.store import Store
@@ -242,3 +246,38 @@ def test_homing_revoke_warns_when_the_cut_off_is_still_ahead_of_the_clock(tmp_pa
     assert warning["message"].startswith("tokens of bob issued before ")
     assert " s from now by this host's clock) are refused" in warning["message"]
     assert refused.returncode == 1 and json.loads(refused.stderr)["error"] == "unauthorized"
+
+
+def _issued_at(secret: bytes, user: str, issued: int | None) -> str:
+    """A genuine token of `user` signed with `secret`, as `tokens.issue` makes them but for
+    its issue time, `issued` (Unix seconds; None: no `i` claim, as tokens minted before
+    issue times were)."""
+    claims = {"u": user, "r": "user", "e": int(time.time()) + 3600,
+              "k": tokens.key_id(secret)}
+    if issued is not None:
+        claims["i"] = issued
+    body = tokens._b64(msgpack.packb(claims))
+    mac = hmac.new(secret, b"v1." + body.encode("ascii"), hashlib.sha256).digest()
+    return f"v1.{body}.{tokens._b64(mac)}"
+
+
+async def test_the_cut_off_refuses_the_second_before_it_and_admits_its_own(harness):
+    """Tokens issued before `before` are refused at hello, the last second before it too, and
+    a token with no issue time (minted before they had one: the oldest, broker/tokens.py
+    `Claims`); one issued in the second `before` names is admitted. The other tests minted the
+    revoked token seconds before the revocation, and none without an issue time, so a cut-off
+    applied a second late, or not to such tokens, passed them."""
+    secret = harness.broker.secret
+    with trio.fail_after(20):
+        async with harness.client("ops", role="admin") as ops:
+            before = await ops.revoke_tokens("bob")
+        for issued in (before - 1, None):
+            with pytest.raises(ClientError) as refused:
+                async with open_client(harness.server, _issued_at(secret, "bob", issued),
+                                       "phone") as bob:
+                    await bob.conversations()
+            assert refused.value.name == "unauthorized", issued
+            assert "revoked" in refused.value.message, issued
+        async with open_client(harness.server, _issued_at(secret, "bob", before),
+                               "phone") as bob:
+            await bob.conversations()

@@ -79,6 +79,24 @@ async def harness(tmp_path):
 
 # -- a raw wire client ---------------------------------------------------------------------------
 
+class PlayedBroker:
+    """The broker's side of one accepted connection, on the real protocol connection: for a
+    test that plays a broker of another version, or in a state a real one is seldom caught in."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = wire.Connection(wire.Role.SERVER)
+
+    async def next_frame(self):
+        """The client's next frame, or wire.CLOSED."""
+        while (event := self.conn.next_event()) is wire.NEED_DATA:
+            self.conn.receive_data(await self.stream.receive_some(65536))
+        return event
+
+    async def send(self, *frames) -> None:
+        await self.stream.send_all(b"".join(self.conn.send(f) for f in frames))
+
+
 class RawClient:
     """A minimal protocol client over a trio stream, for tests that misbehave on purpose."""
 

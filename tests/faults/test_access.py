@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import msgpack
+import pytest
 import trio
 
 import protocol as wire
@@ -180,3 +181,37 @@ async def test_forbidden_alike_for_existing_and_missing_conversations(harness, t
             assert page == []
             assert "mallory" not in {u for u, _ in h.broker.store.members(grp)}
             await m.aclose()
+
+
+
+def test_a_token_is_expired_from_the_second_its_expiry_names():
+    """A token is good for its ttl (`tokens.issue`): its expiry `e` is issue time + ttl, the
+    first second it is no longer good in. Verified the second before, refused at `e` itself
+    (TokenExpired, naming its user). The tests above used tokens minutes or more from their
+    expiry, so a token still good at `e` passed them."""
+    secret = b"k" * 32
+    keys = {tokens.key_id(secret): secret}
+    token = tokens.issue(secret, "alice", "user", 3600)
+    claims = tokens.verify(keys, token)
+    assert claims.expires == claims.issued + 3600
+    assert tokens.verify(keys, token, now=claims.expires - 1).user == "alice"
+    with pytest.raises(tokens.TokenExpired) as expired:
+        tokens.verify(keys, token, now=claims.expires)
+    assert expired.value.user == "alice"
+
+
+def test_a_genuine_token_of_a_role_this_broker_does_not_know_is_refused():
+    """A token signed with the broker's key whose role is none of `tokens.ROLES` (a newer
+    homing's, or a key used by another tool) is refused as malformed, never taken for a
+    session of a role nothing checks. Every forged role above had a bad signature, so a broker
+    that took any signed role passed."""
+    import hashlib
+    import hmac
+
+    secret = b"k" * 32
+    keys = {tokens.key_id(secret): secret}
+    body = tokens._b64(msgpack.packb({"u": "alice", "r": "root", "e": int(time.time()) + 60,
+                                      "i": int(time.time()), "k": tokens.key_id(secret)}))
+    mac = hmac.new(secret, b"v1." + body.encode("ascii"), hashlib.sha256).digest()
+    with pytest.raises(tokens.TokenError, match="malformed token claims"):
+        tokens.verify(keys, f"v1.{body}.{tokens._b64(mac)}")

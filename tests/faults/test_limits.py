@@ -152,6 +152,14 @@ async def test_send_rate_per_connection(broker_process, tally):
         got = await replies(c, range(1, 61))
         names = [f.name if isinstance(f, wire.Error) else "result" for f in got.values()]
         assert 20 <= names.count("result") < 30 and set(names) == {"result", "rate_limited"}
+        # Counted for `broker_stats` (PROTOCOL.md §5.3), each refusal once: no test read the
+        # count, so a broker that never counted them passed.
+        monitor = await RawClient.connect(bp.server)
+        await monitor.hello(bp.token("nagios", "monitor"), "check", deliver=False)
+        await monitor.send(wire.Stats(id=1))
+        stats = await monitor.reply(1)
+        assert stats.rate_limited == names.count("rate_limited"), stats
+        await monitor.aclose()
         tally.add("limit: sends per second per connection", names.count("rate_limited"))
 
 

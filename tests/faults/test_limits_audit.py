@@ -31,8 +31,8 @@ def test_max_members_is_bounded_by_the_users_a_reply_lists():
     assert args.max_members == MAX_USER_LIST
 
 
-def _group_past_the_list_bound(data) -> str:
-    """A group of owner + MAX_USER_LIST + 1 members with one post, in `data`, as a broker
+def _group_past_the_list_bound(data, members: int = MAX_USER_LIST + 1) -> str:
+    """A group of owner + `members` members with one post, in `data`, as a broker
     whose --max-members was higher (before 2026-12-06) logged it: its events are appended to
     the log, and the store's projections caught up from them as the broker opens it (the
     rules would take minutes: each invite copies the group's cached member list)."""
@@ -45,7 +45,7 @@ def _group_past_the_list_bound(data) -> str:
                                                     "open": False}),
             (1, r.MEMBER_ADDED, "owner", "d1", at | {"user": "owner", "role": "owner"}),
             *((1, r.MEMBER_ADDED, "owner", "d1", at | {"user": f"u{i:06d}", "role": "member"})
-              for i in range(MAX_USER_LIST + 1)),
+              for i in range(members)),
             (2, r.MESSAGE_ACCEPTED, "owner", "d1", at | {"cid": "c1", "body": "to all"})])
     finally:
         store.close()
@@ -93,3 +93,20 @@ async def test_roster_cache_members_bounds_the_member_lists_kept(tmp_path):
                     rosters = h.broker.rosters
                     assert small in rosters.cached and big not in rosters.cached
                     assert rosters.members == 3
+
+
+async def test_a_reply_listing_exactly_as_many_users_as_the_protocol_allows_is_sent(tmp_path):
+    """MAX_USER_LIST is a list's most, not a list past it: a group of owner + MAX_USER_LIST
+    members is answered its member list and its receipts whole. Only the group one past the
+    bound was tried, so a bound refusing its own edge passed."""
+    conv = _group_past_the_list_bound(tmp_path / "data", MAX_USER_LIST)
+    async with running_broker(tmp_path / "data") as h:
+        with trio.fail_after(60):
+            owner = await RawClient.connect(h.server, h.token("owner"), "d1")
+            await owner.send(wire.Members(id=1, conv=conv))
+            await owner.send(wire.Receipts(id=2, conv=conv, seq=1))
+            got = await replies(owner, [1, 2])
+            await owner.aclose()
+    assert isinstance(got[1], wire.MemberList) and len(got[1].members) == MAX_USER_LIST, got[1]
+    assert isinstance(got[2], wire.ReceiptList) and len(got[2].unread) == MAX_USER_LIST, got[2]
+    assert not [e for e in h.logs if e["event"] == "reply_too_large"]
