@@ -172,14 +172,6 @@ class BufTable(dict):
         keys = [k for k, v in merged.items() if v is not None]
         return [(k, merged[k]) for k in key_window(keys, start, reverse)]
 
-    def stored_range(self, prefix: bytes) -> list[tuple[bytes, bytes | None]]:
-        """`(key, value)` of the committed rows with `prefix`, each with this batch's value if
-        it changed it (None: deleted); rows this batch added are left out. It costs the
-        committed rows only, where `range` looks at every row the batch changed in the table
-        (a batch of 4,096 acks each ranging over `delivered` would be quadratic)."""
-        dirty = self.dirty
-        return [(k, dirty.get(k, v)) for k, v in cursor_range(self.txn, self.db, prefix)]
-
     def count(self, prefix: bytes) -> int:
         """The number of rows with `prefix`, this batch's changes included."""
         return len(self.range(prefix))

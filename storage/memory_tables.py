@@ -34,7 +34,7 @@ from storage.tables import (
 # the fold of every ack and revocation: kept whole, the fold takes the same turns), `msg`, `idem`.
 USER_HEAD = frozenset({"user_conv", "inbox", "mute", "created"})
 USER_TAIL = frozenset({"member", "recv", "read", "joined"})
-USER_WHOLE = frozenset({"inbox_head"})
+USER_WHOLE = frozenset({"inbox_head", "acked"})
 
 # What `sorted_rows` returns: a list, or a `_fold.SortedRows`; both sized and re-iterable.
 RowsInOrder = Collection[tuple[bytes, bytes]]
@@ -64,10 +64,6 @@ class MemTable(dict):
         """Return `(key, value)` with `prefix`, in key order from `start` (inclusive)."""
         keys = [k for k in self if k.startswith(prefix)]
         return [(k, self[k]) for k in key_window(keys, start, reverse)]
-
-    def stored_range(self, prefix: bytes) -> list[tuple[bytes, bytes | None]]:
-        """`range(prefix)`: in memory, every row is a stored one (`BufTable.stored_range`)."""
-        return self.range(prefix)
 
     def count(self, prefix: bytes) -> int:
         """The number of rows with `prefix`."""

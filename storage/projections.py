@@ -61,8 +61,6 @@ class Table(Protocol):
     def range(self, prefix: bytes, start: bytes | None = None,
               reverse: bool = False) -> list[tuple[bytes, bytes]]: ...
 
-    def stored_range(self, prefix: bytes) -> list[tuple[bytes, bytes | None]]: ...
-
     def count(self, prefix: bytes) -> int: ...
 
 
@@ -87,6 +85,7 @@ class Tables(Protocol):
     inbox: Table
     inbox_head: Table
     delivered: Table
+    acked: Table
     recv: Table
     read: Table
     idem: Table
@@ -417,6 +416,13 @@ def acked_convs(tables: Tables, user: str, old: int, upto: int) -> dict[str, int
     return top
 
 
+def acked_by_any(tables: Tables, user: str) -> int:
+    """The highest inbox seq a device of `user` acked (`acked`, 0 when none did): one row,
+    whatever the number of devices. `recv` is per user, and every accepted ack raised it over
+    the entries it covered, so the entries up to it are counted there already."""
+    return get_u64(tables, "acked", user.encode())
+
+
 def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
     user = ev.user
     dkey = key2(user, ev.device)
@@ -425,6 +431,7 @@ def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
     if upto <= old:
         return
     tables.put("delivered", dkey, pack_u64(upto))
+    _raise(tables, "acked", user.encode(), upto)  # the highest of the user's device marks
     convs = ev.data.get("convs")  # decided by the rules (storage/rules.py `_ack`)
     if convs is None:  # an event written before acks carried them: read the inbox, as then
         convs = acked_convs(tables, user, old, upto)

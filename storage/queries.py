@@ -36,13 +36,13 @@ from storage.projections import (
     APPLIED_LSN,
     INBOX_KINDS,
     KIND_MSG,
+    acked_by_any,
     acked_convs,
     conv_row,
     idem_key,
     idem_row,
     inbox_key,
     key2,
-    row_u64,
 )
 from storage.records import Event, pack_u64, u64
 from storage.rules import MAX_CID_BYTES
@@ -169,12 +169,9 @@ class Queries:
         One read transaction, in any thread: the broker reads a long inbox here, off the
         commit (a new device's start at the head, docs/PROTOCOL.md §9). Marks only go up, so
         an ack committed later with these is what it would be without them."""
-        prefix = user.encode() + b"\0"
         with self._env.read() as txn:
             tables = TxnTables(txn, self._dbs)
-            after = max((row_u64("delivered", k, v) for k, v in tables.range("delivered", prefix)),
-                        default=0)
-            return tuple(acked_convs(tables, user, after, upto).items())
+            return tuple(acked_convs(tables, user, acked_by_any(tables, user), upto).items())
 
     def revoked_before(self, user: str) -> int:
         """The issue time (Unix seconds) before which `user`'s tokens are revoked, 0 if none."""

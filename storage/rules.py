@@ -30,6 +30,7 @@ from storage import records as r
 from storage.errors import Conflict, Forbidden, Invalid, LimitExceeded
 from storage.projections import (
     Tables,
+    acked_by_any,
     acked_convs,
     conv_row,
     get_u64,
@@ -37,7 +38,6 @@ from storage.projections import (
     idem_row,
     key2,
     row_text,
-    row_u64,
 )
 from storage.records import MAX_CID_BYTES
 
@@ -394,20 +394,11 @@ def _ack(tables: Tables, cmd: c.Ack, now_us: int, limits: Limits) -> Decision:
     if cmd.convs is not None:
         convs = dict(cmd.convs)
     else:
-        # Only the entries no device of the user has acked yet: `recv` is per user, and every
-        # accepted ack raised it over the entries it covered, so those up to the user's highest
-        # device mark are counted already. A new device acking a long inbox (or many devices,
-        # one after another) would otherwise read every entry again, in the write transaction.
-        convs = acked_convs(tables, cmd.user, max(old, _acked_by_any(tables, cmd.user)), upto)
+        # Only the entries no device of the user has acked yet (`acked_by_any`: one row, this
+        # batch's acks included). A new device acking a long inbox (or many devices, one after
+        # another) would otherwise read every entry again, in the write transaction.
+        convs = acked_convs(tables, cmd.user, max(old, acked_by_any(tables, cmd.user)), upto)
     return [_ev(now_us, cmd, r.DELIVERY_ACKED, {"upto": upto, "convs": convs})], {}
-
-
-def _acked_by_any(tables: Tables, user: str) -> int:
-    """The highest inbox seq a device of `user` acked, among the devices with a committed mark
-    (one row each; a device's first ack in this very batch is left out: a lower mark only
-    makes the rules read more of the inbox, never raise `recv` wrongly)."""
-    rows = tables.delivered.stored_range(user.encode() + b"\0")
-    return max((row_u64("delivered", k, v) for k, v in rows if v is not None), default=0)
 
 
 def _mark_read(tables: Tables, cmd: c.MarkRead, now_us: int, limits: Limits) -> Decision:

@@ -90,7 +90,7 @@ log = structlog.get_logger()
 # The projection layout (docs/DESIGN.md, "Projections"). A writable open of a directory written
 # with another layout rebuilds the projections from the log, which is the truth.
 LAYOUT_KEY = b"projections"
-LAYOUT = b"6"
+LAYOUT = b"7"
 DB_NAMES = ["log", "layout", *TABLES]
 # Events of the log past `meta.applied_lsn` that a writable open folds into the stored
 # projections per write transaction (`Store._catch_up`): a long tail is not one huge one.

@@ -1,6 +1,7 @@
 """`homing audit` on a data directory of a previous release (layout 4, 2026-12-04: no
-`created` table; layout 5, 2026-12-05: no `joined` table), as an operator finds it right after
-upgrading homing and before restarting the broker, or in a backup taken before the upgrade.
+`created` table; layout 5, 2026-12-05: no `joined` table; layout 6, 2026-12-06: no `acked`),
+as an operator finds it right after upgrading homing and before restarting the broker, or in a
+backup taken before the upgrade.
 Each test is a defect a review of upgrade and compatibility found (2026-12-05). Real LMDB, real
 `homing` child processes."""
 
@@ -23,7 +24,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 # The tables each layout added, since layout 4.
-ADDED = {"5": (b"created",), "6": (b"joined",)}
+ADDED = {"5": (b"created",), "6": (b"joined",), "7": (b"acked",)}
 
 
 def make_layout_4(path: Path, layout: str = "4") -> int:
@@ -56,7 +57,7 @@ def make_layout_4(path: Path, layout: str = "4") -> int:
     return last
 
 
-@pytest.mark.parametrize("layout", ["4", "5"])
+@pytest.mark.parametrize("layout", ["4", "5", "6"])
 def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path, layout):
     """docs/OPERATIONS.md, Auditing. `log`, `export`, `stats`, `inbox` and `trace` read the
     log (and `trace` the inboxes, unchanged since layout 2), which layout 5 left as it was;
@@ -66,7 +67,8 @@ def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path, layou
     nightly failed from the upgrade until the broker was restarted, and a backup taken before
     the upgrade could not be read at all without starting a broker on it. `verify` and
     `rebuild --check` still say `outdated_layout` (they compare projections). Layout 5 (no
-    `joined`, which layout 6 added on 2026-12-06) likewise."""
+    `joined`, which layout 6 added on 2026-12-06) and layout 6 (no `acked`, which layout 7
+    added the same day) likewise."""
     data = tmp_path / "data"
     last = make_layout_4(data, layout)
     d = str(data)

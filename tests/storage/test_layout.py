@@ -6,7 +6,7 @@ import json
 
 from structlog.testing import capture_logs
 
-from storage.commands import MarkRead, SendMessage
+from storage.commands import Ack, MarkRead, SendMessage
 from storage.store import LAYOUT, LAYOUT_KEY, Store
 
 
@@ -34,16 +34,30 @@ def test_stale_layout_is_rebuilt_from_the_log(tmp_path):
         store.close()
 
 
+def _reopened(store: Store, path, older) -> Store:
+    """Make `store`'s directory one an older homing left (`older(txn, dbs)`), then open it
+    again: its projections are rebuilt in this layout, row for row the same."""
+    before = store.dump_projections()
+    store._env.write(lambda txn: older(txn, store._dbs))
+    store.close()
+    store = Store.open(path)
+    try:
+        assert store.stored_layout() == LAYOUT
+        assert store.dump_projections() == before
+    except BaseException:
+        store.close()
+        raise
+    return store
+
+
 def test_idempotency_rows_of_layout_2_are_rekeyed_and_still_catch_retries(tmp_path):
     """Layout 2 keyed `idem` by sender then cid; layout 3 by cid then sender. A directory of
     layout 2 is rebuilt on open, and a send retried across the upgrade is still a dup."""
     path = tmp_path / "data"
     store = Store.open(path)
     store.execute([SendMessage("bob", "d", "user", f"c{i}", "hi", to="alice") for i in range(3)])
-    before = store.dump_projections()
-    env, dbs = store._env, store._dbs
 
-    def downgrade(txn):  # the rows as layout 2 wrote them
+    def downgrade(txn, dbs):  # the rows as layout 2 wrote them
         rows = list(txn.cursor(db=dbs["idem"]))
         txn.drop(dbs["idem"], delete=False)
         for key, value in rows:
@@ -51,15 +65,39 @@ def test_idempotency_rows_of_layout_2_are_rekeyed_and_still_catch_retries(tmp_pa
             txn.put(sender + b"\0" + cid, value, db=dbs["idem"])
         txn.put(LAYOUT_KEY, b"2", db=dbs["layout"])
 
-    env.write(downgrade)
-    store.close()
-    store = Store.open(path)
+    store = _reopened(store, path, downgrade)
     try:
-        assert store.stored_layout() == LAYOUT
-        assert store.dump_projections() == before
         (out,) = store.execute([SendMessage("bob", "d", "user", "c1", "hi", to="alice")])
         assert out.reply["dup"] and out.reply["seq"] == 2
         assert store.last_lsn() == 6  # the conversation's creation (3) and three sends: no more
+    finally:
+        store.close()
+
+
+def test_a_directory_of_layout_6_gets_its_users_highest_device_marks_on_open(tmp_path):
+    """Layout 7 adds `acked`, each user's highest device mark, which an ack past what its
+    session was sent reads instead of every device row of the user. A directory written by
+    layout 6 (no `acked` table) is rebuilt on its first writable open: the rows the log
+    makes, and the acks after it read the inbox beyond the highest mark only."""
+    path = tmp_path / "data"
+    store = Store.open(path)
+    store.execute([SendMessage("bob", "d", "user", f"c{i}", "hi", to="alice") for i in range(6)])
+    store.execute([Ack("alice", "phone", "user", 4, None), Ack("alice", "tablet", "user", 2)])
+    assert store._u64("acked", b"alice") == 4
+
+    def as_layout_6(txn, dbs):
+        txn.drop(dbs["acked"], delete=True)
+        txn.put(LAYOUT_KEY, b"6", db=dbs["layout"])
+
+    store = _reopened(store, path, as_layout_6)
+    try:
+        assert store._u64("acked", b"alice") == 4
+        assert store.ack_convs("alice", 6) == (("dm:alice:bob", 6),)
+        (out,) = store.execute([Ack("alice", "laptop", "user", 6, None)])
+        assert out.error is None
+        (event,) = store.log.read(store.last_lsn())
+        assert event.data["convs"] == {"dm:alice:bob": 6}
+        assert store.check_projections() is None
     finally:
         store.close()
 
