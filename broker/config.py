@@ -123,7 +123,7 @@ class Config:
     # storage.queries.RECORD_CACHE, not imported: the client commands load this module.
     record_cache: int = DEFAULT_RECORD_CACHE
     # Members, in all, of the member lists the broker keeps in memory for pushes (receipts,
-    # typing, presence): about 240 bytes each (500,000: 116 MiB). 0 keeps none: each push
+    # typing, presence): about 120 bytes each (240 until 2026-12-06). 0 keeps none: each push
     # reads its conversation's list. broker.roster.ROSTER_CACHE_MEMBERS, not imported.
     roster_cache_members: int = 500_000
     # Process: allocations between two collections of the cyclic GC's young generation.

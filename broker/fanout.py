@@ -79,7 +79,7 @@ def push_receipt(broker: Broker, conv: str, user: str, kind: str, seq: int) -> N
     except StorageError as exc:  # pushes are ephemeral: this one is dropped, said why
         broker.log.error("push_dropped", user=user, conv=conv, push="receipt", reason=str(exc))
         return
-    if user not in roster.user_set:
+    if user not in roster:
         # Gone by the end of the batch: the others no longer hear of this user's marks.
         # (An ack made while out of it is no receipt at all: storage.projections decides
         # that at the ack, since an invite in the same batch puts the user back in here.)
@@ -92,7 +92,7 @@ def push_receipt(broker: Broker, conv: str, user: str, kind: str, seq: int) -> N
     # receipt walked the 10,000 (0.56 ms of the event loop; a message read by all of them
     # is 10,000 receipts).
     if conv.startswith("chn:") or (conv.startswith("grp:")  # a direct one is two, always
-                                   and len(roster.users) > broker.config.receipt_audience_max):
+                                   and roster.size > broker.config.receipt_audience_max):
         others = roster.posters
         inside = user in others
         if kind == "delivered":
@@ -100,7 +100,7 @@ def push_receipt(broker: Broker, conv: str, user: str, kind: str, seq: int) -> N
         else:
             audience = others if inside else [*others, user]
     else:  # the user is a member (above): the others hear of a delivery, all of a read
-        audience = broker.hub.online_among(roster.user_set)
+        audience = broker.hub.online_among(roster)
         if kind == "delivered":
             audience.discard(user)
     frame = (wire.Receipt(conv=conv, user=user, delivered=seq, read=None) if kind == "delivered"

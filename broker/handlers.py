@@ -602,7 +602,7 @@ def on_presence(session: Session, f: wire.Presence) -> None:
         return
     hub = session.broker.hub
     # By user id, as the roster is (UTF-8 bytes sort as code points do): only those online.
-    online = sorted(hub.online_among(session.broker.roster(f.conv).user_set))
+    online = sorted(hub.online_among(session.broker.roster(f.conv)))
     if not _users_fit(session, f.id, wire.PresenceList.TYPE, online):
         return
     session.reply(wire.PresenceList(id=f.id, conv=f.conv, online=online))
@@ -618,7 +618,7 @@ def on_typing(session: Session, f: wire.Typing) -> None:
         return  # past --typing-rate: dropped too; a typing notice repeats while they type
     data = session.conn.send(wire.TypingNotice(conv=f.conv, user=session.user))
     # To none of the typist's own sessions (until 2026-12-05 their other devices got it).
-    audience = broker.hub.online_among(broker.roster(f.conv).user_set)
+    audience = broker.hub.online_among(broker.roster(f.conv))
     audience.discard(session.user)
     broker.hub.push(audience, data)
 

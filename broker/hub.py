@@ -24,6 +24,7 @@ from storage.errors import StorageError
 from storage.queries import body_bytes
 
 if TYPE_CHECKING:
+    from broker.roster import Roster
     from broker.session import Session
 
 _new = tuple.__new__
@@ -117,16 +118,13 @@ class Hub:
         """Whether `user` has at least one live delivering session."""
         return bool(self._by_user.get(user))
 
-    def online_among(self, users: frozenset[str] | set[str]) -> set[str]:
-        """Those of `users` who have a live delivering session (online: requests-only ones do
-        not count), walking the smaller of the two, so that a push to a group of 10,000
-        members of whom 100 are online looks at those 100
-        (`fanout.push_receipt`). (`dict.keys() & frozenset` walks the frozenset whatever its
+    def online_among(self, roster: Roster) -> set[str]:
+        """The members of `roster` who have a live delivering session (online: requests-only
+        ones do not count), walking the smaller of the two (`Roster.online`), so that a push to
+        a group of 10,000 members of whom 100 are online looks at those 100
+        (`fanout.push_receipt`). (`dict.keys() & frozenset` walked the frozenset whatever its
         size: 0.5 ms for 100 online users and 10,000 members, 92 ms for 1,000,000.)"""
-        by_user = self._by_user
-        if len(by_user) < len(users):
-            return {user for user in by_user if user in users}
-        return by_user.keys() & users  # walks `users`, the smaller, in C
+        return roster.online(self._by_user)
 
     def user_count(self, user: str) -> int:
         """How many sessions `user` has, requests-only ones too."""
@@ -237,7 +235,7 @@ class Hub:
             convs = self._store.user_convs(user, after=after, limit=PEERS_PAGE)
             for conv in convs:
                 if not conv.startswith("chn:"):
-                    out |= self.online_among(roster(conv).user_set)
+                    out |= self.online_among(roster(conv))
                 yield
             if len(convs) < PEERS_PAGE:
                 break

@@ -524,7 +524,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--roster-cache-members", type=_number(int, 0),
                    default=d.roster_cache_members,
                    help="members, in all, of the member lists kept in memory for pushes "
-                        "(receipts, typing, presence), at most; about 240 bytes each; 0 keeps "
+                        "(receipts, typing, presence), at most; about 120 bytes each; 0 keeps "
                         "none (default %(default)s)")
     s.add_argument("--max-inflight-requests", type=_COUNT, default=d.max_inflight_requests,
                    help="requests of one connection awaiting their commit; past it the broker "

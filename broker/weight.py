@@ -58,7 +58,7 @@ class Weights:
             size = self.post_sizes.get(conv)
             if size is None:
                 roster = self.rosters.cached.get(conv)
-                return UNKNOWN_POST_WEIGHT if roster is None else len(roster.members)
+                return UNKNOWN_POST_WEIGHT if roster is None else roster.size
             return size
         if kind is CreateConv:
             return 1 + len(command.members)  # type: ignore[attr-defined]

@@ -36,6 +36,10 @@ PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 # A persistent view holding more rows than this after a commit is emptied (bounded memory); the
 # rows of the groups a grouped view caches count too (`GroupedBufTable.cached_rows`).
 CACHE_ROWS = 200_000
+# Changes to a group's cached list noted beside it (`GroupedBufTable.changes`) past this plus
+# half the list are applied at once, not at the next read: the old list, kept for them, is not
+# held past that.
+FOLD_AFTER = 32
 # Groups whose row count a grouped view of BufferedTables keeps, at most (emptied past it).
 COUNTED_GROUPS = 100_000
 # Tables whose greatest committed key per first byte BufferedTables keeps, so that a key above
@@ -198,20 +202,30 @@ class GroupedBufTable(BufTable):
     `parts`) for one row of the view's own, so that 300 such groups held 600,600 member rows
     (153 MiB) in a view of 300. The counts are one int a group, up to COUNTED_GROUPS.
 
-    A change to a group whose rows or count are kept updates them (the rows and split rows as
-    new copies: a caller may still hold the ones it was given) instead of dropping them: each
-    change dropped them, so the next invite counted and the next post read every member again,
-    in the write transaction (an invite 5 ms in a group of 10,000, 100 invites in one commit
-    500 ms). A batch that fails drops the groups and counts it changed (`rollback`), as it
-    drops its rows: what is kept is always the committed rows with this batch's changes."""
+    A change to a group whose rows or count are kept updates them instead of dropping them:
+    each change dropped them, so the next invite counted and the next post read every member
+    again, in the write transaction (an invite 5 ms in a group of 10,000, 100 invites in one
+    commit 500 ms). The lists handed out are never changed (a caller may still hold them): a
+    change is noted in `changes` beside its group's list, and the next read of the whole group
+    (`range`, `parts`) applies those noted, making the new lists once for them all
+    (`settle`); so does a change past FOLD_AFTER plus half the list. Until 2026-12-06 each
+    change made both lists anew: an invite into a group of 100,000 whose lists a post had
+    cached took 4.4 to 4.9 ms of CPU, 0.27 ms since (docs/OPERATIONS.md). A batch that fails
+    drops the groups and counts it changed (`rollback`), as it drops its rows: what is kept is
+    always the committed rows with this batch's changes."""
 
-    __slots__ = ("counts", "group_rows", "groups", "parts")
+    __slots__ = ("changes", "counts", "group_rows", "groups", "parts", "stale_parts")
 
     def __init__(self, db: Any, rows: Rows) -> None:
         super().__init__(db, rows)
         self.groups: dict[bytes, list[tuple[bytes, bytes]]] = {}
-        self.parts = Parts(self)
-        self.group_rows = 0  # the rows in `groups`
+        # Of a group in `groups`, its changes since its list was made (key -> value, None:
+        # removed), and its split rows as of that list (taken out of `parts`, whose next read
+        # applies the changes to them: `_SettledParts`).
+        self.changes: dict[bytes, dict[bytes, bytes | None]] = {}
+        self.stale_parts: dict[bytes, tuple[tuple[bytes, bytes, str], ...]] = {}
+        self.parts = _SettledParts(self)
+        self.group_rows = 0  # the rows in `groups`, with their changes
         self.counts: dict[bytes, int] = {}  # rows of a group, for groups counted
 
     def __setitem__(self, key: bytes, value: bytes) -> None:
@@ -237,37 +251,60 @@ class GroupedBufTable(BufTable):
                 self.counts[head] = count + (1 if value is not None else -1)
             return
         at = bisect_left(rows, key, key=row_key)
-        was = at < len(rows) and rows[at][0] == key
+        listed = rows[at] if at < len(rows) and rows[at][0] == key else None
+        changes = self.changes.get(head)
+        was = (listed is not None if changes is None or key not in changes
+               else changes[key] is not None)
         if not was and value is None:
             return
-        kept = rows.copy()
-        if value is None:
-            del kept[at]
-        elif was:
-            kept[at] = (key, value)
+        if changes is None:
+            changes = self.changes[head] = {}
+            parts = self.parts.pop(head, None)
+            if parts is not None:
+                self.stale_parts[head] = parts
+        if (listed is None and value is None) or listed == (key, value):
+            changes.pop(key, None)  # as the list has it
         else:
-            kept.insert(at, (key, value))
-        self.groups[head] = kept
-        self.group_rows += len(kept) - len(rows)
+            changes[key] = value
+        grown = (value is not None) - was
+        self.group_rows += grown
         if count is not None:
-            self.counts[head] = len(kept)
-        parts = self.parts.get(head)
-        if parts is not None and was != (value is not None):  # a row came or went
-            tail = key[len(head):]
-            self.parts[head] = (parts[:at] + parts[at + 1:] if value is None else
-                                (*parts[:at], (tail, tail + b"\0", tail.decode()), *parts[at:]))
+            self.counts[head] = count + grown
+        if len(changes) > FOLD_AFTER + len(rows) // 2:
+            self.settle(head)
+
+    def settle(self, head: bytes) -> None:
+        """Apply the changes noted of group `head` to its list and split rows, as new ones."""
+        changes = self.changes.get(head)
+        if changes is None:
+            return
+        rows, parts = self.groups[head], self.stale_parts.get(head)
+        if changes:  # (a failure here, an undecodable id, leaves them noted)
+            rows, parts = _merged(rows, parts, changes, len(head))
+        del self.changes[head]
+        self.stale_parts.pop(head, None)
+        self.groups[head] = rows
+        if parts is not None:
+            _dict_set(self.parts, head, parts)
 
     def forget(self, head: bytes) -> None:
         """Drop the cached rows and count of group `head`."""
         rows = self.groups.pop(head, None)
         if rows is not None:
             self.group_rows -= len(rows)
+            changes = self.changes.pop(head, None)
+            if changes:
+                self.group_rows -= sum((v is not None) - (_has(rows, k)) for k, v in
+                                       changes.items())
+        self.stale_parts.pop(head, None)
         self.parts.pop(head, None)
         self.counts.pop(head, None)
 
     def forget_all(self) -> None:
         """Drop every cached group (the counts stay: they are small, and still right)."""
         self.groups.clear()
+        self.changes.clear()
+        self.stale_parts.clear()
         self.parts.clear()
         self.group_rows = 0
 
@@ -290,6 +327,9 @@ class GroupedBufTable(BufTable):
         if rows is None:
             rows = self.groups[prefix] = BufTable.range(self, prefix)
             self.group_rows += len(rows)
+        elif prefix in self.changes:
+            self.settle(prefix)
+            rows = self.groups[prefix]
         return rows
 
     def count(self, prefix: bytes) -> int:
@@ -307,6 +347,54 @@ class GroupedBufTable(BufTable):
         for key in self.dirty:
             self.forget(key_head(key))
         BufTable.rollback(self)
+
+
+def _has(rows: list[tuple[bytes, bytes]], key: bytes) -> bool:
+    """Whether the sorted `rows` hold `key`."""
+    at = bisect_left(rows, key, key=row_key)
+    return at < len(rows) and rows[at][0] == key
+
+
+def _merged(rows: list[tuple[bytes, bytes]], parts: tuple[tuple[bytes, bytes, str], ...] | None,
+            changes: dict[bytes, bytes | None], cut: int,
+            ) -> tuple[list[tuple[bytes, bytes]], tuple[tuple[bytes, bytes, str], ...] | None]:
+    """`rows` (sorted) and their split rows `parts` (if any; keys cut at `cut`) with `changes`
+    (key -> value, None: removed) applied, as new ones: the runs between changed keys copied
+    whole."""
+    new_rows: list[tuple[bytes, bytes]] = []
+    new_parts: list[tuple[bytes, bytes, str]] | None = None if parts is None else []
+    lo = 0
+    for key in sorted(changes):
+        at = bisect_left(rows, key, lo, key=row_key)
+        new_rows += rows[lo:at]
+        listed = at < len(rows) and rows[at][0] == key
+        value = changes[key]
+        if new_parts is not None:
+            new_parts += parts[lo:at]  # type: ignore[index]
+            if value is not None:
+                tail = key[cut:]
+                new_parts.append(parts[at] if listed else  # type: ignore[index]
+                                 (tail, tail + b"\0", tail.decode()))
+        if value is not None:
+            new_rows.append((key, value))
+        lo = at + listed
+    new_rows += rows[lo:]
+    if new_parts is None:
+        return new_rows, None
+    new_parts += parts[lo:]  # type: ignore[index]
+    return new_rows, tuple(new_parts)
+
+
+class _SettledParts(Parts):
+    """The `parts` of a `GroupedBufTable`: a group missing here whose list has changes noted
+    (its split rows set aside in `stale_parts`) has them applied first (`settle`)."""
+
+    __slots__ = ()
+
+    def __missing__(self, head: bytes) -> tuple[tuple[bytes, bytes, str], ...]:
+        self.table.settle(head)
+        found = dict.get(self, head)
+        return Parts.__missing__(self, head) if found is None else found
 
 
 class BufferedTables(ByName):

@@ -183,16 +183,20 @@ async def test_bodies_up_to_the_brokers_limit_go_both_ways(tmp_path):
                 assert (d.seq, len(d.body)) == (r.seq, 250_000) and bob.reconnects == 0
 
 
-def _answer_losing_proxy(cut: trio.Event):
+def _answer_losing_proxy(cut: trio.Event, back: trio.Event | None = None):
     """A `trio.serve_tcp` handler (with `port=` the broker's) in front of the broker. On the
     first connection, once `cut` is set, what the client sends still goes through but the
-    broker's answers do not, and 0.3 s later the line drops; later connections pass all."""
+    broker's answers do not, and 0.3 s later the line drops; later connections pass all (with
+    `back`, only once it is set: until then each is closed at once, the broker out of reach)."""
     seen = 0
 
     async def proxy(client_stream, port):
         nonlocal seen
         seen += 1
         first = seen == 1
+        if not first and back is not None and not back.is_set():
+            await trio.aclose_forcefully(client_stream)
+            return
         broker = await trio.open_tcp_stream("127.0.0.1", port)
 
         async def pipe(src, dst, swallow):
@@ -214,12 +218,38 @@ def _answer_losing_proxy(cut: trio.Event):
     return proxy
 
 
-async def _serve_proxy(nursery, h, cut: trio.Event) -> str:
+async def _serve_proxy(nursery, h, cut: trio.Event, back: trio.Event | None = None) -> str:
     """Start `_answer_losing_proxy` in front of `h`'s broker; return its address."""
     listeners = await nursery.start(functools.partial(
-        trio.serve_tcp, functools.partial(_answer_losing_proxy(cut), port=h.broker.port), 0,
-        host="127.0.0.1"))
+        trio.serve_tcp, functools.partial(_answer_losing_proxy(cut, back), port=h.broker.port),
+        0, host="127.0.0.1"))
     return f"127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+
+
+async def test_a_request_not_to_be_repeated_fails_as_the_line_drops(tmp_path):
+    """A revoke (never repeated) whose answer is lost with the connection fails with
+    ConnectionLost as soon as the drop is seen, while the broker is still out of reach; the
+    client then reconnects and goes on. No test told this from failing it only on the
+    reconnect's resend (or when the client gives up), which kept the caller waiting for the
+    broker to come back to learn that its revoke may not have been carried out."""
+    from broker.client import open_client
+    from broker.client_inflight import DROPPED
+
+    cut, back = trio.Event(), trio.Event()
+    with trio.fail_after(30):
+        async with running_broker(tmp_path / "d") as h, trio.open_nursery() as nursery:
+            server = await _serve_proxy(nursery, h, cut, back)
+            async with open_client(server, h.token("ops", "admin"), "d1",
+                                   reconnect_timeout=None) as ops:
+                await ops.ping()
+                cut.set()
+                with trio.fail_after(5), pytest.raises(ConnectionLost) as lost:
+                    await ops.revoke_tokens("bob")
+                assert str(lost.value) == DROPPED and ops.reconnects == 0
+                back.set()
+                await ops.ping()
+                assert ops.reconnects == 1
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("step", ["leave", "step_down"])

@@ -143,3 +143,33 @@ async def test_passing_over_many_own_sends_does_not_block_the_event_loop(tmp_pat
         await bob.aclose()
         partway = sorted(v for v in seen if 4 < v < 40_004)
         assert len(partway) >= 2, f"the event loop ran only before and after: {sorted(seen)}"
+
+
+async def test_fresh_messages_of_one_commit_fill_the_window_and_no_more(tmp_path):
+    """A caught-up device with a window of 4, and commits of 5, 3, 4, 6 and 20 messages for
+    it: each commit's fan-out queues them straight from the commit (the fresh path) while they
+    fit the window, and the device is sent 4 (or all, if fewer), then as many more as it acks,
+    never more than 4 unacked. The queue's bound and the delivery's bound each hold the window
+    alone; no test failed with both off by one, when a commit of 5 sent the device 5."""
+    async with running_broker(tmp_path / "data", window=4) as h:
+        bob = await RawClient.connect(h.server, h.token("bob"), "b1")
+        try:
+            (session,) = h.broker.hub.sessions("bob")
+            committer, sent = h.broker.committer, 0
+            for n in (5, 3, 4, 6, 20):
+                pending = [committer.enqueue(SendMessage("alice", "a1", "user", f"c{i}",
+                                                         f"hi{i}", to="bob"))
+                           for i in range(sent, sent + n)]  # queued at once: one commit
+                await wait_until(lambda pending=pending: all(p.outcome is not None
+                                                             for p in pending))
+                bodies: list[str] = []
+                while len(bodies) < n:
+                    got = await _deliveries(bob, n, timeout=0.3)
+                    assert len(got) == min(4, n - len(bodies)), (n, [d.body for d in got])
+                    bodies += [d.body for d in got]
+                    await bob.send(wire.Ack(upto=got[-1].inbox_seq))
+                assert bodies == [f"hi{i}" for i in range(sent, sent + n)]
+                sent += n
+                await wait_until(lambda: not session.unacked)  # caught up again
+        finally:
+            await bob.aclose()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from broker.config import Config
 from broker.fanout import push_receipt
+from broker.roster import Roster
 from broker.server import Broker
 from storage.commands import CreateConv
 from storage.rules import Limits
@@ -71,7 +72,8 @@ def test_a_receipt_in_a_big_group_looks_at_the_members_online_only(tmp_path):
         push_receipt(broker, conv, "m00007", "read", 1)
         assert _CountingUsers.lookups <= 2 * len(online) + 2
         assert [len(s.pushes) for s in online.values()] == [2, 1, 2]  # its own devices too
-        assert hub.online_among(frozenset(members)) == {"m00007", "m01500"}
-        assert hub.online_among({"own", "nobody"}) == {"own"}
+        assert hub.online_among(Roster.of([(m, "member") for m in members])) == {
+            "m00007", "m01500"}
+        assert hub.online_among(Roster.of([("nobody", "member"), ("own", "owner")])) == {"own"}
     finally:
         store.close()

@@ -627,6 +627,45 @@ async def test_pushes_in_a_fan_out_to_a_client_that_does_not_read_are_bounded(tm
                 tally.add("limit: fan-out pushes to a client that does not read", rounds)
 
 
+async def test_a_burst_the_socket_of_an_idle_writer_does_not_take_is_bounded(tmp_path, tally):
+    """A device that does not read, whose writer is idle when a fan-out's burst comes (its
+    socket took all it was sent so far), is checked after the fan-out's own write
+    (`flush_now`): of the 800 receipts of 400 reads in one commit, its socket takes a few
+    dozen KiB, far more than --max-pending-pushes (50) are left, and it is closed as a slow
+    consumer at once. No test failed without that check: the rest went to its writer, held
+    until a later push found it stuck."""
+    import socket
+
+    from storage.commands import MarkRead
+    from tests.harness import running_broker
+    from tests.waits import wait_until
+
+    async def notice(h, stores: list[str]) -> tuple[str, int]:
+        """hq's channel of `stores`, and the seq of its notice there (hq gone again)."""
+        async with h.client("hq", role="service") as hq:
+            conv = await hq.create_channel("notices", stores)
+            return conv, (await hq.send("Inventory count on Monday", conv=conv)).seq
+
+    stores = [f"store-{i:03d}" for i in range(400)]
+    async with running_broker(tmp_path / "data", max_pending_pushes=50) as h:
+        with trio.fail_after(60):
+            conv, seq = await notice(h, stores)
+            sock = trio.socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await sock.connect(("127.0.0.1", h.broker.port))
+            stalled = RawClient(trio.SocketStream(sock))
+            await stalled.hello(h.token("hq", "service"), "never-reads")
+            (session,) = h.broker.hub.sessions("hq")
+            await wait_until(lambda: session.sent == session.head and not session._writing)
+            assert not session.out
+            pending = [h.broker.committer.enqueue(MarkRead(store, "d1", "user", conv, seq))
+                       for store in stores]  # queued at once: one batch, one fan-out
+            await wait_until(lambda: all(p.outcome is not None for p in pending))
+            assert session.reason is not None and session.reason.value == "slow_consumer"
+            sock.close()
+            tally.add("limit: a burst to a client that does not read, its writer idle", 800)
+
+
 async def test_membership_changes_past_the_users_rate_are_refused(broker_process, tally):
     """--change-rate bounds a user's membership changes (create, invite, set_role, join,
     subscribe, leave, remove, mute): past it each is answered rate_limited and nothing of it
