@@ -416,7 +416,7 @@ def inbox_of(store: Store, user: str, tables: MemoryTables, lsn: int,
             "inbox_head": 0 if head is None else u64(head), "inbox": inbox, "unread": unread,
             "muted": sorted(k[cut:].decode() for k in d["mute"] if k.startswith(prefix)),
             "delivered": {k[cut:].decode(): u64(v) for k, v in sorted(
-                (k, v) for k, v in d["delivered"].items() if k.startswith(prefix))}}
+                (k, v) for k, v in d["delivered"].items() if k.startswith(prefix) and k != prefix)}}
 
 
 # ---------------------------------------------------------------- message traces

@@ -34,7 +34,7 @@ from storage.tables import (
 # the fold of every ack and revocation: kept whole, the fold takes the same turns), `msg`, `idem`.
 USER_HEAD = frozenset({"user_conv", "inbox", "mute", "created"})
 USER_TAIL = frozenset({"member", "recv", "read", "joined"})
-USER_WHOLE = frozenset({"inbox_head", "acked"})
+USER_WHOLE = frozenset({"inbox_head"})
 
 # What `sorted_rows` returns: a list, or a `_fold.SortedRows`; both sized and re-iterable.
 RowsInOrder = Collection[tuple[bytes, bytes]]

@@ -85,7 +85,6 @@ class Tables(Protocol):
     inbox: Table
     inbox_head: Table
     delivered: Table
-    acked: Table
     recv: Table
     read: Table
     idem: Table
@@ -416,11 +415,18 @@ def acked_convs(tables: Tables, user: str, old: int, upto: int) -> dict[str, int
     return top
 
 
+def user_mark_key(user: str) -> bytes:
+    """The `delivered` key of `user`'s highest device mark: `user \0` and no device (a device id
+    is never empty, storage/rules.py `valid_id`), so it sorts just before the user's device rows
+    and an ack's two puts mostly land on one page."""
+    return key2(user, "")
+
+
 def acked_by_any(tables: Tables, user: str) -> int:
-    """The highest inbox seq a device of `user` acked (`acked`, 0 when none did): one row,
-    whatever the number of devices. `recv` is per user, and every accepted ack raised it over
-    the entries it covered, so the entries up to it are counted there already."""
-    return get_u64(tables, "acked", user.encode())
+    """The highest inbox seq a device of `user` acked (0 when none did): one row, whatever the
+    number of devices (`user_mark_key`). `recv` is per user, and every accepted ack raised it
+    over the entries it covered, so the entries up to it are counted there already."""
+    return get_u64(tables, "delivered", user_mark_key(user))
 
 
 def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
@@ -431,7 +437,7 @@ def _delivery_acked(tables: Tables, ev: Event, fx: Effects) -> None:
     if upto <= old:
         return
     tables.put("delivered", dkey, pack_u64(upto))
-    _raise(tables, "acked", user.encode(), upto)  # the highest of the user's device marks
+    _raise(tables, "delivered", user_mark_key(user), upto)  # the highest of the user's marks
     convs = ev.data.get("convs")  # decided by the rules (storage/rules.py `_ack`)
     if convs is None:  # an event written before acks carried them: read the inbox, as then
         convs = acked_convs(tables, user, old, upto)

@@ -25,7 +25,7 @@ from typing import Any
 import lmdb
 
 TABLES = ("conv", "conv_seq", "msg", "member", "user_conv", "inbox", "inbox_head", "delivered",
-          "acked", "recv", "read", "idem", "created", "mute", "revoked", "joined", "meta")
+          "recv", "read", "idem", "created", "mute", "revoked", "joined", "meta")
 # Tables that `apply` and `decide` range over by their first key part ("head \0").
 GROUPED = frozenset({"member", "user_conv"})
 # Tables with a row per message or inbox entry: `apply` only adds rows to them, each key once,

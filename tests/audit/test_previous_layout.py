@@ -1,5 +1,6 @@
 """`homing audit` on a data directory of a previous release (layout 4, 2026-12-04: no
-`created` table; layout 5, 2026-12-05: no `joined` table; layout 6, 2026-12-06: no `acked`),
+`created` table; layout 5, 2026-12-05: no `joined` table; layout 6, 2026-12-06: no
+highest device mark rows in `delivered`),
 as an operator finds it right after upgrading homing and before restarting the broker, or in a
 backup taken before the upgrade.
 Each test is a defect a review of upgrade and compatibility found (2026-12-05). Real LMDB, real
@@ -24,7 +25,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 # The tables each layout added, since layout 4.
-ADDED = {"5": (b"created",), "6": (b"joined",), "7": (b"acked",)}
+ADDED = {"5": (b"created",), "6": (b"joined",)}
 
 
 def make_layout_4(path: Path, layout: str = "4") -> int:
@@ -51,6 +52,10 @@ def make_layout_4(path: Path, layout: str = "4") -> int:
                 if later > layout:
                     for table in tables:
                         txn.drop(env.open_db(table, txn=txn), delete=True)
+            if layout < "7":  # no user's highest device mark (`user \0` in `delivered`)
+                delivered = env.open_db(b"delivered", txn=txn)
+                for key in [k for k, _ in txn.cursor(db=delivered) if k.endswith(b"\0")]:
+                    txn.delete(key, db=delivered)
             txn.put(LAYOUT_KEY, layout.encode(), db=env.open_db(b"layout", txn=txn))
     finally:
         env.close()
@@ -67,8 +72,8 @@ def test_the_log_readers_read_a_directory_of_the_previous_layout(tmp_path, layou
     nightly failed from the upgrade until the broker was restarted, and a backup taken before
     the upgrade could not be read at all without starting a broker on it. `verify` and
     `rebuild --check` still say `outdated_layout` (they compare projections). Layout 5 (no
-    `joined`, which layout 6 added on 2026-12-06) and layout 6 (no `acked`, which layout 7
-    added the same day) likewise."""
+    `joined`, which layout 6 added on 2026-12-06) and layout 6 (no highest device marks,
+    which layout 7 added the same day) likewise."""
     data = tmp_path / "data"
     last = make_layout_4(data, layout)
     d = str(data)

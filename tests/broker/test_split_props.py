@@ -108,7 +108,7 @@ def _rows() -> list[tuple[str, bytes]]:
     rows += [("conv", c.encode()) for c in (*DMS, group)]
     rows += [("conv_seq", c.encode()) for c in (*DMS, group)]
     rows += [("delivered", key2("u1", "d")), ("delivered", key2("u3", "d"))]
-    rows += [("acked", b"u1"), ("acked", b"u3")]
+    rows += [("delivered", key2("u1", "")), ("delivered", key2("u3", ""))]  # highest marks
     rows += [("member", key2(group, u)) for u in ("u0", "u1", "u2")]
     rows += [("member", key2(DMS[0], "u0")), ("read", key2(group, "u1")),
              ("inbox", inbox_key("u1", 2)), ("inbox", inbox_key("u0", 1)),

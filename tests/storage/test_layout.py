@@ -75,23 +75,23 @@ def test_idempotency_rows_of_layout_2_are_rekeyed_and_still_catch_retries(tmp_pa
 
 
 def test_a_directory_of_layout_6_gets_its_users_highest_device_marks_on_open(tmp_path):
-    """Layout 7 adds `acked`, each user's highest device mark, which an ack past what its
-    session was sent reads instead of every device row of the user. A directory written by
-    layout 6 (no `acked` table) is rebuilt on its first writable open: the rows the log
-    makes, and the acks after it read the inbox beyond the highest mark only."""
+    """Layout 7 adds each user's highest device mark (`delivered`, key `user \0`), which an
+    ack past what its session was sent reads instead of every device row of the user. A
+    directory written by layout 6 (no such rows) is rebuilt on its first writable open: the
+    rows the log makes, and the acks after it read the inbox beyond the highest mark only."""
     path = tmp_path / "data"
     store = Store.open(path)
     store.execute([SendMessage("bob", "d", "user", f"c{i}", "hi", to="alice") for i in range(6)])
     store.execute([Ack("alice", "phone", "user", 4, None), Ack("alice", "tablet", "user", 2)])
-    assert store._u64("acked", b"alice") == 4
+    assert store._u64("delivered", b"alice\0") == 4
 
     def as_layout_6(txn, dbs):
-        txn.drop(dbs["acked"], delete=True)
+        assert txn.delete(b"alice\0", db=dbs["delivered"])
         txn.put(LAYOUT_KEY, b"6", db=dbs["layout"])
 
     store = _reopened(store, path, as_layout_6)
     try:
-        assert store._u64("acked", b"alice") == 4
+        assert store._u64("delivered", b"alice\0") == 4
         assert store.ack_convs("alice", 6) == (("dm:alice:bob", 6),)
         (out,) = store.execute([Ack("alice", "laptop", "user", 6, None)])
         assert out.error is None
