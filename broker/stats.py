@@ -65,7 +65,8 @@ def stats_reply(broker: Broker, f: wire.Stats) -> wire.BrokerStats:
         failed=committer.failed, rate_limited=broker.rate_limited,
         connections=broker.hub.count, requests_only=broker.hub.requests_only,
         handshaking=broker.handshaking, uptime_s=int(time.monotonic() - broker.started),
-        disk_free_bytes=disk_free_bytes(broker.config.data_dir), head=head, acked=acked)
+        disk_free_bytes=disk_free_bytes(broker.config.data_dir), head=head, acked=acked,
+        commits_stopped=committer.stopped.total)
 
 
 async def report_stats(broker: Broker, every: float) -> None:
@@ -75,6 +76,7 @@ async def report_stats(broker: Broker, every: float) -> None:
     lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
     failed, rate_limited = committer.failed, broker.rate_limited
     handshakes_full, connections_full = broker.handshakes_full.total, broker.connections_full.total
+    stopped = committer.stopped.total
     while True:
         await trio.sleep(every)
         now, cpu_now = time.monotonic(), time.process_time()
@@ -90,6 +92,7 @@ async def report_stats(broker: Broker, every: float) -> None:
             commits_per_s=round((committer.batches - batches) / elapsed, 1),
             commands_per_s=round((committer.commands - commands) / elapsed, 1),
             failed_per_s=round((committer.failed - failed) / elapsed, 1),
+            commits_stopped_per_s=round((committer.stopped.total - stopped) / elapsed, 1),
             rate_limited_per_s=round((broker.rate_limited - rate_limited) / elapsed, 1),
             handshakes_full_per_s=round(
                 (broker.handshakes_full.total - handshakes_full) / elapsed, 1),
@@ -109,3 +112,4 @@ async def report_stats(broker: Broker, every: float) -> None:
         failed, rate_limited = committer.failed, broker.rate_limited
         handshakes_full = broker.handshakes_full.total
         connections_full = broker.connections_full.total
+        stopped = committer.stopped.total

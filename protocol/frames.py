@@ -451,6 +451,8 @@ class BrokerStats(NamedTuple):
     disk_free_bytes: int | None = None
     head: int | None = None  # asked of a `user` and `device`: the user's inbox head
     acked: int | None = None  # and the device's last ack
+    # of `commits`, those the store stopped at --max-batch-rows (absent from a broker before it)
+    commits_stopped: int | None = None
 
 
 class Created(NamedTuple):
@@ -663,7 +665,7 @@ _register(BrokerStats, "broker_stats", "s", id=_ID, lsn=f.uint, queued=f.uint,
           committing=f.uint, commit_running_ms=f.uint, failing=f.boolean, commits=f.uint,
           commit_ms=f.uint, commands=f.uint, failed=f.uint, rate_limited=f.uint,
           connections=f.uint, requests_only=f.uint, handshaking=f.uint, uptime_s=f.uint,
-          disk_free_bytes=f.uint, head=f.uint, acked=f.uint)
+          disk_free_bytes=f.uint, head=f.uint, acked=f.uint, commits_stopped=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS, unread=_USERS)

@@ -158,6 +158,12 @@ class Outcome:
     effects: Effects = field(default_factory=Effects)
     lsn: int = 0  # LSN of the command's last event, 0 when it appended none
 
+    @property
+    def rows(self) -> int:
+        """The rows the command wrote as `execute`'s `max_rows` counts them: the inbox entries
+        it wrote (the inboxes it moved), one at least (a command refused counts one too)."""
+        return len(self.effects.inbox_heads) or 1
+
 
 class Store(Queries):
     """Event log plus projections in one LMDB environment; the broker's only storage object.

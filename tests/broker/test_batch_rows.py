@@ -14,13 +14,17 @@ from __future__ import annotations
 import tempfile
 import threading
 
+import pytest
 import trio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
+import protocol as wire
 from broker.committer import Committer, Pending
 from broker.config import Config
 from broker.server import Broker
+from broker.stats import report_stats, stats_reply
 from broker.weight import UNKNOWN_POST_WEIGHT
 from storage.commands import Ack, CreateConv, SendMessage
 from storage.errors import StorageFull
@@ -28,6 +32,7 @@ from storage.rules import Limits
 from storage.store import Store
 from tests.broker.test_batch_weight import commit_all
 from tests.broker.test_committer_model import run_appenders
+from tests.broker.test_fairness import in_turns
 
 BODY = "x" * 100
 MEMBERS = 2_000  # the channel's, its owner among them
@@ -52,13 +57,11 @@ async def _commit_all(broker: Broker, commands: list[object], **limits: object
             for batch, outcomes in await commit_all(broker, commands, **limits)]
 
 
-async def test_after_a_restart_no_commit_passes_the_row_bound_by_more_than_one_post(tmp_path):
-    """A channel of 2,000 members posted into, the broker restarted on the same data, then 100
-    posts and a quiet user's direct send queued at once, at a bound of 4,000 rows: every
-    commit writes less than the bound before its last command (at most 5,999 rows), the posts
-    commit once each in their order, and the quiet send commits. Before, the first two
-    batches weighed each post 64 and held 62 of them: commits of 124,000 inbox entries, 31
-    times the bound."""
+@pytest.fixture
+def restarted(tmp_path):
+    """A channel of 2,000 members posted into, then the broker restarted on the same data: a
+    Broker over the store reopened, which has seen no post into it (its posts weigh 64); the
+    Broker and the channel."""
     path, limits = str(tmp_path / "d"), Limits(max_members=10_000)  # (--max-members' default)
     store = Store.open(path, limits=limits)
     try:
@@ -66,26 +69,96 @@ async def test_after_a_restart_no_commit_passes_the_row_bound_by_more_than_one_p
         (out,) = store.execute([CreateConv("own", "d", "user", "channel", "big", False,
                                            members)])
         conv = out.reply["conv"]
-        await _commit_all(Broker(Config(data_dir=tmp_path / "d", port=0), store),
-                          [_post("own", conv, 0)])
+        store.execute([_post("own", conv, 0)])
     finally:
         store.close()
     store = Store.open(path, limits=limits)  # the restart: no post into the channel seen
     try:
         broker = Broker(Config(data_dir=tmp_path / "d", port=0), store)
-        posts = [_post("own", conv, n) for n in range(1, 101)]
-        assert broker.weights.of(posts[0]) == UNKNOWN_POST_WEIGHT
-        quiet = SendMessage("quiet", "d", "user", "q1", BODY, to="quiet-peer")
-        commits = await _commit_all(broker, [*posts, quiet], max_batch_rows=BOUND)
-        largest = max(sum(rows) for _commands, rows in commits)
-        for _commands, rows in commits:
-            assert sum(rows[:-1]) < BOUND, (largest, [sum(r) for _c, r in commits])
-        assert largest <= BOUND + MEMBERS - 1
-        assert [c for commands, _rows in commits for c in commands if c.user == "own"] == posts
-        assert [quiet] == [c for commands, _rows in commits for c in commands
-                           if c.user == "quiet"]
-        logged = [e.data["cid"] for e in store.read_events() if e.type == "message.accepted"]
-        assert sorted(logged) == sorted(["own-00000", *(p.cid for p in posts), "q1"])
+        assert broker.weights.of(_post("own", conv, 1)) == UNKNOWN_POST_WEIGHT
+        yield broker, conv
+    finally:
+        store.close()
+
+
+async def test_after_a_restart_no_commit_passes_the_row_bound_by_more_than_one_post(restarted):
+    """A channel of 2,000 members posted into, the broker restarted on the same data, then 100
+    posts and a quiet user's direct send queued at once, at a bound of 4,000 rows: every
+    commit writes less than the bound before its last command (at most 5,999 rows), the posts
+    commit once each in their order, and the quiet send commits. Before, the first two
+    batches weighed each post 64 and held 62 of them: commits of 124,000 inbox entries, 31
+    times the bound."""
+    broker, conv = restarted
+    posts = [_post("own", conv, n) for n in range(1, 101)]
+    quiet = SendMessage("quiet", "d", "user", "q1", BODY, to="quiet-peer")
+    commits = await _commit_all(broker, [*posts, quiet], max_batch_rows=BOUND)
+    largest = max(sum(rows) for _commands, rows in commits)
+    for _commands, rows in commits:
+        assert sum(rows[:-1]) < BOUND, (largest, [sum(r) for _c, r in commits])
+    assert largest <= BOUND + MEMBERS - 1
+    assert [c for commands, _rows in commits for c in commands if c.user == "own"] == posts
+    assert [quiet] == [c for commands, _rows in commits for c in commands
+                       if c.user == "quiet"]
+    logged = [e.data["cid"] for e in broker.store.read_events()
+              if e.type == "message.accepted"]
+    assert sorted(logged) == sorted(["own-00000", *(p.cid for p in posts), "q1"])
+
+
+async def test_after_a_restart_a_quiet_send_queued_behind_a_flood_commits_in_the_first_commit(
+        restarted):
+    """The same flood, 100 posts into the channel of 2,000 weighing 64 each, then a quiet
+    user's direct send, at a bound of 4,000 rows: the first batch takes 62 posts and the send,
+    and the store, which stops it once two posts wrote 4,000 rows, is handed it in turn order
+    (every user's first command, then their second, ...): the send, in the first turn, is
+    committed in the first commit, after the first post; the posts commit in their order.
+    Until 2026-12-06 the batch kept the queue's order, the send last: it was put back twice
+    (the next batch is weighed before the first commit's fan-out taught the channel's size)
+    and committed in the third commit."""
+    broker, conv = restarted
+    posts = [_post("own", conv, n) for n in range(1, 101)]
+    quiet = SendMessage("quiet", "d", "user", "q1", BODY, to="quiet-peer")
+    commits = await _commit_all(broker, [*posts, quiet], max_batch_rows=BOUND)
+    assert commits[0][0] == [posts[0], quiet, posts[1]]
+    assert [c for commands, _rows in commits for c in commands if c.user == "own"] == posts
+
+
+async def test_a_batch_the_store_stops_is_counted_in_the_stats_and_logged_once_per_10_s(
+        tmp_path):
+    """Three users' direct sends queued at once, each weighing nothing (a wrong estimate), at a
+    bound of 2 rows: the store stops the first batch after one send (2 rows) and the second
+    too. Both stops are counted: the `stats` reply's `commits_stopped` is 2 and a
+    `broker_stats` line's `commits_stopped_per_s` is above 0; one `batch_stopped` line names
+    the first (2 rows written, the bound 2, 1 committed, 2 put back, 1 stop), the second
+    falling within its 10 s. Until 2026-12-06 nothing told such a stop."""
+    store = Store.open(str(tmp_path / "d"))
+    try:
+        with capture_logs() as logs, trio.fail_after(30):
+            broker = Broker(Config(data_dir=tmp_path / "d", port=0), store)
+            committer = broker.committer = Committer(store, max_batch_rows=2,
+                                                     weigh=lambda command: 0)
+
+            def stats_lines() -> list[dict]:
+                return [e for e in logs if e["event"] == "broker_stats"]
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(report_stats, broker, 0.01)
+                while not stats_lines():  # it counts from here
+                    await trio.sleep(0.01)
+                sends = [committer.enqueue(SendMessage(u, "d", "user", "c1", BODY, to="peer"))
+                         for u in ("a", "b", "c")]
+                await nursery.start(committer.serve)
+                await committer.close()
+                while not any(s["commits_stopped_per_s"] > 0 for s in stats_lines()):
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert all(p.outcome.error is None for p in sends)
+        assert committer.batches == 3
+        assert stats_reply(broker, wire.Stats(1)).commits_stopped == 2
+        stopped = [e for e in logs if e["event"] == "batch_stopped"]
+        assert [{k: e[k] for k in ("rows", "bound", "committed", "put_back", "stopped")}
+                for e in stopped] == [
+            {"rows": 2, "bound": 2, "committed": 1, "put_back": 2, "stopped": 1}]
+        assert stopped[0]["log_level"] == "info"
     finally:
         store.close()
 
@@ -196,9 +269,11 @@ def test_no_command_is_lost_or_doubled_each_users_order_holds_and_commits_hold_t
     estimate (every command weighs the same, 0 to 3, where a post writes 4 to 16), random
     bounds and some batches failing as a full disk fails them: every send is told once; one
     committed ran in exactly one commit, one failed in none; each user's sends ran in their
-    submission order; every commit wrote less than the bound before its last command; the
-    stored projections equal a replay of the log; and once all is done no ack is left queued,
-    unsynced or pending in the committer's bookkeeping."""
+    submission order; every batch was handed to the store in turn order (each user's first
+    command, then their second, ...: a stop puts back the later turns), and every commit wrote
+    less than the bound before its last command; the stored projections equal a replay of the
+    log; and once all is done no ack is left queued, unsynced or pending in the committer's
+    bookkeeping."""
     with tempfile.TemporaryDirectory() as d:
         store = _Bounded.open(d)
         store.runs, store.fail = [], frozenset()
@@ -233,6 +308,8 @@ def test_no_command_is_lost_or_doubled_each_users_order_holds_and_commits_hold_t
     event(f"the store stopped a batch: {any(r and len(r) < len(c) for c, _b, r in store.runs)}")
     for commands, bound, rows in store.runs:
         assert bound == max_rows
+        ranks = in_turns(commands)
+        assert ranks == sorted(ranks), [(c[0], r) for c, r in zip(commands, ranks, strict=True)]
         if rows is not None:
             assert rows and sum(rows[:-1]) < max_rows, (rows, max_rows)
             assert len(rows) <= len(commands) <= max_batch

@@ -22,7 +22,8 @@ OPERATIONS = Path(__file__).resolve().parents[2] / "docs" / "OPERATIONS.md"
 HANG_GUARD_S = 60  # a check that has not returned by then hangs (its --timeout is far less)
 FIGURES = {"status", "answer_ms", "lsn", "queued", "committing", "commit_running_ms",
            "failing", "commits", "commit_ms", "commands", "failed", "rate_limited",
-           "connections", "requests_only", "handshaking", "uptime_s", "disk_free_bytes"}
+           "connections", "requests_only", "handshaking", "uptime_s", "disk_free_bytes",
+           "commits_stopped"}
 
 
 @pytest.fixture
@@ -50,6 +51,7 @@ def test_a_healthy_broker_is_ok_with_its_figures(broker):
     assert out["commit_running_ms"] == 0 and out["queued"] == 0
     assert out["connections"] == 1  # the check's own session
     assert out["disk_free_bytes"] > 0
+    assert out["commits_stopped"] == 0  # no batch passed --max-batch-rows
 
     assert lines(health(broker, role="admin"))[0]["status"] == "ok"
     refused = health(broker, role="user")

@@ -54,7 +54,7 @@ _BY_NAME = {
     "last_seq": uints, "queued": uints, "committing": uints, "commit_running_ms": uints,
     "failing": st.booleans(), "commits": uints, "commit_ms": uints, "commands": uints,
     "failed": uints, "rate_limited": uints, "connections": uints, "requests_only": uints,
-    "handshaking": uints, "uptime_s": uints, "disk_free_bytes": uints,
+    "handshaking": uints, "uptime_s": uints, "disk_free_bytes": uints, "commits_stopped": uints,
 }
 _OVERRIDES = {
     ("Create", "kind"): st.sampled_from(["group", "channel"]),
