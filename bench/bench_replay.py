@@ -2,7 +2,8 @@
 
 Run `python -m bench.bench_replay [--events N]`. The log (N `message.accepted` events among 100
 users in direct conversations, written by `Store.execute` in batches of 4,096 SendMessage
-commands) is built once and cached in the temporary directory ($TMPDIR, else /tmp) keyed by N.
+commands) is built once and cached in the temporary directory ($TMPDIR, else /tmp) keyed by N
+and the projection layout; a build removes the caches of older layouts, which no run reads.
 Each run then opens it read-only and calls `storage.audit.check_projections`, the code path of
 `homing audit rebuild --check` (and of the projection half of `homing audit verify`). Prints the
 median of 3 runs in events/s and the commit measured; `--breakdown` adds the time of each phase.
@@ -15,6 +16,7 @@ import argparse
 import gc
 import logging
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -38,11 +40,47 @@ BODY = "hello " * 8
 DONE_MARKER = "bench-complete"
 
 
+CACHE_NAME = re.compile(r"homing-bench-replay-v(\d+)-(\d+)")
+"""The caches' names: the projection layout, then the number of message events."""
+
+
 def cache_dir(events: int) -> str:
     """Return the cached data directory for a log of `events` message events (one per
     projection layout: a cache of another layout would be rebuilt, not checked), in the
     temporary directory ($TMPDIR, else /tmp)."""
     return os.path.join(tempfile.gettempdir(), f"homing-bench-replay-v{LAYOUT.decode()}-{events}")
+
+
+def stale_caches(folder: str) -> list[str]:
+    """The caches in `folder` of layouts older than this homing's, which no run of it or of a
+    later one reads again: directories of this user named as `cache_dir` names them (not a
+    symlink, nor any other name). A newer layout's belongs to a newer homing and is left."""
+    found = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = CACHE_NAME.fullmatch(entry.name)
+            if (match and int(match[1]) < int(LAYOUT) and entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid == os.geteuid()):
+                found.append(entry.path)
+    return sorted(found)
+
+
+def _bytes_under(path: str) -> int:
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path)
+               for f in files)
+
+
+def remove_stale_caches(say: Callable[[str], object]) -> None:
+    """Remove the temporary directory's caches of older layouts (`stale_caches`), saying which
+    and their size with `say`: they stayed for good, one set each time the layout changed."""
+    stale = {path: _bytes_under(path) for path in stale_caches(tempfile.gettempdir())}
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    removed = [path for path in stale if not os.path.lexists(path)]
+    if removed:
+        mib = sum(stale[path] for path in removed) / (1 << 20)
+        say(f"removed {len(removed)} replay cache{'s' * (len(removed) != 1)} of older layouts "
+            f"({mib:,.1f} MiB): {', '.join(removed)}")
 
 
 def build(path: str, events: int) -> None:
@@ -78,9 +116,11 @@ def _write_messages(store: Store, events: int) -> None:
 
 def ensure_log(events: int, say: Callable[[str], object] = print) -> str:
     """Return a data directory holding the benchmark log, building it when not cached (and
-    saying so with `say`: `homing bench` says it on stderr, under its table's stdout)."""
+    saying so with `say`: `homing bench` says it on stderr, under its table's stdout). A build
+    first removes the caches of older layouts (`remove_stale_caches`)."""
     path = cache_dir(events)
     if not os.path.exists(os.path.join(path, DONE_MARKER)):
+        remove_stale_caches(say)
         started = time.perf_counter()
         build(path, events)
         say(f"built {path} in {time.perf_counter() - started:.1f}s (kept for the next run; "

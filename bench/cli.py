@@ -62,18 +62,22 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("bench", help="end-to-end benchmarks (docs/BENCHMARKS.md)",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("scenario", nargs="+", choices=(*SCENARIOS, "all"),
-                   help="what to run; `all` runs every scenario")
+                   help="what to run; `all` runs every scenario (replay runs no broker: it "
+                        "times the storage's rebuild check; docs/BENCHMARKS.md, \"Scenarios\")")
     g = p.add_argument_group("load")
     g.add_argument("--procs", type=_positive_int, default=4,
-                   help="load-generator processes for senders/receivers (default %(default)s)")
+                   help="load-generator processes for the senders and receivers, and for "
+                        "fanout's subscribers (default %(default)s)")
     g.add_argument("--senders", type=_positive_int, default=16,
                    help="sender connections (default %(default)s)")
     g.add_argument("--receivers", type=_positive_int, default=16,
                    help="receiver connections (default %(default)s)")
     g.add_argument("--messages", type=_positive_int, default=200_000,
-                   help="throughput: messages in total (default %(default)s)")
+                   help="throughput (also on top of the idle connections): messages in total "
+                        "(default %(default)s)")
     g.add_argument("--pipeline", type=_positive_int, default=256,
-                   help="sends in flight per sender connection (default %(default)s)")
+                   help="throughput and catchup: sends in flight per sender connection (the "
+                        "latency run sends at its rate; default %(default)s)")
     g.add_argument("--rates", type=_positive_ints, default=[1000, 5000, 20000],
                    help="latency: comma-separated msg/s (default 1000,5000,20000)")
     g.add_argument("--duration", type=_positive_float, default=10.0,
@@ -119,7 +123,8 @@ def add_parser(sub: Any) -> None:
     o.add_argument("--json", metavar="FILE", help="write every figure and the environment")
     o.add_argument("--plot", metavar="FILE.png", help="write a PNG (needs matplotlib)")
     o.add_argument("--peer", action="append", default=[], metavar="URL",
-                   help="compare with nats://HOST:PORT (JetStream) or redis://HOST:PORT (Streams)")
+                   help="throughput and latency: compare with nats://HOST:PORT (JetStream) or "
+                        "redis://HOST:PORT (Streams); one of each kind at most")
     p.set_defaults(func=cmd_bench)
 
 
@@ -151,17 +156,13 @@ def note(text: str) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench import placement, report
-    from bench.disk import describe
     from broker.backup_cli import sigterm_as_exit
 
     _check_usage(args)
     chosen = list(SCENARIOS) if "all" in args.scenario else list(dict.fromkeys(args.scenario))
-    if args.peer and not any(name in PEER_KEYS for name in chosen):
-        # Not an error: a script may pass --peer to every run; but a peer reached and then not
-        # used, without a word, reads as if it had been compared.
-        note(f"homing bench: --peer applies to {' and '.join(PEER_KEYS)}, and neither of them "
-             f"runs: {' and '.join(args.peer)} {'is' if len(args.peer) == 1 else 'are'} not "
-             "used")
+    # A peer that no chosen scenario takes is not probed: the line under the table that says
+    # it is not used is all there is to say of it (it was said to be unreachable as well).
+    compared = args.peer if any(name in PEER_KEYS for name in chosen) else []
     opts = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
     opts["placement"] = None
     opts["load_sched"] = args.load_sched or placement.default_load_sched()
@@ -176,7 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     started = time.monotonic()
     try:
         with sigterm_as_exit():
-            disk, peers, results = _measure(chosen, opts, progress, failed)
+            disk, peers, results = _measure(chosen, compared, opts, progress, failed)
     except (KeyboardInterrupt, SystemExit) as exc:  # Ctrl-C; SIGTERM, as `homing backup`
         progress.clear()
         note("homing bench: " + ("interrupted" if isinstance(exc, KeyboardInterrupt)
@@ -185,14 +186,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     doc = {"results": results, "failed": failed, "peers": peers,
            "environment": {**report.environment(opts), "disk": disk},
            "elapsed_s": round(time.monotonic() - started, 1)}
+    status = 0
+    try:
+        _print_report(doc, opts, unused_peers=[] if compared else args.peer)
+    except BrokenPipeError:
+        # stdout's reader went away (`homing bench ... --json out.json | head -3`): the rest of
+        # the report is for nobody, but the files asked for are still written below, and the
+        # run ends as the other commands do then (exit 1, stdout on /dev/null).
+        from broker.cli import _reader_gone
+
+        status = _reader_gone()
+    lost = _write_outputs(args, doc, results)
+    if failed or lost:
+        from broker.cli import EXIT_REFUSED, CliError
+
+        raise CliError(EXIT_REFUSED, "bench_failed", "homing bench: " + "; ".join(
+            [*(f"{name} failed: {why}" for name, why in failed.items()), *lost]))
+    return status
+
+
+def _print_report(doc: dict, opts: dict, unused_peers: list[str]) -> None:
+    """Print the table and the lines under it on stdout (the run's notes go to stderr)."""
+    from bench import report, scenarios
+    from bench.disk import describe
+    from bench.peers import peer_name
+
+    results, failed, peers, repeat = doc["results"], doc["failed"], doc["peers"], opts["repeat"]
     if results:
         print(report.table(results))
     else:  # a table of headers alone looked like a run that measured nothing, not a failed one
         note("homing bench: no scenario finished, so there is no table; why each failed is "
              "said below")
-    if args.repeat > 1 and results:
-        print(f"\neach figure: the median of {args.repeat} runs (lowest-highest in brackets)"
-              f"{_fewer_runs(results, failed, args.repeat)}; each ratio: the median of the "
+    if repeat > 1 and results:
+        print(f"\neach figure: the median of {repeat} runs (lowest-highest in brackets)"
+              f"{_fewer_runs(results, failed, repeat)}; each ratio: the median of the "
               "rounds' own ratios")
     env = doc["environment"]
     if results:  # a blank line after the table
@@ -201,9 +228,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"commit {(env['git_commit'] or '?')[:12]}{' (dirty)' if env['git_dirty'] else ''}, "
           f"storage hot loops {env['storage_native']}, rows {env['storage_rows']}, "
           f"frame codec {env['protocol_native']}")
-    print(describe(disk))
+    print(describe(env["disk"]))
     for line in _not_compared(peers):
         print(line)
+    for url in unused_peers:
+        # Not an error: a script may pass --peer to every run; but a peer not used, without a
+        # word, reads as if it had been compared.
+        print(f"peer {peer_name(url)} ({url}) not used: --peer applies to "
+              f"{' and '.join(PEER_KEYS)}, and neither of them runs")
     for name, why in failed.items():
         print(f"! {name} failed" + ("" if name in results else ", so it is not in the table")
               + f": {why}")
@@ -212,8 +244,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "instead of preempting the server")
     behind = report.fell_behind(results)
     if behind:
-        from bench import scenarios
-
         print(f"~ fell behind the rate asked (deliveries at less than "
               f"{scenarios.FELL_BEHIND_PCT} % of it) in: {', '.join(behind)}; the broker or the "
               "load could not keep up, so those latencies measure a queue that grew all run: "
@@ -224,8 +254,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
               "measure the clients as much as the server (docs/BENCHMARKS.md, \"CPU placement\")")
     busy = report.disturbed(results)
     if busy:
-        from bench import scenarios
-
         print(f"! the rest of the machine (other processes, or the hypervisor's steal) took "
               f"{scenarios.DISTURBED_PCT} % of a core or more in: {', '.join(busy)}; those "
               "figures are not the server's and the load's alone: rerun them on a quiet machine "
@@ -234,13 +262,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         cpus = opts["placement"]
         print(f"pinned: server on CPUs {_cpu_list(cpus['server'])}, "
               f"load on CPUs {_cpu_list(cpus['load'])}")
-    lost = _write_outputs(args, doc, results)
-    if failed or lost:
-        from broker.cli import EXIT_REFUSED, CliError
-
-        raise CliError(EXIT_REFUSED, "bench_failed", "homing bench: " + "; ".join(
-            [*(f"{name} failed: {why}" for name, why in failed.items()), *lost]))
-    return 0
 
 
 def _fewer_runs(results: dict[str, Any], failed: dict[str, str], repeat: int) -> str:
@@ -258,15 +279,16 @@ def _fewer_runs(results: dict[str, Any], failed: dict[str, str], repeat: int) ->
     return ", but " + ", ".join(fewer) if fewer else ""
 
 
-def _measure(chosen: list[str], opts: dict, progress: Progress,
+def _measure(chosen: list[str], peer_urls: list[str], opts: dict, progress: Progress,
              failed: dict[str, str]) -> tuple[dict, dict, dict[str, Any]]:
-    """The disk's figures, the peers' status and every chosen scenario's results."""
+    """The disk's figures, the status of the peers compared with and every chosen scenario's
+    results."""
     from bench import repeat
     from bench.disk import synced_writes
 
     note("== disk")
     disk = synced_writes()  # before any broker runs: the machine is idle
-    peers = _reach_peers(opts["peer"])
+    peers = _reach_peers(peer_urls)
     results: dict[str, Any] = {}
     for name in chosen:
         runs = _run_scenario(name, opts, peers, progress, failed)
@@ -353,23 +375,33 @@ def _output_problem(path: str, *, png: bool) -> str | None:
     Tried now by opening the file (a new one is made and removed again): a folder's mode bits
     say nothing of /proc, a read-only mount or ACLs, and nothing at all to root. A plot must be
     named .png: matplotlib takes its format from the name, so `x.jpg` was a JPEG and `x` became
-    `x.png`, while the bench said it wrote `x`."""
+    `x.png`, while the bench said it wrote `x`.
+
+    A symlink is followed, as the write at the end follows it (and a shell's `>`): one to a
+    file not made yet (dangling) is tried by making that file; it was refused as `cannot write
+    LINK: File exists`, the test file's O_EXCL meeting the link itself."""
     if not path:
         return "give a file name"
     if os.path.isdir(path):
         return f"{path} is a folder; name the file to write"
     if png and not path.lower().endswith(".png"):
         return f"{path}: the plot is a PNG: name it FILE.png"
+    dangling = os.path.islink(path) and not os.path.exists(path)
+    target = os.path.realpath(path) if dangling else path
     try:
-        if not os.path.exists(path):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            os.unlink(path)
-        elif os.path.isfile(path):
-            open(path, "ab").close()  # writes nothing: its content stays until the end
-        elif not os.access(path, os.W_OK):  # a FIFO or a device: opening one may wait
+        if not os.path.exists(target):
+            os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.unlink(target)
+        elif os.path.isfile(target):
+            open(target, "ab").close()  # writes nothing: its content stays until the end
+        elif not os.access(target, os.W_OK):  # a FIFO or a device: opening one may wait
             return f"cannot write {path}: permission denied"
     except OSError as exc:
-        return f"cannot write {path}: {exc.strerror or exc}"
+        why = exc.strerror or str(exc)
+        if dangling:
+            return (f"cannot write {path}: it is a symlink to {target}, which does not exist "
+                    f"and cannot be made: {why}")
+        return f"cannot write {path}: {why}"
     return None
 
 

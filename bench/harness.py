@@ -317,6 +317,21 @@ class Workers:
         for pipe in self.pipes:
             pipe.send(message)
 
+    def ask(self, message: Any, want: str, timeout: float, label: str = "") -> list[Any]:
+        """Send `message` to every process and gather their `want` answers; a process that
+        has died is a WorkerError saying how it ended, whether its pipe broke on the send or
+        closed on the read."""
+        for i, pipe in enumerate(self.pipes):
+            try:
+                pipe.send(message)
+            except OSError:  # BrokenPipeError, ConnectionResetError: its end is closed
+                raise WorkerError(f"load process {i} died ({self._ending(i)})") from None
+        return self.gather(want, timeout, label)
+
+    def dead(self) -> dict[int, str]:
+        """How each process that has ended ended, by index ("killed by SIGKILL", "exit 1")."""
+        return {i: self._ending(i) for i, p in enumerate(self.procs) if p.exitcode is not None}
+
     def cpu(self) -> list[float]:
         return [cpu_seconds(p.pid) for p in self.procs]
 

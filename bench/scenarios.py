@@ -20,7 +20,7 @@ from typing import Any
 import trio
 
 import protocol as wire
-from bench.harness import BrokerProcess, Workers, run_phase, say
+from bench.harness import BrokerProcess, WorkerError, Workers, run_phase, say
 from bench.histogram import Histogram
 from bench.loadgen import Link
 from bench.placement import load_cpus, load_sched
@@ -296,8 +296,12 @@ def connections(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict
         for x in ready:
             for name, n in x["failures"].items():
                 failures[name] = failures.get(name, 0) + n
-        on_top = throughput(broker, opts, progress) if opts.get("connections_throughput") else None
-        rss_after = broker.rss_mib()
+        _check_held(workers, ready, "during the idle hold")
+        on_top = None
+        if opts.get("connections_throughput"):
+            on_top = throughput(broker, opts, progress)
+            rss_after = broker.rss_mib()
+            _check_held(workers, ready, "during the throughput run on top of them")
     out = {
         "connections": connected, "requested": c, "failures": failures,
         "rss_mib": round(rss, 1), "rss_base_mib": round(base, 1),
@@ -308,6 +312,30 @@ def connections(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict
         out["throughput"] = on_top
         out["rss_after_throughput_mib"] = round(rss_after, 1)
     return out
+
+
+def _check_held(workers: Workers, ready: list[dict], when: str) -> None:
+    """Raise WorkerError unless every process holding the idle connections is alive and still
+    holds every connection it opened: the figures of the phase just measured (`when`) would be
+    for fewer connections than the scenario reports. A holder that died went unnoticed."""
+    connected = sum(x["connected"] for x in ready)
+    dead = workers.dead()
+    if not dead:
+        try:
+            held = workers.ask(("count", None), "held", 30, "connections: counting")
+        except WorkerError:
+            dead = workers.dead()
+            if not dead:
+                raise
+    if dead:
+        raise WorkerError("; ".join(
+            f"load process {i}, holding {ready[i]['connected']:,} of the {connected:,} idle "
+            f"connections, died ({how}) {when}" for i, how in dead.items())
+            + ": the figures would be for connections no longer held")
+    closed = connected - sum(x["held"] for x in held)
+    if closed:
+        raise WorkerError(f"{closed:,} of the {connected:,} idle connections closed {when}: "
+                          "the figures would be for connections no longer held")
 
 
 def catchup(broker: BrokerProcess, opts: dict, progress: Any = None) -> dict:

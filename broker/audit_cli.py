@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import os
 import re
 import sys
 import time
@@ -25,7 +24,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, emit, warn
+from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, _reader_gone, emit, warn
 from broker.config import DEFAULT_DATA_DIR
 from protocol import UINT_MAX
 
@@ -207,11 +206,8 @@ def quietly(func):
             # A read that failed after the open (LMDB's reader table filled up by other
             # processes between two of its short read transactions): as when the open fails.
             raise CliError(EXIT_USAGE, "no_data", str(exc)) from None
-        except BrokenPipeError:
-            # `homing audit export | head`: the reader is gone; stop without a traceback, and
-            # point stdout at /dev/null so the interpreter's final flush cannot fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 1
+        except BrokenPipeError:  # `homing audit export | head`: the reader is gone
+            return _reader_gone()
     return run
 
 

@@ -72,18 +72,26 @@ def test_a_run_in_which_every_scenario_failed_says_so_instead_of_an_empty_table(
 
 
 def test_peers_with_no_scenario_that_takes_one_are_said_to_be_unused(tmp_path):
-    """--peer with replay alone: a line saying what the peers apply to; not an error."""
-    run = _bench(tmp_path, "replay", "--replay-events", "2000", "--peer", "redis://127.0.0.1:1")
+    """--peer with replay alone: one line per peer under the table, saying it is not used and
+    what peers apply to; the peer is not probed, and it is not an error. Until 2026-12-06 an
+    unreachable peer got two more lines besides a line on stderr: probed all the same, it was
+    said to be not reachable on stderr and "not compared: not reachable" under the table."""
+    url = "redis://127.0.0.1:1"
+    out = tmp_path / "b.json"
+    run = _bench(tmp_path, "replay", "--replay-events", "2000", "--peer", url, "--json", str(out))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert ("--peer applies to throughput and latency, and neither of them runs: "
-            "redis://127.0.0.1:1 is not used") in run.stderr
+    assert [line for line in run.stderr.splitlines() if url in line] == []
+    (line,) = [line for line in run.stdout.splitlines() if url in line]
+    assert line == (f"peer redis ({url}) not used: --peer applies to throughput and latency, "
+                    "and neither of them runs")
+    assert json.loads(out.read_text())["peers"] == {}  # the peers compared with: none
 
 
 def test_peers_with_a_scenario_that_takes_one_are_not_said_to_be_unused(tmp_path):
     run = _bench(tmp_path, "throughput", *SMALL, "--messages", "200",
                  "--peer", "redis://127.0.0.1:1")
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "--peer applies to" not in run.stderr
+    assert "not used" not in run.stderr
 
 
 def test_a_phase_too_short_for_the_clock_ticks_is_not_flagged_and_has_no_cpu_figure(tmp_path):

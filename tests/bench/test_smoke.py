@@ -166,8 +166,9 @@ def test_stdout_holds_the_report_and_says_which_peers_were_not_compared(tmp_path
     directory ($TMPDIR: it was always /tmp). A peer asked for but not reachable is said there
     too, not only on stderr: a saved report without its peer column said nothing of why."""
     env = {**os.environ, "TMPDIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-m", "broker.cli", "bench", "replay",
-                          "--replay-events", "1500", "--peer", "redis://127.0.0.1:1"],
+    run = subprocess.run([sys.executable, "-m", "broker.cli", "bench", "replay", "throughput",
+                          "--procs", "1", "--senders", "2", "--receivers", "2", "--messages",
+                          "200", "--replay-events", "1500", "--peer", "redis://127.0.0.1:1"],
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("| scenario"), run.stdout[:500]
