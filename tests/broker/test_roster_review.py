@@ -12,6 +12,7 @@ from __future__ import annotations
 import tracemalloc
 
 import hypothesis.strategies as st
+import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 
@@ -200,12 +201,21 @@ def test_rosters_held_across_changes_share_their_members():
                               for i in range(50)}))
 
 
-async def test_pushes_follow_invites_and_leaves_interleaved_with_posts(tmp_path):
+@pytest.mark.parametrize("fold_after", [32, 0], ids=["noted", "folded"])
+async def test_pushes_follow_invites_and_leaves_interleaved_with_posts(tmp_path, monkeypatch,
+                                                                       fold_after):
     """Over loopback, with the group's roster cached: invites, leaves and a removal between
     posts, typing notices and read marks; each push goes to the members online at the time,
     each post is delivered to the members at the time, and a roster held from before the
-    changes (as a walk in progress holds one) is the group as it was."""
+    changes (as a walk in progress holds one) is the group as it was. With FOLD_AFTER 0 (the
+    broker's rosters and the commit thread's lists), every change is folded into a new table
+    or list at once, where the default leaves them noted beside it."""
+    from broker import roster as roster_mod
+    from storage import buffered_tables
     from tests.harness import running_broker
+
+    monkeypatch.setattr(roster_mod, "FOLD_AFTER", fold_after)
+    monkeypatch.setattr(buffered_tables, "FOLD_AFTER", fold_after)
 
     users = ["own", "a", "b", "c"]
     async with running_broker(tmp_path / "d", changes_per_s_per_user=1e9,
@@ -267,3 +277,44 @@ async def test_pushes_follow_invites_and_leaves_interleaved_with_posts(tmp_path)
         assert held == Roster.of([("a", "member"), ("b", "member"), ("own", "owner")])
         assert h.broker.roster(conv) == Roster.of(
             [("b", "admin"), ("c", "member"), ("own", "owner")])
+
+
+_change = st.tuples(st.sampled_from(["own", "a", "b", "c", "d", "e", "m0", "m1"]),
+                    st.sampled_from([None, None, "member", "admin", "owner"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(first=st.dictionaries(st.sampled_from(["own", "a", "m0", "m1", "m2"]),
+                             st.sampled_from(["member", "admin", "owner"]), max_size=5),
+       changes=st.lists(_change, max_size=40), fold_after=st.sampled_from([0, 1, 2, 32]),
+       online=st.sets(st.sampled_from(["own", "a", "b", "e", "m1", "x"])))
+def test_each_roster_answers_as_its_members(first, changes, fold_after, online):
+    """A roster of 0 to 5 members through random changes (a member removed then added back,
+    a role given and taken, a change back to what the table says), its changes folded at any
+    point (FOLD_AFTER 0 to 32: past it plus the square root of the members, 0 or 1 in these):
+    every roster made, held to the end, answers `role`, `in`, `len`, `online`, `members` and
+    `posters` as its members at its change, whatever came after it."""
+    from broker import roster as roster_mod
+    saved = roster_mod.FOLD_AFTER
+    roster_mod.FOLD_AFTER = fold_after
+    try:
+        held = [(Roster.of(sorted(first.items())), dict(first))]
+        for user, role in changes:
+            model = dict(held[-1][1])
+            if role is None:
+                model.pop(user, None)
+            else:
+                model[user] = role
+            held.append((held[-1][0].changed(user, role), model))
+    finally:
+        roster_mod.FOLD_AFTER = saved
+    sessions = {user: [] for user in online}
+    for roster, model in held:
+        assert len(roster) == roster.size == len(model)
+        assert roster.members == sorted(model.items())
+        assert roster.posters == sorted(u for u, r in model.items() if r in ("owner", "admin"))
+        for user in ["own", "a", "b", "c", "d", "e", "m0", "m1", "m2", "x"]:
+            assert roster.role(user) == model.get(user)
+            assert (user in roster) == (user in model)
+        assert roster.online(sessions) == set(model) & online
+        assert roster == Roster.of(sorted(model.items()))
