@@ -9,6 +9,8 @@ built.
 
 from __future__ import annotations
 
+import signal
+import sys
 import tempfile
 from contextlib import contextmanager
 
@@ -243,5 +245,45 @@ def test_the_common_sends_take_the_compiled_way():
                 store._env.write(work)
             tables.rollback()
             assert taken == [True] * len(sends)
+        finally:
+            store.close()
+
+
+def test_a_ctrl_c_while_the_compiled_send_reads_a_row_stops_the_batch():
+    """A Ctrl-C that lands while the compiled send reads a row in Python (a BufTable's
+    `__missing__`) stops the batch with KeyboardInterrupt, nothing written. The send took it
+    for a failed read, cleared it and left the send to the rules: the interrupt was lost, and
+    `homing bench replay` building its log went on for minutes after Ctrl-C."""
+    with tempfile.TemporaryDirectory(prefix="homing-send-") as d:
+        store = Store.open(d, map_size=1 << 22)
+        try:
+            store.execute([SendMessage("ann", "d1", "user", "first", "hi", to="bob")])
+            before = store.log.tail()
+            inside = []
+
+            def ctrl_c(frame, event, arg):
+                # Ctrl-C at the first row the compiled send reads: SIGINT as the terminal
+                # sends it, turned into KeyboardInterrupt by Python's own handler.
+                if event == "c_call" and arg is store_module.SEND_MESSAGE:
+                    inside.append(True)
+                elif event == "call" and inside and frame.f_code.co_name == "__missing__":
+                    sys.setprofile(None)
+                    signal.raise_signal(signal.SIGINT)
+
+            # (a shell's background job, as CI may start the tests, ignores SIGINT)
+            handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+            try:
+                with pytest.raises(KeyboardInterrupt):
+                    sys.setprofile(ctrl_c)
+                    try:
+                        store.execute([SendMessage("ann", "d1", "user", "second", "hi",
+                                                   to="bob")])
+                    finally:
+                        sys.setprofile(None)
+            finally:
+                signal.signal(signal.SIGINT, handler)
+            assert inside and store.log.tail() == before
+            (after,) = store.execute([SendMessage("ann", "d1", "user", "third", "hi", to="bob")])
+            assert after.error is None and after.lsn == before[0] + 1
         finally:
             store.close()
