@@ -20,11 +20,8 @@ Rules kept here:
   may be wrong (a channel the broker has not seen a post into since it started weighs 64), so
   the store holds the bound as it writes (`Store.execute`'s `max_rows`): it stops once the
   commands it ran wrote `max_batch_rows` rows and commits them, and the commands it did not
-  run go back to the head of the queue, in their order (`_put_back`). The store is handed the
-  batch in turn order (`_fair`; as queued when it cannot stop it, `_never_stopped`), so such a
-  stop puts back the later turns: a quiet user's one command goes in the first turn, not
-  behind a flood's that were queued before it. Each stop is counted (`stopped`,
-  `broker_stats`) and logged `batch_stopped`, at most once per 10 s.
+  run go back to the head of the queue, in their order (`_put_back`). Each stop is counted
+  (`stopped`, `broker_stats`) and logged `batch_stopped`, at most once per 10 s.
 - A batch that fails on a damaged projection row (`CorruptProjection`) fails only the commands
   that read it: its commands run again in halves, down to single commands (`_settle`,
   broker/isolate.py); the others commit in their order and are told as in any batch. A batch
@@ -376,10 +373,8 @@ class Committer:
         return len(self._acks) == len(self._queue) and not self._closing
 
     def _take(self) -> list[Pending]:
-        """The next batch, in turn order (every user's first command, then every user's
-        second, ..., `_fair`; as queued if the store cannot stop it): the queue's first
-        `max_batch` commands (taken in turns by user when it holds more), or, under load, its
-        sends alone.
+        """The next batch: the queue's first `max_batch` commands (in turns by user when it holds
+        more, `_fair`), or, under load, its sends alone.
 
         When the batch before held acks and the queue holds only sends and acks, at least
         ACKS_EVERY_OTHER_FROM sends among them, the sends go alone and the acks stay queued
@@ -532,11 +527,10 @@ class Committer:
     def _put_back(self, started: _Batch) -> None:
         """The store stopped `started` at the row bound (`Store.execute`'s `max_rows`): it holds
         the commands committed now, and those not run go back to the head of the queue, in
-        the batch's order (turn order, `_fair`: each user's in their order), for the next batch
-        (taken after this one's `_finish`, so nothing queued since goes before them: each
-        user's order holds, and the next cut ranks each user's put back first). Their acks
-        were not committed: their bookkeeping stays as for a queued ack (`_finish` sees only
-        the acks that ran), and a device keeps one ack queued (`_merge_back`)."""
+        their order, for the next batch (taken after this one's `_finish`, so nothing queued
+        since goes before them: each user's order holds). Their acks were not committed:
+        their bookkeeping stays as for a queued ack (`_finish` sees only the acks that ran),
+        and a device keeps one ack queued (`_merge_back`)."""
         ran = len(started.outcomes)
         rest = started.pending[ran:]
         del started.pending[ran:], started.commands[ran:]
@@ -583,7 +577,7 @@ class Committer:
         the damaged row `exc`, in halves down to single commands; or around the commands it
         set aside from the start (`exc` None). Only those whose own work meets a damaged row
         failed; the others committed in their order and are told as in any batch
-        (`_fan_out_split`, every command in the batch's order, the failed ones too)."""
+        (`_fan_out_split`, every command in submission order, the failed ones too)."""
         results = done.results
         errors = [r if isinstance(r, BaseException) else None for r in results]
         outcomes = [None if e is not None else r for r, e in zip(results, errors, strict=True)]
@@ -647,9 +641,8 @@ class Committer:
                 log.exception("commit_fanout_failed")
 
     def _fan_out_split(self, done: _Batch) -> None:
-        """`_fan_out` of a split batch: each command told its outcome or its error, in the
-        batch's order (turn order: each user's in submission order); `on_committed` runs
-        over the commands committed, if any."""
+        """`_fan_out` of a split batch: each command told its outcome or its error, in
+        submission order; `on_committed` runs over the commands committed, if any."""
         with self._fanout():
             for p, outcome, error in zip(done.pending, done.outcomes, done.errors, strict=True):
                 p.finish(outcome, error)
@@ -714,14 +707,13 @@ def _one(command: object) -> int:
 
 
 _command_of = operator.attrgetter("command")
-_user_of = operator.itemgetter(0)
 
 
 def _fair(queue: list[Pending], limit: int, rows: float = math.inf,
           weigh: Callable[[object], int] = _one) -> tuple[list[Pending], list[Pending]]:
     """Split `queue` into a batch of at most `limit` commands weighing at most `rows` in all
     (`weigh` of each; but one command at least, whatever it weighs) and the rest, taking the
-    users' commands in turns; the batch in turn order, the rest in the queue's.
+    users' commands in turns.
 
     The turns are the same under both bounds: the batch is the longest run, in turn order (every
     user's first command, then every user's second, ..., each turn in queue order), within
@@ -732,98 +724,33 @@ def _fair(queue: list[Pending], limit: int, rows: float = math.inf,
     the commit thread, holding Python's lock most of it, and every other user's send waited
     one and a half such commits (docs/OPERATIONS.md, "One noisy service beside quiet ones").
     Each command is weighed here, as its batch is taken (0.33 ms for 4,096 direct sends),
-    so that a weight learnt from a commit counts for the commands queued before it.
-
-    The batch is handed to the store in turn order (but one it cannot stop, handed as queued:
-    `_never_stopped`), each user's commands in their order (the only order promised: users
-    act on each other's commands only once durable), because the store may stop it short of
-    its end (`Store.execute`'s `max_rows`, the weights being estimates) and the commands it
-    did not run go back to the queue (`Committer._put_back`): so those are the later turns.
-    Until 2026-12-06 it kept the queue's order, and right after a restart (a post into a
-    channel weighing a guess of 64 until one commits) a quiet user's send taken with a flood's
-    posts queued before it was put back, and waited two commits more."""
+    so that a weight learnt from a commit counts for the commands queued before it."""
     batch, rest = _in_turns(queue, limit)
     if sum(map(weigh, map(_command_of, batch))) <= rows:
-        return (batch if _never_stopped(batch, rows) else _turn_order(batch)), rest
+        return batch, rest
     return _in_turns_by_weight(queue, limit, rows, weigh)
-
-
-def _never_stopped(batch: list[Pending], rows: float) -> bool:
-    """Whether the store runs `batch` to its end under the bound `rows` whatever the weights
-    say, so that its order is free (`_fair` hands it as it is): it holds only acks (one row
-    each, as `Store.execute`'s `max_rows` counts them) and direct sends (two at most: the
-    sender's inbox entry and the recipient's), and all but its last write fewer than `rows`.
-    Anything else may write more rows than its weight (a post into a group or channel, a
-    create adding its members); `rows` infinite is no bound known here (the cut by count
-    alone, `weigh` having failed): turn order then. A pass over the batch without a dict
-    (0.23 ms for 4,096, against 0.7 to 0.95 ms for `_turn_order`): 4,112 queued by 16
-    senders with 256 each in flight and 16 receivers' acks took `_fair` 1.8 to 2.8 ms with
-    the reorder, 1.2 to 1.8 ms so (0.9 to 1.3 ms before turn order); 4,096 that fit 1.1 to
-    1.8, 0.55 to 0.8 (0.4 to 0.5) ms (`timeit`, alternating runs on the shared 2-core VM, the
-    ranges its load, 2026-12-06)."""
-    if not 2 * (len(batch) - 1) < rows < math.inf:
-        return False
-    for p in batch:
-        command = p.command
-        kind = type(command)
-        if kind is SendMessage:
-            conv = command.conv
-            if conv is not None and not conv.startswith("dm:"):
-                return False
-        elif kind is not Ack:
-            return False
-    return True
-
-
-def _users(queue: list[Pending]) -> list[Any]:
-    """Each command's user: its first field (storage/commands.py: the actor)."""
-    return list(map(_user_of, map(_command_of, queue)))
-
-
-def _ranks(users: list[Any]) -> list[int]:
-    """Each command's rank among its user's, of `users` (`_users`): 0 for a user's first, its
-    turn."""
-    seen: dict[Any, int] = {}
-    ranks = []
-    for user in users:
-        n = seen.get(user, 0)
-        seen[user] = n + 1
-        ranks.append(n)
-    return ranks
-
-
-def _turn_order(batch: list[Pending]) -> list[Pending]:
-    """`batch` in turn order: every user's first command, then every user's second, ..., each
-    turn in the batch's order. O(n); a batch of one turn (a command per user), or of one user,
-    is returned as it is. With it `_fair` of 4,096 queued commands that fit takes 0.42 ms (of
-    one user, or of 4,096) to 1.0 ms (of 4 or 12 users), against 0.22 ms without (`timeit`,
-    2 alternating runs on the shared 2-core VM): 0.2 to 0.8 ms more, against about 50 ms of
-    CPU that a commit of 4,096 direct sends takes."""
-    users = _users(batch)
-    distinct = len(set(users))
-    if distinct == 1 or distinct == len(batch):
-        return batch
-    ranks = _ranks(users)
-    by_turn: list[list[Pending]] = [[] for _ in range(max(ranks) + 1)]
-    for p, rank in zip(batch, ranks, strict=True):
-        by_turn[rank].append(p)
-    return [p for turn in by_turn for p in turn]
 
 
 def _in_turns_by_weight(queue: list[Pending], limit: int, rows: float,
                         weigh: Callable[[object], int]) -> tuple[list[Pending], list[Pending]]:
     """`_fair`'s cut by weight: the queue's commands in turn order (a stable sort by each
     one's rank among its user's) are taken until the next would bring the batch past `rows`
-    or `limit` commands (the first is taken whatever it weighs); the batch in that order,
-    the rest in the queue's."""
-    ranks = _ranks(_users(queue))
-    taken, batch, weight = [False] * len(queue), [], 0
+    or `limit` commands (the first is taken whatever it weighs); the batch and the rest keep
+    the queue's order."""
+    seen: dict[Any, int] = {}
+    ranks = []
+    for p in queue:
+        user = p.command[0]
+        n = seen.get(user, 0)
+        seen[user] = n + 1
+        ranks.append(n)
+    taken, weight = [False] * len(queue), 0
     for count, i in enumerate(sorted(range(len(queue)), key=ranks.__getitem__)):
         weight += weigh(queue[i].command)
         if count == limit or (weight > rows and count):
             break
         taken[i] = True
-        batch.append(queue[i])
+    batch = [p for p, t in zip(queue, taken, strict=True) if t]
     rest = [p for p, t in zip(queue, taken, strict=True) if not t]
     return batch, rest
 
@@ -832,9 +759,8 @@ def _in_turns(queue: list[Pending], limit: int) -> tuple[list[Pending], list[Pen
     """Split `queue` into a batch of at most `limit` commands and the rest, taking the users'
     commands in turns: every user's first, then every user's second, ..., the last turn cut in
     queue order. Each user's commands in the batch are the first of theirs, in their order,
-    and the batch and the rest keep the queue's order (`_fair` puts the batch in turn order);
-    a queue of one user is cut as before (its first `limit`). A command's user is its first
-    field (storage/commands.py: the actor).
+    and the batch and the rest keep the queue's order; a queue of one user is cut as before
+    (its first `limit`). A command's user is its first field (storage/commands.py: the actor).
 
     Until 2026-12-06 a batch was the queue's first `limit`: 4 users with 3 connections each
     pipelining 1,024 sends at the default limits kept about 12,000 queued, and a quiet user's
@@ -843,7 +769,7 @@ def _in_turns(queue: list[Pending], limit: int) -> tuple[list[Pending], list[Pen
     it holds more than `limit`: the batch of a queue that fits is the queue, as before."""
     if len(queue) <= limit:
         return queue, []
-    users = _users(queue)
+    users = [p.command[0] for p in queue]
     counts = collections.Counter(users)
     if len(counts) == 1:
         return queue[:limit], queue[limit:]

@@ -14,9 +14,8 @@ from __future__ import annotations
 import tempfile
 import threading
 
-import pytest
 import trio
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -26,13 +25,12 @@ from broker.config import Config
 from broker.server import Broker
 from broker.stats import report_stats, stats_reply
 from broker.weight import UNKNOWN_POST_WEIGHT
-from storage.commands import Ack, CreateConv, SendMessage
+from storage.commands import Ack, CreateConv, RevokeTokens, SendMessage
 from storage.errors import StorageFull
 from storage.rules import Limits
 from storage.store import Store
 from tests.broker.test_batch_weight import commit_all
 from tests.broker.test_committer_model import run_appenders
-from tests.broker.test_fairness import in_turns
 
 BODY = "x" * 100
 MEMBERS = 2_000  # the channel's, its owner among them
@@ -57,11 +55,33 @@ async def _commit_all(broker: Broker, commands: list[object], **limits: object
             for batch, outcomes in await commit_all(broker, commands, **limits)]
 
 
-@pytest.fixture
-def restarted(tmp_path):
-    """A channel of 2,000 members posted into, then the broker restarted on the same data: a
-    Broker over the store reopened, which has seen no post into it (its posts weigh 64); the
-    Broker and the channel."""
+async def test_a_batch_reaches_the_log_in_the_queues_order_across_users(tmp_path):
+    """Bob's three sends, then an admin's revocation of bob, queued at once: one batch, logged
+    in the queue's order, so every message bob sent before the revocation precedes it in the
+    log, as tests/broker/test_revoke.py promises of a real broker (docs/PROTOCOL.md, `revoke`).
+    A batch handed to the store in turn order (every user's first command, then every user's
+    second, tried on 2026-12-06 so that a stop at the row bound put back the later turns)
+    logged bob's second and third sends after the revocation."""
+    store = Store.open(str(tmp_path / "d"))
+    try:
+        broker = Broker(Config(data_dir=tmp_path / "d", port=0), store)
+        sends = [SendMessage("bob", "d", "user", f"b{i}", BODY, to="alice") for i in range(3)]
+        revoke = RevokeTokens("ops", "d", "admin", "bob")
+        [(batch, outcomes)] = await commit_all(broker, [*sends, revoke])
+        assert batch == [*sends, revoke]
+        lsns = [o.lsn for o in outcomes]
+        assert lsns == sorted(lsns) and all(o.error is None for o in outcomes)
+    finally:
+        store.close()
+
+
+async def test_after_a_restart_no_commit_passes_the_row_bound_by_more_than_one_post(tmp_path):
+    """A channel of 2,000 members posted into, the broker restarted on the same data, then 100
+    posts and a quiet user's direct send queued at once, at a bound of 4,000 rows: every
+    commit writes less than the bound before its last command (at most 5,999 rows), the posts
+    commit once each in their order, and the quiet send commits. Before, the first two
+    batches weighed each post 64 and held 62 of them: commits of 124,000 inbox entries, 31
+    times the bound."""
     path, limits = str(tmp_path / "d"), Limits(max_members=10_000)  # (--max-members' default)
     store = Store.open(path, limits=limits)
     try:
@@ -69,57 +89,28 @@ def restarted(tmp_path):
         (out,) = store.execute([CreateConv("own", "d", "user", "channel", "big", False,
                                            members)])
         conv = out.reply["conv"]
-        store.execute([_post("own", conv, 0)])
+        await _commit_all(Broker(Config(data_dir=tmp_path / "d", port=0), store),
+                          [_post("own", conv, 0)])
     finally:
         store.close()
     store = Store.open(path, limits=limits)  # the restart: no post into the channel seen
     try:
         broker = Broker(Config(data_dir=tmp_path / "d", port=0), store)
-        assert broker.weights.of(_post("own", conv, 1)) == UNKNOWN_POST_WEIGHT
-        yield broker, conv
+        posts = [_post("own", conv, n) for n in range(1, 101)]
+        assert broker.weights.of(posts[0]) == UNKNOWN_POST_WEIGHT
+        quiet = SendMessage("quiet", "d", "user", "q1", BODY, to="quiet-peer")
+        commits = await _commit_all(broker, [*posts, quiet], max_batch_rows=BOUND)
+        largest = max(sum(rows) for _commands, rows in commits)
+        for _commands, rows in commits:
+            assert sum(rows[:-1]) < BOUND, (largest, [sum(r) for _c, r in commits])
+        assert largest <= BOUND + MEMBERS - 1
+        assert [c for commands, _rows in commits for c in commands if c.user == "own"] == posts
+        assert [quiet] == [c for commands, _rows in commits for c in commands
+                           if c.user == "quiet"]
+        logged = [e.data["cid"] for e in store.read_events() if e.type == "message.accepted"]
+        assert sorted(logged) == sorted(["own-00000", *(p.cid for p in posts), "q1"])
     finally:
         store.close()
-
-
-async def test_after_a_restart_no_commit_passes_the_row_bound_by_more_than_one_post(restarted):
-    """A channel of 2,000 members posted into, the broker restarted on the same data, then 100
-    posts and a quiet user's direct send queued at once, at a bound of 4,000 rows: every
-    commit writes less than the bound before its last command (at most 5,999 rows), the posts
-    commit once each in their order, and the quiet send commits. Before, the first two
-    batches weighed each post 64 and held 62 of them: commits of 124,000 inbox entries, 31
-    times the bound."""
-    broker, conv = restarted
-    posts = [_post("own", conv, n) for n in range(1, 101)]
-    quiet = SendMessage("quiet", "d", "user", "q1", BODY, to="quiet-peer")
-    commits = await _commit_all(broker, [*posts, quiet], max_batch_rows=BOUND)
-    largest = max(sum(rows) for _commands, rows in commits)
-    for _commands, rows in commits:
-        assert sum(rows[:-1]) < BOUND, (largest, [sum(r) for _c, r in commits])
-    assert largest <= BOUND + MEMBERS - 1
-    assert [c for commands, _rows in commits for c in commands if c.user == "own"] == posts
-    assert [quiet] == [c for commands, _rows in commits for c in commands
-                       if c.user == "quiet"]
-    logged = [e.data["cid"] for e in broker.store.read_events()
-              if e.type == "message.accepted"]
-    assert sorted(logged) == sorted(["own-00000", *(p.cid for p in posts), "q1"])
-
-
-async def test_after_a_restart_a_quiet_send_queued_behind_a_flood_commits_in_the_first_commit(
-        restarted):
-    """The same flood, 100 posts into the channel of 2,000 weighing 64 each, then a quiet
-    user's direct send, at a bound of 4,000 rows: the first batch takes 62 posts and the send,
-    and the store, which stops it once two posts wrote 4,000 rows, is handed it in turn order
-    (every user's first command, then their second, ...): the send, in the first turn, is
-    committed in the first commit, after the first post; the posts commit in their order.
-    Until 2026-12-06 the batch kept the queue's order, the send last: it was put back twice
-    (the next batch is weighed before the first commit's fan-out taught the channel's size)
-    and committed in the third commit."""
-    broker, conv = restarted
-    posts = [_post("own", conv, n) for n in range(1, 101)]
-    quiet = SendMessage("quiet", "d", "user", "q1", BODY, to="quiet-peer")
-    commits = await _commit_all(broker, [*posts, quiet], max_batch_rows=BOUND)
-    assert commits[0][0] == [posts[0], quiet, posts[1]]
-    assert [c for commands, _rows in commits for c in commands if c.user == "own"] == posts
 
 
 async def test_a_batch_the_store_stops_is_counted_in_the_stats_and_logged_once_per_10_s(
@@ -232,7 +223,6 @@ steps = st.lists(st.one_of(
     st.tuples(st.just("dm"), st.sampled_from(USERS), st.integers(0, 3)),
     st.tuples(st.just("post"), st.sampled_from(USERS), st.integers(0, len(GROUP_SIZES) - 1)),
     st.tuples(st.just("ack"), st.sampled_from(USERS), st.integers(0, 4)),
-    st.tuples(st.just("create"), st.sampled_from(USERS), st.integers(0, 3)),
     st.tuples(st.just("yield"), st.just(""), st.just(0)),
 ), max_size=20)
 
@@ -251,10 +241,6 @@ async def _flood(store: _Bounded, groups: list[str], plans: list, limits: dict, 
                 await trio.sleep(0)
             elif kind == "ack":
                 committer.ack_nowait(Ack(user, f"d{ix}", "user", arg, None))
-            elif kind == "create":  # a member row and an inbox entry for each member
-                submitted.append(committer.enqueue(CreateConv(
-                    user, f"d{ix}", "user", "group", None, False, tuple(EXTRA[:3 * arg]),
-                    f"a{ix}-{n}"), done))
             else:
                 to, conv = (USERS[arg], None) if kind == "dm" else (None, groups[arg])
                 cmd = SendMessage(user, f"d{ix}", "user", f"a{ix}-{n}", BODY, conv=conv, to=to)
@@ -270,17 +256,13 @@ async def _flood(store: _Bounded, groups: list[str], plans: list, limits: dict, 
        fail=st.frozensets(st.integers(1, 12), max_size=2))
 def test_no_command_is_lost_or_doubled_each_users_order_holds_and_commits_hold_the_bound(
         plans, weight, max_batch, max_rows, fail):
-    """Random appenders of direct sends, posts into groups of 4, 8 and 16, creates of groups
-    of up to 10 and acks, a wrong estimate (every command weighs the same, 0 to 3, where a post
-    writes 4 to 16 rows and a create up to 9), random bounds and some batches failing as a full
-    disk fails them: every command is told once; one committed ran in exactly one commit, one
-    failed in none; each user's commands ran in their submission order; every batch the store
-    stopped was handed to it in turn order (each user's first command, then their second, ...:
-    a stop puts back the later turns), and one handed otherwise held only acks and direct sends
-    and was never stopped (`committer._never_stopped`: its order is free); every commit wrote
-    less than the bound before its last command; the stored projections equal a replay of the
-    log; and once all is done no ack is left queued, unsynced or pending in the committer's
-    bookkeeping."""
+    """Random appenders of direct sends, posts into groups of 4, 8 and 16 and acks, a wrong
+    estimate (every command weighs the same, 0 to 3, where a post writes 4 to 16), random
+    bounds and some batches failing as a full disk fails them: every send is told once; one
+    committed ran in exactly one commit, one failed in none; each user's sends ran in their
+    submission order; every commit wrote less than the bound before its last command; the
+    stored projections equal a replay of the log; and once all is done no ack is left queued,
+    unsynced or pending in the committer's bookkeeping."""
     with tempfile.TemporaryDirectory() as d:
         store = _Bounded.open(d)
         store.runs, store.fail = [], frozenset()
@@ -309,18 +291,12 @@ def test_no_command_is_lost_or_doubled_each_users_order_holds_and_commits_hold_t
         assert counts.get(id(p.command), 0) == (1 if p.error is None else 0), p.error
         assert p.error is None or isinstance(p.error, StorageFull)
     for user in USERS:
-        theirs = [c for c in ran if type(c) is not Ack and c.user == user]
+        theirs = [c for c in ran if type(c) is SendMessage and c.user == user]
         order = [p.command for p in submitted if p.command.user == user and p.error is None]
         assert theirs == order
     event(f"the store stopped a batch: {any(r and len(r) < len(c) for c, _b, r in store.runs)}")
     for commands, bound, rows in store.runs:
         assert bound == max_rows
-        ranks = in_turns(commands)
-        if ranks != sorted(ranks):
-            event("a batch handed as queued")
-            assert all(type(c) is Ack or (type(c) is SendMessage and c.to is not None)
-                       for c in commands), commands
-            assert rows is None or len(rows) == len(commands), (rows, commands)
         if rows is not None:
             assert rows and sum(rows[:-1]) < max_rows, (rows, max_rows)
             assert len(rows) <= len(commands) <= max_batch
@@ -328,104 +304,3 @@ def test_no_command_is_lost_or_doubled_each_users_order_holds_and_commits_hold_t
             committer._unsynced_acks) == (0, {}, {}, {})
     if not fail:
         assert committer._acks_lost == {}
-
-
-# A command queued before the committer starts: a direct send (to a user, or into the DM
-# conversation by its id), an ack, a post into a group of 16 or a create of a group with up to
-# 9 other members (both write more rows than they weigh here).
-queued = st.lists(st.tuples(st.sampled_from(["dm", "dm-conv", "ack", "post", "create"]),
-                            st.sampled_from(USERS), st.integers(0, 3)), min_size=1, max_size=24)
-
-
-def _direct(command: object) -> bool:
-    return type(command) is Ack or (type(command) is SendMessage and (
-        command.conv is None or command.conv.startswith("dm:")))
-
-
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-# u0's two direct sends, then u1's: at a bound of 5 (2 + 2 before the last) the store cannot
-# stop the batch, handed as queued; at 3 it stops it after two, so it is handed in turns.
-@example(commands=[("dm", "u0", 1), ("dm", "u0", 2), ("dm", "u1", 0)], max_batch=3,
-         max_rows=5, weight=0)
-@example(commands=[("dm", "u0", 1), ("dm", "u0", 2), ("dm", "u1", 0)], max_batch=3,
-         max_rows=3, weight=0)
-@given(commands=queued, max_batch=st.integers(1, 24), max_rows=st.integers(1, 40),
-       weight=st.integers(0, 2))
-def test_a_batch_the_bound_may_stop_is_in_turn_order_and_one_it_cannot_is_as_queued(
-        commands, max_batch, max_rows, weight):
-    """Commands queued at once (so each batch is a cut of the queue), a wrong estimate (every
-    command weighs 0 to 2): a batch of only acks and direct sends whose all but last commands
-    write fewer rows than the bound even at two each is handed to the store as queued (its
-    order is free: the store runs it to its end, `committer._never_stopped`, which spares the
-    event loop the reorder: 0.5 to 1 ms for 4,096) and the store indeed ran it whole; any other
-    batch is handed in turn order (every user's first command, then their second, ...), so
-    that a stop puts back the later turns. Every command is told once, each user's ran in
-    their order, each once."""
-    with tempfile.TemporaryDirectory() as d:
-        store = _Bounded.open(d)
-        store.runs, store.fail = [], frozenset()
-        try:
-            (out,) = store.execute([CreateConv("u0", "d", "user", "group", None, False,
-                                               (*USERS[1:], *EXTRA))])
-            group = out.reply["conv"]
-            store.runs = []
-            pending, told = trio.run(_queued_then_served, store, commands, group, max_batch,
-                                     max_rows, weight)
-            difference = store.check_projections()
-        finally:
-            store.close()
-    assert difference is None, difference
-    assert all(told.get(id(p)) == 1 and p.error is None for p in pending), "told not once"
-    ran = [c for batch, _bound, rows in store.runs for c in batch[:len(rows)]]
-    for user in USERS:
-        assert ([c for c in ran if c.user == user]
-                == [p.command for p in pending if p.command.user == user])
-    left = [p.command for p in pending]  # the queue each batch was cut from
-    for batch, bound, rows in store.runs:
-        free = all(map(_direct, batch)) and 2 * (len(batch) - 1) < bound
-        position = {id(c): i for i, c in enumerate(left)}
-        places = [position[id(c)] for c in batch]
-        ranks = in_turns(batch)
-        if free:
-            event(f"a batch the bound cannot stop{', not in turns' * (ranks != sorted(ranks))}")
-            assert places == sorted(places), "not handed as queued"
-            assert len(rows) == len(batch), "stopped, though the bound could not stop it"
-        else:
-            event(f"a batch the bound may stop{', stopped' if len(rows) < len(batch) else ''}")
-            assert ranks == sorted(ranks), [(c[0], r) for c, r in zip(batch, ranks, strict=True)]
-        # the queue after it: its commands not run put back at the head, in its order
-        taken = {id(c) for c in batch}
-        left = batch[len(rows):] + [c for c in left if id(c) not in taken]
-    assert left == []
-
-
-async def _queued_then_served(store: _Bounded, commands: list, group: str, max_batch: int,
-                              max_rows: int, weight: int
-                              ) -> tuple[list[Pending], dict[int, int]]:
-    committer = Committer(store, max_batch=max_batch, max_batch_rows=max_rows,
-                          weigh=lambda command: weight, ack_linger_s=0.001)
-    pending, told = [], {}
-
-    def done(p: Pending) -> None:
-        told[id(p)] = told.get(id(p), 0) + 1
-
-    for n, (kind, user, arg) in enumerate(commands):
-        cid = f"q{n}"
-        if kind == "ack":  # (not merged: a device per ack)
-            command = Ack(user, f"d{n}", "user", 0, None)
-        elif kind == "create":
-            command = CreateConv(user, "d", "user", "group", None, False,
-                                 tuple(EXTRA[:3 * arg]), cid)
-        elif kind == "post":
-            command = SendMessage(user, "d", "user", cid, BODY, conv=group)
-        else:
-            to = USERS[arg] if USERS[arg] != user else "sink"
-            conv = "dm:" + ":".join(sorted((user, to))) if kind == "dm-conv" else None
-            command = SendMessage(user, "d", "user", cid, BODY, conv=conv,
-                                  to=None if conv else to)
-        pending.append(committer.enqueue(command, done))
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(committer.serve)
-            await committer.close()
-    return pending, told

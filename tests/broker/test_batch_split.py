@@ -85,8 +85,7 @@ async def test_only_the_sends_that_read_the_damaged_row_fail_and_the_rest_commit
         tmp_path):
     """alice's inbox head is cut short: the two sends to her fail with CorruptProjection naming
     it (`unavailable` on the wire); the four other users' sends of the same batch are durable,
-    in submission order, told in that order and fanned out as one batch (direct sends the row
-    bound cannot stop: handed to the store as queued, `committer._never_stopped`)."""
+    in submission order, told in that order and fanned out as one batch."""
     store = _damaged(tmp_path / "d", "inbox_head", b"alice", b"\x00\x02")
     try:
         last = store.last_lsn()
@@ -323,7 +322,7 @@ async def test_a_set_aside_batch_that_meets_another_damaged_row_is_split_there(t
             _send("erin", "e1", "frank"), Ack("bob", "d", "user", 1, None),
             _send("erin", "e2", "frank"), _send("erin", "e3", "frank"),
             _send("bob", "bad2", "alice"), _send("erin", "e4", "frank")])
-        assert store.executes == [  # as queued: direct sends and an ack the bound cannot stop
+        assert store.executes == [
             ["e1", "ack:bob", "e2", "e3"], ["e1", "ack:bob"], ["e1"], ["ack:bob"],
             ["e2", "e3"], ["bad2"], ["e4"]]
         assert [type(p.error).__name__ for p in pending] == [

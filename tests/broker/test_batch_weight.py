@@ -21,7 +21,6 @@ from broker.server import Broker
 from broker.weight import UNKNOWN_POST_WEIGHT
 from storage.commands import Ack, CreateConv, Join, Leave, SendMessage, SetRole
 from storage.store import Store
-from tests.broker.test_fairness import turn_order
 
 BODY = "x" * 100
 SUBSCRIBERS = 300
@@ -244,15 +243,15 @@ def _weigh(command: SendMessage) -> int:
 @given(queue=st.lists(st.tuples(st.sampled_from("abcde"), st.integers(1, 400)), max_size=150),
        limit=st.integers(1, 64), rows=st.integers(1, 3000))
 def test_a_cut_by_rows_keeps_each_users_order_and_takes_the_turns_first(queue, limit, rows):
-    """`_fair` with weights: batch and rest partition the queue, the rest in its order; each
-    user's commands in the batch are the first of theirs, the batch holds at most `limit`
-    commands and weighs at most `rows` (or is one command), and it is the longest run of the
-    queue in turn order (each user's first, then each user's second, ...) within both
-    bounds, in that order (the store is handed it so)."""
+    """`_fair` with weights: batch and rest partition the queue in its order, each user's
+    commands in the batch are the first of theirs, the batch holds at most `limit` commands
+    and weighs at most `rows` (or is one command), and it is the longest run of the queue in
+    turn order (each user's first, then each user's second, ...) within both bounds."""
     pending = [_pending(u, i, w) for i, (u, w) in enumerate(queue)]
     batch, rest = _fair(pending, limit, rows, _weigh)
     position = {id(p): i for i, p in enumerate(pending)}
     assert sorted(map(id, batch + rest)) == sorted(map(id, pending))
+    assert [position[id(p)] for p in batch] == sorted(position[id(p)] for p in batch)
     assert [position[id(p)] for p in rest] == sorted(position[id(p)] for p in rest)
     for u in "abcde":
         theirs = [p for p in pending if p.command.user == u]
@@ -263,8 +262,15 @@ def test_a_cut_by_rows_keeps_each_users_order_and_takes_the_turns_first(queue, l
     assert weight <= rows or len(batch) == 1
     if pending:
         assert batch
-    in_turns = turn_order(pending)
-    assert batch == in_turns[:len(batch)]
+    # the turn order: each command's rank among its user's, then its place in the queue
+    seen: dict[str, int] = {}
+    order = []
+    for i, p in enumerate(pending):
+        seen[p.command.user] = seen.get(p.command.user, -1) + 1
+        order.append((seen[p.command.user], i, p))
+    order.sort(key=lambda t: t[:2])
+    in_turns = [p for _rank, _i, p in order]
+    assert {id(p) for p in batch} == {id(p) for p in in_turns[:len(batch)]}
     if rest:  # the next in turn order would pass a bound
         nxt = in_turns[len(batch)]
         assert len(batch) == limit or weight + _weigh(nxt.command) > rows
