@@ -8,6 +8,9 @@ work: the rules, the projections, the durable commit):
   that is not the disk's sync), against a commit of the same kind that changes nothing (an
   invite of a member: the floor, mostly the sync);
 * invites 100 to a commit: the time of each batch, and per invite;
+* an admin stepping down, one a commit: made a member (after being made an admin again), and
+  leaving (after being invited as an admin), each after a change to the group as after any
+  invite or join; the rules ask whether someone who can invite is left;
 * a post right after a join (one commit each) against a post after a post: the post's
   fan-out writes an inbox entry per member either way, and read the member list again after
   each change;
@@ -36,7 +39,7 @@ import structlog
 from broker.config import Config
 from broker.fanout import on_committed
 from broker.server import Broker
-from storage.commands import CreateConv, Invite, Join, SendMessage, SetMute
+from storage.commands import CreateConv, Invite, Join, Leave, SendMessage, SetMute, SetRole
 from storage.rules import Limits
 from storage.store import Store
 
@@ -99,6 +102,19 @@ def one_run(members: int, invites: int) -> dict[str, float]:
             out["batch_wall"] = statistics.median(w for w, _ in batches)
             out["batch_cpu"] = statistics.median(c for _, c in batches)
 
+            def role(user: str, to: str) -> Callable[[], None]:
+                return lambda: _ok(store.execute([SetRole("own", "d1", "user", conv, user, to)]))
+
+            demotes, leaves = [], []
+            for i in range(invites):
+                role("m000000", "admin")()
+                demotes.append(_timed(role("m000000", "member")))
+                _ok(store.execute([Invite("own", "d1", "user", conv, f"s{i:06d}", "admin")]))
+                leaves.append(_timed(lambda i=i: _ok(store.execute(
+                    [Leave(f"s{i:06d}", "d1", "user", conv)]))))
+            out["demote_cpu"] = statistics.median(c for _, c in demotes)
+            out["leave_cpu"] = statistics.median(c for _, c in leaves)
+
             after_post, after_join = [], []
             for i in range(20):
                 after_post.append(_timed(send))
@@ -149,6 +165,8 @@ def main() -> None:
     print(f"invite one a commit:        {fig('invite_wall')} wall, {fig('invite_cpu')} CPU")
     print(f"  a mute, one a commit:     {fig('mute_wall')} wall, {fig('mute_cpu')} CPU")
     print(f"{BATCH} invites in one commit:   {fig('batch_wall')} wall, {fig('batch_cpu')} CPU")
+    print(f"admin made a member:        {fig('demote_cpu')} CPU")
+    print(f"admin leaving:              {fig('leave_cpu')} CPU")
     print(f"post after a post:          {fig('post_after_post')} wall, "
           f"{fig('post_after_post_cpu')} CPU")
     print(f"post after a join:          {fig('post_after_join')} wall, "

@@ -22,6 +22,7 @@ from storage.tables import (
     TABLES,
     ByName,
     Parts,
+    count_managers,
     is_head_prefix,
     key_head,
     key_window,
@@ -116,6 +117,11 @@ class GroupedMemTable(MemTable):
         if is_head_prefix(prefix):
             return len(self.groups.get(prefix, ()))
         return MemTable.count(self, prefix)
+
+    def managers(self, head: bytes) -> int:
+        """The rows of group `head` (`head \\0`) whose value is an owner's or admin's role
+        (`MANAGER_ROLES`), looked at one by one (the model's; the store keeps them counted)."""
+        return count_managers(self.range(head))
 
 
 class _OneUser:

@@ -66,9 +66,12 @@ class Table(Protocol):
 
 class GroupedTable(Table, Protocol):
     """A table keyed `head \\0 tail`: `parts[head \\0]` lists the group's rows as
-    `(tail, tail \\0, tail as text)` in key order (see `tables.Parts`)."""
+    `(tail, tail \\0, tail as text)` in key order (see `tables.Parts`), and `managers(head \\0)`
+    counts those whose value is an owner's or admin's role (`tables.MANAGER_ROLES`)."""
 
     parts: Mapping[bytes, tuple[tuple[bytes, bytes, str], ...]]
+
+    def managers(self, head: bytes) -> int: ...
 
 
 class Tables(Protocol):

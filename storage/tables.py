@@ -4,8 +4,10 @@ the by-name methods every implementation shares, and `TxnTables`.
 A `Tables` object has one attribute per table (`tables.conv_seq`, `tables.inbox`, ...), each a
 table view: `view[key]` is the value or None when absent, `view[key] = value` (or
 `view.put(key, value)`; on hot paths the subscript, which MemoryTables runs in C),
-`view.delete(key)` and `view.range(prefix, start=None, reverse=False)`. `tables.get(name, key)`
-and friends do the same by table name, for code off the hot path.
+`view.delete(key)`, `view.range(prefix, start=None, reverse=False)` and `view.count(prefix)`;
+a grouped view (`GROUPED`) also has `managers(head)`, the rows of group `head \0` whose value
+is an owner's or admin's role. `tables.get(name, key)` and friends do the same by table name,
+for code off the hot path.
 
 * `MemoryTables` (storage/memory_tables.py): dicts, for model tests, replay, time travel and
   rebuild; with `DigestTable` and `ListedTable`, the append-only tables of audits and rebuilds.
@@ -31,9 +33,19 @@ GROUPED = frozenset({"member", "user_conv"})
 # Tables with a row per message or inbox entry: `apply` only adds rows to them, each key once,
 # and never reads them back (bar `acked_convs` on acks logged before they carried their convs).
 APPEND_ONLY = frozenset({"msg", "inbox", "idem"})
+# The roles that invite (the rules' `MANAGERS`), and their stored values in `member` and
+# `user_conv` rows: what a grouped view's `managers(head)` counts of a group.
+MANAGERS = ("owner", "admin")
+MANAGER_ROLES = frozenset(role.encode() for role in MANAGERS)
 
 _dict_set = dict.__setitem__
 row_key = itemgetter(0)  # a (key, value) row's key, to sort or bisect rows by
+row_value = itemgetter(1)
+
+
+def count_managers(rows: list[tuple[bytes, bytes]]) -> int:
+    """The rows of `rows` whose value is a manager's role (`MANAGER_ROLES`), counted in C."""
+    return sum(map(MANAGER_ROLES.__contains__, map(row_value, rows)))
 
 
 def prefix_end(prefix: bytes) -> bytes | None:

@@ -15,7 +15,7 @@ def test_every_figure_comes_out_positive():
     assert set(figures) == {
         "mute_wall", "mute_cpu", "invite_wall", "invite_cpu", "batch_wall", "batch_cpu",
         "post_after_post", "post_after_post_cpu", "post_after_join", "post_after_join_cpu",
-        "roster_cached", "roster_after_join"}
+        "roster_cached", "roster_after_join", "demote_cpu", "leave_cpu"}
     assert all(value >= 0 for value in figures.values()), figures
     assert figures["batch_wall"] > 0 and figures["invite_wall"] > 0
 
@@ -27,3 +27,4 @@ def test_the_script_prints_its_lines():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "group of 40 members, 1 runs" in run.stdout
     assert "100 invites in one commit" in run.stdout
+    assert "admin made a member" in run.stdout and "admin leaving" in run.stdout

@@ -1,9 +1,10 @@
 """The commit thread's cached group lists (`GroupedBufTable`) against a model of the rows, over a
 real LMDB: random writes and removals in a few groups within one batch, reads of whole groups
-(`range`, `parts`, `count`) between them, commits, failed batches (`rollback`), `forget` and
-the CACHE_ROWS emptying, at several FOLD_AFTER. After every step each read equals the model
-(the committed rows with the batch's changes), every list handed out is still what it was
-when it was handed out, and `group_rows` is exactly the rows the cached groups have.
+(`range`, `parts`, `count`, `managers`) between them, commits, failed batches (`rollback`),
+`forget` and the CACHE_ROWS emptying, at several FOLD_AFTER. After every step each read equals
+the model (the committed rows with the batch's changes), every list handed out is still what it
+was when it was handed out, every count kept is the model's, and `group_rows` is exactly the
+rows the cached groups have.
 """
 
 from __future__ import annotations
@@ -106,6 +107,11 @@ class GroupedCacheMachine(RuleBasedStateMachine):
     def read_count(self, head) -> None:
         assert self.view.count(head) == len(self._model(head)), head
 
+    @rule(head=st.sampled_from(GROUPS))
+    def read_managers(self, head) -> None:
+        assert self.view.managers(head) == sum(
+            v in (b"owner", b"admin") for _, v in self._model(head)), head
+
     @rule(head=st.sampled_from(GROUPS), user=st.sampled_from(USERS))
     def read_row(self, head, user) -> None:
         assert self.view[head + user] == dict(self._model(head)).get(head + user)
@@ -163,6 +169,8 @@ class GroupedCacheMachine(RuleBasedStateMachine):
             assert parts == _split(head, self._model(head))
         for head, count in view.counts.items():
             assert count == len(self._model(head)), head
+        for head, managers in view.manager_counts.items():
+            assert managers == sum(v in (b"owner", b"admin") for _, v in self._model(head)), head
         assert view.group_rows == held
         for given, then in self.held:  # never changed once handed out
             assert given == then

@@ -187,6 +187,38 @@ def test_member_limit(tmp_path):
         s.close()
 
 
+class _ComparedId(str):
+    """A user id that counts the comparisons made with it (`seen[0]`)."""
+
+    seen = [0]
+    __hash__ = str.__hash__
+
+    def __eq__(self, other: object) -> bool:
+        self.seen[0] += 1
+        return str.__eq__(self, other)
+
+
+def test_a_create_compares_each_member_id_a_bounded_number_of_times(tmp_path):
+    """A create listing n member ids compares each a few times, not with every id before it:
+    the rules deduplicated them by looking each up in the list so far, n * n / 2 comparisons
+    before the member limit was checked (6 to 9 ms of the commit thread for a refused create
+    of 1,000 ids; 9.5 s for 40,000). The answers stay: refused past the limit, each id once
+    (the first time, the creator apart) within it."""
+    ids = [_ComparedId(f"u{i:05d}") for i in range(2_000)]
+    s = Store.open(tmp_path / "d", limits=Limits(max_members=1_000))
+    try:
+        _ComparedId.seen[0] = 0
+        out = one(s, CreateConv("alice", "d1", "user", "group", None, True, tuple(ids)))
+        assert isinstance(out.error, LimitExceeded)
+        assert _ComparedId.seen[0] < 4 * len(ids)
+        listed = ("carol", "alice", "bob", "carol", "dave", "bob")
+        conv = group(s, members=listed)
+        assert s.members(conv) == [("alice", "owner"), ("bob", "member"), ("carol", "member"),
+                                   ("dave", "member")]
+    finally:
+        s.close()
+
+
 def test_body_limit(tmp_path):
     """A body larger than max_body_bytes raises LimitExceeded."""
     s = Store.open(tmp_path / "d", limits=Limits(max_body_bytes=10))
