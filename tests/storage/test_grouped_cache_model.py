@@ -22,7 +22,8 @@ from storage.rowio import Rows
 
 GROUPS = [b"g1\0", b"g2\0", b"big\0"]
 USERS = [f"u{i}".encode() for i in range(8)]
-VALUES = [b"member", b"admin", b"owner"]
+# A damaged role too (no UTF-8, a role's bytes in it): counted by `managers` as no manager.
+VALUES = [b"member", b"admin", b"owner", b"\xffadmin"]
 # Keys of the big group too: one of its listed members, one past them (up to 70 of them).
 KEYS = [*USERS, b"m001", b"m040"]
 

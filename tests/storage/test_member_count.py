@@ -365,6 +365,27 @@ def _model_outcomes(store: Store, commands) -> list[tuple[str | None, set[str]]]
     return answers
 
 
+def run_as_on_a_replay(store: Store, commands, abort: int | None = None,
+                       max_rows: int | None = None) -> list:
+    """Run `commands` in one batch: aborted after `abort` of them (if fewer than all), or
+    committed (stopped at `max_rows`), each command answered as over a fresh replay of the log
+    (`_model_outcomes`), its post reaching the same members. Return the outcomes."""
+    if abort is not None and abort < len(commands):
+        store._abort_after = abort
+        try:
+            with pytest.raises(_InjectedAbort):
+                store.execute(commands)
+        finally:
+            store._abort_after = None
+        return []
+    expected = _model_outcomes(store, commands)
+    outcomes = store.execute(commands, max_rows=max_rows)
+    assert [(None if o.error is None else type(o.error).__name__,
+             set(o.effects.inbox_heads) if o.effects else set())
+            for o in outcomes] == expected[:len(outcomes)], commands
+    return outcomes
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=st.lists(st.tuples(st.lists(_command, min_size=1, max_size=5),
                                   st.one_of(st.none(), st.integers(0, 4))),
@@ -391,17 +412,7 @@ def test_cached_counts_equal_fresh_counts(tmp_path_factory, batches, keep_groups
             for spec in specs:
                 posts += 1
                 commands.append(_make(spec, conv, posts))
-            if abort is not None and abort < len(commands):
-                store._abort_after = abort
-                with pytest.raises(_InjectedAbort):
-                    store.execute(commands)
-                store._abort_after = None
-            else:
-                expected = _model_outcomes(store, commands)
-                outcomes = store.execute(commands)
-                assert [(None if o.error is None else type(o.error).__name__,
-                         set(o.effects.inbox_heads) if o.effects else set())
-                        for o in outcomes] == expected, commands
+            run_as_on_a_replay(store, commands, abort)
             assert_member_caches_fresh(store)
         assert store.check_projections() is None
     finally:
