@@ -49,6 +49,7 @@ RANGES: dict[str, tuple[str, float, float | None]] = {
     "sends_per_s_per_user": ("--user-send-rate", MIN_SECONDS, None),
     "typing_per_s_per_user": ("--typing-rate", MIN_SECONDS, None),
     "changes_per_s_per_user": ("--change-rate", MIN_SECONDS, None),
+    "reads_per_s_per_user": ("--read-rate", MIN_SECONDS, None),
     "max_connections": ("--max-connections", 1, None),
     "max_handshakes": ("--max-handshakes", 1, None),
     "max_connections_per_user": ("--max-connections-per-user", 1, None),
@@ -101,6 +102,9 @@ class Config:
     # Membership changes (create, invite, set_role, join and subscribe, leave, remove, mute)
     # per second per user (burst as for sends); the rest are refused `rate_limited`.
     changes_per_s_per_user: float = 100.0
+    # Read receipts (`read`) per second per user (burst as for sends); the rest are refused
+    # `rate_limited`. Each is a command of the commits, refused or not.
+    reads_per_s_per_user: float = 5000.0
     # Connections.
     max_connections: int = 20000
     # Connections accepted but not yet past hello (each holds up to HELLO_MAX_FRAME_BYTES).

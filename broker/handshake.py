@@ -130,6 +130,7 @@ def _welcome(broker: Broker, session: Session, hello: Any, claims: tokens.Claims
     session.user_sends = broker.user_sends.of(claims.user)
     session.user_typing = broker.user_typing.of(claims.user)
     session.user_changes = broker.user_changes.of(claims.user)
+    session.user_reads = broker.user_reads.of(claims.user)
     max_frame = wire.agree_max_frame(hello.max_frame, cfg.max_frame_bytes)
     session.acked = session.sent = acked
     session.head = head

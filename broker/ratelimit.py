@@ -1,4 +1,5 @@
-"""Token buckets for send and typing rates (per connection and per user)."""
+"""Token buckets for the send, typing, membership-change and read rates (per connection and per
+user)."""
 
 from __future__ import annotations
 

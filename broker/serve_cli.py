@@ -308,6 +308,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         handshake_timeout_s=args.handshake_timeout,
         sends_per_s_per_connection=args.send_rate, sends_per_s_per_user=args.user_send_rate,
         typing_per_s_per_user=args.typing_rate, changes_per_s_per_user=args.change_rate,
+        reads_per_s_per_user=args.read_rate,
         max_connections=args.max_connections, max_handshakes=args.max_handshakes,
         max_connections_per_user=args.max_connections_per_user,
         max_members=args.max_members, receipt_audience_max=args.receipt_audience_max,
@@ -495,6 +496,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="membership changes (create, invite, set_role, join, subscribe, leave, "
                         "remove, mute) per second per user; the rest are refused rate_limited "
                         "(default %(default)g)")
+    s.add_argument("--read-rate", type=_RATE, default=d.reads_per_s_per_user,
+                   help="read receipts (read) per second per user; the rest are refused "
+                        "rate_limited (default %(default)g)")
     s.add_argument("--max-connections", type=_COUNT, default=d.max_connections,
                    help="sessions past hello, at most (default %(default)s)")
     s.add_argument("--max-handshakes", type=_COUNT, default=d.max_handshakes,

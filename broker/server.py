@@ -94,7 +94,9 @@ class Broker:
         self.user_sends = UserBuckets(config.sends_per_s_per_user)
         self.user_typing = UserBuckets(config.typing_per_s_per_user)
         self.user_changes = UserBuckets(config.changes_per_s_per_user)
-        self.user_buckets = (self.user_sends, self.user_typing, self.user_changes)
+        self.user_reads = UserBuckets(config.reads_per_s_per_user)
+        self.user_buckets = (self.user_sends, self.user_typing, self.user_changes,
+                             self.user_reads)
         self.conn_ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
         self.tls: ssl.SSLContext | None = None  # set by `serve` under --tls-cert

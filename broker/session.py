@@ -152,6 +152,7 @@ class Session:
         self.user_sends = self.sends  # the user's shared bucket, set once authenticated
         self.user_typing = self.sends  # the user's typing bucket, likewise
         self.user_changes = self.sends  # the user's membership-change bucket, likewise
+        self.user_reads = self.sends  # the user's read-receipt bucket, likewise
 
     # -- called from other tasks -------------------------------------------------------------
 

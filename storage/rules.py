@@ -432,9 +432,13 @@ def revocation_cut_off(now_us: int) -> int:
     return now_us // 1_000_000 + 1
 
 
+# Also the broker's answer to a revoke of another token, which it refuses before the commit.
+REVOKE_ADMIN_ONLY = "only an admin token may revoke tokens"
+
+
 def _revoke_tokens(tables: Tables, cmd: c.RevokeTokens, now_us: int, limits: Limits) -> Decision:
     if cmd.role != "admin":
-        raise Forbidden("only an admin token may revoke tokens")
+        raise Forbidden(REVOKE_ADMIN_ONLY)
     if not valid_id(cmd.target):
         raise Invalid("bad user id")
     before = cmd.before

@@ -470,7 +470,7 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
     words of that row's text that tell it from the others), for every bound of the broker's
     own caches and queues that no flag sets. A new such constant belongs here and in the
     table."""
-    from broker import presence, roster, session, weight
+    from broker import handlers, presence, roster, session, weight
     from protocol import fields
     from storage import buffered_tables, lmdb_env, rules, store
 
@@ -478,6 +478,8 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
         ("session.FAIR_SLICE_S", f"{session.FAIR_SLICE_S * 1000:g} ms",
          "one connection's frames hold"),
         ("presence.SLICE_S", f"{presence.SLICE_S * 1000:g} ms", "one user's presence walk"),
+        ("handlers.RATE_PAUSE_MAX_S", f"{handlers.RATE_PAUSE_MAX_S * 1000:g} ms",
+         "a `read` refused by `--read-rate`"),
         ("roster.ROSTER_CACHE_MAX", f"{roster.ROSTER_CACHE_MAX:,}",
          "conversations whose member lists the broker keeps"),
         ("buffered_tables.CACHE_ROWS", f"{buffered_tables.CACHE_ROWS:,}",

@@ -89,7 +89,7 @@ async def test_what_the_broker_keeps_per_user_and_device_goes_when_they_leave(tm
         with trio.move_on_after(30):
             while not settled():
                 await trio.sleep(0.1)
-        assert [len(b) for b in broker.user_buckets] == [1, 1, 1]  # svc's
+        assert [len(b) for b in broker.user_buckets] == [1, 1, 1, 1]  # svc's
         assert list(broker.hub._by_user) == ["svc"] and broker.hub.count == 1
         assert broker.handshaking == 0 and not broker.awaiting_hello and not broker.own_acks
         assert not committer._acks and not committer._acks_lost

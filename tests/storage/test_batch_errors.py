@@ -204,3 +204,27 @@ def test_a_bug_past_the_rules_is_an_internal_error_not_a_corrupt_row(tmp_path, m
 def _frames(tb):
     import traceback
     return traceback.extract_tb(tb)
+
+
+def test_a_batch_of_refusals_leaves_no_garbage_for_the_cyclic_collector(store):
+    """A command the rules refuse keeps its error without the traceback: that held the batch's
+    frame, whose outcomes hold the error, a reference cycle per refusal that only the cyclic
+    GC freed, keeping the frame alive until then (13,345 objects after a batch of 1,024 reads
+    of a conversation the reader is not in, until 2026-12-06: a flood of such reads doubled a
+    quiet user's p99, docs/OPERATIONS.md "One noisy service beside quiet ones")."""
+    import gc
+
+    from storage.commands import MarkRead
+    from storage.errors import Forbidden
+
+    (sent,) = store.execute([SendMessage("alice", "d1", "user", "c1", "hi", to="bob")])
+    gc.collect()
+    gc.disable()
+    try:
+        outcomes = store.execute([MarkRead("mallory", "d1", "user", sent.reply["conv"], 1)] * 1024)
+        assert all(isinstance(o.error, Forbidden) for o in outcomes)
+        assert outcomes[0].error.__traceback__ is None
+        del outcomes
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
