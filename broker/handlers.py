@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgpack
-import trio
 
 import protocol as wire
 from broker.errors import CloseReason, wire_error
@@ -333,7 +332,7 @@ def on_read(session: Session, f: wire.Read) -> Any:
     if not bucket.take():
         session.reply_error(f.id, wire.ErrorCode.RATE_LIMITED,
                             "too many read receipts: slow down", retry_ms=_retry_ms(bucket))
-        return trio.sleep(min(bucket.wait(), RATE_PAUSE_MAX_S))
+        return session.pause(min(bucket.wait(), RATE_PAUSE_MAX_S))
     command = cmd.MarkRead(session.user, session.device, session.role, f.conv, f.upto)
     return _command(session, f.id, command, _ok if f.id is not None else None)
 

@@ -90,17 +90,19 @@ async def test_a_read_without_an_id_past_the_rate_is_told_without_one(tmp_path):
 
 async def test_the_sdk_raises_a_read_past_the_rate_with_when_to_retry(tmp_path):
     """`client.read` past --read-rate raises `ClientError` `rate_limited` with `retry_after`
-    (nothing was marked); the same read after that pause marks it (docs/CLIENT.md)."""
+    (nothing was marked); the same read after that pause marks it (docs/CLIENT.md). The rate is
+    the user's: reads of one device spend what another device's read is refused by."""
     from broker.client import ClientError
 
     async with running_broker(tmp_path / "data", reads_per_s_per_user=2.0) as h, \
-            h.client("alice") as alice, h.client("bob") as bob:
+            h.client("alice") as alice, h.client("bob") as bob, \
+            h.client("bob", "d2") as bob2:
         with trio.fail_after(30):
             sent = [await alice.send(f"m{i}", to="bob") for i in range(3)]
             await bob.read(sent[0].conv, 1)
             await bob.read(sent[0].conv, 2)
             try:
-                await bob.read(sent[0].conv, 3)
+                await bob2.read(sent[0].conv, 3)
             except ClientError as exc:
                 refused = exc
             else:
