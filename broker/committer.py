@@ -54,7 +54,6 @@ from storage.errors import CorruptProjection, InternalError, StorageError
 log = structlog.get_logger("homing")
 
 Done = Callable[["Pending"], None]
-_lsn_of = operator.attrgetter("lsn")
 
 
 # The rows a batch may write, as its commands' weights estimate them (`_fair`), and as the store
@@ -502,7 +501,7 @@ class Committer:
             for p, outcome in zip(started.pending, started.outcomes, strict=True):
                 if type(p.command) is Ack and outcome.error is None:
                     self._found_acks(p.command)
-        last = max(map(_lsn_of, started.outcomes), default=0)  # (no generator: one a command)
+        last = _last_lsn(started.outcomes)
         if last > self.committed_lsn:
             self.committed_lsn = last
             self._lsn_moved.set()
@@ -700,6 +699,18 @@ def _log_failed(exc: StorageError, commands: int) -> None:
         log.error("batch_internal_error", commands=commands, error=str(exc), exc_info=exc)
     else:
         log.error("batch_failed", commands=commands, error=str(exc))
+
+
+def _last_lsn(outcomes: list[Any]) -> int:
+    """The LSN of the last event a committed batch's `outcomes` appended (0 if none did): the
+    last nonzero one, as the LSNs of a batch's events rise in its commands' order. Found from
+    the end, not by a pass over all of them (in the trio thread, each outcome looked at is
+    memory the commit thread wrote: that `max` took 0.8 % of the trio thread's py-spy
+    samples in `homing bench throughput`, 2026-12-06)."""
+    for outcome in reversed(outcomes):
+        if outcome.lsn:
+            return outcome.lsn
+    return 0
 
 
 def _one(command: object) -> int:

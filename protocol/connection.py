@@ -95,6 +95,7 @@ class Connection:
 
     __slots__ = (
         "_buffer",
+        "_compiled",
         "_decoders",
         "_in_body",
         "_max_body",
@@ -123,6 +124,9 @@ class Connection:
         incoming = CLIENT_FRAMES if role is Role.SERVER else SERVER_FRAMES
         self._decoders = {t: spec_of(cls).decode for t, cls in incoming.items()}
         self._outgoing = SERVER_FRAMES if role is Role.SERVER else CLIENT_FRAMES
+        # The compiled encoders of the frames this role sends (`send`'s short way).
+        self._compiled = {cls: encode for cls, encode in _COMPILED.items()
+                          if self._outgoing.get(cls.TYPE) is cls}
         self.max_body_bytes = max_body_bytes
         self._enter(State.HANDSHAKE)
 
@@ -250,6 +254,18 @@ class Connection:
         max_frame_bytes. After ``welcome`` (server) the agreed max_frame applies.
         """
         cls = type(frame)
+        compiled = self._compiled.get(cls)
+        if compiled is not None and self._our_moves.get(cls.TYPE) is self._state:
+            # The short way of the two frames every message costs (`deliver`, `result`): legal
+            # now and leaving the state as it is, compiled (every field plain), within
+            # max_frame. Anything else takes the long way below, which decides, without
+            # calling the compiled encoder again.
+            data = compiled(frame, self._out_body)
+            if data is not None and len(data) - 4 <= self._buffer.max_frame_bytes:
+                return data
+            compiled = None  # tried: None (not plain) or too large, which the checks say
+        else:
+            compiled, data = _COMPILED.get(cls), None
         t = getattr(cls, "TYPE", None)
         if t is None or self._outgoing.get(t) is not cls:
             raise LocalProtocolError(
@@ -260,8 +276,8 @@ class Connection:
             raise LocalProtocolError(
                 ErrorCode.INTERNAL, f"cannot send {t!r} in state {self._state.name}"
             )
-        compiled = _COMPILED.get(cls)
-        data = None if compiled is None else compiled(frame, self._out_body)
+        if data is None and compiled is not None:
+            data = compiled(frame, self._out_body)
         if data is None:  # not compiled, or not a plain frame: the Python checks decide
             try:
                 body = _packer().pack(spec_of(cls).checked(frame, self._out_body))

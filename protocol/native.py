@@ -15,7 +15,7 @@ from types import ModuleType
 
 from . import fields
 
-VERSION = 2  # the protocol/_wire.c this Python code was written for (its WIRE_VERSION)
+VERSION = 3  # the protocol/_wire.c this Python code was written for (its WIRE_VERSION)
 
 
 def _load() -> ModuleType | None:

@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 13 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 14 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1385,6 +1385,20 @@ typedef struct {
 
 static int read_fields(PyObject *cmd, send_fields *f) {
     memset(f, 0, sizeof(*f));
+    if (PyTuple_Check(cmd) && PyTuple_GET_SIZE(cmd) == 7) {
+        /* A SendMessage, a NamedTuple of these fields in this order (storage/store.py asserts
+         * it): its items, without an attribute lookup each (7 of them, 1.2 % of the broker's
+         * CPU in `homing bench throughput`). */
+        PyObject **items = &PyTuple_GET_ITEM(cmd, 0);
+        f->user = Py_NewRef(items[0]);
+        f->device = Py_NewRef(items[1]);
+        f->role = Py_NewRef(items[2]);
+        f->cid = Py_NewRef(items[3]);
+        f->body = Py_NewRef(items[4]);
+        f->conv = Py_NewRef(items[5]);
+        f->to = Py_NewRef(items[6]);
+        return 0;
+    }
     return (f->user = PyObject_GetAttr(cmd, s_user)) &&
                    (f->device = PyObject_GetAttr(cmd, s_device)) &&
                    (f->role = PyObject_GetAttr(cmd, s_role)) &&

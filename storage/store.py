@@ -73,7 +73,7 @@ from storage.projections import (
     message_fault,
 )
 from storage.queries import RECORD_CACHE, Queries, Record, _record
-from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event, lsn_key, u64
+from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event, lsn_key, pack_u64, u64
 from storage.rowio import Rows
 from storage.rules import (
     MAX_CID_BYTES,
@@ -111,6 +111,8 @@ _PLAIN_BODY = (str, bytes, type(None))
 # applied in one call when it succeeds into a conversation that exists; None otherwise, and
 # `decide` runs as ever. Tests set it to None to run the Python rules alone.
 SEND_MESSAGE = None
+# It reads a SendMessage's fields by position, and `execute` unpacks them so: in this order.
+assert SendMessage._fields == ("user", "device", "role", "cid", "body", "conv", "to")
 if native.ext is not None:
     native.ext.configure_send(blake2b, MAX_CID_CHARS, MAX_CID_BYTES, MAX_CONV_ID_CHARS)
     SEND_MESSAGE = native.ext.send_message
@@ -422,10 +424,10 @@ class Store(Queries):
                     if done is not None:
                         written += len(heads) or 1
                         conv, value, seq = done
-                        user, device, cid, body = cmd.user, cmd.device, cmd.cid, cmd.body
+                        user, device, _, cid, body, _, _ = cmd
                         lsn = tail[0] + 1
                         tail = (lsn, value[:32])
-                        records.append((lsn_key(lsn), value))
+                        records.append((pack_u64(lsn), value))  # (lsn_key, without its call)
                         ev = Event(lsn, now, MESSAGE_ACCEPTED, user, device,
                                    {"conv": conv, "cid": cid, "body": body})
                         fresh[lsn] = (user, device, body, cid, now)  # as _record(ev)

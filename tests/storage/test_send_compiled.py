@@ -119,11 +119,11 @@ def stored(store: Store) -> tuple[list, list]:
     return log, store.dump_projections()
 
 
-def run(batches, python_only: bool) -> tuple[list, tuple[list, list]]:
+def run(batches, python_only: bool, max_body: int = MAX_BODY) -> tuple[list, tuple[list, list]]:
     """Execute `batches` (lists of specs, or of ready commands) on a fresh store; return every
     outcome and what was stored."""
     with tempfile.TemporaryDirectory(prefix="homing-send-") as d, counting_ids():
-        store = Store.open(d, map_size=1 << 22, limits=Limits(max_body_bytes=MAX_BODY))
+        store = Store.open(d, map_size=1 << 22, limits=Limits(max_body_bytes=max_body))
         try:
             # Conversations to send into: direct ones of the first three users, a group and a
             # channel (ann owns both; bob and cat are members), so most sends reach the
@@ -166,6 +166,19 @@ def test_compiled_send_equals_the_python_rules(batches):
     assert compiled[0] == python[0]
     assert compiled[1][0] == python[1][0]  # the log, digest chain included
     assert compiled[1][1] == python[1][1]  # every projection row
+
+
+def test_the_digest_chain_ends_alike_at_every_block_boundary():
+    """Records of every size from below one BLAKE2b block (128 bytes) to past three, one byte
+    apart, and a large one: the compiled send seals them in place (hashlib's BLAKE2b over its
+    own buffer), and its digest chain is the Python seal's byte for byte."""
+    sends = [SendMessage("ann", "d1", "user", f"b{n}", "x" * n, to="bob")
+             for n in [*range(0, 420), 20_000]]
+    batches = [sends[:200], sends[200:]]
+    compiled = run(batches, python_only=False, max_body=len(sends[-1].body))
+    python = run(batches, python_only=True, max_body=len(sends[-1].body))
+    assert all(error is None for batch in compiled[0] for _, _, error, _, _ in batch)
+    assert compiled[1][0] == python[1][0]
 
 
 EMOJI = "\U0001F600"
