@@ -24,12 +24,12 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, _reader_gone, emit, warn
+from broker.cli import EXIT_REFUSED, EXIT_USAGE, CliError, _number, _reader_gone, emit, warn
 from broker.config import DEFAULT_DATA_DIR
 from protocol import UINT_MAX
 
 if TYPE_CHECKING:
-    from storage import audit
+    from storage import audit, export
     from storage.store import LAYOUT, Store
 
 EXIT_FAULT = EXIT_REFUSED  # a check found a corrupt log or a projection difference
@@ -143,11 +143,12 @@ def _lsn(text: str) -> int:
 
 def _import_storage() -> None:
     """Bind storage's modules on first use, so other `homing` commands do not pay for them."""
-    global audit, CorruptLog, DataDirLocked, LAYOUT, MissingTables, StorageError, Store, structlog
+    global audit, export, CorruptLog, DataDirLocked, ExportFault, LAYOUT, MissingTables
+    global StorageError, Store, structlog
     import structlog
 
-    from storage import audit
-    from storage.errors import CorruptLog, DataDirLocked, MissingTables, StorageError
+    from storage import audit, export
+    from storage.errors import CorruptLog, DataDirLocked, ExportFault, MissingTables, StorageError
     from storage.store import LAYOUT, Store
 
 
@@ -305,15 +306,77 @@ def cmd_log(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     out = sys.stdout
-    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
     with readonly_store(args) as store:
         start = args.from_lsn or 1
         total = max(0, store.last_lsn() - start + 1)
         with progress_bar("export", total) as bar:
-            for ev in audit.iter_events(store, audit.EventFilter(from_lsn=start), bar):
-                out.write(dumps(audit.event_record(ev)) + "\n")
+            out.writelines(export.lines(store, start, bar))
     out.flush()
     return 0
+
+
+def cmd_verify_export(args: argparse.Namespace) -> int:
+    walk = export.Walk()
+    report: dict[str, Any] = {"ok": False}
+    try:
+        with _export_file(args.file) as f, progress_bar("verify export", None) as bar:
+            most = args.max_line_bytes or export.MAX_LINE_BYTES
+            export.check_lines(_counted(iter(lambda: f.readline(most + 1), b""), bar),
+                               args.anchor or (), most, walk)
+    except ExportFault as exc:
+        report |= _walked(walk) | {
+            "file": {"ok": False, "line": exc.line, "lsn": exc.lsn, "reason": exc.reason}}
+        emit(report | _anchors(walk))
+        raise CliError(EXIT_FAULT, "corrupt_export", str(exc)) from None
+    except OSError as exc:
+        raise CliError(EXIT_USAGE, "no_data", f"cannot read {args.file}: "
+                       f"{exc.strerror or exc}") from None
+    report |= _walked(walk) | {"file": {"ok": True}}
+    # The file's own head: what the auditor compares with a head kept apart (or --anchor).
+    report["head"] = {"lsn": walk.last_lsn or 0, "digest": (walk.head or export.GENESIS).hex()}
+    unchecked = [lsn for lsn, _, ok in walk.anchors if ok is None]
+    report["ok"] = not unchecked
+    emit(report | _anchors(walk))
+    if unchecked:
+        raise CliError(EXIT_USAGE, "usage", (
+            f"--anchor {unchecked[0]}:...: this file cannot check it, its first line follows "
+            f"lsn {(walk.first_lsn or 1) - 1}: give a head from that lsn on"))
+    return 0
+
+
+@contextmanager
+def _export_file(name: str) -> Iterator[Any]:
+    """The file `verify-export` reads, binary (`-`: standard input, left open)."""
+    if name == "-":
+        if sys.stdin is None:  # started without one (`<&-`)
+            raise CliError(EXIT_USAGE, "usage", "FILE is -, and standard input is closed")
+        yield sys.stdin.buffer
+        return
+    with open(name, "rb") as f:
+        yield f
+
+
+def _counted(lines: Iterator[bytes], bar: ProgressBar) -> Iterator[bytes]:
+    """`lines`, with the progress bar told every `audit.PROGRESS_EVERY` of them."""
+    for done, raw in enumerate(lines, 1):
+        yield raw
+        if not done % audit.PROGRESS_EVERY:
+            bar(done)
+
+
+def _walked(walk: export.Walk) -> dict[str, Any]:
+    """The part of the verify-export report that says what was found sound."""
+    prev = None if walk.prev is None else {"lsn": walk.first_lsn - 1, "digest": walk.prev.hex()}
+    return {"lines": walk.lines, "first_lsn": walk.first_lsn, "last_lsn": walk.last_lsn,
+            "prev": prev}
+
+
+def _anchors(walk: export.Walk) -> dict[str, Any]:
+    """The anchors' verdicts (null: not reached, or before the file), when there are any."""
+    if not walk.anchors:
+        return {}
+    return {"anchors": [{"lsn": lsn, "digest": digest.hex(), "ok": ok}
+                        for lsn, digest, ok in walk.anchors]}
 
 
 # ---------------------------------------------------------------- verify and rebuild
@@ -501,10 +564,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("audit", help="audit the event log (read-only, safe while serving)")
     asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    def action(name: str, help: str, func, json_flag: bool = True) -> argparse.ArgumentParser:
+    def action(name: str, help: str, func, json_flag: bool = True,
+               data: bool = True) -> argparse.ArgumentParser:
         a = asub.add_parser(name, help=help)
-        a.add_argument("--data", default=DEFAULT_DATA_DIR,
-                       help="data directory (default ./%(default)s)")
+        if data:
+            a.add_argument("--data", default=DEFAULT_DATA_DIR,
+                           help="data directory (default ./%(default)s)")
         if json_flag:
             a.add_argument("--json", action="store_true", help="JSON lines instead of a table")
         a.set_defaults(func=quietly(func))
@@ -547,3 +612,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ex = action("export", "stream every event as JSON lines", cmd_export, json_flag=False)
     ex.add_argument("--format", choices=("jsonl",), default="jsonl")
     ex.add_argument("--from-lsn", type=_lsn, help="first LSN")
+
+    ve = action("verify-export", "check an export file offline: every line, the chain through "
+                "them, and anchors", cmd_verify_export, json_flag=False, data=False)
+    ve.add_argument("file", metavar="FILE", help="the export's JSON lines (- for stdin)")
+    ve.add_argument("--anchor", type=_anchor, metavar="LSN:DIGEST", action="append",
+                    help="a head verify or backup printed, kept apart (repeatable): fail unless "
+                         "record LSN has DIGEST (LSN first-1: the first line's prev)")
+    ve.add_argument("--max-line-bytes", type=_number(int, 1024), metavar="N",
+                    help="longest line read, in bytes (default 16 MiB); a longer one is a fault")

@@ -17,12 +17,31 @@ class StorageFull(StorageError):
 class CorruptLog(StorageError):
     """Raised by log verification or reads when a record is missing, reordered or altered.
 
-    `lsn` is the first LSN at which the log stops being a gapless, correctly chained sequence.
+    `lsn` is the first LSN at which the log stops being a gapless, correctly chained sequence;
+    `reason` says how, without the LSN.
     """
 
     def __init__(self, lsn: int, message: str) -> None:
         super().__init__(f"log corrupt at lsn {lsn}: {message}")
         self.lsn = lsn
+        self.reason = message
+
+
+class ExportFault(StorageError):
+    """Raised by `storage.export.check_lines` at the first line of an `audit export` file that
+    is not the line of the record the chain says belongs there: changed, removed, inserted,
+    moved, cut short, or never an export line.
+
+    `line` numbers the file's lines from 1; `lsn` is the LSN the line holds, or the one it
+    should when it holds none that can be read (None when not even that is known).
+    """
+
+    def __init__(self, line: int, lsn: int | None, reason: str) -> None:
+        where = f"line {line}" if lsn is None else f"line {line} (lsn {lsn})"
+        super().__init__(f"{where}: {reason}")
+        self.line = line
+        self.lsn = lsn
+        self.reason = reason
 
 
 class CorruptProjection(StorageError):

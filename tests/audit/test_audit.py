@@ -149,14 +149,19 @@ async def test_log_table_quotes_text_that_would_break_its_lines(tmp_path, capsys
 
 
 async def test_export_streams_the_log_json_shape(tmp_path, capsys):
-    """`audit export` (run as the real command) prints exactly the objects of `log --json`."""
+    """`audit export` (run as the real command) prints the objects of `log --json`, their keys
+    in the same order, with `prev` (first line) and `digest` after them (since 2026-12-06)."""
     f = await scenario(tmp_path)
     logged = audit_json(capsys, f["data"], "log", "--json", "--from-lsn", "3")
     proc = await trio.run_process([HOMING, "audit", "export", "--format", "jsonl", "--from-lsn",
                                    "3", "--data", str(f["data"])], capture_stdout=True,
                                   capture_stderr=True)
     assert proc.stderr == b""
-    assert [json.loads(line) for line in proc.stdout.decode().splitlines()] == logged
+    exported = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    added = [{"prev", "digest"}] + [{"digest"}] * (len(exported) - 1)
+    assert [set(o) - set(log) for o, log in zip(exported, logged, strict=True)] == added
+    assert [{k: o[k] for k in log} for o, log in zip(exported, logged, strict=True)] == logged
+    assert all(list(o)[:len(log)] == list(log) for o, log in zip(exported, logged, strict=True))
 
 
 async def test_verify_and_rebuild_check_pass_on_a_healthy_directory(tmp_path, capsys):

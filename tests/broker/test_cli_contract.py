@@ -492,12 +492,20 @@ AUDIT = {
               "last_ts": (str,), "first_lsn": (int,), "last_lsn": (int,)},
     "event": {"lsn": (int,), "ts": (str,), "ts_us": (int,), "type": (str,), "actor": (str,),
               "device": (str,), "data": (dict,)},
+    "export": {"lsn": (int,), "ts": (str,), "ts_us": (int,), "type": (str,), "actor": (str,),
+               "device": (str,), "data": (dict,), "prev": (str,), "digest": (str,),
+               "record_b64": (str,)},
+    "verify-export": {"ok": (bool,), "lines": (int,), "first_lsn": (int, NULL),
+                      "last_lsn": (int, NULL), "prev": (dict, NULL), "file": (dict,),
+                      "head": (dict,), "anchors": (list,)},
 }
 AUDIT_ANCHORS = {
     "verify": "**verify** prints", "rebuild": "**rebuild** without `--check` takes",
     "check": "`--check` prints the projection half of verify", "trace": "**trace** prints",
     "inbox": "those are left out: `--at-lsn` is exact) and prints", "stats": "**stats** prints",
-    "event": "**Event objects** (`log --json`, `export`):"}
+    "event": "**Event objects** (`log --json`, `export`):",
+    "export": "**Export lines** (`export`):", "verify-export": "Only the last line may lack "
+    "its line break. It prints"}
 BACKUP = {"backup": (str,), "last_lsn": (int,), "head": (dict,), "bytes": (int,),
           "secret": (bool,), "previous_secret": (bool,), "seconds": (float,)}
 
@@ -558,11 +566,25 @@ def test_backup_and_audit_print_the_keys_of_operations(broker, tmp_path):
     check(inbox["inbox"][0], (entry, set()), entry_types)
     check(inbox["inbox"][1], (entry - {"cid", "body"}, {"cid", "body"}), entry_types)
     check(one(run("audit", "stats", "--json", *data)), keys["stats"], AUDIT["stats"])
-    for action in (("log", "--json"), ("export",)):
-        events = run("audit", *action, *data).out
-        assert events
-        for event in events:
-            check(event, keys["event"], AUDIT["event"])
+    events = run("audit", "log", "--json", *data).out
+    export_run = run("audit", "export", *data)
+    exported = export_run.out
+    assert events and [{k: e[k] for k in event} for e, event in zip(
+        exported, events, strict=True)] == events  # export: the same, keys added after
+    for event, line in zip(events, exported, strict=True):
+        check(event, keys["event"], AUDIT["event"])
+        check(line, keys["export"], AUDIT["export"])
+    export_file = tmp_path / "export.jsonl"
+    export_file.write_text(export_run.proc.stdout)
+    head = f"{verified['head']['lsn']}:{verified['head']['digest']}"
+    checked = one(run("audit", "verify-export", str(export_file), "--anchor", head))
+    check(checked, keys["verify-export"], AUDIT["verify-export"])
+    assert checked["head"] == verified["head"]
+    export_file.write_text("".join(export_run.proc.stdout.splitlines(keepends=True)[1:]))
+    failed = one(run("audit", "verify-export", str(export_file), status=EXIT_REFUSED,
+                     error="corrupt_export"))
+    required, optional = keys["verify-export"]
+    check(failed, (required, optional), AUDIT["verify-export"])
     check(one(run("audit", "rebuild", *data)), keys["rebuild"], AUDIT["rebuild"])
     run("audit", "rebuild", "--data", str(broker.data), status=EXIT_USAGE, error="locked")
     run("audit", "verify", "--data", str(tmp_path / "none"), status=EXIT_USAGE,

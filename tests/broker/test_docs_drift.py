@@ -373,7 +373,7 @@ def test_audit_actions_are_in_the_auditing_table():
     if audit is None:
         pytest.skip("homing audit not installed")
     rows = table_rows(section(OPERATIONS, "Auditing"), "| action | what it prints |")
-    listed = {re.match(r"`(\w+)", cells[0]).group(1) for cells in rows}
+    listed = {re.match(r"`([\w-]+)", cells[0]).group(1) for cells in rows}
     actions = set(subcommands(audit))
     assert not actions - listed, ("`homing audit` actions not in docs/OPERATIONS.md's Auditing "
                                   f"table: {sorted(actions - listed)}")
