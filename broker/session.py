@@ -15,12 +15,14 @@ replies alone.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import trio
@@ -122,6 +124,9 @@ class Session:
         # may repeat one of them (handlers._refused): their `then` -> (request id, command).
         self.repeats: dict[object, tuple[int, SendMessage]] = {}
         self.inflight_free = trio.Event()
+        # A stop found the connection at --max-inflight-requests: requests read from now on
+        # that would await a commit are answered `shutting_down` (`refuse_past_limit`).
+        self.refusing = False
         self._wake = trio.Event()
         self._drained = trio.Event()
         self._deferred = False  # in the broker's deferred list
@@ -142,7 +147,7 @@ class Session:
         self.reason: CloseReason | None = None
         self._scope: trio.CancelScope | None = None
         self._reader_scope: trio.CancelScope | None = None
-        self._pause_scope: trio.CancelScope | None = None  # the reader's pause (`pause`)
+        self._pause_scope: trio.CancelScope | None = None  # the reader's hold (`_holding`)
         self.opened = time.monotonic()
         self.frames_in = 0
         self.frames_out = 0
@@ -320,7 +325,7 @@ class Session:
             self._scope.cancel()
 
     def _end_pause(self) -> None:
-        """Cut short the reader's `pause`, if it is in one."""
+        """Cut short the reader's hold (`pause`, `wait_inflight`), if it is in one."""
         if self._pause_scope is not None:
             self._pause_scope.cancel()
 
@@ -412,12 +417,24 @@ class Session:
         pause short instead, so that the frames already read behind the refused one are still
         answered before `shutting_down` (PROTOCOL.md §6); until 2026-12-06 a stop during the
         pause left them unanswered (163 of 200 pipelined requests, pings included)."""
+        with self._holding() as held:
+            if held:
+                await trio.sleep(seconds)
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[bool]:
+        """The reader's hold (`pause`, `wait_inflight`): shielded from the stop's cancel of
+        the reader, which cuts it short instead (`_end_pause`), as the session's end does.
+        Yields False, for no hold at all, once either came."""
         reader = self._reader_scope
         if self._closing or reader is None or reader.cancel_called:
+            yield False
             return
-        with trio.CancelScope(shield=True) as self._pause_scope:
-            await trio.sleep(seconds)
-        self._pause_scope = None
+        try:
+            with trio.CancelScope(shield=True) as self._pause_scope:
+                yield True
+        finally:
+            self._pause_scope = None
 
     def idle_for(self, now: float) -> float:
         """How long the reader has been waiting for bytes at `now` (0 if it is not waiting)."""
@@ -577,11 +594,28 @@ class Session:
         return False
 
     async def wait_inflight(self) -> None:
-        """Wait while this connection has too many requests awaiting commit."""
+        """Hold the reader while this connection has --max-inflight-requests awaiting commit.
+
+        Not a cancellation point, as `pause` is not: a stop, or the session's end, cuts the
+        wait short. After a stop cut it short with the connection still at the limit, the
+        frames already read behind are answered all the same (PROTOCOL.md §6), each request
+        that would await a commit `shutting_down` (`refuse_past_limit`); until 2026-12-06 the stop
+        cancelled the wait and left them unanswered, pings included."""
         limit = self.broker.config.max_inflight_requests
-        while self.inflight >= limit and not self._closing:
-            self.inflight_free = trio.Event()
-            await self.inflight_free.wait()
+        with self._holding() as held:
+            while held and self.inflight >= limit:
+                self.inflight_free = trio.Event()
+                await self.inflight_free.wait()
+        self.refusing = self.refusing or (self.inflight >= limit and not self._closing)
+
+    def refuse_past_limit(self, request_id: int | None) -> None:
+        """Answer `shutting_down` a request read once `refusing`, that would await a commit:
+        nothing is done. Every such request read after the first so refused is refused too,
+        though the limit had room again, so that none done follows one refused (a client
+        sends those again, in their order, after the reconnect). A `read` without an id is
+        told with an `error` without one, as its other refusals are."""
+        self.reply_error(request_id, wire.ErrorCode.SHUTTING_DOWN,
+                         "the broker is stopping; reconnect later")
 
     def request_done(self) -> None:
         """One request awaiting commit has its answer."""

@@ -1,0 +1,182 @@
+"""A stop while a connection waits at --max-inflight-requests (a review of 2026-12-06): the
+frames already read behind the request that filled the limit are answered before the closing
+`shutting_down` (PROTOCOL.md §6), and none is admitted past the limit."""
+
+from __future__ import annotations
+
+import signal
+
+import trio
+
+import protocol as wire
+from broker.client import ClientError
+from tests import stalls
+from tests.broker.test_resend_review import held_commits
+from tests.faults.conftest import RawClient
+from tests.harness import running_broker
+from tests.procs import BrokerProcess
+
+LIMIT = 4
+
+
+async def _answers_then_closing(raw: RawClient) -> dict:
+    """Every frame `raw` receives until the broker closes, by id; the last is the closing
+    `shutting_down`."""
+    got = []
+    while (f := await raw.next()) is not None:
+        got.append(f)
+    assert (got[-1].name, got[-1].close) == ("shutting_down", True), got[-1]
+    return {f.id: f for f in got[:-1]}
+
+
+def _send(i: int) -> wire.Send:
+    return wire.Send(id=i, cid=f"order-{i}", body=f"order {i} ready", to="bob")
+
+
+async def test_a_stop_at_the_inflight_limit_answers_every_frame_read_behind_it(tmp_path):
+    """Commits held, a client pipelines 10 sends, each with a ping behind it, past
+    --max-inflight-requests 4, and the broker stops: the 4 sends admitted are committed and
+    answered `result`, the 6 behind them `shutting_down` with their ids (nothing done: none of
+    them in the log), every ping `pong`, then the closing `shutting_down`. Until 2026-12-06
+    the stop cancelled the reader's wait and only the first 4 sends and 4 pings were answered."""
+    async with running_broker(tmp_path / "data", max_inflight_requests=LIMIT) as h:
+        with trio.fail_after(30):
+            raw = await RawClient.connect(h.server, h.token("shop"), "d")
+            [session] = h.broker.hub.sessions("shop")
+            async with held_commits(h.broker.store):
+                await raw.stream.send_all(b"".join(
+                    raw.conn.send(frame) for i in range(1, 11)
+                    for frame in (_send(i), wire.Ping(id=100 + i))))
+                while session.inflight < LIMIT:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.2)  # every frame read, the reader waiting at the limit
+                assert session.inflight == LIMIT
+                h.broker.shutdown()
+                await trio.sleep(0.2)
+            answered = await _answers_then_closing(raw)
+            assert sorted(answered) == [*range(1, 11), *range(101, 111)], sorted(answered)
+            assert all(isinstance(answered[i], wire.Result) and not answered[i].dup
+                       for i in range(1, LIMIT + 1)), answered
+            assert all((answered[i].name, answered[i].close) == ("shutting_down", False)
+                       for i in range(LIMIT + 1, 11)), answered
+            assert all(isinstance(answered[i], wire.Pong) for i in range(101, 111))
+            await h.broker.wait_stopped()
+            store = h.broker.store
+            assert [i for i in range(1, 11) if store.sent("shop", f"order-{i}")] == [
+                *range(1, LIMIT + 1)]
+            await raw.aclose()
+
+
+async def test_the_sdk_sends_again_what_a_stop_refused_behind_the_limit(tmp_path):
+    """The SDK with 10 sends waiting past --max-inflight-requests 4 of a broker that stops
+    (commits held meanwhile) and starts again on the same port: every send returns its
+    `result`, each message stored once, as when the stop left the 6 behind the limit
+    unanswered and the SDK sent them again after the reconnect. The `shutting_down` they are
+    answered now is taken for "nothing done, send it again": raised, it failed those 6."""
+    bodies = [f"order {i} ready" for i in range(10)]
+    with BrokerProcess(tmp_path / "data", "--max-inflight-requests", str(LIMIT),
+                       "--shutdown-grace", "2", "--stats-interval", "1") as bp:
+        results, failed = {}, {}
+        async with bp.client("shop", "d1", reconnect_timeout=30) as client:
+
+            async def send(body: str) -> None:
+                try:
+                    results[body] = await client.send(body, to="bob")
+                except ClientError as exc:
+                    failed[body] = exc
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    async with stalls.held_commits(bp.data):
+                        # Stopped while the SDK writes them: the broker reads all 10 at once.
+                        bp.proc.send_signal(signal.SIGSTOP)
+                        try:
+                            for body in bodies:
+                                nursery.start_soon(send, body)
+                            await trio.sleep(0.3)
+                        finally:
+                            bp.proc.send_signal(signal.SIGCONT)
+                        while not stalls.committing(bp, 1):
+                            await trio.sleep(0.05)
+                        bp.proc.send_signal(signal.SIGTERM)
+                        await trio.sleep(0.3)
+                    assert await trio.to_thread.run_sync(bp.proc.wait, 20) == 0
+                    [first] = [e for e in bp.log_events() if e.get("event") == "connection_closed"
+                               and e.get("user") == "shop"]
+                    assert (first["reason"], first["frames_in"]) == ("shutdown", 10), first
+                    await bp.astart()
+        assert not failed, failed
+        assert sorted(results) == sorted(bodies)
+        assert sorted(await stalls.conversation_bodies(bp, "shop", "dm:bob:shop")) == sorted(
+            bodies)
+
+
+async def test_every_request_that_would_await_a_commit_is_refused_past_the_limit_at_a_stop(
+        tmp_path):
+    """Behind 2 sends that fill --max-inflight-requests 2 when the broker stops: a `create`, an
+    `ack` and a `read` with ids, a `read` without one, a `revoke` and an `invite` are each
+    answered `shutting_down` (the read without an id by an `error` without one), nothing done:
+    the revoke ends no session of its user; a ping among them answered `pong`."""
+    async with running_broker(tmp_path / "data", max_inflight_requests=2) as h:
+        with trio.fail_after(30):
+            bob = await RawClient.connect(h.server, h.token("bob"), "d")
+            raw = await RawClient.connect(h.server, h.token("ops", "admin"), "d")
+            [session] = h.broker.hub.sessions("ops")
+            async with held_commits(h.broker.store):
+                await raw.stream.send_all(b"".join(raw.conn.send(frame) for frame in (
+                    _send(1), _send(2), wire.Create(id=3, kind="group", name="g"),
+                    wire.Ack(id=4, upto=0), wire.Read(id=5, conv="dm:bob:ops", upto=1),
+                    wire.Read(id=None, conv="dm:bob:ops", upto=1), wire.Revoke(id=7, user="bob"),
+                    wire.Ping(id=8), wire.Invite(id=9, conv="dm:bob:ops", user="carol"))))
+                while session.inflight < 2:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.2)
+                h.broker.shutdown()
+                await trio.sleep(0.2)
+            answered = await _answers_then_closing(raw)
+            assert sorted(answered, key=str) == sorted([1, 2, 3, 4, 5, None, 7, 8, 9], key=str)
+            assert all(isinstance(answered[i], wire.Result) for i in (1, 2))
+            assert all((answered[i].name, answered[i].close) == ("shutting_down", False)
+                       for i in (3, 4, 5, None, 7, 9)), answered
+            assert isinstance(answered[8], wire.Pong)
+            closing = await bob.next()
+            assert (closing.name, closing.close) == ("shutting_down", True), closing
+            await h.broker.wait_stopped()
+            assert not h.broker.revoking
+            done = [e["command"] for e in h.logs if e.get("event") == "command_done"]
+            assert done == ["SendMessage", "SendMessage"], done  # the two sends alone
+            await raw.aclose()
+            await bob.aclose()
+
+
+async def test_a_request_read_after_one_refused_at_a_stop_is_refused_too(tmp_path):
+    """Once a stop refused a send past the limit, a send read after it is refused as well,
+    though the commits that held the limit finished meanwhile (600 history pages between the
+    two take the reader tens of milliseconds, the commits released during them): taken, it
+    would be done before the one refused, which the client sends again after it."""
+    async with running_broker(tmp_path / "data", max_inflight_requests=LIMIT) as h:
+        with trio.fail_after(30):
+            raw = await RawClient.connect(h.server, h.token("shop"), "d")
+            for i in range(20):
+                await raw.send(wire.Send(id=i, cid=f"old-{i}", body="old", to="bob"))
+                assert isinstance(await raw.reply(i), wire.Result)
+            [session] = h.broker.hub.sessions("shop")
+            pages = [wire.History(id=1000 + i, conv="dm:bob:shop", after=0, limit=20,
+                                  order="oldest") for i in range(600)]
+            async with held_commits(h.broker.store):
+                await raw.stream.send_all(b"".join(raw.conn.send(frame) for frame in (
+                    *(_send(i) for i in range(1, LIMIT + 2)), *pages, _send(99))))
+                while session.inflight < LIMIT:
+                    await trio.sleep(0.01)
+                await trio.sleep(0.2)
+                h.broker.shutdown()
+                await trio.sleep(0.002)  # the pages are being answered
+            answered = {}
+            while (f := await raw.next()) is not None:
+                answered[getattr(f, "id", None)] = f
+            assert all(isinstance(answered[i], wire.Result) for i in range(1, LIMIT + 1))
+            assert len([i for i in answered if isinstance(i, int) and i >= 1000]) == 600
+            for i in (LIMIT + 1, 99):
+                assert isinstance(answered[i], wire.Error), answered[i]
+                assert (answered[i].name, answered[i].close) == ("shutting_down", False)
+            await raw.aclose()
