@@ -140,9 +140,13 @@ def _send_fault(tables: BufferedTables, cmd: SendMessage,
 
 
 def _log_rule_bug(cmd: Command, failed: CommandInternalError) -> None:
-    """Log the command a bug of its rule failed, with its context and the traceback."""
-    log.error("command_internal_error", command=type(cmd).__name__, user=cmd.user,
-              device=cmd.device, conv=getattr(cmd, "conv", None), cid=getattr(cmd, "cid", None),
+    """Log the command a bug of its rule failed, with its context and the traceback. Any
+    object that is not a command (a plain tuple: the rules fail on it, as on a bug) is logged
+    too, its fields None: this runs once the batch committed, and raising here would report a
+    durable batch as failed (until 2026-12-06, AttributeError from `execute`)."""
+    log.error("command_internal_error", command=type(cmd).__name__,
+              user=getattr(cmd, "user", None), device=getattr(cmd, "device", None),
+              conv=getattr(cmd, "conv", None), cid=getattr(cmd, "cid", None),
               error=str(failed), exc_info=failed.__cause__)
 
 

@@ -12,11 +12,14 @@ import struct
 
 import msgpack
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from protocol import Deliver, Result, native
+from protocol import Connection, Deliver, Result, Role, native
+from protocol import connection as connection_module
+from protocol.errors import LocalProtocolError
 from protocol.frames import FieldError, spec_of
+from protocol.state import State
 
 from .helpers import frames_of
 from .test_checked import MAX_BODIES, ODD
@@ -131,3 +134,77 @@ def test_the_usual_strangers_are_named(prefix, looks):
 
     hint = foreign_hint(prefix)
     assert (f"look like {looks}" in hint) if looks else hint == ""
+
+
+# -- through `Connection.send` ---------------------------------------------------------------
+# Its short way (since 2026-12-06) tries the compiled encoder first for a frame legal in the
+# state that leaves it as it is, before the checks of direction and state. Whatever the frame,
+# the role, the state and the max_frame, it must answer as the Python way does: the same bytes,
+# or the same LocalProtocolError (code and text), and the same state after.
+
+
+class SubDeliver(Deliver):
+    __slots__ = ()
+
+
+class SubResult(Result):
+    __slots__ = ()
+
+
+def _python_connection(role, state, max_frame: int):
+    """A Connection as it is without protocol._wire: `send` takes the Python way alone."""
+    saved = connection_module._COMPILED
+    connection_module._COMPILED = {}
+    try:
+        conn = Connection(role)
+    finally:
+        connection_module._COMPILED = saved
+    conn._enter(state)
+    conn.max_frame_bytes = max_frame
+    return conn
+
+
+def _answer(conn, frame) -> tuple:
+    """What `send` did: its bytes or its refusal, and the state after."""
+    saved = connection_module._COMPILED
+    if not conn._compiled:  # the Python way: its long way must not find the encoders either
+        connection_module._COMPILED = {}
+    try:
+        try:
+            answer = conn.send(frame)
+        except LocalProtocolError as exc:
+            answer = (type(exc), exc.code, exc.message, exc.request_id, exc.fatal)
+    finally:
+        connection_module._COMPILED = saved
+    return answer, conn._state
+
+
+@settings(max_examples=1500, deadline=None)
+@given(data=st.data(), cls=st.sampled_from([Deliver, Deliver, Result, SubDeliver, SubResult]),
+       role=st.sampled_from([Role.SERVER, *Role]),
+       state=st.sampled_from([State.OPEN, State.OPEN, *State]), near=st.integers(-2, 2))
+def test_connection_send_answers_as_the_python_way(data, cls, role, state, near):
+    base = Deliver if issubclass(cls, Deliver) else Result
+    frame = data.draw(frames_of(base))
+    odd = data.draw(st.lists(st.sampled_from(base._fields), max_size=1))
+    frame = frame._replace(**{field: data.draw(ODD | BIG) for field in odd})
+    if base is Deliver and data.draw(st.booleans()):  # a body that brings it near 1,024 bytes
+        frame = frame._replace(body=data.draw(st.sampled_from(["x", b"x", "é"])) * 1000)
+    # max_frame just around the frame's size where it can be (1,024 at least), else far off
+    size = _python(frame, 1 << 32)
+    frame = cls(*frame)
+    at = (len(size) - 4 + near) if size is not None else 0
+    max_frame = at if at >= 1024 else data.draw(st.sampled_from([1024, 1 << 20]))
+    python = _python_connection(role, state, max_frame)
+    reference = _answer(python, frame)  # first: its ids are known to the compiled way after
+    compiled = Connection(role)
+    compiled._enter(state)
+    compiled.max_frame_bytes = max_frame
+    assert _answer(compiled, frame) == reference
+    event(f"{state.name} {role.name}: "
+          f"{'bytes' if isinstance(reference[0], bytes) else reference[0][1].name}")
+    if role is Role.SERVER and state is State.OPEN and cls is base and isinstance(
+            reference[0], bytes):
+        # the short way was there to take (else this compares the Python way with itself)
+        assert native.wire.deliver(frame, compiled._out_body) if base is Deliver else \
+            native.wire.result(frame, compiled._out_body)

@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import hypothesis.strategies as st
 import pytest
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 
 import storage.rules as rules_module
 import storage.store as store_module
+from broker.committer import _last_lsn
 from storage.commands import CreateConv, SendMessage
 from storage.rules import Limits
 from storage.store import Store
@@ -108,6 +110,12 @@ def python_rules_only():
         store_module.SEND_MESSAGE = saved
 
 
+class Given(NamedTuple):
+    """A command `run` passes as it is, whatever it is (a tuple, a subclass)."""
+
+    command: object
+
+
 def outcome_view(outcomes) -> list:
     return [(o.reply, type(o.error), str(o.error) if o.error else None, o.effects, o.lsn)
             for o in outcomes]
@@ -136,7 +144,8 @@ def run(batches, python_only: bool, max_body: int = MAX_BODY) -> tuple[list, tup
             seen = []
             made = 0
             for n, specs in enumerate(batches):
-                commands = [s if isinstance(s, SendMessage) else make(s, convs, made + i)
+                commands = [s.command if isinstance(s, Given) else
+                            s if isinstance(s, SendMessage) else make(s, convs, made + i)
                             for i, s in enumerate(specs)]
                 made += len(specs)
                 if python_only:
@@ -144,6 +153,11 @@ def run(batches, python_only: bool, max_body: int = MAX_BODY) -> tuple[list, tup
                         outcomes = store.execute(commands, now_us=NOW + n)
                 else:
                     outcomes = store.execute(commands, now_us=NOW + n)
+                # what the committer takes for `committed_lsn`: the highest LSN of the batch,
+                # the log's last when the batch appended any (a batch's LSNs rise)
+                last = max((o.lsn for o in outcomes), default=0)
+                assert _last_lsn(outcomes) == last
+                assert last in (0, store.log.tail()[0])
                 for out in outcomes:
                     conv = (out.reply or {}).get("conv")
                     if conv and conv not in convs:
@@ -179,6 +193,55 @@ def test_the_digest_chain_ends_alike_at_every_block_boundary():
     python = run(batches, python_only=True, max_body=len(sends[-1].body))
     assert all(error is None for batch in compiled[0] for _, _, error, _, _ in batch)
     assert compiled[1][0] == python[1][0]
+
+
+class SubSend(SendMessage):
+    """A SendMessage subclass: `Store.execute` leaves it to the rules."""
+
+    __slots__ = ()
+
+
+class OtherBody(SendMessage):
+    """A subclass whose `body` is not its 5th item: read by position, it would be that item."""
+
+    __slots__ = ()
+
+    @property
+    def body(self) -> str:
+        return "from the attribute"
+
+
+def _send(**fields) -> SendMessage:
+    return SendMessage(**{"user": "ann", "device": "d1", "role": "user", "cid": "k",
+                          "body": "hi", "to": "bob", **fields})
+
+
+# One send into an existing direct conversation, built every way a command can be: each must
+# end as with the Python rules alone (what they do with a tuple that is not a command is theirs
+# to say; that the compiled send, which reads a SendMessage by position, does the same).
+BUILT = {
+    "positional": lambda: SendMessage("ann", "d1", "user", "k", "hi", None, "bob"),
+    "keywords, out of order": lambda: SendMessage(to="bob", body="hi", cid="k", role="user",
+                                                  device="d1", user="ann"),
+    "_replace": lambda: _send(cid="other")._replace(cid="k", body="hi"),
+    "_make": lambda: SendMessage._make(["ann", "d1", "user", "k", "hi", None, "bob"]),
+    "a subclass": lambda: SubSend(*_send()),
+    "a subclass with its own body": lambda: OtherBody(*_send()),
+    "a plain 7-tuple": lambda: tuple(_send()),
+    "a 7-item list": lambda: list(_send()),
+    "a 6-tuple": lambda: tuple(_send())[:6],
+}
+
+
+@pytest.mark.parametrize("how", sorted(BUILT))
+def test_a_send_built_any_way_ends_alike(how):
+    batches = [[Given(BUILT[how]()), Given(BUILT[how]()), _send(cid="after")]]
+    compiled, python = run(batches, python_only=False), run(batches, python_only=True)
+    assert compiled == python
+    if how in ("positional", "keywords, out of order", "_replace", "_make"):
+        ((first, again, _),) = compiled[0]
+        assert first[2] is None and first[0]["dup"] is False and first[0]["cid"] == "k"
+        assert again[2] is None and again[0]["dup"] is True
 
 
 EMOJI = "\U0001F600"
@@ -298,5 +361,24 @@ def test_a_ctrl_c_while_the_compiled_send_reads_a_row_stops_the_batch():
             assert inside and store.log.tail() == before
             (after,) = store.execute([SendMessage("ann", "d1", "user", "third", "hi", to="bob")])
             assert after.error is None and after.lsn == before[0] + 1
+        finally:
+            store.close()
+
+
+def test_a_tuple_among_commands_fails_alone_and_the_batch_commits():
+    """A plain tuple where a command is expected (the fields of a SendMessage, in order) is a
+    bug of the caller's: the rules fail on it (CommandInternalError), alone; the batch's sends
+    commit and `execute` returns their outcomes. Its `command_internal_error` line, written once
+    the batch committed, read `cmd.user`: AttributeError from `execute`, a durable batch said
+    failed (until 2026-12-06)."""
+    with tempfile.TemporaryDirectory(prefix="homing-send-") as d:
+        store = Store.open(d, map_size=1 << 22)
+        try:
+            outcomes = store.execute([_send(cid="a"), tuple(_send(cid="b")), _send(cid="c")])
+            assert [type(o.error).__name__ for o in outcomes] == [
+                "NoneType", "CommandInternalError", "NoneType"]
+            first, refused, last = (o.lsn for o in outcomes)  # the first creates the conv
+            assert refused == 0 and 0 < first < last == store.log.tail()[0]
+            assert _last_lsn(outcomes) == last
         finally:
             store.close()
