@@ -143,12 +143,19 @@ def _lsn(text: str) -> int:
 
 def _import_storage() -> None:
     """Bind storage's modules on first use, so other `homing` commands do not pay for them."""
-    global audit, export, CorruptLog, DataDirLocked, ExportFault, LAYOUT, MissingTables
-    global StorageError, Store, structlog
+    global audit, export, CorruptLog, DataDirLocked, ExportFault, ExportLineTooLong, LAYOUT
+    global MissingTables, StorageError, Store, structlog
     import structlog
 
     from storage import audit, export
-    from storage.errors import CorruptLog, DataDirLocked, ExportFault, MissingTables, StorageError
+    from storage.errors import (
+        CorruptLog,
+        DataDirLocked,
+        ExportFault,
+        ExportLineTooLong,
+        MissingTables,
+        StorageError,
+    )
     from storage.store import LAYOUT, Store
 
 
@@ -324,10 +331,13 @@ def cmd_verify_export(args: argparse.Namespace) -> int:
             export.check_lines(_counted(iter(lambda: f.readline(most + 1), b""), bar),
                                args.anchor or (), most, walk)
     except ExportFault as exc:
-        report |= _walked(walk) | {
-            "file": {"ok": False, "line": exc.line, "lsn": exc.lsn, "reason": exc.reason}}
+        # a line past the bound is not found at fault, only not read (ok null): usage
+        long = isinstance(exc, ExportLineTooLong)
+        report |= _walked(walk) | {"file": {"ok": None if long else False, "line": exc.line,
+                                            "lsn": exc.lsn, "reason": exc.reason}}
         emit(report | _anchors(walk))
-        raise CliError(EXIT_FAULT, "corrupt_export", str(exc)) from None
+        raise CliError(EXIT_USAGE if long else EXIT_FAULT, "usage" if long else "corrupt_export",
+                       str(exc)) from None
     except OSError as exc:
         raise CliError(EXIT_USAGE, "no_data", f"cannot read {args.file}: "
                        f"{exc.strerror or exc}") from None

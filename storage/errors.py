@@ -44,6 +44,12 @@ class ExportFault(StorageError):
         self.reason = reason
 
 
+class ExportLineTooLong(ExportFault):
+    """Raised by `storage.export.check_lines` at a line longer than its `max_line_bytes`: not
+    a fault found but a line this bound does not read (a broker whose `--max-body-bytes` was
+    raised writes lines that long); the check stops there, and a larger bound checks it."""
+
+
 class CorruptProjection(StorageError):
     """Raised by a read of a projection row whose stored bytes are not a row homing writes (cut
     short, garbage, of the wrong kind: changed behind homing's back; the log is sound).

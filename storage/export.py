@@ -29,14 +29,15 @@ from typing import Any
 from msgpack import packb
 
 from storage.audit import Progress, _event, _raw, event_record
-from storage.errors import CorruptLog, ExportFault
+from storage.errors import CorruptLog, ExportFault, ExportLineTooLong
 from storage.log import verify_records
 from storage.records import DIGEST_BYTES, GENESIS, Event
 from storage.store import Store
 
-# The longest line the check reads by default (`audit verify-export --max-line-bytes`). The
-# longest a homing writes with serve's default --max-frame-bytes: a body of at most 1 MiB, 6
-# bytes of JSON a byte when every one is escaped (`\u0000`), plus ids and digests: under 7 MiB.
+# The longest line the check reads by default (`audit verify-export --max-line-bytes`). A line
+# takes up to 6 bytes of JSON a body byte when every one is escaped (`\u0000`), plus ids and
+# digests: under 400 KiB with serve's default --max-body-bytes (64 KiB), past this bound for a
+# body past about 2.7 MiB (the flag raised): such a line is not read (ExportLineTooLong).
 MAX_LINE_BYTES = 16 << 20
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -192,8 +193,17 @@ def _parse(number: int, raw: bytes, max_line_bytes: int,
     and its object; ExportFault when it is none (`expected`: the LSN it should hold, None on
     the first line, which must carry `prev` and holds any LSN)."""
     if len(raw) > max_line_bytes:
-        raise ExportFault(number, expected, f"longer than {max_line_bytes:,} bytes "
-                          "(--max-line-bytes), which no export line of homing's is")
+        raise ExportLineTooLong(number, expected, (
+            f"longer than {max_line_bytes:,} bytes (--max-line-bytes), not read: a line takes "
+            "up to about 6 bytes a byte of its message's body, so a broker whose "
+            "--max-body-bytes was raised writes longer ones; check again with a larger bound"))
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ExportFault(number, expected, "it starts with a UTF-8 byte order mark (EF BB "
+                          "BF), which an export never writes: a Windows editor added it; "
+                          "remove it and check again")
+    if raw.isspace():
+        raise ExportFault(number, expected, "an empty line, which no export holds (added at "
+                          "the end by an editor, or files joined?)")
     try:
         obj = _decode(raw.decode())
     except (UnicodeDecodeError, ValueError) as exc:
@@ -257,6 +267,10 @@ def _chain_reason(reason: str) -> str:
 
 def _unlike(raw: bytes, want: bytes) -> str:
     """Why a line whose record chains is not that record's line: where the two part."""
+    if raw.endswith((b"\r\n", b"\r")) and raw.rstrip(b"\r\n") == want[:-1]:
+        return ("its line ends in CR LF (\\r\\n) where the export wrote LF alone: the line "
+                "breaks were changed (a Windows editor, a copy in text mode); the line is "
+                "otherwise its record's own: turn them back (dos2unix) and check again")
     at = next((i for i, (a, b) in enumerate(zip(raw, want, strict=False)) if a != b),
               min(len(raw), len(want)))
     return (f"the line is not its record's own from byte {at} on (it reads "

@@ -228,15 +228,17 @@ def test_an_export_from_an_lsn_is_checked_from_the_digest_before_it(tmp_path, ca
 
 
 def test_a_line_longer_than_the_bound_and_unreadable_files(tmp_path, capsys):
-    """--max-line-bytes bounds the line read (a longer one is a fault at its line); a file that
-    cannot be read is `no_data`, a bound under 1,024 and `-` with stdin closed `usage`, all
-    exit 2."""
+    """--max-line-bytes bounds the line read (a longer one is not read: `usage` at its line,
+    `file.ok` null); a file that cannot be read is `no_data`, a bound under 1,024 and `-` with
+    stdin closed `usage`, all exit 2."""
     data = _data(tmp_path / "data", commands=20)
     rows = _export(data).splitlines(keepends=True)
     assert _check(capsys, "".join(rows), tmp_path, "--max-line-bytes", "1024")[0] == 0
     long = rows[0] + " " * 2000 + rows[1]
-    report = _fault(capsys, long, tmp_path, "--max-line-bytes", "1024")
-    assert report["file"]["line"] == 2 and "longer than 1,024 bytes" in report["file"]["reason"]
+    status, report, err = _check(capsys, long, tmp_path, "--max-line-bytes", "1024")
+    assert status == 2 and json.loads(err.strip().splitlines()[-1])["error"] == "usage", err
+    assert report["file"]["ok"] is None and report["file"]["line"] == 2, report
+    assert "longer than 1,024 bytes" in report["file"]["reason"]
     assert_one_json_error(homing("audit", "verify-export", str(tmp_path / "none"), check=False),
                           2, "no_data")
     assert_one_json_error(homing("audit", "verify-export", "-", "--max-line-bytes", "10",
