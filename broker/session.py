@@ -148,6 +148,8 @@ class Session:
         self._scope: trio.CancelScope | None = None
         self._reader_scope: trio.CancelScope | None = None
         self._pause_scope: trio.CancelScope | None = None  # the reader's hold (`_holding`)
+        self._drain_scope: trio.CancelScope | None = None  # its wait for the writer
+        self._writer_ended = False
         self.opened = time.monotonic()
         self.frames_in = 0
         self.frames_out = 0
@@ -314,6 +316,7 @@ class Session:
         self.reason = self.reason or reason
         self._closing = True
         self._end_pause()
+        self._end_drain_wait()
         self._wake.set()
 
     def abort(self, reason: CloseReason) -> None:
@@ -321,6 +324,7 @@ class Session:
         self.reason = self.reason or reason
         self._closing = True
         self._end_pause()
+        self._end_drain_wait()
         if self._scope is not None:
             self._scope.cancel()
 
@@ -328,6 +332,11 @@ class Session:
         """Cut short the reader's hold (`pause`, `wait_inflight`), if it is in one."""
         if self._pause_scope is not None:
             self._pause_scope.cancel()
+
+    def _end_drain_wait(self) -> None:
+        """Cut short the reader's wait for the writer (`_wait_drained`), if it is in one."""
+        if self._drain_scope is not None:
+            self._drain_scope.cancel()
 
     @property
     def closing(self) -> bool:
@@ -410,6 +419,9 @@ class Session:
         if self._reader_scope is not None:
             self._reader_scope.cancel()
         self._end_pause()
+        if self._drain_scope is not None:  # the writer has that long to make room
+            self._drain_scope.deadline = min(self._drain_scope.deadline,
+                                             trio.current_time() + FLUSH_ON_CLOSE_S)
 
     async def pause(self, seconds: float) -> None:
         """Hold the reader `seconds` before it hands on the next frame (a `read` past the
@@ -582,16 +594,39 @@ class Session:
 
     async def _wait_drained(self) -> bool:
         """Wait until the writer flushed the queue below MAX_QUEUED_FRAMES and MAX_QUEUED_BYTES;
-        False (and the session ends as a slow consumer) if that takes over --idle-timeout."""
-        with trio.move_on_after(self.broker.config.idle_timeout_s):
-            while self._queue_full() and not self._closing:
-                self._drained = trio.Event()
-                self._wake.set()
-                await self._drained.wait()
+        False (and the session ends as a slow consumer) if that takes over --idle-timeout.
+
+        Not a cancellation point: a stop, which cancels the reader, lets the writer go on
+        flushing, for FLUSH_ON_CLOSE_S at most, and the frames already read are answered once
+        it did (PROTOCOL.md §6); the session's end, or the writer's, cuts the wait short.
+        Until 2026-12-06 the stop cancelled it, and every frame read past 1,024 replies
+        queued was left unanswered (1,024 of 3,000 pings read behind --max-inflight-requests)."""
+        if self._writer_ended:
+            return False  # nobody to flush the queue: nothing more can be answered
+        limit = self.broker.config.idle_timeout_s
+        if self._stopped_reading():
+            limit = min(limit, FLUSH_ON_CLOSE_S)
+        try:
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as (
+                    self._drain_scope):
+                while self._queue_full() and not self._closing:
+                    self._drained = trio.Event()
+                    self._wake.set()
+                    await self._drained.wait()
+        finally:
+            self._drain_scope = None
+        if self._closing:
+            return True  # the reader's loop ends: nothing more is answered
+        if not self._queue_full():
             self._last_frame = time.monotonic()  # we, not the client, held up its frames
             return True
-        self.slow_consumer()
+        if not self._writer_ended and not self._stopped_reading():
+            self.slow_consumer()  # else a stop, which closes it, or the writer gone
         return False
+
+    def _stopped_reading(self) -> bool:
+        """Whether a stop cancelled the reader (`begin_shutdown`)."""
+        return self._reader_scope is not None and self._reader_scope.cancel_called
 
     async def wait_inflight(self) -> None:
         """Hold the reader while this connection has --max-inflight-requests awaiting commit.
@@ -777,6 +812,13 @@ class Session:
         self._muted.pop(conv, None)
 
     async def _writer(self) -> None:
+        try:
+            await self._write()
+        finally:  # cancelled (--shutdown-grace run out) or done: the reader waits no more
+            self._writer_ended = True
+            self._end_drain_wait()
+
+    async def _write(self) -> None:
         while True:
             chunks = self._collect()
             if chunks:

@@ -5,6 +5,7 @@ frames already read behind the request that filled the limit are answered before
 from __future__ import annotations
 
 import signal
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -67,6 +68,25 @@ async def test_a_stop_at_the_inflight_limit_answers_every_frame_read_behind_it(t
             await raw.aclose()
 
 
+async def read_at_once_then_stopped(bp: BrokerProcess,
+                                    start: Callable[[], Awaitable[None]]) -> None:
+    """With `bp`'s commits held, `await start()` (an SDK's requests made) while `bp` is
+    SIGSTOPped, so that it reads all they write at once; then, a commit under way, SIGTERM:
+    returns once `bp` exited 0, its commits released."""
+    async with stalls.held_commits(bp.data):
+        bp.proc.send_signal(signal.SIGSTOP)
+        try:
+            await start()
+            await trio.sleep(0.3)
+        finally:
+            bp.proc.send_signal(signal.SIGCONT)
+        while not stalls.committing(bp, 1):
+            await trio.sleep(0.05)
+        bp.proc.send_signal(signal.SIGTERM)
+        await trio.sleep(0.3)
+    assert await trio.to_thread.run_sync(bp.proc.wait, 20) == 0
+
+
 async def test_the_sdk_sends_again_what_a_stop_refused_behind_the_limit(tmp_path):
     """The SDK with 10 sends waiting past --max-inflight-requests 4 of a broker that stops
     (commits held meanwhile) and starts again on the same port: every send returns its
@@ -87,20 +107,12 @@ async def test_the_sdk_sends_again_what_a_stop_refused_behind_the_limit(tmp_path
 
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:
-                    async with stalls.held_commits(bp.data):
-                        # Stopped while the SDK writes them: the broker reads all 10 at once.
-                        bp.proc.send_signal(signal.SIGSTOP)
-                        try:
-                            for body in bodies:
-                                nursery.start_soon(send, body)
-                            await trio.sleep(0.3)
-                        finally:
-                            bp.proc.send_signal(signal.SIGCONT)
-                        while not stalls.committing(bp, 1):
-                            await trio.sleep(0.05)
-                        bp.proc.send_signal(signal.SIGTERM)
-                        await trio.sleep(0.3)
-                    assert await trio.to_thread.run_sync(bp.proc.wait, 20) == 0
+
+                    async def start() -> None:
+                        for body in bodies:
+                            nursery.start_soon(send, body)
+
+                    await read_at_once_then_stopped(bp, start)
                     [first] = [e for e in bp.log_events() if e.get("event") == "connection_closed"
                                and e.get("user") == "shop"]
                     assert (first["reason"], first["frames_in"]) == ("shutdown", 10), first
