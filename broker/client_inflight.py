@@ -33,10 +33,7 @@ class Request:
     reply: Any = None
     error: BaseException | None = None
     sent: bool = False  # written to a connection at least once
-    # Written again after a reconnect, having been sent before: to a broker that may have
-    # carried it out, though a later one refused it `shutting_down` (nothing done there,
-    # `sent` False again), which does not undo the first.
-    resent: bool = False
+    resent: bool = False  # written again after a reconnect, having been sent before
     # A welcome cap without which a request written to that connection is not to be repeated
     # (a create's cid, which a broker from before ignores); `caps`: the last such welcome's.
     needs: str | None = None
@@ -122,7 +119,7 @@ class InFlight:
                 req.error = lacks(req.needs)
                 req.event.set()
                 continue
-            req.resent, req.sent, req.caps = req.resent or req.sent, True, welcome.caps
+            req.resent, req.sent, req.caps = req.sent, True, welcome.caps
             flushed.append(req)
             try:
                 out.append(conn.send(req.frame))

@@ -479,13 +479,7 @@ class Link:
                     self._closed_by = error
                     return
                 req = self.inflight.get(frame.id) if frame.id is not None else None
-                if req is not None and frame.name == "shutting_down":
-                    # Refused by a broker stopping, nothing done (PROTOCOL.md §6): it goes
-                    # out on the next connection as one never sent, as it did when the broker
-                    # left such a request (read behind --max-inflight-requests) unanswered,
-                    # until 2026-12-06.
-                    req.sent = False
-                elif req is not None:
+                if req is not None:
                     req.error = ClientError.of(frame)
                     self._served += 1
                     req.event.set()

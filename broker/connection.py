@@ -83,12 +83,14 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # closed all the same (trio closes the socket when TLS fails)
         said = structlog.get_context(session.log)  # user and device, once the hello named them
+        # Requests a stop left unanswered past --max-inflight-requests: named only if any.
+        left = {"passed_over": session.passed_over} if session.passed_over else {}
         session.log.info(
             "connection_closed", user=said.get("user"), device=said.get("device"),
             reason=(session.reason or CloseReason.PEER_EOF).value,
             duration_s=round(time.monotonic() - session.opened, 3),
             frames_in=session.frames_in, frames_out=session.frames_out,
-            frames_rejected=session.frames_rejected)
+            frames_rejected=session.frames_rejected, **left)
 
 
 def _detach(broker: Broker, session: Session) -> None:

@@ -59,9 +59,9 @@ def _command(session: Session, request_id: int | None, command: object, reply,
     """Submit `command`; once durable, queue the frame `reply(session, request_id,
     outcome.reply)` returns (no `reply`, or None from it: nothing) or the error; then call
     `after()` whatever the outcome (also when the command could not be submitted, or was
-    refused past the connection's limit at a stop: `Session.refuse_past_limit`)."""
-    if session.refusing:
-        session.refuse_past_limit(request_id)
+    passed over, past the connection's limit at a stop: `Session.pass_over`)."""
+    if session.passing_over:
+        session.pass_over()
         if after is not None:
             after()
         return None
@@ -233,8 +233,8 @@ def _refused(session: Session, f: wire.Send, code: wire.ErrorCode, message: str,
 
     if store.sent(session.user, f.cid):
         return _submit_send(session, f, f.body)
-    if session.refusing:  # it would wait, counted, for the sends on their way
-        return session.refuse_past_limit(f.id)
+    if session.passing_over:  # it would wait, counted, for the sends on their way
+        return session.pass_over()
 
     def then(_failed: BaseException | None) -> None:
         session.request_done()
@@ -288,8 +288,8 @@ def on_ack(session: Session, f: wire.Ack) -> Any:
         if f.id is not None:
             session.reply_error(f.id, wire.ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
         return
-    if f.id is not None and session.refusing:  # not applied (the client acks again)
-        return session.refuse_past_limit(f.id)
+    if f.id is not None and session.passing_over:  # not applied: the client acks again
+        return session.pass_over()
     if not session.on_ack(f.upto):
         session.reply_error(f.id, wire.ErrorCode.INVALID,
                             f"cannot ack {f.upto}: the inbox ends at {session.head}")
@@ -371,8 +371,8 @@ def _change(handler: Handler, repeat: Callable[[Session, Any], Handler | None] |
 
 
 def on_create(session: Session, f: wire.Create) -> Any:
-    if session.refusing:
-        return session.refuse_past_limit(f.id)
+    if session.passing_over:
+        return session.pass_over()
     _submit_create(session, f)
     return _held_back(session)
 
@@ -415,8 +415,8 @@ def _after_first(session: Session, f: wire.Create, first: Any) -> Any:
     something only if the cid made a conversation before (`first` was the other kind):
     otherwise nothing was done that it repeats, `rate_limited`. Counted meanwhile with the
     requests awaiting commit."""
-    if session.refusing:
-        return session.refuse_past_limit(f.id)
+    if session.passing_over:
+        return session.pass_over()
     session.inflight += 1
 
     def then(failed: BaseException | None) -> None:
@@ -487,8 +487,8 @@ def on_revoke(session: Session, f: wire.Revoke) -> Any:
     if session.role != "admin":
         session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, REVOKE_ADMIN_ONLY)
         return None
-    if session.refusing:  # before it ends any session
-        return session.refuse_past_limit(f.id)
+    if session.passing_over:  # before it ends any session
+        return session.pass_over()
     broker = session.broker
     cut = revocation_cut_off(time.time_ns() // 1000)
     # logged as enforced from now

@@ -125,8 +125,10 @@ class Session:
         self.repeats: dict[object, tuple[int, SendMessage]] = {}
         self.inflight_free = trio.Event()
         # A stop found the connection at --max-inflight-requests: requests read from now on
-        # that would await a commit are answered `shutting_down` (`refuse_past_limit`).
-        self.refusing = False
+        # that would await a commit are left unanswered, nothing done (`pass_over`); how many
+        # were, for `connection_closed`.
+        self.passing_over = False
+        self.passed_over = 0
         self._wake = trio.Event()
         self._drained = trio.Event()
         self._deferred = False  # in the broker's deferred list
@@ -633,24 +635,26 @@ class Session:
 
         Not a cancellation point, as `pause` is not: a stop, or the session's end, cuts the
         wait short. After a stop cut it short with the connection still at the limit, the
-        frames already read behind are answered all the same (PROTOCOL.md §6), each request
-        that would await a commit `shutting_down` (`refuse_past_limit`); until 2026-12-06 the stop
-        cancelled the wait and left them unanswered, pings included."""
+        frames already read behind are handled all the same (PROTOCOL.md §6): queries and
+        pings answered, each request that would await a commit left unanswered, nothing done
+        (`pass_over`). Until 2026-12-06 the stop cancelled the wait and left every frame read
+        behind unanswered, pings included."""
         limit = self.broker.config.max_inflight_requests
         with self._holding() as held:
             while held and self.inflight >= limit:
                 self.inflight_free = trio.Event()
                 await self.inflight_free.wait()
-        self.refusing = self.refusing or (self.inflight >= limit and not self._closing)
+        self.passing_over = self.passing_over or (self.inflight >= limit and not self._closing)
 
-    def refuse_past_limit(self, request_id: int | None) -> None:
-        """Answer `shutting_down` a request read once `refusing`, that would await a commit:
-        nothing is done. Every such request read after the first so refused is refused too,
-        though the limit had room again, so that none done follows one refused (a client
-        sends those again, in their order, after the reconnect). A `read` without an id is
-        told with an `error` without one, as its other refusals are."""
-        self.reply_error(request_id, wire.ErrorCode.SHUTTING_DOWN,
-                         "the broker is stopping; reconnect later")
+    def pass_over(self) -> None:
+        """Leave unanswered a request read once `passing_over` that would await a commit:
+        nothing is done, as for a request a stop could not answer in time (PROTOCOL.md §6),
+        and a client sends it again after the reconnect. Every such request read after the
+        first passed over is too, though the limit had room again, so that none done follows
+        one left. Not answered `shutting_down` with its id (as for a few hours of 2026-12-06):
+        the SDK raises that answer as the request's error, where it sends an unanswered
+        request again (the CLI exits 3)."""
+        self.passed_over += 1
 
     def request_done(self) -> None:
         """One request awaiting commit has its answer."""
