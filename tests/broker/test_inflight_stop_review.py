@@ -78,18 +78,25 @@ async def test_a_leave_done_by_one_stop_and_left_by_the_next_returns_as_done(tmp
                     try:
                         async with stalls.held_commits(bp.data):
                             bp.proc.send_signal(signal.SIGCONT)
-                            while not stalls.committing(bp, 1):
+                            # Or the SDK's resend reached the broker, and committed, before
+                            # the SIGSTOP (1 run in 14 under load): then the second broker
+                            # answered the leave `forbidden` itself, which it takes for done
+                            # all the same, and there is no third.
+                            while not stalls.committing(bp, 1) and "leave" not in outcome:
                                 await trio.sleep(0.05)
+                            raced = "leave" in outcome
                             await trio.sleep(0.3)
                             bp.proc.send_signal(signal.SIGTERM)
                             await trio.sleep(0.3)
                     finally:
                         bp.proc.send_signal(signal.SIGCONT)
                     assert await trio.to_thread.run_sync(bp.proc.wait, 20) == 0
-                    closed = [e for e in bp.log_events() if e.get("event") == "connection_closed"
-                              and e.get("user") == "shop"]
-                    assert closed and closed[0]["frames_in"] >= 2, closed
-                    assert "leave" not in outcome
+                    if not raced:
+                        closed = [e for e in bp.log_events()
+                                  if e.get("event") == "connection_closed"
+                                  and e.get("user") == "shop"]
+                        assert closed and closed[0]["frames_in"] >= 2, closed
+                        assert "leave" not in outcome
                     # 3. The third answers the leave `forbidden`: shop left with the first.
                     await bp.astart()
         assert outcome.get("leave", "unanswered") is None, outcome
