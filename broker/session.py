@@ -151,6 +151,7 @@ class Session:
         self._reader_scope: trio.CancelScope | None = None
         self._pause_scope: trio.CancelScope | None = None  # the reader's hold (`_holding`)
         self._drain_scope: trio.CancelScope | None = None  # its wait for the writer
+        self._flush_by = math.inf  # the stop's end of every such wait (`begin_shutdown`)
         self._writer_ended = False
         self.opened = time.monotonic()
         self.frames_in = 0
@@ -421,9 +422,11 @@ class Session:
         if self._reader_scope is not None:
             self._reader_scope.cancel()
         self._end_pause()
-        if self._drain_scope is not None:  # the writer has that long to make room
-            self._drain_scope.deadline = min(self._drain_scope.deadline,
-                                             trio.current_time() + FLUSH_ON_CLOSE_S)
+        # The writer has that long to make room, for every wait of the reader from now on
+        # together, not each (a client reading slowly held the stop to --shutdown-grace).
+        self._flush_by = min(self._flush_by, trio.current_time() + FLUSH_ON_CLOSE_S)
+        if self._drain_scope is not None:
+            self._drain_scope.deadline = min(self._drain_scope.deadline, self._flush_by)
 
     async def pause(self, seconds: float) -> None:
         """Hold the reader `seconds` before it hands on the next frame (a `read` past the
@@ -599,18 +602,18 @@ class Session:
         False (and the session ends as a slow consumer) if that takes over --idle-timeout.
 
         Not a cancellation point: a stop, which cancels the reader, lets the writer go on
-        flushing, for FLUSH_ON_CLOSE_S at most, and the frames already read are answered once
-        it did (PROTOCOL.md §6); the session's end, or the writer's, cuts the wait short.
+        flushing, for FLUSH_ON_CLOSE_S from the stop at most (all its waits together), and the
+        frames already read are answered once it did (PROTOCOL.md §6); the session's end, or
+        the writer's, cuts the wait short.
         Until 2026-12-06 the stop cancelled it, and every frame read past 1,024 replies
         queued was left unanswered (1,024 of 3,000 pings read behind --max-inflight-requests)."""
         if self._writer_ended:
             return False  # nobody to flush the queue: nothing more can be answered
-        limit = self.broker.config.idle_timeout_s
+        deadline = trio.current_time() + self.broker.config.idle_timeout_s
         if self._stopped_reading():
-            limit = min(limit, FLUSH_ON_CLOSE_S)
+            deadline = min(deadline, self._flush_by)
         try:
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as (
-                    self._drain_scope):
+            with trio.CancelScope(shield=True, deadline=deadline) as self._drain_scope:
                 while self._queue_full() and not self._closing:
                     self._drained = trio.Event()
                     self._wake.set()

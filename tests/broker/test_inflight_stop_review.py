@@ -133,6 +133,20 @@ async def test_a_stop_at_the_limit_answers_more_frames_read_behind_it_than_a_que
             await raw.aclose()
 
 
+async def pipelined_big_pages(h) -> tuple[RawClient, object]:
+    """A raw client of `h` (tests.harness) that sent 16 messages of 60,000 bytes, then
+    pipelined 300 history pages of all 16 (about 1 MB each); and its session."""
+    raw = await RawClient.connect(h.server, h.token("shop"), "d")
+    for i in range(16):
+        await raw.send(wire.Send(id=i, cid=f"big-{i}", body="x" * 60_000, to="bob"))
+        assert isinstance(await raw.reply(i), wire.Result)
+    [session] = h.broker.hub.sessions("shop")
+    await raw.stream.send_all(b"".join(raw.conn.send(wire.History(
+        id=1000 + i, conv="dm:bob:shop", after=0, limit=16, order="oldest"))
+        for i in range(300)))
+    return raw, session
+
+
 async def test_a_stop_does_not_wait_long_for_a_client_that_reads_nothing(tmp_path):
     """A client pipelines 300 history pages of about 1 MB each and reads nothing: the reader
     waits for the writer, which cannot write, when the broker stops with a --shutdown-grace
@@ -142,14 +156,7 @@ async def test_a_stop_does_not_wait_long_for_a_client_that_reads_nothing(tmp_pat
     async with running_broker(tmp_path / "data", shutdown_grace_s=30.0,
                               idle_timeout_s=60.0) as h:
         with trio.fail_after(60):
-            raw = await RawClient.connect(h.server, h.token("shop"), "d")
-            for i in range(16):
-                await raw.send(wire.Send(id=i, cid=f"big-{i}", body="x" * 60_000, to="bob"))
-                assert isinstance(await raw.reply(i), wire.Result)
-            [session] = h.broker.hub.sessions("shop")
-            await raw.stream.send_all(b"".join(raw.conn.send(wire.History(
-                id=1000 + i, conv="dm:bob:shop", after=0, limit=16, order="oldest"))
-                for i in range(300)))
+            raw, session = await pipelined_big_pages(h)
             while not session._queue_full():  # the reader waits for the writer
                 await trio.sleep(0.01)
             stopping = trio.current_time()
