@@ -630,4 +630,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="a head verify or backup printed, kept apart (repeatable): fail unless "
                          "record LSN has DIGEST (LSN first-1: the first line's prev)")
     ve.add_argument("--max-line-bytes", type=_number(int, 1024), metavar="N",
-                    help="longest line read, in bytes (default 16 MiB); a longer one is a fault")
+                    help="longest line read, in bytes (default 16 MiB); a longer one is not "
+                         "read: exit 2, check again with a larger N")
