@@ -8,7 +8,8 @@
   closes), and nothing else is.
 - Every option of `homing serve` is documented where serve's flags are (OPERATIONS.md, CLI.md's
   "Running and tokens"), with the default the docs state equal to the code's where they state
-  it in a form that reads reliably; the Limits table names no option serve does not take.
+  it in a form that reads reliably; the Limits table names no option serve does not take;
+  the sentence before that table states each flag's range that is not the rule for all.
 - Every subcommand of `homing` (and `group create`, `channel create`) is in docs/CLI.md, with
   every option of the client commands and the defaults of its Conventions table; every
   `homing audit` action is a row of OPERATIONS.md's Auditing table, and nothing else is.
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from broker.cli import build_parser
+from broker.config import MIN_SECONDS
 from broker.errors import CloseReason
 from protocol.errors import ALWAYS_CLOSE, ErrorCode
 
@@ -525,3 +527,56 @@ def test_fixed_limits_as_documented():
     problems += [f"a row for no known constant: {rows[i][0]} {rows[i][2][:60]!r}"
                  for i in range(len(rows)) if i not in matched]
     assert not problems, "docs/OPERATIONS.md Limits, (fixed) rows: " + "; ".join(problems)
+
+
+def _type_range(action: argparse.Action) -> tuple[bool, float, float | None] | None:
+    """(takes fractions, lowest, highest or None) of a flag whose type takes numbers, read from
+    what its type says when it refuses -1; None for a flag of another kind (text, choices)."""
+    if action.type is None or action.choices:
+        return None
+    try:
+        action.type("-1")
+    except argparse.ArgumentTypeError as exc:
+        span = re.search(r"from (\S+) to (\S+),|at least (\S+),", str(exc))
+        assert span, f"{action.option_strings}: unexpected refusal {exc}"
+        lo, hi, least = span.groups()
+        try:
+            action.type("1.5")
+            fractions = True
+        except argparse.ArgumentTypeError:
+            fractions = False
+        return fractions, float(lo or least), None if hi is None else float(hi)
+    raise AssertionError(f"{action.option_strings} takes -1")
+
+
+def test_serve_bounds_as_documented():
+    """OPERATIONS.md's Limits says, before its table, the range of every number a `homing serve`
+    flag takes: a whole number at least 1 and a time or rate at least 0.001, and each flag
+    whose range is other than that is named with its own bounds. The audit of 2026-12-06
+    found `--record-cache` and `--roster-cache-members` (0 or more) under "counts, sizes and
+    limits must be at least 1"."""
+    para = paragraph(section(OPERATIONS, "Limits"), "Every limit is a flag")
+    checked = para.split("The flags themselves are checked", 1)[1].split("Two pairs must", 1)[0]
+    text = " ".join(without_parentheses(checked).split())
+    assert "counts, sizes and limits must be at least 1" in text
+    assert "times and rates at least 0.001" in text
+    clauses = re.split(r"[,;]", text)
+    wrong = []
+    for action in serve_parser()._actions:
+        flag = max(action.option_strings, key=len, default="")
+        found = _type_range(action)
+        if found is None:
+            continue
+        fractions, lo, hi = found
+        # the rule for all ("at least 1", "at least 0.001") need not be said again
+        bounds = [b for b in (None if lo == (MIN_SECONDS if fractions else 1) else lo, hi)
+                  if b is not None]
+        if not bounds:
+            continue
+        stated = [float(n) for clause in clauses if f"`{flag}`" in clause
+                  for n in re.findall(r"\d+(?:\.\d+)?", clause.split(f"`{flag}`", 1)[1])]
+        missing = [b for b in bounds if b not in stated]
+        if missing:
+            wrong.append(f"{flag} takes {lo!r} to {'any' if hi is None else repr(hi)}, and "
+                         f"the docs do not say {', '.join(repr(b) for b in missing)}")
+    assert not wrong, "docs/OPERATIONS.md Limits, the flags' ranges: " + "; ".join(wrong)
