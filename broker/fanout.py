@@ -61,14 +61,12 @@ def on_committed(broker: Broker, commands: list[Any], outcomes: list[Any]) -> No
             for session in hub.sessions(command.user):
                 session.mute_changed(command.conv)
         if effects.inbox_heads:
-            ev = effects.message
-            hub.inbox_advanced(effects.inbox_heads, None if ev is None else Fresh(
-                ev.lsn, ev.data["conv"], effects.seq, ev.user, ev.device, ev.data["body"],
-                ev.data["cid"], ev.ts_us))
+            posted = effects.message  # (lsn, conv, seq, sender, device, body, cid, ts_us)
+            hub.inbox_advanced(effects.inbox_heads, None if posted is None else Fresh(*posted))
             # What the next posts into this group or channel weigh in a batch (broker/
             # weight.py; a direct message's is fixed).
-            if ev is not None and not ev.data["conv"].startswith("dm:"):
-                broker.weights.posted(ev.data["conv"], len(effects.inbox_heads))
+            if posted is not None and not posted[1].startswith("dm:"):
+                broker.weights.posted(posted[1], len(effects.inbox_heads))
         for conv, user, kind, seq in effects.receipts:
             push_receipt(broker, conv, user, kind, seq)
 

@@ -111,12 +111,16 @@ class Effects:
     """What an event changed that the broker must act on (wake deliveries, send receipts)."""
 
     inbox_heads: dict[str, int] = field(default_factory=dict)
+    # (a new message's compiled send leaves both as store.NO_CHANGES, an empty tuple)
     receipts: list[tuple[str, str, str, int]] = field(default_factory=list)
     membership: list[tuple[str, str, str | None]] = field(default_factory=list)
     conv: str | None = None
     seq: int | None = None
     lsn: int = 0
-    message: Event | None = None  # the message.accepted event, so fan-out need not re-read it
+    # The message.accepted event's fields in the order of broker/hub.py's `Fresh` (lsn, conv,
+    # seq, sender, device, body, cid, ts_us): fan-out need not re-read it. A tuple, not the
+    # Event: the commit thread makes it and the event loop frees it, one object a send.
+    message: tuple[int, str, int, str, str, Any, str, int] | None = None
 
     def merge(self, other: Effects) -> None:
         """Fold a later event's effects into these."""
@@ -345,7 +349,7 @@ def _message_accepted(tables: Tables, ev: Event, fx: Effects) -> None:
     except (struct.error, ValueError) as exc:
         raise message_fault(tables, ckey, exc, ev.user.encode()) or exc from None
     fx.conv = conv
-    fx.message = ev
+    fx.message = (ev.lsn, conv, fx.seq, ev.user, ev.device, d["body"], d["cid"], ev.ts_us)
 
 
 def add_message(tables: Tables, ckey: bytes, conv: str, sender: bytes, cid: bytes, lsn: int,

@@ -73,7 +73,7 @@ from storage.projections import (
     message_fault,
 )
 from storage.queries import RECORD_CACHE, Queries, Record, _record
-from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event, lsn_key, pack_u64, u64
+from storage.records import MAX_TS_US, lsn_key, pack_u64, u64
 from storage.rowio import Rows
 from storage.rules import (
     MAX_CID_BYTES,
@@ -148,6 +148,12 @@ def _log_rule_bug(cmd: Command, failed: CommandInternalError) -> None:
               user=getattr(cmd, "user", None), device=getattr(cmd, "device", None),
               conv=getattr(cmd, "conv", None), cid=getattr(cmd, "cid", None),
               error=str(failed), exc_info=failed.__cause__)
+
+
+# A new message's receipts and membership changes: none, in one shared empty tuple where two
+# empty lists were made in the commit thread and freed in the event loop a send. Only the
+# readers of a batch's outcomes see it (they iterate); `apply` appends to Effects it made.
+NO_CHANGES: tuple[()] = ()
 
 
 class _InjectedAbort(Exception):
@@ -432,10 +438,9 @@ class Store(Queries):
                         lsn = tail[0] + 1
                         tail = (lsn, value[:32])
                         records.append((pack_u64(lsn), value))  # (lsn_key, without its call)
-                        ev = Event(lsn, now, MESSAGE_ACCEPTED, user, device,
-                                   {"conv": conv, "cid": cid, "body": body})
-                        fresh[lsn] = (user, device, body, cid, now)  # as _record(ev)
-                        fx = Effects(heads, [], [], conv, seq, lsn, ev)
+                        fresh[lsn] = (user, device, body, cid, now)  # as _record of its event
+                        fx = Effects(heads, NO_CHANGES, NO_CHANGES, conv, seq, lsn,
+                                     (lsn, conv, seq, user, device, body, cid, now))
                         outcomes.append(Outcome({"conv": conv, "seq": seq, "lsn": lsn,
                                                  "cid": cid, "dup": False}, None, fx, lsn))
                         continue

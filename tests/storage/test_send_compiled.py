@@ -117,8 +117,15 @@ class Given(NamedTuple):
 
 
 def outcome_view(outcomes) -> list:
-    return [(o.reply, type(o.error), str(o.error) if o.error else None, o.effects, o.lsn)
-            for o in outcomes]
+    return [(o.reply, type(o.error), str(o.error) if o.error else None, effects_view(o.effects),
+             o.lsn) for o in outcomes]
+
+
+def effects_view(fx) -> tuple:
+    """`fx`'s fields, its receipts and membership changes as lists: the compiled send leaves
+    them as one shared empty tuple (store.NO_CHANGES), the rules as lists of their own."""
+    return (fx.inbox_heads, list(fx.receipts), list(fx.membership), fx.conv, fx.seq, fx.lsn,
+            fx.message)
 
 
 def stored(store: Store) -> tuple[list, list]:
