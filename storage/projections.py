@@ -111,7 +111,9 @@ class Effects:
     """What an event changed that the broker must act on (wake deliveries, send receipts)."""
 
     inbox_heads: dict[str, int] = field(default_factory=dict)
-    # (a new message's compiled send leaves both as store.NO_CHANGES, an empty tuple)
+    # (a new message's compiled send leaves both as store.NO_CHANGES, an empty tuple: an
+    # Effects a batch returned is read, never added to; `merge`, which extended them and had
+    # no caller since 68ddbab, went with it, 2026-12-07)
     receipts: list[tuple[str, str, str, int]] = field(default_factory=list)
     membership: list[tuple[str, str, str | None]] = field(default_factory=list)
     conv: str | None = None
@@ -121,19 +123,6 @@ class Effects:
     # seq, sender, device, body, cid, ts_us): fan-out need not re-read it. A tuple, not the
     # Event: the commit thread makes it and the event loop frees it, one object a send.
     message: tuple[int, str, int, str, str, Any, str, int] | None = None
-
-    def merge(self, other: Effects) -> None:
-        """Fold a later event's effects into these."""
-        self.inbox_heads.update(other.inbox_heads)
-        self.receipts.extend(other.receipts)
-        self.membership.extend(other.membership)
-        if other.conv is not None:
-            self.conv = other.conv
-        if other.seq is not None:
-            self.seq = other.seq
-        if other.message is not None:
-            self.message = other.message
-        self.lsn = max(self.lsn, other.lsn)
 
 
 def key2(a: str, b: str) -> bytes:

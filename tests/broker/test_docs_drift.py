@@ -9,7 +9,8 @@
 - Every option of `homing serve` is documented where serve's flags are (OPERATIONS.md, CLI.md's
   "Running and tokens"), with the default the docs state equal to the code's where they state
   it in a form that reads reliably; the Limits table names no option serve does not take;
-  the sentence before that table states each flag's range that is not the rule for all.
+  the sentence before that table states each flag's range that is not the rule for all, and
+  no number for a flag that is not one of its bounds.
 - Every subcommand of `homing` (and `group create`, `channel create`) is in docs/CLI.md, with
   every option of the client commands and the defaults of its Conventions table; every
   `homing audit` action is a row of OPERATIONS.md's Auditing table, and nothing else is.
@@ -23,6 +24,7 @@ import argparse
 import ast
 import re
 from collections import defaultdict
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -529,33 +531,64 @@ def test_fixed_limits_as_documented():
     assert not problems, "docs/OPERATIONS.md Limits, (fixed) rows: " + "; ".join(problems)
 
 
-def _type_range(action: argparse.Action) -> tuple[bool, float, float | None] | None:
-    """(takes fractions, lowest, highest or None) of a flag whose type takes numbers, read from
-    what its type says when it refuses -1; None for a flag of another kind (text, choices)."""
+# Numbers as the docs and the flags' refusals write them, exactly: as floats, 9223372036854775807
+# and 9223372036854775808 are one number, so a bound off by one in the docs went unseen.
+BOUND = r"\d+(?:\.\d+)?"
+
+
+def _type_range(action: argparse.Action) -> tuple[bool, list[Fraction]] | None:
+    """(takes fractions, its bounds in order) of a flag whose type takes numbers, read from what
+    its type says when it refuses -1 and 0.5 (`--stats-interval`: "0 (none) or at least 1");
+    None for a flag of another kind (text, choices)."""
     if action.type is None or action.choices:
         return None
-    try:
-        action.type("-1")
-    except argparse.ArgumentTypeError as exc:
-        span = re.search(r"from (\S+) to (\S+),|at least (\S+),", str(exc))
-        assert span, f"{action.option_strings}: unexpected refusal {exc}"
-        lo, hi, least = span.groups()
+    bounds: set[Fraction] = set()
+    for probe in ("-1", "0.5"):
         try:
-            action.type("1.5")
-            fractions = True
-        except argparse.ArgumentTypeError:
-            fractions = False
-        return fractions, float(lo or least), None if hi is None else float(hi)
-    raise AssertionError(f"{action.option_strings} takes -1")
+            action.type(probe)
+        except argparse.ArgumentTypeError as exc:
+            said = re.search(r"must be (.+), not ", str(exc))
+            if said is None and probe == "-1":
+                raise AssertionError(f"{action.option_strings}: unexpected refusal {exc}") from None
+            if said is not None:
+                bounds.update(Fraction(n) for n in re.findall(BOUND, said.group(1)))
+        else:
+            assert probe != "-1", f"{action.option_strings} takes -1"
+    assert bounds, f"{action.option_strings}: no bound in its refusal of -1"
+    try:
+        action.type("1.5")
+        fractions = True
+    except argparse.ArgumentTypeError:
+        fractions = False
+    return fractions, sorted(bounds)
+
+
+def _shown(number: Fraction) -> str:
+    return str(number) if number.denominator == 1 else str(float(number))
+
+
+def _said_of(after: str) -> list[str]:
+    """The numbers a clause says of the flag that `after` follows: up to the next flag, or,
+    where none are said before it ("`--record-cache` and `--roster-cache-members` at least 0"),
+    those of the next flag's words."""
+    for words in re.split(r"`--[a-z-]+`", after):
+        if numbers := re.findall(BOUND, words):
+            return numbers
+    return []
 
 
 def test_serve_bounds_as_documented():
     """OPERATIONS.md's Limits says, before its table, the range of every number a `homing serve`
     flag takes: a whole number at least 1 and a time or rate at least 0.001, and each flag
-    whose range is other than that is named with its own bounds. The audit of 2026-12-06
-    found `--record-cache` and `--roster-cache-members` (0 or more) under "counts, sizes and
-    limits must be at least 1"."""
+    whose range is other than that is named with its own bounds, in order, and with no number
+    that is not one of them. The audit of 2026-12-06 found `--record-cache` and
+    `--roster-cache-members` (0 or more) under "counts, sizes and limits must be at least 1";
+    its first form of this test, which read the numbers as floats and checked only that each
+    bound was among those said, passed `--heartbeat` "from 1 to 9223372036854775808",
+    `--stats-interval` "0 (off) or at least 0.5" (or without its "at least 1"), `--port` "65535
+    to 0", and `--shutdown-grace` "from 1 to 3600 s" (the review of dcde6fe)."""
     para = paragraph(section(OPERATIONS, "Limits"), "Every limit is a flag")
+    assert "The flags themselves are checked" in para and "Two pairs must" in para, para[:200]
     checked = para.split("The flags themselves are checked", 1)[1].split("Two pairs must", 1)[0]
     text = " ".join(without_parentheses(checked).split())
     assert "counts, sizes and limits must be at least 1" in text
@@ -567,16 +600,17 @@ def test_serve_bounds_as_documented():
         found = _type_range(action)
         if found is None:
             continue
-        fractions, lo, hi = found
+        fractions, bounds = found
+        rule = Fraction(str(MIN_SECONDS)) if fractions else Fraction(1)
         # the rule for all ("at least 1", "at least 0.001") need not be said again
-        bounds = [b for b in (None if lo == (MIN_SECONDS if fractions else 1) else lo, hi)
-                  if b is not None]
-        if not bounds:
-            continue
-        stated = [float(n) for clause in clauses if f"`{flag}`" in clause
-                  for n in re.findall(r"\d+(?:\.\d+)?", clause.split(f"`{flag}`", 1)[1])]
-        missing = [b for b in bounds if b not in stated]
-        if missing:
-            wrong.append(f"{flag} takes {lo!r} to {'any' if hi is None else repr(hi)}, and "
-                         f"the docs do not say {', '.join(repr(b) for b in missing)}")
+        needed = [b for b in bounds if not (b == bounds[0] == rule)]
+        stated = [Fraction(n) for clause in clauses if f"`{flag}`" in clause
+                  for n in _said_of(clause.split(f"`{flag}`", 1)[1])]
+        span = " or ".join(map(_shown, bounds))
+        if missing := [b for b in needed if b not in stated]:
+            wrong.append(f"{flag} ({span}): the docs do not say {', '.join(map(_shown, missing))}")
+        if other := [n for n in stated if n not in bounds]:
+            wrong.append(f"{flag} ({span}): the docs say {', '.join(map(_shown, other))}")
+        if stated != sorted(stated):
+            wrong.append(f"{flag} ({span}): the docs say its bounds out of order")
     assert not wrong, "docs/OPERATIONS.md Limits, the flags' ranges: " + "; ".join(wrong)
