@@ -266,12 +266,21 @@ def _summary(ev_data: dict[str, Any], width: int = 60) -> str:
     """Return an event's data as `k=v` pairs, cut to `width` characters: each value as the
     JSON of `--json` spells it (null, false, ["a","b"]), bodies quoted, other text bare unless
     it holds a character `isprintable` refuses (a name is any text its creator chose: a line
-    break in it made a row of the table, an escape sequence reached the operator's terminal)."""
+    break in it made a row of the table, an escape sequence reached the operator's terminal).
+    A key is bare unless it holds such a character too; a data that is no map (a record
+    `verify` calls corrupt) is its JSON."""
+    if type(ev_data) is not dict:
+        return _cut(_printable_json(ev_data), width)
     parts = []
     for key, value in ev_data.items():
         bare = type(value) is str and key not in ("body", "body_b64") and value.isprintable()
-        parts.append(f"{key}={value if bare else _printable_json(value)}")
-    line = " ".join(parts)
+        name = key if key.isprintable() else _printable_json(key)
+        parts.append(f"{name}={value if bare else _printable_json(value)}")
+    return _cut(" ".join(parts), width)
+
+
+def _cut(line: str, width: int) -> str:
+    """`line`, cut to `width` characters, the last of a longer one an ellipsis."""
     return line if len(line) <= width else line[: width - 1] + "…"
 
 
@@ -286,9 +295,17 @@ def _printable_json(value: Any) -> str:
 
 
 def _table_row(rec: dict[str, Any], lsn_width: int) -> str:
-    who = f"{rec['actor']}/{rec['device']}"
-    return (f"{rec['lsn']:>{lsn_width}}  {rec['ts']}  {rec['type']:<16}  {who:<24}  "
-            f"{_summary(rec['data'])}")
+    lsn, kind, actor, device = (_cell(rec[k]) for k in ("lsn", "type", "actor", "device"))
+    who = f"{actor}/{device}"
+    return f"{lsn:>{lsn_width}}  {rec['ts']}  {kind:<16}  {who:<24}  {_summary(rec['data'])}"
+
+
+def _cell(value: Any) -> str:
+    """A column's value: text bare while `isprintable`, else (or when no text: a record
+    `verify` calls corrupt) its JSON, as `_summary` spells values."""
+    if type(value) is str and value.isprintable():
+        return value
+    return str(value) if type(value) is int else _printable_json(value)
 
 
 def cmd_log(args: argparse.Namespace) -> int:

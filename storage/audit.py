@@ -11,13 +11,15 @@ the very `apply` the broker runs live. It is therefore safe next to a running br
   `PROGRESS_EVERY` events and once at the end; they never print.
 * JSON shapes (docs/OPERATIONS.md, "Auditing"): "ts" is an ISO-8601 UTC string with microseconds,
   "ts_us" the same instant in microseconds since the Unix epoch; a text body is "body", a binary
-  one "body_b64".
+  one "body_b64"; any other value JSON cannot hold (a record chained on by hand: bytes, an
+  extension type, a map with a key that is not text) a one-key object (`json_value`).
 """
 
 from __future__ import annotations
 
 import base64
 import gc
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -60,24 +62,108 @@ def ts_iso(ts_us: int) -> str:
     return (_EPOCH + timedelta(microseconds=ts_us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
 def body_fields(body: Any) -> dict[str, Any]:
-    """Return a body as JSON fields: text as "body", binary as "body_b64"."""
+    """Return a body as JSON fields: text as "body", binary as "body_b64"; any other value (a
+    record chained on by hand) as "body", in `json_value`'s form."""
     if isinstance(body, bytes):
-        return {"body_b64": base64.b64encode(body).decode("ascii")}
-    return {"body": body}
+        return {"body_b64": _b64(body)}
+    return {"body": json_value(body)}
+
+
+# The one-key objects `json_value` shows a value JSON cannot hold as; a map that would read as
+# one of them is shown as "$map" too, so that each reads one way only.
+JSON_TAGS = frozenset({"$b64", "$ext", "$timestamp", "$float", "$map"})
+_JSON_SCALARS = frozenset({str, int, bool, type(None)})
+_TEXT = frozenset({str})
+_NOT_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def json_value(value: Any) -> Any:
+    """Return a value decoded from a record (msgpack) as JSON holds it, faithfully.
+
+    Text, integers, booleans, null, finite floats, and lists and text-keyed maps of them are
+    themselves (so every record homing writes shows as it always did). Any other value, which
+    only a record chained on by hand holds, is a one-key object naming what it is: binary
+    `{"$b64": BASE64}`, an extension type `{"$ext": [CODE, BASE64]}`, msgpack's timestamp
+    (extension -1) `{"$timestamp": [SECONDS, NANOSECONDS]}`, a float JSON has no number for
+    `{"$float": "NaN"|"Infinity"|"-Infinity"}`, and a map with a key that is not text, or whose
+    one key is one of these names (`JSON_TAGS`), `{"$map": [[KEY, VALUE], ...]}`, keys and
+    values shown the same way. TypeError for a value no msgpack decoding makes.
+    """
+    kind = type(value)  # (loops, not comprehensions: one frame a level, as deep as json goes)
+    if kind in _JSON_SCALARS:
+        return value
+    if kind is dict:
+        if not _text_keyed(value):
+            return _as_map(value)
+        if _JSON_SCALARS.issuperset(map(type, value.values())):
+            return value  # (an ack's convs: shown as it is, as the log holds it)
+        shown = {}
+        for k, v in value.items():
+            shown[k] = json_value(v)
+        return shown
+    if kind is list:
+        if _JSON_SCALARS.issuperset(map(type, value)):
+            return value
+        items = []
+        for v in value:
+            items.append(json_value(v))
+        return items
+    if kind is bytes:
+        return {"$b64": _b64(value)}
+    if kind is float:
+        return value if math.isfinite(value) else {"$float": _NOT_FINITE[repr(value)]}
+    if kind is msgpack.ExtType:
+        return {"$ext": [value.code, _b64(value.data)]}
+    if kind is msgpack.Timestamp:
+        return {"$timestamp": [value.seconds, value.nanoseconds]}
+    raise TypeError(f"no JSON form for a {kind.__name__}")
+
+
+def _as_map(value: dict[Any, Any]) -> dict[str, Any]:
+    """`json_value`'s "$map" form of the map `value`: its pairs, in their order."""
+    pairs = []
+    for k, v in value.items():
+        pairs.append([json_value(k), json_value(v)])
+    return {"$map": pairs}
+
+
+def _text_keyed(value: dict[Any, Any]) -> bool:
+    """Whether `json_value` shows the map `value` as a JSON object (its keys as they are)."""
+    return _TEXT.issuperset(map(type, value)) and (len(value) != 1 or JSON_TAGS.isdisjoint(value))
 
 
 def event_record(ev: Event) -> dict[str, Any]:
     """Return `ev` as the JSON object of `audit log --json` and `audit export`.
 
     `{"lsn", "ts", "ts_us", "type", "actor", "device", "data"}`; `data` holds the event's own
-    fields (docs/DESIGN.md, "Stored events") with a binary body as "body_b64".
+    fields (docs/DESIGN.md, "Stored events") with a binary body as "body_b64", each other
+    value as `json_value` shows it. A data that is no map of text keys, or that holds a
+    "body_b64" of its own (which would read as a binary body), is `json_value`'s "$map".
     """
     data = ev.data
-    if "body" in data:
-        data = {k: v for k, v in data.items() if k != "body"} | body_fields(data["body"])
-    return {"lsn": ev.lsn, "ts": ts_iso(ev.ts_us), "ts_us": ev.ts_us, "type": ev.type,
-            "actor": ev.user, "device": ev.device, "data": data}
+    if type(data) is not dict:  # a record `verify` calls corrupt
+        data = json_value(data)
+    elif "body_b64" in data or not _text_keyed(data):
+        data = _as_map(data)
+    elif "body" in data:
+        data = {k: v for k, v in data.items() if k != "body"}
+        if not _JSON_SCALARS.issuperset(map(type, data.values())):
+            data = {k: json_value(v) for k, v in data.items()}
+        data |= body_fields(ev.data["body"])
+    elif not _JSON_SCALARS.issuperset(map(type, data.values())):
+        data = {k: json_value(v) for k, v in data.items()}
+    rec = {"lsn": ev.lsn, "ts": ts_iso(ev.ts_us), "ts_us": ev.ts_us, "type": ev.type,
+           "actor": ev.user, "device": ev.device, "data": data}
+    if not (type(ev.type) is str and type(ev.user) is str and type(ev.device) is str
+            and type(ev.lsn) is int):  # a record `verify` calls corrupt
+        for key in ("lsn", "type", "actor", "device"):
+            rec[key] = json_value(rec[key])
+    return rec
 
 
 def dm_parties(conv: str) -> tuple[str, ...]:
@@ -105,20 +191,26 @@ class EventFilter:
             return False
         if self.until_us is not None and ev.ts_us > self.until_us:
             return False
-        if self.types and not any(ev.type == t or ev.type.startswith(t + ".")
-                                  for t in self.types):
+        if self.types and not (type(ev.type) is str and any(
+                ev.type == t or ev.type.startswith(t + ".") for t in self.types)):
             return False
-        conv = ev.data.get("conv")
+        data = ev.data if type(ev.data) is dict else {}  # else a record `verify` calls corrupt
+        conv = data.get("conv")
         if self.conv is not None and conv != self.conv:
             return False
-        if self.user is not None and self.user != ev.user and self.user != ev.data.get("user"):
+        if self.user is not None and self.user != ev.user and self.user != data.get("user"):
             return isinstance(conv, str) and self.user in dm_parties(conv)
         return True
 
 
-def _event(lsn: int, value: bytes) -> Event:
-    """The event of record `lsn` (`digest || body`); CorruptLog if its body does not decode,
-    or its time is none a date holds (ts_iso could not print it)."""
+def decode_event(lsn: int, value: bytes) -> Event:
+    """Return the event of log record `lsn`, whose stored value `value` is `digest || body`.
+
+    Raises `CorruptLog` naming `lsn` when the body does not decode into an event's six fields,
+    or its time is none a date holds (`ts_iso` could not print it). Nothing else is checked
+    (not the digest: `verify_head` walks the chain): a record of any other kinds of field is
+    returned as it is, for `event_record` to show.
+    """
     try:
         ev = decode_body(value[32:])
     except Exception as exc:
@@ -127,9 +219,14 @@ def _event(lsn: int, value: bytes) -> Event:
     return ev
 
 
-def _raw(store: Store, from_lsn: int = 1, to_lsn: int | None = None,
-         progress: Progress = None) -> Iterator[tuple[int, bytes]]:
-    """Yield `(lsn, digest || body)` records, calling `progress(done)` now and then."""
+def raw_records(store: Store, from_lsn: int = 1, to_lsn: int | None = None,
+                progress: Progress = None) -> Iterator[tuple[int, bytes]]:
+    """Yield the log's records `(lsn, digest || body)` from `from_lsn` to `to_lsn` (inclusive,
+    None: the end), in LSN order, as `store.log.read_raw` reads them: chunk by chunk, in short
+    read transactions, so safe next to a running broker.
+
+    `progress(done)`, if given, is called every `PROGRESS_EVERY` records and once at the end.
+    """
     done = 0
     for rec in store.log.read_raw(from_lsn, to_lsn):
         yield rec
@@ -144,8 +241,8 @@ def iter_events(store: Store, flt: EventFilter | None = None,
                 progress: Progress = None) -> Iterator[Event]:
     """Yield the logged events passing `flt`, in LSN order, reading chunk by chunk."""
     flt = flt or EventFilter()
-    for lsn, value in _raw(store, flt.from_lsn, flt.to_lsn, progress):
-        ev = _event(lsn, value)
+    for lsn, value in raw_records(store, flt.from_lsn, flt.to_lsn, progress):
+        ev = decode_event(lsn, value)
         if flt.matches(ev):
             yield ev
 
@@ -183,7 +280,7 @@ def verify_head(store: Store, anchor: tuple[int, bytes] | None = None,
 
     def tapped() -> Iterator[tuple[int, bytes]]:
         nonlocal last
-        for lsn, value in _raw(store, 1, None, progress):
+        for lsn, value in raw_records(store, 1, None, progress):
             yield lsn, value
             last = value[:32]  # resumed: verify_records found record `lsn` sound
             if lsn == want and last != digest:
@@ -243,11 +340,12 @@ class Difference:
     replayed: bytes | None
 
     def describe(self) -> dict[str, Any]:
-        """Return the difference as JSON: key and values decoded readably (None = missing)."""
+        """Return the difference as JSON: key and values decoded readably (None = missing), a
+        value JSON cannot hold (a record chained on by hand) as `json_value` shows it."""
         return {"table": self.table, "key": decode_key(self.table, self.key),
                 "key_hex": self.key.hex(),
-                "stored": decode_value(self.table, self.stored),
-                "replayed": decode_value(self.table, self.replayed)}
+                "stored": json_value(decode_value(self.table, self.stored)),
+                "replayed": json_value(decode_value(self.table, self.replayed))}
 
 
 def decode_key(table: str, key: bytes) -> Any:
@@ -366,7 +464,7 @@ def _check_rows(store: Store, progress: Progress) -> tuple[Difference | None, in
 def _entry(store: Store, inbox_seq: int, raw: bytes) -> dict[str, Any]:
     kind, conv, seq, lsn = msgpack.unpackb(raw, raw=False)
     out = {"inbox_seq": inbox_seq, "kind": kind, "conv": conv, "seq": seq, "lsn": lsn}
-    ev = next((_event(n, value) for n, value in store.log.read_raw(lsn, lsn)), None)
+    ev = next((decode_event(n, value) for n, value in store.log.read_raw(lsn, lsn)), None)
     if ev is not None:
         out["from"] = ev.user
         out["ts"] = ts_iso(ev.ts_us)
@@ -434,7 +532,7 @@ class _Found:
 
 def _fields(lsn: int, value: bytes) -> list[Any]:
     """The fields `[lsn, ts_us, type, user, device, data]` of record `lsn` (`digest || body`),
-    checked as `_event` checks them (CorruptLog), without making an Event of them."""
+    checked as `decode_event` checks them (CorruptLog), without making an Event of them."""
     try:
         fields = msgpack.unpackb(value[32:], raw=False)
     except Exception as exc:
@@ -451,7 +549,7 @@ def _find_message(store: Store, match: Callable[[list[Any], int], bool], progres
     each conversation's messages and tracking its members; those of `conv` only, when given."""
     counts: Counter[str] = Counter()
     members: dict[str, set[str]] = {}
-    for lsn, value in _raw(store, 1, None, progress):
+    for lsn, value in raw_records(store, 1, None, progress):
         fields = _fields(lsn, value)
         kind = fields[2]
         if kind == r.MESSAGE_ACCEPTED:
@@ -539,7 +637,7 @@ def _life(store: Store, found: _Found, progress: Progress) -> dict[str, Any]:
     read: dict[str, int] = {}
     members = set(found.members)  # of `conv` as the scan goes: a post marks read a member's
     after = None if progress is None else (lambda done: progress(found.lsn + done))
-    for lsn, value in _raw(store, found.lsn + 1, None, after):
+    for lsn, value in raw_records(store, found.lsn + 1, None, after):
         fields = _fields(lsn, value)
         kind, user = fields[2], fields[3]
         if (kind == r.MEMBER_ADDED or kind == r.MEMBER_REMOVED) and fields[5]["conv"] == conv:
@@ -585,8 +683,8 @@ def stats(store: Store, data_dir: str | None = None, progress: Progress = None) 
     count = log_bytes = 0
     first = last = None
     first_lsn = last_lsn = 0
-    for lsn, value in _raw(store, 1, None, progress):
-        ev = _event(lsn, value)
+    for lsn, value in raw_records(store, 1, None, progress):
+        ev = decode_event(lsn, value)
         count += 1
         log_bytes += 8 + len(value)
         by_type[ev.type] += 1

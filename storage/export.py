@@ -28,7 +28,7 @@ from typing import Any
 
 from msgpack import packb
 
-from storage.audit import Progress, _event, _raw, event_record
+from storage.audit import JSON_TAGS, Progress, decode_event, event_record, raw_records
 from storage.errors import CorruptLog, ExportFault, ExportLineTooLong
 from storage.log import verify_records
 from storage.records import DIGEST_BYTES, GENESIS, Event
@@ -42,8 +42,8 @@ MAX_LINE_BYTES = 16 << 20
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
+_TEXT = frozenset({str})
 _SCALARS = frozenset({str, int, bool, type(None)})
-_VALUES = _SCALARS | {bytes}
 _FIELDS = (("lsn", int), ("ts_us", int), ("type", str), ("actor", str), ("device", str),
            ("data", dict), ("digest", str))
 
@@ -55,9 +55,9 @@ def line(lsn: int, value: bytes, prev: bytes | None = None) -> str:
     """The export line of record `lsn` (`value` = `digest || body`), `prev` the digest before
     it on a file's first line (None on the others), ending in a line break.
 
-    CorruptLog when the body is no event (`audit._event`), as `audit log` says.
+    CorruptLog when the body is no event (`audit.decode_event`), as `audit log` says.
     """
-    ev = _event(lsn, value)
+    ev = decode_event(lsn, value)
     rec = event_record(ev)
     if prev is not None:
         rec["prev"] = prev.hex()
@@ -72,12 +72,19 @@ def line(lsn: int, value: bytes, prev: bytes | None = None) -> str:
 
 def _plain(ev: Event) -> bool:
     """Whether `remake` of `ev`'s line is `encode_body(ev)` (`_packed`), known without parsing
-    the line: the data's values are text, integers, booleans or null, which JSON gives back as
-    they were (and a binary body, which `event_record`'s base64 does), a body is the data's
-    last field (where homing's messages have it, and where `event_record` puts it) and no
-    other field is called `body_b64`. Nearly every record."""
-    data = ev.data  # (a bytes value but the body made `_encode` raise TypeError already)
-    return (_VALUES.issuperset(map(type, data.values())) and "body_b64" not in data
+    the line: the data is a map of text keys (none of `audit.JSON_TAGS`' names) whose values
+    are text, integers, booleans or null, which JSON gives back as they were (and a binary
+    body, which `event_record`'s base64 does), a body is the data's last field (where homing's
+    messages have it, and where `event_record` puts it) and no other field is called
+    `body_b64`. Nearly every record. Another line (an ack's `convs`; one of `json_value`'s
+    one-key objects, which `remake` does not turn back) is made again by parsing it
+    (`_remade`); one that does not make its record carries `record_b64`."""
+    data = ev.data
+    return (type(data) is dict and (_SCALARS.issuperset(map(type, data.values())) or (
+                type(data.get("body")) is bytes
+                and _SCALARS.issuperset(type(v) for k, v in data.items() if k != "body")))
+            and "body_b64" not in data and _TEXT.issuperset(map(type, data))
+            and JSON_TAGS.isdisjoint(data)
             and ("body" not in data or next(reversed(data)) == "body")
             and _SCALARS.issuperset((type(ev.lsn), type(ev.type), type(ev.user),
                                      type(ev.device))))
@@ -111,7 +118,7 @@ def _remade(text: str) -> bytes | None:
 def lines(store: Store, from_lsn: int = 1, progress: Progress = None) -> Iterator[str]:
     """The export lines of the log from `from_lsn` (none when it ends before), streamed."""
     first = True
-    for lsn, value in _raw(store, from_lsn, None, progress):
+    for lsn, value in raw_records(store, from_lsn, None, progress):
         yield line(lsn, value, _digest_before(store, lsn) if first else None)
         first = False
 
