@@ -121,13 +121,14 @@ def _command_done(pending: Any) -> None:
                               conv=getattr(pending.command, "conv", None), exc_info=exc)
         session.reply_error(request_id, code, message)
     else:
+        done = outcome.reply  # read once: a new message's is made where read (`Outcome.reply`)
         if session.log_debug:  # its arguments cost about 0.4 us a command even when filtered
             # the conversation a send `to` a user or a create went to is the reply's
             conv = getattr(pending.command, "conv", None) or (
-                outcome.reply.get("conv") if isinstance(outcome.reply, dict) else None)
+                done.get("conv") if isinstance(done, dict) else None)
             session.log.debug("command_done", command=type(pending.command).__name__,
-                              conv=conv, lsn=outcome.lsn, reply=outcome.reply)
-        if reply is not None and (frame := reply(session, request_id, outcome.reply)) is not None:
+                              conv=conv, lsn=outcome.lsn, reply=done)
+        if reply is not None and (frame := reply(session, request_id, done)) is not None:
             session.reply(frame)
 
 

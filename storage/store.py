@@ -38,6 +38,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
 
@@ -159,45 +160,21 @@ class _InjectedAbort(Exception):
     """Raised by the test-only `_abort_after` hook to abort a batch mid-way."""
 
 
+@dataclass(slots=True)
 class Outcome:
     """The result of one command of a batch: a reply, or the error that failed it alone (a
     DomainError, or CommandInternalError: a bug of its rule)."""
 
-    __slots__ = ("_reply", "effects", "error", "lsn")
-
-    def __init__(self, reply: dict[str, Any] | None,
-                 error: DomainError | CommandInternalError | None,
-                 effects: Effects | None = None, lsn: int = 0) -> None:
-        self._reply = reply
-        self.error = error
-        self.effects = Effects() if effects is None else effects
-        self.lsn = lsn  # LSN of the command's last event, 0 when it appended none
-
-    @property
-    def reply(self) -> dict[str, Any] | None:
-        """The command's reply (None for one refused). A new message of the compiled send's
-        is made here, from its effects, where it is read: in the event loop, which frees it
-        at once, where the commit thread made a dict a send for the event loop to free."""
-        reply = self._reply
-        if reply is NEW_MESSAGE:
-            fx = self.effects
-            return {"conv": fx.conv, "seq": fx.seq, "lsn": fx.lsn, "cid": fx.message[6],
-                    "dup": False}
-        return reply
-
-    def __repr__(self) -> str:
-        return (f"Outcome(reply={self.reply!r}, error={self.error!r}, effects={self.effects!r},"
-                f" lsn={self.lsn!r})")
+    reply: dict[str, Any] | None
+    error: DomainError | CommandInternalError | None
+    effects: Effects = field(default_factory=Effects)
+    lsn: int = 0  # LSN of the command's last event, 0 when it appended none
 
     @property
     def rows(self) -> int:
         """The rows the command wrote as `execute`'s `max_rows` counts them: the inbox entries
         it wrote (the inboxes it moved), one at least (a command refused counts one too)."""
         return len(self.effects.inbox_heads) or 1
-
-
-# The `_reply` of a new message's Outcome from the compiled send: `Outcome.reply` makes it.
-NEW_MESSAGE: Any = object()
 
 
 class Store(Queries):
@@ -464,7 +441,8 @@ class Store(Queries):
                         fresh[lsn] = (user, device, body, cid, now)  # as _record of its event
                         fx = Effects(heads, NO_CHANGES, NO_CHANGES, conv, seq, lsn,
                                      (lsn, conv, seq, user, device, body, cid, now))
-                        outcomes.append(Outcome(NEW_MESSAGE, None, fx, lsn))
+                        outcomes.append(Outcome({"conv": conv, "seq": seq, "lsn": lsn,
+                                                 "cid": cid, "dup": False}, None, fx, lsn))
                         continue
                 written += 1  # (a command refused, or one that appends nothing: one row)
                 try:
