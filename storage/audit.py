@@ -34,7 +34,7 @@ from storage import native
 from storage import records as r
 from storage.errors import CorruptLog
 from storage.fold import fold
-from storage.log import check_time, verify_records
+from storage.log import check_time, data_fault, verify_records
 from storage.memory_tables import MemoryTables, RowsDropped
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
 from storage.records import GENESIS, Event, decode_body, pack_u64, u64
@@ -142,19 +142,26 @@ def event_record(ev: Event) -> dict[str, Any]:
 
     `{"lsn", "ts", "ts_us", "type", "actor", "device", "data"}`; `data` holds the event's own
     fields (docs/DESIGN.md, "Stored events") with a binary body as "body_b64", each other
-    value as `json_value` shows it. A data that is no map of text keys, or that holds a
-    "body_b64" of its own (which would read as a binary body), is `json_value`'s "$map".
-    """
+    value as `json_value` shows it. A data map with a key that is not text, or whose one key
+    is one of `JSON_TAGS`, or that holds a "body_b64" of its own (which would read as a
+    binary body), is `json_value`'s "$map"; a data that is no map (a record `verify` calls
+    corrupt) is `json_value` of it. A text body is moved to the end of `data`, as a binary
+    one is, so two records apart only in where their body sits show alike (`audit export`
+    tells them apart: the line of the one homing did not write carries `record_b64`)."""
     data = ev.data
     if type(data) is not dict:  # a record `verify` calls corrupt
         data = json_value(data)
     elif "body_b64" in data or not _text_keyed(data):
         data = _as_map(data)
     elif "body" in data:
+        body = data["body"]
         data = {k: v for k, v in data.items() if k != "body"}
         if not _JSON_SCALARS.issuperset(map(type, data.values())):
             data = {k: json_value(v) for k, v in data.items()}
-        data |= body_fields(ev.data["body"])
+        if type(body) is bytes:  # (body_fields, inline: every message)
+            data["body_b64"] = _b64(body)
+        else:
+            data["body"] = body if type(body) is str else json_value(body)
     elif not _JSON_SCALARS.issuperset(map(type, data.values())):
         data = {k: json_value(v) for k, v in data.items()}
     rec = {"lsn": ev.lsn, "ts": ts_iso(ev.ts_us), "ts_us": ev.ts_us, "type": ev.type,
@@ -465,11 +472,11 @@ def _entry(store: Store, inbox_seq: int, raw: bytes) -> dict[str, Any]:
     kind, conv, seq, lsn = msgpack.unpackb(raw, raw=False)
     out = {"inbox_seq": inbox_seq, "kind": kind, "conv": conv, "seq": seq, "lsn": lsn}
     ev = next((decode_event(n, value) for n, value in store.log.read_raw(lsn, lsn)), None)
-    if ev is not None:
-        out["from"] = ev.user
+    if ev is not None:  # (a record the replay applied though `verify` fails it: json_value)
+        out["from"] = json_value(ev.user)
         out["ts"] = ts_iso(ev.ts_us)
         if kind == KIND_MSG:
-            out["cid"] = ev.data.get("cid")
+            out["cid"] = json_value(ev.data.get("cid"))
             out |= body_fields(ev.data.get("body"))
     return out
 
@@ -530,9 +537,15 @@ class _Found:
     members: set[str] = field(default_factory=set)
 
 
+# The events `trace` reads the data of, beside messages (`_fields`).
+_TRACED = frozenset({r.MEMBER_ADDED, r.MEMBER_REMOVED, r.DELIVERY_ACKED, r.READ_MARKED})
+
+
 def _fields(lsn: int, value: bytes) -> list[Any]:
     """The fields `[lsn, ts_us, type, user, device, data]` of record `lsn` (`digest || body`),
-    checked as `decode_event` checks them (CorruptLog), without making an Event of them."""
+    checked as `decode_event` checks them (CorruptLog), without making an Event of them; and,
+    as `audit verify` checks them, its type, actor and data of their kinds (`_kinds_fault`),
+    and the data of a message (its conv and cid) and of each event of `_TRACED`."""
     try:
         fields = msgpack.unpackb(value[32:], raw=False)
     except Exception as exc:
@@ -540,7 +553,28 @@ def _fields(lsn: int, value: bytes) -> list[Any]:
     if type(fields) is not list or len(fields) != len(Event.__slots__):
         raise CorruptLog(lsn, "undecodable body: not the fields of an event")
     check_time(lsn, fields[1])
+    _, _, kind, user, device, data = fields
+    _kinds_fault(lsn, kind, user, device, data)
+    if kind == r.MESSAGE_ACCEPTED:
+        if type(data.get("conv")) is str and type(data.get("cid")) is str:
+            return fields  # nearly every record
+    elif kind not in _TRACED:
+        return fields
+    fault = data_fault(kind, data)
+    if fault is not None:
+        raise CorruptLog(lsn, f"{kind} {fault}")
     return fields
+
+
+def _kinds_fault(lsn: int, kind: Any, user: Any, device: Any, data: Any) -> None:
+    """Raise `CorruptLog` at `lsn` unless a record's type, actor (`user`, `device`) and data
+    are of the kinds `audit verify` requires (text, text, text, a map; it fails any other
+    record at its LSN): what `stats` and `trace` count by and read."""
+    if not (type(kind) is str and type(user) is str and type(device) is str
+            and type(data) is dict):
+        raise CorruptLog(lsn, f"a field of the wrong kind: type {type(kind).__name__}, user "
+                         f"{type(user).__name__}, device {type(device).__name__}, data "
+                         f"{type(data).__name__}")
 
 
 def _find_message(store: Store, match: Callable[[list[Any], int], bool], progress: Progress,
@@ -675,7 +709,10 @@ def stats(store: Store, data_dir: str | None = None, progress: Progress = None) 
 
     Shape: `{"events", "by_type": {type: n}, "users", "conversations", "log_bytes",
     "disk_bytes", "first_ts", "last_ts", "first_lsn", "last_lsn"}`. `log_bytes` counts the
-    stored records (8-byte key + digest + body); `disk_bytes` the files of `data_dir`.
+    stored records (8-byte key + digest + body); `disk_bytes` the files of `data_dir`. A user
+    is an actor or a text `data.user`. CorruptLog at a record it cannot count, which `audit
+    verify` fails: its type, actor or data not of their kinds (`_kinds_fault`), a
+    `conv.created` whose conv is no text.
     """
     by_type: Counter[str] = Counter()
     users: set[str] = set()
@@ -685,15 +722,19 @@ def stats(store: Store, data_dir: str | None = None, progress: Progress = None) 
     first_lsn = last_lsn = 0
     for lsn, value in raw_records(store, 1, None, progress):
         ev = decode_event(lsn, value)
+        _kinds_fault(lsn, ev.type, ev.user, ev.device, ev.data)
         count += 1
         log_bytes += 8 + len(value)
         by_type[ev.type] += 1
         users.add(ev.user)
         target = ev.data.get("user")
-        if target is not None:
-            users.add(target)
+        if type(target) is str:  # (another kind, in an event whose user the replay does not
+            users.add(target)    # read, which `verify` passes, is no user)
         if ev.type == r.CONV_CREATED:
-            convs.add(ev.data["conv"])
+            conv = ev.data.get("conv")
+            if type(conv) is not str:
+                raise CorruptLog(lsn, f"{ev.type} {data_fault(ev.type, ev.data)}")
+            convs.add(conv)
         if first is None:
             first, first_lsn = ev.ts_us, lsn
         last, last_lsn = ev.ts_us, lsn

@@ -28,7 +28,7 @@ from typing import Any
 
 from msgpack import packb
 
-from storage.audit import JSON_TAGS, Progress, decode_event, event_record, raw_records
+from storage.audit import Progress, decode_event, event_record, raw_records
 from storage.errors import CorruptLog, ExportFault, ExportLineTooLong
 from storage.log import verify_records
 from storage.records import DIGEST_BYTES, GENESIS, Event
@@ -42,7 +42,6 @@ MAX_LINE_BYTES = 16 << 20
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
-_TEXT = frozenset({str})
 _SCALARS = frozenset({str, int, bool, type(None)})
 _FIELDS = (("lsn", int), ("ts_us", int), ("type", str), ("actor", str), ("device", str),
            ("data", dict), ("digest", str))
@@ -64,27 +63,25 @@ def line(lsn: int, value: bytes, prev: bytes | None = None) -> str:
     rec["digest"] = value[:DIGEST_BYTES].hex()
     text = _encode(rec)
     body = value[DIGEST_BYTES:]
-    if (_packed(ev) if _plain(ev) else _remade(text)) != body:
+    if (_packed(ev) if _plain(ev, rec) else _remade(text)) != body:
         rec["record_b64"] = base64.b64encode(body).decode("ascii")
         text = _encode(rec)
     return text + "\n"
 
 
-def _plain(ev: Event) -> bool:
+def _plain(ev: Event, shown: dict[str, Any]) -> bool:
     """Whether `remake` of `ev`'s line is `encode_body(ev)` (`_packed`), known without parsing
-    the line: the data is a map of text keys (none of `audit.JSON_TAGS`' names) whose values
-    are text, integers, booleans or null, which JSON gives back as they were (and a binary
-    body, which `event_record`'s base64 does), a body is the data's last field (where homing's
-    messages have it, and where `event_record` puts it) and no other field is called
-    `body_b64`. Nearly every record. Another line (an ack's `convs`; one of `json_value`'s
-    one-key objects, which `remake` does not turn back) is made again by parsing it
-    (`_remade`); one that does not make its record carries `record_b64`."""
+    the line, from `shown`, `ev`'s `event_record`: its data is a map whose values it shows as
+    text, integers, booleans or null, which JSON gives back as they were (so the record's data
+    is a map of text keys with no `body_b64` of its own and no value JSON cannot hold, each
+    of which `event_record` shows otherwise; its binary body is `body_b64`, which `remake`
+    turns back), a body is the data's last field (where homing's messages have it, and where
+    `event_record` puts it), and its lsn, type and actor are such values too. Nearly every
+    record. Another line (an ack's `convs`; one of `json_value`'s one-key objects, which
+    `remake` does not turn back) is made again by parsing it (`_remade`); one that does not
+    make its record carries `record_b64`."""
     data = ev.data
-    return (type(data) is dict and (_SCALARS.issuperset(map(type, data.values())) or (
-                type(data.get("body")) is bytes
-                and _SCALARS.issuperset(type(v) for k, v in data.items() if k != "body")))
-            and "body_b64" not in data and _TEXT.issuperset(map(type, data))
-            and JSON_TAGS.isdisjoint(data)
+    return (type(data) is dict and _SCALARS.issuperset(map(type, shown["data"].values()))
             and ("body" not in data or next(reversed(data)) == "body")
             and _SCALARS.issuperset((type(ev.lsn), type(ev.type), type(ev.user),
                                      type(ev.device))))

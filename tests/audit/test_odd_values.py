@@ -236,3 +236,79 @@ def test_any_value_of_a_hand_chained_record_shows_faithfully_and_its_line_verifi
     with pytest.raises(ExportFault) as caught:
         export.check_lines([rows[0], rows[1][:at] + bytes([byte]) + rows[1][at + 1:]])
     assert caught.value.line == 2, caught.value
+
+
+# ---------------------------------------------------------------- stats, trace, inbox
+
+
+def test_stats_counts_a_record_verify_passes_whose_data_has_a_user_that_is_no_text(tmp_path):
+    """A mark with a `user` of its own in its data (which the replay does not read: `verify`
+    passes its log) that is a map, a list or binary: `audit stats` ended in a TypeError
+    traceback (unhashable); a user is text, so the others are not users, and the log counts."""
+    data = tmp_path / "data"
+    first = make_data(data, 1) + 1
+    odd = [(TS, "read.marked", "alice", "d", {"conv": CONV, "upto": 1, "user": user})
+           for user in ({"a": 1}, [1], b"carol", "dave")]
+    sealed, _ = seal(odd, first, GENESIS)
+    _forge(data, [value[32:] for _, value, _ in sealed])
+    verify = run("audit", "verify", "--data", str(data))
+    assert json.loads(verify.stdout)["log"] == {"ok": True}, verify.stdout
+    stats = run("audit", "stats", "--json", "--data", str(data))
+    assert stats.returncode == 0 and "Traceback" not in stats.stderr, stats.stderr[-2000:]
+    result = json.loads(stats.stdout)
+    assert (result["events"], result["users"]) == (first + 3, 3), result  # bob, alice, dave
+
+
+@pytest.mark.parametrize(("kind", "user", "device", "data", "refused_by"), [
+    (b"read.marked", "alice", "d", {"conv": CONV, "upto": 1}, "stats trace"),
+    (["read.marked"], "alice", "d", {"conv": CONV, "upto": 1}, "stats trace"),
+    ("read.marked", "alice", "d", [CONV, 1], "stats trace"),
+    ("read.marked", "alice", "d", None, "stats trace"),
+    ("message.accepted", b"bob", "d", {"conv": CONV, "cid": "odd", "body": "hi"}, "stats trace"),
+    ("read.marked", "alice", "d", {"conv": CONV, "upto": "all"}, "trace"),
+    ("message.accepted", "bob", "d", {"conv": CONV.encode(), "cid": "odd", "body": "hi"},
+     "trace"),
+    ("member.added", "alice", "d", {"conv": CONV, "user": ["carol"], "role": "member"}, "trace"),
+    ("conv.created", "alice", "d", {"conv": ["grp:1"], "kind": "group"}, "stats"),
+], ids=["binary-type", "list-type", "list-data", "no-data", "binary-sender", "text-upto",
+        "binary-conv", "list-member", "list-conv"])
+def test_stats_and_trace_name_a_record_verify_fails_at_its_lsn(tmp_path, kind, user, device,
+                                                                 data, refused_by):
+    """A record chained on by hand whose type, actor or data is not of its kind (`verify` fails
+    it at its LSN): `audit stats` and `audit trace` ended in a Python traceback (or `trace`
+    in `not_found` naming a missing key). Each ends with `corrupt_log` at its LSN, exit 1, as
+    for a record that does not decode, where it counts or reads the field at fault (`stats`
+    the type, actor, data and a created conversation; `trace` those and the data of messages,
+    membership changes, acks and read marks), and otherwise goes on."""
+    data_dir = tmp_path / "data"
+    first = make_data(data_dir, 1) + 1
+    sealed, _ = seal([(TS, kind, user, device, data)], first, GENESIS)
+    _forge(data_dir, [value[32:] for _, value, _ in sealed])
+    verify = run("audit", "verify", "--data", str(data_dir))
+    assert_one_json_error(verify, 1, "corrupt_log")
+    assert json.loads(verify.stdout)["log"]["lsn"] == first
+    for args in (["stats"], ["stats", "--json"], ["trace", "--json", "--conv", CONV, "--seq", "1"],
+                 ["trace", "--conv", CONV, "--seq", "2"],
+                 ["trace", "--json", "--cid", "odd", "--from", "bob"]):
+        proc = run("audit", *args, "--data", str(data_dir))
+        if args[0] not in refused_by.split():
+            assert "Traceback" not in proc.stderr and proc.returncode in (0, 1), proc.stderr
+            continue
+        assert_one_json_error(proc, 1, "corrupt_log")
+        assert f"lsn {first}:" in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
+
+
+def test_inbox_shows_a_binary_cid_the_replay_applies(tmp_path):
+    """A message chained on by hand whose cid is binary (`verify` fails it; the replay, which
+    reads ids as bytes, applies it into alice's inbox): `audit inbox --json` ended in a
+    TypeError traceback; its entry shows the cid as `json_value` does."""
+    data = tmp_path / "data"
+    first = make_data(data, 1) + 1
+    sealed, _ = seal([(TS, "message.accepted", "bob", "d",
+                       {"conv": CONV, "cid": b"\xffodd", "body": "hi"})], first, GENESIS)
+    _forge(data, [value[32:] for _, value, _ in sealed])
+    inbox = run("audit", "inbox", "--json", "--user", "alice", "--data", str(data))
+    assert inbox.returncode == 0 and "Traceback" not in inbox.stderr, inbox.stderr[-2000:]
+    entry = json.loads(inbox.stdout)["inbox"][-1]
+    assert (entry["lsn"], entry["cid"], entry["from"], entry["body"]) == (
+        first, {"$b64": "/29kZA=="}, "bob", "hi"), entry
