@@ -295,7 +295,11 @@ def _printable_json(value: Any) -> str:
 
 
 def _table_row(rec: dict[str, Any], lsn_width: int) -> str:
-    lsn, kind, actor, device = (_cell(rec[k]) for k in ("lsn", "type", "actor", "device"))
+    lsn, kind, actor, device = rec["lsn"], rec["type"], rec["actor"], rec["device"]
+    if not (type(lsn) is int and type(kind) is str and type(actor) is str
+            and type(device) is str and kind.isprintable() and actor.isprintable()
+            and device.isprintable()):  # (else every record homing writes: as they are)
+        lsn, kind, actor, device = map(_cell, (lsn, kind, actor, device))
     who = f"{actor}/{device}"
     return f"{lsn:>{lsn_width}}  {rec['ts']}  {kind:<16}  {who:<24}  {_summary(rec['data'])}"
 
@@ -533,11 +537,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
     if args.json:
         emit(result)
         return 0
-    out = [f"message {result['conv']} #{result['seq']} from {result['from']} "
+    # (ids as `log`'s table spells them: a record chained on by hand may name any text)
+    out = [f"message {_cell(result['conv'])} #{result['seq']} from {_cell(result['from'])} "
            f"at {result['ts']} (lsn {result['lsn']})"]
     for user, r in result["recipients"].items():
-        out.append(f"  {user}: delivered {r['delivered'] or '-'}  read {r['read'] or '-'}")
-        out.extend(f"      device {dev}: {ts}" for dev, ts in r["devices"].items())
+        out.append(f"  {_cell(user)}: delivered {r['delivered'] or '-'}  "
+                   f"read {r['read'] or '-'}")
+        out.extend(f"      device {_cell(dev)}: {ts}" for dev, ts in r["devices"].items())
     if not result["recipients"]:
         out.append("  (no recipients)")
     sys.stdout.write("\n".join(out) + "\n")
@@ -552,17 +558,26 @@ def cmd_inbox(args: argparse.Namespace) -> int:
     if args.json:
         emit(result)
         return 0
-    out = [f"inbox of {result['user']} at lsn {result['lsn']} ({result['ts'] or 'empty log'}): "
-           f"{len(result['inbox'])} entries, head {result['inbox_head']}"]
-    for e in result["inbox"]:
-        body = e.get("body", e.get("body_b64", ""))
-        out.append(f"  {e['inbox_seq']:>6}  {e['kind']:<7}  {e['conv']}#{e['seq']}  "
-                   f"lsn {e['lsn']}  from {e.get('from', '?')}  {body if body else ''}".rstrip())
-    out.append("unread: " + (", ".join(f"{c}={n}" for c, n in result["unread"].items()) or "-"))
-    out.append("devices: " + (", ".join(f"{d}@{n}" for d, n in result["delivered"].items())
-                              or "-"))
+    out = [f"inbox of {_cell(result['user'])} at lsn {result['lsn']} "
+           f"({result['ts'] or 'empty log'}): {len(result['inbox'])} entries, "
+           f"head {result['inbox_head']}"]
+    out.extend(map(_inbox_row, result["inbox"]))
+    out.append("unread: " + (", ".join(f"{_cell(c)}={n}" for c, n in result["unread"].items())
+                             or "-"))
+    out.append("devices: " + (", ".join(f"{_cell(d)}@{n}"
+                                        for d, n in result["delivered"].items()) or "-"))
     sys.stdout.write("\n".join(out) + "\n")
     return 0
+
+
+def _inbox_row(e: dict[str, Any]) -> str:
+    """An inbox entry's row of the `inbox` table: its ids as `_cell` spells them, its body as
+    `log`'s table does (`body="..."` or `body_b64="..."`, quoted, each unprintable character
+    escaped, whole): any sender chooses a body, and one holding a line break or an escape
+    sequence made rows of its own or reached the operator's terminal."""
+    body = _summary({k: e[k] for k in ("body", "body_b64") if k in e}, sys.maxsize)
+    return (f"  {e['inbox_seq']:>6}  {_cell(e['kind']):<7}  {_cell(e['conv'])}#{e['seq']}  "
+            f"lsn {e['lsn']}  from {_cell(e.get('from', '?'))}  {body}").rstrip()
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -578,7 +593,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
            f"conversations {result['conversations']:,}",
            f"log bytes     {result['log_bytes']:,}",
            f"disk bytes    {result['disk_bytes']:,}"]
-    out += [f"  {t:<16} {n:,}" for t, n in result["by_type"].items()]
+    # (a type of no event, which `verify` fails, is counted too: spelt as `log`'s table does)
+    out += [f"  {_cell(t):<16} {n:,}" for t, n in result["by_type"].items()]
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 
