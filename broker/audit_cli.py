@@ -265,16 +265,19 @@ def readonly_store(args: argparse.Namespace) -> Iterator[Store]:
 def _summary(ev_data: dict[str, Any], width: int = 60) -> str:
     """Return an event's data as `k=v` pairs, cut to `width` characters: each value as the
     JSON of `--json` spells it (null, false, ["a","b"]), bodies quoted, other text bare unless
-    it holds a character `isprintable` refuses (a name is any text its creator chose: a line
-    break in it made a row of the table, an escape sequence reached the operator's terminal).
-    A key is bare unless it holds such a character too; a data that is no map (a record
-    `verify` calls corrupt) is its JSON."""
+    `_bare` refuses it (a name is any text its creator chose: a line break in it made a row of
+    the table, an escape sequence reached the operator's terminal, a `"` first or an `=` made
+    it read as another value or as a pair of its own). A key is bare on the same terms; a data
+    that is no map (a record `verify` calls corrupt) is its JSON."""
     if type(ev_data) is not dict:
         return _cut(_printable_json(ev_data), width)
     parts = []
     for key, value in ev_data.items():
-        bare = type(value) is str and key not in ("body", "body_b64") and value.isprintable()
-        name = key if key.isprintable() else _printable_json(key)
+        # (`_bare`, inline: the call cost 0.1 us a value, a key, a row of the table)
+        bare = (type(value) is str and key not in ("body", "body_b64") and value.isprintable()
+                and "=" not in value and value[:1] != '"')
+        name = (key if key.isprintable() and "=" not in key and key[:1] != '"'
+                else _printable_json(key))
         parts.append(f"{name}={value if bare else _printable_json(value)}")
     return _cut(" ".join(parts), width)
 
@@ -297,17 +300,26 @@ def _printable_json(value: Any) -> str:
 def _table_row(rec: dict[str, Any], lsn_width: int) -> str:
     lsn, kind, actor, device = rec["lsn"], rec["type"], rec["actor"], rec["device"]
     if not (type(lsn) is int and type(kind) is str and type(actor) is str
-            and type(device) is str and kind.isprintable() and actor.isprintable()
-            and device.isprintable()):  # (else every record homing writes: as they are)
+            and type(device) is str and (text := kind + actor + device).isprintable()
+            and '"' not in text and "=" not in text):  # (else `_cell`'s: every record homing
+        # writes, its ids and types of `ID_RE`'s letters, is printed as it is)
         lsn, kind, actor, device = map(_cell, (lsn, kind, actor, device))
     who = f"{actor}/{device}"
     return f"{lsn:>{lsn_width}}  {rec['ts']}  {kind:<16}  {who:<24}  {_summary(rec['data'])}"
 
 
+def _bare(text: str) -> bool:
+    """Whether text is spelt bare: printable, not starting with `"` (the quoted spelling of
+    other text: the printable `"\\u001b"` and an escape were one cell), without `=` (a cid
+    `x body="..."` made a pair of its own in `log`'s DATA, a conv `a=1, b` two unread counts
+    in `inbox`). Else `_printable_json` spells it, so a cell spells one text."""
+    return text.isprintable() and text[:1] != '"' and "=" not in text
+
+
 def _cell(value: Any) -> str:
-    """A column's value: text bare while `isprintable`, else (or when no text: a record
-    `verify` calls corrupt) its JSON, as `_summary` spells values."""
-    if type(value) is str and value.isprintable():
+    """A column's value: text bare while `_bare`, else (or when no text: a record `verify`
+    calls corrupt) its JSON, as `_summary` spells values."""
+    if type(value) is str and _bare(value):
         return value
     return str(value) if type(value) is int else _printable_json(value)
 

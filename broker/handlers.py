@@ -121,7 +121,7 @@ def _command_done(pending: Any) -> None:
                               conv=getattr(pending.command, "conv", None), exc_info=exc)
         session.reply_error(request_id, code, message)
     else:
-        done = outcome.reply  # read once: a new message's is made where read (`Outcome.reply`)
+        done = outcome.reply
         if session.log_debug:  # its arguments cost about 0.4 us a command even when filtered
             # the conversation a send `to` a user or a create went to is the reply's
             conv = getattr(pending.command, "conv", None) or (

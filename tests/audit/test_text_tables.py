@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from broker.cli import main
 from storage.commands import SendMessage
@@ -148,3 +150,57 @@ def test_log_table_escapes_the_same_text(evil_data, capsys):
     status, out, err = _homing(capsys, "audit", "log", "--data", str(evil_data))
     assert status == 0, err
     assert len(_rows(out)) == 1 + _last_lsn(evil_data), out
+
+
+# ------------------------------------------------ review of 8109eaa: one spelling a value
+
+# Text a sender chooses through the broker (a cid: any text without NUL) that a bare spelling
+# made look like another value, or like a pair of its own in `log`'s DATA column.
+LOOKALIKE = '"\\u001b[2J"'  # printable: a quote, a backslash, ... spelt as "\x1b[2J" is
+FORGED_PAIR = 'x body="I agree"'  # a `body=` of its own before the message's body
+
+
+def _spelt(cell: str) -> str:
+    """The value a cell spells: JSON when it starts with a quote, else the text as it is."""
+    return json.loads(cell) if cell.startswith('"') else cell
+
+
+def test_log_table_tells_a_cid_from_the_escaped_spelling_of_another(tmp_path, capsys):
+    """Two messages whose cids differ (one the printable text `"\\u001b[2J"`, the other an
+    escape sequence) printed the same DATA in `audit log`'s table, and a cid holding
+    `body="..."` showed a body of its own before the message's: text starting with a quote
+    or holding `=` is quoted now, as unprintable text is, so each row spells one value."""
+    data = tmp_path / "data"
+    make_data(data, 1)
+    store = Store.open(str(data))
+    try:
+        store.execute([SendMessage("bob", "d", "user", LOOKALIKE, "same", to="alice"),
+                       SendMessage("bob", "d", "user", "\x1b[2J", "same", to="alice"),
+                       SendMessage("bob", "d", "user", FORGED_PAIR, "real", to="alice")])
+    finally:
+        store.close()
+    status, out, err = _homing(capsys, "audit", "log", "--type", "message", "--data",
+                               str(data))
+    assert status == 0, err
+    rows = _rows(out)[-3:]
+    datas = [row.split("  ")[-1].strip() for row in rows]
+    assert datas[0] != datas[1], datas
+    assert datas[0] == f"conv=dm:alice:bob cid={json.dumps(LOOKALIKE)} body=\"same\"", datas
+    assert datas[2] == 'conv=dm:alice:bob cid="x body=\\"I agree\\"" body="real"', datas
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.characters(codec=None), max_size=12)
+       | st.sampled_from(['"', '"a"', "a=b", "=", '"\\u0041"', "\u2028", "\u0085", "\u00a0",
+                          "\u200b", "\u202e", "\ufeff", "\ud800", "null", " ", "a b"]))
+def test_a_cell_spells_one_text_and_the_fast_row_agrees(text):
+    """`_cell` is one to one on text (the bare spelling never starts with a quote nor holds
+    `=`, the quoted one is JSON), never unprintable, and `log`'s row takes the same spelling
+    whether its fast path or `_cell` spells the columns; DATA's keys and values (inline) too."""
+    from broker.audit_cli import _cell, _summary, _table_row
+    cell = _cell(text)
+    assert cell.isprintable() and (cell.startswith('"') or "=" not in cell), (text, cell)
+    assert _spelt(cell) == text, (text, cell)
+    rec = {"lsn": 7, "ts": "t", "type": text, "actor": text, "device": text, "data": {}}
+    assert _table_row(rec, 3) == (f"  7  t  {cell:<16}  {cell + '/' + cell:<24}  ")
+    assert _summary({"name": text, text: 1}, 1000) == f"name={cell} {cell}=1" or text == "name"
