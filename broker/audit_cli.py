@@ -177,6 +177,28 @@ def quiet_logs() -> Iterator[None]:
         structlog.configure(**saved)
 
 
+# msgpack decodes values nested up to 1,024 deep (deeper: StackError, a record `verify` fails),
+# and a record chained on by hand may hold one that deep. Showing it takes up to two Python
+# frames a level (`audit.json_value` and its "$map" form) and `json`'s encoder and decoder one
+# more each: within Python's default limit of 1,000 such a record ended `log`, `export` and
+# `verify-export` in a RecursionError. The actions run with this much more room (a few hundred
+# kilobytes of the C stack at most: json's C encoder and decoder take a few hundred bytes a
+# level, and Python's own calls none).
+NESTING_FRAMES = 4 * 1024
+
+
+@contextmanager
+def room_for_nesting() -> Iterator[None]:
+    """Raise the interpreter's recursion limit by NESTING_FRAMES for the block; restored after
+    (tests call `main` in-process)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit + NESTING_FRAMES)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 def _as_warning(logger: object, method: str, event: dict[str, Any]) -> dict[str, Any]:
     """A storage warning met by an audit action or `homing backup` (`unclean_stop_found` when
     `audit rebuild` opens a directory whose broker was killed, `storage_stale_readers_cleared`)
@@ -203,7 +225,7 @@ def quietly(func):
     def run(args: argparse.Namespace) -> int:
         _import_storage()
         try:
-            with quiet_logs():
+            with quiet_logs(), room_for_nesting():
                 return func(args)
         except CorruptLog as exc:
             raise CliError(EXIT_FAULT, "corrupt_log", f"{exc} (`homing audit verify` "

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from broker.audit_cli import room_for_nesting
 from broker.cli import main
 from storage import audit, export
 from storage.errors import ExportFault
@@ -236,6 +237,55 @@ def test_any_value_of_a_hand_chained_record_shows_faithfully_and_its_line_verifi
     with pytest.raises(ExportFault) as caught:
         export.check_lines([rows[0], rows[1][:at] + bytes([byte]) + rows[1][at + 1:]])
     assert caught.value.line == 2, caught.value
+
+
+def _nested(depth: int, key: bytes | None) -> Any:
+    """1 inside `depth` lists, or maps of the one binary `key` (shown in their "$map" form)."""
+    value: Any = 1
+    for _ in range(depth):
+        value = [value] if key is None else {key: value}
+    return value
+
+
+def test_values_as_deep_as_msgpack_decodes_are_shown_and_exported(tmp_path, capsys):
+    """A record holds values nested as deep as msgpack decodes (1,024 containers, the record's
+    list and its data's map among them: `verify` passes it), a list and a map keyed by bytes:
+    `log --json`, the table and `export` show them, and the export verifies. Within Python's
+    default recursion limit they ended in a RecursionError (`room_for_nesting`)."""
+    data = tmp_path / "data"
+    first = make_data(data) + 1
+    deepest = 1024 - 2  # below the record's list and its data's map
+    events = [(TS, "read.marked", "alice", "d", {"conv": CONV, "upto": 1, "deep": value})
+              for value in (_nested(deepest, None), _nested(deepest, b"k"))]
+    sealed, _ = seal(events, first, GENESIS)
+    _forge(data, [value[32:] for _, value, _ in sealed])
+    with pytest.raises(msgpack.StackError):  # (one container more: no record holds it)
+        msgpack.unpackb(b"\x91" * 1025 + b"\x01")
+    status, out, err = _homing(capsys, "audit", "log", "--json", "--from-lsn", str(first),
+                               "--data", str(data))
+    assert status == 0, err
+    with room_for_nesting():
+        rows = [json.loads(r) for r in out.splitlines()]
+    shown = rows[0]["data"]["deep"]
+    for _ in range(deepest):
+        assert type(shown) is list and len(shown) == 1
+        shown = shown[0]
+    assert shown == 1
+    shown = rows[1]["data"]["deep"]
+    for _ in range(deepest):
+        assert list(shown) == ["$map"] and shown["$map"][0][0] == {"$b64": "aw=="}
+        shown = shown["$map"][0][1]
+    assert shown == 1
+    status, out, err = _homing(capsys, "audit", "log", "--data", str(data))
+    assert status == 0 and out.count("deep=") == 2, err
+    status, out, err = _homing(capsys, "audit", "export", "--data", str(data))
+    assert status == 0, err
+    f = tmp_path / "export.jsonl"
+    f.write_text(out)
+    status, report, err = _homing(capsys, "audit", "verify-export", str(f))
+    assert status == 0 and json.loads(report)["ok"], (report, err)
+    verify = run("audit", "verify", "--data", str(data))
+    assert json.loads(verify.stdout)["log"] == {"ok": True}, verify.stdout
 
 
 # ---------------------------------------------------------------- stats, trace, inbox
