@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -442,15 +443,10 @@ def test_the_examples_of_client_md_run_as_written(broker):
     printed by the worker as it takes them."""
     web, worker, service = _examples()
     port = free_port()
-    children = []
+    children: list[subprocess.Popen] = []
 
     def run(code: str, user: str, role: str = "user") -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": str(port),
-               "HOMING_SERVER": broker.server, "HOMING_TOKEN": broker.token(user, role)}
-        child = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        children.append(child)
-        return child
+        return _run_example(code, broker, user, role, port, children)
 
     try:
         taker = run(worker, "member-42")
@@ -472,6 +468,55 @@ def test_the_examples_of_client_md_run_as_written(broker):
         for child in children:
             child.kill()
             child.communicate()
+
+
+def _run_example(code: str, bp: BrokerProcess, user: str, role: str, port: int,
+                 children: list[subprocess.Popen]) -> subprocess.Popen:
+    """`code` run in a child process as the guide says, HOMING_SERVER, HOMING_TOKEN (of
+    `user` as `role`) and PORT set; added to `children`, which the caller kills."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": str(port),
+           "HOMING_SERVER": bp.server, "HOMING_TOKEN": bp.token(user, role)}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    children.append(child)
+    return child
+
+
+# Run before an example: `connect` without a `reconnect_timeout` of its own gives up after 1 s,
+# not the default 30, so that a test's outage of 2 s stands for one longer than the default.
+SHORT_DEFAULT = textwrap.dedent("""\
+    import broker.client_blocking as _blocking
+    _connect = _blocking.connect
+    def _connect_short(*args, **options):
+        options.setdefault("reconnect_timeout", 1.0)
+        return _connect(*args, **options)
+    _blocking.connect = _connect_short
+""")
+
+
+def test_the_web_handler_of_client_md_answers_again_after_a_long_outage(tmp_path):
+    """The guide's web handler, its broker SIGKILLed for longer than the client's
+    reconnect_timeout and started again on the same data directory, answers the next request
+    200 (it used to answer 503 for every request from then on: its one client had given up
+    for good, though the broker was back)."""
+    web = _examples()[0]
+    port, children = free_port(), []
+    with BrokerProcess(tmp_path / "data") as bp:
+        try:
+            handler = _run_example(SHORT_DEFAULT + web, bp, "shop", "service", port, children)
+            url = f"http://127.0.0.1:{port}/returned?hold=%d&member=member-42"
+            assert wait_until_sync(lambda: _can_connect(port))
+            assert _post(url % 1) == {"conv": "dm:member-42:shop", "seq": 1, "dup": False}
+            bp.kill()
+            time.sleep(2.0)  # past the 1 s: a client that gives up has given up
+            bp.start()
+            assert _post(url % 2) == {"conv": "dm:member-42:shop", "seq": 2, "dup": False}
+            assert _post(url % 1) == {"conv": "dm:member-42:shop", "seq": 1, "dup": True}
+            assert handler.poll() is None
+        finally:
+            for child in children:
+                child.kill()
+                child.communicate()
 
 
 def _can_connect(port: int) -> bool:

@@ -14,6 +14,10 @@
 - Every subcommand of `homing` (and `group create`, `channel create`) is in docs/CLI.md, with
   every option of the client commands and the defaults of its Conventions table; every
   `homing audit` action is a row of OPERATIONS.md's Auditing table, and nothing else is.
+- Every public method of the SDK's `Client` is a row of docs/CLIENT.md's Methods table (but
+  `aclose`, which "Cancellation and closing" tells of), with its parameters as the code has
+  them; `open_client`'s are those "Connecting" spells out, with the same defaults; the
+  blocking client's request methods are the ones its section lists.
 
 Nothing here starts a broker: it reads the sources, the docs and the argparse parser.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import re
 from collections import defaultdict
 from fractions import Fraction
@@ -30,6 +35,8 @@ from pathlib import Path
 import pytest
 
 from broker.cli import build_parser
+from broker.client import Client, open_client
+from broker.client_blocking import BlockingClient
 from broker.config import MIN_SECONDS
 from broker.errors import CloseReason
 from protocol.errors import ALWAYS_CLOSE, ErrorCode
@@ -38,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
 PROTOCOL = ROOT / "docs" / "PROTOCOL.md"
 CLI = ROOT / "docs" / "CLI.md"
+CLIENT = ROOT / "docs" / "CLIENT.md"
 LOGGING_PACKAGES = ("broker", "storage")  # bench/ and tests/ log nothing of the broker's
 
 LEVELS = {"debug": "debug", "info": "info", "warning": "warning", "warn": "warning",
@@ -614,3 +622,55 @@ def test_serve_bounds_as_documented():
         if stated != sorted(stated):
             wrong.append(f"{flag} ({span}): the docs say its bounds out of order")
     assert not wrong, "docs/OPERATIONS.md Limits, the flags' ranges: " + "; ".join(wrong)
+
+
+def _parameters(fn) -> str:
+    """`fn`'s parameters as the guide spells them: no `self`, no annotations, double quotes."""
+    sig = inspect.signature(fn)
+    params = [p.replace(annotation=inspect.Parameter.empty)
+              for name, p in sig.parameters.items() if name != "self"]
+    shown = sig.replace(parameters=params, return_annotation=inspect.Signature.empty)
+    return str(shown)[1:-1].replace("'", '"')
+
+
+def test_client_md_methods_table_matches_the_sdk():
+    """Each method named in docs/CLIENT.md's Methods table is the Client's, with the parameters
+    it has (`...` for "as the one before"), and every public method is named there. Before
+    2026-12-07 `ping` and `create(kind, ...)` were in no row, and a reader of the table did not
+    know the blocking client's `create` and `ping` were the trio client's too."""
+    named, wrong = set(), []
+    for row in table_rows(section(CLIENT, "Methods"), "| method | returns |"):
+        for name, params in re.findall(r"`(\w+)\(([^`]*)\)`", row[0]):
+            named.add(name)
+            method = getattr(Client, name, None)
+            if method is None:
+                wrong.append(f"{name}: not a method of Client")
+            elif params != "..." and params != _parameters(method):
+                wrong.append(f"{name}({params}): the code has ({_parameters(method)})")
+    public = {name for name, value in vars(Client).items()
+              if callable(value) and not name.startswith("_")}
+    wrong += [f"{name}: in no row" for name in sorted(public - named - {"aclose"})]
+    assert not wrong, "docs/CLIENT.md Methods: " + "; ".join(wrong)
+
+
+def test_client_md_open_client_and_blocking_lists_match_the_sdk():
+    """"Connecting" names open_client's parameters in order, each default it states the code's;
+    the blocking client's section lists exactly its methods made from the Client's (but
+    `deliveries`, an iterator there)."""
+    text = section(CLIENT, "Connecting")
+    said = re.search(r"`open_client\(([^`]*)\)`", text).group(1)
+    code = dict(p.split("=", 1) if "=" in p else (p, None)
+                for p in _parameters(open_client).split(", "))
+    doc = dict(p.split("=", 1) if "=" in p else (p, None)
+               for p in " ".join(said.split()).split(", "))
+    assert list(doc) == list(code), (said, code)
+    assert {k: v for k, v in doc.items() if v is not None} == {
+        k: code[k] for k, v in doc.items() if v is not None}, (said, code)
+    # (not `section`: a comment line of that section's code reads as a heading)
+    listed = paragraph(CLIENT.read_text(encoding="utf-8"),
+                       "What is the same as the trio API").split("(", 1)[1]
+    listed = set(re.findall(r"`(\w+)`", listed.split(")", 1)[0]))
+    made = {name for name, value in vars(BlockingClient).items()
+            if callable(value) and not name.startswith("_") and hasattr(Client, name)}
+    made.discard("deliveries")  # an iterator there, told of under "What differs"
+    assert listed == made, (sorted(listed - made), sorted(made - listed))
