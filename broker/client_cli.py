@@ -17,8 +17,8 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -36,8 +36,13 @@ from broker.cli import (
 from broker.client_errors import UNSURE as SDK_UNSURE
 from broker.config import DEFAULT_HOST, DEFAULT_PORT
 
-RATE_LIMITED_PAUSE_S = 0.05  # first pause before resending a send refused as rate_limited
-RATE_LIMITED_MAX_PAUSE_S = 1.0  # the pause doubles while refused, up to this
+T = TypeVar("T")
+
+# A request refused `rate_limited` by a broker that does not say when to ask again (one from
+# before 2026-12-06, no `retry_ms`) is sent again after this pause, doubling while refused, up
+# to the next; one that says is sent again after the time it says (`_while_rate_limited`).
+RATE_LIMITED_PAUSE_S = 0.05
+RATE_LIMITED_MAX_PAUSE_S = 1.0
 
 
 def body_fields(body: str | bytes | None) -> dict[str, Any]:
@@ -178,7 +183,8 @@ async def do_send(client, args) -> None:
         cid = new_cid()
     args.retry_hint = (f"the message may have been accepted: send it again with --cid {cid} "
                        "(a dup if it was)")
-    emit(_result(await client.send(args.text, to=args.to, conv=args.conv, cid=cid)))
+    emit(_result(await _while_rate_limited(
+        args, lambda: client.send(args.text, to=args.to, conv=args.conv, cid=cid))))
 
 
 # Errors after which a send (of --stdin: the lines in flight), or a create, may have been
@@ -214,7 +220,8 @@ async def _send_lines(client, args) -> None:
 
     async def one(cid: str, text: str, number: int) -> None:
         try:
-            emit(_result(await _send_until_accepted(client, args, cid, text)))
+            emit(_result(await _while_rate_limited(
+                args, lambda: client.send(text, to=args.to, conv=args.conv, cid=cid))))
         except ClientError as exc:  # the broker's refusal of this line: say which line
             failures.append(ClientError(exc.code, exc.name,
                                         f"line {number} of stdin: {exc.message}"))
@@ -266,26 +273,49 @@ async def _stdin_lines() -> AsyncIterator[str]:
         yield rest.removesuffix(b"\r").decode(encoding, errors)
 
 
-async def _send_until_accepted(client, args, cid: str, text: str) -> Any:
-    """`client.send`, again with the same cid while the broker answers rate_limited (its
-    per-connection and per-user send rates): the line is still to be sent. Each time after
-    the pause the broker says (`retry_after`), or, from a broker that does not say (before
-    2026-12-06), a pause that grows."""
+async def _while_rate_limited(args: argparse.Namespace, request: Callable[[], Awaitable[T]],
+                              again: bool = True) -> T:
+    """`await request()`, made again while the broker answers rate_limited (its send, change
+    and read rates), which did nothing: only for a request that is safe to make twice (a send
+    with its cid, a read receipt, a change that finds itself done); with `again` false, once
+    (a `leave`: a second is refused `forbidden`, so one that the SDK's try before a reconnect
+    carried out would be told refused). Each time after the pause the broker says
+    (`retry_after`, up to a quarter more, so that requests refused together spread out), or,
+    from a broker that does not say (before 2026-12-06), a pause that grows.
+
+    Bounded by --connect-timeout, as an outage is: the rate_limited error is raised once the
+    next try would come later than that after the first, or after the last request of the
+    command the broker accepted since (`args.accepted_at`: with --stdin, any line's), so a
+    rate that lets something of the command through keeps it going, and one that lets nothing
+    through for that long ends it."""
     from broker.client import ClientError
 
-    pause = RATE_LIMITED_PAUSE_S
+    if not again:
+        return await request()
+    pause, first = RATE_LIMITED_PAUSE_S, trio.current_time()
     while True:
         try:
-            return await client.send(text, to=args.to, conv=args.conv, cid=cid)
+            answer = await request()
         except ClientError as exc:
             if exc.name != "rate_limited":
                 raise
-            said = exc.retry_after
-        if said is not None:  # a little more, so that lines refused together spread out
-            await trio.sleep(said * (1 + 0.25 * random.random()))
+            if exc.retry_after is not None:
+                wait = exc.retry_after * (1 + 0.25 * random.random())
+            else:
+                wait, pause = pause * (0.5 + random.random()), min(pause * 2,
+                                                                    RATE_LIMITED_MAX_PAUSE_S)
+            since = max(first, getattr(args, "accepted_at", first))
+            quiet = trio.current_time() + wait - since
+            if quiet > args.connect_timeout:
+                raise ClientError(exc.code, exc.name, (
+                    f"{exc.message} (not sent again: the next try, in {wait:.3g} s, would come "
+                    f"{quiet:.3g} s after the first with nothing accepted, past "
+                    f"--connect-timeout {args.connect_timeout:g})"),
+                    retry_after=exc.retry_after) from None
+            await trio.sleep(wait)
             continue
-        await trio.sleep(pause * (0.5 + random.random()))
-        pause = min(pause * 2, RATE_LIMITED_MAX_PAUSE_S)
+        args.accepted_at = trio.current_time()
+        return answer
 
 
 def check_listen(args: argparse.Namespace) -> None:
@@ -368,7 +398,10 @@ async def do_create(client, args) -> None:
 
     members = [m for m in (args.members or "").split(",") if m]
     try:
-        conv = await client.create(args.kind, args.name, members, args.open, cid=args.cid)
+        # Made again with a fresh cid (without --cid): a create refused rate_limited made
+        # nothing with its cid, and none with it is on its way (the broker checks both).
+        conv = await _while_rate_limited(args, lambda: client.create(
+            args.kind, args.name, members, args.open, cid=args.cid))
     except (ClientError, ConnectionLost) as exc:
         # The SDK names the cid when the create may have been carried out, and the broker
         # honours it (its `create_cid` cap); not made here as `send` makes its own, since a
@@ -381,29 +414,36 @@ async def do_create(client, args) -> None:
 
 
 async def do_invite(client, args) -> None:
-    await client.invite(args.conv, args.user, args.role)
+    await _while_rate_limited(args, lambda: client.invite(args.conv, args.user, args.role))
     emit({"conv": args.conv, "user": args.user, "ok": True})
 
 
 async def do_set_role(client, args) -> None:
-    await client.set_role(args.conv, args.user, args.role)
+    # Stepping yourself down is not made again, as `leave` is not: a second one is refused
+    # `forbidden` (no admin any more).
+    yourself = args.role == "member" and args.user == getattr(client.welcome, "user", None)
+    await _while_rate_limited(args, lambda: client.set_role(args.conv, args.user, args.role),
+                              again=not yourself)
     emit({"conv": args.conv, "user": args.user, "role": args.role, "ok": True})
 
 
 async def do_remove(client, args) -> None:
-    await client.remove(args.conv, args.user)
+    await _while_rate_limited(args, lambda: client.remove(args.conv, args.user))
     emit({"conv": args.conv, "user": args.user, "ok": True})
 
 
-def _simple(method: str):
+def _simple(method: str, again: bool):
+    """`join` and `subscribe`, made again while rate_limited (a second finds itself done), and
+    `leave`, not (`_while_rate_limited`)."""
     async def run(client, args) -> None:
-        await getattr(client, method)(args.conv)
+        request = getattr(client, method)
+        await _while_rate_limited(args, lambda: request(args.conv), again)
         emit({"conv": args.conv, "ok": True})
     return run
 
 
 async def do_mute(client, args) -> None:
-    await client.mute(args.conv, not args.unmute)
+    await _while_rate_limited(args, lambda: client.mute(args.conv, not args.unmute))
     emit({"conv": args.conv, "muted": not args.unmute})
 
 
@@ -423,7 +463,7 @@ async def do_revoke(client, args) -> None:
 
 
 async def do_read(client, args) -> None:
-    await client.read(args.conv, args.upto)
+    await _while_rate_limited(args, lambda: client.read(args.conv, args.upto))
     emit({"conv": args.conv, "read": args.upto})
 
 
@@ -496,7 +536,8 @@ def _client_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls", action="store_true", help="connect with TLS (system CAs)")
     p.add_argument("--tls-ca", help="CA certificate file to verify the broker with (implies --tls)")
     p.add_argument("--connect-timeout", type=_SECONDS, default=30.0,
-                   help="seconds to keep trying to (re)connect before giving up (default 30)")
+                   help="seconds to keep trying to (re)connect, or to make again a request "
+                        "refused rate_limited, before giving up (default 30)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -552,8 +593,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     rm = client("remove", "take a member out of a group or channel", do_remove)
     rm.add_argument("conv")
     rm.add_argument("user")
-    for name, method in (("join", "join"), ("leave", "leave"), ("subscribe", "subscribe")):
-        client(name, f"{name} a conversation", _simple(method)).add_argument("conv")
+    for name, again in (("join", True), ("leave", False), ("subscribe", True)):
+        client(name, f"{name} a conversation", _simple(name, again)).add_argument("conv")
     mute = client("mute", "mute a conversation", do_mute)
     mute.add_argument("conv")
     mute.add_argument("--unmute", action="store_true")
