@@ -34,7 +34,7 @@ from storage import native
 from storage import records as r
 from storage.errors import CorruptLog
 from storage.fold import fold
-from storage.log import check_time, data_fault, verify_records
+from storage.log import check_time, data_fault, fields_fault, verify_records
 from storage.memory_tables import MemoryTables, RowsDropped
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
 from storage.records import GENESIS, Event, decode_body, pack_u64, u64
@@ -544,7 +544,7 @@ _TRACED = frozenset({r.MEMBER_ADDED, r.MEMBER_REMOVED, r.DELIVERY_ACKED, r.READ_
 def _fields(lsn: int, value: bytes) -> list[Any]:
     """The fields `[lsn, ts_us, type, user, device, data]` of record `lsn` (`digest || body`),
     checked as `decode_event` checks them (CorruptLog), without making an Event of them; and,
-    as `audit verify` checks them, its type, actor and data of their kinds (`_kinds_fault`),
+    as `audit verify` checks them, its type, actor and data of their kinds (`_check_fields`),
     and the data of a message (its conv and cid) and of each event of `_TRACED`."""
     try:
         fields = msgpack.unpackb(value[32:], raw=False)
@@ -554,7 +554,7 @@ def _fields(lsn: int, value: bytes) -> list[Any]:
         raise CorruptLog(lsn, "undecodable body: not the fields of an event")
     check_time(lsn, fields[1])
     _, _, kind, user, device, data = fields
-    _kinds_fault(lsn, kind, user, device, data)
+    _check_fields(lsn, kind, user, device, data)
     if kind == r.MESSAGE_ACCEPTED:
         if type(data.get("conv")) is str and type(data.get("cid")) is str:
             return fields  # nearly every record
@@ -566,15 +566,14 @@ def _fields(lsn: int, value: bytes) -> list[Any]:
     return fields
 
 
-def _kinds_fault(lsn: int, kind: Any, user: Any, device: Any, data: Any) -> None:
+def _check_fields(lsn: int, kind: Any, user: Any, device: Any, data: Any) -> None:
     """Raise `CorruptLog` at `lsn` unless a record's type, actor (`user`, `device`) and data
     are of the kinds `audit verify` requires (text, text, text, a map; it fails any other
-    record at its LSN): what `stats` and `trace` count by and read."""
-    if not (type(kind) is str and type(user) is str and type(device) is str
-            and type(data) is dict):
-        raise CorruptLog(lsn, f"a field of the wrong kind: type {type(kind).__name__}, user "
-                         f"{type(user).__name__}, device {type(device).__name__}, data "
-                         f"{type(data).__name__}")
+    record at its LSN, in the same words: `storage.log.fields_fault`): what `stats` and
+    `trace` count by and read."""
+    fault = fields_fault(kind, user, device, data)
+    if fault is not None:
+        raise CorruptLog(lsn, fault)
 
 
 def _find_message(store: Store, match: Callable[[list[Any], int], bool], progress: Progress,
@@ -591,8 +590,9 @@ def _find_message(store: Store, match: Callable[[list[Any], int], bool], progres
             if conv is not None and where != conv:
                 continue
             counts[where] += 1
-            if match(fields, counts[where]):
-                return _Found(where, counts[where], fields[0], fields[1], fields[3],
+            if match(fields, counts[where]):  # at `lsn`, its key: the body's own lsn (which
+                # `verify` holds to it) is not read, so one of text or another is no fault here
+                return _Found(where, counts[where], lsn, fields[1], fields[3],
                               set(members.get(where, ())))
         elif kind == r.MEMBER_ADDED or kind == r.MEMBER_REMOVED:
             data = fields[5]
@@ -711,7 +711,7 @@ def stats(store: Store, data_dir: str | None = None, progress: Progress = None) 
     "disk_bytes", "first_ts", "last_ts", "first_lsn", "last_lsn"}`. `log_bytes` counts the
     stored records (8-byte key + digest + body); `disk_bytes` the files of `data_dir`. A user
     is an actor or a text `data.user`. CorruptLog at a record it cannot count, which `audit
-    verify` fails: its type, actor or data not of their kinds (`_kinds_fault`), a
+    verify` fails: its type, actor or data not of their kinds (`_check_fields`), a
     `conv.created` whose conv is no text.
     """
     by_type: Counter[str] = Counter()
@@ -722,7 +722,7 @@ def stats(store: Store, data_dir: str | None = None, progress: Progress = None) 
     first_lsn = last_lsn = 0
     for lsn, value in raw_records(store, 1, None, progress):
         ev = decode_event(lsn, value)
-        _kinds_fault(lsn, ev.type, ev.user, ev.device, ev.data)
+        _check_fields(lsn, ev.type, ev.user, ev.device, ev.data)
         count += 1
         log_bytes += 8 + len(value)
         by_type[ev.type] += 1

@@ -117,16 +117,16 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
         if type(ev.lsn) is not int or ev.lsn != lsn:
             raise CorruptLog(lsn, f"body says lsn {ev.lsn!r}")
         # Chained, so written as such, yet not by this homing: a record no replay or audit
-        # could read (a type of no event, or fields of the wrong kind) is named here, where
-        # its LSN is known, rather than crashing whatever reads it next.
-        if type(ev.type) is not str or ev.type not in EVENT_TYPES:
-            raise CorruptLog(lsn, f"unknown event type {ev.type!r}")
-        if (type(ev.ts_us) is not int or type(ev.user) is not str or type(ev.device) is not str
-                or type(ev.data) is not dict):
-            raise CorruptLog(lsn, "a field of the wrong kind: ts_us "
-                             f"{type(ev.ts_us).__name__}, user {type(ev.user).__name__}, device "
-                             f"{type(ev.device).__name__}, data {type(ev.data).__name__}")
+        # could read (a time no date holds, fields of the wrong kind, a type of no event) is
+        # named here, where its LSN is known, rather than crashing whatever reads it next; in
+        # the order and words `audit stats` and `trace` name it (check_time, fields_fault).
         check_time(lsn, ev.ts_us)
+        # (fields_fault's test, inline: calling it on every record cost 33 ns, 1.4 % of the walk)
+        if (type(ev.type) is not str or type(ev.user) is not str or type(ev.device) is not str
+                or type(ev.data) is not dict):
+            raise CorruptLog(lsn, fields_fault(ev.type, ev.user, ev.device, ev.data))
+        if ev.type not in EVENT_TYPES:
+            raise CorruptLog(lsn, f"unknown event type {ev.type!r}")
         data = ev.data
         # Its ids are inside the record's bytes but for the message's body (of at least as
         # many bytes as characters): with the rest no longer than KEYS_FIT_BYTES, their keys fit.
@@ -149,6 +149,17 @@ def check_time(lsn: int, ts_us: object) -> None:
     MAX_TS_US microseconds: what a homing's clock writes, and what an audit can print)."""
     if type(ts_us) is not int or not 0 <= ts_us <= MAX_TS_US:
         raise CorruptLog(lsn, f"a time of {ts_us!r} us, which no date holds")
+
+
+def fields_fault(type_: object, user: object, device: object, data: object) -> str | None:
+    """Why a record's type, actor (`user`, `device`) and data are of kinds homing never writes
+    (text, text, text, a map), or None when they are of theirs: the one wording of this fault
+    in `audit verify` (`verify_records`), `audit stats` and `audit trace`, which check the
+    time first (`check_time`), and a type's name after (verify; `stats` counts any text)."""
+    if type(type_) is str and type(user) is str and type(device) is str and type(data) is dict:
+        return None
+    return (f"a field of the wrong kind: type {type(type_).__name__}, user "
+            f"{type(user).__name__}, device {type(device).__name__}, data {type(data).__name__}")
 
 
 _STR, _INT = (str,), (int,)

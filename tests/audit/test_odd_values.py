@@ -348,6 +348,26 @@ def test_stats_and_trace_name_a_record_verify_fails_at_its_lsn(tmp_path, kind, u
         assert f"lsn {first}:" in proc.stderr.strip().splitlines()[-1], (args, proc.stderr)
 
 
+@pytest.mark.parametrize("body_lsn", ["x", 9], ids=["text", "another"])
+def test_trace_names_a_message_by_the_lsn_of_its_key(tmp_path, capsys, body_lsn):
+    """A message chained on by hand whose body holds an lsn of text or another number than
+    its key's (`verify` fails it: "body says lsn 'x'"): `audit trace` ended in a TypeError
+    traceback (the text compared with an inbox entry's lsn), or printed the body's lsn and
+    found no recipient's inbox entry. It reads the lsn of the record's key, as `stats` and
+    the replay do."""
+    data = tmp_path / "data"
+    first = make_data(data, 1) + 1
+    body = msgpack.packb([body_lsn, TS, "message.accepted", "bob", "d",
+                          {"conv": CONV, "cid": "odd", "body": "hi"}])
+    _forge(data, [body])
+    for args in (["--conv", CONV, "--seq", "2"], ["--cid", "odd", "--from", "bob"]):
+        status, out, err = _homing(capsys, "audit", "trace", "--json", *args, "--data", str(data))
+        assert status == 0, err
+        result = json.loads(out)
+        assert (result["lsn"], result["seq"], list(result["recipients"])) == (
+            first, 2, ["alice"]), result
+
+
 def test_inbox_shows_a_binary_cid_the_replay_applies(tmp_path):
     """A message chained on by hand whose cid is binary (`verify` fails it; the replay, which
     reads ids as bytes, applies it into alice's inbox): `audit inbox --json` ended in a
