@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
@@ -39,6 +40,11 @@ from storage.store import Store
 # digests: under 400 KiB with serve's default --max-body-bytes (64 KiB), past this bound for a
 # body past about 2.7 MiB (the flag raised): such a line is not read (ExportLineTooLong).
 MAX_LINE_BYTES = 16 << 20
+
+# How deep an export line's JSON nests at most: the line's object; below it the containers of a
+# record msgpack decodes but its own list (1,024 in all), each up to three levels (a map with a
+# key that is not text: `{"$map": [[KEY, VALUE]]}`); and the leaf `{"$ext": [CODE, BASE64]}`.
+MAX_EXPORT_NESTING = 1 + 3 * (1024 - 1) + 2
 
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
@@ -213,6 +219,11 @@ def _parse(number: int, raw: bytes, max_line_bytes: int,
     except (UnicodeDecodeError, ValueError) as exc:
         cut = "" if raw.endswith(b"\n") else " (the file ends inside it: cut short?)"
         raise ExportFault(number, expected, f"not a JSON line: {exc}{cut}") from None
+    except RecursionError:  # json's decoder, past the interpreter's recursion limit
+        raise ExportFault(number, expected, (
+            "not a JSON line: nested deeper than it can be read (Python's recursion limit, "
+            f"{sys.getrecursionlimit():,} in homing audit), where an export line of "
+            f"homing's nests at most {MAX_EXPORT_NESTING:,} deep")) from None
     if type(obj) is not dict:
         raise ExportFault(number, expected, "not an export line: not a JSON object")
     for key, kind in _FIELDS:
@@ -238,7 +249,8 @@ def _parse(number: int, raw: bytes, max_line_bytes: int,
     body = _body(obj)
     if body is None:
         raise ExportFault(number, lsn, "its fields make no record (a data.body_b64 or "
-                          "record_b64 that is no base64, a number past 64 bits)")
+                          "record_b64 that is no base64, a number past 64 bits, a value "
+                          "nested deeper than msgpack packs)")
     return lsn, bytes.fromhex(obj["digest"]) + body, obj
 
 

@@ -288,6 +288,71 @@ def test_values_as_deep_as_msgpack_decodes_are_shown_and_exported(tmp_path, caps
     assert json.loads(verify.stdout)["log"] == {"ok": True}, verify.stdout
 
 
+def test_every_audit_action_names_a_record_whose_read_field_is_nested_deep(tmp_path):
+    """Records verify fails, each holding a value nested as deep as msgpack decodes in a field
+    the replay reads (a mark's conv and upto, a message's cid and body, a member's user):
+    `verify`, `trace`, `inbox` and `rebuild --check` end in the documented `corrupt_log` at
+    the first one, `log` (filtered, and its table), `stats` and `export` print them. Without
+    `room_for_nesting`, `verify` and `trace` ended in a `RecursionError` traceback (the
+    fault's text is the value's repr), and `log` and `export` too. Real `homing` children."""
+    data = tmp_path / "data"
+    first = make_data(data) + 1
+    deep, keyed = _nested(1024 - 2, None), _nested(1024 - 2, b"k")
+    events = [(TS, "read.marked", "alice", "d", {"conv": deep, "upto": 1}),
+              (TS, "message.accepted", "bob", "d", {"conv": CONV, "cid": deep, "body": "x"}),
+              (TS, "message.accepted", "bob", "d", {"conv": CONV, "cid": "c", "body": keyed}),
+              (TS, "member.added", "bob", "d", {"conv": CONV, "user": deep, "role": "member"}),
+              (TS, "read.marked", "alice", "d", {"conv": CONV, "upto": keyed})]
+    sealed, _ = seal(events, first, GENESIS)
+    _forge(data, [value[32:] for _, value, _ in sealed])
+    at = f"log corrupt at lsn {first}: "
+    for args in (["verify"], ["trace", "--conv", CONV, "--seq", "1"], ["inbox", "--user", "bob"],
+                 ["rebuild", "--check"]):
+        proc = run("audit", *args, "--data", str(data))
+        assert_one_json_error(proc, 1, "corrupt_log")
+        assert at in proc.stderr, (args, proc.stderr)
+    for args in (["log"], ["log", "--json", "--conv", CONV], ["log", "--user", "alice"],
+                 ["log", "--type", "message.accepted"], ["stats"], ["export"]):
+        proc = run("audit", *args, "--data", str(data))
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    out = run("audit", "log", "--json", "--from-lsn", str(first), "--data", str(data)).stdout
+    with room_for_nesting():
+        shown = [json.loads(line) for line in out.splitlines()]
+    assert len(shown) == len(events) and [r["lsn"] for r in shown] == list(
+        range(first, first + len(events))), shown
+
+
+def _export_shaped(data: str) -> str:
+    """A first export line of lsn 1 (no record's: its digest is zeros) whose data is `data`."""
+    zeros = "0" * 64
+    return (f'{{"lsn":1,"ts":"2027-01-15T08:00:00.000000Z","ts_us":{TS},"type":"read.marked",'
+            f'"actor":"alice","device":"d","data":{data},"prev":"{zeros}","digest":"{zeros}"}}\n')
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("[" * 100_000 + "]" * 100_000 + "\n", "not a JSON line: nested deeper than"),
+    ("[" * 100_000 + "\n", "not a JSON line: nested deeper than"),
+    (_export_shaped('{"x":' + "[" * 100_000 + "]" * 100_000 + "}"),
+     "not a JSON line: nested deeper than"),
+    (_export_shaped('{"x":' + "[" * 4_000 + "]" * 4_000 + "}"),
+     "a value nested deeper than msgpack packs"),
+])
+def test_verify_export_of_a_hand_written_line_nested_past_any_record(tmp_path, text, reason):
+    """A file no export wrote, one line of JSON nested 100,000 deep (or an export line's data
+    nested so), ends `verify-export` with the documented `corrupt_export` error (exit 1, the
+    report naming line 1), as any line that is no export line does: it ended in a Python
+    `RecursionError` traceback (json's decoder, within the room `room_for_nesting` gives). A
+    line JSON reads whose value is nested deeper than any record holds is told so, not as "no
+    base64, a number past 64 bits". A child process: a crash of the C stack shows only there."""
+    f = tmp_path / "hand.jsonl"
+    f.write_text(text)
+    proc = run("audit", "verify-export", str(f))
+    assert_one_json_error(proc, 1, "corrupt_export")
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["file"]["ok"] is False, report
+    assert report["file"]["line"] == 1 and reason in report["file"]["reason"], report
+
+
 # ---------------------------------------------------------------- stats, trace, inbox
 
 

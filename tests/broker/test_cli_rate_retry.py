@@ -4,11 +4,19 @@ request refused `rate_limited` is made again after the pause the broker says, wi
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import subprocess
 import time
 
+import pytest
+import trio
+import trio.testing
+
+from broker import client_cli
+from broker.client_errors import ClientError
 from tests.procs import BrokerProcess, as_user, homing, homing_cmd, lines
 
 RATE = "0.25"  # one request every 4 s, a burst of one: the second of two at once is refused
@@ -117,3 +125,43 @@ def test_send_stdin_counts_the_bound_from_a_line_not_from_a_quiet_pipe(tmp_path)
         out, err = send.communicate("second\n", timeout=60)  # and allowed some 0.5 s later
         assert send.returncode == 0 and err == "", err
         assert [json.loads(line)["seq"] for line in out.splitlines()] == [2]
+
+
+@pytest.mark.parametrize("past", [False, True])
+def test_the_bound_is_exact_a_try_at_connect_timeout_is_made_one_past_it_is_not(monkeypatch,
+                                                                               past):
+    """The bound at its edge, on trio's mock clock (the broker's `retry_ms` and the spread
+    drawn are fixed here, which a real broker's refill does not allow): a next try that would
+    come exactly --connect-timeout after the first is made, one a float's step past it is not
+    (docs/CLI.md: "more than that after the request's first try"), the error then at once,
+    naming the numbers. The request stands for the broker's answers: a refusal the SDK raises
+    from a `rate_limited` error with `retry_ms` 800, then the answer."""
+    monkeypatch.setattr(client_cli.random, "random", lambda: 0.5)
+    said = 0.8
+    wait = said * (1 + 0.25 * 0.5)
+    args = argparse.Namespace(connect_timeout=math.nextafter(wait, 0) if past else wait)
+    tries: list[float] = []
+
+    async def request() -> str:
+        tries.append(trio.current_time())
+        if len(tries) == 1:
+            raise ClientError(9, "rate_limited", "too many membership changes: slow down",
+                              retry_after=said)
+        return "made"
+
+    async def command() -> str:
+        return await client_cli._while_rate_limited(args, request)
+
+    clock = trio.testing.MockClock(autojump_threshold=0)
+    if not past:
+        assert trio.run(command, clock=clock) == "made"
+        assert [t - tries[0] for t in tries] == [0, wait]
+        return
+    with pytest.raises(ClientError) as caught:
+        trio.run(command, clock=clock)
+    assert len(tries) == 1 and caught.value.name == "rate_limited", tries
+    assert caught.value.retry_after == said
+    assert caught.value.message == (
+        f"too many membership changes: slow down (not sent again: the next try, in {wait:.3g} "
+        f"s, would come {wait:.3g} s after the first with nothing accepted, past "
+        f"--connect-timeout {args.connect_timeout:g})"), caught.value.message

@@ -633,20 +633,55 @@ def _parameters(fn) -> str:
     return str(shown)[1:-1].replace("'", '"')
 
 
+def _signature(params: str) -> list[tuple[str, str, object]]:
+    """Parameters spelt as in a `def` (`conv, *, limit=50`): each one's name, kind and default
+    (its value where it is a literal, so `30` and `30.0` or `'a'` and `"a"` are alike; else its
+    source; None for none), whatever the spacing or line breaks."""
+    args = ast.parse(f"def f({params}): pass").body[0].args
+
+    def value(node: ast.expr | None) -> object:
+        if node is None:
+            return None
+        try:
+            return ("=", ast.literal_eval(node))
+        except ValueError:
+            return ("=", ast.unparse(node))
+    positional = [*args.posonlyargs, *args.args]
+    defaults = [None] * (len(positional) - len(args.defaults)) + list(args.defaults)
+    shown = [(a.arg, "positional", value(d)) for a, d in zip(positional, defaults, strict=True)]
+    if args.vararg:
+        shown.append((args.vararg.arg, "*", None))
+    shown += [(a.arg, "keyword", value(d))
+              for a, d in zip(args.kwonlyargs, args.kw_defaults, strict=True)]
+    if args.kwarg:
+        shown.append((args.kwarg.arg, "**", None))
+    return shown
+
+
 def test_client_md_methods_table_matches_the_sdk():
     """Each method named in docs/CLIENT.md's Methods table is the Client's, with the parameters
-    it has (`...` for "as the one before"), and every public method is named there. Before
-    2026-12-07 `ping` and `create(kind, ...)` were in no row, and a reader of the table did not
-    know the blocking client's `create` and `ping` were the trio client's too."""
+    it has (`...` for "as the one before in the row", which must then have the same), and
+    every public method is named there. Before 2026-12-07 `ping` and `create(kind, ...)` were
+    in no row, and a reader of the table did not know the blocking client's `create` and `ping`
+    were the trio client's too."""
     named, wrong = set(), []
     for row in table_rows(section(CLIENT, "Methods"), "| method | returns |"):
+        before = None
         for name, params in re.findall(r"`(\w+)\(([^`]*)\)`", row[0]):
             named.add(name)
             method = getattr(Client, name, None)
             if method is None:
                 wrong.append(f"{name}: not a method of Client")
-            elif params != "..." and params != _parameters(method):
-                wrong.append(f"{name}({params}): the code has ({_parameters(method)})")
+                continue
+            code = _parameters(method)
+            if params == "..." and before is None:
+                wrong.append(f"{name}(...): no method before it in its row")
+            elif params == "..." and _signature(code) != _signature(before):
+                wrong.append(f"{name}(...): the code has ({code}), not the one before's "
+                             f"({before})")
+            elif params != "..." and _signature(params) != _signature(code):
+                wrong.append(f"{name}({params}): the code has ({code})")
+            before = code
     public = {name for name, value in vars(Client).items()
               if callable(value) and not name.startswith("_")}
     wrong += [f"{name}: in no row" for name in sorted(public - named - {"aclose"})]
@@ -659,16 +694,15 @@ def test_client_md_open_client_and_blocking_lists_match_the_sdk():
     `deliveries`, an iterator there)."""
     text = section(CLIENT, "Connecting")
     said = re.search(r"`open_client\(([^`]*)\)`", text).group(1)
-    code = dict(p.split("=", 1) if "=" in p else (p, None)
-                for p in _parameters(open_client).split(", "))
-    doc = dict(p.split("=", 1) if "=" in p else (p, None)
-               for p in " ".join(said.split()).split(", "))
-    assert list(doc) == list(code), (said, code)
-    assert {k: v for k, v in doc.items() if v is not None} == {
-        k: code[k] for k, v in doc.items() if v is not None}, (said, code)
+    code, doc = _signature(_parameters(open_client)), _signature(said)
+    # (a default the text leaves out, as the server's, is not checked)
+    assert len(doc) == len(code) and [
+        (name, kind, said_default or default)
+        for (name, kind, said_default), (_, _, default) in zip(doc, code, strict=True)] == code, (
+        said, _parameters(open_client))
     # (not `section`: a comment line of that section's code reads as a heading)
-    listed = paragraph(CLIENT.read_text(encoding="utf-8"),
-                       "What is the same as the trio API").split("(", 1)[1]
+    listed = paragraph(CLIENT.read_text(encoding="utf-8"), "What is the same as the trio API")
+    listed = listed.split("every request method (", 1)[1]
     listed = set(re.findall(r"`(\w+)`", listed.split(")", 1)[0]))
     made = {name for name, value in vars(BlockingClient).items()
             if callable(value) and not name.startswith("_") and hasattr(Client, name)}
