@@ -309,7 +309,7 @@ async def _while_rate_limited(args: argparse.Namespace, request: Callable[[], Aw
             if quiet > args.connect_timeout:
                 raise ClientError(exc.code, exc.name, (
                     f"{exc.message} (not sent again: the next try, in {wait:.3g} s, would come "
-                    f"{quiet:.3g} s after the first with nothing accepted, past "
+                    f"after {quiet:.3g} s with nothing accepted, past "
                     f"--connect-timeout {args.connect_timeout:g})"),
                     retry_after=exc.retry_after) from None
             await trio.sleep(wait)

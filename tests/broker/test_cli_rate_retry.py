@@ -163,5 +163,5 @@ def test_the_bound_is_exact_a_try_at_connect_timeout_is_made_one_past_it_is_not(
     assert caught.value.retry_after == said
     assert caught.value.message == (
         f"too many membership changes: slow down (not sent again: the next try, in {wait:.3g} "
-        f"s, would come {wait:.3g} s after the first with nothing accepted, past "
+        f"s, would come after {wait:.3g} s with nothing accepted, past "
         f"--connect-timeout {args.connect_timeout:g})"), caught.value.message
