@@ -233,18 +233,31 @@ def plot(path: str, results: dict) -> str | None:
     return None
 
 
+# One colour per broker in both panels (homing first, the peers in name order), one line style
+# and marker per rate in the latency panel: each rate's brokers are then told apart by colour,
+# and each broker's rates by style (a colour per line, nine of them at three rates and two
+# peers, matched nothing across the panels).
+_RATE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+
+
+def _colours(peer_names: list[str]) -> dict[str, str]:
+    return {name: f"C{k}" for k, name in enumerate(["homing", *peer_names])}
+
+
 def _plot_latency(ax: Any, latency: list[dict]) -> None:
     labels = ["p50", "p90", "p99", "p99.9", "max"]
     keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"]
-    for entry in latency:
-        ax.plot(labels, [entry[k] for k in keys], marker="o", label=f"homing {entry['rate']:g}/s")
-        for name, peer in (entry.get("peer") or {}).items():
-            ax.plot(labels, [peer[k] for k in keys], marker="x", linestyle="--",
-                    label=f"{name} {entry['rate']:g}/s")
+    colour = _colours(sorted({n for entry in latency for n in entry.get("peer") or {}}))
+    for k, entry in enumerate(latency):
+        line, marker = _RATE_STYLES[k % len(_RATE_STYLES)]
+        runs = [("homing", entry), *sorted((entry.get("peer") or {}).items())]
+        for name, figures in runs:
+            ax.plot(labels, [figures[key] for key in keys], color=colour[name], linestyle=line,
+                    marker=marker, label=f"{name} {entry['rate']:g}/s")
     ax.set_yscale("log")
     ax.set_ylabel("send -> delivery, ms")
     ax.set_title("latency (open loop)")
-    ax.legend(fontsize="x-small", ncol=3, loc="upper left")
+    ax.legend(fontsize="x-small", ncol=len(latency) or 1, loc="upper left")
 
 
 def _plot_bars(ax: Any, bars: list[tuple[str, dict, str]]) -> None:
@@ -255,11 +268,19 @@ def _plot_bars(ax: Any, bars: list[tuple[str, dict, str]]) -> None:
         peer_values.append({n: p.get(key) for n, p in (entry.get("peer") or {}).items()})
     xs = range(len(names))
     peer_names = sorted({n for pv in peer_values for n in pv})
+    colour = _colours(peer_names)
     width = 0.8 / (1 + len(peer_names))
-    ax.bar([x - 0.4 + width / 2 for x in xs], values, width=width, label="homing")
+    drawn = [ax.bar([x - 0.4 + width / 2 for x in xs], values, width=width, label="homing",
+                    color=colour["homing"])]
     for k, name in enumerate(peer_names, start=1):
-        ax.bar([x - 0.4 + width * (k + 0.5) for x in xs],
-               [pv.get(name) or 0 for pv in peer_values], width=width, label=name)
+        drawn.append(ax.bar([x - 0.4 + width * (k + 0.5) for x in xs],
+                            [pv.get(name) or 0 for pv in peer_values], width=width, label=name,
+                            color=colour[name]))
+    for bars_drawn in drawn:  # the figure on each bar: a scale that fits the replay's hides
+        # the fan-out's 10 subscribers
+        ax.bar_label(bars_drawn, labels=[f"{v:,.0f}" if v else "" for v in bars_drawn.datavalues],
+                     fontsize="xx-small", rotation=90, padding=2)
+    ax.margins(y=0.15)
     ax.set_xticks(list(xs), names, rotation=20, fontsize="small")
     ax.set_ylabel("per second")
     ax.set_title("throughput per scenario")

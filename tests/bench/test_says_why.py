@@ -135,3 +135,49 @@ def test_the_cpu_summary_of_a_short_phase_keeps_its_figures_but_flags_nothing():
     assert not short["load_bound"] and not short["disturbed"]
     long = _cpu_summary(cpu, {"placement": None}, MIN_PHASE_S)
     assert long["load_bound"] and long["disturbed"] and long["too_short"] is False
+
+
+@needs_plot
+def test_the_plot_gives_each_broker_one_colour_and_each_rate_one_style():
+    """In the latency panel a broker's lines share its colour, whatever the rate, and a rate's
+    lines share a style, whatever the broker; the bars use the same colours and are labelled
+    with their figures (one colour a line, nine at three rates and two peers, matched nothing
+    across the panels, and a fan-out's bar beside the replay's could not be read)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.report import _plot_bars, _plot_latency, _throughput_bars
+
+    def figures(ms: float) -> dict:
+        return {"p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "p999_ms": ms, "max_ms": ms}
+
+    latency = [{"rate": rate, **figures(rate / 1000),
+                "peer": {"redis": figures(rate / 900), "nats": figures(rate / 800)}}
+               for rate in (1000, 5000, 20000)]
+    results = {"throughput": {"msgs_per_s": 31_111,
+                              "peer": {"redis": {"msgs_per_s": 77_673},
+                                       "nats": {"msgs_per_s": 25_262}}},
+               "fanout": [{"subscribers": 10, "deliveries_per_s": 3_572}],
+               "replay": {"events_per_s": 259_807}}
+    fig, (left, right) = plt.subplots(1, 2)
+    try:
+        _plot_latency(left, latency)
+        _plot_bars(right, _throughput_bars(results))
+        lines = {line.get_label(): line for line in left.get_lines()}
+        assert len(lines) == 9, sorted(lines)
+        for name in ("homing", "nats", "redis"):
+            assert len({lines[f"{name} {r}/s"].get_color() for r in (1000, 5000, 20000)}) == 1
+        for rate in (1000, 5000, 20000):
+            styles = {(lines[f"{n} {rate}/s"].get_linestyle(), lines[f"{n} {rate}/s"].get_marker())
+                      for n in ("homing", "nats", "redis")}
+            assert len(styles) == 1, (rate, styles)
+        assert len({lines[f"{n} 1000/s"].get_color() for n in ("homing", "nats", "redis")}) == 3
+        bar_colour = {c.get_label(): c.patches[0].get_facecolor() for c in right.containers}
+        assert bar_colour["homing"] == matplotlib.colors.to_rgba(lines["homing 1000/s"].get_color())
+        assert bar_colour["redis"] == matplotlib.colors.to_rgba(lines["redis 5000/s"].get_color())
+        texts = {t.get_text() for t in right.texts}
+        assert {"31,111", "77,673", "25,262", "3,572", "259,807"} <= texts, texts
+    finally:
+        plt.close(fig)
