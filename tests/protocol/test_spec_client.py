@@ -3,12 +3,17 @@
 Nothing here imports the project's `protocol/` package or its SDK (broker/client.py): frames are
 built and read with `msgpack` and a 4-byte big-endian length, as the spec says, so a place where
 the spec is not enough to talk to the broker shows up here as a failing test. Each test names
-the section it checks.
+the section it checks. The first tests drive an in-process broker with trio; the `test_wire_*`
+ones, at the end, are a third party's blocking client (`socket` and `msgpack` alone) against
+`homing serve` run as a child process, with tokens from `homing token` (docs/CLI.md).
 """
 
 from __future__ import annotations
 
+import signal
+import socket
 import struct
+import subprocess
 import time
 from contextlib import asynccontextmanager, suppress
 
@@ -17,9 +22,26 @@ import pytest
 import trio
 
 from tests.harness import running_broker
+from tests.procs import free_port, homing_cmd
 
 UINT_MAX = (1 << 63) - 1
 PREFIX = struct.Struct(">I")  # §2.1: uint32, big-endian
+
+
+def _cut(buffer: bytearray, n: int) -> bytes | None:
+    """The first `n` bytes of `buffer`, taken out of it, or None while fewer have come."""
+    if len(buffer) < n:
+        return None
+    out = bytes(buffer[:n])
+    del buffer[:n]
+    return out
+
+
+def _more(buffer: bytearray, data: bytes) -> None:
+    """Add what the socket gave to `buffer`; nothing means the peer's EOF."""
+    if not data:
+        raise EOFError(bytes(buffer))
+    buffer += data
 
 
 class SpecClient:
@@ -45,13 +67,8 @@ class SpecClient:
         await self.stream.send_all(data)
 
     async def _take(self, n: int) -> bytes:
-        while len(self.buffer) < n:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError(bytes(self.buffer))
-            self.buffer += data
-        out = bytes(self.buffer[:n])
-        del self.buffer[:n]
+        while (out := _cut(self.buffer, n)) is None:
+            _more(self.buffer, await self.stream.receive_some(65536))
         return out
 
     async def recv(self, timeout: float = 3.0) -> dict:
@@ -551,3 +568,285 @@ async def test_bye_leaves_replies_unwritten_but_commands_done(tmp_path):
         await a.send(t="send", id=1, cid="last", body="last words", to="bob")
         r = await a.reply(1)
         assert (r["t"], r["seq"], r["dup"]) == ("result", 1, True)
+
+
+# --- A third party's client: a blocking socket and msgpack, against `homing serve` ----------
+#
+# What a shop's own service does: it starts the broker as docs/CLI.md says (`homing serve`,
+# tokens from `homing token`), and speaks docs/PROTOCOL.md over a plain socket. Nothing of this
+# repository's Python runs in the client.
+
+
+class WireClient:
+    """One blocking TCP connection speaking §2's framing, with §5.1's matching by `id`."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.buffer = bytearray()
+        self.aside: list[dict] = []
+        self.max_frame = 64 * 1024  # §3.2: before welcome
+
+    def send(self, **frame) -> None:
+        body = msgpack.packb(frame, use_bin_type=True)
+        self.sock.sendall(PREFIX.pack(len(body)) + body)
+
+    def _take(self, n: int) -> bytes:
+        while (out := _cut(self.buffer, n)) is None:
+            _more(self.buffer, self.sock.recv(65536))
+        return out
+
+    def recv(self) -> dict:
+        (n,) = PREFIX.unpack(self._take(4))
+        assert 0 < n <= self.max_frame, n  # §2.2: a receiver checks N first
+        frame = msgpack.unpackb(self._take(n), raw=False)
+        assert isinstance(frame, dict) and isinstance(frame.get("t"), str), frame
+        return frame
+
+    def take(self, match) -> dict:
+        """The first frame, set aside or new, that `match`es; the rest are set aside."""
+        for i, frame in enumerate(self.aside):
+            if match(frame):
+                return self.aside.pop(i)
+        while True:
+            frame = self.recv()
+            if match(frame):
+                return frame
+            self.aside.append(frame)
+
+    def reply(self, rid: int) -> dict:
+        return self.take(lambda f: f.get("id") == rid)
+
+    def push(self, t: str, **fields) -> dict:
+        return self.take(lambda f: f["t"] == t and "id" not in f
+                         and all(f.get(k) == v for k, v in fields.items()))
+
+    def hello(self, token: str, device: str, **fields) -> dict:
+        self.send(t="hello", versions=[1], token=token, device=device, id=0, **fields)
+        welcome = self.recv()
+        assert welcome["t"] == "welcome", welcome
+        self.max_frame = welcome["max_frame"]
+        return welcome
+
+    def closing_error(self) -> dict:
+        """The last frame, a closing `error`, then EOF (§6)."""
+        frame = self.take(lambda f: f["t"] == "error")
+        assert frame.get("close") is True, frame
+        with pytest.raises(EOFError):
+            self.recv()
+        return frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`homing serve` on a temp data dir, and `homing token` tokens for its users (docs/CLI.md,
+    "Running and tokens")."""
+    data = tmp_path_factory.mktemp("spec-client") / "data"
+    users = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "op"]
+    minted = subprocess.run([*homing_cmd(), "token", *users, "--data", str(data)],
+                            capture_output=True, text=True, timeout=30, check=True)
+    tokens = dict(zip(users, minted.stdout.split(), strict=True))
+    port = free_port()
+    opened: list[WireClient] = []
+
+    def connect(user: str, device: str = "d1", **fields) -> tuple[WireClient, dict]:
+        c = WireClient(port)
+        opened.append(c)
+        return c, c.hello(tokens[user], device, **fields)
+
+    with open(data.parent / "serve.log", "wb") as log:
+        serve = subprocess.Popen([*homing_cmd(), "serve", "--data", str(data), "--port",
+                                  str(port), "--window", "4", "--heartbeat", "5"],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            _wait_listening(serve, port)
+            yield connect
+        finally:
+            for c in opened:
+                c.close()
+            serve.send_signal(signal.SIGTERM)
+            try:
+                assert serve.wait(20) == 0  # a clean stop (docs/CLI.md)
+            finally:
+                serve.kill()  # no-op once it exited
+
+
+def _wait_listening(serve: subprocess.Popen, port: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            assert serve.poll() is None and time.monotonic() < deadline, "broker did not start"
+            time.sleep(0.05)
+
+
+def test_wire_direct_message_delivery_ack_and_receipts(served):
+    """§5.2 send, §5.3 result and deliver, §9 ack and receipts, over a socket to `homing serve`."""
+    alice, w = served("alice", "phone")
+    assert (w["version"], w["user"], w["acked"], w["head"]) == (1, "alice", 0, 0)
+    bob, _ = served("bob", "phone")
+    bob_tablet, _ = served("bob", "tablet")
+
+    alice.send(t="send", id=1, cid="m1", body="hi", to="bob")
+    r = alice.reply(1)
+    assert r == {"t": "result", "id": 1, "conv": "dm:alice:bob", "seq": 1, "lsn": r["lsn"],
+                 "cid": "m1", "dup": False} and is_uint(r["lsn"])
+    alice.send(t="send", id=2, cid="m2", body=b"\x00\xff", to="bob")  # §4.1: bin stays bin
+    r2 = alice.reply(2)
+    assert r2["seq"] == 2 and r2["lsn"] > r["lsn"]  # §5.3: lsn, the log's position
+    alice.send(t="send", id=20, cid="m1", body="hi", to="bob")  # a dup: the first's fields
+    assert alice.reply(20) == {**r, "id": 20, "dup": True}
+
+    for device in (bob, bob_tablet):
+        d1, d2 = device.push("deliver"), device.push("deliver")
+        assert d1 == {"t": "deliver", "inbox_seq": 1, "kind": "msg", "conv": "dm:alice:bob",
+                      "seq": 1, "from": "alice", "body": "hi", "cid": "m1", "ts": d1["ts"]}
+        assert (d2["inbox_seq"], d2["seq"], d2["body"], d2["cid"]) == (2, 2, b"\x00\xff", "m2")
+        assert is_uint(d1["ts"]) and d1["ts"] <= d2["ts"]
+
+    bob.send(t="ack", upto=2, id=3)
+    assert bob.reply(3) == {"t": "ok", "id": 3}  # an ack's ok names no conv
+    # The delivered mark moved: a receipt push in conversation seqs, to the sender.
+    assert alice.push("receipt", user="bob", delivered=2)["conv"] == "dm:alice:bob"
+
+    bob.send(t="read", id=4, conv="dm:alice:bob", upto=1)
+    assert bob.reply(4) == {"t": "ok", "id": 4, "conv": "dm:alice:bob"}
+    mark = {"conv": "dm:alice:bob", "user": "bob", "read": 1}
+    for c in (alice, bob, bob_tablet):  # the reader's own devices too
+        assert c.push("receipt", **mark) == {"t": "receipt", **mark}
+
+    alice.send(t="receipts", id=5, conv="dm:alice:bob", seq=2)
+    assert alice.reply(5) == {"t": "receipt_list", "id": 5, "conv": "dm:alice:bob", "seq": 2,
+                              "delivered": ["bob"], "read": [], "unread": ["bob"]}
+    alice.send(t="history", id=6, conv="dm:alice:bob", order="oldest")
+    page = alice.reply(6)
+    assert [(m["seq"], m["body"], m["lsn"]) for m in page["messages"]] == [
+        (1, "hi", r["lsn"]), (2, b"\x00\xff", r2["lsn"])]
+
+    bob.send(t="ack", upto=1, id=7)  # §5.2: below the last ack, nothing changes: ok
+    assert bob.reply(7) == {"t": "ok", "id": 7}
+    # §9: a read ahead of the delivered mark moves both, two pushes, delivered first; the
+    # tablet's ack of what the phone acked already moves nothing (marks are per user).
+    alice.send(t="send", id=8, cid="m3", body="three", to="bob")
+    alice.reply(8)
+    bob_tablet.send(t="ack", upto=2, id=9)
+    bob_tablet.reply(9)
+    bob.send(t="read", id=10, conv="dm:alice:bob", upto=3)
+    bob.reply(10)
+    alice.send(t="ping", id=11)
+    alice.reply(11)
+    moved = [f for f in alice.aside if f["t"] == "receipt"]
+    assert moved == [{"t": "receipt", "conv": "dm:alice:bob", "user": "bob", "delivered": 3},
+                     {"t": "receipt", "conv": "dm:alice:bob", "user": "bob", "read": 3}]
+
+
+def test_wire_group_create_invite_post_fan_out(served):
+    """§5.2 create and invite, §9 `added` entries and fan-out to every member's device."""
+    carol, _ = served("carol")
+    dave, _ = served("dave")
+    carol.send(t="create", id=1, kind="group", name="order 7", members=["dave"], cid="o7")
+    created = carol.reply(1)
+    group = created["conv"]
+    assert created == {"t": "created", "id": 1, "conv": group}  # dup absent: false
+    assert group.startswith("grp:") and len(group) == 20
+    carol.send(t="invite", id=2, conv=group, user="erin")  # §9: never connected yet
+    assert carol.reply(2) == {"t": "ok", "id": 2, "conv": group}
+    erin, w = served("erin")
+    assert (w["acked"], w["head"]) == (0, 1)
+    for member in (dave, erin):
+        added = member.push("deliver", conv=group)
+        assert added == {"t": "deliver", "inbox_seq": added["inbox_seq"], "kind": "added",
+                         "conv": group, "seq": 0, "from": "carol", "body": None, "cid": None,
+                         "ts": added["ts"]}
+
+    carol.send(t="send", id=3, cid="p1", body="courier at the shop", conv=group)
+    r = carol.reply(3)
+    assert (r["conv"], r["seq"], r["dup"]) == (group, 1, False)
+    for member in (dave, erin):
+        d = member.push("deliver", conv=group, kind="msg")
+        assert (d["seq"], d["from"], d["body"], d["cid"]) == (1, "carol", "courier at the shop",
+                                                               "p1")
+    dave.send(t="read", id=9, conv=group, upto=1)  # no ack first: delivered, then read
+    dave.reply(9)
+    assert carol.push("receipt") == {"t": "receipt", "conv": group, "user": "dave",
+                                     "delivered": 1}
+    assert carol.push("receipt") == {"t": "receipt", "conv": group, "user": "dave", "read": 1}
+    carol.send(t="members", id=4, conv=group)
+    assert carol.reply(4) == {"t": "member_list", "id": 4, "conv": group, "kind": "group",
+                              "owners": ["carol"], "admins": [], "members": ["dave", "erin"],
+                              "name": "order 7"}
+    carol.send(t="ping", id=5)
+    carol.reply(5)
+    assert [f for f in carol.aside if f["t"] == "deliver"] == []  # not its own post
+
+
+def test_wire_errors_keep_the_connection_but_too_large_closes_it(served):
+    """§6: a bad request is a typed error with its id and the connection goes on; §2.2: a
+    frame over max_frame is a closing too_large, the body sent or not."""
+    frank, w = served("frank", max_frame=4096)
+    assert w["max_frame"] == 4096
+    frank.send(t="send", id=1, body="no cid", to="bob")
+    err = frank.reply(1)
+    check_error(err, "invalid", 7)
+    assert not err.get("close", False) and "cid" in err["message"]
+    frank.send(t="history", id=2, conv="grp:0123456789abcdef")
+    check_error(frank.reply(2), "forbidden", 5)
+    frank.send(t="frob", id=3)
+    check_error(frank.reply(3), "unknown_type", 12)
+    frank.send(t="ack", upto=99)  # no id: an error without one
+    err = frank.push("error")
+    check_error(err, "invalid", 7)
+    frank.send(t="ping", id=4)
+    assert frank.reply(4) == {"t": "pong", "id": 4}
+    # A uint in any msgpack int form (a Go encoder's int64, say) is a uint (§4.1).
+    frank.sock.sendall(framed(b"\x82\xa1t\xa4ping\xa2id\xd3" + (41).to_bytes(8, "big")))
+    assert frank.reply(41) == {"t": "pong", "id": 41}
+
+    body = msgpack.packb({"t": "send", "id": 5, "cid": "big", "body": "x" * 5000, "to": "bob"},
+                         use_bin_type=True)
+    with suppress(OSError):  # the broker may close before it has read the body
+        frank.sock.sendall(PREFIX.pack(len(body)) + body)
+    err = frank.closing_error()
+    check_error(err, "too_large", 2)
+    assert "id" not in err
+
+    # §6: a body far past what the server reads and drops after its error (1 MiB): the write
+    # fails, and the closing error is read all the same.
+    c, _ = served("frank", "uploader", max_frame=4096)
+    with pytest.raises(OSError):
+        c.sock.sendall(PREFIX.pack(16 << 20) + bytes(16 << 20))
+    check_error(c.closing_error(), "too_large", 2)
+
+
+def test_wire_resume_after_reconnect_from_the_acked_position(served):
+    """§9: unacked deliveries come again on the next session, same inbox_seqs, in order,
+    right after welcome.acked; at most `window` unacked at a time."""
+    grace, _ = served("grace")
+    for i in range(6):
+        grace.send(t="send", id=i, cid=f"r{i}", body=f"m{i}", to="op")
+    assert [grace.reply(i)["seq"] for i in range(6)] == [1, 2, 3, 4, 5, 6]
+
+    def session(expect_acked: int, count: int) -> tuple[WireClient, list[tuple]]:
+        c, w = served("op", "worker")
+        assert (w["acked"], w["head"]) == (expect_acked, 6)
+        got = [c.push("deliver") for _ in range(count)]
+        c.send(t="ping", id=99)  # the window is full: nothing more before the pong
+        c.reply(99)
+        assert [f for f in c.aside if f["t"] == "deliver"] == []
+        return c, [(d["inbox_seq"], d["seq"], d["body"]) for d in got]
+
+    first, got = session(0, 4)  # --window 4
+    assert got == [(i, i, f"m{i - 1}") for i in range(1, 5)]
+    first.close()  # no ack
+    again, got_again = session(0, 4)
+    assert got_again == got
+    again.send(t="ack", upto=2, id=1)
+    again.reply(1)
+    assert [again.push("deliver")["inbox_seq"] for _ in range(2)] == [5, 6]
+    again.close()
+    _, got = session(2, 4)
+    assert got == [(i, i, f"m{i - 1}") for i in range(3, 7)]
