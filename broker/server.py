@@ -42,6 +42,11 @@ from protocol import native as wire_native
 from storage import native, rowio
 
 IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
+# A stop's last commit still running this long after the connections ended is logged
+# (`stop_waiting_for_commit`), and again every STOP_WAIT_REPEAT_S while it runs: a disk that
+# stopped answering holds the stop, which said nothing until 2026-12-07.
+STOP_WAIT_WARN_S = 1.0
+STOP_WAIT_REPEAT_S = 10.0
 OWN_ACK_DELAY_S = 0.25  # how long the durable ack of a device's own sends may wait
 
 
@@ -204,11 +209,31 @@ class Broker:
                 for session in self.hub.all_sessions():
                     session.begin_shutdown()
                 connections.cancel_scope.deadline = trio.current_time() + cfg.shutdown_grace_s
-            await self.committer.close()
+            async with trio.open_nursery() as last_commit:
+                last_commit.start_soon(self._say_stop_waits)
+                await self.committer.close()
+                last_commit.cancel_scope.cancel()
             outer.cancel_scope.cancel()  # the idle watch, the own sends' acks, the stats
         self.log.info("broker_stopped", batches=self.committer.batches,
                       commands=self.committer.commands)
         self._stopped.set()
+
+    async def _say_stop_waits(self) -> None:
+        """Log `stop_waiting_for_commit` while the stop's last commit runs past
+        STOP_WAIT_WARN_S (then every STOP_WAIT_REPEAT_S): the commands it waits for, and how
+        long the commit under way has run."""
+        started = trio.current_time()
+        await trio.sleep(STOP_WAIT_WARN_S)
+        while True:
+            c = self.committer
+            self.log.warning("stop_waiting_for_commit",
+                             waited_s=round(trio.current_time() - started, 1),
+                             committing=c.committing, queued=c.queued,
+                             commit_running_ms=int(c.commit_running_s() * 1000),
+                             hint="the stop commits what it took before it exits; a disk "
+                                  "that does not answer holds it (SIGKILL loses nothing "
+                                  "acknowledged)")
+            await trio.sleep(STOP_WAIT_REPEAT_S)
 
     async def _watch_idle(self) -> None:
         """Time out every session whose reader has waited `idle_timeout_s` for a frame.

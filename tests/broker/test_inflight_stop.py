@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 import protocol as wire
-from broker.client import ClientError
+from broker.client import ClientError, ConnectionLost
 from tests import stalls
 from tests.broker.test_resend_review import held_commits
 from tests.faults.conftest import RawClient
@@ -198,3 +198,46 @@ async def test_a_request_read_after_one_left_at_a_stop_is_left_too(tmp_path):
             assert not store.sent("shop", f"order-{LIMIT + 1}")
             assert not store.sent("shop", "order-99")
             await raw.aclose()
+
+
+async def test_a_stop_held_by_its_last_commit_says_so_then_commits_it(tmp_path):
+    """A send whose commit is held (a disk that stopped answering) when SIGTERM comes, with
+    --shutdown-grace 0.5: the connection is told `shutting_down` within the grace, and the stop
+    then waits for that commit. While it waits it logs `stop_waiting_for_commit` (warning,
+    docs/OPERATIONS.md "Running the broker"), the commit's commands counted; until 2026-12-07
+    the log said nothing after `broker_stopping` for as long as the disk held it. Once the
+    disk answers the send is committed and the broker exits 0."""
+    with BrokerProcess(tmp_path / "data", "--shutdown-grace", "0.5",
+                       "--stats-interval", "1") as bp:
+        async with bp.client("shop", "d1", reconnect=False) as client:
+            async with stalls.held_commits(bp.data):
+                async with trio.open_nursery() as nursery:
+                    async def send() -> None:
+                        with trio.move_on_after(30):  # cut by the stop, never answered
+                            try:
+                                await client.send("held order", to="bob", cid="held-1")
+                            except (ClientError, ConnectionLost):  # the stop ends it
+                                pass
+
+                    nursery.start_soon(send)
+                    with trio.fail_after(20):
+                        while not stalls.committing(bp, 1):
+                            await trio.sleep(0.05)
+                    bp.proc.send_signal(signal.SIGTERM)
+                    with trio.fail_after(20):
+                        while not (said := [e for e in bp.log_events()
+                                            if e.get("event") == "stop_waiting_for_commit"]):
+                            await trio.sleep(0.05)
+                    assert bp.alive()  # the stop waits for the held commit
+            assert await trio.to_thread.run_sync(bp.proc.wait, 20) == 0
+    first = said[0]
+    assert first["level"] == "warning", first
+    assert first["committing"] == 1 and first["queued"] == 0, first
+    assert first["waited_s"] >= 1.0 and first["commit_running_ms"] >= 1000, first
+    events = [e["event"] for e in bp.log_events()]
+    assert events.index("stop_waiting_for_commit") < events.index("broker_stopped")
+    store = bp.open_store(readonly=True)
+    try:
+        assert store.sent("shop", "held-1")  # committed once the disk answered
+    finally:
+        store.close()

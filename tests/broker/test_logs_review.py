@@ -120,8 +120,11 @@ async def test_a_day_of_the_broker_reads_as_the_docs_promise(tmp_path):
     lines = text.splitlines()
     events = [json.loads(line) for line in lines]  # every line one JSON object
     assert text.endswith("\n")
-    for e in events:
+    for e, line in zip(events, lines, strict=True):
         assert {"event", "level", "timestamp"} <= set(e), e
+        # the order and spacing docs/OPERATIONS.md "Logs" shows (an operator's grep)
+        assert [k for k in e if k != "exception"][-3:] == ["event", "level", "timestamp"], e
+        assert f'"event": "{e["event"]}", "level": "{e["level"]}"' in line, line
         assert e["level"] in ("debug", "info", "warning", "error", "critical"), e
         assert e["timestamp"].endswith("Z"), e
     seen = {e["event"] for e in events}
@@ -395,3 +398,35 @@ def test_an_exit_drains_lines_printed_to_a_stream_configured_away():
         cached.info("late")
         logs.drain(5)
         assert '"late"' in slow.text, slow.text
+
+
+def test_a_json_line_is_its_fields_then_event_level_timestamp_then_the_exception():
+    """docs/OPERATIONS.md "Logs": a JSON line is the event's fields, then `event`, `level` and
+    `timestamp`, then `exception` on an error line that carries a traceback, with a space
+    after each `:` and `,`; the guide said `{"event", "level", "timestamp", ...}`, then the
+    fields, and an operator grepping `^{"event": ` found no line."""
+    import io
+
+    from broker import logs
+
+    sink = io.StringIO()
+    with _logs_configured_back():
+        logs.configure("info", "json", stream=sink)
+        log = logs.get_logger(conn=7)
+        log.info("signing_keys_loaded", key_id="1fc8a57b0528", previous_key_id=None)
+        try:
+            raise RuntimeError("a bug")
+        except RuntimeError:
+            log.exception("commit_callback_failed")
+        logging.getLogger("trio").error("accept failed")
+        logs.drain(5)
+    lines = sink.getvalue().splitlines()
+    keys = [list(json.loads(line)) for line in lines]
+    assert keys == [
+        ["conn", "key_id", "previous_key_id", "event", "level", "timestamp"],
+        ["conn", "event", "level", "timestamp", "exception"],
+        ["logger", "event", "level", "timestamp"],
+    ], lines
+    assert lines[0].startswith('{"conn": 7, "key_id": "1fc8a57b0528", "previous_key_id": null, '
+                               '"event": "signing_keys_loaded", "level": "info", "timestamp": "')
+    assert "RuntimeError: a bug" in json.loads(lines[1])["exception"]
