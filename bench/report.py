@@ -220,36 +220,60 @@ def plot(path: str, results: dict) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return "needs matplotlib: pip install 'homing[bench]' (or pip install matplotlib)"
-    panels = bool(latency) + bool(bars)
-    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
-    axes = list(axes[0])
-    if latency:
-        _plot_latency(axes.pop(0), latency)
-    if bars:
-        _plot_bars(axes.pop(0), bars)
-    fig.tight_layout()
+    fig = figure(plt, latency, bars)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
 
 
+def figure(plt: Any, latency: list[dict], bars: list[tuple[str, dict, str]]) -> Any:
+    """The plot's matplotlib Figure (`plt`, matplotlib.pyplot): a panel for the `latency`
+    entries, if any, and one for the throughput `bars` (`_throughput_bars`), if any; the caller
+    closes it."""
+    panels = bool(latency) + bool(bars)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+    axes = list(axes[0])
+    colour = _colours(latency, bars)
+    if latency:
+        _plot_latency(axes.pop(0), latency, colour)
+    if bars:
+        _plot_bars(axes.pop(0), bars, colour)
+    fig.tight_layout()
+    return fig
+
+
 # One colour per broker in both panels (homing first, the peers in name order), one line style
 # and marker per rate in the latency panel: each rate's brokers are then told apart by colour,
 # and each broker's rates by style (a colour per line, nine of them at three rates and two
-# peers, matched nothing across the panels).
-_RATE_STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"))
+# peers, matched nothing across the panels). The colours are given out once for both panels,
+# from every peer either has: a peer that failed in one scenario is missing from the other's
+# figures, and colours counted per panel then gave it, or another peer, two (until 2026-12-07).
+# Four line styles and seven markers (coprime): a style and marker pair differs from rate to
+# rate up to RATE_STYLES_DISTINCT rates (four pairs in turn made the fifth rate's lines the
+# first's).
+_LINE_STYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+RATE_STYLES_DISTINCT = len(_LINE_STYLES) * len(_MARKERS)
 
 
-def _colours(peer_names: list[str]) -> dict[str, str]:
-    return {name: f"C{k}" for k, name in enumerate(["homing", *peer_names])}
+def _rate_style(k: int) -> tuple[str, str]:
+    """The line style and marker of the latency panel's `k`-th rate."""
+    return _LINE_STYLES[k % len(_LINE_STYLES)], _MARKERS[k % len(_MARKERS)]
 
 
-def _plot_latency(ax: Any, latency: list[dict]) -> None:
+def _colours(latency: list[dict], bars: list[tuple[str, dict, str]]) -> dict[str, str]:
+    """A colour per broker, the same in both panels: homing's, then each peer's that either
+    panel has, in name order."""
+    entries = [*latency, *(entry for _, entry, _ in bars)]
+    peers = sorted({n for entry in entries for n in entry.get("peer") or {}})
+    return {name: f"C{k}" for k, name in enumerate(["homing", *peers])}
+
+
+def _plot_latency(ax: Any, latency: list[dict], colour: dict[str, str]) -> None:
     labels = ["p50", "p90", "p99", "p99.9", "max"]
     keys = ["p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms"]
-    colour = _colours(sorted({n for entry in latency for n in entry.get("peer") or {}}))
     for k, entry in enumerate(latency):
-        line, marker = _RATE_STYLES[k % len(_RATE_STYLES)]
+        line, marker = _rate_style(k)
         runs = [("homing", entry), *sorted((entry.get("peer") or {}).items())]
         for name, figures in runs:
             ax.plot(labels, [figures[key] for key in keys], color=colour[name], linestyle=line,
@@ -260,7 +284,7 @@ def _plot_latency(ax: Any, latency: list[dict]) -> None:
     ax.legend(fontsize="x-small", ncol=len(latency) or 1, loc="upper left")
 
 
-def _plot_bars(ax: Any, bars: list[tuple[str, dict, str]]) -> None:
+def _plot_bars(ax: Any, bars: list[tuple[str, dict, str]], colour: dict[str, str]) -> None:
     names, values, peer_values = [], [], []
     for label, entry, key in bars:
         names.append(label)
@@ -268,7 +292,6 @@ def _plot_bars(ax: Any, bars: list[tuple[str, dict, str]]) -> None:
         peer_values.append({n: p.get(key) for n, p in (entry.get("peer") or {}).items()})
     xs = range(len(names))
     peer_names = sorted({n for pv in peer_values for n in pv})
-    colour = _colours(peer_names)
     width = 0.8 / (1 + len(peer_names))
     drawn = [ax.bar([x - 0.4 + width / 2 for x in xs], values, width=width, label="homing",
                     color=colour["homing"])]

@@ -221,18 +221,20 @@ class Broker:
     async def _say_stop_waits(self) -> None:
         """Log `stop_waiting_for_commit` while the stop's last commit runs past
         STOP_WAIT_WARN_S (then every STOP_WAIT_REPEAT_S): the commands it waits for, and how
-        long the commit under way has run."""
+        long the commit under way has run. Nothing is said with no command committing or
+        queued: the last commit ended, and the stop ends in this turn of the event loop."""
         started = trio.current_time()
         await trio.sleep(STOP_WAIT_WARN_S)
         while True:
             c = self.committer
-            self.log.warning("stop_waiting_for_commit",
-                             waited_s=round(trio.current_time() - started, 1),
-                             committing=c.committing, queued=c.queued,
-                             commit_running_ms=int(c.commit_running_s() * 1000),
-                             hint="the stop commits what it took before it exits; a disk "
-                                  "that does not answer holds it (SIGKILL loses nothing "
-                                  "acknowledged)")
+            if c.committing or c.queued:
+                self.log.warning("stop_waiting_for_commit",
+                                 waited_s=round(trio.current_time() - started, 1),
+                                 committing=c.committing, queued=c.queued,
+                                 commit_running_ms=int(c.commit_running_s() * 1000),
+                                 hint="the stop commits what it took before it exits; a disk "
+                                      "that does not answer holds it (SIGKILL loses nothing "
+                                      "acknowledged)")
             await trio.sleep(STOP_WAIT_REPEAT_S)
 
     async def _watch_idle(self) -> None:

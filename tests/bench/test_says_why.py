@@ -148,7 +148,7 @@ def test_the_plot_gives_each_broker_one_colour_and_each_rate_one_style():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.report import _plot_bars, _plot_latency, _throughput_bars
+    from bench.report import _throughput_bars, figure
 
     def figures(ms: float) -> dict:
         return {"p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "p999_ms": ms, "max_ms": ms}
@@ -161,10 +161,9 @@ def test_the_plot_gives_each_broker_one_colour_and_each_rate_one_style():
                                        "nats": {"msgs_per_s": 25_262}}},
                "fanout": [{"subscribers": 10, "deliveries_per_s": 3_572}],
                "replay": {"events_per_s": 259_807}}
-    fig, (left, right) = plt.subplots(1, 2)
+    fig = figure(plt, latency, _throughput_bars(results))
     try:
-        _plot_latency(left, latency)
-        _plot_bars(right, _throughput_bars(results))
+        left, right = fig.axes
         lines = {line.get_label(): line for line in left.get_lines()}
         assert len(lines) == 9, sorted(lines)
         for name in ("homing", "nats", "redis"):
@@ -179,5 +178,42 @@ def test_the_plot_gives_each_broker_one_colour_and_each_rate_one_style():
         assert bar_colour["redis"] == matplotlib.colors.to_rgba(lines["redis 5000/s"].get_color())
         texts = {t.get_text() for t in right.texts}
         assert {"31,111", "77,673", "25,262", "3,572", "259,807"} <= texts, texts
+    finally:
+        plt.close(fig)
+
+
+@needs_plot
+def test_the_plot_keeps_a_brokers_colour_when_a_peer_is_missing_from_a_panel():
+    """A peer that failed in one scenario (`nats` here, at its first latency rate, after its
+    throughput) is in one panel only: colours given out per panel made `redis` orange in the
+    latency panel and green among the bars, where orange was `nats`. And a fifth rate (or any up
+    to RATE_STYLES_DISTINCT) has a line style and marker of its own: the fifth took the
+    first's, the same colour too, so homing's two lines looked one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.report import RATE_STYLES_DISTINCT, _throughput_bars, figure
+
+    def figures(ms: float) -> dict:
+        return {"p50_ms": ms, "p90_ms": ms, "p99_ms": ms, "p999_ms": ms, "max_ms": ms}
+
+    rates = [1000 * (k + 1) for k in range(RATE_STYLES_DISTINCT)]
+    latency = [{"rate": rate, **figures(1.0), "peer": {"redis": figures(2.0)}} for rate in rates]
+    results = {"throughput": {"msgs_per_s": 31_111,
+                              "peer": {"redis": {"msgs_per_s": 77_673},
+                                       "nats": {"msgs_per_s": 25_262}}}}
+    fig = figure(plt, latency, _throughput_bars(results))
+    try:
+        left, right = fig.axes
+        lines = {line.get_label(): line for line in left.get_lines()}
+        bar_colour = {c.get_label(): c.patches[0].get_facecolor() for c in right.containers}
+        for name in ("homing", "redis"):
+            assert bar_colour[name] == matplotlib.colors.to_rgba(
+                lines[f"{name} 1000/s"].get_color()), name
+        assert len(set(bar_colour.values())) == 3
+        homing = [lines[f"homing {rate}/s"] for rate in rates]
+        assert len({(h.get_linestyle(), h.get_marker()) for h in homing}) == len(rates)
     finally:
         plt.close(fig)

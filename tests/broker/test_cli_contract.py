@@ -454,12 +454,23 @@ def test_token_and_secret_print_what_running_and_tokens_says(tmp_path):
 
 # -- serve -----------------------------------------------------------------------------------------
 
+def _json_log_keys() -> set[str]:
+    """The keys OPERATIONS.md's "Logs" says every JSON line holds: "In JSON, a line is the
+    event's fields, then `event`, `level` and `timestamp` in that order" (its example line after
+    that holds one event's fields, not every line's)."""
+    text = _flat(OPERATIONS)
+    start = text.index("In JSON, a line is")
+    named = set(re.findall(r"`(\w+)`", text[start:text.index(" in that order", start)]))
+    assert named == {"event", "level", "timestamp"}, named
+    return named
+
+
 def test_serve_that_cannot_start_prints_nothing_and_ends_its_log_with_the_error(broker,
                                                                                  tmp_path):
     """`homing serve` prints nothing on stdout; on stderr its JSON log lines, each with the
     keys OPERATIONS.md's "Logs" names, then, when it cannot start, the error: `locked`
     (another broker serves DIR) or `listen` (the port is taken), exit 2."""
-    log_keys, _ = brace_keys(brace_after(OPERATIONS, "In JSON, a line is"))
+    log_keys = _json_log_keys()
     served = broker.logfile.read_text(encoding="utf-8").split("\n")[:-1]  # whole lines
     assert served  # (broker_listening at least)
     for line in map(json.loads, served):

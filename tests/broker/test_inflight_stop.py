@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 import protocol as wire
+from broker import server
 from broker.client import ClientError, ConnectionLost
 from tests import stalls
 from tests.broker.test_resend_review import held_commits
@@ -241,3 +242,15 @@ async def test_a_stop_held_by_its_last_commit_says_so_then_commits_it(tmp_path):
         assert store.sent("shop", "held-1")  # committed once the disk answered
     finally:
         store.close()
+
+
+async def test_a_stop_waits_line_is_not_said_when_nothing_waits(tmp_path):
+    """`stop_waiting_for_commit` names the commands a stop waits for: with none committing
+    and none queued (a last commit that ended as its 1 s ran out, the stop ending in the same
+    turn of the event loop) there is nothing to say. For a few hours of 2026-12-07 the line
+    was said then too, `committing` 0 and `queued` 0: a stop waiting for nothing."""
+    async with running_broker(tmp_path / "data") as h:
+        assert (h.broker.committer.committing, h.broker.committer.queued) == (0, 0)
+        with trio.move_on_after(server.STOP_WAIT_WARN_S + 0.5):
+            await h.broker._say_stop_waits()
+        assert not [e for e in h.logs if e["event"] == "stop_waiting_for_commit"], h.logs

@@ -732,7 +732,8 @@ def test_wire_direct_message_delivery_ack_and_receipts(served):
     # §9: a read ahead of the delivered mark moves both, two pushes, delivered first; the
     # tablet's ack of what the phone acked already moves nothing (marks are per user).
     alice.send(t="send", id=8, cid="m3", body="three", to="bob")
-    alice.reply(8)
+    # §5.3: bob's ack and read that moved his marks are events logged between m2 and m3.
+    assert alice.reply(8)["lsn"] >= r2["lsn"] + 3
     bob_tablet.send(t="ack", upto=2, id=9)
     bob_tablet.reply(9)
     bob.send(t="read", id=10, conv="dm:alice:bob", upto=3)
