@@ -34,10 +34,10 @@ from storage import native
 from storage import records as r
 from storage.errors import CorruptLog
 from storage.fold import fold
-from storage.log import check_time, data_fault, fields_fault, verify_records
+from storage.log import check_time, data_fault, fields_fault, record_fields, verify_records
 from storage.memory_tables import MemoryTables, RowsDropped
 from storage.projections import APPLIED_LSN, KIND_MSG, decode_idem
-from storage.records import GENESIS, Event, decode_body, pack_u64, u64
+from storage.records import GENESIS, Event, pack_u64, u64
 from storage.store import Store
 from storage.tables import APPEND_ONLY
 
@@ -213,15 +213,13 @@ class EventFilter:
 def decode_event(lsn: int, value: bytes) -> Event:
     """Return the event of log record `lsn`, whose stored value `value` is `digest || body`.
 
-    Raises `CorruptLog` naming `lsn` when the body does not decode into an event's six fields,
-    or its time is none a date holds (`ts_iso` could not print it). Nothing else is checked
+    Raises `CorruptLog` naming `lsn` when the body does not decode into an event's six fields
+    (`storage.log.record_fields`: verify's words), or its time is none a date holds (`ts_iso`
+    could not print it). Nothing else is checked
     (not the digest: `verify_head` walks the chain): a record of any other kinds of field is
     returned as it is, for `event_record` to show.
     """
-    try:
-        ev = decode_body(value[32:])
-    except Exception as exc:
-        raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+    ev = Event(*record_fields(lsn, value[32:]))
     check_time(lsn, ev.ts_us)
     return ev
 
@@ -546,12 +544,7 @@ def _fields(lsn: int, value: bytes) -> list[Any]:
     checked as `decode_event` checks them (CorruptLog), without making an Event of them; and,
     as `audit verify` checks them, its type, actor and data of their kinds (`_check_fields`),
     and the data of a message (its conv and cid) and of each event of `_TRACED`."""
-    try:
-        fields = msgpack.unpackb(value[32:], raw=False)
-    except Exception as exc:
-        raise CorruptLog(lsn, f"undecodable body: {exc}") from None
-    if type(fields) is not list or len(fields) != len(Event.__slots__):
-        raise CorruptLog(lsn, "undecodable body: not the fields of an event")
+    fields = record_fields(lsn, value[32:])
     check_time(lsn, fields[1])
     _, _, kind, user, device, data = fields
     _check_fields(lsn, kind, user, device, data)

@@ -33,6 +33,7 @@ from storage.audit import Progress, decode_event, event_record, raw_records
 from storage.errors import CorruptLog, ExportFault, ExportLineTooLong
 from storage.log import verify_records
 from storage.records import DIGEST_BYTES, GENESIS, Event
+from storage.records import chain as log_chain
 from storage.store import Store
 
 # The longest line the check reads by default (`audit verify-export --max-line-bytes`). A line
@@ -49,10 +50,10 @@ MAX_EXPORT_NESTING = 1 + 3 * (1024 - 1) + 2
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _decode = json.JSONDecoder().decode
 _SCALARS = frozenset({str, int, bool, type(None)})
-# The keys of a line and the kinds it must hold them in (None: any, as `export` shows the type,
-# actor, device and data of a record `verify` fails: that fault is then named by the walk, in
-# verify's words, not as a line that is no export line).
-_FIELDS = (("lsn", int), ("ts_us", int), ("type", None), ("actor", None), ("device", None),
+# The keys of a line and the kinds it must hold them in (None: any, as `export` shows the lsn,
+# type, actor, device and data of a record `verify` fails: that fault is then named by the
+# walk, in verify's words, not as a line that is no export line).
+_FIELDS = (("lsn", None), ("ts_us", int), ("type", None), ("actor", None), ("device", None),
            ("data", None), ("digest", str))
 
 
@@ -172,7 +173,7 @@ def check_lines(source: Iterable[bytes], anchors: Sequence[tuple[int, bytes]] = 
     if first is None:
         _anchor_at(walk, 0, GENESIS, 1, None)
         return _ends(walk, 0)
-    lsn, value, obj = _parse(1, first, max_line_bytes, None)
+    lsn, value, obj = _parse(1, first, max_line_bytes, None, None)
     walk.first_lsn, walk.prev = lsn, bytes.fromhex(obj["prev"])
     if lsn < 1 or (lsn == 1 and walk.prev != GENESIS):
         raise ExportFault(1, lsn, f"lsn {lsn} follows no record: the log starts at lsn 1, "
@@ -184,7 +185,8 @@ def check_lines(source: Iterable[bytes], anchors: Sequence[tuple[int, bytes]] = 
         nonlocal number, lsn, value
         for number, raw in enumerate(chain([first], lines_in), 1):
             if number > 1:
-                lsn, value, _ = _parse(number, raw, max_line_bytes, walk.last_lsn + 1)
+                lsn, value, _ = _parse(number, raw, max_line_bytes, walk.last_lsn + 1,
+                                       walk.head)
             yield lsn, value
             # resumed: verify_records found the record sound, and it chains on
             want = line(lsn, value, walk.prev if number == 1 else None).encode()
@@ -200,11 +202,18 @@ def check_lines(source: Iterable[bytes], anchors: Sequence[tuple[int, bytes]] = 
     return _ends(walk, number)
 
 
-def _parse(number: int, raw: bytes, max_line_bytes: int,
-           expected: int | None) -> tuple[int, bytes, dict[str, Any]]:
+def _parse(number: int, raw: bytes, max_line_bytes: int, expected: int | None,
+           before: bytes | None) -> tuple[int, bytes, dict[str, Any]]:
     """Line `number`'s LSN, its record (`digest || body`, the body remade or its `record_b64`)
     and its object; ExportFault when it is none (`expected`: the LSN it should hold, None on
-    the first line, which must carry `prev` and holds any LSN)."""
+    the first line, which must carry `prev` and holds any LSN; `before`: the digest of the
+    line before it).
+
+    A line whose lsn is none a record of homing's holds (text, or another number than
+    `expected` while its record chains on `before`: the export's line of a record `verify`
+    fails, `body says lsn ...`) is given `expected`, for the walk to name its record's fault
+    in verify's words, as of a record's other fields; one of another number that does not
+    chain there is a line moved, inserted or removed."""
     if len(raw) > max_line_bytes:
         raise ExportLineTooLong(number, expected, (
             f"longer than {max_line_bytes:,} bytes (--max-line-bytes), not read: a line takes "
@@ -234,7 +243,7 @@ def _parse(number: int, raw: bytes, max_line_bytes: int,
             of = "" if kind is None else f" of type {kind.__name__}"
             raise ExportFault(number, expected, f"not an export line: no {key}{of} (exported "
                               "by a homing before 2026-12-06?)")
-    lsn = obj["lsn"]
+    lsn = obj["lsn"] if type(obj["lsn"]) is int else expected
     if expected is None and type(obj.get("prev")) is not str:
         raise ExportFault(number, lsn, "the first line carries no prev, the digest of the "
                           "record before it: lines before it were removed, or it is not the "
@@ -242,10 +251,6 @@ def _parse(number: int, raw: bytes, max_line_bytes: int,
     if expected is not None and "prev" in obj:
         raise ExportFault(number, lsn, "a prev, which only an export's first line carries: "
                           "a first line moved here, or lines added before it")
-    if expected is not None and lsn != expected:
-        how = ("missing before it, or it was moved up" if lsn > expected
-               else "inserted, or moved down from before it")
-        raise ExportFault(number, lsn, f"lsn {lsn} where lsn {expected} belongs: lines {how}")
     digests = (obj["digest"], obj.get("prev", "0" * 2 * DIGEST_BYTES))
     if any(len(d) != 2 * DIGEST_BYTES or not _hex(d) for d in digests):
         raise ExportFault(number, lsn, f"its digest or prev is not {2 * DIGEST_BYTES} hex "
@@ -255,7 +260,26 @@ def _parse(number: int, raw: bytes, max_line_bytes: int,
         raise ExportFault(number, lsn, "its fields make no record (a data.body_b64 or "
                           "record_b64 that is no base64, a number past 64 bits, a value "
                           "nested deeper than msgpack packs)")
-    return lsn, bytes.fromhex(obj["digest"]) + body, obj
+    value = bytes.fromhex(obj["digest"]) + body
+    if lsn is None:  # the first line, of an lsn no record of homing's holds: placed nowhere
+        raise ExportFault(number, None, _unplaced(value, bytes.fromhex(obj["prev"])))
+    if expected is not None and lsn != expected and value[:DIGEST_BYTES] != log_chain(
+            before, body):
+        how = ("missing before it, or it was moved up" if lsn > expected
+               else "inserted, or moved down from before it")
+        raise ExportFault(number, lsn, f"lsn {lsn} where lsn {expected} belongs: lines {how}")
+    return expected if expected is not None else lsn, value, obj
+
+
+def _unplaced(value: bytes, prev: bytes) -> str:
+    """Why the first line, whose lsn is none a record of homing's holds, is at fault: the
+    walk's reason for its record (`value`, after `prev`), where the file's first LSN is not
+    known (a record that says lsn 0 is none of a log's either)."""
+    try:
+        verify_records(((0, value),), 0, prev)
+    except CorruptLog as exc:
+        return _chain_reason(exc.reason)
+    return "its record says lsn 0, where a log starts at lsn 1"
 
 
 def _hex(text: str) -> bool:

@@ -22,6 +22,7 @@ import msgpack
 from storage import native
 from storage import records as r
 from storage.errors import CorruptLog, CorruptProjection
+from storage.log import EVENT_FIELDS, record_fault
 from storage.memory_tables import RowsDropped
 from storage.projections import (
     COMPILED,
@@ -109,6 +110,8 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
             raise CorruptLog(lsn + 1, f"undecodable body: {exc}") from None
         try:
             if fields[0] > last or fields[1] > until:
+                if type(fields) is not list or len(fields) != EVENT_FIELDS:
+                    raise refused(lsn + 1, value, None)  # (text, read as its bytes' numbers)
                 break
             if fields[2] == _MESSAGE:
                 data = fields[5]
@@ -119,6 +122,11 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 add(tables, ckey, ckey.decode(), user, cid, fields[0], heads)
             else:
                 ev = decode_body(value[32:])
+                # (fields_fault's test, inline as in verify_records: a type, actor or data of
+                # the wrong kind, which `apply` may take as it is, a number for a user, say)
+                if (type(ev.type) is not str or type(ev.user) is not str
+                        or type(ev.device) is not str or type(ev.data) is not dict):
+                    raise refused(lsn + 1, value, None)
                 if (fault := r.event_key_fault(ev.user, ev.device, ev.data)) is not None:
                     raise CorruptLog(lsn + 1, f"{ev.type} with {fault}")
                 apply(tables, ev, fx)
@@ -128,9 +136,7 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 CorruptProjection) as exc:  # (rows a replay decodes: its records wrote them)
             if stored and (fault := stored_fault(tables, record, exc)) is not None:
                 raise fault from None
-            # Chained, so stored as written, yet no event this homing writes: its fields are
-            # not what the replay reads (`verify` names it: storage.log.data_fault).
-            raise CorruptLog(lsn + 1, f"a record the replay cannot apply: {exc!r:.200}") from None
+            raise refused(lsn + 1, value, exc) from None
         lsn, ts = fields[0], fields[1]
         done += 1
         if not done % chunk:
@@ -140,6 +146,18 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 on_chunk(done)
     mark_applied(tables, lsn)
     return lsn, ts, done
+
+
+def refused(lsn: int, value: bytes, exc: Exception | None) -> CorruptLog:
+    """The CorruptLog of record `lsn` (`digest || body`), which the replay cannot apply (it
+    raised `exc`) or found of the wrong kind (`exc` None): chained, so stored as written, yet
+    no event this homing writes. `audit verify`'s verdict on it where verify fails it
+    (`storage.log.record_fault`: a field of the wrong kind, data without a field the replay
+    reads, ...), so that `rebuild` and `verify` name one fault alike; else what it raised."""
+    fault = record_fault(lsn, value[32:])
+    if fault is not None:
+        return fault
+    return CorruptLog(lsn, f"a record the replay cannot apply: {exc!r:.200}")
 
 
 def _remembered(records: Iterable[tuple[object, bytes]], taken: list) -> Iterable:

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from hashlib import blake2b
 from typing import Any, Protocol, runtime_checkable
 
-from msgpack import packb
+from msgpack import packb, unpackb
 
 from storage.errors import CorruptLog
 from storage.records import (
@@ -113,8 +113,10 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
         try:
             ev = decode_body(body)
         except Exception as exc:
+            record_fields(lsn, body)  # raises: no list of an event's six fields
             raise CorruptLog(lsn, f"undecodable body: {exc}") from None
         if type(ev.lsn) is not int or ev.lsn != lsn:
+            record_fields(lsn, body)  # (six characters of text, a map of six keys: no list)
             raise CorruptLog(lsn, f"body says lsn {ev.lsn!r}")
         # Chained, so written as such, yet not by this homing: a record no replay or audit
         # could read (a time no date holds, fields of the wrong kind, a type of no event) is
@@ -124,6 +126,7 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
         # (fields_fault's test, inline: calling it on every record cost 33 ns, 1.4 % of the walk)
         if (type(ev.type) is not str or type(ev.user) is not str or type(ev.device) is not str
                 or type(ev.data) is not dict):
+            record_fields(lsn, body)  # (six bytes, the first the lsn: no list)
             raise CorruptLog(lsn, fields_fault(ev.type, ev.user, ev.device, ev.data))
         if ev.type not in EVENT_TYPES:
             raise CorruptLog(lsn, f"unknown event type {ev.type!r}")
@@ -142,6 +145,36 @@ def verify_records(records: Iterable[tuple[int, bytes]], from_lsn: int, prev_dig
                 raise CorruptLog(lsn, f"{ev.type} with {fault}")
         expected += 1
     return expected - from_lsn
+
+
+EVENT_FIELDS = len(Event.__slots__)  # lsn, ts_us, type, user, device, data
+
+
+def record_fields(lsn: int, body: bytes) -> list[Any]:
+    """The fields `[lsn, ts_us, type, user, device, data]` of record `lsn` from its `body`;
+    CorruptLog at `lsn` when it holds none (`undecodable body: ...`, msgpack's reason, or `not
+    the fields of an event`: no list, or one of another length). The one wording of this fault
+    in `audit verify` (`verify_records`, which calls it only once its own decoding failed),
+    `log`, `export`, `stats` (`audit.decode_event`), `trace` and `rebuild`."""
+    try:
+        fields = unpackb(body, raw=False)
+    except Exception as exc:
+        raise CorruptLog(lsn, f"undecodable body: {exc}") from None
+    if type(fields) is not list or len(fields) != EVENT_FIELDS:
+        raise CorruptLog(lsn, "undecodable body: not the fields of an event")
+    return fields
+
+
+def record_fault(lsn: int, body: bytes) -> CorruptLog | None:
+    """The CorruptLog `audit verify` raises of a record at `lsn` whose body is `body`, its
+    chain aside (`verify_records` of it alone), or None when verify passes it: the verdict a
+    replay that cannot apply a record (storage/fold.py) names, in verify's words. Called only
+    once a replay failed or found a field of the wrong kind, never on its common path."""
+    try:
+        verify_records(((lsn, chain(GENESIS, body) + body),), lsn, GENESIS)
+    except CorruptLog as exc:
+        return exc
+    return None
 
 
 def check_time(lsn: int, ts_us: object) -> None:
