@@ -34,6 +34,7 @@ from broker.cli import (
     warn,
 )
 from broker.client_errors import UNSURE as SDK_UNSURE
+from broker.client_errors import StaleDelivery
 from broker.config import DEFAULT_HOST, DEFAULT_PORT
 
 T = TypeVar("T")
@@ -340,7 +341,7 @@ async def do_listen(client, args) -> None:
 
     async def print_deliveries() -> None:
         nonlocal waiting
-        count = 0
+        count = last = 0
         deliveries = client.deliveries()
         while not reader_gone.is_set() and (args.count is None or count < args.count):
             with trio.move_on_after(math.inf if args.timeout is None else args.timeout) as waiting:
@@ -357,8 +358,12 @@ async def do_listen(client, args) -> None:
             count += 1
             if not args.no_ack:
                 await client.ack(d.inbox_seq)
-        if not args.no_ack:
-            await client.ping()  # make sure the last ack reached the broker before we close
+                last = d.inbox_seq
+        if last:  # what was printed stays acked across a crash of the broker once we end
+            try:
+                await client.ack(last, durable=True)
+            except StaleDelivery:  # the inbox went back since (warned): nothing of it to keep
+                pass
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch_reader)
@@ -476,8 +481,7 @@ async def do_receipts(client, args) -> None:
 
 
 async def do_ack(client, args) -> None:
-    await client.ack(args.upto)
-    await client.ping()  # the ack reached the broker before we close
+    await client.ack(args.upto, durable=True)  # on the broker's disk before we say acked
     emit({"acked": args.upto})
 
 

@@ -290,12 +290,23 @@ class Session:
             self.log.warning("reply_too_large", frame=type(frame).TYPE,
                              max_frame=self.conn.max_frame_bytes)
             data = self.conn.send(wire.error_frame(
-                wire.ErrorCode.LIMIT_EXCEEDED,
-                f"the {type(frame).TYPE} reply does not fit this connection's max_frame of "
-                f"{self.conn.max_frame_bytes} bytes", request_id, close=False))
+                wire.ErrorCode.LIMIT_EXCEEDED, self._unfit_reply(type(frame).TYPE), request_id,
+                close=False))
         self.out.append(data)
         self.out_bytes += len(data)
         self._ready()
+
+    def _unfit_reply(self, frame: str) -> str:
+        """Why a reply did not fit, and which limit to raise: the broker's --max-frame-bytes,
+        or the smaller max_frame the client asked for in its hello."""
+        agreed, ours = self.conn.max_frame_bytes, self.broker.config.max_frame_bytes
+        if agreed >= ours:
+            limit = "the broker's --max-frame-bytes, which its operator may raise"
+        else:
+            limit = (f"the client asked for it in its hello, the broker's --max-frame-bytes "
+                     f"is {ours}: ask for more")
+        return (f"the {frame} reply does not fit this connection's max_frame of {agreed} bytes "
+                f"({limit}; docs/OPERATIONS.md, \"Limits\")")
 
     def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str, *,
                     retry_ms: int | None = None) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import pytest
 import trio
 
+import protocol
 from broker.client import ClientError, Receipt
+from tests.faults.conftest import RawClient
 from tests.harness import running_broker
 
 
@@ -178,6 +180,65 @@ async def test_courier_sees_the_order_only_while_carrying_the_parcel(harness):
         await nothing_more(courier)
         convs = await courier.conversations()
         assert grp not in [c.conv for c in convs.convs]
+
+
+async def test_a_courier_invited_again_reads_the_whole_order_and_counts_from_their_return(
+        harness):
+    """The courier leaves the order's group and the shop invites them back: they read the
+    whole history again, the messages posted while they were away included, and are delivered
+    `added` and what comes after; `receipts` counts them in the audience of the messages
+    posted after their return alone, though they were members when the earlier ones were
+    posted, and are again (docs/CLIENT.md, "Who sees what in a group")."""
+    async with harness.client("pet-shop", "orders", role="service") as shop, \
+            harness.client("courier-3", "van") as courier:
+        grp = await shop.create_group("order 77", ["customer-7", "courier-3"], cid="order-77")
+        packed = await shop.send("packed", conv=grp)
+        await take(courier, 2)  # added, packed
+        await courier.send("picked up", conv=grp)
+        await courier.leave(grp)
+        away = await shop.send("who has the parcel?", conv=grp)
+        await shop.invite(grp, "courier-3")
+        back = await shop.send("courier-3 has it again", conv=grp)
+        got = await take(courier, 2)
+        assert [(d.kind, d.seq) for d in got] == [("added", 0), ("msg", back.seq)]
+        seen = await courier.history(grp, order="oldest")
+        assert [m.seq for m in seen.messages] == [1, 2, away.seq, back.seq]
+        before = await shop.receipts(grp, packed.seq)
+        assert "courier-3" not in before.read + before.unread  # not in its audience
+        after = await shop.receipts(grp, back.seq)
+        assert set(after.unread) == {"courier-3", "customer-7"}
+
+
+async def test_receipts_of_a_channel_too_big_for_max_frame_say_which_limit_to_raise(tmp_path):
+    """Head office's channel holds stores whose ids have the full 64 characters: its
+    `receipts` and `members` replies do not fit the broker's max_frame (here 4 KiB; at the
+    default 1 MiB, about 7,900 such stores, docs/OPERATIONS.md "Limits"). They are refused
+    `limit_exceeded`, the session open, with a message naming `--max-frame-bytes` as the limit
+    to raise (until 2026-12-07 it named only "this connection's max_frame")."""
+    stores = [f"store-{i:03d}-".ljust(64, "x") for i in range(70)]
+    async with running_broker(tmp_path / "data", max_frame_bytes=4096,
+                              max_body_bytes=1024) as h, \
+            h.client("head-office", role="service") as hq:
+        conv = await hq.create_channel("notices", stores[:50])  # a create must fit too
+        for store in stores[50:]:
+            await hq.invite(conv, store)
+        seq = (await hq.send("Inventory count on Monday", conv=conv)).seq
+        for ask in (hq.receipts(conv, seq), hq.members(conv)):
+            with pytest.raises(ClientError) as refused:
+                await ask
+            assert refused.value.name == "limit_exceeded"
+            assert "max_frame of 4096 bytes (the broker's --max-frame-bytes" in str(
+                refused.value), refused.value
+        await hq.ping()  # the session goes on
+        raw = await RawClient.connect(h.server, h.token("head-office", "service"), "raw",
+                                      max_frame=2048)  # a client that asks for less
+        await raw.send(protocol.Members(id=1, conv=conv))
+        with trio.fail_after(10):
+            err = await raw.reply(1)
+        assert isinstance(err, protocol.Error) and err.name == "limit_exceeded", err
+        assert ("max_frame of 2048 bytes (the client asked for it in its hello, the broker's "
+                "--max-frame-bytes is 4096" in err.message), err
+        await raw.aclose()
 
 
 async def answer(bot, stop_after, *, dies=False):
