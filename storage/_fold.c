@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 14 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 15 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1202,19 +1202,20 @@ static int open_sinks(PyObject *tables, sink *sinks) {
     return 0;
 }
 
-/* fold_messages(records, tables, heads, last_lsn, until_us, limit)
+/* fold_messages(records, tables, heads, last_lsn, until_us, limit[, next_lsn])
  *     -> (applied, lsn, ts_us, record, exhausted)
  *
  * Applies message records from the iterator `records` of `(key, digest || body)` while each
  * is a well-formed message.accepted event with lsn <= last_lsn and ts_us <= until_us (None:
- * no bound), at most `limit` of them. Returns how many it applied, the lsn and ts_us of the
+ * no bound), and the lsn next_lsn, one more each record (None: unchecked; a record whose
+ * body names another lsn is handed back, for Python to refuse), at most `limit` of them. Returns how many it applied, the lsn and ts_us of the
  * last one, the first record it did not apply (None if none), and whether `records` ran out.
  */
 static PyObject *fold_messages(PyObject *self, PyObject *args) {
-    PyObject *records, *tables, *heads, *last_o, *until_o;
+    PyObject *records, *tables, *heads, *last_o, *until_o, *next_o = Py_None;
     Py_ssize_t limit;
-    if (!PyArg_ParseTuple(args, "OOOOOn:fold_messages", &records, &tables, &heads, &last_o,
-                          &until_o, &limit))
+    if (!PyArg_ParseTuple(args, "OOOOOn|O:fold_messages", &records, &tables, &heads, &last_o,
+                          &until_o, &limit, &next_o))
         return NULL;
     if (!configured())
         return NULL;
@@ -1228,6 +1229,10 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         return NULL;
     if (until_o != Py_None && (until = PyLong_AsUnsignedLongLong(until_o)) == (uint64_t)-1 &&
         PyErr_Occurred())
+        return NULL;
+    uint64_t next = 0;
+    int checked = next_o != Py_None;
+    if (checked && (next = PyLong_AsUnsignedLongLong(next_o)) == (uint64_t)-1 && PyErr_Occurred())
         return NULL;
     if (heads == Py_None)
         heads = NULL;
@@ -1253,7 +1258,8 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         message m;
         int rc = 0;
         if (PyTuple_Check(record) && PyTuple_GET_SIZE(record) == 2 &&
-            parse_message(PyTuple_GET_ITEM(record, 1), &m) && m.lsn <= last && m.ts <= until)
+            parse_message(PyTuple_GET_ITEM(record, 1), &m) && m.lsn <= last && m.ts <= until &&
+            (!checked || m.lsn == next))
             rc = apply_message(tables, heads, sinks, &m);
         if (rc < 0) {
             Py_CLEAR(record);
@@ -1266,6 +1272,7 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         applied++;
         lsn = m.lsn;
         ts = m.ts;
+        next = lsn + 1;
     }
     /* absorb: each DigestTable learns the rows counted for it (`absorb(rows, digest)`) */
     for (int i = 0; i < 3 && !failed; i++) {
@@ -1699,7 +1706,7 @@ static PyMethodDef methods[] = {
      "rows_digest(rows, key) -> (count, digest): the keyed multiset digest of (key, value) "
      "rows (SipHash-2-4 of len(key) || key || value, summed modulo 2**64)."},
     {"fold_messages", fold_messages, METH_VARARGS,
-     "fold_messages(records, tables, heads, last_lsn, until_us, limit) -> (applied, lsn, "
+     "fold_messages(records, tables, heads, last_lsn, until_us, limit[, next_lsn]) -> (applied, lsn, "
      "ts_us, record, exhausted): the message records of a replay (see storage.fold)."},
     {NULL, NULL, 0, NULL},
 };

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
-from msgpack import packb
+from msgpack import packb, unpackb
 
 from storage.audit import Progress, decode_event, event_record, raw_records
 from storage.errors import CorruptLog, ExportFault, ExportLineTooLong
@@ -261,6 +261,8 @@ def _parse(number: int, raw: bytes, max_line_bytes: int, expected: int | None,
                           "record_b64 that is no base64, a number past 64 bits, a value "
                           "nested deeper than msgpack packs)")
     value = bytes.fromhex(obj["digest"]) + body
+    if expected is None and "record_b64" in obj and type(own := _own_lsn(body)) is int:
+        lsn = own  # the first line of a record's own bytes: placed where the record says
     if lsn is None:  # the first line, of an lsn no record of homing's holds: placed nowhere
         raise ExportFault(number, None, _unplaced(value, bytes.fromhex(obj["prev"])))
     if expected is not None and lsn != expected and value[:DIGEST_BYTES] != log_chain(
@@ -269,6 +271,17 @@ def _parse(number: int, raw: bytes, max_line_bytes: int, expected: int | None,
                else "inserted, or moved down from before it")
         raise ExportFault(number, lsn, f"lsn {lsn} where lsn {expected} belongs: lines {how}")
     return expected if expected is not None else lsn, value, obj
+
+
+def _own_lsn(body: bytes) -> object:
+    """The lsn record `body` holds (None when it holds no list of fields): where a first line
+    carrying its record's bytes (`record_b64`) belongs, its own `lsn` changed or not (the
+    comparison with the record's line then names the change, not the record)."""
+    try:
+        fields = unpackb(body)
+    except Exception:  # (any body: `verify_records` names its fault)
+        return None
+    return fields[0] if type(fields) is list and fields else None
 
 
 def _unplaced(value: bytes, prev: bytes) -> str:

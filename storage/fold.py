@@ -66,6 +66,8 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     fast = native.ext.fold_messages if compiled and native.ext is not None else None
     if (to_lsn is not None and to_lsn < 0) or (until_us is not None and until_us < 0):
         fast = None  # the C loop takes unsigned bounds; such a fold stops at once anyway
+    if not 0 <= after < (1 << 64) - 1:
+        fast = None  # (nor could a record of 64 bits be the next: the Python loop says so)
     c_last = to_lsn if to_lsn is not None and to_lsn < 1 << 64 else None
     c_until = until_us if until_us is not None and until_us < 1 << 64 else None
     add = add_message if compiled else py_add_message
@@ -83,7 +85,7 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
         if fast is not None:
             try:
                 n, f_lsn, f_ts, record, exhausted = fast(it, tables, None, c_last, c_until,
-                                                         chunk - done % chunk)
+                                                         chunk - done % chunk, lsn + 1)
             except (struct.error, ValueError) as exc:
                 if stored and (fault := stored_fault(tables, taken[0], exc)) is not None:
                     raise fault from None
@@ -107,8 +109,15 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
         try:
             fields = unpack(value[32:], raw=True)
         except (ValueError, msgpack.UnpackException) as exc:
-            raise CorruptLog(lsn + 1, f"undecodable body: {exc}") from None
+            # verify's words (it reads text as text: of bytes no UTF-8 holds, it names those)
+            raise (record_fault(lsn + 1, value[32:])
+                   or CorruptLog(lsn + 1, f"undecodable body: {exc}")) from None
         try:
+            # The record this LSN holds, as verify requires (`body says lsn ...`): the body's
+            # lsn is what the replay marks applied and files messages under (the C loop
+            # checks the same, `next_lsn`). Of a text body, its first byte's number.
+            if type(fields[0]) is not int or fields[0] != lsn + 1:
+                raise refused(lsn + 1, value, None)
             if fields[0] > last or fields[1] > until:
                 if type(fields) is not list or len(fields) != EVENT_FIELDS:
                     raise refused(lsn + 1, value, None)  # (text, read as its bytes' numbers)

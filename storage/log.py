@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from hashlib import blake2b
 from typing import Any, Protocol, runtime_checkable
 
-from msgpack import packb, unpackb
+from msgpack import StackError, packb, unpackb
 
 from storage.errors import CorruptLog
 from storage.records import (
@@ -158,6 +158,9 @@ def record_fields(lsn: int, body: bytes) -> list[Any]:
     `log`, `export`, `stats` (`audit.decode_event`), `trace` and `rebuild`."""
     try:
         fields = unpackb(body, raw=False)
+    except StackError:  # (msgpack gives it no words)
+        raise CorruptLog(lsn, "undecodable body: nested deeper than msgpack unpacks (1,024 "
+                         "levels)") from None
     except Exception as exc:
         raise CorruptLog(lsn, f"undecodable body: {exc}") from None
     if type(fields) is not list or len(fields) != EVENT_FIELDS:

@@ -9,6 +9,7 @@ Real LMDB in tmp dirs, the real `homing` command (in-process `main`, and `serve`
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import msgpack
 import pytest
 
 from broker.cli import main
+from storage.errors import CorruptLog
 from storage.projections import APPLIED_LSN
 from storage.records import chain, lsn_key, pack_u64
 from storage.store import LAYOUT, LAYOUT_KEY, Store
@@ -41,6 +43,19 @@ WRONG_KINDS = pytest.mark.parametrize(("event", "reason"), [
         "data-list"])
 
 
+REPLAYS = (["verify"], ["rebuild"], ["rebuild", "--check"],
+           ["inbox", "--json", "--user", "alice"])
+
+
+def _all_refuse(capsys, data: Path, want: str, actions: tuple = REPLAYS) -> None:
+    """Each of `actions` (`homing audit ACTION`) says `want` of `data` and exits 1, leaving
+    its projection rows and layout byte for byte as they were."""
+    before = _dump(data)
+    for args in actions:
+        assert _said(capsys, *args, "--data", str(data)) == (1, want), args
+    assert _dump(data) == before
+
+
 def _dump(path: Path) -> tuple[dict, bytes | None]:
     """Every projection row of the data directory, and its stored layout."""
     store = Store.open(str(path), readonly=True)
@@ -61,12 +76,7 @@ def test_rebuild_refuses_a_field_of_the_wrong_kind_as_verify_does(tmp_path, caps
     data = tmp_path / "data"
     lsn = make_data(data, 1) + 1
     _put_at(data, lsn, event)
-    before = _dump(data)
-    want = f"log corrupt at lsn {lsn}: a field of the wrong kind: {reason}"
-    for args in (["verify"], ["rebuild"], ["rebuild", "--check"],
-                 ["inbox", "--json", "--user", "alice"]):
-        assert _said(capsys, *args, "--data", str(data)) == (1, want), args
-    assert _dump(data) == before
+    _all_refuse(capsys, data, f"log corrupt at lsn {lsn}: a field of the wrong kind: {reason}")
 
 
 def test_rebuild_names_data_the_replay_cannot_apply_as_verify_does(tmp_path, capsys):
@@ -158,3 +168,117 @@ def test_verify_export_names_a_record_whose_lsn_is_not_its_own_as_verify_does(
         exported = tmp_path / "export.jsonl"
         exported.write_text(capsys.readouterr().out)
         assert _said(capsys, "verify-export", str(exported)) == (1, want)
+
+
+WRONG_LSNS = pytest.mark.parametrize(("said", "event"), [
+    (7, (TS, "message.accepted", "bob", "d", MESSAGE)),
+    (3, (TS, "message.accepted", "bob", "d", MESSAGE)),
+    (True, (TS, "message.accepted", "bob", "d", MESSAGE)),
+    (9, (TS, "read.marked", "alice", "d", MARK)),
+    (2, (TS, "read.marked", "alice", "d", MARK)),
+    (5.0, (TS, "read.marked", "alice", "d", MARK)),
+    (5.0, (TS, "message.accepted", "bob", "d", MESSAGE)),
+], ids=["message-7", "message-3", "message-true", "mark-9", "mark-2", "mark-float",
+        "message-float"])
+
+
+@WRONG_LSNS
+def test_rebuild_refuses_a_record_whose_body_names_another_lsn(tmp_path, capsys, said, event):
+    """A record chained at lsn 5 whose body says lsn 7 (or 3, true, 5.0): verify fails it,
+    `body says lsn 7`; the replay took the body's lsn as the record's, so `rebuild` answered
+    `"ok": true` and stored applied_lsn 7 (3, 1) for a log of 5 records (`rebuild --check`
+    then blamed the projections, `inbox` printed `"lsn": 7`), and of 5.0 ended all three with
+    `struct.error: required argument is not an integer` and a traceback. Each now refuses the
+    record in verify's words, in the compiled and the Python replay alike, changing nothing."""
+    data = tmp_path / "data"
+    lsn = make_data(data, 4) + 1
+    _put_body(data, lsn, [said, *event])
+    before = _dump(data)
+    want = f"log corrupt at lsn {lsn}: body says lsn {said!r}"
+    _all_refuse(capsys, data, want)
+    proc = subprocess.run([*homing_cmd(), "audit", "rebuild", "--data", str(data)],
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HOMING_PURE_PYTHON": "1"})
+    assert_one_json_error(proc, 1, "corrupt_log")
+    assert json.loads(proc.stderr.strip().splitlines()[-1])["message"].startswith(want)
+    assert _dump(data) == before
+
+
+def test_catch_up_refuses_a_record_whose_body_names_another_lsn(tmp_path):
+    """Opening a store folds the records its projections lack (one write transaction); a
+    record there whose body named another lsn was applied as that lsn, and only a last record
+    naming another was refused (`no event of lsn ...`). Now the record itself is refused at
+    its LSN in verify's words, and nothing of the catch-up is written."""
+    data = tmp_path / "data"
+    lsn = make_data(data, 4) + 1
+    _put_body(data, lsn, [lsn + 2, TS, "message.accepted", "bob", "d", MESSAGE])
+    _put_body(data, lsn + 1, [lsn + 1, TS, "read.marked", "alice", "d", MARK])
+    poke(data, lambda txn, db: txn.put(APPLIED_LSN, pack_u64(lsn - 1), db=db("meta")))
+    before = _dump(data)
+    with pytest.raises(CorruptLog) as caught:
+        Store.open(str(data)).close()
+    assert (caught.value.lsn, caught.value.reason) == (lsn, f"body says lsn {lsn + 2}")
+    assert _dump(data) == before
+
+
+def _deep(depth: int) -> bytes:
+    """A read mark whose data holds a value nested `depth` lists deep, packed by hand (msgpack
+    packs no deeper than 512 from Python objects)."""
+    head = msgpack.packb([5, TS, "read.marked", "alice", "d", {**MARK, "x": None}])
+    return head[:-1] + b"\x91" * depth + b"\xc0"
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    (b"\xa2\xff\xfe\x01", "undecodable body: 'utf-8' codec can't decode byte 0xff in position "
+     "0: invalid start byte"),
+    (None, "undecodable body: nested deeper than msgpack unpacks (1,024 levels)"),
+], ids=["bad-utf8-then-more", "nested-5000"])
+def test_every_reader_words_a_body_msgpack_cannot_read_as_verify_does(tmp_path, capsys, body,
+                                                                       said):
+    """A chained body msgpack cannot read: text of bytes no UTF-8 holds followed by more
+    bytes, verify `'utf-8' codec can't decode ...`, `rebuild` (which reads text as bytes)
+    `unpack(b) received extra data.`; a value nested past msgpack's 1,024 levels, every
+    reader `undecodable body: ` and nothing after it (msgpack's StackError has no words).
+    Each is now one reason, verify's, to every reader."""
+    data = tmp_path / "data"
+    lsn = make_data(data, 1) + 1
+    body = body if body is not None else _deep(5000).replace(b"\x05", bytes([lsn]), 1)
+
+    def put(txn, db):
+        prev = txn.get(lsn_key(lsn - 1), db=db("log"))[:32]
+        txn.put(lsn_key(lsn), chain(prev, body) + body, db=db("log"))
+        txn.put(APPLIED_LSN, pack_u64(lsn), db=db("meta"))
+
+    poke(data, put)
+    _all_refuse(capsys, data, f"log corrupt at lsn {lsn}: {said}",
+                (*REPLAYS, ["log", "--json"], ["export"], ["stats"]))
+
+
+@pytest.mark.parametrize("changed", ["7", True, 99], ids=["text", "true", "another-number"])
+def test_verify_export_blames_a_first_line_whose_lsn_was_changed_not_its_record(
+        tmp_path, capsys, changed):
+    """A record homing would pass, packed otherwise (its lsn in eight bytes), is exported with
+    `record_b64`; the first line of `export --from-lsn` of it with its `lsn` changed by hand
+    was blamed on the record, `line 1: its record is none homing wrote: body says lsn 7`
+    (`line 1 (lsn 99): ...` of another number), which verify passes. The record's own lsn
+    places such a line, and the line is named as changed, as one further down is."""
+    data = tmp_path / "data"
+    lsn = make_data(data, 1) + 1
+    body = b"\x96\xcf" + lsn.to_bytes(8, "big") + msgpack.packb(
+        [TS, "read.marked", "alice", "d", MARK])[1:]
+
+    def put(txn, db):
+        prev = txn.get(lsn_key(lsn - 1), db=db("log"))[:32]
+        txn.put(lsn_key(lsn), chain(prev, body) + body, db=db("log"))
+
+    poke(data, put)
+    capsys.readouterr()
+    assert main(["audit", "export", "--data", str(data), "--from-lsn", str(lsn)]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert "record_b64" in line and line["lsn"] == lsn
+    exported = tmp_path / "export.jsonl"
+    exported.write_text(json.dumps({**line, "lsn": changed}, ensure_ascii=False,
+                                   separators=(",", ":")) + "\n")
+    status, said = _said(capsys, "verify-export", str(exported))
+    assert status == 1 and said.startswith(f"line 1 (lsn {lsn}): the line is not its "
+                                           "record's own from byte 7 on"), said
