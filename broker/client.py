@@ -379,8 +379,36 @@ class Client:
 
     async def receipts(self, conv: str, seq: int) -> wire.ReceiptList:
         """Who was delivered, who read, and who has not read message `seq` of `conv`, of its
-        audience (the members other than its sender who were members when it was posted)."""
-        return await self._link.request(lambda i: wire.Receipts(id=i, conv=conv, seq=seq))
+        audience (the members other than its sender who have been members since before it was
+        posted, without a break): the whole answer, each list in id order.
+
+        From a broker whose welcome has the `receipts_paged` cap it is asked page by page,
+        each as many members as fit the max_frame, and merged into one ReceiptList (`more`
+        false). Each page is read at its own moment: a member who reads between two pages is
+        counted as their page found them. From a broker without the cap (before 2026-12-07),
+        one request: past its max_frame it is refused `limit_exceeded`. The first page goes
+        to any broker (an older one answers it whole); a later one that a reconnect would send
+        to a broker without the cap is not sent (ConnectionLost, or ClientError `invalid` if
+        it was not written yet): that broker would answer the whole list again."""
+        welcome = self.welcome
+        if welcome is None or wire.CAP_RECEIPTS_PAGED not in welcome.caps:
+            return await self._link.request(lambda i: wire.Receipts(id=i, conv=conv, seq=seq))
+        delivered: list[str] = []
+        read: list[str] = []
+        unread: list[str] = []
+        after = ""
+        while True:
+            later = bool(after)
+            page = await self._link.request(
+                lambda i, after=after: wire.Receipts(id=i, conv=conv, seq=seq, after=after),
+                needs=wire.CAP_RECEIPTS_PAGED if later else None, required=later)
+            delivered += page.delivered
+            read += page.read
+            unread += page.unread or ()
+            if not page.more:
+                return page._replace(delivered=tuple(delivered), read=tuple(read),
+                                     unread=tuple(unread))
+            after = page.last
 
     async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),
                      open: bool = False, *, cid: str | None = None) -> str:

@@ -137,7 +137,12 @@ def fail_requests(requests: list[Request], error: type[ConnectionLost], message:
 
 
 def lacks(cap: str | None) -> ClientError:
-    """The refusal of a create with the caller's cid by a broker without the cap `cap`."""
+    """The refusal of a create with the caller's cid by a broker without the cap `cap` (or of
+    another request that needs a cap: a later page of `receipts`)."""
+    if cap != wire.CAP_CREATE_CID:
+        return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
+                           f"this broker's welcome lacks the {cap!r} cap (it is older than "
+                           "the one that answered the first part): call again")
     return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
                        f"create: bad value for field 'cid': this broker ignores a create's cid "
                        f"(its welcome lacks the {cap!r} cap: it is from before 2026-12-05), so "

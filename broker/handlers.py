@@ -626,7 +626,11 @@ def on_members(session: Session, f: wire.Members) -> None:
 def on_receipts(session: Session, f: wire.Receipts) -> None:
     if not _may_see_members(session, f.conv, "receipts", f.id):
         return
-    marks = session.broker.store.receipts(f.conv, f.seq)
+    # A page (`after`) reads no more members than its frame could hold, at 2 bytes the
+    # shortest, and one more to tell whether more follow.
+    most = (None if f.after is None
+            else min(fields.MAX_USER_LIST, session.conn.max_frame_bytes // 2) + 1)
+    marks = session.broker.store.receipts(f.conv, f.seq, after=f.after, limit=most)
     if marks is None:
         session.reply_error(f.id, wire.ErrorCode.NOT_FOUND, f"{f.conv} has no message {f.seq}")
         return
@@ -634,12 +638,44 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     # a group of 10,000 long ids past the default max_frame, where this stays within 2 ids
     # a member, as the answer was before it (`delivered` and `read`).
     members, delivered, read = marks
+    if f.after is not None:
+        session.reply(_receipts_page(session, f, members, delivered, read))
+        return
     have_read = set(read)
     unread = [m for m in members if m not in have_read]
     if not _users_fit(session, f.id, wire.ReceiptList.TYPE, delivered, read, unread):
         return
     session.reply(wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=delivered,
                                    read=read, unread=unread))
+
+
+def _receipts_page(session: Session, f: wire.Receipts, members: list[str],
+                   delivered: list[str], read: list[str]) -> wire.ReceiptList:
+    """The `receipt_list` page of a `receipts` with `after`: the first of `members` (the
+    audience after `after`, in id order, as read in one transaction) whose ids fit the
+    connection's max_frame, at most MAX_USER_LIST, with `more` and `last` when some do not.
+
+    A member costs its packed id once in `read` or `unread`, and again in `delivered` if it
+    was delivered. The room is what the frame leaves with empty lists, `more` and a `last` of
+    the longest id, less the lists' headers at their largest, so a page never misses the
+    frame by a byte. A max_frame holds at least 1024 bytes and a member costs at most 132:
+    the first always fits (were it not to, `Session.reply` answers `limit_exceeded`)."""
+    got, have_read = set(delivered), set(read)
+    empty = wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=[], read=[],
+                             unread=[], more=True, last="x" * fields.MAX_USER_ID_CHARS)
+    room = session.conn.max_frame_bytes - len(encode_frame(to_wire(empty))) - 3 * 4
+    n = 0
+    for m in members[:fields.MAX_USER_LIST]:
+        room -= len(msgpack.packb(m)) * (2 if m in got else 1)
+        if room < 0:
+            break
+        n += 1
+    page = members[:max(n, 1)]
+    more = len(page) < len(members)
+    return empty._replace(delivered=[m for m in page if m in got],
+                          read=[m for m in page if m in have_read],
+                          unread=[m for m in page if m not in have_read],
+                          more=more, last=page[-1] if more else None)
 
 
 def on_presence(session: Session, f: wire.Presence) -> None:

@@ -107,6 +107,12 @@ session is a requests-only session of its device (no deliveries, no pushes; it r
 session and none replaces it). A server without it ignores the field: the session is the
 device's delivering session, and replaces the one the device had."""
 
+CAP_RECEIPTS_PAGED = "receipts_paged"
+"""The welcome cap of a server that honours a ``receipts``' ``after`` (§5.2, since 2026-12-07):
+its ``receipt_list`` is then a page of the audience, as many members as fit the max_frame, with
+``more`` and ``last`` (the next page's ``after``). A server without it ignores the field and
+answers the whole list, or ``limit_exceeded`` when it does not fit."""
+
 BYE_REPLACED = "replaced by a new session"
 """The reason of the ``bye`` a session gets when its user and device connected again (§9)."""
 
@@ -146,6 +152,7 @@ __all__ = [
     "ALWAYS_CLOSE",
     "BYE_REPLACED",
     "CAP_CREATE_CID",
+    "CAP_RECEIPTS_PAGED",
     "CAP_REQUESTS_ONLY",
     "CAP_START_HEAD",
     "CLIENT_FRAMES",

@@ -18,6 +18,7 @@ MAX_BODY_BYTES = 65536
 """Default largest message body in bytes, UTF-8 length for text (§4.1); larger is INVALID."""
 
 MAX_CID_CHARS = 128
+MAX_USER_ID_CHARS = 64
 MAX_CONV_CHARS = 160
 MAX_NAME_CHARS = 128
 MAX_TOKEN_CHARS = 4096
@@ -81,6 +82,11 @@ def user_id(v: object, _mb: int = 0) -> bool:
     return type(v) is str and (v in _KNOWN_USERS or _user_match(v))
 
 
+def user_id_or_empty(v: object, _mb: int = 0) -> bool:
+    """A user id, or "" (``receipts.after`` of a first page)."""
+    return v == "" or user_id(v)
+
+
 def conv_id(v: object, _mb: int = 0) -> bool:
     """A conversation id, ``^(dm|grp|chn):[A-Za-z0-9_.@+:-]+$``, at most 160 chars."""
     return type(v) is str and (v in _KNOWN_CONVS or _conv_match(v))
@@ -114,6 +120,8 @@ _WHAT: dict[Check, str] = {
     uint: "an integer from 0 to 2**63-1",
     boolean: "true or false",
     user_id: "an id of 1 to 64 characters of A-Z a-z 0-9 _ . @ + -, the first a letter or digit",
+    user_id_or_empty: ('"" or an id of 1 to 64 characters of A-Z a-z 0-9 _ . @ + -, the first '
+                       "a letter or digit"),
     conv_id: (f"a conversation id: dm:, grp: or chn: and then A-Z a-z 0-9 _ . @ + : -, "
               f"at most {MAX_CONV_CHARS} characters"),
     cid: f"a client message id of 1 to {MAX_CID_CHARS} characters, without NUL",

@@ -297,11 +297,16 @@ class Subscribe(NamedTuple):
 
 
 class Receipts(NamedTuple):
-    """Asks who has been delivered and who has read message ``seq`` of a conversation."""
+    """Asks who has been delivered and who has read message ``seq`` of a conversation.
+
+    With ``after`` (a user id, or "" for the first page; since 2026-12-07, the welcome cap
+    ``receipts_paged``) the reply is a page: the audience members whose ids sort after it,
+    as many as fit the connection's max_frame. Without it, the whole answer or nothing."""
 
     id: int
     conv: str
     seq: int
+    after: str | None = None
 
 
 class Members(NamedTuple):
@@ -486,6 +491,10 @@ class ReceiptList(NamedTuple):
     # who have not read it. None: the server did not say (before 2026-12-06; it counted
     # members who joined later as having it).
     unread: tuple[str, ...] | None = None
+    # A page (asked with `after`): more members follow, from the one after `last`, the last
+    # member this page covers (the next page's `after`). `last` is None when `more` is not.
+    more: bool = False
+    last: str | None = None
 
 
 class MemberList(NamedTuple):
@@ -638,7 +647,8 @@ _register(Join, "join", "c", id=_ID, conv=f.conv_id)
 _register(Leave, "leave", "c", id=_ID, conv=f.conv_id)
 _register(Remove, "remove", "c", id=_ID, conv=f.conv_id, user=f.user_id)
 _register(Subscribe, "subscribe", "c", id=_ID, conv=f.conv_id)
-_register(Receipts, "receipts", "c", id=_ID, conv=f.conv_id, seq=f.uint)
+_register(Receipts, "receipts", "c", id=_ID, conv=f.conv_id, seq=f.uint,
+          after=f.user_id_or_empty)
 _register(Presence, "presence", "c", id=_ID, conv=f.conv_id)
 _register(Members, "members", "c", id=_ID, conv=f.conv_id)
 _register(Convs, "convs", "c", id=_ID, after=f.conv_id, limit=f.int_range(1, f.MAX_CONV_LIST))
@@ -668,7 +678,7 @@ _register(BrokerStats, "broker_stats", "s", id=_ID, lsn=f.uint, queued=f.uint,
           disk_free_bytes=f.uint, head=f.uint, acked=f.uint, commits_stopped=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
-          delivered=_USERS, read=_USERS, unread=_USERS)
+          delivered=_USERS, read=_USERS, unread=_USERS, more=f.boolean, last=f.user_id)
 _register(ConvList, "conv_list", "s", id=_ID, convs=_CONVS, more=f.boolean)
 _register(PresenceList, "presence_list", "s", id=_ID, conv=f.conv_id, online=_USERS)
 _register(MemberList, "member_list", "s", id=_ID, conv=f.conv_id,

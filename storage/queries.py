@@ -386,13 +386,20 @@ class Queries:
                 raise undecodable("msg", key, exc) from None
         return out, more
 
-    def receipts(self, conv: str, seq: int) -> tuple[list[str], list[str], list[str]] | None:
+    def receipts(self, conv: str, seq: int, after: str | None = None,
+                 limit: int | None = None) -> tuple[list[str], list[str], list[str]] | None:
         """Return (members, received, read) of message `seq` of `conv`: `members` are its
         audience, the current members other than its sender who have been members since
         before it was posted (one who joined later never had it: not counted, where their marks,
-        which start at their joining, would reach it); `received` and `read` are those of them
-        whose marks reach it. None when `conv` has no message `seq`."""
+        which start at their joining, would reach it), in id order (by byte, which for ids is
+        str order too); `received` and `read` are those of them whose marks reach it. With
+        `after`, only the members whose ids sort after it ("" or None: from the first), at most
+        `limit` of them (None: all): a page (`receipts` with `after`), read in one transaction.
+        None when `conv` has no message `seq`."""
         prefix = conv.encode() + b"\0"
+        # User ids hold no NUL, so `after \0` sorts right after `after` and before the ids it
+        # is a prefix of.
+        start = prefix + after.encode() + b"\0" if after else None
         dbs = self._dbs
         with self._env.read() as txn:
             mkey = prefix + pack_u64(seq)
@@ -400,21 +407,25 @@ class Queries:
             if lsn is None:
                 return None
             tables = TxnTables(txn, dbs)
-            names: set[str] = set()
+            names: list[str] = []
             try:
                 sender = self._log.event_at(txn, u64(lsn), conv, True).user
-                names = {k[len(prefix):].decode() for k, _ in tables.range("member", prefix)}
-                names.discard(sender)
                 # Only members who joined after the first message have a row: one range.
                 joined = {k[len(prefix):].decode(): u64(v)
                           for k, v in tables.range("joined", prefix)}
-                members = [m for m in sorted(names) if joined.get(m, 0) < seq]
+                members: list[str] = []
+                for k, _ in tables.range("member", prefix, start):
+                    if limit is not None and len(members) >= limit:
+                        break
+                    names.append(m := k[len(prefix):].decode())
+                    if m != sender and joined.get(m, 0) < seq:
+                        members.append(m)
                 got = [m for m in members
                        if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq]
                 read = [m for m in got
                         if u64(txn.get(key2(conv, m), db=dbs["read"]) or bytes(8)) >= seq]
             except _UNDECODABLE as exc:  # the cold path names the row
-                marks = [(t, key2(conv, m), u64) for m in sorted(names)
+                marks = [(t, key2(conv, m), u64) for m in names
                          for t in ("joined", "recv", "read")]
                 raise _first_bad(txn, dbs, [("msg", mkey, u64), *marks], exc) from None
         return members, got, read

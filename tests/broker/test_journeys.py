@@ -211,10 +211,12 @@ async def test_a_courier_invited_again_reads_the_whole_order_and_counts_from_the
 
 async def test_receipts_of_a_channel_too_big_for_max_frame_say_which_limit_to_raise(tmp_path):
     """Head office's channel holds stores whose ids have the full 64 characters: its
-    `receipts` and `members` replies do not fit the broker's max_frame (here 4 KiB; at the
-    default 1 MiB, about 7,900 such stores, docs/OPERATIONS.md "Limits"). They are refused
-    `limit_exceeded`, the session open, with a message naming `--max-frame-bytes` as the limit
-    to raise (until 2026-12-07 it named only "this connection's max_frame")."""
+    `receipts` (asked without `after`, as a client from before 2026-12-07 asks) and `members`
+    replies do not fit the broker's max_frame (here 4 KiB; at the default 1 MiB, about 7,900
+    such stores, docs/OPERATIONS.md "Limits"). They are refused `limit_exceeded`, the session
+    open, with a message naming `--max-frame-bytes` as the limit to raise (until 2026-12-07 it
+    named only "this connection's max_frame"). The SDK's `receipts` pages (since 2026-12-07,
+    tests/broker/test_receipts_pages.py): it gets the whole answer."""
     stores = [f"store-{i:03d}-".ljust(64, "x") for i in range(70)]
     async with running_broker(tmp_path / "data", max_frame_bytes=4096,
                               max_body_bytes=1024) as h, \
@@ -223,21 +225,22 @@ async def test_receipts_of_a_channel_too_big_for_max_frame_say_which_limit_to_ra
         for store in stores[50:]:
             await hq.invite(conv, store)
         seq = (await hq.send("Inventory count on Monday", conv=conv)).seq
-        for ask in (hq.receipts(conv, seq), hq.members(conv)):
-            with pytest.raises(ClientError) as refused:
-                await ask
-            assert refused.value.name == "limit_exceeded"
-            assert "max_frame of 4096 bytes (the broker's --max-frame-bytes" in str(
-                refused.value), refused.value
-        await hq.ping()  # the session goes on
+        with pytest.raises(ClientError) as refused:
+            await hq.members(conv)
+        assert refused.value.name == "limit_exceeded"
+        assert "max_frame of 4096 bytes (the broker's --max-frame-bytes" in str(
+            refused.value), refused.value
+        assert sorted((await hq.receipts(conv, seq)).unread) == stores  # in pages
         raw = await RawClient.connect(h.server, h.token("head-office", "service"), "raw",
                                       max_frame=2048)  # a client that asks for less
-        await raw.send(protocol.Members(id=1, conv=conv))
-        with trio.fail_after(10):
-            err = await raw.reply(1)
-        assert isinstance(err, protocol.Error) and err.name == "limit_exceeded", err
-        assert ("max_frame of 2048 bytes (the client asked for it in its hello, the broker's "
-                "--max-frame-bytes is 4096" in err.message), err
+        for ask in (protocol.Members(id=1, conv=conv), protocol.Receipts(id=1, conv=conv,
+                                                                         seq=seq)):
+            await raw.send(ask)
+            with trio.fail_after(10):
+                err = await raw.reply(1)
+            assert isinstance(err, protocol.Error) and err.name == "limit_exceeded", err
+            assert ("max_frame of 2048 bytes (the client asked for it in its hello, the "
+                    "broker's --max-frame-bytes is 4096" in err.message), err
         await raw.aclose()
 
 
