@@ -197,9 +197,11 @@ UNSURE = SDK_UNSURE | {"unreachable", "replaced"}  # the SDK's, and the command'
 
 def _unsure(args: argparse.Namespace, name: str, message: str) -> str:
     """`message`, and how to send again without a duplicate when the command sent something
-    whose outcome `name` leaves unknown (`retry_hint`, set by `send` and `create`)."""
+    whose outcome `name` leaves unknown (`retry_hint`, set by `send` and `create`; by `ack`
+    and `listen`, what is left of an ack that may not be durable), for the names of
+    `retry_unsure` (UNSURE when the command sets none)."""
     hint = getattr(args, "retry_hint", None)
-    if hint is None or name not in UNSURE:
+    if hint is None or name not in getattr(args, "retry_unsure", UNSURE):
         return message
     return f"{message}; {hint}"
 
@@ -359,6 +361,8 @@ async def do_listen(client, args) -> None:
             if not args.no_ack:
                 await client.ack(d.inbox_seq)
                 last = d.inbox_seq
+                args.retry_hint = ("the ack of what was printed may not be on the broker's "
+                                   "disk: those deliveries may come again")
         if last:  # what was printed stays acked across a crash of the broker once we end
             try:
                 await client.ack(last, durable=True)
@@ -481,6 +485,11 @@ async def do_receipts(client, args) -> None:
 
 
 async def do_ack(client, args) -> None:
+    # Failed, it may be durable or not (the broker's cursor moved): a repeat changes nothing.
+    # Not said when `replaced`: a repeat would replace in turn the `listen` of the device.
+    args.retry_hint = ("the ack may not be on the broker's disk: run the command again "
+                       "(a repeat of an ack changes nothing)")
+    args.retry_unsure = UNSURE - {"replaced"}
     await client.ack(args.upto, durable=True)  # on the broker's disk before we say acked
     emit({"acked": args.upto})
 

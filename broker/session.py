@@ -303,8 +303,9 @@ class Session:
         if agreed >= ours:
             limit = "the broker's --max-frame-bytes, which its operator may raise"
         else:
-            limit = (f"the client asked for it in its hello, the broker's --max-frame-bytes "
-                     f"is {ours}: ask for more")
+            # A hello's offer below the protocol's 1024 is raised to it (PROTOCOL.md §3.2).
+            limit = (f"the client asked for no more in its hello, the broker's "
+                     f"--max-frame-bytes is {ours}: ask for more")
         return (f"the {frame} reply does not fit this connection's max_frame of {agreed} bytes "
                 f"({limit}; docs/OPERATIONS.md, \"Limits\")")
 

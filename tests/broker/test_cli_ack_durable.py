@@ -1,15 +1,19 @@
 """`homing ack` and `homing listen` end only once their ack is on the broker's disk: a broker
-SIGKILLed after the command returned does not deliver again what it printed as acked."""
+SIGKILLed after the command returned does not deliver again what it printed as acked; one that
+cannot commit it (a full disk) makes them say what is left of the ack."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 import trio
 
-from tests.procs import BrokerProcess, homing, homing_cmd, lines
+from tests.disks import fill, tmpfs
+from tests.faults.test_disk import READER
+from tests.procs import BrokerProcess, homing, homing_cmd, last_error, lines
 from tests.stalls import held_commits
 
 HOLD_S = 2.0  # how long the test holds the broker's commits: the command must still wait
@@ -78,3 +82,48 @@ async def test_homing_listen_returns_once_its_acks_are_durable(bp):
     assert [(d["inbox_seq"], d["cid"]) for d in printed] == [(1, "hold-992")]
     again = lines(homing("listen", "--device", "phone", "--timeout", "1", env=phone))
     assert again == [], again
+
+
+def test_on_a_full_disk_ack_and_listen_say_the_ack_is_not_kept(tmp_path):
+    """The broker's disk is full (a backup's reader holds old pages, so nothing is freed):
+    `homing ack` and `homing listen` cannot make their ack durable and exit 1 `unavailable`.
+    The error says what that leaves: the ack may not be kept, so run `homing ack` again (a
+    repeat changes nothing), and what `listen` printed may come again. Until 2026-12-07 (review)
+    it said only "storage full: the broker cannot accept writes now", after `listen` had
+    printed the deliveries, as though nothing had come of the command."""
+    with tmpfs(tmp_path, "4m") as disk, BrokerProcess(disk / "data") as bp:
+        homing("send", "--to", "member-42", "--stdin", "--cid-prefix", "due-",
+               input="".join(f"Book {i} is due\n" for i in range(20)), env=_env(bp, "library"))
+        reader = subprocess.Popen([sys.executable, "-c", READER, str(bp.data)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout.readline().strip() == "ready"
+            fill(disk / "filler")
+            phone = _env(bp, "member-42")
+            for upto in range(1, 21):  # each ack a commit: one of them finds no room
+                acked = homing("ack", "--device", "phone", "--upto", str(upto), env=phone,
+                               check=False)
+                if acked.returncode:
+                    break
+            assert acked.returncode == 1 and acked.stdout == "", acked
+            err = last_error(acked.stderr)
+            assert err["error"] == "unavailable", err
+            assert err["message"].endswith(
+                "; the ack may not be on the broker's disk: run the command again (a repeat "
+                "of an ack changes nothing)"), err
+            for n in range(20):
+                listened = homing("listen", "--device", f"tablet-{n}", "--count", "1",
+                                  "--timeout", "10", env=phone, check=False)
+                if listened.returncode:
+                    break
+            assert listened.returncode == 1, listened
+            assert [d["inbox_seq"] for d in lines(listened)] == [1]
+            err = last_error(listened.stderr)
+            assert err["error"] == "unavailable", err
+            assert err["message"].endswith(
+                "; the ack of what was printed may not be on the broker's disk: those "
+                "deliveries may come again"), err
+        finally:
+            reader.kill()
+            reader.wait()
+            (disk / "filler").unlink(missing_ok=True)
