@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 15 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 16 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -1208,7 +1208,8 @@ static int open_sinks(PyObject *tables, sink *sinks) {
  * Applies message records from the iterator `records` of `(key, digest || body)` while each
  * is a well-formed message.accepted event with lsn <= last_lsn and ts_us <= until_us (None:
  * no bound), and the lsn next_lsn, one more each record (None: unchecked; a record whose
- * body names another lsn is handed back, for Python to refuse), at most `limit` of them. Returns how many it applied, the lsn and ts_us of the
+ * body names another lsn, or any after lsn 2**64 - 1, is handed back, for Python to refuse),
+ * at most `limit` of them. Returns how many it applied, the lsn and ts_us of the
  * last one, the first record it did not apply (None if none), and whether `records` ran out.
  */
 static PyObject *fold_messages(PyObject *self, PyObject *args) {
@@ -1231,7 +1232,7 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         PyErr_Occurred())
         return NULL;
     uint64_t next = 0;
-    int checked = next_o != Py_None;
+    int checked = next_o != Py_None, past_end = 0; /* past_end: after lsn 2**64 - 1, none */
     if (checked && (next = PyLong_AsUnsignedLongLong(next_o)) == (uint64_t)-1 && PyErr_Occurred())
         return NULL;
     if (heads == Py_None)
@@ -1259,7 +1260,7 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         int rc = 0;
         if (PyTuple_Check(record) && PyTuple_GET_SIZE(record) == 2 &&
             parse_message(PyTuple_GET_ITEM(record, 1), &m) && m.lsn <= last && m.ts <= until &&
-            (!checked || m.lsn == next))
+            (!checked || (m.lsn == next && !past_end)))
             rc = apply_message(tables, heads, sinks, &m);
         if (rc < 0) {
             Py_CLEAR(record);
@@ -1272,6 +1273,7 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         applied++;
         lsn = m.lsn;
         ts = m.ts;
+        past_end = lsn == UINT64_MAX;
         next = lsn + 1;
     }
     /* absorb: each DigestTable learns the rows counted for it (`absorb(rows, digest)`) */

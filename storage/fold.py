@@ -66,8 +66,6 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     fast = native.ext.fold_messages if compiled and native.ext is not None else None
     if (to_lsn is not None and to_lsn < 0) or (until_us is not None and until_us < 0):
         fast = None  # the C loop takes unsigned bounds; such a fold stops at once anyway
-    if not 0 <= after < (1 << 64) - 1:
-        fast = None  # (nor could a record of 64 bits be the next: the Python loop says so)
     c_last = to_lsn if to_lsn is not None and to_lsn < 1 << 64 else None
     c_until = until_us if until_us is not None and until_us < 1 << 64 else None
     add = add_message if compiled else py_add_message
@@ -82,6 +80,10 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
     if stored:
         it = _remembered(it, taken)
     while True:
+        if fast is not None and not 0 <= lsn < (1 << 64) - 1:
+            # the C loop takes the next lsn as 64 bits: past lsn 2**64 - 1 (or before 0) no
+            # record can be the next, and the Python loop says so of any that follows
+            fast = None
         if fast is not None:
             try:
                 n, f_lsn, f_ts, record, exhausted = fast(it, tables, None, c_last, c_until,

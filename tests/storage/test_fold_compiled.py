@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 
 from storage import native
 from storage.commands import SendMessage
+from storage.errors import CorruptLog
 from storage.fold import fold
 from storage.memory_tables import ListedTable, MemoryTables, keyed_rows_digest, sorted_rows
 from storage.projections import key2, py_add_message
@@ -489,3 +490,45 @@ def test_the_compiled_replay_leaves_long_ids_to_python_at_the_same_bound():
     from storage.records import KEYS_FIT_BYTES
 
     assert native.ext.KEYS_FIT_BYTES == KEYS_FIT_BYTES
+
+
+def _stamped(lsn: int, cid: str) -> tuple[int, bytes]:
+    return _record(lsn, 1000, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": cid})
+
+
+def test_the_compiled_loop_takes_no_lsn_after_the_last_of_64_bits():
+    """After a message of lsn 2**64 - 1 the next lsn is 2**64, which no record holds: the
+    compiled loop's `next_lsn` (a u64) wrapped to 0 and applied a following record whose body
+    says lsn 0 (`fold` returned lsn 0, applied 3), where the Python loop refuses it."""
+    top = (1 << 64) - 1
+    records = [_stamped(top - 1, "c1"), _stamped(top, "c2"), _stamped(0, "c3")]
+    for compiled in (True, False):
+        tables = MemoryTables()
+        _members(tables, "grp:a")
+        with pytest.raises(CorruptLog, match="body says lsn 0"):
+            fold(tables, records, compiled=compiled, after=top - 2)
+    tables = MemoryTables()
+    _members(tables, "grp:a")
+    applied, lsn, _ts, record, _exhausted = native.ext.fold_messages(
+        iter(records[1:]), tables, None, None, None, 10, top)
+    assert (applied, lsn, record) == (1, top, records[2])
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 8192])
+@pytest.mark.parametrize("top_kind", ["message", "other event"])
+def test_a_fold_ending_at_the_last_lsn_of_64_bits_ends_alike(chunk, top_kind):
+    """A run ending at lsn 2**64 - 1 whose C loop was called once more after it (a chunk
+    ending there, or that record an event Python applied) passed `next_lsn` 2**64 to it:
+    OverflowError, where the Python loop folds the run."""
+    top = (1 << 64) - 1
+    last = (_stamped(top, "c2") if top_kind == "message" else
+            _record(top, 1000, "read.marked", "bob", "d1", {"conv": "grp:a", "upto": 1}))
+    records = [_stamped(top - 1, "c1"), last]
+    results = []
+    for compiled in (True, False):
+        tables = MemoryTables()
+        _members(tables, "grp:a")
+        results.append((fold(tables, records, compiled=compiled, after=top - 2, chunk=chunk),
+                        tables.items()))
+    assert results[0] == results[1]
+    assert results[0][0] == (top, 1000, 2)
