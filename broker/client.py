@@ -186,6 +186,26 @@ class _Held:
         setattr(getattr(client, self.of), self.name, value)
 
 
+def _next_after(page: wire.ReceiptList, after: str, listed: int) -> str:
+    """The `after` of the page that follows `page` (asked with `after`, `more` true; `listed`
+    members so far, this page's among them). A page that would not move the paging on (no
+    member, a `last` that is not its last member, or not after `after`) is a broker's bug, and
+    pages past MAX_USER_LIST members (100,000: the most --max-members allows) are more than a
+    broker lists: ClientError `internal`, rather than ask for ever or list a member twice."""
+    ids = [*page.read, *(page.unread or ())]
+    # Ids are ASCII: str order is the broker's byte order.
+    if not ids or page.last != max(ids) or min(ids) <= after:
+        why = "does not move on to the next page: a broker's bug"
+    elif listed > fields.MAX_USER_LIST:
+        why = f"would list more than the {fields.MAX_USER_LIST:,} members a broker holds"
+    else:
+        return page.last
+    raise ClientError(wire.ErrorCode.INTERNAL, wire.ErrorCode.INTERNAL.wire_name,
+                      f"receipts: the broker's page after {after!r} (more: true, last: "
+                      f"{page.last!r}, {len(ids)} members, {listed:,} so far) {why}; "
+                      "nothing more is asked")
+
+
 class Client:
     """One device's connection to the broker; build it with `open_client`."""
 
@@ -408,7 +428,7 @@ class Client:
             if not page.more:
                 return page._replace(delivered=tuple(delivered), read=tuple(read),
                                      unread=tuple(unread))
-            after = page.last
+            after = _next_after(page, after, len(read) + len(unread))
 
     async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),
                      open: bool = False, *, cid: str | None = None) -> str:

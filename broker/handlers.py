@@ -639,7 +639,7 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     # a member, as the answer was before it (`delivered` and `read`).
     members, delivered, read = marks
     if f.after is not None:
-        session.reply(_receipts_page(session, f, members, delivered, read))
+        session.reply(receipts_page(f, session.conn.max_frame_bytes, members, delivered, read))
         return
     have_read = set(read)
     unread = [m for m in members if m not in have_read]
@@ -649,11 +649,11 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
                                    read=read, unread=unread))
 
 
-def _receipts_page(session: Session, f: wire.Receipts, members: list[str],
-                   delivered: list[str], read: list[str]) -> wire.ReceiptList:
+def receipts_page(f: wire.Receipts, max_frame: int, members: list[str],
+                  delivered: list[str], read: list[str]) -> wire.ReceiptList:
     """The `receipt_list` page of a `receipts` with `after`: the first of `members` (the
     audience after `after`, in id order, as read in one transaction) whose ids fit the
-    connection's max_frame, at most MAX_USER_LIST, with `more` and `last` when some do not.
+    connection's `max_frame`, at most MAX_USER_LIST, with `more` and `last` when some do not.
 
     A member costs its packed id once in `read` or `unread`, and again in `delivered` if it
     was delivered. The room is what the frame leaves with empty lists, `more` and a `last` of
@@ -663,10 +663,11 @@ def _receipts_page(session: Session, f: wire.Receipts, members: list[str],
     got, have_read = set(delivered), set(read)
     empty = wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=[], read=[],
                              unread=[], more=True, last="x" * fields.MAX_USER_ID_CHARS)
-    room = session.conn.max_frame_bytes - len(encode_frame(to_wire(empty))) - 3 * 4
+    room = max_frame - len(encode_frame(to_wire(empty))) - 3 * 4
     n = 0
     for m in members[:fields.MAX_USER_LIST]:
-        room -= len(msgpack.packb(m)) * (2 if m in got else 1)
+        # msgpack's str of an ASCII id (all are): a 1-byte header below 32 characters, else 2.
+        room -= (len(m) + (1 if len(m) < 32 else 2)) * (2 if m in got else 1)
         if room < 0:
             break
         n += 1

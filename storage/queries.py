@@ -410,15 +410,24 @@ class Queries:
             names: list[str] = []
             try:
                 sender = self._log.event_at(txn, u64(lsn), conv, True).user
-                # Only members who joined after the first message have a row: one range.
-                joined = {k[len(prefix):].decode(): u64(v)
-                          for k, v in tables.range("joined", prefix)}
+                # Only members who joined after the first message have a row: the whole
+                # answer reads them in one range; a page looks up its own members' rows, so
+                # that it costs its members (and those it passes over), not the table.
+                if limit is None:
+                    joined = {k[len(prefix):].decode(): u64(v)
+                              for k, v in tables.range("joined", prefix)}
                 members: list[str] = []
                 for k, _ in tables.range("member", prefix, start):
                     if limit is not None and len(members) >= limit:
                         break
                     names.append(m := k[len(prefix):].decode())
-                    if m != sender and joined.get(m, 0) < seq:
+                    if m == sender:
+                        continue
+                    if limit is None:
+                        since = joined.get(m, 0)
+                    else:
+                        since = u64(tables.get("joined", key2(conv, m)) or bytes(8))
+                    if since < seq:
                         members.append(m)
                 got = [m for m in members
                        if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq]

@@ -7,12 +7,18 @@ the request is answered as before: whole, or `limit_exceeded`."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import protocol
-from broker.client import ClientError
-from tests.faults.conftest import RawClient
+from broker.client import ClientError, open_client
+from broker.handlers import receipts_page
+from broker.handshake import CAPS
+from tests.faults.conftest import PlayedBroker, RawClient
 from tests.harness import running_broker
 from tests.procs import BrokerProcess, as_user, homing, lines
 
@@ -193,3 +199,196 @@ def test_homing_receipts_prints_every_store_of_a_channel_too_big_for_one_frame(t
         out = lines(homing("receipts", "--conv", conv, "--seq", str(seq),
                            env=as_user(b, "head-office", "service")))
     assert out == [{"conv": conv, "seq": seq, **expected(stores)}]
+
+
+# Pages of a broken broker, each answered to every `receipts`: (delivered, read, unread, more,
+# last). Each would have kept the SDK's `receipts` asking for ever, or merged a list twice.
+STUCK = ((), (), ("a",), True, "a")  # the same page again and again: `last` never advances
+BACKWARD = ((), (), ("b",), True, "b")  # then a page whose `last` is before its `after`
+NO_LAST = ((), (), ("a",), True, None)  # more, and no `after` to ask it with: the whole again
+EMPTY = ((), (), (), True, "c")  # more, and no member on the page
+NOT_ITS_LAST = ((), (), ("a",), True, "c")  # `last` after its last member: "b" skipped
+
+
+@pytest.mark.parametrize("answers", [[STUCK], [BACKWARD, ((), (), ("a",), True, "a")],
+                                     [NO_LAST], [EMPTY], [NOT_ITS_LAST]],
+                         ids=["stuck", "backward", "no_last", "empty", "not_its_last"])
+async def test_the_sdk_refuses_pages_that_do_not_move_on(answers):
+    """A broker (here played on the real protocol connection, its welcome with the
+    `receipts_paged` cap) whose pages do not move on: `last` the page's `after` again, or
+    before it, missing while `more`, after the page's last member, or a page of no member.
+    The SDK's `receipts` raises ClientError `internal` naming the page, after a few requests,
+    rather than ask for ever (it looped while the broker answered) or merge a list twice."""
+    asked: list[protocol.Receipts] = []
+
+    async def broken_broker(stream: trio.SocketStream) -> None:
+        played = PlayedBroker(stream)
+        await played.next_frame()
+        await played.send(protocol.Welcome(1, "s-bad", "hq", 0, 1 << 20, 15, 0, 1, CAPS, id=None))
+        while (frame := await played.next_frame()) is not protocol.CLOSED:
+            if isinstance(frame, protocol.Receipts):
+                asked.append(frame)
+                delivered, read, unread, more, last = answers[min(len(asked), len(answers)) - 1]
+                await played.send(protocol.ReceiptList(
+                    id=frame.id, conv=frame.conv, seq=frame.seq, delivered=delivered,
+                    read=read, unread=unread, more=more, last=last))
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, broken_broker, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with open_client(f"127.0.0.1:{port}", "v1.any.token", "cli", deliver=False,
+                               reconnect=False) as client:
+            with trio.fail_after(10), pytest.raises(ClientError) as refused:
+                await client.receipts("chn:notices", 1)
+        nursery.cancel_scope.cancel()
+    assert refused.value.name == "internal", refused.value
+    assert "receipts" in refused.value.message and "page" in refused.value.message
+    assert len(asked) <= 2, asked
+    assert all(r.after is not None for r in asked), asked  # never the whole list again
+
+
+_FIRST = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_ID = st.builds(lambda first, rest: first + rest, st.sampled_from(_FIRST),
+                st.text(_FIRST + "_.@+-", max_size=63))
+_LONG = st.builds(lambda first, rest: first + rest, st.sampled_from(_FIRST),
+                  st.text(_FIRST, min_size=63, max_size=63))
+
+
+@st.composite
+def audiences(draw):
+    """Members (ids of 64 characters, of 1, or mixed) with marks: all delivered, none, or
+    some; all read, none, or some of the delivered."""
+    ids = draw(st.sampled_from([_LONG, st.sampled_from(_FIRST), _ID]))
+    members = sorted(draw(st.sets(ids, min_size=1, max_size=400)))
+    how = draw(st.sampled_from(["all", "none", "some"]))
+    got = [m for m in members if how == "all" or (how == "some" and draw(st.booleans()))]
+    read = [m for m in got if draw(st.booleans())]
+    return members, got, read
+
+
+@settings(max_examples=300, deadline=None)
+@given(audiences(), st.sampled_from([1024, 1025, 1100, 4096, 65536]) | st.integers(1024, 70000),
+       st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1),
+       st.integers(1, 160).map(lambda n: "chn:" + "c" * (n - 4) if n > 4 else "chn:c"))
+def test_a_receipts_page_never_exceeds_the_max_frame(audience, max_frame, rid, seq, conv):
+    """The page builder the handler answers a `receipts` with `after` by: whatever the ids'
+    lengths and marks, a max_frame down to the least a hello may ask (1024), a 160-character
+    conv and the largest id and seq, the page fits the frame (as the connection encodes it),
+    holds a first run of the members, each in its lists, and says `more` and `last` exactly
+    when members are left; a page that leaves members could not have held much more."""
+    members, got, read = audience
+    f = protocol.Receipts(id=rid, conv=conv, seq=seq, after="")
+    page = receipts_page(f, max_frame, members, got, read)
+    size = len(protocol.encode_frame(protocol.frames.to_wire(page))) - 4
+    assert size <= max_frame
+    protocol.frames.from_wire(protocol.ReceiptList, protocol.frames.to_wire(page))  # valid
+    listed = sorted({*page.read, *page.unread})
+    assert listed == members[:len(listed)] and listed
+    assert set(page.read).isdisjoint(page.unread)
+    assert page.delivered == [m for m in listed if m in set(got)]
+    assert page.read == [m for m in listed if m in set(read)]
+    assert page.more == (len(listed) < len(members))
+    assert page.last == (listed[-1] if page.more else None)
+    if page.more:  # left off for want of room: less than a member (132) and the margins
+        assert size > max_frame - 132 - 4 - 3 * 4 - 66, (size, max_frame)
+
+
+async def test_pages_of_a_group_skip_its_sender_and_later_joiners_at_every_boundary(tmp_path):
+    """A group whose sender's id and whose later joiners' ids sort among the audience's, ids
+    that are prefixes of others ("store-1", "store-10", "store-100") and ids of 64 characters,
+    paged at the least max_frame a hello may ask (1024 bytes, a few members a page): the pages
+    list the audience, each member once, in id order, and neither the sender nor a member who
+    joined after the post. An `after` naming the sender or an id that is a prefix of others
+    starts at the next audience member above it; one above every id is an empty last page.
+    The SDK's `receipts` answers the same members."""
+    short = [f"store-{i}" for i in (*range(1, 25), 100, 101)]
+    long = [f"store-{i}-".ljust(64, "x") for i in range(40)]
+    sender = "store-10"
+    late = [f"{s}z" for s in short[::3]] + [f"store-{i}-".ljust(64, "y") for i in range(1, 25, 4)]
+    audience = sorted(s for s in short + long if s != sender)
+    async with running_broker(tmp_path / "data", **SMALL) as h:
+        async with h.client(sender) as c:
+            conv = await c.create_group("stores", [s for s in short + long if s != sender])
+            seq = (await c.send("Inventory count on Monday", conv=conv)).seq
+            for s in late:
+                await c.invite(conv, s)
+            whole = await c.receipts(conv, seq)
+        raw = await RawClient.connect(h.server, h.token(sender), "raw", max_frame=1024)
+        got = await pages(raw, conv, seq)
+        listed = [m for p in got for m in sorted({*p.read, *p.unread})]
+        assert listed == audience, listed
+        assert len(got) >= 3, len(got)
+        for page in got:
+            assert len(protocol.encode_frame(protocol.frames.to_wire(page))) - 4 <= 1024
+        for after in (sender, "store-1", "store-10-", "store-2"):
+            first = (await pages(raw, conv, seq, after=after))[0]
+            assert sorted({*first.read, *first.unread})[0] == min(a for a in audience
+                                                                  if a > after), after
+        assert [p.unread for p in await pages(raw, conv, seq, after="zzz")] == [()]
+        await raw.aclose()
+    assert list(whole.unread) == audience and whole.read == whole.delivered == ()
+
+
+async def test_the_sdk_asks_a_broker_without_the_cap_once(tmp_path, monkeypatch):
+    """Against a broker whose welcome lacks `receipts_paged` (one from before 2026-12-07,
+    played by this broker with its caps taken away), the SDK's `receipts` is one request
+    without `after`, as CLIENT.md says: a channel that fits is answered whole (its reply the
+    frame the broker sends a client from before), one that does not `limit_exceeded`."""
+    import broker.handshake
+
+    monkeypatch.setattr(broker.handshake, "CAPS", tuple(
+        c for c in CAPS if c != protocol.CAP_RECEIPTS_PAGED))
+    stores = store_ids(120)
+    async with running_broker(tmp_path / "data", **SMALL) as h:
+        conv, seq = await post_notice(h, stores)
+        small, small_seq = await post_notice(h, store_ids(6), marks=False)
+        async with h.client("head-office", role="service") as hq:
+            assert protocol.CAP_RECEIPTS_PAGED not in hq.welcome.caps
+            with pytest.raises(ClientError) as refused:
+                await hq.receipts(conv, seq)
+            assert refused.value.name == "limit_exceeded", refused.value
+            whole = await hq.receipts(small, small_seq)
+            again = await hq.receipts(small, small_seq)
+    # This broker would have answered a page: the refusal says no `after` was sent.
+    assert whole.unread == tuple(sorted(store_ids(6), key=str.encode)) and not whole.more
+    assert again.id == whole.id + 1  # one request each
+
+
+async def test_a_page_cut_by_a_reconnect_is_asked_again_from_where_it_was(tmp_path):
+    """The connection drops while the SDK waits for the second page (a broker played on the
+    real protocol connection, with the cap both times): after the reconnect the SDK asks that
+    page again with the same `after`, not the first page, and the merged answer lists each
+    member once."""
+    asked: list[str | None] = []
+    sessions = 0
+
+    async def broker(stream: trio.SocketStream) -> None:
+        nonlocal sessions
+        sessions += 1
+        played = PlayedBroker(stream)
+        await played.next_frame()
+        await played.send(protocol.Welcome(1, "s", "hq", 0, 1 << 20, 15, 0, 1, CAPS, id=None))
+        while (frame := await played.next_frame()) is not protocol.CLOSED:
+            if not isinstance(frame, protocol.Receipts):
+                continue
+            asked.append(frame.after)
+            if frame.after == "b" and sessions == 1:
+                await stream.aclose()  # the drop, the second page unanswered
+                return
+            unread, more = (("a", "b"), True) if not frame.after else (("c", "d"), False)
+            await played.send(protocol.ReceiptList(
+                id=frame.id, conv=frame.conv, seq=frame.seq, delivered=(), read=(),
+                unread=unread, more=more, last="b" if more else None))
+
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, broker, 0, host="127.0.0.1"))
+        port = listener.socket.getsockname()[1]
+        async with open_client(f"127.0.0.1:{port}", "v1.any.token", "cli",
+                               deliver=False) as client:
+            with trio.fail_after(20):
+                marks = await client.receipts("chn:notices", 1)
+        nursery.cancel_scope.cancel()
+    assert marks.unread == ("a", "b", "c", "d") and not marks.more, marks
+    assert asked == ["", "b", "b"] and sessions == 2, (asked, sessions)
