@@ -189,21 +189,29 @@ class _Held:
 def _next_after(page: wire.ReceiptList, after: str, listed: int) -> str:
     """The `after` of the page that follows `page` (asked with `after`, `more` true; `listed`
     members so far, this page's among them). A page that would not move the paging on (no
-    member, a `last` that is not its last member, or not after `after`) is a broker's bug, and
-    pages past MAX_USER_LIST members (100,000: the most --max-members allows) are more than a
-    broker lists: ClientError `internal`, rather than ask for ever or list a member twice."""
+    member, a `last` that is not its last member, or not after `after`) is a broker's bug:
+    ClientError `internal`, rather than ask for ever or list a member twice."""
     ids = [*page.read, *(page.unread or ())]
     # Ids are ASCII: str order is the broker's byte order.
-    if not ids or page.last != max(ids) or min(ids) <= after:
-        why = "does not move on to the next page: a broker's bug"
-    elif listed > fields.MAX_USER_LIST:
-        why = f"would list more than the {fields.MAX_USER_LIST:,} members a broker holds"
-    else:
+    if ids and page.last == max(ids) and min(ids) > after:
         return page.last
     raise ClientError(wire.ErrorCode.INTERNAL, wire.ErrorCode.INTERNAL.wire_name,
                       f"receipts: the broker's page after {after!r} (more: true, last: "
-                      f"{page.last!r}, {len(ids)} members, {listed:,} so far) {why}; "
-                      "nothing more is asked")
+                      f"{page.last!r}, {len(ids)} members, {listed:,} so far) does not move on "
+                      "to the next page: a broker's bug; nothing more is asked")
+
+
+def _merged_fit(*lists: list[str]) -> None:
+    """Raise ClientError `limit_exceeded` when a merged `receipts` list holds more than
+    MAX_USER_LIST ids, as the broker refuses the whole answer (a conversation grown under a
+    broker whose --max-members had no bound, before 2026-12-06): the merged answer is the
+    whole one, whatever the page sizes. It bounds too what a broker's pages make the SDK hold."""
+    most = max(map(len, lists))
+    if most > fields.MAX_USER_LIST:
+        raise ClientError(wire.ErrorCode.LIMIT_EXCEEDED, wire.ErrorCode.LIMIT_EXCEEDED.wire_name,
+                          f"the receipt_list answer would list {most:,} users or more (its "
+                          f"pages so far), over the {fields.MAX_USER_LIST:,} a list of the "
+                          "protocol holds")
 
 
 class Client:
@@ -425,6 +433,7 @@ class Client:
             delivered += page.delivered
             read += page.read
             unread += page.unread or ()
+            _merged_fit(delivered, read, unread)
             if not page.more:
                 return page._replace(delivered=tuple(delivered), read=tuple(read),
                                      unread=tuple(unread))

@@ -7,12 +7,14 @@ import pytest
 import trio
 
 import protocol as wire
+from broker.client import ClientError
 from broker.config import Config
 from protocol.fields import MAX_USER_LIST
 from storage import records as r
 from storage.store import Store
 from tests.faults.conftest import RawClient, replies
 from tests.harness import running_broker
+from tests.procs import BrokerProcess, as_user, homing, last_error
 
 
 def test_max_members_is_bounded_by_the_users_a_reply_lists():
@@ -110,3 +112,53 @@ async def test_a_reply_listing_exactly_as_many_users_as_the_protocol_allows_is_s
     assert isinstance(got[1], wire.MemberList) and len(got[1].members) == MAX_USER_LIST, got[1]
     assert isinstance(got[2], wire.ReceiptList) and len(got[2].unread) == MAX_USER_LIST, got[2]
     assert not [e for e in h.logs if e["event"] == "reply_too_large"]
+
+
+@pytest.mark.parametrize(("max_frame", "members"), [(1 << 20, MAX_USER_LIST + 1),
+                                                     (65536, MAX_USER_LIST + 10_000)],
+                         ids=["1MiB", "64KiB"])
+async def test_the_sdks_paged_receipts_past_the_list_bound_is_limit_exceeded_at_any_frame(
+        tmp_path, max_frame, members):
+    """The SDK's paged `receipts` of a group of owner + more than MAX_USER_LIST members (grown
+    under an older broker) is refused `limit_exceeded`, as the broker refuses the whole answer,
+    at any max_frame. Until 2026-12-07 it depended on the page sizes: at 1 MiB (pages of
+    100,000 and 1) it merged all 100,001; at 64 KiB (pages of about 8,000) it raised
+    `internal` once a page that says `more` took it past 100,000, calling a correct broker's
+    page a broker's bug."""
+    conv = _group_past_the_list_bound(tmp_path / "data", members)
+    async with running_broker(tmp_path / "data", max_frame_bytes=max_frame,
+                              max_body_bytes=1024) as h:
+        with trio.fail_after(120):
+            async with h.client("owner") as owner:
+                with pytest.raises(ClientError) as refused:
+                    await owner.receipts(conv, 1)
+    assert refused.value.name == "limit_exceeded", refused.value
+    assert " users or more (its pages so far), over the 100,000 a list" in refused.value.message
+
+
+async def test_the_sdks_paged_receipts_of_exactly_the_list_bound_is_whole(tmp_path):
+    """An audience of exactly MAX_USER_LIST, paged at 64 KiB (13 pages), is merged whole."""
+    conv = _group_past_the_list_bound(tmp_path / "data", MAX_USER_LIST)
+    async with running_broker(tmp_path / "data", max_frame_bytes=65536,
+                              max_body_bytes=1024) as h:
+        with trio.fail_after(120):
+            async with h.client("owner") as owner:
+                got = await owner.receipts(conv, 1)
+    assert len(got.unread) == MAX_USER_LIST and got.unread == tuple(sorted(got.unread))
+    assert not got.read and not got.delivered and not got.more
+
+
+def test_homing_receipts_past_the_list_bound_exits_1_limit_exceeded(tmp_path):
+    """`homing receipts` of a group of 110,000 members other than the sender, against `homing
+    serve --max-frame-bytes 65536`: exit 1, `limit_exceeded`, as the 2026-12-06 entry of
+    docs/CLI.md says. Since it paged (2026-12-07) it exited 1 with `internal`, "a broker's
+    bug", once a page short of the last passed 100,000."""
+    conv = _group_past_the_list_bound(tmp_path / "data", MAX_USER_LIST + 10_000)
+    with BrokerProcess(tmp_path / "data", "--max-frame-bytes", "65536",
+                       "--max-body-bytes", "1024") as b:
+        proc = homing("receipts", "--conv", conv, "--seq", "1", env=as_user(b, "owner"),
+                      check=False)
+    assert proc.returncode == 1, proc
+    err = last_error(proc.stderr)
+    assert err["error"] == "limit_exceeded", err
+    assert "106,210 users or more (its pages so far), over the 100,000 a list" in err["message"]
