@@ -6,12 +6,19 @@ only once the store is open, so a connection made while the projections rebuild 
 (and retried by clients) rather than left unanswered in the backlog. The sockets are made as
 `trio.open_tcp_listeners` makes them: one per address the host resolves to, SO_REUSEADDR,
 IPv6 sockets IPv6-only.
+
+`Listener` answers a connection the broker has no file descriptor for (its open-file limit,
+or the system's, reached: `accept` fails with EMFILE or ENFILE) with a closing
+`limit_exceeded`, through a descriptor it keeps in reserve, instead of leaving it in the
+backlog unanswered while trio logs a traceback every 100 ms (docs/OPERATIONS.md, "Limits").
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -58,6 +65,73 @@ def listen(sockets: list[socket.socket]) -> list[trio.SocketListener]:
         sock.listen(BACKLOG)
         listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
     return listeners
+
+
+OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)
+
+
+class Listener(trio.abc.Listener[trio.SocketStream]):
+    """A trio SocketListener (trio does not let us subclass it) that refuses, rather than
+    leaves waiting, the connections it has no file descriptor for. It holds one descriptor in
+    reserve (`/dev/null`); when `accept` fails for want of descriptors, it gives that one up,
+    accepts the connection waiting, writes `refusal` to it (a closing `limit_exceeded`; None
+    on a TLS port, whose clients expect TLS: the connection is closed without a word), reads
+    what the client sent already (so that the close is a FIN, not a reset that could drop the
+    refusal in transit), closes it and takes the reserve again. `on_refused()` is called for
+    each (counted and logged by the broker). Without a reserve (it could not be had, or not
+    taken back yet) the error goes to trio's loop, which retries every 100 ms, as before."""
+
+    def __init__(self, listener: trio.SocketListener, refusal: bytes | None,
+                 on_refused: Callable[[], None]) -> None:
+        self._inner = listener
+        self.socket = listener.socket
+        self._refusal = refusal
+        self._on_refused = on_refused
+        self._spare = _reserve()
+
+    async def accept(self) -> trio.SocketStream:
+        while True:
+            try:
+                return await self._inner.accept()
+            except OSError as exc:
+                if exc.errno not in OUT_OF_FILES or self._spare is None:
+                    raise
+                await self._refuse_one()
+
+    async def _refuse_one(self) -> None:
+        os.close(self._spare)
+        self._spare = None
+        try:
+            sock, _ = await self.socket.accept()
+        except OSError:
+            sock = None
+        try:
+            if sock is not None:
+                with sock:
+                    fd = sock.fileno()
+                    try:
+                        if self._refusal is not None:
+                            os.write(fd, self._refusal)
+                        while os.read(fd, 65536):
+                            pass
+                    except OSError:  # BlockingIOError once read, or the peer gone
+                        pass
+                    self._on_refused()
+        finally:
+            self._spare = _reserve()
+
+    async def aclose(self) -> None:
+        if self._spare is not None:
+            os.close(self._spare)
+            self._spare = None
+        await self._inner.aclose()
+
+
+def _reserve() -> int | None:
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
 
 
 def close(sockets: list[socket.socket]) -> None:

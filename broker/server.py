@@ -23,11 +23,12 @@ from typing import Any
 
 import trio
 
+import protocol as wire
 from broker import connection, fanout, listen, tokens
 from broker.committer import Committer
 from broker.config import Config
 from broker.handlers import HANDLERS
-from broker.hub import Hub
+from broker.hub import Hub, encode_push
 from broker.keyring import Keyring
 from broker.logs import Repeated, get_logger
 from broker.policy import ContentPolicy
@@ -41,6 +42,9 @@ from broker.weight import Weights
 from protocol import native as wire_native
 from storage import native, rowio
 
+# What a connection the broker has no file descriptor for is told (broker/listen.py).
+OUT_OF_FILES_MESSAGE = ("the broker is out of file descriptors (its open-file limit, or the "
+                        "system's, is reached); retry later")
 IDLE_CHECKS = 10  # looks for idle sessions per idle timeout (see Broker._watch_idle)
 # A stop's last commit still running this long after the connections ended is logged
 # (`stop_waiting_for_commit`), and again every STOP_WAIT_REPEAT_S while it runs: a disk that
@@ -187,6 +191,10 @@ class Broker:
                         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                         self.tls.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key),
                                                  password=no_passphrase)
+                    refusal = None if cfg.tls_cert else encode_push(wire.error_frame(
+                        wire.ErrorCode.LIMIT_EXCEEDED, OUT_OF_FILES_MESSAGE, None, close=True))
+                    listeners = [listen.Listener(each, refusal, self._out_of_files)
+                                 for each in listeners]
                     self.port = listeners[0].socket.getsockname()[1]
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
                                   tls=bool(cfg.tls_cert), data=str(cfg.data_dir),
@@ -236,6 +244,15 @@ class Broker:
                                       "that does not answer holds it (SIGKILL loses nothing "
                                       "acknowledged)")
             await trio.sleep(STOP_WAIT_REPEAT_S)
+
+    def _out_of_files(self) -> None:
+        """A connection refused for want of file descriptors (broker/listen.py): counted and
+        logged as the broker's --max-connections refusals are, now and then."""
+        refused = self.connections_full.count(time.monotonic())
+        if refused is not None:
+            self.log.warning("connections_full", limit="open_files",
+                             connections=self.hub.count, handshaking=self.handshaking,
+                             refused=refused)
 
     async def _watch_idle(self) -> None:
         """Time out every session whose reader has waited `idle_timeout_s` for a frame.

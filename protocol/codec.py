@@ -152,6 +152,23 @@ def count_values(body: bytes | bytearray, limit: int) -> int:
 _count_values = count_values if native.wire is None else native.wire.count_values
 
 
+def _undecodable(exc: Exception) -> str:
+    """What was wrong with a frame body msgpack could not decode, in the words of PROTOCOL.md
+    §2.3: until 2026-12-07 every such frame was "not valid msgpack (ValueError)", a valid
+    msgpack map with an int key or a str of bad UTF-8 too."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "frame body holds a str that is not valid UTF-8"
+    if isinstance(exc, msgpack.ExtraData):
+        return "frame body holds more than one msgpack value"
+    text = str(exc)
+    if "map key" in text:  # msgpack's strict_map_key: "int is not allowed for map key ..."
+        return "frame body holds a map key that is neither str nor bin"
+    if "incomplete input" in text:
+        return "frame body ends inside a msgpack value"
+    detail = f"{type(exc).__name__}: {text[:80]}" if text else type(exc).__name__
+    return f"frame body is not valid msgpack ({detail})"
+
+
 def decode_body(body: bytes | bytearray, max_frame_bytes: int,
                 max_values: int | None = None) -> dict:
     """Decode one frame body into its map, or raise a fatal BAD_FRAME `RemoteProtocolError`.
@@ -176,9 +193,7 @@ def decode_body(body: bytes | bytearray, max_frame_bytes: int,
             max_ext_len=max_frame_bytes,
         )
     except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, TypeError, ...)
-        raise RemoteProtocolError(
-            ErrorCode.BAD_FRAME, f"frame body is not valid msgpack ({type(exc).__name__})"
-        ) from None
+        raise RemoteProtocolError(ErrorCode.BAD_FRAME, _undecodable(exc)) from None
     if type(obj) is not dict:
         raise RemoteProtocolError(ErrorCode.BAD_FRAME, "frame body is not a msgpack map")
     if type(obj.get("t")) is not str:

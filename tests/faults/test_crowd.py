@@ -5,9 +5,12 @@ back, through a restart of a child broker at a low --max-handshakes, to every me
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 import tracemalloc
 
+import msgpack
 import pytest
 import trio
 
@@ -223,3 +226,68 @@ async def test_a_crowd_of_sdk_devices_comes_back_through_restarts(broker_process
     raise_nofile()
     await _restart_under_a_crowd(broker_process, scaled(1500, 20), scaled(150, 2), 3, kill)
     tally.add(f"restart: a crowd of SDK devices ({'SIGKILL' if kill else 'SIGTERM'})")
+
+
+FEW_FILES = 64  # the child broker's open-file limit (soft and hard): a few dozen sessions
+
+
+def _few_files() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FEW_FILES, FEW_FILES))
+
+
+def _hello(port: int, user_token: str, device: str) -> tuple[socket.socket, dict | None]:
+    """A raw hello, and the broker's answer (None: none within 5 s, or EOF)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    body = msgpack.packb({"t": "hello", "versions": [1], "token": user_token, "device": device})
+    s.sendall(struct.pack(">I", len(body)) + body)
+    try:
+        head = s.recv(4, socket.MSG_WAITALL)
+        if len(head) < 4:
+            return s, None
+        frame = s.recv(struct.unpack(">I", head)[0], socket.MSG_WAITALL)
+    except (TimeoutError, ConnectionResetError):
+        return s, None
+    return s, msgpack.unpackb(frame)
+
+
+def test_connections_past_the_open_file_limit_are_refused_not_left_waiting(broker_process,
+                                                                           tally):
+    """A broker whose open-file limit comes before --max-connections (LimitNOFILE= lower
+    than it, `open_file_limit_low` at the start) answers the connection it has no descriptor
+    for with a closing `limit_exceeded`, logged as `connections_full` with limit
+    `open_files`, and welcomes again once sessions close. Until 2026-12-07 such a connection
+    waited in the backlog unanswered (a client timed out), while trio logged an error with a
+    traceback every 100 ms (112 of them for 20,100 connections at the default 20,000 fds)."""
+    bp = broker_process("--max-connections", "1000", preexec_fn=_few_files)
+    held: list[socket.socket] = []
+    try:
+        for i in range(FEW_FILES):
+            s, answer = _hello(bp.port, bp.token(f"u{i % 8}"), f"d{i}")
+            if answer is None or answer["t"] != "welcome":
+                s.close()
+                break
+            held.append(s)
+        assert 10 < len(held) < FEW_FILES, len(held)
+        assert answer is not None, "no answer: the connection was left in the backlog"
+        assert answer["name"] == "limit_exceeded" and answer["close"] is True, answer
+        assert "file descriptors" in answer["message"], answer
+        for s in held[:4]:  # sessions end: the broker takes connections again
+            s.close()
+        deadline = time.monotonic() + 5
+        while True:
+            s, answer = _hello(bp.port, bp.token("back"), "d1")
+            s.close()
+            if (answer is not None and answer["t"] == "welcome") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert answer is not None and answer["t"] == "welcome", answer
+    finally:
+        for s in held:
+            s.close()
+    events = bp.log_events()
+    full = [e for e in events if e.get("event") == "connections_full"]
+    assert full and full[0]["limit"] == "open_files" and full[0]["refused"] == 1, full
+    assert not [e for e in events if e.get("logger") == "trio.serve_listeners"]
+    tally.add("limit: connections past the open-file limit")

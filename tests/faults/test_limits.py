@@ -47,6 +47,28 @@ async def test_largest_frame(broker_process, tally):
         await still_serving(bp)
 
 
+@pytest.mark.parametrize(("body", "says"), [
+    (b"\x82\x01\x02\xa1t\xa4ping", "a map key that is neither str nor bin"),  # {1: 2, t: ping}
+    (b"\x82\xa1t\xa4ping\xa1x\x81\xc0\x01", "a map key that is neither str nor bin"),  # nested
+    (b"\x82\xa1t\xa4ping\xa1x\xa2\xff\xfe", "a str that is not valid UTF-8"),
+    (b"\x81\xa1t\xa4ping\x01", "more than one msgpack value"),
+    (b"\x82\xa1t\xa4ping\xa1x\xa5ab", "ends inside a msgpack value"),
+], ids=["int key", "nil key nested", "bad utf-8", "two values", "cut str"])
+async def test_a_bad_frame_says_what_is_wrong_with_it(broker_process, body, says):
+    """A body msgpack cannot decode is a closing bad_frame that says why in PROTOCOL.md
+    §2.3's words: each of these was "frame body is not valid msgpack (ValueError)" (or
+    UnicodeDecodeError, ExtraData) until 2026-12-07, a valid msgpack map with an int key too."""
+    bp = broker_process()
+    with trio.fail_after(30):
+        c = await raw(bp, "mallory")
+        await c.stream.send_all(len(body).to_bytes(4, "big") + body)
+        err = await closing_error(c)
+        assert err is not None and err.name == "bad_frame", err
+        assert says in err.message and "ValueError" not in err.message, err.message
+        await c.aclose()
+        await still_serving(bp)
+
+
 async def test_frame_values(broker_process, tally):
     """A frame of more values than --max-frame-values is bad_frame and closes the connection,
     whatever field holds them (unknown ones too); the largest frame of the protocol, a create
