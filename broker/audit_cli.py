@@ -431,7 +431,8 @@ def _counted(lines: Iterator[bytes], bar: ProgressBar) -> Iterator[bytes]:
 
 def _walked(walk: export.Walk) -> dict[str, Any]:
     """The part of the verify-export report that says what was found sound."""
-    prev = None if walk.prev is None else {"lsn": walk.first_lsn - 1, "digest": walk.prev.hex()}
+    prev = None if walk.prev is None else {"lsn": walk.first_lsn - 1, "digest": walk.prev.hex(),
+                                           "pinned": walk.pinned()}
     return {"lines": walk.lines, "first_lsn": walk.first_lsn, "last_lsn": walk.last_lsn,
             "prev": prev}
 

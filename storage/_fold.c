@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 16 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 17 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -999,7 +999,33 @@ static int read_uint(reader *r, uint64_t *out) {
     return 0;
 }
 
-/* A str or bin (both come out as bytes with raw=True): its bytes. 0 on success. */
+/* Whether `len` bytes at `p` are UTF-8 as Python's strict decoder takes it (what `audit
+ * verify`, which reads text as text, requires of every str in a record): ASCII by a plain scan,
+ * anything else by the decoder itself (a text object made and dropped, only then). */
+static int utf8_ok(const unsigned char *p, Py_ssize_t len) {
+    Py_ssize_t i = 0;
+    for (uint64_t word; i + 8 <= len; i += 8) { /* eight bytes a step, as memcpy allows */
+        memcpy(&word, p + i, 8);
+        if (word & 0x8080808080808080ULL)
+            break;
+    }
+    while (i < len && p[i] < 0x80)
+        i++;
+    if (i == len)
+        return 1;
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)p + i, len - i, NULL);
+    if (text == NULL) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_DECREF(text);
+    return 1;
+}
+
+static int is_str(unsigned char t) { return (t >= 0xa0 && t <= 0xbf) || (t >= 0xd9 && t <= 0xdb); }
+
+/* A str or bin (both come out as bytes with raw=True): its bytes; a str's must be UTF-8.
+ * 0 on success. */
 static int read_raw(reader *r, const unsigned char **data, Py_ssize_t *len) {
     if (!need(r, 1))
         return -1;
@@ -1019,11 +1045,17 @@ static int read_raw(reader *r, const unsigned char **data, Py_ssize_t *len) {
         *len = (Py_ssize_t)be(r->p, n);
         r->p += n;
     }
-    if (!need(r, *len))
+    if (!need(r, *len) || (is_str(t) && !utf8_ok(r->p, *len)))
         return -1;
     *data = r->p;
     r->p += *len;
     return 0;
+}
+
+/* A str (what homing writes of a type, an actor, a conversation or a cid; verify fails a bin
+ * there, `a field of the wrong kind` or `data.conv of the wrong kind`). 0 on success. */
+static int read_str(reader *r, const unsigned char **data, Py_ssize_t *len) {
+    return need(r, 1) && is_str(*r->p) ? read_raw(r, data, len) : -1;
 }
 
 /* A container header: array (is_map 0) or map (1); its length. 0 on success. */
@@ -1098,6 +1130,7 @@ static int is(const unsigned char *data, Py_ssize_t len, const char *word) {
 }
 
 #define KEYS_FIT_BYTES 400 /* storage.records.KEYS_FIT_BYTES */
+#define MAX_TS_US 253402300799999999ULL /* storage.records.MAX_TS_US */
 
 typedef struct {
     uint64_t lsn, ts;
@@ -1113,24 +1146,34 @@ static int parse_message(PyObject *value, message *m) {
     reader r = {(const unsigned char *)PyBytes_AS_STRING(value) + 32,
                 (const unsigned char *)PyBytes_AS_STRING(value) + PyBytes_GET_SIZE(value)};
     uint64_t count;
-    const unsigned char *type, *device;
-    Py_ssize_t type_len, device_len;
+    const unsigned char *type, *device, *body = NULL;
+    Py_ssize_t type_len, device_len, body_len;
+    /* as verify requires (storage/log.py): a time a date holds (check_time), text for the
+     * type and actor (fields_fault), text for conv and cid and text or bytes for the body
+     * (data_fault), every text UTF-8; anything else is handed back, for Python to refuse */
     if (read_header(&r, 0, &count) || count != 6 || read_uint(&r, &m->lsn) ||
-        read_uint(&r, &m->ts) || read_raw(&r, &type, &type_len) ||
-        !is(type, type_len, "message.accepted") || read_raw(&r, &m->user, &m->user_len) ||
-        read_raw(&r, &device, &device_len) || read_header(&r, 1, &count))
+        read_uint(&r, &m->ts) || m->ts > MAX_TS_US || read_str(&r, &type, &type_len) ||
+        !is(type, type_len, "message.accepted") || read_str(&r, &m->user, &m->user_len) ||
+        read_str(&r, &device, &device_len) || read_header(&r, 1, &count))
         return 0;
     m->conv = m->cid = NULL;
     for (uint64_t i = 0; i < count; i++) {
         const unsigned char *key;
         Py_ssize_t key_len;
+        int text_key = need(&r, 1) && is_str(*r.p); /* a bin key is another key to verify */
         if (read_raw(&r, &key, &key_len))
             return 0;
-        if (is(key, key_len, "conv")) {
-            if (read_raw(&r, &m->conv, &m->conv_len))
+        if (!text_key) {
+            if (skip(&r, 0))
+                return 0;
+        } else if (is(key, key_len, "conv")) {
+            if (read_str(&r, &m->conv, &m->conv_len))
                 return 0;
         } else if (is(key, key_len, "cid")) {
-            if (read_raw(&r, &m->cid, &m->cid_len))
+            if (read_str(&r, &m->cid, &m->cid_len))
+                return 0;
+        } else if (is(key, key_len, "body")) {
+            if (read_raw(&r, &body, &body_len))
                 return 0;
         } else if (skip(&r, 0)) {
             return 0;
@@ -1139,18 +1182,12 @@ static int parse_message(PyObject *value, message *m) {
     /* the last occurrence of a key wins, as in the dict unpackb builds; ids longer in all
      * than storage.records.KEYS_FIT_BYTES are left to Python, which checks that their keys
      * fit LMDB's (key_fault) */
-    return m->conv != NULL && m->cid != NULL && r.p == r.end &&
+    return m->conv != NULL && m->cid != NULL && body != NULL && r.p == r.end &&
            m->conv_len + m->cid_len + m->user_len + device_len <= KEYS_FIT_BYTES;
 }
 
-/* Apply one parsed message: 1 done, 0 left to Python (conv not UTF-8), -1 error. */
+/* Apply one parsed message (its conv UTF-8, parse_message saw to it): 1 done, -1 error. */
 static int apply_message(PyObject *tables, PyObject *heads, sink *sinks, const message *m) {
-    PyObject *conv = PyUnicode_DecodeUTF8((const char *)m->conv, m->conv_len, NULL);
-    if (conv == NULL) { /* Python's `ckey.decode()` raises it: let it */
-        PyErr_Clear();
-        return 0;
-    }
-    Py_DECREF(conv);
     PyObject *ckey = PyBytes_FromStringAndSize((const char *)m->conv, m->conv_len);
     PyObject *sender = PyBytes_FromStringAndSize((const char *)m->user, m->user_len);
     PyObject *cid = PyBytes_FromStringAndSize((const char *)m->cid, m->cid_len);
@@ -1719,6 +1756,16 @@ static struct PyModuleDef module = {
     -1, methods, NULL, NULL, NULL, NULL,
 };
 
+/* A module constant of 64 bits (past a C long where a long is 32). */
+static int add_u64(PyObject *m, const char *name, uint64_t v) {
+    PyObject *o = PyLong_FromUnsignedLongLong(v);
+    if (o == NULL)
+        return -1;
+    int rc = PyModule_AddObjectRef(m, name, o);
+    Py_DECREF(o);
+    return rc;
+}
+
 PyMODINIT_FUNC PyInit__fold(void) {
     PyObject *struct_mod = PyImport_ImportModule("struct");
     if (struct_mod == NULL)
@@ -1763,7 +1810,8 @@ PyMODINIT_FUNC PyInit__fold(void) {
     /* storage/native.py refuses a module whose VERSION is not the one it was written for (a
      * stale build left in place by an editable install of newer sources). */
     if (m != NULL && (PyModule_AddIntConstant(m, "VERSION", FOLD_VERSION) < 0 ||
-                      PyModule_AddIntConstant(m, "KEYS_FIT_BYTES", KEYS_FIT_BYTES) < 0)) {
+                      PyModule_AddIntConstant(m, "KEYS_FIT_BYTES", KEYS_FIT_BYTES) < 0 ||
+                      add_u64(m, "MAX_TS_US", MAX_TS_US) < 0)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -155,6 +155,17 @@ class Walk:
     head: bytes | None = None
     anchors: list[tuple[int, bytes, bool | None]] = field(default_factory=list)
 
+    def pinned(self) -> bool:
+        """Whether the record the first line follows is known to be the log's: the log's start
+        (lsn 1 follows 64 zeros), or an anchor at or after it held (every digest after the
+        first line's `prev` holds it). A file starting past lsn 1 without one is sound from
+        its first line on, and nothing in it shows what came before: lines cut from the start
+        of an export, the first left given the digest before it as `prev`, pass as an export
+        `--from-lsn` (docs/OPERATIONS.md, "Verifying an export")."""
+        return self.first_lsn == 1 or any(
+            ok and self.first_lsn is not None and lsn >= self.first_lsn - 1
+            for lsn, _, ok in self.anchors)
+
 
 def check_lines(source: Iterable[bytes], anchors: Sequence[tuple[int, bytes]] = (),
                 max_line_bytes: int = MAX_LINE_BYTES, walk: Walk | None = None) -> Walk:

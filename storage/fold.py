@@ -1,11 +1,12 @@
 """Replay: fold raw log records into projection tables, at the speed audits need.
 
 `fold(tables, records)` is `projections.apply` over `(lsn, digest || body)` records, cut down to
-what a replay needs. Records are decoded with `raw=True`, so ids come out as the bytes the tables
-are keyed by and no text is decoded; `message.accepted` events (nearly all of a log) go straight
-to `projections.add_message`, the same function the live path runs, with no `Event` or `Effects`
-built; every other event is decoded again as an `Event` and handed to `apply`. The rows written
-are those of `apply` (the model test, tests/storage/test_model.py, checks it on random logs).
+what a replay needs. Records are decoded once, text as text (as `audit verify` reads them: a
+record verify fails is refused, in its words, never applied); `message.accepted` events (nearly
+all of a log) go straight to `projections.add_message`, the same function the live path runs,
+their ids encoded to the bytes the tables are keyed by, with no `Event` or `Effects` built;
+every other event is made an `Event` and handed to `apply`. The rows written are those of
+`apply` (the model test, tests/storage/test_model.py, checks it on random logs).
 
 Where storage/_fold.c was built (`projections.COMPILED`), runs of message records are taken
 apart and applied in C (`_fold.fold_messages`); it hands any other record back, and this loop
@@ -22,7 +23,7 @@ import msgpack
 from storage import native
 from storage import records as r
 from storage.errors import CorruptLog, CorruptProjection
-from storage.log import EVENT_FIELDS, record_fault
+from storage.log import EVENT_FIELDS, data_fault, record_fault
 from storage.memory_tables import RowsDropped
 from storage.projections import (
     COMPILED,
@@ -34,9 +35,10 @@ from storage.projections import (
     message_fault,
     py_add_message,
 )
-from storage.records import decode_body
+from storage.records import MAX_TS_US, MESSAGE_ACCEPTED, Event
 
-_MESSAGE = r.MESSAGE_ACCEPTED.encode()
+_MESSAGE = MESSAGE_ACCEPTED.encode()
+_BODY = (str, bytes)  # the kinds of a message's body (storage.log.data_fault)
 
 CHUNK = 8192  # events between two calls of `on_chunk`
 
@@ -109,34 +111,47 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 break
         value = record[1]
         try:
-            fields = unpack(value[32:], raw=True)
+            fields = unpack(value[32:])
         except (ValueError, msgpack.UnpackException) as exc:
-            # verify's words (it reads text as text: of bytes no UTF-8 holds, it names those)
+            # verify's words (text of bytes no UTF-8 holds, say)
             raise (record_fault(lsn + 1, value[32:])
                    or CorruptLog(lsn + 1, f"undecodable body: {exc}")) from None
         try:
             # The record this LSN holds, as verify requires (`body says lsn ...`): the body's
             # lsn is what the replay marks applied and files messages under (the C loop
-            # checks the same, `next_lsn`). Of a text body, its first byte's number.
+            # checks the same, `next_lsn`). Of a body of bytes, its first byte's number.
             if type(fields[0]) is not int or fields[0] != lsn + 1:
                 raise refused(lsn + 1, value, None)
             if fields[0] > last or fields[1] > until:
                 if type(fields) is not list or len(fields) != EVENT_FIELDS:
-                    raise refused(lsn + 1, value, None)  # (text, read as its bytes' numbers)
+                    raise refused(lsn + 1, value, None)  # (bytes, read as their numbers)
                 break
-            if fields[2] == _MESSAGE:
-                data = fields[5]
-                ckey, cid, user = data[b"conv"], data[b"cid"], fields[3]
-                if (len(ckey) + len(cid) + len(user) + len(fields[4]) > r.KEYS_FIT_BYTES
-                        and (fault := r.key_fault(user, fields[4], ckey, cid)) is not None):
-                    raise CorruptLog(lsn + 1, f"{r.MESSAGE_ACCEPTED} with {fault}")
-                add(tables, ckey, ckey.decode(), user, cid, fields[0], heads)
+            ts = fields[1]
+            if type(ts) is not int or not 0 <= ts <= MAX_TS_US:
+                raise refused(lsn + 1, value, None)  # (check_time's: a time no date holds)
+            if fields[2] == MESSAGE_ACCEPTED:
+                data, user, device = fields[5], fields[3], fields[4]
+                conv, cid = data["conv"], data["cid"]
+                # (fields_fault's and data_fault's tests, inline as in verify_records: a bin
+                # for an id or a number for a body, which add_message would take as it is)
+                if (not (str is type(conv) is type(cid) is type(user) is type(device))
+                        or type(data.get("body")) not in _BODY):
+                    raise refused(lsn + 1, value, None)
+                ckey, cid, user = conv.encode(), cid.encode(), user.encode()
+                # (a device of ASCII has as many bytes as characters; any other is encoded)
+                if ((len(ckey) + len(cid) + len(user) + len(device) > r.KEYS_FIT_BYTES
+                     or not device.isascii())
+                        and (fault := r.key_fault(user, device, ckey, cid)) is not None):
+                    raise CorruptLog(lsn + 1, f"{MESSAGE_ACCEPTED} with {fault}")
+                add(tables, ckey, conv, user, cid, fields[0], heads)
             else:
-                ev = decode_body(value[32:])
+                ev = Event(*fields)
                 # (fields_fault's test, inline as in verify_records: a type, actor or data of
-                # the wrong kind, which `apply` may take as it is, a number for a user, say)
+                # the wrong kind, which `apply` may take as it is, a number for a user, say;
+                # then data_fault's, a mute of 1 for true, say)
                 if (type(ev.type) is not str or type(ev.user) is not str
-                        or type(ev.device) is not str or type(ev.data) is not dict):
+                        or type(ev.device) is not str or type(ev.data) is not dict
+                        or data_fault(ev.type, ev.data) is not None):
                     raise refused(lsn + 1, value, None)
                 if (fault := r.event_key_fault(ev.user, ev.device, ev.data)) is not None:
                     raise CorruptLog(lsn + 1, f"{ev.type} with {fault}")

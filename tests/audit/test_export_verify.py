@@ -81,7 +81,8 @@ def test_an_export_verifies_offline_and_ends_at_verifys_head(tmp_path):
     anchor = f"{head['lsn']}:{head['digest']}"
     report = json.loads(homing("audit", "verify-export", str(f), "--anchor", anchor).stdout)
     assert report == {"ok": True, "lines": head["lsn"], "first_lsn": 1, "last_lsn": head["lsn"],
-                      "prev": {"lsn": 0, "digest": GENESIS.hex()}, "file": {"ok": True},
+                      "prev": {"lsn": 0, "digest": GENESIS.hex(), "pinned": True},
+                      "file": {"ok": True},
                       "head": head, "anchors": [{**head, "ok": True}]}
     piped = homing("audit", "verify-export", "-", input=text)
     assert json.loads(piped.stdout)["head"] == head
@@ -208,7 +209,7 @@ def test_an_export_from_an_lsn_is_checked_from_the_digest_before_it(tmp_path, ca
     report = json.loads(homing("audit", "verify-export", str(f), "--anchor",
                                f"39:{before}").stdout)
     assert report["ok"] and report["first_lsn"] == 40 and report["lines"] == len(whole) - 39
-    assert report["prev"] == {"lsn": 39, "digest": before}
+    assert report["prev"] == {"lsn": 39, "digest": before, "pinned": True}
     assert report["anchors"] == [{"lsn": 39, "digest": before, "ok": True}]
     early = homing("audit", "verify-export", str(f), "--anchor", f"10:{before}", check=False)
     assert_one_json_error(early, 2, "usage")
@@ -362,3 +363,28 @@ def test_any_log_exports_then_verifies_and_any_changed_byte_is_caught(
     with pytest.raises(ExportFault) as caught:
         export.check_lines(b"".join(changed).splitlines(keepends=True))
     assert caught.value.line == k + 1, caught.value
+
+
+def test_an_export_cut_at_its_start_says_nothing_pins_where_it_starts(tmp_path, capsys):
+    """A whole export with its first lines cut and the digest before the first left copied in
+    as its `prev` (the cut lines' own `digest`) is, byte for byte, `export --from-lsn`'s file:
+    `verify-export` passed it, `"ok": true`, as it passes the whole one, where the first
+    line's missing `prev` is what shows a cut (OPERATIONS.md). It still passes (its lines are
+    sound), and `prev.pinned` now says whether anything pins its start: true of a file from
+    lsn 1 (64 zeros) or one an anchor at or after its `prev` holds for, false without."""
+    data = _data(tmp_path / "data")
+    whole = _export(data).splitlines(keepends=True)
+    first = json.loads(whole[4])
+    first |= {"prev": _line_digest(whole[3]), "digest": first.pop("digest")}
+    part = "".join([json.dumps(first, ensure_ascii=False, separators=(",", ":")) + "\n",
+                    *whole[5:]])
+    assert part == _export(data, "--from-lsn", "5")
+    status, report, _ = _check(capsys, part, tmp_path)
+    assert status == 0 and report["ok"] and report["first_lsn"] == 5
+    assert report["prev"] == {"lsn": 4, "digest": _line_digest(whole[3]), "pinned": False}
+    for at in (4, 5, len(whole)):
+        status, report, _ = _check(capsys, part, tmp_path, "--anchor",
+                                   f"{at}:{_line_digest(whole[at - 1])}")
+        assert status == 0 and report["prev"]["pinned"] is True, at
+    status, report, _ = _check(capsys, "".join(whole), tmp_path)
+    assert status == 0 and report["prev"]["pinned"] is True

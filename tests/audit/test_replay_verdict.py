@@ -20,7 +20,7 @@ import pytest
 from broker.cli import main
 from storage.errors import CorruptLog
 from storage.projections import APPLIED_LSN
-from storage.records import chain, lsn_key, pack_u64
+from storage.records import MAX_TS_US, chain, lsn_key, pack_u64
 from storage.store import LAYOUT, LAYOUT_KEY, Store
 from tests.audit.test_damaged import assert_one_json_error, make_data, poke
 from tests.audit.test_fields_fault import CONV, MARK, TS, _put_at, _said
@@ -90,27 +90,37 @@ def test_rebuild_names_data_the_replay_cannot_apply_as_verify_does(tmp_path, cap
         assert _said(capsys, *args, "--data", str(data)) == (1, want), args
 
 
-def test_serve_refuses_to_rebuild_a_log_holding_a_number_for_an_actor(tmp_path):
+@pytest.mark.parametrize(("event", "reason"), [
+    ((TS, "read.marked", 5, "d", MARK),
+     "a field of the wrong kind: type str, user int, device str, data dict"),
+    ((MAX_TS_US + 1, "message.accepted", "bob", "d", MESSAGE),
+     f"a time of {MAX_TS_US + 1} us, which no date holds"),
+], ids=["actor-number", "time-past-max"])
+def test_serve_refuses_to_rebuild_a_log_holding_a_number_for_an_actor(tmp_path, event, reason):
     """The rebuild a layout change runs when `serve` starts applied a `read.marked` whose user
-    is a number and served; it now ends the start with `data_dir` (exit 2) naming the LSN and
+    is a number (and, until later that day, a message whose time is past the last a date
+    holds) and served; it now ends the start with `data_dir` (exit 2) naming the LSN and
     verify's fault, the projections and their older layout left as they were."""
     data = tmp_path / "data"
     lsn = make_data(data, 1) + 1
-    _put_at(data, lsn, (TS, "read.marked", 5, "d", MARK))
+    _put_at(data, lsn, event)
     poke(data, lambda txn, db: txn.put(LAYOUT_KEY, b"6", db=db("layout")))
     before = _dump(data)
     proc = subprocess.run([*homing_cmd(), "serve", "--data", str(data), "--port", "0"],
                           capture_output=True, text=True, timeout=60)
     assert_one_json_error(proc, 2, "data_dir")
     assert json.loads(proc.stderr.strip().splitlines()[-1])["message"] == (
-        f"cannot use {data}: log corrupt at lsn {lsn}: a field of the wrong kind: type str, "
-        "user int, device str, data dict")
+        f"cannot use {data}: log corrupt at lsn {lsn}: {reason}")
     assert _dump(data) == before and before[1] == b"6" != LAYOUT
 
 
 def _put_body(data: Path, lsn: int, fields: Any) -> None:
     """Chain a record whose body is msgpack of `fields` as record `lsn`, behind homing's back."""
-    body = msgpack.packb(fields, use_bin_type=True)
+    _put_raw(data, lsn, msgpack.packb(fields, use_bin_type=True))
+
+
+def _put_raw(data: Path, lsn: int, body: bytes) -> None:
+    """Chain a record whose body is `body` as record `lsn`, behind homing's back."""
 
     def put(txn, db):
         prev = txn.get(lsn_key(lsn - 1), db=db("log"))[:32]
@@ -193,9 +203,14 @@ def test_rebuild_refuses_a_record_whose_body_names_another_lsn(tmp_path, capsys,
     data = tmp_path / "data"
     lsn = make_data(data, 4) + 1
     _put_body(data, lsn, [said, *event])
-    before = _dump(data)
-    want = f"log corrupt at lsn {lsn}: body says lsn {said!r}"
+    _refused_compiled_and_pure(capsys, data, f"log corrupt at lsn {lsn}: body says lsn {said!r}")
+
+
+def _refused_compiled_and_pure(capsys, data: Path, want: str) -> None:
+    """`_all_refuse`, and `homing audit rebuild` with `HOMING_PURE_PYTHON=1` (a child) says
+    `want` too, `corrupt_log` exit 1, changing nothing."""
     _all_refuse(capsys, data, want)
+    before = _dump(data)
     proc = subprocess.run([*homing_cmd(), "audit", "rebuild", "--data", str(data)],
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, "HOMING_PURE_PYTHON": "1"})
@@ -282,3 +297,44 @@ def test_verify_export_blames_a_first_line_whose_lsn_was_changed_not_its_record(
     status, said = _said(capsys, "verify-export", str(exported))
     assert status == 1 and said.startswith(f"line 1 (lsn {lsn}): the line is not its "
                                            "record's own from byte 7 on"), said
+
+
+BAD_UTF8 = ("undecodable body: 'utf-8' codec can't decode byte 0xff in position 0: invalid "
+            "start byte")
+KINDS_APPLIED = pytest.mark.parametrize(("event", "reason"), [
+    ((-1, "message.accepted", "bob", "d", MESSAGE), "a time of -1 us, which no date holds"),
+    ((MAX_TS_US + 1, "message.accepted", "bob", "d", MESSAGE),
+     f"a time of {MAX_TS_US + 1} us, which no date holds"),
+    ((1.5, "read.marked", "alice", "d", MARK), "a time of 1.5 us, which no date holds"),
+    ((True, "message.accepted", "bob", "d", MESSAGE), "a time of True us, which no date holds"),
+    ((TS, "message.accepted", "bob", "d", {**MESSAGE, "body": 5}),
+     "message.accepted data.body of the wrong kind: 5"),
+    ((TS, "message.accepted", "bob", "d", {"conv": CONV, "cid": "x"}),
+     "message.accepted data without 'body'"),
+    ((TS, "message.accepted", "bob", "d", {**MESSAGE, "conv": CONV.encode()}),
+     f"message.accepted data.conv of the wrong kind: {CONV.encode()!r}"),
+    ((TS, "message.accepted", b"bob", "d", MESSAGE),
+     "a field of the wrong kind: type str, user bytes, device str, data dict"),
+    ((TS, "message.accepted", "bob", "d", {**MESSAGE, "body": "BAD"}), BAD_UTF8),
+    ((TS, "mute.set", "alice", "d", {"conv": CONV, "muted": 1}),
+     "mute.set data.muted of the wrong kind: 1"),
+], ids=["message-time-negative", "message-time-past-max", "mark-time-float", "message-time-true",
+        "message-body-int", "message-no-body", "message-conv-bin", "message-user-bin",
+        "message-body-not-utf8", "mute-int"])
+
+
+@KINDS_APPLIED
+def test_rebuild_refuses_a_time_or_data_of_the_wrong_kind_as_verify_does(tmp_path, capsys,
+                                                                         event, reason):
+    """A chained record whose time no date holds (negative, past MAX_TS_US, a float, true),
+    or whose message body, conv or actor is of a kind homing never writes (a number, none,
+    bytes, text of bytes no UTF-8 holds), or a mute of 1 for true: verify fails it at its
+    LSN, and `rebuild` applied it (`"ok": true`, its rows written), in the compiled and the
+    Python replay alike, as did `rebuild --check` and `inbox`. Each now refuses it with
+    verify's words, `corrupt_log` exit 1, changing nothing."""
+    data = tmp_path / "data"
+    lsn = make_data(data, 1) + 1
+    # (text `BAD` packed as bytes no UTF-8 holds)
+    _put_raw(data, lsn, msgpack.packb([lsn, *event], use_bin_type=True).replace(
+        b"\xa3BAD", b"\xa3\xff\xfe\x01"))
+    _refused_compiled_and_pure(capsys, data, f"log corrupt at lsn {lsn}: {reason}")

@@ -24,8 +24,10 @@ from storage import native
 from storage.commands import SendMessage
 from storage.errors import CorruptLog
 from storage.fold import fold
+from storage.log import record_fault
 from storage.memory_tables import ListedTable, MemoryTables, keyed_rows_digest, sorted_rows
 from storage.projections import key2, py_add_message
+from storage.records import MAX_TS_US
 from storage.store import Store
 from storage.tables import APPEND_ONLY
 
@@ -349,26 +351,30 @@ ODD_RECORDS = {
                            {b"conv": b"grp:a", b"cid": b"c1"})],
     "signed ints": [_record(raw=b"\x96" + _signed(1) + _signed(1001) +
                             msgpack.packb(["message.accepted", "ann", "d1",
-                                           {"conv": "grp:a", "cid": "c1"}])[1:])],
+                                           {"conv": "grp:a", "cid": "c1", "body": "hi"}])[1:])],
     "duplicate conv key": [_record(raw=b"\x96\x01\xcd\x03\xe9" +
                                    msgpack.packb("message.accepted") + msgpack.packb("ann") +
-                                   msgpack.packb("d1") + b"\x83" + msgpack.packb("conv") +
+                                   msgpack.packb("d1") + b"\x84" + msgpack.packb("conv") +
                                    msgpack.packb("grp:b") + msgpack.packb("cid") +
                                    msgpack.packb("c1") + msgpack.packb("conv") +
-                                   msgpack.packb("grp:a"))],
+                                   msgpack.packb("grp:a") + msgpack.packb("body") +
+                                   msgpack.packb("hi"))],
     "no cid": [_record(1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a"})],
     "conv not UTF-8": [_record(1, 1001, "message.accepted", "ann", "d1",
                                {"conv": b"grp:\xff", "cid": "c1"})],
     "trailing bytes": [_record(raw=msgpack.packb(
-        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1"}]) + b"\x00")],
+        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1", "body": "hi"}])
+        + b"\x00")],
     "truncated": [_record(raw=msgpack.packb(
-        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1"}])[:-3])],
+        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1", "body": "hi"}]
+    )[:-3])],
     "too short": [(0, b"\x00" * 10)],
     "five fields": [_record(1, 1001, "message.accepted", "ann", "d1")],
     # msgpack.unpackb refuses both (strict_map_key; a timestamp of 3 bytes): so must C
     "a map key that is not a string": [_message(1, extra=[1, {7: 1.5}])],
     "a timestamp ext of the wrong size": [_record(raw=msgpack.packb(
-        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1", "ts": b""}]
+        [1, 1001, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": "c1", "ts": b"",
+                                                     "body": "hi"}]
     ).replace(b"\xa2ts\xc4\x00", b"\xa2ts\xd4\xff\x00"))],
     "other event between": [_message(1),
                             _record(2, 1002, "read.marked", "bob", "d1",
@@ -493,7 +499,8 @@ def test_the_compiled_replay_leaves_long_ids_to_python_at_the_same_bound():
 
 
 def _stamped(lsn: int, cid: str) -> tuple[int, bytes]:
-    return _record(lsn, 1000, "message.accepted", "ann", "d1", {"conv": "grp:a", "cid": cid})
+    return _record(lsn, 1000, "message.accepted", "ann", "d1",
+                   {"conv": "grp:a", "cid": cid, "body": "hi"})
 
 
 def test_the_compiled_loop_takes_no_lsn_after_the_last_of_64_bits():
@@ -532,3 +539,94 @@ def test_a_fold_ending_at_the_last_lsn_of_64_bits_ends_alike(chunk, top_kind):
                         tables.items()))
     assert results[0] == results[1]
     assert results[0][0] == (top, 1000, 2)
+
+
+# ---------------------------------------------------------------- records verify fails
+
+
+def _odd(lsn: int, ts: object = 1001, type_: object = "message.accepted", user: object = "ann",
+         device: object = "d1", **data: object) -> tuple[int, bytes]:
+    """A message record (or, of another `type_`, its event) with fields replaced; `None` for a
+    data field leaves it out; text `BAD`, `OVL`, `SUR` or `CUT` anywhere is packed as bytes no
+    UTF-8 holds (a byte no UTF-8 starts with, an overlong `/`, a surrogate, the first byte of
+    two)."""
+    data = {k: v for k, v in {"conv": "grp:a", "cid": "c1", "body": "hi", **data}.items()
+            if v is not None}
+    body = msgpack.packb([lsn, ts, type_, user, device, data], use_bin_type=True)
+    for text, raw in ((b"BAD", b"\xff\xfe\x01"), (b"OVL", b"a\xc0\xaf"),
+                      (b"SUR", b"\xed\xa0\x80"), (b"CUT", b"ab\xc3")):
+        body = body.replace(text, raw)
+    return _record(raw=body)
+
+
+MARK = {"type_": "read.marked", "cid": None, "body": None, "upto": 1}
+VERIFY_FAILS = {
+    "time -1": _odd(1, ts=-1), "time past MAX_TS_US": _odd(1, ts=MAX_TS_US + 1),
+    "time 2**64 - 1": _odd(1, ts=(1 << 64) - 1), "time 1.5": _odd(1, ts=1.5),
+    "time true": _odd(1, ts=True), "time of a mark -1": _odd(1, ts=-1, **MARK),
+    "time of a mark past MAX_TS_US": _odd(1, ts=MAX_TS_US + 1, **MARK),
+    "no body": _odd(1, body=None), "body 5": _odd(1, body=5), "body a list": _odd(1, body=[1]),
+    "body false": _odd(1, body=False), "conv as bin": _odd(1, conv=b"grp:a"),
+    "cid as bin": _odd(1, cid=b"c1"), "type as bin": _odd(1, type_=b"message.accepted"),
+    "user as bin": _odd(1, user=b"ann"), "device as bin": _odd(1, device=b"d1"),
+    "device a list": _odd(1, device=[1]), "user not UTF-8": _odd(1, user="BAD"),
+    "device not UTF-8": _odd(1, device="BAD"), "body not UTF-8": _odd(1, body="BAD"),
+    "cid not UTF-8": _odd(1, cid="BAD"), "a key not UTF-8": _odd(1, BAD=1),
+    "a nested text not UTF-8": _odd(1, to=[{"x": "BAD"}]),
+    "body not UTF-8 past 8 ASCII bytes": _odd(1, body="0123456789abcdefgBAD"),
+    "body ending inside a character": _odd(1, body="0123456789CUT"),
+    "an overlong character": _odd(1, body="0123456789OVL"),
+    "a surrogate": _odd(1, cid="c-SUR"),
+    "conv under a bin key": _record(raw=msgpack.packb(
+        [1, 1001, "message.accepted", "ann", "d1", {b"conv": "grp:a", "cid": "c1", "body": "hi"}],
+        use_bin_type=True)),
+    "a mute of 1": _odd(1, type_="mute.set", cid=None, body=None, muted=1),
+    "a create of kind 5": _odd(1, type_="conv.created", conv="grp:n", cid=None, body=None,
+                               kind=5),
+}
+VERIFY_PASSES = {
+    "body as bin": [_odd(1, body=b"\xff\x00")], "text not ASCII": [
+        _odd(1, user="ännä", device="d\u00e9", cid="c\U0001f600", body="h\u00ef", to="\u4e2d")],
+    "time 0 and MAX_TS_US": [_odd(1, ts=0), _odd(2, ts=MAX_TS_US, cid="c2")],
+    "text not ASCII past 8 ASCII bytes": [_odd(1, body="0123456789abcdefg\u00e9\U0001f600")],
+}
+
+
+def test_the_compiled_replay_takes_no_time_past_the_same_bound():
+    """storage/_fold.c applies a message itself only when its time is at most MAX_TS_US (the
+    last a date holds); a C bound above Python's would apply a time verify fails."""
+    assert native.ext.MAX_TS_US == MAX_TS_US
+
+
+@pytest.mark.parametrize("name", sorted(VERIFY_FAILS))
+def test_a_record_verify_fails_is_refused_alike_in_verify_words(name):
+    """A record whose time no date holds, or whose ids, body or data field are of a kind (or
+    text of bytes) homing never writes: `audit verify` fails it, and both replays applied it
+    as it was (the compiled loop read ids and time as bytes and numbers of any kind, the
+    Python loop read text as bytes and no body). Both now refuse it, at its LSN, in verify's
+    words (`record_fault`), and the compiled loop hands it back rather than apply it."""
+    record = VERIFY_FAILS[name]
+    verdict = record_fault(1, record[1][32:])
+    assert verdict is not None
+    for compiled in (True, False):
+        tables = MemoryTables()
+        _members(tables, "grp:a")
+        with pytest.raises(CorruptLog) as caught:
+            fold(tables, [record], compiled=compiled)
+        assert (caught.value.lsn, caught.value.reason) == (1, verdict.reason), compiled
+    applied, *_ = native.ext.fold_messages(iter([record]), MemoryTables(), None, None, None,
+                                           10, 1)
+    assert applied == 0
+
+
+@pytest.mark.parametrize("name", sorted(VERIFY_PASSES))
+def test_records_verify_passes_are_applied_alike(name):
+    """Bytes for a body, text beyond ASCII, the first and last time a date holds: verify
+    passes them, and both replays apply them, the compiled loop itself, to the same rows."""
+    records = VERIFY_PASSES[name]
+    assert all(record_fault(i, v[32:]) is None for i, (_, v) in enumerate(records, 1))
+    compiled, python = _both(records)
+    assert compiled == python and compiled[0][2] == len(records)
+    applied, *_ = native.ext.fold_messages(iter(records), MemoryTables(), None, None, None,
+                                           10, 1)
+    assert applied == len(records)
