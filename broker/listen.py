@@ -78,8 +78,11 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
     on a TLS port, whose clients expect TLS: the connection is closed without a word), reads
     what the client sent already (so that the close is a FIN, not a reset that could drop the
     refusal in transit), closes it and takes the reserve again. `on_refused()` is called for
-    each (counted and logged by the broker). Without a reserve (it could not be had, or not
-    taken back yet) the error goes to trio's loop, which retries every 100 ms, as before."""
+    each (counted and logged by the broker). It refuses only a connection that is waiting
+    while descriptors are still lacking: a failed `accept` with an empty backlog waits for
+    the next connection with the reserve kept, so that one is welcomed if sessions closed
+    meanwhile. Without a reserve (it could not be had, or not taken back yet: it is tried
+    again at each `accept`) the error goes to trio's loop, which retries every 100 ms."""
 
     def __init__(self, listener: trio.SocketListener, refusal: bytes | None,
                  on_refused: Callable[[], None]) -> None:
@@ -90,13 +93,24 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
         self._spare = _reserve()
 
     async def accept(self) -> trio.SocketStream:
+        waiting = False  # a connection is known to wait in the backlog
         while True:
+            if self._spare is None:  # not had, or not taken back: descriptors may be free now
+                self._spare = _reserve()
             try:
                 return await self._inner.accept()
             except OSError as exc:
                 if exc.errno not in OUT_OF_FILES or self._spare is None:
                     raise
+            # Linux fails `accept` for want of a descriptor before it looks at the backlog, so
+            # the failure says nothing of a connection waiting: wait for one, and try again
+            # (descriptors may be free by then) before refusing it.
+            if waiting:
                 await self._refuse_one()
+                waiting = False
+            else:
+                await trio.lowlevel.wait_readable(self.socket)
+                waiting = True
 
     async def _refuse_one(self) -> None:
         os.close(self._spare)

@@ -95,6 +95,9 @@ class Broker:
         # client and attempt, so they are counted and logged now and then, not each.
         self.handshakes_full = Repeated()
         self.connections_full = Repeated()
+        # Connections refused for want of a file descriptor (broker/listen.py): their own
+        # lines, so that refusals at --max-connections do not hide them.
+        self.out_of_files = Repeated()
         self.awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
         # Devices whose start at the inbox head is on its way (handshake._start_at_head): set
         # once that hello is answered; the device's other hellos wait for it (`_after_start`).
@@ -247,8 +250,9 @@ class Broker:
 
     def _out_of_files(self) -> None:
         """A connection refused for want of file descriptors (broker/listen.py): counted and
-        logged as the broker's --max-connections refusals are, now and then."""
-        refused = self.connections_full.count(time.monotonic())
+        logged as the broker's --max-connections refusals are, now and then, with a count of
+        their own."""
+        refused = self.out_of_files.count(time.monotonic())
         if refused is not None:
             self.log.warning("connections_full", limit="open_files",
                              connections=self.hub.count, handshaking=self.handshaking,

@@ -69,13 +69,18 @@ def stats_reply(broker: Broker, f: wire.Stats) -> wire.BrokerStats:
         commits_stopped=committer.stopped.total)
 
 
+def _connections_full(broker: Broker) -> int:
+    """Connections refused at --max-connections or for want of a file descriptor."""
+    return broker.connections_full.total + broker.out_of_files.total
+
+
 async def report_stats(broker: Broker, every: float) -> None:
     """Log `broker_stats` every `every` seconds until cancelled."""
     committer = broker.committer
     then, cpu = time.monotonic(), time.process_time()
     lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
     failed, rate_limited = committer.failed, broker.rate_limited
-    handshakes_full, connections_full = broker.handshakes_full.total, broker.connections_full.total
+    handshakes_full, connections_full = broker.handshakes_full.total, _connections_full(broker)
     stopped = committer.stopped.total
     while True:
         await trio.sleep(every)
@@ -97,7 +102,7 @@ async def report_stats(broker: Broker, every: float) -> None:
             handshakes_full_per_s=round(
                 (broker.handshakes_full.total - handshakes_full) / elapsed, 1),
             connections_full_per_s=round(
-                (broker.connections_full.total - connections_full) / elapsed, 1),
+                (_connections_full(broker) - connections_full) / elapsed, 1),
             cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib(),
             # Trio's tasks: a few per session (its reader, writer, ...) and a fixed few; a
             # count that does not come back down after a crowd has gone is tasks left behind.
