@@ -133,9 +133,11 @@ def fold(tables: Tables, records: Iterable[tuple[object, bytes]], *, to_lsn: int
                 data, user, device = fields[5], fields[3], fields[4]
                 conv, cid = data["conv"], data["cid"]
                 # (fields_fault's and data_fault's tests, inline as in verify_records: a bin
-                # for an id or a number for a body, which add_message would take as it is)
+                # for an id or a number for a body, which add_message would take as it is;
+                # and record_fields', six fields, not seven: `Event(*fields)` checks it of
+                # any other event)
                 if (not (str is type(conv) is type(cid) is type(user) is type(device))
-                        or type(data.get("body")) not in _BODY):
+                        or type(data.get("body")) not in _BODY or len(fields) != EVENT_FIELDS):
                     raise refused(lsn + 1, value, None)
                 ckey, cid, user = conv.encode(), cid.encode(), user.encode()
                 # (a device of ASCII has as many bytes as characters; any other is encoded)

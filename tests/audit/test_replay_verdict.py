@@ -134,16 +134,20 @@ def _put_raw(data: Path, lsn: int, body: bytes) -> None:
     [5, TS, "read.marked", "alice", MARK],
     [5, TS, "read.marked", "alice", "d", MARK, 0],
     [5, TS, "message.accepted", "bob", "d"],
+    [5, TS, "message.accepted", "bob", "d", MESSAGE, 0],
     "abcdef",
     {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5, "f": 6},
     5,
-], ids=["five", "seven", "message-five", "text-of-six", "map-of-six", "number"])
+], ids=["five", "seven", "message-five", "message-seven", "text-of-six", "map-of-six",
+        "number"])
 def test_every_reader_words_a_body_of_no_event_alike(tmp_path, capsys, fields):
     """A chained body of five fields: verify, `log`, `export` and `stats` said
     "undecodable body: Event.__init__() missing 1 required positional argument: 'data'",
     `trace` "undecodable body: not the fields of an event", rebuild "a record the replay
     cannot apply: IndexError(...)"; text of six characters or a map of six keys, "body says
-    lsn 'a'" or "a time of 'b' us". Each now says `not the fields of an event`, at its LSN."""
+    lsn 'a'" or "a time of 'b' us"; a message of seven fields, rebuild applied (`"ok": true`,
+    in the compiled and the Python replay alike, until 2026-12-07). Each now says `not the
+    fields of an event`, at its LSN."""
     data = tmp_path / "data"
     lsn = make_data(data, 1) + 1
     _put_body(data, lsn, fields)
