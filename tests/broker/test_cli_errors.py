@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
 import select
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -331,6 +334,45 @@ def test_every_line_of_the_readme_first_conversation_runs(tmp_path):
     assert len(ran) == 9, ran
 
 
+def _listen_then_back_up(tmp_path: Path, bp: BrokerProcess):
+    """A `homing listen` of bob's that printed "kept", a backup taken then, and "lost-1" and
+    "lost-2" printed after it: the listen process and a function that returns its next line
+    (queue.Empty after 10 s)."""
+    homing("send", "--to", "bob", "kept", env=as_user(bp, "shop"))
+    listen = subprocess.Popen([*homing_cmd(), "listen"],
+                              env={**os.environ, **as_user(bp, "bob")}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    printed: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [printed.put(x) for x in listen.stdout], daemon=True).start()
+
+    def next_printed() -> dict:
+        return json.loads(printed.get(timeout=10))
+
+    assert next_printed()["body"] == "kept"
+    homing("backup", str(tmp_path / "backup"), "--data", str(bp.data))
+    for text in ("lost-1", "lost-2"):
+        homing("send", "--to", "bob", text, env=as_user(bp, "shop"))
+        assert next_printed()["body"] == text
+    return listen, next_printed
+
+
+def _restore(tmp_path: Path, bp: BrokerProcess) -> None:
+    """The broker killed, its data directory put aside for the backup, and started again."""
+    bp.kill()
+    shutil.move(bp.data, tmp_path / "aside")
+    shutil.move(tmp_path / "backup", bp.data)
+    bp.start()
+
+
+def _inbox_resets(listen: subprocess.Popen) -> list[dict]:
+    """The `inbox_reset` warnings of `listen`, killed."""
+    listen.kill()
+    err = listen.stderr.read()
+    listen.wait(timeout=20)
+    return [w for w in map(json.loads, filter(None, err.splitlines()))
+            if w["warning"] == "inbox_reset"]
+
+
 def test_listen_says_when_the_inbox_went_back_after_a_restore(tmp_path):
     """A `homing listen` that reconnects to a broker restored from an older backup: its
     deliveries start over from the copy's cursor, whose new entries take inbox_seqs it printed
@@ -340,35 +382,66 @@ def test_listen_says_when_the_inbox_went_back_after_a_restore(tmp_path):
     bp.start()
     listen = None
     try:
-        homing("send", "--to", "bob", "kept", env=as_user(bp, "shop"))
-        listen = subprocess.Popen([*homing_cmd(), "listen"],
-                                  env={**os.environ, **as_user(bp, "bob")}, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        assert json.loads(listen.stdout.readline())["body"] == "kept"
-        homing("backup", str(tmp_path / "backup"), "--data", str(bp.data))
-        for body in ("lost-1", "lost-2"):
-            homing("send", "--to", "bob", body, env=as_user(bp, "shop"))
-            assert json.loads(listen.stdout.readline())["body"] == body
-        bp.kill()
-        shutil.move(bp.data, tmp_path / "aside")
-        shutil.move(tmp_path / "backup", bp.data)
-        bp.start()
+        listen, next_printed = _listen_then_back_up(tmp_path, bp)
+        _restore(tmp_path, bp)
         homing("send", "--to", "bob", "new", env=as_user(bp, "shop"))
-        new = json.loads(listen.stdout.readline())
+        new = next_printed()
         assert (new["body"], new["inbox_seq"]) == ("new", 2)
-        listen.kill()
-        _, err = listen.communicate(timeout=20)
+        reset = _inbox_resets(listen)
     finally:
         if listen is not None and listen.poll() is None:
             listen.kill()
         bp.kill()
-    warnings = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
-    reset = [w for w in warnings if w["warning"] == "inbox_reset"]
-    assert len(reset) == 1, err
+    assert len(reset) == 1, reset
     # To 1, or to 2 when "new" came in before listen was back.
     assert re.match(r"the broker's inbox of this user went back from inbox_seq 3 to [12] "
                     r"\(restored from an older backup\?\): deliveries start over after 1,",
                     reset[0]["message"]), reset
+
+
+def test_listen_says_so_when_the_restored_inbox_got_as_many_new_entries_as_it_lost(tmp_path):
+    """A `homing listen` held up (SIGSTOP) while its broker is restored from an older backup
+    and gets as many new messages as the restore lost, or more, before listen is back: the
+    restored head is not below what listen printed, but its ack, made durable once nothing
+    else was waiting, is above the copy's, so it warns `inbox_reset` and prints the new
+    messages from the copy's cursor. Its acks were plain until it ended: it took new-1 and
+    new-2 for the lost-1 and lost-2 it had printed, acked past them and printed new-3 alone
+    (chaos2, 2026-12-07)."""
+    bp = BrokerProcess(tmp_path / "data")
+    bp.start()
+    listen = None
+    try:
+        listen, next_printed = _listen_then_back_up(tmp_path, bp)
+        deadline = time.monotonic() + 10  # its ack of lost-2 on disk, and answered
+        while time.monotonic() < deadline and not any(
+                e["data"]["upto"] == 3 for e in lines(homing(
+                    "audit", "log", "--json", "--data", str(bp.data), "--type", "delivery.acked"))):
+            time.sleep(0.1)
+        time.sleep(0.3)
+        os.kill(listen.pid, signal.SIGSTOP)
+        _restore(tmp_path, bp)
+        for text in ("new-1", "new-2", "new-3"):
+            homing("send", "--to", "bob", text, env=as_user(bp, "shop"))
+        os.kill(listen.pid, signal.SIGCONT)
+        got = []
+        while len(got) < 3:
+            try:
+                got.append(next_printed())
+            except queue.Empty:
+                break
+        assert [(d["body"], d["inbox_seq"]) for d in got] == [
+            ("new-1", 2), ("new-2", 3), ("new-3", 4)]
+        reset = _inbox_resets(listen)
+    finally:
+        if listen is not None and listen.poll() is None:
+            os.kill(listen.pid, signal.SIGCONT)
+            listen.kill()
+        bp.kill()
+    assert len(reset) == 1, reset
+    assert reset[0]["message"].startswith(
+        "the broker's inbox of this user went back to inbox_seq 4, and this device's cursor "
+        "below an ack it had on its disk (restored from an older backup?): deliveries start "
+        "over after 1,"), reset
 
 
 async def test_a_request_answered_shutting_down_exits_3_with_the_cid_to_send_again(tmp_path):
