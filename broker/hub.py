@@ -14,7 +14,7 @@ slow consumer, which loses nothing (its deliveries are on disk, the pushes are d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +113,12 @@ class Hub:
         """Every live session, requests-only ones too (a snapshot)."""
         return [*(s for devices in self._by_user.values() for s in devices.values()),
                 *(s for sessions in self._requesting.values() for s in sessions)]
+
+    def delivering_sessions(self) -> Iterator[Session]:
+        """Every live delivering session (not requests-only ones), as they are now: no session
+        may attach or detach while it is being walked."""
+        for devices in self._by_user.values():
+            yield from devices.values()
 
     def online(self, user: str) -> bool:
         """Whether `user` has at least one live delivering session."""

@@ -37,7 +37,7 @@ from broker.ratelimit import TokenBucket, UserBuckets
 from broker.roster import RosterCache
 from broker.sdnotify import Notifier, keep_watchdog
 from broker.session import Session
-from broker.stats import report_stats
+from broker.stats import certificate_not_after, report_stats
 from broker.weight import Weights
 from protocol import native as wire_native
 from storage import native, rowio
@@ -89,7 +89,9 @@ class Broker:
                        if config.content_policy else None)
         self.stopping = False
         self.handshaking = 0  # connections accepted and not yet past hello
-        self.rate_limited = 0  # requests answered `rate_limited` (`broker_stats`)
+        # Requests answered `rate_limited`: counted for `broker_stats`, logged now and then
+        # (`rate_limited`), naming the session of the refusal logged.
+        self.rate_limits = Repeated()
         self.started = time.monotonic()  # for `stats`' uptime_s
         # Refusals at --max-handshakes and at --max-connections: a crowd meets them once per
         # client and attempt, so they are counted and logged now and then, not each.
@@ -112,6 +114,7 @@ class Broker:
         self.conn_ids = itertools.count(1)
         self._listen_scope: trio.CancelScope | None = None
         self.tls: ssl.SSLContext | None = None  # set by `serve` under --tls-cert
+        self.tls_not_after: float | None = None  # when its certificate expires (Unix seconds)
         self._stopped = trio.Event()
         # Admins' revocations on their way to disk: user -> their cut-offs (handlers.on_revoke).
         self.revoking: dict[str, list[int]] = {}
@@ -125,6 +128,11 @@ class Broker:
     def secret(self) -> bytes:
         """The current token-signing key (`homing token` signs with it)."""
         return self.keyring.current
+
+    @property
+    def rate_limited(self) -> int:
+        """Requests answered `rate_limited` since the start (`broker_stats`)."""
+        return self.rate_limits.total
 
     def refresh_keys(self) -> None:
         """Take up a rotate or a retire: read the key files again if they changed (docs/
@@ -194,6 +202,7 @@ class Broker:
                         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                         self.tls.load_cert_chain(str(cfg.tls_cert), str(cfg.tls_key),
                                                  password=no_passphrase)
+                        self.tls_not_after = certificate_not_after(cfg.tls_cert)
                     refusal = None if cfg.tls_cert else encode_push(wire.error_frame(
                         wire.ErrorCode.LIMIT_EXCEEDED, OUT_OF_FILES_MESSAGE, None, close=True))
                     listeners = [listen.Listener(each, refusal, self._out_of_files)

@@ -312,8 +312,12 @@ class Session:
     def reply_error(self, request_id: int | None, code: wire.ErrorCode, message: str, *,
                     retry_ms: int | None = None) -> None:
         """Queue an error reply that leaves the connection open."""
-        if code == wire.ErrorCode.RATE_LIMITED:  # counted for `broker_stats`, not a line each
-            self.broker.rate_limited += 1
+        # Counted for `broker_stats`, and logged now and then (clients held at a limit meet
+        # it at every request): the first refusal, then at most one line per 10 s.
+        if code == wire.ErrorCode.RATE_LIMITED and (
+                refused := self.broker.rate_limits.count(time.monotonic())) is not None:
+            self.log.warning("rate_limited", message=message, retry_ms=retry_ms,
+                             refused=refused)
         self.reply(wire.error_frame(code, message, request_id, close=False, retry_ms=retry_ms))
 
     def close(self, reason: CloseReason, frame: object | None = None) -> None:

@@ -2,9 +2,10 @@
 every `--stats-interval` seconds, what the broker holds and what it did since the line before
 (docs/OPERATIONS.md, "Logs"); and the same figures as they are now, with their totals since
 the start, in the reply to an admin's `stats` request (`homing health`, docs/OPERATIONS.md,
-"Monitoring"). Both read counters the broker keeps anyway; nothing on the message path counts
-for them but the refusals by the rate limits (`rate_limited`) and at the connection limits
-(--max-handshakes, --max-connections), a line each of which would flood the log.
+"Monitoring"). Both read counters the broker keeps anyway, and look at its sessions and
+descriptors when asked; nothing on the message path counts for them but the refusals by the
+rate limits (`rate_limited`) and at the connection limits (--max-handshakes,
+--max-connections), a line each of which would flood the log.
 """
 
 from __future__ import annotations
@@ -44,6 +45,71 @@ def disk_free_bytes(path: object) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def open_files() -> tuple[int | None, int | None]:
+    """The file descriptors the process holds (Linux's /proc/self/fd, None elsewhere) and its
+    open-file soft limit (None: unlimited), the two a connection's accept needs room between.
+
+    Counted when asked (a `stats` request, a `broker_stats` line), never on the message
+    path."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limit = None if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        limit = None
+    try:
+        # Linux 6.2 and later give the count as the directory's size (0.03 ms); before, it
+        # is 0, and the directory is listed: 15 ms of the event loop at 5,000 descriptors,
+        # 33 ms at 20,000, measured on the VM of docs/BENCHMARKS.md.
+        held = os.stat("/proc/self/fd").st_size or len(os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        held = None
+    return held, limit
+
+
+def _der(data: bytes, at: int) -> tuple[int, int, int]:
+    """The tag, content start and content end of the DER element at `at`."""
+    tag, length, at = data[at], data[at + 1], at + 2
+    if length & 0x80:
+        size = length & 0x7F
+        length, at = int.from_bytes(data[at:at + size], "big"), at + size
+    return tag, at, at + length
+
+
+def certificate_not_after(path: os.PathLike) -> float | None:
+    """When the first certificate of the PEM chain at `path` (the broker's own, `--tls-cert`'s
+    first) expires, in Unix seconds; None if it cannot be told (nor read). The standard
+    library reads a certificate's dates only from a peer, so its `validity` is read here (RFC
+    5280 §4.1)."""
+    import base64
+    import calendar
+    import re
+
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError:
+        return None
+    found = re.search(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", pem, re.S)
+    try:
+        der = base64.b64decode(b"".join(found.group(1).split())) if found else b""
+        _, tbs, _ = _der(der, _der(der, 0)[1])  # Certificate { TBSCertificate { ...
+        fields, at = [], tbs
+        while len(fields) < 4:  # ([0] version,) serial, signature, issuer, validity
+            tag, start, end = _der(der, at)
+            if tag != 0xA0 or fields:
+                fields.append((start, end))
+            at = end
+        _, not_before_end = _der(der, fields[3][0])[1:]
+        tag, start, end = _der(der, not_before_end)
+        text = der[start:end].decode("ascii")
+        shape = "%y%m%d%H%M%SZ" if tag == 0x17 else "%Y%m%d%H%M%SZ"  # UTCTime, GeneralizedTime
+        return float(calendar.timegm(time.strptime(text, shape)))
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
 def stats_reply(broker: Broker, f: wire.Stats) -> wire.BrokerStats:
     """The `broker_stats` reply to a `stats` request: the figures as they are now, the counters
     summed since the start. Answered at once, from memory (and, for a device's backlog, two
@@ -56,6 +122,8 @@ def stats_reply(broker: Broker, f: wire.Stats) -> wire.BrokerStats:
         # an ack still on its way to disk counts, as at hello
         acked = max(broker.store.delivered(f.user, f.device),
                     committer.acked_mark(f.user, f.device))
+    held, limit = open_files()
+    backlog_max, windows_full = _backlogs(broker)
     return wire.BrokerStats(
         id=f.id, lsn=committer.committed_lsn, queued=committer.queued,
         committing=committer.committing,
@@ -66,7 +134,34 @@ def stats_reply(broker: Broker, f: wire.Stats) -> wire.BrokerStats:
         connections=broker.hub.count, requests_only=broker.hub.requests_only,
         handshaking=broker.handshaking, uptime_s=int(time.monotonic() - broker.started),
         disk_free_bytes=disk_free_bytes(broker.config.data_dir), head=head, acked=acked,
-        commits_stopped=committer.stopped.total)
+        commits_stopped=committer.stopped.total,
+        max_connections=broker.config.max_connections,
+        connections_full=_connections_full(broker),
+        handshakes_full=broker.handshakes_full.total, open_files=held, open_files_limit=limit,
+        tls_expires_s=_tls_expires_s(broker), backlog_max=backlog_max,
+        windows_full=windows_full)
+
+
+def _backlogs(broker: Broker) -> tuple[int, int]:
+    """Of the devices connected now: the most entries waiting for one device's ack, and how
+    many devices hold their whole window unacked (sent nothing more until they ack). A look
+    at every delivering session, made when asked (a `stats` request), never on the message
+    path: 1 to 2 us a session of the event loop (docs/OPERATIONS.md, "Monitoring")."""
+    most = full = 0
+    for session in broker.hub.delivering_sessions():
+        behind = session.head - session.acked
+        if behind > most:
+            most = behind
+        if len(session.unacked) >= session.window:
+            full += 1
+    return most, full
+
+
+def _tls_expires_s(broker: Broker) -> int | None:
+    """Seconds until the broker's TLS certificate expires (0 once it has; None without TLS,
+    or a certificate whose date could not be read)."""
+    expires = broker.tls_not_after
+    return None if expires is None else max(0, int(expires - time.time()))
 
 
 def _connections_full(broker: Broker) -> int:
@@ -106,7 +201,8 @@ async def report_stats(broker: Broker, every: float) -> None:
             cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib(),
             # Trio's tasks: a few per session (its reader, writer, ...) and a fixed few; a
             # count that does not come back down after a crowd has gone is tasks left behind.
-            tasks=trio.lowlevel.current_statistics().tasks_living)
+            tasks=trio.lowlevel.current_statistics().tasks_living,
+            open_files=open_files()[0], tls_expires_s=_tls_expires_s(broker))
         if broker.notifier is not None and not broker.stopping:  # `systemctl status` shows it
             broker.notifier.notify(STATUS=f"serving {broker.config.host}:{broker.port}: "
                                           f"{broker.hub.count} connections, "
@@ -116,5 +212,5 @@ async def report_stats(broker: Broker, every: float) -> None:
         lsn, batches, commands = committer.committed_lsn, committer.batches, committer.commands
         failed, rate_limited = committer.failed, broker.rate_limited
         handshakes_full = broker.handshakes_full.total
-        connections_full = broker.connections_full.total
+        connections_full = _connections_full(broker)
         stopped = committer.stopped.total

@@ -458,6 +458,21 @@ class BrokerStats(NamedTuple):
     acked: int | None = None  # and the device's last ack
     # of `commits`, those the store stopped at --max-batch-rows (absent from a broker before it)
     commits_stopped: int | None = None
+    # Near the limits (each absent from a broker before 2026-12-07): --max-connections, the
+    # connections refused at it or for want of a file descriptor, and those refused at
+    # --max-handshakes, since the start; the descriptors held and the open-file limit (absent
+    # where they cannot be told); the seconds left until the TLS certificate expires (absent
+    # without TLS, 0 once it has).
+    max_connections: int | None = None
+    connections_full: int | None = None
+    handshakes_full: int | None = None
+    open_files: int | None = None
+    open_files_limit: int | None = None
+    tls_expires_s: int | None = None
+    # Of the devices connected: the most entries waiting for one device's ack, and how many
+    # hold their whole window unacked (absent from a broker before 2026-12-07).
+    backlog_max: int | None = None
+    windows_full: int | None = None
 
 
 class Created(NamedTuple):
@@ -675,7 +690,10 @@ _register(BrokerStats, "broker_stats", "s", id=_ID, lsn=f.uint, queued=f.uint,
           committing=f.uint, commit_running_ms=f.uint, failing=f.boolean, commits=f.uint,
           commit_ms=f.uint, commands=f.uint, failed=f.uint, rate_limited=f.uint,
           connections=f.uint, requests_only=f.uint, handshaking=f.uint, uptime_s=f.uint,
-          disk_free_bytes=f.uint, head=f.uint, acked=f.uint, commits_stopped=f.uint)
+          disk_free_bytes=f.uint, head=f.uint, acked=f.uint, commits_stopped=f.uint,
+          max_connections=f.uint, connections_full=f.uint, handshakes_full=f.uint,
+          open_files=f.uint, open_files_limit=f.uint, tls_expires_s=f.uint,
+          backlog_max=f.uint, windows_full=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS, unread=_USERS, more=f.boolean, last=f.user_id)

@@ -377,13 +377,17 @@ def test_refusals_are_error_lines_of_the_registry_and_failures_the_commands_own(
 # The values of CLI.md's Health line, as docs/PROTOCOL.md's `broker_stats` reply gives them:
 # counts and milliseconds are integers but `answer_ms` (the check's own time, to 0.1 ms);
 # "`disk_free_bytes` null where it cannot be told", "`commits_stopped` null from a broker
-# before 2026-12-06" (this one's: an integer).
+# before 2026-12-06" (this one's: an integer), `open_files`, `open_files_limit` and
+# `tls_expires_s` null where they cannot be told or without TLS.
 HEALTH = {"status": (str,), "answer_ms": (float,), "lsn": (int,), "queued": (int,),
           "committing": (int,), "commit_running_ms": (int,), "failing": (bool,),
           "commits": (int,), "commit_ms": (int,), "commands": (int,), "failed": (int,),
           "rate_limited": (int,), "connections": (int,), "requests_only": (int,),
           "handshaking": (int,), "uptime_s": (int,), "disk_free_bytes": (int, NULL),
-          "commits_stopped": (int,), "backlog": (dict,)}
+          "commits_stopped": (int,), "max_connections": (int,), "connections_full": (int,),
+          "handshakes_full": (int,), "open_files": (int, NULL), "open_files_limit": (int, NULL),
+          "tls_expires_s": (int, NULL), "backlog_max": (int,), "windows_full": (int,),
+          "backlog": (dict,)}
 BACKLOG = {"user": (str,), "device": (str,), "head": (int,), "acked": (int,), "unacked": (int,)}
 
 

@@ -23,7 +23,8 @@ HANG_GUARD_S = 60  # a check that has not returned by then hangs (its --timeout 
 FIGURES = {"status", "answer_ms", "lsn", "queued", "committing", "commit_running_ms",
            "failing", "commits", "commit_ms", "commands", "failed", "rate_limited",
            "connections", "requests_only", "handshaking", "uptime_s", "disk_free_bytes",
-           "commits_stopped"}
+           "commits_stopped", "max_connections", "connections_full", "handshakes_full",
+           "open_files", "open_files_limit", "tls_expires_s", "backlog_max", "windows_full"}
 
 
 @pytest.fixture

@@ -55,6 +55,9 @@ _BY_NAME = {
     "failing": st.booleans(), "commits": uints, "commit_ms": uints, "commands": uints,
     "failed": uints, "rate_limited": uints, "connections": uints, "requests_only": uints,
     "handshaking": uints, "uptime_s": uints, "disk_free_bytes": uints, "commits_stopped": uints,
+    "max_connections": uints, "connections_full": uints, "handshakes_full": uints,
+    "open_files": uints, "open_files_limit": uints, "tls_expires_s": uints,
+    "backlog_max": uints, "windows_full": uints,
 }
 _OVERRIDES = {
     ("Create", "kind"): st.sampled_from(["group", "channel"]),
