@@ -112,9 +112,16 @@ class Pending:
                 log.exception("commit_callback_failed")
         if self.event is not None:
             self.event.set()
-        if self.also is not None:
+        also = self.also
+        if also is not None:
+            # Let go of them: each is called once, and a callback that names this Pending (a
+            # create's cid on its way, handlers._submit_create) made a cycle with it, which held
+            # its session, queues and all, after the connection ended until the cyclic GC came
+            # (until 2026-12-07: 1,352 sessions alive with 17 connected in a churn of groups
+            # made, 589 with none once it was idle).
+            self.also = None
             failed = error or getattr(outcome, "error", None)
-            for callback in self.also:  # each its own: the others' requests still get answers
+            for callback in also:  # each its own: the others' requests still get answers
                 try:
                     callback(failed)
                 except Exception:

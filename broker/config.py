@@ -60,6 +60,7 @@ RANGES: dict[str, tuple[str, float, float | None]] = {
     "max_batch_rows": ("--max-batch-rows", 1, None),
     "record_cache": ("--record-cache", 0, None),
     "roster_cache_members": ("--roster-cache-members", 0, None),
+    "table_cache_rows": ("--table-cache-rows", 0, None),
     "gc_young_threshold": ("--gc-young-threshold", 1, GC_THRESHOLD_MAX),
     "stats_interval_s": ("--stats-interval", 0, None),
 }
@@ -130,6 +131,11 @@ class Config:
     # typing, presence): about 120 bytes each (240 until 2026-12-06). 0 keeps none: each push
     # reads its conversation's list. broker.roster.ROSTER_CACHE_MEMBERS, not imported.
     roster_cache_members: int = 500_000
+    # Rows each of the 13 tables the commit thread keeps between commits (conversations,
+    # members, inbox heads, device marks, ...) holds at most, a table past it emptied after a
+    # commit: about 215 bytes a row (docs/OPERATIONS.md, "Limits"). 0 keeps none past a
+    # commit. storage.buffered_tables.CACHE_ROWS, not imported (as above).
+    table_cache_rows: int = 200_000
     # Process: allocations between two collections of the cyclic GC's young generation.
     gc_young_threshold: int = 100_000
     # A `broker_stats` log line this often, in seconds (0: none).

@@ -165,6 +165,7 @@ def _serve_bound(cfg: Config, sockets: list[socket.socket]) -> int:
         _warn_if_exposed(cfg.data_dir / tokens.PREVIOUS_FILE, missing_ok=True)
         store = Store.open(str(cfg.data_dir), map_size=cfg.map_size_bytes,
                            record_cache=cfg.record_cache,
+                           table_cache_rows=cfg.table_cache_rows,
                            limits=Limits(max_members=cfg.max_members,
                                          max_body_bytes=cfg.max_body_bytes),
                            on_rebuild=_rebuild_reporter(notifier),
@@ -316,6 +317,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_batch=args.max_batch, max_batch_rows=args.max_batch_rows,
         max_inflight_requests=args.max_inflight_requests,
         record_cache=args.record_cache, roster_cache_members=args.roster_cache_members,
+        table_cache_rows=args.table_cache_rows,
         shutdown_grace_s=args.shutdown_grace,
         content_policy=Path(args.content_policy) if args.content_policy else None,
         content_action=args.content_action or "reject",
@@ -530,6 +532,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="members, in all, of the member lists kept in memory for pushes "
                         "(receipts, typing, presence), at most; about 120 bytes each; 0 keeps "
                         "none (default %(default)s)")
+    s.add_argument("--table-cache-rows", type=_number(int, 0), default=d.table_cache_rows,
+                   help="rows each of the 13 tables the commit thread keeps in memory between "
+                        "commits holds at most (conversations, members, inbox heads, device "
+                        "marks); about 215 bytes of memory a row; 0 keeps none "
+                        "(default %(default)s)")
     s.add_argument("--max-inflight-requests", type=_COUNT, default=d.max_inflight_requests,
                    help="requests of one connection awaiting their commit; past it the broker "
                         "stops reading that connection (default %(default)s)")

@@ -37,7 +37,10 @@ from storage.tables import (
 # The others are written far more than read.
 PERSISTENT = frozenset(TABLES) - APPEND_ONLY
 # A persistent view holding more rows than this after a commit is emptied (bounded memory); the
-# rows of the groups a grouped view caches count too (`GroupedBufTable.cached_rows`).
+# rows of the groups a grouped view caches count too (`GroupedBufTable.cached_rows`). The
+# default of `homing serve --table-cache-rows` (`BufferedTables`' `cache_rows`): each of the 13
+# persistent tables may hold this many, about 215 bytes a row (docs/OPERATIONS.md,
+# "Limits").
 CACHE_ROWS = 200_000
 # Changes to a group's cached list noted beside it (`GroupedBufTable.changes`) past this plus
 # half the list are applied at once, not at the next read: the old list, kept for them, is not
@@ -443,9 +446,11 @@ class BufferedTables(ByName):
     `rollback()` (and `begin` rolls back leftovers of an attempt that never reached either).
     """
 
-    __slots__ = ("_views", *TABLES)
+    __slots__ = ("_views", "cache_rows", *TABLES)
 
-    def __init__(self, dbs: dict[str, Any], rows: Rows) -> None:
+    def __init__(self, dbs: dict[str, Any], rows: Rows, cache_rows: int | None = None) -> None:
+        # The rows a persistent view may hold after a commit (None: CACHE_ROWS, as it is then).
+        self.cache_rows = cache_rows
         self._views: list[BufTable] = []
         for name in TABLES:
             cls = GroupedBufTable if name in GROUPED else BufTable
@@ -468,11 +473,12 @@ class BufferedTables(ByName):
 
     def committed(self) -> None:
         """The batch's transaction committed: its changes are now stored rows."""
+        bound = CACHE_ROWS if self.cache_rows is None else self.cache_rows
         for name, view in zip(TABLES, self._views, strict=True):
             view.raise_last()
             view.dirty.clear()
             view.txn = None
-            if name not in PERSISTENT or view.cached_rows() > CACHE_ROWS:
+            if name not in PERSISTENT or view.cached_rows() > bound:
                 view.clear()
                 if isinstance(view, GroupedBufTable):
                     view.forget_all()

@@ -188,7 +188,8 @@ class Store(Queries):
     def __init__(self, env: LmdbEnv, limits: Limits,
                  on_rebuild: Callable[[int, int], None] | None = None,
                  on_catch_up: Callable[[int, int], None] | None = None,
-                 catch_up: bool = True, record_cache: int = RECORD_CACHE) -> None:
+                 catch_up: bool = True, record_cache: int = RECORD_CACHE,
+                 table_cache_rows: int | None = None) -> None:
         super().__init__(env, LmdbLog(env), record_cache)
         self.limits = limits
         self._abort_after: int | None = None  # test-only: abort a batch after k commands
@@ -201,7 +202,8 @@ class Store(Queries):
         self._rows = Rows(env.env)
         self._db_list = list(self._dbs.values())
         # (None read-only: a directory of an older layout may lack some of the tables.)
-        self._tables = None if env.readonly else BufferedTables(self._dbs, self._rows)
+        self._tables = (None if env.readonly else
+                        BufferedTables(self._dbs, self._rows, table_cache_rows))
         # The batches' times do not go back along the log across a wall clock set back by up
         # to 10 minutes (storage/clock.py).
         self._clock = LogClock(0 if env.readonly else self._last_logged_us())
@@ -332,7 +334,8 @@ class Store(Queries):
              readonly: bool = False,
              on_rebuild: Callable[[int, int], None] | None = None,
              on_catch_up: Callable[[int, int], None] | None = None,
-             catch_up: bool = True, record_cache: int = RECORD_CACHE) -> Store:
+             catch_up: bool = True, record_cache: int = RECORD_CACHE,
+             table_cache_rows: int | None = None) -> Store:
         """Open the data directory at `path` (created unless `readonly`).
 
         Writers take the directory lock (`DataDirLocked` if another process holds it); read-only
@@ -345,6 +348,8 @@ class Store(Queries):
         behind, for a caller that `rebuild`s them next (`homing audit rebuild`: the remedy for a
         damaged row, which a catch-up that reads it stops at). `record_cache`: the log records
         kept in memory for the deliveries that follow their commit (`Queries`).
+        `table_cache_rows`: the rows each table's view keeps between commits (None:
+        `buffered_tables.CACHE_ROWS`; `homing serve --table-cache-rows`).
         """
         # Read-only, the tables are optional: the log of a directory of an older layout (one
         # lacking tables added since) is read all the same; a projection read that needs a
@@ -352,7 +357,8 @@ class Store(Queries):
         env = LmdbEnv(path, DB_NAMES, map_size=map_size, readonly=readonly,
                       optional=TABLES if readonly else ())
         try:
-            return cls(env, limits or Limits(), on_rebuild, on_catch_up, catch_up, record_cache)
+            return cls(env, limits or Limits(), on_rebuild, on_catch_up, catch_up, record_cache,
+                       table_cache_rows)
         except BaseException:
             env.close()
             raise

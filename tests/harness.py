@@ -39,7 +39,8 @@ async def running_broker(data: Path, *, expected_errors: Collection[str] = (), *
     error (an exception in a callback, a connection handler that crashed) but for the events
     named in `expected_errors` (a test that breaks the store on purpose)."""
     config = Config(data_dir=Path(data), port=0, **overrides)
-    store = Store.open(str(config.data_dir), record_cache=config.record_cache, limits=Limits(
+    store = Store.open(str(config.data_dir), record_cache=config.record_cache,
+                       table_cache_rows=config.table_cache_rows, limits=Limits(
         max_members=config.max_members, max_body_bytes=config.max_body_bytes))
     try:
         with capture_logs() as logs:

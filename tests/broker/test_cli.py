@@ -306,6 +306,7 @@ def test_every_setting_of_serve_is_a_flag():
              "max_batch": ["--max-batch", "7"], "max_batch_rows": ["--max-batch-rows", "7"],
              "record_cache": ["--record-cache", "0"],
              "roster_cache_members": ["--roster-cache-members", "7"],
+             "table_cache_rows": ["--table-cache-rows", "0"],
              "gc_young_threshold": ["--gc-young-threshold", "7"],
              "stats_interval_s": ["--stats-interval", "7"]}
     not_flags = {"map_size_bytes"}
@@ -360,6 +361,7 @@ def test_a_config_built_in_code_refuses_what_its_flags_refuse():
            "max_batch_rows": ("--max-batch-rows", [0, -1]),
            "max_body_bytes": ("--max-body-bytes", [0]),
            "roster_cache_members": ("--roster-cache-members", [-1, math.inf]),
+           "table_cache_rows": ("--table-cache-rows", [-1, math.inf]),
            # Not checked in code until 2026-12-05 (the flags were): a broker of port 70000
            # failed at its bind, one of frames under 1,024 bytes refused every hello.
            "port": ("--port", [70000, -1]),

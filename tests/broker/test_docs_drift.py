@@ -494,8 +494,6 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
          "a `read` refused by `--read-rate`"),
         ("roster.ROSTER_CACHE_MAX", f"{roster.ROSTER_CACHE_MAX:,}",
          "conversations whose member lists the broker keeps"),
-        ("buffered_tables.CACHE_ROWS", f"{buffered_tables.CACHE_ROWS:,}",
-         "rows of one table the commit thread keeps"),
         ("buffered_tables.COUNTED_GROUPS", f"{buffered_tables.COUNTED_GROUPS:,}",
          "conversations whose member count"),
         ("session.MUTED_CACHE_MAX", f"{session.MUTED_CACHE_MAX:,}", "mute state"),
