@@ -186,30 +186,31 @@ class _Held:
         setattr(getattr(client, self.of), self.name, value)
 
 
-def _next_after(page: wire.ReceiptList, after: str, listed: int) -> str:
-    """The `after` of the page that follows `page` (asked with `after`, `more` true; `listed`
-    members so far, this page's among them). A page that would not move the paging on (no
-    member, a `last` that is not its last member, or not after `after`) is a broker's bug:
-    ClientError `internal`, rather than ask for ever or list a member twice."""
-    ids = [*page.read, *(page.unread or ())]
+def _next_after(what: str, page: Any, ids: list[str], after: str, listed: int) -> str:
+    """The `after` of the page that follows `page`, a `what` reply (asked with `after`, `more`
+    true) listing the members `ids`; `listed` members so far, this page's among them. A page
+    that would not move the paging on (no member, a `last` that is not its last member, or
+    not after `after`) is a broker's bug: ClientError `internal`, rather than ask for ever or
+    list a member twice."""
     # Ids are ASCII: str order is the broker's byte order.
     if ids and page.last == max(ids) and min(ids) > after:
         return page.last
     raise ClientError(wire.ErrorCode.INTERNAL, wire.ErrorCode.INTERNAL.wire_name,
-                      f"receipts: the broker's page after {after!r} (more: true, last: "
+                      f"{what}: the broker's page after {after!r} (more: true, last: "
                       f"{page.last!r}, {len(ids)} members, {listed:,} so far) does not move on "
                       "to the next page: a broker's bug; nothing more is asked")
 
 
-def _merged_fit(*lists: list[str]) -> None:
-    """Raise ClientError `limit_exceeded` when a merged `receipts` list holds more than
-    MAX_USER_LIST ids, as the broker refuses the whole answer (a conversation grown under a
-    broker whose --max-members had no bound, before 2026-12-06): the merged answer is the
-    whole one, whatever the page sizes. It bounds too what a broker's pages make the SDK hold."""
+def _merged_fit(frame: str, *lists: list[str]) -> None:
+    """Raise ClientError `limit_exceeded` when a merged list of a paged `frame` reply holds
+    more than MAX_USER_LIST ids, as the broker refuses the whole answer (a conversation grown
+    under a broker whose --max-members had no bound, before 2026-12-06): the merged answer is
+    the whole one, whatever the page sizes. It bounds too what a broker's pages make the SDK
+    hold."""
     most = max(map(len, lists))
     if most > fields.MAX_USER_LIST:
         raise ClientError(wire.ErrorCode.LIMIT_EXCEEDED, wire.ErrorCode.LIMIT_EXCEEDED.wire_name,
-                          f"the receipt_list answer would list {most:,} users or more (its "
+                          f"the {frame} answer would list {most:,} users or more (its "
                           f"pages so far), over the {fields.MAX_USER_LIST:,} a list of the "
                           "protocol holds")
 
@@ -418,26 +419,36 @@ class Client:
         to any broker (an older one answers it whole); a later one that a reconnect would send
         to a broker without the cap is not sent (ConnectionLost, or ClientError `invalid` if
         it was not written yet): that broker would answer the whole list again."""
+        return await self._paged(
+            "receipts", wire.CAP_RECEIPTS_PAGED,
+            lambda i, after: wire.Receipts(id=i, conv=conv, seq=seq, after=after),
+            ("delivered", "read", "unread"), ("read", "unread"))
+
+    async def _paged(self, what: str, cap: str, make: Callable[[int, str | None], Any],
+                     lists: tuple[str, ...], covers: tuple[str, ...]) -> Any:
+        """The whole answer to the query `what`, `make(id, after)`: one request without
+        `after` from a broker whose welcome lacks `cap`; else page by page, from `after` "",
+        each page's user `lists` merged in order into the last page's reply (`more` false),
+        a page's members being those of its `covers` lists. A later page is not sent to a
+        broker without `cap` (after a reconnect), and a page that does not move on, or lists
+        past MAX_USER_LIST, raises ClientError."""
         welcome = self.welcome
-        if welcome is None or wire.CAP_RECEIPTS_PAGED not in welcome.caps:
-            return await self._link.request(lambda i: wire.Receipts(id=i, conv=conv, seq=seq))
-        delivered: list[str] = []
-        read: list[str] = []
-        unread: list[str] = []
+        if welcome is None or cap not in welcome.caps:
+            return await self._link.request(lambda i: make(i, None))
+        merged: dict[str, list[str]] = {name: [] for name in lists}
         after = ""
         while True:
             later = bool(after)
-            page = await self._link.request(
-                lambda i, after=after: wire.Receipts(id=i, conv=conv, seq=seq, after=after),
-                needs=wire.CAP_RECEIPTS_PAGED if later else None, required=later)
-            delivered += page.delivered
-            read += page.read
-            unread += page.unread or ()
-            _merged_fit(delivered, read, unread)
+            page = await self._link.request(lambda i, after=after: make(i, after),
+                                            needs=cap if later else None, required=later)
+            for name in lists:
+                merged[name] += getattr(page, name) or ()
+            _merged_fit(type(page).TYPE, *merged.values())
             if not page.more:
-                return page._replace(delivered=tuple(delivered), read=tuple(read),
-                                     unread=tuple(unread))
-            after = _next_after(page, after, len(read) + len(unread))
+                return page._replace(**{name: tuple(ids) for name, ids in merged.items()})
+            ids = [m for name in covers for m in getattr(page, name) or ()]
+            after = _next_after(what, page, ids, after,
+                                sum(len(merged[name]) for name in covers))
 
     async def create(self, kind: str, name: str, members: tuple[str, ...] | list[str] = (),
                      open: bool = False, *, cid: str | None = None) -> str:
@@ -523,8 +534,18 @@ class Client:
         return reply.before
 
     async def members(self, conv: str) -> wire.MemberList:
-        """`conv`'s kind, name, and members by role (owners, admins, members)."""
-        return await self._link.request(lambda i: wire.Members(id=i, conv=conv))
+        """`conv`'s kind, name, and members by role (owners, admins, members): the whole
+        answer, each list in id order.
+
+        From a broker whose welcome has the `members_paged` cap it is asked page by page,
+        each as many members as fit the max_frame, and merged into one MemberList (`more`
+        false), as `receipts` is: each page read at its own moment, a member whose role
+        changes between two pages listed in the role their page found. From a broker without
+        the cap (before 2026-12-07), one request: past its max_frame, `limit_exceeded`."""
+        return await self._paged(
+            "members", wire.CAP_MEMBERS_PAGED,
+            lambda i, after: wire.Members(id=i, conv=conv, after=after),
+            ("owners", "admins", "members"), ("owners", "admins", "members"))
 
     async def conversations(self, *, after: str | None = None,
                             limit: int = 100) -> wire.ConvList:

@@ -138,7 +138,7 @@ def fail_requests(requests: list[Request], error: type[ConnectionLost], message:
 
 def lacks(cap: str | None) -> ClientError:
     """The refusal of a create with the caller's cid by a broker without the cap `cap` (or of
-    another request that needs a cap: a later page of `receipts`)."""
+    another request that needs a cap: a later page of `receipts` or `members`)."""
     if cap != wire.CAP_CREATE_CID:
         return ClientError(wire.ErrorCode.INVALID, wire.ErrorCode.INVALID.wire_name,
                            f"this broker's welcome lacks the {cap!r} cap (it is older than "

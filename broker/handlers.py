@@ -34,6 +34,7 @@ from storage.rules import (
 if TYPE_CHECKING:
     from broker.ratelimit import TokenBucket
     from broker.session import Session
+    from storage.store import Store
 
 # The frames and commands made for every message are built as `protocol.frames` decodes them,
 # with tuple.__new__ and every field in order: a third of the time of the named tuple's own
@@ -613,9 +614,10 @@ def on_members(session: Session, f: wire.Members) -> None:
         return
     store = session.broker.store
     info = store.conv_info(f.conv)
-    by_role: dict[str, list[str]] = {"owner": [], "admin": [], "member": []}
-    for user, role in store.members(f.conv):
-        by_role.setdefault(role, []).append(user)
+    if f.after is not None:
+        session.reply(members_page(store, f, session.conn.max_frame_bytes, info))
+        return
+    by_role = _by_role(store.members(f.conv))
     if not _users_fit(session, f.id, wire.MemberList.TYPE, *by_role.values()):
         return
     session.reply(wire.MemberList(id=f.id, conv=f.conv, kind=info["kind"],
@@ -623,14 +625,71 @@ def on_members(session: Session, f: wire.Members) -> None:
                                   members=by_role["member"], name=info.get("name")))
 
 
+def _by_role(rows: list[tuple[str, str]]) -> dict[str, list[str]]:
+    """The users of `rows` (`(user, role)`, in id order) by role, each list in id order."""
+    by_role: dict[str, list[str]] = {"owner": [], "admin": [], "member": []}
+    for user, role in rows:
+        by_role.setdefault(role, []).append(user)
+    return by_role
+
+
+def members_page(store: Store, f: wire.Members, max_frame: int,
+                 info: dict[str, Any]) -> wire.MemberList:
+    """The `member_list` page of a `members` with `after`: the first of the members after
+    `after` (in id order, with their roles, read in one transaction) whose ids fit
+    `max_frame`, each in the list of its role, with `more` and `last` when some do not.
+
+    The read takes no more members than the frame could hold (ids of `max_frame` characters
+    in all, each at least 2 bytes packed) and one more, to tell whether more follow: a page
+    costs its own members, not the conversation's."""
+    rows = store.members(f.conv, after=f.after, limit=_page_most(max_frame), chars=max_frame)
+    empty = wire.MemberList(id=f.id, conv=f.conv, kind=info["kind"], owners=[], admins=[],
+                            members=[], name=info.get("name"), more=True,
+                            last="x" * fields.MAX_USER_ID_CHARS)
+    n, more = _page_cut(max_frame, empty, [user for user, _ in rows], lambda user: 1)
+    by_role = _by_role(rows[:n])
+    return empty._replace(owners=by_role["owner"], admins=by_role["admin"],
+                          members=by_role["member"], more=more,
+                          last=rows[n - 1][0] if more else None)
+
+
+def _page_most(max_frame: int) -> int:
+    """The most members a page's read takes: as many as its frame could hold, at 2 bytes the
+    shortest packed id, and one more to tell whether more follow."""
+    return min(fields.MAX_USER_LIST, max_frame // 2) + 1
+
+
+def _page_cut(max_frame: int, empty: Any, members: list[str],
+              copies: Callable[[str], int]) -> tuple[int, bool]:
+    """How many of `members` (in id order) a page of `max_frame` lists, at least 1 and at most
+    MAX_USER_LIST, and whether members are left after them (`receipts` and `members` with
+    `after`, PROTOCOL.md §5.2). `empty` is the page with its three user lists empty, `more`
+    and a `last` of the longest id; a member costs its packed id `copies(member)` times.
+
+    The room is what the frame leaves with `empty`, less the lists' headers at their largest
+    (4 bytes more each), so a page never misses the frame by a byte. A max_frame holds at
+    least 1024 bytes and a member costs at most 132: the first always fits (were it not to,
+    `Session.reply` answers `limit_exceeded`)."""
+    room = max_frame - len(encode_frame(to_wire(empty))) - 3 * 4
+    n = 0
+    for m in members[:fields.MAX_USER_LIST]:
+        # msgpack's str of an ASCII id (all are): a 1-byte header below 32 characters, else 2.
+        room -= (len(m) + (1 if len(m) < 32 else 2)) * copies(m)
+        if room < 0:
+            break
+        n += 1
+    n = min(max(n, 1), len(members))
+    return n, n < len(members)
+
+
 def on_receipts(session: Session, f: wire.Receipts) -> None:
     if not _may_see_members(session, f.conv, "receipts", f.id):
         return
-    # A page (`after`) reads no more members than its frame could hold, at 2 bytes the
-    # shortest, and one more to tell whether more follow.
-    most = (None if f.after is None
-            else min(fields.MAX_USER_LIST, session.conn.max_frame_bytes // 2) + 1)
-    marks = session.broker.store.receipts(f.conv, f.seq, after=f.after, limit=most)
+    # A page (`after`) reads no more members than its frame could hold, as `members_page`.
+    max_frame = session.conn.max_frame_bytes
+    marks = (session.broker.store.receipts(f.conv, f.seq) if f.after is None
+             else session.broker.store.receipts(f.conv, f.seq, after=f.after,
+                                                limit=_page_most(max_frame), chars=max_frame))
     if marks is None:
         session.reply_error(f.id, wire.ErrorCode.NOT_FOUND, f"{f.conv} has no message {f.seq}")
         return
@@ -639,7 +698,7 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     # a member, as the answer was before it (`delivered` and `read`).
     members, delivered, read = marks
     if f.after is not None:
-        session.reply(receipts_page(f, session.conn.max_frame_bytes, members, delivered, read))
+        session.reply(receipts_page(f, max_frame, members, delivered, read))
         return
     have_read = set(read)
     unread = [m for m in members if m not in have_read]
@@ -653,26 +712,13 @@ def receipts_page(f: wire.Receipts, max_frame: int, members: list[str],
                   delivered: list[str], read: list[str]) -> wire.ReceiptList:
     """The `receipt_list` page of a `receipts` with `after`: the first of `members` (the
     audience after `after`, in id order, as read in one transaction) whose ids fit the
-    connection's `max_frame`, at most MAX_USER_LIST, with `more` and `last` when some do not.
-
-    A member costs its packed id once in `read` or `unread`, and again in `delivered` if it
-    was delivered. The room is what the frame leaves with empty lists, `more` and a `last` of
-    the longest id, less the lists' headers at their largest, so a page never misses the
-    frame by a byte. A max_frame holds at least 1024 bytes and a member costs at most 132:
-    the first always fits (were it not to, `Session.reply` answers `limit_exceeded`)."""
+    connection's `max_frame`, with `more` and `last` when some do not. A member is listed once
+    in `read` or `unread`, and again in `delivered` if it was delivered."""
     got, have_read = set(delivered), set(read)
     empty = wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=[], read=[],
                              unread=[], more=True, last="x" * fields.MAX_USER_ID_CHARS)
-    room = max_frame - len(encode_frame(to_wire(empty))) - 3 * 4
-    n = 0
-    for m in members[:fields.MAX_USER_LIST]:
-        # msgpack's str of an ASCII id (all are): a 1-byte header below 32 characters, else 2.
-        room -= (len(m) + (1 if len(m) < 32 else 2)) * (2 if m in got else 1)
-        if room < 0:
-            break
-        n += 1
-    page = members[:max(n, 1)]
-    more = len(page) < len(members)
+    n, more = _page_cut(max_frame, empty, members, lambda m: 2 if m in got else 1)
+    page = members[:n]
     return empty._replace(delivered=[m for m in page if m in got],
                           read=[m for m in page if m in have_read],
                           unread=[m for m in page if m not in have_read],

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 # The welcome's caps (docs/PROTOCOL.md §3.3): the optional features this broker has.
 CAPS = (wire.CAP_CREATE_CID, wire.CAP_START_HEAD, wire.CAP_REQUESTS_ONLY,
-        wire.CAP_RECEIPTS_PAGED)
+        wire.CAP_RECEIPTS_PAGED, wire.CAP_MEMBERS_PAGED)
 # How long the last writes to a peer may take: a closing error frame (`refuse`), and the close
 # (TLS's close_notify, broker/connection.py). A peer that reads nothing costs this much; one to
 # which TLS never began costs nothing, as nothing is written (tests lengthen it to tell the two

@@ -113,6 +113,12 @@ its ``receipt_list`` is then a page of the audience, as many members as fit the 
 ``more`` and ``last`` (the next page's ``after``). A server without it ignores the field and
 answers the whole list, or ``limit_exceeded`` when it does not fit."""
 
+CAP_MEMBERS_PAGED = "members_paged"
+"""The welcome cap of a server that honours a ``members``' ``after`` (§5.2, since 2026-12-07):
+its ``member_list`` is then a page of the members, as many as fit the max_frame, each in the
+list of its role, with ``more`` and ``last`` (the next page's ``after``). A server without it
+ignores the field and answers the whole list, or ``limit_exceeded`` when it does not fit."""
+
 BYE_REPLACED = "replaced by a new session"
 """The reason of the ``bye`` a session gets when its user and device connected again (§9)."""
 
@@ -152,6 +158,7 @@ __all__ = [
     "ALWAYS_CLOSE",
     "BYE_REPLACED",
     "CAP_CREATE_CID",
+    "CAP_MEMBERS_PAGED",
     "CAP_RECEIPTS_PAGED",
     "CAP_REQUESTS_ONLY",
     "CAP_START_HEAD",

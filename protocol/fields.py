@@ -83,7 +83,7 @@ def user_id(v: object, _mb: int = 0) -> bool:
 
 
 def user_id_or_empty(v: object, _mb: int = 0) -> bool:
-    """A user id, or "" (``receipts.after`` of a first page)."""
+    """A user id, or "" (the ``after`` of a first page of ``receipts`` or ``members``)."""
     return v == "" or user_id(v)
 
 

@@ -310,10 +310,15 @@ class Receipts(NamedTuple):
 
 
 class Members(NamedTuple):
-    """Asks for a conversation's kind, name and members by role."""
+    """Asks for a conversation's kind, name and members by role.
+
+    With ``after`` (a user id, or "" for the first page; since 2026-12-07, the welcome cap
+    ``members_paged``) the reply is a page: the members whose ids sort after it, as many as
+    fit the connection's max_frame. Without it, the whole list or nothing."""
 
     id: int
     conv: str
+    after: str | None = None
 
 
 class Presence(NamedTuple):
@@ -522,6 +527,10 @@ class MemberList(NamedTuple):
     admins: tuple[str, ...]
     members: tuple[str, ...]
     name: str | None = None
+    # A page (asked with `after`): more members follow, from the one after `last`, the last
+    # member this page covers (the next page's `after`). `last` is None when `more` is not.
+    more: bool = False
+    last: str | None = None
 
 
 class ConvList(NamedTuple):
@@ -665,7 +674,7 @@ _register(Subscribe, "subscribe", "c", id=_ID, conv=f.conv_id)
 _register(Receipts, "receipts", "c", id=_ID, conv=f.conv_id, seq=f.uint,
           after=f.user_id_or_empty)
 _register(Presence, "presence", "c", id=_ID, conv=f.conv_id)
-_register(Members, "members", "c", id=_ID, conv=f.conv_id)
+_register(Members, "members", "c", id=_ID, conv=f.conv_id, after=f.user_id_or_empty)
 _register(Convs, "convs", "c", id=_ID, after=f.conv_id, limit=f.int_range(1, f.MAX_CONV_LIST))
 _register(Typing, "typing", "c", conv=f.conv_id)
 _register(Mute, "mute", "c", id=_ID, conv=f.conv_id, muted=f.boolean)
@@ -701,7 +710,7 @@ _register(ConvList, "conv_list", "s", id=_ID, convs=_CONVS, more=f.boolean)
 _register(PresenceList, "presence_list", "s", id=_ID, conv=f.conv_id, online=_USERS)
 _register(MemberList, "member_list", "s", id=_ID, conv=f.conv_id,
           kind=f.one_of("direct", "group", "channel"), owners=_USERS, admins=_USERS,
-          members=_USERS, name=_NAME)
+          members=_USERS, name=_NAME, more=f.boolean, last=f.user_id)
 _register(Deliver, "deliver", "s", inbox_seq=f.uint, kind=f.one_of("msg", "added", "removed"),
           conv=f.conv_id, seq=f.uint, sender=f.user_id, body=f.body_or_nil, cid=f.cid_or_nil,
           ts=f.uint, muted=f.boolean)

@@ -17,7 +17,6 @@ with, which the Store's commits fill too (`_remember`). Rules kept (docs/DESIGN.
 
 from __future__ import annotations
 
-import itertools
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -94,6 +93,26 @@ def _first_bad(txn: lmdb.Transaction, dbs: dict[str, Any],
             except _UNDECODABLE as again:
                 return undecodable(table, key, again)
     return undecodable(rows[0][0], rows[0][1], exc)
+
+
+def _start_after(prefix: bytes, after: str | None) -> bytes | None:
+    """Where the rows under `prefix` whose rest sorts after `after` start (None, and "" too:
+    at the first). Ids hold no NUL, so `after \0` sorts right after `after` and before the ids
+    it is a prefix of."""
+    return prefix + after.encode() + b"\0" if after else None
+
+
+def _page_rows(rows: Iterable[tuple[bytes, bytes]], cut: int, limit: int | None,
+               chars: int | None) -> Iterator[tuple[bytes, bytes]]:
+    """The first of `rows`, keys of a `cut`-byte prefix: at most `limit` (None: no bound), and
+    none after the one whose key's rest takes the rests' bytes past `chars` (None: no bound),
+    so that a page whose frame holds at most `chars` bytes of ids reads one row past it."""
+    used = 0
+    for taken, row in enumerate(rows):
+        if (limit is not None and taken >= limit) or (chars is not None and used > chars):
+            return
+        yield row
+        used += len(row[0]) - cut
 
 
 @dataclass(slots=True)
@@ -311,14 +330,20 @@ class Queries:
         except ValueError as exc:
             raise undecodable(table, key, exc) from None
 
-    def _split_range(self, table: str, head: str, values: bool = False
-                     ) -> list[tuple[str, Any]]:
+    def _split_range(self, table: str, head: str, values: bool = False,
+                     after: str | None = None, limit: int | None = None,
+                     chars: int | None = None) -> list[tuple[str, Any]]:
         """The rows of `table` under `head`: (the rest of the key, the value) as text, the
-        value as text only with `values` (CorruptProjection at a row that is no UTF-8)."""
+        value as text only with `values` (CorruptProjection at a row that is no UTF-8). With
+        `after`, only those whose rest sorts after it, by byte; at most `limit` rows (None:
+        all), and none after the row that takes their rests past `chars` bytes in all (None:
+        no bound): a page, read in one transaction, in proportion to what it returns."""
         prefix = head.encode() + b"\0"
-        with self._env.read() as txn:
-            rows = list(TxnTables(txn, self._dbs).range(table, prefix))
         cut = len(prefix)
+        with self._env.read() as txn:
+            rows = TxnTables(txn, self._dbs).range(table, prefix, _start_after(prefix, after))
+            rows = list(rows if limit is None and chars is None
+                        else _page_rows(rows, cut, limit, chars))
         try:
             if values:
                 return [(k[cut:].decode(), v.decode()) for k, v in rows]
@@ -331,24 +356,23 @@ class Queries:
                     raise undecodable(table, k, exc) from None
             raise
 
-    def members(self, conv: str) -> list[tuple[str, str]]:
-        """Return `(user, role)` for every member of `conv`, sorted by user."""
-        return self._split_range("member", conv, values=True)
+    def members(self, conv: str, after: str | None = None, limit: int | None = None,
+                chars: int | None = None) -> list[tuple[str, str]]:
+        """Return `(user, role)` for every member of `conv`, sorted by user (by byte, which for
+        ids is str order too). With `after` ("" or None: from the first), `limit` or `chars`,
+        a page (`members` with `after`): those whose ids sort after `after`, at most `limit`
+        of them, and none past the one that takes their ids past `chars` characters in all,
+        read in one transaction that reads no other member."""
+        return self._split_range("member", conv, values=True, after=after, limit=limit,
+                                 chars=chars)
 
     def user_convs(self, user: str, after: str | None = None,
                    limit: int | None = None) -> list[str]:
         """Return the conversations `user` is a member of, sorted: those with ids after `after`,
         at most `limit` (None: all). Pages keep each read short for a user in very many
         (the presence walk, `Hub.peers`: 12 ms for 20,000 in one read)."""
-        if after is None and limit is None:
-            return [conv for conv, _ in self._split_range("user_conv", user)]
-        prefix = user.encode() + b"\0"
-        # Conv ids hold no NUL, so `after \0` sorts right after `after` (as in `conversations`).
-        start = None if after is None else prefix + after.encode() + b"\0"
-        with self._env.read() as txn:
-            rows = TxnTables(txn, self._dbs).range("user_conv", prefix, start=start)
-            keys = [key for key, _ in itertools.islice(rows, limit)]
-        return [key[len(prefix):].decode() for key in keys]
+        return [conv for conv, _ in self._split_range("user_conv", user, after=after,
+                                                      limit=limit)]
 
     def history(self, conv: str, *, before: int | None = None, after: int | None = None,
                 limit: int = 50, newest_first: bool = True) -> tuple[list[dict[str, Any]], bool]:
@@ -386,20 +410,19 @@ class Queries:
                 raise undecodable("msg", key, exc) from None
         return out, more
 
-    def receipts(self, conv: str, seq: int, after: str | None = None,
-                 limit: int | None = None) -> tuple[list[str], list[str], list[str]] | None:
+    def receipts(self, conv: str, seq: int, after: str | None = None, limit: int | None = None,
+                 chars: int | None = None) -> tuple[list[str], list[str], list[str]] | None:
         """Return (members, received, read) of message `seq` of `conv`: `members` are its
         audience, the current members other than its sender who have been members since
         before it was posted (one who joined later never had it: not counted, where their marks,
         which start at their joining, would reach it), in id order (by byte, which for ids is
         str order too); `received` and `read` are those of them whose marks reach it. With
         `after`, only the members whose ids sort after it ("" or None: from the first), at most
-        `limit` of them (None: all): a page (`receipts` with `after`), read in one transaction.
-        None when `conv` has no message `seq`."""
+        `limit` of them (None: all), and none past the one that takes their ids past `chars`
+        characters in all (None: no bound): a page (`receipts` with `after`), read in one
+        transaction. None when `conv` has no message `seq`."""
         prefix = conv.encode() + b"\0"
-        # User ids hold no NUL, so `after \0` sorts right after `after` and before the ids it
-        # is a prefix of.
-        start = prefix + after.encode() + b"\0" if after else None
+        start = _start_after(prefix, after)
         dbs = self._dbs
         with self._env.read() as txn:
             mkey = prefix + pack_u64(seq)
@@ -417,8 +440,10 @@ class Queries:
                     joined = {k[len(prefix):].decode(): u64(v)
                               for k, v in tables.range("joined", prefix)}
                 members: list[str] = []
+                used = 0  # the characters of `members`' ids
                 for k, _ in tables.range("member", prefix, start):
-                    if limit is not None and len(members) >= limit:
+                    if ((limit is not None and len(members) >= limit)
+                            or (chars is not None and used > chars)):
                         break
                     names.append(m := k[len(prefix):].decode())
                     if m == sender:
@@ -429,6 +454,7 @@ class Queries:
                         since = u64(tables.get("joined", key2(conv, m)) or bytes(8))
                     if since < seq:
                         members.append(m)
+                        used += len(m)
                 got = [m for m in members
                        if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq]
                 read = [m for m in got

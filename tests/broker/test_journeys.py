@@ -215,8 +215,9 @@ async def test_receipts_of_a_channel_too_big_for_max_frame_say_which_limit_to_ra
     replies do not fit the broker's max_frame (here 4 KiB; at the default 1 MiB, about 7,900
     such stores, docs/OPERATIONS.md "Limits"). They are refused `limit_exceeded`, the session
     open, with a message naming `--max-frame-bytes` as the limit to raise (until 2026-12-07 it
-    named only "this connection's max_frame"). The SDK's `receipts` pages (since 2026-12-07,
-    tests/broker/test_receipts_pages.py): it gets the whole answer."""
+    named only "this connection's max_frame"). The SDK's `receipts` and `members` page
+    (since 2026-12-07, tests/broker/test_receipts_pages.py and test_members_pages.py): they
+    get the whole answer (`members` was refused `limit_exceeded` until then)."""
     stores = [f"store-{i:03d}-".ljust(64, "x") for i in range(70)]
     async with running_broker(tmp_path / "data", max_frame_bytes=4096,
                               max_body_bytes=1024) as h, \
@@ -225,12 +226,17 @@ async def test_receipts_of_a_channel_too_big_for_max_frame_say_which_limit_to_ra
         for store in stores[50:]:
             await hq.invite(conv, store)
         seq = (await hq.send("Inventory count on Monday", conv=conv)).seq
-        with pytest.raises(ClientError) as refused:
-            await hq.members(conv)
-        assert refused.value.name == "limit_exceeded"
-        assert "max_frame of 4096 bytes (the broker's --max-frame-bytes" in str(
-            refused.value), refused.value
+        listing = await hq.members(conv)  # in pages
+        assert (listing.owners, listing.admins, list(listing.members)) == (
+            ("head-office",), (), stores)
         assert sorted((await hq.receipts(conv, seq)).unread) == stores  # in pages
+        raw = await RawClient.connect(h.server, h.token("head-office", "service"), "raw")
+        await raw.send(protocol.Members(id=1, conv=conv))  # as a client from before asks
+        with trio.fail_after(10):
+            err = await raw.reply(1)
+        await raw.aclose()
+        assert isinstance(err, protocol.Error) and err.name == "limit_exceeded", err
+        assert "max_frame of 4096 bytes (the broker's --max-frame-bytes" in err.message, err
         # A client that asks for less; one that asks for less than the protocol's least
         # (1024) is agreed that, which it did not ask for (until 2026-12-07, review, the
         # message said it had). A receipts without `after` is answered whole or not at all.

@@ -136,16 +136,40 @@ async def test_the_sdks_paged_receipts_past_the_list_bound_is_limit_exceeded_at_
     assert " users or more (its pages so far), over the 100,000 a list" in refused.value.message
 
 
+async def test_the_sdks_paged_members_past_the_list_bound_is_limit_exceeded(tmp_path):
+    """The SDK's paged `members` (since 2026-12-07) of a group of owner + 110,000 members
+    (grown under an older broker), paged at 64 KiB (about 8,000 a page): `limit_exceeded` once
+    its merged `members` passes MAX_USER_LIST, as the broker refuses the whole answer, and
+    not `internal` on a page short of the last."""
+    conv = _group_past_the_list_bound(tmp_path / "data", MAX_USER_LIST + 10_000)
+    async with running_broker(tmp_path / "data", max_frame_bytes=65536,
+                              max_body_bytes=1024) as h:
+        with trio.fail_after(120):
+            async with h.client("owner") as owner:
+                assert wire.CAP_MEMBERS_PAGED in owner.welcome.caps
+                with pytest.raises(ClientError) as refused:
+                    await owner.members(conv)
+    assert refused.value.name == "limit_exceeded", refused.value
+    assert refused.value.message.startswith("the member_list answer would list "), refused.value
+    assert " users or more (its pages so far), over the 100,000 a list" in refused.value.message
+
+
 async def test_the_sdks_paged_receipts_of_exactly_the_list_bound_is_whole(tmp_path):
-    """An audience of exactly MAX_USER_LIST, paged at 64 KiB (13 pages), is merged whole."""
+    """An audience of exactly MAX_USER_LIST, paged at 64 KiB (13 pages), is merged whole; so
+    is the group's member list (its owner and MAX_USER_LIST members, the most `--max-members`
+    takes), which did not fit one frame: `limit_exceeded` until 2026-12-07."""
     conv = _group_past_the_list_bound(tmp_path / "data", MAX_USER_LIST)
     async with running_broker(tmp_path / "data", max_frame_bytes=65536,
                               max_body_bytes=1024) as h:
         with trio.fail_after(120):
             async with h.client("owner") as owner:
                 got = await owner.receipts(conv, 1)
+                listing = await owner.members(conv)
     assert len(got.unread) == MAX_USER_LIST and got.unread == tuple(sorted(got.unread))
     assert not got.read and not got.delivered and not got.more
+    assert listing.members == tuple(f"u{i:06d}" for i in range(MAX_USER_LIST)), len(
+        listing.members)
+    assert (listing.owners, listing.admins, listing.more) == (("owner",), (), False)
 
 
 def test_homing_receipts_past_the_list_bound_exits_1_limit_exceeded(tmp_path):

@@ -74,6 +74,8 @@ _OVERRIDES = {
     ("Convs", "after"): conv_ids,
     ("Receipts", "after"): st.just("") | user_ids,  # "": the first page
     ("ReceiptList", "last"): user_ids,
+    ("Members", "after"): st.just("") | user_ids,  # "": the first page
+    ("MemberList", "last"): user_ids,
     ("Convs", "limit"): st.integers(1, 1000),
     ("ConvEntry", "kind"): st.sampled_from(["direct", "group", "channel"]),
     ("ConvEntry", "role"): st.sampled_from(["owner", "admin", "member"]),

@@ -170,7 +170,8 @@ async def test_handshake_and_welcome_fields(tmp_path):
         assert abs(w["time"] - time.time() * 1000) < 60_000  # milliseconds
         assert w["max_frame"] == h.config.max_frame_bytes  # min(offer, server limit)
         assert w["heartbeat"] == h.config.heartbeat_s and w["acked"] == 0 and w["head"] == 0
-        assert w["caps"] == ["create_cid", "start_head", "requests_only", "receipts_paged"]
+        assert w["caps"] == ["create_cid", "start_head", "requests_only", "receipts_paged",
+                             "members_paged"]
         assert w["max_body"] == h.config.max_body_bytes
         assert w["receipt_audience"] == h.config.receipt_audience_max
         assert all(is_uint(w[k]) for k in ("version", "time", "max_frame", "heartbeat", "acked",
