@@ -92,7 +92,13 @@ class Pending:
 
     def when_done(self, callback: Callable[[BaseException | None], None]) -> None:
         """Call `callback(None)` after `done`, once the command is durable, or
-        `callback(error)` if it failed (its batch, or the rules)."""
+        `callback(error)` if it failed (its batch, or the rules); at once if it is done
+        already. No caller asks then now (each finds its Pending among those still on their
+        way, let go before or as they are done); until 2026-12-07 one that did was never
+        called, its request left unanswered."""
+        if self.outcome is not None or self.error is not None:  # done (`finish`)
+            callback(self.error or getattr(self.outcome, "error", None))
+            return
         if self.also is None:
             self.also = [callback]
         else:

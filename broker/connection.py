@@ -34,8 +34,10 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
     """Serve one accepted connection until it ends, and close it."""
     conn_id = next(broker.conn_ids)
     peer = _peer_name(stream)
+    tls = None
     if broker.tls is not None:  # its first byte is looked at before TLS starts (check_tls)
-        stream = trio.SSLStream(stream, broker.tls, server_side=True, https_compatible=False)
+        stream = tls = trio.SSLStream(stream, broker.tls, server_side=True,
+                                      https_compatible=False)
     session = Session(broker, stream, conn_id, peer)
     session.tls_unchecked = broker.tls is not None
     attached = False
@@ -82,6 +84,8 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
                 await stream.aclose()  # TLS: its close_notify, then the socket's close
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass  # closed all the same (trio closes the socket when TLS fails)
+        if tls is not None:
+            _let_go(tls)
         said = structlog.get_context(session.log)  # user and device, once the hello named them
         # Requests a stop left unanswered past --max-inflight-requests: named only if any.
         left = {"passed_over": session.passed_over} if session.passed_over else {}
@@ -103,6 +107,19 @@ def _detach(broker: Broker, session: Session) -> None:
             buckets.gone(user)
     if last:
         broker.presence.announce(user, False)
+
+
+def _let_go(stream: trio.SSLStream) -> None:
+    """`stream` is closed (or never began TLS): break the cycle trio's SSLStream makes with
+    itself (its handshake's `_Once` holds its bound `_do_handshake`), which held its OpenSSL
+    state, about 24 KiB, after each TLS connection's end until the cyclic GC came, rare in
+    `homing serve` (--gc-young-threshold, and a long connection's stream is in the oldest
+    generation). Every use of a closed SSLStream raises ClosedResourceError before it would
+    call the handshake; one that never began TLS is not used again (`handle`)."""
+    once = getattr(stream, "_handshook", None)
+    if once is not None and hasattr(once, "_afn"):  # trio's private layout (0.35): else leave it
+        once._afn = None
+        once._args = ()
 
 
 async def _linger(stream: trio.abc.Stream) -> None:
