@@ -18,7 +18,7 @@ import msgpack
 
 import protocol as wire
 from broker.errors import CloseReason, wire_error
-from broker.stats import stats_reply
+from broker.stats import answer_stats
 from protocol import encode_frame, fields
 from protocol.frames import to_wire
 from storage import commands as cmd
@@ -752,13 +752,14 @@ def on_typing(session: Session, f: wire.Typing) -> None:
     broker.hub.push(audience, data)
 
 
-def on_stats(session: Session, f: wire.Stats) -> None:
+def on_stats(session: Session, f: wire.Stats) -> Any:
     """The broker's figures now (`homing health`): about every user (and any user's device), so
-    for admin and monitor tokens only."""
+    for admin and monitor tokens only. Answered by the reader once its walk of the sessions,
+    in slices, is done (`answer_stats`)."""
     if session.role not in ("admin", "monitor"):
         session.reply_error(f.id, wire.ErrorCode.FORBIDDEN, "stats: admin and monitor tokens only")
-        return
-    session.reply(stats_reply(session.broker, f))
+        return None
+    return answer_stats(session, f)
 
 
 def on_ping(session: Session, f: wire.Ping) -> None:

@@ -14,7 +14,7 @@ slow consumer, which loses nothing (its deliveries are on disk, the pushes are d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,11 +114,11 @@ class Hub:
         return [*(s for devices in self._by_user.values() for s in devices.values()),
                 *(s for sessions in self._requesting.values() for s in sessions)]
 
-    def delivering_sessions(self) -> Iterator[Session]:
-        """Every live delivering session (not requests-only ones), as they are now: no session
-        may attach or detach while it is being walked."""
-        for devices in self._by_user.values():
-            yield from devices.values()
+    def delivering_devices(self) -> list[dict[str, Session]]:
+        """Each online user's live delivering sessions by device (not requests-only ones): a
+        snapshot of the users, one list copy. Each user's map is the live one: read it whole
+        between two checkpoints; a user gone since the snapshot has an empty one."""
+        return list(self._by_user.values())
 
     def online(self, user: str) -> bool:
         """Whether `user` has at least one live delivering session."""

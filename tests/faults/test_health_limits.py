@@ -148,6 +148,21 @@ def test_certificate_dates_are_read_in_both_asn1_forms(tmp_path):
                  datetime.datetime(2061, 5, 6, 7, 8, 9, tzinfo=utc)):
         ca.issue_cert("example.org", not_after=when).cert_chain_pems[0].write_to_path(str(pem))
         assert certificate_not_after(pem) == when.timestamp()
+    # A UTCTime of 1950 to 1968 (a certificate long expired) is of the 1900s: strptime's %y
+    # read 55 as 2055, and `tls_expires_s` gave 29 years left (review, 2026-12-07).
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key, name = ec.generate_private_key(ec.SECP256R1()), x509.Name([])
+    for when in (datetime.datetime(1955, 6, 1, tzinfo=utc),
+                 datetime.datetime(2020, 1, 1, tzinfo=utc)):
+        old = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+               .public_key(key.public_key()).serial_number(1)
+               .not_valid_before(datetime.datetime(1950, 1, 1, tzinfo=utc))
+               .not_valid_after(when).sign(key, hashes.SHA256()))
+        pem.write_bytes(old.public_bytes(serialization.Encoding.PEM))
+        assert certificate_not_after(pem) == when.timestamp()
     for junk in (b"-----BEGIN PRIVATE KEY-----\nAAAA\n",
                  b"-----BEGIN CERTIFICATE-----\nMAMCAQA=\n-----END CERTIFICATE-----\n"):
         pem.write_bytes(junk)
