@@ -639,38 +639,49 @@ def members_page(store: Store, f: wire.Members, max_frame: int,
     `after` (in id order, with their roles, read in one transaction) whose ids fit
     `max_frame`, each in the list of its role, with `more` and `last` when some do not.
 
-    The read takes no more members than the frame could hold (ids of `max_frame` characters
-    in all, each at least 2 bytes packed) and one more, to tell whether more follow: a page
-    costs its own members, not the conversation's."""
-    rows = store.members(f.conv, after=f.after, limit=_page_most(max_frame), chars=max_frame)
+    The read takes no more members than the room the frame leaves for ids could hold (`kind`
+    and `name` take theirs first) and one more, to tell whether more follow: a page costs its
+    own members, not the conversation's."""
     empty = wire.MemberList(id=f.id, conv=f.conv, kind=info["kind"], owners=[], admins=[],
                             members=[], name=info.get("name"), more=True,
                             last="x" * fields.MAX_USER_ID_CHARS)
-    n, more = _page_cut(max_frame, empty, [user for user, _ in rows], lambda user: 1)
+    room = _page_room(max_frame, empty)
+    rows = store.members(f.conv, after=f.after, **_page_read(room))
+    n, more = _page_cut(room, [user for user, _ in rows], lambda user: 1)
     by_role = _by_role(rows[:n])
     return empty._replace(owners=by_role["owner"], admins=by_role["admin"],
                           members=by_role["member"], more=more,
                           last=rows[n - 1][0] if more else None)
 
 
-def _page_most(max_frame: int) -> int:
-    """The most members a page's read takes: as many as its frame could hold, at 2 bytes the
-    shortest packed id, and one more to tell whether more follow."""
-    return min(fields.MAX_USER_LIST, max_frame // 2) + 1
+def _page_room(max_frame: int, empty: Any) -> int:
+    """The bytes a page of `max_frame` leaves its ids (`receipts` and `members` with `after`,
+    PROTOCOL.md §5.2): what the frame leaves with `empty`, the page with its three user lists
+    empty, `more` and a `last` of the longest id, less the lists' headers at their largest (4
+    bytes more each), so that a page never misses the frame by a byte."""
+    return max_frame - len(encode_frame(to_wire(empty))) - 3 * 4
 
 
-def _page_cut(max_frame: int, empty: Any, members: list[str],
-              copies: Callable[[str], int]) -> tuple[int, bool]:
-    """How many of `members` (in id order) a page of `max_frame` lists, at least 1 and at most
-    MAX_USER_LIST, and whether members are left after them (`receipts` and `members` with
-    `after`, PROTOCOL.md §5.2). `empty` is the page with its three user lists empty, `more`
-    and a `last` of the longest id; a member costs its packed id `copies(member)` times.
+def _page_read(room: int) -> dict[str, int]:
+    """The bounds of a page's store read (`limit` and `chars`), for a page of `room` bytes of
+    ids: no more members than it could hold, at 2 bytes the shortest packed id, nor than
+    their ids' characters could fill (a member listed twice counting twice), and one more, to
+    tell whether more follow. At least 2: a page lists at least its first member, and must
+    know whether another follows. Until 2026-12-07's review the bounds were the whole
+    max_frame's, whatever `kind`, `name` and `conv` took of it: a page read up to 4 times the
+    members it listed (a 128-character name of 4-byte characters, 64-character ids, at 1024
+    bytes)."""
+    return {"limit": min(fields.MAX_USER_LIST, max(room, 2) // 2) + 1,
+            "chars": max(room, fields.MAX_USER_ID_CHARS)}
 
-    The room is what the frame leaves with `empty`, less the lists' headers at their largest
-    (4 bytes more each), so a page never misses the frame by a byte. A max_frame holds at
-    least 1024 bytes and a member costs at most 132: the first always fits (were it not to,
-    `Session.reply` answers `limit_exceeded`)."""
-    room = max_frame - len(encode_frame(to_wire(empty))) - 3 * 4
+
+def _page_cut(room: int, members: list[str], copies: Callable[[str], int]) -> tuple[int, bool]:
+    """How many of `members` (in id order) a page of `room` bytes of ids lists (`_page_room`),
+    at least 1 and at most MAX_USER_LIST, and whether members are left after them; a member
+    costs its packed id `copies(member)` times.
+
+    A max_frame holds at least 1024 bytes and a member costs at most 132: the first always
+    fits (were it not to, `Session.reply` answers `limit_exceeded`)."""
     n = 0
     for m in members[:fields.MAX_USER_LIST]:
         # msgpack's str of an ASCII id (all are): a 1-byte header below 32 characters, else 2.
@@ -688,8 +699,9 @@ def on_receipts(session: Session, f: wire.Receipts) -> None:
     # A page (`after`) reads no more members than its frame could hold, as `members_page`.
     max_frame = session.conn.max_frame_bytes
     marks = (session.broker.store.receipts(f.conv, f.seq) if f.after is None
-             else session.broker.store.receipts(f.conv, f.seq, after=f.after,
-                                                limit=_page_most(max_frame), chars=max_frame))
+             else session.broker.store.receipts(
+                 f.conv, f.seq, after=f.after,
+                 **_page_read(_page_room(max_frame, _receipts_empty(f)))))
     if marks is None:
         session.reply_error(f.id, wire.ErrorCode.NOT_FOUND, f"{f.conv} has no message {f.seq}")
         return
@@ -715,14 +727,21 @@ def receipts_page(f: wire.Receipts, max_frame: int, members: list[str],
     connection's `max_frame`, with `more` and `last` when some do not. A member is listed once
     in `read` or `unread`, and again in `delivered` if it was delivered."""
     got, have_read = set(delivered), set(read)
-    empty = wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=[], read=[],
-                             unread=[], more=True, last="x" * fields.MAX_USER_ID_CHARS)
-    n, more = _page_cut(max_frame, empty, members, lambda m: 2 if m in got else 1)
+    empty = _receipts_empty(f)
+    n, more = _page_cut(_page_room(max_frame, empty), members,
+                        lambda m: 2 if m in got else 1)
     page = members[:n]
     return empty._replace(delivered=[m for m in page if m in got],
                           read=[m for m in page if m in have_read],
                           unread=[m for m in page if m not in have_read],
                           more=more, last=page[-1] if more else None)
+
+
+def _receipts_empty(f: wire.Receipts) -> wire.ReceiptList:
+    """The `receipt_list` page of `f` with its user lists empty, `more` and a `last` of the
+    longest id (what `_page_room` takes)."""
+    return wire.ReceiptList(id=f.id, conv=f.conv, seq=f.seq, delivered=[], read=[],
+                            unread=[], more=True, last="x" * fields.MAX_USER_ID_CHARS)
 
 
 def on_presence(session: Session, f: wire.Presence) -> None:

@@ -17,6 +17,7 @@ with, which the Store's commits fill too (`_remember`). Rules kept (docs/DESIGN.
 
 from __future__ import annotations
 
+import itertools
 import math
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -342,7 +343,9 @@ class Queries:
         cut = len(prefix)
         with self._env.read() as txn:
             rows = TxnTables(txn, self._dbs).range(table, prefix, _start_after(prefix, after))
-            rows = list(rows if limit is None and chars is None
+            # islice where only `limit` bounds the read: a generator's step a row cost the
+            # presence walk's pages of `user_convs` a third more (1.2 ms a walk of 10,000).
+            rows = list(itertools.islice(rows, limit) if chars is None
                         else _page_rows(rows, cut, limit, chars))
         try:
             if values:
@@ -419,8 +422,9 @@ class Queries:
         str order too); `received` and `read` are those of them whose marks reach it. With
         `after`, only the members whose ids sort after it ("" or None: from the first), at most
         `limit` of them (None: all), and none past the one that takes their ids past `chars`
-        characters in all (None: no bound): a page (`receipts` with `after`), read in one
-        transaction. None when `conv` has no message `seq`."""
+        characters in all, a received one's counted twice, as a page lists it in `delivered`
+        too (None: no bound): a page (`receipts` with `after`), read in one transaction. None
+        when `conv` has no message `seq`."""
         prefix = conv.encode() + b"\0"
         start = _start_after(prefix, after)
         dbs = self._dbs
@@ -440,7 +444,8 @@ class Queries:
                     joined = {k[len(prefix):].decode(): u64(v)
                               for k, v in tables.range("joined", prefix)}
                 members: list[str] = []
-                used = 0  # the characters of `members`' ids
+                got: list[str] = []
+                used = 0  # the characters of the ids a page lists, `got`'s twice
                 for k, _ in tables.range("member", prefix, start):
                     if ((limit is not None and len(members) >= limit)
                             or (chars is not None and used > chars)):
@@ -455,8 +460,9 @@ class Queries:
                     if since < seq:
                         members.append(m)
                         used += len(m)
-                got = [m for m in members
-                       if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq]
+                        if u64(txn.get(key2(conv, m), db=dbs["recv"]) or bytes(8)) >= seq:
+                            got.append(m)
+                            used += len(m)
                 read = [m for m in got
                         if u64(txn.get(key2(conv, m), db=dbs["read"]) or bytes(8)) >= seq]
             except _UNDECODABLE as exc:  # the cold path names the row

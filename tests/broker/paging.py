@@ -16,6 +16,8 @@ import trio
 import protocol
 import storage.tables
 from broker.handshake import CAPS
+from storage.commands import CreateConv, MarkRead, SendMessage
+from storage.store import Store
 from tests.faults.conftest import PlayedBroker, RawClient
 from tests.procs import BrokerProcess
 
@@ -35,6 +37,47 @@ async def raw_pages(raw: RawClient, ask: Callable[[int, str], Any], reply: type,
         if not page.more:
             return out
         after = page.last
+
+
+async def rows_per_page(raw: RawClient, ask: Callable[[int, str], Any],
+                        listed: Callable[[Any], int]) -> list[tuple[int, int]]:
+    """Page the request `ask(id, after)` from the first page, at a broker running in this
+    process: for each page, the rows the store's reads took meanwhile and the members it
+    lists (`listed(page)`)."""
+    after, reads = "", []
+    while True:
+        with counting_rows() as seen, trio.fail_after(10):
+            await raw.send(ask(len(reads) + 100, after))
+            page = await raw.reply(len(reads) + 100)
+        reads.append((seen[0], listed(page)))
+        if not page.more:
+            return reads
+        after = page.last
+
+
+def short_ids(n: int) -> list[str]:
+    """`n` user ids of 2 characters, in byte order."""
+    first = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    return sorted(a + b for a in first for b in first + "-._@+")[:n]
+
+
+def seeded_group(data: Path, owner: str, members: list[str], name: str,
+                 read: bool = False) -> tuple[str, int]:
+    """A group of `owner` and `members` called `name` written to a new store at `data`,
+    and the seq of a message of `owner`'s in it; with `read`, every member read it."""
+    store = Store.open(str(data))
+    try:
+        (made,) = store.execute([CreateConv(owner, "d", "user", "group", name, False,
+                                            tuple(members))])
+        conv = made.reply["conv"]
+        (sent,) = store.execute([SendMessage(owner, "d", "user", "c1", "hi", conv=conv)])
+        seq = sent.reply["seq"]
+        if read:
+            outs = store.execute([MarkRead(m, "d", "user", conv, seq) for m in members])
+            assert all(o.error is None for o in outs), outs
+    finally:
+        store.close()
+    return conv, seq
 
 
 async def assert_bad_after_is_invalid(raw: RawClient, request: dict) -> None:

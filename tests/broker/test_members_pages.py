@@ -26,6 +26,9 @@ from tests.broker.paging import (
     counting_rows,
     played_broker,
     raw_pages,
+    rows_per_page,
+    seeded_group,
+    short_ids,
     small_broker,
 )
 from tests.broker.test_receipts_pages import _FIRST, SMALL, store_ids
@@ -177,6 +180,64 @@ async def test_a_plain_member_of_a_big_group_pages_too_and_a_channel_subscriber_
         await raw.aclose()
 
 
+@pytest.mark.parametrize(("ids", "name"), [(store_ids(300), "\U0001F600" * 128),
+                                           (short_ids(600), "g" * 128)],
+                         ids=["64_char_ids_emoji_name", "2_char_ids_long_name"])
+async def test_a_page_reads_no_more_members_than_its_name_leaves_room_for(tmp_path, ids, name):
+    """At the least max_frame (1024 bytes), a group whose name takes much of the frame (128
+    characters, of 4 bytes each, or ASCII): each page's read takes from the store no more
+    member rows than twice the members it lists and a few more. Until 2026-12-07's review a
+    page read as many rows as the whole max_frame's bytes could hold, whatever the name left
+    of it: 18 rows for a page of 5 64-character ids, 514 for one of 238 2-character ids."""
+    data = tmp_path / "data"
+    conv, _ = seeded_group(data, HQ, ids, name)
+    async with running_broker(data) as h:
+        raw = await RawClient.connect(h.server, h.token(HQ), max_frame=1024)
+        reads = await rows_per_page(
+            raw, lambda i, a: protocol.Members(id=i, conv=conv, after=a),
+            lambda page: len(listed(page)))
+        await raw.aclose()
+    assert sum(n for _, n in reads) == len(ids) + 1 and len(reads) >= 3, reads
+    assert all(seen <= 2 * n + 3 for seen, n in reads), reads
+
+
+async def test_a_member_who_loses_sight_of_the_members_between_pages_is_refused_the_next(
+        tmp_path):
+    """Paging at the least max_frame (1024 bytes): a plain member of a group removed after
+    its first page, and an admin of a channel made a plain subscriber after theirs, are
+    answered the next page `forbidden`, as any `members` they asked then, and so is a page of
+    `receipts`; the session stays open, and the SDK raises it (PROTOCOL.md §5.2)."""
+    stores = store_ids(30)
+    async with running_broker(tmp_path / "data", **SMALL) as h:
+        group = await open_conv(h, stores, "group", admins=False)
+        chn = await open_conv(h, stores)  # stores[2] an admin
+        async with h.client(HQ, role="service") as hq:
+            seqs = {conv: (await hq.send("hi", conv=conv)).seq for conv in (group, chn)}
+        for conv, who in ((group, stores[0]), (chn, stores[2])):
+            raw = await RawClient.connect(h.server, h.token(who), max_frame=1024)
+            await raw.send(protocol.Members(id=1, conv=conv, after=""))
+            first = await raw.reply(1)
+            assert first.more, first
+            async with h.client(HQ, role="service") as hq:
+                if conv == group:
+                    await hq.remove(conv, who)
+                else:
+                    await hq.set_role(conv, who, "member")
+            await raw.send(protocol.Members(id=2, conv=conv, after=first.last))
+            err = await raw.reply(2)
+            assert isinstance(err, protocol.Error) and err.name == "forbidden", err
+            await raw.send(protocol.Receipts(id=4, conv=conv, seq=seqs[conv], after=first.last))
+            err = await raw.reply(4)
+            assert isinstance(err, protocol.Error) and err.name == "forbidden", err
+            await raw.send(protocol.Ping(id=3))
+            assert await raw.reply(3) == protocol.Pong(id=3)
+            await raw.aclose()
+            async with h.client(who) as c:
+                with pytest.raises(ClientError) as refused:
+                    await c.members(conv)
+                assert refused.value.name == "forbidden", refused.value
+
+
 def test_homing_members_prints_every_member_of_a_channel_too_big_for_one_frame(tmp_path):
     """`homing members` against `homing serve --max-frame-bytes 4096`: the same JSON as ever,
     now every member of the 121 (it failed `limit_exceeded` before 2026-12-07)."""
@@ -259,15 +320,17 @@ def groups(draw):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(groups(), st.sampled_from([1024, 1025, 1100, 4096]) | st.integers(1024, 70000),
-       st.integers(1, 128).map(lambda n: "g" * n))
+       st.builds(lambda n, c: c * n, st.integers(1, 128), st.sampled_from("g\u00e9\U0001F600")))
 def test_pages_read_from_the_store_list_every_member_once_at_the_cost_of_the_page(
         group, max_frame, name):
     """In process, over a real Store: a group of random ids and roles paged as the broker
     pages it (the store's page read, then the page builder) at a max_frame down to the least
-    a hello may ask: each page fits the frame, the pages list every member exactly once, in
-    the list of its role, in id order, `more` and `last` chaining them, and a page's read
-    takes no more member rows than twice the members it lists and a few more (the whole
-    conversation's rows before: a read costs its page, not the conversation)."""
+    a hello may ask, its name of up to 128 characters of 1, 2 or 4 bytes (since 2026-12-07's
+    review: the name's room is not the ids'): each page fits the frame, the pages list every
+    member exactly once, in the list of its role, in id order, `more` and `last` chaining
+    them, and a page's read takes no more member rows than twice the members it lists and a
+    few more (the whole conversation's rows before: a read costs its page, not the
+    conversation)."""
     owner, others, admins = group
     with tempfile.TemporaryDirectory() as data:
         store = Store.open(data)

@@ -23,6 +23,9 @@ from tests.broker.paging import (
     counting_rows,
     played_broker,
     raw_pages,
+    rows_per_page,
+    seeded_group,
+    short_ids,
     small_broker,
 )
 from tests.faults.conftest import PlayedBroker, RawClient
@@ -333,6 +336,25 @@ async def test_a_page_reads_its_own_members_not_the_conversations(tmp_path):
         await raw.aclose()
     assert listed == sorted(stores, key=str.encode)
     assert len(reads) >= 20 and all(seen <= 2 * n + 3 for seen, n in reads), reads
+
+
+@pytest.mark.parametrize("ids", [store_ids(300), short_ids(600)], ids=["64_chars", "2_chars"])
+async def test_a_page_of_members_who_read_reads_no_more_than_twice_what_it_lists(tmp_path, ids):
+    """At the least max_frame (1024 bytes), a message every member of the group read (each
+    listed twice, in `delivered` and `read`): each page's read takes from the store no more
+    member rows than twice the members it lists and a few more. Until 2026-12-07's review a
+    page read members until their ids filled the whole max_frame once: 18 rows for a page of
+    6 64-character ids, 514 for one of 142 2-character ids."""
+    data = tmp_path / "data"
+    conv, seq = seeded_group(data, "head-office", ids, "stores", read=True)
+    async with running_broker(data) as h:
+        raw = await RawClient.connect(h.server, h.token("head-office"), max_frame=1024)
+        reads = await rows_per_page(
+            raw, lambda i, a: protocol.Receipts(id=i, conv=conv, seq=seq, after=a),
+            lambda page: len(page.read) + len(page.unread))
+        await raw.aclose()
+    assert sum(n for _, n in reads) == len(ids) and len(reads) >= 3, reads
+    assert all(seen <= 2 * n + 3 for seen, n in reads), reads
 
 
 async def test_the_sdk_asks_a_broker_without_the_cap_once(tmp_path, monkeypatch):
