@@ -55,6 +55,13 @@ async def rows_per_page(raw: RawClient, ask: Callable[[int, str], Any],
         after = page.last
 
 
+def assert_reads_cost_their_pages(reads: list[tuple[int, int]]) -> None:
+    """Each page's store reads (`rows_per_page`) took no more member rows than twice the
+    members it lists and a few more, and no fewer than it lists: a count of none would say
+    that the reads no longer pass `counting_rows`, not that they are cheap."""
+    assert all(n <= seen <= 2 * n + 3 for seen, n in reads), reads
+
+
 def short_ids(n: int) -> list[str]:
     """`n` user ids of 2 characters, in byte order."""
     first = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"

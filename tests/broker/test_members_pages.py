@@ -23,6 +23,7 @@ from storage.commands import CreateConv, SetRole
 from storage.store import Store
 from tests.broker.paging import (
     assert_bad_after_is_invalid,
+    assert_reads_cost_their_pages,
     counting_rows,
     played_broker,
     raw_pages,
@@ -198,7 +199,7 @@ async def test_a_page_reads_no_more_members_than_its_name_leaves_room_for(tmp_pa
             lambda page: len(listed(page)))
         await raw.aclose()
     assert sum(n for _, n in reads) == len(ids) + 1 and len(reads) >= 3, reads
-    assert all(seen <= 2 * n + 3 for seen, n in reads), reads
+    assert_reads_cost_their_pages(reads)
 
 
 async def test_a_member_who_loses_sight_of_the_members_between_pages_is_refused_the_next(
@@ -366,5 +367,4 @@ def test_pages_read_from_the_store_list_every_member_once_at_the_cost_of_the_pag
     assert covered == [m for m, _ in whole]  # each once, in id order
     assert sorted(got) == whole == sorted(
         [(owner, "owner"), *((m, "admin" if m in admins else "member") for m in others)])
-    for seen, n in rows_read:
-        assert seen <= 2 * n + 3, rows_read
+    assert_reads_cost_their_pages(rows_read)

@@ -41,12 +41,15 @@ async def test_a_stats_request_lets_the_other_connections_run_during_its_walk(tm
         monitor = await _requests_only(h.server, h.token("ops", "monitor"), "probe")
         [session] = [s for s in h.broker.hub.all_sessions() if s.role == "monitor"]
 
-        for request_id in range(100, 200):  # the deliveries of the last send reach u0's devices
-            await monitor.send(wire.Stats(id=request_id))
-            figures = await monitor.reply(request_id)
-            if figures.backlog_max == SENT:
-                break
-            await trio.sleep(0.01)
+        request_id = 100  # until the sends are u0's backlog and its devices' windows filled
+        with trio.move_on_after(30):  # a hang guard: a loaded machine takes what it takes
+            while True:
+                await monitor.send(wire.Stats(id=request_id))
+                figures = await monitor.reply(request_id)
+                if (figures.backlog_max, figures.windows_full) == (SENT, DEVICES):
+                    break
+                request_id += 1
+                await trio.sleep(0.01)
         # u0's three devices hold 10 entries each unacked, their windows of 4 full
         assert (figures.backlog_max, figures.windows_full) == (SENT, DEVICES), figures
 

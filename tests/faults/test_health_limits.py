@@ -70,9 +70,18 @@ def test_health_counts_connections_and_descriptors_beside_their_limits(broker_pr
             held.append(s)
         assert answer is not None and answer.get("name") == "limit_exceeded", answer
         held.pop(0).close()
-        assert wait_until_sync(lambda: health(bp).returncode == 0)  # room for the check again
+        checks_refused = 0  # a check the broker is quicker to than to that connection's end
+
+        def room() -> bool:
+            nonlocal checks_refused
+            fits = health(bp).returncode == 0
+            checks_refused += not fits
+            return fits
+
+        assert wait_until_sync(room)  # room for the check again
         [after] = lines(health(bp))
-        assert after["connections_full"] == 1 and after["status"] == "ok", after
+        assert after["connections_full"] == 1 + checks_refused, (after, checks_refused)
+        assert after["status"] == "ok", after
     finally:
         for s in held:
             s.close()
@@ -103,13 +112,18 @@ def test_the_refusals_rate_in_broker_stats_is_0_again_once_they_stop(broker_proc
     def stamp(e: dict) -> float:
         return datetime.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
 
-    # the lines that begin more than a second after the refusal cover none of it
-    assert wait_until_sync(lambda: len([e for e in stats() if stamp(e) > refused_at + 2.2]) >= 2,
-                           timeout=15), bp.log_tail()
+    def later() -> list[dict]:
+        """The lines after the first one written after the refusal: each covers the time
+        since the line before it (however late a loaded machine writes them), none of it."""
+        written = stats()
+        first = next((i for i, e in enumerate(written) if stamp(e) > refused_at), len(written))
+        return written[first + 1:]
+
+    assert wait_until_sync(lambda: len(later()) >= 2), bp.log_tail()
     assert sum(e["connections_full_per_s"] for e in stats()) > 0  # the refusal was counted
-    later = [e for e in stats() if stamp(e) > refused_at + 2.2]
-    assert [e["connections_full_per_s"] for e in later] == [0.0] * len(later), later
-    assert all(e["open_files"] < FEW_FILES for e in later)
+    quiet = later()  # once: a line more may come meanwhile
+    assert [e["connections_full_per_s"] for e in quiet] == [0.0] * len(quiet), quiet
+    assert all(e["open_files"] < FEW_FILES for e in quiet)
 
 
 def test_health_says_how_long_the_tls_certificate_has_left(broker_process, tmp_path):
@@ -191,7 +205,12 @@ def test_a_client_held_at_a_rate_limit_is_named_in_the_log_now_and_then(broker_p
     assert names.count("rate_limited") >= 5, names
     refused = lines(health(bp))[0]["rate_limited"]
     assert refused >= 5
-    logged = [e for e in bp.log_events() if e.get("event") == "rate_limited"]
+
+    def rate_lines() -> list[dict]:
+        return [e for e in bp.log_events() if e.get("event") == "rate_limited"]
+
+    assert wait_until_sync(rate_lines), bp.log_tail()  # a line its log file may not have yet
+    logged = rate_lines()
     assert 1 <= len(logged) < refused, logged
     first = logged[0]
     assert first["level"] == "warning" and first["user"] == "shop" and first["refused"] == 1
@@ -210,8 +229,14 @@ def test_health_shows_a_connected_device_falling_behind(broker_process):
     with s:  # reads nothing, acks nothing
         homing("send", "--to", "bob", "--stdin", env=as_user(bp, "shop"),
                input="".join(f"order {i}\n" for i in range(20)))
-        [out] = lines(health(bp))
-        assert out["backlog_max"] == 20 and out["windows_full"] == 1, out
+        out = {}
+
+        def behind() -> bool:  # once the broker has written the device its window's worth
+            nonlocal out
+            [out] = lines(health(bp))
+            return out["backlog_max"] == 20 and out["windows_full"] == 1
+
+        assert wait_until_sync(behind), out
         assert out["status"] == "ok"
     assert wait_until_sync(lambda: lines(health(bp))[0]["backlog_max"] == 0)
     assert lines(health(bp))[0]["windows_full"] == 0
