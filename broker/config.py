@@ -53,6 +53,8 @@ RANGES: dict[str, tuple[str, float, float | None]] = {
     "max_connections": ("--max-connections", 1, None),
     "max_handshakes": ("--max-handshakes", 1, None),
     "max_connections_per_user": ("--max-connections-per-user", 1, None),
+    "auth_fail_rate": ("--auth-fail-rate", 0, None),
+    "auth_fail_addresses": ("--auth-fail-addresses", 1, None),
     # A member_list or receipt_list names at most MAX_USER_LIST users a list (PROTOCOL.md §5.3).
     "max_members": ("--max-members", 1, MAX_USER_LIST),
     "receipt_audience_max": ("--receipt-audience-max", 1, None),
@@ -111,6 +113,13 @@ class Config:
     # Connections accepted but not yet past hello (each holds up to HELLO_MAX_FRAME_BYTES).
     max_handshakes: int = 1000
     max_connections_per_user: int = 256
+    # Hellos refused `unauthorized` per second per peer address (an IPv4 address, an IPv6 /64),
+    # a burst of 60 seconds' worth; past it they are answered `rate_limited` (broker/hellos.py).
+    # Good tokens are never counted nor refused. 0: not limited.
+    auth_fail_rate: float = 1.0
+    # Peer addresses whose failed hellos are counted, at most (about 300 bytes each); past it
+    # the least recently failed is forgotten.
+    auth_fail_addresses: int = 10000
     # Conversations.
     max_members: int = 10000
     # Groups of more members push receipts only to their owners and admins, as channels do: a
@@ -157,6 +166,9 @@ class Config:
         if 0 < self.stats_interval_s < MIN_STATS_INTERVAL_S:
             raise ValueError(f"--stats-interval must be 0 (none) or at least "
                              f"{MIN_STATS_INTERVAL_S:g}, not {self.stats_interval_s!r}")
+        if 0 < self.auth_fail_rate < MIN_SECONDS:
+            raise ValueError(f"--auth-fail-rate must be 0 (not limited) or at least "
+                             f"{MIN_SECONDS:g}, not {self.auth_fail_rate!r}")
         if self.content_action not in CONTENT_ACTIONS:
             raise ValueError(f"--content-action must be one of {', '.join(CONTENT_ACTIONS)}, "
                              f"not {self.content_action!r}")

@@ -18,6 +18,7 @@ import trio
 import protocol as wire
 from broker import handshake
 from broker.errors import CloseReason, wire_error
+from broker.hellos import address_key
 from broker.session import Session
 from storage.errors import StorageError
 
@@ -27,18 +28,20 @@ if TYPE_CHECKING:
 LINGER_S = 1.0  # how long a connection we end waits for the peer's EOF (see _linger)
 LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and dropped meanwhile
 # Ends where the peer has stopped sending already: nothing to wait for.
-_NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROKEN)
+_NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROKEN,
+              CloseReason.AUTH_THROTTLED)  # its refusal is all it has to read (hellos.py)
 
 
 async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
     """Serve one accepted connection until it ends, and close it."""
     conn_id = next(broker.conn_ids)
-    peer = _peer_name(stream)
+    host, peer = _peer_name(stream)
     tls = None
     if broker.tls is not None:  # its first byte is looked at before TLS starts (check_tls)
         stream = tls = trio.SSLStream(stream, broker.tls, server_side=True,
                                       https_compatible=False)
     session = Session(broker, stream, conn_id, peer)
+    session.address = address_key(host)  # its failed hellos' count (broker/hellos.py)
     session.tls_unchecked = broker.tls is not None
     attached = False
     try:
@@ -89,12 +92,14 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
         said = structlog.get_context(session.log)  # user and device, once the hello named them
         # Requests a stop left unanswered past --max-inflight-requests: named only if any.
         left = {"passed_over": session.passed_over} if session.passed_over else {}
-        session.log.info(
-            "connection_closed", user=said.get("user"), device=said.get("device"),
-            reason=(session.reason or CloseReason.PEER_EOF).value,
-            duration_s=round(time.monotonic() - session.opened, 3),
-            frames_in=session.frames_in, frames_out=session.frames_out,
-            frames_rejected=session.frames_rejected, **left)
+        # (Not a hello past --auth-fail-rate: its address's `auth_throttled` counts it.)
+        if session.reason is not CloseReason.AUTH_THROTTLED:
+            session.log.info(
+                "connection_closed", user=said.get("user"), device=said.get("device"),
+                reason=(session.reason or CloseReason.PEER_EOF).value,
+                duration_s=round(time.monotonic() - session.opened, 3),
+                frames_in=session.frames_in, frames_out=session.frames_out,
+                frames_rejected=session.frames_rejected, **left)
 
 
 def _detach(broker: Broker, session: Session) -> None:
@@ -140,10 +145,11 @@ async def _linger(stream: trio.abc.Stream) -> None:
         return
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def _peer_name(stream: trio.abc.Stream) -> tuple[str, str]:
+    """The peer's host, and its `peer` for the log (host:port)."""
     inner = getattr(stream, "transport_stream", stream)
     try:
         host, port = inner.socket.getpeername()[:2]
-        return f"{host}:{port}"
+        return host, f"{host}:{port}"
     except (AttributeError, OSError):
-        return "?"
+        return "?", "?"

@@ -7,6 +7,8 @@ not while the broker stops, within the connection limits), starts a new device a
 head if it asks (`_start_at_head`, durable before the welcome), and attaches the session and
 answers `welcome` (`_welcome`). Every refusal is a closing error frame (`refuse`); the
 session's `reason` says why it ended, for its `connection_closed` line (broker/connection.py).
+A token that fails is refused by `unauthorized`, which counts it against the peer's address
+and answers `rate_limited` past --auth-fail-rate (broker/hellos.py).
 """
 
 from __future__ import annotations
@@ -73,26 +75,26 @@ async def run(broker: Broker, session: Session) -> bool:
         try:
             claims = tokens.verify(broker.keyring.keys, hello.token)
         except tokens.UnknownKey:  # minted since a rotate? The files say (two stat calls)
+            # Not for an address past --auth-fail-rate: its tokens of made-up key ids
+            # would have the files looked at for each.
+            if broker.failed_hellos.throttling(session.address, time.monotonic()):
+                raise
             broker.refresh_keys()
             claims = tokens.verify(broker.keyring.keys, hello.token)
     except tokens.TokenError as exc:
-        session.reason = CloseReason.AUTH_FAILED
         # An expired token is genuine: whose it was is what the operator asks (a bot's
         # token that ran out). A forged one's claims are anyone's: no user.
         user = {"user": exc.user} if isinstance(exc, tokens.TokenExpired) else {}
         session.log = session.log.bind(**user, device=hello.device)
-        session.log.info("auth_failed", reason=str(exc))
-        await refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, str(exc))
+        await unauthorized(broker, session, hello.id, str(exc))
         return False
     # Bound now, so that a hello refused after this (revoked, a connection limit) is
     # logged with whose it was to its `connection_closed` as well.
     session.log = session.log.bind(user=claims.user, device=hello.device)
     if claims.role == "monitor" and hello.deliver:
         # Its figures only (PROTOCOL.md §10): no inbox, no cursor, nothing it could ack.
-        session.reason = CloseReason.AUTH_FAILED
         why = "a monitor token opens requests-only sessions only (hello deliver: false)"
-        session.log.info("auth_failed", reason=why)
-        await refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, why)
+        await unauthorized(broker, session, hello.id, why)
         return False
     if hello.deliver:  # a requests-only session does not take up the device's cursor
         await _after_start(broker, claims.user, hello.device)
@@ -196,9 +198,8 @@ async def _admitted(broker: Broker, session: Session, hello: Any,
     elif claims.expires <= time.time():
         refused = CloseReason.AUTH_FAILED, tokens.expired_message(claims.expires)
     if refused is not None:
-        session.reason, why = refused
-        session.log.info("auth_failed", reason=why)
-        await refuse(session, hello.id, wire.ErrorCode.UNAUTHORIZED, why)
+        reason, why = refused
+        await unauthorized(broker, session, hello.id, why, reason)
         return False
     if broker.stopping or broker.committer.closing:
         session.reason = CloseReason.SHUTDOWN
@@ -355,15 +356,38 @@ async def check_tls(session: Session) -> bool:
     return False
 
 
+async def unauthorized(broker: Broker, session: Session, request_id: int | None, why: str,
+                       reason: CloseReason = CloseReason.AUTH_FAILED) -> None:
+    """Refuse a hello whose token failed (`why`): `unauthorized`, logged `auth_failed`; or,
+    past its address's --auth-fail-rate (broker/hellos.py), `rate_limited` with `retry_ms`,
+    logged only as its address's `auth_throttled` now and then."""
+    throttled = broker.failed_hellos.failed(session.address, time.monotonic())
+    if throttled is None:
+        session.reason = reason
+        session.log.info("auth_failed", reason=why)
+        await refuse(session, request_id, wire.ErrorCode.UNAUTHORIZED, why)
+        return
+    session.reason = CloseReason.AUTH_THROTTLED
+    if throttled.refused is not None:
+        session.log.warning("auth_throttled", address=session.address,
+                            refused=throttled.refused, retry_ms=throttled.retry_ms,
+                            reason=why)
+    await refuse(session, request_id, wire.ErrorCode.RATE_LIMITED,
+                 f"too many failed hellos from {session.address}, this one: {why}; its failed "
+                 f"hellos are answered rate_limited for {throttled.retry_ms / 1000:.1f} s more "
+                 f"(a valid token is welcomed)", throttled.retry_ms)
+
+
 async def refuse(session: Session, request_id: int | None, code: wire.ErrorCode,
-                 message: str) -> None:
+                 message: str, retry_ms: int | None = None) -> None:
     """Send a closing error frame (best effort, bounded in time)."""
     if session.tls_unchecked:
         # A TLS port and not a byte from the peer yet: we do not know which language it
         # speaks, so nothing is said (a TLS handshake would wait for its hello in vain).
         return
     try:
-        data = encode_push(wire.error_frame(code, message, request_id, close=True))
+        data = encode_push(wire.error_frame(code, message, request_id, close=True,
+                                            retry_ms=retry_ms))
     except wire.ProtocolError:
         return
     with trio.move_on_after(PARTING_S):

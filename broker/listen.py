@@ -10,7 +10,10 @@ IPv6 sockets IPv6-only.
 `Listener` answers a connection the broker has no file descriptor for (its open-file limit,
 or the system's, reached: `accept` fails with EMFILE or ENFILE) with a closing
 `limit_exceeded`, through a descriptor it keeps in reserve, instead of leaving it in the
-backlog unanswered while trio logs a traceback every 100 ms (docs/OPERATIONS.md, "Limits").
+backlog unanswered while trio logs a traceback every 100 ms (docs/OPERATIONS.md, "Limits");
+the other failures of `accept` for want of something (ENOMEM, ENOBUFS, descriptors with none in
+reserve) are told to the broker (`accept_failed`) and tried again 100 ms later, as trio's loop
+would, without its traceback.
 """
 
 from __future__ import annotations
@@ -68,6 +71,11 @@ def listen(sockets: list[socket.socket]) -> list[trio.SocketListener]:
 
 
 OUT_OF_FILES = (errno.EMFILE, errno.ENFILE)
+# What `accept` fails with when the system is short of something (trio's own list): tried
+# again after ACCEPT_RETRY_S, as trio's loop would, but told to the broker (`on_failed`)
+# instead of trio's logger, where each was a traceback.
+ACCEPT_SHORT = (*OUT_OF_FILES, errno.ENOMEM, errno.ENOBUFS)
+ACCEPT_RETRY_S = 0.1
 
 
 class Listener(trio.abc.Listener[trio.SocketStream]):
@@ -82,14 +90,19 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
     while descriptors are still lacking: a failed `accept` with an empty backlog waits for
     the next connection with the reserve kept, so that one is welcomed if sessions closed
     meanwhile. Without a reserve (it could not be had, or not taken back yet: it is tried
-    again at each `accept`) the error goes to trio's loop, which retries every 100 ms."""
+    again at each `accept`), and when `accept` fails for want of memory (ENOMEM, ENOBUFS),
+    `on_failed(error)` is called and `accept` tried again ACCEPT_RETRY_S later; until
+    2026-12-07 those errors went to trio's loop, which logged a traceback through the
+    standard library at each of its retries, every 100 ms."""
 
     def __init__(self, listener: trio.SocketListener, refusal: bytes | None,
-                 on_refused: Callable[[], None]) -> None:
+                 on_refused: Callable[[], None],
+                 on_failed: Callable[[OSError], None] = lambda exc: None) -> None:
         self._inner = listener
         self.socket = listener.socket
         self._refusal = refusal
         self._on_refused = on_refused
+        self._on_failed = on_failed
         self._spare = _reserve()
 
     async def accept(self) -> trio.SocketStream:
@@ -100,8 +113,12 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
             try:
                 return await self._inner.accept()
             except OSError as exc:
-                if exc.errno not in OUT_OF_FILES or self._spare is None:
+                if exc.errno not in ACCEPT_SHORT:
                     raise
+                if exc.errno not in OUT_OF_FILES or self._spare is None:
+                    self._on_failed(exc)
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    continue
             # Linux fails `accept` for want of a descriptor before it looks at the backlog, so
             # the failure says nothing of a connection waiting: wait for one, and try again
             # (descriptors may be free by then) before refusing it.

@@ -232,8 +232,9 @@ def configure(level: str = "info", fmt: str = "auto", stream=None,
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )
-    # Libraries log through the standard library (trio's accept loop when it runs out of file
-    # descriptors, ...): their records become events of ours, so the output stays one format.
+    # Libraries log through the standard library (trio, were its accept loop to meet an error
+    # broker/listen.py does not take): their records become events of ours, so the output
+    # stays one format.
     root = logging.getLogger()
     root.handlers[:] = [_ToStructlog()]
     root.setLevel(level.upper())

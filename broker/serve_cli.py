@@ -312,6 +312,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         reads_per_s_per_user=args.read_rate,
         max_connections=args.max_connections, max_handshakes=args.max_handshakes,
         max_connections_per_user=args.max_connections_per_user,
+        auth_fail_rate=args.auth_fail_rate, auth_fail_addresses=args.auth_fail_addresses,
         max_members=args.max_members, receipt_audience_max=args.receipt_audience_max,
         max_pending_pushes=args.max_pending_pushes,
         max_batch=args.max_batch, max_batch_rows=args.max_batch_rows,
@@ -444,13 +445,21 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats_interval(text: str) -> float:
-    """`--stats-interval`: 0 (no stats lines), or at least MIN_STATS_INTERVAL_S seconds."""
-    value = _number(float, 0)(text)
-    if 0 < value < MIN_STATS_INTERVAL_S:
-        raise argparse.ArgumentTypeError(
-            f"must be 0 (none) or at least {MIN_STATS_INTERVAL_S:g}, not {text}")
-    return value
+def _zero_or_at_least(least: float, zero: str):
+    """The type of a flag taking 0 (meaning `zero`) or a finite number of at least `least`."""
+    def parse(text: str) -> float:
+        value = _number(float, 0)(text)
+        if 0 < value < least:
+            raise argparse.ArgumentTypeError(
+                f"must be 0 ({zero}) or at least {least:g}, not {text}")
+        return value
+    return parse
+
+
+# `--stats-interval`: 0 (no stats lines), or at least MIN_STATS_INTERVAL_S seconds.
+_stats_interval = _zero_or_at_least(MIN_STATS_INTERVAL_S, "none")
+# `--auth-fail-rate`: 0 (not limited), or at least MIN_SECONDS a second.
+_auth_fail_rate = _zero_or_at_least(MIN_SECONDS, "not limited")
 
 
 _RATE = _number(float, MIN_SECONDS)
@@ -508,6 +517,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-connections-per-user", type=_COUNT,
                    default=d.max_connections_per_user,
                    help="sessions of one user, at most (default %(default)s)")
+    s.add_argument("--auth-fail-rate", type=_auth_fail_rate, default=d.auth_fail_rate,
+                   help="hellos refused unauthorized per second per peer address (an IPv6 "
+                        "/64), a burst of 60 seconds' worth; past it they are answered "
+                        "rate_limited; good tokens are never refused; 0: not limited (default "
+                        "%(default)g)")
+    s.add_argument("--auth-fail-addresses", type=_COUNT, default=d.auth_fail_addresses,
+                   help="peer addresses whose failed hellos are counted, at most; past it the "
+                        "least recently failed is forgotten (default %(default)s)")
     s.add_argument("--max-members", type=_number(int, 1, MAX_USER_LIST), default=d.max_members,
                    help=f"members of a group or channel, at most; up to {MAX_USER_LIST}, the "
                         "user ids a reply's list holds (default %(default)s)")

@@ -14,8 +14,10 @@ lost, because nothing is acked before its commit returned.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
+import os
 import socket
 import ssl
 import time
@@ -28,6 +30,7 @@ from broker import connection, fanout, listen, tokens
 from broker.committer import Committer
 from broker.config import Config
 from broker.handlers import HANDLERS
+from broker.hellos import FailedHellos
 from broker.hub import Hub, encode_push
 from broker.keyring import Keyring
 from broker.logs import Repeated, get_logger
@@ -100,6 +103,11 @@ class Broker:
         # Connections refused for want of a file descriptor (broker/listen.py): their own
         # lines, so that refusals at --max-connections do not hide them.
         self.out_of_files = Repeated()
+        # `accept` failing with the system short of memory or descriptors (broker/listen.py):
+        # logged now and then (`accept_failed`), each retried after listen.ACCEPT_RETRY_S.
+        self.accept_failures = Repeated()
+        # Failed hellos by peer address, throttled past --auth-fail-rate (broker/hellos.py).
+        self.failed_hellos = FailedHellos(config.auth_fail_rate, config.auth_fail_addresses)
         self.awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
         # Devices whose start at the inbox head is on its way (handshake._start_at_head): set
         # once that hello is answered; the device's other hellos wait for it (`_after_start`).
@@ -205,7 +213,8 @@ class Broker:
                         self.tls_not_after = certificate_not_after(cfg.tls_cert)
                     refusal = None if cfg.tls_cert else encode_push(wire.error_frame(
                         wire.ErrorCode.LIMIT_EXCEEDED, OUT_OF_FILES_MESSAGE, None, close=True))
-                    listeners = [listen.Listener(each, refusal, self._out_of_files)
+                    listeners = [listen.Listener(each, refusal, self._out_of_files,
+                                                 self._accept_failed)
                                  for each in listeners]
                     self.port = listeners[0].socket.getsockname()[1]
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
@@ -266,6 +275,18 @@ class Broker:
             self.log.warning("connections_full", limit="open_files",
                              connections=self.hub.count, handshaking=self.handshaking,
                              refused=refused)
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """`accept` failed for want of memory or descriptors (broker/listen.py, which tries
+        again): counted, and logged now and then as a warning of ours, where trio's own loop
+        logged a traceback every 100 ms."""
+        failed = self.accept_failures.count(time.monotonic())
+        if failed is not None:
+            self.log.warning("accept_failed", errno=errno.errorcode.get(exc.errno, exc.errno),
+                             reason=os.strerror(exc.errno) if exc.errno else str(exc),
+                             failed=failed, connections=self.hub.count,
+                             handshaking=self.handshaking,
+                             retry_s=listen.ACCEPT_RETRY_S)
 
     async def _watch_idle(self) -> None:
         """Time out every session whose reader has waited `idle_timeout_s` for a frame.

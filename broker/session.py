@@ -77,6 +77,7 @@ class Session:
         self.stream = stream
         self.conn_id = conn_id
         self.peer = peer
+        self.address = peer  # what its failed hellos count under (broker/hellos.py)
         cfg = broker.config
         # Until welcome, frames of HELLO_MAX_FRAME_BYTES, whatever --max-frame-bytes says
         # (PROTOCOL.md §3.2): a peer that never authenticates cannot make us hold more of its

@@ -154,7 +154,8 @@ def stats_reply(broker: Broker, f: wire.Stats,
         connections_full=_connections_full(broker),
         handshakes_full=broker.handshakes_full.total, open_files=held, open_files_limit=limit,
         tls_expires_s=_tls_expires_s(broker), backlog_max=backlog_max,
-        windows_full=windows_full)
+        windows_full=windows_full, auth_throttled=broker.failed_hellos.throttled,
+        accept_failed=broker.accept_failures.total)
 
 
 async def backlogs(broker: Broker) -> tuple[int, int]:
@@ -204,6 +205,7 @@ async def report_stats(broker: Broker, every: float) -> None:
     failed, rate_limited = committer.failed, broker.rate_limited
     handshakes_full, connections_full = broker.handshakes_full.total, _connections_full(broker)
     stopped = committer.stopped.total
+    throttled, accept_failed = broker.failed_hellos.throttled, broker.accept_failures.total
     while True:
         await trio.sleep(every)
         now, cpu_now = time.monotonic(), time.process_time()
@@ -225,6 +227,10 @@ async def report_stats(broker: Broker, every: float) -> None:
                 (broker.handshakes_full.total - handshakes_full) / elapsed, 1),
             connections_full_per_s=round(
                 (_connections_full(broker) - connections_full) / elapsed, 1),
+            auth_throttled_per_s=round(
+                (broker.failed_hellos.throttled - throttled) / elapsed, 1),
+            accept_failed_per_s=round(
+                (broker.accept_failures.total - accept_failed) / elapsed, 1),
             cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib(),
             # Trio's tasks: a few per session (its reader, writer, ...) and a fixed few; a
             # count that does not come back down after a crowd has gone is tasks left behind.
@@ -241,3 +247,4 @@ async def report_stats(broker: Broker, every: float) -> None:
         handshakes_full = broker.handshakes_full.total
         connections_full = _connections_full(broker)
         stopped = committer.stopped.total
+        throttled, accept_failed = broker.failed_hellos.throttled, broker.accept_failures.total

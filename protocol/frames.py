@@ -478,6 +478,11 @@ class BrokerStats(NamedTuple):
     # hold their whole window unacked (absent from a broker before 2026-12-07).
     backlog_max: int | None = None
     windows_full: int | None = None
+    # Hellos answered `rate_limited` past their address's --auth-fail-rate, and `accept`s that
+    # failed for want of memory or descriptors, since the start (absent from a broker before
+    # 2026-12-07's second).
+    auth_throttled: int | None = None
+    accept_failed: int | None = None
 
 
 class Created(NamedTuple):
@@ -702,7 +707,8 @@ _register(BrokerStats, "broker_stats", "s", id=_ID, lsn=f.uint, queued=f.uint,
           disk_free_bytes=f.uint, head=f.uint, acked=f.uint, commits_stopped=f.uint,
           max_connections=f.uint, connections_full=f.uint, handshakes_full=f.uint,
           open_files=f.uint, open_files_limit=f.uint, tls_expires_s=f.uint,
-          backlog_max=f.uint, windows_full=f.uint)
+          backlog_max=f.uint, windows_full=f.uint, auth_throttled=f.uint,
+          accept_failed=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS, unread=_USERS, more=f.boolean, last=f.user_id)

@@ -57,7 +57,8 @@ _BY_NAME = {
     "handshaking": uints, "uptime_s": uints, "disk_free_bytes": uints, "commits_stopped": uints,
     "max_connections": uints, "connections_full": uints, "handshakes_full": uints,
     "open_files": uints, "open_files_limit": uints, "tls_expires_s": uints,
-    "backlog_max": uints, "windows_full": uints,
+    "backlog_max": uints, "windows_full": uints, "auth_throttled": uints,
+    "accept_failed": uints,
 }
 _OVERRIDES = {
     ("Create", "kind"): st.sampled_from(["group", "channel"]),

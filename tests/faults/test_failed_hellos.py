@@ -1,0 +1,145 @@
+"""Failed hellos from one peer address, past `--auth-fail-rate`: answered `rate_limited` with
+`retry_ms` and logged once per address now and then, while good tokens from that address are
+welcomed; the table of addresses bounded (`--auth-fail-addresses`); 0 turns it off
+(broker/hellos.py, docs/OPERATIONS.md "Limits")."""
+
+from __future__ import annotations
+
+import trio
+
+import protocol as wire
+from broker.hellos import address_key
+from tests.faults.conftest import RawClient
+from tests.harness import running_broker
+from tests.procs import as_user, homing, lines
+
+BAD = "v1.not-a-token.AAAA"
+RATE = 0.05  # failed hellos a second: a burst of 3 (60 seconds' worth)
+
+
+async def answer(server: str, token: str, source: str | None = None):
+    """The broker's answer to a hello with `token`, sent from `source` (a loopback address)."""
+    host, port = server.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port), local_address=source)
+    c = RawClient(stream)
+    await c.send(wire.Hello(versions=(1,), token=token, device="d", id=7))
+    frame = await c.next()
+    await c.aclose()
+    return frame
+
+
+def events(logs: list[dict], name: str) -> list[dict]:
+    return [e for e in logs if e.get("event") == name]
+
+
+async def test_an_address_past_its_failed_hellos_is_answered_rate_limited(tmp_path):
+    """The first hellos with a bad token of an address are `unauthorized` (a burst of 60
+    seconds' worth of --auth-fail-rate); the next are `rate_limited`, closing, with `retry_ms`
+    and the reason, logged by one `auth_throttled` warning for the address (no `auth_failed`,
+    no `connection_closed` each), and counted for `stats`. A good token from that address is
+    welcomed all the same, and counts nothing. (Until 2026-12-07 a peer could fail hellos as
+    fast as the broker answered, two log lines each.)"""
+    async with running_broker(tmp_path / "data", auth_fail_rate=RATE) as h:
+        with trio.fail_after(20):
+            for _ in range(3):
+                f = await answer(h.server, BAD)
+                assert f.name == "unauthorized" and f.close, f
+            throttled = []
+            for _ in range(4):
+                f = await answer(h.server, BAD)
+                assert isinstance(f, wire.Error) and f.name == "rate_limited" and f.close, f
+                assert f.id == 7 and "too many failed hellos from 127.0.0.1" in f.message, f
+                assert "token" in f.message, f  # why this one failed, as unauthorized says
+                throttled.append(f.retry_ms)
+            # The bucket refills one hello every 20 s: that long, less what has passed.
+            assert all(0 < ms <= 20_000 for ms in throttled), throttled
+            for _ in range(3):  # good tokens: welcomed, however throttled the address is
+                assert isinstance(await answer(h.server, h.token("alice")), wire.Welcome)
+            f = await answer(h.server, BAD)
+            assert f.name == "rate_limited", f  # the good ones gave it nothing back
+            async with h.client("ops", role="monitor", deliver=False) as ops:
+                figures = await ops.stats()
+        assert figures.auth_throttled == 5, figures
+        assert len(events(h.logs, "auth_failed")) == 3
+        [said] = events(h.logs, "auth_throttled")
+        assert said["log_level"] == "warning" and said["address"] == "127.0.0.1", said
+        assert said["refused"] == 1 and said["peer"].startswith("127.0.0.1:"), said
+        closed = [e["reason"] for e in events(h.logs, "connection_closed")]
+        assert "auth_throttled" not in closed and closed.count("auth_failed") == 3, closed
+
+
+async def test_good_tokens_behind_one_address_never_count(tmp_path):
+    """A fleet behind one NAT address reconnecting at once, all with good tokens, is welcomed
+    whole at the least --auth-fail-rate: good hellos take nothing from the address's
+    failed-hello bucket, and a bad one after them is `unauthorized` still."""
+    async with running_broker(tmp_path / "data", auth_fail_rate=0.001) as h:
+        welcomed = []
+
+        async def store(i: int) -> None:
+            welcomed.append(await answer(h.server, h.token(f"store-{i}")))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(store, i)
+            assert all(isinstance(f, wire.Welcome) for f in welcomed) and len(welcomed) == 200
+            assert (await answer(h.server, BAD)).name == "unauthorized"
+            assert (await answer(h.server, BAD)).name == "rate_limited"  # a burst of one
+
+
+async def test_the_table_of_addresses_is_bounded(tmp_path):
+    """At most --auth-fail-addresses addresses are counted: failed hellos from more addresses
+    forget the least recently failed one, which starts again with a full burst (loopback
+    addresses 127.0.0.2 to 127.0.0.4 as three peers)."""
+    async with running_broker(tmp_path / "data", auth_fail_rate=RATE,
+                              auth_fail_addresses=2) as h:
+        with trio.fail_after(20):
+            for _ in range(3):
+                assert (await answer(h.server, BAD, "127.0.0.2")).name == "unauthorized"
+            assert (await answer(h.server, BAD, "127.0.0.2")).name == "rate_limited"
+            assert (await answer(h.server, BAD, "127.0.0.3")).name == "unauthorized"
+            assert (await answer(h.server, BAD, "127.0.0.2")).name == "rate_limited"  # recent
+            assert (await answer(h.server, BAD, "127.0.0.4")).name == "unauthorized"
+            assert len(h.broker.failed_hellos) == 2  # 127.0.0.3 forgotten, the least recent
+            assert (await answer(h.server, BAD, "127.0.0.3")).name == "unauthorized"
+            assert len(h.broker.failed_hellos) == 2  # and now 127.0.0.2
+            assert h.broker.failed_hellos.forgotten == 2
+            assert (await answer(h.server, BAD, "127.0.0.2")).name == "unauthorized"
+
+
+async def test_zero_turns_it_off(tmp_path):
+    """--auth-fail-rate 0: every failed hello is `unauthorized`, however many, and none is
+    counted or kept."""
+    async with running_broker(tmp_path / "data", auth_fail_rate=0) as h:
+        with trio.fail_after(20):
+            for _ in range(70):
+                assert (await answer(h.server, BAD)).name == "unauthorized"
+        assert len(h.broker.failed_hellos) == 0 and h.broker.failed_hellos.throttled == 0
+        assert not events(h.logs, "auth_throttled")
+
+
+def test_addresses_are_ipv4_and_ipv6_slash_64():
+    """An IPv4 address is its own; IPv6 addresses count by their /64, and an IPv4-mapped one
+    as its IPv4 address."""
+    assert address_key("192.0.2.7") == "192.0.2.7"
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9")
+    assert address_key("2001:db8:1:2::1") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:192.0.2.7") == "192.0.2.7"
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("?") == "?"
+
+
+def test_homing_serve_takes_the_flag_and_health_counts_the_throttled(broker_process):
+    """`homing serve --auth-fail-rate` throttles a child broker's failed hellos, and `homing
+    health` totals them as `auth_throttled`."""
+    bp = broker_process("--auth-fail-rate", str(RATE))
+
+    async def attempts() -> list[str]:
+        return [(await answer(bp.server, BAD)).name for _ in range(5)]
+
+    assert trio.run(attempts) == ["unauthorized"] * 3 + ["rate_limited"] * 2
+    out = homing("health", env=as_user(bp, "ops", "monitor"), timeout=60)
+    assert lines(out)[0]["auth_throttled"] == 2
+    said = [e for e in bp.log_events() if e.get("event") == "auth_throttled"]
+    assert len(said) == 1 and said[0]["address"] == "127.0.0.1", said
