@@ -114,7 +114,7 @@ class Config:
     max_handshakes: int = 1000
     max_connections_per_user: int = 256
     # Hellos refused `unauthorized` per second per peer address (an IPv4 address, an IPv6 /64),
-    # a burst of 60 seconds' worth; past it they are answered `rate_limited` (broker/hellos.py).
+    # a burst of 60 seconds' worth; past it they are not logged each (broker/hellos.py).
     # Good tokens are never counted nor refused. 0: not limited.
     auth_fail_rate: float = 1.0
     # Peer addresses whose failed hellos are counted, at most (about 300 bytes each); past it

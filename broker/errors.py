@@ -25,7 +25,7 @@ class CloseReason(Enum):
     BROKEN = "broken"  # the stream failed under us (reset, TLS error)
     PROTOCOL_ERROR = "protocol_error"  # they broke the protocol; we closed
     AUTH_FAILED = "auth_failed"
-    # its token failed past its address's --auth-fail-rate: answered rate_limited (hellos.py)
+    # its token failed past its address's --auth-fail-rate: not logged each (hellos.py)
     AUTH_THROTTLED = "auth_throttled"
     REVOKED = "revoked"  # an admin revoked the token it authenticated with
     TIMEOUT = "timeout"  # handshake or idle timeout

@@ -8,7 +8,7 @@ head if it asks (`_start_at_head`, durable before the welcome), and attaches the
 answers `welcome` (`_welcome`). Every refusal is a closing error frame (`refuse`); the
 session's `reason` says why it ended, for its `connection_closed` line (broker/connection.py).
 A token that fails is refused by `unauthorized`, which counts it against the peer's address
-and answers `rate_limited` past --auth-fail-rate (broker/hellos.py).
+and past --auth-fail-rate answers it with `retry_ms`, unlogged (broker/hellos.py).
 """
 
 from __future__ import annotations
@@ -75,10 +75,8 @@ async def run(broker: Broker, session: Session) -> bool:
         try:
             claims = tokens.verify(broker.keyring.keys, hello.token)
         except tokens.UnknownKey:  # minted since a rotate? The files say (two stat calls)
-            # Not for an address past --auth-fail-rate: its tokens of made-up key ids
-            # would have the files looked at for each.
-            if broker.failed_hellos.throttling(session.address, time.monotonic()):
-                raise
+            # Even for an address past --auth-fail-rate (a few us a hello): a token of the new
+            # key, beside the retired ones that throttled its address, is a good one.
             broker.refresh_keys()
             claims = tokens.verify(broker.keyring.keys, hello.token)
     except tokens.TokenError as exc:
@@ -359,8 +357,11 @@ async def check_tls(session: Session) -> bool:
 async def unauthorized(broker: Broker, session: Session, request_id: int | None, why: str,
                        reason: CloseReason = CloseReason.AUTH_FAILED) -> None:
     """Refuse a hello whose token failed (`why`): `unauthorized`, logged `auth_failed`; or,
-    past its address's --auth-fail-rate (broker/hellos.py), `rate_limited` with `retry_ms`,
-    logged only as its address's `auth_throttled` now and then."""
+    past its address's --auth-fail-rate (broker/hellos.py), `unauthorized` still, with
+    `retry_ms`, logged only as its address's `auth_throttled` now and then. The code stays
+    the token's: a client told `unauthorized` mints or asks for a new token (an expired one
+    behind a NAT address that others' tokens throttle), where `rate_limited` would have it
+    keep the token and try again."""
     throttled = broker.failed_hellos.failed(session.address, time.monotonic())
     if throttled is None:
         session.reason = reason
@@ -372,10 +373,10 @@ async def unauthorized(broker: Broker, session: Session, request_id: int | None,
         session.log.warning("auth_throttled", address=session.address,
                             refused=throttled.refused, retry_ms=throttled.retry_ms,
                             reason=why)
-    await refuse(session, request_id, wire.ErrorCode.RATE_LIMITED,
-                 f"too many failed hellos from {session.address}, this one: {why}; its failed "
-                 f"hellos are answered rate_limited for {throttled.retry_ms / 1000:.1f} s more "
-                 f"(a valid token is welcomed)", throttled.retry_ms)
+    await refuse(session, request_id, wire.ErrorCode.UNAUTHORIZED,
+                 f"{why} (too many failed hellos from {session.address}: theirs are not "
+                 f"logged for {throttled.retry_ms / 1000:.1f} s more; a valid token is "
+                 "welcomed)", throttled.retry_ms)
 
 
 async def refuse(session: Session, request_id: int | None, code: wire.ErrorCode,

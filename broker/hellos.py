@@ -3,9 +3,13 @@
 A hello refused `unauthorized` (a forged, malformed, expired, revoked or retired token) takes
 one token from its address's bucket (`--auth-fail-rate` a second, a burst of AUTH_FAIL_BURST_S
 seconds' worth). While the bucket is empty, the address's failed hellos are answered
-`rate_limited` with `retry_ms` in place of `unauthorized`, with no `auth_failed` line of their
-own (one `auth_throttled` warning per address per REPEAT_EVERY_S says how many), no wait for
-the peer's EOF and no look at the key files. A good token is never counted nor refused: the
+`unauthorized` still, with `retry_ms`, but with no `auth_failed` line of their own (one
+`auth_throttled` warning per address per REPEAT_EVERY_S says how many) and no wait for the
+peer's EOF. The code is not `rate_limited` (it was, on 2026-12-07): a genuine token that
+expired or was revoked, behind a NAT address others throttle, is one its client must replace,
+and `rate_limited` told it to keep it and try again. A good token is never counted nor refused
+(one of a key made since the broker last read its key files too: they are looked at, as for
+an address not throttled); the
 token is verified first (about 7 us, a small part of what the connection costs), so the stores
 of a fleet behind one NAT address are welcomed however many broken ones share it
 (docs/OPERATIONS.md, "Limits").
@@ -59,14 +63,8 @@ class FailedHellos:
         self.max_addresses = max_addresses
         # address -> its bucket and its `auth_throttled` lines, least recently failed first
         self._addresses: dict[str, tuple[TokenBucket, Repeated]] = {}
-        self.throttled = 0  # hellos answered rate_limited since the start (`broker_stats`)
+        self.throttled = 0  # hellos refused past the rate since the start (`broker_stats`)
         self.forgotten = 0  # addresses forgotten to keep within max_addresses
-
-    def throttling(self, address: str, now: float) -> bool:
-        """Whether a failed hello from `address` at monotonic `now` would be throttled
-        (nothing counted)."""
-        entry = self._addresses.get(address)
-        return entry is not None and entry[0].wait(1.0, now) > 0
 
     def failed(self, address: str, now: float) -> Throttled | None:
         """Count a failed hello from `address` at monotonic `now`: None if its rate allows it

@@ -478,7 +478,7 @@ class BrokerStats(NamedTuple):
     # hold their whole window unacked (absent from a broker before 2026-12-07).
     backlog_max: int | None = None
     windows_full: int | None = None
-    # Hellos answered `rate_limited` past their address's --auth-fail-rate, and `accept`s that
+    # Hellos refused past their address's --auth-fail-rate (unlogged), and `accept`s that
     # failed for want of memory or descriptors, since the start (absent from a broker before
     # 2026-12-07's second).
     auth_throttled: int | None = None
