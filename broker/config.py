@@ -45,6 +45,7 @@ RANGES: dict[str, tuple[str, float, float | None]] = {
     "window": ("--window", 1, None),
     "max_pending_pushes": ("--max-pending-pushes", 1, None),
     "max_inflight_requests": ("--max-inflight-requests", 1, None),
+    "catch_up_per_turn": ("--catch-up-per-turn", 1, None),
     "sends_per_s_per_connection": ("--send-rate", MIN_SECONDS, None),
     "sends_per_s_per_user": ("--user-send-rate", MIN_SECONDS, None),
     "typing_per_s_per_user": ("--typing-rate", MIN_SECONDS, None),
@@ -95,6 +96,9 @@ class Config:
     # Delivery and flow control.
     window: int = 256
     max_pending_pushes: int = 4096
+    # Sessions that read deliveries from the store (catching up) in one turn of the event loop;
+    # the others wait theirs, in order (broker/turns.py).
+    catch_up_per_turn: int = 32
     max_inflight_requests: int = 1024
     # Rates (sends per second; burst = one second's worth, at least one send).
     sends_per_s_per_connection: float = 5000.0

@@ -34,6 +34,7 @@ _NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROK
 
 async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
     """Serve one accepted connection until it ends, and close it."""
+    broker.arriving -= 1  # counted by the listener (Broker._room)
     conn_id = next(broker.conn_ids)
     host, peer = _peer_name(stream)
     tls = None
@@ -44,8 +45,10 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
     session.address = address_key(host)  # its failed hellos' count (broker/hellos.py)
     session.tls_unchecked = broker.tls is not None
     attached = False
+    hello = None
     try:
-        if broker.handshaking >= broker.config.max_handshakes:
+        if (broker.handshaking >= broker.config.max_handshakes
+                and (hello := await handshake.monitor_hello(broker, session)) is None):
             session.reason = CloseReason.LIMIT
             if (refused := broker.handshakes_full.count(time.monotonic())) is not None:
                 session.log.warning("handshakes_full", handshaking=broker.handshaking,
@@ -59,7 +62,7 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
             return
         broker.handshaking += 1
         try:
-            attached = await handshake.run(broker, session)
+            attached = await handshake.run(broker, session, hello)
         except StorageError as exc:  # a read of the store failed: say so, and end
             session.reason = CloseReason.STORAGE
             session.log.error("hello_failed", reason=str(exc))

@@ -36,6 +36,16 @@ if TYPE_CHECKING:
 # The welcome's caps (docs/PROTOCOL.md §3.3): the optional features this broker has.
 CAPS = (wire.CAP_CREATE_CID, wire.CAP_START_HEAD, wire.CAP_REQUESTS_ONLY,
         wire.CAP_RECEIPTS_PAGED, wire.CAP_MEMBERS_PAGED)
+# The tokens whose requests-only hello is a monitor's check (`homing health`), taken past
+# --max-handshakes (`monitor_hello`).
+CHECK_ROLES = ("monitor", "admin")
+# Past --max-handshakes, how long a connection is given to send its hello, which is taken if
+# it is a monitor's check (`monitor_hello`), and how many connections at most wait so at once
+# (the others wait in the listen backlog meanwhile: broker/listen.py). A client sends its
+# hello with its connect, so a crowd's connection waits a round trip, holding no buffer; the
+# time is for a check run on a machine whose cores are busy.
+CHECK_WAIT_S = 0.25
+CHECK_WAITERS = 64
 # How long the last writes to a peer may take: a closing error frame (`refuse`), and the close
 # (TLS's close_notify, broker/connection.py). A peer that reads nothing costs this much; one to
 # which TLS never began costs nothing, as nothing is written (tests lengthen it to tell the two
@@ -43,17 +53,18 @@ CAPS = (wire.CAP_CREATE_CID, wire.CAP_START_HEAD, wire.CAP_REQUESTS_ONLY,
 PARTING_S = 1.0
 
 
-async def run(broker: Broker, session: Session) -> bool:
-    """Read hello, authenticate, and answer welcome; False if the session must end."""
+async def run(broker: Broker, session: Session, hello: Any = None) -> bool:
+    """Read hello (unless `monitor_hello` read it), authenticate, and answer welcome; False if
+    the session must end."""
     cfg = broker.config
-    hello = None
-    with trio.move_on_after(cfg.handshake_timeout_s) as waiting:
-        broker.awaiting_hello[session] = waiting
-        try:
-            if not broker.stopping:
-                hello = await _read_hello(session)
-        finally:
-            del broker.awaiting_hello[session]
+    if hello is None:
+        with trio.move_on_after(cfg.handshake_timeout_s) as waiting:
+            broker.awaiting_hello[session] = waiting
+            try:
+                if not broker.stopping:
+                    hello = await _read_hello(session)
+            finally:
+                del broker.awaiting_hello[session]
     if hello is None:
         if session.reason is None and broker.stopping:
             session.reason = CloseReason.SHUTDOWN
@@ -295,6 +306,40 @@ def _connections_full(broker: Broker, user: str,
                 f"the broker has {broker.hub.count} connections, the most it allows; "
                 f"retry later")
     return None
+
+
+async def monitor_hello(broker: Broker, session: Session) -> Any:
+    """Past --max-handshakes: the hello of a monitor's check, taken all the same, or None
+    (the connection is refused `limit_exceeded` as any other). A monitor's is a hello whose
+    first read (within CHECK_WAIT_S, on a plain TCP port; one of CHECK_WAITERS) holds it whole,
+    asking a requests-only session, with a valid monitor or admin token: it is then answered
+    at once, with no wait for more bytes, so it holds no handshake place. Thousands of
+    devices reconnecting after a restart hold every place, and a liveness probe refused there
+    has a healthy broker restarted (docs/OPERATIONS.md, "Monitoring")."""
+    if broker.check_waiters >= CHECK_WAITERS:
+        return None
+    broker.check_waiters += 1
+    data = None
+    try:
+        with trio.move_on_after(CHECK_WAIT_S):
+            data = await session.receive_once()
+    finally:
+        broker.check_waiters -= 1
+    if not data:  # None: none in time, an EOF, TLS
+        return None
+    conn = session.conn
+    conn.receive_data(data)
+    try:
+        hello = conn.next_event()
+    except wire.RemoteProtocolError:
+        return None
+    if not isinstance(hello, wire.Hello) or hello.deliver:
+        return None
+    try:
+        claims = tokens.verify(broker.keyring.keys, hello.token)
+    except tokens.TokenError:
+        return None
+    return hello if claims.role in CHECK_ROLES else None
 
 
 async def _read_hello(session: Session) -> Any:

@@ -317,6 +317,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
         max_pending_pushes=args.max_pending_pushes,
         max_batch=args.max_batch, max_batch_rows=args.max_batch_rows,
         max_inflight_requests=args.max_inflight_requests,
+        catch_up_per_turn=args.catch_up_per_turn,
         record_cache=args.record_cache, roster_cache_members=args.roster_cache_members,
         table_cache_rows=args.table_cache_rows,
         shutdown_grace_s=args.shutdown_grace,
@@ -557,6 +558,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-inflight-requests", type=_COUNT, default=d.max_inflight_requests,
                    help="requests of one connection awaiting their commit; past it the broker "
                         "stops reading that connection (default %(default)s)")
+    s.add_argument("--catch-up-per-turn", type=_COUNT, default=d.catch_up_per_turn,
+                   help="sessions that read deliveries from the store (catching up) in one "
+                        "turn of the event loop; the others wait theirs (default %(default)s)")
     s.add_argument("--shutdown-grace", type=_WAIT, default=d.shutdown_grace_s,
                    help="seconds a stop gives connections to finish before it cuts them "
                         "(default %(default)g)")

@@ -26,7 +26,7 @@ from typing import Any
 import trio
 
 import protocol as wire
-from broker import connection, fanout, listen, tokens
+from broker import connection, fanout, handshake, listen, tokens
 from broker.committer import Committer
 from broker.config import Config
 from broker.handlers import HANDLERS
@@ -41,6 +41,7 @@ from broker.roster import RosterCache
 from broker.sdnotify import Notifier, keep_watchdog
 from broker.session import Session
 from broker.stats import certificate_not_after, report_stats
+from broker.turns import Turns
 from broker.weight import Weights
 from protocol import native as wire_native
 from storage import native, rowio
@@ -92,6 +93,11 @@ class Broker:
                        if config.content_policy else None)
         self.stopping = False
         self.handshaking = 0  # connections accepted and not yet past hello
+        self.check_waiters = 0  # and past --max-handshakes, waiting for theirs (handshake.py)
+        self.arriving = 0  # taken off the listen backlog, their tasks not started (`_room`)
+        # The sessions reading deliveries from the store in one turn of the event loop:
+        # --catch-up-per-turn (broker/turns.py).
+        self.turns = Turns(config.catch_up_per_turn)
         # Requests answered `rate_limited`: counted for `broker_stats`, logged now and then
         # (`rate_limited`), naming the session of the refusal logged.
         self.rate_limits = Repeated()
@@ -214,7 +220,8 @@ class Broker:
                     refusal = None if cfg.tls_cert else encode_push(wire.error_frame(
                         wire.ErrorCode.LIMIT_EXCEEDED, OUT_OF_FILES_MESSAGE, None, close=True))
                     listeners = [listen.Listener(each, refusal, self._out_of_files,
-                                                 self._accept_failed)
+                                                 self._accept_failed, self._room,
+                                                 self._taken)
                                  for each in listeners]
                     self.port = listeners[0].socket.getsockname()[1]
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
@@ -265,6 +272,18 @@ class Broker:
                                       "that does not answer holds it (SIGKILL loses nothing "
                                       "acknowledged)")
             await trio.sleep(STOP_WAIT_REPEAT_S)
+
+    def _room(self) -> int:
+        """Connections the broker takes off the listen backlog now (broker/listen.py): as many
+        as it has handshake places free (--max-handshakes), and places of a connection past
+        them waiting for a monitor's hello (`handshake.monitor_hello`). The others wait in the
+        backlog, as before."""
+        return (max(0, self.config.max_handshakes - self.handshaking)
+                + max(0, handshake.CHECK_WAITERS - self.check_waiters) - self.arriving)
+
+    def _taken(self) -> None:
+        """A connection is handed to its task, which has yet to start (`connection.handle`)."""
+        self.arriving += 1
 
     def _out_of_files(self) -> None:
         """A connection refused for want of file descriptors (broker/listen.py): counted and

@@ -212,7 +212,12 @@ class Session:
             self._wake.set()
             return
         queued = len(self.out)  # the replies and pushes; `_collect` adds deliveries after them
-        chunks = self._collect()
+        # Deliveries from commits' own copies only: a read of the inbox is the writer's, in
+        # its turn among the others' (`_write`). Read here, it was made for every session
+        # behind that a commit touched, one after the other inside the commit's fan-out: a
+        # notice into a channel of 1,000 devices catching up after a restart held the event
+        # loop about a second (docs/OPERATIONS.md, "A restart with thousands of devices").
+        chunks = self._collect(from_store=False)
         if self.sent < self.head and len(self.unacked) < self.window:
             # One read gives at most INBOX_READ_BATCH entries, and the device's own sends take
             # no window room: the window has room for more, so the writer goes on reading.
@@ -414,6 +419,9 @@ class Session:
     async def run_open(self) -> None:
         """Run reader and writer until either ends the session."""
         self._last_frame = time.monotonic()  # hello
+        # The welcome now, not at the writer's first turn: behind thousands of sessions
+        # catching up a turn is long, and a monitor's check takes few (`stats.answer_stats`).
+        self.flush_now()
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             nursery.start_soon(self._writer)
@@ -501,6 +509,16 @@ class Session:
         the writer FLUSH_ON_CLOSE_S to get it out."""
         self.close(reason, wire.error_frame(code, message, close=True))
         self.begin_shutdown()
+
+    async def receive_once(self) -> bytes | None:
+        """One read (up to RECV_BYTES) of a plain TCP peer, once it has sent something: None
+        at its EOF, on a failed read, or on TLS (no read is made)."""
+        if self._fd is None or self.tls_unchecked:
+            return None
+        try:
+            return await self._receive_raw(RECV_BYTES) or None
+        except trio.BrokenResourceError:
+            return None
 
     async def _receive_raw(self, size: int) -> bytes:
         """`receive_some` for a plain TCP session, straight on its socket: wait until it is
@@ -681,12 +699,21 @@ class Session:
         self.inflight -= 1
         self.inflight_free.set()
 
-    def _collect(self) -> list[bytes]:
-        """Take the queued frames, then deliveries from the inbox as the window allows."""
+    def _reads_store(self) -> bool:
+        """Whether the next `_collect` reads deliveries from the store (the window has room
+        and the entries up to the head are not all queued from their commits)."""
+        fresh = self._fresh
+        return (self.sent < self.head and len(self.unacked) < self.window
+                and not self._closing and not (fresh and self.sent + len(fresh) == self.head))
+
+    def _collect(self, from_store: bool = True) -> list[bytes]:
+        """Take the queued frames, then deliveries from the inbox as the window allows (with
+        `from_store` false, only those queued from their commits)."""
         chunks: list[bytes] = []
         self._take_out(chunks)
         room = self.window - len(self.unacked)
-        if room > 0 and self.sent < self.head and not self._closing:
+        if (room > 0 and self.sent < self.head and not self._closing
+                and (from_store or not self._reads_store())):
             try:
                 self._deliver(chunks, room)
             except wire.LocalProtocolError as exc:
@@ -844,6 +871,10 @@ class Session:
 
     async def _write(self) -> None:
         while True:
+            if self._reads_store():
+                # In its turn among the others reading theirs (broker/turns.py); the write
+                # below comes after, so a peer that does not read holds up no one else.
+                await self.broker.turns.wait_turn()
             chunks = self._collect()
             if chunks:
                 if self.unacked and self.log_debug:

@@ -482,7 +482,7 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
     words of that row's text that tell it from the others), for every bound of the broker's
     own caches and queues that no flag sets. A new such constant belongs here and in the
     table."""
-    from broker import handlers, presence, roster, session, stats, weight
+    from broker import handlers, handshake, listen, presence, roster, session, stats, weight
     from protocol import fields
     from storage import buffered_tables, lmdb_env, rules, store
 
@@ -510,8 +510,13 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
          "replies queued for a client that sends but does not read"),
         ("session.DELIVER_BYTES", f"{session.DELIVER_BYTES >> 10} KiB",
          "deliveries one session takes into memory"),
-        ("stats.BACKLOG_SLICE", f"{stats.BACKLOG_SLICE} sessions",
-         "the most delivering sessions a `stats` request"),
+        ("stats.BACKLOG_SLICE_S", f"{stats.BACKLOG_SLICE_S * 1000:g} ms",
+         "the longest a `stats` request"),
+        ("listen.ACCEPT_BURST", f"{listen.ACCEPT_BURST} connections",
+         "taken off the listen backlog in one turn"),
+        ("handshake.CHECK_WAITERS, CHECK_WAIT_S",
+         f"{handshake.CHECK_WAITERS} connections, {handshake.CHECK_WAIT_S * 1000:g} ms",
+         "connections past `--max-handshakes` given"),
     ]
 
 
