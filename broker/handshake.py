@@ -46,6 +46,12 @@ CHECK_ROLES = ("monitor", "admin")
 # time is for a check run on a machine whose cores are busy.
 CHECK_WAIT_S = 0.25
 CHECK_WAITERS = 64
+# With all CHECK_WAITERS places taken and more connections waiting in the listen backlog, a
+# place held this long is given up (the connection refused `limit_exceeded`), the longest held
+# first (`Broker._crowded`): a connection that waited in the backlog has its hello there
+# already, and a flood of connections that never speak, each holding a place CHECK_WAIT_S, left
+# a monitor's check in the backlog behind them (256 a second: 16 s behind 4,000).
+CHECK_CROWDED_S = 0.025
 # How long the last writes to a peer may take: a closing error frame (`refuse`), and the close
 # (TLS's close_notify, broker/connection.py). A peer that reads nothing costs this much; one to
 # which TLS never began costs nothing, as nothing is written (tests lengthen it to tell the two
@@ -311,7 +317,8 @@ def _connections_full(broker: Broker, user: str,
 async def monitor_hello(broker: Broker, session: Session) -> Any:
     """Past --max-handshakes: the hello of a monitor's check, taken all the same, or None
     (the connection is refused `limit_exceeded` as any other). A monitor's is a hello whose
-    first read (within CHECK_WAIT_S, on a plain TCP port; one of CHECK_WAITERS) holds it whole,
+    first read (within CHECK_WAIT_S, or CHECK_CROWDED_S while others wait in the listen backlog
+    behind the CHECK_WAITERS places; on a plain TCP port) holds it whole,
     asking a requests-only session, with a valid monitor or admin token: it is then answered
     at once, with no wait for more bytes, so it holds no handshake place. Thousands of
     devices reconnecting after a restart hold every place, and a liveness probe refused there
@@ -321,8 +328,12 @@ async def monitor_hello(broker: Broker, session: Session) -> Any:
     broker.check_waiters += 1
     data = None
     try:
-        with trio.move_on_after(CHECK_WAIT_S):
-            data = await session.receive_once()
+        with trio.move_on_after(CHECK_WAIT_S) as waiting:
+            broker.check_waits[waiting] = time.monotonic()  # given up if crowded (`_crowded`)
+            try:
+                data = await session.receive_once()
+            finally:
+                broker.check_waits.pop(waiting, None)
     finally:
         broker.check_waiters -= 1
     if not data:  # None: none in time, an EOF, TLS

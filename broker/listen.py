@@ -18,13 +18,16 @@ It also takes the connections waiting in the backlog at each turn of the accept 
 as the broker has room for (`room`) up to ACCEPT_BURST, where trio's takes one a turn: behind
 thousands of devices reconnecting after a restart, each turn a round of every busy session, a
 monitor's connection waited in the backlog for as many rounds as connections came before it
-(docs/OPERATIONS.md, "A restart with thousands of devices online").
+(docs/OPERATIONS.md, "A restart with thousands of devices online"). With no room it looks
+again every ROOM_POLL_S, and tells the broker (`on_crowded`) that connections wait meanwhile,
+so that it gives up the places held past handshake.CHECK_CROWDED_S.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -110,7 +113,8 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
                  on_refused: Callable[[], None],
                  on_failed: Callable[[OSError], None] = lambda exc: None,
                  room: Callable[[], int] = lambda: 1,
-                 on_taken: Callable[[], None] = lambda: None) -> None:
+                 on_taken: Callable[[], None] = lambda: None,
+                 on_crowded: Callable[[], None] = lambda: None) -> None:
         self._inner = listener
         self.socket = listener.socket
         self._refusal = refusal
@@ -118,6 +122,7 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
         self._on_failed = on_failed
         self._room = room  # connections the broker takes now (`_take_waiting`)
         self._on_taken = on_taken  # called for each connection handed out, before its task
+        self._on_crowded = on_crowded  # no room, and connections wait in the backlog
         self._spare = _reserve()
         # Connections taken from the backlog with the last one accepted (`_take_waiting`),
         # handed out by the next calls without a turn of the event loop each.
@@ -128,6 +133,8 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
             self._on_taken()
             return self._taken.popleft()
         while self._room() <= 0:  # the connections wait in the backlog meanwhile
+            if _backlog_waiting(self.socket):  # the broker may give them room
+                self._on_crowded()
             await trio.sleep(ROOM_POLL_S)
         waiting = False  # a connection is known to wait in the backlog
         while True:
@@ -203,6 +210,13 @@ class Listener(trio.abc.Listener[trio.SocketStream]):
             os.close(self._spare)
             self._spare = None
         await self._inner.aclose()
+
+
+def _backlog_waiting(sock: trio.socket.SocketType) -> bool:
+    """Whether a connection waits in `sock`'s listen backlog (it is readable), at once."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _reserve() -> int | None:

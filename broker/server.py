@@ -95,6 +95,8 @@ class Broker:
         self.handshaking = 0  # connections accepted and not yet past hello
         self.check_waiters = 0  # and past --max-handshakes, waiting for theirs (handshake.py)
         self.arriving = 0  # taken off the listen backlog, their tasks not started (`_room`)
+        # The check waiters' waits (handshake.monitor_hello), by when each began, in that order.
+        self.check_waits: dict[trio.CancelScope, float] = {}
         # The sessions reading deliveries from the store in one turn of the event loop:
         # --catch-up-per-turn (broker/turns.py).
         self.turns = Turns(config.catch_up_per_turn)
@@ -221,7 +223,7 @@ class Broker:
                         wire.ErrorCode.LIMIT_EXCEEDED, OUT_OF_FILES_MESSAGE, None, close=True))
                     listeners = [listen.Listener(each, refusal, self._out_of_files,
                                                  self._accept_failed, self._room,
-                                                 self._taken)
+                                                 self._taken, self._crowded)
                                  for each in listeners]
                     self.port = listeners[0].socket.getsockname()[1]
                     self.log.info("broker_listening", host=cfg.host, port=self.port,
@@ -280,6 +282,18 @@ class Broker:
         backlog, as before."""
         return (max(0, self.config.max_handshakes - self.handshaking)
                 + max(0, handshake.CHECK_WAITERS - self.check_waiters) - self.arriving)
+
+    def _crowded(self) -> None:
+        """Connections wait in the listen backlog and the broker has no room for them
+        (broker/listen.py): the connections past --max-handshakes that have waited
+        handshake.CHECK_CROWDED_S for their hello give their places up, the longest waiting
+        first (refused `limit_exceeded` as they would be at CHECK_WAIT_S)."""
+        began_by = time.monotonic() - handshake.CHECK_CROWDED_S
+        for waiting, began in list(self.check_waits.items()):
+            if began > began_by:
+                return
+            del self.check_waits[waiting]
+            waiting.cancel()
 
     def _taken(self) -> None:
         """A connection is handed to its task, which has yet to start (`connection.handle`)."""

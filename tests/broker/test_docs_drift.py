@@ -517,6 +517,8 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
         ("handshake.CHECK_WAITERS, CHECK_WAIT_S",
          f"{handshake.CHECK_WAITERS} connections, {handshake.CHECK_WAIT_S * 1000:g} ms",
          "connections past `--max-handshakes` given"),
+        ("handshake.CHECK_CROWDED_S", f"{handshake.CHECK_CROWDED_S * 1000:g} ms",
+         "a place past `--max-handshakes`"),
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import trio
 
 import protocol as wire
 from broker.client import open_client
+from tests.faults import monitor_child
 from tests.procs import BrokerProcess, as_user, homing_cmd
 
 DEVICES = 300  # a restart's crowd, scaled to two busy cores
@@ -130,3 +132,48 @@ async def test_health_is_answered_promptly_through_a_reconnect_storm(broker_proc
     assert not late, (f"{len(late)} of {len(checks)} checks failed or were late in a storm of "
                       f"{storm_s:.1f} s: {late[:4]}")
     tally.add("crowd: a monitor's check through a reconnect storm", len(checks))
+
+
+FLOOD = 2000  # connections that never say a byte, made at once
+FLOOD_HANDSHAKES = 20  # --max-handshakes: the flood's first take them for --handshake-timeout
+# What a check (and a device's refusal) behind the flood may take. Measured (2026-12-07, 2
+# cores): 7 to 8 s before the review, the flood drained from the listen backlog 256 a second
+# (64 places of 250 ms); since, about 1 s.
+FLOOD_BOUND_MS = 3000
+
+
+def _flood(port: int, sockets: list[socket.socket]) -> None:
+    for _ in range(FLOOD):
+        sockets.append(socket.create_connection(("127.0.0.1", port)))
+
+
+async def test_a_check_behind_a_flood_of_silent_connections(broker_process):
+    """2,000 connections that never speak, made at once at --max-handshakes 20, then a
+    monitor's check and a device's hello: the check is answered and the device refused
+    `limit_exceeded` within FLOOD_BOUND_MS. The flood's first 20 hold the handshake places
+    for --handshake-timeout (10 s), and the rest go through the 64 places past the limit; with
+    them all taken and connections waiting in the listen backlog, a place held 25 ms is given
+    up (handshake.CHECK_CROWDED_S). Before the review each held its place its whole 250 ms, so
+    the backlog drained 256 connections a second and the check waited behind the flood (7 to 8
+    s: behind 4,000 at the default limits, 16 s, past a probe's --timeout)."""
+    bp: BrokerProcess = broker_process("--max-handshakes", str(FLOOD_HANDSHAKES))
+    host, port = bp.server.rsplit(":", 1)
+    sockets: list[socket.socket] = []
+    try:
+        await trio.to_thread.run_sync(_flood, bp.port, sockets)
+        device = wire.Hello(versions=(1,), token=bp.token("store-1"), device="pos", id=0)
+        results = {}
+
+        async def ask(name: str, hello: object) -> None:
+            results[name] = await monitor_child.answer(
+                host, int(port), bp.token("nagios", "monitor"), hello)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask, "check", None)
+            nursery.start_soon(ask, "device", device)
+    finally:
+        for sock in sockets:
+            sock.close()
+    check, refused = results["check"], results["device"]
+    assert check["refused"] is None and check["ms"] <= FLOOD_BOUND_MS, results
+    assert refused["refused"] == "limit_exceeded" and refused["ms"] <= FLOOD_BOUND_MS, results
