@@ -391,7 +391,11 @@ class Link:
         except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                  wire.ProtocolError):
             pass
+        stream = self.stream
         self._dropped()
+        if stream is not None:  # the broker's end, or a failed read: closed now, not by the GC
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
         if self._served != served or time.monotonic() - opened >= STABLE_AFTER_S:
             return None
         closed_by = self._closed_by
