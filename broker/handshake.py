@@ -141,6 +141,12 @@ def _welcome(broker: Broker, session: Session, hello: Any, claims: tokens.Claims
     """Attach an admitted session (replacing the device's last one, unless either is
     requests-only) and answer `welcome`."""
     cfg = broker.config
+    if hello.deliver and session.peer_hung_up():
+        # Its client gave up on it and closed (a connect cancelled or timed out, its hello
+        # still in the socket): welcomed, it would replace the session the device opened
+        # since, which the SDK takes for a second process of the device and stops for good.
+        session.reason = CloseReason.PEER_EOF
+        return False
     head = broker.store.inbox_head(claims.user)
     session.user, session.device, session.role = claims.user, hello.device, claims.role
     session.expires, session.issued = claims.expires, claims.issued

@@ -20,6 +20,7 @@ import itertools
 import logging
 import math
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -519,6 +520,21 @@ class Session:
             return await self._receive_raw(RECV_BYTES) or None
         except trio.BrokenResourceError:
             return None
+
+    def peer_hung_up(self) -> bool:
+        """Whether a plain TCP peer closed its end already (an EOF or a reset waiting to be
+        read, looked at without taking any byte); False on TLS or while it is open."""
+        if self._fd is None:
+            return False
+        peek = socket.socket(fileno=self._fd)  # not a copy: let go of it below, never closed
+        try:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:  # reset by the peer
+            return True
+        finally:
+            peek.detach()
 
     async def _receive_raw(self, size: int) -> bytes:
         """`receive_some` for a plain TCP session, straight on its socket: wait until it is

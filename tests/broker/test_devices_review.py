@@ -5,6 +5,7 @@ connection limit; device ids. Real brokers on loopback, real LMDB, raw protocol 
 from __future__ import annotations
 
 import random
+import socket
 
 import trio
 
@@ -497,3 +498,27 @@ async def _to_two_devices(h, n: int) -> tuple[RawClient, RawClient, RawClient]:
     await _drain(phone, n, ack_each=False)
     await _drain(laptop, n, ack_each=False)
     return alice, phone, laptop
+
+
+async def test_a_hello_whose_client_already_hung_up_replaces_no_session(tmp_path):
+    """A connect the client gave up on (cancelled, timed out) and closed, its hello still in
+    the socket when the broker reads it, is not welcomed: it would end the device's session
+    opened since with `bye` "replaced", which the SDK takes for a second process of the device
+    and stops for good. Until 2026-12-07 it replaced it (seen once the broker took the
+    connections waiting on its port a turn, their hellos then read in any order)."""
+    async with running_broker(tmp_path / "data") as h:
+        live = await RawClient.connect(h.server, h.token("bob"), "phone")
+        host, port = h.server.rsplit(":", 1)
+        for _ in range(5):  # blocking calls: the broker (this event loop) reads none before
+            hello = wire.Connection(wire.Role.CLIENT).send(wire.Hello(
+                versions=(1,), token=h.token("bob"), device="phone", id=0))
+            with socket.create_connection((host, int(port))) as stale:
+                stale.sendall(hello)
+        await wait_until(lambda: h.broker.handshaking == 0)
+        await trio.sleep(0.2)
+        await live.send(wire.Ping(id=1))
+        with trio.fail_after(5):
+            reply = await live.next()
+        assert isinstance(reply, wire.Pong), reply
+        assert h.broker.hub.user_count("bob") == 1
+        await live.aclose()
