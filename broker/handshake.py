@@ -17,12 +17,12 @@ import secrets
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
 import protocol as wire
-from broker import tokens
+from broker import awaiting, tokens
 from broker.errors import CloseReason
 from broker.handlers import MONITOR_HANDLERS, REQUESTS_ONLY_HANDLERS
 from broker.hub import encode_push
@@ -37,10 +37,11 @@ if TYPE_CHECKING:
 CAPS = (wire.CAP_CREATE_CID, wire.CAP_START_HEAD, wire.CAP_REQUESTS_ONLY,
         wire.CAP_RECEIPTS_PAGED, wire.CAP_MEMBERS_PAGED)
 # The tokens whose requests-only hello is a monitor's check (`homing health`), taken past
-# --max-handshakes (`monitor_hello`).
+# --max-handshakes (`past_limit`).
 CHECK_ROLES = ("monitor", "admin")
 # Past --max-handshakes, how long a connection is given to send its hello, which is taken if
-# it is a monitor's check (`monitor_hello`), and how many connections at most wait so at once
+# it is a monitor's check, or if it may take a silent connection's place (`past_limit`,
+# broker/awaiting.py), and how many connections at most wait so at once
 # (the others wait in the listen backlog meanwhile: broker/listen.py). A client sends its
 # hello with its connect, so a crowd's connection waits a round trip, holding no buffer; the
 # time is for a check run on a machine whose cores are busy.
@@ -60,19 +61,26 @@ PARTING_S = 1.0
 
 
 async def run(broker: Broker, session: Session, hello: Any = None) -> bool:
-    """Read hello (unless `monitor_hello` read it), authenticate, and answer welcome; False if
+    """Read hello (unless `past_limit` read it), authenticate, and answer welcome; False if
     the session must end."""
     cfg = broker.config
     if hello is None:
         with trio.move_on_after(cfg.handshake_timeout_s) as waiting:
-            broker.awaiting_hello[session] = waiting
+            broker.awaiting.add(session, waiting, time.monotonic())
             try:
                 if not broker.stopping:
                     hello = await _read_hello(session)
             finally:
-                del broker.awaiting_hello[session]
+                broker.awaiting.remove(session)
     if hello is None:
-        if session.reason is None and broker.stopping:
+        if session.reason is None and session.place_given_up:
+            session.reason = CloseReason.LIMIT
+            await refuse(session, None, wire.ErrorCode.LIMIT_EXCEEDED,
+                         f"no hello within {awaiting.SILENT_S:g} s, with every handshake "
+                         f"place taken (--max-handshakes {cfg.max_handshakes}) and another "
+                         f"connection's hello waiting for one; retry",
+                         retry_ms=int(awaiting.SILENT_S * 1000))
+        elif session.reason is None and broker.stopping:
             session.reason = CloseReason.SHUTDOWN
             await refuse(session, None, wire.ErrorCode.SHUTTING_DOWN, "shutting down")
         elif session.reason is None:
@@ -320,43 +328,70 @@ def _connections_full(broker: Broker, user: str,
     return None
 
 
-async def monitor_hello(broker: Broker, session: Session) -> Any:
-    """Past --max-handshakes: the hello of a monitor's check, taken all the same, or None
-    (the connection is refused `limit_exceeded` as any other). A monitor's is a hello whose
-    first read (within CHECK_WAIT_S, or CHECK_CROWDED_S while others wait in the listen backlog
-    behind the CHECK_WAITERS places; on a plain TCP port) holds it whole,
-    asking a requests-only session, with a valid monitor or admin token: it is then answered
-    at once, with no wait for more bytes, so it holds no handshake place. Thousands of
-    devices reconnecting after a restart hold every place, and a liveness probe refused there
-    has a healthy broker restarted (docs/OPERATIONS.md, "Monitoring")."""
+class PastLimit(NamedTuple):
+    """What a connection past --max-handshakes showed in its check place (`past_limit`)."""
+
+    hello: Any  # its hello, read whole (a plain TCP port only), else None
+    check: bool  # a monitor's check: taken whatever the crowd
+    # Its hello with a good token (plain TCP), or TLS's first byte: it may take the place of a
+    # silent connection (broker/awaiting.py)
+    spoke: bool
+
+
+SILENT = PastLimit(None, False, False)
+
+
+async def past_limit(broker: Broker, session: Session) -> PastLimit:
+    """Past --max-handshakes: what the connection says within CHECK_WAIT_S (or CHECK_CROWDED_S
+    while others wait in the listen backlog behind the CHECK_WAITERS places): on a plain TCP
+    port, the hello its first read holds whole, a monitor's check if it asks a requests-only
+    session with a valid monitor or admin token (answered at once with no wait for more
+    bytes, so it holds no handshake place: thousands of devices reconnecting after a restart
+    hold every place, and a liveness probe refused there has a healthy broker restarted,
+    docs/OPERATIONS.md, "Monitoring"); on a TLS port, whether its first byte begins a TLS
+    handshake. A connection that spoke may take the place of a silent one (broker/awaiting.py);
+    any other is refused `limit_exceeded`."""
     if broker.check_waiters >= CHECK_WAITERS:
-        return None
+        return SILENT
     broker.check_waiters += 1
     data = None
     try:
         with trio.move_on_after(CHECK_WAIT_S) as waiting:
             broker.check_waits[waiting] = time.monotonic()  # given up if crowded (`_crowded`)
             try:
-                data = await session.receive_once()
+                if session.tls_unchecked:
+                    data = await _first_byte(session)
+                else:
+                    data = await session.receive_once()
             finally:
                 broker.check_waits.pop(waiting, None)
     finally:
         broker.check_waiters -= 1
-    if not data:  # None: none in time, an EOF, TLS
-        return None
+    if not data:  # None: none in time, an EOF
+        return SILENT
+    if session.tls_unchecked:
+        return PastLimit(None, False, data[0] == 0x16)
     conn = session.conn
     conn.receive_data(data)
     try:
         hello = conn.next_event()
     except wire.RemoteProtocolError:
-        return None
-    if not isinstance(hello, wire.Hello) or hello.deliver:
-        return None
+        return SILENT
+    if not isinstance(hello, wire.Hello):
+        return SILENT
     try:
         claims = tokens.verify(broker.keyring.keys, hello.token)
     except tokens.TokenError:
+        return SILENT
+    return PastLimit(hello, not hello.deliver and claims.role in CHECK_ROLES, True)
+
+
+async def _first_byte(session: Session) -> bytes | None:
+    """The first byte a TLS port's peer sends, left unread (`check_tls` looks at it again)."""
+    try:
+        return await session.stream.transport_stream.socket.recv(1, socket.MSG_PEEK)
+    except OSError:
         return None
-    return hello if claims.role in CHECK_ROLES else None
 
 
 async def _read_hello(session: Session) -> Any:

@@ -27,6 +27,7 @@ import trio
 
 import protocol as wire
 from broker import connection, fanout, handshake, listen, tokens
+from broker.awaiting import Awaiting
 from broker.committer import Committer
 from broker.config import Config
 from broker.handlers import HANDLERS
@@ -95,7 +96,7 @@ class Broker:
         self.handshaking = 0  # connections accepted and not yet past hello
         self.check_waiters = 0  # and past --max-handshakes, waiting for theirs (handshake.py)
         self.arriving = 0  # taken off the listen backlog, their tasks not started (`_room`)
-        # The check waiters' waits (handshake.monitor_hello), by when each began, in that order.
+        # The check waiters' waits (handshake.past_limit), by when each began, in that order.
         self.check_waits: dict[trio.CancelScope, float] = {}
         # The sessions reading deliveries from the store in one turn of the event loop:
         # --catch-up-per-turn (broker/turns.py).
@@ -107,6 +108,8 @@ class Broker:
         # Refusals at --max-handshakes and at --max-connections: a crowd meets them once per
         # client and attempt, so they are counted and logged now and then, not each.
         self.handshakes_full = Repeated()
+        # Places of silent connections given up to connections that spoke (broker/awaiting.py).
+        self.places_given_up = Repeated()
         self.connections_full = Repeated()
         # Connections refused for want of a file descriptor (broker/listen.py): their own
         # lines, so that refusals at --max-connections do not hide them.
@@ -116,7 +119,9 @@ class Broker:
         self.accept_failures = Repeated()
         # Failed hellos by peer address, throttled past --auth-fail-rate (broker/hellos.py).
         self.failed_hellos = FailedHellos(config.auth_fail_rate, config.auth_fail_addresses)
-        self.awaiting_hello: dict[Session, trio.CancelScope] = {}  # cancelled at shutdown
+        # The connections waiting for their hello, cancelled at shutdown; one gives its place
+        # up to a connection that spoke when every place is taken (broker/awaiting.py).
+        self.awaiting = Awaiting()
         # Devices whose start at the inbox head is on its way (handshake._start_at_head): set
         # once that hello is answered; the device's other hellos wait for it (`_after_start`).
         self.head_starts: dict[tuple[str, str], trio.Event] = {}
@@ -242,7 +247,7 @@ class Broker:
                                                listeners, handler_nursery=connections)
                 # Listener cancelled: stop every session gracefully; those still waiting for
                 # their hello are told `shutting_down` at once.
-                for waiting in list(self.awaiting_hello.values()):
+                for waiting in list(self.awaiting.scopes.values()):
                     waiting.cancel()
                 for session in self.hub.all_sessions():
                     session.begin_shutdown()
@@ -278,7 +283,7 @@ class Broker:
     def _room(self) -> int:
         """Connections the broker takes off the listen backlog now (broker/listen.py): as many
         as it has handshake places free (--max-handshakes), and places of a connection past
-        them waiting for a monitor's hello (`handshake.monitor_hello`). The others wait in the
+        them waiting for a monitor's hello (`handshake.past_limit`). The others wait in the
         backlog, as before."""
         return (max(0, self.config.max_handshakes - self.handshaking)
                 + max(0, handshake.CHECK_WAITERS - self.check_waiters) - self.arriving)

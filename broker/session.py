@@ -140,6 +140,9 @@ class Session:
         self._closing = False
         # On a TLS port, until the peer's first byte showed it speaks TLS (handshake.check_tls).
         self.tls_unchecked = False
+        # Its wait for a hello cancelled to give its handshake place to a connection that
+        # spoke (broker/awaiting.py): the place is no longer counted as its own.
+        self.place_given_up = False
         # While the reader waits for bytes, when the last whole frame arrived (time.monotonic);
         # None while it is not waiting: the broker's idle watch (Broker._watch_idle) times out a
         # session with no frame for too long. Bytes of a frame that never completes count only
@@ -524,17 +527,16 @@ class Session:
     def peer_hung_up(self) -> bool:
         """Whether a plain TCP peer closed its end already (an EOF or a reset waiting to be
         read, looked at without taking any byte); False on TLS or while it is open."""
-        if self._fd is None:
-            return False
-        peek = socket.socket(fileno=self._fd)  # not a copy: let go of it below, never closed
-        try:
-            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
-            return False
-        except OSError:  # reset by the peer
-            return True
-        finally:
-            peek.detach()
+        return self._fd is not None and _peek(self._fd) == b""
+
+    def unread(self) -> bool:
+        """Whether anything the peer sent (a byte, its EOF, a reset) waits unread in the
+        connection's socket, on TLS too (before it is decrypted), looked at without taking it:
+        a connection whose hello waits there has not been silent (broker/awaiting.py)."""
+        transport = getattr(self.stream, "transport_stream", self.stream)
+        sock = getattr(transport, "socket", None)
+        fd = sock.fileno() if sock is not None and not self._closing else -1
+        return fd >= 0 and _peek(fd) is not None
 
     async def _receive_raw(self, size: int) -> bytes:
         """`receive_some` for a plain TCP session, straight on its socket: wait until it is
@@ -920,3 +922,17 @@ class Session:
                 continue
             await self._wake.wait()
             self._wake = trio.Event()
+
+
+def _peek(fd: int) -> bytes | None:
+    """What waits unread on the socket `fd`, looked at without taking it: its first byte, b""
+    for an EOF or a reset, None for nothing."""
+    peek = socket.socket(fileno=fd)  # not a copy: let go of it below, never closed
+    try:
+        return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return None
+    except OSError:  # reset by the peer
+        return b""
+    finally:
+        peek.detach()

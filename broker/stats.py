@@ -159,7 +159,8 @@ def stats_reply(broker: Broker, f: wire.Stats,
         handshakes_full=broker.handshakes_full.total, open_files=held, open_files_limit=limit,
         tls_expires_s=_tls_expires_s(broker), backlog_max=backlog_max,
         windows_full=windows_full, auth_throttled=broker.failed_hellos.throttled,
-        accept_failed=broker.accept_failures.total)
+        accept_failed=broker.accept_failures.total,
+        handshakes_given_up=broker.places_given_up.total)
 
 
 async def backlogs(broker: Broker) -> tuple[int, int]:
@@ -213,6 +214,7 @@ async def report_stats(broker: Broker, every: float) -> None:
     handshakes_full, connections_full = broker.handshakes_full.total, _connections_full(broker)
     stopped = committer.stopped.total
     throttled, accept_failed = broker.failed_hellos.throttled, broker.accept_failures.total
+    given_up = broker.places_given_up.total
     while True:
         await trio.sleep(every)
         now, cpu_now = time.monotonic(), time.process_time()
@@ -238,6 +240,8 @@ async def report_stats(broker: Broker, every: float) -> None:
                 (broker.failed_hellos.throttled - throttled) / elapsed, 1),
             accept_failed_per_s=round(
                 (broker.accept_failures.total - accept_failed) / elapsed, 1),
+            handshakes_given_up_per_s=round(
+                (broker.places_given_up.total - given_up) / elapsed, 1),
             cpu_pct=round(100 * (cpu_now - cpu) / elapsed, 1), rss_mib=rss_mib(),
             # Trio's tasks: a few per session (its reader, writer, ...) and a fixed few; a
             # count that does not come back down after a crowd has gone is tasks left behind.
@@ -255,3 +259,4 @@ async def report_stats(broker: Broker, every: float) -> None:
         connections_full = _connections_full(broker)
         stopped = committer.stopped.total
         throttled, accept_failed = broker.failed_hellos.throttled, broker.accept_failures.total
+        given_up = broker.places_given_up.total

@@ -483,6 +483,9 @@ class BrokerStats(NamedTuple):
     # 2026-12-07's second).
     auth_throttled: int | None = None
     accept_failed: int | None = None
+    # Handshake places of silent connections given up to connections that spoke, since the
+    # start (absent from a broker before 2026-12-07's fourth).
+    handshakes_given_up: int | None = None
 
 
 class Created(NamedTuple):
@@ -708,7 +711,7 @@ _register(BrokerStats, "broker_stats", "s", id=_ID, lsn=f.uint, queued=f.uint,
           max_connections=f.uint, connections_full=f.uint, handshakes_full=f.uint,
           open_files=f.uint, open_files_limit=f.uint, tls_expires_s=f.uint,
           backlog_max=f.uint, windows_full=f.uint, auth_throttled=f.uint,
-          accept_failed=f.uint)
+          accept_failed=f.uint, handshakes_given_up=f.uint)
 _register(Page, "page", "s", id=_ID, conv=f.conv_id, messages=_MESSAGES, more=f.boolean)
 _register(ReceiptList, "receipt_list", "s", id=_ID, conv=f.conv_id, seq=f.uint,
           delivered=_USERS, read=_USERS, unread=_USERS, more=f.boolean, last=f.user_id)

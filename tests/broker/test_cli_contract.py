@@ -387,7 +387,7 @@ HEALTH = {"status": (str,), "answer_ms": (float,), "lsn": (int,), "queued": (int
           "commits_stopped": (int,), "max_connections": (int,), "connections_full": (int,),
           "handshakes_full": (int,), "open_files": (int, NULL), "open_files_limit": (int, NULL),
           "tls_expires_s": (int, NULL), "backlog_max": (int,), "windows_full": (int,),
-          "auth_throttled": (int,), "accept_failed": (int,),
+          "auth_throttled": (int,), "accept_failed": (int,), "handshakes_given_up": (int,),
           "backlog": (dict,)}
 BACKLOG = {"user": (str,), "device": (str,), "head": (int,), "acked": (int,), "unacked": (int,)}
 

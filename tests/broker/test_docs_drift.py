@@ -482,7 +482,17 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
     words of that row's text that tell it from the others), for every bound of the broker's
     own caches and queues that no flag sets. A new such constant belongs here and in the
     table."""
-    from broker import handlers, handshake, listen, presence, roster, session, stats, weight
+    from broker import (
+        awaiting,
+        handlers,
+        handshake,
+        listen,
+        presence,
+        roster,
+        session,
+        stats,
+        weight,
+    )
     from protocol import fields
     from storage import buffered_tables, lmdb_env, rules, store
 
@@ -519,6 +529,8 @@ def _fixed_limits() -> list[tuple[str, str, str]]:
          "connections past `--max-handshakes` given"),
         ("handshake.CHECK_CROWDED_S", f"{handshake.CHECK_CROWDED_S * 1000:g} ms",
          "a place past `--max-handshakes`"),
+        ("awaiting.SILENT_S", f"{awaiting.SILENT_S:g} s",
+         "how long a connection holding a `--max-handshakes` place may say nothing"),
     ]
 
 

@@ -92,7 +92,7 @@ async def test_what_the_broker_keeps_per_user_and_device_goes_when_they_leave(tm
                 await trio.sleep(0.1)
         assert [len(b) for b in broker.user_buckets] == [1, 1, 1, 1]  # svc's
         assert list(broker.hub._by_user) == ["svc"] and broker.hub.count == 1
-        assert broker.handshaking == 0 and not broker.awaiting_hello and not broker.own_acks
+        assert broker.handshaking == 0 and not broker.awaiting and not broker.own_acks
         assert not committer._acks and not committer._acks_lost
         assert set(committer._unsynced_acks) <= {("svc", "bot")}
         assert set(committer._last_acks) <= {("svc", "bot")}
@@ -187,7 +187,7 @@ async def test_what_a_churn_of_users_leaves_in_the_broker_is_its_bounded_caches(
                 await trio.sleep(0.1)
         assert not broker.hub._by_user and broker.hub.count == 0
         assert not broker.presence._walking and not broker.creating and not broker.revoking
-        assert not broker.own_acks and not broker.awaiting_hello and not broker.deferred
+        assert not broker.own_acks and not broker.awaiting and not broker.deferred
         assert not committer._acks and not committer._last_acks and not committer._unsynced_acks
         assert not committer._acks_lost and not committer._gone
         gc.collect()

@@ -25,7 +25,7 @@ FIGURES = {"status", "answer_ms", "lsn", "queued", "committing", "commit_running
            "connections", "requests_only", "handshaking", "uptime_s", "disk_free_bytes",
            "commits_stopped", "max_connections", "connections_full", "handshakes_full",
            "open_files", "open_files_limit", "tls_expires_s", "backlog_max", "windows_full",
-           "auth_throttled", "accept_failed"}
+           "auth_throttled", "accept_failed", "handshakes_given_up"}
 
 
 @pytest.fixture

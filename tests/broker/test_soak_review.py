@@ -116,7 +116,7 @@ async def test_connections_that_end_badly_leave_nothing_behind(tmp_path):
         def settled() -> bool:
             gc.collect()
             return (list(broker.hub._by_user) == ["svc"] and broker.hub.count == 2
-                    and broker.handshaking == 0 and not broker.awaiting_hello
+                    and broker.handshaking == 0 and not broker.awaiting
                     and not broker.head_starts and not broker.revoking and not broker.own_acks
                     and not committer._acks and not committer._acks_lost
                     and not committer._gone
@@ -131,7 +131,7 @@ async def test_connections_that_end_badly_leave_nothing_behind(tmp_path):
                 await trio.sleep(0.1)
         assert list(broker.hub._by_user) == ["svc"] and list(broker.hub._requesting) == ["root"]
         assert broker.hub.count == 2 and broker.handshaking == 0
-        assert not broker.awaiting_hello and not broker.head_starts and not broker.revoking
+        assert not broker.awaiting and not broker.head_starts and not broker.revoking
         assert not broker.creating and not broker.own_acks and not broker.presence._walking
         assert not committer._acks and not committer._acks_lost and not committer._gone
         assert set(committer._last_acks) <= {("svc", "bot")}

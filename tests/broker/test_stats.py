@@ -16,7 +16,7 @@ from tests.waits import wait_until, wait_until_sync
 FIELDS = {"connections", "requests_only", "handshaking", "lsn", "queued", "events_per_s",
           "commits_per_s", "commands_per_s", "failed_per_s", "cpu_pct", "rss_mib",
           "handshakes_full_per_s", "connections_full_per_s", "commits_stopped_per_s", "tasks",
-          "auth_throttled_per_s", "accept_failed_per_s"}
+          "auth_throttled_per_s", "accept_failed_per_s", "handshakes_given_up_per_s"}
 
 
 def stats_lines(bp: BrokerProcess) -> list[dict]:

@@ -149,9 +149,11 @@ def _flood(port: int, sockets: list[socket.socket]) -> None:
 
 async def test_a_check_behind_a_flood_of_silent_connections(broker_process):
     """2,000 connections that never speak, made at once at --max-handshakes 20, then a
-    monitor's check and a device's hello: the check is answered and the device refused
-    `limit_exceeded` within FLOOD_BOUND_MS. The flood's first 20 hold the handshake places
-    for --handshake-timeout (10 s), and the rest go through the 64 places past the limit; with
+    monitor's check and a device's hello: both are answered within FLOOD_BOUND_MS, the device
+    welcomed, or refused `limit_exceeded` if its hello came before the flood's first 20 had
+    been silent awaiting.SILENT_S (tests/broker/test_awaiting.py). Those 20 hold the handshake
+    places (for --handshake-timeout, 10 s, until then), and the rest go through the 64 places
+    past the limit; with
     them all taken and connections waiting in the listen backlog, a place held 25 ms is given
     up (handshake.CHECK_CROWDED_S). Before the review each held its place its whole 250 ms, so
     the backlog drained 256 connections a second and the check waited behind the flood (7 to 8
@@ -174,6 +176,7 @@ async def test_a_check_behind_a_flood_of_silent_connections(broker_process):
     finally:
         for sock in sockets:
             sock.close()
-    check, refused = results["check"], results["device"]
+    check, device = results["check"], results["device"]
     assert check["refused"] is None and check["ms"] <= FLOOD_BOUND_MS, results
-    assert refused["refused"] == "limit_exceeded" and refused["ms"] <= FLOOD_BOUND_MS, results
+    assert device["refused"] in (None, "limit_exceeded"), results
+    assert device["ms"] <= FLOOD_BOUND_MS, results

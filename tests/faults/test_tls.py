@@ -11,7 +11,7 @@ import trustme
 from structlog.testing import capture_logs
 
 import protocol as wire
-from broker import handshake
+from broker import awaiting, handshake
 from broker.client import ClientError, NotTls, NotTrusted, open_client
 from tests.faults.conftest import RawClient, raw_bytes_exchange
 from tests.harness import running_broker
@@ -91,6 +91,9 @@ async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_
     # wait for its ClientHello until PARTING_S was out; lengthened from 1 s to 30 s, the right
     # 1.5 s (the handshake timeout) and such a 31.5 s stay far apart on a busy machine.
     monkeypatch.setattr(handshake, "PARTING_S", 30.0)
+    # The TLS client past --max-handshakes 1 comes while the silent one holds its place: on a
+    # busy machine, maybe past the second after which it would take that place instead.
+    monkeypatch.setattr(awaiting, "SILENT_S", 30.0)
     ca, cert_path, key_path = _tls_pair(tmp_path)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
@@ -141,6 +144,31 @@ async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_
     assert not [e for e in logs if e.get("log_level") in ("error", "critical")], logs
     rejected = [e for e in logs if e["event"] == "frame_rejected"]
     assert rejected and "speaks TLS" in rejected[0]["reason"], rejected
+
+
+async def test_a_tls_client_takes_the_place_of_a_silent_connection(tmp_path):
+    """At --max-handshakes 1, held by a connection silent for awaiting.SILENT_S, a TLS client
+    (whose first byte begins its handshake: its hello cannot be read before TLS) takes its
+    place and is welcomed; the silent one, to which TLS never began, is closed with nothing
+    said. Before 2026-12-07 the client was refused `limit_exceeded` until the silent one timed
+    out (30 s here)."""
+    ca, cert_path, key_path = _tls_pair(tmp_path)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path,
+                              handshake_timeout_s=30, max_handshakes=1) as h:
+        with trio.fail_after(30):
+            silent = await trio.open_tcp_stream("127.0.0.1", h.broker.port)
+            await wait_until(lambda: h.broker.handshaking == 1)
+            await trio.sleep(awaiting.SILENT_S + 0.1)
+            began = trio.current_time()
+            async with open_client(h.server, h.token("alice"), "d", tls=ctx,
+                                   reconnect_timeout=2) as alice:
+                assert (await alice.send("over tls", to="bob")).seq == 1
+            assert trio.current_time() - began < 2
+            assert await silent.receive_some(100) == b""  # closed, nothing said
+            assert h.broker.places_given_up.total == 1
+            await silent.aclose()
 
 
 async def test_a_connection_that_said_nothing_does_not_hold_the_stop(tmp_path):

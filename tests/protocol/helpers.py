@@ -58,7 +58,7 @@ _BY_NAME = {
     "max_connections": uints, "connections_full": uints, "handshakes_full": uints,
     "open_files": uints, "open_files_limit": uints, "tls_expires_s": uints,
     "backlog_max": uints, "windows_full": uints, "auth_throttled": uints,
-    "accept_failed": uints,
+    "accept_failed": uints, "handshakes_given_up": uints,
 }
 _OVERRIDES = {
     ("Create", "kind"): st.sampled_from(["group", "channel"]),
