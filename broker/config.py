@@ -117,9 +117,11 @@ class Config:
     # Connections accepted but not yet past hello (each holds up to HELLO_MAX_FRAME_BYTES).
     max_handshakes: int = 1000
     max_connections_per_user: int = 256
-    # Hellos refused `unauthorized` per second per peer address (an IPv4 address, an IPv6 /64),
-    # a burst of 60 seconds' worth; past it they are not logged each (broker/hellos.py).
-    # Good tokens are never counted nor refused. 0: not limited.
+    # Failed hellos per second per peer address (an IPv4 address, an IPv6 /64), a burst of 60
+    # seconds' worth: hellos refused `unauthorized`, and connections refused for what they
+    # sent instead of a hello (garbage, another protocol version, plaintext on a TLS port),
+    # in one bucket; past it they are not logged each (broker/hellos.py). Good tokens are
+    # never counted nor refused. 0: not limited.
     auth_fail_rate: float = 1.0
     # Peer addresses whose failed hellos are counted, at most (about 300 bytes each); past it
     # the least recently failed is forgotten.

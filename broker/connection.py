@@ -28,8 +28,11 @@ if TYPE_CHECKING:
 LINGER_S = 1.0  # how long a connection we end waits for the peer's EOF (see _linger)
 LINGER_BYTES = 1 << 20  # and how much of what it still sends is read and dropped meanwhile
 # Ends where the peer has stopped sending already: nothing to wait for.
+# A failed hello past --auth-fail-rate is not waited for either (broker/hellos.py): its
+# refusal is all it has to read, and a peer sending garbage still would hold the connection
+# up to LINGER_S each time (a client that wrote on after it may get a reset for an answer).
 _NO_LINGER = (None, CloseReason.PEER_EOF, CloseReason.PEER_BYE, CloseReason.BROKEN,
-              CloseReason.AUTH_THROTTLED)  # its refusal is all it has to read (hellos.py)
+              CloseReason.AUTH_THROTTLED)
 
 
 async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
@@ -99,7 +102,8 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
         said = structlog.get_context(session.log)  # user and device, once the hello named them
         # Requests a stop left unanswered past --max-inflight-requests: named only if any.
         left = {"passed_over": session.passed_over} if session.passed_over else {}
-        # (Not a hello past --auth-fail-rate: its address's `auth_throttled` counts it.)
+        # (Not a failed hello past --auth-fail-rate: its address's `auth_throttled` counts
+        # it.)
         if session.reason is not CloseReason.AUTH_THROTTLED:
             session.log.info(
                 "connection_closed", user=said.get("user"), device=said.get("device"),

@@ -7,8 +7,9 @@ not while the broker stops, within the connection limits), starts a new device a
 head if it asks (`_start_at_head`, durable before the welcome), and attaches the session and
 answers `welcome` (`_welcome`). Every refusal is a closing error frame (`refuse`); the
 session's `reason` says why it ended, for its `connection_closed` line (broker/connection.py).
-A token that fails is refused by `unauthorized`, which counts it against the peer's address
-and past --auth-fail-rate answers it with `retry_ms`, unlogged (broker/hellos.py).
+A token that fails is refused by `unauthorized`, and first bytes that are no hello this
+broker takes by `not_a_hello`: both count a failed hello against the peer's address, and past
+--auth-fail-rate answer it with `retry_ms`, unlogged (broker/hellos.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from storage.commands import Ack
 from storage.errors import StorageError
 
 if TYPE_CHECKING:
+    from broker.hellos import Throttled
     from broker.server import Broker
     from broker.session import Session
 
@@ -89,12 +91,12 @@ async def run(broker: Broker, session: Session, hello: Any = None) -> bool:
                          f"no hello within {cfg.handshake_timeout_s:g} s")
         return False
     if wire.PROTOCOL_VERSION not in hello.versions:
-        session.reason = CloseReason.PROTOCOL_ERROR
         # Its device, as a forged token's `auth_failed` names it (the token is not read):
         # the one line of the refusal says which client is too old (null until 2026-12-06).
         session.log = session.log.bind(device=hello.device)
-        await refuse(session, hello.id, wire.ErrorCode.UNSUPPORTED_VERSION,
-                     f"this broker speaks protocol version {wire.PROTOCOL_VERSION}")
+        await not_a_hello(session, hello.id, wire.ErrorCode.UNSUPPORTED_VERSION,
+                          f"this broker speaks protocol version {wire.PROTOCOL_VERSION}",
+                          logged=False)
         return False
     try:
         try:
@@ -401,11 +403,8 @@ async def _read_hello(session: Session) -> Any:
     while True:
         try:
             event = conn.next_event()
-        except wire.RemoteProtocolError as exc:
-            session.reason = CloseReason.PROTOCOL_ERROR
-            session.log.info("frame_rejected", code=exc.code.wire_name, reason=exc.message,
-                             fatal=True)
-            await refuse(session, exc.request_id, exc.code, exc.message)
+        except wire.RemoteProtocolError as exc:  # before the hello, every one is fatal
+            await not_a_hello(session, exc.request_id, exc.code, exc.message)
             return None
         if event is wire.CLOSED:
             session.reason = CloseReason.PEER_EOF
@@ -428,7 +427,7 @@ async def check_tls(session: Session) -> bool:
     taking it: a TLS handshake begins with 0x16. Anything else (a homing frame, whose
     length begins with 0x00; an HTTP request) is a client without TLS: it is answered in
     the clear with a closing `bad_frame` saying so, rather than dropped with nothing
-    said. False if the session ends."""
+    said: a failed hello (`not_a_hello`). False if the session ends."""
     tcp = session.stream.transport_stream
     try:
         first = await tcp.socket.recv(1, socket.MSG_PEEK)
@@ -442,12 +441,9 @@ async def check_tls(session: Session) -> bool:
     if not first:
         session.reason = CloseReason.PEER_EOF if first == b"" else CloseReason.BROKEN
         return False
-    session.reason = CloseReason.PROTOCOL_ERROR
     message = ("this port speaks TLS only: connect with TLS (homing --tls or --tls-ca; "
                "the SDK's tls=)")
-    session.log.info("frame_rejected", code=wire.ErrorCode.BAD_FRAME.wire_name,
-                     reason=message, fatal=True)
-    await refuse(session, None, wire.ErrorCode.BAD_FRAME, message)
+    await not_a_hello(session, None, wire.ErrorCode.BAD_FRAME, message)
     return False
 
 
@@ -465,15 +461,49 @@ async def unauthorized(broker: Broker, session: Session, request_id: int | None,
         session.log.info("auth_failed", reason=why)
         await refuse(session, request_id, wire.ErrorCode.UNAUTHORIZED, why)
         return
+    await _throttled(session, throttled, request_id, wire.ErrorCode.UNAUTHORIZED, why,
+                     f"{why} (too many failed hellos from {session.address}: theirs are not "
+                     f"logged for {throttled.retry_ms / 1000:.1f} s more; a valid token is "
+                     "welcomed)")
+
+
+async def not_a_hello(session: Session, request_id: int | None, code: wire.ErrorCode,
+                      why: str, *, logged: bool = True) -> None:
+    """Refuse a connection whose first bytes are no hello this broker takes: a frame that does
+    not decode (`bad_frame`, `too_large`), a first frame that is not a hello, a hello without
+    a field it needs (`invalid`), a hello of another protocol version (`unsupported_version`,
+    `logged` false: its `connection_closed` line says it), plaintext on a TLS port
+    (`check_tls`). Each is a failed hello, counted against its address's --auth-fail-rate in
+    the bucket `unauthorized` takes from: within it, `code` and `why`, logged
+    `frame_rejected`, and the linger for the peer's EOF; past it, the same code and message
+    with `retry_ms`, logged only as its address's `auth_throttled` now and then, and no
+    linger. Until 2026-12-07 none was counted: a peer sending garbage as fast as it could
+    connect was answered with two log lines and up to a second's linger each."""
+    broker = session.broker
+    throttled = broker.failed_hellos.failed(session.address, time.monotonic())
+    if throttled is None:
+        session.reason = CloseReason.PROTOCOL_ERROR
+        if logged:
+            session.log.info("frame_rejected", code=code.wire_name, reason=why, fatal=True)
+        await refuse(session, request_id, code, why)
+        return
+    # The message as within the rate: a client is told what it did wrong (a TLS port's
+    # plaintext client, that it needs TLS), which is all that a retry_ms does not say.
+    await _throttled(session, throttled, request_id, code, why, why)
+
+
+async def _throttled(session: Session, throttled: Throttled, request_id: int | None,
+                     code: wire.ErrorCode, why: str, message: str) -> None:
+    """Refuse a failed hello past its address's --auth-fail-rate: `code` and `message` with
+    `retry_ms`, closing; its `auth_throttled` line if its address has had none within
+    REPEAT_EVERY_S, and no line of its own (the session's reason tells broker/connection.py
+    neither to log its `connection_closed` nor to linger for the peer's EOF)."""
     session.reason = CloseReason.AUTH_THROTTLED
     if throttled.refused is not None:
         session.log.warning("auth_throttled", address=session.address,
                             refused=throttled.refused, retry_ms=throttled.retry_ms,
-                            reason=why)
-    await refuse(session, request_id, wire.ErrorCode.UNAUTHORIZED,
-                 f"{why} (too many failed hellos from {session.address}: theirs are not "
-                 f"logged for {throttled.retry_ms / 1000:.1f} s more; a valid token is "
-                 "welcomed)", throttled.retry_ms)
+                            code=code.wire_name, reason=why)
+    await refuse(session, request_id, code, message, throttled.retry_ms)
 
 
 async def refuse(session: Session, request_id: int | None, code: wire.ErrorCode,

@@ -519,10 +519,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    default=d.max_connections_per_user,
                    help="sessions of one user, at most (default %(default)s)")
     s.add_argument("--auth-fail-rate", type=_auth_fail_rate, default=d.auth_fail_rate,
-                   help="hellos refused unauthorized per second per peer address (an IPv6 "
-                        "/64), a burst of 60 seconds' worth; past it they are not logged "
-                        "each, and told retry_ms; good tokens are never refused; 0: not "
-                        "limited (default %(default)g)")
+                   help="failed hellos per second per peer address (an IPv6 /64), a "
+                        "burst of 60 seconds' worth: hellos refused unauthorized and "
+                        "connections refused for what they sent instead of a hello "
+                        "(garbage, another protocol version, plaintext on a TLS port) alike; "
+                        "past it they are not logged each, and told retry_ms; good tokens "
+                        "are never refused; 0: not limited (default %(default)g)")
     s.add_argument("--auth-fail-addresses", type=_COUNT, default=d.auth_fail_addresses,
                    help="peer addresses whose failed hellos are counted, at most; past it the "
                         "least recently failed is forgotten (default %(default)s)")

@@ -1,15 +1,19 @@
 """Failed hellos from one peer address, past `--auth-fail-rate`: answered `unauthorized` still,
 with `retry_ms`, and logged once per address now and then, while good tokens from that address are
-welcomed; the table of addresses bounded (`--auth-fail-addresses`); 0 turns it off
-(broker/hellos.py, docs/OPERATIONS.md "Limits")."""
+welcomed; garbage in place of a hello counted in the same bucket; the table of addresses bounded
+(`--auth-fail-addresses`); 0 turns it off (broker/hellos.py, docs/OPERATIONS.md "Limits")."""
 
 from __future__ import annotations
 
+import ssl
+import struct
+
 import pytest
 import trio
+import trustme
 
 import protocol as wire
-from broker import keyring, tokens
+from broker import connection, keyring, tokens
 from broker.client import ClientError, open_client
 from broker.hellos import address_key
 from tests.faults.conftest import RawClient
@@ -43,6 +47,38 @@ def throttled(frame) -> bool:
 def told(frame) -> bool:
     """Whether `frame` refused a hello within its address's rate: `unauthorized`, no retry_ms."""
     return frame.name == "unauthorized" and frame.close and frame.retry_ms is None
+
+
+async def refusal(server: str, data: bytes) -> wire.Error | None:
+    """The broker's answer to `data` sent in place of a hello: the frame it wrote before its
+    EOF (or its reset), None if none."""
+    host, port = server.rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    got = bytearray()
+    try:
+        await stream.send_all(data)
+        while chunk := await stream.receive_some(65536):
+            got += chunk
+    except trio.BrokenResourceError:
+        pass  # a reset: what came before it was read
+    finally:
+        await trio.aclose_forcefully(stream)
+    conn = wire.Connection(wire.Role.CLIENT)
+    conn.send(wire.Hello(versions=(1,), token=BAD, device="d"))  # a client awaiting its answer
+    conn.receive_data(bytes(got))
+    frame = conn.next_event()
+    return None if frame is wire.NEED_DATA else frame
+
+
+# What a peer may send in place of a hello, and the code it is refused with.
+GARBAGE = {
+    "msgpack that does not decode": (struct.pack(">I", 3) + b"\xc1\xc1\xc1", "bad_frame"),
+    "a first frame not a hello": (wire.encode_frame({"t": "ping", "id": 3}), "bad_frame"),
+    "a hello of another version": (wire.encode_frame(
+        {"t": "hello", "versions": [99], "token": BAD, "device": "d", "id": 7}),
+        "unsupported_version"),
+    "an HTTP request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "too_large"),
+}
 
 
 async def throttle(server: str) -> None:
@@ -222,3 +258,94 @@ async def test_a_throttled_refusal_reaches_a_client_that_wrote_on_after_its_hell
             f = await c.next()
             await c.aclose()
         assert throttled(f), f
+
+
+async def test_garbage_in_place_of_a_hello_is_a_failed_hello(tmp_path):
+    """Bytes that are no hello the broker takes (a frame that does not decode, a first frame
+    not a hello, a hello of another protocol version, an HTTP request) take from the same
+    bucket as bad tokens: within the burst each is refused and logged as ever; past it, with
+    the same code and message, plus `retry_ms`, and no `frame_rejected` nor
+    `connection_closed` line each (the address's `auth_throttled` counts them), a bad token
+    after them throttled too, and a good token from the address still welcomed. Until
+    2026-12-07 garbage was never counted: two log lines and up to 1 s of linger each."""
+    async with running_broker(tmp_path / "data", auth_fail_rate=RATE) as h:
+        with trio.fail_after(30):
+            told_once = {}
+            for name in list(GARBAGE)[:3]:  # the burst (3)
+                data, code = GARBAGE[name]
+                f = await refusal(h.server, data)
+                assert isinstance(f, wire.Error) and f.name == code and f.close, (name, f)
+                assert f.retry_ms is None, (name, f)
+                told_once[name] = f
+            for name, (data, code) in GARBAGE.items():
+                f = await refusal(h.server, data)
+                assert isinstance(f, wire.Error) and f.name == code and f.close, (name, f)
+                assert f.retry_ms is not None and 0 < f.retry_ms <= 20_000, (name, f)
+                if name in told_once:  # told what it did wrong, as within the rate
+                    assert (f.message, f.id) == (told_once[name].message,
+                                                 told_once[name].id), (name, f)
+            assert throttled(await answer(h.server, BAD))  # one bucket: a bad token too
+            assert isinstance(await answer(h.server, h.token("alice")), wire.Welcome)
+            async with h.client("ops", role="monitor", deliver=False) as ops:
+                figures = await ops.stats()
+        assert figures.auth_throttled == 5 == h.broker.failed_hellos.throttled, figures
+        rejected = events(h.logs, "frame_rejected")
+        assert len(rejected) == 2 and not any("HTTP" in e["reason"] for e in rejected), rejected
+        closed = [e["reason"] for e in events(h.logs, "connection_closed")]
+        assert closed.count("protocol_error") == 3 and "auth_throttled" not in closed, closed
+        [said] = events(h.logs, "auth_throttled")
+        assert said["address"] == "127.0.0.1" and said["refused"] == 1, said
+        assert said["code"] == "bad_frame" and said["reason"] == told_once[
+            "msgpack that does not decode"].message, said
+        assert not events(h.logs, "auth_failed")
+
+
+async def test_garbage_past_the_rate_is_not_lingered_for(tmp_path, monkeypatch):
+    """A connection refused for its garbage past its address's rate is closed at once, not
+    held for the peer's EOF (LINGER_S, lengthened here to 30 s to tell the two apart): a peer
+    that keeps its side open and writes on after the refusal meets the broker's reset."""
+    monkeypatch.setattr(connection, "LINGER_S", 30.0)
+    async with running_broker(tmp_path / "data", auth_fail_rate=RATE) as h:
+        data, _ = GARBAGE["a first frame not a hello"]
+        with trio.fail_after(20):
+            for _ in range(3):  # the burst; each lingered for until our close
+                assert (await refusal(h.server, data)).retry_ms is None
+            host, port = h.server.rsplit(":", 1)
+            c = RawClient(await trio.open_tcp_stream(host, int(port)))
+            await c.stream.send_all(data)
+            c.conn.send(wire.Hello(versions=(1,), token=BAD, device="d"))  # awaiting an answer
+            f = await c.next()
+            assert f.name == "bad_frame" and f.retry_ms is not None, f
+            started = trio.current_time()
+            with pytest.raises(trio.BrokenResourceError):  # the broker's socket is gone
+                while True:
+                    await c.stream.send_all(b"more")
+                    await trio.sleep(0.05)
+            assert trio.current_time() - started < 10  # not LINGER_S (30 s)
+            await c.aclose()
+
+
+async def test_plaintext_on_a_tls_port_is_a_failed_hello(tmp_path):
+    """A client without TLS on a TLS port, told in the clear that the port speaks TLS, is a
+    failed hello: past its address's burst it is told the same with `retry_ms`, unlogged,
+    while a TLS client from that address is welcomed."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    async with running_broker(tmp_path / "data", auth_fail_rate=RATE, tls_cert=cert_path,
+                              tls_key=key_path) as h:
+        hello = wire.encode_frame({"t": "hello", "versions": [1], "token": h.token("x"),
+                                   "device": "d"})
+        with trio.fail_after(30):
+            answers = [await refusal(h.server, hello) for _ in range(5)]
+            async with open_client(h.server, h.token("alice"), "d", tls=ctx) as alice:
+                assert (await alice.send("over tls", to="bob")).seq == 1
+        assert all(f.name == "bad_frame" and "speaks TLS" in f.message for f in answers)
+        assert [f.retry_ms is not None for f in answers] == [False] * 3 + [True] * 2
+        assert len(events(h.logs, "frame_rejected")) == 3
+        [said] = events(h.logs, "auth_throttled")
+        assert said["code"] == "bad_frame" and "speaks TLS" in said["reason"], said
