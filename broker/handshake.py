@@ -96,7 +96,7 @@ async def run(broker: Broker, session: Session, hello: Any = None) -> bool:
         session.log = session.log.bind(device=hello.device)
         await not_a_hello(session, hello.id, wire.ErrorCode.UNSUPPORTED_VERSION,
                           f"this broker speaks protocol version {wire.PROTOCOL_VERSION}",
-                          logged=False)
+                          logged=False, counted=not _genuine(broker, hello.token))
         return False
     try:
         try:
@@ -416,10 +416,29 @@ async def _read_hello(session: Session) -> Any:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.reason = CloseReason.BROKEN
             if isinstance(exc.__cause__, ssl.SSLError):  # TLS failed (its handshake): why
-                cause = exc.__cause__
-                session.log.info("tls_failed", reason=cause.reason or str(cause))
+                _tls_failed(session, exc.__cause__)
             return None
         conn.receive_data(data)
+
+
+def _tls_failed(session: Session, cause: ssl.SSLError) -> None:
+    """A TLS port's connection whose TLS failed before its hello (its handshake, mostly: bytes
+    that begin as TLS and are not, a client that refuses the certificate): a failed hello, in
+    its address's --auth-fail-rate bucket as `not_a_hello`'s. Within it, logged `tls_failed`
+    with OpenSSL's reason; past it, only in the address's `auth_throttled` now and then (code
+    `tls_failed`), and no `connection_closed` line. Nothing is said either way: TLS failed.
+    Until 2026-12-07 (the review of the garbage throttle) it was never counted: 0x16 and then
+    garbage, as fast as a peer could connect, was two log lines each time."""
+    why = cause.reason or str(cause)
+    throttled = session.broker.failed_hellos.failed(session.address, time.monotonic())
+    if throttled is None:
+        session.log.info("tls_failed", reason=why)
+        return
+    session.reason = CloseReason.AUTH_THROTTLED  # closed at once, as BROKEN, and unlogged
+    if throttled.refused is not None:
+        session.log.warning("auth_throttled", address=session.address,
+                            refused=throttled.refused, retry_ms=throttled.retry_ms,
+                            code="tls_failed", reason=why)
 
 
 async def check_tls(session: Session) -> bool:
@@ -467,20 +486,34 @@ async def unauthorized(broker: Broker, session: Session, request_id: int | None,
                      "welcomed)")
 
 
+def _genuine(broker: Broker, token: Any) -> bool:
+    """Whether a hello's token is good (and unexpired), looked at for a hello of another
+    protocol version: a genuine client too old or too new for this broker is no failed
+    hello (`not_a_hello`, `counted` false), as no good token is counted (broker/hellos.py)."""
+    try:
+        tokens.verify(broker.keyring.keys, token)
+    except tokens.TokenError:
+        return False
+    return True
+
+
 async def not_a_hello(session: Session, request_id: int | None, code: wire.ErrorCode,
-                      why: str, *, logged: bool = True) -> None:
+                      why: str, *, logged: bool = True, counted: bool = True) -> None:
     """Refuse a connection whose first bytes are no hello this broker takes: a frame that does
     not decode (`bad_frame`, `too_large`), a first frame that is not a hello, a hello without
     a field it needs (`invalid`), a hello of another protocol version (`unsupported_version`,
-    `logged` false: its `connection_closed` line says it), plaintext on a TLS port
-    (`check_tls`). Each is a failed hello, counted against its address's --auth-fail-rate in
-    the bucket `unauthorized` takes from: within it, `code` and `why`, logged
-    `frame_rejected`, and the linger for the peer's EOF; past it, the same code and message
-    with `retry_ms`, logged only as its address's `auth_throttled` now and then, and no
-    linger. Until 2026-12-07 none was counted: a peer sending garbage as fast as it could
+    `logged` false: its `connection_closed` line says it; `counted` false if its token is
+    good: until the review of 2026-12-07 a fleet of genuine old clients behind a NAT address
+    spent its bucket, and their refusals and the address's failed tokens went unlogged),
+    plaintext on a TLS port (`check_tls`). Each is a failed hello, counted against its
+    address's --auth-fail-rate in the bucket `unauthorized` takes from: within it, `code` and
+    `why`, logged `frame_rejected`, and the linger for the peer's EOF; past it, the same code
+    and message with `retry_ms`, logged only as its address's `auth_throttled` now and then,
+    and no linger. Until 2026-12-07 none was counted: a peer sending garbage as fast as it could
     connect was answered with two log lines and up to a second's linger each."""
     broker = session.broker
-    throttled = broker.failed_hellos.failed(session.address, time.monotonic())
+    throttled = (broker.failed_hellos.failed(session.address, time.monotonic()) if counted
+                 else None)
     if throttled is None:
         session.reason = CloseReason.PROTOCOL_ERROR
         if logged:

@@ -4,19 +4,20 @@ A hello refused `unauthorized` (a forged, malformed, expired, revoked or retired
 one token from its address's bucket (`--auth-fail-rate` a second, a burst of AUTH_FAIL_BURST_S
 seconds' worth); so does a connection refused before a hello for what it sent instead
 (broker/handshake.py `not_a_hello`: a frame that does not decode, a first frame that is not a
-hello, a hello of another protocol version, plaintext on a TLS port): a failed hello is a
-failed hello, one bucket an address, or a peer would dodge the count by sending garbage (it
-did until 2026-12-07, two log lines and up to a second's linger each). While the bucket is
-empty, the address's failed hellos are answered as within it (`unauthorized`, or the garbage's
-own code and message), with `retry_ms`, but with no `auth_failed` or `frame_rejected` line of
-their own (one `auth_throttled` warning per address per REPEAT_EVERY_S says how many) and no
-wait for the peer's EOF. The code is not `rate_limited` (it was, on 2026-12-07): a genuine
-token that expired or was revoked, behind a NAT address others throttle, is one its client must
-replace, and `rate_limited` told it to keep it and try again. A good token is never counted nor
-refused (one of a key made since the broker last read its key files too: they are looked at, as
-for an address not throttled); the token is verified first (about 7 us, a small part of what
-the connection costs), so the stores of a fleet behind one NAT address are welcomed however
-many broken ones share it (docs/OPERATIONS.md, "Limits").
+hello, a hello of another protocol version whose token fails, plaintext on a TLS port; and
+`_tls_failed`, a TLS handshake that fails; the token and TLS since the review of 2026-12-07): a
+failed hello is a failed hello, one bucket an address, or a peer would dodge the count by
+sending garbage (it did until 2026-12-07, two log lines and up to a second's linger each). While
+the bucket is empty, the address's failed hellos are answered as within it (`unauthorized`, or
+the garbage's own code and message), with `retry_ms`, but with no `auth_failed` or
+`frame_rejected` line of their own (one `auth_throttled` warning per address per REPEAT_EVERY_S
+says how many) and no wait for the peer's EOF. The code is not `rate_limited` (it was, on
+2026-12-07): a genuine token that expired or was revoked, behind a NAT address others throttle,
+is one its client must replace, and `rate_limited` told it to keep it and try again. A good
+token is never counted nor refused (one of a key made since the broker last read its key files
+too: they are looked at, as for an address not throttled); the token is verified first (about 7
+us, a small part of what the connection costs), so the stores of a fleet behind one NAT address
+are welcomed however many broken ones share it (docs/OPERATIONS.md, "Limits").
 
 An address is an IPv4 address, or an IPv6 address's /64 (the least a site is given, so one
 host cannot dodge the count by walking its own prefix); an IPv4-mapped IPv6 address is its

@@ -204,3 +204,15 @@ def rst_close(stream: trio.SocketStream) -> None:
 
 def mounts_allowed() -> bool:
     return shutil.which("mount") is not None and os.geteuid() == 0
+
+
+def tls_pair(tmp_path):
+    """A trustme CA, and a certificate and key for 127.0.0.1 written to tmp_path."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return ca, cert_path, key_path

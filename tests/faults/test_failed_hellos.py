@@ -10,13 +10,12 @@ import struct
 
 import pytest
 import trio
-import trustme
 
 import protocol as wire
 from broker import connection, keyring, tokens
 from broker.client import ClientError, open_client
 from broker.hellos import address_key
-from tests.faults.conftest import RawClient
+from tests.faults.conftest import RawClient, raw_bytes_exchange, tls_pair
 from tests.harness import running_broker
 from tests.procs import as_user, homing, lines
 
@@ -329,11 +328,7 @@ async def test_plaintext_on_a_tls_port_is_a_failed_hello(tmp_path):
     """A client without TLS on a TLS port, told in the clear that the port speaks TLS, is a
     failed hello: past its address's burst it is told the same with `retry_ms`, unlogged,
     while a TLS client from that address is welcomed."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
+    ca, cert_path, key_path = tls_pair(tmp_path)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     async with running_broker(tmp_path / "data", auth_fail_rate=RATE, tls_cert=cert_path,
@@ -349,3 +344,56 @@ async def test_plaintext_on_a_tls_port_is_a_failed_hello(tmp_path):
         assert len(events(h.logs, "frame_rejected")) == 3
         [said] = events(h.logs, "auth_throttled")
         assert said["code"] == "bad_frame" and "speaks TLS" in said["reason"], said
+
+
+async def test_a_genuine_client_of_another_version_is_not_a_failed_hello(tmp_path):
+    """A hello of another protocol version with a good token (a fleet's old clients behind one
+    NAT address, after an upgrade) is refused `unsupported_version` each time, with its
+    `connection_closed` line naming the device, and counts nothing: a bad token from that
+    address after five of them is told `unauthorized` without `retry_ms`. Until the review of
+    2026-12-07 each took from the address's bucket: past the burst the old clients' refusals
+    went unlogged, and so did the address's failed tokens."""
+    async with running_broker(tmp_path / "data", auth_fail_rate=RATE) as h:
+        old = wire.encode_frame({"t": "hello", "versions": [99], "token": h.token("old"),
+                                 "device": "old-phone", "id": 7})
+        with trio.fail_after(30):
+            answers = [await refusal(h.server, old) for _ in range(5)]
+            assert told(await answer(h.server, BAD))
+        assert all(f.name == "unsupported_version" and f.retry_ms is None for f in answers), \
+            answers
+        assert h.broker.failed_hellos.throttled == 0
+        closed = [e for e in events(h.logs, "connection_closed")
+                  if e["reason"] == "protocol_error"]
+        assert [e["device"] for e in closed] == ["old-phone"] * 5, closed
+        assert not events(h.logs, "auth_throttled")
+
+
+async def test_a_failed_tls_handshake_is_a_failed_hello(tmp_path):
+    """Bytes on a TLS port that begin as TLS (0x16) and are no TLS handshake are a failed
+    hello, in the bucket of the address's failed tokens: within the burst each is logged
+    `tls_failed`; past it, nothing of its own (no `tls_failed` nor `connection_closed` line)
+    but the address's `auth_throttled` (code `tls_failed`), a bad token over TLS after them is
+    throttled, and a good one welcomed. Until the review of 2026-12-07 none was counted: two
+    log lines each, as fast as a peer could connect."""
+    ca, cert_path, key_path = tls_pair(tmp_path)
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    not_tls = b"\x16\x03\x01\x00\x08" + b"\xff" * 8  # a handshake record of garbage
+    async with running_broker(tmp_path / "data", auth_fail_rate=RATE, tls_cert=cert_path,
+                              tls_key=key_path) as h:
+        with trio.fail_after(30):
+            for _ in range(5):
+                said = await raw_bytes_exchange(h.server, not_tls, read_s=10)
+                assert said[:1] in (b"", b"\x15"), said  # TLS's alert at most: no frame
+            c = await RawClient.connect(h.server, ssl_context=ctx)
+            await c.send(wire.Hello(versions=(1,), token=BAD, device="d", id=7))
+            assert throttled(await c.next())
+            await c.aclose()
+            async with open_client(h.server, h.token("alice"), "d", tls=ctx) as alice:
+                assert (await alice.send("over tls", to="bob")).seq == 1
+        assert len(events(h.logs, "tls_failed")) == 3, events(h.logs, "tls_failed")
+        closed = [e["reason"] for e in events(h.logs, "connection_closed")]
+        assert closed.count("broken") == 3, closed
+        [said] = events(h.logs, "auth_throttled")
+        assert said["code"] == "tls_failed" and said["refused"] == 1, said
+        assert h.broker.failed_hellos.throttled == 3

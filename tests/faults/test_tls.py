@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 import protocol as wire
 from broker import awaiting, handshake
 from broker.client import ClientError, NotTls, NotTrusted, open_client
-from tests.faults.conftest import RawClient, raw_bytes_exchange
+from tests.faults.conftest import RawClient, raw_bytes_exchange, tls_pair
 from tests.harness import running_broker
 from tests.waits import wait_until
 
@@ -70,16 +70,6 @@ async def test_a_tls_client_of_a_plaintext_broker_stops_at_once(tmp_path):
                 assert (await eve.send("plain", to="bob")).seq == 1
 
 
-def _tls_pair(tmp_path):
-    """A trustme CA, and a certificate and key for 127.0.0.1 written to tmp_path."""
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1", "localhost")
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_path))
-    cert.private_key_pem.write_to_path(str(key_path))
-    return ca, cert_path, key_path
-
-
 async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_path,
                                                                             monkeypatch):
     """A client without TLS on the TLS port is answered in the clear with a closing `bad_frame`
@@ -94,7 +84,7 @@ async def test_a_plaintext_client_of_a_tls_broker_is_told_and_stops_at_once(tmp_
     # The TLS client past --max-handshakes 1 comes while the silent one holds its place: on a
     # busy machine, maybe past the second after which it would take that place instead.
     monkeypatch.setattr(awaiting, "SILENT_S", 30.0)
-    ca, cert_path, key_path = _tls_pair(tmp_path)
+    ca, cert_path, key_path = tls_pair(tmp_path)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path,
@@ -152,7 +142,7 @@ async def test_a_tls_client_takes_the_place_of_a_silent_connection(tmp_path):
     place and is welcomed; the silent one, to which TLS never began, is closed with nothing
     said. Before 2026-12-07 the client was refused `limit_exceeded` until the silent one timed
     out (30 s here)."""
-    ca, cert_path, key_path = _tls_pair(tmp_path)
+    ca, cert_path, key_path = tls_pair(tmp_path)
     ctx = ssl.create_default_context()
     ca.configure_trust(ctx)
     async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path,
@@ -176,7 +166,7 @@ async def test_a_connection_that_said_nothing_does_not_hold_the_stop(tmp_path):
     once, closing it as stopped, not when the connection's handshake timeout is out (30 s
     here, and a shutdown grace longer still, so that the two stay far apart on a busy
     machine)."""
-    _ca, cert_path, key_path = _tls_pair(tmp_path)
+    _ca, cert_path, key_path = tls_pair(tmp_path)
     async with running_broker(tmp_path / "data", tls_cert=cert_path, tls_key=key_path,
                               handshake_timeout_s=30, shutdown_grace_s=60) as h:
         with capture_logs() as logs, trio.fail_after(90):
