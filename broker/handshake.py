@@ -434,11 +434,7 @@ def _tls_failed(session: Session, cause: ssl.SSLError) -> None:
     if throttled is None:
         session.log.info("tls_failed", reason=why)
         return
-    session.reason = CloseReason.AUTH_THROTTLED  # closed at once, as BROKEN, and unlogged
-    if throttled.refused is not None:
-        session.log.warning("auth_throttled", address=session.address,
-                            refused=throttled.refused, retry_ms=throttled.retry_ms,
-                            code="tls_failed", reason=why)
+    _say_throttled(session, throttled, "tls_failed", why)  # closed at once, as BROKEN
 
 
 async def check_tls(session: Session) -> bool:
@@ -531,12 +527,18 @@ async def _throttled(session: Session, throttled: Throttled, request_id: int | N
     `retry_ms`, closing; its `auth_throttled` line if its address has had none within
     REPEAT_EVERY_S, and no line of its own (the session's reason tells broker/connection.py
     neither to log its `connection_closed` nor to linger for the peer's EOF)."""
+    _say_throttled(session, throttled, code.wire_name, why)
+    await refuse(session, request_id, code, message, throttled.retry_ms)
+
+
+def _say_throttled(session: Session, throttled: Throttled, code: str, why: str) -> None:
+    """A failed hello past its address's --auth-fail-rate ends unlogged (AUTH_THROTTLED), but
+    for its address's `auth_throttled` warning now and then (`throttled.refused`)."""
     session.reason = CloseReason.AUTH_THROTTLED
     if throttled.refused is not None:
         session.log.warning("auth_throttled", address=session.address,
                             refused=throttled.refused, retry_ms=throttled.retry_ms,
-                            code=code.wire_name, reason=why)
-    await refuse(session, request_id, code, message, throttled.retry_ms)
+                            code=code, reason=why)
 
 
 async def refuse(session: Session, request_id: int | None, code: wire.ErrorCode,
