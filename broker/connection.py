@@ -48,11 +48,10 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
     session.address = address_key(host)  # its failed hellos' count (broker/hellos.py)
     session.tls_unchecked = broker.tls is not None
     attached = False
-    hello = None
+    past = None
     try:
         if broker.handshaking >= broker.config.max_handshakes:
             past = await handshake.past_limit(broker, session)
-            hello = past.hello
             if not (past.check or (past.spoke and _place_for(broker))):
                 session.reason = CloseReason.LIMIT
                 if (refused := broker.handshakes_full.count(time.monotonic())) is not None:
@@ -68,7 +67,7 @@ async def handle(broker: Broker, stream: trio.abc.Stream) -> None:
                 return
         broker.handshaking += 1
         try:
-            attached = await handshake.run(broker, session, hello)
+            attached = await handshake.run(broker, session, past)
         except StorageError as exc:  # a read of the store failed: say so, and end
             session.reason = CloseReason.STORAGE
             session.log.error("hello_failed", reason=str(exc))

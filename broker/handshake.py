@@ -62,9 +62,10 @@ CHECK_CROWDED_S = 0.025
 PARTING_S = 1.0
 
 
-async def run(broker: Broker, session: Session, hello: Any = None) -> bool:
-    """Read hello (unless `past_limit` read it), authenticate, and answer welcome; False if
-    the session must end."""
+async def run(broker: Broker, session: Session, past: PastLimit | None = None) -> bool:
+    """Read hello (unless `past_limit` read it, and verified its token), authenticate, and
+    answer welcome; False if the session must end."""
+    hello, claims = (past.hello, past.claims) if past is not None else (None, None)
     cfg = broker.config
     if hello is None:
         with trio.move_on_after(cfg.handshake_timeout_s) as waiting:
@@ -96,11 +97,12 @@ async def run(broker: Broker, session: Session, hello: Any = None) -> bool:
         session.log = session.log.bind(device=hello.device)
         await not_a_hello(session, hello.id, wire.ErrorCode.UNSUPPORTED_VERSION,
                           f"this broker speaks protocol version {wire.PROTOCOL_VERSION}",
-                          logged=False, counted=not _genuine(broker, hello.token))
+                          logged=False, counted=_claims(broker, hello.token) is None)
         return False
     try:
         try:
-            claims = tokens.verify(broker.keyring.keys, hello.token)
+            if claims is None:
+                claims = tokens.verify(broker.keyring.keys, hello.token)
         except tokens.UnknownKey:  # minted since a rotate? The files say (two stat calls)
             # Even for an address past --auth-fail-rate (a few us a hello): a token of the new
             # key, beside the retired ones that throttled its address, is a good one.
@@ -334,13 +336,14 @@ class PastLimit(NamedTuple):
     """What a connection past --max-handshakes showed in its check place (`past_limit`)."""
 
     hello: Any  # its hello, read whole (a plain TCP port only), else None
+    claims: tokens.Claims | None  # its token's, verified (with a hello only)
     check: bool  # a monitor's check: taken whatever the crowd
     # Its hello with a good token (plain TCP), or TLS's first byte: it may take the place of a
     # silent connection (broker/awaiting.py)
     spoke: bool
 
 
-SILENT = PastLimit(None, False, False)
+SILENT = PastLimit(None, None, False, False)
 
 
 async def past_limit(broker: Broker, session: Session) -> PastLimit:
@@ -372,7 +375,7 @@ async def past_limit(broker: Broker, session: Session) -> PastLimit:
     if not data:  # None: none in time, an EOF
         return SILENT
     if session.tls_unchecked:
-        return PastLimit(None, False, data[0] == 0x16)
+        return PastLimit(None, None, False, data[0] == 0x16)
     conn = session.conn
     conn.receive_data(data)
     try:
@@ -381,11 +384,9 @@ async def past_limit(broker: Broker, session: Session) -> PastLimit:
         return SILENT
     if not isinstance(hello, wire.Hello):
         return SILENT
-    try:
-        claims = tokens.verify(broker.keyring.keys, hello.token)
-    except tokens.TokenError:
+    if (claims := _claims(broker, hello.token)) is None:
         return SILENT
-    return PastLimit(hello, not hello.deliver and claims.role in CHECK_ROLES, True)
+    return PastLimit(hello, claims, not hello.deliver and claims.role in CHECK_ROLES, True)
 
 
 async def _first_byte(session: Session) -> bytes | None:
@@ -482,15 +483,16 @@ async def unauthorized(broker: Broker, session: Session, request_id: int | None,
                      "welcomed)")
 
 
-def _genuine(broker: Broker, token: Any) -> bool:
-    """Whether a hello's token is good (and unexpired), looked at for a hello of another
-    protocol version: a genuine client too old or too new for this broker is no failed
-    hello (`not_a_hello`, `counted` false), as no good token is counted (broker/hellos.py)."""
+def _claims(broker: Broker, token: Any) -> tokens.Claims | None:
+    """A hello's token's claims if it is good (and unexpired), else None, with the keys as
+    they stand (no refresh: an unknown key is no good token here). Asked past
+    --max-handshakes (`past_limit`), and for a hello of another protocol version: a genuine
+    client too old or too new for this broker is no failed hello (`not_a_hello`, `counted`
+    false), as no good token is counted (broker/hellos.py)."""
     try:
-        tokens.verify(broker.keyring.keys, token)
+        return tokens.verify(broker.keyring.keys, token)
     except tokens.TokenError:
-        return False
-    return True
+        return None
 
 
 async def not_a_hello(session: Session, request_id: int | None, code: wire.ErrorCode,
