@@ -44,11 +44,16 @@ async def test_a_crowd_refused_at_max_handshakes_is_logged_in_a_few_lines(tmp_pa
             while h.broker.handshaking < 2:
                 await trio.sleep(0.01)
             began = time.monotonic()
-            for _ in range(CROWD):
+
+            async def refused() -> None:
                 c = RawClient(await trio.open_tcp_stream("127.0.0.1", h.broker.port))
                 err = await c.next()
                 assert isinstance(err, wire.Error) and err.name == "limit_exceeded", err
                 await c.stream.aclose()
+
+            async with trio.open_nursery() as crowd:  # at once, as a restart's crowd comes
+                for _ in range(CROWD):  # (one by one, each waited CHECK_WAIT_S: 50 s)
+                    crowd.start_soon(refused)
             lines = said(h.logs, "handshakes_full", time.monotonic() - began)
             assert lines[0]["refused"] == 1 and lines[0]["limit"] == 2
             assert sum(e["refused"] for e in lines) <= CROWD
