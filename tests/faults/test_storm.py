@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import trio
 
 import protocol as wire
@@ -82,6 +83,11 @@ def _check(env: dict) -> dict:
             "wall_s": round(time.monotonic() - began, 2), "stderr": proc.stderr[-300:]}
 
 
+# Long (one at a time in CI): a probe past --max-handshakes must say its hello within
+# handshake.CHECK_CROWDED_S of its connect, and a test beside it in the default run's other
+# worker delayed the prober's hellos past that (2 of 238 probes refused, at 118 and 168 ms, in a
+# default run of 2026-12-07 on 2 cores; the same under two busy loops, 3 of 6 runs).
+@pytest.mark.long
 async def test_health_is_answered_promptly_through_a_reconnect_storm(broker_process, tally):
     """Every `homing health` run while 300 devices, each 600 notices behind, come back at once
     after a SIGKILL and restart at --max-handshakes 1 is answered `ok` (exit 0) within
