@@ -155,8 +155,8 @@ def test_backups_into_the_same_dest_at_once_leave_one_whole_copy(tmp_path):
     `data.mdb` with a traceback and left DEST holding `secret.key` alone (13 of 40 pairs run
     by a script).
     Rounds of 8 runs let go at once are run until two race so (a loser refused at the copy, not
-    at the check): 12 rounds of 20 did here, about 2.5 s a round (two runs started as the
-    command is, 1 pair of 20 at best, took up to a minute)."""
+    at the check): two did in 12 of 20 rounds here, about 2.5 s a round (pairs started as the
+    command is raced in 1 of 20 at best, and took up to a minute to)."""
     from tests.broker.test_docs_review import _big_data_dir
 
     data = tmp_path / "data"
