@@ -25,7 +25,7 @@
  * once first (storage.projections).
  */
 
-#define FOLD_VERSION 17 /* bump with any change of behaviour or signature; see storage/native.py */
+#define FOLD_VERSION 18 /* bump with any change of behaviour or signature; see storage/native.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -214,8 +214,9 @@ static PyObject *rows_digest(PyObject *self, PyObject *args) {
  * append-only tables (storage.memory_tables.ListedTable). A rebuild writes its rows to LMDB in
  * key order; as Python objects made in write order, the sorted walk over them (the put, then the
  * frees) missed the CPU cache on nearly every row. Kept here, they are sorted in place and
- * turned into objects in key order, one at a time, as the put asks for them (SortedRows). Each
- * row: u32 klen, u32 vlen, key, value. */
+ * handed to storage._rowio as they lie (SortedRows.packed), or turned into objects in key
+ * order, one at a time, as a put asks for them (SortedRows). Each row: u32 klen, u32 vlen,
+ * key, value. */
 typedef struct {
     PyObject_HEAD
     char *data;
@@ -224,8 +225,38 @@ typedef struct {
 
 static PyTypeObject RowsType;
 
-static int rows_add(RowsObject *self, const char *k, Py_ssize_t klen, const char *v,
-                    Py_ssize_t vlen) {
+/* A row's key or value given as the pieces it is made of, so that nothing is allocated to join
+ * them where they are only to be copied (a rebuild's rows into a Rows buffer). */
+typedef struct {
+    const char *p;
+    Py_ssize_t n;
+} part;
+
+static Py_ssize_t parts_len(const part *ps, int n) {
+    Py_ssize_t len = 0;
+    for (int i = 0; i < n; i++)
+        len += ps[i].n;
+    return len;
+}
+
+static char *put_parts_at(char *dst, const part *ps, int n) {
+    for (int i = 0; i < n; i++) {
+        memcpy(dst, ps[i].p, (size_t)ps[i].n);
+        dst += ps[i].n;
+    }
+    return dst;
+}
+
+/* The pieces joined as a new bytes object, or NULL with an exception set. */
+static PyObject *bytes_of(const part *ps, int n) {
+    PyObject *out = PyBytes_FromStringAndSize(NULL, parts_len(ps, n));
+    if (out != NULL)
+        put_parts_at(PyBytes_AS_STRING(out), ps, n);
+    return out;
+}
+
+static int rows_add_parts(RowsObject *self, const part *kp, int nk, const part *vp, int nv) {
+    Py_ssize_t klen = parts_len(kp, nk), vlen = parts_len(vp, nv);
     if (klen > UINT32_MAX || vlen > UINT32_MAX) {
         PyErr_SetString(PyExc_OverflowError, "Rows: a key or value of 4 GiB or more");
         return -1;
@@ -251,11 +282,16 @@ static int rows_add(RowsObject *self, const char *k, Py_ssize_t klen, const char
     uint32_t lens[2] = {(uint32_t)klen, (uint32_t)vlen};
     char *p = self->data + self->len;
     memcpy(p, lens, 8);
-    memcpy(p + 8, k, (size_t)klen);
-    memcpy(p + 8 + klen, v, (size_t)vlen);
+    put_parts_at(put_parts_at(p + 8, kp, nk), vp, nv);
     self->len += need;
     self->count++;
     return 0;
+}
+
+static int rows_add(RowsObject *self, const char *k, Py_ssize_t klen, const char *v,
+                    Py_ssize_t vlen) {
+    part kp = {k, klen}, vp = {v, vlen};
+    return rows_add_parts(self, &kp, 1, &vp, 1);
 }
 
 static void rows_clear_impl(RowsObject *self) {
@@ -368,7 +404,8 @@ static int cmp_refs(const void *a, const void *b) {
 typedef struct {
     PyObject_HEAD
     char *data;
-    const char **recs;
+    Py_ssize_t len;   /* bytes of data */
+    int64_t *order;   /* each row's offset in data, in key order */
     Py_ssize_t count;
 } SortedRowsObject;
 
@@ -382,7 +419,7 @@ static PyTypeObject SortedRowsType, SortedRowsIterType;
 
 static void sorted_rows_dealloc(SortedRowsObject *self) {
     PyMem_Free(self->data);
-    PyMem_Free(self->recs);
+    PyMem_Free(self->order);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -412,11 +449,11 @@ static int sorted_rows_iter_traverse(SortedRowsIterObject *self, visitproc visit
 static PyObject *sorted_rows_iter_next(SortedRowsIterObject *self) {
     if (self->rows == NULL || self->pos >= self->rows->count)
         return NULL; /* StopIteration */
-    return row_tuple(self->rows->recs[self->pos++]);
+    return row_tuple(self->rows->data + self->rows->order[self->pos++]);
 }
 
-/* RowView: the bytes of one key or value inside a SortedRows, read through the buffer protocol
- * (what a `putmulti` takes), without a copy. It keeps its SortedRows, and so the bytes, alive. */
+/* RowView: bytes inside a SortedRows (a key or a value, or all of its records), read through the
+ * buffer protocol (what a `putmulti` takes), without a copy. It keeps its SortedRows, and so the bytes, alive. */
 typedef struct {
     PyObject_HEAD
     PyObject *owner;
@@ -453,7 +490,8 @@ static PyTypeObject RowViewType = {
     .tp_dealloc = (destructor)row_view_dealloc,
     .tp_as_buffer = &row_view_as_buffer,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A key or value of a SortedRows, as a read-only buffer (SortedRows.transient).",
+    .tp_doc = "Bytes inside a SortedRows, as a read-only buffer (SortedRows.transient, "
+              "SortedRows.packed).",
 };
 
 /* SortedRows.transient(): an iterator of `(key, value)` pairs of RowViews over the rows, for a
@@ -489,7 +527,7 @@ static void transient_iter_dealloc(TransientIterObject *self) {
 static PyObject *transient_iter_next(TransientIterObject *self) {
     if (self->pos >= self->rows->count)
         return NULL; /* StopIteration */
-    const char *rec = self->rows->recs[self->pos++];
+    const char *rec = self->rows->data + self->rows->order[self->pos++];
     uint32_t lens[2];
     memcpy(lens, rec, 8);
     const char *k = rec + 8, *v = rec + 8 + lens[0];
@@ -537,15 +575,15 @@ static PyObject *rows_take_sorted(RowsObject *self, PyObject *unused) {
     if (out == NULL)
         return NULL;
     out->data = NULL;
-    out->count = 0;
-    out->recs = PyMem_Malloc(sizeof(char *) * (size_t)(n ? n : 1));
+    out->len = out->count = 0;
+    out->order = PyMem_Malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
     sort_ref *refs = PyMem_Malloc(sizeof(sort_ref) * (size_t)(n ? n : 1));
-    if (refs == NULL || out->recs == NULL) {
+    if (refs == NULL || out->order == NULL) {
         PyMem_Free(refs);
-        Py_DECREF(out); /* frees recs */
+        Py_DECREF(out); /* frees order */
         return PyErr_NoMemory();
     }
-    const char **recs = out->recs;
+    int64_t *order = out->order;
     const char *p = self->data;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint32_t lens[2];
@@ -556,13 +594,32 @@ static PyObject *rows_take_sorted(RowsObject *self, PyObject *unused) {
     }
     qsort(refs, (size_t)n, sizeof(sort_ref), cmp_refs);
     for (Py_ssize_t i = 0; i < n; i++)
-        recs[i] = refs[i].rec;
+        order[i] = refs[i].rec - self->data;
     PyMem_Free(refs);
-    out->data = self->data; /* taken over: the records point into it */
+    out->data = self->data; /* taken over */
+    out->len = self->len;
     out->count = n;
     self->data = NULL;
     self->len = self->cap = self->count = 0;
     return (PyObject *)out;
+}
+
+/* SortedRows.packed() -> (data, order): the rows as two read-only buffers, for a consumer in C
+ * that writes them without an object a row (storage._rowio.append_packed). `data` holds the
+ * records in write order, each u32 klen, u32 vlen (native byte order), key, value; `order` is
+ * one native int64 a row, in key order, each the offset of its record in `data`. Both keep the
+ * SortedRows, and so its memory, alive. */
+static PyObject *sorted_rows_packed(SortedRowsObject *self, PyObject *unused) {
+    static const char empty[1];
+    PyObject *owner = (PyObject *)self;
+    RowViewObject *data = row_view_new(owner, self->data ? self->data : empty, self->len);
+    RowViewObject *order = data == NULL ? NULL
+        : row_view_new(owner, (const char *)self->order, self->count * (Py_ssize_t)sizeof(int64_t));
+    if (order == NULL) {
+        Py_XDECREF(data);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", data, order);
 }
 
 static PySequenceMethods sorted_rows_as_sequence = {.sq_length = (lenfunc)sorted_rows_length};
@@ -571,6 +628,9 @@ static PyMethodDef sorted_rows_methods[] = {
     {"transient", (PyCFunction)sorted_rows_transient, METH_NOARGS,
      "transient() -> iterator of (key, value) read-only buffers, the same pair reused for each "
      "row while nobody else holds it: for putmulti, which lets go of each row before the next."},
+    {"packed", (PyCFunction)sorted_rows_packed, METH_NOARGS,
+     "packed() -> (data, order): the records (u32 klen, u32 vlen, key, value, in write order) "
+     "and their offsets in key order (native int64), as read-only buffers."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -674,6 +734,41 @@ static int put_row(PyObject *tables, PyObject *name, sink *s, PyObject *key, PyO
     return rc;
 }
 
+/* put_row of a key and value given in pieces: copied straight into a Rows buffer (`listed`),
+ * else joined into bytes first. */
+static int put_parts(PyObject *tables, PyObject *name, sink *s, const part *kp, int nk,
+                     const part *vp, int nv) {
+    if (s != NULL && s->listed != NULL)
+        return rows_add_parts((RowsObject *)s->listed, kp, nk, vp, nv);
+    PyObject *key = bytes_of(kp, nk), *value = key == NULL ? NULL : bytes_of(vp, nv);
+    int rc = value == NULL ? -1 : put_row(tables, name, s, key, value);
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    return rc;
+}
+
+/* The views add_message reads, each looked up on `tables` when first needed and kept: for one
+ * message (the live path), or for a whole run of them (fold_messages, whose tables keep their
+ * views while it runs: only add_message writes them meanwhile, and it never replaces one). */
+typedef struct {
+    PyObject *conv_seq, *inbox_head, *member, *parts, *read, *recv;
+} views;
+
+static PyObject *view_of(PyObject *owner, PyObject **slot, PyObject *name) {
+    if (*slot == NULL)
+        *slot = PyObject_GetAttr(owner, name);
+    return *slot; /* borrowed from the views */
+}
+
+static void views_clear(views *v) {
+    Py_CLEAR(v->conv_seq);
+    Py_CLEAR(v->inbox_head);
+    Py_CLEAR(v->member);
+    Py_CLEAR(v->parts);
+    Py_CLEAR(v->read);
+    Py_CLEAR(v->recv);
+}
+
 /* The inbox entry of a message, msgpack `[kind_msg, conv, seq, lsn]` exactly as
  * msgpack.Packer() writes it (str as fixstr/str8/str16/str32, ints in their smallest form). */
 static void put_str(char **p, const char *data, Py_ssize_t len) {
@@ -722,42 +817,34 @@ static void put_uint(char **p, uint64_t v) {
     *p = (char *)q;
 }
 
-static PyObject *pack_entry(const char *conv, Py_ssize_t conv_len, uint64_t seq, uint64_t lsn) {
-    Py_ssize_t kind_len;
-    const char *kind = PyUnicode_AsUTF8AndSize(kind_msg, &kind_len);
-    if (kind == NULL)
-        return NULL;
-    char buf[64];
-    Py_ssize_t size = 1 + 5 + kind_len + 5 + conv_len + 9 + 9;
-    char *mem = size <= (Py_ssize_t)sizeof(buf) ? buf : PyMem_Malloc(size);
-    if (mem == NULL)
-        return PyErr_NoMemory();
+/* Writes the entry at `mem`, which holds entry_cap(conv_len, kind_len) bytes; its length. */
+static Py_ssize_t entry_cap(Py_ssize_t conv_len, Py_ssize_t kind_len) {
+    return 1 + 5 + kind_len + 5 + conv_len + 9 + 9;
+}
+
+static Py_ssize_t pack_entry(char *mem, const char *kind, Py_ssize_t kind_len, const char *conv,
+                             Py_ssize_t conv_len, uint64_t seq, uint64_t lsn) {
     char *p = mem;
     *p++ = (char)0x94;
     put_str(&p, kind, kind_len);
     put_str(&p, conv, conv_len);
     put_uint(&p, seq);
     put_uint(&p, lsn);
-    PyObject *out = PyBytes_FromStringAndSize(mem, p - mem);
-    if (mem != buf)
-        PyMem_Free(mem);
-    return out;
+    return p - mem;
 }
 
 /* The sender's marks `read` and `recv`: raise each to seq_b (bytes order is int order). A
  * mark that is no 8 bytes is damaged: struct.error, as the Python version (`message_fault`
  * names it). */
-static int raise_marks(PyObject *tables, PyObject *mark, PyObject *seq_b) {
-    PyObject *names[2] = {s_read, s_recv};
+static int raise_marks(PyObject *tables, views *vs, PyObject *mark, PyObject *seq_b) {
+    PyObject *names[2] = {s_read, s_recv}, **slots[2] = {&vs->read, &vs->recv};
     for (int i = 0; i < 2; i++) {
-        PyObject *view = PyObject_GetAttr(tables, names[i]);
+        PyObject *view = view_of(tables, slots[i], names[i]);
         if (view == NULL)
             return -1;
         PyObject *old = PyObject_GetItem(view, mark);
-        if (old == NULL) {
-            Py_DECREF(view);
+        if (old == NULL)
             return -1;
-        }
         int lower = 1;
         if (old != Py_None && (!PyBytes_Check(old) || PyBytes_GET_SIZE(old) != 8)) {
             PyErr_SetString(struct_error, "unpack requires a buffer of 8 bytes");
@@ -765,9 +852,7 @@ static int raise_marks(PyObject *tables, PyObject *mark, PyObject *seq_b) {
         } else if (old != Py_None)
             lower = PyObject_RichCompareBool(old, seq_b, Py_LT);
         Py_DECREF(old);
-        int rc = lower < 0 ? -1 : (lower ? set_row(view, mark, seq_b) : 0);
-        Py_DECREF(view);
-        if (rc < 0)
+        if ((lower < 0 ? -1 : (lower ? set_row(view, mark, seq_b) : 0)) < 0)
             return -1;
     }
     return 0;
@@ -775,14 +860,14 @@ static int raise_marks(PyObject *tables, PyObject *mark, PyObject *seq_b) {
 
 /* For each member of the conversation, its next inbox entry. Returns 1 if the sender is a
  * member, 0 if not, -1 on error. `heads` may be NULL (a replay does not need them). */
-static int fill_inboxes(PyObject *tables, PyObject *prefix, PyObject *sender, PyObject *entry,
-                        PyObject *heads, sink *inbox_sink) {
+static int fill_inboxes(PyObject *tables, views *vs, PyObject *prefix, PyObject *sender,
+                        const part *entry, PyObject *heads, sink *inbox_sink) {
     int sender_member = 0, rc = -1;
-    PyObject *inbox_head = NULL, *member = NULL, *parts = NULL, *rows = NULL, *it = NULL,
-             *row = NULL;
-    if (!(inbox_head = PyObject_GetAttr(tables, s_inbox_head)) ||
-        !(member = PyObject_GetAttr(tables, s_member)) ||
-        !(parts = PyObject_GetAttr(member, s_parts)) ||
+    PyObject *inbox_head, *member, *parts, *rows = NULL, *it = NULL, *row = NULL,
+             *entry_o = NULL;
+    if (!(inbox_head = view_of(tables, &vs->inbox_head, s_inbox_head)) ||
+        !(member = view_of(tables, &vs->member, s_member)) ||
+        !(parts = view_of(member, &vs->parts, s_parts)) ||
         !(rows = PyObject_GetItem(parts, prefix)) || !(it = PyObject_GetIter(rows)))
         goto done;
     while ((row = PyIter_Next(it)) != NULL) {
@@ -804,13 +889,19 @@ static int fill_inboxes(PyObject *tables, PyObject *prefix, PyObject *sender, Py
         PyObject *head_b = pack_u64(head);
         if (head_b == NULL)
             goto done;
+        part key[2] = {{PyBytes_AS_STRING(ukey0), PyBytes_GET_SIZE(ukey0)},
+                       {PyBytes_AS_STRING(head_b), 8}};
         int set = set_row(inbox_head, ukey, head_b);
-        PyObject *key = set < 0 ? NULL : concat(ukey0, NULL, head_b);
+        if (set == 0 && inbox_sink != NULL && inbox_sink->listed != NULL) {
+            set = put_parts(tables, s_inbox, inbox_sink, key, 2, entry, 1);
+        } else if (set == 0) { /* kept as objects: every member's row holds the one entry */
+            PyObject *key_o = bytes_of(key, 2);
+            if (entry_o == NULL && key_o != NULL)
+                entry_o = bytes_of(entry, 1);
+            set = entry_o == NULL ? -1 : put_row(tables, s_inbox, inbox_sink, key_o, entry_o);
+            Py_XDECREF(key_o);
+        }
         Py_DECREF(head_b);
-        if (key == NULL)
-            goto done;
-        set = put_row(tables, s_inbox, inbox_sink, key, entry);
-        Py_DECREF(key);
         if (set < 0)
             goto done;
         if (heads != NULL) {
@@ -835,64 +926,68 @@ done:
     Py_XDECREF(row);
     Py_XDECREF(it);
     Py_XDECREF(rows);
-    Py_XDECREF(parts);
-    Py_XDECREF(member);
-    Py_XDECREF(inbox_head);
+    Py_XDECREF(entry_o);
     return rc;
 }
 
 /* add_message proper (ckey, sender, cid are bytes; conv is ckey's text as UTF-8). Sets *seq_out;
  * returns 0, or -1 with an exception set. `sinks` (msg, inbox, idem) may be NULL. */
-static int add_message_impl(PyObject *tables, PyObject *ckey, const char *conv,
+static int add_message_impl(PyObject *tables, views *vs, PyObject *ckey, const char *conv,
                             Py_ssize_t conv_len, PyObject *sender, PyObject *cid, uint64_t lsn,
                             PyObject *heads, sink *sinks, uint64_t *seq_out) {
     int rc = -1;
-    PyObject *conv_seq = NULL, *old = NULL, *seq_b = NULL, *prefix = NULL, *key = NULL,
-             *value = NULL, *entry = NULL;
+    views own = {0};
+    if (vs == NULL)
+        vs = &own; /* one message's: let go at the end */
+    PyObject *conv_seq, *old = NULL, *seq_b = NULL, *prefix = NULL, *key = NULL;
+    char lsn_b[8], idem_b[16], entry_buf[128], *entry_mem = entry_buf;
     uint64_t seq;
-    if (!(conv_seq = PyObject_GetAttr(tables, s_conv_seq)) ||
+    Py_ssize_t kind_len;
+    const char *kind = PyUnicode_AsUTF8AndSize(kind_msg, &kind_len);
+    if (kind == NULL || !(conv_seq = view_of(tables, &vs->conv_seq, s_conv_seq)) ||
         !(old = PyObject_GetItem(conv_seq, ckey)) || next_counter(old, &seq) < 0 ||
         !(seq_b = pack_u64(seq)) || set_row(conv_seq, ckey, seq_b) < 0 ||
         !(prefix = concat(ckey, "\0", NULL)))
         goto done;
     /* msg[prefix + seq_b] = pack_u64(lsn) */
-    if (!(key = concat(prefix, NULL, seq_b)) || !(value = pack_u64(lsn)) ||
-        put_row(tables, s_msg, sinks ? &sinks[0] : NULL, key, value) < 0)
+    put_u64(lsn_b, lsn);
+    part msg_key[2] = {{PyBytes_AS_STRING(prefix), PyBytes_GET_SIZE(prefix)},
+                       {PyBytes_AS_STRING(seq_b), 8}};
+    part msg_value = {lsn_b, 8};
+    if (put_parts(tables, s_msg, sinks ? &sinks[0] : NULL, msg_key, 2, &msg_value, 1) < 0)
         goto done;
-    Py_CLEAR(key);
-    Py_CLEAR(value);
-    if (!(entry = pack_entry(conv, conv_len, seq, lsn)))
+    Py_ssize_t cap = entry_cap(conv_len, kind_len);
+    if (cap > (Py_ssize_t)sizeof(entry_buf) && !(entry_mem = PyMem_Malloc((size_t)cap))) {
+        PyErr_NoMemory();
         goto done;
-    int sender_member = fill_inboxes(tables, prefix, sender, entry, heads,
+    }
+    part entry = {entry_mem, pack_entry(entry_mem, kind, kind_len, conv, conv_len, seq, lsn)};
+    int sender_member = fill_inboxes(tables, vs, prefix, sender, &entry, heads,
                                      sinks ? &sinks[1] : NULL);
     if (sender_member < 0)
         goto done;
     if (sender_member) {
-        if (!(key = concat(prefix, NULL, sender)) || raise_marks(tables, key, seq_b) < 0)
+        if (!(key = concat(prefix, NULL, sender)) || raise_marks(tables, vs, key, seq_b) < 0)
             goto done;
-        Py_CLEAR(key);
     }
     /* idem[cid + b"\0" + sender] = pack_u64x2(seq, lsn) + ckey */
-    if (!(key = concat(cid, "\0", sender)))
-        goto done;
-    Py_ssize_t lc = PyBytes_GET_SIZE(ckey);
-    if (!(value = PyBytes_FromStringAndSize(NULL, 16 + lc)))
-        goto done;
-    put_u64(PyBytes_AS_STRING(value), seq);
-    put_u64(PyBytes_AS_STRING(value) + 8, lsn);
-    memcpy(PyBytes_AS_STRING(value) + 16, PyBytes_AS_STRING(ckey), lc);
-    if (put_row(tables, s_idem, sinks ? &sinks[2] : NULL, key, value) < 0)
+    put_u64(idem_b, seq);
+    put_u64(idem_b + 8, lsn);
+    part idem_key[3] = {{PyBytes_AS_STRING(cid), PyBytes_GET_SIZE(cid)}, {"\0", 1},
+                        {PyBytes_AS_STRING(sender), PyBytes_GET_SIZE(sender)}};
+    part idem_value[2] = {{idem_b, 16}, {PyBytes_AS_STRING(ckey), PyBytes_GET_SIZE(ckey)}};
+    if (put_parts(tables, s_idem, sinks ? &sinks[2] : NULL, idem_key, 3, idem_value, 2) < 0)
         goto done;
     *seq_out = seq;
     rc = 0;
 done:
-    Py_XDECREF(conv_seq);
+    if (entry_mem != entry_buf)
+        PyMem_Free(entry_mem);
     Py_XDECREF(old);
     Py_XDECREF(seq_b);
     Py_XDECREF(prefix);
     Py_XDECREF(key);
-    Py_XDECREF(value);
-    Py_XDECREF(entry);
+    views_clear(&own);
     return rc;
 }
 
@@ -948,8 +1043,8 @@ static PyObject *add_message(PyObject *self, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     PyObject *heads = args[6] == Py_None ? NULL : args[6];
-    if (add_message_impl(args[0], args[1], conv, conv_len, args[3], args[4], lsn, heads, NULL,
-                         &seq) < 0)
+    if (add_message_impl(args[0], NULL, args[1], conv, conv_len, args[3], args[4], lsn, heads,
+                         NULL, &seq) < 0)
         return NULL;
     return PyLong_FromUnsignedLongLong(seq);
 }
@@ -1187,15 +1282,16 @@ static int parse_message(PyObject *value, message *m) {
 }
 
 /* Apply one parsed message (its conv UTF-8, parse_message saw to it): 1 done, -1 error. */
-static int apply_message(PyObject *tables, PyObject *heads, sink *sinks, const message *m) {
+static int apply_message(PyObject *tables, views *vs, PyObject *heads, sink *sinks,
+                         const message *m) {
     PyObject *ckey = PyBytes_FromStringAndSize((const char *)m->conv, m->conv_len);
     PyObject *sender = PyBytes_FromStringAndSize((const char *)m->user, m->user_len);
     PyObject *cid = PyBytes_FromStringAndSize((const char *)m->cid, m->cid_len);
     uint64_t seq;
     int rc = -1;
     if (ckey && sender && cid)
-        rc = add_message_impl(tables, ckey, (const char *)m->conv, m->conv_len, sender, cid,
-                              m->lsn, heads, sinks, &seq);
+        rc = add_message_impl(tables, vs, ckey, (const char *)m->conv, m->conv_len, sender,
+                              cid, m->lsn, heads, sinks, &seq);
     Py_XDECREF(ckey);
     Py_XDECREF(sender);
     Py_XDECREF(cid);
@@ -1282,6 +1378,7 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         }
         return NULL;
     }
+    views vs = {0}; /* the tables' views, looked up once for the whole run */
     Py_ssize_t applied = 0;
     uint64_t lsn = 0, ts = 0;
     PyObject *record = NULL;
@@ -1298,7 +1395,7 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
         if (PyTuple_Check(record) && PyTuple_GET_SIZE(record) == 2 &&
             parse_message(PyTuple_GET_ITEM(record, 1), &m) && m.lsn <= last && m.ts <= until &&
             (!checked || (m.lsn == next && !past_end)))
-            rc = apply_message(tables, heads, sinks, &m);
+            rc = apply_message(tables, &vs, heads, sinks, &m);
         if (rc < 0) {
             Py_CLEAR(record);
             failed = 1;
@@ -1324,6 +1421,7 @@ static PyObject *fold_messages(PyObject *self, PyObject *args) {
             failed = 1;
         Py_XDECREF(r);
     }
+    views_clear(&vs);
     for (int i = 0; i < 3; i++) {
         Py_CLEAR(sinks[i].view);
         Py_CLEAR(sinks[i].listed);
@@ -1694,8 +1792,8 @@ static PyObject *send_message(PyObject *self, PyObject *const *args, Py_ssize_t 
         !(cidb = PyBytes_FromStringAndSize(c, cl)))
         goto done;
     /* the point of no return: from here an error fails the batch (it rolls the rows back) */
-    if (add_message_impl(tables, ckey, PyBytes_AS_STRING(ckey), PyBytes_GET_SIZE(ckey), sender,
-                         cidb, lsn, heads, NULL, &seq) < 0)
+    if (add_message_impl(tables, NULL, ckey, PyBytes_AS_STRING(ckey), PyBytes_GET_SIZE(ckey),
+                         sender, cidb, lsn, heads, NULL, &seq) < 0)
         goto done;
     out = Py_BuildValue("(OOK)", conv, value, (unsigned long long)seq);
 done:

@@ -305,10 +305,10 @@ class ListedTable(MemTable):
     def sorted_rows(self) -> RowsInOrder:
         """Take every row out, as `(key, value)` in key order (LMDB's: bytes order).
 
-        When the compiled loop wrote them all, they are sorted in C and made one at a time as
-        they are iterated (`_fold.SortedRows`): a key written twice (which `apply` never does)
-        then appears twice, the later one last, and an appending `putmulti` shows it by adding
-        fewer rows than it was given.
+        When the compiled loop wrote them all, they are sorted in C (`_fold.SortedRows`: made
+        one at a time as they are iterated, or written from its buffers by `storage.rowio`): a
+        key written twice (which `apply` never does) then appears twice, the later one last,
+        and appending them raises KeyExistsError (`Rows.append_rows`).
         """
         if MemTable.__len__(self):
             self.settle()

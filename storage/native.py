@@ -14,7 +14,7 @@ import os
 import warnings
 from types import ModuleType
 
-VERSION = 17  # the storage/_fold.c this Python code was written for (its FOLD_VERSION)
+VERSION = 18  # the storage/_fold.c this Python code was written for (its FOLD_VERSION)
 
 
 def load(name: str, version: int) -> ModuleType | None:

@@ -29,8 +29,9 @@ import lmdb
 import structlog
 
 from storage import native
+from storage.memory_tables import RowsInOrder, for_put
 
-VERSION = 3  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
+VERSION = 4  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
 LAYOUT_OF = "3.0.0"  # the py-lmdb release whose object layout storage/_rowio.c reads
 
 # py-lmdb 3.0.0's error table (lmdb/cpython.c, `error_map`): LMDB's codes and the errno values
@@ -112,12 +113,18 @@ class Rows:
         if puts:
             txn.cursor(db=db).putmulti(puts)
 
-    def append_rows(self, txn: lmdb.Transaction, db: Any, rows: list[tuple[bytes, bytes]]
-                    ) -> None:
-        """Append `rows` (keys ascending, above every stored key) to `db`."""
+    def append_rows(self, txn: lmdb.Transaction, db: Any, rows: RowsInOrder) -> None:
+        """Append `rows` (keys ascending, above every stored key) to `db`: a list of
+        `(key, value)`, or a rebuild's `_fold.SortedRows`, whose packed records the compiled
+        path writes without making an object a row. A key not above the last one raises
+        KeyExistsError, the rows before it written."""
         if self.compiled:
-            ext.append_rows(txn, db, rows)
-        elif txn.cursor(db=db).putmulti(rows, append=True)[1] != len(rows):
+            packed = getattr(rows, "packed", None)
+            if packed is None:
+                ext.append_rows(txn, db, rows)
+            else:
+                ext.append_packed(txn, db, *packed())
+        elif len(rows) and txn.cursor(db=db).putmulti(for_put(rows), append=True)[1] != len(rows):
             # py-lmdb skips a row whose key is not above the last one without a word (it
             # counts it out of `added`): raise as LMDB (and the compiled path) does.
             _raise("mdb_put", -30799)

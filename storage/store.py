@@ -63,7 +63,7 @@ from storage.fold import fold
 from storage.lmdb_env import DEFAULT_MAP_SIZE, LmdbEnv
 from storage.lmdb_log import LmdbLog
 from storage.log import seal
-from storage.memory_tables import MemoryTables, for_put, sorted_rows
+from storage.memory_tables import MemoryTables, sorted_rows
 from storage.projections import (
     APPLIED_LSN,
     COMPILED,
@@ -572,12 +572,14 @@ class Store(Queries):
             _lsn, _ts, count = fold(mem, txn.cursor(db=self._dbs["log"]), on_chunk=on_chunk)
             if progress is not None:
                 progress(count, total)
+            self._rows.check(txn, self._db_list)
             for table in TABLES:
                 db = self._dbs[table]
                 txn.drop(db, delete=False)
                 rows = sorted_rows(mem.data[table])
-                added = len(rows) and txn.cursor(db=db).putmulti(for_put(rows), append=True)[1]
-                if added != len(rows):
+                try:
+                    self._rows.append_rows(txn, db, rows)
+                except lmdb.KeyExistsError:
                     # A key written twice (sorted_rows keeps both, the later last): the later
                     # write wins, as in a dict. Never seen from `apply`; kept exact regardless.
                     txn.drop(db, delete=False)

@@ -7,7 +7,9 @@ not know, and that the store uses them where they were built.
 
 from __future__ import annotations
 
+import array
 import os
+import struct
 from pathlib import Path
 
 import lmdb
@@ -17,7 +19,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 import storage
-from storage import rowio
+from storage import native, rowio
 from storage.commands import SendMessage
 from storage.rowio import Rows
 from storage.store import Store
@@ -105,6 +107,66 @@ def test_append_rows_equals_putmulti_append(tmp_path):
         dumps.append(dump(env, db))
         env.close()
     assert dumps[0] == dumps[1] == records
+
+
+def sorted_rows_of(rows: list[tuple[bytes, bytes]]):
+    """`rows` in a rebuild's `_fold.SortedRows` (taken in key order)."""
+    buffered = native.ext.Rows()
+    for key, value in rows:
+        buffered.append(key, value)
+    return buffered.take_sorted()
+
+
+@compiled_only
+@pytest.mark.skipif(native.ext is None, reason="storage._fold not in use here")
+@settings(max_examples=30, deadline=None)
+@given(st.dictionaries(st.binary(min_size=1, max_size=40), st.binary(max_size=300),
+                       max_size=300))
+def test_append_packed_equals_putmulti_append(tmp_path_factory, table):
+    """A rebuild's packed rows (`SortedRows.packed()`, written by `append_packed` without an
+    object a row) go in as py-lmdb's appending putmulti writes the same rows."""
+    dumps = []
+    for compiled in (True, False):
+        env = open_env(tmp_path_factory.mktemp("packed"))
+        db = env.open_db(b"t")
+        rows = rows_for(env, db, compiled)
+        with env.begin(write=True) as txn:
+            rows.append_rows(txn, db, sorted_rows_of(list(table.items())))
+        dumps.append(dump(env, db))
+        env.close()
+    assert dumps[0] == dumps[1] == sorted(table.items())
+
+
+@compiled_only
+@pytest.mark.skipif(native.ext is None, reason="storage._fold not in use here")
+def test_append_packed_refuses_what_is_not_a_record(tmp_path):
+    """A key not above the last raises KeyExistsError after the rows before it went in; an
+    offset outside `data`, a record running past its end, or `order` not of whole aligned
+    int64s raise ValueError, and nothing outside `data` is read."""
+    env = open_env(tmp_path)
+    db = env.open_db(b"t")
+    rows_for(env, db, True)
+    twice = sorted_rows_of([(b"a", b"1"), (b"b", b"2"), (b"b", b"3"), (b"c", b"4")])
+    with env.begin(write=True) as txn:
+        with pytest.raises(lmdb.KeyExistsError):
+            rowio.ext.append_packed(txn, db, *twice.packed())
+        assert list(txn.cursor(db=db)) == [(b"a", b"1"), (b"b", b"2")]
+        txn.abort()
+    record = struct.pack("=II", 1, 2) + b"kvv"  # key b"k", value b"vv"
+    order = array.array("q", [0])
+    with env.begin(write=True) as txn:
+        for data, offsets in [(record, array.array("q", [len(record)])),
+                              (record, array.array("q", [-1])),
+                              (record[:-1], order),
+                              (struct.pack("=II", 1, 2**32 - 1) + b"kvv", order)]:
+            with pytest.raises(ValueError, match="not inside data"):
+                rowio.ext.append_packed(txn, db, data, offsets)
+        for offsets in [order.tobytes()[:7], memoryview(bytearray(9))[1:]]:
+            with pytest.raises(ValueError, match="aligned native int64"):
+                rowio.ext.append_packed(txn, db, record, offsets)
+        rowio.ext.append_packed(txn, db, record, order)
+        assert list(txn.cursor(db=db)) == [(b"k", b"vv")]
+    env.close()
 
 
 @compiled_only
