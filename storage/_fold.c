@@ -365,12 +365,16 @@ static PyObject *rows_items(RowsObject *self, PyObject *unused) {
     return out;
 }
 
-/* Sort entries: the key's first 16 bytes as two big-endian numbers (zero-padded), so most
- * comparisons never leave the index; then the whole key, its length, and the write order. */
+/* Sort entries: the key's first 24 bytes as three big-endian numbers (zero-padded), so most
+ * comparisons never leave the entries (a conversation's `msg` keys share their first 16
+ * bytes); then the rest of the key, its length, and the write order. The order is total (no
+ * two entries compare equal), so any sort gives the one result. */
 typedef struct {
-    uint64_t p0, p1;
+    uint64_t p0, p1, p2;
     const char *rec;
 } sort_ref;
+
+#define SORT_PREFIX 24
 
 static uint64_t be_prefix(const unsigned char *k, uint32_t len, uint32_t from) {
     uint64_t v = 0;
@@ -379,22 +383,57 @@ static uint64_t be_prefix(const unsigned char *k, uint32_t len, uint32_t from) {
     return v;
 }
 
-static int cmp_refs(const void *a, const void *b) {
-    const sort_ref *x = a, *y = b;
-    if (x->p0 != y->p0)
-        return x->p0 < y->p0 ? -1 : 1;
-    if (x->p1 != y->p1)
-        return x->p1 < y->p1 ? -1 : 1;
+/* Past equal prefixes: the rest of the keys, their lengths, then the write order. */
+static int cmp_rest(const sort_ref *x, const sort_ref *y) {
     uint32_t xl[2], yl[2];
     memcpy(xl, x->rec, 8);
     memcpy(yl, y->rec, 8);
     uint32_t n = xl[0] < yl[0] ? xl[0] : yl[0];
-    int c = n > 16 ? memcmp(x->rec + 8 + 16, y->rec + 8 + 16, n - 16) : 0;
+    int c = n > SORT_PREFIX
+                ? memcmp(x->rec + 8 + SORT_PREFIX, y->rec + 8 + SORT_PREFIX, n - SORT_PREFIX)
+                : 0;
     if (c)
         return c;
     if (xl[0] != yl[0])
         return xl[0] < yl[0] ? -1 : 1;
-    return x->rec < y->rec ? -1 : x->rec > y->rec; /* equal keys: write order (stable) */
+    return x->rec < y->rec ? -1 : x->rec > y->rec; /* equal keys: write order */
+}
+
+static inline int ref_lt(const sort_ref *x, const sort_ref *y) {
+    if (x->p0 != y->p0)
+        return x->p0 < y->p0;
+    if (x->p1 != y->p1)
+        return x->p1 < y->p1;
+    if (x->p2 != y->p2)
+        return x->p2 < y->p2;
+    return cmp_rest(x, y) < 0;
+}
+
+/* Merge sort of `a` (n entries), `tmp` holding at least n / 2 + 1: O(n log n) whatever the
+ * keys (they come from the log, so from clients), the comparisons inline, and a run already
+ * in order (a conversation's rows, written in seq order) merged at the cost of one comparison. */
+static void sort_refs(sort_ref *a, sort_ref *tmp, Py_ssize_t n) {
+    if (n <= 16) {
+        for (Py_ssize_t i = 1; i < n; i++) {
+            sort_ref v = a[i];
+            Py_ssize_t j = i;
+            for (; j > 0 && ref_lt(&v, &a[j - 1]); j--)
+                a[j] = a[j - 1];
+            a[j] = v;
+        }
+        return;
+    }
+    Py_ssize_t h = n / 2;
+    sort_refs(a, tmp, h);
+    sort_refs(a + h, tmp, n - h);
+    if (!ref_lt(&a[h], &a[h - 1]))
+        return; /* the halves are in order already */
+    memcpy(tmp, a, sizeof(sort_ref) * (size_t)h);
+    Py_ssize_t i = 0, j = h, k = 0;
+    while (i < h && j < n)
+        a[k++] = ref_lt(&a[j], &tmp[i]) ? a[j++] : tmp[i++];
+    while (i < h)
+        a[k++] = tmp[i++];
 }
 
 /* SortedRows: a Rows buffer taken over, with its rows' order by key. Iterating it makes each
@@ -578,8 +617,10 @@ static PyObject *rows_take_sorted(RowsObject *self, PyObject *unused) {
     out->len = out->count = 0;
     out->order = PyMem_Malloc(sizeof(int64_t) * (size_t)(n ? n : 1));
     sort_ref *refs = PyMem_Malloc(sizeof(sort_ref) * (size_t)(n ? n : 1));
-    if (refs == NULL || out->order == NULL) {
+    sort_ref *tmp = PyMem_Malloc(sizeof(sort_ref) * (size_t)(n / 2 + 1));
+    if (refs == NULL || tmp == NULL || out->order == NULL) {
         PyMem_Free(refs);
+        PyMem_Free(tmp);
         Py_DECREF(out); /* frees order */
         return PyErr_NoMemory();
     }
@@ -589,12 +630,14 @@ static PyObject *rows_take_sorted(RowsObject *self, PyObject *unused) {
         uint32_t lens[2];
         memcpy(lens, p, 8);
         const unsigned char *k = (const unsigned char *)p + 8;
-        refs[i] = (sort_ref){be_prefix(k, lens[0], 0), be_prefix(k, lens[0], 8), p};
+        refs[i] = (sort_ref){be_prefix(k, lens[0], 0), be_prefix(k, lens[0], 8),
+                             be_prefix(k, lens[0], 16), p};
         p += 8 + (Py_ssize_t)lens[0] + lens[1];
     }
-    qsort(refs, (size_t)n, sizeof(sort_ref), cmp_refs);
+    sort_refs(refs, tmp, n);
     for (Py_ssize_t i = 0; i < n; i++)
         order[i] = refs[i].rec - self->data;
+    PyMem_Free(tmp);
     PyMem_Free(refs);
     out->data = self->data; /* taken over */
     out->len = self->len;

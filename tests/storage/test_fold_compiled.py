@@ -7,6 +7,7 @@ skipped: everything then runs the Python versions, which the rest of the suite c
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -198,11 +199,11 @@ keys = st.binary(max_size=40)
 @given(st.lists(st.tuples(keys, st.binary(max_size=40)), max_size=60), st.data())
 def test_rows_sort_like_a_stable_sort_by_key(rows, data):
     """`Rows` keeps rows in write order and sorts them as a stable sort by key would: keys of
-    any length, sharing any prefix (past the 16 bytes kept in the index too), repeated."""
+    any length, sharing any prefix (past the 24 bytes kept in the index too), repeated."""
     for _ in range(data.draw(st.integers(0, 5))):  # repeat some keys
         if rows:
             rows.append((data.draw(st.sampled_from(rows))[0], data.draw(st.binary(max_size=5))))
-    long = data.draw(st.binary(min_size=16, max_size=20))
+    long = data.draw(st.binary(min_size=16, max_size=28))
     rows += [(long + k, b"x") for k in data.draw(st.lists(keys, max_size=4))]
     buffered = native.ext.Rows()
     for key, value in rows:
@@ -218,6 +219,34 @@ def test_rows_sort_like_a_stable_sort_by_key(rows, data):
     cleared.append(b"k", b"v")
     cleared.clear()
     assert (len(cleared), cleared.items()) == (0, [])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_many_rows_sort_like_a_stable_sort_by_key(seed):
+    """Thousands of rows, as a rebuild's tables hold them: runs already in key order (a
+    conversation's seqs) interleaved, keys sharing 16 to 30 bytes, differing only in trailing
+    zero bytes or in length, and repeated; sorted as a stable sort by key would."""
+    rnd = random.Random(seed)
+    heads = [rnd.randbytes(rnd.choice((3, 16, 23, 24, 25, 30))) for _ in range(12)]
+    seqs = [0] * len(heads)
+    rows = []
+    for n in range(rnd.randrange(2_000, 6_000)):
+        g = rnd.randrange(len(heads))
+        x = rnd.random()
+        if x < 0.7:  # the next of a run in order
+            seqs[g] += rnd.randrange(1, 300)
+            key = heads[g] + seqs[g].to_bytes(8, "big")
+        elif x < 0.8:  # a head alone, or with zero bytes after it
+            key = heads[g] + bytes(rnd.randrange(3))
+        elif x < 0.9 and rows:  # a key again
+            key = rnd.choice(rows)[0]
+        else:
+            key = heads[g][:rnd.randrange(len(heads[g]) + 1)] + rnd.randbytes(rnd.randrange(4))
+        rows.append((key, n.to_bytes(4, "big")))
+    buffered = native.ext.Rows()
+    for key, value in rows:
+        buffered.append(key, value)
+    assert list(buffered.take_sorted()) == sorted(rows, key=lambda row: row[0])
 
 
 def test_transient_rows_reuse_one_pair_only_while_nobody_else_holds_it(tmp_path):
