@@ -491,8 +491,9 @@ static PyObject *sorted_rows_iter_next(SortedRowsIterObject *self) {
     return row_tuple(self->rows->data + self->rows->order[self->pos++]);
 }
 
-/* RowView: bytes inside a SortedRows (a key or a value, or all of its records), read through the
- * buffer protocol (what a `putmulti` takes), without a copy. It keeps its SortedRows, and so the bytes, alive. */
+/* RowView: bytes inside a SortedRows (a key or a value, or all of its records), read through
+ * the buffer protocol (what a `putmulti` takes), without a copy. It keeps its SortedRows, and
+ * so the bytes, alive. */
 typedef struct {
     PyObject_HEAD
     PyObject *owner;
@@ -656,8 +657,9 @@ static PyObject *sorted_rows_packed(SortedRowsObject *self, PyObject *unused) {
     static const char empty[1];
     PyObject *owner = (PyObject *)self;
     RowViewObject *data = row_view_new(owner, self->data ? self->data : empty, self->len);
-    RowViewObject *order = data == NULL ? NULL
-        : row_view_new(owner, (const char *)self->order, self->count * (Py_ssize_t)sizeof(int64_t));
+    Py_ssize_t order_len = self->count * (Py_ssize_t)sizeof(int64_t);
+    RowViewObject *order =
+        data == NULL ? NULL : row_view_new(owner, (const char *)self->order, order_len);
     if (order == NULL) {
         Py_XDECREF(data);
         return NULL;
@@ -757,10 +759,8 @@ typedef struct {
     uint64_t rows, digest;
 } sink;
 
+/* A row kept as objects (a `listed` sink's rows go in by put_parts). */
 static int put_row(PyObject *tables, PyObject *name, sink *s, PyObject *key, PyObject *value) {
-    if (s != NULL && s->listed != NULL)
-        return rows_add((RowsObject *)s->listed, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
-                        PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
     if (s != NULL && s->direct) {
         s->rows++;
         s->digest += row_hash(&s->key, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),

@@ -119,11 +119,10 @@ class Rows:
         path writes without making an object a row. A key not above the last one raises
         KeyExistsError, the rows before it written."""
         if self.compiled:
-            packed = getattr(rows, "packed", None)
-            if packed is None:
+            if type(rows) is list:  # a batch's log records (every commit), a small table
                 ext.append_rows(txn, db, rows)
             else:
-                ext.append_packed(txn, db, *packed())
+                ext.append_packed(txn, db, *rows.packed())
         elif len(rows) and txn.cursor(db=db).putmulti(for_put(rows), append=True)[1] != len(rows):
             # py-lmdb skips a row whose key is not above the last one without a word (it
             # counts it out of `added`): raise as LMDB (and the compiled path) does.
