@@ -40,7 +40,7 @@
  * the failing one are written, as with py-lmdb, and the caller aborts the transaction.
  */
 
-#define ROWIO_VERSION 4 /* bump with any change of behaviour or signature; see storage/rowio.py */
+#define ROWIO_VERSION 5 /* bump with any change of behaviour or signature; see storage/rowio.py */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -62,6 +62,7 @@ typedef struct {
 #define MDB_APPEND 0x20000
 #define MDB_NOTFOUND (-30798)
 #define MDB_BAD_TXN (-30782)
+#define MDB_SET 15 /* MDB_cursor_op */
 
 /* ---- py-lmdb 3.0.0: lmdb/mdb_api.h's engine table, up to the last entry used here */
 
@@ -83,8 +84,9 @@ typedef struct {
     void *stat;
     int (*cursor_open)(MDB_txn *txn, MDB_dbi dbi, MDB_cursor **cursor);
     void (*cursor_close)(MDB_cursor *cursor);
-    void *cursor_get;
+    int (*cursor_get)(MDB_cursor *cursor, MDB_val *key, MDB_val *data, int op);
     int (*cursor_put)(MDB_cursor *cursor, MDB_val *key, MDB_val *data, unsigned int flags);
+    int (*cursor_del)(MDB_cursor *cursor, unsigned int flags);
 } MdbApi;
 
 /* ---- py-lmdb 3.0.0: lmdb/cpython.c's objects (built without HAVE_MEMSINK, as its wheels are) */
@@ -205,23 +207,32 @@ typedef struct {
 
 #define RELEASE_FROM 32 /* rows in one call; below this the hand-over costs more than it frees */
 
-/* Put (or delete) `n` rows: 0, or the first failure's code with its index in *at. No Python
- * here: it may run with the GIL released. */
+/* Put (or delete) `n` rows, through one cursor: 0, or the first failure's code with its index
+ * in *at. The rows come in key order, so a put or delete usually lands on the leaf the cursor
+ * is on, which LMDB checks before searching from the root (`mdb_put` searched from the root
+ * for every row). A delete is what `mdb_del` does on its own cursor: find the key, delete
+ * there. No Python here: it may run with the GIL released. */
 static int write_rows(const MdbApi *api, MDB_txn *txn, MDB_dbi dbi, const Row *rows,
                       Py_ssize_t n, unsigned int flags, Py_ssize_t *at) {
-    int rc = 0;
-    Py_ssize_t i;
-    for (i = 0; i < n; i++) {
+    MDB_cursor *cur;
+    Py_ssize_t i = 0;
+    int rc = n ? api->cursor_open(txn, dbi, &cur) : 0;
+    if (rc || n == 0) {
+        *at = 0;
+        return rc;
+    }
+    for (; i < n; i++) {
         if (rows[i].del) {
-            rc = api->del(txn, dbi, (MDB_val *)&rows[i].k, NULL);
-            if (rc == MDB_NOTFOUND)
-                rc = 0;
+            MDB_val key = rows[i].k, found;
+            rc = api->cursor_get(cur, &key, &found, MDB_SET);
+            rc = rc == 0 ? api->cursor_del(cur, 0) : rc == MDB_NOTFOUND ? 0 : rc;
         } else {
-            rc = api->put(txn, dbi, (MDB_val *)&rows[i].k, (MDB_val *)&rows[i].v, flags);
+            rc = api->cursor_put(cur, (MDB_val *)&rows[i].k, (MDB_val *)&rows[i].v, flags);
         }
         if (rc)
             break;
     }
+    api->cursor_close(cur);
     *at = i;
     return rc;
 }

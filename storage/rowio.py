@@ -31,7 +31,7 @@ import structlog
 from storage import native
 from storage.memory_tables import RowsInOrder, for_put
 
-VERSION = 4  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
+VERSION = 5  # the storage/_rowio.c this code was written for (its ROWIO_VERSION)
 LAYOUT_OF = "3.0.0"  # the py-lmdb release whose object layout storage/_rowio.c reads
 
 # py-lmdb 3.0.0's error table (lmdb/cpython.c, `error_map`): LMDB's codes and the errno values
