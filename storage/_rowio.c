@@ -63,6 +63,7 @@ typedef struct {
 #define MDB_NOTFOUND (-30798)
 #define MDB_BAD_TXN (-30782)
 #define MDB_SET 15 /* MDB_cursor_op */
+#define MDB_NODUPDATA 0x20
 
 /* ---- py-lmdb 3.0.0: lmdb/mdb_api.h's engine table, up to the last entry used here */
 
@@ -210,8 +211,9 @@ typedef struct {
 /* Put (or delete) `n` rows, through one cursor: 0, or the first failure's code with its index
  * in *at. The rows come in key order, so a put or delete usually lands on the leaf the cursor
  * is on, which LMDB checks before searching from the root (`mdb_put` searched from the root
- * for every row). A delete is what `mdb_del` does on its own cursor: find the key, delete
- * there. No Python here: it may run with the GIL released. */
+ * for every row). A delete is what `mdb_del(txn, dbi, key, NULL)` does on its own cursor:
+ * find the key (MDB_SET), delete it with all its values (MDB_NODUPDATA, which matters only in
+ * an MDB_DUPSORT table; homing has none). No Python here: it may run with the GIL released. */
 static int write_rows(const MdbApi *api, MDB_txn *txn, MDB_dbi dbi, const Row *rows,
                       Py_ssize_t n, unsigned int flags, Py_ssize_t *at) {
     MDB_cursor *cur;
@@ -225,7 +227,7 @@ static int write_rows(const MdbApi *api, MDB_txn *txn, MDB_dbi dbi, const Row *r
         if (rows[i].del) {
             MDB_val key = rows[i].k, found;
             rc = api->cursor_get(cur, &key, &found, MDB_SET);
-            rc = rc == 0 ? api->cursor_del(cur, 0) : rc == MDB_NOTFOUND ? 0 : rc;
+            rc = rc == 0 ? api->cursor_del(cur, MDB_NODUPDATA) : rc == MDB_NOTFOUND ? 0 : rc;
         } else {
             rc = api->cursor_put(cur, (MDB_val *)&rows[i].k, (MDB_val *)&rows[i].v, flags);
         }

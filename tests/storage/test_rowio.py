@@ -128,6 +128,27 @@ def test_puts_and_deletes_across_many_pages_equal_py_lmdbs(tmp_path, seed):
 
 
 @compiled_only
+def test_a_delete_in_a_dupsort_table_takes_every_value_of_its_key(tmp_path):
+    """A delete is `mdb_del(key, NULL)`'s: the key with all its values, as py-lmdb's
+    `delete(key)` (homing's tables are not MDB_DUPSORT; the compiled delete must not differ
+    on one that is)."""
+    dumps = []
+    for compiled in (True, False):
+        env = open_env(tmp_path / str(compiled))
+        db = env.open_db(b"dups", dupsort=True)
+        rows = rows_for(env, db, compiled)
+        with env.begin(write=True) as txn:
+            for key in (b"a", b"b", b"c"):
+                for value in (b"1", b"2", b"3"):
+                    txn.put(key, value, db=db)
+            rows.put_rows(txn, db, {b"b": None, b"x": None})
+        dumps.append(dump(env, db))
+        env.close()
+    assert dumps[0] == dumps[1]
+    assert [k for k, _ in dumps[0]] == [b"a"] * 3 + [b"c"] * 3
+
+
+@compiled_only
 def test_append_rows_equals_putmulti_append(tmp_path):
     records = [(i.to_bytes(8, "big"), os.urandom(i % 50 + 1)) for i in range(1, 2000)]
     dumps = []
